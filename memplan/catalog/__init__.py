@@ -1,0 +1,1 @@
+"""Catalogs of models and GPUs: data files validated by pydantic schemas."""

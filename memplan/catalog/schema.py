@@ -1,0 +1,160 @@
+"""Pydantic schemas for catalog entries. Field names follow Hugging Face ``config.json``.
+
+Units live in field names (``memory_mib``, ``hbm_bandwidth_gbps``) and are converted
+to bytes once, by properties on the schema.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Family(StrEnum):
+    """Module layout of the Hugging Face implementation (decides tensor names and shapes)."""
+
+    LLAMA = "llama"          # Llama 1/2/3, Mistral, Qwen2/2.5 (biases on q,k,v), Qwen3 (q/k norm)
+    GEMMA2 = "gemma2"        # four norms per layer, tied embeddings
+    PHI3 = "phi3"            # fused qkv_proj and gate_up_proj
+    MIXTRAL = "mixtral"      # block_sparse_moe with w1/w2/w3 experts
+    QWEN3_MOE = "qwen3_moe"  # mlp.experts.N.{gate,up,down}_proj, q/k norm
+    DEEPSEEK = "deepseek"    # DeepSeek-V2/V3: MLA attention, shared + routed experts
+    GPT2 = "gpt2"            # Conv1D c_attn/c_proj/c_fc, learned positions
+    OPT = "opt"              # learned positions with offset 2, biases, fc1/fc2
+    FALCON = "falcon"        # fused query_key_value, parallel attention, MQA
+    PARAMS_ONLY = "params_only"  # known only by its parameter count (papers' hypothetical sizes)
+
+
+class ModelSpec(Strict):
+    """A transformer's shape, in the vocabulary of Hugging Face ``config.json``."""
+
+    name: str
+    source: str = Field(description="Where the numbers come from (HF config URL, paper).")
+    family: Family
+    published_params: PositiveInt | None = Field(
+        default=None, description="Parameter count as published (model card / paper)."
+    )
+    hidden_size: PositiveInt | None = None
+    intermediate_size: PositiveInt | None = None
+    num_hidden_layers: PositiveInt | None = None
+    num_attention_heads: PositiveInt | None = None
+    num_key_value_heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    vocab_size: PositiveInt | None = None
+    max_position_embeddings: PositiveInt | None = None
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    mlp_gated: bool = True
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # Sliding window: `sliding_window` tokens on layers marked "sliding_attention".
+    sliding_window: PositiveInt | None = None
+    layer_types: tuple[Literal["full_attention", "sliding_attention"], ...] | None = None
+    # Mixture of experts.
+    num_experts: PositiveInt | None = None
+    num_experts_per_tok: PositiveInt | None = None
+    moe_intermediate_size: PositiveInt | None = None
+    n_shared_experts: int = 0
+    shared_expert_intermediate_size: PositiveInt | None = None
+    first_k_dense_replace: int = 0
+    # Multi-head latent attention (DeepSeek-V2/V3).
+    q_lora_rank: PositiveInt | None = None
+    kv_lora_rank: PositiveInt | None = None
+    qk_nope_head_dim: PositiveInt | None = None
+    qk_rope_head_dim: PositiveInt | None = None
+    v_head_dim: PositiveInt | None = None
+    num_nextn_predict_layers: int = 0
+    # Largest single layer, for ZeRO-3's live-parameter buffer when dimensions are unknown.
+    largest_layer_params: PositiveInt | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads or 1
+
+    @property
+    def dim_per_head(self) -> int:
+        if self.head_dim:
+            return self.head_dim
+        if self.hidden_size and self.num_attention_heads:
+            return self.hidden_size // self.num_attention_heads
+        return 0
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelSpec:
+        if self.family is Family.PARAMS_ONLY:
+            if self.published_params is None:
+                raise ValueError("a params-only model needs published_params")
+            return self
+        missing = [
+            f for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            if getattr(self, f) is None
+        ]
+        if missing:
+            raise ValueError(f"missing required field(s): {', '.join(missing)}")
+        heads, kv = self.num_attention_heads or 1, self.kv_heads
+        if heads % kv:
+            raise ValueError(f"num_key_value_heads ({kv}) must divide num_attention_heads ({heads})")
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        if self.num_experts and not self.num_experts_per_tok:
+            raise ValueError("num_experts_per_tok is required when num_experts is set")
+        if self.num_experts_per_tok and self.num_experts and self.num_experts_per_tok > self.num_experts:
+            raise ValueError("num_experts_per_tok cannot exceed num_experts")
+        return self
+
+
+class GpuSpec(Strict):
+    """One accelerator, with memory as the driver reports it (nvidia-smi / rocm-smi total)."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    vendor: Literal["nvidia", "amd"]
+    source: str
+    memory_mib: PositiveInt = Field(description="Total memory as the driver reports it, in MiB (2^20 bytes).")
+    marketed_memory_gb: PositiveInt = Field(description="The box's number, e.g. 80 for an 'H100 80GB'.")
+    bf16_dense_tflops: float = Field(gt=0, description="Peak dense bf16/fp16 tensor FLOP/s, in 10^12.")
+    fp8_dense_tflops: float | None = Field(default=None, gt=0)
+    hbm_bandwidth_gbps: float = Field(gt=0, description="Memory bandwidth in GB/s (10^9 bytes/s).")
+    interconnect_gbps: float = Field(gt=0, description="GPU-to-GPU bandwidth per direction in GB/s (NVLink, Infinity Fabric or PCIe).")
+    pcie_gen: Literal[3, 4, 5, 6]
+    price_per_hour_usd: float | None = Field(default=None, ge=0, description="Typical on-demand cloud price.")
+    supports_bf16: bool = True
+    supports_fp8: bool = False
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * 2**20
+
+
+class HostSpec(Strict):
+    """The host that a node's GPUs share: CPU RAM, NVMe and PCIe links. Sizes in bytes."""
+
+    cpu_ram_bytes: int = Field(default=1024 * 2**30, gt=0, description="CPU RAM per node.")
+    nvme_bytes: int = Field(default=0, ge=0, description="NVMe capacity usable for offload, per node.")
+    nvme_read_gbps: float = Field(default=25.0, gt=0, description="Aggregate NVMe read bandwidth per node, GB/s.")
+    nvme_write_gbps: float = Field(default=20.0, gt=0, description="Aggregate NVMe write bandwidth per node, GB/s.")
+    pcie_gbps_per_gpu: float | None = Field(
+        default=None, gt=0, description="Host-to-device bandwidth per GPU, GB/s; default from the PCIe generation."
+    )
+
+
+PCIE_GBPS_X16 = {3: 16.0, 4: 32.0, 5: 64.0, 6: 128.0}
+"""Unidirectional bandwidth of a x16 link in GB/s, by PCIe generation (PCI-SIG spec, rounded)."""

@@ -1,0 +1,99 @@
+"""Find catalog entries by name: one YAML file per entry, read only when asked for.
+
+Names are case-insensitive; a file's stem is its canonical name (``llama-3.1-8b.yaml``).
+GPU entries may also carry ``aliases``.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from memplan.catalog.schema import GpuSpec, ModelSpec
+from memplan.errors import MemplanError, did_you_mean
+
+_HERE = Path(__file__).parent
+MODELS_DIR = _HERE / "models"
+GPUS_DIR = _HERE / "gpus"
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _stems(directory: Path) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def read_entry(path: Path, schema: type[T]) -> T:
+    """Load and validate one catalog file; errors name the file and the field."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise MemplanError(f"cannot read catalog file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise MemplanError(f"catalog file {path} must hold a mapping of fields.")
+    data.setdefault("name", path.stem)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise MemplanError(f"catalog file {path}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One sentence naming each invalid field."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def model_names() -> list[str]:
+    return _stems(MODELS_DIR)
+
+
+def gpu_names() -> list[str]:
+    return _stems(GPUS_DIR)
+
+
+@cache
+def _gpu_aliases() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for stem in gpu_names():
+        spec = read_entry(GPUS_DIR / f"{stem}.yaml", GpuSpec)
+        for alias in spec.aliases:
+            out[alias.lower()] = stem
+    return out
+
+
+def catalog_model(name: str) -> ModelSpec:
+    """The catalog model called ``name`` (case-insensitive)."""
+    path = MODELS_DIR / f"{name.lower()}.yaml"
+    if not path.is_file():
+        raise MemplanError(f"unknown model {name!r}.{did_you_mean(name, model_names())} "
+                           "Run 'memplan models' for the catalog, or pass a config.json path or params:7B.")
+    return read_entry(path, ModelSpec)
+
+
+def catalog_gpu(name: str) -> GpuSpec:
+    """The catalog GPU called ``name`` or one of its aliases (case-insensitive)."""
+    key = name.lower().strip()
+    path = GPUS_DIR / f"{key}.yaml"
+    if not path.is_file():
+        stem = _gpu_aliases().get(key)
+        if stem is None:
+            choices = gpu_names() + sorted(_gpu_aliases())
+            raise MemplanError(f"unknown GPU {name!r}.{did_you_mean(name, choices)} Run 'memplan gpus' for the catalog.")
+        path = GPUS_DIR / f"{stem}.yaml"
+    return read_entry(path, GpuSpec)
+
+
+def all_models() -> list[ModelSpec]:
+    return [read_entry(MODELS_DIR / f"{n}.yaml", ModelSpec) for n in model_names()]
+
+
+def all_gpus() -> list[GpuSpec]:
+    return [read_entry(GPUS_DIR / f"{n}.yaml", GpuSpec) for n in gpu_names()]

@@ -1,0 +1,188 @@
+"""The execution plan: what job runs, how it is parallelized, where states live.
+
+A JobConfig is validated once at the boundary (CLI flags, recipe, Python API) and then
+read by the pure memory functions. Invalid combinations raise MemplanError with the field named.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from memplan.dtypes import Dtype
+
+
+class Job(StrEnum):
+    PRETRAIN = "pretrain"
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+    GALORE = "galore"
+    INFER = "infer"
+
+    @property
+    def trains(self) -> bool:
+        return self is not Job.INFER
+
+    @property
+    def full_weights_trainable(self) -> bool:
+        return self in (Job.PRETRAIN, Job.FULL, Job.GALORE)
+
+
+class OptimizerKind(StrEnum):
+    ADAMW = "adamw"            # two fp32 states (m, v)
+    ADAMW_BF16 = "adamw-bf16"  # two states in the weights' 16-bit dtype, no master copy (pure bf16)
+    ADAMW_8BIT = "adamw-8bit"  # bitsandbytes block-wise 8-bit states
+    ADAFACTOR = "adafactor"    # factored second moment, no first moment by default
+    SGD = "sgd"                # no state
+    SGD_MOMENTUM = "sgd-momentum"  # one fp32 momentum buffer
+    LION = "lion"              # one fp32 momentum buffer
+
+
+class ZeroStage(IntEnum):
+    """ZeRO stages (Rajbhandari et al. 2020, Sec. 5); ordered, so ``zero >= ZeroStage.GRADIENTS`` reads like the paper."""
+
+    NONE = 0
+    """Plain data parallelism: every rank holds all model states."""
+    OPTIMIZER = 1
+    """P_os: optimizer states (and the fp32 master copy) partitioned over data-parallel ranks."""
+    GRADIENTS = 2
+    """P_os+g: gradients partitioned as well."""
+    PARAMETERS = 3
+    """P_os+g+p: parameters partitioned as well, gathered layer by layer when needed."""
+
+
+class Offload(StrEnum):
+    NONE = "none"
+    CPU = "cpu"
+    NVME = "nvme"
+
+
+class Accounting(StrEnum):
+    """Which bytes count as model states.
+
+    ``paper``: ZeRO's accounting (Rajbhandari et al. 2020, Sec. 3.1 and Fig. 1): 16-bit
+    parameters and gradients plus K bytes/param of optimizer state; nothing else.
+    ``deepspeed``: what DeepSpeed allocates, following its memory estimator
+    (``estimate_zero2/zero3_model_states_mem_needs``): the fp32 gradient partition used by
+    the optimizer step, ZeRO-3's live-parameter buffers, the per-process fp32 copy made at
+    model load, and the CPU buffer factor of 1.5, each as a visible row.
+    """
+
+    PAPER = "paper"
+    DEEPSPEED = "deepspeed"
+
+
+class Recompute(StrEnum):
+    NONE = "none"
+    SELECTIVE = "selective"
+    FULL = "full"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class LoraConfig(Strict):
+    rank: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32.0, gt=0)
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+    """Abstract projections (q,k,v,o,gate,up,down), or ("all-linear",)."""
+    dora: bool = False
+    dtype: Dtype = Dtype.BF16
+
+
+class GaloreConfig(Strict):
+    rank: int = Field(default=128, gt=0)
+    eight_bit: bool = False
+    per_layer_updates: bool = True
+    variant: str = "galore"
+    """``galore``, ``apollo`` or ``apollo-mini``."""
+
+
+class InferConfig(Strict):
+    context: int = Field(default=4096, gt=0)
+    kv_dtype: Dtype | None = None
+    """None: the weights' compute dtype."""
+    paged: bool = False
+    block_size: int = Field(default=16, gt=0)
+    prefill_chunk: int | None = Field(default=None, gt=0)
+    all_logits: bool = False
+
+
+class JobConfig(Strict):
+    """One fixed configuration of a job on a cluster."""
+
+    job: Job = Job.FULL
+    dtype: Dtype = Dtype.BF16
+    quant: str | None = None
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
+    master_weights: bool | None = None
+    """fp32 master copy of 16-bit weights; None: on for 16-bit training with a non-pure optimizer."""
+    grad_dtype: Dtype | None = None
+    zero: ZeroStage = ZeroStage.NONE
+    offload_optimizer: Offload = Offload.NONE
+    offload_params: Offload = Offload.NONE
+    zero_init: bool = True
+    accounting: Accounting = Accounting.DEEPSPEED
+    gpus_per_node: int = Field(default=1, gt=0)
+    nodes: int = Field(default=1, gt=0)
+    tp: int = Field(default=1, gt=0)
+    pp: int = Field(default=1, gt=0)
+    ep: int = Field(default=1, gt=0)
+    micro_batch: int = Field(default=1, gt=0)
+    seq_len: int = Field(default=2048, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    recompute: Recompute = Recompute.NONE
+    recompute_layers: int | None = Field(default=None, ge=0)
+    """With recompute full/selective: how many layers are checkpointed (None: all)."""
+    flash_attention: bool = True
+    sequence_parallel: bool = False
+    cuda_context_bytes: int | None = Field(default=None, ge=0)
+    allocator_reserve_pct: float | None = Field(default=None, ge=0, le=100)
+    lora: LoraConfig = LoraConfig()
+    galore: GaloreConfig = GaloreConfig()
+    infer: InferConfig = InferConfig()
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def weights_trainable(self) -> bool:
+        return self.job.full_weights_trainable
+
+    @property
+    def uses_master_weights(self) -> bool:
+        if self.master_weights is not None:
+            return self.master_weights
+        return (
+            self.job.trains
+            and self.dtype.is_16bit
+            and self.optimizer not in (OptimizerKind.ADAMW_BF16,)
+            and self.job is not Job.GALORE
+        )
+
+    @property
+    def gradient_dtype(self) -> Dtype:
+        return self.grad_dtype or self.dtype
+
+    @model_validator(mode="after")
+    def _check(self) -> JobConfig:
+        if self.world_size % (self.tp * self.pp):
+            raise ValueError(
+                f"tp × pp = {self.tp * self.pp} must divide the {self.world_size} GPUs "
+                f"({self.gpus_per_node} per node × {self.nodes} nodes)"
+            )
+        if self.offload_params is not Offload.NONE and self.zero < ZeroStage.PARAMETERS and self.job.trains:
+            raise ValueError("offload_params needs ZeRO stage 3 (parameter offload is ZeRO-3's, as in ZeRO-Infinity)")
+        if self.offload_optimizer is not Offload.NONE and self.zero < ZeroStage.OPTIMIZER and self.job.trains:
+            raise ValueError("offload_optimizer needs ZeRO stage 1 or higher (ZeRO-Offload builds on ZeRO-2)")
+        if self.offload_optimizer is Offload.NVME and self.zero < ZeroStage.PARAMETERS:
+            raise ValueError("offload_optimizer=nvme needs ZeRO stage 3 (ZeRO-Infinity)")
+        return self
