@@ -1,0 +1,34 @@
+"""What every memory component reads: the model's tensors, the job, the GPU and the host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from memplan.arch.parallel import heaviest_stage, stage_layers, stage_tensors
+from memplan.arch.tensors import Architecture, Layer, Tensor
+from memplan.catalog.schema import GpuSpec, HostSpec
+from memplan.config import JobConfig
+
+
+@dataclass(frozen=True)
+class Context:
+    arch: Architecture
+    cfg: JobConfig
+    gpu: GpuSpec
+    host: HostSpec
+
+    @cached_property
+    def stage(self) -> int:
+        """The pipeline stage whose GPU is most loaded by parameters (reported GPU rows are for it)."""
+        return heaviest_stage(self.arch, self.cfg.pp, self.cfg.tp, self.cfg.ep)
+
+    @cached_property
+    def tensors(self) -> list[Tensor]:
+        """Parameter tensors resident on the reported stage (before tp/ep sharding)."""
+        return stage_tensors(self.arch, self.cfg.pp, self.stage)
+
+    @cached_property
+    def layers(self) -> list[tuple[int, Layer]]:
+        """(index, layer) pairs of the reported stage."""
+        return stage_layers(self.arch, self.cfg.pp, self.stage)
