@@ -7,6 +7,7 @@ read by the pure memory functions. Invalid combinations raise MemplanError with 
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -91,6 +92,10 @@ class LoraConfig(Strict):
     """Abstract projections (q,k,v,o,gate,up,down), or ("all-linear",)."""
     dora: bool = False
     dtype: Dtype = Dtype.BF16
+    paged_optimizer: bool = False
+    """bitsandbytes paged optimizer (QLoRA, Dettmers et al. 2023, Sec. 3): states live in CUDA unified
+    memory and are evicted to CPU RAM only under memory pressure. False: count them on the GPU (no
+    pressure); True: count them in CPU RAM (fully paged out, the GPU keeps none)."""
 
 
 class GaloreConfig(Strict):
@@ -109,6 +114,11 @@ class InferConfig(Strict):
     block_size: int = Field(default=16, gt=0)
     prefill_chunk: int | None = Field(default=None, gt=0)
     all_logits: bool = False
+    mla_cache: Literal["latent", "decompressed"] = "latent"
+    """MLA models (DeepSeek-V2/V3): ``latent`` caches kv_lora_rank + qk_rope_head_dim per token and layer
+    (vLLM, SGLang, transformers 5.x); ``decompressed`` caches full per-head K and V (transformers 4.x)."""
+    kv_group_size: int | None = Field(default=None, gt=0)
+    """int8/int4 KV cache: elements per quantization group along the head dim; None: one group per token per head."""
 
 
 class JobConfig(Strict):
@@ -139,6 +149,15 @@ class JobConfig(Strict):
     """With recompute full/selective: how many layers are checkpointed (None: all)."""
     flash_attention: bool = True
     sequence_parallel: bool = False
+    attention: Literal["flash", "sdpa", "eager"] | None = None
+    """Attention kernel (HF ``attn_implementation``): flash (flash_attention_2), sdpa, eager; None: from flash_attention."""
+    dropout: bool = False
+    """Dropout active (p > 0) wherever the HF module has dropout layers (GPT-2, OPT); masks are saved for backward."""
+    loss_fp32: bool = True
+    """The loss upcasts 16-bit logits to fp32 first (HF ``ForCausalLMLoss``: ``logits.float()``)."""
+    activation_accounting: Literal["autograd", "paper"] = "autograd"
+    """``autograd``: every tensor PyTorch saves for backward in the HF implementation; ``paper``: Korthikanti et
+    al. 2022's accounting (16-bit tensors and 1-byte masks only, no norm statistics, fp32 upcasts or int64 indices)."""
     cuda_context_bytes: int | None = Field(default=None, ge=0)
     allocator_reserve_pct: float | None = Field(default=None, ge=0, le=100)
     lora: LoraConfig = LoraConfig()
@@ -171,6 +190,13 @@ class JobConfig(Strict):
     @property
     def gradient_dtype(self) -> Dtype:
         return self.grad_dtype or self.dtype
+
+    @property
+    def attention_impl(self) -> str:
+        """``attention`` when set, else ``flash`` or ``eager`` from ``flash_attention``."""
+        if self.attention is not None:
+            return self.attention
+        return "flash" if self.flash_attention else "eager"
 
     @model_validator(mode="after")
     def _check(self) -> JobConfig:

@@ -65,6 +65,9 @@ class ModelSpec(Strict):
     n_shared_experts: int = 0
     shared_expert_intermediate_size: PositiveInt | None = None
     first_k_dense_replace: int = 0
+    # DeepSeek router: "noaux_tc" (V3) adds a per-expert e_score_correction_bias tensor;
+    # "greedy" / "group_limited_greedy" (V2) do not.
+    topk_method: str | None = None
     # Multi-head latent attention (DeepSeek-V2/V3).
     q_lora_rank: PositiveInt | None = None
     kv_lora_rank: PositiveInt | None = None
@@ -133,7 +136,9 @@ class GpuSpec(Strict):
     bf16_dense_tflops: float = Field(gt=0, description="Peak dense bf16/fp16 tensor FLOP/s, in 10^12.")
     fp8_dense_tflops: float | None = Field(default=None, gt=0)
     hbm_bandwidth_gbps: float = Field(gt=0, description="Memory bandwidth in GB/s (10^9 bytes/s).")
-    interconnect_gbps: float = Field(gt=0, description="GPU-to-GPU bandwidth per direction in GB/s (NVLink, Infinity Fabric or PCIe).")
+    interconnect_gbps: float = Field(
+        gt=0, description="GPU-to-GPU bandwidth per direction in GB/s (NVLink, Infinity Fabric or PCIe)."
+    )
     pcie_gen: Literal[3, 4, 5, 6]
     price_per_hour_usd: float | None = Field(default=None, ge=0, description="Typical on-demand cloud price.")
     supports_bf16: bool = True

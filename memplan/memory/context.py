@@ -17,11 +17,20 @@ class Context:
     cfg: JobConfig
     gpu: GpuSpec
     host: HostSpec
+    stage_override: int | None = None
+    """Report this pipeline stage instead of the one most loaded by parameters (the planner
+    evaluates every stage)."""
 
     @cached_property
     def stage(self) -> int:
-        """The pipeline stage whose GPU is most loaded by parameters (reported GPU rows are for it)."""
+        """The reported pipeline stage: the override, else the one most loaded by parameters."""
+        if self.stage_override is not None:
+            return self.stage_override
         return heaviest_stage(self.arch, self.cfg.pp, self.cfg.tp, self.cfg.ep)
+
+    def at_stage(self, stage: int) -> Context:
+        """The same job seen from another pipeline stage."""
+        return Context(self.arch, self.cfg, self.gpu, self.host, stage_override=stage)
 
     @cached_property
     def tensors(self) -> list[Tensor]:

@@ -1,0 +1,1 @@
+"""The command line: thin typer commands (parse -> pure logic -> render -> exit code)."""

@@ -1,0 +1,109 @@
+"""Options shared by commands that describe a job (estimate, plan, measure), as Annotated aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from memplan.errors import MemplanError
+from memplan.units import parse_size
+
+J = "Job"
+P = "Parallelism and ZeRO"
+M = "Memory-saving techniques"
+F = "Fine-tuning"
+I = "Inference"  # noqa: E741
+H = "Hardware"
+O = "Output"  # noqa: E741
+
+Model = Annotated[str, typer.Argument(help="Catalog name, path to config.json (or its directory), hf:org/name, or params:7B.")]
+Gpu = Annotated[str, typer.Option("--gpu", "-g", help="GPU catalog name (see 'memplan gpus').", rich_help_panel=H)]
+Gpus = Annotated[int, typer.Option("--gpus", help="GPUs per node.", rich_help_panel=H)]
+Nodes = Annotated[int, typer.Option("--nodes", help="Number of nodes.", rich_help_panel=H)]
+CpuRam = Annotated[str | None, typer.Option("--cpu-ram", help="CPU RAM per node, e.g. 1TiB (default 1024GiB).", rich_help_panel=H)]
+Nvme = Annotated[str | None, typer.Option("--nvme", help="NVMe capacity per node for offload, e.g. 30TB (default 0).", rich_help_panel=H)]
+Job = Annotated[str, typer.Option("--job", "-j", help="pretrain, full, lora, qlora, galore or infer.", rich_help_panel=J)]
+Dtype = Annotated[str, typer.Option("--dtype", help="Weight/compute dtype: fp32, bf16, fp16, fp8.", rich_help_panel=J)]
+Quant = Annotated[str | None, typer.Option("--quant", help="Weight quantization: int8, nf4, nf4-dq, fp4, gptq-4bit, awq-4bit, q4_k_m, ...", rich_help_panel=J)]
+Optimizer = Annotated[str, typer.Option("--optimizer", help="adamw, adamw-bf16, adamw-8bit, adafactor, sgd, sgd-momentum, lion.", rich_help_panel=J)]
+Master = Annotated[bool | None, typer.Option("--master-weights/--no-master-weights", help="fp32 master copy (default: on for 16-bit training).", rich_help_panel=J)]
+GradDtype = Annotated[str | None, typer.Option("--grad-dtype", help="Gradient dtype (default: the weights' dtype).", rich_help_panel=J)]
+Batch = Annotated[int, typer.Option("--batch", "-b", help="Micro-batch size per GPU (inference: concurrent sequences).", rich_help_panel=J)]
+SeqLen = Annotated[int, typer.Option("--seq-len", "-s", help="Training sequence length in tokens.", rich_help_panel=J)]
+Accounting = Annotated[str, typer.Option("--accounting", help="paper (ZeRO Fig. 1 model states) or deepspeed (what DeepSpeed allocates).", rich_help_panel=J)]
+Zero = Annotated[int, typer.Option("--zero", help="ZeRO stage 0-3.", rich_help_panel=P)]
+OffOpt = Annotated[str, typer.Option("--offload-optimizer", help="none, cpu or nvme.", rich_help_panel=P)]
+OffParams = Annotated[str, typer.Option("--offload-params", help="none, cpu or nvme.", rich_help_panel=P)]
+Tp = Annotated[int, typer.Option("--tp", help="Tensor-parallel degree.", rich_help_panel=P)]
+Pp = Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree.", rich_help_panel=P)]
+Ep = Annotated[int, typer.Option("--ep", help="Expert-parallel degree (MoE).", rich_help_panel=P)]
+Sp = Annotated[bool, typer.Option("--sequence-parallel/--no-sequence-parallel", help="Megatron sequence parallelism.", rich_help_panel=P)]
+Recompute = Annotated[str, typer.Option("--recompute", help="Activation recomputation: none, selective, full.", rich_help_panel=M)]
+RecomputeLayers = Annotated[int | None, typer.Option("--recompute-layers", help="Checkpoint only this many layers.", rich_help_panel=M)]
+Flash = Annotated[bool, typer.Option("--flash-attention/--no-flash-attention", help="Flash/SDPA attention (no s² scores).", rich_help_panel=M)]
+CudaContext = Annotated[str | None, typer.Option("--cuda-context", help="CUDA context size, e.g. 512MiB.", rich_help_panel=M)]
+AllocReserve = Annotated[float | None, typer.Option("--allocator-reserve", help="Allocator reserve, % of allocated bytes.", rich_help_panel=M)]
+LoraRank = Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.", rich_help_panel=F)]
+LoraAlpha = Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha.", rich_help_panel=F)]
+LoraTargets = Annotated[str, typer.Option("--lora-targets", help="Comma list of q,k,v,o,gate,up,down, or all-linear.", rich_help_panel=F)]
+Dora = Annotated[bool, typer.Option("--dora/--no-dora", help="DoRA magnitude vectors.", rich_help_panel=F)]
+GaloreRank = Annotated[int, typer.Option("--galore-rank", help="GaLore/APOLLO projection rank.", rich_help_panel=F)]
+Galore8 = Annotated[bool, typer.Option("--galore-8bit/--no-galore-8bit", help="8-bit GaLore states.", rich_help_panel=F)]
+Context = Annotated[int, typer.Option("--context", "-c", help="Tokens per sequence held in the KV cache.", rich_help_panel=I)]
+KvDtype = Annotated[str | None, typer.Option("--kv-dtype", help="KV-cache dtype: bf16, fp16, fp8, int8, int4.", rich_help_panel=I)]
+Paged = Annotated[bool, typer.Option("--paged/--no-paged", help="vLLM-style paged KV blocks.", rich_help_panel=I)]
+BlockSize = Annotated[int, typer.Option("--block-size", help="Tokens per paged KV block.", rich_help_panel=I)]
+Format = Annotated[str, typer.Option("--format", "-f", help="table, json or csv.", rich_help_panel=O)]
+
+
+def size_or_none(text: str | None, field: str) -> int | None:
+    return None if text is None else parse_size(text, field=field)
+
+
+def lora_targets(text: str) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not items:
+        raise MemplanError("--lora-targets: give at least one of q,k,v,o,gate,up,down or all-linear.")
+    return items
+
+
+def check_format(fmt: str, allowed: tuple[str, ...] = ("table", "json", "csv")) -> str:
+    if fmt not in allowed:
+        raise MemplanError(f"--format must be one of {', '.join(allowed)}, got {fmt!r}.")
+    return fmt
+
+
+def job_overrides(**kw: Any) -> dict[str, Any]:
+    """JobConfig fields from the shared options, nested sub-configs filled in."""
+    return {
+        "job": kw["job"], "dtype": kw["dtype"], "quant": kw["quant"], "optimizer": kw["optimizer"],
+        "master_weights": kw["master_weights"], "grad_dtype": kw["grad_dtype"], "zero": kw["zero"],
+        "offload_optimizer": kw["offload_optimizer"], "offload_params": kw["offload_params"],
+        "accounting": kw["accounting"], "gpus_per_node": kw["gpus"], "nodes": kw["nodes"],
+        "tp": kw["tp"], "pp": kw["pp"], "ep": kw["ep"], "micro_batch": kw["batch"], "seq_len": kw["seq_len"],
+        "recompute": kw["recompute"], "recompute_layers": kw["recompute_layers"],
+        "flash_attention": kw["flash_attention"], "sequence_parallel": kw["sequence_parallel"],
+        "cuda_context_bytes": size_or_none(kw["cuda_context"], "--cuda-context"),
+        "allocator_reserve_pct": kw["allocator_reserve"],
+        "lora": {"rank": kw["lora_rank"], "alpha": kw["lora_alpha"], "targets": lora_targets(kw["lora_targets"]),
+                 "dora": kw["dora"]},
+        "galore": {"rank": kw["galore_rank"], "eight_bit": kw["galore_8bit"]},
+        "infer": {"context": kw["context"], "kv_dtype": kw["kv_dtype"], "paged": kw["paged"],
+                  "block_size": kw["block_size"]},
+    }
+
+
+def host_from(cpu_ram: str | None, nvme: str | None) -> Any:
+    from memplan.catalog.schema import HostSpec
+
+    data: dict[str, int] = {}
+    ram = size_or_none(cpu_ram, "--cpu-ram")
+    if ram is not None:
+        if ram <= 0:
+            raise MemplanError("--cpu-ram must be positive.")
+        data["cpu_ram_bytes"] = ram
+    nv = size_or_none(nvme, "--nvme")
+    if nv is not None:
+        data["nvme_bytes"] = nv
+    return HostSpec(**data)

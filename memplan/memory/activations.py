@@ -1,0 +1,216 @@
+"""Training activations: the bytes kept for backward on the reported GPU, and the transient peaks.
+
+Per block, ``activations_block`` counts what PyTorch autograd saves in the Hugging Face module
+(or, with ``activation_accounting="paper"``, what Korthikanti et al. 2022 count). This module adds
+the model around the blocks and the schedule:
+
+- recompute (Korthikanti et al. 2022, Sec. 5): ``selective`` drops the S×S attention-core tensors,
+  ``full`` keeps only each checkpointed block's input; ``recompute_layers = k`` checkpoints k of
+  the L layers (the first ones of each stage, Megatron-LM's "block" method), the rest keep
+  everything; during backward one checkpointed block's tensors are live again (workspace row);
+- pipeline 1F1B (Narayanan et al. 2021, Sec. 2.2): stage ``i`` of ``pp`` holds ``pp - i``
+  micro-batches in flight, so the first stage holds ``pp`` (Korthikanti et al. 2022, Sec. 4.2.3);
+- the first stage adds the embedding lookup, the last the final norm, the loss and the logits peak.
+
+Inference activations are ``memplan.memory.inference``'s; a params-only model is not modelled.
+"""
+
+from __future__ import annotations
+
+from memplan.catalog.schema import Family
+from memplan.config import JobConfig, Recompute
+from memplan.memory import activations_block as blk
+from memplan.memory import activations_terms as t
+from memplan.memory.breakdown import Row, Tier
+from memplan.memory.context import Context
+from memplan.units import ceil_div
+
+SRC_BLOCK = "autograd saved tensors of the HF block (activations_block); Korthikanti et al. 2022"
+SAVED_ROWS = ("activations/embeddings", "activations/rotary", "activations/layers", "activations/final_norm",
+              "activations/loss")
+"""Rows made of tensors saved for backward (what ``memplan.measure.saved`` measures); the others are peaks."""
+
+
+def modelled(ctx: Context) -> bool:
+    """Whether training activations can be estimated: a training job on a model with blocks."""
+    return ctx.cfg.job.trains and bool(ctx.arch.layers) and ctx.arch.spec.family is not Family.PARAMS_ONLY
+
+
+def counting_for(cfg: JobConfig) -> blk.Counting:
+    """The accounting the job asks for: PyTorch on CUDA, or the paper's."""
+    return blk.PAPER if cfg.activation_accounting == "paper" else blk.CUDA
+
+
+def micro_batches_in_flight(ctx: Context) -> int:
+    """Micro-batches whose activations the reported stage holds under 1F1B: pp - stage."""
+    return ctx.cfg.pp - ctx.stage
+
+
+def checkpointed(ctx: Context) -> set[int]:
+    """Layer indices of the reported stage that recompute (cfg.recompute), per ``recompute_layers``.
+
+    ``recompute_layers = k`` of L layers gives each stage floor(k·n/L) of its n layers, its first
+    ones; rounding down keeps more activations, the safe direction.
+    """
+    cfg, stage = ctx.cfg, [i for i, _ in ctx.layers]
+    if cfg.recompute is Recompute.NONE:
+        return set()
+    if cfg.recompute_layers is None:
+        return set(stage)
+    count = min(len(stage), cfg.recompute_layers * len(stage) // len(ctx.arch.layers))
+    return set(stage[:count])
+
+
+def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting: blk.Counting | None = None) -> int:
+    """Bytes one block keeps for one micro-batch under ``mode``: all terms, the non-core ones, or its input."""
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    counting = counting or counting_for(cfg)
+    if mode is Recompute.FULL:
+        return blk.block_input_bytes(spec, cfg)
+    terms = blk.block_terms(spec, ctx.arch.layers[layer_index], cfg, counting)
+    return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core)
+
+
+def layer_bytes(ctx: Context, layer_index: int, mode: Recompute) -> int:
+    """Bytes layer ``layer_index`` adds to the reported GPU under ``mode``, all micro-batches in flight.
+
+    For the planner's per-layer choice; the recompute workspace is ``workspace_bytes``.
+    """
+    return micro_batches_in_flight(ctx) * layer_micro_bytes(ctx, layer_index, mode)
+
+
+def _core_bytes(ctx: Context, layer_index: int, counting: blk.Counting) -> int:
+    terms = blk.block_terms(ctx.arch.spec, ctx.arch.layers[layer_index], ctx.cfg, counting)
+    return sum(term.bytes for term in terms if term.core)
+
+
+def workspace_bytes(ctx: Context, mode: Recompute, layers: set[int], counting: blk.Counting | None = None) -> int:
+    """Bytes live again while one checkpointed block is recomputed in backward (one micro-batch).
+
+    Full: the largest checkpointed block's saved tensors; selective: its S×S attention core.
+    Source: Korthikanti et al. 2022 Sec. 5 (recomputation happens one layer at a time).
+    """
+    counting = counting or counting_for(ctx.cfg)
+    if mode is Recompute.NONE or not layers:
+        return 0
+    if mode is Recompute.FULL:
+        return max(layer_micro_bytes(ctx, i, Recompute.NONE, counting) for i in layers)
+    return max(_core_bytes(ctx, i, counting) for i in layers)
+
+
+def _tokens(ctx: Context) -> tuple[int, int]:
+    """(B·S rows, rows of hidden-wide tensors: B·S/t with sequence parallelism)."""
+    dm = blk.dims(ctx.arch.spec, ctx.cfg)
+    return dm.tokens, dm.seq_tokens
+
+
+def embedding_bytes(ctx: Context, counting: blk.Counting) -> int:
+    """First stage, one micro-batch: int64 token ids (and learned-position ids), embedding dropout mask.
+
+    Sources: PyTorch ``embedding`` saves its indices; GPT-2 ``position_ids`` (1, S), OPT's (B, S)
+    (cumsum of the attention mask); GPT-2 ``transformer.drop``; Korthikanti et al. 2022 Sec. 4.3.
+    """
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    tokens, seq = _tokens(ctx)
+    total = 0
+    if cfg.dropout and spec.family is Family.GPT2:
+        total += t.dropout_bytes(count=seq * (spec.hidden_size or 0), mask_bits=counting.mask_bits)
+    if counting.paper:
+        return total
+    total += t.token_ids_bytes(tokens=tokens)
+    if spec.family is Family.GPT2:
+        total += t.token_ids_bytes(tokens=cfg.seq_len)
+    elif spec.family is Family.OPT:
+        total += t.token_ids_bytes(tokens=tokens)
+    return total
+
+
+def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
+    """The rotary cos/sin tables saved once per forward on every stage (none without rotary embeddings)."""
+    spec = ctx.arch.spec
+    if counting.paper or spec.family in (Family.GPT2, Family.OPT):
+        return 0
+    rot = spec.qk_rope_head_dim if spec.is_mla else spec.dim_per_head
+    return t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
+
+
+def final_norm_bytes(ctx: Context, counting: blk.Counting) -> int:
+    """Last stage: the final norm's saved tensors and its output, the lm_head input (b/8·B·S·D)."""
+    spec, bits = ctx.arch.spec, blk.activation_bits(ctx.cfg)
+    _, seq = _tokens(ctx)
+    width = spec.hidden_size or 0
+    norm = blk.norm_bytes(spec, tokens=seq, width=width, bits=bits, counting=counting)
+    return norm + t.tensor_bytes(count=seq * width, bits=bits)
+
+
+def _loss_bits(cfg: JobConfig) -> int:
+    return t.FP32_BITS if cfg.loss_fp32 else blk.activation_bits(cfg)
+
+
+def loss_bytes(ctx: Context, counting: blk.Counting) -> int:
+    """Last stage: log-softmax output and targets (vocab split over tp), Gemma-2's soft-cap tanh output.
+
+    The paper counts the fp32 logits only, 4sbv/t (Korthikanti et al. 2022 Sec. 4.3).
+    """
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    tokens, _ = _tokens(ctx)
+    vocab = ceil_div(spec.vocab_size or 0, cfg.tp)
+    if counting.paper:
+        return t.tensor_bytes(count=tokens * vocab, bits=t.FP32_BITS)
+    total = t.log_softmax_bytes(tokens=tokens, vocab=vocab, bits=_loss_bits(cfg))
+    if spec.family is Family.GEMMA2:  # final_logit_softcapping: tanh saves its output
+        total += t.tensor_bytes(count=tokens * vocab, bits=blk.activation_bits(cfg))
+    return total
+
+
+def logits_peak_bytes(ctx: Context, counting: blk.Counting) -> int:
+    """Last stage: logits alive beyond what the loss saves (see ``logits_transient_bytes``); 0 for the paper."""
+    if counting.paper:
+        return 0
+    tokens, _ = _tokens(ctx)
+    vocab = ceil_div(ctx.arch.spec.vocab_size or 0, ctx.cfg.tp)
+    return t.logits_transient_bytes(tokens=tokens, vocab=vocab, bits=blk.activation_bits(ctx.cfg),
+                                    loss_bits=_loss_bits(ctx.cfg))
+
+
+def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, int]:
+    """Component name -> bytes on the reported GPU; empty when not modelled or for inference."""
+    if not modelled(ctx):
+        return {}
+    counting = counting or counting_for(ctx.cfg)
+    cfg, flight = ctx.cfg, micro_batches_in_flight(ctx)
+    ckpt = checkpointed(ctx)
+    out = {"activations/layers": flight * sum(
+        layer_micro_bytes(ctx, i, cfg.recompute if i in ckpt else Recompute.NONE, counting) for i, _ in ctx.layers)}
+    out["activations/recompute_workspace"] = workspace_bytes(ctx, cfg.recompute, ckpt, counting)
+    out["activations/rotary"] = flight * rotary_table_bytes(ctx, counting)
+    if ctx.stage == 0:
+        out["activations/embeddings"] = flight * embedding_bytes(ctx, counting)
+    if ctx.stage == cfg.pp - 1:
+        out["activations/final_norm"] = flight * final_norm_bytes(ctx, counting)
+        out["activations/loss"] = flight * loss_bytes(ctx, counting)
+        out["activations/logits"] = logits_peak_bytes(ctx, counting)
+    return {name: value for name, value in out.items() if value}
+
+
+def saved_bytes_estimate(ctx: Context, counting: blk.Counting | None = None) -> int:
+    """Bytes saved for backward at the end of the forward pass (the rows in SAVED_ROWS)."""
+    return sum(v for k, v in breakdown(ctx, counting).items() if k in SAVED_ROWS)
+
+
+_SOURCES = {
+    "activations/layers": SRC_BLOCK,
+    "activations/recompute_workspace": "one checkpointed block recomputed in backward (Korthikanti et al. 2022 Sec. 5)",
+    "activations/rotary": "cos/sin tables saved by apply_rotary_pos_emb, 2·S·H·b/8",
+    "activations/embeddings": "int64 token ids (+ position ids) and embedding dropout mask",
+    "activations/final_norm": "final norm + lm_head input (Korthikanti et al. 2022 Sec. 4.3)",
+    "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",
+    "activations/logits": "logits + fp32 copy, or their two fp32 gradients, whichever is larger",
+}
+
+
+def rows(ctx: Context) -> list[Row]:
+    """GPU rows of training activations for the reported stage; [] for inference or params-only models."""
+    saved = "saved for backward"
+    return [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak")
+            for name, value in breakdown(ctx).items()]

@@ -1,0 +1,100 @@
+"""Assemble every component's rows for one configuration, job by job."""
+
+from __future__ import annotations
+
+from memplan.arch.tensors import Role
+from memplan.catalog.schema import Family
+from memplan.config import Job, JobConfig, ZeroStage
+from memplan.errors import MemplanError
+from memplan.memory import model_states as ms
+from memplan.memory.breakdown import Row, Tier, tier_total
+from memplan.memory.context import Context
+from memplan.memory.zero import StateBuffer
+
+
+def validate(ctx: Context) -> None:
+    """Reject configurations the model's shape does not allow, with one readable sentence."""
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    if spec.family is not Family.PARAMS_ONLY:
+        heads, kv = spec.num_attention_heads or 1, spec.kv_heads
+        if heads % cfg.tp:
+            raise MemplanError(f"--tp {cfg.tp} must divide the model's {heads} attention heads.")
+        if kv % cfg.tp and cfg.tp % kv:
+            raise MemplanError(f"--tp {cfg.tp} and the model's {kv} key/value heads must divide one another.")
+        if cfg.pp > len(ctx.arch.layers):
+            raise MemplanError(f"--pp {cfg.pp} exceeds the model's {len(ctx.arch.layers)} layers.")
+    elif cfg.tp > 1 or cfg.pp > 1:
+        raise MemplanError("tensor or pipeline parallelism needs the model's dimensions; "
+                           "params:N models know only a parameter count.")
+    if cfg.ep > 1:
+        experts = spec.num_experts or 0
+        if not experts:
+            raise MemplanError(f"--ep {cfg.ep} needs a mixture-of-experts model; {spec.name} has no experts.")
+        if experts % cfg.ep:
+            raise MemplanError(f"--ep {cfg.ep} must divide the model's {experts} experts.")
+        if cfg.dp % cfg.ep:
+            raise MemplanError(f"--ep {cfg.ep} must divide the data-parallel degree {cfg.dp}.")
+
+
+def _weight_buffers(ctx: Context) -> list[StateBuffer]:
+    from memplan.memory import weights
+
+    return [
+        StateBuffer(r.component, r.bytes, ZeroStage.PARAMETERS, ms.OFFLOAD_TIER[ctx.cfg.offload_params], r.source, r.note)
+        for r in weights.rows(ctx)
+    ]
+
+
+def _train_rows(ctx: Context) -> list[Row]:
+    numel = ms.trainable_numel(ctx)
+    buffers = _weight_buffers(ctx) + ms.state_buffers(ctx, numel=numel)
+    rows = ms.place_all(ctx, buffers)
+    rows += ms.deepspeed_gpu_buffers(ctx)
+    rows += ms.nvme_swap_rows(ctx, numel=numel)
+    rows += ms.deepspeed_cpu_rows(ctx, numel=numel, steady_cpu=tier_total(rows, Tier.CPU))
+    return rows
+
+
+def _activation_rows(ctx: Context, missing: list[str]) -> list[Row]:
+    from memplan.memory import activations
+
+    if not activations.modelled(ctx):
+        missing.append("activations")
+        return []
+    return activations.rows(ctx)
+
+
+def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:
+    from memplan.memory import inference, kv_cache
+
+    rows = ms.place_all(ctx, _weight_buffers(ctx))
+    if ctx.arch.spec.family is Family.PARAMS_ONLY:
+        missing.extend(["kv_cache", "activations"])
+        return rows
+    return rows + kv_cache.rows(ctx) + inference.rows(ctx)
+
+
+def all_rows(ctx: Context) -> tuple[list[Row], list[str]]:
+    """Rows of every component on every tier, and the components that cannot be modelled."""
+    from memplan.memory import runtime
+
+    validate(ctx)
+    missing: list[str] = []
+    job = ctx.cfg.job
+    if job is Job.INFER:
+        rows = _infer_rows(ctx, missing)
+    elif job in (Job.LORA, Job.QLORA):
+        from memplan.memory import peft
+
+        rows = peft.rows(ctx) + _activation_rows(ctx, missing)
+    elif job is Job.GALORE:
+        from memplan.memory import lowrank
+
+        rows = lowrank.rows(ctx) + _activation_rows(ctx, missing)
+    else:
+        rows = _train_rows(ctx) + _activation_rows(ctx, missing)
+    rows += runtime.rows(ctx, other_gpu_bytes=tier_total(rows, Tier.GPU))
+    return [r for r in rows if r.bytes or r.tier is Tier.GPU], missing
+
+
+__all__ = ["JobConfig", "Role", "all_rows", "validate"]

@@ -1,0 +1,257 @@
+"""Inference activations and workspace, and the search for the largest context or batch that fits.
+
+Serving engines size this memory by measuring it: vLLM's ``Worker.determine_available_memory``
+runs a dummy forward of ``max_num_batched_tokens`` tokens (``profile_run``) and takes the peak;
+what is left becomes KV cache. memplan computes the same peak from the shapes: the largest forward
+is one prefill step of T = ``prefill_chunk`` tokens (the whole context without chunking), and the
+transient peak of one decoder layer is the larger of its attention and its MLP stage. Layers run
+one after another, so only one layer's workspace is live at a time; the residual stream is live
+throughout. Logits are computed after the last layer, for the last token only (transformers
+``generate`` passes ``logits_to_keep=1``; vLLM ``LogitsProcessor`` selects the sampled positions),
+or for every token with ``all_logits`` (scoring, perplexity).
+
+Per tensor-parallel rank N, K and F are divided by tp (Megatron-LM Sec. 3); the residual stream and
+the gathered logits are whole on every rank (conservative: vLLM gathers logits to one rank).
+The rows are summed, which overstates the peak slightly: logits and layer workspace are not live
+at the same time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from memplan.arch.tensors import Layer
+from memplan.catalog.schema import Family, ModelSpec
+from memplan.config import Job
+from memplan.errors import MemplanError
+from memplan.memory.breakdown import Row, Tier
+from memplan.memory.context import Context
+from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, step_tokens
+from memplan.units import bits_to_bytes, ceil_div
+
+RESIDUAL_TENSORS = 2
+"""Live across a decoder layer: the residual and the hidden states (transformers ``LlamaDecoderLayer.forward``)."""
+GATED_MLP_TENSORS = 3
+"""Gated MLP peak: act(gate), up and their product, each B·T·F (transformers ``LlamaMLP.forward``;
+vLLM ``MergedColumnParallelLinear`` gate_up (2F) + ``SiluAndMul`` output (F))."""
+FUSED_GATED_MLP_TENSORS = 4
+"""Fused gate_up projection kept alive while act(gate) and the product exist (transformers ``Phi3MLP``)."""
+PLAIN_MLP_TENSORS = 2
+"""Ungated MLP (GPT-2, OPT): fc1 output and its activation."""
+SOFTMAX_BITS = 32
+"""Eager attention runs softmax in fp32 (transformers ``eager_attention_forward``)."""
+LOGITS_FP32_BITS = 32
+"""Sampling upcasts logits to fp32 (transformers ``generate``: ``.to(dtype=torch.float32)``;
+vLLM ``Sampler``: ``logits.to(torch.float32)``), next to the lm_head output in the compute dtype."""
+ROUTER_LOGITS_BITS = 32
+"""MoE routing probabilities are fp32 (transformers Mixtral router: ``softmax(router_logits, dtype=torch.float)``)."""
+EAGER_SCORE_COPIES = 2
+"""Eager attention holds two score tensors in the compute dtype at its peak (pre-softmax and cast back)."""
+
+
+def hidden_states_bytes(*, batch: int, tokens: int, hidden: int, bits: int) -> int:
+    """Bytes of the residual stream during one forward: 2·B·T·D × bits/8 (residual + hidden states).
+
+    Source: transformers ``LlamaDecoderLayer.forward`` (``residual = hidden_states`` around each block);
+    vLLM's fused add-RMSNorm keeps the same two tensors. Assumption: no sequence parallelism (D whole per rank).
+    """
+    return bits_to_bytes(RESIDUAL_TENSORS * batch * tokens * hidden, bits)
+
+
+def scores_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bits: int) -> int:
+    """Bytes of eager attention scores: B·N·T·S_kv × (2·bits + 32)/8 (two compute-dtype copies + fp32 softmax).
+
+    Source: transformers ``eager_attention_forward`` (matmul, softmax(dtype=float32), ``.to(query.dtype)``).
+    Flash attention and SDPA's memory-efficient kernels never hold these (Dao et al. 2022, Sec. 3).
+    """
+    return bits_to_bytes(batch * heads * tokens * kv_tokens, EAGER_SCORE_COPIES * bits + SOFTMAX_BITS)
+
+
+def attention_workspace_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int, kv_heads: int,
+                              head_dim: int, hidden: int, bits: int, flash: bool) -> int:
+    """Peak bytes of one GQA/MQA attention block in a forward of T tokens attending to S_kv keys.
+
+    Formula: B·T·(D + 2·N·H + 2·K·H) × bits/8 (normed input, q, new k and v, output); without flash
+    add repeat_kv's 2·B·N·S_kv·H (when N ≠ K) and the eager scores.
+    Source: transformers ``LlamaAttention.forward`` / ``repeat_kv``; vLLM ``Attention`` (flash kernels).
+    """
+    elems = batch * tokens * (hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim)
+    out = bits_to_bytes(elems, bits)
+    if not flash:
+        if heads != kv_heads:
+            out += bits_to_bytes(2 * batch * heads * kv_tokens * head_dim, bits)
+        out += scores_bytes(batch=batch, heads=heads, tokens=tokens, kv_tokens=kv_tokens, bits=bits)
+    return out
+
+
+def mla_workspace_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int, qk_nope: int, qk_rope: int,
+                        v_head: int, hidden: int, bits: int, flash: bool) -> int:
+    """Peak bytes of one MLA block: the latent is expanded to per-head K and V for every attended token.
+
+    Formula: B·T·(D + N·(d_nope + d_rope) + N·d_v) + B·S_kv·N·(2·d_nope + d_rope + d_v), × bits/8
+    (kv_b_proj output and the assembled keys coexist), plus eager scores without flash.
+    Source: transformers 5.x ``DeepseekV3Attention.expand_kv``; DeepSeek-V2 paper Sec. 2.1.2.
+    """
+    elems = batch * tokens * (hidden + heads * (qk_nope + qk_rope) + heads * v_head)
+    elems += batch * kv_tokens * heads * (2 * qk_nope + qk_rope + v_head)
+    out = bits_to_bytes(elems, bits)
+    if not flash:
+        out += scores_bytes(batch=batch, heads=heads, tokens=tokens, kv_tokens=kv_tokens, bits=bits)
+    return out
+
+
+def kv_concat_bytes(*, batch: int, old_tokens: int, elements: int, bits: int) -> int:
+    """Bytes of one layer's previous cache, alive while ``torch.cat`` builds the longer one: B·(S − T)·e × bits/8.
+
+    Source: transformers ``DynamicLayer.update`` (``torch.cat([self.keys, key_states])``). Paged caches
+    (vLLM) write new tokens in place, so this is 0 for them.
+    """
+    return bits_to_bytes(batch * old_tokens * elements, bits)
+
+
+def mlp_workspace_bytes(*, batch: int, tokens: int, ffn: int, hidden: int, bits: int, gated: bool,
+                        fused_gate_up: bool = False) -> int:
+    """Peak bytes of one dense MLP: B·T·(D + c·F) × bits/8, c = 3 gated, 4 fused gate_up, 2 ungated.
+
+    Source: transformers ``LlamaMLP`` / ``Phi3MLP`` / ``GPT2MLP`` forward; vLLM ``LlamaMLP``.
+    """
+    copies = FUSED_GATED_MLP_TENSORS if fused_gate_up else GATED_MLP_TENSORS if gated else PLAIN_MLP_TENSORS
+    return bits_to_bytes(batch * tokens * (hidden + copies * ffn), bits)
+
+
+def moe_workspace_bytes(*, batch: int, tokens: int, experts: int, experts_per_token: int, expert_ffn: int,
+                        hidden: int, bits: int) -> int:
+    """Peak bytes of one routed-expert block (vLLM fused MoE).
+
+    Formula: B·T·(2·D + k·(max(2·F_e, D) + F_e)) × bits/8 + B·T·E × 4 (fp32 router logits).
+    Source: vLLM ``fused_moe.TritonExperts.apply``: ``intermediate_cache1`` (M·k·2F_e) and
+    ``intermediate_cache3`` (M·k·D) share workspace2, ``intermediate_cache2`` (M·k·F_e) is workspace13.
+    Assumption: every token's k experts are computed on this rank (no expert-parallel split).
+    """
+    m = batch * tokens
+    elems = m * (2 * hidden + experts_per_token * (max(2 * expert_ffn, hidden) + expert_ffn))
+    return bits_to_bytes(elems, bits) + bits_to_bytes(m * experts, ROUTER_LOGITS_BITS)
+
+
+def logits_bytes(*, rows: int, vocab: int, bits: int) -> int:
+    """Bytes of logits for ``rows`` positions: rows·V × (bits + 32)/8 (lm_head output + fp32 copy).
+
+    rows = B (last token: transformers ``logits_to_keep=1`` in ``generate``) or B·S (``all_logits``).
+    Source: transformers ``GenerationMixin._sample`` (fp32 copy of the last position's logits);
+    vLLM ``LogitsProcessor`` + ``Sampler``. Assumption: the whole vocabulary on the sampling rank.
+    """
+    return bits_to_bytes(rows * vocab, bits + LOGITS_FP32_BITS)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One prefill step on one GPU: B sequences of T new tokens, S_kv keys, widths in bits, tp degree."""
+
+    batch: int
+    tokens: int
+    kv_tokens: int
+    bits: int
+    kv_bits: int
+    tp: int
+
+
+def _mlp_bytes(spec: ModelSpec, layer: Layer, step: _Step) -> int:
+    b, t, d, bits, tp = step.batch, step.tokens, spec.hidden_size or 0, step.bits, step.tp
+    if layer.moe:
+        expert_ffn = ceil_div(spec.moe_intermediate_size or spec.intermediate_size or 0, tp)
+        routed = moe_workspace_bytes(batch=b, tokens=t, experts=spec.num_experts or 0, hidden=d, bits=bits,
+                                     experts_per_token=spec.num_experts_per_tok or 0, expert_ffn=expert_ffn)
+        shared_ffn = spec.shared_expert_intermediate_size or spec.n_shared_experts * (spec.moe_intermediate_size or 0)
+        shared = mlp_workspace_bytes(batch=b, tokens=t, ffn=ceil_div(shared_ffn, tp), hidden=d, bits=bits,
+                                     gated=spec.mlp_gated) if shared_ffn else 0
+        return max(routed, shared)
+    ffn = ceil_div(spec.intermediate_size or 4 * d, tp)
+    return mlp_workspace_bytes(batch=b, tokens=t, ffn=ffn, hidden=d, bits=bits, gated=spec.mlp_gated,
+                               fused_gate_up=spec.family is Family.PHI3)
+
+
+def _attention_bytes(ctx: Context, step: _Step) -> int:
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    heads, d, flash = ceil_div(spec.num_attention_heads or 1, step.tp), spec.hidden_size or 0, cfg.flash_attention
+    if spec.is_mla:
+        out = mla_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
+                                  qk_nope=spec.qk_nope_head_dim or 0, qk_rope=spec.qk_rope_head_dim or 0,
+                                  v_head=spec.v_head_dim or 0, hidden=d, bits=step.bits, flash=flash)
+    else:
+        out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
+                                        kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
+                                        hidden=d, bits=step.bits, flash=flash)
+    if not cfg.infer.paged:
+        shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp)
+        out += kv_concat_bytes(batch=step.batch, old_tokens=step.kv_tokens - step.tokens,
+                               elements=elements_per_token(shapes), bits=step.kv_bits)
+    return out
+
+
+def rows(ctx: Context) -> list[Row]:
+    """Inference activation rows: ``activations/hidden_states``, ``activations/prefill_workspace``
+    (the largest layer's transient peak) and, on the last pipeline stage, ``activations/logits``."""
+    cfg = ctx.cfg
+    if cfg.job is not Job.INFER:
+        return []
+    spec, inf = ctx.arch.spec, cfg.infer
+    bits = compute_dtype(cfg.dtype).bits
+    tokens = step_tokens(context=inf.context, prefill_chunk=inf.prefill_chunk)
+    step = _Step(batch=cfg.micro_batch, tokens=tokens, kv_tokens=inf.context, bits=bits, tp=cfg.tp,
+                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits)
+    attention = _attention_bytes(ctx, step) if ctx.layers else 0
+    mlp = max((_mlp_bytes(spec, layer, step) for _, layer in ctx.layers), default=0)
+    note = f"prefill step of {tokens} tokens × batch {cfg.micro_batch}"
+    out = [
+        Row("activations/hidden_states", Tier.GPU,
+            hidden_states_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits),
+            "2·B·T·D (residual + hidden states)", note),
+        Row("activations/prefill_workspace", Tier.GPU, max(attention, mlp),
+            "max(attention, MLP) of one layer; see memplan explain inference", note),
+    ]
+    if ctx.stage == cfg.pp - 1:
+        positions = cfg.micro_batch * (inf.context if inf.all_logits else 1)
+        logits = logits_bytes(rows=positions, vocab=spec.vocab_size or 0, bits=bits)
+        out.append(Row("activations/logits", Tier.GPU, logits, "rows·V × (compute + fp32) bytes",
+                       "all tokens" if inf.all_logits else "last token"))
+    return out
+
+
+def largest_fitting(fits: Callable[[int], bool], *, lo: int, hi: int) -> int:
+    """The largest n in [lo, hi] with ``fits(n)``, or 0 when ``fits(lo)`` is False.
+
+    ``fits`` must be monotone (if n fits, every smaller n fits). Exponential probing from ``lo``
+    (lo, 2·lo, 4·lo, ... capped at hi) brackets the answer, then a binary search finds it:
+    O(log hi) calls of the exact predicate.
+    """
+    if lo < 1 or hi < lo:
+        raise MemplanError(f"search range must satisfy 1 <= lo <= hi, got lo={lo}, hi={hi}.")
+    if not fits(lo):
+        return 0
+    good = lo
+    while True:
+        probe = min(good * 2, hi)
+        if probe == good:
+            return good
+        if not fits(probe):
+            bad = probe
+            break
+        good = probe
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def max_context(fits: Callable[[int], bool], lo: int = 1, hi: int = 2**20) -> int:
+    """The longest context (tokens) in [lo, hi] for which ``fits(context)`` holds; 0 when none does."""
+    return largest_fitting(fits, lo=lo, hi=hi)
+
+
+def max_batch(fits: Callable[[int], bool], lo: int = 1, hi: int = 2**16) -> int:
+    """The largest batch (sequences) in [lo, hi] for which ``fits(batch)`` holds; 0 when none does."""
+    return largest_fitting(fits, lo=lo, hi=hi)

@@ -1,0 +1,67 @@
+"""ZeRO partitioning and offload: where each model-state buffer lives and how it is sharded.
+
+ZeRO (Rajbhandari et al. 2020, Sec. 5, Fig. 1): stage 1 partitions optimizer states (and the
+fp32 master copy) over the Nd data-parallel ranks, stage 2 also gradients, stage 3 also
+parameters. Sharding rounds up (``ceil_div``), the safe direction for a capacity gate.
+ZeRO-Offload (Ren et al. 2021, Sec. 4) keeps 16-bit parameters on the GPU and moves
+gradients, the fp32 master copy and optimizer states to CPU memory; ZeRO-Infinity
+(Rajbhandari et al. 2021, Sec. 5) moves parameters and/or optimizer states to NVMe.
+GPU rows are bytes per GPU; CPU and NVMe rows are bytes per node (the node's processes summed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.config import Offload, ZeroStage
+from memplan.memory.breakdown import Row, Tier
+from memplan.units import ceil_div
+
+OFFLOAD_TIER = {Offload.NONE: Tier.GPU, Offload.CPU: Tier.CPU, Offload.NVME: Tier.NVME}
+
+
+@dataclass(frozen=True, slots=True)
+class StateBuffer:
+    """A model-state buffer of one rank before ZeRO partitioning (already divided by tp/pp/ep).
+
+    ``shard_from``: the first ZeRO stage that partitions it over data parallelism (None: never).
+    """
+
+    component: str
+    nbytes: int
+    shard_from: ZeroStage | None
+    tier: Tier
+    source: str
+    note: str = ""
+
+
+def partitioned_bytes(*, nbytes: int, zero: ZeroStage, shard_from: ZeroStage | None, dp: int) -> int:
+    """Bytes one data-parallel rank holds of a buffer of ``nbytes``.
+
+    Formula: ceil(nbytes / Nd) when zero ≥ shard_from, else nbytes.
+    Source: ZeRO (Rajbhandari et al. 2020), Sec. 5.1-5.3 and Fig. 1.
+    """
+    if shard_from is not None and zero >= shard_from:
+        return ceil_div(nbytes, dp)
+    return nbytes
+
+
+def place(buf: StateBuffer, *, zero: ZeroStage, dp: int, gpus_per_node: int) -> Row:
+    """The row for one buffer: partitioned per rank; on CPU/NVMe summed over the node's ranks."""
+    per_rank = partitioned_bytes(nbytes=buf.nbytes, zero=zero, shard_from=buf.shard_from, dp=dp)
+    nbytes = per_rank if buf.tier is Tier.GPU else per_rank * gpus_per_node
+    return Row(buf.component, buf.tier, nbytes, buf.source, buf.note)
+
+
+def paper_model_states_per_gpu(*, params: int, k: int, zero: ZeroStage, dp: int) -> int:
+    """Model-state bytes per GPU in mixed-precision training, as ZeRO's Figure 1 counts them.
+
+    Formula: stage 0: (2 + 2 + K)·P; stage 1: 4·P + K·P/Nd; stage 2: 2·P + (2 + K)·P/Nd;
+    stage 3: (4 + K)·P/Nd (each sharded term rounded up separately).
+    Source: Rajbhandari et al. 2020, "ZeRO", Fig. 1 and Sec. 5 (K = 12 for mixed-precision Adam).
+    Assumptions: 16-bit parameters and gradients; used as an independent check of ``place``.
+    """
+    p16 = partitioned_bytes(nbytes=2 * params, zero=zero, shard_from=ZeroStage.PARAMETERS, dp=dp)
+    g16 = partitioned_bytes(nbytes=2 * params, zero=zero, shard_from=ZeroStage.GRADIENTS, dp=dp)
+    opt = partitioned_bytes(nbytes=k * params, zero=zero, shard_from=ZeroStage.OPTIMIZER, dp=dp)
+    return p16 + g16 + opt

@@ -1,0 +1,129 @@
+"""Analytic step-time model: compute, communication, pipeline bubble, offload traffic, decode.
+
+Every function returns seconds as a float (time is not bytes; it is never compared to a
+capacity). Bandwidths are in bytes/s, FLOP rates in FLOP/s.
+"""
+
+from __future__ import annotations
+
+DEFAULT_MFU = 0.45
+"""Model FLOPs utilization assumed for dense training/prefill: an assumption, typical of
+Megatron-LM at scale (Narayanan et al. 2021 report 44-52% of peak on A100, Table 1)."""
+
+DEFAULT_CPU_ADAM_PARAMS_PER_S = 2.0e9
+"""CPU-Adam parameter updates per second per node: an assumption of the order that ZeRO-Offload
+reports for its vectorized CPU-Adam on a DGX-2 host (Ren et al. 2021, Sec. 5.1); override it."""
+
+DEFAULT_INTER_NODE_BYTES_PER_S = 50e9
+"""Per-GPU inter-node bandwidth: one 400 Gb/s InfiniBand NDR port per GPU (50 GB/s), an assumption."""
+
+
+def training_flops(*, active_params: int, tokens: int, layers: int, seq_len: int, attn_width: int) -> float:
+    """FLOPs of one training step over ``tokens`` tokens (forward + backward).
+
+    Formula: 3 · (2·N + 2·L·S·d_attn) · tokens, d_attn = N_heads·H.
+    Source: Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1
+    (C_forward = 2N + 2·n_layer·n_ctx·d_attn; backward = 2 × forward).
+    Assumptions: causal masking's halving of attention FLOPs is not credited (flash kernels skip
+    masked blocks; counting them is the conservative, slower side).
+    """
+    return 3.0 * (2.0 * active_params + 2.0 * layers * seq_len * attn_width) * tokens
+
+
+def layer_forward_flops(*, layer_params: int, tokens: int, seq_len: int, attn_width: int) -> float:
+    """FLOPs of one layer's forward over ``tokens`` tokens: the work full recomputation repeats.
+
+    Formula: (2·N_layer + 2·S·d_attn) · tokens. Source: Kaplan et al. 2020, Table 1; Korthikanti
+    et al. 2022, Sec. 4 (full recomputation adds one forward pass).
+    """
+    return (2.0 * layer_params + 2.0 * seq_len * attn_width) * tokens
+
+
+def compute_seconds(*, flops: float, gpus: int, peak_flops: float, mfu: float = DEFAULT_MFU) -> float:
+    """Seconds for ``flops`` spread evenly over ``gpus`` GPUs at ``mfu`` of peak."""
+    return flops / (gpus * peak_flops * mfu)
+
+
+def ring_allreduce_seconds(*, nbytes: int, ranks: int, bytes_per_s: float) -> float:
+    """Seconds of a ring all-reduce of ``nbytes`` over ``ranks`` ranks.
+
+    Formula: 2·(n − 1)/n · bytes / bandwidth. Source: Patarasuk & Yuan 2009; NCCL's
+    performance notes (algorithm bandwidth vs bus bandwidth).
+    """
+    if ranks <= 1:
+        return 0.0
+    return 2.0 * (ranks - 1) / ranks * nbytes / bytes_per_s
+
+
+def allgather_seconds(*, nbytes: int, ranks: int, bytes_per_s: float) -> float:
+    """Seconds of a ring all-gather (or reduce-scatter) producing ``nbytes``: (n − 1)/n · bytes / bw."""
+    if ranks <= 1:
+        return 0.0
+    return (ranks - 1) / ranks * nbytes / bytes_per_s
+
+
+def zero_dp_comm_seconds(*, grad_bytes: int, dp: int, zero: int, bytes_per_s: float, micro_steps: int) -> float:
+    """Data-parallel communication per step: gradient all-reduce, plus ZeRO-3's parameter all-gathers.
+
+    Formula: stages 0-2: one all-reduce of the gradients (2Ψ volume); stage 3: reduce-scatter of
+    gradients plus an all-gather of parameters in the forward and again in the backward of every
+    micro-step (3Ψ per micro-step instead of 2Ψ per step).
+    Source: ZeRO (Rajbhandari et al. 2020), Sec. 7.2 ("P_os+g+p ... 1.5x communication").
+    """
+    base = ring_allreduce_seconds(nbytes=grad_bytes, ranks=dp, bytes_per_s=bytes_per_s)
+    if zero < 3:
+        return base
+    gather = allgather_seconds(nbytes=grad_bytes, ranks=dp, bytes_per_s=bytes_per_s)
+    return base / 2.0 + 2.0 * gather * micro_steps
+
+
+def tp_comm_seconds(*, tokens_per_gpu_group: int, hidden: int, layers: int, tp: int, bytes_per_s: float,
+                    dtype_bytes: int = 2) -> float:
+    """Tensor-parallel communication per step: four all-reduces of B·S·D per layer.
+
+    Formula: 4 · L · allreduce(tokens · D · bytes). Source: Shoeybi et al. 2019 (Megatron-LM),
+    Sec. 3 and Fig. 4 (two all-reduces in the forward, two in the backward per layer);
+    sequence parallelism replaces each by a reduce-scatter + all-gather of the same volume
+    (Korthikanti et al. 2022, Sec. 4.2.2).
+    """
+    if tp <= 1:
+        return 0.0
+    nbytes = tokens_per_gpu_group * hidden * dtype_bytes
+    return 4.0 * layers * ring_allreduce_seconds(nbytes=nbytes, ranks=tp, bytes_per_s=bytes_per_s)
+
+
+def pipeline_bubble_fraction(*, pp: int, micro_batches: int) -> float:
+    """Idle fraction of a 1F1B pipeline: (p − 1)/(m + p − 1).
+
+    Source: Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU
+    Clusters Using Megatron-LM"), Sec. 2.2.1 (bubble time fraction (p−1)/m of ideal time,
+    i.e. (p−1)/(m+p−1) of the total).
+    """
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
+def offload_seconds(*, bytes_to_host: int, bytes_to_device: int, pcie_bytes_per_s: float,
+                    cpu_update_params: int, cpu_adam_params_per_s: float, backward_s: float) -> float:
+    """Extra step time of ZeRO-Offload: transfers overlapped with backward, then the CPU update.
+
+    Formula: max(0, (grad_down + param_up)/PCIe − backward) + P_cpu / rate_cpu_adam.
+    Source: Ren et al. 2021, "ZeRO-Offload", Sec. 4.2-4.3 (gradients stream to the CPU during the
+    backward pass; the CPU Adam step and the fp16 parameter copy back follow it).
+    """
+    transfer = (bytes_to_host + bytes_to_device) / pcie_bytes_per_s
+    return max(0.0, transfer - backward_s) + cpu_update_params / cpu_adam_params_per_s
+
+
+def nvme_seconds(*, bytes_read: int, bytes_written: int, read_bytes_per_s: float, write_bytes_per_s: float) -> float:
+    """Seconds to stream ``bytes_read`` from and ``bytes_written`` to NVMe (ZeRO-Infinity Sec. 6.2)."""
+    return bytes_read / read_bytes_per_s + bytes_written / write_bytes_per_s
+
+
+def decode_seconds_per_token(*, bytes_read: int, hbm_bytes_per_s: float) -> float:
+    """Seconds per decode step: every weight byte and cached K/V byte is read once per step.
+
+    Formula: (weights + KV cache) bytes / HBM bandwidth.
+    Source: Pope et al. 2022, "Efficiently Scaling Transformer Inference", Sec. 2.1 (decode is
+    memory-bandwidth bound at small batch).
+    """
+    return bytes_read / hbm_bytes_per_s

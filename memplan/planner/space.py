@@ -1,0 +1,106 @@
+"""The search space of the planner: which values each global choice may take, with defaults per job.
+
+Every candidate value is checked against the model and the cluster; excluded values carry a
+readable reason ("tp=3 does not divide the 32 attention heads"), shown by ``plan``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pydantic import Field
+
+from memplan.arch.tensors import Architecture
+from memplan.config import Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
+from memplan.dtypes import Dtype
+
+
+class Objective(StrEnum):
+    THROUGHPUT = "throughput"
+    MIN_GPUS = "min-gpus"
+    MAX_BATCH = "max-batch"
+    MAX_CONTEXT = "max-context"
+    MIN_MEMORY = "min-memory"
+    MIN_COST = "min-cost"
+
+
+Placement = tuple[ZeroStage, Offload, Offload]
+"""(ZeRO stage, optimizer offload, parameter offload): one valid combination of the three."""
+
+
+class SearchSpace(Strict):
+    """Candidate values per global choice; None means "memplan's default for this job"."""
+
+    tp: tuple[int, ...] | None = None
+    pp: tuple[int, ...] | None = None
+    zero: tuple[int, ...] | None = None
+    offload_optimizer: tuple[Offload, ...] | None = None
+    offload_params: tuple[Offload, ...] | None = None
+    micro_batch: tuple[int, ...] | None = None
+    optimizer: tuple[OptimizerKind, ...] | None = None
+    quant: tuple[str | None, ...] | None = None
+    kv_dtype: tuple[Dtype, ...] | None = None
+    recompute: tuple[Recompute, ...] | None = None
+    per_layer_recompute: bool = True
+    per_layer_offload: bool = True
+    context: tuple[int, ...] | None = None
+    seq_len: tuple[int, ...] | None = None
+    batch: tuple[int, ...] | None = None
+    gpus: tuple[int, ...] | None = None
+    global_batch: int | None = Field(default=None, gt=0)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The concrete candidate lists after defaults and validity checks, and why values were excluded."""
+
+    dims: dict[str, tuple]
+    excluded: list[str] = field(default_factory=list)
+
+
+def divisors(n: int) -> tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+def powers_of_two(limit: int) -> tuple[int, ...]:
+    out, v = [], 1
+    while v <= limit:
+        out.append(v)
+        v *= 2
+    return tuple(out)
+
+
+def placements(job: Job, zeros: tuple[int, ...], opt_off: tuple[Offload, ...],
+               param_off: tuple[Offload, ...]) -> tuple[Placement, ...]:
+    """Valid (zero, optimizer offload, parameter offload) triples (ZeRO-Offload needs stage ≥ 1,
+    NVMe optimizer offload and parameter offload need stage 3: ZeRO-Infinity)."""
+    out = []
+    for z in zeros:
+        for oo in opt_off:
+            for po in param_off:
+                try:
+                    JobConfig(job=job, zero=ZeroStage(z), offload_optimizer=oo, offload_params=po)
+                except ValueError:
+                    continue
+                out.append((ZeroStage(z), oo, po))
+    return tuple(out)
+
+
+def check_tp(arch: Architecture, tp: int, gpus_per_node: int) -> str | None:
+    spec = arch.spec
+    heads, kv = spec.num_attention_heads or 1, spec.kv_heads
+    if heads % tp:
+        return f"tp={tp} does not divide the {heads} attention heads"
+    if kv % tp and tp % kv:
+        return f"tp={tp} and the {kv} key/value heads do not divide one another"
+    if tp > gpus_per_node:
+        return f"tp={tp} exceeds the {gpus_per_node} GPUs of a node (tensor parallelism stays inside a node)"
+    return None
+
+
+def check_pp(arch: Architecture, pp: int) -> str | None:
+    layers = len(arch.layers)
+    if layers % pp:
+        return f"pp={pp} does not divide the {layers} layers"
+    return None

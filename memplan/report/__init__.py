@@ -1,0 +1,1 @@
+"""Presentation: tables, JSON, CSV. The only layer that converts bytes to GiB/GB."""
