@@ -145,6 +145,9 @@ class JobConfig(Strict):
     seq_len: int = Field(default=2048, gt=0)
     grad_accum: int = Field(default=1, gt=0)
     recompute: Recompute = Recompute.NONE
+    recompute_map: tuple[Recompute, ...] | None = None
+    """Per-layer recompute modes, one per layer (the planner's per-layer choice); overrides
+    ``recompute``/``recompute_layers`` when set."""
     recompute_layers: int | None = Field(default=None, ge=0)
     """With recompute full/selective: how many layers are checkpointed (None: all)."""
     flash_attention: bool = True

@@ -29,6 +29,8 @@ class Estimate:
     config: JobConfig
     rows: tuple[Row, ...]
     not_modelled: tuple[str, ...] = field(default=())
+    stage: int = 0
+    """The pipeline stage whose GPU is reported (the most loaded one)."""
 
     def total(self, tier: Tier) -> int:
         return tier_total(self.rows, tier)
@@ -93,5 +95,5 @@ def estimate(
     cfg = make_config(config, **overrides)
     arch = build_architecture(spec)
     ctx = Context(arch=arch, cfg=cfg, gpu=gpu_spec, host=host or HostSpec())
-    rows, missing = components.all_rows(ctx)
-    return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing))
+    rows, missing, stage = components.all_rows(ctx)
+    return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage)

@@ -32,8 +32,10 @@ What this counts, and what it does not:
   region are packed by checkpoint's own inner hook (non-reentrant) or not saved at all
   (reentrant forward runs under ``no_grad``) and are not counted. Tensors that Hugging Face
   binds as keyword arguments of the checkpointed layer (``partial(forward, **kwargs)``:
-  rotary cos/sin, the attention mask) are held by the closure, shared by all layers, and
-  not counted.
+  rotary cos/sin, the attention mask) are held by that closure until backward although no
+  autograd hook sees them; a forward pre-hook on each checkpointed layer (a module with
+  ``_gradient_checkpointing_func`` and ``gradient_checkpointing`` set) records them, once per
+  storage like every other tensor.
 """
 
 from __future__ import annotations
@@ -73,12 +75,30 @@ def _register_tags(model: Any, stack: list[str]) -> list[Any]:
     return handles
 
 
+def _register_checkpoint_kwargs(model: Any, record: Any) -> list[Any]:
+    """Pre-hooks on checkpointed HF layers that record their keyword-argument tensors.
+
+    transformers binds them into ``partial(forward, **kwargs)``, which the checkpoint keeps
+    until backward: they are held, though no autograd hook sees them.
+    """
+
+    def hook(module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        if getattr(module, "gradient_checkpointing", False) and module.training:
+            for value in kwargs.values():
+                for item in value if isinstance(value, tuple | list) else (value,):
+                    record(item)
+
+    return [m.register_forward_pre_hook(hook, with_kwargs=True)
+            for _, m in model.named_modules() if hasattr(m, "_gradient_checkpointing_func")]
+
+
 def saved_bytes(
     model: Any,
     inputs: Mapping[str, Any],
     *,
     labels: Any = None,
     records: bool = False,
+    checkpoint_kwargs: bool = True,
 ) -> dict[str, Any]:
     """Run ``model(**inputs, labels=labels)`` once and measure the bytes saved for backward.
 
@@ -89,6 +109,10 @@ def saved_bytes(
     - ``excluded_weight_bytes``: int, unique parameter/buffer storages that were saved;
     - ``tensors`` (only when ``records``): one dict per unique storage with ``module``,
       ``nbytes``, ``dtype``, ``shape`` and ``producer`` (the class name of the tensor's grad_fn).
+
+    With ``checkpoint_kwargs`` (default), tensors passed as keyword arguments to a checkpointed
+    Hugging Face layer (rotary cos/sin, the attention mask) are counted too: the checkpoint holds
+    them until backward. Without it, the count is autograd's saved tensors alone.
 
     The model should be in train mode (dropout active) with gradients enabled; the caller
     chooses dtype, device, attention implementation and checkpointing. The forward's output
@@ -119,7 +143,13 @@ def saved_bytes(
             }
         return tensor
 
+    def record_held(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            pack(value)
+
     handles = _register_tags(model, stack)
+    if checkpoint_kwargs:
+        handles += _register_checkpoint_kwargs(model, record_held)
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             kwargs = dict(inputs)

@@ -26,8 +26,8 @@ from memplan.memory.context import Context
 from memplan.units import ceil_div
 
 SRC_BLOCK = "autograd saved tensors of the HF block (activations_block); Korthikanti et al. 2022"
-SAVED_ROWS = ("activations/embeddings", "activations/rotary", "activations/layers", "activations/final_norm",
-              "activations/loss")
+SAVED_ROWS = ("activations/embeddings", "activations/rotary", "activations/attention_mask", "activations/layers",
+              "activations/final_norm", "activations/loss")
 """Rows made of tensors saved for backward (what ``memplan.measure.saved`` measures); the others are peaks."""
 
 
@@ -134,6 +134,27 @@ def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
     return t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
 
 
+def attention_mask_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -> int:
+    """The (B, 1, S, S) attention masks that checkpointed blocks hold until backward, once per kind.
+
+    Eager attention gets an additive mask in the dtype, SDPA a bool one on sliding layers whose
+    window is shorter than S (full-attention layers use ``is_causal``, flash needs none); a model
+    with full and sliding layers builds one mask of each kind.
+    Source: transformers ``masking_utils`` (``create_causal_mask`` / ``create_sliding_window_causal_mask``);
+    the checkpoint keeps the layer's keyword arguments (``partial(forward, **kwargs)``) until backward.
+    """
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    impl = blk.attention_impl(spec, cfg)
+    if counting.paper or not layers or impl == "flash":
+        return 0
+    if impl == "eager":
+        kinds, bits = {ctx.arch.layers[i].sliding for i in layers}, blk.activation_bits(cfg)
+    else:
+        masked = [blk.sdpa_mask_materialized(spec, ctx.arch.layers[i], impl, cfg.seq_len) for i in layers]
+        kinds, bits = ({True} if any(masked) else set()), t.BOOL_BITS
+    return len(kinds) * t.tensor_bytes(count=cfg.micro_batch * cfg.seq_len * cfg.seq_len, bits=bits)
+
+
 def final_norm_bytes(ctx: Context, counting: blk.Counting) -> int:
     """Last stage: the final norm's saved tensors and its output, the lm_head input (b/8·B·S·D)."""
     spec, bits = ctx.arch.spec, blk.activation_bits(ctx.cfg)
@@ -184,6 +205,7 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
         layer_micro_bytes(ctx, i, cfg.recompute if i in ckpt else Recompute.NONE, counting) for i, _ in ctx.layers)}
     out["activations/recompute_workspace"] = workspace_bytes(ctx, cfg.recompute, ckpt, counting)
     out["activations/rotary"] = flight * rotary_table_bytes(ctx, counting)
+    out["activations/attention_mask"] = flight * attention_mask_bytes(ctx, ckpt, counting)
     if ctx.stage == 0:
         out["activations/embeddings"] = flight * embedding_bytes(ctx, counting)
     if ctx.stage == cfg.pp - 1:
@@ -202,6 +224,7 @@ _SOURCES = {
     "activations/layers": SRC_BLOCK,
     "activations/recompute_workspace": "one checkpointed block recomputed in backward (Korthikanti et al. 2022 Sec. 5)",
     "activations/rotary": "cos/sin tables saved by apply_rotary_pos_emb, 2·S·H·b/8",
+    "activations/attention_mask": "(B, 1, S, S) masks held by checkpointed blocks (transformers masking_utils)",
     "activations/embeddings": "int64 token ids (+ position ids) and embedding dropout mask",
     "activations/final_norm": "final norm + lm_head input (Korthikanti et al. 2022 Sec. 4.3)",
     "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",

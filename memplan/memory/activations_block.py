@@ -41,6 +41,10 @@ _NO_SOFTMAX_UPCAST = frozenset({Family.GPT2, Family.FALCON})
 _HIDDEN_DROPOUTS = {Family.GPT2: 2, Family.OPT: 2, Family.PHI3: 2, Family.FALCON: 1}
 """Hidden-wide dropouts per block: after attention and after the MLP (GPT-2 resid_dropout, OPT
 dropout, Phi-3 resid_*_dropout); Falcon's parallel block has one (hidden_dropout)."""
+_Q_HEAD_MAJOR = frozenset({Family.PHI3, Family.FALCON})
+"""Families whose q reaches attention contiguous as (B, N, S, H) (Phi-3's partial-rotary ``cat``, Falcon's
+``reshape``), so a flash kernel's output (laid out like q: ``empty_like(q)``) needs a contiguous copy
+for o_proj; elsewhere q keeps the projection's (B, S, N, H) layout and the output is o_proj's input."""
 _MOE_WEIGHTS_FP32 = frozenset({Family.MIXTRAL, Family.DEEPSEEK})
 """Routers whose top-k weights stay fp32 (Mixtral, DeepSeek-V3); Qwen3-MoE casts them to the dtype."""
 
@@ -56,6 +60,7 @@ class Counting:
     mask_bits: int = t.CUDA_DROPOUT_MASK_BITS
     stats_bits: int = t.CUDA_NORM_STATS_BITS
     paper: bool = False
+    cpu: bool = False
 
 
 CUDA = Counting()
@@ -66,7 +71,7 @@ PAPER = Counting(stats_bits=0, paper=True)
 def cpu_counting(bits: int) -> Counting:
     """PyTorch's CPU kernels: dropout multiplies by a noise tensor of the dtype, LayerNorm keeps its
     statistics in the dtype (ATen ``Dropout.cpp`` ``_dropout_impl``; ``layer_norm_cpu``)."""
-    return Counting(mask_bits=bits, stats_bits=bits)
+    return Counting(mask_bits=bits, stats_bits=bits, cpu=True)
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ def _fused(dm: Dims, counting: Counting, *, q: int, kv: int, out: int) -> Term:
     return Term("attention/qkv", total)
 
 
-def _sdpa_mask_materialized(spec: ModelSpec, layer: Layer, impl: str, s: int) -> bool:
+def sdpa_mask_materialized(spec: ModelSpec, layer: Layer, impl: str, s: int) -> bool:
     """SDPA gets an explicit mask (so no is_causal, no GQA) on sliding layers whose window is shorter than S."""
     window = spec.sliding_window
     return impl == "sdpa" and layer.sliding and window is not None and window < s
@@ -182,7 +187,7 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
         scores = t.tensor_bytes(count=dm.b * n * dm.s * dm.s, bits=t.FP32_BITS)
         return [Term("attention/qkv", math - scores), Term("attention/scores", scores, core=True)]
     terms = []
-    masked = _sdpa_mask_materialized(spec, layer, impl, dm.s)
+    masked = sdpa_mask_materialized(spec, layer, impl, dm.s)
     kv_heads = n if masked else k  # repeat_kv copies k and v to N heads when SDPA cannot use enable_gqa
     if spec.family is Family.GPT2:  # q, k, v are views of c_attn's output, which stays alive whole
         terms.append(_fused(dm, counting, q=0, kv=3 * n * h, out=n * h))
@@ -190,6 +195,10 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
         terms.append(_fused(dm, counting, q=n * h, kv=k * h + (n + 2 * k) * h, out=n * h))
     else:
         terms.append(_fused(dm, counting, q=n * h, kv=2 * kv_heads * h, out=n * h))
+    # CUDA's memory-efficient SDPA kernel (fp32, or an explicit mask) always writes (B, S, N, H)
+    efficient = impl == "sdpa" and not counting.cpu and (dm.bits == t.FP32_BITS or masked)
+    if spec.family in _Q_HEAD_MAJOR and not efficient:
+        terms.append(Term("attention/o_proj_input", t.tensor_bytes(count=dm.tokens * n * h, bits=dm.bits)))
     if masked:  # SDPA converts the bool mask to an additive (B, 1, S, S) tensor per call and saves it
         terms.append(Term("attention/mask", t.tensor_bytes(count=dm.b * dm.s * dm.s, bits=dm.bits), core=True))
     return terms
@@ -209,10 +218,16 @@ def _mla_attention(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting
         if rank:
             latent += norm_bytes(spec, tokens=tok, width=rank, bits=dm.bits, counting=counting)
             latent += t.tensor_bytes(count=tok * rank, bits=dm.bits)
+    if dm.bits == t.FP32_BITS and not counting.paper:  # no upcast copy: kv_a_layernorm saves a view of
+        latent += t.tensor_bytes(count=tok * rope, bits=dm.bits)  # kv_a_proj's whole (R_kv + rope) output
     terms = [Term("attention/latent", latent)]
     impl = attention_impl(spec, cfg)
     if impl == "eager":
         return terms + _eager(spec, cfg, dm, counting, hqk, hv)
+    if impl == "sdpa" and counting.cpu:  # q/k and v head dims differ: no CPU fused kernel, the fp32 math path
+        math = t.math_attention_bytes(b=dm.b, s=dm.s, n=n, h=hqk, hv=hv, bits=dm.bits)
+        scores = t.tensor_bytes(count=dm.b * n * dm.s * dm.s, bits=t.FP32_BITS)
+        return [*terms, Term("attention/qkv", math - scores), Term("attention/scores", scores, core=True)]
     if impl == "flash":
         o_in = t.tensor_bytes(count=dm.tokens * n * hv, bits=dm.bits)
         fused = _fused(dm, counting, q=n * hqk, kv=2 * n * hqk, out=n * hqk)
@@ -240,8 +255,9 @@ def _moe_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting) -> l
     fam = spec.family
     router = t.moe_router_bytes(tokens=dm.seq_tokens, experts=experts, top_k=top_k, normalized=True)
     if fam is Family.DEEPSEEK:  # fp32 copy of the router input; bool mask of group-limited routing
-        router += t.tensor_bytes(count=dm.seq_tokens * dm.d, bits=t.FP32_BITS)
-        router += t.tensor_bytes(count=dm.seq_tokens * experts, bits=8)
+        if dm.bits != t.FP32_BITS:
+            router += t.tensor_bytes(count=dm.seq_tokens * dm.d, bits=t.FP32_BITS)
+        router += t.tensor_bytes(count=dm.seq_tokens * experts, bits=t.BOOL_BITS)
     weight_bits = t.FP32_BITS if fam in _MOE_WEIGHTS_FP32 else dm.bits
     routed = t.moe_experts_bytes(pairs=dm.seq_tokens * top_k, hidden=dm.d, ffn=ffn, experts=experts,
                                  bits=dm.bits, weight_bits=weight_bits)

@@ -22,7 +22,9 @@ INT64_BITS = 64
 """Index tensors (token ids, targets, top-k and permutation indices) are int64 in PyTorch."""
 INT32_BITS = 32
 """grouped_mm offsets per expert (transformers ``integrations/moe.py``: cumsum to int32)."""
-CUDA_DROPOUT_MASK_BITS = 8
+BOOL_BITS = 8
+"""torch.bool takes one byte per element (attention masks, dropout masks on CUDA)."""
+CUDA_DROPOUT_MASK_BITS = BOOL_BITS
 """CUDA ``native_dropout`` saves a bool mask, one byte per element (ATen ``Dropout.cpp``)."""
 CUDA_NORM_STATS_BITS = 32
 """CUDA ``native_layer_norm`` keeps mean and rstd in the accumulate type, fp32 for 16-bit inputs."""

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from memplan.arch.tensors import Role
 from memplan.catalog.schema import Family
-from memplan.config import Job, JobConfig, ZeroStage
+from memplan.config import Job, ZeroStage
 from memplan.errors import MemplanError
 from memplan.memory import model_states as ms
 from memplan.memory.breakdown import Row, Tier, tier_total
@@ -67,34 +66,49 @@ def _activation_rows(ctx: Context, missing: list[str]) -> list[Row]:
 def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:
     from memplan.memory import inference, kv_cache
 
-    rows = ms.place_all(ctx, _weight_buffers(ctx))
+    from memplan.memory import weights
+
+    rows = ms.place_all(ctx, _weight_buffers(ctx)) + weights.host_rows(ctx)
     if ctx.arch.spec.family is Family.PARAMS_ONLY:
         missing.extend(["kv_cache", "activations"])
         return rows
     return rows + kv_cache.rows(ctx) + inference.rows(ctx)
 
 
-def all_rows(ctx: Context) -> tuple[list[Row], list[str]]:
-    """Rows of every component on every tier, and the components that cannot be modelled."""
-    from memplan.memory import runtime
-
-    validate(ctx)
-    missing: list[str] = []
+def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
+    """The job's rows on the reported stage, before the runtime rows."""
     job = ctx.cfg.job
     if job is Job.INFER:
-        rows = _infer_rows(ctx, missing)
-    elif job in (Job.LORA, Job.QLORA):
+        return _infer_rows(ctx, missing)
+    if job in (Job.LORA, Job.QLORA):
         from memplan.memory import peft
 
-        rows = peft.rows(ctx) + _activation_rows(ctx, missing)
-    elif job is Job.GALORE:
+        return peft.rows(ctx) + _activation_rows(ctx, missing)
+    if job is Job.GALORE:
         from memplan.memory import lowrank
 
-        rows = lowrank.rows(ctx) + _activation_rows(ctx, missing)
-    else:
-        rows = _train_rows(ctx) + _activation_rows(ctx, missing)
+        return lowrank.rows(ctx) + _activation_rows(ctx, missing)
+    return _train_rows(ctx) + _activation_rows(ctx, missing)
+
+
+def stage_rows(ctx: Context) -> tuple[list[Row], list[str]]:
+    """Every row of one stage, runtime included, and the components that cannot be modelled."""
+    from memplan.memory import runtime
+
+    missing: list[str] = []
+    rows = job_rows(ctx, missing)
     rows += runtime.rows(ctx, other_gpu_bytes=tier_total(rows, Tier.GPU))
     return [r for r in rows if r.bytes or r.tier is Tier.GPU], missing
 
 
-__all__ = ["JobConfig", "Role", "all_rows", "validate"]
+def all_rows(ctx: Context) -> tuple[list[Row], list[str], int]:
+    """Rows of the most loaded GPU (every pipeline stage is evaluated), the components that cannot
+    be modelled, and the stage reported."""
+    validate(ctx)
+    best: tuple[list[Row], list[str], int] | None = None
+    for stage in range(ctx.cfg.pp):
+        rows, missing = stage_rows(ctx.at_stage(stage))
+        if best is None or tier_total(rows, Tier.GPU) > tier_total(best[0], Tier.GPU):
+            best = (rows, missing, stage)
+    assert best is not None
+    return best

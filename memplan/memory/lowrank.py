@@ -47,11 +47,9 @@ from memplan.units import bits_to_bytes, ceil_div
 GALORE, APOLLO, APOLLO_MINI = "galore", "apollo", "apollo-mini"
 VARIANTS = (GALORE, APOLLO, APOLLO_MINI)
 APOLLO_MINI_RANK = 1
-"""APOLLO-Mini uses a rank-1 auxiliary space with tensor-wise scaling (APOLLO paper, Sec. 4)."""
+"""APOLLO-Mini uses a rank-1 auxiliary space with tensor-wise scaling (APOLLO paper, abstract)."""
 NORM_LIMITER_ELEMENTS = 1
 """APOLLO keeps ``state["scaled_grad"]``, one scalar per matrix, for Fira's norm-growth limiter."""
-SVD_FACTORS = 3
-"""``torch.linalg.svd(full_matrices=False)`` returns U (m × k), S (k) and Vh (k × n), k = min(m, n)."""
 GALORE_PAPER = "GaLore (Zhao et al. 2024) Alg. 1, Sec. 4.2-4.3, Table 1; galore_torch GaLoreProjector"
 APOLLO_PAPER = "APOLLO (Zhu et al. 2024) Alg. 1; apollo_torch GradientProjector"
 

@@ -1,0 +1,199 @@
+"""``plan``: solve the ILP, re-check each plan with exact bytes, rank alternatives, and explain
+an infeasible request with the smallest verified changes that would make it fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from memplan.arch.build import build_architecture
+from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
+from memplan.config import Job, JobConfig, Recompute
+from memplan.errors import MemplanError
+from memplan.estimate import Estimate, estimate
+from memplan.planner import train
+from memplan.planner.dims import resolve
+from memplan.planner.ilp import IlpBuilder
+from memplan.planner.space import Objective, SearchSpace
+
+DEFAULT_TIME_LIMIT_S = 30.0
+MAX_REJECTED = 20
+
+
+@dataclass
+class Candidate:
+    """A plan that fits, checked with exact bytes."""
+
+    config: JobConfig
+    estimate: Estimate
+    step_time_s: float
+    tokens_per_s: float
+    objective_value: float
+    layer_map: str
+
+
+@dataclass
+class PlanResult:
+    status: str
+    objective: Objective
+    candidates: list[Candidate] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    binding: str | None = None
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
+    solver_status: str = "optimal"
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    model: ModelSpec
+    gpu: GpuSpec
+    host: HostSpec
+    base: JobConfig
+    space: SearchSpace = SearchSpace()
+    objective: Objective = Objective.THROUGHPUT
+    top_k: int = 3
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
+    solver: str | None = None
+    debug_lp: str | None = None
+    suggest: bool = True
+
+
+def layer_map(modes: list[str]) -> str:
+    """Compact per-layer map: 'full: layers 0-18, none: layers 19-31'."""
+    if not modes:
+        return ""
+    runs: list[tuple[str, int, int]] = []
+    for i, m in enumerate(modes):
+        if runs and runs[-1][0] == m and runs[-1][2] == i - 1:
+            runs[-1] = (m, runs[-1][1], i)
+        else:
+            runs.append((m, i, i))
+    parts = [f"{m}: layer{'s' if a != b else ''} {a}{'-' + str(b) if a != b else ''}" for m, a, b in runs]
+    return "recompute " + ", ".join(parts)
+
+
+def global_batch_for(req: PlanRequest, world: int, dims_mb: tuple[int, ...] | None = None) -> int:
+    if req.space.global_batch:
+        return req.space.global_batch
+    biggest = max(dims_mb) if dims_mb else (max(req.space.micro_batch) if req.space.micro_batch else 8)
+    return biggest * world
+
+
+def gpu_counts(req: PlanRequest) -> list[tuple[int, int]]:
+    """(gpus per node, nodes) to try: the request's own, or ascending counts for min-gpus / min-cost."""
+    base = req.base
+    if req.space.gpus:
+        out = []
+        for n in sorted(req.space.gpus):
+            if n <= base.gpus_per_node:
+                out.append((n, 1))
+            elif n % base.gpus_per_node == 0:
+                out.append((base.gpus_per_node, n // base.gpus_per_node))
+        return out
+    if req.objective not in (Objective.MIN_GPUS, Objective.MIN_COST):
+        return [(base.gpus_per_node, base.nodes)]
+    out = [(g, 1) for g in (1, 2, 4, 8, 16) if g <= base.gpus_per_node]
+    if base.gpus_per_node not in [g for g, _ in out]:
+        out.append((base.gpus_per_node, 1))
+    out += [(base.gpus_per_node, n) for n in range(2, base.nodes + 1)]
+    return out
+
+
+def _objective_kind(objective: Objective) -> str:
+    if objective in (Objective.MAX_BATCH, Objective.MAX_CONTEXT):
+        return "max_value"
+    if objective is Objective.MIN_MEMORY:
+        return "min_gpu_bytes"
+    return "min_seconds"
+
+
+def _value_fn(objective: Objective):
+    if objective is Objective.MAX_BATCH:
+        return lambda choice: float(choice["micro_batch"])
+    if objective is Objective.MAX_CONTEXT:
+        return lambda choice: float(choice["seq_len"])
+    return None
+
+
+def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) -> float:
+    """Analytic step time of one plan: shape (compute, bubble, tp), data-parallel traffic, offload, recompute."""
+    comm_dims = {"tp": (cfg.tp,), "pp": (cfg.pp,), "placement": ((cfg.zero, cfg.offload_optimizer, cfg.offload_params),),
+                 "micro_batch": (cfg.micro_batch,)}
+    comm = next(iter(train.comm_factor(setting, comm_dims).entries.values())).seconds
+    states, _ = train.states_factor(setting, {**comm_dims, "optimizer": (cfg.optimizer,), "quant": (cfg.quant,)})
+    offload = next(iter(states.entries.values())).seconds if states.entries else 0.0
+    recompute = sum(train.recompute_seconds(setting, cfg, layer.params, Recompute(m))
+                    for layer, m in zip(setting.arch.layers, modes, strict=False))
+    return train.shape_seconds(setting, cfg) + comm + offload + recompute
+
+
+def _with_world(base: JobConfig, gpn: int, nodes: int) -> JobConfig:
+    return base.model_copy(update={"gpus_per_node": gpn, "nodes": nodes})
+
+
+def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -> bool:
+    """Solve for one cluster size; append verified candidates to ``result``. True when one fits."""
+    arch = build_architecture(req.model)
+    base = _with_world(req.base, gpn, nodes)
+    probe = global_batch_for(req, base.world_size)
+    dims, excluded = resolve(arch, base, req.space, req.objective, req.host, probe)
+    result.excluded = sorted(set(result.excluded + excluded))
+    if not dims["tp"] or not dims["pp"]:
+        raise MemplanError("no tensor/pipeline degree is valid: " + "; ".join(excluded[:3]))
+    gb = global_batch_for(req, base.world_size, dims["micro_batch"])
+    setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
+    problem, reasons = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective))
+    builder = IlpBuilder(problem)
+    if req.debug_lp:
+        builder.write_lp(req.debug_lp)
+    found = 0
+    rejected = 0
+    while found < req.top_k and rejected < MAX_REJECTED:
+        sol = builder.solve(time_limit=req.time_limit_s, solver=req.solver)
+        if sol.status not in ("optimal", "feasible"):
+            if sol.status == "time_limit" and not result.candidates:
+                result.solver_status = "time_limit"
+            break
+        if sol.status == "feasible":
+            result.solver_status = "feasible (time limit reached; best incumbent)"
+        cfg = train.config_for(base, sol.choice, global_batch=gb, modes=sol.modes or None)
+        est = estimate(req.model, req.gpu, cfg, host=req.host)
+        builder.exclude(sol.choice, f"cut_{found}_{rejected}")
+        if not est.fits:
+            rejected += 1
+            continue
+        seconds = step_seconds(setting, cfg, sol.modes)
+        tokens = gb * cfg.seq_len
+        result.candidates.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, layer_map(sol.modes)))
+        found += 1
+    return found > 0
+
+
+def plan(req: PlanRequest) -> PlanResult:
+    """The best configurations for ``req`` (status "optimal"), or "infeasible" with suggestions."""
+    if req.base.job is Job.INFER:
+        from memplan.planner.infer import plan_inference
+
+        return plan_inference(req)
+    result = PlanResult(status="infeasible", objective=req.objective)
+    sizes = gpu_counts(req)
+    for gpn, nodes in sizes:
+        ok = solve_training(req, gpn, nodes, result)
+        if ok and req.objective is not Objective.MIN_COST:
+            break
+    if req.objective is Objective.MIN_COST and result.candidates:
+        price = req.gpu.price_per_hour_usd or 0.0
+        result.candidates.sort(key=lambda c: price * c.config.world_size / c.tokens_per_s)
+        result.candidates = result.candidates[: req.top_k]
+    if result.candidates:
+        result.status = "optimal"
+        return result
+    if req.suggest:
+        from memplan.planner.suggest import diagnose
+
+        diagnose(req, result)
+    return result

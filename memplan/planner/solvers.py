@@ -1,0 +1,39 @@
+"""Which MILP solver PuLP uses: HiGHS (highspy) first, CBC as the fallback, a clear error if neither works."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memplan.errors import MemplanError
+
+PREFERENCE = ("highs", "cbc")
+
+
+def available() -> list[str]:
+    import pulp
+
+    names = set(pulp.listSolvers(onlyAvailable=True))
+    out = []
+    if "HiGHS" in names:
+        out.append("highs")
+    if "PULP_CBC_CMD" in names:
+        out.append("cbc")
+    return out
+
+
+def get_solver(name: str | None = None, *, time_limit: float | None = None) -> Any:
+    """A PuLP solver object: ``name`` if given and usable, else the first usable of PREFERENCE."""
+    import pulp
+
+    usable = available()
+    if name is not None and name not in PREFERENCE:
+        raise MemplanError(f"unknown solver {name!r}; choose highs or cbc.")
+    order = [name] if name else list(PREFERENCE)
+    for candidate in order:
+        if candidate in usable:
+            if candidate == "highs":
+                return pulp.HiGHS(msg=False, timeLimit=time_limit)
+            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit)
+    wanted = name or " or ".join(PREFERENCE)
+    raise MemplanError(f"no usable MILP solver ({wanted}); install highspy (pip install highspy) "
+                       "or a PuLP build that bundles CBC.")

@@ -1,0 +1,132 @@
+"""When nothing fits: which constraint binds and by how much, and the smallest changes that make
+it fit, each verified by an actual re-solve (never guessed)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from memplan.catalog.store import all_gpus
+from memplan.config import Job, Offload, OptimizerKind
+from memplan.errors import MemplanError
+from memplan.estimate import estimate
+from memplan.memory.breakdown import Tier
+from memplan.planner.space import Objective
+from memplan.units import GiB
+
+MAX_SCALE_NODES = 128
+
+
+def _fits(req: Any) -> Any:
+    """Re-solve a modified request without suggestions; the best candidate or None."""
+    from memplan.planner.plan import plan
+
+    try:
+        result = plan(replace(req, suggest=False, top_k=1))
+    except MemplanError:
+        return None
+    return result.best
+
+
+def _entry(change: str, flags: str, best: Any) -> dict[str, Any]:
+    return {"change": change, "flags": flags, "verified": True,
+            "gpu_total_bytes": best.estimate.total(Tier.GPU), "tokens_per_s": round(best.tokens_per_s, 3)}
+
+
+def binding(req: Any, result: Any) -> None:
+    """Name the binding tier and the shortfall of the most memory-saving configuration in the space."""
+    base = req.base
+    lean = base.model_copy(update={"micro_batch": 1})
+    try:
+        est = estimate(req.model, req.gpu, lean, host=req.host)
+    except MemplanError as exc:
+        result.binding = str(exc)
+        return
+    tier = est.binding_tier
+    over = -est.headroom(tier)
+    result.binding = (f"{tier.value} memory: the requested configuration needs {est.total(tier) / GiB:,.2f} GiB "
+                      f"of {est.capacity(tier) / GiB:,.2f} GiB per {'GPU' if tier.value == 'gpu' else 'node'} "
+                      f"at micro-batch 1 (over by {max(over, 0) / GiB:,.2f} GiB); no choice in the search space "
+                      "brings it under capacity")
+
+
+def scale_steps(gpn: int, nodes: int) -> list[tuple[int, int]]:
+    """Larger clusters to try, smallest first: fill a node up to 8 GPUs, then double the nodes."""
+    out = [(g, 1) for g in (2, 4, 8) if g > gpn] if nodes == 1 else []
+    per = max(gpn, 8) if nodes == 1 else gpn
+    n = 1 if nodes == 1 else nodes
+    while n < MAX_SCALE_NODES:
+        n *= 2
+        out.append((per, n))
+    return out
+
+
+def more_gpus(req: Any) -> dict[str, Any] | None:
+    base = req.base
+    for g, n in scale_steps(base.gpus_per_node, base.nodes):
+        best = _fits(replace(req, base=base.model_copy(update={"gpus_per_node": g, "nodes": n})))
+        if best is not None:
+            return _entry(f"use {g * n} GPUs ({g} per node × {n} node{'s' if n > 1 else ''})",
+                          f"--gpus {g} --nodes {n}", best)
+    return None
+
+
+def smaller_shape(req: Any) -> dict[str, Any] | None:
+    field = "seq_len" if req.base.job.trains else "context"
+    space = req.space.model_copy(update={"micro_batch": (1,)})
+    best = _fits(replace(req, space=space, objective=Objective.MAX_CONTEXT))
+    if best is None:
+        return None
+    value = best.config.seq_len if req.base.job.trains else best.config.infer.context
+    flag = "--seq-len" if field == "seq_len" else "--context"
+    return _entry(f"the largest {field.replace('_', ' ')} that fits at micro-batch 1 is {value:,} tokens",
+                  f"--batch 1 {flag} {value}", best)
+
+
+def with_space(req: Any, label: str, flags: str, **space: Any) -> dict[str, Any] | None:
+    best = _fits(replace(req, space=req.space.model_copy(update=space)))
+    return _entry(label, flags, best) if best is not None else None
+
+
+def with_base(req: Any, label: str, flags: str, **base: Any) -> dict[str, Any] | None:
+    try:
+        new = req.base.model_copy(update=base)
+    except ValueError:
+        return None
+    best = _fits(replace(req, base=new))
+    return _entry(label, flags, best) if best is not None else None
+
+
+def bigger_gpu(req: Any) -> dict[str, Any] | None:
+    for gpu in sorted(all_gpus(), key=lambda g: (g.memory_bytes, g.name)):
+        if gpu.memory_bytes <= req.gpu.memory_bytes:
+            continue
+        best = _fits(replace(req, gpu=gpu))
+        if best is not None:
+            return _entry(f"a GPU with more memory: {gpu.name} ({gpu.memory_bytes / GiB:,.1f} GiB)",
+                          f"--gpu {gpu.name}", best)
+    return None
+
+
+def diagnose(req: Any, result: Any) -> None:
+    """Fill ``result.binding`` and ``result.suggestions`` (each one re-solved and fitting)."""
+    binding(req, result)
+    job = req.base.job
+    tries = [more_gpus(req), smaller_shape(req)]
+    if job is Job.LORA:
+        tries.append(with_base(req, "QLoRA: a 4-bit NF4 base with double quantization", "--job qlora",
+                               job=Job.QLORA, quant=None))
+    elif job in (Job.FULL, Job.PRETRAIN):
+        tries.append(with_space(req, "8-bit AdamW states (bitsandbytes)", "--optimizer adamw-8bit",
+                                optimizer=(OptimizerKind.ADAMW_8BIT,)))
+        tries.append(with_base(req, "GaLore low-rank optimizer states", "--job galore", job=Job.GALORE))
+    if job.trains and job is not Job.GALORE:
+        offl = (Offload.NONE, Offload.CPU)
+        tries.append(with_space(req, "ZeRO-Offload: optimizer states (and parameters) in CPU memory",
+                                "--zero 3 --offload-optimizer cpu --offload-params cpu",
+                                zero=(1, 2, 3), offload_optimizer=offl, offload_params=offl))
+    if job is Job.INFER:
+        tries.append(with_space(req, "4-bit AWQ weights", "--quant awq-4bit", quant=("awq-4bit",)))
+        tries.append(with_space(req, "fp8 KV cache", "--kv-dtype fp8", kv_dtype=("fp8",)))
+    tries.append(bigger_gpu(req))
+    result.suggestions = [t for t in tries if t is not None]

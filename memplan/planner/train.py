@@ -1,0 +1,265 @@
+"""Build the ILP for a training job (pretrain, full, LoRA, QLoRA, GaLore) from exact memory functions.
+
+Each factor table is filled by the same pure functions that ``estimate`` uses, evaluated on the
+factor's own few dimensions (a Context per combination and per pipeline stage), so the ILP's
+bytes are ``estimate``'s bytes; the chosen plan is re-checked by ``estimate`` anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+from memplan.arch.tensors import Architecture
+from memplan.catalog.schema import PCIE_GBPS_X16, GpuSpec, HostSpec
+from memplan.config import JobConfig, Recompute
+from memplan.errors import MemplanError
+from memplan.memory import activations as act
+from memplan.memory import components, runtime
+from memplan.memory.breakdown import Tier, tier_total
+from memplan.memory.context import Context
+from memplan.planner import cost
+from memplan.planner.ilp import Entry, Factor, LayerBlock, Problem
+
+STATE_DIMS = ("tp", "pp", "placement", "optimizer", "quant")
+SHAPE_DIMS = ("tp", "pp", "micro_batch", "seq_len")
+LAYER_DIMS = ("tp", "micro_batch", "seq_len")
+SAVINGS = {Recompute.NONE.value: 0, Recompute.SELECTIVE.value: 1, Recompute.FULL.value: 2}
+NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "activations/attention_mask")
+
+
+@dataclass(frozen=True)
+class TrainSetting:
+    """Everything fixed during one solve: model, hardware, the base config and the global batch."""
+
+    arch: Architecture
+    gpu: GpuSpec
+    host: HostSpec
+    base: JobConfig
+    global_batch: int
+    mfu: float = cost.DEFAULT_MFU
+
+
+def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | None = None,
+               modes: Iterable[str] | None = None) -> JobConfig:
+    """The JobConfig a (partial) choice of dimensions describes."""
+    upd: dict[str, Any] = {}
+    for dim, value in choice.items():
+        if dim == "placement":
+            upd["zero"], upd["offload_optimizer"], upd["offload_params"] = value
+        elif dim in ("tp", "pp", "micro_batch", "seq_len", "optimizer", "quant"):
+            upd[dim] = value
+    cfg = base.model_copy(update=upd)
+    if global_batch is not None:
+        cfg = cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.dp))})
+    if modes is not None:
+        modes = tuple(Recompute(m) for m in modes)
+        used = {m for m in modes if m is not Recompute.NONE}
+        mode = max(used, key=lambda m: SAVINGS[m.value]) if used else Recompute.NONE
+        cfg = cfg.model_copy(update={"recompute": mode, "recompute_map": modes, "recompute_layers": None})
+    return cfg
+
+
+def _valid(cfg: JobConfig, setting: TrainSetting) -> bool:
+    if setting.global_batch % (cfg.micro_batch * cfg.dp):
+        return False
+    return True
+
+
+def _contexts(setting: TrainSetting, cfg: JobConfig) -> list[Context]:
+    ctx = Context(setting.arch, cfg, setting.gpu, setting.host)
+    return [ctx.at_stage(s) for s in range(cfg.pp)]
+
+
+def states_factor(setting: TrainSetting, dims: dict[str, tuple]) -> tuple[Factor, list[str]]:
+    """Model states (weights, gradients, optimizer, engine buffers) per stage, and offload time."""
+    entries: dict[tuple, Entry] = {}
+    reasons: list[str] = []
+    for key in product(*(dims[d] for d in STATE_DIMS)):
+        choice = dict(zip(STATE_DIMS, key, strict=True))
+        try:
+            cfg = config_for(setting.base, choice)
+            cfg = JobConfig.model_validate(cfg.model_dump())
+            ctxs = _contexts(setting, cfg)
+            components.validate(ctxs[0])
+            per_stage = [components.job_rows(c, [])[: None] for c in ctxs]
+        except (MemplanError, ValueError) as exc:
+            reasons.append(f"{_describe(choice)}: {exc}")
+            continue
+        per_stage = [[r for r in rows if not r.component.startswith("activations")] for rows in per_stage]
+        gpu = tuple(tier_total(rows, Tier.GPU) for rows in per_stage)
+        cpu = max(tier_total(rows, Tier.CPU) for rows in per_stage)
+        nvme = max(tier_total(rows, Tier.NVME) for rows in per_stage)
+        entries[key] = Entry(gpu=gpu, cpu=cpu, nvme=nvme, seconds=offload_seconds(setting, cfg, per_stage))
+    return Factor("states", STATE_DIMS, entries), reasons
+
+
+def offload_seconds(setting: TrainSetting, cfg: JobConfig, per_stage: list) -> float:
+    """ZeRO-Offload / ZeRO-Infinity traffic and CPU update time per step (``cost.offload_seconds``)."""
+    cpu_bytes = max(tier_total(rows, Tier.CPU) for rows in per_stage)
+    nvme_bytes = max(tier_total(rows, Tier.NVME) for rows in per_stage)
+    if not cpu_bytes and not nvme_bytes:
+        return 0.0
+    params = setting.arch.params // (cfg.tp * cfg.pp)
+    pcie = (setting.host.pcie_gbps_per_gpu or PCIE_GBPS_X16[setting.gpu.pcie_gen]) * 1e9
+    grad = 2 * params // cfg.dp
+    seconds = cost.offload_seconds(bytes_to_host=grad, bytes_to_device=grad, pcie_bytes_per_s=pcie,
+                                   cpu_update_params=params * cfg.gpus_per_node // max(cfg.dp, 1),
+                                   cpu_adam_params_per_s=cost.DEFAULT_CPU_ADAM_PARAMS_PER_S,
+                                   backward_s=0.0)
+    if nvme_bytes:
+        seconds += cost.nvme_seconds(bytes_read=nvme_bytes, bytes_written=nvme_bytes,
+                                     read_bytes_per_s=setting.host.nvme_read_gbps * 1e9,
+                                     write_bytes_per_s=setting.host.nvme_write_gbps * 1e9)
+    return seconds
+
+
+def shape_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
+    """Activations outside the blocks (embeddings, loss, logits) per stage, and step time by shape."""
+    entries: dict[tuple, Entry] = {}
+    for key in product(*(dims[d] for d in SHAPE_DIMS)):
+        choice = dict(zip(SHAPE_DIMS, key, strict=True))
+        cfg = config_for(setting.base, choice, global_batch=setting.global_batch)
+        if not _valid(cfg, setting):
+            continue
+        gpu = []
+        for ctx in _contexts(setting, cfg):
+            parts = act.breakdown(ctx) if act.modelled(ctx) else {}
+            gpu.append(sum(v for k, v in parts.items() if k not in NOT_LAYER_ROWS))
+        entries[key] = Entry(gpu=tuple(gpu), seconds=shape_seconds(setting, cfg))
+    return Factor("shape", SHAPE_DIMS, entries)
+
+
+def shape_seconds(setting: TrainSetting, cfg: JobConfig) -> float:
+    """Compute (roofline over weight re-reads), pipeline bubble and tensor-parallel traffic per step."""
+    arch, gpu = setting.arch, setting.gpu
+    spec = arch.spec
+    tokens = setting.global_batch * cfg.seq_len
+    attn = (spec.num_attention_heads or 0) * spec.dim_per_head
+    flops = cost.training_flops(active_params=arch.active_params, tokens=tokens, layers=len(arch.layers),
+                                seq_len=cfg.seq_len, attn_width=attn)
+    peak = gpu.bf16_dense_tflops * 1e12
+    compute = cost.compute_seconds(flops=flops, gpus=cfg.world_size, peak_flops=peak, mfu=setting.mfu)
+    micro_steps = max(1, setting.global_batch // (cfg.micro_batch * cfg.dp))
+    weight_read = 3 * 2 * arch.params / (cfg.tp * cfg.pp) / (gpu.hbm_bandwidth_gbps * 1e9)
+    compute = max(compute, weight_read * micro_steps)
+    bubble = cost.pipeline_bubble_fraction(pp=cfg.pp, micro_batches=micro_steps)
+    link = gpu.interconnect_gbps * 1e9
+    tp_comm = cost.tp_comm_seconds(tokens_per_gpu_group=tokens // cfg.dp, hidden=spec.hidden_size or 0,
+                                   layers=len(arch.layers) // cfg.pp, tp=cfg.tp, bytes_per_s=link)
+    return compute / (1.0 - bubble) + tp_comm
+
+
+def comm_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
+    """Data-parallel gradient traffic (and ZeRO-3 parameter gathers per micro-step)."""
+    names = ("tp", "pp", "placement", "micro_batch")
+    entries: dict[tuple, Entry] = {}
+    for key in product(*(dims[d] for d in names)):
+        choice = dict(zip(names, key, strict=True))
+        cfg = config_for(setting.base, choice, global_batch=setting.global_batch)
+        if not _valid(cfg, setting):
+            continue
+        grad_bytes = 2 * setting.arch.params // (cfg.tp * cfg.pp)
+        intra = cfg.world_size <= cfg.gpus_per_node
+        bw = setting.gpu.interconnect_gbps * 1e9 if intra else min(setting.gpu.interconnect_gbps * 1e9,
+                                                                  cost.DEFAULT_INTER_NODE_BYTES_PER_S)
+        seconds = cost.zero_dp_comm_seconds(grad_bytes=grad_bytes, dp=cfg.dp, zero=int(cfg.zero), bytes_per_s=bw,
+                                            micro_steps=max(1, cfg.grad_accum))
+        entries[key] = Entry(seconds=seconds)
+    return Factor("comm", names, entries)
+
+
+def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | None:
+    """Per-layer recompute modes: bytes per micro-batch by (tp, micro-batch, seq), recompute seconds."""
+    arch = setting.arch
+    modes = tuple(m.value for m in dims["recompute"])
+    keys = list(product(*(dims[d] for d in LAYER_DIMS)))
+    gpu: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
+    secs: list[dict[str, dict[tuple, float]]] = [{m: {} for m in modes} for _ in arch.layers]
+    work: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
+    for key in keys:
+        cfg = config_for(setting.base, dict(zip(LAYER_DIMS, key, strict=True)))
+        ctx = Context(arch, cfg, setting.gpu, setting.host)
+        if not act.modelled(ctx):
+            return None
+        counting = act.counting_for(cfg)
+        for i, layer in enumerate(arch.layers):
+            for m in modes:
+                mode = Recompute(m)
+                gpu[i][m][key] = act.layer_micro_bytes(ctx, i, mode)
+                secs[i][m][key] = recompute_seconds(setting, cfg, layer.params, mode)
+                work[i][m][key] = (act.workspace_bytes(ctx, mode, {i}) + act.attention_mask_bytes(ctx, {i}, counting)
+                                   if mode is not Recompute.NONE else 0)
+    return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu, seconds=secs, workspace=work,
+                      classes=_classes(arch), savings_rank={m: SAVINGS[m] for m in modes})
+
+
+def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer_params: int, mode: Recompute) -> float:
+    """Step time a recomputed layer adds: its forward again (full) or its attention core (selective)."""
+    if mode is Recompute.NONE:
+        return 0.0
+    spec = setting.arch.spec
+    tokens = setting.global_batch * cfg.seq_len
+    attn = (spec.num_attention_heads or 0) * spec.dim_per_head
+    if mode is Recompute.FULL:
+        flops = cost.layer_forward_flops(layer_params=layer_params, tokens=tokens, seq_len=cfg.seq_len, attn_width=attn)
+    else:
+        flops = 2.0 * cfg.seq_len * attn * tokens
+    return cost.compute_seconds(flops=flops, gpus=cfg.world_size, peak_flops=setting.gpu.bf16_dense_tflops * 1e12,
+                                mfu=setting.mfu)
+
+
+def _classes(arch: Architecture) -> list[int]:
+    seen: dict[tuple, int] = {}
+    out = []
+    for layer in arch.layers:
+        sig = (layer.moe, layer.sliding, tuple((t.name, t.shape, t.copies) for t in layer.tensors))
+        out.append(seen.setdefault(sig, len(seen)))
+    return out
+
+
+def runtime_terms(setting: TrainSetting) -> tuple[int, float]:
+    """(CUDA context bytes, allocator reserve %) of the runtime rows, as the ILP applies them."""
+    ctx = Context(setting.arch, setting.base, setting.gpu, setting.host)
+    context = runtime.cuda_context_bytes(vendor=setting.gpu.vendor, override=setting.base.cuda_context_bytes)
+    pct = setting.base.allocator_reserve_pct
+    if pct is None:
+        pct = runtime.ALLOCATOR_RESERVE_PCT
+    del ctx
+    return context, float(pct)
+
+
+def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
+                  value_of: Callable[[dict[str, Any]], float] | None = None) -> tuple[Problem, list[str]]:
+    """The training ILP over ``dims`` (each a tuple of candidate values)."""
+    states, reasons = states_factor(setting, dims)
+    if not states.entries:
+        raise MemplanError("no combination of the search space is valid: " + "; ".join(reasons[:3]))
+    shape = shape_factor(setting, dims)
+    if not shape.entries:
+        raise MemplanError(f"no micro-batch divides the global batch of {setting.global_batch} sequences "
+                           "over the data-parallel ranks; change --global-batch or --micro-batch.")
+    factors = [states, shape, comm_factor(setting, dims)]
+    layers = layer_block(setting, dims)
+    if value_of is not None:
+        shape.entries = {k: Entry(e.gpu, e.cpu, e.nvme, e.seconds, value_of(dict(zip(SHAPE_DIMS, k, strict=True))))
+                         for k, e in shape.entries.items()}
+    context, pct = runtime_terms(setting)
+    host = setting.host
+    problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
+                      gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,
+                      nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct)
+    return problem, reasons
+
+
+def _describe(choice: dict[str, Any]) -> str:
+    parts = []
+    for k, v in choice.items():
+        if k == "placement":
+            z, oo, po = v
+            parts.append(f"zero={int(z)} offload_optimizer={oo.value} offload_params={po.value}")
+        else:
+            parts.append(f"{k}={getattr(v, 'value', v)}")
+    return " ".join(parts)

@@ -1,0 +1,44 @@
+"""Shared test helpers: run the CLI in-process with a pinned terminal width."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from memplan.cli.app import app
+
+PUBLISHED = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "published_cases.yaml"
+
+
+@pytest.fixture(scope="session")
+def runner() -> CliRunner:
+    return CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+def run_cli(runner: CliRunner, *args: str, code: int = 0) -> Any:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def cli_json(runner: CliRunner, *args: str, code: int = 0) -> dict[str, Any]:
+    result = run_cli(runner, *args, "--format", "json", code=code)
+    return json.loads(result.stdout)
+
+
+def prefix_sum(components: dict[str, int], *prefixes: str) -> int:
+    """Sum components whose top-level name is one of ``prefixes``."""
+    return sum(v for k, v in components.items() if k.split("/", 1)[0] in prefixes)
+
+
+def published_case(case_id: str) -> dict[str, Any]:
+    """A case of ../shared/reference/published_cases.yaml (skipped when shared/ is absent)."""
+    if not PUBLISHED.is_file():
+        pytest.skip(f"published cases file not found at {PUBLISHED}")
+    cases = yaml.safe_load(PUBLISHED.read_text())["cases"]
+    return next(c for c in cases if c["id"] == case_id)
