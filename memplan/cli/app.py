@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 
 EXIT_INPUT = 2
+EXIT_INTERNAL = 3
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -41,6 +43,14 @@ def handled(func: F) -> F:
             raise fail(str(exc)) from None
         except RecursionError:
             raise fail("the input is nested too deeply to read.") from None
+        except (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug in memplan: one line, not a traceback, unless asked for
+            if os.environ.get("MEMPLAN_DEBUG"):
+                raise
+            sys.stderr.write(f"memplan: internal error ({type(exc).__name__}: {exc}); "
+                             "set MEMPLAN_DEBUG=1 for the traceback and please report it.\n")
+            raise typer.Exit(code=EXIT_INTERNAL) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -148,6 +158,158 @@ def emit_estimate(est: Any, fmt: str, extra: dict[str, Any]) -> None:
         render_estimate(est, con)
         for key, value in extra.items():
             con.print(f"{key.replace('_', ' ')}: {value:,}")
+
+
+def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise MemplanError(f"{flag}: expected comma-separated integers such as 1,2,4, got {text!r}.") from None
+    if not values or any(v <= 0 for v in values):
+        raise MemplanError(f"{flag}: values must be positive integers, got {text!r}.")
+    return values
+
+
+def str_list(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+@app.command()
+@handled
+def plan(
+    model: o.Model,
+    gpu: o.Gpu = "h100-sxm-80gb",
+    gpus: o.Gpus = 1,
+    nodes: o.Nodes = 1,
+    cpu_ram: o.CpuRam = None,
+    nvme: o.Nvme = None,
+    job: o.Job = "full",
+    dtype: o.Dtype = "bf16",
+    quant: Annotated[str | None, typer.Option("--quant", help="Weight quantization choices, comma-separated (none = 16-bit).",
+                                              rich_help_panel=o.J)] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="Optimizer choices, comma-separated.",
+                                                  rich_help_panel=o.J)] = None,
+    batch: Annotated[str | None, typer.Option("--batch", "-b", help="Micro-batch (training) or concurrent sequences (inference) choices.",
+                                              rich_help_panel=o.J)] = None,
+    global_batch: Annotated[int | None, typer.Option("--global-batch", help="Sequences per optimizer step.",
+                                                     rich_help_panel=o.J)] = None,
+    seq_len: o.SeqLen = 2048,
+    accounting: o.Accounting = "deepspeed",
+    zero: Annotated[str | None, typer.Option("--zero", help="ZeRO stage choices, e.g. 2,3.", rich_help_panel=o.P)] = None,
+    offload_optimizer: Annotated[str | None, typer.Option("--offload-optimizer", help="Choices among none,cpu,nvme.",
+                                                          rich_help_panel=o.P)] = None,
+    offload_params: Annotated[str | None, typer.Option("--offload-params", help="Choices among none,cpu,nvme.",
+                                                       rich_help_panel=o.P)] = None,
+    tp: Annotated[str | None, typer.Option("--tp", help="Tensor-parallel choices, e.g. 1,2,4.", rich_help_panel=o.P)] = None,
+    pp: Annotated[str | None, typer.Option("--pp", help="Pipeline-parallel choices.", rich_help_panel=o.P)] = None,
+    recompute: Annotated[str | None, typer.Option("--recompute", help="Per-layer recompute modes allowed (none,selective,full).",
+                                                  rich_help_panel=o.M)] = None,
+    flash_attention: o.Flash = True,
+    cuda_context: o.CudaContext = None,
+    allocator_reserve: o.AllocReserve = None,
+    lora_rank: o.LoraRank = 16,
+    lora_targets: o.LoraTargets = "q,k,v,o",
+    galore_rank: o.GaloreRank = 128,
+    context: Annotated[str | None, typer.Option("--context", "-c", help="Context choices (inference).", rich_help_panel=o.I)] = None,
+    kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="KV dtype choices (inference).", rich_help_panel=o.I)] = None,
+    objective: Annotated[str, typer.Option("--objective", help="throughput, min-gpus, max-batch, max-context, min-memory, min-cost.",
+                                           rich_help_panel=o.O)] = "throughput",
+    top: Annotated[int, typer.Option("--top", help="Ranked alternatives to show.", rich_help_panel=o.O)] = 3,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Solver time limit per solve, seconds.", rich_help_panel=o.O)] = 30.0,
+    solver: Annotated[str | None, typer.Option("--solver", help="highs or cbc (default: highs, else cbc).", rich_help_panel=o.O)] = None,
+    debug_lp: Annotated[str | None, typer.Option("--debug-lp", help="Write the ILP to this .lp file.", rich_help_panel=o.O)] = None,
+    fmt: o.Format = "table",
+) -> None:
+    """The fastest (or smallest, cheapest...) configuration that fits, chosen by an ILP; exit 1 when none fits."""
+    from memplan.planner.plan import PlanRequest
+    from memplan.planner.plan import plan as run_plan
+    from memplan.planner.space import Objective, SearchSpace
+
+    o.check_format(fmt, ("table", "json", "csv"))
+    if top < 1:
+        raise MemplanError("--top must be at least 1.")
+    if time_limit <= 0:
+        raise MemplanError("--time-limit must be positive.")
+    try:
+        obj = Objective(objective)
+    except ValueError:
+        from memplan.errors import did_you_mean
+
+        raise MemplanError(f"unknown objective {objective!r}.{did_you_mean(objective, [x.value for x in Objective])}") from None
+    quants = str_list(quant)
+    base = make_base(job=job, dtype=dtype, quant=None if quants is None or len(quants) != 1 else _none(quants[0]),
+                     optimizer=(str_list(optimizer) or ("adamw",))[0], accounting=accounting, gpus=gpus, nodes=nodes,
+                     seq_len=seq_len, flash_attention=flash_attention, cuda_context=cuda_context,
+                     allocator_reserve=allocator_reserve, lora_rank=lora_rank, lora_targets=lora_targets,
+                     galore_rank=galore_rank, batch=(int_list(batch, "--batch") or (1,))[0],
+                     context=(int_list(context, "--context") or (4096,))[0], kv_dtype=(str_list(kv_dtype) or (None,))[0])
+    space = SearchSpace.model_validate({
+        "tp": int_list(tp, "--tp"), "pp": int_list(pp, "--pp"), "zero": int_list(zero, "--zero"),
+        "offload_optimizer": str_list(offload_optimizer), "offload_params": str_list(offload_params),
+        "micro_batch": int_list(batch, "--batch") if job != "infer" else None,
+        "batch": int_list(batch, "--batch") if job == "infer" else None,
+        "optimizer": str_list(optimizer), "quant": tuple(_none(q) for q in quants) if quants else None,
+        "kv_dtype": str_list(kv_dtype), "recompute": str_list(recompute),
+        "context": int_list(context, "--context") if job == "infer" else None,
+        "global_batch": global_batch,
+    })
+    from memplan.catalog.resolve import load_model
+    from memplan.catalog.store import catalog_gpu
+
+    req = PlanRequest(model=load_model(model), gpu=catalog_gpu(gpu), host=o.host_from(cpu_ram, nvme), base=base,
+                      space=space, objective=obj, top_k=top, time_limit_s=time_limit, solver=solver, debug_lp=debug_lp)
+    result = run_plan(req)
+    emit_plan(result, fmt)
+    if result.best is None:
+        raise typer.Exit(code=1)
+
+
+def _none(text: str) -> str | None:
+    return None if text.lower() in ("none", "bf16", "fp16", "16bit") else text
+
+
+def make_base(**kw: Any) -> Any:
+    from pydantic import ValidationError
+
+    from memplan.catalog.store import format_validation_error
+    from memplan.config import JobConfig
+
+    data = {
+        "job": kw["job"], "dtype": kw["dtype"], "quant": kw["quant"], "optimizer": kw["optimizer"],
+        "accounting": kw["accounting"], "gpus_per_node": kw["gpus"], "nodes": kw["nodes"], "seq_len": kw["seq_len"],
+        "micro_batch": kw["batch"], "flash_attention": kw["flash_attention"],
+        "cuda_context_bytes": o.size_or_none(kw["cuda_context"], "--cuda-context"),
+        "allocator_reserve_pct": kw["allocator_reserve"],
+        "lora": {"rank": kw["lora_rank"], "targets": o.lora_targets(kw["lora_targets"])},
+        "galore": {"rank": kw["galore_rank"]},
+        "infer": {"context": kw["context"], "kv_dtype": kw["kv_dtype"]},
+    }
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise MemplanError(f"invalid configuration: {format_validation_error(exc)}.") from None
+
+
+def emit_plan(result: Any, fmt: str) -> None:
+    if fmt == "json":
+        from memplan.report.json_out import dumps
+        from memplan.report.plan_out import plan_dict
+
+        typer.echo(dumps(plan_dict(result)))
+    elif fmt == "csv":
+        from memplan.report.csv_out import estimate_record, records_to_csv
+
+        records = [{"rank": i + 1, **estimate_record(c.estimate), "step_time_s": c.step_time_s,
+                    "tokens_per_s": c.tokens_per_s} for i, c in enumerate(result.candidates)]
+        typer.echo(records_to_csv(records) if records else "status\ninfeasible\n", nl=False)
+    else:
+        from memplan.report.plan_out import render_plan
+
+        render_plan(result, console())
 
 
 @app.command()

@@ -33,8 +33,8 @@ What this counts, and what it does not:
   (reentrant forward runs under ``no_grad``) and are not counted. Tensors that Hugging Face
   binds as keyword arguments of the checkpointed layer (``partial(forward, **kwargs)``:
   rotary cos/sin, the attention mask) are held by that closure until backward although no
-  autograd hook sees them; a forward pre-hook on each checkpointed layer (a module with
-  ``_gradient_checkpointing_func`` and ``gradient_checkpointing`` set) records them, once per
+  autograd hook sees them; a forward pre-hook on each checkpointed layer (a transformers
+  ``GradientCheckpointingLayer`` with ``gradient_checkpointing`` set) records them, once per
   storage like every other tensor.
 """
 
@@ -88,8 +88,12 @@ def _register_checkpoint_kwargs(model: Any, record: Any) -> list[Any]:
                 for item in value if isinstance(value, tuple | list) else (value,):
                     record(item)
 
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - no transformers, no HF checkpointed layers
+        return []
     return [m.register_forward_pre_hook(hook, with_kwargs=True)
-            for _, m in model.named_modules() if hasattr(m, "_gradient_checkpointing_func")]
+            for _, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def saved_bytes(

@@ -20,13 +20,15 @@ from __future__ import annotations
 from memplan.catalog.schema import Family
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations_block as blk
+from memplan.memory import activations_ffn as ffn
+from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.units import ceil_div
 
 SRC_BLOCK = "autograd saved tensors of the HF block (activations_block); Korthikanti et al. 2022"
-SAVED_ROWS = ("activations/embeddings", "activations/rotary", "activations/attention_mask", "activations/layers",
+SAVED_ROWS = ("activations/embeddings", "activations/rotary", "activations/layer_kwargs", "activations/layers",
               "activations/final_norm", "activations/loss")
 """Rows made of tensors saved for backward (what ``memplan.measure.saved`` measures); the others are peaks."""
 
@@ -61,13 +63,23 @@ def checkpointed(ctx: Context) -> set[int]:
     return set(stage[:count])
 
 
+def block_terms(ctx: Context, layer_index: int, counting: blk.Counting) -> list[blk.Term]:
+    """Every term one block saves for one micro-batch on one rank, without recompute."""
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    layer = ctx.arch.layers[layer_index]
+    dm, tr = blk.dims(spec, cfg), lora.block_trainable(spec.family, layer, cfg)
+    return (blk.norm_terms(spec, layer, dm, counting, tr) + blk.attention_terms(spec, layer, cfg, dm, counting, tr)
+            + ffn.mlp_terms(spec, layer, dm, counting, tr) + ffn.dropout_terms(spec, cfg, dm, counting)
+            + ffn.adapter_terms(dm, tr))
+
+
 def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting: blk.Counting | None = None) -> int:
     """Bytes one block keeps for one micro-batch under ``mode``: all terms, the non-core ones, or its input."""
     spec, cfg = ctx.arch.spec, ctx.cfg
     counting = counting or counting_for(cfg)
     if mode is Recompute.FULL:
         return blk.block_input_bytes(spec, cfg)
-    terms = blk.block_terms(spec, ctx.arch.layers[layer_index], cfg, counting)
+    terms = block_terms(ctx, layer_index, counting)
     return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core)
 
 
@@ -80,8 +92,7 @@ def layer_bytes(ctx: Context, layer_index: int, mode: Recompute) -> int:
 
 
 def _core_bytes(ctx: Context, layer_index: int, counting: blk.Counting) -> int:
-    terms = blk.block_terms(ctx.arch.spec, ctx.arch.layers[layer_index], ctx.cfg, counting)
-    return sum(term.bytes for term in terms if term.core)
+    return sum(term.bytes for term in block_terms(ctx, layer_index, counting) if term.core)
 
 
 def workspace_bytes(ctx: Context, mode: Recompute, layers: set[int], counting: blk.Counting | None = None) -> int:
@@ -115,7 +126,7 @@ def embedding_bytes(ctx: Context, counting: blk.Counting) -> int:
     total = 0
     if cfg.dropout and spec.family is Family.GPT2:
         total += t.dropout_bytes(count=seq * (spec.hidden_size or 0), mask_bits=counting.mask_bits)
-    if counting.paper:
+    if counting.paper or not lora.head_trains(cfg):  # a frozen embedding's lookup saves nothing
         return total
     total += t.token_ids_bytes(tokens=tokens)
     if spec.family is Family.GPT2:
@@ -134,8 +145,9 @@ def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
     return t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
 
 
-def attention_mask_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -> int:
-    """The (B, 1, S, S) attention masks that checkpointed blocks hold until backward, once per kind.
+def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -> int:
+    """What checkpointed blocks hold until backward besides their input: (B, 1, S, S) attention masks,
+    once per kind, and the int64 position ids (1, S).
 
     Eager attention gets an additive mask in the dtype, SDPA a bool one on sliding layers whose
     window is shorter than S (full-attention layers use ``is_causal``, flash needs none); a model
@@ -144,24 +156,28 @@ def attention_mask_bytes(ctx: Context, layers: set[int], counting: blk.Counting)
     the checkpoint keeps the layer's keyword arguments (``partial(forward, **kwargs)``) until backward.
     """
     spec, cfg = ctx.arch.spec, ctx.cfg
-    impl = blk.attention_impl(spec, cfg)
-    if counting.paper or not layers or impl == "flash":
+    if counting.paper or not layers:
         return 0
+    impl = blk.attention_impl(spec, cfg)
     if impl == "eager":
         kinds, bits = {ctx.arch.layers[i].sliding for i in layers}, blk.activation_bits(cfg)
-    else:
+    elif impl == "sdpa":
         masked = [blk.sdpa_mask_materialized(spec, ctx.arch.layers[i], impl, cfg.seq_len) for i in layers]
         kinds, bits = ({True} if any(masked) else set()), t.BOOL_BITS
-    return len(kinds) * t.tensor_bytes(count=cfg.micro_batch * cfg.seq_len * cfg.seq_len, bits=bits)
+    else:
+        kinds, bits = set(), t.BOOL_BITS
+    masks = len(kinds) * t.tensor_bytes(count=cfg.micro_batch * cfg.seq_len * cfg.seq_len, bits=bits)
+    return masks + t.token_ids_bytes(tokens=cfg.seq_len)
 
 
 def final_norm_bytes(ctx: Context, counting: blk.Counting) -> int:
-    """Last stage: the final norm's saved tensors and its output, the lm_head input (b/8·B·S·D)."""
+    """Last stage: the final norm's saved tensors and its output, the lm_head input (b/8·B·S·D),
+    which a frozen output layer (adapter jobs) does not save."""
     spec, bits = ctx.arch.spec, blk.activation_bits(ctx.cfg)
     _, seq = _tokens(ctx)
-    width = spec.hidden_size or 0
-    norm = blk.norm_bytes(spec, tokens=seq, width=width, bits=bits, counting=counting)
-    return norm + t.tensor_bytes(count=seq * width, bits=bits)
+    width, trains = spec.hidden_size or 0, lora.head_trains(ctx.cfg)
+    norm = blk.norm_bytes(spec, tokens=seq, width=width, bits=bits, counting=counting, weight_trains=trains)
+    return norm + (t.tensor_bytes(count=seq * width, bits=bits) if trains else 0)
 
 
 def _loss_bits(cfg: JobConfig) -> int:
@@ -205,7 +221,7 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
         layer_micro_bytes(ctx, i, cfg.recompute if i in ckpt else Recompute.NONE, counting) for i, _ in ctx.layers)}
     out["activations/recompute_workspace"] = workspace_bytes(ctx, cfg.recompute, ckpt, counting)
     out["activations/rotary"] = flight * rotary_table_bytes(ctx, counting)
-    out["activations/attention_mask"] = flight * attention_mask_bytes(ctx, ckpt, counting)
+    out["activations/layer_kwargs"] = flight * layer_kwargs_bytes(ctx, ckpt, counting)
     if ctx.stage == 0:
         out["activations/embeddings"] = flight * embedding_bytes(ctx, counting)
     if ctx.stage == cfg.pp - 1:
@@ -224,7 +240,7 @@ _SOURCES = {
     "activations/layers": SRC_BLOCK,
     "activations/recompute_workspace": "one checkpointed block recomputed in backward (Korthikanti et al. 2022 Sec. 5)",
     "activations/rotary": "cos/sin tables saved by apply_rotary_pos_emb, 2·S·H·b/8",
-    "activations/attention_mask": "(B, 1, S, S) masks held by checkpointed blocks (transformers masking_utils)",
+    "activations/layer_kwargs": "(B, 1, S, S) masks and position ids held by checkpointed blocks",
     "activations/embeddings": "int64 token ids (+ position ids) and embedding dropout mask",
     "activations/final_norm": "final norm + lm_head input (Korthikanti et al. 2022 Sec. 4.3)",
     "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",

@@ -1,9 +1,11 @@
 """One transformer block's saved-for-backward bytes, term by term, for each model family.
 
 The block is taken apart the way its Hugging Face module runs (transformers 5.x
-``modeling_<family>.py``): norms, the attention input, the attention kernel, the MLP or the
-mixture of experts, dropout masks. Each term is a function of ``activations_terms``; this module
-only decides, per family and attention kernel, which terms occur and with which widths.
+``modeling_<family>.py``): norms, the attention input, the attention kernel (here), the MLP or the
+mixture of experts and the dropout masks (``activations_ffn``). Each term is a function of
+``activations_terms``; these modules only decide, per family and attention kernel, which terms
+occur and with which widths. This module also holds the shared records (Counting, Term,
+Trainable, Dims).
 
 Tensor and sequence parallelism follow Megatron-LM (Korthikanti et al. 2022, Sec. 4.2):
 head- and ffn-wide tensors are split over ``tp`` ranks (``Dims.tokens`` rows of per-rank widths);
@@ -27,28 +29,12 @@ COMPUTE_BITS_16 = 16
 dequantized to the 16-bit compute dtype (bitsandbytes, QLoRA Sec. 3), fp8 recipes keep activations
 saved for backward in bf16 (Transformer Engine)."""
 
-ACT_SAVED = {
-    "gelu": 1, "gelu_pytorch_tanh": 1, "silu": 1, "swish": 1, "relu2": 1,
-    "quick_gelu": 2, "gelu_python": 3, "gelu_new": 4, "gelu_accurate": 4, "gelu_fast": 7,
-    "relu": 0, "tanh": 0, "sigmoid": 0,
-}
-"""F-wide tensors an activation saves besides its output, for transformers ``ACT2FN`` names: fused
-kernels save their input (1), ReLU/tanh/sigmoid their output (0), Python formulas their intermediates.
-Measured with ``memplan.measure.saved`` on transformers 5.x; other names count as 1."""
-
 _NO_SOFTMAX_UPCAST = frozenset({Family.GPT2, Family.FALCON})
 """Eager attention softmax in the dtype (transformers GPT-2, Falcon); the others use dtype=float32."""
-_HIDDEN_DROPOUTS = {Family.GPT2: 2, Family.OPT: 2, Family.PHI3: 2, Family.FALCON: 1}
-"""Hidden-wide dropouts per block: after attention and after the MLP (GPT-2 resid_dropout, OPT
-dropout, Phi-3 resid_*_dropout); Falcon's parallel block has one (hidden_dropout)."""
 _Q_HEAD_MAJOR = frozenset({Family.PHI3, Family.FALCON})
 """Families whose q reaches attention contiguous as (B, N, S, H) (Phi-3's partial-rotary ``cat``, Falcon's
 ``reshape``), so a flash kernel's output (laid out like q: ``empty_like(q)``) needs a contiguous copy
 for o_proj; elsewhere q keeps the projection's (B, S, N, H) layout and the output is o_proj's input."""
-_MOE_WEIGHTS_FP32 = frozenset({Family.MIXTRAL, Family.DEEPSEEK})
-"""Routers whose top-k weights stay fp32 (Mixtral, DeepSeek-V3); Qwen3-MoE casts them to the dtype."""
-
-
 @dataclass(frozen=True)
 class Counting:
     """How saved tensors are counted: the kernels' widths on the target device, or a paper's rules.
@@ -84,6 +70,35 @@ class Term:
 
 
 @dataclass(frozen=True)
+class Trainable:
+    """Which weights of a block receive gradients. PyTorch saves a linear layer's input only for its
+    weight's gradient, and a norm's normalized tensor only for its weight's, so frozen weights (LoRA,
+    QLoRA) save less. ``dense``/``routed``: trained abstract projections (q, k, v, o, gate, up, down,
+    ``router``) of ordinary and of routed-expert linears, None for all; ``adapters``: (in_features
+    of a separate input copy, 0 when lora_A reads the base input itself; rank) per LoRA module on an
+    ordinary linear, in ``adapter_bits``; ``merged_weight_bytes``: weights that adapters on MoE
+    parameters materialize each forward (W + B·A) and autograd saves.
+    """
+
+    norms: bool = True
+    dense: frozenset[str] | None = None
+    routed: frozenset[str] | None = None
+    adapters: tuple[tuple[int, int], ...] = ()
+    adapter_bits: int = 16
+    merged_weight_bytes: int = 0
+
+    def trains(self, *projections: str) -> bool:
+        return self.dense is None or bool(self.dense.intersection(projections))
+
+    def routed_trains(self, *projections: str) -> bool:
+        return self.routed is None or bool(self.routed.intersection(projections))
+
+
+ALL_TRAIN = Trainable()
+"""Full fine-tuning, pre-training, GaLore: every weight trains."""
+
+
+@dataclass(frozen=True)
 class Dims:
     """A block's sizes on one rank: per-rank heads and ffn, rows of split and of replicated tensors."""
 
@@ -115,15 +130,16 @@ def dims(spec: ModelSpec, cfg: JobConfig) -> Dims:
                 tp=tp, bits=activation_bits(cfg))
 
 
-def norm_bytes(spec: ModelSpec, *, tokens: int, width: int, bits: int, counting: Counting) -> int:
+def norm_bytes(spec: ModelSpec, *, tokens: int, width: int, bits: int, counting: Counting,
+               weight_trains: bool = True) -> int:
     """One norm of the family (Gemma-2 RMSNorm, RMSNorm or LayerNorm); the paper counts its input."""
     if counting.paper:
         return t.tensor_bytes(count=tokens * width, bits=bits)
     if spec.family is Family.GEMMA2:
-        return t.gemma_rms_norm_bytes(tokens=tokens, width=width)
+        return t.gemma_rms_norm_bytes(tokens=tokens, width=width, weight_trains=weight_trains)
     if spec.norm == "layernorm":
         return t.layer_norm_bytes(tokens=tokens, width=width, bits=bits, stats_bits=counting.stats_bits)
-    return t.rms_norm_bytes(tokens=tokens, width=width, bits=bits)
+    return t.rms_norm_bytes(tokens=tokens, width=width, bits=bits, weight_trains=weight_trains)
 
 
 def attention_impl(spec: ModelSpec, cfg: JobConfig) -> str:
@@ -132,32 +148,37 @@ def attention_impl(spec: ModelSpec, cfg: JobConfig) -> str:
     return "eager" if impl == "sdpa" and spec.family is Family.GEMMA2 else impl
 
 
-def _norm_terms(spec: ModelSpec, dm: Dims, counting: Counting) -> list[Term]:
-    """Block norms, each with the hidden-wide output its consumer saves (attention / MLP input)."""
-    one = norm_bytes(spec, tokens=dm.seq_tokens, width=dm.d, bits=dm.bits, counting=counting)
+def norm_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting, tr: Trainable) -> list[Term]:
+    """Block norms, each with the hidden-wide output its consumers save (attention / MLP input)."""
+    one = norm_bytes(spec, tokens=dm.seq_tokens, width=dm.d, bits=dm.bits, counting=counting, weight_trains=tr.norms)
     hidden = t.tensor_bytes(count=dm.seq_tokens * dm.d, bits=dm.bits)
+    attn_in = hidden if tr.trains("q", "k", "v") else 0
     if spec.family is Family.FALCON:  # one LayerNorm feeds attention and MLP in parallel
-        return [Term("norms", one + hidden)]
-    if spec.family is Family.GEMMA2:  # post-attention and post-feedforward norms feed the residual add
-        return [Term("norms", 4 * one + 2 * hidden)]
-    return [Term("norms", 2 * one + 2 * hidden)]
+        return [Term("norms", one + (hidden if tr.trains("q", "k", "v", "up") else 0))]
+    if layer.moe:  # the router and the shared experts read the norm output; routed experts gather a copy
+        mlp_in = hidden if tr.trains("router") or (spec.n_shared_experts and tr.trains("gate", "up")) else 0
+    else:
+        mlp_in = hidden if tr.trains("gate", "up") else 0
+    norms = 4 if spec.family is Family.GEMMA2 else 2  # Gemma-2's post-norms feed the residual add
+    return [Term("norms", norms * one + attn_in + mlp_in)]
 
 
-def _qk_norm_terms(spec: ModelSpec, dm: Dims, counting: Counting) -> list[Term]:
+def _qk_norm_terms(spec: ModelSpec, dm: Dims, counting: Counting, tr: Trainable) -> list[Term]:
     if not spec.qk_norm:
         return []
-    q = norm_bytes(spec, tokens=dm.tokens * dm.n, width=dm.h, bits=dm.bits, counting=counting)
-    k = norm_bytes(spec, tokens=dm.tokens * dm.k, width=dm.h, bits=dm.bits, counting=counting)
+    q = norm_bytes(spec, tokens=dm.tokens * dm.n, width=dm.h, bits=dm.bits, counting=counting, weight_trains=tr.norms)
+    k = norm_bytes(spec, tokens=dm.tokens * dm.k, width=dm.h, bits=dm.bits, counting=counting, weight_trains=tr.norms)
     return [Term("attention/qk_norm", q + k)]
 
 
-def _eager(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting, h: int, hv: int) -> list[Term]:
+def _eager(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting, tr: Trainable, h: int,
+           hv: int) -> list[Term]:
     upcast = spec.family not in _NO_SOFTMAX_UPCAST and not counting.paper
     drop = cfg.dropout and spec.family is not Family.FALCON
     scores = t.eager_scores_bytes(
         b=dm.b, s=dm.s, n=dm.n, bits=dm.bits, softmax_bits=t.FP32_BITS if upcast else dm.bits,
         softcap=spec.family is Family.GEMMA2, mask_bits=counting.mask_bits if drop else None)
-    qkvo = t.eager_qkvo_bytes(b=dm.b, s=dm.s, n=dm.n, h=h, hv=hv, bits=dm.bits)
+    qkvo = t.eager_qkvo_bytes(b=dm.b, s=dm.s, n=dm.n, h=h, hv=hv, bits=dm.bits, o_trains=tr.trains("o"))
     return [Term("attention/qkv", qkvo), Term("attention/scores", scores, core=True)]
 
 
@@ -170,22 +191,32 @@ def _fused(dm: Dims, counting: Counting, *, q: int, kv: int, out: int) -> Term:
     return Term("attention/qkv", total)
 
 
+def _math(dm: Dims, tr: Trainable, h: int, hv: int) -> list[Term]:
+    """ATen's fp32 math SDPA path: upcast q, k, v and scores; the o_proj input copy if o trains."""
+    math = t.math_attention_bytes(b=dm.b, s=dm.s, n=dm.n, h=h, hv=hv, bits=dm.bits)
+    scores = t.tensor_bytes(count=dm.b * dm.n * dm.s * dm.s, bits=t.FP32_BITS)
+    o_copy = 0 if tr.trains("o") else t.tensor_bytes(count=dm.tokens * dm.n * hv, bits=dm.bits)
+    return [Term("attention/qkv", math - scores - o_copy), Term("attention/scores", scores, core=True)]
+
+
 def sdpa_mask_materialized(spec: ModelSpec, layer: Layer, impl: str, s: int) -> bool:
-    """SDPA gets an explicit mask (so no is_causal, no GQA) on sliding layers whose window is shorter than S."""
+    """SDPA gets an explicit mask (so no is_causal, no GQA) on sliding layers whose window is shorter than
+    S, and always in Falcon (``create_causal_mask(..., allow_is_causal_skip=False)`` for ALiBi)."""
     window = spec.sliding_window
+    if impl == "sdpa" and spec.family is Family.FALCON:
+        return True
     return impl == "sdpa" and layer.sliding and window is not None and window < s
 
 
-def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims, counting: Counting) -> list[Term]:
+def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims, counting: Counting,
+                        tr: Trainable) -> list[Term]:
     impl = attention_impl(spec, cfg)
     n, k, h = dm.n, dm.k, dm.h
     if impl == "eager":
-        return _eager(spec, cfg, dm, counting, h, h)
+        return _eager(spec, cfg, dm, counting, tr, h, h)
     if impl == "sdpa" and spec.family is Family.FALCON and spec.kv_heads < (spec.num_attention_heads or 1):
         # multi-query k of one head without enable_gqa: no fused kernel, ATen's fp32 math path
-        math = t.math_attention_bytes(b=dm.b, s=dm.s, n=n, h=h, hv=h, bits=dm.bits)
-        scores = t.tensor_bytes(count=dm.b * n * dm.s * dm.s, bits=t.FP32_BITS)
-        return [Term("attention/qkv", math - scores), Term("attention/scores", scores, core=True)]
+        return _math(dm, tr, h, h)
     terms = []
     masked = sdpa_mask_materialized(spec, layer, impl, dm.s)
     kv_heads = n if masked else k  # repeat_kv copies k and v to N heads when SDPA cannot use enable_gqa
@@ -197,14 +228,14 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
         terms.append(_fused(dm, counting, q=n * h, kv=2 * kv_heads * h, out=n * h))
     # CUDA's memory-efficient SDPA kernel (fp32, or an explicit mask) always writes (B, S, N, H)
     efficient = impl == "sdpa" and not counting.cpu and (dm.bits == t.FP32_BITS or masked)
-    if spec.family in _Q_HEAD_MAJOR and not efficient:
+    if spec.family in _Q_HEAD_MAJOR and not efficient and tr.trains("o"):
         terms.append(Term("attention/o_proj_input", t.tensor_bytes(count=dm.tokens * n * h, bits=dm.bits)))
     if masked:  # SDPA converts the bool mask to an additive (B, 1, S, S) tensor per call and saves it
         terms.append(Term("attention/mask", t.tensor_bytes(count=dm.b * dm.s * dm.s, bits=dm.bits), core=True))
     return terms
 
 
-def _mla_attention(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting) -> list[Term]:
+def _mla_attention(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting, tr: Trainable) -> list[Term]:
     """DeepSeek multi-head latent attention: low-rank q and kv paths, then per-head attention.
 
     q/k heads are nope + rope wide, v heads v_head_dim; the latent norms' outputs feed q_b / kv_b.
@@ -214,85 +245,32 @@ def _mla_attention(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting
     nope, rope, hv = spec.qk_nope_head_dim or 0, spec.qk_rope_head_dim or 0, spec.v_head_dim or 0
     hqk, n, tok = nope + rope, dm.n, dm.seq_tokens
     latent = 0
-    for rank in (spec.q_lora_rank, spec.kv_lora_rank):
+    for rank, trains in ((spec.q_lora_rank, tr.trains("q")), (spec.kv_lora_rank, tr.trains("k", "v"))):
         if rank:
-            latent += norm_bytes(spec, tokens=tok, width=rank, bits=dm.bits, counting=counting)
-            latent += t.tensor_bytes(count=tok * rank, bits=dm.bits)
+            latent += norm_bytes(spec, tokens=tok, width=rank, bits=dm.bits, counting=counting,
+                                 weight_trains=tr.norms)
+            latent += t.tensor_bytes(count=tok * rank, bits=dm.bits) if trains else 0
     if dm.bits == t.FP32_BITS and not counting.paper:  # no upcast copy: kv_a_layernorm saves a view of
         latent += t.tensor_bytes(count=tok * rope, bits=dm.bits)  # kv_a_proj's whole (R_kv + rope) output
     terms = [Term("attention/latent", latent)]
     impl = attention_impl(spec, cfg)
     if impl == "eager":
-        return terms + _eager(spec, cfg, dm, counting, hqk, hv)
+        return terms + _eager(spec, cfg, dm, counting, tr, hqk, hv)
     if impl == "sdpa" and counting.cpu:  # q/k and v head dims differ: no CPU fused kernel, the fp32 math path
-        math = t.math_attention_bytes(b=dm.b, s=dm.s, n=n, h=hqk, hv=hv, bits=dm.bits)
-        scores = t.tensor_bytes(count=dm.b * n * dm.s * dm.s, bits=t.FP32_BITS)
-        return [*terms, Term("attention/qkv", math - scores), Term("attention/scores", scores, core=True)]
+        return terms + _math(dm, tr, hqk, hv)
     if impl == "flash":
-        o_in = t.tensor_bytes(count=dm.tokens * n * hv, bits=dm.bits)
+        o_in = t.tensor_bytes(count=dm.tokens * n * hv, bits=dm.bits) if tr.trains("o") else 0
         fused = _fused(dm, counting, q=n * hqk, kv=2 * n * hqk, out=n * hqk)
         return [*terms, Term(fused.name, fused.bytes + o_in)]
     return [*terms, _fused(dm, counting, q=n * hqk, kv=n * hqk + n * (nope + hv), out=n * hv)]
 
 
-def attention_terms(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims, counting: Counting) -> list[Term]:
+def attention_terms(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims, counting: Counting,
+                    tr: Trainable = ALL_TRAIN) -> list[Term]:
     """Saved tensors of the attention sub-block (its input is counted with the norms)."""
     if spec.is_mla:
-        return _mla_attention(spec, cfg, dm, counting)
-    return _qk_norm_terms(spec, dm, counting) + _standard_attention(spec, layer, cfg, dm, counting)
-
-
-def _act_saved(spec: ModelSpec, counting: Counting) -> int:
-    if counting.paper:
-        return 1  # Korthikanti et al. 2022 count a GeLU's input (8sbh) and output (8sbh)
-    return ACT_SAVED.get(spec.hidden_act, 1)
-
-
-def _moe_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting) -> list[Term]:
-    """Router, routed experts (top-k copies of each token) and DeepSeek's shared experts."""
-    experts, top_k = spec.num_experts or 0, layer.experts_per_token or spec.num_experts_per_tok or 0
-    ffn = ceil_div(spec.moe_intermediate_size or spec.intermediate_size or 0, dm.tp)
-    fam = spec.family
-    router = t.moe_router_bytes(tokens=dm.seq_tokens, experts=experts, top_k=top_k, normalized=True)
-    if fam is Family.DEEPSEEK:  # fp32 copy of the router input; bool mask of group-limited routing
-        if dm.bits != t.FP32_BITS:
-            router += t.tensor_bytes(count=dm.seq_tokens * dm.d, bits=t.FP32_BITS)
-        router += t.tensor_bytes(count=dm.seq_tokens * experts, bits=t.BOOL_BITS)
-    weight_bits = t.FP32_BITS if fam in _MOE_WEIGHTS_FP32 else dm.bits
-    routed = t.moe_experts_bytes(pairs=dm.seq_tokens * top_k, hidden=dm.d, ffn=ffn, experts=experts,
-                                 bits=dm.bits, weight_bits=weight_bits)
-    terms = [Term("moe/router", 0 if counting.paper else router), Term("moe/experts", routed)]
-    if spec.n_shared_experts:
-        full = spec.shared_expert_intermediate_size or (
-            (spec.moe_intermediate_size or spec.intermediate_size or 0) * spec.n_shared_experts)
-        shared = ceil_div(full, dm.tp)
-        terms.append(Term("moe/shared", t.mlp_bytes(tokens=dm.tokens, ffn=shared, bits=dm.bits, gated=True,
-                                                    act_saved=_act_saved(spec, counting))))
-    return terms
-
-
-def mlp_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting) -> list[Term]:
-    """The MLP's (or MoE's) saved tensors after its input."""
-    if layer.moe:
-        return _moe_terms(spec, layer, dm, counting)
-    gated = spec.mlp_gated and spec.family not in (Family.GPT2, Family.OPT, Family.FALCON)
-    return [Term("mlp", t.mlp_bytes(tokens=dm.tokens, ffn=dm.f, bits=dm.bits, gated=gated,
-                                    act_saved=_act_saved(spec, counting)))]
-
-
-def dropout_terms(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting) -> list[Term]:
-    """Hidden-wide dropout masks of the block (attention-probability dropout is in the scores)."""
-    sites = _HIDDEN_DROPOUTS.get(spec.family, 0) if cfg.dropout else 0
-    if not sites:
-        return []
-    return [Term("dropout", sites * t.dropout_bytes(count=dm.seq_tokens * dm.d, mask_bits=counting.mask_bits))]
-
-
-def block_terms(spec: ModelSpec, layer: Layer, cfg: JobConfig, counting: Counting = CUDA) -> list[Term]:
-    """Every term one block saves for backward for one micro-batch on one rank (no recompute)."""
-    dm = dims(spec, cfg)
-    return (_norm_terms(spec, dm, counting) + attention_terms(spec, layer, cfg, dm, counting)
-            + mlp_terms(spec, layer, dm, counting) + dropout_terms(spec, cfg, dm, counting))
+        return _mla_attention(spec, cfg, dm, counting, tr)
+    return _qk_norm_terms(spec, dm, counting, tr) + _standard_attention(spec, layer, cfg, dm, counting, tr)
 
 
 def block_input_bytes(spec: ModelSpec, cfg: JobConfig) -> int:

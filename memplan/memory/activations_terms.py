@@ -35,28 +35,34 @@ def tensor_bytes(*, count: int, bits: int) -> int:
     return bits_to_bytes(count, bits)
 
 
-def rms_norm_bytes(*, tokens: int, width: int, bits: int) -> int:
+def rms_norm_bytes(*, tokens: int, width: int, bits: int, weight_trains: bool = True) -> int:
     """Bytes a Llama-style RMSNorm saves for ``tokens`` rows of ``width`` features.
 
     Formula: tokens·(4·width + 4 + b/8·width): the input upcast to fp32 (saved by ``pow`` and the
-    multiply by rstd), the fp32 rstd per row, and the normalized tensor cast back to the dtype
-    (saved by the multiply with the weight). In an fp32 model the "upcast" is the input itself.
+    multiply by rstd), the fp32 rstd per row, and the normalized tensor cast back to the dtype (saved
+    by the multiply with the weight, only when the weight trains). In an fp32 model the "upcast" is
+    the input itself.
     Source: transformers ``LlamaRMSNorm.forward`` (also Mistral, Qwen2/3, Phi-3, Mixtral, DeepSeek).
     Assumes: the norm's output (the next linear's input) is counted by its consumer.
     """
-    return (tensor_bytes(count=tokens * width, bits=FP32_BITS) + tensor_bytes(count=tokens, bits=FP32_BITS)
-            + tensor_bytes(count=tokens * width, bits=bits))
+    total = tensor_bytes(count=tokens * width, bits=FP32_BITS) + tensor_bytes(count=tokens, bits=FP32_BITS)
+    if weight_trains:
+        total += tensor_bytes(count=tokens * width, bits=bits)
+    return total
 
 
-def gemma_rms_norm_bytes(*, tokens: int, width: int) -> int:
-    """Bytes a Gemma-2 RMSNorm saves: tokens·(4·width + 4 + 4·width) + 4·width.
+def gemma_rms_norm_bytes(*, tokens: int, width: int, weight_trains: bool = True) -> int:
+    """Bytes a Gemma-2 RMSNorm saves: tokens·(4·width + 4 [+ 4·width]) + 4·width.
 
-    Formula: fp32 input, fp32 rstd, the fp32 normalized tensor (multiplied by ``1 + weight`` in fp32,
-    so it is saved before the cast back) and the fp32 ``1 + weight`` vector itself.
+    Formula: fp32 input, fp32 rstd, the fp32 ``1 + weight`` vector, and, when the weight trains, the
+    fp32 normalized tensor (multiplied by ``1 + weight`` in fp32, so saved before the cast back).
     Source: transformers ``Gemma2RMSNorm.forward`` (``self._norm(x.float()) * (1.0 + self.weight.float())``).
     """
-    return (2 * tensor_bytes(count=tokens * width, bits=FP32_BITS) + tensor_bytes(count=tokens, bits=FP32_BITS)
-            + tensor_bytes(count=width, bits=FP32_BITS))
+    total = (tensor_bytes(count=tokens * width, bits=FP32_BITS) + tensor_bytes(count=tokens, bits=FP32_BITS)
+             + tensor_bytes(count=width, bits=FP32_BITS))
+    if weight_trains:
+        total += tensor_bytes(count=tokens * width, bits=FP32_BITS)
+    return total
 
 
 def layer_norm_bytes(*, tokens: int, width: int, bits: int, stats_bits: int) -> int:
@@ -80,18 +86,24 @@ def dropout_bytes(*, count: int, mask_bits: int) -> int:
     return tensor_bytes(count=count, bits=mask_bits)
 
 
-def mlp_bytes(*, tokens: int, ffn: int, bits: int, gated: bool, act_saved: int) -> int:
+def mlp_bytes(*, tokens: int, ffn: int, bits: int, gated: bool, act_saved: int, down_trains: bool = True,
+              act_keeps_output: bool = False) -> int:
     """Bytes of an MLP's intermediate tensors (its input is counted with the norm before it).
 
-    Formula, per token in units of b/8·F: gated ``down(act(gate(x)) * up(x))``: up output, act output,
-    product (the input of down) + ``act_saved``; plain ``fc2(act(fc1(x)))``: act output + ``act_saved``.
-    ``act_saved`` is how many F-wide tensors the activation saves besides its output: 1 for fused
-    SiLU/GELU (the input), 0 for ReLU (saves its own output), 4 for the Python ``gelu_new``.
-    Source: PyTorch derivatives.yaml (mm saves its input, mul saves both factors, silu/gelu their
-    input, relu its result); Korthikanti et al. 2022 Sec. 4.1 (4h MLP: 8sbh + 8sbh for GeLU).
+    Formula, per token in units of b/8·F: gated ``down(act(gate(x)) * up(x))``: up output and act
+    output (saved by the product) + ``act_saved`` + the product when down's weight trains (mm saves
+    its input only for the weight's gradient); plain ``fc2(act(fc1(x)))``: ``act_saved`` + the act
+    output when fc2's weight trains or the activation keeps its own output (ReLU).
+    ``act_saved`` counts the F-wide tensors the activation saves besides its output: 1 for fused
+    SiLU/GELU (the input), 0 for ReLU, 4 for the Python ``gelu_new``.
+    Source: PyTorch derivatives.yaml (mm saves its input for the weight's gradient, mul both factors,
+    silu/gelu their input, relu its result); Korthikanti et al. 2022 Sec. 4.1 (8sbh + 8sbh for GeLU).
     Assumes: a fused gate_up projection (Phi-3) keeps its 2F output alive, the same bytes as gate + up.
     """
-    factors = (3 if gated else 1) + act_saved
+    if gated:
+        factors = 2 + act_saved + (1 if down_trains else 0)
+    else:
+        factors = act_saved + (1 if down_trains or act_keeps_output else 0)
     return factors * tensor_bytes(count=tokens * ffn, bits=bits)
 
 
@@ -122,14 +134,14 @@ def math_attention_bytes(*, b: int, s: int, n: int, h: int, hv: int, bits: int) 
     return upcast + scores + tensor_bytes(count=b * s * n * hv, bits=bits)
 
 
-def eager_qkvo_bytes(*, b: int, s: int, n: int, h: int, hv: int, bits: int) -> int:
+def eager_qkvo_bytes(*, b: int, s: int, n: int, h: int, hv: int, bits: int, o_trains: bool = True) -> int:
     """Bytes of q, k, v and the merged output saved by eager attention: b/8·B·S·N·(2H + 2Hv).
 
     Source: transformers ``eager_attention_forward``: ``matmul(q, k^T)`` saves q and k, ``repeat_kv``
-    copies k and v to N heads, ``matmul(p, v)`` saves v, ``o_proj`` saves the contiguous merged output.
-    Korthikanti et al. 2022 Sec. 4.1: "QK^T 4sbh, V 2sbh, linear projection input 2sbh".
+    copies k and v to N heads, ``matmul(p, v)`` saves v, ``o_proj`` saves the contiguous merged output
+    (when its weight trains). Korthikanti et al. 2022 Sec. 4.1: "QK^T 4sbh, V 2sbh, projection input 2sbh".
     """
-    return tensor_bytes(count=b * s * n * (2 * h + 2 * hv), bits=bits)
+    return tensor_bytes(count=b * s * n * (2 * h + (2 if o_trains else 1) * hv), bits=bits)
 
 
 def eager_scores_bytes(*, b: int, s: int, n: int, bits: int, softmax_bits: int, softcap: bool,
@@ -166,19 +178,21 @@ def moe_router_bytes(*, tokens: int, experts: int, top_k: int, normalized: bool)
     return total
 
 
-def moe_experts_bytes(*, pairs: int, hidden: int, ffn: int, experts: int, bits: int, weight_bits: int) -> int:
+def moe_experts_bytes(*, pairs: int, hidden: int, ffn: int, experts: int, bits: int, weight_bits: int,
+                      up_trains: bool = True, down_trains: bool = True) -> int:
     """Bytes the routed experts save for ``pairs`` = tokens·k (token, expert) pairs.
 
     Formula per pair: 3 int64 permutation indices (gather, weight gather, un-permute) + the gathered
-    input (b/8·D) + gate_up output (2·b/8·F) + act output and product (2·b/8·F) + the down output
-    (b/8·D, saved by the multiply with the routing weight) + the routing weight; + int32 offsets (E).
+    input (b/8·D, for gate_up's weight gradient) + gate_up output (2·b/8·F) + act output (b/8·F) + the
+    product (b/8·F, for down's weight gradient) + the down output (b/8·D, saved by the multiply with the
+    routing weight) + the routing weight; + int32 offsets (E).
     Source: transformers ``integrations/moe.py`` ``grouped_mm_experts_forward`` (the default
     ``experts_implementation``); only top-k experts see each token.
     Assumes: balanced routing, no capacity factor or token dropping.
     """
     per_pair = (tensor_bytes(count=3 * pairs, bits=INT64_BITS)
-                + tensor_bytes(count=2 * pairs * hidden, bits=bits)
-                + tensor_bytes(count=4 * pairs * ffn, bits=bits)
+                + tensor_bytes(count=pairs * hidden * (1 + (1 if up_trains else 0)), bits=bits)
+                + tensor_bytes(count=pairs * ffn * (3 + (1 if down_trains else 0)), bits=bits)
                 + tensor_bytes(count=pairs, bits=weight_bits))
     return per_pair + tensor_bytes(count=experts, bits=INT32_BITS)
 

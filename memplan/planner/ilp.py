@@ -34,7 +34,7 @@ UNIT = 1024
 class Entry:
     """One row of a factor: bytes per pipeline stage on the GPU, bytes per node on CPU/NVMe, seconds."""
 
-    gpu: tuple[int, ...] = (0,)
+    gpu: tuple[int, ...] = ()
     cpu: int = 0
     nvme: int = 0
     seconds: float = 0.0
@@ -121,61 +121,79 @@ class IlpBuilder:
         for f in P.factors:
             self._factor(f)
         self.r: dict[tuple[int, str], Any] = {}
-        self.w: dict[tuple[int, str, tuple], Any] = {}
+        self.w: dict[tuple[Any, str, tuple], Any] = {}
         self.ws: Any = None
+        self.groups: dict[tuple[int, int], list[int]] = {}
         if P.layers is not None:
             self._layers(P.layers)
         self._memory()
         self._objective()
 
     def _factor(self, f: Factor) -> None:
+        """Select one row of ``f``: its marginal on each dimension equals that dimension's one-hot."""
         pl = self.pulp
-        zs = []
+        by_value: dict[tuple[str, Any], list[Any]] = {(d, v): [] for d in f.dims for v in self.p.dims[d]}
         for j, key in enumerate(f.entries):
             var = pl.LpVariable(f"z_{_safe(f.name)}_{j}", lowBound=0, upBound=1)
             self.z[f.name, key] = var
-            zs.append(var)
             for d, v in zip(f.dims, key, strict=True):
-                self.prob += var <= self.x[d, v], f"zc_{_safe(f.name)}_{j}_{_safe(d)}"
-        self.prob += pl.lpSum(zs) == 1, f"one_{_safe(f.name)}"
+                by_value[d, v].append(var)
+        for (d, v), zs in by_value.items():
+            idx = self.p.dims[d].index(v)
+            self.prob += pl.lpSum(zs) == self.x[d, v], f"marg_{_safe(f.name)}_{_safe(d)}_{idx}"
+
+    def _groups(self, lb: LayerBlock) -> dict[tuple[int, int], list[int]]:
+        """Layers that share a class and a segment no pipeline stage boundary cuts."""
+        seg = self.p.num_layers // max(self.p.dims.get("pp", (1,)))
+        classes = lb.classes or list(range(len(lb.gpu)))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for layer in range(len(lb.gpu)):
+            groups.setdefault((layer // seg, classes[layer]), []).append(layer)
+        return groups
 
     def _layers(self, lb: LayerBlock) -> None:
+        """Per-layer binary modes ``r[l, m]``. Within a group of identical layers only the count per
+        mode matters, so the product with the key selector ``y`` is taken per group, in the tight
+        transportation form: Σ_m v[G,m,k] = |G|·y[k] and Σ_k v[G,m,k] = Σ_{l∈G} r[l,m]."""
         pl = self.pulp
         keys = sorted({k for per in lb.gpu for m in per.values() for k in m}, key=repr)
-        key_factor = Factor("layerkey", lb.key_dims, {k: Entry() for k in keys})
-        self._factor(key_factor)
+        self.keys = keys
+        self._factor(Factor("layerkey", lb.key_dims, {k: Entry() for k in keys}))
+        y = {k: self.z["layerkey", k] for k in keys}
         for layer in range(len(lb.gpu)):
             for m in lb.modes:
                 self.r[layer, m] = pl.LpVariable(f"r_{layer}_{_safe(m)}", cat="Binary")
             self.prob += pl.lpSum(self.r[layer, m] for m in lb.modes) == 1, f"mode_{layer}"
+        self.groups = self._groups(lb)
+        for gi, (gkey, members) in enumerate(self.groups.items()):
             for m in lb.modes:
                 for j, k in enumerate(keys):
-                    w = pl.LpVariable(f"w_{layer}_{_safe(m)}_{j}", lowBound=0)
-                    self.w[layer, m, k] = w
-                    self.prob += w >= self.r[layer, m] + self.z["layerkey", k] - 1, f"lin_{layer}_{_safe(m)}_{j}"
+                    self.w[gkey, m, k] = pl.LpVariable(f"v_{gi}_{_safe(m)}_{j}", lowBound=0)
+            for j, k in enumerate(keys):
+                self.prob += (pl.lpSum(self.w[gkey, m, k] for m in lb.modes) == len(members) * y[k], f"vk_{gi}_{j}")
+            for m in lb.modes:
+                self.prob += (pl.lpSum(self.w[gkey, m, k] for k in keys)
+                              == pl.lpSum(self.r[layer, m] for layer in members), f"vm_{gi}_{_safe(m)}")
         self._symmetry(lb)
-        self.ws = None
         if lb.workspace is not None:
             self.ws = pl.LpVariable("workspace_units", lowBound=0)
             for layer, per in enumerate(lb.workspace):
                 for m, keyed in per.items():
-                    terms = [ceil_unit(n) * self.w[layer, m, k] for k, n in keyed.items() if n]
-                    if terms:
-                        self.prob += self.ws >= pl.lpSum(terms), f"ws_{layer}_{_safe(m)}"
+                    total = sum(ceil_unit(n) for n in keyed.values())
+                    if total:
+                        expr = total * self.r[layer, m] + pl.lpSum(ceil_unit(n) * y[k] for k, n in keyed.items()) - total
+                        self.prob += self.ws >= expr, f"ws_{layer}_{_safe(m)}"
 
     def _symmetry(self, lb: LayerBlock) -> None:
-        """Identical layers within a segment that no stage boundary cuts take non-increasing savings."""
-        if not lb.classes or not lb.savings_rank:
+        """Identical layers of a group take non-increasing savings (any order is equally good)."""
+        if not lb.savings_rank:
             return
-        pps = self.p.dims.get("pp", (1,))
-        seg = self.p.num_layers // max(pps)
         pl = self.pulp
-        for a, b in pairwise(range(len(lb.gpu))):
-            if a // seg != b // seg or lb.classes[a] != lb.classes[b]:
-                continue
-            rank_a = pl.lpSum(lb.savings_rank[m] * self.r[a, m] for m in lb.modes)
-            rank_b = pl.lpSum(lb.savings_rank[m] * self.r[b, m] for m in lb.modes)
-            self.prob += rank_a >= rank_b, f"sym_{a}"
+        for members in self.groups.values():
+            for a, b in pairwise(members):
+                rank_a = pl.lpSum(lb.savings_rank[m] * self.r[a, m] for m in lb.modes)
+                rank_b = pl.lpSum(lb.savings_rank[m] * self.r[b, m] for m in lb.modes)
+                self.prob += rank_a >= rank_b, f"sym_{a}"
 
     # -- constraints ---------------------------------------------------------------------------
     def _gpu_terms(self, p: int, s: int) -> list[Any]:
@@ -186,19 +204,21 @@ class IlpBuilder:
             for key, e in f.entries.items():
                 if has_pp and key[f.dims.index("pp")] != p:
                     continue
-                nbytes = e.gpu[s] if has_pp else e.gpu[0]
+                idx = s if has_pp else 0
+                nbytes = e.gpu[idx] if idx < len(e.gpu) else 0
                 if nbytes:
                     terms.append(ceil_unit(nbytes) * self.z[f.name, key])
         lb = P.layers
         if lb is not None:
-            for layer in range(len(lb.gpu)):
-                if stage_of(layer, P.num_layers, p) != s:
+            for gkey, members in self.groups.items():
+                rep = members[0]
+                if stage_of(rep, P.num_layers, p) != s:
                     continue
                 mult = (p - s) if lb.in_flight else 1
                 for m in lb.modes:
-                    for k, nbytes in lb.gpu[layer][m].items():
+                    for k, nbytes in lb.gpu[rep][m].items():
                         if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
-                            terms.append(ceil_unit(nbytes * mult) * self.w[layer, m, k])
+                            terms.append(ceil_unit(nbytes * mult) * self.w[gkey, m, k])
             if self.ws is not None:
                 terms.append(self.ws)
         return terms
@@ -214,7 +234,7 @@ class IlpBuilder:
                 expr = pl.lpSum(self._gpu_terms(p, s))
                 self.gpu_rows[p, s] = expr
                 big = self._upper(expr) - cap
-                if len(pps) > 1 and big > 0:
+                if len(pps) > 1 and big > 0 and not self._conditional():
                     self.prob += expr <= cap + big * (1 - self.x["pp", p]), f"gpu_mem_pp{p}_stage{s}"
                 else:
                     self.prob += expr <= cap, f"gpu_mem_pp{p}_stage{s}"
@@ -222,10 +242,16 @@ class IlpBuilder:
             terms = [ceil_unit(getattr(e, tier)) * self.z[f.name, k]
                      for f in P.factors for k, e in f.entries.items() if getattr(e, tier)]
             if tier == "cpu" and P.layers is not None and P.layers.cpu is not None:
-                terms += [ceil_unit(n) * self.w[layer, m, k] for layer, per in enumerate(P.layers.cpu)
-                          for m, keyed in per.items() for k, n in keyed.items() if n]
+                terms += [ceil_unit(n) * self.w[g, m, k] for g, members in self.groups.items()
+                          for m, keyed in P.layers.cpu[members[0]].items() for k, n in keyed.items() if n]
             if terms:
                 self.prob += pl.lpSum(terms) <= math.floor(capacity / UNIT) - 1, f"{tier}_mem"
+
+    def _conditional(self) -> bool:
+        """Whether every GPU term is tied to a pipeline degree (so no big-M is needed)."""
+        gpu_factors = [f for f in self.p.factors if any(any(e.gpu) for e in f.entries.values())]
+        layers_ok = self.p.layers is None or "pp" in self.p.layers.key_dims
+        return layers_ok and all("pp" in f.dims for f in gpu_factors)
 
     @staticmethod
     def _upper(expr: Any) -> int:
@@ -235,8 +261,8 @@ class IlpBuilder:
         pl, P = self.pulp, self.p
         terms = [e.seconds * self.z[f.name, k] for f in P.factors for k, e in f.entries.items() if e.seconds]
         if P.layers is not None:
-            terms += [sec * self.w[layer, m, k] for layer, per in enumerate(P.layers.seconds)
-                      for m, keyed in per.items() for k, sec in keyed.items() if sec]
+            terms += [sec * self.w[g, m, k] for g, members in self.groups.items()
+                      for m, keyed in P.layers.seconds[members[0]].items() for k, sec in keyed.items() if sec]
         return pl.lpSum(terms)
 
     def _objective(self) -> None:
@@ -248,8 +274,8 @@ class IlpBuilder:
         elif P.objective == "min_gpu_bytes":
             worst = pl.LpVariable("peak_gpu_units", lowBound=0)
             for (p, s), expr in self.gpu_rows.items():
-                self.prob += worst >= expr - self._upper(expr) * (1 - self.x["pp", p]) if "pp" in P.dims else worst >= expr, \
-                    f"peak_pp{p}_s{s}"
+                relax = 0 if self._conditional() or "pp" not in P.dims else self._upper(expr) * (1 - self.x["pp", p])
+                self.prob += worst >= expr - relax, f"peak_pp{p}_s{s}"
             self.prob += worst + 1e-6 * seconds
         else:
             self.prob += seconds

@@ -32,7 +32,7 @@ def get_solver(name: str | None = None, *, time_limit: float | None = None) -> A
     for candidate in order:
         if candidate in usable:
             if candidate == "highs":
-                return pulp.HiGHS(msg=False, timeLimit=time_limit)
+                return pulp.HiGHS(msg=False, timeLimit=time_limit, output_flag=False, log_to_console=False)
             return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit)
     wanted = name or " or ".join(PREFERENCE)
     raise MemplanError(f"no usable MILP solver ({wanted}); install highspy (pip install highspy) "

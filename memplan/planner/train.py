@@ -51,7 +51,7 @@ def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | N
             upd["zero"], upd["offload_optimizer"], upd["offload_params"] = value
         elif dim in ("tp", "pp", "micro_batch", "seq_len", "optimizer", "quant"):
             upd[dim] = value
-    cfg = base.model_copy(update=upd)
+    cfg = JobConfig.model_validate({**base.model_dump(), **upd})
     if global_batch is not None:
         cfg = cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.dp))})
     if modes is not None:
@@ -81,10 +81,9 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple]) -> tuple[Factor
         choice = dict(zip(STATE_DIMS, key, strict=True))
         try:
             cfg = config_for(setting.base, choice)
-            cfg = JobConfig.model_validate(cfg.model_dump())
             ctxs = _contexts(setting, cfg)
             components.validate(ctxs[0])
-            per_stage = [components.job_rows(c, [])[: None] for c in ctxs]
+            per_stage = [components.job_rows(c, []) for c in ctxs]
         except (MemplanError, ValueError) as exc:
             reasons.append(f"{_describe(choice)}: {exc}")
             continue
@@ -98,10 +97,11 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple]) -> tuple[Factor
 
 def offload_seconds(setting: TrainSetting, cfg: JobConfig, per_stage: list) -> float:
     """ZeRO-Offload / ZeRO-Infinity traffic and CPU update time per step (``cost.offload_seconds``)."""
-    cpu_bytes = max(tier_total(rows, Tier.CPU) for rows in per_stage)
-    nvme_bytes = max(tier_total(rows, Tier.NVME) for rows in per_stage)
-    if not cpu_bytes and not nvme_bytes:
+    from memplan.config import Offload
+
+    if cfg.offload_optimizer is Offload.NONE and cfg.offload_params is Offload.NONE:
         return 0.0
+    nvme_bytes = max(tier_total(rows, Tier.NVME) for rows in per_stage)
     params = setting.arch.params // (cfg.tp * cfg.pp)
     pcie = (setting.host.pcie_gbps_per_gpu or PCIE_GBPS_X16[setting.gpu.pcie_gen]) * 1e9
     grad = 2 * params // cfg.dp
@@ -121,7 +121,10 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
     entries: dict[tuple, Entry] = {}
     for key in product(*(dims[d] for d in SHAPE_DIMS)):
         choice = dict(zip(SHAPE_DIMS, key, strict=True))
-        cfg = config_for(setting.base, choice, global_batch=setting.global_batch)
+        try:
+            cfg = config_for(setting.base, choice, global_batch=setting.global_batch)
+        except ValueError:
+            continue
         if not _valid(cfg, setting):
             continue
         gpu = []
@@ -158,7 +161,10 @@ def comm_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
     entries: dict[tuple, Entry] = {}
     for key in product(*(dims[d] for d in names)):
         choice = dict(zip(names, key, strict=True))
-        cfg = config_for(setting.base, choice, global_batch=setting.global_batch)
+        try:
+            cfg = config_for(setting.base, choice, global_batch=setting.global_batch)
+        except ValueError:
+            continue
         if not _valid(cfg, setting):
             continue
         grad_bytes = 2 * setting.arch.params // (cfg.tp * cfg.pp)
@@ -172,28 +178,44 @@ def comm_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
 
 
 def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | None:
-    """Per-layer recompute modes: bytes per micro-batch by (tp, micro-batch, seq), recompute seconds."""
+    """Per-layer recompute modes: bytes per micro-batch by (tp, pp, micro-batch, seq), recompute seconds.
+
+    Bytes do not depend on pp (only the stage a layer lands on does, which the ILP handles), and
+    identical layers share their values, so each (class, tp, micro-batch, seq) is computed once.
+    """
     arch = setting.arch
-    modes = tuple(m.value for m in dims["recompute"])
-    keys = list(product(*(dims[d] for d in LAYER_DIMS)))
-    gpu: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
-    secs: list[dict[str, dict[tuple, float]]] = [{m: {} for m in modes} for _ in arch.layers]
-    work: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
-    for key in keys:
-        cfg = config_for(setting.base, dict(zip(LAYER_DIMS, key, strict=True)))
+    modes = tuple(Recompute(m).value for m in dims["recompute"])
+    classes = _classes(arch)
+    first = {c: classes.index(c) for c in set(classes)}
+    shape_dims = ("tp", "micro_batch", "seq_len")
+    per_class: dict[tuple, tuple[dict, dict, dict]] = {}
+    for key in product(*(dims[d] for d in shape_dims)):
+        cfg = config_for(setting.base, dict(zip(shape_dims, key, strict=True)))
         ctx = Context(arch, cfg, setting.gpu, setting.host)
         if not act.modelled(ctx):
             return None
         counting = act.counting_for(cfg)
-        for i, layer in enumerate(arch.layers):
+        for c, i in first.items():
+            gpu, secs, work = {}, {}, {}
             for m in modes:
                 mode = Recompute(m)
-                gpu[i][m][key] = act.layer_micro_bytes(ctx, i, mode)
-                secs[i][m][key] = recompute_seconds(setting, cfg, layer.params, mode)
-                work[i][m][key] = (act.workspace_bytes(ctx, mode, {i}) + act.attention_mask_bytes(ctx, {i}, counting)
-                                   if mode is not Recompute.NONE else 0)
-    return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu, seconds=secs, workspace=work,
-                      classes=_classes(arch), savings_rank={m: SAVINGS[m] for m in modes})
+                gpu[m] = act.layer_micro_bytes(ctx, i, mode)
+                secs[m] = recompute_seconds(setting, cfg, arch.layers[i].params, mode)
+                work[m] = (act.workspace_bytes(ctx, mode, {i}) + act.attention_mask_bytes(ctx, {i}, counting)
+                           if mode is not Recompute.NONE else 0)
+            per_class[(c, *key)] = (gpu, secs, work)
+    gpu_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
+    sec_t: list[dict[str, dict[tuple, float]]] = [{m: {} for m in modes} for _ in arch.layers]
+    work_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
+    for key in product(*(dims[d] for d in shape_dims)):
+        for i, c in enumerate(classes):
+            gpu, secs, work = per_class[(c, *key)]
+            for m in modes:
+                gpu_t[i][m][key] = gpu[m]
+                sec_t[i][m][key] = secs[m]
+                work_t[i][m][key] = work[m]
+    return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu_t, seconds=sec_t, workspace=work_t,
+                      classes=classes, savings_rank={m: SAVINGS[m] for m in modes})
 
 
 def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer_params: int, mode: Recompute) -> float:
@@ -233,7 +255,10 @@ def runtime_terms(setting: TrainSetting) -> tuple[int, float]:
 
 def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                   value_of: Callable[[dict[str, Any]], float] | None = None) -> tuple[Problem, list[str]]:
-    """The training ILP over ``dims`` (each a tuple of candidate values)."""
+    """The training ILP over ``dims`` (each a tuple of candidate values; ``recompute`` lists the
+    per-layer modes, which are not a global choice)."""
+    layers = layer_block(setting, dims)
+    dims = {d: v for d, v in dims.items() if d != "recompute"}
     states, reasons = states_factor(setting, dims)
     if not states.entries:
         raise MemplanError("no combination of the search space is valid: " + "; ".join(reasons[:3]))
@@ -242,7 +267,6 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
         raise MemplanError(f"no micro-batch divides the global batch of {setting.global_batch} sequences "
                            "over the data-parallel ranks; change --global-batch or --micro-batch.")
     factors = [states, shape, comm_factor(setting, dims)]
-    layers = layer_block(setting, dims)
     if value_of is not None:
         shape.entries = {k: Entry(e.gpu, e.cpu, e.nvme, e.seconds, value_of(dict(zip(SHAPE_DIMS, k, strict=True))))
                          for k, e in shape.entries.items()}

@@ -1,0 +1,77 @@
+"""Which weights train in an adapter job, for the activation model (frozen weights save less).
+
+In LoRA and QLoRA (Hu et al. 2021; Dettmers et al. 2023) the base weights are frozen: autograd
+saves a linear layer's input only for its weight's gradient (PyTorch ``mm`` in derivatives.yaml;
+bitsandbytes ``MatMul4Bit`` keeps no input either), and a norm's normalized tensor only for its
+weight's. What still trains is each adapter: its lora_A reads the base input (saved), its lora_B
+the r-wide lora_A output (saved). Which modules get adapters is ``memplan.memory.peft``'s rule.
+
+MoE experts and routers are parameters, not ``nn.Linear`` modules: peft adapts them through
+``target_parameters`` (``ParamWrapper``), which adds B·A to the weight in every forward, so the
+merged weight (in the compute dtype) is a new tensor that the expert ``grouped_mm`` / router linear
+saves, along with the adapters cast to the compute dtype. Measured with peft 0.21.
+"""
+
+from __future__ import annotations
+
+from memplan.arch.parallel import sharded_numel
+from memplan.arch.tensors import Layer, Role, Tensor
+from memplan.config import Job, JobConfig
+from memplan.memory import peft
+from memplan.memory.activations_block import ALL_TRAIN, Trainable, activation_bits
+from memplan.units import bits_to_bytes
+
+ROUTER = "router"
+"""Pseudo-projection of an MoE router (its tensor has no abstract projection)."""
+
+
+def adapter_job(cfg: JobConfig) -> bool:
+    return cfg.job in (Job.LORA, Job.QLORA)
+
+
+def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig) -> Trainable:
+    """The block's trained projections and LoRA modules; every weight trains outside adapter jobs.
+
+    An adapter whose dtype is the activations' reads the base input itself (saved once, like a
+    trained weight's input); fp32 adapters on a 16-bit model get their own fp32 copy of it.
+    """
+    if not adapter_job(cfg):
+        return ALL_TRAIN
+    bits = cfg.lora.dtype.bits
+    shared_input = bits == activation_bits(cfg)
+    dense: set[str] = set()
+    routed: set[str] = set()
+    adapters: list[tuple[int, int]] = []
+    merged = 0
+    for tensor in layer.tensors:
+        if not peft.is_targeted(tensor, cfg.lora, spec_family):  # type: ignore[arg-type]
+            continue
+        names = set(tensor.projections) | ({ROUTER} if tensor.role is Role.ROUTER else set())
+        if tensor.routed or tensor.role is Role.ROUTER:  # peft ParamWrapper: W + B·A each forward
+            routed |= names
+            merged += _merged_bytes(tensor, cfg, adapter_cast=not shared_input)
+            if tensor.role is Role.ROUTER:
+                dense |= names  # the router linear now saves its input
+            continue
+        rank = peft.adapter_ranks(tensor, cfg.lora)[0]
+        if shared_input:
+            dense |= names
+        adapters.append((0 if shared_input else tensor.shape[1], rank))
+    return Trainable(norms=False, dense=frozenset(dense), routed=frozenset(routed), adapters=tuple(adapters),
+                     adapter_bits=bits, merged_weight_bytes=merged)
+
+
+def _merged_bytes(tensor: Tensor, cfg: JobConfig, *, adapter_cast: bool) -> int:
+    """One rank's share of a merged MoE weight (experts split over ep, ffn over tp) in the compute
+    dtype; with fp32 adapters also their compute-dtype cast (experts only: the router's was not seen)."""
+    bits = activation_bits(cfg)
+    total = bits_to_bytes(sharded_numel(tensor, cfg.tp, cfg.ep), bits)
+    if adapter_cast and tensor.routed:
+        total += sum(bits_to_bytes(sharded_numel(a, 1, cfg.ep), bits) for a in peft.module_adapters(tensor, cfg.lora))
+    return total
+
+
+def head_trains(cfg: JobConfig) -> bool:
+    """Whether the embedding, final norm and output layer train (never in adapter jobs: peft's
+    ``all-linear`` leaves the output layer out)."""
+    return not adapter_job(cfg)

@@ -1,0 +1,87 @@
+"""Presenting a plan: the best plan as ``estimate`` shows it, ranked alternatives, suggestions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memplan.planner.plan import Candidate, PlanResult
+from memplan.report.json_out import SCHEMA_VERSION, estimate_dict
+from memplan.units import GiB
+
+
+def candidate_dict(c: Candidate) -> dict[str, Any]:
+    out = estimate_dict(c.estimate)
+    out.update({
+        "step_time_s": round(c.step_time_s, 6),
+        "tokens_per_s": round(c.tokens_per_s, 3),
+        "objective_value": round(c.objective_value, 9),
+        "layer_map": c.layer_map,
+    })
+    return out
+
+
+def plan_dict(result: PlanResult) -> dict[str, Any]:
+    """The plan JSON contract: the estimate contract of the best plan, extended (schema_version 1)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": result.status,
+        "objective": result.objective.value,
+        "solver_status": result.solver_status,
+        "best": candidate_dict(result.best) if result.best else None,
+        "alternatives": [candidate_dict(c) for c in result.candidates[1:]],
+        "binding": result.binding,
+        "suggestions": result.suggestions,
+        "excluded": result.excluded,
+    }
+
+
+def _choice(c: Candidate) -> str:
+    cfg = c.config
+    parts = [f"tp={cfg.tp}", f"pp={cfg.pp}", f"dp={cfg.dp}"]
+    if cfg.job.trains:
+        parts += [f"zero={int(cfg.zero)}", f"offload(opt={cfg.offload_optimizer.value}, params={cfg.offload_params.value})",
+                  f"micro-batch={cfg.micro_batch}", f"grad-accum={cfg.grad_accum}", f"seq={cfg.seq_len}",
+                  f"optimizer={cfg.optimizer.value}"]
+    else:
+        parts += [f"batch={cfg.micro_batch}", f"context={cfg.infer.context}",
+                  f"kv={cfg.infer.kv_dtype.value if cfg.infer.kv_dtype else cfg.dtype.value}"]
+    if cfg.quant:
+        parts.append(f"quant={cfg.quant}")
+    return " ".join(parts)
+
+
+def render_plan(result: PlanResult, console: Any) -> None:
+    from rich.table import Table
+
+    from memplan.report.table import render_estimate
+
+    if result.best is None:
+        console.print("[red]INFEASIBLE[/red]: no configuration in the search space fits.")
+        if result.binding:
+            console.print(f"Binding constraint: {result.binding}.")
+        if result.suggestions:
+            table = Table(title="Smallest changes that fit (each verified by a re-solve)", title_justify="left")
+            table.add_column("change")
+            table.add_column("flags")
+            table.add_column("GPU memory", justify="right")
+            table.add_column("tokens/s", justify="right")
+            for s in result.suggestions:
+                table.add_row(s["change"], s["flags"], f"{s['gpu_total_bytes'] / GiB:,.2f} GiB", f"{s['tokens_per_s']:,.0f}")
+            console.print(table)
+        return
+    best = result.best
+    console.print(f"[bold]Best plan[/bold] ({result.objective.value}, solver: {result.solver_status}): {_choice(best)}")
+    if best.layer_map:
+        console.print(f"Per-layer: {best.layer_map}")
+    console.print(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
+    render_estimate(best.estimate, console)
+    if len(result.candidates) > 1:
+        table = Table(title="Ranked alternatives", title_justify="left")
+        for col in ("#", "configuration", "GPU memory", "tokens/s"):
+            table.add_column(col, justify="right" if col != "configuration" else "left")
+        for i, c in enumerate(result.candidates, 1):
+            from memplan.memory.breakdown import Tier
+
+            table.add_row(str(i), _choice(c) + (f"; {c.layer_map}" if c.layer_map else ""),
+                          f"{c.estimate.total(Tier.GPU) / GiB:,.2f} GiB", f"{c.tokens_per_s:,.0f}")
+        console.print(table)
