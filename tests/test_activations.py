@@ -17,7 +17,7 @@ import pytest
 from memplan.arch.build import build_architecture
 from memplan.catalog.schema import Family, HostSpec, ModelSpec
 from memplan.catalog.store import catalog_gpu
-from memplan.config import Job, JobConfig, Recompute
+from memplan.config import Job, JobConfig, LoraConfig, Recompute
 from memplan.dtypes import Dtype
 from memplan.memory import activations as act
 from memplan.memory import activations_block as blk
@@ -210,6 +210,24 @@ def test_gemma2_soft_capping_and_four_norms() -> None:
     assert act.layer_micro_bytes(ctx_for(spec, attention="eager", seq_len=1024), 0, Recompute.NONE) > flash + scores
     v = 256000
     assert eager["activations/loss"] == 4 * s * v + 8 * s + 2 * s * v  # + tanh of the final soft-cap
+
+
+def test_lora_frozen_weights_save_no_inputs() -> None:
+    d, f, r, s = 4096, 14336, 16, 4096
+    full = act.layer_micro_bytes(ctx_for(llama_spec()), 0, Recompute.NONE)
+    lora = LoraConfig(rank=r, targets=("q", "v"))  # bf16 adapters read the base input itself
+    shared = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.LORA, lora=lora), 0, Recompute.NONE)
+    # frozen norm weights: no normalized casts (2·2D); frozen gate/up/down: no MLP input (2D), no product (2F);
+    # two adapters add their r-wide lora_A outputs
+    assert full - shared == s * (2 * 2 * d + 2 * d + 2 * f) - s * 2 * 2 * r
+    fp32 = LoraConfig(rank=r, targets=("q", "v"), dtype=Dtype.FP32)  # peft's default autocast_adapter_dtype
+    cast = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.LORA, lora=fp32), 0, Recompute.NONE)
+    assert cast - shared == s * 2 * (4 * (d + r)) - s * 2 * d - s * 2 * 2 * r  # fp32 copies replace the bf16 input
+    qlora = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.QLORA, lora=lora), 0, Recompute.NONE)
+    assert qlora == shared  # bitsandbytes MatMul4Bit keeps no input either
+    rows = act.breakdown(ctx_for(llama_spec(), job=Job.LORA, lora=lora))
+    assert "activations/embeddings" not in rows  # a frozen embedding lookup saves no ids
+    assert rows["activations/final_norm"] == s * (4 * d + 4)  # frozen lm_head: no input, no cast
 
 
 def test_rows_names_tiers_and_sum() -> None:

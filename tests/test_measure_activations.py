@@ -27,7 +27,7 @@ from memplan.arch.build import build_architecture  # noqa: E402
 from memplan.catalog.hf import spec_from_hf_config  # noqa: E402
 from memplan.catalog.schema import HostSpec  # noqa: E402
 from memplan.catalog.store import catalog_gpu  # noqa: E402
-from memplan.config import Job, JobConfig, Recompute  # noqa: E402
+from memplan.config import Job, JobConfig, LoraConfig, Recompute  # noqa: E402
 from memplan.dtypes import Dtype  # noqa: E402
 from memplan.measure import saved_bytes  # noqa: E402
 from memplan.memory import activations as act  # noqa: E402
@@ -62,7 +62,8 @@ CASES: dict[str, tuple[str, dict[str, Any], int, bool]] = {
                                     **LLAMA_LIKE), 128, False),
     # GPT-2: fused c_attn, gelu_new, LayerNorm, learned positions, dropout 0.1 everywhere
     "gpt2": ("GPT2Config", dict(n_embd=128, n_layer=2, n_head=4, vocab_size=2000, n_positions=256,
-                                resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1), 128, True),
+                                resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=1, eos_token_id=2),
+             128, True),
     # Phi-3-medium: fused qkv_proj and gate_up_proj, 4:1 grouping
     "phi3": ("Phi3Config", dict(hidden_size=128, intermediate_size=320, num_attention_heads=8, num_key_value_heads=2,
                                 vocab_size=2048, **LLAMA_LIKE), 128, False),
@@ -79,6 +80,13 @@ CASES: dict[str, tuple[str, dict[str, Any], int, bool]] = {
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1000,
                                          num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, **LLAMA_LIKE),
                   64, False),
+    # DeepSeek-V3: MLA (q/kv low rank, rope split), first layer dense, sigmoid router with groups, shared expert
+    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=64, intermediate_size=160, moe_intermediate_size=48,
+                                             num_attention_heads=4, num_key_value_heads=4, vocab_size=1000,
+                                             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                             first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=24,
+                                             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_group=2,
+                                             topk_group=1, **LLAMA_LIKE), 64, False),
 }
 
 RUNS = [
@@ -89,6 +97,7 @@ RUNS = [
     ("mistral", "sdpa", 2, "fp32"),
     ("opt", "eager", 0, "bf16"), ("opt", "sdpa", 2, "bf16"), ("falcon", "sdpa", 0, "bf16"),
     ("falcon", "eager", 2, "bf16"), ("qwen3_moe", "sdpa", 0, "bf16"), ("qwen3_moe", "eager", 2, "bf16"),
+    ("deepseek_v3", "eager", 0, "bf16"), ("deepseek_v3", "eager", 2, "bf16"),
 ]
 """(family, attention, checkpointed layers of 2, dtype)."""
 
@@ -120,13 +129,14 @@ def measure(model: Any, seq: int, vocab: int) -> int:
         return saved_bytes(model, inputs, labels=ids)["total_bytes"]
 
 
-def predict(config: dict[str, Any], family: str, attn: str, checkpointed: int, dtype: str, seq: int) -> int:
+def predict(config: dict[str, Any], family: str, attn: str, checkpointed: int, dtype: str, seq: int,
+            **job: Any) -> int:
     if "num_local_experts" in config:  # transformers 5 writes Qwen3-MoE's num_experts under this name
         config.setdefault("num_experts", config["num_local_experts"])
     spec = spec_from_hf_config(config, name=f"tiny-{family}", source="test")
-    cfg = JobConfig(job=Job.FULL, dtype=DTYPES[dtype][0], micro_batch=BATCH, seq_len=seq, attention=attn,
-                    dropout=CASES[family][3], recompute=Recompute.FULL if checkpointed else Recompute.NONE,
-                    recompute_layers=checkpointed or None)
+    cfg = JobConfig(**{"job": Job.FULL, **job}, dtype=DTYPES[dtype][0], micro_batch=BATCH, seq_len=seq,
+                    attention=attn, dropout=CASES[family][3],
+                    recompute=Recompute.FULL if checkpointed else Recompute.NONE, recompute_layers=checkpointed or None)
     ctx = Context(build_architecture(spec), cfg, GPU, HostSpec())
     return act.saved_bytes_estimate(ctx, blk.cpu_counting(blk.activation_bits(cfg)))
 
@@ -147,6 +157,41 @@ def test_estimate_within_tolerance_of_measured_saved_bytes(family: str, attn: st
     print(f"{family:10s} {attn:5s} ckpt={checkpointed} {dtype}: measured {measured} predicted {predicted} "
           f"({error:+.2%})")
     assert abs(error) < TOLERANCE, f"{family} {attn}: measured {measured}, predicted {predicted} ({error:+.2%})"
+
+
+LORA_RUNS = [("llama", "sdpa", ("q", "v"), 0), ("llama", "eager", ("q", "k", "v", "o"), 0),
+             ("llama", "sdpa", ("gate", "down"), 0), ("llama", "sdpa", ("q", "v"), 2),
+             ("phi3", "sdpa", ("all-linear",), 0), ("gemma2", "eager", ("all-linear",), 0),
+             ("mixtral", "sdpa", ("q", "v"), 0), ("mixtral", "sdpa", ("all-linear",), 0),
+             ("qwen3_moe", "sdpa", ("all-linear",), 0)]
+"""(family, attention, memplan LoRA targets, checkpointed layers of 2)."""
+HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+            "down": "down_proj"}
+
+
+@pytest.mark.parametrize(("family", "attn", "targets", "checkpointed"), LORA_RUNS,
+                         ids=[f"{f}-{a}-{'+'.join(t)}-ckpt{c}" for f, a, t, c in LORA_RUNS])
+def test_lora_estimate_within_tolerance(family: str, attn: str, targets: tuple[str, ...], checkpointed: int) -> None:
+    """Frozen base weights save no inputs; peft's fp32 adapters (``autocast_adapter_dtype``) save an fp32
+    copy of their input and their r-wide output; adapted MoE parameters save the merged weight."""
+    peft_lib = pytest.importorskip("peft", reason="LoRA measurement needs peft (the measure extra)")
+    model, config = _model(family, attn, "bf16")
+    modules = "all-linear" if targets == ("all-linear",) else [HF_NAMES[name] for name in targets]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft_lib.get_peft_model(model, peft_lib.LoraConfig(r=8, lora_alpha=16, target_modules=modules))
+        if checkpointed:
+            wrapped.gradient_checkpointing_enable()
+    model.enable_input_require_grads()  # as peft does with checkpointing: the block input requires grad
+    wrapped.train()
+    seq = CASES[family][2]
+    measured = measure(wrapped, seq, config["vocab_size"])
+    predicted = predict(config, family, attn, checkpointed, "bf16", seq, job=Job.LORA,
+                        lora=LoraConfig(rank=8, targets=targets, dtype=Dtype.FP32))
+    error = (predicted - measured) / measured
+    print(f"{family:10s} {attn:5s} lora {'+'.join(targets)} ckpt={checkpointed}: measured {measured} "
+          f"predicted {predicted} ({error:+.2%})")
+    assert abs(error) < TOLERANCE, f"{family} LoRA {targets}: measured {measured}, predicted {predicted}"
 
 
 def test_partial_checkpointing_every_other_layer() -> None:

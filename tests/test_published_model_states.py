@@ -4,8 +4,8 @@ reproduced from the CLI's JSON output (../shared/reference/published_cases.yaml)
 from __future__ import annotations
 
 import pytest
-
 from conftest import cli_json, prefix_sum, published_case
+
 from memplan.units import GB, GiB
 
 STATES = ("weights", "gradients", "optimizer")

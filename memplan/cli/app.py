@@ -9,9 +9,44 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.25 vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer depends on click
+    from click.exceptions import ClickException
 
 from memplan.cli import options as o
 from memplan.errors import MemplanError
+
+
+class OneLineErrors(TyperGroup):
+    """The command group, with the parser's own errors (a value it cannot read, an unknown option, a
+    missing argument) printed as one sentence on stderr with exit code 2, like every other bad input."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickException as exc:
+            sys.stderr.write(usage_sentence(exc))
+            sys.exit(exc.exit_code)
+        except (typer.Abort, EOFError):
+            sys.stderr.write("memplan: aborted.\n")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_sentence(exc: Any) -> str:
+    """``memplan: <click's message, lower-cased first letter> (see 'memplan CMD --help').`` plus a newline."""
+    message = exc.format_message().strip()
+    if type(exc).__name__ == "NoArgsIsHelpError":  # the help text itself (already printed by rich help)
+        return f"{message}\n" if message else ""
+    path = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "memplan"
+    message = (message[:1].lower() + message[1:]).rstrip(".") or "invalid command line"
+    return f"memplan: {message} (see '{path} --help').\n"
+
 
 app = typer.Typer(
     name="memplan",
@@ -19,6 +54,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 
 EXIT_INPUT = 2
@@ -160,15 +196,16 @@ def emit_estimate(est: Any, fmt: str, extra: dict[str, Any]) -> None:
             con.print(f"{key.replace('_', ' ')}: {value:,}")
 
 
-def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+def int_list(text: str | None, flag: str, *, minimum: int = 1) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise MemplanError(f"{flag}: expected comma-separated integers such as 1,2,4, got {text!r}.") from None
-    if not values or any(v <= 0 for v in values):
-        raise MemplanError(f"{flag}: values must be positive integers, got {text!r}.")
+    if not values or any(v < minimum for v in values):
+        kind = "positive integers" if minimum == 1 else f"integers of at least {minimum}"
+        raise MemplanError(f"{flag}: values must be {kind}, got {text!r}.")
     return values
 
 
@@ -214,6 +251,7 @@ def plan(
     lora_rank: o.LoraRank = 16,
     lora_targets: o.LoraTargets = "q,k,v,o",
     galore_rank: o.GaloreRank = 128,
+    galore_8bit: o.Galore8 = False,
     context: Annotated[str | None, typer.Option("--context", "-c", help="Context choices (inference).", rich_help_panel=o.I)] = None,
     kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="KV dtype choices (inference).", rich_help_panel=o.I)] = None,
     objective: Annotated[str, typer.Option("--objective", help="throughput, min-gpus, max-batch, max-context, min-memory, min-cost.",
@@ -245,10 +283,10 @@ def plan(
                      optimizer=(str_list(optimizer) or ("adamw",))[0], accounting=accounting, gpus=gpus, nodes=nodes,
                      seq_len=seq_len, flash_attention=flash_attention, cuda_context=cuda_context,
                      allocator_reserve=allocator_reserve, lora_rank=lora_rank, lora_targets=lora_targets,
-                     galore_rank=galore_rank, batch=(int_list(batch, "--batch") or (1,))[0],
+                     galore_rank=galore_rank, galore_8bit=galore_8bit, batch=(int_list(batch, "--batch") or (1,))[0],
                      context=(int_list(context, "--context") or (4096,))[0], kv_dtype=(str_list(kv_dtype) or (None,))[0])
     space = SearchSpace.model_validate({
-        "tp": int_list(tp, "--tp"), "pp": int_list(pp, "--pp"), "zero": int_list(zero, "--zero"),
+        "tp": int_list(tp, "--tp"), "pp": int_list(pp, "--pp"), "zero": int_list(zero, "--zero", minimum=0),
         "offload_optimizer": str_list(offload_optimizer), "offload_params": str_list(offload_params),
         "micro_batch": int_list(batch, "--batch") if job != "infer" else None,
         "batch": int_list(batch, "--batch") if job == "infer" else None,
@@ -285,7 +323,7 @@ def make_base(**kw: Any) -> Any:
         "cuda_context_bytes": o.size_or_none(kw["cuda_context"], "--cuda-context"),
         "allocator_reserve_pct": kw["allocator_reserve"],
         "lora": {"rank": kw["lora_rank"], "targets": o.lora_targets(kw["lora_targets"])},
-        "galore": {"rank": kw["galore_rank"]},
+        "galore": {"rank": kw["galore_rank"], "eight_bit": kw["galore_8bit"]},
         "infer": {"context": kw["context"], "kv_dtype": kw["kv_dtype"]},
     }
     try:

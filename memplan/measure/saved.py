@@ -96,6 +96,52 @@ def _register_checkpoint_kwargs(model: Any, record: Any) -> list[Any]:
             for _, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+class _Recorder:
+    """The pack hook: records each saved storage once, parameters and buffers apart."""
+
+    def __init__(self, model: Any) -> None:
+        self.weights = _weight_storages(model)
+        self.seen: dict[int, dict[str, Any]] = {}
+        self.excluded: dict[int, int] = {}
+        self.stack = [ROOT]
+
+    def pack(self, tensor: Any) -> Any:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):  # pragma: no cover - exotic subclasses
+            return tensor
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if ptr in self.weights:
+            self.excluded[ptr] = nbytes
+        elif nbytes and ptr not in self.seen:
+            self.seen[ptr] = {
+                "module": self.stack[-1],
+                "nbytes": nbytes,
+                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "shape": tuple(tensor.shape),
+                "producer": type(tensor.grad_fn).__name__ if tensor.grad_fn is not None else "none",
+            }
+        return tensor
+
+    def held(self, value: Any) -> None:
+        """Record a tensor that something other than autograd keeps until backward."""
+        if hasattr(value, "untyped_storage"):
+            self.pack(value)
+
+    def result(self, records: bool) -> dict[str, Any]:
+        by_module: dict[str, int] = {}
+        for rec in self.seen.values():
+            by_module[rec["module"]] = by_module.get(rec["module"], 0) + rec["nbytes"]
+        out: dict[str, Any] = {
+            "total_bytes": sum(rec["nbytes"] for rec in self.seen.values()),
+            "by_module": by_module,
+            "excluded_weight_bytes": sum(self.excluded.values()),
+        }
+        if records:
+            out["tensors"] = list(self.seen.values())
+        return out
+
+
 def saved_bytes(
     model: Any,
     inputs: Mapping[str, Any],
@@ -124,54 +170,15 @@ def saved_bytes(
     """
     import torch
 
-    weights = _weight_storages(model)
-    seen: dict[int, dict[str, Any]] = {}
-    excluded: dict[int, int] = {}
-    stack = [ROOT]
-
-    def pack(tensor: Any) -> Any:
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError, TypeError):  # pragma: no cover - exotic subclasses
-            return tensor
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        if ptr in weights:
-            excluded[ptr] = nbytes
-        elif nbytes and ptr not in seen:
-            seen[ptr] = {
-                "module": stack[-1],
-                "nbytes": nbytes,
-                "dtype": str(tensor.dtype).removeprefix("torch."),
-                "shape": tuple(tensor.shape),
-                "producer": type(tensor.grad_fn).__name__ if tensor.grad_fn is not None else "none",
-            }
-        return tensor
-
-    def record_held(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            pack(value)
-
-    handles = _register_tags(model, stack)
+    recorder = _Recorder(model)
+    handles = _register_tags(model, recorder.stack)
     if checkpoint_kwargs:
-        handles += _register_checkpoint_kwargs(model, record_held)
+        handles += _register_checkpoint_kwargs(model, recorder.held)
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            kwargs = dict(inputs)
-            if labels is not None:
-                kwargs["labels"] = labels
-            output = model(**kwargs)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+            output = model(**dict(inputs), **({} if labels is None else {"labels": labels}))
         del output
     finally:
         for handle in handles:
             handle.remove()
-    by_module: dict[str, int] = {}
-    for rec in seen.values():
-        by_module[rec["module"]] = by_module.get(rec["module"], 0) + rec["nbytes"]
-    result: dict[str, Any] = {
-        "total_bytes": sum(rec["nbytes"] for rec in seen.values()),
-        "by_module": by_module,
-        "excluded_weight_bytes": sum(excluded.values()),
-    }
-    if records:
-        result["tensors"] = list(seen.values())
-    return result
+    return recorder.result(records)

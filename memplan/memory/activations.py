@@ -48,19 +48,28 @@ def micro_batches_in_flight(ctx: Context) -> int:
     return ctx.cfg.pp - ctx.stage
 
 
-def checkpointed(ctx: Context) -> set[int]:
-    """Layer indices of the reported stage that recompute (cfg.recompute), per ``recompute_layers``.
+def layer_modes(ctx: Context) -> dict[int, Recompute]:
+    """Recompute mode of each layer of the reported stage.
 
+    ``cfg.recompute_map`` (the planner's per-layer choice) gives one mode per layer. Otherwise
     ``recompute_layers = k`` of L layers gives each stage floor(k·n/L) of its n layers, its first
-    ones; rounding down keeps more activations, the safe direction.
+    ones, in mode ``cfg.recompute`` (rounding down keeps more activations, the safe direction),
+    and None checkpoints every layer.
     """
     cfg, stage = ctx.cfg, [i for i, _ in ctx.layers]
+    if cfg.recompute_map is not None:
+        return {i: cfg.recompute_map[i] for i in stage}
     if cfg.recompute is Recompute.NONE:
-        return set()
+        return dict.fromkeys(stage, Recompute.NONE)
     if cfg.recompute_layers is None:
-        return set(stage)
+        return dict.fromkeys(stage, cfg.recompute)
     count = min(len(stage), cfg.recompute_layers * len(stage) // len(ctx.arch.layers))
-    return set(stage[:count])
+    return {i: cfg.recompute if n < count else Recompute.NONE for n, i in enumerate(stage)}
+
+
+def checkpointed(ctx: Context) -> set[int]:
+    """Layer indices of the reported stage that recompute (see ``layer_modes``)."""
+    return {i for i, mode in layer_modes(ctx).items() if mode is not Recompute.NONE}
 
 
 def block_terms(ctx: Context, layer_index: int, counting: blk.Counting) -> list[blk.Term]:
@@ -216,10 +225,11 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
         return {}
     counting = counting or counting_for(ctx.cfg)
     cfg, flight = ctx.cfg, micro_batches_in_flight(ctx)
-    ckpt = checkpointed(ctx)
-    out = {"activations/layers": flight * sum(
-        layer_micro_bytes(ctx, i, cfg.recompute if i in ckpt else Recompute.NONE, counting) for i, _ in ctx.layers)}
-    out["activations/recompute_workspace"] = workspace_bytes(ctx, cfg.recompute, ckpt, counting)
+    modes = layer_modes(ctx)
+    ckpt = {i for i, mode in modes.items() if mode is not Recompute.NONE}
+    out = {"activations/layers": flight * sum(layer_micro_bytes(ctx, i, modes[i], counting) for i, _ in ctx.layers)}
+    out["activations/recompute_workspace"] = max(
+        (workspace_bytes(ctx, modes[i], {i}, counting) for i in ckpt), default=0)
     out["activations/rotary"] = flight * rotary_table_bytes(ctx, counting)
     out["activations/layer_kwargs"] = flight * layer_kwargs_bytes(ctx, ckpt, counting)
     if ctx.stage == 0:

@@ -100,10 +100,8 @@ def mlp_bytes(*, tokens: int, ffn: int, bits: int, gated: bool, act_saved: int, 
     silu/gelu their input, relu its result); Korthikanti et al. 2022 Sec. 4.1 (8sbh + 8sbh for GeLU).
     Assumes: a fused gate_up projection (Phi-3) keeps its 2F output alive, the same bytes as gate + up.
     """
-    if gated:
-        factors = 2 + act_saved + (1 if down_trains else 0)
-    else:
-        factors = act_saved + (1 if down_trains or act_keeps_output else 0)
+    output_saved = down_trains or (act_keeps_output and not gated)  # gated: the product is down's input
+    factors = (2 if gated else 0) + act_saved + (1 if output_saved else 0)
     return factors * tensor_bytes(count=tokens * ffn, bits=bits)
 
 

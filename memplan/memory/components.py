@@ -64,9 +64,7 @@ def _activation_rows(ctx: Context, missing: list[str]) -> list[Row]:
 
 
 def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:
-    from memplan.memory import inference, kv_cache
-
-    from memplan.memory import weights
+    from memplan.memory import inference, kv_cache, weights
 
     rows = ms.place_all(ctx, _weight_buffers(ctx)) + weights.host_rows(ctx)
     if ctx.arch.spec.family is Family.PARAMS_ONLY:

@@ -60,6 +60,8 @@ class LayerBlock:
     classes: list[int] | None = None
     workspace: list[dict[str, dict[tuple, int]]] | None = None
     """Bytes live once, while one layer in this mode is recomputed (the largest such layer counts)."""
+    flight_workspace: list[dict[str, dict[tuple, int]]] | None = None
+    """Like ``workspace`` but held per micro-batch in flight (the checkpoint's saved keyword arguments)."""
     in_flight: bool = True
     """Multiply a layer's GPU bytes by the micro-batches in flight on its stage (1F1B: p − s)."""
     savings_rank: dict[str, int] = field(default_factory=dict)
@@ -122,7 +124,7 @@ class IlpBuilder:
             self._factor(f)
         self.r: dict[tuple[int, str], Any] = {}
         self.w: dict[tuple[Any, str, tuple], Any] = {}
-        self.ws: Any = None
+        self.ws: dict[tuple[int, int], Any] = {}
         self.groups: dict[tuple[int, int], list[int]] = {}
         if P.layers is not None:
             self._layers(P.layers)
@@ -176,13 +178,27 @@ class IlpBuilder:
                               == pl.lpSum(self.r[layer, m] for layer in members), f"vm_{gi}_{_safe(m)}")
         self._symmetry(lb)
         if lb.workspace is not None:
-            self.ws = pl.LpVariable("workspace_units", lowBound=0)
-            for layer, per in enumerate(lb.workspace):
-                for m, keyed in per.items():
-                    total = sum(ceil_unit(n) for n in keyed.values())
-                    if total:
-                        expr = total * self.r[layer, m] + pl.lpSum(ceil_unit(n) * y[k] for k, n in keyed.items()) - total
-                        self.prob += self.ws >= expr, f"ws_{layer}_{_safe(m)}"
+            self._workspace(lb, y)
+
+    def _workspace(self, lb: LayerBlock, y: dict[tuple, Any]) -> None:
+        """``ws[p, s]``: bytes live while the largest recomputed layer of stage s (under pp = p) is
+        recomputed: ws ≥ W(k)·(r[l,m] + y[k] − 1) summed over k, for every layer of that stage."""
+        pl = self.pulp
+        assert lb.workspace is not None
+        for p in self.p.dims.get("pp", (1,)):
+            for s in range(p):
+                var = pl.LpVariable(f"ws_pp{p}_s{s}", lowBound=0)
+                self.ws[p, s] = var
+                for layer, per in enumerate(lb.workspace):
+                    if stage_of(layer, self.p.num_layers, p) != s:
+                        continue
+                    for m, keyed in per.items():
+                        extra = lb.flight_workspace[layer][m] if lb.flight_workspace else {}
+                        coef = {k: ceil_unit(n + (p - s) * extra.get(k, 0)) for k, n in keyed.items()}
+                        total = sum(coef.values())
+                        if total:
+                            expr = total * self.r[layer, m] + pl.lpSum(c * y[k] for k, c in coef.items()) - total
+                            self.prob += var >= expr, f"ws_{p}_{s}_{layer}_{_safe(m)}"
 
     def _symmetry(self, lb: LayerBlock) -> None:
         """Identical layers of a group take non-increasing savings (any order is equally good)."""
@@ -219,8 +235,8 @@ class IlpBuilder:
                     for k, nbytes in lb.gpu[rep][m].items():
                         if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
                             terms.append(ceil_unit(nbytes * mult) * self.w[gkey, m, k])
-            if self.ws is not None:
-                terms.append(self.ws)
+            if (p, s) in self.ws:
+                terms.append(self.ws[p, s])
         return terms
 
     def _memory(self) -> None:
@@ -282,10 +298,12 @@ class IlpBuilder:
 
     # -- solving -------------------------------------------------------------------------------
     def solve(self, *, time_limit: float | None = None, solver: str | None = None) -> Solution:
-        from memplan.planner.solvers import get_solver
+        from memplan.planner.solvers import get_solver, quiet_stdout
 
         pl = self.pulp
-        status = self.prob.solve(get_solver(solver, time_limit=time_limit))
+        chosen = get_solver(solver, time_limit=time_limit)
+        with quiet_stdout():
+            status = self.prob.solve(chosen)
         label = pl.LpStatus[status]
         if label != "Optimal" or self.prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
             return Solution(_status_name(label, self.prob.sol_status), {}, [], math.nan, math.nan)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from memplan.errors import MemplanError
@@ -37,3 +41,24 @@ def get_solver(name: str | None = None, *, time_limit: float | None = None) -> A
     wanted = name or " or ".join(PREFERENCE)
     raise MemplanError(f"no usable MILP solver ({wanted}); install highspy (pip install highspy) "
                        "or a PuLP build that bundles CBC.")
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence what native solver code writes to file descriptor 1 (HiGHS prints its banner there
+    whatever ``output_flag`` says), so ``--format json`` keeps stdout pure JSON."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (e.g. captured by a test runner): nothing to protect
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)

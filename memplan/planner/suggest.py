@@ -33,21 +33,31 @@ def _entry(change: str, flags: str, best: Any) -> dict[str, Any]:
             "gpu_total_bytes": best.estimate.total(Tier.GPU), "tokens_per_s": round(best.tokens_per_s, 3)}
 
 
+UNLIMITED_MIB = 2**40
+
+
 def binding(req: Any, result: Any) -> None:
-    """Name the binding tier and the shortfall of the most memory-saving configuration in the space."""
-    base = req.base
-    lean = base.model_copy(update={"micro_batch": 1})
+    """Name the binding tier and its shortfall: re-solve with unlimited memory for the smallest
+    peak the search space can reach (objective min-memory), and compare it with the capacity."""
+    from memplan.planner.plan import plan
+
+    big_gpu = req.gpu.model_copy(update={"memory_mib": UNLIMITED_MIB})
+    big_host = req.host.model_copy(update={"cpu_ram_bytes": UNLIMITED_MIB * 2**20, "nvme_bytes": UNLIMITED_MIB * 2**20})
     try:
-        est = estimate(req.model, req.gpu, lean, host=req.host)
+        lean = plan(replace(req, gpu=big_gpu, host=big_host, objective=Objective.MIN_MEMORY, top_k=1, suggest=False)).best
     except MemplanError as exc:
         result.binding = str(exc)
         return
+    if lean is None:
+        result.binding = "no configuration in the search space is valid for this model"
+        return
+    est = estimate(req.model, req.gpu, lean.config, host=req.host)
     tier = est.binding_tier
     over = -est.headroom(tier)
-    result.binding = (f"{tier.value} memory: the requested configuration needs {est.total(tier) / GiB:,.2f} GiB "
-                      f"of {est.capacity(tier) / GiB:,.2f} GiB per {'GPU' if tier.value == 'gpu' else 'node'} "
-                      f"at micro-batch 1 (over by {max(over, 0) / GiB:,.2f} GiB); no choice in the search space "
-                      "brings it under capacity")
+    where = "per GPU" if tier is Tier.GPU else "per node"
+    result.binding = (f"{tier.value} memory: even the leanest configuration in the search space needs "
+                      f"{est.total(tier) / GiB:,.2f} GiB {where} against {est.capacity(tier) / GiB:,.2f} GiB "
+                      f"(over by {max(over, 0) / GiB:,.2f} GiB)")
 
 
 def scale_steps(gpn: int, nodes: int) -> list[tuple[int, int]]:
@@ -116,10 +126,15 @@ def diagnose(req: Any, result: Any) -> None:
     if job is Job.LORA:
         tries.append(with_base(req, "QLoRA: a 4-bit NF4 base with double quantization", "--job qlora",
                                job=Job.QLORA, quant=None))
+    elif job is Job.GALORE and not req.base.galore.eight_bit:
+        tries.append(with_base(req, "8-bit GaLore states", "--galore-8bit",
+                               galore=req.base.galore.model_copy(update={"eight_bit": True})))
     elif job in (Job.FULL, Job.PRETRAIN):
         tries.append(with_space(req, "8-bit AdamW states (bitsandbytes)", "--optimizer adamw-8bit",
                                 optimizer=(OptimizerKind.ADAMW_8BIT,)))
         tries.append(with_base(req, "GaLore low-rank optimizer states", "--job galore", job=Job.GALORE))
+        tries.append(with_base(req, "8-bit GaLore low-rank optimizer states", "--job galore --galore-8bit",
+                               job=Job.GALORE, galore=req.base.galore.model_copy(update={"eight_bit": True})))
     if job.trains and job is not Job.GALORE:
         offl = (Offload.NONE, Offload.CPU)
         tries.append(with_space(req, "ZeRO-Offload: optimizer states (and parameters) in CPU memory",

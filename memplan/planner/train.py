@@ -27,7 +27,7 @@ STATE_DIMS = ("tp", "pp", "placement", "optimizer", "quant")
 SHAPE_DIMS = ("tp", "pp", "micro_batch", "seq_len")
 LAYER_DIMS = ("tp", "micro_batch", "seq_len")
 SAVINGS = {Recompute.NONE.value: 0, Recompute.SELECTIVE.value: 1, Recompute.FULL.value: 2}
-NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "activations/attention_mask")
+NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "activations/layer_kwargs")
 
 
 @dataclass(frozen=True)
@@ -196,26 +196,29 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
             return None
         counting = act.counting_for(cfg)
         for c, i in first.items():
-            gpu, secs, work = {}, {}, {}
+            gpu, secs, work, held = {}, {}, {}, {}
             for m in modes:
                 mode = Recompute(m)
                 gpu[m] = act.layer_micro_bytes(ctx, i, mode)
                 secs[m] = recompute_seconds(setting, cfg, arch.layers[i].params, mode)
-                work[m] = (act.workspace_bytes(ctx, mode, {i}) + act.attention_mask_bytes(ctx, {i}, counting)
-                           if mode is not Recompute.NONE else 0)
-            per_class[(c, *key)] = (gpu, secs, work)
+                recomputed = mode is not Recompute.NONE
+                work[m] = act.workspace_bytes(ctx, mode, {i}) if recomputed else 0
+                held[m] = act.layer_kwargs_bytes(ctx, {i}, counting) if recomputed else 0
+            per_class[(c, *key)] = (gpu, secs, work, held)
     gpu_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
     sec_t: list[dict[str, dict[tuple, float]]] = [{m: {} for m in modes} for _ in arch.layers]
     work_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
+    held_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
     for key in product(*(dims[d] for d in shape_dims)):
         for i, c in enumerate(classes):
-            gpu, secs, work = per_class[(c, *key)]
+            gpu, secs, work, held = per_class[(c, *key)]
             for m in modes:
                 gpu_t[i][m][key] = gpu[m]
                 sec_t[i][m][key] = secs[m]
                 work_t[i][m][key] = work[m]
+                held_t[i][m][key] = held[m]
     return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu_t, seconds=sec_t, workspace=work_t,
-                      classes=classes, savings_rank={m: SAVINGS[m] for m in modes})
+                      flight_workspace=held_t, classes=classes, savings_rank={m: SAVINGS[m] for m in modes})
 
 
 def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer_params: int, mode: Recompute) -> float:
