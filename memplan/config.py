@@ -7,7 +7,7 @@ read by the pure memory functions. Invalid combinations raise MemplanError with 
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -91,7 +91,10 @@ class LoraConfig(Strict):
     targets: tuple[str, ...] = ("q", "k", "v", "o")
     """Abstract projections (q,k,v,o,gate,up,down), or ("all-linear",)."""
     dora: bool = False
-    dtype: Dtype = Dtype.BF16
+    dtype: Dtype = Dtype.FP32
+    """Adapter dtype. peft keeps adapters of a 16-bit model in fp32 by default
+    (``autocast_adapter_dtype=True``); QLoRA's reference script casts them to bf16, so a ``qlora``
+    job that does not name a dtype gets bf16 (see ``JobConfig._adapter_dtype``)."""
     paged_optimizer: bool = False
     """bitsandbytes paged optimizer (QLoRA, Dettmers et al. 2023, Sec. 3): states live in CUDA unified
     memory and are evicted to CPU RAM only under memory pressure. False: count them on the GPU (no
@@ -200,6 +203,18 @@ class JobConfig(Strict):
         if self.attention is not None:
             return self.attention
         return "flash" if self.flash_attention else "eager"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_dtype(cls, data: Any) -> Any:
+        """QLoRA's adapters default to bf16 (Dettmers et al. 2023, qlora.py), plain LoRA's to fp32 (peft)."""
+        if isinstance(data, dict) and str(data.get("job", "")) in ("qlora", "Job.QLORA"):
+            lora = data.get("lora")
+            if lora is None or (isinstance(lora, dict) and "dtype" not in lora):
+                data = {**data, "lora": {**(lora or {}), "dtype": Dtype.BF16}}
+            elif isinstance(lora, LoraConfig) and "dtype" not in lora.model_fields_set:
+                data = {**data, "lora": lora.model_copy(update={"dtype": Dtype.BF16})}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> JobConfig:

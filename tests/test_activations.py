@@ -215,7 +215,7 @@ def test_gemma2_soft_capping_and_four_norms() -> None:
 def test_lora_frozen_weights_save_no_inputs() -> None:
     d, f, r, s = 4096, 14336, 16, 4096
     full = act.layer_micro_bytes(ctx_for(llama_spec()), 0, Recompute.NONE)
-    lora = LoraConfig(rank=r, targets=("q", "v"))  # bf16 adapters read the base input itself
+    lora = LoraConfig(rank=r, targets=("q", "v"), dtype=Dtype.BF16)  # bf16 adapters read the base input itself
     shared = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.LORA, lora=lora), 0, Recompute.NONE)
     # frozen norm weights: no normalized casts (2·2D); frozen gate/up/down: no MLP input (2D), no product (2F);
     # two adapters add their r-wide lora_A outputs

@@ -161,15 +161,18 @@ def test_adapter_states_follow_peft_and_trainer_defaults() -> None:
     bf16 adapters: bf16 states (zeros_like), unless QLoRA's paged_adamw_32bit (fp32) or an explicit master."""
     fp32 = JobConfig(job=Job.LORA, lora=LoraConfig(dtype=Dtype.FP32))
     assert peft.adapter_state_dtype(fp32) is Dtype.FP32 and not peft.adapter_master_weights(fp32)
-    assert peft.adapter_state_dtype(JobConfig(job=Job.LORA)) is Dtype.BF16
+    assert JobConfig(job=Job.LORA).lora.dtype is Dtype.FP32, "LoRA adapters default to peft's fp32"
+    assert JobConfig(job=Job.QLORA).lora.dtype is Dtype.BF16, "QLoRA adapters default to bf16 (qlora.py)"
+    assert peft.adapter_state_dtype(JobConfig(job=Job.LORA, lora=LoraConfig(dtype=Dtype.BF16))) is Dtype.BF16
     assert peft.adapter_state_dtype(JobConfig(job=Job.QLORA)) is Dtype.FP32
-    master = JobConfig(job=Job.LORA, master_weights=True)
+    master = JobConfig(job=Job.LORA, master_weights=True, lora=LoraConfig(dtype=Dtype.BF16))
     assert peft.adapter_master_weights(master) and peft.adapter_state_dtype(master) is Dtype.FP32
 
 
 def test_adapter_buffers_bytes_and_paging() -> None:
     """TINY, r=16 on q,k,v,o: 2 × 16·(128+96+96+128) = 14,336 params; bf16 weights and grads 28,672 B each."""
-    ctx = lora_ctx(job=Job.LORA, optimizer=OptimizerKind.ADAMW_8BIT, lora=LoraConfig(paged_optimizer=True))
+    ctx = lora_ctx(job=Job.LORA, optimizer=OptimizerKind.ADAMW_8BIT,
+                   lora=LoraConfig(paged_optimizer=True, dtype=Dtype.BF16))
     bufs = {b.component: b for b in peft.adapter_buffers(ctx)}
     assert bufs["weights/lora_adapters"].nbytes == bufs["gradients/lora_adapters"].nbytes == 28_672
     assert bufs["optimizer/adam8bit_states"].tier is Tier.CPU

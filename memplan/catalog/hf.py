@@ -217,13 +217,19 @@ def spec_from_hf_config(cfg: dict[str, Any], *, name: str, source: str) -> Model
 
 
 def _config_path(path: Path) -> Path:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise MemplanError(f"config file {path} does not exist.") from None
+    except (OSError, ValueError) as exc:  # a name too long, a symlink loop, a file used as a directory
+        raise MemplanError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}.") from None
     if path.is_dir():
         found = path / "config.json"
         if not found.is_file():
             raise MemplanError(f"directory {path} has no config.json.")
         return found
-    if not path.is_file():
-        raise MemplanError(f"config file {path} does not exist.")
+    if not path.is_file():  # it exists (stat succeeded): a FIFO, a socket, a device
+        raise MemplanError(f"{path} is not a regular file; give a config.json or the directory holding it.")
     return path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from memplan.catalog.hf import load_config_file, read_config_json, spec_from_hf_config
 from memplan.catalog.schema import Family, ModelSpec
-from memplan.catalog.store import MODELS_DIR, catalog_model, model_names
+from memplan.catalog.store import catalog_model, model_names
 from memplan.errors import MemplanError, did_you_mean
 from memplan.units import parse_count
 
@@ -65,6 +65,14 @@ def _looks_like_path(text: str) -> bool:
     return text.endswith(".json") or "/" in text or "\\" in text or text.startswith(".")
 
 
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a name the OS cannot even look up (too long, say)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(text: str) -> ModelSpec:
     """The ModelSpec that ``text`` names: ``params:7.5B``, ``hf:org/name``, a catalog name, or a path."""
     stripped = text.strip()
@@ -76,10 +84,10 @@ def load_model(text: str) -> ModelSpec:
     if lowered.startswith(HUB_PREFIX):
         return hub_model(stripped[len(HUB_PREFIX):])
     path_like = _looks_like_path(stripped)
-    if not path_like and (MODELS_DIR / f"{lowered}.yaml").is_file():
+    if not path_like and lowered in model_names():
         return catalog_model(stripped)
     path = Path(stripped).expanduser()
-    if path_like or path.exists():
+    if path_like or _exists(path):
         return load_config_file(path)
     raise MemplanError(
         f"unknown model {text!r}.{did_you_mean(stripped, model_names())} Give a catalog name ('memplan models'), "

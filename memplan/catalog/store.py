@@ -72,7 +72,7 @@ def _gpu_aliases() -> dict[str, str]:
 def catalog_model(name: str) -> ModelSpec:
     """The catalog model called ``name`` (case-insensitive)."""
     path = MODELS_DIR / f"{name.lower()}.yaml"
-    if not path.is_file():
+    if name.lower() not in model_names():  # not path.is_file(): no '../' or over-long names reach the disk
         raise MemplanError(f"unknown model {name!r}.{did_you_mean(name, model_names())} "
                            "Run 'memplan models' for the catalog, or pass a config.json path or params:7B.")
     return read_entry(path, ModelSpec)
@@ -82,7 +82,7 @@ def catalog_gpu(name: str) -> GpuSpec:
     """The catalog GPU called ``name`` or one of its aliases (case-insensitive)."""
     key = name.lower().strip()
     path = GPUS_DIR / f"{key}.yaml"
-    if not path.is_file():
+    if key not in gpu_names():  # not path.is_file(): no '../' or over-long names reach the disk
         stem = _gpu_aliases().get(key)
         if stem is None:
             choices = gpu_names() + sorted(_gpu_aliases())

@@ -141,12 +141,18 @@ def estimate(
     recompute: o.Recompute = "none",
     recompute_layers: o.RecomputeLayers = None,
     flash_attention: o.Flash = True,
+    attention: o.Attention = None,
+    dropout: o.Dropout = False,
+    loss_fp32: o.LossFp32 = True,
+    activation_accounting: o.ActAccounting = "autograd",
     cuda_context: o.CudaContext = None,
     allocator_reserve: o.AllocReserve = None,
     lora_rank: o.LoraRank = 16,
     lora_alpha: o.LoraAlpha = 32.0,
     lora_targets: o.LoraTargets = "q,k,v,o",
+    lora_dtype: o.LoraDtype = None,
     dora: o.Dora = False,
+    paged_optimizer: o.PagedOptimizer = False,
     galore_rank: o.GaloreRank = 128,
     galore_8bit: o.Galore8 = False,
     context: o.Context = 4096,
@@ -265,7 +271,7 @@ def plan(
     """The fastest (or smallest, cheapest...) configuration that fits, chosen by an ILP; exit 1 when none fits."""
     from memplan.planner.plan import PlanRequest
     from memplan.planner.plan import plan as run_plan
-    from memplan.planner.space import Objective, SearchSpace
+    from memplan.planner.space import Objective
 
     o.check_format(fmt, ("table", "json", "csv"))
     if top < 1:
@@ -285,7 +291,7 @@ def plan(
                      allocator_reserve=allocator_reserve, lora_rank=lora_rank, lora_targets=lora_targets,
                      galore_rank=galore_rank, galore_8bit=galore_8bit, batch=(int_list(batch, "--batch") or (1,))[0],
                      context=(int_list(context, "--context") or (4096,))[0], kv_dtype=(str_list(kv_dtype) or (None,))[0])
-    space = SearchSpace.model_validate({
+    space = search_space({
         "tp": int_list(tp, "--tp"), "pp": int_list(pp, "--pp"), "zero": int_list(zero, "--zero", minimum=0),
         "offload_optimizer": str_list(offload_optimizer), "offload_params": str_list(offload_params),
         "micro_batch": int_list(batch, "--batch") if job != "infer" else None,
@@ -308,6 +314,21 @@ def plan(
 
 def _none(text: str) -> str | None:
     return None if text.lower() in ("none", "bf16", "fp16", "16bit") else text
+
+
+def search_space(data: dict[str, Any]) -> Any:
+    """A validated SearchSpace from the plan options; an error names the field (ZeRO stages above 3 too)."""
+    from pydantic import ValidationError
+
+    from memplan.catalog.store import format_validation_error
+    from memplan.planner.space import SearchSpace
+
+    if any(z > 3 for z in data.get("zero") or ()):
+        raise MemplanError(f"--zero: ZeRO stages are 0, 1, 2 and 3, got {','.join(map(str, data['zero']))}.")
+    try:
+        return SearchSpace.model_validate(data)
+    except ValidationError as exc:
+        raise MemplanError(f"invalid search space: {format_validation_error(exc)}.") from None
 
 
 def make_base(**kw: Any) -> Any:

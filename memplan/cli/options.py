@@ -42,6 +42,12 @@ Sp = Annotated[bool, typer.Option("--sequence-parallel/--no-sequence-parallel", 
 Recompute = Annotated[str, typer.Option("--recompute", help="Activation recomputation: none, selective, full.", rich_help_panel=M)]
 RecomputeLayers = Annotated[int | None, typer.Option("--recompute-layers", help="Checkpoint only this many layers.", rich_help_panel=M)]
 Flash = Annotated[bool, typer.Option("--flash-attention/--no-flash-attention", help="Flash/SDPA attention (no s² scores).", rich_help_panel=M)]
+Attention = Annotated[str | None, typer.Option("--attention", help="Attention kernel: flash, sdpa or eager (default: flash).", rich_help_panel=M)]
+Dropout = Annotated[bool, typer.Option("--dropout/--no-dropout", help="Dropout on at every site the model has (masks are saved).", rich_help_panel=M)]
+LossFp32 = Annotated[bool, typer.Option("--loss-fp32/--no-loss-fp32", help="Upcast logits to fp32 for the loss (Hugging Face does).", rich_help_panel=M)]
+ActAccounting = Annotated[str, typer.Option("--activation-accounting", help="autograd (what PyTorch saves) or paper (Korthikanti et al. 2022).", rich_help_panel=M)]
+PagedOptimizer = Annotated[bool, typer.Option("--paged-optimizer/--no-paged-optimizer", help="bitsandbytes paged optimizer states counted in CPU RAM.", rich_help_panel=F)]
+LoraDtype = Annotated[str | None, typer.Option("--lora-dtype", help="Adapter dtype (default: fp32 for LoRA as peft does, bf16 for QLoRA).", rich_help_panel=F)]
 CudaContext = Annotated[str | None, typer.Option("--cuda-context", help="CUDA context size, e.g. 512MiB.", rich_help_panel=M)]
 AllocReserve = Annotated[float | None, typer.Option("--allocator-reserve", help="Allocator reserve, % of allocated bytes.", rich_help_panel=M)]
 LoraRank = Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.", rich_help_panel=F)]
@@ -84,10 +90,13 @@ def job_overrides(**kw: Any) -> dict[str, Any]:
         "tp": kw["tp"], "pp": kw["pp"], "ep": kw["ep"], "micro_batch": kw["batch"], "seq_len": kw["seq_len"],
         "recompute": kw["recompute"], "recompute_layers": kw["recompute_layers"],
         "flash_attention": kw["flash_attention"], "sequence_parallel": kw["sequence_parallel"],
+        "attention": kw.get("attention"), "dropout": kw.get("dropout", False), "loss_fp32": kw.get("loss_fp32", True),
+        "activation_accounting": kw.get("activation_accounting", "autograd"),
         "cuda_context_bytes": size_or_none(kw["cuda_context"], "--cuda-context"),
         "allocator_reserve_pct": kw["allocator_reserve"],
         "lora": {"rank": kw["lora_rank"], "alpha": kw["lora_alpha"], "targets": lora_targets(kw["lora_targets"]),
-                 "dora": kw["dora"]},
+                 "dora": kw["dora"], "paged_optimizer": kw.get("paged_optimizer", False),
+                 **({"dtype": kw["lora_dtype"]} if kw.get("lora_dtype") else {})},
         "galore": {"rank": kw["galore_rank"], "eight_bit": kw["galore_8bit"]},
         "infer": {"context": kw["context"], "kv_dtype": kw["kv_dtype"], "paged": kw["paged"],
                   "block_size": kw["block_size"]},

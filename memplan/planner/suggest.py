@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from memplan.catalog.store import all_gpus
-from memplan.config import Job, Offload, OptimizerKind
+from memplan.config import Job, JobConfig, Offload, OptimizerKind
 from memplan.errors import MemplanError
 from memplan.estimate import estimate
 from memplan.memory.breakdown import Tier
@@ -99,8 +99,11 @@ def with_space(req: Any, label: str, flags: str, **space: Any) -> dict[str, Any]
 
 
 def with_base(req: Any, label: str, flags: str, **base: Any) -> dict[str, Any] | None:
+    data = {**req.base.model_dump(), **base}
+    if "job" in base:  # let the new job pick its own adapter dtype default
+        data["lora"] = {k: v for k, v in data["lora"].items() if k != "dtype"}
     try:
-        new = req.base.model_copy(update=base)
+        new = JobConfig.model_validate(data)
     except ValueError:
         return None
     best = _fits(replace(req, base=new))

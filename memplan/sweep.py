@@ -1,0 +1,276 @@
+"""``memplan sweep``: a grid of models × GPUs × jobs × sizes, each point estimated exactly.
+
+Every grid point is one configuration (one CSV row). The fit matrix (rows models, columns GPUs)
+holds one number per cell: the largest micro-batch (``max-batch``) or sequence length / context
+(``max-context``) that fits, found by exact re-estimation, or, for ``fits``, the largest swept
+batch that fits; 0 when nothing fits. Large grids are spread over worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import cache
+from itertools import product
+from typing import Any, Literal
+
+from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
+from memplan.config import Job, JobConfig
+from memplan.errors import MemplanError
+from memplan.estimate import Estimate, estimate
+from memplan.memory.breakdown import Tier
+from memplan.search import MAX_BATCH, MAX_CONTEXT_TOKENS, with_size
+from memplan.units import parse_fraction_or_size
+
+Metric = Literal["max-batch", "max-context", "fits"]
+METRIC_COLUMN = {"max-batch": "max_batch", "max-context": "max_context", "fits": "max_fitting_batch"}
+PROCESS_THRESHOLD = 64
+"""Grids with at least this many cells are spread over processes (smaller ones are not worth the start-up)."""
+CHUNKS_PER_WORKER = 8
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The grid: every axis is a tuple of values; ``base`` holds the fixed choices (dtype, ZeRO, LoRA...)."""
+
+    models: tuple[str, ...]
+    gpus: tuple[str, ...]
+    jobs: tuple[Job, ...]
+    seq_lens: tuple[int, ...] = (2048,)
+    contexts: tuple[int, ...] = (4096,)
+    batches: tuple[int, ...] = (1,)
+    gpu_counts: tuple[int, ...] = (1,)
+    gpus_per_node: int = 8
+    metric: Metric = "max-batch"
+    base: JobConfig = field(default_factory=JobConfig)
+    host: HostSpec = field(default_factory=HostSpec)
+    min_headroom: str = "0B"
+
+    def sizes(self, job: Job) -> tuple[int, ...]:
+        """Sequence lengths (training) or contexts (inference) of ``job``."""
+        return self.contexts if job is Job.INFER else self.seq_lens
+
+    def layout(self, count: int) -> tuple[int, int]:
+        """(GPUs per node, nodes) for ``count`` GPUs."""
+        if count <= self.gpus_per_node:
+            return count, 1
+        if count % self.gpus_per_node:
+            raise MemplanError(f"--gpu-counts: {count} GPUs is not a whole number of {self.gpus_per_node}-GPU nodes.")
+        return self.gpus_per_node, count // self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One matrix cell's scenario; the metric's own axis (batch or size) is left free."""
+
+    model: str
+    gpu: str
+    job: Job
+    gpus: int
+    size: int | None
+    """Sequence length / context (None when the metric searches it)."""
+    batch: int | None
+    """Micro-batch / concurrency (None when the metric searches it)."""
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    value: int | None
+    """The metric (0: nothing fits); None when the configuration is invalid."""
+    records: list[dict[str, Any]]
+    estimates: int = 0
+    error: str = ""
+
+
+@dataclass
+class SweepResult:
+    spec: SweepSpec
+    cells: list[CellResult]
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [r for c in self.cells for r in c.records]
+
+    @property
+    def estimates(self) -> int:
+        return sum(c.estimates for c in self.cells)
+
+
+def cells(spec: SweepSpec) -> list[Cell]:
+    """Every cell of the grid, models outermost (so one worker keeps reading the same model)."""
+    out = []
+    for model, job, gpu, count in product(spec.models, spec.jobs, spec.gpus, spec.gpu_counts):
+        if spec.metric == "max-context":
+            out += [Cell(model, gpu, job, count, None, b) for b in spec.batches]
+        else:
+            out += [Cell(model, gpu, job, count, s, None) for s in spec.sizes(job)]
+    return out
+
+
+@cache
+def _model(name: str) -> ModelSpec:
+    from memplan.catalog.resolve import load_model
+
+    return load_model(name)
+
+
+@cache
+def _gpu(name: str) -> GpuSpec:
+    from memplan.catalog.store import catalog_gpu
+
+    return catalog_gpu(name)
+
+
+def largest_ok(slack_at: Callable[[int], int], *, hi: int) -> int:
+    """The largest v in [1, hi] with ``slack_at(v) >= 0``, or 0 when even 1 fails.
+
+    ``slack_at`` (free bytes, negative when over) must not increase with v. Memory is nearly
+    affine in the batch and (with flash attention) in the sequence, so the secant through the last
+    two points predicts the crossing: about four exact evaluations per search instead of the
+    2·log2(hi) of a bisection. Inside the bracket, regula falsi with the Illinois correction
+    (Dowell & Jarratt 1971) handles curvature, and a step that does not halve the bracket is
+    followed by a bisection, so the worst case stays logarithmic.
+    """
+    s_lo = slack_at(1)
+    if s_lo < 0:
+        return 0
+    lo, bad, s_bad, v = 1, 0, 0, min(2, hi)
+    while not bad:
+        if v <= lo:
+            return lo
+        s = slack_at(v)
+        if s < 0:
+            bad, s_bad = v, s
+            break
+        used = s_lo - s
+        nxt = v + (s * (v - lo)) // used + 1 if used > 0 else 2 * v
+        lo, s_lo, v = v, s, min(max(nxt, v + 1), hi)
+    last, slow = 0, False
+    while bad - lo > 1:
+        width = bad - lo
+        if slow:
+            mid = (lo + bad) // 2
+        else:
+            mid = min(max(lo + (s_lo * width) // (s_lo - s_bad), lo + 1), bad - 1)
+        s = slack_at(mid)
+        if s >= 0:
+            lo, s_lo, s_bad = mid, s, s_bad // 2 if last > 0 else s_bad
+            last = 1
+        else:
+            bad, s_bad, s_lo = mid, s, s_lo // 2 if last < 0 else s_lo
+            last = -1
+        slow = not slow and 2 * (bad - lo) > width
+    return lo
+
+
+class _Evaluator:
+    """Exact estimates of one cell, memoized by the free axis' value."""
+
+    def __init__(self, spec: SweepSpec, cell: Cell) -> None:
+        gpn, nodes = spec.layout(cell.gpus)
+        self.spec, self.cell = spec, cell
+        self.model, self.gpu = _model(cell.model), _gpu(cell.gpu)
+        cfg = spec.base.model_copy(update={"job": cell.job, "gpus_per_node": gpn, "nodes": nodes})
+        if cell.size is not None:
+            cfg = with_size(cfg, "context", cell.size)
+        if cell.batch is not None:
+            cfg = with_size(cfg, "micro_batch", cell.batch)
+        self.cfg = cfg
+        self.free = "micro_batch" if cell.batch is None else "context"
+        self.required = parse_fraction_or_size(spec.min_headroom, total=self.gpu.memory_bytes, field="--min-headroom")
+        self.memo: dict[int, Estimate] = {}
+
+    def at(self, value: int) -> Estimate:
+        if value not in self.memo:
+            cfg = with_size(self.cfg, self.free, value)  # type: ignore[arg-type]
+            self.memo[value] = estimate(self.model, self.gpu, cfg, host=self.spec.host)
+        return self.memo[value]
+
+    def slack(self, value: int) -> int:
+        est = self.at(value)
+        return min(est.headroom_bytes, est.headroom(Tier.GPU) - self.required)
+
+
+def evaluate(spec: SweepSpec, cell: Cell) -> CellResult:
+    """The metric of one cell and one CSV record per swept value of its free axis."""
+    from memplan.report.csv_out import estimate_record
+
+    column = METRIC_COLUMN[spec.metric]
+    try:
+        ev = _Evaluator(spec, cell)
+        rows = spec.batches if ev.free == "micro_batch" else spec.sizes(cell.job)
+        if spec.metric == "fits":
+            value = max((b for b in rows if ev.slack(b) >= 0), default=0)
+        else:
+            value = largest_ok(ev.slack, hi=MAX_BATCH if ev.free == "micro_batch" else MAX_CONTEXT_TOKENS)
+        records = []
+        for v in rows:
+            est = ev.at(v)
+            records.append({**estimate_record(est), "ok": ev.slack(v) >= 0, "required_headroom_bytes": ev.required,
+                            "not_modelled": ",".join(est.not_modelled), column: value, "error": ""})
+        return CellResult(cell, value, records, len(ev.memo))
+    except MemplanError as exc:
+        return CellResult(cell, None, [error_record(spec, cell, column, str(exc))], error=str(exc))
+
+
+def error_record(spec: SweepSpec, cell: Cell, column: str, message: str) -> dict[str, Any]:
+    """The CSV record of an invalid cell, with the columns ``estimate_record`` names the same way."""
+    gpn, nodes = spec.layout(cell.gpus)
+    size_key = "infer_context" if cell.job is Job.INFER else "seq_len"
+    return {"model": cell.model, "gpu": cell.gpu, "gpus_per_node": gpn, "nodes": nodes, "job": cell.job.value,
+            "micro_batch": cell.batch, size_key: cell.size, column: None, "error": message}
+
+
+def validate(spec: SweepSpec) -> None:
+    """Fail fast on names and values that would make every cell an error (exit 2 in the CLI)."""
+    for name in spec.models:
+        _model(name)
+    for name in spec.gpus:
+        _gpu(name)
+    for count in spec.gpu_counts:
+        spec.layout(count)
+    for gpu in spec.gpus:
+        parse_fraction_or_size(spec.min_headroom, total=_gpu(gpu).memory_bytes, field="--min-headroom")
+
+
+def _evaluate_chunk(spec: SweepSpec, chunk: list[Cell]) -> list[CellResult]:
+    return [evaluate(spec, c) for c in chunk]
+
+
+def chunked(items: list[Cell], size: int) -> Iterator[list[Cell]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def run(spec: SweepSpec, *, workers: int | None = None, progress: Callable[[int], None] | None = None) -> SweepResult:
+    """Evaluate every cell (in worker processes for large grids); ``progress(n)`` after each n cells."""
+    todo = cells(spec)
+    workers = default_workers() if workers is None else workers
+    if workers <= 1 or len(todo) < PROCESS_THRESHOLD:
+        results = []
+        for c in todo:
+            results.append(evaluate(spec, c))
+            if progress:
+                progress(1)
+        return SweepResult(spec, results)
+    size = max(1, len(todo) // (workers * CHUNKS_PER_WORKER))
+    import multiprocessing
+
+    done: dict[int, list[CellResult]] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_evaluate_chunk, spec, chunk): i for i, chunk in enumerate(chunked(todo, size))}
+        for fut in as_completed(futures):
+            done[futures[fut]] = fut.result()
+            if progress:
+                progress(len(done[futures[fut]]))
+    return SweepResult(spec, [r for i in sorted(done) for r in done[i]])
