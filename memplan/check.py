@@ -16,7 +16,7 @@ from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.errors import MemplanError
 from memplan.estimate import Estimate, estimate
 from memplan.memory.breakdown import Tier
-from memplan.recipe import LoadedRecipe, load_recipe
+from memplan.recipe_load import LoadedRecipe, load_recipe
 from memplan.units import GiB, MiB
 
 Status = Literal["fits", "does_not_fit", "error"]
@@ -104,6 +104,15 @@ def verdict(loaded: LoadedRecipe, tiers: list[TierCheck]) -> tuple[Status, str]:
     return "fits", f"fits: {gib(gpu.total)} of {gib(gpu.capacity)} ({gpu.headroom_pct:.1f}% headroom)"
 
 
+def judged(loaded: LoadedRecipe, est: Estimate, outcome: Outcome) -> None:
+    """Fill ``outcome`` from ``est``: tiers, status and reason (naming what the estimate leaves out)."""
+    outcome.estimate = est
+    outcome.tiers = tier_checks(loaded, est)
+    outcome.status, outcome.reason = verdict(loaded, outcome.tiers)
+    if est.not_modelled:
+        outcome.reason += f" [not modelled: {', '.join(est.not_modelled)}]"
+
+
 def reduced(loaded: LoadedRecipe) -> tuple[GpuSpec, HostSpec]:
     """The GPU and host with the required headroom taken off their capacities (GPU in whole MiB, rounded down)."""
     gpu, host, recipe = loaded.gpu, loaded.host, loaded.recipe
@@ -154,9 +163,7 @@ def run_plan(loaded: LoadedRecipe, outcome: Outcome, *, time_limit_s: float) -> 
         outcome.plan, outcome.reason = infeasible_reason(loaded, time_limit_s=time_limit_s)
         outcome.status = "does_not_fit"
         return
-    outcome.estimate = estimate(loaded.model, loaded.gpu, result.best.config, host=loaded.host)
-    outcome.tiers = tier_checks(loaded, outcome.estimate)
-    outcome.status, outcome.reason = verdict(loaded, outcome.tiers)
+    judged(loaded, estimate(loaded.model, loaded.gpu, result.best.config, host=loaded.host), outcome)
 
 
 def check_recipe(path: str | Path, *, overrides: dict[str, Any] | None = None, time_limit_s: float = 30.0) -> Outcome:
@@ -171,9 +178,7 @@ def check_recipe(path: str | Path, *, overrides: dict[str, Any] | None = None, t
         if loaded.recipe.planned:
             run_plan(loaded, outcome, time_limit_s=time_limit_s)
         else:
-            outcome.estimate = estimate(loaded.model, loaded.gpu, loaded.config, host=loaded.host)
-            outcome.tiers = tier_checks(loaded, outcome.estimate)
-            outcome.status, outcome.reason = verdict(loaded, outcome.tiers)
+            judged(loaded, estimate(loaded.model, loaded.gpu, loaded.config, host=loaded.host), outcome)
     except MemplanError as exc:
         message = str(exc)
         outcome.status = "error"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +92,8 @@ def estimate(
     """
     from memplan.catalog.resolve import load_model
 
+    _check_types(model=(model, (str, ModelSpec)), gpu=(gpu, (str, GpuSpec)), config=(config, (JobConfig, type(None))),
+                 host=(host, (HostSpec, type(None))))
     spec = load_model(model) if isinstance(model, str) else model
     gpu_spec = catalog_gpu(gpu) if isinstance(gpu, str) else gpu
     cfg = make_config(config, **overrides)
@@ -97,3 +101,23 @@ def estimate(
     ctx = Context(arch=arch, cfg=cfg, gpu=gpu_spec, host=host or HostSpec())
     rows, missing, stage = components.all_rows(ctx)
     return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage)
+
+
+def _check_types(**args: tuple[Any, tuple[type, ...]]) -> None:
+    """A MemplanError naming the first argument whose type is not one of those allowed."""
+    for name, (value, allowed) in args.items():
+        if not isinstance(value, allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise MemplanError(f"estimate(): {name} must be a {names}, got {type(value).__name__}.")
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as ``estimate``. Importing ``memplan.estimate`` makes the package attribute
+    ``memplan.estimate`` this module, so a later ``from memplan import estimate`` gets the module, not
+    the function; calling it must still estimate."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Estimate:
+        return estimate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

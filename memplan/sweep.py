@@ -21,14 +21,17 @@ from memplan.config import Job, JobConfig
 from memplan.errors import MemplanError
 from memplan.estimate import Estimate, estimate
 from memplan.memory.breakdown import Tier
+from memplan.recipe import Metric, SweepBlock
+from memplan.recipe_load import LoadedRecipe
 from memplan.search import MAX_BATCH, MAX_CONTEXT_TOKENS, with_size
 from memplan.units import parse_fraction_or_size
 
-Metric = Literal["max-batch", "max-context", "fits"]
 METRIC_COLUMN = {"max-batch": "max_batch", "max-context": "max_context", "fits": "max_fitting_batch"}
 PROCESS_THRESHOLD = 64
 """Grids with at least this many cells are spread over processes (smaller ones are not worth the start-up)."""
 CHUNKS_PER_WORKER = 8
+DEFAULT_GPUS_PER_NODE = 8
+"""GPU counts above this split into nodes of 8 (DGX/HGX servers) unless told otherwise."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,9 @@ class SweepSpec:
     contexts: tuple[int, ...] = (4096,)
     batches: tuple[int, ...] = (1,)
     gpu_counts: tuple[int, ...] = (1,)
-    gpus_per_node: int = 8
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE
+    tp: int | Literal["node"] | None = None
+    """Tensor-parallel degree of every cell; ``node``: the GPUs of a node; None: the base config's."""
     metric: Metric = "max-batch"
     base: JobConfig = field(default_factory=JobConfig)
     host: HostSpec = field(default_factory=HostSpec)
@@ -99,6 +104,20 @@ class SweepResult:
         return sum(c.estimates for c in self.cells)
 
 
+def spec_from_recipe(loaded: LoadedRecipe) -> SweepSpec:
+    """The grid of a recipe's ``sweep:`` block; axes it leaves out take the recipe's own values."""
+    recipe, base = loaded.recipe, loaded.config
+    block = recipe.sweep or SweepBlock()
+    hw = recipe.hardware
+    return SweepSpec(
+        models=block.models or (recipe.model,), gpus=block.gpus or (hw.gpu,), jobs=block.jobs or (base.job,),
+        seq_lens=block.seq_lens or (base.seq_len,), contexts=block.contexts or (base.infer.context,),
+        batches=block.batches or (base.micro_batch,), gpu_counts=block.gpu_counts or (base.world_size,),
+        gpus_per_node=block.gpus_per_node or (hw.gpus_per_node if hw.gpus_per_node > 1 else DEFAULT_GPUS_PER_NODE),
+        tp=block.tp, metric=block.metric, base=base, host=loaded.host, min_headroom=recipe.headroom_for(Tier.GPU) or "0B",
+    )
+
+
 def cells(spec: SweepSpec) -> list[Cell]:
     """Every cell of the grid, models outermost (so one worker keeps reading the same model)."""
     out = []
@@ -151,10 +170,8 @@ def largest_ok(slack_at: Callable[[int], int], *, hi: int) -> int:
     last, slow = 0, False
     while bad - lo > 1:
         width = bad - lo
-        if slow:
-            mid = (lo + bad) // 2
-        else:
-            mid = min(max(lo + (s_lo * width) // (s_lo - s_bad), lo + 1), bad - 1)
+        secant = min(max(lo + (s_lo * width) // (s_lo - s_bad), lo + 1), bad - 1)
+        mid = (lo + bad) // 2 if slow else secant
         s = slack_at(mid)
         if s >= 0:
             lo, s_lo, s_bad = mid, s, s_bad // 2 if last > 0 else s_bad
@@ -173,7 +190,10 @@ class _Evaluator:
         gpn, nodes = spec.layout(cell.gpus)
         self.spec, self.cell = spec, cell
         self.model, self.gpu = _model(cell.model), _gpu(cell.gpu)
-        cfg = spec.base.model_copy(update={"job": cell.job, "gpus_per_node": gpn, "nodes": nodes})
+        update: dict[str, Any] = {"job": cell.job, "gpus_per_node": gpn, "nodes": nodes}
+        if spec.tp is not None:
+            update["tp"] = gpn if spec.tp == "node" else spec.tp
+        cfg = spec.base.model_copy(update=update)
         if cell.size is not None:
             cfg = with_size(cfg, "context", cell.size)
         if cell.batch is not None:

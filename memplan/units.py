@@ -98,7 +98,7 @@ def parse_fraction_or_size(text: str, *, total: int, field: str) -> int:
             pct = Decimal(stripped[:-1])
         except InvalidOperation:
             raise MemplanError(f"{field}: cannot read {text!r} as a percentage.") from None
-        if pct < 0 or pct > 100:
+        if not pct.is_finite() or pct < 0 or pct > 100:
             raise MemplanError(f"{field}: percentage must be between 0% and 100%, got {text!r}.")
         return int((pct * total / 100).to_integral_value(rounding="ROUND_CEILING"))
     return parse_size(stripped, field=field)

@@ -75,6 +75,9 @@ def _exists(path: Path) -> bool:
 
 def load_model(text: str) -> ModelSpec:
     """The ModelSpec that ``text`` names: ``params:7.5B``, ``hf:org/name``, a catalog name, or a path."""
+    if not isinstance(text, str):
+        raise MemplanError(f"model: expected a name, a config.json path, hf:org/name or params:7.5B, "
+                           f"got a {type(text).__name__}.")
     stripped = text.strip()
     if not stripped:
         raise MemplanError("no model given; write a catalog name, a config.json path, hf:org/name or params:7.5B.")

@@ -31,8 +31,8 @@ def read_entry(path: Path, schema: type[T]) -> T:
     """Load and validate one catalog file; errors name the file and the field."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise MemplanError(f"cannot read catalog file {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise MemplanError(f"cannot read catalog file {path}: {yaml_error_sentence(exc)}.") from None
     if not isinstance(data, dict):
         raise MemplanError(f"catalog file {path} must hold a mapping of fields.")
     data.setdefault("name", path.stem)
@@ -40,6 +40,14 @@ def read_entry(path: Path, schema: type[T]) -> T:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise MemplanError(f"catalog file {path}: {format_validation_error(exc)}") from None
+
+
+def yaml_error_sentence(exc: Exception) -> str:
+    """A YAML (or OS) error on one line: the problem and where it is, without PyYAML's source excerpt."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}".rstrip(".")
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -80,6 +88,8 @@ def catalog_model(name: str) -> ModelSpec:
 
 def catalog_gpu(name: str) -> GpuSpec:
     """The catalog GPU called ``name`` or one of its aliases (case-insensitive)."""
+    if not isinstance(name, str):
+        raise MemplanError(f"gpu: expected a catalog name such as 'h100-sxm-80gb', got a {type(name).__name__}.")
     key = name.lower().strip()
     path = GPUS_DIR / f"{key}.yaml"
     if key not in gpu_names():  # not path.is_file(): no '../' or over-long names reach the disk

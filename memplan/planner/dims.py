@@ -14,7 +14,7 @@ from memplan.planner.space import (
     powers_of_two,
 )
 
-MAX_MICRO_BATCH = 16
+MAX_MICRO_BATCH = 4
 MAX_BATCH_SEARCH = 1024
 MIN_CONTEXT = 512
 MAX_CONTEXT_SEARCH = 2**20

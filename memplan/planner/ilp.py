@@ -65,6 +65,8 @@ class LayerBlock:
     in_flight: bool = True
     """Multiply a layer's GPU bytes by the micro-batches in flight on its stage (1F1B: p − s)."""
     savings_rank: dict[str, int] = field(default_factory=dict)
+    key_bounds: dict[tuple, float] = field(default_factory=dict)
+    """A valid lower bound on the layers' seconds for each key (a cut that tightens the relaxation)."""
 
 
 @dataclass
@@ -122,7 +124,8 @@ class IlpBuilder:
             self.prob += pl.lpSum(self.x[d, v] for v in values) == 1, f"one_{_safe(d)}"
         for f in P.factors:
             self._factor(f)
-        self.r: dict[tuple[int, str], Any] = {}
+        self.n: dict[tuple[Any, str], Any] = {}
+        self.any: dict[tuple[Any, str], Any] = {}
         self.w: dict[tuple[Any, str, tuple], Any] = {}
         self.ws: dict[tuple[int, int], Any] = {}
         self.groups: dict[tuple[int, int], list[int]] = {}
@@ -154,62 +157,70 @@ class IlpBuilder:
         return groups
 
     def _layers(self, lb: LayerBlock) -> None:
-        """Per-layer binary modes ``r[l, m]``. Within a group of identical layers only the count per
-        mode matters, so the product with the key selector ``y`` is taken per group, in the tight
-        transportation form: Σ_m v[G,m,k] = |G|·y[k] and Σ_k v[G,m,k] = Σ_{l∈G} r[l,m]."""
+        """Per-layer modes. Layers that are identical and that no stage boundary separates are
+        interchangeable, so a group G takes integer counts ``n[G, m]`` of layers per mode (the
+        per-layer binaries with their symmetry removed; ``modes()`` expands them, most-saving mode
+        on the earliest layers). The product with the key selector ``y`` is linearized per group in
+        the tight transportation form: Σ_m v[G,m,k] = |G|·y[k] and Σ_k v[G,m,k] = n[G,m]."""
         pl = self.pulp
         keys = sorted({k for per in lb.gpu for m in per.values() for k in m}, key=repr)
-        self.keys = keys
         self._factor(Factor("layerkey", lb.key_dims, {k: Entry() for k in keys}))
         y = {k: self.z["layerkey", k] for k in keys}
-        for layer in range(len(lb.gpu)):
-            for m in lb.modes:
-                self.r[layer, m] = pl.LpVariable(f"r_{layer}_{_safe(m)}", cat="Binary")
-            self.prob += pl.lpSum(self.r[layer, m] for m in lb.modes) == 1, f"mode_{layer}"
         self.groups = self._groups(lb)
         for gi, (gkey, members) in enumerate(self.groups.items()):
+            size = len(members)
             for m in lb.modes:
+                self.n[gkey, m] = pl.LpVariable(f"n_{gi}_{_safe(m)}", lowBound=0, upBound=size, cat="Integer")
+                self.any[gkey, m] = pl.LpVariable(f"any_{gi}_{_safe(m)}", cat="Binary")
+                self.prob += self.n[gkey, m] <= size * self.any[gkey, m], f"any_{gi}_{_safe(m)}"
                 for j, k in enumerate(keys):
                     self.w[gkey, m, k] = pl.LpVariable(f"v_{gi}_{_safe(m)}_{j}", lowBound=0)
+            self.prob += pl.lpSum(self.n[gkey, m] for m in lb.modes) == size, f"count_{gi}"
             for j, k in enumerate(keys):
-                self.prob += (pl.lpSum(self.w[gkey, m, k] for m in lb.modes) == len(members) * y[k], f"vk_{gi}_{j}")
+                self.prob += (pl.lpSum(self.w[gkey, m, k] for m in lb.modes) == size * y[k], f"vk_{gi}_{j}")
             for m in lb.modes:
-                self.prob += (pl.lpSum(self.w[gkey, m, k] for k in keys)
-                              == pl.lpSum(self.r[layer, m] for layer in members), f"vm_{gi}_{_safe(m)}")
-        self._symmetry(lb)
+                self.prob += pl.lpSum(self.w[gkey, m, k] for k in keys) == self.n[gkey, m], f"vm_{gi}_{_safe(m)}"
         if lb.workspace is not None:
             self._workspace(lb, y)
+        if lb.key_bounds:
+            layer_seconds = pl.lpSum(sec * self.w[g, m, k] for g, members in self.groups.items()
+                                     for m, keyed in lb.seconds[members[0]].items() for k, sec in keyed.items() if sec)
+            self.prob += layer_seconds >= pl.lpSum(b * y[k] for k, b in lb.key_bounds.items() if k in y), "recompute_bound"
 
     def _workspace(self, lb: LayerBlock, y: dict[tuple, Any]) -> None:
         """``ws[p, s]``: bytes live while the largest recomputed layer of stage s (under pp = p) is
-        recomputed: ws ≥ W(k)·(r[l,m] + y[k] − 1) summed over k, for every layer of that stage."""
+        recomputed: ws ≥ Σ_k W(k)·(any[G,m] + y[k] − 1) for every group G of that stage."""
         pl = self.pulp
         assert lb.workspace is not None
         for p in self.p.dims.get("pp", (1,)):
             for s in range(p):
                 var = pl.LpVariable(f"ws_pp{p}_s{s}", lowBound=0)
                 self.ws[p, s] = var
-                for layer, per in enumerate(lb.workspace):
-                    if stage_of(layer, self.p.num_layers, p) != s:
+                for gi, (gkey, members) in enumerate(self.groups.items()):
+                    rep = members[0]
+                    if stage_of(rep, self.p.num_layers, p) != s:
                         continue
-                    for m, keyed in per.items():
-                        extra = lb.flight_workspace[layer][m] if lb.flight_workspace else {}
-                        coef = {k: ceil_unit(n + (p - s) * extra.get(k, 0)) for k, n in keyed.items()}
+                    for m, keyed in lb.workspace[rep].items():
+                        extra = lb.flight_workspace[rep][m] if lb.flight_workspace else {}
+                        coef = {k: ceil_unit(n + (p - s) * extra.get(k, 0)) for k, n in keyed.items()
+                                if "pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p}
                         total = sum(coef.values())
                         if total:
-                            expr = total * self.r[layer, m] + pl.lpSum(c * y[k] for k, c in coef.items()) - total
-                            self.prob += var >= expr, f"ws_{p}_{s}_{layer}_{_safe(m)}"
+                            expr = total * self.any[gkey, m] + pl.lpSum(c * y[k] for k, c in coef.items()) - total
+                            self.prob += var >= expr, f"ws_{p}_{s}_{gi}_{_safe(m)}"
 
-    def _symmetry(self, lb: LayerBlock) -> None:
-        """Identical layers of a group take non-increasing savings (any order is equally good)."""
-        if not lb.savings_rank:
-            return
-        pl = self.pulp
-        for members in self.groups.values():
-            for a, b in pairwise(members):
-                rank_a = pl.lpSum(lb.savings_rank[m] * self.r[a, m] for m in lb.modes)
-                rank_b = pl.lpSum(lb.savings_rank[m] * self.r[b, m] for m in lb.modes)
-                self.prob += rank_a >= rank_b, f"sym_{a}"
+    def modes(self) -> list[str]:
+        """Per-layer modes of the solution: in each group, the most-saving mode on its first layers."""
+        lb = self.p.layers
+        assert lb is not None
+        out = [lb.modes[0]] * len(lb.gpu)
+        order = sorted(lb.modes, key=lambda m: -lb.savings_rank.get(m, 0))
+        for gkey, members in self.groups.items():
+            counts = {m: round(self.n[gkey, m].value() or 0) for m in lb.modes}
+            queue = [m for m in order for _ in range(counts[m])]
+            for layer, m in zip(members, queue, strict=True):
+                out[layer] = m
+        return out
 
     # -- constraints ---------------------------------------------------------------------------
     def _gpu_terms(self, p: int, s: int) -> list[Any]:
@@ -308,10 +319,7 @@ class IlpBuilder:
         if label != "Optimal" or self.prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
             return Solution(_status_name(label, self.prob.sol_status), {}, [], math.nan, math.nan)
         choice = {d: v for (d, v), var in self.x.items() if (var.value() or 0) > 0.5}
-        modes = []
-        if self.p.layers is not None:
-            for layer in range(len(self.p.layers.gpu)):
-                modes.append(next(m for m in self.p.layers.modes if (self.r[layer, m].value() or 0) > 0.5))
+        modes = self.modes() if self.p.layers is not None else []
         sol_status = "optimal" if self.prob.sol_status == pl.LpSolutionOptimal else "feasible"
         return Solution(sol_status, choice, modes, float(pl.value(self.prob.objective) or 0.0),
                         float(pl.value(self.seconds_expr()) or 0.0))

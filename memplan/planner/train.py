@@ -25,7 +25,7 @@ from memplan.planner.ilp import Entry, Factor, LayerBlock, Problem
 
 STATE_DIMS = ("tp", "pp", "placement", "optimizer", "quant")
 SHAPE_DIMS = ("tp", "pp", "micro_batch", "seq_len")
-LAYER_DIMS = ("tp", "micro_batch", "seq_len")
+LAYER_DIMS = ("tp", "pp", "micro_batch", "seq_len")
 SAVINGS = {Recompute.NONE.value: 0, Recompute.SELECTIVE.value: 1, Recompute.FULL.value: 2}
 NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "activations/layer_kwargs")
 
@@ -209,16 +209,88 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
     sec_t: list[dict[str, dict[tuple, float]]] = [{m: {} for m in modes} for _ in arch.layers]
     work_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
     held_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
-    for key in product(*(dims[d] for d in shape_dims)):
+    for tp, pp, mb, seq in product(*(dims[d] for d in LAYER_DIMS)):
+        key = (tp, pp, mb, seq)
         for i, c in enumerate(classes):
-            gpu, secs, work, held = per_class[(c, *key)]
+            gpu, secs, work, held = per_class[(c, tp, mb, seq)]
             for m in modes:
                 gpu_t[i][m][key] = gpu[m]
                 sec_t[i][m][key] = secs[m]
                 work_t[i][m][key] = work[m]
                 held_t[i][m][key] = held[m]
+    modes = _undominated(modes, gpu_t, sec_t)
+    for table in (gpu_t, sec_t, work_t, held_t):
+        for per in table:
+            for m in [m for m in per if m not in modes]:
+                del per[m]
     return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu_t, seconds=sec_t, workspace=work_t,
                       flight_workspace=held_t, classes=classes, savings_rank={m: SAVINGS[m] for m in modes})
+
+
+def _undominated(modes: tuple[str, ...], gpu: list, secs: list) -> tuple[str, ...]:
+    """Drop a mode that, for every layer and key, costs at least the time of another allowed mode
+    and saves no bytes over it (e.g. selective recompute with flash attention: no S×S core to drop)."""
+    keep = []
+    for m in modes:
+        dominated = any(
+            o != m and all(gpu[i][o][k] <= gpu[i][m][k] and secs[i][o][k] <= secs[i][m][k]
+                           for i in range(len(gpu)) for k in gpu[i][m])
+            and any(gpu[i][o][k] < gpu[i][m][k] or secs[i][o][k] < secs[i][m][k]
+                    for i in range(len(gpu)) for k in gpu[i][m])
+            for o in modes)
+        if not dominated:
+            keep.append(m)
+    return tuple(keep)
+
+
+def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Factor, shape: Factor,
+                     layers: LayerBlock, cap: int) -> dict[tuple, float | None]:
+    """A lower bound on the recompute seconds any plan with layer key (tp, pp, micro-batch, seq) needs,
+    or None when no plan with that key can fit (its layers cannot save enough even all recomputed).
+
+    Per stage s of p: need = Σ_layers (p − s)·A_none + leanest states + shape − capacity; every byte
+    saved costs at least the cheapest seconds-per-byte of any mode, so seconds ≥ need × that ratio.
+    A valid inequality (it ignores the recompute workspace, which only adds need), it lets the ILP
+    prune global choices whose per-layer optimum is dear without branching on them.
+    """
+    num = len(setting.arch.layers)
+    lean: dict[tuple, list[int]] = {}
+    for key, e in states.entries.items():
+        tp, pp = key[0], key[1]
+        cur = lean.setdefault((tp, pp), list(e.gpu))
+        lean[tp, pp] = [min(a, b) for a, b in zip(cur, e.gpu, strict=True)]
+    out: dict[tuple, float | None] = {}
+    none = min(layers.modes, key=lambda m: layers.savings_rank.get(m, 0))  # the least-saving mode allowed
+    for key in {k for per in layers.gpu for m in per.values() for k in m}:
+        tp, pp, mb, seq = key
+        shp = shape.entries.get(key)
+        if shp is None or (tp, pp) not in lean:
+            out[key] = None
+            continue
+        total = 0.0
+        for s in range(pp):
+            members = range(s * num // pp, (s + 1) * num // pp)
+            flight = pp - s
+            base = sum(flight * layers.gpu[i][none][key] for i in members)
+            need = base + lean[tp, pp][s] + shp.gpu[s] - cap
+            if need <= 0:
+                continue
+            best_ratio, max_saving = None, 0
+            for i in members:
+                savings = [(flight * (layers.gpu[i][none][key] - layers.gpu[i][m][key]), layers.seconds[i][m][key])
+                           for m in layers.modes if m != none]
+                savings = [(sv, sec) for sv, sec in savings if sv > 0]
+                if not savings:
+                    continue
+                max_saving += max(sv for sv, _ in savings)
+                ratio = min(sec / sv for sv, sec in savings)
+                best_ratio = ratio if best_ratio is None else min(best_ratio, ratio)
+            if best_ratio is None or max_saving < need:
+                total = -1.0
+                break
+            total += need * best_ratio
+        out[key] = None if total < 0 else total
+    return out
 
 
 def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer_params: int, mode: Recompute) -> float:
@@ -275,6 +347,15 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                          for k, e in shape.entries.items()}
     context, pct = runtime_terms(setting)
     host = setting.host
+    if layers is not None:
+        cap = int((setting.gpu.memory_bytes - context) / (1.0 + pct / 100.0))
+        bounds = recompute_bounds(setting, dims, states, shape, layers, cap)
+        keep = {k for k, b in bounds.items() if b is not None}
+        for per in (layers.gpu, layers.seconds, layers.workspace or [], layers.flight_workspace or []):
+            for layer in per:
+                for m in layer:
+                    layer[m] = {k: v for k, v in layer[m].items() if k in keep}
+        layers.key_bounds = {k: b for k, b in bounds.items() if b}
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct)

@@ -61,18 +61,30 @@ def matrices(result: SweepResult) -> list[Matrix]:
     return list(groups.values())
 
 
-def render_matrices(mats: list[Matrix], console: Any) -> None:
+def matrix_table(m: Matrix) -> Any:
     from rich.table import Table
 
+    table = Table(title=m.title, title_justify="left", min_width=len(m.title))
+    table.add_column("model", no_wrap=True)
+    for gpu in m.gpus:
+        table.add_column(gpu, justify="right", no_wrap=True)
+    for model in m.models:
+        table.add_row(model, *(m.cell_text(model, gpu) for gpu in m.gpus))
+    return table
+
+
+def render_matrices(mats: list[Matrix], console: Any) -> None:
+    """Each matrix as a table; wider than the terminal rather than with truncated names."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
     for m in mats:
-        table = Table(title=m.title, title_justify="left")
-        table.add_column("model")
-        for gpu in m.gpus:
-            table.add_column(gpu, justify="right")
-        for model in m.models:
-            table.add_row(model, *(m.cell_text(model, gpu) for gpu in m.gpus))
-        console.print(table)
-    console.print(f"{NO_FIT}: nothing fits (not even 1); {INVALID}: invalid configuration (see the CSV's error column).")
+        table = matrix_table(m)
+        need = Measurement.get(console, console.options.update(width=10**4), table).maximum
+        out = console if need <= console.width else Console(file=console.file, width=need, soft_wrap=False)
+        out.print(table)
+    console.print(f"{NO_FIT}: nothing fits (not even 1); {INVALID}: invalid configuration (see the CSV's error column).",
+                  soft_wrap=True)
 
 
 def matrix_dict(m: Matrix) -> dict[str, Any]:

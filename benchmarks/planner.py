@@ -1,0 +1,100 @@
+"""Planner speed: ILP solve time vs number of layers and vs number of global options, and the time
+of exhaustive enumeration (every global choice × every per-layer recompute map, exact bytes from
+``estimate``) where it is still possible.
+
+Run: python benchmarks/planner.py        (prints a table; no assertions, targets are in the README)
+Targets: a typical ``memplan plan`` under 1 s cold; per-layer planning of an 80-layer model under
+1 s of solve time.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from itertools import product
+
+from memplan.arch.build import build_architecture
+from memplan.catalog.schema import Family, GpuSpec, HostSpec, ModelSpec
+from memplan.config import Job, JobConfig, Offload, Recompute
+from memplan.estimate import estimate
+from memplan.planner import train
+from memplan.planner.dims import resolve
+from memplan.planner.ilp import IlpBuilder
+from memplan.planner.space import Objective, SearchSpace, placements
+
+warnings.simplefilter("ignore")
+MODES = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
+
+
+def model(layers: int) -> ModelSpec:
+    return ModelSpec(name=f"bench-{layers}l", source="benchmark", family=Family.LLAMA, hidden_size=4096,
+                     intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256)
+
+
+def gpu(memory_mib: int) -> GpuSpec:
+    return GpuSpec(name="bench-gpu", vendor="nvidia", source="benchmark", memory_mib=memory_mib, marketed_memory_gb=80,
+                   bf16_dense_tflops=989.0, hbm_bandwidth_gbps=3350.0, interconnect_gbps=450.0, pcie_gen=5)
+
+
+def space(options: str) -> SearchSpace:
+    if options == "1":
+        return SearchSpace(tp=(8,), pp=(1,), zero=(1,), offload_optimizer=(Offload.NONE,),
+                           offload_params=(Offload.NONE,), micro_batch=(1,), recompute=MODES, global_batch=8)
+    if options == "small":
+        return SearchSpace(tp=(4, 8), pp=(1, 2), zero=(1, 3), offload_optimizer=(Offload.NONE,),
+                           offload_params=(Offload.NONE,), micro_batch=(1, 2), recompute=MODES, global_batch=16)
+    return SearchSpace(recompute=MODES, global_batch=64)
+
+
+def solve_once(layers: int, options: str, memory_mib: int) -> tuple[float, float, int, int, str]:
+    spec, g, host = model(layers), gpu(memory_mib), HostSpec()
+    base = JobConfig(job=Job.FULL, gpus_per_node=8, nodes=2, seq_len=8192, micro_batch=1)
+    sp = space(options)
+    t0 = time.perf_counter()
+    arch = build_architecture(spec)
+    gb = sp.global_batch or 64
+    dims, _ = resolve(arch, base, sp, Objective.THROUGHPUT, host, gb)
+    setting = train.TrainSetting(arch=arch, gpu=g, host=host, base=base, global_batch=gb)
+    problem, _ = train.build_problem(setting, dims, "min_seconds")
+    builder = IlpBuilder(problem)
+    t1 = time.perf_counter()
+    sol = builder.solve(time_limit=60)
+    t2 = time.perf_counter()
+    combos = 1
+    for d, values in dims.items():
+        if d != "recompute":
+            combos *= len(values)
+    return t1 - t0, t2 - t1, combos, len(builder.prob.variables()), sol.status
+
+
+def enumerate_once(layers: int, memory_mib: int) -> tuple[float, int]:
+    """Exhaustive search over one global choice and every per-layer map (3^L estimates)."""
+    spec, g = model(layers), gpu(memory_mib)
+    base = JobConfig(job=Job.FULL, gpus_per_node=8, nodes=2, seq_len=8192, tp=8, zero=1)
+    t0 = time.perf_counter()
+    count = 0
+    for modes in product(MODES, repeat=layers):
+        cfg = base.model_copy(update={"recompute_map": modes, "recompute": Recompute.FULL})
+        estimate(spec, g, cfg)
+        count += 1
+    return time.perf_counter() - t0, count
+
+
+def main() -> None:
+    print("ILP: build and solve time (seconds), 16 GPUs, 8k tokens, per-layer recompute none/selective/full")
+    print(f"{'layers':>6} {'global options':>15} {'combos':>7} {'variables':>9} {'build s':>8} {'solve s':>8} status")
+    for layers, options in product((8, 32, 80, 128), ("1", "small", "default")):
+        build, solve, combos, nvars, status = solve_once(layers, options, 40_000)
+        print(f"{layers:>6} {options:>15} {combos:>7} {nvars:>9} {build:>8.3f} {solve:>8.3f} {status}")
+    print()
+    print("Exhaustive enumeration of per-layer maps for one global choice (3^L exact estimates)")
+    print(f"{'layers':>6} {'estimates':>9} {'seconds':>8}")
+    for layers in (2, 4, 6, 8):
+        seconds, count = enumerate_once(layers, 40_000)
+        print(f"{layers:>6} {count:>9} {seconds:>8.2f}")
+    print("  (32 layers would need 3^32 = 1.9e15 estimates)")
+
+
+if __name__ == "__main__":
+    main()

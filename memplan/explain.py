@@ -1,0 +1,174 @@
+"""``memplan explain COMPONENT``: how a memory component is computed, from the code's own docstrings.
+
+Each component name (the names of the breakdown rows) maps to the pure functions that compute its
+bytes; explain prints their signatures and docstrings (formula, source, assumptions) and the module
+docstring that frames them, so the documentation and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+from dataclasses import dataclass
+from functools import cache
+from itertools import pairwise
+from typing import Any
+
+from memplan.errors import MemplanError, did_you_mean
+
+_T = "activations_terms"
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "weights/params": ("weights.weight_bytes", "weights.sharded_bytes"),
+    "weights/quantized": ("quant.storage", "quant.bnb4_bytes", "quant.int8_bytes", "quant.gptq_bytes",
+                          "quant.awq_bytes", "quant.ggml_bytes", "weights.sharded_bytes"),
+    "weights/unquantized": ("quant.is_quantized", "quant.storage", "weights.weight_bytes"),
+    "weights/lora_adapters": ("peft.lora_module_params", "peft.adapter_bytes"),
+    "weights/zero3_live_params": ("model_states.deepspeed_gpu_buffers",),
+    "weights/nvme_swap_buffers": ("model_states.nvme_swap_rows",),
+    "gradients": ("zero.partitioned_bytes", "zero.paper_model_states_per_gpu", "lowrank.gradient_bytes"),
+    "gradients/fp32_partition": ("model_states.state_buffers", "zero.partitioned_bytes"),
+    "gradients/lora_adapters": ("peft.adapter_bytes",),
+    "gradients/zero3_live_grads": ("model_states.deepspeed_gpu_buffers",),
+    "optimizer/adam_m": ("optimizer.adam_state_bytes", "optimizer.state_dtype", "zero.partitioned_bytes"),
+    "optimizer/adam_v": ("optimizer.adam_state_bytes", "optimizer.state_dtype", "zero.partitioned_bytes"),
+    "optimizer/adam8bit_states": ("optimizer.adam8bit_state_bytes",),
+    "optimizer/adafactor_factored_v": ("optimizer.adafactor_state_bytes",),
+    "optimizer/momentum": ("optimizer.one_state_bytes", "optimizer.state_dtype"),
+    "optimizer/lion_momentum": ("optimizer.one_state_bytes", "optimizer.state_dtype"),
+    "optimizer/master_fp32": ("zero.paper_model_states_per_gpu", "zero.partitioned_bytes"),
+    "optimizer/lora_master_fp32": ("peft.adapter_master_weights", "peft.adapter_state_dtype"),
+    "optimizer/lowrank_states": ("lowrank.lowrank_state_bytes", "lowrank.lowrank_state_numel"),
+    "optimizer/lowrank_projection": ("lowrank.projection_bytes", "lowrank.projection_numel"),
+    "optimizer/lowrank_workspace": ("lowrank.workspace_bytes", "lowrank.svd_workspace_bytes",
+                                    "lowrank.update_workspace_bytes"),
+    "optimizer/nvme_swap_buffers": ("model_states.nvme_swap_rows",),
+    "activations/layers": ("activations.layer_micro_bytes", "activations.micro_batches_in_flight",
+                           "activations.checkpointed", f"{_T}.rms_norm_bytes", f"{_T}.flash_attention_bytes",
+                           f"{_T}.eager_scores_bytes", f"{_T}.mlp_bytes", f"{_T}.moe_experts_bytes"),
+    "activations/recompute_workspace": ("activations.workspace_bytes",),
+    "activations/rotary": ("activations.rotary_table_bytes", f"{_T}.rotary_bytes"),
+    "activations/layer_kwargs": ("activations.layer_kwargs_bytes",),
+    "activations/embeddings": ("activations.embedding_bytes", f"{_T}.token_ids_bytes"),
+    "activations/final_norm": ("activations.final_norm_bytes",),
+    "activations/loss": ("activations.loss_bytes", f"{_T}.log_softmax_bytes"),
+    "activations/logits": ("activations.logits_peak_bytes", f"{_T}.logits_transient_bytes", "inference.logits_bytes"),
+    "activations/hidden_states": ("inference.hidden_states_bytes",),
+    "activations/prefill_workspace": ("inference.attention_workspace_bytes", "inference.mla_workspace_bytes",
+                                      "inference.mlp_workspace_bytes", "inference.moe_workspace_bytes",
+                                      "inference.kv_concat_bytes"),
+    "kv_cache": ("kv_cache.kv_cache_bytes", "kv_cache.cached_shapes", "kv_cache.kv_heads_per_rank",
+                 "kv_cache.paged_slots"),
+    "kv_cache/full_attention": ("kv_cache.kv_cache_bytes", "kv_cache.cached_shapes", "kv_cache.paged_slots"),
+    "kv_cache/sliding_attention": ("kv_cache.cached_tokens", "kv_cache.paged_slots", "kv_cache.layer_window"),
+    "kv_cache/scales": ("kv_cache.scale_bits_per_token", "kv_cache.tensor_scale_bytes_per_layer"),
+    "runtime/cuda_context": ("runtime.cuda_context_bytes",),
+    "runtime/allocator_reserve": ("runtime.allocator_reserve_bytes",),
+    "runtime/model_load_fp32": ("model_states.deepspeed_cpu_rows",),
+    "runtime/cpu_buffer": ("model_states.deepspeed_cpu_rows",),
+    "runtime/dora_workspace": ("peft.dora_workspace_bytes",),
+}
+"""Component name -> the functions (``module.function`` under ``memplan.memory``) that compute it."""
+
+TOPICS: dict[str, tuple[str, ...]] = {
+    "weights": ("weights", "quant"),
+    "gradients": ("model_states", "zero"),
+    "optimizer": ("optimizer", "model_states"),
+    "activations": ("activations", "activations_block"),
+    "runtime": ("runtime",),
+    "inference": ("inference",),
+    "zero": ("zero", "model_states"),
+    "peft": ("peft",),
+    "lowrank": ("lowrank",),
+}
+"""Broader names (a top-level component, or a technique) -> the modules whose docstrings describe them."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What ``explain`` prints: the name, each function's signature and docstring, the modules' docstrings."""
+
+    name: str
+    functions: tuple[tuple[str, str, str], ...]
+    """(qualified name, signature, docstring) per function."""
+    constants: tuple[tuple[str, str], ...]
+    """(assignment as written, docstring) of the named constants the functions use."""
+    modules: tuple[tuple[str, str], ...]
+    """(module name, docstring) per module involved."""
+    subcomponents: tuple[str, ...] = ()
+
+
+def names() -> list[str]:
+    """Every name ``explain`` accepts."""
+    return sorted(set(COMPONENTS) | set(TOPICS))
+
+
+def resolve(dotted: str) -> Any:
+    """The function ``module.function`` under ``memplan.memory``."""
+    module, _, func = dotted.rpartition(".")
+    return getattr(importlib.import_module(f"memplan.memory.{module}"), func)
+
+
+@cache
+def module_constants(module: str) -> dict[str, tuple[str, str]]:
+    """Module-level UPPER_CASE constants of ``memplan.memory.<module>`` with a docstring: name -> (assignment, doc)."""
+    mod = importlib.import_module(f"memplan.memory.{module}")
+    tree = ast.parse(inspect.getsource(mod))
+    out: dict[str, tuple[str, str]] = {}
+    for node, nxt in pairwise(tree.body):
+        if not (isinstance(node, ast.Assign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            continue
+        for target in node.targets:
+            for name in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                if isinstance(name, ast.Name) and name.id.isupper():
+                    out[name.id] = (ast.unparse(node), inspect.cleandoc(nxt.value.value))
+    return out
+
+
+def constants_used(dotted: str) -> list[tuple[str, str]]:
+    """The documented constants a function's source or docstring names, in order of appearance."""
+    module = dotted.rpartition(".")[0]
+    known = module_constants(module)
+    seen = dict.fromkeys(re.findall(r"\b[A-Z][A-Z0-9_]{2,}\b", inspect.getsource(resolve(dotted))))
+    return list(dict.fromkeys(known[name] for name in seen if name in known))
+
+
+def _module_doc(module: str) -> tuple[str, str]:
+    mod = importlib.import_module(f"memplan.memory.{module}")
+    return mod.__name__, inspect.cleandoc(mod.__doc__ or "")
+
+
+def explain(name: str) -> Explanation:
+    """The explanation of a component (``optimizer/adam_m``) or topic (``optimizer``); MemplanError if unknown."""
+    key = name.strip().lower()
+    if key in COMPONENTS:
+        funcs = []
+        for dotted in COMPONENTS[key]:
+            fn = resolve(dotted)
+            doc = inspect.cleandoc(fn.__doc__ or "(no docstring)")
+            funcs.append((f"{fn.__module__}.{fn.__name__}", str(inspect.signature(fn)), doc))
+        constants = tuple(dict.fromkeys(c for d in COMPONENTS[key] for c in constants_used(d)))
+        modules = tuple(dict.fromkeys(_module_doc(d.rpartition(".")[0]) for d in COMPONENTS[key]))
+        return Explanation(key, tuple(funcs), constants, modules)
+    if key in TOPICS:
+        subs = tuple(c for c in COMPONENTS if c == key or c.startswith(f"{key}/"))
+        return Explanation(key, (), (), tuple(_module_doc(m) for m in TOPICS[key]), subs)
+    raise MemplanError(f"unknown component {name!r}.{did_you_mean(name, names())} "
+                       "Run 'memplan explain --list' for every name.")
+
+
+def render(ex: Explanation, *, with_modules: bool = True) -> str:
+    """Plain text: each function with its signature and docstring, then the modules' notes."""
+    lines = [f"{ex.name}", "=" * len(ex.name), ""]
+    if ex.subcomponents:
+        lines += ["Components:", *(f"  {c}" for c in ex.subcomponents), ""]
+    for qualname, signature, doc in ex.functions:
+        lines += [f"{qualname}{signature}", "", *(f"    {line}" if line else "" for line in doc.splitlines()), ""]
+    for statement, doc in ex.constants:
+        lines += [statement, "", *(f"    {line}" if line else "" for line in doc.splitlines()), ""]
+    if with_modules or not ex.functions:
+        for module, doc in ex.modules:
+            lines += [f"About {module}:", "", *(f"    {line}" if line else "" for line in doc.splitlines()), ""]
+    return "\n".join(lines).rstrip() + "\n"

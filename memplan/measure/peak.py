@@ -1,0 +1,168 @@
+"""Peak memory of a step, per phase, on CPU (torch.profiler memory events) or CUDA (allocator statistics).
+
+CPU method. The step runs inside ``torch.profiler.profile(profile_memory=True)``; each phase is a
+``record_function`` range. The profiler reports every allocation and free of PyTorch's CPU
+allocator (``ProfiledCPUMemoryReporter``) with its size and time. The bytes alive when profiling
+starts are not in those events, so they are counted first: the job's resident tensors (parameters,
+buffers, master copies, optimizer states, input ids; by default every tensor the garbage collector
+reaches), deduplicated by storage. The peak is that baseline plus the largest running sum of the
+events; a phase's peak is the largest running sum inside its time range. This is the CPU
+counterpart of ``torch.cuda.max_memory_allocated``.
+
+Limits of the CPU method:
+- it counts tensor storages only: not the Python heap, not oneDNN/MKL scratch buffers or thread
+  stacks (they do not go through the c10 allocator), not the process's resident-set overhead;
+- a storage allocated before profiling and freed during it is invisible (its size is unknown to the
+  reporter), so nothing may be freed across the start: gradients are set to None first;
+- the CPU allocator caches nothing, so there is no "reserved" figure, and CPU kernels save some
+  tensors differently from CUDA ones (``activations_block.cpu_counting``);
+- the profiler's own bookkeeping is not tensor memory and is not counted.
+
+CUDA method. ``torch.cuda.reset_peak_memory_stats`` at the start of each phase, then
+``max_memory_allocated`` / ``max_memory_reserved`` at its end (after a synchronize), and the driver's
+view ``mem_get_info`` (total − free: the context, the allocator's reserved segments, other libraries).
+The allocated peak is reported the same way as on CPU, baseline + (``max_memory_allocated`` − the
+bytes allocated at the start), so tensors of an earlier job in the same process do not count; the
+reserved and driver figures are the process's own and include them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+PHASE_PREFIX = "memplan::"
+
+
+def storage_bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (None and empty ones skipped)."""
+    seen: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        storage = tensor.untyped_storage()
+        if storage.nbytes():
+            seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def live_tensor_bytes(device_type: str) -> int:
+    """Bytes of every tensor storage on ``device_type`` that the garbage collector can reach."""
+    import torch
+
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.device.type == device_type and not obj.is_meta:
+                    found.append(obj)
+            except (ReferenceError, RuntimeError, AttributeError):  # pragma: no cover - proxies, dead weakrefs
+                continue
+    try:
+        return storage_bytes(found)
+    finally:
+        del found
+
+
+class PeakMeter:
+    """Peaks of named phases; use ``with meter: ... with meter.phase("forward"): ...``."""
+
+    def __init__(self, device: str, resident: Any = ()) -> None:
+        self.device = device
+        self.resident = list(resident)
+        self.cuda = device.startswith("cuda")
+        self.phases: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}
+        self.baseline = 0
+        self.driver_used: int | None = None
+        self._prof: Any = None
+        self._start = 0
+
+    def __enter__(self) -> PeakMeter:
+        import torch
+
+        gc.collect()
+        self.baseline = storage_bytes(self.resident) if self.resident else live_tensor_bytes(self.device.split(":")[0])
+        self.resident = []
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            yield
+            torch.cuda.synchronize()
+            self.phases[name] = self.baseline + torch.cuda.max_memory_allocated() - self._start
+            self.reserved[name] = torch.cuda.max_memory_reserved()
+            return
+        with torch.profiler.record_function(PHASE_PREFIX + name):
+            yield
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            self.driver_used = total - free
+            return
+        self._prof.__exit__(*exc)
+        if exc[0] is None:
+            self.phases = _cpu_phase_peaks(self._prof, self.baseline)
+        self._prof = None
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values(), default=self.baseline)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda k: self.phases[k]) if self.phases else ""
+
+    @property
+    def peak_reserved(self) -> int | None:
+        return max(self.reserved.values()) if self.reserved else None
+
+
+def _walk(nodes: Any, allocations: list[Any], ranges: dict[str, tuple[int, int]]) -> None:
+    from torch._C._profiler import _EventType
+
+    for node in nodes:
+        if node.tag == _EventType.Allocation:
+            allocations.append(node)
+        elif node.name.startswith(PHASE_PREFIX):
+            ranges[node.name.removeprefix(PHASE_PREFIX)] = (node.start_time_ns, node.end_time_ns)
+        _walk(node.children, allocations, ranges)
+
+
+def _cpu_phase_peaks(prof: Any, baseline: int) -> dict[str, int]:
+    """baseline + the largest running sum of CPU allocation events inside each phase's time range."""
+    allocations: list[Any] = []
+    ranges: dict[str, tuple[int, int]] = {}
+    _walk(prof.profiler.kineto_results.experimental_event_tree(), allocations, ranges)
+    allocations.sort(key=lambda n: n.start_time_ns)
+    timeline, running = [], 0
+    for node in allocations:
+        if node.extra_fields.device.type == "cpu":
+            running += node.extra_fields.alloc_size
+            timeline.append((node.start_time_ns, running))
+    peaks = {}
+    for name, (start, end) in ranges.items():
+        before = [value for time, value in timeline if time < start]
+        inside = [value for time, value in timeline if start <= time <= end]
+        peaks[name] = baseline + max([before[-1] if before else 0, *inside])
+    return peaks

@@ -1,0 +1,225 @@
+"""Pydantic models of memplan's JSON output (schema_version 1), and the JSON Schema files made from them.
+
+``memplan/schema/{estimate,plan,check,sweep}.schema.json`` are generated from these models
+(``python -m memplan.report.schemas`` rewrites them); tests check that the files are current and that
+real output validates against them. Bytes are exact ints; every object forbids unknown keys, so a
+renamed or added field shows up as a schema change (bump SCHEMA_VERSION when renaming).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints
+
+from memplan.config import JobConfig
+from memplan.memory.breakdown import TOP_LEVEL
+from memplan.planner.space import Objective
+
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schema"
+DRAFT = "https://json-schema.org/draft/2020-12/schema"
+
+ComponentName = Annotated[str, StringConstraints(pattern=rf"^({'|'.join(TOP_LEVEL)})(/.+)?$")]
+TierName = Literal["gpu", "cpu", "nvme"]
+Version = Literal[1]
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelOut(Out):
+    name: str
+    family: str
+    params: NonNegativeInt
+    active_params: NonNegativeInt
+    published_params: int | None
+    source: str
+
+
+class HardwareOut(Out):
+    gpu: str
+    gpu_memory_bytes: NonNegativeInt
+    gpus_per_node: int
+    nodes: int
+    cpu_ram_bytes: NonNegativeInt
+    nvme_bytes: NonNegativeInt
+
+
+class TierOut(Out):
+    total_bytes: NonNegativeInt
+    capacity_bytes: NonNegativeInt
+    headroom_bytes: int
+    components: dict[ComponentName, NonNegativeInt] = Field(json_schema_extra={"additionalProperties": False})
+
+
+class MemoryOut(Out):
+    gpu: TierOut
+    cpu: TierOut
+    nvme: TierOut
+
+
+class EstimateOut(Out):
+    """``memplan estimate --format json``: one configuration, bytes per component and tier."""
+
+    schema_version: Version
+    model: ModelOut
+    hardware: HardwareOut
+    config: JobConfig
+    memory: MemoryOut
+    fits: bool
+    headroom_bytes: int
+    binding_tier: TierName
+    not_modelled: list[str]
+    sources: dict[ComponentName, str] = Field(json_schema_extra={"additionalProperties": False})
+    max_context: NonNegativeInt | None = None
+    """With ``--max-context``: the longest context that fits (0: none)."""
+    max_batch: NonNegativeInt | None = None
+    """With ``--max-batch``: the largest batch that fits (0: none)."""
+
+
+class CandidateOut(EstimateOut):
+    step_time_s: float
+    tokens_per_s: float
+    objective_value: float
+    layer_map: str
+
+
+class SuggestionOut(Out):
+    change: str
+    flags: str
+    verified: bool
+    gpu_total_bytes: NonNegativeInt
+    tokens_per_s: float
+
+
+class PlanOut(Out):
+    """``memplan plan --format json``: the best plan (an estimate, extended), alternatives, or why none fits."""
+
+    schema_version: Version
+    status: Literal["optimal", "infeasible"]
+    objective: Objective
+    solver_status: str
+    best: CandidateOut | None
+    alternatives: list[CandidateOut]
+    binding: str | None
+    suggestions: list[SuggestionOut]
+    excluded: list[str]
+
+
+class TierCheckOut(Out):
+    tier: TierName
+    total_bytes: NonNegativeInt
+    capacity_bytes: NonNegativeInt
+    headroom_bytes: int
+    headroom_pct: float
+    required_headroom_bytes: NonNegativeInt
+    ok: bool
+
+
+class PlanSummaryOut(Out):
+    status: Literal["optimal", "infeasible"]
+    objective: Objective
+    solver_status: str
+    configuration: str | None
+    step_time_s: float | None
+    tokens_per_s: float | None
+
+
+class RecipeCheckOut(Out):
+    name: str
+    path: str
+    status: Literal["fits", "does_not_fit", "error"]
+    ok: bool
+    reason: str
+    mode: Literal["estimate", "plan"] | None
+    seconds: float
+    tiers: list[TierCheckOut]
+    plan: PlanSummaryOut | None
+    estimate: EstimateOut | None
+    """The checked configuration on the real capacities (a planned recipe: its best plan)."""
+
+
+class CheckCounts(Out):
+    total: NonNegativeInt
+    fits: NonNegativeInt
+    does_not_fit: NonNegativeInt
+    error: NonNegativeInt
+
+
+class CheckOut(Out):
+    """``memplan check --format json``: one verdict per recipe and the exit code."""
+
+    schema_version: Version
+    ok: bool
+    exit_code: Literal[0, 1, 2]
+    counts: CheckCounts
+    recipes: list[RecipeCheckOut]
+
+
+class MatrixOut(Out):
+    title: str
+    job: str
+    gpus: int
+    size: int | None
+    batch: int | None
+    metric: Literal["max-batch", "max-context", "fits"]
+    models: list[str]
+    gpu_names: list[str]
+    values: list[list[NonNegativeInt | None]]
+    """values[i][j]: model i on GPU j; 0: nothing fits; null: invalid configuration."""
+
+
+Scalar = str | int | float | bool | None
+
+
+class SweepOut(Out):
+    """``memplan sweep --format json``: the fit matrices and one flat record per grid point (the CSV's rows)."""
+
+    schema_version: Version
+    metric: Literal["max-batch", "max-context", "fits"]
+    metric_column: str
+    cells: NonNegativeInt
+    invalid_cells: NonNegativeInt
+    estimates: NonNegativeInt
+    matrices: list[MatrixOut]
+    records: list[dict[str, Scalar]]
+
+
+MODELS: dict[str, type[BaseModel]] = {"estimate": EstimateOut, "plan": PlanOut, "check": CheckOut, "sweep": SweepOut}
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of one output, as published in memplan/schema/."""
+    schema = MODELS[name].model_json_schema(mode="serialization")
+    return {"$schema": DRAFT, **schema}
+
+
+def schema_path(name: str) -> Path:
+    return SCHEMA_DIR / f"{name}.schema.json"
+
+
+def schema_text(name: str) -> str:
+    return json.dumps(json_schema(name), indent=2, ensure_ascii=False) + "\n"
+
+
+def write_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in MODELS:
+        path = directory / f"{name}.schema.json"
+        path.write_text(schema_text(name), encoding="utf-8")
+        out.append(path)
+    return out
+
+
+def validated(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` checked by the output model and dumped back as JSON-ready data (field order kept)."""
+    return MODELS[name].model_validate(data).model_dump(mode="json", exclude_unset=True)
+
+
+if __name__ == "__main__":  # pragma: no cover - maintenance entry point
+    for written in write_schemas():
+        print(written)
