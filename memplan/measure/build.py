@@ -13,7 +13,9 @@ inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from memplan.arch.build import build_architecture
@@ -76,6 +78,8 @@ def _llama_family(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
     if spec.attention_bias:
         return "qwen2", {**fields, "use_sliding_window": fields["sliding_window"] is not None}
     if fields["sliding_window"] is not None:
+        if "full_attention" not in fields["layer_types"]:
+            del fields["layer_types"]  # every layer slides: Mistral's own default
         return "mistral", fields
     return "llama", {**fields, "mlp_bias": spec.mlp_bias}
 
@@ -223,6 +227,21 @@ def measured_spec(spec: ModelSpec, layers: int | None) -> tuple[ModelSpec, list[
         notes.append(f"without {spec.num_nextn_predict_layers} multi-token-prediction layer(s): transformers "
                      "does not build them")
     return (spec.model_copy(update=update) if update else spec), notes
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and info logs silenced (restored after): measure prints its own notes."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def build_model(spec: ModelSpec, cfg: JobConfig, *, attention: str, device: str, seed: int = 0) -> Any:

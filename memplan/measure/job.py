@@ -183,10 +183,18 @@ def measure_job(spec: ModelSpec, cfg: JobConfig, gpu: GpuSpec, host: HostSpec | 
     device = run.check_device(device)
     if cfg.job is Job.INFER and not 0 <= decode_steps < cfg.infer.context:
         raise MemplanError(f"--decode-steps must be between 0 and --context − 1 ({cfg.infer.context - 1}).")
+    with build.quiet_transformers():
+        return _measure(spec, cfg, gpu, host or HostSpec(), device=device, layers=layers, decode_steps=decode_steps)
+
+
+def _measure(spec: ModelSpec, cfg: JobConfig, gpu: GpuSpec, host: HostSpec, *, device: str, layers: int | None,
+             decode_steps: int) -> Report:
+    from memplan.measure import build, run
+
     measured, notes = build.measured_spec(spec, layers)
     cfg, more = effective_config(measured, cfg)
     notes += more
-    ctx = Context(build_architecture(measured), cfg, gpu, host or HostSpec())
+    ctx = Context(build_architecture(measured), cfg, gpu, host)
     model = build.build_model(measured, cfg, attention=cfg.attention_impl, device=device)
     vocab = measured.vocab_size or 0
     if cfg.job is Job.INFER:
@@ -201,5 +209,5 @@ def measure_job(spec: ModelSpec, cfg: JobConfig, gpu: GpuSpec, host: HostSpec | 
         lines, phases = _train_lines(ctx, meas, device)
     del model
     info = {**_versions(device), "parameters": ctx.arch.params, "baseline_bytes": meas.baseline}
-    scaling = scaling_check(spec, measured, cfg, gpu, host or HostSpec()) if layers else None
+    scaling = scaling_check(spec, measured, cfg, gpu, host) if layers else None
     return Report(spec.name, measured, cfg, device, notes, lines, phases, meas.phases, scaling, info)

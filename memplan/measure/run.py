@@ -112,6 +112,9 @@ class Stepper:
     def step(self) -> None:
         import torch
 
+        if not self.masters:
+            self.optimizer.step()
+            return
         for master, param in zip(self.masters, self.params, strict=True):
             master.grad = None if param.grad is None else param.grad.float()
         self.optimizer.step()

@@ -64,7 +64,7 @@ def matrices(result: SweepResult) -> list[Matrix]:
 def matrix_table(m: Matrix) -> Any:
     from rich.table import Table
 
-    table = Table(title=m.title, title_justify="left", min_width=len(m.title))
+    table = Table()
     table.add_column("model", no_wrap=True)
     for gpu in m.gpus:
         table.add_column(gpu, justify="right", no_wrap=True)
@@ -82,6 +82,7 @@ def render_matrices(mats: list[Matrix], console: Any) -> None:
         table = matrix_table(m)
         need = Measurement.get(console, console.options.update(width=10**4), table).maximum
         out = console if need <= console.width else Console(file=console.file, width=need, soft_wrap=False)
+        console.print(m.title, soft_wrap=True, highlight=False)
         out.print(table)
     console.print(f"{NO_FIT}: nothing fits (not even 1); {INVALID}: invalid configuration (see the CSV's error column).",
                   soft_wrap=True)
