@@ -254,6 +254,10 @@ def validate(spec: SweepSpec) -> None:
         spec.layout(count)
     for gpu in spec.gpus:
         parse_fraction_or_size(spec.min_headroom, total=_gpu(gpu).memory_bytes, field="--min-headroom")
+    if spec.base.quant is not None:
+        from memplan.memory.quant import get_format
+
+        get_format(spec.base.quant)
 
 
 def _evaluate_chunk(spec: SweepSpec, chunk: list[Cell]) -> list[CellResult]:

@@ -116,3 +116,25 @@ def test_plot_module_imports_no_matplotlib_until_drawing() -> None:
     code = "import sys, memplan.report.plots, memplan.cli.ci; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def has_plot_option(command: str) -> bool:
+    import inspect
+
+    from memplan.cli.app import app
+
+    cmd = next(c for c in app.registered_commands if (c.name or c.callback.__name__) == command)
+    return "plot" in inspect.signature(cmd.callback).parameters
+
+
+@pytest.mark.skipif(not has_plot_option("estimate"), reason="memplan.cli.app has no --plot on estimate/plan yet")
+def test_estimate_and_plan_plot_options(runner: CliRunner, tmp_path: Path) -> None:
+    run_cli(runner, "estimate", "llama-3.1-8b", "--gpu", "l4", "--job", "qlora", "--plot", str(tmp_path / "e.png"))
+    assert_png(tmp_path / "e.png")
+    run_cli(runner, "plan", "qwen2.5-0.5b", "--gpu", "t4", "--job", "infer", "--batch", "1,4", "--plot",
+            str(tmp_path / "p.svg"), "--plot-axis", "batch")
+    assert "GPU memory vs micro-batch" in svg_texts(tmp_path / "p.svg")
+    skipped = run_cli(runner, "plan", "llama-3.1-70b", "--gpu", "t4", "--job", "lora", "--zero", "0",
+                      "--offload-optimizer", "none", "--offload-params", "none", "--plot", str(tmp_path / "none.png"),
+                      code=1)
+    assert "--plot skipped" in skipped.stderr and not (tmp_path / "none.png").exists()

@@ -115,6 +115,22 @@ def names_or_all(text: str | None, flag: str, everything: list[str]) -> tuple[st
     return tuple(everything) if values == ("all",) else values
 
 
+def job_list(text: str | None) -> tuple[Any, ...] | None:
+    """``--job full,lora``: Job values, with a suggestion for a misspelt one."""
+    from memplan.config import Job
+    from memplan.errors import did_you_mean
+
+    if text is None:
+        return None
+    names = str_list(text) or ()
+    for name in names:
+        if name not in {j.value for j in Job}:
+            raise MemplanError(f"--job: unknown job {name!r}.{did_you_mean(name, [j.value for j in Job])}")
+    if not names:
+        raise MemplanError("--job: give at least one of pretrain, full, lora, qlora, galore, infer.")
+    return tuple(Job(n) for n in names)
+
+
 def tp_choice(text: str | None) -> int | str | None:
     """``--tp``: a positive degree or ``node``."""
     if text is None or text.strip().lower() == "node":
@@ -198,7 +214,6 @@ def sweep(
     from dataclasses import replace
 
     from memplan.catalog.store import gpu_names, model_names
-    from memplan.config import Job
     from memplan.sweep import cells, run, validate
 
     o.check_format(fmt)
@@ -215,7 +230,7 @@ def sweep(
                                    recompute=recompute, lora_rank=lora_rank, kv_dtype=kv_dtype))
     given = {
         "models": names_or_all(models, "--model", model_names()), "gpus": names_or_all(gpus, "--gpu", gpu_names()),
-        "jobs": tuple(Job(j) for j in str_list(jobs)) if jobs else None,
+        "jobs": job_list(jobs),
         "seq_lens": int_list(seq_lens, "--seq-len"), "contexts": int_list(contexts, "--context"),
         "batches": int_list(batches, "--batch"), "gpu_counts": int_list(gpu_counts, "--gpu-count"),
         "gpus_per_node": gpus_per_node, "metric": metric, "min_headroom": min_headroom, "tp": tp_choice(tp),
