@@ -20,7 +20,7 @@ from memplan.estimate import estimate
 from memplan.planner import train
 from memplan.planner.dims import resolve
 from memplan.planner.ilp import IlpBuilder
-from memplan.planner.space import Objective, SearchSpace, placements
+from memplan.planner.space import Objective, SearchSpace
 
 warnings.simplefilter("ignore")
 MODES = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-from typer.testing import CliRunner
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # document this checkout's memplan, not an installed one
 
-import memplan.cli.ci  # noqa: F401  (registers check, sweep and explain on the app)
-from memplan.cli.app import app
+from typer.testing import CliRunner  # noqa: E402
+
+import memplan.cli.ci  # noqa: E402,F401  (registers check, sweep and explain on the app)
+from memplan.cli.app import app  # noqa: E402
 
 warnings.simplefilter("ignore")
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "usage.md"
 RUNNER = CliRunner(env={"COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb"})
 

@@ -21,7 +21,8 @@ def main() -> None:
         if row.tier is Tier.GPU:
             print(f"  {row.component:<34} {row.bytes / GiB:8.2f} GiB  ({row.bytes:,} bytes)")
     serve = estimate(model, gpu, job="infer", micro_batch=16, infer={"context": 8192})
-    print(f"serving 16 × 8192 tokens: KV cache {sum(r.bytes for r in serve.rows if r.component.startswith('kv_cache')) / GiB:.2f} GiB")
+    kv = sum(r.bytes for r in serve.rows if r.component.startswith("kv_cache"))
+    print(f"serving 16 × 8192 tokens: KV cache {kv / GiB:.2f} GiB")
     print(f"longest context for 16 sequences: {largest_fitting(serve, 'context'):,} tokens")
 
 

@@ -62,7 +62,7 @@ class SweepSpec:
         if count <= self.gpus_per_node:
             return count, 1
         if count % self.gpus_per_node:
-            raise MemplanError(f"--gpu-counts: {count} GPUs is not a whole number of {self.gpus_per_node}-GPU nodes.")
+            raise MemplanError(f"--gpu-count: {count} GPUs is not a whole number of {self.gpus_per_node}-GPU nodes.")
         return self.gpus_per_node, count // self.gpus_per_node
 
 
@@ -222,16 +222,20 @@ def evaluate(spec: SweepSpec, cell: Cell) -> CellResult:
     try:
         ev = _Evaluator(spec, cell)
         rows = spec.batches if ev.free == "micro_batch" else spec.sizes(cell.job)
+        missing = ev.at(rows[0]).not_modelled
+        error = ""
         if spec.metric == "fits":
-            value = max((b for b in rows if ev.slack(b) >= 0), default=0)
+            value: int | None = max((b for b in rows if ev.slack(b) >= 0), default=0)
+        elif missing:  # what grows with batch or context is not modelled: no largest value to find
+            value, error = None, f"{spec.metric} needs {' and '.join(missing)}, which {cell.model} does not model"
         else:
             value = largest_ok(ev.slack, hi=MAX_BATCH if ev.free == "micro_batch" else MAX_CONTEXT_TOKENS)
         records = []
         for v in rows:
             est = ev.at(v)
             records.append({**estimate_record(est), "ok": ev.slack(v) >= 0, "required_headroom_bytes": ev.required,
-                            "not_modelled": ",".join(est.not_modelled), column: value, "error": ""})
-        return CellResult(cell, value, records, len(ev.memo))
+                            "not_modelled": ",".join(est.not_modelled), column: value, "error": error})
+        return CellResult(cell, value, records, len(ev.memo), error)
     except MemplanError as exc:
         return CellResult(cell, None, [error_record(spec, cell, column, str(exc))], error=str(exc))
 
@@ -293,8 +297,12 @@ def run(spec: SweepSpec, *, workers: int | None = None, progress: Callable[[int]
     done: dict[int, list[CellResult]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_evaluate_chunk, spec, chunk): i for i, chunk in enumerate(chunked(todo, size))}
-        for fut in as_completed(futures):
-            done[futures[fut]] = fut.result()
-            if progress:
-                progress(len(done[futures[fut]]))
+        try:
+            for fut in as_completed(futures):
+                done[futures[fut]] = fut.result()
+                if progress:
+                    progress(len(done[futures[fut]]))
+        except BaseException:  # Ctrl-C or a worker's failure: drop the queued chunks, do not wait for them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return SweepResult(spec, [r for i in sorted(done) for r in done[i]])

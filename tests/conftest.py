@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,18 @@ from typer.testing import CliRunner
 from memplan.cli.app import app
 
 PUBLISHED = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "published_cases.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_profiles(tmp_path_factory):
+    """A developer's own ``memplan calibrate`` profiles must not change what the tests compute."""
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = old
 
 
 @pytest.fixture(scope="session")

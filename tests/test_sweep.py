@@ -108,6 +108,16 @@ def test_invalid_cells_are_reported_not_fatal() -> None:
     assert m1.cell_text("llama-3.2-1b", "t4") == "n/a" and m2.cell_text("llama-3.2-1b", "t4") != "n/a"
 
 
+def test_no_largest_batch_for_what_is_not_modelled() -> None:
+    spec = sw.SweepSpec(models=("zero-offload-13b",), gpus=("h100",), jobs=(Job.FULL, Job.INFER))
+    for result in sw.run(spec, workers=1).cells:  # a params-only model: no activations, no KV cache
+        assert result.value is None and "does not model" in result.error
+        assert result.records[0]["gpu_total_bytes"] > 0  # the estimate itself is still reported
+    fits = sw.run(sw.SweepSpec(models=("zero-offload-13b",), gpus=("h100",), jobs=(Job.FULL,), metric="fits"),
+                  workers=1).cells[0]
+    assert fits.value == 0 and not fits.error  # 13B with fp32 Adam states does not fit one H100
+
+
 def test_processes_give_the_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sw, "PROCESS_THRESHOLD", 1)
     done: list[int] = []
@@ -151,6 +161,7 @@ def test_cli_rejects_bad_grids(runner: CliRunner) -> None:
     assert "unknown model" in run_cli(runner, "sweep", "-m", "llama-9", "-g", "t4", code=2).stderr
     assert "--metric" in run_cli(runner, "sweep", "-m", "gpt2", "-g", "t4", "--metric", "most", code=2).stderr
     assert "--gpu" in run_cli(runner, "sweep", "-m", "gpt2", code=2).stderr
+    assert "unknown job 'lorra'" in run_cli(runner, "sweep", "-m", "gpt2", "-g", "t4", "-j", "lorra", code=2).stderr
     assert "ambiguous" in run_cli(runner, "sweep", "-m", "gpt2", "-g", "t4", "--min-headroom", "2G", code=2).stderr
 
 

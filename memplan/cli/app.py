@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -164,6 +165,8 @@ def estimate(
     max_batch: Annotated[bool, typer.Option("--max-batch", help="Report the largest batch that fits.",
                                             rich_help_panel=o.I)] = False,
     fmt: o.Format = "table",
+    plot: Annotated[Path | None, typer.Option("--plot", help="Draw the breakdown per tier against capacity "
+                                              "(.png, .svg or .pdf; needs memplan[plot]).", rich_help_panel=o.O)] = None,
 ) -> None:
     """Memory of one fixed configuration, per component and per device, and whether it fits."""
     from memplan.estimate import estimate as run_estimate
@@ -182,6 +185,9 @@ def estimate(
         if max_batch:
             extra["max_batch"] = largest_fitting(est, "micro_batch")
     emit_estimate(est, fmt, extra)
+    from memplan.report.plots import maybe_plot
+
+    maybe_plot(est, plot)
 
 
 def emit_estimate(est: Any, fmt: str, extra: dict[str, Any]) -> None:
@@ -267,6 +273,10 @@ def plan(
     solver: Annotated[str | None, typer.Option("--solver", help="highs or cbc (default: highs, else cbc).", rich_help_panel=o.O)] = None,
     debug_lp: Annotated[str | None, typer.Option("--debug-lp", help="Write the ILP to this .lp file.", rich_help_panel=o.O)] = None,
     fmt: o.Format = "table",
+    plot: Annotated[Path | None, typer.Option("--plot", help="Draw the best plan's breakdown and memory vs context or batch "
+                                              "(.png, .svg or .pdf; needs memplan[plot]).", rich_help_panel=o.O)] = None,
+    plot_axis: Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot curve: context or batch.",
+                                           rich_help_panel=o.O)] = "context",
 ) -> None:
     """The fastest (or smallest, cheapest...) configuration that fits, chosen by an ILP; exit 1 when none fits."""
     from memplan.planner.plan import PlanRequest
@@ -308,6 +318,12 @@ def plan(
                       space=space, objective=obj, top_k=top, time_limit_s=time_limit, solver=solver, debug_lp=debug_lp)
     result = run_plan(req)
     emit_plan(result, fmt)
+    if plot is not None and result.best is None:
+        sys.stderr.write("memplan: --plot skipped: no plan fits.\n")
+    elif plot is not None:
+        from memplan.report.plots import maybe_plot
+
+        maybe_plot(result, plot, axis=plot_axis)
     if result.best is None:
         raise typer.Exit(code=1)
 
@@ -426,3 +442,7 @@ def emit_rows(rows: list[dict[str, Any]], fmt: str, *, title: str) -> None:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+from memplan.cli import ci as _ci  # noqa: E402,F401  (registers check, sweep and explain on the app)
+from memplan.cli import measure_cmd as _measure  # noqa: E402,F401  (registers measure and calibrate on the app)

@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,26 +14,6 @@ from memplan.cli.app import app, console, handled, int_list, str_list
 from memplan.errors import MemplanError
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
-
-
-@contextlib.contextmanager
-def native_stdout_to_stderr() -> Iterator[None]:
-    """Send what native code writes to file descriptor 1 (the HiGHS banner) to stderr meanwhile,
-    so stdout carries only memplan's own output (JSON must parse)."""
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError):
-        yield
-        return
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        with contextlib.suppress(OSError, ValueError):
-            sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def recipe_paths(items: list[Path]) -> list[Path]:
@@ -78,8 +55,7 @@ def check(
     overrides = parse_set(sets or [])
     outcomes = []
     for path in recipe_paths(recipes):
-        with native_stdout_to_stderr():
-            outcome = check_recipe(path, overrides=overrides, time_limit_s=time_limit)
+        outcome = check_recipe(path, overrides=overrides, time_limit_s=time_limit)
         outcomes.append(outcome)
         if outcome.status == "error":
             sys.stderr.write(f"memplan: {outcome.reason}\n")
@@ -133,8 +109,10 @@ def job_list(text: str | None) -> tuple[Any, ...] | None:
 
 def tp_choice(text: str | None) -> int | str | None:
     """``--tp``: a positive degree or ``node``."""
-    if text is None or text.strip().lower() == "node":
-        return None if text is None else "node"
+    if text is None:
+        return None
+    if text.strip().lower() == "node":
+        return "node"
     values = int_list(text, "--tp")
     if values is None or len(values) != 1:
         raise MemplanError(f"--tp: give one degree such as 8, or 'node', got {text!r}.")
@@ -282,10 +260,22 @@ def emit_sweep(result: Any, fmt: str, out: Path | None, plot: Path | None) -> No
         typer.echo(dumps(validated("sweep", sweep_dict(result))))
     else:
         render_matrices(matrices(result), console())
+    report_invalid(result.cells)
     if plot is not None:
         from memplan.report.plots import maybe_plot
 
         maybe_plot(result, plot)
+
+
+def report_invalid(cells: list[Any], *, most: int = 5) -> None:
+    """Why cells are n/a, one line per distinct reason on stderr (the CSV has it per row)."""
+    from collections import Counter
+
+    reasons = Counter(c.error for c in cells if c.error)
+    for reason, n in reasons.most_common(most):
+        sys.stderr.write(f"memplan: {n} cell{'s' if n > 1 else ''} n/a: {reason}\n")
+    if len(reasons) > most:
+        sys.stderr.write(f"memplan: ... and {len(reasons) - most} more reasons (see the CSV's error column).\n")
 
 
 @app.command()

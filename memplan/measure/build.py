@@ -256,7 +256,7 @@ def build_model(spec: ModelSpec, cfg: JobConfig, *, attention: str, device: str,
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=HF_ATTENTION[attention],
                                                               dtype=dtype)
-    return model
+    return model.to(device)
 
 
 def lora_modules(spec: ModelSpec, targets: tuple[str, ...]) -> str | list[str]:

@@ -167,15 +167,24 @@ def state_lines(predicted: dict[str, int], measured: dict[str, int]) -> list[Lin
     return [Line(name, predicted.get(name), measured.get(name), EXACT) for name in names]
 
 
+def _method(device: str) -> str:
+    return "profiler memory events + resident tensors" if device == "cpu" else "torch.cuda.max_memory_allocated"
+
+
 def peak_lines(predicted_peak: int, phase: str, measured: int, measured_phase: str, *, device: str,
-               rows_sum: int, bounded: bool) -> list[Line]:
-    """The modelled peak (bounded for training) and the sum of memplan's rows (shown, not bounded)."""
-    bound = f"{CPU_PEAK_BOUND_PCT if device == 'cpu' else CUDA_PEAK_BOUND_PCT:g}%" if bounded else ""
-    what = "profiler memory events + live tensors" if device == "cpu" else "torch.cuda.max_memory_allocated"
+               rows_sum: int) -> list[Line]:
+    """Training: the modelled peak (bounded) and the sum of memplan's rows (shown, not bounded)."""
+    bound = f"{CPU_PEAK_BOUND_PCT if device == 'cpu' else CUDA_PEAK_BOUND_PCT:g}%"
     return [Line("peak/step (phase model)", predicted_peak, measured, bound,
-                 f"predicted at {phase}; measured in {measured_phase} ({what})"),
+                 f"predicted at {phase}; measured in {measured_phase} ({_method(device)})"),
             Line("peak/step (rows summed)", rows_sum, measured, "",
-                 "memplan's estimate adds gradients and activations, which a set_to_none step never holds together")]
+                 "memplan's estimate: every row added, gradients and activations together; no optimizer temporaries")]
+
+
+def inference_peak_line(rows_sum: int, measured: int, measured_phase: str, *, device: str) -> Line:
+    """Inference: memplan's rows summed (weights, KV cache, workspace) against the measured peak; not bounded."""
+    return Line("peak/inference (rows summed)", rows_sum, measured, "",
+                f"measured in {measured_phase} ({_method(device)}); workspace rows model CUDA kernels")
 
 
 def cuda_lines(predicted: dict[str, int], runtime: dict[str, int], allocated_peak: int, reserved: int | None,

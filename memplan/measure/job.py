@@ -89,11 +89,27 @@ def check_measurable(cfg: JobConfig, device: str) -> None:
 def effective_config(spec: ModelSpec, cfg: JobConfig) -> tuple[JobConfig, list[str]]:
     """The configuration that actually runs: the kernel transformers uses for this family."""
     notes = []
+    if cfg.attention is None:
+        cfg = cfg.model_copy(update={"attention": "sdpa" if cfg.flash_attention else "eager"})
+        notes.append(f"attention: {cfg.attention} (the configuration names no kernel; with flash_attention "
+                     "on, SDPA, which picks a flash kernel on CUDA)")
     impl = blk.attention_impl(spec, cfg)
     if impl != cfg.attention_impl:
         notes.append(f"attention: {impl}, not {cfg.attention_impl} (transformers has no {cfg.attention_impl} path "
                      f"for {spec.family.value}'s soft-capping)")
     return cfg.model_copy(update={"attention": impl}), notes
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _versions(device: str) -> dict[str, Any]:
@@ -108,7 +124,7 @@ def _versions(device: str) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - peft is optional for full training and inference
         pass
     if device == "cpu":
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = _cpu_name()
     else:
         from memplan.measure.calibrate import gpu_identity
 
@@ -126,7 +142,7 @@ def _train_lines(ctx: Context, meas: Any, device: str) -> tuple[list[cmp.Line], 
     phases = cmp.step_phases(predicted, step_temp=_step_temp(ctx, predicted, device))
     phase = max(phases, key=lambda k: phases[k])
     lines += cmp.peak_lines(phases[phase], phase, meas.peak, meas.peak_phase, device=device,
-                            rows_sum=sum(predicted.values()), bounded=True)
+                            rows_sum=sum(predicted.values()))
     if device != "cpu":
         lines += cmp.cuda_lines(predicted, runtime, phases[phase], meas.reserved, meas.driver_used)
     return lines, phases
@@ -167,8 +183,7 @@ def _infer_lines(ctx: Context, meas: Any, device: str, decode_steps: int) -> tup
     names = tuple(k for k in predicted if k.startswith("activations"))
     lines += cmp.transient_lines(predicted, names)
     total = sum(predicted.values())
-    lines += cmp.peak_lines(total, "weights + KV cache + activation rows", meas.peak, meas.peak_phase, device=device,
-                            rows_sum=total, bounded=False)[:1]
+    lines.append(cmp.inference_peak_line(total, meas.peak, meas.peak_phase, device=device))
     if device != "cpu":
         lines += cmp.cuda_lines(predicted, runtime, total, meas.reserved, meas.driver_used)
     return lines, {"prefill + decode": total}
@@ -179,6 +194,8 @@ def measure_job(spec: ModelSpec, cfg: JobConfig, gpu: GpuSpec, host: HostSpec | 
     """Build ``spec`` (its first ``layers`` layers), run ``cfg`` on ``device``, compare with memplan."""
     from memplan.measure import build, run
 
+    if cfg.attention is None and device == "cpu":
+        cfg = cfg.model_copy(update={"attention": "sdpa" if cfg.flash_attention else "eager"})
     check_measurable(cfg, device)
     device = run.check_device(device)
     if cfg.job is Job.INFER and not 0 <= decode_steps < cfg.infer.context:

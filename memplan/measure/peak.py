@@ -30,11 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 PHASE_PREFIX = "memplan::"
+BANNER = b"USDT:"
 
 
 def storage_bytes(tensors: Any) -> int:
@@ -95,7 +99,8 @@ class PeakMeter:
         from torch.profiler import ProfilerActivity, profile
 
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._prof.__enter__()
+        with _without_profiler_banner():
+            self._prof.__enter__()
         return self
 
     @contextlib.contextmanager
@@ -120,7 +125,8 @@ class PeakMeter:
             free, total = torch.cuda.mem_get_info()
             self.driver_used = total - free
             return
-        self._prof.__exit__(*exc)
+        with _without_profiler_banner():
+            self._prof.__exit__(*exc)
         if exc[0] is None:
             self.phases = _cpu_phase_peaks(self._prof, self.baseline)
         self._prof = None
@@ -136,6 +142,25 @@ class PeakMeter:
     @property
     def peak_reserved(self) -> int | None:
         return max(self.reserved.values()) if self.reserved else None
+
+
+@contextlib.contextmanager
+def _without_profiler_banner() -> Iterator[None]:
+    """Kineto writes a ``USDT: ... profiler_start/stop`` line to file descriptor 2 on every start and stop;
+    keep everything else it writes there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().splitlines(keepends=True) if not line.startswith(BANNER)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def _walk(nodes: Any, allocations: list[Any], ranges: dict[str, tuple[int, int]]) -> None:

@@ -109,7 +109,7 @@ class _Recorder:
         try:
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError, TypeError):  # pragma: no cover - exotic subclasses
-            return tensor
+            return tensor.detach()
         ptr, nbytes = storage.data_ptr(), storage.nbytes()
         if ptr in self.weights:
             self.excluded[ptr] = nbytes
@@ -121,7 +121,7 @@ class _Recorder:
                 "shape": tuple(tensor.shape),
                 "producer": type(tensor.grad_fn).__name__ if tensor.grad_fn is not None else "none",
             }
-        return tensor
+        return tensor.detach()
 
     def held(self, value: Any) -> None:
         """Record a tensor that something other than autograd keeps until backward."""

@@ -5,11 +5,12 @@ model only if memplan's prediction grows by a fixed amount per layer (or per rep
 layers: Gemma-2 alternates sliding and full attention, so its period is 2). ``scaling_check``
 verifies that, per component and in exact integer bytes:
 
-    P(L) == P(N) + (L − N) / p · (P(N + p) − P(N))
+    P(L) == P(N + r) + q · (P(N + p) − P(N)),   L − N = q·p + r
 
 with P(n) memplan's GPU rows for the first n layers (CUDA widths, what ``estimate`` reports), L the
-model's layers and p the period of the layers from N on. The runtime rows (CUDA context, allocator
-reserve) are left out: the reserve rounds up once, so it is affine only to within a byte.
+model's layers and p the period of the layers from N on (shorter than L − N). The runtime rows
+(CUDA context, allocator reserve) are left out: the reserve rounds up once, so it is affine only
+to within a byte.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ def _signature(layer: Layer) -> tuple[int, bool, bool, int]:
 
 
 def period(layers: tuple[Layer, ...], start: int) -> int | None:
-    """The smallest p such that layers ``start``.. repeat every p layers in whole groups; None if none."""
+    """The smallest p < L − start such that layers ``start``.. repeat every p layers; None if none."""
     sigs = [_signature(layer) for layer in layers]
     rest = len(sigs) - start
-    for p in range(1, rest + 1):
-        if rest % p == 0 and all(sigs[i] == sigs[i + p] for i in range(start, len(sigs) - p)):
+    for p in range(1, rest):
+        if all(sigs[i] == sigs[i + p] for i in range(start, len(sigs) - p)):
             return p
     return None
 
@@ -61,12 +62,13 @@ def scaling_check(full: ModelSpec, measured: ModelSpec, cfg: JobConfig, gpu: Gpu
     p = period(build_architecture(whole).layers, n)
     if p is None:
         return {**out, "linear": None, "note": f"layers {n}..{total - 1} do not repeat: no per-layer extrapolation"}
-    low, high = _prediction(measured, cfg, gpu, host), _prediction(measured_spec(full, n + p)[0], cfg, gpu, host)
-    target = _prediction(whole, cfg, gpu, host)
-    steps = (total - n) // p
+    predict = lambda count: _prediction(measured_spec(full, count)[0], cfg, gpu, host)  # noqa: E731
+    low, high, target = predict(n), predict(n + p), _prediction(whole, cfg, gpu, host)
+    steps, rest = divmod(total - n, p)
+    tail = predict(n + rest) if rest else low
     names = list(dict.fromkeys([*target, *low, *high]))
     step = {k: high.get(k, 0) - low.get(k, 0) for k in names}
-    extrapolated = {k: low.get(k, 0) + steps * step[k] for k in names}
+    extrapolated = {k: tail.get(k, 0) + steps * step[k] for k in names}
     off = {k: target.get(k, 0) - extrapolated[k] for k in names if target.get(k, 0) != extrapolated[k]}
     return {**out, "period": p, "per_period_bytes": {k: v for k, v in step.items() if v},
             "predicted_bytes": {"measured_layers": sum(low.values()), "all_layers": sum(target.values())},

@@ -64,10 +64,14 @@ DEFAULT_SEQ = 128
 FAMILIES = tuple(CONFIGS)
 
 
+def spec_from_config(config: dict[str, Any], *, name: str) -> ModelSpec:
+    """A ModelSpec from a config.json-style dict, as ``memplan`` reads a config file."""
+    return spec_from_hf_config(config, name=name, source="memplan.measure.tiny")
+
+
 def tiny_spec(family: str, **fields: Any) -> ModelSpec:
     """The tiny ModelSpec of ``family`` (a key of CONFIGS), config fields overridden by ``fields``."""
-    config = {**CONFIGS[family], **fields}
-    return spec_from_hf_config(config, name=f"tiny-{family}", source="memplan.measure.tiny")
+    return spec_from_config({**CONFIGS[family], **fields}, name=f"tiny-{family}")
 
 
 def seq_len(family: str) -> int:

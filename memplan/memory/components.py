@@ -25,6 +25,9 @@ def validate(ctx: Context) -> None:
     elif cfg.tp > 1 or cfg.pp > 1:
         raise MemplanError("tensor or pipeline parallelism needs the model's dimensions; "
                            "params:N models know only a parameter count.")
+    if cfg.recompute_map is not None and len(cfg.recompute_map) != len(ctx.arch.layers):
+        raise MemplanError(f"recompute_map has {len(cfg.recompute_map)} entries but the model has "
+                           f"{len(ctx.arch.layers)} layers.")
     if cfg.ep > 1:
         experts = spec.num_experts or 0
         if not experts:

@@ -39,9 +39,19 @@ FP32_BITS = Dtype.FP32.bits
 PAPER = "ZeRO (Rajbhandari et al. 2020) Sec. 3.1, Fig. 1"
 
 
+NOT_TRAINED = ("e_score_correction_bias",)
+"""Tensors resident with the weights but updated without gradients: DeepSeek-V3's router bias is a
+buffer in transformers (``register_buffer``), adjusted by a load-balancing rule, not by the optimizer."""
+
+
+def trainable_tensors(ctx: Context) -> list:
+    """Tensors of the reported stage that receive gradients and optimizer states."""
+    return [t for t in ctx.tensors if not t.name.endswith(NOT_TRAINED)]
+
+
 def trainable_numel(ctx: Context) -> int:
     """Trainable parameter elements on one GPU of the reported stage (after tp/ep division)."""
-    return sum(sharded_numel(t, ctx.cfg.tp, ctx.cfg.ep) for t in ctx.tensors)
+    return sum(sharded_numel(t, ctx.cfg.tp, ctx.cfg.ep) for t in trainable_tensors(ctx))
 
 
 def largest_layer_numel(ctx: Context) -> int:
@@ -70,7 +80,7 @@ def state_buffers(ctx: Context, *, numel: int) -> list[StateBuffer]:
     if ds and master:
         out.append(StateBuffer("gradients/fp32_partition", bits_to_bytes(numel, FP32_BITS), ZeroStage.OPTIMIZER,
                                opt_tier, DS_ESTIMATOR + "; ZeRO-Infinity Sec. 3 (20 bytes/param)"))
-    tensors = [t for t in ctx.tensors]
+    tensors = trainable_tensors(ctx)
     for name, nbytes in opt.state_rows(optimizer=cfg.optimizer, tensors=tensors, sdtype=sdtype):
         scaled = _scale_to_shard(nbytes, numel, tensors)
         out.append(StateBuffer(name, scaled, ZeroStage.OPTIMIZER, opt_tier,

@@ -8,8 +8,12 @@ Both are visible rows with a default and an override in ``JobConfig``; neither i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fractions import Fraction
 
+from memplan.catalog.profiles import load_profile
+from memplan.catalog.schema import GpuSpec
+from memplan.config import JobConfig
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.units import GiB, MiB, ceil_div
@@ -98,22 +102,52 @@ def allocator_reserve_bytes(*, allocated_bytes: int, pct: float) -> int:
     return ceil_div(allocated_bytes * share.numerator, share.denominator)
 
 
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The context size and reserve percentage in force, and where each comes from."""
+
+    context_bytes: int
+    reserve_pct: float
+    context_source: str
+    reserve_source: str
+    context_note: str
+    reserve_note: str
+
+
+def settings(gpu: GpuSpec, cfg: JobConfig) -> RuntimeSettings:
+    """Resolve the runtime overheads: explicit flags first, then a ``memplan calibrate`` profile of this
+    GPU model (``memplan.catalog.profiles``), then the documented defaults."""
+    profile = load_profile(gpu.name)
+    stack = "ROCm/HIP" if gpu.vendor == "amd" else "CUDA"
+    calibrated = (f"memplan calibrate profile {profile['path']} ({profile.get('device_name')}, driver "
+                  f"{profile.get('driver')}, {profile.get('measured_at')})") if profile else None
+    if cfg.cuda_context_bytes is not None:
+        context, context_source, context_note = cfg.cuda_context_bytes, CONTEXT_SOURCE, "set"
+    elif profile:
+        context, context_source, context_note = int(profile["cuda_context_bytes"]), str(calibrated), "calibrated"
+    else:
+        context = cuda_context_bytes(vendor=gpu.vendor)
+        context_source, context_note = CONTEXT_SOURCE, f"default {stack} context"
+    if cfg.allocator_reserve_pct is not None:
+        pct, reserve_source, reserve_note = cfg.allocator_reserve_pct, RESERVE_SOURCE, "set"
+    elif profile:
+        pct, reserve_source, reserve_note = float(profile["allocator_reserve_pct"]), str(calibrated), "calibrated"
+    else:
+        pct, reserve_source, reserve_note = ALLOCATOR_RESERVE_PCT, RESERVE_SOURCE, "default"
+    return RuntimeSettings(context, pct, context_source, reserve_source, context_note, reserve_note)
+
+
 def rows(ctx: Context, *, other_gpu_bytes: int) -> list[Row]:
     """The runtime rows of the reported GPU: its context and its allocator reserve, in bytes.
 
     ``other_gpu_bytes`` is the sum of every other GPU row (the A of ``allocator_reserve_bytes``).
-    Defaults come from ``CUDA_CONTEXT_BYTES``/``ROCM_CONTEXT_BYTES`` and ``ALLOCATOR_RESERVE_PCT``;
-    ``JobConfig.cuda_context_bytes`` and ``JobConfig.allocator_reserve_pct`` override them (0 allowed).
+    Values come from ``settings``: flags (``cuda_context_bytes``, ``allocator_reserve_pct``; 0 allowed),
+    then a calibrated profile, then ``CUDA_CONTEXT_BYTES``/``ROCM_CONTEXT_BYTES`` and ``ALLOCATOR_RESERVE_PCT``.
     """
-    cfg = ctx.cfg
-    context = cuda_context_bytes(vendor=ctx.gpu.vendor, override=cfg.cuda_context_bytes)
-    pct = ALLOCATOR_RESERVE_PCT if cfg.allocator_reserve_pct is None else cfg.allocator_reserve_pct
-    reserve = allocator_reserve_bytes(allocated_bytes=other_gpu_bytes, pct=pct)
-    stack = "ROCm/HIP" if ctx.gpu.vendor == "amd" else "CUDA"
-    context_note = "set" if cfg.cuda_context_bytes is not None else f"default {stack} context"
-    reserve_note = "set" if cfg.allocator_reserve_pct is not None else "default"
+    st = settings(ctx.gpu, ctx.cfg)
+    reserve = allocator_reserve_bytes(allocated_bytes=other_gpu_bytes, pct=st.reserve_pct)
     return [
-        Row("runtime/cuda_context", Tier.GPU, context, CONTEXT_SOURCE, f"{context_note} (cuda_context_bytes)"),
-        Row("runtime/allocator_reserve", Tier.GPU, reserve, RESERVE_SOURCE,
-            f"{reserve_note} {pct:g}% of {other_gpu_bytes} allocated bytes (allocator_reserve_pct)"),
+        Row("runtime/cuda_context", Tier.GPU, st.context_bytes, st.context_source, f"{st.context_note} (cuda_context_bytes)"),
+        Row("runtime/allocator_reserve", Tier.GPU, reserve, st.reserve_source,
+            f"{st.reserve_note} {st.reserve_pct:g}% of {other_gpu_bytes} allocated bytes (allocator_reserve_pct)"),
     ]

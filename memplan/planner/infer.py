@@ -34,10 +34,10 @@ def infer_config(base: JobConfig, choice: dict[str, Any]) -> JobConfig:
     if "batch" in choice:
         upd["micro_batch"] = choice["batch"]
     infer = {k: choice[k] for k in ("kv_dtype", "context") if k in choice}
-    cfg = base.model_copy(update=upd)
+    data = {**base.model_dump(), **upd}
     if infer:
-        cfg = cfg.model_copy(update={"infer": cfg.infer.model_copy(update=infer)})
-    return cfg
+        data["infer"] = {**data["infer"], **infer}
+    return JobConfig.model_validate(data)
 
 
 def _stage_rows(req: Any, cfg: JobConfig) -> list[list]:
@@ -72,8 +72,8 @@ def build(req: Any) -> tuple[Problem, list[str], dict[tuple, float]]:
     dims, excluded = _dims(req, arch)
     weights: dict[tuple, Entry] = {}
     for key in product(*(dims[d] for d in W_DIMS)):
-        cfg = infer_config(req.base, dict(zip(W_DIMS, key, strict=True)))
         try:
+            cfg = infer_config(req.base, dict(zip(W_DIMS, key, strict=True)))
             stages = _stage_rows(req, cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"context": 1})}))
         except (MemplanError, ValueError) as exc:
             excluded.append(str(exc))
@@ -82,8 +82,8 @@ def build(req: Any) -> tuple[Problem, list[str], dict[tuple, float]]:
         weights[key] = Entry(gpu=tuple(tier_total(r, Tier.GPU) for r in wrows), cpu=max(tier_total(r, Tier.CPU) for r in wrows))
     kv: dict[tuple, Entry] = {}
     for key in product(*(dims[d] for d in KV_DIMS)):
-        cfg = infer_config(req.base, dict(zip(KV_DIMS, key, strict=True)))
         try:
+            cfg = infer_config(req.base, dict(zip(KV_DIMS, key, strict=True)))
             stages = _stage_rows(req, cfg)
         except (MemplanError, ValueError) as exc:
             excluded.append(str(exc))
@@ -105,9 +105,8 @@ def build(req: Any) -> tuple[Problem, list[str], dict[tuple, float]]:
         speed[key] = c["batch"] / step
         values[key] = Entry(seconds=step, value=_value(req.objective, c, speed[key]))
     factors = [Factor("weights", W_DIMS, weights), Factor("kv", KV_DIMS, kv), Factor("speed", value_dims, values)]
-    context = runtime.cuda_context_bytes(vendor=req.gpu.vendor, override=req.base.cuda_context_bytes)
-    pct = req.base.allocator_reserve_pct
-    pct = runtime.ALLOCATOR_RESERVE_PCT if pct is None else pct
+    st = runtime.settings(req.gpu, req.base)
+    context, pct = st.context_bytes, st.reserve_pct
     kind = {"min-memory": "min_gpu_bytes"}.get(req.objective.value, "max_value")
     problem = Problem(dims=dims, factors=factors, layers=None, num_layers=len(arch.layers) or 1,
                       gpu_capacity=req.gpu.memory_bytes - context, cpu_capacity=req.host.cpu_ram_bytes,

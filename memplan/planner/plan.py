@@ -53,7 +53,7 @@ class PlanRequest:
     gpu: GpuSpec
     host: HostSpec
     base: JobConfig
-    space: SearchSpace = SearchSpace()
+    space: SearchSpace = field(default_factory=SearchSpace)
     objective: Objective = Objective.THROUGHPUT
     top_k: int = 3
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
@@ -146,7 +146,7 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
         raise MemplanError("no tensor/pipeline degree is valid: " + "; ".join(excluded[:3]))
     gb = global_batch_for(req, base.world_size, dims["micro_batch"])
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
-    problem, reasons = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective))
+    problem, _ = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective))
     builder = IlpBuilder(problem)
     if req.debug_lp:
         builder.write_lp(req.debug_lp)

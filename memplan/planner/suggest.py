@@ -11,7 +11,7 @@ from memplan.config import Job, JobConfig, Offload, OptimizerKind
 from memplan.errors import MemplanError
 from memplan.estimate import estimate
 from memplan.memory.breakdown import Tier
-from memplan.planner.space import Objective
+from memplan.planner.space import Objective, SearchSpace
 from memplan.units import GiB
 
 MAX_SCALE_NODES = 128
@@ -83,7 +83,7 @@ def more_gpus(req: Any) -> dict[str, Any] | None:
 
 def smaller_shape(req: Any) -> dict[str, Any] | None:
     field = "seq_len" if req.base.job.trains else "context"
-    space = req.space.model_copy(update={"micro_batch": (1,)})
+    space = SearchSpace.model_validate({**req.space.model_dump(), "micro_batch": (1,), "batch": (1,)})
     best = _fits(replace(req, space=space, objective=Objective.MAX_CONTEXT))
     if best is None:
         return None
@@ -94,7 +94,11 @@ def smaller_shape(req: Any) -> dict[str, Any] | None:
 
 
 def with_space(req: Any, label: str, flags: str, **space: Any) -> dict[str, Any] | None:
-    best = _fits(replace(req, space=req.space.model_copy(update=space)))
+    try:
+        new = SearchSpace.model_validate({**req.space.model_dump(), **space})
+    except ValueError:
+        return None
+    best = _fits(replace(req, space=new))
     return _entry(label, flags, best) if best is not None else None
 
 

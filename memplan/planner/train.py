@@ -63,9 +63,8 @@ def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | N
 
 
 def _valid(cfg: JobConfig, setting: TrainSetting) -> bool:
-    if setting.global_batch % (cfg.micro_batch * cfg.dp):
-        return False
-    return True
+    """Whether the micro-batch and data-parallel degree divide the global batch."""
+    return not setting.global_batch % (cfg.micro_batch * cfg.dp)
 
 
 def _contexts(setting: TrainSetting, cfg: JobConfig) -> list[Context]:
@@ -262,7 +261,7 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     out: dict[tuple, float | None] = {}
     none = min(layers.modes, key=lambda m: layers.savings_rank.get(m, 0))  # the least-saving mode allowed
     for key in {k for per in layers.gpu for m in per.values() for k in m}:
-        tp, pp, mb, seq = key
+        tp, pp = key[0], key[1]
         shp = shape.entries.get(key)
         if shp is None or (tp, pp) not in lean:
             out[key] = None
@@ -319,13 +318,8 @@ def _classes(arch: Architecture) -> list[int]:
 
 def runtime_terms(setting: TrainSetting) -> tuple[int, float]:
     """(CUDA context bytes, allocator reserve %) of the runtime rows, as the ILP applies them."""
-    ctx = Context(setting.arch, setting.base, setting.gpu, setting.host)
-    context = runtime.cuda_context_bytes(vendor=setting.gpu.vendor, override=setting.base.cuda_context_bytes)
-    pct = setting.base.allocator_reserve_pct
-    if pct is None:
-        pct = runtime.ALLOCATOR_RESERVE_PCT
-    del ctx
-    return context, float(pct)
+    st = runtime.settings(setting.gpu, setting.base)
+    return st.context_bytes, float(st.reserve_pct)
 
 
 def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,

@@ -31,12 +31,22 @@ def estimate_record(est: Estimate) -> dict[str, Any]:
         rec[f"{tier.value}_total_gib"] = round(est.total(tier) / GiB, 4)
         for name, nbytes in components(est.rows, tier).items():
             rec[f"{tier.value}:{name}_bytes"] = nbytes
+            rec[f"{tier.value}:{name}_gib"] = round(nbytes / GiB, 4)
     rec["fits"] = est.fits
     rec["headroom_bytes"] = est.headroom_bytes
     return rec
 
 
 def records_to_csv(records: list[dict[str, Any]]) -> str:
+    """CSV through pandas, ``*_bytes`` columns as exact ints even where rows differ in their components
+    (a component a row lacks holds 0 bytes on that tier; an unset size stays empty), never floats."""
     import pandas as pd
 
-    return pd.DataFrame.from_records(records).to_csv(index=False)
+    df = pd.DataFrame.from_records(records)
+    for col in [c for c in df.columns if c.endswith(("_bytes", "_gib"))]:
+        fill = 0 if ":" in col else None
+        if col.endswith("_bytes"):
+            df[col] = pd.array([r.get(col, fill) for r in records], dtype="Int64")
+        elif fill is not None:
+            df[col] = df[col].fillna(0.0)
+    return df.to_csv(index=False)

@@ -84,8 +84,8 @@ def render_matrices(mats: list[Matrix], console: Any) -> None:
         out = console if need <= console.width else Console(file=console.file, width=need, soft_wrap=False)
         console.print(m.title, soft_wrap=True, highlight=False)
         out.print(table)
-    console.print(f"{NO_FIT}: nothing fits (not even 1); {INVALID}: invalid configuration (see the CSV's error column).",
-                  soft_wrap=True)
+    console.print(f"{NO_FIT}: nothing fits (not even 1); {INVALID}: invalid configuration or not modelled "
+                  "(reasons on stderr and in the CSV's error column).", soft_wrap=True)
 
 
 def matrix_dict(m: Matrix) -> dict[str, Any]:
