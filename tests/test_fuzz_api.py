@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from test_fuzz_cli import FIXTURE_FILES, config_edits, fuzz_settings
 
@@ -43,11 +43,14 @@ def check_estimate(est: Any) -> None:
 def outcome(func: Any, *args: Any, **kwargs: Any) -> Any:
     """``func(...)``, or None when it raised MemplanError with a one-line message; anything else fails."""
     try:
-        return func(*args, **kwargs)
+        value = func(*args, **kwargs)
     except MemplanError as exc:
         message = str(exc)
         assert message and "\n" not in message.strip(), repr(message)
+        event(f"{getattr(func, '__name__', func)}: MemplanError")
         return None
+    event(f"{getattr(func, '__name__', func)}: answer")
+    return value
 
 
 # -- wrong types and absurd values for every JobConfig field -------------------------------------------

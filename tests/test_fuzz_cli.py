@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import current_build_context
+from hypothesis.errors import InvalidArgument
 from typer.testing import CliRunner
 
 from memplan.cli.app import app
@@ -87,12 +89,13 @@ def check_result(result: Any, *, names: tuple[str, ...] = (), fmt: str = "json",
     out, err = result.stdout, result.stderr
     assert "Traceback" not in out + err
     code = result.exit_code
+    note_event(f"exit {code}")
     allowed = (0, 1, 2) if command == "plan" else (0, 2)
     assert code in allowed, f"exit {code}\nstderr: {err}"
     if code == 2:
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("memplan: "), f"not one line:\n{err}"
-        assert lines[0].rstrip().endswith((".", "?", ")")), f"not a sentence: {lines[0]}"
+        assert lines[0].rstrip().endswith((".", "?", "!")), f"not a sentence: {lines[0]}"
         if names:
             low = err.lower()
             assert any(n.lower() in low for n in names), f"{names} not named in: {err}"
@@ -104,6 +107,17 @@ def check_result(result: Any, *, names: tuple[str, ...] = (), fmt: str = "json",
         else:
             check_estimate_json(doc)
     return code
+
+
+def note_event(text: str) -> None:
+    """Count an outcome for ``--hypothesis-show-statistics`` (only inside a hypothesis test)."""
+    try:
+        current_build_context()
+    except InvalidArgument:  # not inside @given
+        return
+    from hypothesis import event
+
+    event(text)
 
 
 def invoke(*args: str) -> Any:

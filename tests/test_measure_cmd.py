@@ -158,15 +158,22 @@ def test_line_bounds() -> None:
 
 
 def test_calibration_profile_round_trip(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memplan.catalog.profiles import load_profile
+    from memplan.estimate import estimate
+
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    assert cal.load_profile("h100-sxm-80gb") is None
+    assert load_profile("h100-sxm-80gb") is None
     path = cal.save_profile("h100-sxm-80gb", {"cuda_context_bytes": 123 * 2**20, "allocator_reserve_pct": 4.5})
     assert path == tmp_path / "memplan" / "profiles" / "h100-sxm-80gb.json"
-    profile = cal.load_profile("h100-sxm-80gb")
+    profile = load_profile("h100-sxm-80gb")
     assert profile is not None and profile["cuda_context_bytes"] == 123 * 2**20 and profile["path"] == str(path)
+    rows = {r.component: r for r in estimate("llama-3.2-1b", "h100-sxm-80gb", job="infer").rows}
+    assert rows["runtime/cuda_context"].bytes == 123 * 2**20
+    assert rows["runtime/cuda_context"].source.startswith("memplan calibrate profile")
+    assert "4.5%" in rows["runtime/allocator_reserve"].note
     path.write_text('{"cuda_context_bytes": -1, "allocator_reserve_pct": 4.5}')
     with pytest.raises(Exception, match="rerun 'memplan calibrate'"):
-        cal.load_profile("h100-sxm-80gb")
+        load_profile("h100-sxm-80gb")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md"]
+INCLUDE = re.compile(r"(<!-- include: ([^ ]+) -->\n).*?(<!-- end include -->\n)", re.S)
 PATTERN = re.compile(r"(<!-- example: (memplan [^\n]*?) -->\n)```text\n.*?```\n", re.S)
 WIDTH = "100"
 
@@ -32,7 +33,15 @@ def run(command: str) -> str:
     return f"$ {command}\n{out}\n"
 
 
+def table_of(path: str) -> str:
+    """The markdown table of a generated document (e.g. docs/accuracy.md from benchmarks/accuracy.py)."""
+    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
+    rows = [line for line in lines if line.startswith("|")]
+    return "\n".join(rows) + "\n"
+
+
 def render(text: str) -> str:
+    text = INCLUDE.sub(lambda m: f"{m.group(1)}{table_of(m.group(2))}{m.group(3)}", text)
     return PATTERN.sub(lambda m: f"{m.group(1)}```text\n{run(m.group(2))}```\n", text)
 
 

@@ -7,13 +7,23 @@ to bytes once, by properties on the schema.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A JSON/YAML ``true`` is not a size or a count (pydantic would read it as 1)."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not bool and bool not in get_args(annotation):
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class Family(StrEnum):
@@ -29,6 +39,11 @@ class Family(StrEnum):
     OPT = "opt"              # learned positions with offset 2, biases, fc1/fc2
     FALCON = "falcon"        # fused query_key_value, parallel attention, MQA
     PARAMS_ONLY = "params_only"  # known only by its parameter count (papers' hypothetical sizes)
+
+
+MAX_LAYERS = 10_000
+"""Most layers a model may have. memplan builds one record per layer (about 0.1 ms each); published
+LLMs have at most a few hundred (Llama-3.1-405B: 126), so 10,000 only refuses absurd input."""
 
 
 class ModelSpec(Strict):
@@ -62,9 +77,9 @@ class ModelSpec(Strict):
     num_experts: PositiveInt | None = None
     num_experts_per_tok: PositiveInt | None = None
     moe_intermediate_size: PositiveInt | None = None
-    n_shared_experts: int = 0
+    n_shared_experts: int = Field(default=0, ge=0)
     shared_expert_intermediate_size: PositiveInt | None = None
-    first_k_dense_replace: int = 0
+    first_k_dense_replace: int = Field(default=0, ge=0)
     # DeepSeek router: "noaux_tc" (V3) adds a per-expert e_score_correction_bias tensor;
     # "greedy" / "group_limited_greedy" (V2) do not.
     topk_method: str | None = None
@@ -74,7 +89,7 @@ class ModelSpec(Strict):
     qk_nope_head_dim: PositiveInt | None = None
     qk_rope_head_dim: PositiveInt | None = None
     v_head_dim: PositiveInt | None = None
-    num_nextn_predict_layers: int = 0
+    num_nextn_predict_layers: int = Field(default=0, ge=0)
     # Largest single layer, for ZeRO-3's live-parameter buffer when dimensions are unknown.
     largest_layer_params: PositiveInt | None = None
 
@@ -110,9 +125,16 @@ class ModelSpec(Strict):
         ]
         if missing:
             raise ValueError(f"missing required field(s): {', '.join(missing)}")
+        for layers_field in ("num_hidden_layers", "num_nextn_predict_layers"):
+            if (getattr(self, layers_field) or 0) > MAX_LAYERS:
+                raise ValueError(f"{layers_field} is {getattr(self, layers_field)}; memplan builds layers one by one "
+                                 f"and accepts at most {MAX_LAYERS:,}")
         heads, kv = self.num_attention_heads or 1, self.kv_heads
         if heads % kv:
             raise ValueError(f"num_key_value_heads ({kv}) must divide num_attention_heads ({heads})")
+        if not self.is_mla and self.dim_per_head == 0:
+            raise ValueError(f"hidden_size ({self.hidden_size}) is smaller than num_attention_heads ({heads}), "
+                             "so each head would have 0 dimensions; set head_dim")
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"

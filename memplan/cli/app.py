@@ -65,6 +65,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def fail(message: str) -> typer.Exit:
     """Print one sentence on stderr and return the exit for bad input (code 2)."""
+    message = " ".join(message.split())  # one line, whatever the message carried
+    if not message.endswith((".", "?", "!")):
+        message += "."
     sys.stderr.write(f"memplan: {message}\n")
     return typer.Exit(code=EXIT_INPUT)
 

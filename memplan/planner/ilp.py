@@ -316,8 +316,13 @@ class IlpBuilder:
             status = self.prob.solve(chosen)
         label = pl.LpStatus[status]
         if label != "Optimal" or self.prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
-            return Solution(_status_name(label, self.prob.sol_status), {}, [], math.nan, math.nan)
-        choice = {d: v for (d, v), var in self.x.items() if (var.value() or 0) > 0.5}
+            highs = self.prob if isinstance(chosen, pl.HiGHS) else None
+            return Solution(_status_name(label, highs), {}, [], math.nan, math.nan)
+        picked = [(d, v) for (d, v), var in self.x.items() if (var.value() or 0) > 0.5]
+        if sorted(d for d, _ in picked) != sorted(self.p.dims):
+            # PuLP reports HiGHS's kTimeLimit as integer-feasible even when no incumbent exists.
+            return Solution("time_limit", {}, [], math.nan, math.nan)
+        choice = dict(picked)
         modes = self.modes() if self.p.layers is not None else []
         sol_status = "optimal" if self.prob.sol_status == pl.LpSolutionOptimal else "feasible"
         return Solution(sol_status, choice, modes, float(pl.value(self.prob.objective) or 0.0),
@@ -329,11 +334,21 @@ class IlpBuilder:
         self.prob += pl.lpSum(self.x[d, v] for d, v in choice.items()) <= len(choice) - 1, name
 
     def write_lp(self, path: str) -> None:
-        self.prob.writeLP(path)
+        from memplan.errors import MemplanError
+
+        try:
+            self.prob.writeLP(path)
+        except OSError as exc:
+            raise MemplanError(f"--debug-lp: cannot write {path}: {exc.strerror or exc}.") from None
 
 
-def _status_name(label: str, sol_status: int) -> str:
+def _status_name(label: str, prob: Any) -> str:
+    """The solve's status in memplan's words. PuLP reports HiGHS's kUnboundedOrInfeasible (a MIP whose
+    relaxation is unbounded) as Infeasible; memplan keeps HiGHS's own, undecided answer."""
     if label == "Infeasible":
+        model = getattr(prob, "solverModel", None)
+        if model is not None and getattr(model.getModelStatus(), "name", "") == "kUnboundedOrInfeasible":
+            return "infeasible_or_unbounded"
         return "infeasible"
     if label == "Unbounded":
         return "unbounded"

@@ -150,7 +150,12 @@ def plan_inference(req: Any) -> Any:
     while len(result.candidates) < req.top_k and rejected < 20:
         sol = builder.solve(time_limit=req.time_limit_s, solver=req.solver)
         if sol.status not in ("optimal", "feasible"):
+            from memplan.planner.plan import no_plan_reason
+
+            no_plan_reason(sol.status, req.time_limit_s, result)
             break
+        if sol.status == "feasible":
+            result.solver_status = "feasible (time limit reached; best incumbent)"
         cfg = infer_config(req.base, sol.choice)
         est = estimate(req.model, req.gpu, cfg, host=req.host)
         builder.exclude(sol.choice, f"cut_{len(result.candidates)}_{rejected}")

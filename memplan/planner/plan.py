@@ -155,8 +155,7 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     while found < req.top_k and rejected < MAX_REJECTED:
         sol = builder.solve(time_limit=req.time_limit_s, solver=req.solver)
         if sol.status not in ("optimal", "feasible"):
-            if sol.status == "time_limit" and not result.candidates:
-                result.solver_status = "time_limit"
+            no_plan_reason(sol.status, req.time_limit_s, result)
             break
         if sol.status == "feasible":
             result.solver_status = "feasible (time limit reached; best incumbent)"
@@ -171,6 +170,18 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
         result.candidates.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, layer_map(sol.modes)))
         found += 1
     return found > 0
+
+
+def no_plan_reason(status: str, time_limit_s: float, result: PlanResult) -> None:
+    """After a solve that returned no plan: with no plan found so far, a time limit is an error the user
+    can fix (a clear message, exit 2); any other status (infeasible, unbounded) is recorded as the
+    solver's status of an infeasible result."""
+    if result.candidates:
+        return
+    if status == "time_limit":
+        raise MemplanError(f"the solver reached its time limit ({time_limit_s:g} s) before finding any plan; "
+                           "raise --time-limit.")
+    result.solver_status = status
 
 
 def plan(req: PlanRequest) -> PlanResult:
