@@ -82,7 +82,7 @@ class Recompute(StrEnum):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, allow_inf_nan=False)
 
 
 class LoraConfig(Strict):
@@ -166,6 +166,9 @@ class JobConfig(Strict):
     al. 2022's accounting (16-bit tensors and 1-byte masks only, no norm statistics, fp32 upcasts or int64 indices)."""
     cuda_context_bytes: int | None = Field(default=None, ge=0)
     allocator_reserve_pct: float | None = Field(default=None, ge=0, le=100)
+    safety_margin_pct: float = Field(default=0.0, ge=0, lt=100)
+    """Share of each GPU's memory to keep free, as the visible row ``runtime/safety_margin``; default 0 (the
+    gate compares capacity with the exact sum of the modelled rows). See ``memory.runtime.SAFETY_MARGIN_SOURCE``."""
     lora: LoraConfig = LoraConfig()
     galore: GaloreConfig = GaloreConfig()
     infer: InferConfig = InferConfig()

@@ -100,7 +100,21 @@ def estimate(
     arch = build_architecture(spec)
     ctx = Context(arch=arch, cfg=cfg, gpu=gpu_spec, host=host or HostSpec())
     rows, missing, stage = components.all_rows(ctx)
+    _check_printable(rows)
     return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage)
+
+
+MAX_TOTAL_BITS = 1000
+"""Byte totals must stay below 2^1000: exact ints either way, but GiB figures are printed as floats."""
+
+
+def _check_printable(rows: list[Row]) -> None:
+    """A MemplanError when a tier's total is astronomically large (absurd sizes such as a 10^300-token sequence)."""
+    for tier in Tier:
+        bits = tier_total(rows, tier).bit_length()
+        if bits > MAX_TOTAL_BITS:
+            raise MemplanError(f"this configuration would need about 2^{bits - 1} bytes of {tier.value} memory, beyond "
+                               "what memplan reports; check the sizes given (sequence length, batch, context, parameters).")
 
 
 def _check_types(**args: tuple[Any, tuple[type, ...]]) -> None:

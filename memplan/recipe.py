@@ -48,6 +48,8 @@ class Strict(BaseModel):
 
 def size_bytes(value: Any) -> int:
     """A size written with its unit (``64GiB``, ``2TB``) in bytes; 0 may stand alone."""
+    if not isinstance(value, str | int | float):
+        raise ValueError(f"expected a size such as '64GiB' or '2TB', got {type(value).__name__} {value!r}")
     if isinstance(value, bool) or (isinstance(value, int | float) and value != 0):
         raise ValueError(f"{value!r} has no unit; write it as a string like '{value}GiB' or '{value}GB'")
     try:

@@ -102,12 +102,18 @@ def parse_recipe(data: Any, *, name: str) -> Recipe:
 
 
 def read_yaml(path: Path) -> Any:
+    import stat
+
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever; a directory cannot be read
+            raise MemplanError("not a regular file; give a recipe .yaml file or a directory of them.")
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MemplanError("no such recipe file.") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise MemplanError(f"cannot read the recipe: {' '.join(str(exc).split())}") from None
+        from memplan.catalog.store import yaml_error_sentence
+
+        raise MemplanError(f"cannot read the recipe: {yaml_error_sentence(exc)}.") from None
 
 
 def resolve(recipe: Recipe, path: Path) -> LoadedRecipe:

@@ -26,6 +26,10 @@ _SIZE_UNITS = {
     "kb": KB, "mb": MB, "gb": GB, "tb": TB,
 }
 _COUNT_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+MAX_SIZE_BYTES = 2**100
+"""Largest size a user may type (about 10^30 bytes): far beyond any memory, small enough to print."""
+MAX_COUNT = 10**30
+"""Largest parameter (or other) count a user may type; 10^15 parameters is an accepted extreme."""
 _SIZE_RE = re.compile(r"^\s*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -69,6 +73,8 @@ def parse_size(text: str | int, *, field: str = "size") -> int:
         value = int(Decimal(number) * scale)
     if value < 0:
         raise MemplanError(f"{field}: must not be negative, got {text!r}.")
+    if value > MAX_SIZE_BYTES:
+        raise MemplanError(f"{field}: {text!r} is larger than any memory memplan models (at most 2^100 bytes).")
     return value
 
 
@@ -87,6 +93,8 @@ def parse_count(text: str | int, *, field: str = "count") -> int:
             raise MemplanError(f"{field}: cannot read {text!r} as a count.") from None
     if value <= 0:
         raise MemplanError(f"{field}: must be positive, got {text!r}.")
+    if value > MAX_COUNT:
+        raise MemplanError(f"{field}: {text!r} is more than memplan counts (at most 10^30).")
     return value
 
 

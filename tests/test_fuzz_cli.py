@@ -395,24 +395,43 @@ def _unreadable(tmp: Path) -> Path:
     return path
 
 
+def _written(name: str, content: bytes) -> Any:
+    def make(tmp: Path) -> Path:
+        path = tmp / name
+        path.write_bytes(content)
+        return path
+
+    return make
+
+
+def _directory_named_config_json(tmp: Path) -> Path:
+    (tmp / "config.json").mkdir()
+    return tmp
+
+
+def _symlink_loop(tmp: Path) -> Path:
+    (tmp / "loop.json").symlink_to(tmp / "loop.json")
+    return tmp / "loop.json"
+
+
 FILE_CASES = {
-    "directory_named_config_json": lambda tmp: (tmp / "config.json").mkdir() or tmp,
+    "directory_named_config_json": _directory_named_config_json,
     "directory_without_config": lambda tmp: tmp,
     "fifo_where_a_file_is_expected": _fifo,
     "unreadable_file": _unreadable,
-    "empty_file": lambda tmp: (tmp / "config.json").write_text("") or tmp / "config.json",
-    "not_utf8": lambda tmp: (tmp / "config.json").write_bytes(b"\xff\xfe{\x00") or tmp / "config.json",
-    "symlink_loop": lambda tmp: (tmp / "loop.json").symlink_to(tmp / "loop.json") or tmp / "loop.json",
+    "empty_file": _written("config.json", b""),
+    "not_utf8": _written("config.json", b"\xff\xfe{\x00"),
+    "symlink_loop": _symlink_loop,
     "missing_file": lambda tmp: tmp / "nope" / "config.json",
     "name_too_long": lambda tmp: tmp / ("x" * 300 + ".json"),
-    "deeply_nested_json": lambda tmp: (tmp / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-    or tmp / "config.json",
+    "deeply_nested_json": _written("config.json", b"[" * 100_000 + b"]" * 100_000),
 }
 
 
 @pytest.mark.parametrize("case", sorted(FILE_CASES))
 def test_unreadable_inputs(case: str, tmp_path: Path) -> None:
     path = FILE_CASES[case](tmp_path)
+    assert isinstance(path, Path)
     try:
         result = invoke("estimate", str(path), "--format", "json")
     finally:
@@ -503,3 +522,114 @@ def test_ten_million_token_kv_cache_is_linear_and_exact() -> None:
     # Llama-3.1-8B: 32 layers x 8 KV heads x 128 head dim x (K and V) x 2 bytes = 131,072 bytes per token.
     assert sum(kv.values()) == 10_000_000 * 131_072
     assert sum(kv_small.values()) * 10_000 == sum(kv.values())
+
+
+# -- recipes and check: garbage, truncated and mutated YAML ---------------------------------------------
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ESTIMATED_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if "\nsearch:" not in p.read_text())
+PLANNED_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if "\nsearch:" in p.read_text())
+
+
+def _recipe_values() -> st.SearchStrategy[Any]:
+    return st.one_of(_json_values(), st.sampled_from(["80G", "10%", "-5GiB", "nan", "1e400GiB", "200%", "h100",
+                                                      "infer", [1, 2], {"rank": -1}, {"zero": 9}, "params:1e400"]))
+
+
+def _dotted_paths(data: Any, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in (data.items() if isinstance(data, dict) else []):
+        path = f"{prefix}{key}"
+        out.append(path)
+        out += _dotted_paths(value, f"{path}.")
+    return out
+
+
+def _mutate_recipe(data: dict[str, Any], kind: str, index: int, value: Any) -> Any:
+    paths = _dotted_paths(data)
+    path = paths[index % len(paths)].split(".")
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    if kind == "delete":
+        del node[path[-1]]
+    elif kind == "set":
+        node[path[-1]] = value
+    else:  # add an unknown or misplaced key next to it
+        node[str(value)[:12] or "x"] = 1
+    return data
+
+
+recipe_edits = st.one_of(
+    st.tuples(st.sampled_from(["delete", "set", "add"]), st.integers(0, 60), _recipe_values()),
+    st.tuples(st.just("truncate"), st.integers(0, 2000), st.none()),
+    st.tuples(st.just("garbage"), st.binary(max_size=40), st.none()),
+)
+
+
+def check_check(result: Any) -> None:
+    """check: exit 0/1/2, stderr lines are 'memplan: ...' sentences, stdout is JSON whose verdicts are exact."""
+    exc = result.exception
+    assert exc is None or isinstance(exc, SystemExit), f"uncaught {type(exc).__name__}: {exc}"
+    assert result.exit_code in (0, 1, 2), f"exit {result.exit_code}: {result.stderr}"
+    note_event(f"check exit {result.exit_code}")
+    for line in result.stderr.splitlines():
+        if line.strip():
+            assert line.startswith("memplan: ") and "Traceback" not in line, result.stderr
+    if result.exit_code == 2 and not result.stdout.strip():
+        return
+    doc = json.loads(result.stdout)
+    for rec in doc["recipes"]:
+        if rec["status"] == "error":
+            assert rec["reason"] and "\n" not in rec["reason"], rec["reason"]
+            continue
+        check_estimate_json(rec["estimate"])
+        for tier in rec["tiers"]:
+            comps = rec["estimate"]["memory"][tier["tier"]]["components"]
+            assert tier["total_bytes"] == sum(comps.values())
+
+
+@fuzz_settings(60)
+@given(base=st.sampled_from(ESTIMATED_RECIPES), edit=recipe_edits)
+def test_check_mutated_recipes(base: Path, edit: tuple[Any, ...]) -> None:
+    import yaml
+
+    kind, arg, value = edit
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / base.name
+        if kind == "truncate":
+            text = base.read_text()
+            path.write_text(text[: arg % max(len(text), 1)])
+        elif kind == "garbage":
+            path.write_bytes(arg)
+        else:
+            data = _mutate_recipe(yaml.safe_load(base.read_text()), kind, arg, value)
+            path.write_text(yaml.safe_dump(data) if isinstance(data, dict) else "")
+        check_check(invoke("check", str(path), "--format", "json"))
+
+
+@fuzz_settings(25)
+@given(base=st.sampled_from(ESTIMATED_RECIPES),
+       item=st.one_of(st.tuples(st.sampled_from(["job.seq_len", "job.context", "fixed.zero", "hardware.gpu",
+                                                 "hardware.gpus_per_node", "min_headroom", "fixed.safety_margin_pct",
+                                                 "job.type", "model", "nope.x", "", "job..x"]), _recipe_values())
+                      .map(lambda kv: f"{kv[0]}={json.dumps(kv[1]) if not isinstance(kv[1], str) else kv[1]}"),
+                      st.text(max_size=12)))
+def test_check_set_overrides(base: Path, item: str) -> None:
+    check_check(invoke("check", str(base), "--set", item, "--format", "json"))
+
+
+@pytest.mark.parametrize("recipe", PLANNED_RECIPES[:2], ids=lambda p: p.stem)
+def test_check_planned_recipe_with_an_absurd_override(recipe: Path) -> None:
+    check_check(invoke("check", str(recipe), "--set", "hardware.gpus_per_node=100000", "--format", "json",
+                       "--time-limit", "10"))
+
+
+@pytest.mark.parametrize("case", ["directory_named_config_json", "fifo_where_a_file_is_expected", "unreadable_file",
+                                  "empty_file", "not_utf8", "symlink_loop", "missing_file", "name_too_long"])
+def test_check_unreadable_recipe_files(case: str, tmp_path: Path) -> None:
+    path = FILE_CASES[case](tmp_path)
+    assert isinstance(path, Path)
+    result = invoke("check", str(path), "--format", "json")
+    check_check(result)
+    assert result.exit_code == 2

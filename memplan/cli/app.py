@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 try:  # typer >= 0.25 vendors click
     from typer._click.exceptions import ClickException
@@ -19,6 +19,8 @@ except ImportError:  # pragma: no cover - older typer depends on click
 
 from memplan.cli import options as o
 from memplan.errors import MemplanError
+
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")  # skip pydantic's entry-point scan at start-up
 
 
 class OneLineErrors(TyperGroup):
@@ -56,7 +58,25 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
     cls=OneLineErrors,
+    rich_markup_mode=None,  # plain help (PanelHelp below keeps the panels): --help does not import rich
 )
+
+
+class PanelHelp(TyperCommand):
+    """A command whose ``--help`` lists options under their panels (Hardware, Job, ...), as typer's rich
+    help does, but in click's plain text, so ``--help`` does not import rich (or markdown-it, pygments)."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        panels: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                title = "Arguments" if param.param_type_name == "argument" else (
+                    getattr(param, "rich_help_panel", None) or "Options")
+                panels.setdefault(title, []).append(record)
+        for title in sorted(panels, key=lambda t: (t != "Arguments", t == "Options")):
+            with formatter.section(title):
+                formatter.write_dl(panels[title])
 
 EXIT_INPUT = 2
 EXIT_INTERNAL = 3
@@ -151,6 +171,7 @@ def estimate(
     activation_accounting: o.ActAccounting = "autograd",
     cuda_context: o.CudaContext = None,
     allocator_reserve: o.AllocReserve = None,
+    safety_margin: o.SafetyMargin = 0.0,
     lora_rank: o.LoraRank = 16,
     lora_alpha: o.LoraAlpha = 32.0,
     lora_targets: o.LoraTargets = "q,k,v,o",
@@ -188,9 +209,10 @@ def estimate(
         if max_batch:
             extra["max_batch"] = largest_fitting(est, "micro_batch")
     emit_estimate(est, fmt, extra)
-    from memplan.report.plots import maybe_plot
+    if plot is not None:
+        from memplan.report.plots import maybe_plot
 
-    maybe_plot(est, plot)
+        maybe_plot(est, plot)
 
 
 def emit_estimate(est: Any, fmt: str, extra: dict[str, Any]) -> None:
@@ -263,6 +285,7 @@ def plan(
     flash_attention: o.Flash = True,
     cuda_context: o.CudaContext = None,
     allocator_reserve: o.AllocReserve = None,
+    safety_margin: o.SafetyMargin = 0.0,
     lora_rank: o.LoraRank = 16,
     lora_targets: o.LoraTargets = "q,k,v,o",
     galore_rank: o.GaloreRank = 128,
@@ -301,7 +324,8 @@ def plan(
     base = make_base(job=job, dtype=dtype, quant=None if quants is None or len(quants) != 1 else _none(quants[0]),
                      optimizer=(str_list(optimizer) or ("adamw",))[0], accounting=accounting, gpus=gpus, nodes=nodes,
                      seq_len=seq_len, flash_attention=flash_attention, cuda_context=cuda_context,
-                     allocator_reserve=allocator_reserve, lora_rank=lora_rank, lora_targets=lora_targets,
+                     allocator_reserve=allocator_reserve, safety_margin=safety_margin, lora_rank=lora_rank,
+                     lora_targets=lora_targets,
                      galore_rank=galore_rank, galore_8bit=galore_8bit, batch=(int_list(batch, "--batch") or (1,))[0],
                      context=(int_list(context, "--context") or (4096,))[0], kv_dtype=(str_list(kv_dtype) or (None,))[0])
     space = search_space({
@@ -361,7 +385,7 @@ def make_base(**kw: Any) -> Any:
         "accounting": kw["accounting"], "gpus_per_node": kw["gpus"], "nodes": kw["nodes"], "seq_len": kw["seq_len"],
         "micro_batch": kw["batch"], "flash_attention": kw["flash_attention"],
         "cuda_context_bytes": o.size_or_none(kw["cuda_context"], "--cuda-context"),
-        "allocator_reserve_pct": kw["allocator_reserve"],
+        "allocator_reserve_pct": kw["allocator_reserve"], "safety_margin_pct": kw["safety_margin"],
         "lora": {"rank": kw["lora_rank"], "targets": o.lora_targets(kw["lora_targets"])},
         "galore": {"rank": kw["galore_rank"], "eight_bit": kw["galore_8bit"]},
         "infer": {"context": kw["context"], "kv_dtype": kw["kv_dtype"]},
@@ -449,3 +473,7 @@ def main() -> None:
 
 from memplan.cli import ci as _ci  # noqa: E402,F401  (registers check, sweep and explain on the app)
 from memplan.cli import measure_cmd as _measure  # noqa: E402,F401  (registers measure and calibrate on the app)
+
+for _info in app.registered_commands:  # every command's --help groups its options by panel
+    if _info.cls in (None, TyperCommand):
+        _info.cls = PanelHelp

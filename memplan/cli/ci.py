@@ -20,7 +20,11 @@ def recipe_paths(items: list[Path]) -> list[Path]:
     """Files as given; a directory stands for its *.yaml / *.yml files, sorted."""
     out: list[Path] = []
     for item in items:
-        if item.is_dir():
+        try:
+            is_dir = item.is_dir()
+        except OSError:  # a name too long to look up: load_recipe reports it for that file
+            is_dir = False
+        if is_dir:
             found = sorted(p for p in item.iterdir() if p.suffix in RECIPE_SUFFIXES)
             if not found:
                 raise MemplanError(f"{item}: no *.yaml recipes in this directory.")

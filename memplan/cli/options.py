@@ -50,6 +50,7 @@ PagedOptimizer = Annotated[bool, typer.Option("--paged-optimizer/--no-paged-opti
 LoraDtype = Annotated[str | None, typer.Option("--lora-dtype", help="Adapter dtype (default: fp32 for LoRA as peft does, bf16 for QLoRA).", rich_help_panel=F)]
 CudaContext = Annotated[str | None, typer.Option("--cuda-context", help="CUDA context size, e.g. 512MiB.", rich_help_panel=M)]
 AllocReserve = Annotated[float | None, typer.Option("--allocator-reserve", help="Allocator reserve, % of allocated bytes.", rich_help_panel=M)]
+SafetyMargin = Annotated[float, typer.Option("--safety-margin", help="Keep this % of each GPU's memory free, shown as the row runtime/safety_margin (default 0: none).", rich_help_panel=M)]
 LoraRank = Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.", rich_help_panel=F)]
 LoraAlpha = Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha.", rich_help_panel=F)]
 LoraTargets = Annotated[str, typer.Option("--lora-targets", help="Comma list of q,k,v,o,gate,up,down, or all-linear.", rich_help_panel=F)]
@@ -93,7 +94,7 @@ def job_overrides(**kw: Any) -> dict[str, Any]:
         "attention": kw.get("attention"), "dropout": kw.get("dropout", False), "loss_fp32": kw.get("loss_fp32", True),
         "activation_accounting": kw.get("activation_accounting", "autograd"),
         "cuda_context_bytes": size_or_none(kw["cuda_context"], "--cuda-context"),
-        "allocator_reserve_pct": kw["allocator_reserve"],
+        "allocator_reserve_pct": kw["allocator_reserve"], "safety_margin_pct": kw.get("safety_margin", 0.0),
         "lora": {"rank": kw["lora_rank"], "alpha": kw["lora_alpha"], "targets": lora_targets(kw["lora_targets"]),
                  "dora": kw["dora"], "paged_optimizer": kw.get("paged_optimizer", False),
                  **({"dtype": kw["lora_dtype"]} if kw.get("lora_dtype") else {})},

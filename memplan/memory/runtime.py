@@ -137,8 +137,30 @@ def settings(gpu: GpuSpec, cfg: JobConfig) -> RuntimeSettings:
     return RuntimeSettings(context, pct, context_source, reserve_source, context_note, reserve_note)
 
 
+SAFETY_MARGIN_SOURCE = "user-chosen safety margin (--safety-margin, JobConfig.safety_margin_pct), not a measured overhead"
+
+
+def safety_margin_bytes(*, capacity_bytes: int, pct: float) -> int:
+    """Bytes of a GPU's memory kept free on purpose, rounded up.
+
+    Formula: ceil(pct / 100 × capacity), ``pct`` read as the decimal it is written as (exact integer
+    arithmetic, as ``allocator_reserve_bytes``).
+    Source: none, a policy: memory a user keeps in reserve for what no model row covers (other
+    processes, fragmentation spikes, library workspaces). Default 0%.
+    Assumptions: a share of the driver-reported capacity (``GpuSpec.memory_mib``), independent of the job,
+    so a planner may subtract it from the capacity like the CUDA context.
+    """
+    if capacity_bytes < 0:
+        raise ValueError(f"capacity_bytes must not be negative, got {capacity_bytes}")
+    if not 0 <= pct < 100:
+        raise ValueError(f"pct must be at least 0 and below 100, got {pct}")
+    share = Fraction(str(pct)) / 100
+    return ceil_div(capacity_bytes * share.numerator, share.denominator)
+
+
 def rows(ctx: Context, *, other_gpu_bytes: int) -> list[Row]:
-    """The runtime rows of the reported GPU: its context and its allocator reserve, in bytes.
+    """The runtime rows of the reported GPU: its context, its allocator reserve and, when one is set, the
+    safety margin (``safety_margin_bytes``), in bytes.
 
     ``other_gpu_bytes`` is the sum of every other GPU row (the A of ``allocator_reserve_bytes``).
     Values come from ``settings``: flags (``cuda_context_bytes``, ``allocator_reserve_pct``; 0 allowed),
@@ -146,8 +168,13 @@ def rows(ctx: Context, *, other_gpu_bytes: int) -> list[Row]:
     """
     st = settings(ctx.gpu, ctx.cfg)
     reserve = allocator_reserve_bytes(allocated_bytes=other_gpu_bytes, pct=st.reserve_pct)
-    return [
+    out = [
         Row("runtime/cuda_context", Tier.GPU, st.context_bytes, st.context_source, f"{st.context_note} (cuda_context_bytes)"),
         Row("runtime/allocator_reserve", Tier.GPU, reserve, st.reserve_source,
             f"{st.reserve_note} {st.reserve_pct:g}% of {other_gpu_bytes} allocated bytes (allocator_reserve_pct)"),
     ]
+    pct = ctx.cfg.safety_margin_pct
+    if pct:
+        out.append(Row("runtime/safety_margin", Tier.GPU, safety_margin_bytes(capacity_bytes=ctx.gpu.memory_bytes, pct=pct),
+                       SAFETY_MARGIN_SOURCE, f"{pct:g}% of the GPU's {ctx.gpu.memory_bytes} bytes kept free (safety_margin_pct)"))
+    return out

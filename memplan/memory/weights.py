@@ -135,8 +135,30 @@ def placed_tensors(ctx: Context) -> list[Placed]:
     return out
 
 
+_CACHE: dict[tuple, tuple[object, WeightBytes]] = {}
+_CACHE_LIMIT = 4096
+
+
 def context_weight_bytes(ctx: Context) -> WeightBytes:
-    """Weight bytes of the reported GPU and of the node's host (GGUF input layer), before ZeRO-3 and offload."""
+    """Weight bytes of the reported GPU and of the node's host (GGUF input layer), before ZeRO-3 and offload.
+
+    Memoized per (architecture, dtype, quant, tp, ep, pp, stage): the planner and sweeps evaluate the
+    same weights under many other choices. The architecture object is kept with the entry and
+    compared by identity, so a recycled ``id`` can never return another model's bytes.
+    """
+    cfg = ctx.cfg
+    key = (id(ctx.arch), cfg.dtype, effective_quant(cfg), cfg.tp, cfg.ep, cfg.pp, ctx.stage)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is ctx.arch:
+        return hit[1]
+    result = _context_weight_bytes(ctx)
+    if len(_CACHE) >= _CACHE_LIMIT:
+        _CACHE.clear()
+    _CACHE[key] = (ctx.arch, result)
+    return result
+
+
+def _context_weight_bytes(ctx: Context) -> WeightBytes:
     quant = effective_quant(ctx.cfg)
     traits = mix_traits(ctx.arch) if quant is not None else DEFAULT_TRAITS
     layers = len(ctx.arch.layers)

@@ -28,6 +28,10 @@ from typing import Any
 UNIT = 1024
 """ILP memory unit in bytes (KiB): demand is rounded up to it, capacity down."""
 
+SOLVER_MAX_COEFF = 10**15
+"""HiGHS refuses a model with a matrix value of magnitude 1e15 or more (its ``large_matrix_value``);
+in ``UNIT``s that is about 10^18 bytes."""
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -312,8 +316,14 @@ class IlpBuilder:
 
         pl = self.pulp
         chosen = get_solver(solver, time_limit=time_limit)
-        with quiet_stdout():
-            status = self.prob.solve(chosen)
+        try:
+            with quiet_stdout():
+                status = self.prob.solve(chosen)
+        except (pl.PulpSolverError, IndexError):  # HiGHS refuses |coefficients| >= 1e15; PuLP then indexes an empty model
+            from memplan.errors import MemplanError
+
+            raise MemplanError(f"the {type(chosen).__name__} solver rejected the model: a memory figure near or above "
+                               f"{SOLVER_MAX_COEFF * UNIT:.0e} bytes is beyond its numeric range; check the sizes given.") from None
         label = pl.LpStatus[status]
         if label != "Optimal" or self.prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
             highs = self.prob if isinstance(chosen, pl.HiGHS) else None

@@ -106,7 +106,8 @@ def build(req: Any) -> tuple[Problem, list[str], dict[tuple, float]]:
         values[key] = Entry(seconds=step, value=_value(req.objective, c, speed[key]))
     factors = [Factor("weights", W_DIMS, weights), Factor("kv", KV_DIMS, kv), Factor("speed", value_dims, values)]
     st = runtime.settings(req.gpu, req.base)
-    context, pct = st.context_bytes, st.reserve_pct
+    margin = runtime.safety_margin_bytes(capacity_bytes=req.gpu.memory_bytes, pct=req.base.safety_margin_pct)
+    context, pct = st.context_bytes + margin, st.reserve_pct  # fixed rows (context, safety margin) off the capacity
     kind = {"min-memory": "min_gpu_bytes"}.get(req.objective.value, "max_value")
     problem = Problem(dims=dims, factors=factors, layers=None, num_layers=len(arch.layers) or 1,
                       gpu_capacity=req.gpu.memory_bytes - context, cpu_capacity=req.host.cpu_ram_bytes,

@@ -99,7 +99,23 @@ def gpu_counts(req: PlanRequest) -> list[tuple[int, int]]:
     out = [(g, 1) for g in (1, 2, 4, 8, 16) if g <= base.gpus_per_node]
     if base.gpus_per_node not in [g for g, _ in out]:
         out.append((base.gpus_per_node, 1))
-    out += [(base.gpus_per_node, n) for n in range(2, base.nodes + 1)]
+    out += [(base.gpus_per_node, n) for n in node_counts(base.nodes)]
+    return out
+
+
+EVERY_NODE_COUNT_UP_TO = 64
+"""min-gpus / min-cost try every node count up to this, then doublings, so a huge --nodes stays quick."""
+
+
+def node_counts(nodes: int) -> list[int]:
+    """Node counts above one to try, ascending: 2..64 one by one, then 128, 256, ... and ``nodes`` itself."""
+    out = list(range(2, min(nodes, EVERY_NODE_COUNT_UP_TO) + 1))
+    n = EVERY_NODE_COUNT_UP_TO * 2
+    while n < nodes:
+        out.append(n)
+        n *= 2
+    if nodes > EVERY_NODE_COUNT_UP_TO:
+        out.append(nodes)
     return out
 
 

@@ -33,7 +33,9 @@ def _entry(change: str, flags: str, best: Any) -> dict[str, Any]:
             "gpu_total_bytes": best.estimate.total(Tier.GPU), "tokens_per_s": round(best.tokens_per_s, 3)}
 
 
-UNLIMITED_MIB = 2**40
+UNLIMITED_MIB = 2**39
+"""'Unlimited' memory for the binding-tier probe: 2^39 MiB (2^59 bytes, 512 PiB), the largest power of two
+whose capacity and big-M terms stay below HiGHS's 1e15 coefficient limit in KiB (``ilp.SOLVER_MAX_COEFF``)."""
 
 
 def binding(req: Any, result: Any) -> None:

@@ -317,9 +317,11 @@ def _classes(arch: Architecture) -> list[int]:
 
 
 def runtime_terms(setting: TrainSetting) -> tuple[int, float]:
-    """(CUDA context bytes, allocator reserve %) of the runtime rows, as the ILP applies them."""
+    """(CUDA context + safety margin bytes, allocator reserve %) of the runtime rows, as the ILP applies
+    them: both fixed byte rows come off the capacity, the reserve scales the demand."""
     st = runtime.settings(setting.gpu, setting.base)
-    return st.context_bytes, float(st.reserve_pct)
+    margin = runtime.safety_margin_bytes(capacity_bytes=setting.gpu.memory_bytes, pct=setting.base.safety_margin_pct)
+    return st.context_bytes + margin, float(st.reserve_pct)
 
 
 def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
