@@ -120,6 +120,10 @@ def note_event(text: str) -> None:
     event(text)
 
 
+FORMATS = st.sampled_from(["json", "json", "table", "csv"])
+"""Output formats drawn per example: JSON is checked for exactness, table and CSV for a clean exit."""
+
+
 def invoke(*args: str) -> Any:
     return RUNNER.invoke(app, [str(a) for a in args])
 
@@ -180,22 +184,23 @@ INT_OPTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 @fuzz_settings(70)
-@given(option=st.sampled_from(sorted(INT_OPTIONS)), value=ints_any)
-def test_integer_options(option: str, value: str) -> None:
+@given(option=st.sampled_from(sorted(INT_OPTIONS)), value=ints_any, fmt=FORMATS)
+def test_integer_options(option: str, value: str, fmt: str) -> None:
     extra, aliases = INT_OPTIONS[option]
-    result = invoke("estimate", SMALL_MODEL, *extra, option, value, "--format", "json")
-    check_result(result, names=names_for(option, aliases))
+    result = invoke("estimate", SMALL_MODEL, *extra, option, value, "--format", fmt)
+    check_result(result, names=names_for(option, aliases), fmt=fmt)
 
 
-FLOAT_OPTIONS = {"--allocator-reserve": ((), ("allocator_reserve_pct",)), "--lora-alpha": (("--job", "lora"), ("lora.alpha",))}
+FLOAT_OPTIONS = {"--allocator-reserve": ((), ("allocator_reserve_pct",)), "--lora-alpha": (("--job", "lora"), ("lora.alpha",)),
+                 "--safety-margin": ((), ("safety_margin_pct",))}
 
 
 @fuzz_settings(30)
-@given(option=st.sampled_from(sorted(FLOAT_OPTIONS)), value=floats_any)
-def test_float_options(option: str, value: str) -> None:
+@given(option=st.sampled_from(sorted(FLOAT_OPTIONS)), value=floats_any, fmt=FORMATS)
+def test_float_options(option: str, value: str, fmt: str) -> None:
     extra, aliases = FLOAT_OPTIONS[option]
-    result = invoke("estimate", SMALL_MODEL, *extra, option, value, "--format", "json")
-    check_result(result, names=names_for(option, aliases))
+    result = invoke("estimate", SMALL_MODEL, *extra, option, value, "--format", fmt)
+    check_result(result, names=names_for(option, aliases), fmt=fmt)
 
 
 SIZE_OPTIONS = {"--cpu-ram": (("--zero", "2", "--offload-optimizer", "cpu"), ()),
@@ -204,11 +209,11 @@ SIZE_OPTIONS = {"--cpu-ram": (("--zero", "2", "--offload-optimizer", "cpu"), ())
 
 
 @fuzz_settings(40)
-@given(option=st.sampled_from(sorted(SIZE_OPTIONS)), value=sizes_any)
-def test_size_options(option: str, value: str) -> None:
+@given(option=st.sampled_from(sorted(SIZE_OPTIONS)), value=sizes_any, fmt=FORMATS)
+def test_size_options(option: str, value: str, fmt: str) -> None:
     extra, aliases = SIZE_OPTIONS[option]
-    result = invoke("estimate", SMALL_MODEL, *extra, option, value, "--format", "json")
-    check_result(result, names=names_for(option, aliases))
+    result = invoke("estimate", SMALL_MODEL, *extra, option, value, "--format", fmt)
+    check_result(result, names=names_for(option, aliases), fmt=fmt)
 
 
 @fuzz_settings(15)
@@ -241,12 +246,12 @@ ENUM_CONTEXT = {"--offload-optimizer": ("--zero", "3"), "--offload-params": ("--
 
 
 @fuzz_settings(60)
-@given(option=st.sampled_from(sorted(ENUM_OPTIONS)), data=st.data())
-def test_enum_options(option: str, data: st.DataObject) -> None:
+@given(option=st.sampled_from(sorted(ENUM_OPTIONS)), data=st.data(), fmt=FORMATS)
+def test_enum_options(option: str, data: st.DataObject, fmt: str) -> None:
     valid, aliases = ENUM_OPTIONS[option]
     value = data.draw(mutated(valid), label="value")
-    result = invoke("estimate", SMALL_MODEL, *ENUM_CONTEXT.get(option, ()), option, value, "--format", "json")
-    check_result(result, names=names_for(option, aliases))
+    result = invoke("estimate", SMALL_MODEL, *ENUM_CONTEXT.get(option, ()), option, value, "--format", fmt)
+    check_result(result, names=names_for(option, aliases), fmt=fmt)
 
 
 @fuzz_settings(10)
@@ -271,10 +276,10 @@ model_texts = st.one_of(
 
 
 @fuzz_settings(40)
-@given(text=model_texts)
-def test_model_argument(text: str) -> None:
-    result = invoke("estimate", text, "--format", "json")
-    check_result(result)
+@given(text=model_texts, fmt=FORMATS)
+def test_model_argument(text: str, fmt: str) -> None:
+    result = invoke("estimate", text, "--format", fmt)
+    check_result(result, fmt=fmt)
 
 
 # -- config.json: garbage, truncation, missing and contradictory fields -------------------------------

@@ -167,6 +167,9 @@ def plan_inference(req: Any) -> Any:
         tps = speed[key]
         result.candidates.append(Candidate(cfg, est, cfg.micro_batch / tps, tps, sol.objective, ""))
     if result.candidates:
+        from memplan.planner.plan import rank_candidates
+
+        rank_candidates(result.candidates)
         result.status = "optimal"
     elif req.suggest:
         from memplan.planner.suggest import diagnose

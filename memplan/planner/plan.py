@@ -188,6 +188,22 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     return found > 0
 
 
+def rank_candidates(candidates: list[Candidate], primary: Any = None) -> None:
+    """Order verified plans, best first, by a documented key, so ties never depend on the solver's path:
+    1. the objective (``primary``, default the ILP objective value; lower is better), to 12 significant
+       digits, so equal costs computed along different paths compare equal;
+    2. fewer GPUs;
+    3. fewer exact GPU bytes on the most loaded GPU (the leaner plan);
+    4. the configuration as canonical JSON (a total order)."""
+    from memplan.memory.breakdown import Tier
+
+    def key(c: Candidate) -> tuple[Any, ...]:
+        value = primary(c) if primary is not None else c.objective_value
+        return (float(f"{value:.12g}"), c.config.world_size, c.estimate.total(Tier.GPU), c.config.model_dump_json())
+
+    candidates.sort(key=key)
+
+
 def no_plan_reason(status: str, time_limit_s: float, result: PlanResult) -> None:
     """After a solve that returned no plan: with no plan found so far, a time limit is an error the user
     can fix (a clear message, exit 2); any other status (infeasible, unbounded) is recorded as the
@@ -214,9 +230,10 @@ def plan(req: PlanRequest) -> PlanResult:
             break
     if req.objective is Objective.MIN_COST and result.candidates:
         price = req.gpu.price_per_hour_usd or 0.0
-        result.candidates.sort(key=lambda c: price * c.config.world_size / c.tokens_per_s)
+        rank_candidates(result.candidates, primary=lambda c: price * c.config.world_size / c.tokens_per_s)
         result.candidates = result.candidates[: req.top_k]
     if result.candidates:
+        rank_candidates(result.candidates)
         result.status = "optimal"
         return result
     if req.suggest:
