@@ -7,7 +7,7 @@ bytes are ``estimate``'s bytes; the chosen plan is re-checked by ``estimate`` an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import product
 from typing import Any
@@ -115,17 +115,22 @@ def offload_seconds(setting: TrainSetting, cfg: JobConfig, per_stage: list) -> f
     return seconds
 
 
+def step_configs(setting: TrainSetting, dims: dict[str, tuple], names: tuple[str, ...]) -> Iterator[tuple[tuple, JobConfig]]:
+    """(key, config) for every combination of ``names`` that is a valid config whose micro-batch and
+    data-parallel degree divide the global batch."""
+    for key in product(*(dims[d] for d in names)):
+        try:
+            cfg = config_for(setting.base, dict(zip(names, key, strict=True)), global_batch=setting.global_batch)
+        except ValueError:
+            continue
+        if _valid(cfg, setting):
+            yield key, cfg
+
+
 def shape_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
     """Activations outside the blocks (embeddings, loss, logits) per stage, and step time by shape."""
     entries: dict[tuple, Entry] = {}
-    for key in product(*(dims[d] for d in SHAPE_DIMS)):
-        choice = dict(zip(SHAPE_DIMS, key, strict=True))
-        try:
-            cfg = config_for(setting.base, choice, global_batch=setting.global_batch)
-        except ValueError:
-            continue
-        if not _valid(cfg, setting):
-            continue
+    for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
         gpu = []
         for ctx in _contexts(setting, cfg):
             parts = act.breakdown(ctx) if act.modelled(ctx) else {}
@@ -158,14 +163,7 @@ def comm_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
     """Data-parallel gradient traffic (and ZeRO-3 parameter gathers per micro-step)."""
     names = ("tp", "pp", "placement", "micro_batch")
     entries: dict[tuple, Entry] = {}
-    for key in product(*(dims[d] for d in names)):
-        choice = dict(zip(names, key, strict=True))
-        try:
-            cfg = config_for(setting.base, choice, global_batch=setting.global_batch)
-        except ValueError:
-            continue
-        if not _valid(cfg, setting):
-            continue
+    for key, cfg in step_configs(setting, dims, names):
         grad_bytes = 2 * setting.arch.params // (cfg.tp * cfg.pp)
         intra = cfg.world_size <= cfg.gpus_per_node
         bw = setting.gpu.interconnect_gbps * 1e9 if intra else min(setting.gpu.interconnect_gbps * 1e9,
