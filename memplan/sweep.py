@@ -250,6 +250,8 @@ def error_record(spec: SweepSpec, cell: Cell, column: str, message: str) -> dict
 
 def validate(spec: SweepSpec) -> None:
     """Fail fast on names and values that would make every cell an error (exit 2 in the CLI)."""
+    if spec.gpus_per_node < 1:
+        raise MemplanError(f"--gpus-per-node must be a positive integer, got {spec.gpus_per_node}.")
     for name in spec.models:
         _model(name)
     for name in spec.gpus:

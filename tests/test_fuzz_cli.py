@@ -638,3 +638,24 @@ def test_check_unreadable_recipe_files(case: str, tmp_path: Path) -> None:
     result = invoke("check", str(path), "--format", "json")
     check_check(result)
     assert result.exit_code == 2
+
+
+# -- sweep: bad grids -----------------------------------------------------------------------------
+
+SWEEP_OPTIONS = {"--model": ["gpt2,qwen2.5-0.5b", "gpt2,,", "nope", "params:1e400", "all,gpt2", ""],
+                 "--gpu": ["t4,l4", "t4,nope", "", ","], "--job": ["full,infer", "fly", "infer,"],
+                 "--seq-len": ["512,1024", "0", "-1", "x", "10000000"], "--context": ["4096", "0,1", "nan"],
+                 "--batch": ["1,2", "0", "99999999999999999999"], "--gpu-count": ["1,8", "0", "3"],
+                 "--gpus-per-node": ["0", "-1", "x", "8"], "--metric": ["max-batch", "fits", "max-speed"],
+                 "--min-headroom": ["10%", "200%", "80G", "-1GiB", "nan%"], "--tp": ["node", "3", "x", "0"],
+                 "--zero": ["4", "-1", "3"]}
+
+
+@fuzz_settings(30)
+@given(option=st.sampled_from(sorted(SWEEP_OPTIONS)), data=st.data())
+def test_sweep_bad_grids(option: str, data: st.DataObject) -> None:
+    value = data.draw(st.one_of(st.sampled_from(SWEEP_OPTIONS[option]), st.text(max_size=5)), label="value")
+    base = {"--model": "gpt2", "--gpu": "t4", "--job": "infer", "--context": "1024", "--workers": "1"}
+    args = [a for k, v in {**base, option: value}.items() for a in (k, v)]
+    result = invoke("sweep", *args, "--format", "json")
+    check_result(result, names=names_for(option, ("grid", "params", "GPU", "size")), fmt="none", command="plan")

@@ -20,8 +20,6 @@ except ImportError:  # pragma: no cover - older typer depends on click
 from memplan.cli import options as o
 from memplan.errors import MemplanError
 
-os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")  # skip pydantic's entry-point scan at start-up
-
 
 class OneLineErrors(TyperGroup):
     """The command group, with the parser's own errors (a value it cannot read, an unknown option, a

@@ -322,8 +322,9 @@ class IlpBuilder:
         except (pl.PulpSolverError, IndexError):  # HiGHS refuses |coefficients| >= 1e15; PuLP then indexes an empty model
             from memplan.errors import MemplanError
 
+            limit = f"{SOLVER_MAX_COEFF * UNIT:.0e}"
             raise MemplanError(f"the {type(chosen).__name__} solver rejected the model: a memory figure near or above "
-                               f"{SOLVER_MAX_COEFF * UNIT:.0e} bytes is beyond its numeric range; check the sizes given.") from None
+                               f"{limit} bytes is beyond its numeric range; check the sizes given.") from None
         label = pl.LpStatus[status]
         if label != "Optimal" or self.prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
             highs = self.prob if isinstance(chosen, pl.HiGHS) else None
