@@ -14,7 +14,6 @@ from typing import Any
 from memplan.arch.build import build_architecture
 from memplan.config import JobConfig
 from memplan.errors import MemplanError
-from memplan.estimate import estimate
 from memplan.memory import components, runtime
 from memplan.memory.breakdown import Tier, tier_total
 from memplan.memory.context import Context
@@ -144,25 +143,10 @@ def plan_inference(req: Any) -> Any:
     result = PlanResult(status="infeasible", objective=req.objective)
     problem, excluded, speed = build(req)
     result.excluded = sorted(set(excluded))
-    builder = IlpBuilder(problem)
-    if req.debug_lp:
-        builder.write_lp(req.debug_lp)
-    rejected = 0
-    while len(result.candidates) < req.top_k and rejected < 20:
-        sol = builder.solve(time_limit=req.time_limit_s, solver=req.solver)
-        if sol.status not in ("optimal", "feasible"):
-            from memplan.planner.plan import no_plan_reason
+    from memplan.planner.plan import verified_solutions
 
-            no_plan_reason(sol.status, req.time_limit_s, result)
-            break
-        if sol.status == "feasible":
-            result.solver_status = "feasible (time limit reached; best incumbent)"
-        cfg = infer_config(req.base, sol.choice)
-        est = estimate(req.model, req.gpu, cfg, host=req.host)
-        builder.exclude(sol.choice, f"cut_{len(result.candidates)}_{rejected}")
-        if not est.fits:
-            rejected += 1
-            continue
+    for sol, cfg, est in verified_solutions(req, IlpBuilder(problem), result,
+                                            lambda sol: infer_config(req.base, sol.choice)):
         key = tuple(sol.choice[d] for d in ("tp", "pp", "quant", "kv_dtype", "batch", "context"))
         tps = speed[key]
         result.candidates.append(Candidate(cfg, est, cfg.micro_batch / tps, tps, sol.objective, ""))

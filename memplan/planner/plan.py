@@ -3,6 +3,7 @@ an infeasible request with the smallest verified changes that would make it fit.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,28 +165,40 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
     problem, _ = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective))
     builder = IlpBuilder(problem)
-    if req.debug_lp:
-        builder.write_lp(req.debug_lp)
     found = 0
-    rejected = 0
-    while found < req.top_k and rejected < MAX_REJECTED:
-        sol = builder.solve(time_limit=req.time_limit_s, solver=req.solver)
-        if sol.status not in ("optimal", "feasible"):
-            no_plan_reason(sol.status, req.time_limit_s, result)
-            break
-        if sol.status == "feasible":
-            result.solver_status = "feasible (time limit reached; best incumbent)"
-        cfg = train.config_for(base, sol.choice, global_batch=gb, modes=sol.modes or None)
-        est = estimate(req.model, req.gpu, cfg, host=req.host)
-        builder.exclude(sol.choice, f"cut_{found}_{rejected}")
-        if not est.fits:
-            rejected += 1
-            continue
+    for sol, cfg, est in verified_solutions(req, builder, result,
+                                            lambda sol: train.config_for(base, sol.choice, global_batch=gb,
+                                                                         modes=sol.modes or None)):
         seconds = step_seconds(setting, cfg, sol.modes)
         tokens = gb * cfg.seq_len
         result.candidates.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, layer_map(sol.modes)))
         found += 1
     return found > 0
+
+
+def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult,
+                       to_config: Callable[[Any], JobConfig]) -> Iterator[tuple[Any, JobConfig, Estimate]]:
+    """Solve, re-check each solution with exact bytes, and cut it off for the next solve: yields up to
+    ``req.top_k`` (solution, config, estimate) that fit; a solution the exact check rejects is cut and
+    skipped (at most MAX_REJECTED). Sets ``result``'s solver status and the reason when none is found."""
+    if req.debug_lp:
+        builder.write_lp(req.debug_lp)
+    found = rejected = 0
+    while found < req.top_k and rejected < MAX_REJECTED:
+        sol = builder.solve(time_limit=req.time_limit_s, solver=req.solver)
+        if sol.status not in ("optimal", "feasible"):
+            no_plan_reason(sol.status, req.time_limit_s, result)
+            return
+        if sol.status == "feasible":
+            result.solver_status = "feasible (time limit reached; best incumbent)"
+        cfg = to_config(sol)
+        est = estimate(req.model, req.gpu, cfg, host=req.host)
+        builder.exclude(sol.choice, f"cut_{found}_{rejected}")
+        if not est.fits:
+            rejected += 1
+            continue
+        found += 1
+        yield sol, cfg, est
 
 
 def rank_candidates(candidates: list[Candidate], primary: Any = None) -> None:
