@@ -122,6 +122,10 @@ class InferConfig(Strict):
     (vLLM, SGLang, transformers 5.x); ``decompressed`` caches full per-head K and V (transformers 4.x)."""
     kv_group_size: int | None = Field(default=None, gt=0)
     """int8/int4 KV cache: elements per quantization group along the head dim; None: one group per token per head."""
+    offload_map: tuple[bool, ...] | None = None
+    """Per-layer weight placement, one entry per layer (the planner's per-layer choice): True keeps that
+    layer's weights in CPU RAM and streams them to the GPU for each forward pass (accelerate ``device_map``
+    with "cpu" entries, ``AlignDevicesHook(offload=True)``); None: every layer on the GPU."""
 
 
 class JobConfig(Strict):
@@ -151,6 +155,16 @@ class JobConfig(Strict):
     recompute_map: tuple[Recompute, ...] | None = None
     """Per-layer recompute modes, one per layer (the planner's per-layer choice); overrides
     ``recompute``/``recompute_layers`` when set."""
+    quant_map: tuple[str | None, ...] | None = None
+    """Per-layer weight format, one entry per layer (the planner's LQ-LoRA-style per-layer choice): a
+    format name, or None to keep that layer in ``dtype``; tensors outside the blocks use ``quant``.
+    The formats must come from one library (one runtime loads the checkpoint)."""
+    optimizer_gpu_layers: int | None = Field(default=None, ge=0)
+    """Partial optimizer offload (DeepSpeed ZeRO-3 ``offload_optimizer.ratio``: sub-groups in parameter
+    order, the last ones updated by CPU Adam): the optimizer states of the tensors before the blocks and
+    of the first N layers stay on the GPU; those of the later layers and of the tensors after the blocks
+    go to ``offload_optimizer``'s tier. None: all offloaded (plain ZeRO-Offload). DeepSpeed runs the split
+    only with AdamW (``DeepSpeedCPUAdam``), so the planner proposes it only then; estimate models any optimizer."""
     recompute_layers: int | None = Field(default=None, ge=0)
     """With recompute full/selective: how many layers are checkpointed (None: all)."""
     flash_attention: bool = True
@@ -232,4 +246,11 @@ class JobConfig(Strict):
             raise ValueError("offload_optimizer needs ZeRO stage 1 or higher (ZeRO-Offload builds on ZeRO-2)")
         if self.offload_optimizer is Offload.NVME and self.zero < ZeroStage.PARAMETERS:
             raise ValueError("offload_optimizer=nvme needs ZeRO stage 3 (ZeRO-Infinity)")
+        if self.optimizer_gpu_layers is not None and (
+                self.offload_optimizer is not Offload.CPU or self.zero < ZeroStage.PARAMETERS
+                or self.job not in (Job.PRETRAIN, Job.FULL)):
+            raise ValueError("optimizer_gpu_layers (partial optimizer offload, DeepSpeed offload_optimizer.ratio) "
+                             "needs a pretrain or full job with ZeRO stage 3 and offload_optimizer=cpu")
+        if self.infer.offload_map is not None and self.job is not Job.INFER:
+            raise ValueError("infer.offload_map (per-layer weight placement) applies to inference jobs only")
         return self

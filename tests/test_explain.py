@@ -26,6 +26,7 @@ CONFIGS = [  # together these emit every kind of row the estimator has
     ("llama-3.1-8b", {"job": "galore"}),
     ("gemma-2-2b", {"job": "infer", "infer": {"kv_dtype": "int8", "paged": True}}),
     ("mixtral-8x7b", {"job": "infer", "quant": "q4_k_m"}),
+    ("llama-3.2-1b", {"job": "infer", "infer": {"offload_map": [True] + [False] * 15}}),
     ("zero-infinity-1t", {"job": "full", "zero": 3, "offload_params": "nvme", "offload_optimizer": "nvme",
                           "gpus_per_node": 16}),
 ]

@@ -17,6 +17,7 @@ from memplan.memory.breakdown import Tier
 from memplan.planner import train
 from memplan.planner.plan import PlanRequest, plan, step_seconds
 from memplan.planner.space import SearchSpace, placements
+from memplan.planner.train_offload import splittable
 
 NO_OFFLOAD = ("--zero", "0,1,2,3", "--offload-optimizer", "none", "--offload-params", "none")
 
@@ -34,7 +35,8 @@ def gpu_with(memory_mib: int) -> GpuSpec:
 
 
 def enumerate_best(spec, gpu, host, base, space, global_batch) -> float | None:
-    """Brute force: every global choice × every per-layer recompute map, exact bytes from ``estimate``."""
+    """Brute force: every global choice × every per-layer recompute map × every partial optimizer offload
+    (ZeRO-3, ``optimizer_gpu_layers``), exact bytes from ``estimate``."""
     from memplan.arch.build import build_architecture
 
     arch = build_architecture(spec)
@@ -45,9 +47,11 @@ def enumerate_best(spec, gpu, host, base, space, global_batch) -> float | None:
     for tp, pp, place, mb in product(space.tp, space.pp, places, space.micro_batch):
         if base.world_size % (tp * pp) or global_batch % (mb * (base.world_size // (tp * pp))):
             continue
-        for layer_modes in product(modes, repeat=len(arch.layers)):
+        splits = [None] + (list(range(len(arch.layers) + 1)) if space.per_layer_offload and splittable(place) else [])
+        for layer_modes, kept in product(product(modes, repeat=len(arch.layers)), splits):
             choice = {"tp": tp, "pp": pp, "placement": place, "micro_batch": mb}
             cfg = train.config_for(base, choice, global_batch=global_batch, modes=layer_modes)
+            cfg = cfg.model_copy(update={"optimizer_gpu_layers": kept})
             if not estimate(spec, gpu, cfg, host=host).fits:
                 continue
             seconds = step_seconds(setting, cfg, list(layer_modes))
@@ -64,7 +68,7 @@ def test_ilp_equals_exhaustive_enumeration(hidden, layers, vocab, memory_mib, gp
     host = HostSpec()
     base = JobConfig(job=Job.FULL, gpus_per_node=gpus, seq_len=seq, cuda_context_bytes=0, allocator_reserve_pct=5)
     space = SearchSpace(tp=(1, 2) if gpus == 2 else (1,), pp=(1,), zero=(0, 2, 3),
-                        offload_optimizer=(Offload.NONE, Offload.CPU), offload_params=(Offload.NONE,),
+                        offload_optimizer=(Offload.NONE, Offload.CPU), offload_params=(Offload.NONE, Offload.CPU),
                         micro_batch=(1, 2), recompute=(Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL),
                         global_batch=2 * gpus)
     expected = enumerate_best(spec, gpu, host, base, space, 2 * gpus)

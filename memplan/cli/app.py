@@ -162,6 +162,9 @@ def estimate(
     sequence_parallel: o.Sp = False,
     recompute: o.Recompute = "none",
     recompute_layers: o.RecomputeLayers = None,
+    optimizer_gpu_layers: o.OptGpuLayers = None,
+    quant_map: o.QuantMap = None,
+    offload_layers: o.OffloadLayers = None,
     flash_attention: o.Flash = True,
     attention: o.Attention = None,
     dropout: o.Dropout = False,
@@ -197,7 +200,14 @@ def estimate(
     kw = dict(locals())
     overrides = o.job_overrides(**kw)
     host = o.host_from(cpu_ram, nvme)
-    est = run_estimate(model, gpu, host=host, **overrides)
+    spec: Any = model
+    if quant_map is not None or offload_layers is not None:
+        from memplan.catalog.resolve import load_model
+
+        spec = load_model(model)
+    overrides = o.layer_overrides(spec, overrides, quant_map_text=quant_map, offload_text=offload_layers,
+                                  optimizer_gpu_layers=optimizer_gpu_layers)
+    est = run_estimate(spec, gpu, host=host, **overrides)
     extra: dict[str, Any] = {}
     if max_context or max_batch:
         from memplan.search import largest_fitting
@@ -280,6 +290,13 @@ def plan(
     pp: Annotated[str | None, typer.Option("--pp", help="Pipeline-parallel choices.", rich_help_panel=o.P)] = None,
     recompute: Annotated[str | None, typer.Option("--recompute", help="Per-layer recompute modes allowed (none,selective,full).",
                                                   rich_help_panel=o.M)] = None,
+    per_layer_offload: Annotated[bool, typer.Option("--per-layer-offload/--no-per-layer-offload",
+                                                    help="Choose per layer where weights (inference) or optimizer states "
+                                                         "(training, ZeRO-3 partial offload) live: GPU or CPU.",
+                                                    rich_help_panel=o.M)] = True,
+    per_layer_quant: Annotated[bool, typer.Option("--per-layer-quant", help="Inference: choose each layer's weight format "
+                                                  "among the --quant choices (LQ-LoRA-style mixed precision).",
+                                                  rich_help_panel=o.M)] = False,
     flash_attention: o.Flash = True,
     cuda_context: o.CudaContext = None,
     allocator_reserve: o.AllocReserve = None,
@@ -290,7 +307,8 @@ def plan(
     galore_8bit: o.Galore8 = False,
     context: Annotated[str | None, typer.Option("--context", "-c", help="Context choices (inference).", rich_help_panel=o.I)] = None,
     kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="KV dtype choices (inference).", rich_help_panel=o.I)] = None,
-    objective: Annotated[str, typer.Option("--objective", help="throughput, min-gpus, max-batch, max-context, min-memory, min-cost.",
+    objective: Annotated[str, typer.Option("--objective", help="throughput, min-gpus, max-batch, max-context, min-memory, "
+                                                               "min-cost, max-quality (least weight quantization error).",
                                            rich_help_panel=o.O)] = "throughput",
     top: Annotated[int, typer.Option("--top", help="Ranked alternatives to show.", rich_help_panel=o.O)] = 3,
     time_limit: Annotated[float, typer.Option("--time-limit", help="Solver time limit per solve, seconds.", rich_help_panel=o.O)] = 30.0,
@@ -334,7 +352,7 @@ def plan(
         "optimizer": str_list(optimizer), "quant": tuple(_none(q) for q in quants) if quants else None,
         "kv_dtype": str_list(kv_dtype), "recompute": str_list(recompute),
         "context": int_list(context, "--context") if job == "infer" else None,
-        "global_batch": global_batch,
+        "global_batch": global_batch, "per_layer_offload": per_layer_offload, "per_layer_quant": per_layer_quant,
     })
     from memplan.catalog.resolve import load_model
     from memplan.catalog.store import catalog_gpu

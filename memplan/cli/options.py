@@ -40,6 +40,13 @@ Pp = Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree.", rich_
 Ep = Annotated[int, typer.Option("--ep", help="Expert-parallel degree (MoE).", rich_help_panel=P)]
 Sp = Annotated[bool, typer.Option("--sequence-parallel/--no-sequence-parallel", help="Megatron sequence parallelism.", rich_help_panel=P)]
 Recompute = Annotated[str, typer.Option("--recompute", help="Activation recomputation: none, selective, full.", rich_help_panel=M)]
+OptGpuLayers = Annotated[int | None, typer.Option("--optimizer-gpu-layers", help="ZeRO-3 partial optimizer offload: keep the "
+                                                 "optimizer states of the first N layers on the GPU (DeepSpeed offload_optimizer.ratio).",
+                                                 rich_help_panel=P)]
+QuantMap = Annotated[str | None, typer.Option("--quant-map", help="Per-layer weight formats, e.g. 0-39=int8,40-79=nf4 "
+                                              "(none = 16-bit); every layer once.", rich_help_panel=J)]
+OffloadLayers = Annotated[str | None, typer.Option("--offload-layers", help="Inference: layers whose weights live in CPU RAM "
+                                                   "and stream over PCIe (accelerate device_map), e.g. 70-79.", rich_help_panel=I)]
 RecomputeLayers = Annotated[int | None, typer.Option("--recompute-layers", help="Checkpoint only this many layers.", rich_help_panel=M)]
 Flash = Annotated[bool, typer.Option("--flash-attention/--no-flash-attention", help="Flash/SDPA attention (no s² scores).", rich_help_panel=M)]
 Attention = Annotated[str | None, typer.Option("--attention", help="Attention kernel: flash, sdpa or eager (default: flash).", rich_help_panel=M)]
@@ -102,6 +109,57 @@ def job_overrides(**kw: Any) -> dict[str, Any]:
         "infer": {"context": kw["context"], "kv_dtype": kw["kv_dtype"], "paged": kw["paged"],
                   "block_size": kw["block_size"]},
     }
+
+
+def layer_set(text: str, num_layers: int, flag: str) -> list[int]:
+    """Layer indices from '0-39,70,72-79' (each within the model's layers)."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise MemplanError(f"{flag}: expected layer ranges such as 0-39,70, got {part!r}.") from None
+        if not 0 <= a <= b < num_layers:
+            raise MemplanError(f"{flag}: layers {part} are outside the model's {num_layers} layers (0-{num_layers - 1}).")
+        out.extend(range(a, b + 1))
+    return out
+
+
+def quant_map(text: str, num_layers: int) -> tuple[str | None, ...]:
+    """A per-layer format map from '0-39=int8,40-79=nf4' (none/bf16/fp16 = 16-bit); every layer exactly once."""
+    fmts: dict[int, str | None] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        layers, sep, fmt = part.partition("=")
+        if not sep or not fmt.strip():
+            raise MemplanError(f"--quant-map: expected LAYERS=FORMAT such as 0-39=int8, got {part!r}.")
+        name = fmt.strip()
+        for i in layer_set(layers, num_layers, "--quant-map"):
+            if i in fmts:
+                raise MemplanError(f"--quant-map: layer {i} is given twice.")
+            fmts[i] = None if name.lower() in ("none", "bf16", "fp16", "16bit") else name
+    if len(fmts) != num_layers:
+        raise MemplanError(f"--quant-map covers {len(fmts)} of the model's {num_layers} layers; give every layer a format.")
+    return tuple(fmts[i] for i in range(num_layers))
+
+
+def layer_overrides(model: Any, overrides: dict[str, Any], *, quant_map_text: str | None,
+                    offload_text: str | None, optimizer_gpu_layers: int | None) -> dict[str, Any]:
+    """Add the per-layer fields (``--quant-map``, ``--offload-layers``, ``--optimizer-gpu-layers``) to ``overrides``."""
+    out = dict(overrides)
+    if optimizer_gpu_layers is not None:
+        out["optimizer_gpu_layers"] = optimizer_gpu_layers
+    if quant_map_text is None and offload_text is None:
+        return out
+    layers = model.num_hidden_layers or 0
+    if not layers:
+        raise MemplanError(f"per-layer options need the model's layers; {model.name} knows only a parameter count.")
+    if quant_map_text is not None:
+        out["quant_map"] = quant_map(quant_map_text, layers)
+    if offload_text is not None:
+        off = set(layer_set(offload_text, layers, "--offload-layers"))
+        out["infer"] = {**out["infer"], "offload_map": tuple(i in off for i in range(layers))}
+    return out
 
 
 def host_from(cpu_ram: str | None, nvme: str | None) -> Any:

@@ -25,9 +25,16 @@ def validate(ctx: Context) -> None:
     elif cfg.tp > 1 or cfg.pp > 1:
         raise MemplanError("tensor or pipeline parallelism needs the model's dimensions; "
                            "params:N models know only a parameter count.")
+    if cfg.optimizer_gpu_layers is not None and not ctx.arch.layers:
+        raise MemplanError("optimizer_gpu_layers (partial optimizer offload) needs the model's layers; "
+                           f"{spec.name} knows only a parameter count.")
     if cfg.recompute_map is not None and len(cfg.recompute_map) != len(ctx.arch.layers):
         raise MemplanError(f"recompute_map has {len(cfg.recompute_map)} entries but the model has "
                            f"{len(ctx.arch.layers)} layers.")
+    from memplan.memory import weight_offload, weights
+
+    weights.check_quant_map(cfg, num_layers=len(ctx.arch.layers))
+    weight_offload.check_offload_map(cfg, num_layers=len(ctx.arch.layers))
     if cfg.ep > 1:
         experts = spec.num_experts or 0
         if not experts:
@@ -49,7 +56,7 @@ def _weight_buffers(ctx: Context) -> list[StateBuffer]:
 
 def _train_rows(ctx: Context) -> list[Row]:
     numel = ms.trainable_numel(ctx)
-    buffers = _weight_buffers(ctx) + ms.state_buffers(ctx, numel=numel)
+    buffers = _weight_buffers(ctx) + ms.state_buffers(ctx)
     rows = ms.place_all(ctx, buffers)
     rows += ms.deepspeed_gpu_buffers(ctx)
     rows += ms.nvme_swap_rows(ctx, numel=numel)
@@ -67,9 +74,9 @@ def _activation_rows(ctx: Context, missing: list[str]) -> list[Row]:
 
 
 def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:
-    from memplan.memory import inference, kv_cache, weights
+    from memplan.memory import inference, kv_cache, weight_offload, weights
 
-    rows = ms.place_all(ctx, _weight_buffers(ctx)) + weights.host_rows(ctx)
+    rows = ms.place_all(ctx, _weight_buffers(ctx)) + weights.host_rows(ctx) + weight_offload.offload_rows(ctx)
     if ctx.arch.spec.family is Family.PARAMS_ONLY:
         missing.extend(["kv_cache", "activations"])
         return rows

@@ -14,6 +14,8 @@ Per tensor-parallel rank N, K and F are divided by tp (Megatron-LM Sec. 3); the 
 the gathered logits are whole on every rank (conservative: vLLM gathers logits to one rank).
 The rows are summed, which overstates the peak slightly: logits and layer workspace are not live
 at the same time.
+
+Per-layer CPU offload (``infer.offload_map``, HF accelerate): see ``offload_rows``.
 """
 
 from __future__ import annotations

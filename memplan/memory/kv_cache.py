@@ -167,6 +167,9 @@ def rows(ctx: Context) -> list[Row]:
     ``kv_cache`` when every layer attends fully; otherwise ``kv_cache/full_attention`` and
     ``kv_cache/sliding_attention``; quantization scales in ``kv_cache/scales``.
     B = ``micro_batch`` sequences of S = ``infer.context`` tokens each.
+    Layers offloaded to CPU RAM (``infer.offload_map``) keep their cache on the GPU too: accelerate's
+    ``AlignDevicesHook`` runs the layer on its execution device, and transformers'
+    ``DynamicLayer.lazy_initialization`` keeps the keys and values on the device they are computed on.
     """
     cfg = ctx.cfg
     if cfg.job is not Job.INFER:

@@ -231,14 +231,27 @@ def dora_workspace_bytes(*, in_features: int, out_features: int, adapter_dtype: 
     return total
 
 
-def _dora_row(ctx: Context, targeted: list[Tensor]) -> list[Row]:
+def _dora_targets(ctx: Context) -> list[tuple[Tensor, bool]]:
+    """The stage's targeted modules, each with whether its base weight is stored quantized (its layer's
+    format, ``weights.layer_format``; dequantized in every forward)."""
+    from memplan.memory.weights import layer_format
+
+    cfg, family = ctx.cfg, ctx.arch.spec.family
+    ends = (ctx.arch.pre if ctx.stage == 0 else ()) + (ctx.arch.post if ctx.stage == cfg.pp - 1 else ())
+    placed = [(t, i) for i, layer in ctx.layers for t in layer.tensors] + [(t, None) for t in ends]
+    return [(t, layer_format(cfg, i) is not None) for t, i in placed if is_targeted(t, cfg.lora, family)]
+
+
+def _dora_row(ctx: Context) -> list[Row]:
     cfg = ctx.cfg
-    if not cfg.lora.dora or not targeted:
+    if not cfg.lora.dora:
+        return []
+    targeted = _dora_targets(ctx)
+    if not targeted:
         return []
     compute = cfg.dtype if cfg.dtype.bits >= Dtype.FP16.bits else Dtype.BF16
-    dequantized = cfg.job is Job.QLORA or cfg.quant is not None
     worst = max(dora_workspace_bytes(in_features=t.shape[1], out_features=t.shape[0], adapter_dtype=cfg.lora.dtype,
-                                     compute_dtype=compute, dequantized=dequantized) for t in targeted)
+                                     compute_dtype=compute, dequantized=quantized) for t, quantized in targeted)
     return [Row("runtime/dora_workspace", Tier.GPU, worst, "peft tuners/lora/dora.py (weight norm per forward)",
                 "transient: largest targeted module")]
 
@@ -281,4 +294,4 @@ def rows(ctx: Context) -> list[Row]:
     cfg = ctx.cfg
     buffers = _weight_buffers(ctx) + adapter_buffers(ctx)
     out = [place(b, zero=cfg.zero, dp=cfg.dp, gpus_per_node=cfg.gpus_per_node) for b in buffers]
-    return out + _dora_row(ctx, stage_targets(ctx.arch, cfg.lora, pp=cfg.pp, stage=ctx.stage))
+    return out + _dora_row(ctx)

@@ -11,19 +11,28 @@ those bytes are ``host_rows``: Tier.CPU rows of the same names, once per node (o
 process), never in ``rows``. With tied embeddings the output layer loads a second copy
 (``TENSOR_DUPLICATED``) on the last stage's GPU.
 
+Per-layer formats (``JobConfig.quant_map``, LQ-LoRA-style mixed precision, Guo et al. 2024): layer
+i's tensors are stored in ``quant_map[i]`` (None: ``cfg.dtype``), the tensors outside the blocks in
+``effective_quant(cfg)``; ``layer_weight_bytes`` gives one layer's bytes for the planner. Layers that
+an inference job offloads (``infer.offload_map``) are left out of these GPU rows; their CPU row and
+GPU staging buffer are ``memplan.memory.weight_offload.offload_rows``.
+
 ``rows(ctx)`` is the case without ZeRO-3 and without parameter offload; the lead applies those to
 ``total_weight_bytes(ctx)`` (ZeRO-3: ceil_div over dp; offload: moved to CPU/NVMe).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from memplan.arch.parallel import sharded_numel
-from memplan.arch.tensors import Role, Tensor
+from memplan.arch.tensors import Architecture, Role, Tensor
 from memplan.config import Job, JobConfig
 from memplan.dtypes import Dtype
+from memplan.errors import MemplanError
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.quant import DEFAULT_TRAITS, QLORA_DEFAULT, Library, MixTraits, get_format, mix_traits, storage
@@ -31,6 +40,7 @@ from memplan.units import ceil_div
 
 Placed = tuple[Tensor, int | None]
 """A tensor and the index of the block holding it (None: outside the blocks)."""
+_T = TypeVar("_T")
 
 HOST_INPUT_ROLES = (Role.EMBEDDING, Role.POSITION)
 """llama.cpp's input-layer tensors (``LLM_TENSOR_LAYER_INPUT``: token_embd, position_embd)."""
@@ -51,6 +61,51 @@ def effective_quant(cfg: JobConfig) -> str | None:
     if cfg.quant is not None:
         get_format(cfg.quant)
     return cfg.quant
+
+
+def layer_format(cfg: JobConfig, layer_index: int | None) -> str | None:
+    """The format of block ``layer_index``'s tensors: ``quant_map[i]`` when a map is set (None: ``cfg.dtype``),
+    else ``effective_quant``; tensors outside the blocks (``layer_index`` None) always ``effective_quant``."""
+    if layer_index is None or cfg.quant_map is None:
+        return effective_quant(cfg)
+    return cfg.quant_map[layer_index]
+
+
+def job_formats(cfg: JobConfig) -> tuple[str, ...]:
+    """Every quantization format the job stores weights in (``effective_quant`` and the map's), each once."""
+    names = [effective_quant(cfg), *(cfg.quant_map or ())]
+    return tuple(dict.fromkeys(n for n in names if n is not None))
+
+
+def job_library(cfg: JobConfig) -> Library | None:
+    """The one library (runtime) that loads the job's checkpoint; None when nothing is quantized."""
+    formats = job_formats(cfg)
+    return get_format(formats[0]).library if formats else None
+
+
+def check_quant_map(cfg: JobConfig, *, num_layers: int) -> None:
+    """Reject a ``quant_map`` of the wrong length, with unknown names, or mixing libraries.
+
+    One runtime loads one checkpoint: transformers applies one ``quantization_config`` (bitsandbytes,
+    GPTQ or AWQ) to the whole model, and llama.cpp reads one GGUF file, so every per-layer format and
+    ``quant`` (QLoRA: its default nf4-dq) must belong to one ``Library``. Like ``quant``, a map is
+    accepted for every job (full-weight training counts the stored bytes the same way).
+    """
+    qmap = cfg.quant_map
+    if qmap is None:
+        return
+    if len(qmap) != num_layers:
+        raise MemplanError(f"quant_map has {len(qmap)} entries but the model has {num_layers} layers.")
+    libraries = {name: get_format(name).library for name in job_formats(cfg)}
+    if len(set(libraries.values())) > 1:
+        listed = ", ".join(f"{n} ({lib.value})" for n, lib in libraries.items())
+        raise MemplanError(f"quant_map and quant mix formats of several libraries ({listed}); one runtime loads the "
+                           "checkpoint, so every per-layer format and quant must come from one library.")
+
+
+def offloaded_layers(cfg: JobConfig) -> frozenset[int]:
+    """Indices of the layers an inference job keeps in CPU RAM (``infer.offload_map`` True)."""
+    return frozenset(i for i, off in enumerate(cfg.infer.offload_map or ()) if off)
 
 
 def sharded_bytes(tensor: Tensor, *, bytes_each: int, tp: int, ep: int = 1) -> int:
@@ -83,17 +138,19 @@ class WeightBytes:
 
 def weight_bytes(
     placed: Iterable[Placed], *, dtype: Dtype, quant: str | None, tp: int, ep: int,
-    num_layers: int, traits: MixTraits = DEFAULT_TRAITS,
+    num_layers: int, traits: MixTraits = DEFAULT_TRAITS, quant_map: Sequence[str | None] | None = None,
 ) -> WeightBytes:
     """GPU weight bytes of the ``placed`` tensors on one rank, split into quantized and not.
 
-    Formula: Σ sharded_bytes(t, bytes_each = storage(quant, t).bytes / copies).
-    Source: ``memplan.memory.quant.storage`` (formats), ``sharded_bytes`` (tp/ep).
+    Formula: Σ sharded_bytes(t, bytes_each = storage(fmt_t, t).bytes / copies), fmt_t = quant_map[i]
+    for a tensor of block i when a map is given, else ``quant``.
+    Source: ``memplan.memory.quant.storage`` (formats, GGUF mix rules per layer index), ``sharded_bytes`` (tp/ep).
     Assumptions: ``placed`` holds only GPU-resident tensors (see ``placed_tensors``).
     """
     q = u = 0
     for tensor, layer in placed:
-        st = storage(quant, tensor, layer_index=layer, num_layers=num_layers, dtype=dtype, traits=traits)
+        fmt = quant if quant_map is None or layer is None else quant_map[layer]
+        st = storage(fmt, tensor, layer_index=layer, num_layers=num_layers, dtype=dtype, traits=traits)
         nbytes = sharded_bytes(tensor, bytes_each=st.bytes // tensor.copies, tp=tp, ep=ep)
         q, u = (q + nbytes, u) if st.quantized else (q, u + nbytes)
     return WeightBytes(q, u)
@@ -107,13 +164,9 @@ def weight_bytes_per_gpu(
     return weight_bytes(placed, dtype=dtype, quant=quant, tp=tp, ep=ep, num_layers=num_layers, traits=traits).gpu
 
 
-def _is_gguf(quant: str | None) -> bool:
-    return quant is not None and get_format(quant).library is Library.GGUF
-
-
 def host_tensors(ctx: Context) -> list[Tensor]:
     """Tensors the runtime keeps in host memory: GGUF's input layer (llama.cpp ``dev_input``), else none."""
-    if not _is_gguf(effective_quant(ctx.cfg)):
+    if job_library(ctx.cfg) is not Library.GGUF:
         return []
     return [t for t in ctx.arch.pre if t.role in HOST_INPUT_ROLES]
 
@@ -121,54 +174,97 @@ def host_tensors(ctx: Context) -> list[Tensor]:
 def placed_tensors(ctx: Context) -> list[Placed]:
     """GPU-resident tensors of the reported stage with their block index (as ``parallel.stage_tensors``).
 
+    Layers an inference job offloads to CPU RAM (``infer.offload_map``) are left out.
     GGUF: the input layer is left out (``host_tensors``); with tied embeddings the output layer's
     duplicate of the embedding (llama.cpp ``TENSOR_DUPLICATED``) is a LM_HEAD tensor on the last stage.
     """
     arch, pp, stage = ctx.arch, ctx.cfg.pp, ctx.stage
     host = host_tensors(ctx)
     out: list[Placed] = [(t, None) for t in arch.pre if t not in host] if stage == 0 else []
-    out += [(t, i) for i, layer in ctx.layers for t in layer.tensors]
+    off = offloaded_layers(ctx.cfg)
+    out += [(t, i) for i, layer in ctx.layers if i not in off for t in layer.tensors]
     if stage == pp - 1:
         out += [(t, None) for t in arch.post + arch.extra]
-        if host and mix_traits(arch).tied:
+        if host and _traits(arch).tied:
             out += [(replace(t, role=Role.LM_HEAD), None) for t in host if t.role is Role.EMBEDDING]
     return out
 
 
-_CACHE: dict[tuple, tuple[object, WeightBytes]] = {}
+_CACHE: dict[tuple, tuple[object, object]] = {}
 _CACHE_LIMIT = 4096
+
+
+def _memo(key: tuple, arch: object, compute: Callable[[], _T]) -> _T:
+    """``compute()`` memoized under ``key``; the architecture object is kept with the entry and compared
+    by identity, so a recycled ``id(arch)`` in the key can never return another model's bytes."""
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is arch:
+        return hit[1]  # type: ignore[return-value]
+    result = compute()
+    if len(_CACHE) >= _CACHE_LIMIT:
+        _CACHE.clear()
+    _CACHE[key] = (arch, result)
+    return result
+
+
+def _traits(arch: Architecture) -> MixTraits:
+    return _memo(("traits", id(arch)), arch, lambda: mix_traits(arch))
 
 
 def context_weight_bytes(ctx: Context) -> WeightBytes:
     """Weight bytes of the reported GPU and of the node's host (GGUF input layer), before ZeRO-3 and offload.
 
-    Memoized per (architecture, dtype, quant, tp, ep, pp, stage): the planner and sweeps evaluate the
-    same weights under many other choices. The architecture object is kept with the entry and
-    compared by identity, so a recycled ``id`` can never return another model's bytes.
+    Memoized per (architecture, dtype, quant, quant_map, offload_map, tp, ep, pp, stage): the planner and
+    sweeps evaluate the same weights under many other choices.
     """
     cfg = ctx.cfg
-    key = (id(ctx.arch), cfg.dtype, effective_quant(cfg), cfg.tp, cfg.ep, cfg.pp, ctx.stage)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is ctx.arch:
-        return hit[1]
-    result = _context_weight_bytes(ctx)
-    if len(_CACHE) >= _CACHE_LIMIT:
-        _CACHE.clear()
-    _CACHE[key] = (ctx.arch, result)
-    return result
+    key = ("stage", id(ctx.arch), cfg.dtype, effective_quant(cfg), cfg.quant_map, cfg.infer.offload_map,
+           cfg.tp, cfg.ep, cfg.pp, ctx.stage)
+    return _memo(key, ctx.arch, lambda: _context_weight_bytes(ctx))
 
 
 def _context_weight_bytes(ctx: Context) -> WeightBytes:
-    quant = effective_quant(ctx.cfg)
-    traits = mix_traits(ctx.arch) if quant is not None else DEFAULT_TRAITS
+    cfg = ctx.cfg
     layers = len(ctx.arch.layers)
-    gpu = weight_bytes(placed_tensors(ctx), dtype=ctx.cfg.dtype, quant=quant, tp=ctx.cfg.tp, ep=ctx.cfg.ep,
-                       num_layers=layers, traits=traits)
+    check_quant_map(cfg, num_layers=layers)
+    quant = effective_quant(cfg)
+    traits = _traits(ctx.arch) if job_formats(cfg) else DEFAULT_TRAITS
+    gpu = weight_bytes(placed_tensors(ctx), dtype=cfg.dtype, quant=quant, tp=cfg.tp, ep=cfg.ep,
+                       num_layers=layers, traits=traits, quant_map=cfg.quant_map)
     hq = hu = 0
     for t in host_tensors(ctx):
-        st = storage(quant, t, layer_index=None, num_layers=layers, dtype=ctx.cfg.dtype, traits=traits)
+        st = storage(quant, t, layer_index=None, num_layers=layers, dtype=cfg.dtype, traits=traits)
         hq, hu = (hq + st.bytes, hu) if st.quantized else (hq, hu + st.bytes)
     return replace(gpu, host_quantized=hq, host_unquantized=hu)
+
+
+def layer_weight_bytes(ctx: Context, layer_index: int, fmt: str | None) -> int:
+    """GPU bytes of block ``layer_index``'s tensors on one rank (tp/ep sharded) stored in ``fmt``.
+
+    Formula: Σ over the block's tensors of sharded_bytes(t, storage(fmt, t, layer_index).bytes / copies);
+    ``fmt`` None: every tensor in ``cfg.dtype``.
+    Source: ``quant.storage`` (GGUF: llama-quant.cpp's mix rules at this layer index), ``sharded_bytes``.
+    Assumptions: the planner's per-layer unit; Σ over a stage's GPU layers of layer_weight_bytes(ctx, i,
+    layer_format(cfg, i)) + ``non_layer_weight_bytes(ctx)`` equals ``total_weight_bytes(ctx)`` exactly.
+    """
+    cfg, arch = ctx.cfg, ctx.arch
+    key = ("layer", id(arch), layer_index, fmt, cfg.dtype, cfg.tp, cfg.ep)
+    tensors = [(t, layer_index) for t in arch.layers[layer_index].tensors]
+    return _memo(key, arch, lambda: weight_bytes_per_gpu(
+        tensors, dtype=cfg.dtype, quant=fmt, tp=cfg.tp, ep=cfg.ep, num_layers=len(arch.layers),
+        traits=_traits(arch) if fmt is not None else DEFAULT_TRAITS))
+
+
+def non_layer_weight_bytes(ctx: Context) -> int:
+    """GPU bytes on one rank of the reported stage's tensors outside the blocks (embeddings on the first
+    stage, final norm, head and ``extra`` modules on the last; GGUF's input layer excluded, its tied
+    duplicate included), in ``effective_quant(cfg)``; see ``placed_tensors``."""
+    cfg = ctx.cfg
+    outside = [(t, i) for t, i in placed_tensors(ctx) if i is None]
+    quant = effective_quant(cfg)
+    return weight_bytes_per_gpu(outside, dtype=cfg.dtype, quant=quant, tp=cfg.tp, ep=cfg.ep,
+                                num_layers=len(ctx.arch.layers),
+                                traits=_traits(ctx.arch) if quant is not None else DEFAULT_TRAITS)
 
 
 def total_weight_bytes(ctx: Context) -> int:
@@ -176,19 +272,36 @@ def total_weight_bytes(ctx: Context) -> int:
     return context_weight_bytes(ctx).gpu
 
 
+def _format_mix(ctx: Context) -> str:
+    """The stage's GPU layers counted by format, e.g. ``int8 ×40, nf4 ×40`` (None layers under the dtype)."""
+    off = offloaded_layers(ctx.cfg)
+    counts = Counter(layer_format(ctx.cfg, i) or ctx.cfg.dtype.value for i, _ in ctx.layers if i not in off)
+    return ", ".join(f"{name} ×{n}" for name, n in counts.items()) or "no layers"
+
+
 def rows(ctx: Context) -> list[Row]:
     """Weight rows of the reported GPU (all Tier.GPU), without ZeRO-3 and without offload."""
-    quant = effective_quant(ctx.cfg)
+    cfg = ctx.cfg
+    formats = job_formats(cfg)
     wb = context_weight_bytes(ctx)
-    dtype = ctx.cfg.dtype.value
-    if quant is None:
-        note = f"all parameters in {dtype}, split over tp={ctx.cfg.tp}, ep={ctx.cfg.ep}"
+    dtype = cfg.dtype.value
+    off = len(offloaded_layers(cfg) & {i for i, _ in ctx.layers})
+    where = f"; {off} layers offloaded to CPU (weights/cpu_offloaded)" if off else ""
+    if not formats:
+        note = f"all parameters in {dtype}, split over tp={cfg.tp}, ep={cfg.ep}{where}"
         return [Row("weights/params", Tier.GPU, wb.gpu, "numel · bits / 8 per tensor (Megatron-LM tp split)", note)]
-    fmt = get_format(quant)
-    kept = "F32 (1-D, norms, routers) or F16" if fmt.library is Library.GGUF else dtype
+    library = get_format(formats[0]).library
+    source = "; ".join(dict.fromkeys(get_format(f).source for f in formats))
+    kept = "F32 (1-D, norms, routers) or F16" if library is Library.GGUF else dtype
+    if cfg.quant_map is None:
+        qnote = f"{formats[0]}: packed weights + scales/zeros"
+    else:
+        qnote = f"per-layer formats: {_format_mix(ctx)}; outside the blocks: {effective_quant(cfg) or dtype}"
+        if library is Library.GGUF and None in cfg.quant_map:
+            kept += f"; layers without a format in {dtype}"
     return [
-        Row("weights/quantized", Tier.GPU, wb.quantized, fmt.source, f"{quant}: packed weights + scales/zeros"),
-        Row("weights/unquantized", Tier.GPU, wb.unquantized, _KEPT_SOURCE[fmt.library], f"kept in {kept}"),
+        Row("weights/quantized", Tier.GPU, wb.quantized, source, qnote + where),
+        Row("weights/unquantized", Tier.GPU, wb.unquantized, _KEPT_SOURCE[library], f"kept in {kept}"),
     ]
 
 

@@ -6,6 +6,8 @@ capacity). Bandwidths are in bytes/s, FLOP rates in FLOP/s.
 
 from __future__ import annotations
 
+from typing import Any
+
 DEFAULT_MFU = 0.45
 """Model FLOPs utilization assumed for dense training/prefill: an assumption, typical of
 Megatron-LM at scale (Narayanan et al. 2021 report 44-52% of peak on A100, Table 1)."""
@@ -127,3 +129,10 @@ def decode_seconds_per_token(*, bytes_read: int, hbm_bytes_per_s: float) -> floa
     memory-bandwidth bound at small batch).
     """
     return bytes_read / hbm_bytes_per_s
+
+
+def pcie_bytes_per_s(gpu: Any, host: Any) -> float:
+    """Host-to-GPU bandwidth of one GPU: the host's figure when given, else the PCIe generation's x16 rate."""
+    from memplan.catalog.schema import PCIE_GBPS_X16
+
+    return (host.pcie_gbps_per_gpu or PCIE_GBPS_X16[gpu.pcie_gen]) * 1e9

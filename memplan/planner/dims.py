@@ -81,4 +81,9 @@ def resolve(arch: Architecture, base: JobConfig, space: SearchSpace, objective: 
     if not space.per_layer_recompute:
         default_modes = (base.recompute,)
     dims["recompute"] = space.recompute or default_modes
+    from memplan.planner.train_offload import split_values
+
+    splits = split_values(dims, space.per_layer_offload and bool(arch.layers), base.job)
+    if len(splits) > 1:
+        dims["opt_split"] = splits
     return dims, excluded

@@ -21,12 +21,25 @@ so a solver's tolerance can never admit a plan that the exact integer re-check w
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 UNIT = 1024
 """ILP memory unit in bytes (KiB): demand is rounded up to it, capacity down."""
+
+SECONDS_SCALE = 1e3
+"""Seconds objectives are solved in milliseconds: HiGHS treats objective values within about 1e-6 of the
+incumbent as no better (an absolute tolerance), which in seconds would merge plans of a 10 ms step that
+differ by a microsecond (0.01%); ``Solution.objective`` is reported in seconds again."""
+
+ERROR_SCALE = 1e6
+"""``min_error``: errors (mean relative MSE, one layer's share about 1e-6 for a 70B model) are scaled so that
+the solver's absolute and relative MIP gaps (1e-6, 1e-4) stay far below one layer's difference."""
+ERROR_TIE_REL = 1e-9
+ERROR_TIE_ABS = 1e-15
+"""Second ``min_error`` stage: plans within this of the least error are ties, broken by step seconds."""
 
 SOLVER_MAX_COEFF = 10**15
 """HiGHS refuses a model with a matrix value of magnitude 1e15 or more (its ``large_matrix_value``);
@@ -42,6 +55,8 @@ class Entry:
     nvme: int = 0
     seconds: float = 0.0
     value: float = 0.0
+    error: float = 0.0
+    """Quality loss (the ``min_error`` objective), e.g. of the tensors outside the blocks."""
 
 
 @dataclass
@@ -53,7 +68,11 @@ class Factor:
 
 @dataclass
 class LayerBlock:
-    """Per-layer modes. ``gpu[l][m][key]`` bytes per in-flight micro-batch; ``cpu`` per node; ``seconds[l][m][key]``."""
+    """One per-layer decision (recompute, optimizer placement, weight format and placement): a mode per layer.
+
+    ``gpu[l][m][key]`` bytes on the layer's GPU (per in-flight micro-batch when ``in_flight``), ``cpu``
+    bytes per node, ``seconds`` step time, ``error`` quality loss; ``key`` ranges over ``key_dims``.
+    """
 
     modes: tuple[str, ...]
     key_dims: tuple[str, ...]
@@ -62,7 +81,7 @@ class LayerBlock:
     cpu: list[dict[str, dict[tuple, int]]] | None = None
     classes: list[int] | None = None
     workspace: list[dict[str, dict[tuple, int]]] | None = None
-    """Bytes live once, while one layer in this mode is recomputed (the largest such layer counts)."""
+    """Bytes live once, while one layer in this mode runs (the largest such layer of the stage counts)."""
     flight_workspace: list[dict[str, dict[tuple, int]]] | None = None
     """Like ``workspace`` but held per micro-batch in flight (the checkpoint's saved keyword arguments)."""
     in_flight: bool = True
@@ -70,6 +89,17 @@ class LayerBlock:
     savings_rank: dict[str, int] = field(default_factory=dict)
     key_bounds: dict[tuple, float] = field(default_factory=dict)
     """A valid lower bound on the layers' seconds for each key (a cut that tightens the relaxation)."""
+    name: str = "recompute"
+    error: list[dict[str, dict[tuple, float]]] | None = None
+    """Quality loss per layer, mode and key (the ``min_error`` objective)."""
+    contiguous: bool = False
+    """Group only runs of adjacent identical layers (needed when the layer order matters, ``suffix_mode``)."""
+    stages: bool = True
+    """Whether the block spans pipeline stages; False: its bytes are nonzero only under pp = 1 (the ILP groups
+    its layers over the whole model and adds them to the pp = 1 memory row alone)."""
+    suffix_mode: str | None = None
+    """The layers in this mode form a suffix of the layer order (DeepSpeed's partial offload: the last
+    sub-groups go to the CPU); the ILP orders the groups and ``modes()`` puts it on each group's last layers."""
 
 
 @dataclass
@@ -86,6 +116,12 @@ class Problem:
     gpu_scale_pct: float = 0.0
     """The GPU demand is multiplied by (1 + pct/100): the allocator reserve row."""
     cuts: list[dict[str, Any]] = field(default_factory=list)
+    extra_blocks: list[LayerBlock] = field(default_factory=list)
+    """Further per-layer decisions beside ``layers``; their bytes, seconds and errors add up per layer."""
+
+    @property
+    def blocks(self) -> list[LayerBlock]:
+        return ([self.layers] if self.layers is not None else []) + list(self.extra_blocks)
 
 
 @dataclass
@@ -95,6 +131,8 @@ class Solution:
     modes: list[str]
     objective: float
     seconds: float
+    block_modes: dict[str, list[str]] = field(default_factory=dict)
+    """Per-layer modes of every block by name (``modes`` is the first block's)."""
 
 
 def ceil_unit(n: int) -> int:
@@ -127,13 +165,13 @@ class IlpBuilder:
             self.prob += pl.lpSum(self.x[d, v] for v in values) == 1, f"one_{_safe(d)}"
         for f in P.factors:
             self._factor(f)
-        self.n: dict[tuple[Any, str], Any] = {}
-        self.any: dict[tuple[Any, str], Any] = {}
-        self.w: dict[tuple[Any, str, tuple], Any] = {}
-        self.ws: dict[tuple[int, int], Any] = {}
-        self.groups: dict[tuple[int, int], list[int]] = {}
-        if P.layers is not None:
-            self._layers(P.layers)
+        self.n: dict[tuple[int, Any, str], Any] = {}
+        self.any: dict[tuple[int, Any, str], Any] = {}
+        self.w: dict[tuple[int, Any, str, tuple], Any] = {}
+        self.ws: dict[tuple[int, int, int], Any] = {}
+        self.groups: list[dict[tuple[int, int], list[int]]] = []
+        for bi, lb in enumerate(P.blocks):
+            self._layers(bi, lb)
         self._memory()
         self._objective()
 
@@ -151,15 +189,23 @@ class IlpBuilder:
             self.prob += pl.lpSum(zs) == self.x[d, v], f"marg_{_safe(f.name)}_{_safe(d)}_{idx}"
 
     def _groups(self, lb: LayerBlock) -> dict[tuple[int, int], list[int]]:
-        """Layers that share a class and a segment no pipeline stage boundary cuts."""
-        seg = self.p.num_layers // max(self.p.dims.get("pp", (1,)))
+        """Layers that share a class and a segment no pipeline stage boundary cuts (with ``contiguous``:
+        runs of adjacent such layers), in layer order."""
+        seg = self.p.num_layers // max(self.p.dims.get("pp", (1,))) if lb.stages else self.p.num_layers
         classes = lb.classes or list(range(len(lb.gpu)))
         groups: dict[tuple[int, int], list[int]] = {}
+        run = -1
         for layer in range(len(lb.gpu)):
-            groups.setdefault((layer // seg, classes[layer]), []).append(layer)
+            if lb.contiguous:
+                if layer == 0 or layer % seg == 0 or classes[layer] != classes[layer - 1]:
+                    run += 1
+                key = (layer // seg, run)
+            else:
+                key = (layer // seg, classes[layer])
+            groups.setdefault(key, []).append(layer)
         return groups
 
-    def _layers(self, lb: LayerBlock) -> None:
+    def _layers(self, bi: int, lb: LayerBlock) -> None:
         """Per-layer modes. Layers that are identical and that no stage boundary separates are
         interchangeable, so a group G takes integer counts ``n[G, m]`` of layers per mode (the
         per-layer binaries with their symmetry removed; ``modes()`` expands them, most-saving mode
@@ -167,39 +213,53 @@ class IlpBuilder:
         the tight transportation form: Σ_m v[G,m,k] = |G|·y[k] and Σ_k v[G,m,k] = n[G,m]."""
         pl = self.pulp
         keys = sorted({k for per in lb.gpu for m in per.values() for k in m}, key=repr)
-        self._factor(Factor("layerkey", lb.key_dims, {k: Entry() for k in keys}))
-        y = {k: self.z["layerkey", k] for k in keys}
-        self.groups = self._groups(lb)
-        for gi, (gkey, members) in enumerate(self.groups.items()):
-            size = len(members)
+        self._factor(Factor(f"layerkey{bi}", lb.key_dims, {k: Entry() for k in keys}))
+        y = {k: self.z[f"layerkey{bi}", k] for k in keys}
+        groups = self._groups(lb)
+        self.groups.append(groups)
+        for gi, (gkey, members) in enumerate(groups.items()):
+            size, tag = len(members), f"{bi}_{gi}"
             for m in lb.modes:
-                self.n[gkey, m] = pl.LpVariable(f"n_{gi}_{_safe(m)}", lowBound=0, upBound=size, cat="Integer")
-                self.any[gkey, m] = pl.LpVariable(f"any_{gi}_{_safe(m)}", cat="Binary")
-                self.prob += self.n[gkey, m] <= size * self.any[gkey, m], f"any_{gi}_{_safe(m)}"
+                self.n[bi, gkey, m] = pl.LpVariable(f"n_{tag}_{_safe(m)}", lowBound=0, upBound=size, cat="Integer")
+                self.any[bi, gkey, m] = pl.LpVariable(f"any_{tag}_{_safe(m)}", cat="Binary")
+                self.prob += self.n[bi, gkey, m] <= size * self.any[bi, gkey, m], f"any_{tag}_{_safe(m)}"
                 for j, k in enumerate(keys):
-                    self.w[gkey, m, k] = pl.LpVariable(f"v_{gi}_{_safe(m)}_{j}", lowBound=0)
-            self.prob += pl.lpSum(self.n[gkey, m] for m in lb.modes) == size, f"count_{gi}"
+                    allowed = k in lb.gpu[members[0]][m]  # a mode without an entry for a key is not available there
+                    self.w[bi, gkey, m, k] = pl.LpVariable(f"v_{tag}_{_safe(m)}_{j}", lowBound=0,
+                                                           upBound=None if allowed else 0)
+            self.prob += pl.lpSum(self.n[bi, gkey, m] for m in lb.modes) == size, f"count_{tag}"
             for j, k in enumerate(keys):
-                self.prob += (pl.lpSum(self.w[gkey, m, k] for m in lb.modes) == size * y[k], f"vk_{gi}_{j}")
+                self.prob += (pl.lpSum(self.w[bi, gkey, m, k] for m in lb.modes) == size * y[k], f"vk_{tag}_{j}")
             for m in lb.modes:
-                self.prob += pl.lpSum(self.w[gkey, m, k] for k in keys) == self.n[gkey, m], f"vm_{gi}_{_safe(m)}"
+                self.prob += (pl.lpSum(self.w[bi, gkey, m, k] for k in keys) == self.n[bi, gkey, m],
+                              f"vm_{tag}_{_safe(m)}")
+        if lb.suffix_mode is not None:
+            self._suffix(bi, lb.suffix_mode, groups)
         if lb.workspace is not None:
-            self._workspace(lb, y)
+            self._workspace(bi, lb, y)
         if lb.key_bounds:
-            layer_seconds = pl.lpSum(sec * self.w[g, m, k] for g, members in self.groups.items()
+            layer_seconds = pl.lpSum(sec * self.w[bi, g, m, k] for g, members in groups.items()
                                      for m, keyed in lb.seconds[members[0]].items() for k, sec in keyed.items() if sec)
-            self.prob += layer_seconds >= pl.lpSum(b * y[k] for k, b in lb.key_bounds.items() if k in y), "recompute_bound"
+            self.prob += (layer_seconds >= pl.lpSum(b * y[k] for k, b in lb.key_bounds.items() if k in y),
+                          f"bound_{bi}")
 
-    def _workspace(self, lb: LayerBlock, y: dict[tuple, Any]) -> None:
-        """``ws[p, s]``: bytes live while the largest recomputed layer of stage s (under pp = p) is
-        recomputed: ws ≥ Σ_k W(k)·(any[G,m] + y[k] − 1) for every group G of that stage."""
+    def _suffix(self, bi: int, mode: str, groups: dict[tuple[int, int], list[int]]) -> None:
+        """Layers in ``mode`` form a suffix: a group holding any of them makes every later group all ``mode``."""
+        ordered = list(groups.items())
+        for (gkey, _), (hkey, later) in itertools.pairwise(ordered):
+            self.prob += (self.n[bi, hkey, mode] >= len(later) * self.any[bi, gkey, mode],
+                          f"suffix_{bi}_{_safe(gkey)}")
+
+    def _workspace(self, bi: int, lb: LayerBlock, y: dict[tuple, Any]) -> None:
+        """``ws[b, p, s]``: bytes live while the largest layer of stage s (under pp = p) in a workspace mode
+        runs: ws ≥ Σ_k W(k)·(any[G,m] + y[k] − 1) for every group G of that stage."""
         pl = self.pulp
         assert lb.workspace is not None
         for p in self.p.dims.get("pp", (1,)):
             for s in range(p):
-                var = pl.LpVariable(f"ws_pp{p}_s{s}", lowBound=0)
-                self.ws[p, s] = var
-                for gi, (gkey, members) in enumerate(self.groups.items()):
+                var = pl.LpVariable(f"ws{bi}_pp{p}_s{s}", lowBound=0)
+                self.ws[bi, p, s] = var
+                for gi, (gkey, members) in enumerate(self.groups[bi].items()):
                     rep = members[0]
                     if stage_of(rep, self.p.num_layers, p) != s:
                         continue
@@ -209,23 +269,40 @@ class IlpBuilder:
                                 if "pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p}
                         total = sum(coef.values())
                         if total:
-                            expr = total * self.any[gkey, m] + pl.lpSum(c * y[k] for k, c in coef.items()) - total
-                            self.prob += var >= expr, f"ws_{p}_{s}_{gi}_{_safe(m)}"
+                            expr = total * self.any[bi, gkey, m] + pl.lpSum(c * y[k] for k, c in coef.items()) - total
+                            self.prob += var >= expr, f"ws{bi}_{p}_{s}_{gi}_{_safe(m)}"
 
-    def modes(self) -> list[str]:
-        """Per-layer modes of the solution: in each group, the most-saving mode on its first layers."""
-        lb = self.p.layers
-        assert lb is not None
+    def modes(self, bi: int = 0) -> list[str]:
+        """Per-layer modes of block ``bi`` in the solution: in each group the most-saving mode on its first
+        layers (``suffix_mode`` on its last)."""
+        lb = self.p.blocks[bi]
         out = [lb.modes[0]] * len(lb.gpu)
-        order = sorted(lb.modes, key=lambda m: -lb.savings_rank.get(m, 0))
-        for gkey, members in self.groups.items():
-            counts = {m: round(self.n[gkey, m].value() or 0) for m in lb.modes}
+        order = sorted(lb.modes, key=lambda m: (m == lb.suffix_mode, -lb.savings_rank.get(m, 0)))
+        for gkey, members in self.groups[bi].items():
+            counts = {m: round(self.n[bi, gkey, m].value() or 0) for m in lb.modes}
             queue = [m for m in order for _ in range(counts[m])]
             for layer, m in zip(members, queue, strict=True):
                 out[layer] = m
         return out
 
     # -- constraints ---------------------------------------------------------------------------
+    def _block_terms(self, bi: int, lb: LayerBlock, p: int, s: int) -> list[Any]:
+        if not lb.stages and p != 1:
+            return []
+        terms = []
+        for gkey, members in self.groups[bi].items():
+            rep = members[0]
+            if stage_of(rep, self.p.num_layers, p) != s:
+                continue
+            mult = (p - s) if lb.in_flight else 1
+            for m in lb.modes:
+                for k, nbytes in lb.gpu[rep][m].items():
+                    if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
+                        terms.append(ceil_unit(nbytes * mult) * self.w[bi, gkey, m, k])
+        if (bi, p, s) in self.ws:
+            terms.append(self.ws[bi, p, s])
+        return terms
+
     def _gpu_terms(self, p: int, s: int) -> list[Any]:
         P = self.p
         terms = []
@@ -238,19 +315,8 @@ class IlpBuilder:
                 nbytes = e.gpu[idx] if idx < len(e.gpu) else 0
                 if nbytes:
                     terms.append(ceil_unit(nbytes) * self.z[f.name, key])
-        lb = P.layers
-        if lb is not None:
-            for gkey, members in self.groups.items():
-                rep = members[0]
-                if stage_of(rep, P.num_layers, p) != s:
-                    continue
-                mult = (p - s) if lb.in_flight else 1
-                for m in lb.modes:
-                    for k, nbytes in lb.gpu[rep][m].items():
-                        if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
-                            terms.append(ceil_unit(nbytes * mult) * self.w[gkey, m, k])
-            if (p, s) in self.ws:
-                terms.append(self.ws[p, s])
+        for bi, lb in enumerate(P.blocks):
+            terms += self._block_terms(bi, lb, p, s)
         return terms
 
     def _memory(self) -> None:
@@ -271,29 +337,37 @@ class IlpBuilder:
         for tier, capacity in (("cpu", P.cpu_capacity), ("nvme", P.nvme_capacity)):
             terms = [ceil_unit(getattr(e, tier)) * self.z[f.name, k]
                      for f in P.factors for k, e in f.entries.items() if getattr(e, tier)]
-            if tier == "cpu" and P.layers is not None and P.layers.cpu is not None:
-                terms += [ceil_unit(n) * self.w[g, m, k] for g, members in self.groups.items()
-                          for m, keyed in P.layers.cpu[members[0]].items() for k, n in keyed.items() if n]
+            if tier == "cpu":
+                terms += [ceil_unit(n) * self.w[bi, g, m, k] for bi, lb in enumerate(P.blocks) if lb.cpu is not None
+                          for g, members in self.groups[bi].items()
+                          for m, keyed in lb.cpu[members[0]].items() for k, n in keyed.items() if n]
             if terms:
                 self.prob += pl.lpSum(terms) <= math.floor(capacity / UNIT) - 1, f"{tier}_mem"
 
     def _conditional(self) -> bool:
         """Whether every GPU term is tied to a pipeline degree (so no big-M is needed)."""
         gpu_factors = [f for f in self.p.factors if any(any(e.gpu) for e in f.entries.values())]
-        layers_ok = self.p.layers is None or "pp" in self.p.layers.key_dims
+        layers_ok = all("pp" in lb.key_dims for lb in self.p.blocks)
         return layers_ok and all("pp" in f.dims for f in gpu_factors)
 
     @staticmethod
     def _upper(expr: Any) -> int:
         return int(sum(max(0, c) for c in expr.values())) + 1
 
+    def _block_sum(self, attr: str) -> list[Any]:
+        return [v * self.w[bi, g, m, k] for bi, lb in enumerate(self.p.blocks) if getattr(lb, attr) is not None
+                for g, members in self.groups[bi].items()
+                for m, keyed in getattr(lb, attr)[members[0]].items() for k, v in keyed.items() if v]
+
     def seconds_expr(self) -> Any:
-        pl, P = self.pulp, self.p
+        P = self.p
         terms = [e.seconds * self.z[f.name, k] for f in P.factors for k, e in f.entries.items() if e.seconds]
-        if P.layers is not None:
-            terms += [sec * self.w[g, m, k] for g, members in self.groups.items()
-                      for m, keyed in P.layers.seconds[members[0]].items() for k, sec in keyed.items() if sec]
-        return pl.lpSum(terms)
+        return self.pulp.lpSum(terms + self._block_sum("seconds"))
+
+    def error_expr(self) -> Any:
+        P = self.p
+        terms = [e.error * self.z[f.name, k] for f in P.factors for k, e in f.entries.items() if e.error]
+        return self.pulp.lpSum(terms + self._block_sum("error"))
 
     def _objective(self) -> None:
         pl, P = self.pulp, self.p
@@ -301,6 +375,8 @@ class IlpBuilder:
         if P.objective == "max_value":
             value = pl.lpSum(e.value * self.z[f.name, k] for f in P.factors for k, e in f.entries.items() if e.value)
             self.prob += -value + 1e-6 * seconds
+        elif P.objective == "min_error":
+            self.prob += ERROR_SCALE * self.error_expr()  # ``solve`` then breaks ties by seconds
         elif P.objective == "min_gpu_bytes":
             worst = pl.LpVariable("peak_gpu_units", lowBound=0)
             for (p, s), expr in self.gpu_rows.items():
@@ -308,10 +384,30 @@ class IlpBuilder:
                 self.prob += worst >= expr - relax, f"peak_pp{p}_s{s}"
             self.prob += worst + 1e-6 * seconds
         else:
-            self.prob += seconds
+            self.prob += SECONDS_SCALE * seconds
 
     # -- solving -------------------------------------------------------------------------------
     def solve(self, *, time_limit: float | None = None, solver: str | None = None) -> Solution:
+        """Solve; ``min_error`` lexicographically: least error first, then the fastest plan of that error."""
+        if self.p.objective != "min_error":
+            return self._solve(time_limit, solver)
+        error = self.error_expr()
+        self.prob.setObjective(ERROR_SCALE * error)
+        first = self._solve(time_limit, solver)
+        if first.status not in ("optimal", "feasible"):
+            return first
+        best = float(self.pulp.value(error) or 0.0)
+        first.objective = best
+        self.prob += error <= best * (1 + ERROR_TIE_REL) + ERROR_TIE_ABS, "quality_cap"
+        self.prob.setObjective(SECONDS_SCALE * self.seconds_expr())
+        second = self._solve(time_limit, solver)
+        del self.prob.constraints["quality_cap"]
+        if second.status not in ("optimal", "feasible"):
+            return first
+        second.objective = best
+        return second
+
+    def _solve(self, time_limit: float | None, solver: str | None) -> Solution:
         from memplan.planner.solvers import get_solver, quiet_stdout
 
         pl = self.pulp
@@ -334,10 +430,12 @@ class IlpBuilder:
             # PuLP reports HiGHS's kTimeLimit as integer-feasible even when no incumbent exists.
             return Solution("time_limit", {}, [], math.nan, math.nan)
         choice = dict(picked)
-        modes = self.modes() if self.p.layers is not None else []
+        block_modes = {lb.name: self.modes(bi) for bi, lb in enumerate(self.p.blocks)}
+        modes = self.modes(0) if self.p.layers is not None else []
         sol_status = "optimal" if self.prob.sol_status == pl.LpSolutionOptimal else "feasible"
-        return Solution(sol_status, choice, modes, float(pl.value(self.prob.objective) or 0.0),
-                        float(pl.value(self.seconds_expr()) or 0.0))
+        scale = SECONDS_SCALE if self.p.objective in ("min_seconds", "min_error") else 1.0
+        return Solution(sol_status, choice, modes, float(pl.value(self.prob.objective) or 0.0) / scale,
+                        float(pl.value(self.seconds_expr()) or 0.0), block_modes)
 
     def exclude(self, choice: dict[str, Any], name: str) -> None:
         """No-good cut: the next solution differs from ``choice`` in at least one global dimension."""

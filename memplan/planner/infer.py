@@ -8,11 +8,12 @@ factor-table value, and memory per stage is the sum of a weights factor and a KV
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import product
 from typing import Any
 
 from memplan.arch.build import build_architecture
-from memplan.config import JobConfig
+from memplan.config import JobConfig, Offload
 from memplan.errors import MemplanError
 from memplan.memory import components, runtime
 from memplan.memory.breakdown import Tier, tier_total
@@ -66,9 +67,67 @@ def _dims(req: Any, arch: Any) -> tuple[dict[str, tuple], list[str]]:
     return dims, excluded
 
 
-def build(req: Any) -> tuple[Problem, list[str], dict[tuple, float]]:
+def choices_for(req: Any, dims: dict[str, tuple]) -> Any:
+    """Which per-layer decisions the request allows (formats per layer, CPU offload of weights)."""
+    from memplan.memory.quant import get_format
+    from memplan.planner.infer_layers import LayerChoices
+
+    formats = None
+    if req.space.per_layer_quant or req.objective is Objective.MAX_QUALITY:
+        if not req.model.num_hidden_layers:
+            raise MemplanError(f"per-layer quantization needs the model's layers; {req.model.name} knows only a "
+                               "parameter count.")
+        formats = tuple(dims["quant"])
+        libraries = {get_format(f).library.value for f in formats if f is not None}
+        if len(libraries) > 1:
+            raise MemplanError("per-layer quantization mixes formats of one library, but --quant names "
+                               f"{', '.join(sorted(libraries))} formats; keep one.")
+        if len(formats) < 2:
+            raise MemplanError("per-layer quantization (--per-layer-quant, --objective max-quality) needs at least "
+                               "two --quant choices (none = 16-bit), e.g. --quant int8,nf4.")
+    offload = Offload.CPU in (req.space.offload_params or ())
+    if offload and not req.space.per_layer_offload:
+        raise MemplanError("inference offloads weights layer by layer (accelerate device_map); "
+                           "--offload-params cpu needs --per-layer-offload.")
+    return LayerChoices(formats=formats, offload=offload and bool(req.model.num_hidden_layers))
+
+
+def _weights_entry(req: Any, arch: Any, cfg: JobConfig, stages: list[list], per_layer: bool) -> Entry:
+    """Weight bytes per stage; with a per-layer block, only the tensors outside the blocks."""
+    from memplan.arch.parallel import stage_layers
+    from memplan.memory.weights import layer_weight_bytes
+
+    gpu = []
+    for s, rows in enumerate(stages):
+        total = tier_total([r for r in rows if r.component.startswith("weights")], Tier.GPU)
+        if per_layer:
+            ctx = Context(arch, cfg, req.gpu, req.host)
+            total -= sum(layer_weight_bytes(ctx, i, cfg.quant) for i, _ in stage_layers(arch, cfg.pp, s))
+        gpu.append(total)
+    cpu = max(tier_total([r for r in rows if r.component.startswith("weights")], Tier.CPU) for rows in stages)
+    return Entry(gpu=tuple(gpu), cpu=cpu)
+
+
+def _distinct_quants(dims: dict[str, tuple], weights: dict[tuple, Entry]) -> tuple:
+    """With formats chosen per layer the global format only sets the tensors outside the blocks: keep one
+    of the formats that store those identically (bitsandbytes, GPTQ and AWQ leave them all in 16 bits), so
+    ranked alternatives differ in something real."""
+    out: list = []
+    seen: list[list] = []
+    for q in sorted(dims["quant"], key=lambda f: f is not None):  # 16-bit first: the plain name for no format
+        sig = [weights.get((tp, pp, q)) for tp in dims["tp"] for pp in dims["pp"]]
+        if sig not in seen:
+            seen.append(sig)
+            out.append(q)
+    return tuple(out)
+
+
+def build(req: Any) -> tuple[Problem, list[str], Any]:
+    from memplan.planner.infer_layers import build_block
+
     arch = build_architecture(req.model)
     dims, excluded = _dims(req, arch)
+    choices = choices_for(req, dims)
     weights: dict[tuple, Entry] = {}
     for key in product(*(dims[d] for d in W_DIMS)):
         try:
@@ -77,8 +136,12 @@ def build(req: Any) -> tuple[Problem, list[str], dict[tuple, float]]:
         except (MemplanError, ValueError) as exc:
             excluded.append(str(exc))
             continue
-        wrows = [[r for r in rows if r.component.startswith("weights")] for rows in stages]
-        weights[key] = Entry(gpu=tuple(tier_total(r, Tier.GPU) for r in wrows), cpu=max(tier_total(r, Tier.CPU) for r in wrows))
+        entry = _weights_entry(req, arch, cfg, stages, choices.active)
+        if choices.formats is not None:
+            from memplan.planner.infer_layers import outside_error
+
+            entry = replace(entry, error=outside_error(arch, cfg.quant) / (arch.params or 1))
+        weights[key] = entry
     kv: dict[tuple, Entry] = {}
     for key in product(*(dims[d] for d in KV_DIMS)):
         try:
@@ -89,10 +152,12 @@ def build(req: Any) -> tuple[Problem, list[str], dict[tuple, float]]:
             continue
         krows = [[r for r in rows if not r.component.startswith("weights")] for rows in stages]
         kv[key] = Entry(gpu=tuple(tier_total(r, Tier.GPU) for r in krows))
+    if choices.formats is not None:
+        dims["quant"] = _distinct_quants(dims, weights)
+        weights = {k: e for k, e in weights.items() if k[2] in dims["quant"]}
     if not weights or not kv:
         raise MemplanError("no inference configuration in the search space is valid: " + "; ".join(excluded[:3]))
     value_dims = ("tp", "pp", "quant", "kv_dtype", "batch", "context")
-    speed: dict[tuple, float] = {}
     values: dict[tuple, Entry] = {}
     for key in product(*(dims[d] for d in value_dims)):
         c = dict(zip(value_dims, key, strict=True))
@@ -101,25 +166,27 @@ def build(req: Any) -> tuple[Problem, list[str], dict[tuple, float]]:
         if w is None or k is None:
             continue
         step = decode_seconds(req, c, w, k)
-        speed[key] = c["batch"] / step
-        values[key] = Entry(seconds=step, value=_value(req.objective, c, speed[key]))
+        values[key] = Entry(seconds=step / c["batch"], value=_value(req.objective, c))
     factors = [Factor("weights", W_DIMS, weights), Factor("kv", KV_DIMS, kv), Factor("speed", value_dims, values)]
     st = runtime.settings(req.gpu, req.base)
     margin = runtime.safety_margin_bytes(capacity_bytes=req.gpu.memory_bytes, pct=req.base.safety_margin_pct)
     context, pct = st.context_bytes + margin, st.reserve_pct  # fixed rows (context, safety margin) off the capacity
-    kind = {"min-memory": "min_gpu_bytes"}.get(req.objective.value, "max_value")
+    kind = {"min-memory": "min_gpu_bytes", "max-batch": "max_value", "max-context": "max_value",
+            "max-quality": "min_error"}.get(req.objective.value, "min_seconds")
+    block = build_block(req, arch, dims, choices) if choices.active else None
     problem = Problem(dims=dims, factors=factors, layers=None, num_layers=len(arch.layers) or 1,
                       gpu_capacity=req.gpu.memory_bytes - context, cpu_capacity=req.host.cpu_ram_bytes,
-                      nvme_capacity=req.host.nvme_bytes, objective=kind, gpu_scale_pct=float(pct))
-    return problem, excluded, speed
+                      nvme_capacity=req.host.nvme_bytes, objective=kind, gpu_scale_pct=float(pct),
+                      extra_blocks=[block] if block is not None else [])
+    return problem, excluded, choices
 
 
-def _value(objective: Objective, c: dict[str, Any], tokens_per_s: float) -> float:
+def _value(objective: Objective, c: dict[str, Any]) -> float:
     if objective is Objective.MAX_BATCH:
         return float(c["batch"])
     if objective is Objective.MAX_CONTEXT:
         return float(c["context"])
-    return tokens_per_s
+    return 0.0
 
 
 def decode_seconds(req: Any, c: dict[str, Any], w: Entry, k: Entry) -> float:
@@ -138,21 +205,25 @@ def decode_seconds(req: Any, c: dict[str, Any], w: Entry, k: Entry) -> float:
 
 
 def plan_inference(req: Any) -> Any:
-    from memplan.planner.plan import Candidate, PlanResult
+    from memplan.planner.infer_layers import BLOCK_NAME, describe, layer_config
+    from memplan.planner.plan import Candidate, PlanResult, rank_candidates, verified_solutions
 
     result = PlanResult(status="infeasible", objective=req.objective)
-    problem, excluded, speed = build(req)
+    problem, excluded, choices = build(req)
     result.excluded = sorted(set(excluded))
-    from memplan.planner.plan import verified_solutions
 
-    for sol, cfg, est in verified_solutions(req, IlpBuilder(problem), result,
-                                            lambda sol: infer_config(req.base, sol.choice)):
-        key = tuple(sol.choice[d] for d in ("tp", "pp", "quant", "kv_dtype", "batch", "context"))
-        tps = speed[key]
-        result.candidates.append(Candidate(cfg, est, cfg.micro_batch / tps, tps, sol.objective, ""))
+    def to_config(sol: Any) -> JobConfig:
+        cfg = infer_config(req.base, sol.choice)
+        modes = sol.block_modes.get(BLOCK_NAME)
+        return layer_config(cfg, modes, choices) if modes else cfg
+
+    for sol, cfg, est in verified_solutions(req, IlpBuilder(problem), result, to_config):
+        tps = 1.0 / sol.seconds
+        modes = sol.block_modes.get(BLOCK_NAME) or []
+        value = -tps if req.objective is Objective.THROUGHPUT else sol.objective
+        result.candidates.append(Candidate(cfg, est, cfg.micro_batch / tps, tps, value,
+                                           describe(modes, choices) if modes else "", _extras(req, cfg, choices)))
     if result.candidates:
-        from memplan.planner.plan import rank_candidates
-
         rank_candidates(result.candidates)
         result.status = "optimal"
     elif req.suggest:
@@ -160,3 +231,14 @@ def plan_inference(req: Any) -> Any:
 
         diagnose(req, result)
     return result
+
+
+def _extras(req: Any, cfg: JobConfig, choices: Any) -> dict[str, Any]:
+    """Quality of the chosen weight formats, for plans that choose formats per layer."""
+    if choices.formats is None:
+        return {}
+    from memplan.memory.quant_error import sqnr_db
+    from memplan.planner.infer_layers import weights_error
+
+    mse = weights_error(build_architecture(req.model), cfg)
+    return {"weights_relative_mse": float(f"{mse:.6g}"), "weights_sqnr_db": round(sqnr_db(mse), 3) if mse else None}

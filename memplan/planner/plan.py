@@ -12,7 +12,7 @@ from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
 from memplan.config import Job, JobConfig, Recompute
 from memplan.errors import MemplanError
 from memplan.estimate import Estimate, estimate
-from memplan.planner import train
+from memplan.planner import train, train_offload
 from memplan.planner.dims import resolve
 from memplan.planner.ilp import IlpBuilder
 from memplan.planner.space import Objective, SearchSpace
@@ -31,6 +31,8 @@ class Candidate:
     tokens_per_s: float
     objective_value: float
     layer_map: str
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Plan facts beyond the estimate (e.g. ``weights_sqnr_db`` of per-layer formats, ``offload_ratio``)."""
 
 
 @dataclass
@@ -63,18 +65,20 @@ class PlanRequest:
     suggest: bool = True
 
 
-def layer_map(modes: list[str]) -> str:
-    """Compact per-layer map: 'full: layers 0-18, none: layers 19-31'."""
-    if not modes:
-        return ""
-    runs: list[tuple[str, int, int]] = []
+def runs(modes: list[str]) -> str:
+    """Runs of equal modes: 'full: layers 0-18, none: layers 19-31'."""
+    out: list[tuple[str, int, int]] = []
     for i, m in enumerate(modes):
-        if runs and runs[-1][0] == m and runs[-1][2] == i - 1:
-            runs[-1] = (m, runs[-1][1], i)
+        if out and out[-1][0] == m and out[-1][2] == i - 1:
+            out[-1] = (m, out[-1][1], i)
         else:
-            runs.append((m, i, i))
-    parts = [f"{m}: layer{'s' if a != b else ''} {a}{'-' + str(b) if a != b else ''}" for m, a, b in runs]
-    return "recompute " + ", ".join(parts)
+            out.append((m, i, i))
+    return ", ".join(f"{m}: layer{'s' if a != b else ''} {a}{'-' + str(b) if a != b else ''}" for m, a, b in out)
+
+
+def layer_map(modes: list[str]) -> str:
+    """Compact per-layer recompute map: 'recompute full: layers 0-18, none: layers 19-31'."""
+    return "recompute " + runs(modes) if modes else ""
 
 
 def global_batch_for(req: PlanRequest, world: int, dims_mb: tuple[int, ...] | None = None) -> int:
@@ -138,12 +142,16 @@ def _value_fn(objective: Objective):
 
 def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) -> float:
     """Analytic step time of one plan: shape (compute, bubble, tp), data-parallel traffic, offload, recompute."""
+    from memplan.memory import components
+
     comm_dims = {"tp": (cfg.tp,), "pp": (cfg.pp,), "placement": ((cfg.zero, cfg.offload_optimizer, cfg.offload_params),),
                  "micro_batch": (cfg.micro_batch,)}
     comm = next(iter(train.comm_factor(setting, comm_dims).entries.values())).seconds
-    states, _ = train.states_factor(setting, {**comm_dims, "optimizer": (cfg.optimizer,), "quant": (cfg.quant,)})
-    offload = next(iter(states.entries.values())).seconds if states.entries else 0.0
-    recompute = sum(train.recompute_seconds(setting, cfg, layer.params, Recompute(m))
+    per_stage = [components.job_rows(c, []) for c in train._contexts(setting, cfg)]
+    offload = train.offload_seconds(setting, cfg, per_stage)
+    from memplan.planner.train_recompute import recompute_seconds
+
+    recompute = sum(recompute_seconds(setting, cfg, layer.params, Recompute(m))
                     for layer, m in zip(setting.arch.layers, modes, strict=False))
     return train.shape_seconds(setting, cfg) + comm + offload + recompute
 
@@ -166,12 +174,24 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     problem, _ = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective))
     builder = IlpBuilder(problem)
     found = 0
-    for sol, cfg, est in verified_solutions(req, builder, result,
-                                            lambda sol: train.config_for(base, sol.choice, global_batch=gb,
-                                                                         modes=sol.modes or None)):
+    def to_config(sol: Any) -> JobConfig:
+        return train.config_for(base, sol.choice, global_batch=gb, modes=sol.modes or None,
+                                optimizer_modes=sol.block_modes.get(train_offload.BLOCK_NAME))
+
+    for sol, cfg, est in verified_solutions(req, builder, result, to_config):
         seconds = step_seconds(setting, cfg, sol.modes)
         tokens = gb * cfg.seq_len
-        result.candidates.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, layer_map(sol.modes)))
+        text, extras = layer_map(sol.modes), {}
+        if cfg.optimizer_gpu_layers is not None:
+            from memplan.memory.context import Context
+            from memplan.memory.model_states import offloaded_fraction
+
+            ratio = offloaded_fraction(Context(arch, cfg, req.gpu, req.host))
+            size, ds_ratio = train_offload.deepspeed_settings(arch, cfg)
+            extras = {"optimizer_gpu_layers": cfg.optimizer_gpu_layers, "offload_ratio": round(ratio, 6),
+                      "deepspeed_sub_group_size": size, "deepspeed_ratio": round(ds_ratio, 6)}
+            text = "; ".join(t for t in (text, train_offload.describe(cfg, ratio, len(arch.layers))) if t)
+        result.candidates.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, text, extras))
         found += 1
     return found > 0
 
@@ -192,8 +212,12 @@ def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult
         if sol.status == "feasible":
             result.solver_status = "feasible (time limit reached; best incumbent)"
         cfg = to_config(sol)
-        est = estimate(req.model, req.gpu, cfg, host=req.host)
         builder.exclude(sol.choice, f"cut_{found}_{rejected}")
+        try:
+            est = estimate(req.model, req.gpu, cfg, host=req.host)
+        except MemplanError:  # a combination the exact model rejects: cut, as one that does not fit
+            rejected += 1
+            continue
         if not est.fits:
             rejected += 1
             continue
@@ -235,6 +259,12 @@ def plan(req: PlanRequest) -> PlanResult:
         from memplan.planner.infer import plan_inference
 
         return plan_inference(req)
+    if req.space.per_layer_quant:
+        raise MemplanError("--per-layer-quant chooses weight formats per layer for inference plans (--job infer); "
+                           "training jobs take one --quant format.")
+    if req.objective is Objective.MAX_QUALITY:
+        raise MemplanError("--objective max-quality chooses per-layer weight formats of an inference plan; "
+                           "use it with --job infer and several --quant formats.")
     result = PlanResult(status="infeasible", objective=req.objective)
     sizes = gpu_counts(req)
     for gpn, nodes in sizes:

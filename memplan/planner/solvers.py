@@ -25,6 +25,13 @@ def available() -> list[str]:
     return out
 
 
+MIP_REL_GAP = 1e-6
+MIP_ABS_GAP = 0.0
+"""Gaps both solvers stop at (HiGHS ``mip_rel_gap``/``mip_abs_gap``, CBC ``ratioGap``/``allowableGap``).
+HiGHS's defaults (1e-4 relative, 1e-6 absolute) let it stop at a plan 0.01% slower than the best, or
+10 ms slower than a 10 ms step: memplan's objectives are seconds, so the absolute gap must be 0."""
+
+
 def get_solver(name: str | None = None, *, time_limit: float | None = None) -> Any:
     """A PuLP solver object: ``name`` if given and usable, else the first usable of PREFERENCE."""
     import pulp
@@ -36,8 +43,9 @@ def get_solver(name: str | None = None, *, time_limit: float | None = None) -> A
     for candidate in order:
         if candidate in usable:
             if candidate == "highs":
-                return pulp.HiGHS(msg=False, timeLimit=time_limit, output_flag=False, log_to_console=False)
-            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit)
+                return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=MIP_REL_GAP, gapAbs=MIP_ABS_GAP,
+                                  output_flag=False, log_to_console=False)
+            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=MIP_REL_GAP, gapAbs=MIP_ABS_GAP)
     wanted = name or " or ".join(PREFERENCE)
     raise MemplanError(f"no usable MILP solver ({wanted}); install highspy (pip install highspy) "
                        "or a PuLP build that bundles CBC.")

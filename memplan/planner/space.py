@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from memplan.arch.tensors import Architecture
 from memplan.config import Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
@@ -23,6 +23,8 @@ class Objective(StrEnum):
     MAX_CONTEXT = "max-context"
     MIN_MEMORY = "min-memory"
     MIN_COST = "min-cost"
+    MAX_QUALITY = "max-quality"
+    """Least weight quantization error (per-layer formats, LQ-LoRA-style) among plans that fit."""
 
 
 Placement = tuple[ZeroStage, Offload, Offload]
@@ -44,11 +46,21 @@ class SearchSpace(Strict):
     recompute: tuple[Recompute, ...] | None = None
     per_layer_recompute: bool = True
     per_layer_offload: bool = True
+    """Per-layer placement: inference weights on GPU or CPU (accelerate device_map); training optimizer
+    states on GPU or CPU (DeepSpeed ZeRO-3 partial offload)."""
+    per_layer_quant: bool = False
+    """Inference: choose each layer's weight format among the ``quant`` choices (LQ-LoRA-style)."""
     context: tuple[int, ...] | None = None
     seq_len: tuple[int, ...] | None = None
     batch: tuple[int, ...] | None = None
     gpus: tuple[int, ...] | None = None
     global_batch: int | None = Field(default=None, gt=0)
+
+    @field_validator("*")
+    @classmethod
+    def _distinct(cls, value: object) -> object:
+        """Each candidate once, in the order given (``--quant int8,int8`` is one choice)."""
+        return tuple(dict.fromkeys(value)) if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True)

@@ -152,5 +152,8 @@ def diagnose(req: Any, result: Any) -> None:
     if job is Job.INFER:
         tries.append(with_space(req, "4-bit AWQ weights", "--quant awq-4bit", quant=("awq-4bit",)))
         tries.append(with_space(req, "fp8 KV cache", "--kv-dtype fp8", kv_dtype=("fp8",)))
+        tries.append(with_space(req, "some layers' weights in CPU RAM, streamed over PCIe (accelerate device_map)",
+                                "--offload-params none,cpu", offload_params=(Offload.NONE, Offload.CPU),
+                                per_layer_offload=True))
     tries.append(bigger_gpu(req))
     result.suggestions = [t for t in tries if t is not None]

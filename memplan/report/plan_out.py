@@ -16,6 +16,7 @@ def candidate_dict(c: Candidate) -> dict[str, Any]:
         "tokens_per_s": round(c.tokens_per_s, 3),
         "objective_value": round(c.objective_value, 9),
         "layer_map": c.layer_map,
+        "layer_plan": dict(c.extras),
     })
     return out
 
@@ -73,6 +74,15 @@ def render_plan(result: PlanResult, console: Any) -> None:
     console.print(f"[bold]Best plan[/bold] ({result.objective.value}, solver: {result.solver_status}): {_choice(best)}")
     if best.layer_map:
         console.print(f"Per-layer: {best.layer_map}")
+    if "deepspeed_ratio" in best.extras:
+        console.print(f"DeepSpeed: zero_optimization.sub_group_size {best.extras['deepspeed_sub_group_size']:,}, "
+                      f"offload_optimizer.ratio {best.extras['deepspeed_ratio']:.4f} "
+                      "(keeps at most these layers' states on the GPU).")
+    if "weights_sqnr_db" in best.extras:
+        sqnr = best.extras["weights_sqnr_db"]
+        console.print("Weight quantization: none (every weight in 16 bits)." if sqnr is None else
+                      f"Weight quantization: SQNR {sqnr:.2f} dB (relative MSE {best.extras['weights_relative_mse']:.3g}, "
+                      "Gaussian round-to-nearest proxy).")
     console.print(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
     render_estimate(best.estimate, console)
     if len(result.candidates) > 1:

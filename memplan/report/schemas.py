@@ -80,11 +80,30 @@ class EstimateOut(Out):
     """With ``--max-batch``: the largest batch that fits (0: none)."""
 
 
+class LayerPlanOut(Out):
+    """Per-layer decisions a user copies into a framework's config."""
+
+    optimizer_gpu_layers: NonNegativeInt | None = None
+    """Training, ZeRO-3 partial offload: the leading layers whose optimizer states stay on the GPU."""
+    offload_ratio: float | None = None
+    """Offloaded share of the trainable parameters."""
+    deepspeed_sub_group_size: NonNegativeInt | None = None
+    """DeepSpeed ``zero_optimization.sub_group_size`` that makes each layer one sub-group (its partition per rank)."""
+    deepspeed_ratio: float | None = None
+    """DeepSpeed ``offload_optimizer.ratio`` that, with that sub-group size, offloads exactly the planned layers."""
+    weights_relative_mse: float | None = None
+    """Inference, per-layer formats: parameter-weighted mean relative MSE of round-to-nearest quantization."""
+    weights_sqnr_db: float | None = None
+    """The same as a signal-to-quantization-noise ratio, dB (higher is better)."""
+
+
 class CandidateOut(EstimateOut):
     step_time_s: float
     tokens_per_s: float
     objective_value: float
     layer_map: str
+    layer_plan: LayerPlanOut
+    """Facts of the per-layer decisions (empty when the plan makes none)."""
 
 
 class SuggestionOut(Out):

@@ -1,0 +1,182 @@
+"""Per-layer optimizer-state placement for training: which layers' optimizer states stay on the GPU
+and which go to the CPU (DeepSpeed ZeRO-3 partial offload, ``offload_optimizer.ratio``).
+
+DeepSpeed assigns its parameter sub-groups, in parameter order, to the GPU first and the CPU last
+(``stage3.py``: sub-group i goes to the CPU when i ≥ (1 − ratio)·n), so the offloaded layers are a
+suffix of the layer order: the block's ``suffix_mode``. A global dimension ``opt_split`` says whether
+a plan offloads all optimizer states ("all", plain ZeRO-Offload) or splits them by layer ("layers");
+the states factor of a "layers" row holds everything but the layers' optimizer-side states, which the
+per-layer block adds on the GPU or, ×1.5 with DeepSpeed's CPU buffer factor, in CPU RAM.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+from typing import Any
+
+from memplan.config import Accounting, Job, JobConfig, Offload, OptimizerKind, ZeroStage
+from memplan.planner import cost
+from memplan.planner.classes import layer_classes
+from memplan.planner.ilp import LayerBlock
+
+ALL = "all"
+LAYERS = "layers"
+BLOCK_NAME = "optimizer"
+KEY_DIMS = ("tp", "pp", "optimizer", "opt_split")
+MODES = ("gpu", "cpu")
+
+
+def splittable(placement: tuple, optimizer: OptimizerKind = OptimizerKind.ADAMW, job: Job = Job.FULL) -> bool:
+    """Partial offload is DeepSpeed ZeRO-3's (``ratio``: "Only valid with ZeRO Stage 3"), to the CPU, with
+    AdamW ("Hybrid Optimizer Only Supports DeepSpeedCPUAdam"), for jobs that train every weight."""
+    zero, opt_off, _ = placement
+    return (zero >= ZeroStage.PARAMETERS and opt_off is Offload.CPU and optimizer is OptimizerKind.ADAMW
+            and job in (Job.PRETRAIN, Job.FULL))
+
+
+def split_values(dims: dict[str, tuple], per_layer: bool, job: Job) -> tuple[str, ...]:
+    if per_layer and any(splittable(p, o, job) for p in dims["placement"] for o in dims["optimizer"]):
+        return (ALL, LAYERS)
+    return (ALL,)
+
+
+def cpu_factor_pct(cfg: JobConfig) -> int:
+    """DeepSpeed's estimator multiplies the CPU memory by 1.5 (``additional_buffer_factor``)."""
+    from memplan.memory.model_states import DS_CPU_BUFFER_FACTOR_PCT
+
+    return 100 + (DS_CPU_BUFFER_FACTOR_PCT if cfg.accounting is Accounting.DEEPSPEED else 0)
+
+
+def layer_offload_seconds(setting: Any, cfg: JobConfig, shard_params: int) -> float:
+    """Step time offloading ``shard_params`` parameters per GPU adds: their 16-bit gradients down and
+    parameters up over one GPU's PCIe link, and the node's CPU-Adam update of its GPUs' partitions
+    (``cost.offload_seconds`` without overlap credit, so linear in the parameters and additive over layers)."""
+    pcie = cost.pcie_bytes_per_s(setting.gpu, setting.host)
+    grad = 2 * shard_params // cfg.dp
+    return cost.offload_seconds(bytes_to_host=grad, bytes_to_device=grad, pcie_bytes_per_s=pcie,
+                                cpu_update_params=shard_params * cfg.gpus_per_node // max(cfg.dp, 1),
+                                cpu_adam_params_per_s=cost.DEFAULT_CPU_ADAM_PARAMS_PER_S, backward_s=0.0)
+
+
+def param_fetch_seconds(setting: Any, cfg: JobConfig) -> float:
+    """PCIe time of ZeRO-Infinity's parameter offload: each GPU brings its 16-bit parameter partition in from
+    the CPU for the forward and again for the backward pass of every micro-step.
+
+    Formula: 2 · micro_steps · bytes(P / (tp·pp·dp)) / PCIe bandwidth.
+    Source: Rajbhandari et al. 2021, "ZeRO-Infinity", Sec. 5.1 and 6.1 (parameters are offloaded and
+    fetched layer by layer before use in forward and backward; the all-gather runs over the GPU links).
+    """
+    pcie = cost.pcie_bytes_per_s(setting.gpu, setting.host)
+    partition = setting.arch.params * cfg.dtype.bits // 8 // (cfg.tp * cfg.pp * cfg.dp)
+    return 2 * max(1, cfg.grad_accum) * partition / pcie
+
+
+def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
+    """GPU bytes (kept) or CPU bytes per node (offloaded) of each layer's optimizer-side states, and the
+    seconds an offloaded layer adds, keyed by (tp, pp, optimizer, opt_split). Under "all" only ``gpu``
+    exists at zero cost (the states factor already counts every state)."""
+    from memplan.memory.context import Context
+    from memplan.memory.model_states import layer_optimizer_bytes
+    from memplan.planner.train import config_for
+
+    if LAYERS not in dims.get("opt_split", ()):
+        return None
+    arch = setting.arch
+    classes = layer_classes(arch, by_kind=False)
+    first = {c: classes.index(c) for c in set(classes)}
+    per_class: dict[tuple, tuple[int, int, float]] = {}
+    placement = (ZeroStage.PARAMETERS, Offload.CPU, Offload.NONE)
+    for tp, pp, opt in product(dims["tp"], dims["pp"], dims["optimizer"]):
+        if pp > 1 or not splittable(placement, opt, setting.base.job):  # one suffix per model: no pipeline stages
+            continue
+        try:
+            cfg = config_for(setting.base, {"tp": tp, "pp": pp, "optimizer": opt, "placement": placement})
+        except ValueError:
+            continue
+        cfg = cfg.model_copy(update={"optimizer_gpu_layers": len(arch.layers)})
+        ctx = Context(arch, cfg, setting.gpu, setting.host)
+        pct = cpu_factor_pct(cfg)
+        for c, i in first.items():
+            gpu, cpu = layer_optimizer_bytes(ctx, i)
+            shard = arch.layers[i].params // tp  # a layer sits whole on one pipeline stage
+            per_class[c, tp, pp, opt] = (gpu, -(-cpu * pct // 100), layer_offload_seconds(setting, cfg, shard))
+    gpu_t: list[dict[str, dict[tuple, int]]] = []
+    cpu_t: list[dict[str, dict[tuple, int]]] = []
+    sec_t: list[dict[str, dict[tuple, float]]] = []
+    for c in classes:
+        gpu: dict[str, dict[tuple, int]] = {m: {} for m in MODES}
+        cpu: dict[str, dict[tuple, int]] = {m: {} for m in MODES}
+        sec: dict[str, dict[tuple, float]] = {m: {} for m in MODES}
+        for tp, pp, opt, split in product(*(dims[d] for d in KEY_DIMS)):
+            key = (tp, pp, opt, split)
+            got = per_class.get((c, tp, pp, opt))
+            if split == LAYERS and got is None:  # no such plan: no key (a zero-cost one would weaken the relaxation)
+                continue
+            if split == ALL:
+                gpu["gpu"][key], cpu["gpu"][key], sec["gpu"][key] = 0, 0, 0.0
+                continue
+            g, h, s = got
+            gpu["gpu"][key], cpu["gpu"][key], sec["gpu"][key] = g, 0, 0.0
+            gpu["cpu"][key], cpu["cpu"][key], sec["cpu"][key] = 0, h, s
+        gpu_t.append(gpu)
+        cpu_t.append(cpu)
+        sec_t.append(sec)
+    return LayerBlock(modes=MODES, key_dims=KEY_DIMS, gpu=gpu_t, seconds=sec_t, cpu=cpu_t, classes=classes,
+                      in_flight=False, name=BLOCK_NAME, contiguous=True, suffix_mode="cpu", stages=False)
+
+
+def gpu_layers(modes: list[str]) -> int:
+    """``optimizer_gpu_layers`` of a solution: the leading layers kept on the GPU (the rest is a suffix)."""
+    return next((i for i, m in enumerate(modes) if m == "cpu"), len(modes))
+
+
+def sub_groups(arch: Any, cfg: JobConfig, size: int) -> list[int]:
+    """DeepSpeed's ZeRO-3 sub-groups of one rank, as the index of the last unit (-1: the tensors before the
+    blocks, i: layer i, L: the tensors after them) whose tensors each sub-group ends in.
+
+    Source: DeepSpeed ``stage3.py`` ``_create_fp16_sub_groups``: parameters in order join the open
+    sub-group until its partitioned elements reach ``sub_group_size`` (or the parameters end).
+    Assumptions: one parameter group in module order (HF Trainer's no-decay group of norms and biases
+    moves those small tensors to the end).
+    """
+    from memplan.arch.parallel import sharded_numel
+    from memplan.units import ceil_div
+
+    units = [(-1, arch.pre)] + [(i, layer.tensors) for i, layer in enumerate(arch.layers)]
+    units.append((len(arch.layers), (*arch.post, *arch.extra)))
+    ends, open_size = [], 0
+    flat = [(u, t) for u, tensors in units for t in tensors]
+    for n, (u, t) in enumerate(flat):
+        open_size += ceil_div(sharded_numel(t, cfg.tp, cfg.ep), cfg.dp)
+        if open_size >= size or n == len(flat) - 1:
+            ends.append(u)
+            open_size = 0
+    return ends
+
+
+def deepspeed_settings(arch: Any, cfg: JobConfig) -> tuple[int, float]:
+    """(sub_group_size, ratio) with which DeepSpeed keeps on the GPU the optimizer states of the
+    embeddings and of at most the first ``optimizer_gpu_layers`` layers, offloading the rest.
+
+    ``sub_group_size`` is the smallest layer's partition per rank, so sub-groups end at (or inside) layer
+    boundaries. Sub-group i goes to the CPU when i ≥ int((1 − r)·k) (``stage3.py``); to keep the g
+    leading sub-groups that end before layer N, r = (k − g − ½)/k (the ½ keeps the truncation away
+    from an integer). A sub-group that straddles the boundary is offloaded, so the GPU holds at most
+    what the plan counts (the CPU slightly more).
+    """
+    from memplan.arch.parallel import sharded_numel
+    from memplan.units import ceil_div
+
+    size = min(sum(ceil_div(sharded_numel(t, cfg.tp, cfg.ep), cfg.dp) for t in layer.tensors) for layer in arch.layers)
+    ends = sub_groups(arch, cfg, size)
+    kept = cfg.optimizer_gpu_layers or 0
+    g = sum(1 for u in ends if u < kept)
+    k = len(ends)
+    return size, (k - g - 0.5) / k
+
+
+def describe(cfg: JobConfig, ratio: float, num_layers: int) -> str:
+    n = cfg.optimizer_gpu_layers or 0
+    where = ("every layer on gpu, the tensors after them on cpu" if n >= num_layers else
+             f"layers 0-{n - 1} on gpu, the rest on cpu" if n else "all layers on cpu")
+    return f"optimizer states: {where} ({ratio:.1%} of parameters offloaded)"

@@ -1,0 +1,149 @@
+"""Per-layer activation recomputation for the training ILP: each layer's saved bytes per micro-batch in
+every recompute mode (the functions ``estimate`` sums), the seconds recomputing it adds, and a valid
+lower bound on those seconds that lets the solver prune dear global choices early.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+
+from memplan.config import JobConfig, Recompute
+from memplan.memory import activations as act
+from memplan.memory.context import Context
+from memplan.planner import cost
+from memplan.planner.classes import layer_classes
+from memplan.planner.ilp import Factor, LayerBlock
+from memplan.planner.train import SAVINGS, TrainSetting, config_for
+
+LAYER_DIMS = ("tp", "pp", "micro_batch", "seq_len")
+
+
+def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | None:
+    """Per-layer recompute modes: bytes per micro-batch by (tp, pp, micro-batch, seq), recompute seconds.
+
+    Bytes do not depend on pp (only the stage a layer lands on does, which the ILP handles), and
+    identical layers share their values, so each (class, tp, micro-batch, seq) is computed once.
+    """
+    arch = setting.arch
+    modes = tuple(Recompute(m).value for m in dims["recompute"])
+    classes = layer_classes(arch)
+    first = {c: classes.index(c) for c in set(classes)}
+    shape_dims = ("tp", "micro_batch", "seq_len")
+    per_class: dict[tuple, tuple[dict, dict, dict]] = {}
+    for key in product(*(dims[d] for d in shape_dims)):
+        cfg = config_for(setting.base, dict(zip(shape_dims, key, strict=True)))
+        ctx = Context(arch, cfg, setting.gpu, setting.host)
+        if not act.modelled(ctx):
+            return None
+        counting = act.counting_for(cfg)
+        for c, i in first.items():
+            gpu, secs, work, held = {}, {}, {}, {}
+            for m in modes:
+                mode = Recompute(m)
+                gpu[m] = act.layer_micro_bytes(ctx, i, mode)
+                secs[m] = recompute_seconds(setting, cfg, arch.layers[i].params, mode)
+                recomputed = mode is not Recompute.NONE
+                work[m] = act.workspace_bytes(ctx, mode, {i}) if recomputed else 0
+                held[m] = act.layer_kwargs_bytes(ctx, {i}, counting) if recomputed else 0
+            per_class[(c, *key)] = (gpu, secs, work, held)
+    gpu_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
+    sec_t: list[dict[str, dict[tuple, float]]] = [{m: {} for m in modes} for _ in arch.layers]
+    work_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
+    held_t: list[dict[str, dict[tuple, int]]] = [{m: {} for m in modes} for _ in arch.layers]
+    for tp, pp, mb, seq in product(*(dims[d] for d in LAYER_DIMS)):
+        key = (tp, pp, mb, seq)
+        for i, c in enumerate(classes):
+            gpu, secs, work, held = per_class[(c, tp, mb, seq)]
+            for m in modes:
+                gpu_t[i][m][key] = gpu[m]
+                sec_t[i][m][key] = secs[m]
+                work_t[i][m][key] = work[m]
+                held_t[i][m][key] = held[m]
+    modes = _undominated(modes, gpu_t, sec_t)
+    for table in (gpu_t, sec_t, work_t, held_t):
+        for per in table:
+            for m in [m for m in per if m not in modes]:
+                del per[m]
+    return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu_t, seconds=sec_t, workspace=work_t,
+                      flight_workspace=held_t, classes=classes, savings_rank={m: SAVINGS[m] for m in modes})
+
+
+def _undominated(modes: tuple[str, ...], gpu: list, secs: list) -> tuple[str, ...]:
+    """Drop a mode that, for every layer and key, costs at least the time of another allowed mode
+    and saves no bytes over it (e.g. selective recompute with flash attention: no S×S core to drop)."""
+    keep = []
+    for m in modes:
+        dominated = any(
+            o != m and all(gpu[i][o][k] <= gpu[i][m][k] and secs[i][o][k] <= secs[i][m][k]
+                           for i in range(len(gpu)) for k in gpu[i][m])
+            and any(gpu[i][o][k] < gpu[i][m][k] or secs[i][o][k] < secs[i][m][k]
+                    for i in range(len(gpu)) for k in gpu[i][m])
+            for o in modes)
+        if not dominated:
+            keep.append(m)
+    return tuple(keep)
+
+
+def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Factor, shape: Factor,
+                     layers: LayerBlock, cap: int) -> dict[tuple, float | None]:
+    """A lower bound on the recompute seconds any plan with layer key (tp, pp, micro-batch, seq) needs,
+    or None when no plan with that key can fit (its layers cannot save enough even all recomputed).
+
+    Per stage s of p: need = Σ_layers (p − s)·A_none + leanest states + shape − capacity; every byte
+    saved costs at least the cheapest seconds-per-byte of any mode, so seconds ≥ need × that ratio.
+    A valid inequality (it ignores the recompute workspace, which only adds need), it lets the ILP
+    prune global choices whose per-layer optimum is dear without branching on them.
+    """
+    num = len(setting.arch.layers)
+    lean: dict[tuple, list[int]] = {}
+    for key, e in states.entries.items():
+        tp, pp = key[0], key[1]
+        cur = lean.setdefault((tp, pp), list(e.gpu))
+        lean[tp, pp] = [min(a, b) for a, b in zip(cur, e.gpu, strict=True)]
+    out: dict[tuple, float | None] = {}
+    none = min(layers.modes, key=lambda m: layers.savings_rank.get(m, 0))  # the least-saving mode allowed
+    for key in {k for per in layers.gpu for m in per.values() for k in m}:
+        tp, pp = key[0], key[1]
+        shp = shape.entries.get(key)
+        if shp is None or (tp, pp) not in lean:
+            out[key] = None
+            continue
+        total = 0.0
+        for s in range(pp):
+            members = range(s * num // pp, (s + 1) * num // pp)
+            flight = pp - s
+            base = sum(flight * layers.gpu[i][none][key] for i in members)
+            need = base + lean[tp, pp][s] + shp.gpu[s] - cap
+            if need <= 0:
+                continue
+            best_ratio, max_saving = None, 0
+            for i in members:
+                savings = [(flight * (layers.gpu[i][none][key] - layers.gpu[i][m][key]), layers.seconds[i][m][key])
+                           for m in layers.modes if m != none]
+                savings = [(sv, sec) for sv, sec in savings if sv > 0]
+                if not savings:
+                    continue
+                max_saving += max(sv for sv, _ in savings)
+                ratio = min(sec / sv for sv, sec in savings)
+                best_ratio = ratio if best_ratio is None else min(best_ratio, ratio)
+            if best_ratio is None or max_saving < need:
+                total = -1.0
+                break
+            total += need * best_ratio
+        out[key] = None if total < 0 else total
+    return out
+
+
+def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer_params: int, mode: Recompute) -> float:
+    """Step time a recomputed layer adds: its forward again (full) or its attention core (selective)."""
+    if mode is Recompute.NONE:
+        return 0.0
+    spec = setting.arch.spec
+    tokens = setting.global_batch * cfg.seq_len
+    attn = (spec.num_attention_heads or 0) * spec.dim_per_head
+    if mode is Recompute.FULL:
+        flops = cost.layer_forward_flops(layer_params=layer_params, tokens=tokens, seq_len=cfg.seq_len, attn_width=attn)
+    else:
+        flops = 2.0 * cfg.seq_len * attn * tokens
+    return cost.compute_seconds(flops=flops, gpus=cfg.world_size, peak_flops=setting.gpu.bf16_dense_tflops * 1e12,
+                                mfu=setting.mfu)
