@@ -184,3 +184,24 @@ def test_gguf_layer_block_matches_estimate_layer_by_layer():
     exact = estimate(spec, gpu_with(80_000), base)
     weights = sum(r.bytes for r in exact.rows if r.tier is Tier.GPU and r.component.startswith("weights"))
     assert outside + sum(layers) == weights
+
+
+def test_partial_offload_when_cpu_ram_binds():
+    """DeepSpeed's CPU figure is 1.5 · max(load, steady): with CPU RAM just above what keeping 24 of
+    GPT-2 XL's 48 layers on the GPU needs, and a GPU that holds no more than those 24, the ILP must find
+    exactly that split (a row that added the load peak to every offloaded layer would call it infeasible)."""
+    from memplan import load_model
+
+    spec = load_model("gpt2-xl")
+    base = JobConfig(job=Job.FULL, seq_len=512, gpus_per_node=7, cuda_context_bytes=0, allocator_reserve_pct=0,
+                     zero=3, offload_optimizer=Offload.CPU)
+
+    def at(n):
+        return estimate(spec, gpu_with(10**6), base.model_copy(update={"optimizer_gpu_layers": n}))
+
+    gpu = gpu_with(-(-at(24).total(Tier.GPU) // 2**20))
+    assert not estimate(spec, gpu, base.model_copy(update={"optimizer_gpu_layers": 25})).fits
+    host = HostSpec(cpu_ram_bytes=at(24).total(Tier.CPU) + 2**20)
+    req = _train_request(spec, gpu, base, global_batch=7)
+    best = plan(PlanRequest(model=spec, gpu=gpu, host=host, base=base, space=req.space, top_k=1, suggest=False)).best
+    assert best is not None and best.config.optimizer_gpu_layers == 24

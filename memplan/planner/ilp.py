@@ -57,6 +57,8 @@ class Entry:
     value: float = 0.0
     error: float = 0.0
     """Quality loss (the ``min_error`` objective), e.g. of the tensors outside the blocks."""
+    cpu_floor: int = 0
+    """CPU bytes per node this row needs whatever the per-layer blocks add (a second, separate constraint)."""
 
 
 @dataclass
@@ -343,6 +345,10 @@ class IlpBuilder:
                           for m, keyed in lb.cpu[members[0]].items() for k, n in keyed.items() if n]
             if terms:
                 self.prob += pl.lpSum(terms) <= math.floor(capacity / UNIT) - 1, f"{tier}_mem"
+        floors = [ceil_unit(e.cpu_floor) * self.z[f.name, k] for f in P.factors for k, e in f.entries.items()
+                  if e.cpu_floor]
+        if floors:
+            self.prob += pl.lpSum(floors) <= math.floor(P.cpu_capacity / UNIT) - 1, "cpu_mem_floor"
 
     def _conditional(self) -> bool:
         """Whether every GPU term is tied to a pipeline degree (so no big-M is needed)."""

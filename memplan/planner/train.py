@@ -108,8 +108,33 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple]) -> tuple[Factor
             gpu = [g - _layer_optimizer_gpu(c) for g, c in zip(gpu, ctxs, strict=True)]
         cpu = max(tier_total(rows, Tier.CPU) for rows in per_stage)
         nvme = max(tier_total(rows, Tier.NVME) for rows in per_stage)
-        entries[key] = Entry(gpu=tuple(gpu), cpu=cpu, nvme=nvme, seconds=offload_seconds(setting, cfg, per_stage))
+        floor = 0
+        if split:  # the block adds layers to the steady CPU bytes: keep the load peak apart (see _split_cpu)
+            cpu, floor = _split_cpu(per_stage[0], cfg)
+        entries[key] = Entry(gpu=tuple(gpu), cpu=cpu, nvme=nvme, seconds=offload_seconds(setting, cfg, per_stage),
+                             cpu_floor=floor)
     return Factor("states", names, entries), reasons
+
+
+def _split_cpu(rows: list, cfg: JobConfig) -> tuple[int, int]:
+    """(CPU bytes the per-layer block adds to, CPU floor) of an ``opt_split = layers`` row.
+
+    DeepSpeed's CPU figure is 1.5 · max(load, steady) (``model_states.deepspeed_cpu_rows``). The block adds
+    1.5 × each offloaded layer to the steady part, so the row carries 1.5 · steady, and the load peak is a
+    separate floor: 1.5 · max(load, steady + layers) ≤ capacity holds exactly when both 1.5 · (steady +
+    layers) ≤ capacity and the floor 1.5 · max(load, steady) ≤ capacity do.
+    """
+    from memplan.memory.model_states import DS_CPU_BUFFER_FACTOR_PCT
+    from memplan.units import ceil_div
+
+    total = tier_total(rows, Tier.CPU)
+    engine = sum(r.bytes for r in rows if r.tier is Tier.CPU and r.component in ("runtime/model_load_fp32",
+                                                                                 "runtime/cpu_buffer"))
+    if not engine:
+        return total, 0
+    steady = total - engine
+    pct = DS_CPU_BUFFER_FACTOR_PCT if cfg.accounting.value == "deepspeed" else 0
+    return steady + ceil_div(steady * pct, 100), total
 
 
 def _state_rows(setting: TrainSetting, cfg: JobConfig, ctxs: list[Context]) -> list[list]:

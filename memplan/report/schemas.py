@@ -102,6 +102,8 @@ class CandidateOut(EstimateOut):
     tokens_per_s: float
     objective_value: float
     layer_map: str
+    """Compact map of the per-layer decisions, '; '-separated: 'recompute full: layers 0-18, none: layers
+    19-31', 'optimizer states: ...', 'weights int8: layers 0-67, nf4: layers 68-79', 'placement gpu: ...'."""
     layer_plan: LayerPlanOut
     """Facts of the per-layer decisions (empty when the plan makes none)."""
 
