@@ -48,24 +48,35 @@ def space(options: str) -> SearchSpace:
 
 
 def solve_once(layers: int, options: str, memory_mib: int) -> tuple[float, float, int, int, str]:
+    """Build and solve every part of the space (``train_offload.partition``, as ``memplan plan`` does)."""
+    from memplan.planner.train_offload import partition
+
     spec, g, host = model(layers), gpu(memory_mib), HostSpec()
     base = JobConfig(job=Job.FULL, gpus_per_node=8, nodes=2, seq_len=8192, micro_batch=1)
     sp = space(options)
-    t0 = time.perf_counter()
     arch = build_architecture(spec)
     gb = sp.global_batch or 64
     dims, _ = resolve(arch, base, sp, Objective.THROUGHPUT, host, gb)
     setting = train.TrainSetting(arch=arch, gpu=g, host=host, base=base, global_batch=gb)
-    problem, _ = train.build_problem(setting, dims, "min_seconds")
-    builder = IlpBuilder(problem)
-    t1 = time.perf_counter()
-    sol = builder.solve(time_limit=60)
-    t2 = time.perf_counter()
+    build = solve = 0.0
+    nvars, statuses, best = 0, [], None
+    for part in partition(dims, base.job):
+        t0 = time.perf_counter()
+        problem, _ = train.build_problem(setting, part, "min_seconds")
+        builder = IlpBuilder(problem)
+        t1 = time.perf_counter()
+        sol = builder.solve(time_limit=60)
+        t2 = time.perf_counter()
+        build, solve, nvars = build + t1 - t0, solve + t2 - t1, nvars + len(builder.prob.variables())
+        statuses.append(sol.status)
+        if sol.status in ("optimal", "feasible") and (best is None or sol.objective < best):
+            best = sol.objective
     combos = 1
     for d, values in dims.items():
         if d != "recompute":
             combos *= len(values)
-    return t1 - t0, t2 - t1, combos, len(builder.prob.variables()), sol.status
+    status = "optimal" if best is not None and "feasible" not in statuses else "/".join(statuses)
+    return build, solve, combos, nvars, status
 
 
 def enumerate_once(layers: int, memory_mib: int) -> tuple[float, int]:

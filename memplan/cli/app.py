@@ -313,7 +313,8 @@ def plan(
     top: Annotated[int, typer.Option("--top", help="Ranked alternatives to show.", rich_help_panel=o.O)] = 3,
     time_limit: Annotated[float, typer.Option("--time-limit", help="Solver time limit per solve, seconds.", rich_help_panel=o.O)] = 30.0,
     solver: Annotated[str | None, typer.Option("--solver", help="highs or cbc (default: highs, else cbc).", rich_help_panel=o.O)] = None,
-    debug_lp: Annotated[str | None, typer.Option("--debug-lp", help="Write the ILP to this .lp file.", rich_help_panel=o.O)] = None,
+    debug_lp: Annotated[str | None, typer.Option("--debug-lp", help="Write the ILP to this .lp file (a second part of the space, plans that split "
+                                                   "optimizer states by layer, to NAME.part1.lp).", rich_help_panel=o.O)] = None,
     fmt: o.Format = "table",
     plot: Annotated[Path | None, typer.Option("--plot", help="Draw the best plan's breakdown and memory vs context or batch "
                                               "(.png, .svg or .pdf; needs memplan[plot]).", rich_help_panel=o.O)] = None,

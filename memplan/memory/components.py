@@ -85,18 +85,23 @@ def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:
 
 def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
     """The job's rows on the reported stage, before the runtime rows."""
-    job = ctx.cfg.job
-    if job is Job.INFER:
+    if ctx.cfg.job is Job.INFER:
         return _infer_rows(ctx, missing)
+    return state_rows(ctx) + _activation_rows(ctx, missing)
+
+
+def state_rows(ctx: Context) -> list[Row]:
+    """A training job's model-state rows (weights, gradients, optimizer, engine buffers), no activations."""
+    job = ctx.cfg.job
     if job in (Job.LORA, Job.QLORA):
         from memplan.memory import peft
 
-        return peft.rows(ctx) + _activation_rows(ctx, missing)
+        return peft.rows(ctx)
     if job is Job.GALORE:
         from memplan.memory import lowrank
 
-        return lowrank.rows(ctx) + _activation_rows(ctx, missing)
-    return _train_rows(ctx) + _activation_rows(ctx, missing)
+        return lowrank.rows(ctx)
+    return _train_rows(ctx)
 
 
 def stage_rows(ctx: Context) -> tuple[list[Row], list[str]]:

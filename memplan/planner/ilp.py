@@ -443,6 +443,10 @@ class IlpBuilder:
         return Solution(sol_status, choice, modes, float(pl.value(self.prob.objective) or 0.0) / scale,
                         float(pl.value(self.seconds_expr()) or 0.0), block_modes)
 
+    def cutoff(self, seconds: float) -> None:
+        """Only plans no slower than ``seconds`` (a bound from another part of the space; ties kept)."""
+        self.prob += SECONDS_SCALE * self.seconds_expr() <= SECONDS_SCALE * seconds * (1 + 1e-9), "cutoff"
+
     def exclude(self, choice: dict[str, Any], name: str) -> None:
         """No-good cut: the next solution differs from ``choice`` in at least one global dimension."""
         pl = self.pulp

@@ -138,7 +138,7 @@ def _split_cpu(rows: list, cfg: JobConfig) -> tuple[int, int]:
 
 
 def _state_rows(setting: TrainSetting, cfg: JobConfig, ctxs: list[Context]) -> list[list]:
-    """``components.job_rows`` per stage, evaluated once per distinct stage: model states depend on which
+    """``components.state_rows`` per stage, evaluated once per distinct stage: model states depend on which
     tensors a stage holds, not on its index, so the middle stages of a deep pipeline share one evaluation
     (not when something depends on the layer index: GGUF's mix rules, a per-layer format map, or a partial
     optimizer offload that does not keep every layer on the GPU)."""
@@ -148,14 +148,14 @@ def _state_rows(setting: TrainSetting, cfg: JobConfig, ctxs: list[Context]) -> l
     split = cfg.optimizer_gpu_layers
     by_index = cfg.quant_map is not None or (split is not None and split < len(setting.arch.layers))
     if by_index or job_library(cfg) is Library.GGUF:
-        return [components.job_rows(c, []) for c in ctxs]
+        return [components.state_rows(c) for c in ctxs]
     classes = layer_classes(setting.arch)
     seen: dict[tuple, list] = {}
     out = []
     for c in ctxs:
         sig = (c.stage == 0, c.stage == cfg.pp - 1, tuple(classes[i] for i, _ in c.layers))
         if sig not in seen:
-            seen[sig] = components.job_rows(c, [])
+            seen[sig] = components.state_rows(c)
         out.append(seen[sig])
     return out
 

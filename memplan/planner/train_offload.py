@@ -40,6 +40,19 @@ def split_values(dims: dict[str, tuple], per_layer: bool, job: Job) -> tuple[str
     return (ALL,)
 
 
+def partition(dims: dict[str, tuple], job: Job) -> list[dict[str, tuple]]:
+    """The search space as disjoint parts: without ``opt_split`` the space itself; with it, the plans that
+    keep the optimizer states whole (``all``) and those that split them by layer (``layers``: pp = 1 and
+    the placements and optimizers DeepSpeed splits with). Their union is the space."""
+    if "opt_split" not in dims:
+        return [dims]
+    whole = {d: v for d, v in dims.items() if d != "opt_split"}
+    split = {**dims, "opt_split": (LAYERS,), "pp": tuple(p for p in dims["pp"] if p == 1),
+             "placement": tuple(p for p in dims["placement"] if any(splittable(p, o, job) for o in dims["optimizer"])),
+             "optimizer": tuple(o for o in dims["optimizer"] if any(splittable(p, o, job) for p in dims["placement"]))}
+    return [whole] + ([split] if all(split[d] for d in ("pp", "placement", "optimizer")) else [])
+
+
 def cpu_factor_pct(cfg: JobConfig) -> int:
     """DeepSpeed's estimator multiplies the CPU memory by 1.5 (``additional_buffer_factor``)."""
     from memplan.memory.model_states import DS_CPU_BUFFER_FACTOR_PCT
