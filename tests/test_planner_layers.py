@@ -119,7 +119,7 @@ def test_cli_per_layer_errors_and_json(runner):
     res = runner.invoke(app, ["plan", "llama-3.1-8b", "--job", "infer", "--quant", "int8,q4_k_m", "--per-layer-quant"])
     assert res.exit_code == 2 and "one library" in res.stderr
     res = runner.invoke(app, ["plan", "llama-3.1-8b", "--job", "full", "--objective", "max-quality"])
-    assert res.exit_code == 2 and "max-quality" in res.stderr
+    assert res.exit_code == 2 and "frozen base model" in res.stderr
     out = cli_json(runner, "plan", "llama-3.1-70b", "--gpu", "h100-sxm-80gb", "--job", "infer", "--quant", "int8,nf4",
                    "--objective", "max-quality", "-c", "8192", "-b", "2", "--top", "1")
     best = out["best"]
@@ -205,3 +205,35 @@ def test_partial_offload_when_cpu_ram_binds():
     req = _train_request(spec, gpu, base, global_batch=7)
     best = plan(PlanRequest(model=spec, gpu=gpu, host=host, base=base, space=req.space, top_k=1, suggest=False)).best
     assert best is not None and best.config.optimizer_gpu_layers == 24
+
+
+def test_qlora_per_layer_formats_equal_enumeration():
+    """LQ-LoRA's own setting, fine-tuning a frozen quantized base: the least error over every
+    nf4-dq/int8 map of a 4-layer model that fits, with the adapters' states and activations counted."""
+    spec = tiny_model(512, 4, 4, 2, 8000)
+    base = JobConfig(job=Job.QLORA, seq_len=256, cuda_context_bytes=0, allocator_reserve_pct=0)
+    arch = build_architecture(spec)
+    sizes = {q: estimate(spec, gpu_with(10**6), base.model_copy(update={"quant": q})).total(Tier.GPU)
+             for q in ("int8", "nf4-dq")}
+    gpu = gpu_with((sizes["int8"] + sizes["nf4-dq"]) // 2 // 2**20)
+    req = _train_request(spec, gpu, base, zero=(0,), offload_optimizer=(Offload.NONE,), quant=("nf4-dq", "int8"))
+    best = plan(PlanRequest(model=spec, gpu=gpu, host=HOST, base=base, space=req.space,
+                            objective=Objective.MAX_QUALITY, top_k=1, suggest=False)).best
+    assert best is not None and best.estimate.fits
+    errors = [weights_error(arch, base.model_copy(update={"quant_map": fmts}))
+              for fmts in product(("nf4-dq", "int8"), repeat=4)
+              if estimate(spec, gpu, base.model_copy(update={"quant_map": fmts})).fits]
+    assert weights_error(arch, best.config) == pytest.approx(min(errors), rel=1e-9)
+    assert set(best.config.quant_map) == {"nf4-dq", "int8"}
+    assert "weights " in best.layer_map and best.extras["weights_sqnr_db"] > 0
+
+
+def test_training_per_layer_quant_errors(runner):
+    from memplan.cli.app import app
+
+    for args, words in ((["--job", "full", "--quant", "int8,nf4", "--per-layer-quant"], "frozen base model"),
+                        (["--job", "qlora", "--quant", "nf4-dq,int8", "--per-layer-quant"], "max-quality"),
+                        (["--job", "qlora", "--quant", "nf4-dq,int8", "--objective", "max-quality", "--zero", "3",
+                          "--offload-params", "cpu"], "whole on each GPU")):
+        res = runner.invoke(app, ["plan", "llama-3.2-1b", *args])
+        assert res.exit_code == 2 and words in res.stderr, (args, res.stderr)

@@ -294,8 +294,9 @@ def plan(
                                                     help="Choose per layer where weights (inference) or optimizer states "
                                                          "(training, ZeRO-3 partial offload) live: GPU or CPU.",
                                                     rich_help_panel=o.M)] = True,
-    per_layer_quant: Annotated[bool, typer.Option("--per-layer-quant", help="Inference: choose each layer's weight format "
-                                                  "among the --quant choices (LQ-LoRA-style mixed precision).",
+    per_layer_quant: Annotated[bool, typer.Option("--per-layer-quant", help="Choose each layer's weight format among the "
+                                                  "--quant choices (LQ-LoRA-style; inference, or lora/qlora with "
+                                                  "--objective max-quality).",
                                                   rich_help_panel=o.M)] = False,
     flash_attention: o.Flash = True,
     cuda_context: o.CudaContext = None,

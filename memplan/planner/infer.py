@@ -237,8 +237,6 @@ def _extras(req: Any, cfg: JobConfig, choices: Any) -> dict[str, Any]:
     """Quality of the chosen weight formats, for plans that choose formats per layer."""
     if choices.formats is None:
         return {}
-    from memplan.memory.quant_error import sqnr_db
-    from memplan.planner.infer_layers import weights_error
+    from memplan.planner.infer_layers import quality_extras
 
-    mse = weights_error(build_architecture(req.model), cfg)
-    return {"weights_relative_mse": float(f"{mse:.6g}"), "weights_sqnr_db": round(sqnr_db(mse), 3) if mse else None}
+    return quality_extras(build_architecture(req.model), cfg)

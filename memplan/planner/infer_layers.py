@@ -193,3 +193,20 @@ def weights_error(arch: Architecture, cfg: JobConfig) -> float:
     fmts = [offloaded_format(layer_format(cfg, i)) if i in off else layer_format(cfg, i) for i in range(len(arch.layers))]
     total = sum(layer_error(arch, i, f) for i, f in enumerate(fmts)) + outside_error(arch, effective_quant(cfg))
     return total / (arch.params or 1)
+
+
+def quality_extras(arch: Architecture, cfg: JobConfig) -> dict[str, Any]:
+    """The plan's ``layer_plan`` quality facts: mean relative MSE and SQNR (None when nothing is quantized)."""
+    from memplan.memory.quant_error import sqnr_db
+
+    mse = weights_error(arch, cfg)
+    return {"weights_relative_mse": float(f"{mse:.6g}"), "weights_sqnr_db": round(sqnr_db(mse), 3) if mse else None}
+
+
+def describe_formats(cfg: JobConfig) -> str:
+    """'weights nf4-dq: layers 0-39, int8: layers 40-79' of a plan's ``quant_map``."""
+    from memplan.planner.plan import runs
+
+    if cfg.quant_map is None:
+        return ""
+    return "weights " + runs([fmt_label(f, cfg.dtype.value) for f in cfg.quant_map])

@@ -129,6 +129,8 @@ def _objective_kind(objective: Objective) -> str:
         return "max_value"
     if objective is Objective.MIN_MEMORY:
         return "min_gpu_bytes"
+    if objective is Objective.MAX_QUALITY:
+        return "min_error"
     return "min_seconds"
 
 
@@ -178,6 +180,13 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
         raise MemplanError("no tensor/pipeline degree is valid: " + "; ".join(excluded[:3]))
     gb = global_batch_for(req, base.world_size, dims["micro_batch"])
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
+    formats = None
+    if req.space.per_layer_quant or req.objective is Objective.MAX_QUALITY:
+        from memplan.planner import train_quant
+
+        formats = dims["quant"]
+        train_quant.check(base.job, formats, req.objective.value)
+        dims = train_quant.restrict(dims)
     start = len(result.candidates)
     kind = _objective_kind(req.objective)
     for i, part in enumerate(train_offload.partition(dims, base.job)):
@@ -186,7 +195,7 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
         # a later part only matters where it beats the k-th plan found so far (throughput: seconds)
         cutoff = max(c.objective_value for c in mine) if kind == "min_seconds" and len(mine) >= req.top_k else None
         try:
-            result.candidates.extend(_solve_part(part_req, setting, part, result, cutoff))
+            result.candidates.extend(_solve_part(part_req, setting, part, result, cutoff, formats))
         except MemplanError:
             if i == 0:
                 raise  # the space itself is invalid; a split part may simply hold no valid plan
@@ -204,17 +213,24 @@ def _part_path(path: str, index: int) -> str:
     return f"{stem}.part{index}.{ext}" if dot and "/" not in ext else f"{path}.part{index}"
 
 
-def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, tuple],
-                result: PlanResult, cutoff: float | None = None) -> list[Candidate]:
+def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, tuple], result: PlanResult,
+                cutoff: float | None = None, formats: tuple | None = None) -> list[Candidate]:
     arch, base, gb = setting.arch, setting.base, setting.global_batch
-    problem, _ = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective))
+    problem, _ = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective),
+                                     formats=formats)
     builder = IlpBuilder(problem)
     if cutoff is not None:
         builder.cutoff(cutoff)
 
     def to_config(sol: Any) -> JobConfig:
-        return train.config_for(base, sol.choice, global_batch=gb, modes=sol.modes or None,
-                                optimizer_modes=sol.block_modes.get(train_offload.BLOCK_NAME))
+        cfg = train.config_for(base, sol.choice, global_batch=gb, modes=sol.modes or None,
+                               optimizer_modes=sol.block_modes.get(train_offload.BLOCK_NAME))
+        if formats is not None:
+            from memplan.planner import train_quant
+
+            qmap = train_quant.quant_map(sol.block_modes[train_quant.BLOCK_NAME], formats, base.dtype.value)
+            cfg = cfg.model_copy(update={"quant_map": qmap})
+        return cfg
 
     out = []
     for sol, cfg, est in verified_solutions(req, builder, result, to_config):
@@ -230,6 +246,11 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
             extras = {"optimizer_gpu_layers": cfg.optimizer_gpu_layers, "offload_ratio": round(ratio, 6),
                       "deepspeed_sub_group_size": size, "deepspeed_ratio": round(ds_ratio, 6)}
             text = "; ".join(t for t in (text, train_offload.describe(cfg, ratio, len(arch.layers))) if t)
+        if formats is not None:
+            from memplan.planner.infer_layers import describe_formats, quality_extras
+
+            extras.update(quality_extras(arch, cfg))
+            text = "; ".join(t for t in (text, describe_formats(cfg)) if t)
         out.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, text, extras))
     return out
 
@@ -297,12 +318,6 @@ def plan(req: PlanRequest) -> PlanResult:
         from memplan.planner.infer import plan_inference
 
         return plan_inference(req)
-    if req.space.per_layer_quant:
-        raise MemplanError("--per-layer-quant chooses weight formats per layer for inference plans (--job infer); "
-                           "training jobs take one --quant format.")
-    if req.objective is Objective.MAX_QUALITY:
-        raise MemplanError("--objective max-quality chooses per-layer weight formats of an inference plan; "
-                           "use it with --job infer and several --quant formats.")
     result = PlanResult(status="infeasible", objective=req.objective)
     sizes = gpu_counts(req)
     for gpn, nodes in sizes:

@@ -49,7 +49,8 @@ class SearchSpace(Strict):
     """Per-layer placement: inference weights on GPU or CPU (accelerate device_map); training optimizer
     states on GPU or CPU (DeepSpeed ZeRO-3 partial offload)."""
     per_layer_quant: bool = False
-    """Inference: choose each layer's weight format among the ``quant`` choices (LQ-LoRA-style)."""
+    """Choose each layer's weight format among the ``quant`` choices (LQ-LoRA-style): inference, or the
+    frozen base of a LoRA/QLoRA job (with the ``max-quality`` objective)."""
     context: tuple[int, ...] | None = None
     seq_len: tuple[int, ...] | None = None
     batch: tuple[int, ...] | None = None

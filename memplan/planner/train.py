@@ -80,9 +80,11 @@ def state_dims(dims: dict[str, tuple]) -> tuple[str, ...]:
     return STATE_DIMS + (("opt_split",) if "opt_split" in dims else ())
 
 
-def states_factor(setting: TrainSetting, dims: dict[str, tuple]) -> tuple[Factor, list[str]]:
+def states_factor(setting: TrainSetting, dims: dict[str, tuple],
+                  layer_weights: bool = True) -> tuple[Factor, list[str]]:
     """Model states (weights, gradients, optimizer, engine buffers) per stage, and offload time. An
-    ``opt_split = layers`` row leaves out the layers' optimizer-side states (the per-layer block's)."""
+    ``opt_split = layers`` row leaves out the layers' optimizer-side states (the per-layer block's), and
+    without ``layer_weights`` the layers' frozen weights (``train_quant``'s block holds them)."""
     entries: dict[tuple, Entry] = {}
     reasons: list[str] = []
     names = state_dims(dims)
@@ -106,6 +108,8 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple]) -> tuple[Factor
         gpu = [tier_total(rows, Tier.GPU) for rows in per_stage]
         if split:
             gpu = [g - _layer_optimizer_gpu(c) for g, c in zip(gpu, ctxs, strict=True)]
+        if not layer_weights:
+            gpu = [g - _layer_weights_gpu(c) for g, c in zip(gpu, ctxs, strict=True)]
         cpu = max(tier_total(rows, Tier.CPU) for rows in per_stage)
         nvme = max(tier_total(rows, Tier.NVME) for rows in per_stage)
         floor = 0
@@ -158,6 +162,13 @@ def _state_rows(setting: TrainSetting, cfg: JobConfig, ctxs: list[Context]) -> l
             seen[sig] = components.state_rows(c)
         out.append(seen[sig])
     return out
+
+
+def _layer_weights_gpu(ctx: Context) -> int:
+    """GPU bytes of the stage's layers' weights in the row's format (whole: no ZeRO-3, no offload)."""
+    from memplan.memory.weights import layer_format, layer_weight_bytes
+
+    return sum(layer_weight_bytes(ctx, i, layer_format(ctx.cfg, i)) for i, _ in ctx.layers)
 
 
 def _layer_optimizer_gpu(ctx: Context) -> int:
@@ -269,14 +280,15 @@ def runtime_terms(setting: TrainSetting) -> tuple[int, float]:
 
 
 def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
-                  value_of: Callable[[dict[str, Any]], float] | None = None) -> tuple[Problem, list[str]]:
+                  value_of: Callable[[dict[str, Any]], float] | None = None,
+                  formats: tuple[str | None, ...] | None = None) -> tuple[Problem, list[str]]:
     """The training ILP over ``dims`` (each a tuple of candidate values; ``recompute`` lists the
-    per-layer modes, which are not a global choice)."""
+    per-layer modes, which are not a global choice); ``formats``: a weight format per layer among these."""
     from memplan.planner.train_recompute import layer_block, recompute_bounds
 
     layers = layer_block(setting, dims)
     dims = {d: v for d, v in dims.items() if d != "recompute"}
-    states, reasons = states_factor(setting, dims)
+    states, reasons = states_factor(setting, dims, layer_weights=formats is None)
     if not states.entries:
         raise MemplanError("no combination of the search space is valid: " + "; ".join(reasons[:3]))
     shape = shape_factor(setting, dims)
@@ -284,7 +296,11 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
         raise MemplanError(f"no micro-batch divides the global batch of {setting.global_batch} sequences "
                            "over the data-parallel ranks; change --global-batch or --micro-batch.")
     factors = [states, shape, comm_factor(setting, dims)]
-    offload_block = train_offload.build_block(setting, dims)
+    extra = [b for b in (train_offload.build_block(setting, dims),) if b is not None]
+    if formats is not None:
+        from memplan.planner import train_quant
+
+        extra.append(train_quant.build_block(setting, dims, formats))
     if value_of is not None:
         shape.entries = {k: Entry(e.gpu, e.cpu, e.nvme, e.seconds, value_of(dict(zip(SHAPE_DIMS, k, strict=True))))
                          for k, e in shape.entries.items()}
@@ -302,7 +318,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
-                      extra_blocks=[offload_block] if offload_block is not None else [])
+                      extra_blocks=extra)
     return problem, reasons
 
 
