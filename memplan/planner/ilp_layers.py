@@ -1,0 +1,148 @@
+"""The per-layer part of the ILP: layers grouped into interchangeable runs, integer counts of layers per
+mode, the transportation linearization against the global choices, workspace, suffix ordering and the
+expansion of counts back into one mode per layer. ``IlpBuilder`` mixes it in (see ``ilp``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from memplan.planner.ilp_model import Entry, Factor, LayerBlock, Problem, ceil_unit, safe_name, stage_of
+
+
+class LayerBlocks:
+    """Variables and constraints of ``Problem.blocks``; expects the builder's ``pulp``, ``p``, ``prob``,
+    ``z`` and ``_factor``."""
+
+    pulp: Any
+    p: Problem
+    prob: Any
+    z: dict[tuple[str, tuple], Any]
+    n: dict[tuple[int, Any, str], Any]
+    any: dict[tuple[int, Any, str], Any]
+    w: dict[tuple[int, Any, str, tuple], Any]
+    ws: dict[tuple[int, int, int], Any]
+    groups: list[dict[tuple[int, int], list[int]]]
+
+    def _factor(self, f: Factor) -> None:  # provided by IlpBuilder
+        raise NotImplementedError
+
+    def _groups(self, lb: LayerBlock) -> dict[tuple[int, int], list[int]]:
+        """Layers that share a class and a segment no pipeline stage boundary cuts (with ``contiguous``:
+        runs of adjacent such layers), in layer order."""
+        seg = self.p.num_layers // max(self.p.dims.get("pp", (1,))) if lb.stages else self.p.num_layers
+        classes = lb.classes or list(range(len(lb.gpu)))
+        groups: dict[tuple[int, int], list[int]] = {}
+        run = -1
+        for layer in range(len(lb.gpu)):
+            if lb.contiguous:
+                if layer == 0 or layer % seg == 0 or classes[layer] != classes[layer - 1]:
+                    run += 1
+                key = (layer // seg, run)
+            else:
+                key = (layer // seg, classes[layer])
+            groups.setdefault(key, []).append(layer)
+        return groups
+
+    def _layers(self, bi: int, lb: LayerBlock) -> None:
+        """Per-layer modes. Layers that are identical and that no stage boundary separates are
+        interchangeable, so a group G takes integer counts ``n[G, m]`` of layers per mode (the
+        per-layer binaries with their symmetry removed; ``modes()`` expands them, most-saving mode
+        on the earliest layers). The product with the key selector ``y`` is linearized per group in
+        the tight transportation form: Σ_m v[G,m,k] = |G|·y[k] and Σ_k v[G,m,k] = n[G,m]."""
+        pl = self.pulp
+        keys = sorted({k for per in lb.gpu for m in per.values() for k in m}, key=repr)
+        self._factor(Factor(f"layerkey{bi}", lb.key_dims, {k: Entry() for k in keys}))
+        y = {k: self.z[f"layerkey{bi}", k] for k in keys}
+        groups = self._groups(lb)
+        self.groups.append(groups)
+        for gi, (gkey, members) in enumerate(groups.items()):
+            size, tag = len(members), f"{bi}_{gi}"
+            for m in lb.modes:
+                self.n[bi, gkey, m] = pl.LpVariable(f"n_{tag}_{safe_name(m)}", lowBound=0, upBound=size, cat="Integer")
+                self.any[bi, gkey, m] = pl.LpVariable(f"any_{tag}_{safe_name(m)}", cat="Binary")
+                self.prob += self.n[bi, gkey, m] <= size * self.any[bi, gkey, m], f"any_{tag}_{safe_name(m)}"
+                for j, k in enumerate(keys):
+                    allowed = k in lb.gpu[members[0]][m]  # a mode without an entry for a key is not available there
+                    self.w[bi, gkey, m, k] = pl.LpVariable(f"v_{tag}_{safe_name(m)}_{j}", lowBound=0,
+                                                           upBound=None if allowed else 0)
+            self.prob += pl.lpSum(self.n[bi, gkey, m] for m in lb.modes) == size, f"count_{tag}"
+            for j, k in enumerate(keys):
+                self.prob += (pl.lpSum(self.w[bi, gkey, m, k] for m in lb.modes) == size * y[k], f"vk_{tag}_{j}")
+            for m in lb.modes:
+                self.prob += (pl.lpSum(self.w[bi, gkey, m, k] for k in keys) == self.n[bi, gkey, m],
+                              f"vm_{tag}_{safe_name(m)}")
+        if lb.suffix_mode is not None:
+            self._suffix(bi, lb.suffix_mode, groups)
+        if lb.workspace is not None:
+            self._workspace(bi, lb, y)
+        if lb.key_bounds:
+            layer_seconds = pl.lpSum(sec * self.w[bi, g, m, k] for g, members in groups.items()
+                                     for m, keyed in lb.seconds[members[0]].items() for k, sec in keyed.items() if sec)
+            self.prob += (layer_seconds >= pl.lpSum(b * y[k] for k, b in lb.key_bounds.items() if k in y),
+                          f"bound_{bi}")
+
+    def _suffix(self, bi: int, mode: str, groups: dict[tuple[int, int], list[int]]) -> None:
+        """Layers in ``mode`` form a suffix: a group holding any of them makes every later group all ``mode``."""
+        ordered = list(groups.items())
+        for (gkey, _), (hkey, later) in itertools.pairwise(ordered):
+            self.prob += (self.n[bi, hkey, mode] >= len(later) * self.any[bi, gkey, mode],
+                          f"suffix_{bi}_{safe_name(gkey)}")
+
+    def _workspace(self, bi: int, lb: LayerBlock, y: dict[tuple, Any]) -> None:
+        """``ws[b, p, s]``: bytes live while the largest layer of stage s (under pp = p) in a workspace mode
+        runs: ws ≥ Σ_k W(k)·(any[G,m] + y[k] − 1) for every group G of that stage."""
+        pl = self.pulp
+        assert lb.workspace is not None
+        for p in self.p.dims.get("pp", (1,)):
+            for s in range(p):
+                var = pl.LpVariable(f"ws{bi}_pp{p}_s{s}", lowBound=0)
+                self.ws[bi, p, s] = var
+                for gi, (gkey, members) in enumerate(self.groups[bi].items()):
+                    rep = members[0]
+                    if stage_of(rep, self.p.num_layers, p) != s:
+                        continue
+                    for m, keyed in lb.workspace[rep].items():
+                        extra = lb.flight_workspace[rep][m] if lb.flight_workspace else {}
+                        coef = {k: ceil_unit(n + (p - s) * extra.get(k, 0)) for k, n in keyed.items()
+                                if "pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p}
+                        total = sum(coef.values())
+                        if total:
+                            expr = total * self.any[bi, gkey, m] + pl.lpSum(c * y[k] for k, c in coef.items()) - total
+                            self.prob += var >= expr, f"ws{bi}_{p}_{s}_{gi}_{safe_name(m)}"
+
+    def modes(self, bi: int = 0) -> list[str]:
+        """Per-layer modes of block ``bi`` in the solution: in each group the most-saving mode on its first
+        layers (``suffix_mode`` on its last)."""
+        lb = self.p.blocks[bi]
+        out = [lb.modes[0]] * len(lb.gpu)
+        order = sorted(lb.modes, key=lambda m: (m == lb.suffix_mode, -lb.savings_rank.get(m, 0)))
+        for gkey, members in self.groups[bi].items():
+            counts = {m: round(self.n[bi, gkey, m].value() or 0) for m in lb.modes}
+            queue = [m for m in order for _ in range(counts[m])]
+            for layer, m in zip(members, queue, strict=True):
+                out[layer] = m
+        return out
+
+    def _block_terms(self, bi: int, lb: LayerBlock, p: int, s: int) -> list[Any]:
+        if not lb.stages and p != 1:
+            return []
+        terms = []
+        for gkey, members in self.groups[bi].items():
+            rep = members[0]
+            if stage_of(rep, self.p.num_layers, p) != s:
+                continue
+            mult = (p - s) if lb.in_flight else 1
+            for m in lb.modes:
+                for k, nbytes in lb.gpu[rep][m].items():
+                    if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
+                        terms.append(ceil_unit(nbytes * mult) * self.w[bi, gkey, m, k])
+        if (bi, p, s) in self.ws:
+            terms.append(self.ws[bi, p, s])
+        return terms
+
+    def _block_sum(self, attr: str) -> list[Any]:
+        return [v * self.w[bi, g, m, k] for bi, lb in enumerate(self.p.blocks) if getattr(lb, attr) is not None
+                for g, members in self.groups[bi].items()
+                for m, keyed in getattr(lb, attr)[members[0]].items() for k, v in keyed.items() if v]

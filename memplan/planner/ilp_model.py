@@ -1,0 +1,129 @@
+"""The ILP's data: factor tables, per-layer blocks, the problem and its solution, and the unit rounding
+that keeps every coefficient conservative (demand rounded up, capacity down)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+UNIT = 1024
+"""ILP memory unit in bytes (KiB): demand is rounded up to it, capacity down."""
+
+SECONDS_SCALE = 1e3
+"""Seconds objectives are solved in milliseconds: HiGHS treats objective values within about 1e-6 of the
+incumbent as no better (an absolute tolerance), which in seconds would merge plans of a 10 ms step that
+differ by a microsecond (0.01%); ``Solution.objective`` is reported in seconds again."""
+
+ERROR_SCALE = 1e6
+"""``min_error``: errors (mean relative MSE, one layer's share about 1e-6 for a 70B model) are scaled so that
+the solver's absolute and relative MIP gaps (1e-6, 1e-4) stay far below one layer's difference."""
+ERROR_TIE_REL = 1e-9
+ERROR_TIE_ABS = 1e-15
+"""Second ``min_error`` stage: plans within this of the least error are ties, broken by step seconds."""
+
+SOLVER_MAX_COEFF = 10**15
+"""HiGHS refuses a model with a matrix value of magnitude 1e15 or more (its ``large_matrix_value``);
+in ``UNIT``s that is about 10^18 bytes."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of a factor: bytes per pipeline stage on the GPU, bytes per node on CPU/NVMe, seconds."""
+
+    gpu: tuple[int, ...] = ()
+    cpu: int = 0
+    nvme: int = 0
+    seconds: float = 0.0
+    value: float = 0.0
+    error: float = 0.0
+    """Quality loss (the ``min_error`` objective), e.g. of the tensors outside the blocks."""
+    cpu_floor: int = 0
+    """CPU bytes per node this row needs whatever the per-layer blocks add (a second, separate constraint)."""
+
+
+@dataclass
+class Factor:
+    name: str
+    dims: tuple[str, ...]
+    entries: dict[tuple, Entry]
+
+
+@dataclass
+class LayerBlock:
+    """One per-layer decision (recompute, optimizer placement, weight format and placement): a mode per layer.
+
+    ``gpu[l][m][key]`` bytes on the layer's GPU (per in-flight micro-batch when ``in_flight``), ``cpu``
+    bytes per node, ``seconds`` step time, ``error`` quality loss; ``key`` ranges over ``key_dims``.
+    """
+
+    modes: tuple[str, ...]
+    key_dims: tuple[str, ...]
+    gpu: list[dict[str, dict[tuple, int]]]
+    seconds: list[dict[str, dict[tuple, float]]]
+    cpu: list[dict[str, dict[tuple, int]]] | None = None
+    classes: list[int] | None = None
+    workspace: list[dict[str, dict[tuple, int]]] | None = None
+    """Bytes live once, while one layer in this mode runs (the largest such layer of the stage counts)."""
+    flight_workspace: list[dict[str, dict[tuple, int]]] | None = None
+    """Like ``workspace`` but held per micro-batch in flight (the checkpoint's saved keyword arguments)."""
+    in_flight: bool = True
+    """Multiply a layer's GPU bytes by the micro-batches in flight on its stage (1F1B: p − s)."""
+    savings_rank: dict[str, int] = field(default_factory=dict)
+    key_bounds: dict[tuple, float] = field(default_factory=dict)
+    """A valid lower bound on the layers' seconds for each key (a cut that tightens the relaxation)."""
+    name: str = "recompute"
+    error: list[dict[str, dict[tuple, float]]] | None = None
+    """Quality loss per layer, mode and key (the ``min_error`` objective)."""
+    contiguous: bool = False
+    """Group only runs of adjacent identical layers (needed when the layer order matters, ``suffix_mode``)."""
+    stages: bool = True
+    """Whether the block spans pipeline stages; False: its bytes are nonzero only under pp = 1 (the ILP groups
+    its layers over the whole model and adds them to the pp = 1 memory row alone)."""
+    suffix_mode: str | None = None
+    """The layers in this mode form a suffix of the layer order (DeepSpeed's partial offload: the last
+    sub-groups go to the CPU); the ILP orders the groups and ``modes()`` puts it on each group's last layers."""
+
+
+@dataclass
+class Problem:
+    dims: dict[str, tuple]
+    factors: list[Factor]
+    layers: LayerBlock | None
+    num_layers: int
+    gpu_capacity: int
+    cpu_capacity: int
+    nvme_capacity: int
+    objective: str = "min_seconds"
+    """``min_seconds``, ``max_value`` (Σ entry.value, ties by seconds) or ``min_gpu_bytes``."""
+    gpu_scale_pct: float = 0.0
+    """The GPU demand is multiplied by (1 + pct/100): the allocator reserve row."""
+    cuts: list[dict[str, Any]] = field(default_factory=list)
+    extra_blocks: list[LayerBlock] = field(default_factory=list)
+    """Further per-layer decisions beside ``layers``; their bytes, seconds and errors add up per layer."""
+
+    @property
+    def blocks(self) -> list[LayerBlock]:
+        return ([self.layers] if self.layers is not None else []) + list(self.extra_blocks)
+
+
+@dataclass
+class Solution:
+    status: str
+    choice: dict[str, Any]
+    modes: list[str]
+    objective: float
+    seconds: float
+    block_modes: dict[str, list[str]] = field(default_factory=dict)
+    """Per-layer modes of every block by name (``modes`` is the first block's)."""
+
+
+def ceil_unit(n: int) -> int:
+    return -(-n // UNIT)
+
+
+def stage_of(layer: int, num_layers: int, pp: int) -> int:
+    return layer // (num_layers // pp)
+
+
+def safe_name(text: Any) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in str(text))
