@@ -237,3 +237,62 @@ def test_training_per_layer_quant_errors(runner):
                           "--offload-params", "cpu"], "whole on each GPU")):
         res = runner.invoke(app, ["plan", "llama-3.2-1b", *args])
         assert res.exit_code == 2 and words in res.stderr, (args, res.stderr)
+
+
+def test_csv_carries_per_layer_maps(runner):
+    from memplan.cli.app import app
+
+    res = runner.invoke(app, ["estimate", "llama-3.2-1b", "--job", "infer", "--offload-layers", "0-3",
+                              "--quant-map", "0-7=none,8-15=nf4", "--format", "csv"])
+    assert res.exit_code == 0, res.stderr
+    row = res.stdout.splitlines()[1]
+    assert "true,true,true,true,false" in row and "none,none" in row and "nf4,nf4" in row
+
+
+def test_a_time_limit_in_the_split_part_is_reported(monkeypatch):
+    """The split part of the space cut short by the time limit: the plan from the other part is returned
+    as the best incumbent, never as optimal."""
+    import math
+
+    from memplan import load_model
+    from memplan.planner import ilp
+    from memplan.planner.ilp_model import Solution
+
+    real = ilp.IlpBuilder._solve
+
+    def short(self, time_limit, solver):
+        if self.p.dims.get("opt_split") == ("layers",):
+            return Solution("time_limit", {}, [], math.nan, math.nan)
+        return real(self, time_limit, solver)
+
+    monkeypatch.setattr(ilp.IlpBuilder, "_solve", short)
+    base = JobConfig(job=Job.FULL)
+    from memplan.catalog.store import catalog_gpu
+
+    result = plan(PlanRequest(model=load_model("llama-3.1-8b"), gpu=catalog_gpu("h100-sxm-80gb"), host=HOST,
+                              base=base, top_k=1, suggest=False))
+    assert result.status == "optimal" and result.solver_status.startswith("feasible")
+
+
+def test_per_layer_format_edge_cases(runner):
+    # GGUF per layer: the global format is a GGUF one, so llama.cpp's input layer is counted on the host
+    out = cli_json(runner, "plan", "llama-3.2-1b", "--job", "infer", "--quant", "none,q4_k_m", "--per-layer-quant",
+                   "--objective", "max-quality", "--top", "1")
+    assert out["best"]["config"]["quant"] == "q4_k_m"
+    # QLoRA with GPTQ layers: the global format is GPTQ too, not QLoRA's default NF4
+    out = cli_json(runner, "plan", "llama-3.2-1b", "--job", "qlora", "--quant", "none,gptq-4bit",
+                   "--objective", "max-quality", "--gpu", "l4", "--top", "1")
+    assert out["status"] == "optimal" and out["best"]["config"]["quant"] == "gptq-4bit"
+    from memplan.cli.app import app
+
+    res = runner.invoke(app, ["plan", "llama-3.2-1b", "--job", "qlora", "--quant", "q8_0,q4_k_m",
+                              "--objective", "max-quality"])
+    assert res.exit_code == 2 and "GGUF" in res.stderr
+
+
+def test_min_cost_keeps_the_cheapest_first(runner):
+    out = cli_json(runner, "plan", "qwen2.5-7b", "--gpus", "8", "--objective", "min-cost", "--top", "3",
+                   "--global-batch", "64")
+    cost = [c["config"]["gpus_per_node"] * c["config"]["nodes"] / c["tokens_per_s"]
+            for c in [out["best"], *out["alternatives"]]]
+    assert cost == sorted(cost)

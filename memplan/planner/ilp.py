@@ -192,20 +192,25 @@ class IlpBuilder(LayerBlocks):
         """Solve; ``min_error`` lexicographically: least error first, then the fastest plan of that error."""
         if self.p.objective != "min_error":
             return self._solve(time_limit, solver)
-        error = self.error_expr()
-        self.prob.setObjective(ERROR_SCALE * error)
+        error = ERROR_SCALE * self.error_expr()  # in the solver's units, so its tolerances sit far below a layer
+        self.prob.setObjective(error)
         first = self._solve(time_limit, solver)
         if first.status not in ("optimal", "feasible"):
             return first
         best = float(self.pulp.value(error) or 0.0)
-        first.objective = best
+        first.objective = best / ERROR_SCALE
         self.prob += error <= best * (1 + ERROR_TIE_REL) + ERROR_TIE_ABS, "quality_cap"
-        self.prob.setObjective(SECONDS_SCALE * self.seconds_expr())
-        second = self._solve(time_limit, solver)
-        del self.prob.constraints["quality_cap"]
+        try:
+            self.prob.setObjective(SECONDS_SCALE * self.seconds_expr())
+            second = self._solve(time_limit, solver)
+        finally:
+            del self.prob.constraints["quality_cap"]
+            self.prob.setObjective(error)
         if second.status not in ("optimal", "feasible"):
             return first
-        second.objective = best
+        second.objective = float(self.pulp.value(error) or 0.0) / ERROR_SCALE  # the error of the plan returned
+        if first.status == "feasible":
+            second.status = "feasible"  # the least error itself was cut short
         return second
 
     def _solve(self, time_limit: float | None, solver: str | None) -> Solution:

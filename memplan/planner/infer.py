@@ -73,7 +73,7 @@ def choices_for(req: Any, dims: dict[str, tuple]) -> Any:
     from memplan.planner.infer_layers import LayerChoices
 
     formats = None
-    if req.space.per_layer_quant or req.objective is Objective.MAX_QUALITY:
+    if req.space.per_layer_quant:
         if not req.model.num_hidden_layers:
             raise MemplanError(f"per-layer quantization needs the model's layers; {req.model.name} knows only a "
                                "parameter count.")
@@ -106,6 +106,12 @@ def _weights_entry(req: Any, arch: Any, cfg: JobConfig, stages: list[list], per_
         gpu.append(total)
     cpu = max(tier_total([r for r in rows if r.component.startswith("weights")], Tier.CPU) for rows in stages)
     return Entry(gpu=tuple(gpu), cpu=cpu)
+
+
+def _is_gguf(fmt: str | None) -> bool:
+    from memplan.memory.quant import Library, get_format
+
+    return fmt is not None and get_format(fmt).library is Library.GGUF
 
 
 def _distinct_quants(dims: dict[str, tuple], weights: dict[tuple, Entry]) -> tuple:
@@ -153,6 +159,8 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
         krows = [[r for r in rows if not r.component.startswith("weights")] for rows in stages]
         kv[key] = Entry(gpu=tuple(tier_total(r, Tier.GPU) for r in krows))
     if choices.formats is not None:
+        if any(_is_gguf(f) for f in choices.formats):  # llama.cpp keeps the input layer on the host only for GGUF
+            dims["quant"] = tuple(q for q in dims["quant"] if q is not None)
         dims["quant"] = _distinct_quants(dims, weights)
         weights = {k: e for k, e in weights.items() if k[2] in dims["quant"]}
     if not weights or not kv:

@@ -181,12 +181,12 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     gb = global_batch_for(req, base.world_size, dims["micro_batch"])
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
     formats = None
-    if req.space.per_layer_quant or req.objective is Objective.MAX_QUALITY:
+    if req.space.per_layer_quant:
         from memplan.planner import train_quant
 
         formats = dims["quant"]
         train_quant.check(base.job, formats, req.objective.value)
-        dims = train_quant.restrict(dims)
+        dims = train_quant.restrict(dims, formats)
     start = len(result.candidates)
     kind = _objective_kind(req.objective)
     for i, part in enumerate(train_offload.partition(dims, base.job)):
@@ -194,11 +194,7 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
         mine = result.candidates[start:]
         # a later part only matters where it beats the k-th plan found so far (throughput: seconds)
         cutoff = max(c.objective_value for c in mine) if kind == "min_seconds" and len(mine) >= req.top_k else None
-        try:
-            result.candidates.extend(_solve_part(part_req, setting, part, result, cutoff, formats))
-        except MemplanError:
-            if i == 0:
-                raise  # the space itself is invalid; a split part may simply hold no valid plan
+        result.candidates.extend(_solve_part(part_req, setting, part, result, cutoff, formats, later=i > 0))
     found = result.candidates[start:]
     rank_candidates(found)
     result.candidates[start:] = found[: req.top_k]
@@ -214,10 +210,17 @@ def _part_path(path: str, index: int) -> str:
 
 
 def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, tuple], result: PlanResult,
-                cutoff: float | None = None, formats: tuple | None = None) -> list[Candidate]:
+                cutoff: float | None = None, formats: tuple | None = None, later: bool = False) -> list[Candidate]:
+    """Solve one part of the space; a ``later`` part that holds no valid combination has no plans (the
+    first part's invalidity is the user's error and propagates)."""
     arch, base, gb = setting.arch, setting.base, setting.global_batch
-    problem, _ = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective),
-                                     formats=formats)
+    try:
+        problem, _ = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective),
+                                         formats=formats)
+    except MemplanError:
+        if later:
+            return []
+        raise
     builder = IlpBuilder(problem)
     if cutoff is not None:
         builder.cutoff(cutoff)
@@ -305,6 +308,8 @@ def no_plan_reason(status: str, time_limit_s: float, result: PlanResult) -> None
     can fix (a clear message, exit 2); any other status (infeasible, unbounded) is recorded as the
     solver's status of an infeasible result."""
     if result.candidates:
+        if status == "time_limit":  # another part of the space was cut short: the best found may not be optimal
+            result.solver_status = "feasible (time limit reached; best incumbent)"
         return
     if status == "time_limit":
         raise MemplanError(f"the solver reached its time limit ({time_limit_s:g} s) before finding any plan; "
@@ -314,6 +319,8 @@ def no_plan_reason(status: str, time_limit_s: float, result: PlanResult) -> None
 
 def plan(req: PlanRequest) -> PlanResult:
     """The best configurations for ``req`` (status "optimal"), or "infeasible" with suggestions."""
+    if req.objective is Objective.MAX_QUALITY and not req.space.per_layer_quant:
+        req = replace(req, space=req.space.model_copy(update={"per_layer_quant": True}))  # probes keep it
     if req.base.job is Job.INFER:
         from memplan.planner.infer import plan_inference
 
@@ -329,7 +336,8 @@ def plan(req: PlanRequest) -> PlanResult:
         rank_candidates(result.candidates, primary=lambda c: price * c.config.world_size / c.tokens_per_s)
         result.candidates = result.candidates[: req.top_k]
     if result.candidates:
-        rank_candidates(result.candidates)
+        if req.objective is not Objective.MIN_COST:  # min-cost is ranked by cost above
+            rank_candidates(result.candidates)
         result.status = "optimal"
         return result
     if req.suggest:

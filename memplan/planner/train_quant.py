@@ -21,33 +21,41 @@ BLOCK_NAME = "weights"
 KEY_DIMS = ("tp", "pp")
 
 
+PROBE_OBJECTIVES = ("max-quality", "min-memory", "max-context")
+"""max-quality is the user's; min-memory and max-context are the diagnosis' probes (``suggest``)."""
+
+
 def check(job: Job, formats: tuple[str | None, ...], objective: str) -> None:
     """One sentence when per-layer formats cannot apply to this training request."""
-    from memplan.memory.quant import get_format
+    from memplan.memory.quant import Library, get_format
 
     if job not in (Job.LORA, Job.QLORA):
         raise MemplanError("per-layer weight formats apply to a frozen base model: use --job lora or qlora "
                            "(or --job infer).")
-    if len([f for f in formats]) < 2:
+    if len(formats) < 2 or not any(formats):
         raise MemplanError("per-layer quantization (--per-layer-quant, --objective max-quality) needs at least "
-                           "two --quant choices (none = 16-bit), e.g. --quant nf4-dq,int8.")
-    libraries = {get_format(f).library.value for f in formats if f is not None}
+                           "two --quant choices, one of them a format (none = 16-bit), e.g. --quant nf4-dq,int8.")
+    libraries = {get_format(f).library for f in formats if f is not None}
     if len(libraries) > 1:
         raise MemplanError("per-layer quantization mixes formats of one library, but --quant names "
-                           f"{', '.join(sorted(libraries))} formats; keep one.")
-    if objective != "max-quality":
+                           f"{', '.join(sorted(lib.value for lib in libraries))} formats; keep one.")
+    if Library.GGUF in libraries:
+        raise MemplanError("GGUF formats are for llama.cpp inference; transformers dequantizes them on load, so a "
+                           "LoRA/QLoRA job cannot keep them per layer.")
+    if objective not in PROBE_OBJECTIVES:
         raise MemplanError("a fine-tuning job chooses per-layer weight formats by --objective max-quality "
                            "(the least quantization error that fits).")
 
 
-def restrict(dims: dict[str, tuple]) -> dict[str, tuple]:
-    """The space with whole weights on every GPU, and one global format (it only sets the tensors outside
-    the blocks, which bitsandbytes, GPTQ and AWQ leave in 16 bits)."""
+def restrict(dims: dict[str, tuple], formats: tuple[str | None, ...]) -> dict[str, tuple]:
+    """The space with whole weights on every GPU, and one global format: the first quantized one (it sets
+    the tensors outside the blocks, which bitsandbytes, GPTQ and AWQ leave in 16 bits, and the library a
+    QLoRA job loads with)."""
     places = tuple(p for p in dims["placement"] if p[0] < ZeroStage.PARAMETERS and p[2] is Offload.NONE)
     if not places:
         raise MemplanError("per-layer weight formats need the weights whole on each GPU; allow --zero 0, 1 or 2 "
                            "without --offload-params.")
-    return {**dims, "placement": places, "quant": dims["quant"][:1]}
+    return {**dims, "placement": places, "quant": (next(f for f in formats if f is not None),)}
 
 
 def build_block(setting: Any, dims: dict[str, tuple], formats: tuple[str | None, ...]) -> LayerBlock:

@@ -22,9 +22,9 @@ def estimate_record(est: Estimate) -> dict[str, Any]:
     for key, value in cfg.model_dump(mode="json").items():
         if isinstance(value, dict):
             for sub, v in value.items():
-                rec[f"{key}_{sub}"] = ",".join(v) if isinstance(v, list) else v
+                rec[f"{key}_{sub}"] = _list_cell(v)
         elif key not in rec:
-            rec[key] = value
+            rec[key] = _list_cell(value)
     for tier in Tier:
         rec[f"{tier.value}_total_bytes"] = est.total(tier)
         rec[f"{tier.value}_capacity_bytes"] = est.capacity(tier)
@@ -63,3 +63,10 @@ def _cell(rec: dict[str, Any], col: str) -> Any:
     if ":" in col and col.endswith("_gib"):
         return 0.0
     return ""
+
+
+def _list_cell(value: Any) -> Any:
+    """A list (per-layer maps, LoRA targets) as one comma-separated cell; None entries as 'none'."""
+    if isinstance(value, list):
+        return ",".join("none" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for v in value)
+    return value
