@@ -296,3 +296,15 @@ def test_min_cost_keeps_the_cheapest_first(runner):
     cost = [c["config"]["gpus_per_node"] * c["config"]["nodes"] / c["tokens_per_s"]
             for c in [out["best"], *out["alternatives"]]]
     assert cost == sorted(cost)
+
+
+def test_max_batch_breaks_ties_by_speed(runner):
+    """Lexicographic: the largest batch first, then the fastest plan of that batch, which the throughput
+    objective over the same batch must not beat (a 1e-6·seconds tie-break sat below the solver's gap)."""
+    args = ("plan", "llama-3.2-1b", "--gpu", "a100-sxm-40gb", "--job", "full", "--top", "1", "--zero", "0,1",
+            "--offload-optimizer", "none", "--offload-params", "none")
+    best = cli_json(runner, *args, "--objective", "max-batch")["best"]
+    cfg = best["config"]
+    fastest = cli_json(runner, *args, "--batch", str(cfg["micro_batch"]), "--global-batch",
+                       str(cfg["micro_batch"] * cfg["grad_accum"]), "--objective", "throughput")["best"]
+    assert best["step_time_s"] == pytest.approx(fastest["step_time_s"], rel=1e-9)

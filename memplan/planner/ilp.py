@@ -30,8 +30,8 @@ from typing import Any
 from memplan.planner.ilp_layers import LayerBlocks
 from memplan.planner.ilp_model import (
     ERROR_SCALE,
-    ERROR_TIE_ABS,
-    ERROR_TIE_REL,
+    PRIMARY_TIE_ABS,
+    PRIMARY_TIE_REL,
     SECONDS_SCALE,
     SOLVER_MAX_COEFF,
     UNIT,
@@ -171,46 +171,49 @@ class IlpBuilder(LayerBlocks):
         return self.pulp.lpSum(terms + self._block_sum("error"))
 
     def _objective(self) -> None:
+        """``primary``: the objective solved first (None: seconds alone); ties are then broken by seconds."""
         pl, P = self.pulp, self.p
-        seconds = self.seconds_expr()
+        self.primary: Any = None
+        self.primary_scale = 1.0
         if P.objective == "max_value":
-            value = pl.lpSum(e.value * self.z[f.name, k] for f in P.factors for k, e in f.entries.items() if e.value)
-            self.prob += -value + 1e-6 * seconds
+            self.primary = -pl.lpSum(e.value * self.z[f.name, k] for f in P.factors for k, e in f.entries.items()
+                                     if e.value)
         elif P.objective == "min_error":
-            self.prob += ERROR_SCALE * self.error_expr()  # ``solve`` then breaks ties by seconds
+            self.primary, self.primary_scale = ERROR_SCALE * self.error_expr(), ERROR_SCALE  # solver units
         elif P.objective == "min_gpu_bytes":
             worst = pl.LpVariable("peak_gpu_units", lowBound=0)
             for (p, s), expr in self.gpu_rows.items():
                 relax = 0 if self._conditional() or "pp" not in P.dims else self._upper(expr) * (1 - self.x["pp", p])
                 self.prob += worst >= expr - relax, f"peak_pp{p}_s{s}"
-            self.prob += worst + 1e-6 * seconds
-        else:
-            self.prob += SECONDS_SCALE * seconds
+            self.primary = worst
+        self.prob += self.primary if self.primary is not None else SECONDS_SCALE * self.seconds_expr()
 
     # -- solving -------------------------------------------------------------------------------
     def solve(self, *, time_limit: float | None = None, solver: str | None = None) -> Solution:
-        """Solve; ``min_error`` lexicographically: least error first, then the fastest plan of that error."""
-        if self.p.objective != "min_error":
+        """Solve. With a primary objective (max-batch, max-context, min-memory, max-quality) lexicographically:
+        the best primary value first, then the fastest plan of that value (a tie-break weight would sit below
+        the solver's gap). ``Solution.objective`` is the primary value of the plan returned (unscaled)."""
+        primary = self.primary
+        if primary is None:
             return self._solve(time_limit, solver)
-        error = ERROR_SCALE * self.error_expr()  # in the solver's units, so its tolerances sit far below a layer
-        self.prob.setObjective(error)
+        self.prob.setObjective(primary)
         first = self._solve(time_limit, solver)
         if first.status not in ("optimal", "feasible"):
             return first
-        best = float(self.pulp.value(error) or 0.0)
-        first.objective = best / ERROR_SCALE
-        self.prob += error <= best * (1 + ERROR_TIE_REL) + ERROR_TIE_ABS, "quality_cap"
+        best = float(self.pulp.value(primary) or 0.0)
+        first.objective = best / self.primary_scale
+        self.prob += primary <= best + PRIMARY_TIE_REL * abs(best) + PRIMARY_TIE_ABS, "primary_cap"
         try:
             self.prob.setObjective(SECONDS_SCALE * self.seconds_expr())
             second = self._solve(time_limit, solver)
         finally:
-            del self.prob.constraints["quality_cap"]
-            self.prob.setObjective(error)
+            del self.prob.constraints["primary_cap"]
+            self.prob.setObjective(primary)
         if second.status not in ("optimal", "feasible"):
             return first
-        second.objective = float(self.pulp.value(error) or 0.0) / ERROR_SCALE  # the error of the plan returned
+        second.objective = float(self.pulp.value(primary) or 0.0) / self.primary_scale
         if first.status == "feasible":
-            second.status = "feasible"  # the least error itself was cut short
+            second.status = "feasible"  # the best primary value itself was cut short
         return second
 
     def _solve(self, time_limit: float | None, solver: str | None) -> Solution:

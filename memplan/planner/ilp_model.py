@@ -17,10 +17,10 @@ differ by a microsecond (0.01%); ``Solution.objective`` is reported in seconds a
 ERROR_SCALE = 1e6
 """``min_error``: errors (mean relative MSE, one layer's share about 1e-6 for a 70B model) are scaled so that
 the solver's absolute and relative MIP gaps (1e-6, 1e-4) stay far below one layer's difference."""
-ERROR_TIE_REL = 1e-9
-ERROR_TIE_ABS = 1e-9
-"""Second ``min_error`` stage: plans within this of the least (scaled) error are ties, broken by step seconds;
-one layer's difference is about 1 in scaled units, the solvers' feasibility tolerance 1e-6."""
+PRIMARY_TIE_REL = 1e-9
+PRIMARY_TIE_ABS = 1e-9
+"""Second stage of a lexicographic solve: plans within this of the best primary value (batch, context,
+KiB, scaled error; distinct plans differ by 1 or more) are ties, broken by step seconds."""
 
 SOLVER_MAX_COEFF = 10**15
 """HiGHS refuses a model with a matrix value of magnitude 1e15 or more (its ``large_matrix_value``);
