@@ -15,9 +15,10 @@ from memplan.config import Job, JobConfig, Offload, Recompute
 from memplan.estimate import estimate
 from memplan.memory.breakdown import Tier
 from memplan.planner import train
-from memplan.planner.plan import PlanRequest, plan, step_seconds
+from memplan.planner.plan import PlanRequest, plan
 from memplan.planner.space import SearchSpace, placements
 from memplan.planner.train_offload import splittable
+from memplan.planner.train_plan import step_seconds
 
 NO_OFFLOAD = ("--zero", "0,1,2,3", "--offload-optimizer", "none", "--offload-params", "none")
 
