@@ -62,9 +62,22 @@ def trainable_tensors(ctx: Context) -> list[Tensor]:
     return trained(ctx.tensors)
 
 
+_NUMEL: dict[tuple, tuple[object, int]] = {}
+
+
 def trainable_numel(ctx: Context) -> int:
-    """Trainable parameter elements on one GPU of the reported stage (after tp/ep division)."""
-    return sum(sharded_numel(t, ctx.cfg.tp, ctx.cfg.ep) for t in trainable_tensors(ctx))
+    """Trainable parameter elements on one GPU of the reported stage (after tp/ep division); memoized per
+    (architecture object, pp, stage, tp, ep), the only inputs, as the planner asks for it under many choices."""
+    cfg = ctx.cfg
+    key = (id(ctx.arch), cfg.pp, ctx.stage, cfg.tp, cfg.ep)
+    hit = _NUMEL.get(key)
+    if hit is not None and hit[0] is ctx.arch:
+        return hit[1]
+    numel = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in trainable_tensors(ctx))
+    if len(_NUMEL) >= _SETS_LIMIT:
+        _NUMEL.clear()
+    _NUMEL[key] = (ctx.arch, numel)
+    return numel
 
 
 def largest_layer_numel(ctx: Context) -> int:
