@@ -108,12 +108,6 @@ def _weights_entry(req: Any, arch: Any, cfg: JobConfig, stages: list[list], per_
     return Entry(gpu=tuple(gpu), cpu=cpu)
 
 
-def _is_gguf(fmt: str | None) -> bool:
-    from memplan.memory.quant import Library, get_format
-
-    return fmt is not None and get_format(fmt).library is Library.GGUF
-
-
 def _distinct_quants(dims: dict[str, tuple], weights: dict[tuple, Entry]) -> tuple:
     """With formats chosen per layer the global format only sets the tensors outside the blocks: keep one
     of the formats that store those identically (bitsandbytes, GPTQ and AWQ leave them all in 16 bits), so
@@ -159,7 +153,9 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
         krows = [[r for r in rows if not r.component.startswith("weights")] for rows in stages]
         kv[key] = Entry(gpu=tuple(tier_total(r, Tier.GPU) for r in krows))
     if choices.formats is not None:
-        if any(_is_gguf(f) for f in choices.formats):  # llama.cpp keeps the input layer on the host only for GGUF
+        from memplan.planner.infer_layers import is_gguf
+
+        if any(is_gguf(f) for f in choices.formats):  # llama.cpp keeps the input layer on the host only for GGUF
             dims["quant"] = tuple(q for q in dims["quant"] if q is not None)
         dims["quant"] = _distinct_quants(dims, weights)
         weights = {k: e for k, e in weights.items() if k[2] in dims["quant"]}

@@ -57,7 +57,8 @@ def is_offloaded(mode: str) -> bool:
     return mode.endswith(CPU_SUFFIX) or mode == "cpu"
 
 
-def _is_gguf(fmt: str | None) -> bool:
+def is_gguf(fmt: str | None) -> bool:
+    """Whether ``fmt`` is a llama.cpp (GGUF) format."""
     from memplan.memory.quant import Library, get_format
 
     return fmt is not None and get_format(fmt).library is Library.GGUF
@@ -74,7 +75,7 @@ def modes_for(choices: LayerChoices, dtype: str) -> tuple[str, ...]:
     if choices.offload:
         for f in choices.formats:
             mode = fmt_label(offloaded_format(f), dtype) + CPU_SUFFIX
-            if not _is_gguf(f) and mode not in out:
+            if not is_gguf(f) and mode not in out:
                 out.append(mode)
     return tuple(out)
 
@@ -86,7 +87,7 @@ def offload_allowed(base: JobConfig, tp: int, pp: int, fmt: str | None) -> bool:
     from memplan.config import Offload, ZeroStage
 
     return (tp == 1 and base.ep == 1 and pp <= base.gpus_per_node and base.offload_params is Offload.NONE
-            and base.zero < ZeroStage.PARAMETERS and not _is_gguf(fmt))
+            and base.zero < ZeroStage.PARAMETERS and not is_gguf(fmt))
 
 
 def _layer_figures(req: Any, arch: Architecture, i: int, tp: int, q: str | None, fmt: str | None,
@@ -113,7 +114,7 @@ def build_block(req: Any, arch: Architecture, dims: dict[str, tuple], choices: L
     dtype = req.base.dtype.value
     modes = modes_for(choices, dtype)
     per_layer = choices.formats is not None
-    gguf = any(_is_gguf(f) for f in (*dims["quant"], *(choices.formats or ())))
+    gguf = any(is_gguf(f) for f in (*dims["quant"], *(choices.formats or ())))
     classes = list(range(len(arch.layers))) if gguf else layer_classes(arch, by_kind=False)  # GGUF mixes by index
     first = {c: classes.index(c) for c in set(classes)}
     hbm = req.gpu.hbm_bandwidth_gbps * 1e9

@@ -128,7 +128,6 @@ def _split_cpu(rows: list, cfg: JobConfig) -> tuple[int, int]:
     separate floor: 1.5 · max(load, steady + layers) ≤ capacity holds exactly when both 1.5 · (steady +
     layers) ≤ capacity and the floor 1.5 · max(load, steady) ≤ capacity do.
     """
-    from memplan.memory.model_states import DS_CPU_BUFFER_FACTOR_PCT
     from memplan.units import ceil_div
 
     total = tier_total(rows, Tier.CPU)
@@ -137,8 +136,7 @@ def _split_cpu(rows: list, cfg: JobConfig) -> tuple[int, int]:
     if not engine:
         return total, 0
     steady = total - engine
-    pct = DS_CPU_BUFFER_FACTOR_PCT if cfg.accounting.value == "deepspeed" else 0
-    return steady + ceil_div(steady * pct, 100), total
+    return ceil_div(steady * train_offload.cpu_factor_pct(cfg), 100), total
 
 
 def _state_rows(setting: TrainSetting, cfg: JobConfig, ctxs: list[Context]) -> list[list]:
@@ -188,8 +186,6 @@ def _layer_optimizer_gpu(ctx: Context) -> int:
 def offload_seconds(setting: TrainSetting, cfg: JobConfig, per_stage: list) -> float:
     """ZeRO-Offload / ZeRO-Infinity traffic and CPU update time per step (``cost.offload_seconds``); with
     partial offload (``optimizer_gpu_layers``) only the offloaded layers and the tensors after the blocks."""
-    from memplan.config import Offload
-
     if cfg.offload_optimizer is Offload.NONE and cfg.offload_params is Offload.NONE:
         return 0.0
     nvme_bytes = max(tier_total(rows, Tier.NVME) for rows in per_stage)
