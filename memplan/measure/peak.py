@@ -72,7 +72,22 @@ def live_tensor_bytes(device_type: str) -> int:
         del found
 
 
-class PeakMeter:
+class PhasePeaks:
+    """The peak over a step's phases, for anything holding ``phases`` (phase -> bytes) and ``baseline``."""
+
+    phases: dict[str, int]
+    baseline: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values(), default=self.baseline)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda k: self.phases[k]) if self.phases else ""
+
+
+class PeakMeter(PhasePeaks):
     """Peaks of named phases; use ``with meter: ... with meter.phase("forward"): ...``."""
 
     def __init__(self, device: str, resident: Any = ()) -> None:
@@ -130,14 +145,6 @@ class PeakMeter:
         if exc[0] is None:
             self.phases = _cpu_phase_peaks(self._prof, self.baseline)
         self._prof = None
-
-    @property
-    def peak(self) -> int:
-        return max(self.phases.values(), default=self.baseline)
-
-    @property
-    def peak_phase(self) -> str:
-        return max(self.phases, key=lambda k: self.phases[k]) if self.phases else ""
 
     @property
     def peak_reserved(self) -> int | None:

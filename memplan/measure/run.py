@@ -29,7 +29,7 @@ from memplan.catalog.schema import ModelSpec
 from memplan.config import Job, JobConfig, OptimizerKind
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
-from memplan.measure.peak import PeakMeter, storage_bytes
+from memplan.measure.peak import PeakMeter, PhasePeaks, storage_bytes
 from memplan.measure.saved import saved_bytes
 
 SEED = 0
@@ -47,7 +47,7 @@ capturable): real bytes memplan does not count."""
 
 
 @dataclass
-class Measurement:
+class Measurement(PhasePeaks):
     """What one run measured. Bytes are ints; ``components`` uses memplan's component names."""
 
     device: str
@@ -59,14 +59,6 @@ class Measurement:
     reserved: int | None = None
     driver_used: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def peak(self) -> int:
-        return max(self.phases.values(), default=self.baseline)
-
-    @property
-    def peak_phase(self) -> str:
-        return max(self.phases, key=lambda k: self.phases[k]) if self.phases else ""
 
 
 def check_device(device: str) -> str:
