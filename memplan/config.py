@@ -41,6 +41,30 @@ class OptimizerKind(StrEnum):
     LION = "lion"              # one fp32 momentum buffer
 
 
+class Engine(StrEnum):
+    """The program that runs the job. Training: ``pytorch`` (one process or DDP: HF Trainer, accelerate,
+    plain loops), ``fsdp2`` (``torch.distributed.fsdp.fully_shard``), ``deepspeed``, ``megatron``
+    (Megatron-LM / Megatron-Core). Serving: ``vllm``, ``llamacpp``, ``transformers`` (HF ``generate``).
+    Each engine's profile (``memplan.engines``) says which components exist, how they are sharded,
+    which buffers it adds and which combinations it runs."""
+
+    PYTORCH = "pytorch"
+    FSDP2 = "fsdp2"
+    DEEPSPEED = "deepspeed"
+    MEGATRON = "megatron"
+    VLLM = "vllm"
+    LLAMACPP = "llamacpp"
+    TRANSFORMERS = "transformers"
+
+    @property
+    def trains(self) -> bool:
+        return self in (Engine.PYTORCH, Engine.FSDP2, Engine.DEEPSPEED, Engine.MEGATRON)
+
+    @property
+    def serves(self) -> bool:
+        return not self.trains
+
+
 class ZeroStage(IntEnum):
     """ZeRO stages (Rajbhandari et al. 2020, Sec. 5); ordered, so ``zero >= ZeroStage.GRADIENTS`` reads like the paper."""
 
@@ -132,6 +156,8 @@ class JobConfig(Strict):
     """One fixed configuration of a job on a cluster."""
 
     job: Job = Job.FULL
+    engine: Engine | None = None
+    """The engine that runs the job; None: the job's default engine (``memplan.engines.default_engine``)."""
     dtype: Dtype = Dtype.BF16
     quant: str | None = None
     optimizer: OptimizerKind = OptimizerKind.ADAMW
