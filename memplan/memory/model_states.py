@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from memplan.arch.parallel import sharded_numel
-from memplan.arch.tensors import Tensor
+from memplan.arch.tensors import Architecture, Tensor
 from memplan.config import Accounting, Offload, ZeroStage
 from memplan.dtypes import Dtype
 from memplan.memory import optimizer as opt
@@ -33,6 +33,8 @@ from memplan.memory.zero import OFFLOAD_TIER, StateBuffer, place
 from memplan.units import bits_to_bytes, ceil_div
 
 DS_ESTIMATOR = "DeepSpeed ZeRO memory estimator (estimate_zero2/zero3_model_states_mem_needs)"
+DS_ESTIMATOR_12 = ("DeepSpeed deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs: "
+                   "2Ψ + 18Ψ/N (16-bit gradients partitioned in ZeRO-2, DeepSpeed PR 5099)")
 DS_CPU_BUFFER_FACTOR_PCT = 50
 """DeepSpeed's estimator multiplies CPU memory by ``additional_buffer_factor=1.5``: +50%."""
 DS_PARAM_SWAP_BUFFERS = 5
@@ -81,8 +83,46 @@ def trainable_numel(ctx: Context) -> int:
 
 
 def largest_layer_numel(ctx: Context) -> int:
-    """Elements of the largest module gathered at once by ZeRO-3, per tensor-parallel rank."""
-    return ceil_div(ctx.arch.largest_layer_params, ctx.cfg.tp)
+    """Elements of the largest module DeepSpeed ZeRO-3 gathers at once, per tensor-parallel rank.
+
+    DeepSpeed fetches parameters module by module (a module's own parameters, ``recurse=False``): the largest
+    one is ``ModelSpec.largest_layer_params`` when given, else the largest module of the model
+    (``largest_module_numel``). A parameter-count-only model without it is bounded by what DeepSpeed keeps
+    gathered at most, ``stage3_max_live_parameters`` (default 1e9), capped at the model.
+    Source: deepspeed/runtime/zero/stage3.py ``model_to_params`` (``largest_layer_params`` of the estimator) and
+    partitioned_param_coordinator.py (module-granular fetch bounded by max_live_parameters).
+    """
+    arch = ctx.arch
+    if arch.spec.largest_layer_params:
+        n = arch.spec.largest_layer_params
+    elif not arch.layers:
+        n = min(arch.params, ctx.cfg.engine_config.stage3_max_live_parameters)
+    else:
+        n = largest_module_numel(arch)
+    return ceil_div(n, ctx.cfg.tp)
+
+
+_MODULES: dict[int, tuple[object, int]] = {}
+
+
+def largest_module_numel(arch: Architecture) -> int:
+    """Elements of the model's largest module counting only its own parameters (an ``nn.Linear``'s weight and
+    bias, an embedding, a fused experts module), as DeepSpeed's ``model_to_params`` does; memoized per arch."""
+    hit = _MODULES.get(id(arch))
+    if hit is not None and hit[0] is arch:
+        return hit[1]
+    sizes: dict[tuple[str, int, str], int] = {}
+    groups = [("pre", 0, arch.pre), ("post", 0, arch.post), ("extra", 0, arch.extra)]
+    groups += [("layer", i, layer.tensors) for i, layer in enumerate(arch.layers)]
+    for where, index, tensors in groups:
+        for t in tensors:
+            key = (where, index, t.module)
+            sizes[key] = sizes.get(key, 0) + t.numel
+    n = max(sizes.values(), default=arch.params)
+    if len(_MODULES) >= _SETS_LIMIT:
+        _MODULES.clear()
+    _MODULES[id(arch)] = (arch, n)
+    return n
 
 
 def state_buffers(ctx: Context) -> list[StateBuffer]:
@@ -120,8 +160,9 @@ def set_buffers(ctx: Context, *, tensors: list[Tensor], opt_tier: Tier, note: st
     if not ds:
         out.append(StateBuffer("gradients", grad_bytes, ZeroStage.GRADIENTS, opt_tier, PAPER, note))
     elif cfg.zero < ZeroStage.PARAMETERS and cfg.offload_optimizer is Offload.NONE:
-        out.append(StateBuffer("gradients", grad_bytes, None, Tier.GPU, DS_ESTIMATOR,
-                               "16-bit gradients in reduce buckets, not partitioned by the estimator"))
+        part = "partitioned (ZeRO-2)" if cfg.zero >= ZeroStage.GRADIENTS else "whole on every rank"
+        out.append(StateBuffer("gradients", grad_bytes, ZeroStage.GRADIENTS, Tier.GPU, DS_ESTIMATOR_12,
+                               f"16-bit gradients, {part}"))
     if master:
         out.append(StateBuffer("optimizer/master_fp32", bits_to_bytes(numel, FP32_BITS), ZeroStage.OPTIMIZER,
                                opt_tier, PAPER, note))
