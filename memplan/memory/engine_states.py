@@ -55,6 +55,8 @@ MATMUL_ROLES = (Role.LINEAR, Role.LM_HEAD)
 def mixed(ctx: Context) -> bool:
     """Whether the job trains 16-bit (or fp8) compute over fp32 masters: the engines' mixed-precision policy."""
     cfg = ctx.cfg
+    if cfg.dtype is Dtype.FP8:  # fp8 recipes keep 16-bit weights: the 16-bit default applies
+        cfg = cfg.model_copy(update={"dtype": compute_dtype(ctx)})
     return cfg.uses_master_weights and compute_dtype(ctx) is not FP32
 
 
