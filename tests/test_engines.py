@@ -253,3 +253,38 @@ def test_fp8_training_keeps_16_bit_masters_and_fp32_states():
     tensors = 4 * L + 3 * L + 1  # q, k, v, o + gate, up, down per layer + lm_head: one fp32 scale each
     assert gpu_states(fp8) == gpu_states(bf16) + MATMUL + 4 * tensors
     assert comp(fp8, "weights/fp8_copies") == MATMUL + 4 * tensors
+
+
+# --- Megatron activations: Korthikanti et al. 2022 Table 2 through engine=megatron ----------------------------------
+
+@pytest.mark.parametrize(("t", "sp", "mode"), [(1, False, "none"), (8, False, "none"), (8, True, "none"),
+                                               (8, False, "selective"), (8, True, "selective"), (8, False, "full")])
+def test_megatron_selects_korthikanti_table2(t, sp, mode):
+    """GPT-3 175B block (a = 96, h = 12288, s = 2048, b = 1), fp16 with dropout, activation_accounting left at its
+    default: the megatron engine counts Table 2 exactly. sbh(10 + 24/t + 5as/(ht)); with sequence parallelism
+    sbh/t(34 + 5as/h); selective sbh(10 + 24/t) and 34sbh/t; full 2sbh."""
+    from memplan.arch.build import build_architecture
+    from memplan.catalog.schema import Family, HostSpec, ModelSpec
+    from memplan.catalog.store import catalog_gpu
+    from memplan.config import Recompute
+    from memplan.memory import activations as act
+    from memplan.memory.context import Context
+
+    a, h, s = 96, 12288, 2048
+    spec = ModelSpec(name="gpt3-175b", source="Brown et al. 2020", family=Family.GPT2, hidden_size=h,
+                     intermediate_size=4 * h, num_hidden_layers=4, num_attention_heads=a, vocab_size=51200,
+                     max_position_embeddings=s, hidden_act="gelu", mlp_gated=False, norm="layernorm")
+    cfg = JobConfig(job="pretrain", engine="megatron", dtype="fp16", seq_len=s, tp=t, gpus_per_node=t,
+                    sequence_parallel=sp, recompute=mode, attention="eager", dropout=True)
+    assert cfg.activation_accounting == "autograd" and cfg.effective_activation_accounting == "paper"
+    ctx = Context(build_architecture(spec), cfg, catalog_gpu("h100-sxm-80gb"), HostSpec())
+    expected = {
+        ("none", False): s * h * 10 + s * h * 24 // t + 5 * a * s * s // t,
+        ("none", True): (s * h * 34 + 5 * a * s * s) // t,
+        ("selective", False): s * h * 10 + s * h * 24 // t,
+        ("selective", True): 34 * s * h // t,
+        ("full", False): 2 * s * h,
+    }[mode, sp]
+    assert act.layer_micro_bytes(ctx, 0, Recompute(mode)) == expected
+    hf = cfg.model_copy(update={"engine": Engine.DEEPSPEED})
+    assert hf.effective_activation_accounting == "autograd"
