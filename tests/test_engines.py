@@ -288,3 +288,16 @@ def test_megatron_selects_korthikanti_table2(t, sp, mode):
     assert act.layer_micro_bytes(ctx, 0, Recompute(mode)) == expected
     hf = cfg.model_copy(update={"engine": Engine.DEEPSPEED})
     assert hf.effective_activation_accounting == "autograd"
+
+
+def test_paged_optimizer_states_count_in_cpu_ram():
+    """bitsandbytes PagedAdamW8bit: states in CUDA managed memory, counted paged out (CPU RAM, per node)."""
+    kw = {"job": "full", "engine": "pytorch", "optimizer": "adamw-8bit"}
+    gpu = memplan.estimate("llama-3.2-1b", "a100-sxm-80gb", **kw)
+    paged = memplan.estimate("llama-3.2-1b", "a100-sxm-80gb", **kw, engine_config={"paged_optimizer": True})
+    states = comp(gpu, "optimizer/adam8bit_states")
+    assert states > 0 and comp(paged, "optimizer/adam8bit_states", Tier.CPU) == states
+    assert comp(paged, "optimizer/adam8bit_states") == 0
+    with pytest.raises(MemplanError, match="paged_optimizer"):
+        memplan.estimate("llama-3.2-1b", "a100-sxm-80gb", job="full", engine="deepspeed",
+                         engine_config={"paged_optimizer": True})

@@ -18,6 +18,9 @@ optimizer with ZeRO-Offload (``zero_force_ds_cpu_optimizer``, default true)."""
 MEGATRON_OPTIMIZERS = (OptimizerKind.ADAMW, OptimizerKind.SGD, OptimizerKind.SGD_MOMENTUM)
 """Megatron-LM ``--optimizer {adam, sgd}`` (megatron/training/arguments.py; megatron/core/optimizer/__init__.py)."""
 
+PAGED_OPTIMIZERS = (OptimizerKind.ADAMW, OptimizerKind.ADAMW_8BIT)
+"""bitsandbytes/optim/adamw.py: PagedAdamW (32-bit states) and PagedAdamW8bit."""
+
 _TRAINING = (Engine.PYTORCH, Engine.FSDP2, Engine.DEEPSPEED, Engine.MEGATRON)
 _NAMES = ", ".join(e.value for e in _TRAINING)
 
@@ -45,6 +48,10 @@ def _common(cfg: JobConfig, engine: Engine) -> str | None:
     if _offloads(cfg) and engine is not Engine.DEEPSPEED:
         return (f"optimizer/parameter offload is modelled as DeepSpeed's ZeRO-Offload/Infinity; engine {engine.value} "
                 "does not offload here: use --engine deepspeed.")
+    if cfg.engine_config.paged_optimizer and (engine is not Engine.PYTORCH or cfg.optimizer not in PAGED_OPTIMIZERS
+                                              or not cfg.job.full_weights_trainable):
+        return ("engine_config.paged_optimizer is bitsandbytes' PagedAdamW/PagedAdamW8bit for a full-weight job on "
+                "engine pytorch (LoRA/QLoRA: lora.paged_optimizer); use --optimizer adamw or adamw-8bit there.")
     if engine is Engine.PYTORCH and (cfg.tp > 1 or cfg.pp > 1 or cfg.ep > 1):
         return ("engine pytorch (one process or DDP) has no tensor, pipeline or expert parallelism: "
                 "use --engine megatron (or fsdp2/deepspeed) or --tp 1 --pp 1 --ep 1.")

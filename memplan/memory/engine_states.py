@@ -109,8 +109,11 @@ def state_buffers(ctx: Context, *, numel: int, states: list[tuple[str, int]]) ->
         shard = DP_SHARDED
     else:
         return _megatron_buffers(ctx, numel=numel, states=states)
+    paged = cfg.engine_config.paged_optimizer
+    tier = Tier.CPU if paged else Tier.GPU
+    note = "paged (bitsandbytes Paged*: CUDA managed memory, counted paged out to CPU RAM)" if paged else ""
     for name, nbytes in states:
-        out.append(StateBuffer(name, nbytes, shard, Tier.GPU, f"{cfg.optimizer.value} states; {engine.value}"))
+        out.append(StateBuffer(name, nbytes, shard, tier, f"{cfg.optimizer.value} states; {engine.value}", note))
     return out
 
 
