@@ -301,3 +301,14 @@ def test_paged_optimizer_states_count_in_cpu_ram():
     with pytest.raises(MemplanError, match="paged_optimizer"):
         memplan.estimate("llama-3.2-1b", "a100-sxm-80gb", job="full", engine="deepspeed",
                          engine_config={"paged_optimizer": True})
+
+
+def test_json_names_the_engine_and_why(runner):
+    from conftest import cli_json
+
+    out = cli_json(runner, "estimate", "llama-3.1-8b", "--gpu", "a100-sxm-80gb", "--job", "full")
+    assert out["engine"] == "pytorch" and "default" in out["engine_reason"]
+    assert out["config"]["engine"] is None and out["config"]["engine_config"]["bucket_cap_mb"] == 25
+    ds = cli_json(runner, "estimate", "llama-3.1-8b", "--gpu", "a100-sxm-80gb", "--job", "full", "--zero", "2",
+                  "--gpus", "8")
+    assert ds["engine"] == "deepspeed"
