@@ -89,6 +89,9 @@ def violation(cfg: JobConfig) -> str | None:
     for rule in (_dtype_rule(cfg), _common(cfg, engine)):
         if rule:
             return rule
+    if engine is Engine.FSDP2 and cfg.job not in (Job.PRETRAIN, Job.FULL):
+        return (f"engine fsdp2 is modelled for pretrain and full jobs (sharded states and gathered units); a "
+                f"{cfg.job.value} job on it is not: use --engine pytorch or deepspeed.")
     if engine is Engine.DEEPSPEED:
         return _deepspeed(cfg)
     if engine is Engine.MEGATRON:
