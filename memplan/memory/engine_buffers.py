@@ -16,8 +16,14 @@ from memplan.units import bits_to_bytes
 
 DDP = "torch/nn/parallel/distributed.py (Reducer buckets; gradient_as_bucket_view=False keeps param.grad apart)"
 FSDP2 = "torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py (foreach_all_gather, foreach_reduce)"
-DS12 = "deepspeed/runtime/zero/stage_1_and_2.py backward(): ipg_buffer of reduce_bucket_size (×2 with overlap_comm)"
-DS3 = "deepspeed/runtime/zero/stage3.py: __ipg_bucket_flat_buffer (reduce_bucket_size), prefetch and persistence"
+DS_AT = "DeepSpeed 0.16.5 (38327e0)"
+DS12 = (f"{DS_AT} deepspeed/runtime/zero/stage_1_and_2.py:2049-2061 backward(): ipg_buffer of reduce_bucket_size "
+        "(×2 with overlap_comm), released in the epilogue (:802)")
+DS3 = f"{DS_AT} deepspeed/runtime/zero/stage3.py:537-540 __ipg_bucket_flat_buffer of reduce_bucket_size, allocated at init"
+DS3_PREFETCH = (f"{DS_AT} deepspeed/runtime/zero/partitioned_param_coordinator.py:380-382 (prefetch = min(max live − "
+                "available, prefetch_bucket_sz)); zero/config.py:208,231 defaults 5e7 and 1e9")
+DS3_PERSIST = (f"{DS_AT} deepspeed/runtime/zero/parameter_offload.py:135-138, 256 mark_persistent_parameters; "
+               "zero/config.py:214 default 1e5")
 
 
 def rows(ctx: Context, *, grad_bytes: int) -> list[Row]:
@@ -119,12 +125,12 @@ def deepspeed_rows(ctx: Context) -> list[Row]:
     if cfg.zero is ZeroStage.PARAMETERS:
         ll = largest_layer_numel(ctx)
         ahead = min(knobs.stage3_prefetch_bucket_size, max(0, knobs.stage3_max_live_parameters - ll))
-        out.append(Row("weights/zero3_prefetch", Tier.GPU, bits_to_bytes(ahead, bits), DS3,
+        out.append(Row("weights/zero3_prefetch", Tier.GPU, bits_to_bytes(ahead, bits), DS3_PREFETCH,
                        f"stage3_prefetch_bucket_size={knobs.stage3_prefetch_bucket_size:,} within "
                        f"stage3_max_live_parameters={knobs.stage3_max_live_parameters:,}"))
         small = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors
                     if t.numel_each <= knobs.stage3_param_persistence_threshold)
-        out.append(Row("weights/zero3_persistent", Tier.GPU, bits_to_bytes(small, bits), DS3,
+        out.append(Row("weights/zero3_persistent", Tier.GPU, bits_to_bytes(small, bits), DS3_PERSIST,
                        f"parameters of at most stage3_param_persistence_threshold="
                        f"{knobs.stage3_param_persistence_threshold:,} elements stay gathered"))
     return out
