@@ -8,7 +8,8 @@ Conventions (``JobConfig.accounting``):
   (``deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs`` and
   ``stage3.estimate_zero3_model_states_mem_needs``): adds the fp32 gradient partition the
   optimizer step reads (the "20 bytes/param" of ZeRO-Infinity Sec. 3), keeps 16-bit
-  gradients unpartitioned in stage 1-2 (reduce buckets), replaces stage 3's 16-bit gradient
+  gradients whole in stage 0-1 and partitioned in stage 2 (2Ψ + 18Ψ/N, the estimator since DeepSpeed
+  PR 5099; 4Ψ + 16Ψ/N before it), replaces stage 3's 16-bit gradient
   partition by live buffers of the largest layer, and on the CPU counts the per-process fp32
   copy made while loading the model and a 1.5x buffer factor. Each is a visible row.
 
@@ -145,7 +146,7 @@ def set_buffers(ctx: Context, *, tensors: list[Tensor], opt_tier: Tier, note: st
 
     Formula (per GPU, n = the tensors' elements after tp/ep division): paper: gradients
     n·bits(grad)/8 on ``opt_tier`` (ZeRO-Offload moves them with the optimizer); deepspeed: 16-bit
-    gradients only in stage 1-2 without offload; master fp32 4·n and (deepspeed) the fp32 gradient
+    gradients only in stage 0-2 without offload (partitioned from stage 2); master fp32 4·n and (deepspeed) the fp32 gradient
     partition 4·n; optimizer states summed per tensor (``optimizer.state_rows``) and scaled to n.
     Source: ZeRO Fig. 1; ZeRO-Offload Sec. 4; DeepSpeed's estimator (module docstring).
     Assumptions: ``_scale_to_shard`` rounds once per call, i.e. once per set of tensors.
