@@ -234,6 +234,8 @@ def test_megatron_bytes_per_parameter(dtype, plain, dist):
     ({"dtype": "int8"}, "no training engine updates int8 weights"),
     ({"dtype": "int4", "engine": "deepspeed", "zero": 2}, "no training engine updates int4 weights"),
     ({"engine": "vllm"}, "serves models"),
+    ({"engine": "pytorch", "engine_config": {"reduce_bucket_size": 10**8}}, "reduce_bucket_size is a knob of deepspeed"),
+    ({"zero": 2, "engine_config": {"bucket_cap_mb": 50}}, "bucket_cap_mb is a knob of pytorch"),
 ])
 def test_estimate_rejects_what_the_engine_cannot_run(kw, words):
     with pytest.raises(MemplanError, match=words):

@@ -79,6 +79,21 @@ def _megatron(cfg: JobConfig) -> str | None:
     return None
 
 
+def _knob_rule(cfg: JobConfig, engine: Engine) -> str | None:
+    """A knob changed from its default that the engine does not have is an error, not silently ignored."""
+    from memplan.config import EngineConfig
+    from memplan.engines.profiles import PROFILES
+
+    default = EngineConfig()
+    knobs = PROFILES[engine].knobs
+    for name in type(default).model_fields:
+        if getattr(cfg.engine_config, name) != getattr(default, name) and name not in knobs:
+            owners = [e.value for e, p in PROFILES.items() if name in p.knobs]
+            return (f"engine_config.{name} is a knob of {', '.join(owners)}; engine {engine.value} has no such "
+                    f"setting (it reads {', '.join(knobs)}).")
+    return None
+
+
 def violation(cfg: JobConfig) -> str | None:
     """The first engine rule ``cfg`` breaks, as one sentence; None when the engine runs it."""
     engine = cfg.effective_engine
@@ -86,7 +101,7 @@ def violation(cfg: JobConfig) -> str | None:
         return None
     if engine not in _TRAINING:
         return f"engine {engine.value} serves models; a {cfg.job.value} job needs a training engine ({_NAMES})."
-    for rule in (_dtype_rule(cfg), _common(cfg, engine)):
+    for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine)):
         if rule:
             return rule
     if engine is Engine.FSDP2 and cfg.job not in (Job.PRETRAIN, Job.FULL):
