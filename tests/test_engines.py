@@ -315,3 +315,13 @@ def test_json_names_the_engine_and_why(runner):
     ds = cli_json(runner, "estimate", "llama-3.1-8b", "--gpu", "a100-sxm-80gb", "--job", "full", "--zero", "2",
                   "--gpus", "8")
     assert ds["engine"] == "deepspeed"
+
+
+def test_zero3_live_buffer_is_the_largest_module():
+    """DeepSpeed gathers module by module (stage3.py model_to_params: a module's own parameters): Llama-3.1-8B's largest
+    module is the embedding (V·h), not a block; Mixtral's is one layer's fused experts (transformers 5 MixtralExperts:
+    8 experts × 3 matrices of 4096 × 14336)."""
+    llama = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", zero=3, gpus_per_node=8)
+    assert comp(llama, "weights/zero3_live_params") == 2 * EMBED
+    mixtral = memplan.estimate("mixtral-8x7b", "a100-sxm-80gb", job="full", zero=3, gpus_per_node=8)
+    assert comp(mixtral, "weights/zero3_live_params") == 2 * 8 * 3 * 4096 * 14336

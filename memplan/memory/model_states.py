@@ -108,7 +108,9 @@ _MODULES: dict[int, tuple[object, int]] = {}
 
 def largest_module_numel(arch: Architecture) -> int:
     """Elements of the model's largest module counting only its own parameters (an ``nn.Linear``'s weight and
-    bias, an embedding, a fused experts module), as DeepSpeed's ``model_to_params`` does; memoized per arch."""
+    bias, an embedding), as DeepSpeed's ``model_to_params`` does; memoized per arch. A layer's routed experts count
+    as one module: transformers 5 fuses them into one experts module (e.g. ``MixtralExperts``: ``gate_up_proj`` and
+    ``down_proj`` of every expert), the larger, safe reading where older versions had one module per expert."""
     hit = _MODULES.get(id(arch))
     if hit is not None and hit[0] is arch:
         return hit[1]
@@ -117,7 +119,7 @@ def largest_module_numel(arch: Architecture) -> int:
     groups += [("layer", i, layer.tensors) for i, layer in enumerate(arch.layers)]
     for where, index, tensors in groups:
         for t in tensors:
-            key = (where, index, t.module)
+            key = (where, index, "routed experts" if t.routed else t.module)
             sizes[key] = sizes.get(key, 0) + t.numel
     n = max(sizes.values(), default=arch.params)
     if len(_MODULES) >= _SETS_LIMIT:
