@@ -25,7 +25,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
                           "quant.awq_bytes", "quant.ggml_bytes", "weights.sharded_bytes"),
     "weights/unquantized": ("quant.is_quantized", "quant.storage", "weights.weight_bytes"),
     "weights/lora_adapters": ("peft.lora_module_params", "peft.adapter_bytes"),
-    "weights/zero3_live_params": ("model_states.deepspeed_gpu_buffers", "model_states.largest_layer_numel"),
+    "weights/zero3_live_params": ("model_states.deepspeed_gpu_buffers", "zero.largest_layer_numel"),
     "weights/zero3_prefetch": ("engine_buffers.deepspeed_rows",),
     "weights/zero3_persistent": ("engine_buffers.deepspeed_rows",),
     "weights/autocast_copies": ("engine_states.autocast_rows",),

@@ -107,7 +107,7 @@ def deepspeed_rows(ctx: Context) -> list[Row]:
     Source: DeepSpeed stage_1_and_2.py ``backward`` (ipg_buffer), stage3.py (``__ipg_bucket_flat_buffer``,
     ``prefetch_bucket_size``, ``max_live_parameters``, ``param_persistence_threshold``), config.py defaults.
     """
-    from memplan.memory.model_states import largest_layer_numel
+    from memplan.memory.zero import largest_layer_numel
 
     cfg = ctx.cfg
     knobs = cfg.engine_config

@@ -24,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from memplan.arch.parallel import sharded_numel
-from memplan.arch.tensors import Architecture, Tensor
+from memplan.arch.tensors import Tensor
 from memplan.config import Accounting, Offload, ZeroStage
 from memplan.dtypes import Dtype
 from memplan.memory import optimizer as opt
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
-from memplan.memory.zero import OFFLOAD_TIER, StateBuffer, place
+from memplan.memory.zero import OFFLOAD_TIER, StateBuffer, largest_layer_numel, place
 from memplan.units import bits_to_bytes, ceil_div
 
 DS_ESTIMATOR = "DeepSpeed ZeRO memory estimator (estimate_zero2/zero3_model_states_mem_needs)"
@@ -81,51 +81,6 @@ def trainable_numel(ctx: Context) -> int:
         _NUMEL.clear()
     _NUMEL[key] = (ctx.arch, numel)
     return numel
-
-
-def largest_layer_numel(ctx: Context) -> int:
-    """Elements of the largest module DeepSpeed ZeRO-3 gathers at once, per tensor-parallel rank.
-
-    DeepSpeed fetches parameters module by module (a module's own parameters, ``recurse=False``): the largest
-    one is ``ModelSpec.largest_layer_params`` when given, else the largest module of the model
-    (``largest_module_numel``). A parameter-count-only model without it is bounded by what DeepSpeed keeps
-    gathered at most, ``stage3_max_live_parameters`` (default 1e9), capped at the model.
-    Source: deepspeed/runtime/zero/stage3.py ``model_to_params`` (``largest_layer_params`` of the estimator) and
-    partitioned_param_coordinator.py (module-granular fetch bounded by max_live_parameters).
-    """
-    arch = ctx.arch
-    if arch.spec.largest_layer_params:
-        n = arch.spec.largest_layer_params
-    elif not arch.layers:
-        n = min(arch.params, ctx.cfg.engine_config.stage3_max_live_parameters)
-    else:
-        n = largest_module_numel(arch)
-    return ceil_div(n, ctx.cfg.tp)
-
-
-_MODULES: dict[int, tuple[object, int]] = {}
-
-
-def largest_module_numel(arch: Architecture) -> int:
-    """Elements of the model's largest module counting only its own parameters (an ``nn.Linear``'s weight and
-    bias, an embedding), as DeepSpeed's ``model_to_params`` does; memoized per arch. A layer's routed experts count
-    as one module: transformers 5 fuses them into one experts module (e.g. ``MixtralExperts``: ``gate_up_proj`` and
-    ``down_proj`` of every expert), the larger, safe reading where older versions had one module per expert."""
-    hit = _MODULES.get(id(arch))
-    if hit is not None and hit[0] is arch:
-        return hit[1]
-    sizes: dict[tuple[str, int, str], int] = {}
-    groups = [("pre", 0, arch.pre), ("post", 0, arch.post), ("extra", 0, arch.extra)]
-    groups += [("layer", i, layer.tensors) for i, layer in enumerate(arch.layers)]
-    for where, index, tensors in groups:
-        for t in tensors:
-            key = (where, index, "routed experts" if t.routed else t.module)
-            sizes[key] = sizes.get(key, 0) + t.numel
-    n = max(sizes.values(), default=arch.params)
-    if len(_MODULES) >= _SETS_LIMIT:
-        _MODULES.clear()
-    _MODULES[id(arch)] = (arch, n)
-    return n
 
 
 def state_buffers(ctx: Context) -> list[StateBuffer]:
