@@ -81,7 +81,9 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
     root, block = fsdp_unit_numel(ctx)
     gather_dtype = compute_dtype(ctx)
     reduce_dtype = param_dtype(ctx) if mixed(ctx) else gather_dtype
-    if knobs.reshard_after_forward:
+    if not ctx.layers:  # a parameter-count-only model: no blocks known, the whole model is one unit (safe side)
+        gathered, note = root, "params-only model: its blocks are unknown, so the whole model counts as one unit"
+    elif knobs.reshard_after_forward:
         gathered = root + block * (1 + knobs.fsdp_prefetch)
         note = f"root unit + largest block × (1 + prefetch {knobs.fsdp_prefetch})"
     else:
