@@ -152,6 +152,45 @@ class InferConfig(Strict):
     with "cpu" entries, ``AlignDevicesHook(offload=True)``); None: every layer on the GPU."""
 
 
+class EngineConfig(Strict):
+    """The training engines' own knobs, under the engines' names and with their defaults (``memplan.engines``).
+
+    Sizes in elements are DeepSpeed's convention (its config counts parameters, not bytes); DDP's is MB.
+    """
+
+    bucket_cap_mb: int = Field(default=25, gt=0)
+    """torch DDP ``bucket_cap_mb`` (torch/nn/parallel/distributed.py, default 25): gradient bucket size."""
+    gradient_as_bucket_view: bool = False
+    """torch DDP ``gradient_as_bucket_view`` (default False): ``param.grad`` are views into the buckets, so the
+    buckets are not a second copy of the gradients."""
+    reshard_after_forward: bool = True
+    """FSDP2 ``fully_shard(reshard_after_forward=True)``: free each unit's unsharded parameters after its forward
+    (ZeRO-3-like); False keeps them until backward (ZeRO-2-like)."""
+    fsdp_prefetch: int = Field(default=1, ge=0)
+    """FSDP2 units whose all-gather runs ahead of the current one (implicit prefetch: 1; ``set_modules_to_forward_prefetch``)."""
+    reduce_bucket_size: int = Field(default=500_000_000, gt=0)
+    """DeepSpeed ``zero_optimization.reduce_bucket_size`` (elements, default 5e8): the gradient reduce (IPG) bucket."""
+    allgather_bucket_size: int = Field(default=500_000_000, gt=0)
+    """DeepSpeed ``zero_optimization.allgather_bucket_size`` (elements, default 5e8)."""
+    overlap_comm: bool | None = None
+    """DeepSpeed ``zero_optimization.overlap_comm``; None: DeepSpeed's default (True for stage 3, else False).
+    With overlap, stages 1-2 keep two reduce buckets (double buffering)."""
+    contiguous_gradients: bool = True
+    """DeepSpeed ``zero_optimization.contiguous_gradients`` (default True): gradients are copied into the bucket."""
+    stage3_max_live_parameters: int = Field(default=1_000_000_000, gt=0)
+    """DeepSpeed ``stage3_max_live_parameters`` (elements, default 1e9): gathered parameters kept at once."""
+    stage3_prefetch_bucket_size: int = Field(default=50_000_000, ge=0)
+    """DeepSpeed ``stage3_prefetch_bucket_size`` (elements, default 5e7): parameters fetched ahead of use."""
+    stage3_param_persistence_threshold: int = Field(default=100_000, ge=0)
+    """DeepSpeed ``stage3_param_persistence_threshold`` (elements, default 1e5): smaller parameters stay gathered."""
+    use_distributed_optimizer: bool = False
+    """Megatron-LM ``--use-distributed-optimizer`` (default off): shard the fp32 main params and Adam states
+    over data parallelism (Megatron's ZeRO-1)."""
+    paged_optimizer: bool = False
+    """bitsandbytes paged optimizer (``PagedAdamW8bit``/``PagedAdamW``): states in CUDA managed memory; counted
+    on the CPU (paged out under pressure), as ``LoraConfig.paged_optimizer``."""
+
+
 class JobConfig(Strict):
     """One fixed configuration of a job on a cluster."""
 
@@ -212,6 +251,35 @@ class JobConfig(Strict):
     lora: LoraConfig = LoraConfig()
     galore: GaloreConfig = GaloreConfig()
     infer: InferConfig = InferConfig()
+    engine_config: EngineConfig = EngineConfig()
+    """The engine's own knobs (DDP buckets, FSDP2 prefetch, DeepSpeed buckets and ZeRO-3 limits, Megatron)."""
+
+    @property
+    def effective_engine(self) -> Engine:
+        """``engine``, or the default a new user gets without choosing (``memplan.engines.default_engine``):
+
+        - serving (``job=infer``): ``transformers`` (HF ``generate``, what memplan models for inference);
+        - any ZeRO stage or offload: ``deepspeed`` (ZeRO and ZeRO-Offload/Infinity are DeepSpeed's);
+        - tensor or pipeline parallelism: ``deepspeed`` (Megatron-DeepSpeed layout; choose ``megatron`` to get
+          Megatron-Core's states and fused activations);
+        - otherwise (one GPU or plain data parallelism): ``pytorch`` (HF Trainer / accelerate / a plain loop,
+          DDP on several GPUs), the program most users start with.
+        """
+        if self.engine is not None:
+            return self.engine
+        if not self.job.trains:
+            return Engine.TRANSFORMERS
+        if self.zero > ZeroStage.NONE or (self.offload_optimizer, self.offload_params) != (Offload.NONE, Offload.NONE):
+            return Engine.DEEPSPEED
+        if self.tp > 1 or self.pp > 1:
+            return Engine.DEEPSPEED
+        return Engine.PYTORCH
+
+    @property
+    def effective_activation_accounting(self) -> str:
+        """``paper`` (Korthikanti et al. 2022, Megatron-Core/TransformerEngine's fused layout) for the megatron
+        engine, else ``activation_accounting`` (the Hugging Face module layout by default)."""
+        return "paper" if self.job.trains and self.effective_engine is Engine.MEGATRON else self.activation_accounting
 
     @property
     def world_size(self) -> int:

@@ -13,7 +13,7 @@ from memplan.arch.build import build_architecture
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
 from memplan.catalog.store import catalog_gpu, format_validation_error
-from memplan.config import JobConfig
+from memplan.config import Engine, JobConfig
 from memplan.errors import MemplanError
 from memplan.memory import components
 from memplan.memory.breakdown import Row, Tier, tier_total
@@ -33,6 +33,18 @@ class Estimate:
     not_modelled: tuple[str, ...] = field(default=())
     stage: int = 0
     """The pipeline stage whose GPU is reported (the most loaded one)."""
+
+    @property
+    def engine(self) -> Engine:
+        """The engine whose layout these rows follow: ``config.engine`` or the default (``JobConfig.effective_engine``)."""
+        return self.config.effective_engine
+
+    @property
+    def engine_reason(self) -> str:
+        """One sentence: the engine and, when memplan chose it, why (``memplan.engines.profiles.default_reason``)."""
+        from memplan.engines.profiles import default_reason
+
+        return default_reason(self.config)
 
     def total(self, tier: Tier) -> int:
         return tier_total(self.rows, tier)
@@ -97,6 +109,9 @@ def estimate(
     spec = load_model(model) if isinstance(model, str) else model
     gpu_spec = catalog_gpu(gpu) if isinstance(gpu, str) else gpu
     cfg = make_config(config, **overrides)
+    from memplan.engines import rules
+
+    rules.check(cfg)
     arch = build_architecture(spec)
     ctx = Context(arch=arch, cfg=cfg, gpu=gpu_spec, host=host or HostSpec())
     rows, missing, stage = components.all_rows(ctx)

@@ -24,27 +24,49 @@ def test_zero_figure1_7p5b_64_gpus(runner, zero, key):
 
 T5 = ("estimate", "t5-3b-params", "--gpu", "a100-sxm-80gb", "--gpus", "8", "--dtype", "fp16",
       "--accounting", "deepspeed")
+BEYOND_ESTIMATOR = ("gradients/reduce_bucket", "gradients/zero3_reduce_bucket", "weights/zero3_prefetch",
+                    "weights/zero3_persistent")
+"""DeepSpeed buffers its estimator leaves out (memplan.memory.engine_buffers.deepspeed_rows): shown as rows of
+their own, left out when comparing with the estimator."""
+
+
+def estimator_states(components: dict[str, int]) -> int:
+    return prefix_sum({k: v for k, v in components.items() if k not in BEYOND_ESTIMATOR}, *STATES)
 
 
 @pytest.mark.parametrize(
-    ("flags", "gpu_gib", "cpu_gib"),
+    ("flags", "gpu_key", "cpu_key"),
     [
-        (("--zero", "2"), 15.93, 127.45),
-        (("--zero", "2", "--offload-optimizer", "cpu"), 5.31, 127.45),
-        (("--zero", "3"), 6.09, 1.43),
-        (("--zero", "3", "--offload-optimizer", "cpu"), 0.78, 63.72),
-        (("--zero", "3", "--offload-optimizer", "cpu", "--offload-params", "cpu"), 0.12, 71.69),
+        (("--zero", "2"), ("zero2", "gpu_gib_no_offload"), ("zero2", "cpu_gib")),
+        (("--zero", "2", "--offload-optimizer", "cpu"), ("zero2", "gpu_gib_offload"), ("zero2", "cpu_gib")),
+        (("--zero", "3"), ("zero3", "gpu_gib_no_offload"), None),
+        (("--zero", "3", "--offload-optimizer", "cpu"), ("zero3", "gpu_gib_offload_opt"),
+         ("zero3", "cpu_gib_offload_opt_zero_init")),
+        (("--zero", "3", "--offload-optimizer", "cpu", "--offload-params", "cpu"), ("zero3", "gpu_gib_offload_all"),
+         ("zero3", "cpu_gib_offload_all_zero_init")),
     ],
 )
-def test_deepspeed_estimator_t5_3b_8_gpus(runner, flags, gpu_gib, cpu_gib):
+def test_deepspeed_estimator_t5_3b_8_gpus(runner, flags, gpu_key, cpu_key):
     """DeepSpeed's estimate_zero2/zero3_model_states_mem_needs for T5-3B (2851e6 params, largest
-    layer 32e6) on 8 GPUs of one node: per-GPU and per-CPU figures, printed as 'GB' but in GiB."""
-    published_case("deepspeed-estimator-t5-3b-8gpu")
+    layer 32e6) on 8 GPUs of one node: per-GPU and per-CPU figures, printed as 'GB' but in GiB. The ZeRO-2 GPU
+    figure is the current estimator's 11.28 (2Ψ + 18Ψ/N), not the superseded 15.93 the doc page prints."""
+    case = published_case("deepspeed-estimator-t5-3b-8gpu")
     out = cli_json(runner, *T5, *flags)
-    gpu = prefix_sum(out["memory"]["gpu"]["components"], *STATES)
-    cpu = out["memory"]["cpu"]["total_bytes"]
-    assert round(gpu / GiB, 2) == pytest.approx(gpu_gib, abs=0.006)
-    assert round(cpu / GiB, 2) == pytest.approx(cpu_gib, abs=0.006)
+    gpu = estimator_states(out["memory"]["gpu"]["components"])
+    assert round(gpu / GiB, 2) == pytest.approx(case["expected"][gpu_key[0]][gpu_key[1]], abs=0.006)
+    if cpu_key is not None:
+        cpu = out["memory"]["cpu"]["total_bytes"]
+        assert round(cpu / GiB, 2) == pytest.approx(case["expected"][cpu_key[0]][cpu_key[1]], abs=0.006)
+    if "--offload-optimizer" not in flags:
+        assert set(BEYOND_ESTIMATOR) & set(out["memory"]["gpu"]["components"]), "the reduce bucket is a visible row"
+
+
+def test_deepspeed_estimator_zero3_cpu_without_offload(runner):
+    """ZeRO-3 without offload, zero_init: the estimator's CPU figure is 1.43 GiB (quoted; not in expected)."""
+    case = published_case("deepspeed-estimator-t5-3b-8gpu")
+    assert "1.43GB/6.09GB" in case["quote"]
+    out = cli_json(runner, *T5, "--zero", "3")
+    assert round(out["memory"]["cpu"]["total_bytes"] / GiB, 2) == pytest.approx(1.43, abs=0.006)
 
 
 def test_galore_llama7b_pure_bf16_states(runner):

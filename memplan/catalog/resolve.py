@@ -1,7 +1,8 @@
 """Turn what a user types after ``--model`` into a ModelSpec.
 
 Accepted, in this order:
-- ``params:7.5B``: a params-only model of that many parameters (decimal suffixes K, M, B, T);
+- ``params:7.5B``: a params-only model of that many parameters (decimal suffixes K, M, B, T); with
+  ``,largest=32M`` its largest layer (ZeRO-3/FSDP gather granularity);
 - ``hf:org/name``: the repository's ``config.json`` via huggingface_hub (the ``hub`` extra),
   which honours ``HF_HUB_OFFLINE`` and its local cache;
 - a catalog name, case-insensitive (``llama-3.1-8b``);
@@ -23,11 +24,27 @@ HUB_PREFIX = "hf:"
 HUB_URL = "https://huggingface.co/{repo}/blob/main/config.json"
 
 
+LARGEST_KEY = "largest="
+"""``params:7.5B,largest=32M``: the largest layer (module) of a parameter-count-only model, for ZeRO-3/FSDP
+gather buffers (``ModelSpec.largest_layer_params``, as DeepSpeed's estimator takes ``largest_layer_params``)."""
+
+
 def params_only_model(text: str) -> ModelSpec:
-    """A params-only spec named ``params:<count>`` from ``"7.5B"``-style text."""
-    count = parse_count(text.strip(), field="params")
+    """A params-only spec named ``params:<count>`` from ``"7.5B"``-style text, optionally with its largest layer:
+    ``"7.5B,largest=32M"``."""
+    count_text, _, rest = text.strip().partition(",")
+    largest = None
+    if rest:
+        rest = rest.strip()
+        if not rest.lower().startswith(LARGEST_KEY):
+            raise MemplanError(f"params:{text.strip()}: after the count only 'largest=<count>' may follow "
+                               "(the largest layer, e.g. params:7.5B,largest=32M).")
+        largest = parse_count(rest[len(LARGEST_KEY):].strip(), field="largest layer")
+    count = parse_count(count_text.strip(), field="params")
+    if largest is not None and largest > count:
+        raise MemplanError(f"params:{text.strip()}: the largest layer ({largest:,}) exceeds the model ({count:,}).")
     return ModelSpec(name=f"{PARAMS_PREFIX}{text.strip()}", source="parameter count given by the user",
-                     family=Family.PARAMS_ONLY, published_params=count)
+                     family=Family.PARAMS_ONLY, published_params=count, largest_layer_params=largest)
 
 
 def _hub_config_path(repo: str) -> Path:

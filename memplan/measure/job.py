@@ -13,7 +13,7 @@ from typing import Any
 
 from memplan.arch.build import build_architecture
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
-from memplan.config import Job, JobConfig, Offload, OptimizerKind, Recompute, ZeroStage
+from memplan.config import Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, ZeroStage
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.measure import compare as cmp
@@ -97,6 +97,10 @@ def effective_config(spec: ModelSpec, cfg: JobConfig) -> tuple[JobConfig, list[s
     if impl != cfg.attention_impl:
         notes.append(f"attention: {impl}, not {cfg.attention_impl} (transformers has no {cfg.attention_impl} path "
                      f"for {spec.family.value}'s soft-capping)")
+    if cfg.engine is None and cfg.job.trains:
+        cfg = cfg.model_copy(update={"engine": Engine.DEEPSPEED})
+        notes.append("engine: deepspeed (the measured step is the bf16-optimizer layout, 16-bit model and fp32 "
+                     "masters, not PyTorch AMP)")
     return cfg.model_copy(update={"attention": impl}), notes
 
 

@@ -40,7 +40,7 @@ def modelled(ctx: Context) -> bool:
 
 def counting_for(cfg: JobConfig) -> blk.Counting:
     """The accounting the job asks for: PyTorch on CUDA, or the paper's."""
-    return blk.PAPER if cfg.activation_accounting == "paper" else blk.CUDA
+    return blk.PAPER if cfg.effective_activation_accounting == "paper" else blk.CUDA
 
 
 def micro_batches_in_flight(ctx: Context) -> int:

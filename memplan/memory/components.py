@@ -55,13 +55,9 @@ def _weight_buffers(ctx: Context) -> list[StateBuffer]:
 
 
 def _train_rows(ctx: Context) -> list[Row]:
-    numel = ms.trainable_numel(ctx)
-    buffers = _weight_buffers(ctx) + ms.state_buffers(ctx)
-    rows = ms.place_all(ctx, buffers)
-    rows += ms.deepspeed_gpu_buffers(ctx)
-    rows += ms.nvme_swap_rows(ctx, numel=numel)
-    rows += ms.deepspeed_cpu_rows(ctx, numel=numel, steady_cpu=tier_total(rows, Tier.CPU))
-    return rows
+    from memplan.memory import training
+
+    return training.train_rows(ctx)
 
 
 def _activation_rows(ctx: Context, missing: list[str]) -> list[Row]:

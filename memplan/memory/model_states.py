@@ -8,7 +8,8 @@ Conventions (``JobConfig.accounting``):
   (``deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs`` and
   ``stage3.estimate_zero3_model_states_mem_needs``): adds the fp32 gradient partition the
   optimizer step reads (the "20 bytes/param" of ZeRO-Infinity Sec. 3), keeps 16-bit
-  gradients unpartitioned in stage 1-2 (reduce buckets), replaces stage 3's 16-bit gradient
+  gradients whole in stage 0-1 and partitioned in stage 2 (2Ψ + 18Ψ/N, the estimator since DeepSpeed
+  PR 5099; 4Ψ + 16Ψ/N before it), replaces stage 3's 16-bit gradient
   partition by live buffers of the largest layer, and on the CPU counts the per-process fp32
   copy made while loading the model and a 1.5x buffer factor. Each is a visible row.
 
@@ -29,10 +30,12 @@ from memplan.dtypes import Dtype
 from memplan.memory import optimizer as opt
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
-from memplan.memory.zero import OFFLOAD_TIER, StateBuffer, place
+from memplan.memory.zero import OFFLOAD_TIER, StateBuffer, largest_layer_numel, place
 from memplan.units import bits_to_bytes, ceil_div
 
 DS_ESTIMATOR = "DeepSpeed ZeRO memory estimator (estimate_zero2/zero3_model_states_mem_needs)"
+DS_ESTIMATOR_12 = ("DeepSpeed deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs: "
+                   "2Ψ + 18Ψ/N (16-bit gradients partitioned in ZeRO-2, DeepSpeed PR 5099)")
 DS_CPU_BUFFER_FACTOR_PCT = 50
 """DeepSpeed's estimator multiplies CPU memory by ``additional_buffer_factor=1.5``: +50%."""
 DS_PARAM_SWAP_BUFFERS = 5
@@ -80,11 +83,6 @@ def trainable_numel(ctx: Context) -> int:
     return numel
 
 
-def largest_layer_numel(ctx: Context) -> int:
-    """Elements of the largest module gathered at once by ZeRO-3, per tensor-parallel rank."""
-    return ceil_div(ctx.arch.largest_layer_params, ctx.cfg.tp)
-
-
 def state_buffers(ctx: Context) -> list[StateBuffer]:
     """Gradients, master copy and optimizer states of the stage's trainable tensors, set by set.
 
@@ -105,7 +103,7 @@ def set_buffers(ctx: Context, *, tensors: list[Tensor], opt_tier: Tier, note: st
 
     Formula (per GPU, n = the tensors' elements after tp/ep division): paper: gradients
     n·bits(grad)/8 on ``opt_tier`` (ZeRO-Offload moves them with the optimizer); deepspeed: 16-bit
-    gradients only in stage 1-2 without offload; master fp32 4·n and (deepspeed) the fp32 gradient
+    gradients only in stage 0-2 without offload (partitioned from stage 2); master fp32 4·n and (deepspeed) the fp32 gradient
     partition 4·n; optimizer states summed per tensor (``optimizer.state_rows``) and scaled to n.
     Source: ZeRO Fig. 1; ZeRO-Offload Sec. 4; DeepSpeed's estimator (module docstring).
     Assumptions: ``_scale_to_shard`` rounds once per call, i.e. once per set of tensors.
@@ -120,8 +118,9 @@ def set_buffers(ctx: Context, *, tensors: list[Tensor], opt_tier: Tier, note: st
     if not ds:
         out.append(StateBuffer("gradients", grad_bytes, ZeroStage.GRADIENTS, opt_tier, PAPER, note))
     elif cfg.zero < ZeroStage.PARAMETERS and cfg.offload_optimizer is Offload.NONE:
-        out.append(StateBuffer("gradients", grad_bytes, None, Tier.GPU, DS_ESTIMATOR,
-                               "16-bit gradients in reduce buckets, not partitioned by the estimator"))
+        part = "partitioned (ZeRO-2)" if cfg.zero >= ZeroStage.GRADIENTS else "whole on every rank"
+        out.append(StateBuffer("gradients", grad_bytes, ZeroStage.GRADIENTS, Tier.GPU, DS_ESTIMATOR_12,
+                               f"16-bit gradients, {part}"))
     if master:
         out.append(StateBuffer("optimizer/master_fp32", bits_to_bytes(numel, FP32_BITS), ZeroStage.OPTIMIZER,
                                opt_tier, PAPER, note))

@@ -65,3 +65,18 @@ register("activations", (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD, Ph
          "saved for backward during forward, freed during backward; the prefill forward when serving")
 register("kv_cache", (Phase.PREFILL, Phase.DECODE), "allocated at the first forward, held while decoding")
 register("runtime", ALL, "process-wide: CUDA context, allocator reserve, margins")
+
+# Training engines' components (memory.engine_states, memory.engine_buffers; issue 11 part 1).
+_TRAIN_SAVED = (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD)
+register("weights/autocast_copies", _TRAIN_SAVED, "torch/amp/autocast_mode.py: cast weights cached and saved for backward")
+register("weights/fp8_copies", _TRAIN_SAVED, "TransformerEngine module/linear.py fp8 weight workspace; torchao float8")
+register("weights/fsdp_all_gather", _TRAIN_SAVED, "FSDP2 _fsdp_collectives.py foreach_all_gather: units in flight")
+register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collectives.py foreach_reduce: one unit")
+register("gradients/ddp_buckets", TRAIN_PHASES, "torch DDP Reducer buckets, allocated at construction")
+register("gradients/main_grad_buffer", TRAIN_PHASES, "Megatron-Core param_and_grad_buffer.py: contiguous, persistent")
+register("gradients/fp32_main_grads", (Phase.OPTIMIZER,), "Megatron fp16: fp32 copy of the grads for the step")
+register("gradients/reduce_bucket", (Phase.BACKWARD_START, Phase.BACKWARD),
+         "DeepSpeed stage_1_and_2.py backward(): ipg_buffer allocated per backward, released after the epilogue")
+register("gradients/zero3_reduce_bucket", TRAIN_PHASES, "DeepSpeed stage3.py __ipg_bucket_flat_buffer, allocated at init")
+register("weights/zero3_prefetch", _TRAIN_SAVED, "DeepSpeed stage3 prefetch_bucket_size: parameters fetched ahead")
+register("weights/zero3_persistent", ALL, "DeepSpeed stage3 param_persistence_threshold: small params stay gathered")

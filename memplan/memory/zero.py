@@ -12,10 +12,15 @@ GPU rows are bytes per GPU; CPU and NVMe rows are bytes per node (the node's pro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from memplan.config import Offload, ZeroStage
 from memplan.memory.breakdown import Row, Tier
 from memplan.units import ceil_div
+
+if TYPE_CHECKING:
+    from memplan.arch.tensors import Architecture
+    from memplan.memory.context import Context
 
 OFFLOAD_TIER = {Offload.NONE: Tier.GPU, Offload.CPU: Tier.CPU, Offload.NVME: Tier.NVME}
 
@@ -65,3 +70,49 @@ def paper_model_states_per_gpu(*, params: int, k: int, zero: ZeroStage, dp: int)
     g16 = partitioned_bytes(nbytes=2 * params, zero=zero, shard_from=ZeroStage.GRADIENTS, dp=dp)
     opt = partitioned_bytes(nbytes=k * params, zero=zero, shard_from=ZeroStage.OPTIMIZER, dp=dp)
     return p16 + g16 + opt
+
+
+def largest_layer_numel(ctx: Context) -> int:
+    """Elements of the largest module DeepSpeed ZeRO-3 gathers at once, per tensor-parallel rank.
+
+    DeepSpeed fetches parameters module by module (a module's own parameters, ``recurse=False``): the largest
+    one is ``ModelSpec.largest_layer_params`` when given, else the largest module of the model
+    (``largest_module_numel``). A parameter-count-only model without it is bounded by what DeepSpeed keeps
+    gathered at most, ``stage3_max_live_parameters`` (default 1e9), capped at the model.
+    Source: deepspeed/runtime/zero/stage3.py ``model_to_params`` (``largest_layer_params`` of the estimator) and
+    partitioned_param_coordinator.py (module-granular fetch bounded by max_live_parameters).
+    """
+    arch = ctx.arch
+    if arch.spec.largest_layer_params:
+        n = arch.spec.largest_layer_params
+    elif not arch.layers:
+        n = min(arch.params, ctx.cfg.engine_config.stage3_max_live_parameters)
+    else:
+        n = largest_module_numel(arch)
+    return ceil_div(n, ctx.cfg.tp)
+
+
+_MODULES: dict[int, tuple[object, int]] = {}
+_MODULES_LIMIT = 4096
+
+
+def largest_module_numel(arch: Architecture) -> int:
+    """Elements of the model's largest module counting only its own parameters (an ``nn.Linear``'s weight and
+    bias, an embedding), as DeepSpeed's ``model_to_params`` does; memoized per arch. A layer's routed experts count
+    as one module: transformers 5 fuses them into one experts module (e.g. ``MixtralExperts``: ``gate_up_proj`` and
+    ``down_proj`` of every expert), the larger, safe reading where older versions had one module per expert."""
+    hit = _MODULES.get(id(arch))
+    if hit is not None and hit[0] is arch:
+        return hit[1]
+    sizes: dict[tuple[str, int, str], int] = {}
+    groups = [("pre", 0, arch.pre), ("post", 0, arch.post), ("extra", 0, arch.extra)]
+    groups += [("layer", i, layer.tensors) for i, layer in enumerate(arch.layers)]
+    for where, index, tensors in groups:
+        for t in tensors:
+            key = (where, index, "routed experts" if t.routed else t.module)
+            sizes[key] = sizes.get(key, 0) + t.numel
+    n = max(sizes.values(), default=arch.params)
+    if len(_MODULES) >= _MODULES_LIMIT:
+        _MODULES.clear()
+    _MODULES[id(arch)] = (arch, n)
+    return n

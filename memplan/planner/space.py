@@ -12,7 +12,7 @@ from enum import StrEnum
 from pydantic import Field, field_validator
 
 from memplan.arch.tensors import Architecture
-from memplan.config import Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
+from memplan.config import Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
 from memplan.dtypes import Dtype
 
 
@@ -56,6 +56,9 @@ class SearchSpace(Strict):
     batch: tuple[int, ...] | None = None
     gpus: tuple[int, ...] | None = None
     global_batch: int | None = Field(default=None, gt=0)
+    engines: tuple[Engine, ...] | None = None
+    """Engines to choose among (``plan --engine vllm,llamacpp``); None: the job's default engine. Passed through
+    here; what each engine changes is the engines' code."""
 
     @field_validator("*")
     @classmethod
@@ -117,3 +120,45 @@ def check_pp(arch: Architecture, pp: int) -> str | None:
     if layers % pp:
         return f"pp={pp} does not divide the {layers} layers"
     return None
+
+
+def engine_bases(base: JobConfig, space: SearchSpace) -> list[JobConfig]:
+    """One base configuration per engine to search: ``space.engines`` (training engines only for a training job),
+    else the base's own engine (None: each combination's default engine, ``JobConfig.effective_engine``)."""
+    if not space.engines:
+        return [base]
+    wanted = [e for e in space.engines if e.trains == base.job.trains]
+    return [base.model_copy(update={"engine": e}) for e in wanted]
+
+
+def runnable_dims(base: JobConfig, dims: dict[str, tuple], excluded: list[str]) -> dict[str, tuple]:
+    """``dims`` without the tp, pp and (ZeRO, offload) values the base's engine never runs, each with its reason
+    (``memplan.engines.rules``). Rules between dimensions (DeepSpeed's ZeRO-2/3 with pp > 1, optimizer offload
+    with a non-CPU optimizer) are applied per combination where the states are tabulated (``planner.train``)."""
+    from memplan.engines import rules
+
+    def keep(dim: str, values: tuple, update) -> tuple:
+        out = []
+        for v in values:
+            reason = rules.violation(base.model_copy(update=update(v)))
+            if reason is None:
+                out.append(v)
+            else:
+                excluded.append(f"{dim}={_show(v)}: {reason}")
+        return tuple(out)
+
+    out = dict(dims)
+    if "placement" in dims:
+        out["placement"] = keep("placement", dims["placement"],
+                                lambda p: {"zero": p[0], "offload_optimizer": p[1], "offload_params": p[2]})
+    for dim in ("tp", "pp"):
+        if dim in dims:
+            out[dim] = keep(dim, dims[dim], lambda v, d=dim: {d: v, "zero": ZeroStage.NONE})
+    return out
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        z, oo, po = value
+        return f"(zero {int(z)}, offload optimizer {oo.value}, params {po.value})"
+    return str(value)

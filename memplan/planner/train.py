@@ -15,6 +15,7 @@ from typing import Any
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.config import JobConfig, Offload, Recompute
+from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
 from memplan.memory import components, runtime
@@ -96,6 +97,7 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
             continue
         try:
             cfg = config_for(setting.base, choice)
+            engines_rules.check(cfg)  # only combinations the engine runs (memplan.engines.rules)
             if split:
                 cfg = cfg.model_copy(update={"optimizer_gpu_layers": len(setting.arch.layers)})
             ctxs = _contexts(setting, cfg)

@@ -22,7 +22,7 @@ from memplan.planner.plan import (
     rank_candidates,
     verified_solutions,
 )
-from memplan.planner.space import Objective
+from memplan.planner.space import Objective, engine_bases, runnable_dims
 
 
 def _objective_kind(objective: Objective) -> str:
@@ -72,13 +72,31 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     that split them by layer (ZeRO-3, pp = 1). Each is optimal over its part, so the better of the two is
     optimal over the whole; together they solve in a fraction of the time one joint model takes.
     """
+    start = len(result.candidates)
+    found_any, errors = False, []
+    bases = engine_bases(_with_world(req.base, gpn, nodes), req.space)
+    for base in bases:
+        try:
+            found_any |= _solve_engine(req, base, result)
+        except MemplanError as exc:  # an engine that runs nothing here; the others may
+            errors.append(str(exc))
+    if not found_any and errors and len(errors) == len(bases):
+        raise MemplanError(errors[0])
+    found = result.candidates[start:]
+    rank_candidates(found)
+    result.candidates[start:] = found[: req.top_k]
+    return bool(found)
+
+
+def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool:
+    """``solve_training`` for one engine (``base.engine``; None: each combination's default engine)."""
     arch = build_architecture(req.model)
-    base = _with_world(req.base, gpn, nodes)
     probe = global_batch_for(req, base.world_size)
     dims, excluded = resolve(arch, base, req.space, req.objective, req.host, probe)
+    dims = runnable_dims(base, dims, excluded)
     result.excluded = sorted(set(result.excluded + excluded))
-    if not dims["tp"] or not dims["pp"]:
-        raise MemplanError("no tensor/pipeline degree is valid: " + "; ".join(excluded[:3]))
+    if not dims["tp"] or not dims["pp"] or not dims["placement"]:
+        raise MemplanError("no tensor/pipeline degree or ZeRO/offload placement is valid: " + "; ".join(excluded[:3]))
     gb = global_batch_for(req, base.world_size, dims["micro_batch"])
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
     formats = None

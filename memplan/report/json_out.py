@@ -60,6 +60,8 @@ def estimate_dict(est: Estimate) -> dict[str, Any]:
         "binding_tier": est.binding_tier.value,
         "not_modelled": list(est.not_modelled),
         "sources": {r.component: r.source for r in est.rows if r.source},
+        "engine": est.engine.value,
+        "engine_reason": est.engine_reason,
     }
 
 

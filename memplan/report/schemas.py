@@ -78,6 +78,11 @@ class EstimateOut(Out):
     """With ``--max-context``: the longest context that fits (0: none)."""
     max_batch: NonNegativeInt | None = None
     """With ``--max-batch``: the largest batch that fits (0: none)."""
+    engine: str | None = None
+    """The engine whose layout the rows follow: ``config.engine``, or the default memplan chose
+    (``JobConfig.effective_engine``)."""
+    engine_reason: str | None = None
+    """One sentence: the engine and, when memplan chose it, why."""
 
 
 class LayerPlanOut(Out):

@@ -1,0 +1,139 @@
+"""Training engine profiles as data: what each engine keeps, which buffers and knobs it has, where it comes from.
+
+The bytes themselves are computed in the memory layer (``memory.engine_states``, ``memory.engine_buffers``,
+``memory.model_states``) from the same facts; this table is what ``estimate``, ``explain`` and the docs show,
+and ``memplan.engines.rules`` says which combinations each engine runs.
+
+The default engine (``default_engine``) is the one a new user gets without choosing; see
+``JobConfig.effective_engine`` for the rule and ``default_reason`` for the sentence the output shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.config import Engine, JobConfig, Offload, ZeroStage
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One training engine: its layouts per precision policy, optimizer implementation, buffers and knobs."""
+
+    engine: Engine
+    runs: str
+    """What programs this engine stands for."""
+    layouts: tuple[tuple[str, str], ...]
+    """(precision policy, which copies exist in which dtype and how they are sharded over data parallelism)."""
+    optimizer: str
+    buffers: tuple[str, ...]
+    """Row names of the engine's buffers (``memory.engine_buffers``)."""
+    knobs: tuple[str, ...]
+    """``EngineConfig`` fields the engine reads (the engine's own names)."""
+    activations: str
+    sources: tuple[str, ...]
+
+
+PROFILES: dict[Engine, Profile] = {
+    Engine.PYTORCH: Profile(
+        Engine.PYTORCH, "one process or DDP: HF Trainer, accelerate, plain PyTorch loops",
+        (("AMP (bf16/fp16 over fp32, the default)",
+          "fp32 params 4 + fp32 grads 4 + fp32 Adam m,v 8 = 16 B/param, all replicated; 16-bit autocast copies of the "
+          "matmul weights during forward/backward"),
+         ("pure 16-bit (torch_dtype=bfloat16; master_weights=False or adamw-bf16)",
+          "bf16 params 2 + bf16 grads 2 + Adam m,v in bf16 (torch.zeros_like(p)) 4 = 8 B/param"),
+         ("fp32", "fp32 params, grads and states: 16 B/param"),
+         ("fp8 (torchao float8)", "the AMP layout plus fp8 weight copies with per-tensor scales")),
+        "torch.optim.AdamW (foreach on CUDA by default; for-loop or fused: JobConfig.optimizer_impl); "
+        "bitsandbytes AdamW8bit (block-wise 8-bit states) and paged variants (CUDA managed memory, counted on the CPU "
+        "when EngineConfig.paged_optimizer / LoraConfig.paged_optimizer)",
+        ("gradients/ddp_buckets",),
+        ("bucket_cap_mb", "gradient_as_bucket_view", "paged_optimizer"),
+        "Hugging Face module layout (autograd-saved tensors)",
+        ("torch/amp/autocast_mode.py", "torch/nn/parallel/distributed.py", "torch/optim/adamw.py",
+         "bitsandbytes/optim/optimizer.py")),
+    Engine.FSDP2: Profile(
+        Engine.FSDP2, "torch.distributed.fsdp.fully_shard (accelerate FSDP2, torchtune, torchtitan)",
+        (("MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), the default",
+          "sharded fp32 params 4/Nd + sharded fp32 grads 4/Nd + sharded fp32 states 8/Nd; bf16 all-gathered params "
+          "of the root unit and the units in flight"),
+         ("pure bf16 (master_weights=False)", "sharded bf16 params, grads and states"),
+         ("fp8 (torchao float8)", "the mixed layout plus fp8 weight copies (float8 all-gather optional)")),
+        "torch.optim.AdamW on the sharded DTensor parameters (foreach/for-loop/fused)",
+        ("weights/fsdp_all_gather", "gradients/fsdp_reduce_scatter"),
+        ("reshard_after_forward", "fsdp_prefetch"),
+        "Hugging Face module layout (autograd-saved tensors)",
+        ("torch/distributed/fsdp/_fully_shard/_fsdp_param.py", "torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py",
+         "torch/distributed/fsdp/_fully_shard/_fsdp_api.py")),
+    Engine.DEEPSPEED: Profile(
+        Engine.DEEPSPEED, "DeepSpeed ZeRO 0-3, ZeRO-Offload, ZeRO-Infinity (HF Trainer/accelerate with a DeepSpeed config)",
+        (("bf16/fp16 optimizer (the default)",
+          "16-bit params 2 (ZeRO-3: /Nd) + 16-bit grads 2 (ZeRO-2/3: /Nd) + fp32 master 4 + fp32 grad partition 4 + "
+          "fp32 Adam m,v 8 (ZeRO-1+: /Nd): DeepSpeed's estimator, 2 + 18/Nd at ZeRO-2"),
+         ("fp8 (TransformerEngine through accelerate)", "the bf16 layout plus fp8 weight copies")),
+        "FusedAdam (deepspeed/ops/adam/fused_adam.py, multi-tensor apply) on the GPU; DeepSpeedCPUAdam "
+        "(deepspeed/ops/adam/cpu_adam.py) for offloaded optimizer states",
+        ("gradients/reduce_bucket", "gradients/zero3_reduce_bucket", "weights/zero3_live_params",
+         "gradients/zero3_live_grads", "weights/zero3_prefetch", "weights/zero3_persistent"),
+        ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients",
+         "stage3_max_live_parameters", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"),
+        "Hugging Face module layout (autograd-saved tensors)",
+        ("deepspeed/runtime/zero/stage_1_and_2.py", "deepspeed/runtime/zero/stage3.py", "deepspeed/runtime/zero/config.py",
+         "deepspeed/runtime/utils.py")),
+    Engine.MEGATRON: Profile(
+        Engine.MEGATRON, "Megatron-LM / Megatron-Core (TransformerEngine layers)",
+        (("bf16 with fp32 main grads (the default)",
+          "bf16 params 2 + fp32 main-grad buffer 4 + fp32 main params 4 + Adam m,v 8 = 18 B/param; with "
+          "use_distributed_optimizer 6 + 12/Nd"),
+         ("fp16", "fp16 params 2 + fp16 grads 2 + fp32 main grads 4 + fp32 main params 4 + m,v 8 = 20; distributed 4 + 16/Nd"),
+         ("fp8 (TransformerEngine)", "the bf16 layout plus fp8 weight copies and scales")),
+        "Apex/TransformerEngine FusedAdam on the fp32 main params",
+        ("gradients/main_grad_buffer",),
+        ("use_distributed_optimizer",),
+        "Megatron-Core/TransformerEngine fused layout: Korthikanti et al. 2022 (with their selective recompute)",
+        ("Megatron-LM docs/source/api-guide/dist_optimizer.md", "megatron/core/distributed/param_and_grad_buffer.py",
+         "megatron/core/optimizer/distrib_optimizer.py")),
+}
+
+
+def default_engine(cfg: JobConfig) -> Engine:
+    """The engine a job runs on when the user names none (``JobConfig.effective_engine``)."""
+    return cfg.effective_engine
+
+
+def default_reason(cfg: JobConfig) -> str:
+    """One sentence saying which engine the job runs on and, when memplan chose it, why."""
+    engine = cfg.effective_engine
+    if cfg.engine is not None:
+        return f"engine {engine.value} (given)"
+    if not cfg.job.trains:
+        return f"engine {engine.value} (default for inference)"
+    if cfg.zero > ZeroStage.NONE or (cfg.offload_optimizer, cfg.offload_params) != (Offload.NONE, Offload.NONE):
+        why = "ZeRO and offload are DeepSpeed's"
+    elif cfg.tp > 1 or cfg.pp > 1:
+        why = "tensor/pipeline parallelism without a named engine keeps DeepSpeed's layout; choose megatron for Megatron-Core"
+    else:
+        why = "no ZeRO, offload or model parallelism: one process or DDP"
+    return f"engine {engine.value} (default: {why})"
+
+
+def profile(cfg: JobConfig) -> Profile | None:
+    """The profile of the engine that runs ``cfg`` (None for serving engines, described elsewhere)."""
+    return PROFILES.get(cfg.effective_engine)
+
+
+def optimizer_implementation(cfg: JobConfig) -> str:
+    """How the engine runs the optimizer step, which decides its temporaries (``memory.optimizer_step``):
+
+    - ``cpu-adam``: DeepSpeed with offloaded optimizer states runs DeepSpeedCPUAdam/CPULion on the CPU, nothing on
+      the GPU (deepspeed/ops/adam/cpu_adam.py);
+    - ``fused``: DeepSpeed's FusedAdam (deepspeed/ops/adam/fused_adam.py, multi_tensor_apply in chunks) and
+      Megatron's Apex/TransformerEngine FusedAdam: no per-parameter temporaries;
+    - otherwise ``torch``: torch.optim as configured (``JobConfig.optimizer_impl``: foreach, for-loop or fused),
+      or bitsandbytes' own kernels for 8-bit/paged states.
+    """
+    engine = cfg.effective_engine
+    if engine is Engine.DEEPSPEED and cfg.offload_optimizer is not Offload.NONE:
+        return "cpu-adam"
+    if engine in (Engine.DEEPSPEED, Engine.MEGATRON):
+        return "fused"
+    return "torch"

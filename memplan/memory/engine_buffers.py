@@ -1,0 +1,139 @@
+"""Communication and engine buffers of the training engines, as visible rows under the engines' knob names
+(``JobConfig.engine_config``). DeepSpeed's ZeRO-3 live parameters/gradients of its estimator stay in
+``memory.model_states.deepspeed_gpu_buffers``; the rows here are what the estimator leaves out.
+
+GPU rows are bytes per GPU. Phases are declared in ``memory.registry``.
+"""
+
+from __future__ import annotations
+
+from memplan.arch.parallel import sharded_numel
+from memplan.config import Engine, ZeroStage
+from memplan.memory.breakdown import Row, Tier
+from memplan.memory.context import Context
+from memplan.memory.engine_states import compute_dtype, mixed, param_dtype
+from memplan.units import bits_to_bytes
+
+DDP = "torch/nn/parallel/distributed.py (Reducer buckets; gradient_as_bucket_view=False keeps param.grad apart)"
+FSDP2 = "torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py (foreach_all_gather, foreach_reduce)"
+DS_AT = "DeepSpeed 0.16.5 (38327e0)"
+DS12 = (f"{DS_AT} deepspeed/runtime/zero/stage_1_and_2.py:2049-2061 backward(): ipg_buffer of reduce_bucket_size "
+        "(×2 with overlap_comm), released in the epilogue (:802)")
+DS3 = f"{DS_AT} deepspeed/runtime/zero/stage3.py:537-540 __ipg_bucket_flat_buffer of reduce_bucket_size, allocated at init"
+DS3_PREFETCH = (f"{DS_AT} deepspeed/runtime/zero/partitioned_param_coordinator.py:380-382 (prefetch = min(max live − "
+                "available, prefetch_bucket_sz)); zero/config.py:208,231 defaults 5e7 and 1e9")
+DS3_PERSIST = (f"{DS_AT} deepspeed/runtime/zero/parameter_offload.py:135-138, 256 mark_persistent_parameters; "
+               "zero/config.py:214 default 1e5")
+
+
+def rows(ctx: Context, *, grad_bytes: int) -> list[Row]:
+    """The engine's buffers for a full-weight training job; ``grad_bytes``: the unsharded gradients of the stage."""
+    engine = ctx.cfg.effective_engine
+    if engine is Engine.PYTORCH:
+        return ddp_rows(ctx, grad_bytes=grad_bytes)
+    if engine is Engine.FSDP2:
+        return fsdp2_rows(ctx)
+    if engine is Engine.DEEPSPEED:
+        return deepspeed_rows(ctx)
+    return []
+
+
+def ddp_rows(ctx: Context, *, grad_bytes: int) -> list[Row]:
+    """DDP's gradient buckets: one flat copy of every gradient, in ``bucket_cap_mb`` pieces.
+
+    Formula: the gradients' bytes when Nd > 1 and ``gradient_as_bucket_view`` is False, else 0. ``bucket_cap_mb``
+    (default 25) sets how the copy is split (and the first bucket is 1 MB), not its total.
+    Source: torch/nn/parallel/distributed.py (``DistributedDataParallel`` docstring, gradient_as_bucket_view:
+    "the saved memory size will be equal to the total gradients size").
+    """
+    knobs = ctx.cfg.engine_config
+    if ctx.cfg.dp <= 1 or knobs.gradient_as_bucket_view:
+        return []
+    return [Row("gradients/ddp_buckets", Tier.GPU, grad_bytes, DDP,
+                f"DDP buckets of bucket_cap_mb={knobs.bucket_cap_mb}: a second copy of the gradients")]
+
+
+def fsdp_unit_numel(ctx: Context) -> tuple[int, int]:
+    """(root unit, largest block unit) elements of the stage per tp rank: ``fully_shard`` on each transformer
+    block (the torchtitan/accelerate wrap policy) and on the root, which holds everything outside the blocks."""
+    cfg = ctx.cfg
+    blocks = [sum(sharded_numel(t, cfg.tp, cfg.ep) for t in layer.tensors) for _, layer in ctx.layers]
+    root = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors) - sum(blocks)
+    return root, max(blocks, default=0)
+
+
+def fsdp2_rows(ctx: Context) -> list[Row]:
+    """FSDP2's unsharded parameters and gradients of the units in flight.
+
+    Formula: all-gather: bits(param_dtype)/8 · (R + B · (1 + ``fsdp_prefetch``)), R the root unit (FSDP2 keeps
+    the root gathered from forward to backward: its ``reshard_after_forward`` is set to False), B the largest
+    block; with ``reshard_after_forward=False`` every unit stays gathered: bits/8 · (stage elements).
+    Reduce-scatter: U · (bits(param_dtype) + bits(reduce_dtype))/8, U = max(R, B): one unit's unsharded gradient
+    and its copy in ``reduce_dtype`` (fp32 under MixedPrecisionPolicy(reduce_dtype=fp32)), alive in backward.
+    Source: torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, _fsdp_state.py (root
+    reshard_after_forward), _fsdp_param_group.py (implicit prefetch of the next unit in forward and backward).
+    Assumptions: one unit per transformer block plus the root.
+    """
+    cfg = ctx.cfg
+    knobs = cfg.engine_config
+    if cfg.dp <= 1:
+        return []
+    root, block = fsdp_unit_numel(ctx)
+    gather_dtype = compute_dtype(ctx)
+    reduce_dtype = param_dtype(ctx) if mixed(ctx) else gather_dtype
+    if not ctx.layers:  # a parameter-count-only model: no blocks known, the whole model is one unit (safe side)
+        gathered, note = root, "params-only model: its blocks are unknown, so the whole model counts as one unit"
+    elif knobs.reshard_after_forward:
+        gathered = root + block * (1 + knobs.fsdp_prefetch)
+        note = f"root unit + largest block × (1 + prefetch {knobs.fsdp_prefetch})"
+    else:
+        gathered = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors)
+        note = "reshard_after_forward=False: every unit stays gathered from forward to backward"
+    unit = max(root, block)
+    rs = bits_to_bytes(unit, gather_dtype.bits) + bits_to_bytes(unit, reduce_dtype.bits)
+    return [Row("weights/fsdp_all_gather", Tier.GPU, bits_to_bytes(gathered, gather_dtype.bits), FSDP2,
+                f"unsharded {gather_dtype.value} parameters: {note}"),
+            Row("gradients/fsdp_reduce_scatter", Tier.GPU, rs, FSDP2,
+                f"largest unit's unsharded gradient ({gather_dtype.value}) and its {reduce_dtype.value} reduce copy")]
+
+
+def deepspeed_rows(ctx: Context) -> list[Row]:
+    """DeepSpeed ZeRO's buffers beyond its estimator: the reduce (IPG) bucket, ZeRO-3 prefetch and persistent params.
+
+    Formula: reduce bucket: ``reduce_bucket_size`` · bits(dtype)/8, ×2 in stages 1-2 with ``overlap_comm``
+    (double buffer), with ``contiguous_gradients``; stage 3 prefetch: bits/8 · min(``stage3_prefetch_bucket_size``,
+    ``stage3_max_live_parameters`` − LL); stage 3 persistent: bits/8 · (elements of the tensors with at most
+    ``stage3_param_persistence_threshold`` elements), kept gathered on every rank.
+    ``allgather_bucket_size`` adds nothing: the updated partitions are all-gathered in place into the flat 16-bit
+    buffer (deepspeed/runtime/utils.py ``all_gather_dp_groups``).
+    Source: DeepSpeed stage_1_and_2.py ``backward`` (ipg_buffer), stage3.py (``__ipg_bucket_flat_buffer``,
+    ``prefetch_bucket_size``, ``max_live_parameters``, ``param_persistence_threshold``), config.py defaults.
+    """
+    from memplan.memory.zero import largest_layer_numel
+
+    cfg = ctx.cfg
+    knobs = cfg.engine_config
+    if cfg.zero is ZeroStage.NONE:
+        return []
+    bits = compute_dtype(ctx).bits
+    out = []
+    if knobs.contiguous_gradients:
+        overlap = knobs.overlap_comm if knobs.overlap_comm is not None else cfg.zero is ZeroStage.PARAMETERS
+        n = 2 if overlap and cfg.zero < ZeroStage.PARAMETERS else 1
+        name = "gradients/reduce_bucket" if cfg.zero < ZeroStage.PARAMETERS else "gradients/zero3_reduce_bucket"
+        out.append(Row(name, Tier.GPU, n * bits_to_bytes(knobs.reduce_bucket_size, bits),
+                       DS3 if cfg.zero is ZeroStage.PARAMETERS else DS12,
+                       f"{n} × reduce_bucket_size={knobs.reduce_bucket_size:,} elements"))
+    if cfg.zero is ZeroStage.PARAMETERS:
+        ll = largest_layer_numel(ctx)
+        ahead = min(knobs.stage3_prefetch_bucket_size, max(0, knobs.stage3_max_live_parameters - ll))
+        out.append(Row("weights/zero3_prefetch", Tier.GPU, bits_to_bytes(ahead, bits), DS3_PREFETCH,
+                       f"stage3_prefetch_bucket_size={knobs.stage3_prefetch_bucket_size:,} within "
+                       f"stage3_max_live_parameters={knobs.stage3_max_live_parameters:,}"))
+        small = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors
+                    if t.numel_each <= knobs.stage3_param_persistence_threshold)
+        out.append(Row("weights/zero3_persistent", Tier.GPU, bits_to_bytes(small, bits), DS3_PERSIST,
+                       f"parameters of at most stage3_param_persistence_threshold="
+                       f"{knobs.stage3_param_persistence_threshold:,} elements stay gathered"))
+    return out
+
