@@ -48,6 +48,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "optimizer/lowrank_workspace": ("lowrank.workspace_bytes", "lowrank.svd_workspace_bytes",
                                     "lowrank.update_workspace_bytes"),
     "optimizer/nvme_swap_buffers": ("model_states.nvme_swap_rows",),
+    "optimizer/step_temporaries": ("optimizer_step.temp_bytes", "optimizer_step.for_loop_temp_bytes",
+                                   "optimizer_step.foreach_temp_bytes", "optimizer_step.fused_temp_bytes"),
     "activations/layers": ("activations.layer_micro_bytes", "activations.micro_batches_in_flight",
                            "activations.checkpointed", f"{_T}.rms_norm_bytes", f"{_T}.flash_attention_bytes",
                            f"{_T}.eager_scores_bytes", f"{_T}.mlp_bytes", f"{_T}.moe_experts_bytes"),
