@@ -95,7 +95,7 @@ def temp_bytes(ctx: Context, *, second_moment_bytes: int) -> int:
     Assumes: the largest tensor is split evenly by tensor parallelism; with ZeRO a rank's v is a shard.
     """
     cfg = ctx.cfg
-    if cfg.optimizer not in TORCH_ADAM or not second_moment_bytes or cfg.lora.paged_optimizer and cfg.job is Job.QLORA:
+    if cfg.optimizer not in TORCH_ADAM or not second_moment_bytes or (cfg.lora.paged_optimizer and cfg.job is Job.QLORA):
         return 0
     if cfg.optimizer_impl is OptimizerImpl.FUSED:
         return fused_temp_bytes()
