@@ -25,6 +25,9 @@ SAVED_BOUND_PCT = 3.0
 CPU_PEAK_BOUND_PCT = 10.0
 CUDA_PEAK_BOUND_PCT = 5.0
 TOP_EXACT = ("weights", "gradients", "optimizer", "kv_cache")
+TRANSIENT_ROWS = ("activations/logits", "activations/recompute_workspace", "runtime/dora_workspace",
+                  "optimizer/step_temporaries")
+"""Rows alive in part of the step only: part of the peak, not measured on their own."""
 RUNTIME_ROWS = ("runtime/cuda_context", "runtime/allocator_reserve")
 """Rows that are not tensors of the job: the CUDA context and the caching allocator's reserve (CUDA only)."""
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def answer_phases(ctx: Context, device: str) -> dict[str, int]:
 
 def state_lines(predicted: dict[str, int], measured: dict[str, int]) -> list[Line]:
     """Exact lines for every weights/gradients/optimizer/kv_cache component either side has."""
-    names = [k for k in predicted if k.split("/")[0] in TOP_EXACT]
+    names = [k for k in predicted if k.split("/")[0] in TOP_EXACT and k not in TRANSIENT_ROWS]
     names += [k for k in measured if k not in predicted]
     return [Line(name, predicted.get(name), measured.get(name), EXACT) for name in names]
 

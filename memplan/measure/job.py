@@ -136,8 +136,7 @@ def _train_lines(ctx: Context, meas: Any, device: str) -> tuple[list[cmp.Line], 
     lines = cmp.state_lines(predicted, meas.components)
     lines += [cmp.Line(k, None, v, "", "not modelled by memplan") for k, v in meas.unmodelled.items()]
     lines.append(cmp.saved_line(predicted, meas.saved["total_bytes"], device))
-    lines += cmp.transient_lines(predicted, ("activations/logits", "activations/recompute_workspace",
-                                             "runtime/dora_workspace"))
+    lines += cmp.transient_lines(predicted, cmp.TRANSIENT_ROWS)
     phases = cmp.answer_phases(ctx, device)
     phase = max(phases, key=lambda k: phases[k])
     lines += cmp.peak_lines(phases[phase], phase, meas.peak, meas.peak_phase, device=device,
