@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("torch", reason="measure needs torch (pip install memplan[measure])")
 pytest.importorskip("transformers", reason="measure needs transformers (pip install memplan[measure])")
 
-from memplan.catalog.store import catalog_gpu  # noqa: E402
-from memplan.estimate import make_config  # noqa: E402
-from memplan.measure.job import measure_job  # noqa: E402
-from memplan.measure.tiny import tiny_spec  # noqa: E402
+from memplan.catalog.store import catalog_gpu
+from memplan.estimate import make_config
+from memplan.measure.job import measure_job
+from memplan.measure.tiny import tiny_spec
 
 pytestmark = pytest.mark.measure
 BOUND_PCT = 1.0
