@@ -25,7 +25,7 @@ P = 8_030_261_248
 """Llama-3.1-8B: embed_tokens 128256·4096 = 525,336,576; 32 layers of 218,112,000; norm 4096; lm_head 525,336,576."""
 BASE = {"job": "full", "zero": 3, "offload_optimizer": "cpu", "gpus_per_node": 8}
 """dp = 8 divides every state buffer of Llama-3.1-8B, so per-layer and per-set partitions round alike."""
-LIVE = ("gradients/zero3_live_grads",)
+LIVE = ("gradients/zero3_live_grads", "optimizer/step_temporaries")
 
 
 @cache

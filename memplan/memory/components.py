@@ -87,10 +87,15 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
     """The job's rows on the reported stage, before the runtime rows, each with its phases."""
     if ctx.cfg.job is Job.INFER:
         return with_phases(ctx, _infer_rows(ctx, missing))
+    return phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
+
+
+def phased_state_rows(ctx: Context) -> list[Row]:
+    """A training job's model-state rows plus the optimizer step's temporaries, each with its phases."""
     from memplan.memory import optimizer_step
 
     states = state_rows(ctx)
-    return with_phases(ctx, states + optimizer_step.rows(ctx, states) + _activation_rows(ctx, missing))
+    return with_phases(ctx, states + optimizer_step.rows(ctx, states))
 
 
 def job_phases(cfg: JobConfig) -> tuple[Phase, ...]:

@@ -91,11 +91,13 @@ def temp_bytes(ctx: Context, *, second_moment_bytes: int) -> int:
 
     Formula: torch AdamW only (adamw, adamw-bf16) with v on this GPU: for-loop 2 · min(largest tensor, v) ·
     state bits/8; foreach 1 · v; fused 0. Other optimizers: 0 (bitsandbytes 8-bit and paged AdamW, SGD with
-    or without momentum update in place; Adafactor and Lion not modelled here).
+    or without momentum update in place; Adafactor and Lion not modelled here). QLoRA: 0, its AdamW is
+    bitsandbytes' ``paged_adamw_32bit`` (QLoRA's qlora.py default, see ``peft.adapter_state_dtype``), whose
+    ``optimizer_update_32bit`` kernel updates m, v and the parameter in place (bitsandbytes/functional.py).
     Assumes: the largest tensor is split evenly by tensor parallelism; with ZeRO a rank's v is a shard.
     """
     cfg = ctx.cfg
-    if cfg.optimizer not in TORCH_ADAM or not second_moment_bytes or (cfg.lora.paged_optimizer and cfg.job is Job.QLORA):
+    if cfg.optimizer not in TORCH_ADAM or not second_moment_bytes or cfg.job is Job.QLORA:
         return 0
     if cfg.optimizer_impl is OptimizerImpl.FUSED:
         return fused_temp_bytes()

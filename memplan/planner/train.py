@@ -8,7 +8,7 @@ bytes are ``estimate``'s bytes; the chosen plan is re-checked by ``estimate`` an
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
 
@@ -18,7 +18,7 @@ from memplan.config import JobConfig, Offload, Recompute
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
 from memplan.memory import components, runtime
-from memplan.memory.breakdown import Tier, tier_total
+from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
 from memplan.planner import cost, train_offload
 from memplan.planner.classes import layer_classes
@@ -105,19 +105,43 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
             reasons.append(f"{_describe(choice)}: {exc}")
             continue
         per_stage = [[r for r in rows if not r.component.startswith("activations")] for rows in per_stage]
-        gpu = [tier_total(rows, Tier.GPU) for rows in per_stage]
-        if split:
-            gpu = [g - _layer_optimizer_gpu(c) for g, c in zip(gpu, ctxs, strict=True)]
-        if not layer_weights:
-            gpu = [g - _layer_weights_gpu(c) for g, c in zip(gpu, ctxs, strict=True)]
+        phases = _state_phases(per_stage, ctxs, cfg, split=split, layer_weights=layer_weights)
+        gpu = [max(per.values()) for per in phases]
+        persist = tuple(_persisting(rows) for rows in per_stage) if cfg.pp == 1 else ()
         cpu = max(tier_total(rows, Tier.CPU) for rows in per_stage)
         nvme = max(tier_total(rows, Tier.NVME) for rows in per_stage)
         floor = 0
         if split:  # the block adds layers to the steady CPU bytes: keep the load peak apart (see _split_cpu)
             cpu, floor = _split_cpu(per_stage[0], cfg)
         entries[key] = Entry(gpu=tuple(gpu), cpu=cpu, nvme=nvme, seconds=offload_seconds(setting, cfg, per_stage),
-                             cpu_floor=floor)
+                             cpu_floor=floor, persist_gpu=persist,
+                             phase_gpu=tuple((p.value, tuple(per[p] for per in phases)) for p in TRAIN_PHASES))
     return Factor("states", names, entries), reasons
+
+
+def _state_phases(per_stage: list[list], ctxs: list[Context], cfg: JobConfig, *, split: bool,
+                  layer_weights: bool) -> list[dict[Phase, int]]:
+    """GPU bytes per training phase of each stage's state rows (gradients persisting across micro-batches are
+    apart: ``_persisting``), less what the per-layer blocks hold: an ``opt_split = layers`` row's layer optimizer
+    sides (``train_offload.layer_phase_bytes``), and without ``layer_weights`` the layers' weights (all phases)."""
+    out = []
+    for rows, c in zip(per_stage, ctxs, strict=True):
+        per = phase_totals(rows, Tier.GPU, TRAIN_PHASES)
+        if split:
+            for p, n in _layer_optimizer_phases(c).items():
+                per[p] -= n
+        if not layer_weights:
+            weights = _layer_weights_gpu(c)
+            per = {p: n - weights for p, n in per.items()}
+        out.append(per)
+    return out
+
+
+def _persisting(rows: list) -> int:
+    """GPU bytes of the gradients that persist across micro-batches (all but the fp32 copies made for the step);
+    counted in forward and at the start of backward only when the step accumulates (``Entry.persist_gpu``)."""
+    return sum(r.bytes for r in rows if r.tier is Tier.GPU and r.component.startswith("gradients")
+               and r.component != "gradients/fp32_partition")
 
 
 def _split_cpu(rows: list, cfg: JobConfig) -> tuple[int, int]:
@@ -150,16 +174,23 @@ def _state_rows(setting: TrainSetting, cfg: JobConfig, ctxs: list[Context]) -> l
     split = cfg.optimizer_gpu_layers
     by_index = cfg.quant_map is not None or (split is not None and split < len(setting.arch.layers))
     if by_index or job_library(cfg) is Library.GGUF:
-        return [components.state_rows(c) for c in ctxs]
+        return [_phased(c) for c in ctxs]
     classes = layer_classes(setting.arch)
     seen: dict[tuple, list] = {}
     out = []
     for c in ctxs:
         sig = (c.stage == 0, c.stage == cfg.pp - 1, tuple(classes[i] for i, _ in c.layers))
         if sig not in seen:
-            seen[sig] = components.state_rows(c)
+            seen[sig] = _phased(c)
         out.append(seen[sig])
     return out
+
+
+def _phased(ctx: Context) -> list:
+    """``components.phased_state_rows`` with the gradients' persistence left to the ILP (``Entry.persist_gpu``):
+    evaluated as one micro-batch per step, so gradients count from backward on unless a pipeline keeps them."""
+    one = ctx.cfg.model_copy(update={"grad_accum": 1})
+    return components.phased_state_rows(Context(ctx.arch, one, ctx.gpu, ctx.host, ctx.stage_override))
 
 
 def _layer_weights_gpu(ctx: Context) -> int:
@@ -169,17 +200,17 @@ def _layer_weights_gpu(ctx: Context) -> int:
     return sum(layer_weight_bytes(ctx, i, layer_format(ctx.cfg, i)) for i, _ in ctx.layers)
 
 
-def _layer_optimizer_gpu(ctx: Context) -> int:
-    """GPU bytes of the stage's layers' optimizer-side states (identical layers evaluated once)."""
-    from memplan.memory.model_states import layer_optimizer_bytes
-
+def _layer_optimizer_phases(ctx: Context) -> dict[Phase, int]:
+    """GPU bytes per phase of the stage's layers' optimizer-side states and step temporaries (identical layers
+    evaluated once; ``train_offload.layer_phase_bytes``)."""
     classes = layer_classes(ctx.arch)
-    per_class: dict[int, int] = {}
-    total = 0
+    per_class: dict[int, dict[Phase, int]] = {}
+    total = dict.fromkeys(TRAIN_PHASES, 0)
     for i, _ in ctx.layers:
         if classes[i] not in per_class:
-            per_class[classes[i]] = layer_optimizer_bytes(ctx, i)[0]
-        total += per_class[classes[i]]
+            per_class[classes[i]] = train_offload.layer_phase_bytes(ctx, i)
+        for p, n in per_class[classes[i]].items():
+            total[p] += n
     return total
 
 
@@ -221,11 +252,14 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
     """Activations outside the blocks (embeddings, loss, logits) per stage, and step time by shape."""
     entries: dict[tuple, Entry] = {}
     for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
-        gpu = []
+        per_stage = []
         for ctx in _contexts(setting, cfg):
             parts = act.breakdown(ctx) if act.modelled(ctx) else {}
-            gpu.append(sum(v for k, v in parts.items() if k not in NOT_LAYER_ROWS))
-        entries[key] = Entry(gpu=tuple(gpu), seconds=shape_seconds(setting, cfg))
+            rows = [Row(k, Tier.GPU, v) for k, v in parts.items() if k not in NOT_LAYER_ROWS]
+            per_stage.append(phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES))
+        entries[key] = Entry(gpu=tuple(max(per.values()) for per in per_stage), seconds=shape_seconds(setting, cfg),
+                             phase_gpu=tuple((p.value, tuple(per[p] for per in per_stage)) for p in TRAIN_PHASES),
+                             accumulates=cfg.grad_accum > 1)
     return Factor("shape", SHAPE_DIMS, entries)
 
 
@@ -298,7 +332,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
 
         extra.append(train_quant.build_block(setting, dims, formats))
     if value_of is not None:
-        shape.entries = {k: Entry(e.gpu, e.cpu, e.nvme, e.seconds, value_of(dict(zip(SHAPE_DIMS, k, strict=True))))
+        shape.entries = {k: replace(e, value=value_of(dict(zip(SHAPE_DIMS, k, strict=True))))
                          for k, e in shape.entries.items()}
     context, pct = runtime_terms(setting)
     host = setting.host
@@ -314,7 +348,8 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
-                      extra_blocks=extra)
+                      extra_blocks=extra, phases=tuple(p.value for p in TRAIN_PHASES),
+                      persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value))
     return problem, reasons
 
 

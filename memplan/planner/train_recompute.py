@@ -9,6 +9,7 @@ from itertools import product
 
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations as act
+from memplan.memory.breakdown import Phase
 from memplan.memory.context import Context
 from memplan.planner import cost
 from memplan.planner.classes import layer_classes
@@ -65,7 +66,16 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
             for m in [m for m in per if m not in modes]:
                 del per[m]
     return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu_t, seconds=sec_t, workspace=work_t,
-                      flight_workspace=held_t, classes=classes, savings_rank={m: SAVINGS[m] for m in modes})
+                      flight_workspace=held_t, classes=classes, savings_rank={m: SAVINGS[m] for m in modes},
+                      phases=_phases("activations/layers"), workspace_phases=_phases("activations/recompute_workspace"),
+                      flight_phases=_phases("activations/layer_kwargs"))
+
+
+def _phases(component: str) -> frozenset[str]:
+    """The registry's phases of ``component`` (``memory.registry``), as the ILP's phase names."""
+    from memplan.memory import registry
+
+    return frozenset(p.value for p in registry.lookup(component).phases)
 
 
 def _undominated(modes: tuple[str, ...], gpu: list, secs: list) -> tuple[str, ...]:
@@ -92,14 +102,16 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     Per stage s of p: need = Σ_layers (p − s)·A_none + leanest states + shape − capacity; every byte
     saved costs at least the cheapest seconds-per-byte of any mode, so seconds ≥ need × that ratio.
     A valid inequality (it ignores the recompute workspace, which only adds need), it lets the ILP
-    prune global choices whose per-layer optimum is dear without branching on them.
+    prune global choices whose per-layer optimum is dear without branching on them. Bytes are those of the
+    start of backward, the phase in which every saved activation is alive.
     """
+    start = Phase.BACKWARD_START.value
     num = len(setting.arch.layers)
     lean: dict[tuple, list[int]] = {}
     for key, e in states.entries.items():
         tp, pp = key[0], key[1]
-        cur = lean.setdefault((tp, pp), list(e.gpu))
-        lean[tp, pp] = [min(a, b) for a, b in zip(cur, e.gpu, strict=True)]
+        cur = lean.setdefault((tp, pp), list(e.gpu_in(start)))
+        lean[tp, pp] = [min(a, b) for a, b in zip(cur, e.gpu_in(start), strict=True)]
     out: dict[tuple, float | None] = {}
     none = min(layers.modes, key=lambda m: layers.savings_rank.get(m, 0))  # the least-saving mode allowed
     for key in {k for per in layers.gpu for m in per.values() for k in m}:
@@ -113,7 +125,7 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
             members = range(s * num // pp, (s + 1) * num // pp)
             flight = pp - s
             base = sum(flight * layers.gpu[i][none][key] for i in members)
-            need = base + lean[tp, pp][s] + shp.gpu[s] - cap
+            need = base + lean[tp, pp][s] + shp.gpu_in(start)[s] - cap
             if need <= 0:
                 continue
             best_ratio, max_saving = None, 0
