@@ -112,6 +112,10 @@ class Accounting(StrEnum):
 class Recompute(StrEnum):
     NONE = "none"
     SELECTIVE = "selective"
+    """Megatron-LM's selective recompute: drop the attention core (S×S scores) and recompute it."""
+    OP = "op"
+    """Op-level selective checkpointing (torchtitan's ``op`` policy): keep every other matmul output and the
+    attention output, recompute the cheap ops (``memory.activations_op``)."""
     FULL = "full"
 
 

@@ -26,7 +26,7 @@ from memplan.planner.ilp import Entry, Factor, Problem
 
 STATE_DIMS = ("tp", "pp", "placement", "optimizer", "quant")
 SHAPE_DIMS = ("tp", "pp", "micro_batch", "seq_len")
-SAVINGS = {Recompute.NONE.value: 0, Recompute.SELECTIVE.value: 1, Recompute.FULL.value: 2}
+SAVINGS = {Recompute.NONE.value: 0, Recompute.SELECTIVE.value: 1, Recompute.OP.value: 2, Recompute.FULL.value: 3}
 NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "activations/layer_kwargs")
 
 

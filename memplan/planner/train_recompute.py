@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from itertools import product
 
+from memplan.arch.tensors import Layer
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations as act
 from memplan.memory.breakdown import Phase
@@ -42,7 +43,7 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
             for m in modes:
                 mode = Recompute(m)
                 gpu[m] = act.layer_micro_bytes(ctx, i, mode)
-                secs[m] = recompute_seconds(setting, cfg, arch.layers[i].params, mode)
+                secs[m] = recompute_seconds(setting, cfg, arch.layers[i], mode)
                 recomputed = mode is not Recompute.NONE
                 work[m] = act.workspace_bytes(ctx, mode, {i}) if recomputed else 0
                 held[m] = act.layer_kwargs_bytes(ctx, {i}, counting) if recomputed else 0
@@ -146,15 +147,21 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     return out
 
 
-def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer_params: int, mode: Recompute) -> float:
-    """Step time a recomputed layer adds: its forward again (full) or its attention core (selective)."""
+def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer: Layer, mode: Recompute) -> float:
+    """Step time a recomputed layer adds: its forward again (full), its attention core (selective), or the
+    matmuls op-level checkpointing does not keep (``activations_op.recomputed_mm_numel``: 2 FLOPs per weight
+    element and token; the elementwise ops it also recomputes are memory-bound and left out)."""
     if mode is Recompute.NONE:
         return 0.0
     spec = setting.arch.spec
     tokens = setting.global_batch * cfg.seq_len
     attn = (spec.num_attention_heads or 0) * spec.dim_per_head
-    if mode is Recompute.FULL:
-        flops = cost.layer_forward_flops(layer_params=layer_params, tokens=tokens, seq_len=cfg.seq_len, attn_width=attn)
+    if mode is Recompute.OP:
+        from memplan.memory.activations_op import recomputed_mm_numel
+
+        flops = 2.0 * tokens * recomputed_mm_numel(layer, 1)  # the whole layer's; divided over the GPUs below
+    elif mode is Recompute.FULL:
+        flops = cost.layer_forward_flops(layer_params=layer.params, tokens=tokens, seq_len=cfg.seq_len, attn_width=attn)
     else:
         flops = 2.0 * cfg.seq_len * attn * tokens
     return cost.compute_seconds(flops=flops, gpus=cfg.world_size, peak_flops=setting.gpu.bf16_dense_tflops * 1e12,
