@@ -135,7 +135,11 @@ def _train_lines(ctx: Context, meas: Any, device: str) -> tuple[list[cmp.Line], 
     predicted, runtime = cmp.predicted_components(ctx, device)
     lines = cmp.state_lines(predicted, meas.components)
     lines += [cmp.Line(k, None, v, "", "not modelled by memplan") for k, v in meas.unmodelled.items()]
-    lines.append(cmp.saved_line(predicted, meas.saved["total_bytes"], device))
+    saved = cmp.saved_line(predicted, meas.saved["total_bytes"], device)
+    if ctx.cfg.recompute is Recompute.OP or (ctx.cfg.recompute_map and Recompute.OP in ctx.cfg.recompute_map):
+        saved = cmp.Line(saved.component, saved.predicted, saved.measured, "",
+                         "op-level checkpointing keeps its outputs outside saved_tensors_hooks: checked by the peak")
+    lines.append(saved)
     lines += cmp.transient_lines(predicted, cmp.TRANSIENT_ROWS)
     phases = cmp.answer_phases(ctx, device)
     phase = max(phases, key=lambda k: phases[k])
