@@ -103,6 +103,8 @@ class Explanation:
     modules: tuple[tuple[str, str], ...]
     """(module name, docstring) per module involved."""
     subcomponents: tuple[str, ...] = ()
+    alive: str = ""
+    """The phases in which the component is alive and why (``memory.registry``)."""
 
 
 def names() -> list[str]:
@@ -157,7 +159,7 @@ def explain(name: str) -> Explanation:
             funcs.append((f"{fn.__module__}.{fn.__name__}", str(inspect.signature(fn)), doc))
         constants = tuple(dict.fromkeys(c for d in COMPONENTS[key] for c in constants_used(d)))
         modules = tuple(dict.fromkeys(_module_doc(d.rpartition(".")[0]) for d in COMPONENTS[key]))
-        return Explanation(key, tuple(funcs), constants, modules)
+        return Explanation(key, tuple(funcs), constants, modules, alive=_alive(key))
     if key in TOPICS:
         subs = tuple(c for c in COMPONENTS if c == key or c.startswith(f"{key}/"))
         return Explanation(key, (), (), tuple(_module_doc(m) for m in TOPICS[key]), subs)
@@ -165,9 +167,21 @@ def explain(name: str) -> Explanation:
                        "Run 'memplan explain --list' for every name.")
 
 
+def _alive(name: str) -> str:
+    """"Alive in: forward, ... (why)" from the component registry; the step's answer is the largest phase total."""
+    from memplan.memory import registry
+    from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES
+
+    comp = registry.lookup(name)
+    order = [p for p in (*TRAIN_PHASES, *INFER_PHASES) if p in comp.phases]
+    return f"Alive in: {', '.join(p.value for p in order)} ({comp.source})"
+
+
 def render(ex: Explanation, *, with_modules: bool = True) -> str:
     """Plain text: each function with its signature and docstring, then the modules' notes."""
     lines = [f"{ex.name}", "=" * len(ex.name), ""]
+    if ex.alive:
+        lines += [ex.alive, ""]
     if ex.subcomponents:
         lines += ["Components:", *(f"  {c}" for c in ex.subcomponents), ""]
     for qualname, signature, doc in ex.functions:
