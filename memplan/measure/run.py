@@ -159,49 +159,6 @@ def wrap_lora(model: Any, spec: ModelSpec, cfg: JobConfig) -> Any:
     return wrapped
 
 
-OP_SAVE = ("mm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-           "_scaled_dot_product_flash_attention_for_cpu")
-"""torchtitan's op-level save list (torchtitan/distributed/activation_checkpoint.py): ``aten.mm`` and the fused
-attention kernels; ``_scaled_dot_product_flash_attention_for_cpu`` is the CPU kernel of the same op, added here
-so a CPU run keeps what a CUDA run keeps."""
-
-
-def op_policy() -> Any:
-    """A fresh torchtitan ``op`` policy: MUST_SAVE the outputs of the save list, except every other ``aten.mm``
-    (the 2nd, 4th, ... of the block are recomputed); everything else PREFER_RECOMPUTE."""
-    import torch
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    save = {getattr(torch.ops.aten, name).default for name in OP_SAVE if hasattr(torch.ops.aten, name)}
-    count = {"forward": 0, "recompute": 0}
-
-    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-        mode = "recompute" if ctx.is_recompute else "forward"
-        if func is torch.ops.aten.mm.default:
-            count[mode] += 1
-        keep = func in save and not (func is torch.ops.aten.mm.default and count[mode] % 2 == 0)
-        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return policy
-
-
-def op_checkpoint(model: Any) -> None:
-    """Switch the checkpointed decoder layers to op-level selective checkpointing (``op_policy``), as torchtitan's
-    ``selective_ac_option = "op"`` does: non-reentrant ``torch.utils.checkpoint`` with a selective context."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    def context() -> Any:
-        return create_selective_checkpoint_contexts(op_policy())
-
-    func = functools.partial(checkpoint, use_reentrant=False, context_fn=context)
-    for block in model.modules():
-        if isinstance(block, GradientCheckpointingLayer) and block.gradient_checkpointing:
-            block._gradient_checkpointing_func = func
-
-
 def prepare_training(model: Any, spec: ModelSpec, cfg: JobConfig, checkpointed: int) -> Any:
     """Train mode, LoRA wrapping and activation checkpointing of the first ``checkpointed`` layers."""
     from memplan.measure.build import checkpoint_layers
@@ -211,6 +168,8 @@ def prepare_training(model: Any, spec: ModelSpec, cfg: JobConfig, checkpointed: 
     if checkpointed:
         checkpoint_layers(model, checkpointed)
         if cfg.recompute is Recompute.OP:
+            from memplan.measure.sac import op_checkpoint
+
             op_checkpoint(model)
         if cfg.job is Job.LORA:  # as peft does: the block input must require grad to reach the adapters
             model.enable_input_require_grads()

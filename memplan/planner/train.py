@@ -20,7 +20,7 @@ from memplan.memory import activations as act
 from memplan.memory import components, runtime
 from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
-from memplan.planner import cost, train_offload
+from memplan.planner import cost, train_offload, train_phases
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Entry, Factor, Problem
 
@@ -105,9 +105,9 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
             reasons.append(f"{_describe(choice)}: {exc}")
             continue
         per_stage = [[r for r in rows if not r.component.startswith("activations")] for rows in per_stage]
-        phases = _state_phases(per_stage, ctxs, cfg, split=split, layer_weights=layer_weights)
+        phases = train_phases.state_phases(per_stage, ctxs, cfg, split=split, layer_weights=layer_weights)
         gpu = [max(per.values()) for per in phases]
-        persist = tuple(_persisting(rows) for rows in per_stage) if cfg.pp == 1 else ()
+        persist = tuple(train_phases.persisting(rows) for rows in per_stage) if cfg.pp == 1 else ()
         cpu = max(tier_total(rows, Tier.CPU) for rows in per_stage)
         nvme = max(tier_total(rows, Tier.NVME) for rows in per_stage)
         floor = 0
@@ -117,31 +117,6 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
                              cpu_floor=floor, persist_gpu=persist,
                              phase_gpu=tuple((p.value, tuple(per[p] for per in phases)) for p in TRAIN_PHASES))
     return Factor("states", names, entries), reasons
-
-
-def _state_phases(per_stage: list[list], ctxs: list[Context], cfg: JobConfig, *, split: bool,
-                  layer_weights: bool) -> list[dict[Phase, int]]:
-    """GPU bytes per training phase of each stage's state rows (gradients persisting across micro-batches are
-    apart: ``_persisting``), less what the per-layer blocks hold: an ``opt_split = layers`` row's layer optimizer
-    sides (``train_offload.layer_phase_bytes``), and without ``layer_weights`` the layers' weights (all phases)."""
-    out = []
-    for rows, c in zip(per_stage, ctxs, strict=True):
-        per = phase_totals(rows, Tier.GPU, TRAIN_PHASES)
-        if split:
-            for p, n in _layer_optimizer_phases(c).items():
-                per[p] -= n
-        if not layer_weights:
-            weights = _layer_weights_gpu(c)
-            per = {p: n - weights for p, n in per.items()}
-        out.append(per)
-    return out
-
-
-def _persisting(rows: list) -> int:
-    """GPU bytes of the gradients that persist across micro-batches (all but the fp32 copies made for the step);
-    counted in forward and at the start of backward only when the step accumulates (``Entry.persist_gpu``)."""
-    return sum(r.bytes for r in rows if r.tier is Tier.GPU and r.component.startswith("gradients")
-               and r.component != "gradients/fp32_partition")
 
 
 def _split_cpu(rows: list, cfg: JobConfig) -> tuple[int, int]:
@@ -174,44 +149,16 @@ def _state_rows(setting: TrainSetting, cfg: JobConfig, ctxs: list[Context]) -> l
     split = cfg.optimizer_gpu_layers
     by_index = cfg.quant_map is not None or (split is not None and split < len(setting.arch.layers))
     if by_index or job_library(cfg) is Library.GGUF:
-        return [_phased(c) for c in ctxs]
+        return [train_phases.phased(c) for c in ctxs]
     classes = layer_classes(setting.arch)
     seen: dict[tuple, list] = {}
     out = []
     for c in ctxs:
         sig = (c.stage == 0, c.stage == cfg.pp - 1, tuple(classes[i] for i, _ in c.layers))
         if sig not in seen:
-            seen[sig] = _phased(c)
+            seen[sig] = train_phases.phased(c)
         out.append(seen[sig])
     return out
-
-
-def _phased(ctx: Context) -> list:
-    """``components.phased_state_rows`` with the gradients' persistence left to the ILP (``Entry.persist_gpu``):
-    evaluated as one micro-batch per step, so gradients count from backward on unless a pipeline keeps them."""
-    one = ctx.cfg.model_copy(update={"grad_accum": 1})
-    return components.phased_state_rows(Context(ctx.arch, one, ctx.gpu, ctx.host, ctx.stage_override))
-
-
-def _layer_weights_gpu(ctx: Context) -> int:
-    """GPU bytes of the stage's layers' weights in the row's format (whole: no ZeRO-3, no offload)."""
-    from memplan.memory.weights import layer_format, layer_weight_bytes
-
-    return sum(layer_weight_bytes(ctx, i, layer_format(ctx.cfg, i)) for i, _ in ctx.layers)
-
-
-def _layer_optimizer_phases(ctx: Context) -> dict[Phase, int]:
-    """GPU bytes per phase of the stage's layers' optimizer-side states and step temporaries (identical layers
-    evaluated once; ``train_offload.layer_phase_bytes``)."""
-    classes = layer_classes(ctx.arch)
-    per_class: dict[int, dict[Phase, int]] = {}
-    total = dict.fromkeys(TRAIN_PHASES, 0)
-    for i, _ in ctx.layers:
-        if classes[i] not in per_class:
-            per_class[classes[i]] = train_offload.layer_phase_bytes(ctx, i)
-        for p, n in per_class[classes[i]].items():
-            total[p] += n
-    return total
 
 
 def offload_seconds(setting: TrainSetting, cfg: JobConfig, per_stage: list) -> float:

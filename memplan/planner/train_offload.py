@@ -88,9 +88,10 @@ def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
     """GPU bytes (kept) or CPU bytes per node (offloaded) of each layer's optimizer-side states, and the
     seconds an offloaded layer adds, keyed by (tp, pp, optimizer, opt_split). Under "all" only ``gpu``
     exists at zero cost (the states factor already counts every state)."""
+    from memplan.memory.breakdown import TRAIN_PHASES
     from memplan.memory.context import Context
     from memplan.memory.model_states import layer_optimizer_bytes
-    from memplan.planner.train import TRAIN_PHASES, config_for
+    from memplan.planner.train import config_for
 
     if LAYERS not in dims.get("opt_split", ()):
         return None
