@@ -78,3 +78,17 @@ def test_serving_peak_is_the_prefill_step() -> None:
     weights = sum(r.bytes for r in est.rows if r.tier is Tier.GPU and r.component.startswith("weights"))
     assert phases[Phase.LOAD] == weights + sum(r.bytes for r in est.rows if r.component.startswith("runtime"))
     assert phases[Phase.PREFILL] >= phases[Phase.DECODE] >= phases[Phase.LOAD]
+
+
+def test_table_shows_the_rows_their_sum_and_the_binding_phase() -> None:
+    from rich.console import Console
+
+    from memplan.report.table import render_estimate
+
+    gpu = gpu_with(OPTIMIZER_PHASE + 16 * MiB)
+    est = estimate("qwen2.5-0.5b", gpu, optimizer_impl="fused", **JOB)
+    console = Console(record=True, width=200)
+    render_estimate(est, console)
+    text = console.export_text()
+    assert "optimizer/adam_v" in text and "rows summed" in text
+    assert "peak (optimizer_step)" in text and "FITS" in text and "peak at optimizer_step" in text
