@@ -78,7 +78,7 @@ def tier_checks(loaded: LoadedRecipe, est: Estimate) -> list[TierCheck]:
     """Every tier that holds bytes (the GPU always), with the recipe's required headroom."""
     out = []
     for tier in Tier:
-        total, cap = est.total(tier), est.capacity(tier)
+        total, cap = est.peak(tier), est.capacity(tier)
         required = loaded.recipe.required_bytes(tier, cap)
         if tier is Tier.GPU or total or required:
             out.append(TierCheck(tier, total, cap, required))

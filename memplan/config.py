@@ -41,6 +41,16 @@ class OptimizerKind(StrEnum):
     LION = "lion"              # one fp32 momentum buffer
 
 
+class OptimizerImpl(StrEnum):
+    """How torch.optim.AdamW runs its step (torch/optim/adamw.py, adam.py): ``foreach`` (``_multi_tensor_adam``,
+    PyTorch's default on CUDA), ``for-loop`` (``_single_tensor_adam``, the default on CPU), ``fused``
+    (``_fused_adam``: one kernel). They differ only in the step's temporaries (``memory.optimizer_step``)."""
+
+    FOREACH = "foreach"
+    FOR_LOOP = "for-loop"
+    FUSED = "fused"
+
+
 class Engine(StrEnum):
     """The program that runs the job. Training: ``pytorch`` (one process or DDP: HF Trainer, accelerate,
     plain loops), ``fsdp2`` (``torch.distributed.fsdp.fully_shard``), ``deepspeed``, ``megatron``
@@ -102,6 +112,10 @@ class Accounting(StrEnum):
 class Recompute(StrEnum):
     NONE = "none"
     SELECTIVE = "selective"
+    """Megatron-LM's selective recompute: drop the attention core (S×S scores) and recompute it."""
+    OP = "op"
+    """Op-level selective checkpointing (torchtitan's ``op`` policy): keep every other matmul output and the
+    attention output, recompute the cheap ops (``memory.activations_op``)."""
     FULL = "full"
 
 
@@ -200,6 +214,8 @@ class JobConfig(Strict):
     dtype: Dtype = Dtype.BF16
     quant: str | None = None
     optimizer: OptimizerKind = OptimizerKind.ADAMW
+    optimizer_impl: OptimizerImpl = OptimizerImpl.FOREACH
+    """torch AdamW implementation (foreach: PyTorch's CUDA default); sets the optimizer step's temporaries."""
     master_weights: bool | None = None
     """fp32 master copy of 16-bit weights; None: on for 16-bit training with a non-pure optimizer."""
     grad_dtype: Dtype | None = None

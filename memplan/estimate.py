@@ -16,7 +16,7 @@ from memplan.catalog.store import catalog_gpu, format_validation_error
 from memplan.config import Engine, JobConfig
 from memplan.errors import MemplanError
 from memplan.memory import components
-from memplan.memory.breakdown import Row, Tier, tier_total
+from memplan.memory.breakdown import Phase, Row, Tier, peak, phase_totals, tier_total
 from memplan.memory.context import Context
 
 
@@ -47,7 +47,25 @@ class Estimate:
         return default_reason(self.config)
 
     def total(self, tier: Tier) -> int:
+        """Every row of ``tier`` added up (components never alive together included); the answer is ``peak``."""
         return tier_total(self.rows, tier)
+
+    @property
+    def step_phases(self) -> tuple[Phase, ...]:
+        """The phases of the job's step (training: forward ... optimizer_step; serving: load, prefill, decode)."""
+        return components.job_phases(self.config)
+
+    def phases(self, tier: Tier) -> dict[Phase, int]:
+        """Bytes alive on ``tier`` in each phase of the step."""
+        return phase_totals(self.rows, tier, self.step_phases)
+
+    def peak(self, tier: Tier) -> int:
+        """The answer: the largest number of bytes alive on ``tier`` at any phase of the step."""
+        return peak(self.rows, tier, self.step_phases)[0]
+
+    def peak_phase(self, tier: Tier) -> Phase:
+        """The phase whose total is ``peak(tier)`` (the first one on ties)."""
+        return peak(self.rows, tier, self.step_phases)[1]
 
     def capacity(self, tier: Tier) -> int:
         if tier is Tier.GPU:
@@ -57,7 +75,8 @@ class Estimate:
         return self.host.nvme_bytes
 
     def headroom(self, tier: Tier) -> int:
-        return self.capacity(tier) - self.total(tier)
+        """Capacity minus the phase peak."""
+        return self.capacity(tier) - self.peak(tier)
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
@@ -70,12 +89,12 @@ class Estimate:
     @property
     def headroom_bytes(self) -> int:
         """The smallest headroom over the tiers that hold something (GPU always counts)."""
-        used = [t for t in Tier if t is Tier.GPU or self.total(t) > 0]
+        used = [t for t in Tier if t is Tier.GPU or self.peak(t) > 0]
         return min(self.headroom(t) for t in used)
 
     @property
     def binding_tier(self) -> Tier:
-        used = [t for t in Tier if t is Tier.GPU or self.total(t) > 0]
+        used = [t for t in Tier if t is Tier.GPU or self.peak(t) > 0]
         return min(used, key=lambda t: (self.headroom(t), list(Tier).index(t)))
 
 

@@ -59,6 +59,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "optimizer/lowrank_workspace": ("lowrank.workspace_bytes", "lowrank.svd_workspace_bytes",
                                     "lowrank.update_workspace_bytes"),
     "optimizer/nvme_swap_buffers": ("model_states.nvme_swap_rows",),
+    "optimizer/step_temporaries": ("optimizer_step.temp_bytes", "optimizer_step.for_loop_temp_bytes",
+                                   "optimizer_step.foreach_temp_bytes", "optimizer_step.fused_temp_bytes"),
     "activations/layers": ("activations.layer_micro_bytes", "activations.micro_batches_in_flight",
                            "activations.checkpointed", f"{_T}.rms_norm_bytes", f"{_T}.flash_attention_bytes",
                            f"{_T}.eager_scores_bytes", f"{_T}.mlp_bytes", f"{_T}.moe_experts_bytes"),
@@ -112,6 +114,8 @@ class Explanation:
     modules: tuple[tuple[str, str], ...]
     """(module name, docstring) per module involved."""
     subcomponents: tuple[str, ...] = ()
+    alive: str = ""
+    """The phases in which the component is alive and why (``memory.registry``)."""
 
 
 def names() -> list[str]:
@@ -166,7 +170,7 @@ def explain(name: str) -> Explanation:
             funcs.append((f"{fn.__module__}.{fn.__name__}", str(inspect.signature(fn)), doc))
         constants = tuple(dict.fromkeys(c for d in COMPONENTS[key] for c in constants_used(d)))
         modules = tuple(dict.fromkeys(_module_doc(d.rpartition(".")[0]) for d in COMPONENTS[key]))
-        return Explanation(key, tuple(funcs), constants, modules)
+        return Explanation(key, tuple(funcs), constants, modules, alive=_alive(key))
     if key in TOPICS:
         subs = tuple(c for c in COMPONENTS if c == key or c.startswith(f"{key}/"))
         return Explanation(key, (), (), tuple(_module_doc(m) for m in TOPICS[key]), subs)
@@ -174,9 +178,21 @@ def explain(name: str) -> Explanation:
                        "Run 'memplan explain --list' for every name.")
 
 
+def _alive(name: str) -> str:
+    """"Alive in: forward, ... (why)" from the component registry; the step's answer is the largest phase total."""
+    from memplan.memory import registry
+    from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES
+
+    comp = registry.lookup(name)
+    order = [p for p in (*TRAIN_PHASES, *INFER_PHASES) if p in comp.phases]
+    return f"Alive in: {', '.join(p.value for p in order)} ({comp.source})"
+
+
 def render(ex: Explanation, *, with_modules: bool = True) -> str:
     """Plain text: each function with its signature and docstring, then the modules' notes."""
     lines = [f"{ex.name}", "=" * len(ex.name), ""]
+    if ex.alive:
+        lines += [ex.alive, ""]
     if ex.subcomponents:
         lines += ["Components:", *(f"  {c}" for c in ex.subcomponents), ""]
     for qualname, signature, doc in ex.functions:

@@ -46,9 +46,14 @@ def cli_json(runner: CliRunner, *args: str, code: int = 0) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
+TRANSIENTS = ("optimizer/step_temporaries",)
+"""Rows alive in one phase only that papers do not count as model states (AdamW's step temporaries)."""
+
+
 def prefix_sum(components: dict[str, int], *prefixes: str) -> int:
-    """Sum components whose top-level name is one of ``prefixes``."""
-    return sum(v for k, v in components.items() if k.split("/", 1)[0] in prefixes)
+    """Sum components whose top-level name is one of ``prefixes`` (the optimizer step's temporaries left out:
+    published model-state figures count states, not the step's transients)."""
+    return sum(v for k, v in components.items() if k.split("/", 1)[0] in prefixes and k not in TRANSIENTS)
 
 
 def published_case(case_id: str) -> dict[str, Any]:

@@ -212,7 +212,7 @@ def test_gemma2_soft_capping_and_four_norms() -> None:
     assert eager["activations/loss"] == 4 * s * v + 8 * s + 2 * s * v  # + tanh of the final soft-cap
 
 
-def test_lora_frozen_weights_save_no_inputs() -> None:
+def test_lora_frozen_weights_save_no_inputs_but_4bit_ones_do() -> None:
     d, f, r, s = 4096, 14336, 16, 4096
     full = act.layer_micro_bytes(ctx_for(llama_spec()), 0, Recompute.NONE)
     lora = LoraConfig(rank=r, targets=("q", "v"), dtype=Dtype.BF16)  # bf16 adapters read the base input itself
@@ -224,7 +224,9 @@ def test_lora_frozen_weights_save_no_inputs() -> None:
     cast = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.LORA, lora=fp32), 0, Recompute.NONE)
     assert cast - shared == s * 2 * (4 * (d + r)) - s * 2 * d - s * 2 * 2 * r  # fp32 copies replace the bf16 input
     qlora = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.QLORA, lora=lora), 0, Recompute.NONE)
-    assert qlora == shared  # bitsandbytes MatMul4Bit keeps no input either
+    # bitsandbytes MatMul4Bit keeps its input when it requires grad (autograd/_functions.py, ctx.tensors = (A, B)):
+    # the frozen 4-bit gate/up keep the MLP input (2D), down the product (2F); q/k/v/o's inputs are saved already
+    assert qlora - shared == s * (2 * d + 2 * f)
     rows = act.breakdown(ctx_for(llama_spec(), job=Job.LORA, lora=lora))
     assert "activations/embeddings" not in rows  # a frozen embedding lookup saves no ids
     assert rows["activations/final_norm"] == s * (4 * d + 4)  # frozen lm_head: no input, no cast

@@ -1,5 +1,6 @@
 """Conservative by construction: over random configurations, the value that ``estimate``, ``check`` and
-``plan`` compare against a capacity is never below the exact sum of the component rows, every byte is
+``plan`` compare against a capacity is the exact phase peak of the component rows (the largest sum of the
+rows alive together in one phase; no row counted in a phase it is not alive in), every byte is
 an int, and the safety margin (``--safety-margin``, default 0) is a visible row of exactly
 ceil(pct / 100 × capacity) bytes that only ever makes a verdict stricter.
 """
@@ -22,7 +23,7 @@ from memplan.cli.app import app
 from memplan.config import JobConfig
 from memplan.errors import MemplanError
 from memplan.estimate import estimate
-from memplan.memory.breakdown import Tier
+from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Tier
 from memplan.memory.runtime import safety_margin_bytes
 from memplan.report.json_out import estimate_dict
 
@@ -51,6 +52,13 @@ def rows_sum(est: Any, tier: Tier) -> int:
     return sum(r.bytes for r in est.rows if r.tier is tier)
 
 
+def phase_peak(est: Any, tier: Tier) -> int:
+    """The largest phase total, recomputed from each row's phases (every row names them)."""
+    phases = TRAIN_PHASES if est.config.job.trains else INFER_PHASES
+    assert all(r.phases for r in est.rows)
+    return max(sum(r.bytes for r in est.rows if r.tier is tier and p in r.phases) for p in phases)
+
+
 def try_estimate(model: str, gpu: str, cfg: dict[str, Any]) -> Any:
     try:
         return estimate(model, gpu, JobConfig.model_validate(cfg))
@@ -60,18 +68,19 @@ def try_estimate(model: str, gpu: str, cfg: dict[str, Any]) -> Any:
 
 @fuzz_settings(80)
 @given(model=st.sampled_from(MODELS), gpu=st.sampled_from(GPUS), cfg=configs)
-def test_compared_value_is_never_below_the_sum_of_rows(model: str, gpu: str, cfg: dict[str, Any]) -> None:
+def test_compared_value_is_the_exact_phase_peak(model: str, gpu: str, cfg: dict[str, Any]) -> None:
     est = try_estimate(model, gpu, cfg)
     assume(est is not None)
     doc = estimate_dict(est)
     for tier in Tier:
-        exact = rows_sum(est, tier)
+        exact = phase_peak(est, tier)
         assert all(isinstance(r.bytes, int) and r.bytes >= 0 for r in est.rows)
-        assert est.total(tier) >= exact and est.total(tier) == exact
+        assert est.peak(tier) == exact <= rows_sum(est, tier) == est.total(tier)
         block = doc["memory"][tier.value]
-        assert block["total_bytes"] == sum(block["components"].values()) == exact
+        assert block["total_bytes"] == sum(block["components"].values()) == rows_sum(est, tier)
+        assert block["peak_bytes"] == max(block["phases"].values()) == exact
         assert block["headroom_bytes"] == est.capacity(tier) - exact
-    assert est.fits == all(rows_sum(est, t) <= est.capacity(t) for t in Tier)
+    assert est.fits == all(phase_peak(est, t) <= est.capacity(t) for t in Tier)
     margin = [r.bytes for r in est.rows if r.component == "runtime/safety_margin"]
     pct = cfg["safety_margin_pct"]
     if pct:
@@ -88,7 +97,7 @@ def test_a_safety_margin_only_makes_the_verdict_stricter(model: str, gpu: str, c
     with_margin = try_estimate(model, gpu, {**cfg, "safety_margin_pct": 20})
     without = try_estimate(model, gpu, {**cfg, "safety_margin_pct": 0})
     assume(with_margin is not None and without is not None)
-    gpu_with, gpu_without = with_margin.total(Tier.GPU), without.total(Tier.GPU)
+    gpu_with, gpu_without = with_margin.peak(Tier.GPU), without.peak(Tier.GPU)
     assert gpu_with - gpu_without == safety_margin_bytes(capacity_bytes=without.capacity(Tier.GPU), pct=20)
     assert not with_margin.fits or without.fits
 
@@ -134,7 +143,7 @@ def recipe_yaml(r: dict[str, Any]) -> dict[str, Any]:
 
 @fuzz_settings(30)
 @given(r=recipes)
-def test_check_gates_on_the_exact_sum_of_rows(r: dict[str, Any]) -> None:
+def test_check_gates_on_the_exact_phase_peak(r: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r.yaml"
         path.write_text(yaml.safe_dump(recipe_yaml(r)))
@@ -145,26 +154,27 @@ def test_check_gates_on_the_exact_sum_of_rows(r: dict[str, Any]) -> None:
     assume(rec["status"] != "error")
     est = rec["estimate"]
     for t in rec["tiers"]:
-        components = est["memory"][t["tier"]]["components"]
-        assert t["total_bytes"] >= sum(components.values())
-        assert t["total_bytes"] == sum(components.values())
+        block = est["memory"][t["tier"]]
+        assert t["total_bytes"] == block["peak_bytes"] == max(block["phases"].values())
+        assert block["peak_bytes"] <= sum(block["components"].values())
         assert t["ok"] == (t["capacity_bytes"] - t["total_bytes"] >= t["required_headroom_bytes"])
     if r["margin"]:
         assert "runtime/safety_margin" in est["memory"]["gpu"]["components"]
     assert rec["ok"] == all(t["ok"] for t in rec["tiers"])
 
 
-# -- plan: every offered plan fits by the exact sum, margin included ----------------------------------
+# -- plan: every offered plan fits by the exact phase peak, margin included ----------------------------------
 
 @fuzz_settings(8)
 @given(margin=st.sampled_from([0, 10, 40]), gpu=st.sampled_from(["t4", "l4", "a100-sxm-40gb"]),
        job=st.sampled_from(["full", "lora", "infer"]))
-def test_plans_fit_by_the_exact_sum(margin: float, gpu: str, job: str) -> None:
+def test_plans_fit_by_the_exact_phase_peak(margin: float, gpu: str, job: str) -> None:
     result = RUNNER.invoke(app, ["plan", "qwen2.5-0.5b", "--gpu", gpu, "--gpus", "2", "--job", job, "--top", "2",
                                  "--safety-margin", str(margin), "--format", "json"])
     assert result.exit_code in (0, 1), result.stderr
     doc = json.loads(result.stdout)
     for cand in [doc["best"], *doc["alternatives"]] if doc["best"] else []:
         gpu_block = cand["memory"]["gpu"]
-        assert gpu_block["total_bytes"] == sum(gpu_block["components"].values()) <= gpu_block["capacity_bytes"]
+        assert gpu_block["total_bytes"] == sum(gpu_block["components"].values())
+        assert gpu_block["peak_bytes"] == max(gpu_block["phases"].values()) <= gpu_block["capacity_bytes"]
         assert ("runtime/safety_margin" in gpu_block["components"]) == bool(margin)

@@ -36,7 +36,8 @@ def check_estimate(est: Any) -> None:
         assert isinstance(row.bytes, int) and not isinstance(row.bytes, bool) and row.bytes >= 0, row
     for tier in Tier:
         assert est.total(tier) == sum(r.bytes for r in est.rows if r.tier is tier)
-        assert est.headroom(tier) == est.capacity(tier) - est.total(tier)
+        assert est.peak(tier) == max(est.phases(tier).values()) <= est.total(tier)
+        assert est.headroom(tier) == est.capacity(tier) - est.peak(tier)
     assert est.fits == all(est.headroom(t) >= 0 for t in Tier)
 
 

@@ -25,8 +25,8 @@ P = 8_030_261_248
 """Llama-3.1-8B: embed_tokens 128256·4096 = 525,336,576; 32 layers of 218,112,000; norm 4096; lm_head 525,336,576."""
 BASE = {"job": "full", "zero": 3, "offload_optimizer": "cpu", "gpus_per_node": 8}
 """dp = 8 divides every state buffer of Llama-3.1-8B, so per-layer and per-set partitions round alike."""
-LIVE = ("gradients/zero3_live_grads", "gradients/zero3_reduce_bucket")
-"""GPU rows that do not move with the optimizer split: ZeRO-3's live gradients and its reduce (IPG) bucket."""
+LIVE = ("gradients/zero3_live_grads", "gradients/zero3_reduce_bucket", "optimizer/step_temporaries")
+"""GPU rows that do not move with the optimizer split: ZeRO-3's live gradients, its reduce (IPG) bucket and the step temporaries."""
 
 
 @cache

@@ -79,7 +79,7 @@ def test_ilp_equals_exhaustive_enumeration(hidden, layers, vocab, memory_mib, gp
         return
     assert result.best is not None, f"enumeration found a plan of {expected} s, the ILP none"
     assert result.best.estimate.fits
-    assert result.best.estimate.total(Tier.GPU) <= gpu.memory_bytes
+    assert result.best.estimate.peak(Tier.GPU) <= gpu.memory_bytes
     assert result.best.step_time_s == pytest.approx(expected, rel=1e-9)
 
 
@@ -94,11 +94,11 @@ def test_one_byte_over_capacity_is_rejected():
     spec = tiny_model(512, 2, 4, 2, 8000)
     gpu = gpu_with(1000)
     base = JobConfig(job=Job.FULL, seq_len=512, cuda_context_bytes=0, allocator_reserve_pct=0)
-    need = estimate(spec, gpu, base).total(Tier.GPU)
+    need = estimate(spec, gpu, base).peak(Tier.GPU)
     assert need < gpu.memory_bytes
     exact = base.model_copy(update={"cuda_context_bytes": gpu.memory_bytes - need})
     over = base.model_copy(update={"cuda_context_bytes": gpu.memory_bytes - need + 1})
-    assert estimate(spec, gpu, exact).total(Tier.GPU) == gpu.memory_bytes
+    assert estimate(spec, gpu, exact).peak(Tier.GPU) == gpu.memory_bytes
     assert estimate(spec, gpu, exact).fits
     assert estimate(spec, gpu, over).headroom_bytes == -1
     assert not estimate(spec, gpu, over).fits
@@ -114,7 +114,7 @@ def test_per_layer_recompute_beats_every_uniform_policy():
     base = JobConfig(job=Job.FULL, seq_len=4096, micro_batch=4, cuda_context_bytes=0, allocator_reserve_pct=0)
     uniform = {}
     for mode in (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL):
-        uniform[mode] = estimate(spec, gpu_with(10**6), base.model_copy(update={"recompute": mode})).total(Tier.GPU)
+        uniform[mode] = estimate(spec, gpu_with(10**6), base.model_copy(update={"recompute": mode})).peak(Tier.GPU)
     # with flash attention selective recompute has no S×S core to drop: it saves nothing
     assert uniform[Recompute.FULL] < min(uniform[Recompute.SELECTIVE], uniform[Recompute.NONE])
     memory_mib = (uniform[Recompute.FULL] + uniform[Recompute.NONE]) // 2 // 2**20
@@ -150,7 +150,7 @@ def test_qlora_fits_llama65b_on_48gb_and_16bit_lora_does_not(runner):
               "--seq-len", "512", *NO_OFFLOAD)
     q = cli_json(runner, "plan", *common, "--job", "qlora")
     assert q["status"] == "optimal"
-    assert q["best"]["memory"]["gpu"]["total_bytes"] <= q["best"]["memory"]["gpu"]["capacity_bytes"]
+    assert q["best"]["memory"]["gpu"]["peak_bytes"] <= q["best"]["memory"]["gpu"]["capacity_bytes"]
     lora = cli_json(runner, "plan", *common, "--job", "lora", code=1)
     assert lora["status"] == "infeasible"
     assert any(s["flags"] == "--job qlora" for s in lora["suggestions"])

@@ -37,8 +37,8 @@ def test_partial_optimizer_offload_matches_enumeration_and_beats_full_offload():
     spec = tiny_model(512, 8, 4, 2, 8000)
     base = JobConfig(job=Job.FULL, seq_len=512, cuda_context_bytes=0, allocator_reserve_pct=0,
                      zero=3, offload_optimizer=Offload.CPU)
-    on_gpu = estimate(spec, gpu_with(10**6), base.model_copy(update={"optimizer_gpu_layers": 8})).total(Tier.GPU)
-    all_off = estimate(spec, gpu_with(10**6), base).total(Tier.GPU)
+    on_gpu = estimate(spec, gpu_with(10**6), base.model_copy(update={"optimizer_gpu_layers": 8})).peak(Tier.GPU)
+    all_off = estimate(spec, gpu_with(10**6), base).peak(Tier.GPU)
     assert all_off < on_gpu
     gpu = gpu_with((all_off + on_gpu) // 2 // 2**20)
     best = plan(_train_request(spec, gpu, base)).best
@@ -67,7 +67,7 @@ def test_per_layer_quant_max_quality_equals_enumeration():
     base = JobConfig(job=Job.INFER, micro_batch=1, cuda_context_bytes=0, allocator_reserve_pct=0,
                      infer={"context": 512})
     arch = build_architecture(spec)
-    sizes = {q: estimate(spec, gpu_with(10**6), base.model_copy(update={"quant": q})).total(Tier.GPU)
+    sizes = {q: estimate(spec, gpu_with(10**6), base.model_copy(update={"quant": q})).peak(Tier.GPU)
              for q in ("int8", "nf4")}
     gpu = gpu_with((sizes["int8"] + sizes["nf4"]) // 2 // 2**20)
     assert not estimate(spec, gpu, base.model_copy(update={"quant": "int8"})).fits
@@ -97,7 +97,7 @@ def test_per_layer_weight_offload_streams_the_fewest_layers():
     spec = tiny_model(1024, 8, 8, 2, 8000)
     base = JobConfig(job=Job.INFER, micro_batch=1, cuda_context_bytes=0, allocator_reserve_pct=0,
                      infer={"context": 512})
-    need = estimate(spec, gpu_with(10**6), base).total(Tier.GPU)
+    need = estimate(spec, gpu_with(10**6), base).peak(Tier.GPU)
     gpu = gpu_with(need * 6 // 10 // 2**20)
     assert not estimate(spec, gpu, base).fits
     assert plan(_infer_request(spec, gpu, base)).status == "infeasible"
@@ -156,7 +156,7 @@ def test_max_quality_breaks_ties_by_speed():
     spec = tiny_model(1024, 8, 8, 2, 8000)
     base = JobConfig(job=Job.INFER, micro_batch=1, cuda_context_bytes=0, allocator_reserve_pct=0,
                      infer={"context": 512})
-    gpu = gpu_with(estimate(spec, gpu_with(10**6), base).total(Tier.GPU) * 6 // 10 // 2**20)
+    gpu = gpu_with(estimate(spec, gpu_with(10**6), base).peak(Tier.GPU) * 6 // 10 // 2**20)
     space = {"quant": (None, "int8", "nf4"), "offload_params": (Offload.NONE, Offload.CPU)}
     quality = plan(_infer_request(spec, gpu, base, Objective.MAX_QUALITY, **space)).best
     fast16 = plan(_infer_request(spec, gpu, base, quant=(None,), offload_params=(Offload.NONE, Offload.CPU))).best
@@ -199,7 +199,7 @@ def test_partial_offload_when_cpu_ram_binds():
     def at(n):
         return estimate(spec, gpu_with(10**6), base.model_copy(update={"optimizer_gpu_layers": n}))
 
-    gpu = gpu_with(-(-at(24).total(Tier.GPU) // 2**20))
+    gpu = gpu_with(-(-at(24).peak(Tier.GPU) // 2**20))
     assert not estimate(spec, gpu, base.model_copy(update={"optimizer_gpu_layers": 25})).fits
     host = HostSpec(cpu_ram_bytes=at(24).total(Tier.CPU) + 2**20)
     req = _train_request(spec, gpu, base, global_batch=7)
@@ -213,7 +213,7 @@ def test_qlora_per_layer_formats_equal_enumeration():
     spec = tiny_model(512, 4, 4, 2, 8000)
     base = JobConfig(job=Job.QLORA, seq_len=256, cuda_context_bytes=0, allocator_reserve_pct=0)
     arch = build_architecture(spec)
-    sizes = {q: estimate(spec, gpu_with(10**6), base.model_copy(update={"quant": q})).total(Tier.GPU)
+    sizes = {q: estimate(spec, gpu_with(10**6), base.model_copy(update={"quant": q})).peak(Tier.GPU)
              for q in ("int8", "nf4-dq")}
     gpu = gpu_with((sizes["int8"] + sizes["nf4-dq"]) // 2 // 2**20)
     req = _train_request(spec, gpu, base, zero=(0,), offload_optimizer=(Offload.NONE,), quant=("nf4-dq", "int8"))

@@ -5,40 +5,31 @@ Bounds (the issue's acceptance targets): weights, gradients, master copies, opti
 the KV cache exact; activations saved for backward within 3%; the peak of a training step within
 10% on CPU and 5% on CUDA (``max_memory_allocated``). Lines without a bound are shown for reading.
 
-The peak of a step. memplan's estimate sums its rows: gradients and activations together, as a
-capacity figure. A PyTorch step with ``zero_grad(set_to_none=True)`` never holds both: the
-gradients appear during backward while the saved activations are freed. ``step_phases`` models
-the step as three moments and the peak as the largest (see its docstring); the sum of rows is
-shown too, with its error, so the difference between the two stays visible.
+The peak of a step. memplan's answer is the largest phase total of its rows (``answer_phases``): a
+PyTorch step with ``zero_grad(set_to_none=True)`` never holds gradients and saved activations together.
+The sum of every row is shown too, with its error, so the difference between the two stays visible.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.arch.tensors import Architecture
-from memplan.config import Job, JobConfig, OptimizerKind
+from memplan.config import Job, JobConfig
 from memplan.memory import activations as act
 from memplan.memory import activations_block as blk
-from memplan.memory.breakdown import Tier, components
+from memplan.memory.breakdown import Row, Tier, components, phase_totals
 from memplan.memory.context import Context
-from memplan.units import bits_to_bytes
 
 EXACT = "exact"
 SAVED_BOUND_PCT = 3.0
 CPU_PEAK_BOUND_PCT = 10.0
 CUDA_PEAK_BOUND_PCT = 5.0
 TOP_EXACT = ("weights", "gradients", "optimizer", "kv_cache")
+TRANSIENT_ROWS = ("activations/logits", "activations/recompute_workspace", "runtime/dora_workspace",
+                  "optimizer/step_temporaries")
+"""Rows alive in part of the step only: part of the peak, not measured on their own."""
 RUNTIME_ROWS = ("runtime/cuda_context", "runtime/allocator_reserve")
 """Rows that are not tensors of the job: the CUDA context and the caching allocator's reserve (CUDA only)."""
-CPU_ADAM_TEMPORARIES = 2
-"""CPU AdamW (``torch.optim.adam._single_tensor_adam``, PyTorch's path for CPU tensors): ``denom =
-(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`` holds two state-sized temporaries of one tensor."""
-CUDA_ADAM_TEMPORARIES = 1
-"""CUDA AdamW (``_multi_tensor_adam``, the foreach default on CUDA): ``torch._foreach_sqrt(exp_avg_sqs)``
-copies every second-moment state of the group at once; the later ``_foreach_*_`` calls work in place."""
-
-
 @dataclass(frozen=True)
 class Line:
     """One compared component. ``bound``: "exact", a percentage such as "3%", or "" (not bounded)."""
@@ -101,68 +92,30 @@ def predicted_components(ctx: Context, device: str) -> tuple[dict[str, int], dic
     return out, runtime
 
 
-def largest_update_numel(arch: Architecture) -> int:
-    """Elements of the largest parameter tensor the optimizer updates in one piece.
+def answer_phases(ctx: Context, device: str) -> dict[str, int]:
+    """memplan's answer for the measured step, per phase: ``estimate``'s own GPU rows with their registry phases
+    (``components.stage_rows``), tensors only (no CUDA context, no allocator reserve), the training activations
+    counted with the device's kernels (``counting_for_device``). The step's answer is the largest value.
 
-    transformers >= 5 stores each MoE layer's routed experts as fused 3-D parameters (``gate_up_proj``
-    of E·2F·D, ``down_proj`` of E·D·F), so the routed tensors of a layer count together by kind.
+    This is P + O + max(A + logits/loss transients, G + fp32 grads + step temporaries) for a plain step
+    (shared/design/engines-and-phases.md): gradients are set to None (PyTorch >= 2.0 ``zero_grad``) and appear in
+    backward while autograd frees the saved activations; see ``memory.registry`` and ``memory.optimizer_step``.
     """
-    largest = 0
-    for tensors in [arch.pre, arch.post, *[layer.tensors for layer in arch.layers]]:
-        fused = {"gate_up": 0, "down": 0}
-        for t in tensors:
-            if t.routed:
-                fused["down" if "down" in t.projections else "gate_up"] += t.numel
-            else:
-                largest = max(largest, t.numel)
-        largest = max(largest, *fused.values())
-    return largest
+    from memplan.memory import components as comp
 
-
-def optimizer_temp_bytes(*, kind: OptimizerKind, device: str, state_bits: int, largest_numel: int,
-                         second_moment_bytes: int) -> int:
-    """Transient bytes of the optimizer step beyond the states.
-
-    Formula: AdamW on CPU: 2 · largest tensor · state bits/8; AdamW on CUDA: the second-moment
-    states once more (``CUDA_ADAM_TEMPORARIES`` × v); SGD, with or without momentum: 0 (in place).
-    Source: PyTorch ``torch/optim/adam.py`` (``_single_tensor_adam``, ``_multi_tensor_adam``), ``sgd.py``.
-    Assumes: default ``foreach`` selection (foreach on CUDA, per tensor on CPU), not fused, no amsgrad.
-    """
-    if kind not in (OptimizerKind.ADAMW, OptimizerKind.ADAMW_BF16):
-        return 0
-    if device == "cpu":
-        return CPU_ADAM_TEMPORARIES * bits_to_bytes(largest_numel, state_bits)
-    return CUDA_ADAM_TEMPORARIES * second_moment_bytes
-
-
-def step_phases(predicted: dict[str, int], *, step_temp: int) -> dict[str, int]:
-    """Predicted bytes allocated at three moments of a training step; the step's peak is the largest.
-
-    - activations: end of the forward pass through the loss's backward: weights, master copies and
-      optimizer states (P), every saved activation (A) and the logits transient (the larger of the
-      loss's forward and backward copies); no gradients yet (set to None);
-    - gradients: end of backward: P, the 16-bit (or adapter) gradients G and one checkpointed block's
-      recompute workspace; the saved activations are freed;
-    - optimizer step: P, G, the fp32 gradients of a mixed-precision step and the step's temporaries.
-    Formula: max(P + A + logits, P + G + workspace, P + G + G32 + temp).
-    Source: PyTorch autograd frees saved tensors as backward consumes them; ``Optimizer.zero_grad``
-    sets gradients to None (default since PyTorch 2.0); see ``optimizer_temp_bytes``.
-    """
-    persistent = sum(v for k, v in predicted.items() if k.split("/")[0] in ("weights", "optimizer"))
-    grads32 = predicted.get("gradients/fp32_partition", 0)
-    grads = sum(v for k, v in predicted.items() if k.split("/")[0] == "gradients") - grads32
-    saved = sum(v for k, v in predicted.items() if k in act.SAVED_ROWS)
-    return {
-        "activations (forward + loss)": persistent + saved + predicted.get("activations/logits", 0)
-        + predicted.get("runtime/dora_workspace", 0),
-        "gradients (end of backward)": persistent + grads + predicted.get("activations/recompute_workspace", 0),
-        "optimizer step": persistent + grads + grads32 + step_temp,
-    }
+    comp.validate(ctx)
+    rows, _ = comp.stage_rows(ctx)
+    rows = [r for r in rows if r.tier is Tier.GPU and r.component not in RUNTIME_ROWS]
+    if ctx.cfg.job.trains:
+        rows = [r for r in rows if not r.component.startswith("activations")]
+        parts = act.breakdown(ctx, counting_for_device(ctx.cfg, device))
+        rows += comp.with_phases(ctx, [Row(k, Tier.GPU, v) for k, v in parts.items()])
+    return {p.value: n for p, n in phase_totals(rows, Tier.GPU, comp.job_phases(ctx.cfg)).items()}
 
 
 def state_lines(predicted: dict[str, int], measured: dict[str, int]) -> list[Line]:
     """Exact lines for every weights/gradients/optimizer/kv_cache component either side has."""
-    names = [k for k in predicted if k.split("/")[0] in TOP_EXACT]
+    names = [k for k in predicted if k.split("/")[0] in TOP_EXACT and k not in TRANSIENT_ROWS]
     names += [k for k in measured if k not in predicted]
     return [Line(name, predicted.get(name), measured.get(name), EXACT) for name in names]
 
@@ -176,14 +129,15 @@ def peak_lines(predicted_peak: int, phase: str, measured: int, measured_phase: s
     """Training: the modelled peak (bounded) and the sum of memplan's rows (shown, not bounded)."""
     bound = f"{CPU_PEAK_BOUND_PCT if device == 'cpu' else CUDA_PEAK_BOUND_PCT:g}%"
     return [Line("peak/step (phase model)", predicted_peak, measured, bound,
-                 f"predicted at {phase}; measured in {measured_phase} ({_method(device)})"),
+                 f"memplan's answer (estimate's phase peak) at {phase}; measured in {measured_phase} ({_method(device)})"),
             Line("peak/step (rows summed)", rows_sum, measured, "",
-                 "memplan's estimate: every row added, gradients and activations together; no optimizer temporaries")]
+                 "every row added, rows never alive together included (not memplan's answer)")]
 
 
-def inference_peak_line(rows_sum: int, measured: int, measured_phase: str, *, device: str) -> Line:
-    """Inference: memplan's rows summed (weights, KV cache, workspace) against the measured peak; not bounded."""
-    return Line("peak/inference (rows summed)", rows_sum, measured, "",
+def inference_peak_line(answer: int, measured: int, measured_phase: str, *, device: str) -> Line:
+    """Inference: memplan's answer (the phase peak: weights, KV cache, prefill workspace) against the measured
+    peak; not bounded (the workspace rows model CUDA kernels)."""
+    return Line("peak/inference (answer)", answer, measured, "",
                 f"measured in {measured_phase} ({_method(device)}); workspace rows model CUDA kernels")
 
 

@@ -20,7 +20,6 @@ from memplan.measure import compare as cmp
 from memplan.measure.scaling import scaling_check
 from memplan.memory import activations as act
 from memplan.memory import activations_block as blk
-from memplan.memory import optimizer as opt
 from memplan.memory.context import Context
 
 MEASURED_JOBS = (Job.PRETRAIN, Job.FULL, Job.LORA, Job.INFER)
@@ -140,30 +139,19 @@ def _train_lines(ctx: Context, meas: Any, device: str) -> tuple[list[cmp.Line], 
     predicted, runtime = cmp.predicted_components(ctx, device)
     lines = cmp.state_lines(predicted, meas.components)
     lines += [cmp.Line(k, None, v, "", "not modelled by memplan") for k, v in meas.unmodelled.items()]
-    lines.append(cmp.saved_line(predicted, meas.saved["total_bytes"], device))
-    lines += cmp.transient_lines(predicted, ("activations/logits", "activations/recompute_workspace",
-                                             "runtime/dora_workspace"))
-    phases = cmp.step_phases(predicted, step_temp=_step_temp(ctx, predicted, device))
+    saved = cmp.saved_line(predicted, meas.saved["total_bytes"], device)
+    if ctx.cfg.recompute is Recompute.OP or (ctx.cfg.recompute_map and Recompute.OP in ctx.cfg.recompute_map):
+        saved = cmp.Line(saved.component, saved.predicted, saved.measured, "",
+                         "op-level checkpointing keeps its outputs outside saved_tensors_hooks: checked by the peak")
+    lines.append(saved)
+    lines += cmp.transient_lines(predicted, cmp.TRANSIENT_ROWS)
+    phases = cmp.answer_phases(ctx, device)
     phase = max(phases, key=lambda k: phases[k])
     lines += cmp.peak_lines(phases[phase], phase, meas.peak, meas.peak_phase, device=device,
                             rows_sum=sum(predicted.values()))
     if device != "cpu":
         lines += cmp.cuda_lines(predicted, runtime, phases[phase], meas.reserved, meas.driver_used)
     return lines, phases
-
-
-def _step_temp(ctx: Context, predicted: dict[str, int], device: str) -> int:
-    cfg = ctx.cfg
-    if cfg.job is Job.LORA:
-        from memplan.memory import peft
-
-        tensors = peft.lora_tensors(ctx.arch, cfg.lora)
-        largest, sdtype = max((t.numel for t in tensors), default=0), peft.adapter_state_dtype(cfg)
-    else:
-        largest = cmp.largest_update_numel(ctx.arch)
-        sdtype = opt.state_dtype(optimizer=cfg.optimizer, weight_dtype=cfg.dtype, master_weights=cfg.uses_master_weights)
-    return cmp.optimizer_temp_bytes(kind=cfg.optimizer, device=device, state_bits=sdtype.bits, largest_numel=largest,
-                                    second_moment_bytes=predicted.get("optimizer/adam_v", 0))
 
 
 def _infer_lines(ctx: Context, meas: Any, device: str, decode_steps: int) -> tuple[list[cmp.Line], dict[str, int]]:
@@ -186,11 +174,12 @@ def _infer_lines(ctx: Context, meas: Any, device: str, decode_steps: int) -> tup
                       f"after {decode_steps} decode step(s): {context} tokens")]
     names = tuple(k for k in predicted if k.startswith("activations"))
     lines += cmp.transient_lines(predicted, names)
-    total = sum(predicted.values())
+    phases = cmp.answer_phases(ctx, device)
+    total = max(phases.values())
     lines.append(cmp.inference_peak_line(total, meas.peak, meas.peak_phase, device=device))
     if device != "cpu":
         lines += cmp.cuda_lines(predicted, runtime, total, meas.reserved, meas.driver_used)
-    return lines, {"prefill + decode": total}
+    return lines, phases
 
 
 def measure_job(spec: ModelSpec, cfg: JobConfig, gpu: GpuSpec, host: HostSpec | None = None, *, device: str = "cpu",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memplan.catalog.schema import ModelSpec
-from memplan.config import Job, JobConfig, OptimizerKind
+from memplan.config import Job, JobConfig, OptimizerImpl, OptimizerKind, Recompute
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.measure.peak import PeakMeter, PhasePeaks, storage_bytes
@@ -81,11 +81,15 @@ def token_ids(vocab: int, batch: int, seq: int, device: str) -> Any:
     return torch.randint(TOKEN_FLOOR, vocab, (batch, seq), generator=generator).to(device)
 
 
-def _optimizer(kind: OptimizerKind, params: list[Any]) -> Any:
+def _optimizer(kind: OptimizerKind, params: list[Any], impl: OptimizerImpl = OptimizerImpl.FOREACH) -> Any:
+    """The torch optimizer; AdamW with the implementation named (``foreach``/``fused`` passed explicitly, so
+    a CPU run takes the path CUDA takes by default)."""
     import torch
 
     if kind in (OptimizerKind.ADAMW, OptimizerKind.ADAMW_BF16):
-        return torch.optim.AdamW(params, lr=LEARNING_RATE)
+        flags = {OptimizerImpl.FOREACH: {"foreach": True}, OptimizerImpl.FOR_LOOP: {"foreach": False},
+                 OptimizerImpl.FUSED: {"fused": True}}[impl]
+        return torch.optim.AdamW(params, lr=LEARNING_RATE, **flags)
     if kind is OptimizerKind.SGD:
         return torch.optim.SGD(params, lr=LEARNING_RATE)
     if kind is OptimizerKind.SGD_MOMENTUM:
@@ -96,10 +100,11 @@ def _optimizer(kind: OptimizerKind, params: list[Any]) -> Any:
 class Stepper:
     """The optimizer step: plain torch, or mixed precision with fp32 master copies."""
 
-    def __init__(self, params: list[Any], kind: OptimizerKind, master: bool) -> None:
+    def __init__(self, params: list[Any], kind: OptimizerKind, master: bool,
+                 impl: OptimizerImpl = OptimizerImpl.FOREACH) -> None:
         self.params = params
         self.masters = [p.detach().float().clone() for p in params] if master else []
-        self.optimizer = _optimizer(kind, self.masters or params)
+        self.optimizer = _optimizer(kind, self.masters or params, impl)
 
     def step(self) -> None:
         import torch
@@ -162,6 +167,10 @@ def prepare_training(model: Any, spec: ModelSpec, cfg: JobConfig, checkpointed: 
         model = wrap_lora(model, spec, cfg)
     if checkpointed:
         checkpoint_layers(model, checkpointed)
+        if cfg.recompute is Recompute.OP:
+            from memplan.measure.sac import op_checkpoint
+
+            op_checkpoint(model)
         if cfg.job is Job.LORA:  # as peft does: the block input must require grad to reach the adapters
             model.enable_input_require_grads()
     model.train()
@@ -211,7 +220,7 @@ def measure_training(model: Any, cfg: JobConfig, *, device: str, vocab: int) -> 
     """Warm-up step, one measured step, then the saved activations on a separate forward."""
     weights, trainable = _params_by_component(model)
     master = cfg.uses_master_weights if cfg.job is not Job.LORA else _adapter_master(cfg)
-    stepper = Stepper(trainable, cfg.optimizer, master)
+    stepper = Stepper(trainable, cfg.optimizer, master, cfg.optimizer_impl)
     ids = token_ids(vocab, cfg.micro_batch, cfg.seq_len, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

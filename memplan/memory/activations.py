@@ -76,7 +76,7 @@ def block_terms(ctx: Context, layer_index: int, counting: blk.Counting) -> list[
     """Every term one block saves for one micro-batch on one rank, without recompute."""
     spec, cfg = ctx.arch.spec, ctx.cfg
     layer = ctx.arch.layers[layer_index]
-    dm, tr = blk.dims(spec, cfg), lora.block_trainable(spec.family, layer, cfg)
+    dm, tr = blk.dims(spec, cfg), lora.block_trainable(spec.family, layer, cfg, layer_index)
     return (blk.norm_terms(spec, layer, dm, counting, tr) + blk.attention_terms(spec, layer, cfg, dm, counting, tr)
             + ffn.mlp_terms(spec, layer, dm, counting, tr) + ffn.dropout_terms(spec, cfg, dm, counting)
             + ffn.adapter_terms(dm, tr))
@@ -88,6 +88,10 @@ def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting:
     counting = counting or counting_for(cfg)
     if mode is Recompute.FULL:
         return blk.block_input_bytes(spec, cfg)
+    if mode is Recompute.OP:
+        from memplan.memory.activations_op import op_layer_bytes
+
+        return op_layer_bytes(ctx, layer_index)
     terms = block_terms(ctx, layer_index, counting)
     return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core)
 
@@ -107,13 +111,14 @@ def _core_bytes(ctx: Context, layer_index: int, counting: blk.Counting) -> int:
 def workspace_bytes(ctx: Context, mode: Recompute, layers: set[int], counting: blk.Counting | None = None) -> int:
     """Bytes live again while one checkpointed block is recomputed in backward (one micro-batch).
 
-    Full: the largest checkpointed block's saved tensors; selective: its S×S attention core.
+    Full and op-level: the largest checkpointed block's saved tensors (op-level recomputes the rest of the block,
+    alive with the outputs it kept); selective: its S×S attention core.
     Source: Korthikanti et al. 2022 Sec. 5 (recomputation happens one layer at a time).
     """
     counting = counting or counting_for(ctx.cfg)
     if mode is Recompute.NONE or not layers:
         return 0
-    if mode is Recompute.FULL:
+    if mode in (Recompute.FULL, Recompute.OP):
         return max(layer_micro_bytes(ctx, i, Recompute.NONE, counting) for i in layers)
     return max(_core_bytes(ctx, i, counting) for i in layers)
 

@@ -1,10 +1,14 @@
 """Which weights train in an adapter job, for the activation model (frozen weights save less).
 
-In LoRA and QLoRA (Hu et al. 2021; Dettmers et al. 2023) the base weights are frozen: autograd
-saves a linear layer's input only for its weight's gradient (PyTorch ``mm`` in derivatives.yaml;
-bitsandbytes ``MatMul4Bit`` keeps no input either), and a norm's normalized tensor only for its
+In LoRA (Hu et al. 2021) the base weights are frozen: autograd saves a linear layer's input only for its
+weight's gradient (PyTorch ``mm`` in derivatives.yaml), and a norm's normalized tensor only for its
 weight's. What still trains is each adapter: its lora_A reads the base input (saved), its lora_B
 the r-wide lora_A output (saved). Which modules get adapters is ``memplan.memory.peft``'s rule.
+
+QLoRA (Dettmers et al. 2023) differs: bitsandbytes' 4-bit (and 8-bit) matmul keeps its input whenever the input
+or the weight needs a gradient, frozen weight or not (bitsandbytes/autograd/_functions.py, ``MatMul4Bit.forward``:
+``if any(ctx.needs_input_grad[:2]): ctx.tensors = (A, B)``), so every quantized linear of a block saves its input
+as a trained one would (``quantized_inputs``).
 
 MoE experts and routers are parameters, not ``nn.Linear`` modules: peft adapts them through
 ``target_parameters`` (``ParamWrapper``), which adds B·A to the weight in every forward, so the
@@ -29,7 +33,7 @@ def adapter_job(cfg: JobConfig) -> bool:
     return cfg.job in (Job.LORA, Job.QLORA)
 
 
-def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig) -> Trainable:
+def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig, layer_index: int | None = None) -> Trainable:
     """The block's trained projections and LoRA modules; every weight trains outside adapter jobs.
 
     An adapter whose dtype is the activations' reads the base input itself (saved once, like a
@@ -57,8 +61,31 @@ def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig) -> Traina
         if shared_input:
             dense |= names
         adapters.append((0 if shared_input else tensor.shape[1], rank))
+    dense |= quantized_inputs(layer, cfg, layer_index)
     return Trainable(norms=False, dense=frozenset(dense), routed=frozenset(routed), adapters=tuple(adapters),
                      adapter_bits=bits, merged_weight_bytes=merged)
+
+
+def quantized_inputs(layer: Layer, cfg: JobConfig, layer_index: int | None = None) -> set[str]:
+    """Projections of the block whose input a bitsandbytes 4-bit linear keeps for backward (QLoRA): every
+    dense linear that bitsandbytes quantizes (not MoE experts, which are fused parameters, not ``nn.Linear``).
+
+    Source: bitsandbytes/autograd/_functions.py ``MatMul4Bit.forward`` saves ``ctx.tensors = (A, B)`` when
+    ``any(ctx.needs_input_grad[:2])``: with adapters upstream (or ``enable_input_require_grads``, which
+    peft's ``prepare_model_for_kbit_training`` sets) the hidden states require grad, so A is kept.
+    The 8-bit ``MatMul8bitLt.forward`` does the same (``ctx.tensors = (CAt, subA, A)``; CAt only when the weight
+    needs a gradient, subA only for outlier columns).
+    Assumes: the layer's format (``weights.layer_format``: the per-layer map, else the job's) is a bitsandbytes
+    one; GPTQ/AWQ kernels are not covered here.
+    """
+    from memplan.memory.quant import Library, get_format
+    from memplan.memory.weights import layer_format
+
+    fmt = layer_format(cfg, layer_index) if cfg.job is Job.QLORA else None
+    if fmt is None or get_format(fmt).library is not Library.BITSANDBYTES:
+        return set()
+    return {p for t in layer.tensors if t.role is Role.LINEAR and len(t.shape) == 2 and not t.routed
+            for p in t.projections}
 
 
 def _merged_bytes(tensor: Tensor, cfg: JobConfig, *, adapter_cast: bool) -> int:

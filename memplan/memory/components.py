@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from memplan.catalog.schema import Family
-from memplan.config import Job, ZeroStage
+from memplan.config import Job, JobConfig, ZeroStage
 from memplan.errors import MemplanError
 from memplan.memory import model_states as ms
-from memplan.memory.breakdown import Row, Tier, tier_total
+from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Phase, Row, Tier, peak, tier_total
 from memplan.memory.context import Context
 from memplan.memory.zero import StateBuffer
 
@@ -80,10 +80,53 @@ def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:
 
 
 def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
-    """The job's rows on the reported stage, before the runtime rows."""
+    """The job's rows on the reported stage, before the runtime rows, each with its phases."""
     if ctx.cfg.job is Job.INFER:
-        return _infer_rows(ctx, missing)
-    return state_rows(ctx) + _activation_rows(ctx, missing)
+        return with_phases(ctx, _infer_rows(ctx, missing))
+    return phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
+
+
+def phased_state_rows(ctx: Context) -> list[Row]:
+    """A training job's model-state rows plus the optimizer step's temporaries, each with its phases."""
+    from memplan.memory import optimizer_step
+
+    states = state_rows(ctx)
+    return with_phases(ctx, states + optimizer_step.rows(ctx, states))
+
+
+def job_phases(cfg: JobConfig) -> tuple[Phase, ...]:
+    """The phases of one step of the job: training's four, or serving's load, prefill and decode."""
+    return TRAIN_PHASES if cfg.job.trains else INFER_PHASES
+
+
+def gradients_persist(cfg: JobConfig) -> bool:
+    """Whether gradients are alive through forward too: with gradient accumulation (micro-batch k ≥ 2 runs its
+    forward with the gradients of 1..k−1) or a pipeline (1F1B: a stage's later forwards run while earlier
+    micro-batches' gradients exist)."""
+    return cfg.job.trains and (cfg.grad_accum > 1 or cfg.pp > 1)
+
+
+def with_phases(ctx: Context, rows: list[Row]) -> list[Row]:
+    """``rows`` with their phases from the registry (``memory.registry``); gradients alive in every training
+    phase when they persist across micro-batches (``gradients_persist``), except the fp32 gradients made just
+    before the optimizer step."""
+    from dataclasses import replace
+
+    from memplan.memory import registry
+
+    persist = gradients_persist(ctx.cfg)
+    out = []
+    for r in rows:
+        r = registry.with_phases(r)
+        if persist and r.component.startswith("gradients") and r.component != "gradients/fp32_partition":
+            r = replace(r, phases=r.phases | frozenset(TRAIN_PHASES))
+        out.append(r)
+    return out
+
+
+def allocated_peak(rows: list[Row], cfg: JobConfig) -> int:
+    """The largest phase total of the GPU rows (the bytes allocated to tensors at the step's peak)."""
+    return peak(rows, Tier.GPU, job_phases(cfg))[0] if rows else 0
 
 
 def state_rows(ctx: Context) -> list[Row]:
@@ -106,18 +149,19 @@ def stage_rows(ctx: Context) -> tuple[list[Row], list[str]]:
 
     missing: list[str] = []
     rows = job_rows(ctx, missing)
-    rows += runtime.rows(ctx, other_gpu_bytes=tier_total(rows, Tier.GPU))
+    rows += with_phases(ctx, runtime.rows(ctx, other_gpu_bytes=allocated_peak(rows, ctx.cfg)))
     return [r for r in rows if r.bytes or r.tier is Tier.GPU], missing
 
 
 def all_rows(ctx: Context) -> tuple[list[Row], list[str], int]:
-    """Rows of the most loaded GPU (every pipeline stage is evaluated), the components that cannot
+    """Rows of the GPU with the largest phase peak (every pipeline stage is evaluated), the components that cannot
     be modelled, and the stage reported."""
     validate(ctx)
     best: tuple[list[Row], list[str], int] | None = None
+    phases = job_phases(ctx.cfg)
     for stage in range(ctx.cfg.pp):
         rows, missing = stage_rows(ctx.at_stage(stage))
-        if best is None or tier_total(rows, Tier.GPU) > tier_total(best[0], Tier.GPU):
+        if best is None or peak(rows, Tier.GPU, phases)[0] > peak(best[0], Tier.GPU, phases)[0]:
             best = (rows, missing, stage)
     assert best is not None
     return best

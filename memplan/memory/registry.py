@@ -58,11 +58,15 @@ def with_phases(row: Row) -> Row:
 
 
 # Families: a row that is not declared on its own is alive wherever its family is.
+_F, _BS, _B, _O = TRAIN_PHASES
+_SAVED = (_F, _BS, Phase.PREFILL)
 register("weights", ALL, "parameters live through the whole step")
-register("gradients", (Phase.BACKWARD, Phase.OPTIMIZER), "gradients exist from backward until the optimizer step")
+register("gradients", (_B, _O), "gradients exist from backward until the optimizer step (zero_grad(set_to_none=True), "
+         "PyTorch >= 2.0); with accumulation or a pipeline they persist (components.phases_for)")
 register("optimizer", TRAIN_PHASES, "optimizer states persist across steps")
-register("activations", (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD, Phase.PREFILL),
-         "saved for backward during forward, freed during backward; the prefill forward when serving")
+register("activations", _SAVED,
+         "saved for backward during forward; all of them alive at the start of backward, freed as backward consumes "
+         "them (torch autograd); the prefill forward when serving")
 register("kv_cache", (Phase.PREFILL, Phase.DECODE), "allocated at the first forward, held while decoding")
 register("runtime", ALL, "process-wide: CUDA context, allocator reserve, margins")
 
@@ -80,3 +84,23 @@ register("gradients/reduce_bucket", (Phase.BACKWARD_START, Phase.BACKWARD),
 register("gradients/zero3_reduce_bucket", TRAIN_PHASES, "DeepSpeed stage3.py __ipg_bucket_flat_buffer, allocated at init")
 register("weights/zero3_prefetch", _TRAIN_SAVED, "DeepSpeed stage3 prefetch_bucket_size: parameters fetched ahead")
 register("weights/zero3_persistent", ALL, "DeepSpeed stage3 param_persistence_threshold: small params stay gathered")
+# Components alive in only part of their family's phases (measured shape, shared/design/engines-and-phases.md:
+# P + O + max(A + logits/loss transients, G + optimizer step temporaries)).
+register("gradients/fp32_partition", (_O,),
+         "fp32 gradients of the masters: made from the 16-bit gradients just before the optimizer step")
+register("gradients/zero3_live_grads", (_B, _O), "DeepSpeed ZeRO-3 gradients of the gathered modules during backward")
+register("weights/zero3_live_params", (_F, _BS, _B), "DeepSpeed ZeRO-3 parameters gathered for forward/backward")
+register("weights/offload_buffer", (_F, _BS, _B, Phase.PREFILL, Phase.DECODE),
+         "the offloaded module being run (forward, backward, serving steps)")
+register("activations/logits", (_BS, Phase.PREFILL),
+         "logits + fp32 copy in the loss, or their two fp32 gradients at the start of backward "
+         "(transformers ForCausalLMLoss; PyTorch nll_loss_backward, _log_softmax_backward_data)")
+register("activations/recompute_workspace", (_B,),
+         "one checkpointed block recomputed during backward (torch.utils.checkpoint)")
+register("activations/hidden_states", (Phase.PREFILL,), "serving: hidden states of the step's tokens")
+register("activations/prefill_workspace", (Phase.PREFILL,), "serving: the largest attention/MLP temporaries of a step")
+register("runtime/dora_workspace", (_BS,), "peft tuners/lora/dora.py: weight norm of the largest DoRA module per forward")
+register("optimizer/lowrank_workspace", (_O,), "GaLore/APOLLO projection of the largest matrix during the step")
+register("optimizer/step_temporaries", (_O,),
+         "torch.optim.AdamW step temporaries (torch/optim/adam.py _single_tensor_adam, _multi_tensor_adam, "
+         "_fused_adam): memory.optimizer_step")

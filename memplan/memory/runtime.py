@@ -162,7 +162,8 @@ def rows(ctx: Context, *, other_gpu_bytes: int) -> list[Row]:
     """The runtime rows of the reported GPU: its context, its allocator reserve and, when one is set, the
     safety margin (``safety_margin_bytes``), in bytes.
 
-    ``other_gpu_bytes`` is the sum of every other GPU row (the A of ``allocator_reserve_bytes``).
+    ``other_gpu_bytes`` is the A of ``allocator_reserve_bytes``: the bytes allocated to tensors at the step's
+    peak, the largest phase total of every other GPU row (``components.allocated_peak``).
     Values come from ``settings``: flags (``cuda_context_bytes``, ``allocator_reserve_pct``; 0 allowed),
     then a calibrated profile, then ``CUDA_CONTEXT_BYTES``/``ROCM_CONTEXT_BYTES`` and ``ALLOCATOR_RESERVE_PCT``.
     """
@@ -171,7 +172,7 @@ def rows(ctx: Context, *, other_gpu_bytes: int) -> list[Row]:
     out = [
         Row("runtime/cuda_context", Tier.GPU, st.context_bytes, st.context_source, f"{st.context_note} (cuda_context_bytes)"),
         Row("runtime/allocator_reserve", Tier.GPU, reserve, st.reserve_source,
-            f"{st.reserve_note} {st.reserve_pct:g}% of {other_gpu_bytes} allocated bytes (allocator_reserve_pct)"),
+            f"{st.reserve_note} {st.reserve_pct:g}% of {other_gpu_bytes} bytes allocated at the peak (allocator_reserve_pct)"),
     ]
     pct = ctx.cfg.safety_margin_pct
     if pct:

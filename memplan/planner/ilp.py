@@ -84,7 +84,7 @@ class IlpBuilder(LayerBlocks):
         self.n: dict[tuple[int, Any, str], Any] = {}
         self.any: dict[tuple[int, Any, str], Any] = {}
         self.w: dict[tuple[int, Any, str, tuple], Any] = {}
-        self.ws: dict[tuple[int, int, int], Any] = {}
+        self.ws: dict[tuple[int, int, int, int], Any] = {}
         self.groups: list[dict[tuple[int, int], list[int]]] = []
         for bi, lb in enumerate(P.blocks):
             self._layers(bi, lb)
@@ -105,7 +105,8 @@ class IlpBuilder(LayerBlocks):
             self.prob += pl.lpSum(zs) == self.x[d, v], f"marg_{safe_name(f.name)}_{safe_name(d)}_{idx}"
 
     # -- constraints ---------------------------------------------------------------------------
-    def _gpu_terms(self, p: int, s: int) -> list[Any]:
+    def _gpu_terms(self, p: int, s: int, phase: str | None = None) -> list[Any]:
+        """GPU terms of stage ``s`` under pp = ``p`` alive in ``phase`` (None: every byte of every phase)."""
         P = self.p
         terms = []
         for f in P.factors:
@@ -114,28 +115,59 @@ class IlpBuilder(LayerBlocks):
                 if has_pp and key[f.dims.index("pp")] != p:
                     continue
                 idx = s if has_pp else 0
-                nbytes = e.gpu[idx] if idx < len(e.gpu) else 0
+                per_stage = e.gpu_in(phase)
+                nbytes = per_stage[idx] if idx < len(per_stage) else 0
                 if nbytes:
                     terms.append(ceil_unit(nbytes) * self.z[f.name, key])
         for bi, lb in enumerate(P.blocks):
-            terms += self._block_terms(bi, lb, p, s)
+            terms += self._block_terms(bi, lb, p, s, phase)
+        if phase in P.persist_phases and (p, s) in self.persist:
+            terms.append(self.persist[p, s])
         return terms
+
+    def _persist(self) -> None:
+        """``u[p, s]`` = the persisting bytes (gradients kept across micro-batches) of the chosen states row when
+        the chosen shape row accumulates: u ≥ Σ_k c_k·z_k − M·(1 − Σ_accumulating z), u ≥ 0."""
+        pl, P = self.pulp, self.p
+        self.persist: dict[tuple[int, int], Any] = {}
+        if not P.persist_phases:
+            return
+        for p in P.dims.get("pp", (1,)):
+            accum = [self.z[f.name, k] for f in P.factors for k, e in f.entries.items() if e.accumulates
+                     and ("pp" not in f.dims or k[f.dims.index("pp")] == p)]
+            for s in range(p):
+                terms, big = [], 0
+                for f in P.factors:
+                    for k, e in f.entries.items():
+                        if s < len(e.persist_gpu) and e.persist_gpu[s] and (
+                                "pp" not in f.dims or k[f.dims.index("pp")] == p):
+                            c = ceil_unit(e.persist_gpu[s])
+                            terms.append(c * self.z[f.name, k])
+                            big = max(big, c)
+                if not terms or not accum:
+                    continue
+                var = pl.LpVariable(f"persist_pp{p}_s{s}", lowBound=0)
+                self.persist[p, s] = var
+                self.prob += var >= pl.lpSum(terms) - big * (1 - pl.lpSum(accum)), f"persist_pp{p}_s{s}"
 
     def _memory(self) -> None:
         pl, P = self.pulp, self.p
         pps = P.dims.get("pp", (1,))
         scale = 1.0 + P.gpu_scale_pct / 100.0
         cap = math.floor(P.gpu_capacity / UNIT / scale) - 1
-        self.gpu_rows: dict[tuple[int, int], Any] = {}
+        self._persist()
+        self.gpu_rows: dict[tuple[int, int, str | None], Any] = {}
         for p in pps:
             for s in range(p):
-                expr = pl.lpSum(self._gpu_terms(p, s))
-                self.gpu_rows[p, s] = expr
-                big = self._upper(expr) - cap
-                if len(pps) > 1 and big > 0 and not self._conditional():
-                    self.prob += expr <= cap + big * (1 - self.x["pp", p]), f"gpu_mem_pp{p}_stage{s}"
-                else:
-                    self.prob += expr <= cap, f"gpu_mem_pp{p}_stage{s}"
+                for phase in P.phases or (None,):
+                    expr = pl.lpSum(self._gpu_terms(p, s, phase))
+                    self.gpu_rows[p, s, phase] = expr
+                    tag = f"gpu_mem_pp{p}_stage{s}" + (f"_{phase}" if phase else "")
+                    big = self._upper(expr) - cap
+                    if len(pps) > 1 and big > 0 and not self._conditional():
+                        self.prob += expr <= cap + big * (1 - self.x["pp", p]), tag
+                    else:
+                        self.prob += expr <= cap, tag
         for tier, capacity in (("cpu", P.cpu_capacity), ("nvme", P.nvme_capacity)):
             terms = [ceil_unit(getattr(e, tier)) * self.z[f.name, k]
                      for f in P.factors for k, e in f.entries.items() if getattr(e, tier)]
@@ -182,9 +214,9 @@ class IlpBuilder(LayerBlocks):
             self.primary, self.primary_scale = ERROR_SCALE * self.error_expr(), ERROR_SCALE  # solver units
         elif P.objective == "min_gpu_bytes":
             worst = pl.LpVariable("peak_gpu_units", lowBound=0)
-            for (p, s), expr in self.gpu_rows.items():
+            for (p, s, phase), expr in self.gpu_rows.items():
                 relax = 0 if self._conditional() or "pp" not in P.dims else self._upper(expr) * (1 - self.x["pp", p])
-                self.prob += worst >= expr - relax, f"peak_pp{p}_s{s}"
+                self.prob += worst >= expr - relax, f"peak_pp{p}_s{s}" + (f"_{phase}" if phase else "")
             self.primary = worst
         self.prob += self.primary if self.primary is not None else SECONDS_SCALE * self.seconds_expr()
 

@@ -22,7 +22,7 @@ class LayerBlocks:
     n: dict[tuple[int, Any, str], Any]
     any: dict[tuple[int, Any, str], Any]
     w: dict[tuple[int, Any, str, tuple], Any]
-    ws: dict[tuple[int, int, int], Any]
+    ws: dict[tuple[int, int, int, int], Any]
     groups: list[dict[tuple[int, int], list[int]]]
 
     def _factor(self, f: Factor) -> None:  # provided by IlpBuilder
@@ -91,26 +91,37 @@ class LayerBlocks:
                           f"suffix_{bi}_{safe_name(gkey)}")
 
     def _workspace(self, bi: int, lb: LayerBlock, y: dict[tuple, Any]) -> None:
-        """``ws[b, p, s]``: bytes live while the largest layer of stage s (under pp = p) in a workspace mode
-        runs: ws ≥ Σ_k W(k)·(any[G,m] + y[k] − 1) for every group G of that stage."""
-        pl = self.pulp
+        """``ws[b, p, s, kind]``: bytes live while the largest layer of stage s (under pp = p) in a workspace mode
+        runs: ws ≥ Σ_k W(k)·(any[G,m] + y[k] − 1) for every group G of that stage. ``kind`` 0 is ``workspace``,
+        1 ``flight_workspace`` (× micro-batches in flight); when both are alive in the same phases they share
+        one variable (kind 0)."""
         assert lb.workspace is not None
+        split = lb.flight_workspace is not None and lb.workspace_phases != lb.flight_phases
         for p in self.p.dims.get("pp", (1,)):
             for s in range(p):
-                var = pl.LpVariable(f"ws{bi}_pp{p}_s{s}", lowBound=0)
-                self.ws[bi, p, s] = var
-                for gi, (gkey, members) in enumerate(self.groups[bi].items()):
-                    rep = members[0]
-                    if stage_of(rep, self.p.num_layers, p) != s:
-                        continue
-                    for m, keyed in lb.workspace[rep].items():
-                        extra = lb.flight_workspace[rep][m] if lb.flight_workspace else {}
-                        coef = {k: ceil_unit(n + (p - s) * extra.get(k, 0)) for k, n in keyed.items()
-                                if "pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p}
-                        total = sum(coef.values())
-                        if total:
-                            expr = total * self.any[bi, gkey, m] + pl.lpSum(c * y[k] for k, c in coef.items()) - total
-                            self.prob += var >= expr, f"ws{bi}_{p}_{s}_{gi}_{safe_name(m)}"
+                if split:
+                    self._ws_var(bi, lb, y, p, s, 0, work=True, held=False)
+                    self._ws_var(bi, lb, y, p, s, 1, work=False, held=True)
+                else:
+                    self._ws_var(bi, lb, y, p, s, 0, work=True, held=True)
+
+    def _ws_var(self, bi: int, lb: LayerBlock, y: dict[tuple, Any], p: int, s: int, kind: int, *, work: bool,
+                held: bool) -> None:
+        pl = self.pulp
+        var = pl.LpVariable(f"ws{bi}_pp{p}_s{s}" + ("_h" if kind else ""), lowBound=0)
+        self.ws[bi, p, s, kind] = var
+        for gi, (gkey, members) in enumerate(self.groups[bi].items()):
+            rep = members[0]
+            if stage_of(rep, self.p.num_layers, p) != s:
+                continue
+            for m, keyed in lb.workspace[rep].items():  # type: ignore[index]
+                extra = lb.flight_workspace[rep][m] if lb.flight_workspace and held else {}
+                coef = {k: ceil_unit((n if work else 0) + (p - s) * extra.get(k, 0)) for k, n in keyed.items()
+                        if "pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p}
+                total = sum(coef.values())
+                if total:
+                    expr = total * self.any[bi, gkey, m] + pl.lpSum(c * y[k] for k, c in coef.items()) - total
+                    self.prob += var >= expr, f"ws{bi}_{p}_{s}_{gi}_{safe_name(m)}" + ("_h" if kind else "")
 
     def modes(self, bi: int = 0) -> list[str]:
         """Per-layer modes of block ``bi`` in the solution: in each group the most-saving mode on its first
@@ -125,9 +136,13 @@ class LayerBlocks:
                 out[layer] = m
         return out
 
-    def _block_terms(self, bi: int, lb: LayerBlock, p: int, s: int) -> list[Any]:
+    def _block_terms(self, bi: int, lb: LayerBlock, p: int, s: int, phase: str | None = None) -> list[Any]:
+        """The block's GPU terms on stage ``s`` under pp = ``p`` alive in ``phase`` (None: all of them)."""
         if not lb.stages and p != 1:
             return []
+        tables = [lb.gpu] if lb.alive(phase, lb.phases) else []
+        if lb.phase_gpu is not None:
+            tables += [t for ph, t in lb.phase_gpu.items() if phase is None or ph == phase]
         terms = []
         for gkey, members in self.groups[bi].items():
             rep = members[0]
@@ -135,14 +150,28 @@ class LayerBlocks:
                 continue
             mult = (p - s) if lb.in_flight else 1
             for m in lb.modes:
-                for k, nbytes in lb.gpu[rep][m].items():
+                for k in lb.gpu[rep][m]:
+                    nbytes = sum(t[rep][m].get(k, 0) for t in tables)
                     if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
                         terms.append(ceil_unit(nbytes * mult) * self.w[bi, gkey, m, k])
-        if (bi, p, s) in self.ws:
-            terms.append(self.ws[bi, p, s])
+        if (bi, p, s, 0) in self.ws and lb.alive(phase, _shared_phases(lb)):
+            terms.append(self.ws[bi, p, s, 0])
+        if (bi, p, s, 1) in self.ws and lb.alive(phase, lb.flight_phases):
+            terms.append(self.ws[bi, p, s, 1])
         return terms
 
     def _block_sum(self, attr: str) -> list[Any]:
         return [v * self.w[bi, g, m, k] for bi, lb in enumerate(self.p.blocks) if getattr(lb, attr) is not None
                 for g, members in self.groups[bi].items()
                 for m, keyed in getattr(lb, attr)[members[0]].items() for k, v in keyed.items() if v]
+
+
+def _shared_phases(lb: LayerBlock) -> frozenset[str] | None:
+    """Phases of the workspace variable of kind 0: ``workspace_phases``, or, when the in-flight workspace shares
+    that variable (``_workspace``), the union of both (None: all phases)."""
+    split = lb.flight_workspace is not None and lb.workspace_phases != lb.flight_phases
+    if split or lb.flight_workspace is None:
+        return lb.workspace_phases
+    if lb.workspace_phases is None or lb.flight_phases is None:
+        return None
+    return lb.workspace_phases | lb.flight_phases

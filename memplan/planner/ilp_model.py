@@ -40,6 +40,20 @@ class Entry:
     """Quality loss (the ``min_error`` objective), e.g. of the tensors outside the blocks."""
     cpu_floor: int = 0
     """CPU bytes per node this row needs whatever the per-layer blocks add (a second, separate constraint)."""
+    phase_gpu: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Bytes per pipeline stage alive in each phase of the step ((phase, per-stage bytes), ...); empty: ``gpu``
+    is alive in every phase. With phases, ``gpu`` is their per-stage maximum (a conservative summary)."""
+    persist_gpu: tuple[int, ...] = ()
+    """Per stage: bytes (the gradients) alive in ``Problem.persist_phases`` only when the chosen shape row
+    ``accumulates`` (gradient accumulation: micro-batch k ≥ 2 runs forward with the earlier gradients)."""
+    accumulates: bool = False
+    """Shape rows: whether this shape runs more than one micro-batch per step (``persist_gpu`` applies)."""
+
+    def gpu_in(self, phase: str | None) -> tuple[int, ...]:
+        """Per-stage bytes alive in ``phase`` (None: the all-phase summary ``gpu``)."""
+        if phase is None or not self.phase_gpu:
+            return self.gpu
+        return dict(self.phase_gpu).get(phase, ())
 
 
 @dataclass
@@ -83,6 +97,19 @@ class LayerBlock:
     suffix_mode: str | None = None
     """The layers in this mode form a suffix of the layer order (DeepSpeed's partial offload: the last
     sub-groups go to the CPU); the ILP orders the groups and ``modes()`` puts it on each group's last layers."""
+    phases: frozenset[str] | None = None
+    """The phases in which ``gpu`` bytes are alive (None: all), e.g. saved activations: forward and the
+    start of backward."""
+    workspace_phases: frozenset[str] | None = None
+    """The phases in which ``workspace`` is alive (None: all), e.g. the recompute workspace: backward."""
+    flight_phases: frozenset[str] | None = None
+    """The phases in which ``flight_workspace`` is alive (None: all)."""
+    phase_gpu: dict[str, list[dict[str, dict[tuple, int]]]] | None = None
+    """Extra GPU bytes per phase, per layer, mode and key, beside ``gpu`` (e.g. the fp32 gradients of a layer's
+    GPU-side optimizer, alive at the optimizer step only)."""
+
+    def alive(self, phase: str | None, which: frozenset[str] | None) -> bool:
+        return phase is None or which is None or phase in which
 
 
 @dataclass
@@ -101,6 +128,11 @@ class Problem:
     cuts: list[dict[str, Any]] = field(default_factory=list)
     extra_blocks: list[LayerBlock] = field(default_factory=list)
     """Further per-layer decisions beside ``layers``; their bytes, seconds and errors add up per layer."""
+    phases: tuple[str, ...] = ()
+    """The phases of the step: one GPU memory constraint per phase, pipeline degree and stage (the answer is
+    the largest phase total); empty: one constraint per stage with every byte alive at once."""
+    persist_phases: tuple[str, ...] = ()
+    """The phases in which ``Entry.persist_gpu`` counts when the chosen shape ``accumulates``."""
 
     @property
     def blocks(self) -> list[LayerBlock]:

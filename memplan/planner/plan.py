@@ -161,7 +161,7 @@ def rank_candidates(candidates: list[Candidate], primary: Any = None) -> None:
 
     def key(c: Candidate) -> tuple[Any, ...]:
         value = primary(c) if primary is not None else c.objective_value
-        return (float(f"{value:.12g}"), c.config.world_size, c.estimate.total(Tier.GPU), c.config.model_dump_json())
+        return (float(f"{value:.12g}"), c.config.world_size, c.estimate.peak(Tier.GPU), c.config.model_dump_json())
 
     candidates.sort(key=key)
 

@@ -30,7 +30,7 @@ def _fits(req: Any) -> Any:
 
 def _entry(change: str, flags: str, best: Any) -> dict[str, Any]:
     return {"change": change, "flags": flags, "verified": True,
-            "gpu_total_bytes": best.estimate.total(Tier.GPU), "tokens_per_s": round(best.tokens_per_s, 3)}
+            "gpu_total_bytes": best.estimate.peak(Tier.GPU), "tokens_per_s": round(best.tokens_per_s, 3)}
 
 
 UNLIMITED_MIB = 2**39
@@ -58,7 +58,7 @@ def binding(req: Any, result: Any) -> None:
     over = -est.headroom(tier)
     where = "per GPU" if tier is Tier.GPU else "per node"
     result.binding = (f"{tier.value} memory: even the leanest configuration in the search space needs "
-                      f"{est.total(tier) / GiB:,.2f} GiB {where} against {est.capacity(tier) / GiB:,.2f} GiB "
+                      f"{est.peak(tier) / GiB:,.2f} GiB {where} against {est.capacity(tier) / GiB:,.2f} GiB "
                       f"(over by {max(over, 0) / GiB:,.2f} GiB)")
 
 

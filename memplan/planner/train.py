@@ -8,7 +8,7 @@ bytes are ``estimate``'s bytes; the chosen plan is re-checked by ``estimate`` an
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
 
@@ -19,15 +19,15 @@ from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
 from memplan.memory import components, runtime
-from memplan.memory.breakdown import Tier, tier_total
+from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
-from memplan.planner import cost, train_offload
+from memplan.planner import cost, train_offload, train_phases
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Entry, Factor, Problem
 
 STATE_DIMS = ("tp", "pp", "placement", "optimizer", "quant")
 SHAPE_DIMS = ("tp", "pp", "micro_batch", "seq_len")
-SAVINGS = {Recompute.NONE.value: 0, Recompute.SELECTIVE.value: 1, Recompute.FULL.value: 2}
+SAVINGS = {Recompute.NONE.value: 0, Recompute.SELECTIVE.value: 1, Recompute.OP.value: 2, Recompute.FULL.value: 3}
 NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "activations/layer_kwargs")
 
 
@@ -107,18 +107,17 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
             reasons.append(f"{_describe(choice)}: {exc}")
             continue
         per_stage = [[r for r in rows if not r.component.startswith("activations")] for rows in per_stage]
-        gpu = [tier_total(rows, Tier.GPU) for rows in per_stage]
-        if split:
-            gpu = [g - _layer_optimizer_gpu(c) for g, c in zip(gpu, ctxs, strict=True)]
-        if not layer_weights:
-            gpu = [g - _layer_weights_gpu(c) for g, c in zip(gpu, ctxs, strict=True)]
+        phases = train_phases.state_phases(per_stage, ctxs, cfg, split=split, layer_weights=layer_weights)
+        gpu = [max(per.values()) for per in phases]
+        persist = tuple(train_phases.persisting(rows) for rows in per_stage) if cfg.pp == 1 else ()
         cpu = max(tier_total(rows, Tier.CPU) for rows in per_stage)
         nvme = max(tier_total(rows, Tier.NVME) for rows in per_stage)
         floor = 0
         if split:  # the block adds layers to the steady CPU bytes: keep the load peak apart (see _split_cpu)
             cpu, floor = _split_cpu(per_stage[0], cfg)
         entries[key] = Entry(gpu=tuple(gpu), cpu=cpu, nvme=nvme, seconds=offload_seconds(setting, cfg, per_stage),
-                             cpu_floor=floor)
+                             cpu_floor=floor, persist_gpu=persist,
+                             phase_gpu=tuple((p.value, tuple(per[p] for per in phases)) for p in TRAIN_PHASES))
     return Factor("states", names, entries), reasons
 
 
@@ -152,37 +151,16 @@ def _state_rows(setting: TrainSetting, cfg: JobConfig, ctxs: list[Context]) -> l
     split = cfg.optimizer_gpu_layers
     by_index = cfg.quant_map is not None or (split is not None and split < len(setting.arch.layers))
     if by_index or job_library(cfg) is Library.GGUF:
-        return [components.state_rows(c) for c in ctxs]
+        return [train_phases.phased(c) for c in ctxs]
     classes = layer_classes(setting.arch)
     seen: dict[tuple, list] = {}
     out = []
     for c in ctxs:
         sig = (c.stage == 0, c.stage == cfg.pp - 1, tuple(classes[i] for i, _ in c.layers))
         if sig not in seen:
-            seen[sig] = components.state_rows(c)
+            seen[sig] = train_phases.phased(c)
         out.append(seen[sig])
     return out
-
-
-def _layer_weights_gpu(ctx: Context) -> int:
-    """GPU bytes of the stage's layers' weights in the row's format (whole: no ZeRO-3, no offload)."""
-    from memplan.memory.weights import layer_format, layer_weight_bytes
-
-    return sum(layer_weight_bytes(ctx, i, layer_format(ctx.cfg, i)) for i, _ in ctx.layers)
-
-
-def _layer_optimizer_gpu(ctx: Context) -> int:
-    """GPU bytes of the stage's layers' optimizer-side states (identical layers evaluated once)."""
-    from memplan.memory.model_states import layer_optimizer_bytes
-
-    classes = layer_classes(ctx.arch)
-    per_class: dict[int, int] = {}
-    total = 0
-    for i, _ in ctx.layers:
-        if classes[i] not in per_class:
-            per_class[classes[i]] = layer_optimizer_bytes(ctx, i)[0]
-        total += per_class[classes[i]]
-    return total
 
 
 def offload_seconds(setting: TrainSetting, cfg: JobConfig, per_stage: list) -> float:
@@ -223,11 +201,14 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
     """Activations outside the blocks (embeddings, loss, logits) per stage, and step time by shape."""
     entries: dict[tuple, Entry] = {}
     for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
-        gpu = []
+        per_stage = []
         for ctx in _contexts(setting, cfg):
             parts = act.breakdown(ctx) if act.modelled(ctx) else {}
-            gpu.append(sum(v for k, v in parts.items() if k not in NOT_LAYER_ROWS))
-        entries[key] = Entry(gpu=tuple(gpu), seconds=shape_seconds(setting, cfg))
+            rows = [Row(k, Tier.GPU, v) for k, v in parts.items() if k not in NOT_LAYER_ROWS]
+            per_stage.append(phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES))
+        entries[key] = Entry(gpu=tuple(max(per.values()) for per in per_stage), seconds=shape_seconds(setting, cfg),
+                             phase_gpu=tuple((p.value, tuple(per[p] for per in per_stage)) for p in TRAIN_PHASES),
+                             accumulates=cfg.grad_accum > 1)
     return Factor("shape", SHAPE_DIMS, entries)
 
 
@@ -300,7 +281,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
 
         extra.append(train_quant.build_block(setting, dims, formats))
     if value_of is not None:
-        shape.entries = {k: Entry(e.gpu, e.cpu, e.nvme, e.seconds, value_of(dict(zip(SHAPE_DIMS, k, strict=True))))
+        shape.entries = {k: replace(e, value=value_of(dict(zip(SHAPE_DIMS, k, strict=True))))
                          for k, e in shape.entries.items()}
     context, pct = runtime_terms(setting)
     host = setting.host
@@ -316,7 +297,8 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
-                      extra_blocks=extra)
+                      extra_blocks=extra, phases=tuple(p.value for p in TRAIN_PHASES),
+                      persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value))
     return problem, reasons
 
 

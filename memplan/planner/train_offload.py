@@ -88,6 +88,7 @@ def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
     """GPU bytes (kept) or CPU bytes per node (offloaded) of each layer's optimizer-side states, and the
     seconds an offloaded layer adds, keyed by (tp, pp, optimizer, opt_split). Under "all" only ``gpu``
     exists at zero cost (the states factor already counts every state)."""
+    from memplan.memory.breakdown import TRAIN_PHASES
     from memplan.memory.context import Context
     from memplan.memory.model_states import layer_optimizer_bytes
     from memplan.planner.train import config_for
@@ -97,7 +98,7 @@ def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
     arch = setting.arch
     classes = layer_classes(arch, by_kind=False)
     first = {c: classes.index(c) for c in set(classes)}
-    per_class: dict[tuple, tuple[int, int, float]] = {}
+    per_class: dict[tuple, tuple[dict, int, float]] = {}
     placement = (ZeroStage.PARAMETERS, Offload.CPU, Offload.NONE)
     for tp, pp, opt in product(dims["tp"], dims["pp"], dims["optimizer"]):
         if pp > 1 or not splittable(placement, opt, setting.base.job):  # one suffix per model: no pipeline stages
@@ -110,13 +111,16 @@ def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
         ctx = Context(arch, cfg, setting.gpu, setting.host)
         pct = cpu_factor_pct(cfg)
         for c, i in first.items():
-            gpu, cpu = layer_optimizer_bytes(ctx, i)
+            cpu = layer_optimizer_bytes(ctx, i)[1]
             shard = arch.layers[i].params // tp  # a layer sits whole on one pipeline stage
-            per_class[c, tp, pp, opt] = (gpu, -(-cpu * pct // 100), layer_offload_seconds(setting, cfg, shard))
+            per_class[c, tp, pp, opt] = (layer_phase_bytes(ctx, i), -(-cpu * pct // 100),
+                                         layer_offload_seconds(setting, cfg, shard))
     gpu_t: list[dict[str, dict[tuple, int]]] = []
     cpu_t: list[dict[str, dict[tuple, int]]] = []
     sec_t: list[dict[str, dict[tuple, float]]] = []
+    extra_t: dict[str, list[dict[str, dict[tuple, int]]]] = {p.value: [] for p in TRAIN_PHASES}
     for c in classes:
+        extra: dict[str, dict[str, dict[tuple, int]]] = {p.value: {m: {} for m in MODES} for p in TRAIN_PHASES}
         gpu: dict[str, dict[tuple, int]] = {m: {} for m in MODES}
         cpu: dict[str, dict[tuple, int]] = {m: {} for m in MODES}
         sec: dict[str, dict[tuple, float]] = {m: {} for m in MODES}
@@ -128,14 +132,48 @@ def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
             if split == ALL:
                 gpu["gpu"][key], cpu["gpu"][key], sec["gpu"][key] = 0, 0, 0.0
                 continue
-            g, h, s = got
+            phases, h, s = got
+            g = min(phases.values())  # alive in every phase; the rest per phase (fp32 gradients, step temporaries)
             gpu["gpu"][key], cpu["gpu"][key], sec["gpu"][key] = g, 0, 0.0
             gpu["cpu"][key], cpu["cpu"][key], sec["cpu"][key] = 0, h, s
+            for p, n in phases.items():
+                if n > g:
+                    extra[p.value]["gpu"][key] = n - g
         gpu_t.append(gpu)
         cpu_t.append(cpu)
         sec_t.append(sec)
+        for p, per in extra.items():
+            extra_t[p].append(per)
     return LayerBlock(modes=MODES, key_dims=KEY_DIMS, gpu=gpu_t, seconds=sec_t, cpu=cpu_t, classes=classes,
-                      in_flight=False, name=BLOCK_NAME, contiguous=True, suffix_mode="cpu", stages=False)
+                      in_flight=False, name=BLOCK_NAME, contiguous=True, suffix_mode="cpu", stages=False,
+                      phase_gpu=extra_t)
+
+
+def layer_phase_bytes(ctx: Any, layer_index: int) -> dict[Any, int]:
+    """GPU bytes per training phase of layer ``layer_index``'s optimizer side when kept on the GPU: its buffers of
+    ``model_states.set_buffers`` (master copy and states in every phase, the fp32 gradient partition at the
+    optimizer step) and, with foreach AdamW, its share of the step temporaries (its second moments once more;
+    ``optimizer_step.foreach_temp_bytes``). For-loop temporaries (the largest tensor) stay with the states factor.
+    Evaluated as one micro-batch per step (persisting gradients are the ILP's ``Entry.persist_gpu``)."""
+    from memplan.config import OptimizerImpl
+    from memplan.memory import components, optimizer_step
+    from memplan.memory.breakdown import TRAIN_PHASES, Row, Tier, phase_totals
+    from memplan.memory.context import Context
+    from memplan.memory.model_states import set_buffers, trained
+    from memplan.memory.zero import place
+
+    cfg = ctx.cfg.model_copy(update={"grad_accum": 1})
+    ctx = Context(ctx.arch, cfg, ctx.gpu, ctx.host, ctx.stage_override)
+    tensors = trained(list(ctx.arch.layers[layer_index].tensors))
+    rows = [place(b, zero=cfg.zero, dp=cfg.dp, gpus_per_node=cfg.gpus_per_node)
+            for b in set_buffers(ctx, tensors=tensors, opt_tier=Tier.GPU)] if tensors else []
+    rows = [r for r in rows if r.tier is Tier.GPU]
+    if cfg.optimizer_impl is OptimizerImpl.FOREACH:
+        v = sum(r.bytes for r in rows if r.component == "optimizer/adam_v")
+        temp = optimizer_step.temp_bytes(ctx, second_moment_bytes=v)
+        if temp:
+            rows.append(Row("optimizer/step_temporaries", Tier.GPU, temp))
+    return phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES)
 
 
 def gpu_layers(modes: list[str]) -> int:

@@ -54,7 +54,7 @@ def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) 
     offload = train.offload_seconds(setting, cfg, per_stage)
     from memplan.planner.train_recompute import recompute_seconds
 
-    recompute = sum(recompute_seconds(setting, cfg, layer.params, Recompute(m))
+    recompute = sum(recompute_seconds(setting, cfg, layer, Recompute(m))
                     for layer, m in zip(setting.arch.layers, modes, strict=False))
     return train.shape_seconds(setting, cfg) + comm + offload + recompute
 

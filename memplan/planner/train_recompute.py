@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from itertools import product
 
+from memplan.arch.tensors import Layer
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations as act
+from memplan.memory.breakdown import Phase
 from memplan.memory.context import Context
 from memplan.planner import cost
 from memplan.planner.classes import layer_classes
@@ -41,7 +43,7 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
             for m in modes:
                 mode = Recompute(m)
                 gpu[m] = act.layer_micro_bytes(ctx, i, mode)
-                secs[m] = recompute_seconds(setting, cfg, arch.layers[i].params, mode)
+                secs[m] = recompute_seconds(setting, cfg, arch.layers[i], mode)
                 recomputed = mode is not Recompute.NONE
                 work[m] = act.workspace_bytes(ctx, mode, {i}) if recomputed else 0
                 held[m] = act.layer_kwargs_bytes(ctx, {i}, counting) if recomputed else 0
@@ -65,7 +67,16 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
             for m in [m for m in per if m not in modes]:
                 del per[m]
     return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu_t, seconds=sec_t, workspace=work_t,
-                      flight_workspace=held_t, classes=classes, savings_rank={m: SAVINGS[m] for m in modes})
+                      flight_workspace=held_t, classes=classes, savings_rank={m: SAVINGS[m] for m in modes},
+                      phases=_phases("activations/layers"), workspace_phases=_phases("activations/recompute_workspace"),
+                      flight_phases=_phases("activations/layer_kwargs"))
+
+
+def _phases(component: str) -> frozenset[str]:
+    """The registry's phases of ``component`` (``memory.registry``), as the ILP's phase names."""
+    from memplan.memory import registry
+
+    return frozenset(p.value for p in registry.lookup(component).phases)
 
 
 def _undominated(modes: tuple[str, ...], gpu: list, secs: list) -> tuple[str, ...]:
@@ -92,14 +103,16 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     Per stage s of p: need = Σ_layers (p − s)·A_none + leanest states + shape − capacity; every byte
     saved costs at least the cheapest seconds-per-byte of any mode, so seconds ≥ need × that ratio.
     A valid inequality (it ignores the recompute workspace, which only adds need), it lets the ILP
-    prune global choices whose per-layer optimum is dear without branching on them.
+    prune global choices whose per-layer optimum is dear without branching on them. Bytes are those of the
+    start of backward, the phase in which every saved activation is alive.
     """
+    start = Phase.BACKWARD_START.value
     num = len(setting.arch.layers)
     lean: dict[tuple, list[int]] = {}
     for key, e in states.entries.items():
         tp, pp = key[0], key[1]
-        cur = lean.setdefault((tp, pp), list(e.gpu))
-        lean[tp, pp] = [min(a, b) for a, b in zip(cur, e.gpu, strict=True)]
+        cur = lean.setdefault((tp, pp), list(e.gpu_in(start)))
+        lean[tp, pp] = [min(a, b) for a, b in zip(cur, e.gpu_in(start), strict=True)]
     out: dict[tuple, float | None] = {}
     none = min(layers.modes, key=lambda m: layers.savings_rank.get(m, 0))  # the least-saving mode allowed
     for key in {k for per in layers.gpu for m in per.values() for k in m}:
@@ -113,7 +126,7 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
             members = range(s * num // pp, (s + 1) * num // pp)
             flight = pp - s
             base = sum(flight * layers.gpu[i][none][key] for i in members)
-            need = base + lean[tp, pp][s] + shp.gpu[s] - cap
+            need = base + lean[tp, pp][s] + shp.gpu_in(start)[s] - cap
             if need <= 0:
                 continue
             best_ratio, max_saving = None, 0
@@ -134,15 +147,21 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     return out
 
 
-def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer_params: int, mode: Recompute) -> float:
-    """Step time a recomputed layer adds: its forward again (full) or its attention core (selective)."""
+def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer: Layer, mode: Recompute) -> float:
+    """Step time a recomputed layer adds: its forward again (full), its attention core (selective), or the
+    matmuls op-level checkpointing does not keep (``activations_op.recomputed_mm_numel``: 2 FLOPs per weight
+    element and token; the elementwise ops it also recomputes are memory-bound and left out)."""
     if mode is Recompute.NONE:
         return 0.0
     spec = setting.arch.spec
     tokens = setting.global_batch * cfg.seq_len
     attn = (spec.num_attention_heads or 0) * spec.dim_per_head
-    if mode is Recompute.FULL:
-        flops = cost.layer_forward_flops(layer_params=layer_params, tokens=tokens, seq_len=cfg.seq_len, attn_width=attn)
+    if mode is Recompute.OP:
+        from memplan.memory.activations_op import recomputed_mm_numel
+
+        flops = 2.0 * tokens * recomputed_mm_numel(layer, 1)  # the whole layer's; divided over the GPUs below
+    elif mode is Recompute.FULL:
+        flops = cost.layer_forward_flops(layer_params=layer.params, tokens=tokens, seq_len=cfg.seq_len, attn_width=attn)
     else:
         flops = 2.0 * cfg.seq_len * attn * tokens
     return cost.compute_seconds(flops=flops, gpus=cfg.world_size, peak_flops=setting.gpu.bf16_dense_tflops * 1e12,

@@ -44,6 +44,9 @@ def tier_dict(est: Estimate, tier: Tier) -> dict[str, Any]:
         "capacity_bytes": est.capacity(tier),
         "headroom_bytes": est.headroom(tier),
         "components": components(est.rows, tier),
+        "peak_bytes": est.peak(tier),
+        "peak_phase": est.peak_phase(tier).value,
+        "phases": {p.value: n for p, n in est.phases(tier).items()},
     }
 
 

@@ -93,5 +93,5 @@ def render_plan(result: PlanResult, console: Any) -> None:
             from memplan.memory.breakdown import Tier
 
             table.add_row(str(i), _choice(c) + (f"; {c.layer_map}" if c.layer_map else ""),
-                          f"{c.estimate.total(Tier.GPU) / GiB:,.2f} GiB", f"{c.tokens_per_s:,.0f}")
+                          f"{c.estimate.peak(Tier.GPU) / GiB:,.2f} GiB", f"{c.tokens_per_s:,.0f}")
         console.print(table)

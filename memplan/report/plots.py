@@ -74,7 +74,7 @@ def draw_breakdown(ax: Any, est: Estimate, tier: Tier) -> None:
             ax.bar(0, height, bottom=bottom, width=0.6, color=shade(GROUP_COLORS[group], i, len(names)),
                    edgecolor="white", linewidth=0.5, label=f"{name} ({height:,.2f} GiB)")
             bottom += height
-    cap, total = est.capacity(tier) / GiB, est.total(tier) / GiB
+    cap, total = est.capacity(tier) / GiB, est.peak(tier) / GiB
     ax.axhline(cap, color="black", linestyle="--", linewidth=1.2, label=f"capacity {cap:,.2f} GiB")
     pct = 100 * (cap - total) / cap if cap else 0.0
     ax.set_title(f"{TIER_TITLE[tier]}\n{total:,.2f} of {cap:,.2f} GiB ({pct:.1f}% free)", fontsize=9)
@@ -118,7 +118,7 @@ def curve_points(est: Estimate, axis: Axis) -> list[tuple[int, Estimate]]:
     for v in values:
         point = estimate(est.model, est.gpu, with_size(cfg, axis, v), host=est.host)
         out.append((v, point))
-        if v >= chosen and point.total(Tier.GPU) > CURVE_OVERSHOOT * point.capacity(Tier.GPU):
+        if v >= chosen and point.peak(Tier.GPU) > CURVE_OVERSHOOT * point.capacity(Tier.GPU):
             break
     return out
 

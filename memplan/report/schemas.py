@@ -23,6 +23,7 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 ComponentName = Annotated[str, StringConstraints(pattern=rf"^({'|'.join(TOP_LEVEL)})(/.+)?$")]
 TierName = Literal["gpu", "cpu", "nvme"]
+PhaseName = Literal["forward", "backward_start", "backward", "optimizer_step", "load", "prefill", "decode"]
 Version = Literal[1]
 
 
@@ -52,7 +53,15 @@ class TierOut(Out):
     total_bytes: NonNegativeInt
     capacity_bytes: NonNegativeInt
     headroom_bytes: int
+    """Capacity minus ``peak_bytes``."""
     components: dict[ComponentName, NonNegativeInt] = Field(json_schema_extra={"additionalProperties": False})
+    peak_bytes: NonNegativeInt
+    """The answer: the largest number of bytes alive at any phase of the step (``total_bytes`` adds every row)."""
+    peak_phase: PhaseName
+    """The phase whose total is ``peak_bytes``."""
+    phases: dict[PhaseName, NonNegativeInt]
+    """Bytes alive in each phase of the step (training: forward, backward_start, backward, optimizer_step;
+    serving: load, prefill, decode)."""
 
 
 class MemoryOut(Out):

@@ -31,10 +31,11 @@ def estimate_table(est: Estimate) -> Table:
             continue
         for r in rows:
             table.add_row(TIER_LABEL[tier], r.component, fmt_gib(r.bytes), f"{r.bytes:,}")
-        total, cap = est.total(tier), est.capacity(tier)
-        verdict = "[green]FITS[/green]" if total <= cap else "[red]DOES NOT FIT[/red]"
-        table.add_row(TIER_LABEL[tier], f"[bold]total[/bold] of {fmt_gib(cap)} capacity",
-                      f"[bold]{fmt_gib(total)}[/bold]", verdict, end_section=True)
+        total, top, cap = est.total(tier), est.peak(tier), est.capacity(tier)
+        verdict = "[green]FITS[/green]" if top <= cap else "[red]DOES NOT FIT[/red]"
+        table.add_row(TIER_LABEL[tier], "rows summed (not alive together)", fmt_gib(total), f"{total:,}")
+        table.add_row(TIER_LABEL[tier], f"[bold]peak[/bold] ({est.peak_phase(tier).value}) of {fmt_gib(cap)} capacity",
+                      f"[bold]{fmt_gib(top)}[/bold]", verdict, end_section=True)
     for name in est.not_modelled:
         table.add_row("GPU (per GPU)", f"{name}", "[yellow]not modelled[/yellow]",
                       "needs the model's dimensions", end_section=False)
@@ -45,9 +46,11 @@ def render_estimate(est: Estimate, console: Console) -> None:
     console.print(estimate_table(est))
     head = est.headroom_bytes
     if est.fits:
-        console.print(f"[green]FITS[/green]: headroom {fmt_gib(head)} on the {est.binding_tier.value} tier.")
+        console.print(f"[green]FITS[/green]: headroom {fmt_gib(head)} on the {est.binding_tier.value} tier "
+                      f"(peak at {est.peak_phase(est.binding_tier).value}).")
     else:
-        console.print(f"[red]DOES NOT FIT[/red]: {fmt_gib(-head)} over capacity on the {est.binding_tier.value} tier.")
+        console.print(f"[red]DOES NOT FIT[/red]: {fmt_gib(-head)} over capacity on the {est.binding_tier.value} tier "
+                      f"(peak at {est.peak_phase(est.binding_tier).value}).")
     if est.not_modelled:
         console.print(f"[yellow]Not modelled[/yellow]: {', '.join(est.not_modelled)} "
                       "(a params-only model has no dimensions); the verdict excludes them.")

@@ -1,0 +1,184 @@
+"""memplan's answer next to published real-GPU measurements (``shared/reference/gpu_published_public.json``).
+
+Each published case names the metric it reports, and the answer is compared with the matching one:
+- ``torch.cuda.max_memory_allocated``: tensors only, so the CUDA context and the allocator reserve are set to 0;
+- ``max_memory_reserved``: the allocator's segments, so the reserve row stays (memplan's default 10%), no context;
+- allocated plus non-torch memory (NVML): tensors and the CUDA context (memplan's default), no reserve.
+A case memplan cannot express is kept with the missing knob (``express`` returns a reason), never dropped.
+Pure module: no torch; the reference file is read by the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from memplan.catalog.schema import Family, ModelSpec
+
+ALLOCATED, RESERVED, WITH_CONTEXT = "max allocated", "max reserved", "allocated + non-torch"
+MODELS = {"llama-2-7b": "llama-2-7b", "llama-2-13b": "llama-2-13b", "llama-2-70b": "llama-2-70b",
+          "meta-llama-3-8b": "llama-3.1-8b", "mistral-7b": "mistral-7b", "falcon-7b": "falcon-7b",
+          "llama-3.2-1b": "llama-3.2-1b"}
+"""Published model -> catalog model of the same tensor shapes (Llama-3-8B and Llama-3.1-8B share every shape;
+Mistral-7B v0.2 drops v0.1's sliding window, which changes no training activation of memplan's model)."""
+INLINE = {  # config.json values of Llama-layout models the catalog lacks
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000),
+    "yi-34b": dict(hidden_size=7168, intermediate_size=20480, num_hidden_layers=60, num_attention_heads=56,
+                   num_key_value_heads=8, vocab_size=64000),
+    "codellama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=32000),
+}
+TARGETS = {"query": "q", "key": "k", "value": "v", "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+           "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+SHORT_PROMPT = 6
+"""Tokens of litgpt's default short prompt ('Hello, my name is', about 6 tokens per the reference)."""
+UNITS = {"GB": 10**9, "GiB": 2**30, "MB": 10**6}
+
+
+@dataclass(frozen=True)
+class Expressed:
+    """A published case as memplan inputs: the model, the JobConfig fields and the metric compared."""
+
+    model: str | ModelSpec
+    fields: dict[str, Any]
+    metric: str
+    caveat: str = ""
+
+
+def model_of(name: str) -> str | ModelSpec | None:
+    low = name.lower()
+    for key, spec in INLINE.items():
+        if key in low:
+            return ModelSpec(name=key, source="config.json (inline)", family=Family.LLAMA, **spec)
+    return next((v for k, v in MODELS.items() if k in low), None)
+
+
+def metric_of(case: dict) -> str | None:
+    what = case["measured"].get("what", "")
+    if "non-torch" in what:
+        return WITH_CONTEXT
+    if "max_memory_reserved" in what:
+        return RESERVED
+    return ALLOCATED if "max_memory_allocated" in what else None
+
+
+def measured_bytes(case: dict) -> int | None:
+    m = case["measured"]
+    unit = UNITS.get(str(m.get("unit", "")).split(" ")[0])
+    return round(float(m["value"]) * unit) if unit and isinstance(m.get("value"), int | float) else None
+
+
+def _quant(case: dict) -> str | None:
+    q = case.get("quant")
+    if not q:
+        return None
+    method = q["method"].lower()
+    if "gptq" in method:
+        return "gptq-4bit"
+    if "int8" in method:
+        return "int8"
+    return "nf4-dq" if "double" in method or "dq" in method else "nf4"
+
+
+def _dtype(text: str) -> str | None:
+    text = text.lower()
+    if "mixed" in text:
+        return None
+    return "fp32" if text.startswith("32") else "fp16" if text.startswith(("fp16", "16")) else "bf16"
+
+
+def _train_fields(case: dict, out: dict[str, Any]) -> str | None:
+    lora = case.get("lora") or {}
+    if "method" in lora:
+        return f"{lora['method']}: no job for it (memplan trains lora, qlora, galore, full)"
+    out.update(job=case["job"], micro_batch=case["micro_batch"], seq_len=case["seq_len"]["value"],
+               grad_accum=case.get("grad_accum") or 1, master_weights=False)
+    if lora:
+        out["lora"] = {"rank": lora["rank"], "alpha": lora["alpha"], "dtype": "bf16",
+                       "targets": tuple(TARGETS[t] for t in lora["targets"])}
+    if case.get("activation_checkpointing"):
+        out["recompute"] = "full"
+    n = case.get("n_gpus") or 1
+    if n > 1:
+        out["gpus_per_node"] = n
+        sharded = "fsdp" in case["framework"].lower() and "ddp" not in case["id"]
+        out["zero"] = 3 if sharded else 0
+        if "offload" in case["id"]:
+            out.update(offload_params="cpu", offload_optimizer="cpu")
+    return None
+
+
+def _infer_fields(case: dict, out: dict[str, Any]) -> str | None:
+    seq = case.get("seq_len") or {}
+    if "vllm" in case["id"]:
+        return "vLLM's engine (gpu_memory_utilization, KV block pool, profiler figures): the serving engine work"
+    prompt = seq.get("prompt")
+    prompt = prompt if isinstance(prompt, int) else SHORT_PROMPT
+    new = seq.get("max_new_tokens") or 0
+    out.update(job="infer", micro_batch=case.get("micro_batch") or 1, infer={"context": prompt + new})
+    if new and prompt > 1:
+        out["infer"]["prefill_chunk"] = prompt
+    if "eager" in (case.get("other_knobs") or ""):
+        out["attention"] = "eager"
+    n = case.get("n_gpus") or 1
+    if n > 1:
+        out["gpus_per_node"] = n
+        out["tp" if "-tp-" in case["id"] else "pp"] = n
+    return None
+
+
+def express(case: dict) -> Expressed | str:
+    """The case as memplan inputs, or the reason (the missing knob) it cannot be expressed."""
+    if case.get("confidence") == "low" and "SUSPICIOUS" in (case.get("notes") or ""):
+        return "flagged by the reference as impossible for a whole-run peak (excluded from scoring)"
+    model, metric = model_of(case["model"]), metric_of(case)
+    if model is None:
+        return f"model {case['model']} is not in memplan's catalog (needs its config.json)"
+    if metric is None:
+        return f"metric '{case['measured'].get('what')}' has no memplan counterpart"
+    dtype = _dtype(case.get("dtype") or "")
+    if dtype is None:
+        return "bf16-mixed (fp32 parameters + autocast bf16 copies): needs the AMP precision policy (engine profiles)"
+    out: dict[str, Any] = {"dtype": dtype, "quant": _quant(case)}
+    reason = _train_fields(case, out) if case["kind"] == "train" else _infer_fields(case, out)
+    if reason:
+        return reason
+    caveats = [c for c in (_chunked(case), _framework(case)) if c]
+    return Expressed(model, out, metric, "; ".join(caveats))
+
+
+def _chunked(case: dict) -> str:
+    return "chunked cross-entropy (lm_head_chunk_size) not modelled" if "chunk" in (case.get("other_knobs") or "") else ""
+
+
+def _framework(case: dict) -> str:
+    fw = case.get("framework", "")
+    return "litgpt's own modules (memplan models the HF layout)" if re.search("litgpt", fw, re.I) else ""
+
+
+def runtime_fields(metric: str) -> dict[str, Any]:
+    """JobConfig runtime fields that make the answer the published metric."""
+    if metric == ALLOCATED:
+        return {"cuda_context_bytes": 0, "allocator_reserve_pct": 0}
+    if metric == RESERVED:
+        return {"cuda_context_bytes": 0}
+    return {"allocator_reserve_pct": 0}
+
+
+def compare(case: dict) -> dict[str, Any]:
+    """One row: the case id, its metric, memplan's answer and the measured bytes, the error in %, or the reason."""
+    from memplan.estimate import estimate
+
+    row: dict[str, Any] = {"id": case["id"], "kind": case["kind"], "measured_bytes": measured_bytes(case)}
+    got = express(case)
+    if isinstance(got, str):
+        return {**row, "reason": got}
+    from memplan.memory.breakdown import Tier
+
+    est = estimate(got.model, "h100-sxm-80gb", **got.fields, **runtime_fields(got.metric))
+    answer = est.peak(Tier.GPU)
+    error = 100.0 * (answer - row["measured_bytes"]) / row["measured_bytes"]
+    return {**row, "metric": got.metric, "answer_bytes": answer, "phase": est.peak_phase(Tier.GPU).value,
+            "error_pct": error, "caveat": got.caveat}
