@@ -214,8 +214,9 @@ class JobConfig(Strict):
     dtype: Dtype = Dtype.BF16
     quant: str | None = None
     optimizer: OptimizerKind = OptimizerKind.ADAMW
-    optimizer_impl: OptimizerImpl = OptimizerImpl.FOREACH
-    """torch AdamW implementation (foreach: PyTorch's CUDA default); sets the optimizer step's temporaries."""
+    optimizer_impl: OptimizerImpl | None = None
+    """torch AdamW implementation, for the engines that run torch.optim (pytorch, fsdp2); sets the optimizer
+    step's temporaries. None: the engine's own (``effective_optimizer_impl``)."""
     master_weights: bool | None = None
     """fp32 master copy of 16-bit weights; None: on for 16-bit training with a non-pure optimizer."""
     grad_dtype: Dtype | None = None
@@ -290,6 +291,18 @@ class JobConfig(Strict):
         if self.tp > 1 or self.pp > 1:
             return Engine.DEEPSPEED
         return Engine.PYTORCH
+
+    @property
+    def effective_optimizer_impl(self) -> OptimizerImpl:
+        """``optimizer_impl``, or the engine's: torch's CUDA default ``foreach`` for pytorch and fsdp2
+        (torch/optim/optimizer.py ``_default_to_fused_or_foreach``); ``fused`` for deepspeed (FusedAdam,
+        deepspeed/ops/adam/fused_adam.py; DeepSpeedCPUAdam when offloaded, which updates in place on the CPU)
+        and megatron (Apex/TransformerEngine FusedAdam, megatron/core/optimizer/__init__.py)."""
+        if self.optimizer_impl is not None:
+            return self.optimizer_impl
+        if self.effective_engine in (Engine.DEEPSPEED, Engine.MEGATRON):
+            return OptimizerImpl.FUSED
+        return OptimizerImpl.FOREACH
 
     @property
     def effective_activation_accounting(self) -> str:

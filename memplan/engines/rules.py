@@ -94,6 +94,14 @@ def _knob_rule(cfg: JobConfig, engine: Engine) -> str | None:
     return None
 
 
+def _optimizer_impl_rule(cfg: JobConfig, engine: Engine) -> str | None:
+    """``optimizer_impl`` chooses among torch.optim's AdamW paths; DeepSpeed and Megatron run their own."""
+    if cfg.optimizer_impl is not None and engine in (Engine.DEEPSPEED, Engine.MEGATRON):
+        return (f"optimizer_impl chooses torch.optim's AdamW path (engines pytorch, fsdp2); engine {engine.value} "
+                "runs its own FusedAdam (or DeepSpeedCPUAdam when offloaded): drop --optimizer-impl.")
+    return None
+
+
 def violation(cfg: JobConfig) -> str | None:
     """The first engine rule ``cfg`` breaks, as one sentence; None when the engine runs it."""
     engine = cfg.effective_engine
@@ -101,6 +109,8 @@ def violation(cfg: JobConfig) -> str | None:
         return None
     if engine not in _TRAINING:
         return f"engine {engine.value} serves models; a {cfg.job.value} job needs a training engine ({_NAMES})."
+    if rule := _optimizer_impl_rule(cfg, engine):
+        return rule
     for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine)):
         if rule:
             return rule

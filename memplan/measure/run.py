@@ -220,7 +220,7 @@ def measure_training(model: Any, cfg: JobConfig, *, device: str, vocab: int) -> 
     """Warm-up step, one measured step, then the saved activations on a separate forward."""
     weights, trainable = _params_by_component(model)
     master = cfg.uses_master_weights if cfg.job is not Job.LORA else _adapter_master(cfg)
-    stepper = Stepper(trainable, cfg.optimizer, master, cfg.optimizer_impl)
+    stepper = Stepper(trainable, cfg.optimizer, master, cfg.effective_optimizer_impl)
     ids = token_ids(vocab, cfg.micro_batch, cfg.seq_len, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -99,9 +99,9 @@ def temp_bytes(ctx: Context, *, second_moment_bytes: int) -> int:
     cfg = ctx.cfg
     if cfg.optimizer not in TORCH_ADAM or not second_moment_bytes or cfg.job is Job.QLORA:
         return 0
-    if cfg.optimizer_impl is OptimizerImpl.FUSED:
+    if cfg.effective_optimizer_impl is OptimizerImpl.FUSED:
         return fused_temp_bytes()
-    if cfg.optimizer_impl is OptimizerImpl.FOREACH:
+    if cfg.effective_optimizer_impl is OptimizerImpl.FOREACH:
         return foreach_temp_bytes(second_moment_bytes=second_moment_bytes)
     largest, bits = _largest_and_bits(ctx)
     return min(for_loop_temp_bytes(largest_numel=largest, state_bits=bits), FOR_LOOP_TEMPORARIES * second_moment_bytes)
@@ -115,5 +115,5 @@ def rows(ctx: Context, state_rows: list[Row]) -> list[Row]:
     n = temp_bytes(ctx, second_moment_bytes=v)
     if not n:
         return []
-    impl = ctx.cfg.optimizer_impl
+    impl = ctx.cfg.effective_optimizer_impl
     return [Row("optimizer/step_temporaries", Tier.GPU, n, SOURCE[impl], f"{impl.value} AdamW (optimizer_impl)")]

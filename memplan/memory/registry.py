@@ -72,7 +72,9 @@ register("runtime", ALL, "process-wide: CUDA context, allocator reserve, margins
 
 # Training engines' components (memory.engine_states, memory.engine_buffers; issue 11 part 1).
 _TRAIN_SAVED = (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD)
-register("weights/autocast_copies", _TRAIN_SAVED, "torch/amp/autocast_mode.py: cast weights cached and saved for backward")
+register("weights/autocast_copies", (_F, _BS),
+         "torch/amp/autocast_mode.py: cast weights cached for the autocast region and saved for backward; the cache "
+         "is cleared when the region exits and each saved copy is freed with its layer's backward, like activations")
 register("weights/fp8_copies", _TRAIN_SAVED, "TransformerEngine module/linear.py fp8 weight workspace; torchao float8")
 register("weights/fsdp_all_gather", _TRAIN_SAVED, "FSDP2 _fsdp_collectives.py foreach_all_gather: units in flight")
 register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collectives.py foreach_reduce: one unit")

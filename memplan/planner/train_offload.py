@@ -168,7 +168,7 @@ def layer_phase_bytes(ctx: Any, layer_index: int) -> dict[Any, int]:
     rows = [place(b, zero=cfg.zero, dp=cfg.dp, gpus_per_node=cfg.gpus_per_node)
             for b in set_buffers(ctx, tensors=tensors, opt_tier=Tier.GPU)] if tensors else []
     rows = [r for r in rows if r.tier is Tier.GPU]
-    if cfg.optimizer_impl is OptimizerImpl.FOREACH:
+    if cfg.effective_optimizer_impl is OptimizerImpl.FOREACH:
         v = sum(r.bytes for r in rows if r.component == "optimizer/adam_v")
         temp = optimizer_step.temp_bytes(ctx, second_moment_bytes=v)
         if temp:
