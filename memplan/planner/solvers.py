@@ -20,9 +20,23 @@ def available() -> list[str]:
     out = []
     if "HiGHS" in names:
         out.append("highs")
-    if "PULP_CBC_CMD" in names:
+    if names & {"COIN_CMD", "PULP_CBC_CMD"}:
         out.append("cbc")
     return out
+
+
+def cbc_path() -> str:
+    """The CBC executable: one on PATH (``pip install pulp[cbc]``, the route PuLP 4 keeps) if present, else the
+    binary bundled with PuLP 3 (what its deprecated ``PULP_CBC_CMD`` runs), driven through ``COIN_CMD`` either way."""
+    import shutil
+
+    import pulp
+
+    found = shutil.which("cbc")
+    if found:
+        return found
+    bundled = getattr(getattr(pulp, "PULP_CBC_CMD", None), "pulp_cbc_path", None)  # gone in PuLP 4
+    return str(bundled or "cbc")
 
 
 MIP_REL_GAP = 1e-6
@@ -45,7 +59,7 @@ def get_solver(name: str | None = None, *, time_limit: float | None = None) -> A
             if candidate == "highs":
                 return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=MIP_REL_GAP, gapAbs=MIP_ABS_GAP,
                                   output_flag=False, log_to_console=False)
-            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=MIP_REL_GAP, gapAbs=MIP_ABS_GAP)
+            return pulp.COIN_CMD(path=cbc_path(), msg=False, timeLimit=time_limit, gapRel=MIP_REL_GAP, gapAbs=MIP_ABS_GAP)
     wanted = name or " or ".join(PREFERENCE)
     raise MemplanError(f"no usable MILP solver ({wanted}); install highspy (pip install highspy) "
                        "or a PuLP build that bundles CBC.")
