@@ -46,9 +46,38 @@ HiGHS's defaults (1e-4 relative, 1e-6 absolute) let it stop at a plan 0.01% slow
 10 ms slower than a 10 ms step: memplan's objectives are seconds, so the absolute gap must be 0."""
 
 
+_DEADLINE: list[float] = []
+"""Monotonic times by which every solve must end (innermost last): ``--time-limit`` bounds a whole command."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Within this block, each solve's time limit is cut to what is left of ``seconds`` from now."""
+    import time
+
+    _DEADLINE.append(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.pop()
+
+
+def remaining(time_limit: float | None) -> float | None:
+    """``time_limit`` cut to the time left before the innermost deadline (at least 1 ms: the solver then stops
+    at once and the planner reports the time limit)."""
+    import time
+
+    if not _DEADLINE:
+        return time_limit
+    left = max(_DEADLINE[-1] - time.monotonic(), 1e-3)
+    return left if time_limit is None else min(time_limit, left)
+
+
 def get_solver(name: str | None = None, *, time_limit: float | None = None) -> Any:
     """A PuLP solver object: ``name`` if given and usable, else the first usable of PREFERENCE."""
     import pulp
+
+    time_limit = remaining(time_limit)
 
     usable = available()
     if name is not None and name not in PREFERENCE:

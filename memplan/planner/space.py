@@ -12,7 +12,7 @@ from enum import StrEnum
 from pydantic import Field, field_validator
 
 from memplan.arch.tensors import Architecture
-from memplan.config import Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
+from memplan.config import Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
 from memplan.dtypes import Dtype
 
 
@@ -56,6 +56,9 @@ class SearchSpace(Strict):
     batch: tuple[int, ...] | None = None
     gpus: tuple[int, ...] | None = None
     global_batch: int | None = Field(default=None, gt=0)
+    engines: tuple[Engine, ...] | None = None
+    """Engines to choose among (``plan --engine vllm,llamacpp``); None: the job's default engine. Passed through
+    here; what each engine changes is the engines' code."""
 
     @field_validator("*")
     @classmethod
