@@ -6,7 +6,6 @@ GPU entries may also carry ``aliases``.
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,10 +20,6 @@ MODELS_DIR = _HERE / "models"
 GPUS_DIR = _HERE / "gpus"
 
 T = TypeVar("T", bound=BaseModel)
-
-
-def _stems(directory: Path) -> list[str]:
-    return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
 def read_entry(path: Path, schema: type[T]) -> T:
@@ -60,21 +55,22 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def model_names() -> list[str]:
-    return _stems(MODELS_DIR)
+    from memplan.catalog.index import load
+
+    return list(load()["models"])
 
 
 def gpu_names() -> list[str]:
-    return _stems(GPUS_DIR)
+    from memplan.catalog.index import load
+
+    return list(load()["gpus"])
 
 
-@cache
 def _gpu_aliases() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for stem in gpu_names():
-        spec = read_entry(GPUS_DIR / f"{stem}.yaml", GpuSpec)
-        for alias in spec.aliases:
-            out[alias.lower()] = stem
-    return out
+    """Alias (lower case) -> GPU name, from the prebuilt index (not from every GPU file)."""
+    from memplan.catalog.index import load
+
+    return dict(load()["gpu_aliases"])
 
 
 def catalog_model(name: str) -> ModelSpec:

@@ -234,17 +234,22 @@ def fast_value(annotation: Any) -> FastValue | None:
     return None if convert is None else FastValue(convert)
 
 
+def install_fast_values(params: list[Any]) -> None:
+    """Give each scalar option a ``FastValue`` before typer builds its own (typer keeps one it finds)."""
+    for param in params:
+        descriptor = getattr(param, "type_descriptor", None)
+        if descriptor is not None and getattr(param, "_runtime_param", "") is None:
+            fast = fast_value(descriptor.annotation)
+            if fast is not None:
+                param._runtime_param = fast
+
+
 class Command(TyperCommand):
     """A command whose options parse cheaply (``FastValue``) and whose ``--help`` lists them under their
     panels (Hardware, Job, ...) in click's plain text, so ``--help`` does not import rich."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        for param in self.params:
-            descriptor = getattr(param, "type_descriptor", None)
-            if descriptor is not None and getattr(param, "_runtime_param", "") is None:
-                fast = fast_value(descriptor.annotation)
-                if fast is not None:
-                    param._runtime_param = fast
+        install_fast_values(self.get_params(ctx))
         return super().parse_args(ctx, args)
 
     def format_options(self, ctx: Any, formatter: Any) -> None:

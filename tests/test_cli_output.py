@@ -1,0 +1,97 @@
+"""Output that survives a pipe and odd environments: no name is ever cut at 80 columns, the catalog index is
+current, and encoding or write errors end in one line on stderr with exit 2 (never a traceback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from memplan.catalog import index
+from memplan.cli.app import app
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1"})
+CATALOG = ROOT / "memplan" / "catalog"
+
+
+def memplan(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """A real ``memplan`` process, stdout a pipe, 80 columns."""
+    code = "import sys; from memplan.cli.app import main; sys.argv = ['memplan', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, check=False,
+                          cwd=ROOT, env={**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT), **env})
+
+
+@pytest.mark.parametrize("command,folder", [("models", "models"), ("gpus", "gpus")])
+def test_catalog_listings_show_every_full_name_when_piped(command: str, folder: str) -> None:
+    result = memplan(command)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    names = [p.stem for p in (CATALOG / folder).glob("*.yaml")]
+    first_words = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    assert names and set(names) <= first_words, sorted(set(names) - first_words)
+
+
+def test_estimate_rows_are_not_cut_at_80_columns() -> None:
+    result = RUNNER.invoke(app, ["estimate", "llama-3.1-8b", "--gpu", "h100", "--job", "full", "--cpu-ram", "64GiB",
+                                 "--zero", "2", "--offload-optimizer", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert "…" not in result.stdout
+    for component in ("runtime/allocator_reserve", "runtime/cuda_context", "optimizer/adam_m"):
+        assert component in result.stdout
+
+
+def test_the_catalog_index_is_current() -> None:
+    """Regenerate with: python -m memplan.catalog.index"""
+    assert index.INDEX.read_text(encoding="utf-8") == index.text(index.build())
+
+
+def test_every_gpu_alias_in_the_files_resolves_through_the_index() -> None:
+    from memplan.catalog.store import catalog_gpu
+
+    for path in (CATALOG / "gpus").glob("*.yaml"):
+        for alias in yaml.safe_load(path.read_text())["aliases"] if "aliases" in path.read_text() else ():
+            assert catalog_gpu(alias).name == path.stem
+
+
+def test_an_ascii_stdout_is_one_line_and_exit_2() -> None:
+    result = memplan("estimate", "gpt2", "--gpu", "t4", PYTHONIOENCODING="ascii")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "encoding" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev/full exists only on Linux-like systems")
+def test_a_full_disk_is_one_line_and_exit_2() -> None:
+    code = "import sys; from memplan.cli.app import main; sys.argv = ['memplan', 'models']; main()"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                              check=False, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "cannot write" in proc.stderr, proc.stderr
+
+
+def test_a_closed_pipe_ends_quietly_without_a_traceback() -> None:
+    code = "import sys; from memplan.cli.app import main; sys.argv = ['memplan', 'models', '--format', 'csv']; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(1)
+    proc.stdout.close()  # the reader goes away, as with `| head -c 1`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 2), err
+    assert "Traceback" not in err and err.count("\n") <= 1, err
+
+
+def test_a_bad_plot_name_fails_before_the_work() -> None:
+    result = RUNNER.invoke(app, ["estimate", "gpt2", "--plot", "out.jpg"])
+    assert result.exit_code == 2 and "--plot" in result.stderr and result.stdout == ""
+
+
+def test_estimate_help_says_it_exits_0_when_the_job_does_not_fit() -> None:
+    result = RUNNER.invoke(app, ["estimate", "--help"])
+    assert "Exit code 0 whether or not the job fits" in " ".join(result.stdout.split())
