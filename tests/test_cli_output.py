@@ -95,3 +95,31 @@ def test_a_bad_plot_name_fails_before_the_work() -> None:
 def test_estimate_help_says_it_exits_0_when_the_job_does_not_fit() -> None:
     result = RUNNER.invoke(app, ["estimate", "--help"])
     assert "Exit code 0 whether or not the job fits" in " ".join(result.stdout.split())
+
+
+def test_no_timings_makes_check_reports_diffable(tmp_path: Path) -> None:
+    import json
+
+    recipe = str(ROOT / "recipes" / "llama-3.1-8b-full-8xh100-zero2.yaml")
+    reports = []
+    for i in range(2):
+        result = RUNNER.invoke(app, ["check", recipe, "--format", "json", "--no-timings", "--junit", str(tmp_path / f"{i}.xml")])
+        assert result.exit_code == 0, result.stderr
+        reports.append(result.stdout)
+        assert all(r["seconds"] == 0 for r in json.loads(result.stdout)["recipes"])
+    assert reports[0] == reports[1]
+    assert (tmp_path / "0.xml").read_text() == (tmp_path / "1.xml").read_text()
+
+
+def test_time_limit_bounds_every_solve_together() -> None:
+    """Inside ``deadline(s)`` each solve gets what is left of s, never its own full limit again."""
+    import time
+
+    from memplan.planner.solvers import deadline, remaining
+
+    assert remaining(30.0) == 30.0
+    with deadline(0.2):
+        assert remaining(30.0) <= 0.2
+        time.sleep(0.25)
+        assert remaining(30.0) == pytest.approx(1e-3)
+    assert remaining(None) is None
