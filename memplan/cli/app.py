@@ -64,9 +64,10 @@ class LazyGroup(TyperGroup):
             formatter.write_dl([(name, help) for name, (_, help) in COMMANDS.items()])
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        main: Any = super().main
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        run_group(self, super().main, *args, **kwargs)
+            return main(*args, standalone_mode=False, **kwargs)
+        run_group(self, main, *args, **kwargs)
 
 
 app = typer.Typer(

@@ -23,7 +23,7 @@ from typer.core import TyperCommand, TyperGroup
 try:  # typer >= 0.25 vendors click
     from typer._click.exceptions import BadParameter, ClickException
 except ImportError:  # pragma: no cover - older typer depends on click
-    from click.exceptions import BadParameter, ClickException
+    from click.exceptions import BadParameter, ClickException  # type: ignore[assignment]
 
 from memplan.errors import MemplanError
 
@@ -161,7 +161,8 @@ def _scalar(annotation: Any) -> Callable[[Any], Any] | None:
     """A converter for a scalar annotation, or None when typer should handle it."""
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return functools.partial(_enum, annotation)
-    return {str: str, int: _int, float: _float, bool: _bool, Path: Path}.get(annotation)
+    converters: dict[Any, Callable[[Any], Any]] = {str: str, int: _int, float: _float, bool: _bool, Path: Path}
+    return converters.get(annotation)
 
 
 def _int(value: Any) -> int:

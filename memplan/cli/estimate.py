@@ -33,7 +33,9 @@ def estimate(model: Model, opts: Opts) -> None:
     if opts.max_context or opts.max_batch:
         from memplan.search import largest_fitting
 
-        extra = {k: largest_fitting(est, axis) for k, axis, on in (("max_context", "context", opts.max_context),
-                                                                   ("max_batch", "micro_batch", opts.max_batch)) if on}
+        if opts.max_context:
+            extra["max_context"] = largest_fitting(est, "context")
+        if opts.max_batch:
+            extra["max_batch"] = largest_fitting(est, "micro_batch")
     emit.estimate(est, opts.fmt, extra)
     emit.plot(est, opts.plot)

@@ -12,6 +12,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -237,14 +238,15 @@ def choices(opts: Opts, name: str) -> tuple[Any, ...] | None:
         raise MemplanError(f"{flag}: give at least one value.")
     if opt.kind is int:
         return int_list(str(text), flag, minimum=0 if name == "zero" else 1)
-    if isinstance(opt.kind, type) and opt.kind is not str:
+    kind: Any = opt.kind
+    if isinstance(kind, type) and issubclass(kind, Enum):
         from memplan.errors import did_you_mean
 
-        allowed = [m.value for m in opt.kind]
+        allowed = [str(m.value) for m in kind]
         for v in items:
             if v not in allowed:
                 raise MemplanError(f"{flag}: unknown choice {v!r}.{did_you_mean(v, allowed)}")
-        return tuple(opt.kind(v) for v in items)
+        return tuple(kind(v) for v in items)
     return tuple(opt.item(v) if opt.item else v for v in items)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -61,14 +61,14 @@ def plan(model: Model, opts: Opts, objective: Objective = "throughput", top: Top
     raise typer.Exit(code=0 if result.best is not None else 1)
 
 
-def objective_of(text: str, top: int, time_limit: float) -> object:
+def objective_of(text: str, top: int, time_limit: float) -> Any:
     """The Objective named ``text``, after checking ``--top`` and ``--time-limit``."""
     from memplan.errors import MemplanError, did_you_mean
     from memplan.planner.space import Objective
 
     if top < 1:
         raise MemplanError("--top must be at least 1.")
-    if time_limit <= 0:
+    if not time_limit > 0:
         raise MemplanError("--time-limit must be positive.")
     try:
         return Objective(text)

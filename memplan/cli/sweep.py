@@ -18,23 +18,28 @@ FIXED = ("dtype", "quant", "optimizer", "zero", "offload_optimizer", "offload_pa
 """Job options that hold one value for the whole grid (default: the recipe's, else memplan's)."""
 
 
-def _grid(flags: tuple[str, ...], help: str, kind: Any = str) -> Any:
-    return Annotated[kind | None, typer.Option(*flags, help=help, rich_help_panel=G)]
-
-
 Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", help="Take the grid from this recipe's sweep: block "
                                              "(flags below override its axes).")]
-Models = _grid(("--model", "-m"), "Models, comma-separated catalog names or paths, or 'all'.")
-Gpus = _grid(("--gpu", "-g"), "GPUs, comma-separated catalog names, or 'all'.")
-Jobs = _grid(("--job", "-j"), "Jobs, e.g. full,lora,qlora,infer (default: full).")
-SeqLens = _grid(("--seq-len", "-s"), "Training sequence lengths, e.g. 2048,8192.")
-Contexts = _grid(("--context", "-c"), "Inference contexts, e.g. 4096,32768.")
-Batches = _grid(("--batch", "-b"), "Micro-batches (inference: concurrent sequences).")
-GpuCounts = _grid(("--gpu-count",), "GPU counts, e.g. 1,8,64 (split into nodes of --gpus-per-node).")
-GpusPerNode = _grid(("--gpus-per-node",), "GPUs per node (default 8).", int)
-Metric = _grid(("--metric",), "Fit-matrix cell: max-batch (largest batch that fits, exact), max-context (longest "
-               "sequence/context), or fits (largest swept batch).")
-MinHeadroom = _grid(("--min-headroom",), "GPU memory that must stay free, e.g. 10% or 2GiB.")
+Models = Annotated[str | None, typer.Option("--model", "-m", rich_help_panel=G,
+                                           help="Models, comma-separated catalog names or paths, or 'all'.")]
+Gpus = Annotated[str | None, typer.Option("--gpu", "-g", rich_help_panel=G,
+                                         help="GPUs, comma-separated catalog names, or 'all'.")]
+Jobs = Annotated[str | None, typer.Option("--job", "-j", rich_help_panel=G,
+                                         help="Jobs, e.g. full,lora,qlora,infer (default: full).")]
+SeqLens = Annotated[str | None, typer.Option("--seq-len", "-s", rich_help_panel=G,
+                                            help="Training sequence lengths, e.g. 2048,8192.")]
+Contexts = Annotated[str | None, typer.Option("--context", "-c", rich_help_panel=G,
+                                             help="Inference contexts, e.g. 4096,32768.")]
+Batches = Annotated[str | None, typer.Option("--batch", "-b", rich_help_panel=G,
+                                            help="Micro-batches (inference: concurrent sequences).")]
+GpuCounts = Annotated[str | None, typer.Option("--gpu-count", rich_help_panel=G,
+                                              help="GPU counts, e.g. 1,8,64 (split into nodes of --gpus-per-node).")]
+GpusPerNode = Annotated[int | None, typer.Option("--gpus-per-node", rich_help_panel=G, help="GPUs per node (default 8).")]
+Metric = Annotated[str | None, typer.Option("--metric", rich_help_panel=G,
+                                           help="Fit-matrix cell: max-batch (largest batch that fits, exact), max-context "
+                                                "(longest sequence/context), or fits (largest swept batch).")]
+MinHeadroom = Annotated[str | None, typer.Option("--min-headroom", rich_help_panel=G,
+                                                help="GPU memory that must stay free, e.g. 10% or 2GiB.")]
 Tp = Annotated[str | None, typer.Option("--tp", help="Tensor-parallel degree, or 'node' for all GPUs of a node.",
                                         rich_help_panel=PARALLEL)]
 CsvOut = Annotated[Path | None, typer.Option("--out", "-o", help="Write the CSV (one row per grid point) here.",
