@@ -123,3 +123,53 @@ def test_time_limit_bounds_every_solve_together() -> None:
         time.sleep(0.25)
         assert remaining(30.0) == pytest.approx(1e-3)
     assert remaining(None) is None
+
+
+def test_a_terminal_table_folds_long_names_at_80_columns() -> None:
+    import io
+
+    from rich.console import Console
+
+    from memplan.estimate import estimate
+    from memplan.report.table import Out, render_estimate
+
+    out = Out(terminal=True)
+    buffer = io.StringIO()
+    out._console = Console(file=buffer, width=80, force_terminal=True, color_system=None)
+    render_estimate(estimate("llama-3.1-8b", "h100", job="full", zero=2, offload_optimizer="cpu"), out)
+    text = buffer.getvalue()
+    assert "…" not in text and "allocator_reserve" in text.replace("\n", "").replace("│", "").replace(" ", "")
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_every_option_maps_to_a_real_field() -> None:
+    """Each declared option's JobConfig field and SearchSpace dimension exists (the one mapping is not stale)."""
+    from memplan.cli.groups import GROUPS, OPTS
+    from memplan.config import JobConfig
+    from memplan.planner.space import SearchSpace
+
+    for name, opt in OPTS.items():
+        if opt.field:
+            head, _, tail = opt.field.partition(".")
+            assert head in JobConfig.model_fields, name
+            if tail:
+                assert tail in JobConfig.model_fields[head].annotation.model_fields, name  # type: ignore[union-attr]
+        if opt.dim:
+            assert opt.dim in SearchSpace.model_fields, name
+    grouped = [n for names in GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(OPTS) and len(set(grouped)) == len(grouped)
+
+
+def test_engine_reaches_the_config_and_the_search_space() -> None:
+    import json
+
+    from memplan.cli.groups import Opts, search_space
+
+    result = RUNNER.invoke(app, ["estimate", "gpt2", "--gpu", "t4", "--job", "infer", "--engine", "vllm", "-f", "json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["config"]["engine"] == "vllm"
+    opts = Opts({"engine": "vllm,llamacpp", "job": None})
+    opts.lists = frozenset({"engine"})
+    assert [e.value for e in search_space(opts).engines] == ["vllm", "llamacpp"]
+    bad = RUNNER.invoke(app, ["plan", "gpt2", "--engine", "vllm,vlm"])
+    assert bad.exit_code == 2 and "did you mean vllm" in bad.stderr.lower(), bad.stderr
