@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from memplan.cli.core import Command, command_app, handled
-from memplan.cli.measure_cmd import require_extra
+from memplan.cli.core import Command, command_app, handled, require_extra
 
 app = command_app()
 Gpu = Annotated[str | None, typer.Option("--gpu", "-g", help="Catalog name of this GPU (default: from its name).")]

@@ -109,6 +109,17 @@ def internal(exc: Exception) -> typer.Exit:
     return typer.Exit(code=EXIT_INTERNAL)
 
 
+MISSING_EXTRA = "measure needs torch and transformers (and peft for LoRA); install memplan[measure]."
+
+
+def require_extra() -> None:
+    """A MemplanError (exit 2) when torch or transformers is not importable (``measure``, ``calibrate``)."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers")):
+        raise MemplanError(MISSING_EXTRA)
+
+
 def echo(text: str, *, nl: bool = True) -> None:
     """Write ``text`` to stdout (click's echo, which the test runner captures)."""
     typer.echo(text, nl=nl)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import Opts, host, model_and_config, options
+from memplan.cli.groups import Model, Opts, host, model_and_config, options
 
 app = command_app()
-Model = Annotated[str, typer.Argument(help="Catalog name, path to config.json (or its directory), hf:org/name, or params:7B.")]
 
 
 @app.command(cls=Command)

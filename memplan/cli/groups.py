@@ -43,6 +43,10 @@ def quant_name(text: str | None) -> str | None:
     return None if text is None or text.lower() in ("none", "bf16", "fp16", "16bit") else text
 
 
+Model = Annotated[str, typer.Argument(help="Catalog name, path to config.json (or its directory), hf:org/name, or params:7B.")]
+Contains = Annotated[str | None, typer.Argument(help="Only names containing this text.")]
+
+
 @dataclass(frozen=True)
 class Opt:
     """One option: its flags, type, default, help and panel; where its value goes in a JobConfig (``field``,

@@ -7,19 +7,16 @@ Exit codes: 0 every bounded component within its bound; 1 one or more outside; 2
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Annotated
 
 import typer
 
-from memplan.cli.core import Command, command_app, handled
-from memplan.cli.estimate import Model
-from memplan.cli.groups import OUTPUT, Opts, host, job_config, options
+from memplan.cli.core import Command, command_app, handled, require_extra
+from memplan.cli.groups import OUTPUT, Model, Opts, host, job_config, options
 from memplan.errors import MemplanError
 
 app = command_app()
 X = "Measurement"
-MISSING_EXTRA = "measure needs torch and transformers (and peft for LoRA); install memplan[measure]."
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.", rich_help_panel=X)]
 Layers = Annotated[int | None, typer.Option("--layers", help="Build and measure only the first N layers (the output says so).",
                                             rich_help_panel=X)]
@@ -28,12 +25,6 @@ DecodeSteps = Annotated[int, typer.Option("--decode-steps", help="Inference: one
 CUSTOM = {"attention": {"help": "sdpa, eager or flash (default: sdpa, or eager with --no-flash-attention).", "panel": X},
           "dropout": {"help": "GPT-2/OPT dropout at p=0.1 in training.", "panel": X},
           "fmt": {"help": "table or json.", "panel": OUTPUT}}
-
-
-def require_extra() -> None:
-    """A MemplanError (exit 2) when torch or transformers is not importable."""
-    if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers")):
-        raise MemplanError(MISSING_EXTRA)
 
 
 @app.command(cls=Command)

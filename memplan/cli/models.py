@@ -7,10 +7,9 @@ from typing import Annotated
 import typer
 
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import Opts, options
+from memplan.cli.groups import Contains, Opts, options
 
 app = command_app()
-Contains = Annotated[str | None, typer.Argument(help="Only names containing this text.")]
 
 
 @app.command(cls=Command)

@@ -7,8 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.estimate import Model
-from memplan.cli.groups import OUTPUT, Opts, host, job_config, options, search_space
+from memplan.cli.groups import OUTPUT, Model, Opts, host, job_config, options, search_space
 
 app = command_app()
 DIMENSIONS = ("engine", "quant", "optimizer", "batch", "zero", "offload_optimizer", "offload_params", "tp", "pp",
