@@ -173,3 +173,27 @@ def test_engine_reaches_the_config_and_the_search_space() -> None:
     assert [e.value for e in search_space(opts).engines] == ["vllm", "llamacpp"]
     bad = RUNNER.invoke(app, ["plan", "gpt2", "--engine", "vllm,vlm"])
     assert bad.exit_code == 2 and "did you mean vllm" in bad.stderr.lower(), bad.stderr
+
+
+def test_options_parse_without_a_pydantic_adapter_per_option() -> None:
+    """memplan.cli.core.FastValue replaces typer's per-option TypeAdapter (45 of them cost 0.18 s); if a typer
+    upgrade changes the hook it uses, this fails rather than the CLI silently slowing down."""
+    code = ("import sys; from memplan.cli.app import main; sys.argv = ['memplan', 'estimate', 'gpt2', '--gpu', 't4', "
+            "'--format', 'json']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "sys.stderr.write(str('typer._adapters' in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stderr.strip().endswith("False"), proc.stderr
+
+
+@pytest.mark.parametrize("flag,value,message", [("--gpus", "1.5", "not a valid integer"),
+                                                ("--safety-margin", "nan", "not a finite number"),
+                                                ("--job", "fine", "not one of pretrain"),
+                                                ("--flash-attention", None, None)])
+def test_fast_option_values(flag: str, value: str | None, message: str | None) -> None:
+    args = ["estimate", "gpt2", "--gpu", "t4", "--format", "json", flag, *([value] if value else [])]
+    result = RUNNER.invoke(app, args)
+    if message is None:
+        assert result.exit_code == 0, result.stderr
+    else:
+        assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
