@@ -161,8 +161,8 @@ with an ambiguous size:"""
 GATES_3 = """`--format json` prints only JSON on stdout (validated against
 `memplan/schema/check.schema.json`; the solver's native output is kept off stdout). Each recipe
 carries its tiers with exact bytes and its full estimate. The report's wall-clock fields (`seconds` per
-recipe here, `time` in JUnit) differ from run to run; `--no-timings` writes them as 0 so that two reports
-can be diffed:"""
+recipe here, `time` and `timestamp` in JUnit) differ from run to run; `--no-timings` writes them as 0
+(and no timestamp) so that two reports can be diffed:"""
 
 GATES_4 = """`--junit memplan-check.xml` writes one testcase per recipe (a `<failure>` when it does not fit,
 an `<error>` when it is invalid), which GitHub, GitLab, Jenkins and Azure DevOps display:"""

@@ -109,6 +109,7 @@ def test_no_timings_makes_check_reports_diffable(tmp_path: Path) -> None:
         assert all(r["seconds"] == 0 for r in json.loads(result.stdout)["recipes"])
     assert reports[0] == reports[1]
     assert (tmp_path / "0.xml").read_text() == (tmp_path / "1.xml").read_text()
+    assert "timestamp" not in (tmp_path / "0.xml").read_text()
 
 
 def test_time_limit_bounds_every_solve_together() -> None:

@@ -22,9 +22,9 @@ Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe
                                                 "job.context=131072 (repeatable; applies to every recipe).")]
 TimeLimit = Annotated[float, typer.Option("--time-limit", help="Seconds the whole check may spend solving (planned "
                                           "recipes, every solve together).")]
-Timings = Annotated[bool, typer.Option("--timings/--no-timings", help="Wall-clock seconds per recipe in the JSON "
-                                       "('seconds') and JUnit ('time') reports; --no-timings writes 0 so that two "
-                                       "reports can be diffed.", rich_help_panel=OUTPUT)]
+Timings = Annotated[bool, typer.Option("--timings/--no-timings", help="Wall-clock fields in the JSON ('seconds') "
+                                       "and JUnit ('time', 'timestamp') reports; --no-timings writes 0 and no "
+                                       "timestamp so that two reports can be diffed.", rich_help_panel=OUTPUT)]
 
 
 @app.command(cls=Command)
@@ -49,7 +49,7 @@ def check(recipes: Recipes, fmt: Format = "table", junit: Junit = None, sets: Se
     if not timings:
         for o in outcomes:
             o.seconds = 0.0
-    render_outcomes(outcomes, fmt, junit)
+    render_outcomes(outcomes, fmt, junit, timings=timings)
     raise typer.Exit(code=exit_code(outcomes))
 
 

@@ -96,7 +96,7 @@ def render_outcome(o: Outcome, fmt: str) -> None:
         sys.stdout.write(line + "\n")
 
 
-def render_outcomes(outcomes: list[Outcome], fmt: str, junit: Any) -> None:
+def render_outcomes(outcomes: list[Outcome], fmt: str, junit: Any, *, timings: bool = True) -> None:
     """After every recipe: the JSON document or the summary line, and the JUnit file when asked for."""
     import sys
 
@@ -111,6 +111,6 @@ def render_outcomes(outcomes: list[Outcome], fmt: str, junit: Any) -> None:
         from memplan.report.junit import write_junit
 
         try:
-            write_junit(outcomes, junit)
+            write_junit(outcomes, junit, timings=timings)
         except OSError as exc:
             raise MemplanError(f"--junit: cannot write {junit}: {exc.strerror or exc}.") from None
