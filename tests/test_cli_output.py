@@ -205,3 +205,15 @@ def test_fast_option_values(flag: str, value: str | None, message: str | None) -
 def test_layer_ranges_are_read_strictly(text: str, message: str) -> None:
     result = RUNNER.invoke(app, ["estimate", "gpt2", "--gpu", "t4", "--job", "infer", "--offload-layers", text])
     assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_an_unknown_vendor_is_an_error_like_an_unknown_family() -> None:
+    result = RUNNER.invoke(app, ["gpus", "--vendor", "intel"])
+    assert result.exit_code == 2 and "vendor 'intel'" in result.stderr and "nvidia" in result.stderr, result.stderr
+    assert RUNNER.invoke(app, ["gpus", "--vendor", "AMD"]).exit_code == 0
+
+
+def test_qlora_without_quantization_is_refused_by_plan_as_by_estimate() -> None:
+    result = RUNNER.invoke(app, ["plan", "llama-3.1-8b", "--job", "qlora", "--quant", "none"])
+    assert result.exit_code == 2 and "QLoRA" in result.stderr, result.stderr
+    assert RUNNER.invoke(app, ["estimate", "llama-3.1-8b", "--job", "qlora", "--quant", "none"]).exit_code == 2
