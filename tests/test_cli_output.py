@@ -217,3 +217,14 @@ def test_qlora_without_quantization_is_refused_by_plan_as_by_estimate() -> None:
     result = RUNNER.invoke(app, ["plan", "llama-3.1-8b", "--job", "qlora", "--quant", "none"])
     assert result.exit_code == 2 and "QLoRA" in result.stderr, result.stderr
     assert RUNNER.invoke(app, ["estimate", "llama-3.1-8b", "--job", "qlora", "--quant", "none"]).exit_code == 2
+
+
+def test_assumed_host_capacities_are_printed_with_the_answer() -> None:
+    from memplan.catalog.schema import HostSpec
+
+    default_gib = f"{HostSpec().cpu_ram_bytes / 2**30:,.2f} GiB"
+    result = RUNNER.invoke(app, ["estimate", "llama-3.1-8b", "--gpu", "rtx-4090", "--job", "full"])
+    assert f"Assumed (memplan's defaults; set --cpu-ram / --nvme): {default_gib} of CPU RAM per node, no NVMe" in result.stdout
+    given = RUNNER.invoke(app, ["estimate", "llama-3.1-8b", "--gpu", "rtx-4090", "--job", "full", "--cpu-ram", "64GiB",
+                                "--nvme", "1TB"])
+    assert "Assumed" not in given.stdout

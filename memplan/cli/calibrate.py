@@ -23,7 +23,7 @@ def calibrate(gpu: Gpu = None, fmt: Format = "table", dry_run: DryRun = False) -
     from memplan.report import emit
 
     emit.check_format(fmt, ("table", "json"))
-    require_extra()
+    require_extra("calibrate")
     from memplan.measure.calibrate import calibrate as run_calibration
     from memplan.measure.calibrate import save_profile
 

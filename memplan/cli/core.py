@@ -109,15 +109,15 @@ def internal(exc: Exception) -> typer.Exit:
     return typer.Exit(code=EXIT_INTERNAL)
 
 
-MISSING_EXTRA = "measure needs torch and transformers (and peft for LoRA); install memplan[measure]."
+MISSING_EXTRA = "{command} needs torch and transformers (and peft for LoRA); install memplan[measure]."
 
 
-def require_extra() -> None:
-    """A MemplanError (exit 2) when torch or transformers is not importable (``measure``, ``calibrate``)."""
+def require_extra(command: str = "measure") -> None:
+    """A MemplanError (exit 2) naming ``command`` when torch or transformers is not importable."""
     import importlib.util
 
     if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers")):
-        raise MemplanError(MISSING_EXTRA)
+        raise MemplanError(MISSING_EXTRA.format(command=command))
 
 
 def echo(text: str, *, nl: bool = True) -> None:

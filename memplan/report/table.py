@@ -153,6 +153,25 @@ def render_estimate(est: Estimate, out: Any) -> None:
     if est.not_modelled:
         out.print(f"[yellow]Not modelled[/yellow]: {', '.join(est.not_modelled)} "
                   "(a params-only model has no dimensions); the verdict excludes them.")
+    assumed = assumed_host(est)
+    if assumed:
+        out.print(f"Assumed (memplan's defaults; set --cpu-ram / --nvme): {assumed}.")
+
+
+def assumed_host(est: Estimate) -> str:
+    """The host capacities the verdict rests on that nobody gave (``HostSpec``'s defaults), when the job
+    puts bytes in CPU RAM or on NVMe; '' otherwise."""
+    from memplan.catalog.schema import HostSpec
+    from memplan.memory.breakdown import Tier
+
+    if not (est.total(Tier.CPU) or est.total(Tier.NVME)):
+        return ""
+    default, parts = HostSpec(), []
+    if est.host.cpu_ram_bytes == default.cpu_ram_bytes:
+        parts.append(f"{fmt_gib(default.cpu_ram_bytes)} of CPU RAM per node")
+    if est.host.nvme_bytes == default.nvme_bytes:
+        parts.append("no NVMe" if not default.nvme_bytes else f"{fmt_gib(default.nvme_bytes)} of NVMe per node")
+    return ", ".join(parts)
 
 
 def render_rows(rows: list[dict[str, Any]], title: str, out: Any) -> None:
