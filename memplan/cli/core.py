@@ -272,7 +272,7 @@ class Command(TyperCommand):
                 title = "Arguments" if param.param_type_name == "argument" else (
                     getattr(param, "rich_help_panel", None) or "Options")
                 panels.setdefault(title, []).append(record)
-        for title in sorted(panels, key=lambda t: (t != "Arguments", t == "Options")):
+        for title in sorted(panels, key=lambda t: (t != "Arguments", t == "Options", t == "Output")):
             with formatter.section(title):
                 formatter.write_dl(panels[title])
 
