@@ -341,9 +341,9 @@ def search_space(opts: Opts) -> Any:
         if name == "context" and not infer:
             continue
         data[dim] = value
-    if opts.get("job") is Job.QLORA and None in (data.get("quant") or ()):
-        raise MemplanError("--quant: QLoRA keeps the frozen weights in 4 bits, so 'none' is not a choice; use --job lora "
-                           "for 16-bit frozen weights.")
+    if opts.get("job") is Job.QLORA and data.get("quant") is not None and set(data["quant"]) == {None}:
+        raise MemplanError("--quant: QLoRA keeps the frozen weights in 4 bits, so 'none' alone is not a choice; use "
+                           "--job lora for 16-bit frozen weights.")
     if any(z > 3 for z in data.get("zero") or ()):
         raise MemplanError(f"--zero: ZeRO stages are 0, 1, 2 and 3, got {','.join(map(str, data['zero']))}.")
     try:
