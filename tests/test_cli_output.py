@@ -164,7 +164,8 @@ def test_every_option_maps_to_a_real_field() -> None:
 def test_engine_reaches_the_config_and_the_search_space() -> None:
     import json
 
-    from memplan.cli.groups import Opts, search_space
+    from memplan.cli.convert import search_space
+    from memplan.cli.groups import Opts
 
     result = RUNNER.invoke(app, ["estimate", "gpt2", "--gpu", "t4", "--job", "infer", "--engine", "vllm", "-f", "json"])
     assert result.exit_code == 0, result.stderr

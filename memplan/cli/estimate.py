@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from memplan.cli.convert import host, model_and_config
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import Model, Opts, host, model_and_config, options
+from memplan.cli.groups import Model, Opts, options
 
 app = command_app()
 

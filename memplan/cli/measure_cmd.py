@@ -11,8 +11,9 @@ from typing import Annotated
 
 import typer
 
+from memplan.cli.convert import host, job_config
 from memplan.cli.core import Command, command_app, handled, require_extra
-from memplan.cli.groups import OUTPUT, Model, Opts, host, job_config, options
+from memplan.cli.groups import OUTPUT, Model, Opts, options
 from memplan.errors import MemplanError
 
 app = command_app()

@@ -6,8 +6,9 @@ from typing import Annotated, Any
 
 import typer
 
+from memplan.cli.convert import host, job_config, search_space
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import OUTPUT, Model, Opts, host, job_config, options, search_space
+from memplan.cli.groups import OUTPUT, Model, Opts, options
 
 app = command_app()
 DIMENSIONS = ("engine", "quant", "optimizer", "batch", "zero", "offload_optimizer", "offload_params", "tp", "pp",

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
+from memplan.cli.convert import host, job_config
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import OUTPUT, PARALLEL, Opts, host, job_config, options
+from memplan.cli.groups import OUTPUT, PARALLEL, Opts, options
 from memplan.errors import MemplanError
 
 app = command_app()
@@ -85,7 +86,7 @@ def grid_spec(recipe: Path | None, opts: Opts, axes: dict[str, Any]) -> Any:
     from dataclasses import replace
 
     from memplan.catalog.store import gpu_names, model_names
-    from memplan.cli.groups import int_list
+    from memplan.cli.convert import int_list
     from memplan.recipe_load import load_recipe
     from memplan.sweep import SweepSpec, spec_from_recipe
 
