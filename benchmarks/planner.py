@@ -2,7 +2,7 @@
 of exhaustive enumeration (every global choice × every per-layer recompute map, exact bytes from
 ``estimate``) where it is still possible.
 
-Run: python benchmarks/planner.py        (prints a table; no assertions, targets are in the README)
+Run: python benchmarks/planner.py        (prints a table; no assertions, targets are in docs/examples.md)
 Targets: a typical ``memplan plan`` under 1 s cold; per-layer planning of an 80-layer model under
 1 s of solve time.
 """

@@ -2,7 +2,8 @@
 
 Run from the repository root:  python docs/make_usage.py
 The prose lives in this file; the blocks marked ``$ memplan ...`` are real runs (stdout, then stderr),
-so the documentation cannot drift from the code. Timings in JSON/JUnit excerpts vary run to run.
+so the documentation cannot drift from the code. The check reports are made with ``--no-timings`` (their
+wall-clock fields written as 0) so that regenerating them changes nothing.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def document(tmp: Path) -> str:
     sweep = run("memplan sweep --model llama-3.1-8b,mistral-7b,qwen2.5-14b,qwen2.5-32b,llama-3.1-70b "
                 f"--gpu l4,a100-sxm-80gb,h100,h200 --job qlora,infer --workers 1 --out {csv_path}")
     check_all = run("memplan check recipes/")
-    run(f"memplan check recipes/ --junit {junit_path}")
+    run(f"memplan check recipes/ --junit {junit_path} --no-timings")
     parts = [INTRO,
              "## 1. Interactive planning", PLANNING,
              run("memplan estimate llama-3.1-8b --gpu rtx-4090 --job qlora --recompute full --lora-targets all-linear"),
@@ -93,7 +94,7 @@ def document(tmp: Path) -> str:
              run("memplan check recipes/mistral-7b-lora-a10g.yaml --set job.seq_len=8192"),
              run(f"memplan check {bad_recipe(tmp)}").replace(str(tmp) + "/", ""),
              GATES_3,
-             run("memplan check recipes/phi-3-mini-gguf-t4.yaml --format json", head=32),
+             run("memplan check recipes/phi-3-mini-gguf-t4.yaml --format json --no-timings", head=32),
              GATES_4, file_head(junit_path, 12).replace(str(ROOT) + "/", ""),
              GATES_5, RECIPES]
     return "\n\n".join(parts).rstrip() + "\n"
@@ -159,7 +160,9 @@ with an ambiguous size:"""
 
 GATES_3 = """`--format json` prints only JSON on stdout (validated against
 `memplan/schema/check.schema.json`; the solver's native output is kept off stdout). Each recipe
-carries its tiers with exact bytes and its full estimate:"""
+carries its tiers with exact bytes and its full estimate. The report's wall-clock fields (`seconds` per
+recipe here, `time` and `timestamp` in JUnit) differ from run to run; `--no-timings` writes them as 0
+(and no timestamp) so that two reports can be diffed:"""
 
 GATES_4 = """`--junit memplan-check.xml` writes one testcase per recipe (a `<failure>` when it does not fit,
 an `<error>` when it is invalid), which GitHub, GitLab, Jenkins and Azure DevOps display:"""

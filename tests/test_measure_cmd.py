@@ -22,7 +22,6 @@ torch = pytest.importorskip("torch", reason="measure needs torch (pip install me
 pytest.importorskip("transformers", reason="measure needs transformers (pip install memplan[measure])")
 
 from memplan.catalog.store import catalog_gpu  # noqa: E402
-from memplan.cli import measure_cmd  # noqa: E402  (registers measure and calibrate on the app)
 from memplan.estimate import estimate, make_config  # noqa: E402
 from memplan.measure import calibrate as cal  # noqa: E402
 from memplan.measure.compare import EXACT, Line  # noqa: E402
@@ -124,8 +123,10 @@ def test_unmeasurable_jobs_are_refused(runner: Any, args: list[str], message: st
 
 
 def test_missing_extra_exits_2(runner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = measure_cmd.importlib.util.find_spec
-    monkeypatch.setattr(measure_cmd.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     result = run_cli(runner, "measure", "llama-3.2-1b", code=2)
     assert "install memplan[measure]" in result.stderr
 

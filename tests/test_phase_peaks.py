@@ -82,16 +82,13 @@ def test_serving_peak_is_the_prefill_step() -> None:
     assert phases[Phase.PREFILL] >= phases[Phase.DECODE] >= phases[Phase.LOAD]
 
 
-def test_table_shows_the_rows_their_sum_and_the_binding_phase() -> None:
-    from rich.console import Console
-
-    from memplan.report.table import render_estimate
+def test_table_shows_the_rows_their_sum_and_the_binding_phase(capsys: pytest.CaptureFixture[str]) -> None:
+    from memplan.report.table import Out, render_estimate
 
     gpu = gpu_with(OPTIMIZER_PHASE + 16 * MiB)
     est = estimate("qwen2.5-0.5b", gpu, optimizer_impl="fused", **JOB)
-    console = Console(record=True, width=200)
-    render_estimate(est, console)
-    text = console.export_text()
+    render_estimate(est, Out(terminal=False))
+    text = capsys.readouterr().out
     assert "optimizer/adam_v" in text and "rows summed" in text
     phase = est.peak_phase(Tier.GPU).value
     assert f"peak ({phase})" in text and "FITS" in text and f"peak at {phase}" in text

@@ -27,6 +27,17 @@ def test_readme_examples_are_generated_from_the_code():
     assert result.returncode == 0, result.stderr
 
 
+def test_readme_is_a_front_door_and_the_gallery_lives_in_docs():
+    """The README stays short (about 200 lines); the generated galleries and tables are in docs/examples.md."""
+    readme = (ROOT / "README.md").read_text()
+    examples = (ROOT / "docs" / "examples.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert readme.count("<!-- example: memplan") <= 2
+    assert examples.count("<!-- example: memplan") >= 10 and "<!-- include: docs/accuracy.md -->" in examples
+    for heading in ("## Units and exit codes", "## Where the defaults come from, and how the margins stack"):
+        assert heading in readme
+
+
 def test_python_api_example_runs():
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "estimate_api.py")],
                             capture_output=True, text=True, cwd=ROOT)

@@ -25,7 +25,7 @@ from memplan.planner.space import SearchSpace
 
 RUNNER = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
 REAL_LIST_SOLVERS = pulp.listSolvers
-HIGHS, CBC = "HiGHS", "PULP_CBC_CMD"
+HIGHS, CBC, BUNDLED_CBC = "HiGHS", "COIN_CMD", "PULP_CBC_CMD"
 
 
 def without(*names: str) -> Any:
@@ -82,14 +82,14 @@ def test_cbc_fallback_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch, sol
     monkeypatch.setattr(pulp, "listSolvers", without(HIGHS))
     assert solvers.available() == ["cbc"]
     with_cbc = plan(request(job=job, **space))
-    assert solver_log and set(solver_log) == {"PULP_CBC_CMD"}
+    assert solver_log and set(solver_log) == {"COIN_CMD"}  # CBC through COIN_CMD, not the deprecated PULP_CBC_CMD
     assert with_cbc.status == with_highs.status == "optimal"
     assert summary(with_cbc)[0] == summary(with_highs)[0]  # this space has a unique fastest plan
     assert [c.step_time_s for c in with_cbc.candidates] == pytest.approx([c.step_time_s for c in with_highs.candidates])
 
 
 def test_no_usable_solver_is_one_clear_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pulp, "listSolvers", without(HIGHS, CBC))
+    monkeypatch.setattr(pulp, "listSolvers", without(HIGHS, CBC, BUNDLED_CBC))
     with pytest.raises(MemplanError, match="no usable MILP solver"):
         solvers.get_solver()
     result = RUNNER.invoke(app, ["plan", "gpt2", "--gpus", "2"])
@@ -98,7 +98,7 @@ def test_no_usable_solver_is_one_clear_sentence(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_asking_for_a_missing_solver_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pulp, "listSolvers", without(CBC))
+    monkeypatch.setattr(pulp, "listSolvers", without(CBC, BUNDLED_CBC))
     result = RUNNER.invoke(app, ["plan", "gpt2", "--gpus", "2", "--solver", "cbc"])
     assert result.exit_code == 2 and "no usable MILP solver (cbc)" in result.stderr, result.stderr
     result = RUNNER.invoke(app, ["plan", "gpt2", "--gpus", "2", "--solver", "glpk"])
@@ -129,8 +129,8 @@ def test_an_unbounded_model_is_reported_as_unbounded(solver: str, status: str) -
     """CBC proves unboundedness; HiGHS's MIP solver says 'unbounded or infeasible', which PuLP would
     report as plain 'Infeasible' - memplan keeps HiGHS's undecided answer instead."""
     builder = IlpBuilder(toy_problem(64 * 2**20))
-    y = pulp.LpVariable("y", lowBound=0)
-    builder.prob += -1 * y + builder.seconds_expr()  # minimize -y with y unbounded above
+    y = builder.prob.add_variable("y", lowBound=0)
+    builder.prob.setObjective(-1 * y + builder.seconds_expr())  # minimize -y with y unbounded above
     builder.prob += y >= 1, "y_floor"
     assert builder.solve(solver=solver).status == status
 

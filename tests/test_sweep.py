@@ -166,7 +166,7 @@ def test_cli_rejects_bad_grids(runner: CliRunner) -> None:
 
 
 def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    from memplan.cli import ci
+    from memplan.cli import sweep as ci
 
     buffer = io.StringIO()
     monkeypatch.setattr("rich.console.Console.is_terminal", property(lambda self: True))

@@ -1,4 +1,4 @@
-"""Regenerate the command outputs embedded in README.md (and docs/*.md) from the code itself.
+"""Regenerate the command outputs embedded in README.md and docs/examples.md from the code itself.
 
 Each example is a fenced block preceded by ``<!-- example: memplan ARGS -->``; the block holds the
 command and its output, run in-process with a fixed terminal width. ``--check`` exits 1 when a
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "examples.md"]
 INCLUDE = re.compile(r"(<!-- include: ([^ ]+) -->\n).*?(<!-- end include -->\n)", re.S)
 PATTERN = re.compile(r"(<!-- example: (memplan [^\n]*?) -->\n)```text\n.*?```\n", re.S)
 WIDTH = "100"
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
         old = doc.read_text(encoding="utf-8")
         new = render(old)
         if new != old:
-            stale.append(doc.name)
+            stale.append(str(doc.relative_to(ROOT)))
             if not check:
                 doc.write_text(new, encoding="utf-8")
     if check and stale:

@@ -1,4 +1,5 @@
-"""Find catalog entries by name: one YAML file per entry, read only when asked for.
+"""Find catalog entries by name: one YAML file per entry, read through the prebuilt index
+(``memplan/catalog/index.json``, ``python -m memplan.catalog.index``), which holds every entry's data.
 
 Names are case-insensitive; a file's stem is its canonical name (``llama-3.1-8b.yaml``).
 GPU entries may also carry ``aliases``.
@@ -6,11 +7,9 @@ GPU entries may also carry ``aliases``.
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from memplan.catalog.schema import GpuSpec, ModelSpec
@@ -23,12 +22,10 @@ GPUS_DIR = _HERE / "gpus"
 T = TypeVar("T", bound=BaseModel)
 
 
-def _stems(directory: Path) -> list[str]:
-    return sorted(p.stem for p in directory.glob("*.yaml"))
-
-
 def read_entry(path: Path, schema: type[T]) -> T:
     """Load and validate one catalog file; errors name the file and the field."""
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -60,30 +57,44 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def model_names() -> list[str]:
-    return _stems(MODELS_DIR)
+    from memplan.catalog.index import load
+
+    return list(load()["models"])
 
 
 def gpu_names() -> list[str]:
-    return _stems(GPUS_DIR)
+    from memplan.catalog.index import load
+
+    return list(load()["gpus"])
 
 
-@cache
 def _gpu_aliases() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for stem in gpu_names():
-        spec = read_entry(GPUS_DIR / f"{stem}.yaml", GpuSpec)
-        for alias in spec.aliases:
-            out[alias.lower()] = stem
-    return out
+    """Alias (lower case) -> GPU name, from the prebuilt index (not from every GPU file)."""
+    from memplan.catalog.index import load
+
+    return dict(load()["gpu_aliases"])
+
+
+def _entry(kind: str, stem: str, schema: type[T]) -> T:
+    """The entry ``stem`` validated from the index (from its file when the index lacks it)."""
+    from memplan.catalog.index import load
+
+    path = (MODELS_DIR if kind == "models" else GPUS_DIR) / f"{stem}.yaml"
+    data = load()[kind].get(stem)
+    if not isinstance(data, dict):
+        return read_entry(path, schema)
+    try:
+        return schema.model_validate(dict(data))
+    except ValidationError as exc:
+        raise MemplanError(f"catalog file {path}: {format_validation_error(exc)}") from None
 
 
 def catalog_model(name: str) -> ModelSpec:
     """The catalog model called ``name`` (case-insensitive)."""
-    path = MODELS_DIR / f"{name.lower()}.yaml"
     if name.lower() not in model_names():  # not path.is_file(): no '../' or over-long names reach the disk
         raise MemplanError(f"unknown model {name!r}.{did_you_mean(name, model_names())} "
                            "Run 'memplan models' for the catalog, or pass a config.json path or params:7B.")
-    return read_entry(path, ModelSpec)
+    return _entry("models", name.lower(), ModelSpec)
 
 
 def catalog_gpu(name: str) -> GpuSpec:
@@ -91,19 +102,18 @@ def catalog_gpu(name: str) -> GpuSpec:
     if not isinstance(name, str):
         raise MemplanError(f"gpu: expected a catalog name such as 'h100-sxm-80gb', got a {type(name).__name__}.")
     key = name.lower().strip()
-    path = GPUS_DIR / f"{key}.yaml"
-    if key not in gpu_names():  # not path.is_file(): no '../' or over-long names reach the disk
+    if key not in gpu_names():
         stem = _gpu_aliases().get(key)
         if stem is None:
             choices = gpu_names() + sorted(_gpu_aliases())
             raise MemplanError(f"unknown GPU {name!r}.{did_you_mean(name, choices)} Run 'memplan gpus' for the catalog.")
-        path = GPUS_DIR / f"{stem}.yaml"
-    return read_entry(path, GpuSpec)
+        key = stem
+    return _entry("gpus", key, GpuSpec)
 
 
 def all_models() -> list[ModelSpec]:
-    return [read_entry(MODELS_DIR / f"{n}.yaml", ModelSpec) for n in model_names()]
+    return [_entry("models", n, ModelSpec) for n in model_names()]
 
 
 def all_gpus() -> list[GpuSpec]:
-    return [read_entry(GPUS_DIR / f"{n}.yaml", GpuSpec) for n in gpu_names()]
+    return [_entry("gpus", n, GpuSpec) for n in gpu_names()]

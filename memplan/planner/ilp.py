@@ -77,7 +77,7 @@ class IlpBuilder(LayerBlocks):
         pl, P = self.pulp, self.p
         for d, values in P.dims.items():
             for i, v in enumerate(values):
-                self.x[d, v] = pl.LpVariable(f"x_{safe_name(d)}_{i}", cat="Binary")
+                self.x[d, v] = self.prob.add_variable(f"x_{safe_name(d)}_{i}", cat="Binary")
             self.prob += pl.lpSum(self.x[d, v] for v in values) == 1, f"one_{safe_name(d)}"
         for f in P.factors:
             self._factor(f)
@@ -96,7 +96,7 @@ class IlpBuilder(LayerBlocks):
         pl = self.pulp
         by_value: dict[tuple[str, Any], list[Any]] = {(d, v): [] for d in f.dims for v in self.p.dims[d]}
         for j, key in enumerate(f.entries):
-            var = pl.LpVariable(f"z_{safe_name(f.name)}_{j}", lowBound=0, upBound=1)
+            var = self.prob.add_variable(f"z_{safe_name(f.name)}_{j}", lowBound=0, upBound=1)
             self.z[f.name, key] = var
             for d, v in zip(f.dims, key, strict=True):
                 by_value[d, v].append(var)
@@ -146,7 +146,7 @@ class IlpBuilder(LayerBlocks):
                             big = max(big, c)
                 if not terms or not accum:
                     continue
-                var = pl.LpVariable(f"persist_pp{p}_s{s}", lowBound=0)
+                var = self.prob.add_variable(f"persist_pp{p}_s{s}", lowBound=0)
                 self.persist[p, s] = var
                 self.prob += var >= pl.lpSum(terms) - big * (1 - pl.lpSum(accum)), f"persist_pp{p}_s{s}"
 
@@ -213,7 +213,7 @@ class IlpBuilder(LayerBlocks):
         elif P.objective == "min_error":
             self.primary, self.primary_scale = ERROR_SCALE * self.error_expr(), ERROR_SCALE  # solver units
         elif P.objective == "min_gpu_bytes":
-            worst = pl.LpVariable("peak_gpu_units", lowBound=0)
+            worst = self.prob.add_variable("peak_gpu_units", lowBound=0)
             for (p, s, phase), expr in self.gpu_rows.items():
                 relax = 0 if self._conditional() or "pp" not in P.dims else self._upper(expr) * (1 - self.x["pp", p])
                 self.prob += worst >= expr - relax, f"peak_pp{p}_s{s}" + (f"_{phase}" if phase else "")
@@ -234,13 +234,10 @@ class IlpBuilder(LayerBlocks):
             return first
         best = float(self.pulp.value(primary) or 0.0)
         first.objective = best / self.primary_scale
-        self.prob += primary <= best + PRIMARY_TIE_REL * abs(best) + PRIMARY_TIE_ABS, "primary_cap"
-        try:
-            self.prob.setObjective(SECONDS_SCALE * self.seconds_expr())
-            second = self._solve(time_limit, solver)
-        finally:
-            del self.prob.constraints["primary_cap"]
-            self.prob.setObjective(primary)
+        capped = self.prob.copy()  # the cap lives on a copy (PuLP 4 has no public way to remove a constraint)
+        capped += primary <= best + PRIMARY_TIE_REL * abs(best) + PRIMARY_TIE_ABS, "primary_cap"
+        capped.setObjective(SECONDS_SCALE * self.seconds_expr())
+        second = self._solve(time_limit, solver, capped)
         if second.status not in ("optimal", "feasible"):
             return first
         second.objective = float(self.pulp.value(primary) or 0.0) / self.primary_scale
@@ -248,14 +245,14 @@ class IlpBuilder(LayerBlocks):
             second.status = "feasible"  # the best primary value itself was cut short
         return second
 
-    def _solve(self, time_limit: float | None, solver: str | None) -> Solution:
+    def _solve(self, time_limit: float | None, solver: str | None, prob: Any = None) -> Solution:
         from memplan.planner.solvers import get_solver, quiet_stdout
 
-        pl = self.pulp
+        pl, prob = self.pulp, self.prob if prob is None else prob
         chosen = get_solver(solver, time_limit=time_limit)
         try:
             with quiet_stdout():
-                status = self.prob.solve(chosen)
+                status = prob.solve(chosen)
         except (pl.PulpSolverError, IndexError):  # HiGHS refuses |coefficients| >= 1e15; PuLP then indexes an empty model
             from memplan.errors import MemplanError
 
@@ -263,8 +260,8 @@ class IlpBuilder(LayerBlocks):
             raise MemplanError(f"the {type(chosen).__name__} solver rejected the model: a memory figure near or above "
                                f"{limit} bytes is beyond its numeric range; check the sizes given.") from None
         label = pl.LpStatus[status]
-        if label != "Optimal" or self.prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
-            highs = self.prob if isinstance(chosen, pl.HiGHS) else None
+        if label != "Optimal" or prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
+            highs = prob if isinstance(chosen, pl.HiGHS) else None
             return Solution(_status_name(label, highs), {}, [], math.nan, math.nan)
         picked = [(d, v) for (d, v), var in self.x.items() if (var.value() or 0) > 0.5]
         if sorted(d for d, _ in picked) != sorted(self.p.dims):
@@ -273,9 +270,9 @@ class IlpBuilder(LayerBlocks):
         choice = dict(picked)
         block_modes = {lb.name: self.modes(bi) for bi, lb in enumerate(self.p.blocks)}
         modes = self.modes(0) if self.p.layers is not None else []
-        sol_status = "optimal" if self.prob.sol_status == pl.LpSolutionOptimal else "feasible"
+        sol_status = "optimal" if prob.sol_status == pl.LpSolutionOptimal else "feasible"
         scale = SECONDS_SCALE if self.p.objective in ("min_seconds", "min_error") else 1.0
-        return Solution(sol_status, choice, modes, float(pl.value(self.prob.objective) or 0.0) / scale,
+        return Solution(sol_status, choice, modes, float(pl.value(prob.objective) or 0.0) / scale,
                         float(pl.value(self.seconds_expr()) or 0.0), block_modes)
 
     def cutoff(self, seconds: float) -> None:

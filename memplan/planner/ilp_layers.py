@@ -60,12 +60,12 @@ class LayerBlocks:
         for gi, (gkey, members) in enumerate(groups.items()):
             size, tag = len(members), f"{bi}_{gi}"
             for m in lb.modes:
-                self.n[bi, gkey, m] = pl.LpVariable(f"n_{tag}_{safe_name(m)}", lowBound=0, upBound=size, cat="Integer")
-                self.any[bi, gkey, m] = pl.LpVariable(f"any_{tag}_{safe_name(m)}", cat="Binary")
+                self.n[bi, gkey, m] = self.prob.add_variable(f"n_{tag}_{safe_name(m)}", lowBound=0, upBound=size, cat="Integer")
+                self.any[bi, gkey, m] = self.prob.add_variable(f"any_{tag}_{safe_name(m)}", cat="Binary")
                 self.prob += self.n[bi, gkey, m] <= size * self.any[bi, gkey, m], f"any_{tag}_{safe_name(m)}"
                 for j, k in enumerate(keys):
                     allowed = k in lb.gpu[members[0]][m]  # a mode without an entry for a key is not available there
-                    self.w[bi, gkey, m, k] = pl.LpVariable(f"v_{tag}_{safe_name(m)}_{j}", lowBound=0,
+                    self.w[bi, gkey, m, k] = self.prob.add_variable(f"v_{tag}_{safe_name(m)}_{j}", lowBound=0,
                                                            upBound=None if allowed else 0)
             self.prob += pl.lpSum(self.n[bi, gkey, m] for m in lb.modes) == size, f"count_{tag}"
             for j, k in enumerate(keys):
@@ -108,7 +108,7 @@ class LayerBlocks:
     def _ws_var(self, bi: int, lb: LayerBlock, y: dict[tuple, Any], p: int, s: int, kind: int, *, work: bool,
                 held: bool) -> None:
         pl = self.pulp
-        var = pl.LpVariable(f"ws{bi}_pp{p}_s{s}" + ("_h" if kind else ""), lowBound=0)
+        var = self.prob.add_variable(f"ws{bi}_pp{p}_s{s}" + ("_h" if kind else ""), lowBound=0)
         self.ws[bi, p, s, kind] = var
         for gi, (gkey, members) in enumerate(self.groups[bi].items()):
             rep = members[0]

@@ -20,9 +20,23 @@ def available() -> list[str]:
     out = []
     if "HiGHS" in names:
         out.append("highs")
-    if "PULP_CBC_CMD" in names:
+    if names & {"COIN_CMD", "PULP_CBC_CMD"}:
         out.append("cbc")
     return out
+
+
+def cbc_path() -> str:
+    """The CBC executable: one on PATH (``pip install pulp[cbc]``, the route PuLP 4 keeps) if present, else the
+    binary bundled with PuLP 3 (what its deprecated ``PULP_CBC_CMD`` runs), driven through ``COIN_CMD`` either way."""
+    import shutil
+
+    import pulp
+
+    found = shutil.which("cbc")
+    if found:
+        return found
+    bundled = getattr(getattr(pulp, "PULP_CBC_CMD", None), "pulp_cbc_path", None)  # gone in PuLP 4
+    return str(bundled or "cbc")
 
 
 MIP_REL_GAP = 1e-6
@@ -32,9 +46,38 @@ HiGHS's defaults (1e-4 relative, 1e-6 absolute) let it stop at a plan 0.01% slow
 10 ms slower than a 10 ms step: memplan's objectives are seconds, so the absolute gap must be 0."""
 
 
+_DEADLINE: list[float] = []
+"""Monotonic times by which every solve must end (innermost last): ``--time-limit`` bounds a whole command."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Within this block, each solve's time limit is cut to what is left of ``seconds`` from now."""
+    import time
+
+    _DEADLINE.append(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.pop()
+
+
+def remaining(time_limit: float | None) -> float | None:
+    """``time_limit`` cut to the time left before the innermost deadline (at least 1 ms: the solver then stops
+    at once and the planner reports the time limit)."""
+    import time
+
+    if not _DEADLINE:
+        return time_limit
+    left = max(_DEADLINE[-1] - time.monotonic(), 1e-3)
+    return left if time_limit is None else min(time_limit, left)
+
+
 def get_solver(name: str | None = None, *, time_limit: float | None = None) -> Any:
     """A PuLP solver object: ``name`` if given and usable, else the first usable of PREFERENCE."""
     import pulp
+
+    time_limit = remaining(time_limit)
 
     usable = available()
     if name is not None and name not in PREFERENCE:
@@ -45,7 +88,7 @@ def get_solver(name: str | None = None, *, time_limit: float | None = None) -> A
             if candidate == "highs":
                 return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=MIP_REL_GAP, gapAbs=MIP_ABS_GAP,
                                   output_flag=False, log_to_console=False)
-            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=MIP_REL_GAP, gapAbs=MIP_ABS_GAP)
+            return pulp.COIN_CMD(path=cbc_path(), msg=False, timeLimit=time_limit, gapRel=MIP_REL_GAP, gapAbs=MIP_ABS_GAP)
     wanted = name or " or ".join(PREFERENCE)
     raise MemplanError(f"no usable MILP solver ({wanted}); install highspy (pip install highspy) "
                        "or a PuLP build that bundles CBC.")

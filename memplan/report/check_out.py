@@ -82,3 +82,35 @@ def check_dict(outcomes: list[Outcome]) -> dict[str, Any]:
         "counts": status_counts(outcomes),
         "recipes": [outcome_dict(o) for o in outcomes],
     })
+
+
+def render_outcome(o: Outcome, fmt: str) -> None:
+    """As each recipe is checked: its error once on stderr; in the table, one line per recipe on stdout (an
+    invalid recipe's line names it and points to stderr rather than repeat the error)."""
+    import sys
+
+    if o.status == "error":
+        sys.stderr.write(f"memplan: {o.reason}\n")
+    if fmt == "table":
+        line = f"{LABEL[o.status]:<5} {o.name}  (the error is on stderr)" if o.status == "error" else outcome_line(o)
+        sys.stdout.write(line + "\n")
+
+
+def render_outcomes(outcomes: list[Outcome], fmt: str, junit: Any, *, timings: bool = True) -> None:
+    """After every recipe: the JSON document or the summary line, and the JUnit file when asked for."""
+    import sys
+
+    if fmt == "json":
+        from memplan.report.json_out import dumps
+
+        sys.stdout.write(dumps(check_dict(outcomes)) + "\n")
+    else:
+        sys.stdout.write(summary_line(outcomes) + "\n")
+    if junit is not None:
+        from memplan.errors import MemplanError
+        from memplan.report.junit import write_junit
+
+        try:
+            write_junit(outcomes, junit, timings=timings)
+        except OSError as exc:
+            raise MemplanError(f"--junit: cannot write {junit}: {exc.strerror or exc}.") from None

@@ -46,23 +46,25 @@ def testcase(o: Outcome) -> ET.Element:
     return case
 
 
-def junit_xml(outcomes: list[Outcome], *, timestamp: dt.datetime | None = None) -> str:
-    """The JUnit XML document for ``outcomes``."""
+def junit_xml(outcomes: list[Outcome], *, timestamp: dt.datetime | None = None, timings: bool = True) -> str:
+    """The JUnit XML document for ``outcomes``; without ``timings`` it has no ``timestamp`` (an optional
+    attribute), so that two reports of the same recipes are identical."""
     failures = sum(1 for o in outcomes if o.status == "does_not_fit")
     errors = sum(1 for o in outcomes if o.status == "error")
     seconds = f"{sum(o.seconds for o in outcomes):.3f}"
     stamp = (timestamp or dt.datetime.now(dt.UTC)).replace(microsecond=0).isoformat()
     counts = {"tests": str(len(outcomes)), "failures": str(failures), "errors": str(errors), "time": seconds}
     root = ET.Element("testsuites", {"name": SUITE, **counts})
-    suite = ET.SubElement(root, "testsuite", {"name": SUITE, **counts, "skipped": "0", "timestamp": stamp})
+    when = {"timestamp": stamp} if timings else {}
+    suite = ET.SubElement(root, "testsuite", {"name": SUITE, **counts, "skipped": "0", **when})
     suite.extend(testcase(o) for o in outcomes)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def write_junit(outcomes: list[Outcome], path: str | Path) -> Path:
+def write_junit(outcomes: list[Outcome], path: str | Path, *, timings: bool = True) -> Path:
     p = Path(path)
     if p.parent and not p.parent.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(junit_xml(outcomes), encoding="utf-8")
+    p.write_text(junit_xml(outcomes, timings=timings), encoding="utf-8")
     return p

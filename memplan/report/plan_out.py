@@ -52,9 +52,7 @@ def _choice(c: Candidate) -> str:
 
 
 def render_plan(result: PlanResult, console: Any) -> None:
-    from rich.table import Table
-
-    from memplan.report.table import render_estimate
+    from memplan.report.table import Table, render_estimate
 
     if result.best is None:
         console.print("[red]INFEASIBLE[/red]: no configuration in the search space fits.")

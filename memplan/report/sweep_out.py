@@ -62,30 +62,24 @@ def matrices(result: SweepResult) -> list[Matrix]:
 
 
 def matrix_table(m: Matrix) -> Any:
-    from rich.table import Table
+    from memplan.report.table import Table
 
     table = Table()
-    table.add_column("model", no_wrap=True)
+    table.add_column("model")
     for gpu in m.gpus:
-        table.add_column(gpu, justify="right", no_wrap=True)
+        table.add_column(gpu, justify="right")
     for model in m.models:
         table.add_row(model, *(m.cell_text(model, gpu) for gpu in m.gpus))
     return table
 
 
-def render_matrices(mats: list[Matrix], console: Any) -> None:
-    """Each matrix as a table; wider than the terminal rather than with truncated names."""
-    from rich.console import Console
-    from rich.measure import Measurement
-
+def render_matrices(mats: list[Matrix], out: Any) -> None:
+    """Each matrix as a table; names are never cut (they fold on a terminal, a pipe gets a plain layout)."""
     for m in mats:
-        table = matrix_table(m)
-        need = Measurement.get(console, console.options.update(width=10**4), table).maximum
-        out = console if need <= console.width else Console(file=console.file, width=need, soft_wrap=False)
-        console.print(m.title, soft_wrap=True, highlight=False)
-        out.print(table)
-    console.print(f"{NO_FIT}: nothing fits (not even 1); {INVALID}: invalid configuration or not modelled "
-                  "(reasons on stderr and in the CSV's error column).", soft_wrap=True)
+        out.print(m.title, highlight=False)
+        out.print(matrix_table(m))
+    out.print(f"{NO_FIT}: nothing fits (not even 1); {INVALID}: invalid configuration or not modelled "
+              "(reasons on stderr and in the CSV's error column).")
 
 
 def matrix_dict(m: Matrix) -> dict[str, Any]:

@@ -1,56 +1,187 @@
-"""Rich tables: one row per component and tier, in GiB with the unit written out."""
+"""Tables and lines for people: rich on a terminal (long names fold, never cut), a plain aligned layout
+when stdout is a pipe or a file (no truncation, no box drawing, no colour codes; rich is not imported).
+
+``Table`` takes the calls of ``rich.table.Table`` that memplan uses; ``Out.print`` takes strings (with
+rich's ``[bold]``-style markup, stripped in the plain layout) and ``Table`` objects. The estimate table
+(one row per component and tier, in GiB with the unit written out) is built here too.
+"""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from memplan.estimate import Estimate
-from memplan.memory.breakdown import Tier
-from memplan.units import GiB
+if TYPE_CHECKING:
+    from memplan.estimate import Estimate
 
-TIER_LABEL = {Tier.GPU: "GPU (per GPU)", Tier.CPU: "CPU RAM (per node)", Tier.NVME: "NVMe (per node)"}
+MARKUP = re.compile(r"\[/?(?:bold|green|red|yellow|dim|cyan|italic)?\]")
+GAP = "  "
+"""Between the columns of the plain layout."""
+
+
+def plain(text: str) -> str:
+    """``text`` without rich markup tags."""
+    return MARKUP.sub("", text)
+
+
+@dataclass
+class Column:
+    header: str
+    justify: str = "left"
+
+
+@dataclass
+class Table:
+    """A table to print through ``Out``: columns, rows of strings, and section breaks."""
+
+    title: str | None = None
+    title_justify: str = "left"
+    columns: list[Column] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    breaks: set[int] = field(default_factory=set)
+    """Row indexes after which a section ends."""
+
+    def add_column(self, header: str, justify: str = "left", **_: Any) -> None:
+        self.columns.append(Column(header, justify))
+
+    def add_row(self, *cells: str, end_section: bool = False) -> None:
+        self.rows.append([str(c) for c in cells])
+        if end_section:
+            self.breaks.add(len(self.rows) - 1)
+
+    def plain_lines(self) -> list[str]:
+        """The plain layout: a header, a rule, the rows, every column as wide as its widest cell."""
+        cells = [[c.header for c in self.columns], *([plain(x) for x in row] for row in self.rows)]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
+
+        def line(row: list[str]) -> str:
+            return GAP.join(x.rjust(w) if c.justify == "right" else x.ljust(w)
+                            for x, w, c in zip(row, widths, self.columns, strict=True)).rstrip()
+
+        out = [plain(self.title)] if self.title else []
+        out += [line(cells[0]), GAP.join("-" * w for w in widths)]
+        for i, row in enumerate(cells[1:]):
+            out.append(line(row))
+            if i in self.breaks and i != len(cells) - 2:
+                out.append("")
+        return out
+
+    def rich(self) -> Any:
+        from rich.table import Table as RichTable
+
+        table = RichTable(title=self.title, title_justify=self.title_justify)  # type: ignore[arg-type]
+        for c in self.columns:
+            table.add_column(c.header, justify=c.justify, overflow="fold")  # type: ignore[arg-type]
+        for i, row in enumerate(self.rows):
+            table.add_row(*row, end_section=i in self.breaks)
+        return table
+
+
+class Out:
+    """Where people-facing output goes: rich on a terminal, plain text otherwise."""
+
+    def __init__(self, terminal: bool | None = None) -> None:
+        self.terminal = is_terminal() if terminal is None else terminal
+        self._console: Any = None
+
+    @property
+    def console(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(soft_wrap=False)
+        return self._console
+
+    def print(self, obj: Any = "", **kwargs: Any) -> None:
+        if self.terminal:
+            self.console.print(obj.rich() if isinstance(obj, Table) else obj, **kwargs)
+            return
+        text = "\n".join(obj.plain_lines()) if isinstance(obj, Table) else plain(str(obj))
+        sys.stdout.write(text + "\n")
+
+
+def is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+TIER_LABEL = {"gpu": "GPU (per GPU)", "cpu": "CPU RAM (per node)", "nvme": "NVMe (per node)"}
 
 
 def fmt_gib(n_bytes: int) -> str:
+    from memplan.units import GiB
+
     return f"{n_bytes / GiB:,.2f} GiB"
 
 
 def estimate_table(est: Estimate) -> Table:
+    from memplan.memory.breakdown import Tier
+
     cfg = est.config
     title = (f"{est.model.name} · {cfg.job.value} · {cfg.gpus_per_node}×{cfg.nodes} {est.gpu.name} · "
              f"{est.arch.params / 1e9:,.2f} B params")
-    table = Table(title=title, title_justify="left")
-    table.add_column("tier")
-    table.add_column("component")
-    table.add_column("memory", justify="right")
-    table.add_column("bytes", justify="right")
+    table = Table(title=title)
+    for name in ("tier", "component", "memory", "bytes"):
+        table.add_column(name, justify="right" if name in ("memory", "bytes") else "left")
     for tier in Tier:
         rows = [r for r in est.rows if r.tier is tier]
         if not rows and tier is not Tier.GPU:
             continue
+        label = TIER_LABEL[tier.value]
         for r in rows:
-            table.add_row(TIER_LABEL[tier], r.component, fmt_gib(r.bytes), f"{r.bytes:,}")
+            table.add_row(label, r.component, fmt_gib(r.bytes), f"{r.bytes:,}")
         total, top, cap = est.total(tier), est.peak(tier), est.capacity(tier)
         verdict = "[green]FITS[/green]" if top <= cap else "[red]DOES NOT FIT[/red]"
-        table.add_row(TIER_LABEL[tier], "rows summed (not alive together)", fmt_gib(total), f"{total:,}")
-        table.add_row(TIER_LABEL[tier], f"[bold]peak[/bold] ({est.peak_phase(tier).value}) of {fmt_gib(cap)} capacity",
+        table.add_row(label, "rows summed (not alive together)", fmt_gib(total), f"{total:,}")
+        table.add_row(label, f"[bold]peak[/bold] ({est.peak_phase(tier).value}) of {fmt_gib(cap)} capacity",
                       f"[bold]{fmt_gib(top)}[/bold]", verdict, end_section=True)
     for name in est.not_modelled:
-        table.add_row("GPU (per GPU)", f"{name}", "[yellow]not modelled[/yellow]",
-                      "needs the model's dimensions", end_section=False)
+        table.add_row("GPU (per GPU)", f"{name}", "[yellow]not modelled[/yellow]", "needs the model's dimensions")
     return table
 
 
-def render_estimate(est: Estimate, console: Console) -> None:
-    console.print(estimate_table(est))
+def render_estimate(est: Estimate, out: Any) -> None:
+    out.print(estimate_table(est))
     head = est.headroom_bytes
     if est.fits:
-        console.print(f"[green]FITS[/green]: headroom {fmt_gib(head)} on the {est.binding_tier.value} tier "
-                      f"(peak at {est.peak_phase(est.binding_tier).value}).")
+        out.print(f"[green]FITS[/green]: headroom {fmt_gib(head)} on the {est.binding_tier.value} tier "
+                  f"(peak at {est.peak_phase(est.binding_tier).value}).")
     else:
-        console.print(f"[red]DOES NOT FIT[/red]: {fmt_gib(-head)} over capacity on the {est.binding_tier.value} tier "
-                      f"(peak at {est.peak_phase(est.binding_tier).value}).")
+        out.print(f"[red]DOES NOT FIT[/red]: {fmt_gib(-head)} over capacity on the {est.binding_tier.value} tier "
+                  f"(peak at {est.peak_phase(est.binding_tier).value}).")
     if est.not_modelled:
-        console.print(f"[yellow]Not modelled[/yellow]: {', '.join(est.not_modelled)} "
-                      "(a params-only model has no dimensions); the verdict excludes them.")
+        out.print(f"[yellow]Not modelled[/yellow]: {', '.join(est.not_modelled)} "
+                  "(a params-only model has no dimensions); the verdict excludes them.")
+    assumed = assumed_host(est)
+    if assumed:
+        out.print(f"Assumed (memplan's defaults; set --cpu-ram / --nvme): {assumed}.")
+
+
+def assumed_host(est: Estimate) -> str:
+    """The host capacities the verdict rests on that nobody gave (``HostSpec``'s defaults), when the job
+    puts bytes in CPU RAM or on NVMe; '' otherwise."""
+    from memplan.catalog.schema import HostSpec
+    from memplan.memory.breakdown import Tier
+
+    if not (est.total(Tier.CPU) or est.total(Tier.NVME)):
+        return ""
+    default, parts = HostSpec(), []
+    if est.host.cpu_ram_bytes == default.cpu_ram_bytes:
+        parts.append(f"{fmt_gib(default.cpu_ram_bytes)} of CPU RAM per node")
+    if est.host.nvme_bytes == default.nvme_bytes:
+        parts.append("no NVMe" if not default.nvme_bytes else f"{fmt_gib(default.nvme_bytes)} of NVMe per node")
+    return ", ".join(parts)
+
+
+def render_rows(rows: list[dict[str, Any]], title: str, out: Any) -> None:
+    """Catalog listings (``memplan models``, ``memplan gpus``): one row per entry, every name in full."""
+    table = Table(title=f"{len(rows)} {title}")
+    for key in rows[0] if rows else []:
+        table.add_column(key, justify="right" if isinstance(rows[0][key], int | float) else "left")
+    for row in rows:
+        table.add_row(*(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v) for v in row.values()))
+    out.print(table)

@@ -1,0 +1,228 @@
+"""Every option that describes a job, declared once, grouped as ``--help`` shows them. ``memplan.cli.convert``
+turns them into a ``JobConfig`` (``job_config``) and a ``SearchSpace`` (``search_space``); nothing else maps
+options to fields.
+
+A command takes groups with :func:`options`; ``lists=`` makes options comma lists of choices (``plan``),
+``unset=`` makes them default to "not given" (``sweep``, whose recipe fills them).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from memplan.config import Accounting, Engine, Job, Offload, OptimizerKind, Recompute
+from memplan.dtypes import Dtype
+from memplan.errors import MemplanError
+from memplan.units import parse_size
+
+HARDWARE, JOB, PARALLEL, MEMORY, FINETUNE, INFER, OUTPUT = (
+    "Hardware", "Job", "Parallelism and ZeRO", "Memory-saving techniques", "Fine-tuning", "Inference", "Output")
+
+
+def size_or_none(text: str | None, field: str) -> int | None:
+    return None if text is None else parse_size(text, field=field)
+
+
+def lora_targets(text: str) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not items:
+        raise MemplanError("--lora-targets: give at least one of q,k,v,o,gate,up,down or all-linear.")
+    return items
+
+
+def quant_name(text: str | None) -> str | None:
+    """``none``/``bf16``/``fp16``/``16bit`` mean unquantized weights."""
+    return None if text is None or text.lower() in ("none", "bf16", "fp16", "16bit") else text
+
+
+Model = Annotated[str, typer.Argument(help="Catalog name, path to config.json (or its directory), hf:org/name, or params:7B.")]
+Contains = Annotated[str | None, typer.Argument(help="Only names containing this text.")]
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option: its flags, type, default, help and panel; where its value goes in a JobConfig (``field``,
+    a dotted path) and in a SearchSpace (``dim``); ``convert`` turns the text into the field's value."""
+
+    flags: tuple[str, ...]
+    kind: Any
+    default: Any
+    help: str
+    panel: str
+    field: str | None = None
+    dim: str | None = None
+    convert: Callable[[Any], Any] | None = None
+    item: Callable[[str], Any] | None = None
+    """Reads one choice of a comma list (default: as ``kind``)."""
+    base: str = "first"
+    """With ``lists``: what the base JobConfig takes from the choices: ``first``, ``single`` (only when one is
+    given) or ``none`` (the search space alone decides)."""
+
+
+def _o(flags: str | tuple[str, ...], kind: Any, default: Any, help: str, panel: str, **kw: Any) -> Opt:
+    return Opt((flags,) if isinstance(flags, str) else flags, kind, default, help, panel, **kw)
+
+
+OPTS: dict[str, Opt] = {
+    "gpu": _o(("--gpu", "-g"), str, "h100-sxm-80gb", "GPU catalog name or alias (see 'memplan gpus').", HARDWARE),
+    "gpus": _o("--gpus", int, 1, "GPUs per node.", HARDWARE, field="gpus_per_node"),
+    "nodes": _o("--nodes", int, 1, "Number of nodes.", HARDWARE, field="nodes"),
+    "cpu_ram": _o("--cpu-ram", str, None, "CPU RAM per node, e.g. 1TiB (default 1024GiB).", HARDWARE),
+    "nvme": _o("--nvme", str, None, "NVMe capacity per node for offload, e.g. 30TB (default 0).", HARDWARE),
+    "job": _o(("--job", "-j"), Job, Job.FULL, "pretrain, full, lora, qlora, galore or infer.", JOB, field="job"),
+    "engine": _o("--engine", Engine, None, "Engine that runs the job (default: the job's usual engine).", JOB,
+                 field="engine", dim="engines", base="single"),
+    "dtype": _o("--dtype", Dtype, Dtype.BF16, "Weight/compute dtype: fp32, bf16, fp16, fp8.", JOB, field="dtype"),
+    "quant": _o("--quant", str, None, "Weight quantization: int8, nf4, nf4-dq, fp4, gptq-4bit, awq-4bit, q4_k_m, ... "
+                "(none = 16-bit).", JOB, field="quant", dim="quant", item=quant_name, base="single"),
+    "quant_map": _o("--quant-map", str, None, "Per-layer weight formats, e.g. 0-39=int8,40-79=nf4 (none = 16-bit); "
+                    "every layer once.", JOB),
+    "optimizer": _o("--optimizer", OptimizerKind, OptimizerKind.ADAMW, "adamw, adamw-bf16, adamw-8bit, adafactor, sgd, "
+                    "sgd-momentum, lion.", JOB, field="optimizer", dim="optimizer"),
+    "master_weights": _o("--master-weights/--no-master-weights", bool, None, "fp32 master copy (default: on for 16-bit "
+                         "training).", JOB, field="master_weights"),
+    "grad_dtype": _o("--grad-dtype", Dtype, None, "Gradient dtype (default: the weights' dtype).", JOB, field="grad_dtype"),
+    "batch": _o(("--batch", "-b"), int, 1, "Micro-batch size per GPU (inference: concurrent sequences).", JOB,
+                field="micro_batch", dim="micro_batch"),
+    "global_batch": _o("--global-batch", int, None, "Sequences per optimizer step.", JOB, dim="global_batch"),
+    "seq_len": _o(("--seq-len", "-s"), int, 2048, "Training sequence length in tokens.", JOB, field="seq_len"),
+    "accounting": _o("--accounting", Accounting, Accounting.DEEPSPEED, "paper (ZeRO Fig. 1 model states) or deepspeed "
+                     "(what DeepSpeed allocates).", JOB, field="accounting"),
+    "zero": _o("--zero", int, 0, "ZeRO stage 0-3.", PARALLEL, field="zero", dim="zero", base="none"),
+    "offload_optimizer": _o("--offload-optimizer", Offload, Offload.NONE, "none, cpu or nvme.", PARALLEL,
+                            field="offload_optimizer", dim="offload_optimizer", base="none"),
+    "offload_params": _o("--offload-params", Offload, Offload.NONE, "none, cpu or nvme.", PARALLEL,
+                         field="offload_params", dim="offload_params", base="none"),
+    "tp": _o("--tp", int, 1, "Tensor-parallel degree.", PARALLEL, field="tp", dim="tp", base="none"),
+    "pp": _o("--pp", int, 1, "Pipeline-parallel degree.", PARALLEL, field="pp", dim="pp", base="none"),
+    "ep": _o("--ep", int, 1, "Expert-parallel degree (MoE).", PARALLEL, field="ep"),
+    "sequence_parallel": _o("--sequence-parallel/--no-sequence-parallel", bool, False, "Megatron sequence parallelism.",
+                            PARALLEL, field="sequence_parallel"),
+    "optimizer_gpu_layers": _o("--optimizer-gpu-layers", int, None, "ZeRO-3 partial optimizer offload: keep the optimizer "
+                               "states of the first N layers on the GPU (DeepSpeed offload_optimizer.ratio).", PARALLEL,
+                               field="optimizer_gpu_layers"),
+    "recompute": _o("--recompute", Recompute, Recompute.NONE, "Activation recomputation: none, selective, full.", MEMORY,
+                    field="recompute", dim="recompute", base="none"),
+    "recompute_layers": _o("--recompute-layers", int, None, "Checkpoint only this many layers.", MEMORY,
+                           field="recompute_layers"),
+    "per_layer_offload": _o("--per-layer-offload/--no-per-layer-offload", bool, True, "Choose per layer where weights "
+                            "(inference) or optimizer states (training, ZeRO-3 partial offload) live: GPU or CPU.", MEMORY,
+                            dim="per_layer_offload"),
+    "per_layer_quant": _o("--per-layer-quant", bool, False, "Choose each layer's weight format among the --quant choices "
+                          "(LQ-LoRA-style; inference, or lora/qlora with --objective max-quality).", MEMORY,
+                          dim="per_layer_quant"),
+    "flash_attention": _o("--flash-attention/--no-flash-attention", bool, True, "Flash/SDPA attention (no s² scores).",
+                          MEMORY, field="flash_attention"),
+    "attention": _o("--attention", str, None, "Attention kernel: flash, sdpa or eager (default: flash).", MEMORY,
+                    field="attention"),
+    "dropout": _o("--dropout/--no-dropout", bool, False, "Dropout on at every site the model has (masks are saved).",
+                  MEMORY, field="dropout"),
+    "loss_fp32": _o("--loss-fp32/--no-loss-fp32", bool, True, "Upcast logits to fp32 for the loss (Hugging Face does).",
+                    MEMORY, field="loss_fp32"),
+    "activation_accounting": _o("--activation-accounting", str, "autograd", "autograd (what PyTorch saves) or paper "
+                                "(Korthikanti et al. 2022).", MEMORY, field="activation_accounting"),
+    "cuda_context": _o("--cuda-context", str, None, "CUDA context size, e.g. 512MiB.", MEMORY, field="cuda_context_bytes",
+                       convert=lambda t: size_or_none(t, "--cuda-context")),
+    "allocator_reserve": _o("--allocator-reserve", float, None, "Allocator reserve, % of allocated bytes (default: the "
+                            "GPU profile's, else the catalog's).", MEMORY, field="allocator_reserve_pct"),
+    "safety_margin": _o("--safety-margin", float, 0.0, "Keep this % of each GPU's memory free, shown as the row "
+                        "runtime/safety_margin (default 0: none).", MEMORY, field="safety_margin_pct"),
+    "lora_rank": _o("--lora-rank", int, 16, "LoRA rank r.", FINETUNE, field="lora.rank"),
+    "lora_alpha": _o("--lora-alpha", float, 32.0, "LoRA alpha.", FINETUNE, field="lora.alpha"),
+    "lora_targets": _o("--lora-targets", str, "q,k,v,o", "Comma list of q,k,v,o,gate,up,down, or all-linear.", FINETUNE,
+                       field="lora.targets", convert=lora_targets),
+    "lora_dtype": _o("--lora-dtype", Dtype, None, "Adapter dtype (default: fp32 for LoRA as peft does, bf16 for QLoRA).",
+                     FINETUNE, field="lora.dtype"),
+    "dora": _o("--dora/--no-dora", bool, False, "DoRA magnitude vectors.", FINETUNE, field="lora.dora"),
+    "paged_optimizer": _o("--paged-optimizer/--no-paged-optimizer", bool, False, "bitsandbytes paged optimizer states "
+                          "counted in CPU RAM.", FINETUNE, field="lora.paged_optimizer"),
+    "galore_rank": _o("--galore-rank", int, 128, "GaLore/APOLLO projection rank.", FINETUNE, field="galore.rank"),
+    "galore_8bit": _o("--galore-8bit/--no-galore-8bit", bool, False, "8-bit GaLore states.", FINETUNE,
+                      field="galore.eight_bit"),
+    "context": _o(("--context", "-c"), int, 4096, "Tokens per sequence held in the KV cache.", INFER,
+                  field="infer.context", dim="context"),
+    "kv_dtype": _o("--kv-dtype", Dtype, None, "KV-cache dtype: bf16, fp16, fp8, int8, int4.", INFER,
+                   field="infer.kv_dtype", dim="kv_dtype"),
+    "paged": _o("--paged/--no-paged", bool, False, "vLLM-style paged KV blocks.", INFER, field="infer.paged"),
+    "block_size": _o("--block-size", int, 16, "Tokens per paged KV block.", INFER, field="infer.block_size"),
+    "offload_layers": _o("--offload-layers", str, None, "Inference: layers whose weights live in CPU RAM and stream over "
+                         "PCIe (accelerate device_map), e.g. 70-79.", INFER),
+    "max_context": _o("--max-context", bool, False, "Report the largest context that fits (infer).", INFER),
+    "max_batch": _o("--max-batch", bool, False, "Report the largest batch that fits.", INFER),
+    "fmt": _o(("--format", "-f"), str, "table", "table, json or csv.", OUTPUT),
+    "plot": _o("--plot", Path, None, "Draw the breakdown per tier against capacity (.png, .svg or .pdf; needs "
+               "memplan[plot]).", OUTPUT),
+}
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "hardware": ("gpu", "gpus", "nodes", "cpu_ram", "nvme"),
+    "job": ("job", "engine", "dtype", "quant", "quant_map", "optimizer", "master_weights", "grad_dtype", "batch",
+            "global_batch", "seq_len", "accounting"),
+    "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "sequence_parallel",
+                    "optimizer_gpu_layers"),
+    "memory": ("recompute", "recompute_layers", "per_layer_offload", "per_layer_quant", "flash_attention", "attention",
+               "dropout", "loss_fp32", "activation_accounting", "cuda_context", "allocator_reserve", "safety_margin"),
+    "finetune": ("lora_rank", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer", "galore_rank",
+                 "galore_8bit"),
+    "inference": ("context", "kv_dtype", "paged", "block_size", "offload_layers", "max_context", "max_batch"),
+    "output": ("fmt", "plot"),
+}
+
+
+class Opts(dict[str, Any]):
+    """The values of a command's options by name, with the names given as comma lists in ``lists``."""
+
+    lists: frozenset[str] = frozenset()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _expand(names: tuple[str, ...]) -> list[str]:
+    return [n for name in names for n in GROUPS.get(name, (name,))]
+
+
+def _parameter(name: str, opt: Opt, *, many: bool, unset: bool, extra: dict[str, Any]) -> inspect.Parameter:
+    kind, default = (str, None) if many else (opt.kind, None if unset else opt.default)
+    text = extra.get("help") or (f"{opt.help} Comma-separated choices." if many else opt.help)
+    info = typer.Option(*opt.flags, help=text, rich_help_panel=extra.get("panel", opt.panel))
+    if extra.get("default", ...) is not ...:
+        default = extra["default"]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind | None if default is None else kind, info])
+
+
+def options(*names: str, lists: tuple[str, ...] = (), unset: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+            custom: dict[str, dict[str, Any]] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the options of these groups (or single option names) to a command, which receives them as ``opts``.
+
+    ``custom`` changes an option's help, panel or default for this command only."""
+    chosen = [n for n in _expand(names) if n not in exclude]
+    custom = custom or {}
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "opts"]
+        added = [_parameter(n, OPTS[n], many=n in lists, unset=n in unset, extra=custom.get(n, {})) for n in chosen]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            opts = Opts({n: kwargs.pop(n) for n in chosen if n in kwargs})
+            opts.lists = frozenset(n for n in lists if n in opts)
+            return func(*args, opts=opts, **kwargs)
+
+        params = own + added
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
