@@ -21,6 +21,10 @@ GAP = "  "
 """Between the columns of the plain layout."""
 
 
+MAX_WORD = 40
+"""The widest a column's longest word may force it to be on a terminal; longer words fold."""
+
+
 def plain(text: str) -> str:
     """``text`` without rich markup tags."""
     return MARKUP.sub("", text)
@@ -72,8 +76,11 @@ class Table:
         from rich.table import Table as RichTable
 
         table = RichTable(title=self.title, title_justify=self.title_justify)  # type: ignore[arg-type]
-        for c in self.columns:
-            table.add_column(c.header, justify=c.justify, overflow="fold")  # type: ignore[arg-type]
+        for j, c in enumerate(self.columns):
+            # A column is never narrower than its longest word, so a component name is never folded mid-name.
+            words = [w for row in self.rows for w in plain(row[j]).split()] + c.header.split()
+            table.add_column(c.header, justify=c.justify, overflow="fold",  # type: ignore[arg-type]
+                             min_width=min(max(map(len, words), default=1), MAX_WORD))
         for i, row in enumerate(self.rows):
             table.add_row(*row, end_section=i in self.breaks)
         return table
