@@ -17,7 +17,7 @@ from itertools import product
 from typing import Any, Literal
 
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
-from memplan.config import Job, JobConfig
+from memplan.config import Job, JobConfig, retarget
 from memplan.errors import MemplanError
 from memplan.estimate import Estimate, estimate
 from memplan.memory.breakdown import Tier
@@ -193,7 +193,7 @@ class _Evaluator:
         update: dict[str, Any] = {"job": cell.job, "gpus_per_node": gpn, "nodes": nodes}
         if spec.tp is not None:
             update["tp"] = gpn if spec.tp == "node" else spec.tp
-        cfg = spec.base.model_copy(update=update)
+        cfg = retarget(spec.base, cell.job).model_copy(update=update)  # only fields the cell's job reads
         if cell.size is not None:
             cfg = with_size(cfg, "context", cell.size)
         if cell.batch is not None:

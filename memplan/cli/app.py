@@ -145,7 +145,7 @@ def estimate(
     cpu_ram: o.CpuRam = None,
     nvme: o.Nvme = None,
     job: o.Job = "full",
-    dtype: o.Dtype = "bf16",
+    dtype: o.Dtype = None,
     quant: o.Quant = None,
     optimizer: o.Optimizer = "adamw",
     master_weights: o.Master = None,
@@ -270,7 +270,7 @@ def plan(
     cpu_ram: o.CpuRam = None,
     nvme: o.Nvme = None,
     job: o.Job = "full",
-    dtype: o.Dtype = "bf16",
+    dtype: o.Dtype = None,
     quant: Annotated[str | None, typer.Option("--quant", help="Weight quantization choices, comma-separated (none = 16-bit).",
                                               rich_help_panel=o.J)] = None,
     optimizer: Annotated[str | None, typer.Option("--optimizer", help="Optimizer choices, comma-separated.",
@@ -409,7 +409,7 @@ def make_base(**kw: Any) -> Any:
         "infer": {"context": kw["context"], "kv_dtype": kw["kv_dtype"]},
     }
     try:
-        return JobConfig.model_validate(data)
+        return JobConfig.model_validate({k: v for k, v in data.items() if k != "dtype" or v is not None})
     except ValidationError as exc:
         raise MemplanError(f"invalid configuration: {format_validation_error(exc)}.") from None
 

@@ -18,7 +18,7 @@ from memplan.cli.app import app, console, handled
 from memplan.errors import MemplanError
 
 X = "Measurement"
-MISSING_EXTRA = "measure needs torch and transformers (and peft for LoRA); install memplan[measure]."
+MISSING_EXTRA = "{command} needs torch and transformers (and peft for LoRA); install memplan[measure]."
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.", rich_help_panel=X)]
 Layers = Annotated[int | None, typer.Option("--layers", help="Build and measure only the first N layers (the output says so).",
                                             rich_help_panel=X)]
@@ -31,12 +31,12 @@ Dropout = Annotated[bool, typer.Option("--dropout/--no-dropout", help="GPT-2/OPT
 MeasureFormat = Annotated[str, typer.Option("--format", "-f", help="table or json.", rich_help_panel=o.O)]
 
 
-def require_extra() -> None:
+def require_extra(command: str = "measure") -> None:
     """Exit 2 with one sentence when torch or transformers is not importable."""
     from memplan.cli.app import fail
 
     if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers")):
-        raise fail(MISSING_EXTRA)
+        raise fail(MISSING_EXTRA.format(command=command))
 
 
 @app.command()
@@ -182,7 +182,7 @@ def calibrate(
 ) -> None:
     """Measure the CUDA context, cuBLAS workspace and allocator reserve of this GPU and store them as its profile."""
     o.check_format(fmt, ("table", "json"))
-    require_extra()
+    require_extra("calibrate")
     from memplan.measure.calibrate import calibrate as run_calibration
     from memplan.measure.calibrate import save_profile
 

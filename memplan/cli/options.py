@@ -24,7 +24,8 @@ Nodes = Annotated[int, typer.Option("--nodes", help="Number of nodes.", rich_hel
 CpuRam = Annotated[str | None, typer.Option("--cpu-ram", help="CPU RAM per node, e.g. 1TiB (default 1024GiB).", rich_help_panel=H)]
 Nvme = Annotated[str | None, typer.Option("--nvme", help="NVMe capacity per node for offload, e.g. 30TB (default 0).", rich_help_panel=H)]
 Job = Annotated[str, typer.Option("--job", "-j", help="pretrain, full, lora, qlora, galore or infer.", rich_help_panel=J)]
-Dtype = Annotated[str, typer.Option("--dtype", help="Weight/compute dtype: fp32, bf16, fp16, fp8.", rich_help_panel=J)]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="Weight/compute dtype: fp32, bf16, fp16, fp8 (default bf16; "
+                                           "fp16 on a GPU without bf16).", rich_help_panel=J)]
 Quant = Annotated[str | None, typer.Option("--quant", help="Weight quantization: int8, nf4, nf4-dq, fp4, gptq-4bit, awq-4bit, q4_k_m, ...", rich_help_panel=J)]
 Optimizer = Annotated[str, typer.Option("--optimizer", help="adamw, adamw-bf16, adamw-8bit, adafactor, sgd, sgd-momentum, lion.", rich_help_panel=J)]
 Master = Annotated[bool | None, typer.Option("--master-weights/--no-master-weights", help="fp32 master copy (default: on for 16-bit training).", rich_help_panel=J)]

@@ -15,6 +15,10 @@ from memplan.planner.ilp import IlpBuilder
 from memplan.planner.space import Objective, SearchSpace
 
 DEFAULT_TIME_LIMIT_S = 30.0
+
+
+class NoValidDegree(MemplanError):
+    """No tensor/pipeline degree of the search space fits this cluster size."""
 MAX_REJECTED = 20
 
 
@@ -60,6 +64,14 @@ class PlanRequest:
     solver: str | None = None
     debug_lp: str | None = None
     suggest: bool = True
+
+    def __post_init__(self) -> None:
+        import math
+
+        if not (isinstance(self.time_limit_s, int | float) and math.isfinite(self.time_limit_s) and self.time_limit_s > 0):
+            raise MemplanError(f"--time-limit must be a positive number of seconds, got {self.time_limit_s!r}.")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise MemplanError(f"--top must be a positive integer, got {self.top_k!r}.")
 
 
 def runs(modes: list[str]) -> str:
@@ -182,8 +194,18 @@ def no_plan_reason(status: str, time_limit_s: float, result: PlanResult) -> None
 
 def plan(req: PlanRequest) -> PlanResult:
     """The best configurations for ``req`` (status "optimal"), or "infeasible" with suggestions."""
+    from memplan.preflight import check_trainable_weights, gpu_default_dtype
+
+    check_trainable_weights(req.base.job, (req.base.quant, *(req.space.quant or ())))
+
+    base, _ = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
+    if base is not req.base:
+        req = replace(req, base=base)
     if req.objective is Objective.MAX_QUALITY and not req.space.per_layer_quant:
         req = replace(req, space=req.space.model_copy(update={"per_layer_quant": True}))  # probes keep it
+    if req.base.job is Job.QLORA and req.space.quant and None in req.space.quant and not req.space.per_layer_quant:
+        raise MemplanError("quant=none: qlora trains adapters on quantized base weights (default nf4-dq); "
+                           "for 16-bit base weights use job lora.")
     if req.base.job is Job.INFER:
         from memplan.planner.infer import plan_inference
 
@@ -192,10 +214,19 @@ def plan(req: PlanRequest) -> PlanResult:
     sizes = gpu_counts(req)
     from memplan.planner.train_plan import solve_training
 
+    skipped: list[str] = []
     for gpn, nodes in sizes:
-        ok = solve_training(req, gpn, nodes, result)
+        try:
+            ok = solve_training(req, gpn, nodes, result)
+        except NoValidDegree as exc:  # min-gpus / min-cost: a count that cannot host --tp/--pp is skipped
+            if len(sizes) == 1:
+                raise
+            skipped.append(str(exc))
+            continue
         if ok and req.objective is not Objective.MIN_COST:
             break
+    if len(skipped) == len(sizes):
+        raise NoValidDegree(skipped[-1])
     if req.objective is Objective.MIN_COST and result.candidates:
         price = req.gpu.price_per_hour_usd or 0.0
         rank_candidates(result.candidates, primary=lambda c: price * c.config.world_size / c.tokens_per_s)

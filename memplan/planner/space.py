@@ -55,13 +55,34 @@ class SearchSpace(Strict):
     seq_len: tuple[int, ...] | None = None
     batch: tuple[int, ...] | None = None
     gpus: tuple[int, ...] | None = None
-    global_batch: int | None = Field(default=None, gt=0)
+    global_batch: int | None = Field(default=None, gt=0, le=2**31)
+    """Sequences per optimizer step; at most 2^31 (the largest published runs use a few thousand), so the
+    ILP's step-time coefficients stay within the solver's range."""
 
     @field_validator("*")
     @classmethod
     def _distinct(cls, value: object) -> object:
-        """Each candidate once, in the order given (``--quant int8,int8`` is one choice)."""
+        """Each candidate once, in the order given (``--quant int8,int8`` is one choice); never an empty list."""
+        if isinstance(value, tuple) and not value:
+            raise ValueError("give at least one value (omit the field for memplan's default)")
         return tuple(dict.fromkeys(value)) if isinstance(value, tuple) else value
+
+    @field_validator("tp", "pp", "micro_batch", "context", "seq_len", "batch", "gpus")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """Degrees, batches and lengths are positive integers (as the command line requires)."""
+        bad = [v for v in value or () if v < 1]
+        if bad:
+            raise ValueError(f"values must be positive integers, got {', '.join(map(str, bad))}")
+        return value
+
+    @field_validator("zero")
+    @classmethod
+    def _stages(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        bad = [v for v in value or () if v not in tuple(ZeroStage)]
+        if bad:
+            raise ValueError(f"ZeRO stages are 0, 1, 2 and 3, got {', '.join(map(str, bad))}")
+        return value
 
 
 @dataclass(frozen=True)

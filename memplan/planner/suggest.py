@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from memplan.catalog.store import all_gpus
-from memplan.config import Job, JobConfig, Offload, OptimizerKind
+from memplan.config import Job, JobConfig, Offload, OptimizerKind, retarget
 from memplan.errors import MemplanError
 from memplan.estimate import estimate
 from memplan.memory.breakdown import Tier
@@ -105,11 +105,9 @@ def with_space(req: Any, label: str, flags: str, **space: Any) -> dict[str, Any]
 
 
 def with_base(req: Any, label: str, flags: str, **base: Any) -> dict[str, Any] | None:
-    data = {**req.base.model_dump(), **base}
-    if "job" in base:  # let the new job pick its own adapter dtype default
-        data["lora"] = {k: v for k, v in data["lora"].items() if k != "dtype"}
     try:
-        new = JobConfig.model_validate(data)
+        start = retarget(req.base, base["job"]) if "job" in base else req.base  # fields the new job reads
+        new = JobConfig.model_validate({**start.model_dump(exclude_unset=True), **base})
     except ValueError:
         return None
     best = _fits(replace(req, base=new))

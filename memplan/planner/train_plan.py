@@ -78,7 +78,10 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     dims, excluded = resolve(arch, base, req.space, req.objective, req.host, probe)
     result.excluded = sorted(set(result.excluded + excluded))
     if not dims["tp"] or not dims["pp"]:
-        raise MemplanError("no tensor/pipeline degree is valid: " + "; ".join(excluded[:3]))
+        from memplan.planner.plan import NoValidDegree
+
+        raise NoValidDegree(f"no tensor/pipeline degree is valid on {base.world_size} GPUs: "
+                            + "; ".join(dict.fromkeys(excluded[:3])))
     gb = global_batch_for(req, base.world_size, dims["micro_batch"])
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
     formats = None

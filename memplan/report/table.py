@@ -48,6 +48,12 @@ def render_estimate(est: Estimate, console: Console) -> None:
         console.print(f"[green]FITS[/green]: headroom {fmt_gib(head)} on the {est.binding_tier.value} tier.")
     else:
         console.print(f"[red]DOES NOT FIT[/red]: {fmt_gib(-head)} over capacity on the {est.binding_tier.value} tier.")
+    for warning in est.warnings:
+        console.print(f"[yellow]Warning[/yellow]: {warning}.", markup=True, highlight=False)
+    if est.assumptions:
+        labels = {"cpu_ram_bytes": "CPU RAM", "nvme_bytes": "NVMe"}
+        console.print("Assumed (not given): " + ", ".join(
+            f"{labels[k]} {fmt_gib(v)} per node" if k in labels else f"{k} {v}" for k, v in est.assumptions.items()) + ".")
     if est.not_modelled:
         console.print(f"[yellow]Not modelled[/yellow]: {', '.join(est.not_modelled)} "
                       "(a params-only model has no dimensions); the verdict excludes them.")
