@@ -117,3 +117,24 @@ def preflight(spec: ModelSpec, arch: Architecture, gpu: GpuSpec, cfg: JobConfig)
     check_gpu_dtypes(cfg, gpu)
     check_lora_targets(cfg, arch)
     return context_warnings(cfg, spec)
+
+
+def layer_ranges(text: str, num_layers: int, field: str) -> list[int]:
+    """Layer indices from ``'0-39,70,72-79'``, each range written low-high within the model's layers; a
+    MemplanError names the part that is not (an open range such as ``1-``, a backwards one such as ``5-3``)."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        lo, dash, hi = (x.strip() for x in part.partition("-"))
+        if dash and not (lo and hi):
+            raise MemplanError(f"{field}: {part!r} is an open range; write both ends, e.g. "
+                               f"{lo or 0}-{hi or num_layers - 1}.")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise MemplanError(f"{field}: expected layer ranges such as 0-39,70, got {part!r}.") from None
+        if a > b:
+            raise MemplanError(f"{field}: {part!r} runs backwards; write the lower layer first ({b}-{a}).")
+        if not 0 <= a <= b < num_layers:
+            raise MemplanError(f"{field}: layers {part} are outside the model's {num_layers} layers (0-{num_layers - 1}).")
+        out.extend(range(a, b + 1))
+    return out

@@ -113,18 +113,10 @@ def job_overrides(**kw: Any) -> dict[str, Any]:
 
 
 def layer_set(text: str, num_layers: int, flag: str) -> list[int]:
-    """Layer indices from '0-39,70,72-79' (each within the model's layers)."""
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        lo, _, hi = part.partition("-")
-        try:
-            a, b = int(lo), int(hi or lo)
-        except ValueError:
-            raise MemplanError(f"{flag}: expected layer ranges such as 0-39,70, got {part!r}.") from None
-        if not 0 <= a <= b < num_layers:
-            raise MemplanError(f"{flag}: layers {part} are outside the model's {num_layers} layers (0-{num_layers - 1}).")
-        out.extend(range(a, b + 1))
-    return out
+    """Layer indices from '0-39,70,72-79' (each within the model's layers): ``memplan.preflight.layer_ranges``."""
+    from memplan.preflight import layer_ranges
+
+    return layer_ranges(text, num_layers, flag)
 
 
 def quant_map(text: str, num_layers: int) -> tuple[str | None, ...]:

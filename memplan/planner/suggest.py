@@ -125,6 +125,26 @@ def bigger_gpu(req: Any) -> dict[str, Any] | None:
     return None
 
 
+def more_cpu_ram(req: Any) -> dict[str, Any] | None:
+    """More CPU RAM per node, when the host binds (offloaded states that do not fit in it): the smallest
+    power-of-two GiB that the re-solve fits with, up to the probe's unlimited size."""
+    roomy = req.host.model_copy(update={"cpu_ram_bytes": UNLIMITED_MIB * 2**20})
+    best = _fits(replace(req, host=roomy))
+    if best is None:
+        return None
+    need = best.estimate.total(Tier.CPU)
+    size = GiB
+    while size < need:
+        size *= 2
+    if size <= req.host.cpu_ram_bytes:
+        return None
+    best = _fits(replace(req, host=req.host.model_copy(update={"cpu_ram_bytes": size})))
+    if best is None:
+        return None
+    return _entry(f"more CPU RAM: {size // GiB:,} GiB per node (offloaded states need {need / GiB:,.1f} GiB)",
+                  f"--cpu-ram {size // GiB}GiB", best)
+
+
 def diagnose(req: Any, result: Any) -> None:
     """Fill ``result.binding`` and ``result.suggestions`` (each one re-solved and fitting)."""
     binding(req, result)
@@ -153,5 +173,6 @@ def diagnose(req: Any, result: Any) -> None:
         tries.append(with_space(req, "some layers' weights in CPU RAM, streamed over PCIe (accelerate device_map)",
                                 "--offload-params none,cpu", offload_params=(Offload.NONE, Offload.CPU),
                                 per_layer_offload=True))
+    tries.append(more_cpu_ram(req))
     tries.append(bigger_gpu(req))
     result.suggestions = [t for t in tries if t is not None]
