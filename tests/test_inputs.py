@@ -254,3 +254,17 @@ def test_parse_set_rejects_a_missing_equals_sign():
 def test_estimate_json_carries_warnings_and_assumptions_fields(runner):
     doc = json.loads(run_cli(runner, "estimate", "gpt2", "--format", "json").stdout)
     assert isinstance(doc["warnings"], list) and isinstance(doc["assumptions"], dict)
+
+
+def test_an_infeasible_405b_plan_gets_a_verified_zero3_way_out(runner):
+    """ZeRO (Rajbhandari et al. 2020, Sec. 5): mixed-precision Adam holds 16 bytes per parameter, all
+    partitioned at stage 3, so N RTX 4090s (23.99 GiB each) need N ≥ 405e9 × 16 / (23.99 × 2^30) ≈ 252."""
+    args = ("plan", "llama-3.1-405b", "--gpu", "rtx-4090", "--job", "full", "--offload-optimizer", "none",
+            "--offload-params", "none")
+    doc = cli_json(runner, *args, code=1)
+    scale = [s for s in doc["suggestions"] if s["flags"].startswith("--gpus")]
+    assert scale and "ZeRO-3" in scale[0]["change"] and scale[0]["verified"], doc["suggestions"]
+    gpn, nodes = (int(x) for x in scale[0]["flags"].split()[1::2])
+    assert gpn * nodes >= 405e9 * 16 / (23.99 * 2**30)
+    assert cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes), "--top", "1")["status"] == "optimal"
+    cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes - 1), "--top", "1", code=1)

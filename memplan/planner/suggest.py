@@ -74,12 +74,28 @@ def scale_steps(gpn: int, nodes: int) -> list[tuple[int, int]]:
 
 
 def more_gpus(req: Any) -> dict[str, Any] | None:
+    """The fewest GPUs of this kind that fit: fill a node, double the nodes, then bisect the node count
+    between the last size that failed and the first that fits; the label names the ZeRO stage it needs."""
     base = req.base
+
+    def at(g: int, n: int) -> Any:
+        return _fits(replace(req, base=base.model_copy(update={"gpus_per_node": g, "nodes": n})))
+
+    failed_nodes = base.nodes
     for g, n in scale_steps(base.gpus_per_node, base.nodes):
-        best = _fits(replace(req, base=base.model_copy(update={"gpus_per_node": g, "nodes": n})))
-        if best is not None:
-            return _entry(f"use {g * n} GPUs ({g} per node × {n} node{'s' if n > 1 else ''})",
-                          f"--gpus {g} --nodes {n}", best)
+        best = at(g, n)
+        if best is None:
+            failed_nodes = n if g == max(base.gpus_per_node, g) else failed_nodes
+            continue
+        lo = failed_nodes if failed_nodes < n else n
+        while n - lo > 1:  # fewest nodes that fit: the first fitting count is a doubling of a failing one
+            mid = (lo + n) // 2
+            found = at(g, mid)
+            lo, n, best = (lo, mid, found) if found is not None else (mid, n, best)
+        zero = int(best.config.zero)
+        how = f" with ZeRO-{zero}" if zero else ""
+        return _entry(f"use {g * n} GPUs of this kind ({g} per node × {n} node{'s' if n > 1 else ''}){how}",
+                      f"--gpus {g} --nodes {n}", best)
     return None
 
 
