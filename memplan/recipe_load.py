@@ -146,7 +146,7 @@ def read_yaml(path: Path) -> Any:
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever; a directory cannot be read
             raise MemplanError("not a regular file; give a recipe .yaml file or a directory of them.")
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise MemplanError("no such recipe file.") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:

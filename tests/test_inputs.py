@@ -140,22 +140,22 @@ def test_bad_set_values_are_one_sentence_and_exit_2(runner, item, needle):
 
 
 def test_bools_are_not_numbers_in_the_api_and_recipes(tmp_path):
-    with pytest.raises(MemplanError, match="seq_len.*boolean"):
+    with pytest.raises(MemplanError, match=r"seq_len.*boolean"):
         estimate("gpt2", "h100", seq_len=True)
     with pytest.raises(ValueError, match="boolean"):
         JobConfig(micro_batch=True)
     recipe = write_recipe(tmp_path, {**SMALL, "search": {"zero": [True]}})
-    with pytest.raises(MemplanError, match="zero.*boolean"):
+    with pytest.raises(MemplanError, match=r"zero.*boolean"):
         load_recipe(recipe)
     recipe = write_recipe(tmp_path, {**SMALL, "hardware": {"gpu": "h100", "nodes": True}})
-    with pytest.raises(MemplanError, match="nodes.*boolean"):
+    with pytest.raises(MemplanError, match=r"nodes.*boolean"):
         load_recipe(recipe)
 
 
 def test_duplicate_yaml_keys_are_rejected(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("model: gpt2\nhardware: {gpu: h100}\njob: {type: full}\njob: {type: infer}\n")
-    with pytest.raises(MemplanError, match="'job' is given twice.*line 4"):
+    with pytest.raises(MemplanError, match=r"'job' is given twice.*line 4"):
         load_recipe(path)
 
 
