@@ -187,13 +187,14 @@ NOT_READ: dict[Job, tuple[str, ...]] = {
     Job.INFER: TRAINING_ONLY,
     Job.PRETRAIN: ("lora", "galore", "infer"),
     Job.FULL: ("lora", "galore", "infer"),
-    Job.LORA: ("grad_dtype", "galore", "infer"),
-    Job.QLORA: ("grad_dtype", "galore", "infer"),
-    Job.GALORE: ("lora", "infer"),
+    Job.LORA: ("grad_dtype", "accounting", "galore", "infer"),
+    Job.QLORA: ("grad_dtype", "accounting", "galore", "infer"),
+    Job.GALORE: ("accounting", "lora", "infer"),
 }
 """The declaration of which JobConfig fields each job ignores (the memory functions never read them): a
 value other than the default for one of these is an error, so no flag, recipe key or API argument is
-silently ignored (``grad_dtype`` of a LoRA job: adapters' gradients take ``lora.dtype``). Kept in step with the memory model by
+silently ignored (a LoRA job: adapters' gradients take ``lora.dtype``, not ``grad_dtype``; DeepSpeed's
+accounting rows cover the full-weight states of pretrain and full jobs only). Kept in step with the memory model by
 tests/test_option_coverage.py, which sets every field to another value and checks the result changes."""
 QUANTIZED_BASE_JOBS = (Job.LORA, Job.QLORA, Job.INFER)
 """Jobs whose base weights stay frozen, so they may be stored quantized."""
@@ -226,6 +227,16 @@ def not_read_error(cfg: JobConfig) -> str | None:
     where = f"; {'it applies' if len(wrong) == 1 else 'they apply'} to {', '.join(users)} jobs" if users else ""
     article = "an" if cfg.job is Job.INFER else "a"
     return f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {article} {cfg.job.value} job{where}"
+
+
+def unread_by_all(cfg: JobConfig, jobs: tuple[Job, ...]) -> list[str]:
+    """Fields set in ``cfg`` (other than their defaults) that none of ``jobs`` reads: a grid over several
+    jobs reads a field if any of its jobs does (``quant`` only frozen-base jobs)."""
+    names = tuple(n for n in JobConfig.model_fields if n != "job")
+    wrong = [w for w in changed_fields(cfg, names) if all(w.split(".")[0] in NOT_READ[j] for j in jobs)]
+    if cfg.quant is not None and not any(j in QUANTIZED_BASE_JOBS for j in jobs):
+        wrong.append("quant")
+    return [w for w in wrong if w != "lora.dtype" or Job.QLORA not in jobs]
 
 
 def retarget(cfg: JobConfig, job: Job) -> JobConfig:
@@ -367,6 +378,9 @@ class JobConfig(Strict):
         wrong = not_read_error(self)
         if wrong:
             raise ValueError(wrong)
+        if self.recompute_layers is not None and self.recompute is Recompute.NONE and self.recompute_map is None:
+            raise ValueError("recompute_layers applies with recompute full or selective (it counts the layers "
+                             "checkpointed); set recompute too")
         return self
 
     @model_validator(mode="after")

@@ -53,6 +53,22 @@ class SweepSpec:
     host: HostSpec = field(default_factory=HostSpec)
     min_headroom: str = "0B"
 
+    def __post_init__(self) -> None:
+        """No choice of the grid is silently ignored: each set field must be read by one of its jobs, and
+        sequence lengths (contexts) need a training (inference) job."""
+        from memplan.config import unread_by_all
+
+        wrong = unread_by_all(self.base, self.jobs)
+        trains = any(j.trains for j in self.jobs)
+        if self.seq_lens != SweepSpec.seq_lens and not trains:
+            wrong.append("seq_len (inference uses the context)")
+        if self.contexts != SweepSpec.contexts and Job.INFER not in self.jobs:
+            wrong.append("context (training uses the sequence length)")
+        if wrong:
+            jobs = ", ".join(j.value for j in self.jobs)
+            raise MemplanError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to the "
+                               f"sweep's jobs ({jobs}).")
+
     def sizes(self, job: Job) -> tuple[int, ...]:
         """Sequence lengths (training) or contexts (inference) of ``job``."""
         return self.contexts if job is Job.INFER else self.seq_lens

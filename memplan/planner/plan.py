@@ -12,7 +12,7 @@ from memplan.config import Job, JobConfig
 from memplan.errors import MemplanError
 from memplan.estimate import Estimate, estimate
 from memplan.planner.ilp import IlpBuilder
-from memplan.planner.space import Objective, SearchSpace
+from memplan.planner.space import Objective, SearchSpace, unread_dims
 
 DEFAULT_TIME_LIMIT_S = 30.0
 
@@ -197,6 +197,11 @@ def plan(req: PlanRequest) -> PlanResult:
     from memplan.preflight import check_trainable_weights, gpu_default_dtype
 
     check_trainable_weights(req.base.job, (req.base.quant, *(req.space.quant or ())))
+    unread = unread_dims(req.space, req.base.job)
+    if unread:
+        kind = "an inference" if req.base.job is Job.INFER else "a training"
+        raise MemplanError(f"search {', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to "
+                           f"{kind} plan.")
 
     base, _ = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
     if base is not req.base:

@@ -85,6 +85,18 @@ class SearchSpace(Strict):
         return value
 
 
+TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch")
+"""Search dimensions only a training plan reads."""
+INFERENCE_DIMS = ("context", "batch", "kv_dtype")
+"""Search dimensions only an inference plan reads (training searches ``micro_batch`` and ``seq_len``)."""
+
+
+def unread_dims(space: SearchSpace, job: Job) -> list[str]:
+    """The dimensions given in ``space`` that a plan for ``job`` does not search."""
+    names = TRAINING_DIMS if job is Job.INFER else INFERENCE_DIMS
+    return [n for n in names if getattr(space, n) is not None]
+
+
 @dataclass(frozen=True)
 class Resolved:
     """The concrete candidate lists after defaults and validity checks, and why values were excluded."""
