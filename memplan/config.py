@@ -181,7 +181,7 @@ class InferConfig(Strict):
 
 TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
-                 "sequence_parallel", "attention", "dropout", "loss_fp32", "activation_accounting", "lora", "galore")
+                 "sequence_parallel", "dropout", "loss_fp32", "activation_accounting", "lora", "galore")
 """JobConfig fields that describe a training step; an inference estimate reads none of them."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
     Job.INFER: TRAINING_ONLY,
@@ -372,18 +372,6 @@ class JobConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _applies(self) -> JobConfig:
-        """Every field set must be read by this job (``quant`` on a trained base: ``memplan.preflight``, once
-        the format name is known to be valid)."""
-        wrong = not_read_error(self)
-        if wrong:
-            raise ValueError(wrong)
-        if self.recompute_layers is not None and self.recompute is Recompute.NONE and self.recompute_map is None:
-            raise ValueError("recompute_layers applies with recompute full or selective (it counts the layers "
-                             "checkpointed); set recompute too")
-        return self
-
-    @model_validator(mode="after")
     def _check(self) -> JobConfig:
         if self.world_size % (self.tp * self.pp):
             raise ValueError(
@@ -403,4 +391,16 @@ class JobConfig(Strict):
                              "needs a pretrain or full job with ZeRO stage 3 and offload_optimizer=cpu")
         if self.infer.offload_map is not None and self.job is not Job.INFER:
             raise ValueError("infer.offload_map (per-layer weight placement) applies to inference jobs only")
+        return self
+
+    @model_validator(mode="after")
+    def _applies(self) -> JobConfig:
+        """Every field set must be read by this job (``quant`` on a trained base: ``memplan.preflight``, once
+        the format name is known to be valid)."""
+        wrong = not_read_error(self)
+        if wrong:
+            raise ValueError(wrong)
+        if self.recompute_layers is not None and self.recompute is Recompute.NONE and self.recompute_map is None:
+            raise ValueError("recompute_layers applies with recompute full or selective (it counts the layers "
+                             "checkpointed); set recompute too")
         return self

@@ -196,7 +196,8 @@ def plan(req: PlanRequest) -> PlanResult:
     """The best configurations for ``req`` (status "optimal"), or "infeasible" with suggestions."""
     from memplan.preflight import check_trainable_weights, gpu_default_dtype
 
-    check_trainable_weights(req.base.job, (req.base.quant, *(req.space.quant or ())))
+    if not req.space.per_layer_quant and req.objective is not Objective.MAX_QUALITY:  # train_quant.check explains those
+        check_trainable_weights(req.base.job, (req.base.quant, *(req.space.quant or ())))
     unread = unread_dims(req.space, req.base.job)
     if unread:
         kind = "an inference" if req.base.job is Job.INFER else "a training"
