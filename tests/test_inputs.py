@@ -268,3 +268,9 @@ def test_an_infeasible_405b_plan_gets_a_verified_zero3_way_out(runner):
     assert gpn * nodes >= 405e9 * 16 / (23.99 * 2**30)
     assert cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes), "--top", "1")["status"] == "optimal"
     cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes - 1), "--top", "1", code=1)
+
+
+def test_plan_json_carries_its_assumptions_even_when_nothing_fits(runner):
+    doc = cli_json(runner, "plan", "llama-3.1-8b", "--gpu", "t4", "--job", "full", "--zero", "0",
+                   "--offload-optimizer", "none", "--offload-params", "none", "--top", "1", code=1)
+    assert doc["assumptions"] == {"cpu_ram_bytes": 1024 * 2**30, "nvme_bytes": 0, "dtype": "fp16"}

@@ -45,6 +45,9 @@ class PlanResult:
     binding: str | None = None
     suggestions: list[dict[str, Any]] = field(default_factory=list)
     solver_status: str = "optimal"
+    assumptions: dict[str, Any] = field(default_factory=dict)
+    """What the plan assumed because it was not given (host RAM and NVMe, fp16 for the bf16 default on a
+    GPU without bf16), as ``Estimate.assumptions``; also present when no plan fits."""
 
     @property
     def best(self) -> Candidate | None:
@@ -194,7 +197,7 @@ def no_plan_reason(status: str, time_limit_s: float, result: PlanResult) -> None
 
 def plan(req: PlanRequest) -> PlanResult:
     """The best configurations for ``req`` (status "optimal"), or "infeasible" with suggestions."""
-    from memplan.preflight import check_trainable_weights, gpu_default_dtype
+    from memplan.preflight import check_trainable_weights, gpu_default_dtype, host_assumptions
 
     if not req.space.per_layer_quant and req.objective is not Objective.MAX_QUALITY:  # train_quant.check explains those
         check_trainable_weights(req.base.job, (req.base.quant, *(req.space.quant or ())))
@@ -204,9 +207,16 @@ def plan(req: PlanRequest) -> PlanResult:
         raise MemplanError(f"search {', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to "
                            f"{kind} plan.")
 
-    base, _ = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
+    base, assumed = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
     if base is not req.base:
         req = replace(req, base=base)
+    result = _plan(req)
+    result.assumptions = {**host_assumptions(req.host), **assumed}
+    return result
+
+
+def _plan(req: PlanRequest) -> PlanResult:
+    """``plan`` once the request's defaults are fitted to the GPU."""
     if req.objective is Objective.MAX_QUALITY and not req.space.per_layer_quant:
         req = replace(req, space=req.space.model_copy(update={"per_layer_quant": True}))  # probes keep it
     if req.base.job is Job.QLORA and req.space.quant and None in req.space.quant and not req.space.per_layer_quant:

@@ -134,6 +134,9 @@ class PlanOut(Out):
     binding: str | None
     suggestions: list[SuggestionOut]
     excluded: list[str]
+    assumptions: dict[str, int | str] = {}
+    """What the plan assumed because it was not given (as an estimate's ``assumptions``), present also
+    when no plan fits."""
 
 
 class TierCheckOut(Out):
