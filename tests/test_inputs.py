@@ -274,3 +274,17 @@ def test_plan_json_carries_its_assumptions_even_when_nothing_fits(runner):
     doc = cli_json(runner, "plan", "llama-3.1-8b", "--gpu", "t4", "--job", "full", "--zero", "0",
                    "--offload-optimizer", "none", "--offload-params", "none", "--top", "1", code=1)
     assert doc["assumptions"] == {"cpu_ram_bytes": 1024 * 2**30, "nvme_bytes": 0, "dtype": "fp16"}
+
+
+@pytest.mark.parametrize("repo", ["../..", "a/..", "org--x/name", "-x/y", "a/b/c"])
+def test_a_malformed_hub_id_is_named_before_any_network_access(runner, repo):
+    line = one_line_error(runner, "estimate", f"hf:{repo}")
+    assert "not a repository id" in line and "reach" not in line
+
+
+def test_a_symlink_loop_is_reported_as_unreadable_not_as_an_unknown_name(runner, tmp_path, monkeypatch):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(runner, "estimate", "a")
+    assert "cannot read a" in line and "unknown model" not in line
