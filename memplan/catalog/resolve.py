@@ -11,7 +11,6 @@ Accepted, in this order:
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 from memplan.catalog.hf import load_config_file, read_config_json, spec_from_hf_config
