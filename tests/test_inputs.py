@@ -288,3 +288,36 @@ def test_a_symlink_loop_is_reported_as_unreadable_not_as_an_unknown_name(runner,
     monkeypatch.chdir(tmp_path)
     line = one_line_error(runner, "estimate", "a")
     assert "cannot read a" in line and "unknown model" not in line
+
+
+def test_the_time_limit_bounds_the_whole_plan_not_each_solve():
+    """A request whose deadline has passed solves nothing more: with no plan found yet, that is the
+    time-limit error (exit 2), however many solves the objective would have run."""
+    import time
+
+    from memplan.catalog.resolve import load_model
+    from memplan.catalog.store import catalog_gpu
+    from memplan.planner.plan import PlanRequest, plan, seconds_left
+    from memplan.planner.space import Objective
+
+    req = PlanRequest(model=load_model("gpt2"), gpu=catalog_gpu("h100"), host=HostSpec(), base=JobConfig(),
+                      objective=Objective.MIN_COST, time_limit_s=30.0, deadline=time.monotonic() - 1)
+    assert seconds_left(req) < 0
+    with pytest.raises(MemplanError, match="time limit"):
+        plan(req)
+    assert seconds_left(PlanRequest(model=req.model, gpu=req.gpu, host=req.host, base=req.base)) == 30.0
+
+
+def test_an_infeasible_plan_past_its_time_limit_says_it_was_not_diagnosed():
+    import time
+
+    from memplan.catalog.resolve import load_model
+    from memplan.catalog.store import catalog_gpu
+    from memplan.planner.plan import PlanRequest, PlanResult, explain_infeasible
+    from memplan.planner.space import Objective
+
+    req = PlanRequest(model=load_model("gpt2"), gpu=catalog_gpu("h100"), host=HostSpec(), base=JobConfig(),
+                      time_limit_s=2.0, deadline=time.monotonic() - 1)
+    result = PlanResult(status="infeasible", objective=Objective.THROUGHPUT)
+    explain_infeasible(req, result)
+    assert "time limit (2 s)" in result.binding and result.suggestions == []

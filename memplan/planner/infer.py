@@ -239,9 +239,9 @@ def plan_inference(req: Any) -> Any:
         rank_candidates(result.candidates)
         result.status = "optimal"
     elif req.suggest:
-        from memplan.planner.suggest import diagnose
+        from memplan.planner.plan import explain_infeasible
 
-        diagnose(req, result)
+        explain_infeasible(req, result)
     return result
 
 

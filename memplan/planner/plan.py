@@ -67,6 +67,9 @@ class PlanRequest:
     solver: str | None = None
     debug_lp: str | None = None
     suggest: bool = True
+    deadline: float | None = None
+    """``time.monotonic()`` by which the whole plan (every solve, the suggestions' re-solves too) must end;
+    ``plan`` sets it from ``time_limit_s`` when None, so the limit bounds the command, not each solve."""
 
     def __post_init__(self) -> None:
         import math
@@ -145,7 +148,11 @@ def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult
         builder.write_lp(req.debug_lp)
     found = rejected = 0
     while found < req.top_k and rejected < MAX_REJECTED:
-        sol = builder.solve(time_limit=req.time_limit_s, solver=req.solver)
+        limit = seconds_left(req)
+        if limit <= 0:
+            no_plan_reason("time_limit", req.time_limit_s, result)
+            return
+        sol = builder.solve(time_limit=limit, solver=req.solver)
         if sol.status not in ("optimal", "feasible"):
             no_plan_reason(sol.status, req.time_limit_s, result)
             return
@@ -163,6 +170,27 @@ def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult
             continue
         found += 1
         yield sol, cfg, est
+
+
+def explain_infeasible(req: PlanRequest, result: PlanResult) -> None:
+    """The binding constraint and verified ways out (``suggest.diagnose``), within what is left of the time
+    limit; when none is left, the binding line says so instead."""
+    if seconds_left(req) <= 0:
+        result.binding = (f"not diagnosed: the time limit ({req.time_limit_s:g} s) was spent before the re-solves "
+                          "that find the binding constraint and the ways out; raise --time-limit")
+        return
+    from memplan.planner.suggest import diagnose
+
+    diagnose(req, result)
+
+
+def seconds_left(req: PlanRequest) -> float:
+    """Seconds the next solve may take: what is left of the request's whole time limit."""
+    if req.deadline is None:
+        return req.time_limit_s
+    import time
+
+    return min(req.time_limit_s, req.deadline - time.monotonic())
 
 
 def rank_candidates(candidates: list[Candidate], primary: Any = None) -> None:
@@ -210,6 +238,10 @@ def plan(req: PlanRequest) -> PlanResult:
     base, assumed = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
     if base is not req.base:
         req = replace(req, base=base)
+    if req.deadline is None:
+        import time
+
+        req = replace(req, deadline=time.monotonic() + req.time_limit_s)
     result = _plan(req)
     result.assumptions = {**host_assumptions(req.host), **assumed}
     return result
@@ -253,7 +285,5 @@ def _plan(req: PlanRequest) -> PlanResult:
         result.status = "optimal"
         return result
     if req.suggest:
-        from memplan.planner.suggest import diagnose
-
-        diagnose(req, result)
+        explain_infeasible(req, result)
     return result
