@@ -119,8 +119,35 @@ class Recompute(StrEnum):
     FULL = "full"
 
 
+def _mentions_bool(annotation: Any) -> bool:
+    """Whether a field's annotation admits a bool (``bool``, ``bool | None``, ``tuple[bool, ...]``)."""
+    return "bool" in str(annotation)
+
+
+def reject_bools(model: type[BaseModel], data: Any) -> Any:
+    """``data`` unchanged, or a ValueError naming the first field that is not a bool but was given
+    ``True``/``False`` (or a list holding one): Python treats a bool as the integer 1 or 0, so without this
+    ``seq_len=True`` would silently mean 1 and ``zero: [true]`` ZeRO stage 1."""
+    if not isinstance(data, dict):
+        return data
+    for name, value in data.items():
+        field = model.model_fields.get(name) if isinstance(name, str) else None
+        if field is None or _mentions_bool(field.annotation):
+            continue
+        items = value if isinstance(value, list | tuple) else (value,)
+        if any(isinstance(v, bool) for v in items):
+            raise ValueError(f"{name}: expected {'a number' if items is not value else 'numbers'} or names, "
+                             f"got the boolean {str(value).lower()}")
+    return data
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_as_numbers(cls, data: Any) -> Any:
+        return reject_bools(cls, data)
 
 
 class LoraConfig(Strict):
@@ -203,6 +230,79 @@ class EngineConfig(Strict):
     paged_optimizer: bool = False
     """bitsandbytes paged optimizer (``PagedAdamW8bit``/``PagedAdamW``): states in CUDA managed memory; counted
     on the CPU (paged out under pressure), as ``LoraConfig.paged_optimizer``."""
+
+
+TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
+                 "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
+                 "sequence_parallel", "dropout", "loss_fp32", "activation_accounting", "lora", "galore",
+                 "optimizer_impl", "engine_config")
+"""JobConfig fields that describe a training step; an inference estimate reads none of them."""
+NOT_READ: dict[Job, tuple[str, ...]] = {
+    Job.INFER: TRAINING_ONLY,
+    Job.PRETRAIN: ("lora", "galore", "infer"),
+    Job.FULL: ("lora", "galore", "infer"),
+    Job.LORA: ("grad_dtype", "accounting", "galore", "infer"),
+    Job.QLORA: ("grad_dtype", "accounting", "galore", "infer", "optimizer_impl"),
+    Job.GALORE: ("accounting", "lora", "infer"),
+}
+"""The declaration of which JobConfig fields each job ignores (the memory functions never read them): a
+value other than the default for one of these is an error, so no flag, recipe key or API argument is
+silently ignored (a LoRA job: adapters' gradients take ``lora.dtype``, not ``grad_dtype``; DeepSpeed's
+accounting rows cover the full-weight states of pretrain and full jobs only). Kept in step with the memory model by
+tests/test_option_coverage.py, which sets every field to another value and checks the result changes."""
+QUANTIZED_BASE_JOBS = (Job.LORA, Job.QLORA, Job.INFER)
+"""Jobs whose base weights stay frozen, so they may be stored quantized."""
+SIXTEEN_BIT_WORDS = ("none", "bf16", "fp16", "16bit")
+"""Ways to write "no weight quantization" (16-bit weights), as ``--quant none`` on the command line."""
+
+
+def changed_fields(cfg: BaseModel, names: tuple[str, ...]) -> list[str]:
+    """Of ``names``, those whose value differs from the field's default; a sub-config by its own changed
+    fields (``lora.paged_optimizer``)."""
+    out = []
+    for name in names:
+        value, default = getattr(cfg, name), type(cfg).model_fields[name].default
+        if isinstance(value, BaseModel) and isinstance(default, BaseModel):
+            out += [f"{name}.{sub}" for sub in type(value).model_fields
+                    if getattr(value, sub) != getattr(default, sub)]
+        elif value != default:
+            out.append(name)
+    return out
+
+
+def not_read_error(cfg: JobConfig) -> str | None:
+    """One sentence naming the fields set for a job that does not read them, or None."""
+    wrong = changed_fields(cfg, NOT_READ[cfg.job])
+    if cfg.job is Job.QLORA:  # the QLoRA adapter-dtype default is not the user's choice
+        wrong = [w for w in wrong if w != "lora.dtype"]
+    if not wrong:
+        return None
+    users = [j.value for j in Job if all(w.split(".")[0] not in NOT_READ[j] for w in wrong)]
+    where = f"; {'it applies' if len(wrong) == 1 else 'they apply'} to {', '.join(users)} jobs" if users else ""
+    article = "an" if cfg.job is Job.INFER else "a"
+    return f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {article} {cfg.job.value} job{where}"
+
+
+def unread_by_all(cfg: JobConfig, jobs: tuple[Job, ...]) -> list[str]:
+    """Fields set in ``cfg`` (other than their defaults) that none of ``jobs`` reads: a grid over several
+    jobs reads a field if any of its jobs does (``quant`` only frozen-base jobs)."""
+    names = tuple(n for n in JobConfig.model_fields if n != "job")
+    wrong = [w for w in changed_fields(cfg, names) if all(w.split(".")[0] in NOT_READ[j] for j in jobs)]
+    if cfg.quant is not None and not any(j in QUANTIZED_BASE_JOBS for j in jobs):
+        wrong.append("quant")
+    return [w for w in wrong if w != "lora.dtype" or Job.QLORA not in jobs]
+
+
+def retarget(cfg: JobConfig, job: Job) -> JobConfig:
+    """``cfg`` for another job: the fields that ``job`` does not read back at their defaults (a sweep over
+    jobs, a suggestion to switch job), so the new configuration validates. Fields never set stay unset."""
+    data = {k: v for k, v in cfg.model_dump(exclude_unset=True).items() if k not in NOT_READ[job]}
+    if job is not cfg.job and isinstance(data.get("lora"), dict) and Job.QLORA in (job, cfg.job):
+        data["lora"] = {k: v for k, v in data["lora"].items() if k != "dtype"}  # the new job's adapter default
+    if job not in QUANTIZED_BASE_JOBS:
+        data.pop("quant", None)
+        data.pop("quant_map", None)
+    return JobConfig.model_validate({**data, "job": job})
 
 
 class JobConfig(Strict):
@@ -356,6 +456,19 @@ class JobConfig(Strict):
                 data = {**data, "lora": lora.model_copy(update={"dtype": Dtype.BF16})}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sixteen_bit(cls, data: Any) -> Any:
+        """``quant="none"`` (or bf16/fp16/16bit) means 16-bit weights, as ``--quant none`` does in ``plan``;
+        QLoRA is LoRA on a quantized base, so there it is an error pointing to ``lora``."""
+        quant = data.get("quant") if isinstance(data, dict) else None
+        if isinstance(quant, str) and quant.strip().lower() in SIXTEEN_BIT_WORDS:
+            if str(data.get("job", "")) in ("qlora", "Job.QLORA"):
+                raise ValueError(f"quant={quant!r}: qlora trains adapters on quantized base weights (default "
+                                 "nf4-dq); for 16-bit base weights use job lora")
+            data = {**data, "quant": None}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
         if self.world_size % (self.tp * self.pp):
@@ -376,4 +489,16 @@ class JobConfig(Strict):
                              "needs a pretrain or full job with ZeRO stage 3 and offload_optimizer=cpu")
         if self.infer.offload_map is not None and self.job is not Job.INFER:
             raise ValueError("infer.offload_map (per-layer weight placement) applies to inference jobs only")
+        return self
+
+    @model_validator(mode="after")
+    def _applies(self) -> JobConfig:
+        """Every field set must be read by this job (``quant`` on a trained base: ``memplan.preflight``, once
+        the format name is known to be valid)."""
+        wrong = not_read_error(self)
+        if wrong:
+            raise ValueError(wrong)
+        if self.recompute_layers is not None and self.recompute is Recompute.NONE and self.recompute_map is None:
+            raise ValueError("recompute_layers applies with recompute full or selective (it counts the layers "
+                             "checkpointed); set recompute too")
         return self

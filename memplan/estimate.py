@@ -18,6 +18,7 @@ from memplan.errors import MemplanError
 from memplan.memory import components
 from memplan.memory.breakdown import Phase, Row, Tier, peak, phase_totals, tier_total
 from memplan.memory.context import Context
+from memplan.preflight import gpu_default_dtype, host_assumptions, preflight
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class Estimate:
     not_modelled: tuple[str, ...] = field(default=())
     stage: int = 0
     """The pipeline stage whose GPU is reported (the most loaded one)."""
+    warnings: tuple[str, ...] = field(default=())
+    """Sentences about inputs the answer still covers but the user should know (``memplan.preflight``)."""
+    assumptions: dict[str, Any] = field(default_factory=dict)
+    """What the answer assumed because it was not given: host sizes by HostSpec field (``cpu_ram_bytes``:
+    1 TiB per node, ``nvme_bytes``: 0) and ``dtype`` when fp16 replaced the bf16 default on a GPU without
+    bf16, so the answer can say what it rests on."""
 
     @property
     def engine(self) -> Engine:
@@ -100,7 +107,7 @@ class Estimate:
 
 def make_config(config: JobConfig | None = None, **overrides: Any) -> JobConfig:
     """A validated JobConfig from a base config and keyword overrides; errors name the field."""
-    data = config.model_dump() if config is not None else {}
+    data = config.model_dump(exclude_unset=True) if config is not None else {}  # defaults stay defaults
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return JobConfig.model_validate(data)
@@ -127,15 +134,17 @@ def estimate(
                  host=(host, (HostSpec, type(None))))
     spec = load_model(model) if isinstance(model, str) else model
     gpu_spec = catalog_gpu(gpu) if isinstance(gpu, str) else gpu
-    cfg = make_config(config, **overrides)
+    cfg, assumed = gpu_default_dtype(make_config(config, **overrides), gpu_spec)
     from memplan.engines import rules
 
     rules.check(cfg)
     arch = build_architecture(spec)
+    warnings = preflight(spec, arch, gpu_spec, cfg)
     ctx = Context(arch=arch, cfg=cfg, gpu=gpu_spec, host=host or HostSpec())
     rows, missing, stage = components.all_rows(ctx)
     _check_printable(rows)
-    return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage)
+    return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage,
+                    tuple(warnings), {**host_assumptions(ctx.host), **assumed})
 
 
 MAX_TOTAL_BITS = 1000

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from memplan.catalog.schema import HostSpec
 from memplan.config import Job
+from memplan.config import Strict as ConfigStrict
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Tier
 from memplan.planner.space import Objective, SearchSpace
@@ -42,7 +43,9 @@ PROBE_TOTAL = 2**40
 """Any positive total, to check that a percentage parses before capacities are known."""
 
 
-class Strict(BaseModel):
+class Strict(ConfigStrict):
+    """Recipe blocks: unknown keys are errors, and a bool is never taken for a number (``ConfigStrict``)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -88,6 +91,14 @@ class Hardware(Strict):
     def _size(cls, value: Any) -> int | None:
         return None if value is None else size_bytes(value)
 
+    @field_validator("cpu_ram")
+    @classmethod
+    def _positive_ram(cls, value: int | None) -> int | None:
+        """A node has some CPU RAM (the same rule as ``--cpu-ram``); NVMe may be 0 (none)."""
+        if value is not None and value <= 0:
+            raise ValueError("must be positive, e.g. '64GiB'")
+        return value
+
     def host(self) -> HostSpec:
         data = {k: v for k, v in {"cpu_ram_bytes": self.cpu_ram, "nvme_bytes": self.nvme,
                                    "nvme_read_gbps": self.nvme_read_gbps, "nvme_write_gbps": self.nvme_write_gbps,
@@ -99,8 +110,8 @@ class JobShape(Strict):
     type: Job
     seq_len: int | None = Field(default=None, gt=0)
     micro_batch: int | None = Field(default=None, gt=0)
-    global_batch: int | None = Field(default=None, gt=0)
-    """Sequences per optimizer step (training)."""
+    global_batch: int | None = Field(default=None, gt=0, le=2**31)
+    """Sequences per optimizer step (training); at most 2^31, as ``SearchSpace.global_batch``."""
     context: int | None = Field(default=None, gt=0)
     """Tokens per sequence held in the KV cache (inference)."""
     concurrency: int | None = Field(default=None, gt=0)
@@ -206,12 +217,50 @@ class Recipe(Strict):
         return parse_fraction_or_size(text, total=capacity, field=f"min_headroom.{tier.value}")
 
 
-def error_lines(exc: ValidationError, *, prefix: str = "") -> str:
-    """Each invalid field as ``loc: message``, the raw message of a ValueError (no 'Value error,')."""
-    parts = []
+MAX_ERRORS = 3
+"""At most this many invalid fields are named in one message (the first ones), so it stays one short line."""
+
+
+def error_lines(exc: ValidationError, *, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """Each invalid field as ``loc: message``, the raw message of a ValueError (no 'Value error,'); an unknown
+    key names the keys allowed there when ``model`` (the validated class) is given. Repeats are dropped and
+    at most MAX_ERRORS fields are named."""
+    parts: list[str] = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         loc = f"{prefix}.{loc}" if prefix and loc else loc
-        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "error" in err.get("ctx", {}) else err["msg"]
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
+        if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key" + known_keys(model, [str(p) for p in err["loc"]])
+        else:
+            msg = err["msg"].replace("Input should be", "must be")
+        line = f"{loc}: {msg}" if loc else msg
+        if line not in parts:
+            parts.append(line)
+    more = len(parts) - MAX_ERRORS
+    return "; ".join(parts[:MAX_ERRORS]) + (f"; and {more} more" if more > 0 else "")
+
+
+MAX_LISTED_KEYS = 12
+"""Up to this many valid keys are listed after an unknown one; above it, only the closest are suggested."""
+
+
+def known_keys(model: type[BaseModel] | None, path: list[str]) -> str:
+    """``; valid keys here: a, b, c`` (or a did-you-mean) for an unknown key ``path[-1]`` inside the
+    (sub)model of ``model`` at ``path[:-1]``; '' when the model is unknown."""
+    from memplan.errors import did_you_mean
+
+    for part in path[:-1]:
+        if model is None:
+            return ""
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        candidates = [a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type)]
+        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+    if model is None:
+        return ""
+    keys = list(model.model_fields)
+    if len(keys) > MAX_LISTED_KEYS:
+        return did_you_mean(path[-1], keys).replace(" Did you mean", "; did you mean").rstrip("?")
+    return f"; valid keys here: {', '.join(keys)}"

@@ -31,14 +31,35 @@ class LoadedRecipe:
 
     @property
     def space(self) -> SearchSpace | None:
-        space = self.recipe.search
-        if space is not None and self.recipe.job.global_batch and space.global_batch is None:
-            space = space.model_copy(update={"global_batch": self.recipe.job.global_batch})
-        return space
+        return planned_space(self.recipe)
 
     @property
     def objective(self) -> Objective:
         return self.recipe.objective or Objective.THROUGHPUT
+
+
+PINNED_BY_JOB = {"concurrency": "batch", "micro_batch": "micro_batch", "context": "context", "seq_len": "seq_len"}
+"""Job-shape keys that fix one search dimension of a planned recipe (job key -> search key)."""
+
+
+def planned_space(recipe: Recipe) -> SearchSpace | None:
+    """The search space of a planned recipe, with the job shape's fixed values pinned: ``job.concurrency: 64``
+    searches batch 64 only. A value given both in ``job`` and in ``search`` is an error naming both."""
+    space = recipe.search
+    if space is None:
+        return None
+    update: dict[str, Any] = {}
+    for job_key, dim in PINNED_BY_JOB.items():
+        value = getattr(recipe.job, job_key)
+        if value is None:
+            continue
+        if getattr(space, dim) is not None:
+            raise MemplanError(f"job.{job_key} ({value}) and search.{dim} both set the {dim.replace('_', ' ')}; "
+                               f"give one (search.{dim}: [{value}] to fix it).")
+        update[dim] = (value,)
+    if recipe.job.global_batch and space.global_batch is None:
+        update["global_batch"] = recipe.job.global_batch
+    return space.model_copy(update=update) if update else space
 
 
 def job_config(recipe: Recipe) -> JobConfig:
@@ -65,7 +86,7 @@ def job_config(recipe: Recipe) -> JobConfig:
     try:
         cfg = JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise MemplanError(error_lines(exc, prefix="fixed")) from None
+        raise MemplanError(error_lines(exc, prefix="fixed", model=JobConfig)) from None
     if shape.global_batch and not recipe.planned:
         cfg = cfg.model_copy(update={"grad_accum": grad_accum(shape.global_batch, cfg)})
     return cfg
@@ -98,7 +119,25 @@ def parse_recipe(data: Any, *, name: str) -> Recipe:
     try:
         return Recipe.model_validate({"name": name, **data})
     except ValidationError as exc:
-        raise MemplanError(error_lines(exc)) from None
+        raise MemplanError(error_lines(exc, model=Recipe)) from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: Path) -> Any:
@@ -107,7 +146,7 @@ def read_yaml(path: Path) -> Any:
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever; a directory cannot be read
             raise MemplanError("not a regular file; give a recipe .yaml file or a directory of them.")
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise MemplanError("no such recipe file.") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -129,7 +168,9 @@ def resolve(recipe: Recipe, path: Path) -> LoadedRecipe:
         gpu = catalog_gpu(recipe.hardware.gpu)
     except MemplanError as exc:
         raise MemplanError(f"hardware.gpu: {exc}") from None
-    return LoadedRecipe(recipe, path, recipe.name or path.stem, model, gpu, recipe.hardware.host(), job_config(recipe))
+    loaded = LoadedRecipe(recipe, path, recipe.name or path.stem, model, gpu, recipe.hardware.host(), job_config(recipe))
+    planned_space(recipe)  # a job value that contradicts the search block is an error now, not at plan time
+    return loaded
 
 
 def load_recipe(path: str | Path, *, overrides: dict[str, Any] | None = None) -> LoadedRecipe:

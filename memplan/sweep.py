@@ -17,7 +17,7 @@ from itertools import product
 from typing import Any, Literal
 
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
-from memplan.config import Job, JobConfig
+from memplan.config import Job, JobConfig, retarget
 from memplan.errors import MemplanError
 from memplan.estimate import Estimate, estimate
 from memplan.memory.breakdown import Tier
@@ -52,6 +52,22 @@ class SweepSpec:
     base: JobConfig = field(default_factory=JobConfig)
     host: HostSpec = field(default_factory=HostSpec)
     min_headroom: str = "0B"
+
+    def __post_init__(self) -> None:
+        """No choice of the grid is silently ignored: each set field must be read by one of its jobs, and
+        sequence lengths (contexts) need a training (inference) job."""
+        from memplan.config import unread_by_all
+
+        wrong = unread_by_all(self.base, self.jobs)
+        trains = any(j.trains for j in self.jobs)
+        if self.seq_lens != SweepSpec.seq_lens and not trains:
+            wrong.append("seq_len (inference uses the context)")
+        if self.contexts != SweepSpec.contexts and Job.INFER not in self.jobs:
+            wrong.append("context (training uses the sequence length)")
+        if wrong:
+            jobs = ", ".join(j.value for j in self.jobs)
+            raise MemplanError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to the "
+                               f"sweep's jobs ({jobs}).")
 
     def sizes(self, job: Job) -> tuple[int, ...]:
         """Sequence lengths (training) or contexts (inference) of ``job``."""
@@ -193,7 +209,7 @@ class _Evaluator:
         update: dict[str, Any] = {"job": cell.job, "gpus_per_node": gpn, "nodes": nodes}
         if spec.tp is not None:
             update["tp"] = gpn if spec.tp == "node" else spec.tp
-        cfg = spec.base.model_copy(update=update)
+        cfg = retarget(spec.base, cell.job).model_copy(update=update)  # only fields the cell's job reads
         if cell.size is not None:
             cfg = with_size(cfg, "context", cell.size)
         if cell.batch is not None:

@@ -118,7 +118,7 @@ def llama_spec(kv_heads: int = 8, **extra: object) -> ModelSpec:
 
 
 def ctx_for(spec: ModelSpec, **cfg: object) -> Context:
-    base = dict(job=Job.FULL, dtype=Dtype.BF16, micro_batch=1, seq_len=4096)
+    base = dict(job=Job.FULL, dtype=Dtype.BF16, micro_batch=1, **({} if cfg.get("job") is Job.INFER else {"seq_len": 4096}))
     return Context(build_architecture(spec), JobConfig(**{**base, **cfg}), GPU, HostSpec())
 
 

@@ -226,7 +226,8 @@ def test_assumed_host_capacities_are_printed_with_the_answer() -> None:
     default_gib = f"{HostSpec().cpu_ram_bytes / 2**30:,.2f} GiB"
     result = RUNNER.invoke(app, ["estimate", "llama-3.1-8b", "--gpu", "rtx-4090", "--job", "full", "--zero", "2",
                                  "--offload-optimizer", "cpu"])
-    assert f"Assumed (memplan's defaults; set --cpu-ram / --nvme): {default_gib} of CPU RAM per node, no NVMe" in result.stdout
+    assert (f"Assumed (memplan's defaults; set --cpu-ram / --nvme / --dtype): {default_gib} of CPU RAM per node, "
+            "no NVMe") in result.stdout
     given = RUNNER.invoke(app, ["estimate", "llama-3.1-8b", "--gpu", "rtx-4090", "--job", "full", "--cpu-ram", "64GiB",
                                 "--nvme", "1TB"])
     assert "Assumed" not in given.stdout

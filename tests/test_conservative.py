@@ -60,6 +60,9 @@ def phase_peak(est: Any, tier: Tier) -> int:
 
 
 def try_estimate(model: str, gpu: str, cfg: dict[str, Any]) -> Any:
+    from memplan.config import NOT_READ, Job
+
+    cfg = {k: v for k, v in cfg.items() if k not in NOT_READ[Job(cfg["job"])]}  # only what the job reads
     try:
         return estimate(model, gpu, JobConfig.model_validate(cfg))
     except (MemplanError, ValueError):

@@ -167,3 +167,25 @@ def test_parse_count_is_exact_for_huge_counts() -> None:
 def test_non_finite_floats_are_named(value: float) -> None:
     with pytest.raises(MemplanError, match="allocator_reserve_pct"):
         estimate("gpt2", GPU, allocator_reserve_pct=value)
+
+
+INT_FIELDS = [*(n for n, f in JobConfig.model_fields.items() if "int" in str(f.annotation) and "bool" not in str(f.annotation)),
+              "zero"]
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+@pytest.mark.parametrize("value", [True, False, [True], (False, 1)])
+def test_a_bool_is_never_a_number(field: str, value: Any) -> None:
+    """Python's bool is an int subclass: ``seq_len=True`` must not silently mean 1 (issue 14 part 8)."""
+    with pytest.raises(MemplanError, match="boolean"):
+        estimate("gpt2", GPU, **{field: value})
+
+
+@pytest.mark.parametrize("field", ["tp", "pp", "zero", "micro_batch", "context", "seq_len", "batch", "gpus"])
+def test_a_bool_is_never_a_search_value(field: str) -> None:
+    from pydantic import ValidationError
+
+    from memplan.planner.space import SearchSpace
+
+    with pytest.raises(ValidationError, match="boolean"):
+        SearchSpace.model_validate({field: [True]})

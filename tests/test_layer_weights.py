@@ -136,10 +136,13 @@ def test_memo_tells_maps_apart() -> None:
     assert tc < ta
 
 
-def test_full_weight_training_takes_the_map_like_quant() -> None:
-    """The existing model accepts quant for full/pretrain/galore jobs and counts the stored bytes; a map too."""
+def test_full_weight_training_rejects_quantized_weights_as_a_map_too() -> None:
+    """Quantized base weights are frozen (bitsandbytes/GPTQ/AWQ storage): full-weight jobs reject a format,
+    whether given once or per layer, and point to QLoRA (issue 14: --job full --quant nf4 used to be accepted)."""
     for job in ("full", "pretrain", "galore"):
-        assert weight_rows(est(job=job, quant_map=("nf4",) * SMALL_LAYERS)) == weight_rows(est(job=job, quant="nf4"))
+        for kw in ({"quant": "nf4"}, {"quant_map": ("nf4",) * SMALL_LAYERS}):
+            with pytest.raises(MemplanError, match="qlora"):
+                est(job=job, **kw)
 
 
 @pytest.mark.parametrize(("kw", "match"), [

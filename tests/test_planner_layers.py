@@ -71,7 +71,8 @@ def test_per_layer_quant_max_quality_equals_enumeration():
              for q in ("int8", "nf4")}
     gpu = gpu_with((sizes["int8"] + sizes["nf4"]) // 2 // 2**20)
     assert not estimate(spec, gpu, base.model_copy(update={"quant": "int8"})).fits
-    result = plan(_infer_request(spec, gpu, base, Objective.MAX_QUALITY, quant=("int8", "nf4")))
+    result = plan(_infer_request(spec, gpu, base, Objective.MAX_QUALITY, quant=("int8", "nf4"),
+                                 offload_params=(Offload.NONE,)))  # quantize, not stream 16-bit layers
     best = result.best
     assert best is not None and best.estimate.fits
     errors = []
@@ -100,7 +101,8 @@ def test_per_layer_weight_offload_streams_the_fewest_layers():
     need = estimate(spec, gpu_with(10**6), base).peak(Tier.GPU)
     gpu = gpu_with(need * 6 // 10 // 2**20)
     assert not estimate(spec, gpu, base).fits
-    assert plan(_infer_request(spec, gpu, base)).status == "infeasible"
+    assert plan(_infer_request(spec, gpu, base, offload_params=(Offload.NONE,))).status == "infeasible"
+    assert plan(_infer_request(spec, gpu, base)).status == "optimal"  # per-layer offload is on by default
     best = plan(_infer_request(spec, gpu, base, offload_params=(Offload.NONE, Offload.CPU))).best
     assert best is not None and best.estimate.fits
     off = sum(best.config.infer.offload_map)
@@ -121,7 +123,7 @@ def test_cli_per_layer_errors_and_json(runner):
     res = runner.invoke(app, ["plan", "llama-3.1-8b", "--job", "full", "--objective", "max-quality"])
     assert res.exit_code == 2 and "frozen base model" in res.stderr
     out = cli_json(runner, "plan", "llama-3.1-70b", "--gpu", "h100-sxm-80gb", "--job", "infer", "--quant", "int8,nf4",
-                   "--objective", "max-quality", "-c", "8192", "-b", "2", "--top", "1")
+                   "--objective", "max-quality", "-c", "8192", "-b", "2", "--top", "1", "--offload-params", "none")
     best = out["best"]
     assert out["status"] == "optimal"
     assert set(best["config"]["quant_map"]) == {"int8", "nf4"}

@@ -53,7 +53,7 @@ def solver_log(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def request(model: str = "gpt2", *, job: str = "full", gpus: int = 2, **space: Any) -> PlanRequest:
-    base = JobConfig(job=Job(job), gpus_per_node=gpus, seq_len=1024)
+    base = JobConfig(job=Job(job), gpus_per_node=gpus, **({} if job == "infer" else {"seq_len": 1024}))
     return PlanRequest(model=load_model(model), gpu=catalog_gpu("a100-sxm-40gb"), host=HostSpec(), base=base,
                        space=SearchSpace(**space), top_k=2, time_limit_s=60.0, suggest=False)
 

@@ -242,6 +242,8 @@ def read_config_json(path: Path) -> Config:
         raise MemplanError(f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MemplanError(f"cannot read {file}: {exc}.") from None
+    except ValueError:  # Python's int digit limit (sys.get_int_max_str_digits): a number no config needs
+        raise MemplanError(f"{file} holds a number too long to read (thousands of digits); check its fields.") from None
     if not isinstance(cfg, dict):
         raise MemplanError(f"{file} must hold a JSON object of config fields.")
     return cfg

@@ -36,8 +36,12 @@ def model_rows(*, family: str | None = None, contains: str | None = None) -> lis
 
 def gpu_rows(*, contains: str | None = None, min_memory: int | None = None,
              vendor: str | None = None) -> list[dict[str, Any]]:
+    gpus = all_gpus()
+    vendors = sorted({g.vendor for g in gpus})
+    if vendor and vendor.lower() not in vendors:  # as models --family: an unknown filter value is an error
+        raise MemplanError(f"no catalog GPU of vendor {vendor!r}; the catalog has {', '.join(vendors)} GPUs.")
     rows = []
-    for g in all_gpus():
+    for g in gpus:
         if contains and contains.lower() not in (g.name + " " + " ".join(g.aliases)).lower():
             continue
         if min_memory is not None and g.memory_bytes < min_memory:

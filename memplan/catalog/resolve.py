@@ -11,6 +11,7 @@ Accepted, in this order:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from memplan.catalog.hf import load_config_file, read_config_json, spec_from_hf_config
@@ -69,10 +70,15 @@ def _hub_config_path(repo: str) -> Path:
         raise MemplanError(unreachable) from None
 
 
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+"""A Hugging Face repository id, ``namespace/name``: letters, digits, '.', '_' and '-', no '..' or '--'
+(huggingface_hub ``validate_repo_id``), checked before any network access."""
+
+
 def hub_model(repo: str) -> ModelSpec:
     """The spec of Hugging Face repository ``org/name`` from its config.json, named ``name``."""
     repo = repo.strip().strip("/")
-    if repo.count("/") != 1 or not all(repo.split("/")):
+    if not REPO_ID.fullmatch(repo) or ".." in repo or "--" in repo:
         raise MemplanError(f"hf:{repo} is not a repository id; write it like hf:meta-llama/Llama-3.1-8B.")
     cfg = read_config_json(_hub_config_path(repo))
     return spec_from_hf_config(cfg, name=repo.split("/")[1], source=HUB_URL.format(repo=repo))
@@ -85,7 +91,7 @@ def _looks_like_path(text: str) -> bool:
 def _exists(path: Path) -> bool:
     """``path.exists()``, False for a name the OS cannot even look up (too long, say)."""
     try:
-        return path.exists()
+        return path.is_symlink() or path.exists()  # a broken link or a loop is reported as such, not as a name
     except (OSError, ValueError):
         return False
 

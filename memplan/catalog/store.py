@@ -49,10 +49,16 @@ def yaml_error_sentence(exc: Exception) -> str:
 
 def format_validation_error(exc: ValidationError) -> str:
     """One sentence naming each invalid field."""
-    parts = []
+    parts: list[str] = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "value"
-        parts.append(f"{loc}: {err['msg']}")
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])  # our own sentence, without pydantic's "Value error," prefix
+        else:
+            msg = err["msg"].replace("Input should be", "must be")
+        line = f"{loc}: {msg}" if loc else msg
+        if line not in parts:
+            parts.append(line)
     return "; ".join(parts)
 
 

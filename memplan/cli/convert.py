@@ -136,20 +136,10 @@ def search_space(opts: Opts) -> Any:
 # -- per-layer options ---------------------------------------------------------------------------
 
 def layer_set(text: str, num_layers: int, flag: str) -> list[int]:
-    """Layer indices from '0-39,70,72-79' (each within the model's layers)."""
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        lo, dash, hi = part.partition("-")
-        try:
-            a, b = int(lo), int(hi if dash else lo)  # '1-' is not '1': a range needs both ends
-        except ValueError:
-            raise MemplanError(f"{flag}: expected layer ranges such as 0-39,70, got {part!r}.") from None
-        if a > b:
-            raise MemplanError(f"{flag}: the range {part} runs backwards; write it as {b}-{a}.")
-        if not 0 <= a <= b < num_layers:
-            raise MemplanError(f"{flag}: layers {part} are outside the model's {num_layers} layers (0-{num_layers - 1}).")
-        out.extend(range(a, b + 1))
-    return out
+    """Layer indices from '0-39,70,72-79' (each within the model's layers): ``memplan.preflight.layer_ranges``."""
+    from memplan.preflight import layer_ranges
+
+    return layer_ranges(text, num_layers, flag)
 
 
 def quant_map(text: str, num_layers: int) -> tuple[str | None, ...]:

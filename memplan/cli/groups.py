@@ -79,7 +79,8 @@ OPTS: dict[str, Opt] = {
     "job": _o(("--job", "-j"), Job, Job.FULL, "pretrain, full, lora, qlora, galore or infer.", JOB, field="job"),
     "engine": _o("--engine", Engine, None, "Engine that runs the job (default: the job's usual engine).", JOB,
                  field="engine", dim="engines", base="single"),
-    "dtype": _o("--dtype", Dtype, Dtype.BF16, "Weight/compute dtype: fp32, bf16, fp16, fp8.", JOB, field="dtype"),
+    "dtype": _o("--dtype", Dtype, None, "Weight/compute dtype: fp32, bf16, fp16, fp8 (default bf16; fp16 on a GPU "
+                "without bf16).", JOB, field="dtype"),
     "quant": _o("--quant", str, None, "Weight quantization: int8, nf4, nf4-dq, fp4, gptq-4bit, awq-4bit, q4_k_m, ... "
                 "(none = 16-bit).", JOB, field="quant", dim="quant", item=quant_name, base="single"),
     "quant_map": _o("--quant-map", str, None, "Per-layer weight formats, e.g. 0-39=int8,40-79=nf4 (none = 16-bit); "

@@ -175,7 +175,8 @@ def _mlp_bytes(spec: ModelSpec, layer: Layer, step: _Step) -> int:
 
 def _attention_bytes(ctx: Context, step: _Step) -> int:
     spec, cfg = ctx.arch.spec, ctx.cfg
-    heads, d, flash = ceil_div(spec.num_attention_heads or 1, step.tp), spec.hidden_size or 0, cfg.flash_attention
+    heads, d = ceil_div(spec.num_attention_heads or 1, step.tp), spec.hidden_size or 0
+    flash = cfg.attention_impl != "eager"  # flash and SDPA's fused kernels keep no S×S score matrix
     if spec.is_mla:
         out = mla_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                   qk_nope=spec.qk_nope_head_dim or 0, qk_rope=spec.qk_rope_head_dim or 0,

@@ -85,11 +85,19 @@ def choices_for(req: Any, dims: dict[str, tuple]) -> Any:
         if len(formats) < 2:
             raise MemplanError("per-layer quantization (--per-layer-quant, --objective max-quality) needs at least "
                                "two --quant choices (none = 16-bit), e.g. --quant int8,nf4.")
-    offload = Offload.CPU in (req.space.offload_params or ())
+    offload = Offload.CPU in offload_choices(req.space)
     if offload and not req.space.per_layer_offload:
         raise MemplanError("inference offloads weights layer by layer (accelerate device_map); "
                            "--offload-params cpu needs --per-layer-offload.")
     return LayerChoices(formats=formats, offload=offload and bool(req.model.num_hidden_layers))
+
+
+def offload_choices(space: Any) -> tuple[Offload, ...]:
+    """Where inference weights may live: ``offload_params`` as given; by default GPU or CPU per layer when
+    ``per_layer_offload`` is on (its documented default), so the default plan may stream some layers."""
+    if space.offload_params is not None:
+        return tuple(space.offload_params)
+    return (Offload.NONE, Offload.CPU) if space.per_layer_offload else (Offload.NONE,)
 
 
 def _weights_entry(req: Any, arch: Any, cfg: JobConfig, stages: list[list], per_layer: bool) -> Entry:
@@ -231,9 +239,9 @@ def plan_inference(req: Any) -> Any:
         rank_candidates(result.candidates)
         result.status = "optimal"
     elif req.suggest:
-        from memplan.planner.suggest import diagnose
+        from memplan.planner.plan import explain_infeasible
 
-        diagnose(req, result)
+        explain_infeasible(req, result)
     return result
 
 

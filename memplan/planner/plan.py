@@ -12,9 +12,13 @@ from memplan.config import Job, JobConfig
 from memplan.errors import MemplanError
 from memplan.estimate import Estimate, estimate
 from memplan.planner.ilp import IlpBuilder
-from memplan.planner.space import Objective, SearchSpace
+from memplan.planner.space import Objective, SearchSpace, unread_dims
 
 DEFAULT_TIME_LIMIT_S = 30.0
+
+
+class NoValidDegree(MemplanError):
+    """No tensor/pipeline degree of the search space fits this cluster size."""
 MAX_REJECTED = 20
 
 
@@ -41,6 +45,9 @@ class PlanResult:
     binding: str | None = None
     suggestions: list[dict[str, Any]] = field(default_factory=list)
     solver_status: str = "optimal"
+    assumptions: dict[str, Any] = field(default_factory=dict)
+    """What the plan assumed because it was not given (host RAM and NVMe, fp16 for the bf16 default on a
+    GPU without bf16), as ``Estimate.assumptions``; also present when no plan fits."""
 
     @property
     def best(self) -> Candidate | None:
@@ -60,6 +67,17 @@ class PlanRequest:
     solver: str | None = None
     debug_lp: str | None = None
     suggest: bool = True
+    deadline: float | None = None
+    """``time.monotonic()`` by which the whole plan (every solve, the suggestions' re-solves too) must end;
+    ``plan`` sets it from ``time_limit_s`` when None, so the limit bounds the command, not each solve."""
+
+    def __post_init__(self) -> None:
+        import math
+
+        if not (isinstance(self.time_limit_s, int | float) and math.isfinite(self.time_limit_s) and self.time_limit_s > 0):
+            raise MemplanError(f"--time-limit must be a positive number of seconds, got {self.time_limit_s!r}.")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise MemplanError(f"--top must be a positive integer, got {self.top_k!r}.")
 
 
 def runs(modes: list[str]) -> str:
@@ -130,7 +148,11 @@ def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult
         builder.write_lp(req.debug_lp)
     found = rejected = 0
     while found < req.top_k and rejected < MAX_REJECTED:
-        sol = builder.solve(time_limit=req.time_limit_s, solver=req.solver)
+        limit = seconds_left(req)
+        if limit <= 0:
+            no_plan_reason("time_limit", req.time_limit_s, result)
+            return
+        sol = builder.solve(time_limit=limit, solver=req.solver)
         if sol.status not in ("optimal", "feasible"):
             no_plan_reason(sol.status, req.time_limit_s, result)
             return
@@ -148,6 +170,27 @@ def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult
             continue
         found += 1
         yield sol, cfg, est
+
+
+def explain_infeasible(req: PlanRequest, result: PlanResult) -> None:
+    """The binding constraint and verified ways out (``suggest.diagnose``), within what is left of the time
+    limit; when none is left, the binding line says so instead."""
+    if seconds_left(req) <= 0:
+        result.binding = (f"not diagnosed: the time limit ({req.time_limit_s:g} s) was spent before the re-solves "
+                          "that find the binding constraint and the ways out; raise --time-limit")
+        return
+    from memplan.planner.suggest import diagnose
+
+    diagnose(req, result)
+
+
+def seconds_left(req: PlanRequest) -> float:
+    """Seconds the next solve may take: what is left of the request's whole time limit."""
+    if req.deadline is None:
+        return req.time_limit_s
+    import time
+
+    return min(req.time_limit_s, req.deadline - time.monotonic())
 
 
 def rank_candidates(candidates: list[Candidate], primary: Any = None) -> None:
@@ -182,8 +225,35 @@ def no_plan_reason(status: str, time_limit_s: float, result: PlanResult) -> None
 
 def plan(req: PlanRequest) -> PlanResult:
     """The best configurations for ``req`` (status "optimal"), or "infeasible" with suggestions."""
+    from memplan.preflight import check_trainable_weights, gpu_default_dtype, host_assumptions
+
+    if not req.space.per_layer_quant and req.objective is not Objective.MAX_QUALITY:  # train_quant.check explains those
+        check_trainable_weights(req.base.job, (req.base.quant, *(req.space.quant or ())))
+    unread = unread_dims(req.space, req.base.job)
+    if unread:
+        kind = "an inference" if req.base.job is Job.INFER else "a training"
+        raise MemplanError(f"search {', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to "
+                           f"{kind} plan.")
+
+    base, assumed = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
+    if base is not req.base:
+        req = replace(req, base=base)
+    if req.deadline is None:
+        import time
+
+        req = replace(req, deadline=time.monotonic() + req.time_limit_s)
+    result = _plan(req)
+    result.assumptions = {**host_assumptions(req.host), **assumed}
+    return result
+
+
+def _plan(req: PlanRequest) -> PlanResult:
+    """``plan`` once the request's defaults are fitted to the GPU."""
     if req.objective is Objective.MAX_QUALITY and not req.space.per_layer_quant:
         req = replace(req, space=req.space.model_copy(update={"per_layer_quant": True}))  # probes keep it
+    if req.base.job is Job.QLORA and req.space.quant and None in req.space.quant and not req.space.per_layer_quant:
+        raise MemplanError("quant=none: qlora trains adapters on quantized base weights (default nf4-dq); "
+                           "for 16-bit base weights use job lora.")
     if req.base.job is Job.INFER:
         from memplan.planner.infer import plan_inference
 
@@ -192,10 +262,19 @@ def plan(req: PlanRequest) -> PlanResult:
     sizes = gpu_counts(req)
     from memplan.planner.train_plan import solve_training
 
+    skipped: list[str] = []
     for gpn, nodes in sizes:
-        ok = solve_training(req, gpn, nodes, result)
+        try:
+            ok = solve_training(req, gpn, nodes, result)
+        except NoValidDegree as exc:  # min-gpus / min-cost: a count that cannot host --tp/--pp is skipped
+            if len(sizes) == 1:
+                raise
+            skipped.append(str(exc))
+            continue
         if ok and req.objective is not Objective.MIN_COST:
             break
+    if len(skipped) == len(sizes):
+        raise NoValidDegree(skipped[-1])
     if req.objective is Objective.MIN_COST and result.candidates:
         price = req.gpu.price_per_hour_usd or 0.0
         rank_candidates(result.candidates, primary=lambda c: price * c.config.world_size / c.tokens_per_s)
@@ -206,7 +285,5 @@ def plan(req: PlanRequest) -> PlanResult:
         result.status = "optimal"
         return result
     if req.suggest:
-        from memplan.planner.suggest import diagnose
-
-        diagnose(req, result)
+        explain_infeasible(req, result)
     return result

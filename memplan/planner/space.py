@@ -55,7 +55,9 @@ class SearchSpace(Strict):
     seq_len: tuple[int, ...] | None = None
     batch: tuple[int, ...] | None = None
     gpus: tuple[int, ...] | None = None
-    global_batch: int | None = Field(default=None, gt=0)
+    global_batch: int | None = Field(default=None, gt=0, le=2**31)
+    """Sequences per optimizer step; at most 2^31 (the largest published runs use a few thousand), so the
+    ILP's step-time coefficients stay within the solver's range."""
     engines: tuple[Engine, ...] | None = None
     """Engines to choose among (``plan --engine vllm,llamacpp``); None: the job's default engine. Passed through
     here; what each engine changes is the engines' code."""
@@ -63,8 +65,39 @@ class SearchSpace(Strict):
     @field_validator("*")
     @classmethod
     def _distinct(cls, value: object) -> object:
-        """Each candidate once, in the order given (``--quant int8,int8`` is one choice)."""
+        """Each candidate once, in the order given (``--quant int8,int8`` is one choice); never an empty list."""
+        if isinstance(value, tuple) and not value:
+            raise ValueError("give at least one value (omit the field for memplan's default)")
         return tuple(dict.fromkeys(value)) if isinstance(value, tuple) else value
+
+    @field_validator("tp", "pp", "micro_batch", "context", "seq_len", "batch", "gpus")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """Degrees, batches and lengths are positive integers (as the command line requires)."""
+        bad = [v for v in value or () if v < 1]
+        if bad:
+            raise ValueError(f"values must be positive integers, got {', '.join(map(str, bad))}")
+        return value
+
+    @field_validator("zero")
+    @classmethod
+    def _stages(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        bad = [v for v in value or () if v not in tuple(ZeroStage)]
+        if bad:
+            raise ValueError(f"ZeRO stages are 0, 1, 2 and 3, got {', '.join(map(str, bad))}")
+        return value
+
+
+TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch")
+"""Search dimensions only a training plan reads."""
+INFERENCE_DIMS = ("context", "batch", "kv_dtype")
+"""Search dimensions only an inference plan reads (training searches ``micro_batch`` and ``seq_len``)."""
+
+
+def unread_dims(space: SearchSpace, job: Job) -> list[str]:
+    """The dimensions given in ``space`` that a plan for ``job`` does not search."""
+    names = TRAINING_DIMS if job is Job.INFER else INFERENCE_DIMS
+    return [n for n in names if getattr(space, n) is not None]
 
 
 @dataclass(frozen=True)

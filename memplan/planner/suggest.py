@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from memplan.catalog.store import all_gpus
-from memplan.config import Job, JobConfig, Offload, OptimizerKind
+from memplan.config import Job, JobConfig, Offload, OptimizerKind, retarget
 from memplan.errors import MemplanError
 from memplan.estimate import estimate
 from memplan.memory.breakdown import Tier
@@ -74,12 +74,28 @@ def scale_steps(gpn: int, nodes: int) -> list[tuple[int, int]]:
 
 
 def more_gpus(req: Any) -> dict[str, Any] | None:
+    """The fewest GPUs of this kind that fit: fill a node, double the nodes, then bisect the node count
+    between the last size that failed and the first that fits; the label names the ZeRO stage it needs."""
     base = req.base
+
+    def at(g: int, n: int) -> Any:
+        return _fits(replace(req, base=base.model_copy(update={"gpus_per_node": g, "nodes": n})))
+
+    failed_nodes = base.nodes
     for g, n in scale_steps(base.gpus_per_node, base.nodes):
-        best = _fits(replace(req, base=base.model_copy(update={"gpus_per_node": g, "nodes": n})))
-        if best is not None:
-            return _entry(f"use {g * n} GPUs ({g} per node × {n} node{'s' if n > 1 else ''})",
-                          f"--gpus {g} --nodes {n}", best)
+        best = at(g, n)
+        if best is None:
+            failed_nodes = n if g == max(base.gpus_per_node, g) else failed_nodes
+            continue
+        lo = failed_nodes if failed_nodes < n else n
+        while n - lo > 1:  # fewest nodes that fit: the first fitting count is a doubling of a failing one
+            mid = (lo + n) // 2
+            found = at(g, mid)
+            lo, n, best = (lo, mid, found) if found is not None else (mid, n, best)
+        zero = int(best.config.zero)
+        how = f" with ZeRO-{zero}" if zero else ""
+        return _entry(f"use {g * n} GPUs of this kind ({g} per node × {n} node{'s' if n > 1 else ''}){how}",
+                      f"--gpus {g} --nodes {n}", best)
     return None
 
 
@@ -105,11 +121,9 @@ def with_space(req: Any, label: str, flags: str, **space: Any) -> dict[str, Any]
 
 
 def with_base(req: Any, label: str, flags: str, **base: Any) -> dict[str, Any] | None:
-    data = {**req.base.model_dump(), **base}
-    if "job" in base:  # let the new job pick its own adapter dtype default
-        data["lora"] = {k: v for k, v in data["lora"].items() if k != "dtype"}
     try:
-        new = JobConfig.model_validate(data)
+        start = retarget(req.base, base["job"]) if "job" in base else req.base  # fields the new job reads
+        new = JobConfig.model_validate({**start.model_dump(exclude_unset=True), **base})
     except ValueError:
         return None
     best = _fits(replace(req, base=new))
@@ -125,6 +139,26 @@ def bigger_gpu(req: Any) -> dict[str, Any] | None:
             return _entry(f"a GPU with more memory: {gpu.name} ({gpu.memory_bytes / GiB:,.1f} GiB)",
                           f"--gpu {gpu.name}", best)
     return None
+
+
+def more_cpu_ram(req: Any) -> dict[str, Any] | None:
+    """More CPU RAM per node, when the host binds (offloaded states that do not fit in it): the smallest
+    power-of-two GiB that the re-solve fits with, up to the probe's unlimited size."""
+    roomy = req.host.model_copy(update={"cpu_ram_bytes": UNLIMITED_MIB * 2**20})
+    best = _fits(replace(req, host=roomy))
+    if best is None:
+        return None
+    need = best.estimate.total(Tier.CPU)
+    size = GiB
+    while size < need:
+        size *= 2
+    if size <= req.host.cpu_ram_bytes:
+        return None
+    best = _fits(replace(req, host=req.host.model_copy(update={"cpu_ram_bytes": size})))
+    if best is None:
+        return None
+    return _entry(f"more CPU RAM: {size // GiB:,} GiB per node (offloaded states need {need / GiB:,.1f} GiB)",
+                  f"--cpu-ram {size // GiB}GiB", best)
 
 
 def diagnose(req: Any, result: Any) -> None:
@@ -155,5 +189,6 @@ def diagnose(req: Any, result: Any) -> None:
         tries.append(with_space(req, "some layers' weights in CPU RAM, streamed over PCIe (accelerate device_map)",
                                 "--offload-params none,cpu", offload_params=(Offload.NONE, Offload.CPU),
                                 per_layer_offload=True))
+    tries.append(more_cpu_ram(req))
     tries.append(bigger_gpu(req))
     result.suggestions = [t for t in tries if t is not None]

@@ -258,6 +258,27 @@ def runtime_terms(setting: TrainSetting) -> tuple[int, float]:
     return st.context_bytes + margin, float(st.reserve_pct)
 
 
+MAX_REASON_CHARS = 300
+"""The reasons of an invalid search space are cut to this many characters: a sentence, not a page."""
+
+
+def invalid_reasons(dims: dict[str, tuple], reasons: list[str]) -> str:
+    """Why no combination is valid, short: an empty dimension by name, else each distinct reason once
+    (the first combination that gave it as the example), cut at MAX_REASON_CHARS."""
+    empty = [d for d, values in dims.items() if not values]
+    if empty:
+        return f"no valid {', '.join(empty)} choice (ZeRO-Offload needs ZeRO stage 1 or higher, " \
+               "parameter and NVMe offload stage 3)" if empty == ["placement"] else f"no valid {', '.join(empty)} choice"
+    distinct: dict[str, str] = {}
+    for reason in reasons:
+        where, _, why = reason.partition(": ")
+        distinct.setdefault(why or where, where)
+    if not distinct:
+        return "every combination was excluded (see the excluded values above)"
+    text = "; ".join(f"{why} (e.g. {where})" if why else where for why, where in distinct.items())
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1].rstrip() + "…"
+
+
 def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                   value_of: Callable[[dict[str, Any]], float] | None = None,
                   formats: tuple[str | None, ...] | None = None) -> tuple[Problem, list[str]]:
@@ -269,7 +290,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     dims = {d: v for d, v in dims.items() if d != "recompute"}
     states, reasons = states_factor(setting, dims, layer_weights=formats is None)
     if not states.entries:
-        raise MemplanError("no combination of the search space is valid: " + "; ".join(reasons[:3]))
+        raise MemplanError("no combination of the search space is valid: " + invalid_reasons(dims, reasons))
     shape = shape_factor(setting, dims)
     if not shape.entries:
         raise MemplanError(f"no micro-batch divides the global batch of {setting.global_batch} sequences "

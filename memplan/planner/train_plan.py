@@ -79,9 +79,9 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
         try:
             found_any |= _solve_engine(req, base, result)
         except MemplanError as exc:  # an engine that runs nothing here; the others may
-            errors.append(str(exc))
+            errors.append(exc)
     if not found_any and errors and len(errors) == len(bases):
-        raise MemplanError(errors[0])
+        raise errors[0]
     found = result.candidates[start:]
     rank_candidates(found)
     result.candidates[start:] = found[: req.top_k]
@@ -96,7 +96,10 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
     dims = runnable_dims(base, dims, excluded)
     result.excluded = sorted(set(result.excluded + excluded))
     if not dims["tp"] or not dims["pp"] or not dims["placement"]:
-        raise MemplanError("no tensor/pipeline degree or ZeRO/offload placement is valid: " + "; ".join(excluded[:3]))
+        from memplan.planner.plan import NoValidDegree
+
+        raise NoValidDegree(f"no tensor/pipeline degree or ZeRO/offload placement is valid on {base.world_size} GPUs: "
+                            + "; ".join(dict.fromkeys(excluded[:3])))
     gb = global_batch_for(req, base.world_size, dims["micro_batch"])
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
     formats = None

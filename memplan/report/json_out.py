@@ -62,6 +62,8 @@ def estimate_dict(est: Estimate) -> dict[str, Any]:
         "headroom_bytes": est.headroom_bytes,
         "binding_tier": est.binding_tier.value,
         "not_modelled": list(est.not_modelled),
+        "warnings": list(est.warnings),
+        "assumptions": dict(est.assumptions),
         "sources": {r.component: r.source for r in est.rows if r.source},
         "engine": est.engine.value,
         "engine_reason": est.engine_reason,

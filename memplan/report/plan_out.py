@@ -33,6 +33,7 @@ def plan_dict(result: PlanResult) -> dict[str, Any]:
         "binding": result.binding,
         "suggestions": result.suggestions,
         "excluded": result.excluded,
+        "assumptions": dict(result.assumptions),
     }
 
 

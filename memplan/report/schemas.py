@@ -82,6 +82,12 @@ class EstimateOut(Out):
     headroom_bytes: int
     binding_tier: TierName
     not_modelled: list[str]
+    warnings: list[str] = []
+    """Inputs the answer still covers but the user should know, e.g. a context above the model's
+    max_position_embeddings (one sentence each)."""
+    assumptions: dict[str, int | str] = {}
+    """What was assumed because it was not given: ``cpu_ram_bytes`` (1 TiB per node) and ``nvme_bytes`` (0)
+    when the host was not described, ``dtype`` (fp16) when a GPU without bf16 got the bf16 default."""
     sources: dict[ComponentName, str] = Field(json_schema_extra={"additionalProperties": False})
     max_context: NonNegativeInt | None = None
     """With ``--max-context``: the longest context that fits (0: none)."""
@@ -142,6 +148,9 @@ class PlanOut(Out):
     binding: str | None
     suggestions: list[SuggestionOut]
     excluded: list[str]
+    assumptions: dict[str, int | str] = {}
+    """What the plan assumed because it was not given (as an estimate's ``assumptions``), present also
+    when no plan fits."""
 
 
 class TierCheckOut(Out):

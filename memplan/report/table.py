@@ -160,27 +160,26 @@ def render_estimate(est: Estimate, out: Any) -> None:
     else:
         out.print(f"[red]DOES NOT FIT[/red]: {fmt_gib(-head)} over capacity on the {est.binding_tier.value} tier "
                   f"(peak at {est.peak_phase(est.binding_tier).value}).")
+    for warning in est.warnings:
+        out.print(f"[yellow]Warning[/yellow]: {warning}.")
     if est.not_modelled:
         out.print(f"[yellow]Not modelled[/yellow]: {', '.join(est.not_modelled)} "
                   "(a params-only model has no dimensions); the verdict excludes them.")
     assumed = assumed_host(est)
     if assumed:
-        out.print(f"Assumed (memplan's defaults; set --cpu-ram / --nvme): {assumed}.")
+        out.print(f"Assumed (memplan's defaults; set --cpu-ram / --nvme / --dtype): {assumed}.")
 
 
 def assumed_host(est: Estimate) -> str:
-    """The host capacities the verdict rests on that nobody gave (``HostSpec``'s defaults), when the job
-    puts bytes in CPU RAM or on NVMe; '' otherwise."""
-    from memplan.catalog.schema import HostSpec
-    from memplan.memory.breakdown import Tier
-
-    if not (est.total(Tier.CPU) or est.total(Tier.NVME)):
-        return ""
-    default, parts = HostSpec(), []
-    if est.host.cpu_ram_bytes == default.cpu_ram_bytes:
-        parts.append(f"{fmt_gib(default.cpu_ram_bytes)} of CPU RAM per node")
-    if est.host.nvme_bytes == default.nvme_bytes:
-        parts.append("no NVMe" if not default.nvme_bytes else f"{fmt_gib(default.nvme_bytes)} of NVMe per node")
+    """What the verdict rests on that nobody gave (``Estimate.assumptions``: the host's CPU RAM and NVMe per
+    node, the dtype a GPU without bf16 gets), in words; '' when everything was given."""
+    given, parts = est.assumptions, []
+    if "cpu_ram_bytes" in given:
+        parts.append(f"{fmt_gib(given['cpu_ram_bytes'])} of CPU RAM per node")
+    if "nvme_bytes" in given:
+        parts.append(f"{fmt_gib(given['nvme_bytes'])} of NVMe per node" if given["nvme_bytes"] else "no NVMe")
+    if "dtype" in given:
+        parts.append(f"dtype {given['dtype']}")
     return ", ".join(parts)
 
 
