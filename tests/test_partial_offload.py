@@ -26,7 +26,8 @@ P = 8_030_261_248
 BASE = {"job": "full", "zero": 3, "offload_optimizer": "cpu", "gpus_per_node": 8}
 """dp = 8 divides every state buffer of Llama-3.1-8B, so per-layer and per-set partitions round alike."""
 LIVE = ("gradients/zero3_live_grads", "gradients/zero3_reduce_bucket", "optimizer/step_temporaries")
-"""GPU rows that do not move with the optimizer split: ZeRO-3's live gradients, its reduce (IPG) bucket and the step temporaries."""
+"""GPU rows that do not move with the optimizer split: ZeRO-3's live gradients, its reduce (IPG) bucket and the
+step temporaries."""
 
 
 @cache

@@ -6,7 +6,7 @@ from memplan.catalog.schema import Family
 from memplan.config import Job, JobConfig, ZeroStage
 from memplan.errors import MemplanError
 from memplan.memory import model_states as ms
-from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Phase, Row, Tier, peak, tier_total
+from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Phase, Row, Tier, peak
 from memplan.memory.context import Context
 from memplan.memory.zero import StateBuffer
 
