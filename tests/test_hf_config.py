@@ -97,7 +97,7 @@ def test_bad_llama_configs(edit: dict, message: str) -> None:
     ("gpt2", {"n_embd": None}, "'n_embd'"),
     ("mixtral-8x7b", {"num_local_experts": None}, "'num_local_experts'"),
     ("opt-13b", {"word_embed_proj_dim": 512}, "word_embed_proj_dim 512 != hidden_size 5120"),
-    ("falcon-7b", {"new_decoder_architecture": True}, "new_decoder_architecture"),
+    ("falcon-7b", {"multi_query": "true"}, "'multi_query' must be true or false, got the string 'true'"),
     ("deepseek-v3", {"kv_lora_rank": None}, "'kv_lora_rank'"),
     ("qwen3-30b-a3b", {"mlp_only_layers": [0]}, "mlp_only_layers"),
 ])

@@ -37,7 +37,19 @@ class Family(StrEnum):
     DEEPSEEK = "deepseek"    # DeepSeek-V2/V3: MLA attention, shared + routed experts
     GPT2 = "gpt2"            # Conv1D c_attn/c_proj/c_fc, learned positions
     OPT = "opt"              # learned positions with offset 2, biases, fc1/fc2
-    FALCON = "falcon"        # fused query_key_value, parallel attention, MQA
+    FALCON = "falcon"        # fused query_key_value, parallel attention, MQA / GQA (new_decoder_architecture)
+    GEMMA = "gemma"          # Gemma 1: Llama layout, Gemma RMSNorm (1 + w), scaled embeddings, tied
+    GEMMA3 = "gemma3"        # Gemma-2 layout plus q/k RMSNorms; sliding layers from layer_types
+    PHI = "phi"              # Phi-1/1.5/2: biased q/k/v/dense, one LayerNorm, parallel fc1/fc2 MLP, biased lm_head
+    QWEN2_MOE = "qwen2_moe"  # Qwen1.5/2-MoE: routed experts plus a gated shared expert
+    GPT_NEOX = "gpt_neox"    # Pythia / GPT-NeoX: fused query_key_value, two LayerNorms, parallel residual
+    GPTJ = "gptj"            # GPT-J: one LayerNorm, parallel attention and fc_in/fc_out MLP, biased lm_head
+    GPT_BIGCODE = "gpt_bigcode"  # StarCoder / SantaCoder: GPT-2 layout with nn.Linear and multi-query c_attn
+    BLOOM = "bloom"          # ALiBi, fused query_key_value, a LayerNorm after the embedding
+    STABLELM = "stablelm"    # StableLM: LayerNorms, gated MLP, optional q/k per-head LayerNorms and parallel residual
+    OLMO2 = "olmo2"          # OLMo-2: post-norms only, q/k RMSNorms over all heads
+    GRANITE = "granite"      # Granite: Llama layout with scalar multipliers; attention_bias on q, k, v, o
+    COHERE = "cohere"        # Command-R: bias-free LayerNorm, parallel attention and MLP, optional q/k norms
     PARAMS_ONLY = "params_only"  # known only by its parameter count (papers' hypothetical sizes)
 
 
@@ -70,6 +82,13 @@ class ModelSpec(Strict):
     attention_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    # Parallel blocks (GPT-J, GPT-NeoX use_parallel_residual, Falcon parallel_attn, Phi, Cohere, StableLM
+    # use_parallel_residual): attention and MLP both read the block input; ``parallel_norms`` LayerNorms
+    # feed them (Falcon's new_decoder_architecture: 2, ln_attn and ln_mlp; otherwise 1).
+    parallel_attn: bool = False
+    parallel_norms: int = Field(default=1, ge=1, le=2)
+    # ALiBi position biases instead of rotary embeddings (BLOOM, Falcon with alibi: true).
+    alibi: bool = False
     # Sliding window: `sliding_window` tokens on layers marked "sliding_attention".
     sliding_window: PositiveInt | None = None
     layer_types: tuple[Literal["full_attention", "sliding_attention"], ...] | None = None
