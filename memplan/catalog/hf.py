@@ -10,6 +10,7 @@ exactly are refused with a MemplanError rather than estimated.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,11 @@ def read_config_json(path: Path) -> Config:
         raise MemplanError(f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MemplanError(f"cannot read {file}: {exc}.") from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        raise MemplanError(f"{file} holds a number with more digits than Python reads "
+                           f"({sys.get_int_max_str_digits():,}); config.json sizes are ordinary integers.") from None
+    except RecursionError:
+        raise MemplanError(f"{file} nests JSON arrays or objects too deeply to read.") from None
     if not isinstance(cfg, dict):
         raise MemplanError(f"{file} must hold a JSON object of config fields.")
     return cfg

@@ -58,6 +58,11 @@ MAX_LAYERS = 10_000
 LLMs have at most a few hundred (Llama-3.1-405B: 126), so 10,000 only refuses absurd input."""
 
 
+MAX_SIZE = 2**50
+"""Largest dimension a model field may hold (hidden size, vocabulary, experts...: 2^50 is about 10^15, far
+beyond any model); larger numbers only overflow the arithmetic. Parameter counts have units.MAX_COUNT."""
+
+
 class ModelSpec(Strict):
     """A transformer's shape, in the vocabulary of Hugging Face ``config.json``."""
 
@@ -111,6 +116,15 @@ class ModelSpec(Strict):
     num_nextn_predict_layers: int = Field(default=0, ge=0)
     # Largest single layer, for ZeRO-3's live-parameter buffer when dimensions are unknown.
     largest_layer_params: PositiveInt | None = None
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _not_astronomical(cls, value: Any, info: ValidationInfo) -> Any:
+        """A size or count beyond MAX_SIZE is a typo or a fuzzed file; refused before any arithmetic."""
+        counts = info.field_name in ("published_params", "largest_layer_params")  # bounded by units.MAX_COUNT
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SIZE and not counts:
+            raise ValueError(f"is larger than 2^{MAX_SIZE.bit_length() - 1}, far beyond any real model")
+        return value
 
     @property
     def kv_heads(self) -> int:
