@@ -14,6 +14,8 @@ from memplan.catalog.schema import Family
 
 GEMMA_HEAD_DIM = 256
 """``GemmaConfig.head_dim`` / ``Gemma3TextConfig.head_dim`` default."""
+GPTJ_ROTARY_DIM = 64
+"""``GPTJConfig.rotary_dim`` default (rotated dims per head)."""
 GEMMA_KV_HEADS, GEMMA3_KV_HEADS = 16, 4
 """``GemmaConfig`` / ``Gemma3TextConfig`` num_key_value_heads defaults."""
 GEMMA_ACT = "gelu_pytorch_tanh"
@@ -57,6 +59,25 @@ def _gemma3(cfg: Config) -> Config:
     return _gemma3_text({**text, "model_type": "gemma3_text"})
 
 
+def rotary_dim(cfg: Config, *, head_dim: object, legacy: str, default: float) -> int | None:
+    """Rotated dims per head, ``int(head_dim · partial_rotary_factor)`` (transformers ``rotary_ndims``);
+    the factor from ``rope_parameters``, else the family's older top-level key, else its default;
+    None when every dim rotates."""
+    rope = cfg.get("rope_parameters")
+    factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    factor = get(cfg, legacy, default) if factor is None else factor
+    if not isinstance(head_dim, int) or not isinstance(factor, int | float) or isinstance(factor, bool):
+        return None  # the spec's own validation names the bad field
+    dims = int(head_dim * factor)
+    return None if dims >= head_dim else max(dims, 1)
+
+
+def _per_head(cfg: Config) -> object:
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    ok = isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+    return hidden // heads if ok else None
+
+
 def _layernorm_decoder(cfg: Config, family: Family, **fields: object) -> Config:
     """A decoder with LayerNorms and a plain (not gated) MLP: Phi, GPT-NeoX."""
     out = decoder(cfg)
@@ -67,14 +88,17 @@ def _layernorm_decoder(cfg: Config, family: Family, **fields: object) -> Config:
 def _phi(cfg: Config) -> Config:
     """Phi-1/1.5/2 (``PhiConfig``): biases everywhere, parallel attention/MLP, gelu_new."""
     return _layernorm_decoder(cfg, Family.PHI, hidden_act=get(cfg, "hidden_act", "gelu_new"), attention_bias=True,
-                              mlp_bias=True, parallel_attn=True, qk_norm=flag(cfg, "qk_layernorm"))
+                              mlp_bias=True, parallel_attn=True, qk_norm=flag(cfg, "qk_layernorm"),
+                              rotary_dim=rotary_dim(cfg, head_dim=_per_head(cfg), legacy="partial_rotary_factor",
+                                                    default=0.5))
 
 
 def _gpt_neox(cfg: Config) -> Config:
     """GPT-NeoX / Pythia (``GPTNeoXConfig``): parallel residual by default, biased attention by default."""
     return _layernorm_decoder(cfg, Family.GPT_NEOX, hidden_act=get(cfg, "hidden_act", "gelu"),
                               num_key_value_heads=None, attention_bias=flag(cfg, "attention_bias", True),
-                              mlp_bias=True, parallel_attn=flag(cfg, "use_parallel_residual", True))
+                              mlp_bias=True, parallel_attn=flag(cfg, "use_parallel_residual", True),
+                              rotary_dim=rotary_dim(cfg, head_dim=_per_head(cfg), legacy="rotary_pct", default=0.25))
 
 
 def _gpt_style(cfg: Config, family: Family, *, act: str, tied: bool) -> Config:
@@ -92,7 +116,11 @@ def _gpt_style(cfg: Config, family: Family, *, act: str, tied: bool) -> Config:
 
 def _gptj(cfg: Config) -> Config:
     """GPT-J (``GPTJConfig``): one LayerNorm, parallel attention (no biases) and MLP (biases)."""
-    return {**_gpt_style(cfg, Family.GPTJ, act="gelu_new", tied=False), "parallel_attn": True}
+    out = _gpt_style(cfg, Family.GPTJ, act="gelu_new", tied=False)
+    heads, hidden = out["num_attention_heads"], out["hidden_size"]
+    per_head = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+    rotary = get(cfg, "rotary_dim", GPTJ_ROTARY_DIM)
+    return {**out, "parallel_attn": True, "rotary_dim": None if per_head and rotary >= per_head else rotary}
 
 
 def _gpt_bigcode(cfg: Config) -> Config:
@@ -120,7 +148,8 @@ def _stablelm(cfg: Config) -> Config:
     out = decoder(cfg)
     out.update(family=Family.STABLELM, norm="layernorm", head_dim=None, attention_bias=flag(cfg, "use_qkv_bias"),
                num_key_value_heads=get(cfg, "num_key_value_heads", STABLELM_KV_HEADS),
-               qk_norm=flag(cfg, "qk_layernorm"), parallel_attn=flag(cfg, "use_parallel_residual"))
+               qk_norm=flag(cfg, "qk_layernorm"), parallel_attn=flag(cfg, "use_parallel_residual"),
+               rotary_dim=rotary_dim(cfg, head_dim=_per_head(cfg), legacy="partial_rotary_factor", default=0.25))
     return out
 
 

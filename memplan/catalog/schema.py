@@ -92,6 +92,9 @@ class ModelSpec(Strict):
     # feed them (Falcon's new_decoder_architecture: 2, ln_attn and ln_mlp; otherwise 1).
     parallel_attn: bool = False
     parallel_norms: int = Field(default=1, ge=1, le=2)
+    # Partial rotary (Phi, GPT-NeoX, GPT-J, StableLM): the first ``rotary_dim`` dims of each q/k head are
+    # rotated, the rest pass through; None: all of them (or no rotary: ALiBi, learned positions).
+    rotary_dim: PositiveInt | None = None
     # ALiBi position biases instead of rotary embeddings (BLOOM, Falcon with alibi: true).
     alibi: bool = False
     # Sliding window: `sliding_window` tokens on layers marked "sliding_attention".

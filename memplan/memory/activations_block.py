@@ -31,6 +31,16 @@ saved for backward in bf16 (Transformer Engine)."""
 
 _NO_SOFTMAX_UPCAST = frozenset({Family.GPT2, Family.FALCON})
 """Eager attention softmax in the dtype (transformers GPT-2, Falcon); the others use dtype=float32."""
+GEMMA_RMS_NORM = frozenset({Family.GEMMA, Family.GEMMA2, Family.GEMMA3})
+"""``GemmaRMSNorm`` / ``Gemma2RMSNorm`` / ``Gemma3RMSNorm``: normalized in fp32 and scaled by ``1 + weight``
+(transformers ``modeling_gemma*.py``), see ``activations_terms.gemma_rms_norm_bytes``."""
+FOUR_NORMS = frozenset({Family.GEMMA2, Family.GEMMA3})
+"""Blocks with pre- and post-norms around attention and MLP (``Gemma3DecoderLayer``)."""
+BLOCK_INPUT_NORMS = {Family.GPT_NEOX: 2}
+"""Norms reading the block input of a parallel block where ``ModelSpec.parallel_norms`` does not say it:
+GPT-NeoX keeps both of its LayerNorms on the input with ``use_parallel_residual``."""
+QK_NORM_ALL_HEADS = frozenset({Family.OLMO2})
+"""q/k norms over all heads at once, one row per token (``Olmo2Attention``: ``RMSNorm(N·H)``), not per head."""
 _Q_HEAD_MAJOR = frozenset({Family.PHI3, Family.FALCON})
 """Families whose q reaches attention contiguous as (B, N, S, H) (Phi-3's partial-rotary ``cat``, Falcon's
 ``reshape``), so a flash kernel's output (laid out like q: ``empty_like(q)``) needs a contiguous copy
@@ -135,8 +145,11 @@ def norm_bytes(spec: ModelSpec, *, tokens: int, width: int, bits: int, counting:
     """One norm of the family (Gemma-2 RMSNorm, RMSNorm or LayerNorm); the paper counts its input."""
     if counting.paper:
         return t.tensor_bytes(count=tokens * width, bits=bits)
-    if spec.family is Family.GEMMA2:
+    if spec.family in GEMMA_RMS_NORM:
         return t.gemma_rms_norm_bytes(tokens=tokens, width=width, weight_trains=weight_trains)
+    if spec.family is Family.OLMO2:  # (weight * x_normed).to(dtype): the fp32 normalized tensor, no 1 + w vector
+        vector = t.tensor_bytes(count=width, bits=t.FP32_BITS)
+        return t.gemma_rms_norm_bytes(tokens=tokens, width=width, weight_trains=weight_trains) - vector
     if spec.norm == "layernorm":
         return t.layer_norm_bytes(tokens=tokens, width=width, bits=bits, stats_bits=counting.stats_bits)
     return t.rms_norm_bytes(tokens=tokens, width=width, bits=bits, weight_trains=weight_trains)
@@ -148,26 +161,47 @@ def attention_impl(spec: ModelSpec, cfg: JobConfig) -> str:
     return "eager" if impl == "sdpa" and spec.family is Family.GEMMA2 else impl
 
 
+def _parallel_norms(spec: ModelSpec, dm: Dims, one: int, hidden: int, tr: Trainable) -> Term:
+    """Parallel blocks: every norm reads the block input, which a LayerNorm saves once for all of them
+    (one storage); one norm's output feeds attention and MLP, two norms' outputs feed one each.
+
+    Sources: ``GPTNeoXLayer`` (input_layernorm and post_attention_layernorm both on the block input with
+    ``use_parallel_residual``), ``FalconDecoderLayer`` (ln_attn/ln_mlp, or input_layernorm), ``GPTJBlock``
+    ``ln_1``, ``PhiDecoderLayer`` / ``StableLmDecoderLayer`` / ``CohereDecoderLayer`` ``input_layernorm``.
+    """
+    count = BLOCK_INPUT_NORMS.get(spec.family, spec.parallel_norms)
+    shared = t.tensor_bytes(count=dm.seq_tokens * dm.d, bits=dm.bits) if spec.norm == "layernorm" else 0
+    total = one + (count - 1) * (one - min(shared, one))
+    if count == 1:
+        return Term("norms", total + (hidden if tr.trains("q", "k", "v", "up", "gate") else 0))
+    attn_in = hidden if tr.trains("q", "k", "v") else 0
+    return Term("norms", total + attn_in + (hidden if tr.trains("up", "gate") else 0))
+
+
 def norm_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting, tr: Trainable) -> list[Term]:
     """Block norms, each with the hidden-wide output its consumers save (attention / MLP input)."""
     one = norm_bytes(spec, tokens=dm.seq_tokens, width=dm.d, bits=dm.bits, counting=counting, weight_trains=tr.norms)
     hidden = t.tensor_bytes(count=dm.seq_tokens * dm.d, bits=dm.bits)
     attn_in = hidden if tr.trains("q", "k", "v") else 0
-    if spec.family is Family.FALCON:  # one LayerNorm feeds attention and MLP in parallel
-        return [Term("norms", one + (hidden if tr.trains("q", "k", "v", "up") else 0))]
+    if spec.parallel_attn:
+        return [_parallel_norms(spec, dm, one, hidden, tr)]
     if layer.moe:  # the router and the shared experts read the norm output; routed experts gather a copy
         mlp_in = hidden if tr.trains("router") or (spec.n_shared_experts and tr.trains("gate", "up")) else 0
     else:
         mlp_in = hidden if tr.trains("gate", "up") else 0
-    norms = 4 if spec.family is Family.GEMMA2 else 2  # Gemma-2's post-norms feed the residual add
+    norms = 4 if spec.family in FOUR_NORMS else 2  # Gemma-2/3's post-norms feed the residual add
     return [Term("norms", norms * one + attn_in + mlp_in)]
 
 
 def _qk_norm_terms(spec: ModelSpec, dm: Dims, counting: Counting, tr: Trainable) -> list[Term]:
     if not spec.qk_norm:
         return []
-    q = norm_bytes(spec, tokens=dm.tokens * dm.n, width=dm.h, bits=dm.bits, counting=counting, weight_trains=tr.norms)
-    k = norm_bytes(spec, tokens=dm.tokens * dm.k, width=dm.h, bits=dm.bits, counting=counting, weight_trains=tr.norms)
+    if spec.family in QK_NORM_ALL_HEADS:
+        q_rows, k_rows, q_width, k_width = dm.tokens, dm.tokens, dm.n * dm.h, dm.k * dm.h
+    else:
+        q_rows, k_rows, q_width, k_width = dm.tokens * dm.n, dm.tokens * dm.k, dm.h, dm.h
+    q = norm_bytes(spec, tokens=q_rows, width=q_width, bits=dm.bits, counting=counting, weight_trains=tr.norms)
+    k = norm_bytes(spec, tokens=k_rows, width=k_width, bits=dm.bits, counting=counting, weight_trains=tr.norms)
     return [Term("attention/qk_norm", q + k)]
 
 
