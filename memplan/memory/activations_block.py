@@ -140,6 +140,25 @@ def dims(spec: ModelSpec, cfg: JobConfig) -> Dims:
                 tp=tp, bits=activation_bits(cfg))
 
 
+def cohere_layer_norm_bytes(*, tokens: int, width: int, weight_trains: bool = True) -> int:
+    """Bytes ``CohereLayerNorm`` saves: tokens·(2·4·width + 4 [+ 4·width]) + 4·width.
+
+    Formula: ``x − mean`` is computed twice in fp32 (once under ``pow(2)``, once for the normalization),
+    each saved; the fp32 rstd per row; the fp32 copy of the weight; and, when the weight trains, the fp32
+    normalized tensor it multiplies. Source: transformers ``CohereLayerNorm.forward`` (``modeling_cohere.py``).
+    """
+    fp32_row = t.tensor_bytes(count=tokens * width, bits=t.FP32_BITS)
+    total = 2 * fp32_row + t.tensor_bytes(count=tokens, bits=t.FP32_BITS) + t.tensor_bytes(count=width,
+                                                                                            bits=t.FP32_BITS)
+    return total + (fp32_row if weight_trains else 0)
+
+
+def falcon_broadcasts_kv(spec: ModelSpec) -> bool:
+    """Falcon's new decoder architecture (1 < K < N): ``_split_heads`` broadcasts k and v to all N heads and
+    flattens q, k, v into (B, S, N, H) copies (transformers ``FalconAttention``)."""
+    return spec.family is Family.FALCON and 1 < spec.kv_heads < (spec.num_attention_heads or 1)
+
+
 def norm_bytes(spec: ModelSpec, *, tokens: int, width: int, bits: int, counting: Counting,
                weight_trains: bool = True) -> int:
     """One norm of the family (Gemma-2 RMSNorm, RMSNorm or LayerNorm); the paper counts its input."""
@@ -147,6 +166,8 @@ def norm_bytes(spec: ModelSpec, *, tokens: int, width: int, bits: int, counting:
         return t.tensor_bytes(count=tokens * width, bits=bits)
     if spec.family in GEMMA_RMS_NORM:
         return t.gemma_rms_norm_bytes(tokens=tokens, width=width, weight_trains=weight_trains)
+    if spec.family is Family.COHERE:
+        return cohere_layer_norm_bytes(tokens=tokens, width=width, weight_trains=weight_trains)
     if spec.family is Family.OLMO2:  # (weight * x_normed).to(dtype): the fp32 normalized tensor, no 1 + w vector
         vector = t.tensor_bytes(count=width, bits=t.FP32_BITS)
         return t.gemma_rms_norm_bytes(tokens=tokens, width=width, weight_trains=weight_trains) - vector
@@ -248,8 +269,9 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
     n, k, h = dm.n, dm.k, dm.h
     if impl == "eager":
         return _eager(spec, cfg, dm, counting, tr, h, h)
-    if impl == "sdpa" and spec.family is Family.FALCON and spec.kv_heads < (spec.num_attention_heads or 1):
-        # multi-query k of one head without enable_gqa: no fused kernel, ATen's fp32 math path
+    if impl == "sdpa" and spec.family is Family.FALCON and spec.kv_heads == 1 < (spec.num_attention_heads or 1):
+        # multi-query k of one head without enable_gqa: no fused kernel, ATen's fp32 math path (the new
+        # decoder architecture broadcasts k and v to all N heads first: ``FalconAttention._split_heads``)
         return _math(dm, tr, h, h)
     terms = []
     masked = sdpa_mask_materialized(spec, layer, impl, dm.s)
@@ -262,7 +284,8 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
         terms.append(_fused(dm, counting, q=n * h, kv=2 * kv_heads * h, out=n * h))
     # CUDA's memory-efficient SDPA kernel (fp32, or an explicit mask) always writes (B, S, N, H)
     efficient = impl == "sdpa" and not counting.cpu and (dm.bits == t.FP32_BITS or masked)
-    if spec.family in _Q_HEAD_MAJOR and not efficient and tr.trains("o"):
+    head_major = spec.family in _Q_HEAD_MAJOR and not falcon_broadcasts_kv(spec)
+    if head_major and not efficient and tr.trains("o"):
         terms.append(Term("attention/o_proj_input", t.tensor_bytes(count=dm.tokens * n * h, bits=dm.bits)))
     if masked:  # SDPA converts the bool mask to an additive (B, 1, S, S) tensor per call and saves it
         terms.append(Term("attention/mask", t.tensor_bytes(count=dm.b * dm.s * dm.s, bits=dm.bits), core=True))
