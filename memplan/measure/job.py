@@ -96,7 +96,7 @@ def effective_config(spec: ModelSpec, cfg: JobConfig) -> tuple[JobConfig, list[s
     impl = blk.attention_impl(spec, cfg)
     if impl != cfg.attention_impl:
         notes.append(f"attention: {impl}, not {cfg.attention_impl} (transformers has no {cfg.attention_impl} path "
-                     f"for {spec.family.value}'s soft-capping)")
+                     f"for {blk.NO_SDPA.get(spec.family, spec.family.value)})")
     return cfg.model_copy(update={"attention": impl}), notes
 
 

@@ -39,6 +39,11 @@ FOUR_NORMS = frozenset({Family.GEMMA2, Family.GEMMA3})
 BLOCK_INPUT_NORMS = {Family.GPT_NEOX: 2}
 """Norms reading the block input of a parallel block where ``ModelSpec.parallel_norms`` does not say it:
 GPT-NeoX keeps both of its LayerNorms on the input with ``use_parallel_residual``."""
+_V_VIEW_OF_FUSED = frozenset({Family.PHI3, Family.GPT_NEOX})
+"""SDPA's v is a view of the fused projection's output (Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``),
+so that whole (N + 2K)-head tensor stays alive; q and k are new tensors after rotary."""
+EAGER_QK_FP32 = frozenset({Family.GPTJ})
+"""Eager attention that upcasts q and k before ``q @ k.T`` (``GPTJAttention._attn``: ``query.to(torch.float32)``)."""
 QK_NORM_ALL_HEADS = frozenset({Family.OLMO2})
 """q/k norms over all heads at once, one row per token (``Olmo2Attention``: ``RMSNorm(N·H)``), not per head."""
 _Q_HEAD_MAJOR = frozenset({Family.PHI3, Family.FALCON})
@@ -176,10 +181,15 @@ def norm_bytes(spec: ModelSpec, *, tokens: int, width: int, bits: int, counting:
     return t.rms_norm_bytes(tokens=tokens, width=width, bits=bits, weight_trains=weight_trains)
 
 
+NO_SDPA = {Family.GEMMA2: "Gemma-2's soft-capping", Family.GPTJ: "GPT-J", Family.BLOOM: "BLOOM's ALiBi"}
+"""Families transformers runs eagerly when SDPA is asked for (it refuses ``attn_implementation="sdpa"``:
+``GPTJForCausalLM`` / ``BloomForCausalLM`` have no SDPA path, Gemma-2 none with soft-capping)."""
+
+
 def attention_impl(spec: ModelSpec, cfg: JobConfig) -> str:
-    """The kernel HF runs: Gemma-2's soft-capping has no SDPA path (transformers refuses it), so eager."""
+    """The kernel HF runs: eager instead of SDPA for the families in NO_SDPA."""
     impl = cfg.attention_impl
-    return "eager" if impl == "sdpa" and spec.family is Family.GEMMA2 else impl
+    return "eager" if impl == "sdpa" and spec.family in NO_SDPA else impl
 
 
 def _parallel_norms(spec: ModelSpec, dm: Dims, one: int, hidden: int, tr: Trainable) -> Term:
@@ -234,6 +244,9 @@ def _eager(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting, tr: Tr
         b=dm.b, s=dm.s, n=dm.n, bits=dm.bits, softmax_bits=t.FP32_BITS if upcast else dm.bits,
         softcap=spec.family is Family.GEMMA2, mask_bits=counting.mask_bits if drop else None)
     qkvo = t.eager_qkvo_bytes(b=dm.b, s=dm.s, n=dm.n, h=h, hv=hv, bits=dm.bits, o_trains=tr.trains("o"))
+    if spec.family in EAGER_QK_FP32 and not counting.paper:  # q and k saved as fp32 copies, not in the dtype
+        qk = dm.tokens * (dm.n + dm.k) * h
+        qkvo += t.tensor_bytes(count=qk, bits=t.FP32_BITS) - t.tensor_bytes(count=qk, bits=dm.bits)
     return [Term("attention/qkv", qkvo), Term("attention/scores", scores, core=True)]
 
 
@@ -278,13 +291,14 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
     kv_heads = n if masked else k  # repeat_kv copies k and v to N heads when SDPA cannot use enable_gqa
     if spec.family is Family.GPT2:  # q, k, v are views of c_attn's output, which stays alive whole
         terms.append(_fused(dm, counting, q=0, kv=3 * n * h, out=n * h))
-    elif spec.family is Family.PHI3 and not (masked and k < n):  # v is a view of the fused qkv_proj output
+    elif spec.family in _V_VIEW_OF_FUSED and not (masked and k < n):  # v is a view of the fused projection
         terms.append(_fused(dm, counting, q=n * h, kv=k * h + (n + 2 * k) * h, out=n * h))
     else:
         terms.append(_fused(dm, counting, q=n * h, kv=2 * kv_heads * h, out=n * h))
     # CUDA's memory-efficient SDPA kernel (fp32, or an explicit mask) always writes (B, S, N, H)
     efficient = impl == "sdpa" and not counting.cpu and (dm.bits == t.FP32_BITS or masked)
-    head_major = spec.family in _Q_HEAD_MAJOR and not falcon_broadcasts_kv(spec)
+    # partial rotary concatenates the rotated and passed-through dims into a new (B, N, S, H) q, as Phi-3 does
+    head_major = (spec.family in _Q_HEAD_MAJOR or spec.rotary_dim is not None) and not falcon_broadcasts_kv(spec)
     if head_major and not efficient and tr.trains("o"):
         terms.append(Term("attention/o_proj_input", t.tensor_bytes(count=dm.tokens * n * h, bits=dm.bits)))
     if masked:  # SDPA converts the bool mask to an additive (B, 1, S, S) tensor per call and saves it
