@@ -76,6 +76,23 @@ def test_training_within_bounds(family: str, fields: dict[str, Any]) -> None:
     assert report.ok, [(f.component, f.error_bytes, f.error_pct) for f in report.failures]
 
 
+NEW_FAMILIES = ["gemma", "gemma3_text", "phi", "qwen2_moe", "gpt_neox", "gptj", "gpt_bigcode", "bloom", "falcon",
+                "stablelm", "olmo2", "granite", "cohere"]
+"""Model types added in issue 14: one training step each (weights, gradients, optimizer exact; saved
+activations within 3%; the step's CPU peak within 10%). GPT-J and BLOOM run eagerly (no SDPA in transformers)."""
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # GPT-BigCode's import
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_new_model_types_training_step_within_bounds(family: str) -> None:
+    cfg = make_config(None, job="full", dtype="bf16", micro_batch=2, seq_len=64, attention="sdpa")
+    report = measure_job(tiny_spec(family), cfg, GPU)
+    assert_within_bounds(report.lines)
+    saved = next(line for line in report.lines if line.component == "activations/saved")
+    assert saved.measured and saved.predicted, family
+    assert report.ok, [(f.component, f.error_bytes, f.error_pct) for f in report.failures]
+
+
 @pytest.mark.parametrize("family", ["mistral", "deepseek_v2"])
 def test_inference_kv_cache_exact(family: str) -> None:
     cfg = make_config(None, job="infer", micro_batch=2, attention="eager", infer={"context": 80})
