@@ -145,12 +145,16 @@ def embedding_bytes(ctx: Context, counting: blk.Counting) -> int:
     return total
 
 
+NO_ROTARY = frozenset({Family.GPT2, Family.OPT, Family.GPT_BIGCODE, Family.BLOOM})
+"""Learned positions or ALiBi: no cos/sin tables (Falcon with ``alibi: true`` too)."""
+
+
 def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
     """The rotary cos/sin tables saved once per forward on every stage (none without rotary embeddings)."""
     spec = ctx.arch.spec
-    if counting.paper or spec.family in (Family.GPT2, Family.OPT):
+    if counting.paper or spec.family in NO_ROTARY or spec.alibi:
         return 0
-    rot = spec.qk_rope_head_dim if spec.is_mla else spec.dim_per_head
+    rot = spec.qk_rope_head_dim if spec.is_mla else (spec.rotary_dim or spec.dim_per_head)
     return t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
 
 
