@@ -17,6 +17,7 @@ Inference activations are ``memplan.memory.inference``'s; a params-only model is
 
 from __future__ import annotations
 
+from memplan.arch.build_families import EMBEDDING_NORMS
 from memplan.catalog.schema import Family
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations_block as blk
@@ -135,6 +136,9 @@ def embedding_bytes(ctx: Context, counting: blk.Counting) -> int:
     total = 0
     if cfg.dropout and spec.family is Family.GPT2:
         total += t.dropout_bytes(count=seq * (spec.hidden_size or 0), mask_bits=counting.mask_bits)
+    if spec.family in EMBEDDING_NORMS:  # BLOOM's word_embeddings_layernorm on the embedding output
+        total += blk.norm_bytes(spec, tokens=seq, width=spec.hidden_size or 0, bits=blk.activation_bits(cfg),
+                                counting=counting)
     if counting.paper or not lora.head_trains(cfg):  # a frozen embedding's lookup saves nothing
         return total
     total += t.token_ids_bytes(tokens=tokens)
