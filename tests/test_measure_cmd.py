@@ -65,6 +65,10 @@ CASES = [
     ("gpt2", dict(attention="eager", dropout=True, recompute="full", seq_len=128)),  # dropout, checkpointing
     ("mixtral", dict(job="lora", attention="sdpa", seq_len=64)),  # MoE + peft
     ("gemma2", dict(dtype="fp32", attention="eager", seq_len=128)),  # sliding/full layers, fp32, no master
+    ("gemma3_text", dict(attention="sdpa", recompute="full", seq_len=128)),  # window 64 < S: explicit SDPA mask
+    ("falcon", dict(dtype="fp32", attention="eager", seq_len=64)),  # new decoder architecture, fp32
+    ("cohere", dict(attention="eager", recompute="full", seq_len=64)),  # fp32 LayerNorm, parallel block
+    ("bloom", dict(dtype="fp32", attention="eager", seq_len=64)),  # ALiBi, embedding LayerNorm
 ]
 
 
