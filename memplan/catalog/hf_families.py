@@ -72,10 +72,11 @@ def rotary_dim(cfg: Config, *, head_dim: object, legacy: str, default: float) ->
     return None if dims >= head_dim else max(dims, 1)
 
 
-def _per_head(cfg: Config) -> object:
+def _per_head(cfg: Config) -> int | None:
     hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
-    ok = isinstance(hidden, int) and isinstance(heads, int) and heads > 0
-    return hidden // heads if ok else None
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
 
 
 def _layernorm_decoder(cfg: Config, family: Family, **fields: object) -> Config:
