@@ -208,6 +208,15 @@ def test_config_booleans_must_be_json_booleans(key: str, value: object, shown: s
     assert real.tie_word_embeddings is False
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_size", "4096", "hidden_size: expected a number, got the string '4096'"),
+    ("num_key_value_heads", "8", "num_key_value_heads: expected a number, got the string '8'"),
+])
+def test_config_numbers_must_be_json_numbers(key: str, value: str, message: str) -> None:
+    with pytest.raises(MemplanError, match=message):
+        spec_from_hf_config({**_cfg("llama-3.1-8b"), key: value}, name="bad", source="test")
+
+
 def test_integer_beyond_pythons_digit_limit_is_one_sentence(tmp_path: Path, runner: object) -> None:
     digits = sys.get_int_max_str_digits() + 700  # 5,000 with Python's default limit of 4,300
     path = _write(tmp_path, '{"model_type": "llama", "hidden_size": ' + "9" * digits + "}")

@@ -63,6 +63,10 @@ MAX_SIZE = 2**50
 beyond any model); larger numbers only overflow the arithmetic. Parameter counts have units.MAX_COUNT."""
 
 
+_TEXT_FIELDS = frozenset({"name", "source", "family", "hidden_act", "norm", "topk_method", "layer_types"})
+"""ModelSpec fields that hold text; every other field is a number or a flag."""
+
+
 class ModelSpec(Strict):
     """A transformer's shape, in the vocabulary of Hugging Face ``config.json``."""
 
@@ -119,6 +123,16 @@ class ModelSpec(Strict):
     num_nextn_predict_layers: int = Field(default=0, ge=0)
     # Largest single layer, for ZeRO-3's live-parameter buffer when dimensions are unknown.
     largest_layer_params: PositiveInt | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_string_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``"4096"`` or ``"false"`` in a config.json is a string: transformers would keep it as one (and a
+        non-empty string is true), so it is refused rather than converted (pydantic's lax mode would)."""
+        if isinstance(value, str) and info.field_name not in _TEXT_FIELDS:
+            wanted = "true or false" if cls.model_fields[info.field_name or ""].annotation is bool else "a number"
+            raise ValueError(f"expected {wanted}, got the string {value!r}")
+        return value
 
     @field_validator("*", mode="after")
     @classmethod
