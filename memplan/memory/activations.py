@@ -153,13 +153,19 @@ NO_ROTARY = frozenset({Family.GPT2, Family.OPT, Family.GPT_BIGCODE, Family.BLOOM
 """Learned positions or ALiBi: no cos/sin tables (Falcon with ``alibi: true`` too)."""
 
 
+ROPE_PER_LAYER_TYPE = frozenset({Family.GEMMA3})
+"""One cos/sin table per layer type (``Gemma3TextModel.forward``: ``rotary_emb(..., layer_type)`` for each of
+sliding and full attention, with their own rope bases)."""
+
+
 def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
     """The rotary cos/sin tables saved once per forward on every stage (none without rotary embeddings)."""
     spec = ctx.arch.spec
     if counting.paper or spec.family in NO_ROTARY or spec.alibi:
         return 0
     rot = spec.qk_rope_head_dim if spec.is_mla else (spec.rotary_dim or spec.dim_per_head)
-    return t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
+    tables = len({layer.sliding for layer in ctx.arch.layers}) if spec.family in ROPE_PER_LAYER_TYPE else 1
+    return tables * t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
 
 
 def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -> int:
