@@ -26,6 +26,7 @@ CASES: dict[str, dict[str, Any]] = {
     "gemma": {"model_type": "gemma", **_GQA, "head_dim": 32},
     "gemma-bias-untied": {"model_type": "gemma", **_D, "num_key_value_heads": 4, "attention_bias": True,
                           "tie_word_embeddings": False},
+    "gemma-legacy-gelu": {"model_type": "gemma", **_D, "num_key_value_heads": 1, "hidden_act": "gelu"},
     "gemma3_text": {"model_type": "gemma3_text", **_GQA, "num_hidden_layers": 7, "head_dim": 32,
                     "sliding_window": 16},
     "phi": {"model_type": "phi", **_D},
