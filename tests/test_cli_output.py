@@ -201,7 +201,8 @@ def test_fast_option_values(flag: str, value: str | None, message: str | None) -
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
-@pytest.mark.parametrize("text,message", [("1-", "is an open range"), ("5-3", "runs backwards; write the lower layer first (3-5)"),
+@pytest.mark.parametrize("text,message", [("1-", "is an open range"),
+                                          ("5-3", "runs backwards; write the lower layer first (3-5)"),
                                           ("0-99", "outside the model's 12 layers"), ("x", "expected layer ranges")])
 def test_layer_ranges_are_read_strictly(text: str, message: str) -> None:
     result = RUNNER.invoke(app, ["estimate", "gpt2", "--gpu", "t4", "--job", "infer", "--offload-layers", text])

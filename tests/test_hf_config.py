@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from memplan.arch.build import build_architecture
 from memplan.catalog.hf import load_config_file, spec_from_hf_config
@@ -97,7 +98,7 @@ def test_bad_llama_configs(edit: dict, message: str) -> None:
     ("gpt2", {"n_embd": None}, "'n_embd'"),
     ("mixtral-8x7b", {"num_local_experts": None}, "'num_local_experts'"),
     ("opt-13b", {"word_embed_proj_dim": 512}, "word_embed_proj_dim 512 != hidden_size 5120"),
-    ("falcon-7b", {"new_decoder_architecture": True}, "new_decoder_architecture"),
+    ("falcon-7b", {"multi_query": "true"}, "'multi_query' must be true or false, got the string 'true'"),
     ("deepseek-v3", {"kv_lora_rank": None}, "'kv_lora_rank'"),
     ("qwen3-30b-a3b", {"mlp_only_layers": [0]}, "mlp_only_layers"),
 ])
@@ -135,7 +136,7 @@ def test_load_model_catalog_params_and_paths() -> None:
     ("lama-2-7b", "Did you mean llama-2-7b"),
     ("qwen2.5-7", "Did you mean qwen2.5-7b"),
     ("params:7.5G", "cannot read '7.5G' as a count"),
-    ("hf:no-slash", "not a repository id"),
+    ("hf:no-slash", "not a valid repository id"),
     ("", "no model given"),
     ("./missing/config.json", "does not exist"),
 ])
@@ -189,4 +190,100 @@ def test_hf_reads_the_local_cache_with_the_network_off(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out[cached] == ["Llama-3.1-8B", "https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json", 32]
-    assert "cannot reach the hub" in out[missing]
+    assert "HF_HUB_OFFLINE is set and hf:meta-llama/Llama-3.1-70B has no cached config.json" in out[missing]
+
+
+# --- strict reading (issue 14 part 8) ------------------------------------------------------
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("tie_word_embeddings", "false", "the string 'false'"),
+    ("attention_bias", "false", "the string 'false'"),
+    ("mlp_bias", 0, "int 0"),
+])
+def test_config_booleans_must_be_json_booleans(key: str, value: object, shown: str) -> None:
+    """A quoted "false" is a non-empty string, true to Python and to transformers: refused, not guessed."""
+    with pytest.raises(MemplanError, match=f"'{key}' must be true or false, got {shown}; write a JSON boolean"):
+        spec_from_hf_config({**_cfg("llama-3.1-8b"), key: value}, name="bad", source="test")
+    real = spec_from_hf_config({**_cfg("llama-3.1-8b"), "tie_word_embeddings": False}, name="ok", source="test")
+    assert real.tie_word_embeddings is False
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_size", "4096", "hidden_size: expected a number, got the string '4096'"),
+    ("num_key_value_heads", "8", "num_key_value_heads: expected a number, got the string '8'"),
+])
+def test_config_numbers_must_be_json_numbers(key: str, value: str, message: str) -> None:
+    with pytest.raises(MemplanError, match=message):
+        spec_from_hf_config({**_cfg("llama-3.1-8b"), key: value}, name="bad", source="test")
+
+
+def test_integer_beyond_pythons_digit_limit_is_one_sentence(tmp_path: Path, runner: object) -> None:
+    digits = sys.get_int_max_str_digits() + 700  # 5,000 with Python's default limit of 4,300
+    path = _write(tmp_path, '{"model_type": "llama", "hidden_size": ' + "9" * digits + "}")
+    with pytest.raises(MemplanError, match=r"more digits than Python reads \(4,300\)"):
+        load_config_file(path)
+    result = run_cli(runner, "estimate", str(path), code=2)
+    assert "more digits than Python reads" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sizes_beyond_any_model_are_refused_before_arithmetic() -> None:
+    with pytest.raises(MemplanError, match=r"hidden_size: is larger than 2\^50"):
+        spec_from_hf_config({**_cfg("llama-3.1-8b"), "hidden_size": 10**4000}, name="bad", source="test")
+
+
+def test_json_nested_too_deeply(tmp_path: Path) -> None:
+    with pytest.raises(MemplanError, match="nests JSON arrays or objects too deeply"):
+        load_config_file(_write(tmp_path, "[" * 100_000 + "]" * 100_000))
+
+
+def test_symlink_loop_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("loop").symlink_to("loop")
+    for text in ("loop", "./loop", str(tmp_path / "loop")):
+        with pytest.raises(MemplanError, match=r"cannot read .*loop: Too many levels of symbolic links"):
+            load_model(text)
+
+
+@pytest.mark.parametrize("text", ["hf:../..", "hf:a--b/c", "hf:org/..", "hf:-org/name", "hf:org/name.git",
+                                  "hf:o/" + "n" * 97])
+def test_invalid_hub_ids_are_named_invalid(text: str) -> None:
+    with pytest.raises(MemplanError, match="is not a valid repository id"):
+        load_model(text)
+
+
+_ONE_ATTEMPT_SCRIPT = """
+import time, httpx2
+from memplan.catalog.resolve import load_model
+from memplan.errors import MemplanError
+sent = []
+real_send = httpx2.Client.send
+def counting_send(self, request, **kwargs):
+    if str(request.url).endswith("config.json"):  # not huggingface_hub's own daily agent-registry fetch
+        sent.append(str(request.url))
+    return real_send(self, request, **kwargs)
+def no_sleep(seconds):
+    raise AssertionError(f"retried after a {seconds} s backoff")
+httpx2.Client.send = counting_send
+time.sleep = no_sleep
+try:
+    load_model("hf:org/model")
+except MemplanError as exc:
+    print(exc)
+print(sent)
+"""
+
+
+def test_unreachable_hub_is_one_attempt(tmp_path: Path) -> None:
+    """No network: HF_ENDPOINT is a closed local port. One request, no backoff sleep, one sentence."""
+    pytest.importorskip("huggingface_hub", reason="hf: needs the hub extra")
+    pytest.importorskip("httpx2", reason="counts requests through huggingface_hub's HTTP client")
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    run = subprocess.run([sys.executable, "-c", _ONE_ATTEMPT_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    message, sent = run.stdout.strip().splitlines()
+    assert message.startswith("cannot reach the hub (http://127.0.0.1:9) for hf:org/model")
+    assert sent == "['http://127.0.0.1:9/org/model/resolve/main/config.json']"

@@ -65,6 +65,10 @@ CASES = [
     ("gpt2", dict(attention="eager", dropout=True, recompute="full", seq_len=128)),  # dropout, checkpointing
     ("mixtral", dict(job="lora", attention="sdpa", seq_len=64)),  # MoE + peft
     ("gemma2", dict(dtype="fp32", attention="eager", seq_len=128)),  # sliding/full layers, fp32, no master
+    ("gemma3_text", dict(attention="sdpa", recompute="full", seq_len=128)),  # window 64 < S: explicit SDPA mask
+    ("falcon", dict(dtype="fp32", attention="eager", seq_len=64)),  # new decoder architecture, fp32
+    ("cohere", dict(attention="eager", recompute="full", seq_len=64)),  # fp32 LayerNorm, parallel block
+    ("bloom", dict(dtype="fp32", attention="eager", seq_len=64)),  # ALiBi, embedding LayerNorm
 ]
 
 
@@ -73,6 +77,23 @@ def test_training_within_bounds(family: str, fields: dict[str, Any]) -> None:
     cfg = make_config(None, **{"job": "full", "dtype": "bf16", "micro_batch": 2, **fields})
     report = measure_job(tiny_spec(family), cfg, GPU)
     assert_within_bounds(report.lines)
+    assert report.ok, [(f.component, f.error_bytes, f.error_pct) for f in report.failures]
+
+
+NEW_FAMILIES = ["gemma", "gemma3_text", "phi", "qwen2_moe", "gpt_neox", "gptj", "gpt_bigcode", "bloom", "falcon",
+                "stablelm", "olmo2", "granite", "cohere"]
+"""Model types added in issue 14: one training step each (weights, gradients, optimizer exact; saved
+activations within 3%; the step's CPU peak within 10%). GPT-J and BLOOM run eagerly (no SDPA in transformers)."""
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # GPT-BigCode's import
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_new_model_types_training_step_within_bounds(family: str) -> None:
+    cfg = make_config(None, job="full", dtype="bf16", micro_batch=2, seq_len=64, attention="sdpa")
+    report = measure_job(tiny_spec(family), cfg, GPU)
+    assert_within_bounds(report.lines)
+    saved = next(line for line in report.lines if line.component == "activations/saved")
+    assert saved.measured and saved.predicted, family
     assert report.ok, [(f.component, f.error_bytes, f.error_pct) for f in report.failures]
 
 

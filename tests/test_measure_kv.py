@@ -28,7 +28,8 @@ from memplan.memory import kv_cache as kv  # noqa: E402
 from memplan.memory.breakdown import Tier, tier_total  # noqa: E402
 from memplan.memory.context import Context  # noqa: E402
 
-pytestmark = pytest.mark.measure
+pytestmark = [pytest.mark.measure,
+              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")]  # GPT-BigCode
 
 GPU = GpuSpec(name="cpu-test", vendor="nvidia", source="test", memory_mib=81559, marketed_memory_gb=80,
               bf16_dense_tflops=989.0, hbm_bandwidth_gbps=3350.0, interconnect_gbps=450.0, pcie_gen=5)
@@ -45,6 +46,31 @@ CONFIGS: dict[str, dict[str, Any]] = {
              "bos_token_id": 0, "eos_token_id": 0},
     "phi3": {"model_type": "phi3", **_BASE, "sliding_window": WINDOW},
     "mixtral": {"model_type": "mixtral", **_BASE, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gemma": {"model_type": "gemma", **_BASE, "head_dim": 32},
+    "gemma3_text": {"model_type": "gemma3_text", **_BASE, "num_hidden_layers": 3, "head_dim": 32,
+                    "sliding_window": WINDOW, "sliding_window_pattern": 2},
+    "phi": {"model_type": "phi", **_BASE},
+    "qwen2_moe": {"model_type": "qwen2_moe", **_BASE, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48},
+    "gpt_neox": {"model_type": "gpt_neox", **_BASE, "num_key_value_heads": None},
+    "gptj": {"model_type": "gptj", "n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "vocab_size": VOCAB,
+             "n_positions": 256, "bos_token_id": 0, "eos_token_id": 0},
+    "gpt_bigcode": {"model_type": "gpt_bigcode", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB,
+                    "n_positions": 256, "bos_token_id": 0, "eos_token_id": 0},
+    "bloom": {"model_type": "bloom", "hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB,
+              "bos_token_id": 0, "eos_token_id": 0},
+    "falcon": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0},
+    "falcon_new": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_kv_heads": 2, "new_decoder_architecture": True, "vocab_size": VOCAB, "bos_token_id": 0,
+                   "eos_token_id": 0},
+    "falcon_alibi": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "multi_query": False, "parallel_attn": False, "alibi": True, "vocab_size": VOCAB,
+                     "bos_token_id": 0, "eos_token_id": 0},
+    "stablelm": {"model_type": "stablelm", **_BASE, "qk_layernorm": True},
+    "olmo2": {"model_type": "olmo2", **_BASE},
+    "granite": {"model_type": "granite", **_BASE},
+    "cohere": {"model_type": "cohere", **_BASE, "use_qk_norm": True},
     "deepseek_v3": {"model_type": "deepseek_v3", **_BASE, "num_key_value_heads": 4, "moe_intermediate_size": 32,
                     "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
                     "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "q_lora_rank": 48,
@@ -96,7 +122,13 @@ def _forward(model: Any, ids: Any, cache: Any = None) -> Any:
         return model(ids, past_key_values=cache, use_cache=True).past_key_values
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+HF_EXPANDS_KV = {"falcon_new"}
+"""transformers' Falcon in the new decoder architecture caches K and V broadcast to all N query heads
+(``FalconAttention._split_heads``: ``torch.broadcast_to(key, query.shape)`` then ``flatten``), where
+memplan, like vLLM, counts the K cached heads; checked separately below."""
+
+
+@pytest.mark.parametrize("name", [name for name in CONFIGS if name not in HF_EXPANDS_KV])
 def test_prefill_then_decode_matches_hf_cache(name: str) -> None:
     model, spec = _model_and_spec(name)
     ids = torch.randint(0, VOCAB, (BATCH, PROMPT + 1))
@@ -109,7 +141,18 @@ def test_prefill_then_decode_matches_hf_cache(name: str) -> None:
     assert storage == _predicted_rows(spec, context=PROMPT + 1, chunk=1), f"{name}: storage after one decode step"
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_falcon_new_architecture_cache_is_expanded_to_all_heads() -> None:
+    """HF's cache is N/K times the K-head cache memplan predicts (vLLM ``num_kv_heads``): a known gap of
+    memplan's transformers-engine KV rows for Falcon-40B/180B-style configs (1 < K < N)."""
+    model, spec = _model_and_spec("falcon_new")
+    cache = _forward(model, torch.randint(0, VOCAB, (BATCH, PROMPT)))
+    _, storage = _measured(cache)
+    heads, kv_heads = spec.num_attention_heads or 1, spec.kv_heads
+    assert 1 < kv_heads < heads
+    assert storage * kv_heads == _predicted_rows(spec, context=PROMPT) * heads
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3_text"])
 def test_chunked_prefill_keeps_window_plus_chunk(name: str) -> None:
     model, spec = _model_and_spec(name)
     ids = torch.randint(0, VOCAB, (BATCH, PROMPT))

@@ -18,73 +18,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
+from memplan.arch import build_families as fam
+from memplan.arch.parts import (
+    Tensors,
+    _attention,
+    _dims,
+    _gated_mlp,
+    _need,
+    _norm,
+    _pre_post_norms,
+    _qk_norms,
+    _router,
+    _weight,
+)
 from memplan.arch.tensors import Architecture, Layer, Role, Tensor
 from memplan.catalog.schema import Family, ModelSpec
-from memplan.errors import MemplanError
 
 OPT_POSITION_OFFSET = 2
 """OPT's learned position table has ``max_position_embeddings + 2`` rows
 (transformers ``OPTLearnedPositionalEmbedding``, offset 2, a fairseq legacy)."""
-
-Tensors = list[Tensor]
-
-
-def _weight(name: str, out_f: int, in_f: int, projections: set[str], *, bias: bool = False,
-            copies: int = 1, routed: bool = False) -> Tensors:
-    """A linear layer's weight (out, in) and, if ``bias``, its bias (out,)."""
-    out = [Tensor(f"{name}.weight", (out_f, in_f), Role.LINEAR, frozenset(projections), copies, routed)]
-    if bias:
-        out.append(Tensor(f"{name}.bias", (out_f,), Role.BIAS, copies=copies, routed=routed))
-    return out
-
-
-def _norm(name: str, dim: int, *, bias: bool = False) -> Tensors:
-    """An RMSNorm (weight) or LayerNorm (weight and bias) over ``dim`` features."""
-    out = [Tensor(f"{name}.weight", (dim,), Role.NORM)]
-    if bias:
-        out.append(Tensor(f"{name}.bias", (dim,), Role.NORM))
-    return out
-
-
-def _need(spec: ModelSpec, field: str) -> int:
-    value = getattr(spec, field)
-    if value is None:
-        raise MemplanError(f"model {spec.name!r} (family {spec.family}) needs {field} to build its tensors.")
-    return int(value)
-
-
-def _dims(spec: ModelSpec) -> tuple[int, int, int, int]:
-    """(D hidden, N*H query width, K*H key/value width, F ffn)."""
-    h = spec.dim_per_head
-    ffn = spec.intermediate_size or 0
-    return _need(spec, "hidden_size"), _need(spec, "num_attention_heads") * h, spec.kv_heads * h, ffn
-
-
-def _attention(spec: ModelSpec, *, qkv_bias: bool, o_bias: bool, prefix: str = "self_attn",
-               o_name: str = "o_proj") -> Tensors:
-    d, q, kv, _ = _dims(spec)
-    return [*_weight(f"{prefix}.q_proj", q, d, {"q"}, bias=qkv_bias),
-            *_weight(f"{prefix}.k_proj", kv, d, {"k"}, bias=qkv_bias),
-            *_weight(f"{prefix}.v_proj", kv, d, {"v"}, bias=qkv_bias),
-            *_weight(f"{prefix}.{o_name}", d, q, {"o"}, bias=o_bias)]
-
-
-def _gated_mlp(prefix: str, d: int, f: int, *, bias: bool = False, names: tuple[str, str, str] = (
-        "gate_proj", "up_proj", "down_proj"), copies: int = 1, routed: bool = False) -> Tensors:
-    gate, up, down = names
-    return [*_weight(f"{prefix}.{gate}", f, d, {"gate"}, bias=bias, copies=copies, routed=routed),
-            *_weight(f"{prefix}.{up}", f, d, {"up"}, bias=bias, copies=copies, routed=routed),
-            *_weight(f"{prefix}.{down}", d, f, {"down"}, bias=bias, copies=copies, routed=routed)]
-
-
-def _qk_norms(spec: ModelSpec) -> Tensors:
-    h = spec.dim_per_head
-    return [*_norm("self_attn.q_norm", h), *_norm("self_attn.k_norm", h)] if spec.qk_norm else []
-
-
-def _pre_post_norms(d: int) -> Tensors:
-    return [*_norm("input_layernorm", d), *_norm("post_attention_layernorm", d)]
-
 
 def _llama_layer(spec: ModelSpec, _: int) -> Tensors:
     """Llama / Mistral / Qwen2 / Qwen3. ``attention_bias`` here means biases on q, k, v only
@@ -107,10 +59,6 @@ def _phi3_layer(spec: ModelSpec, _: int) -> Tensors:
             *_weight("self_attn.o_proj", d, q, {"o"}),
             *_weight("mlp.gate_up_proj", 2 * f, d, {"gate", "up"}),
             *_weight("mlp.down_proj", d, f, {"down"}), *_pre_post_norms(d)]
-
-
-def _router(prefix: str, spec: ModelSpec) -> Tensors:
-    return [Tensor(f"{prefix}.gate.weight", (_need(spec, "num_experts"), _need(spec, "hidden_size")), Role.ROUTER)]
 
 
 def _mixtral_layer(spec: ModelSpec, _: int) -> Tensors:
@@ -186,11 +134,23 @@ def _opt_layer(spec: ModelSpec, _: int) -> Tensors:
             *_norm("final_layer_norm", d, bias=True)]
 
 
+def _falcon_norms(spec: ModelSpec, d: int) -> Tensors:
+    """``FalconDecoderLayer``: input/post-attention LayerNorms when sequential; ln_attn and ln_mlp when
+    parallel with two norms (``num_ln_in_parallel_attn``, 2 by default in the new decoder architecture);
+    else one input LayerNorm."""
+    if not spec.parallel_attn:
+        return [*_norm("input_layernorm", d, bias=True), *_norm("post_attention_layernorm", d, bias=True)]
+    if spec.parallel_norms == 2:
+        return [*_norm("ln_attn", d, bias=True), *_norm("ln_mlp", d, bias=True)]
+    return _norm("input_layernorm", d, bias=True)
+
+
 def _falcon_layer(spec: ModelSpec, _: int) -> Tensors:
-    """Falcon-7B: one LayerNorm feeding attention and MLP in parallel; fused MQA query_key_value."""
+    """Falcon: fused query_key_value of N + 2K heads (K = 1 multi-query, K = N old multi-head,
+    ``num_kv_heads`` in the new decoder architecture), FalconLinear dense and MLP."""
     d, q, kv, f = _dims(spec)
     f = f or 4 * d
-    return [*_norm("input_layernorm", d, bias=True),
+    return [*_falcon_norms(spec, d),
             *_weight("self_attention.query_key_value", q + 2 * kv, d, {"q", "k", "v"}, bias=spec.attention_bias),
             *_weight("self_attention.dense", d, q, {"o"}, bias=spec.attention_bias),
             *_weight("mlp.dense_h_to_4h", f, d, {"up"}, bias=spec.mlp_bias),
@@ -200,7 +160,7 @@ def _falcon_layer(spec: ModelSpec, _: int) -> Tensors:
 _LAYERS: dict[Family, Callable[[ModelSpec, int], Tensors]] = {
     Family.LLAMA: _llama_layer, Family.GEMMA2: _gemma2_layer, Family.PHI3: _phi3_layer,
     Family.MIXTRAL: _mixtral_layer, Family.QWEN3_MOE: _qwen3_moe_layer, Family.DEEPSEEK: _deepseek_layer,
-    Family.GPT2: _gpt2_layer, Family.OPT: _opt_layer, Family.FALCON: _falcon_layer,
+    Family.GPT2: _gpt2_layer, Family.OPT: _opt_layer, Family.FALCON: _falcon_layer, **fam.LAYERS,
 }
 
 _ENDS: dict[Family, tuple[str, str, bool]] = {
@@ -208,6 +168,7 @@ _ENDS: dict[Family, tuple[str, str, bool]] = {
     Family.GPT2: ("transformer.wte.weight", "transformer.ln_f", True),
     Family.OPT: ("model.decoder.embed_tokens.weight", "model.decoder.final_layer_norm", True),
     Family.FALCON: ("transformer.word_embeddings.weight", "transformer.ln_f", True),
+    **fam.ENDS,
 }
 _LLAMA_ENDS = ("model.embed_tokens.weight", "model.norm", False)
 
@@ -217,14 +178,19 @@ def _pre_post(spec: ModelSpec) -> tuple[Tensors, Tensors]:
     embed, norm, bias = _ENDS.get(spec.family, _LLAMA_ENDS)
     d, v = _dims(spec)[0], _need(spec, "vocab_size")
     pre = [Tensor(embed, (v, d), Role.EMBEDDING)]
-    if spec.family is Family.GPT2:
-        pre.append(Tensor("transformer.wpe.weight", (_need(spec, "max_position_embeddings"), d), Role.POSITION))
+    if spec.family in fam.LEARNED_POSITIONS:
+        pre.append(Tensor(fam.LEARNED_POSITIONS[spec.family], (_need(spec, "max_position_embeddings"), d),
+                          Role.POSITION))
     if spec.family is Family.OPT:
         rows = _need(spec, "max_position_embeddings") + OPT_POSITION_OFFSET
         pre.append(Tensor("model.decoder.embed_positions.weight", (rows, d), Role.POSITION))
+    if spec.family in fam.EMBEDDING_NORMS:
+        pre += _norm(fam.EMBEDDING_NORMS[spec.family], d, bias=True)
     post = _norm(norm, d, bias=bias)
     if not spec.tie_word_embeddings:
         post.append(Tensor("lm_head.weight", (v, d), Role.LM_HEAD))
+    if spec.family in fam.LM_HEAD_BIAS:
+        post.append(Tensor("lm_head.bias", (v,), Role.BIAS))
     return pre, post
 
 
@@ -245,7 +211,7 @@ def _sliding(spec: ModelSpec) -> list[bool]:
 def _is_moe_layer(spec: ModelSpec, index: int) -> bool:
     if spec.family is Family.DEEPSEEK:
         return spec.is_moe and index >= spec.first_k_dense_replace
-    return spec.family in (Family.MIXTRAL, Family.QWEN3_MOE)
+    return spec.family in fam.MOE
 
 
 def _mtp(spec: ModelSpec) -> Tensors:

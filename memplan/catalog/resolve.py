@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from memplan.catalog.hf import load_config_file, read_config_json, spec_from_hf_config
 from memplan.catalog.schema import Family, ModelSpec
@@ -48,38 +49,73 @@ def params_only_model(text: str) -> ModelSpec:
                      family=Family.PARAMS_ONLY, published_params=count, largest_layer_params=largest)
 
 
+HUB_TIMEOUT_S = 5
+"""Seconds the one metadata request to the hub may take before memplan falls back to the local cache."""
+REPO_PART = re.compile(r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?")
+"""One side of ``org/name`` as the hub accepts it (huggingface_hub ``validate_repo_id``: letters, digits,
+``-``, ``_``, ``.``; at most 96 characters; no ``--`` or ``..``; not starting or ending with ``-`` or ``.``)."""
+
+
+def _check_repo_id(repo: str) -> None:
+    parts = repo.split("/")
+    valid = len(parts) == 2 and all(REPO_PART.fullmatch(p) and "--" not in p and ".." not in p for p in parts)
+    if not valid or repo.endswith(".git"):
+        raise MemplanError(f"hf:{repo} is not a valid repository id; write it like hf:meta-llama/Llama-3.1-8B "
+                           "(letters, digits, '-', '_' and '.').")
+
+
+def _offline(constants: Any) -> bool:
+    return bool(constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE)
+
+
+def _cached(hub: Any, repo: str) -> Path | None:
+    found = hub.try_to_load_from_cache(repo_id=repo, filename="config.json")
+    return Path(found) if isinstance(found, str) else None
+
+
 def _hub_config_path(repo: str) -> Path:
-    """Local path of ``repo``'s config.json, downloaded (or found in the cache) by huggingface_hub."""
+    """Local path of ``repo``'s config.json: one metadata request (no retries) when online, then the
+    download or the cache; offline (``HF_HUB_OFFLINE``) or unreachable, the cached copy or a MemplanError.
+
+    huggingface_hub's own ``hf_hub_download`` retries a failed request five times with backoff (about
+    24 s) when nothing is cached; memplan asks once with a ``HUB_TIMEOUT_S`` timeout instead.
+    """
     try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        import huggingface_hub as hub
+        from huggingface_hub import constants
+        from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
     except ImportError:
         raise MemplanError(f"reading hf:{repo} needs huggingface_hub; install memplan[hub].") from None
-    unreachable = (f"cannot reach the hub for hf:{repo} and no cached config.json was found; "
-                   "check the network, HF_HUB_OFFLINE and the cache (HF_HUB_CACHE).")
+    unreachable = (f"cannot reach the hub ({constants.ENDPOINT}) for hf:{repo} and no cached config.json "
+                   "was found; check the network, HF_ENDPOINT, HF_HUB_OFFLINE and the cache (HF_HUB_CACHE).")
+    if _offline(constants):
+        found = _cached(hub, repo)
+        if found is None:
+            raise MemplanError(f"HF_HUB_OFFLINE is set and hf:{repo} has no cached config.json; unset it or "
+                               "download the model first.")
+        return found
     try:
-        return Path(hf_hub_download(repo_id=repo, filename="config.json"))
-    except LocalEntryNotFoundError:
-        raise MemplanError(unreachable) from None
+        url = hub.hf_hub_url(repo, "config.json", endpoint=constants.ENDPOINT)
+        hub.get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S, endpoint=constants.ENDPOINT)
+        return Path(hub.hf_hub_download(repo_id=repo, filename="config.json", endpoint=constants.ENDPOINT))
     except RepositoryNotFoundError:
         raise MemplanError(f"hf:{repo} is not a repository on the hub, or it is private or gated "
                            "(log in with 'hf auth login').") from None
     except EntryNotFoundError:
         raise MemplanError(f"hf:{repo} has no config.json.") from None
-    except (OSError, ValueError):
-        raise MemplanError(unreachable) from None
-
-
-REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-"""A Hugging Face repository id, ``namespace/name``: letters, digits, '.', '_' and '-', no '..' or '--'
-(huggingface_hub ``validate_repo_id``), checked before any network access."""
+    except Exception as exc:  # the network layer's errors (httpx, requests, OSError): one attempt, then the cache
+        if isinstance(exc, MemplanError):
+            raise
+        found = _cached(hub, repo)
+        if found is None:
+            raise MemplanError(unreachable) from None
+        return found
 
 
 def hub_model(repo: str) -> ModelSpec:
     """The spec of Hugging Face repository ``org/name`` from its config.json, named ``name``."""
     repo = repo.strip().strip("/")
-    if not REPO_ID.fullmatch(repo) or ".." in repo or "--" in repo:
-        raise MemplanError(f"hf:{repo} is not a repository id; write it like hf:meta-llama/Llama-3.1-8B.")
+    _check_repo_id(repo)
     cfg = read_config_json(_hub_config_path(repo))
     return spec_from_hf_config(cfg, name=repo.split("/")[1], source=HUB_URL.format(repo=repo))
 
@@ -89,9 +125,10 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _exists(path: Path) -> bool:
-    """``path.exists()``, False for a name the OS cannot even look up (too long, say)."""
+    """Whether ``path`` names something: a file, a directory, or a symlink (even a broken or looping one,
+    so that reading it says why); False for a name the OS cannot even look up (too long, say)."""
     try:
-        return path.is_symlink() or path.exists()  # a broken link or a loop is reported as such, not as a name
+        return path.exists() or path.is_symlink()
     except (OSError, ValueError):
         return False
 

@@ -37,13 +37,34 @@ class Family(StrEnum):
     DEEPSEEK = "deepseek"    # DeepSeek-V2/V3: MLA attention, shared + routed experts
     GPT2 = "gpt2"            # Conv1D c_attn/c_proj/c_fc, learned positions
     OPT = "opt"              # learned positions with offset 2, biases, fc1/fc2
-    FALCON = "falcon"        # fused query_key_value, parallel attention, MQA
+    FALCON = "falcon"        # fused query_key_value, parallel attention, MQA / GQA (new_decoder_architecture)
+    GEMMA = "gemma"          # Gemma 1: Llama layout, Gemma RMSNorm (1 + w), scaled embeddings, tied
+    GEMMA3 = "gemma3"        # Gemma-2 layout plus q/k RMSNorms; sliding layers from layer_types
+    PHI = "phi"              # Phi-1/1.5/2: biased q/k/v/dense, one LayerNorm, parallel fc1/fc2 MLP, biased lm_head
+    QWEN2_MOE = "qwen2_moe"  # Qwen1.5/2-MoE: routed experts plus a gated shared expert
+    GPT_NEOX = "gpt_neox"    # Pythia / GPT-NeoX: fused query_key_value, two LayerNorms, parallel residual
+    GPTJ = "gptj"            # GPT-J: one LayerNorm, parallel attention and fc_in/fc_out MLP, biased lm_head
+    GPT_BIGCODE = "gpt_bigcode"  # StarCoder / SantaCoder: GPT-2 layout with nn.Linear and multi-query c_attn
+    BLOOM = "bloom"          # ALiBi, fused query_key_value, a LayerNorm after the embedding
+    STABLELM = "stablelm"    # StableLM: LayerNorms, gated MLP, optional q/k per-head LayerNorms and parallel residual
+    OLMO2 = "olmo2"          # OLMo-2: post-norms only, q/k RMSNorms over all heads
+    GRANITE = "granite"      # Granite: Llama layout with scalar multipliers; attention_bias on q, k, v, o
+    COHERE = "cohere"        # Command-R: bias-free LayerNorm, parallel attention and MLP, optional q/k norms
     PARAMS_ONLY = "params_only"  # known only by its parameter count (papers' hypothetical sizes)
 
 
 MAX_LAYERS = 10_000
 """Most layers a model may have. memplan builds one record per layer (about 0.1 ms each); published
 LLMs have at most a few hundred (Llama-3.1-405B: 126), so 10,000 only refuses absurd input."""
+
+
+MAX_SIZE = 2**50
+"""Largest dimension a model field may hold (hidden size, vocabulary, experts...: 2^50 is about 10^15, far
+beyond any model); larger numbers only overflow the arithmetic. Parameter counts have units.MAX_COUNT."""
+
+
+_TEXT_FIELDS = frozenset({"name", "source", "family", "hidden_act", "norm", "topk_method", "layer_types"})
+"""ModelSpec fields that hold text; every other field is a number or a flag."""
 
 
 class ModelSpec(Strict):
@@ -70,6 +91,16 @@ class ModelSpec(Strict):
     attention_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    # Parallel blocks (GPT-J, GPT-NeoX use_parallel_residual, Falcon parallel_attn, Phi, Cohere, StableLM
+    # use_parallel_residual): attention and MLP both read the block input; ``parallel_norms`` LayerNorms
+    # feed them (Falcon's new_decoder_architecture: 2, ln_attn and ln_mlp; otherwise 1).
+    parallel_attn: bool = False
+    parallel_norms: int = Field(default=1, ge=1, le=2)
+    # Partial rotary (Phi, GPT-NeoX, GPT-J, StableLM): the first ``rotary_dim`` dims of each q/k head are
+    # rotated, the rest pass through; None: all of them (or no rotary: ALiBi, learned positions).
+    rotary_dim: PositiveInt | None = None
+    # ALiBi position biases instead of rotary embeddings (BLOOM, Falcon with alibi: true).
+    alibi: bool = False
     # Sliding window: `sliding_window` tokens on layers marked "sliding_attention".
     sliding_window: PositiveInt | None = None
     layer_types: tuple[Literal["full_attention", "sliding_attention"], ...] | None = None
@@ -92,6 +123,25 @@ class ModelSpec(Strict):
     num_nextn_predict_layers: int = Field(default=0, ge=0)
     # Largest single layer, for ZeRO-3's live-parameter buffer when dimensions are unknown.
     largest_layer_params: PositiveInt | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_string_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``"4096"`` or ``"false"`` in a config.json is a string: transformers would keep it as one (and a
+        non-empty string is true), so it is refused rather than converted (pydantic's lax mode would)."""
+        if isinstance(value, str) and info.field_name not in _TEXT_FIELDS:
+            wanted = "true or false" if cls.model_fields[info.field_name or ""].annotation is bool else "a number"
+            raise ValueError(f"expected {wanted}, got the string {value!r}")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _not_astronomical(cls, value: Any, info: ValidationInfo) -> Any:
+        """A size or count beyond MAX_SIZE is a typo or a fuzzed file; refused before any arithmetic."""
+        counts = info.field_name in ("published_params", "largest_layer_params")  # bounded by units.MAX_COUNT
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SIZE and not counts:
+            raise ValueError(f"is larger than 2^{MAX_SIZE.bit_length() - 1}, far beyond any real model")
+        return value
 
     @property
     def kv_heads(self) -> int:

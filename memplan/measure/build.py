@@ -24,6 +24,7 @@ from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
+from memplan.measure import build_families as fam
 
 TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 """Special token ids inside any vocabulary (Phi-3's default pad id 32000 is outside a small one)."""
@@ -44,6 +45,7 @@ LORA_MODULES: dict[Family, dict[str, list[str]]] = {
     Family.OPT: {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["out_proj"], "up": ["fc1"], "down": ["fc2"]},
     Family.FALCON: {"q": ["query_key_value"], "k": ["query_key_value"], "v": ["query_key_value"],
                     "o": ["self_attention.dense"], "up": ["dense_h_to_4h"], "down": ["dense_4h_to_h"]},
+    **fam.LORA_MODULES,
     Family.DEEPSEEK: {"q": ["q_a_proj", "q_b_proj", "q_proj"], "k": ["kv_a_proj_with_mqa", "kv_b_proj"],
                       "v": ["kv_a_proj_with_mqa", "kv_b_proj"], "o": ["o_proj"], "gate": ["gate_proj"],
                       "up": ["up_proj"], "down": ["down_proj"]},
@@ -116,16 +118,6 @@ def _opt(spec: ModelSpec, p: float) -> tuple[str, dict[str, Any]]:
                    "attention_dropout": p, "do_layer_norm_before": True}
 
 
-def _falcon(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
-    return "falcon", {"hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_hidden_layers,
-                      "num_attention_heads": spec.num_attention_heads, "multi_query": spec.kv_heads == 1,
-                      "vocab_size": spec.vocab_size, "ffn_hidden_size": spec.intermediate_size,
-                      "max_position_embeddings": spec.max_position_embeddings or 2048, "bias": spec.attention_bias,
-                      "tie_word_embeddings": spec.tie_word_embeddings, "parallel_attn": True,
-                      "new_decoder_architecture": False, "alibi": False, "attention_dropout": 0.0,
-                      "hidden_dropout": 0.0}
-
-
 def hf_config_fields(spec: ModelSpec, *, dropout: bool = False) -> tuple[str, dict[str, Any]]:
     """(model_type, config.json fields) of the transformers model with ``spec``'s layout.
 
@@ -157,8 +149,8 @@ def hf_config_fields(spec: ModelSpec, *, dropout: bool = False) -> tuple[str, di
         model_type, fields = _gpt2(spec, p)
     elif family is Family.OPT:
         model_type, fields = _opt(spec, p)
-    elif family is Family.FALCON:
-        model_type, fields = _falcon(spec)
+    elif family in fam.FIELDS:
+        model_type, fields = fam.FIELDS[family](spec, p)
     else:
         raise MemplanError(f"{spec.name} is known only by its parameter count; measure needs the model's layout.")
     return model_type, {**fields, **TOKEN_IDS}

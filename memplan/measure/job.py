@@ -95,7 +95,7 @@ def effective_config(spec: ModelSpec, cfg: JobConfig) -> tuple[JobConfig, list[s
     impl = blk.attention_impl(spec, cfg)
     if impl != cfg.attention_impl:
         notes.append(f"attention: {impl}, not {cfg.attention_impl} (transformers has no {cfg.attention_impl} path "
-                     f"for {spec.family.value}'s soft-capping)")
+                     f"for {blk.NO_SDPA.get(spec.family, spec.family.value)})")
     if cfg.engine is None and cfg.job.trains:
         cfg = cfg.model_copy(update={"engine": Engine.DEEPSPEED})
         notes.append("engine: deepspeed (the measured step is the bf16-optimizer layout, 16-bit model and fp32 "

@@ -57,8 +57,50 @@ CONFIGS: dict[str, dict[str, Any]] = {
                     "vocab_size": 1000, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 2,
                     "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 24, "qk_nope_head_dim": 16,
                     "qk_rope_head_dim": 8, "v_head_dim": 16, "topk_method": "greedy"},
+    # Gemma 2B: multi-query, head_dim 256 of a 2048 hidden (here 64 of 128), GeGLU, tied embeddings
+    "gemma": {"model_type": "gemma", **_BASE, "hidden_size": 128, "intermediate_size": 512,
+              "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 2048},
+    # Gemma-3: q/k norms, five sliding layers per full one (here one of two), window shorter than the sequence
+    "gemma3_text": {"model_type": "gemma3_text", **_BASE, "hidden_size": 128, "intermediate_size": 512,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 2048,
+                    "sliding_window": 64, "sliding_window_pattern": 2},
+    # Phi-2: biases, one LayerNorm, parallel attention and fc1/fc2 MLP, partial rotary 0.4
+    "phi": {"model_type": "phi", **_BASE, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
+            "vocab_size": 2048, "partial_rotary_factor": 0.4},
+    # Qwen1.5-MoE-A2.7B: 4 of 60 experts (here 2 of 8) plus a gated shared expert, q/k/v biases
+    "qwen2_moe": {"model_type": "qwen2_moe", **_BASE, "hidden_size": 64, "intermediate_size": 160,
+                  "moe_intermediate_size": 48, "shared_expert_intermediate_size": 96, "num_attention_heads": 4,
+                  "num_key_value_heads": 4, "vocab_size": 1000, "num_experts": 8, "num_experts_per_tok": 2},
+    # Pythia: fused query_key_value, two LayerNorms, parallel residual, rotary on a quarter of each head
+    "gpt_neox": {"model_type": "gpt_neox", **_BASE, "hidden_size": 128, "intermediate_size": 512,
+                 "num_attention_heads": 4, "vocab_size": 2048},
+    # GPT-J: one LayerNorm, parallel attention and MLP, rotary_dim 64 of 256 (here 8 of 32), biased lm_head
+    "gptj": {"model_type": "gptj", "n_embd": 128, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "vocab_size": 2048,
+             "n_positions": 512},
+    # StarCoder: multi-query c_attn, learned positions, tied embeddings (dropout off)
+    "gpt_bigcode": {"model_type": "gpt_bigcode", "n_embd": 128, "n_layer": 2, "n_head": 4, "vocab_size": 2048,
+                    "n_positions": 512, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    # BLOOM: ALiBi, fused query_key_value, embedding LayerNorm, tied embeddings
+    "bloom": {"model_type": "bloom", "hidden_size": 128, "n_layer": 2, "n_head": 4, "vocab_size": 2048},
+    # Falcon-40B: new decoder architecture, 8:1 grouped query_key_value, ln_attn and ln_mlp
+    "falcon": {"model_type": "falcon", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+               "num_kv_heads": 2, "new_decoder_architecture": True, "vocab_size": 2048},
+    # StableLM-2: LayerNorms, q/k/v biases, gated MLP, partial rotary 0.25
+    "stablelm": {"model_type": "stablelm", **_BASE, "hidden_size": 128, "intermediate_size": 352,
+                 "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048, "use_qkv_bias": True},
+    # OLMo-2: post-norms, q/k RMSNorms over all heads
+    "olmo2": {"model_type": "olmo2", **_BASE, "hidden_size": 128, "intermediate_size": 344,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048},
+    # Granite-3: Llama layout with embedding/residual/attention/logit multipliers, 4:1 grouping, tied
+    "granite": {"model_type": "granite", **_BASE, "hidden_size": 128, "intermediate_size": 384,
+                "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 2048, "tie_word_embeddings": True,
+                "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125,
+                "logits_scaling": 8.0},
+    # Command-R: bias-free fp32 LayerNorm, parallel attention and MLP, tied embeddings, logit scale
+    "cohere": {"model_type": "cohere", **_BASE, "hidden_size": 128, "intermediate_size": 352,
+               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048},
 }
-SEQ = {"mixtral": 64, "qwen3_moe": 64, "deepseek_v3": 64, "deepseek_v2": 64}
+SEQ = {"mixtral": 64, "qwen3_moe": 64, "deepseek_v3": 64, "deepseek_v2": 64, "qwen2_moe": 64}
 """Training sequence length per family; 128 where not listed."""
 DEFAULT_SEQ = 128
 FAMILIES = tuple(CONFIGS)

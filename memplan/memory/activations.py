@@ -17,6 +17,7 @@ Inference activations are ``memplan.memory.inference``'s; a params-only model is
 
 from __future__ import annotations
 
+from memplan.arch.build_families import EMBEDDING_NORMS
 from memplan.catalog.schema import Family
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations_block as blk
@@ -140,6 +141,9 @@ def embedding_bytes(ctx: Context, counting: blk.Counting) -> int:
     total = 0
     if cfg.dropout and spec.family is Family.GPT2:
         total += t.dropout_bytes(count=seq * (spec.hidden_size or 0), mask_bits=counting.mask_bits)
+    if spec.family in EMBEDDING_NORMS:  # BLOOM's word_embeddings_layernorm on the embedding output
+        total += blk.norm_bytes(spec, tokens=seq, width=spec.hidden_size or 0, bits=blk.activation_bits(cfg),
+                                counting=counting)
     if counting.paper or not lora.head_trains(cfg):  # a frozen embedding's lookup saves nothing
         return total
     total += t.token_ids_bytes(tokens=tokens)
@@ -150,13 +154,23 @@ def embedding_bytes(ctx: Context, counting: blk.Counting) -> int:
     return total
 
 
+NO_ROTARY = frozenset({Family.GPT2, Family.OPT, Family.GPT_BIGCODE, Family.BLOOM})
+"""Learned positions or ALiBi: no cos/sin tables (Falcon with ``alibi: true`` too)."""
+
+
+ROPE_PER_LAYER_TYPE = frozenset({Family.GEMMA3})
+"""One cos/sin table per layer type (``Gemma3TextModel.forward``: ``rotary_emb(..., layer_type)`` for each of
+sliding and full attention, with their own rope bases)."""
+
+
 def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
     """The rotary cos/sin tables saved once per forward on every stage (none without rotary embeddings)."""
     spec = ctx.arch.spec
-    if counting.paper or spec.family in (Family.GPT2, Family.OPT):
+    if counting.paper or spec.family in NO_ROTARY or spec.alibi:
         return 0
-    rot = spec.qk_rope_head_dim if spec.is_mla else spec.dim_per_head
-    return t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
+    rot = spec.qk_rope_head_dim if spec.is_mla else (spec.rotary_dim or spec.dim_per_head)
+    tables = len({layer.sliding for layer in ctx.arch.layers}) if spec.family in ROPE_PER_LAYER_TYPE else 1
+    return tables * t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
 
 
 def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -> int:

@@ -31,6 +31,21 @@ saved for backward in bf16 (Transformer Engine)."""
 
 _NO_SOFTMAX_UPCAST = frozenset({Family.GPT2, Family.FALCON})
 """Eager attention softmax in the dtype (transformers GPT-2, Falcon); the others use dtype=float32."""
+GEMMA_RMS_NORM = frozenset({Family.GEMMA, Family.GEMMA2, Family.GEMMA3})
+"""``GemmaRMSNorm`` / ``Gemma2RMSNorm`` / ``Gemma3RMSNorm``: normalized in fp32 and scaled by ``1 + weight``
+(transformers ``modeling_gemma*.py``), see ``activations_terms.gemma_rms_norm_bytes``."""
+FOUR_NORMS = frozenset({Family.GEMMA2, Family.GEMMA3})
+"""Blocks with pre- and post-norms around attention and MLP (``Gemma3DecoderLayer``)."""
+BLOCK_INPUT_NORMS = {Family.GPT_NEOX: 2}
+"""Norms reading the block input of a parallel block where ``ModelSpec.parallel_norms`` does not say it:
+GPT-NeoX keeps both of its LayerNorms on the input with ``use_parallel_residual``."""
+_V_VIEW_OF_FUSED = frozenset({Family.PHI3, Family.GPT_NEOX})
+"""SDPA's v is a view of the fused projection's output (Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``),
+so that whole (N + 2K)-head tensor stays alive; q and k are new tensors after rotary."""
+EAGER_QK_FP32 = frozenset({Family.GPTJ})
+"""Eager attention that upcasts q and k before ``q @ k.T`` (``GPTJAttention._attn``: ``query.to(torch.float32)``)."""
+QK_NORM_ALL_HEADS = frozenset({Family.OLMO2})
+"""q/k norms over all heads at once, one row per token (``Olmo2Attention``: ``RMSNorm(N·H)``), not per head."""
 _Q_HEAD_MAJOR = frozenset({Family.PHI3, Family.FALCON})
 """Families whose q reaches attention contiguous as (B, N, S, H) (Phi-3's partial-rotary ``cat``, Falcon's
 ``reshape``), so a flash kernel's output (laid out like q: ``empty_like(q)``) needs a contiguous copy
@@ -130,22 +145,68 @@ def dims(spec: ModelSpec, cfg: JobConfig) -> Dims:
                 tp=tp, bits=activation_bits(cfg))
 
 
+def cohere_layer_norm_bytes(*, tokens: int, width: int, weight_trains: bool = True) -> int:
+    """Bytes ``CohereLayerNorm`` saves: tokens·(2·4·width + 4 [+ 4·width]) + 4·width.
+
+    Formula: ``x − mean`` is computed twice in fp32 (once under ``pow(2)``, once for the normalization),
+    each saved; the fp32 rstd per row; the fp32 copy of the weight; and, when the weight trains, the fp32
+    normalized tensor it multiplies. Source: transformers ``CohereLayerNorm.forward`` (``modeling_cohere.py``).
+    """
+    fp32_row = t.tensor_bytes(count=tokens * width, bits=t.FP32_BITS)
+    total = 2 * fp32_row + t.tensor_bytes(count=tokens, bits=t.FP32_BITS) + t.tensor_bytes(count=width,
+                                                                                            bits=t.FP32_BITS)
+    return total + (fp32_row if weight_trains else 0)
+
+
+def falcon_broadcasts_kv(spec: ModelSpec) -> bool:
+    """Falcon's new decoder architecture (1 < K < N): ``_split_heads`` broadcasts k and v to all N heads and
+    flattens q, k, v into (B, S, N, H) copies (transformers ``FalconAttention``)."""
+    return spec.family is Family.FALCON and 1 < spec.kv_heads < (spec.num_attention_heads or 1)
+
+
 def norm_bytes(spec: ModelSpec, *, tokens: int, width: int, bits: int, counting: Counting,
                weight_trains: bool = True) -> int:
     """One norm of the family (Gemma-2 RMSNorm, RMSNorm or LayerNorm); the paper counts its input."""
     if counting.paper:
         return t.tensor_bytes(count=tokens * width, bits=bits)
-    if spec.family is Family.GEMMA2:
+    if spec.family in GEMMA_RMS_NORM:
         return t.gemma_rms_norm_bytes(tokens=tokens, width=width, weight_trains=weight_trains)
+    if spec.family is Family.COHERE:
+        return cohere_layer_norm_bytes(tokens=tokens, width=width, weight_trains=weight_trains)
+    if spec.family is Family.OLMO2:  # (weight * x_normed).to(dtype): the fp32 normalized tensor, no 1 + w vector
+        vector = t.tensor_bytes(count=width, bits=t.FP32_BITS)
+        return t.gemma_rms_norm_bytes(tokens=tokens, width=width, weight_trains=weight_trains) - vector
     if spec.norm == "layernorm":
         return t.layer_norm_bytes(tokens=tokens, width=width, bits=bits, stats_bits=counting.stats_bits)
     return t.rms_norm_bytes(tokens=tokens, width=width, bits=bits, weight_trains=weight_trains)
 
 
+NO_SDPA = {Family.GEMMA2: "Gemma-2's soft-capping", Family.GPTJ: "GPT-J", Family.BLOOM: "BLOOM's ALiBi"}
+"""Families transformers runs eagerly when SDPA is asked for (it refuses ``attn_implementation="sdpa"``:
+``GPTJForCausalLM`` / ``BloomForCausalLM`` have no SDPA path, Gemma-2 none with soft-capping)."""
+
+
 def attention_impl(spec: ModelSpec, cfg: JobConfig) -> str:
-    """The kernel HF runs: Gemma-2's soft-capping has no SDPA path (transformers refuses it), so eager."""
+    """The kernel HF runs: eager instead of SDPA for the families in NO_SDPA."""
     impl = cfg.attention_impl
-    return "eager" if impl == "sdpa" and spec.family is Family.GEMMA2 else impl
+    return "eager" if impl == "sdpa" and spec.family in NO_SDPA else impl
+
+
+def _parallel_norms(spec: ModelSpec, dm: Dims, one: int, hidden: int, tr: Trainable) -> Term:
+    """Parallel blocks: every norm reads the block input, which a LayerNorm saves once for all of them
+    (one storage); one norm's output feeds attention and MLP, two norms' outputs feed one each.
+
+    Sources: ``GPTNeoXLayer`` (input_layernorm and post_attention_layernorm both on the block input with
+    ``use_parallel_residual``), ``FalconDecoderLayer`` (ln_attn/ln_mlp, or input_layernorm), ``GPTJBlock``
+    ``ln_1``, ``PhiDecoderLayer`` / ``StableLmDecoderLayer`` / ``CohereDecoderLayer`` ``input_layernorm``.
+    """
+    count = BLOCK_INPUT_NORMS.get(spec.family, spec.parallel_norms)
+    shared = t.tensor_bytes(count=dm.seq_tokens * dm.d, bits=dm.bits) if spec.norm == "layernorm" else 0
+    total = one + (count - 1) * (one - min(shared, one))
+    if count == 1:
+        return Term("norms", total + (hidden if tr.trains("q", "k", "v", "up", "gate") else 0))
+    attn_in = hidden if tr.trains("q", "k", "v") else 0
+    return Term("norms", total + attn_in + (hidden if tr.trains("up", "gate") else 0))
 
 
 def norm_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting, tr: Trainable) -> list[Term]:
@@ -153,21 +214,25 @@ def norm_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting, tr: 
     one = norm_bytes(spec, tokens=dm.seq_tokens, width=dm.d, bits=dm.bits, counting=counting, weight_trains=tr.norms)
     hidden = t.tensor_bytes(count=dm.seq_tokens * dm.d, bits=dm.bits)
     attn_in = hidden if tr.trains("q", "k", "v") else 0
-    if spec.family is Family.FALCON:  # one LayerNorm feeds attention and MLP in parallel
-        return [Term("norms", one + (hidden if tr.trains("q", "k", "v", "up") else 0))]
+    if spec.parallel_attn:
+        return [_parallel_norms(spec, dm, one, hidden, tr)]
     if layer.moe:  # the router and the shared experts read the norm output; routed experts gather a copy
         mlp_in = hidden if tr.trains("router") or (spec.n_shared_experts and tr.trains("gate", "up")) else 0
     else:
         mlp_in = hidden if tr.trains("gate", "up") else 0
-    norms = 4 if spec.family is Family.GEMMA2 else 2  # Gemma-2's post-norms feed the residual add
+    norms = 4 if spec.family in FOUR_NORMS else 2  # Gemma-2/3's post-norms feed the residual add
     return [Term("norms", norms * one + attn_in + mlp_in)]
 
 
 def _qk_norm_terms(spec: ModelSpec, dm: Dims, counting: Counting, tr: Trainable) -> list[Term]:
     if not spec.qk_norm:
         return []
-    q = norm_bytes(spec, tokens=dm.tokens * dm.n, width=dm.h, bits=dm.bits, counting=counting, weight_trains=tr.norms)
-    k = norm_bytes(spec, tokens=dm.tokens * dm.k, width=dm.h, bits=dm.bits, counting=counting, weight_trains=tr.norms)
+    if spec.family in QK_NORM_ALL_HEADS:
+        q_rows, k_rows, q_width, k_width = dm.tokens, dm.tokens, dm.n * dm.h, dm.k * dm.h
+    else:
+        q_rows, k_rows, q_width, k_width = dm.tokens * dm.n, dm.tokens * dm.k, dm.h, dm.h
+    q = norm_bytes(spec, tokens=q_rows, width=q_width, bits=dm.bits, counting=counting, weight_trains=tr.norms)
+    k = norm_bytes(spec, tokens=k_rows, width=k_width, bits=dm.bits, counting=counting, weight_trains=tr.norms)
     return [Term("attention/qk_norm", q + k)]
 
 
@@ -179,6 +244,9 @@ def _eager(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting, tr: Tr
         b=dm.b, s=dm.s, n=dm.n, bits=dm.bits, softmax_bits=t.FP32_BITS if upcast else dm.bits,
         softcap=spec.family is Family.GEMMA2, mask_bits=counting.mask_bits if drop else None)
     qkvo = t.eager_qkvo_bytes(b=dm.b, s=dm.s, n=dm.n, h=h, hv=hv, bits=dm.bits, o_trains=tr.trains("o"))
+    if spec.family in EAGER_QK_FP32 and not counting.paper:  # q and k saved as fp32 copies, not in the dtype
+        qk = dm.tokens * (dm.n + dm.k) * h
+        qkvo += t.tensor_bytes(count=qk, bits=t.FP32_BITS) - t.tensor_bytes(count=qk, bits=dm.bits)
     return [Term("attention/qkv", qkvo), Term("attention/scores", scores, core=True)]
 
 
@@ -214,21 +282,24 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
     n, k, h = dm.n, dm.k, dm.h
     if impl == "eager":
         return _eager(spec, cfg, dm, counting, tr, h, h)
-    if impl == "sdpa" and spec.family is Family.FALCON and spec.kv_heads < (spec.num_attention_heads or 1):
-        # multi-query k of one head without enable_gqa: no fused kernel, ATen's fp32 math path
+    if impl == "sdpa" and spec.family is Family.FALCON and spec.kv_heads == 1 < (spec.num_attention_heads or 1):
+        # multi-query k of one head without enable_gqa: no fused kernel, ATen's fp32 math path (the new
+        # decoder architecture broadcasts k and v to all N heads first: ``FalconAttention._split_heads``)
         return _math(dm, tr, h, h)
     terms = []
     masked = sdpa_mask_materialized(spec, layer, impl, dm.s)
     kv_heads = n if masked else k  # repeat_kv copies k and v to N heads when SDPA cannot use enable_gqa
     if spec.family is Family.GPT2:  # q, k, v are views of c_attn's output, which stays alive whole
         terms.append(_fused(dm, counting, q=0, kv=3 * n * h, out=n * h))
-    elif spec.family is Family.PHI3 and not (masked and k < n):  # v is a view of the fused qkv_proj output
+    elif spec.family in _V_VIEW_OF_FUSED and not (masked and k < n):  # v is a view of the fused projection
         terms.append(_fused(dm, counting, q=n * h, kv=k * h + (n + 2 * k) * h, out=n * h))
     else:
         terms.append(_fused(dm, counting, q=n * h, kv=2 * kv_heads * h, out=n * h))
     # CUDA's memory-efficient SDPA kernel (fp32, or an explicit mask) always writes (B, S, N, H)
     efficient = impl == "sdpa" and not counting.cpu and (dm.bits == t.FP32_BITS or masked)
-    if spec.family in _Q_HEAD_MAJOR and not efficient and tr.trains("o"):
+    # partial rotary concatenates the rotated and passed-through dims into a new (B, N, S, H) q, as Phi-3 does
+    head_major = (spec.family in _Q_HEAD_MAJOR or spec.rotary_dim is not None) and not falcon_broadcasts_kv(spec)
+    if head_major and not efficient and tr.trains("o"):
         terms.append(Term("attention/o_proj_input", t.tensor_bytes(count=dm.tokens * n * h, bits=dm.bits)))
     if masked:  # SDPA converts the bool mask to an additive (B, 1, S, S) tensor per call and saves it
         terms.append(Term("attention/mask", t.tensor_bytes(count=dm.b * dm.s * dm.s, bits=dm.bits), core=True))

@@ -29,6 +29,9 @@ HIDDEN_DROPOUTS = {Family.GPT2: 2, Family.OPT: 2, Family.PHI3: 2, Family.FALCON:
 dropout, Phi-3 resid_*_dropout); Falcon's parallel block has one (hidden_dropout)."""
 MOE_WEIGHTS_FP32 = frozenset({Family.MIXTRAL, Family.DEEPSEEK})
 """Routers whose top-k weights stay fp32 (Mixtral, DeepSeek-V3); Qwen3-MoE casts them to the dtype."""
+SHARED_EXPERT_GATE = frozenset({Family.QWEN2_MOE})
+"""``F.sigmoid(shared_expert_gate(x)) * shared_expert(x)`` (``Qwen2MoeSparseMoeBlock``): the product saves the
+shared expert's output (B·S·D) and the sigmoid's (B·S·1), which its own backward also reads."""
 NOT_GATED = frozenset({Family.GPT2, Family.OPT, Family.FALCON})
 
 
@@ -66,8 +69,11 @@ def _moe_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting, tr: 
     if spec.n_shared_experts:
         full = spec.shared_expert_intermediate_size or (
             (spec.moe_intermediate_size or spec.intermediate_size or 0) * spec.n_shared_experts)
-        terms.append(Term("moe/shared", _dense(spec, tokens=dm.tokens, ffn=ceil_div(full, dm.tp), bits=dm.bits,
-                                               gated=True, counting=counting, down_trains=tr.trains("down"))))
+        shared = _dense(spec, tokens=dm.tokens, ffn=ceil_div(full, dm.tp), bits=dm.bits, gated=True,
+                        counting=counting, down_trains=tr.trains("down"))
+        if fam in SHARED_EXPERT_GATE and not counting.paper:  # sigmoid(gate(x)) * shared(x): both saved
+            shared += t.tensor_bytes(count=dm.tokens * (dm.d + 1), bits=dm.bits)
+        terms.append(Term("moe/shared", shared))
     return terms
 
 

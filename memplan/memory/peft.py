@@ -46,7 +46,7 @@ FUSED_EXPERT_PAIR = frozenset({"gate", "up"})
 """Routed-expert projections that transformers 5 fuses into ``gate_up_proj``; peft gives the fused
 parameter rank 2r (``rank_pattern[...gate_up_proj] = r * 2``)."""
 MLP_PROJECTIONS = frozenset({"gate", "up", "down"})
-REMAPS_DENSE_MLP = frozenset({Family.QWEN3_MOE, Family.DEEPSEEK})
+REMAPS_DENSE_MLP = frozenset({Family.QWEN3_MOE, Family.DEEPSEEK, Family.QWEN2_MOE})
 """Families whose transformers model_type maps to ``qwen2_moe`` in ``_MODEL_TO_CONVERSION_PATTERN``:
 peft turns the targets gate_proj/up_proj/down_proj into expert parameters only."""
 TARGETABLE_ROLES = (Role.LINEAR, Role.ROUTER)
