@@ -99,7 +99,9 @@ def estimate(
     cfg = make_config(config, **overrides)
     arch = build_architecture(spec)
     ctx = Context(arch=arch, cfg=cfg, gpu=gpu_spec, host=host or HostSpec())
-    rows, missing, stage = components.all_rows(ctx)
+    from memplan.engines import serving
+
+    rows, missing, stage = serving.all_rows(ctx) if serving.has_own_rows(cfg) else components.all_rows(ctx)
     _check_printable(rows)
     return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage)
 

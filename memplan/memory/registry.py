@@ -65,3 +65,8 @@ register("activations", (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD, Ph
          "saved for backward during forward, freed during backward; the prefill forward when serving")
 register("kv_cache", (Phase.PREFILL, Phase.DECODE), "allocated at the first forward, held while decoding")
 register("runtime", ALL, "process-wide: CUDA context, allocator reserve, margins")
+register("runtime/vllm_non_torch", ALL, "vLLM: CUDA context, cuBLAS, NCCL and custom all-reduce buffers")
+register("activations/vllm_profile_peak", (Phase.PREFILL, Phase.DECODE),
+         "vLLM: the profile run's torch peak, reserved out of the budget for every scheduler step")
+register("runtime/vllm_cudagraphs", (Phase.PREFILL, Phase.DECODE), "vLLM: CUDA graph memory pool after capture")
+register("runtime/vllm_unbudgeted", ALL, "vLLM: memory outside gpu_memory_utilization × total")
