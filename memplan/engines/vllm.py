@@ -26,13 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
+from memplan.arch.tensors import Architecture
+from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.memory import inference, weights
 from memplan.memory.breakdown import Row, Tier, tier_total
 from memplan.memory.context import Context
-from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token
+from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, sized_kv_dtype
 from memplan.units import GiB, bits_to_bytes, ceil_div
 
 SOURCE = "vllm/v1/worker/gpu_worker.py Worker.determine_available_memory (vllm-project/vllm PR #10511)"
@@ -125,7 +127,7 @@ def check_kv_dtype(dtype: Dtype) -> None:
 
 def kv_dtype(cfg: JobConfig) -> Dtype:
     """The KV dtype vLLM sizes: ``infer.kv_dtype``, else the compute dtype (``--kv-cache-dtype auto``)."""
-    return cfg.infer.kv_dtype or compute_dtype(cfg.dtype)
+    return sized_kv_dtype(cfg)
 
 
 def page_bytes_per_token(ctx: Context) -> int:
@@ -283,3 +285,23 @@ def max_context(ctx: Context) -> int:
     """The longest sequence one request can have: min(max_model_len, KV pool tokens), 0 when the pool is empty."""
     p = pool(ctx)
     return min(max_model_len(ctx), p.tokens)
+
+
+def capacity(arch: Architecture, cfg: JobConfig, gpu: GpuSpec, host: HostSpec, field: str) -> int:
+    """Exact capacity of an estimate's vLLM configuration.
+
+    ``micro_batch``: concurrent sequences of ``infer.context`` tokens, min(blocks // ceil(S / block_size),
+    max_num_seqs); ``context``: the longest context each of ``micro_batch`` sequences can have,
+    min(max_model_len, (blocks // B) × block_size). Source: vllm/v1/core/kv_cache_utils.py
+    (``get_max_concurrency_for_kv_cache_config``), vllm/v1/core/sched/scheduler.py (max_num_seqs).
+    """
+    worst: int | None = None
+    for stage in range(cfg.pp):
+        ctx = Context(arch, cfg, gpu, host, stage_override=stage)
+        p = pool(ctx)
+        if field == "micro_batch":
+            value = p.concurrency(cfg.infer.context)
+        else:
+            value = min(max_model_len(ctx), p.blocks // cfg.micro_batch * p.block_size)
+        worst = value if worst is None else min(worst, value)
+    return worst or 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from memplan.arch.tensors import Layer
 from memplan.catalog.schema import ModelSpec
-from memplan.config import InferConfig, Job
+from memplan.config import InferConfig, Job, JobConfig
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Row, Tier
@@ -46,6 +46,12 @@ def compute_dtype(dtype: Dtype) -> Dtype:
     Assumption: integer or fp8 weight formats are weight-only; compute runs in bf16.
     """
     return dtype if dtype in (Dtype.FP32, Dtype.BF16, Dtype.FP16) else Dtype.BF16
+
+
+def sized_kv_dtype(cfg: JobConfig) -> Dtype:
+    """The dtype the KV cache is sized in: ``infer.kv_dtype``, else the compute dtype of ``cfg.dtype``
+    (fp8 or integer weights compute, and cache, in bf16). Every KV row and every ``kv=`` label reads this."""
+    return cfg.infer.kv_dtype or compute_dtype(cfg.dtype)
 
 
 def kv_cache_bytes(*, batch: int, seq: int, layers: int, kv_heads: int, head_dim: int, bits: int) -> int:
@@ -175,7 +181,7 @@ def rows(ctx: Context) -> list[Row]:
     if cfg.job is not Job.INFER:
         return []
     spec, inf = ctx.arch.spec, cfg.infer
-    dtype = inf.kv_dtype or compute_dtype(cfg.dtype)
+    dtype = sized_kv_dtype(cfg)
     shapes = cached_shapes(spec, mla_cache=inf.mla_cache, tp=cfg.tp)
     elements = elements_per_token(shapes)
     sbits = scale_bits_per_token(shapes=shapes, dtype=dtype, group_size=inf.kv_group_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from memplan.memory.kv_cache import sized_kv_dtype
 from memplan.planner.plan import Candidate, PlanResult
 from memplan.report.json_out import SCHEMA_VERSION, estimate_dict
 from memplan.units import GiB
@@ -45,7 +46,7 @@ def _choice(c: Candidate) -> str:
                   f"optimizer={cfg.optimizer.value}"]
     else:
         parts += [f"batch={cfg.micro_batch}", f"context={cfg.infer.context}",
-                  f"kv={cfg.infer.kv_dtype.value if cfg.infer.kv_dtype else cfg.dtype.value}"]
+                  f"kv={sized_kv_dtype(cfg).value}"]
     if cfg.quant:
         parts.append(f"quant={cfg.quant}")
     return " ".join(parts)
