@@ -197,6 +197,12 @@ class ServeConfig(Strict):
     """llama.cpp -ctv: V cache type; a quantized V cache needs flash attention."""
     flash_attn: bool = False
     """llama.cpp -fa."""
+    prompt_tokens: int | None = Field(default=None, gt=0)
+    """Prompt length for the time to first token; None: ``infer.context`` (the whole context is prompt, the upper bound)."""
+    hbm_efficiency: float | None = Field(default=None, gt=0, le=1)
+    """Share of peak memory bandwidth decode reaches; None: the GPU generation's default (planner.serve_cost)."""
+    compute_efficiency: float | None = Field(default=None, gt=0, le=1)
+    """Share of peak dense FLOP/s prefill reaches; None: the GPU generation's default (planner.serve_cost)."""
     cache_implementation: Literal["dynamic", "static"] = "dynamic"
     """transformers ``generate(cache_implementation=...)``: ``dynamic`` (DynamicCache, grows by torch.cat) or ``static``."""
 

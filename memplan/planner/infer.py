@@ -212,11 +212,13 @@ def _value(objective: Objective, c: dict[str, Any]) -> float:
 
 
 def decode_seconds(req: Any, c: dict[str, Any], w: Entry, k: Entry) -> float:
-    """One decode step: every stage reads its weights and KV cache; stages run in sequence;
-    tensor parallelism adds two all-reduces of B·D per layer (Megatron-LM Sec. 3)."""
-    bw = req.gpu.hbm_bandwidth_gbps * 1e9
-    read = sum(w.gpu) + sum(k.gpu)
-    seconds = cost.decode_seconds_per_token(bytes_read=read, hbm_bytes_per_s=bw)
+    """One decode step of one replica: the roofline of ``planner.serve_cost`` (weights of the touched experts and
+    the KV read at effective bandwidth, or FLOPs at effective peak; stages in sequence), plus tensor
+    parallelism's two all-reduces of B·D per layer (Megatron-LM Sec. 3)."""
+    from memplan.planner.serve_cost import serve_cost
+
+    cfg = infer_config(req.base, c)
+    seconds = serve_cost(Context(build_architecture(req.model), cfg, req.gpu, req.host)).tpot_s
     spec = req.model
     layers = spec.num_hidden_layers or 0
     if c["tp"] > 1:
@@ -256,9 +258,16 @@ def plan_inference(req: Any) -> Any:
 
 
 def _extras(req: Any, cfg: JobConfig, choices: Any) -> dict[str, Any]:
-    """Quality of the chosen weight formats, for plans that choose formats per layer."""
+    """Serving latency (TTFT, TPOT, tokens/s per replica, replicas) and, for plans that choose formats per
+    layer, the quality of the chosen weight formats."""
+    from memplan.planner.serve_cost import serve_cost
+
+    arch = build_architecture(req.model)
+    sc = serve_cost(Context(arch, cfg, req.gpu, req.host))
+    out: dict[str, Any] = {"ttft_s": sc.ttft_s, "tpot_s": sc.tpot_s, "tokens_per_s_replica": sc.tokens_per_s_replica,
+                           "replicas": sc.replicas}
     if choices.formats is None:
-        return {}
+        return out
     from memplan.planner.infer_layers import quality_extras
 
-    return quality_extras(build_architecture(req.model), cfg)
+    return {**out, **quality_extras(arch, cfg)}
