@@ -55,3 +55,18 @@ def test_replicas_multiply_throughput() -> None:
                      engine="vllm", micro_batch=8, gpus_per_node=4, infer={"context": 1024}))
     a, b = one.candidates[0].tokens_per_s, four.candidates[0].tokens_per_s
     assert abs(b - 4 * a) <= 1e-9 * b
+
+
+def test_min_gpus_serves_c_sequences_of_t_tokens() -> None:
+    # "The cheapest layout that serves C concurrent sequences of T tokens": 600 × 8k of Llama-3.1-8B with vLLM.
+    req = _req("llama-3.1-8b", "h100-sxm-80gb", Objective.MIN_GPUS, gpus_per_node=8, nodes=4, engine="vllm",
+               micro_batch=600, infer={"context": 8192})
+    result = plan(req)
+    assert result.status == "optimal"
+    best = result.candidates[0]
+    replicas = best.extras["replicas"]
+    assert best.config.micro_batch * replicas >= 600 and best.estimate.fits
+    # one fewer GPU cannot hold them: a single replica holds C1 sequences, so ceil(600 / C1) GPUs are needed
+    one = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", engine="vllm", infer={"context": 8192})
+    c1 = largest_fitting(one, "micro_batch")
+    assert best.config.world_size == -(-600 // c1)

@@ -233,6 +233,17 @@ def plan_inference(req: Any) -> Any:
     from memplan.planner.plan import Candidate, PlanResult, rank_candidates, verified_solutions
 
     result = PlanResult(status="infeasible", objective=req.objective)
+    if req.objective in (Objective.MIN_GPUS, Objective.MIN_COST) and not req.space.per_layer_quant:
+        from memplan.planner.infer_capacity import plan_min_gpus
+
+        dims, excluded = _dims(req, build_architecture(req.model))
+        result.excluded = sorted(set(excluded))
+        plan_min_gpus(req, dims, infer_config, result)
+        if result.candidates:
+            rank_candidates(result.candidates)
+            result.candidates = result.candidates[: req.top_k]
+            result.status = "optimal"
+        return result
     problem, excluded, choices = build(req)
     result.excluded = sorted(set(excluded))
 
