@@ -195,8 +195,8 @@ class ServeConfig(Strict):
     """llama.cpp -ctk: K cache type."""
     cache_type_v: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"] = "f16"
     """llama.cpp -ctv: V cache type; a quantized V cache needs flash attention."""
-    flash_attn: bool = False
-    """llama.cpp -fa."""
+    flash_attn: bool = True
+    """llama.cpp -fa: on by default (llama.cpp's ``-fa auto``, the default since 2025, enables it on CUDA)."""
     prompt_tokens: int | None = Field(default=None, gt=0)
     """Prompt length for the time to first token; None: ``infer.context`` (the whole context is prompt, the upper bound)."""
     hbm_efficiency: float | None = Field(default=None, gt=0, le=1)
