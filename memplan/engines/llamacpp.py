@@ -145,20 +145,53 @@ def cuda_padding_bytes(ctx: Context, layers: range, with_output: bool) -> int:
     return out
 
 
+def model_buffers(ctx: Context, on_gpu: range, out_gpu: bool) -> tuple[int, int]:
+    """(GPU, host) model buffer bytes: from the GGUF file's own tensor table when the model is a .gguf file,
+    else from memplan's GGUF mix rules for ``quant`` (memory.quant ``gguf_tensor_type``)."""
+    from memplan.catalog.gguf_file import gguf_path, read_gguf
+
+    path = gguf_path(ctx.arch.spec)
+    if path is not None:
+        return file_buffers(read_gguf(path).tensors, on_gpu, out_gpu)
+    n_layer = len(ctx.arch.layers)
+    quant = weights.effective_quant(ctx.cfg)
+    layer_bytes = [weights.layer_weight_bytes(ctx, i, quant) for i in range(n_layer)]
+    outside = weights.non_layer_weight_bytes(ctx)
+    host_in = weights.context_weight_bytes(ctx)
+    host_input = host_in.host_quantized + host_in.host_unquantized
+    gpu = sum(layer_bytes[i] for i in on_gpu) + (outside if out_gpu else 0) + cuda_padding_bytes(ctx, on_gpu, out_gpu)
+    cpu = sum(b for i, b in enumerate(layer_bytes) if i not in on_gpu) + (0 if out_gpu else outside) + host_input
+    return gpu, cpu
+
+
+def file_buffers(tensors: tuple, on_gpu: range, out_gpu: bool) -> tuple[int, int]:
+    """(GPU, host) bytes of a GGUF file's tensors: blocks by -ngl, token_embd on the host, the rest (output
+    norm, output) with the output layer; quantized GPU tensors padded as ggml-cuda pads them."""
+    from memplan.memory.quant import GGML_TYPES
+
+    gpu = cpu = 0
+    for t in tensors:
+        layer = t.layer
+        on = layer in on_gpu if layer is not None else (t.name != "token_embd.weight" and out_gpu)
+        if not on:
+            cpu += t.nbytes
+            continue
+        gpu += t.nbytes
+        ncols = t.shape[0]
+        if t.ggml_type in GGML_TYPES and t.ggml_type not in ("F32", "F16") and ncols % MATRIX_ROW_PADDING:
+            blck, size = GGML_TYPES[t.ggml_type]
+            gpu += (MATRIX_ROW_PADDING - ncols % MATRIX_ROW_PADDING) // blck * size
+    return gpu, cpu
+
+
 def rows(ctx: Context) -> list[Row]:
     """llama.cpp's buffers: model, KV and compute buffers on the GPU and the host, and the CUDA context."""
     cfg, arch = ctx.cfg, ctx.arch
     check(cfg)
     n_layer = len(arch.layers)
     on_gpu = gpu_layers(cfg, n_layer)
-    quant = weights.effective_quant(cfg)
-    layer_bytes = [weights.layer_weight_bytes(ctx, i, quant) for i in range(n_layer)]
-    outside = weights.non_layer_weight_bytes(ctx)
-    host_in = weights.context_weight_bytes(ctx)
-    host_input = host_in.host_quantized + host_in.host_unquantized
     out_gpu = output_on_gpu(cfg, n_layer)
-    gpu_w = sum(layer_bytes[i] for i in on_gpu) + (outside if out_gpu else 0) + cuda_padding_bytes(ctx, on_gpu, out_gpu)
-    cpu_w = sum(b for i, b in enumerate(layer_bytes) if i not in on_gpu) + (0 if out_gpu else outside) + host_input
+    gpu_w, cpu_w = model_buffers(ctx, on_gpu, out_gpu)
     cells = n_ctx(cfg)
     per_layer = kv_bytes_per_layer(ctx, cells)
     s = cfg.serve
