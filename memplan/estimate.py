@@ -33,6 +33,8 @@ class Estimate:
     not_modelled: tuple[str, ...] = field(default=())
     stage: int = 0
     """The pipeline stage whose GPU is reported (the most loaded one)."""
+    warnings: tuple[str, ...] = field(default=())
+    """Sentences about input the engine accepts but warns about (e.g. a context past max_position_embeddings)."""
 
     def total(self, tier: Tier) -> int:
         return tier_total(self.rows, tier)
@@ -101,9 +103,11 @@ def estimate(
     ctx = Context(arch=arch, cfg=cfg, gpu=gpu_spec, host=host or HostSpec())
     from memplan.engines import serving
 
+    serving.check_knobs(cfg)
     rows, missing, stage = serving.all_rows(ctx) if serving.has_own_rows(cfg) else components.all_rows(ctx)
     _check_printable(rows)
-    return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage)
+    warns = serving.context_warnings(cfg, spec.max_position_embeddings)
+    return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage, warns)
 
 
 MAX_TOTAL_BITS = 1000

@@ -184,7 +184,8 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                         kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
                                         hidden=d, bits=step.bits, flash=flash)
-    if not cfg.infer.paged:
+    static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
+    if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
         shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp)
         out += kv_concat_bytes(batch=step.batch, old_tokens=step.kv_tokens - step.tokens,
                                elements=elements_per_token(shapes), bits=step.kv_bits)

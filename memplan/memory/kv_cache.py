@@ -167,6 +167,32 @@ def step_tokens(*, context: int, prefill_chunk: int | None) -> int:
     return min(prefill_chunk or context, context)
 
 
+def dynamic_growth_bytes(*, batch: int, old_tokens: int, shapes: tuple[tuple[int, int], ...], bits: int) -> int:
+    """Bytes of the previous K (or V) of one layer, alive while ``torch.cat`` builds the longer one in a decode step.
+
+    Formula: B·(S − 1)·max(K·H_k, K·H_v) × bits/8: keys are concatenated first, then values, so at most one of
+    the two old tensors of one layer coexists with its successor.
+    Source: transformers ``DynamicLayer.update`` (cache_utils.py, 5.x; ``DynamicCache.update`` since 4.36 does
+    the same per layer). Versions before 4.36 passed tuples (``past_key_values``) that kept the whole previous
+    cache alive through the forward (twice the KV cache); that legacy format is not modelled.
+    """
+    widest = max((heads * dim for heads, dim in shapes), default=0)
+    return bits_to_bytes(batch * max(old_tokens, 0) * widest, bits)
+
+
+def _growth_rows(ctx: Context, shapes: tuple[tuple[int, int], ...], dtype: Dtype) -> list[Row]:
+    """The transformers dynamic cache's concat copy, on the transformers engine with a dynamic cache."""
+    from memplan.config import Engine
+    from memplan.memory.breakdown import Phase
+
+    cfg = ctx.cfg
+    if cfg.engine is not Engine.TRANSFORMERS or cfg.serve.cache_implementation != "dynamic" or cfg.infer.paged:
+        return []
+    grow = dynamic_growth_bytes(batch=cfg.micro_batch, old_tokens=cfg.infer.context - 1, shapes=shapes, bits=dtype.bits)
+    return [Row("kv_cache/dynamic_growth", Tier.GPU, grow, "transformers cache_utils.py DynamicLayer.update (torch.cat)",
+                "one layer's old keys (or values) while the decode step concatenates", frozenset({Phase.DECODE}))]
+
+
 def rows(ctx: Context) -> list[Row]:
     """KV cache rows for an inference job on the reported GPU (its tp rank, its pipeline stage's layers).
 
@@ -197,7 +223,7 @@ def rows(ctx: Context) -> list[Row]:
         d, s = layer_bytes(batch=cfg.micro_batch, tokens=tokens, elements=elements, bits=dtype.bits, scale_bits=sbits)
         data["sliding_attention" if window else "full_attention"] += d
         scales += s + tensor_scale_bytes_per_layer(dtype=dtype)
-    return _make_rows(data, scales, note=_note(spec, inf, dtype, elements, step))
+    return _make_rows(data, scales, note=_note(spec, inf, dtype, elements, step)) + _growth_rows(ctx, shapes, dtype)
 
 
 def _note(spec: ModelSpec, inf: InferConfig, dtype: Dtype, elements: int, step: int) -> str:

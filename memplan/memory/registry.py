@@ -73,3 +73,4 @@ register("runtime/vllm_unbudgeted", ALL, "vLLM: memory outside gpu_memory_utiliz
 register("activations/llamacpp_compute", (Phase.PREFILL, Phase.DECODE),
          "llama.cpp: compute buffer reserved at context creation for the worst-case ubatch graph")
 register("activations/llamacpp_output", (Phase.PREFILL, Phase.DECODE), "llama.cpp: host logits buffer")
+register("kv_cache/dynamic_growth", (Phase.DECODE,), "transformers DynamicCache: one layer's old K/V during torch.cat")
