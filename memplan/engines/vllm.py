@@ -300,7 +300,7 @@ def capacity(arch: Architecture, cfg: JobConfig, gpu: GpuSpec, host: HostSpec, f
         ctx = Context(arch, cfg, gpu, host, stage_override=stage)
         p = pool(ctx)
         if field == "micro_batch":
-            value = p.concurrency(cfg.infer.context)
+            value = p.concurrency(cfg.infer.context) if cfg.infer.context <= max_model_len(ctx) else 0
         else:
             value = min(max_model_len(ctx), p.blocks // cfg.micro_batch * p.block_size)
         worst = value if worst is None else min(worst, value)
