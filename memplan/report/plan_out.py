@@ -9,6 +9,9 @@ from memplan.planner.plan import Candidate, PlanResult
 from memplan.report.json_out import SCHEMA_VERSION, estimate_dict
 from memplan.units import GiB
 
+SERVING_KEYS = ("ttft_s", "tpot_s", "tokens_per_s_replica", "replicas", "concurrent_sequences")
+"""Plan extras that describe serving latency/throughput (JSON ``serving``), not per-layer decisions."""
+
 
 def candidate_dict(c: Candidate) -> dict[str, Any]:
     out = estimate_dict(c.estimate)
@@ -17,7 +20,9 @@ def candidate_dict(c: Candidate) -> dict[str, Any]:
         "tokens_per_s": round(c.tokens_per_s, 3),
         "objective_value": round(c.objective_value, 9),
         "layer_map": c.layer_map,
-        "layer_plan": dict(c.extras),
+        "layer_plan": {k: v for k, v in c.extras.items() if k not in SERVING_KEYS},
+        **({"serving": {k: c.extras[k] for k in SERVING_KEYS if k in c.extras}}
+           if any(k in c.extras for k in SERVING_KEYS) else {}),
     })
     return out
 
@@ -84,6 +89,10 @@ def render_plan(result: PlanResult, console: Any) -> None:
         console.print("Weight quantization: none (every weight in 16 bits)." if sqnr is None else
                       f"Weight quantization: SQNR {sqnr:.2f} dB (relative MSE {best.extras['weights_relative_mse']:.3g}, "
                       "Gaussian round-to-nearest proxy).")
+    if "tpot_s" in best.extras:
+        x = best.extras
+        console.print(f"Serving: TTFT {x['ttft_s'] * 1e3:,.1f} ms, TPOT {x['tpot_s'] * 1e3:,.2f} ms, "
+                      f"{x['tokens_per_s_replica']:,.0f} tokens/s per replica × {x['replicas']} replicas.")
     console.print(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
     render_estimate(best.estimate, console)
     if len(result.candidates) > 1:
