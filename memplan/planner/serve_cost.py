@@ -91,7 +91,9 @@ def _stage_terms(ctx: Context, batch: int, context: int) -> tuple[float, float, 
     w_bytes = tier_total(weights.rows(ctx), Tier.GPU)
     stage_params = sum(layer.params for _, layer in layers) or arch.params
     routed = sum(t.numel for _, layer in layers for t in layer.tensors if t.routed)
-    frac = expert_read_fraction(experts=spec.num_experts or 0, top_k=spec.num_experts_per_tok or 0, tokens=batch)
+    # expert parallelism: this GPU's experts serve the tokens of all ep replicas of the group (all-to-all)
+    frac = expert_read_fraction(experts=spec.num_experts or 0, top_k=spec.num_experts_per_tok or 0,
+                                tokens=batch * cfg.ep)
     read = w_bytes * (1 - routed / max(stage_params, 1) * (1 - frac))
     shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=cfg.tp)
     kv_token = bits_to_bytes(len(layers) * elements_per_token(shapes), sized_kv_dtype(cfg).bits)
