@@ -91,3 +91,30 @@ def test_kv_label_names_the_sized_dtype() -> None:
     assert "kv=bf16" in _choice(cand) and sized_kv_dtype(est.config).bits == 16
     est8 = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", dtype="fp8", infer={"context": 1024, "kv_dtype": "fp8"})
     assert "kv=fp8" in _choice(Candidate(est8.config, est8, 1.0, 1.0, 0.0, ""))
+
+
+def test_enforce_eager_drops_graph_memory_and_fp8_kv_doubles_the_pool_tokens() -> None:
+    from memplan.engines import vllm
+    from memplan.memory.context import Context
+
+    def pool(**serve: object) -> vllm.Pool:
+        est = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", engine="vllm", serve=serve)
+        return vllm.pool(Context(est.arch, est.config, est.gpu, est.host))
+
+    graphs, eager = pool(), pool(enforce_eager=True)
+    assert graphs.cudagraphs > 0 and eager.cudagraphs == 0 and eager.kv_bytes == graphs.kv_bytes + graphs.cudagraphs
+    est8 = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", engine="vllm", infer={"kv_dtype": "fp8"})
+    p8 = vllm.pool(Context(est8.arch, est8.config, est8.gpu, est8.host))
+    assert p8.token_bytes * 2 == graphs.token_bytes == 32 * 2 * 8 * 128 * 2
+    assert p8.blocks == p8.kv_bytes // (16 * p8.token_bytes)
+
+
+def test_vllm_rows_carry_serving_phases() -> None:
+    from memplan.memory.breakdown import Phase
+    from memplan.memory.registry import with_phases
+
+    est = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", engine="vllm")
+    phases = {r.component: with_phases(r).phases for r in est.rows}
+    assert Phase.LOAD not in phases["kv_cache"] and Phase.DECODE in phases["kv_cache"]
+    assert phases["activations/vllm_profile_peak"] == frozenset({Phase.PREFILL, Phase.DECODE})
+    assert Phase.LOAD in phases["runtime/vllm_non_torch"] and Phase.LOAD in phases["weights/params"]
