@@ -70,3 +70,13 @@ def test_min_gpus_serves_c_sequences_of_t_tokens() -> None:
     one = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", engine="vllm", infer={"context": 8192})
     c1 = largest_fitting(one, "micro_batch")
     assert best.config.world_size == -(-600 // c1)
+
+
+def test_max_concurrency_counts_every_replica() -> None:
+    # 8 GPUs: the plan maximizes sequences over all data-parallel replicas, batch (per replica) × replicas.
+    result = plan(_req("llama-3.1-8b", "h100-sxm-80gb", Objective.MAX_CONCURRENCY, SearchSpace(pp=(1,)),
+                       engine="vllm", gpus_per_node=8, infer={"context": 32768}))
+    best = result.candidates[0]
+    one = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", engine="vllm", infer={"context": 32768})
+    per_gpu = largest_fitting(one, "micro_batch")
+    assert best.config.micro_batch * best.config.dp >= 8 * per_gpu

@@ -186,7 +186,8 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
             continue
         step = decode_seconds(req, c, w, k)
         replicas = req.base.world_size // (c["tp"] * c["pp"])  # data-parallel replicas serve side by side
-        values[key] = Entry(seconds=step / (c["batch"] * replicas), value=_value(_objective(req), c))
+        total = replicas if req.objective.value == "max-concurrency" else 1  # sequences over all replicas
+        values[key] = Entry(seconds=step / (c["batch"] * replicas), value=_value(_objective(req), c) * total)
     factors = [Factor("weights", W_DIMS, weights), Factor("kv", KV_DIMS, kv), Factor("speed", value_dims, values)]
     st = runtime.settings(req.gpu, req.base)
     margin = runtime.safety_margin_bytes(capacity_bytes=req.gpu.memory_bytes, pct=req.base.safety_margin_pct)
