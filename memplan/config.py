@@ -193,6 +193,61 @@ class InferConfig(Strict):
     with "cpu" entries, ``AlignDevicesHook(offload=True)``); None: every layer on the GPU."""
 
 
+class ServeConfig(Strict):
+    """Knobs of the serving engines, each under the engine's own name (``JobConfig.engine`` picks the engine).
+
+    vLLM (``vllm serve`` flags, vllm/engine/arg_utils.py ``EngineArgs``): ``gpu_memory_utilization``,
+    ``max_num_batched_tokens``, ``max_num_seqs``, ``block_size``, ``enforce_eager``,
+    ``cudagraph_capture_sizes``, ``max_model_len``. llama.cpp (``llama-server``/``llama-cli`` flags,
+    common/arg.cpp): ``n_gpu_layers`` (-ngl), ``n_ctx`` (-c), ``n_batch`` (-b), ``n_ubatch`` (-ub),
+    ``cache_type_k``/``cache_type_v`` (-ctk/-ctv), ``flash_attn`` (-fa). transformers ``generate``:
+    ``cache_implementation``.
+    """
+
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """vLLM: share of the GPU's memory the instance may use (weights, activations, KV pool)."""
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    """vLLM: tokens of one scheduler step (chunked prefill); None: vLLM's default for ``vllm serve``
+    (8192 on GPUs of at least 70 GiB other than A100, else 2048; ``EngineArgs.get_batch_defaults``)."""
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    """vLLM: sequences one step may hold; None: vLLM's default (1024 on GPUs of at least 70 GiB other than A100, else 256)."""
+    block_size: int = Field(default=16, gt=0)
+    """vLLM: tokens per KV-cache block."""
+    enforce_eager: bool = False
+    """vLLM: no CUDA graphs (no graph memory)."""
+    cudagraph_capture_sizes: tuple[int, ...] | None = None
+    """vLLM: batch sizes captured as CUDA graphs; None: vLLM's default list up to min(2·max_num_seqs, 512)."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    """vLLM: longest sequence (prompt + output) served; None: the model's max_position_embeddings."""
+    non_torch_bytes: int | None = Field(default=None, ge=0)
+    """vLLM: memory outside PyTorch's allocator (CUDA context, cuBLAS, NCCL, custom all-reduce); None: the
+    default of ``memplan.engines.vllm.non_torch_bytes``."""
+    allreduce_keeps_inputs: bool = False
+    """vLLM <= 0.2.5 only (before PR #2151): every all-reduce input stayed alive through the profile forward."""
+    n_gpu_layers: int | None = Field(default=None, ge=0)
+    """llama.cpp -ngl: repeating layers offloaded to the GPU; None: all (llama.cpp's default since b5xxx is 999)."""
+    n_ctx: int | None = Field(default=None, gt=0)
+    """llama.cpp -c: context size of the KV cache; None: ``infer.context``."""
+    n_batch: int = Field(default=2048, gt=0)
+    """llama.cpp -b: logical batch size (tokens submitted per llama_decode)."""
+    n_ubatch: int = Field(default=512, gt=0)
+    """llama.cpp -ub: physical batch size (tokens per graph evaluation); sizes the compute buffers."""
+    cache_type_k: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"] = "f16"
+    """llama.cpp -ctk: K cache type."""
+    cache_type_v: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"] = "f16"
+    """llama.cpp -ctv: V cache type; a quantized V cache needs flash attention."""
+    flash_attn: bool = True
+    """llama.cpp -fa: on by default (llama.cpp's ``-fa auto``, the default since 2025, enables it on CUDA)."""
+    prompt_tokens: int | None = Field(default=None, gt=0)
+    """Prompt length for the time to first token; None: ``infer.context`` (the whole context is prompt, the upper bound)."""
+    hbm_efficiency: float | None = Field(default=None, gt=0, le=1)
+    """Share of peak memory bandwidth decode reaches; None: the GPU generation's default (planner.serve_cost)."""
+    compute_efficiency: float | None = Field(default=None, gt=0, le=1)
+    """Share of peak dense FLOP/s prefill reaches; None: the GPU generation's default (planner.serve_cost)."""
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    """transformers ``generate(cache_implementation=...)``: ``dynamic`` (DynamicCache, grows by torch.cat) or ``static``."""
+
+
 class EngineConfig(Strict):
     """The training engines' own knobs, under the engines' names and with their defaults (``memplan.engines``).
 
@@ -239,11 +294,11 @@ TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_o
 """JobConfig fields that describe a training step; an inference estimate reads none of them."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
     Job.INFER: TRAINING_ONLY,
-    Job.PRETRAIN: ("lora", "galore", "infer"),
-    Job.FULL: ("lora", "galore", "infer"),
-    Job.LORA: ("grad_dtype", "accounting", "galore", "infer"),
-    Job.QLORA: ("grad_dtype", "accounting", "galore", "infer", "optimizer_impl"),
-    Job.GALORE: ("accounting", "lora", "infer"),
+    Job.PRETRAIN: ("lora", "galore", "infer", "serve"),
+    Job.FULL: ("lora", "galore", "infer", "serve"),
+    Job.LORA: ("grad_dtype", "accounting", "galore", "infer", "serve"),
+    Job.QLORA: ("grad_dtype", "accounting", "galore", "infer", "serve", "optimizer_impl"),
+    Job.GALORE: ("accounting", "lora", "infer", "serve"),
 }
 """The declaration of which JobConfig fields each job ignores (the memory functions never read them): a
 value other than the default for one of these is an error, so no flag, recipe key or API argument is
@@ -409,6 +464,8 @@ class JobConfig(Strict):
         """``paper`` (Korthikanti et al. 2022, Megatron-Core/TransformerEngine's fused layout) for the megatron
         engine, else ``activation_accounting`` (the Hugging Face module layout by default)."""
         return "paper" if self.job.trains and self.effective_engine is Engine.MEGATRON else self.activation_accounting
+    serve: ServeConfig = ServeConfig()
+    """Serving-engine knobs (vLLM, llama.cpp, transformers generate), read when ``job`` is infer."""
 
     @property
     def world_size(self) -> int:

@@ -141,7 +141,10 @@ def estimate(
     arch = build_architecture(spec)
     warnings = preflight(spec, arch, gpu_spec, cfg)
     ctx = Context(arch=arch, cfg=cfg, gpu=gpu_spec, host=host or HostSpec())
-    rows, missing, stage = components.all_rows(ctx)
+    from memplan.engines import serving
+
+    serving.check_knobs(cfg)
+    rows, missing, stage = serving.all_rows(ctx) if serving.has_own_rows(cfg) else components.all_rows(ctx)
     _check_printable(rows)
     return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage,
                     tuple(warnings), {**host_assumptions(ctx.host), **assumed})

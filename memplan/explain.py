@@ -80,6 +80,19 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "kv_cache/full_attention": ("kv_cache.kv_cache_bytes", "kv_cache.cached_shapes", "kv_cache.paged_slots"),
     "kv_cache/sliding_attention": ("kv_cache.cached_tokens", "kv_cache.paged_slots", "kv_cache.layer_window"),
     "kv_cache/scales": ("kv_cache.scale_bits_per_token", "kv_cache.tensor_scale_bytes_per_layer"),
+    "kv_cache/dynamic_growth": ("kv_cache.dynamic_growth_bytes",),
+    "activations/vllm_profile_peak": ("engines.vllm.activation_peak_bytes", "engines.vllm.sampler_bytes",
+                                      "engines.vllm.legacy_allreduce_bytes", "inference.forward_peak_bytes"),
+    "runtime/vllm_non_torch": ("engines.vllm.non_torch_bytes",),
+    "runtime/vllm_cudagraphs": ("engines.vllm.cudagraph_bytes", "engines.vllm.capture_sizes"),
+    "runtime/vllm_unbudgeted": ("engines.vllm.budget_bytes",),
+    "weights/llamacpp_gpu": ("engines.llamacpp.model_buffers", "engines.llamacpp.file_buffers",
+                             "engines.llamacpp.cuda_padding_bytes", "engines.llamacpp.gpu_layers"),
+    "weights/llamacpp_host": ("engines.llamacpp.model_buffers", "engines.llamacpp.file_buffers"),
+    "kv_cache/host": ("engines.llamacpp.kv_bytes_per_layer", "engines.llamacpp.kv_row_bytes"),
+    "activations/llamacpp_compute": ("engines.llamacpp.compute_bytes",),
+    "activations/llamacpp_output": ("engines.llamacpp.rows",),
+    "runtime/llamacpp_cuda_context": ("engines.llamacpp.rows",),
     "runtime/cuda_context": ("runtime.cuda_context_bytes",),
     "runtime/allocator_reserve": ("runtime.allocator_reserve_bytes",),
     "runtime/model_load_fp32": ("model_states.deepspeed_cpu_rows",),
@@ -95,6 +108,8 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "activations": ("activations", "activations_block"),
     "runtime": ("runtime",),
     "inference": ("inference",),
+    "vllm": ("engines.vllm",),
+    "llamacpp": ("engines.llamacpp",),
     "zero": ("zero", "model_states"),
     "peft": ("peft",),
     "lowrank": ("lowrank",),
@@ -118,6 +133,11 @@ class Explanation:
     """The phases in which the component is alive and why (``memory.registry``)."""
 
 
+def _import(module: str) -> Any:
+    """``memplan.memory.<module>``, or ``memplan.<module>`` for the serving engines (``engines.vllm``)."""
+    return importlib.import_module(f"memplan.{module}" if module.startswith("engines.") else f"memplan.memory.{module}")
+
+
 def names() -> list[str]:
     """Every name ``explain`` accepts."""
     return sorted(set(COMPONENTS) | set(TOPICS))
@@ -126,13 +146,13 @@ def names() -> list[str]:
 def resolve(dotted: str) -> Any:
     """The function ``module.function`` under ``memplan.memory``."""
     module, _, func = dotted.rpartition(".")
-    return getattr(importlib.import_module(f"memplan.memory.{module}"), func)
+    return getattr(_import(module), func)
 
 
 @cache
 def module_constants(module: str) -> dict[str, tuple[str, str]]:
     """Module-level UPPER_CASE constants of ``memplan.memory.<module>`` with a docstring: name -> (assignment, doc)."""
-    mod = importlib.import_module(f"memplan.memory.{module}")
+    mod = _import(module)
     tree = ast.parse(inspect.getsource(mod))
     out: dict[str, tuple[str, str]] = {}
     for node, nxt in pairwise(tree.body):
@@ -155,7 +175,7 @@ def constants_used(dotted: str) -> list[tuple[str, str]]:
 
 
 def _module_doc(module: str) -> tuple[str, str]:
-    mod = importlib.import_module(f"memplan.memory.{module}")
+    mod = _import(module)
     return mod.__name__, inspect.cleandoc(mod.__doc__ or "")
 
 

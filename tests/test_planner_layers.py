@@ -180,7 +180,7 @@ def test_gguf_layer_block_matches_estimate_layer_by_layer():
     problem, _, _ = build(req)
     block = problem.extra_blocks[0]
     key = (1, 1, "q4_k_m", 1)
-    outside = next(f for f in problem.factors if f.name == "weights").entries[(1, 1, "q4_k_m")].gpu[0]
+    outside = next(f for f in problem.factors if f.name == "weights").entries[(1, 1, 1, "q4_k_m")].gpu[0]
     layers = [block.gpu[i]["q4_k_m"][key] for i in range(len(block.gpu))]
     assert len(set(layers)) > 1, "q4_k_m gives some layers more bits"
     exact = estimate(spec, gpu_with(80_000), base)

@@ -150,6 +150,10 @@ def load_model(text: str) -> ModelSpec:
     if not path_like and lowered in model_names():
         return catalog_model(stripped)
     path = Path(stripped).expanduser()
+    if lowered.endswith(".gguf"):
+        from memplan.catalog.gguf_file import gguf_model
+
+        return gguf_model(path)
     if path_like or _exists(path):
         return load_config_file(path)
     raise MemplanError(

@@ -185,7 +185,8 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                         kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
                                         hidden=d, bits=step.bits, flash=flash)
-    if not cfg.infer.paged:
+    static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
+    if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
         shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp)
         out += kv_concat_bytes(batch=step.batch, old_tokens=step.kv_tokens - step.tokens,
                                elements=elements_per_token(shapes), bits=step.kv_bits)
@@ -258,3 +259,19 @@ def max_context(fits: Callable[[int], bool], lo: int = 1, hi: int = 2**20) -> in
 def max_batch(fits: Callable[[int], bool], lo: int = 1, hi: int = 2**16) -> int:
     """The largest batch (sequences) in [lo, hi] for which ``fits(batch)`` holds; 0 when none does."""
     return largest_fitting(fits, lo=lo, hi=hi)
+
+
+def forward_peak_bytes(ctx: Context, *, batch: int, tokens: int, kv_tokens: int) -> int:
+    """Peak activation bytes of one forward of B·T new tokens over S_kv keys, without logits, on one GPU.
+
+    Formula: 2·B·T·D × bytes (residual stream) + max over the stage's layers of max(attention, MLP) workspace.
+    Source: as ``rows`` (vLLM ``profile_run`` measures the same forward; vllm/v1/worker/gpu_model_runner.py
+    ``_dummy_run``). Assumption: a paged cache (no concat copy) when ``cfg.infer.paged``.
+    """
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    bits = compute_dtype(cfg.dtype).bits
+    step = _Step(batch=batch, tokens=tokens, kv_tokens=kv_tokens, bits=bits, tp=cfg.tp,
+                 kv_bits=(cfg.infer.kv_dtype or compute_dtype(cfg.dtype)).bits)
+    attention = _attention_bytes(ctx, step) if ctx.layers else 0
+    mlp = max((_mlp_bytes(spec, layer, step) for _, layer in ctx.layers), default=0)
+    return hidden_states_bytes(batch=batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits) + max(attention, mlp)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from memplan.arch.tensors import Layer
 from memplan.catalog.schema import ModelSpec
-from memplan.config import InferConfig, Job
+from memplan.config import InferConfig, Job, JobConfig
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Row, Tier
@@ -46,6 +46,12 @@ def compute_dtype(dtype: Dtype) -> Dtype:
     Assumption: integer or fp8 weight formats are weight-only; compute runs in bf16.
     """
     return dtype if dtype in (Dtype.FP32, Dtype.BF16, Dtype.FP16) else Dtype.BF16
+
+
+def sized_kv_dtype(cfg: JobConfig) -> Dtype:
+    """The dtype the KV cache is sized in: ``infer.kv_dtype``, else the compute dtype of ``cfg.dtype``
+    (fp8 or integer weights compute, and cache, in bf16). Every KV row and every ``kv=`` label reads this."""
+    return cfg.infer.kv_dtype or compute_dtype(cfg.dtype)
 
 
 def kv_cache_bytes(*, batch: int, seq: int, layers: int, kv_heads: int, head_dim: int, bits: int) -> int:
@@ -161,6 +167,32 @@ def step_tokens(*, context: int, prefill_chunk: int | None) -> int:
     return min(prefill_chunk or context, context)
 
 
+def dynamic_growth_bytes(*, batch: int, old_tokens: int, shapes: tuple[tuple[int, int], ...], bits: int) -> int:
+    """Bytes of the previous K (or V) of one layer, alive while ``torch.cat`` builds the longer one in a decode step.
+
+    Formula: B·(S − 1)·max(K·H_k, K·H_v) × bits/8: keys are concatenated first, then values, so at most one of
+    the two old tensors of one layer coexists with its successor.
+    Source: transformers ``DynamicLayer.update`` (cache_utils.py, 5.x; ``DynamicCache.update`` since 4.36 does
+    the same per layer). Versions before 4.36 passed tuples (``past_key_values``) that kept the whole previous
+    cache alive through the forward (twice the KV cache); that legacy format is not modelled.
+    """
+    widest = max((heads * dim for heads, dim in shapes), default=0)
+    return bits_to_bytes(batch * max(old_tokens, 0) * widest, bits)
+
+
+def _growth_rows(ctx: Context, shapes: tuple[tuple[int, int], ...], dtype: Dtype) -> list[Row]:
+    """The transformers dynamic cache's concat copy, on the transformers engine with a dynamic cache."""
+    from memplan.config import Engine
+    from memplan.memory.breakdown import Phase
+
+    cfg = ctx.cfg
+    if cfg.engine is not Engine.TRANSFORMERS or cfg.serve.cache_implementation != "dynamic" or cfg.infer.paged:
+        return []
+    grow = dynamic_growth_bytes(batch=cfg.micro_batch, old_tokens=cfg.infer.context - 1, shapes=shapes, bits=dtype.bits)
+    return [Row("kv_cache/dynamic_growth", Tier.GPU, grow, "transformers cache_utils.py DynamicLayer.update (torch.cat)",
+                "one layer's old keys (or values) while the decode step concatenates", frozenset({Phase.DECODE}))]
+
+
 def rows(ctx: Context) -> list[Row]:
     """KV cache rows for an inference job on the reported GPU (its tp rank, its pipeline stage's layers).
 
@@ -175,7 +207,7 @@ def rows(ctx: Context) -> list[Row]:
     if cfg.job is not Job.INFER:
         return []
     spec, inf = ctx.arch.spec, cfg.infer
-    dtype = inf.kv_dtype or compute_dtype(cfg.dtype)
+    dtype = sized_kv_dtype(cfg)
     shapes = cached_shapes(spec, mla_cache=inf.mla_cache, tp=cfg.tp)
     elements = elements_per_token(shapes)
     sbits = scale_bits_per_token(shapes=shapes, dtype=dtype, group_size=inf.kv_group_size)
@@ -191,7 +223,7 @@ def rows(ctx: Context) -> list[Row]:
         d, s = layer_bytes(batch=cfg.micro_batch, tokens=tokens, elements=elements, bits=dtype.bits, scale_bits=sbits)
         data["sliding_attention" if window else "full_attention"] += d
         scales += s + tensor_scale_bytes_per_layer(dtype=dtype)
-    return _make_rows(data, scales, note=_note(spec, inf, dtype, elements, step))
+    return _make_rows(data, scales, note=_note(spec, inf, dtype, elements, step)) + _growth_rows(ctx, shapes, dtype)
 
 
 def _note(spec: ModelSpec, inf: InferConfig, dtype: Dtype, elements: int, step: int) -> str:

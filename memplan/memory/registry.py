@@ -106,3 +106,12 @@ register("optimizer/lowrank_workspace", (_O,), "GaLore/APOLLO projection of the 
 register("optimizer/step_temporaries", (_O,),
          "torch.optim.AdamW step temporaries (torch/optim/adam.py _single_tensor_adam, _multi_tensor_adam, "
          "_fused_adam): memory.optimizer_step")
+register("runtime/vllm_non_torch", ALL, "vLLM: CUDA context, cuBLAS, NCCL and custom all-reduce buffers")
+register("activations/vllm_profile_peak", (Phase.PREFILL, Phase.DECODE),
+         "vLLM: the profile run's torch peak, reserved out of the budget for every scheduler step")
+register("runtime/vllm_cudagraphs", (Phase.PREFILL, Phase.DECODE), "vLLM: CUDA graph memory pool after capture")
+register("runtime/vllm_unbudgeted", ALL, "vLLM: memory outside gpu_memory_utilization × total")
+register("activations/llamacpp_compute", (Phase.PREFILL, Phase.DECODE),
+         "llama.cpp: compute buffer reserved at context creation for the worst-case ubatch graph")
+register("activations/llamacpp_output", (Phase.PREFILL, Phase.DECODE), "llama.cpp: host logits buffer")
+register("kv_cache/dynamic_growth", (Phase.DECODE,), "transformers DynamicCache: one layer's old K/V during torch.cat")

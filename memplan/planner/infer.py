@@ -19,18 +19,20 @@ from memplan.memory import components, runtime
 from memplan.memory.breakdown import Tier, tier_total
 from memplan.memory.context import Context
 from memplan.planner import cost
-from memplan.planner.dims import MAX_BATCH_SEARCH, MAX_CONTEXT_SEARCH, MIN_CONTEXT, pp_candidates, tp_candidates
+from memplan.planner.dims import pp_candidates, tp_candidates
 from memplan.planner.ilp import Entry, Factor, IlpBuilder, Problem
-from memplan.planner.space import Objective, powers_of_two
+from memplan.planner.infer_capacity import ep_candidates, exact_values
+from memplan.planner.space import Objective
 
-W_DIMS = ("tp", "pp", "quant")
-KV_DIMS = ("tp", "pp", "kv_dtype", "batch", "context")
+W_DIMS = ("tp", "pp", "ep", "quant")
+KV_DIMS = ("tp", "pp", "ep", "kv_dtype", "batch", "context")
+VALUE_DIMS = ("tp", "pp", "ep", "quant", "kv_dtype", "batch", "context")
 TP_ALLREDUCE_LATENCY_S = 10e-6
 """Per all-reduce latency floor at decode's tiny messages (an assumption, NCCL ring on NVLink)."""
 
 
 def infer_config(base: JobConfig, choice: dict[str, Any]) -> JobConfig:
-    upd: dict[str, Any] = {k: choice[k] for k in ("tp", "pp", "quant") if k in choice}
+    upd: dict[str, Any] = {k: choice[k] for k in ("tp", "pp", "ep", "quant") if k in choice}
     if "batch" in choice:
         upd["micro_batch"] = choice["batch"]
     infer = {k: choice[k] for k in ("kv_dtype", "context") if k in choice}
@@ -41,9 +43,13 @@ def infer_config(base: JobConfig, choice: dict[str, Any]) -> JobConfig:
 
 
 def _stage_rows(req: Any, cfg: JobConfig) -> list[list]:
+    from memplan.engines import serving
+
     arch = build_architecture(req.model)
     ctx = Context(arch, cfg, req.gpu, req.host)
     components.validate(ctx)
+    if serving.has_own_rows(cfg):
+        return [serving.stage_rows(ctx.at_stage(s)) for s in range(cfg.pp)]
     return [components.job_rows(ctx.at_stage(s), []) for s in range(cfg.pp)]
 
 
@@ -53,18 +59,22 @@ def _dims(req: Any, arch: Any) -> tuple[dict[str, tuple], list[str]]:
     dims: dict[str, tuple] = {
         "tp": tp_candidates(arch, base, space, excluded),
         "pp": pp_candidates(arch, base, space, excluded),
+        "ep": ep_candidates(arch, base, getattr(space, "ep", None)),
         "quant": space.quant or (base.quant,),
         "kv_dtype": space.kv_dtype or (base.infer.kv_dtype,),
+        "batch": space.batch or (base.micro_batch,),
+        "context": space.context or (base.infer.context,),
     }
-    if req.objective is Objective.MAX_BATCH:
-        dims["batch"] = space.batch or powers_of_two(MAX_BATCH_SEARCH)
-    else:
-        dims["batch"] = space.batch or (base.micro_batch,)
-    if req.objective is Objective.MAX_CONTEXT:
-        dims["context"] = space.context or tuple(s for s in powers_of_two(MAX_CONTEXT_SEARCH) if s >= MIN_CONTEXT)
-    else:
-        dims["context"] = space.context or (base.infer.context,)
+    if _objective(req) is Objective.MAX_BATCH and not space.batch:
+        dims["batch"] = exact_values(req, dims, "micro_batch", infer_config) or (base.micro_batch,)
+    if req.objective is Objective.MAX_CONTEXT and not space.context:
+        dims["context"] = exact_values(req, dims, "context", infer_config) or (base.infer.context,)
     return dims, excluded
+
+
+def _objective(req: Any) -> Objective:
+    """max-concurrency is max-batch by its serving name."""
+    return Objective.MAX_BATCH if req.objective.value == "max-concurrency" else req.objective
 
 
 def choices_for(req: Any, dims: dict[str, tuple]) -> Any:
@@ -123,7 +133,7 @@ def _distinct_quants(dims: dict[str, tuple], weights: dict[tuple, Entry]) -> tup
     out: list = []
     seen: list[list] = []
     for q in sorted(dims["quant"], key=lambda f: f is not None):  # 16-bit first: the plain name for no format
-        sig = [weights.get((tp, pp, q)) for tp in dims["tp"] for pp in dims["pp"]]
+        sig = [weights.get((tp, pp, ep, q)) for tp in dims["tp"] for pp in dims["pp"] for ep in dims["ep"]]
         if sig not in seen:
             seen.append(sig)
             out.append(q)
@@ -131,6 +141,7 @@ def _distinct_quants(dims: dict[str, tuple], weights: dict[tuple, Entry]) -> tup
 
 
 def build(req: Any) -> tuple[Problem, list[str], Any]:
+    from memplan.engines import serving
     from memplan.planner.infer_layers import build_block
 
     arch = build_architecture(req.model)
@@ -140,7 +151,8 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
     for key in product(*(dims[d] for d in W_DIMS)):
         try:
             cfg = infer_config(req.base, dict(zip(W_DIMS, key, strict=True)))
-            stages = _stage_rows(req, cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"context": 1})}))
+            stages = _stage_rows(req, cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"context": 1}),
+                                                              "micro_batch": 1}))
         except (MemplanError, ValueError) as exc:
             excluded.append(str(exc))
             continue
@@ -149,6 +161,8 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
             from memplan.planner.infer_layers import outside_error
 
             entry = replace(entry, error=outside_error(arch, cfg.quant) / (arch.params or 1))
+        if serving.has_own_rows(cfg):  # serving engines' non-weight rows come with the KV factor
+            entry = replace(entry, gpu=tuple(0 for _ in entry.gpu))
         weights[key] = entry
     kv: dict[tuple, Entry] = {}
     for key in product(*(dims[d] for d in KV_DIMS)):
@@ -158,7 +172,8 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
         except (MemplanError, ValueError) as exc:
             excluded.append(str(exc))
             continue
-        krows = [[r for r in rows if not r.component.startswith("weights")] for rows in stages]
+        krows = stages if serving.has_own_rows(cfg) else [
+            [r for r in rows if not r.component.startswith("weights")] for rows in stages]
         kv[key] = Entry(gpu=tuple(tier_total(r, Tier.GPU) for r in krows))
     if choices.formats is not None:
         from memplan.planner.infer_layers import is_gguf
@@ -166,25 +181,29 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
         if any(is_gguf(f) for f in choices.formats):  # llama.cpp keeps the input layer on the host only for GGUF
             dims["quant"] = tuple(q for q in dims["quant"] if q is not None)
         dims["quant"] = _distinct_quants(dims, weights)
-        weights = {k: e for k, e in weights.items() if k[2] in dims["quant"]}
+        weights = {k: e for k, e in weights.items() if k[W_DIMS.index("quant")] in dims["quant"]}
     if not weights or not kv:
         raise MemplanError("no inference configuration in the search space is valid: " + "; ".join(excluded[:3]))
-    value_dims = ("tp", "pp", "quant", "kv_dtype", "batch", "context")
+    value_dims = VALUE_DIMS
     values: dict[tuple, Entry] = {}
     for key in product(*(dims[d] for d in value_dims)):
         c = dict(zip(value_dims, key, strict=True))
-        w = weights.get((c["tp"], c["pp"], c["quant"]))
+        w = weights.get(tuple(c[d] for d in W_DIMS))
         k = kv.get(tuple(c[d] for d in KV_DIMS))
         if w is None or k is None:
             continue
         step = decode_seconds(req, c, w, k)
-        values[key] = Entry(seconds=step / c["batch"], value=_value(req.objective, c))
+        replicas = req.base.world_size // (c["tp"] * c["pp"])  # data-parallel replicas serve side by side
+        total = replicas if req.objective.value == "max-concurrency" else 1  # sequences over all replicas
+        values[key] = Entry(seconds=step / (c["batch"] * replicas), value=_value(_objective(req), c) * total)
     factors = [Factor("weights", W_DIMS, weights), Factor("kv", KV_DIMS, kv), Factor("speed", value_dims, values)]
     st = runtime.settings(req.gpu, req.base)
     margin = runtime.safety_margin_bytes(capacity_bytes=req.gpu.memory_bytes, pct=req.base.safety_margin_pct)
     context, pct = st.context_bytes + margin, st.reserve_pct  # fixed rows (context, safety margin) off the capacity
-    kind = {"min-memory": "min_gpu_bytes", "max-batch": "max_value", "max-context": "max_value",
-            "max-quality": "min_error"}.get(req.objective.value, "min_seconds")
+    if serving.has_own_rows(req.base):  # vLLM / llama.cpp rows are the whole GPU: no PyTorch context or reserve
+        context, pct = margin, 0.0
+    kind = {"min-memory": "min_gpu_bytes", "max-batch": "max_value", "max-concurrency": "max_value",
+            "max-context": "max_value", "max-quality": "min_error"}.get(req.objective.value, "min_seconds")
     block = build_block(req, arch, dims, choices) if choices.active else None
     problem = Problem(dims=dims, factors=factors, layers=None, num_layers=len(arch.layers) or 1,
                       gpu_capacity=req.gpu.memory_bytes - context, cpu_capacity=req.host.cpu_ram_bytes,
@@ -202,11 +221,13 @@ def _value(objective: Objective, c: dict[str, Any]) -> float:
 
 
 def decode_seconds(req: Any, c: dict[str, Any], w: Entry, k: Entry) -> float:
-    """One decode step: every stage reads its weights and KV cache; stages run in sequence;
-    tensor parallelism adds two all-reduces of B·D per layer (Megatron-LM Sec. 3)."""
-    bw = req.gpu.hbm_bandwidth_gbps * 1e9
-    read = sum(w.gpu) + sum(k.gpu)
-    seconds = cost.decode_seconds_per_token(bytes_read=read, hbm_bytes_per_s=bw)
+    """One decode step of one replica: the roofline of ``planner.serve_cost`` (weights of the touched experts and
+    the KV read at effective bandwidth, or FLOPs at effective peak; stages in sequence), plus tensor
+    parallelism's two all-reduces of B·D per layer (Megatron-LM Sec. 3)."""
+    from memplan.planner.serve_cost import serve_cost
+
+    cfg = infer_config(req.base, c)
+    seconds = serve_cost(Context(build_architecture(req.model), cfg, req.gpu, req.host)).tpot_s
     spec = req.model
     layers = spec.num_hidden_layers or 0
     if c["tp"] > 1:
@@ -221,6 +242,17 @@ def plan_inference(req: Any) -> Any:
     from memplan.planner.plan import Candidate, PlanResult, rank_candidates, verified_solutions
 
     result = PlanResult(status="infeasible", objective=req.objective)
+    if req.objective in (Objective.MIN_GPUS, Objective.MIN_COST) and not req.space.per_layer_quant:
+        from memplan.planner.infer_capacity import plan_min_gpus
+
+        dims, excluded = _dims(req, build_architecture(req.model))
+        result.excluded = sorted(set(excluded))
+        plan_min_gpus(req, dims, infer_config, result)
+        if result.candidates:
+            rank_candidates(result.candidates)
+            result.candidates = result.candidates[: req.top_k]
+            result.status = "optimal"
+        return result
     problem, excluded, choices = build(req)
     result.excluded = sorted(set(excluded))
 
@@ -246,9 +278,16 @@ def plan_inference(req: Any) -> Any:
 
 
 def _extras(req: Any, cfg: JobConfig, choices: Any) -> dict[str, Any]:
-    """Quality of the chosen weight formats, for plans that choose formats per layer."""
+    """Serving latency (TTFT, TPOT, tokens/s per replica, replicas) and, for plans that choose formats per
+    layer, the quality of the chosen weight formats."""
+    from memplan.planner.serve_cost import serve_cost
+
+    arch = build_architecture(req.model)
+    sc = serve_cost(Context(arch, cfg, req.gpu, req.host))
+    out: dict[str, Any] = {"ttft_s": sc.ttft_s, "tpot_s": sc.tpot_s, "tokens_per_s_replica": sc.tokens_per_s_replica,
+                           "replicas": sc.replicas}
     if choices.formats is None:
-        return {}
+        return out
     from memplan.planner.infer_layers import quality_extras
 
-    return quality_extras(build_architecture(req.model), cfg)
+    return {**out, **quality_extras(arch, cfg)}

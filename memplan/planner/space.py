@@ -20,6 +20,8 @@ class Objective(StrEnum):
     THROUGHPUT = "throughput"
     MIN_GPUS = "min-gpus"
     MAX_BATCH = "max-batch"
+    MAX_CONCURRENCY = "max-concurrency"
+    """Serving: the most concurrent sequences of the given context (max-batch by its serving name)."""
     MAX_CONTEXT = "max-context"
     MIN_MEMORY = "min-memory"
     MIN_COST = "min-cost"

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from memplan.memory.kv_cache import sized_kv_dtype
 from memplan.planner.plan import Candidate, PlanResult
 from memplan.report.json_out import SCHEMA_VERSION, estimate_dict
 from memplan.units import GiB
+
+SERVING_KEYS = ("ttft_s", "tpot_s", "tokens_per_s_replica", "replicas", "concurrent_sequences")
+"""Plan extras that describe serving latency/throughput (JSON ``serving``), not per-layer decisions."""
 
 
 def candidate_dict(c: Candidate) -> dict[str, Any]:
@@ -16,7 +20,9 @@ def candidate_dict(c: Candidate) -> dict[str, Any]:
         "tokens_per_s": round(c.tokens_per_s, 3),
         "objective_value": round(c.objective_value, 9),
         "layer_map": c.layer_map,
-        "layer_plan": dict(c.extras),
+        "layer_plan": {k: v for k, v in c.extras.items() if k not in SERVING_KEYS},
+        **({"serving": {k: c.extras[k] for k in SERVING_KEYS if k in c.extras}}
+           if any(k in c.extras for k in SERVING_KEYS) else {}),
     })
     return out
 
@@ -39,14 +45,14 @@ def plan_dict(result: PlanResult) -> dict[str, Any]:
 
 def _choice(c: Candidate) -> str:
     cfg = c.config
-    parts = [f"tp={cfg.tp}", f"pp={cfg.pp}", f"dp={cfg.dp}"]
+    parts = [f"tp={cfg.tp}", f"pp={cfg.pp}", f"dp={cfg.dp}"] + ([f"ep={cfg.ep}"] if cfg.ep > 1 else [])
     if cfg.job.trains:
         parts += [f"zero={int(cfg.zero)}", f"offload(opt={cfg.offload_optimizer.value}, params={cfg.offload_params.value})",
                   f"micro-batch={cfg.micro_batch}", f"grad-accum={cfg.grad_accum}", f"seq={cfg.seq_len}",
                   f"optimizer={cfg.optimizer.value}"]
     else:
         parts += [f"batch={cfg.micro_batch}", f"context={cfg.infer.context}",
-                  f"kv={cfg.infer.kv_dtype.value if cfg.infer.kv_dtype else cfg.dtype.value}"]
+                  f"kv={sized_kv_dtype(cfg).value}"]
     if cfg.quant:
         parts.append(f"quant={cfg.quant}")
     return " ".join(parts)
@@ -82,6 +88,10 @@ def render_plan(result: PlanResult, console: Any) -> None:
         console.print("Weight quantization: none (every weight in 16 bits)." if sqnr is None else
                       f"Weight quantization: SQNR {sqnr:.2f} dB (relative MSE {best.extras['weights_relative_mse']:.3g}, "
                       "Gaussian round-to-nearest proxy).")
+    if "tpot_s" in best.extras:
+        x = best.extras
+        console.print(f"Serving: TTFT {x['ttft_s'] * 1e3:,.1f} ms, TPOT {x['tpot_s'] * 1e3:,.2f} ms, "
+                      f"{x['tokens_per_s_replica']:,.0f} tokens/s per replica × {x['replicas']} replicas.")
     console.print(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
     render_estimate(best.estimate, console)
     if len(result.candidates) > 1:

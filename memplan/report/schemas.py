@@ -117,6 +117,21 @@ class LayerPlanOut(Out):
     """The same as a signal-to-quantization-noise ratio, dB (higher is better)."""
 
 
+class ServingOut(Out):
+    """Serving latency and throughput of an inference plan (memplan.planner.serve_cost)."""
+
+    ttft_s: float | None = None
+    """Time to first token: prefill FLOPs of the prompt at the effective peak, seconds."""
+    tpot_s: float | None = None
+    """Time per output token: one decode step (roofline of bytes read and FLOPs), seconds."""
+    tokens_per_s_replica: float | None = None
+    """Decode tokens per second of one replica (micro_batch sequences)."""
+    replicas: NonNegativeInt | None = None
+    """Data-parallel replicas serving side by side (tokens_per_s is replicas × tokens_per_s_replica)."""
+    concurrent_sequences: NonNegativeInt | None = None
+    """min-gpus / min-cost plans: sequences served at once over all replicas."""
+
+
 class CandidateOut(EstimateOut):
     step_time_s: float
     tokens_per_s: float
@@ -126,6 +141,8 @@ class CandidateOut(EstimateOut):
     19-31', 'optimizer states: ...', 'weights int8: layers 0-67, nf4: layers 68-79', 'placement gpu: ...'."""
     layer_plan: LayerPlanOut
     """Facts of the per-layer decisions (empty when the plan makes none)."""
+    serving: ServingOut | None = None
+    """Inference plans: latency and throughput (absent for training plans)."""
 
 
 class SuggestionOut(Out):

@@ -1,0 +1,234 @@
+"""llama.cpp: the buffers it allocates and prints, on the GPU and in host memory.
+
+llama.cpp has no PyTorch: no caching allocator, no torch CUDA context. At load and context creation it
+allocates and logs (src/llama-model.cpp ``load_tensors``, src/llama-kv-cache.cpp, src/llama-context.cpp):
+
+- "CUDA0 model buffer size" / "CPU_Mapped model buffer size": the weights of the layers offloaded with
+  ``-ngl`` (the last ngl repeating layers; the output layer too when ngl > n_layer) and the rest, with the
+  input embedding always on the host (``dev_input`` is the CPU);
+- "CUDA0 KV buffer size": n_ctx cells × L_gpu × (row_size(type_k, n_embd_k_gqa) + row_size(type_v,
+  n_embd_v_gqa)) for the offloaded layers (``offload_kqv``), the rest in a host KV buffer;
+- "CUDA0 compute buffer size": the graph allocator's worst case for one ubatch (see ``compute_bytes``);
+- "CUDA_Host output buffer size": n_vocab fp32 logits per sequence.
+
+``micro_batch`` is the number of parallel sequences (``-np``); they share one KV buffer of n_ctx cells,
+so B sequences of S tokens need n_ctx = B·S (llama-server splits n_ctx over its slots).
+"""
+
+from __future__ import annotations
+
+from memplan.config import JobConfig
+from memplan.errors import MemplanError
+from memplan.memory import weights
+from memplan.memory.breakdown import Row, Tier
+from memplan.memory.context import Context
+from memplan.units import ceil_div
+
+F32_BYTES = 4
+KV_TYPES: dict[str, tuple[int, int]] = {
+    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
+    "iq4_nl": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24),
+}
+"""-ctk/-ctv types -> (elements per block, bytes per block): ggml/src/ggml.c ``type_traits``; the list is
+common/arg.cpp ``kv_cache_types``."""
+FLOAT_KV_TYPES = ("f32", "f16", "bf16")
+N_CTX_PAD = 256
+"""llama.cpp pads n_ctx to a multiple of 256 cells (src/llama-context.cpp: ``GGML_PAD(cparams.n_ctx, 256)``)."""
+KQ_MASK_PAD = 64
+"""Rows of the KQ mask are padded to 64 (ggml.h ``GGML_KQ_MASK_PAD``)."""
+EMBD_WORK_TENSORS = 4
+"""f32 tensors of n_embd × n_ubatch alive next to the attention scores: the layer input, the residual, the
+attention output and the current hidden state (src/llama-graph.cpp ``build_attn``/``build_ffn``)."""
+CUDA_RUNTIME_CONTEXT_BYTES = 287_047_680
+"""A CUDA runtime context with lazy module loading after its first allocation: 274 MiB (pytorch/pytorch
+PR #86509's measurement, taken before any PyTorch kernel runs). llama.cpp does not print it; it is real.
+Override: ``JobConfig.cuda_context_bytes``."""
+SOURCE = "llama.cpp src/llama-model.cpp load_tensors, src/llama-kv-cache.cpp, src/llama-context.cpp"
+
+
+def check(cfg: JobConfig) -> None:
+    """Refuse knobs llama.cpp does not have or combinations it rejects, in one sentence each."""
+    s = cfg.serve
+    if s.enforce_eager:
+        raise MemplanError("enforce_eager is a vLLM knob (no CUDA graphs); llama.cpp has no such option. "
+                           "Drop it, or choose the vllm engine.")
+    if s.cache_type_v not in FLOAT_KV_TYPES and not s.flash_attn:
+        raise MemplanError(f"llama.cpp quantizes the V cache ({s.cache_type_v}) only with flash attention; "
+                           "set flash_attn (-fa on) or use an f16 V cache.")
+    if cfg.infer.kv_dtype is not None:
+        raise MemplanError("llama.cpp sizes its KV cache by cache_type_k / cache_type_v (-ctk/-ctv); supported: "
+                           f"{', '.join(KV_TYPES)}. Drop kv_dtype.")
+    if cfg.tp > 1 or cfg.pp > 1:
+        raise MemplanError("the llama.cpp engine here models one GPU (tp = pp = 1); llama.cpp's --split-mode is not "
+                           "modelled.")
+
+
+def kv_row_bytes(kv_type: str, ncols: int) -> int:
+    """``ggml_row_size(type, ncols)``: ncols / block × block bytes (bytes of one cell of one layer's K or V)."""
+    blck, size = KV_TYPES[kv_type]
+    if ncols % blck:
+        raise MemplanError(f"llama.cpp cannot store a {kv_type} KV cache of rows of {ncols} values "
+                           f"(not a multiple of {blck}); use f16.")
+    return ncols // blck * size
+
+
+def n_ctx(cfg: JobConfig) -> int:
+    """KV cells: -c when set, else micro_batch × infer.context, padded to 256."""
+    cells = cfg.serve.n_ctx or cfg.micro_batch * cfg.infer.context
+    return ceil_div(cells, N_CTX_PAD) * N_CTX_PAD
+
+
+def gpu_layers(cfg: JobConfig, n_layer: int) -> range:
+    """Layer indices on the GPU: the last ngl repeating layers (llama-model.cpp ``i_gpu_start = n_layer - ngl``)."""
+    ngl = n_layer + 1 if cfg.serve.n_gpu_layers is None else cfg.serve.n_gpu_layers
+    return range(max(n_layer - ngl, 0), n_layer)
+
+
+def output_on_gpu(cfg: JobConfig, n_layer: int) -> bool:
+    """The output layer (final norm, lm_head) is offloaded when ngl > n_layer."""
+    return cfg.serve.n_gpu_layers is None or cfg.serve.n_gpu_layers > n_layer
+
+
+def kv_bytes_per_layer(ctx: Context, cells: int) -> int:
+    """cells × (row_size(type_k, K·H_k) + row_size(type_v, K·H_v)) for one layer."""
+    spec, s = ctx.arch.spec, ctx.cfg.serve
+    width = spec.kv_heads * spec.dim_per_head
+    return cells * (kv_row_bytes(s.cache_type_k, width) + kv_row_bytes(s.cache_type_v, width))
+
+
+def compute_bytes(ctx: Context, cells: int) -> int:
+    """The GPU compute buffer of one ubatch, as ggml-alloc's worst-case graph needs it.
+
+    Formula: max(logits, attention): logits = n_ubatch·(n_vocab + n_embd)·4; attention without flash
+    attention = n_kv·n_ubatch·n_head·4 (KQ, softmax in place) + n_kv·pad64(n_ubatch)·4 (mask) + 4·n_embd·n_ubatch·4;
+    with flash attention the mask is f16 and no KQ exists: n_kv·pad64(n_ubatch)·2 + 4·n_embd·n_ubatch·4.
+    Source: src/llama-graph.cpp (``build_attn_mha``, ``build_inp_attn_kq_mask``), src/llama-context.cpp
+    (``graph_reserve`` with n_outputs = n_ubatch). Assumption: ggml-alloc reuses freed tensors perfectly;
+    an approximation of the allocator (exact within a few MiB on published logs), not its byte count.
+    """
+    spec, s = ctx.arch.spec, ctx.cfg.serve
+    ub = min(s.n_ubatch, s.n_batch, cells)
+    embd, heads, vocab = spec.hidden_size or 0, spec.num_attention_heads or 0, spec.vocab_size or 0
+    work = EMBD_WORK_TENSORS * embd * ub * F32_BYTES
+    mask_rows = ceil_div(ub, KQ_MASK_PAD) * KQ_MASK_PAD
+    if s.flash_attn:
+        attention = cells * mask_rows * 2 + work
+    else:
+        attention = cells * ub * heads * F32_BYTES + cells * mask_rows * F32_BYTES + work
+    logits = ub * (vocab + embd) * F32_BYTES if output_on_gpu(ctx.cfg, len(ctx.arch.layers)) else 0
+    return max(attention, logits)
+
+
+MATRIX_ROW_PADDING = 512
+"""ggml-cuda pads each quantized tensor whose rows are not a multiple of 512 values by one partial row
+(ggml/src/ggml-cuda/ggml-cuda.cu ``ggml_backend_cuda_buffer_type_get_alloc_size``)."""
+
+
+def cuda_padding_bytes(ctx: Context, layers: range, with_output: bool) -> int:
+    """Σ over quantized GPU tensors with ncols % 512 != 0 of row_size(type, 512 − ncols % 512) (bytes)."""
+    from memplan.memory.quant import GGML_TYPES, gguf_tensor_type, mix_traits
+
+    quant = weights.effective_quant(ctx.cfg)
+    if quant is None:
+        return 0
+    arch = ctx.arch
+    traits, n = mix_traits(arch), len(arch.layers)
+    placed = [(t, i) for i in layers for t in arch.layers[i].tensors]
+    placed += [(t, None) for t in arch.post] if with_output else []
+    out = 0
+    for t, i in placed:
+        kind = gguf_tensor_type(quant, t, layer_index=i, num_layers=n, traits=traits)
+        ncols = t.shape[-1]
+        if kind not in ("F32", "F16") and ncols % MATRIX_ROW_PADDING:
+            blck, size = GGML_TYPES[kind]
+            out += (MATRIX_ROW_PADDING - ncols % MATRIX_ROW_PADDING) // blck * size
+    return out
+
+
+def model_buffers(ctx: Context, on_gpu: range, out_gpu: bool) -> tuple[int, int]:
+    """(GPU, host) model buffer bytes: from the GGUF file's own tensor table when the model is a .gguf file,
+    else from memplan's GGUF mix rules for ``quant`` (memory.quant ``gguf_tensor_type``)."""
+    from memplan.catalog.gguf_file import gguf_path, read_gguf
+
+    path = gguf_path(ctx.arch.spec)
+    if path is not None:
+        return file_buffers(read_gguf(path).tensors, on_gpu, out_gpu)
+    n_layer = len(ctx.arch.layers)
+    quant = weights.effective_quant(ctx.cfg)
+    layer_bytes = [weights.layer_weight_bytes(ctx, i, quant) for i in range(n_layer)]
+    outside = weights.non_layer_weight_bytes(ctx)
+    host_in = weights.context_weight_bytes(ctx)
+    host_input = host_in.host_quantized + host_in.host_unquantized
+    gpu = sum(layer_bytes[i] for i in on_gpu) + (outside if out_gpu else 0) + cuda_padding_bytes(ctx, on_gpu, out_gpu)
+    cpu = sum(b for i, b in enumerate(layer_bytes) if i not in on_gpu) + (0 if out_gpu else outside) + host_input
+    return gpu, cpu
+
+
+def file_buffers(tensors: tuple, on_gpu: range, out_gpu: bool) -> tuple[int, int]:
+    """(GPU, host) bytes of a GGUF file's tensors: blocks by -ngl, token_embd on the host, the rest (output
+    norm, output) with the output layer; quantized GPU tensors padded as ggml-cuda pads them."""
+    from memplan.memory.quant import GGML_TYPES
+
+    gpu = cpu = 0
+    for t in tensors:
+        layer = t.layer
+        on = layer in on_gpu if layer is not None else (t.name != "token_embd.weight" and out_gpu)
+        if not on:
+            cpu += t.nbytes
+            continue
+        gpu += t.nbytes
+        ncols = t.shape[0]
+        if t.ggml_type in GGML_TYPES and t.ggml_type not in ("F32", "F16") and ncols % MATRIX_ROW_PADDING:
+            blck, size = GGML_TYPES[t.ggml_type]
+            gpu += (MATRIX_ROW_PADDING - ncols % MATRIX_ROW_PADDING) // blck * size
+    return gpu, cpu
+
+
+def rows(ctx: Context) -> list[Row]:
+    """llama.cpp's buffers: model, KV and compute buffers on the GPU and the host, and the CUDA context."""
+    cfg, arch = ctx.cfg, ctx.arch
+    check(cfg)
+    n_layer = len(arch.layers)
+    on_gpu = gpu_layers(cfg, n_layer)
+    out_gpu = output_on_gpu(cfg, n_layer)
+    gpu_w, cpu_w = model_buffers(ctx, on_gpu, out_gpu)
+    cells = n_ctx(cfg)
+    per_layer = kv_bytes_per_layer(ctx, cells)
+    s = cfg.serve
+    kv_note = (f"{cells} cells, K ({s.cache_type_k}) + V ({s.cache_type_v}); {len(on_gpu)} of {n_layer} layers on "
+               f"the GPU")
+    vocab = arch.spec.vocab_size or 0
+    ctx_bytes = CUDA_RUNTIME_CONTEXT_BYTES if cfg.cuda_context_bytes is None else cfg.cuda_context_bytes
+    return [
+        Row("weights/llamacpp_gpu", Tier.GPU, gpu_w, SOURCE, f"CUDA0 model buffer: {len(on_gpu)} layers (-ngl)"
+            + (" + output layer" if out_gpu else "")),
+        Row("weights/llamacpp_host", Tier.CPU, cpu_w, SOURCE, "CPU_Mapped model buffer: input embedding + CPU layers"),
+        Row("kv_cache", Tier.GPU, per_layer * len(on_gpu), "llama.cpp src/llama-kv-cache.cpp", kv_note),
+        Row("kv_cache/host", Tier.CPU, per_layer * (n_layer - len(on_gpu)), "llama.cpp src/llama-kv-cache.cpp",
+            "KV of the layers left on the CPU"),
+        Row("activations/llamacpp_compute", Tier.GPU, compute_bytes(ctx, cells) if len(on_gpu) or out_gpu else 0,
+            "llama.cpp src/llama-context.cpp graph_reserve; see memplan explain", f"n_ubatch {s.n_ubatch}, "
+            f"flash_attn {'on' if s.flash_attn else 'off'}"),
+        Row("activations/llamacpp_output", Tier.CPU, vocab * F32_BYTES * cfg.micro_batch,
+            "llama.cpp src/llama-context.cpp output_reserve", "CUDA_Host output buffer: fp32 logits per sequence"),
+        Row("runtime/llamacpp_cuda_context", Tier.GPU, ctx_bytes, "CUDA runtime context (pytorch/pytorch PR #86509)",
+            "not printed by llama.cpp (cuda_context_bytes)"),
+    ]
+
+
+def max_context(ctx: Context, capacity: int) -> int:
+    """Largest n_ctx (a multiple of 256) whose GPU rows fit in ``capacity`` bytes (binary search on cells)."""
+    from memplan.memory.breakdown import tier_total
+
+    def fits(cells: int) -> bool:
+        cfg = ctx.cfg.model_copy(update={"serve": ctx.cfg.serve.model_copy(update={"n_ctx": cells})})
+        return tier_total(rows(Context(ctx.arch, cfg, ctx.gpu, ctx.host)), Tier.GPU) <= capacity
+
+    lo, hi = 0, ceil_div(2**24, N_CTX_PAD)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * N_CTX_PAD):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * N_CTX_PAD

@@ -1,0 +1,91 @@
+"""Serving engines: which module computes the rows of an inference job under each engine.
+
+``None`` (the default) and ``transformers`` keep memplan's per-component model of an HF ``generate``
+process (memory.kv_cache, memory.inference, memory.runtime); ``vllm`` and ``llamacpp`` have their own
+arithmetic (``memplan.engines.vllm``, ``memplan.engines.llamacpp``).
+"""
+
+from __future__ import annotations
+
+from memplan.config import Engine, Job, JobConfig
+from memplan.errors import MemplanError
+from memplan.memory.breakdown import Row, Tier, tier_total
+from memplan.memory.context import Context
+
+OWN_ROWS = (Engine.VLLM, Engine.LLAMACPP)
+
+
+VLLM_KNOBS = frozenset({"gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "block_size",
+                        "enforce_eager", "cudagraph_capture_sizes", "max_model_len", "non_torch_bytes",
+                        "allreduce_keeps_inputs"})
+LLAMACPP_KNOBS = frozenset({"n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v", "flash_attn"})
+TRANSFORMERS_KNOBS = frozenset({"cache_implementation"})
+COMMON_KNOBS = frozenset({"prompt_tokens", "hbm_efficiency", "compute_efficiency"})
+KNOBS = {Engine.VLLM: VLLM_KNOBS, Engine.LLAMACPP: LLAMACPP_KNOBS, Engine.TRANSFORMERS: TRANSFORMERS_KNOBS,
+         None: TRANSFORMERS_KNOBS}
+
+
+def check_knobs(cfg: JobConfig) -> None:
+    """No serving knob is silently ignored: each set ``serve`` field must belong to the job's engine."""
+    from memplan.config import ServeConfig
+
+    default = ServeConfig()
+    given = {k for k in ServeConfig.model_fields if getattr(cfg.serve, k) != getattr(default, k)}
+    if not given:
+        return
+    if cfg.job is not Job.INFER:
+        raise MemplanError(f"serve settings ({', '.join(sorted(given))}) apply to inference jobs only (job=infer).")
+    if cfg.engine is Engine.LLAMACPP and "enforce_eager" in given:
+        return  # llamacpp.check says why, in its own words
+    foreign = sorted(given - KNOBS.get(cfg.engine, frozenset()) - COMMON_KNOBS)
+    if foreign:
+        engine = cfg.engine.value if cfg.engine else "the default (transformers-style) engine"
+        raise MemplanError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a knob of {engine}; "
+                           "choose the engine they belong to (vllm, llamacpp, transformers) or drop them.")
+
+
+def has_own_rows(cfg: JobConfig) -> bool:
+    """Whether the job is served by an engine with its own memory arithmetic."""
+    return cfg.job is Job.INFER and cfg.engine in OWN_ROWS
+
+
+def stage_rows(ctx: Context) -> list[Row]:
+    """The rows of one pipeline stage's GPU (and the host) under the job's serving engine."""
+    if ctx.cfg.engine is Engine.VLLM:
+        from memplan.engines import vllm
+
+        return vllm.rows(ctx)
+    from memplan.engines import llamacpp
+
+    return llamacpp.rows(ctx)
+
+
+def all_rows(ctx: Context) -> tuple[list[Row], list[str], int]:
+    """Rows of the most loaded GPU over the pipeline stages, no missing components, and the stage reported."""
+    from memplan.memory import components
+
+    components.validate(ctx)
+    best: tuple[list[Row], int] | None = None
+    for stage in range(ctx.cfg.pp):
+        rows = [r for r in stage_rows(ctx.at_stage(stage)) if r.bytes or r.tier is Tier.GPU]
+        if best is None or tier_total(rows, Tier.GPU) > tier_total(best[0], Tier.GPU):
+            best = (rows, stage)
+    assert best is not None
+    return best[0], [], best[1]
+
+
+def context_warnings(cfg: JobConfig, max_position_embeddings: int | None) -> tuple[str, ...]:
+    """Warnings for an inference context longer than the model's trained positions.
+
+    llama.cpp warns and runs ("n_ctx_per_seq > n_ctx_train -- possible training context overflow",
+    src/llama-context.cpp); transformers runs RoPE models past ``max_position_embeddings`` without a check.
+    vLLM refuses instead (``memplan.engines.vllm.max_model_len`` raises).
+    """
+    if cfg.job is not Job.INFER or not max_position_embeddings or cfg.engine is Engine.VLLM:
+        return ()
+    context = cfg.infer.context
+    if context <= max_position_embeddings:
+        return ()
+    who = "llama.cpp warns" if cfg.engine is Engine.LLAMACPP else "transformers does not check"
+    return (f"context {context} exceeds the model's max_position_embeddings ({max_position_embeddings}); {who}, "
+            "and quality past the trained length is not guaranteed.",)
