@@ -48,7 +48,7 @@ def test_context_past_trained_positions_warns_elsewhere() -> None:
     est = estimate("llama-2-7b", "h100-sxm-80gb", job="infer", engine="transformers", infer={"context": 5000})
     assert est.warnings and "max_position_embeddings" in est.warnings[0]
     est = estimate("llama-2-7b", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m", infer={"context": 5000})
-    assert "llama.cpp warns" in est.warnings[0]
+    assert est.warnings and "max_position_embeddings of 4,096" in est.warnings[0]
     assert not estimate("llama-2-7b", "h100-sxm-80gb", job="infer", infer={"context": 4096}).warnings
 
 

@@ -13,7 +13,7 @@ from itertools import product
 from typing import Any
 
 from memplan.arch.build import build_architecture
-from memplan.config import JobConfig, Offload
+from memplan.config import Engine, JobConfig, Offload
 from memplan.errors import MemplanError
 from memplan.memory import components, runtime
 from memplan.memory.breakdown import Tier, tier_total
@@ -95,19 +95,26 @@ def choices_for(req: Any, dims: dict[str, tuple]) -> Any:
         if len(formats) < 2:
             raise MemplanError("per-layer quantization (--per-layer-quant, --objective max-quality) needs at least "
                                "two --quant choices (none = 16-bit), e.g. --quant int8,nf4.")
-    offload = Offload.CPU in offload_choices(req.space)
+    offload = Offload.CPU in offload_choices(req.space, req.base.effective_engine)
+    if offload and req.space.offload_params is None and max(dims.get("ep", (1,))) > 1:
+        # The per-layer block is keyed by (tp, pp, quant, batch): its layer bytes cannot follow expert
+        # parallelism, so the default per-layer offload stays off when experts are sharded.
+        offload = False
     if offload and not req.space.per_layer_offload:
         raise MemplanError("inference offloads weights layer by layer (accelerate device_map); "
                            "--offload-params cpu needs --per-layer-offload.")
     return LayerChoices(formats=formats, offload=offload and bool(req.model.num_hidden_layers))
 
 
-def offload_choices(space: Any) -> tuple[Offload, ...]:
+def offload_choices(space: Any, engine: Engine | None = None) -> tuple[Offload, ...]:
     """Where inference weights may live: ``offload_params`` as given; by default GPU or CPU per layer when
-    ``per_layer_offload`` is on (its documented default), so the default plan may stream some layers."""
+    ``per_layer_offload`` is on (its documented default) and the engine streams layers from CPU RAM the way
+    accelerate's ``device_map`` does (transformers); vLLM and llama.cpp keep their weights where their own
+    knobs put them (llama.cpp ``n_gpu_layers``), so their default is the GPU."""
     if space.offload_params is not None:
         return tuple(space.offload_params)
-    return (Offload.NONE, Offload.CPU) if space.per_layer_offload else (Offload.NONE,)
+    streams = engine in (None, Engine.TRANSFORMERS)
+    return (Offload.NONE, Offload.CPU) if space.per_layer_offload and streams else (Offload.NONE,)
 
 
 def _weights_entry(req: Any, arch: Any, cfg: JobConfig, stages: list[list], per_layer: bool) -> Entry:
