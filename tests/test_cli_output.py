@@ -167,7 +167,8 @@ def test_engine_reaches_the_config_and_the_search_space() -> None:
     from memplan.cli.convert import search_space
     from memplan.cli.groups import Opts
 
-    result = RUNNER.invoke(app, ["estimate", "gpt2", "--gpu", "t4", "--job", "infer", "--engine", "vllm", "-f", "json"])
+    result = RUNNER.invoke(app, ["estimate", "gpt2", "--gpu", "t4", "--job", "infer", "--engine", "vllm", "--context", "512",
+                                 "-f", "json"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["config"]["engine"] == "vllm"
     opts = Opts({"engine": "vllm,llamacpp", "job": None})

@@ -251,8 +251,8 @@ def test_cli_exit_2_on_zero3_with_pipeline(runner):
 def test_fp8_training_keeps_16_bit_masters_and_fp32_states():
     """fp8 training (TransformerEngine/torchao) is not cheaper than bf16 in states: it adds fp8 weight copies."""
     kw = {"job": "full", "engine": "megatron"}
-    bf16 = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", dtype="bf16", **kw)
-    fp8 = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", dtype="fp8", **kw)
+    bf16 = memplan.estimate("llama-3.1-8b", "h100-sxm-80gb", dtype="bf16", **kw)
+    fp8 = memplan.estimate("llama-3.1-8b", "h100-sxm-80gb", dtype="fp8", **kw)
     tensors = 4 * L + 3 * L + 1  # q, k, v, o + gate, up, down per layer + lm_head: one fp32 scale each
     assert gpu_states(fp8) == gpu_states(bf16) + MATMUL + 4 * tensors
     assert comp(fp8, "weights/fp8_copies") == MATMUL + 4 * tensors

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -49,7 +50,10 @@ NO_HEAVY = {"sweep": {"all"}, "check": set()}
 
 
 def commands() -> dict[str, Any]:
-    return dict(typer.main.get_command(app).commands)
+    """Every command of the (lazily loading) root group, by name."""
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
 
 
 def outcome(args: list[str]) -> tuple[int, str]:

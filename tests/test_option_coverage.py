@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -107,7 +108,7 @@ def invoke(args: list[str]) -> Any:
 
 
 def options_of(command: str) -> list[Any]:
-    cmd = typer.main.get_command(app).commands[command]
+    cmd = _commands()[command]
     return [p for p in cmd.params if p.param_type_name == "option" and p.opts[0] != "--help"]
 
 
@@ -161,7 +162,7 @@ def _drop(node: Any) -> Any:
 
 def cases() -> list[tuple[str, str | None, str]]:
     out = []
-    for command in typer.main.get_command(app).commands:
+    for command in _commands():
         if command in SKIPPED:
             continue
         jobs = [None] if command in JOBLESS else JOBS
@@ -310,3 +311,10 @@ def test_the_not_read_declaration_is_true(job):
         except (MemplanError, ValueError, TypeError, AttributeError):
             continue  # the memory model cannot even evaluate it for this job: it is not read as a choice
         assert same, f"{field} is declared not read by {job} jobs but changes their memory"
+
+
+def _commands() -> dict[str, Any]:
+    """Every command of the (lazily loading) root group, by name."""
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}

@@ -53,13 +53,14 @@ def say(text: str) -> None:
 
 
 def output_error(exc: OSError | UnicodeEncodeError) -> int:
-    """One sentence on stderr for output that cannot be written, and exit code 2. A closed pipe (``| head``)
-    ends quietly, as other command-line tools do: whoever would read the sentence has gone."""
+    """One sentence on stderr for output that cannot be written, and exit code 2 (a closed pipe, ``| head``,
+    included: stderr usually still reaches the terminal)."""
     if isinstance(exc, UnicodeEncodeError):
         say(f"memplan: stdout's encoding ({exc.encoding}) cannot show {exc.object[exc.start:exc.end]!r}; "
             "set PYTHONIOENCODING=utf-8.\n")
         return EXIT_INPUT
     if exc.errno == errno.EPIPE:
+        say("memplan: stdout was closed before the output was written.\n")
         silence_stdout()
         return EXIT_INPUT
     say(f"memplan: cannot write the output: {exc.strerror or exc}.\n")

@@ -95,10 +95,15 @@ def _knob_rule(cfg: JobConfig, engine: Engine) -> str | None:
 
 
 def _optimizer_impl_rule(cfg: JobConfig, engine: Engine) -> str | None:
-    """``optimizer_impl`` chooses among torch.optim's AdamW paths; DeepSpeed and Megatron run their own."""
+    """``optimizer_impl`` chooses among torch.optim's AdamW paths; DeepSpeed and Megatron run their own.
+    ``grad_dtype`` is DeepSpeed's ``data_types.grad_accum_dtype`` / Megatron's main-grad dtype; torch (plain
+    or FSDP2) keeps ``param.grad`` in the parameters' dtype (torch/csrc/autograd/accumulate_grad.h)."""
     if cfg.optimizer_impl is not None and engine in (Engine.DEEPSPEED, Engine.MEGATRON):
         return (f"optimizer_impl chooses torch.optim's AdamW path (engines pytorch, fsdp2); engine {engine.value} "
                 "runs its own FusedAdam (or DeepSpeedCPUAdam when offloaded): drop --optimizer-impl.")
+    if cfg.grad_dtype is not None and engine in (Engine.PYTORCH, Engine.FSDP2) and cfg.job.full_weights_trainable:
+        return (f"engine {engine.value} keeps gradients in the parameters' dtype; grad_dtype is a setting of "
+                "deepspeed (data_types.grad_accum_dtype) and megatron: drop --grad-dtype or choose --engine deepspeed.")
     return None
 
 
