@@ -18,7 +18,7 @@ from memplan.catalog.schema import Family, ModelSpec
 
 ALLOCATED, RESERVED, WITH_CONTEXT = "max allocated", "max reserved", "allocated + non-torch"
 MODELS = {"llama-2-7b": "llama-2-7b", "llama-2-13b": "llama-2-13b", "llama-2-70b": "llama-2-70b",
-          "meta-llama-3-8b": "llama-3.1-8b", "mistral-7b": "mistral-7b", "falcon-7b": "falcon-7b",
+          "meta-llama-3-8b": "llama-3.1-8b", "llama-3.1-8b": "llama-3.1-8b", "mistral-7b": "mistral-7b", "falcon-7b": "falcon-7b",
           "llama-3.2-1b": "llama-3.2-1b"}
 """Published model -> catalog model of the same tensor shapes (Llama-3-8B and Llama-3.1-8B share every shape;
 Mistral-7B v0.2 drops v0.1's sliding window, which changes no training activation of memplan's model)."""
