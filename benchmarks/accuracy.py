@@ -190,10 +190,13 @@ def published_cases() -> list[dict[str, Any]]:
 
 
 def published_section(rows: list[dict[str, Any]]) -> list[str]:
-    """The published real-GPU table: every case, expressed (answer, measured, error) or with its missing knob."""
+    """The published real-GPU table: every case, expressed (answer, measured, error) or with its missing knob, and
+    every miss grouped under its cause (``published_gpu.CAUSES``)."""
     done = [r for r in rows if "error_pct" in r]
     within = sum(abs(r["error_pct"]) <= 10 for r in done)
     under = [r["id"] for r in done if r["error_pct"] < -10]
+    errors = sorted(abs(r["error_pct"]) for r in done)
+    median = (errors[(len(errors) - 1) // 2] + errors[len(errors) // 2]) / 2 if errors else 0.0
     out = ["", "## Published real-GPU measurements", "",
            f"`shared/reference/gpu_published_public.json`: {len(rows)} published measurements (litgpt resource tables, "
            "AnswerDotAI fsdp_qlora, optimum's GPTQ benchmark, vLLM PRs). Each expressible case is compared in the metric "
@@ -201,25 +204,29 @@ def published_section(rows: list[dict[str, Any]]) -> list[str]:
            "(memplan's 10% allocator reserve, no context), allocated + non-torch (the CUDA context, no reserve). Errors "
            "are answer − measured in % of the measurement (`memplan.measure.published_gpu`).", "",
            f"- {within} of {len(done)} expressed cases within 10% (target: at least 80%); {len(under)} more than 10% "
-           f"under (target: none); {len(rows) - len(done)} cases not expressible, listed with the missing knob.", "",
+           f"under (target: none); median |error| {median:.1f}%; {len(rows) - len(done)} cases not expressible, "
+           "listed with the missing knob.", "",
            "| case | metric | answer | measured | error | phase | caveat |", "|---|---|---:|---:|---:|---|---|"]
     out += [f"| {r['id']} | {r['metric']} | {r['answer_bytes'] / 1e9:,.2f} GB | {r['measured_bytes'] / 1e9:,.2f} GB | "
             f"{r['error_pct']:+.1f}% | {r['phase']} | {r['caveat']} |" for r in done]
+    out += ["", "Misses by cause (every expressed case outside 10%):", ""]
+    for cause, text in published_gpu.CAUSES.items():
+        ids = [r["id"] for r in done if abs(r["error_pct"]) > 10 and published_gpu.miss_cause(r["id"]) == cause]
+        if ids:
+            out.append(f"- **{cause}** ({len(ids)}: {', '.join(ids)}): {text}")
     out += ["", "Not expressible yet:", ""]
     out += [f"- **{r['id']}**: {r['reason']}" for r in rows if "reason" in r]
     return [*out, "", *GPU_NOTES]
 
 
-GPU_NOTES = ["What the published cases show (hypotheses, not yet modelled):", "",
-             "- memplan's answer is below most published GPU peaks, mostly 2–25%: the dangerous direction. CPU "
-             "measurements match within 0.1%, so the gap is what a GPU run adds beyond the step's tensors.",
-             "- HF `generate` (optimum, 2023) grows a legacy tuple KV cache by `torch.cat`: the new cache is built "
-             "while the old one is still referenced, so about two caches are alive at the peak (bs16: −24%).",
-             "- litgpt quantizes at load (bf16 weights on the GPU, then 4-bit), and `max_memory_allocated` keeps the "
-             "load peak: nf4/int8 cases are 8–24% under; memplan has no training load phase.",
-             "- fsdp_qlora and litgpt FSDP runs need the fsdp2 engine profile (gather/reduce-scatter buffers, "
-             "what FSDP1 keeps unsharded, CPU offload of parameters): memplan's ZeRO-3 stand-in is far under.",
-             "- litgpt runs its own modules (fused qkv, its RoPE, chunked cross-entropy); memplan models the HF layout."]
+GPU_NOTES = ["Modelled from these cases (each with its engine source):", "",
+             "- fsdp_qlora's training loop keeps `output` until after `optimizer.step()` (train.py: `output = None` "
+             "after the step), and the transformers of early 2024 returned `logits.float()`: the fp32 logits stay "
+             "alive through backward and the step (`JobConfig.kept_output`, row `activations/kept_output`).",
+             "- litgpt's bitsandbytes runs have no load peak to add: Lightning quantizes layer by layer (see the "
+             "litgpt-bnb cause above); the measured excess is elsewhere.",
+             "- litgpt runs its own modules (fused qkv, its RoPE, chunked cross-entropy in bf16 over 128-token chunks, "
+             "logits kept by its loop until the step); memplan models the HF layout and HF's fp32 loss."]
 
 
 def write_cuda_results(rows: list[dict[str, Any]]) -> Path:

@@ -412,6 +412,12 @@ class JobConfig(Strict):
     """Dropout active (p > 0) wherever the HF module has dropout layers (GPT-2, OPT); masks are saved for backward."""
     loss_fp32: bool = True
     """The loss upcasts 16-bit logits to fp32 first (HF ``ForCausalLMLoss``: ``logits.float()``)."""
+    kept_output: Literal["none", "logits", "logits_fp32"] = "none"
+    """What the training loop keeps of the model output until after the optimizer step: ``none`` (HF Trainer's
+    ``compute_loss`` returns the loss only), ``logits`` (the logits in the activation dtype: a loop holding
+    ``output`` with current transformers, whose ``ForCausalLMLoss`` upcasts inside the loss) or ``logits_fp32``
+    (early-2024 transformers, e.g. v4.38 ``LlamaForCausalLM.forward``: ``logits = logits.float()`` is returned).
+    AnswerDotAI fsdp_qlora train.py holds ``output`` until ``output = None`` after ``optimizer.step()``."""
     activation_accounting: Literal["autograd", "paper"] = "autograd"
     """``autograd``: every tensor PyTorch saves for backward in the HF implementation; ``paper``: Korthikanti et
     al. 2022's accounting (16-bit tensors and 1-byte masks only, no norm statistics, fp32 upcasts or int64 indices)."""

@@ -238,6 +238,19 @@ def logits_peak_bytes(ctx: Context, counting: blk.Counting) -> int:
                                     loss_bits=_loss_bits(ctx.cfg))
 
 
+def kept_output_bytes(ctx: Context, counting: blk.Counting) -> int:
+    """Last stage: the model output's logits the training loop keeps until after the optimizer step
+    (``JobConfig.kept_output``, see ``kept_logits_bytes``); one micro-batch's (each forward replaces it); 0 for the
+    paper's accounting and for ``kept_output="none"``."""
+    kept = ctx.cfg.kept_output
+    if counting.paper or kept == "none":
+        return 0
+    tokens, _ = _tokens(ctx)
+    vocab = ceil_div(ctx.arch.spec.vocab_size or 0, ctx.cfg.tp)
+    bits = t.FP32_BITS if kept == "logits_fp32" else blk.activation_bits(ctx.cfg)
+    return t.kept_logits_bytes(tokens=tokens, vocab=vocab, bits=bits)
+
+
 def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, int]:
     """Component name -> bytes on the reported GPU; empty when not modelled or for inference."""
     if not modelled(ctx):
@@ -257,6 +270,7 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
         out["activations/final_norm"] = flight * final_norm_bytes(ctx, counting)
         out["activations/loss"] = flight * loss_bytes(ctx, counting)
         out["activations/logits"] = logits_peak_bytes(ctx, counting)
+        out["activations/kept_output"] = kept_output_bytes(ctx, counting)
     return {name: value for name, value in out.items() if value}
 
 
@@ -274,6 +288,7 @@ _SOURCES = {
     "activations/final_norm": "final norm + lm_head input (Korthikanti et al. 2022 Sec. 4.3)",
     "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",
     "activations/logits": "logits + fp32 copy, or their two fp32 gradients, whichever is larger",
+    "activations/kept_output": "logits of the model output the training loop holds until after the step",
 }
 
 

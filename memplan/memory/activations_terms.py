@@ -237,3 +237,15 @@ def logits_transient_bytes(*, tokens: int, vocab: int, bits: int, loss_bits: int
         forward += tensor_bytes(count=count, bits=loss_bits)
     backward = 2 * tensor_bytes(count=count, bits=loss_bits)
     return max(forward, backward)
+
+
+def kept_logits_bytes(*, tokens: int, vocab: int, bits: int) -> int:
+    """Bytes of the logits a training loop keeps referenced (the model output) from the forward pass until after
+    the optimizer step: bits/8·B·S·V.
+
+    Source: AnswerDotAI fsdp_qlora train.py (training loop: ``output = model(...)``, ``loss.backward()``,
+    ``optimizer.step()``, then ``output = None``); ``output.logits`` is ``logits.float()`` (fp32) in early-2024 transformers
+    (v4.38 ``LlamaForCausalLM.forward``), the model's dtype in current ones (the upcast is inside ``ForCausalLMLoss``).
+    Not saved for backward: alive beside the backward and optimizer-step peaks, on the last pipeline stage.
+    """
+    return tensor_bytes(count=tokens * vocab, bits=bits)

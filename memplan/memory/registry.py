@@ -97,6 +97,9 @@ register("weights/offload_buffer", (_F, _BS, _B, Phase.PREFILL, Phase.DECODE),
 register("activations/logits", (_BS, Phase.PREFILL),
          "logits + fp32 copy in the loss, or their two fp32 gradients at the start of backward "
          "(transformers ForCausalLMLoss; PyTorch nll_loss_backward, _log_softmax_backward_data)")
+register("activations/kept_output", (_BS, _B, _O),
+         "logits of the model output held by the training loop until after optimizer.step() "
+         "(AnswerDotAI fsdp_qlora train.py: output = None after the step)")
 register("activations/recompute_workspace", (_B,),
          "one checkpointed block recomputed during backward (torch.utils.checkpoint)")
 register("activations/hidden_states", (Phase.PREFILL,), "serving: hidden states of the step's tokens")
