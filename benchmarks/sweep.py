@@ -16,7 +16,7 @@ import warnings
 from memplan.catalog.schema import Family
 from memplan.catalog.store import all_gpus, all_models
 from memplan.config import Job
-from memplan.sweep import SweepSpec, cells, default_workers, run
+from memplan.grid import SweepSpec, cells, default_workers, run
 
 warnings.simplefilter("ignore")
 MODELS, GPUS = 30, 20

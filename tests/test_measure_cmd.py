@@ -23,7 +23,7 @@ pytest.importorskip("transformers", reason="measure needs transformers (pip inst
 
 from memplan.catalog.store import catalog_gpu  # noqa: E402
 from memplan.cli import measure_cmd  # noqa: E402  (registers measure and calibrate on the app)
-from memplan.estimate import estimate, make_config  # noqa: E402
+from memplan.estimator import estimate, make_config  # noqa: E402
 from memplan.measure import calibrate as cal  # noqa: E402
 from memplan.measure.compare import EXACT, Line  # noqa: E402
 from memplan.measure.job import measure_job  # noqa: E402
@@ -159,7 +159,7 @@ def test_line_bounds() -> None:
 
 def test_calibration_profile_round_trip(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from memplan.catalog.profiles import load_profile
-    from memplan.estimate import estimate
+    from memplan.estimator import estimate
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     assert load_profile("h100-sxm-80gb") is None

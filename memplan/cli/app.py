@@ -194,7 +194,7 @@ def estimate(
                                               "(.png, .svg or .pdf; needs memplan[plot]).", rich_help_panel=o.O)] = None,
 ) -> None:
     """Memory of one fixed configuration, per component and per device, and whether it fits."""
-    from memplan.estimate import estimate as run_estimate
+    from memplan.estimator import estimate as run_estimate
 
     o.check_format(fmt)
     kw = dict(locals())

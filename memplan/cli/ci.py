@@ -127,9 +127,9 @@ def sweep_base(recipe: Path | None, fixed: dict[str, Any]) -> Any:
     """The SweepSpec of ``--recipe`` (its ``sweep:`` block), or an empty one, with fixed choices applied."""
     from dataclasses import replace
 
-    from memplan.estimate import make_config
+    from memplan.estimator import make_config
     from memplan.recipe_load import load_recipe
-    from memplan.sweep import SweepSpec, spec_from_recipe
+    from memplan.grid import SweepSpec, spec_from_recipe
 
     spec = spec_from_recipe(load_recipe(recipe)) if recipe is not None else SweepSpec(models=(), gpus=(), jobs=())
     fields = {k: v for k, v in fixed.items() if v is not None}
@@ -196,7 +196,7 @@ def sweep(
     from dataclasses import replace
 
     from memplan.catalog.store import gpu_names, model_names
-    from memplan.sweep import cells, run, validate
+    from memplan.grid import cells, run, validate
 
     o.check_format(fmt)
     if metric is not None and metric not in ("max-batch", "max-context", "fits"):
@@ -225,8 +225,18 @@ def sweep(
     if not spec.models or not spec.gpus:
         raise MemplanError("give --model and --gpu (comma-separated catalog names, or 'all'), or --recipe.")
     validate(spec)
+    if out is not None:
+        from memplan.report.sweep_stream import check_out
+
+        check_out(out)
+    if fmt != "json":  # rows streamed to --out / stdout: bounded memory, Ctrl-C keeps the rows so far
+        from memplan.report.sweep_stream import streamed_run
+
+        run = streamed_run(fmt=fmt, out=out)
     result = run_with_progress(spec, len(cells(spec)), quiet=quiet, workers=workers, run=run)
     emit_sweep(result, fmt, out, plot)
+    if result.partial:
+        raise KeyboardInterrupt
 
 
 def run_with_progress(spec: Any, total: int, *, quiet: bool, workers: int | None, run: Any) -> Any:
@@ -248,15 +258,17 @@ def emit_sweep(result: Any, fmt: str, out: Path | None, plot: Path | None) -> No
     from memplan.report.csv_out import records_to_csv
     from memplan.report.sweep_out import matrices, render_matrices, sweep_dict
 
-    csv_text = records_to_csv(result.records) if out is not None or fmt == "csv" else ""
-    if out is not None:
+    streamed = result.streamed_rows is not None  # rows already written by report.sweep_stream
+    csv_text = records_to_csv(result.records) if (out is not None or fmt == "csv") and not streamed else ""
+    if out is not None and not streamed:
         try:
             out.write_text(csv_text, encoding="utf-8")
         except OSError as exc:
             raise MemplanError(f"--out: cannot write {out}: {exc.strerror or exc}.") from None
         sys.stderr.write(f"memplan: wrote {len(result.records):,} rows to {out}\n")
     if fmt == "csv":
-        typer.echo(csv_text, nl=False)
+        if not streamed:
+            typer.echo(csv_text, nl=False)
     elif fmt == "json":
         from memplan.report.json_out import dumps
         from memplan.report.schemas import validated

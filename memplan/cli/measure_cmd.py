@@ -96,7 +96,7 @@ def measure(
     require_extra()
     from memplan.catalog.resolve import load_model
     from memplan.catalog.store import catalog_gpu
-    from memplan.estimate import make_config
+    from memplan.estimator import make_config
     from memplan.measure.job import measure_job
 
     cfg = make_config(None, **overrides)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from memplan.estimate import Estimate
+from memplan.estimator import Estimate
 from memplan.memory.breakdown import Tier
 from memplan.units import GiB
 
