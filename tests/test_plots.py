@@ -15,9 +15,9 @@ import memplan.cli.ci  # noqa: F401  (registers check, sweep and explain on the 
 from memplan.config import Job
 from memplan.errors import MemplanError
 from memplan.estimator import estimate
+from memplan.grid import SweepSpec, run
 from memplan.memory.breakdown import Tier
 from memplan.report import plots
-from memplan.grid import SweepSpec, run
 
 pytest.importorskip("matplotlib", reason="plots need the plot extra (matplotlib)")
 

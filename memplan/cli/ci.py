@@ -128,8 +128,8 @@ def sweep_base(recipe: Path | None, fixed: dict[str, Any]) -> Any:
     from dataclasses import replace
 
     from memplan.estimator import make_config
-    from memplan.recipe_load import load_recipe
     from memplan.grid import SweepSpec, spec_from_recipe
+    from memplan.recipe_load import load_recipe
 
     spec = spec_from_recipe(load_recipe(recipe)) if recipe is not None else SweepSpec(models=(), gpus=(), jobs=())
     fields = {k: v for k, v in fixed.items() if v is not None}
