@@ -33,6 +33,11 @@ def check_out(path: Path) -> None:
     """A MemplanError unless ``path`` can be written (its folder exists and accepts files), before any work."""
     if path.is_dir():
         raise MemplanError(f"--out: {path} is a folder; give a file name such as sweep.csv.")
+    if path.suffix.lower() == ".parquet":
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            raise MemplanError(f"--out: writing Parquet ({path.name}) needs pyarrow; pip install pyarrow, or give a .csv path.")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise MemplanError(f"--out: the folder {parent} does not exist; create it or choose another path.")
@@ -109,8 +114,12 @@ def stream(spec: SweepSpec, *, sink: Callable[[Spill, bool], None], workers: int
 
 
 def csv_sink(path: Path) -> Callable[[Spill, bool], None]:
-    """Write the spilled chunks to ``path`` as one CSV (header once), a chunk at a time."""
+    """Write the spilled chunks to ``path`` as one CSV (header once), a chunk at a time; a ``.parquet`` path
+    gets Parquet instead (pyarrow; the frame is assembled whole, so memory is not bounded there)."""
     def write(spill: Spill, partial: bool) -> None:
+        if path.suffix.lower() == ".parquet":
+            frame_of(spill, partial).to_parquet(path, index=False)
+            return
         try:
             with open(path, "w", encoding="utf-8", newline="") as fh:
                 if not spill.parts:
