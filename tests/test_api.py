@@ -16,7 +16,7 @@ from conftest import run_cli
 from typer.testing import CliRunner
 
 import memplan
-import memplan.cli.ci  # noqa: F401  (registers sweep on the app)
+import memplan.cli.ci
 import memplan.grid as grid
 from memplan.config import Job
 from memplan.errors import MemplanError
@@ -56,8 +56,8 @@ def test_import_memplan_and_estimate_import_neither_pandas_nor_numpy() -> None:
 
 
 def test_the_api_names_are_functions_even_after_the_modules_are_imported() -> None:
-    import memplan.estimator  # noqa: F401
-    import memplan.grid  # noqa: F401
+    import memplan.estimator
+    import memplan.grid
     from memplan import estimate, plan, sweep
 
     assert all(callable(f) and type(f).__name__ == "function" for f in (estimate, plan, sweep))
@@ -112,7 +112,7 @@ def test_sweep_frame_types_rows_and_pivot() -> None:
                           batches=[1, 2])
     assert len(frame) == 2 * 2 * 2 * 2  # models × GPUs × jobs × batches, one size each
     for col in frame.columns:
-        if col.endswith("_bytes") and ":" in col or col in ("gpu_total_bytes", "headroom_bytes", "params"):
+        if (col.endswith("_bytes") and ":" in col) or col in ("gpu_total_bytes", "headroom_bytes", "params"):
             assert str(frame[col].dtype) == "int64", col
     for col in ("model", "gpu", "job", "dtype", "optimizer"):
         assert isinstance(frame[col].dtype, pd.CategoricalDtype), col
