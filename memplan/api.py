@@ -285,18 +285,19 @@ def sweep(models: str | Sequence[str], gpus: str | Sequence[str], jobs: str | Se
           gpu_counts: Sequence[int] = (1,), gpus_per_node: int = 8, tp: int | str | None = None,
           metric: str = "max-batch", min_headroom: str = "0B", config: JobConfig | None = None,
           host: HostSpec | None = None, cpu_ram: str | int | None = None, nvme: str | int | None = None,
-          usd_per_hour: float | None = None, workers: int | None = 1, out: str | Path | None = None,
-          **options: Any) -> pd.DataFrame:
+          usd_per_hour: float | None = None, speed: bool = False, workers: int | None = 1,
+          out: str | Path | None = None, **options: Any) -> pd.DataFrame:
     """A grid of models × GPUs × jobs × sizes as a DataFrame, one row per grid point.
 
     ``models``/``gpus``: catalog names or "all"; ``jobs``: job names. Columns are those of
     ``memplan sweep --format csv`` (``*_bytes`` int64, configuration columns categorical) plus
-    ``usd_per_hour``. ``out`` also writes the CSV (streamed, see ``memplan.report.sweep_stream``).
+    ``usd_per_gpu_hour``/``usd_per_hour``; ``speed=True`` adds the step-time and per-token cost columns.
+    ``out`` also writes the CSV (streamed, see ``memplan.report.sweep_stream``).
     """
     from memplan.report.sweep_stream import sweep_frame
 
     spec = sweep_spec(models, gpus, jobs, seq_lens=seq_lens, contexts=contexts, batches=batches, gpu_counts=gpu_counts,
-                      gpus_per_node=gpus_per_node, tp=tp, metric=metric, min_headroom=min_headroom,
+                      gpus_per_node=gpus_per_node, tp=tp, metric=metric, min_headroom=min_headroom, speed=speed,
                       config=job_config(config, **options), host=host_spec(host, cpu_ram, nvme))
     return sweep_frame(spec, workers=workers, out=Path(out) if out is not None else None, usd_per_hour=usd_per_hour)
 

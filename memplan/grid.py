@@ -56,6 +56,9 @@ class SweepSpec:
     min_headroom: str = "0B"
     usd_per_hour: float | None = None
     """Price of one GPU per hour for the cost columns; None: the GPU catalog's ``price_per_hour_usd``."""
+    speed: bool = False
+    """Add the step-time columns (step time, tokens/s, $ per step and per 1M tokens): a scalar step-time
+    model per row, so the sweep is not vectorized."""
 
     def sizes(self, job: Job) -> tuple[int, ...]:
         """Sequence lengths (training) or contexts (inference) of ``job``."""
@@ -245,7 +248,7 @@ def evaluate(spec: SweepSpec, cell: Cell) -> CellResult:
             est = ev.at(v)
             records.append({**estimate_record(est), "ok": ev.slack(v) >= 0, "required_headroom_bytes": ev.required,
                             "not_modelled": ",".join(est.not_modelled), column: value, "error": error,
-                            **cost_record(price, est)})
+                            **cost_record(price, est, speed=spec.speed)})
         return CellResult(cell, value, records, len(ev.memo), error)
     except MemplanError as exc:
         return CellResult(cell, None, [error_record(spec, cell, column, str(exc))], error=str(exc))

@@ -29,7 +29,7 @@ COST = ("usd_per_gpu_hour", "usd_per_hour", "step_time_s", "tokens_per_s", "usd_
         "usd_per_m_trained_tokens", "usd_per_m_served_tokens")
 GRID = grid.SweepSpec(models=("qwen2.5-0.5b", "mixtral-8x7b", "llama-3.2-1b"), gpus=("t4", "h100-sxm-80gb"),
                       jobs=(Job.FULL, Job.QLORA, Job.INFER, Job.GALORE), batches=(1, 3), gpu_counts=(1, 2),
-                      metric="fits")
+                      metric="fits", speed=True)
 """Jobs whose components differ (LoRA adapters, KV cache, a MoE model) and invalid cells (GaLore on 2 GPUs)."""
 
 LAZY = """
@@ -126,7 +126,9 @@ def test_sweep_frame_types_rows_and_pivot() -> None:
 
 
 def test_sweep_cost_columns_follow_the_price() -> None:
-    frame = memplan.sweep(models=["qwen2.5-0.5b"], gpus=["l4"], jobs=["full", "infer"], usd_per_hour=2.0)
+    plain = memplan.sweep(models=["qwen2.5-0.5b"], gpus=["l4"], jobs=["full"], gpu_counts=[2])
+    assert list(plain["usd_per_hour"]) == [pytest.approx(2 * catalog_price("l4"))] and "usd_per_step" not in plain
+    frame = memplan.sweep(models=["qwen2.5-0.5b"], gpus=["l4"], jobs=["full", "infer"], usd_per_hour=2.0, speed=True)
     assert list(frame["usd_per_gpu_hour"]) == [2.0, 2.0]
     train, serve = frame.iloc[0], frame.iloc[1]
     assert train["usd_per_step"] == pytest.approx(2.0 * train["step_time_s"] / 3600)
@@ -140,15 +142,18 @@ def parse(text: str) -> list[list[str]]:
 
 
 def test_streamed_csv_is_byte_identical_to_the_stdlib_writer(runner: CliRunner, tmp_path: Path) -> None:
-    records = grid.run(GRID, workers=1).records
-    expected = records_to_csv(records)
+    from dataclasses import replace
+
+    plain = records_to_csv(grid.run(replace(GRID, speed=False), workers=1).records)
     out = tmp_path / "sweep.csv"
     args = ["sweep", "--model", ",".join(GRID.models), "--gpu", ",".join(GRID.gpus), "--job", "full,qlora,infer,galore",
             "--batch", "1,3", "--gpu-count", "1,2", "--metric", "fits", "--workers", "1", "--quiet"]
     stdout = run_cli(runner, *args, "--format", "csv", "--out", str(out)).stdout
-    assert stdout == expected and out.read_text() == expected
+    assert stdout == plain and out.read_text() == plain
+    records = grid.run(GRID, workers=1).records
+    expected = records_to_csv(records)
     frame = memplan.sweep(models=GRID.models, gpus=GRID.gpus, jobs=["full", "qlora", "infer", "galore"],
-                          batches=[1, 3], gpu_counts=[1, 2], metric="fits", out=tmp_path / "api.csv")
+                          batches=[1, 3], gpu_counts=[1, 2], metric="fits", speed=True, out=tmp_path / "api.csv")
     assert (tmp_path / "api.csv").read_text() == expected and len(frame) == len(records)
     # today's columns: the new CSV without the cost columns is what the writer gave before them
     old = records_to_csv([{k: v for k, v in r.items() if k not in COST} for r in records])

@@ -81,14 +81,18 @@ def step_speed(est: Any) -> tuple[float, float] | None:
     return seconds, global_batch * cfg.seq_len / seconds if seconds > 0 else 0.0
 
 
-def cost_record(usd_per_gpu_hour: float | None, est: Any) -> dict[str, float | None]:
-    """The sweep's cost columns of one estimate: price per GPU-hour, the job's per hour, per step, per 1M
-    trained tokens and per 1M served tokens (empty where the price or the speed is unknown)."""
-    speed = step_speed(est) if usd_per_gpu_hour is not None else None
-    cost = cost_of(usd_per_gpu_hour, est.config, *speed) if speed is not None else None
+def cost_record(usd_per_gpu_hour: float | None, est: Any, *, speed: bool = False) -> dict[str, float | None]:
+    """The sweep's cost columns of one estimate: the price per GPU-hour and the job's price per hour; with
+    ``speed`` also the step time and tokens per second (``step_speed``) and the price per step, per 1M trained
+    tokens and per 1M served tokens (empty where the price or the speed is unknown)."""
     hourly = cluster_usd_per_hour(usd_per_gpu_hour, est.config.world_size) if usd_per_gpu_hour is not None else None
-    return {"usd_per_gpu_hour": usd_per_gpu_hour, "usd_per_hour": hourly,
-            "step_time_s": speed[0] if speed else None, "tokens_per_s": speed[1] if speed else None,
-            "usd_per_step": cost.usd_per_step if cost else None,
-            "usd_per_m_trained_tokens": cost.usd_per_m_trained_tokens if cost else None,
-            "usd_per_m_served_tokens": cost.usd_per_m_served_tokens if cost else None}
+    out: dict[str, float | None] = {"usd_per_gpu_hour": usd_per_gpu_hour, "usd_per_hour": hourly}
+    if not speed:
+        return out
+    pace = step_speed(est)
+    cost = cost_of(usd_per_gpu_hour, est.config, *pace) if pace is not None else None
+    out.update({"step_time_s": pace[0] if pace else None, "tokens_per_s": pace[1] if pace else None,
+                "usd_per_step": cost.usd_per_step if cost else None,
+                "usd_per_m_trained_tokens": cost.usd_per_m_trained_tokens if cost else None,
+                "usd_per_m_served_tokens": cost.usd_per_m_served_tokens if cost else None})
+    return out
