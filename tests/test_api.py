@@ -180,7 +180,8 @@ def test_ctrl_c_keeps_the_finished_rows_flagged_partial(monkeypatch: pytest.Monk
 
     out = tmp_path / "partial.csv"
     frames = []
-    done = stream(spec, sink=lambda s, p: (csv_sink(out)(s, p), frames.append(frame_of(s, p))), workers=1)
+    done = stream(spec, sink=lambda s, p: (csv_sink(out)(s, p), frames.append(frame_of(s, p))), workers=1,
+                  vectorized=False)
     assert done.partial and done.rows == 4 and len(done.result.cells) == 4
     rows = parse(out.read_text())
     assert rows[0][-1] == PARTIAL_COLUMN and len(rows) == 5 and all(r[-1] == "True" for r in rows[1:])
@@ -192,7 +193,10 @@ def test_the_output_path_is_checked_before_any_work(runner: CliRunner, monkeypat
     def never(*_: object) -> None:
         raise AssertionError("evaluated a cell before checking --out")
 
+    import memplan.vector
+
     monkeypatch.setattr(grid, "evaluate", never)
+    monkeypatch.setattr(memplan.vector, "group_results", never)
     result = run_cli(runner, "sweep", "--model", "gpt2", "--gpu", "t4", "--out", str(tmp_path / "no" / "x.csv"),
                      "--workers", "1", "--quiet", code=2)
     assert "does not exist" in result.stderr

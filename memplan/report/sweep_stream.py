@@ -94,14 +94,18 @@ class Streamed:
 
 def stream(spec: SweepSpec, *, sink: Callable[[Spill, bool], None], workers: int | None = None,
            extra: Callable[[list[dict[str, Any]]], None] | None = None,
-           progress: Callable[[int], None] | None = None) -> Streamed:
-    """Run the sweep chunk by chunk into a Spill, then ``sink(spill, partial)``; Ctrl-C keeps what is done."""
+           progress: Callable[[int], None] | None = None, vectorized: bool = True) -> Streamed:
+    """Run the sweep chunk by chunk into a Spill, then ``sink(spill, partial)``; Ctrl-C keeps what is done.
+    ``vectorized``: through ``memplan.vector`` (the same records, exactly; see there), else the scalar path."""
+    from memplan.vector import iter_vector
+
+    chunks = iter_vector if vectorized else iter_results
     kept: list[CellResult] = []
     partial = False
     with tempfile.TemporaryDirectory(prefix="memplan-sweep-") as tmp:
         spill = Spill(Path(tmp))
         try:
-            for chunk in iter_results(spec, workers=workers, progress=progress):
+            for chunk in chunks(spec, workers=workers, progress=progress):
                 records = [r for c in chunk for r in c.records]
                 if extra is not None:
                     extra(records)
