@@ -9,8 +9,9 @@ scalar model's own output and then CHECKED against it:
   fitted as ``b·g(s) + h(s)`` with g, h the exact (rational) polynomials through the probed sizes.
 * A column that this form misses may be a share of the other columns of its tier,
   ``ceil(k · Σ others)`` with a small rational k (the allocator reserve is ``ceil(5% of the rest)``).
-* Checks: the scalar model at more points (b = 3, b = the largest swept batch or 4, the grid's other
-  sizes, and for ``max-batch`` the largest and one-past-largest batch the search predicts) must equal the
+* Checks: the scalar model at more points (b = 3, b = the largest swept batch or 4 = b_top, 2·b_top + 3,
+  7·b_top + 5, the grid's other sizes, and for ``max-batch`` the largest and one-past-largest batch the
+  search predicts) must equal the
   fit exactly, column by column; tier totals must be the sums of their components, ``fits`` and
   ``headroom_bytes`` what the totals and capacities give, and every other column constant.
 * GPUs: each other GPU is probed once (at the largest swept batch and size); it shares the reference's
@@ -208,7 +209,8 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
         for s, (gs, hs) in zip(sizes, values, strict=True):
             gh[s][col] = (int(gs), int(hs))
     fit = Fit(columns, gh, {})
-    checks = [(3, sp[len(sp) // 2]), (b_top, sizes[-1]), *((b_top, s) for s in sizes if s not in sp)]
+    checks = [(3, sp[len(sp) // 2]), (b_top, sizes[-1]), (2 * b_top + 3, sizes[0]), (7 * b_top + 5, sizes[-1]),
+              *((b_top, s) for s in sizes if s not in sp)]
     top = p.at(b_top, sizes[-1]).record
     for col in fitted:  # a column off the polynomial form may be a share of its tier's other columns
         if col not in off and all(p.at(b, s).record.get(col) == fit.at(b, s)[col] for b, s in checks):
