@@ -29,14 +29,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from itertools import groupby
+from itertools import groupby, islice
 from typing import Any
 
 import numpy as np
 
 from memplan.config import Job
 from memplan.errors import MemplanError
-from memplan.grid import METRIC_COLUMN, Cell, CellResult, SweepSpec, _Evaluator, cells, evaluate, iter_results
+from memplan.grid import METRIC_COLUMN, Cell, CellResult, SweepSpec, _Evaluator, cells, default_workers, evaluate, iter_results
 from memplan.search import MAX_BATCH
 from memplan.units import GiB
 
@@ -306,26 +306,46 @@ def largest_batches(m: Member, sizes: list[int]) -> dict[int, int]:
     return {s: int(v) if ok1[i] else 0 for i, (s, v) in enumerate(zip(sizes, lo, strict=True))}
 
 
-def group_results(spec: SweepSpec, model: str, job: Job, count: int) -> list[CellResult]:
-    """Every cell of (model, job, count) over the GPUs and sizes, in grid order, vectorized."""
+@dataclass
+class Solved:
+    """One GPU of a vectorized group: its member (fit and template) and the metric per size (max-batch)."""
+
+    member: Member
+    values: dict[int, int] | None
+
+
+def solve_group(spec: SweepSpec, model: str, job: Job, count: int) -> list[Solved]:
+    """Fit and check every GPU of (model, job, count); NotExact or MemplanError when the group is not exact."""
     sizes = sorted(set(spec.sizes(job)))
-    batches = list(spec.batches)
-    b_top = max(4, *batches)
-    size_key = "infer_context" if job is Job.INFER else "seq_len"
-    column = METRIC_COLUMN[spec.metric]
+    b_top = max(4, *spec.batches)
+    size_key = size_key_of(job)
     out = []
     for m in members(spec, model, job, count, sizes, b_top):
-        best = largest_batches(m, sizes) if spec.metric == "max-batch" else {}
-        for s in spec.sizes(job):
-            rows = [predict(m.fit, m.template, b, s, size_key) for b in batches]
-            value = best[s] if best else max((b for b, (_, sl) in zip(batches, rows, strict=True) if sl >= 0), default=0)
-            records = [{**rec, column: value} for rec, _ in rows]
-            out.append(CellResult(Cell(model, m.gpu, job, count, s, None), value, records))
+        best = largest_batches(m, sizes) if spec.metric == "max-batch" else None
         if best:  # the search extrapolates: check the largest batch it found and the one after, exactly
             s, b = max(best.items(), key=lambda kv: kv[1])
             for v in (b, b + 1):
                 if b_top < v <= MAX_BATCH:
                     check(m.fit, m.prober.at(v, s), v, s, size_key)
+        out.append(Solved(m, best))
+    return out
+
+
+def size_key_of(job: Job) -> str:
+    return "infer_context" if job is Job.INFER else "seq_len"
+
+
+def group_results(spec: SweepSpec, model: str, job: Job, count: int) -> list[CellResult]:
+    """Every cell of (model, job, count) over the GPUs and sizes, with its records, vectorized."""
+    column, size_key, batches = METRIC_COLUMN[spec.metric], size_key_of(job), list(spec.batches)
+    out = []
+    for solved in solve_group(spec, model, job, count):
+        m = solved.member
+        for s in spec.sizes(job):
+            rows = [predict(m.fit, m.template, b, s, size_key) for b in batches]
+            value = solved.values[s] if solved.values is not None else \
+                max((b for b, (_, sl) in zip(batches, rows, strict=True) if sl >= 0), default=0)
+            out.append(CellResult(Cell(model, m.gpu, job, count, s, None), value, [{**r, column: value} for r, _ in rows]))
     return out
 
 
@@ -341,23 +361,89 @@ def evaluate_group(spec: SweepSpec, group: list[Cell]) -> list[CellResult]:
     return [evaluate(spec, c) for c in group]
 
 
-def iter_vector(spec: SweepSpec, *, workers: int | None = 1,
-                progress: Callable[[int], None] | None = None) -> Iterator[list[CellResult]]:
+class Chunk(list):
+    """A run's CellResults without records, and ``frame``: all their rows, columnar, in grid order."""
+
+    frame: Any = None
+
+
+def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
+    """The run as a Chunk when every group of it is exact, else None (the caller takes the record path)."""
+    from memplan.vector_frame import block_frame, run_frame
+
+    model, job = todo[0].model, todo[0].job
+    column, size_key, sizes = METRIC_COLUMN[spec.metric], size_key_of(job), list(spec.sizes(job))
+    by_block: dict[tuple[str, int], Solved] = {}
+    try:
+        for count in spec.gpu_counts:
+            for solved in solve_group(spec, model, job, count):
+                by_block[(solved.member.gpu, count)] = solved
+    except (NotExact, MemplanError):
+        return None
+    chunk, blocks = Chunk(), []
+    for gpu in spec.gpus:
+        for count in spec.gpu_counts:
+            solved = by_block[(gpu, count)]
+            m = solved.member
+            blk = block_frame(m.fit, m.template, sizes, list(spec.batches), size_key, column, solved.values)
+            per_size = blk[column].to_numpy()[:: len(spec.batches)].tolist()
+            chunk += [CellResult(Cell(model, gpu, job, count, s, None), int(v), []) for s, v in zip(sizes, per_size,
+                                                                                                  strict=True)]
+            blocks.append(blk)
+    chunk.frame = run_frame(blocks)
+    return chunk
+
+
+def run_chunk(spec: SweepSpec, todo: list[Cell], columnar: bool = False) -> list[CellResult]:
+    """The cells of one (model, job), in grid order, group by group (one GPU count each); ``columnar``:
+    a Chunk with the rows as one frame when every group is exact."""
+    if columnar:
+        chunk = columnar_chunk(spec, todo)
+        if chunk is not None:
+            return chunk
+    results = {}
+    for count in spec.gpu_counts:
+        group = [c for c in todo if c.gpus == count]
+        if group:
+            results.update({(r.cell.gpu, r.cell.gpus, r.cell.size): r for r in evaluate_group(spec, group)})
+    return [results[(c.gpu, c.gpus, c.size)] for c in todo]
+
+
+def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[[int], None] | None = None,
+                columnar: bool = False) -> Iterator[list[CellResult]]:
     """The sweep's results one (model, job) at a time, in the scalar path's grid order (the contract of
-    ``grid.iter_results``), vectorized where the checks pass. ``max-context``, ``speed`` and grids
-    with a repeated size or batch take the scalar path."""
+    ``grid.iter_results``), vectorized where the checks pass, over ``workers`` processes (at most
+    2·workers runs in flight). ``max-context``, ``speed`` and grids with a repeated value take the scalar path."""
     repeated = any(len(set(v)) != len(v) for v in (spec.seq_lens, spec.contexts, spec.batches, spec.gpus,
                                                      spec.gpu_counts))
     if spec.metric == "max-context" or spec.speed or repeated:
         yield from iter_results(spec, workers=workers, progress=progress)
         return
-    for _, run in groupby(cells(spec), key=lambda c: (c.model, c.job)):
-        todo = list(run)
-        results = {}
-        for count in spec.gpu_counts:
-            group = [c for c in todo if c.gpus == count]
-            results.update({(r.cell.gpu, r.cell.gpus, r.cell.size): r for r in evaluate_group(spec, group)})
-        chunk = [results[(c.gpu, c.gpus, c.size)] for c in todo]
-        if progress:
-            progress(len(chunk))
-        yield chunk
+    runs = (list(run) for _, run in groupby(cells(spec), key=lambda c: (c.model, c.job)))
+    workers = default_workers() if workers is None else workers
+    if workers <= 1:
+        for todo in runs:
+            chunk = run_chunk(spec, todo, columnar)
+            if progress:
+                progress(len(chunk))
+            yield chunk
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: deque = deque(pool.submit(run_chunk, spec, todo, columnar) for todo in islice(runs, 2 * workers))
+        while pending:
+            chunk = pending.popleft().result()
+            nxt = next(runs, None)
+            if nxt is not None:
+                pending.append(pool.submit(run_chunk, spec, nxt, columnar))
+            if progress:
+                progress(len(chunk))
+            yield chunk
+    except BaseException:  # Ctrl-C, a worker's failure, or the consumer stopped: drop the queued runs
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

@@ -93,3 +93,20 @@ def test_max_batch_matches_the_scalar_search_on_many_gpus() -> None:
         for job in spec.jobs:
             group_results(spec, model, job, 1)
     assert_same(spec)
+    first = next(iter_vector(spec, columnar=True))  # the streamed path: one columnar frame per (model, job)
+    assert first.frame is not None and len(first.frame) == len(first) and not first[0].records
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=grids)
+def test_columnar_csv_is_byte_identical_to_the_scalar_records(spec: SweepSpec) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from memplan.report.sweep_stream import csv_sink, stream
+
+    expected = records_to_csv([r for chunk in iter_results(spec, workers=1) for c in chunk for r in c.records])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "v.csv"
+        stream(spec, sink=csv_sink(out), workers=1)
+        assert out.read_text() == expected

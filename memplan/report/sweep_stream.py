@@ -58,9 +58,10 @@ class Spill:
     rows: int = 0
 
     def add(self, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        frame = records_frame(records)
+        if records:
+            self.add_frame(records_frame(records))
+
+    def add_frame(self, frame: pd.DataFrame) -> None:
         self.columns.update(dict.fromkeys(frame.columns))
         part = self.folder / f"part{len(self.parts):06d}.pkl"
         with open(part, "wb") as fh:
@@ -93,23 +94,25 @@ class Streamed:
 
 
 def stream(spec: SweepSpec, *, sink: Callable[[Spill, bool], None], workers: int | None = None,
-           extra: Callable[[list[dict[str, Any]]], None] | None = None,
            progress: Callable[[int], None] | None = None, vectorized: bool = True) -> Streamed:
     """Run the sweep chunk by chunk into a Spill, then ``sink(spill, partial)``; Ctrl-C keeps what is done.
     ``vectorized``: through ``memplan.vector`` (the same records, exactly; see there), else the scalar path."""
+    from functools import partial
+
     from memplan.vector import iter_vector
 
-    chunks = iter_vector if vectorized else iter_results
+    chunks = partial(iter_vector, columnar=True) if vectorized else iter_results
     kept: list[CellResult] = []
     partial = False
     with tempfile.TemporaryDirectory(prefix="memplan-sweep-") as tmp:
         spill = Spill(Path(tmp))
         try:
             for chunk in chunks(spec, workers=workers, progress=progress):
-                records = [r for c in chunk for r in c.records]
-                if extra is not None:
-                    extra(records)
-                spill.add(records)
+                frame = getattr(chunk, "frame", None)
+                if frame is not None:
+                    spill.add_frame(frame)
+                else:
+                    spill.add([r for c in chunk for r in c.records])
                 kept += [CellResult(c.cell, c.value, [], c.estimates, c.error) for c in chunk]
         except KeyboardInterrupt:
             partial = True
