@@ -6,7 +6,8 @@ scalar model's own output and then CHECKED against it:
 
 * Probes: the scalar model at micro-batch b ∈ {1, 2} × up to three of the grid's sizes s (smallest,
   middle, largest), on a reference GPU. Each tier-component column (``gpu:weights/params_bytes``, ...) is
-  fitted as ``b·g(s) + h(s)`` with g, h the exact (rational) polynomials through the probed sizes.
+  fitted as ``b·g(s) + h(s)`` with g, h the exact (rational) polynomials through the probed sizes, whose
+  coefficients must have small denominators (``MAX_COEFFICIENT_DENOMINATOR``).
 * A column that this form misses may be a share of the other columns of its tier,
   ``ceil(k · Σ others)`` with a small rational k (the allocator reserve is ``ceil(5% of the rest)``).
 * Checks: the scalar model at more points (b = 3, b = the largest swept batch or 4 = b_top, 2·b_top + 3,
@@ -204,7 +205,8 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
         g = lagrange(sp, [at[2, s] - at[1, s] for s in sp])
         h = lagrange(sp, [2 * at[1, s] - at[2, s] for s in sp])
         values = [(poly(g, Fraction(s)), poly(h, Fraction(s))) for s in sizes]
-        if any(gs.denominator != 1 or hs.denominator != 1 for gs, hs in values):
+        if any(gs.denominator != 1 or hs.denominator != 1 for gs, hs in values) or \
+                any(c.denominator > MAX_COEFFICIENT_DENOMINATOR for c in (*g, *h)):
             off.add(col)
         for s, (gs, hs) in zip(sizes, values, strict=True):
             gh[s][col] = (int(gs), int(hs))
@@ -224,6 +226,11 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
         check(fit, p.at(b, s), b, s, size_key)
     return fit
 
+
+MAX_COEFFICIENT_DENOMINATOR = 64
+"""A fitted polynomial's coefficients must be fractions with small denominators (a formula's /2 or /tp):
+a rounded column (ceil of a share) interpolated through a few points gets large ones, and must not pass
+as a polynomial that happens to agree at the check points (hypothesis found one such agreement)."""
 
 SHARE_DENOMINATOR = 100
 """Largest denominator of a share k, found as the fraction nearest to (column / its tier's other columns):
