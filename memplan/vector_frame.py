@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from memplan.report.frame import absent, typed
+from memplan.report.frame import absent, concat_frames, typed
 from memplan.units import GiB
 
 TIERS = ("gpu", "cpu", "nvme")
@@ -73,8 +73,22 @@ def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: l
         varying[col] = v
         varying[col[:-6] + "_gib"] = gib(v)
     for col in fit.columns:
-        data[col] = varying[col] if col in varying else typed(col, [template[col]] * (ns * nb))
+        data[col] = varying[col] if col in varying else constant(col, template[col], ns * nb)
     return pd.DataFrame(data, columns=list(fit.columns))
+
+
+def constant(col: str, value: Any, n: int) -> Any:
+    """``n`` copies of ``value`` with the dtype ``report.frame.typed`` gives such a column, built without a
+    Python list where the type allows (text as a one-category categorical, numbers and flags as arrays)."""
+    if isinstance(value, bool):
+        return np.full(n, value, dtype=bool)
+    if isinstance(value, int) and -2**63 <= value < 2**63:
+        return np.full(n, value, dtype=np.int64)
+    if isinstance(value, float):
+        return np.full(n, value, dtype=np.float64)
+    if isinstance(value, str) and typed(col, [value]).dtype == "category":
+        return pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[value])
+    return typed(col, [value] * n)
 
 
 def run_frame(blocks: list[pd.DataFrame]) -> pd.DataFrame:
@@ -87,4 +101,4 @@ def run_frame(blocks: list[pd.DataFrame]) -> pd.DataFrame:
             if col not in blk.columns:
                 blk[col] = typed(col, [absent(col)] * len(blk))
         filled.append(blk[columns])
-    return pd.concat(filled, ignore_index=True) if len(filled) > 1 else filled[0]
+    return concat_frames(filled)

@@ -102,3 +102,16 @@ COST_COLUMNS = ("usd_per_hour", "usd_per_step", "usd_per_m_trained_tokens", "usd
 def cost_columns(cost: Any) -> dict[str, float | None]:
     """The cost columns of a ``report.cost.Cost`` (all None when the price is unknown)."""
     return {col: None if cost is None else getattr(cost, col) for col in COST_COLUMNS}
+
+
+def concat_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Frames with the same columns stacked, a categorical column kept categorical (the union of the
+    frames' categories) instead of falling back to object as ``pd.concat`` does when they differ."""
+    if len(frames) == 1:
+        return frames[0]
+    for col in frames[0].columns:
+        if all(isinstance(f[col].dtype, pd.CategoricalDtype) for f in frames):
+            union = list(dict.fromkeys(c for f in frames for c in f[col].cat.categories))
+            for f in frames:
+                f[col] = f[col].cat.set_categories(union)
+    return pd.concat(frames, ignore_index=True)

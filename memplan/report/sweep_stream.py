@@ -24,7 +24,7 @@ import pandas as pd
 
 from memplan.errors import MemplanError
 from memplan.grid import CellResult, SweepResult, SweepSpec, iter_results
-from memplan.report.frame import absent, frame_csv, records_frame
+from memplan.report.frame import absent, concat_frames, frame_csv, records_frame
 
 PARTIAL_COLUMN = "partial"
 
@@ -143,9 +143,10 @@ def frame_of(spill: Spill, partial: bool) -> pd.DataFrame:
     frames = list(spill.frames(partial=partial))
     if not frames:
         return pd.DataFrame()
-    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    for col in frame.columns:  # categories differ between chunks: concat leaves object columns
-        if frame[col].dtype == object or pd.api.types.is_string_dtype(frame[col].dtype):
+    frame = concat_frames(frames)
+    for col in frame.columns:  # a column categorical in some chunks only: concat leaves object or str
+        if frame[col].dtype == object or (pd.api.types.is_string_dtype(frame[col].dtype)
+                                          and not isinstance(frame[col].dtype, pd.CategoricalDtype)):
             values = [None if v is None or v is pd.NA or v != v else v for v in frame[col].tolist()]
             frame[col] = records_frame([{col: v} for v in values])[col]
     frame.attrs["partial"] = partial
