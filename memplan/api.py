@@ -95,6 +95,12 @@ class Estimate:
     usd_per_hour: float | None = None
     """Price of one GPU per hour (catalog or override); None when unknown."""
 
+    def __getattr__(self, name: str) -> Any:
+        """Anything else the memory model's result has (so functions written for it accept this too)."""
+        if name.startswith("__") or name == "detail":
+            raise AttributeError(name)
+        return getattr(self.detail, name)
+
     @property
     def rows(self) -> tuple[Row, ...]:
         return self.detail.rows
@@ -127,6 +133,22 @@ class Estimate:
     @property
     def not_modelled(self) -> tuple[str, ...]:
         return self.detail.not_modelled
+
+    @property
+    def host(self) -> HostSpec:
+        return self.detail.host
+
+    @property
+    def stage(self) -> int:
+        return self.detail.stage
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        return self.detail.tiers
+
+    @property
+    def binding_tier(self) -> Tier:
+        return self.detail.binding_tier
 
     @property
     def headroom_bytes(self) -> int:
