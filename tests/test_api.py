@@ -218,3 +218,18 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path: Path) -> None:
         pytest.skip("pyarrow is installed: the round-trip test covers Parquet")
     with pytest.raises(MemplanError, match="pyarrow"):
         memplan.sweep(models="gpt2", gpus="t4", out=tmp_path / "s.parquet")
+
+
+def test_pivot_csv_is_the_fit_matrix() -> None:
+    from memplan.report.pivot import KEYS, pivot_csv
+    from memplan.report.sweep_out import matrices
+
+    spec = grid.SweepSpec(models=("qwen2.5-0.5b", "llama-3.2-1b"), gpus=("t4", "l4"), jobs=(Job.LORA, Job.GALORE),
+                          gpu_counts=(2,))
+    result = grid.run(spec, workers=1)
+    rows = parse(pivot_csv(matrices(result)))
+    assert rows[0] == [*KEYS, "t4", "l4"] and len(rows) == 1 + 2 * 2  # models × (job blocks)
+    for r in result.cells:
+        row = next(x for x in rows[1:] if x[0] == r.cell.job.value and x[4] == r.cell.model)
+        cell = row[rows[0].index(r.cell.gpu)]
+        assert cell == ("" if r.value is None else str(r.value))  # empty: invalid (GaLore on 2 GPUs)
