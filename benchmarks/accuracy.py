@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.catalog.store import catalog_gpu, catalog_model
-from memplan.estimate import make_config
+from memplan.estimator import make_config
 from memplan.measure import published_gpu
 from memplan.measure.job import Report, measure_job
 from memplan.measure.tiny import FAMILIES, seq_len, tiny_spec

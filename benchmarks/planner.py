@@ -16,7 +16,7 @@ from itertools import product
 from memplan.arch.build import build_architecture
 from memplan.catalog.schema import Family, GpuSpec, HostSpec, ModelSpec
 from memplan.config import Job, JobConfig, Offload, Recompute
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.planner import train
 from memplan.planner.dims import resolve
 from memplan.planner.ilp import IlpBuilder

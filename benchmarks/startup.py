@@ -98,7 +98,7 @@ FLOORS = {
     "floor: import typer": "import typer",
     "floor: import typer+pydantic": "import typer, pydantic",
     "floor: --help's imports": "import typer, memplan.cli.app",
-    "floor: estimate's imports": "import typer, memplan.cli.estimate, memplan.estimate, memplan.report.table",
+    "floor: estimate's imports": "import typer, memplan.cli.estimate, memplan.estimator, memplan.report.table",
     "floor: import rich.table": "import rich.console, rich.table",
 }
 """Imports timed alone: what a typer CLI pays before any code runs, and what ``--help`` and ``estimate`` import."""

@@ -1,62 +1,128 @@
-"""Sweep speed: 30 catalog models × 20 GPUs × 3 jobs = 1,800 cells, each the exact largest batch that
-fits (every number an exact ``estimate``), timed end to end as ``memplan sweep`` runs it.
+"""Sweep speed and memory: vectorized grids (memplan.vector) against the issue-15 targets, and the scalar path.
 
-Run: python benchmarks/sweep.py [--workers N] [--metric max-batch|fits]
-     taskset -c 0,1 python benchmarks/sweep.py --workers 2      (the 2-core target)
-Target: the 1,800-cell sweep in under 30 s of wall time on 2 cores (issue 5).
+Run: taskset -c 0,1 python benchmarks/sweep.py [--workers 2] [--only matrix|cells|rss|scalar]
+
+* matrix: every catalog model × every catalog GPU × full, lora, qlora, infer; the exact largest micro-batch
+  per cell (max-batch). Target ≤ 2 s on 2 cores.
+* cells: 10^5 grid points (8 models × 10 GPUs × 4 jobs × 25 sizes × 25 batches = 200,000 rows, or the
+  count printed), metric fits, streamed to a CSV. Target ≤ 10 s on 2 cores.
+* rss: 10^6 grid points streamed to a CSV in a child process; its peak RSS (ru_maxrss). Target ≤ 500 MB.
+* scalar: the first 30 models × 20 GPUs × 3 jobs through the scalar path only (the issue-5 baseline, < 30 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 from memplan.catalog.schema import Family
 from memplan.catalog.store import all_gpus, all_models
 from memplan.config import Job
-from memplan.sweep import SweepSpec, cells, default_workers, run
+from memplan.grid import SweepSpec, cells, default_workers, run
 
 warnings.simplefilter("ignore")
-MODELS, GPUS = 30, 20
-JOBS = (Job.FULL, Job.LORA, Job.INFER)
+JOBS4 = (Job.FULL, Job.LORA, Job.QLORA, Job.INFER)
 
 
-def grid(metric: str) -> SweepSpec:
-    """The first 30 catalog models that have dimensions (params-only entries cannot be swept over batch
-    meaningfully) and the first 20 catalog GPUs, by name."""
-    models = tuple(m.name for m in all_models() if m.family is not Family.PARAMS_ONLY)[:MODELS]
-    gpus = tuple(sorted(g.name for g in all_gpus()))[:GPUS]
-    return SweepSpec(models=models, gpus=gpus, jobs=JOBS, metric=metric)  # type: ignore[arg-type]
+def dense_models(n: int) -> tuple[str, ...]:
+    return tuple(m.name for m in all_models() if m.family is not Family.PARAMS_ONLY)[:n]
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and of its finished worker processes."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+def gpus(n: int | None = None) -> tuple[str, ...]:
+    return tuple(sorted(g.name for g in all_gpus()))[:n]
+
+
+def stream_to_csv(spec: SweepSpec, workers: int, out: Path) -> tuple[int, float]:
+    from memplan.report.sweep_stream import csv_sink, stream
+
+    t0 = time.perf_counter()
+    done = stream(spec, sink=csv_sink(out), workers=workers)
+    return done.rows, time.perf_counter() - t0
+
+
+def matrix(workers: int) -> None:
+    from memplan.vector import iter_vector
+
+    spec = SweepSpec(models=tuple(m.name for m in all_models()), gpus=gpus(), jobs=JOBS4, metric="max-batch")
+    t0 = time.perf_counter()
+    n = sum(len(chunk) for chunk in iter_vector(spec, workers=workers))
+    wall = time.perf_counter() - t0
+    print(f"matrix: {len(spec.models)} models × {len(spec.gpus)} GPUs × 4 jobs = {n:,} cells (max-batch): "
+          f"{wall:.2f} s on {workers} worker(s); target ≤ 2 s: {'met' if wall <= 2 else 'NOT met'}")
+
+
+def many_cells(workers: int) -> None:
+    from memplan.report.sweep_stream import sweep_frame
+
+    sizes = tuple(range(512, 512 * 26, 512))
+    spec = SweepSpec(models=dense_models(8), gpus=gpus(10), jobs=JOBS4, seq_lens=sizes, contexts=sizes,
+                     batches=tuple(range(1, 26)), metric="fits")
+    t0 = time.perf_counter()
+    frame = sweep_frame(spec, workers=workers)
+    wall = time.perf_counter() - t0
+    per = wall / len(frame) * 1e5
+    print(f"cells: {len(frame):,} grid points × {frame.shape[1]} columns as a DataFrame (memplan.sweep, fits): "
+          f"{wall:.2f} s, {per:.2f} s per 10^5 on {workers} worker(s); target ≤ 10 s per 10^5: "
+          f"{'met' if per <= 10 else 'NOT met'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, wall = stream_to_csv(spec, workers, Path(tmp) / "sweep.csv")
+    print(f"cells: the same grid streamed to a CSV: {wall:.2f} s, {wall / rows * 1e5:.2f} s per 10^5")
+
+
+RSS_CHILD = """
+import resource, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from benchmarks.sweep import rss_grid, stream_to_csv
+rows, wall = stream_to_csv(rss_grid(), {workers}, Path({out!r}))
+print(rows, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def rss_grid() -> SweepSpec:
+    """10^6 grid points: 8 models × 10 GPUs × 2 jobs × 50 sizes × 125 batches."""
+    sizes = tuple(range(256, 256 * 51, 256))
+    return SweepSpec(models=dense_models(8), gpus=gpus(10), jobs=(Job.LORA, Job.INFER), seq_lens=sizes,
+                     contexts=sizes, batches=tuple(range(1, 126)), metric="fits")
+
+
+def rss(workers: int) -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "million.csv"
+        code = RSS_CHILD.format(root=root, workers=workers, out=str(out))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+        rows, wall, own_kib, kids_kib = proc.stdout.split()[-4:]
+        size = out.stat().st_size
+    peak_mb = max(int(own_kib), int(kids_kib)) * 1024 / 1e6
+    print(f"rss: {int(rows):,} grid points streamed to a {size / 1e9:.2f} GB CSV in {float(wall):.1f} s; peak RSS "
+          f"{peak_mb:.0f} MB (largest process); target ≤ 500 MB: {'met' if peak_mb <= 500 else 'NOT met'}")
+
+
+def scalar(workers: int) -> None:
+    spec = SweepSpec(models=dense_models(30), gpus=gpus(20), jobs=(Job.FULL, Job.LORA, Job.INFER))
+    t0 = time.perf_counter()
+    result = run(spec, workers=workers)
+    wall = time.perf_counter() - t0
+    print(f"scalar: {len(cells(spec)):,} cells, {result.estimates:,} exact estimates, {wall:.2f} s on {workers} "
+          f"worker(s) (issue 5 target < 30 s: {'met' if wall < 30 else 'NOT met'})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
-    parser.add_argument("--metric", default="max-batch", choices=("max-batch", "max-context", "fits"))
+    parser.add_argument("--only", choices=("matrix", "cells", "rss", "scalar"), action="append")
     args = parser.parse_args()
-    spec = grid(args.metric)
     workers = args.workers or default_workers()
-    n = len(cells(spec))
-    print(f"grid: {len(spec.models)} models × {len(spec.gpus)} GPUs × {len(spec.jobs)} jobs = {n:,} cells, "
-          f"metric {spec.metric}, {workers} worker process{'es' if workers > 1 else ''}")
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    result = run(spec, workers=workers)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    fitting = sum(1 for c in result.cells if c.value)
-    invalid = sum(1 for c in result.cells if c.error)
-    print(f"wall time: {wall:.2f} s for {n:,} cells ({result.estimates:,} exact estimates, "
-          f"{1e3 * wall / n:.1f} ms per cell); {fitting:,} cells fit, {invalid:,} invalid")
-    print(f"CPU time: {cpu:.2f} s over all processes ({1e3 * cpu / max(result.estimates, 1):.2f} ms per estimate); "
-          f"wall time on {workers} idle cores would be about {cpu / workers:.1f} s plus worker start-up")
-    print("target: < 30 s on 2 cores:", "met" if wall < 30 else "NOT met")
+    for name in args.only or ("matrix", "cells", "rss", "scalar"):
+        {"matrix": matrix, "cells": many_cells, "rss": rss, "scalar": scalar}[name](workers)
+    print(f"(this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.errors import MemplanError
-from memplan.estimate import Estimate, estimate
+from memplan.estimator import Estimate, estimate
 from memplan.memory.breakdown import Tier
 from memplan.recipe_load import LoadedRecipe, load_recipe
 from memplan.units import GiB, MiB

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from memplan.config import JobConfig
-from memplan.estimate import Estimate, estimate
+from memplan.estimator import Estimate, estimate
 from memplan.memory.inference import max_batch, max_context
 
 MAX_CONTEXT_TOKENS = 2**24

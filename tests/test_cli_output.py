@@ -131,7 +131,7 @@ def test_a_terminal_table_folds_long_names_at_80_columns() -> None:
 
     from rich.console import Console
 
-    from memplan.estimate import estimate
+    from memplan.estimator import estimate
     from memplan.report.table import Out, render_estimate
 
     out = Out(terminal=True)

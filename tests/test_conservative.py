@@ -22,7 +22,7 @@ from test_fuzz_cli import RUNNER, fuzz_settings
 from memplan.cli.app import app
 from memplan.config import JobConfig
 from memplan.errors import MemplanError
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Tier
 from memplan.memory.runtime import safety_margin_bytes
 from memplan.report.json_out import estimate_dict

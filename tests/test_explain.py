@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import memplan.cli.ci  # noqa: F401  (registers check, sweep and explain on the app)
 from memplan import __version__
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.explain import COMPONENTS, TOPICS, explain, render, resolve
 from memplan.memory import optimizer, runtime
 

@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf", reason="the optional gguf extra is not instal
 np = pytest.importorskip("numpy")
 
 from memplan.catalog.resolve import load_model  # noqa: E402
-from memplan.estimate import estimate  # noqa: E402
+from memplan.estimator import estimate  # noqa: E402
 
 D, F, V, L, HEADS, KV = 256, 512, 1000, 2, 4, 2
 Q4K, Q6K = (256, 144), (256, 210)  # ggml type traits: values per block, bytes per block

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.breakdown import Phase, Tier
 
 B, S, V = 2, 1024, 32000  # Llama-2-7B's vocabulary

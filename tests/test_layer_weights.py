@@ -16,7 +16,7 @@ from memplan.catalog.schema import HostSpec
 from memplan.catalog.store import catalog_gpu, catalog_model
 from memplan.config import InferConfig, JobConfig
 from memplan.errors import MemplanError
-from memplan.estimate import Estimate, estimate
+from memplan.estimator import Estimate, estimate
 from memplan.memory import weight_offload as inf
 from memplan.memory import weights as w
 from memplan.memory.breakdown import Tier, components

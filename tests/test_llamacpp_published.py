@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from memplan.errors import MemplanError
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.search import largest_fitting
 from memplan.units import MiB
 

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch", reason="measure needs torch (pip install me
 pytest.importorskip("transformers", reason="measure needs transformers (pip install memplan[measure])")
 
 from memplan.catalog.store import catalog_gpu  # noqa: E402
-from memplan.estimate import estimate, make_config  # noqa: E402
+from memplan.estimator import estimate, make_config  # noqa: E402
 from memplan.measure import calibrate as cal  # noqa: E402
 from memplan.measure.compare import EXACT, Line  # noqa: E402
 from memplan.measure.job import measure_job  # noqa: E402
@@ -183,7 +183,7 @@ def test_line_bounds() -> None:
 
 def test_calibration_profile_round_trip(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from memplan.catalog.profiles import load_profile
-    from memplan.estimate import estimate
+    from memplan.estimator import estimate
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     assert load_profile("h100-sxm-80gb") is None

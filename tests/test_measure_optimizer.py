@@ -13,7 +13,7 @@ pytest.importorskip("torch", reason="measure needs torch (pip install memplan[me
 pytest.importorskip("transformers", reason="measure needs transformers (pip install memplan[measure])")
 
 from memplan.catalog.store import catalog_gpu
-from memplan.estimate import make_config
+from memplan.estimator import make_config
 from memplan.measure.job import measure_job
 from memplan.measure.tiny import tiny_spec
 

@@ -13,7 +13,7 @@ from memplan.catalog.schema import HostSpec
 from memplan.catalog.store import catalog_gpu
 from memplan.config import JobConfig
 from memplan.errors import MemplanError
-from memplan.estimate import estimate, make_config
+from memplan.estimator import estimate, make_config
 from memplan.memory import components
 from memplan.memory import model_states as ms
 from memplan.memory.breakdown import Tier, tier_total

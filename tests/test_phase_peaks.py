@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from memplan.catalog.store import catalog_gpu
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.breakdown import Phase, Tier
 from memplan.units import MiB
 

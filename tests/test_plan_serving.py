@@ -6,7 +6,7 @@ from memplan.catalog.resolve import load_model
 from memplan.catalog.schema import HostSpec
 from memplan.catalog.store import catalog_gpu
 from memplan.config import JobConfig
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.planner.plan import PlanRequest, plan
 from memplan.planner.space import Objective, SearchSpace
 from memplan.search import largest_fitting

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from memplan.catalog.schema import Family, GpuSpec, HostSpec, ModelSpec
 from memplan.config import Job, JobConfig, Offload, Recompute
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.breakdown import Tier
 from memplan.planner import train
 from memplan.planner.plan import PlanRequest, plan

@@ -12,7 +12,7 @@ from test_planner import gpu_with, tiny_model
 from memplan.arch.build import build_architecture
 from memplan.catalog.schema import HostSpec
 from memplan.config import Job, JobConfig, Offload
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.breakdown import Tier
 from memplan.memory.context import Context
 from memplan.memory.model_states import offloaded_fraction

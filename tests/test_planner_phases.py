@@ -8,7 +8,7 @@ from test_planner import gpu_with, tiny_model
 
 from memplan.catalog.schema import HostSpec
 from memplan.config import Job, JobConfig, Offload, Recompute
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.breakdown import Tier
 from memplan.planner.plan import PlanRequest, plan
 from memplan.planner.space import SearchSpace

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 import memplan.cli.ci  # noqa: F401  (registers check, sweep and explain on the app)
 from memplan.config import Job
 from memplan.errors import MemplanError
-from memplan.estimate import estimate
+from memplan.estimator import estimate
+from memplan.grid import SweepSpec, run
 from memplan.memory.breakdown import Tier
 from memplan.report import plots
-from memplan.sweep import SweepSpec, run
 
 pytest.importorskip("matplotlib", reason="plots need the plot extra (matplotlib)")
 

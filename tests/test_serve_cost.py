@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.context import Context
 from memplan.planner.serve_cost import HBM_EFFICIENCY, ServeCost, expert_read_fraction, generation, serve_cost
 

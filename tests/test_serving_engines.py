@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from memplan.errors import MemplanError
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 
 
 def _rows(**kw: object) -> dict[str, int]:

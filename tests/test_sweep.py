@@ -13,9 +13,9 @@ from conftest import run_cli
 from typer.testing import CliRunner
 
 import memplan.cli.ci  # noqa: F401  (registers check, sweep and explain on the app)
-import memplan.sweep as sw
+import memplan.grid as sw
 from memplan.config import Job, JobConfig
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.breakdown import Tier
 from memplan.memory.inference import largest_fitting
 from memplan.report.sweep_out import matrices

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.breakdown import Tier
 from memplan.search import largest_fitting
 from memplan.units import GiB, MiB

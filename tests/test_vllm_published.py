@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 
 from memplan.engines import vllm
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.context import Context
 from memplan.units import GiB
 

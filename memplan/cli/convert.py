@@ -75,7 +75,7 @@ def job_fields(opts: Opts) -> dict[str, Any]:
 
 def job_config(opts: Opts, base: Any = None, **fields: Any) -> Any:
     """A validated JobConfig: ``base`` (a recipe's, or the defaults), the options given, then ``fields``."""
-    from memplan.estimate import make_config
+    from memplan.estimator import make_config
 
     data = job_fields(opts)
     if base is not None:

@@ -18,7 +18,7 @@ def estimate(model: Model, opts: Opts) -> None:
 
     Exit code 0 whether or not the job fits: the verdict is in the output (FITS / DOES NOT FIT, "fits" in
     JSON). Use 'memplan check' for an exit code that gates on fitting."""
-    from memplan.estimate import estimate as run_estimate
+    from memplan.estimator import estimate as run_estimate
     from memplan.report import emit
 
     emit.check_format(opts.fmt)

@@ -63,8 +63,8 @@ def sweep(recipe: Recipe = None, models: Models = None, gpus: Gpus = None, jobs:
           out: CsvOut = None, fmt: Format = "table", plot: Plot = None, quiet: Quiet = False, workers: Workers = None,
           *, opts: Opts) -> None:
     """Estimate a grid of models × GPUs × jobs × sizes, print fit matrices, and write one CSV row per point."""
+    from memplan.grid import cells, run, validate
     from memplan.report import emit
-    from memplan.sweep import cells, run, validate
 
     emit.check_format(fmt)
     emit.check_plot(plot)
@@ -75,9 +75,19 @@ def sweep(recipe: Recipe = None, models: Models = None, gpus: Gpus = None, jobs:
             "tp": tp}
     spec = grid_spec(recipe, opts, axes)
     validate(spec)
+    if out is not None:
+        from memplan.report.sweep_stream import check_out
+
+        check_out(out)
+    if fmt != "json":  # rows streamed to --out / stdout: bounded memory, Ctrl-C keeps the rows so far
+        from memplan.report.sweep_stream import streamed_run
+
+        run = streamed_run(fmt=fmt, out=out)
     result = run_with_progress(spec, len(cells(spec)), quiet=quiet, workers=workers, run=run)
     emit.sweep(result, fmt, out)
     emit.plot(result, plot)
+    if result.partial:
+        raise KeyboardInterrupt
 
 
 def grid_spec(recipe: Path | None, opts: Opts, axes: dict[str, Any]) -> Any:
@@ -87,8 +97,8 @@ def grid_spec(recipe: Path | None, opts: Opts, axes: dict[str, Any]) -> Any:
 
     from memplan.catalog.store import gpu_names, model_names
     from memplan.cli.convert import int_list
+    from memplan.grid import SweepSpec, spec_from_recipe
     from memplan.recipe_load import load_recipe
-    from memplan.sweep import SweepSpec, spec_from_recipe
 
     if axes["metric"] is not None and axes["metric"] not in ("max-batch", "max-context", "fits"):
         raise MemplanError(f"--metric must be max-batch, max-context or fits, got {axes['metric']!r}.")

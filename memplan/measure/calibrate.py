@@ -92,7 +92,7 @@ def calibrate(gpu_name: str | None = None) -> dict[str, Any]:
     import torch
 
     from memplan.catalog.store import catalog_gpu
-    from memplan.estimate import make_config
+    from memplan.estimator import make_config
     from memplan.measure.job import measure_job
     from memplan.measure.tiny import spec_from_config
 

@@ -222,7 +222,7 @@ def runtime_fields(metric: str) -> dict[str, Any]:
 
 def compare(case: dict) -> dict[str, Any]:
     """One row: the case id, its metric, memplan's answer and the measured bytes, the error in %, or the reason."""
-    from memplan.estimate import estimate
+    from memplan.estimator import estimate
 
     row: dict[str, Any] = {"id": case["id"], "kind": case["kind"], "measured_bytes": measured_bytes(case)}
     got = express(case)

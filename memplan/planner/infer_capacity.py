@@ -35,7 +35,7 @@ def ep_candidates(arch: Architecture, base: JobConfig, space_ep: tuple[int, ...]
 
 def exact_values(req: Any, dims: dict[str, tuple], field: str, make_config: Any) -> tuple[int, ...]:
     """The exact largest ``field`` ("micro_batch" or "context") of every layout in ``dims``, positive ones only."""
-    from memplan.estimate import estimate
+    from memplan.estimator import estimate
     from memplan.search import largest_fitting
 
     keys = ("tp", "pp", "ep", "quant", "kv_dtype", "context" if field == "micro_batch" else "batch")
@@ -63,7 +63,7 @@ def _group_shape(total: int, gpus_per_node: int, tp: int, max_nodes: int) -> tup
 def _layout(req: Any, choice: dict[str, Any], make_config: Any) -> tuple[JobConfig, int] | None:
     """The cheapest replica count for one (tp, pp, ep, quant, kv dtype) layout serving C sequences of T
     tokens: (config, GPUs), or None when one replica holds no sequence or the GPUs run out."""
-    from memplan.estimate import estimate
+    from memplan.estimator import estimate
     from memplan.search import largest_fitting
 
     base = req.base
@@ -96,7 +96,7 @@ def plan_min_gpus(req: Any, dims: dict[str, tuple], make_config: Any, result: An
     ``micro_batch`` (C) concurrent sequences of ``infer.context`` (T) tokens, each replica holding
     ceil(C / replicas) of them; min-cost ranks the same layouts by price per hour. Every plan is
     re-estimated with exact bytes."""
-    from memplan.estimate import estimate
+    from memplan.estimator import estimate
     from memplan.planner.plan import Candidate
     from memplan.planner.serve_cost import serve_cost
 

@@ -10,7 +10,7 @@ from typing import Any
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
 from memplan.config import Job, JobConfig
 from memplan.errors import MemplanError
-from memplan.estimate import Estimate, estimate
+from memplan.estimator import Estimate, estimate
 from memplan.planner.ilp import IlpBuilder
 from memplan.planner.space import Objective, SearchSpace, unread_dims
 

@@ -9,7 +9,7 @@ from typing import Any
 from memplan.catalog.store import all_gpus
 from memplan.config import Job, JobConfig, Offload, OptimizerKind, retarget
 from memplan.errors import MemplanError
-from memplan.estimate import estimate
+from memplan.estimator import estimate
 from memplan.memory.breakdown import Tier
 from memplan.planner.space import Objective, SearchSpace
 from memplan.units import GiB

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memplan.estimate import Estimate
+from memplan.estimator import Estimate
 from memplan.memory.breakdown import Tier, components
 from memplan.units import GiB
 

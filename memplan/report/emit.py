@@ -98,15 +98,17 @@ def sweep(result: Any, fmt: str, csv_path: Path | None) -> None:
     from memplan.report.csv_out import records_to_csv
     from memplan.report.sweep_out import matrices, render_matrices, sweep_dict
 
-    csv_text = records_to_csv(result.records) if csv_path is not None or fmt == "csv" else ""
-    if csv_path is not None:
+    streamed = result.streamed_rows is not None  # rows already written by report.sweep_stream
+    csv_text = records_to_csv(result.records) if (csv_path is not None or fmt == "csv") and not streamed else ""
+    if csv_path is not None and not streamed:
         try:
             csv_path.write_text(csv_text, encoding="utf-8")
         except OSError as exc:
             raise MemplanError(f"--out: cannot write {csv_path}: {exc.strerror or exc}.") from None
         sys.stderr.write(f"memplan: wrote {len(result.records):,} rows to {csv_path}\n")
     if fmt == "csv":
-        write(csv_text)
+        if not streamed:
+            write(csv_text)
     elif fmt == "json":
         from memplan.report.json_out import dumps
         from memplan.report.schemas import validated

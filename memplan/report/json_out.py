@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from memplan.estimate import Estimate
+from memplan.estimator import Estimate
 from memplan.memory.breakdown import Tier, components
 
 SCHEMA_VERSION = 1

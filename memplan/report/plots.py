@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from memplan.errors import MemplanError
-from memplan.estimate import Estimate, estimate
+from memplan.estimator import Estimate, estimate
 from memplan.memory.breakdown import TOP_LEVEL, Tier, components
 from memplan.units import GiB
 

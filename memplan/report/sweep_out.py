@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from memplan.config import Job
+from memplan.grid import METRIC_COLUMN, Cell, Metric, SweepResult, SweepSpec
 from memplan.report.json_out import SCHEMA_VERSION
-from memplan.sweep import METRIC_COLUMN, Cell, Metric, SweepResult, SweepSpec
 
 NO_FIT = "✗"
 INVALID = "n/a"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from itertools import product
@@ -19,7 +19,7 @@ from typing import Any, Literal
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
 from memplan.config import Job, JobConfig, retarget
 from memplan.errors import MemplanError
-from memplan.estimate import Estimate, estimate
+from memplan.estimator import Estimate, estimate
 from memplan.memory.breakdown import Tier
 from memplan.recipe import Metric, SweepBlock
 from memplan.recipe_load import LoadedRecipe
@@ -30,6 +30,8 @@ METRIC_COLUMN = {"max-batch": "max_batch", "max-context": "max_context", "fits":
 PROCESS_THRESHOLD = 64
 """Grids with at least this many cells are spread over processes (smaller ones are not worth the start-up)."""
 CHUNKS_PER_WORKER = 8
+MAX_CHUNK_CELLS = 4096
+"""Cells per chunk at most: what one worker returns at once and the streamed CSV holds in memory."""
 DEFAULT_GPUS_PER_NODE = 8
 """GPU counts above this split into nodes of 8 (DGX/HGX servers) unless told otherwise."""
 
@@ -52,6 +54,11 @@ class SweepSpec:
     base: JobConfig = field(default_factory=JobConfig)
     host: HostSpec = field(default_factory=HostSpec)
     min_headroom: str = "0B"
+    usd_per_hour: float | None = None
+    """Price of one GPU per hour for the cost columns; None: the GPU catalog's ``price_per_hour_usd``."""
+    speed: bool = False
+    """Add the step-time columns (step time, tokens/s, $ per step and per 1M tokens): a scalar step-time
+    model per row, so the sweep is not vectorized."""
 
     def __post_init__(self) -> None:
         """No choice of the grid is silently ignored: each set field must be read by one of its jobs, and
@@ -110,6 +117,10 @@ class CellResult:
 class SweepResult:
     spec: SweepSpec
     cells: list[CellResult]
+    streamed_rows: int | None = None
+    """Rows already written by a streamed run (its cells keep no records); None: records kept."""
+    partial: bool = False
+    """Interrupted (Ctrl-C): only the cells finished so far."""
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -232,6 +243,7 @@ class _Evaluator:
 
 def evaluate(spec: SweepSpec, cell: Cell) -> CellResult:
     """The metric of one cell and one CSV record per swept value of its free axis."""
+    from memplan.report.cost import cost_record
     from memplan.report.csv_out import estimate_record
 
     column = METRIC_COLUMN[spec.metric]
@@ -246,11 +258,13 @@ def evaluate(spec: SweepSpec, cell: Cell) -> CellResult:
             value, error = None, f"{spec.metric} needs {' and '.join(missing)}, which {cell.model} does not model"
         else:
             value = largest_ok(ev.slack, hi=MAX_BATCH if ev.free == "micro_batch" else MAX_CONTEXT_TOKENS)
+        price = spec.usd_per_hour if spec.usd_per_hour is not None else ev.gpu.price_per_hour_usd
         records = []
         for v in rows:
             est = ev.at(v)
             records.append({**estimate_record(est), "ok": ev.slack(v) >= 0, "required_headroom_bytes": ev.required,
-                            "not_modelled": ",".join(est.not_modelled), column: value, "error": error})
+                            "not_modelled": ",".join(est.not_modelled), column: value, "error": error,
+                            **cost_record(price, est, speed=spec.speed)})
         return CellResult(cell, value, records, len(ev.memo), error)
     except MemplanError as exc:
         return CellResult(cell, None, [error_record(spec, cell, column, str(exc))], error=str(exc))
@@ -298,29 +312,51 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def run(spec: SweepSpec, *, workers: int | None = None, progress: Callable[[int], None] | None = None) -> SweepResult:
-    """Evaluate every cell (in worker processes for large grids); ``progress(n)`` after each n cells."""
+def iter_results(spec: SweepSpec, *, workers: int | None = None, chunk_cells: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> Iterator[list[CellResult]]:
+    """The cells' results in grid order, a chunk at a time (at most ``2·workers`` chunks in flight, so
+    memory stays bounded however large the grid); ``progress(n)`` after each n cells.
+
+    Chunks hold ``chunk_cells`` cells (default: the grid spread as 8 chunks per worker, at most 4,096
+    cells). A KeyboardInterrupt or a worker's failure cancels the queued chunks without waiting for them.
+    """
     todo = cells(spec)
     workers = default_workers() if workers is None else workers
+    size = chunk_cells or max(1, min(MAX_CHUNK_CELLS, len(todo) // (max(workers, 1) * CHUNKS_PER_WORKER)))
     if workers <= 1 or len(todo) < PROCESS_THRESHOLD:
-        results = []
-        for c in todo:
-            results.append(evaluate(spec, c))
-            if progress:
-                progress(1)
-        return SweepResult(spec, results)
-    size = max(1, len(todo) // (workers * CHUNKS_PER_WORKER))
-    import multiprocessing
-
-    done: dict[int, list[CellResult]] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_evaluate_chunk, spec, chunk): i for i, chunk in enumerate(chunked(todo, size))}
-        try:
-            for fut in as_completed(futures):
-                done[futures[fut]] = fut.result()
+        for chunk in chunked(todo, size):
+            out = []
+            for c in chunk:
+                out.append(evaluate(spec, c))
                 if progress:
-                    progress(len(done[futures[fut]]))
-        except BaseException:  # Ctrl-C or a worker's failure: drop the queued chunks, do not wait for them
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    return SweepResult(spec, [r for i in sorted(done) for r in done[i]])
+                    progress(1)
+            yield out
+        return
+    import multiprocessing
+    from collections import deque
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: deque = deque()
+        chunks = chunked(todo, size)
+        for chunk in chunks:
+            pending.append(pool.submit(_evaluate_chunk, spec, chunk))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            done = pending.popleft().result()
+            nxt = next(chunks, None)
+            if nxt is not None:
+                pending.append(pool.submit(_evaluate_chunk, spec, nxt))
+            if progress:
+                progress(len(done))
+            yield done
+    except BaseException:  # Ctrl-C, a worker's failure, or the consumer stopped: drop the queued chunks
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def run(spec: SweepSpec, *, workers: int | None = None, progress: Callable[[int], None] | None = None) -> SweepResult:
+    """Evaluate every cell (in worker processes for large grids) and keep every record."""
+    return SweepResult(spec, [r for chunk in iter_results(spec, workers=workers, progress=progress) for r in chunk])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,15 +167,3 @@ def _check_types(**args: tuple[Any, tuple[type, ...]]) -> None:
         if not isinstance(value, allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             raise MemplanError(f"estimate(): {name} must be a {names}, got {type(value).__name__}.")
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as ``estimate``. Importing ``memplan.estimate`` makes the package attribute
-    ``memplan.estimate`` this module, so a later ``from memplan import estimate`` gets the module, not
-    the function; calling it must still estimate."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Estimate:
-        return estimate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,198 @@
+"""A sweep streamed through pandas: chunks of records become typed frames, spilled to a scratch folder,
+then written as one CSV (or returned as one DataFrame) with the columns of ``memplan sweep --format csv``.
+
+Memory holds one chunk of records at a time (``grid.MAX_CHUNK_CELLS`` cells) plus each cell's fit value
+for the matrices, so it stays bounded however large the grid. The columns are only known at the end (a
+model may add a component), so the chunks are written once every chunk is done, each given the columns it
+lacks (a tier component 0 bytes, anything else empty), which is what the stdlib writer wrote.
+
+Interrupted (Ctrl-C): the rows finished so far are still written, with one more last column, ``partial``,
+true on every row, so a partial file can never pass for a complete one; the DataFrame has
+``frame.attrs["partial"] = True``. The output path is checked for writability before any work.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from memplan.errors import MemplanError
+from memplan.grid import CellResult, SweepResult, SweepSpec, iter_results
+from memplan.report.frame import absent, concat_frames, frame_csv, records_frame
+
+PARTIAL_COLUMN = "partial"
+
+
+def check_out(path: Path) -> None:
+    """A MemplanError unless ``path`` can be written (its folder exists and accepts files), before any work."""
+    if path.is_dir():
+        raise MemplanError(f"--out: {path} is a folder; give a file name such as sweep.csv.")
+    if path.suffix.lower() == ".parquet":
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            raise MemplanError(f"--out: writing Parquet ({path.name}) needs pyarrow; pip install pyarrow, or give a .csv path.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise MemplanError(f"--out: the folder {parent} does not exist; create it or choose another path.")
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise MemplanError(f"--out: cannot write {path}: {exc.strerror or exc}.") from None
+
+
+@dataclass
+class Spill:
+    """Typed frames of finished chunks in a scratch folder, and the union of their columns in first-seen order."""
+
+    folder: Path
+    columns: dict[str, None] = field(default_factory=dict)
+    parts: list[Path] = field(default_factory=list)
+    rows: int = 0
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        if records:
+            self.add_frame(records_frame(records))
+
+    def add_frame(self, frame: pd.DataFrame) -> None:
+        self.columns.update(dict.fromkeys(frame.columns))
+        part = self.folder / f"part{len(self.parts):06d}.pkl"
+        with open(part, "wb") as fh:
+            pickle.dump(frame, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        self.parts.append(part)
+        self.rows += len(frame)
+
+    def frames(self, *, partial: bool) -> Iterator[pd.DataFrame]:
+        """Each part with every column of the sweep, in order (``partial``: plus the partial column)."""
+        cols = list(self.columns)
+        for part in self.parts:
+            with open(part, "rb") as fh:
+                frame = pickle.load(fh)
+            for col in cols:
+                if col not in frame.columns:
+                    frame[col] = absent(col)
+            frame = frame[cols]
+            if partial:
+                frame[PARTIAL_COLUMN] = True
+            yield frame
+
+
+@dataclass
+class Streamed:
+    """What a streamed sweep keeps: each cell's fit value and error (records dropped), and the row count."""
+
+    result: SweepResult
+    rows: int
+    partial: bool
+
+
+def stream(spec: SweepSpec, *, sink: Callable[[Spill, bool], None], workers: int | None = None,
+           progress: Callable[[int], None] | None = None, vectorized: bool = True) -> Streamed:
+    """Run the sweep chunk by chunk into a Spill, then ``sink(spill, partial)``; Ctrl-C keeps what is done.
+    ``vectorized``: through ``memplan.vector`` (the same records, exactly; see there), else the scalar path."""
+    from functools import partial
+
+    from memplan.vector import iter_vector
+
+    chunks = partial(iter_vector, columnar=True) if vectorized else iter_results
+    kept: list[CellResult] = []
+    partial = False
+    with tempfile.TemporaryDirectory(prefix="memplan-sweep-") as tmp:
+        spill = Spill(Path(tmp))
+        try:
+            for chunk in chunks(spec, workers=workers, progress=progress):
+                frame = getattr(chunk, "frame", None)
+                if frame is not None:
+                    spill.add_frame(frame)
+                else:
+                    spill.add([r for c in chunk for r in c.records])
+                kept += [CellResult(c.cell, c.value, [], c.estimates, c.error) for c in chunk]
+        except KeyboardInterrupt:
+            partial = True
+        sink(spill, partial)
+    return Streamed(SweepResult(spec, kept), spill.rows, partial)
+
+
+def csv_sink(path: Path) -> Callable[[Spill, bool], None]:
+    """Write the spilled chunks to ``path`` as one CSV (header once), a chunk at a time; a ``.parquet`` path
+    gets Parquet instead (pyarrow; the frame is assembled whole, so memory is not bounded there)."""
+    def write(spill: Spill, partial: bool) -> None:
+        if path.suffix.lower() == ".parquet":
+            frame_of(spill, partial).to_parquet(path, index=False)
+            return
+        try:
+            with open(path, "w", encoding="utf-8", newline="") as fh:
+                if not spill.parts:
+                    return
+                for i, frame in enumerate(spill.frames(partial=partial)):
+                    fh.write(frame_csv(frame, header=i == 0))
+        except OSError as exc:
+            raise MemplanError(f"--out: cannot write {path}: {exc.strerror or exc}.") from None
+    return write
+
+
+def frame_of(spill: Spill, partial: bool) -> pd.DataFrame:
+    """Every spilled chunk as one typed DataFrame (``attrs["partial"]`` says whether it was interrupted)."""
+    frames = list(spill.frames(partial=partial))
+    if not frames:
+        return pd.DataFrame()
+    frame = concat_frames(frames)
+    for col in frame.columns:  # a column categorical in some chunks only: concat leaves object or str
+        if frame[col].dtype == object or (pd.api.types.is_string_dtype(frame[col].dtype)
+                                          and not isinstance(frame[col].dtype, pd.CategoricalDtype)):
+            values = [None if v is None or v is pd.NA or v != v else v for v in frame[col].tolist()]
+            frame[col] = records_frame([{col: v} for v in values])[col]
+    frame.attrs["partial"] = partial
+    return frame
+
+
+def sweep_frame(spec: SweepSpec, *, workers: int | None = None, out: Path | None = None,
+                usd_per_hour: float | None = None) -> pd.DataFrame:
+    """The sweep as one DataFrame (what ``memplan.sweep`` returns); ``out`` also gets the CSV."""
+    from dataclasses import replace
+
+    if usd_per_hour is not None:
+        if not 0 <= usd_per_hour < float("inf"):
+            raise MemplanError(f"usd_per_hour must be a finite number of dollars >= 0, got {usd_per_hour!r}.")
+        spec = replace(spec, usd_per_hour=float(usd_per_hour))
+    if out is not None:
+        check_out(out)
+    holder: list[pd.DataFrame] = []
+
+    def sink(spill: Spill, partial: bool) -> None:
+        if out is not None:
+            csv_sink(out)(spill, partial)
+        holder.append(frame_of(spill, partial))
+
+    stream(spec, sink=sink, workers=workers)
+    return holder[0]
+
+
+def streamed_run(*, fmt: str, out: Path | None, pivot: bool = False) -> Callable[..., SweepResult]:
+    """A ``grid.run`` replacement for ``memplan sweep`` (table and CSV formats) that streams the rows to
+    ``out`` and, with ``--format csv``, to stdout (``pivot``: the fit matrices instead of the rows on stdout).
+    The SweepResult keeps no records (``streamed_rows`` counts them; ``partial`` after Ctrl-C)."""
+    import sys
+
+    def sink(spill: Spill, partial: bool) -> None:
+        if out is not None:
+            csv_sink(out)(spill, partial)
+            sys.stderr.write(f"memplan: wrote {spill.rows:,} rows to {out}{' (partial: interrupted)' if partial else ''}\n")
+        if fmt == "csv" and not pivot:
+            for i, frame in enumerate(spill.frames(partial=partial)):
+                sys.stdout.write(frame_csv(frame, header=i == 0))
+            sys.stdout.flush()
+
+    def run(spec: SweepSpec, *, workers: int | None = None, progress: Callable[[int], None] | None = None) -> SweepResult:
+        done = stream(spec, sink=sink, workers=workers, progress=progress)
+        done.result.streamed_rows, done.result.partial = done.rows, done.partial
+        return done.result
+
+    return run

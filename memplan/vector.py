@@ -1,0 +1,456 @@
+"""Vectorized sweeps: the scalar memory model's rows as exact, runtime-verified functions of (batch, size).
+
+The scalar model (``memplan.estimator``) stays the reference and is never re-implemented here. For one
+group, a (model, job, GPU count) with every other choice fixed, each record column is fitted to the
+scalar model's own output and then CHECKED against it:
+
+* Probes: the scalar model at micro-batch b ∈ {1, 2} × up to three of the grid's sizes s (smallest,
+  middle, largest), on a reference GPU. Each tier-component column (``gpu:weights/params_bytes``, ...) is
+  fitted as ``b·g(s) + h(s)`` with g, h the exact (rational) polynomials through the probed sizes, whose
+  coefficients must have small denominators (``MAX_COEFFICIENT_DENOMINATOR``).
+* A column that this form misses may be a share of the other columns of its tier,
+  ``ceil(k · Σ others)`` with a small rational k (the allocator reserve is ``ceil(5% of the rest)``).
+* Checks: the scalar model at more points (b = 3, b = the largest swept batch or 4 = b_top, 2·b_top + 3,
+  7·b_top + 5, the grid's other sizes, and for ``max-batch`` the largest and one-past-largest batch the
+  search predicts) must equal the
+  fit exactly, column by column; tier totals must be the sums of their components, ``fits`` and
+  ``headroom_bytes`` what the totals and capacities give, and every other column constant.
+* GPUs: each other GPU is probed once (at the largest swept batch and size); it shares the reference's
+  fit when every column equals the reference's there, else it is fitted as a reference of its own.
+* Anything that fails a check (a component with a ceil or max in b or s, an invalid configuration,
+  what is not modelled, numbers beyond int64, ``max-context``, ``speed=True``) falls back to the scalar
+  path for the whole group, so the answer is the scalar model's answer either way.
+
+Each cell is then array arithmetic over (GPU, size, batch); ``max-batch`` is a vectorized bisection
+over [1, MAX_BATCH] of the fitted slack (monotone, as the scalar search assumes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import groupby, islice
+from typing import Any
+
+import numpy as np
+
+from memplan.config import Job
+from memplan.errors import MemplanError
+from memplan.grid import METRIC_COLUMN, Cell, CellResult, SweepSpec, _Evaluator, cells, default_workers, evaluate, iter_results
+from memplan.search import MAX_BATCH
+from memplan.units import GiB
+
+INT64_SAFE = 2**63
+"""numpy int64: a tier's total at MAX_BATCH times a share's numerator must stay well below this."""
+
+
+class NotExact(Exception):
+    """A fit failed a check: the group goes to the scalar path."""
+
+
+def tier_of(col: str) -> str:
+    return col.split(":", 1)[0]
+
+
+def is_fitted(col: str) -> bool:
+    return ":" in col and col.endswith("_bytes")
+
+
+@dataclass
+class Probe:
+    """The scalar model at one point of one GPU: its record (as ``grid.evaluate`` writes it) and slack."""
+
+    record: dict[str, Any]
+    slack: int
+
+
+class Prober:
+    """Scalar estimates of one group on one GPU, memoized by (batch, size); counts what it evaluates."""
+
+    def __init__(self, spec: SweepSpec, cell: Cell) -> None:
+        self.ev = _Evaluator(spec, cell)
+        self.spec, self.memo = spec, {}
+        self.price = spec.usd_per_hour if spec.usd_per_hour is not None else self.ev.gpu.price_per_hour_usd
+
+    def at(self, b: int, s: int) -> Probe:
+        if (b, s) not in self.memo:
+            from memplan.estimator import estimate
+            from memplan.report.cost import cost_record
+            from memplan.report.csv_out import estimate_record
+            from memplan.search import with_size
+
+            ev = self.ev
+            cfg = with_size(with_size(ev.cfg, "context", s), "micro_batch", b)
+            est = estimate(ev.model, ev.gpu, cfg, host=self.spec.host)
+            if est.not_modelled:
+                raise NotExact("not modelled")
+            slack = min(est.headroom_bytes, est.headroom(_gpu_tier()) - ev.required)
+            rec = {**estimate_record(est), "ok": slack >= 0, "required_headroom_bytes": ev.required,
+                   "not_modelled": "", METRIC_COLUMN[self.spec.metric]: None, "error": "",
+                   **cost_record(self.price, est)}
+            self.memo[(b, s)] = Probe(rec, slack)
+        return self.memo[(b, s)]
+
+
+def _gpu_tier() -> Any:
+    from memplan.memory.breakdown import Tier
+
+    return Tier.GPU
+
+
+def lagrange(xs: list[int], ys: list[int]) -> list[Fraction]:
+    """Coefficients (constant first) of the polynomial through (xs, ys), exact."""
+    n = len(xs)
+    coef = [Fraction(0)] * n
+    for i in range(n):
+        basis, denom = [Fraction(1)], Fraction(1)
+        for j in range(n):
+            if j != i:
+                basis = [Fraction(0), *basis]  # multiply by x
+                for k in range(len(basis) - 1):
+                    basis[k] -= xs[j] * basis[k + 1]
+                denom *= xs[i] - xs[j]
+        for k in range(n):
+            coef[k] += ys[i] * basis[k] / denom
+    return coef
+
+
+def poly(coef: list[Fraction], x: Any) -> Any:
+    out = 0
+    for c in reversed(coef):
+        out = out * x + c
+    return out
+
+
+@dataclass
+class Fit:
+    """The fitted columns of one reference GPU as exact ints per swept size: value = b·G + H, or for a
+    share column ceil(k · the sum of its tier's other fitted columns)."""
+
+    columns: list[str]
+    """Every record column, in the scalar record's order."""
+    gh: dict[int, dict[str, tuple[int, int]]]
+    """size -> column -> (G, H)."""
+    share: dict[str, tuple[Fraction, frozenset[str]]]
+    """Share columns: (k, the columns of the tier left out of the sum)."""
+
+    def at(self, b: int, s: int) -> dict[str, int]:
+        out = {c: b * g + h for c, (g, h) in self.gh[s].items()}
+        for col, (k, left_out) in self.share.items():
+            others = sum(v for c, v in out.items() if tier_of(c) == tier_of(col) and c not in left_out)
+            out[col] = -((-others * k.numerator) // k.denominator)
+        return {c: out[c] for c in self.columns if c in out}
+
+
+def find_share(p: Prober, fit: Fit, col: str, points: list[tuple[int, int]], top: dict[str, Any]) -> tuple:
+    """(k, left out) such that ``col`` = ceil(k · the sum of its tier's other columns but those left out)
+    at every point; the columns that may be left out are those constant over the points (a fixed
+    overhead the share is not taken of). NotExact when no such form fits."""
+    same = [c for c in fit.gh[points[0][1]] if c != col and tier_of(c) == tier_of(col)]
+    constant = [c for c in same if len({p.at(b, s).record[c] for b, s in points}) == 1]
+    for left_out in [frozenset(), *(frozenset([c]) for c in constant), frozenset(constant)]:
+        others = sum(top[c] for c in same if c not in left_out)
+        if others <= 0:
+            continue
+        k = Fraction(top[col], others).limit_denominator(SHARE_DENOMINATOR)
+        if all(p.at(b, s).record[col] == -((-sum(p.at(b, s).record[c] for c in same if c not in left_out)
+                                            * k.numerator) // k.denominator) for b, s in points):
+            return k, left_out
+    raise NotExact(col)
+
+
+def predict(fit: Fit, template: dict[str, Any], b: int, s: int, size_key: str) -> tuple[dict[str, Any], int]:
+    """The record at (b, s) on the GPU whose record ``template`` is, and its slack (free bytes)."""
+    rec = dict(template)
+    rec["micro_batch"], rec[size_key] = b, s
+    values = fit.at(b, s)
+    totals: dict[str, int] = {}
+    for col, v in values.items():
+        rec[col] = v
+        rec[col[:-6] + "_gib"] = round(v / GiB, 4)
+        totals[tier_of(col)] = totals.get(tier_of(col), 0) + v
+    headroom = []
+    for tier in TIERS:
+        total = totals.get(tier, 0)
+        rec[f"{tier}_total_bytes"], rec[f"{tier}_total_gib"] = total, round(total / GiB, 4)
+        if tier == "gpu" or total > 0:
+            headroom.append(rec[f"{tier}_capacity_bytes"] - total)
+    rec["fits"] = all(rec[f"{t}_capacity_bytes"] >= totals.get(t, 0) for t in TIERS)
+    rec["headroom_bytes"] = min(headroom)
+    slack = min(rec["headroom_bytes"], rec["gpu_capacity_bytes"] - totals.get("gpu", 0) - rec["required_headroom_bytes"])
+    rec["ok"] = slack >= 0
+    return rec, slack
+
+
+TIERS = ("gpu", "cpu", "nvme")
+
+
+def check(fit: Fit, probe: Probe, b: int, s: int, size_key: str) -> None:
+    """NotExact unless the fit gives this probe's record exactly, every column in the same order."""
+    rec, slack = predict(fit, probe.record, b, s, size_key)
+    if list(probe.record) != fit.columns or rec != probe.record or slack != probe.slack:
+        raise NotExact(f"probe ({b}, {s})")
+
+
+def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
+    """Fit every tier-component column on the prober's GPU and check it (module docstring)."""
+    sp = sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
+    columns = list(p.at(1, sp[0]).record)
+    fitted = [c for c in columns if is_fitted(c)]
+    gh: dict[int, dict[str, tuple[int, int]]] = {s: {} for s in sizes}
+    off: set[str] = set()
+    for col in fitted:
+        at = {(b, s): p.at(b, s).record.get(col, 0) for b in (1, 2) for s in sp}
+        g = lagrange(sp, [at[2, s] - at[1, s] for s in sp])
+        h = lagrange(sp, [2 * at[1, s] - at[2, s] for s in sp])
+        values = [(poly(g, Fraction(s)), poly(h, Fraction(s))) for s in sizes]
+        if any(gs.denominator != 1 or hs.denominator != 1 for gs, hs in values) or \
+                any(c.denominator > MAX_COEFFICIENT_DENOMINATOR for c in (*g, *h)):
+            off.add(col)
+        for s, (gs, hs) in zip(sizes, values, strict=True):
+            gh[s][col] = (int(gs), int(hs))
+    fit = Fit(columns, gh, {})
+    checks = [(3, sp[len(sp) // 2]), (b_top, sizes[-1]), (2 * b_top + 3, sizes[0]), (7 * b_top + 5, sizes[-1]),
+              *((b_top, s) for s in sizes if s not in sp)]
+    top = p.at(b_top, sizes[-1]).record
+    for col in fitted:  # a column off the polynomial form may be a share of its tier's other columns
+        if col not in off and all(p.at(b, s).record.get(col) == fit.at(b, s)[col] for b, s in checks):
+            continue
+        if any(tier_of(c) == tier_of(col) for c in fit.share):
+            raise NotExact(col)
+        fit.share[col] = find_share(p, fit, col, [*((b, s) for b in (1, 2) for s in sp), *checks], top)
+        for s in sizes:
+            gh[s].pop(col)
+    for b, s in [*((b, s) for b in (1, 2) for s in sp), *checks]:
+        check(fit, p.at(b, s), b, s, size_key)
+    return fit
+
+
+MAX_COEFFICIENT_DENOMINATOR = 64
+"""A fitted polynomial's coefficients must be fractions with small denominators (a formula's /2 or /tp):
+a rounded column (ceil of a share) interpolated through a few points gets large ones, and must not pass
+as a polynomial that happens to agree at the check points (hypothesis found one such agreement)."""
+
+SHARE_DENOMINATOR = 100
+"""Largest denominator of a share k, found as the fraction nearest to (column / its tier's other columns):
+a whole percentage (5% is 1/20), as ``allocator_reserve_pct`` is; any other k fails the checks (scalar path)."""
+
+
+@dataclass
+class Member:
+    """One GPU of a group: the fit it uses, its own record template, and its prober."""
+
+    gpu: str
+    fit: Fit
+    template: dict[str, Any]
+    prober: Prober
+
+
+def members(spec: SweepSpec, model: str, job: Job, count: int, sizes: list[int], b_top: int) -> list[Member]:
+    """Each GPU with the fit it shares: the first GPU's, when its probe at (b_top, largest size) matches."""
+    size_key = "infer_context" if job is Job.INFER else "seq_len"
+    out: list[Member] = []
+    refs: list[Member] = []
+    for gpu in spec.gpus:
+        p = Prober(spec, Cell(model, gpu, job, count, sizes[0], None))
+        probe = p.at(b_top, sizes[-1])
+        ref = next((r for r in refs if matches(r.fit, probe, b_top, sizes[-1], size_key)), None)
+        if ref is None:
+            ref = Member(gpu, build_fit(p, sizes, b_top, size_key), probe.record, p)
+            refs.append(ref)
+        out.append(Member(gpu, ref.fit, probe.record, ref.prober))
+    return out
+
+
+def matches(fit: Fit, probe: Probe, b: int, s: int, size_key: str) -> bool:
+    try:
+        check(fit, probe, b, s, size_key)
+    except NotExact:
+        return False
+    return True
+
+
+def largest_batches(m: Member, sizes: list[int]) -> dict[int, int]:
+    """Per size, the largest micro-batch in [1, MAX_BATCH] whose slack is >= 0 (0: none), by a bisection
+    over numpy arrays of the fitted totals (exact int64: NotExact when values could overflow)."""
+    fit, rec = m.fit, m.template
+    n = len(sizes)
+    g, h, fixed = ({t: np.zeros(n, dtype=np.int64) for t in TIERS} for _ in range(3))
+    left = {tier_of(c): lo for c, (_, lo) in fit.share.items()}
+    for i, s in enumerate(sizes):
+        for col, (gc, hc) in fit.gh[s].items():
+            t = tier_of(col)
+            g[t][i] += gc
+            h[t][i] += hc
+            if col in left.get(t, ()):
+                fixed[t][i] += hc
+    share = {tier_of(c): k for c, (k, _) in fit.share.items()}
+    for t in TIERS:  # exact int64 below: |b·G + H| · k's numerator at the largest batch, with room for capacities
+        bound = max((abs(int(a)) * MAX_BATCH + abs(int(c))) for a, c in zip(g[t], h[t], strict=True))
+        if 2 * bound * (share[t].numerator if t in share else 1) >= INT64_SAFE // 4:
+            raise NotExact("int64")
+
+    def total(t: str, b: np.ndarray) -> np.ndarray:
+        base = b * g[t] + h[t]
+        k = share.get(t)
+        return base if k is None else base - ((-(base - fixed[t]) * k.numerator) // k.denominator)
+
+    def slack(b: np.ndarray) -> np.ndarray:
+        worst = rec["gpu_capacity_bytes"] - rec["required_headroom_bytes"] - total("gpu", b)
+        for t in TIERS:
+            tot = total(t, b)
+            room = rec[f"{t}_capacity_bytes"] - tot
+            worst = np.minimum(worst, room if t == "gpu" else np.where(tot > 0, room, worst))
+        return worst
+
+    lo, hi = np.ones(n, dtype=np.int64), np.full(n, MAX_BATCH + 1, dtype=np.int64)
+    ok1 = slack(lo) >= 0
+    while np.any(hi - lo > 1):
+        mid = (lo + hi) // 2
+        good = slack(mid) >= 0
+        lo, hi = np.where(good, mid, lo), np.where(good, hi, mid)
+    return {s: int(v) if ok1[i] else 0 for i, (s, v) in enumerate(zip(sizes, lo, strict=True))}
+
+
+@dataclass
+class Solved:
+    """One GPU of a vectorized group: its member (fit and template) and the metric per size (max-batch)."""
+
+    member: Member
+    values: dict[int, int] | None
+
+
+def solve_group(spec: SweepSpec, model: str, job: Job, count: int) -> list[Solved]:
+    """Fit and check every GPU of (model, job, count); NotExact or MemplanError when the group is not exact."""
+    sizes = sorted(set(spec.sizes(job)))
+    b_top = max(4, *spec.batches)
+    size_key = size_key_of(job)
+    out = []
+    for m in members(spec, model, job, count, sizes, b_top):
+        best = largest_batches(m, sizes) if spec.metric == "max-batch" else None
+        if best:  # the search extrapolates: check the largest batch it found and the one after, exactly
+            s, b = max(best.items(), key=lambda kv: kv[1])
+            for v in (b, b + 1):
+                if b_top < v <= MAX_BATCH:
+                    check(m.fit, m.prober.at(v, s), v, s, size_key)
+        out.append(Solved(m, best))
+    return out
+
+
+def size_key_of(job: Job) -> str:
+    return "infer_context" if job is Job.INFER else "seq_len"
+
+
+def group_results(spec: SweepSpec, model: str, job: Job, count: int) -> list[CellResult]:
+    """Every cell of (model, job, count) over the GPUs and sizes, with its records, vectorized."""
+    column, size_key, batches = METRIC_COLUMN[spec.metric], size_key_of(job), list(spec.batches)
+    out = []
+    for solved in solve_group(spec, model, job, count):
+        m = solved.member
+        for s in spec.sizes(job):
+            rows = [predict(m.fit, m.template, b, s, size_key) for b in batches]
+            value = solved.values[s] if solved.values is not None else \
+                max((b for b, (_, sl) in zip(batches, rows, strict=True) if sl >= 0), default=0)
+            out.append(CellResult(Cell(model, m.gpu, job, count, s, None), value, [{**r, column: value} for r, _ in rows]))
+    return out
+
+
+def evaluate_group(spec: SweepSpec, group: list[Cell]) -> list[CellResult]:
+    """The group's cells, vectorized when every check passes, else each by the scalar path."""
+    first = group[0]
+    if spec.metric != "max-context" and not spec.speed:
+        try:
+            done = {(r.cell.gpu, r.cell.size): r for r in group_results(spec, first.model, first.job, first.gpus)}
+            return [done[(c.gpu, c.size)] for c in group]
+        except (NotExact, MemplanError):
+            pass
+    return [evaluate(spec, c) for c in group]
+
+
+class Chunk(list):
+    """A run's CellResults without records, and ``frame``: all their rows, columnar, in grid order."""
+
+    frame: Any = None
+
+
+def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
+    """The run as a Chunk when every group of it is exact, else None (the caller takes the record path)."""
+    from memplan.vector_frame import block_frame, run_frame
+
+    model, job = todo[0].model, todo[0].job
+    column, size_key, sizes = METRIC_COLUMN[spec.metric], size_key_of(job), list(spec.sizes(job))
+    by_block: dict[tuple[str, int], Solved] = {}
+    try:
+        for count in spec.gpu_counts:
+            for solved in solve_group(spec, model, job, count):
+                by_block[(solved.member.gpu, count)] = solved
+    except (NotExact, MemplanError):
+        return None
+    chunk, blocks = Chunk(), []
+    for gpu in spec.gpus:
+        for count in spec.gpu_counts:
+            solved = by_block[(gpu, count)]
+            m = solved.member
+            blk = block_frame(m.fit, m.template, sizes, list(spec.batches), size_key, column, solved.values)
+            per_size = blk[column].to_numpy()[:: len(spec.batches)].tolist()
+            chunk += [CellResult(Cell(model, gpu, job, count, s, None), int(v), []) for s, v in zip(sizes, per_size,
+                                                                                                  strict=True)]
+            blocks.append(blk)
+    chunk.frame = run_frame(blocks)
+    return chunk
+
+
+def run_chunk(spec: SweepSpec, todo: list[Cell], columnar: bool = False) -> list[CellResult]:
+    """The cells of one (model, job), in grid order, group by group (one GPU count each); ``columnar``:
+    a Chunk with the rows as one frame when every group is exact."""
+    if columnar:
+        chunk = columnar_chunk(spec, todo)
+        if chunk is not None:
+            return chunk
+    results = {}
+    for count in spec.gpu_counts:
+        group = [c for c in todo if c.gpus == count]
+        if group:
+            results.update({(r.cell.gpu, r.cell.gpus, r.cell.size): r for r in evaluate_group(spec, group)})
+    return [results[(c.gpu, c.gpus, c.size)] for c in todo]
+
+
+def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[[int], None] | None = None,
+                columnar: bool = False) -> Iterator[list[CellResult]]:
+    """The sweep's results one (model, job) at a time, in the scalar path's grid order (the contract of
+    ``grid.iter_results``), vectorized where the checks pass, over ``workers`` processes (at most
+    2·workers runs in flight). ``max-context``, ``speed`` and grids with a repeated value take the scalar path."""
+    repeated = any(len(set(v)) != len(v) for v in (spec.seq_lens, spec.contexts, spec.batches, spec.gpus,
+                                                     spec.gpu_counts))
+    if spec.metric == "max-context" or spec.speed or repeated:
+        yield from iter_results(spec, workers=workers, progress=progress)
+        return
+    runs = (list(run) for _, run in groupby(cells(spec), key=lambda c: (c.model, c.job)))
+    workers = default_workers() if workers is None else workers
+    if workers <= 1:
+        for todo in runs:
+            chunk = run_chunk(spec, todo, columnar)
+            if progress:
+                progress(len(chunk))
+            yield chunk
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: deque = deque(pool.submit(run_chunk, spec, todo, columnar) for todo in islice(runs, 2 * workers))
+        while pending:
+            chunk = pending.popleft().result()
+            nxt = next(runs, None)
+            if nxt is not None:
+                pending.append(pool.submit(run_chunk, spec, nxt, columnar))
+            if progress:
+                progress(len(chunk))
+            yield chunk
+    except BaseException:  # Ctrl-C, a worker's failure, or the consumer stopped: drop the queued runs
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

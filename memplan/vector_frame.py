@@ -1,0 +1,104 @@
+"""Columnar rows of vectorized sweep groups: one DataFrame per (model, job, GPU, GPU count) block, built
+with numpy from a ``vector.Fit`` instead of one dict per row. Same values, same column order and the
+same CSV bytes as the records ``grid.evaluate`` writes (``tests/test_vector.py`` checks it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from memplan.report.frame import absent, concat_frames, typed
+from memplan.units import GiB
+
+TIERS = ("gpu", "cpu", "nvme")
+ROUND_DIGITS = 4
+"""``csv_out.estimate_record`` writes GiB as round(bytes / GiB, 4)."""
+
+
+def gib(values: np.ndarray) -> list[float]:
+    """round(v / GiB, 4) for each v, equal to Python's ``round``: numpy's rint(x·10^4)/10^4, and Python's
+    own ``round`` wherever x·10^4 lies near a tie (within 10^-6, or 2^-40 of its size: where the two could
+differ by the product's rounding)."""
+    x = values.astype(np.float64) / GiB
+    scaled = x * 10**ROUND_DIGITS
+    out = np.rint(scaled) / 10**ROUND_DIGITS
+    near = np.abs(scaled - np.floor(scaled) - 0.5) < np.maximum(1e-6, np.abs(scaled) * 2.0**-40)
+    result = out.tolist()
+    for i in np.flatnonzero(near).tolist():
+        result[i] = round(int(values[i]) / GiB, ROUND_DIGITS)
+    return result
+
+
+def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: list[int], size_key: str,
+                column: str, values: dict[int, int] | None) -> pd.DataFrame:
+    """Rows for every size × batch (sizes outer, as the grid's cells and records run) of one GPU's fit.
+    ``values``: the metric per size (max-batch); None: the largest swept batch that fits (fits)."""
+    ns, nb = len(sizes), len(batches)
+    b = np.tile(np.array(batches, dtype=np.int64), ns)
+    data: dict[str, Any] = {}
+    totals = {t: np.zeros(ns * nb, dtype=np.int64) for t in TIERS}
+    fitted: dict[str, np.ndarray] = {}
+    for col in (c for c in fit.columns if c in fit.gh[sizes[0]]):
+        g = np.repeat(np.array([fit.gh[s][col][0] for s in sizes], dtype=np.int64), nb)
+        h = np.repeat(np.array([fit.gh[s][col][1] for s in sizes], dtype=np.int64), nb)
+        fitted[col] = b * g + h
+    for col, (k, left_out) in fit.share.items():
+        tier = col.split(":", 1)[0]
+        others = sum((v for c, v in fitted.items() if c.split(":", 1)[0] == tier and c not in left_out),
+                     np.zeros(ns * nb, dtype=np.int64))
+        fitted[col] = -((-others * k.numerator) // k.denominator)
+    for col, v in fitted.items():
+        totals[col.split(":", 1)[0]] += v
+    rooms = []
+    for t in TIERS:
+        room = template[f"{t}_capacity_bytes"] - totals[t]
+        rooms.append(room if t == "gpu" else np.where(totals[t] > 0, room, np.iinfo(np.int64).max))
+    headroom = np.minimum.reduce(rooms)
+    slack = np.minimum(headroom, template["gpu_capacity_bytes"] - totals["gpu"] - template["required_headroom_bytes"])
+    ok = slack >= 0
+    if values is None:
+        best = np.where(ok, b, 0).reshape(ns, nb).max(axis=1)
+        metric = np.repeat(best, nb)
+    else:
+        metric = np.repeat(np.array([values[s] for s in sizes], dtype=np.int64), nb)
+    varying = {"micro_batch": b, size_key: np.repeat(np.array(sizes, dtype=np.int64), nb), "ok": ok,
+               "fits": np.logical_and.reduce([totals[t] <= template[f"{t}_capacity_bytes"] for t in TIERS]),
+               "headroom_bytes": headroom, column: metric}
+    for t in TIERS:
+        varying[f"{t}_total_bytes"] = totals[t]
+        varying[f"{t}_total_gib"] = gib(totals[t])
+    for col, v in fitted.items():
+        varying[col] = v
+        varying[col[:-6] + "_gib"] = gib(v)
+    for col in fit.columns:
+        data[col] = varying[col] if col in varying else constant(col, template[col], ns * nb)
+    return pd.DataFrame(data, columns=list(fit.columns))
+
+
+def constant(col: str, value: Any, n: int) -> Any:
+    """``n`` copies of ``value`` with the dtype ``report.frame.typed`` gives such a column, built without a
+    Python list where the type allows (text as a one-category categorical, numbers and flags as arrays)."""
+    if isinstance(value, bool):
+        return np.full(n, value, dtype=bool)
+    if isinstance(value, int) and -2**63 <= value < 2**63:
+        return np.full(n, value, dtype=np.int64)
+    if isinstance(value, float):
+        return np.full(n, value, dtype=np.float64)
+    if isinstance(value, str) and typed(col, [value]).dtype == "category":
+        return pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[value])
+    return typed(col, [value] * n)
+
+
+def run_frame(blocks: list[pd.DataFrame]) -> pd.DataFrame:
+    """The blocks of one (model, job) in grid order as one frame: the union of their columns in first-seen
+    order, a column a block lacks filled as the stdlib writer fills it (0 bytes, 0.0 GiB, else empty)."""
+    columns = list(dict.fromkeys(c for blk in blocks for c in blk.columns))
+    filled = []
+    for blk in blocks:
+        for col in columns:
+            if col not in blk.columns:
+                blk[col] = typed(col, [absent(col)] * len(blk))
+        filled.append(blk[columns])
+    return concat_frames(filled)

@@ -1,0 +1,112 @@
+"""The vectorized sweep (memplan.vector) gives the scalar path's records byte for byte, fallback included."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import memplan.vector as vector
+from memplan.config import Job, JobConfig
+from memplan.grid import SweepSpec, iter_results
+from memplan.report.csv_out import records_to_csv
+from memplan.vector import NotExact, group_results, iter_vector
+
+MODELS = ("qwen2.5-0.5b", "gpt2", "llama-3.2-1b", "mixtral-8x7b", "deepseek-v2-lite", "zero-offload-1.4b")
+"""Dense, MoE, MLA and a params-only model (nothing grows with batch: the scalar path's error records)."""
+GPUS = ("t4", "l4", "h100-sxm-80gb", "mi300x", "rtx-4090")
+JOBS = (Job.FULL, Job.LORA, Job.QLORA, Job.INFER, Job.PRETRAIN)
+BASES = (
+    JobConfig(),
+    JobConfig(recompute="full"),
+    JobConfig(allocator_reserve_pct=7.25),  # a share of 29/400: beyond the fit's forms, the scalar path
+    JobConfig(attention="eager", flash_attention=False),  # attention scores grow with s²
+    JobConfig(safety_margin_pct=10, zero=3),
+    JobConfig(offload_optimizer="cpu", zero=2),
+)
+
+
+def both(spec: SweepSpec) -> tuple[list, list]:
+    scalar = [r for chunk in iter_results(spec, workers=1) for r in chunk]
+    fast = [r for chunk in iter_vector(spec) for r in chunk]
+    return scalar, fast
+
+
+def assert_same(spec: SweepSpec) -> None:
+    scalar, fast = both(spec)
+    assert [r.cell for r in fast] == [r.cell for r in scalar]
+    assert [r.value for r in fast] == [r.value for r in scalar]
+    assert [r.error for r in fast] == [r.error for r in scalar]
+    for a, b in zip(scalar, fast, strict=True):
+        assert [list(r.items()) for r in b.records] == [list(r.items()) for r in a.records], a.cell
+    records = [r for c in scalar for r in c.records]
+    assert records_to_csv([r for c in fast for r in c.records]) == records_to_csv(records)
+
+
+grids = st.builds(
+    SweepSpec,
+    models=st.lists(st.sampled_from(MODELS), min_size=1, max_size=2, unique=True).map(tuple),
+    gpus=st.lists(st.sampled_from(GPUS), min_size=1, max_size=3, unique=True).map(tuple),
+    jobs=st.lists(st.sampled_from(JOBS), min_size=1, max_size=2, unique=True).map(tuple),
+    seq_lens=st.lists(st.integers(16, 8192), min_size=1, max_size=4, unique=True).map(tuple),
+    contexts=st.lists(st.integers(16, 32768), min_size=1, max_size=4, unique=True).map(tuple),
+    batches=st.lists(st.integers(1, 64), min_size=1, max_size=3, unique=True).map(tuple),
+    gpu_counts=st.lists(st.sampled_from((1, 2, 8)), min_size=1, max_size=2, unique=True).map(tuple),
+    metric=st.sampled_from(("fits", "max-batch")),
+    base=st.sampled_from(BASES),
+    min_headroom=st.sampled_from(("0B", "5%", "1GiB")),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=grids)
+def test_vectorized_records_equal_the_scalar_model(spec: SweepSpec) -> None:
+    assert_same(spec)
+
+
+def test_a_share_beyond_the_fit_falls_back_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = SweepSpec(models=("qwen2.5-0.5b",), gpus=("t4", "l4"), jobs=(Job.LORA, Job.INFER), seq_lens=(256, 1000, 4096),
+                     contexts=(512, 3000), batches=(1, 7), base=JobConfig(allocator_reserve_pct=7.25))
+    with pytest.raises(NotExact):
+        group_results(spec, "qwen2.5-0.5b", Job.LORA, 1)
+    fell_back = []
+    real = vector.evaluate
+
+    def counting(*args: object) -> object:
+        fell_back.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(vector, "evaluate", counting)
+    assert_same(spec)
+    assert fell_back  # the scalar path answered those cells
+    fell_back.clear()
+    assert_same(replace(spec, base=JobConfig()))  # a whole percentage: vectorized, no scalar cell
+    assert not fell_back
+
+
+def test_max_batch_matches_the_scalar_search_on_many_gpus() -> None:
+    spec = SweepSpec(models=("llama-3.1-8b", "mixtral-8x7b"), gpus=GPUS, jobs=(Job.FULL, Job.QLORA, Job.INFER),
+                     seq_lens=(1024, 4096), contexts=(2048, 32768), metric="max-batch")
+    for model in spec.models:  # every group of this grid is vectorized
+        for job in spec.jobs:
+            group_results(spec, model, job, 1)
+    assert_same(spec)
+    first = next(iter_vector(spec, columnar=True))  # the streamed path: one columnar frame per (model, job)
+    assert first.frame is not None and len(first.frame) == len(first) and not first[0].records
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=grids)
+def test_columnar_csv_is_byte_identical_to_the_scalar_records(spec: SweepSpec) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from memplan.report.sweep_stream import csv_sink, stream
+
+    expected = records_to_csv([r for chunk in iter_results(spec, workers=1) for c in chunk for r in c.records])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "v.csv"
+        stream(spec, sink=csv_sink(out), workers=1)
+        assert out.read_text() == expected
