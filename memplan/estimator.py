@@ -35,6 +35,9 @@ class Estimate:
     warnings: tuple[str, ...] = field(default=())
     """Sentences about inputs the answer still covers but the user should know (``memplan.preflight``)."""
     assumptions: dict[str, Any] = field(default_factory=dict)
+    serving: dict[str, int] = field(default_factory=dict)
+    """The serving engine's capacity figures (vLLM: ``kv_pool_bytes``, ``kv_pool_blocks``, ``kv_pool_tokens``,
+    ``max_concurrency`` at the context, ``max_context`` of one sequence); empty for other jobs and engines."""
     """What the answer assumed because it was not given: host sizes by HostSpec field (``cpu_ram_bytes``:
     1 TiB per node, ``nvme_bytes``: 0) and ``dtype`` when fp16 replaced the bf16 default on a GPU without
     bf16, so the answer can say what it rests on."""
@@ -145,7 +148,7 @@ def estimate(
     rows, missing, stage = serving.all_rows(ctx) if serving.has_own_rows(cfg) else components.all_rows(ctx)
     _check_printable(rows)
     return Estimate(spec, arch, gpu_spec, ctx.host, cfg, tuple(rows), tuple(missing), stage,
-                    tuple(warnings), {**host_assumptions(ctx.host), **assumed})
+                    tuple(warnings), {**host_assumptions(ctx.host), **assumed}, serving.summary(ctx))
 
 
 MAX_TOTAL_BITS = 1000

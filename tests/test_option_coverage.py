@@ -22,6 +22,13 @@ from typer.testing import CliRunner
 
 from memplan import estimate
 from memplan.cli.app import app
+
+
+def _commands() -> dict[str, Any]:
+    """Every command of the (lazily loading) root group, by name."""
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
 from memplan.config import Job
 from memplan.errors import MemplanError
 
@@ -312,9 +319,3 @@ def test_the_not_read_declaration_is_true(job):
             continue  # the memory model cannot even evaluate it for this job: it is not read as a choice
         assert same, f"{field} is declared not read by {job} jobs but changes their memory"
 
-
-def _commands() -> dict[str, Any]:
-    """Every command of the (lazily loading) root group, by name."""
-    group = typer.main.get_command(app)
-    ctx = click.Context(group)
-    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}

@@ -17,13 +17,14 @@ from typing import Annotated, Any
 
 import typer
 
-from memplan.config import Accounting, Engine, Job, Offload, OptimizerKind, Recompute
+from memplan.config import Accounting, Engine, Job, Offload, OptimizerImpl, OptimizerKind, Recompute
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.units import parse_size
 
-HARDWARE, JOB, PARALLEL, MEMORY, FINETUNE, INFER, OUTPUT = (
-    "Hardware", "Job", "Parallelism and ZeRO", "Memory-saving techniques", "Fine-tuning", "Inference", "Output")
+HARDWARE, JOB, PARALLEL, MEMORY, FINETUNE, INFER, ENGINE, SERVE, OUTPUT = (
+    "Hardware", "Job", "Parallelism and ZeRO", "Memory-saving techniques", "Fine-tuning", "Inference",
+    "Training-engine knobs", "Serving-engine knobs (vLLM, llama.cpp, transformers)", "Output")
 
 
 def size_or_none(text: str | None, field: str) -> int | None:
@@ -109,7 +110,8 @@ OPTS: dict[str, Opt] = {
     "optimizer_gpu_layers": _o("--optimizer-gpu-layers", int, None, "ZeRO-3 partial optimizer offload: keep the optimizer "
                                "states of the first N layers on the GPU (DeepSpeed offload_optimizer.ratio).", PARALLEL,
                                field="optimizer_gpu_layers"),
-    "recompute": _o("--recompute", Recompute, Recompute.NONE, "Activation recomputation: none, selective, full.", MEMORY,
+    "recompute": _o("--recompute", Recompute, Recompute.NONE, "Activation recomputation: none, selective (Megatron: "
+                    "the attention core), op (torchtitan op-level SAC: keep every other matmul output), full.", MEMORY,
                     field="recompute", dim="recompute", base="none"),
     "recompute_layers": _o("--recompute-layers", int, None, "Checkpoint only this many layers.", MEMORY,
                            field="recompute_layers"),
@@ -157,6 +159,73 @@ OPTS: dict[str, Opt] = {
                          "PCIe (accelerate device_map), e.g. 70-79.", INFER),
     "max_context": _o("--max-context", bool, False, "Report the largest context that fits (infer).", INFER),
     "max_batch": _o("--max-batch", bool, False, "Report the largest batch that fits.", INFER),
+    "optimizer_impl": _o("--optimizer-impl", OptimizerImpl, None, "torch AdamW path (engines pytorch, fsdp2): foreach "
+                         "(the CUDA default), for-loop or fused; sets the optimizer step's temporaries.", ENGINE,
+                         field="optimizer_impl"),
+    "kept_output": _o("--kept-output", str, None, "What the training loop keeps of the model output until after the "
+                      "optimizer step: none (default), logits or logits_fp32.", ENGINE, field="kept_output"),
+    "bucket_cap_mb": _o("--bucket-cap-mb", int, None, "pytorch (DDP) bucket_cap_mb (default 25).", ENGINE,
+                        field="engine_config.bucket_cap_mb"),
+    "gradient_as_bucket_view": _o("--gradient-as-bucket-view/--no-gradient-as-bucket-view", bool, None, "pytorch (DDP): "
+                                  "gradients are views into the buckets (default off).", ENGINE,
+                                  field="engine_config.gradient_as_bucket_view"),
+    "reshard_after_forward": _o("--reshard-after-forward/--no-reshard-after-forward", bool, None, "fsdp2: free each "
+                                "unit's gathered parameters after its forward (default on).", ENGINE,
+                                field="engine_config.reshard_after_forward"),
+    "fsdp_prefetch": _o("--fsdp-prefetch", int, None, "fsdp2: units gathered ahead of the current one (default 1).",
+                        ENGINE, field="engine_config.fsdp_prefetch"),
+    "reduce_bucket_size": _o("--reduce-bucket-size", int, None, "deepspeed reduce_bucket_size, elements (default 5e8).",
+                             ENGINE, field="engine_config.reduce_bucket_size"),
+    "allgather_bucket_size": _o("--allgather-bucket-size", int, None, "deepspeed allgather_bucket_size, elements "
+                                "(default 5e8).", ENGINE, field="engine_config.allgather_bucket_size"),
+    "overlap_comm": _o("--overlap-comm/--no-overlap-comm", bool, None, "deepspeed overlap_comm (default: on for ZeRO-3, "
+                       "else off).", ENGINE, field="engine_config.overlap_comm"),
+    "contiguous_gradients": _o("--contiguous-gradients/--no-contiguous-gradients", bool, None, "deepspeed "
+                               "contiguous_gradients (default on).", ENGINE, field="engine_config.contiguous_gradients"),
+    "stage3_max_live_parameters": _o("--stage3-max-live-parameters", int, None, "deepspeed ZeRO-3 gathered parameters "
+                                     "kept at once, elements (default 1e9).", ENGINE,
+                                     field="engine_config.stage3_max_live_parameters"),
+    "stage3_prefetch_bucket_size": _o("--stage3-prefetch-bucket-size", int, None, "deepspeed ZeRO-3 parameters fetched "
+                                      "ahead, elements (default 5e7).", ENGINE,
+                                      field="engine_config.stage3_prefetch_bucket_size"),
+    "stage3_param_persistence_threshold": _o("--stage3-param-persistence-threshold", int, None, "deepspeed ZeRO-3: "
+                                             "smaller parameters stay gathered, elements (default 1e5).", ENGINE,
+                                             field="engine_config.stage3_param_persistence_threshold"),
+    "use_distributed_optimizer": _o("--use-distributed-optimizer/--no-use-distributed-optimizer", bool, None,
+                                    "megatron: shard fp32 main params and Adam states over data parallelism.", ENGINE,
+                                    field="engine_config.use_distributed_optimizer"),
+    "gpu_memory_utilization": _o("--gpu-memory-utilization", float, None, "vllm: share of GPU memory the instance may "
+                                 "use (default 0.9).", SERVE, field="serve.gpu_memory_utilization"),
+    "max_num_batched_tokens": _o("--max-num-batched-tokens", int, None, "vllm: tokens per scheduler step (default: "
+                                 "vLLM's for the GPU).", SERVE, field="serve.max_num_batched_tokens"),
+    "max_num_seqs": _o("--max-num-seqs", int, None, "vllm: sequences per step (default: vLLM's for the GPU).", SERVE,
+                       field="serve.max_num_seqs"),
+    "kv_block_size": _o("--kv-block-size", int, None, "vllm block_size: tokens per KV-cache block (default 16).", SERVE,
+                        field="serve.block_size"),
+    "enforce_eager": _o("--enforce-eager/--no-enforce-eager", bool, None, "vllm: no CUDA graphs (no graph memory).",
+                        SERVE, field="serve.enforce_eager"),
+    "max_model_len": _o("--max-model-len", int, None, "vllm: longest sequence served (default: the model's "
+                        "max_position_embeddings).", SERVE, field="serve.max_model_len"),
+    "n_gpu_layers": _o(("--n-gpu-layers", "-ngl"), int, None, "llamacpp: repeating layers on the GPU (default: all).",
+                       SERVE, field="serve.n_gpu_layers"),
+    "n_ctx": _o("--n-ctx", int, None, "llamacpp -c: KV-cache context (default: --context).", SERVE, field="serve.n_ctx"),
+    "n_batch": _o("--n-batch", int, None, "llamacpp -b: logical batch (default 2048).", SERVE, field="serve.n_batch"),
+    "n_ubatch": _o("--n-ubatch", int, None, "llamacpp -ub: physical batch, sizes the compute buffers (default 512).",
+                   SERVE, field="serve.n_ubatch"),
+    "cache_type_k": _o("--cache-type-k", str, None, "llamacpp -ctk: f16 (default), q8_0, q4_0, ...", SERVE,
+                       field="serve.cache_type_k"),
+    "cache_type_v": _o("--cache-type-v", str, None, "llamacpp -ctv: f16 (default), q8_0, q4_0 (needs flash attention).",
+                       SERVE, field="serve.cache_type_v"),
+    "flash_attn": _o("--flash-attn/--no-flash-attn", bool, None, "llamacpp -fa (default on).", SERVE,
+                     field="serve.flash_attn"),
+    "cache_implementation": _o("--cache-implementation", str, None, "transformers generate: dynamic (default) or "
+                               "static.", SERVE, field="serve.cache_implementation"),
+    "prompt_tokens": _o("--prompt-tokens", int, None, "Prompt length for the time to first token (default: --context).",
+                        SERVE, field="serve.prompt_tokens"),
+    "hbm_efficiency": _o("--hbm-efficiency", float, None, "Share of peak HBM bandwidth decode reaches (default: per GPU "
+                         "generation).", SERVE, field="serve.hbm_efficiency"),
+    "compute_efficiency": _o("--compute-efficiency", float, None, "Share of peak FLOP/s prefill reaches (default: per "
+                             "GPU generation).", SERVE, field="serve.compute_efficiency"),
     "fmt": _o(("--format", "-f"), str, "table", "table, json or csv.", OUTPUT),
     "plot": _o("--plot", Path, None, "Draw the breakdown per tier against capacity (.png, .svg or .pdf; needs "
                "memplan[plot]).", OUTPUT),
@@ -173,6 +242,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "finetune": ("lora_rank", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer", "galore_rank",
                  "galore_8bit"),
     "inference": ("context", "kv_dtype", "paged", "block_size", "offload_layers", "max_context", "max_batch"),
+    "engine_knobs": ("optimizer_impl", "kept_output", "bucket_cap_mb", "gradient_as_bucket_view", "reshard_after_forward",
+                     "fsdp_prefetch", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
+                     "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
+                     "stage3_param_persistence_threshold", "use_distributed_optimizer"),
+    "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
+                "max_model_len", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v",
+                "flash_attn", "cache_implementation", "prompt_tokens", "hbm_efficiency", "compute_efficiency"),
     "output": ("fmt", "plot"),
 }
 

@@ -18,8 +18,9 @@ CUSTOM = {"batch": {"help": "Micro-batch (training) or concurrent sequences (inf
           "fmt": {"help": "table, json or csv."},
           "plot": {"help": "Draw the best plan's breakdown and memory vs context or batch (.png, .svg or .pdf; needs "
                            "memplan[plot])."}}
-Objective = Annotated[str, typer.Option("--objective", help="throughput, min-gpus, max-batch, max-context, min-memory, "
-                                        "min-cost, max-quality (least weight quantization error).", rich_help_panel=OUTPUT)]
+Objective = Annotated[str, typer.Option("--objective", help="throughput, min-gpus, max-batch, max-concurrency "
+                                        "(serving), max-context, min-memory, min-cost, max-quality (least weight "
+                                        "quantization error).", rich_help_panel=OUTPUT)]
 Top = Annotated[int, typer.Option("--top", help="Ranked alternatives to show.", rich_help_panel=OUTPUT)]
 TimeLimit = Annotated[float, typer.Option("--time-limit", help="Seconds the whole command may spend solving (every "
                                           "solve together).", rich_help_panel=OUTPUT)]
@@ -35,7 +36,8 @@ PlotAxis = Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot
 @handled
 @options("hardware", "job", "zero", "offload_optimizer", "offload_params", "tp", "pp", "recompute",
          "per_layer_offload", "per_layer_quant", "flash_attention", "cuda_context", "allocator_reserve", "safety_margin",
-         "lora_rank", "lora_targets", "galore_rank", "galore_8bit", "context", "kv_dtype", "output", lists=DIMENSIONS,
+         "lora_rank", "lora_targets", "galore_rank", "galore_8bit", "context", "kv_dtype", "engine_knobs", "serving",
+         "output", lists=DIMENSIONS,
          exclude=("quant_map", "master_weights", "grad_dtype"), custom=CUSTOM)
 def plan(model: Model, opts: Opts, objective: Objective = "throughput", top: Top = 3, time_limit: TimeLimit = 30.0,
          solver: Solver = None, debug_lp: DebugLp = None, plot_axis: PlotAxis = "context") -> None:

@@ -89,3 +89,14 @@ def context_warnings(cfg: JobConfig, max_position_embeddings: int | None) -> tup
     who = "llama.cpp warns" if cfg.engine is Engine.LLAMACPP else "transformers does not check"
     return (f"context {context} exceeds the model's max_position_embeddings ({max_position_embeddings}); {who}, "
             "and quality past the trained length is not guaranteed.",)
+
+
+def summary(ctx: Context) -> dict[str, int]:
+    """The serving engine's own capacity report (vLLM: KV pool bytes, blocks, tokens, concurrency, longest
+    context), the smallest over the pipeline stages; empty for engines that print no such figures."""
+    if ctx.cfg.job is not Job.INFER or ctx.cfg.effective_engine is not Engine.VLLM:
+        return {}
+    from memplan.engines import vllm
+
+    per_stage = [vllm.summary(ctx.at_stage(stage)) for stage in range(ctx.cfg.pp)]
+    return {key: min(s[key] for s in per_stage) for key in per_stage[0]}

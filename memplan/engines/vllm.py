@@ -281,6 +281,18 @@ def rows(ctx: Context) -> list[Row]:
     return out
 
 
+def summary(ctx: Context) -> dict[str, int]:
+    """What vLLM reports at start-up for the GPU of ``ctx`` (worker logs "Available KV cache memory", "GPU KV
+    cache size: N tokens", "Maximum concurrency for S tokens per request"): the KV pool in bytes, blocks and
+    tokens, the concurrency at ``infer.context`` and the longest sequence one request can have. Source:
+    vllm/v1/core/kv_cache_utils.py (``get_kv_cache_config``, ``get_max_concurrency_for_kv_cache_config``)."""
+    p = pool(ctx)
+    return {"budget_bytes": p.budget, "kv_pool_bytes": max(0, p.kv_bytes), "kv_pool_blocks": p.blocks,
+            "kv_pool_tokens": p.tokens, "block_size": p.block_size, "max_num_seqs": p.max_num_seqs,
+            "max_num_batched_tokens": p.max_num_batched_tokens,
+            "max_concurrency": p.concurrency(ctx.cfg.infer.context), "max_context": min(max_model_len(ctx), p.tokens)}
+
+
 def max_context(ctx: Context) -> int:
     """The longest sequence one request can have: min(max_model_len, KV pool tokens), 0 when the pool is empty."""
     p = pool(ctx)

@@ -64,6 +64,7 @@ def estimate_dict(est: Estimate) -> dict[str, Any]:
         "not_modelled": list(est.not_modelled),
         "warnings": list(est.warnings),
         "assumptions": dict(est.assumptions),
+        "serving": dict(est.serving),
         "sources": {r.component: r.source for r in est.rows if r.source},
         "engine": est.engine.value,
         "engine_reason": est.engine_reason,

@@ -86,6 +86,8 @@ class EstimateOut(Out):
     """Inputs the answer still covers but the user should know, e.g. a context above the model's
     max_position_embeddings (one sentence each)."""
     assumptions: dict[str, int | str] = {}
+    serving: dict[str, int] = {}
+    """The serving engine's capacity figures (vLLM: KV pool bytes/blocks/tokens, max_concurrency, max_context)."""
     """What was assumed because it was not given: ``cpu_ram_bytes`` (1 TiB per node) and ``nvme_bytes`` (0)
     when the host was not described, ``dtype`` (fp16) when a GPU without bf16 got the bf16 default."""
     sources: dict[ComponentName, str] = Field(json_schema_extra={"additionalProperties": False})

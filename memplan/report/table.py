@@ -162,6 +162,12 @@ def render_estimate(est: Estimate, out: Any) -> None:
                   f"(peak at {est.peak_phase(est.binding_tier).value}).")
     for warning in est.warnings:
         out.print(f"[yellow]Warning[/yellow]: {warning}.")
+    if est.serving:
+        sv = est.serving
+        out.print(f"KV pool: {fmt_gib(sv['kv_pool_bytes'])}, {sv['kv_pool_blocks']:,} blocks of {sv['block_size']} = "
+                  f"{sv['kv_pool_tokens']:,} tokens; at {est.config.infer.context:,} tokens per sequence "
+                  f"{sv['max_concurrency']:,} concurrent (max_num_seqs {sv['max_num_seqs']:,}); longest "
+                  f"sequence {sv['max_context']:,} tokens.")
     if est.not_modelled:
         out.print(f"[yellow]Not modelled[/yellow]: {', '.join(est.not_modelled)} "
                   "(a params-only model has no dimensions); the verdict excludes them.")
