@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 
 from memplan import estimate
 from memplan.cli.app import app
+from memplan.config import Job
+from memplan.errors import MemplanError
 
 
 def _commands() -> dict[str, Any]:
@@ -29,8 +31,7 @@ def _commands() -> dict[str, Any]:
     group = typer.main.get_command(app)
     ctx = click.Context(group)
     return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
-from memplan.config import Job
-from memplan.errors import MemplanError
+
 
 RUNNER = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"})
 ROOT = Path(__file__).resolve().parents[1]
