@@ -43,3 +43,9 @@ def test_python_api_example_runs():
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "KV cache 16.00 GiB" in result.stdout
+
+
+def test_serving_cases_table_is_generated_from_the_code():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "serving_cases.py"), "--check"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
