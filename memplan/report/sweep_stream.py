@@ -75,10 +75,11 @@ class Spill:
         for part in self.parts:
             with open(part, "rb") as fh:
                 frame = pickle.load(fh)
-            for col in cols:
-                if col not in frame.columns:
-                    frame[col] = absent(col)
-            frame = frame[cols]
+            missing = {col: absent(col) for col in cols if col not in frame.columns}
+            if missing:  # all at once: one concat, not one insert per column (a fragmented frame)
+                filler = pd.DataFrame({col: [value] * len(frame) for col, value in missing.items()}, index=frame.index)
+                frame = pd.concat([frame, filler], axis=1)
+            frame = frame[cols].copy()
             if partial:
                 frame[PARTIAL_COLUMN] = True
             yield frame
@@ -144,11 +145,14 @@ def frame_of(spill: Spill, partial: bool) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     frame = concat_frames(frames)
+    retyped = {}
     for col in frame.columns:  # a column categorical in some chunks only: concat leaves object or str
         if frame[col].dtype == object or (pd.api.types.is_string_dtype(frame[col].dtype)
                                           and not isinstance(frame[col].dtype, pd.CategoricalDtype)):
             values = [None if v is None or v is pd.NA or v != v else v for v in frame[col].tolist()]
-            frame[col] = records_frame([{col: v} for v in values])[col]
+            retyped[col] = records_frame([{col: v} for v in values])[col]
+    if retyped:
+        frame = frame.assign(**retyped)
     frame.attrs["partial"] = partial
     return frame
 
