@@ -160,6 +160,7 @@ def render_estimate(est: Estimate, out: Any) -> None:
     else:
         out.print(f"[red]DOES NOT FIT[/red]: {fmt_gib(-head)} over capacity on the {est.binding_tier.value} tier "
                   f"(peak at {est.peak_phase(est.binding_tier).value}).")
+    out.print(f"{est.engine_reason[:1].upper()}{est.engine_reason[1:]}.")
     for warning in est.warnings:
         out.print(f"[yellow]Warning[/yellow]: {warning}.")
     if est.serving:
