@@ -8,7 +8,6 @@ from memplan.config import Job, JobConfig, Offload, Recompute
 from memplan.planner.space import (
     Objective,
     SearchSpace,
-    check_pp,
     check_tp,
     placements,
     powers_of_two,
@@ -33,12 +32,14 @@ def tp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, exclu
 
 
 def pp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, excluded: list[str]) -> tuple[int, ...]:
+    """Pipeline degrees up to the layer count that divide the GPUs; a degree that does not divide the layers
+    gets balanced uneven stages (``arch.parallel.balanced_stage_sizes``)."""
     if not arch.layers:
         return (1,)
     wanted = space.pp or tuple(p for p in powers_of_two(base.world_size) if p <= len(arch.layers))
     out = []
     for pp in wanted:
-        reason = check_pp(arch, pp)
+        reason = None if pp <= len(arch.layers) else f"pp={pp} exceeds the {len(arch.layers)} layers"
         if reason or base.world_size % pp:
             excluded.append(reason or f"pp={pp} does not divide the {base.world_size} GPUs")
         else:

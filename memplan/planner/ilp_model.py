@@ -101,6 +101,9 @@ class Problem:
     cuts: list[dict[str, Any]] = field(default_factory=list)
     extra_blocks: list[LayerBlock] = field(default_factory=list)
     """Further per-layer decisions beside ``layers``; their bytes, seconds and errors add up per layer."""
+    stage_map: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Per pipeline degree, the stage of every layer (``arch.parallel.stage_index``: balanced, uneven
+    stages); a degree missing here splits the layers evenly."""
 
     @property
     def blocks(self) -> list[LayerBlock]:
@@ -122,7 +125,10 @@ def ceil_unit(n: int) -> int:
     return -(-n // UNIT)
 
 
-def stage_of(layer: int, num_layers: int, pp: int) -> int:
+def stage_of(layer: int, num_layers: int, pp: int, stage_map: dict[int, tuple[int, ...]] | None = None) -> int:
+    """The pipeline stage of ``layer``: from ``stage_map`` when it has ``pp``, else an even split."""
+    if stage_map and pp in stage_map:
+        return stage_map[pp][layer]
     return layer // (num_layers // pp)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Any
 
+from memplan.arch.parallel import stage_index
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.config import JobConfig, Offload, Recompute
@@ -314,7 +315,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
-                      extra_blocks=extra)
+                      extra_blocks=extra, stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]})
     return problem, reasons
 
 
