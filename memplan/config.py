@@ -152,6 +152,32 @@ class InferConfig(Strict):
     with "cpu" entries, ``AlignDevicesHook(offload=True)``); None: every layer on the GPU."""
 
 
+class PerfConfig(Strict):
+    """Overrides of the step-time model (``memplan.planner.perf_data`` holds the defaults and their sources)."""
+
+    mfu: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of the dense peak the layers' GEMMs reach; None: from the GPU generation and the GEMM shape
+    (hidden/tp, tokens per micro-batch)."""
+    cluster: str | None = None
+    """Fabric preset (``dgx-v100``, ``dgx-a100``, ``dgx-h100``, ``h800``, ``dgx-b200``, ``pcie-ethernet``);
+    None: from the GPU."""
+    intra_node_gbps: float | None = Field(default=None, gt=0)
+    """GPU-to-GPU bus bandwidth inside a node, GB/s per GPU, as NCCL achieves it; None: the preset's."""
+    inter_node_gbps: float | None = Field(default=None, gt=0)
+    """Bus bandwidth across nodes, GB/s per GPU; None: the preset's."""
+    intra_node_latency_us: float | None = Field(default=None, ge=0)
+    inter_node_latency_us: float | None = Field(default=None, ge=0)
+    comm_overlap: float | None = Field(default=None, ge=0, le=1)
+    """Share of data-parallel/ZeRO (and expert all-to-all) communication hidden behind compute; None: the
+    engine's default (``perf_data.ENGINE_OVERLAP``)."""
+    fp8: bool = False
+    """GEMMs in fp8 (TransformerEngine / torchao float8): compute at the GPU's fp8 peak; weights and states keep
+    ``dtype``. A ``dtype: fp8`` job computes in fp8 as well."""
+    virtual_stages: int = Field(default=1, gt=0)
+    """Interleaved 1F1B: model chunks per pipeline stage (Megatron ``--num-layers-per-virtual-pipeline-stage``);
+    bubble (p − 1)/(v·m) (Narayanan et al. 2021, Sec. 2.2.2)."""
+
+
 class JobConfig(Strict):
     """One fixed configuration of a job on a cluster."""
 
@@ -212,6 +238,8 @@ class JobConfig(Strict):
     lora: LoraConfig = LoraConfig()
     galore: GaloreConfig = GaloreConfig()
     infer: InferConfig = InferConfig()
+    perf: PerfConfig = PerfConfig()
+    """Step-time model overrides (efficiency, fabric, overlap, fp8 GEMMs, interleaved pipeline)."""
 
     @property
     def world_size(self) -> int:

@@ -48,13 +48,13 @@ def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) 
     from memplan.memory import components
 
     comm_dims = {"tp": (cfg.tp,), "pp": (cfg.pp,), "placement": ((cfg.zero, cfg.offload_optimizer, cfg.offload_params),),
-                 "micro_batch": (cfg.micro_batch,)}
+                 "micro_batch": (cfg.micro_batch,), "seq_len": (cfg.seq_len,)}
     comm = next(iter(train.comm_factor(setting, comm_dims).entries.values())).seconds
     per_stage = [components.state_rows(c) for c in train._contexts(setting, cfg)]
     offload = train.offload_seconds(setting, cfg, per_stage)
     from memplan.planner.train_recompute import recompute_seconds
 
-    recompute = sum(recompute_seconds(setting, cfg, layer.params, Recompute(m))
+    recompute = sum(recompute_seconds(setting, cfg, layer, Recompute(m))
                     for layer, m in zip(setting.arch.layers, modes, strict=False))
     return train.shape_seconds(setting, cfg) + comm + offload + recompute
 

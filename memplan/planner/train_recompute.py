@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from itertools import product
 
+from memplan.arch.tensors import Layer
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations as act
 from memplan.memory.context import Context
-from memplan.planner import cost
+from memplan.planner import steptime
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Factor, LayerBlock
 from memplan.planner.train import SAVINGS, TrainSetting, config_for
@@ -41,7 +42,7 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
             for m in modes:
                 mode = Recompute(m)
                 gpu[m] = act.layer_micro_bytes(ctx, i, mode)
-                secs[m] = recompute_seconds(setting, cfg, arch.layers[i].params, mode)
+                secs[m] = recompute_seconds(setting, cfg, arch.layers[i], mode)
                 recomputed = mode is not Recompute.NONE
                 work[m] = act.workspace_bytes(ctx, mode, {i}) if recomputed else 0
                 held[m] = act.layer_kwargs_bytes(ctx, {i}, counting) if recomputed else 0
@@ -134,16 +135,7 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     return out
 
 
-def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer_params: int, mode: Recompute) -> float:
-    """Step time a recomputed layer adds: its forward again (full) or its attention core (selective)."""
-    if mode is Recompute.NONE:
-        return 0.0
-    spec = setting.arch.spec
-    tokens = setting.global_batch * cfg.seq_len
-    attn = (spec.num_attention_heads or 0) * spec.dim_per_head
-    if mode is Recompute.FULL:
-        flops = cost.layer_forward_flops(layer_params=layer_params, tokens=tokens, seq_len=cfg.seq_len, attn_width=attn)
-    else:
-        flops = 2.0 * cfg.seq_len * attn * tokens
-    return cost.compute_seconds(flops=flops, gpus=cfg.world_size, peak_flops=setting.gpu.bf16_dense_tflops * 1e12,
-                                mfu=setting.mfu)
+def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer: Layer, mode: Recompute) -> float:
+    """Step time a recomputed layer adds: its forward again (full) or its attention core (selective)
+    (``steptime.recompute_seconds``)."""
+    return steptime.recompute_seconds(setting.arch, setting.gpu, cfg, setting.global_batch, layer, mode)
