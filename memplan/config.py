@@ -173,6 +173,9 @@ class PerfConfig(Strict):
     fp8: bool = False
     """GEMMs in fp8 (TransformerEngine / torchao float8): compute at the GPU's fp8 peak; weights and states keep
     ``dtype``. A ``dtype: fp8`` job computes in fp8 as well."""
+    comm_sm_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Share of the GPU's SMs that overlapped communication kernels take from compute (DeepSeek-V3 gives 20 of
+    132 SMs to its all-to-all kernels, DeepSeek-AI 2024, Sec. 3.2.2): compute runs at (1 − share) of its rate."""
     virtual_stages: int = Field(default=1, gt=0)
     """Interleaved 1F1B: model chunks per pipeline stage (Megatron ``--num-layers-per-virtual-pipeline-stage``);
     bubble (p − 1)/(v·m) (Narayanan et al. 2021, Sec. 2.2.2)."""

@@ -110,6 +110,22 @@ def stage_index(arch: Architecture, pp: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1) -> int:
+    """Micro-batches whose activations a pipeline stage holds at its peak, in whole-stage units.
+
+    1F1B (v = 1): p − s (Narayanan et al. 2021, Sec. 2.2.1: stage s runs p − s forwards before its first
+    backward). Interleaved (v > 1): Megatron's warm-up of (p − s − 1)·2 + (v − 1)·p chunk micro-batches
+    plus the one in flight, each a 1/v share of the stage's layers (megatron/core/pipeline_parallel/
+    schedules.py, ``forward_backward_pipelining_with_interleaving``): ((p − s − 1)·2 + (v − 1)·p + 1)/v,
+    rounded up; on the first stage p + (p − 1)/v, i.e. p·(1 + (p − 1)/(p·v)) (Korthikanti et al. 2022,
+    Sec. 4.2.3).
+    """
+    if virtual_stages <= 1 or pp <= 1:
+        return pp - stage
+    chunks = (pp - stage - 1) * 2 + (virtual_stages - 1) * pp + 1
+    return ceil_div(chunks, virtual_stages)
+
+
 def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:
     """Elements of ``tensor`` held by one rank: split over tp (and ep for routed experts), rounded up.
 

@@ -57,7 +57,7 @@ def model_flops(arch: Any, cfg: JobConfig, global_batch: int) -> float:
     tokens = global_batch * cfg.seq_len
     fwd = sum(steptime.layer_forward_flops(arch, layer, cfg.seq_len, tokens) for layer in arch.layers)
     fwd += steptime.head_forward_flops(arch, tokens)
-    if not arch.layers:
+    if not arch.layers:  # a model known only by its parameter count
         fwd = 2.0 * arch.active_params * tokens
     return fwd * steptime._passes(cfg)
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.arch.parallel import arch_stage_ranges
+from memplan.arch.parallel import arch_stage_ranges, stage_numel
 from memplan.arch.tensors import Architecture, Layer
 from memplan.catalog.schema import GpuSpec
 from memplan.config import Engine, Job, JobConfig, Offload, Recompute, ZeroStage
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.planner import cost, perf_data
+from memplan.planner.classes import layer_classes
 
 FORWARD_PASSES = 1
 BACKWARD_PASSES_FULL = 2
@@ -82,6 +83,13 @@ def peak_flops(gpu: GpuSpec, cfg: JobConfig) -> float:
     return gpu.bf16_dense_tflops * 1e12
 
 
+def attention_peak_flops(gpu: GpuSpec) -> float:
+    """Peak FLOP/s of the attention core: the 16-bit peak even in fp8 training (TransformerEngine runs
+    dot-product attention in bf16 unless fp8 attention is asked for: ``fp8_dpa=False`` in
+    transformer_engine/common/recipe; DeepSeek-V3 keeps attention in bf16, Sec. 3.3.1)."""
+    return gpu.bf16_dense_tflops * 1e12
+
+
 def efficiency(gpu: GpuSpec, cfg: JobConfig, hidden: int) -> float:
     """The GEMM efficiency of the job's shape (``cost.gemm_efficiency``), or ``perf.mfu`` when given."""
     if cfg.perf.mfu is not None:
@@ -100,22 +108,37 @@ def attention_widths(arch: Architecture) -> tuple[int, int]:
 
 
 def layer_forward_flops(arch: Architecture, layer: Layer, seq_len: int, tokens: int) -> float:
-    """Forward FLOPs of one layer over ``tokens`` tokens of sequences of ``seq_len``.
+    """Forward FLOPs of one layer over ``tokens`` tokens of sequences of ``seq_len``: GEMMs + attention core.
 
     Formula: (2·N_active + 2·S'·(d_qk + d_v)) · tokens, S' = min(S, window) on sliding layers.
     Source: Narayanan et al. 2021, Eq. 3 (24·B·s·h² + 4·B·s²·h per layer: 2 FLOPs per weight per token and
     the two s×s attention products); MoE layers count the top-k experts (Layer.active_params).
     Assumption: causal masking's halving of the attention products is not credited (the slower side).
     """
+    return linear_forward_flops(layer, tokens) + attention_forward_flops(arch, layer, seq_len, tokens)
+
+
+def linear_forward_flops(layer: Layer, tokens: int) -> float:
+    """Forward FLOPs of a layer's weight GEMMs: 2·N_active per token (Kaplan et al. 2020, Table 1)."""
+    return 2.0 * layer.active_params * tokens
+
+
+def attention_forward_flops(arch: Architecture, layer: Layer, seq_len: int, tokens: int) -> float:
+    """Forward FLOPs of the attention core (QKᵀ and attention × V): 2·S'·(d_qk + d_v) per token."""
     d_qk, d_v = attention_widths(arch)
     span = min(seq_len, arch.spec.sliding_window) if layer.sliding and arch.spec.sliding_window else seq_len
-    return (2.0 * layer.active_params + 2.0 * span * (d_qk + d_v)) * tokens
+    return 2.0 * span * (d_qk + d_v) * tokens
 
 
 def head_forward_flops(arch: Architecture, tokens: int) -> float:
-    """Forward FLOPs of the output layer: 2·V·D per token (the tied embedding's matrix when tied)."""
+    """Forward FLOPs after the blocks: the output layer, 2·V·D per token (the tied embedding's matrix when
+    tied), plus modules in ``extra`` that train with the model (DeepSeek-V3's multi-token prediction block:
+    2 FLOPs per active parameter per token; DeepSeek-AI 2024, Sec. 2.2)."""
     spec = arch.spec
-    return 2.0 * (spec.vocab_size or 0) * (spec.hidden_size or 0) * tokens
+    flops = 2.0 * (spec.vocab_size or 0) * (spec.hidden_size or 0) * tokens
+    topk = spec.num_experts_per_tok or 0
+    active = sum(t.numel_each * min(topk, t.copies) if t.routed else t.numel for t in arch.extra)
+    return flops + 2.0 * active * tokens
 
 
 def _passes(cfg: JobConfig) -> int:
@@ -135,13 +158,15 @@ def stage_micro_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage:
     hidden = spec.hidden_size or 0
     tokens = _tokens_micro(cfg)
     layers = [arch.layers[i] for i in arch_stage_ranges(arch, cfg.pp)[stage]] if arch.layers else []
-    flops = sum(layer_forward_flops(arch, layer, cfg.seq_len, tokens) for layer in layers)
+    gemm = sum(linear_forward_flops(layer, tokens) for layer in layers)
+    core = sum(attention_forward_flops(arch, layer, cfg.seq_len, tokens) for layer in layers)
     if stage == cfg.pp - 1:
-        flops += head_forward_flops(arch, tokens)
-    flops *= _passes(cfg)
+        gemm += head_forward_flops(arch, tokens)
     if not layers:  # a model known only by its parameter count
-        flops = 2.0 * arch.active_params * tokens * _passes(cfg)
-    compute = flops / cfg.tp / (peak_flops(gpu, cfg) * efficiency(gpu, cfg, hidden))
+        gemm = 2.0 * arch.active_params * tokens
+    eff = efficiency(gpu, cfg, hidden)
+    compute = _passes(cfg) * (gemm / peak_flops(gpu, cfg) + core / attention_peak_flops(gpu)) / (cfg.tp * eff)
+    compute /= 1.0 - cfg.perf.comm_sm_fraction
     params = sum(layer.params for layer in layers) or arch.params
     reread = _passes(cfg) * ACTIVATION_BYTES * params / cfg.tp / (gpu.hbm_bandwidth_gbps * 1e9)
     seconds = max(compute, reread) + dequant_seconds(gpu, cfg, params // cfg.tp)
@@ -209,10 +234,11 @@ def shape_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch
 
 
 def _distinct_stages(arch: Architecture, pp: int) -> list[int]:
-    """One stage per distinct (first, last, layer count) signature: stages alike in those take alike time."""
+    """One stage per distinct signature (first, last, the classes of its layers): alike stages take alike time."""
+    classes = layer_classes(arch) if arch.layers else []
     seen: dict[tuple, int] = {}
     for s, rng in enumerate(arch_stage_ranges(arch, pp) if arch.layers else [range(0)]):
-        seen.setdefault((s == 0, s == pp - 1, len(rng)), s)
+        seen.setdefault((s == 0, s == pp - 1, tuple(classes[i] for i in rng)), s)
     return list(seen.values())
 
 
@@ -234,7 +260,7 @@ def overlap(cfg: JobConfig) -> float:
 
 
 def trainable_stage_params(arch: Architecture, cfg: JobConfig) -> int:
-    """Trainable parameters of the largest stage on one GPU (after tp): all its parameters, or the LoRA
+    """Trainable parameters of the largest stage on one GPU (after tp and ep): all its parameters, or the LoRA
     adapters of a LoRA/QLoRA job (``memory.peft.lora_params``, spread over the stages)."""
     if cfg.job in (Job.LORA, Job.QLORA):
         from memplan.memory.peft import lora_params
@@ -242,13 +268,7 @@ def trainable_stage_params(arch: Architecture, cfg: JobConfig) -> int:
         return -(-lora_params(arch, cfg.lora) // (cfg.pp * cfg.tp))
     if not arch.layers:
         return -(-arch.params // (cfg.tp * cfg.pp))
-    best = 0
-    for s, rng in enumerate(arch_stage_ranges(arch, cfg.pp)):
-        n = sum(arch.layers[i].params for i in rng)
-        n += sum(t.numel for t in arch.pre) if s == 0 else 0
-        n += sum(t.numel for t in arch.post + arch.extra) if s == cfg.pp - 1 else 0
-        best = max(best, n)
-    return -(-best // cfg.tp)
+    return max(stage_numel(arch, cfg.pp, s, cfg.tp, cfg.ep) for s in _distinct_stages(arch, cfg.pp))
 
 
 def dp_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: int) -> float:
