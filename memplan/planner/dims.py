@@ -4,19 +4,36 @@ from __future__ import annotations
 
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import HostSpec
-from memplan.config import Job, JobConfig, Offload, Recompute
+from memplan.config import Engine, Job, JobConfig, Offload, Recompute
 from memplan.planner.space import (
     Objective,
     SearchSpace,
     check_tp,
+    divisors,
     placements,
     powers_of_two,
 )
+
+SP_ENGINES = frozenset({Engine.MEGATRON, Engine.PYTORCH, Engine.FSDP2})
+"""Engines that run sequence parallelism with tensor parallelism: Megatron-LM ``--sequence-parallel``
+(Korthikanti et al. 2022, Sec. 4.2.2), PyTorch/FSDP2 with ``torch.distributed.tensor.parallel.SequenceParallel``.
+DeepSpeed's training engine has no tensor-parallel sequence split (its Ulysses is context parallelism)."""
 
 MAX_MICRO_BATCH = 4
 MAX_BATCH_SEARCH = 1024
 MIN_CONTEXT = 512
 MAX_CONTEXT_SEARCH = 2**20
+
+
+def with_sequence_parallel(cfg: JobConfig) -> JobConfig:
+    """The plan's configuration with sequence parallelism on wherever tp > 1 and the engine runs it (None: the
+    default engine, PyTorch). It never costs time (the reduce-scatter + all-gather pair moves what the
+    all-reduce moved) and divides the layer's replicated activations by tp (Korthikanti et al. 2022, Table 2),
+    so a plan with tp > 1 always takes it."""
+    engine = cfg.engine or Engine.PYTORCH
+    if cfg.tp > 1 and not cfg.sequence_parallel and engine in SP_ENGINES:
+        return cfg.model_copy(update={"sequence_parallel": True})
+    return cfg
 
 
 def tp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, excluded: list[str]) -> tuple[int, ...]:
@@ -32,11 +49,12 @@ def tp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, exclu
 
 
 def pp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, excluded: list[str]) -> tuple[int, ...]:
-    """Pipeline degrees up to the layer count that divide the GPUs; a degree that does not divide the layers
-    gets balanced uneven stages (``arch.parallel.balanced_stage_sizes``)."""
+    """Pipeline degrees up to the layer count that divide the GPUs (by default every such divisor, so 280 GPUs
+    can take Korthikanti's pp = 35); a degree that does not divide the layers gets balanced uneven stages
+    (``arch.parallel.balanced_stage_sizes``)."""
     if not arch.layers:
         return (1,)
-    wanted = space.pp or tuple(p for p in powers_of_two(base.world_size) if p <= len(arch.layers))
+    wanted = space.pp or tuple(p for p in divisors(base.world_size) if p <= len(arch.layers))
     out = []
     for pp in wanted:
         reason = None if pp <= len(arch.layers) else f"pp={pp} exceeds the {len(arch.layers)} layers"

@@ -23,6 +23,7 @@ from memplan.memory.breakdown import Tier, tier_total
 from memplan.memory.context import Context
 from memplan.planner import cost, steptime, train_offload
 from memplan.planner.classes import layer_classes
+from memplan.planner.dims import with_sequence_parallel
 from memplan.planner.ilp import Entry, Factor, Problem
 
 STATE_DIMS = ("tp", "pp", "placement", "optimizer", "quant")
@@ -54,7 +55,7 @@ def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | N
             upd["zero"], upd["offload_optimizer"], upd["offload_params"] = value
         elif dim in ("tp", "pp", "micro_batch", "seq_len", "optimizer", "quant"):
             upd[dim] = value
-    cfg = JobConfig.model_validate({**base.model_dump(), **upd})
+    cfg = with_sequence_parallel(JobConfig.model_validate({**base.model_dump(), **upd}))
     if global_batch is not None:
         cfg = cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.dp))})
     if modes is not None:
