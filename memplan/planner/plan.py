@@ -30,6 +30,10 @@ class Candidate:
     layer_map: str
     extras: dict[str, Any] = field(default_factory=dict)
     """Plan facts beyond the estimate (e.g. ``weights_sqnr_db`` of per-layer formats, ``offload_ratio``)."""
+    global_batch: int | None = None
+    """Sequences per optimizer step the plan was compared at (training plans)."""
+    train_budget: dict[str, float] | None = None
+    """Seconds, days and GPU-hours to train ``PlanRequest.train_tokens`` tokens (``budget.train_budget``)."""
 
 
 @dataclass
@@ -60,6 +64,8 @@ class PlanRequest:
     solver: str | None = None
     debug_lp: str | None = None
     suggest: bool = True
+    train_tokens: int | None = None
+    """Tokens to train: each training plan reports the time and GPU-hours they take."""
 
 
 def runs(modes: list[str]) -> str:
@@ -78,11 +84,27 @@ def layer_map(modes: list[str]) -> str:
     return "recompute " + runs(modes) if modes else ""
 
 
+DEFAULT_GLOBAL_BATCH_TOKENS = {Job.PRETRAIN: 2**22}
+"""Tokens per optimizer step a plan assumes when none is given: pre-training 4,194,304 (Llama 2 trained with
+4M-token batches, Touvron et al. 2023, Sec. 2.2; GPT-3 175B with 3.2M, Brown et al. 2020, Table 2.1)."""
+DEFAULT_FINETUNE_BATCH_TOKENS = 2**17
+"""Fine-tuning (full, LoRA, QLoRA, GaLore): 131,072 tokens, 64 sequences of 2,048 (Alpaca: 128 × 512;
+QLoRA's Guanaco runs: 16 sequences × up to 4,096 with accumulation, Dettmers et al. 2023, App. B)."""
+
+
 def global_batch_for(req: PlanRequest, world: int, dims_mb: tuple[int, ...] | None = None) -> int:
+    """Sequences per optimizer step, the same for every plan compared: ``--global-batch``, else
+    ``--global-batch-tokens`` / sequence length, else the job's default tokens (``DEFAULT_GLOBAL_BATCH_TOKENS``)
+    / sequence length; the last two rounded up to a multiple of (largest micro-batch × GPUs), so every
+    micro-batch and data-parallel degree divides it."""
     if req.space.global_batch:
         return req.space.global_batch
     biggest = max(dims_mb) if dims_mb else (max(req.space.micro_batch) if req.space.micro_batch else 8)
-    return biggest * world
+    unit = biggest * world
+    tokens = req.space.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS.get(req.base.job,
+                                                                               DEFAULT_FINETUNE_BATCH_TOKENS)
+    sequences = -(-tokens // req.base.seq_len)
+    return max(1, -(-sequences // unit)) * unit
 
 
 def gpu_counts(req: PlanRequest) -> list[tuple[int, int]]:

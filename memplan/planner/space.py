@@ -56,6 +56,8 @@ class SearchSpace(Strict):
     batch: tuple[int, ...] | None = None
     gpus: tuple[int, ...] | None = None
     global_batch: int | None = Field(default=None, gt=0)
+    global_batch_tokens: int | None = Field(default=None, gt=0)
+    """Tokens per optimizer step (``global_batch`` in sequences wins); None: ``plan.DEFAULT_GLOBAL_BATCH_TOKENS``."""
 
     @field_validator("*")
     @classmethod

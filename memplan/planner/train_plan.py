@@ -155,5 +155,11 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
 
             extras.update(quality_extras(arch, cfg))
             text = "; ".join(t for t in (text, describe_formats(cfg)) if t)
-        out.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, text, extras))
+        budget = None
+        if req.train_tokens:
+            from memplan.planner.budget import train_budget
+
+            budget = train_budget(tokens_per_s=tokens / seconds, gpus=cfg.world_size, train_tokens=req.train_tokens)
+        out.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, text, extras, global_batch=gb,
+                             train_budget=budget))
     return out
