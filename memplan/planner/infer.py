@@ -229,6 +229,7 @@ def plan_inference(req: Any) -> Any:
                                            describe(modes, choices) if modes else "", _extras(req, cfg, choices)))
     if result.candidates:
         rank_candidates(result.candidates)
+        result.candidates = result.candidates[: req.top_k]  # ties beyond --top were collected to rank them
         result.status = "optimal"
     elif req.suggest:
         from memplan.planner.suggest import diagnose

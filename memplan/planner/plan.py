@@ -16,6 +16,14 @@ from memplan.planner.space import Objective, SearchSpace
 
 DEFAULT_TIME_LIMIT_S = 30.0
 MAX_REJECTED = 20
+MAX_TIES = 4
+"""Plans beyond ``--top`` still collected while their objective ties the best one's, so the documented ranking
+(``rank_candidates``), not the solver's path, picks the best among ties and ``--top`` never changes it."""
+
+
+def _ties(value: float, best: float | None) -> bool:
+    """Whether an objective value equals the best one to 12 significant digits (``rank_candidates``' rounding)."""
+    return best is not None and float(f"{value:.12g}") <= float(f"{best:.12g}")
 
 
 @dataclass
@@ -151,8 +159,11 @@ def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult
     if req.debug_lp:
         builder.write_lp(req.debug_lp)
     found = rejected = 0
-    while found < req.top_k and rejected < MAX_REJECTED:
+    best: float | None = None
+    while (found < req.top_k + MAX_TIES) and rejected < MAX_REJECTED:
         sol = builder.solve(time_limit=req.time_limit_s, solver=req.solver)
+        if found >= req.top_k and (sol.status not in ("optimal", "feasible") or not _ties(sol.objective, best)):
+            return  # beyond top_k only plans tied with the best are collected, for a ranking independent of --top
         if sol.status not in ("optimal", "feasible"):
             no_plan_reason(sol.status, req.time_limit_s, result)
             return
@@ -169,6 +180,7 @@ def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult
             rejected += 1
             continue
         found += 1
+        best = sol.objective if best is None else best
         yield sol, cfg, est
 
 
