@@ -69,3 +69,15 @@ def test_top_never_changes_the_best_plan(model, gpu, job):
     five = _plan(model, gpu, base, top_k=5)
     assert one.best.config == five.best.config
     assert one.best.step_time_s == five.best.step_time_s
+
+
+def test_step_time_of_a_fixed_config_is_the_planners_own():
+    """``budget.step_time`` (estimate-side, a fixed config) adds the same terms the ILP adds for that plan."""
+    from memplan.planner.budget import step_time
+
+    base = JobConfig(job="full", gpus_per_node=4, seq_len=2048)
+    result = _plan("llama-3.1-8b", "a100-sxm-40gb", base, top_k=1)
+    best = result.best
+    got = step_time(catalog_model("llama-3.1-8b"), catalog_gpu("a100-sxm-40gb"), best.config)
+    assert got.step_s == pytest.approx(best.step_time_s, rel=1e-9)
+    assert got.global_batch == best.global_batch

@@ -12,8 +12,8 @@ from typing import Any
 
 from memplan.arch.build import build_architecture
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
-from memplan.config import JobConfig
-from memplan.planner import steptime, train
+from memplan.config import JobConfig, Offload
+from memplan.planner import steptime, train, train_offload
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -73,9 +73,12 @@ def step_time(model: ModelSpec, gpu: GpuSpec, cfg: JobConfig, host: HostSpec | N
     modes = steptime.layer_recompute_modes(cfg, len(arch.layers))
     recompute = sum(steptime.recompute_seconds(arch, gpu, cfg, gb, layer, m)
                     for layer, m in zip(arch.layers, modes, strict=True))
+    offload = train.offload_seconds(setting, cfg, per_stage)
+    if cfg.offload_params is not Offload.NONE:  # ZeRO-Infinity parameter fetches (the planner's comm factor)
+        offload += train_offload.param_fetch_seconds(setting, cfg)
     return StepTime(pipeline_s=steptime.shape_seconds(arch, gpu, cfg, gb),
                     data_parallel_s=steptime.dp_comm_seconds(arch, gpu, cfg, gb), recompute_s=recompute,
-                    offload_s=train.offload_seconds(setting, cfg, per_stage), global_batch=gb,
+                    offload_s=offload, global_batch=gb,
                     tokens_per_step=gb * cfg.seq_len, gpus=cfg.world_size,
                     model_flops_per_step=model_flops(arch, cfg, gb), peak_flops=steptime.peak_flops(gpu, cfg))
 
