@@ -103,15 +103,17 @@ QLoRA's Guanaco runs: 16 sequences × up to 4,096 with accumulation, Dettmers et
 def global_batch_for(req: PlanRequest, world: int, dims_mb: tuple[int, ...] | None = None) -> int:
     """Sequences per optimizer step, the same for every plan compared: ``--global-batch``, else
     ``--global-batch-tokens`` / sequence length, else the job's default tokens (``DEFAULT_GLOBAL_BATCH_TOKENS``)
-    / sequence length; the last two rounded up to a multiple of (largest micro-batch × GPUs), so every
-    micro-batch and data-parallel degree divides it."""
+    / sequence length; the last two rounded up to a multiple of (largest micro-batch × d), d the largest
+    divisor of the GPU count that keeps that unit within the batch (d = all GPUs on a small cluster, so every
+    micro-batch and data-parallel degree divides it; on a large one only data-parallel degrees up to d can
+    split the batch, as in the published runs: Llama 3 405B ran 2,048 sequences over dp 64-128)."""
     if req.space.global_batch:
         return req.space.global_batch
     biggest = max(dims_mb) if dims_mb else (max(req.space.micro_batch) if req.space.micro_batch else 8)
-    unit = biggest * world
     tokens = req.space.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS.get(req.base.job,
                                                                                DEFAULT_FINETUNE_BATCH_TOKENS)
     sequences = -(-tokens // req.base.seq_len)
+    unit = max([biggest * d for d in range(1, world + 1) if not world % d and biggest * d <= sequences] or [biggest])
     return max(1, -(-sequences // unit)) * unit
 
 
