@@ -81,3 +81,14 @@ def test_step_time_of_a_fixed_config_is_the_planners_own():
     got = step_time(catalog_model("llama-3.1-8b"), catalog_gpu("a100-sxm-40gb"), best.config)
     assert got.step_s == pytest.approx(best.step_time_s, rel=1e-9)
     assert got.global_batch == best.global_batch
+
+
+def test_expert_parallelism_is_searched_for_moe_on_megatron():
+    """A Megatron MoE plan searches ep; its best is valid (ep divides the experts and dp) and no slower than
+    the best plan with ep fixed to 1 (a subset of the same space)."""
+    base = JobConfig(job="pretrain", engine="megatron", gpus_per_node=8, seq_len=2048)
+    free = _plan("mixtral-8x7b", "h100-sxm-80gb", base, top_k=1)
+    fixed = _plan("mixtral-8x7b", "h100-sxm-80gb", base, SearchSpace(ep=(1,)), top_k=1)
+    cfg = free.best.config
+    assert 8 % cfg.ep == 0 and cfg.dp % cfg.ep == 0
+    assert free.best.step_time_s <= fixed.best.step_time_s * (1 + 1e-9)

@@ -26,6 +26,8 @@ class StepTime:
     """Compute of the slowest stage through the pipeline, with tensor-parallel, expert and p2p traffic."""
     data_parallel_s: float
     """Data-parallel/ZeRO communication not hidden behind compute."""
+    expert_s: float
+    """Expert-parallel all-to-alls not hidden behind compute, through the pipeline."""
     recompute_s: float
     offload_s: float
     global_batch: int
@@ -36,7 +38,7 @@ class StepTime:
 
     @property
     def step_s(self) -> float:
-        return self.pipeline_s + self.data_parallel_s + self.recompute_s + self.offload_s
+        return self.pipeline_s + self.data_parallel_s + self.expert_s + self.recompute_s + self.offload_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -77,7 +79,8 @@ def step_time(model: ModelSpec, gpu: GpuSpec, cfg: JobConfig, host: HostSpec | N
     if cfg.offload_params is not Offload.NONE:  # ZeRO-Infinity parameter fetches (the planner's comm factor)
         offload += train_offload.param_fetch_seconds(setting, cfg)
     return StepTime(pipeline_s=steptime.shape_seconds(arch, gpu, cfg, gb),
-                    data_parallel_s=steptime.dp_comm_seconds(arch, gpu, cfg, gb), recompute_s=recompute,
+                    data_parallel_s=steptime.dp_comm_seconds(arch, gpu, cfg, gb),
+                    expert_s=steptime.ep_seconds(arch, gpu, cfg, gb), recompute_s=recompute,
                     offload_s=offload, global_batch=gb,
                     tokens_per_step=gb * cfg.seq_len, gpus=cfg.world_size,
                     model_flops_per_step=model_flops(arch, cfg, gb), peak_flops=steptime.peak_flops(gpu, cfg))

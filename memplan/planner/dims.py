@@ -65,6 +65,25 @@ def pp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, exclu
     return tuple(out)
 
 
+EP_ENGINES = frozenset({Engine.MEGATRON, Engine.DEEPSPEED})
+"""Engines with expert parallelism in training: Megatron-Core MoE (``--expert-model-parallel-size``) and
+DeepSpeed-MoE (``ep_size``); Hugging Face modules under PyTorch/FSDP2 run every expert on every rank."""
+
+
+def ep_candidates(arch: Architecture, base: JobConfig, space: SearchSpace) -> tuple[int, ...] | None:
+    """Expert-parallel degrees for a mixture-of-experts model on an engine that runs them: powers of two that
+    divide the routed experts, up to the GPUs (the ILP drops those that do not divide a plan's data-parallel
+    degree, as ``components.validate`` does); None for a dense model or another engine (ep stays the base's)."""
+    experts = arch.spec.num_experts or 0
+    if not experts or base.engine not in EP_ENGINES:
+        return None
+    if space.ep:
+        return space.ep
+    if base.ep > 1:
+        return (base.ep,)
+    return tuple(e for e in powers_of_two(min(experts, base.world_size)) if not experts % e)
+
+
 def placement_candidates(base: JobConfig, space: SearchSpace, host: HostSpec) -> tuple:
     zeros = space.zero if space.zero is not None else ((base.zero.value,) if base.job is Job.INFER else (0, 1, 2, 3))
     default_off = (Offload.NONE, Offload.CPU) + ((Offload.NVME,) if host.nvme_bytes else ())
@@ -86,6 +105,9 @@ def resolve(arch: Architecture, base: JobConfig, space: SearchSpace, objective: 
         "optimizer": space.optimizer or (base.optimizer,),
         "quant": space.quant or (base.quant,),
     }
+    eps = ep_candidates(arch, base, space)
+    if eps is not None:
+        dims["ep"] = eps
     if objective is Objective.MAX_BATCH:
         dims["micro_batch"] = space.micro_batch or powers_of_two(MAX_BATCH_SEARCH)
     else:

@@ -36,6 +36,8 @@ class SearchSpace(Strict):
 
     tp: tuple[int, ...] | None = None
     pp: tuple[int, ...] | None = None
+    ep: tuple[int, ...] | None = None
+    """Expert-parallel degrees (MoE on Megatron/DeepSpeed); None: powers of two dividing the experts."""
     zero: tuple[int, ...] | None = None
     offload_optimizer: tuple[Offload, ...] | None = None
     offload_params: tuple[Offload, ...] | None = None

@@ -178,8 +178,8 @@ def stage_micro_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage:
 
 
 def stage_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, layers: list[Layer]) -> float:
-    """Per micro-batch communication on a stage's critical path: tensor-parallel collectives (inside a node),
-    expert all-to-alls (exposed share), pipeline p2p sends (Narayanan et al. 2021, Sec. 4.1: the
+    """Per micro-batch communication on a stage's critical path: tensor-parallel collectives (inside a node)
+    and pipeline p2p sends (Narayanan et al. 2021, Sec. 4.1: the
     scatter/gather optimisation sends 1/tp of the activation; interleaving sends v times as often)."""
     link = links(gpu, cfg)
     hidden = arch.spec.hidden_size or 0
@@ -187,18 +187,38 @@ def stage_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, layers:
     bw, lat = link.pick(True)
     seconds = TP_COLLECTIVES_PER_LAYER * len(layers) * cost.collective_seconds(
         kind="all_reduce", nbytes=nbytes, ranks=cfg.tp, bytes_per_s=bw, latency_s=lat)
-    moe = [layer for layer in layers if layer.moe]
-    if moe and cfg.ep > 1:
-        topk = max(layer.experts_per_token for layer in moe)
-        bw, lat = link.pick(cfg.ep * cfg.tp <= cfg.gpus_per_node)
-        a2a = cost.collective_seconds(kind="all_to_all", nbytes=nbytes * topk / cfg.tp, ranks=cfg.ep,
-                                      bytes_per_s=bw, latency_s=lat)
-        seconds += (1.0 - overlap(cfg)) * EP_ALL_TO_ALLS_PER_LAYER * len(moe) * a2a
     if cfg.pp > 1:
         bw, lat = link.pick(cfg.tp * cfg.pp <= cfg.gpus_per_node)
         send = cost.collective_seconds(kind="p2p", nbytes=nbytes / cfg.tp, ranks=2, bytes_per_s=bw, latency_s=lat)
         seconds += 2 * cfg.perf.virtual_stages * send
     return seconds
+
+
+def stage_ep_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage: int) -> float:
+    """Per micro-batch expert all-to-all time of one stage not hidden behind compute: four all-to-alls per MoE
+    layer (``EP_ALL_TO_ALLS_PER_LAYER``) of micro-batch tokens × top-k × hidden in 16-bit over ep ranks,
+    inside a node when ep·tp ≤ GPUs per node, times (1 − overlap)."""
+    if cfg.ep <= 1 or not arch.layers:
+        return 0.0
+    moe = [arch.layers[i] for i in arch_stage_ranges(arch, cfg.pp)[stage] if arch.layers[i].moe]
+    if not moe:
+        return 0.0
+    topk = max(layer.experts_per_token for layer in moe)
+    nbytes = _tokens_micro(cfg) * (arch.spec.hidden_size or 0) * ACTIVATION_BYTES * topk / cfg.tp
+    bw, lat = links(gpu, cfg).pick(cfg.ep * cfg.tp <= cfg.gpus_per_node)
+    a2a = cost.collective_seconds(kind="all_to_all", nbytes=nbytes, ranks=cfg.ep, bytes_per_s=bw, latency_s=lat)
+    return (1.0 - overlap(cfg)) * EP_ALL_TO_ALLS_PER_LAYER * len(moe) * a2a
+
+
+def ep_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: int) -> float:
+    """Expert all-to-all time per step: the slowest stage's exposed all-to-all through the pipeline's
+    (m + (p − 1)/v) slots (``cost.pipeline_seconds``), added to the compute's (an upper bound on pipelining
+    both together)."""
+    if cfg.ep <= 1:
+        return 0.0
+    slowest = max(stage_ep_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg.pp))
+    return cost.pipeline_seconds(stage_micro_s=slowest, micro_batches=micro_batches(cfg, global_batch),
+                                 pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages)
 
 
 def dequant_seconds(gpu: GpuSpec, cfg: JobConfig, params: int) -> float:

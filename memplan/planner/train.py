@@ -53,7 +53,7 @@ def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | N
     for dim, value in choice.items():
         if dim == "placement":
             upd["zero"], upd["offload_optimizer"], upd["offload_params"] = value
-        elif dim in ("tp", "pp", "micro_batch", "seq_len", "optimizer", "quant"):
+        elif dim in ("tp", "pp", "ep", "micro_batch", "seq_len", "optimizer", "quant"):
             upd[dim] = value
     cfg = with_sequence_parallel(JobConfig.model_validate({**base.model_dump(), **upd}))
     if global_batch is not None:
@@ -80,7 +80,7 @@ def _contexts(setting: TrainSetting, cfg: JobConfig) -> list[Context]:
 
 
 def state_dims(dims: dict[str, tuple]) -> tuple[str, ...]:
-    return STATE_DIMS + (("opt_split",) if "opt_split" in dims else ())
+    return STATE_DIMS + (("ep",) if "ep" in dims else ()) + (("opt_split",) if "opt_split" in dims else ())
 
 
 def states_factor(setting: TrainSetting, dims: dict[str, tuple],
@@ -240,10 +240,11 @@ def shape_seconds(setting: TrainSetting, cfg: JobConfig) -> float:
 def comm_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
     """Data-parallel gradient traffic, ZeRO-3 parameter gathers (the part compute does not hide,
     ``steptime.dp_comm_seconds``) and ZeRO-Infinity parameter fetches over PCIe, per step."""
-    names = COMM_DIMS
+    names = COMM_DIMS + (("ep",) if "ep" in dims else ())
     entries: dict[tuple, Entry] = {}
     for key, cfg in step_configs(setting, dims, names):
         seconds = steptime.dp_comm_seconds(setting.arch, setting.gpu, cfg, setting.global_batch)
+        seconds += steptime.ep_seconds(setting.arch, setting.gpu, cfg, setting.global_batch)
         if cfg.offload_params is not Offload.NONE:  # per micro-step: here the accumulation steps are known
             seconds += train_offload.param_fetch_seconds(setting, cfg)
         entries[key] = Entry(seconds=seconds)

@@ -48,7 +48,7 @@ def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) 
     from memplan.memory import components
 
     comm_dims = {"tp": (cfg.tp,), "pp": (cfg.pp,), "placement": ((cfg.zero, cfg.offload_optimizer, cfg.offload_params),),
-                 "micro_batch": (cfg.micro_batch,), "seq_len": (cfg.seq_len,)}
+                 "micro_batch": (cfg.micro_batch,), "seq_len": (cfg.seq_len,), "ep": (cfg.ep,)}
     comm = next(iter(train.comm_factor(setting, comm_dims).entries.values())).seconds
     per_stage = [components.state_rows(c) for c in train._contexts(setting, cfg)]
     offload = train.offload_seconds(setting, cfg, per_stage)

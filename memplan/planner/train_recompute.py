@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from itertools import product
 
+from memplan.arch.parallel import arch_stage_ranges
 from memplan.arch.tensors import Layer
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations as act
@@ -95,7 +96,6 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     A valid inequality (it ignores the recompute workspace, which only adds need), it lets the ILP
     prune global choices whose per-layer optimum is dear without branching on them.
     """
-    num = len(setting.arch.layers)
     lean: dict[tuple, list[int]] = {}
     for key, e in states.entries.items():
         tp, pp = key[0], key[1]
@@ -111,7 +111,7 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
             continue
         total = 0.0
         for s in range(pp):
-            members = range(s * num // pp, (s + 1) * num // pp)
+            members = arch_stage_ranges(setting.arch, pp)[s]
             flight = pp - s
             base = sum(flight * layers.gpu[i][none][key] for i in members)
             need = base + lean[tp, pp][s] + shp.gpu[s] - cap
