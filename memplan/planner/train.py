@@ -42,7 +42,6 @@ class TrainSetting:
     host: HostSpec
     base: JobConfig
     global_batch: int
-    mfu: float = cost.DEFAULT_MFU
 
 
 def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | None = None,
