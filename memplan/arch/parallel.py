@@ -84,11 +84,16 @@ def balanced_stage_sizes(weights: tuple[int, ...], pp: int, first: int, last: in
 _RANGES: dict[tuple[int, int], tuple[Architecture, tuple[range, ...]]] = {}
 
 
-def arch_stage_ranges(arch: Architecture, pp: int) -> tuple[range, ...]:
-    """Layer ranges per stage of ``arch``, balanced by parameter count (embeddings on the first stage,
-    the final norm, output layer and ``extra`` modules on the last). Memoized per architecture object."""
+def arch_stage_ranges(arch: Architecture, pp: int, balanced: bool = True) -> tuple[range, ...]:
+    """Layer ranges per stage of ``arch``: balanced by parameter count (embeddings on the first stage, the
+    final norm, output layer and ``extra`` modules on the last), the training engines' uneven stages
+    (Megatron ``--decoder-first/last-pipeline-num-layers``, DeepSpeed ``PipelineModule(partition_method=
+    "parameters")``); or, not ``balanced``, an even split of the layers, as serving engines cut them (vLLM
+    ``get_pp_indices``). Memoized per architecture object."""
     if pp == 1:
         return (range(len(arch.layers)),)
+    if not balanced:
+        return tuple(stage_layer_ranges(len(arch.layers), pp))
     hit = _RANGES.get((id(arch), pp))
     if hit is not None and hit[0] is arch:
         return hit[1]
@@ -139,9 +144,9 @@ def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:
     return ceil_div(each, tp) * copies
 
 
-def stage_tensors(arch: Architecture, pp: int, stage: int) -> list[Tensor]:
+def stage_tensors(arch: Architecture, pp: int, stage: int, balanced: bool = True) -> list[Tensor]:
     """Tensors resident on one pipeline stage (``extra`` modules such as MTP sit on the last)."""
-    ranges = arch_stage_ranges(arch, pp)
+    ranges = arch_stage_ranges(arch, pp, balanced)
     out: list[Tensor] = []
     if stage == 0:
         out.extend(arch.pre)
@@ -153,16 +158,16 @@ def stage_tensors(arch: Architecture, pp: int, stage: int) -> list[Tensor]:
     return out
 
 
-def stage_layers(arch: Architecture, pp: int, stage: int) -> list[tuple[int, Layer]]:
+def stage_layers(arch: Architecture, pp: int, stage: int, balanced: bool = True) -> list[tuple[int, Layer]]:
     """(layer index, layer) pairs on one pipeline stage."""
-    return [(i, arch.layers[i]) for i in arch_stage_ranges(arch, pp)[stage]]
+    return [(i, arch.layers[i]) for i in arch_stage_ranges(arch, pp, balanced)[stage]]
 
 
-def stage_numel(arch: Architecture, pp: int, stage: int, tp: int, ep: int = 1) -> int:
-    return sum(sharded_numel(t, tp, ep) for t in stage_tensors(arch, pp, stage))
+def stage_numel(arch: Architecture, pp: int, stage: int, tp: int, ep: int = 1, balanced: bool = True) -> int:
+    return sum(sharded_numel(t, tp, ep) for t in stage_tensors(arch, pp, stage, balanced))
 
 
-def heaviest_stage(arch: Architecture, pp: int, tp: int, ep: int = 1) -> int:
+def heaviest_stage(arch: Architecture, pp: int, tp: int, ep: int = 1, balanced: bool = True) -> int:
     """The pipeline stage holding the most parameter elements per GPU (ties: the first)."""
-    sizes = [stage_numel(arch, pp, s, tp, ep) for s in range(pp)]
+    sizes = [stage_numel(arch, pp, s, tp, ep, balanced) for s in range(pp)]
     return max(range(pp), key=lambda s: (sizes[s], -s))

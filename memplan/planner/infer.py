@@ -102,7 +102,7 @@ def _weights_entry(req: Any, arch: Any, cfg: JobConfig, stages: list[list], per_
         total = tier_total([r for r in rows if r.component.startswith("weights")], Tier.GPU)
         if per_layer:
             ctx = Context(arch, cfg, req.gpu, req.host)
-            total -= sum(layer_weight_bytes(ctx, i, cfg.quant) for i, _ in stage_layers(arch, cfg.pp, s))
+            total -= sum(layer_weight_bytes(ctx, i, cfg.quant) for i, _ in stage_layers(arch, cfg.pp, s, balanced=False))
         gpu.append(total)
     cpu = max(tier_total([r for r in rows if r.component.startswith("weights")], Tier.CPU) for rows in stages)
     return Entry(gpu=tuple(gpu), cpu=cpu)

@@ -19,7 +19,7 @@ def stage_table(est: Any) -> list[dict[str, Any]]:
     layer count and GPU bytes (the same sum ``estimate`` reports for its stage)."""
     cfg = est.config
     ctx = Context(est.arch, cfg, est.gpu, est.host)
-    ranges = arch_stage_ranges(est.arch, cfg.pp) if est.arch.layers else (range(0),) * cfg.pp
+    ranges = arch_stage_ranges(est.arch, cfg.pp, ctx.balanced) if est.arch.layers else (range(0),) * cfg.pp
     out = []
     for stage, rng in enumerate(ranges):
         rows, _ = components.stage_rows(ctx.at_stage(stage))
