@@ -158,7 +158,7 @@ class PerfConfig(Strict):
     mfu: float | None = Field(default=None, gt=0, le=1)
     """Fraction of the dense peak the layers' GEMMs reach; None: from the GPU generation and the GEMM shape
     (hidden/tp, tokens per micro-batch)."""
-    cluster: str | None = None
+    cluster: Literal["dgx-v100", "dgx-a100", "dgx-h100", "h800", "dgx-b200", "pcie-ethernet"] | None = None
     """Fabric preset (``dgx-v100``, ``dgx-a100``, ``dgx-h100``, ``h800``, ``dgx-b200``, ``pcie-ethernet``);
     None: from the GPU."""
     intra_node_gbps: float | None = Field(default=None, gt=0)

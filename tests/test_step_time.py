@@ -59,8 +59,14 @@ def test_mfu_override_and_fabric_override_are_used():
     assert slow.data_parallel_s > fast.data_parallel_s
 
 
-def test_unknown_cluster_is_a_clear_error():
-    from memplan.errors import MemplanError
+def test_cluster_presets_are_the_fabric_table():
+    """The config accepts exactly the fabric presets ``perf_data`` defines (an unknown name is a validation
+    error at the boundary, for estimate as well as plan)."""
+    from typing import get_args
 
-    with pytest.raises(MemplanError, match="unknown cluster type"):
-        _st(perf={"cluster": "nope"})
+    from memplan.config import PerfConfig
+
+    names = {a for arg in get_args(PerfConfig.model_fields["cluster"].annotation) for a in get_args(arg)}
+    assert names == set(perf_data.FABRICS)
+    with pytest.raises(ValueError):
+        PerfConfig(cluster="nope")
