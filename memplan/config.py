@@ -193,6 +193,35 @@ class InferConfig(Strict):
     with "cpu" entries, ``AlignDevicesHook(offload=True)``); None: every layer on the GPU."""
 
 
+class PerfConfig(Strict):
+    """Overrides of the step-time model (``memplan.planner.perf_data`` holds the defaults and their sources)."""
+
+    mfu: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of the dense peak the layers' GEMMs reach; None: from the GPU generation and the GEMM shape
+    (hidden/tp, tokens per micro-batch)."""
+    cluster: Literal["dgx-v100", "dgx-a100", "dgx-h100", "h800", "dgx-b200", "pcie-ethernet"] | None = None
+    """Fabric preset (``dgx-v100``, ``dgx-a100``, ``dgx-h100``, ``h800``, ``dgx-b200``, ``pcie-ethernet``);
+    None: from the GPU."""
+    intra_node_gbps: float | None = Field(default=None, gt=0)
+    """GPU-to-GPU bus bandwidth inside a node, GB/s per GPU, as NCCL achieves it; None: the preset's."""
+    inter_node_gbps: float | None = Field(default=None, gt=0)
+    """Bus bandwidth across nodes, GB/s per GPU; None: the preset's."""
+    intra_node_latency_us: float | None = Field(default=None, ge=0)
+    inter_node_latency_us: float | None = Field(default=None, ge=0)
+    comm_overlap: float | None = Field(default=None, ge=0, le=1)
+    """Share of data-parallel/ZeRO (and expert all-to-all) communication hidden behind compute; None: the
+    engine's default (``perf_data.ENGINE_OVERLAP``)."""
+    fp8: bool = False
+    """GEMMs in fp8 (TransformerEngine / torchao float8): compute at the GPU's fp8 peak; weights and states keep
+    ``dtype``. A ``dtype: fp8`` job computes in fp8 as well."""
+    comm_sm_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Share of the GPU's SMs that overlapped communication kernels take from compute (DeepSeek-V3 gives 20 of
+    132 SMs to its all-to-all kernels, DeepSeek-AI 2024, Sec. 3.2.2): compute runs at (1 − share) of its rate."""
+    virtual_stages: int = Field(default=1, gt=0)
+    """Interleaved 1F1B: model chunks per pipeline stage (Megatron ``--num-layers-per-virtual-pipeline-stage``);
+    bubble (p − 1)/(v·m) (Narayanan et al. 2021, Sec. 2.2.2)."""
+
+
 class EngineConfig(Strict):
     """The training engines' own knobs, under the engines' names and with their defaults (``memplan.engines``).
 
@@ -409,6 +438,9 @@ class JobConfig(Strict):
         """``paper`` (Korthikanti et al. 2022, Megatron-Core/TransformerEngine's fused layout) for the megatron
         engine, else ``activation_accounting`` (the Hugging Face module layout by default)."""
         return "paper" if self.job.trains and self.effective_engine is Engine.MEGATRON else self.activation_accounting
+
+    perf: PerfConfig = PerfConfig()
+    """Step-time model overrides (efficiency, fabric, overlap, fp8 GEMMs, interleaved pipeline)."""
 
     @property
     def world_size(self) -> int:

@@ -36,6 +36,8 @@ class SearchSpace(Strict):
 
     tp: tuple[int, ...] | None = None
     pp: tuple[int, ...] | None = None
+    ep: tuple[int, ...] | None = None
+    """Expert-parallel degrees (MoE on Megatron/DeepSpeed); None: powers of two dividing the experts."""
     zero: tuple[int, ...] | None = None
     offload_optimizer: tuple[Offload, ...] | None = None
     offload_params: tuple[Offload, ...] | None = None
@@ -61,6 +63,8 @@ class SearchSpace(Strict):
     engines: tuple[Engine, ...] | None = None
     """Engines to choose among (``plan --engine vllm,llamacpp``); None: the job's default engine. Passed through
     here; what each engine changes is the engines' code."""
+    global_batch_tokens: int | None = Field(default=None, gt=0)
+    """Tokens per optimizer step (``global_batch`` in sequences wins); None: ``plan.DEFAULT_GLOBAL_BATCH_TOKENS``."""
 
     @field_validator("*")
     @classmethod

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, StringConstraints
 
 from memplan.config import JobConfig
 from memplan.memory.breakdown import TOP_LEVEL
@@ -117,6 +117,21 @@ class LayerPlanOut(Out):
     """The same as a signal-to-quantization-noise ratio, dB (higher is better)."""
 
 
+class TrainBudgetOut(Out):
+    train_tokens: float
+    seconds: float
+    days: float
+    gpu_hours: float
+
+
+class StageOut(Out):
+    stage: NonNegativeInt
+    first_layer: NonNegativeInt | None
+    last_layer: NonNegativeInt | None
+    layers: NonNegativeInt
+    gpu_bytes: NonNegativeInt
+
+
 class CandidateOut(EstimateOut):
     step_time_s: float
     tokens_per_s: float
@@ -126,6 +141,13 @@ class CandidateOut(EstimateOut):
     19-31', 'optimizer states: ...', 'weights int8: layers 0-67, nf4: layers 68-79', 'placement gpu: ...'."""
     layer_plan: LayerPlanOut
     """Facts of the per-layer decisions (empty when the plan makes none)."""
+    global_batch: PositiveInt | None = None
+    """Training plans: sequences per optimizer step, the same for every plan compared."""
+    global_batch_tokens: PositiveInt | None = None
+    train_budget: TrainBudgetOut | None = None
+    """With a token budget: what training that many tokens takes at this plan's throughput."""
+    stages: list[StageOut] | None = None
+    """With pp > 1: each pipeline stage's layers and GPU bytes (uneven stages, in-flight micro-batches)."""
 
 
 class SuggestionOut(Out):
