@@ -86,7 +86,8 @@ def test_step_time_of_a_fixed_config_is_the_planners_own():
 def test_expert_parallelism_is_searched_for_moe_on_megatron():
     """A Megatron MoE plan searches ep; its best is valid (ep divides the experts and dp) and no slower than
     the best plan with ep fixed to 1 (a subset of the same space)."""
-    base = JobConfig(job="pretrain", engine="megatron", gpus_per_node=8, seq_len=2048)
+    # two nodes: on one, Megatron without its distributed optimizer (no ZeRO) cannot hold 47B parameters' states
+    base = JobConfig(job="pretrain", engine="megatron", gpus_per_node=8, nodes=2, seq_len=2048)
     free = _plan("mixtral-8x7b", "h100-sxm-80gb", base, top_k=1)
     fixed = _plan("mixtral-8x7b", "h100-sxm-80gb", base, SearchSpace(ep=(1,)), top_k=1)
     cfg = free.best.config
