@@ -264,8 +264,9 @@ class EngineConfig(Strict):
 TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
                  "sequence_parallel", "dropout", "loss_fp32", "activation_accounting", "lora", "galore",
-                 "optimizer_impl", "engine_config")
-"""JobConfig fields that describe a training step; an inference estimate reads none of them."""
+                 "optimizer_impl", "engine_config", "perf")
+"""JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
+training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
     Job.INFER: TRAINING_ONLY,
     Job.PRETRAIN: ("lora", "galore", "infer"),
@@ -310,6 +311,17 @@ def not_read_error(cfg: JobConfig) -> str | None:
     where = f"; {'it applies' if len(wrong) == 1 else 'they apply'} to {', '.join(users)} jobs" if users else ""
     article = "an" if cfg.job is Job.INFER else "a"
     return f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {article} {cfg.job.value} job{where}"
+
+
+def perf_not_read(cfg: JobConfig) -> list[str]:
+    """The step-time knobs set for traffic the job does not have: links and overlap on one GPU, an interleaved
+    pipeline on one GPU, the inter-node fabric on one node (``planner.steptime`` never reads them there)."""
+    p = cfg.perf
+    single = {"intra_node_gbps": p.intra_node_gbps, "intra_node_latency_us": p.intra_node_latency_us,
+              "comm_overlap": p.comm_overlap, "virtual_stages": None if p.virtual_stages == 1 else p.virtual_stages}
+    node = {"inter_node_gbps": p.inter_node_gbps, "inter_node_latency_us": p.inter_node_latency_us}
+    out = [f"perf.{k}" for k, v in single.items() if v is not None] if cfg.world_size == 1 else []
+    return out + ([f"perf.{k}" for k, v in node.items() if v is not None] if cfg.nodes == 1 else [])
 
 
 def unread_by_all(cfg: JobConfig, jobs: tuple[Job, ...]) -> list[str]:
@@ -533,4 +545,8 @@ class JobConfig(Strict):
         if self.recompute_layers is not None and self.recompute is Recompute.NONE and self.recompute_map is None:
             raise ValueError("recompute_layers applies with recompute full or selective (it counts the layers "
                              "checkpointed); set recompute too")
+        wrong = perf_not_read(self)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply on "
+                             f"{'one GPU' if self.world_size == 1 else 'one node'}: there is no such traffic to time")
         return self

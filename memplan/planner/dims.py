@@ -5,6 +5,7 @@ from __future__ import annotations
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import HostSpec
 from memplan.config import Engine, Job, JobConfig, Offload, Recompute
+from memplan.errors import MemplanError
 from memplan.planner.space import (
     Objective,
     SearchSpace,
@@ -77,6 +78,11 @@ def ep_candidates(arch: Architecture, base: JobConfig, space: SearchSpace) -> tu
     degree, as ``components.validate`` does); None for a dense model or another engine (ep stays the base's)."""
     experts = arch.spec.num_experts or 0
     if not experts or base.engine not in EP_ENGINES:
+        if space.ep is not None:  # a choice no plan could take: an error, not silently ignored
+            why = (f"{arch.spec.name} has no experts (expert parallelism splits a mixture-of-experts model's experts)"
+                   if not experts else f"engine {(base.engine or base.effective_engine).value} runs no expert "
+                   "parallelism in memplan's plans; use --engine megatron or --engine deepspeed")
+            raise MemplanError(f"--ep: {why}.")
         return None
     if space.ep:
         return space.ep

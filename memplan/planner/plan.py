@@ -95,6 +95,8 @@ class PlanRequest:
         if self.train_tokens is not None and (not isinstance(self.train_tokens, int) or isinstance(self.train_tokens, bool)
                                               or self.train_tokens < 1):
             raise MemplanError(f"--train-tokens must be a positive integer, got {self.train_tokens!r}.")
+        if self.train_tokens is not None and not self.base.job.trains:
+            raise MemplanError("--train-tokens applies to training plans; a serving plan has no training budget.")
 
 
 def runs(modes: list[str]) -> str:

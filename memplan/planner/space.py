@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from memplan.arch.tensors import Architecture
 from memplan.config import Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
@@ -63,8 +63,16 @@ class SearchSpace(Strict):
     engines: tuple[Engine, ...] | None = None
     """Engines to choose among (``plan --engine vllm,llamacpp``); None: the job's default engine. Passed through
     here; what each engine changes is the engines' code."""
-    global_batch_tokens: int | None = Field(default=None, gt=0)
-    """Tokens per optimizer step (``global_batch`` in sequences wins); None: ``plan.DEFAULT_GLOBAL_BATCH_TOKENS``."""
+    global_batch_tokens: int | None = Field(default=None, gt=0, le=2**62)
+    """Tokens per optimizer step (give it or ``global_batch``, not both); None: ``plan.DEFAULT_GLOBAL_BATCH_TOKENS``."""
+
+    @model_validator(mode="after")
+    def _one_batch_size(self) -> SearchSpace:
+        """The global batch in sequences or in tokens, not both (one would be silently ignored)."""
+        if self.global_batch is not None and self.global_batch_tokens is not None:
+            raise ValueError("give the global batch in sequences (global_batch) or in tokens (global_batch_tokens), "
+                             "not both")
+        return self
 
     @field_validator("*")
     @classmethod
@@ -74,7 +82,7 @@ class SearchSpace(Strict):
             raise ValueError("give at least one value (omit the field for memplan's default)")
         return tuple(dict.fromkeys(value)) if isinstance(value, tuple) else value
 
-    @field_validator("tp", "pp", "micro_batch", "context", "seq_len", "batch", "gpus")
+    @field_validator("tp", "pp", "ep", "micro_batch", "context", "seq_len", "batch", "gpus")
     @classmethod
     def _positive(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
         """Degrees, batches and lengths are positive integers (as the command line requires)."""
@@ -92,7 +100,8 @@ class SearchSpace(Strict):
         return value
 
 
-TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch")
+TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch",
+                 "global_batch_tokens", "ep")
 """Search dimensions only a training plan reads."""
 INFERENCE_DIMS = ("context", "batch", "kv_dtype")
 """Search dimensions only an inference plan reads (training searches ``micro_batch`` and ``seq_len``)."""
