@@ -35,7 +35,7 @@ PlotAxis = Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot
 
 @app.command(cls=Command)
 @handled
-@options("hardware", "job", "global_batch_tokens", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
+@options("hardware", "job", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
          "recompute",
          "per_layer_offload", "per_layer_quant", "flash_attention", "cuda_context", "allocator_reserve", "safety_margin",
          "lora_rank", "lora_targets", "galore_rank", "galore_8bit", "context", "kv_dtype", "perf", "output",
