@@ -271,6 +271,10 @@ def plan(req: PlanRequest) -> PlanResult:
 
     if not req.space.per_layer_quant and req.objective is not Objective.MAX_QUALITY:  # train_quant.check explains those
         check_trainable_weights(req.base.job, (req.base.quant, *(req.space.quant or ())))
+    if req.base.quant_map is not None:  # the plan's per-layer paths index it before any estimate validates it
+        from memplan.memory.weights import check_quant_map
+
+        check_quant_map(req.base, num_layers=req.model.num_hidden_layers or 0)
     unread = unread_dims(req.space, req.base.job)
     if unread:
         kind = "an inference" if req.base.job is Job.INFER else "a training"
