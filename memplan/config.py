@@ -248,6 +248,35 @@ class ServeConfig(Strict):
     """transformers ``generate(cache_implementation=...)``: ``dynamic`` (DynamicCache, grows by torch.cat) or ``static``."""
 
 
+class PerfConfig(Strict):
+    """Overrides of the step-time model (``memplan.planner.perf_data`` holds the defaults and their sources)."""
+
+    mfu: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of the dense peak the layers' GEMMs reach; None: from the GPU generation and the GEMM shape
+    (hidden/tp, tokens per micro-batch)."""
+    cluster: Literal["dgx-v100", "dgx-a100", "dgx-h100", "h800", "dgx-b200", "pcie-ethernet"] | None = None
+    """Fabric preset (``dgx-v100``, ``dgx-a100``, ``dgx-h100``, ``h800``, ``dgx-b200``, ``pcie-ethernet``);
+    None: from the GPU."""
+    intra_node_gbps: float | None = Field(default=None, gt=0)
+    """GPU-to-GPU bus bandwidth inside a node, GB/s per GPU, as NCCL achieves it; None: the preset's."""
+    inter_node_gbps: float | None = Field(default=None, gt=0)
+    """Bus bandwidth across nodes, GB/s per GPU; None: the preset's."""
+    intra_node_latency_us: float | None = Field(default=None, ge=0)
+    inter_node_latency_us: float | None = Field(default=None, ge=0)
+    comm_overlap: float | None = Field(default=None, ge=0, le=1)
+    """Share of data-parallel/ZeRO (and expert all-to-all) communication hidden behind compute; None: the
+    engine's default (``perf_data.ENGINE_OVERLAP``)."""
+    fp8: bool = False
+    """GEMMs in fp8 (TransformerEngine / torchao float8): compute at the GPU's fp8 peak; weights and states keep
+    ``dtype``. A ``dtype: fp8`` job computes in fp8 as well."""
+    comm_sm_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Share of the GPU's SMs that overlapped communication kernels take from compute (DeepSeek-V3 gives 20 of
+    132 SMs to its all-to-all kernels, DeepSeek-AI 2024, Sec. 3.2.2): compute runs at (1 − share) of its rate."""
+    virtual_stages: int = Field(default=1, gt=0)
+    """Interleaved 1F1B: model chunks per pipeline stage (Megatron ``--num-layers-per-virtual-pipeline-stage``);
+    bubble (p − 1)/(v·m) (Narayanan et al. 2021, Sec. 2.2.2)."""
+
+
 class EngineConfig(Strict):
     """The training engines' own knobs, under the engines' names and with their defaults (``memplan.engines``).
 
@@ -290,8 +319,9 @@ class EngineConfig(Strict):
 TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
                  "sequence_parallel", "dropout", "loss_fp32", "activation_accounting", "lora", "galore",
-                 "optimizer_impl", "engine_config")
-"""JobConfig fields that describe a training step; an inference estimate reads none of them."""
+                 "optimizer_impl", "engine_config", "perf")
+"""JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
+training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
     Job.INFER: TRAINING_ONLY,
     Job.PRETRAIN: ("lora", "galore", "infer", "serve"),
@@ -336,6 +366,17 @@ def not_read_error(cfg: JobConfig) -> str | None:
     where = f"; {'it applies' if len(wrong) == 1 else 'they apply'} to {', '.join(users)} jobs" if users else ""
     article = "an" if cfg.job is Job.INFER else "a"
     return f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {article} {cfg.job.value} job{where}"
+
+
+def perf_not_read(cfg: JobConfig) -> list[str]:
+    """The step-time knobs set for traffic the job does not have: links and overlap on one GPU, an interleaved
+    pipeline on one GPU, the inter-node fabric on one node (``planner.steptime`` never reads them there)."""
+    p = cfg.perf
+    single = {"intra_node_gbps": p.intra_node_gbps, "intra_node_latency_us": p.intra_node_latency_us,
+              "comm_overlap": p.comm_overlap, "virtual_stages": None if p.virtual_stages == 1 else p.virtual_stages}
+    node = {"inter_node_gbps": p.inter_node_gbps, "inter_node_latency_us": p.inter_node_latency_us}
+    out = [f"perf.{k}" for k, v in single.items() if v is not None] if cfg.world_size == 1 else []
+    return out + ([f"perf.{k}" for k, v in node.items() if v is not None] if cfg.nodes == 1 else [])
 
 
 def unread_by_all(cfg: JobConfig, jobs: tuple[Job, ...]) -> list[str]:
@@ -473,6 +514,9 @@ class JobConfig(Strict):
     serve: ServeConfig = ServeConfig()
     """Serving-engine knobs (vLLM, llama.cpp, transformers generate), read when ``job`` is infer."""
 
+    perf: PerfConfig = PerfConfig()
+    """Step-time model overrides (efficiency, fabric, overlap, fp8 GEMMs, interleaved pipeline)."""
+
     @property
     def world_size(self) -> int:
         return self.gpus_per_node * self.nodes
@@ -564,4 +608,8 @@ class JobConfig(Strict):
         if self.recompute_layers is not None and self.recompute is Recompute.NONE and self.recompute_map is None:
             raise ValueError("recompute_layers applies with recompute full or selective (it counts the layers "
                              "checkpointed); set recompute too")
+        wrong = perf_not_read(self)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply on "
+                             f"{'one GPU' if self.world_size == 1 else 'one node'}: there is no such traffic to time")
         return self

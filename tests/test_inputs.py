@@ -257,16 +257,21 @@ def test_estimate_json_carries_warnings_and_assumptions_fields(runner):
 
 
 def test_an_infeasible_405b_plan_gets_a_verified_zero3_way_out(runner):
-    """ZeRO (Rajbhandari et al. 2020, Sec. 5): mixed-precision Adam holds 16 bytes per parameter, all
-    partitioned at stage 3, so N RTX 4090s (23.99 GiB each) need N ≥ 405e9 × 16 / (23.99 × 2^30) ≈ 252."""
+    """ZeRO (Rajbhandari et al. 2020, Sec. 5): mixed-precision Adam holds 16 bytes per parameter, at best all
+    partitioned (ZeRO-3, or tensor × pipeline parallelism), so N RTX 4090s (23.99 GiB each) need
+    N ≥ 405e9 × 16 / (23.99 × 2^30) ≈ 252. The fastest layout at the fewest GPUs may be ZeRO-3 or tp × pp
+    (the step-time model prefers pipelines across nodes); the label names the ZeRO stage when it takes one."""
     args = ("plan", "llama-3.1-405b", "--gpu", "rtx-4090", "--job", "full", "--offload-optimizer", "none",
             "--offload-params", "none")
     doc = cli_json(runner, *args, code=1)
     scale = [s for s in doc["suggestions"] if s["flags"].startswith("--gpus")]
-    assert scale and "ZeRO-3" in scale[0]["change"] and scale[0]["verified"], doc["suggestions"]
+    assert scale and scale[0]["verified"], doc["suggestions"]
     gpn, nodes = (int(x) for x in scale[0]["flags"].split()[1::2])
     assert gpn * nodes >= 405e9 * 16 / (23.99 * 2**30)
-    assert cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes), "--top", "1")["status"] == "optimal"
+    fitted = cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes), "--top", "1")
+    assert fitted["status"] == "optimal"
+    zero = fitted["best"]["config"]["zero"]
+    assert (f"ZeRO-{zero}" in scale[0]["change"]) == (zero > 0), scale[0]["change"]
     cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes - 1), "--top", "1", code=1)
 
 

@@ -25,14 +25,6 @@ from memplan.cli.app import app
 from memplan.config import Job
 from memplan.errors import MemplanError
 
-
-def _commands() -> dict[str, Any]:
-    """Every command of the (lazily loading) root group, by name."""
-    group = typer.main.get_command(app)
-    ctx = click.Context(group)
-    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
-
-
 RUNNER = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"})
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = [j.value for j in Job]
@@ -72,7 +64,11 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--seq-len": "1024", "--batch": "2", "--tp": "2", "--family": "llama", "--vendor": "amd",
     "--min-memory": "40GiB", "--set": "job.seq_len=1024", "--global-batch": "16", "--zero": "1",
     "--recompute-layers": "2", "--optimizer-gpu-layers": "2", "--allocator-reserve": "7", "--gpus-per-node": "2",
-    "--pp": "2", "--lora-rank": "8", "--top": "2", "--recipe": str(ROOT / "recipes" / "qwen2.5-72b-serve-32k.yaml"),
+    "--pp": "2", "--lora-rank": "8", "--cluster": "pcie-ethernet", "--mfu": "0.3", "--comm-overlap": "0.5",
+    "--ep": "2", "--engine": {"infer": "vllm", "*": "deepspeed"}, "--intra-node-gbps": "10", "--inter-node-gbps": "1",
+    "--intra-node-latency-us": "500",
+    "--inter-node-latency-us": "500", "--virtual-stages": "2", "--global-batch-tokens": "65536",
+    "--train-tokens": "1000000000", "--top": "2", "--recipe": str(ROOT / "recipes" / "qwen2.5-72b-serve-32k.yaml"),
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 FILE_OPTIONS = {"--plot", "--junit", "--debug-lp", "--out"}
@@ -84,6 +80,7 @@ RESULT_NEUTRAL = {
     "--format": "the output format itself (the comparison is made in JSON)",
     "--help": "prints help",
     "--quiet": "silences progress lines on stderr; the answer is the same",
+    "--timings": "writes or zeroes only the wall-clock fields, which this comparison drops",
 }
 """Options that are read but, by design, leave a correct answer unchanged."""
 CONTEXT: dict[tuple[str, ...], list[str]] = {
@@ -91,8 +88,18 @@ CONTEXT: dict[tuple[str, ...], list[str]] = {
     ("estimate", "--recompute-layers"): ["--recompute", "full"],
     ("estimate", "--recompute-layers", "infer"): [],
     ("sweep", "--gpus-per-node"): ["--gpu-count", "4"],
+    ("plan", "--intra-node-gbps"): ["--gpus", "2"],
+    ("plan", "--intra-node-latency-us"): ["--gpus", "2"],
+    ("plan", "--comm-overlap"): ["--gpus", "2"],
+    ("plan", "--inter-node-gbps"): ["--nodes", "2"],
+    ("plan", "--inter-node-latency-us"): ["--nodes", "2"],
+    ("plan", "--virtual-stages"): ["--gpus", "2", "--pp", "2"],
+    **{("plan", flag, "galore"): [] for flag in ("--intra-node-gbps", "--intra-node-latency-us", "--comm-overlap",
+                                                  "--inter-node-gbps", "--inter-node-latency-us", "--virtual-stages")},
 }
-"""Arguments under which an option can act, added to both runs (``--top`` needs more than one plan)."""
+"""Arguments under which an option can act, added to both runs (``--top`` needs more than one plan; the
+fabric's links and overlap need several GPUs or nodes, an interleaved pipeline pp > 1; GaLore plans run on one
+GPU, where those step-time knobs are rejected)."""
 SCENARIO: dict[tuple[str, ...], list[str]] = {
     ("plan", "--per-layer-offload", "infer"): ["llama-3.1-8b", "--gpu", "t4", "--format", "json", "--top", "1",
                                                "--context", "1024", "--batch", "1"],
@@ -115,8 +122,16 @@ def invoke(args: list[str]) -> Any:
     return RUNNER.invoke(app, args)
 
 
+def commands() -> dict[str, Any]:
+    """The app's commands by name (the group loads them lazily, so ``.commands`` alone is empty)."""
+
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}  # type: ignore[attr-defined]
+
+
 def options_of(command: str) -> list[Any]:
-    cmd = _commands()[command]
+    cmd = commands()[command]
     return [p for p in cmd.params if p.param_type_name == "option" and p.opts[0] != "--help"]
 
 
@@ -170,7 +185,7 @@ def _drop(node: Any) -> Any:
 
 def cases() -> list[tuple[str, str | None, str]]:
     out = []
-    for command in _commands():
+    for command in commands():
         if command in SKIPPED:
             continue
         jobs = [None] if command in JOBLESS else JOBS
@@ -235,10 +250,13 @@ FIELD_VALUES: dict[str, Any] = {
     "loss_fp32": False, "activation_accounting": "paper", "cuda_context_bytes": 2**30, "allocator_reserve_pct": 7.0,
     "safety_margin_pct": 5.0, "lora": {"rank": 8}, "galore": {"rank": 64}, "infer": {"context": 1024},
 }
+JOB_FIELD_VALUES: dict[tuple[str, str], Any] = {("grad_dtype", "pretrain"): "bf16", ("grad_dtype", "full"): "bf16"}
+"""A job whose default already is FIELD_VALUES' value gets another one: full-weight jobs keep fp32 gradients by
+default (mixed precision over fp32 master parameters: torch's gradients take the parameters' dtype)."""
 PREREQUISITES: dict[str, dict[str, Any]] = {
     "zero": {"gpus_per_node": 2}, "tp": {"gpus_per_node": 2}, "pp": {"gpus_per_node": 2},
     "sequence_parallel": {"gpus_per_node": 2, "tp": 2}, "offload_optimizer": {"zero": 1, "gpus_per_node": 2},
-    "accounting": {"zero": 3, "gpus_per_node": 2},
+    "accounting": {"zero": 3, "gpus_per_node": 2}, "perf": {"gpus_per_node": 2, "pp": 2},
 }
 """A setting in which the field can matter (ZeRO accounting differs once states are partitioned)."""
 MEMORY_NEUTRAL = {
@@ -275,7 +293,7 @@ def test_every_config_field_changes_the_memory_or_is_rejected(field, job):
         pre = {"job": job}
         base = estimate("gpt2", "h100", **pre)
     try:
-        other = estimate("gpt2", "h100", **{**pre, field: FIELD_VALUES[field]})
+        other = estimate("gpt2", "h100", **{**pre, field: JOB_FIELD_VALUES.get((field, job), FIELD_VALUES[field])})
     except MemplanError:
         return
     changed = memory_rows(base) != memory_rows(other)
@@ -302,10 +320,11 @@ def unvalidated_rows(cfg: Any) -> list[tuple[str, str, int]]:
 def test_the_not_read_declaration_is_true(job):
     """Each field a job is declared not to read really moves no byte of that job (set past validation),
     so the declaration rejects nothing the memory model would use."""
-    from memplan.config import NOT_READ, GaloreConfig, InferConfig, JobConfig, LoraConfig
+    from memplan.config import NOT_READ, GaloreConfig, InferConfig, JobConfig, LoraConfig, PerfConfig
 
     nested = {"lora": LoraConfig(rank=8, dora=True), "galore": GaloreConfig(rank=64, eight_bit=True),
-              "infer": InferConfig(context=1024, kv_dtype="fp8")}
+              "infer": InferConfig(context=1024, kv_dtype="fp8"),
+              "perf": PerfConfig(mfu=0.5, virtual_stages=2, fp8=True, comm_overlap=0.5)}
     for field in NOT_READ[Job(job)]:
         pre = {k: v for k, v in setting(field, job).items() if k not in NOT_READ[Job(job)]}
         base = JobConfig.model_validate(pre)
@@ -320,3 +339,53 @@ def test_the_not_read_declaration_is_true(job):
             continue  # the memory model cannot even evaluate it for this job: it is not read as a choice
         assert same, f"{field} is declared not read by {job} jobs but changes their memory"
 
+
+# -- step-time knobs: each PerfConfig field changes the step time (or the memory) or is rejected -------------
+
+PERF_VALUES: dict[str, Any] = {
+    "mfu": 0.3, "cluster": "pcie-ethernet", "intra_node_gbps": 10.0, "inter_node_gbps": 1.0,
+    "intra_node_latency_us": 500.0, "inter_node_latency_us": 500.0, "comm_overlap": 0.0, "fp8": True,
+    "comm_sm_fraction": 0.2, "virtual_stages": 2,
+}
+PERF_SETTING = {"gpus_per_node": 2, "nodes": 4, "tp": 2, "pp": 2, "micro_batch": 1, "grad_accum": 8,
+                "engine": "deepspeed"}
+"""Four nodes of two GPUs with tp 2 (in a node) × pp 2 × dp 2 (across nodes) on DeepSpeed (which overlaps its
+gradient reduction by default, ``comm_overlap`` 0 undoes it): every link, collective and the pipeline bubble
+is on the step, so each knob has traffic or a bubble to act on."""
+
+
+def test_every_perf_field_is_declared_here():
+    """A new step-time knob gets a value here, so the test below covers it."""
+    from memplan.config import PerfConfig
+
+    assert set(PerfConfig.model_fields) == set(PERF_VALUES)
+
+
+@pytest.mark.parametrize("job", [j for j in JOBS if j != "infer"])
+@pytest.mark.parametrize("field", sorted(PERF_VALUES))
+def test_every_perf_field_changes_the_step_time_or_is_rejected(field, job):
+    """``perf`` tunes time, not memory: a training job's knob, set to another value, changes the step time of
+    a fixed configuration (``budget.step_time``, the planner's own terms) or its memory, or is rejected."""
+    from memplan.catalog.resolve import load_model
+    from memplan.catalog.store import catalog_gpu
+    from memplan.config import JobConfig
+    from memplan.planner.budget import step_time
+
+    extra = {"galore": {"per_layer_updates": False}} if job == "galore" else {}
+    base = JobConfig(job=job, **PERF_SETTING, **extra)
+    try:
+        other = JobConfig(job=job, **PERF_SETTING, **extra, perf={field: PERF_VALUES[field]})
+    except ValueError:
+        return
+    spec, gpu = load_model("gpt2"), catalog_gpu("h100")
+    before, after = step_time(spec, gpu, base).step_s, step_time(spec, gpu, other).step_s
+    moved = memory_rows(estimate(spec, gpu, base)) != memory_rows(estimate(spec, gpu, other))
+    assert before != after or moved, f"perf.{field}={PERF_VALUES[field]!r} under a {job} job changes neither time nor memory"
+
+
+def test_perf_is_not_read_by_serving():
+    """Serving plans time themselves without ``perf``, so an infer job rejects it (``config.NOT_READ``)."""
+    from memplan.config import JobConfig
+
+    with pytest.raises(ValueError, match=r"perf\.mfu"):
+        JobConfig(job="infer", perf={"mfu": 0.5})

@@ -3,25 +3,132 @@
 Megatron-LM (Shoeybi et al. 2019, Sec. 3): linear weights are split column- or row-wise
 over ``tp`` ranks, the embedding and output layer vocabulary-parallel; norms and biases of
 row-parallel layers are replicated. Pipeline stages (Narayanan et al. 2021) take
-contiguous blocks of layers, the embeddings on the first stage and the head on the last.
+contiguous blocks of layers, the embeddings on the first stage and the head on the last;
+when ``pp`` does not divide the layers, or the end stages carry the embedding and the head,
+the boundaries are chosen to minimise the largest stage (``balanced_stage_sizes``).
 Expert parallelism (Lepikhin et al. 2020, GShard) places ``copies/ep`` routed experts per rank.
 """
 
 from __future__ import annotations
 
 from memplan.arch.tensors import Architecture, Layer, Role, Tensor
+from memplan.errors import MemplanError
 from memplan.units import ceil_div
 
 
 def stage_layer_ranges(num_layers: int, pp: int) -> list[range]:
-    """Contiguous layer ranges per pipeline stage; the first ``L mod pp`` stages take one more layer."""
-    base, extra = divmod(num_layers, pp)
+    """Contiguous layer ranges per pipeline stage when every layer weighs the same and nothing else sits on
+    the end stages: ``balanced_stage_sizes`` with unit weights (the ``L mod pp`` extra layers on the last
+    stages, which hold the fewest in-flight micro-batches under 1F1B)."""
+    sizes = balanced_stage_sizes((1,) * num_layers, pp, 0, 0)
+    return _ranges(sizes)
+
+
+def _ranges(sizes: tuple[int, ...]) -> list[range]:
     ranges, start = [], 0
-    for stage in range(pp):
-        size = base + (1 if stage < extra else 0)
+    for size in sizes:
         ranges.append(range(start, start + size))
         start += size
     return ranges
+
+
+def _fits(weights: tuple[int, ...], pp: int, first: int, last: int, cap: int) -> tuple[int, ...] | None:
+    """Layers per stage, filled from the last stage backwards under ``cap`` with at least one layer per
+    stage, or None when ``cap`` is too small."""
+    n = len(weights)
+    sizes = [0] * pp
+    end = n
+    for stage in range(pp - 1, -1, -1):
+        load = (last if stage == pp - 1 else 0) + (first if stage == 0 else 0)
+        start = end
+        must_leave = stage  # every earlier stage keeps at least one layer
+        while start > must_leave and load + weights[start - 1] <= cap:
+            start -= 1
+            load += weights[start]
+        if stage == 0 and start > 0:
+            return None
+        if start == end:
+            return None
+        sizes[stage] = end - start
+        end = start
+    return tuple(sizes)
+
+
+def balanced_stage_sizes(weights: tuple[int, ...], pp: int, first: int, last: int) -> tuple[int, ...]:
+    """Layers per pipeline stage, contiguous, minimising the largest stage weight.
+
+    A stage's weight is the sum of its layers' ``weights`` plus ``first`` on stage 0 (embeddings) and
+    ``last`` on stage pp − 1 (final norm and output layer). Every stage holds at least one layer.
+    Method: the smallest feasible bottleneck among the candidate stage sums (binary search over a
+    greedy check, the linear-partition problem; Narayanan et al. 2021, Sec. 2.2 assume equal stages,
+    Llama 3 (Dubey et al. 2024, Sec. 3.3.2) takes one layer off the first and last stages for the
+    embedding and the output layer). Ties: the greedy fills from the last stage, so surplus layers
+    land on the later stages, which hold the fewest in-flight micro-batches under 1F1B.
+    """
+    n = len(weights)
+    if not 1 <= pp <= n:
+        raise MemplanError(f"pp={pp} needs between 1 and {n} pipeline stages (one layer at least per stage).")
+    lo = max(max(weights), first + weights[0], last + weights[-1])
+    hi = first + last + sum(weights)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _fits(weights, pp, first, last, mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    sizes = _fits(weights, pp, first, last, lo)
+    assert sizes is not None  # hi = the whole model always fits
+    return sizes
+
+
+_RANGES: dict[tuple[int, int], tuple[Architecture, tuple[range, ...]]] = {}
+
+
+def arch_stage_ranges(arch: Architecture, pp: int, balanced: bool = True) -> tuple[range, ...]:
+    """Layer ranges per stage of ``arch``: balanced by parameter count (embeddings on the first stage, the
+    final norm, output layer and ``extra`` modules on the last), the training engines' uneven stages
+    (Megatron ``--decoder-first/last-pipeline-num-layers``, DeepSpeed ``PipelineModule(partition_method=
+    "parameters")``); or, not ``balanced``, an even split of the layers, as serving engines cut them (vLLM
+    ``get_pp_indices``). Memoized per architecture object."""
+    if pp == 1:
+        return (range(len(arch.layers)),)
+    if not balanced:
+        return tuple(stage_layer_ranges(len(arch.layers), pp))
+    hit = _RANGES.get((id(arch), pp))
+    if hit is not None and hit[0] is arch:
+        return hit[1]
+    weights = tuple(layer.params for layer in arch.layers)
+    first = sum(t.numel for t in arch.pre)
+    last = sum(t.numel for t in arch.post) + sum(t.numel for t in arch.extra)
+    out = tuple(_ranges(balanced_stage_sizes(weights, pp, first, last)))
+    if len(_RANGES) > 1024:
+        _RANGES.clear()
+    _RANGES[(id(arch), pp)] = (arch, out)
+    return out
+
+
+def stage_index(arch: Architecture, pp: int) -> tuple[int, ...]:
+    """The pipeline stage of every layer."""
+    out: list[int] = []
+    for stage, rng in enumerate(arch_stage_ranges(arch, pp)):
+        out.extend([stage] * len(rng))
+    return tuple(out)
+
+
+def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1) -> int:
+    """Micro-batches whose activations a pipeline stage holds at its peak, in whole-stage units.
+
+    1F1B (v = 1): p − s (Narayanan et al. 2021, Sec. 2.2.1: stage s runs p − s forwards before its first
+    backward). Interleaved (v > 1): Megatron's warm-up of (p − s − 1)·2 + (v − 1)·p chunk micro-batches
+    plus the one in flight, each a 1/v share of the stage's layers (megatron/core/pipeline_parallel/
+    schedules.py, ``forward_backward_pipelining_with_interleaving``): ((p − s − 1)·2 + (v − 1)·p + 1)/v,
+    rounded up; on the first stage p + (p − 1)/v, i.e. p·(1 + (p − 1)/(p·v)) (Korthikanti et al. 2022,
+    Sec. 4.2.3).
+    """
+    if virtual_stages <= 1 or pp <= 1:
+        return pp - stage
+    chunks = (pp - stage - 1) * 2 + (virtual_stages - 1) * pp + 1
+    return ceil_div(chunks, virtual_stages)
 
 
 def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:
@@ -37,9 +144,9 @@ def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:
     return ceil_div(each, tp) * copies
 
 
-def stage_tensors(arch: Architecture, pp: int, stage: int) -> list[Tensor]:
+def stage_tensors(arch: Architecture, pp: int, stage: int, balanced: bool = True) -> list[Tensor]:
     """Tensors resident on one pipeline stage (``extra`` modules such as MTP sit on the last)."""
-    ranges = stage_layer_ranges(len(arch.layers), pp)
+    ranges = arch_stage_ranges(arch, pp, balanced)
     out: list[Tensor] = []
     if stage == 0:
         out.extend(arch.pre)
@@ -51,16 +158,16 @@ def stage_tensors(arch: Architecture, pp: int, stage: int) -> list[Tensor]:
     return out
 
 
-def stage_layers(arch: Architecture, pp: int, stage: int) -> list[tuple[int, Layer]]:
+def stage_layers(arch: Architecture, pp: int, stage: int, balanced: bool = True) -> list[tuple[int, Layer]]:
     """(layer index, layer) pairs on one pipeline stage."""
-    return [(i, arch.layers[i]) for i in stage_layer_ranges(len(arch.layers), pp)[stage]]
+    return [(i, arch.layers[i]) for i in arch_stage_ranges(arch, pp, balanced)[stage]]
 
 
-def stage_numel(arch: Architecture, pp: int, stage: int, tp: int, ep: int = 1) -> int:
-    return sum(sharded_numel(t, tp, ep) for t in stage_tensors(arch, pp, stage))
+def stage_numel(arch: Architecture, pp: int, stage: int, tp: int, ep: int = 1, balanced: bool = True) -> int:
+    return sum(sharded_numel(t, tp, ep) for t in stage_tensors(arch, pp, stage, balanced))
 
 
-def heaviest_stage(arch: Architecture, pp: int, tp: int, ep: int = 1) -> int:
+def heaviest_stage(arch: Architecture, pp: int, tp: int, ep: int = 1, balanced: bool = True) -> int:
     """The pipeline stage holding the most parameter elements per GPU (ties: the first)."""
-    sizes = [stage_numel(arch, pp, s, tp, ep) for s in range(pp)]
+    sizes = [stage_numel(arch, pp, s, tp, ep, balanced) for s in range(pp)]
     return max(range(pp), key=lambda s: (sizes[s], -s))

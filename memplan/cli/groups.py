@@ -22,9 +22,10 @@ from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.units import parse_size
 
-HARDWARE, JOB, PARALLEL, MEMORY, FINETUNE, INFER, ENGINE, SERVE, OUTPUT = (
+HARDWARE, JOB, PARALLEL, MEMORY, FINETUNE, INFER, ENGINE, SERVE, PERF, OUTPUT = (
     "Hardware", "Job", "Parallelism and ZeRO", "Memory-saving techniques", "Fine-tuning", "Inference",
-    "Training-engine knobs", "Serving-engine knobs (vLLM, llama.cpp, transformers)", "Output")
+    "Training-engine knobs", "Serving-engine knobs (vLLM, llama.cpp, transformers)", "Step time (training plans)",
+    "Output")
 
 
 def size_or_none(text: str | None, field: str) -> int | None:
@@ -94,6 +95,9 @@ OPTS: dict[str, Opt] = {
     "batch": _o(("--batch", "-b"), int, 1, "Micro-batch size per GPU (inference: concurrent sequences).", JOB,
                 field="micro_batch", dim="micro_batch"),
     "global_batch": _o("--global-batch", int, None, "Sequences per optimizer step.", JOB, dim="global_batch"),
+    "global_batch_tokens": _o("--global-batch-tokens", int, None, "Tokens per optimizer step the plans are compared at "
+                              "(default: 4,194,304 pre-training, 131,072 fine-tuning); or --global-batch.", JOB,
+                              dim="global_batch_tokens"),
     "seq_len": _o(("--seq-len", "-s"), int, 2048, "Training sequence length in tokens.", JOB, field="seq_len"),
     "accounting": _o("--accounting", Accounting, Accounting.DEEPSPEED, "paper (ZeRO Fig. 1 model states) or deepspeed "
                      "(what DeepSpeed allocates).", JOB, field="accounting"),
@@ -104,7 +108,8 @@ OPTS: dict[str, Opt] = {
                          field="offload_params", dim="offload_params", base="none"),
     "tp": _o("--tp", int, 1, "Tensor-parallel degree.", PARALLEL, field="tp", dim="tp", base="none"),
     "pp": _o("--pp", int, 1, "Pipeline-parallel degree.", PARALLEL, field="pp", dim="pp", base="none"),
-    "ep": _o("--ep", int, 1, "Expert-parallel degree (MoE).", PARALLEL, field="ep"),
+    "ep": _o("--ep", int, 1, "Expert-parallel degree (MoE; plan: Megatron or DeepSpeed engines).", PARALLEL, field="ep",
+             dim="ep", base="none"),
     "sequence_parallel": _o("--sequence-parallel/--no-sequence-parallel", bool, False, "Megatron sequence parallelism.",
                             PARALLEL, field="sequence_parallel"),
     "optimizer_gpu_layers": _o("--optimizer-gpu-layers", int, None, "ZeRO-3 partial optimizer offload: keep the optimizer "
@@ -226,6 +231,24 @@ OPTS: dict[str, Opt] = {
                          "generation).", SERVE, field="serve.hbm_efficiency"),
     "compute_efficiency": _o("--compute-efficiency", float, None, "Share of peak FLOP/s prefill reaches (default: per "
                              "GPU generation).", SERVE, field="serve.compute_efficiency"),
+    "mfu": _o("--mfu", float, None, "Fraction of the dense peak the layers' GEMMs reach (default: from the GPU "
+              "generation and the GEMM shape).", PERF, field="perf.mfu"),
+    "cluster": _o("--cluster", str, None, "Fabric preset: dgx-v100, dgx-a100, dgx-h100, h800, dgx-b200 or pcie-ethernet "
+                  "(default: from the GPU).", PERF, field="perf.cluster"),
+    "intra_node_gbps": _o("--intra-node-gbps", float, None, "GPU-to-GPU bus bandwidth inside a node, GB/s per GPU "
+                          "(default: the fabric's).", PERF, field="perf.intra_node_gbps"),
+    "inter_node_gbps": _o("--inter-node-gbps", float, None, "Bus bandwidth across nodes, GB/s per GPU (default: the "
+                          "fabric's).", PERF, field="perf.inter_node_gbps"),
+    "intra_node_latency_us": _o("--intra-node-latency-us", float, None, "Collective latency inside a node, µs "
+                                "(default: the fabric's).", PERF, field="perf.intra_node_latency_us"),
+    "inter_node_latency_us": _o("--inter-node-latency-us", float, None, "Collective latency across nodes, µs "
+                                "(default: the fabric's).", PERF, field="perf.inter_node_latency_us"),
+    "comm_overlap": _o("--comm-overlap", float, None, "Share (0-1) of data-parallel/ZeRO and expert traffic hidden "
+                       "behind compute (default: the engine's).", PERF, field="perf.comm_overlap"),
+    "virtual_stages": _o("--virtual-stages", int, None, "Interleaved 1F1B: model chunks per pipeline stage (Megatron "
+                         "virtual pipeline; default 1).", PERF, field="perf.virtual_stages"),
+    "train_tokens": _o("--train-tokens", int, None, "Tokens to train: each plan reports the days and GPU-hours they "
+                       "take.", PERF),
     "fmt": _o(("--format", "-f"), str, "table", "table, json or csv.", OUTPUT),
     "plot": _o("--plot", Path, None, "Draw the breakdown per tier against capacity (.png, .svg or .pdf; needs "
                "memplan[plot]).", OUTPUT),
@@ -234,7 +257,7 @@ OPTS: dict[str, Opt] = {
 GROUPS: dict[str, tuple[str, ...]] = {
     "hardware": ("gpu", "gpus", "nodes", "cpu_ram", "nvme"),
     "job": ("job", "engine", "dtype", "quant", "quant_map", "optimizer", "master_weights", "grad_dtype", "batch",
-            "global_batch", "seq_len", "accounting"),
+            "global_batch", "global_batch_tokens", "seq_len", "accounting"),
     "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "sequence_parallel",
                     "optimizer_gpu_layers"),
     "memory": ("recompute", "recompute_layers", "per_layer_offload", "per_layer_quant", "flash_attention", "attention",
@@ -249,6 +272,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v",
                 "flash_attn", "cache_implementation", "prompt_tokens", "hbm_efficiency", "compute_efficiency"),
+    "perf": ("mfu", "cluster", "intra_node_gbps", "inter_node_gbps", "intra_node_latency_us", "inter_node_latency_us",
+             "comm_overlap", "virtual_stages", "train_tokens"),
     "output": ("fmt", "plot"),
 }
 

@@ -11,9 +11,11 @@ from memplan.cli.core import Command, command_app, handled
 from memplan.cli.groups import OUTPUT, Model, Opts, options
 
 app = command_app()
-DIMENSIONS = ("engine", "quant", "optimizer", "batch", "zero", "offload_optimizer", "offload_params", "tp", "pp",
+DIMENSIONS = ("engine", "quant", "optimizer", "batch", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
               "recompute", "context", "kv_dtype")
-CUSTOM = {"batch": {"help": "Micro-batch (training) or concurrent sequences (inference) choices, comma-separated."},
+CUSTOM = {"ep": {"help": "Expert-parallel degrees to choose among (MoE on --engine megatron or deepspeed), "
+                        "comma-separated (default: powers of two dividing the experts)."},
+          "batch": {"help": "Micro-batch (training) or concurrent sequences (inference) choices, comma-separated."},
           "recompute": {"help": "Per-layer recompute modes allowed (none,selective,full), comma-separated."},
           "fmt": {"help": "table, json or csv."},
           "plot": {"help": "Draw the best plan's breakdown and memory vs context or batch (.png, .svg or .pdf; needs "
@@ -34,10 +36,11 @@ PlotAxis = Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot
 
 @app.command(cls=Command)
 @handled
-@options("hardware", "job", "zero", "offload_optimizer", "offload_params", "tp", "pp", "recompute",
+@options("hardware", "job", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
+         "recompute",
          "per_layer_offload", "per_layer_quant", "flash_attention", "cuda_context", "allocator_reserve", "safety_margin",
          "lora_rank", "lora_targets", "galore_rank", "galore_8bit", "context", "kv_dtype", "engine_knobs", "serving",
-         "output", lists=DIMENSIONS,
+         "perf", "output", lists=DIMENSIONS,
          exclude=("quant_map", "master_weights", "grad_dtype"), custom=CUSTOM)
 def plan(model: Model, opts: Opts, objective: Objective = "throughput", top: Top = 3, time_limit: TimeLimit = 30.0,
          solver: Solver = None, debug_lp: DebugLp = None, plot_axis: PlotAxis = "context") -> None:
@@ -53,7 +56,7 @@ def plan(model: Model, opts: Opts, objective: Objective = "throughput", top: Top
     emit.check_plot(opts.plot)
     req = PlanRequest(model=load_model(model), gpu=catalog_gpu(opts.gpu), host=host(opts), base=job_config(opts),
                       space=search_space(opts), objective=objective_of(objective, top, time_limit), top_k=top,
-                      time_limit_s=time_limit, solver=solver, debug_lp=debug_lp)
+                      time_limit_s=time_limit, solver=solver, debug_lp=debug_lp, train_tokens=opts.train_tokens)
     with deadline(time_limit):
         result = run_plan(req)
     emit.plan(result, opts.fmt)

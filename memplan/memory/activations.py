@@ -18,6 +18,7 @@ Inference activations are ``memplan.memory.inference``'s; a params-only model is
 from __future__ import annotations
 
 from memplan.arch.build_families import EMBEDDING_NORMS
+from memplan.arch.parallel import in_flight_micro_batches
 from memplan.catalog.schema import Family
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations_block as blk
@@ -45,8 +46,9 @@ def counting_for(cfg: JobConfig) -> blk.Counting:
 
 
 def micro_batches_in_flight(ctx: Context) -> int:
-    """Micro-batches whose activations the reported stage holds under 1F1B: pp - stage."""
-    return ctx.cfg.pp - ctx.stage
+    """Micro-batches whose activations the reported stage holds: pp - stage under 1F1B, more with the
+    interleaved schedule (``arch.parallel.in_flight_micro_batches``)."""
+    return in_flight_micro_batches(ctx.cfg.pp, ctx.stage, ctx.cfg.perf.virtual_stages)
 
 
 def layer_modes(ctx: Context) -> dict[int, Recompute]:

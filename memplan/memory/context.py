@@ -26,7 +26,12 @@ class Context:
         """The reported pipeline stage: the override, else the one most loaded by parameters."""
         if self.stage_override is not None:
             return self.stage_override
-        return heaviest_stage(self.arch, self.cfg.pp, self.cfg.tp, self.cfg.ep)
+        return heaviest_stage(self.arch, self.cfg.pp, self.cfg.tp, self.cfg.ep, self.balanced)
+
+    @property
+    def balanced(self) -> bool:
+        """Training cuts pipeline stages balanced by parameters, serving evenly (``arch.parallel``)."""
+        return self.cfg.job.trains
 
     def at_stage(self, stage: int) -> Context:
         """The same job seen from another pipeline stage."""
@@ -35,9 +40,9 @@ class Context:
     @cached_property
     def tensors(self) -> list[Tensor]:
         """Parameter tensors resident on the reported stage (before tp/ep sharding)."""
-        return stage_tensors(self.arch, self.cfg.pp, self.stage)
+        return stage_tensors(self.arch, self.cfg.pp, self.stage, self.balanced)
 
     @cached_property
     def layers(self) -> list[tuple[int, Layer]]:
         """(index, layer) pairs of the reported stage."""
-        return stage_layers(self.arch, self.cfg.pp, self.stage)
+        return stage_layers(self.arch, self.cfg.pp, self.stage, self.balanced)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from memplan.arch.parallel import stage_layer_ranges
+from memplan.arch.parallel import arch_stage_ranges
 from memplan.arch.tensors import PROJECTIONS, Architecture, Role, Tensor
 from memplan.catalog.schema import Family
 from memplan.config import Job, JobConfig, LoraConfig, Offload, OptimizerKind, ZeroStage
@@ -143,7 +143,7 @@ def stage_targets(arch: Architecture, lora: LoraConfig, *, pp: int, stage: int) 
     if arch.spec.family is Family.PARAMS_ONLY:
         raise MemplanError("LoRA adapters need the model's layer shapes; params:N models know only a parameter count.")
     tensors: list[Tensor] = list(arch.pre) if stage == 0 else []
-    for i in stage_layer_ranges(len(arch.layers), pp)[stage]:
+    for i in arch_stage_ranges(arch, pp)[stage]:
         tensors.extend(arch.layers[i].tensors)
     if stage == pp - 1:
         tensors.extend(arch.post)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 DEFAULT_MFU = 0.45
-"""Model FLOPs utilization assumed for dense training/prefill: an assumption, typical of
-Megatron-LM at scale (Narayanan et al. 2021 report 44-52% of peak on A100, Table 1)."""
+"""Model FLOPs utilization assumed for prefill (serving): an assumption, typical of Megatron-LM at scale
+(Narayanan et al. 2021 report 44-52% of peak on A100, Table 1). Training uses ``gemm_efficiency``."""
 
 DEFAULT_CPU_ADAM_PARAMS_PER_S = 2.0e9
 """CPU-Adam parameter updates per second per node: an assumption of the order that ZeRO-Offload
@@ -44,6 +44,72 @@ def layer_forward_flops(*, layer_params: int, tokens: int, seq_len: int, attn_wi
 def compute_seconds(*, flops: float, gpus: int, peak_flops: float, mfu: float = DEFAULT_MFU) -> float:
     """Seconds for ``flops`` spread evenly over ``gpus`` GPUs at ``mfu`` of peak."""
     return flops / (gpus * peak_flops * mfu)
+
+
+def gemm_efficiency(*, curve: Any, width: float, tokens: float) -> float:
+    """Fraction of the dense peak a layer's kernels reach (``perf_data.GemmCurve``).
+
+    Formula: e_max · w/(w + w½) · t/(t + t½), w = hidden/tp, t = tokens per micro-batch per GPU.
+    Source: the saturating shape of Narayanan et al. 2021, Fig. 7 (throughput vs micro-batch size) and
+    Sec. 3.3 (larger GEMMs per GPU use the GPU better); constants calibrated in ``perf_data``.
+    """
+    return curve.peak_fraction * width / (width + curve.width_half) * tokens / (tokens + curve.tokens_half)
+
+
+ELEMENTWISE_PASSES = 4
+"""HBM passes over each activation byte of a layer in one training step: written in the forward, read in the
+backward, its gradient written and read (an assumption; the norms, GeLU/SwiGLU, dropout, residual adds and,
+without flash attention, the softmax are memory-bound)."""
+
+
+def elementwise_seconds(*, tokens: int, hidden: int, heads: int, seq_len: int, tp: int, sequence_parallel: bool,
+                        flash: bool, hbm_bytes_per_s: float) -> float:
+    """Seconds of one layer's memory-bound (non-GEMM) work for ``tokens`` tokens on one GPU.
+
+    Formula: passes · s·b·h·(c + 5·a·s/(h·t)) / HBM bandwidth, c = 34/t with sequence parallelism, else
+    10 + 24/t; the attention-score term only without flash attention (which never materializes s×s).
+    Source: the activation bytes per layer of Korthikanti et al. 2022, Eq. 1-4 (Table 2), read and
+    written ``ELEMENTWISE_PASSES`` times. Small hidden sizes spend a larger share here (Narayanan et al.
+    2021, Table 1: 44% of peak at 1.7B vs 52% at 1T).
+    """
+    per_token = 34.0 / tp if sequence_parallel else 10.0 + 24.0 / tp
+    if not flash:
+        per_token += 5.0 * heads * seq_len / (hidden * tp)
+    return ELEMENTWISE_PASSES * tokens * hidden * per_token / hbm_bytes_per_s
+
+
+def collective_seconds(*, kind: str, nbytes: float, ranks: int, bytes_per_s: float, latency_s: float) -> float:
+    """Seconds of one NCCL collective over ``ranks`` ranks (alpha-beta model of a ring).
+
+    ``nbytes``: the full buffer (all-reduce, all-gather output, reduce-scatter input, all-to-all send buffer,
+    p2p message). Bus bandwidth ``bytes_per_s`` as nccl-tests reports it (busbw).
+    Formula, n = ranks:
+      all_reduce:      2(n−1)/n · bytes/bw + 2(n−1)·α
+      all_gather, reduce_scatter: (n−1)/n · bytes/bw + (n−1)·α
+      all_to_all:      (n−1)/n · bytes/bw + (n−1)·α
+      p2p:             bytes/bw + α
+    Source: Patarasuk & Yuan 2009 (ring all-reduce); NCCL's performance notes (nccl-tests
+    doc/PERFORMANCE.md: busbw = algbw · 2(n−1)/n for all-reduce, (n−1)/n for all-gather/reduce-scatter).
+    Assumption: rings, not trees (the conservative latency for large n).
+    """
+    if kind == "p2p":
+        return nbytes / bytes_per_s + latency_s
+    if ranks <= 1:
+        return 0.0
+    steps = 2 * (ranks - 1) if kind == "all_reduce" else ranks - 1
+    factor = 2.0 if kind == "all_reduce" else 1.0
+    return factor * (ranks - 1) / ranks * nbytes / bytes_per_s + steps * latency_s
+
+
+def pipeline_seconds(*, stage_micro_s: float, micro_batches: int, pp: int, virtual_stages: int = 1) -> float:
+    """Seconds of one pipelined step: m micro-batches through p stages, the slowest stage taking
+    ``stage_micro_s`` per micro-batch (forward + backward).
+
+    Formula: (m + (p − 1)/v) · t_stage. The bubble is (p − 1)/(v·m) of the ideal time.
+    Source: Narayanan et al. 2021, Sec. 2.2.1 (1F1B: bubble (p−1)/m) and Sec. 2.2.2 (interleaved schedule
+    with v model chunks per device: (p−1)/(v·m)). Uneven stages: the slowest stage sets the pace.
+    """
+    return (micro_batches + (pp - 1) / virtual_stages) * stage_micro_s
 
 
 def ring_allreduce_seconds(*, nbytes: int, ranks: int, bytes_per_s: float) -> float:
@@ -94,14 +160,15 @@ def tp_comm_seconds(*, tokens_per_gpu_group: int, hidden: int, layers: int, tp: 
     return 4.0 * layers * ring_allreduce_seconds(nbytes=nbytes, ranks=tp, bytes_per_s=bytes_per_s)
 
 
-def pipeline_bubble_fraction(*, pp: int, micro_batches: int) -> float:
-    """Idle fraction of a 1F1B pipeline: (p − 1)/(m + p − 1).
+def pipeline_bubble_fraction(*, pp: int, micro_batches: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of a 1F1B pipeline: ((p − 1)/v)/(m + (p − 1)/v).
 
     Source: Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU
     Clusters Using Megatron-LM"), Sec. 2.2.1 (bubble time fraction (p−1)/m of ideal time,
-    i.e. (p−1)/(m+p−1) of the total).
+    i.e. (p−1)/(m+p−1) of the total) and Sec. 2.2.2 (interleaved: (p−1)/(v·m)).
     """
-    return (pp - 1) / (micro_batches + pp - 1)
+    idle = (pp - 1) / virtual_stages
+    return idle / (micro_batches + idle)
 
 
 def offload_seconds(*, bytes_to_host: int, bytes_to_device: int, pcie_bytes_per_s: float,

@@ -4,20 +4,38 @@ from __future__ import annotations
 
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import HostSpec
-from memplan.config import Job, JobConfig, Offload, Recompute
+from memplan.config import Engine, Job, JobConfig, Offload, Recompute
+from memplan.errors import MemplanError
 from memplan.planner.space import (
     Objective,
     SearchSpace,
-    check_pp,
     check_tp,
+    divisors,
     placements,
     powers_of_two,
 )
+
+SP_ENGINES = frozenset({Engine.MEGATRON, Engine.PYTORCH, Engine.FSDP2})
+"""Engines that run sequence parallelism with tensor parallelism: Megatron-LM ``--sequence-parallel``
+(Korthikanti et al. 2022, Sec. 4.2.2), PyTorch/FSDP2 with ``torch.distributed.tensor.parallel.SequenceParallel``.
+DeepSpeed's training engine has no tensor-parallel sequence split (its Ulysses is context parallelism)."""
 
 MAX_MICRO_BATCH = 4
 MAX_BATCH_SEARCH = 1024
 MIN_CONTEXT = 512
 MAX_CONTEXT_SEARCH = 2**20
+
+
+def with_sequence_parallel(cfg: JobConfig) -> JobConfig:
+    """The plan's configuration with sequence parallelism on wherever tp > 1 and the engine runs it (the job's
+    engine, or the default one, ``JobConfig.effective_engine``).
+    It never costs time (the reduce-scatter + all-gather pair moves what the
+    all-reduce moved) and divides the layer's replicated activations by tp (Korthikanti et al. 2022, Table 2),
+    so a plan with tp > 1 always takes it."""
+    engine = cfg.effective_engine
+    if cfg.tp > 1 and not cfg.sequence_parallel and engine in SP_ENGINES:
+        return cfg.model_copy(update={"sequence_parallel": True})
+    return cfg
 
 
 def tp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, excluded: list[str]) -> tuple[int, ...]:
@@ -33,17 +51,44 @@ def tp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, exclu
 
 
 def pp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, excluded: list[str]) -> tuple[int, ...]:
+    """Pipeline degrees up to the layer count that divide the GPUs (by default every such divisor, so 280 GPUs
+    can take Korthikanti's pp = 35); a degree that does not divide the layers gets balanced uneven stages
+    (``arch.parallel.balanced_stage_sizes``)."""
     if not arch.layers:
         return (1,)
-    wanted = space.pp or tuple(p for p in powers_of_two(base.world_size) if p <= len(arch.layers))
+    wanted = space.pp or tuple(p for p in divisors(base.world_size) if p <= len(arch.layers))
     out = []
     for pp in wanted:
-        reason = check_pp(arch, pp)
+        reason = None if pp <= len(arch.layers) else f"pp={pp} exceeds the {len(arch.layers)} layers"
         if reason or base.world_size % pp:
             excluded.append(reason or f"pp={pp} does not divide the {base.world_size} GPUs")
         else:
             out.append(pp)
     return tuple(out)
+
+
+EP_ENGINES = frozenset({Engine.MEGATRON, Engine.DEEPSPEED})
+"""Engines with expert parallelism in training: Megatron-Core MoE (``--expert-model-parallel-size``) and
+DeepSpeed-MoE (``ep_size``); Hugging Face modules under PyTorch/FSDP2 run every expert on every rank."""
+
+
+def ep_candidates(arch: Architecture, base: JobConfig, space: SearchSpace) -> tuple[int, ...] | None:
+    """Expert-parallel degrees for a mixture-of-experts model on an engine that runs them: powers of two that
+    divide the routed experts, up to the GPUs (the ILP drops those that do not divide a plan's data-parallel
+    degree, as ``components.validate`` does); None for a dense model or another engine (ep stays the base's)."""
+    experts = arch.spec.num_experts or 0
+    if not experts or base.engine not in EP_ENGINES:
+        if space.ep is not None:  # a choice no plan could take: an error, not silently ignored
+            why = (f"{arch.spec.name} has no experts (expert parallelism splits a mixture-of-experts model's experts)"
+                   if not experts else f"engine {(base.engine or base.effective_engine).value} runs no expert "
+                   "parallelism in memplan's plans; use --engine megatron or --engine deepspeed")
+            raise MemplanError(f"--ep: {why}.")
+        return None
+    if space.ep:
+        return space.ep
+    if base.ep > 1:
+        return (base.ep,)
+    return tuple(e for e in powers_of_two(min(experts, base.world_size)) if not experts % e)
 
 
 def placement_candidates(base: JobConfig, space: SearchSpace, host: HostSpec) -> tuple:
@@ -67,6 +112,9 @@ def resolve(arch: Architecture, base: JobConfig, space: SearchSpace, objective: 
         "optimizer": space.optimizer or (base.optimizer,),
         "quant": space.quant or (base.quant,),
     }
+    eps = ep_candidates(arch, base, space)
+    if eps is not None:
+        dims["ep"] = eps
     if objective is Objective.MAX_BATCH:
         dims["micro_batch"] = space.micro_batch or powers_of_two(MAX_BATCH_SEARCH)
     else:

@@ -112,7 +112,7 @@ class LayerBlocks:
         self.ws[bi, p, s, kind] = var
         for gi, (gkey, members) in enumerate(self.groups[bi].items()):
             rep = members[0]
-            if stage_of(rep, self.p.num_layers, p) != s:
+            if stage_of(rep, self.p.num_layers, p, self.p.stage_map) != s:
                 continue
             for m, keyed in lb.workspace[rep].items():  # type: ignore[index]
                 extra = lb.flight_workspace[rep][m] if lb.flight_workspace and held else {}
@@ -146,7 +146,7 @@ class LayerBlocks:
         terms = []
         for gkey, members in self.groups[bi].items():
             rep = members[0]
-            if stage_of(rep, self.p.num_layers, p) != s:
+            if stage_of(rep, self.p.num_layers, p, self.p.stage_map) != s:
                 continue
             mult = (p - s) if lb.in_flight else 1
             for m in lb.modes:

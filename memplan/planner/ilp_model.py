@@ -133,6 +133,9 @@ class Problem:
     the largest phase total); empty: one constraint per stage with every byte alive at once."""
     persist_phases: tuple[str, ...] = ()
     """The phases in which ``Entry.persist_gpu`` counts when the chosen shape ``accumulates``."""
+    stage_map: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Per pipeline degree, the stage of every layer (``arch.parallel.stage_index``: balanced, uneven
+    stages); a degree missing here splits the layers evenly."""
 
     @property
     def blocks(self) -> list[LayerBlock]:
@@ -154,7 +157,10 @@ def ceil_unit(n: int) -> int:
     return -(-n // UNIT)
 
 
-def stage_of(layer: int, num_layers: int, pp: int) -> int:
+def stage_of(layer: int, num_layers: int, pp: int, stage_map: dict[int, tuple[int, ...]] | None = None) -> int:
+    """The pipeline stage of ``layer``: from ``stage_map`` when it has ``pp``, else an even split."""
+    if stage_map and pp in stage_map:
+        return stage_map[pp][layer]
     return layer // (num_layers // pp)
 
 

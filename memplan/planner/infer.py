@@ -127,7 +127,7 @@ def _weights_entry(req: Any, arch: Any, cfg: JobConfig, stages: list[list], per_
         total = tier_total([r for r in rows if r.component.startswith("weights")], Tier.GPU)
         if per_layer:
             ctx = Context(arch, cfg, req.gpu, req.host)
-            total -= sum(layer_weight_bytes(ctx, i, cfg.quant) for i, _ in stage_layers(arch, cfg.pp, s))
+            total -= sum(layer_weight_bytes(ctx, i, cfg.quant) for i, _ in stage_layers(arch, cfg.pp, s, balanced=False))
         gpu.append(total)
     cpu = max(tier_total([r for r in rows if r.component.startswith("weights")], Tier.CPU) for rows in stages)
     return Entry(gpu=tuple(gpu), cpu=cpu)
@@ -276,6 +276,7 @@ def plan_inference(req: Any) -> Any:
                                            describe(modes, choices) if modes else "", _extras(req, cfg, choices)))
     if result.candidates:
         rank_candidates(result.candidates)
+        result.candidates = result.candidates[: req.top_k]  # ties beyond --top were collected to rank them
         result.status = "optimal"
     elif req.suggest:
         from memplan.planner.plan import explain_infeasible

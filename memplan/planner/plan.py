@@ -20,6 +20,14 @@ DEFAULT_TIME_LIMIT_S = 30.0
 class NoValidDegree(MemplanError):
     """No tensor/pipeline degree of the search space fits this cluster size."""
 MAX_REJECTED = 20
+MAX_TIES = 4
+"""Plans beyond ``--top`` still collected while their objective ties the best one's, so the documented ranking
+(``rank_candidates``), not the solver's path, picks the best among ties and ``--top`` never changes it."""
+
+
+def _ties(value: float, best: float | None) -> bool:
+    """Whether an objective value equals the best one to 12 significant digits (``rank_candidates``' rounding)."""
+    return best is not None and float(f"{value:.12g}") <= float(f"{best:.12g}")
 
 
 @dataclass
@@ -34,6 +42,10 @@ class Candidate:
     layer_map: str
     extras: dict[str, Any] = field(default_factory=dict)
     """Plan facts beyond the estimate (e.g. ``weights_sqnr_db`` of per-layer formats, ``offload_ratio``)."""
+    global_batch: int | None = None
+    """Sequences per optimizer step the plan was compared at (training plans)."""
+    train_budget: dict[str, float] | None = None
+    """Seconds, days and GPU-hours to train ``PlanRequest.train_tokens`` tokens (``budget.train_budget``)."""
 
 
 @dataclass
@@ -67,6 +79,8 @@ class PlanRequest:
     solver: str | None = None
     debug_lp: str | None = None
     suggest: bool = True
+    train_tokens: int | None = None
+    """Tokens to train: each training plan reports the time and GPU-hours they take."""
     deadline: float | None = None
     """``time.monotonic()`` by which the whole plan (every solve, the suggestions' re-solves too) must end;
     ``plan`` sets it from ``time_limit_s`` when None, so the limit bounds the command, not each solve."""
@@ -78,6 +92,11 @@ class PlanRequest:
             raise MemplanError(f"--time-limit must be a positive number of seconds, got {self.time_limit_s!r}.")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
             raise MemplanError(f"--top must be a positive integer, got {self.top_k!r}.")
+        if self.train_tokens is not None and (not isinstance(self.train_tokens, int) or isinstance(self.train_tokens, bool)
+                                              or self.train_tokens < 1):
+            raise MemplanError(f"--train-tokens must be a positive integer, got {self.train_tokens!r}.")
+        if self.train_tokens is not None and not self.base.job.trains:
+            raise MemplanError("--train-tokens applies to training plans; a serving plan has no training budget.")
 
 
 def runs(modes: list[str]) -> str:
@@ -96,11 +115,29 @@ def layer_map(modes: list[str]) -> str:
     return "recompute " + runs(modes) if modes else ""
 
 
+DEFAULT_GLOBAL_BATCH_TOKENS = {Job.PRETRAIN: 2**22}
+"""Tokens per optimizer step a plan assumes when none is given: pre-training 4,194,304 (Llama 2 trained with
+4M-token batches, Touvron et al. 2023, Sec. 2.2; GPT-3 175B with 3.2M, Brown et al. 2020, Table 2.1)."""
+DEFAULT_FINETUNE_BATCH_TOKENS = 2**17
+"""Fine-tuning (full, LoRA, QLoRA, GaLore): 131,072 tokens, 64 sequences of 2,048 (Alpaca: 128 × 512;
+QLoRA's Guanaco runs: 16 sequences × up to 4,096 with accumulation, Dettmers et al. 2023, App. B)."""
+
+
 def global_batch_for(req: PlanRequest, world: int, dims_mb: tuple[int, ...] | None = None) -> int:
+    """Sequences per optimizer step, the same for every plan compared: ``--global-batch``, else
+    ``--global-batch-tokens`` / sequence length, else the job's default tokens (``DEFAULT_GLOBAL_BATCH_TOKENS``)
+    / sequence length; the last two rounded up to a multiple of (largest micro-batch × d), d the largest
+    divisor of the GPU count that keeps that unit within the batch (d = all GPUs on a small cluster, so every
+    micro-batch and data-parallel degree divides it; on a large one only data-parallel degrees up to d can
+    split the batch, as in the published runs: Llama 3 405B ran 2,048 sequences over dp 64-128)."""
     if req.space.global_batch:
         return req.space.global_batch
     biggest = max(dims_mb) if dims_mb else (max(req.space.micro_batch) if req.space.micro_batch else 8)
-    return biggest * world
+    tokens = req.space.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS.get(req.base.job,
+                                                                               DEFAULT_FINETUNE_BATCH_TOKENS)
+    sequences = -(-tokens // req.base.seq_len)
+    unit = max([biggest * d for d in range(1, world + 1) if not world % d and biggest * d <= sequences] or [biggest])
+    return max(1, -(-sequences // unit)) * unit
 
 
 def gpu_counts(req: PlanRequest) -> list[tuple[int, int]]:
@@ -147,12 +184,16 @@ def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult
     if req.debug_lp:
         builder.write_lp(req.debug_lp)
     found = rejected = 0
-    while found < req.top_k and rejected < MAX_REJECTED:
+    best: float | None = None
+    while (found < req.top_k + MAX_TIES) and rejected < MAX_REJECTED:
         limit = seconds_left(req)
         if limit <= 0:
-            no_plan_reason("time_limit", req.time_limit_s, result)
+            if not found:
+                no_plan_reason("time_limit", req.time_limit_s, result)
             return
         sol = builder.solve(time_limit=limit, solver=req.solver)
+        if found >= req.top_k and (sol.status not in ("optimal", "feasible") or not _ties(sol.objective, best)):
+            return  # beyond top_k only plans tied with the best are collected, for a ranking independent of --top
         if sol.status not in ("optimal", "feasible"):
             no_plan_reason(sol.status, req.time_limit_s, result)
             return
@@ -169,6 +210,7 @@ def verified_solutions(req: PlanRequest, builder: IlpBuilder, result: PlanResult
             rejected += 1
             continue
         found += 1
+        best = sol.objective if best is None else best
         yield sol, cfg, est
 
 
@@ -229,6 +271,10 @@ def plan(req: PlanRequest) -> PlanResult:
 
     if not req.space.per_layer_quant and req.objective is not Objective.MAX_QUALITY:  # train_quant.check explains those
         check_trainable_weights(req.base.job, (req.base.quant, *(req.space.quant or ())))
+    if req.base.quant_map is not None:  # the plan's per-layer paths index it before any estimate validates it
+        from memplan.memory.weights import check_quant_map
+
+        check_quant_map(req.base, num_layers=req.model.num_hidden_layers or 0)
     unread = unread_dims(req.space, req.base.job)
     if unread:
         kind = "an inference" if req.base.job is Job.INFER else "a training"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from memplan.arch.tensors import Architecture
 from memplan.config import Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
@@ -38,6 +38,8 @@ class SearchSpace(Strict):
 
     tp: tuple[int, ...] | None = None
     pp: tuple[int, ...] | None = None
+    ep: tuple[int, ...] | None = None
+    """Expert-parallel degrees (MoE on Megatron/DeepSpeed); None: powers of two dividing the experts."""
     zero: tuple[int, ...] | None = None
     offload_optimizer: tuple[Offload, ...] | None = None
     offload_params: tuple[Offload, ...] | None = None
@@ -63,6 +65,16 @@ class SearchSpace(Strict):
     engines: tuple[Engine, ...] | None = None
     """Engines to choose among (``plan --engine vllm,llamacpp``); None: the job's default engine. Passed through
     here; what each engine changes is the engines' code."""
+    global_batch_tokens: int | None = Field(default=None, gt=0, le=2**62)
+    """Tokens per optimizer step (give it or ``global_batch``, not both); None: ``plan.DEFAULT_GLOBAL_BATCH_TOKENS``."""
+
+    @model_validator(mode="after")
+    def _one_batch_size(self) -> SearchSpace:
+        """The global batch in sequences or in tokens, not both (one would be silently ignored)."""
+        if self.global_batch is not None and self.global_batch_tokens is not None:
+            raise ValueError("give the global batch in sequences (global_batch) or in tokens (global_batch_tokens), "
+                             "not both")
+        return self
 
     @field_validator("*")
     @classmethod
@@ -72,7 +84,7 @@ class SearchSpace(Strict):
             raise ValueError("give at least one value (omit the field for memplan's default)")
         return tuple(dict.fromkeys(value)) if isinstance(value, tuple) else value
 
-    @field_validator("tp", "pp", "micro_batch", "context", "seq_len", "batch", "gpus")
+    @field_validator("tp", "pp", "ep", "micro_batch", "context", "seq_len", "batch", "gpus")
     @classmethod
     def _positive(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
         """Degrees, batches and lengths are positive integers (as the command line requires)."""
@@ -90,7 +102,8 @@ class SearchSpace(Strict):
         return value
 
 
-TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch")
+TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch",
+                 "global_batch_tokens", "ep")
 """Search dimensions only a training plan reads."""
 INFERENCE_DIMS = ("context", "batch", "kv_dtype")
 """Search dimensions only an inference plan reads (training searches ``micro_batch`` and ``seq_len``)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
 
+from memplan.arch.parallel import stage_index
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.config import JobConfig, Offload, Recompute
@@ -21,12 +22,14 @@ from memplan.memory import activations as act
 from memplan.memory import components, runtime
 from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
-from memplan.planner import cost, train_offload, train_phases
+from memplan.planner import cost, steptime, train_offload, train_phases
 from memplan.planner.classes import layer_classes
+from memplan.planner.dims import with_sequence_parallel
 from memplan.planner.ilp import Entry, Factor, Problem
 
 STATE_DIMS = ("tp", "pp", "placement", "optimizer", "quant")
 SHAPE_DIMS = ("tp", "pp", "micro_batch", "seq_len")
+COMM_DIMS = ("tp", "pp", "placement", "micro_batch", "seq_len")
 SAVINGS = {Recompute.NONE.value: 0, Recompute.SELECTIVE.value: 1, Recompute.OP.value: 2, Recompute.FULL.value: 3}
 NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "activations/layer_kwargs")
 
@@ -40,7 +43,6 @@ class TrainSetting:
     host: HostSpec
     base: JobConfig
     global_batch: int
-    mfu: float = cost.DEFAULT_MFU
 
 
 def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | None = None,
@@ -51,9 +53,9 @@ def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | N
     for dim, value in choice.items():
         if dim == "placement":
             upd["zero"], upd["offload_optimizer"], upd["offload_params"] = value
-        elif dim in ("tp", "pp", "micro_batch", "seq_len", "optimizer", "quant"):
+        elif dim in ("tp", "pp", "ep", "micro_batch", "seq_len", "optimizer", "quant"):
             upd[dim] = value
-    cfg = JobConfig.model_validate({**base.model_dump(), **upd})
+    cfg = with_sequence_parallel(JobConfig.model_validate({**base.model_dump(), **upd}))
     if global_batch is not None:
         cfg = cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.dp))})
     if modes is not None:
@@ -78,7 +80,7 @@ def _contexts(setting: TrainSetting, cfg: JobConfig) -> list[Context]:
 
 
 def state_dims(dims: dict[str, tuple]) -> tuple[str, ...]:
-    return STATE_DIMS + (("opt_split",) if "opt_split" in dims else ())
+    return STATE_DIMS + (("ep",) if "ep" in dims else ()) + (("opt_split",) if "opt_split" in dims else ())
 
 
 def states_factor(setting: TrainSetting, dims: dict[str, tuple],
@@ -213,37 +215,18 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
 
 
 def shape_seconds(setting: TrainSetting, cfg: JobConfig) -> float:
-    """Compute (roofline over weight re-reads), pipeline bubble and tensor-parallel traffic per step."""
-    arch, gpu = setting.arch, setting.gpu
-    spec = arch.spec
-    tokens = setting.global_batch * cfg.seq_len
-    attn = (spec.num_attention_heads or 0) * spec.dim_per_head
-    flops = cost.training_flops(active_params=arch.active_params, tokens=tokens, layers=len(arch.layers),
-                                seq_len=cfg.seq_len, attn_width=attn)
-    peak = gpu.bf16_dense_tflops * 1e12
-    compute = cost.compute_seconds(flops=flops, gpus=cfg.world_size, peak_flops=peak, mfu=setting.mfu)
-    micro_steps = max(1, setting.global_batch // (cfg.micro_batch * cfg.dp))
-    weight_read = 3 * 2 * arch.params / (cfg.tp * cfg.pp) / (gpu.hbm_bandwidth_gbps * 1e9)
-    compute = max(compute, weight_read * micro_steps)
-    bubble = cost.pipeline_bubble_fraction(pp=cfg.pp, micro_batches=micro_steps)
-    link = gpu.interconnect_gbps * 1e9
-    tp_comm = cost.tp_comm_seconds(tokens_per_gpu_group=tokens // cfg.dp, hidden=spec.hidden_size or 0,
-                                   layers=len(arch.layers) // cfg.pp, tp=cfg.tp, bytes_per_s=link)
-    return compute / (1.0 - bubble) + tp_comm
+    """Pipelined compute with tensor-parallel, expert and p2p traffic per step (``steptime.shape_seconds``)."""
+    return steptime.shape_seconds(setting.arch, setting.gpu, cfg, setting.global_batch)
 
 
 def comm_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
-    """Data-parallel gradient traffic, ZeRO-3 parameter gathers and ZeRO-Infinity parameter fetches over PCIe,
-    per micro-step."""
-    names = ("tp", "pp", "placement", "micro_batch")
+    """Data-parallel gradient traffic, ZeRO-3 parameter gathers (the part compute does not hide,
+    ``steptime.dp_comm_seconds``) and ZeRO-Infinity parameter fetches over PCIe, per step."""
+    names = COMM_DIMS + (("ep",) if "ep" in dims else ())
     entries: dict[tuple, Entry] = {}
     for key, cfg in step_configs(setting, dims, names):
-        grad_bytes = 2 * setting.arch.params // (cfg.tp * cfg.pp)
-        intra = cfg.world_size <= cfg.gpus_per_node
-        bw = setting.gpu.interconnect_gbps * 1e9 if intra else min(setting.gpu.interconnect_gbps * 1e9,
-                                                                  cost.DEFAULT_INTER_NODE_BYTES_PER_S)
-        seconds = cost.zero_dp_comm_seconds(grad_bytes=grad_bytes, dp=cfg.dp, zero=int(cfg.zero), bytes_per_s=bw,
-                                            micro_steps=max(1, cfg.grad_accum))
+        seconds = steptime.dp_comm_seconds(setting.arch, setting.gpu, cfg, setting.global_batch)
+        seconds += steptime.ep_seconds(setting.arch, setting.gpu, cfg, setting.global_batch)
         if cfg.offload_params is not Offload.NONE:  # per micro-step: here the accumulation steps are known
             seconds += train_offload.param_fetch_seconds(setting, cfg)
         entries[key] = Entry(seconds=seconds)
@@ -319,7 +302,8 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
                       extra_blocks=extra, phases=tuple(p.value for p in TRAIN_PHASES),
-                      persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value))
+                      persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
+                      stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]})
     return problem, reasons
 
 

@@ -48,7 +48,7 @@ def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) 
     from memplan.memory import components
 
     comm_dims = {"tp": (cfg.tp,), "pp": (cfg.pp,), "placement": ((cfg.zero, cfg.offload_optimizer, cfg.offload_params),),
-                 "micro_batch": (cfg.micro_batch,)}
+                 "micro_batch": (cfg.micro_batch,), "seq_len": (cfg.seq_len,), "ep": (cfg.ep,)}
     comm = next(iter(train.comm_factor(setting, comm_dims).entries.values())).seconds
     per_stage = [components.state_rows(c) for c in train._contexts(setting, cfg)]
     offload = train.offload_seconds(setting, cfg, per_stage)
@@ -176,5 +176,11 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
 
             extras.update(quality_extras(arch, cfg))
             text = "; ".join(t for t in (text, describe_formats(cfg)) if t)
-        out.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, text, extras))
+        budget = None
+        if req.train_tokens:
+            from memplan.planner.budget import train_budget
+
+            budget = train_budget(tokens_per_s=tokens / seconds, gpus=cfg.world_size, train_tokens=req.train_tokens)
+        out.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, text, extras, global_batch=gb,
+                             train_budget=budget))
     return out

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from itertools import product
 
+from memplan.arch.parallel import arch_stage_ranges
 from memplan.arch.tensors import Layer
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations as act
 from memplan.memory.breakdown import Phase
 from memplan.memory.context import Context
-from memplan.planner import cost
+from memplan.planner import steptime
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Factor, LayerBlock
 from memplan.planner.train import SAVINGS, TrainSetting, config_for
@@ -107,7 +108,6 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     start of backward, the phase in which every saved activation is alive.
     """
     start = Phase.BACKWARD_START.value
-    num = len(setting.arch.layers)
     lean: dict[tuple, list[int]] = {}
     for key, e in states.entries.items():
         tp, pp = key[0], key[1]
@@ -122,8 +122,9 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
             out[key] = None
             continue
         total = 0.0
+        ranges = arch_stage_ranges(setting.arch, pp)
         for s in range(pp):
-            members = range(s * num // pp, (s + 1) * num // pp)
+            members = ranges[s]
             flight = pp - s
             base = sum(flight * layers.gpu[i][none][key] for i in members)
             need = base + lean[tp, pp][s] + shp.gpu_in(start)[s] - cap
@@ -148,21 +149,7 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
 
 
 def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer: Layer, mode: Recompute) -> float:
-    """Step time a recomputed layer adds: its forward again (full), its attention core (selective), or the
-    matmuls op-level checkpointing does not keep (``activations_op.recomputed_mm_numel``: 2 FLOPs per weight
-    element and token; the elementwise ops it also recomputes are memory-bound and left out)."""
-    if mode is Recompute.NONE:
-        return 0.0
-    spec = setting.arch.spec
-    tokens = setting.global_batch * cfg.seq_len
-    attn = (spec.num_attention_heads or 0) * spec.dim_per_head
-    if mode is Recompute.OP:
-        from memplan.memory.activations_op import recomputed_mm_numel
-
-        flops = 2.0 * tokens * recomputed_mm_numel(layer, 1)  # the whole layer's; divided over the GPUs below
-    elif mode is Recompute.FULL:
-        flops = cost.layer_forward_flops(layer_params=layer.params, tokens=tokens, seq_len=cfg.seq_len, attn_width=attn)
-    else:
-        flops = 2.0 * cfg.seq_len * attn * tokens
-    return cost.compute_seconds(flops=flops, gpus=cfg.world_size, peak_flops=setting.gpu.bf16_dense_tflops * 1e12,
-                                mfu=setting.mfu)
+    """Step time a recomputed layer adds: its forward again (full), its attention core (selective) or the
+    matmuls op-level checkpointing does not keep (op)
+    (``steptime.recompute_seconds``)."""
+    return steptime.recompute_seconds(setting.arch, setting.gpu, cfg, setting.global_batch, layer, mode)

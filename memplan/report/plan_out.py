@@ -24,6 +24,15 @@ def candidate_dict(c: Candidate) -> dict[str, Any]:
         **({"serving": {k: c.extras[k] for k in SERVING_KEYS if k in c.extras}}
            if any(k in c.extras for k in SERVING_KEYS) else {}),
     })
+    if c.global_batch is not None:
+        out["global_batch"] = c.global_batch
+        out["global_batch_tokens"] = c.global_batch * c.config.seq_len
+    if c.train_budget is not None:
+        out["train_budget"] = {k: round(v, 6) for k, v in c.train_budget.items()}
+    if c.config.pp > 1:
+        from memplan.planner.stages import stage_table
+
+        out["stages"] = stage_table(c.estimate)
     return out
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, StringConstraints
 
 from memplan.config import JobConfig
 from memplan.memory.breakdown import TOP_LEVEL
@@ -134,6 +134,21 @@ class ServingOut(Out):
     """min-gpus / min-cost plans: sequences served at once over all replicas."""
 
 
+class TrainBudgetOut(Out):
+    train_tokens: float
+    seconds: float
+    days: float
+    gpu_hours: float
+
+
+class StageOut(Out):
+    stage: NonNegativeInt
+    first_layer: NonNegativeInt | None
+    last_layer: NonNegativeInt | None
+    layers: NonNegativeInt
+    gpu_bytes: NonNegativeInt
+
+
 class CandidateOut(EstimateOut):
     step_time_s: float
     tokens_per_s: float
@@ -145,6 +160,13 @@ class CandidateOut(EstimateOut):
     """Facts of the per-layer decisions (empty when the plan makes none)."""
     serving: ServingOut | None = None
     """Inference plans: latency and throughput (absent for training plans)."""
+    global_batch: PositiveInt | None = None
+    """Training plans: sequences per optimizer step, the same for every plan compared."""
+    global_batch_tokens: PositiveInt | None = None
+    train_budget: TrainBudgetOut | None = None
+    """With a token budget: what training that many tokens takes at this plan's throughput."""
+    stages: list[StageOut] | None = None
+    """With pp > 1: each pipeline stage's layers and GPU bytes (uneven stages, in-flight micro-batches)."""
 
 
 class SuggestionOut(Out):
