@@ -20,7 +20,7 @@ warnings.simplefilter("ignore")
 from memplan.catalog.schema import HostSpec  # noqa: E402
 from memplan.catalog.store import catalog_gpu, catalog_model  # noqa: E402
 from memplan.config import JobConfig  # noqa: E402
-from memplan.estimate import estimate  # noqa: E402
+from memplan.estimator import estimate  # noqa: E402
 from memplan.planner.plan import PlanRequest, plan  # noqa: E402
 from tests.test_published_runs import gpt  # noqa: E402
 

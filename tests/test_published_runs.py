@@ -14,11 +14,11 @@ from functools import partial
 from typing import Any
 
 import pytest
-from memplan.estimate import estimate
 
 from memplan.catalog.schema import HostSpec, ModelSpec
 from memplan.catalog.store import catalog_gpu, catalog_model
 from memplan.config import JobConfig
+from memplan.estimator import estimate
 from memplan.planner.budget import step_time
 
 TOLERANCE = 0.15

@@ -26,7 +26,7 @@ def _load_runs():
 
 def rows() -> list[dict]:
     from memplan.catalog.store import catalog_gpu
-    from memplan.estimate import estimate
+    from memplan.estimator import estimate
     from memplan.memory.breakdown import Tier
     from memplan.planner.budget import step_time
 
