@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from memplan.estimator import Estimate as Detail
     from memplan.planner.plan import Candidate, PlanResult
 
-NESTED = {"infer": InferConfig, "lora": LoraConfig, "galore": GaloreConfig}
+NESTED: dict[str, type[InferConfig | LoraConfig | GaloreConfig]] = {
+    "infer": InferConfig, "lora": LoraConfig, "galore": GaloreConfig}
 """Nested JobConfig sections whose fields may be given flat: infer fields by name (``context``), the
 others with the section as prefix (``lora_rank``), as the CLI options spell them."""
 
@@ -341,9 +342,9 @@ def sweep_spec(models: str | Sequence[str], gpus: str | Sequence[str], jobs: str
         job_values = tuple(Job(j) for j in names(jobs, []))
     except ValueError as exc:
         raise MemplanError(f"jobs: {exc}; give some of {', '.join(j.value for j in Job)}.") from None
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in axes.items()}
     spec = SweepSpec(models=names(models, model_names()), gpus=names(gpus, gpu_names()), jobs=job_values,
-                     **{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in axes.items()},
-                     base=config, host=host)
+                     **fields, base=config, host=host)
     if not spec.models or not spec.gpus or not spec.jobs:
         raise MemplanError("sweep(): give at least one model, GPU and job (or 'all').")
     validate(spec)

@@ -129,7 +129,9 @@ def reduced(loaded: LoadedRecipe) -> tuple[GpuSpec, HostSpec]:
 def plan_request(loaded: LoadedRecipe, gpu: GpuSpec, host: HostSpec, *, time_limit_s: float) -> Any:
     from memplan.planner.plan import PlanRequest
 
-    return PlanRequest(model=loaded.model, gpu=gpu, host=host, base=loaded.config, space=loaded.space,
+    space = loaded.space
+    assert space is not None, "plan_request is only called for a recipe with a search space"
+    return PlanRequest(model=loaded.model, gpu=gpu, host=host, base=loaded.config, space=space,
                        objective=loaded.objective, top_k=1, time_limit_s=time_limit_s, suggest=False)
 
 

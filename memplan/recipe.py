@@ -103,7 +103,7 @@ class Hardware(Strict):
         data = {k: v for k, v in {"cpu_ram_bytes": self.cpu_ram, "nvme_bytes": self.nvme,
                                    "nvme_read_gbps": self.nvme_read_gbps, "nvme_write_gbps": self.nvme_write_gbps,
                                    "pcie_gbps_per_gpu": self.pcie_gbps_per_gpu}.items() if v is not None}
-        return HostSpec(**data)
+        return HostSpec.model_validate(data)
 
 
 class JobShape(Strict):

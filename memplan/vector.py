@@ -70,7 +70,8 @@ class Prober:
 
     def __init__(self, spec: SweepSpec, cell: Cell) -> None:
         self.ev = _Evaluator(spec, cell)
-        self.spec, self.memo = spec, {}
+        self.spec = spec
+        self.memo: dict[tuple[int, int], Probe] = {}
         self.price = spec.usd_per_hour if spec.usd_per_hour is not None else self.ev.gpu.price_per_hour_usd
 
     def at(self, b: int, s: int) -> Probe:

@@ -12,12 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from memplan.catalog.schema import Family, ModelSpec
 from memplan.errors import MemplanError
 
-LLAMA_LIKE = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}}
+
+class _LlamaDiff(TypedDict, total=False):
+    """``ModelSpec`` fields in which a llama-like GGUF architecture differs from llama."""
+
+    attention_bias: bool
+    qk_norm: bool
+
+
+LLAMA_LIKE: dict[str, _LlamaDiff] = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}}
 """GGUF architectures whose tensors memplan's llama layout describes, with their differences."""
 FILE_TYPES = {0: None, 1: None, 2: "q4_0", 7: "q8_0", 10: "q2_k", 12: "q3_k_m", 15: "q4_k_m", 17: "q5_k_m", 18: "q6_k"}
 """``general.file_type`` (llama.cpp ``llama_ftype``) -> memplan's GGUF format name (None: 16/32-bit)."""

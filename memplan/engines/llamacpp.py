@@ -17,6 +17,7 @@ so B sequences of S tokens need n_ctx = B·S (llama-server splits n_ctx over its
 
 from __future__ import annotations
 
+from memplan.arch.tensors import Tensor
 from memplan.config import JobConfig
 from memplan.errors import MemplanError
 from memplan.memory import weights
@@ -133,7 +134,7 @@ def cuda_padding_bytes(ctx: Context, layers: range, with_output: bool) -> int:
         return 0
     arch = ctx.arch
     traits, n = mix_traits(arch), len(arch.layers)
-    placed = [(t, i) for i in layers for t in arch.layers[i].tensors]
+    placed: list[tuple[Tensor, int | None]] = [(t, i) for i in layers for t in arch.layers[i].tensors]
     placed += [(t, None) for t in arch.post] if with_output else []
     out = 0
     for t, i in placed:

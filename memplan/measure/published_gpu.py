@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from memplan.catalog.schema import Family, ModelSpec
 
@@ -22,7 +22,20 @@ MODELS = {"llama-2-7b": "llama-2-7b", "llama-2-13b": "llama-2-13b", "llama-2-70b
           "llama-3.2-1b": "llama-3.2-1b"}
 """Published model -> catalog model of the same tensor shapes (Llama-3-8B and Llama-3.1-8B share every shape;
 Mistral-7B v0.2 drops v0.1's sliding window, which changes no training activation of memplan's model)."""
-INLINE = {  # config.json values of Llama-layout models the catalog lacks
+
+
+class _InlineConfig(TypedDict):
+    """The config.json values an inline Llama-layout model gives ``ModelSpec``."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+
+
+INLINE: dict[str, _InlineConfig] = {  # config.json values of Llama-layout models the catalog lacks
     "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                       num_key_value_heads=4, vocab_size=32000),
     "yi-34b": dict(hidden_size=7168, intermediate_size=20480, num_hidden_layers=60, num_attention_heads=56,

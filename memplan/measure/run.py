@@ -23,7 +23,7 @@ import contextlib
 import gc
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from memplan.catalog.schema import ModelSpec
 from memplan.config import Job, JobConfig, OptimizerImpl, OptimizerKind, Recompute
@@ -81,14 +81,23 @@ def token_ids(vocab: int, batch: int, seq: int, device: str) -> Any:
     return torch.randint(TOKEN_FLOOR, vocab, (batch, seq), generator=generator).to(device)
 
 
+class _AdamWFlags(TypedDict, total=False):
+    """The implementation flags passed to ``torch.optim.AdamW``."""
+
+    foreach: bool
+    fused: bool
+
+
 def _optimizer(kind: OptimizerKind, params: list[Any], impl: OptimizerImpl = OptimizerImpl.FOREACH) -> Any:
     """The torch optimizer; AdamW with the implementation named (``foreach``/``fused`` passed explicitly, so
     a CPU run takes the path CUDA takes by default)."""
     import torch
 
     if kind in (OptimizerKind.ADAMW, OptimizerKind.ADAMW_BF16):
-        flags = {OptimizerImpl.FOREACH: {"foreach": True}, OptimizerImpl.FOR_LOOP: {"foreach": False},
-                 OptimizerImpl.FUSED: {"fused": True}}[impl]
+        table: dict[OptimizerImpl, _AdamWFlags] = {
+            OptimizerImpl.FOREACH: {"foreach": True}, OptimizerImpl.FOR_LOOP: {"foreach": False},
+            OptimizerImpl.FUSED: {"fused": True}}
+        flags = table[impl]
         return torch.optim.AdamW(params, lr=LEARNING_RATE, **flags)
     if kind is OptimizerKind.SGD:
         return torch.optim.SGD(params, lr=LEARNING_RATE)
@@ -148,8 +157,10 @@ def wrap_lora(model: Any, spec: ModelSpec, cfg: JobConfig) -> Any:
     lora = cfg.lora
     if lora.dtype is not Dtype.FP32 and lora.dtype is not cfg.dtype:
         raise MemplanError(f"measure runs adapters in fp32 (peft's default) or the model dtype, not {lora.dtype.value}.")
-    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora_modules(spec, lora.targets),
-                             use_dora=lora.dora)
+    config = peft.LoraConfig(r=lora.rank,
+                             # peft annotates lora_alpha as int but uses it as a float (scaling = lora_alpha / r)
+                             lora_alpha=lora.alpha,  # type: ignore[arg-type]
+                             target_modules=lora_modules(spec, lora.targets), use_dora=lora.dora)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -185,7 +196,8 @@ def _params_by_component(model: Any) -> tuple[dict[str, int], list[Any]]:
     """
     import torch
 
-    base, adapters = [], []
+    base: list[torch.Tensor] = []
+    adapters: list[torch.Tensor] = []
     for name, tensor in model.state_dict(keep_vars=True).items():
         (adapters if ADAPTER_MARK in name and isinstance(tensor, torch.nn.Parameter) else base).append(tensor)
     out = {"weights/params": storage_bytes(base)}

@@ -49,4 +49,5 @@ def op_checkpoint(model: Any) -> None:
     func = functools.partial(checkpoint, use_reentrant=False, context_fn=context)
     for block in model.modules():
         if isinstance(block, GradientCheckpointingLayer) and block.gradient_checkpointing:
-            block._gradient_checkpointing_func = func
+            # torch types Module attributes as Tensor | Module (Module.__getattr__); transformers sets a callable here
+            block._gradient_checkpointing_func = func  # type: ignore[assignment]

@@ -118,7 +118,8 @@ def with_phases(ctx: Context, rows: list[Row]) -> list[Row]:
     out = []
     for r in rows:
         r = registry.with_phases(r)
-        if persist and r.component.startswith("gradients") and r.component != "gradients/fp32_partition":
+        if (persist and r.phases is not None  # None: alive throughout already
+                and r.component.startswith("gradients") and r.component != "gradients/fp32_partition"):
             r = replace(r, phases=r.phases | frozenset(TRAIN_PHASES))
         out.append(r)
     return out

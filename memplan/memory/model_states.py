@@ -191,6 +191,7 @@ def optimizer_sets(ctx: Context) -> list[tuple[Tier, list[Tensor]]]:
 def _split_note(ctx: Context, tier: Tier) -> str:
     """Which tensors a partial-offload row holds, in words."""
     n, layers = ctx.cfg.optimizer_gpu_layers, len(ctx.arch.layers)
+    assert n is not None, "only called for a split (optimizer_gpu_layers set)"
     if tier is Tier.GPU:
         span = f" and layers 0-{min(n, layers) - 1}" if n else ""
         return f"partial offload: pre-block tensors{span} (GPU optimizer)"

@@ -113,11 +113,13 @@ def module_adapters(t: Tensor, lora: LoraConfig) -> list[Tensor]:
             f"DoRA cannot adapt {t.name}: peft's ParamWrapper (MoE experts and router) does not work with "
             "use_dora=True; target attention projections only, or turn DoRA off."
         )
-    kw = {"role": Role.OTHER, "copies": t.copies, "routed": t.routed}
-    out = [Tensor(f"{t.module}.lora_A.weight", (rank_a, in_f), **kw),
-           Tensor(f"{t.module}.lora_B.weight", (out_f, rank_b), **kw)]
+
+    def adapter(name: str, shape: tuple[int, ...]) -> Tensor:
+        return Tensor(name, shape, role=Role.OTHER, copies=t.copies, routed=t.routed)
+
+    out = [adapter(f"{t.module}.lora_A.weight", (rank_a, in_f)), adapter(f"{t.module}.lora_B.weight", (out_f, rank_b))]
     if lora.dora:
-        out.append(Tensor(f"{t.module}.lora_magnitude_vector", (out_f,), **kw))
+        out.append(adapter(f"{t.module}.lora_magnitude_vector", (out_f,)))
     return out
 
 

@@ -19,7 +19,7 @@ def layer_classes(arch: Architecture, *, by_kind: bool = True) -> list[int]:
     seen: dict[tuple, int] = {}
     out = []
     for layer in arch.layers:
-        sig = tuple((t.name, t.shape, t.copies) for t in layer.tensors)
+        sig: tuple[object, ...] = tuple((t.name, t.shape, t.copies) for t in layer.tensors)
         if by_kind:
             sig = (layer.moe, layer.sliding, sig)
         out.append(seen.setdefault(sig, len(seen)))

@@ -125,7 +125,7 @@ def resolve(arch: Architecture, base: JobConfig, space: SearchSpace, objective: 
         dims["seq_len"] = space.seq_len or tuple(s for s in powers_of_two(limit) if s >= MIN_CONTEXT)
     else:
         dims["seq_len"] = space.seq_len or (base.seq_len,)
-    default_modes = (Recompute.NONE, Recompute.SELECTIVE, Recompute.OP, Recompute.FULL)
+    default_modes: tuple[Recompute, ...] = (Recompute.NONE, Recompute.SELECTIVE, Recompute.OP, Recompute.FULL)
     if not space.per_layer_recompute:
         default_modes = (base.recompute,)
     dims["recompute"] = space.recompute or default_modes

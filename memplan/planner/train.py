@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import product
-from typing import Any
+from typing import Any, TypeVar
 
 from memplan.arch.parallel import stage_index
 from memplan.arch.tensors import Architecture
@@ -262,6 +262,16 @@ def invalid_reasons(dims: dict[str, tuple], reasons: list[str]) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1].rstrip() + "…"
 
 
+_V = TypeVar("_V", int, float)
+
+
+def _keep_keys(per: list[dict[str, dict[tuple, _V]]], keep: set[tuple]) -> None:
+    """Drop from each layer's per-mode tables the keys not in ``keep`` (in place, per table)."""
+    for layer in per:
+        for m in layer:
+            layer[m] = {k: v for k, v in layer[m].items() if k in keep}
+
+
 def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                   value_of: Callable[[dict[str, Any]], float] | None = None,
                   formats: tuple[str | None, ...] | None = None) -> tuple[Problem, list[str]]:
@@ -293,10 +303,10 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
         cap = int((setting.gpu.memory_bytes - context) / (1.0 + pct / 100.0))
         bounds = recompute_bounds(setting, dims, states, shape, layers, cap)
         keep = {k for k, b in bounds.items() if b is not None}
-        for per in (layers.gpu, layers.seconds, layers.workspace or [], layers.flight_workspace or []):
-            for layer in per:
-                for m in layer:
-                    layer[m] = {k: v for k, v in layer[m].items() if k in keep}
+        _keep_keys(layers.gpu, keep)
+        _keep_keys(layers.seconds, keep)
+        _keep_keys(layers.workspace or [], keep)
+        _keep_keys(layers.flight_workspace or [], keep)
         layers.key_bounds = {k: b for k, b in bounds.items() if b}
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,

@@ -111,9 +111,9 @@ def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
         ctx = Context(arch, cfg, setting.gpu, setting.host)
         pct = cpu_factor_pct(cfg)
         for c, i in first.items():
-            cpu = layer_optimizer_bytes(ctx, i)[1]
+            cpu_bytes = layer_optimizer_bytes(ctx, i)[1]
             shard = arch.layers[i].params // tp  # a layer sits whole on one pipeline stage
-            per_class[c, tp, pp, opt] = (layer_phase_bytes(ctx, i), -(-cpu * pct // 100),
+            per_class[c, tp, pp, opt] = (layer_phase_bytes(ctx, i), -(-cpu_bytes * pct // 100),
                                          layer_offload_seconds(setting, cfg, shard))
     gpu_t: list[dict[str, dict[tuple, int]]] = []
     cpu_t: list[dict[str, dict[tuple, int]]] = []
@@ -132,6 +132,7 @@ def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
             if split == ALL:
                 gpu["gpu"][key], cpu["gpu"][key], sec["gpu"][key] = 0, 0, 0.0
                 continue
+            assert got is not None  # split is LAYERS here: a missing plan continued above
             phases, h, s = got
             g = min(phases.values())  # alive in every phase; the rest per phase (fp32 gradients, step temporaries)
             gpu["gpu"][key], cpu["gpu"][key], sec["gpu"][key] = g, 0, 0.0

@@ -32,7 +32,7 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
     classes = layer_classes(arch)
     first = {c: classes.index(c) for c in set(classes)}
     shape_dims = ("tp", "micro_batch", "seq_len")
-    per_class: dict[tuple, tuple[dict, dict, dict]] = {}
+    per_class: dict[tuple, tuple[dict, dict, dict, dict]] = {}
     for key in product(*(dims[d] for d in shape_dims)):
         cfg = config_for(setting.base, dict(zip(shape_dims, key, strict=True)))
         ctx = Context(arch, cfg, setting.gpu, setting.host)

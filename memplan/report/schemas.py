@@ -158,7 +158,9 @@ class CandidateOut(EstimateOut):
     19-31', 'optimizer states: ...', 'weights int8: layers 0-67, nf4: layers 68-79', 'placement gpu: ...'."""
     layer_plan: LayerPlanOut
     """Facts of the per-layer decisions (empty when the plan makes none)."""
-    serving: ServingOut | None = None
+    # JSON contract (schema_version 1): a candidate's `serving` is the latency object, not the estimate's
+    # capacity dict; pydantic allows the override, mypy's Liskov check does not.
+    serving: ServingOut | None = None  # type: ignore[assignment]
     """Inference plans: latency and throughput (absent for training plans)."""
     global_batch: PositiveInt | None = None
     """Training plans: sequences per optimizer step, the same for every plan compared."""

@@ -98,11 +98,11 @@ def stream(spec: SweepSpec, *, sink: Callable[[Spill, bool], None], workers: int
            progress: Callable[[int], None] | None = None, vectorized: bool = True) -> Streamed:
     """Run the sweep chunk by chunk into a Spill, then ``sink(spill, partial)``; Ctrl-C keeps what is done.
     ``vectorized``: through ``memplan.vector`` (the same records, exactly; see there), else the scalar path."""
-    from functools import partial
+    import functools
 
     from memplan.vector import iter_vector
 
-    chunks = partial(iter_vector, columnar=True) if vectorized else iter_results
+    chunks = functools.partial(iter_vector, columnar=True) if vectorized else iter_results
     kept: list[CellResult] = []
     partial = False
     with tempfile.TemporaryDirectory(prefix="memplan-sweep-") as tmp:
