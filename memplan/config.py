@@ -608,8 +608,8 @@ class JobConfig(Strict):
         if self.recompute_layers is not None and self.recompute is Recompute.NONE and self.recompute_map is None:
             raise ValueError("recompute_layers applies with recompute full or selective (it counts the layers "
                              "checkpointed); set recompute too")
-        wrong = perf_not_read(self)
-        if wrong:
-            raise ValueError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply on "
+        unread_perf = perf_not_read(self)
+        if unread_perf:
+            raise ValueError(f"{', '.join(unread_perf)} {'does' if len(unread_perf) == 1 else 'do'} not apply on "
                              f"{'one GPU' if self.world_size == 1 else 'one node'}: there is no such traffic to time")
         return self
