@@ -284,7 +284,7 @@ def test_plan_json_carries_its_assumptions_even_when_nothing_fits(runner):
 @pytest.mark.parametrize("repo", ["../..", "a/..", "org--x/name", "-x/y", "a/b/c"])
 def test_a_malformed_hub_id_is_named_before_any_network_access(runner, repo):
     line = one_line_error(runner, "estimate", f"hf:{repo}")
-    assert "not a repository id" in line and "reach" not in line
+    assert "not a valid repository id" in line and "reach" not in line
 
 
 def test_a_symlink_loop_is_reported_as_unreadable_not_as_an_unknown_name(runner, tmp_path, monkeypatch):
