@@ -163,8 +163,23 @@ def stage_layers(arch: Architecture, pp: int, stage: int, balanced: bool = True)
     return [(i, arch.layers[i]) for i in arch_stage_ranges(arch, pp, balanced)[stage]]
 
 
+_NUMEL: dict[tuple, tuple[Architecture, int]] = {}
+_NUMEL_LIMIT = 4096
+
+
 def stage_numel(arch: Architecture, pp: int, stage: int, tp: int, ep: int = 1, balanced: bool = True) -> int:
-    return sum(sharded_numel(t, tp, ep) for t in stage_tensors(arch, pp, stage, balanced))
+    """Parameter elements one GPU of ``stage`` holds (after tp and ep); memoized per architecture object (the
+    planner asks for the same stage thousands of times; the entry keeps ``arch`` and is compared by identity,
+    so a recycled ``id`` never answers for another model)."""
+    key = (id(arch), pp, stage, tp, ep, balanced)
+    hit = _NUMEL.get(key)
+    if hit is not None and hit[0] is arch:
+        return hit[1]
+    numel = sum(sharded_numel(t, tp, ep) for t in stage_tensors(arch, pp, stage, balanced))
+    if len(_NUMEL) >= _NUMEL_LIMIT:
+        _NUMEL.clear()
+    _NUMEL[key] = (arch, numel)
+    return numel
 
 
 def heaviest_stage(arch: Architecture, pp: int, tp: int, ep: int = 1, balanced: bool = True) -> int:

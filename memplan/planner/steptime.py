@@ -118,9 +118,25 @@ def layer_forward_flops(arch: Architecture, layer: Layer, seq_len: int, tokens: 
     return linear_forward_flops(layer, tokens) + attention_forward_flops(arch, layer, seq_len, tokens)
 
 
+_ACTIVE: dict[int, tuple[Layer, int]] = {}
+
+
+def _active_params(layer: Layer) -> int:
+    """``layer.active_params``, memoized (a sum over its tensors the planner asks for thousands of times); the
+    entry keeps the layer and is compared by identity, so a recycled ``id`` never answers for another."""
+    hit = _ACTIVE.get(id(layer))
+    if hit is not None and hit[0] is layer:
+        return hit[1]
+    if len(_ACTIVE) >= 65536:
+        _ACTIVE.clear()
+    value = layer.active_params
+    _ACTIVE[id(layer)] = (layer, value)
+    return value
+
+
 def linear_forward_flops(layer: Layer, tokens: int) -> float:
     """Forward FLOPs of a layer's weight GEMMs: 2·N_active per token (Kaplan et al. 2020, Table 1)."""
-    return 2.0 * layer.active_params * tokens
+    return 2.0 * _active_params(layer) * tokens
 
 
 def attention_forward_flops(arch: Architecture, layer: Layer, seq_len: int, tokens: int) -> float:
