@@ -37,26 +37,20 @@ def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: l
     ``values``: the metric per size (max-batch); None: the largest swept batch that fits (fits)."""
     ns, nb = len(sizes), len(batches)
     b = np.tile(np.array(batches, dtype=np.int64), ns)
+    from memplan.vector import fitted_arrays
+
     data: dict[str, Any] = {}
+    fitted = fitted_arrays(fit, [s for s in sizes for _ in batches], b)
     totals = {t: np.zeros(ns * nb, dtype=np.int64) for t in TIERS}
-    fitted: dict[str, np.ndarray] = {}
-    for col in (c for c in fit.columns if c in fit.gh[sizes[0]]):
-        g = np.repeat(np.array([fit.gh[s][col][0] for s in sizes], dtype=np.int64), nb)
-        h = np.repeat(np.array([fit.gh[s][col][1] for s in sizes], dtype=np.int64), nb)
-        fitted[col] = b * g + h
-    for col, (k, left_out) in fit.share.items():
-        tier = col.split(":", 1)[0]
-        others = sum((v for c, v in fitted.items() if c.split(":", 1)[0] == tier and c not in left_out),
-                     np.zeros(ns * nb, dtype=np.int64))
-        fitted[col] = -((-others * k.numerator) // k.denominator)
     for col, v in fitted.items():
         totals[col.split(":", 1)[0]] += v
+    peaks = {t: np.broadcast_to(fit.peak(fitted, t), (ns * nb,)) for t in TIERS}  # fits, headroom: the peak
     rooms = []
     for t in TIERS:
-        room = template[f"{t}_capacity_bytes"] - totals[t]
-        rooms.append(room if t == "gpu" else np.where(totals[t] > 0, room, np.iinfo(np.int64).max))
+        room = template[f"{t}_capacity_bytes"] - peaks[t]
+        rooms.append(room if t == "gpu" else np.where(peaks[t] > 0, room, np.iinfo(np.int64).max))
     headroom = np.minimum.reduce(rooms)
-    slack = np.minimum(headroom, template["gpu_capacity_bytes"] - totals["gpu"] - template["required_headroom_bytes"])
+    slack = np.minimum(headroom, template["gpu_capacity_bytes"] - peaks["gpu"] - template["required_headroom_bytes"])
     ok = slack >= 0
     if values is None:
         best = np.where(ok, b, 0).reshape(ns, nb).max(axis=1)
@@ -64,7 +58,7 @@ def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: l
     else:
         metric = np.repeat(np.array([values[s] for s in sizes], dtype=np.int64), nb)
     varying = {"micro_batch": b, size_key: np.repeat(np.array(sizes, dtype=np.int64), nb), "ok": ok,
-               "fits": np.logical_and.reduce([totals[t] <= template[f"{t}_capacity_bytes"] for t in TIERS]),
+               "fits": np.logical_and.reduce([peaks[t] <= template[f"{t}_capacity_bytes"] for t in TIERS]),
                "headroom_bytes": headroom, column: metric}
     for t in TIERS:
         varying[f"{t}_total_bytes"] = totals[t]
