@@ -439,7 +439,7 @@ def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
             solved = by_block[(gpu, count)]
             m = solved.member
             blk = block_frame(m.fit, m.template, sizes, list(spec.batches), size_key, column, solved.values)
-            per_size = blk[column].to_numpy()[:: len(spec.batches)].tolist()
+            per_size = np.asarray(blk[column])[:: len(spec.batches)].tolist()
             chunk += [CellResult(Cell(model, gpu, job, count, s, None), int(v), []) for s, v in zip(sizes, per_size,
                                                                                                   strict=True)]
             blocks.append(blk)

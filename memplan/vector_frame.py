@@ -1,6 +1,7 @@
-"""Columnar rows of vectorized sweep groups: one DataFrame per (model, job, GPU, GPU count) block, built
-with numpy from a ``vector.Fit`` instead of one dict per row. Same values, same column order and the
-same CSV bytes as the records ``grid.evaluate`` writes (``tests/test_vector.py`` checks it)."""
+"""Columnar rows of vectorized sweep groups: the columns of each (model, job, GPU, GPU count) block built
+with numpy from a ``vector.Fit`` instead of one dict per row, and one DataFrame per (model, job) run (pandas
+is called once per column of the run, not per block: that was most of a fleet sweep's time). Same values,
+same column order and the same CSV bytes as the records ``grid.evaluate`` writes (``tests/test_vector.py`` checks it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from memplan.report.frame import absent, concat_frames, typed
+from memplan.report.frame import absent, typed
 from memplan.units import GiB
 
 TIERS = ("gpu", "cpu", "nvme")
@@ -32,8 +33,9 @@ differ by the product's rounding)."""
 
 
 def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: list[int], size_key: str,
-                column: str, values: dict[int, int] | None) -> pd.DataFrame:
-    """Rows for every size × batch (sizes outer, as the grid's cells and records run) of one GPU's fit.
+                column: str, values: dict[int, int] | None) -> dict[str, Any]:
+    """Columns (numpy arrays or lists) of the rows for every size × batch (sizes outer, as the grid's cells
+    and records run) of one GPU's fit.
     ``values``: the metric per size (max-batch); None: the largest swept batch that fits (fits)."""
     ns, nb = len(sizes), len(batches)
     b = np.tile(np.array(batches, dtype=np.int64), ns)
@@ -62,37 +64,39 @@ def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: l
                "headroom_bytes": headroom, column: metric}
     for t in TIERS:
         varying[f"{t}_total_bytes"] = totals[t]
-        varying[f"{t}_total_gib"] = gib(totals[t])
+        varying[f"{t}_total_gib"] = np.asarray(gib(totals[t]), dtype=np.float64)
     for col, v in fitted.items():
         varying[col] = v
-        varying[col[:-6] + "_gib"] = gib(v)
+        varying[col[:-6] + "_gib"] = np.asarray(gib(v), dtype=np.float64)
     for col in fit.columns:
-        data[col] = varying[col] if col in varying else constant(col, template[col], ns * nb)
-    return pd.DataFrame(data, columns=list(fit.columns))
+        data[col] = varying[col] if col in varying else constant(template[col], ns * nb)
+    return data
 
 
-def constant(col: str, value: Any, n: int) -> Any:
-    """``n`` copies of ``value`` with the dtype ``report.frame.typed`` gives such a column, built without a
-    Python list where the type allows (text as a one-category categorical, numbers and flags as arrays)."""
+def constant(value: Any, n: int) -> Any:
+    """``n`` copies of ``value``: an array where numpy holds the value exactly (flags, int64, floats), else a list."""
     if isinstance(value, bool):
         return np.full(n, value, dtype=bool)
     if isinstance(value, int) and -2**63 <= value < 2**63:
         return np.full(n, value, dtype=np.int64)
     if isinstance(value, float):
         return np.full(n, value, dtype=np.float64)
-    if isinstance(value, str) and typed(col, [value]).dtype == "category":
-        return pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[value])
-    return typed(col, [value] * n)
+    return [value] * n
 
 
-def run_frame(blocks: list[pd.DataFrame]) -> pd.DataFrame:
+def run_frame(blocks: list[dict[str, Any]]) -> pd.DataFrame:
     """The blocks of one (model, job) in grid order as one frame: the union of their columns in first-seen
-    order, a column a block lacks filled as the stdlib writer fills it (0 bytes, 0.0 GiB, else empty)."""
-    columns = list(dict.fromkeys(c for blk in blocks for c in blk.columns))
-    filled = []
-    for blk in blocks:
-        for col in columns:
-            if col not in blk.columns:
-                blk[col] = typed(col, [absent(col)] * len(blk))
-        filled.append(blk[columns])
-    return concat_frames(filled)
+    order, a column a block lacks filled as the stdlib writer fills it (0 bytes, 0.0 GiB, else empty). Each
+    column gets the dtype ``report.frame.typed`` gives the same values (``records_frame``'s dtypes): arrays
+    of one dtype are concatenated as they are, anything else goes through ``typed``."""
+    columns = list(dict.fromkeys(c for blk in blocks for c in blk))
+    lengths = [len(next(iter(blk.values()))) for blk in blocks]
+    data = {}
+    for col in columns:
+        parts = [blk[col] if col in blk else constant(absent(col), n) for blk, n in zip(blocks, lengths, strict=True)]
+        kinds = {p.dtype for p in parts if isinstance(p, np.ndarray)}
+        if len(kinds) == 1 and all(isinstance(p, np.ndarray) for p in parts):
+            data[col] = np.concatenate(parts)
+        else:
+            data[col] = typed(col, [v for p in parts for v in (p.tolist() if isinstance(p, np.ndarray) else p)])
+    return pd.DataFrame(data, columns=columns, index=pd.RangeIndex(sum(lengths)))
