@@ -63,6 +63,10 @@ class Probe:
 
     record: dict[str, Any]
     slack: int
+    phases: dict[str, Any]
+    """Fitted column -> the phases its rows are alive in (``Row.phases``, from memory/registry.py; None: all)."""
+    step: tuple
+    """The step's phases (``Estimate.step_phases``): a tier's peak is its largest total over them."""
 
 
 class Prober:
@@ -90,7 +94,12 @@ class Prober:
             rec = {**estimate_record(est), "ok": slack >= 0, "required_headroom_bytes": ev.required,
                    "not_modelled": "", METRIC_COLUMN[self.spec.metric]: None, "error": "",
                    **cost_record(self.price, est)}
-            self.memo[(b, s)] = Probe(rec, slack)
+            phases: dict[str, Any] = {}
+            for row in est.rows:
+                col = f"{row.tier.value}:{row.component}_bytes"
+                if phases.setdefault(col, row.phases) != row.phases:
+                    raise NotExact(f"{col}: rows alive in different phases")
+            self.memo[(b, s)] = Probe(rec, slack, phases, tuple(est.step_phases))
         return self.memo[(b, s)]
 
 
@@ -134,29 +143,59 @@ class Fit:
     gh: dict[int, dict[str, tuple[int, int]]]
     """size -> column -> (G, H)."""
     share: dict[str, tuple[Fraction, frozenset[str]]]
-    """Share columns: (k, the columns of the tier left out of the sum)."""
+    """Share columns: (k, the columns of the tier left out of the peak it is a share of)."""
+    phases: dict[str, Any]
+    """Fitted column -> its phases (None: alive throughout), as the scalar rows carry them."""
+    step: tuple
+    """The step's phases."""
+
+    def peak(self, values: dict[str, Any], tier: str, skip: frozenset[str] = frozenset()) -> Any:
+        """The tier's largest phase total over the step, as ``breakdown.peak``: per phase, the sum of the
+        tier's columns (but ``skip``) alive in it. ``values``: ints, or numpy arrays (element-wise)."""
+        cols = [c for c in values if tier_of(c) == tier and c not in skip]
+        best: Any = None
+        for phase in self.step:
+            tot = sum((values[c] for c in cols if self.phases[c] is None or phase in self.phases[c]), 0)
+            if best is None:
+                best = tot
+            elif isinstance(best, np.ndarray) or isinstance(tot, np.ndarray):
+                best = np.maximum(best, tot)
+            else:
+                best = max(best, tot)
+        return best
+
+    def complete(self, out: dict[str, Any]) -> dict[str, Any]:
+        """``out`` (the polynomial columns) with each share column added: ceil(k · its tier's peak of the
+        columns not left out), as ``runtime.allocator_reserve_bytes`` of ``components.allocated_peak``."""
+        for col, (k, left_out) in self.share.items():
+            others = self.peak(out, tier_of(col), left_out)
+            out[col] = -((-others * k.numerator) // k.denominator)
+        return out
 
     def at(self, b: int, s: int) -> dict[str, int]:
-        out = {c: b * g + h for c, (g, h) in self.gh[s].items()}
-        for col, (k, left_out) in self.share.items():
-            others = sum(v for c, v in out.items() if tier_of(c) == tier_of(col) and c not in left_out)
-            out[col] = -((-others * k.numerator) // k.denominator)
+        out = self.complete({c: b * g + h for c, (g, h) in self.gh[s].items()})
         return {c: out[c] for c in self.columns if c in out}
 
 
 def find_share(p: Prober, fit: Fit, col: str, points: list[tuple[int, int]], top: dict[str, Any]) -> tuple:
-    """(k, left out) such that ``col`` = ceil(k · the sum of its tier's other columns but those left out)
+    """(k, left out) such that ``col`` = ceil(k · the peak of its tier's other columns but those left out)
     at every point; the columns that may be left out are those constant over the points (a fixed
-    overhead the share is not taken of). NotExact when no such form fits."""
+    overhead the share is not taken of: the runtime rows, the CUDA context). NotExact when no such form fits."""
     same = [c for c in fit.gh[points[0][1]] if c != col and tier_of(c) == tier_of(col)]
-    constant = [c for c in same if len({p.at(b, s).record[c] for b, s in points}) == 1]
-    for left_out in [frozenset(), *(frozenset([c]) for c in constant), frozenset(constant)]:
-        others = sum(top[c] for c in same if c not in left_out)
-        if others <= 0:
+    constant = [c for c in same if len({p.at(b, s).record.get(c, 0) for b, s in points}) == 1]
+    runtime = frozenset(c for c in constant if c.split(":", 1)[1].startswith("runtime/"))
+    tier = tier_of(col)
+
+    def others(rec: dict[str, Any], left_out: frozenset[str]) -> int:
+        return fit.peak({c: rec.get(c, 0) for c in same}, tier, left_out)
+
+    for left_out in dict.fromkeys([runtime, frozenset(), *(frozenset([c]) for c in constant), frozenset(constant)]):
+        base = others(top, left_out)
+        if base <= 0:
             continue
-        k = Fraction(top[col], others).limit_denominator(SHARE_DENOMINATOR)
-        if all(p.at(b, s).record[col] == -((-sum(p.at(b, s).record[c] for c in same if c not in left_out)
-                                            * k.numerator) // k.denominator) for b, s in points):
+        k = Fraction(top[col], base).limit_denominator(SHARE_DENOMINATOR)
+        if all(p.at(b, s).record[col] == -((-others(p.at(b, s).record, left_out) * k.numerator) // k.denominator)
+               for b, s in points):
             return k, left_out
     raise NotExact(col)
 
@@ -171,15 +210,16 @@ def predict(fit: Fit, template: dict[str, Any], b: int, s: int, size_key: str) -
         rec[col] = v
         rec[col[:-6] + "_gib"] = round(v / GiB, 4)
         totals[tier_of(col)] = totals.get(tier_of(col), 0) + v
+    peaks = {tier: fit.peak(values, tier) for tier in TIERS}  # fits and headroom: the peak (Estimate.fits)
     headroom = []
     for tier in TIERS:
         total = totals.get(tier, 0)
         rec[f"{tier}_total_bytes"], rec[f"{tier}_total_gib"] = total, round(total / GiB, 4)
-        if tier == "gpu" or total > 0:
-            headroom.append(rec[f"{tier}_capacity_bytes"] - total)
-    rec["fits"] = all(rec[f"{t}_capacity_bytes"] >= totals.get(t, 0) for t in TIERS)
+        if tier == "gpu" or peaks[tier] > 0:
+            headroom.append(rec[f"{tier}_capacity_bytes"] - peaks[tier])
+    rec["fits"] = all(rec[f"{t}_capacity_bytes"] >= peaks[t] for t in TIERS)
     rec["headroom_bytes"] = min(headroom)
-    slack = min(rec["headroom_bytes"], rec["gpu_capacity_bytes"] - totals.get("gpu", 0) - rec["required_headroom_bytes"])
+    slack = min(rec["headroom_bytes"], rec["gpu_capacity_bytes"] - peaks["gpu"] - rec["required_headroom_bytes"])
     rec["ok"] = slack >= 0
     return rec, slack
 
@@ -189,6 +229,8 @@ TIERS = ("gpu", "cpu", "nvme")
 
 def check(fit: Fit, probe: Probe, b: int, s: int, size_key: str) -> None:
     """NotExact unless the fit gives this probe's record exactly, every column in the same order."""
+    if probe.step != fit.step or any(fit.phases.get(c, ph) != ph for c, ph in probe.phases.items()):
+        raise NotExact(f"phases at ({b}, {s})")
     rec, slack = predict(fit, probe.record, b, s, size_key)
     if list(probe.record) != fit.columns or rec != probe.record or slack != probe.slack:
         raise NotExact(f"probe ({b}, {s})")
@@ -211,9 +253,14 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
             off.add(col)
         for s, (gs, hs) in zip(sizes, values, strict=True):
             gh[s][col] = (int(gs), int(hs))
-    fit = Fit(columns, gh, {})
     checks = [(3, sp[len(sp) // 2]), (b_top, sizes[-1]), (2 * b_top + 3, sizes[0]), (7 * b_top + 5, sizes[-1]),
               *((b_top, s) for s in sizes if s not in sp)]
+    phases: dict[str, Any] = {}
+    for b, s in [*((b, s) for b in (1, 2) for s in sp), *checks]:
+        for c, ph in p.at(b, s).phases.items():
+            if phases.setdefault(c, ph) != ph:
+                raise NotExact(f"{c}: phases vary")
+    fit = Fit(columns, gh, {}, phases, p.at(1, sp[0]).step)
     top = p.at(b_top, sizes[-1]).record
     for col in fitted:  # a column off the polynomial form may be a share of its tier's other columns
         if col not in off and all(p.at(b, s).record.get(col) == fit.at(b, s)[col] for b, s in checks):
@@ -272,37 +319,36 @@ def matches(fit: Fit, probe: Probe, b: int, s: int, size_key: str) -> bool:
     return True
 
 
+def fitted_arrays(fit: Fit, sizes: list[int], b: np.ndarray) -> dict[str, np.ndarray]:
+    """Every fitted column (share columns included) at micro-batch ``b[i]`` and size ``sizes[i]``, int64."""
+    out = {}
+    for col in fit.gh[sizes[0]]:
+        g = np.array([fit.gh[s][col][0] for s in sizes], dtype=np.int64)
+        h = np.array([fit.gh[s][col][1] for s in sizes], dtype=np.int64)
+        out[col] = b * g + h
+    return fit.complete(out)
+
+
 def largest_batches(m: Member, sizes: list[int]) -> dict[int, int]:
-    """Per size, the largest micro-batch in [1, MAX_BATCH] whose slack is >= 0 (0: none), by a bisection
-    over numpy arrays of the fitted totals (exact int64: NotExact when values could overflow)."""
+    """Per size, the largest micro-batch in [1, MAX_BATCH] whose slack (on the tiers' phase peaks) is >= 0
+    (0: none), by a bisection over numpy arrays of the fitted columns (exact int64: NotExact when values
+    could overflow)."""
     fit, rec = m.fit, m.template
     n = len(sizes)
-    g, h, fixed = ({t: np.zeros(n, dtype=np.int64) for t in TIERS} for _ in range(3))
-    left = {tier_of(c): lo for c, (_, lo) in fit.share.items()}
-    for i, s in enumerate(sizes):
-        for col, (gc, hc) in fit.gh[s].items():
-            t = tier_of(col)
-            g[t][i] += gc
-            h[t][i] += hc
-            if col in left.get(t, ()):
-                fixed[t][i] += hc
     share = {tier_of(c): k for c, (k, _) in fit.share.items()}
-    for t in TIERS:  # exact int64 below: |b·G + H| · k's numerator at the largest batch, with room for capacities
-        bound = max((abs(int(a)) * MAX_BATCH + abs(int(c))) for a, c in zip(g[t], h[t], strict=True))
+    for t in TIERS:  # exact int64 below: Σ |b·G + H| · k's numerator at the largest batch, with room for capacities
+        bound = max(sum(abs(fit.gh[s][c][0]) * MAX_BATCH + abs(fit.gh[s][c][1]) for c in fit.gh[s] if tier_of(c) == t)
+                    for s in sizes)
         if 2 * bound * (share[t].numerator if t in share else 1) >= INT64_SAFE // 4:
             raise NotExact("int64")
 
-    def total(t: str, b: np.ndarray) -> np.ndarray:
-        base = b * g[t] + h[t]
-        k = share.get(t)
-        return base if k is None else base - ((-(base - fixed[t]) * k.numerator) // k.denominator)
-
     def slack(b: np.ndarray) -> np.ndarray:
-        worst = rec["gpu_capacity_bytes"] - rec["required_headroom_bytes"] - total("gpu", b)
+        values = fitted_arrays(fit, sizes, b)
+        peaks = {t: fit.peak(values, t) for t in TIERS}
+        worst = rec["gpu_capacity_bytes"] - rec["required_headroom_bytes"] - peaks["gpu"]
         for t in TIERS:
-            tot = total(t, b)
-            room = rec[f"{t}_capacity_bytes"] - tot
-            worst = np.minimum(worst, room if t == "gpu" else np.where(tot > 0, room, worst))
+            room = rec[f"{t}_capacity_bytes"] - peaks[t]
+            worst = np.minimum(worst, room if t == "gpu" else np.where(peaks[t] > 0, room, worst))
         return worst
 
     lo, hi = np.ones(n, dtype=np.int64), np.full(n, MAX_BATCH + 1, dtype=np.int64)
@@ -394,7 +440,7 @@ def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
             solved = by_block[(gpu, count)]
             m = solved.member
             blk = block_frame(m.fit, m.template, sizes, list(spec.batches), size_key, column, solved.values)
-            per_size = blk[column].to_numpy()[:: len(spec.batches)].tolist()
+            per_size = np.asarray(blk[column])[:: len(spec.batches)].tolist()
             chunk += [CellResult(Cell(model, gpu, job, count, s, None), int(v), []) for s, v in zip(sizes, per_size,
                                                                                                   strict=True)]
             blocks.append(blk)

@@ -1,6 +1,7 @@
-"""Columnar rows of vectorized sweep groups: one DataFrame per (model, job, GPU, GPU count) block, built
-with numpy from a ``vector.Fit`` instead of one dict per row. Same values, same column order and the
-same CSV bytes as the records ``grid.evaluate`` writes (``tests/test_vector.py`` checks it)."""
+"""Columnar rows of vectorized sweep groups: the columns of each (model, job, GPU, GPU count) block built
+with numpy from a ``vector.Fit`` instead of one dict per row, and one DataFrame per (model, job) run (pandas
+is called once per column of the run, not per block: that was most of a fleet sweep's time). Same values,
+same column order and the same CSV bytes as the records ``grid.evaluate`` writes (``tests/test_vector.py`` checks it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from memplan.report.frame import absent, concat_frames, typed
+from memplan.report.frame import absent, typed
 from memplan.units import GiB
 
 TIERS = ("gpu", "cpu", "nvme")
@@ -32,31 +33,26 @@ differ by the product's rounding)."""
 
 
 def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: list[int], size_key: str,
-                column: str, values: dict[int, int] | None) -> pd.DataFrame:
-    """Rows for every size × batch (sizes outer, as the grid's cells and records run) of one GPU's fit.
+                column: str, values: dict[int, int] | None) -> dict[str, Any]:
+    """Columns (numpy arrays or lists) of the rows for every size × batch (sizes outer, as the grid's cells
+    and records run) of one GPU's fit.
     ``values``: the metric per size (max-batch); None: the largest swept batch that fits (fits)."""
     ns, nb = len(sizes), len(batches)
     b = np.tile(np.array(batches, dtype=np.int64), ns)
+    from memplan.vector import fitted_arrays
+
     data: dict[str, Any] = {}
+    fitted = fitted_arrays(fit, [s for s in sizes for _ in batches], b)
     totals = {t: np.zeros(ns * nb, dtype=np.int64) for t in TIERS}
-    fitted: dict[str, np.ndarray] = {}
-    for col in (c for c in fit.columns if c in fit.gh[sizes[0]]):
-        g = np.repeat(np.array([fit.gh[s][col][0] for s in sizes], dtype=np.int64), nb)
-        h = np.repeat(np.array([fit.gh[s][col][1] for s in sizes], dtype=np.int64), nb)
-        fitted[col] = b * g + h
-    for col, (k, left_out) in fit.share.items():
-        tier = col.split(":", 1)[0]
-        others = sum((v for c, v in fitted.items() if c.split(":", 1)[0] == tier and c not in left_out),
-                     np.zeros(ns * nb, dtype=np.int64))
-        fitted[col] = -((-others * k.numerator) // k.denominator)
     for col, v in fitted.items():
         totals[col.split(":", 1)[0]] += v
+    peaks = {t: np.broadcast_to(fit.peak(fitted, t), (ns * nb,)) for t in TIERS}  # fits, headroom: the peak
     rooms = []
     for t in TIERS:
-        room = template[f"{t}_capacity_bytes"] - totals[t]
-        rooms.append(room if t == "gpu" else np.where(totals[t] > 0, room, np.iinfo(np.int64).max))
+        room = template[f"{t}_capacity_bytes"] - peaks[t]
+        rooms.append(room if t == "gpu" else np.where(peaks[t] > 0, room, np.iinfo(np.int64).max))
     headroom = np.minimum.reduce(rooms)
-    slack = np.minimum(headroom, template["gpu_capacity_bytes"] - totals["gpu"] - template["required_headroom_bytes"])
+    slack = np.minimum(headroom, template["gpu_capacity_bytes"] - peaks["gpu"] - template["required_headroom_bytes"])
     ok = slack >= 0
     if values is None:
         best = np.where(ok, b, 0).reshape(ns, nb).max(axis=1)
@@ -64,41 +60,43 @@ def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: l
     else:
         metric = np.repeat(np.array([values[s] for s in sizes], dtype=np.int64), nb)
     varying = {"micro_batch": b, size_key: np.repeat(np.array(sizes, dtype=np.int64), nb), "ok": ok,
-               "fits": np.logical_and.reduce([totals[t] <= template[f"{t}_capacity_bytes"] for t in TIERS]),
+               "fits": np.logical_and.reduce([peaks[t] <= template[f"{t}_capacity_bytes"] for t in TIERS]),
                "headroom_bytes": headroom, column: metric}
     for t in TIERS:
         varying[f"{t}_total_bytes"] = totals[t]
-        varying[f"{t}_total_gib"] = gib(totals[t])
+        varying[f"{t}_total_gib"] = np.asarray(gib(totals[t]), dtype=np.float64)
     for col, v in fitted.items():
         varying[col] = v
-        varying[col[:-6] + "_gib"] = gib(v)
+        varying[col[:-6] + "_gib"] = np.asarray(gib(v), dtype=np.float64)
     for col in fit.columns:
-        data[col] = varying[col] if col in varying else constant(col, template[col], ns * nb)
-    return pd.DataFrame(data, columns=list(fit.columns))
+        data[col] = varying[col] if col in varying else constant(template[col], ns * nb)
+    return data
 
 
-def constant(col: str, value: Any, n: int) -> Any:
-    """``n`` copies of ``value`` with the dtype ``report.frame.typed`` gives such a column, built without a
-    Python list where the type allows (text as a one-category categorical, numbers and flags as arrays)."""
+def constant(value: Any, n: int) -> Any:
+    """``n`` copies of ``value``: an array where numpy holds the value exactly (flags, int64, floats), else a list."""
     if isinstance(value, bool):
         return np.full(n, value, dtype=bool)
     if isinstance(value, int) and -2**63 <= value < 2**63:
         return np.full(n, value, dtype=np.int64)
     if isinstance(value, float):
         return np.full(n, value, dtype=np.float64)
-    if isinstance(value, str) and typed(col, [value]).dtype == "category":
-        return pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[value])
-    return typed(col, [value] * n)
+    return [value] * n
 
 
-def run_frame(blocks: list[pd.DataFrame]) -> pd.DataFrame:
+def run_frame(blocks: list[dict[str, Any]]) -> pd.DataFrame:
     """The blocks of one (model, job) in grid order as one frame: the union of their columns in first-seen
-    order, a column a block lacks filled as the stdlib writer fills it (0 bytes, 0.0 GiB, else empty)."""
-    columns = list(dict.fromkeys(c for blk in blocks for c in blk.columns))
-    filled = []
-    for blk in blocks:
-        for col in columns:
-            if col not in blk.columns:
-                blk[col] = typed(col, [absent(col)] * len(blk))
-        filled.append(blk[columns])
-    return concat_frames(filled)
+    order, a column a block lacks filled as the stdlib writer fills it (0 bytes, 0.0 GiB, else empty). Each
+    column gets the dtype ``report.frame.typed`` gives the same values (``records_frame``'s dtypes): arrays
+    of one dtype are concatenated as they are, anything else goes through ``typed``."""
+    columns = list(dict.fromkeys(c for blk in blocks for c in blk))
+    lengths = [len(next(iter(blk.values()))) for blk in blocks]
+    data = {}
+    for col in columns:
+        parts = [blk[col] if col in blk else constant(absent(col), n) for blk, n in zip(blocks, lengths, strict=True)]
+        kinds = {p.dtype for p in parts if isinstance(p, np.ndarray)}
+        if len(kinds) == 1 and all(isinstance(p, np.ndarray) for p in parts):
+            data[col] = np.concatenate(parts)
+        else:
+            data[col] = typed(col, [v for p in parts for v in (p.tolist() if isinstance(p, np.ndarray) else p)])
+    return pd.DataFrame(data, columns=columns, index=pd.RangeIndex(sum(lengths)))
