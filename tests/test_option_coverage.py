@@ -73,8 +73,18 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--min-memory": "40GiB", "--set": "job.seq_len=1024", "--global-batch": "16", "--zero": "1",
     "--recompute-layers": "2", "--optimizer-gpu-layers": "2", "--allocator-reserve": "7", "--gpus-per-node": "2",
     "--pp": "2", "--lora-rank": "8", "--top": "2", "--recipe": str(ROOT / "recipes" / "qwen2.5-72b-serve-32k.yaml"),
+    "--engine": {"infer": "llamacpp", "*": "deepspeed"}, "--optimizer-impl": "for-loop", "--kept-output": "logits",
+    "--bucket-cap-mb": "100", "--fsdp-prefetch": "2", "--reduce-bucket-size": "50000000",
+    "--allgather-bucket-size": "50000000", "--stage3-max-live-parameters": "10000000",
+    "--stage3-prefetch-bucket-size": "5000000", "--stage3-param-persistence-threshold": "10000000",
+    "--gpu-memory-utilization": "0.5", "--max-num-batched-tokens": "4096", "--max-num-seqs": "64",
+    "--kv-block-size": "32", "--max-model-len": "512", "--n-gpu-layers": "6", "--n-ctx": "512", "--n-batch": "1024",
+    "--n-ubatch": "256", "--cache-type-k": "q8_0", "--cache-type-v": "q8_0", "--cache-implementation": "static",
+    "--prompt-tokens": "128", "--hbm-efficiency": "0.5", "--compute-efficiency": "0.3",
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
+DEFAULT_ON = {"--reshard-after-forward", "--contiguous-gradients", "--flash-attn"}
+"""Flags whose unset value (None) means the engine's default, which is on: the other value is the --no- form."""
 FILE_OPTIONS = {"--plot", "--junit", "--debug-lp", "--out"}
 """Options that write a file: used when the file appears (or rejected with exit 2)."""
 RESULT_NEUTRAL = {
@@ -126,6 +136,8 @@ def variant(param: Any, job: str | None, base: list[str]) -> list[str] | None:
     flag = param.opts[0]
     if getattr(param, "is_flag", False):
         off = param.secondary_opts[0] if param.secondary_opts else None
+        if flag in DEFAULT_ON and flag not in base:
+            return [off]
         given = flag in base or (off is not None and off in base)
         on = flag in base if given else param.default is True
         if on and off is None:  # an on-only flag already given: nothing else to give it
