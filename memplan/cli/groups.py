@@ -248,7 +248,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "stage3_param_persistence_threshold", "use_distributed_optimizer"),
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v",
-                "flash_attn", "cache_implementation", "prompt_tokens", "hbm_efficiency", "compute_efficiency"),
+                "flash_attn", "cache_implementation"),
+    "serving_time": ("prompt_tokens", "hbm_efficiency", "compute_efficiency"),
     "output": ("fmt", "plot"),
 }
 

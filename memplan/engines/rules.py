@@ -163,6 +163,9 @@ def violation(cfg: JobConfig) -> str | None:
         return f"engine {engine.value} serves models; a {cfg.job.value} job needs a training engine ({_NAMES})."
     if rule := _optimizer_impl_rule(cfg, engine):
         return rule
+    if cfg.sequence_parallel and cfg.tp == 1:
+        return ("sequence parallelism splits activations over the tensor-parallel group (Korthikanti et al. 2022); "
+                "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
     for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine), _knob_effect_rule(cfg)):
         if rule:
             return rule
