@@ -154,8 +154,10 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
     return None
 
 
-def violation(cfg: JobConfig) -> str | None:
-    """The first engine rule ``cfg`` breaks, as one sentence; None when the engine runs it."""
+def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
+    """The first engine rule ``cfg`` breaks, as one sentence; None when the engine runs it. ``partial``: ``cfg``
+    fixes one planner dimension only (tp or pp at ZeRO-0), so the rules that weigh a knob against the ZeRO
+    stage and data parallelism of the whole combination wait for it (``planner.train``)."""
     engine = cfg.effective_engine
     if not cfg.job.trains:
         return None
@@ -166,7 +168,8 @@ def violation(cfg: JobConfig) -> str | None:
     if cfg.sequence_parallel and cfg.tp == 1:
         return ("sequence parallelism splits activations over the tensor-parallel group (Korthikanti et al. 2022); "
                 "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
-    for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine), _knob_effect_rule(cfg)):
+    for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine),
+                 None if partial else _knob_effect_rule(cfg)):
         if rule:
             return rule
     if engine is Engine.FSDP2 and cfg.job not in (Job.PRETRAIN, Job.FULL):
