@@ -192,6 +192,14 @@ class InferConfig(Strict):
     layer's weights in CPU RAM and streams them to the GPU for each forward pass (accelerate ``device_map``
     with "cpu" entries, ``AlignDevicesHook(offload=True)``); None: every layer on the GPU."""
 
+    @model_validator(mode="after")
+    def _block_size_needs_paged(self) -> InferConfig:
+        """``block_size`` sizes the blocks of a paged cache only (``memory.kv_cache``): set without ``paged`` it
+        would be silently ignored."""
+        if not self.paged and self.block_size != type(self).model_fields["block_size"].default:
+            raise ValueError("infer.block_size sizes a paged KV cache's blocks: add --paged (infer.paged) or drop it.")
+        return self
+
 
 class ServeConfig(Strict):
     """Knobs of the serving engines, each under the engine's own name (``JobConfig.engine`` picks the engine).
@@ -319,7 +327,7 @@ class EngineConfig(Strict):
 TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
                  "sequence_parallel", "dropout", "loss_fp32", "activation_accounting", "lora", "galore",
-                 "optimizer_impl", "engine_config", "perf")
+                 "optimizer_impl", "engine_config", "kept_output", "perf")
 """JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
 training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {

@@ -40,7 +40,7 @@ PlotAxis = Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot
          "recompute",
          "per_layer_offload", "per_layer_quant", "flash_attention", "cuda_context", "allocator_reserve", "safety_margin",
          "lora_rank", "lora_targets", "galore_rank", "galore_8bit", "context", "kv_dtype", "engine_knobs", "serving",
-         "perf", "output", lists=DIMENSIONS,
+         "serving_time", "perf", "output", lists=DIMENSIONS,
          exclude=("quant_map", "master_weights", "grad_dtype"), custom=CUSTOM)
 def plan(model: Model, opts: Opts, objective: Objective = "throughput", top: Top = 3, time_limit: TimeLimit = 30.0,
          solver: Solver = None, debug_lp: DebugLp = None, plot_axis: PlotAxis = "context") -> None:

@@ -14,6 +14,9 @@ from memplan.errors import MemplanError
 
 app = command_app()
 G = "Grid"
+MAX_WORKERS = 1024
+"""The most worker processes --workers accepts: far past any host's cores (a larger count cannot even be
+started: the OS refuses the processes, or the integer overflows a C long)."""
 FIXED = ("dtype", "quant", "optimizer", "zero", "offload_optimizer", "offload_params", "pp", "recompute", "lora_rank",
          "kv_dtype", "cpu_ram", "nvme")
 """Job options that hold one value for the whole grid (default: the recipe's, else memplan's)."""
@@ -68,8 +71,9 @@ def sweep(recipe: Recipe = None, models: Models = None, gpus: Gpus = None, jobs:
 
     emit.check_format(fmt)
     emit.check_plot(plot)
-    if workers is not None and workers < 1:
-        raise MemplanError("--workers must be at least 1.")
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise MemplanError(f"--workers must be between 1 and {MAX_WORKERS} (more processes than that only queue "
+                           f"on the CPUs), not {workers}.")
     axes = {"models": models, "gpus": gpus, "jobs": jobs, "seq_lens": seq_lens, "contexts": contexts, "batches": batches,
             "gpu_counts": gpu_counts, "gpus_per_node": gpus_per_node, "metric": metric, "min_headroom": min_headroom,
             "tp": tp}

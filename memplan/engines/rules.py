@@ -6,7 +6,7 @@ exit 2); the planner keeps only combinations without a violation (``planner.spac
 
 from __future__ import annotations
 
-from memplan.config import Engine, Job, JobConfig, Offload, OptimizerKind, ZeroStage
+from memplan.config import Accounting, Engine, Job, JobConfig, Offload, OptimizerKind, ZeroStage
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 
@@ -107,8 +107,57 @@ def _optimizer_impl_rule(cfg: JobConfig, engine: Engine) -> str | None:
     return None
 
 
-def violation(cfg: JobConfig) -> str | None:
-    """The first engine rule ``cfg`` breaks, as one sentence; None when the engine runs it."""
+_FULL_WEIGHT_BUFFERS = ("gradient_as_bucket_view", "reshard_after_forward", "fsdp_prefetch", "reduce_bucket_size",
+                        "overlap_comm", "contiguous_gradients", "stage3_max_live_parameters",
+                        "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "use_distributed_optimizer")
+"""Knobs that size an engine's buffers over the full-weight states (memory.engine_buffers, engine_states)."""
+_DATA_PARALLEL = ("gradient_as_bucket_view", "reshard_after_forward", "fsdp_prefetch", "use_distributed_optimizer")
+"""Knobs of buffers that exist only across data-parallel ranks (DDP buckets, FSDP2 all-gathers, Megatron's
+distributed optimizer shards)."""
+_ZERO3 = ("stage3_max_live_parameters", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def _knob_effect_rule(cfg: JobConfig) -> str | None:
+    """A knob of the job's engine, changed from its default, in a configuration where it moves no byte is an
+    error naming why (``memory.engine_buffers``: DDP buckets and FSDP2 gathers exist only with dp > 1;
+    DeepSpeed's reduce bucket only at ZeRO ≥ 1, its double buffer (overlap_comm) only at ZeRO-1/2, the
+    stage3_* knobs only at ZeRO-3)."""
+    from memplan.config import EngineConfig
+
+    default = EngineConfig()
+    changed = [n for n in ("bucket_cap_mb", "allgather_bucket_size", *_FULL_WEIGHT_BUFFERS)
+               if getattr(cfg.engine_config, n) != getattr(default, n)]
+    for name in changed:
+        knob = f"engine_config.{name}"
+        if name == "bucket_cap_mb":
+            return (f"{knob} sizes each DDP bucket, not their total: the buckets together hold one copy of the "
+                    "gradients (torch/csrc/distributed/c10d/reducer.cpp), so it moves no byte; drop --bucket-cap-mb.")
+        if name == "allgather_bucket_size":
+            return (f"{knob} (DeepSpeed's all-gather of updated ZeRO-1/2 partitions) is not modelled by memplan: "
+                    "drop --allgather-bucket-size.")
+        if cfg.accounting is Accounting.PAPER:
+            return f"{knob} sizes an engine buffer; the paper's accounting (--accounting paper) counts none: drop it."
+        if not cfg.job.full_weights_trainable or cfg.job is Job.GALORE:
+            return (f"{knob} sizes the engine's buffers of full-weight states (pretrain, full jobs); a "
+                    f"{cfg.job.value} job's are not modelled with it: drop it.")
+        if name in _DATA_PARALLEL and cfg.dp <= 1:
+            return f"{knob} acts across data-parallel ranks; with one (dp=1) it moves no byte: use --gpus 2 or more."
+        if name in _ZERO3 and cfg.zero is not ZeroStage.PARAMETERS:
+            return f"{knob} is a ZeRO-3 setting; at ZeRO-{int(cfg.zero)} it moves no byte: use --zero 3."
+        if name in ("reduce_bucket_size", "contiguous_gradients") and cfg.zero is ZeroStage.NONE:
+            return f"{knob} sizes ZeRO's gradient reduce bucket; ZeRO-0 has none: use --zero 1, 2 or 3."
+        if name == "overlap_comm" and cfg.zero in (ZeroStage.NONE, ZeroStage.PARAMETERS):
+            return (f"{knob} doubles ZeRO-1/2's reduce bucket (stage_1_and_2.py ipg buffers); at ZeRO-{int(cfg.zero)} "
+                    "it moves no byte in memplan's model: use --zero 1 or 2, or drop it.")
+        if name == "reduce_bucket_size" and not cfg.engine_config.contiguous_gradients:
+            return f"{knob} sizes the contiguous gradient bucket; with contiguous_gradients off there is none."
+    return None
+
+
+def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
+    """The first engine rule ``cfg`` breaks, as one sentence; None when the engine runs it. ``partial``: ``cfg``
+    fixes one planner dimension only (tp or pp at ZeRO-0), so the rules that weigh a knob against the ZeRO
+    stage and data parallelism of the whole combination wait for it (``planner.train``)."""
     engine = cfg.effective_engine
     if not cfg.job.trains:
         return None
@@ -116,7 +165,11 @@ def violation(cfg: JobConfig) -> str | None:
         return f"engine {engine.value} serves models; a {cfg.job.value} job needs a training engine ({_NAMES})."
     if rule := _optimizer_impl_rule(cfg, engine):
         return rule
-    for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine)):
+    if cfg.sequence_parallel and cfg.tp == 1:
+        return ("sequence parallelism splits activations over the tensor-parallel group (Korthikanti et al. 2022); "
+                "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
+    for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine),
+                 None if partial else _knob_effect_rule(cfg)):
         if rule:
             return rule
     if engine is Engine.FSDP2 and cfg.job not in (Job.PRETRAIN, Job.FULL):

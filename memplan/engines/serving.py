@@ -21,8 +21,9 @@ VLLM_KNOBS = frozenset({"gpu_memory_utilization", "max_num_batched_tokens", "max
 LLAMACPP_KNOBS = frozenset({"n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v", "flash_attn"})
 TRANSFORMERS_KNOBS = frozenset({"cache_implementation"})
 COMMON_KNOBS = frozenset({"prompt_tokens", "hbm_efficiency", "compute_efficiency"})
-KNOBS = {Engine.VLLM: VLLM_KNOBS, Engine.LLAMACPP: LLAMACPP_KNOBS, Engine.TRANSFORMERS: TRANSFORMERS_KNOBS,
-         None: TRANSFORMERS_KNOBS}
+KNOBS = {Engine.VLLM: VLLM_KNOBS, Engine.LLAMACPP: LLAMACPP_KNOBS, Engine.TRANSFORMERS: TRANSFORMERS_KNOBS}
+"""The default engine (None) models no transformers cache class: cache_implementation needs --engine transformers
+(memory.kv_cache, memory.inference read it only there)."""
 
 
 def check_knobs(cfg: JobConfig) -> None:
@@ -37,9 +38,10 @@ def check_knobs(cfg: JobConfig) -> None:
         raise MemplanError(f"serve settings ({', '.join(sorted(given))}) apply to inference jobs only (job=infer).")
     if cfg.engine is Engine.LLAMACPP and "enforce_eager" in given:
         return  # llamacpp.check says why, in its own words
-    foreign = sorted(given - KNOBS.get(cfg.engine, frozenset()) - COMMON_KNOBS)
+    own = KNOBS.get(cfg.engine, frozenset()) if cfg.engine is not None else frozenset()
+    foreign = sorted(given - own - COMMON_KNOBS)
     if foreign:
-        engine = cfg.engine.value if cfg.engine else "the default (transformers-style) engine"
+        engine = cfg.engine.value if cfg.engine else "the default engine (no cache class; --engine transformers has it)"
         raise MemplanError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a knob of {engine}; "
                            "choose the engine they belong to (vllm, llamacpp, transformers) or drop them.")
 
