@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from memplan.errors import MemplanError
 from memplan.estimator import estimate
 from memplan.memory.breakdown import Phase, Tier
 
@@ -34,8 +35,10 @@ def test_kept_logits_add_their_bytes_from_backward_to_the_step(kept: str, elemen
 def test_no_kept_output_row_by_default_nor_for_inference() -> None:
     rows = estimate("llama-2-7b", "h100-sxm-80gb", **FIELDS).rows
     assert not any(r.component == "activations/kept_output" for r in rows)
-    infer = estimate("llama-2-7b", "h100-sxm-80gb", job="infer", kept_output="logits_fp32").rows
+    infer = estimate("llama-2-7b", "h100-sxm-80gb", job="infer").rows
     assert not any(r.component == "activations/kept_output" for r in infer)
+    with pytest.raises(MemplanError, match="kept_output does not apply to an infer job"):  # not silently ignored
+        estimate("llama-2-7b", "h100-sxm-80gb", job="infer", kept_output="logits_fp32")
 
 
 def test_kept_output_is_a_closed_choice() -> None:

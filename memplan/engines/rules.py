@@ -156,8 +156,8 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
 
 def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
     """The first engine rule ``cfg`` breaks, as one sentence; None when the engine runs it. ``partial``: ``cfg``
-    fixes one planner dimension only (tp or pp at ZeRO-0), so the rules that weigh a knob against the ZeRO
-    stage and data parallelism of the whole combination wait for it (``planner.train``)."""
+    fixes one planner dimension only (tp, pp or the ZeRO placement), so the rules that weigh a setting against the
+    ZeRO stage, tp and data parallelism of the whole combination wait for it (``planner.train``)."""
     engine = cfg.effective_engine
     if not cfg.job.trains:
         return None
@@ -165,7 +165,7 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
         return f"engine {engine.value} serves models; a {cfg.job.value} job needs a training engine ({_NAMES})."
     if rule := _optimizer_impl_rule(cfg, engine):
         return rule
-    if cfg.sequence_parallel and cfg.tp == 1:
+    if cfg.sequence_parallel and cfg.tp == 1 and not partial:
         return ("sequence parallelism splits activations over the tensor-parallel group (Korthikanti et al. 2022); "
                 "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
     for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine),

@@ -188,7 +188,7 @@ def runnable_dims(base: JobConfig, dims: dict[str, tuple], excluded: list[str]) 
     def keep(dim: str, values: tuple, update) -> tuple:
         out = []
         for v in values:
-            reason = rules.violation(base.model_copy(update=update(v)), partial=dim != "placement")
+            reason = rules.violation(base.model_copy(update=update(v)), partial=True)
             if reason is None:
                 out.append(v)
             else:
