@@ -380,7 +380,7 @@ def perf_not_read(cfg: JobConfig) -> list[str]:
     """The step-time knobs set for traffic the job does not have: links and overlap on one GPU, an interleaved
     pipeline on one GPU, the inter-node fabric on one node (``planner.steptime`` never reads them there)."""
     p = cfg.perf
-    single = {"intra_node_gbps": p.intra_node_gbps, "intra_node_latency_us": p.intra_node_latency_us,
+    single = {"cluster": p.cluster, "intra_node_gbps": p.intra_node_gbps, "intra_node_latency_us": p.intra_node_latency_us,
               "comm_overlap": p.comm_overlap, "virtual_stages": None if p.virtual_stages == 1 else p.virtual_stages}
     node = {"inter_node_gbps": p.inter_node_gbps, "inter_node_latency_us": p.inter_node_latency_us}
     out = [f"perf.{k}" for k, v in single.items() if v is not None] if cfg.world_size == 1 else []

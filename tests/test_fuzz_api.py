@@ -30,8 +30,12 @@ from memplan.units import parse_count, parse_fraction_or_size, parse_size
 GPU = "h100-sxm-80gb"
 
 
-def check_estimate(est: Any) -> None:
-    """Rows are non-negative ints, and every total is their exact sum."""
+def check_estimate(api_est: Any) -> None:
+    """Rows are non-negative ints, every total is their exact sum, the peak is the largest phase total,
+    and the public API's ``peak`` is the memory model's GPU peak."""
+    est = getattr(api_est, "detail", api_est)  # memplan.estimate's result wraps the memory model's
+    if est is not api_est:
+        assert api_est.peak == est.peak(Tier.GPU) and api_est.fits == est.fits
     for row in est.rows:
         assert isinstance(row.bytes, int) and not isinstance(row.bytes, bool) and row.bytes >= 0, row
     for tier in Tier:
