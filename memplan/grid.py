@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
-from itertools import product
+from itertools import islice, product
 from typing import Any, Literal
 
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
@@ -332,26 +332,31 @@ def iter_results(spec: SweepSpec, *, workers: int | None = None, chunk_cells: in
                     progress(1)
             yield out
         return
+    import functools
+
+    yield from pooled(functools.partial(_evaluate_chunk, spec), chunked(todo, size), workers=workers, progress=progress)
+
+
+def pooled(work: Callable[[Any], list[Any]], items: Iterator[Any], *, workers: int,
+           progress: Callable[[int], None] | None = None) -> Iterator[list[Any]]:
+    """``work(item)`` for each item on a pool of ``workers`` spawned processes, results in order, at most
+    2·workers items in flight (memory stays bounded); Ctrl-C, a worker's failure or a consumer that stops
+    drops the queued items."""
     import multiprocessing
     from collections import deque
 
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        pending: deque = deque()
-        chunks = chunked(todo, size)
-        for chunk in chunks:
-            pending.append(pool.submit(_evaluate_chunk, spec, chunk))
-            if len(pending) >= 2 * workers:
-                break
+        pending: deque = deque(pool.submit(work, item) for item in islice(items, 2 * workers))
         while pending:
             done = pending.popleft().result()
-            nxt = next(chunks, None)
+            nxt = next(items, None)
             if nxt is not None:
-                pending.append(pool.submit(_evaluate_chunk, spec, nxt))
+                pending.append(pool.submit(work, nxt))
             if progress:
                 progress(len(done))
             yield done
-    except BaseException:  # Ctrl-C, a worker's failure, or the consumer stopped: drop the queued chunks
+    except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)

@@ -27,17 +27,29 @@ over [1, MAX_BATCH] of the fitted slack (monotone, as the scalar search assumes)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from itertools import groupby, islice
+from itertools import groupby
 from typing import Any
 
 import numpy as np
 
 from memplan.config import Job
 from memplan.errors import MemplanError
-from memplan.grid import METRIC_COLUMN, Cell, CellResult, SweepSpec, _Evaluator, cells, default_workers, evaluate, iter_results
+from memplan.grid import (
+    METRIC_COLUMN,
+    Cell,
+    CellResult,
+    SweepSpec,
+    _Evaluator,
+    cells,
+    default_workers,
+    evaluate,
+    iter_results,
+    pooled,
+)
 from memplan.search import MAX_BATCH
 from memplan.units import GiB
 
@@ -482,22 +494,4 @@ def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[
                 progress(len(chunk))
             yield chunk
         return
-    import multiprocessing
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        pending: deque = deque(pool.submit(run_chunk, spec, todo, columnar) for todo in islice(runs, 2 * workers))
-        while pending:
-            chunk = pending.popleft().result()
-            nxt = next(runs, None)
-            if nxt is not None:
-                pending.append(pool.submit(run_chunk, spec, nxt, columnar))
-            if progress:
-                progress(len(chunk))
-            yield chunk
-    except BaseException:  # Ctrl-C, a worker's failure, or the consumer stopped: drop the queued runs
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    yield from pooled(functools.partial(run_chunk, spec, columnar=columnar), runs, workers=workers, progress=progress)
