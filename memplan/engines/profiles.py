@@ -119,21 +119,3 @@ def default_reason(cfg: JobConfig) -> str:
 def profile(cfg: JobConfig) -> Profile | None:
     """The profile of the engine that runs ``cfg`` (None for serving engines, described elsewhere)."""
     return PROFILES.get(cfg.effective_engine)
-
-
-def optimizer_implementation(cfg: JobConfig) -> str:
-    """How the engine runs the optimizer step, which decides its temporaries (``memory.optimizer_step``):
-
-    - ``cpu-adam``: DeepSpeed with offloaded optimizer states runs DeepSpeedCPUAdam/CPULion on the CPU, nothing on
-      the GPU (deepspeed/ops/adam/cpu_adam.py);
-    - ``fused``: DeepSpeed's FusedAdam (deepspeed/ops/adam/fused_adam.py, multi_tensor_apply in chunks) and
-      Megatron's Apex/TransformerEngine FusedAdam: no per-parameter temporaries;
-    - otherwise ``torch``: torch.optim as configured (``JobConfig.optimizer_impl``: foreach, for-loop or fused),
-      or bitsandbytes' own kernels for 8-bit/paged states.
-    """
-    engine = cfg.effective_engine
-    if engine is Engine.DEEPSPEED and cfg.offload_optimizer is not Offload.NONE:
-        return "cpu-adam"
-    if engine in (Engine.DEEPSPEED, Engine.MEGATRON):
-        return "fused"
-    return "torch"

@@ -76,23 +76,6 @@ def all_rows(ctx: Context) -> tuple[list[Row], list[str], int]:
     return best[0], [], best[1]
 
 
-def context_warnings(cfg: JobConfig, max_position_embeddings: int | None) -> tuple[str, ...]:
-    """Warnings for an inference context longer than the model's trained positions.
-
-    llama.cpp warns and runs ("n_ctx_per_seq > n_ctx_train -- possible training context overflow",
-    src/llama-context.cpp); transformers runs RoPE models past ``max_position_embeddings`` without a check.
-    vLLM refuses instead (``memplan.engines.vllm.max_model_len`` raises).
-    """
-    if cfg.job is not Job.INFER or not max_position_embeddings or cfg.engine is Engine.VLLM:
-        return ()
-    context = cfg.infer.context
-    if context <= max_position_embeddings:
-        return ()
-    who = "llama.cpp warns" if cfg.engine is Engine.LLAMACPP else "transformers does not check"
-    return (f"context {context} exceeds the model's max_position_embeddings ({max_position_embeddings}); {who}, "
-            "and quality past the trained length is not guaranteed.",)
-
-
 def summary(ctx: Context) -> dict[str, int]:
     """The serving engine's own capacity report (vLLM: KV pool bytes, blocks, tokens, concurrency, longest
     context), the smallest over the pipeline stages; empty for engines that print no such figures."""
