@@ -232,6 +232,9 @@ class ServeConfig(Strict):
     default of ``memplan.engines.vllm.non_torch_bytes``."""
     allreduce_keeps_inputs: bool = False
     """vLLM <= 0.2.5 only (before PR #2151): every all-reduce input stayed alive through the profile forward."""
+    vllm_release: str | None = Field(default=None, pattern=r"^\d+\.\d+(\.\d+)?$")
+    """vLLM: the release whose memory profiler to reproduce ("0.8.4"); None: the current profiler. Releases whose
+    arithmetic differs are named in ``memplan.engines.vllm`` (``counts_context``, ``subtracts_cudagraphs``)."""
     n_gpu_layers: int | None = Field(default=None, ge=0)
     """llama.cpp -ngl: repeating layers offloaded to the GPU; None: all (llama.cpp's default since b5xxx is 999)."""
     n_ctx: int | None = Field(default=None, gt=0)

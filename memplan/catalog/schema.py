@@ -204,6 +204,9 @@ class GpuSpec(Strict):
     vendor: Literal["nvidia", "amd"]
     source: str
     memory_mib: PositiveInt = Field(description="Total memory as the driver reports it, in MiB (2^20 bytes).")
+    cuda_memory_mib: PositiveInt | None = Field(
+        default=None, description="Total memory the CUDA runtime reports (cudaMemGetInfo, torch total_memory), "
+        "in MiB; below nvidia-smi's total by what the driver keeps. None: not measured, memory_mib is used.")
     marketed_memory_gb: PositiveInt = Field(description="The box's number, e.g. 80 for an 'H100 80GB'.")
     bf16_dense_tflops: float = Field(gt=0, description="Peak dense bf16/fp16 tensor FLOP/s, in 10^12.")
     fp8_dense_tflops: float | None = Field(default=None, gt=0)
@@ -219,6 +222,11 @@ class GpuSpec(Strict):
     @property
     def memory_bytes(self) -> int:
         return self.memory_mib * 2**20
+
+    @property
+    def cuda_memory_bytes(self) -> int:
+        """Bytes ``torch.cuda.mem_get_info()`` calls total: ``cuda_memory_mib`` where measured, else ``memory_bytes``."""
+        return (self.cuda_memory_mib or self.memory_mib) * 2**20
 
 
 class HostSpec(Strict):

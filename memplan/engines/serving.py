@@ -17,7 +17,7 @@ OWN_ROWS = (Engine.VLLM, Engine.LLAMACPP)
 
 VLLM_KNOBS = frozenset({"gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "block_size",
                         "enforce_eager", "cudagraph_capture_sizes", "max_model_len", "non_torch_bytes",
-                        "allreduce_keeps_inputs"})
+                        "allreduce_keeps_inputs", "vllm_release"})
 LLAMACPP_KNOBS = frozenset({"n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v", "flash_attn"})
 TRANSFORMERS_KNOBS = frozenset({"cache_implementation"})
 COMMON_KNOBS = frozenset({"prompt_tokens", "hbm_efficiency", "compute_efficiency"})

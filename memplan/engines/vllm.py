@@ -31,7 +31,7 @@ from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
-from memplan.memory import inference, weights
+from memplan.memory import inference, runtime, weights
 from memplan.memory.breakdown import Row, Tier, tier_total
 from memplan.memory.context import Context
 from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, sized_kv_dtype
@@ -61,6 +61,13 @@ ALLREDUCES_PER_LAYER = 2
 SAMPLER_FP32_COPIES = 3
 """The sampler upcasts logits to fp32 and computes probabilities and log-probabilities, each fp32 over
 rows × V (vllm/model_executor/layers/sampler.py ``Sampler.forward``; v1/sample/sampler.py)."""
+ABSOLUTE_NON_TORCH_RELEASES = ((0, 8, 0), (0, 9, 2))
+"""[first, end) of the releases whose V1 worker measured non-torch memory on the whole device: after the profile
+run and ``empty_cache``, non_torch = (total − free) − torch allocated (vllm/v1/worker/gpu_worker.py
+``determine_available_memory`` before vllm-project/vllm PR #19312, "[V1] Reuse V0's memory_profiling util", which
+says it "incorrectly counts memory used by other processes as non_torch_allocations"). That count holds the
+CUDA context as well; V0's ``memory_profiling`` (PR #10511) and V1 after #19312 subtract a baseline taken after
+the context was made. V1 became the default engine in 0.8.0."""
 SUPPORTED_KV_DTYPES = (Dtype.BF16, Dtype.FP16, Dtype.FP32, Dtype.FP8)
 """``--kv-cache-dtype`` values vLLM accepts: auto (the model dtype) and fp8 (vllm/config/cache.py ``CacheDType``)."""
 
@@ -86,14 +93,35 @@ def budget_bytes(*, total_bytes: int, utilization: float) -> int:
     return total_bytes * share.numerator // share.denominator
 
 
-def non_torch_bytes(*, tp: int, override: int | None = None) -> int:
-    """Non-torch bytes of one worker: base, plus the communicator buffers when tp > 1, or ``override``.
+def non_torch_bytes(*, tp: int, override: int | None = None, context: int = 0) -> int:
+    """Non-torch bytes of one worker: base, plus the communicator buffers when tp > 1, plus ``context`` (the CUDA
+    context, for releases that count it: ``counts_context``), or ``override``.
 
-    Source: vLLM's own profiler lines in PR #10511 (tp=1: 1.79 GiB, tp=2: 3.58 GiB).
+    Source: vLLM's own profiler lines in PR #10511 (tp=1: 1.79 GiB, tp=2: 3.58 GiB, measured above a baseline
+    taken after the CUDA context existed).
     """
     if override is not None:
         return override
-    return NON_TORCH_TP1_BYTES + (NON_TORCH_TP_BYTES if tp > 1 else 0)
+    return NON_TORCH_TP1_BYTES + (NON_TORCH_TP_BYTES if tp > 1 else 0) + context
+
+
+def release(cfg: JobConfig) -> tuple[int, ...] | None:
+    """``serve.vllm_release`` as a version tuple ("0.8.4" -> (0, 8, 4)); None: the current profiler."""
+    text = cfg.serve.vllm_release
+    return None if text is None else tuple(int(part) for part in text.split("."))
+
+
+def counts_context(version: tuple[int, ...] | None) -> bool:
+    """Whether that release's non-torch figure includes the CUDA context (``ABSOLUTE_NON_TORCH_RELEASES``)."""
+    first, end = ABSOLUTE_NON_TORCH_RELEASES
+    return version is not None and first <= version < end
+
+
+def subtracts_cudagraphs(version: tuple[int, ...] | None) -> bool:
+    """Whether the pool is sized after CUDA-graph memory: memplan assumes so for the current profiler (the safe
+    side); releases before PR #19312 captured graphs after the pool was allocated (V1 ``compile_or_warm_up_model``,
+    V0 ``Worker._warm_up_model``), so graph memory lay outside their arithmetic."""
+    return version is None or version >= ABSOLUTE_NON_TORCH_RELEASES[1]
 
 
 def sampler_bytes(*, rows: int, vocab: int, bits: int) -> int:
@@ -144,7 +172,8 @@ def page_bytes_per_token(ctx: Context) -> int:
 
 @dataclass(frozen=True)
 class Pool:
-    """vLLM's arithmetic on one GPU: the budget, what it subtracts, and the KV pool left."""
+    """vLLM's arithmetic on one GPU: the budget, what it subtracts, and the KV pool left. ``total`` is the
+    CUDA runtime's total (``torch.cuda.mem_get_info()[1]``), which vLLM multiplies by the utilization."""
 
     total: int
     budget: int
@@ -156,11 +185,14 @@ class Pool:
     token_bytes: int
     max_num_batched_tokens: int
     max_num_seqs: int
+    graphs_in_budget: bool = True
 
     @property
     def kv_bytes(self) -> int:
-        """available_kv_cache_memory (may be negative: vLLM then refuses to start)."""
-        return self.budget - self.weights - self.non_torch - self.activation_peak - self.cudagraphs
+        """available_kv_cache_memory (may be negative: vLLM then refuses to start); CUDA graphs are taken away
+        only where the release sizes the pool after them (``subtracts_cudagraphs``)."""
+        graphs = self.cudagraphs if self.graphs_in_budget else 0
+        return self.budget - self.weights - self.non_torch - self.activation_peak - graphs
 
     @property
     def blocks(self) -> int:
@@ -221,13 +253,17 @@ def pool(ctx: Context) -> Pool:
     """vLLM's memory arithmetic for the GPU of ``ctx`` (its tp rank and pipeline stage)."""
     cfg, gpu = ctx.cfg, ctx.gpu
     check_kv_dtype(kv_dtype(cfg))
-    total = gpu.memory_bytes
+    total = gpu.cuda_memory_bytes
+    version = release(cfg)
+    context = runtime.cuda_context_bytes(vendor=gpu.vendor, override=cfg.cuda_context_bytes) \
+        if counts_context(version) else 0
     tokens, seqs = scheduler_defaults(cfg, total_bytes=total, gpu_name=gpu.name)
     return Pool(total=total, budget=budget_bytes(total_bytes=total, utilization=cfg.serve.gpu_memory_utilization),
                 weights=tier_total(weights.rows(ctx), Tier.GPU),
-                non_torch=non_torch_bytes(tp=cfg.tp, override=cfg.serve.non_torch_bytes),
+                non_torch=non_torch_bytes(tp=cfg.tp, override=cfg.serve.non_torch_bytes, context=context),
                 activation_peak=activation_peak_bytes(ctx, tokens=tokens, rows=seqs),
                 cudagraphs=cudagraph_bytes(ctx, capture_sizes(cfg, seqs)),
+                graphs_in_budget=subtracts_cudagraphs(version),
                 block_size=cfg.serve.block_size, token_bytes=page_bytes_per_token(ctx),
                 max_num_batched_tokens=tokens, max_num_seqs=seqs)
 
@@ -245,6 +281,7 @@ def max_model_len(ctx: Context) -> int:
     return asked or limit or ctx.cfg.infer.context
 
 
+DRIVER_SOURCE = "memory the driver keeps below cudaMemGetInfo's total (catalog cuda_memory_mib)"
 UNBUDGETED_SOURCE = "memory vLLM leaves outside gpu_memory_utilization × total (vllm/config/cache.py)"
 
 
@@ -265,6 +302,7 @@ def rows(ctx: Context) -> list[Row]:
     pool_note = (f"pool {max(p.kv_bytes, 0)} B = {p.blocks} blocks of {p.block_size} tokens = {p.tokens} tokens; "
                  f"{cfg.micro_batch} × {per_seq} blocks used; max concurrency {p.concurrency(cfg.infer.context)} "
                  f"at {cfg.infer.context} tokens (max_num_seqs {p.max_num_seqs})")
+    unbudgeted = max(0, p.total - p.budget - (0 if p.graphs_in_budget else p.cudagraphs))
     out = weights.rows(ctx)
     out += [
         Row("runtime/vllm_non_torch", Tier.GPU, p.non_torch, SOURCE + "; PR #10511 profiler logs",
@@ -275,8 +313,11 @@ def rows(ctx: Context) -> list[Row]:
         Row("runtime/vllm_cudagraphs", Tier.GPU, p.cudagraphs, "vllm gpu_model_runner.py capture_model",
             "enforce_eager" if cfg.serve.enforce_eager else f"{len(capture_sizes(cfg, p.max_num_seqs))} capture sizes"),
         Row("kv_cache", Tier.GPU, demand, "vllm/v1/core/kv_cache_utils.py get_kv_cache_config", pool_note),
-        Row("runtime/vllm_unbudgeted", Tier.GPU, p.total - p.budget, UNBUDGETED_SOURCE,
-            f"(1 − {cfg.serve.gpu_memory_utilization:g}) × {p.total} B"),
+        Row("runtime/vllm_unbudgeted", Tier.GPU, unbudgeted, UNBUDGETED_SOURCE,
+            f"(1 − {cfg.serve.gpu_memory_utilization:g}) × {p.total} B" + ("" if p.graphs_in_budget else
+                                                                            " less the CUDA graphs captured in it")),
+        Row("runtime/driver_reserved", Tier.GPU, ctx.gpu.memory_bytes - p.total, DRIVER_SOURCE,
+            f"{ctx.gpu.memory_bytes} B (nvidia-smi) − {p.total} B (cudaMemGetInfo total)"),
     ]
     return out
 
