@@ -87,6 +87,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "runtime/vllm_non_torch": ("engines.vllm.non_torch_bytes",),
     "runtime/vllm_cudagraphs": ("engines.vllm.cudagraph_bytes", "engines.vllm.capture_sizes"),
     "runtime/vllm_unbudgeted": ("engines.vllm.budget_bytes",),
+    "runtime/driver_reserved": ("engines.vllm.rows",),
     "weights/llamacpp_gpu": ("engines.llamacpp.model_buffers", "engines.llamacpp.file_buffers",
                              "engines.llamacpp.cuda_padding_bytes", "engines.llamacpp.gpu_layers"),
     "weights/llamacpp_host": ("engines.llamacpp.model_buffers", "engines.llamacpp.file_buffers"),

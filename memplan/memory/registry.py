@@ -114,6 +114,7 @@ register("activations/vllm_profile_peak", (Phase.PREFILL, Phase.DECODE),
          "vLLM: the profile run's torch peak, reserved out of the budget for every scheduler step")
 register("runtime/vllm_cudagraphs", (Phase.PREFILL, Phase.DECODE), "vLLM: CUDA graph memory pool after capture")
 register("runtime/vllm_unbudgeted", ALL, "vLLM: memory outside gpu_memory_utilization × total")
+register("runtime/driver_reserved", ALL, "memory nvidia-smi counts that the CUDA runtime's total leaves out")
 register("activations/llamacpp_compute", (Phase.PREFILL, Phase.DECODE),
          "llama.cpp: compute buffer reserved at context creation for the worst-case ubatch graph")
 register("activations/llamacpp_output", (Phase.PREFILL, Phase.DECODE), "llama.cpp: host logits buffer")
