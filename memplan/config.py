@@ -54,7 +54,7 @@ class OptimizerImpl(StrEnum):
 class Engine(StrEnum):
     """The program that runs the job. Training: ``pytorch`` (one process or DDP: HF Trainer, accelerate,
     plain loops), ``fsdp2`` (``torch.distributed.fsdp.fully_shard``), ``deepspeed``, ``megatron``
-    (Megatron-LM / Megatron-Core). Serving: ``vllm``, ``llamacpp``, ``transformers`` (HF ``generate``).
+    (Megatron-LM / Megatron-Core). Serving: ``vllm``, ``sglang``, ``llamacpp``, ``transformers`` (HF ``generate``).
     Each engine's profile (``memplan.engines``) says which components exist, how they are sharded,
     which buffers it adds and which combinations it runs."""
 
@@ -63,6 +63,7 @@ class Engine(StrEnum):
     DEEPSPEED = "deepspeed"
     MEGATRON = "megatron"
     VLLM = "vllm"
+    SGLANG = "sglang"
     LLAMACPP = "llamacpp"
     TRANSFORMERS = "transformers"
 
@@ -206,7 +207,9 @@ class ServeConfig(Strict):
 
     vLLM (``vllm serve`` flags, vllm/engine/arg_utils.py ``EngineArgs``): ``gpu_memory_utilization``,
     ``max_num_batched_tokens``, ``max_num_seqs``, ``block_size``, ``enforce_eager``,
-    ``cudagraph_capture_sizes``, ``max_model_len``. llama.cpp (``llama-server``/``llama-cli`` flags,
+    ``cudagraph_capture_sizes``, ``max_model_len``. SGLang (``sglang.launch_server`` flags,
+    python/sglang/srt/server_args.py): ``mem_fraction_static``, ``chunked_prefill_size``, ``max_running_requests``,
+    ``page_size``, ``cuda_graph_max_bs``, ``disable_cuda_graph``. llama.cpp (``llama-server``/``llama-cli`` flags,
     common/arg.cpp): ``n_gpu_layers`` (-ngl), ``n_ctx`` (-c), ``n_batch`` (-b), ``n_ubatch`` (-ub),
     ``cache_type_k``/``cache_type_v`` (-ctk/-ctv), ``flash_attn`` (-fa). transformers ``generate``:
     ``cache_implementation``.
@@ -235,6 +238,19 @@ class ServeConfig(Strict):
     vllm_release: str | None = Field(default=None, pattern=r"^\d+\.\d+(\.\d+)?$")
     """vLLM: the release whose memory profiler to reproduce ("0.8.4"); None: the current profiler. Releases whose
     arithmetic differs are named in ``memplan.engines.vllm`` (``counts_context``, ``subtracts_cudagraphs``)."""
+    mem_fraction_static: float | None = Field(default=None, gt=0, lt=1)
+    """SGLang --mem-fraction-static: share of free memory for weights and the KV pool; None: SGLang's default for
+    the GPU (``memplan.engines.sglang.mem_fraction_static``)."""
+    chunked_prefill_size: int | None = Field(default=None, gt=0)
+    """SGLang --chunked-prefill-size: tokens of one prefill chunk; None: SGLang's default for the GPU's memory."""
+    max_running_requests: int | None = Field(default=None, gt=0)
+    """SGLang --max-running-requests; None: SGLang's cap from the pool (``_resolve_max_num_reqs``)."""
+    page_size: int = Field(default=1, gt=0)
+    """SGLang --page-size: tokens per KV page (1 by default)."""
+    cuda_graph_max_bs: int | None = Field(default=None, gt=0)
+    """SGLang --cuda-graph-max-bs: largest batch captured as a CUDA graph; None: SGLang's default for the GPU and tp."""
+    disable_cuda_graph: bool = False
+    """SGLang --disable-cuda-graph: no CUDA graphs (no graph memory)."""
     n_gpu_layers: int | None = Field(default=None, ge=0)
     """llama.cpp -ngl: repeating layers offloaded to the GPU; None: all (llama.cpp's default since b5xxx is 999)."""
     n_ctx: int | None = Field(default=None, gt=0)

@@ -24,15 +24,16 @@ def with_size(config: JobConfig, field: Literal["context", "micro_batch"], value
 def largest_fitting(est: Estimate, field: Literal["context", "micro_batch"]) -> int:
     """The largest context (tokens) or micro-batch for which the estimate still fits; 0 if none.
 
-    vLLM: read from its KV pool directly (``memplan.engines.vllm.capacity``), the same integer the
+    vLLM and SGLang: read from the KV pool directly (``memplan.engines.vllm.capacity``, ``sglang.capacity``), the same integer the
     binary search over ``estimate`` finds, capped by max_num_seqs (concurrency) and max_model_len (context).
     """
     from memplan.config import Engine
 
-    if est.config.engine is Engine.VLLM and not est.config.job.trains:
-        from memplan.engines import vllm
+    if est.config.engine in (Engine.VLLM, Engine.SGLANG) and not est.config.job.trains:
+        from memplan.engines import sglang, vllm
 
-        return vllm.capacity(est.arch, est.config, est.gpu, est.host, field)
+        engine = vllm if est.config.engine is Engine.VLLM else sglang
+        return engine.capacity(est.arch, est.config, est.gpu, est.host, field)
 
     def fits(value: int) -> bool:
         cfg = with_size(est.config, field, value)

@@ -24,7 +24,7 @@ from memplan.units import parse_size
 
 HARDWARE, JOB, PARALLEL, MEMORY, FINETUNE, INFER, ENGINE, SERVE, PERF, OUTPUT = (
     "Hardware", "Job", "Parallelism and ZeRO", "Memory-saving techniques", "Fine-tuning", "Inference",
-    "Training-engine knobs", "Serving-engine knobs (vLLM, llama.cpp, transformers)", "Step time (training plans)",
+    "Training-engine knobs", "Serving-engine knobs (vLLM, SGLang, llama.cpp, transformers)", "Step time (training plans)",
     "Output")
 
 
@@ -211,6 +211,18 @@ OPTS: dict[str, Opt] = {
                         SERVE, field="serve.enforce_eager"),
     "max_model_len": _o("--max-model-len", int, None, "vllm: longest sequence served (default: the model's "
                         "max_position_embeddings).", SERVE, field="serve.max_model_len"),
+    "mem_fraction_static": _o("--mem-fraction-static", float, None, "sglang: share of free memory for weights and "
+                              "the KV pool (default: SGLang's for the GPU).", SERVE, field="serve.mem_fraction_static"),
+    "chunked_prefill_size": _o("--chunked-prefill-size", int, None, "sglang: tokens per prefill chunk (default: "
+                               "SGLang's for the GPU).", SERVE, field="serve.chunked_prefill_size"),
+    "max_running_requests": _o("--max-running-requests", int, None, "sglang: requests served at once (default: "
+                               "SGLang's cap from the pool).", SERVE, field="serve.max_running_requests"),
+    "page_size": _o("--page-size", int, None, "sglang: tokens per KV page (default 1).", SERVE,
+                    field="serve.page_size"),
+    "cuda_graph_max_bs": _o("--cuda-graph-max-bs", int, None, "sglang: largest CUDA-graph batch (default: SGLang's "
+                            "for the GPU and tp).", SERVE, field="serve.cuda_graph_max_bs"),
+    "disable_cuda_graph": _o("--disable-cuda-graph/--no-disable-cuda-graph", bool, None, "sglang: no CUDA graphs.",
+                             SERVE, field="serve.disable_cuda_graph"),
     "n_gpu_layers": _o(("--n-gpu-layers", "-ngl"), int, None, "llamacpp: repeating layers on the GPU (default: all).",
                        SERVE, field="serve.n_gpu_layers"),
     "n_ctx": _o("--n-ctx", int, None, "llamacpp -c: KV-cache context (default: --context).", SERVE, field="serve.n_ctx"),
@@ -270,7 +282,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
                      "stage3_param_persistence_threshold", "use_distributed_optimizer"),
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
-                "max_model_len", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v",
+                "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
+                "cuda_graph_max_bs", "disable_cuda_graph", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v",
                 "flash_attn", "cache_implementation"),
     "serving_time": ("prompt_tokens", "hbm_efficiency", "compute_efficiency"),
     "perf": ("mfu", "cluster", "intra_node_gbps", "inter_node_gbps", "intra_node_latency_us", "inter_node_latency_us",

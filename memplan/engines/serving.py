@@ -12,16 +12,18 @@ from memplan.errors import MemplanError
 from memplan.memory.breakdown import Row, Tier, tier_total
 from memplan.memory.context import Context
 
-OWN_ROWS = (Engine.VLLM, Engine.LLAMACPP)
+OWN_ROWS = (Engine.VLLM, Engine.SGLANG, Engine.LLAMACPP)
 
 
 VLLM_KNOBS = frozenset({"gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "block_size",
                         "enforce_eager", "cudagraph_capture_sizes", "max_model_len", "non_torch_bytes",
                         "allreduce_keeps_inputs", "vllm_release"})
+SGLANG_KNOBS = frozenset({"mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
+                          "cuda_graph_max_bs", "disable_cuda_graph"})
 LLAMACPP_KNOBS = frozenset({"n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v", "flash_attn"})
 TRANSFORMERS_KNOBS = frozenset({"cache_implementation"})
 COMMON_KNOBS = frozenset({"prompt_tokens", "hbm_efficiency", "compute_efficiency"})
-KNOBS = {Engine.VLLM: VLLM_KNOBS, Engine.LLAMACPP: LLAMACPP_KNOBS, Engine.TRANSFORMERS: TRANSFORMERS_KNOBS}
+KNOBS = {Engine.VLLM: VLLM_KNOBS, Engine.SGLANG: SGLANG_KNOBS, Engine.LLAMACPP: LLAMACPP_KNOBS, Engine.TRANSFORMERS: TRANSFORMERS_KNOBS}
 """The default engine (None) models no transformers cache class: cache_implementation needs --engine transformers
 (memory.kv_cache, memory.inference read it only there)."""
 
@@ -43,7 +45,7 @@ def check_knobs(cfg: JobConfig) -> None:
     if foreign:
         engine = cfg.engine.value if cfg.engine else "the default engine (no cache class; --engine transformers has it)"
         raise MemplanError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a knob of {engine}; "
-                           "choose the engine they belong to (vllm, llamacpp, transformers) or drop them.")
+                           "choose the engine they belong to (vllm, sglang, llamacpp, transformers) or drop them.")
 
 
 def has_own_rows(cfg: JobConfig) -> bool:
@@ -57,6 +59,10 @@ def stage_rows(ctx: Context) -> list[Row]:
         from memplan.engines import vllm
 
         return vllm.rows(ctx)
+    if ctx.cfg.engine is Engine.SGLANG:
+        from memplan.engines import sglang
+
+        return sglang.rows(ctx)
     from memplan.engines import llamacpp
 
     return llamacpp.rows(ctx)
@@ -77,11 +83,12 @@ def all_rows(ctx: Context) -> tuple[list[Row], list[str], int]:
 
 
 def summary(ctx: Context) -> dict[str, int]:
-    """The serving engine's own capacity report (vLLM: KV pool bytes, blocks, tokens, concurrency, longest
+    """The serving engine's own capacity report (vLLM, SGLang: KV pool bytes, blocks, tokens, concurrency, longest
     context), the smallest over the pipeline stages; empty for engines that print no such figures."""
-    if ctx.cfg.job is not Job.INFER or ctx.cfg.effective_engine is not Engine.VLLM:
+    if ctx.cfg.job is not Job.INFER or ctx.cfg.effective_engine not in (Engine.VLLM, Engine.SGLANG):
         return {}
-    from memplan.engines import vllm
+    from memplan.engines import sglang, vllm
 
-    per_stage = [vllm.summary(ctx.at_stage(stage)) for stage in range(ctx.cfg.pp)]
+    engine = vllm if ctx.cfg.effective_engine is Engine.VLLM else sglang
+    per_stage = [engine.summary(ctx.at_stage(stage)) for stage in range(ctx.cfg.pp)]
     return {key: min(s[key] for s in per_stage) for key in per_stage[0]}

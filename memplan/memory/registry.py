@@ -114,6 +114,8 @@ register("activations/vllm_profile_peak", (Phase.PREFILL, Phase.DECODE),
          "vLLM: the profile run's torch peak, reserved out of the budget for every scheduler step")
 register("runtime/vllm_cudagraphs", (Phase.PREFILL, Phase.DECODE), "vLLM: CUDA graph memory pool after capture")
 register("runtime/vllm_unbudgeted", ALL, "vLLM: memory outside gpu_memory_utilization × total")
+register("runtime/sglang_before_load", ALL, "SGLang: CUDA context and communicators before the weights load")
+register("runtime/sglang_reserved", ALL, "SGLang: (1 - mem_fraction_static) share for activations and CUDA graphs")
 register("runtime/driver_reserved", ALL, "memory nvidia-smi counts that the CUDA runtime's total leaves out")
 register("activations/llamacpp_compute", (Phase.PREFILL, Phase.DECODE),
          "llama.cpp: compute buffer reserved at context creation for the worst-case ubatch graph")
