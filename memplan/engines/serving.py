@@ -23,7 +23,8 @@ SGLANG_KNOBS = frozenset({"mem_fraction_static", "chunked_prefill_size", "max_ru
 LLAMACPP_KNOBS = frozenset({"n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v", "flash_attn"})
 TRANSFORMERS_KNOBS = frozenset({"cache_implementation"})
 COMMON_KNOBS = frozenset({"prompt_tokens", "hbm_efficiency", "compute_efficiency"})
-KNOBS = {Engine.VLLM: VLLM_KNOBS, Engine.SGLANG: SGLANG_KNOBS, Engine.LLAMACPP: LLAMACPP_KNOBS, Engine.TRANSFORMERS: TRANSFORMERS_KNOBS}
+KNOBS = {Engine.VLLM: VLLM_KNOBS, Engine.SGLANG: SGLANG_KNOBS, Engine.LLAMACPP: LLAMACPP_KNOBS,
+         Engine.TRANSFORMERS: TRANSFORMERS_KNOBS}
 """The default engine (None) models no transformers cache class: cache_implementation needs --engine transformers
 (memory.kv_cache, memory.inference read it only there)."""
 

@@ -165,7 +165,8 @@ def rows(ctx: Context) -> list[Row]:
     note = (f"pool {max(p.kv_bytes, 0)} B = {p.tokens} tokens in pages of {p.block_size}; {cfg.micro_batch} × "
             f"{pages} pages used; max concurrency {p.concurrency(cfg.infer.context)} (max_running_requests "
             f"{p.max_num_seqs})")
-    return weights.rows(ctx) + [
+    return [
+        *weights.rows(ctx),
         Row("runtime/sglang_before_load", Tier.GPU, before_load_bytes(cfg, ctx.gpu), SOURCE,
             f"CUDA context{' + NCCL/custom all-reduce buffers' if cfg.tp > 1 else ''} (free_before_weights)"),
         Row("runtime/sglang_reserved", Tier.GPU, max(free_before - p.budget, step), DEFAULTS_SOURCE,
