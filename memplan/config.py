@@ -209,7 +209,7 @@ class ServeConfig(Strict):
     ``max_num_batched_tokens``, ``max_num_seqs``, ``block_size``, ``enforce_eager``,
     ``cudagraph_capture_sizes``, ``max_model_len``. SGLang (``sglang.launch_server`` flags,
     python/sglang/srt/server_args.py): ``mem_fraction_static``, ``chunked_prefill_size``, ``max_running_requests``,
-    ``page_size``, ``cuda_graph_max_bs``, ``disable_cuda_graph``. llama.cpp (``llama-server``/``llama-cli`` flags,
+    ``page_size``, ``cuda_graph_max_bs``. llama.cpp (``llama-server``/``llama-cli`` flags,
     common/arg.cpp): ``n_gpu_layers`` (-ngl), ``n_ctx`` (-c), ``n_batch`` (-b), ``n_ubatch`` (-ub),
     ``cache_type_k``/``cache_type_v`` (-ctk/-ctv), ``flash_attn`` (-fa). transformers ``generate``:
     ``cache_implementation``.
@@ -249,8 +249,6 @@ class ServeConfig(Strict):
     """SGLang --page-size: tokens per KV page (1 by default)."""
     cuda_graph_max_bs: int | None = Field(default=None, gt=0)
     """SGLang --cuda-graph-max-bs: largest batch captured as a CUDA graph; None: SGLang's default for the GPU and tp."""
-    disable_cuda_graph: bool = False
-    """SGLang --disable-cuda-graph: no CUDA graphs (no graph memory)."""
     n_gpu_layers: int | None = Field(default=None, ge=0)
     """llama.cpp -ngl: repeating layers offloaded to the GPU; None: all (llama.cpp's default since b5xxx is 999)."""
     n_ctx: int | None = Field(default=None, gt=0)

@@ -71,6 +71,8 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--allgather-bucket-size": "50000000", "--stage3-max-live-parameters": "10000000",
     "--stage3-prefetch-bucket-size": "5000000", "--stage3-param-persistence-threshold": "10000000",
     "--gpu-memory-utilization": "0.5", "--max-num-batched-tokens": "4096", "--max-num-seqs": "64",
+    "--mem-fraction-static": "0.8", "--chunked-prefill-size": "4096", "--max-running-requests": "1",
+    "--page-size": "16", "--cuda-graph-max-bs": "8",
     "--kv-block-size": "32", "--max-model-len": "512", "--n-gpu-layers": "6", "--n-ctx": "512",
     "--n-ubatch": "256", "--cache-type-k": "q8_0", "--cache-type-v": "q8_0", "--cache-implementation": "static",
     "--prompt-tokens": "128", "--hbm-efficiency": "0.5", "--compute-efficiency": "0.3",
@@ -128,12 +130,15 @@ ENGINE_SETTINGS: dict[str, list[str]] = {
 gathers need data parallelism, DeepSpeed's reduce bucket ZeRO-1/2 (overlap_comm doubles it), the stage3_*
 knobs ZeRO-3, Megatron's distributed optimizer dp > 1, sequence parallelism --tp 2."""
 VLLM, LLAMACPP = ["--engine", "vllm", "--context", "1024"], ["--engine", "llamacpp", "--quant", "q4_k_m"]
+SGLANG = ["--engine", "sglang", "--context", "1000"]
 SERVING_SETTINGS: dict[str, list[str]] = {
     "--gpu-memory-utilization": VLLM, "--max-num-batched-tokens": VLLM, "--max-num-seqs": VLLM,
     "--kv-block-size": ["--engine", "vllm", "--context", "1000"], "--enforce-eager": VLLM, "--max-model-len": VLLM,
     "--n-gpu-layers": LLAMACPP, "--n-ctx": LLAMACPP, "--n-batch": LLAMACPP, "--n-ubatch": LLAMACPP,
     "--cache-type-k": LLAMACPP, "--cache-type-v": LLAMACPP, "--flash-attn": [*LLAMACPP, "--context", "4096"],
     "--cache-implementation": ["--engine", "transformers"],
+    "--mem-fraction-static": SGLANG, "--chunked-prefill-size": SGLANG, "--max-running-requests": SGLANG,
+    "--page-size": SGLANG, "--cuda-graph-max-bs": SGLANG,
     "--paged": ["--context", "1000"], "--block-size": ["--paged", "--context", "1000"],
 }
 """Where a serving knob acts (infer jobs; elsewhere it is rejected): its engine (vLLM within gpt2's 1024
@@ -142,6 +147,8 @@ paged cache whose blocks do not divide the context."""
 for _command in ("estimate", "plan"):
     CONTEXT.update({(_command, flag, job): extra for flag, extra in ENGINE_SETTINGS.items() for job in ("pretrain", "full")})
     CONTEXT.update({(_command, flag, "infer"): extra for flag, extra in SERVING_SETTINGS.items()})
+# the request table only moves bytes where the reserved share overflows: a 0.999 static fraction leaves ~80 MB
+CONTEXT[("plan", "--max-running-requests", "infer")] = [*SGLANG, "--mem-fraction-static", "0.999"]
 for _job in ("lora", "qlora"):
     CONTEXT[("estimate", "--sequence-parallel", _job)] = ["--engine", "deepspeed", "--tp", "2", *DP2]
 CONTEXT[("estimate", "--master-weights", "lora")] = ["--lora-dtype", "bf16"]  # fp32 adapters need no master copy

@@ -221,8 +221,6 @@ OPTS: dict[str, Opt] = {
                     field="serve.page_size"),
     "cuda_graph_max_bs": _o("--cuda-graph-max-bs", int, None, "sglang: largest CUDA-graph batch (default: SGLang's "
                             "for the GPU and tp).", SERVE, field="serve.cuda_graph_max_bs"),
-    "disable_cuda_graph": _o("--disable-cuda-graph/--no-disable-cuda-graph", bool, None, "sglang: no CUDA graphs.",
-                             SERVE, field="serve.disable_cuda_graph"),
     "n_gpu_layers": _o(("--n-gpu-layers", "-ngl"), int, None, "llamacpp: repeating layers on the GPU (default: all).",
                        SERVE, field="serve.n_gpu_layers"),
     "n_ctx": _o("--n-ctx", int, None, "llamacpp -c: KV-cache context (default: --context).", SERVE, field="serve.n_ctx"),
@@ -283,7 +281,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "stage3_param_persistence_threshold", "use_distributed_optimizer"),
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
-                "cuda_graph_max_bs", "disable_cuda_graph", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k",
+                "cuda_graph_max_bs", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k",
                 "cache_type_v", "flash_attn", "cache_implementation"),
     "serving_time": ("prompt_tokens", "hbm_efficiency", "compute_efficiency"),
     "perf": ("mfu", "cluster", "intra_node_gbps", "inter_node_gbps", "intra_node_latency_us", "inter_node_latency_us",

@@ -112,8 +112,19 @@ def step_bytes(ctx: Context, *, chunk: int, graph_bs: int) -> int:
     cuda_graph_max_bs rows, and the CUDA graphs at cuda_graph_max_bs (``vllm.activation_peak_bytes``,
     ``vllm.cudagraph_bytes``: the same PyTorch forward). Assumption: decode batches beyond cuda_graph_max_bs run
     eagerly within the same peak."""
-    graphs = 0 if ctx.cfg.serve.disable_cuda_graph else vllm.cudagraph_bytes(ctx, (graph_bs,))
-    return vllm.activation_peak_bytes(ctx, tokens=chunk, rows=graph_bs) + graphs
+    return vllm.activation_peak_bytes(ctx, tokens=chunk, rows=graph_bs) + vllm.cudagraph_bytes(ctx, (graph_bs,))
+
+
+REQ_TO_TOKEN_EXTRA = 4
+"""``ReqToTokenPool(size=max_num_reqs + 1, max_context_len=context_len + 4)``: one int32 slot index per token of each
+request (python/sglang/srt/mem_cache/memory_pool.py, model_runner_kv_cache_mixin.py ``_init_pools``)."""
+INT32_BYTES = 4
+
+
+def req_to_token_bytes(requests: int, context: int) -> int:
+    """Bytes of SGLang's request-to-token table: (requests + 1) × (context_len + 4) × 4 (int32), taken from the
+    reserved share after the pool is sized."""
+    return (requests + 1) * (context + REQ_TO_TOKEN_EXTRA) * INT32_BYTES
 
 
 def max_running_requests(cfg: JobConfig, tokens: int, context_len: int) -> int:
@@ -131,8 +142,9 @@ def context_len(ctx: Context) -> int:
 
 
 def pool(ctx: Context) -> vllm.Pool:
-    """SGLang's arithmetic on one GPU, as a ``vllm.Pool``: budget = f × free_before_weights, less the weights; the
-    step's overflow beyond the reserved share (``step_bytes`` − (1 − f) × free_before) comes off the pool."""
+    """SGLang's arithmetic on one GPU, as a ``vllm.Pool``: budget = f × free_before_weights, less the weights; what
+    overflows the reserved share (the step and the request table beyond (1 − f) × free_before) comes off the pool.
+    The request cap is computed from the pool before that table (the table depends on the cap)."""
     cfg, gpu = ctx.cfg, ctx.gpu
     check(cfg)
     total = gpu.cuda_memory_bytes
@@ -140,12 +152,13 @@ def pool(ctx: Context) -> vllm.Pool:
     f = mem_fraction_static(cfg, gpu)
     budget = free_before * f.numerator // f.denominator
     chunk, graph_bs = defaults(cfg, gpu)
-    overflow = max(0, step_bytes(ctx, chunk=chunk, graph_bs=graph_bs) - (free_before - budget))
+    step, slack = step_bytes(ctx, chunk=chunk, graph_bs=graph_bs), free_before - budget
     p = vllm.Pool(total=total, budget=budget, weights=tier_total(weights.rows(ctx), Tier.GPU), non_torch=0,
-                  activation_peak=overflow, cudagraphs=0, block_size=cfg.serve.page_size,
+                  activation_peak=max(0, step - slack), cudagraphs=0, block_size=cfg.serve.page_size,
                   token_bytes=vllm.page_bytes_per_token(ctx), max_num_batched_tokens=chunk, max_num_seqs=1)
     seqs = max(1, max_running_requests(cfg, p.tokens, context_len(ctx)))
-    return replace(p, max_num_seqs=seqs)
+    table = req_to_token_bytes(seqs, context_len(ctx))
+    return replace(p, max_num_seqs=seqs, activation_peak=max(0, step + table - slack))
 
 
 def rows(ctx: Context) -> list[Row]:
@@ -158,7 +171,7 @@ def rows(ctx: Context) -> list[Row]:
                            f"{context_len(ctx)}; shorten the context.")
     free_before = p.total - before_load_bytes(cfg, ctx.gpu)
     chunk, graph_bs = defaults(cfg, ctx.gpu)
-    step = step_bytes(ctx, chunk=chunk, graph_bs=graph_bs)
+    step = step_bytes(ctx, chunk=chunk, graph_bs=graph_bs) + req_to_token_bytes(p.max_num_seqs, context_len(ctx))
     f = mem_fraction_static(cfg, ctx.gpu)
     pages = p.blocks_per_sequence(cfg.infer.context)
     demand = cfg.micro_batch * pages * p.block_size * p.token_bytes
@@ -170,8 +183,8 @@ def rows(ctx: Context) -> list[Row]:
         Row("runtime/sglang_before_load", Tier.GPU, before_load_bytes(cfg, ctx.gpu), SOURCE,
             f"CUDA context{' + NCCL/custom all-reduce buffers' if cfg.tp > 1 else ''} (free_before_weights)"),
         Row("runtime/sglang_reserved", Tier.GPU, max(free_before - p.budget, step), DEFAULTS_SOURCE,
-            f"(1 − {float(f):g}) × free_before_weights for a {chunk}-token prefill chunk and CUDA graphs up to batch "
-            f"{graph_bs}; the step needs {step} B"),
+            f"(1 − {float(f):g}) × free_before_weights for a {chunk}-token prefill chunk, CUDA graphs up to batch "
+            f"{graph_bs} and the request table of {p.max_num_seqs} requests: {step} B needed"),
         Row("kv_cache", Tier.GPU, demand, SOURCE, note),
         Row("runtime/driver_reserved", Tier.GPU, ctx.gpu.memory_bytes - p.total, vllm.DRIVER_SOURCE,
             f"{ctx.gpu.memory_bytes} B (nvidia-smi) − {p.total} B (cudaMemGetInfo total)"),
