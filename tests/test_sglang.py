@@ -84,8 +84,7 @@ def test_a_step_larger_than_the_reserved_share_comes_off_the_pool() -> None:
 
 
 def test_exact_max_concurrency_fits_and_one_more_does_not() -> None:
-    est = estimate("llama-3.1-8b", "l40s", job="infer", engine="sglang", infer={"context": 3000},
-                   serve={"max_running_requests": 100_000})
+    est = estimate("llama-3.1-8b", "l40s", job="infer", engine="sglang", infer={"context": 3000})
     c = largest_fitting(est, "micro_batch")
     assert c == est.serving["max_concurrency"] > 0
     assert estimate("llama-3.1-8b", "l40s", est.config, micro_batch=c).fits
@@ -123,3 +122,20 @@ def test_cli_bad_serving_input_exits_2(runner, args: tuple[str, ...], needle: st
     result = run_cli(runner, "estimate", "llama-3.1-8b", "--gpu", "h100", "--job", "infer", *args, code=2)
     err = result.stderr.strip()
     assert needle in err and "Traceback" not in err, err
+
+
+def test_recipe_with_the_sglang_engine_is_checked(tmp_path: Path) -> None:
+    import yaml
+
+    from memplan.check import check_recipe
+
+    recipe = {"model": "llama-3.1-8b", "hardware": {"gpu": "l40s", "cpu_ram": "64GiB"},
+              "job": {"type": "infer", "context": 8192, "concurrency": 4},
+              "fixed": {"engine": "sglang", "serve": {"mem_fraction_static": 0.85, "page_size": 16}},
+              "min_headroom": "1%"}
+    path = tmp_path / "sglang.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    outcome = check_recipe(path)
+    assert outcome.status == "fits", outcome.reason
+    serving = outcome.estimate.serving
+    assert serving["block_size"] == 16 and serving["max_concurrency"] >= 4

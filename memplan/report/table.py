@@ -165,9 +165,11 @@ def render_estimate(est: Estimate, out: Any) -> None:
         out.print(f"[yellow]Warning[/yellow]: {warning}.")
     if est.serving:
         sv = est.serving
-        out.print(f"KV pool: {fmt_gib(sv['kv_pool_bytes'])}, {sv['kv_pool_blocks']:,} blocks of {sv['block_size']} = "
+        sglang = est.config.engine is not None and est.config.engine.value == "sglang"
+        blocks, cap = ("pages", "max_running_requests") if sglang else ("blocks", "max_num_seqs")
+        out.print(f"KV pool: {fmt_gib(sv['kv_pool_bytes'])}, {sv['kv_pool_blocks']:,} {blocks} of {sv['block_size']} = "
                   f"{sv['kv_pool_tokens']:,} tokens; at {est.config.infer.context:,} tokens per sequence "
-                  f"{sv['max_concurrency']:,} concurrent (max_num_seqs {sv['max_num_seqs']:,}); longest "
+                  f"{sv['max_concurrency']:,} concurrent ({cap} {sv['max_num_seqs']:,}); longest "
                   f"sequence {sv['max_context']:,} tokens.")
     if est.not_modelled:
         out.print(f"[yellow]Not modelled[/yellow]: {', '.join(est.not_modelled)} "
