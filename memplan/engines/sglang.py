@@ -193,7 +193,7 @@ def rows(ctx: Context) -> list[Row]:
 
 def max_context(ctx: Context) -> int:
     """The longest sequence one request can have: min(context_len, pool tokens)."""
-    return min(context_len(ctx), pool(ctx).tokens)
+    return pool(ctx).longest(sequences=1, limit=context_len(ctx))
 
 
 def summary(ctx: Context) -> dict[str, int]:
@@ -216,7 +216,7 @@ def capacity(arch: Architecture, cfg: JobConfig, gpu: GpuSpec, host: HostSpec, f
         if field == "micro_batch":
             value = p.concurrency(cfg.infer.context) if cfg.infer.context <= context_len(ctx) else 0
         else:
-            value = min(context_len(ctx), p.blocks // cfg.micro_batch * p.block_size)
+            value = p.longest(sequences=cfg.micro_batch, limit=context_len(ctx))
         worst = value if worst is None else min(worst, value)
     return worst or 0
 

@@ -30,12 +30,14 @@ from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
+from memplan.engines import vllm_hybrid
+from memplan.engines.vllm_hybrid import Groups
 from memplan.errors import MemplanError
 from memplan.memory import inference, runtime, weights
 from memplan.memory.breakdown import Row, Tier, tier_total
 from memplan.memory.context import Context
 from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, sized_kv_dtype
-from memplan.units import GiB, bits_to_bytes, ceil_div
+from memplan.units import GiB, bits_to_bytes
 
 SOURCE = "vllm/v1/worker/gpu_worker.py Worker.determine_available_memory (vllm-project/vllm PR #10511)"
 LARGE_GPU_BYTES = 70 * GiB
@@ -158,16 +160,17 @@ def kv_dtype(cfg: JobConfig) -> Dtype:
     return sized_kv_dtype(cfg)
 
 
-def page_bytes_per_token(ctx: Context) -> int:
-    """KV bytes one token takes on this GPU, over the stage's layers: L · Σ heads·dim × bits / 8.
+def page_bytes_per_token(ctx: Context, layers: int | None = None) -> int:
+    """KV bytes one token takes on this GPU over ``layers`` layers (default: the stage's): L · Σ heads·dim × bits / 8.
 
     Source: vllm/v1/kv_cache_interface.py ``AttentionSpec.page_size_bytes`` (2·block_size·K·H·dtype bytes;
-    MLA: one latent "head" of kv_lora_rank + qk_rope_head_dim). Assumption: sliding-window layers are paged
-    like full ones (conservative; V1's hybrid allocator gives them fewer blocks).
+    MLA: one latent "head" of kv_lora_rank + qk_rope_head_dim). The hybrid manager's block spans one layer of
+    each group, ``Groups.size`` layers in all (``memplan.engines.vllm_hybrid``).
     """
     spec = ctx.arch.spec
     shapes = cached_shapes(spec, mla_cache="latent", tp=ctx.cfg.tp)
-    return bits_to_bytes(len(ctx.layers) * elements_per_token(shapes), kv_dtype(ctx.cfg).bits)
+    count = len(ctx.layers) if layers is None else layers
+    return bits_to_bytes(count * elements_per_token(shapes), kv_dtype(ctx.cfg).bits)
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,8 @@ class Pool:
     max_num_batched_tokens: int
     max_num_seqs: int
     graphs_in_budget: bool = True
+    groups: Groups = vllm_hybrid.ONE_GROUP
+    """KV-cache groups (``vllm_hybrid.groups``); one group by default, ``token_bytes`` then spans all layers."""
 
     @property
     def kv_bytes(self) -> int:
@@ -201,11 +206,17 @@ class Pool:
 
     @property
     def tokens(self) -> int:
-        """"GPU KV cache size: N tokens" = blocks × block_size."""
-        return self.blocks * self.block_size
+        """"GPU KV cache size: N tokens" = blocks // groups × block_size."""
+        return self.blocks // self.groups.count * self.block_size
 
     def blocks_per_sequence(self, context: int) -> int:
-        return ceil_div(context, self.block_size)
+        """Blocks one sequence of ``context`` tokens takes: cdiv(S, block_size), or over the hybrid groups."""
+        return self.groups.blocks_per_sequence(context, self.block_size)
+
+    def longest(self, *, sequences: int, limit: int) -> int:
+        """The longest context each of ``sequences`` sequences can have in the pool, at most ``limit``."""
+        return vllm_hybrid.longest_sequence(self.groups, blocks=self.blocks // max(sequences, 1),
+                                            block_size=self.block_size, limit=limit)
 
     def concurrency(self, context: int) -> int:
         """Sequences of ``context`` tokens the pool holds at once: min(blocks // ceil(S / block), max_num_seqs)."""
@@ -258,14 +269,16 @@ def pool(ctx: Context) -> Pool:
     context = runtime.cuda_context_bytes(vendor=gpu.vendor, override=cfg.cuda_context_bytes) \
         if counts_context(version) else 0
     tokens, seqs = scheduler_defaults(cfg, total_bytes=total, gpu_name=gpu.name)
+    g = vllm_hybrid.groups(ctx, hybrid=version is None or version >= vllm_hybrid.HYBRID_FROM,
+                           max_num_batched_tokens=tokens)
     return Pool(total=total, budget=budget_bytes(total_bytes=total, utilization=cfg.serve.gpu_memory_utilization),
                 weights=tier_total(weights.rows(ctx), Tier.GPU),
                 non_torch=non_torch_bytes(tp=cfg.tp, override=cfg.serve.non_torch_bytes, context=context),
                 activation_peak=activation_peak_bytes(ctx, tokens=tokens, rows=seqs),
                 cudagraphs=cudagraph_bytes(ctx, capture_sizes(cfg, seqs)),
                 graphs_in_budget=subtracts_cudagraphs(version),
-                block_size=cfg.serve.block_size, token_bytes=page_bytes_per_token(ctx),
-                max_num_batched_tokens=tokens, max_num_seqs=seqs)
+                block_size=cfg.serve.block_size, token_bytes=page_bytes_per_token(ctx, g.size),
+                max_num_batched_tokens=tokens, max_num_seqs=seqs, groups=g)
 
 
 def max_model_len(ctx: Context) -> int:
@@ -331,13 +344,13 @@ def summary(ctx: Context) -> dict[str, int]:
     return {"budget_bytes": p.budget, "kv_pool_bytes": max(0, p.kv_bytes), "kv_pool_blocks": p.blocks,
             "kv_pool_tokens": p.tokens, "block_size": p.block_size, "max_num_seqs": p.max_num_seqs,
             "max_num_batched_tokens": p.max_num_batched_tokens,
-            "max_concurrency": p.concurrency(ctx.cfg.infer.context), "max_context": min(max_model_len(ctx), p.tokens)}
+            "max_concurrency": p.concurrency(ctx.cfg.infer.context), "max_context": max_context(ctx)}
 
 
 def max_context(ctx: Context) -> int:
-    """The longest sequence one request can have: min(max_model_len, KV pool tokens), 0 when the pool is empty."""
-    p = pool(ctx)
-    return min(max_model_len(ctx), p.tokens)
+    """The longest sequence one request can have: min(max_model_len, KV pool tokens) (with sliding groups, the
+    longest whose blocks over all groups fit), 0 when the pool is empty."""
+    return pool(ctx).longest(sequences=1, limit=max_model_len(ctx))
 
 
 def capacity(arch: Architecture, cfg: JobConfig, gpu: GpuSpec, host: HostSpec, field: str) -> int:
@@ -355,6 +368,6 @@ def capacity(arch: Architecture, cfg: JobConfig, gpu: GpuSpec, host: HostSpec, f
         if field == "micro_batch":
             value = p.concurrency(cfg.infer.context) if cfg.infer.context <= max_model_len(ctx) else 0
         else:
-            value = min(max_model_len(ctx), p.blocks // cfg.micro_batch * p.block_size)
+            value = p.longest(sequences=cfg.micro_batch, limit=max_model_len(ctx))
         worst = value if worst is None else min(worst, value)
     return worst or 0
