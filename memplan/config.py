@@ -261,6 +261,9 @@ class ServeConfig(Strict):
     """llama.cpp -ctk: K cache type."""
     cache_type_v: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"] = "f16"
     """llama.cpp -ctv: V cache type; a quantized V cache needs flash attention."""
+    tensor_split: tuple[float, ...] | None = None
+    """llama.cpp -ts: proportions of the layers per GPU of the layer split (``--pp`` GPUs, ``-sm layer``); None:
+    equal shares (llama.cpp splits by free memory, equal on identical GPUs)."""
     flash_attn: bool = True
     """llama.cpp -fa: on by default (llama.cpp's ``-fa auto``, the default since 2025, enables it on CUDA)."""
     prompt_tokens: int | None = Field(default=None, gt=0)

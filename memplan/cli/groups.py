@@ -68,6 +68,17 @@ class Opt:
     given) or ``none`` (the search space alone decides)."""
 
 
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    """Comma-separated non-negative numbers (``3,1``) as floats; a MemplanError naming ``flag`` otherwise."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise MemplanError(f"{flag}: expected comma-separated numbers such as 3,1, got {text!r}.") from None
+    if not values or any(v < 0 for v in values) or not any(values):
+        raise MemplanError(f"{flag}: give non-negative shares, not all zero, got {text!r}.")
+    return values
+
+
 def _o(flags: str | tuple[str, ...], kind: Any, default: Any, help: str, panel: str, **kw: Any) -> Opt:
     return Opt((flags,) if isinstance(flags, str) else flags, kind, default, help, panel, **kw)
 
@@ -231,6 +242,9 @@ OPTS: dict[str, Opt] = {
                        field="serve.cache_type_k"),
     "cache_type_v": _o("--cache-type-v", str, None, "llamacpp -ctv: f16 (default), q8_0, q4_0 (needs flash attention).",
                        SERVE, field="serve.cache_type_v"),
+    "tensor_split": _o(("--tensor-split", "-ts"), str, None, "llamacpp -ts: layer shares per GPU of the --pp layer "
+                       "split (-sm layer), e.g. 3,1 (default: equal).", SERVE, field="serve.tensor_split",
+                       convert=lambda t: _floats(t, "--tensor-split")),
     "flash_attn": _o("--flash-attn/--no-flash-attn", bool, None, "llamacpp -fa (default on).", SERVE,
                      field="serve.flash_attn"),
     "cache_implementation": _o("--cache-implementation", str, None, "transformers generate: dynamic (default) or "
@@ -282,7 +296,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
                 "cuda_graph_max_bs", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k",
-                "cache_type_v", "flash_attn", "cache_implementation"),
+                "cache_type_v", "tensor_split", "flash_attn", "cache_implementation"),
     "serving_time": ("prompt_tokens", "hbm_efficiency", "compute_efficiency"),
     "perf": ("mfu", "cluster", "intra_node_gbps", "inter_node_gbps", "intra_node_latency_us", "inter_node_latency_us",
              "comm_overlap", "virtual_stages", "train_tokens"),

@@ -17,6 +17,9 @@ so B sequences of S tokens need n_ctx = B·S (llama-server splits n_ctx over its
 
 from __future__ import annotations
 
+import bisect
+import struct
+
 from memplan.arch.tensors import Tensor
 from memplan.config import JobConfig
 from memplan.errors import MemplanError
@@ -59,9 +62,16 @@ def check(cfg: JobConfig) -> None:
     if cfg.infer.kv_dtype is not None:
         raise MemplanError("llama.cpp sizes its KV cache by cache_type_k / cache_type_v (-ctk/-ctv); supported: "
                            f"{', '.join(KV_TYPES)}. Drop kv_dtype.")
-    if cfg.tp > 1 or cfg.pp > 1:
-        raise MemplanError("the llama.cpp engine here models one GPU (tp = pp = 1); llama.cpp's --split-mode is not "
-                           "modelled.")
+    if cfg.tp > 1:
+        raise MemplanError("llama.cpp's row split (-sm row) is not modelled; split whole layers over the GPUs with "
+                           "--pp N (llama.cpp -sm layer) instead.")
+    if s.tensor_split is not None and len(s.tensor_split) != cfg.pp:
+        raise MemplanError(f"tensor_split (-ts) gives {len(s.tensor_split)} proportions for {cfg.pp} GPUs; give one "
+                           "per GPU of the layer split (--pp).")
+    if s.tensor_split is not None and (any(v < 0 for v in s.tensor_split) or not any(s.tensor_split)):
+        raise MemplanError("tensor_split (-ts) needs non-negative shares, not all zero.")
+    if s.tensor_split is not None and cfg.pp == 1:
+        raise MemplanError("tensor_split (-ts) divides layers over several GPUs; with one (--pp 1) it moves no byte.")
 
 
 def kv_row_bytes(kv_type: str, ncols: int) -> int:
@@ -85,6 +95,43 @@ def gpu_layers(cfg: JobConfig, n_layer: int) -> range:
     return range(max(n_layer - ngl, 0), n_layer)
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to a C float, as llama.cpp computes its split points."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def split_points(cfg: JobConfig) -> list[float]:
+    """Cumulative split points of the layer split over ``pp`` GPUs: -ts proportions (else equal shares, llama.cpp's
+    default split by free memory on identical GPUs), summed and divided by their sum in float.
+    Source: src/llama-model.cpp ``load_tensors`` (``splits``, ``split_sum``)."""
+    shares = cfg.serve.tensor_split or tuple(1.0 for _ in range(cfg.pp))
+    total, points = 0.0, []
+    for share in shares:
+        total = _f32(total + _f32(share))
+        points.append(total)
+    return [_f32(p / total) for p in points]
+
+
+def device_layers(cfg: JobConfig, n_layer: int, device: int) -> tuple[list[int], bool]:
+    """The repeating layers on GPU ``device`` of the layer split, and whether the output layer is there.
+
+    Formula (src/llama-model.cpp ``load_tensors``, ``get_layer_buft_list``): layers il >= i_gpu_start = n_layer − ngl
+    go to the first device whose split point exceeds (il − i_gpu_start) / act_gpu_layers, act_gpu_layers =
+    min(ngl, n_layer + 1); the output layer is il = n_layer; the rest stay on the CPU.
+    """
+    ngl = n_layer + 1 if cfg.serve.n_gpu_layers is None else cfg.serve.n_gpu_layers
+    start, act = max(n_layer - ngl, 0), min(ngl, n_layer + 1)
+    points = split_points(cfg)
+
+    def on(il: int) -> int | None:
+        if il < start or il - start >= act:
+            return None
+        where = _f32(_f32(float(il - start)) / act)
+        return min(bisect.bisect_right(points, where), len(points) - 1)
+
+    return [il for il in range(n_layer) if on(il) == device], on(n_layer) == device
+
+
 def output_on_gpu(cfg: JobConfig, n_layer: int) -> bool:
     """The output layer (final norm, lm_head) is offloaded when ngl > n_layer."""
     return cfg.serve.n_gpu_layers is None or cfg.serve.n_gpu_layers > n_layer
@@ -97,7 +144,7 @@ def kv_bytes_per_layer(ctx: Context, cells: int) -> int:
     return cells * (kv_row_bytes(s.cache_type_k, width) + kv_row_bytes(s.cache_type_v, width))
 
 
-def compute_bytes(ctx: Context, cells: int) -> int:
+def compute_bytes(ctx: Context, cells: int, with_output: bool | None = None) -> int:
     """The GPU compute buffer of one ubatch, as ggml-alloc's worst-case graph needs it.
 
     Formula: max(logits, attention): logits = n_ubatch·(n_vocab + n_embd)·4; attention without flash
@@ -116,7 +163,8 @@ def compute_bytes(ctx: Context, cells: int) -> int:
         attention = cells * mask_rows * 2 + work
     else:
         attention = cells * ub * heads * F32_BYTES + cells * mask_rows * F32_BYTES + work
-    logits = ub * (vocab + embd) * F32_BYTES if output_on_gpu(ctx.cfg, len(ctx.arch.layers)) else 0
+    out = output_on_gpu(ctx.cfg, len(ctx.arch.layers)) if with_output is None else with_output
+    logits = ub * (vocab + embd) * F32_BYTES if out else 0
     return max(attention, logits)
 
 
@@ -125,7 +173,7 @@ MATRIX_ROW_PADDING = 512
 (ggml/src/ggml-cuda/ggml-cuda.cu ``ggml_backend_cuda_buffer_type_get_alloc_size``)."""
 
 
-def cuda_padding_bytes(ctx: Context, layers: range, with_output: bool) -> int:
+def cuda_padding_bytes(ctx: Context, layers: range | list[int], with_output: bool) -> int:
     """Σ over quantized GPU tensors with ncols % 512 != 0 of row_size(type, 512 − ncols % 512) (bytes)."""
     from memplan.memory.quant import GGML_TYPES, gguf_tensor_type, mix_traits
 
@@ -146,7 +194,7 @@ def cuda_padding_bytes(ctx: Context, layers: range, with_output: bool) -> int:
     return out
 
 
-def model_buffers(ctx: Context, on_gpu: range, out_gpu: bool) -> tuple[int, int]:
+def model_buffers(ctx: Context, on_gpu: range | list[int], out_gpu: bool) -> tuple[int, int]:
     """(GPU, host) model buffer bytes: from the GGUF file's own tensor table when the model is a .gguf file,
     else from memplan's GGUF mix rules for ``quant`` (memory.quant ``gguf_tensor_type``)."""
     from memplan.catalog.gguf_file import gguf_path, read_gguf
@@ -165,7 +213,7 @@ def model_buffers(ctx: Context, on_gpu: range, out_gpu: bool) -> tuple[int, int]
     return gpu, cpu
 
 
-def file_buffers(tensors: tuple, on_gpu: range, out_gpu: bool) -> tuple[int, int]:
+def file_buffers(tensors: tuple, on_gpu: range | list[int], out_gpu: bool) -> tuple[int, int]:
     """(GPU, host) bytes of a GGUF file's tensors: blocks by -ngl, token_embd on the host, the rest (output
     norm, output) with the output layer; quantized GPU tensors padded as ggml-cuda pads them."""
     from memplan.memory.quant import GGML_TYPES
@@ -186,28 +234,39 @@ def file_buffers(tensors: tuple, on_gpu: range, out_gpu: bool) -> tuple[int, int
 
 
 def rows(ctx: Context) -> list[Row]:
-    """llama.cpp's buffers: model, KV and compute buffers on the GPU and the host, and the CUDA context."""
+    """llama.cpp's buffers: model, KV and compute buffers on the GPU and the host, and the CUDA context.
+
+    With ``pp`` > 1 the model is split by whole layers over pp GPUs (llama.cpp ``-sm layer``, ``-ts``): the rows are
+    those of GPU ``ctx.stage`` (``device_layers``), each GPU with its own KV for its layers, its own compute buffer
+    (the logits part only where the output layer is) and its own CUDA context. Assumption: the compute buffers of
+    llama.cpp's pipeline parallelism (n_copies = 4 when every layer is offloaded) are not multiplied (unmodelled).
+    """
     cfg, arch = ctx.cfg, ctx.arch
     check(cfg)
     n_layer = len(arch.layers)
     on_gpu = gpu_layers(cfg, n_layer)
     out_gpu = output_on_gpu(cfg, n_layer)
     gpu_w, cpu_w = model_buffers(ctx, on_gpu, out_gpu)
+    mine, my_out = list(on_gpu), out_gpu
+    if cfg.pp > 1:  # -sm layer: this GPU's share of the offloaded layers; the host part is the same on every GPU
+        mine, my_out = device_layers(cfg, n_layer, ctx.stage)
+        gpu_w = model_buffers(ctx, mine, my_out)[0]
     cells = n_ctx(cfg)
     per_layer = kv_bytes_per_layer(ctx, cells)
     s = cfg.serve
-    kv_note = (f"{cells} cells, K ({s.cache_type_k}) + V ({s.cache_type_v}); {len(on_gpu)} of {n_layer} layers on "
-               f"the GPU")
+    kv_note = (f"{cells} cells, K ({s.cache_type_k}) + V ({s.cache_type_v}); {len(mine)} of {n_layer} layers on "
+               f"this GPU")
     vocab = arch.spec.vocab_size or 0
     ctx_bytes = CUDA_RUNTIME_CONTEXT_BYTES if cfg.cuda_context_bytes is None else cfg.cuda_context_bytes
     return [
-        Row("weights/llamacpp_gpu", Tier.GPU, gpu_w, SOURCE, f"CUDA0 model buffer: {len(on_gpu)} layers (-ngl)"
-            + (" + output layer" if out_gpu else "")),
+        Row("weights/llamacpp_gpu", Tier.GPU, gpu_w, SOURCE, f"CUDA{ctx.stage} model buffer: {len(mine)} layers (-ngl"
+            + (", -sm layer" if cfg.pp > 1 else "") + ")" + (" + output layer" if my_out else "")),
         Row("weights/llamacpp_host", Tier.CPU, cpu_w, SOURCE, "CPU_Mapped model buffer: input embedding + CPU layers"),
-        Row("kv_cache", Tier.GPU, per_layer * len(on_gpu), "llama.cpp src/llama-kv-cache.cpp", kv_note),
+        Row("kv_cache", Tier.GPU, per_layer * len(mine), "llama.cpp src/llama-kv-cache.cpp", kv_note),
         Row("kv_cache/host", Tier.CPU, per_layer * (n_layer - len(on_gpu)), "llama.cpp src/llama-kv-cache.cpp",
             "KV of the layers left on the CPU"),
-        Row("activations/llamacpp_compute", Tier.GPU, compute_bytes(ctx, cells) if len(on_gpu) or out_gpu else 0,
+        Row("activations/llamacpp_compute", Tier.GPU,
+            compute_bytes(ctx, cells, with_output=my_out) if mine or my_out else 0,
             "llama.cpp src/llama-context.cpp graph_reserve; see memplan explain", f"n_ubatch {s.n_ubatch}, "
             f"flash_attn {'on' if s.flash_attn else 'off'}"),
         Row("activations/llamacpp_output", Tier.CPU, vocab * F32_BYTES * cfg.micro_batch,
