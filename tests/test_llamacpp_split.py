@@ -32,7 +32,7 @@ def _expected(shares: list[float], ngl: int) -> list[tuple[list[int], bool]]:
             continue
         d = next(i for i, p in enumerate(points) if p > (il - start) / act)
         layers, output = out[d]
-        out[d] = (layers + [il], True) if il == N_LAYER else (layers + [il], output)
+        out[d] = ([*layers, il], True) if il == N_LAYER else ([*layers, il], output)
     return [([i for i in layers if i < N_LAYER], output) for layers, output in out]
 
 
