@@ -211,7 +211,8 @@ class ServeConfig(Strict):
     python/sglang/srt/server_args.py): ``mem_fraction_static``, ``chunked_prefill_size``, ``max_running_requests``,
     ``page_size``, ``cuda_graph_max_bs``. llama.cpp (``llama-server``/``llama-cli`` flags,
     common/arg.cpp): ``n_gpu_layers`` (-ngl), ``n_ctx`` (-c), ``n_batch`` (-b), ``n_ubatch`` (-ub),
-    ``cache_type_k``/``cache_type_v`` (-ctk/-ctv), ``flash_attn`` (-fa). transformers ``generate``:
+    ``cache_type_k``/``cache_type_v`` (-ctk/-ctv), ``flash_attn`` (-fa), ``tensor_split`` (-ts; ``pp`` > 1 is
+    ``-sm layer`` over pp GPUs). transformers ``generate``:
     ``cache_implementation``.
     """
 
