@@ -10,7 +10,7 @@ from typing import Any
 from memplan.arch.build import build_architecture
 from memplan.config import JobConfig, Recompute
 from memplan.errors import MemplanError
-from memplan.planner import train, train_offload
+from memplan.planner import act_offload, hybrid, train, train_offload
 from memplan.planner.dims import resolve
 from memplan.planner.ilp import IlpBuilder
 from memplan.planner.plan import (
@@ -49,6 +49,8 @@ def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) 
 
     comm_dims = {"tp": (cfg.tp,), "pp": (cfg.pp,), "placement": ((cfg.zero, cfg.offload_optimizer, cfg.offload_params),),
                  "micro_batch": (cfg.micro_batch,), "seq_len": (cfg.seq_len,), "ep": (cfg.ep,)}
+    if hybrid.value_of(setting.base) == hybrid.FULL:  # the plan chose the sharding (else the base fixes it)
+        comm_dims[hybrid.DIM] = (hybrid.value_of(cfg),)
     comm = next(iter(train.comm_factor(setting, comm_dims).entries.values())).seconds
     per_stage = [components.state_rows(c) for c in train._contexts(setting, cfg)]
     offload = train.offload_seconds(setting, cfg, per_stage)
@@ -56,7 +58,8 @@ def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) 
 
     recompute = sum(recompute_seconds(setting, cfg, layer, Recompute(m))
                     for layer, m in zip(setting.arch.layers, modes, strict=False))
-    return train.shape_seconds(setting, cfg) + comm + offload + recompute
+    acts = act_offload.step_seconds(setting.arch, setting.gpu, setting.host, cfg, setting.global_batch)
+    return train.shape_seconds(setting, cfg) + comm + offload + recompute + acts
 
 
 def _with_world(base: JobConfig, gpn: int, nodes: int) -> JobConfig:
@@ -76,10 +79,14 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     found_any, errors = False, []
     bases = engine_bases(_with_world(req.base, gpn, nodes), req.space)
     for base in bases:
-        try:
-            found_any |= _solve_engine(req, base, result)
-        except MemplanError as exc:  # an engine that runs nothing here; the others may
-            errors.append(exc)
+        for offload in act_offload.choices(base, req.space.offload_activations):
+            if offload and not base.offload_activations and req.space.offload_activations is None \
+                    and not _offload_may_help(result.candidates[start:]):
+                continue
+            try:
+                found_any |= _solve_engine(req, base.model_copy(update={"offload_activations": offload}), result)
+            except MemplanError as exc:  # an engine that runs nothing here; the others may
+                errors.append(exc)
     if not found_any and errors and len(errors) == len(bases):
         raise errors[0]
     found = result.candidates[start:]
@@ -88,12 +95,28 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     return bool(found)
 
 
+def _offload_may_help(found: list) -> bool:
+    """Whether a plan with activation offload is worth solving after those without (``found``): none fits, or the
+    best recomputes layers, which offloaded activations could keep instead. A pruning of the search (offload costs
+    PCIe time, so it cannot beat a plan that already keeps every activation without recompute)."""
+    if not found:
+        return True
+    ranked = list(found)
+    rank_candidates(ranked)
+    best = ranked[0]
+    return any(m is not Recompute.NONE for m in best.config.recompute_map or (best.config.recompute,))
+
+
 def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool:
     """``solve_training`` for one engine (``base.engine``; None: each combination's default engine)."""
     arch = build_architecture(req.model)
     probe = global_batch_for(req, base.world_size)
     dims, excluded = resolve(arch, base, req.space, req.objective, req.host, probe)
     dims = runnable_dims(base, dims, excluded)
+    shards = hybrid.values(base, req.space.shard)
+    if shards is not None:
+        dims[hybrid.DIM] = shards
+    dims = act_offload.restrict(base, dims)
     result.excluded = sorted(set(result.excluded + excluded))
     if not dims["tp"] or not dims["pp"] or not dims["placement"]:
         from memplan.planner.plan import NoValidDegree
@@ -171,6 +194,12 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
             extras = {"optimizer_gpu_layers": cfg.optimizer_gpu_layers, "offload_ratio": round(ratio, 6),
                       "deepspeed_sub_group_size": size, "deepspeed_ratio": round(ds_ratio, 6)}
             text = "; ".join(t for t in (text, train_offload.describe(cfg, ratio, len(arch.layers))) if t)
+        sharding = hybrid.describe(cfg)
+        if sharding or cfg.offload_activations:
+            extras["sharding"] = sharding or "full"
+            extras["offload_activations"] = cfg.offload_activations
+            text = "; ".join(t for t in (text, sharding, "activations offloaded to CPU" if cfg.offload_activations
+                                         else "") if t)
         if formats is not None:
             from memplan.planner.infer_layers import describe_formats, quality_extras
 
