@@ -310,6 +310,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
         _keep_keys(layers.seconds, keep)
         _keep_keys(layers.workspace or [], keep)
         _keep_keys(layers.flight_workspace or [], keep)
+        _keep_keys(layers.cpu or [], keep)
         layers.key_bounds = {k: b for k, b in bounds.items() if b}
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,

@@ -76,18 +76,19 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     optimal over the whole; together they solve in a fraction of the time one joint model takes.
     """
     start = len(result.candidates)
-    found_any, errors = False, []
+    found_any, errors, tried = False, [], 0
     bases = engine_bases(_with_world(req.base, gpn, nodes), req.space)
     for base in bases:
         for offload in act_offload.choices(base, req.space.offload_activations):
             if offload and not base.offload_activations and req.space.offload_activations is None \
                     and not _offload_may_help(result.candidates[start:]):
                 continue
+            tried += 1
             try:
                 found_any |= _solve_engine(req, base.model_copy(update={"offload_activations": offload}), result)
             except MemplanError as exc:  # an engine that runs nothing here; the others may
                 errors.append(exc)
-    if not found_any and errors and len(errors) == len(bases):
+    if not found_any and errors and len(errors) == tried:
         raise errors[0]
     found = result.candidates[start:]
     rank_candidates(found)
