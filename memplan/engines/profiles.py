@@ -57,19 +57,25 @@ PROFILES: dict[Engine, Profile] = {
           "sharded fp32 params 4/Nd + sharded fp32 grads 4/Nd + sharded fp32 states 8/Nd; bf16 all-gathered params "
           "of the root unit and the units in flight"),
          ("pure bf16 (master_weights=False)", "sharded bf16 params, grads and states"),
+         ("HSDP (hsdp_shard_size=S: fully_shard on a 2-D (replicate, shard) DeviceMesh)",
+          "the layouts above sharded over S ranks instead of Nd, replicated Nd/S times"),
          ("fp8 (torchao float8)", "the mixed layout plus fp8 weight copies (float8 all-gather optional)")),
         "torch.optim.AdamW on the sharded DTensor parameters (foreach/for-loop/fused)",
         ("weights/fsdp_all_gather", "gradients/fsdp_reduce_scatter"),
         ("reshard_after_forward", "fsdp_prefetch", "hsdp_shard_size"),
         "Hugging Face module layout (autograd-saved tensors)",
         ("torch/distributed/fsdp/_fully_shard/_fsdp_param.py", "torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py",
-         "torch/distributed/fsdp/_fully_shard/_fsdp_api.py")),
+         "torch/distributed/fsdp/_fully_shard/_fsdp_api.py", "torch/distributed/fsdp/_fully_shard/_fully_shard.py",
+         "torch/autograd/graph.py (save_on_cpu)")),
     Engine.DEEPSPEED: Profile(
         Engine.DEEPSPEED, "DeepSpeed ZeRO 0-3, ZeRO-Offload, ZeRO-Infinity (HF Trainer/accelerate with a DeepSpeed config)",
         (("bf16/fp16 optimizer (the default)",
           "16-bit params 2 (ZeRO-3: /Nd) + 16-bit grads 2 (ZeRO-2/3: /Nd) + fp32 master 4 + fp32 grad partition 4 + "
           "fp32 Adam m,v 8 (ZeRO-1+: /Nd): DeepSpeed's estimator, 2 + 18/Nd at ZeRO-2"),
-         ("fp8 (TransformerEngine through accelerate)", "the bf16 layout plus fp8 weight copies")),
+         ("fp8 (TransformerEngine through accelerate)", "the bf16 layout plus fp8 weight copies"),
+         ("MiCS (mics_shard_size=S, ZeRO-3)", "ZeRO-3's partitions over S ranks instead of Nd, replicated Nd/S times"),
+         ("ZeRO++ hpZ (zero_hpz_partition_size=H, ZeRO-3)",
+          "ZeRO-3's partitions over Nd plus a secondary 16-bit parameter partition over H ranks: 2/H")),
         "FusedAdam (deepspeed/ops/adam/fused_adam.py, multi-tensor apply) on the GPU; DeepSpeedCPUAdam "
         "(deepspeed/ops/adam/cpu_adam.py) for offloaded optimizer states",
         ("gradients/reduce_bucket", "gradients/zero3_reduce_bucket", "weights/zero3_live_params",
@@ -79,7 +85,8 @@ PROFILES: dict[Engine, Profile] = {
          "mics_shard_size", "zero_hpz_partition_size"),
         "Hugging Face module layout (autograd-saved tensors)",
         ("deepspeed/runtime/zero/stage_1_and_2.py", "deepspeed/runtime/zero/stage3.py", "deepspeed/runtime/zero/config.py",
-         "deepspeed/runtime/utils.py")),
+         "deepspeed/runtime/utils.py", "deepspeed/runtime/zero/mics.py", "deepspeed/runtime/zero/partition_parameters.py",
+         "deepspeed/runtime/activation_checkpointing/checkpointing.py")),
     Engine.MEGATRON: Profile(
         Engine.MEGATRON, "Megatron-LM / Megatron-Core (TransformerEngine layers)",
         (("bf16 with fp32 main grads (the default)",
@@ -92,7 +99,7 @@ PROFILES: dict[Engine, Profile] = {
         ("use_distributed_optimizer", "cpu_offloading_num_layers"),
         "Megatron-Core/TransformerEngine fused layout: Korthikanti et al. 2022 (with their selective recompute)",
         ("Megatron-LM docs/source/api-guide/dist_optimizer.md", "megatron/core/distributed/param_and_grad_buffer.py",
-         "megatron/core/optimizer/distrib_optimizer.py")),
+         "megatron/core/optimizer/distrib_optimizer.py", "transformer_engine/pytorch/cpu_offload.py")),
 }
 
 

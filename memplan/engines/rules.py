@@ -173,6 +173,9 @@ def _hybrid_rule(cfg: JobConfig, *, partial: bool) -> str | None:
     if size < 2:
         return (f"engine_config.{name}=1 shards over one rank, i.e. replicates everything: that is plain data "
                 "parallelism (--engine pytorch) or ZeRO-0; use a shard group of 2 or more.")
+    if name == "zero_hpz_partition_size" and cfg.accounting is Accounting.PAPER:
+        return ("engine_config.zero_hpz_partition_size adds DeepSpeed's secondary parameter partition, an engine buffer "
+                "the paper's accounting (--accounting paper) does not count: drop it.")
     if partial:
         return None
     if name != "hsdp_shard_size" and cfg.zero is not ZeroStage.PARAMETERS:

@@ -69,14 +69,26 @@ def choices(base: JobConfig, wanted: bool | None) -> tuple[bool, ...]:
     return (False, True) if base.job.trains and engine in ENGINES else (False,)
 
 
+def variant(base: JobConfig, offload: bool) -> JobConfig:
+    """The base configuration of a plan with activation offload ``offload``: on DeepSpeed, whose offload is
+    cpu_checkpointing, every layer recomputes in full (``restrict`` keeps that mode only)."""
+    update: dict[str, object] = {"offload_activations": offload}
+    if offload and base.engine is Engine.DEEPSPEED:
+        update["recompute"] = Recompute.FULL
+    return base.model_copy(update=update)
+
+
 def restrict(base: JobConfig, dims: dict[str, tuple]) -> dict[str, tuple]:
     """A plan's dimensions with activation offload on: pp = 1 (Megatron refuses pipelines with it; memplan's ILP
-    times and places the offloaded layers of one stage), and on Megatron no recompute (its rule)."""
+    times and places the offloaded layers of one stage), on Megatron no recompute (its rule), on DeepSpeed full
+    recompute (cpu_checkpointing offloads the checkpoints)."""
     if not base.offload_activations:
         return dims
     out = {**dims, "pp": tuple(p for p in dims["pp"] if p == 1)}
     if base.engine is Engine.MEGATRON:
         out["recompute"] = (Recompute.NONE,)
+    elif base.engine is Engine.DEEPSPEED:
+        out["recompute"] = (Recompute.FULL,)
     return out
 
 

@@ -353,6 +353,8 @@ def sharded_comm_seconds(gpu: GpuSpec, cfg: JobConfig, *, params: int, grad: int
     whole = shard_comm.Link(*link.pick(cfg.tp * dp <= gpn))
     fsdp2 = cfg.effective_engine is Engine.FSDP2
     gathers = 1 if fsdp2 and not cfg.engine_config.reshard_after_forward else 2
+    if fsdp2 and cfg.uses_master_weights:  # MixedPrecisionPolicy(reduce_dtype=fp32): gradients reduce in fp32
+        grad = params * Dtype.FP32.bits // 8
     if hpz > 1:
         per = shard_comm.hpz_micro_seconds(weights=weights, grads=grad, dp=dp, hpz=hpz, layers=layers, dp_link=whole,
                                            hpz_link=shard_comm.Link(*link.pick(cfg.tp * hpz <= gpn)))

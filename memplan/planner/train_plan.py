@@ -85,7 +85,7 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
                 continue
             tried += 1
             try:
-                found_any |= _solve_engine(req, base.model_copy(update={"offload_activations": offload}), result)
+                found_any |= _solve_engine(req, act_offload.variant(base, offload), result)
             except MemplanError as exc:  # an engine that runs nothing here; the others may
                 errors.append(exc)
     if not found_any and errors and len(errors) == tried:
