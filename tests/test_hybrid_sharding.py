@@ -154,3 +154,15 @@ def test_plan_shard_choice_needs_an_engine_that_runs_it():
     with pytest.raises(memplan.MemplanError, match="hybrid sharding"):
         memplan.plan("llama-3.2-1b", "a100-sxm-80gb", job="pretrain", engine="megatron", gpus_per_node=8, nodes=2,
                      space={"shard": ("node",)})
+
+
+def test_plan_runs_deepspeed_hpz_and_mics_at_zero3_only():
+    common = {"job": "pretrain", "engine": "deepspeed", "gpus_per_node": 8, "nodes": 2, "seq_len": 2048}
+    for shard, knob in (("hpz", "zero_hpz_partition_size"), ("node", "mics_shard_size")):
+        plan = memplan.plan("llama-3.2-1b", "a100-sxm-80gb", **common, space={"global_batch": 256, "shard": (shard,)})
+        assert plan.best is not None, shard
+        cfg = plan.best.config
+        assert int(cfg.zero) == 3 and getattr(cfg.engine_config, knob) == 8
+        assert rules.violation(cfg) is None
+        if shard == "hpz":
+            assert rows(plan.best.estimate)["weights/zero_hpz_secondary"] > 0
