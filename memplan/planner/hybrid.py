@@ -12,9 +12,10 @@ from memplan.errors import MemplanError
 
 DIM = "shard"
 FULL, NODE, HPZ = "full", "node", "hpz"
-ENGINE_VALUES: dict[Engine, tuple[str, ...]] = {Engine.FSDP2: (FULL, NODE), Engine.DEEPSPEED: (FULL, NODE, HPZ)}
+ENGINE_VALUES: dict[Engine, tuple[str, ...]] = {Engine.FSDP2: (NODE, FULL), Engine.DEEPSPEED: (NODE, HPZ, FULL)}
 """The values each engine runs: fsdp2 ``fully_shard`` with a 1-D or a 2-D (replicate, shard) mesh; DeepSpeed ZeRO-3,
-MiCS and ZeRO++ hpZ (deepspeed/runtime/zero/config.py). An FSDP1 profile would take (full, node): HYBRID_SHARD."""
+MiCS and ZeRO++ hpZ (deepspeed/runtime/zero/config.py). An FSDP1 profile would take (node, full): HYBRID_SHARD.
+Hybrid values come first: across nodes they usually win, so the later parts (``split``) are cut off sooner."""
 KNOB = {(Engine.FSDP2, NODE): "hsdp_shard_size", (Engine.DEEPSPEED, NODE): "mics_shard_size",
         (Engine.DEEPSPEED, HPZ): "zero_hpz_partition_size"}
 
@@ -68,3 +69,12 @@ def describe(cfg: JobConfig) -> str:
     if knobs.zero_hpz_partition_size > 1:
         return f"zero_hpz_partition_size={knobs.zero_hpz_partition_size}"
     return ""
+
+
+def split(dims: dict[str, tuple]) -> list[dict[str, tuple]]:
+    """``dims`` as disjoint parts, one per ``shard`` value (their union is the space): solved one after the other
+    (``train_plan``), each part is an ILP the size of a plan without the dimension, and a later part is cut off where
+    it cannot beat the plans found (``IlpBuilder.cutoff``); one joint model took HiGHS several times longer."""
+    if DIM not in dims or len(dims[DIM]) < 2:
+        return [dims]
+    return [{**dims, DIM: (value,)} for value in dims[DIM]]

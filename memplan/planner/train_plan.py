@@ -135,12 +135,17 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
         dims = train_quant.restrict(dims, formats)
     start = len(result.candidates)
     kind = _objective_kind(req.objective)
-    for i, part in enumerate(train_offload.partition(dims, base.job)):
+    parts = [one for part in train_offload.partition(dims, base.job) for one in hybrid.split(part)]
+    invalid: list[MemplanError] = []  # parts without a valid combination; all of them: the user's error
+    for i, part in enumerate(parts):
         part_req = req if i == 0 or not req.debug_lp else replace(req, debug_lp=_part_path(req.debug_lp, i))
         mine = result.candidates[start:]
         # a later part only matters where it beats the k-th plan found so far (throughput: seconds)
         cutoff = max(c.objective_value for c in mine) if kind == "min_seconds" and len(mine) >= req.top_k else None
-        result.candidates.extend(_solve_part(part_req, setting, part, result, cutoff, formats, later=i > 0))
+        result.candidates.extend(_solve_part(part_req, setting, part, result, cutoff, formats,
+                                             invalid=invalid if len(parts) > 1 else None))
+    if invalid and len(invalid) == len(parts):
+        raise invalid[0]
     found = result.candidates[start:]
     rank_candidates(found)
     result.candidates[start:] = found[: req.top_k]
@@ -156,17 +161,19 @@ def _part_path(path: str, index: int) -> str:
 
 
 def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, tuple], result: PlanResult,
-                cutoff: float | None = None, formats: tuple | None = None, later: bool = False) -> list[Candidate]:
-    """Solve one part of the space; a ``later`` part that holds no valid combination has no plans (the
-    first part's invalidity is the user's error and propagates)."""
+                cutoff: float | None = None, formats: tuple | None = None,
+                invalid: list[MemplanError] | None = None) -> list[Candidate]:
+    """Solve one part of the space; a part that holds no valid combination has no plans and, given ``invalid``,
+    adds its reason there (the caller raises when every part is invalid: the user's error), else raises."""
     arch, base, gb = setting.arch, setting.base, setting.global_batch
     try:
         problem, _ = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective),
                                          formats=formats)
-    except MemplanError:
-        if later:
-            return []
-        raise
+    except MemplanError as exc:
+        if invalid is None:
+            raise
+        invalid.append(exc)
+        return []
     builder = IlpBuilder(problem)
     if cutoff is not None:
         builder.cutoff(cutoff)
