@@ -137,3 +137,11 @@ def test_plan_offloads_activations_when_that_is_what_makes_it_fit():
 def test_plan_does_not_offload_where_everything_fits():
     plan = memplan.plan(MODEL, "h100-sxm-80gb", job="full", engine="pytorch", seq_len=1024)
     assert plan.best is not None and not plan.best.config.offload_activations
+
+
+def test_infeasible_plan_suggests_activation_offload():
+    plan = memplan.plan(MODEL, "rtx-4090", job="full", optimizer="adamw-bf16", seq_len=6144,
+                        space={"recompute": ("none",)})
+    assert plan.best is None  # the default engine is not searched with offload; the suggestion re-solves with it
+    flags = [s.flags for s in plan.suggestions]
+    assert "--offload-activations" in flags
