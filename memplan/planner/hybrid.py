@@ -29,6 +29,7 @@ def values(base: JobConfig, wanted: tuple[str, ...] | None) -> tuple[str, ...] |
         if runs is None:
             raise MemplanError(f"--shard-group: hybrid sharding is fsdp2's HSDP and deepspeed's MiCS/hpZ; engine "
                                f"{engine.value if engine else 'default'} has none: add --engine fsdp2 or deepspeed.")
+        assert engine is not None, "an engine with hybrid sharding was named"
         bad = [v for v in wanted if v not in runs]
         if bad:
             raise MemplanError(f"--shard-group {bad[0]}: engine {engine.value} runs {', '.join(runs)}.")

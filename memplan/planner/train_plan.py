@@ -202,12 +202,8 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
             extras = {"optimizer_gpu_layers": cfg.optimizer_gpu_layers, "offload_ratio": round(ratio, 6),
                       "deepspeed_sub_group_size": size, "deepspeed_ratio": round(ds_ratio, 6)}
             text = "; ".join(t for t in (text, train_offload.describe(cfg, ratio, len(arch.layers))) if t)
-        sharding = hybrid.describe(cfg)
-        if sharding or cfg.offload_activations:
-            extras["sharding"] = sharding or "full"
-            extras["offload_activations"] = cfg.offload_activations
-            text = "; ".join(t for t in (text, sharding, "activations offloaded to CPU" if cfg.offload_activations
-                                         else "") if t)
+        offloaded = "activations offloaded to CPU" if cfg.offload_activations else ""
+        text = "; ".join(t for t in (text, hybrid.describe(cfg), offloaded) if t)  # config JSON holds the knobs
         if formats is not None:
             from memplan.planner.infer_layers import describe_formats, quality_extras
 

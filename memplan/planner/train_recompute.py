@@ -6,6 +6,7 @@ lower bound on those seconds that lets the solver prune dear global choices earl
 from __future__ import annotations
 
 from itertools import product
+from typing import Any
 
 from memplan.arch.parallel import arch_stage_ranges
 from memplan.arch.tensors import Layer
@@ -64,7 +65,8 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
                 held_t[i][m][key] = held[m]
     cpu_t, classes = act_offload.adjust_block(setting, classes, gpu_t, sec_t, work_t)
     modes = _undominated(modes, gpu_t, sec_t)
-    for table in (gpu_t, sec_t, work_t, held_t, *([cpu_t] if cpu_t else [])):
+    tables: list[Any] = [gpu_t, sec_t, work_t, held_t] + ([cpu_t] if cpu_t else [])
+    for table in tables:
         for per in table:
             for m in [m for m in per if m not in modes]:
                 del per[m]
