@@ -166,3 +166,28 @@ def test_plan_runs_deepspeed_hpz_and_mics_at_zero3_only():
         assert rules.violation(cfg) is None
         if shard == "hpz":
             assert rows(plan.best.estimate)["weights/zero_hpz_secondary"] > 0
+
+
+def test_recipes_carry_the_knobs_and_the_plan_dimension(tmp_path):
+    import yaml
+
+    from memplan.check import check_recipe
+    from memplan.recipe_load import load_recipe
+
+    data = {"model": "llama-3.2-1b", "hardware": {"gpu": "h100-sxm-80gb", "gpus_per_node": 8, "nodes": 2},
+            "job": {"type": "full", "seq_len": 2048, "micro_batch": 1, "global_batch": 64},
+            "fixed": {"engine": "fsdp2", "offload_activations": True, "engine_config": {"hsdp_shard_size": 8}},
+            "min_headroom": "10%"}
+    path = tmp_path / "hsdp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    loaded = load_recipe(path)
+    assert loaded.config.engine_config.hsdp_shard_size == 8 and loaded.config.offload_activations
+    outcome = check_recipe(path)
+    assert outcome.status == "fits"
+    full = memplan.estimate("llama-3.2-1b", "h100-sxm-80gb", job="full", engine="fsdp2", **TWO_NODES)
+    assert rows(outcome.estimate)["weights/params"] == 2 * rows(full)["weights/params"]  # 1.24e9·4 B over 8, not 16
+    assert rows(outcome.estimate, Tier.CPU)["activations/cpu_offloaded"] > 0
+    planned = {**data, "fixed": {"engine": "fsdp2"}, "search": {"shard": ["node"], "offload_activations": False}}
+    path.write_text(yaml.safe_dump(planned))
+    loaded = load_recipe(path)
+    assert loaded.space.shard == ("node",) and loaded.space.offload_activations is False
