@@ -7,7 +7,7 @@ memory and the step time are ``memory.zero.shard_degree`` / ``hpz_secondary_byte
 
 from __future__ import annotations
 
-from memplan.config import Engine, JobConfig
+from memplan.config import Engine, Job, JobConfig
 from memplan.errors import MemplanError
 
 DIM = "shard"
@@ -36,7 +36,7 @@ def values(base: JobConfig, wanted: tuple[str, ...] | None) -> tuple[str, ...] |
         return wanted
     knobs = base.engine_config
     fixed = knobs.hsdp_shard_size or knobs.mics_shard_size or knobs.zero_hpz_partition_size > 1
-    if runs is None or fixed or base.nodes == 1 or not base.job.full_weights_trainable:
+    if runs is None or fixed or base.nodes == 1 or base.job not in (Job.PRETRAIN, Job.FULL):
         return None
     return runs
 
