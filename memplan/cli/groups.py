@@ -277,7 +277,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "job": ("job", "engine", "dtype", "quant", "quant_map", "optimizer", "master_weights", "grad_dtype", "batch",
             "global_batch", "global_batch_tokens", "seq_len", "accounting"),
     "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "sequence_parallel",
-                    "optimizer_gpu_layers"),
+                    "optimizer_gpu_layers", "shard_group"),
     "memory": ("recompute", "recompute_layers", "offload_activations", "per_layer_offload", "per_layer_quant",
                "flash_attention", "attention",
                "dropout", "loss_fp32", "activation_accounting", "cuda_context", "allocator_reserve", "safety_margin"),
