@@ -191,3 +191,31 @@ def test_recipes_carry_the_knobs_and_the_plan_dimension(tmp_path):
     path.write_text(yaml.safe_dump(planned))
     loaded = load_recipe(path)
     assert loaded.space.shard == ("node",) and loaded.space.offload_activations is False
+
+
+def test_engine_step_time_uses_the_right_groups_and_links():
+    """fsdp2 full sharding over 16 ranks on 2 nodes: two all-gathers of the 2P-byte bf16 weights and a
+    reduce-scatter of the 4P-byte fp32 gradients (reduce_dtype=fp32) across the nodes, per micro-batch; HSDP with
+    S = 8: the same inside the node plus an all-reduce of the 4P/8 shard over 2 replicas, per micro-batch; MiCS:
+    that all-reduce (of bf16 gradients) once per step. Links given explicitly, no latency, no overlap."""
+    from memplan.catalog.store import catalog_gpu
+    from memplan.planner.steptime import sharded_comm_seconds
+
+    gpu, p, micro = catalog_gpu("h100-sxm-80gb"), 10**9, 4
+    intra, inter = 100e9, 10e9
+    perf = {"intra_node_gbps": 100.0, "inter_node_gbps": 10.0, "intra_node_latency_us": 0.0,
+            "inter_node_latency_us": 0.0}
+
+    def seconds(**fields):
+        cfg = JobConfig.model_validate({"job": "pretrain", **TWO_NODES, "perf": perf, **fields})
+        return sharded_comm_seconds(gpu, cfg, params=p, grad=2 * p, layers=16, hidden=0.0, micro=micro)
+
+    full = micro * (2 * 15 / 16 * 2 * p / inter + 15 / 16 * 4 * p / inter)
+    assert seconds(engine="fsdp2") == pytest.approx(full)
+    hsdp = micro * (2 * 7 / 8 * 2 * p / intra + 7 / 8 * 4 * p / intra + 2 * 1 / 2 * (4 * p / 8) / inter)
+    assert seconds(engine="fsdp2", engine_config={"hsdp_shard_size": 8}) == pytest.approx(hsdp)
+    once = 2 * 1 / 2 * (2 * p / 8) / inter
+    mics = micro * (2 * 7 / 8 * 2 * p / intra + 7 / 8 * 2 * p / intra) + once
+    assert seconds(engine="deepspeed", zero=3, engine_config={"mics_shard_size": 8}) == pytest.approx(mics)
+    no_reshard = micro * (15 / 16 * 2 * p / inter + 15 / 16 * 4 * p / inter)
+    assert seconds(engine="fsdp2", engine_config={"reshard_after_forward": False}) == pytest.approx(no_reshard)
