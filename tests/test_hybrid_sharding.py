@@ -219,3 +219,9 @@ def test_engine_step_time_uses_the_right_groups_and_links():
     assert seconds(engine="deepspeed", zero=3, engine_config={"mics_shard_size": 8}) == pytest.approx(mics)
     no_reshard = micro * (15 / 16 * 2 * p / inter + 15 / 16 * 4 * p / inter)
     assert seconds(engine="fsdp2", engine_config={"reshard_after_forward": False}) == pytest.approx(no_reshard)
+
+
+def test_shard_group_and_a_fixed_knob_are_one_or_the_other():
+    with pytest.raises(memplan.MemplanError, match="one or the other"):
+        memplan.plan("llama-3.2-1b", "a100-sxm-80gb", job="pretrain", engine="fsdp2", gpus_per_node=8, nodes=2,
+                     engine_config={"hsdp_shard_size": 8}, space={"shard": ("full", "node")})

@@ -25,6 +25,11 @@ def values(base: JobConfig, wanted: tuple[str, ...] | None) -> tuple[str, ...] |
     else every value the engine runs when the job spans several nodes and the user fixed no hybrid knob."""
     engine = base.engine
     runs = ENGINE_VALUES.get(engine) if engine is not None else None
+    knobs = base.engine_config
+    fixed = knobs.hsdp_shard_size or knobs.mics_shard_size or knobs.zero_hpz_partition_size > 1
+    if wanted is not None and fixed:
+        raise MemplanError("--shard-group chooses among sharding layouts; the engine knob given (--hsdp-shard-size, "
+                           "--mics-shard-size or --zero-hpz-partition-size) fixes one: give one or the other.")
     if wanted is not None:
         if runs is None:
             raise MemplanError(f"--shard-group: hybrid sharding is fsdp2's HSDP and deepspeed's MiCS/hpZ; engine "
@@ -34,8 +39,6 @@ def values(base: JobConfig, wanted: tuple[str, ...] | None) -> tuple[str, ...] |
         if bad:
             raise MemplanError(f"--shard-group {bad[0]}: engine {engine.value} runs {', '.join(runs)}.")
         return wanted
-    knobs = base.engine_config
-    fixed = knobs.hsdp_shard_size or knobs.mics_shard_size or knobs.zero_hpz_partition_size > 1
     if runs is None or fixed or base.nodes == 1 or base.job not in (Job.PRETRAIN, Job.FULL):
         return None
     return runs
