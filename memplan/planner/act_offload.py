@@ -59,8 +59,9 @@ def step_seconds(arch: Architecture, gpu: GpuSpec, host: HostSpec, cfg: JobConfi
 
 
 def choices(base: JobConfig, wanted: bool | None) -> tuple[bool, ...]:
-    """Activation-offload settings a plan tries: the user's (``SearchSpace.offload_activations``), else off and, on a
-    training engine that offloads, on."""
+    """Activation-offload settings a plan tries: the user's (``SearchSpace.offload_activations``), else off and, for a
+    named training engine (``--engine``; what each offloads differs, so a plan of each combination's default engine
+    does not try it), on. ``train_plan`` solves "on" only where "off" leaves room for it (``_offload_may_help``)."""
     if wanted is not None:
         return (wanted,)
     if base.offload_activations:
