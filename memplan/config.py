@@ -343,12 +343,33 @@ class EngineConfig(Strict):
     paged_optimizer: bool = False
     """bitsandbytes paged optimizer (``PagedAdamW8bit``/``PagedAdamW``): states in CUDA managed memory; counted
     on the CPU (paged out under pressure), as ``LoraConfig.paged_optimizer``."""
+    hsdp_shard_size: int | None = Field(default=None, gt=0)
+    """FSDP2 hybrid sharding (HSDP): ``fully_shard(mesh=init_device_mesh(..., (replicate, shard)))`` with a 2-D mesh
+    shards parameters, gradients and states over the mesh's shard dimension of this many data-parallel ranks and
+    replicates them over the other (torch/distributed/fsdp/_fully_shard/_fully_shard.py: "a 2D mesh means HSDP";
+    torchtitan ``data_parallel_shard_degree``). None: shard over every data-parallel rank (FSDP). FSDP1's
+    ``ShardingStrategy.HYBRID_SHARD`` (shard within a node) is the same layout with the node's ranks, so an FSDP1
+    profile can list this knob. See ``memory.zero.shard_degree``."""
+    mics_shard_size: int | None = Field(default=None, gt=0)
+    """DeepSpeed MiCS ``zero_optimization.mics_shard_size`` (ZeRO-3 only; DeepSpeed's default -1: off): ZeRO-3's
+    parameters, gradients and optimizer states partitioned over groups of this many ranks and replicated across
+    groups (deepspeed/runtime/zero/mics.py ``MiCS_Init``, ``MiCS_Optimizer``; Zhang et al. 2022, MiCS)."""
+    zero_hpz_partition_size: int = Field(default=1, gt=0)
+    """DeepSpeed ZeRO++ hpZ ``zero_optimization.zero_hpz_partition_size`` (default 1: off; ZeRO-3 only): a secondary
+    partition of the 16-bit parameters over groups of this many ranks (a node), kept after the forward all-gather
+    so the backward all-gathers stay inside the node; gradients and optimizer states stay partitioned over every
+    rank (deepspeed/runtime/zero/config.py, partition_parameters.py ``ds_secondary_tensor``; Wang et al. 2023,
+    ZeRO++, arXiv:2306.10209, Sec. 3.2)."""
+    cpu_offloading_num_layers: int | None = Field(default=None, ge=0)
+    """Megatron-LM ``--cpu-offloading-num-layers`` with ``JobConfig.offload_activations`` (``--cpu-offloading``):
+    how many of the stage's transformer layers offload their activations to the CPU (TransformerEngine
+    ``get_cpu_offload_context``); None: every layer but the last, the most Megatron allows."""
 
 
 TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
-                 "sequence_parallel", "dropout", "loss_fp32", "activation_accounting", "lora", "galore",
-                 "optimizer_impl", "engine_config", "kept_output", "perf")
+                 "sequence_parallel", "offload_activations", "dropout", "loss_fp32", "activation_accounting", "lora",
+                 "galore", "optimizer_impl", "engine_config", "kept_output", "perf")
 """JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
 training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
@@ -476,6 +497,11 @@ class JobConfig(Strict):
     """With recompute full/selective: how many layers are checkpointed (None: all)."""
     flash_attention: bool = True
     sequence_parallel: bool = False
+    offload_activations: bool = False
+    """Activations saved for backward go to pinned CPU memory and come back for backward, as the engine runs it
+    (``memory.activation_offload``): pytorch/fsdp2 ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` (torchtune
+    ``OffloadActivations``), deepspeed ``activation_checkpointing.cpu_checkpointing`` (the checkpointed layers'
+    inputs; needs recompute full), megatron ``--cpu-offloading`` (``engine_config.cpu_offloading_num_layers``)."""
     attention: Literal["flash", "sdpa", "eager"] | None = None
     """Attention kernel (HF ``attn_implementation``): flash (flash_attention_2), sdpa, eager; None: from flash_attention."""
     dropout: bool = False

@@ -278,10 +278,19 @@ def error_record(spec: SweepSpec, cell: Cell, column: str, message: str) -> dict
             "micro_batch": cell.batch, size_key: cell.size, column: None, "error": message}
 
 
+MAX_AXIS_VALUE = 2**31
+"""Largest batch, sequence length or context a sweep takes: the vectorized path multiplies them in int64 columns
+(``vector_frame``), and 2^31 tokens or sequences already need far more than any GPU holds."""
+
+
 def validate(spec: SweepSpec) -> None:
     """Fail fast on names and values that would make every cell an error (exit 2 in the CLI)."""
     if spec.gpus_per_node < 1:
         raise MemplanError(f"--gpus-per-node must be a positive integer, got {spec.gpus_per_node}.")
+    for flag, values in (("--batch", spec.batches), ("--seq-len", spec.seq_lens), ("--context", spec.contexts)):
+        if any(v > MAX_AXIS_VALUE for v in values):
+            raise MemplanError(f"{flag}: values above 2^31 ({MAX_AXIS_VALUE:,}) are past any GPU's memory and the "
+                               "sweep's 64-bit columns; use smaller values.")
     for name in spec.models:
         _model(name)
     for name in spec.gpus:

@@ -79,7 +79,8 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--cluster": "pcie-ethernet", "--mfu": "0.3", "--comm-overlap": "0.5", "--ep": "2",
     "--intra-node-gbps": "10", "--inter-node-gbps": "1", "--intra-node-latency-us": "500",
     "--inter-node-latency-us": "500", "--virtual-stages": "2", "--global-batch-tokens": "65536",
-    "--train-tokens": "1000000000",
+    "--train-tokens": "1000000000", "--hsdp-shard-size": "2", "--mics-shard-size": "2",
+    "--zero-hpz-partition-size": "2", "--cpu-offloading-num-layers": "4", "--shard-group": "full",
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 DEFAULT_ON: dict[str, tuple[str, ...]] = {
@@ -125,6 +126,9 @@ ENGINE_SETTINGS: dict[str, list[str]] = {
     "--stage3-max-live-parameters": ZERO3, "--stage3-prefetch-bucket-size": ZERO3,
     "--stage3-param-persistence-threshold": ZERO3, "--use-distributed-optimizer": ["--engine", "megatron", *DP2],
     "--sequence-parallel": ["--engine", "megatron", "--tp", "2", *DP2],
+    "--hsdp-shard-size": ["--engine", "fsdp2", "--gpus", "4"], "--mics-shard-size": [*ZERO3[:-1], "4"],
+    "--zero-hpz-partition-size": [*ZERO3[:-1], "4"],
+    "--cpu-offloading-num-layers": ["--engine", "megatron", "--offload-activations"],
 }
 """Where a training-engine knob acts (pretrain and full jobs; elsewhere it is rejected): DDP buckets and FSDP2
 gathers need data parallelism, DeepSpeed's reduce bucket ZeRO-1/2 (overlap_comm doubles it), the stage3_*
@@ -149,6 +153,9 @@ for _command in ("estimate", "plan"):
     CONTEXT.update({(_command, flag, "infer"): extra for flag, extra in SERVING_SETTINGS.items()})
 # the request table only moves bytes where the reserved share overflows: a 0.999 static fraction leaves ~80 MB
 CONTEXT[("plan", "--max-running-requests", "infer")] = [*SGLANG, "--mem-fraction-static", "0.999"]
+for _job in ("pretrain", "full"):  # a slow fabric across 2 nodes: sharding within a node wins, so "full" changes it
+    CONTEXT[("plan", "--shard-group", _job)] = ["--engine", "fsdp2", "--gpus", "2", "--nodes", "2", "--inter-node-gbps",
+                                               "1"]
 for _job in ("lora", "qlora"):
     CONTEXT[("estimate", "--sequence-parallel", _job)] = ["--engine", "deepspeed", "--tp", "2", *DP2]
 CONTEXT[("estimate", "--master-weights", "lora")] = ["--lora-dtype", "bf16"]  # fp32 adapters need no master copy
@@ -324,6 +331,7 @@ FIELD_VALUES: dict[str, Any] = {
     "recompute": "full", "flash_attention": False, "sequence_parallel": True, "attention": "eager", "dropout": True,
     "loss_fp32": False, "activation_accounting": "paper", "cuda_context_bytes": 2**30, "allocator_reserve_pct": 7.0,
     "safety_margin_pct": 5.0, "lora": {"rank": 8}, "galore": {"rank": 64}, "infer": {"context": 1024},
+    "offload_activations": True,
 }
 JOB_FIELD_VALUES: dict[tuple[str, str], Any] = {("grad_dtype", "pretrain"): "bf16", ("grad_dtype", "full"): "bf16"}
 """A job whose default already is FIELD_VALUES' value gets another one: full-weight jobs keep fp32 gradients by

@@ -129,6 +129,10 @@ OPTS: dict[str, Opt] = {
     "recompute": _o("--recompute", Recompute, Recompute.NONE, "Activation recomputation: none, selective (Megatron: "
                     "the attention core), op (torchtitan op-level SAC: keep every other matmul output), full.", MEMORY,
                     field="recompute", dim="recompute", base="none"),
+    "offload_activations": _o("--offload-activations/--no-offload-activations", bool, None, "Saved activations to "
+                              "pinned CPU memory as the engine runs it (pytorch/fsdp2 save_on_cpu, deepspeed "
+                              "cpu_checkpointing, megatron --cpu-offloading); plan: tried where it runs.", MEMORY,
+                              field="offload_activations", dim="offload_activations"),
     "recompute_layers": _o("--recompute-layers", int, None, "Checkpoint only this many layers.", MEMORY,
                            field="recompute_layers"),
     "per_layer_offload": _o("--per-layer-offload/--no-per-layer-offload", bool, True, "Choose per layer where weights "
@@ -210,6 +214,20 @@ OPTS: dict[str, Opt] = {
     "use_distributed_optimizer": _o("--use-distributed-optimizer/--no-use-distributed-optimizer", bool, None,
                                     "megatron: shard fp32 main params and Adam states over data parallelism.", ENGINE,
                                     field="engine_config.use_distributed_optimizer"),
+    "hsdp_shard_size": _o("--hsdp-shard-size", int, None, "fsdp2 hybrid sharding (HSDP): shard over this many "
+                          "data-parallel ranks, replicate across the groups (default: shard over all).", ENGINE,
+                          field="engine_config.hsdp_shard_size"),
+    "mics_shard_size": _o("--mics-shard-size", int, None, "deepspeed MiCS (ZeRO-3): partition all states within groups "
+                          "of this many ranks (default: off).", ENGINE, field="engine_config.mics_shard_size"),
+    "zero_hpz_partition_size": _o("--zero-hpz-partition-size", int, None, "deepspeed ZeRO++ hpZ (ZeRO-3): secondary "
+                                  "16-bit parameter partition within groups of this many ranks (default 1: off).",
+                                  ENGINE, field="engine_config.zero_hpz_partition_size"),
+    "cpu_offloading_num_layers": _o("--cpu-offloading-num-layers", int, None, "megatron --cpu-offloading: layers whose "
+                                    "activations go to the CPU (default: all but the last).", ENGINE,
+                                    field="engine_config.cpu_offloading_num_layers"),
+    "shard_group": _o("--shard-group", str, None, "Plan: state sharding to choose among, comma-separated: full (all "
+                      "data-parallel ranks), node (fsdp2 HSDP / deepspeed MiCS within a node), hpz (deepspeed ZeRO++) "
+                      "(default: each the engine runs, on several nodes).", PARALLEL, dim="shard"),
     "gpu_memory_utilization": _o("--gpu-memory-utilization", float, None, "vllm: share of GPU memory the instance may "
                                  "use (default 0.9).", SERVE, field="serve.gpu_memory_utilization"),
     "max_num_batched_tokens": _o("--max-num-batched-tokens", int, None, "vllm: tokens per scheduler step (default: "
@@ -283,8 +301,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "job": ("job", "engine", "dtype", "quant", "quant_map", "optimizer", "master_weights", "grad_dtype", "batch",
             "global_batch", "global_batch_tokens", "seq_len", "accounting"),
     "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "sequence_parallel",
-                    "optimizer_gpu_layers"),
-    "memory": ("recompute", "recompute_layers", "per_layer_offload", "per_layer_quant", "flash_attention", "attention",
+                    "optimizer_gpu_layers", "shard_group"),
+    "memory": ("recompute", "recompute_layers", "offload_activations", "per_layer_offload", "per_layer_quant",
+               "flash_attention", "attention",
                "dropout", "loss_fp32", "activation_accounting", "cuda_context", "allocator_reserve", "safety_margin"),
     "finetune": ("lora_rank", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer", "galore_rank",
                  "galore_8bit"),
@@ -292,7 +311,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "engine_knobs": ("optimizer_impl", "kept_output", "bucket_cap_mb", "gradient_as_bucket_view", "reshard_after_forward",
                      "fsdp_prefetch", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
                      "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
-                     "stage3_param_persistence_threshold", "use_distributed_optimizer"),
+                     "stage3_param_persistence_threshold", "use_distributed_optimizer", "hsdp_shard_size",
+                     "mics_shard_size", "zero_hpz_partition_size", "cpu_offloading_num_layers"),
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
                 "cuda_graph_max_bs", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k",

@@ -12,7 +12,7 @@ from memplan.cli.groups import OUTPUT, Model, Opts, options
 
 app = command_app()
 DIMENSIONS = ("engine", "quant", "optimizer", "batch", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
-              "recompute", "context", "kv_dtype")
+              "recompute", "context", "kv_dtype", "shard_group")
 CUSTOM = {"ep": {"help": "Expert-parallel degrees to choose among (MoE on --engine megatron or deepspeed), "
                         "comma-separated (default: powers of two dividing the experts)."},
           "batch": {"help": "Micro-batch (training) or concurrent sequences (inference) choices, comma-separated."},
@@ -37,7 +37,7 @@ PlotAxis = Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot
 @app.command(cls=Command)
 @handled
 @options("hardware", "job", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
-         "recompute",
+         "recompute", "offload_activations", "shard_group",
          "per_layer_offload", "per_layer_quant", "flash_attention", "cuda_context", "allocator_reserve", "safety_margin",
          "lora_rank", "lora_targets", "galore_rank", "galore_8bit", "context", "kv_dtype", "engine_knobs", "serving",
          "serving_time", "perf", "output", lists=DIMENSIONS,

@@ -18,7 +18,7 @@ MAX_WORKERS = 1024
 """The most worker processes --workers accepts: far past any host's cores (a larger count cannot even be
 started: the OS refuses the processes, or the integer overflows a C long)."""
 FIXED = ("dtype", "quant", "optimizer", "zero", "offload_optimizer", "offload_params", "pp", "recompute", "lora_rank",
-         "kv_dtype", "cpu_ram", "nvme")
+         "kv_dtype", "cpu_ram", "nvme", "offload_activations")
 """Job options that hold one value for the whole grid (default: the recipe's, else memplan's)."""
 
 

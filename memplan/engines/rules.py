@@ -6,7 +6,7 @@ exit 2); the planner keeps only combinations without a violation (``planner.spac
 
 from __future__ import annotations
 
-from memplan.config import Accounting, Engine, Job, JobConfig, Offload, OptimizerKind, ZeroStage
+from memplan.config import Accounting, Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, ZeroStage
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 
@@ -154,6 +154,60 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
     return None
 
 
+def _hybrid_rule(cfg: JobConfig, *, partial: bool) -> str | None:
+    """Hybrid sharding knobs (``memory.zero.shard_degree``): a shard group of 2 or more ranks that divides the
+    data-parallel degree, for jobs that train every weight; MiCS and hpZ are ZeRO-3's (deepspeed/runtime/zero/
+    config.py: ``mics_shard_size`` and ``zero_hpz_partition_size`` act in stage 3's partitioned parameters).
+    ``partial``: the ZeRO stage and data-parallel degree are not fixed yet."""
+    knobs = cfg.engine_config
+    named = [(n, v) for n, v in (("hsdp_shard_size", knobs.hsdp_shard_size), ("mics_shard_size", knobs.mics_shard_size),
+                                 ("zero_hpz_partition_size", knobs.zero_hpz_partition_size if
+                                  knobs.zero_hpz_partition_size > 1 else None)) if v is not None]
+    if not named:
+        return None
+    if len(named) > 1:
+        return "DeepSpeed runs MiCS (mics_shard_size) or ZeRO++ hpZ (zero_hpz_partition_size), not both: drop one."
+    name, size = named[0]
+    if cfg.job not in (Job.PRETRAIN, Job.FULL):
+        return f"engine_config.{name} shards full-weight states (pretrain, full jobs), not a {cfg.job.value} job: drop it."
+    if size < 2:
+        return (f"engine_config.{name}=1 shards over one rank, i.e. replicates everything: that is plain data "
+                "parallelism (--engine pytorch) or ZeRO-0; use a shard group of 2 or more.")
+    if name == "zero_hpz_partition_size" and cfg.accounting is Accounting.PAPER:
+        return ("engine_config.zero_hpz_partition_size adds DeepSpeed's secondary parameter partition, an engine buffer "
+                "the paper's accounting (--accounting paper) does not count: drop it.")
+    if partial:
+        return None
+    if name != "hsdp_shard_size" and cfg.zero is not ZeroStage.PARAMETERS:
+        return f"engine_config.{name} partitions ZeRO-3's parameters; at ZeRO-{int(cfg.zero)} it has none: use --zero 3."
+    if cfg.dp % size:
+        return (f"engine_config.{name}={size} must divide the data-parallel degree {cfg.dp} (the shard groups tile the "
+                "data-parallel ranks): use a divisor such as the GPUs per node.")
+    return None
+
+
+def _activation_offload_rule(cfg: JobConfig, engine: Engine, *, partial: bool) -> str | None:
+    """Activation offload as each engine runs it (``memory.activation_offload``)."""
+    layers = cfg.engine_config.cpu_offloading_num_layers
+    if layers is not None and not cfg.offload_activations:
+        return "engine_config.cpu_offloading_num_layers counts Megatron's offloaded layers: add --offload-activations."
+    if not cfg.offload_activations:
+        return None
+    if engine is Engine.MEGATRON:
+        if cfg.pp > 1:
+            return ("Megatron-Core refuses --cpu-offloading with pipeline parallelism ('Currently there is no support "
+                    "for Pipeline parallelism with CPU offloading', transformer_config.py): use --pp 1.")
+        if not partial and (cfg.recompute is not Recompute.NONE or any(
+                m is not Recompute.NONE for m in cfg.recompute_map or ())):
+            return ("Megatron-Core refuses --cpu-offloading with recompute ('CPU offloading does not work when "
+                    "activation recomputation is enabled', transformer_config.py): use --recompute none.")
+    if engine is Engine.DEEPSPEED and not partial and cfg.recompute is not Recompute.FULL and not any(
+            m is Recompute.FULL for m in cfg.recompute_map or ()):
+        return ("DeepSpeed's activation offload is activation_checkpointing.cpu_checkpointing: it moves the checkpointed "
+                "layers' inputs to the CPU, so it needs --recompute full.")
+    return None
+
+
 def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
     """The first engine rule ``cfg`` breaks, as one sentence; None when the engine runs it. ``partial``: ``cfg``
     fixes one planner dimension only (tp, pp or the ZeRO placement), so the rules that weigh a setting against the
@@ -169,7 +223,8 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
         return ("sequence parallelism splits activations over the tensor-parallel group (Korthikanti et al. 2022); "
                 "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
     for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine),
-                 None if partial else _knob_effect_rule(cfg)):
+                 None if partial else _knob_effect_rule(cfg), _hybrid_rule(cfg, partial=partial),
+                 _activation_offload_rule(cfg, engine, partial=partial)):
         if rule:
             return rule
     if engine is Engine.FSDP2 and cfg.job not in (Job.PRETRAIN, Job.FULL):

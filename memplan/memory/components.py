@@ -61,12 +61,12 @@ def _train_rows(ctx: Context) -> list[Row]:
 
 
 def _activation_rows(ctx: Context, missing: list[str]) -> list[Row]:
-    from memplan.memory import activations
+    from memplan.memory import activation_offload, activations
 
     if not activations.modelled(ctx):
         missing.append("activations")
-        return []
-    return activations.rows(ctx)
+        return activation_offload.apply(ctx, [])
+    return activation_offload.apply(ctx, activations.rows(ctx))
 
 
 def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:

@@ -30,7 +30,7 @@ from memplan.dtypes import Dtype
 from memplan.memory import optimizer as opt
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
-from memplan.memory.zero import OFFLOAD_TIER, StateBuffer, largest_layer_numel, place
+from memplan.memory.zero import OFFLOAD_TIER, StateBuffer, hpz_secondary_bytes, largest_layer_numel, place, shard_degree
 from memplan.units import bits_to_bytes, ceil_div
 
 DS_ESTIMATOR = "DeepSpeed ZeRO memory estimator (estimate_zero2/zero3_model_states_mem_needs)"
@@ -212,9 +212,9 @@ def tensors_optimizer_bytes(ctx: Context, tensors: list[Tensor]) -> tuple[int, i
     tensors = trained(tensors)
     if not tensors:
         return 0, 0
-    gpu = sum(place(b, zero=cfg.zero, dp=cfg.dp, gpus_per_node=cfg.gpus_per_node).bytes
+    gpu = sum(place(b, zero=cfg.zero, dp=shard_degree(cfg), gpus_per_node=cfg.gpus_per_node).bytes
               for b in set_buffers(ctx, tensors=tensors, opt_tier=Tier.GPU))
-    cpu = sum(place(b, zero=cfg.zero, dp=cfg.dp, gpus_per_node=cfg.gpus_per_node).bytes
+    cpu = sum(place(b, zero=cfg.zero, dp=shard_degree(cfg), gpus_per_node=cfg.gpus_per_node).bytes
               for b in set_buffers(ctx, tensors=tensors, opt_tier=Tier.CPU))
     return gpu, cpu
 
@@ -276,10 +276,17 @@ def deepspeed_gpu_buffers(ctx: Context) -> list[Row]:
         return []
     live = largest_layer_numel(ctx)
     bits = ctx.cfg.dtype.bits
-    return [
+    rows = [
         Row("weights/zero3_live_params", Tier.GPU, bits_to_bytes(live, bits), DS_ESTIMATOR),
         Row("gradients/zero3_live_grads", Tier.GPU, bits_to_bytes(live, bits), DS_ESTIMATOR),
     ]
+    hpz = ctx.cfg.engine_config.zero_hpz_partition_size
+    if hpz > 1:
+        param_bytes = bits_to_bytes(trainable_numel(ctx), bits)
+        rows.append(Row("weights/zero_hpz_secondary", Tier.GPU, hpz_secondary_bytes(param_bytes=param_bytes, hpz=hpz),
+                        "DeepSpeed ZeRO++ hpZ (zero_hpz_partition_size; partition_parameters.py ds_secondary_tensor); "
+                        "arXiv:2306.10209 Sec. 3.2", f"16-bit parameters partitioned over {hpz} ranks (a node)"))
+    return rows
 
 
 def deepspeed_cpu_rows(ctx: Context, *, numel: int, steady_cpu: int) -> list[Row]:
@@ -321,7 +328,7 @@ def nvme_swap_rows(ctx: Context, *, numel: int) -> list[Row]:
         per = DS_PARAM_SWAP_BUFFERS * bits_to_bytes(DS_PARAM_SWAP_BUFFER_ELEMS, cfg.dtype.bits)
         rows.append(Row("weights/nvme_swap_buffers", Tier.CPU, per * g, "DeepSpeed offload_param buffer_count × buffer_size"))
     if cfg.offload_optimizer is Offload.NVME:
-        part = ceil_div(numel, cfg.dp)
+        part = ceil_div(numel, shard_degree(cfg))
         per = DS_OPT_SWAP_BUFFERS * bits_to_bytes(min(DS_SUB_GROUP_ELEMS, part), FP32_BITS)
         rows.append(Row("optimizer/nvme_swap_buffers", Tier.CPU, per * g,
                         "DeepSpeed offload_optimizer buffer_count × sub_group_size (fp32)"))
@@ -330,4 +337,4 @@ def nvme_swap_rows(ctx: Context, *, numel: int) -> list[Row]:
 
 def place_all(ctx: Context, buffers: list[StateBuffer]) -> list[Row]:
     cfg = ctx.cfg
-    return [place(b, zero=cfg.zero, dp=cfg.dp, gpus_per_node=cfg.gpus_per_node) for b in buffers]
+    return [place(b, zero=cfg.zero, dp=shard_degree(cfg), gpus_per_node=cfg.gpus_per_node) for b in buffers]

@@ -102,6 +102,12 @@ register("activations/kept_output", (_BS, _B, _O),
          "(AnswerDotAI fsdp_qlora train.py: output = None after the step)")
 register("activations/recompute_workspace", (_B,),
          "one checkpointed block recomputed during backward (torch.utils.checkpoint)")
+register("activations/offload_buffer", _TRAIN_SAVED,
+         "offloaded layers' saved tensors in transit: copied out in forward, prefetched back in backward "
+         "(memory.activation_offload)")
+register("activations/cpu_offloaded", (_F, _BS, _B), "pinned CPU copies of the offloaded layers' saved activations")
+register("weights/zero_hpz_secondary", TRAIN_PHASES,
+         "DeepSpeed ZeRO++ hpZ secondary partition: ds_secondary_tensor, kept across steps (partition_parameters.py)")
 register("activations/hidden_states", (Phase.PREFILL,), "serving: hidden states of the step's tokens")
 register("activations/prefill_workspace", (Phase.PREFILL,), "serving: the largest attention/MLP temporaries of a step")
 register("runtime/dora_workspace", (_BS,), "peft tuners/lora/dora.py: weight norm of the largest DoRA module per forward")

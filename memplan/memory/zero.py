@@ -20,6 +20,7 @@ from memplan.units import ceil_div
 
 if TYPE_CHECKING:
     from memplan.arch.tensors import Architecture
+    from memplan.config import JobConfig
     from memplan.memory.context import Context
 
 OFFLOAD_TIER = {Offload.NONE: Tier.GPU, Offload.CPU: Tier.CPU, Offload.NVME: Tier.NVME}
@@ -49,6 +50,39 @@ def partitioned_bytes(*, nbytes: int, zero: ZeroStage, shard_from: ZeroStage | N
     if shard_from is not None and zero >= shard_from:
         return ceil_div(nbytes, dp)
     return nbytes
+
+
+def shard_degree(cfg: JobConfig) -> int:
+    """The data-parallel ranks over which the model states are partitioned: ``cfg.dp`` (FSDP, ZeRO), or the
+    shard group of hybrid sharding, whose states are replicated dp/S times.
+
+    - fsdp2 ``engine_config.hsdp_shard_size`` S: HSDP, a 2-D DeviceMesh (replicate, shard) given to
+      ``fully_shard(mesh=...)`` shards over the mesh's last dimension and replicates over the first
+      (torch/distributed/fsdp/_fully_shard/_fully_shard.py, ``FSDPParamGroup`` with a 2-D ``HSDPMeshInfo``);
+    - deepspeed ``engine_config.mics_shard_size`` S: MiCS partitions ZeRO-3's parameters, gradients and
+      optimizer states within groups of S ranks (deepspeed/runtime/zero/mics.py ``MiCS_Init``:
+      ``create_mics_comm_groups(shard_size, ...)``, ``param_shard_group``).
+    ZeRO++ hpZ keeps every state partitioned over all ranks (its secondary copy is ``hpz_secondary_bytes``).
+    Formula: S when set, else dp; S = dp is full sharding byte for byte. An FSDP1 HYBRID_SHARD profile maps here
+    with S = the node's data-parallel ranks.
+    """
+    knobs = cfg.engine_config
+    size = knobs.hsdp_shard_size or knobs.mics_shard_size
+    return size if size else cfg.dp
+
+
+def hpz_secondary_bytes(*, param_bytes: int, hpz: int) -> int:
+    """GPU bytes of ZeRO++ hpZ's secondary parameter partition: the 16-bit parameters split over the hpZ group.
+
+    Formula: ceil(param_bytes / hpz), param_bytes the stage's 16-bit parameters per tp rank; 0 when hpz = 1.
+    Source: Wang et al. 2023, "ZeRO++" (arXiv:2306.10209), Sec. 3.2 (hpZ holds a secondary copy of the weights
+    partitioned within a node: M/α per GPU beside the primary M/N); DeepSpeed
+    deepspeed/runtime/zero/partition_parameters.py ``_partition_param_sec`` (``ds_secondary_tensor`` of
+    numel/zero_hpz_partition_size elements, kept from the forward all-gather for the backward all-gather).
+    """
+    if hpz <= 1:
+        return 0
+    return ceil_div(param_bytes, hpz)
 
 
 def place(buf: StateBuffer, *, zero: ZeroStage, dp: int, gpus_per_node: int) -> Row:

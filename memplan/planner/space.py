@@ -65,6 +65,12 @@ class SearchSpace(Strict):
     engines: tuple[Engine, ...] | None = None
     """Engines to choose among (``plan --engine vllm,llamacpp``); None: the job's default engine. Passed through
     here; what each engine changes is the engines' code."""
+    shard: tuple[str, ...] | None = None
+    """State sharding of a training plan (``planner.hybrid``): ``full`` (every data-parallel rank), ``node`` (fsdp2
+    HSDP / deepspeed MiCS: shard within a node, replicate across nodes), ``hpz`` (deepspeed ZeRO++); None: each one
+    the engine runs, on more than one node."""
+    offload_activations: bool | None = None
+    """Activation offload to CPU (``JobConfig.offload_activations``); None: tried off and on where the engine runs it."""
     global_batch_tokens: int | None = Field(default=None, gt=0, le=2**62)
     """Tokens per optimizer step (give it or ``global_batch``, not both); None: ``plan.DEFAULT_GLOBAL_BATCH_TOKENS``."""
 
@@ -93,6 +99,14 @@ class SearchSpace(Strict):
             raise ValueError(f"values must be positive integers, got {', '.join(map(str, bad))}")
         return value
 
+    @field_validator("shard")
+    @classmethod
+    def _shards(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        bad = [v for v in value or () if v not in ("full", "node", "hpz")]
+        if bad:
+            raise ValueError(f"shard choices are full, node and hpz, got {', '.join(map(str, bad))}")
+        return value
+
     @field_validator("zero")
     @classmethod
     def _stages(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -103,7 +117,7 @@ class SearchSpace(Strict):
 
 
 TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch",
-                 "global_batch_tokens", "ep")
+                 "global_batch_tokens", "ep", "shard", "offload_activations")
 """Search dimensions only a training plan reads."""
 INFERENCE_DIMS = ("context", "batch", "kv_dtype")
 """Search dimensions only an inference plan reads (training searches ``micro_batch`` and ``seq_len``)."""

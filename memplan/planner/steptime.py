@@ -316,6 +316,8 @@ def dp_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_bat
     Hidden: up to ``overlap`` × the compute it can run under (the last micro-batch's backward for stages
     0-2; each micro-batch's forward and backward for stage 3).
     Ranks: dp; inside a node when tp·dp ≤ GPUs per node (Megatron's rank order: tp, dp, then pp).
+    fsdp2 shards like ZeRO-3 (one all-gather per micro-batch with ``reshard_after_forward=False``); hybrid
+    sharding and hpZ: ``sharded_comm_seconds``.
     """
     if cfg.dp <= 1:
         return 0.0
@@ -325,15 +327,49 @@ def dp_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_bat
     n_layers = max(1, len(arch.layers) // cfg.pp)
     stage = max(stage_micro_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg.pp))
     share = overlap(cfg)
-    if cfg.zero < ZeroStage.PARAMETERS:
+    if cfg.zero < ZeroStage.PARAMETERS and cfg.effective_engine is not Engine.FSDP2:
         comm = cost.collective_seconds(kind="all_reduce", nbytes=grad, ranks=cfg.dp, bytes_per_s=bw, latency_s=0.0)
         comm += 2 * n_layers * (cfg.dp - 1) * lat  # one bucket per layer
         return max(0.0, comm - share * stage * BACKWARD_PASSES_FULL / (FORWARD_PASSES + BACKWARD_PASSES_FULL))
-    weights = params * ACTIVATION_BYTES
-    per_micro = sum(cost.collective_seconds(kind=k, nbytes=b, ranks=cfg.dp, bytes_per_s=bw, latency_s=0.0)
-                    for k, b in (("all_gather", weights), ("all_gather", weights), ("reduce_scatter", grad)))
-    per_micro += 3 * n_layers * (cfg.dp - 1) * lat
-    return micro_batches(cfg, global_batch) * max(0.0, per_micro - share * stage)
+    return sharded_comm_seconds(gpu, cfg, params=params, grad=grad, layers=n_layers, hidden=share * stage,
+                                micro=micro_batches(cfg, global_batch))
+
+
+def sharded_comm_seconds(gpu: GpuSpec, cfg: JobConfig, *, params: int, grad: int, layers: int, hidden: float,
+                         micro: int) -> float:
+    """Exposed traffic per step of sharded states (ZeRO-3, fsdp2) over ``micro`` micro-batches, each hiding up to
+    ``hidden`` seconds behind compute (``planner.shard_comm`` has the formulas and sources).
+
+    Links: the whole data-parallel group inside a node when tp·dp ≤ GPUs per node; a shard (or hpZ) group of S ranks
+    inside a node when tp·S ≤ GPUs per node; the replicas' all-reduce on the whole group's link. The MiCS all-reduce
+    runs once per step, after the last backward, hiding up to its backward share (as the stage 0 all-reduce).
+    """
+    from memplan.memory.zero import shard_degree
+    from memplan.planner import shard_comm
+
+    link, gpn = links(gpu, cfg), cfg.gpus_per_node
+    weights, dp, shard = params * ACTIVATION_BYTES, cfg.dp, shard_degree(cfg)
+    hpz = cfg.engine_config.zero_hpz_partition_size
+    whole = shard_comm.Link(*link.pick(cfg.tp * dp <= gpn))
+    fsdp2 = cfg.effective_engine is Engine.FSDP2
+    gathers = 1 if fsdp2 and not cfg.engine_config.reshard_after_forward else 2
+    if fsdp2 and cfg.uses_master_weights:  # MixedPrecisionPolicy(reduce_dtype=fp32): gradients reduce in fp32
+        grad = params * Dtype.FP32.bits // 8
+    if hpz > 1:
+        per = shard_comm.hpz_micro_seconds(weights=weights, grads=grad, dp=dp, hpz=hpz, layers=layers, dp_link=whole,
+                                           hpz_link=shard_comm.Link(*link.pick(cfg.tp * hpz <= gpn)))
+        return micro * max(0.0, per - hidden)
+    if shard < dp:
+        per, reduce = shard_comm.hybrid_seconds(weights=weights, grads=grad, dp=dp, shard=shard, gathers=gathers,
+                                                layers=layers, shard_link=shard_comm.Link(*link.pick(cfg.tp * shard <= gpn)),
+                                                replica_link=whole)
+        if fsdp2:
+            return micro * max(0.0, per + reduce - hidden)
+        tail = max(0.0, reduce - hidden * BACKWARD_PASSES_FULL / (FORWARD_PASSES + BACKWARD_PASSES_FULL))
+        return micro * max(0.0, per - hidden) + tail
+    per = shard_comm.full_shard_micro_seconds(weights=weights, grads=grad, dp=dp, gathers=gathers, layers=layers,
+                                              link=whole)
+    return micro * max(0.0, per - hidden)
 
 
 def recompute_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: int, layer: Layer,

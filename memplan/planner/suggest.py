@@ -178,6 +178,9 @@ def diagnose(req: Any, result: Any) -> None:
         tries.append(with_base(req, "GaLore low-rank optimizer states", "--job galore", job=Job.GALORE))
         tries.append(with_base(req, "8-bit GaLore low-rank optimizer states", "--job galore --galore-8bit",
                                job=Job.GALORE, galore=req.base.galore.model_copy(update={"eight_bit": True})))
+    if job.trains and not req.base.offload_activations and req.space.offload_activations is not True:
+        tries.append(with_space(req, "saved activations in pinned CPU memory (the engine's activation offload)",
+                                "--offload-activations", offload_activations=True))
     if job.trains and job is not Job.GALORE:
         offl = (Offload.NONE, Offload.CPU)
         tries.append(with_space(req, "ZeRO-Offload: optimizer states (and parameters) in CPU memory",

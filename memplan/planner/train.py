@@ -22,7 +22,7 @@ from memplan.memory import activations as act
 from memplan.memory import components, runtime
 from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
-from memplan.planner import cost, steptime, train_offload, train_phases
+from memplan.planner import cost, hybrid, steptime, train_offload, train_phases
 from memplan.planner.classes import layer_classes
 from memplan.planner.dims import with_sequence_parallel
 from memplan.planner.ilp import Entry, Factor, Problem
@@ -56,6 +56,8 @@ def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | N
         elif dim in ("tp", "pp", "ep", "micro_batch", "seq_len", "optimizer", "quant"):
             upd[dim] = value
     cfg = with_sequence_parallel(JobConfig.model_validate({**base.model_dump(), **upd}))
+    if hybrid.DIM in choice:
+        cfg = hybrid.apply(cfg, choice[hybrid.DIM])
     if global_batch is not None:
         cfg = cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.dp))})
     if modes is not None:
@@ -80,7 +82,8 @@ def _contexts(setting: TrainSetting, cfg: JobConfig) -> list[Context]:
 
 
 def state_dims(dims: dict[str, tuple]) -> tuple[str, ...]:
-    return STATE_DIMS + (("ep",) if "ep" in dims else ()) + (("opt_split",) if "opt_split" in dims else ())
+    extra = tuple(d for d in ("ep", "opt_split", hybrid.DIM) if d in dims)
+    return STATE_DIMS + extra
 
 
 def states_factor(setting: TrainSetting, dims: dict[str, tuple],
@@ -222,7 +225,7 @@ def shape_seconds(setting: TrainSetting, cfg: JobConfig) -> float:
 def comm_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
     """Data-parallel gradient traffic, ZeRO-3 parameter gathers (the part compute does not hide,
     ``steptime.dp_comm_seconds``) and ZeRO-Infinity parameter fetches over PCIe, per step."""
-    names = COMM_DIMS + (("ep",) if "ep" in dims else ())
+    names = COMM_DIMS + tuple(d for d in ("ep", hybrid.DIM) if d in dims)
     entries: dict[tuple, Entry] = {}
     for key, cfg in step_configs(setting, dims, names):
         seconds = steptime.dp_comm_seconds(setting.arch, setting.gpu, cfg, setting.global_batch)
@@ -307,6 +310,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
         _keep_keys(layers.seconds, keep)
         _keep_keys(layers.workspace or [], keep)
         _keep_keys(layers.flight_workspace or [], keep)
+        _keep_keys(layers.cpu or [], keep)
         layers.key_bounds = {k: b for k, b in bounds.items() if b}
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,

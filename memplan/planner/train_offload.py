@@ -161,12 +161,12 @@ def layer_phase_bytes(ctx: Any, layer_index: int) -> dict[Any, int]:
     from memplan.memory.breakdown import TRAIN_PHASES, Row, Tier, phase_totals
     from memplan.memory.context import Context
     from memplan.memory.model_states import set_buffers, trained
-    from memplan.memory.zero import place
+    from memplan.memory.zero import place, shard_degree
 
     cfg = ctx.cfg.model_copy(update={"grad_accum": 1})
     ctx = Context(ctx.arch, cfg, ctx.gpu, ctx.host, ctx.stage_override)
     tensors = trained(list(ctx.arch.layers[layer_index].tensors))
-    rows = [place(b, zero=cfg.zero, dp=cfg.dp, gpus_per_node=cfg.gpus_per_node)
+    rows = [place(b, zero=cfg.zero, dp=shard_degree(cfg), gpus_per_node=cfg.gpus_per_node)
             for b in set_buffers(ctx, tensors=tensors, opt_tier=Tier.GPU)] if tensors else []
     rows = [r for r in rows if r.tier is Tier.GPU]
     if cfg.effective_optimizer_impl is OptimizerImpl.FOREACH:

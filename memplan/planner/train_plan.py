@@ -10,7 +10,7 @@ from typing import Any
 from memplan.arch.build import build_architecture
 from memplan.config import JobConfig, Recompute
 from memplan.errors import MemplanError
-from memplan.planner import train, train_offload
+from memplan.planner import act_offload, hybrid, train, train_offload
 from memplan.planner.dims import resolve
 from memplan.planner.ilp import IlpBuilder
 from memplan.planner.plan import (
@@ -49,6 +49,8 @@ def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) 
 
     comm_dims = {"tp": (cfg.tp,), "pp": (cfg.pp,), "placement": ((cfg.zero, cfg.offload_optimizer, cfg.offload_params),),
                  "micro_batch": (cfg.micro_batch,), "seq_len": (cfg.seq_len,), "ep": (cfg.ep,)}
+    if hybrid.value_of(setting.base) == hybrid.FULL:  # the plan chose the sharding (else the base fixes it)
+        comm_dims[hybrid.DIM] = (hybrid.value_of(cfg),)
     comm = next(iter(train.comm_factor(setting, comm_dims).entries.values())).seconds
     per_stage = [components.state_rows(c) for c in train._contexts(setting, cfg)]
     offload = train.offload_seconds(setting, cfg, per_stage)
@@ -56,7 +58,8 @@ def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) 
 
     recompute = sum(recompute_seconds(setting, cfg, layer, Recompute(m))
                     for layer, m in zip(setting.arch.layers, modes, strict=False))
-    return train.shape_seconds(setting, cfg) + comm + offload + recompute
+    acts = act_offload.step_seconds(setting.arch, setting.gpu, setting.host, cfg, setting.global_batch)
+    return train.shape_seconds(setting, cfg) + comm + offload + recompute + acts
 
 
 def _with_world(base: JobConfig, gpn: int, nodes: int) -> JobConfig:
@@ -73,19 +76,36 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     optimal over the whole; together they solve in a fraction of the time one joint model takes.
     """
     start = len(result.candidates)
-    found_any, errors = False, []
+    found_any, errors, tried = False, [], 0
     bases = engine_bases(_with_world(req.base, gpn, nodes), req.space)
     for base in bases:
-        try:
-            found_any |= _solve_engine(req, base, result)
-        except MemplanError as exc:  # an engine that runs nothing here; the others may
-            errors.append(exc)
-    if not found_any and errors and len(errors) == len(bases):
+        for offload in act_offload.choices(base, req.space.offload_activations):
+            if offload and not base.offload_activations and req.space.offload_activations is None \
+                    and not _offload_may_help(result.candidates[start:]):
+                continue
+            tried += 1
+            try:
+                found_any |= _solve_engine(req, act_offload.variant(base, offload), result)
+            except MemplanError as exc:  # an engine that runs nothing here; the others may
+                errors.append(exc)
+    if not found_any and errors and len(errors) == tried:
         raise errors[0]
     found = result.candidates[start:]
     rank_candidates(found)
     result.candidates[start:] = found[: req.top_k]
     return bool(found)
+
+
+def _offload_may_help(found: list) -> bool:
+    """Whether a plan with activation offload is worth solving after those without (``found``): none fits, or the
+    best recomputes layers, which offloaded activations could keep instead. A pruning of the search (offload costs
+    PCIe time, so it cannot beat a plan that already keeps every activation without recompute)."""
+    if not found:
+        return True
+    ranked = list(found)
+    rank_candidates(ranked)
+    best = ranked[0]
+    return any(m is not Recompute.NONE for m in best.config.recompute_map or (best.config.recompute,))
 
 
 def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool:
@@ -94,6 +114,10 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
     probe = global_batch_for(req, base.world_size)
     dims, excluded = resolve(arch, base, req.space, req.objective, req.host, probe)
     dims = runnable_dims(base, dims, excluded)
+    shards = hybrid.values(base, req.space.shard)
+    if shards is not None:
+        dims[hybrid.DIM] = shards
+    dims = act_offload.restrict(base, dims)
     result.excluded = sorted(set(result.excluded + excluded))
     if not dims["tp"] or not dims["pp"] or not dims["placement"]:
         from memplan.planner.plan import NoValidDegree
@@ -111,12 +135,17 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
         dims = train_quant.restrict(dims, formats)
     start = len(result.candidates)
     kind = _objective_kind(req.objective)
-    for i, part in enumerate(train_offload.partition(dims, base.job)):
+    parts = [one for part in train_offload.partition(dims, base.job) for one in hybrid.split(part)]
+    invalid: list[MemplanError] = []  # parts without a valid combination; all of them: the user's error
+    for i, part in enumerate(parts):
         part_req = req if i == 0 or not req.debug_lp else replace(req, debug_lp=_part_path(req.debug_lp, i))
         mine = result.candidates[start:]
         # a later part only matters where it beats the k-th plan found so far (throughput: seconds)
         cutoff = max(c.objective_value for c in mine) if kind == "min_seconds" and len(mine) >= req.top_k else None
-        result.candidates.extend(_solve_part(part_req, setting, part, result, cutoff, formats, later=i > 0))
+        result.candidates.extend(_solve_part(part_req, setting, part, result, cutoff, formats,
+                                             invalid=invalid if len(parts) > 1 else None))
+    if invalid and len(invalid) == len(parts):
+        raise invalid[0]
     found = result.candidates[start:]
     rank_candidates(found)
     result.candidates[start:] = found[: req.top_k]
@@ -132,17 +161,19 @@ def _part_path(path: str, index: int) -> str:
 
 
 def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, tuple], result: PlanResult,
-                cutoff: float | None = None, formats: tuple | None = None, later: bool = False) -> list[Candidate]:
-    """Solve one part of the space; a ``later`` part that holds no valid combination has no plans (the
-    first part's invalidity is the user's error and propagates)."""
+                cutoff: float | None = None, formats: tuple | None = None,
+                invalid: list[MemplanError] | None = None) -> list[Candidate]:
+    """Solve one part of the space; a part that holds no valid combination has no plans and, given ``invalid``,
+    adds its reason there (the caller raises when every part is invalid: the user's error), else raises."""
     arch, base, gb = setting.arch, setting.base, setting.global_batch
     try:
         problem, _ = train.build_problem(setting, dims, _objective_kind(req.objective), _value_fn(req.objective),
                                          formats=formats)
-    except MemplanError:
-        if later:
-            return []
-        raise
+    except MemplanError as exc:
+        if invalid is None:
+            raise
+        invalid.append(exc)
+        return []
     builder = IlpBuilder(problem)
     if cutoff is not None:
         builder.cutoff(cutoff)
@@ -171,6 +202,8 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
             extras = {"optimizer_gpu_layers": cfg.optimizer_gpu_layers, "offload_ratio": round(ratio, 6),
                       "deepspeed_sub_group_size": size, "deepspeed_ratio": round(ds_ratio, 6)}
             text = "; ".join(t for t in (text, train_offload.describe(cfg, ratio, len(arch.layers))) if t)
+        offloaded = "activations offloaded to CPU" if cfg.offload_activations else ""
+        text = "; ".join(t for t in (text, hybrid.describe(cfg), offloaded) if t)  # config JSON holds the knobs
         if formats is not None:
             from memplan.planner.infer_layers import describe_formats, quality_extras
 

@@ -6,6 +6,7 @@ lower bound on those seconds that lets the solver prune dear global choices earl
 from __future__ import annotations
 
 from itertools import product
+from typing import Any
 
 from memplan.arch.parallel import arch_stage_ranges
 from memplan.arch.tensors import Layer
@@ -13,7 +14,7 @@ from memplan.config import JobConfig, Recompute
 from memplan.memory import activations as act
 from memplan.memory.breakdown import Phase
 from memplan.memory.context import Context
-from memplan.planner import steptime
+from memplan.planner import act_offload, steptime
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Factor, LayerBlock
 from memplan.planner.train import SAVINGS, TrainSetting, config_for
@@ -62,14 +63,18 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
                 sec_t[i][m][key] = secs[m]
                 work_t[i][m][key] = work[m]
                 held_t[i][m][key] = held[m]
+    cpu_t, classes = act_offload.adjust_block(setting, classes, gpu_t, sec_t, work_t)
     modes = _undominated(modes, gpu_t, sec_t)
-    for table in (gpu_t, sec_t, work_t, held_t):
+    tables: list[Any] = [gpu_t, sec_t, work_t, held_t] + ([cpu_t] if cpu_t else [])
+    for table in tables:
         for per in table:
             for m in [m for m in per if m not in modes]:
                 del per[m]
-    return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu_t, seconds=sec_t, workspace=work_t,
+    return LayerBlock(modes=modes, key_dims=LAYER_DIMS, gpu=gpu_t, seconds=sec_t, workspace=work_t, cpu=cpu_t,
                       flight_workspace=held_t, classes=classes, savings_rank={m: SAVINGS[m] for m in modes},
-                      phases=_phases("activations/layers"), workspace_phases=_phases("activations/recompute_workspace"),
+                      phases=_phases("activations/layers"),
+                      workspace_phases=act_offload.workspace_phases(setting.base,
+                                                                    _phases("activations/recompute_workspace")),
                       flight_phases=_phases("activations/layer_kwargs"))
 
 
