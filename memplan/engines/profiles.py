@@ -59,7 +59,7 @@ PROFILES: dict[Engine, Profile] = {
          ("pure bf16 (master_weights=False)", "sharded bf16 params, grads and states"),
          ("fp8 (torchao float8)", "the mixed layout plus fp8 weight copies (float8 all-gather optional)")),
         "torch.optim.AdamW on the sharded DTensor parameters (foreach/for-loop/fused)",
-        ("weights/fsdp_all_gather", "gradients/fsdp_reduce_scatter"),
+        ("weights/fsdp_all_gather", "weights/fsdp_running_unit", "gradients/fsdp_reduce_scatter"),
         ("reshard_after_forward", "fsdp_prefetch"),
         "Hugging Face module layout (autograd-saved tensors)",
         ("torch/distributed/fsdp/_fully_shard/_fsdp_param.py", "torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py",

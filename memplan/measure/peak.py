@@ -42,15 +42,30 @@ BANNER = b"USDT:"
 
 
 def storage_bytes(tensors: Any) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (None and empty ones skipped)."""
+    """Bytes of the distinct storages behind ``tensors`` (None and empty ones skipped).
+
+    A tensor subclass that wraps others (DTensor, the sharded parameters of FSDP2) owns no storage of its own:
+    it counts through the tensors it wraps (``__tensor_flatten__``: a DTensor's local shard), each storage once.
+    """
     seen: dict[tuple[str, int], int] = {}
-    for tensor in tensors:
-        if tensor is None:
-            continue
+    for tensor in _plain_tensors(tensors):
         storage = tensor.untyped_storage()
         if storage.nbytes():
             seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
+
+
+def _plain_tensors(tensors: Any) -> Iterator[Any]:
+    """``tensors`` without None, wrapper subclasses replaced by the plain tensors inside them."""
+    for tensor in tensors:
+        if not hasattr(tensor, "untyped_storage"):  # None, or a non-tensor a subclass flattens to
+            continue
+        flatten = getattr(type(tensor), "__tensor_flatten__", None)
+        if flatten is None:
+            yield tensor
+            continue
+        inner, _ = flatten(tensor)
+        yield from _plain_tensors(getattr(tensor, name) for name in inner)
 
 
 def live_tensor_bytes(device_type: str) -> int:

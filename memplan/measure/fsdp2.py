@@ -1,0 +1,187 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) training steps on two CPU processes (gloo), per-rank peaks.
+
+``measure_fsdp2`` spawns ``WORLD`` processes once (``torch.multiprocessing.spawn``, a ``FileStore`` in a temporary
+directory: no network, not even localhost) and runs every case in them, one after the other. Each case builds the
+tiny model (``memplan.measure.build``), wraps it the way torchtitan and accelerate do: ``fully_shard`` on each
+decoder block (``reshard_after_forward=True``) and then on the root (the default, which keeps the root gathered
+from forward to backward, ``_fsdp_state.py`` ``_lazy_init``), with ``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)`` over an fp32 model when the job uses master weights, or a pure 16-bit model without a policy.
+A warm-up step creates the AdamW states, the gradients are set to None, and one measured step (forward with the
+loss, backward, ``optimizer.step()``) runs under ``peak.PeakMeter``: the bytes of every tensor storage the garbage
+collector reaches (DTensor parameters counted through their local shards, ``peak.storage_bytes``) plus the
+profiler's allocation events. Each rank reports its own peak; the answer compared is per GPU, so the largest rank
+peak is what it must cover.
+
+memplan's side: ``compare.answer_phases`` of the same tiny spec with ``engine=fsdp2`` and ``gpus_per_node=WORLD``,
+tensors only (no CUDA context, no allocator reserve), the activations counted with PyTorch's CPU kernels.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from memplan.measure.tiny import seq_len, tiny_spec
+
+WORLD = 2
+BATCH = 2
+BACKEND = "gloo"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One FSDP2 job: a tiny family, its dtype policy and shape (JobConfig fields for ``make_config``)."""
+
+    family: str
+    mixed: bool = True
+    seq: int | None = None
+    micro_batch: int = BATCH
+
+    @property
+    def label(self) -> str:
+        policy = "mp bf16/fp32" if self.mixed else "pure bf16"
+        return f"{self.family} fsdp2 {policy}"
+
+    def fields(self) -> dict[str, Any]:
+        return {"job": "full", "dtype": "bf16", "master_weights": self.mixed, "micro_batch": self.micro_batch,
+                "seq_len": self.seq or seq_len(self.family), "attention": "sdpa", "engine": "fsdp2",
+                "gpus_per_node": WORLD, "optimizer_impl": "foreach"}
+
+
+@dataclass
+class RankResult:
+    """What one rank measured for one case (bytes)."""
+
+    rank: int
+    phases: dict[str, int] = field(default_factory=dict)
+    baseline: int = 0
+    components: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values(), default=self.baseline)
+
+
+def unavailable() -> str | None:
+    """Why FSDP2 cannot run on this machine's CPU, or None when it can."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed
+        return "torch is not installed (pip install memplan[measure])"
+    if not dist.is_available():
+        return "this torch build has no torch.distributed"
+    if not dist.is_gloo_available():
+        return "this torch build has no gloo backend"
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return "this torch has no torch.distributed.fsdp.fully_shard (FSDP2 needs torch >= 2.6)"
+    return None
+
+
+def measure_fsdp2(cases: list[Case]) -> dict[str, list[RankResult]]:
+    """Spawn ``WORLD`` gloo processes once, run ``cases`` in order; case label -> one result per rank."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="memplan-fsdp2-") as tmp:
+        mp.spawn(_worker, args=(tmp, [c.__dict__ for c in cases]), nprocs=WORLD, join=True)
+        out: dict[str, list[RankResult]] = {}
+        for rank in range(WORLD):
+            with open(os.path.join(tmp, f"rank{rank}.json"), encoding="utf-8") as fh:
+                for label, data in json.load(fh).items():
+                    out.setdefault(label, []).append(RankResult(**data))
+    return out
+
+
+def _worker(rank: int, tmp: str, cases: list[dict[str, Any]]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(tmp, "store"), WORLD)
+    dist.init_process_group(BACKEND, store=store, rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        from memplan.measure.build import quiet_transformers
+
+        with quiet_transformers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for fields in cases:
+                case = Case(**fields)
+                results[case.label] = _run_case(case, rank).__dict__
+                dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
+        json.dump(results, fh)
+
+
+def shard_model(model: Any, mixed: bool) -> Any:
+    """``fully_shard`` on every decoder block (``reshard_after_forward=True``), then on the root (its default)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed \
+        else MixedPrecisionPolicy()
+    for block in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def _run_case(case: Case, rank: int) -> RankResult:
+    import torch
+
+    from memplan.estimator import make_config
+    from memplan.measure import build
+    from memplan.measure.job import effective_config
+    from memplan.measure.peak import PeakMeter, storage_bytes
+    from memplan.measure.run import LEARNING_RATE, token_ids
+
+    spec = tiny_spec(case.family)
+    cfg, _ = effective_config(spec, make_config(None, **case.fields()))
+    build_cfg = cfg.model_copy(update={"dtype": "fp32"}) if case.mixed else cfg
+    model = shard_model(build.build_model(spec, build_cfg, attention=cfg.attention_impl, device="cpu"),
+                        case.mixed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, foreach=True)
+    ids = token_ids(spec.vocab_size or 0, cfg.micro_batch, cfg.seq_len, "cpu")
+
+    _step(model, optimizer, ids, None)
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    with PeakMeter("cpu") as meter:
+        _step(model, optimizer, ids, meter)
+    params = list(model.parameters())
+    states = [v for s in optimizer.state.values() for k, v in s.items() if k != "step"]
+    result = RankResult(rank, dict(meter.phases), meter.baseline,
+                        {"weights/params": storage_bytes(params), "gradients": storage_bytes(p.grad for p in params),
+                         "optimizer/states": storage_bytes(states)})
+    optimizer.zero_grad(set_to_none=True)
+    del model, optimizer, params, states, ids
+    gc.collect()
+    return result
+
+
+def _step(model: Any, optimizer: Any, ids: Any, meter: Any) -> None:
+    """Forward with the loss, backward, ``optimizer.step()``; each a phase of ``meter`` when there is one."""
+    import contextlib
+
+    from memplan.measure.run import _ones
+
+    phase = meter.phase if meter is not None else (lambda _name: contextlib.nullcontext())
+    with phase("forward"):
+        loss = model(input_ids=ids, attention_mask=_ones(ids), labels=ids, use_cache=False).loss
+    with phase("backward"):
+        loss.backward()
+        del loss
+    with phase("optimizer step"):
+        optimizer.step()
