@@ -32,11 +32,12 @@ from memplan.measure.tiny import seq_len, tiny_spec
 WORLD = 2
 BATCH = 2
 BACKEND = "gloo"
-GLOO_STAGING = ("gloo:",)
-"""Profiler ranges of ProcessGroupGloo's worker threads (``gloo:all_gather``, ``gloo:reduce_scatter``): gloo copies
-each collective through buffers of its own, freed when its work object dies, at a time set by thread scheduling.
-NCCL on a GPU writes into FSDP's own buffers, so these are not bytes of the answer: left out (``PeakMeter``
-``exclude``), each with its free."""
+GLOO_STAGING = ("gloo:", "c10d::")
+"""Profiler ranges of the collectives' own buffers, left out (``PeakMeter`` ``exclude``), each with its free: the
+c10d ops (``c10d::_allgather_base_`` takes a temporary of the output, ``c10d::_reduce_scatter_base_`` a clone of
+the input) and ProcessGroupGloo's worker threads (``gloo:all_gather``, ...). The work object holds them until gloo's
+thread drops it, at a time set by thread scheduling. NCCL on a GPU reads and writes FSDP's own buffers; its
+internal buffers are outside the caching allocator, so none of these are bytes of a tensors-only answer."""
 MEASURED_STEPS = 2
 """Steps measured per case; the one with the smallest peak is reported. The steps allocate the same tensors in the
 same order; what differs is when gloo's worker thread drops its reference to a finished collective's tensors
