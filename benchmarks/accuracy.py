@@ -136,6 +136,10 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+FSDP2_NO_RESHARD = ("llama", "mixtral")
+"""Families also run with ``reshard_after_forward=False`` on the blocks (every unit stays gathered)."""
+
+
 def fsdp2_rows(families: list[str]) -> list[dict[str, Any]]:
     """FSDP2 on two CPU gloo processes, each family with MixedPrecisionPolicy(bf16, fp32) and in pure bf16: one spawn
     for all (``memplan.measure.fsdp2``); no rows, and a line saying why, where torch has no gloo or fully_shard."""
@@ -144,6 +148,8 @@ def fsdp2_rows(families: list[str]) -> list[dict[str, Any]]:
         print(f"FSDP2 rows skipped: {why}")
         return []
     cases = [fsdp2.Case(f, mixed=m) for f in families for m in (True, False)]
+    cases += [fsdp2.Case(f, mixed=m, reshard_after_forward=False) for f in FSDP2_NO_RESHARD if f in families
+              for m in (True, False)]
     start = time.perf_counter()
     measured = fsdp2.measure_fsdp2(cases)
     rows = [fsdp2.compare(c, measured[c.label]) for c in cases]
@@ -165,7 +171,8 @@ def fsdp2_section(rows: list[dict[str, Any]]) -> list[str]:
            "root, AdamW (foreach), one spawn of two gloo processes for every case; each rank's peak measured as above "
            "(DTensor parameters through their local shards; gloo's own staging buffers left out, as NCCL has none). "
            "`answer` is `--engine fsdp2 --gpus 2`, tensors only. `mp` is MixedPrecisionPolicy(param_dtype=bf16, "
-           "reduce_dtype=fp32) over fp32 parameters; `pure` a bf16 model without a policy.", "",
+           "reduce_dtype=fp32) over fp32 parameters; `pure` a bf16 model without a policy; `no-reshard` "
+           "`reshard_after_forward=False` on the blocks.", "",
            f"- {ok} of {len(rows)} cases within 3% and never more than 1% under; most under: {worst['case']} "
            f"{worst['answer_pct']:+.2f}%.", "",
            "| case | answer | rank 0 | rank 1 | answer vs measured | states | result |", "|---|---:|---:|---:|---:|---:|---|"]

@@ -53,16 +53,18 @@ class Case:
     mixed: bool = True
     seq: int | None = None
     micro_batch: int = BATCH
+    reshard_after_forward: bool = True
 
     @property
     def label(self) -> str:
         policy = "mp bf16/fp32" if self.mixed else "pure bf16"
-        return f"{self.family} fsdp2 {policy}"
+        return f"{self.family} fsdp2 {policy}" + ("" if self.reshard_after_forward else " no-reshard")
 
     def fields(self) -> dict[str, Any]:
         return {"job": "full", "dtype": "bf16", "master_weights": self.mixed, "micro_batch": self.micro_batch,
                 "seq_len": self.seq or seq_len(self.family), "attention": "sdpa", "engine": "fsdp2",
-                "gpus_per_node": WORLD, "optimizer_impl": "foreach"}
+                "gpus_per_node": WORLD, "optimizer_impl": "foreach",
+                "engine_config": {"reshard_after_forward": self.reshard_after_forward}}
 
 
 @dataclass
@@ -135,8 +137,8 @@ def _worker(rank: int, tmp: str, cases: list[dict[str, Any]]) -> None:
         json.dump(results, fh)
 
 
-def shard_model(model: Any, mixed: bool) -> Any:
-    """``fully_shard`` on every decoder block (``reshard_after_forward=True``), then on the root (its default)."""
+def shard_model(model: Any, mixed: bool, reshard_after_forward: bool = True) -> Any:
+    """``fully_shard`` on every decoder block (``reshard_after_forward`` as given), then on the root (its default)."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -146,7 +148,7 @@ def shard_model(model: Any, mixed: bool) -> Any:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed \
         else MixedPrecisionPolicy()
     for block in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
@@ -162,7 +164,7 @@ def _run_case(case: Case, rank: int) -> RankResult:
     cfg = context(case).cfg
     build_cfg = cfg.model_copy(update={"dtype": Dtype.FP32}) if case.mixed else cfg
     model = shard_model(build.build_model(spec, build_cfg, attention=cfg.attention_impl, device="cpu"),
-                        case.mixed)
+                        case.mixed, case.reshard_after_forward)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, foreach=True)
     ids = token_ids(spec.vocab_size or 0, cfg.micro_batch, cfg.seq_len, "cpu")
