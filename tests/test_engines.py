@@ -204,6 +204,17 @@ def test_llama_8b_fsdp2_shards_fp32_states_and_gathers_bf16_units():
     assert comp(est, "gradients/fsdp_reduce_scatter") == (2 + 4) * root
 
 
+def test_fsdp2_without_resharding_keeps_every_unit_and_one_all_gather_output():
+    """reshard_after_forward=False: every unit stays gathered in bf16 (2 bytes × all parameters), no block is gathered
+    per use, and the last all-gather's output (one block) is kept for the copy-out overlap (_fsdp_param_group.py
+    wait_for_unshard) until the root's post-forward."""
+    est = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=8,
+                           engine_config={"reshard_after_forward": False})
+    assert comp(est, "weights/fsdp_all_gather") == 2 * P
+    assert comp(est, "weights/fsdp_kept_all_gather") == 2 * BLOCK
+    assert comp(est, "weights/fsdp_running_unit") == 0
+
+
 # --- Megatron ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("dtype", "plain", "dist"), [("bf16", 18, (6, 12)), ("fp16", 20, (4, 16)), ("fp32", 16, (8, 8))])

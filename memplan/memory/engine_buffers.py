@@ -75,7 +75,10 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
       unsharded parameters while the all-gather output of the same block is kept until the next unit's copy-out
       (``wait_for_unshard``: ``comm_ctx.all_gather_state``, the implicit-prefetch overlap); in backward the
       running block beside the prefetched one;
-    - with ``reshard_after_forward=False`` every unit stays gathered: bits/8 · (stage elements), no running row;
+    - with ``reshard_after_forward=False`` every unit stays gathered: bits/8 · (stage elements), no running row,
+      and the all-gather output kept for the copy-out overlap (bits/8 · B, ``weights/fsdp_kept_all_gather``) is
+      the only extra: alive in forward and, the last unit's, until the root's post-forward, i.e. through the loss
+      (HF computes it inside the root module), counted with the start of backward's logits transients;
     - reduce-scatter (backward): U · (bits(param_dtype) + bits(reduce_dtype))/8, U = max(R, B): one unit's
       unsharded gradient and its copy in ``reduce_dtype`` (fp32 under MixedPrecisionPolicy(reduce_dtype=fp32)).
     Source: torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py (``wait_for_unshard``,
@@ -91,14 +94,14 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
     root, block = fsdp_unit_numel(ctx)
     gather_dtype = compute_dtype(ctx)
     reduce_dtype = param_dtype(ctx) if mixed(ctx) else gather_dtype
-    running = 0
+    running = kept = 0
     if not ctx.layers:  # a parameter-count-only model: no blocks known, the whole model is one unit (safe side)
         gathered, note = root, "params-only model: its blocks are unknown, so the whole model counts as one unit"
     elif knobs.reshard_after_forward:
         gathered, running = root + block * knobs.fsdp_prefetch, block
         note = f"root unit + largest block × prefetch {knobs.fsdp_prefetch}"
     else:
-        gathered = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors)
+        gathered, kept = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors), block
         note = "reshard_after_forward=False: every unit stays gathered from forward to backward"
     unit = max(root, block)
     rs = bits_to_bytes(unit, gather_dtype.bits) + bits_to_bytes(unit, reduce_dtype.bits)
@@ -107,6 +110,9 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
     if running:
         out.append(Row("weights/fsdp_running_unit", Tier.GPU, bits_to_bytes(running, gather_dtype.bits), FSDP2,
                        f"the running block's unsharded {gather_dtype.value} parameters (forward, backward)"))
+    if kept:
+        out.append(Row("weights/fsdp_kept_all_gather", Tier.GPU, bits_to_bytes(kept, gather_dtype.bits), FSDP2,
+                       "the last all-gather's output, kept until the next unit's copy-out or the root's post-forward"))
     out.append(Row("gradients/fsdp_reduce_scatter", Tier.GPU, rs, FSDP2,
                    f"largest unit's unsharded gradient ({gather_dtype.value}) and its {reduce_dtype.value} reduce copy"))
     return out
