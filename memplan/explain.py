@@ -31,6 +31,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "weights/autocast_copies": ("engine_states.autocast_rows",),
     "weights/fp8_copies": ("engine_states.fp8_rows",),
     "weights/fsdp_all_gather": ("engine_buffers.fsdp2_rows",),
+    "weights/fsdp_running_unit": ("engine_buffers.fsdp2_rows",),
+    "weights/fsdp_kept_all_gather": ("engine_buffers.fsdp2_rows",),
     "gradients/fsdp_reduce_scatter": ("engine_buffers.fsdp2_rows",),
     "gradients/ddp_buckets": ("engine_buffers.ddp_rows",),
     "gradients/reduce_bucket": ("engine_buffers.deepspeed_rows",),

@@ -194,13 +194,25 @@ def test_ddp_buckets_are_a_second_copy_of_the_gradients():
 
 def test_llama_8b_fsdp2_shards_fp32_states_and_gathers_bf16_units():
     """fully_shard + MixedPrecisionPolicy(bf16, fp32) on 8 GPUs: fp32 params, grads, m, v each 4P/8; the bf16
-    all-gather holds the root unit (embeddings, final norm, lm_head) and the current + prefetched block."""
+    all-gather holds the root unit (embeddings, final norm, lm_head) and the prefetched block, the running block apart."""
     est = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=8)
     for name in ("weights/params", "gradients", "optimizer/adam_m", "optimizer/adam_v"):
         assert comp(est, name) == 4 * P // 8, name
     root = 2 * EMBED + H
-    assert comp(est, "weights/fsdp_all_gather") == 2 * (root + 2 * BLOCK)
+    assert comp(est, "weights/fsdp_all_gather") == 2 * (root + BLOCK)  # root + the prefetched block
+    assert comp(est, "weights/fsdp_running_unit") == 2 * BLOCK  # not alive at the start of backward
     assert comp(est, "gradients/fsdp_reduce_scatter") == (2 + 4) * root
+
+
+def test_fsdp2_without_resharding_keeps_every_unit_and_one_all_gather_output():
+    """reshard_after_forward=False: every unit stays gathered in bf16 (2 bytes × all parameters), no block is gathered
+    per use, and the last all-gather's output (one block) is kept for the copy-out overlap (_fsdp_param_group.py
+    wait_for_unshard) until the root's post-forward."""
+    est = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=8,
+                           engine_config={"reshard_after_forward": False})
+    assert comp(est, "weights/fsdp_all_gather") == 2 * P
+    assert comp(est, "weights/fsdp_kept_all_gather") == 2 * BLOCK
+    assert comp(est, "weights/fsdp_running_unit") == 0
 
 
 # --- Megatron ------------------------------------------------------------------------------------------------------

@@ -42,15 +42,30 @@ BANNER = b"USDT:"
 
 
 def storage_bytes(tensors: Any) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (None and empty ones skipped)."""
+    """Bytes of the distinct storages behind ``tensors`` (None and empty ones skipped).
+
+    A tensor subclass that wraps others (DTensor, the sharded parameters of FSDP2) owns no storage of its own:
+    it counts through the tensors it wraps (``__tensor_flatten__``: a DTensor's local shard), each storage once.
+    """
     seen: dict[tuple[str, int], int] = {}
-    for tensor in tensors:
-        if tensor is None:
-            continue
+    for tensor in _plain_tensors(tensors):
         storage = tensor.untyped_storage()
         if storage.nbytes():
             seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
+
+
+def _plain_tensors(tensors: Any) -> Iterator[Any]:
+    """``tensors`` without None, wrapper subclasses replaced by the plain tensors inside them."""
+    for tensor in tensors:
+        if not hasattr(tensor, "untyped_storage"):  # None, or a non-tensor a subclass flattens to
+            continue
+        flatten = getattr(type(tensor), "__tensor_flatten__", None)
+        if flatten is None:
+            yield tensor
+            continue
+        inner, _ = flatten(tensor)
+        yield from _plain_tensors(getattr(tensor, name) for name in inner)
 
 
 def live_tensor_bytes(device_type: str) -> int:
@@ -90,8 +105,9 @@ class PhasePeaks:
 class PeakMeter(PhasePeaks):
     """Peaks of named phases; use ``with meter: ... with meter.phase("forward"): ...``."""
 
-    def __init__(self, device: str, resident: Any = ()) -> None:
+    def __init__(self, device: str, resident: Any = (), exclude: tuple[str, ...] = ()) -> None:
         self.device = device
+        self.exclude = exclude
         self.resident = list(resident)
         self.cuda = device.startswith("cuda")
         self.phases: dict[str, int] = {}
@@ -143,7 +159,7 @@ class PeakMeter(PhasePeaks):
         with _without_profiler_banner():
             self._prof.__exit__(*exc)
         if exc[0] is None:
-            self.phases = _cpu_phase_peaks(self._prof, self.baseline)
+            self.phases = _cpu_phase_peaks(self._prof, self.baseline, self.exclude)
         self._prof = None
 
     @property
@@ -170,28 +186,42 @@ def _without_profiler_banner() -> Iterator[None]:
                 os.write(2, b"".join(kept))
 
 
-def _walk(nodes: Any, allocations: list[Any], ranges: dict[str, tuple[int, int]]) -> None:
+def _walk(nodes: Any, allocations: list[tuple[Any, bool]], ranges: dict[str, tuple[int, int]],
+          exclude: tuple[str, ...], inside: bool = False) -> None:
     from torch._C._profiler import _EventType
 
     for node in nodes:
         if node.tag == _EventType.Allocation:
-            allocations.append(node)
+            allocations.append((node, inside))
         elif node.name.startswith(PHASE_PREFIX):
             ranges[node.name.removeprefix(PHASE_PREFIX)] = (node.start_time_ns, node.end_time_ns)
-        _walk(node.children, allocations, ranges)
+        _walk(node.children, allocations, ranges, exclude, inside or (bool(exclude) and node.name.startswith(exclude)))
 
 
-def _cpu_phase_peaks(prof: Any, baseline: int) -> dict[str, int]:
-    """baseline + the largest running sum of CPU allocation events inside each phase's time range."""
-    allocations: list[Any] = []
+def _cpu_phase_peaks(prof: Any, baseline: int, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """baseline + the largest running sum of CPU allocation events inside each phase's time range.
+
+    ``exclude``: record_function name prefixes whose allocations are not the job's (a backend's own staging
+    buffers); each such allocation is left out together with its free, matched by address, wherever the free
+    happens.
+    """
+    allocations: list[tuple[Any, bool]] = []
     ranges: dict[str, tuple[int, int]] = {}
-    _walk(prof.profiler.kineto_results.experimental_event_tree(), allocations, ranges)
-    allocations.sort(key=lambda n: n.start_time_ns)
-    timeline, running = [], 0
-    for node in allocations:
-        if node.extra_fields.device.type == "cpu":
-            running += node.extra_fields.alloc_size
-            timeline.append((node.start_time_ns, running))
+    _walk(prof.profiler.kineto_results.experimental_event_tree(), allocations, ranges, exclude)
+    allocations.sort(key=lambda pair: pair[0].start_time_ns)
+    timeline, running, skipped = [], 0, set()
+    for node, excluded in allocations:
+        fields = node.extra_fields
+        if fields.device.type != "cpu":
+            continue
+        if fields.alloc_size > 0 and excluded:
+            skipped.add(fields.ptr)
+            continue
+        if fields.alloc_size < 0 and fields.ptr in skipped:
+            skipped.discard(fields.ptr)
+            continue
+        running += fields.alloc_size
+        timeline.append((node.start_time_ns, running))
     peaks = {}
     for name, (start, end) in ranges.items():
         before = [value for time, value in timeline if time < start]

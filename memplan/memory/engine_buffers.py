@@ -65,14 +65,27 @@ def fsdp_unit_numel(ctx: Context) -> tuple[int, int]:
 def fsdp2_rows(ctx: Context) -> list[Row]:
     """FSDP2's unsharded parameters and gradients of the units in flight.
 
-    Formula: all-gather: bits(param_dtype)/8 · (R + B · (1 + ``fsdp_prefetch``)), R the root unit (FSDP2 keeps
-    the root gathered from forward to backward: its ``reshard_after_forward`` is set to False), B the largest
-    block; with ``reshard_after_forward=False`` every unit stays gathered: bits/8 · (stage elements).
-    Reduce-scatter: U · (bits(param_dtype) + bits(reduce_dtype))/8, U = max(R, B): one unit's unsharded gradient
-    and its copy in ``reduce_dtype`` (fp32 under MixedPrecisionPolicy(reduce_dtype=fp32)), alive in backward.
-    Source: torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, _fsdp_state.py (root
-    reshard_after_forward), _fsdp_param_group.py (implicit prefetch of the next unit in forward and backward).
-    Assumptions: one unit per transformer block plus the root.
+    Formula, with R the root unit, B the largest block and p = ``fsdp_prefetch``:
+    - all-gather (forward, start of backward, backward): bits(param_dtype)/8 · (R + p · B). The root stays
+      gathered from forward to backward (``fully_shard``'s default for the root: ``_lazy_init`` sets its
+      ``post_forward_mesh_info`` to None); p units are gathered ahead of the one that runs. At the start of
+      backward those are all: the root's ``pre_backward`` (fired by the loss's grad_fn) prefetches the last
+      block while the logits' gradients are alive, and no block runs yet;
+    - the running unit (forward, backward): bits(param_dtype)/8 · B. In forward it is the running block's
+      unsharded parameters while the all-gather output of the same block is kept until the next unit's copy-out
+      (``wait_for_unshard``: ``comm_ctx.all_gather_state``, the implicit-prefetch overlap); in backward the
+      running block beside the prefetched one;
+    - with ``reshard_after_forward=False`` every unit stays gathered: bits/8 · (stage elements), no running row,
+      and the all-gather output kept for the copy-out overlap (bits/8 · B, ``weights/fsdp_kept_all_gather``) is
+      the only extra: alive in forward and, the last unit's, until the root's post-forward, i.e. through the loss
+      (HF computes it inside the root module), counted with the start of backward's logits transients;
+    - reduce-scatter (backward): U · (bits(param_dtype) + bits(reduce_dtype))/8, U = max(R, B): one unit's
+      unsharded gradient and its copy in ``reduce_dtype`` (fp32 under MixedPrecisionPolicy(reduce_dtype=fp32)).
+    Source: torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py (``wait_for_unshard``,
+    ``pre_backward`` → ``_backward_prefetch``, ``post_backward``: ``reduce_scatter_states`` keep one input
+    buffer), _fsdp_state.py (``_lazy_init``, ``_post_forward`` frees the kept all-gather result),
+    _fsdp_collectives.py (``foreach_all_gather``, ``foreach_reduce``). Measured on two CPU gloo processes:
+    ``memplan.measure.fsdp2``. Assumptions: one unit per transformer block plus the root.
     """
     cfg = ctx.cfg
     knobs = cfg.engine_config
@@ -81,20 +94,28 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
     root, block = fsdp_unit_numel(ctx)
     gather_dtype = compute_dtype(ctx)
     reduce_dtype = param_dtype(ctx) if mixed(ctx) else gather_dtype
+    running = kept = 0
     if not ctx.layers:  # a parameter-count-only model: no blocks known, the whole model is one unit (safe side)
         gathered, note = root, "params-only model: its blocks are unknown, so the whole model counts as one unit"
     elif knobs.reshard_after_forward:
-        gathered = root + block * (1 + knobs.fsdp_prefetch)
-        note = f"root unit + largest block × (1 + prefetch {knobs.fsdp_prefetch})"
+        gathered, running = root + block * knobs.fsdp_prefetch, block
+        note = f"root unit + largest block × prefetch {knobs.fsdp_prefetch}"
     else:
-        gathered = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors)
+        gathered, kept = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors), block
         note = "reshard_after_forward=False: every unit stays gathered from forward to backward"
     unit = max(root, block)
     rs = bits_to_bytes(unit, gather_dtype.bits) + bits_to_bytes(unit, reduce_dtype.bits)
-    return [Row("weights/fsdp_all_gather", Tier.GPU, bits_to_bytes(gathered, gather_dtype.bits), FSDP2,
-                f"unsharded {gather_dtype.value} parameters: {note}"),
-            Row("gradients/fsdp_reduce_scatter", Tier.GPU, rs, FSDP2,
-                f"largest unit's unsharded gradient ({gather_dtype.value}) and its {reduce_dtype.value} reduce copy")]
+    out = [Row("weights/fsdp_all_gather", Tier.GPU, bits_to_bytes(gathered, gather_dtype.bits), FSDP2,
+               f"unsharded {gather_dtype.value} parameters: {note}")]
+    if running:
+        out.append(Row("weights/fsdp_running_unit", Tier.GPU, bits_to_bytes(running, gather_dtype.bits), FSDP2,
+                       f"the running block's unsharded {gather_dtype.value} parameters (forward, backward)"))
+    if kept:
+        out.append(Row("weights/fsdp_kept_all_gather", Tier.GPU, bits_to_bytes(kept, gather_dtype.bits), FSDP2,
+                       "the last all-gather's output, kept until the next unit's copy-out or the root's post-forward"))
+    out.append(Row("gradients/fsdp_reduce_scatter", Tier.GPU, rs, FSDP2,
+                   f"largest unit's unsharded gradient ({gather_dtype.value}) and its {reduce_dtype.value} reduce copy"))
+    return out
 
 
 def deepspeed_rows(ctx: Context) -> list[Row]:

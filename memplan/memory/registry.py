@@ -77,6 +77,10 @@ register("weights/autocast_copies", (_F, _BS),
          "is cleared when the region exits and each saved copy is freed with its layer's backward, like activations")
 register("weights/fp8_copies", _TRAIN_SAVED, "TransformerEngine module/linear.py fp8 weight workspace; torchao float8")
 register("weights/fsdp_all_gather", _TRAIN_SAVED, "FSDP2 _fsdp_collectives.py foreach_all_gather: units in flight")
+register("weights/fsdp_running_unit", (Phase.FORWARD, Phase.BACKWARD),
+         "FSDP2 _fsdp_param_group.py wait_for_unshard: the running block (none gathered yet at the start of backward)")
+register("weights/fsdp_kept_all_gather", (Phase.FORWARD, Phase.BACKWARD_START),
+         "FSDP2 _fsdp_param_group.py wait_for_unshard comm_ctx.all_gather_state, freed in _fsdp_state.py _post_forward")
 register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collectives.py foreach_reduce: one unit")
 register("gradients/ddp_buckets", TRAIN_PHASES, "torch DDP Reducer buckets, allocated at construction")
 register("gradients/main_grad_buffer", TRAIN_PHASES, "Megatron-Core param_and_grad_buffer.py: contiguous, persistent")
