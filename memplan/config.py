@@ -441,6 +441,12 @@ class JobConfig(Strict):
     recompute_map: tuple[Recompute, ...] | None = None
     """Per-layer recompute modes, one per layer (the planner's per-layer choice); overrides
     ``recompute``/``recompute_layers`` when set."""
+    bnb_integration: Literal["transformers", "lightning"] = "transformers"
+    """Which integration builds the bitsandbytes layers (bitsandbytes formats only): ``transformers``
+    (``BitsAndBytesConfig``: lm_head and embeddings kept in the compute dtype, weights quantized from the loaded
+    dtype) or ``lightning`` (Lightning Fabric's ``BitsandbytesPrecision``, as litgpt runs it: every ``nn.Linear``
+    replaced, lm_head included, each weight quantized from an fp16 copy and quantized again from the checkpoint in
+    a ``load_state_dict`` pre-hook). See ``memplan.memory.bnb_workspace``."""
     quant_map: tuple[str | None, ...] | None = None
     """Per-layer weight format, one entry per layer (the planner's LQ-LoRA-style per-layer choice): a
     format name, or None to keep that layer in ``dtype``; tensors outside the blocks use ``quant``.

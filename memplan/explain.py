@@ -73,6 +73,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "activations/logits": ("activations.logits_peak_bytes", f"{_T}.logits_transient_bytes", "inference.logits_bytes"),
     "activations/kept_output": ("activations.kept_output_bytes", f"{_T}.kept_logits_bytes"),
     "activations/hidden_states": ("inference.hidden_states_bytes",),
+    "activations/dequant_workspace": ("bnb_workspace.dequant_workspace_bytes", "bnb_workspace.dequant_copies"),
+    "runtime/quantize_workspace": ("bnb_workspace.quantize_workspace_bytes",),
     "activations/prefill_workspace": ("inference.attention_workspace_bytes", "inference.mla_workspace_bytes",
                                       "inference.mlp_workspace_bytes", "inference.moe_workspace_bytes",
                                       "inference.kv_concat_bytes"),

@@ -26,6 +26,9 @@ WITHIN_BAND = (
     "optimum-llama2-13b-fp16-prefill-bs16",
     # fsdp_qlora's loop keeps the fp32 logits of ``output`` until after the step (JobConfig.kept_output)
     "fsdpqlora-llama2-7b-qlora-ctx2048-bs10", "fsdpqlora-llama2-7b-qlora-ddp-bs8", "fsdpqlora-yi34b-qlora-bs2",
+    # Lightning's BitsandbytesPrecision: lm_head quantized, fp16 state dequantized and cast to bf16, re-quantized at
+    # load (JobConfig.bnb_integration="lightning", memory.bnb_workspace)
+    "litgpt-quant-falcon7b-nf4", "litgpt-quant-falcon7b-int8",
 )
 
 

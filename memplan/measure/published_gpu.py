@@ -161,11 +161,31 @@ def express(case: dict) -> Expressed | str:
     if dtype is None:
         return "bf16-mixed (fp32 parameters + autocast bf16 copies): needs the AMP precision policy (engine profiles)"
     out: dict[str, Any] = {"dtype": dtype, "quant": _quant(case)}
+    if LITGPT.search(case.get("framework", "")):
+        model = litgpt_model(model)
+        if out["quant"] in BNB_FORMATS:
+            out["bnb_integration"] = "lightning"
     reason = _train_fields(case, out) if case["kind"] == "train" else _infer_fields(case, out)
     if reason:
         return reason
     caveats = [c for c in (_chunked(case), _framework(case)) if c]
     return Expressed(model, out, metric, "; ".join(caveats))
+
+
+LITGPT = re.compile("litgpt", re.I)
+BNB_FORMATS = ("nf4", "nf4-dq", "int8")
+"""The bitsandbytes formats ``_quant`` names; litgpt builds them with Lightning Fabric's ``BitsandbytesPrecision``
+(finetune/lora.py and generate/base.py since litgpt 982abcb, Oct 2023: ``plugins = BitsandbytesPrecision(quantize[4:],
+dtype)``), hence ``JobConfig.bnb_integration="lightning"``."""
+
+
+def litgpt_model(model: str | ModelSpec) -> ModelSpec:
+    """``model`` as litgpt builds it: its own ``lm_head = nn.Linear(n_embd, padded_vocab_size)`` next to ``wte``,
+    never tied (lit_gpt/model.py ``GPT.__init__`` at 8641822; convert_hf_checkpoint.py copies ``lm_head.weight``)."""
+    from memplan.catalog.resolve import load_model
+
+    spec = load_model(model) if isinstance(model, str) else model
+    return spec.model_copy(update={"tie_word_embeddings": False}) if spec.tie_word_embeddings else spec
 
 
 def _chunked(case: dict) -> str:
@@ -188,8 +208,8 @@ MISS_CAUSES: dict[str, str] = {
     **dict.fromkeys(("fsdpqlora-yi34b-qlora-offload-bs4", "fsdpqlora-llama2-70b-qlora-offload-bs2",
                      "fsdpqlora-mistral7b-v0.2-qlora-offload-ctx24k"), "FSDP1-offload"),
     **dict.fromkeys(("litgpt-rt-llama2-7b-qlora-nf4-mb1", "litgpt-rt-llama2-7b-qlora-nf4dq-mb1",
-                     "litgpt-rt-llama2-13b-qlora-nf4-mb1", "litgpt-hub-llama2-7b-qlora", "litgpt-hub-llama3-8b-qlora",
-                     "litgpt-quant-falcon7b-nf4", "litgpt-quant-falcon7b-int8"), "litgpt-bnb"),
+                     "litgpt-rt-llama2-13b-qlora-nf4-mb1", "litgpt-hub-llama2-7b-qlora", "litgpt-hub-llama3-8b-qlora"),
+                    "litgpt-bnb"),
     **dict.fromkeys(("optimum-llama2-13b-fp16-gen-bs4", "optimum-llama2-13b-fp16-gen-bs16",
                      "optimum-llama2-13b-gptq-gen-bs1", "optimum-llama2-13b-gptq-gen-bs16"), "hf-generate"),
 }

@@ -117,4 +117,9 @@ register("runtime/vllm_unbudgeted", ALL, "vLLM: memory outside gpu_memory_utiliz
 register("activations/llamacpp_compute", (Phase.PREFILL, Phase.DECODE),
          "llama.cpp: compute buffer reserved at context creation for the worst-case ubatch graph")
 register("activations/llamacpp_output", (Phase.PREFILL, Phase.DECODE), "llama.cpp: host logits buffer")
+register("activations/dequant_workspace", (_F, _BS, Phase.PREFILL, Phase.DECODE),
+         "bitsandbytes MatMul4Bit.forward/backward dequantize the whole weight to 16 bits (memory.bnb_workspace); "
+         "each row names its phases")
+register("runtime/quantize_workspace", (Phase.LOAD,),
+         "bitsandbytes: the layer being quantized at load as a 16-bit GPU copy (memory.bnb_workspace)")
 register("kv_cache/dynamic_growth", (Phase.DECODE,), "transformers DynamicCache: one layer's old K/V during torch.cat")
