@@ -87,6 +87,9 @@ OPTS: dict[str, Opt] = {
                 "(none = 16-bit).", JOB, field="quant", dim="quant", item=quant_name, base="single"),
     "quant_map": _o("--quant-map", str, None, "Per-layer weight formats, e.g. 0-39=int8,40-79=nf4 (none = 16-bit); "
                     "every layer once.", JOB),
+    "bnb_integration": _o("--bnb-integration", str, None, "Who builds the bitsandbytes layers: transformers (default) "
+                          "or lightning (Lightning Fabric, as litgpt: lm_head quantized too, fp16 quantization state).",
+                          JOB, field="bnb_integration"),
     "optimizer": _o("--optimizer", OptimizerKind, OptimizerKind.ADAMW, "adamw, adamw-bf16, adamw-8bit, adafactor, sgd, "
                     "sgd-momentum, lion.", JOB, field="optimizer", dim="optimizer"),
     "master_weights": _o("--master-weights/--no-master-weights", bool, None, "fp32 master copy (default: on for 16-bit "
