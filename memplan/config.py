@@ -252,8 +252,10 @@ class ServeConfig(Strict):
     """Share of peak memory bandwidth decode reaches; None: the GPU generation's default (planner.serve_cost)."""
     compute_efficiency: float | None = Field(default=None, gt=0, le=1)
     """Share of peak dense FLOP/s prefill reaches; None: the GPU generation's default (planner.serve_cost)."""
-    cache_implementation: Literal["dynamic", "static"] = "dynamic"
-    """transformers ``generate(cache_implementation=...)``: ``dynamic`` (DynamicCache, grows by torch.cat) or ``static``."""
+    cache_implementation: Literal["dynamic", "static", "legacy"] = "dynamic"
+    """transformers ``generate(cache_implementation=...)``: ``dynamic`` (DynamicCache, grows by torch.cat) or ``static``;
+    ``legacy``: the tuple ``past_key_values`` of transformers < 4.36 (before ``DynamicCache``), where a decode step
+    keeps the whole previous cache alive next to the new one (``memory.kv_cache.legacy_previous_bytes``)."""
 
 
 class PerfConfig(Strict):

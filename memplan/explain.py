@@ -84,6 +84,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "kv_cache/sliding_attention": ("kv_cache.cached_tokens", "kv_cache.paged_slots", "kv_cache.layer_window"),
     "kv_cache/scales": ("kv_cache.scale_bits_per_token", "kv_cache.tensor_scale_bytes_per_layer"),
     "kv_cache/dynamic_growth": ("kv_cache.dynamic_growth_bytes",),
+    "kv_cache/legacy_previous": ("kv_cache.legacy_previous_bytes",),
     "activations/vllm_profile_peak": ("engines.vllm.activation_peak_bytes", "engines.vllm.sampler_bytes",
                                       "engines.vllm.legacy_allreduce_bytes", "inference.forward_peak_bytes"),
     "runtime/vllm_non_torch": ("engines.vllm.non_torch_bytes",),

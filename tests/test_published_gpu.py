@@ -29,6 +29,9 @@ WITHIN_BAND = (
     # Lightning's BitsandbytesPrecision: lm_head quantized, fp16 state dequantized and cast to bf16, re-quantized at
     # load (JobConfig.bnb_integration="lightning", memory.bnb_workspace)
     "litgpt-quant-falcon7b-nf4", "litgpt-quant-falcon7b-int8",
+    # transformers 4.32's tuple past_key_values: the previous step's whole cache alive in a decode forward
+    "optimum-llama2-13b-fp16-gen-bs4", "optimum-llama2-13b-fp16-gen-bs16", "optimum-llama2-13b-gptq-gen-bs1",
+    "optimum-llama2-13b-gptq-gen-bs16",
 )
 
 

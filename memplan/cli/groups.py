@@ -226,8 +226,9 @@ OPTS: dict[str, Opt] = {
                        SERVE, field="serve.cache_type_v"),
     "flash_attn": _o("--flash-attn/--no-flash-attn", bool, None, "llamacpp -fa (default on).", SERVE,
                      field="serve.flash_attn"),
-    "cache_implementation": _o("--cache-implementation", str, None, "transformers generate: dynamic (default) or "
-                               "static.", SERVE, field="serve.cache_implementation"),
+    "cache_implementation": _o("--cache-implementation", str, None, "transformers generate: dynamic (default), "
+                               "static, or legacy (the tuple cache of transformers < 4.36).", SERVE,
+                               field="serve.cache_implementation"),
     "prompt_tokens": _o("--prompt-tokens", int, None, "Prompt length for the time to first token (default: --context).",
                         SERVE, field="serve.prompt_tokens"),
     "hbm_efficiency": _o("--hbm-efficiency", float, None, "Share of peak HBM bandwidth decode reaches (default: per GPU "

@@ -53,6 +53,10 @@ FSDP_QLORA_KEPT_OUTPUT = "logits_fp32"
 benchmarks (Feb-Mar 2024) ran transformers 4.38/4.39, whose ``LlamaForCausalLM.forward`` returns
 ``logits.float()``: the fp32 logits stay alive (``JobConfig.kept_output``)."""
 
+OPTIMUM_CACHE = "legacy"
+"""optimum's GPTQ benchmark (tests/benchmark/README.md, added 2023-08-19 in optimum 0b08a1f with benchmark_gptq.py)
+ran transformers 4.32, whose generate passes the tuple ``past_key_values`` (``DynamicCache`` came in 4.36)."""
+
 
 @dataclass(frozen=True)
 class Expressed:
@@ -141,6 +145,8 @@ def _infer_fields(case: dict, out: dict[str, Any]) -> str | None:
         out["infer"]["prefill_chunk"] = prompt
     if "eager" in (case.get("other_knobs") or ""):
         out["attention"] = "eager"
+    if "optimum" in case["id"]:
+        out.update(engine="transformers", serve={"cache_implementation": OPTIMUM_CACHE})
     n = case.get("n_gpus") or 1
     if n > 1:
         out["gpus_per_node"] = n
@@ -210,8 +216,6 @@ MISS_CAUSES: dict[str, str] = {
     **dict.fromkeys(("litgpt-rt-llama2-7b-qlora-nf4-mb1", "litgpt-rt-llama2-7b-qlora-nf4dq-mb1",
                      "litgpt-rt-llama2-13b-qlora-nf4-mb1", "litgpt-hub-llama2-7b-qlora", "litgpt-hub-llama3-8b-qlora"),
                     "litgpt-bnb"),
-    **dict.fromkeys(("optimum-llama2-13b-fp16-gen-bs4", "optimum-llama2-13b-fp16-gen-bs16",
-                     "optimum-llama2-13b-gptq-gen-bs1", "optimum-llama2-13b-gptq-gen-bs16"), "hf-generate"),
 }
 """Case id -> the cause of its miss (``CAUSES``), for every expressed case outside the 10% band."""
 CAUSES = {
@@ -233,9 +237,6 @@ CAUSES = {
                   "in a load_state_dict pre-hook, one layer's fp16 copy at a time, so no whole bf16 model is ever "
                   "on the GPU. Unexplained yet: litgpt's LoRA modules (fused qkv, zero_pad) and bitsandbytes "
                   "0.41's MatMul4Bit are the places to measure.",
-    "hf-generate": "HF generate of 2023 (optimum benchmark): the legacy tuple KV cache grown by torch.cat keeps "
-                   "the old and the new cache alive at once (GPTQ cases: their kernels not checked); the serving "
-                   "helper's (memory/kv_cache.py, memory/inference.py).",
 }
 
 

@@ -174,19 +174,44 @@ def dynamic_growth_bytes(*, batch: int, old_tokens: int, shapes: tuple[tuple[int
     the two old tensors of one layer coexists with its successor.
     Source: transformers ``DynamicLayer.update`` (cache_utils.py, 5.x; ``DynamicCache.update`` since 4.36 does
     the same per layer). Versions before 4.36 passed tuples (``past_key_values``) that kept the whole previous
-    cache alive through the forward (twice the KV cache); that legacy format is not modelled.
+    cache alive through the forward: ``legacy_previous_bytes``.
     """
     widest = max((heads * dim for heads, dim in shapes), default=0)
     return bits_to_bytes(batch * max(old_tokens, 0) * widest, bits)
 
 
-def _growth_rows(ctx: Context, shapes: tuple[tuple[int, int], ...], dtype: Dtype) -> list[Row]:
-    """The transformers dynamic cache's concat copy, on the transformers engine with a dynamic cache."""
+def legacy_previous_bytes(cache_bytes: int, *, context: int) -> int:
+    """Bytes of the previous decode step's whole cache, alive next to the new one in transformers < 4.36.
+
+    Formula: cache(S) · (S − 1)/S, rounded down: every layer's keys and values one token shorter.
+    Source: transformers 4.32-4.35 ``LlamaAttention.forward`` (modeling_llama.py): ``key_states =
+    torch.cat([past_key_value[0], key_states], dim=2)``; ``past_key_value = (key_states, value_states) if use_cache``
+    returns new tensors while ``generation/utils.py`` ``greedy_search``/``sample`` still hold the previous tuple in
+    ``model_inputs`` and ``model_kwargs["past_key_values"]`` until ``_update_model_kwargs_for_generation`` replaces it
+    after the forward returns. Since 4.36 ``DynamicCache.update`` replaces each layer in place (``dynamic_growth_bytes``).
+    Assumptions: the other models' attention modules follow Llama's (they were copied from it, ``# Copied from``).
+    """
+    return cache_bytes * max(context - 1, 0) // context if context else 0
+
+
+def _growth_rows(ctx: Context, shapes: tuple[tuple[int, int], ...], dtype: Dtype, cache_bytes: int = 0) -> list[Row]:
+    """The transformers dynamic cache's concat copy (or the legacy tuple cache's previous step), on the transformers
+    engine."""
     from memplan.config import Engine
     from memplan.memory.breakdown import Phase
 
     cfg = ctx.cfg
-    if cfg.engine is not Engine.TRANSFORMERS or cfg.serve.cache_implementation != "dynamic" or cfg.infer.paged:
+    if cfg.engine is not Engine.TRANSFORMERS or cfg.infer.paged:
+        return []
+    if cfg.serve.cache_implementation == "legacy":
+        prompt = cfg.infer.prefill_chunk
+        if prompt is not None and cfg.infer.context - prompt <= 1:  # generate's one forward makes the one new token
+            return []
+        old = legacy_previous_bytes(cache_bytes, context=cfg.infer.context)
+        return [Row("kv_cache/legacy_previous", Tier.GPU, old, "transformers < 4.36 tuple past_key_values (torch.cat)",
+                    "the previous step's whole cache, held by generate until the forward returns",
+                    frozenset({Phase.DECODE}))]
+    if cfg.serve.cache_implementation != "dynamic":
         return []
     grow = dynamic_growth_bytes(batch=cfg.micro_batch, old_tokens=cfg.infer.context - 1, shapes=shapes, bits=dtype.bits)
     return [Row("kv_cache/dynamic_growth", Tier.GPU, grow, "transformers cache_utils.py DynamicLayer.update (torch.cat)",
@@ -223,7 +248,8 @@ def rows(ctx: Context) -> list[Row]:
         d, s = layer_bytes(batch=cfg.micro_batch, tokens=tokens, elements=elements, bits=dtype.bits, scale_bits=sbits)
         data["sliding_attention" if window else "full_attention"] += d
         scales += s + tensor_scale_bytes_per_layer(dtype=dtype)
-    return _make_rows(data, scales, note=_note(spec, inf, dtype, elements, step)) + _growth_rows(ctx, shapes, dtype)
+    return (_make_rows(data, scales, note=_note(spec, inf, dtype, elements, step))
+            + _growth_rows(ctx, shapes, dtype, sum(data.values()) + scales))
 
 
 def _note(spec: ModelSpec, inf: InferConfig, dtype: Dtype, elements: int, step: int) -> str:

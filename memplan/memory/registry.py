@@ -122,4 +122,6 @@ register("activations/dequant_workspace", (_F, _BS, Phase.PREFILL, Phase.DECODE)
          "each row names its phases")
 register("runtime/quantize_workspace", (Phase.LOAD,),
          "bitsandbytes: the layer being quantized at load as a 16-bit GPU copy (memory.bnb_workspace)")
+register("kv_cache/legacy_previous", (Phase.DECODE,),
+         "transformers < 4.36: the previous step's tuple past_key_values, held through the decode forward")
 register("kv_cache/dynamic_growth", (Phase.DECODE,), "transformers DynamicCache: one layer's old K/V during torch.cat")
