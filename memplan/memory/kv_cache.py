@@ -73,10 +73,34 @@ def kv_heads_per_rank(*, kv_heads: int, tp: int) -> int:
     return max(1, ceil_div(kv_heads, tp))
 
 
-def cached_shapes(spec: ModelSpec, *, mla_cache: str, tp: int) -> tuple[tuple[int, int], ...]:
+def expands_kv(spec: ModelSpec) -> bool:
+    """Whether transformers caches K and V broadcast to all N query heads: Falcon's new decoder architecture.
+
+    Source: transformers ``models/falcon/modeling_falcon.py`` (4.3x to 5.20) ``FalconAttention._split_heads``:
+    ``key = torch.broadcast_to(key, query.shape)`` then ``flatten``; ``forward`` reshapes keys and values to
+    ``num_kv_heads = self.num_heads if self.new_decoder_architecture`` heads before ``layer_past.update``. vLLM
+    (``num_kv_heads``) and llama.cpp (``n_head_kv``) cache the K heads.
+    Assumptions: a Falcon config with 1 < K < N is the new decoder architecture (the old one has K = 1 with
+    ``multi_query`` or K = N); a new-architecture config with K = 1 or K = N is counted as K (N for K = N).
+    """
+    from memplan.catalog.schema import Family
+
+    heads = spec.num_attention_heads or 1
+    return spec.family is Family.FALCON and 1 < spec.kv_heads < heads
+
+
+def hf_cache_layout(cfg: JobConfig) -> bool:
+    """Whether the cache is transformers' own (the transformers engine, or no serving engine named)."""
+    from memplan.config import Engine
+
+    return cfg.engine in (None, Engine.TRANSFORMERS)
+
+
+def cached_shapes(spec: ModelSpec, *, mla_cache: str, tp: int, hf: bool = False) -> tuple[tuple[int, int], ...]:
     """The ``(heads, dim)`` tensors one layer caches per token on one tp rank (see module docstring).
 
     MLA ``latent`` is not split by tp: vLLM keeps the whole latent on every rank (one KV "head").
+    ``hf``: transformers' cache, which holds all N heads where ``expands_kv``.
     """
     if spec.is_mla:
         rope = spec.qk_rope_head_dim or 0
@@ -84,7 +108,8 @@ def cached_shapes(spec: ModelSpec, *, mla_cache: str, tp: int) -> tuple[tuple[in
             return ((1, spec.kv_lora_rank or 0), (1, rope))
         heads = ceil_div(spec.num_attention_heads or 1, tp)
         return ((heads, (spec.qk_nope_head_dim or 0) + rope), (heads, spec.v_head_dim or 0))
-    heads = kv_heads_per_rank(kv_heads=spec.kv_heads, tp=tp)
+    kv = (spec.num_attention_heads or 1) if hf and expands_kv(spec) else spec.kv_heads
+    heads = kv_heads_per_rank(kv_heads=kv, tp=tp)
     return ((heads, spec.dim_per_head), (heads, spec.dim_per_head))
 
 
@@ -233,7 +258,7 @@ def rows(ctx: Context) -> list[Row]:
         return []
     spec, inf = ctx.arch.spec, cfg.infer
     dtype = sized_kv_dtype(cfg)
-    shapes = cached_shapes(spec, mla_cache=inf.mla_cache, tp=cfg.tp)
+    shapes = cached_shapes(spec, mla_cache=inf.mla_cache, tp=cfg.tp, hf=hf_cache_layout(cfg))
     elements = elements_per_token(shapes)
     sbits = scale_bits_per_token(shapes=shapes, dtype=dtype, group_size=inf.kv_group_size)
     step = step_tokens(context=inf.context, prefill_chunk=inf.prefill_chunk)
