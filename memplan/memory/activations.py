@@ -21,6 +21,7 @@ from memplan.arch.build_families import EMBEDDING_NORMS
 from memplan.arch.parallel import in_flight_micro_batches
 from memplan.catalog.schema import Family
 from memplan.config import JobConfig, Recompute
+from memplan.memory import activations_amp as amp_extra
 from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
@@ -80,9 +81,15 @@ def block_terms(ctx: Context, layer_index: int, counting: blk.Counting) -> list[
     spec, cfg = ctx.arch.spec, ctx.cfg
     layer = ctx.arch.layers[layer_index]
     dm, tr = blk.dims(spec, cfg), lora.block_trainable(spec.family, layer, cfg, layer_index)
+    amp = [blk.Term("amp_fp32", amp_extra.block_extra_bytes(spec, layer, dm))] if _amp(ctx, counting) else []
     return (blk.norm_terms(spec, layer, dm, counting, tr) + blk.attention_terms(spec, layer, cfg, dm, counting, tr)
             + ffn.mlp_terms(spec, layer, dm, counting, tr) + ffn.dropout_terms(spec, cfg, dm, counting)
-            + ffn.adapter_terms(dm, tr))
+            + ffn.adapter_terms(dm, tr) + amp)
+
+
+def _amp(ctx: Context, counting: blk.Counting) -> bool:
+    """PyTorch AMP's fp32 residual stream applies (not to the paper's 16-bit accounting)."""
+    return not counting.paper and amp_extra.autocast_amp(ctx)
 
 
 def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting: blk.Counting | None = None) -> int:
@@ -172,7 +179,8 @@ def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
         return 0
     rot = spec.qk_rope_head_dim if spec.is_mla else (spec.rotary_dim or spec.dim_per_head)
     tables = len({layer.sliding for layer in ctx.arch.layers}) if spec.family in ROPE_PER_LAYER_TYPE else 1
-    return tables * t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
+    bits = t.FP32_BITS if _amp(ctx, counting) else blk.activation_bits(ctx.cfg)  # cos.to(x.dtype), x fp32 under AMP
+    return tables * t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=bits)
 
 
 def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -> int:
@@ -207,6 +215,8 @@ def final_norm_bytes(ctx: Context, counting: blk.Counting) -> int:
     _, seq = _tokens(ctx)
     width, trains = spec.hidden_size or 0, lora.head_trains(ctx.cfg)
     norm = blk.norm_bytes(spec, tokens=seq, width=width, bits=bits, counting=counting, weight_trains=trains)
+    if _amp(ctx, counting):
+        norm += amp_extra.norm_extra_bytes(spec, tokens=seq, width=width)
     return norm + (t.tensor_bytes(count=seq * width, bits=bits) if trains else 0)
 
 
