@@ -231,12 +231,16 @@ CAUSES = {
     "FSDP1-offload": "FSDP1 CPUOffload(offload_params=True): each unit is copied to the GPU for its forward and "
                      "backward (and the root stays), where memplan's ZeRO-3 parameter offload keeps no weights on "
                      "the GPU; needs the FSDP1 profile.",
-    "litgpt-bnb": "litgpt with bitsandbytes (training 2.3-3.6 GB above memplan, generate 1.4-1.5 GB): not a load "
-                  "peak. Lightning's BitsandbytesPrecision (lightning/fabric/plugins/precision/bitsandbytes.py, "
-                  "_Linear4bit/_Linear8bitLt.quantize_) quantizes each layer when it is built on the GPU and again "
-                  "in a load_state_dict pre-hook, one layer's fp16 copy at a time, so no whole bf16 model is ever "
-                  "on the GPU. Unexplained yet: litgpt's LoRA modules (fused qkv, zero_pad) and bitsandbytes "
-                  "0.41's MatMul4Bit are the places to measure.",
+    "litgpt-bnb": "litgpt QLoRA training. Modelled now (JobConfig.bnb_integration='lightning', memory.bnb_workspace): "
+                  "Lightning's BitsandbytesPrecision quantizes lm_head too, from an fp16 copy, so MatMul4Bit "
+                  "dequantizes it to fp16 and casts it to bf16 (two 16-bit copies of the 32000- or 128256-row head "
+                  "at the end of forward and the start of backward); this brings litgpt's bnb inference cases to "
+                  "within 1%. Still under (-13.8% to -21.8%): litgpt's own LoRA layout, whose bf16 LoRA siblings are "
+                  "already -1.7% to -9.8% in the same tables (about 8.5 bytes per hidden unit per token and layer "
+                  "above memplan's HF count at 8641822), plus what its fused LoRAQKVLinear keeps with lora_dropout "
+                  "0.05 (the dropout output and mask next to the norm output bitsandbytes saves; memplan has no "
+                  "LoRA dropout knob) and, in the 2024 hub runs (SDPA instead of flash-attn), the reshaped attention "
+                  "output that the 4-bit o-projection saves. Not measurable without a GPU and litgpt's modules.",
 }
 
 
