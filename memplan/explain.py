@@ -75,6 +75,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "activations/hidden_states": ("inference.hidden_states_bytes",),
     "activations/dequant_workspace": ("bnb_workspace.dequant_workspace_bytes", "bnb_workspace.dequant_copies"),
     "runtime/quantize_workspace": ("bnb_workspace.quantize_workspace_bytes",),
+    "runtime/exllama_temp_dq": ("bnb_workspace.exllama_temp_dq_bytes",),
     "activations/prefill_workspace": ("inference.attention_workspace_bytes", "inference.mla_workspace_bytes",
                                       "inference.mlp_workspace_bytes", "inference.moe_workspace_bytes",
                                       "inference.kv_concat_bytes"),

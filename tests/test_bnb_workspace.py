@@ -83,3 +83,9 @@ def test_batched_decode_dequantizes_too() -> None:
 def test_lightning_without_a_bitsandbytes_format_is_an_error(job: str, quant: str | None) -> None:
     with pytest.raises(MemplanError, match="bnb_integration"):
         estimate("llama-2-7b", "a100-sxm-40gb", job=job, quant=quant, bnb_integration="lightning")
+
+
+def test_gptq_exllama_keeps_an_fp16_buffer_of_the_largest_linear() -> None:
+    """auto_gptq autogptq_post_init: temp_dq = zeros(max qweight.numel() * 8, fp16); Llama-2-7B's MLP is 11008 x 4096."""
+    est = estimate("llama-2-7b", "a100-sxm-40gb", job="infer", quant="gptq-4bit", dtype="fp16", infer={"context": 512})
+    assert rows(est)["runtime/exllama_temp_dq"].bytes == LLAMA2_7B["ffn"] * LLAMA2_7B["hidden"] * SIXTEEN

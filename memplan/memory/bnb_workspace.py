@@ -22,6 +22,8 @@ layer's conversion, on top of everything else alive then:
   ``CBt``, both int8, before ``del CBt``). transformers quantizes each weight once as it arrives
   (``Params4bit._quantize``: ``w = self.data.contiguous().to(device)``; ``Int8Params.cuda``: ``double_quant`` then
   ``del CBt``, bitsandbytes < 0.45), so only the 16-bit copy (and int8's ``CBt``) is extra.
+
+GPTQ's exllama kernel keeps the same kind of buffer for good: ``runtime/exllama_temp_dq`` (``exllama_temp_dq_bytes``).
 """
 
 from __future__ import annotations
@@ -117,6 +119,27 @@ def quantize_workspace_bytes(ctx: Context) -> int:
     return copy16 + (stored if ctx.cfg.bnb_integration == "lightning" else 0)
 
 
+def exllama_temp_dq_bytes(ctx: Context) -> int:
+    """Bytes of AutoGPTQ's exllama ``temp_dq`` buffer: one fp16 matrix the size of the largest GPTQ linear, allocated
+    after loading and kept (the kernel dequantizes into it for cuBLAS on prefill-sized inputs).
+
+    Formula: 2 · max over GPTQ linears of (qweight.numel() · 8) = 2 · max(out · in) (per tp rank).
+    Source: auto_gptq/modeling/_utils.py ``autogptq_post_init`` (0.4.x): ``"temp_dq": torch.zeros((1,
+    max_dq_buffer_size), dtype=torch.float16)``, ``max_dq_buffer_size = max(submodule.qweight.numel() * 8)``; its
+    ``temp_state`` is (1, 1) without act-order. transformers/optimum GPTQ (``GPTQQuantizer.post_init_model``) call it.
+    Assumptions: the exllama (v1) kernel, the default of auto-gptq 0.4 (exllamav2's scratch is sized differently).
+    """
+    cfg, layers = ctx.cfg, len(ctx.arch.layers)
+    best = 0
+    for tensor, layer in placed_tensors(ctx):
+        fmt = layer_format(cfg, layer)
+        if fmt is None or get_format(fmt).library is not Library.GPTQ:
+            continue
+        if storage(fmt, replace(tensor, copies=1), layer_index=layer, num_layers=layers, dtype=cfg.dtype).quantized:
+            best = max(best, sharded_numel(replace(tensor, copies=1, routed=False), cfg.tp))
+    return bits_to_bytes(best, SIXTEEN_BITS)
+
+
 def dequant_phases(ctx: Context) -> frozenset[Phase]:
     """Training: forward (plus the start of backward when the output layer itself is quantized and dequantized
     next to the logits' gradient); serving: prefill, and decode when more than one sequence is decoded."""
@@ -127,8 +150,12 @@ def dequant_phases(ctx: Context) -> frozenset[Phase]:
 
 
 def rows(ctx: Context) -> list[Row]:
-    """The GPU rows of both workspaces (empty without a bitsandbytes format)."""
-    if ctx.cfg.job not in (Job.LORA, Job.QLORA, Job.INFER) or job_library(ctx.cfg) is not Library.BITSANDBYTES:
+    """The GPU rows of both workspaces (empty without a bitsandbytes format), and exllama's buffer for GPTQ."""
+    library = job_library(ctx.cfg)
+    if library is Library.GPTQ and ctx.cfg.job is Job.INFER:  # training with peft disables exllama
+        return [Row("runtime/exllama_temp_dq", Tier.GPU, exllama_temp_dq_bytes(ctx),
+                    "auto_gptq modeling/_utils.py autogptq_post_init", "fp16 buffer of the largest GPTQ linear")]
+    if ctx.cfg.job not in (Job.LORA, Job.QLORA, Job.INFER) or library is not Library.BITSANDBYTES:
         return []
     out = []
     dequant = dequant_workspace_bytes(ctx)

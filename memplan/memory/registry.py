@@ -120,6 +120,8 @@ register("activations/llamacpp_output", (Phase.PREFILL, Phase.DECODE), "llama.cp
 register("activations/dequant_workspace", (_F, _BS, Phase.PREFILL, Phase.DECODE),
          "bitsandbytes MatMul4Bit.forward/backward dequantize the whole weight to 16 bits (memory.bnb_workspace); "
          "each row names its phases")
+register("runtime/exllama_temp_dq", ALL, "AutoGPTQ exllama temp_dq: fp16 buffer of the largest GPTQ linear "
+         "(memory.bnb_workspace)")
 register("runtime/quantize_workspace", (Phase.LOAD,),
          "bitsandbytes: the layer being quantized at load as a 16-bit GPU copy (memory.bnb_workspace)")
 register("kv_cache/legacy_previous", (Phase.DECODE,),
