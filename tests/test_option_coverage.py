@@ -317,6 +317,7 @@ FIELD_VALUES: dict[str, Any] = {
     "recompute": "full", "flash_attention": False, "sequence_parallel": True, "attention": "eager", "dropout": True,
     "loss_fp32": False, "activation_accounting": "paper", "cuda_context_bytes": 2**30, "allocator_reserve_pct": 7.0,
     "safety_margin_pct": 5.0, "lora": {"rank": 8}, "galore": {"rank": 64}, "infer": {"context": 1024},
+    "bnb_integration": "lightning",
 }
 JOB_FIELD_VALUES: dict[tuple[str, str], Any] = {("grad_dtype", "pretrain"): "bf16", ("grad_dtype", "full"): "bf16"}
 """A job whose default already is FIELD_VALUES' value gets another one: full-weight jobs keep fp32 gradients by
@@ -325,6 +326,7 @@ PREREQUISITES: dict[str, dict[str, Any]] = {
     "zero": {"gpus_per_node": 2}, "tp": {"gpus_per_node": 2}, "pp": {"gpus_per_node": 2},
     "sequence_parallel": {"gpus_per_node": 2, "tp": 2}, "offload_optimizer": {"zero": 1, "gpus_per_node": 2},
     "accounting": {"zero": 3, "gpus_per_node": 2}, "perf": {"gpus_per_node": 2, "pp": 2},
+    "bnb_integration": {"quant": "nf4"},
 }
 """A setting in which the field can matter (ZeRO accounting differs once states are partitioned)."""
 MEMORY_NEUTRAL = {
