@@ -262,6 +262,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "hardware": ("gpu", "gpus", "nodes", "cpu_ram", "nvme"),
     "job": ("job", "engine", "dtype", "quant", "quant_map", "optimizer", "master_weights", "grad_dtype", "batch",
             "global_batch", "global_batch_tokens", "seq_len", "accounting"),
+    "quant_integration": ("bnb_integration",),
     "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "sequence_parallel",
                     "optimizer_gpu_layers"),
     "memory": ("recompute", "recompute_layers", "per_layer_offload", "per_layer_quant", "flash_attention", "attention",
