@@ -156,6 +156,9 @@ class LoraConfig(Strict):
     targets: tuple[str, ...] = ("q", "k", "v", "o")
     """Abstract projections (q,k,v,o,gate,up,down), or ("all-linear",)."""
     dora: bool = False
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """peft ``lora_dropout``: with p > 0 each adapted module runs its own ``nn.Dropout`` on its input before lora_A,
+    which saves the dropout output (and the dropout its mask); 0 (peft's default) is an ``nn.Identity``."""
     dtype: Dtype = Dtype.FP32
     """Adapter dtype. peft keeps adapters of a 16-bit model in fp32 by default
     (``autocast_adapter_dtype=True``); QLoRA's reference script casts them to bf16, so a ``qlora``

@@ -146,6 +146,8 @@ OPTS: dict[str, Opt] = {
     "safety_margin": _o("--safety-margin", float, 0.0, "Keep this % of each GPU's memory free, shown as the row "
                         "runtime/safety_margin (default 0: none).", MEMORY, field="safety_margin_pct"),
     "lora_rank": _o("--lora-rank", int, 16, "LoRA rank r.", FINETUNE, field="lora.rank"),
+    "lora_dropout": _o("--lora-dropout", float, 0.0, "peft lora_dropout: each adapted module saves its dropout output "
+                       "and mask when > 0.", FINETUNE, field="lora.dropout"),
     "lora_alpha": _o("--lora-alpha", float, 32.0, "LoRA alpha.", FINETUNE, field="lora.alpha"),
     "lora_targets": _o("--lora-targets", str, "q,k,v,o", "Comma list of q,k,v,o,gate,up,down, or all-linear.", FINETUNE,
                        field="lora.targets", convert=lora_targets),
@@ -267,8 +269,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                     "optimizer_gpu_layers"),
     "memory": ("recompute", "recompute_layers", "per_layer_offload", "per_layer_quant", "flash_attention", "attention",
                "dropout", "loss_fp32", "activation_accounting", "cuda_context", "allocator_reserve", "safety_margin"),
-    "finetune": ("lora_rank", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer", "galore_rank",
-                 "galore_8bit"),
+    "finetune": ("lora_rank", "lora_dropout", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer",
+                 "galore_rank", "galore_8bit"),
     "inference": ("context", "kv_dtype", "paged", "block_size", "offload_layers", "max_context", "max_batch"),
     "engine_knobs": ("optimizer_impl", "kept_output", "bucket_cap_mb", "gradient_as_bucket_view", "reshard_after_forward",
                      "fsdp_prefetch", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",

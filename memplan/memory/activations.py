@@ -84,7 +84,7 @@ def block_terms(ctx: Context, layer_index: int, counting: blk.Counting) -> list[
     amp = [blk.Term("amp_fp32", amp_extra.block_extra_bytes(spec, layer, dm))] if _amp(ctx, counting) else []
     return (blk.norm_terms(spec, layer, dm, counting, tr) + blk.attention_terms(spec, layer, cfg, dm, counting, tr)
             + ffn.mlp_terms(spec, layer, dm, counting, tr) + ffn.dropout_terms(spec, cfg, dm, counting)
-            + ffn.adapter_terms(dm, tr) + amp)
+            + ffn.adapter_terms(dm, tr, counting) + amp)
 
 
 def _amp(ctx: Context, counting: blk.Counting) -> bool:
