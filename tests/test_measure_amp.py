@@ -83,6 +83,32 @@ def test_amp_saved_bytes_match_activations_plus_autocast_copies(name: str) -> No
     assert abs(error) < TOLERANCE, f"{name}: measured {measured}, predicted {predicted} ({error:+.2%})"
 
 
+def test_amp_with_every_layer_checkpointed_keeps_fp32_block_inputs() -> None:
+    """HF gradient checkpointing under autocast: each checkpointed layer keeps its input, the fp32 residual stream."""
+    cls, kwargs, attn = CASES["llama"]
+    config = getattr(transformers, cls)(**kwargs)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+        model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(3, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("ignore")
+        measured = saved_bytes(model, inputs, labels=ids)["total_bytes"]
+    from memplan.config import Recompute
+
+    ctx = _context("llama", config.to_dict(), recompute=Recompute.FULL)
+    head_cast = 2 * config.vocab_size * config.hidden_size  # the layers' weight casts are made again in backward
+    predicted = act.saved_bytes_estimate(ctx, blk.cpu_counting(16)) + head_cast
+    print(f"checkpointed llama: measured {measured} predicted {predicted}")
+    assert abs(predicted - measured) / measured < TOLERANCE, (measured, predicted)
+    inputs_16 = 2 * blk.block_input_bytes(ctx.arch.spec, ctx.cfg)  # two layers' inputs if they were bf16
+    assert predicted - inputs_16 < measured * (1 - TOLERANCE)
+
+
 def test_a_pure_bf16_count_would_be_under_the_amp_measurement() -> None:
     measured, config = _run("llama")
     pure = _context("llama", config, master_weights=False)

@@ -96,8 +96,9 @@ def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting:
     """Bytes one block keeps for one micro-batch under ``mode``: all terms, the non-core ones, or its input."""
     spec, cfg = ctx.arch.spec, ctx.cfg
     counting = counting or counting_for(cfg)
-    if mode is Recompute.FULL:
-        return blk.block_input_bytes(spec, cfg)
+    if mode is Recompute.FULL:  # under AMP the block input is the fp32 residual stream
+        full = blk.block_input_bytes(spec, cfg)
+        return 2 * full if _amp(ctx, counting) else full
     if mode is Recompute.OP:
         from memplan.memory.activations_op import op_layer_bytes
 
