@@ -26,6 +26,7 @@ from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
+from memplan.memory import bnb_workspace
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.units import ceil_div
@@ -284,6 +285,7 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
         out["activations/loss"] = flight * loss_bytes(ctx, counting)
         out["activations/logits"] = logits_peak_bytes(ctx, counting)
         out["activations/kept_output"] = kept_output_bytes(ctx, counting)
+    out["activations/dequant_workspace"] = bnb_workspace.dequant_workspace_bytes(ctx)
     return {name: value for name, value in out.items() if value}
 
 
@@ -302,11 +304,14 @@ _SOURCES = {
     "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",
     "activations/logits": "logits + fp32 copy, or their two fp32 gradients, whichever is larger",
     "activations/kept_output": "logits of the model output the training loop holds until after the step",
+    "activations/dequant_workspace": "bitsandbytes MatMul4Bit/MatMul8bitLt: the largest quantized weight dequantized "
+                                     "to 16 bits (memory.bnb_workspace)",
 }
 
 
 def rows(ctx: Context) -> list[Row]:
     """GPU rows of training activations for the reported stage; [] for inference or params-only models."""
     saved = "saved for backward"
-    return [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak")
-            for name, value in breakdown(ctx).items()]
+    dequant = {"activations/dequant_workspace": bnb_workspace.dequant_phases(ctx)}
+    return [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak",
+                dequant.get(name)) for name, value in breakdown(ctx).items()]

@@ -150,7 +150,9 @@ def dequant_phases(ctx: Context) -> frozenset[Phase]:
 
 
 def rows(ctx: Context) -> list[Row]:
-    """The GPU rows of both workspaces (empty without a bitsandbytes format), and exllama's buffer for GPTQ."""
+    """Serving's GPU rows of both workspaces (empty without a bitsandbytes format), and exllama's buffer for GPTQ;
+    a training job's dequantization workspace is an activations row (``activations.breakdown``), so the planner's
+    activation tables hold it too."""
     library = job_library(ctx.cfg)
     if library is Library.GPTQ and ctx.cfg.job is Job.INFER:  # training with peft disables exllama
         return [Row("runtime/exllama_temp_dq", Tier.GPU, exllama_temp_dq_bytes(ctx),
@@ -158,7 +160,7 @@ def rows(ctx: Context) -> list[Row]:
     if ctx.cfg.job not in (Job.LORA, Job.QLORA, Job.INFER) or library is not Library.BITSANDBYTES:
         return []
     out = []
-    dequant = dequant_workspace_bytes(ctx)
+    dequant = dequant_workspace_bytes(ctx) if ctx.cfg.job is Job.INFER else 0  # training: activations.breakdown
     if dequant:
         copies = dequant / bits_to_bytes(_largest(ctx).numel, SIXTEEN_BITS)  # type: ignore[union-attr]
         note = f"{copies:.0f} 16-bit copies of the largest quantized weight ({ctx.cfg.bnb_integration})"

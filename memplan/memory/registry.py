@@ -117,7 +117,7 @@ register("runtime/vllm_unbudgeted", ALL, "vLLM: memory outside gpu_memory_utiliz
 register("activations/llamacpp_compute", (Phase.PREFILL, Phase.DECODE),
          "llama.cpp: compute buffer reserved at context creation for the worst-case ubatch graph")
 register("activations/llamacpp_output", (Phase.PREFILL, Phase.DECODE), "llama.cpp: host logits buffer")
-register("activations/dequant_workspace", (_F, _BS, Phase.PREFILL, Phase.DECODE),
+register("activations/dequant_workspace", (_F, Phase.PREFILL, Phase.DECODE),
          "bitsandbytes MatMul4Bit.forward/backward dequantize the whole weight to 16 bits (memory.bnb_workspace); "
          "each row names its phases")
 register("runtime/exllama_temp_dq", ALL, "AutoGPTQ exllama temp_dq: fp16 buffer of the largest GPTQ linear "
