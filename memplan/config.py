@@ -157,6 +157,9 @@ class LoraConfig(Strict):
     targets: tuple[str, ...] = ("q", "k", "v", "o")
     """Abstract projections (q,k,v,o,gate,up,down), or ("all-linear",)."""
     dora: bool = False
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """peft ``lora_dropout``: with p > 0 each adapted module runs its own ``nn.Dropout`` on its input before lora_A,
+    which saves the dropout output (and the dropout its mask); 0 (peft's default) is an ``nn.Identity``."""
     dtype: Dtype = Dtype.FP32
     """Adapter dtype. peft keeps adapters of a 16-bit model in fp32 by default
     (``autocast_adapter_dtype=True``); QLoRA's reference script casts them to bf16, so a ``qlora``
@@ -273,8 +276,10 @@ class ServeConfig(Strict):
     """Share of peak memory bandwidth decode reaches; None: the GPU generation's default (planner.serve_cost)."""
     compute_efficiency: float | None = Field(default=None, gt=0, le=1)
     """Share of peak dense FLOP/s prefill reaches; None: the GPU generation's default (planner.serve_cost)."""
-    cache_implementation: Literal["dynamic", "static"] = "dynamic"
-    """transformers ``generate(cache_implementation=...)``: ``dynamic`` (DynamicCache, grows by torch.cat) or ``static``."""
+    cache_implementation: Literal["dynamic", "static", "legacy"] = "dynamic"
+    """transformers ``generate(cache_implementation=...)``: ``dynamic`` (DynamicCache, grows by torch.cat) or ``static``;
+    ``legacy``: the tuple ``past_key_values`` of transformers < 4.36 (before ``DynamicCache``), where a decode step
+    keeps the whole previous cache alive next to the new one (``memory.kv_cache.legacy_previous_bytes``)."""
 
 
 class PerfConfig(Strict):
@@ -483,6 +488,12 @@ class JobConfig(Strict):
     recompute_map: tuple[Recompute, ...] | None = None
     """Per-layer recompute modes, one per layer (the planner's per-layer choice); overrides
     ``recompute``/``recompute_layers`` when set."""
+    bnb_integration: Literal["transformers", "lightning"] = "transformers"
+    """Which integration builds the bitsandbytes layers (bitsandbytes formats only): ``transformers``
+    (``BitsAndBytesConfig``: lm_head and embeddings kept in the compute dtype, weights quantized from the loaded
+    dtype) or ``lightning`` (Lightning Fabric's ``BitsandbytesPrecision``, as litgpt runs it: every ``nn.Linear``
+    replaced, lm_head included, each weight quantized from an fp16 copy and quantized again from the checkpoint in
+    a ``load_state_dict`` pre-hook). See ``memplan.memory.bnb_workspace``."""
     quant_map: tuple[str | None, ...] | None = None
     """Per-layer weight format, one entry per layer (the planner's LQ-LoRA-style per-layer choice): a
     format name, or None to keep that layer in ``dtype``; tensors outside the blocks use ``quant``.

@@ -72,6 +72,19 @@ def check_trainable_weights(job: Job, formats: tuple[str | None, ...]) -> None:
                        "use job qlora (adapters on a 4-bit base) or lora.")
 
 
+def check_bnb_integration(cfg: JobConfig) -> None:
+    """A MemplanError when ``bnb_integration`` is set for a job whose weights are not in a bitsandbytes format
+    (the integration only changes how bitsandbytes layers are built: ``memplan.memory.bnb_workspace``)."""
+    if cfg.bnb_integration == "transformers":
+        return
+    from memplan.memory.quant import Library
+    from memplan.memory.weights import job_library
+
+    if job_library(cfg) is not Library.BITSANDBYTES:
+        raise MemplanError(f"bnb_integration={cfg.bnb_integration} applies to bitsandbytes formats only (nf4, nf4-dq, "
+                           "fp4, fp4-dq, int8); set --quant to one of them, or drop --bnb-integration.")
+
+
 def model_projections(arch: Architecture) -> set[str]:
     """The abstract projections (q, k, v, o, gate, up, down) the model's linear layers implement."""
     return {p for t in arch.all_tensors() for p in t.projections}
@@ -114,6 +127,7 @@ def host_assumptions(host: HostSpec) -> dict[str, Any]:
 def preflight(spec: ModelSpec, arch: Architecture, gpu: GpuSpec, cfg: JobConfig) -> list[str]:
     """Raise MemplanError for what cannot run; return the warnings for what runs but deserves a note."""
     check_trainable_weights(cfg.job, (cfg.quant, *(cfg.quant_map or ())))
+    check_bnb_integration(cfg)
     check_gpu_dtypes(cfg, gpu)
     check_lora_targets(cfg, arch)
     return context_warnings(cfg, spec)

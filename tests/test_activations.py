@@ -118,7 +118,11 @@ def llama_spec(kv_heads: int = 8, **extra: object) -> ModelSpec:
 
 
 def ctx_for(spec: ModelSpec, **cfg: object) -> Context:
+    """A pure-bf16 model (the layout the written-out terms describe); ``master_weights=None`` gives the pytorch
+    engine's AMP (fp32 parameters under autocast) for full jobs."""
     base = dict(job=Job.FULL, dtype=Dtype.BF16, micro_batch=1, **({} if cfg.get("job") is Job.INFER else {"seq_len": 4096}))
+    if cfg.get("job", Job.FULL) in (Job.FULL, Job.PRETRAIN):
+        base["master_weights"] = False
     return Context(build_architecture(spec), JobConfig(**{**base, **cfg}), GPU, HostSpec())
 
 
@@ -130,6 +134,19 @@ def test_llama_layer_terms_written_out() -> None:
     mlp = 4 * tok * 2 * f  # gate out, up out, act out, product
     ctx = ctx_for(llama_spec(), attention="flash")
     assert act.layer_micro_bytes(ctx, 0, Recompute.NONE) == norms + attention + mlp
+
+
+def test_amp_adds_the_fp32_residual_stream_written_out() -> None:
+    """torch.autocast over fp32 parameters: each RMSNorm saves its normalized tensor in fp32 (+2 bytes per element),
+    q, k, v each save their own bf16 cast of the fp32 norm output (two more than one shared input), gate and up one
+    more; the final norm +2 bytes per element, the rotary cos/sin in fp32."""
+    s, d, hd = 4096, 4096, 128
+    pure, amp = ctx_for(llama_spec(), attention="flash"), ctx_for(llama_spec(), attention="flash", master_weights=None)
+    per_layer = s * (2 * 2 * d + 2 * 2 * d + 1 * 2 * d)
+    assert act.layer_micro_bytes(amp, 0, Recompute.NONE) - act.layer_micro_bytes(pure, 0, Recompute.NONE) == per_layer
+    pure_rows, amp_rows = act.breakdown(pure), act.breakdown(amp)
+    assert amp_rows["activations/final_norm"] - pure_rows["activations/final_norm"] == s * 2 * d
+    assert amp_rows["activations/rotary"] - pure_rows["activations/rotary"] == 2 * s * hd * 2  # cos, sin: 4 - 2 bytes
 
 
 def test_gqa_saves_less_than_mha_and_flash_less_than_eager() -> None:

@@ -134,6 +134,8 @@ def predict(config: dict[str, Any], family: str, attn: str, checkpointed: int, d
     if "num_local_experts" in config:  # transformers 5 writes Qwen3-MoE's num_experts under this name
         config.setdefault("num_experts", config["num_local_experts"])
     spec = spec_from_hf_config(config, name=f"tiny-{family}", source="test")
+    if dtype == "bf16" and job.get("job", Job.FULL) in (Job.FULL, Job.PRETRAIN):
+        job.setdefault("master_weights", False)  # the measured model is pure bf16 (no AMP: tests/test_measure_amp.py)
     cfg = JobConfig(**{"job": Job.FULL, **job}, dtype=DTYPES[dtype][0], micro_batch=BATCH, seq_len=seq,
                     attention=attn, dropout=CASES[family][3],
                     recompute=Recompute.FULL if checkpointed else Recompute.NONE, recompute_layers=checkpointed or None)

@@ -109,7 +109,7 @@ def _predicted_rows(spec: ModelSpec, *, context: int, chunk: int | None = None, 
 
 def _predicted_views(spec: ModelSpec, *, context: int) -> int:
     """What the cached views show: sliding layers W − 1 tokens (step T = 0)."""
-    elements = kv.elements_per_token(kv.cached_shapes(spec, mla_cache="latent", tp=1))
+    elements = kv.elements_per_token(kv.cached_shapes(spec, mla_cache="latent", tp=1, hf=True))
     total = 0
     for index, layer in enumerate(build_architecture(spec).layers):
         tokens = kv.cached_tokens(seq=context, window=kv.layer_window(spec, index, layer), step_tokens=0)
@@ -122,13 +122,7 @@ def _forward(model: Any, ids: Any, cache: Any = None) -> Any:
         return model(ids, past_key_values=cache, use_cache=True).past_key_values
 
 
-HF_EXPANDS_KV = {"falcon_new"}
-"""transformers' Falcon in the new decoder architecture caches K and V broadcast to all N query heads
-(``FalconAttention._split_heads``: ``torch.broadcast_to(key, query.shape)`` then ``flatten``), where
-memplan, like vLLM, counts the K cached heads; checked separately below."""
-
-
-@pytest.mark.parametrize("name", [name for name in CONFIGS if name not in HF_EXPANDS_KV])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_prefill_then_decode_matches_hf_cache(name: str) -> None:
     model, spec = _model_and_spec(name)
     ids = torch.randint(0, VOCAB, (BATCH, PROMPT + 1))
@@ -141,15 +135,17 @@ def test_prefill_then_decode_matches_hf_cache(name: str) -> None:
     assert storage == _predicted_rows(spec, context=PROMPT + 1, chunk=1), f"{name}: storage after one decode step"
 
 
-def test_falcon_new_architecture_cache_is_expanded_to_all_heads() -> None:
-    """HF's cache is N/K times the K-head cache memplan predicts (vLLM ``num_kv_heads``): a known gap of
-    memplan's transformers-engine KV rows for Falcon-40B/180B-style configs (1 < K < N)."""
+def test_falcon_new_architecture_caches_all_heads_in_transformers_and_k_heads_in_vllm() -> None:
+    """transformers' ``FalconAttention._split_heads`` broadcasts K and V to all N query heads before the cache
+    update (the new decoder architecture); vLLM's KV spec keeps the K heads (``num_kv_heads``)."""
     model, spec = _model_and_spec("falcon_new")
     cache = _forward(model, torch.randint(0, VOCAB, (BATCH, PROMPT)))
     _, storage = _measured(cache)
     heads, kv_heads = spec.num_attention_heads or 1, spec.kv_heads
     assert 1 < kv_heads < heads
-    assert storage * kv_heads == _predicted_rows(spec, context=PROMPT) * heads
+    assert storage == _predicted_rows(spec, context=PROMPT)
+    k_heads = kv.elements_per_token(kv.cached_shapes(spec, mla_cache="latent", tp=1))
+    assert kv.elements_per_token(kv.cached_shapes(spec, mla_cache="latent", tp=1, hf=True)) * kv_heads == k_heads * heads
 
 
 @pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3_text"])

@@ -66,7 +66,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--recompute-layers": "2", "--optimizer-gpu-layers": "2", "--allocator-reserve": "7", "--gpus-per-node": "2",
     "--pp": "2", "--lora-rank": "8", "--top": "2", "--recipe": str(ROOT / "recipes" / "qwen2.5-72b-serve-32k.yaml"),
     "--engine": {"infer": "llamacpp", "*": "deepspeed"}, "--lora-dtype": {"qlora": "fp32", "*": "fp16"},
-    "--optimizer-impl": "for-loop", "--kept-output": "logits", "--n-batch": "256",
+    "--optimizer-impl": "for-loop", "--kept-output": "logits", "--bnb-integration": "lightning", "--n-batch": "256",
     "--bucket-cap-mb": "100", "--fsdp-prefetch": "2", "--reduce-bucket-size": "50000000",
     "--allgather-bucket-size": "50000000", "--stage3-max-live-parameters": "10000000",
     "--stage3-prefetch-bucket-size": "5000000", "--stage3-param-persistence-threshold": "10000000",
@@ -332,6 +332,7 @@ FIELD_VALUES: dict[str, Any] = {
     "loss_fp32": False, "activation_accounting": "paper", "cuda_context_bytes": 2**30, "allocator_reserve_pct": 7.0,
     "safety_margin_pct": 5.0, "lora": {"rank": 8}, "galore": {"rank": 64}, "infer": {"context": 1024},
     "offload_activations": True,
+    "bnb_integration": "lightning",
 }
 JOB_FIELD_VALUES: dict[tuple[str, str], Any] = {("grad_dtype", "pretrain"): "bf16", ("grad_dtype", "full"): "bf16"}
 """A job whose default already is FIELD_VALUES' value gets another one: full-weight jobs keep fp32 gradients by
@@ -340,6 +341,7 @@ PREREQUISITES: dict[str, dict[str, Any]] = {
     "zero": {"gpus_per_node": 2}, "tp": {"gpus_per_node": 2}, "pp": {"gpus_per_node": 2},
     "sequence_parallel": {"gpus_per_node": 2, "tp": 2}, "offload_optimizer": {"zero": 1, "gpus_per_node": 2},
     "accounting": {"zero": 3, "gpus_per_node": 2}, "perf": {"gpus_per_node": 2, "pp": 2},
+    "bnb_integration": {"quant": "nf4"},
 }
 """A setting in which the field can matter (ZeRO accounting differs once states are partitioned)."""
 MEMORY_NEUTRAL = {

@@ -26,6 +26,14 @@ WITHIN_BAND = (
     "optimum-llama2-13b-fp16-prefill-bs16",
     # fsdp_qlora's loop keeps the fp32 logits of ``output`` until after the step (JobConfig.kept_output)
     "fsdpqlora-llama2-7b-qlora-ctx2048-bs10", "fsdpqlora-llama2-7b-qlora-ddp-bs8", "fsdpqlora-yi34b-qlora-bs2",
+    # Lightning's BitsandbytesPrecision: lm_head quantized, fp16 state dequantized and cast to bf16, re-quantized at
+    # load (JobConfig.bnb_integration="lightning", memory.bnb_workspace)
+    "litgpt-quant-falcon7b-nf4", "litgpt-quant-falcon7b-int8", "litgpt-rt-llama2-7b-qlora-nf4-mb1",
+    "litgpt-rt-llama2-7b-qlora-nf4dq-mb1", "litgpt-rt-llama2-13b-qlora-nf4-mb1", "litgpt-hub-llama3-8b-qlora",
+    # peft/litgpt lora_dropout: each adapted module saves its dropout output and mask (LoraConfig.dropout)
+    # transformers 4.32's tuple past_key_values: the previous step's whole cache alive in a decode forward
+    "optimum-llama2-13b-fp16-gen-bs4", "optimum-llama2-13b-fp16-gen-bs16", "optimum-llama2-13b-gptq-gen-bs1",
+    "optimum-llama2-13b-gptq-gen-bs16",
 )
 
 

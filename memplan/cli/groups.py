@@ -98,6 +98,9 @@ OPTS: dict[str, Opt] = {
                 "(none = 16-bit).", JOB, field="quant", dim="quant", item=quant_name, base="single"),
     "quant_map": _o("--quant-map", str, None, "Per-layer weight formats, e.g. 0-39=int8,40-79=nf4 (none = 16-bit); "
                     "every layer once.", JOB),
+    "bnb_integration": _o("--bnb-integration", str, None, "Who builds the bitsandbytes layers: transformers (default) "
+                          "or lightning (Lightning Fabric, as litgpt: lm_head quantized too, fp16 quantization state).",
+                          JOB, field="bnb_integration"),
     "optimizer": _o("--optimizer", OptimizerKind, OptimizerKind.ADAMW, "adamw, adamw-bf16, adamw-8bit, adafactor, sgd, "
                     "sgd-momentum, lion.", JOB, field="optimizer", dim="optimizer"),
     "master_weights": _o("--master-weights/--no-master-weights", bool, None, "fp32 master copy (default: on for 16-bit "
@@ -158,6 +161,8 @@ OPTS: dict[str, Opt] = {
     "safety_margin": _o("--safety-margin", float, 0.0, "Keep this % of each GPU's memory free, shown as the row "
                         "runtime/safety_margin (default 0: none).", MEMORY, field="safety_margin_pct"),
     "lora_rank": _o("--lora-rank", int, 16, "LoRA rank r.", FINETUNE, field="lora.rank"),
+    "lora_dropout": _o("--lora-dropout", float, 0.0, "peft lora_dropout: each adapted module saves its dropout output "
+                       "and mask when > 0.", FINETUNE, field="lora.dropout"),
     "lora_alpha": _o("--lora-alpha", float, 32.0, "LoRA alpha.", FINETUNE, field="lora.alpha"),
     "lora_targets": _o("--lora-targets", str, "q,k,v,o", "Comma list of q,k,v,o,gate,up,down, or all-linear.", FINETUNE,
                        field="lora.targets", convert=lora_targets),
@@ -265,8 +270,9 @@ OPTS: dict[str, Opt] = {
                        convert=lambda t: _floats(t, "--tensor-split")),
     "flash_attn": _o("--flash-attn/--no-flash-attn", bool, None, "llamacpp -fa (default on).", SERVE,
                      field="serve.flash_attn"),
-    "cache_implementation": _o("--cache-implementation", str, None, "transformers generate: dynamic (default) or "
-                               "static.", SERVE, field="serve.cache_implementation"),
+    "cache_implementation": _o("--cache-implementation", str, None, "transformers generate: dynamic (default), "
+                               "static, or legacy (the tuple cache of transformers < 4.36).", SERVE,
+                               field="serve.cache_implementation"),
     "prompt_tokens": _o("--prompt-tokens", int, None, "Prompt length for the time to first token (default: --context).",
                         SERVE, field="serve.prompt_tokens"),
     "hbm_efficiency": _o("--hbm-efficiency", float, None, "Share of peak HBM bandwidth decode reaches (default: per GPU "
@@ -300,13 +306,14 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "hardware": ("gpu", "gpus", "nodes", "cpu_ram", "nvme"),
     "job": ("job", "engine", "dtype", "quant", "quant_map", "optimizer", "master_weights", "grad_dtype", "batch",
             "global_batch", "global_batch_tokens", "seq_len", "accounting"),
+    "quant_integration": ("bnb_integration",),
     "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "sequence_parallel",
                     "optimizer_gpu_layers", "shard_group"),
     "memory": ("recompute", "recompute_layers", "offload_activations", "per_layer_offload", "per_layer_quant",
                "flash_attention", "attention",
                "dropout", "loss_fp32", "activation_accounting", "cuda_context", "allocator_reserve", "safety_margin"),
-    "finetune": ("lora_rank", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer", "galore_rank",
-                 "galore_8bit"),
+    "finetune": ("lora_rank", "lora_dropout", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer",
+                 "galore_rank", "galore_8bit"),
     "inference": ("context", "kv_dtype", "paged", "block_size", "offload_layers", "max_context", "max_batch"),
     "engine_knobs": ("optimizer_impl", "kept_output", "bucket_cap_mb", "gradient_as_bucket_view", "reshard_after_forward",
                      "fsdp_prefetch", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",

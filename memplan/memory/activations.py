@@ -21,10 +21,12 @@ from memplan.arch.build_families import EMBEDDING_NORMS
 from memplan.arch.parallel import in_flight_micro_batches
 from memplan.catalog.schema import Family
 from memplan.config import JobConfig, Recompute
+from memplan.memory import activations_amp as amp_extra
 from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
+from memplan.memory import bnb_workspace
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.units import ceil_div
@@ -80,17 +82,24 @@ def block_terms(ctx: Context, layer_index: int, counting: blk.Counting) -> list[
     spec, cfg = ctx.arch.spec, ctx.cfg
     layer = ctx.arch.layers[layer_index]
     dm, tr = blk.dims(spec, cfg), lora.block_trainable(spec.family, layer, cfg, layer_index)
+    amp = [blk.Term("amp_fp32", amp_extra.block_extra_bytes(spec, layer, dm))] if _amp(ctx, counting) else []
     return (blk.norm_terms(spec, layer, dm, counting, tr) + blk.attention_terms(spec, layer, cfg, dm, counting, tr)
             + ffn.mlp_terms(spec, layer, dm, counting, tr) + ffn.dropout_terms(spec, cfg, dm, counting)
-            + ffn.adapter_terms(dm, tr))
+            + ffn.adapter_terms(dm, tr, counting) + amp)
+
+
+def _amp(ctx: Context, counting: blk.Counting) -> bool:
+    """PyTorch AMP's fp32 residual stream applies (not to the paper's 16-bit accounting)."""
+    return not counting.paper and amp_extra.autocast_amp(ctx)
 
 
 def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting: blk.Counting | None = None) -> int:
     """Bytes one block keeps for one micro-batch under ``mode``: all terms, the non-core ones, or its input."""
     spec, cfg = ctx.arch.spec, ctx.cfg
     counting = counting or counting_for(cfg)
-    if mode is Recompute.FULL:
-        return blk.block_input_bytes(spec, cfg)
+    if mode is Recompute.FULL:  # under AMP the block input is the fp32 residual stream
+        full = blk.block_input_bytes(spec, cfg)
+        return 2 * full if _amp(ctx, counting) else full
     if mode is Recompute.OP:
         from memplan.memory.activations_op import op_layer_bytes
 
@@ -172,7 +181,8 @@ def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
         return 0
     rot = spec.qk_rope_head_dim if spec.is_mla else (spec.rotary_dim or spec.dim_per_head)
     tables = len({layer.sliding for layer in ctx.arch.layers}) if spec.family in ROPE_PER_LAYER_TYPE else 1
-    return tables * t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
+    bits = t.FP32_BITS if _amp(ctx, counting) else blk.activation_bits(ctx.cfg)  # cos.to(x.dtype), x fp32 under AMP
+    return tables * t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=bits)
 
 
 def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -> int:
@@ -207,6 +217,8 @@ def final_norm_bytes(ctx: Context, counting: blk.Counting) -> int:
     _, seq = _tokens(ctx)
     width, trains = spec.hidden_size or 0, lora.head_trains(ctx.cfg)
     norm = blk.norm_bytes(spec, tokens=seq, width=width, bits=bits, counting=counting, weight_trains=trains)
+    if _amp(ctx, counting):
+        norm += amp_extra.norm_extra_bytes(spec, tokens=seq, width=width)
     return norm + (t.tensor_bytes(count=seq * width, bits=bits) if trains else 0)
 
 
@@ -273,6 +285,7 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
         out["activations/loss"] = flight * loss_bytes(ctx, counting)
         out["activations/logits"] = logits_peak_bytes(ctx, counting)
         out["activations/kept_output"] = kept_output_bytes(ctx, counting)
+    out["activations/dequant_workspace"] = bnb_workspace.dequant_workspace_bytes(ctx)
     return {name: value for name, value in out.items() if value}
 
 
@@ -291,11 +304,14 @@ _SOURCES = {
     "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",
     "activations/logits": "logits + fp32 copy, or their two fp32 gradients, whichever is larger",
     "activations/kept_output": "logits of the model output the training loop holds until after the step",
+    "activations/dequant_workspace": "bitsandbytes MatMul4Bit/MatMul8bitLt: the largest quantized weight dequantized "
+                                     "to 16 bits (memory.bnb_workspace)",
 }
 
 
 def rows(ctx: Context) -> list[Row]:
     """GPU rows of training activations for the reported stage; [] for inference or params-only models."""
     saved = "saved for backward"
-    return [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak")
-            for name, value in breakdown(ctx).items()]
+    dequant = {"activations/dequant_workspace": bnb_workspace.dequant_phases(ctx)}
+    return [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak",
+                dequant.get(name)) for name, value in breakdown(ctx).items()]

@@ -101,6 +101,8 @@ class Trainable:
     adapters: tuple[tuple[int, int], ...] = ()
     adapter_bits: int = 16
     merged_weight_bytes: int = 0
+    adapter_mask_width: int = 0
+    """Elements per token of the LoRA dropout masks (Σ in_features over the adapted modules; 0 without dropout)."""
 
     def trains(self, *projections: str) -> bool:
         return self.dense is None or bool(self.dense.intersection(projections))

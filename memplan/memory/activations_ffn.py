@@ -94,16 +94,19 @@ def dropout_terms(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting)
     return [Term("dropout", sites * t.dropout_bytes(count=dm.seq_tokens * dm.d, mask_bits=counting.mask_bits))]
 
 
-def adapter_terms(dm: Dims, tr: Trainable) -> list[Term]:
+def adapter_terms(dm: Dims, tr: Trainable, counting: Counting) -> list[Term]:
     """LoRA: per adapted module, lora_A's input when it is a cast copy, and the r-wide lora_A output.
 
     Formula: B·S·(in + r)·a/8 per module with a cast copy, B·S·r·a/8 otherwise (a: adapter bits).
     Source: Hu et al. 2021 Sec. 4.1 (h = W x + B A x); peft ``lora.Linear.forward``: ``x`` is cast to
     the adapter weights' dtype (``_cast_input_dtype``; a new tensor per module when the adapters are
     fp32, peft's ``autocast_adapter_dtype`` default), lora_A saves it, lora_B saves A's output.
-    Assumes ``lora_dropout = 0`` (peft's default, an ``nn.Identity``).
+    With ``lora_dropout`` > 0 the saved copy is the dropout's output, plus its mask (``dropout_bytes``; on CPU a
+    noise tensor in the dropout input's dtype, the adapters' after ``_cast_input_dtype``).
     """
+    mask_bits = tr.adapter_bits if counting.cpu else counting.mask_bits
     total = sum(t.tensor_bytes(count=dm.tokens * (width + rank), bits=tr.adapter_bits) for width, rank in tr.adapters)
+    total += t.dropout_bytes(count=dm.tokens * tr.adapter_mask_width, mask_bits=mask_bits)
     terms = [Term("lora", total)] if total else []
     if tr.merged_weight_bytes:
         terms.append(Term("lora/merged_weights", tr.merged_weight_bytes))

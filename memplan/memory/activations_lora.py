@@ -37,12 +37,16 @@ def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig, layer_ind
     """The block's trained projections and LoRA modules; every weight trains outside adapter jobs.
 
     An adapter whose dtype is the activations' reads the base input itself (saved once, like a
-    trained weight's input); fp32 adapters on a 16-bit model get their own fp32 copy of it.
+    trained weight's input); fp32 adapters on a 16-bit model get their own fp32 copy of it. With
+    ``lora.dropout`` > 0 every adapted module saves its own dropout output (peft ``lora.Linear.forward``:
+    ``lora_A(dropout(x))``, one ``nn.Dropout`` per module in ``lora_dropout[adapter]``) and its mask.
     """
     if not adapter_job(cfg):
         return ALL_TRAIN
     bits = cfg.lora.dtype.bits
-    shared_input = bits == activation_bits(cfg)
+    dropout = cfg.lora.dropout > 0  # lora_A then reads the dropout's output, a new tensor per module
+    shared_input = bits == activation_bits(cfg) and not dropout
+    masks = 0
     dense: set[str] = set()
     routed: set[str] = set()
     adapters: list[tuple[int, int]] = []
@@ -61,9 +65,10 @@ def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig, layer_ind
         if shared_input:
             dense |= names
         adapters.append((0 if shared_input else tensor.shape[1], rank))
+        masks += tensor.shape[1] if dropout else 0
     dense |= quantized_inputs(layer, cfg, layer_index)
     return Trainable(norms=False, dense=frozenset(dense), routed=frozenset(routed), adapters=tuple(adapters),
-                     adapter_bits=bits, merged_weight_bytes=merged)
+                     adapter_bits=bits, merged_weight_bytes=merged, adapter_mask_width=masks)
 
 
 def quantized_inputs(layer: Layer, cfg: JobConfig, layer_index: int | None = None) -> set[str]:

@@ -61,22 +61,23 @@ def _train_rows(ctx: Context) -> list[Row]:
 
 
 def _activation_rows(ctx: Context, missing: list[str]) -> list[Row]:
-    from memplan.memory import activation_offload, activations
+    from memplan.memory import activation_offload, activations, bnb_workspace
 
     if not activations.modelled(ctx):
         missing.append("activations")
         return activation_offload.apply(ctx, [])
-    return activation_offload.apply(ctx, activations.rows(ctx))
+    # the dequantized 16-bit copies of bitsandbytes' matmuls are workspace, never offloaded with the activations
+    return activation_offload.apply(ctx, activations.rows(ctx)) + bnb_workspace.rows(ctx)
 
 
 def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:
-    from memplan.memory import inference, kv_cache, weight_offload, weights
+    from memplan.memory import bnb_workspace, inference, kv_cache, weight_offload, weights
 
     rows = ms.place_all(ctx, _weight_buffers(ctx)) + weights.host_rows(ctx) + weight_offload.offload_rows(ctx)
     if ctx.arch.spec.family is Family.PARAMS_ONLY:
         missing.extend(["kv_cache", "activations"])
         return rows
-    return rows + kv_cache.rows(ctx) + inference.rows(ctx)
+    return rows + kv_cache.rows(ctx) + inference.rows(ctx) + bnb_workspace.rows(ctx)
 
 
 def job_rows(ctx: Context, missing: list[str]) -> list[Row]:

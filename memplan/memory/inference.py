@@ -29,7 +29,7 @@ from memplan.config import Job
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
-from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, step_tokens
+from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, hf_cache_layout, step_tokens
 from memplan.units import bits_to_bytes, ceil_div
 
 RESIDUAL_TENSORS = 2
@@ -187,7 +187,7 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
                                         hidden=d, bits=step.bits, flash=flash)
     static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
     if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
-        shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp)
+        shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp, hf=hf_cache_layout(cfg))
         out += kv_concat_bytes(batch=step.batch, old_tokens=step.kv_tokens - step.tokens,
                                elements=elements_per_token(shapes), bits=step.kv_bits)
     return out

@@ -73,10 +73,34 @@ def kv_heads_per_rank(*, kv_heads: int, tp: int) -> int:
     return max(1, ceil_div(kv_heads, tp))
 
 
-def cached_shapes(spec: ModelSpec, *, mla_cache: str, tp: int) -> tuple[tuple[int, int], ...]:
+def expands_kv(spec: ModelSpec) -> bool:
+    """Whether transformers caches K and V broadcast to all N query heads: Falcon's new decoder architecture.
+
+    Source: transformers ``models/falcon/modeling_falcon.py`` (4.3x to 5.20) ``FalconAttention._split_heads``:
+    ``key = torch.broadcast_to(key, query.shape)`` then ``flatten``; ``forward`` reshapes keys and values to
+    ``num_kv_heads = self.num_heads if self.new_decoder_architecture`` heads before ``layer_past.update``. vLLM
+    (``num_kv_heads``) and llama.cpp (``n_head_kv``) cache the K heads.
+    Assumptions: a Falcon config with 1 < K < N is the new decoder architecture (the old one has K = 1 with
+    ``multi_query`` or K = N); a new-architecture config with K = 1 or K = N is counted as K (N for K = N).
+    """
+    from memplan.catalog.schema import Family
+
+    heads = spec.num_attention_heads or 1
+    return spec.family is Family.FALCON and 1 < spec.kv_heads < heads
+
+
+def hf_cache_layout(cfg: JobConfig) -> bool:
+    """Whether the cache is transformers' own (the transformers engine, or no serving engine named)."""
+    from memplan.config import Engine
+
+    return cfg.engine in (None, Engine.TRANSFORMERS)
+
+
+def cached_shapes(spec: ModelSpec, *, mla_cache: str, tp: int, hf: bool = False) -> tuple[tuple[int, int], ...]:
     """The ``(heads, dim)`` tensors one layer caches per token on one tp rank (see module docstring).
 
     MLA ``latent`` is not split by tp: vLLM keeps the whole latent on every rank (one KV "head").
+    ``hf``: transformers' cache, which holds all N heads where ``expands_kv``.
     """
     if spec.is_mla:
         rope = spec.qk_rope_head_dim or 0
@@ -84,7 +108,8 @@ def cached_shapes(spec: ModelSpec, *, mla_cache: str, tp: int) -> tuple[tuple[in
             return ((1, spec.kv_lora_rank or 0), (1, rope))
         heads = ceil_div(spec.num_attention_heads or 1, tp)
         return ((heads, (spec.qk_nope_head_dim or 0) + rope), (heads, spec.v_head_dim or 0))
-    heads = kv_heads_per_rank(kv_heads=spec.kv_heads, tp=tp)
+    kv = (spec.num_attention_heads or 1) if hf and expands_kv(spec) else spec.kv_heads
+    heads = kv_heads_per_rank(kv_heads=kv, tp=tp)
     return ((heads, spec.dim_per_head), (heads, spec.dim_per_head))
 
 
@@ -174,19 +199,44 @@ def dynamic_growth_bytes(*, batch: int, old_tokens: int, shapes: tuple[tuple[int
     the two old tensors of one layer coexists with its successor.
     Source: transformers ``DynamicLayer.update`` (cache_utils.py, 5.x; ``DynamicCache.update`` since 4.36 does
     the same per layer). Versions before 4.36 passed tuples (``past_key_values``) that kept the whole previous
-    cache alive through the forward (twice the KV cache); that legacy format is not modelled.
+    cache alive through the forward: ``legacy_previous_bytes``.
     """
     widest = max((heads * dim for heads, dim in shapes), default=0)
     return bits_to_bytes(batch * max(old_tokens, 0) * widest, bits)
 
 
-def _growth_rows(ctx: Context, shapes: tuple[tuple[int, int], ...], dtype: Dtype) -> list[Row]:
-    """The transformers dynamic cache's concat copy, on the transformers engine with a dynamic cache."""
+def legacy_previous_bytes(cache_bytes: int, *, context: int) -> int:
+    """Bytes of the previous decode step's whole cache, alive next to the new one in transformers < 4.36.
+
+    Formula: cache(S) · (S − 1)/S, rounded down: every layer's keys and values one token shorter.
+    Source: transformers 4.32-4.35 ``LlamaAttention.forward`` (modeling_llama.py): ``key_states =
+    torch.cat([past_key_value[0], key_states], dim=2)``; ``past_key_value = (key_states, value_states) if use_cache``
+    returns new tensors while ``generation/utils.py`` ``greedy_search``/``sample`` still hold the previous tuple in
+    ``model_inputs`` and ``model_kwargs["past_key_values"]`` until ``_update_model_kwargs_for_generation`` replaces it
+    after the forward returns. Since 4.36 ``DynamicCache.update`` replaces each layer in place (``dynamic_growth_bytes``).
+    Assumptions: the other models' attention modules follow Llama's (they were copied from it, ``# Copied from``).
+    """
+    return cache_bytes * max(context - 1, 0) // context if context else 0
+
+
+def _growth_rows(ctx: Context, shapes: tuple[tuple[int, int], ...], dtype: Dtype, cache_bytes: int = 0) -> list[Row]:
+    """The transformers dynamic cache's concat copy (or the legacy tuple cache's previous step), on the transformers
+    engine."""
     from memplan.config import Engine
     from memplan.memory.breakdown import Phase
 
     cfg = ctx.cfg
-    if cfg.engine is not Engine.TRANSFORMERS or cfg.serve.cache_implementation != "dynamic" or cfg.infer.paged:
+    if cfg.engine is not Engine.TRANSFORMERS or cfg.infer.paged:
+        return []
+    if cfg.serve.cache_implementation == "legacy":
+        prompt = cfg.infer.prefill_chunk
+        if prompt is not None and cfg.infer.context - prompt <= 1:  # generate's one forward makes the one new token
+            return []
+        old = legacy_previous_bytes(cache_bytes, context=cfg.infer.context)
+        return [Row("kv_cache/legacy_previous", Tier.GPU, old, "transformers < 4.36 tuple past_key_values (torch.cat)",
+                    "the previous step's whole cache, held by generate until the forward returns",
+                    frozenset({Phase.DECODE}))]
+    if cfg.serve.cache_implementation != "dynamic":
         return []
     grow = dynamic_growth_bytes(batch=cfg.micro_batch, old_tokens=cfg.infer.context - 1, shapes=shapes, bits=dtype.bits)
     return [Row("kv_cache/dynamic_growth", Tier.GPU, grow, "transformers cache_utils.py DynamicLayer.update (torch.cat)",
@@ -208,7 +258,7 @@ def rows(ctx: Context) -> list[Row]:
         return []
     spec, inf = ctx.arch.spec, cfg.infer
     dtype = sized_kv_dtype(cfg)
-    shapes = cached_shapes(spec, mla_cache=inf.mla_cache, tp=cfg.tp)
+    shapes = cached_shapes(spec, mla_cache=inf.mla_cache, tp=cfg.tp, hf=hf_cache_layout(cfg))
     elements = elements_per_token(shapes)
     sbits = scale_bits_per_token(shapes=shapes, dtype=dtype, group_size=inf.kv_group_size)
     step = step_tokens(context=inf.context, prefill_chunk=inf.prefill_chunk)
@@ -223,7 +273,8 @@ def rows(ctx: Context) -> list[Row]:
         d, s = layer_bytes(batch=cfg.micro_batch, tokens=tokens, elements=elements, bits=dtype.bits, scale_bits=sbits)
         data["sliding_attention" if window else "full_attention"] += d
         scales += s + tensor_scale_bytes_per_layer(dtype=dtype)
-    return _make_rows(data, scales, note=_note(spec, inf, dtype, elements, step)) + _growth_rows(ctx, shapes, dtype)
+    return (_make_rows(data, scales, note=_note(spec, inf, dtype, elements, step))
+            + _growth_rows(ctx, shapes, dtype, sum(data.values()) + scales))
 
 
 def _note(spec: ModelSpec, inf: InferConfig, dtype: Dtype, elements: int, step: int) -> str:

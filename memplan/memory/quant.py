@@ -343,10 +343,16 @@ class Storage:
     """The format name (``nf4-dq``), the ggml type (``Q6_K``) or the dtype (``bf16``)."""
 
 
-def is_quantized(fmt: QuantFormat, tensor: Tensor, *, layer_index: int | None) -> bool:
-    """Whether the library quantizes ``tensor`` (GGUF: whether it is a candidate; see module docstring)."""
+def is_quantized(fmt: QuantFormat, tensor: Tensor, *, layer_index: int | None, head: bool = False) -> bool:
+    """Whether the library quantizes ``tensor`` (GGUF: whether it is a candidate; see module docstring).
+
+    ``head``: bitsandbytes layers built by Lightning Fabric's ``BitsandbytesPrecision`` (litgpt), which replaces
+    every ``torch.nn.Linear``, the output layer included (lightning/fabric/plugins/precision/bitsandbytes.py
+    ``module_init_context``: ``_ClassReplacementContextManager({"torch.nn.Linear": self._linear_cls})``)."""
     if fmt.library is Library.GGUF:
         return not _gguf_kept(tensor)
+    if head and fmt.library is Library.BITSANDBYTES and tensor.role is Role.LM_HEAD and len(tensor.shape) == 2:
+        return True
     if tensor.role is not Role.LINEAR or len(tensor.shape) != 2:
         return False
     if fmt.library is Library.BITSANDBYTES:
@@ -366,9 +372,10 @@ def _linear_bytes(fmt: QuantFormat, out_f: int, in_f: int) -> int:
 
 def storage(
     fmt: str | None, tensor: Tensor, *, layer_index: int | None, num_layers: int,
-    dtype: Dtype = Dtype.BF16, traits: MixTraits = DEFAULT_TRAITS,
+    dtype: Dtype = Dtype.BF16, traits: MixTraits = DEFAULT_TRAITS, head: bool = False,
 ) -> Storage:
-    """Stored bytes of every copy of ``tensor`` under format ``fmt`` (None: unquantized in ``dtype``).
+    """Stored bytes of every copy of ``tensor`` under format ``fmt`` (None: unquantized in ``dtype``);
+    ``head``: bitsandbytes quantizes the output layer too (``is_quantized``).
 
     Formula: copies · per-copy bytes (see ``bnb4_bytes``, ``int8_bytes``, ``gptq_bytes``,
     ``awq_bytes``, ``ggml_bytes``); unquantized tensors: copies · ceil(numel · bits / 8).
@@ -387,7 +394,7 @@ def storage(
         kind = gguf_tensor_type(fmt, tensor, layer_index=layer_index, num_layers=num_layers, traits=traits)
         each = ggml_bytes(kind, numel=tensor.numel_each, ncols=tensor.shape[-1] if tensor.shape else 1)
         return Storage(tensor.copies * each, kind not in ("F32", "F16"), kind)
-    if not is_quantized(qf, tensor, layer_index=layer_index):
+    if not is_quantized(qf, tensor, layer_index=layer_index, head=head):
         return storage(None, tensor, layer_index=layer_index, num_layers=num_layers, dtype=dtype)
     out_f, in_f = tensor.shape
     return Storage(tensor.copies * _linear_bytes(qf, out_f, in_f), True, fmt)

@@ -130,4 +130,13 @@ register("runtime/driver_reserved", ALL, "memory nvidia-smi counts that the CUDA
 register("activations/llamacpp_compute", (Phase.PREFILL, Phase.DECODE),
          "llama.cpp: compute buffer reserved at context creation for the worst-case ubatch graph")
 register("activations/llamacpp_output", (Phase.PREFILL, Phase.DECODE), "llama.cpp: host logits buffer")
+register("activations/dequant_workspace", (_F, Phase.PREFILL, Phase.DECODE),
+         "bitsandbytes MatMul4Bit.forward/backward dequantize the whole weight to 16 bits (memory.bnb_workspace); "
+         "each row names its phases")
+register("runtime/exllama_temp_dq", ALL, "AutoGPTQ exllama temp_dq: fp16 buffer of the largest GPTQ linear "
+         "(memory.bnb_workspace)")
+register("runtime/quantize_workspace", (Phase.LOAD,),
+         "bitsandbytes: the layer being quantized at load as a 16-bit GPU copy (memory.bnb_workspace)")
+register("kv_cache/legacy_previous", (Phase.DECODE,),
+         "transformers < 4.36: the previous step's tuple past_key_values, held through the decode forward")
 register("kv_cache/dynamic_growth", (Phase.DECODE,), "transformers DynamicCache: one layer's old K/V during torch.cat")

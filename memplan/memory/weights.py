@@ -53,6 +53,9 @@ _KEPT_SOURCE = {
     Library.GGUF: "llama.cpp llama-quant.cpp tensor_allows_quantization; convert_hf_to_gguf.py F32 list",
 }
 
+_LIGHTNING_KEPT = ("lightning/fabric/plugins/precision/bitsandbytes.py module_init_context: every torch.nn.Linear "
+                   "(lm_head included) becomes a bitsandbytes layer; embeddings and norms stay in the dtype")
+
 
 def effective_quant(cfg: JobConfig) -> str | None:
     """The job's weight format: ``cfg.quant``, or NF4 with double quantization for QLoRA (Dettmers et al. 2023)."""
@@ -139,6 +142,7 @@ class WeightBytes:
 def weight_bytes(
     placed: Iterable[Placed], *, dtype: Dtype, quant: str | None, tp: int, ep: int,
     num_layers: int, traits: MixTraits = DEFAULT_TRAITS, quant_map: Sequence[str | None] | None = None,
+    head: bool = False,
 ) -> WeightBytes:
     """GPU weight bytes of the ``placed`` tensors on one rank, split into quantized and not.
 
@@ -150,7 +154,7 @@ def weight_bytes(
     q = u = 0
     for tensor, layer in placed:
         fmt = quant if quant_map is None or layer is None else quant_map[layer]
-        st = storage(fmt, tensor, layer_index=layer, num_layers=num_layers, dtype=dtype, traits=traits)
+        st = storage(fmt, tensor, layer_index=layer, num_layers=num_layers, dtype=dtype, traits=traits, head=head)
         nbytes = sharded_bytes(tensor, bytes_each=st.bytes // tensor.copies, tp=tp, ep=ep)
         q, u = (q + nbytes, u) if st.quantized else (q, u + nbytes)
     return WeightBytes(q, u)
@@ -158,10 +162,17 @@ def weight_bytes(
 
 def weight_bytes_per_gpu(
     placed: Iterable[Placed], *, dtype: Dtype, quant: str | None, tp: int, ep: int,
-    num_layers: int, traits: MixTraits = DEFAULT_TRAITS,
+    num_layers: int, traits: MixTraits = DEFAULT_TRAITS, head: bool = False,
 ) -> int:
     """GPU bytes of the ``placed`` weights on one rank (see ``weight_bytes``)."""
-    return weight_bytes(placed, dtype=dtype, quant=quant, tp=tp, ep=ep, num_layers=num_layers, traits=traits).gpu
+    return weight_bytes(placed, dtype=dtype, quant=quant, tp=tp, ep=ep, num_layers=num_layers, traits=traits,
+                        head=head).gpu
+
+
+def quantized_head(cfg: JobConfig) -> bool:
+    """Whether the output layer is quantized too: bitsandbytes layers built by Lightning Fabric
+    (``JobConfig.bnb_integration``; ``quant.is_quantized``)."""
+    return cfg.bnb_integration == "lightning"
 
 
 def host_tensors(ctx: Context) -> list[Tensor]:
@@ -219,7 +230,7 @@ def context_weight_bytes(ctx: Context) -> WeightBytes:
     """
     cfg = ctx.cfg
     key = ("stage", id(ctx.arch), cfg.dtype, effective_quant(cfg), cfg.quant_map, cfg.infer.offload_map,
-           cfg.tp, cfg.ep, cfg.pp, ctx.stage, ctx.balanced)
+           cfg.tp, cfg.ep, cfg.pp, ctx.stage, ctx.balanced, quantized_head(cfg))
     return _memo(key, ctx.arch, lambda: _context_weight_bytes(ctx))
 
 
@@ -230,7 +241,7 @@ def _context_weight_bytes(ctx: Context) -> WeightBytes:
     quant = effective_quant(cfg)
     traits = _traits(ctx.arch) if job_formats(cfg) else DEFAULT_TRAITS
     gpu = weight_bytes(placed_tensors(ctx), dtype=cfg.dtype, quant=quant, tp=cfg.tp, ep=cfg.ep,
-                       num_layers=layers, traits=traits, quant_map=cfg.quant_map)
+                       num_layers=layers, traits=traits, quant_map=cfg.quant_map, head=quantized_head(cfg))
     hq = hu = 0
     for t in host_tensors(ctx):
         st = storage(quant, t, layer_index=None, num_layers=layers, dtype=cfg.dtype, traits=traits)
@@ -264,7 +275,8 @@ def non_layer_weight_bytes(ctx: Context) -> int:
     quant = effective_quant(cfg)
     return weight_bytes_per_gpu(outside, dtype=cfg.dtype, quant=quant, tp=cfg.tp, ep=cfg.ep,
                                 num_layers=len(ctx.arch.layers),
-                                traits=_traits(ctx.arch) if quant is not None else DEFAULT_TRAITS)
+                                traits=_traits(ctx.arch) if quant is not None else DEFAULT_TRAITS,
+                                head=quantized_head(cfg))
 
 
 def total_weight_bytes(ctx: Context) -> int:
@@ -301,7 +313,8 @@ def rows(ctx: Context) -> list[Row]:
             kept += f"; layers without a format in {dtype}"
     return [
         Row("weights/quantized", Tier.GPU, wb.quantized, source, qnote + where),
-        Row("weights/unquantized", Tier.GPU, wb.unquantized, _KEPT_SOURCE[library], f"kept in {kept}"),
+        Row("weights/unquantized", Tier.GPU, wb.unquantized,
+            _LIGHTNING_KEPT if quantized_head(cfg) else _KEPT_SOURCE[library], f"kept in {kept}"),
     ]
 
 
