@@ -109,6 +109,8 @@ def default_reason(cfg: JobConfig) -> str:
         return f"engine {engine.value} (default for inference)"
     if cfg.zero > ZeroStage.NONE or (cfg.offload_optimizer, cfg.offload_params) != (Offload.NONE, Offload.NONE):
         why = "ZeRO and offload are DeepSpeed's"
+    elif cfg.cp > 1:
+        why = f"context parallelism ({cfg.cp_comm.value}) runs on it"
     elif cfg.tp > 1 or cfg.pp > 1:
         why = "tensor/pipeline parallelism without a named engine keeps DeepSpeed's layout; choose megatron for Megatron-Core"
     else:

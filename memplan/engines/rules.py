@@ -58,6 +58,26 @@ def _common(cfg: JobConfig, engine: Engine) -> str | None:
     return None
 
 
+def _context_parallel(cfg: JobConfig, engine: Engine) -> str | None:
+    """Context parallelism only where the engine runs it, with the exchange it implements
+    (``memory.context_parallel.ENGINE_COMMS``), and with a flash/SDPA kernel (TransformerEngine's CP runs its
+    flash or fused attention; torch ``context_parallel`` dispatches the SDPA flash/efficient/cuDNN ops)."""
+    if cfg.cp == 1:
+        return None
+    from memplan.memory.context_parallel import ENGINE_COMMS
+
+    comms = ENGINE_COMMS.get(engine, ())
+    if cfg.cp_comm not in comms:
+        runs = ", ".join(f"{e.value} ({'/'.join(c.value for c in cs)})" for e, cs in ENGINE_COMMS.items()
+                         if cfg.cp_comm in cs)
+        what = f"has context parallelism with {'/'.join(c.value for c in comms)} only" if comms else "has none"
+        return (f"--cp-comm {cfg.cp_comm.value}: engine {engine.value} {what}; {cfg.cp_comm.value} runs on {runs}.")
+    if cfg.attention_impl == "eager":
+        return ("context parallelism splits a flash/SDPA attention kernel over the sequence (TransformerEngine, "
+                "torch context_parallel); eager attention has none: use --attention flash or sdpa.")
+    return None
+
+
 def _deepspeed(cfg: JobConfig) -> str | None:
     if cfg.pp > 1 and cfg.zero >= ZeroStage.GRADIENTS:
         return ("DeepSpeed's pipeline engine asserts 'ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism' "
@@ -168,7 +188,7 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
     if cfg.sequence_parallel and cfg.tp == 1 and not partial:
         return ("sequence parallelism splits activations over the tensor-parallel group (Korthikanti et al. 2022); "
                 "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
-    for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine),
+    for rule in (_dtype_rule(cfg), _common(cfg, engine), _context_parallel(cfg, engine), _knob_rule(cfg, engine),
                  None if partial else _knob_effect_rule(cfg)):
         if rule:
             return rule

@@ -27,6 +27,7 @@ from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
+from memplan.memory.context_parallel import exchange_bytes, local_seq_len
 from memplan.units import ceil_div
 
 SRC_BLOCK = "autograd saved tensors of the HF block (activations_block); Korthikanti et al. 2022"
@@ -150,7 +151,7 @@ def embedding_bytes(ctx: Context, counting: blk.Counting) -> int:
         return total
     total += t.token_ids_bytes(tokens=tokens)
     if spec.family is Family.GPT2:
-        total += t.token_ids_bytes(tokens=cfg.seq_len)
+        total += t.token_ids_bytes(tokens=local_seq_len(cfg))
     elif spec.family is Family.OPT:
         total += t.token_ids_bytes(tokens=tokens)
     return total
@@ -172,7 +173,7 @@ def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
         return 0
     rot = spec.qk_rope_head_dim if spec.is_mla else (spec.rotary_dim or spec.dim_per_head)
     tables = len({layer.sliding for layer in ctx.arch.layers}) if spec.family in ROPE_PER_LAYER_TYPE else 1
-    return tables * t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
+    return tables * t.rotary_bytes(s=local_seq_len(ctx.cfg), rot_dim=rot or 0, bits=blk.activation_bits(ctx.cfg))
 
 
 def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -> int:
@@ -188,16 +189,17 @@ def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -
     spec, cfg = ctx.arch.spec, ctx.cfg
     if counting.paper or not layers:
         return 0
+    s = local_seq_len(cfg)
     impl = blk.attention_impl(spec, cfg)
     if impl == "eager":
         kinds, bits = {ctx.arch.layers[i].sliding for i in layers}, blk.activation_bits(cfg)
     elif impl == "sdpa":
-        masked = [blk.sdpa_mask_materialized(spec, ctx.arch.layers[i], impl, cfg.seq_len) for i in layers]
+        masked = [blk.sdpa_mask_materialized(spec, ctx.arch.layers[i], impl, s) for i in layers]
         kinds, bits = ({True} if any(masked) else set()), t.BOOL_BITS
     else:
         kinds, bits = set(), t.BOOL_BITS
-    masks = len(kinds) * t.tensor_bytes(count=cfg.micro_batch * cfg.seq_len * cfg.seq_len, bits=bits)
-    return masks + t.token_ids_bytes(tokens=cfg.seq_len)
+    masks = len(kinds) * t.tensor_bytes(count=cfg.micro_batch * s * s, bits=bits)
+    return masks + t.token_ids_bytes(tokens=s)
 
 
 def final_norm_bytes(ctx: Context, counting: blk.Counting) -> int:
@@ -265,6 +267,7 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
     out["activations/recompute_workspace"] = max(
         (workspace_bytes(ctx, modes[i], {i}, counting) for i in ckpt), default=0)
     out["activations/rotary"] = flight * rotary_table_bytes(ctx, counting)
+    out["activations/cp_exchange"] = exchange_bytes(ctx.arch.spec, cfg)
     out["activations/layer_kwargs"] = flight * layer_kwargs_bytes(ctx, ckpt, counting)
     if ctx.stage == 0:
         out["activations/embeddings"] = flight * embedding_bytes(ctx, counting)
@@ -291,6 +294,7 @@ _SOURCES = {
     "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",
     "activations/logits": "logits + fp32 copy, or their two fp32 gradients, whichever is larger",
     "activations/kept_output": "logits of the model output the training loop holds until after the step",
+    "activations/cp_exchange": "context parallelism: key/value exchange buffers of one attention (context_parallel)",
 }
 
 
