@@ -17,8 +17,8 @@ G = "Grid"
 MAX_WORKERS = 1024
 """The most worker processes --workers accepts: far past any host's cores (a larger count cannot even be
 started: the OS refuses the processes, or the integer overflows a C long)."""
-FIXED = ("dtype", "quant", "optimizer", "zero", "offload_optimizer", "offload_params", "pp", "recompute", "lora_rank",
-         "kv_dtype", "cpu_ram", "nvme")
+FIXED = ("dtype", "quant", "optimizer", "zero", "offload_optimizer", "offload_params", "pp", "cp", "cp_comm", "recompute",
+         "lora_rank", "kv_dtype", "cpu_ram", "nvme")
 """Job options that hold one value for the whole grid (default: the recipe's, else memplan's)."""
 
 

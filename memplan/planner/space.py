@@ -40,6 +40,8 @@ class SearchSpace(Strict):
     pp: tuple[int, ...] | None = None
     ep: tuple[int, ...] | None = None
     """Expert-parallel degrees (MoE on Megatron/DeepSpeed); None: powers of two dividing the experts."""
+    cp: tuple[int, ...] | None = None
+    """Context-parallel degrees (``planner.dims.cp_candidates``); None: the base's cp only."""
     zero: tuple[int, ...] | None = None
     offload_optimizer: tuple[Offload, ...] | None = None
     offload_params: tuple[Offload, ...] | None = None
@@ -84,7 +86,7 @@ class SearchSpace(Strict):
             raise ValueError("give at least one value (omit the field for memplan's default)")
         return tuple(dict.fromkeys(value)) if isinstance(value, tuple) else value
 
-    @field_validator("tp", "pp", "ep", "micro_batch", "context", "seq_len", "batch", "gpus")
+    @field_validator("tp", "pp", "ep", "cp", "micro_batch", "context", "seq_len", "batch", "gpus")
     @classmethod
     def _positive(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
         """Degrees, batches and lengths are positive integers (as the command line requires)."""
@@ -103,7 +105,7 @@ class SearchSpace(Strict):
 
 
 TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch",
-                 "global_batch_tokens", "ep")
+                 "global_batch_tokens", "ep", "cp")
 """Search dimensions only a training plan reads."""
 INFERENCE_DIMS = ("context", "batch", "kv_dtype")
 """Search dimensions only an inference plan reads (training searches ``micro_batch`` and ``seq_len``)."""

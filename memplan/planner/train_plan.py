@@ -11,7 +11,7 @@ from memplan.arch.build import build_architecture
 from memplan.config import JobConfig, Recompute
 from memplan.errors import MemplanError
 from memplan.planner import train, train_offload
-from memplan.planner.dims import resolve
+from memplan.planner.dims import cp_bases, resolve
 from memplan.planner.ilp import IlpBuilder
 from memplan.planner.plan import (
     Candidate,
@@ -74,7 +74,9 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     """
     start = len(result.candidates)
     found_any, errors = False, []
-    bases = engine_bases(_with_world(req.base, gpn, nodes), req.space)
+    excluded: list[str] = []
+    bases = cp_bases(engine_bases(_with_world(req.base, gpn, nodes), req.space), req.space, excluded)
+    result.excluded = sorted(set(result.excluded + excluded))
     for base in bases:
         try:
             found_any |= _solve_engine(req, base, result)
