@@ -77,6 +77,10 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     excluded: list[str] = []
     bases = cp_bases(engine_bases(_with_world(req.base, gpn, nodes), req.space), req.space, excluded)
     result.excluded = sorted(set(result.excluded + excluded))
+    if not bases and excluded:
+        from memplan.planner.plan import NoValidDegree
+
+        raise NoValidDegree(f"no context-parallel degree is valid: {'; '.join(excluded)}.")
     for base in bases:
         try:
             found_any |= _solve_engine(req, base, result)
