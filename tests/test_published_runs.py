@@ -100,6 +100,15 @@ LLAMA3_FLOPS_PER_TOKEN = 6 * LLAMA3_PARAMS + 6 * 126 * 8192 * 16384
 """6N plus the causal attention products (12·L·S·d halved): the usual MFU count (PaLM, App. B)."""
 LLAMA3_MEMORY = ("Llama 3's activation-memory settings at 8k (recompute, offload) are not published; with no "
                  "recomputation, memplan's in-flight activations of the interleaved schedule exceed 80 GiB")
+LLAMA3_128K_SEQ = 131072
+LLAMA3_128K_TOKENS_PER_BATCH = 16 * 2**20
+"""Llama 3 (Dubey et al. 2024), Table 4, the 128K-context row: 16,384 GPUs, TP 8, CP 16, PP 16, DP 8, batch size per
+DP group 16 (128 sequences of 131,072 tokens: 16M tokens), 380 TFLOP/s per GPU, 38% BF16 MFU."""
+LLAMA3_128K_FLOPS_PER_TOKEN = 6 * LLAMA3_PARAMS + 6 * 126 * LLAMA3_128K_SEQ * 16384
+"""The same count as at 8k (6N plus the causal attention products, 12·L·S·d halved) at S = 131,072."""
+LLAMA3_128K_RECOMPUTE_LAYERS = 63
+"""Llama 3 does not publish its activation-memory settings at 128k (as at 8k); full recomputation of half the layers
+(63 of 126) is assumed, the smallest even share with which memplan fits the 80 GiB at this layout."""
 DEEPSEEK_MEMORY = ("DeepSeek-V3 recomputes RMSNorm and the MLA up-projections and caches activations in FP8 "
                    "(Sec. 3.2.3, 3.3.2): no memplan knob expresses either, so its activations are counted in 16-bit")
 
@@ -128,6 +137,17 @@ def _runs() -> list[Run]:
              # Sec. 3.3.2: interleaved schedule (v not published: 4 assumed), DP traffic overlapped
              "perf": {"virtual_stages": 4, "comm_overlap": 1.0}},
             LLAMA3_TOKENS_PER_BATCH * LLAMA3_FLOPS_PER_TOKEN / (gpus * tflops * 1e12), fits_xfail=LLAMA3_MEMORY))
+    # Llama 3 at 128K context: context parallelism 16, all-gather based (Sec. 3.3.2: K and V all-gathered, attention
+    # of the local Q chunk; load-balanced over 2·CP chunks), states sharded as at 8k (distributed optimizer).
+    runs.append(Run(
+        "llama3-405b-128k-cp16", "Dubey et al. 2024 (Llama 3), Table 4 (128K: 380 TFLOP/s per GPU, tp8 cp16 pp16)",
+        "llama-3.1-405b", "h100-sxm-80gb",
+        {"job": "pretrain", "engine": "megatron", "gpus_per_node": 8, "nodes": 16384 // 8, "tp": 8, "pp": 16, "cp": 16,
+         "cp_comm": "allgather", "micro_batch": 1, "grad_accum": 16, "seq_len": LLAMA3_128K_SEQ, "sequence_parallel": True,
+         "activation_accounting": "paper", "engine_config": {"use_distributed_optimizer": True},
+         "recompute": "full", "recompute_layers": LLAMA3_128K_RECOMPUTE_LAYERS,
+         "perf": {"virtual_stages": 4, "comm_overlap": 1.0}},
+        LLAMA3_128K_TOKENS_PER_BATCH * LLAMA3_128K_FLOPS_PER_TOKEN / (16384 * 380e12)))
     # DeepSeek-AI 2024, "DeepSeek-V3 Technical Report": 180K H800 GPU-hours per trillion tokens on 2,048 GPUs
     # (Sec. 1, Table 1); PP16, EP64 over 8 nodes, ZeRO-1 DP (Sec. 3.2); batch 15,360 × 4,096 tokens (Sec. 4.2);
     # FP8 GEMMs (Sec. 3.3); DualPipe (two chunks per stage, communication overlapped, 20 of 132 SMs for it).
