@@ -186,3 +186,21 @@ def test_plan_picks_context_parallelism_when_one_gpu_cannot_hold_the_sequence() 
     assert res.returncode == 0, res.stderr
     best = json.loads(res.stdout)["best"]["config"]
     assert best["cp"] in (2, 4)
+
+
+def test_allgather_exposes_its_gathers_and_reduce_scatter() -> None:
+    """TransformerEngine's all-gather CP (Llama 3's, Dubey et al. 2024, Sec. 3.3.2: "exposed in the critical path"):
+    forward one all-gather of the whole sequence's K/V, backward another and a reduce-scatter of dK/dV;
+    (cp − 1)/cp · bytes / bw + (cp − 1)·α each, inter-node when tp·cp exceeds a node (tp 1, cp 16 on 8-GPU nodes)."""
+    from memplan.arch.build import build_architecture
+    from memplan.planner.steptime import cp_layer_split, links
+
+    gpu = catalog_gpu(H100)
+    arch = build_architecture(catalog_model("llama-3.1-8b"))
+    cfg = JobConfig(job="pretrain", engine="megatron", gpus_per_node=8, nodes=2, cp=16, cp_comm="allgather",
+                    seq_len=131072)
+    link, cp = links(gpu, cfg), 16
+    total_kv = 131072 * 2 * 8 * 128 * 2
+    one = (cp - 1) / cp * total_kv / link.inter_bw + (cp - 1) * link.inter_lat
+    forward, backward = cp_layer_split(arch, gpu, cfg, core_s=1.0)
+    assert forward == pytest.approx(one) and backward == pytest.approx(2 * one)

@@ -221,20 +221,26 @@ Sec. 3.1)."""
 
 
 def cp_layer_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, core_s: float) -> float:
-    """Context-parallel traffic of one layer and micro-batch (forward + backward) not hidden behind its attention.
+    """Context-parallel traffic of one layer and micro-batch, forward + backward (``cp_layer_split``)."""
+    return sum(cp_layer_split(arch, gpu, cfg, core_s))
+
+
+def cp_layer_split(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, core_s: float) -> tuple[float, float]:
+    """Context-parallel traffic of one layer and micro-batch not hidden behind its attention: (forward, backward).
 
     ``core_s``: the layer's attention-core forward seconds on this rank (the backward takes twice as long).
     - ring: cp − 1 sends of the local KV block per direction, each overlapped with one of the cp attention steps:
       (cp − 1)·max(0, t_send − core/cp) forward, the same with twice the bytes and compute backward
       (Liu et al. 2023, Ring Attention, arXiv:2310.01889, Sec. 3; TransformerEngine ``AttnFuncWithCPAndKVP2P``);
-    - allgather: one all-gather of K/V forward, an all-gather and a reduce-scatter of dK/dV backward, hidden behind
-      the attention up to its length (TransformerEngine ``AttnFuncWithCPAndKVAllGather``);
-    - ulysses: per direction (``CP_DIRECTIONS``) an all-to-all of the local q, k, v chunks and one of the output
-      chunk (``context_parallel.chunk``), on the critical path.
+    - allgather: one all-gather of K/V forward, an all-gather and a reduce-scatter of dK/dV backward, all exposed
+      (TransformerEngine ``AttnFuncWithCPAndKVAllGather`` gathers before its attention steps and reduce-scatters
+      after them; Llama 3, Dubey et al. 2024, Sec. 3.3.2: "the all-gather communication latency is exposed");
+    - ulysses: per direction an all-to-all of the local q, k, v chunks and one of the output chunk
+      (``context_parallel.chunk``; ``CP_DIRECTIONS``), on the critical path.
     Ranks: the cp group after tp (Megatron's order tp, cp, dp, pp): inside a node when tp·cp ≤ GPUs per node.
     """
     if cfg.cp <= 1:
-        return 0.0
+        return 0.0, 0.0
     from memplan.memory.context_parallel import chunk
 
     c = chunk(arch.spec, cfg)
@@ -242,15 +248,16 @@ def cp_layer_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, core_s: f
     if cfg.cp_comm is CpComm.RING:
         send = cost.collective_seconds(kind="p2p", nbytes=c.kv, ranks=2, bytes_per_s=bw, latency_s=lat)
         step = core_s / cfg.cp
-        return (cfg.cp - 1) * (max(0.0, send - step)
-                               + max(0.0, CP_RING_BACKWARD_VOLUME * (send - step)))
+        return (cfg.cp - 1) * max(0.0, send - step), (cfg.cp - 1) * max(0.0, CP_RING_BACKWARD_VOLUME * (send - step))
     if cfg.cp_comm is CpComm.ALLGATHER:
         gather = cost.collective_seconds(kind="all_gather", nbytes=cfg.cp * c.kv, ranks=cfg.cp, bytes_per_s=bw,
                                          latency_s=lat)
-        return max(0.0, gather - core_s) + max(0.0, 2 * gather - BACKWARD_PASSES_FULL * core_s)
+        scatter = cost.collective_seconds(kind="reduce_scatter", nbytes=cfg.cp * c.kv, ranks=cfg.cp, bytes_per_s=bw,
+                                          latency_s=lat)
+        return gather, gather + scatter
     a2a = sum(cost.collective_seconds(kind="all_to_all", nbytes=n, ranks=cfg.cp, bytes_per_s=bw, latency_s=lat)
               for n in (c.q + c.kv, c.out))
-    return CP_DIRECTIONS * a2a
+    return a2a, a2a
 
 
 def stage_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, layers: list[Layer]) -> float:
@@ -416,7 +423,8 @@ def recompute_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_b
 
         flops = 2.0 * tokens * recomputed_mm_numel(layer, 1)  # the matmuls op-level checkpointing does not keep
     elif mode is Recompute.FULL:
-        flops = layer_forward_flops(arch, layer, cfg.seq_len, tokens)
+        flops = linear_forward_flops(layer, tokens) + attention_share(cfg) * attention_forward_flops(
+            arch, layer, cfg.seq_len, tokens)
     else:
         d_qk, d_v = attention_widths(arch)
         flops = attention_share(cfg) * 2.0 * cfg.seq_len * (d_qk + d_v) * tokens
@@ -427,7 +435,19 @@ def recompute_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_b
         per_micro = 2 * cost.collective_seconds(kind="all_reduce", nbytes=nbytes, ranks=cfg.tp, bytes_per_s=bw,
                                                 latency_s=lat)
         seconds += per_micro * global_batch / cfg.micro_batch / (cfg.world_size // (cfg.tp * cfg.cp))
+    if mode in (Recompute.FULL, Recompute.SELECTIVE) and cfg.cp > 1:
+        seconds += _cp_recompute_seconds(arch, gpu, cfg, global_batch, layer)
     return seconds
+
+
+def _cp_recompute_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: int, layer: Layer) -> float:
+    """The forward exchange a recomputed attention repeats (Megatron recomputes ``core_attention``, with its
+    context-parallel communication, under full and selective recompute), per step and spread over the pipeline's
+    stages as the ILP sums it over all layers: global batch / (micro-batch · replicas · pp) per layer."""
+    core = attention_share(cfg) * attention_forward_flops(arch, layer, cfg.seq_len, _tokens_micro(cfg))
+    core_s = core / (cfg.tp * efficiency(gpu, cfg, arch.spec.hidden_size or 0) * attention_peak_flops(gpu))
+    forward, _ = cp_layer_split(arch, gpu, cfg, core_s)
+    return forward * global_batch / (cfg.micro_batch * cfg.batch_dp * cfg.pp)
 
 
 def layer_recompute_modes(cfg: JobConfig, num_layers: int) -> list[Recompute]:
