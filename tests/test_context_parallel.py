@@ -204,3 +204,21 @@ def test_allgather_exposes_its_gathers_and_reduce_scatter() -> None:
     one = (cp - 1) / cp * total_kv / link.inter_bw + (cp - 1) * link.inter_lat
     forward, backward = cp_layer_split(arch, gpu, cfg, core_s=1.0)
     assert forward == pytest.approx(one) and backward == pytest.approx(2 * one)
+
+
+def test_torch_ring_exchange_on_fsdp2() -> None:
+    """torch ``context_parallel`` (``_templated_ring_attention``): forward the current and next KV plus the fp32
+    merged output and lse; backward the rotating KV, fp32 dq/dk/dv accumulators and the rotating fp32 dKV:
+    2·kv + 2·q + 4·kv. llama-3.1-8b, cp 4 at s = 32768 → 8192 tokens, 32 query and 8 key/value heads of 128."""
+    tokens = 8192
+    kv, q, out, lse = tokens * 2 * 8 * 128 * 2, tokens * 32 * 128 * 2, tokens * 32 * 128 * 2, tokens * 32 * 4
+    got = rows(catalog_model("llama-3.1-8b"), job="pretrain", engine="fsdp2", gpus_per_node=4, cp=4, seq_len=32768)
+    assert got["activations/cp_exchange"] == max(2 * kv + 2 * out + lse, 6 * kv + 2 * q)
+
+
+def test_deepspeed_ulysses_needs_only_cp_chunks() -> None:
+    """DeepSpeed-Ulysses splits the sequence into cp chunks (no causal load balancing): 8196 = 4 · 2049 runs with
+    cp 4, where Megatron's 2·cp chunks would need a multiple of 8."""
+    spec = catalog_model("llama-3.1-8b")
+    got = rows(spec, job="pretrain", engine="deepspeed", gpus_per_node=4, cp=4, cp_comm="ulysses", seq_len=8196)
+    assert got["activations/cp_exchange"] > 0
