@@ -222,3 +222,16 @@ def test_deepspeed_ulysses_needs_only_cp_chunks() -> None:
     spec = catalog_model("llama-3.1-8b")
     got = rows(spec, job="pretrain", engine="deepspeed", gpus_per_node=4, cp=4, cp_comm="ulysses", seq_len=8196)
     assert got["activations/cp_exchange"] > 0
+
+
+def test_plan_chooses_among_exchanges_and_rejects_an_exchange_without_cp() -> None:
+    from memplan.planner.dims import cp_bases
+    from memplan.planner.space import SearchSpace
+
+    base = JobConfig(job="pretrain", engine="megatron", gpus_per_node=8, seq_len=65536)
+    excluded: list[str] = []
+    got = cp_bases([base], SearchSpace(cp=(1, 3, 4), cp_comm=(CpComm.RING, CpComm.ULYSSES)), excluded)
+    assert [(b.cp, b.cp_comm) for b in got] == [(1, CpComm.RING), (4, CpComm.RING), (4, CpComm.ULYSSES)]
+    assert excluded == ["cp=3 does not divide the 8 GPUs"]
+    with pytest.raises(MemplanError, match="with --cp 1 there are none"):
+        cp_bases([base], SearchSpace(cp_comm=(CpComm.ULYSSES,)), [])

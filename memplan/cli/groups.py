@@ -113,7 +113,8 @@ OPTS: dict[str, Opt] = {
     "cp": _o("--cp", int, 1, "Context-parallel degree: each sequence split over this many GPUs (engines megatron, "
              "fsdp2, deepspeed).", PARALLEL, field="cp", dim="cp", base="none"),
     "cp_comm": _o("--cp-comm", str, None, "Context-parallel exchange: ring, ulysses or allgather (Megatron's "
-                  "--cp-comm-type p2p, a2a, allgather also accepted; default ring).", PARALLEL, field="cp_comm"),
+                  "--cp-comm-type p2p, a2a, allgather also accepted; default ring).", PARALLEL, field="cp_comm",
+                  dim="cp_comm", base="none"),
     "sequence_parallel": _o("--sequence-parallel/--no-sequence-parallel", bool, False, "Megatron sequence parallelism.",
                             PARALLEL, field="sequence_parallel"),
     "optimizer_gpu_layers": _o("--optimizer-gpu-layers", int, None, "ZeRO-3 partial optimizer offload: keep the optimizer "

@@ -96,20 +96,24 @@ def ep_candidates(arch: Architecture, base: JobConfig, space: SearchSpace) -> tu
 
 
 def cp_bases(bases: list[JobConfig], space: SearchSpace, excluded: list[str]) -> list[JobConfig]:
-    """One base per context-parallel degree to search (``space.cp``; None: each base's own cp). A degree that
-    does not divide the GPUs is excluded with its reason; cp = 1 takes the default exchange (``cp_comm`` is read
-    only with cp > 1). Each degree is solved as its own ILP, like each engine (``train_plan.solve_training``);
-    the engine rules and the shape rules (``memory.context_parallel.check_shape``) drop what cannot run."""
-    if not space.cp:
+    """One base per context-parallel degree and exchange to search (``space.cp``, ``space.cp_comm``; None: each
+    base's own). A degree that does not divide the GPUs is excluded with its reason; cp = 1 is searched once, with
+    the default exchange (``cp_comm`` is read only with cp > 1). Each base is solved as its own ILP, like each
+    engine (``train_plan.solve_training``); the engine rules and the shape rules
+    (``memory.context_parallel.check_shape``) drop what cannot run."""
+    if not space.cp and not space.cp_comm:
         return bases
+    if space.cp_comm and not any(cp > 1 for base in bases for cp in space.cp or (base.cp,)):
+        raise MemplanError("--cp-comm chooses how context-parallel ranks exchange keys and values; with --cp 1 there "
+                           "are none: give --cp with a degree above 1, or drop --cp-comm.")
     out = []
     for base in bases:
-        for cp in space.cp:
+        for cp in space.cp or (base.cp,):
             if base.world_size % cp:
                 excluded.append(f"cp={cp} does not divide the {base.world_size} GPUs")
                 continue
-            update: dict = {"cp": cp} if cp > 1 else {"cp": 1, "cp_comm": CpComm.RING}
-            out.append(base.model_copy(update=update))
+            for comm in (space.cp_comm or (base.cp_comm,)) if cp > 1 else (CpComm.RING,):
+                out.append(base.model_copy(update={"cp": cp, "cp_comm": comm}))
     return out
 
 

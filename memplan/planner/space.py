@@ -12,7 +12,7 @@ from enum import StrEnum
 from pydantic import Field, field_validator, model_validator
 
 from memplan.arch.tensors import Architecture
-from memplan.config import Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
+from memplan.config import CpComm, Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
 from memplan.dtypes import Dtype
 
 
@@ -41,7 +41,9 @@ class SearchSpace(Strict):
     ep: tuple[int, ...] | None = None
     """Expert-parallel degrees (MoE on Megatron/DeepSpeed); None: powers of two dividing the experts."""
     cp: tuple[int, ...] | None = None
-    """Context-parallel degrees (``planner.dims.cp_candidates``); None: the base's cp only."""
+    """Context-parallel degrees (``planner.dims.cp_bases``); None: the base's cp only."""
+    cp_comm: tuple[CpComm, ...] | None = None
+    """Context-parallel exchanges for the degrees above 1; None: the base's (ring by default)."""
     zero: tuple[int, ...] | None = None
     offload_optimizer: tuple[Offload, ...] | None = None
     offload_params: tuple[Offload, ...] | None = None
@@ -105,7 +107,7 @@ class SearchSpace(Strict):
 
 
 TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch",
-                 "global_batch_tokens", "ep", "cp")
+                 "global_batch_tokens", "ep", "cp", "cp_comm")
 """Search dimensions only a training plan reads."""
 INFERENCE_DIMS = ("context", "batch", "kv_dtype")
 """Search dimensions only an inference plan reads (training searches ``micro_batch`` and ``seq_len``)."""
