@@ -78,6 +78,22 @@ def _context_parallel(cfg: JobConfig, engine: Engine) -> str | None:
     return None
 
 
+def _recompute_rule(cfg: JobConfig, engine: Engine) -> str | None:
+    """A recompute mode (``recompute`` or any layer's in ``recompute_map``) the engine does not run
+    (``Profile.recompute``): Megatron's selective recompute is its sub-module recompute (core attention), not
+    torchtitan's op-level policy."""
+    from memplan.engines.profiles import PROFILES
+
+    runs = PROFILES[engine].recompute
+    modes = dict.fromkeys((cfg.recompute, *(cfg.recompute_map or ())))
+    for mode in modes:
+        if mode not in runs:
+            owners = ", ".join(e.value for e, p in PROFILES.items() if mode in p.recompute)
+            return (f"--recompute {mode.value}: engine {engine.value} runs {', '.join(m.value for m in runs)} "
+                    f"only; {mode.value} runs on {owners}.")
+    return None
+
+
 def _deepspeed(cfg: JobConfig) -> str | None:
     if cfg.pp > 1 and cfg.zero >= ZeroStage.GRADIENTS:
         return ("DeepSpeed's pipeline engine asserts 'ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism' "
@@ -188,8 +204,8 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
     if cfg.sequence_parallel and cfg.tp == 1 and not partial:
         return ("sequence parallelism splits activations over the tensor-parallel group (Korthikanti et al. 2022); "
                 "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
-    for rule in (_dtype_rule(cfg), _common(cfg, engine), _context_parallel(cfg, engine), _knob_rule(cfg, engine),
-                 None if partial else _knob_effect_rule(cfg)):
+    for rule in (_dtype_rule(cfg), _common(cfg, engine), _context_parallel(cfg, engine), _recompute_rule(cfg, engine),
+                 _knob_rule(cfg, engine), None if partial else _knob_effect_rule(cfg)):
         if rule:
             return rule
     if engine is Engine.FSDP2 and cfg.job not in (Job.PRETRAIN, Job.FULL):

@@ -106,6 +106,9 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
 
         raise NoValidDegree(f"no tensor/pipeline degree or ZeRO/offload placement is valid on {base.world_size} GPUs: "
                             + "; ".join(dict.fromkeys(excluded[:3])))
+    if not dims["recompute"]:
+        raise MemplanError("no recompute mode asked for runs on this engine: "
+                           + "; ".join(e.split(": ", 1)[1] for e in excluded if e.startswith("recompute=")))
     gb = global_batch_for(req, base.world_size, dims["micro_batch"])
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
     formats = None
