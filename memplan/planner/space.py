@@ -184,8 +184,8 @@ def engine_bases(base: JobConfig, space: SearchSpace) -> list[JobConfig]:
 
 
 def runnable_dims(base: JobConfig, dims: dict[str, tuple], excluded: list[str]) -> dict[str, tuple]:
-    """``dims`` without the tp, pp, (ZeRO, offload) and recompute values the base's engine never runs, each with its reason
-    (``memplan.engines.rules``). Rules between dimensions (DeepSpeed's ZeRO-2/3 with pp > 1, optimizer offload
+    """``dims`` without the tp, pp, (ZeRO, offload) and recompute values the base's engine never runs, each with its
+    reason (``memplan.engines.rules``). Rules between dimensions (DeepSpeed's ZeRO-2/3 with pp > 1, optimizer offload
     with a non-CPU optimizer) are applied per combination where the states are tabulated (``planner.train``)."""
     from memplan.engines import rules
 
@@ -207,8 +207,8 @@ def runnable_dims(base: JobConfig, dims: dict[str, tuple], excluded: list[str]) 
         if dim in dims:
             out[dim] = keep(dim, dims[dim], lambda v, d=dim: {d: v, "zero": ZeroStage.NONE})
     if "recompute" in dims:
-        out["recompute"] = keep("recompute", dims["recompute"], lambda m: {"recompute": m, "recompute_map": None,
-                                                                          "recompute_layers": None})
+        out["recompute"] = keep("recompute", dims["recompute"], lambda m: {
+            "recompute": m, "recompute_map": None, "recompute_layers": None, "zero": ZeroStage.NONE})
     return out
 
 
