@@ -317,11 +317,13 @@ def sweep(models: str | Sequence[str], gpus: str | Sequence[str], jobs: str | Se
     ``usd_per_gpu_hour``/``usd_per_hour``; ``speed=True`` adds the step-time and per-token cost columns.
     ``out`` also writes the CSV (streamed, see ``memplan.report.sweep_stream``).
     """
+    from memplan.grid import base_at_counts
     from memplan.report.sweep_stream import sweep_frame
 
+    base = base_at_counts(lambda **world: job_config(config, **{**options, **world}), tuple(gpu_counts), gpus_per_node)
     spec = sweep_spec(models, gpus, jobs, seq_lens=seq_lens, contexts=contexts, batches=batches, gpu_counts=gpu_counts,
                       gpus_per_node=gpus_per_node, tp=tp, metric=metric, min_headroom=min_headroom, speed=speed,
-                      config=job_config(config, **options), host=host_spec(host, cpu_ram, nvme))
+                      config=base, host=host_spec(host, cpu_ram, nvme))
     return sweep_frame(spec, workers=workers, out=Path(out) if out is not None else None, usd_per_hour=usd_per_hour)
 
 

@@ -120,6 +120,27 @@ class Recompute(StrEnum):
     FULL = "full"
 
 
+class CpComm(StrEnum):
+    """How context-parallel ranks exchange keys and values (``JobConfig.cp_comm``). Megatron-LM's
+    ``--cp-comm-type`` names are accepted as aliases (megatron/training/arguments.py: p2p, a2a, allgather):
+
+    - ``ring`` (Megatron ``p2p``; torch ``context_parallel``; Liu et al. 2023, Ring Attention, arXiv:2310.01889):
+      each rank keeps its query chunk and passes key/value chunks around the ring, cp steps per attention;
+    - ``ulysses`` (Megatron ``a2a``; DeepSpeed-Ulysses ``DistributedAttention``, Jacobs et al. 2023,
+      arXiv:2309.14509): all-to-alls turn [s/cp, heads] into [s, heads/cp] around the attention;
+    - ``allgather`` (Megatron ``allgather``, TransformerEngine ``AttnFuncWithCPAndKVAllGather``): every rank
+      gathers the whole sequence's keys and values once per attention.
+    """
+
+    RING = "ring"
+    ULYSSES = "ulysses"
+    ALLGATHER = "allgather"
+
+    @classmethod
+    def _missing_(cls, value: object) -> CpComm | None:
+        return {"p2p": cls.RING, "a2a": cls.ULYSSES, "all_gather": cls.ALLGATHER}.get(str(value).lower())
+
+
 def _mentions_bool(annotation: Any) -> bool:
     """Whether a field's annotation admits a bool (``bool``, ``bool | None``, ``tuple[bool, ...]``)."""
     return "bool" in str(annotation)
@@ -373,8 +394,8 @@ class EngineConfig(Strict):
 
 TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
-                 "sequence_parallel", "offload_activations", "dropout", "loss_fp32", "activation_accounting", "lora",
-                 "galore", "optimizer_impl", "engine_config", "kept_output", "perf")
+                 "sequence_parallel", "cp", "cp_comm", "offload_activations", "dropout", "loss_fp32",
+                 "activation_accounting", "lora", "galore", "optimizer_impl", "engine_config", "kept_output", "perf")
 """JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
 training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
@@ -481,6 +502,10 @@ class JobConfig(Strict):
     tp: int = Field(default=1, gt=0)
     pp: int = Field(default=1, gt=0)
     ep: int = Field(default=1, gt=0)
+    cp: int = Field(default=1, gt=0)
+    """Context-parallel degree: each sequence is split over ``cp`` ranks (``memory.context_parallel``)."""
+    cp_comm: CpComm = CpComm.RING
+    """How the context-parallel ranks exchange keys and values (``CpComm``); read only with cp > 1."""
     micro_batch: int = Field(default=1, gt=0)
     seq_len: int = Field(default=2048, gt=0)
     grad_accum: int = Field(default=1, gt=0)
@@ -545,6 +570,7 @@ class JobConfig(Strict):
 
         - serving (``job=infer``): ``transformers`` (HF ``generate``, what memplan models for inference);
         - any ZeRO stage or offload: ``deepspeed`` (ZeRO and ZeRO-Offload/Infinity are DeepSpeed's);
+        - context parallelism: ``megatron`` (ring or all-gather), ``deepspeed`` (Ulysses), the engines that run them;
         - tensor or pipeline parallelism: ``deepspeed`` (Megatron-DeepSpeed layout; choose ``megatron`` to get
           Megatron-Core's states and fused activations);
         - otherwise (one GPU or plain data parallelism): ``pytorch`` (HF Trainer / accelerate / a plain loop,
@@ -556,6 +582,8 @@ class JobConfig(Strict):
             return Engine.TRANSFORMERS
         if self.zero > ZeroStage.NONE or (self.offload_optimizer, self.offload_params) != (Offload.NONE, Offload.NONE):
             return Engine.DEEPSPEED
+        if self.cp > 1:
+            return Engine.DEEPSPEED if self.cp_comm is CpComm.ULYSSES else Engine.MEGATRON
         if self.tp > 1 or self.pp > 1:
             return Engine.DEEPSPEED
         return Engine.PYTORCH
@@ -589,7 +617,16 @@ class JobConfig(Strict):
 
     @property
     def dp(self) -> int:
+        """Ranks that hold the same model shard: world / (tp · pp). With context parallelism this is the
+        data × context group, over which gradients are reduced and ZeRO/FSDP/the distributed optimizer shard
+        the states (Megatron ``get_data_parallel_group(with_context_parallel=True)``; torchtitan's
+        ``dp_shard_cp`` mesh; DeepSpeed's ``seq_data_parallel_group``); ``batch_dp`` counts the sequences."""
         return self.world_size // (self.tp * self.pp)
+
+    @property
+    def batch_dp(self) -> int:
+        """Data-parallel replicas that read different sequences: world / (tp · pp · cp)."""
+        return self.dp // self.cp
 
     @property
     def weights_trainable(self) -> bool:
@@ -644,11 +681,14 @@ class JobConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
-        if self.world_size % (self.tp * self.pp):
+        if self.world_size % (self.tp * self.pp * self.cp):
+            what = "tp × pp × cp" if self.cp > 1 else "tp × pp"
             raise ValueError(
-                f"tp × pp = {self.tp * self.pp} must divide the {self.world_size} GPUs "
+                f"{what} = {self.tp * self.pp * self.cp} must divide the {self.world_size} GPUs "
                 f"({self.gpus_per_node} per node × {self.nodes} nodes)"
             )
+        if self.cp_comm is not CpComm.RING and self.cp == 1:
+            raise ValueError(f"cp_comm={self.cp_comm.value} applies with context parallelism (cp > 1); set cp too")
         if self.offload_params is not Offload.NONE and self.zero < ZeroStage.PARAMETERS and self.job.trains:
             raise ValueError("offload_params needs ZeRO stage 3 (parameter offload is ZeRO-3's, as in ZeRO-Infinity)")
         if self.offload_optimizer is not Offload.NONE and self.zero < ZeroStage.OPTIMIZER and self.job.trains:

@@ -74,6 +74,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "activations/loss": ("activations.loss_bytes", f"{_T}.log_softmax_bytes"),
     "activations/logits": ("activations.logits_peak_bytes", f"{_T}.logits_transient_bytes", "inference.logits_bytes"),
     "activations/kept_output": ("activations.kept_output_bytes", f"{_T}.kept_logits_bytes"),
+    "activations/cp_exchange": ("context_parallel.exchange_bytes", "context_parallel._ring_bytes", "context_parallel.chunk"),
     "activations/hidden_states": ("inference.hidden_states_bytes",),
     "activations/dequant_workspace": ("bnb_workspace.dequant_workspace_bytes", "bnb_workspace.dequant_copies"),
     "runtime/quantize_workspace": ("bnb_workspace.quantize_workspace_bytes",),

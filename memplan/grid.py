@@ -283,6 +283,25 @@ MAX_AXIS_VALUE = 2**31
 (``vector_frame``), and 2^31 tokens or sequences already need far more than any GPU holds."""
 
 
+def base_at_counts(build: Callable[..., JobConfig], gpu_counts: tuple[int, ...], gpus_per_node: int) -> JobConfig:
+    """The grid's base JobConfig, validated at a GPU count of the grid rather than at one GPU: ``build(gpus_per_node=,
+    nodes=)`` at each count's layout in turn, the first that validates (a --pp, --cp or --tp must divide some
+    count; each cell then takes its own count and is checked again, an invalid one becoming an n/a cell). When
+    no count validates, the first count's error: every cell would be invalid. Counts that are not whole nodes are
+    ``validate``'s to report."""
+    probe = SweepSpec(models=(), gpus=(), jobs=(), gpus_per_node=max(1, gpus_per_node))
+    first: MemplanError | None = None
+    for count in gpu_counts:
+        try:
+            gpn, nodes = probe.layout(count)
+            return build(gpus_per_node=gpn, nodes=nodes)
+        except MemplanError as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+    return build()
+
+
 def validate(spec: SweepSpec) -> None:
     """Fail fast on names and values that would make every cell an error (exit 2 in the CLI)."""
     if spec.gpus_per_node < 1:

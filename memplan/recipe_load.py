@@ -94,10 +94,10 @@ def job_config(recipe: Recipe) -> JobConfig:
 
 def grad_accum(global_batch: int, cfg: JobConfig) -> int:
     """Gradient-accumulation steps for ``global_batch`` sequences: global / (micro-batch × dp), exact."""
-    per_step = cfg.micro_batch * cfg.dp
+    per_step = cfg.micro_batch * cfg.batch_dp
     if global_batch % per_step:
         raise MemplanError(f"job.global_batch: {global_batch} is not a multiple of micro-batch {cfg.micro_batch} × "
-                           f"data-parallel degree {cfg.dp} = {per_step}.")
+                           f"data-parallel degree {cfg.batch_dp} = {per_step}.")
     return global_batch // per_step
 
 

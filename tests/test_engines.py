@@ -244,6 +244,8 @@ def test_megatron_bytes_per_parameter(dtype, plain, dist):
     ({"engine": "megatron", "job": "lora"}, "pretrain and full jobs"),
     ({"engine": "fsdp2", "job": "qlora", "gpus_per_node": 2}, "pretrain and full jobs"),
     ({"engine": "megatron", "optimizer": "adamw-8bit"}, "adam and sgd"),
+    ({"engine": "megatron", "recompute": "op"}, "engine megatron runs none, selective, full only"),
+    ({"engine": "megatron", "recompute_map": ["full"] * 15 + ["op"]}, "engine megatron runs none, selective, full only"),
     ({"dtype": "int8"}, "no training engine updates int8 weights"),
     ({"dtype": "int4", "engine": "deepspeed", "zero": 2}, "no training engine updates int4 weights"),
     ({"engine": "vllm"}, "serves models"),
@@ -259,6 +261,15 @@ def test_cli_exit_2_on_zero3_with_pipeline(runner):
     result = run_cli(runner, "estimate", "llama-3.2-1b", "--gpu", "a100-sxm-80gb", "--gpus", "8", "--zero", "3",
                      "--pp", "2", code=2)
     assert "pipeline" in (result.stderr or result.stdout)
+
+
+def test_cli_exit_2_on_megatron_op_recompute(runner):
+    """Megatron-LM's --recompute-granularity is full or selective (sub-modules); torchtitan's op-level policy is
+    not one of its modes: one sentence, exit 2."""
+    result = run_cli(runner, "estimate", "llama-3.2-1b", "--gpu", "a100-sxm-80gb", "--job", "full", "--engine",
+                     "megatron", "--recompute", "op", code=2)
+    out = result.stderr or result.stdout
+    assert "engine megatron runs none, selective, full only" in out and "Traceback" not in out
 
 
 def test_fp8_training_keeps_16_bit_masters_and_fp32_states():

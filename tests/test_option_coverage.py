@@ -76,7 +76,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--kv-block-size": "32", "--max-model-len": "512", "--n-gpu-layers": "6", "--n-ctx": "512",
     "--n-ubatch": "256", "--cache-type-k": "q8_0", "--cache-type-v": "q8_0", "--cache-implementation": "static",
     "--prompt-tokens": "128", "--hbm-efficiency": "0.5", "--compute-efficiency": "0.3",
-    "--cluster": "pcie-ethernet", "--mfu": "0.3", "--comm-overlap": "0.5", "--ep": "2",
+    "--cluster": "pcie-ethernet", "--mfu": "0.3", "--comm-overlap": "0.5", "--ep": "2", "--cp": "2", "--cp-comm": "ulysses",
     "--intra-node-gbps": "10", "--inter-node-gbps": "1", "--intra-node-latency-us": "500",
     "--inter-node-latency-us": "500", "--virtual-stages": "2", "--global-batch-tokens": "65536",
     "--train-tokens": "1000000000", "--hsdp-shard-size": "2", "--mics-shard-size": "2",

@@ -38,7 +38,8 @@ def rows() -> list[dict]:
         est = estimate(run.spec(), gpu, cfg, host=run.host)
         st = step_time(run.spec(), gpu, cfg, run.host)
         out.append({"run": run.id, "source": run.source, "gpus": cfg.world_size,
-                    "layout": f"tp{cfg.tp} pp{cfg.pp} dp{cfg.dp}" + (f" ep{cfg.ep}" if cfg.ep > 1 else ""),
+                    "layout": f"tp{cfg.tp} pp{cfg.pp} dp{cfg.batch_dp}" + (f" ep{cfg.ep}" if cfg.ep > 1 else "")
+                    + (f" cp{cfg.cp}" if cfg.cp > 1 else ""),
                     "published_s": run.published_step_s, "predicted_s": st.step_s,
                     "error_pct": 100 * (st.step_s / run.published_step_s - 1), "fits": est.fits,
                     "gpu_gib": est.total(Tier.GPU) / 2**30, "mfu": st.mfu})

@@ -124,6 +124,11 @@ OPTS: dict[str, Opt] = {
     "pp": _o("--pp", int, 1, "Pipeline-parallel degree.", PARALLEL, field="pp", dim="pp", base="none"),
     "ep": _o("--ep", int, 1, "Expert-parallel degree (MoE; plan: Megatron or DeepSpeed engines).", PARALLEL, field="ep",
              dim="ep", base="none"),
+    "cp": _o("--cp", int, 1, "Context-parallel degree: each sequence split over this many GPUs (engines megatron, "
+             "fsdp2, deepspeed).", PARALLEL, field="cp", dim="cp", base="none"),
+    "cp_comm": _o("--cp-comm", str, None, "Context-parallel exchange: ring, ulysses or allgather (Megatron's "
+                  "--cp-comm-type p2p, a2a, allgather also accepted; default ring).", PARALLEL, field="cp_comm",
+                  dim="cp_comm", base="none"),
     "sequence_parallel": _o("--sequence-parallel/--no-sequence-parallel", bool, False, "Megatron sequence parallelism.",
                             PARALLEL, field="sequence_parallel"),
     "optimizer_gpu_layers": _o("--optimizer-gpu-layers", int, None, "ZeRO-3 partial optimizer offload: keep the optimizer "
@@ -307,7 +312,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "job": ("job", "engine", "dtype", "quant", "quant_map", "optimizer", "master_weights", "grad_dtype", "batch",
             "global_batch", "global_batch_tokens", "seq_len", "accounting"),
     "quant_integration": ("bnb_integration",),
-    "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "sequence_parallel",
+    "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "cp", "cp_comm", "sequence_parallel",
                     "optimizer_gpu_layers", "shard_group"),
     "memory": ("recompute", "recompute_layers", "offload_activations", "per_layer_offload", "per_layer_quant",
                "flash_attention", "attention",

@@ -12,9 +12,13 @@ from memplan.cli.groups import OUTPUT, Model, Opts, options
 
 app = command_app()
 DIMENSIONS = ("engine", "quant", "optimizer", "batch", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
-              "recompute", "context", "kv_dtype", "shard_group")
+              "cp", "cp_comm", "recompute", "context", "kv_dtype", "shard_group")
 CUSTOM = {"ep": {"help": "Expert-parallel degrees to choose among (MoE on --engine megatron or deepspeed), "
                         "comma-separated (default: powers of two dividing the experts)."},
+          "cp": {"help": "Context-parallel degrees to choose among (--engine megatron, fsdp2 or deepspeed with "
+                        "--cp-comm), comma-separated (default: 1)."},
+          "cp_comm": {"help": "Context-parallel exchanges to choose among for cp > 1: ring, ulysses, allgather "
+                             "(Megatron's p2p, a2a also accepted), comma-separated (default: ring)."},
           "batch": {"help": "Micro-batch (training) or concurrent sequences (inference) choices, comma-separated."},
           "recompute": {"help": "Per-layer recompute modes allowed (none,selective,full), comma-separated."},
           "fmt": {"help": "table, json or csv."},
@@ -36,7 +40,7 @@ PlotAxis = Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot
 
 @app.command(cls=Command)
 @handled
-@options("hardware", "job", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
+@options("hardware", "job", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "cp", "cp_comm",
          "recompute", "offload_activations", "shard_group",
          "per_layer_offload", "per_layer_quant", "flash_attention", "cuda_context", "allocator_reserve", "safety_margin",
          "lora_rank", "lora_targets", "galore_rank", "galore_8bit", "context", "kv_dtype", "engine_knobs", "serving",

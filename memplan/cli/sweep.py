@@ -17,8 +17,8 @@ G = "Grid"
 MAX_WORKERS = 1024
 """The most worker processes --workers accepts: far past any host's cores (a larger count cannot even be
 started: the OS refuses the processes, or the integer overflows a C long)."""
-FIXED = ("dtype", "quant", "optimizer", "zero", "offload_optimizer", "offload_params", "pp", "recompute", "lora_rank",
-         "kv_dtype", "cpu_ram", "nvme", "offload_activations")
+FIXED = ("dtype", "quant", "optimizer", "zero", "offload_optimizer", "offload_params", "pp", "cp", "cp_comm", "recompute",
+         "lora_rank", "kv_dtype", "cpu_ram", "nvme", "offload_activations")
 """Job options that hold one value for the whole grid (default: the recipe's, else memplan's)."""
 
 
@@ -101,24 +101,25 @@ def grid_spec(recipe: Path | None, opts: Opts, axes: dict[str, Any]) -> Any:
 
     from memplan.catalog.store import gpu_names, model_names
     from memplan.cli.convert import int_list
-    from memplan.grid import SweepSpec, spec_from_recipe
+    from memplan.grid import SweepSpec, base_at_counts, spec_from_recipe
     from memplan.recipe_load import load_recipe
 
     if axes["metric"] is not None and axes["metric"] not in ("max-batch", "max-context", "fits"):
         raise MemplanError(f"--metric must be max-batch, max-context or fits, got {axes['metric']!r}.")
     spec = spec_from_recipe(load_recipe(recipe)) if recipe is not None else SweepSpec(models=(), gpus=(), jobs=())
-    spec = replace(spec, base=job_config(opts, base=spec.base))
     given = {**axes, "models": names_or_all(axes["models"], "--model", model_names()),
-             "gpus": names_or_all(axes["gpus"], "--gpu", gpu_names()), "jobs": job_list(axes["jobs"]),
-             "tp": tp_choice(axes["tp"])}
+             "gpus": names_or_all(axes["gpus"], "--gpu", gpu_names()),
+             "jobs": job_list(axes["jobs"]) or spec.jobs or (spec.base.job,), "tp": tp_choice(axes["tp"])}
     for key, flag in (("seq_lens", "--seq-len"), ("contexts", "--context"), ("batches", "--batch"),
                       ("gpu_counts", "--gpu-count")):
         given[key] = int_list(axes[key], flag)
     if opts.get("cpu_ram") is not None or opts.get("nvme") is not None:
         given["host"] = host(opts)
     spec = replace(spec, **{k: v for k, v in given.items() if v is not None})
-    if not spec.jobs:
-        spec = replace(spec, jobs=(spec.base.job,))
+    # the options' base job, validated at the grid's GPU counts (a --pp/--cp needs more than one GPU)
+    recipe_base = spec.base
+    spec = replace(spec, base=base_at_counts(lambda **world: job_config(opts, base=recipe_base, **world),
+                                             spec.gpu_counts, spec.gpus_per_node))
     if not spec.models or not spec.gpus:
         raise MemplanError("give --model and --gpu (comma-separated catalog names, or 'all'), or --recipe.")
     return spec

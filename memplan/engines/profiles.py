@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.config import Engine, JobConfig, Offload, ZeroStage
+from memplan.config import Engine, JobConfig, Offload, Recompute, ZeroStage
+
+TORCH_RECOMPUTE = (Recompute.NONE, Recompute.SELECTIVE, Recompute.OP, Recompute.FULL)
+"""Engines that run the model's own torch modules wrap any block or sub-module in ``torch.utils.checkpoint``
+(torch/utils/checkpoint.py): whole blocks (HF ``gradient_checkpointing``, torchtitan ``mode=full``), the attention
+core alone, or an op-level policy through ``create_selective_checkpoint_contexts`` (torchtitan ``op``)."""
+MEGATRON_RECOMPUTE = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
+"""Megatron-LM ``--recompute-granularity {full, selective}`` with ``--recompute-method``/``--recompute-num-layers``
+(megatron/training/arguments.py; megatron/core/transformer/transformer_config.py ``recompute_granularity``,
+``recompute_modules``, default ``core_attn``): whole layers or chosen sub-modules, no op-level save policy."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,8 @@ class Profile:
     """``EngineConfig`` fields the engine reads (the engine's own names)."""
     activations: str
     sources: tuple[str, ...]
+    recompute: tuple[Recompute, ...] = TORCH_RECOMPUTE
+    """Recompute modes (``JobConfig.recompute``/``recompute_map``) the engine runs."""
 
 
 PROFILES: dict[Engine, Profile] = {
@@ -100,7 +111,8 @@ PROFILES: dict[Engine, Profile] = {
         ("use_distributed_optimizer", "cpu_offloading_num_layers"),
         "Megatron-Core/TransformerEngine fused layout: Korthikanti et al. 2022 (with their selective recompute)",
         ("Megatron-LM docs/source/api-guide/dist_optimizer.md", "megatron/core/distributed/param_and_grad_buffer.py",
-         "megatron/core/optimizer/distrib_optimizer.py", "transformer_engine/pytorch/cpu_offload.py")),
+         "megatron/core/optimizer/distrib_optimizer.py", "transformer_engine/pytorch/cpu_offload.py"),
+        recompute=MEGATRON_RECOMPUTE),
 }
 
 
@@ -118,6 +130,8 @@ def default_reason(cfg: JobConfig) -> str:
         return f"engine {engine.value} (default for inference)"
     if cfg.zero > ZeroStage.NONE or (cfg.offload_optimizer, cfg.offload_params) != (Offload.NONE, Offload.NONE):
         why = "ZeRO and offload are DeepSpeed's"
+    elif cfg.cp > 1:
+        why = f"context parallelism ({cfg.cp_comm.value}) runs on it"
     elif cfg.tp > 1 or cfg.pp > 1:
         why = "tensor/pipeline parallelism without a named engine keeps DeepSpeed's layout; choose megatron for Megatron-Core"
     else:

@@ -58,6 +58,42 @@ def _common(cfg: JobConfig, engine: Engine) -> str | None:
     return None
 
 
+def _context_parallel(cfg: JobConfig, engine: Engine) -> str | None:
+    """Context parallelism only where the engine runs it, with the exchange it implements
+    (``memory.context_parallel.ENGINE_COMMS``), and with a flash/SDPA kernel (TransformerEngine's CP runs its
+    flash or fused attention; torch ``context_parallel`` dispatches the SDPA flash/efficient/cuDNN ops)."""
+    if cfg.cp == 1:
+        return None
+    from memplan.memory.context_parallel import ENGINE_COMMS
+
+    comms = ENGINE_COMMS.get(engine, ())
+    if cfg.cp_comm not in comms:
+        runs = ", ".join(f"{e.value} ({'/'.join(c.value for c in cs)})" for e, cs in ENGINE_COMMS.items()
+                         if cfg.cp_comm in cs)
+        what = f"has context parallelism with {'/'.join(c.value for c in comms)} only" if comms else "has none"
+        return (f"--cp-comm {cfg.cp_comm.value}: engine {engine.value} {what}; {cfg.cp_comm.value} runs on {runs}.")
+    if cfg.attention_impl == "eager":
+        return ("context parallelism splits a flash/SDPA attention kernel over the sequence (TransformerEngine, "
+                "torch context_parallel); eager attention has none: use --attention flash or sdpa.")
+    return None
+
+
+def _recompute_rule(cfg: JobConfig, engine: Engine) -> str | None:
+    """A recompute mode (``recompute`` or any layer's in ``recompute_map``) the engine does not run
+    (``Profile.recompute``): Megatron's selective recompute is its sub-module recompute (core attention), not
+    torchtitan's op-level policy."""
+    from memplan.engines.profiles import PROFILES
+
+    runs = PROFILES[engine].recompute
+    modes = dict.fromkeys((cfg.recompute, *(cfg.recompute_map or ())))
+    for mode in modes:
+        if mode not in runs:
+            owners = ", ".join(e.value for e, p in PROFILES.items() if mode in p.recompute)
+            return (f"--recompute {mode.value}: engine {engine.value} runs {', '.join(m.value for m in runs)} "
+                    f"only; {mode.value} runs on {owners}.")
+    return None
+
+
 def _deepspeed(cfg: JobConfig) -> str | None:
     if cfg.pp > 1 and cfg.zero >= ZeroStage.GRADIENTS:
         return ("DeepSpeed's pipeline engine asserts 'ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism' "
@@ -222,8 +258,8 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
     if cfg.sequence_parallel and cfg.tp == 1 and not partial:
         return ("sequence parallelism splits activations over the tensor-parallel group (Korthikanti et al. 2022); "
                 "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
-    for rule in (_dtype_rule(cfg), _common(cfg, engine), _knob_rule(cfg, engine),
-                 None if partial else _knob_effect_rule(cfg), _hybrid_rule(cfg, partial=partial),
+    for rule in (_dtype_rule(cfg), _common(cfg, engine), _context_parallel(cfg, engine), _recompute_rule(cfg, engine),
+                 _knob_rule(cfg, engine), None if partial else _knob_effect_rule(cfg), _hybrid_rule(cfg, partial=partial),
                  _activation_offload_rule(cfg, engine, partial=partial)):
         if rule:
             return rule

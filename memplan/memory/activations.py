@@ -29,6 +29,7 @@ from memplan.memory import activations_terms as t
 from memplan.memory import bnb_workspace
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
+from memplan.memory.context_parallel import exchange_bytes, local_seq_len
 from memplan.units import ceil_div
 
 SRC_BLOCK = "autograd saved tensors of the HF block (activations_block); Korthikanti et al. 2022"
@@ -159,7 +160,7 @@ def embedding_bytes(ctx: Context, counting: blk.Counting) -> int:
         return total
     total += t.token_ids_bytes(tokens=tokens)
     if spec.family is Family.GPT2:
-        total += t.token_ids_bytes(tokens=cfg.seq_len)
+        total += t.token_ids_bytes(tokens=local_seq_len(cfg))
     elif spec.family is Family.OPT:
         total += t.token_ids_bytes(tokens=tokens)
     return total
@@ -182,7 +183,7 @@ def rotary_table_bytes(ctx: Context, counting: blk.Counting) -> int:
     rot = spec.qk_rope_head_dim if spec.is_mla else (spec.rotary_dim or spec.dim_per_head)
     tables = len({layer.sliding for layer in ctx.arch.layers}) if spec.family in ROPE_PER_LAYER_TYPE else 1
     bits = t.FP32_BITS if _amp(ctx, counting) else blk.activation_bits(ctx.cfg)  # cos.to(x.dtype), x fp32 under AMP
-    return tables * t.rotary_bytes(s=ctx.cfg.seq_len, rot_dim=rot or 0, bits=bits)
+    return tables * t.rotary_bytes(s=local_seq_len(ctx.cfg), rot_dim=rot or 0, bits=bits)
 
 
 def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -> int:
@@ -198,16 +199,17 @@ def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -
     spec, cfg = ctx.arch.spec, ctx.cfg
     if counting.paper or not layers:
         return 0
+    s = local_seq_len(cfg)
     impl = blk.attention_impl(spec, cfg)
     if impl == "eager":
         kinds, bits = {ctx.arch.layers[i].sliding for i in layers}, blk.activation_bits(cfg)
     elif impl == "sdpa":
-        masked = [blk.sdpa_mask_materialized(spec, ctx.arch.layers[i], impl, cfg.seq_len) for i in layers]
+        masked = [blk.sdpa_mask_materialized(spec, ctx.arch.layers[i], impl, s) for i in layers]
         kinds, bits = ({True} if any(masked) else set()), t.BOOL_BITS
     else:
         kinds, bits = set(), t.BOOL_BITS
-    masks = len(kinds) * t.tensor_bytes(count=cfg.micro_batch * cfg.seq_len * cfg.seq_len, bits=bits)
-    return masks + t.token_ids_bytes(tokens=cfg.seq_len)
+    masks = len(kinds) * t.tensor_bytes(count=cfg.micro_batch * s * s, bits=bits)
+    return masks + t.token_ids_bytes(tokens=s)
 
 
 def final_norm_bytes(ctx: Context, counting: blk.Counting) -> int:
@@ -277,6 +279,7 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
     out["activations/recompute_workspace"] = max(
         (workspace_bytes(ctx, modes[i], {i}, counting) for i in ckpt), default=0)
     out["activations/rotary"] = flight * rotary_table_bytes(ctx, counting)
+    out["activations/cp_exchange"] = exchange_bytes(ctx.arch.spec, cfg)
     out["activations/layer_kwargs"] = flight * layer_kwargs_bytes(ctx, ckpt, counting)
     if ctx.stage == 0:
         out["activations/embeddings"] = flight * embedding_bytes(ctx, counting)
@@ -306,6 +309,7 @@ _SOURCES = {
     "activations/kept_output": "logits of the model output the training loop holds until after the step",
     "activations/dequant_workspace": "bitsandbytes MatMul4Bit/MatMul8bitLt: the largest quantized weight dequantized "
                                      "to 16 bits (memory.bnb_workspace)",
+    "activations/cp_exchange": "context parallelism: key/value exchange buffers of one attention (context_parallel)",
 }
 
 

@@ -22,6 +22,7 @@ from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
 from memplan.memory import activations_terms as t
+from memplan.memory.context_parallel import local_seq_len
 from memplan.units import ceil_div
 
 COMPUTE_BITS_16 = 16
@@ -139,7 +140,7 @@ def activation_bits(cfg: JobConfig) -> int:
 
 def dims(spec: ModelSpec, cfg: JobConfig) -> Dims:
     """Per-rank sizes; kv heads round up (replicated when tp > K, as Megatron-LM does)."""
-    b, s, tp = cfg.micro_batch, cfg.seq_len, cfg.tp
+    b, s, tp = cfg.micro_batch, local_seq_len(cfg), cfg.tp  # s/cp with context parallelism
     seq = b * ceil_div(s, tp) if cfg.sequence_parallel else b * s
     return Dims(b=b, s=s, tokens=b * s, seq_tokens=seq, d=spec.hidden_size or 0,
                 n=ceil_div(spec.num_attention_heads or 1, tp), k=ceil_div(spec.kv_heads, tp),

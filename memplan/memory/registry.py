@@ -104,6 +104,9 @@ register("activations/logits", (_BS, Phase.PREFILL),
 register("activations/kept_output", (_BS, _B, _O),
          "logits of the model output held by the training loop until after optimizer.step() "
          "(AnswerDotAI fsdp_qlora train.py: output = None after the step)")
+register("activations/cp_exchange", (_F, _BS),
+         "context parallelism: one attention's key/value exchange buffers, with every saved activation alive "
+         "(TransformerEngine context_parallel.py, torch context_parallel; memory.context_parallel)")
 register("activations/recompute_workspace", (_B,),
          "one checkpointed block recomputed during backward (torch.utils.checkpoint)")
 register("activations/offload_buffer", _TRAIN_SAVED,

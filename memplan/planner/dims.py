@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import HostSpec
-from memplan.config import Engine, Job, JobConfig, Offload, Recompute
+from memplan.config import CpComm, Engine, Job, JobConfig, Offload, Recompute
 from memplan.errors import MemplanError
 from memplan.planner.space import (
     Objective,
@@ -38,13 +38,17 @@ def with_sequence_parallel(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
+def _with_cp(base: JobConfig) -> str:
+    return f" × cp={base.cp}" if base.cp > 1 else ""
+
+
 def tp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, excluded: list[str]) -> tuple[int, ...]:
     wanted = space.tp or powers_of_two(base.gpus_per_node)
     out = []
     for tp in wanted:
         reason = check_tp(arch, tp, base.gpus_per_node) if arch.layers else (None if tp == 1 else "params-only model")
-        if reason or base.world_size % tp:
-            excluded.append(reason or f"tp={tp} does not divide the {base.world_size} GPUs")
+        if reason or base.world_size % (tp * base.cp):
+            excluded.append(reason or f"tp={tp}{_with_cp(base)} does not divide the {base.world_size} GPUs")
         else:
             out.append(tp)
     return tuple(out)
@@ -60,8 +64,8 @@ def pp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, exclu
     out = []
     for pp in wanted:
         reason = None if pp <= len(arch.layers) else f"pp={pp} exceeds the {len(arch.layers)} layers"
-        if reason or base.world_size % pp:
-            excluded.append(reason or f"pp={pp} does not divide the {base.world_size} GPUs")
+        if reason or base.world_size % (pp * base.cp):
+            excluded.append(reason or f"pp={pp}{_with_cp(base)} does not divide the {base.world_size} GPUs")
         else:
             out.append(pp)
     return tuple(out)
@@ -89,6 +93,28 @@ def ep_candidates(arch: Architecture, base: JobConfig, space: SearchSpace) -> tu
     if base.ep > 1:
         return (base.ep,)
     return tuple(e for e in powers_of_two(min(experts, base.world_size)) if not experts % e)
+
+
+def cp_bases(bases: list[JobConfig], space: SearchSpace, excluded: list[str]) -> list[JobConfig]:
+    """One base per context-parallel degree and exchange to search (``space.cp``, ``space.cp_comm``; None: each
+    base's own). A degree that does not divide the GPUs is excluded with its reason; cp = 1 is searched once, with
+    the default exchange (``cp_comm`` is read only with cp > 1). Each base is solved as its own ILP, like each
+    engine (``train_plan.solve_training``); the engine rules and the shape rules
+    (``memory.context_parallel.check_shape``) drop what cannot run."""
+    if not space.cp and not space.cp_comm:
+        return bases
+    if space.cp_comm and not any(cp > 1 for base in bases for cp in space.cp or (base.cp,)):
+        raise MemplanError("--cp-comm chooses how context-parallel ranks exchange keys and values; with --cp 1 there "
+                           "are none: give --cp with a degree above 1, or drop --cp-comm.")
+    out = []
+    for base in bases:
+        for cp in space.cp or (base.cp,):
+            if base.world_size % cp:
+                excluded.append(f"cp={cp} does not divide the {base.world_size} GPUs")
+                continue
+            for comm in (space.cp_comm or (base.cp_comm,)) if cp > 1 else (CpComm.RING,):
+                out.append(base.model_copy(update={"cp": cp, "cp_comm": comm}))
+    return out
 
 
 def placement_candidates(base: JobConfig, space: SearchSpace, host: HostSpec) -> tuple:

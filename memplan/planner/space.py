@@ -12,7 +12,7 @@ from enum import StrEnum
 from pydantic import Field, field_validator, model_validator
 
 from memplan.arch.tensors import Architecture
-from memplan.config import Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
+from memplan.config import CpComm, Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
 from memplan.dtypes import Dtype
 
 
@@ -40,6 +40,10 @@ class SearchSpace(Strict):
     pp: tuple[int, ...] | None = None
     ep: tuple[int, ...] | None = None
     """Expert-parallel degrees (MoE on Megatron/DeepSpeed); None: powers of two dividing the experts."""
+    cp: tuple[int, ...] | None = None
+    """Context-parallel degrees (``planner.dims.cp_bases``); None: the base's cp only."""
+    cp_comm: tuple[CpComm, ...] | None = None
+    """Context-parallel exchanges for the degrees above 1; None: the base's (ring by default)."""
     zero: tuple[int, ...] | None = None
     offload_optimizer: tuple[Offload, ...] | None = None
     offload_params: tuple[Offload, ...] | None = None
@@ -90,7 +94,7 @@ class SearchSpace(Strict):
             raise ValueError("give at least one value (omit the field for memplan's default)")
         return tuple(dict.fromkeys(value)) if isinstance(value, tuple) else value
 
-    @field_validator("tp", "pp", "ep", "micro_batch", "context", "seq_len", "batch", "gpus")
+    @field_validator("tp", "pp", "ep", "cp", "micro_batch", "context", "seq_len", "batch", "gpus")
     @classmethod
     def _positive(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
         """Degrees, batches and lengths are positive integers (as the command line requires)."""
@@ -117,7 +121,7 @@ class SearchSpace(Strict):
 
 
 TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch",
-                 "global_batch_tokens", "ep", "shard", "offload_activations")
+                 "global_batch_tokens", "ep", "cp", "cp_comm", "shard", "offload_activations")
 """Search dimensions only a training plan reads."""
 INFERENCE_DIMS = ("context", "batch", "kv_dtype")
 """Search dimensions only an inference plan reads (training searches ``micro_batch`` and ``seq_len``)."""
@@ -194,8 +198,8 @@ def engine_bases(base: JobConfig, space: SearchSpace) -> list[JobConfig]:
 
 
 def runnable_dims(base: JobConfig, dims: dict[str, tuple], excluded: list[str]) -> dict[str, tuple]:
-    """``dims`` without the tp, pp and (ZeRO, offload) values the base's engine never runs, each with its reason
-    (``memplan.engines.rules``). Rules between dimensions (DeepSpeed's ZeRO-2/3 with pp > 1, optimizer offload
+    """``dims`` without the tp, pp, (ZeRO, offload) and recompute values the base's engine never runs, each with its
+    reason (``memplan.engines.rules``). Rules between dimensions (DeepSpeed's ZeRO-2/3 with pp > 1, optimizer offload
     with a non-CPU optimizer) are applied per combination where the states are tabulated (``planner.train``)."""
     from memplan.engines import rules
 
@@ -216,6 +220,9 @@ def runnable_dims(base: JobConfig, dims: dict[str, tuple], excluded: list[str]) 
     for dim in ("tp", "pp"):
         if dim in dims:
             out[dim] = keep(dim, dims[dim], lambda v, d=dim: {d: v, "zero": ZeroStage.NONE})
+    if "recompute" in dims:
+        out["recompute"] = keep("recompute", dims["recompute"], lambda m: {
+            "recompute": m, "recompute_map": None, "recompute_layers": None, "zero": ZeroStage.NONE})
     return out
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from memplan.arch.parallel import arch_stage_ranges, stage_numel
 from memplan.arch.tensors import Architecture, Layer
 from memplan.catalog.schema import GpuSpec
-from memplan.config import Engine, Job, JobConfig, Offload, Recompute, ZeroStage
+from memplan.config import CpComm, Engine, Job, JobConfig, Offload, Recompute, ZeroStage
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.planner import cost, perf_data
@@ -95,7 +95,7 @@ def efficiency(gpu: GpuSpec, cfg: JobConfig, hidden: int) -> float:
     if cfg.perf.mfu is not None:
         return cfg.perf.mfu
     curve = perf_data.GEMM_CURVES[generation(gpu)]
-    return cost.gemm_efficiency(curve=curve, width=max(1, hidden) / cfg.tp, tokens=cfg.micro_batch * cfg.seq_len)
+    return cost.gemm_efficiency(curve=curve, width=max(1, hidden) / cfg.tp, tokens=_tokens_micro(cfg))
 
 
 def attention_widths(arch: Architecture) -> tuple[int, int]:
@@ -163,7 +163,23 @@ def _passes(cfg: JobConfig) -> int:
 
 
 def _tokens_micro(cfg: JobConfig) -> int:
-    return cfg.micro_batch * cfg.seq_len
+    """Tokens of one micro-batch on one rank: b·s, or b·s/cp with context parallelism."""
+    return cfg.micro_batch * cfg.seq_len // cfg.cp
+
+
+CAUSAL_TILE_SHARE = 0.5
+"""Share of the s×s attention products a load-balanced context-parallel attention computes for a causal mask:
+TransformerEngine ``AttnFuncWithCPAndKVP2P`` runs, per rank, one causal diagonal tile and cp − 1 half tiles
+(``lower-triangle``: the first half of KV; ``upper-triangle``: the second half of Q), torch ``context_parallel``
+the same (``_templated_ring_attention``: ``key.chunk(2)[0]`` / ``query.chunk(2)[1]``); Ulysses runs a causal flash
+kernel over the whole sequence, which skips the masked blocks (Dao 2023, FlashAttention-2, Sec. 3.1.1)."""
+
+
+def attention_share(cfg: JobConfig) -> float:
+    """Share of the attention products counted by ``attention_forward_flops`` that the job computes: the causal
+    half with context parallelism (``CAUSAL_TILE_SHARE``); 1 otherwise (memplan's calibration at cp = 1 does not
+    credit causal masking, the slower side)."""
+    return CAUSAL_TILE_SHARE if cfg.cp > 1 else 1.0
 
 
 def stage_micro_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage: int) -> float:
@@ -175,7 +191,7 @@ def stage_micro_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage:
     tokens = _tokens_micro(cfg)
     layers = [arch.layers[i] for i in arch_stage_ranges(arch, cfg.pp)[stage]] if arch.layers else []
     gemm = sum(linear_forward_flops(layer, tokens) for layer in layers)
-    core = sum(attention_forward_flops(arch, layer, cfg.seq_len, tokens) for layer in layers)
+    core = attention_share(cfg) * sum(attention_forward_flops(arch, layer, cfg.seq_len, tokens) for layer in layers)
     if stage == cfg.pp - 1:
         gemm += head_forward_flops(arch, tokens)
     if not layers:  # a model known only by its parameter count
@@ -190,7 +206,58 @@ def stage_micro_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage:
         tokens=tokens, hidden=hidden, heads=spec.num_attention_heads or 0, seq_len=cfg.seq_len, tp=cfg.tp,
         sequence_parallel=cfg.sequence_parallel, flash=cfg.attention_impl == "flash",
         hbm_bytes_per_s=gpu.hbm_bandwidth_gbps * 1e9)
+    seconds += len(layers) * cp_layer_seconds(arch, gpu, cfg, core / max(1, len(layers)) / (cfg.tp * eff
+                                                                                          * attention_peak_flops(gpu)))
     return seconds + stage_comm_seconds(arch, gpu, cfg, layers)
+
+
+CP_RING_BACKWARD_VOLUME = 2
+"""The ring backward passes each KV block and its gradient dKV (TransformerEngine: ``p2p_comm_buffers`` of
+[2, *kv.shape]; torch: ``next_kv`` and ``next_grad_kv``): twice the forward's bytes."""
+CP_DIRECTIONS = 2
+"""Forward and backward: Ulysses exchanges twice per attention in each: q, k, v before it and the output after
+(forward); the output's gradient before and dq, dk, dv after (backward) (Jacobs et al. 2023, arXiv:2309.14509,
+Sec. 3.1)."""
+
+
+def cp_layer_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, core_s: float) -> float:
+    """Context-parallel traffic of one layer and micro-batch, forward + backward (``cp_layer_split``)."""
+    return sum(cp_layer_split(arch, gpu, cfg, core_s))
+
+
+def cp_layer_split(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, core_s: float) -> tuple[float, float]:
+    """Context-parallel traffic of one layer and micro-batch not hidden behind its attention: (forward, backward).
+
+    ``core_s``: the layer's attention-core forward seconds on this rank (the backward takes twice as long).
+    - ring: cp − 1 sends of the local KV block per direction, each overlapped with one of the cp attention steps:
+      (cp − 1)·max(0, t_send − core/cp) forward, the same with twice the bytes and compute backward
+      (Liu et al. 2023, Ring Attention, arXiv:2310.01889, Sec. 3; TransformerEngine ``AttnFuncWithCPAndKVP2P``);
+    - allgather: one all-gather of K/V forward, an all-gather and a reduce-scatter of dK/dV backward, all exposed
+      (TransformerEngine ``AttnFuncWithCPAndKVAllGather`` gathers before its attention steps and reduce-scatters
+      after them; Llama 3, Dubey et al. 2024, Sec. 3.3.2: "the all-gather communication latency is exposed");
+    - ulysses: per direction an all-to-all of the local q, k, v chunks and one of the output chunk
+      (``context_parallel.chunk``; ``CP_DIRECTIONS``), on the critical path.
+    Ranks: the cp group after tp (Megatron's order tp, cp, dp, pp): inside a node when tp·cp ≤ GPUs per node.
+    """
+    if cfg.cp <= 1:
+        return 0.0, 0.0
+    from memplan.memory.context_parallel import chunk
+
+    c = chunk(arch.spec, cfg)
+    bw, lat = links(gpu, cfg).pick(cfg.tp * cfg.cp <= cfg.gpus_per_node)
+    if cfg.cp_comm is CpComm.RING:
+        send = cost.collective_seconds(kind="p2p", nbytes=c.kv, ranks=2, bytes_per_s=bw, latency_s=lat)
+        step = core_s / cfg.cp
+        return (cfg.cp - 1) * max(0.0, send - step), (cfg.cp - 1) * max(0.0, CP_RING_BACKWARD_VOLUME * (send - step))
+    if cfg.cp_comm is CpComm.ALLGATHER:
+        gather = cost.collective_seconds(kind="all_gather", nbytes=cfg.cp * c.kv, ranks=cfg.cp, bytes_per_s=bw,
+                                         latency_s=lat)
+        scatter = cost.collective_seconds(kind="reduce_scatter", nbytes=cfg.cp * c.kv, ranks=cfg.cp, bytes_per_s=bw,
+                                          latency_s=lat)
+        return gather, gather + scatter
+    a2a = sum(cost.collective_seconds(kind="all_to_all", nbytes=n, ranks=cfg.cp, bytes_per_s=bw, latency_s=lat)
+              for n in (c.q + c.kv, c.out))
+    return a2a, a2a
 
 
 def stage_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, layers: list[Layer]) -> float:
@@ -257,8 +324,9 @@ def dequant_seconds(gpu: GpuSpec, cfg: JobConfig, params: int) -> float:
 
 
 def micro_batches(cfg: JobConfig, global_batch: int) -> int:
-    """Micro-batches per pipeline per step: global batch / (micro-batch · dp), at least one."""
-    return max(1, global_batch // (cfg.micro_batch * cfg.dp))
+    """Micro-batches per pipeline per step: global batch / (micro-batch · dp), at least one (dp: the replicas that
+    read different sequences, ``JobConfig.batch_dp``; the cp ranks of a replica share each micro-batch)."""
+    return max(1, global_batch // (cfg.micro_batch * cfg.batch_dp))
 
 
 def shape_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: int) -> float:
@@ -391,18 +459,31 @@ def recompute_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_b
 
         flops = 2.0 * tokens * recomputed_mm_numel(layer, 1)  # the matmuls op-level checkpointing does not keep
     elif mode is Recompute.FULL:
-        flops = layer_forward_flops(arch, layer, cfg.seq_len, tokens)
+        flops = linear_forward_flops(layer, tokens) + attention_share(cfg) * attention_forward_flops(
+            arch, layer, cfg.seq_len, tokens)
     else:
         d_qk, d_v = attention_widths(arch)
-        flops = 2.0 * cfg.seq_len * (d_qk + d_v) * tokens
+        flops = attention_share(cfg) * 2.0 * cfg.seq_len * (d_qk + d_v) * tokens
     seconds = flops / (cfg.world_size * peak_flops(gpu, cfg) * efficiency(gpu, cfg, arch.spec.hidden_size or 0))
     if mode is Recompute.FULL and cfg.tp > 1:
         bw, lat = links(gpu, cfg).pick(True)
         nbytes = _tokens_micro(cfg) * (arch.spec.hidden_size or 0) * ACTIVATION_BYTES
         per_micro = 2 * cost.collective_seconds(kind="all_reduce", nbytes=nbytes, ranks=cfg.tp, bytes_per_s=bw,
                                                 latency_s=lat)
-        seconds += per_micro * global_batch / cfg.micro_batch / (cfg.world_size // cfg.tp)
+        seconds += per_micro * global_batch / cfg.micro_batch / (cfg.world_size // (cfg.tp * cfg.cp))
+    if mode in (Recompute.FULL, Recompute.SELECTIVE) and cfg.cp > 1:
+        seconds += _cp_recompute_seconds(arch, gpu, cfg, global_batch, layer)
     return seconds
+
+
+def _cp_recompute_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: int, layer: Layer) -> float:
+    """The forward exchange a recomputed attention repeats (Megatron recomputes ``core_attention``, with its
+    context-parallel communication, under full and selective recompute), per step and spread over the pipeline's
+    stages as the ILP sums it over all layers: global batch / (micro-batch · replicas · pp) per layer."""
+    core = attention_share(cfg) * attention_forward_flops(arch, layer, cfg.seq_len, _tokens_micro(cfg))
+    core_s = core / (cfg.tp * efficiency(gpu, cfg, arch.spec.hidden_size or 0) * attention_peak_flops(gpu))
+    forward, _ = cp_layer_split(arch, gpu, cfg, core_s)
+    return forward * global_batch / (cfg.micro_batch * cfg.batch_dp * cfg.pp)
 
 
 def layer_recompute_modes(cfg: JobConfig, num_layers: int) -> list[Recompute]:
@@ -414,5 +495,5 @@ def layer_recompute_modes(cfg: JobConfig, num_layers: int) -> list[Recompute]:
 
 
 def global_batch_of(cfg: JobConfig) -> int:
-    """Sequences per step: micro-batch × gradient accumulation × data-parallel degree."""
-    return cfg.micro_batch * cfg.grad_accum * cfg.dp
+    """Sequences per step: micro-batch × gradient accumulation × data-parallel replicas (``batch_dp``)."""
+    return cfg.micro_batch * cfg.grad_accum * cfg.batch_dp

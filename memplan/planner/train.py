@@ -59,7 +59,7 @@ def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | N
     if hybrid.DIM in choice:
         cfg = hybrid.apply(cfg, choice[hybrid.DIM])
     if global_batch is not None:
-        cfg = cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.dp))})
+        cfg = cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.batch_dp))})
     if modes is not None:
         modes = tuple(Recompute(m) for m in modes)
         used = {m for m in modes if m is not Recompute.NONE}
@@ -73,7 +73,7 @@ def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | N
 
 def _valid(cfg: JobConfig, setting: TrainSetting) -> bool:
     """Whether the micro-batch and data-parallel degree divide the global batch."""
-    return not setting.global_batch % (cfg.micro_batch * cfg.dp)
+    return not setting.global_batch % (cfg.micro_batch * cfg.batch_dp)
 
 
 def _contexts(setting: TrainSetting, cfg: JobConfig) -> list[Context]:

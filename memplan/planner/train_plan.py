@@ -11,7 +11,7 @@ from memplan.arch.build import build_architecture
 from memplan.config import JobConfig, Recompute
 from memplan.errors import MemplanError
 from memplan.planner import act_offload, hybrid, train, train_offload
-from memplan.planner.dims import resolve
+from memplan.planner.dims import cp_bases, resolve
 from memplan.planner.ilp import IlpBuilder
 from memplan.planner.plan import (
     Candidate,
@@ -77,7 +77,13 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     """
     start = len(result.candidates)
     found_any, errors, tried = False, [], 0
-    bases = engine_bases(_with_world(req.base, gpn, nodes), req.space)
+    excluded: list[str] = []
+    bases = cp_bases(engine_bases(_with_world(req.base, gpn, nodes), req.space), req.space, excluded)
+    result.excluded = sorted(set(result.excluded + excluded))
+    if not bases and excluded:
+        from memplan.planner.plan import NoValidDegree
+
+        raise NoValidDegree(f"no context-parallel degree is valid: {'; '.join(excluded)}.")
     for base in bases:
         for offload in act_offload.choices(base, req.space.offload_activations):
             if offload and not base.offload_activations and req.space.offload_activations is None \
@@ -124,6 +130,9 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
 
         raise NoValidDegree(f"no tensor/pipeline degree or ZeRO/offload placement is valid on {base.world_size} GPUs: "
                             + "; ".join(dict.fromkeys(excluded[:3])))
+    if not dims["recompute"]:
+        raise MemplanError("no recompute mode asked for runs on this engine: "
+                           + "; ".join(e.split(": ", 1)[1] for e in excluded if e.startswith("recompute=")))
     gb = global_batch_for(req, base.world_size, dims["micro_batch"])
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
     formats = None

@@ -72,7 +72,7 @@ def step_speed(est: Any) -> tuple[float, float] | None:
             read = sum(v for k, v in by_top.items() if k.split("/")[0] in ("weights", "kv_cache"))
             seconds = cost.decode_seconds_per_token(bytes_read=read, hbm_bytes_per_s=est.gpu.hbm_bandwidth_gbps * GB)
             return seconds, cfg.micro_batch / seconds if seconds > 0 else 0.0
-        global_batch = cfg.micro_batch * cfg.dp * cfg.grad_accum
+        global_batch = cfg.micro_batch * cfg.batch_dp * cfg.grad_accum
         setting = train.TrainSetting(arch=est.arch, gpu=est.gpu, host=est.host, base=cfg, global_batch=global_batch)
         modes = [m.value for m in cfg.recompute_map] if cfg.recompute_map else [cfg.recompute.value] * len(est.arch.layers)
         seconds = step_seconds(setting, cfg, modes)

@@ -54,7 +54,8 @@ def plan_dict(result: PlanResult) -> dict[str, Any]:
 
 def _choice(c: Candidate) -> str:
     cfg = c.config
-    parts = [f"tp={cfg.tp}", f"pp={cfg.pp}", f"dp={cfg.dp}"] + ([f"ep={cfg.ep}"] if cfg.ep > 1 else [])
+    parts = [f"tp={cfg.tp}", f"pp={cfg.pp}", f"dp={cfg.batch_dp}"] + ([f"ep={cfg.ep}"] if cfg.ep > 1 else [])
+    parts += [f"cp={cfg.cp} ({cfg.cp_comm.value})"] if cfg.cp > 1 else []
     if cfg.job.trains:
         parts += [f"zero={int(cfg.zero)}", f"offload(opt={cfg.offload_optimizer.value}, params={cfg.offload_params.value})",
                   f"micro-batch={cfg.micro_batch}", f"grad-accum={cfg.grad_accum}", f"seq={cfg.seq_len}",
