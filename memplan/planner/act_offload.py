@@ -86,10 +86,9 @@ def restrict(base: JobConfig, dims: dict[str, tuple]) -> dict[str, tuple]:
     if not base.offload_activations:
         return dims
     out = {**dims, "pp": tuple(p for p in dims["pp"] if p == 1)}
-    if base.engine is Engine.MEGATRON:
-        out["recompute"] = (Recompute.NONE,)
-    elif base.engine is Engine.DEEPSPEED:
-        out["recompute"] = (Recompute.FULL,)
+    need = {Engine.MEGATRON: Recompute.NONE, Engine.DEEPSPEED: Recompute.FULL}.get(base.engine) if base.engine else None
+    if need is not None:  # only where the user's space allows it: an empty tuple is refused by the caller
+        out["recompute"] = tuple(m for m in dims.get("recompute", (need,)) if m is need)
     return out
 
 
