@@ -31,17 +31,21 @@ class LayerBlocks:
     def _groups(self, lb: LayerBlock) -> dict[tuple[int, int], list[int]]:
         """Layers that share a class and a segment no pipeline stage boundary cuts (with ``contiguous``:
         runs of adjacent such layers), in layer order."""
-        seg = self.p.num_layers // max(self.p.dims.get("pp", (1,))) if lb.stages else self.p.num_layers
+        pps = self.p.dims.get("pp", (1,)) if lb.stages else (1,)
+        n = self.p.num_layers
         classes = lb.classes or list(range(len(lb.gpu)))
+        place = [tuple(stage_of(layer, n, p, self.p.stage_map) for p in pps) for layer in range(len(lb.gpu))]
+        segments = {s: i for i, s in enumerate(dict.fromkeys(place))}  # stages under every pp: no boundary inside
         groups: dict[tuple[int, int], list[int]] = {}
         run = -1
         for layer in range(len(lb.gpu)):
+            seg = segments[place[layer]]
             if lb.contiguous:
-                if layer == 0 or layer % seg == 0 or classes[layer] != classes[layer - 1]:
+                if layer == 0 or place[layer] != place[layer - 1] or classes[layer] != classes[layer - 1]:
                     run += 1
-                key = (layer // seg, run)
+                key = (seg, run)
             else:
-                key = (layer // seg, classes[layer])
+                key = (seg, classes[layer])
             groups.setdefault(key, []).append(layer)
         return groups
 

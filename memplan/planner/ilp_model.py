@@ -151,6 +151,8 @@ class Solution:
     seconds: float
     block_modes: dict[str, list[str]] = field(default_factory=dict)
     """Per-layer modes of every block by name (``modes`` is the first block's)."""
+    gap: float | None = None
+    """A ``feasible`` solution's proven relative distance to the optimum, when the search knows it."""
 
 
 def ceil_unit(n: int) -> int:

@@ -12,7 +12,7 @@ from memplan.config import JobConfig, Recompute
 from memplan.errors import MemplanError
 from memplan.planner import train, train_offload
 from memplan.planner.dims import resolve
-from memplan.planner.ilp import IlpBuilder
+from memplan.planner.ilp_search import searcher
 from memplan.planner.plan import (
     Candidate,
     PlanRequest,
@@ -143,7 +143,7 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
         if later:
             return []
         raise
-    builder = IlpBuilder(problem)
+    builder = searcher(problem)
     if cutoff is not None:
         builder.cutoff(cutoff)
 
