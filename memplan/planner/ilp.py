@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from memplan.planner import solvers
 from memplan.planner.ilp_layers import LayerBlocks
 from memplan.planner.ilp_model import (
     ERROR_SCALE,
@@ -246,12 +247,10 @@ class IlpBuilder(LayerBlocks):
         return second
 
     def _solve(self, time_limit: float | None, solver: str | None, prob: Any = None) -> Solution:
-        from memplan.planner.solvers import get_solver, quiet_stdout
-
         pl, prob = self.pulp, self.prob if prob is None else prob
-        chosen = get_solver(solver, time_limit=time_limit)
+        chosen = solvers.get_solver(solver, time_limit=time_limit)
         try:
-            with quiet_stdout():
+            with solvers.quiet_stdout():
                 status = prob.solve(chosen)
         except (pl.PulpSolverError, IndexError):  # HiGHS refuses |coefficients| >= 1e15; PuLP then indexes an empty model
             from memplan.errors import MemplanError

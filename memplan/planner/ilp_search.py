@@ -28,8 +28,9 @@ import heapq
 import math
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
+from memplan.planner.ilp import IlpBuilder
 from memplan.planner.ilp_model import Factor, LayerBlock, Problem, Solution
 
 JOINT_LIMIT = 50_000
@@ -76,19 +77,24 @@ def lower_bound(problem: Problem, row: dict[str, Any]) -> float:
     return total
 
 
-def _only(table: list[dict[str, dict[tuple, Any]]] | None, k: tuple) -> list[dict[str, dict[tuple, Any]]] | None:
+_T = TypeVar("_T")
+
+
+def _only(table: list[dict[str, dict[tuple, _T]]], k: tuple) -> list[dict[str, dict[tuple, _T]]]:
     """A per-layer table restricted to key ``k`` (modes without it stay, empty: not available there)."""
-    if table is None:
-        return None
     return [{m: ({k: keyed[k]} if k in keyed else {}) for m, keyed in per.items()} for per in table]
+
+
+def _maybe(table: list[dict[str, dict[tuple, _T]]] | None, k: tuple) -> list[dict[str, dict[tuple, _T]]] | None:
+    return None if table is None else _only(table, k)
 
 
 def _restrict_block(lb: LayerBlock, row: dict[str, Any]) -> LayerBlock:
     k = _key(lb.key_dims, row)
     phase_gpu = None if lb.phase_gpu is None else {ph: _only(t, k) for ph, t in lb.phase_gpu.items()}
-    return replace(lb, gpu=_only(lb.gpu, k), seconds=_only(lb.seconds, k), cpu=_only(lb.cpu, k),
-                   workspace=_only(lb.workspace, k), flight_workspace=_only(lb.flight_workspace, k),
-                   error=_only(lb.error, k), phase_gpu=phase_gpu,
+    return replace(lb, gpu=_only(lb.gpu, k), seconds=_only(lb.seconds, k), cpu=_maybe(lb.cpu, k),
+                   workspace=_maybe(lb.workspace, k), flight_workspace=_maybe(lb.flight_workspace, k),
+                   error=_maybe(lb.error, k), phase_gpu=phase_gpu,
                    key_bounds={k: lb.key_bounds[k]} if k in lb.key_bounds else {})
 
 
@@ -134,8 +140,6 @@ class RowSearch:
         heapq.heapify(self.done)
 
     def write_lp(self, path: str) -> None:
-        from memplan.planner.ilp import IlpBuilder
-
         IlpBuilder(self.p).write_lp(path)
 
     def solve(self, *, time_limit: float | None = None, solver: str | None = None) -> Solution:
@@ -171,16 +175,12 @@ class RowSearch:
 
     def _evaluate(self, i: int, solver: str | None, time_limit: float | None) -> Solution:
         """Row ``i`` solved exactly: the ILP restricted to it (its per-layer modes)."""
-        from memplan.planner.ilp import IlpBuilder
-
         self.evaluated += 1
         return IlpBuilder(restrict(self.p, self.rows[i])).solve(time_limit=time_limit, solver=solver)
 
 
 def searcher(problem: Problem) -> Any:
     """A ``RowSearch`` for a step-time problem whose global rows can be listed, else the monolithic MIP."""
-    from memplan.planner.ilp import IlpBuilder
-
     if problem.objective == "min_seconds":
         rows = joint_rows(problem)
         if rows is not None:

@@ -16,7 +16,7 @@ from memplan.memory.context import Context
 from memplan.planner import steptime
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Factor, LayerBlock
-from memplan.planner.train import SAVINGS, TrainSetting, config_for
+from memplan.planner.setting import SAVINGS, TrainSetting, config_for
 
 LAYER_DIMS = ("tp", "pp", "micro_batch", "seq_len")
 
