@@ -98,14 +98,29 @@ def plan(req: PlanRequest) -> PlanResult:
         raise MemplanError(f"search {', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to "
                            f"{kind} plan.")
 
+    interleave = virtual_stages_note(req)
     base, assumed = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
     if base is not req.base:
         req = replace(req, base=base)
     if req.deadline is None:
         req = replace(req, deadline=time.monotonic() + req.time_limit_s)
     result = _plan(req)
-    result.assumptions = {**host_assumptions(req.host), **assumed}
+    result.assumptions = {**host_assumptions(req.host), **assumed, **interleave}
     return result
+
+
+def virtual_stages_note(req: PlanRequest) -> dict[str, str]:
+    """``--virtual-stages`` (interleaved 1F1B) splits each pipeline stage into chunks, so it needs pp > 1: a search
+    whose pp values are all 1 is refused; one that mixes pp = 1 with deeper pipelines interleaves only those,
+    and the plan's ``assumptions`` say so (``virtual_stages``)."""
+    v = req.base.perf.virtual_stages
+    if v <= 1:
+        return {}
+    pps = req.space.pp or ((1,) if req.base.world_size == 1 else ())
+    if pps and max(pps) == 1:
+        raise MemplanError(f"--virtual-stages {v} interleaves pipeline stages and needs pp > 1, but this search has "
+                           "pp = 1 only; add --pp values above 1 or drop --virtual-stages.")
+    return {"virtual_stages": f"{v} chunks per stage, applied to plans with pp > 1 only (pp = 1 has no pipeline)"}
 
 
 def _plan(req: PlanRequest) -> PlanResult:

@@ -1,0 +1,95 @@
+"""The step-time search (``planner.ilp_search``): the same optimum as the monolithic MIP, valid bounds, every global
+row listed; ``--top`` never changes the best plan; ``--virtual-stages`` needs a pipeline."""
+
+from __future__ import annotations
+
+import json
+from itertools import product
+
+import pytest
+from conftest import run_cli
+from test_planner import gpu_with, tiny_model
+
+from memplan.arch.build import build_architecture
+from memplan.catalog.schema import HostSpec
+from memplan.config import Job, JobConfig, Offload, Recompute
+from memplan.planner import train
+from memplan.planner.ilp import IlpBuilder
+from memplan.planner.ilp_search import RowSearch, joint_rows, lower_bound, restrict
+from memplan.planner.space import placements
+
+
+def small_problem(memory_mib: int = 3000):
+    """A tiny model on 4 GPUs: tp 1/2, pp 1/2 (a 5-layer model: uneven stages), ZeRO 0-3 with offload, micro-batch
+    1/2, per-layer recompute; memory tight enough that recompute and offload matter."""
+    arch = build_architecture(tiny_model(1024, 5, 8, 4, 32000))
+    base = JobConfig(job=Job.FULL, gpus_per_node=4, seq_len=2048, cuda_context_bytes=0, allocator_reserve_pct=5)
+    offl = (Offload.NONE, Offload.CPU)
+    place = tuple(placements(base.job, (0, 1, 2, 3), offl, offl))
+    dims = {"tp": (1, 2), "pp": (1, 2), "placement": place, "optimizer": (base.optimizer,), "quant": (None,),
+            "micro_batch": (1, 2), "seq_len": (2048,),
+            "recompute": (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)}
+    setting = train.TrainSetting(arch=arch, gpu=gpu_with(memory_mib), host=HostSpec(), base=base, global_batch=8)
+    problem, _ = train.build_problem(setting, dims, "min_seconds")
+    return problem
+
+
+def test_joint_rows_are_exactly_the_combinations_every_table_holds():
+    problem = small_problem()
+    rows = joint_rows(problem)
+    tables = [(f.dims, set(f.entries)) for f in problem.factors]
+    tables += [(lb.key_dims, {k for per in lb.gpu for m in per.values() for k in m}) for lb in problem.blocks]
+    names = list(problem.dims)
+    brute = [dict(zip(names, combo, strict=True)) for combo in product(*(problem.dims[d] for d in names))]
+    brute = [r for r in brute if all(tuple(r[d] for d in dims) in keys for dims, keys in tables)]
+    canon = {repr([r[d] for d in names]) for r in rows}
+    assert brute and len(rows) == len(canon) == len(brute) and canon == {repr([r[d] for d in names]) for r in brute}
+    assert joint_rows(problem, limit=len(brute) - 1) is None  # over the limit: the caller falls back to the MIP
+
+
+@pytest.mark.parametrize("memory_mib", [2200, 3000, 6000])
+def test_row_search_finds_the_monolithic_mips_optimum_and_alternatives(memory_mib):
+    """Two solution methods, the same answers: the best plan's and the next two's step times (after no-good cuts)."""
+    problem = small_problem(memory_mib)
+    search, mip = RowSearch(problem, joint_rows(problem)), IlpBuilder(problem)
+    for i in range(3):
+        a, b = search.solve(), mip.solve()
+        assert a.status == b.status
+        if a.status != "optimal":
+            assert i > 0 or memory_mib == 2200
+            break
+        assert a.objective == pytest.approx(b.objective, rel=1e-6)
+        search.exclude(a.choice, f"a{i}")
+        mip.exclude(a.choice, f"a{i}")
+    assert search.evaluated < len(search.rows)  # the bounds pruned part of the space
+
+
+def test_every_rows_bound_is_at_most_its_optimum():
+    problem = small_problem(2600)
+    for row in joint_rows(problem):
+        sol = IlpBuilder(restrict(problem, row)).solve()
+        if sol.status == "optimal":
+            assert lower_bound(problem, row) <= sol.objective * (1 + 1e-12)
+
+
+def test_top_never_changes_the_best_plan(runner):
+    """A space with step-time ties (micro-batches and ZeRO stages of gpt2 on two GPUs): the best plan is the same
+    whatever --top asks for."""
+    args = ["plan", "gpt2", "--gpu", "a100-sxm-40gb", "--gpus", "2", "--zero", "0,1,2,3", "--batch", "1,2,4",
+            "--format", "json"]
+    bests = [json.loads(run_cli(runner, *args, "--top", str(k)).stdout)["best"] for k in (1, 2, 5)]
+    assert bests[0] == bests[1] == bests[2]
+
+
+def test_virtual_stages_without_a_pipeline_is_refused(runner):
+    result = run_cli(runner, "plan", "llama-3.1-8b", "--gpu", "h100-sxm-80gb", "--gpus", "8", "--pp", "1",
+                     "--virtual-stages", "2", code=2)
+    assert "--virtual-stages" in result.stderr and "pp > 1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_virtual_stages_with_mixed_pp_apply_where_pp_is_above_one(runner):
+    doc = json.loads(run_cli(runner, "plan", "llama-3.1-8b", "--gpu", "h100-sxm-80gb", "--gpus", "8", "--pp", "1,2",
+                             "--virtual-stages", "2", "--top", "1", "--format", "json").stdout)
+    assert "pp > 1" in doc["assumptions"]["virtual_stages"]
+
