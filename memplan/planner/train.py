@@ -268,7 +268,8 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
                       extra_blocks=extra, phases=tuple(p.value for p in TRAIN_PHASES),
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
-                      stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]})
+                      stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
+                      virtual_stages=setting.base.perf.virtual_stages)
     return problem, reasons
 
 
