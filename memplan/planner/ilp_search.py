@@ -126,6 +126,7 @@ class RowSearch:
         self.excluded: set[int] = set()
         self.limit = math.inf
         self.evaluated = 0
+        self.odd: str | None = None
 
     def cutoff(self, seconds: float) -> None:
         """Only plans no slower than ``seconds`` (a bound from another part of the space; ties kept)."""
@@ -160,10 +161,14 @@ class RowSearch:
             if sol.status == "time_limit":
                 self.pos -= 1
                 return self._stopped(bound)
+            if sol.status == "unbounded":  # a row's model is unbounded, so is the whole: say so, as the MIP would
+                return sol
             if sol.status in ("optimal", "feasible") and sol.objective <= self.limit:
                 heapq.heappush(self.done, (sol.objective, i, sol))
+            elif sol.status != "infeasible":
+                self.odd = self.odd or sol.status  # e.g. HiGHS's "infeasible_or_unbounded": reported if nothing fits
         if not self.done:
-            return Solution("infeasible", {}, [], math.nan, math.nan)
+            return Solution(self.odd or "infeasible", {}, [], math.nan, math.nan)
         return self.done[0][2]
 
     def _stopped(self, bound: float) -> Solution:
