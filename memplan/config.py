@@ -140,10 +140,14 @@ def reject_bools(model: type[BaseModel], data: Any) -> Any:
         return data
     numeric = _numeric_fields(model)
     for name, value in data.items():
-        if name not in numeric:
-            continue
-        items = value if isinstance(value, list | tuple) else (value,)
-        if any(isinstance(v, bool) for v in items):
+        if isinstance(value, bool):
+            boolean = True
+        elif isinstance(value, list | tuple):
+            boolean = any(isinstance(v, bool) for v in value)
+        else:
+            continue  # the common case, a scalar: no generator per field
+        if boolean and name in numeric:
+            items = value if isinstance(value, list | tuple) else (value,)
             raise ValueError(f"{name}: expected {'a number' if items is not value else 'numbers'} or names, "
                              f"got the boolean {str(value).lower()}")
     return data
