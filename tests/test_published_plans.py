@@ -30,21 +30,11 @@ LAYOUT = ("tp", "pp", "ep", "micro_batch", "grad_accum", "recompute", "zero", "s
 """What a published run chose and the plan searches."""
 
 
-def published_config(run: Run) -> JobConfig:
-    """The run's configuration as memplan's engines take it: Megatron's ZeRO-1 is its distributed optimizer
-    (``engine_config.use_distributed_optimizer``), not a DeepSpeed ZeRO stage."""
-    cfg = dict(run.cfg)
-    if cfg.get("engine") == "megatron" and cfg.get("zero"):
-        cfg["zero"] = 0
-        cfg["engine_config"] = {**cfg.get("engine_config", {}), "use_distributed_optimizer": True}
-    return JobConfig(**cfg)
-
-
 def clusters() -> list[Any]:
     """One plan per published cluster (Korthikanti's full and selective runs share theirs)."""
     seen: dict[tuple, list[Run]] = {}
     for run in RUNS:
-        cfg = published_config(run)
+        cfg = run.config()
         key = (run.spec().name, run.gpu, cfg.gpus_per_node, cfg.nodes, cfg.micro_batch * cfg.grad_accum * cfg.dp)
         seen.setdefault(key, []).append(run)
     return [pytest.param(runs, id=runs[0].id.removesuffix("-selective-sp")) for runs in seen.values()]
@@ -54,7 +44,7 @@ def clusters() -> list[Any]:
 def test_plan_is_at_least_as_fast_as_the_published_layout(runs: list[Run]) -> None:
     run = runs[0]
     model, gpu = run.spec(), catalog_gpu(run.gpu)
-    published = [published_config(r) for r in runs]
+    published = [r.config() for r in runs]
     global_batch = published[0].micro_batch * published[0].grad_accum * published[0].dp
     fixed = {k: v for k, v in published[0].model_dump(exclude_unset=True).items() if k not in LAYOUT}
     result = plan(PlanRequest(model=model, gpu=gpu, host=run.host, base=JobConfig(**fixed),
