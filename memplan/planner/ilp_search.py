@@ -66,15 +66,26 @@ def _key(dims: tuple[str, ...], row: dict[str, Any]) -> tuple:
     return tuple(row[d] for d in dims)
 
 
-def lower_bound(problem: Problem, row: dict[str, Any]) -> float:
-    """Seconds no plan with this global row beats: its factor entries' seconds plus, per block, the larger of the
-    layers' cheapest modes and the block's ``key_bounds`` (a valid bound the builder computed)."""
+def block_bounds(lb: LayerBlock) -> dict[tuple, float]:
+    """Per key of a per-layer block: the seconds its layers take at least, the larger of each layer's cheapest mode
+    summed and the block's ``key_bounds`` (a valid bound the builder computed, e.g. the recompute knapsack)."""
+    cheapest: dict[tuple, float] = {}
+    for per in lb.seconds:
+        least: dict[tuple, float] = {}
+        for keyed in per.values():
+            for k, sec in keyed.items():
+                least[k] = min(least.get(k, sec), sec)
+        for k, sec in least.items():
+            cheapest[k] = cheapest.get(k, 0.0) + sec
+    return {k: max(sec, lb.key_bounds.get(k, 0.0)) for k, sec in cheapest.items()}
+
+
+def lower_bound(problem: Problem, row: dict[str, Any], blocks: list[dict[tuple, float]] | None = None) -> float:
+    """Seconds no plan with this global row beats: its factor entries' seconds plus each block's ``block_bounds``
+    (``blocks``: those bounds, computed once for many rows)."""
+    blocks = blocks if blocks is not None else [block_bounds(lb) for lb in problem.blocks]
     total = sum(f.entries[_key(f.dims, row)].seconds for f in problem.factors)
-    for lb in problem.blocks:
-        k = _key(lb.key_dims, row)
-        cheapest = sum(min((keyed[k] for keyed in per.values() if k in keyed), default=0.0) for per in lb.seconds)
-        total += max(cheapest, lb.key_bounds.get(k, 0.0))
-    return total
+    return total + sum(b.get(_key(lb.key_dims, row), 0.0) for lb, b in zip(problem.blocks, blocks, strict=True))
 
 
 _T = TypeVar("_T")
@@ -119,7 +130,8 @@ class RowSearch:
     def __init__(self, problem: Problem, rows: list[dict[str, Any]]) -> None:
         self.p = problem
         self.rows = rows
-        self.bounds = [lower_bound(problem, r) for r in rows]
+        blocks = [block_bounds(lb) for lb in problem.blocks]
+        self.bounds = [lower_bound(problem, r, blocks) for r in rows]
         self.queue = sorted(range(len(rows)), key=lambda i: (self.bounds[i], i))
         self.pos = 0
         self.done: list[tuple[float, int, Solution]] = []  # evaluated rows that fit: (seconds, row, solution)
