@@ -15,6 +15,7 @@ from memplan.catalog.schema import HostSpec
 from memplan.config import Job, JobConfig, Offload, Recompute
 from memplan.planner import train
 from memplan.planner.ilp import IlpBuilder
+from memplan.planner.ilp_fast import cheapest_plan
 from memplan.planner.ilp_search import RowSearch, joint_rows, lower_bound, restrict
 from memplan.planner.space import placements
 
@@ -70,6 +71,26 @@ def test_every_rows_bound_is_at_most_its_optimum():
         sol = IlpBuilder(restrict(problem, row)).solve()
         if sol.status == "optimal":
             assert lower_bound(problem, row) <= sol.objective * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("memory_mib", [2600, 4000])
+def test_a_row_answered_without_the_mip_is_the_mips_answer(memory_mib):
+    """Where every layer's fastest mode fits, ``cheapest_plan`` answers the row; the row's MIP agrees (status and
+    step time), and where the MIP needs slower modes or finds nothing, ``cheapest_plan`` declines."""
+    problem = small_problem(memory_mib)
+    answered = declined = 0
+    for row in joint_rows(problem):
+        one = restrict(problem, row)
+        fast, mip = cheapest_plan(one), IlpBuilder(one).solve()
+        if fast is None:
+            declined += 1
+            assert mip.status != "optimal" or mip.objective > lower_bound(problem, row) * (1 + 1e-12) or any(
+                m != "none" for m in mip.modes)
+            continue
+        answered += 1
+        assert mip.status == "optimal" and fast.objective == pytest.approx(mip.objective, rel=1e-9)
+        assert fast.choice == mip.choice
+    assert answered and declined  # both paths are exercised
 
 
 def test_top_never_changes_the_best_plan(runner):

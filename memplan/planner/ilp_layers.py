@@ -158,7 +158,7 @@ class LayerBlocks:
                     nbytes = sum(t[rep][m].get(k, 0) for t in tables)
                     if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
                         terms.append(ceil_unit(nbytes * mult) * self.w[bi, gkey, m, k])
-        if (bi, p, s, 0) in self.ws and lb.alive(phase, _shared_phases(lb)):
+        if (bi, p, s, 0) in self.ws and lb.alive(phase, shared_phases(lb)):
             terms.append(self.ws[bi, p, s, 0])
         if (bi, p, s, 1) in self.ws and lb.alive(phase, lb.flight_phases):
             terms.append(self.ws[bi, p, s, 1])
@@ -170,7 +170,7 @@ class LayerBlocks:
                 for m, keyed in getattr(lb, attr)[members[0]].items() for k, v in keyed.items() if v]
 
 
-def _shared_phases(lb: LayerBlock) -> frozenset[str] | None:
+def shared_phases(lb: LayerBlock) -> frozenset[str] | None:
     """Phases of the workspace variable of kind 0: ``workspace_phases``, or, when the in-flight workspace shares
     that variable (``_workspace``), the union of both (None: all phases)."""
     split = lb.flight_workspace is not None and lb.workspace_phases != lb.flight_phases

@@ -11,7 +11,8 @@ alternative starts that proof again. Here instead:
 2. each row gets a lower bound on its step time: the seconds of its factor entries plus, per block, the layers'
    cheapest mode, or the block's ``key_bounds`` (the recompute knapsack bound) where larger;
 3. rows are taken in ascending bound; a row is evaluated exactly by the same ILP restricted to it (``restrict``:
-   one entry per factor, one key per block, a model of a few hundred variables solved to optimality);
+   one entry per factor, one key per block, a model of a few hundred variables solved to optimality), or without
+   any solver when every layer's fastest mode satisfies that ILP's rows (``ilp_fast.cheapest_plan``);
 4. the best evaluated row is returned once no unevaluated row's bound is below its value. ``exclude`` (the
    no-good cut of the re-check loop) removes a row, and the next ``solve`` continues the same search, so
    alternatives cost a few more row evaluations, not a new MIP.
@@ -31,6 +32,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from memplan.planner.ilp import IlpBuilder
+from memplan.planner.ilp_fast import cheapest_plan
 from memplan.planner.ilp_model import Factor, LayerBlock, Problem, Solution
 
 JOINT_LIMIT = 50_000
@@ -139,6 +141,8 @@ class RowSearch:
         self.limit = math.inf
         self.evaluated = 0
         self.odd: str | None = None
+        self.plain = 0
+        """Rows answered by ``ilp_fast.cheapest_plan`` (no MIP)."""
 
     def cutoff(self, seconds: float) -> None:
         """Only plans no slower than ``seconds`` (a bound from another part of the space; ties kept)."""
@@ -193,7 +197,12 @@ class RowSearch:
     def _evaluate(self, i: int, solver: str | None, time_limit: float | None) -> Solution:
         """Row ``i`` solved exactly: the ILP restricted to it (its per-layer modes)."""
         self.evaluated += 1
-        return IlpBuilder(restrict(self.p, self.rows[i])).solve(time_limit=time_limit, solver=solver)
+        one = restrict(self.p, self.rows[i])
+        plain = cheapest_plan(one)  # every layer in its fastest mode fits: the row's optimum, without a solver
+        if plain is not None:
+            self.plain += 1
+            return plain
+        return IlpBuilder(one).solve(time_limit=time_limit, solver=solver)
 
 
 def searcher(problem: Problem) -> Any:
