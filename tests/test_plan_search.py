@@ -15,7 +15,7 @@ from memplan.catalog.schema import HostSpec
 from memplan.config import Job, JobConfig, Offload, Recompute
 from memplan.planner import train
 from memplan.planner.ilp import IlpBuilder
-from memplan.planner.ilp_fast import cheapest_plan
+from memplan.planner.ilp_fast import cheapest_plan, proven_infeasible
 from memplan.planner.ilp_search import RowSearch, joint_rows, lower_bound, restrict
 from memplan.planner.space import placements
 
@@ -76,12 +76,17 @@ def test_every_rows_bound_is_at_most_its_optimum():
 @pytest.mark.parametrize("memory_mib", [2600, 4000])
 def test_a_row_answered_without_the_mip_is_the_mips_answer(memory_mib):
     """Where every layer's fastest mode fits, ``cheapest_plan`` answers the row; the row's MIP agrees (status and
-    step time), and where the MIP needs slower modes or finds nothing, ``cheapest_plan`` declines."""
+    step time), and where the MIP needs slower modes or finds nothing, ``cheapest_plan`` declines; a row
+    ``proven_infeasible`` calls hopeless is infeasible for the MIP too."""
     problem = small_problem(memory_mib)
-    answered = declined = 0
+    answered = declined = proven = 0
     for row in joint_rows(problem):
         one = restrict(problem, row)
         fast, mip = cheapest_plan(one), IlpBuilder(one).solve()
+        if proven_infeasible(one):
+            proven += 1
+            assert fast is None and mip.status == "infeasible"
+            continue
         if fast is None:
             declined += 1
             assert mip.status != "optimal" or mip.objective > lower_bound(problem, row) * (1 + 1e-12) or any(
@@ -90,7 +95,7 @@ def test_a_row_answered_without_the_mip_is_the_mips_answer(memory_mib):
         answered += 1
         assert mip.status == "optimal" and fast.objective == pytest.approx(mip.objective, rel=1e-9)
         assert fast.choice == mip.choice
-    assert answered and declined  # both paths are exercised
+    assert answered and declined and proven  # every path is exercised
 
 
 def test_top_never_changes_the_best_plan(runner):

@@ -62,6 +62,36 @@ def _block_units(problem: Problem, lb: LayerBlock, modes: list[str], p: int, s: 
     return units
 
 
+def _least_block_units(problem: Problem, lb: LayerBlock, p: int, s: int, phase: str | None) -> int:
+    """A lower bound on a block's GPU units on stage ``s`` in ``phase``, whatever the modes: each layer's leanest
+    available mode there, and no workspace (it only adds)."""
+    if not lb.stages and p != 1:
+        return 0
+    tables = [lb.gpu] if lb.alive(phase, lb.phases) else []
+    if lb.phase_gpu is not None:
+        tables += [t for ph, t in lb.phase_gpu.items() if phase is None or ph == phase]
+    mult = problem.flight(p, s) if lb.in_flight else 1
+    units = 0
+    for layer, per in enumerate(lb.gpu):
+        if stage_of(layer, problem.num_layers, p, problem.stage_map) != s:
+            continue
+        least = [ceil_unit(sum(t[layer][m].get(k, 0) for t in tables) * mult) for m, keyed in per.items() for k in keyed]
+        units += min(least, default=0)
+    return units
+
+
+def proven_infeasible(problem: Problem) -> bool:
+    """Whether no mode assignment can fit a one-row problem: some stage's GPU row exceeds the capacity even with
+    every layer in its leanest mode (a valid bound of the ILP's row), so the row needs no solver."""
+    if any(len(v) != 1 for v in problem.dims.values()):
+        return False
+    p = problem.dims.get("pp", (1,))[0]
+    cap = math.floor(problem.gpu_capacity / UNIT / (1.0 + problem.gpu_scale_pct / 100.0)) - 1
+    return any(_factor_units(problem, s, phase) + sum(_least_block_units(problem, lb, p, s, phase)
+                                                      for lb in problem.blocks) > cap
+               for s in range(p) for phase in problem.phases or (None,))
+
+
 def _factor_units(problem: Problem, s: int, phase: str | None) -> int:
     """GPU units of the factors' one entries on stage ``s`` in ``phase``, with the kept gradients when the shape
     accumulates (``IlpBuilder._gpu_terms`` and ``_persist``)."""

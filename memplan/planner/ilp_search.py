@@ -32,7 +32,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from memplan.planner.ilp import IlpBuilder
-from memplan.planner.ilp_fast import cheapest_plan
+from memplan.planner.ilp_fast import cheapest_plan, proven_infeasible
 from memplan.planner.ilp_model import Factor, LayerBlock, Problem, Solution
 
 JOINT_LIMIT = 50_000
@@ -142,7 +142,7 @@ class RowSearch:
         self.evaluated = 0
         self.odd: str | None = None
         self.plain = 0
-        """Rows answered by ``ilp_fast.cheapest_plan`` (no MIP)."""
+        """Rows answered without a MIP (``ilp_fast``: every layer's fastest mode fits, or its leanest cannot)."""
 
     def cutoff(self, seconds: float) -> None:
         """Only plans no slower than ``seconds`` (a bound from another part of the space; ties kept)."""
@@ -202,6 +202,9 @@ class RowSearch:
         if plain is not None:
             self.plain += 1
             return plain
+        if proven_infeasible(one):  # even every layer's leanest mode is over a stage's capacity
+            self.plain += 1
+            return Solution("infeasible", {}, [], math.nan, math.nan)
         return IlpBuilder(one).solve(time_limit=time_limit, solver=solver)
 
 
