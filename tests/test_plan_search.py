@@ -119,3 +119,27 @@ def test_virtual_stages_with_mixed_pp_apply_where_pp_is_above_one(runner):
                              "--virtual-stages", "2", "--top", "1", "--format", "json").stdout)
     assert "pp > 1" in doc["assumptions"]["virtual_stages"]
 
+
+
+def test_a_time_limited_plan_says_how_far_from_optimal_it_may_be():
+    """The label of a best incumbent carries the proven gap when the solver knows it (HiGHS's mip_gap, or the row
+    search's smallest bound left), and stays the plain label when it does not."""
+    from types import SimpleNamespace
+
+    from memplan.planner.ilp import _highs_gap
+    from memplan.planner.recheck import feasible_status
+
+    highs = SimpleNamespace(solverModel=SimpleNamespace(getInfo=lambda: SimpleNamespace(mip_gap=0.0312)))
+    assert _highs_gap(highs) == 0.0312
+    assert _highs_gap(SimpleNamespace()) is None
+    assert feasible_status(0.0312) == "feasible (time limit reached; best incumbent, within 3.12% of the optimum)"
+    assert feasible_status(None) == "feasible (time limit reached; best incumbent)"
+
+
+def test_a_stopped_row_search_returns_its_best_row_with_the_gap_to_the_bounds_left():
+    problem = small_problem(3000)
+    search = RowSearch(problem, joint_rows(problem))
+    best = search.solve()
+    assert best.status == "optimal"
+    stopped = search._stopped(best.objective / 2)  # as if a row with half its step time as bound were left
+    assert stopped.status == "feasible" and stopped.gap == pytest.approx(0.5)
