@@ -111,14 +111,23 @@ def _restrict_block(lb: LayerBlock, row: dict[str, Any]) -> LayerBlock:
                    key_bounds={k: lb.key_bounds[k]} if k in lb.key_bounds else {})
 
 
-def restrict(problem: Problem, row: dict[str, Any]) -> Problem:
-    """The ILP with every global dimension fixed to ``row``: one entry per factor, one key per block."""
+def restrict(problem: Problem, row: dict[str, Any], cache: dict[tuple, LayerBlock] | None = None) -> Problem:
+    """The ILP with every global dimension fixed to ``row``: one entry per factor, one key per block (``cache``:
+    restricted blocks by block and key, shared by the rows with that key)."""
+    cache = {} if cache is None else cache
+
+    def block(i: int, lb: LayerBlock) -> LayerBlock:
+        key = (i, _key(lb.key_dims, row))
+        if key not in cache:
+            cache[key] = _restrict_block(lb, row)
+        return cache[key]
+
     factors = [Factor(f.name, f.dims, {_key(f.dims, row): f.entries[_key(f.dims, row)]}) for f in problem.factors]
-    layers = _restrict_block(problem.layers, row) if problem.layers is not None else None
+    blocks = [block(i, lb) for i, lb in enumerate(problem.blocks)]
+    layers = blocks.pop(0) if problem.layers is not None else None
     pp = row.get("pp")
     return replace(problem, dims={d: (row[d],) for d in problem.dims}, factors=factors, layers=layers,
-                   extra_blocks=[_restrict_block(b, row) for b in problem.extra_blocks],
-                   stage_map={pp: problem.stage_map[pp]} if pp in problem.stage_map else {})
+                   extra_blocks=blocks, stage_map={pp: problem.stage_map[pp]} if pp in problem.stage_map else {})
 
 
 def _same(value: float, best: float) -> bool:
@@ -142,6 +151,8 @@ class RowSearch:
         self.evaluated = 0
         self.odd: str | None = None
         self.plain = 0
+        self.blocks: dict[tuple, LayerBlock] = {}
+        """Restricted per-layer blocks by (block, key): rows that share a key share them."""
         """Rows answered without a MIP (``ilp_fast``: every layer's fastest mode fits, or its leanest cannot)."""
 
     def cutoff(self, seconds: float) -> None:
@@ -197,7 +208,7 @@ class RowSearch:
     def _evaluate(self, i: int, solver: str | None, time_limit: float | None) -> Solution:
         """Row ``i`` solved exactly: the ILP restricted to it (its per-layer modes)."""
         self.evaluated += 1
-        one = restrict(self.p, self.rows[i])
+        one = restrict(self.p, self.rows[i], self.blocks)
         plain = cheapest_plan(one)  # every layer in its fastest mode fits: the row's optimum, without a solver
         if plain is not None:
             self.plain += 1
