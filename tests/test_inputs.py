@@ -267,6 +267,7 @@ def test_an_infeasible_405b_plan_gets_a_verified_zero3_way_out(runner):
     scale = [s for s in doc["suggestions"] if s["flags"].startswith("--gpus")]
     assert scale and scale[0]["verified"], doc["suggestions"]
     gpn, nodes = (int(x) for x in scale[0]["flags"].split()[1::2])
+    assert scale[0]["changes"] == {"hardware.gpus_per_node": gpn, "hardware.nodes": nodes}  # the flags, as data
     assert gpn * nodes >= 405e9 * 16 / (23.99 * 2**30)
     fitted = cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes), "--top", "1")
     assert fitted["status"] == "optimal"

@@ -143,3 +143,23 @@ def test_a_stopped_row_search_returns_its_best_row_with_the_gap_to_the_bounds_le
     assert best.status == "optimal"
     stopped = search._stopped(best.objective / 2)  # as if a row with half its step time as bound were left
     assert stopped.status == "feasible" and stopped.gap == pytest.approx(0.5)
+
+
+def test_suggestions_carry_their_change_as_data(runner):
+    """An infeasible full fine-tune of an 8B model on one T4 without offload: each verified way out names the request
+    fields it changes, consistently with its flags (a space change's values are the flag's list)."""
+    doc = json.loads(run_cli(runner, "plan", "llama-3.1-8b", "--gpu", "t4", "--job", "full", "--zero", "0",
+                             "--offload-optimizer", "none", "--offload-params", "none", "--top", "1",
+                             "--format", "json", code=1).stdout)
+    by_flags = {s["flags"]: s["changes"] for s in doc["suggestions"]}
+    for flags, changes in by_flags.items():
+        assert changes and all(k.split(".")[0] in ("config", "space", "hardware") for k in changes), (flags, changes)
+        words = flags.split()
+        if words[0] == "--gpus":
+            assert changes == {"hardware.gpus_per_node": int(words[1]), "hardware.nodes": int(words[3])}
+        elif words[0] == "--gpu":
+            assert changes == {"hardware.gpu": words[1]}
+    offload = by_flags["--zero 3 --offload-optimizer cpu --offload-params cpu"]
+    assert offload == {"space.zero": [1, 2, 3], "space.offload_optimizer": ["none", "cpu"],
+                       "space.offload_params": ["none", "cpu"]}
+    assert any(f.startswith("--gpus") for f in by_flags) and any(f.startswith("--gpu ") for f in by_flags)

@@ -33,9 +33,22 @@ def _fits(solve: Solve, req: PlanRequest) -> Any:
     return result.best
 
 
-def _entry(change: str, flags: str, best: Any) -> dict[str, Any]:
+def _plain(value: Any) -> Any:
+    """A JSON value of a request field: an enum's value, a tuple as a list, a model as its fields."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", exclude_defaults=True)
+    return getattr(value, "value", value)
+
+
+def _entry(change: str, flags: str, best: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    """One verified suggestion: the change in words, as data (``changes``: the request's fields, ``config.*``,
+    ``space.*`` or ``hardware.*``, and their new values; the report and tools read these) and as the command
+    line options that make it (``flags``)."""
     return {"change": change, "flags": flags, "verified": True,
-            "gpu_total_bytes": best.estimate.peak(Tier.GPU), "tokens_per_s": round(best.tokens_per_s, 3)}
+            "gpu_total_bytes": best.estimate.peak(Tier.GPU), "tokens_per_s": round(best.tokens_per_s, 3),
+            "changes": {k: _plain(v) for k, v in changes.items()}}
 
 
 UNLIMITED_MIB = 2**39
@@ -98,7 +111,7 @@ def more_gpus(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
         zero = int(best.config.zero)
         how = f" with ZeRO-{zero}" if zero else ""
         return _entry(f"use {g * n} GPUs of this kind ({g} per node × {n} node{'s' if n > 1 else ''}){how}",
-                      f"--gpus {g} --nodes {n}", best)
+                      f"--gpus {g} --nodes {n}", best, {"hardware.gpus_per_node": g, "hardware.nodes": n})
     return None
 
 
@@ -111,7 +124,8 @@ def smaller_shape(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
     value = best.config.seq_len if req.base.job.trains else best.config.infer.context
     flag = "--seq-len" if field == "seq_len" else "--context"
     return _entry(f"the largest {field.replace('_', ' ')} that fits at micro-batch 1 is {value:,} tokens",
-                  f"--batch 1 {flag} {value}", best)
+                  f"--batch 1 {flag} {value}", best,
+                  {"config.micro_batch": 1, "config." + ("seq_len" if field == "seq_len" else "infer.context"): value})
 
 
 def with_space(solve: Solve, req: PlanRequest, label: str, flags: str, **space: Any) -> dict[str, Any] | None:
@@ -120,7 +134,7 @@ def with_space(solve: Solve, req: PlanRequest, label: str, flags: str, **space: 
     except ValueError:
         return None
     best = _fits(solve, replace(req, space=new))
-    return _entry(label, flags, best) if best is not None else None
+    return _entry(label, flags, best, {f"space.{k}": v for k, v in space.items()}) if best is not None else None
 
 
 def with_base(solve: Solve, req: PlanRequest, label: str, flags: str, **base: Any) -> dict[str, Any] | None:
@@ -130,7 +144,7 @@ def with_base(solve: Solve, req: PlanRequest, label: str, flags: str, **base: An
     except ValueError:
         return None
     best = _fits(solve, replace(req, base=new))
-    return _entry(label, flags, best) if best is not None else None
+    return _entry(label, flags, best, {f"config.{k}": v for k, v in base.items()}) if best is not None else None
 
 
 def bigger_gpu(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
@@ -140,7 +154,7 @@ def bigger_gpu(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
         best = _fits(solve, replace(req, gpu=gpu))
         if best is not None:
             return _entry(f"a GPU with more memory: {gpu.name} ({gpu.memory_bytes / GiB:,.1f} GiB)",
-                          f"--gpu {gpu.name}", best)
+                          f"--gpu {gpu.name}", best, {"hardware.gpu": gpu.name})
     return None
 
 
@@ -161,7 +175,7 @@ def more_cpu_ram(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
     if best is None:
         return None
     return _entry(f"more CPU RAM: {size // GiB:,} GiB per node (offloaded states need {need / GiB:,.1f} GiB)",
-                  f"--cpu-ram {size // GiB}GiB", best)
+                  f"--cpu-ram {size // GiB}GiB", best, {"hardware.cpu_ram_bytes": size})
 
 
 def diagnose(req: PlanRequest, result: PlanResult, solve: Solve) -> None:
