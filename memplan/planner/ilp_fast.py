@@ -25,7 +25,7 @@ def cheapest_modes(lb: LayerBlock) -> list[str] | None:
     out = []
     for layer, per in enumerate(lb.seconds):
         usable = [(keyed[k], sum(lb.gpu[layer][m].values()), i, m) for i, (m, keyed) in enumerate(per.items())
-                  for k in keyed]
+                  for k in keyed if k in lb.gpu[layer].get(m, {})]  # the MIP offers a mode where it has bytes
         if not usable:
             return None
         out.append(min(usable)[3])
