@@ -151,7 +151,7 @@ def infeasible_reason(loaded: LoadedRecipe, *, time_limit_s: float) -> tuple[Any
         return bare, (f"headroom too small: no plan in the search space keeps {headroom_text(loaded, t.tier)} of "
                       f"{TIER_NAME[t.tier]} free; the best plan without it uses {gib(t.total)} of {gib(t.capacity)} "
                       f"({t.headroom_pct:.1f}% headroom)")
-    binding(replace(req, suggest=False), bare)
+    binding(replace(req, suggest=False), bare, plan)
     return bare, f"no plan in the search space fits: {bare.binding or 'every candidate is over capacity'}"
 
 

@@ -6,6 +6,7 @@ read by the pure memory functions. Invalid combinations raise MemplanError with 
 
 from __future__ import annotations
 
+import functools
 from enum import IntEnum, StrEnum
 from typing import Any, Literal
 
@@ -146,18 +147,29 @@ def _mentions_bool(annotation: Any) -> bool:
     return "bool" in str(annotation)
 
 
+@functools.cache
+def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of ``model`` that do not admit a bool (computed once per class: ``reject_bools`` runs on every
+    validation, thousands of times in one plan)."""
+    return frozenset(name for name, f in model.model_fields.items() if not _mentions_bool(f.annotation))
+
+
 def reject_bools(model: type[BaseModel], data: Any) -> Any:
     """``data`` unchanged, or a ValueError naming the first field that is not a bool but was given
     ``True``/``False`` (or a list holding one): Python treats a bool as the integer 1 or 0, so without this
     ``seq_len=True`` would silently mean 1 and ``zero: [true]`` ZeRO stage 1."""
     if not isinstance(data, dict):
         return data
+    numeric = _numeric_fields(model)
     for name, value in data.items():
-        field = model.model_fields.get(name) if isinstance(name, str) else None
-        if field is None or _mentions_bool(field.annotation):
-            continue
-        items = value if isinstance(value, list | tuple) else (value,)
-        if any(isinstance(v, bool) for v in items):
+        if isinstance(value, bool):
+            boolean = True
+        elif isinstance(value, list | tuple):
+            boolean = any(isinstance(v, bool) for v in value)
+        else:
+            continue  # the common case, a scalar: no generator per field
+        if boolean and name in numeric:
+            items = value if isinstance(value, list | tuple) else (value,)
             raise ValueError(f"{name}: expected {'a number' if items is not value else 'numbers'} or names, "
                              f"got the boolean {str(value).lower()}")
     return data

@@ -267,12 +267,23 @@ def test_an_infeasible_405b_plan_gets_a_verified_zero3_way_out(runner):
     scale = [s for s in doc["suggestions"] if s["flags"].startswith("--gpus")]
     assert scale and scale[0]["verified"], doc["suggestions"]
     gpn, nodes = (int(x) for x in scale[0]["flags"].split()[1::2])
+    assert scale[0]["changes"] == {"hardware.gpus_per_node": gpn, "hardware.nodes": nodes}  # the flags, as data
     assert gpn * nodes >= 405e9 * 16 / (23.99 * 2**30)
     fitted = cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes), "--top", "1")
     assert fitted["status"] == "optimal"
     zero = fitted["best"]["config"]["zero"]
     assert (f"ZeRO-{zero}" in scale[0]["change"]) == (zero > 0), scale[0]["change"]
-    cli_json(runner, *args, "--gpus", str(gpn), "--nodes", str(nodes - 1), "--top", "1", code=1)
+    # one node fewer does not fit: the same request through the API, without diagnosing it a second time
+    from memplan.catalog.store import catalog_gpu, catalog_model
+    from memplan.config import Offload
+    from memplan.planner.plan import PlanRequest, plan
+    from memplan.planner.space import SearchSpace
+
+    none = (Offload.NONE,)
+    fewer = plan(PlanRequest(model=catalog_model("llama-3.1-405b"), gpu=catalog_gpu("rtx-4090"), host=HostSpec(),
+                             base=JobConfig(job="full", gpus_per_node=gpn, nodes=nodes - 1),
+                             space=SearchSpace(offload_optimizer=none, offload_params=none), top_k=1, suggest=False))
+    assert fewer.status == "infeasible"
 
 
 def test_plan_json_carries_its_assumptions_even_when_nothing_fits(runner):

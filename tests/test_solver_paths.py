@@ -37,6 +37,14 @@ def without(*names: str) -> Any:
     return fake
 
 
+@pytest.fixture(autouse=True)
+def _every_row_through_the_solver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the solver's paths: rows the search answers without one (``ilp_fast``) would skip them."""
+    from memplan.planner import ilp_search
+
+    monkeypatch.setattr(ilp_search, "cheapest_plan", lambda problem: None)
+
+
 @pytest.fixture
 def solver_log(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Class names of the PuLP solvers that ``get_solver`` hands to the ILP, in order."""

@@ -14,6 +14,7 @@ from memplan.planner.space import (
     placements,
     powers_of_two,
 )
+from memplan.planner.split import split_values
 
 SP_ENGINES = frozenset({Engine.MEGATRON, Engine.PYTORCH, Engine.FSDP2})
 """Engines that run sequence parallelism with tensor parallelism: Megatron-LM ``--sequence-parallel``
@@ -155,8 +156,6 @@ def resolve(arch: Architecture, base: JobConfig, space: SearchSpace, objective: 
     if not space.per_layer_recompute:
         default_modes = (base.recompute,)
     dims["recompute"] = space.recompute or default_modes
-    from memplan.planner.train_offload import split_values
-
     splits = split_values(dims, space.per_layer_offload and bool(arch.layers), base.job)
     if len(splits) > 1:
         dims["opt_split"] = splits

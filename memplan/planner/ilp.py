@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from memplan.planner import solvers
 from memplan.planner.ilp_layers import LayerBlocks
 from memplan.planner.ilp_model import (
     ERROR_SCALE,
@@ -246,12 +247,10 @@ class IlpBuilder(LayerBlocks):
         return second
 
     def _solve(self, time_limit: float | None, solver: str | None, prob: Any = None) -> Solution:
-        from memplan.planner.solvers import get_solver, quiet_stdout
-
         pl, prob = self.pulp, self.prob if prob is None else prob
-        chosen = get_solver(solver, time_limit=time_limit)
+        chosen = solvers.get_solver(solver, time_limit=time_limit)
         try:
-            with quiet_stdout():
+            with solvers.quiet_stdout():
                 status = prob.solve(chosen)
         except (pl.PulpSolverError, IndexError):  # HiGHS refuses |coefficients| >= 1e15; PuLP then indexes an empty model
             from memplan.errors import MemplanError
@@ -272,8 +271,9 @@ class IlpBuilder(LayerBlocks):
         modes = self.modes(0) if self.p.layers is not None else []
         sol_status = "optimal" if prob.sol_status == pl.LpSolutionOptimal else "feasible"
         scale = SECONDS_SCALE if self.p.objective in ("min_seconds", "min_error") else 1.0
+        gap = _highs_gap(prob) if sol_status == "feasible" else None
         return Solution(sol_status, choice, modes, float(pl.value(prob.objective) or 0.0) / scale,
-                        float(pl.value(self.seconds_expr()) or 0.0), block_modes)
+                        float(pl.value(self.seconds_expr()) or 0.0), block_modes, gap)
 
     def cutoff(self, seconds: float) -> None:
         """Only plans no slower than ``seconds`` (a bound from another part of the space; ties kept)."""
@@ -291,6 +291,16 @@ class IlpBuilder(LayerBlocks):
             self.prob.writeLP(path)
         except OSError as exc:
             raise MemplanError(f"--debug-lp: cannot write {path}: {exc.strerror or exc}.") from None
+
+
+def _highs_gap(prob: Any) -> float | None:
+    """HiGHS's relative MIP gap of the incumbent a time limit left (|primal − dual| / |primal|), when HiGHS solved."""
+    model = getattr(prob, "solverModel", None)
+    try:
+        gap = float(model.getInfo().mip_gap) if model is not None else math.nan
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return gap if math.isfinite(gap) and gap >= 0 else None
 
 
 def _status_name(label: str, prob: Any) -> str:

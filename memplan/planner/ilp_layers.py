@@ -31,17 +31,21 @@ class LayerBlocks:
     def _groups(self, lb: LayerBlock) -> dict[tuple[int, int], list[int]]:
         """Layers that share a class and a segment no pipeline stage boundary cuts (with ``contiguous``:
         runs of adjacent such layers), in layer order."""
-        seg = self.p.num_layers // max(self.p.dims.get("pp", (1,))) if lb.stages else self.p.num_layers
+        pps = self.p.dims.get("pp", (1,)) if lb.stages else (1,)
+        n = self.p.num_layers
         classes = lb.classes or list(range(len(lb.gpu)))
+        place = [tuple(stage_of(layer, n, p, self.p.stage_map) for p in pps) for layer in range(len(lb.gpu))]
+        segments = {s: i for i, s in enumerate(dict.fromkeys(place))}  # stages under every pp: no boundary inside
         groups: dict[tuple[int, int], list[int]] = {}
         run = -1
         for layer in range(len(lb.gpu)):
+            seg = segments[place[layer]]
             if lb.contiguous:
-                if layer == 0 or layer % seg == 0 or classes[layer] != classes[layer - 1]:
+                if layer == 0 or place[layer] != place[layer - 1] or classes[layer] != classes[layer - 1]:
                     run += 1
-                key = (layer // seg, run)
+                key = (seg, run)
             else:
-                key = (layer // seg, classes[layer])
+                key = (seg, classes[layer])
             groups.setdefault(key, []).append(layer)
         return groups
 
@@ -116,7 +120,7 @@ class LayerBlocks:
                 continue
             for m, keyed in lb.workspace[rep].items():  # type: ignore[index]
                 extra = lb.flight_workspace[rep][m] if lb.flight_workspace and held else {}
-                coef = {k: ceil_unit((n if work else 0) + (p - s) * extra.get(k, 0)) for k, n in keyed.items()
+                coef = {k: ceil_unit((n if work else 0) + self.p.flight(p, s) * extra.get(k, 0)) for k, n in keyed.items()
                         if "pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p}
                 total = sum(coef.values())
                 if total:
@@ -148,13 +152,13 @@ class LayerBlocks:
             rep = members[0]
             if stage_of(rep, self.p.num_layers, p, self.p.stage_map) != s:
                 continue
-            mult = (p - s) if lb.in_flight else 1
+            mult = self.p.flight(p, s) if lb.in_flight else 1
             for m in lb.modes:
                 for k in lb.gpu[rep][m]:
                     nbytes = sum(t[rep][m].get(k, 0) for t in tables)
                     if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
                         terms.append(ceil_unit(nbytes * mult) * self.w[bi, gkey, m, k])
-        if (bi, p, s, 0) in self.ws and lb.alive(phase, _shared_phases(lb)):
+        if (bi, p, s, 0) in self.ws and lb.alive(phase, shared_phases(lb)):
             terms.append(self.ws[bi, p, s, 0])
         if (bi, p, s, 1) in self.ws and lb.alive(phase, lb.flight_phases):
             terms.append(self.ws[bi, p, s, 1])
@@ -166,7 +170,7 @@ class LayerBlocks:
                 for m, keyed in getattr(lb, attr)[members[0]].items() for k, v in keyed.items() if v]
 
 
-def _shared_phases(lb: LayerBlock) -> frozenset[str] | None:
+def shared_phases(lb: LayerBlock) -> frozenset[str] | None:
     """Phases of the workspace variable of kind 0: ``workspace_phases``, or, when the in-flight workspace shares
     that variable (``_workspace``), the union of both (None: all phases)."""
     split = lb.flight_workspace is not None and lb.workspace_phases != lb.flight_phases

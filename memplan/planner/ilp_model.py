@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from memplan.arch.parallel import in_flight_micro_batches
+
 UNIT = 1024
 """ILP memory unit in bytes (KiB): demand is rounded up to it, capacity down."""
 
@@ -137,6 +139,15 @@ class Problem:
     """Per pipeline degree, the stage of every layer (``arch.parallel.stage_index``: balanced, uneven
     stages); a degree missing here splits the layers evenly."""
 
+    virtual_stages: int = 1
+    """Model chunks per pipeline stage (interleaved 1F1B): how many micro-batches a stage holds in flight
+    (``flight``)."""
+
+    def flight(self, pp: int, stage: int) -> int:
+        """Micro-batches whose per-layer bytes stage ``stage`` of ``pp`` holds at its peak: p − s under 1F1B, more
+        under the interleaved schedule (``arch.parallel.in_flight_micro_batches``, the count ``estimate`` uses)."""
+        return in_flight_micro_batches(pp, stage, self.virtual_stages)
+
     @property
     def blocks(self) -> list[LayerBlock]:
         return ([self.layers] if self.layers is not None else []) + list(self.extra_blocks)
@@ -151,6 +162,8 @@ class Solution:
     seconds: float
     block_modes: dict[str, list[str]] = field(default_factory=dict)
     """Per-layer modes of every block by name (``modes`` is the first block's)."""
+    gap: float | None = None
+    """A ``feasible`` solution's proven relative distance to the optimum, when the search knows it."""
 
 
 def ceil_unit(n: int) -> int:

@@ -8,6 +8,7 @@ factor-table value, and memory per stage is the sum of a weights factor and a KV
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import product
 from typing import Any
@@ -21,7 +22,19 @@ from memplan.memory.context import Context
 from memplan.planner import cost
 from memplan.planner.dims import pp_candidates, tp_candidates
 from memplan.planner.ilp import Entry, Factor, IlpBuilder, Problem
-from memplan.planner.infer_capacity import ep_candidates, exact_values
+from memplan.planner.infer_capacity import ep_candidates, exact_values, plan_min_gpus
+from memplan.planner.infer_layers import (
+    BLOCK_NAME,
+    LayerChoices,
+    build_block,
+    describe,
+    is_gguf,
+    layer_config,
+    quality_extras,
+)
+from memplan.planner.recheck import verified_solutions
+from memplan.planner.request import Candidate, PlanRequest, PlanResult, PlanStatus, rank_candidates
+from memplan.planner.serve_cost import serve_cost
 from memplan.planner.space import Objective
 
 W_DIMS = ("tp", "pp", "ep", "quant")
@@ -80,7 +93,6 @@ def _objective(req: Any) -> Objective:
 def choices_for(req: Any, dims: dict[str, tuple]) -> Any:
     """Which per-layer decisions the request allows (formats per layer, CPU offload of weights)."""
     from memplan.memory.quant import get_format
-    from memplan.planner.infer_layers import LayerChoices
 
     formats = None
     if req.space.per_layer_quant:
@@ -149,7 +161,6 @@ def _distinct_quants(dims: dict[str, tuple], weights: dict[tuple, Entry]) -> tup
 
 def build(req: Any) -> tuple[Problem, list[str], Any]:
     from memplan.engines import serving
-    from memplan.planner.infer_layers import build_block
 
     arch = build_architecture(req.model)
     dims, excluded = _dims(req, arch)
@@ -183,7 +194,6 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
             [r for r in rows if not r.component.startswith("weights")] for rows in stages]
         kv[key] = Entry(gpu=tuple(tier_total(r, Tier.GPU) for r in krows))
     if choices.formats is not None:
-        from memplan.planner.infer_layers import is_gguf
 
         if any(is_gguf(f) for f in choices.formats):  # llama.cpp keeps the input layer on the host only for GGUF
             dims["quant"] = tuple(q for q in dims["quant"] if q is not None)
@@ -231,7 +241,6 @@ def decode_seconds(req: Any, c: dict[str, Any], w: Entry, k: Entry) -> float:
     """One decode step of one replica: the roofline of ``planner.serve_cost`` (weights of the touched experts and
     the KV read at effective bandwidth, or FLOPs at effective peak; stages in sequence), plus tensor
     parallelism's two all-reduces of B·D per layer (Megatron-LM Sec. 3)."""
-    from memplan.planner.serve_cost import serve_cost
 
     cfg = infer_config(req.base, c)
     seconds = serve_cost(Context(build_architecture(req.model), cfg, req.gpu, req.host)).tpot_s
@@ -244,21 +253,18 @@ def decode_seconds(req: Any, c: dict[str, Any], w: Entry, k: Entry) -> float:
     return seconds
 
 
-def plan_inference(req: Any) -> Any:
-    from memplan.planner.infer_layers import BLOCK_NAME, describe, layer_config
-    from memplan.planner.plan import Candidate, PlanResult, rank_candidates, verified_solutions
-
-    result = PlanResult(status="infeasible", objective=req.objective)
+def plan_inference(req: PlanRequest, explain: Callable[[PlanRequest, PlanResult], None]) -> PlanResult:
+    """The best serving plans for ``req``; ``explain`` (``plan.explain_infeasible``) fills the binding constraint
+    and the verified ways out when none fits and ``req.suggest``."""
+    result = PlanResult(status=PlanStatus.INFEASIBLE, objective=req.objective)
     if req.objective in (Objective.MIN_GPUS, Objective.MIN_COST) and not req.space.per_layer_quant:
-        from memplan.planner.infer_capacity import plan_min_gpus
-
         dims, excluded = _dims(req, build_architecture(req.model))
         result.excluded = sorted(set(excluded))
         plan_min_gpus(req, dims, infer_config, result)
         if result.candidates:
             rank_candidates(result.candidates)
             result.candidates = result.candidates[: req.top_k]
-            result.status = "optimal"
+            result.status = PlanStatus.OPTIMAL
         return result
     problem, excluded, choices = build(req)
     result.excluded = sorted(set(excluded))
@@ -277,18 +283,15 @@ def plan_inference(req: Any) -> Any:
     if result.candidates:
         rank_candidates(result.candidates)
         result.candidates = result.candidates[: req.top_k]  # ties beyond --top were collected to rank them
-        result.status = "optimal"
+        result.status = PlanStatus.OPTIMAL
     elif req.suggest:
-        from memplan.planner.plan import explain_infeasible
-
-        explain_infeasible(req, result)
+        explain(req, result)
     return result
 
 
 def _extras(req: Any, cfg: JobConfig, choices: Any) -> dict[str, Any]:
     """Serving latency (TTFT, TPOT, tokens/s per replica, replicas) and, for plans that choose formats per
     layer, the quality of the chosen weight formats."""
-    from memplan.planner.serve_cost import serve_cost
 
     arch = build_architecture(req.model)
     sc = serve_cost(Context(arch, cfg, req.gpu, req.host))
@@ -296,6 +299,5 @@ def _extras(req: Any, cfg: JobConfig, choices: Any) -> dict[str, Any]:
                            "replicas": sc.replicas}
     if choices.formats is None:
         return out
-    from memplan.planner.infer_layers import quality_extras
 
     return {**out, **quality_extras(arch, cfg)}

@@ -15,6 +15,8 @@ from typing import Any
 from memplan.arch.tensors import Architecture
 from memplan.config import JobConfig
 from memplan.errors import MemplanError
+from memplan.planner.request import Candidate
+from memplan.planner.serve_cost import serve_cost
 
 
 def ep_candidates(arch: Architecture, base: JobConfig, space_ep: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -97,8 +99,6 @@ def plan_min_gpus(req: Any, dims: dict[str, tuple], make_config: Any, result: An
     ceil(C / replicas) of them; min-cost ranks the same layouts by price per hour. Every plan is
     re-estimated with exact bytes."""
     from memplan.estimator import estimate
-    from memplan.planner.plan import Candidate
-    from memplan.planner.serve_cost import serve_cost
 
     keys = ("tp", "pp", "ep", "quant", "kv_dtype")
     price = req.gpu.price_per_hour_usd or 0.0

@@ -22,6 +22,7 @@ from memplan.config import JobConfig
 from memplan.planner import cost
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import LayerBlock
+from memplan.planner.request import runs
 
 CPU_SUFFIX = "@cpu"
 BLOCK_NAME = "weights"
@@ -162,8 +163,6 @@ def layer_config(cfg: JobConfig, modes: list[str], choices: LayerChoices) -> Job
 
 def describe(modes: list[str], choices: LayerChoices) -> str:
     """'weights: int8 layers 0-39, nf4 layers 40-79; cpu: layers 70-79' (empty when nothing varies)."""
-    from memplan.planner.plan import runs
-
     parts = []
     if choices.formats is not None:
         parts.append("weights " + runs([m.removesuffix(CPU_SUFFIX) for m in modes]))
@@ -206,8 +205,6 @@ def quality_extras(arch: Architecture, cfg: JobConfig) -> dict[str, Any]:
 
 def describe_formats(cfg: JobConfig) -> str:
     """'weights nf4-dq: layers 0-39, int8: layers 40-79' of a plan's ``quant_map``."""
-    from memplan.planner.plan import runs
-
     if cfg.quant_map is None:
         return ""
     return "weights " + runs([fmt_label(f, cfg.dtype.value) for f in cfg.quant_map])

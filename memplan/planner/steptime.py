@@ -134,6 +134,21 @@ def _active_params(layer: Layer) -> int:
     return value
 
 
+_PARAMS: dict[int, tuple[Layer, int]] = {}
+
+
+def _params(layer: Layer) -> int:
+    """``layer.params``, memoized like ``_active_params`` (each stage's weight re-read sums it per plan row)."""
+    hit = _PARAMS.get(id(layer))
+    if hit is not None and hit[0] is layer:
+        return hit[1]
+    if len(_PARAMS) >= 65536:
+        _PARAMS.clear()
+    value = layer.params
+    _PARAMS[id(layer)] = (layer, value)
+    return value
+
+
 def linear_forward_flops(layer: Layer, tokens: int) -> float:
     """Forward FLOPs of a layer's weight GEMMs: 2·N_active per token (Kaplan et al. 2020, Table 1)."""
     return 2.0 * _active_params(layer) * tokens
@@ -199,7 +214,7 @@ def stage_micro_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage:
     eff = efficiency(gpu, cfg, hidden)
     compute = _passes(cfg) * (gemm / peak_flops(gpu, cfg) + core / attention_peak_flops(gpu)) / (cfg.tp * eff)
     compute /= 1.0 - cfg.perf.comm_sm_fraction
-    params = sum(layer.params for layer in layers) or arch.params
+    params = sum(_params(layer) for layer in layers) or arch.params
     reread = _passes(cfg) * ACTIVATION_BYTES * params / cfg.tp / (gpu.hbm_bandwidth_gbps * 1e9)
     seconds = max(compute, reread) + dequant_seconds(gpu, cfg, params // cfg.tp)
     seconds += len(layers) * cost.elementwise_seconds(

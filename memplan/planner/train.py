@@ -7,78 +7,35 @@ bytes are ``estimate``'s bytes; the chosen plan is re-checked by ``estimate`` an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from itertools import product
 from typing import Any, TypeVar
 
 from memplan.arch.parallel import stage_index
-from memplan.arch.tensors import Architecture
-from memplan.catalog.schema import GpuSpec, HostSpec
-from memplan.config import JobConfig, Offload, Recompute
+from memplan.config import JobConfig, Offload
 from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
 from memplan.memory import components, runtime
 from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
-from memplan.planner import cost, hybrid, steptime, train_offload, train_phases
+from memplan.planner import cost, hybrid, steptime, train_offload, train_phases, train_quant
 from memplan.planner.classes import layer_classes
-from memplan.planner.dims import with_sequence_parallel
 from memplan.planner.ilp import Entry, Factor, Problem
+from memplan.planner.setting import SAVINGS, TrainSetting, config_for  # noqa: F401 - re-exported
+from memplan.planner.setting import contexts as _contexts
+from memplan.planner.train_recompute import layer_block, recompute_bounds
 
 STATE_DIMS = ("tp", "pp", "placement", "optimizer", "quant")
 SHAPE_DIMS = ("tp", "pp", "micro_batch", "seq_len")
 COMM_DIMS = ("tp", "pp", "placement", "micro_batch", "seq_len")
-SAVINGS = {Recompute.NONE.value: 0, Recompute.SELECTIVE.value: 1, Recompute.OP.value: 2, Recompute.FULL.value: 3}
 NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "activations/layer_kwargs")
-
-
-@dataclass(frozen=True)
-class TrainSetting:
-    """Everything fixed during one solve: model, hardware, the base config and the global batch."""
-
-    arch: Architecture
-    gpu: GpuSpec
-    host: HostSpec
-    base: JobConfig
-    global_batch: int
-
-
-def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | None = None,
-               modes: Iterable[str] | None = None, optimizer_modes: list[str] | None = None) -> JobConfig:
-    """The JobConfig a (partial) choice of dimensions describes (``optimizer_modes``: the per-layer
-    optimizer placement of an ``opt_split = layers`` plan)."""
-    upd: dict[str, Any] = {}
-    for dim, value in choice.items():
-        if dim == "placement":
-            upd["zero"], upd["offload_optimizer"], upd["offload_params"] = value
-        elif dim in ("tp", "pp", "ep", "micro_batch", "seq_len", "optimizer", "quant"):
-            upd[dim] = value
-    cfg = with_sequence_parallel(JobConfig.model_validate({**base.model_dump(), **upd}))
-    if hybrid.DIM in choice:
-        cfg = hybrid.apply(cfg, choice[hybrid.DIM])
-    if global_batch is not None:
-        cfg = cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.batch_dp))})
-    if modes is not None:
-        modes = tuple(Recompute(m) for m in modes)
-        used = {m for m in modes if m is not Recompute.NONE}
-        mode = max(used, key=lambda m: SAVINGS[m.value]) if used else Recompute.NONE
-        cfg = cfg.model_copy(update={"recompute": mode, "recompute_map": modes, "recompute_layers": None})
-    if choice.get("opt_split") == train_offload.LAYERS:
-        n = train_offload.gpu_layers(optimizer_modes) if optimizer_modes else None
-        cfg = JobConfig.model_validate({**cfg.model_dump(), "optimizer_gpu_layers": n})
-    return cfg
 
 
 def _valid(cfg: JobConfig, setting: TrainSetting) -> bool:
     """Whether the micro-batch and data-parallel degree divide the global batch."""
     return not setting.global_batch % (cfg.micro_batch * cfg.batch_dp)
-
-
-def _contexts(setting: TrainSetting, cfg: JobConfig) -> list[Context]:
-    ctx = Context(setting.arch, cfg, setting.gpu, setting.host)
-    return [ctx.at_stage(s) for s in range(cfg.pp)]
 
 
 def state_dims(dims: dict[str, tuple]) -> tuple[str, ...]:
@@ -280,8 +237,6 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                   formats: tuple[str | None, ...] | None = None) -> tuple[Problem, list[str]]:
     """The training ILP over ``dims`` (each a tuple of candidate values; ``recompute`` lists the
     per-layer modes, which are not a global choice); ``formats``: a weight format per layer among these."""
-    from memplan.planner.train_recompute import layer_block, recompute_bounds
-
     layers = layer_block(setting, dims)
     dims = {d: v for d, v in dims.items() if d != "recompute"}
     states, reasons = states_factor(setting, dims, layer_weights=formats is None)
@@ -294,8 +249,6 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     factors = [states, shape, comm_factor(setting, dims)]
     extra = [b for b in (train_offload.build_block(setting, dims),) if b is not None]
     if formats is not None:
-        from memplan.planner import train_quant
-
         extra.append(train_quant.build_block(setting, dims, formats))
     if value_of is not None:
         shape.entries = {k: replace(e, value=value_of(dict(zip(SHAPE_DIMS, k, strict=True))))
@@ -317,7 +270,8 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
                       extra_blocks=extra, phases=tuple(p.value for p in TRAIN_PHASES),
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
-                      stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]})
+                      stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
+                      virtual_stages=setting.base.perf.virtual_stages)
     return problem, reasons
 
 

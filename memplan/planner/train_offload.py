@@ -14,43 +14,22 @@ from __future__ import annotations
 from itertools import product
 from typing import Any
 
-from memplan.config import Accounting, Job, JobConfig, Offload, OptimizerKind, ZeroStage
+from memplan.config import Accounting, JobConfig, Offload, ZeroStage
 from memplan.planner import cost
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import LayerBlock
-
-ALL = "all"
-LAYERS = "layers"
-BLOCK_NAME = "optimizer"
-KEY_DIMS = ("tp", "pp", "optimizer", "opt_split")
-MODES = ("gpu", "cpu")
-
-
-def splittable(placement: tuple, optimizer: OptimizerKind = OptimizerKind.ADAMW, job: Job = Job.FULL) -> bool:
-    """Partial offload is DeepSpeed ZeRO-3's (``ratio``: "Only valid with ZeRO Stage 3"), to the CPU, with
-    AdamW ("Hybrid Optimizer Only Supports DeepSpeedCPUAdam"), for jobs that train every weight."""
-    zero, opt_off, _ = placement
-    return (zero >= ZeroStage.PARAMETERS and opt_off is Offload.CPU and optimizer is OptimizerKind.ADAMW
-            and job in (Job.PRETRAIN, Job.FULL))
-
-
-def split_values(dims: dict[str, tuple], per_layer: bool, job: Job) -> tuple[str, ...]:
-    if per_layer and any(splittable(p, o, job) for p in dims["placement"] for o in dims["optimizer"]):
-        return (ALL, LAYERS)
-    return (ALL,)
-
-
-def partition(dims: dict[str, tuple], job: Job) -> list[dict[str, tuple]]:
-    """The search space as disjoint parts: without ``opt_split`` the space itself; with it, the plans that
-    keep the optimizer states whole (``all``) and those that split them by layer (``layers``: pp = 1 and
-    the placements and optimizers DeepSpeed splits with). Their union is the space."""
-    if "opt_split" not in dims:
-        return [dims]
-    whole = {d: v for d, v in dims.items() if d != "opt_split"}
-    split = {**dims, "opt_split": (LAYERS,), "pp": tuple(p for p in dims["pp"] if p == 1),
-             "placement": tuple(p for p in dims["placement"] if any(splittable(p, o, job) for o in dims["optimizer"])),
-             "optimizer": tuple(o for o in dims["optimizer"] if any(splittable(p, o, job) for p in dims["placement"]))}
-    return [whole] + ([split] if all(split[d] for d in ("pp", "placement", "optimizer")) else [])
+from memplan.planner.setting import config_for
+from memplan.planner.split import (  # noqa: F401 - re-exported: the per-layer optimizer placement's names
+    ALL,
+    BLOCK_NAME,
+    KEY_DIMS,
+    LAYERS,
+    MODES,
+    gpu_layers,
+    partition,
+    split_values,
+    splittable,
+)
 
 
 def cpu_factor_pct(cfg: JobConfig) -> int:
@@ -80,8 +59,8 @@ def param_fetch_seconds(setting: Any, cfg: JobConfig) -> float:
     fetched layer by layer before use in forward and backward; the all-gather runs over the GPU links).
     """
     pcie = cost.pcie_bytes_per_s(setting.gpu, setting.host)
-    partition = setting.arch.params * cfg.dtype.bits // 8 // (cfg.tp * cfg.pp * cfg.dp)
-    return 2 * max(1, cfg.grad_accum) * partition / pcie
+    shard = setting.arch.params * cfg.dtype.bits // 8 // (cfg.tp * cfg.pp * cfg.dp)
+    return 2 * max(1, cfg.grad_accum) * shard / pcie
 
 
 def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
@@ -91,7 +70,6 @@ def build_block(setting: Any, dims: dict[str, tuple]) -> LayerBlock | None:
     from memplan.memory.breakdown import TRAIN_PHASES
     from memplan.memory.context import Context
     from memplan.memory.model_states import layer_optimizer_bytes
-    from memplan.planner.train import config_for
 
     if LAYERS not in dims.get("opt_split", ()):
         return None
@@ -175,11 +153,6 @@ def layer_phase_bytes(ctx: Any, layer_index: int) -> dict[Any, int]:
         if temp:
             rows.append(Row("optimizer/step_temporaries", Tier.GPU, temp))
     return phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES)
-
-
-def gpu_layers(modes: list[str]) -> int:
-    """``optimizer_gpu_layers`` of a solution: the leading layers kept on the GPU (the rest is a suffix)."""
-    return next((i for i, m in enumerate(modes) if m == "cpu"), len(modes))
 
 
 def sub_groups(arch: Any, cfg: JobConfig, size: int) -> list[int]:

@@ -10,19 +10,26 @@ from typing import Any
 from memplan.arch.build import build_architecture
 from memplan.config import JobConfig, Recompute
 from memplan.errors import MemplanError
-from memplan.planner import act_offload, hybrid, train, train_offload
+from memplan.memory import components
+from memplan.memory.context import Context
+from memplan.memory.model_states import offloaded_fraction
+from memplan.planner import act_offload, hybrid, train, train_offload, train_quant
+from memplan.planner.budget import train_budget
 from memplan.planner.dims import cp_bases, resolve
-from memplan.planner.ilp import IlpBuilder
-from memplan.planner.plan import (
+from memplan.planner.ilp_search import searcher
+from memplan.planner.infer_layers import describe_formats, quality_extras
+from memplan.planner.recheck import verified_solutions
+from memplan.planner.request import (
     Candidate,
+    NoValidDegree,
     PlanRequest,
     PlanResult,
     global_batch_for,
     layer_map,
     rank_candidates,
-    verified_solutions,
 )
 from memplan.planner.space import Objective, engine_bases, runnable_dims
+from memplan.planner.train_recompute import recompute_seconds
 
 
 def _objective_kind(objective: Objective) -> str:
@@ -45,7 +52,6 @@ def _value_fn(objective: Objective):
 
 def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) -> float:
     """Analytic step time of one plan: shape (compute, bubble, tp), data-parallel traffic, offload, recompute."""
-    from memplan.memory import components
 
     comm_dims = {"tp": (cfg.tp,), "pp": (cfg.pp,), "placement": ((cfg.zero, cfg.offload_optimizer, cfg.offload_params),),
                  "micro_batch": (cfg.micro_batch,), "seq_len": (cfg.seq_len,), "ep": (cfg.ep,)}
@@ -54,8 +60,6 @@ def step_seconds(setting: train.TrainSetting, cfg: JobConfig, modes: list[str]) 
     comm = next(iter(train.comm_factor(setting, comm_dims).entries.values())).seconds
     per_stage = [components.state_rows(c) for c in train._contexts(setting, cfg)]
     offload = train.offload_seconds(setting, cfg, per_stage)
-    from memplan.planner.train_recompute import recompute_seconds
-
     recompute = sum(recompute_seconds(setting, cfg, layer, Recompute(m))
                     for layer, m in zip(setting.arch.layers, modes, strict=False))
     acts = act_offload.step_seconds(setting.arch, setting.gpu, setting.host, cfg, setting.global_batch)
@@ -81,8 +85,6 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     bases = cp_bases(engine_bases(_with_world(req.base, gpn, nodes), req.space), req.space, excluded)
     result.excluded = sorted(set(result.excluded + excluded))
     if not bases and excluded:
-        from memplan.planner.plan import NoValidDegree
-
         raise NoValidDegree(f"no context-parallel degree is valid: {'; '.join(excluded)}.")
     for base in bases:
         for offload in act_offload.choices(base, req.space.offload_activations):
@@ -126,8 +128,6 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
     dims = act_offload.restrict(base, dims)
     result.excluded = sorted(set(result.excluded + excluded))
     if not dims["tp"] or not dims["pp"] or not dims["placement"]:
-        from memplan.planner.plan import NoValidDegree
-
         raise NoValidDegree(f"no tensor/pipeline degree or ZeRO/offload placement is valid on {base.world_size} GPUs: "
                             + "; ".join(dict.fromkeys(excluded[:3])))
     if not dims["recompute"]:
@@ -137,8 +137,6 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
     setting = train.TrainSetting(arch=arch, gpu=req.gpu, host=req.host, base=base, global_batch=gb)
     formats = None
     if req.space.per_layer_quant:
-        from memplan.planner import train_quant
-
         formats = dims["quant"]
         train_quant.check(base.job, formats, req.objective.value)
         dims = train_quant.restrict(dims, formats)
@@ -183,7 +181,7 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
             raise
         invalid.append(exc)
         return []
-    builder = IlpBuilder(problem)
+    builder = searcher(problem)
     if cutoff is not None:
         builder.cutoff(cutoff)
 
@@ -191,8 +189,6 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
         cfg = train.config_for(base, sol.choice, global_batch=gb, modes=sol.modes or None,
                                optimizer_modes=sol.block_modes.get(train_offload.BLOCK_NAME))
         if formats is not None:
-            from memplan.planner import train_quant
-
             qmap = train_quant.quant_map(sol.block_modes[train_quant.BLOCK_NAME], formats, base.dtype.value)
             cfg = cfg.model_copy(update={"quant_map": qmap})
         return cfg
@@ -203,9 +199,6 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
         tokens = gb * cfg.seq_len
         text, extras = layer_map(sol.modes), {}
         if cfg.optimizer_gpu_layers is not None:
-            from memplan.memory.context import Context
-            from memplan.memory.model_states import offloaded_fraction
-
             ratio = offloaded_fraction(Context(arch, cfg, req.gpu, req.host))
             size, ds_ratio = train_offload.deepspeed_settings(arch, cfg)
             extras = {"optimizer_gpu_layers": cfg.optimizer_gpu_layers, "offload_ratio": round(ratio, 6),
@@ -214,14 +207,10 @@ def _solve_part(req: PlanRequest, setting: train.TrainSetting, dims: dict[str, t
         offloaded = "activations offloaded to CPU" if cfg.offload_activations else ""
         text = "; ".join(t for t in (text, hybrid.describe(cfg), offloaded) if t)  # config JSON holds the knobs
         if formats is not None:
-            from memplan.planner.infer_layers import describe_formats, quality_extras
-
             extras.update(quality_extras(arch, cfg))
             text = "; ".join(t for t in (text, describe_formats(cfg)) if t)
         budget = None
         if req.train_tokens:
-            from memplan.planner.budget import train_budget
-
             budget = train_budget(tokens_per_s=tokens / seconds, gpus=cfg.world_size, train_tokens=req.train_tokens)
         out.append(Candidate(cfg, est, seconds, tokens / seconds, sol.objective, text, extras, global_batch=gb,
                              train_budget=budget))

@@ -16,6 +16,7 @@ from memplan.config import Job, Offload, ZeroStage
 from memplan.errors import MemplanError
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import LayerBlock
+from memplan.planner.infer_layers import fmt_label
 
 BLOCK_NAME = "weights"
 KEY_DIMS = ("tp", "pp")
@@ -64,7 +65,6 @@ def build_block(setting: Any, dims: dict[str, tuple], formats: tuple[str | None,
     from memplan.memory.context import Context
     from memplan.memory.quant_error import layer_error
     from memplan.memory.weights import layer_weight_bytes
-    from memplan.planner.infer_layers import fmt_label
 
     arch, base = setting.arch, setting.base
     dtype = base.dtype.value
@@ -89,7 +89,6 @@ def build_block(setting: Any, dims: dict[str, tuple], formats: tuple[str | None,
 
 
 def quant_map(modes: list[str], formats: tuple[str | None, ...], dtype: str) -> tuple[str | None, ...]:
-    from memplan.planner.infer_layers import fmt_label
 
     by_label = {fmt_label(f, dtype): f for f in formats}
     return tuple(by_label[m] for m in modes)

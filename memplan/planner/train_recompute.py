@@ -8,7 +8,7 @@ from __future__ import annotations
 from itertools import product
 from typing import Any
 
-from memplan.arch.parallel import arch_stage_ranges
+from memplan.arch.parallel import arch_stage_ranges, in_flight_micro_batches
 from memplan.arch.tensors import Layer
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations as act
@@ -17,7 +17,7 @@ from memplan.memory.context import Context
 from memplan.planner import act_offload, steptime
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Factor, LayerBlock
-from memplan.planner.train import SAVINGS, TrainSetting, config_for
+from memplan.planner.setting import SAVINGS, TrainSetting, config_for
 
 LAYER_DIMS = ("tp", "pp", "micro_batch", "seq_len")
 
@@ -106,10 +106,11 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     """A lower bound on the recompute seconds any plan with layer key (tp, pp, micro-batch, seq) needs,
     or None when no plan with that key can fit (its layers cannot save enough even all recomputed).
 
-    Per stage s of p: need = Σ_layers (p − s)·A_none + leanest states + shape − capacity; every byte
+    Per stage s of p: need = Σ_layers F·A_none + leanest states + shape − capacity; every byte
     saved costs at least the cheapest seconds-per-byte of any mode, so seconds ≥ need × that ratio.
     A valid inequality (it ignores the recompute workspace, which only adds need), it lets the ILP
-    prune global choices whose per-layer optimum is dear without branching on them. Bytes are those of the
+    prune global choices whose per-layer optimum is dear without branching on them. F is the stage's micro-batches
+    in flight (p − s, more when interleaved: ``arch.parallel.in_flight_micro_batches``). Bytes are those of the
     start of backward, the phase in which every saved activation is alive.
     """
     start = Phase.BACKWARD_START.value
@@ -130,7 +131,7 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
         ranges = arch_stage_ranges(setting.arch, pp)
         for s in range(pp):
             members = ranges[s]
-            flight = pp - s
+            flight = in_flight_micro_batches(pp, s, setting.base.perf.virtual_stages)
             base = sum(flight * layers.gpu[i][none][key] for i in members)
             need = base + lean[tp, pp][s] + shp.gpu_in(start)[s] - cap
             if need <= 0:

@@ -89,6 +89,9 @@ def render_plan(result: PlanResult, console: Any) -> None:
     console.print(f"[bold]Best plan[/bold] ({result.objective.value}, solver: {result.solver_status}): {_choice(best)}")
     if best.layer_map:
         console.print(f"Per-layer: {best.layer_map}")
+    if best.config.perf.virtual_stages > 1 and best.config.pp == 1:
+        console.print(f"Interleaving (--virtual-stages {best.config.perf.virtual_stages}) applies to plans with pp > 1; "
+                      "this plan has pp = 1, so nothing is interleaved.")
     if "deepspeed_ratio" in best.extras:
         console.print(f"DeepSpeed: zero_optimization.sub_group_size {best.extras['deepspeed_sub_group_size']:,}, "
                       f"offload_optimizer.ratio {best.extras['deepspeed_ratio']:.4f} "

@@ -177,6 +177,9 @@ class SuggestionOut(Out):
     verified: bool
     gpu_total_bytes: NonNegativeInt
     tokens_per_s: float
+    changes: dict[str, Any] = {}
+    """The change as data: request fields (``config.*``, ``space.*``, ``hardware.*``) and their new values, the
+    same change ``flags`` writes as command-line options."""
 
 
 class PlanOut(Out):
