@@ -13,6 +13,7 @@ from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.config import Engine, JobConfig, Recompute
 from memplan.memory import activation_offload as ao
 from memplan.planner import cost, steptime
+from memplan.planner.setting import TrainSetting, config_for
 
 ENGINES = frozenset({Engine.PYTORCH, Engine.FSDP2, Engine.DEEPSPEED, Engine.MEGATRON})
 """Training engines that offload activations (``memory.activation_offload``)."""
@@ -92,7 +93,7 @@ def restrict(base: JobConfig, dims: dict[str, tuple]) -> dict[str, tuple]:
     return out
 
 
-def adjust_block(setting: object, classes: list[int], gpu: list[dict], seconds: list[dict],
+def adjust_block(setting: TrainSetting, classes: list[int], gpu: list[dict], seconds: list[dict],
                  workspace: list[dict]) -> tuple[list[dict] | None, list[int]]:
     """The recompute block's tables (per layer, mode, key (tp, pp, micro-batch, seq)) with activation offload on:
     an offloaded layer's saved bytes leave ``gpu`` for the returned CPU table (× GPUs per node), its transfer time
@@ -100,9 +101,7 @@ def adjust_block(setting: object, classes: list[int], gpu: list[dict], seconds: 
     row of ``memory.activation_offload``). Which layers and modes: every one on pytorch/fsdp2, the recompute-full
     ones on deepspeed, Megatron's first ``cpu_offloading_num_layers`` (the others get classes of their own). In place;
     returns (CPU table or None when off, classes)."""
-    from memplan.planner.train import config_for
-
-    base, arch = setting.base, setting.arch  # type: ignore[attr-defined]
+    base, arch = setting.base, setting.arch
     if not base.offload_activations:
         return None, classes
     n = len(classes)
@@ -121,10 +120,10 @@ def adjust_block(setting: object, classes: list[int], gpu: list[dict], seconds: 
             for key, nbytes in per.items():
                 if key not in cfgs:
                     choice = dict(zip(("tp", "pp", "micro_batch", "seq_len"), key, strict=True))
-                    cfgs[key] = config_for(base, choice, global_batch=setting.global_batch)  # type: ignore[attr-defined]
+                    cfgs[key] = config_for(base, choice, global_batch=setting.global_batch)
                 cpu[i][m][key] = nbytes * base.gpus_per_node
-                seconds[i][m][key] += layer_seconds(arch, setting.gpu, setting.host, cfgs[key],  # type: ignore[attr-defined]
-                                                    setting.global_batch, arch.layers[i], nbytes)  # type: ignore[attr-defined]
+                seconds[i][m][key] += layer_seconds(arch, setting.gpu, setting.host, cfgs[key],
+                                                    setting.global_batch, arch.layers[i], nbytes)
                 workspace[i][m][key] += ao.LAYERS_IN_TRANSIT * nbytes
                 per[key] = 0
     return cpu, classes

@@ -196,7 +196,7 @@ def diagnose(req: PlanRequest, result: PlanResult, solve: Solve) -> None:
         tries.append(with_base(solve, req, "8-bit GaLore low-rank optimizer states", "--job galore --galore-8bit",
                                job=Job.GALORE, galore=req.base.galore.model_copy(update={"eight_bit": True})))
     if job.trains and not req.base.offload_activations and req.space.offload_activations is not True:
-        tries.append(with_space(req, "saved activations in pinned CPU memory (the engine's activation offload)",
+        tries.append(with_space(solve, req, "saved activations in pinned CPU memory (the engine's activation offload)",
                                 "--offload-activations", offload_activations=True))
     if job.trains and job is not Job.GALORE:
         offl = (Offload.NONE, Offload.CPU)
