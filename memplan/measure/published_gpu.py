@@ -122,11 +122,33 @@ def _train_fields(case: dict, out: dict[str, Any]) -> str | None:
     n = case.get("n_gpus") or 1
     if n > 1:
         out["gpus_per_node"] = n
-        sharded = "fsdp" in case["framework"].lower() and "ddp" not in case["id"]
-        out["zero"] = 3 if sharded else 0
-        if "offload" in case["id"]:
-            out.update(offload_params="cpu", offload_optimizer="cpu")
+        if "fsdp" in case["framework"].lower():
+            out.update(fsdp1_fields(case))
     return None
+
+
+def fsdp1_fields(case: dict) -> dict[str, Any]:
+    """The FSDP1 settings each program ran (``--engine fsdp1``).
+
+    - litgpt (Lightning Fabric ``FSDPStrategy`` of Oct 2023, lightning/fabric/strategies/fsdp.py): FULL_SHARD,
+      ``use_orig_params=True`` (set by default on torch >= 2.0), ``auto_wrap_policy={Block}`` (the LoRA adapters sit
+      in their block's FlatParameter), ``limit_all_gathers=True``; finetune/lora.py accumulates under
+      ``fabric.no_backward_sync`` (FSDP1 ``no_sync``).
+    - fsdp_qlora train.py (AnswerDotAI, Mar 2024): ``use_orig_params=False`` (each LoRA Linear its own unit),
+      ``sharding_strategy`` full_shard or ddp (NO_SHARD), ``CPUOffload(offload_params=True)`` with
+      ``--use_cpu_offload``, ``limit_all_gathers=True``, gradient accumulation 1.
+    """
+    fields: dict[str, Any] = {"engine": "fsdp1"}
+    knobs: dict[str, Any] = {}
+    if "fsdp_qlora" in case["framework"]:
+        knobs["use_orig_params"] = False
+        if "NO_SHARD" in case["framework"]:
+            knobs["sharding_strategy"] = "NO_SHARD"
+    if "offload" in case["id"]:
+        fields.update(offload_params="cpu", offload_optimizer="cpu")
+    if knobs:
+        fields["engine_config"] = knobs
+    return fields
 
 
 def _infer_fields(case: dict, out: dict[str, Any]) -> str | None:

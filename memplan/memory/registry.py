@@ -78,6 +78,11 @@ register("weights/autocast_copies", (_F, _BS),
 register("weights/fp8_copies", _TRAIN_SAVED, "TransformerEngine module/linear.py fp8 weight workspace; torchao float8")
 register("weights/fsdp_all_gather", _TRAIN_SAVED, "FSDP2 _fsdp_collectives.py foreach_all_gather: units in flight")
 register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collectives.py foreach_reduce: one unit")
+register("weights/fsdp1_unsharded", _TRAIN_SAVED,
+         "FSDP1 _runtime_utils.py _unshard/_reshard: gathered FlatParameters from forward through backward")
+register("gradients/fsdp1_reduce_scatter", (Phase.BACKWARD,), "FSDP1 _runtime_utils.py _reduce_grad: one unit")
+register("gradients/fsdp1_no_sync", TRAIN_PHASES,
+         "FSDP1 no_sync(): unsharded gradients kept across the accumulation micro-batches (_post_backward_hook)")
 register("gradients/ddp_buckets", TRAIN_PHASES, "torch DDP Reducer buckets, allocated at construction")
 register("gradients/main_grad_buffer", TRAIN_PHASES, "Megatron-Core param_and_grad_buffer.py: contiguous, persistent")
 register("gradients/fp32_main_grads", (Phase.OPTIMIZER,), "Megatron fp16: fp32 copy of the grads for the step")
