@@ -142,6 +142,8 @@ def fsdp1_fields(case: dict) -> dict[str, Any]:
     knobs: dict[str, Any] = {}
     if "fsdp_qlora" in case["framework"]:
         knobs["use_orig_params"] = False
+        if case.get("quant"):  # replace_linear leaves Linear4bit's compress_statistics=True (bitsandbytes 0.42-0.43)
+            fields["quant"] = "nf4-dq"
         if "NO_SHARD" in case["framework"]:
             knobs["sharding_strategy"] = "NO_SHARD"
     if "offload" in case["id"]:

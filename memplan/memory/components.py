@@ -154,7 +154,13 @@ def stage_rows(ctx: Context) -> tuple[list[Row], list[str]]:
 
     missing: list[str] = []
     rows = job_rows(ctx, missing)
-    rows += with_phases(ctx, runtime.rows(ctx, other_gpu_bytes=allocated_peak(rows, ctx.cfg)))
+    allocated = allocated_peak(rows, ctx.cfg)
+    rows += with_phases(ctx, runtime.rows(ctx, other_gpu_bytes=allocated))
+    if ctx.cfg.job.trains and ctx.cfg.effective_engine is Engine.FSDP1:
+        from memplan.memory import engine_fsdp1
+
+        gathered = sum(r.bytes for r in rows if r.component == "weights/fsdp1_unsharded")
+        rows += with_phases(ctx, engine_fsdp1.pool_rows(ctx, allocated_peak=allocated, gathered=gathered))
     return [r for r in rows if r.bytes or r.tier is Tier.GPU], missing
 
 
