@@ -179,6 +179,15 @@ OPTS: dict[str, Opt] = {
                                 field="engine_config.reshard_after_forward"),
     "fsdp_prefetch": _o("--fsdp-prefetch", int, None, "fsdp2: units gathered ahead of the current one (default 1).",
                         ENGINE, field="engine_config.fsdp_prefetch"),
+    "sharding_strategy": _o("--sharding-strategy", str, None, "fsdp1 ShardingStrategy: FULL_SHARD (default), "
+                            "SHARD_GRAD_OP or NO_SHARD.", ENGINE, field="engine_config.sharding_strategy"),
+    "use_orig_params": _o("--use-orig-params/--no-use-orig-params", bool, None, "fsdp1: LoRA adapters share their "
+                          "block's FlatParameter, whose whole gradient then exists (default on, as Lightning and "
+                          "accelerate).", ENGINE, field="engine_config.use_orig_params"),
+    "no_sync": _o("--no-sync/--sync-each-batch", bool, None, "fsdp1: keep unsharded gradients over the accumulation "
+                  "micro-batches (FSDP no_sync, default on).", ENGINE, field="engine_config.no_sync"),
+    "limit_all_gathers": _o("--limit-all-gathers/--no-limit-all-gathers", bool, None, "fsdp1: at most two "
+                            "all-gathers in flight (default on).", ENGINE, field="engine_config.limit_all_gathers"),
     "reduce_bucket_size": _o("--reduce-bucket-size", int, None, "deepspeed reduce_bucket_size, elements (default 5e8).",
                              ENGINE, field="engine_config.reduce_bucket_size"),
     "allgather_bucket_size": _o("--allgather-bucket-size", int, None, "deepspeed allgather_bucket_size, elements "
@@ -266,7 +275,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                  "galore_8bit"),
     "inference": ("context", "kv_dtype", "paged", "block_size", "offload_layers", "max_context", "max_batch"),
     "engine_knobs": ("optimizer_impl", "kept_output", "bucket_cap_mb", "gradient_as_bucket_view", "reshard_after_forward",
-                     "fsdp_prefetch", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
+                     "fsdp_prefetch", "sharding_strategy", "use_orig_params", "no_sync", "limit_all_gathers",
+                     "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
                      "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
                      "stage3_param_persistence_threshold", "use_distributed_optimizer"),
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",

@@ -173,7 +173,7 @@ def _fsdp1_rule(cfg: JobConfig) -> str | None:
     if lora and knobs.use_orig_params and cfg.job is Job.LORA and cfg.lora.dtype is not cfg.dtype:
         return (f"FSDP1 flattens a unit's parameters into one FlatParameter of one dtype (_flat_param.py "
                 f"_validate_tensors_to_flatten); {cfg.lora.dtype.value} adapters inside {cfg.dtype.value} blocks "
-                f"(use_orig_params=True) do not run: set lora.dtype to {cfg.dtype.value}, or use_orig_params=False "
+                f"(use_orig_params=True) do not run: use --lora-dtype {cfg.dtype.value}, or --no-use-orig-params "
                 "(adapters wrapped as their own units).")
     if knobs.sharding_strategy != default.sharding_strategy and cfg.dp <= 1:
         return "engine_config.sharding_strategy acts across data-parallel ranks; with dp=1 it moves no byte."
