@@ -184,8 +184,8 @@ OPTS: dict[str, Opt] = {
     "use_orig_params": _o("--use-orig-params/--no-use-orig-params", bool, None, "fsdp1: LoRA adapters share their "
                           "block's FlatParameter, whose whole gradient then exists (default on, as Lightning and "
                           "accelerate).", ENGINE, field="engine_config.use_orig_params"),
-    "no_sync": _o("--no-sync/--sync-each-batch", bool, None, "fsdp1: keep unsharded gradients over the accumulation "
-                  "micro-batches (FSDP no_sync, default on).", ENGINE, field="engine_config.no_sync"),
+    "no_sync": _o("--fsdp-no-sync/--fsdp-sync-each-batch", bool, None, "fsdp1: keep unsharded gradients over the "
+                  "accumulation micro-batches (FSDP no_sync, default on).", ENGINE, field="engine_config.no_sync"),
     "limit_all_gathers": _o("--limit-all-gathers/--no-limit-all-gathers", bool, None, "fsdp1: at most two "
                             "all-gathers in flight (default on).", ENGINE, field="engine_config.limit_all_gathers"),
     "reduce_bucket_size": _o("--reduce-bucket-size", int, None, "deepspeed reduce_bucket_size, elements (default 5e8).",
