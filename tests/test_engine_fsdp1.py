@@ -146,3 +146,17 @@ def test_fsdp1_rules_name_what_does_not_run(fields: dict, words: str) -> None:
         base.pop("lora")
     with pytest.raises(MemplanError, match=words):
         memplan.estimate("llama-2-7b", "a100-sxm-80gb", **base)
+
+
+def test_fsdp2_runs_lora_with_per_parameter_shards_and_gradients_only_for_the_adapters():
+    # torchtune recipes/lora_finetune_distributed.py: fully_shard per layer and root; FSDP2 shards each parameter
+    # on dim 0 and a frozen parameter gets no gradient (_fsdp_param.py), unlike FSDP1's mixed FlatParameter
+    est = lora(engine="fsdp2")
+    got = rows(est)
+    block = BF16 * (BLOCK + ADAPTERS)
+    assert got["weights/fsdp2_params"] == L * ceil_div(block, 2) + ceil_div(BF16 * ROOT, 2)
+    assert got["gradients/lora_adapters"] == L * ceil_div(BF16 * ADAPTERS, 2)
+    assert got["weights/fsdp_all_gather"] == BF16 * ROOT + 2 * block  # root + block × (1 + fsdp_prefetch=1)
+    assert got["optimizer/adam_v"] == ceil_div(BF16 * L * ADAPTERS, 2)
+    assert rows(lora(engine="fsdp2", engine_config={"fsdp_prefetch": 2}))["weights/fsdp_all_gather"] \
+        == BF16 * ROOT + 3 * block

@@ -147,7 +147,9 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
                     "drop --allgather-bucket-size.")
         if cfg.accounting is Accounting.PAPER:
             return f"{knob} sizes an engine buffer; the paper's accounting (--accounting paper) counts none: drop it."
-        if not cfg.job.full_weights_trainable or cfg.job is Job.GALORE:
+        fsdp2_adapters = (cfg.effective_engine is Engine.FSDP2 and cfg.job in (Job.LORA, Job.QLORA)
+                          and name in ("reshard_after_forward", "fsdp_prefetch"))  # memory.engine_fsdp2_lora
+        if (not cfg.job.full_weights_trainable or cfg.job is Job.GALORE) and not fsdp2_adapters:
             return (f"{knob} sizes the engine's buffers of full-weight states (pretrain, full jobs); a "
                     f"{cfg.job.value} job's are not modelled with it: drop it.")
         if name in _DATA_PARALLEL and cfg.dp <= 1:
@@ -208,9 +210,9 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
                  None if partial else _knob_effect_rule(cfg)):
         if rule:
             return rule
-    if engine is Engine.FSDP2 and cfg.job not in (Job.PRETRAIN, Job.FULL):
-        return (f"engine fsdp2 is modelled for pretrain and full jobs (sharded states and gathered units); a "
-                f"{cfg.job.value} job on it is not: use --engine pytorch or deepspeed.")
+    if engine is Engine.FSDP2 and cfg.job is Job.GALORE:
+        return ("engine fsdp2 is modelled for pretrain, full, lora and qlora jobs (torchtune's recipes); a galore job "
+                "on it is not: use --engine pytorch or deepspeed.")
     if engine is Engine.FSDP1:
         return _fsdp1_rule(cfg)
     if engine is Engine.DEEPSPEED:

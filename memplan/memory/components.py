@@ -137,6 +137,10 @@ def state_rows(ctx: Context) -> list[Row]:
         from memplan.memory import engine_fsdp1
 
         return engine_fsdp1.rows(ctx)
+    if ctx.cfg.effective_engine is Engine.FSDP2 and job in (Job.LORA, Job.QLORA):
+        from memplan.memory import engine_fsdp2_lora
+
+        return engine_fsdp2_lora.rows(ctx)
     if job in (Job.LORA, Job.QLORA):
         from memplan.memory import peft
 

@@ -97,7 +97,8 @@ def temp_bytes(ctx: Context, *, second_moment_bytes: int) -> int:
     Assumes: the largest tensor is split evenly by tensor parallelism; with ZeRO a rank's v is a shard.
     """
     cfg = ctx.cfg
-    bnb_paged = cfg.job is Job.QLORA and cfg.effective_engine is not Engine.FSDP1  # fsdp_qlora: torch AdamW
+    # fsdp_qlora train.py and torchtune's QLoRA step torch.optim.AdamW, not bitsandbytes' paged AdamW
+    bnb_paged = cfg.job is Job.QLORA and cfg.effective_engine not in (Engine.FSDP1, Engine.FSDP2)
     if cfg.optimizer not in TORCH_ADAM or not second_moment_bytes or bnb_paged:
         return 0
     if cfg.effective_optimizer_impl is OptimizerImpl.FUSED:
