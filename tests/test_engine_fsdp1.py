@@ -3,7 +3,7 @@ torch/distributed/fsdp/_flat_param.py (one FlatParameter per unit, a padded 1/Nd
 is not resharded after forward; no_sync keeps the unsharded gradient; reduce-scatter of one unit's flat gradient),
 _limiter_utils.py (two all-gathers in flight), _wrap_utils.py (mixed requires_grad: the whole flat gradient).
 
-Llama-2-7B (config.json): D = 4096, I = 11008, L = 32, V = 32000, untied embeddings, no biases."""
+Llama-2-7B (config.json): D = 4096, FFN = 11008, L = 32, V = 32000, untied embeddings, no biases."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import memplan
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Tier
 
-D, I, L, V = 4096, 11008, 32, 32000
-BLOCK = 4 * D * D + 3 * D * I + 2 * D  # q, k, v, o; gate, up, down; two RMSNorm weights
+D, FFN, L, V = 4096, 11008, 32, 32000
+BLOCK = 4 * D * D + 3 * D * FFN + 2 * D  # q, k, v, o; gate, up, down; two RMSNorm weights
 ROOT = 2 * V * D + D  # embed_tokens, lm_head, final norm
 R = 8
 ADAPTERS = 2 * R * (D + D)  # LoRA on q and v: A (r × D) + B (D × r) each
@@ -98,14 +98,14 @@ def test_cpu_offload_moves_shards_grads_and_states_to_the_host_and_keeps_units_i
 
 def test_qlora_packed_weights_are_sharded_and_their_quant_states_stay_whole():
     got = rows(lora(job="qlora", quant="nf4-dq", engine_config={"use_orig_params": False}))
-    linear = 4 * D * D + 3 * D * I
+    linear = 4 * D * D + 3 * D * FFN
     packed_block = linear // 2  # two 4-bit codes per byte, in bf16 quant storage (same bytes)
     block = packed_block + BF16 * 2 * D
     assert got["weights/fsdp1_flat_params"] == L * (ceil_div(block, 2) + ceil_div(BF16 * ADAPTERS, 2)) \
         + ceil_div(BF16 * ROOT, 2)
     # double-quantized absmax: one 8-bit code per 64-element block, nested fp32 absmax per 256 blocks, per tensor
     # offset (4 B) and the two code books (16 + 256 fp32 entries)
-    shapes = [(D, D)] * 4 + [(I, D)] * 3
+    shapes = [(D, D)] * 4 + [(FFN, D)] * 3
     per_block = sum(ceil_div(o * i, 64) + 4 * ceil_div(ceil_div(o * i, 64), 256) + 4 + 64 + 1024 for o, i in shapes)
     assert got["weights/quant_state"] == L * per_block
 

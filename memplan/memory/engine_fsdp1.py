@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.arch.tensors import Tensor
-from memplan.config import Engine, Job, Offload
+from memplan.config import Engine, Job, JobConfig, Offload
 from memplan.dtypes import Dtype
 from memplan.memory import optimizer as opt
 from memplan.memory.breakdown import Row, Tier
@@ -67,7 +67,7 @@ class Unit:
     is_block: bool = True
 
 
-def sharded(cfg) -> bool:
+def sharded(cfg: JobConfig) -> bool:
     """Whether the strategy shards (FULL_SHARD, SHARD_GRAD_OP) over more than one rank."""
     return cfg.dp > 1 and cfg.engine_config.sharding_strategy != "NO_SHARD"
 
@@ -146,12 +146,12 @@ def _adapters(ctx: Context, tensors: list[Tensor]) -> list[Tensor]:
     return peft.adapter_tensors(tensors, ctx.cfg.lora, family=ctx.arch.spec.family)
 
 
-def accumulating_unsharded(cfg) -> bool:
+def accumulating_unsharded(cfg: JobConfig) -> bool:
     """Whether gradients stay unsharded across micro-batches: ``no_sync`` with grad_accum > 1, sharded."""
     return sharded(cfg) and cfg.engine_config.no_sync and cfg.grad_accum > 1
 
 
-def gathered_bytes(cfg, us: list[Unit]) -> int:
+def gathered_bytes(cfg: JobConfig, us: list[Unit]) -> int:
     """Bytes of unsharded (all-gathered) FlatParameters alive at once, per GPU.
 
     Formula: FULL_SHARD: root + k · (largest block unit, its adapter units included), k = 2 under
@@ -174,7 +174,7 @@ def gathered_bytes(cfg, us: list[Unit]) -> int:
     return root + sum(blocks[:IN_FLIGHT_LIMITED])
 
 
-def in_flight_shard_bytes(cfg, us: list[Unit]) -> int:
+def in_flight_shard_bytes(cfg: JobConfig, us: list[Unit]) -> int:
     """Per in-flight unit, the GPU copy of its shard that the all-gather reads: with CPU offload the shard copied
     to the GPU (``flat_param_to(device)``), with a mixed-precision ``param_dtype`` the low-precision ``_mp_shard``.
     Formula: ceil(gathered / Nd) for the root and the two largest blocks."""
@@ -214,7 +214,7 @@ def rows(ctx: Context) -> list[Row]:
     return [r for r in out if r.bytes or r.component == "weights/fsdp1_flat_params"]
 
 
-def _gather_note(cfg) -> str:
+def _gather_note(cfg: JobConfig) -> str:
     if not sharded(cfg):
         return "nothing gathered (NO_SHARD or one rank)"
     if cfg.engine_config.sharding_strategy == "SHARD_GRAD_OP":

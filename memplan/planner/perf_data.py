@@ -108,7 +108,8 @@ ENGINE_OVERLAP: dict[str, dict[int, float]] = {
 }
 """Share of the data-parallel/ZeRO communication an engine hides behind compute, by ZeRO stage, at its
 defaults. pytorch: DDP's bucketed all-reduce runs during backward (torch/nn/parallel/distributed.py,
-``Reducer``); fsdp1 (BackwardPrefetch.BACKWARD_PRE, torch/distributed/fsdp/_runtime_utils.py) and fsdp2: prefetched all-gathers and reduce-scatters on their own streams
+``Reducer``); fsdp1 (BackwardPrefetch.BACKWARD_PRE, torch/distributed/fsdp/_runtime_utils.py) and fsdp2:
+prefetched all-gathers and reduce-scatters on their own streams
 (torch/distributed/fsdp/_fully_shard); deepspeed: ``overlap_comm`` defaults to False for stages 1-2 and
 True for stage 3 (deepspeed/runtime/zero/config.py); megatron: ``--overlap-grad-reduce`` and
 ``--overlap-param-gather`` are off by default (megatron/training/arguments.py). Overridable with
