@@ -226,7 +226,14 @@ GPU_NOTES = ["Modelled from these cases (each with its engine source):", "",
              "- litgpt's bitsandbytes runs have no load peak to add: Lightning quantizes layer by layer (see the "
              "litgpt-bnb cause above); the measured excess is elsewhere.",
              "- litgpt runs its own modules (fused qkv, its RoPE, chunked cross-entropy in bf16 over 128-token chunks, "
-             "logits kept by its loop until the step); memplan models the HF layout and HF's fp32 loss."]
+             "logits kept by its loop until the step); memplan models the HF layout and HF's fp32 loss.",
+             "- The FSDP runs are FSDP1 (`--engine fsdp1`, memory/engine_fsdp1.py): litgpt's Lightning FSDPStrategy "
+             "keeps `use_orig_params=True`, so each block's FlatParameter (adapters and frozen weights together) has "
+             "a whole gradient, and finetune/lora.py accumulates under `no_backward_sync` (FSDP1 `no_sync`), which "
+             "keeps every block's unsharded gradient: the whole bf16 model in gradients plus one shard of weights. "
+             "fsdp_qlora wraps each LoRA Linear as its own unit (`use_orig_params=False`), keeps bitsandbytes' quant "
+             "states (double-quantized, `compress_statistics=True`) whole on every rank, and with `--use_cpu_offload` "
+             "holds only the units in flight on the GPU."]
 
 
 def write_cuda_results(rows: list[dict[str, Any]]) -> Path:
