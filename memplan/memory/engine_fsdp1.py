@@ -118,8 +118,7 @@ def units(ctx: Context) -> list[Unit]:
             managed, replicated = managed + m, replicated + r
         adapters = _adapters(ctx, tensors) if lora else []
         abytes = sum(bits_to_bytes(a.numel, cfg.lora.dtype.bits) for a in adapters)
-        numel_ratio = (gdtype.bits, sdtype.bits)
-        gathered = managed * numel_ratio[0] // numel_ratio[1]
+        gathered = managed * gdtype.bits // sdtype.bits  # MixedPrecision: gathered in param_dtype
         if separate and adapters:
             out.append(Unit(f"{name} adapters", abytes, abytes, True, is_block=is_block))
             out.append(Unit(name, managed, gathered, False, replicated, is_block))
