@@ -137,6 +137,11 @@ def test_stream_pools_count_only_as_reserved_memory():
     ({"engine_config": {"no_sync": False}}, "accumulation"),
     ({"job": "full", "lora": None, "engine_config": {"use_orig_params": False}}, "frozen parameters"),
     ({"gpus_per_node": 1, "engine_config": {"sharding_strategy": "NO_SHARD"}}, "dp=1"),
+    ({"master_weights": True}, "no fp32 master copy"),
+    ({"lora": {"rank": 8, "alpha": 16, "dtype": "bf16", "targets": ("q",), "paged_optimizer": True}}, "torch.optim"),
+    ({"job": "galore", "lora": None}, "galore job"),
+    ({"engine": "fsdp2", "lora": {"rank": 8, "alpha": 16, "dtype": "bf16", "targets": ("q",), "paged_optimizer": True}},
+     "torch.optim"),
 ])
 def test_fsdp1_rules_name_what_does_not_run(fields: dict, words: str) -> None:
     base = dict(job="lora", engine="fsdp1", gpus_per_node=2, dtype="bf16",

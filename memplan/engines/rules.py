@@ -111,7 +111,8 @@ def _optimizer_impl_rule(cfg: JobConfig, engine: Engine) -> str | None:
     if cfg.optimizer_impl is not None and engine in (Engine.DEEPSPEED, Engine.MEGATRON):
         return (f"optimizer_impl chooses torch.optim's AdamW path (engines pytorch, fsdp2); engine {engine.value} "
                 "runs its own FusedAdam (or DeepSpeedCPUAdam when offloaded): drop --optimizer-impl.")
-    if cfg.grad_dtype is not None and engine in (Engine.PYTORCH, Engine.FSDP2) and cfg.job.full_weights_trainable:
+    if cfg.grad_dtype is not None and engine in (Engine.PYTORCH, Engine.FSDP1, Engine.FSDP2) \
+            and cfg.job.full_weights_trainable:
         return (f"engine {engine.value} keeps gradients in the parameters' dtype; grad_dtype is a setting of "
                 "deepspeed (data_types.grad_accum_dtype) and megatron: drop --grad-dtype or choose --engine deepspeed.")
     return None
@@ -166,12 +167,29 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
     return None
 
 
+def _sharded_adapter_rule(cfg: JobConfig, engine: Engine) -> str | None:
+    """LoRA/QLoRA on fsdp1/fsdp2 (memory.engine_fsdp1, engine_fsdp2_lora): the adapters are sharded torch
+    parameters stepped by torch.optim; a paged bitsandbytes optimizer or an fp32 master copy of 16-bit adapters is
+    not what these engines hold."""
+    if cfg.job not in (Job.LORA, Job.QLORA):
+        return None
+    if cfg.lora.paged_optimizer:
+        return (f"engine {engine.value} steps the adapters' sharded parameters with torch.optim (fsdp_qlora, "
+                "torchtune); lora.paged_optimizer (bitsandbytes' paged states) is modelled on engine pytorch: drop it.")
+    if cfg.master_weights and cfg.lora.dtype.is_16bit:
+        return (f"engine {engine.value} keeps no fp32 master copy of the adapters (they are trained in their own "
+                "dtype): drop --master-weights, or give --lora-dtype fp32.")
+    return None
+
+
 def _fsdp1_rule(cfg: JobConfig) -> str | None:
     """FSDP1's own knobs, changed from their defaults where they move no byte, and its one-dtype FlatParameter."""
     from memplan.config import EngineConfig
 
     knobs, default = cfg.engine_config, EngineConfig()
     lora = cfg.job in (Job.LORA, Job.QLORA)
+    if rule := _sharded_adapter_rule(cfg, Engine.FSDP1):
+        return rule
     if lora and knobs.use_orig_params and cfg.job is Job.LORA and cfg.lora.dtype is not cfg.dtype:
         return (f"FSDP1 flattens a unit's parameters into one FlatParameter of one dtype (_flat_param.py "
                 f"_validate_tensors_to_flatten); {cfg.lora.dtype.value} adapters inside {cfg.dtype.value} blocks "
@@ -210,9 +228,11 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
                  None if partial else _knob_effect_rule(cfg)):
         if rule:
             return rule
-    if engine is Engine.FSDP2 and cfg.job is Job.GALORE:
-        return ("engine fsdp2 is modelled for pretrain, full, lora and qlora jobs (torchtune's recipes); a galore job "
-                "on it is not: use --engine pytorch or deepspeed.")
+    if engine is Engine.FSDP2 and (rule := _sharded_adapter_rule(cfg, engine)):
+        return rule
+    if engine in (Engine.FSDP1, Engine.FSDP2) and cfg.job is Job.GALORE:
+        return (f"engine {engine.value} is modelled for pretrain, full, lora and qlora jobs; a galore job on it is "
+                "not: use --engine pytorch or deepspeed.")
     if engine is Engine.FSDP1:
         return _fsdp1_rule(cfg)
     if engine is Engine.DEEPSPEED:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from memplan.catalog.schema import Family
-from memplan.config import Engine, Job, JobConfig, ZeroStage
+from memplan.config import Accounting, Engine, Job, JobConfig, ZeroStage
 from memplan.errors import MemplanError
 from memplan.memory import model_states as ms
 from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Phase, Row, Tier, peak
@@ -133,7 +133,8 @@ def allocated_peak(rows: list[Row], cfg: JobConfig) -> int:
 def state_rows(ctx: Context) -> list[Row]:
     """A training job's model-state rows (weights, gradients, optimizer, engine buffers), no activations."""
     job = ctx.cfg.job
-    if ctx.cfg.effective_engine is Engine.FSDP1 and job is not Job.GALORE:
+    paper = ctx.cfg.accounting is Accounting.PAPER and job in (Job.PRETRAIN, Job.FULL)  # ZeRO's convention
+    if ctx.cfg.effective_engine is Engine.FSDP1 and job is not Job.GALORE and not paper:
         from memplan.memory import engine_fsdp1
 
         return engine_fsdp1.rows(ctx)
