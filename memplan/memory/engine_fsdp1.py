@@ -174,15 +174,19 @@ def gathered_bytes(cfg: JobConfig, us: list[Unit]) -> int:
 
 
 def in_flight_shard_bytes(cfg: JobConfig, us: list[Unit]) -> int:
-    """Per in-flight unit, the GPU copy of its shard that the all-gather reads: with CPU offload the shard copied
-    to the GPU (``flat_param_to(device)``), with a mixed-precision ``param_dtype`` the low-precision ``_mp_shard``.
-    Formula: ceil(gathered / Nd) for the root and the two largest blocks."""
+    """Per in-flight unit, the GPU copies of its shard that the all-gather reads: with CPU offload the shard copied
+    to the GPU (``flat_param_to(device)``, storage dtype), with a mixed-precision ``param_dtype`` the low-precision
+    ``_mp_shard`` (_flat_param.py ``_use_low_precision_shard``), both freed once the unit is gathered.
+    Formula: Σ over the root and the two largest blocks of [offload] ceil(flat/Nd) + [mixed] ceil(gathered/Nd)."""
     offload = cfg.offload_params is not Offload.NONE
-    if not sharded(cfg) or not offload:
+    if not sharded(cfg):
         return 0
-    blocks = sorted((u.gathered_bytes for u in us if u.is_block), reverse=True)[:IN_FLIGHT_LIMITED]
-    root = [u.gathered_bytes for u in us if not u.is_block]
-    return sum(shard_bytes(b, cfg.dp) for b in blocks + root)
+    blocks = sorted((u for u in us if u.is_block), key=lambda u: u.gathered_bytes, reverse=True)[:IN_FLIGHT_LIMITED]
+    total = 0
+    for u in blocks + [u for u in us if not u.is_block]:
+        total += shard_bytes(u.flat_bytes, cfg.dp) if offload else 0
+        total += shard_bytes(u.gathered_bytes, cfg.dp) if u.gathered_bytes != u.flat_bytes else 0
+    return total
 
 
 def rows(ctx: Context) -> list[Row]:
