@@ -222,7 +222,7 @@ CAUSES = {
                       "recompute, per-layer 4-bit dequantization and fp32 logits: reserved/allocated of 1.2-1.4 here, "
                       "where GMLake (ASPLOS 2024, Sec. 6) measures 15% of reserved on average and up to 33% for these "
                       "techniques. memplan's 10% is the plain-training middle (runtime.ALLOCATOR_RESERVE_PCT); a "
-                      "reserve fitted to these cases would be tuning, so they stay listed. litgpt.s FSDP1 runs, which report "
+                      "reserve fitted to these cases would be tuning, so they stay listed. litgpt's FSDP1 runs, which report "
                       "max allocated, are within 5%.",
     "litgpt-bnb": "litgpt with bitsandbytes (training 2.3-3.6 GB above memplan, generate 1.4-1.5 GB): not a load "
                   "peak. Lightning's BitsandbytesPrecision (lightning/fabric/plugins/precision/bitsandbytes.py, "
