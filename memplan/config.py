@@ -345,7 +345,7 @@ class EngineConfig(Strict):
 TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
                  "sequence_parallel", "dropout", "loss_fp32", "activation_accounting", "lora", "galore",
-                 "optimizer_impl", "engine_config", "kept_output", "perf")
+                 "optimizer_impl", "engine_config", "kept_output", "transformers_version", "perf")
 """JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
 training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
@@ -485,6 +485,12 @@ class JobConfig(Strict):
     ``output`` with current transformers, whose ``ForCausalLMLoss`` upcasts inside the loss) or ``logits_fp32``
     (early-2024 transformers, e.g. v4.38 ``LlamaForCausalLM.forward``: ``logits = logits.float()`` is returned).
     AnswerDotAI fsdp_qlora train.py holds ``output`` until ``output = None`` after ``optimizer.step()``."""
+    transformers_version: str | None = Field(default=None, pattern=r"^4\.(3[7-9]|40)(\.\d+)?$")
+    """The transformers release the job runs, for the bytes older releases hold that current ones do not
+    (``memory.hf_legacy``): 4.37-4.40 keep per-layer rotary cos/sin caches of max_position_embeddings rows; 4.38.x
+    registers LlamaModel's max_position_embeddings² causal-mask buffer and builds a (B, 1, M, M) mask per forward,
+    4.38-4.39 pass SDPA an explicit mask (memory-efficient kernel). None: current transformers. Only the releases
+    whose sources were read are accepted (4.37-4.40)."""
     activation_accounting: Literal["autograd", "paper"] = "autograd"
     """``autograd``: every tensor PyTorch saves for backward in the HF implementation; ``paper``: Korthikanti et
     al. 2022's accounting (16-bit tensors and 1-byte masks only, no norm statistics, fp32 upcasts or int64 indices)."""

@@ -80,6 +80,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "activations/loss": ("activations.loss_bytes", f"{_T}.log_softmax_bytes"),
     "activations/logits": ("activations.logits_peak_bytes", f"{_T}.logits_transient_bytes", "inference.logits_bytes"),
     "activations/kept_output": ("activations.kept_output_bytes", f"{_T}.kept_logits_bytes"),
+    "activations/hf_causal_mask": ("hf_legacy.model_mask_bytes", "hf_legacy.explicit_mask"),
+    "weights/hf_buffers": ("hf_legacy.rope_cache_bytes", "hf_legacy.mask_buffer_bytes"),
     "activations/hidden_states": ("inference.hidden_states_bytes",),
     "activations/prefill_workspace": ("inference.attention_workspace_bytes", "inference.mla_workspace_bytes",
                                       "inference.mlp_workspace_bytes", "inference.moe_workspace_bytes",

@@ -31,6 +31,8 @@ WITHIN_BAND = (
     "litgpt-rt-llama2-7b-lora-fsdp2-mb1", "litgpt-rt-llama2-7b-lora-fsdp2-mb4", "litgpt-rt-llama2-13b-lora-fsdp4-mb1",
     "fsdpqlora-llama2-7b-qlora-ctx2048-bs1", "fsdpqlora-llama2-7b-lora-ctx2048-bs1",
     "fsdpqlora-mistral7b-v0.2-qlora-offload-ctx24k",
+    # transformers 4.38's buffers and masks (memory/hf_legacy.py)
+    "fsdpqlora-llama2-7b-lora-ctx2048-bs6", "fsdpqlora-yi34b-qlora-offload-bs4",
 )
 
 
@@ -85,3 +87,13 @@ def test_fsdp_runs_are_expressed_on_engine_fsdp1_as_each_program_wraps(case_id: 
     assert (got.fields.get("offload_params") == "cpu") is offload
     if "fsdpqlora" in case_id and CASES[case_id].get("quant"):
         assert got.fields["quant"] == "nf4-dq"  # bitsandbytes Linear4bit(compress_statistics=True) default
+
+
+def test_fsdp_qlora_cases_run_transformers_4_38_sdpa() -> None:
+    # fsdp_qlora train.py: attn_impl = "sdpa", attention_mask=None; README later excludes transformers 4.38/4.39
+    llama = pg.express(CASES["fsdpqlora-llama2-7b-qlora-ctx512-bs1"])
+    assert not isinstance(llama, str) and llama.fields["attention"] == "sdpa"
+    assert llama.fields["transformers_version"] == "4.38"
+    mistral = pg.express(CASES["fsdpqlora-mistral7b-v0.2-qlora-offload-ctx24k"])  # 4.38 MistralModel: 4.37's masks
+    assert not isinstance(mistral, str) and mistral.fields["transformers_version"] == "4.37"
+    assert not isinstance(mistral.model, str) and mistral.model.sliding_window is None  # v0.2: sliding_window null

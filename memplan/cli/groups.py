@@ -169,6 +169,9 @@ OPTS: dict[str, Opt] = {
                          field="optimizer_impl"),
     "kept_output": _o("--kept-output", str, None, "What the training loop keeps of the model output until after the "
                       "optimizer step: none (default), logits or logits_fp32.", ENGINE, field="kept_output"),
+    "transformers_version": _o("--transformers-version", str, None, "transformers release the training job runs, "
+                               "4.37-4.40, for the buffers and masks those releases hold (default: current).", ENGINE,
+                               field="transformers_version"),
     "bucket_cap_mb": _o("--bucket-cap-mb", int, None, "pytorch (DDP) bucket_cap_mb (default 25).", ENGINE,
                         field="engine_config.bucket_cap_mb"),
     "gradient_as_bucket_view": _o("--gradient-as-bucket-view/--no-gradient-as-bucket-view", bool, None, "pytorch (DDP): "
@@ -274,7 +277,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "finetune": ("lora_rank", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer", "galore_rank",
                  "galore_8bit"),
     "inference": ("context", "kv_dtype", "paged", "block_size", "offload_layers", "max_context", "max_batch"),
-    "engine_knobs": ("optimizer_impl", "kept_output", "bucket_cap_mb", "gradient_as_bucket_view", "reshard_after_forward",
+    "engine_knobs": ("optimizer_impl", "kept_output", "transformers_version", "bucket_cap_mb", "gradient_as_bucket_view",
+                     "reshard_after_forward",
                      "fsdp_prefetch", "sharding_strategy", "use_orig_params", "no_sync", "limit_all_gathers",
                      "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
                      "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",

@@ -33,15 +33,19 @@ class _InlineConfig(TypedDict):
     num_attention_heads: int
     num_key_value_heads: int
     vocab_size: int
+    max_position_embeddings: int
 
 
 INLINE: dict[str, _InlineConfig] = {  # config.json values of Llama-layout models the catalog lacks
     "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000),
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
     "yi-34b": dict(hidden_size=7168, intermediate_size=20480, num_hidden_layers=60, num_attention_heads=56,
-                   num_key_value_heads=8, vocab_size=64000),
+                   num_key_value_heads=8, vocab_size=64000, max_position_embeddings=4096),
     "codellama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
-                          num_key_value_heads=8, vocab_size=32000),
+                          num_key_value_heads=8, vocab_size=32000, max_position_embeddings=16384),
+    # Mistral-7B v0.2 base: v0.1's shapes with sliding_window null and max_position_embeddings 32768
+    "mistral-7b-v0.2": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768),
 }
 TARGETS = {"query": "q", "key": "k", "value": "v", "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
            "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -52,6 +56,13 @@ FSDP_QLORA_KEPT_OUTPUT = "logits_fp32"
 """fsdp_qlora train.py holds ``output`` through backward and the optimizer step (``output = None`` after it); the
 benchmarks (Feb-Mar 2024) ran transformers 4.38/4.39, whose ``LlamaForCausalLM.forward`` returns
 ``logits.float()``: the fp32 logits stay alive (``JobConfig.kept_output``)."""
+
+FSDP_QLORA_TRANSFORMERS = {False: "4.38", True: "4.37"}
+"""transformers of the fsdp_qlora benchmarks (Feb-Mar 2024, train.py attn_impl = "sdpa", ``attention_mask=None``):
+4.38, the release the authors then excluded (README, commit 467933f, after huggingface/transformers issue #30010,
+"Llama uses significantly more memory in 4.38 & 4.39"). Keyed by whether the model is a Mistral: 4.38's
+``MistralModel`` kept 4.37's mask path (``_prepare_4d_causal_attention_mask_for_sdpa`` returns None without padding,
+so SDPA runs ``is_causal``) and 4.37's per-layer rotary caches, which is the 4.37 layout (``memory.hf_legacy``)."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,8 @@ def _train_fields(case: dict, out: dict[str, Any]) -> str | None:
     if case.get("activation_checkpointing"):
         out["recompute"] = "full"
     if "fsdp_qlora" in case["framework"]:
-        out["kept_output"] = FSDP_QLORA_KEPT_OUTPUT
+        out.update(kept_output=FSDP_QLORA_KEPT_OUTPUT, attention="sdpa",
+                   transformers_version=FSDP_QLORA_TRANSFORMERS["mistral" in case["model"].lower()])
     n = case.get("n_gpus") or 1
     if n > 1:
         out["gpus_per_node"] = n
@@ -203,8 +215,7 @@ def _framework(case: dict) -> str:
 
 
 MISS_CAUSES: dict[str, str] = {
-    **dict.fromkeys(("fsdpqlora-llama2-7b-qlora-ctx512-bs1", "fsdpqlora-llama2-7b-lora-ctx2048-bs6",
-                     "fsdpqlora-llama2-7b-qlora-ddp-bs8", "fsdpqlora-yi34b-qlora-offload-bs4",
+    **dict.fromkeys(("fsdpqlora-llama2-7b-qlora-ctx512-bs1", "fsdpqlora-llama2-7b-qlora-ddp-bs8",
                      "fsdpqlora-llama2-70b-qlora-offload-bs2"), "FSDP1-reserved"),
     **dict.fromkeys(("litgpt-rt-llama2-7b-qlora-nf4-mb1", "litgpt-rt-llama2-7b-qlora-nf4dq-mb1",
                      "litgpt-rt-llama2-13b-qlora-nf4-mb1", "litgpt-hub-llama2-7b-qlora", "litgpt-hub-llama3-8b-qlora",
@@ -216,14 +227,18 @@ MISS_CAUSES: dict[str, str] = {
 CAUSES = {
     "FSDP1-reserved": "fsdp_qlora reports max_memory_reserved. Engine fsdp1 models the allocated bytes of these "
                       "steps (FlatParameter shards, the root plus two gathered blocks, 4-bit quant states kept whole, "
-                      "CPUOffload) and the reserved memory FSDP1's streams and construction cannot share "
-                      "(runtime/fsdp1_stream_pools); with memplan's default 10% allocator reserve the answer is "
-                      "10.5-17.8% under. What remains is the caching allocator's fragmentation under checkpointed "
-                      "recompute, per-layer 4-bit dequantization and fp32 logits: reserved/allocated of 1.2-1.4 here, "
-                      "where GMLake (ASPLOS 2024, Sec. 6) measures 15% of reserved on average and up to 33% for these "
-                      "techniques. memplan's 10% is the plain-training middle (runtime.ALLOCATOR_RESERVE_PCT); a "
-                      "reserve fitted to these cases would be tuning, so they stay listed. litgpt's FSDP1 runs, which report "
-                      "max allocated, are within 5%.",
+                      "CPUOffload), transformers 4.38's buffers and masks (memory.hf_legacy: per-layer rotary caches, "
+                      "LlamaModel's max_position_embeddings² causal_mask and its (B, 1, M, M) mask held by the "
+                      "checkpointed layers, repeat_kv) and the reserved memory FSDP1's streams and construction cannot "
+                      "share (runtime/fsdp1_stream_pools); with memplan's default 10% allocator reserve the answer is "
+                      "10.0-14.9% under. Not modelled: the backward workspace of SDPA's memory-efficient kernel, which "
+                      "4.38's explicit mask selects instead of flash (torch mem_eff_attention kernel_backward.h "
+                      "workspace_size: fp32 dK/dV/dQ accumulators per batch and head, which depend on the kernel "
+                      "chosen for the RTX 3090's sm86), and the caching allocator's fragmentation under checkpointed "
+                      "recompute and per-layer 4-bit dequantization (GMLake, ASPLOS 2024, Sec. 6: 15% of reserved on "
+                      "average, up to 33%). memplan's 10% is the plain-training middle (runtime.ALLOCATOR_RESERVE_PCT); "
+                      "a reserve fitted to these cases would be tuning, so they stay listed. litgpt's FSDP1 runs, "
+                      "which report max allocated, are within 5%.",
     "litgpt-bnb": "litgpt with bitsandbytes (training 2.3-3.6 GB above memplan, generate 1.4-1.5 GB): not a load "
                   "peak. Lightning's BitsandbytesPrecision (lightning/fabric/plugins/precision/bitsandbytes.py, "
                   "_Linear4bit/_Linear8bitLt.quantize_) quantizes each layer when it is built on the GPU and again "

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from memplan.arch.tensors import Tensor
 from memplan.config import Engine, Job, JobConfig, Offload
 from memplan.dtypes import Dtype
+from memplan.memory import hf_legacy
 from memplan.memory import optimizer as opt
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
@@ -289,7 +290,8 @@ def init_high_water(ctx: Context, us: list[Unit]) -> int:
     largest unit, the root, last): the GPU-resident shards and replicated states, plus the largest unit moved to
     the GPU (U), its ``torch.cat`` into a FlatParameter (U) and the shard cloned from it (U/Nd).
 
-    Formula: Σ GPU shards + replicated + 2·U_max + ceil(U_max/Nd) (NO_SHARD: no clone).
+    Formula: Σ GPU shards + replicated + buffers + 2·U_max + ceil(U_max/Nd) (NO_SHARD: no clone); buffers: the
+    model's non-persistent buffers FSDP moves with the modules (``memory.hf_legacy``, older transformers).
     Source: torch/distributed/fsdp/_init_utils.py ``_move_module_to_device`` (with ``device_id``),
     _flat_param.py ``flatten_tensors`` and ``_get_shard``; fsdp_qlora benchmarks_03_2024.md reports 3.72 GiB
     reserved after wrapping a 7B QLoRA (``reserved_after_model_wrap``).
@@ -301,7 +303,8 @@ def init_high_water(ctx: Context, us: list[Unit]) -> int:
     on_gpu = 0 if cfg.offload_params is not Offload.NONE else sum(shard_bytes(u.flat_bytes, dp) for u in us)
     largest = max((u.flat_bytes for u in us), default=0)
     clone = shard_bytes(largest, dp) if sharded(cfg) else 0
-    return on_gpu + sum(u.replicated_bytes for u in us) + 2 * largest + clone
+    buffers = hf_legacy.rope_cache_bytes(ctx.arch.spec, cfg) + hf_legacy.mask_buffer_bytes(ctx.arch.spec, cfg)
+    return on_gpu + sum(u.replicated_bytes for u in us) + buffers + 2 * largest + clone
 
 
 def pool_rows(ctx: Context, *, allocated_peak: int, gathered: int) -> list[Row]:

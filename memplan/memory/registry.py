@@ -105,6 +105,11 @@ register("activations/logits", (_BS, Phase.PREFILL),
 register("activations/kept_output", (_BS, _B, _O),
          "logits of the model output held by the training loop until after optimizer.step() "
          "(AnswerDotAI fsdp_qlora train.py: output = None after the step)")
+register("weights/hf_buffers", ALL, "transformers 4.37-4.40 non-persistent buffers: per-layer rotary cos/sin caches, "
+         "4.38 LlamaModel.causal_mask (memory.hf_legacy)")
+register("activations/hf_causal_mask", _TRAIN_SAVED,
+         "transformers 4.38-4.39 LlamaModel._update_causal_mask: the model's 4-D mask, kept by checkpointed layers "
+         "until their backward (memory.hf_legacy)")
 register("activations/recompute_workspace", (_B,),
          "one checkpointed block recomputed during backward (torch.utils.checkpoint)")
 register("activations/hidden_states", (Phase.PREFILL,), "serving: hidden states of the step's tokens")
