@@ -66,7 +66,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--recompute-layers": "2", "--optimizer-gpu-layers": "2", "--allocator-reserve": "7", "--gpus-per-node": "2",
     "--pp": "2", "--lora-rank": "8", "--top": "2", "--recipe": str(ROOT / "recipes" / "qwen2.5-72b-serve-32k.yaml"),
     "--engine": {"infer": "llamacpp", "*": "deepspeed"}, "--lora-dtype": {"qlora": "fp32", "*": "fp16"},
-    "--optimizer-impl": "for-loop", "--kept-output": "logits", "--n-batch": "256",
+    "--optimizer-impl": "for-loop", "--kept-output": "logits", "--transformers-version": "4.38", "--n-batch": "256",
     "--bucket-cap-mb": "100", "--fsdp-prefetch": "2", "--sharding-strategy": "SHARD_GRAD_OP", "--reduce-bucket-size": "50000000",
     "--allgather-bucket-size": "50000000", "--stage3-max-live-parameters": "10000000",
     "--stage3-prefetch-bucket-size": "5000000", "--stage3-param-persistence-threshold": "10000000",

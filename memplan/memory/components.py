@@ -31,8 +31,9 @@ def validate(ctx: Context) -> None:
     if cfg.recompute_map is not None and len(cfg.recompute_map) != len(ctx.arch.layers):
         raise MemplanError(f"recompute_map has {len(cfg.recompute_map)} entries but the model has "
                            f"{len(ctx.arch.layers)} layers.")
-    from memplan.memory import weight_offload, weights
+    from memplan.memory import hf_legacy, weight_offload, weights
 
+    hf_legacy.check(spec, cfg)
     weights.check_quant_map(cfg, num_layers=len(ctx.arch.layers))
     weight_offload.check_offload_map(cfg, num_layers=len(ctx.arch.layers))
     if cfg.ep > 1:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import JobConfig
+from memplan.errors import MemplanError
 from memplan.memory import activations_terms as t
 from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
@@ -48,6 +49,13 @@ def release(cfg: JobConfig) -> tuple[int, int] | None:
 
 def _llama(spec: ModelSpec) -> bool:
     return spec.family is Family.LLAMA and bool(spec.max_position_embeddings)
+
+
+def check(spec: ModelSpec, cfg: JobConfig) -> None:
+    """Refuse ``transformers_version`` where no rule of this module applies (a flag is never silently ignored)."""
+    if cfg.transformers_version is not None and not _llama(spec):
+        raise MemplanError(f"--transformers-version models the Llama layout's buffers and masks (LlamaModel, "
+                           f"MistralModel sources read); {spec.name} is {spec.family.value}: drop the flag.")
 
 
 def rope_cache_bytes(spec: ModelSpec, cfg: JobConfig) -> int:
