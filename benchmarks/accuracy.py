@@ -275,7 +275,20 @@ GPU_NOTES = ["Modelled from these cases (each with its engine source):", "",
              "- litgpt's bitsandbytes runs have no load peak to add: Lightning quantizes layer by layer (see the "
              "litgpt-bnb cause above); the measured excess is elsewhere.",
              "- litgpt runs its own modules (fused qkv, its RoPE, chunked cross-entropy in bf16 over 128-token chunks, "
-             "logits kept by its loop until the step); memplan models the HF layout and HF's fp32 loss."]
+             "logits kept by its loop until the step); memplan models the HF layout and HF's fp32 loss.",
+             "- The FSDP runs are FSDP1 (`--engine fsdp1`, memory/engine_fsdp1.py): litgpt's Lightning FSDPStrategy "
+             "keeps `use_orig_params=True`, so each block's FlatParameter (adapters and frozen weights together) has "
+             "a whole gradient, and finetune/lora.py accumulates under `no_backward_sync` (FSDP1 `no_sync`), which "
+             "keeps every block's unsharded gradient: the whole bf16 model in gradients plus one shard of weights. "
+             "fsdp_qlora wraps each LoRA Linear as its own unit (`use_orig_params=False`), keeps bitsandbytes' quant "
+             "states (double-quantized, `compress_statistics=True`) whole on every rank, and with `--use_cpu_offload` "
+             "holds only the units in flight on the GPU.",
+             "- fsdp_qlora's runs used transformers 4.38 with SDPA (`--transformers-version 4.38`, "
+             "memory/hf_legacy.py): every attention layer keeps fp32 rotary cos/sin caches of max_position_embeddings "
+             "rows, LlamaModel registers a max_position_embeddings² bool causal_mask and builds a (B, 1, M, M) mask "
+             "per forward that the checkpointed layers hold until backward, each layer's SDPA saves a (B, 1, S, S) "
+             "copy of its slice, and k/v are repeated to all heads (huggingface/transformers issue #30010; the "
+             "fsdp_qlora README later excludes 4.38 and 4.39)."]
 
 
 def write_cuda_results(rows: list[dict[str, Any]]) -> Path:

@@ -54,12 +54,14 @@ class OptimizerImpl(StrEnum):
 
 class Engine(StrEnum):
     """The program that runs the job. Training: ``pytorch`` (one process or DDP: HF Trainer, accelerate,
-    plain loops), ``fsdp2`` (``torch.distributed.fsdp.fully_shard``), ``deepspeed``, ``megatron``
-    (Megatron-LM / Megatron-Core). Serving: ``vllm``, ``sglang``, ``llamacpp``, ``transformers`` (HF ``generate``).
+    plain loops), ``fsdp1`` (``torch.distributed.fsdp.FullyShardedDataParallel``, flat parameters), ``fsdp2``
+    (``torch.distributed.fsdp.fully_shard``), ``deepspeed``, ``megatron`` (Megatron-LM / Megatron-Core). Serving:
+    ``vllm``, ``sglang``, ``llamacpp``, ``transformers`` (HF ``generate``).
     Each engine's profile (``memplan.engines``) says which components exist, how they are sharded,
     which buffers it adds and which combinations it runs."""
 
     PYTORCH = "pytorch"
+    FSDP1 = "fsdp1"
     FSDP2 = "fsdp2"
     DEEPSPEED = "deepspeed"
     MEGATRON = "megatron"
@@ -70,7 +72,7 @@ class Engine(StrEnum):
 
     @property
     def trains(self) -> bool:
-        return self in (Engine.PYTORCH, Engine.FSDP2, Engine.DEEPSPEED, Engine.MEGATRON)
+        return self in (Engine.PYTORCH, Engine.FSDP1, Engine.FSDP2, Engine.DEEPSPEED, Engine.MEGATRON)
 
     @property
     def serves(self) -> bool:
@@ -360,6 +362,22 @@ class EngineConfig(Strict):
     (ZeRO-3-like); False keeps them until backward (ZeRO-2-like)."""
     fsdp_prefetch: int = Field(default=1, ge=0)
     """FSDP2 units whose all-gather runs ahead of the current one (implicit prefetch: 1; ``set_modules_to_forward_prefetch``)."""
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"] = "FULL_SHARD"
+    """FSDP1 ``ShardingStrategy`` (torch/distributed/fsdp/api.py, default FULL_SHARD): FULL_SHARD frees each unit's
+    unsharded FlatParameter after its forward, SHARD_GRAD_OP keeps it until backward, NO_SHARD replicates
+    (DDP-like). HYBRID_SHARD is not modelled here."""
+    use_orig_params: bool = True
+    """FSDP1 ``use_orig_params`` (Lightning FSDPStrategy and accelerate set True on torch >= 2.0; fsdp_qlora
+    train.py passes False). True: LoRA adapters share their block's FlatParameter (mixed ``requires_grad``), so
+    the block's whole flat gradient exists; False: FSDP1 refuses mixed ``requires_grad`` in one unit, so the
+    adapters are wrapped as their own units (fsdp_qlora's lambda policy) and only they get gradients."""
+    no_sync: bool = True
+    """FSDP1 ``FullyShardedDataParallel.no_sync()`` on the accumulation micro-batches (accelerate's
+    ``accumulate``, Lightning Fabric's ``no_backward_sync``): each unit keeps its unsharded gradient until the
+    synchronizing micro-batch. Acts only with grad_accum > 1 and a sharded strategy."""
+    limit_all_gathers: bool = True
+    """FSDP1 ``limit_all_gathers`` (default True): the rate limiter (_limiter_utils.py) lets two all-gathers be in
+    flight; False lets the CPU issue every unit's all-gather ahead (counted as every unit unsharded at once)."""
     reduce_bucket_size: int = Field(default=500_000_000, gt=0)
     """DeepSpeed ``zero_optimization.reduce_bucket_size`` (elements, default 5e8): the gradient reduce (IPG) bucket."""
     allgather_bucket_size: int = Field(default=500_000_000, gt=0)
@@ -407,7 +425,8 @@ class EngineConfig(Strict):
 TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
                  "sequence_parallel", "cp", "cp_comm", "offload_activations", "dropout", "loss_fp32",
-                 "activation_accounting", "lora", "galore", "optimizer_impl", "engine_config", "kept_output", "perf")
+                 "activation_accounting", "lora", "galore", "optimizer_impl", "engine_config", "kept_output",
+                 "transformers_version", "perf")
 """JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
 training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
@@ -562,6 +581,12 @@ class JobConfig(Strict):
     ``output`` with current transformers, whose ``ForCausalLMLoss`` upcasts inside the loss) or ``logits_fp32``
     (early-2024 transformers, e.g. v4.38 ``LlamaForCausalLM.forward``: ``logits = logits.float()`` is returned).
     AnswerDotAI fsdp_qlora train.py holds ``output`` until ``output = None`` after ``optimizer.step()``."""
+    transformers_version: str | None = Field(default=None, pattern=r"^4\.(3[7-9]|40)(\.\d+)?$")
+    """The transformers release the job runs, for the bytes older releases hold that current ones do not
+    (``memory.hf_legacy``): 4.37-4.40 keep per-layer rotary cos/sin caches of max_position_embeddings rows; 4.38.x
+    registers LlamaModel's max_position_embeddings² causal-mask buffer and builds a (B, 1, M, M) mask per forward,
+    4.38-4.39 pass SDPA an explicit mask (memory-efficient kernel). None: current transformers. Only the releases
+    whose sources were read are accepted (4.37-4.40)."""
     activation_accounting: Literal["autograd", "paper"] = "autograd"
     """``autograd``: every tensor PyTorch saves for backward in the HF implementation; ``paper``: Korthikanti et
     al. 2022's accounting (16-bit tensors and 1-byte masks only, no norm statistics, fp32 upcasts or int64 indices)."""
@@ -701,9 +726,10 @@ class JobConfig(Strict):
             )
         if self.cp_comm is not CpComm.RING and self.cp == 1:
             raise ValueError(f"cp_comm={self.cp_comm.value} applies with context parallelism (cp > 1); set cp too")
-        if self.offload_params is not Offload.NONE and self.zero < ZeroStage.PARAMETERS and self.job.trains:
+        fsdp1 = self.engine is Engine.FSDP1  # CPUOffload(offload_params=True): engines.rules checks the pair
+        if self.offload_params is not Offload.NONE and self.zero < ZeroStage.PARAMETERS and self.job.trains and not fsdp1:
             raise ValueError("offload_params needs ZeRO stage 3 (parameter offload is ZeRO-3's, as in ZeRO-Infinity)")
-        if self.offload_optimizer is not Offload.NONE and self.zero < ZeroStage.OPTIMIZER and self.job.trains:
+        if self.offload_optimizer is not Offload.NONE and self.zero < ZeroStage.OPTIMIZER and self.job.trains and not fsdp1:
             raise ValueError("offload_optimizer needs ZeRO stage 1 or higher (ZeRO-Offload builds on ZeRO-2)")
         if self.offload_optimizer is Offload.NVME and self.zero < ZeroStage.PARAMETERS:
             raise ValueError("offload_optimizer=nvme needs ZeRO stage 3 (ZeRO-Infinity)")

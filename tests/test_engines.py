@@ -242,7 +242,7 @@ def test_megatron_bytes_per_parameter(dtype, plain, dist):
     ({"engine": "pytorch", "tp": 2, "gpus_per_node": 2}, "no tensor, pipeline or expert parallelism"),
     ({"engine": "megatron", "zero": 1, "offload_optimizer": "cpu"}, "ZeRO stages are DeepSpeed's"),
     ({"engine": "megatron", "job": "lora"}, "pretrain and full jobs"),
-    ({"engine": "fsdp2", "job": "qlora", "gpus_per_node": 2}, "pretrain and full jobs"),
+    ({"engine": "fsdp2", "job": "galore", "gpus_per_node": 2}, "galore job"),
     ({"engine": "megatron", "optimizer": "adamw-8bit"}, "adam and sgd"),
     ({"engine": "megatron", "recompute": "op"}, "engine megatron runs none, selective, full only"),
     ({"engine": "megatron", "recompute_map": ["full"] * 15 + ["op"]}, "engine megatron runs none, selective, full only"),

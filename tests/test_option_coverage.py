@@ -66,8 +66,9 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--recompute-layers": "2", "--optimizer-gpu-layers": "2", "--allocator-reserve": "7", "--gpus-per-node": "2",
     "--pp": "2", "--lora-rank": "8", "--top": "2", "--recipe": str(ROOT / "recipes" / "qwen2.5-72b-serve-32k.yaml"),
     "--engine": {"infer": "llamacpp", "*": "deepspeed"}, "--lora-dtype": {"qlora": "fp32", "*": "fp16"},
-    "--optimizer-impl": "for-loop", "--kept-output": "logits", "--bnb-integration": "lightning", "--n-batch": "256",
-    "--bucket-cap-mb": "100", "--fsdp-prefetch": "2", "--reduce-bucket-size": "50000000",
+    "--optimizer-impl": "for-loop", "--kept-output": "logits", "--bnb-integration": "lightning",
+    "--transformers-version": "4.38", "--n-batch": "256",
+    "--bucket-cap-mb": "100", "--fsdp-prefetch": "2", "--sharding-strategy": "SHARD_GRAD_OP", "--reduce-bucket-size": "50000000",
     "--allgather-bucket-size": "50000000", "--stage3-max-live-parameters": "10000000",
     "--stage3-prefetch-bucket-size": "5000000", "--stage3-param-persistence-threshold": "10000000",
     "--gpu-memory-utilization": "0.5", "--max-num-batched-tokens": "4096", "--max-num-seqs": "64",
@@ -84,7 +85,8 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 DEFAULT_ON: dict[str, tuple[str, ...]] = {
-    **{flag: tuple(JOBS) for flag in ("--reshard-after-forward", "--contiguous-gradients", "--flash-attn")},
+    **{flag: tuple(JOBS) for flag in ("--reshard-after-forward", "--contiguous-gradients", "--flash-attn",
+                                      "--use-orig-params", "--fsdp-no-sync", "--limit-all-gathers")},
     "--master-weights": ("pretrain", "full"),
 }
 """Flags whose unset value (None) means a default that is on (for these jobs): the other value is the --no- form
@@ -159,6 +161,25 @@ for _job in ("pretrain", "full"):  # a slow fabric across 2 nodes: sharding with
 for _job in ("lora", "qlora"):
     CONTEXT[("estimate", "--sequence-parallel", _job)] = ["--engine", "deepspeed", "--tp", "2", *DP2]
 CONTEXT[("estimate", "--master-weights", "lora")] = ["--lora-dtype", "bf16"]  # fp32 adapters need no master copy
+FSDP1 = ["--engine", "fsdp1", "--gpus", "2"]
+FSDP1_LORA = {"estimate": ["--lora-dtype", "bf16"], "plan": ["--dtype", "fp32"]}
+"""FSDP1 flattens a unit into one dtype: adapters sharing their block need the block's dtype (plan has no
+--lora-dtype, so its LoRA runs are fp32 throughout)."""
+FSDP1_SETTINGS: dict[str, tuple[str, ...]] = {
+    "--sharding-strategy": ("pretrain", "full", "lora", "qlora"),
+    "--limit-all-gathers": ("pretrain", "full", "lora", "qlora"),
+    "--use-orig-params": ("lora", "qlora"),
+}
+"""Where an FSDP1 knob acts (memory/engine_fsdp1.py): across 2+ ranks; use_orig_params with frozen parameters.
+no_sync acts over accumulation micro-batches: plan's --global-batch (estimate has no accumulation, so it is
+rejected there)."""
+for _command in ("estimate", "plan"):
+    for _flag, _jobs in FSDP1_SETTINGS.items():
+        CONTEXT.update({(_command, _flag, job): FSDP1 + (FSDP1_LORA[_command] if job == "lora" else [])
+                        for job in _jobs})
+CONTEXT.update({("plan", "--fsdp-no-sync", job): [*FSDP1, "--global-batch", "16",
+                                                  *(FSDP1_LORA["plan"] if job == "lora" else [])]
+                for job in ("pretrain", "full", "lora", "qlora")})
 NEUTRAL_IN: dict[tuple[str, str], str] = {
     ("--lora-alpha", "lora"): "scales the adapters' output (alpha/rank): no byte or step time depends on it",
     ("--lora-alpha", "qlora"): "scales the adapters' output (alpha/rank): no byte or step time depends on it",

@@ -194,6 +194,9 @@ OPTS: dict[str, Opt] = {
                          field="optimizer_impl"),
     "kept_output": _o("--kept-output", str, None, "What the training loop keeps of the model output until after the "
                       "optimizer step: none (default), logits or logits_fp32.", ENGINE, field="kept_output"),
+    "transformers_version": _o("--transformers-version", str, None, "transformers release the training job runs, "
+                               "4.37-4.40, for the buffers and masks those releases hold (default: current).", ENGINE,
+                               field="transformers_version"),
     "bucket_cap_mb": _o("--bucket-cap-mb", int, None, "pytorch (DDP) bucket_cap_mb (default 25).", ENGINE,
                         field="engine_config.bucket_cap_mb"),
     "gradient_as_bucket_view": _o("--gradient-as-bucket-view/--no-gradient-as-bucket-view", bool, None, "pytorch (DDP): "
@@ -204,6 +207,15 @@ OPTS: dict[str, Opt] = {
                                 field="engine_config.reshard_after_forward"),
     "fsdp_prefetch": _o("--fsdp-prefetch", int, None, "fsdp2: units gathered ahead of the current one (default 1).",
                         ENGINE, field="engine_config.fsdp_prefetch"),
+    "sharding_strategy": _o("--sharding-strategy", str, None, "fsdp1 ShardingStrategy: FULL_SHARD (default), "
+                            "SHARD_GRAD_OP or NO_SHARD.", ENGINE, field="engine_config.sharding_strategy"),
+    "use_orig_params": _o("--use-orig-params/--no-use-orig-params", bool, None, "fsdp1: LoRA adapters share their "
+                          "block's FlatParameter, whose whole gradient then exists (default on, as Lightning and "
+                          "accelerate).", ENGINE, field="engine_config.use_orig_params"),
+    "no_sync": _o("--fsdp-no-sync/--fsdp-sync-each-batch", bool, None, "fsdp1: keep unsharded gradients over the "
+                  "accumulation micro-batches (FSDP no_sync, default on).", ENGINE, field="engine_config.no_sync"),
+    "limit_all_gathers": _o("--limit-all-gathers/--no-limit-all-gathers", bool, None, "fsdp1: at most two "
+                            "all-gathers in flight (default on).", ENGINE, field="engine_config.limit_all_gathers"),
     "reduce_bucket_size": _o("--reduce-bucket-size", int, None, "deepspeed reduce_bucket_size, elements (default 5e8).",
                              ENGINE, field="engine_config.reduce_bucket_size"),
     "allgather_bucket_size": _o("--allgather-bucket-size", int, None, "deepspeed allgather_bucket_size, elements "
@@ -320,8 +332,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "finetune": ("lora_rank", "lora_dropout", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer",
                  "galore_rank", "galore_8bit"),
     "inference": ("context", "kv_dtype", "paged", "block_size", "offload_layers", "max_context", "max_batch"),
-    "engine_knobs": ("optimizer_impl", "kept_output", "bucket_cap_mb", "gradient_as_bucket_view", "reshard_after_forward",
-                     "fsdp_prefetch", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
+    "engine_knobs": ("optimizer_impl", "kept_output", "transformers_version", "bucket_cap_mb", "gradient_as_bucket_view",
+                     "reshard_after_forward",
+                     "fsdp_prefetch", "sharding_strategy", "use_orig_params", "no_sync", "limit_all_gathers",
+                     "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
                      "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
                      "stage3_param_persistence_threshold", "use_distributed_optimizer", "hsdp_shard_size",
                      "mics_shard_size", "zero_hpz_partition_size", "cpu_offloading_num_layers"),

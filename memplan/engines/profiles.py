@@ -62,6 +62,24 @@ PROFILES: dict[Engine, Profile] = {
         "Hugging Face module layout (autograd-saved tensors)",
         ("torch/amp/autocast_mode.py", "torch/nn/parallel/distributed.py", "torch/optim/adamw.py",
          "bitsandbytes/optim/optimizer.py")),
+    Engine.FSDP1: Profile(
+        Engine.FSDP1, "torch.distributed.fsdp.FullyShardedDataParallel, flat parameters (Lightning Fabric FSDPStrategy/"
+        "litgpt, accelerate FSDP1, AnswerDotAI fsdp_qlora)",
+        (("pure 16-bit (bf16-true; fsdp_qlora precision=bf16), the form the published runs use",
+          "one FlatParameter per unit in bf16, 1/Nd each (NO_SHARD: whole); sharded bf16 grads of every unit that "
+          "requires grad (use_orig_params=True with LoRA: the whole block's flat grad); states 1/Nd"),
+         ("MixedPrecision(param_dtype=bf16) over an fp32 model",
+          "fp32 FlatParameters 4/Nd + fp32 sharded grads 4/Nd + fp32 states 8/Nd; bf16 unsharded units in flight"),
+         ("CPUOffload(offload_params=True)",
+          "FlatParameter shards, sharded grads and optimizer states on the CPU; the units in flight on the GPU")),
+        "torch.optim.AdamW on the FlatParameters (use_orig_params=False) or the original parameters' sharded views; "
+        "on the CPU with CPUOffload",
+        ("weights/fsdp1_unsharded", "gradients/fsdp1_reduce_scatter", "gradients/fsdp1_no_sync"),
+        ("sharding_strategy", "use_orig_params", "no_sync", "limit_all_gathers"),
+        "Hugging Face module layout (autograd-saved tensors)",
+        ("torch/distributed/fsdp/_flat_param.py", "torch/distributed/fsdp/_runtime_utils.py",
+         "torch/distributed/fsdp/_limiter_utils.py", "torch/distributed/fsdp/_wrap_utils.py",
+         "lightning/fabric/strategies/fsdp.py", "AnswerDotAI/fsdp_qlora train.py")),
     Engine.FSDP2: Profile(
         Engine.FSDP2, "torch.distributed.fsdp.fully_shard (accelerate FSDP2, torchtune, torchtitan)",
         (("MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), the default",

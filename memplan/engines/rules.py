@@ -21,7 +21,7 @@ MEGATRON_OPTIMIZERS = (OptimizerKind.ADAMW, OptimizerKind.SGD, OptimizerKind.SGD
 PAGED_OPTIMIZERS = (OptimizerKind.ADAMW, OptimizerKind.ADAMW_8BIT)
 """bitsandbytes/optim/adamw.py: PagedAdamW (32-bit states) and PagedAdamW8bit."""
 
-_TRAINING = (Engine.PYTORCH, Engine.FSDP2, Engine.DEEPSPEED, Engine.MEGATRON)
+_TRAINING = (Engine.PYTORCH, Engine.FSDP1, Engine.FSDP2, Engine.DEEPSPEED, Engine.MEGATRON)
 _NAMES = ", ".join(e.value for e in _TRAINING)
 
 
@@ -43,15 +43,25 @@ def _dtype_rule(cfg: JobConfig) -> str | None:
 def _common(cfg: JobConfig, engine: Engine) -> str | None:
     if cfg.zero > ZeroStage.NONE and engine is not Engine.DEEPSPEED:
         hint = {Engine.FSDP2: " (fsdp2 already shards params, grads and states like ZeRO-3: drop --zero)",
+                Engine.FSDP1: " (fsdp1 shards like ZeRO-3 with FULL_SHARD, ZeRO-2 with SHARD_GRAD_OP: "
+                              "engine_config.sharding_strategy)",
                 Engine.MEGATRON: " (Megatron's ZeRO-1 is engine_config.use_distributed_optimizer)"}.get(engine, "")
         return f"ZeRO stages are DeepSpeed's; engine {engine.value} has none{hint}: use --engine deepspeed or --zero 0."
-    if _offloads(cfg) and engine is not Engine.DEEPSPEED:
+    if engine is Engine.FSDP1 and _offloads(cfg):
+        if (cfg.offload_optimizer, cfg.offload_params) != (Offload.CPU, Offload.CPU):
+            return ("engine fsdp1 offloads with CPUOffload(offload_params=True), which moves the parameter shards, "
+                    "the gradients and the optimizer step to the CPU together: use --offload-params cpu "
+                    "--offload-optimizer cpu, or neither.")
+    elif _offloads(cfg) and engine is not Engine.DEEPSPEED:
         return (f"optimizer/parameter offload is modelled as DeepSpeed's ZeRO-Offload/Infinity; engine {engine.value} "
                 "does not offload here: use --engine deepspeed.")
     if cfg.engine_config.paged_optimizer and (engine is not Engine.PYTORCH or cfg.optimizer not in PAGED_OPTIMIZERS
                                               or not cfg.job.full_weights_trainable):
         return ("engine_config.paged_optimizer is bitsandbytes' PagedAdamW/PagedAdamW8bit for a full-weight job on "
                 "engine pytorch (LoRA/QLoRA: lora.paged_optimizer); use --optimizer adamw or adamw-8bit there.")
+    if engine is Engine.FSDP1 and (cfg.tp > 1 or cfg.pp > 1 or cfg.ep > 1):
+        return ("engine fsdp1 is modelled for data parallelism only (FlatParameters over one data-parallel group): "
+                "use --tp 1 --pp 1 --ep 1, or --engine fsdp2/megatron for model parallelism.")
     if engine is Engine.PYTORCH and (cfg.tp > 1 or cfg.pp > 1 or cfg.ep > 1):
         return ("engine pytorch (one process or DDP) has no tensor, pipeline or expert parallelism: "
                 "use --engine megatron (or fsdp2/deepspeed) or --tp 1 --pp 1 --ep 1.")
@@ -137,7 +147,8 @@ def _optimizer_impl_rule(cfg: JobConfig, engine: Engine) -> str | None:
     if cfg.optimizer_impl is not None and engine in (Engine.DEEPSPEED, Engine.MEGATRON):
         return (f"optimizer_impl chooses torch.optim's AdamW path (engines pytorch, fsdp2); engine {engine.value} "
                 "runs its own FusedAdam (or DeepSpeedCPUAdam when offloaded): drop --optimizer-impl.")
-    if cfg.grad_dtype is not None and engine in (Engine.PYTORCH, Engine.FSDP2) and cfg.job.full_weights_trainable:
+    if cfg.grad_dtype is not None and engine in (Engine.PYTORCH, Engine.FSDP1, Engine.FSDP2) \
+            and cfg.job.full_weights_trainable:
         return (f"engine {engine.value} keeps gradients in the parameters' dtype; grad_dtype is a setting of "
                 "deepspeed (data_types.grad_accum_dtype) and megatron: drop --grad-dtype or choose --engine deepspeed.")
     return None
@@ -173,7 +184,9 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
                     "drop --allgather-bucket-size.")
         if cfg.accounting is Accounting.PAPER:
             return f"{knob} sizes an engine buffer; the paper's accounting (--accounting paper) counts none: drop it."
-        if not cfg.job.full_weights_trainable or cfg.job is Job.GALORE:
+        fsdp2_adapters = (cfg.effective_engine is Engine.FSDP2 and cfg.job in (Job.LORA, Job.QLORA)
+                          and name in ("reshard_after_forward", "fsdp_prefetch"))  # memory.engine_fsdp2_lora
+        if (not cfg.job.full_weights_trainable or cfg.job is Job.GALORE) and not fsdp2_adapters:
             return (f"{knob} sizes the engine's buffers of full-weight states (pretrain, full jobs); a "
                     f"{cfg.job.value} job's are not modelled with it: drop it.")
         if name in _DATA_PARALLEL and cfg.dp <= 1:
@@ -244,6 +257,49 @@ def _activation_offload_rule(cfg: JobConfig, engine: Engine, *, partial: bool) -
     return None
 
 
+def _sharded_adapter_rule(cfg: JobConfig, engine: Engine) -> str | None:
+    """LoRA/QLoRA on fsdp1/fsdp2 (memory.engine_fsdp1, engine_fsdp2_lora): the adapters are sharded torch
+    parameters stepped by torch.optim; a paged bitsandbytes optimizer or an fp32 master copy of 16-bit adapters is
+    not what these engines hold."""
+    if cfg.job not in (Job.LORA, Job.QLORA):
+        return None
+    if cfg.lora.paged_optimizer:
+        return (f"engine {engine.value} steps the adapters' sharded parameters with torch.optim (fsdp_qlora, "
+                "torchtune); lora.paged_optimizer (bitsandbytes' paged states) is modelled on engine pytorch: drop it.")
+    if cfg.master_weights and cfg.lora.dtype.is_16bit:
+        return (f"engine {engine.value} keeps no fp32 master copy of the adapters (they are trained in their own "
+                "dtype): drop --master-weights, or give --lora-dtype fp32.")
+    return None
+
+
+def _fsdp1_rule(cfg: JobConfig) -> str | None:
+    """FSDP1's own knobs, changed from their defaults where they move no byte, and its one-dtype FlatParameter."""
+    from memplan.config import EngineConfig
+
+    knobs, default = cfg.engine_config, EngineConfig()
+    lora = cfg.job in (Job.LORA, Job.QLORA)
+    if rule := _sharded_adapter_rule(cfg, Engine.FSDP1):
+        return rule
+    if lora and knobs.use_orig_params and cfg.job is Job.LORA and cfg.lora.dtype is not cfg.dtype:
+        return (f"FSDP1 flattens a unit's parameters into one FlatParameter of one dtype (_flat_param.py "
+                f"_validate_tensors_to_flatten); {cfg.lora.dtype.value} adapters inside {cfg.dtype.value} blocks "
+                f"(use_orig_params=True) do not run: use --lora-dtype {cfg.dtype.value}, or --no-use-orig-params "
+                "(adapters wrapped as their own units).")
+    if knobs.sharding_strategy != default.sharding_strategy and cfg.dp <= 1:
+        return "engine_config.sharding_strategy acts across data-parallel ranks; with dp=1 it moves no byte."
+    if knobs.use_orig_params != default.use_orig_params and not lora:
+        return ("engine_config.use_orig_params moves bytes only with frozen parameters (lora, qlora jobs): every "
+                f"parameter of a {cfg.job.value} job requires grad; drop it.")
+    if knobs.no_sync != default.no_sync and (cfg.grad_accum <= 1 or cfg.dp <= 1
+                                             or knobs.sharding_strategy == "NO_SHARD"):
+        return ("engine_config.no_sync acts on the accumulation micro-batches of a sharded strategy: use "
+                "--grad-accum 2 or more on 2 or more GPUs, or drop it.")
+    if knobs.limit_all_gathers != default.limit_all_gathers and (cfg.dp <= 1
+                                                                 or knobs.sharding_strategy != "FULL_SHARD"):
+        return "engine_config.limit_all_gathers bounds FULL_SHARD's all-gathers over 2+ ranks; here it moves no byte."
+    return None
+
+
 def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
     """The first engine rule ``cfg`` breaks, as one sentence; None when the engine runs it. ``partial``: ``cfg``
     fixes one planner dimension only (tp, pp or the ZeRO placement), so the rules that weigh a setting against the
@@ -263,9 +319,13 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
                  _activation_offload_rule(cfg, engine, partial=partial)):
         if rule:
             return rule
-    if engine is Engine.FSDP2 and cfg.job not in (Job.PRETRAIN, Job.FULL):
-        return (f"engine fsdp2 is modelled for pretrain and full jobs (sharded states and gathered units); a "
-                f"{cfg.job.value} job on it is not: use --engine pytorch or deepspeed.")
+    if engine is Engine.FSDP2 and (rule := _sharded_adapter_rule(cfg, engine)):
+        return rule
+    if engine in (Engine.FSDP1, Engine.FSDP2) and cfg.job is Job.GALORE:
+        return (f"engine {engine.value} is modelled for pretrain, full, lora and qlora jobs; a galore job on it is "
+                "not: use --engine pytorch or deepspeed.")
+    if engine is Engine.FSDP1:
+        return _fsdp1_rule(cfg)
     if engine is Engine.DEEPSPEED:
         return _deepspeed(cfg)
     if engine is Engine.MEGATRON:

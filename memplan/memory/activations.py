@@ -26,7 +26,7 @@ from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
-from memplan.memory import bnb_workspace
+from memplan.memory import bnb_workspace, hf_legacy
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
@@ -201,6 +201,8 @@ def layer_kwargs_bytes(ctx: Context, layers: set[int], counting: blk.Counting) -
         return 0
     s = local_seq_len(cfg)
     impl = blk.attention_impl(spec, cfg)
+    if hf_legacy.explicit_mask(spec, cfg, impl):  # the model's mask is its own row (hf_legacy.rows)
+        return t.token_ids_bytes(tokens=s)
     if impl == "eager":
         kinds, bits = {ctx.arch.layers[i].sliding for i in layers}, blk.activation_bits(cfg)
     elif impl == "sdpa":
@@ -317,5 +319,10 @@ def rows(ctx: Context) -> list[Row]:
     """GPU rows of training activations for the reported stage; [] for inference or params-only models."""
     saved = "saved for backward"
     dequant = {"activations/dequant_workspace": bnb_workspace.dequant_phases(ctx)}
-    return [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak",
-                dequant.get(name)) for name, value in breakdown(ctx).items()]
+    out = [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak",
+               dequant.get(name)) for name, value in breakdown(ctx).items()]
+    if not out or ctx.cfg.transformers_version is None:
+        return out
+    checkpointed = any(mode is not Recompute.NONE for mode in layer_modes(ctx).values())
+    return out + hf_legacy.rows(ctx, blk.attention_impl(ctx.arch.spec, ctx.cfg), blk.activation_bits(ctx.cfg),
+                                checkpointed)

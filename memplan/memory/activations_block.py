@@ -22,6 +22,7 @@ from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
 from memplan.memory import activations_terms as t
+from memplan.memory import hf_legacy
 from memplan.memory.context_parallel import local_seq_len
 from memplan.units import ceil_div
 
@@ -290,8 +291,10 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
         # decoder architecture broadcasts k and v to all N heads first: ``FalconAttention._split_heads``)
         return _math(dm, tr, h, h)
     terms = []
-    masked = sdpa_mask_materialized(spec, layer, impl, dm.s)
-    kv_heads = n if masked else k  # repeat_kv copies k and v to N heads when SDPA cannot use enable_gqa
+    legacy = hf_legacy.explicit_mask(spec, cfg, impl)  # transformers 4.38-4.39 LlamaModel: always a mask
+    masked = legacy or sdpa_mask_materialized(spec, layer, impl, dm.s)
+    # repeat_kv copies k and v to N heads when SDPA cannot use enable_gqa (and always in transformers 4.37-4.40)
+    kv_heads = n if masked or hf_legacy.repeats_kv(cfg, impl) else k
     if spec.family is Family.GPT2:  # q, k, v are views of c_attn's output, which stays alive whole
         terms.append(_fused(dm, counting, q=0, kv=3 * n * h, out=n * h))
     elif spec.family in _V_VIEW_OF_FUSED and not (masked and k < n):  # v is a view of the fused projection
@@ -304,7 +307,9 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
     head_major = (spec.family in _Q_HEAD_MAJOR or spec.rotary_dim is not None) and not falcon_broadcasts_kv(spec)
     if head_major and not efficient and tr.trains("o"):
         terms.append(Term("attention/o_proj_input", t.tensor_bytes(count=dm.tokens * n * h, bits=dm.bits)))
-    if masked:  # SDPA converts the bool mask to an additive (B, 1, S, S) tensor per call and saves it
+    if masked and (not legacy or hf_legacy.mask_copied_per_layer(spec, cfg, impl)):
+        # SDPA converts the bool mask to an additive (B, 1, S, S) tensor per call and saves it (4.38: the
+        # layer's advanced-indexing slice of the model's mask, a copy)
         terms.append(Term("attention/mask", t.tensor_bytes(count=dm.b * dm.s * dm.s, bits=dm.bits), core=True))
     return terms
 

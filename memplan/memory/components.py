@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from memplan.catalog.schema import Family
-from memplan.config import Job, JobConfig, ZeroStage
+from memplan.config import Accounting, Engine, Job, JobConfig, ZeroStage
 from memplan.errors import MemplanError
 from memplan.memory import model_states as ms
 from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Phase, Row, Tier, peak
@@ -31,9 +31,10 @@ def validate(ctx: Context) -> None:
     if cfg.recompute_map is not None and len(cfg.recompute_map) != len(ctx.arch.layers):
         raise MemplanError(f"recompute_map has {len(cfg.recompute_map)} entries but the model has "
                            f"{len(ctx.arch.layers)} layers.")
-    from memplan.memory import context_parallel, weight_offload, weights
+    from memplan.memory import context_parallel, hf_legacy, weight_offload, weights
 
     context_parallel.check_shape(spec, cfg)
+    hf_legacy.check(spec, cfg)
     weights.check_quant_map(cfg, num_layers=len(ctx.arch.layers))
     weight_offload.check_offload_map(cfg, num_layers=len(ctx.arch.layers))
     if cfg.ep > 1:
@@ -135,6 +136,15 @@ def allocated_peak(rows: list[Row], cfg: JobConfig) -> int:
 def state_rows(ctx: Context) -> list[Row]:
     """A training job's model-state rows (weights, gradients, optimizer, engine buffers), no activations."""
     job = ctx.cfg.job
+    paper = ctx.cfg.accounting is Accounting.PAPER and job in (Job.PRETRAIN, Job.FULL)  # ZeRO's convention
+    if ctx.cfg.effective_engine is Engine.FSDP1 and job is not Job.GALORE and not paper:
+        from memplan.memory import engine_fsdp1
+
+        return engine_fsdp1.rows(ctx)
+    if ctx.cfg.effective_engine is Engine.FSDP2 and job in (Job.LORA, Job.QLORA):
+        from memplan.memory import engine_fsdp2_lora
+
+        return engine_fsdp2_lora.rows(ctx)
     if job in (Job.LORA, Job.QLORA):
         from memplan.memory import peft
 
@@ -152,7 +162,13 @@ def stage_rows(ctx: Context) -> tuple[list[Row], list[str]]:
 
     missing: list[str] = []
     rows = job_rows(ctx, missing)
-    rows += with_phases(ctx, runtime.rows(ctx, other_gpu_bytes=allocated_peak(rows, ctx.cfg)))
+    allocated = allocated_peak(rows, ctx.cfg)
+    rows += with_phases(ctx, runtime.rows(ctx, other_gpu_bytes=allocated))
+    if ctx.cfg.job.trains and ctx.cfg.effective_engine is Engine.FSDP1:
+        from memplan.memory import engine_fsdp1
+
+        gathered = sum(r.bytes for r in rows if r.component == "weights/fsdp1_unsharded")
+        rows += with_phases(ctx, engine_fsdp1.pool_rows(ctx, allocated_peak=allocated, gathered=gathered))
     return [r for r in rows if r.bytes or r.tier is Tier.GPU], missing
 
 

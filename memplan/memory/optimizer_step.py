@@ -10,7 +10,7 @@ native CUDA device), ``for-loop`` on CPU.
 from __future__ import annotations
 
 from memplan.arch.tensors import Architecture
-from memplan.config import Job, OptimizerImpl, OptimizerKind
+from memplan.config import Engine, Job, OptimizerImpl, OptimizerKind
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.units import bits_to_bytes
@@ -97,7 +97,9 @@ def temp_bytes(ctx: Context, *, second_moment_bytes: int) -> int:
     Assumes: the largest tensor is split evenly by tensor parallelism; with ZeRO a rank's v is a shard.
     """
     cfg = ctx.cfg
-    if cfg.optimizer not in TORCH_ADAM or not second_moment_bytes or cfg.job is Job.QLORA:
+    # fsdp_qlora train.py and torchtune's QLoRA step torch.optim.AdamW, not bitsandbytes' paged AdamW
+    bnb_paged = cfg.job is Job.QLORA and cfg.effective_engine not in (Engine.FSDP1, Engine.FSDP2)
+    if cfg.optimizer not in TORCH_ADAM or not second_moment_bytes or bnb_paged:
         return 0
     if cfg.effective_optimizer_impl is OptimizerImpl.FUSED:
         return fused_temp_bytes()

@@ -82,6 +82,11 @@ register("weights/fsdp_running_unit", (Phase.FORWARD, Phase.BACKWARD),
 register("weights/fsdp_kept_all_gather", (Phase.FORWARD, Phase.BACKWARD_START),
          "FSDP2 _fsdp_param_group.py wait_for_unshard comm_ctx.all_gather_state, freed in _fsdp_state.py _post_forward")
 register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collectives.py foreach_reduce: one unit")
+register("weights/fsdp1_unsharded", _TRAIN_SAVED,
+         "FSDP1 _runtime_utils.py _unshard/_reshard: gathered FlatParameters from forward through backward")
+register("gradients/fsdp1_reduce_scatter", (Phase.BACKWARD,), "FSDP1 _runtime_utils.py _reduce_grad: one unit")
+register("gradients/fsdp1_no_sync", TRAIN_PHASES,
+         "FSDP1 no_sync(): unsharded gradients kept across the accumulation micro-batches (_post_backward_hook)")
 register("gradients/ddp_buckets", TRAIN_PHASES, "torch DDP Reducer buckets, allocated at construction")
 register("gradients/main_grad_buffer", TRAIN_PHASES, "Megatron-Core param_and_grad_buffer.py: contiguous, persistent")
 register("gradients/fp32_main_grads", (Phase.OPTIMIZER,), "Megatron fp16: fp32 copy of the grads for the step")
@@ -107,6 +112,11 @@ register("activations/kept_output", (_BS, _B, _O),
 register("activations/cp_exchange", (_F, _BS),
          "context parallelism: one attention's key/value exchange buffers, with every saved activation alive "
          "(TransformerEngine context_parallel.py, torch context_parallel; memory.context_parallel)")
+register("weights/hf_buffers", ALL, "transformers 4.37-4.40 non-persistent buffers: per-layer rotary cos/sin caches, "
+         "4.38 LlamaModel.causal_mask (memory.hf_legacy)")
+register("activations/hf_causal_mask", _TRAIN_SAVED,
+         "transformers 4.38-4.39 LlamaModel._update_causal_mask: the model's 4-D mask, kept by checkpointed layers "
+         "until their backward (memory.hf_legacy)")
 register("activations/recompute_workspace", (_B,),
          "one checkpointed block recomputed during backward (torch.utils.checkpoint)")
 register("activations/offload_buffer", _TRAIN_SAVED,

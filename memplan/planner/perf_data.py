@@ -101,13 +101,15 @@ GENERATION_FABRIC = {"volta": "dgx-v100", "ampere": "dgx-a100", "hopper": "dgx-h
 
 ENGINE_OVERLAP: dict[str, dict[int, float]] = {
     "pytorch": {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0},
+    "fsdp1": {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0},
     "fsdp2": {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0},
     "deepspeed": {0: 1.0, 1: 0.0, 2: 0.0, 3: 1.0},
     "megatron": {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0},
 }
 """Share of the data-parallel/ZeRO communication an engine hides behind compute, by ZeRO stage, at its
 defaults. pytorch: DDP's bucketed all-reduce runs during backward (torch/nn/parallel/distributed.py,
-``Reducer``); fsdp2: prefetched all-gathers and reduce-scatters on their own streams
+``Reducer``); fsdp1 (BackwardPrefetch.BACKWARD_PRE, torch/distributed/fsdp/_runtime_utils.py) and fsdp2:
+prefetched all-gathers and reduce-scatters on their own streams
 (torch/distributed/fsdp/_fully_shard); deepspeed: ``overlap_comm`` defaults to False for stages 1-2 and
 True for stage 3 (deepspeed/runtime/zero/config.py); megatron: ``--overlap-grad-reduce`` and
 ``--overlap-param-gather`` are off by default (megatron/training/arguments.py). Overridable with
