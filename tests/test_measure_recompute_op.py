@@ -2,7 +2,7 @@
 and the fused attention output MUST_SAVE, the rest recomputed) on a tiny Llama-layout model. The outputs the
 policy keeps live outside ``saved_tensors_hooks``, so they are checked through the step's peak: memplan's answer
 within 1% of the measured peak, and the difference to full checkpointing equal to what op mode keeps beyond the
-block input (measured peaks: op − full; memplan: op layers − full layers)."""
+block input (measured peaks: op − full; memplan: the same difference of its phase-peak answers)."""
 
 from __future__ import annotations
 
@@ -36,4 +36,7 @@ def test_op_level_checkpointing_matches_a_measured_step():
     def layers(cfg):
         return next(r.bytes for r in estimate(tiny_spec("llama"), GPU, cfg).rows if r.component == "activations/layers")
 
-    assert op_line.measured - full_line.measured == layers(op_cfg) - layers(full_cfg)
+    # op keeps more than full: the saved-tensor row grows, and the phase model's peak moves by exactly the measured
+    # difference (under AMP the layer inputs op keeps beyond the block input are not all in the layers row)
+    assert layers(op_cfg) > layers(full_cfg)
+    assert op_line.measured - full_line.measured == op_line.predicted - full_line.predicted
