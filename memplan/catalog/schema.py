@@ -220,6 +220,15 @@ class GpuSpec(Strict):
     def memory_bytes(self) -> int:
         return self.memory_mib * 2**20
 
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """This GPU model's ``memplan calibrate`` profile (``catalog.profiles.load_profile`` of its name), or
+        None. The memory model reads the profile through this property, not the name, so a sweep can tell
+        that GPUs without profiles share every byte (``memplan.vector_probe``)."""
+        from memplan.catalog.profiles import load_profile
+
+        return load_profile(self.name)
+
 
 class HostSpec(Strict):
     """The host that a node's GPUs share: CPU RAM, NVMe and PCIe links. Sizes in bytes."""
