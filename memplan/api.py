@@ -191,9 +191,9 @@ def estimate(model: str | ModelSpec, gpu: str | GpuSpec = "h100-sxm-80gb", confi
 
 def _price(gpu: GpuSpec, override: float | None) -> float | None:
     if override is not None:
-        if not override >= 0 or override == float("inf"):
-            raise MemplanError(f"usd_per_hour must be a finite number of dollars >= 0, got {override!r}.")
-        return float(override)
+        from memplan.report.cost import checked_usd_per_hour
+
+        return checked_usd_per_hour(override)
     return gpu.price_per_hour_usd
 
 

@@ -77,7 +77,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--cluster": "pcie-ethernet", "--mfu": "0.3", "--comm-overlap": "0.5", "--ep": "2",
     "--intra-node-gbps": "10", "--inter-node-gbps": "1", "--intra-node-latency-us": "500",
     "--inter-node-latency-us": "500", "--virtual-stages": "2", "--global-batch-tokens": "65536",
-    "--train-tokens": "1000000000",
+    "--train-tokens": "1000000000", "--usd-per-hour": "3.5",
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 DEFAULT_ON: dict[str, tuple[str, ...]] = {
