@@ -184,7 +184,10 @@ def estimate(model: str | ModelSpec, gpu: str | GpuSpec = "h100-sxm-80gb", confi
 
     _check_types(model=(model, (str, ModelSpec)), gpu=(gpu, (str, GpuSpec)), config=(config, (JobConfig, type(None))),
                  host=(host, (HostSpec, type(None))))
+    from memplan.plan_only import refuse_plan_only
+
     cfg = job_config(config, **options)
+    refuse_plan_only(cfg, "estimate()")
     detail = run(model, gpu, cfg, host=host_spec(host, cpu_ram, nvme))
     return Estimate(detail, _price(detail.gpu, usd_per_hour))
 

@@ -75,6 +75,9 @@ class SweepSpec:
             jobs = ", ".join(j.value for j in self.jobs)
             raise MemplanError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to the "
                                f"sweep's jobs ({jobs}).")
+        from memplan.plan_only import refuse_plan_only
+
+        refuse_plan_only(self.base, "sweep")
 
     def sizes(self, job: Job) -> tuple[int, ...]:
         """Sequence lengths (training) or contexts (inference) of ``job``."""
