@@ -236,10 +236,11 @@ def members(spec: SweepSpec, model: str, job: Job, count: int, sizes: list[int],
     size_key = size_key_of(job)
     classes: list[tuple[Prober, Fit]] = []
     out: list[Member] = []
+    values: dict[tuple[str, str], Any] = {}
     for gpu in spec.gpus:
         cls = next((c for c in classes if c[0].shares(gpu)), None)
         if cls is None:
-            p = Prober(spec, Cell(model, gpu, job, count, sizes[0], None))
+            p = Prober(spec, Cell(model, gpu, job, count, sizes[0], None), values)
             cls = (p, build_fit(p, sizes, b_top, size_key))
             classes.append(cls)
         probe = cls[0].at(1, sizes[-1], gpu)

@@ -86,14 +86,15 @@ class Prober:
     """Scalar estimates of one group (model, job, GPU count) on the GPUs that share its first GPU's reads,
     memoized by (batch, size); each other GPU's probe is the same estimate with its own GPU."""
 
-    def __init__(self, spec: SweepSpec, cell: Cell) -> None:
+    def __init__(self, spec: SweepSpec, cell: Cell, values: dict[tuple[str, str], Any] | None = None) -> None:
         self.ev = _Evaluator(spec, cell)
         self.spec = spec
         self.reads: set[str] = set()
         self.gpu = traced(self.ev.gpu)
         self.estimates: dict[tuple[int, int], Any] = {}
         self.memo: dict[tuple[str, int, int], Probe] = {}
-        self.values: dict[tuple[str, str], Any] = {}
+        self.values: dict[tuple[str, str], Any] = {} if values is None else values
+        """(GPU, attribute) -> value, shared by the probers of one group (``calibration`` reads a file)."""
         self.evaluated = 0
 
     def shares(self, gpu: str) -> bool:
@@ -104,7 +105,7 @@ class Prober:
         return all(self.read(gpu, name) == self.read(self.ev.cell.gpu, name) for name in self.reads)
 
     def read(self, gpu: str, name: str) -> Any:
-        """``gpu``'s attribute ``name``, read once per prober (``calibration`` reads a file)."""
+        """``gpu``'s attribute ``name``, read once per group."""
         if (gpu, name) not in self.values:
             self.values[(gpu, name)] = getattr(_gpu(gpu), name)
         return self.values[(gpu, name)]

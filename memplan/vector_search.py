@@ -102,10 +102,11 @@ def largest_batches(fit: Any, templates: list[dict[str, Any]], sizes: list[int])
 
 def frontier(members: list[Any], found: list[dict[int, int]], b_top: int) -> list[tuple[str, int, int]]:
     """The (GPU, batch, size) points to check exactly after a search: for the largest and for the smallest
-    batch found beyond the fit's probes (above ``b_top``), that batch and the next (within MAX_BATCH). The
-    fit is checked at b = 1, 2, 3, b_top, 2·b_top + 3 and 7·b_top + 5 (``vector.build_fit``); these points
-    check the straight lines where the search lands, at both ends of the range it extrapolates to."""
-    beyond = [(b, m.gpu, s) for m, per in zip(members, found, strict=True) for s, b in per.items() if b > b_top]
+    batch found beyond the fit's probes, that batch and the next (within MAX_BATCH). The fit is checked at
+    b = 1, 2, 2·b_top + 3 and 7·b_top + 5 (``vector.build_fit``); these points check the straight lines
+    where the search extrapolates to, at both ends of that range."""
+    probed = 7 * b_top + 5
+    beyond = [(b, m.gpu, s) for m, per in zip(members, found, strict=True) for s, b in per.items() if b + 1 > probed]
     if not beyond:
         return []
     points = []
