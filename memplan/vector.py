@@ -43,7 +43,7 @@ from memplan.config import Job
 from memplan.errors import MemplanError
 from memplan.grid import METRIC_COLUMN, Cell, CellResult, SweepSpec, cells, default_workers, evaluate, iter_results, pooled
 from memplan.units import GiB
-from memplan.vector_probe import TIERS, NotExact, Probe, Prober, is_fitted, tier_of
+from memplan.vector_probe import TIERS, NotExact, Probe, Prober, context_results, is_fitted, tier_of
 
 
 def lagrange(xs: list[int], ys: list[int]) -> list[Fraction]:
@@ -314,10 +314,11 @@ def group_results(spec: SweepSpec, model: str, job: Job, count: int) -> list[Cel
 def evaluate_group(spec: SweepSpec, group: list[Cell]) -> list[CellResult]:
     """The group's cells, vectorized when every check passes, else each by the scalar path."""
     first = group[0]
-    if spec.metric != "max-context" and not spec.speed:
+    if not spec.speed:
+        solve = context_results if spec.metric == "max-context" else group_results
         try:
-            done = {(r.cell.gpu, r.cell.size): r for r in group_results(spec, first.model, first.job, first.gpus)}
-            return [done[(c.gpu, c.size)] for c in group]
+            done = {(r.cell.gpu, r.cell.size, r.cell.batch): r for r in solve(spec, first.model, first.job, first.gpus)}
+            return [done[(c.gpu, c.size, c.batch)] for c in group]
         except (NotExact, MemplanError):
             pass
     return [evaluate(spec, c) for c in group]
@@ -330,8 +331,12 @@ class Chunk(list):
 
 
 def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
-    """The run as a Chunk when every group of it is exact, else None (the caller takes the record path)."""
+    """The run as a Chunk when every group of it is exact, else None (the caller takes the record path, as
+    ``max-context`` always does)."""
     from memplan.vector_frame import block_frame, run_frame
+
+    if spec.metric == "max-context":
+        return None
 
     model, job = todo[0].model, todo[0].job
     column, size_key, sizes = METRIC_COLUMN[spec.metric], size_key_of(job), list(spec.sizes(job))
@@ -367,18 +372,19 @@ def run_chunk(spec: SweepSpec, todo: list[Cell], columnar: bool = False) -> list
     for count in spec.gpu_counts:
         group = [c for c in todo if c.gpus == count]
         if group:
-            results.update({(r.cell.gpu, r.cell.gpus, r.cell.size): r for r in evaluate_group(spec, group)})
-    return [results[(c.gpu, c.gpus, c.size)] for c in todo]
+            results.update({(r.cell.gpu, r.cell.gpus, r.cell.size, r.cell.batch): r for r in evaluate_group(spec, group)})
+    return [results[(c.gpu, c.gpus, c.size, c.batch)] for c in todo]
 
 
 def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[[int], None] | None = None,
                 columnar: bool = False) -> Iterator[list[CellResult]]:
     """The sweep's results one (model, job) at a time, in the scalar path's grid order (the contract of
     ``grid.iter_results``), vectorized where the checks pass, over ``workers`` processes (at most
-    2·workers runs in flight). ``max-context``, ``speed`` and grids with a repeated value take the scalar path."""
+    2·workers runs in flight). ``speed`` and grids with a repeated value take the scalar path; ``max-context``
+    runs the scalar search on estimates shared by the GPUs that read alike (``vector_probe.context_results``)."""
     repeated = any(len(set(v)) != len(v) for v in (spec.seq_lens, spec.contexts, spec.batches, spec.gpus,
                                                      spec.gpu_counts))
-    if spec.metric == "max-context" or spec.speed or repeated:
+    if spec.speed or repeated:
         yield from iter_results(spec, workers=workers, progress=progress)
         return
     runs = (list(run) for _, run in groupby(cells(spec), key=lambda c: (c.model, c.job)))

@@ -150,3 +150,41 @@ class Prober:
                     raise NotExact(f"{col}: rows alive in different phases")
             self.memo[(name, b, s)] = Probe(rec, slack, phases, tuple(est.step_phases))
         return self.memo[(name, b, s)]
+
+
+def slack_at(prober: Prober, b: int, s: int, gpu: str) -> int:
+    """``gpu``'s slack at (b, s) as ``grid._Evaluator.slack`` computes it: free bytes on the tiers' peaks,
+    less the required headroom, from the estimate its class shares."""
+    from memplan.memory.breakdown import Tier
+
+    own = _gpu(gpu)
+    est = dataclasses.replace(prober.estimate(b, s), gpu=own)
+    required = parse_fraction_or_size(prober.spec.min_headroom, total=own.memory_bytes, field="--min-headroom")
+    return min(est.headroom_bytes, est.headroom(Tier.GPU) - required)
+
+
+def context_results(spec: SweepSpec, model: str, job: Any, count: int) -> list[Any]:
+    """``max-context`` cells of (model, job, count), every GPU × batch in grid order: on each GPU the scalar
+    path's own search (``grid.largest_ok`` over [1, MAX_CONTEXT_TOKENS] of that GPU's slack) and records, the
+    estimates shared by the GPUs that read alike (module docstring), so each answer is the scalar path's by
+    construction and only the estimates are fewer. NotExact (the group takes the scalar path) when a GPU's
+    reads come to differ from its class's or something is not modelled; a MemplanError too."""
+    from memplan.grid import CellResult, largest_ok
+    from memplan.search import MAX_CONTEXT_TOKENS
+
+    column, sizes = METRIC_COLUMN[spec.metric], spec.sizes(job)
+    classes: list[Prober] = []
+    values: dict[tuple[str, str], Any] = {}
+    out = []
+    for gpu in spec.gpus:
+        prober = next((p for p in classes if p.shares(gpu)), None)
+        if prober is None:
+            prober = Prober(spec, Cell(model, gpu, job, count, None, spec.batches[0]), values)
+            classes.append(prober)
+        for b in spec.batches:
+            value = largest_ok(lambda s, p=prober, b=b, g=gpu: slack_at(p, b, s, g), hi=MAX_CONTEXT_TOKENS)
+            records = [{**prober.at(b, s, gpu).record, column: value} for s in sizes]
+            out.append((prober, CellResult(Cell(model, gpu, job, count, None, b), value, records)))
+    if not all(p.shares(r.cell.gpu) for p, r in out):
+        raise NotExact("a GPU read differs")
+    return [r for _, r in out]

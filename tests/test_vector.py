@@ -64,7 +64,7 @@ def grids(draw: st.DrawFn) -> SweepSpec:
         jobs=jobs,
         batches=tuple(draw(st.lists(st.integers(1, 64), min_size=1, max_size=3, unique=True))),
         gpu_counts=tuple(draw(st.lists(st.sampled_from((1, 2, 8)), min_size=1, max_size=2, unique=True))),
-        metric=draw(st.sampled_from(("fits", "max-batch"))),
+        metric=draw(st.sampled_from(("fits", "max-batch", "max-context"))),
         base=draw(st.sampled_from(bases)),
         min_headroom=draw(st.sampled_from(("0B", "5%", "1GiB"))),
         **sizes,
@@ -176,3 +176,31 @@ def test_gpus_share_probes_only_when_every_read_attribute_agrees(tmp_path: Any, 
     solved = vector.solve_group(spec, "llama-3.2-1b", Job.LORA, 1)
     assert solved[0].member.prober is not solved[1].member.prober
     assert_same(spec)
+
+
+def test_max_context_shares_estimates_and_equals_the_scalar_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """max-context runs the scalar search on every GPU, on estimates its class shares: the same records and
+    answers as the scalar path, with fewer estimates (GPUs of one memory size search alike: here 4 searches
+    where the scalar path runs 8)."""
+    import memplan.estimator as estimator
+    import memplan.grid as grid
+
+    gpus = ("a40", "l40", "l40s", "h100-pcie-80gb", "h100-sxm-80gb", "h800-sxm-80gb", "a100-sxm-80gb", "mi300x")
+    spec = SweepSpec(models=("llama-3.2-1b",), gpus=gpus,
+                     jobs=(Job.LORA, Job.INFER), batches=(1, 3), seq_lens=(1024, 4096), contexts=(2048,),
+                     metric="max-context")
+    calls = []
+    real = estimator.estimate
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimator, "estimate", counting)
+    monkeypatch.setattr(grid, "estimate", counting)
+    fast = [r for chunk in iter_vector(spec) for r in chunk]
+    shared, calls[:] = len(calls), []
+    scalar = [r for chunk in iter_results(spec, workers=1) for r in chunk]
+    assert [r.value for r in fast] == [r.value for r in scalar] and all(r.value for r in fast)
+    assert [[list(x.items()) for x in r.records] for r in fast] == [[list(x.items()) for x in r.records] for r in scalar]
+    assert shared < len(calls) / 2
