@@ -20,8 +20,10 @@ scalar model's own output and then CHECKED against it:
   construction (``vector_probe``): they share one set of probes and one fit, and only their capacity,
   price and headroom differ (computed per GPU). Other GPUs form classes of their own.
 * Anything that fails a check (a component with a ceil or max in b or s, an invalid configuration,
-  what is not modelled, numbers beyond int64, ``max-context``, ``speed=True``) falls back to the scalar
-  path for the whole group, so the answer is the scalar model's answer either way.
+  what is not modelled, numbers beyond int64, ``speed=True``) falls back to the scalar path for the
+  whole group, so the answer is the scalar model's answer either way.
+* ``max-context`` is not fitted: each GPU runs the scalar search on estimates its class shares
+  (``vector_probe.context_results``).
 
 Each cell is then array arithmetic over (GPU, size, batch); ``max-batch`` is a vectorized bisection over
 [1, MAX_BATCH] of the fitted slack (monotone, as the scalar search assumes), one per class of GPUs
