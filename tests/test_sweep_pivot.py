@@ -98,3 +98,23 @@ def test_flags_that_would_change_nothing_are_refused(runner: CliRunner) -> None:
         assert "give --out" in run_cli(runner, *base, *flag, "--pivot", "-f", "csv", code=2).stderr
     for bad in ("-1", "inf", "nan"):
         assert "--usd-per-hour" in run_cli(runner, *base, "-f", "csv", "--usd-per-hour", bad, code=2).stderr
+
+
+def test_pivot_on_an_80_column_terminal_keeps_its_boxes_inside(runner: CliRunner) -> None:
+    """rich's boxes take more room than the plain layout's gaps: the panels still fit the terminal."""
+    from rich.console import Console
+
+    import memplan.grid as grid
+    from memplan.config import Job
+    from memplan.report.pivot import render_pivot
+    from memplan.report.sweep_out import matrices as mats
+    from memplan.report.table import Out
+
+    spec = grid.SweepSpec(models=("qwen2.5-0.5b", "llama-3.1-8b"), gpus=tuple(gpu_names()), jobs=(Job.INFER,))
+    buffer = io.StringIO()
+    out = Out(terminal=True)
+    out._console = Console(file=buffer, width=80, force_terminal=True, color_system=None)
+    render_pivot(mats(grid.run(spec, workers=1)), out)
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert sum(gpu in buffer.getvalue() for gpu in gpu_names()) == len(gpu_names())
