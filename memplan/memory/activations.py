@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from memplan.arch.build_families import EMBEDDING_NORMS
 from memplan.arch.parallel import in_flight_micro_batches
-from memplan.catalog.schema import Family
+from memplan.arch.tensors import Layer
+from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
@@ -27,6 +28,7 @@ from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
+from memplan.memory.memo import per_layer_class, size_free
 from memplan.units import ceil_div
 
 SRC_BLOCK = "autograd saved tensors of the HF block (activations_block); Korthikanti et al. 2022"
@@ -75,11 +77,22 @@ def checkpointed(ctx: Context) -> set[int]:
     return {i for i, mode in layer_modes(ctx).items() if mode is not Recompute.NONE}
 
 
+@size_free
+def _trainables(ctx: Context) -> tuple[blk.Trainable, ...]:
+    """Each layer's trained weights and adapters (``activations_lora.block_trainable``): size-free, memoized."""
+    family, cfg = ctx.arch.spec.family, ctx.cfg
+    return tuple(lora.block_trainable(family, layer, cfg, i) for i, layer in enumerate(ctx.arch.layers))
+
+
 def block_terms(ctx: Context, layer_index: int, counting: blk.Counting) -> list[blk.Term]:
-    """Every term one block saves for one micro-batch on one rank, without recompute."""
-    spec, cfg = ctx.arch.spec, ctx.cfg
-    layer = ctx.arch.layers[layer_index]
-    dm, tr = blk.dims(spec, cfg), lora.block_trainable(spec.family, layer, cfg, layer_index)
+    """Every term one block saves for one micro-batch on one rank, without recompute; computed once per class
+    of alike blocks (``memory.memo.per_layer_class``: the terms read the layer, not its index or names)."""
+    return per_layer_class(ctx, layer_index, _block_terms, _trainables(ctx)[layer_index], counting)
+
+
+def _block_terms(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable,
+                 counting: blk.Counting) -> list[blk.Term]:
+    dm = blk.dims(spec, cfg)
     return (blk.norm_terms(spec, layer, dm, counting, tr) + blk.attention_terms(spec, layer, cfg, dm, counting, tr)
             + ffn.mlp_terms(spec, layer, dm, counting, tr) + ffn.dropout_terms(spec, cfg, dm, counting)
             + ffn.adapter_terms(dm, tr))
