@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import groupby
 from typing import Any
@@ -88,13 +88,20 @@ class Fit:
     step: tuple
     """The step's phases."""
 
+    alive: dict[tuple[str, frozenset[str]], list[list[str]]] = field(default_factory=dict, repr=False, compare=False)
+    """(tier, skip) -> per phase of the step, the tier's columns (but ``skip``) alive in it (``peak``'s memo)."""
+
     def peak(self, values: dict[str, Any], tier: str, skip: frozenset[str] = frozenset()) -> Any:
         """The tier's largest phase total over the step, as ``breakdown.peak``: per phase, the sum of the
         tier's columns (but ``skip``) alive in it. ``values``: ints, or numpy arrays (element-wise)."""
-        cols = [c for c in values if tier_of(c) == tier and c not in skip]
+        per_phase = self.alive.get((tier, skip))
+        if per_phase is None:
+            cols = [c for c in self.phases if tier_of(c) == tier and c not in skip]
+            per_phase = self.alive[(tier, skip)] = [
+                [c for c in cols if self.phases[c] is None or phase in self.phases[c]] for phase in self.step]
         best: Any = None
-        for phase in self.step:
-            tot = sum((values[c] for c in cols if self.phases[c] is None or phase in self.phases[c]), 0)
+        for alive in per_phase:
+            tot = sum((values[c] for c in alive if c in values), 0)
             if best is None:
                 best = tot
             elif isinstance(best, np.ndarray) or isinstance(tot, np.ndarray):

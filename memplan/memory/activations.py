@@ -108,8 +108,13 @@ def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting:
         from memplan.memory.activations_op import op_layer_bytes
 
         return op_layer_bytes(ctx, layer_index)
-    terms = block_terms(ctx, layer_index, counting)
-    return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core)
+    return per_layer_class(ctx, layer_index, _kept_bytes, _trainables(ctx)[layer_index], counting, mode)
+
+
+def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable, counting: blk.Counting,
+                mode: Recompute) -> int:
+    return sum(term.bytes for term in _block_terms(spec, cfg, layer, tr, counting)
+               if mode is Recompute.NONE or not term.core)
 
 
 def layer_bytes(ctx: Context, layer_index: int, mode: Recompute) -> int:

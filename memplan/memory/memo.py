@@ -96,16 +96,23 @@ def size_free(fn: Callable[[Context], _T]) -> Callable[[Context], _T]:
     architecture is kept with its entry and compared by identity, so a recycled ``id`` cannot hit. A list
     result is returned as a new list each time (callers may extend it)."""
 
+    last: list[Any] = [None, None, None, None]
+    """The configuration object, architecture and stage of the last call, and its entry (same estimate)."""
+
     @functools.wraps(fn)
     def memoized(ctx: Context) -> _T:
-        free = _size_free_key(ctx.cfg)
-        key = (fn, id(ctx.arch), free, ctx.stage)
-        hit = _CACHE.get(key)
-        if hit is None or hit[0] is not ctx.arch:
-            result = fn(Context(ctx.arch, free.cfg, UNREAD, UNREAD, stage_override=ctx.stage))
-            if len(_CACHE) >= _CACHE_LIMIT:
-                _CACHE.clear()
-            hit = _CACHE[key] = (ctx.arch, result)
+        if last[0] is ctx.cfg and last[1] is ctx.arch and last[2] == ctx.stage:
+            hit = last[3]
+        else:
+            free = _size_free_key(ctx.cfg)
+            key = (fn, id(ctx.arch), free, ctx.stage)
+            hit = _CACHE.get(key)
+            if hit is None or hit[0] is not ctx.arch:
+                result = fn(Context(ctx.arch, free.cfg, UNREAD, UNREAD, stage_override=ctx.stage))
+                if len(_CACHE) >= _CACHE_LIMIT:
+                    _CACHE.clear()
+                hit = _CACHE[key] = (ctx.arch, result)
+            last[:] = [ctx.cfg, ctx.arch, ctx.stage, hit]
         return list(hit[1]) if isinstance(hit[1], list) else hit[1]  # type: ignore[return-value]
 
     return memoized
