@@ -333,6 +333,11 @@ def evaluate_group(spec: SweepSpec, group: list[Cell]) -> list[CellResult]:
     return [evaluate(spec, c) for c in group]
 
 
+PROCESS_RUNS = 16
+"""Sweeps of fewer (model, job) runs than this stay in this process: a run takes some 10-50 ms, and a spawned worker
+first spends about 0.5 s importing memplan."""
+
+
 class Chunk(list):
     """A run's CellResults without records, and ``frame``: all their rows, columnar, in grid order."""
 
@@ -398,7 +403,7 @@ def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[
         return
     runs = (list(run) for _, run in groupby(cells(spec), key=lambda c: (c.model, c.job)))
     workers = default_workers() if workers is None else workers
-    if workers <= 1:
+    if workers <= 1 or len(spec.models) * len(spec.jobs) < PROCESS_RUNS:
         for todo in runs:
             chunk = run_chunk(spec, todo, columnar)
             if progress:
