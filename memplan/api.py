@@ -286,6 +286,8 @@ def plan(model: str | ModelSpec, gpu: str | GpuSpec = "h100-sxm-80gb", config: J
         raise MemplanError(f"objective must be one of {', '.join(o.value for o in Objective)}, got {objective!r}.") from None
     spec = load_model(model) if isinstance(model, str) else model
     gpu_spec = catalog_gpu(gpu) if isinstance(gpu, str) else gpu
+    if usd_per_hour is not None:  # min-cost ranks by it too
+        gpu_spec = gpu_spec.model_copy(update={"price_per_hour_usd": _price(gpu_spec, usd_per_hour)})
     req = PlanRequest(model=spec, gpu=gpu_spec, host=host_spec(host, cpu_ram, nvme), base=job_config(config, **options),
                       space=search, objective=obj, top_k=top, solver=solver, suggest=suggest,
                       time_limit_s=DEFAULT_TIME_LIMIT_S if time_limit is None else time_limit)
