@@ -83,8 +83,8 @@ def test_warm_memos_give_the_cold_answer(model: str, fields: dict) -> None:
     cold = []
     for b, s in points:
         memo._CACHE.clear()
-        memo._PER_CONFIG[:] = [None, None, {}]
-        memo._LAST[:] = [None, None]
+        memo._PER_CONFIG[0] = (None, None, {})
+        memo._LAST[0] = (None, None)
         cold.append(estimate(model, "h100-sxm-80gb", with_size(with_size(cfg, "micro_batch", b), "context", s)).rows)
     assert warm == cold
 

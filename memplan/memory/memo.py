@@ -68,8 +68,9 @@ class _Key:
         return isinstance(other, _Key) and (self.cfg is other.cfg or self.cfg == other.cfg)
 
 
-_LAST: list[Any] = [None, None]
-"""The last configuration made size-free and its key (an estimate asks once per memoized piece)."""
+_LAST: list[tuple[Any, Any]] = [(None, None)]
+"""(the last configuration made size-free, its key): an estimate asks once per memoized piece. One-entry memos
+hold one tuple, replaced whole and read once, so threads sharing them can only miss, never mix two entries."""
 
 
 def size_free_config(cfg: JobConfig) -> JobConfig:
@@ -79,12 +80,13 @@ def size_free_config(cfg: JobConfig) -> JobConfig:
 
 
 def _size_free_key(cfg: JobConfig) -> _Key:
-    if _LAST[0] is cfg:
-        return _LAST[1]
-    free = cfg.model_copy(update={**dict.fromkeys(SIZE_FIELDS, UNREAD),
-                                  "infer": cfg.infer.model_copy(update={"context": UNREAD})})
-    _LAST[0], _LAST[1] = cfg, _Key(free)
-    return _LAST[1]
+    last = _LAST[0]
+    if last[0] is cfg:
+        return last[1]
+    free = _Key(cfg.model_copy(update={**dict.fromkeys(SIZE_FIELDS, UNREAD),
+                                       "infer": cfg.infer.model_copy(update={"context": UNREAD})}))
+    _LAST[0] = (cfg, free)
+    return free
 
 
 _CACHE: dict[tuple, tuple[object, Any]] = {}
@@ -96,13 +98,14 @@ def size_free(fn: Callable[[Context], _T]) -> Callable[[Context], _T]:
     architecture is kept with its entry and compared by identity, so a recycled ``id`` cannot hit. A list
     result is returned as a new list each time (callers may extend it)."""
 
-    last: list[Any] = [None, None, None, None]
-    """The configuration object, architecture and stage of the last call, and its entry (same estimate)."""
+    last: list[tuple[Any, ...]] = [(None, None, None, None)]
+    """(configuration object, architecture, stage, entry) of the last call (the same estimate asks again)."""
 
     @functools.wraps(fn)
     def memoized(ctx: Context) -> _T:
-        if last[0] is ctx.cfg and last[1] is ctx.arch and last[2] == ctx.stage:
-            hit = last[3]
+        prev = last[0]
+        if prev[0] is ctx.cfg and prev[1] is ctx.arch and prev[2] == ctx.stage:
+            hit = prev[3]
         else:
             free = _size_free_key(ctx.cfg)
             key = (fn, id(ctx.arch), free, ctx.stage)
@@ -112,7 +115,7 @@ def size_free(fn: Callable[[Context], _T]) -> Callable[[Context], _T]:
                 if len(_CACHE) >= _CACHE_LIMIT:
                     _CACHE.clear()
                 hit = _CACHE[key] = (ctx.arch, result)
-            last[:] = [ctx.cfg, ctx.arch, ctx.stage, hit]
+            last[0] = (ctx.cfg, ctx.arch, ctx.stage, hit)
         return list(hit[1]) if isinstance(hit[1], list) else hit[1]  # type: ignore[return-value]
 
     return memoized
@@ -142,7 +145,7 @@ def canonical_layers(arch: Any) -> tuple[tuple[int, Any], ...]:
     return hit[1]
 
 
-_PER_CONFIG: list[Any] = [None, None, {}]
+_PER_CONFIG: list[tuple[Any, Any, dict]] = [(None, None, {})]
 """The configuration and architecture of the estimate in progress, and its per-layer-class results."""
 
 
@@ -152,9 +155,9 @@ def per_layer_class(ctx: Context, layer_index: int, compute: Callable[..., _T], 
     (hashable) for the configuration in progress: the blocks of a model are alike, and an estimate sums them.
     ``compute`` sees neither the index nor the names (reading a name raises ``SizeRead``), so equal keys give
     equal results by construction. The memo lives while the same configuration object is estimated."""
-    slot = _PER_CONFIG
+    slot = _PER_CONFIG[0]
     if slot[0] is not ctx.cfg or slot[1] is not ctx.arch:
-        slot[0], slot[1], slot[2] = ctx.cfg, ctx.arch, {}
+        slot = _PER_CONFIG[0] = (ctx.cfg, ctx.arch, {})
     cls, layer = canonical_layers(ctx.arch)[layer_index]
     key = (compute, cls, *args)
     memo = slot[2]

@@ -35,23 +35,25 @@ def estimate_record(est: Estimate) -> dict[str, Any]:
     return rec
 
 
-_LAST_CONFIG: list[Any] = [None, ()]
+_LAST_CONFIG: list[tuple[Any, tuple]] = [(None, ())]
 """The last configuration flattened and its cells: a sweep records one estimate on many GPUs."""
 
 
 def _config_cells(cfg: JobConfig) -> tuple[tuple[str, Any, bool], ...]:
     """The configuration's fields as (column, cell, nested) triples, nested models flattened as ``key_sub``;
     memoized for the last configuration object (frozen, so the same object dumps alike)."""
-    if _LAST_CONFIG[0] is cfg:
-        return _LAST_CONFIG[1]
+    last = _LAST_CONFIG[0]  # one tuple, replaced whole: threads can only miss
+    if last[0] is cfg:
+        return last[1]
     cells: list[tuple[str, Any, bool]] = []
     for key, value in cfg.model_dump(mode="json").items():
         if isinstance(value, dict):
             cells += [(f"{key}_{sub}", _list_cell(v), True) for sub, v in value.items()]
         else:
             cells.append((key, _list_cell(value), False))
-    _LAST_CONFIG[0], _LAST_CONFIG[1] = cfg, tuple(cells)
-    return _LAST_CONFIG[1]
+    out = tuple(cells)
+    _LAST_CONFIG[0] = (cfg, out)
+    return out
 
 
 def records_to_csv(records: list[dict[str, Any]]) -> str:
