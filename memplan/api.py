@@ -184,16 +184,19 @@ def estimate(model: str | ModelSpec, gpu: str | GpuSpec = "h100-sxm-80gb", confi
 
     _check_types(model=(model, (str, ModelSpec)), gpu=(gpu, (str, GpuSpec)), config=(config, (JobConfig, type(None))),
                  host=(host, (HostSpec, type(None))))
+    from memplan.plan_only import refuse_plan_only
+
     cfg = job_config(config, **options)
+    refuse_plan_only(cfg, "estimate()")
     detail = run(model, gpu, cfg, host=host_spec(host, cpu_ram, nvme))
     return Estimate(detail, _price(detail.gpu, usd_per_hour))
 
 
 def _price(gpu: GpuSpec, override: float | None) -> float | None:
     if override is not None:
-        if not override >= 0 or override == float("inf"):
-            raise MemplanError(f"usd_per_hour must be a finite number of dollars >= 0, got {override!r}.")
-        return float(override)
+        from memplan.report.cost import checked_usd_per_hour
+
+        return checked_usd_per_hour(override)
     return gpu.price_per_hour_usd
 
 
@@ -283,6 +286,8 @@ def plan(model: str | ModelSpec, gpu: str | GpuSpec = "h100-sxm-80gb", config: J
         raise MemplanError(f"objective must be one of {', '.join(o.value for o in Objective)}, got {objective!r}.") from None
     spec = load_model(model) if isinstance(model, str) else model
     gpu_spec = catalog_gpu(gpu) if isinstance(gpu, str) else gpu
+    if usd_per_hour is not None:  # min-cost ranks by it too
+        gpu_spec = gpu_spec.model_copy(update={"price_per_hour_usd": _price(gpu_spec, usd_per_hour)})
     req = PlanRequest(model=spec, gpu=gpu_spec, host=host_spec(host, cpu_ram, nvme), base=job_config(config, **options),
                       space=search, objective=obj, top_k=top, solver=solver, suggest=suggest,
                       time_limit_s=DEFAULT_TIME_LIMIT_S if time_limit is None else time_limit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
@@ -69,11 +70,16 @@ class Estimate:
 
     def peak(self, tier: Tier) -> int:
         """The answer: the largest number of bytes alive on ``tier`` at any phase of the step."""
-        return peak(self.rows, tier, self.step_phases)[0]
+        return self._peaks[tier][0]
 
     def peak_phase(self, tier: Tier) -> Phase:
         """The phase whose total is ``peak(tier)`` (the first one on ties)."""
-        return peak(self.rows, tier, self.step_phases)[1]
+        return self._peaks[tier][1]
+
+    @cached_property
+    def _peaks(self) -> dict[Tier, tuple[int, Phase]]:
+        """(peak, binding phase) per tier, computed once (the rows and the step never change)."""
+        return {tier: peak(self.rows, tier, self.step_phases) for tier in Tier}
 
     def capacity(self, tier: Tier) -> int:
         if tier is Tier.GPU:

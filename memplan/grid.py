@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
-from itertools import islice, product
+from itertools import product
 from typing import Any, Literal
 
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
@@ -75,6 +75,9 @@ class SweepSpec:
             jobs = ", ".join(j.value for j in self.jobs)
             raise MemplanError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to the "
                                f"sweep's jobs ({jobs}).")
+        from memplan.plan_only import refuse_plan_only
+
+        refuse_plan_only(self.base, "sweep")
 
     def sizes(self, job: Job) -> tuple[int, ...]:
         """Sequence lengths (training) or contexts (inference) of ``job``."""
@@ -367,20 +370,58 @@ def iter_results(spec: SweepSpec, *, workers: int | None = None, chunk_cells: in
 
 def pooled(work: Callable[[Any], list[Any]], items: Iterator[Any], *, workers: int,
            progress: Callable[[int], None] | None = None) -> Iterator[list[Any]]:
-    """``work(item)`` for each item on a pool of ``workers`` spawned processes, results in order, at most
-    2·workers items in flight (memory stays bounded); Ctrl-C, a worker's failure or a consumer that stops
-    drops the queued items."""
+    """``work(item)`` for each item on ``workers`` processes, results in order, at most 2·workers items in flight
+    (memory stays bounded); Ctrl-C, a worker's failure or a consumer that stops drops the queued items.
+
+    The calling process is one of the workers and ``workers − 1`` processes are spawned (each first imports
+    memplan, about half a second). The pool is given the latest items in flight, at most two per spawned
+    process; this process runs the earliest ones not given away, and waits only when every item in flight is
+    done or with the pool. So a one-item run spawns nothing, and no core waits while a worker starts."""
     import multiprocessing
     from collections import deque
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    spawned = max(1, workers - 1)
+    pool = ProcessPoolExecutor(max_workers=spawned, mp_context=multiprocessing.get_context("spawn"))
+    window = 2 * max(workers, 1)
+    pending: deque = deque()
+    """Entries in order: [future (None: not given to the pool), item, result once run here (None: not yet)]."""
+
+    def refill() -> None:
+        while len(pending) < window:
+            item = next(items, None)
+            if item is None:
+                break
+            pending.append([None, item, None])
+        if workers <= 1:  # the pool does all
+            for e in pending:
+                if e[0] is None:
+                    e[0] = pool.submit(work, e[1])
+            return
+        busy = sum(1 for e in pending if e[0] is not None and not e[0].done())
+        for e in reversed(pending):
+            if busy >= 2 * spawned:
+                break
+            if e[0] is None and e[2] is None and e is not pending[0]:
+                e[0] = pool.submit(work, e[1])
+                busy += 1
+
+    def run_here(entry: list[Any]) -> list[Any]:
+        if entry[2] is None:
+            entry[2] = work(entry[1])
+        return entry[2]
+
     try:
-        pending: deque = deque(pool.submit(work, item) for item in islice(items, 2 * workers))
+        refill()
         while pending:
-            done = pending.popleft().result()
-            nxt = next(items, None)
-            if nxt is not None:
-                pending.append(pool.submit(work, nxt))
+            head = pending[0]
+            while head[0] is not None and not head[0].done():  # run our own next items meanwhile
+                own = next((e for e in pending if e[0] is None and e[2] is None), None)
+                if own is None:
+                    break
+                run_here(own)
+            pending.popleft()
+            done = run_here(head) if head[0] is None else head[0].result()
+            refill()
             if progress:
                 progress(len(done))
             yield done

@@ -10,26 +10,31 @@ scalar model's own output and then CHECKED against it:
   coefficients must have small denominators (``MAX_COEFFICIENT_DENOMINATOR``).
 * A column that this form misses may be a share of the other columns of its tier,
   ``ceil(k · Σ others)`` with a small rational k (the allocator reserve is ``ceil(5% of the rest)``).
-* Checks: the scalar model at more points (b = 3, b = the largest swept batch or 4 = b_top, 2·b_top + 3,
-  7·b_top + 5, the grid's other sizes, and for ``max-batch`` the largest and one-past-largest batch the
-  search predicts) must equal the
-  fit exactly, column by column; tier totals must be the sums of their components, ``fits`` and
+* Checks: the scalar model at more points (b = 2·b_top + 3 and 7·b_top + 5 with b_top the largest swept
+  batch or 4, b_top at the middle and the grid's other sizes, and for ``max-batch`` the batch the search
+  finds and the one after, at both ends of the range it extrapolates to: ``vector_search.frontier``) must
+  equal the fit exactly, column by column; tier totals must be the sums of their components, ``fits`` and
   ``headroom_bytes`` what the totals and capacities give, and every other column constant.
-* GPUs: each other GPU is probed once (at the largest swept batch and size); it shares the reference's
-  fit when every column equals the reference's there, else it is fitted as a reference of its own.
+* GPUs: the estimate reads the GPU only through a few attributes (vendor, bf16 support, a calibration
+  profile...). GPUs that answer every attribute the group's estimates read alike get the same bytes by
+  construction (``vector_probe``): they share one set of probes and one fit, and only their capacity,
+  price and headroom differ (computed per GPU). Other GPUs form classes of their own.
 * Anything that fails a check (a component with a ceil or max in b or s, an invalid configuration,
-  what is not modelled, numbers beyond int64, ``max-context``, ``speed=True``) falls back to the scalar
-  path for the whole group, so the answer is the scalar model's answer either way.
+  what is not modelled, numbers beyond int64, ``speed=True``) falls back to the scalar path for the
+  whole group, so the answer is the scalar model's answer either way.
+* ``max-context`` is not fitted: each GPU runs the scalar search on estimates its class shares
+  (``vector_probe.context_results``).
 
-Each cell is then array arithmetic over (GPU, size, batch); ``max-batch`` is a vectorized bisection
-over [1, MAX_BATCH] of the fitted slack (monotone, as the scalar search assumes).
+Each cell is then array arithmetic over (GPU, size, batch); ``max-batch`` is a vectorized bisection over
+[1, MAX_BATCH] of the fitted slack (monotone, as the scalar search assumes), one per class of GPUs
+(``vector_search``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import groupby
 from typing import Any
@@ -38,87 +43,9 @@ import numpy as np
 
 from memplan.config import Job
 from memplan.errors import MemplanError
-from memplan.grid import (
-    METRIC_COLUMN,
-    Cell,
-    CellResult,
-    SweepSpec,
-    _Evaluator,
-    cells,
-    default_workers,
-    evaluate,
-    iter_results,
-    pooled,
-)
-from memplan.search import MAX_BATCH
+from memplan.grid import METRIC_COLUMN, Cell, CellResult, SweepSpec, cells, default_workers, evaluate, iter_results, pooled
 from memplan.units import GiB
-
-INT64_SAFE = 2**63
-"""numpy int64: a tier's total at MAX_BATCH times a share's numerator must stay well below this."""
-
-
-class NotExact(Exception):
-    """A fit failed a check: the group goes to the scalar path."""
-
-
-def tier_of(col: str) -> str:
-    return col.split(":", 1)[0]
-
-
-def is_fitted(col: str) -> bool:
-    return ":" in col and col.endswith("_bytes")
-
-
-@dataclass
-class Probe:
-    """The scalar model at one point of one GPU: its record (as ``grid.evaluate`` writes it) and slack."""
-
-    record: dict[str, Any]
-    slack: int
-    phases: dict[str, Any]
-    """Fitted column -> the phases its rows are alive in (``Row.phases``, from memory/registry.py; None: all)."""
-    step: tuple
-    """The step's phases (``Estimate.step_phases``): a tier's peak is its largest total over them."""
-
-
-class Prober:
-    """Scalar estimates of one group on one GPU, memoized by (batch, size); counts what it evaluates."""
-
-    def __init__(self, spec: SweepSpec, cell: Cell) -> None:
-        self.ev = _Evaluator(spec, cell)
-        self.spec = spec
-        self.memo: dict[tuple[int, int], Probe] = {}
-        self.price = spec.usd_per_hour if spec.usd_per_hour is not None else self.ev.gpu.price_per_hour_usd
-
-    def at(self, b: int, s: int) -> Probe:
-        if (b, s) not in self.memo:
-            from memplan.estimator import estimate
-            from memplan.report.cost import cost_record
-            from memplan.report.csv_out import estimate_record
-            from memplan.search import with_size
-
-            ev = self.ev
-            cfg = with_size(with_size(ev.cfg, "context", s), "micro_batch", b)
-            est = estimate(ev.model, ev.gpu, cfg, host=self.spec.host)
-            if est.not_modelled:
-                raise NotExact("not modelled")
-            slack = min(est.headroom_bytes, est.headroom(_gpu_tier()) - ev.required)
-            rec = {**estimate_record(est), "ok": slack >= 0, "required_headroom_bytes": ev.required,
-                   "not_modelled": "", METRIC_COLUMN[self.spec.metric]: None, "error": "",
-                   **cost_record(self.price, est)}
-            phases: dict[str, Any] = {}
-            for row in est.rows:
-                col = f"{row.tier.value}:{row.component}_bytes"
-                if phases.setdefault(col, row.phases) != row.phases:
-                    raise NotExact(f"{col}: rows alive in different phases")
-            self.memo[(b, s)] = Probe(rec, slack, phases, tuple(est.step_phases))
-        return self.memo[(b, s)]
-
-
-def _gpu_tier() -> Any:
-    from memplan.memory.breakdown import Tier
-
-    return Tier.GPU
+from memplan.vector_probe import TIERS, NotExact, Probe, Prober, context_results, is_fitted, tier_of
 
 
 def lagrange(xs: list[int], ys: list[int]) -> list[Fraction]:
@@ -161,13 +88,20 @@ class Fit:
     step: tuple
     """The step's phases."""
 
+    alive: dict[tuple[str, frozenset[str]], list[list[str]]] = field(default_factory=dict, repr=False, compare=False)
+    """(tier, skip) -> per phase of the step, the tier's columns (but ``skip``) alive in it (``peak``'s memo)."""
+
     def peak(self, values: dict[str, Any], tier: str, skip: frozenset[str] = frozenset()) -> Any:
         """The tier's largest phase total over the step, as ``breakdown.peak``: per phase, the sum of the
         tier's columns (but ``skip``) alive in it. ``values``: ints, or numpy arrays (element-wise)."""
-        cols = [c for c in values if tier_of(c) == tier and c not in skip]
+        per_phase = self.alive.get((tier, skip))
+        if per_phase is None:
+            cols = [c for c in self.phases if tier_of(c) == tier and c not in skip]
+            per_phase = self.alive[(tier, skip)] = [
+                [c for c in cols if self.phases[c] is None or phase in self.phases[c]] for phase in self.step]
         best: Any = None
-        for phase in self.step:
-            tot = sum((values[c] for c in cols if self.phases[c] is None or phase in self.phases[c]), 0)
+        for alive in per_phase:
+            tot = sum((values[c] for c in alive if c in values), 0)
             if best is None:
                 best = tot
             elif isinstance(best, np.ndarray) or isinstance(tot, np.ndarray):
@@ -236,9 +170,6 @@ def predict(fit: Fit, template: dict[str, Any], b: int, s: int, size_key: str) -
     return rec, slack
 
 
-TIERS = ("gpu", "cpu", "nvme")
-
-
 def check(fit: Fit, probe: Probe, b: int, s: int, size_key: str) -> None:
     """NotExact unless the fit gives this probe's record exactly, every column in the same order."""
     if probe.step != fit.step or any(fit.phases.get(c, ph) != ph for c, ph in probe.phases.items()):
@@ -265,7 +196,7 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
             off.add(col)
         for s, (gs, hs) in zip(sizes, values, strict=True):
             gh[s][col] = (int(gs), int(hs))
-    checks = [(3, sp[len(sp) // 2]), (b_top, sizes[-1]), (2 * b_top + 3, sizes[0]), (7 * b_top + 5, sizes[-1]),
+    checks = [*([(b_top, sp[1])] if len(sp) > 2 else []), (2 * b_top + 3, sizes[0]), (7 * b_top + 5, sizes[-1]),
               *((b_top, s) for s in sizes if s not in sp)]
     phases: dict[str, Any] = {}
     for b, s in [*((b, s) for b in (1, 2) for s in sp), *checks]:
@@ -273,7 +204,7 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
             if phases.setdefault(c, ph) != ph:
                 raise NotExact(f"{c}: phases vary")
     fit = Fit(columns, gh, {}, phases, p.at(1, sp[0]).step)
-    top = p.at(b_top, sizes[-1]).record
+    top = p.at(7 * b_top + 5, sizes[-1]).record
     for col in fitted:  # a column off the polynomial form may be a share of its tier's other columns
         if col not in off and all(p.at(b, s).record.get(col) == fit.at(b, s)[col] for b, s in checks):
             continue
@@ -299,7 +230,7 @@ a whole percentage (5% is 1/20), as ``allocator_reserve_pct`` is; any other k fa
 
 @dataclass
 class Member:
-    """One GPU of a group: the fit it uses, its own record template, and its prober."""
+    """One GPU of a group: the fit of its class, its own record template, and its class's prober."""
 
     gpu: str
     fit: Fit
@@ -308,27 +239,23 @@ class Member:
 
 
 def members(spec: SweepSpec, model: str, job: Job, count: int, sizes: list[int], b_top: int) -> list[Member]:
-    """Each GPU with the fit it shares: the first GPU's, when its probe at (b_top, largest size) matches."""
-    size_key = "infer_context" if job is Job.INFER else "seq_len"
+    """Each GPU with the fit of its class: the GPUs that answer every GPU read of a class's estimates like its
+    first GPU share its estimates and fit (``vector_probe``); the template (capacity, price) is each GPU's own,
+    checked against the fit at (1, largest size)."""
+    size_key = size_key_of(job)
+    classes: list[tuple[Prober, Fit]] = []
     out: list[Member] = []
-    refs: list[Member] = []
+    values: dict[tuple[str, str], Any] = {}
     for gpu in spec.gpus:
-        p = Prober(spec, Cell(model, gpu, job, count, sizes[0], None))
-        probe = p.at(b_top, sizes[-1])
-        ref = next((r for r in refs if matches(r.fit, probe, b_top, sizes[-1], size_key)), None)
-        if ref is None:
-            ref = Member(gpu, build_fit(p, sizes, b_top, size_key), probe.record, p)
-            refs.append(ref)
-        out.append(Member(gpu, ref.fit, probe.record, ref.prober))
+        cls = next((c for c in classes if c[0].shares(gpu)), None)
+        if cls is None:
+            p = Prober(spec, Cell(model, gpu, job, count, sizes[0], None), values)
+            cls = (p, build_fit(p, sizes, b_top, size_key))
+            classes.append(cls)
+        probe = cls[0].at(1, sizes[-1], gpu)
+        check(cls[1], probe, 1, sizes[-1], size_key)
+        out.append(Member(gpu, cls[1], probe.record, cls[0]))
     return out
-
-
-def matches(fit: Fit, probe: Probe, b: int, s: int, size_key: str) -> bool:
-    try:
-        check(fit, probe, b, s, size_key)
-    except NotExact:
-        return False
-    return True
 
 
 def fitted_arrays(fit: Fit, sizes: list[int], b: np.ndarray) -> dict[str, np.ndarray]:
@@ -341,37 +268,6 @@ def fitted_arrays(fit: Fit, sizes: list[int], b: np.ndarray) -> dict[str, np.nda
     return fit.complete(out)
 
 
-def largest_batches(m: Member, sizes: list[int]) -> dict[int, int]:
-    """Per size, the largest micro-batch in [1, MAX_BATCH] whose slack (on the tiers' phase peaks) is >= 0
-    (0: none), by a bisection over numpy arrays of the fitted columns (exact int64: NotExact when values
-    could overflow)."""
-    fit, rec = m.fit, m.template
-    n = len(sizes)
-    share = {tier_of(c): k for c, (k, _) in fit.share.items()}
-    for t in TIERS:  # exact int64 below: Σ |b·G + H| · k's numerator at the largest batch, with room for capacities
-        bound = max(sum(abs(fit.gh[s][c][0]) * MAX_BATCH + abs(fit.gh[s][c][1]) for c in fit.gh[s] if tier_of(c) == t)
-                    for s in sizes)
-        if 2 * bound * (share[t].numerator if t in share else 1) >= INT64_SAFE // 4:
-            raise NotExact("int64")
-
-    def slack(b: np.ndarray) -> np.ndarray:
-        values = fitted_arrays(fit, sizes, b)
-        peaks = {t: fit.peak(values, t) for t in TIERS}
-        worst = rec["gpu_capacity_bytes"] - rec["required_headroom_bytes"] - peaks["gpu"]
-        for t in TIERS:
-            room = rec[f"{t}_capacity_bytes"] - peaks[t]
-            worst = np.minimum(worst, room if t == "gpu" else np.where(peaks[t] > 0, room, worst))
-        return worst
-
-    lo, hi = np.ones(n, dtype=np.int64), np.full(n, MAX_BATCH + 1, dtype=np.int64)
-    ok1 = slack(lo) >= 0
-    while np.any(hi - lo > 1):
-        mid = (lo + hi) // 2
-        good = slack(mid) >= 0
-        lo, hi = np.where(good, mid, lo), np.where(good, hi, mid)
-    return {s: int(v) if ok1[i] else 0 for i, (s, v) in enumerate(zip(sizes, lo, strict=True))}
-
-
 @dataclass
 class Solved:
     """One GPU of a vectorized group: its member (fit and template) and the metric per size (max-batch)."""
@@ -381,20 +277,29 @@ class Solved:
 
 
 def solve_group(spec: SweepSpec, model: str, job: Job, count: int) -> list[Solved]:
-    """Fit and check every GPU of (model, job, count); NotExact or MemplanError when the group is not exact."""
+    """Fit and check every GPU of (model, job, count); NotExact or MemplanError when the group is not exact.
+
+    ``max-batch``: one vectorized search per class of GPUs (``vector_search.largest_batches``); the largest
+    and the smallest batch it finds beyond the fit's probes, and the batch after each, are checked exactly
+    (``vector_search.frontier``). Last, every GPU must still answer every read of its class's estimates,
+    those checks' included, like the class's first GPU."""
+    from memplan.vector_search import frontier, largest_batches
+
     sizes = sorted(set(spec.sizes(job)))
     b_top = max(4, *spec.batches)
     size_key = size_key_of(job)
-    out = []
-    for m in members(spec, model, job, count, sizes, b_top):
-        best = largest_batches(m, sizes) if spec.metric == "max-batch" else None
-        if best:  # the search extrapolates: check the largest batch it found and the one after, exactly
-            s, b = max(best.items(), key=lambda kv: kv[1])
-            for v in (b, b + 1):
-                if b_top < v <= MAX_BATCH:
-                    check(m.fit, m.prober.at(v, s), v, s, size_key)
-        out.append(Solved(m, best))
-    return out
+    group = members(spec, model, job, count, sizes, b_top)
+    best: dict[str, dict[int, int] | None] = {m.gpu: None for m in group}
+    if spec.metric == "max-batch":
+        for prober in dict.fromkeys(m.prober for m in group):
+            mine = [m for m in group if m.prober is prober]
+            found = largest_batches(mine[0].fit, [m.template for m in mine], sizes)
+            best.update({m.gpu: v for m, v in zip(mine, found, strict=True)})
+            for gpu, b, s in frontier(mine, found, b_top):
+                check(mine[0].fit, prober.at(b, s, gpu), b, s, size_key)
+    if not all(m.prober.shares(m.gpu) for m in group):
+        raise NotExact("a GPU read differs")
+    return [Solved(m, best[m.gpu]) for m in group]
 
 
 def size_key_of(job: Job) -> str:
@@ -418,13 +323,19 @@ def group_results(spec: SweepSpec, model: str, job: Job, count: int) -> list[Cel
 def evaluate_group(spec: SweepSpec, group: list[Cell]) -> list[CellResult]:
     """The group's cells, vectorized when every check passes, else each by the scalar path."""
     first = group[0]
-    if spec.metric != "max-context" and not spec.speed:
+    if not spec.speed:
+        solve = context_results if spec.metric == "max-context" else group_results
         try:
-            done = {(r.cell.gpu, r.cell.size): r for r in group_results(spec, first.model, first.job, first.gpus)}
-            return [done[(c.gpu, c.size)] for c in group]
+            done = {(r.cell.gpu, r.cell.size, r.cell.batch): r for r in solve(spec, first.model, first.job, first.gpus)}
+            return [done[(c.gpu, c.size, c.batch)] for c in group]
         except (NotExact, MemplanError):
             pass
     return [evaluate(spec, c) for c in group]
+
+
+PROCESS_RUNS = 16
+"""Sweeps of fewer (model, job) runs than this stay in this process: a run takes some 10-50 ms, and a spawned worker
+first spends about 0.5 s importing memplan."""
 
 
 class Chunk(list):
@@ -434,8 +345,12 @@ class Chunk(list):
 
 
 def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
-    """The run as a Chunk when every group of it is exact, else None (the caller takes the record path)."""
+    """The run as a Chunk when every group of it is exact, else None (the caller takes the record path, as
+    ``max-context`` always does)."""
     from memplan.vector_frame import block_frame, run_frame
+
+    if spec.metric == "max-context":
+        return None
 
     model, job = todo[0].model, todo[0].job
     column, size_key, sizes = METRIC_COLUMN[spec.metric], size_key_of(job), list(spec.sizes(job))
@@ -471,23 +386,24 @@ def run_chunk(spec: SweepSpec, todo: list[Cell], columnar: bool = False) -> list
     for count in spec.gpu_counts:
         group = [c for c in todo if c.gpus == count]
         if group:
-            results.update({(r.cell.gpu, r.cell.gpus, r.cell.size): r for r in evaluate_group(spec, group)})
-    return [results[(c.gpu, c.gpus, c.size)] for c in todo]
+            results.update({(r.cell.gpu, r.cell.gpus, r.cell.size, r.cell.batch): r for r in evaluate_group(spec, group)})
+    return [results[(c.gpu, c.gpus, c.size, c.batch)] for c in todo]
 
 
 def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[[int], None] | None = None,
                 columnar: bool = False) -> Iterator[list[CellResult]]:
     """The sweep's results one (model, job) at a time, in the scalar path's grid order (the contract of
     ``grid.iter_results``), vectorized where the checks pass, over ``workers`` processes (at most
-    2·workers runs in flight). ``max-context``, ``speed`` and grids with a repeated value take the scalar path."""
+    2·workers runs in flight). ``speed`` and grids with a repeated value take the scalar path; ``max-context``
+    runs the scalar search on estimates shared by the GPUs that read alike (``vector_probe.context_results``)."""
     repeated = any(len(set(v)) != len(v) for v in (spec.seq_lens, spec.contexts, spec.batches, spec.gpus,
                                                      spec.gpu_counts))
-    if spec.metric == "max-context" or spec.speed or repeated:
+    if spec.speed or repeated:
         yield from iter_results(spec, workers=workers, progress=progress)
         return
     runs = (list(run) for _, run in groupby(cells(spec), key=lambda c: (c.model, c.job)))
     workers = default_workers() if workers is None else workers
-    if workers <= 1:
+    if workers <= 1 or len(spec.models) * len(spec.jobs) < PROCESS_RUNS:
         for todo in runs:
             chunk = run_chunk(spec, todo, columnar)
             if progress:

@@ -85,6 +85,22 @@ def test_bad_options_are_one_sentence_errors(kwargs: dict) -> None:
         memplan.estimate("gpt2", "t4", **kwargs)
 
 
+@pytest.mark.parametrize("serve", [{"prompt_tokens": 128}, {"hbm_efficiency": 0.5}, {"compute_efficiency": 0.3}])
+def test_settings_only_a_serving_plan_reads_are_refused_by_estimate_and_sweep(serve: dict) -> None:
+    """The prompt length and the efficiency shares time a serving plan; estimate and sweep compute memory, so
+    they refuse them in one sentence (as the CLI offers them on plan only), and plan reads them."""
+    (name,) = serve
+    with pytest.raises(MemplanError, match=rf"serve\.{name} only times a serving plan"):
+        memplan.estimate("gpt2", "l4", job="infer", serve=serve)
+    with pytest.raises(MemplanError, match=rf"serve\.{name}"):
+        memplan.sweep("gpt2", "l4", "infer", serve=serve)
+    base = memplan.plan("gpt2", "l4", job="infer", top=1, batch=(8,), context=(1024,))
+    told = memplan.plan("gpt2", "l4", job="infer", top=1, batch=(8,), context=(1024,), serve=serve)
+    assert base.best is not None and told.best is not None
+    assert base.to_frame().drop(columns="config", errors="ignore").to_dict() != \
+        told.to_frame().drop(columns="config", errors="ignore").to_dict()
+
+
 def test_plan_status_is_an_enum_and_cost_follows_the_catalog_price() -> None:
     p = memplan.plan("llama-3.2-1b", "l4", job="lora", top=2)
     assert p.status is memplan.PlanStatus.OPTIMAL and p.best is not None and len(p.options) <= 2

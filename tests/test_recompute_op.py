@@ -41,7 +41,7 @@ def test_planner_picks_op_where_it_is_enough_and_faster_than_full():
     base = JobConfig(job=Job.FULL, seq_len=2048, micro_batch=2, cuda_context_bytes=0, allocator_reserve_pct=0,
                      optimizer_impl="fused")
     big = gpu_with(10**6)
-    peak = {m: estimate(spec, big, base.model_copy(update={"recompute": m})).peak(Tier.GPU) for m in ("op", "none")}
+    peak = {m: estimate(spec, big, base.model_copy(update={"recompute": Recompute(m)})).peak(Tier.GPU) for m in ("op", "none")}
     gpu = gpu_with((peak["op"] + peak["none"]) // 2 // 2**20)  # op everywhere fits, no recompute does not
     space = SearchSpace(tp=(1,), pp=(1,), zero=(0,), offload_optimizer=(Offload.NONE,), offload_params=(Offload.NONE,),
                         micro_batch=(2,), recompute=(Recompute.NONE, Recompute.OP, Recompute.FULL), global_batch=2)

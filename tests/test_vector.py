@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 import memplan.vector as vector
 from memplan.config import Job, JobConfig, unread_by_all
+from memplan.errors import MemplanError
 from memplan.grid import SweepSpec, iter_results
 from memplan.report.csv_out import records_to_csv
 from memplan.vector import NotExact, group_results, iter_vector
@@ -62,7 +64,7 @@ def grids(draw: st.DrawFn) -> SweepSpec:
         jobs=jobs,
         batches=tuple(draw(st.lists(st.integers(1, 64), min_size=1, max_size=3, unique=True))),
         gpu_counts=tuple(draw(st.lists(st.sampled_from((1, 2, 8)), min_size=1, max_size=2, unique=True))),
-        metric=draw(st.sampled_from(("fits", "max-batch"))),
+        metric=draw(st.sampled_from(("fits", "max-batch", "max-context"))),
         base=draw(st.sampled_from(bases)),
         min_headroom=draw(st.sampled_from(("0B", "5%", "1GiB"))),
         **sizes,
@@ -119,3 +121,86 @@ def test_columnar_csv_is_byte_identical_to_the_scalar_records(spec: SweepSpec) -
         out = Path(tmp) / "v.csv"
         stream(spec, sink=csv_sink(out), workers=1)
         assert out.read_text() == expected
+
+
+@st.composite
+def cells_drawn(draw: st.DrawFn) -> tuple[SweepSpec, str, str, Job, int]:
+    """One max-batch cell: a model with layer shapes, a GPU, a job, a size and a GPU count."""
+    job = draw(st.sampled_from(JOBS))
+    size = draw(st.integers(16, 8192))
+    sizes = {"contexts": (size,)} if job is Job.INFER else {"seq_lens": (size,)}
+    bases = [b for b in BASES if not unread_by_all(b, (job,))]
+    model, gpu = draw(st.sampled_from(MODELS[:-1])), draw(st.sampled_from(GPUS))
+    spec = SweepSpec(models=(model,), gpus=GPUS, jobs=(job,), gpu_counts=(draw(st.sampled_from((1, 2, 8))),),
+                     metric="max-batch", base=draw(st.sampled_from(bases)),
+                     min_headroom=draw(st.sampled_from(("0B", "5%", "1GiB"))), **sizes)
+    return spec, model, gpu, job, size
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drawn=cells_drawn())
+def test_vectorized_max_batch_fits_and_one_more_does_not(drawn: tuple) -> None:
+    """The vectorized search's C for one GPU of a whole-catalog group: C fits and C + 1 does not, each
+    answered by the scalar model itself (``grid._Evaluator.slack``: the same slack ``memplan estimate`` gives)."""
+    from memplan.grid import Cell, _Evaluator
+    from memplan.search import MAX_BATCH
+
+    spec, model, gpu, job, size = drawn
+    try:
+        solved = vector.solve_group(spec, model, job, spec.gpu_counts[0])
+    except (NotExact, MemplanError):
+        return  # the scalar path answers this group (test_vectorized_records_equal_the_scalar_model)
+    c = next(s for s in solved if s.member.gpu == gpu).values[size]
+    ev = _Evaluator(spec, Cell(model, gpu, job, spec.gpu_counts[0], size, None))
+    if c == 0:
+        assert ev.slack(1) < 0
+        return
+    assert ev.slack(c) >= 0
+    if c < MAX_BATCH:
+        assert ev.slack(c + 1) < 0
+
+
+def test_gpus_share_probes_only_when_every_read_attribute_agrees(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The H100 and the A100 read alike (vendor, bf16, no calibration profile) until the H100 gets a
+    calibration profile: then it is probed on its own, and either way the records are the scalar model's."""
+    from memplan.measure import calibrate as cal
+
+    spec = SweepSpec(models=("llama-3.2-1b",), gpus=("a100-sxm-80gb", "h100-sxm-80gb", "mi300x"), jobs=(Job.LORA,),
+                     metric="max-batch")
+    solved = vector.solve_group(spec, "llama-3.2-1b", Job.LORA, 1)
+    probers = [s.member.prober for s in solved]
+    assert probers[0] is probers[1] and probers[2] is not probers[0]  # the MI300X's ROCm context differs
+    assert {"vendor", "supports_bf16", "calibration"} <= probers[0].reads and "name" not in probers[0].reads
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    cal.save_profile("h100-sxm-80gb", {"cuda_context_bytes": 700 * 2**20, "allocator_reserve_pct": 5})
+    solved = vector.solve_group(spec, "llama-3.2-1b", Job.LORA, 1)
+    assert solved[0].member.prober is not solved[1].member.prober
+    assert_same(spec)
+
+
+def test_max_context_shares_estimates_and_equals_the_scalar_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """max-context runs the scalar search on every GPU, on estimates its class shares: the same records and
+    answers as the scalar path, with fewer estimates (GPUs of one memory size search alike: here 4 searches
+    where the scalar path runs 8)."""
+    import memplan.estimator as estimator
+    import memplan.grid as grid
+
+    gpus = ("a40", "l40", "l40s", "h100-pcie-80gb", "h100-sxm-80gb", "h800-sxm-80gb", "a100-sxm-80gb", "mi300x")
+    spec = SweepSpec(models=("llama-3.2-1b",), gpus=gpus,
+                     jobs=(Job.LORA, Job.INFER), batches=(1, 3), seq_lens=(1024, 4096), contexts=(2048,),
+                     metric="max-context")
+    calls = []
+    real = estimator.estimate
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimator, "estimate", counting)
+    monkeypatch.setattr(grid, "estimate", counting)
+    fast = [r for chunk in iter_vector(spec) for r in chunk]
+    shared, calls[:] = len(calls), []
+    scalar = [r for chunk in iter_results(spec, workers=1) for r in chunk]
+    assert [r.value for r in fast] == [r.value for r in scalar] and all(r.value for r in fast)
+    assert [[list(x.items()) for x in r.records] for r in fast] == [[list(x.items()) for x in r.records] for r in scalar]
+    assert shared < len(calls) / 2

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,12 @@ def config_dir() -> Path:
 
 
 def profile_path(gpu_name: str) -> Path:
+    return _profile_path(gpu_name, os.environ.get("XDG_CONFIG_HOME"), os.environ.get("HOME"))
+
+
+@lru_cache(maxsize=1024)
+def _profile_path(gpu_name: str, xdg: str | None, home: str | None) -> Path:
+    """``profile_path`` for the environment that ``config_dir`` reads (memoized: every estimate asks)."""
     slug = re.sub(r"[^a-z0-9.-]+", "-", gpu_name.lower()).strip("-")
     if not slug:
         raise MemplanError(f"cannot name a profile after GPU {gpu_name!r}.")
@@ -35,7 +43,10 @@ def load_profile(gpu_name: str) -> dict[str, Any] | None:
     The returned dict carries ``path`` too.
     """
     path = profile_path(gpu_name)
-    if not path.is_file():
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+    except (OSError, ValueError):
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

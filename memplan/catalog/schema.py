@@ -228,6 +228,15 @@ class GpuSpec(Strict):
         """Bytes ``torch.cuda.mem_get_info()`` calls total: ``cuda_memory_mib`` where measured, else ``memory_bytes``."""
         return (self.cuda_memory_mib or self.memory_mib) * 2**20
 
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """This GPU model's ``memplan calibrate`` profile (``catalog.profiles.load_profile`` of its name), or
+        None. The memory model reads the profile through this property, not the name, so a sweep can tell
+        that GPUs without profiles share every byte (``memplan.vector_probe``)."""
+        from memplan.catalog.profiles import load_profile
+
+        return load_profile(self.name)
+
 
 class HostSpec(Strict):
     """The host that a node's GPUs share: CPU RAM, NVMe and PCIe links. Sizes in bytes."""

@@ -176,3 +176,17 @@ def model_and_config(model: str, opts: Opts) -> tuple[Any, Any]:
             off = set(layer_set(offload, layers, "--offload-layers"))
             fields["infer"] = {**job_fields(opts).get("infer", {}), "offload_map": tuple(i in off for i in range(layers))}
     return spec, job_config(opts, **fields)
+
+
+# -- options -> a sweep's report settings ------------------------------------------------------------
+
+def sweep_report(opts: Opts) -> dict[str, Any]:
+    """The SweepSpec fields of ``--usd-per-hour`` and ``--speed`` (those given)."""
+    from memplan.report.cost import checked_usd_per_hour
+
+    out: dict[str, Any] = {}
+    if opts.get("usd_per_hour") is not None:
+        out["usd_per_hour"] = checked_usd_per_hour(opts["usd_per_hour"], "--usd-per-hour")
+    if opts.get("speed"):
+        out["speed"] = True
+    return out

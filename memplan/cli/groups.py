@@ -26,6 +26,7 @@ HARDWARE, JOB, PARALLEL, MEMORY, FINETUNE, INFER, ENGINE, SERVE, PERF, OUTPUT = 
     "Hardware", "Job", "Parallelism and ZeRO", "Memory-saving techniques", "Fine-tuning", "Inference",
     "Training-engine knobs", "Serving-engine knobs (vLLM, SGLang, llama.cpp, transformers)", "Step time (training plans)",
     "Output")
+COST = "Cost and speed"
 
 
 def size_or_none(text: str | None, field: str) -> int | None:
@@ -314,6 +315,12 @@ OPTS: dict[str, Opt] = {
                          "virtual pipeline; default 1).", PERF, field="perf.virtual_stages"),
     "train_tokens": _o("--train-tokens", int, None, "Tokens to train: each plan reports the days and GPU-hours they "
                        "take.", PERF),
+    "usd_per_hour": _o("--usd-per-hour", float, None, "Price of one GPU per hour, USD, for the cost columns "
+                       "(default: the GPU catalog's price_per_hour_usd).", COST),
+    "speed": _o("--speed", bool, False, "Add the step time, tokens/s and the price per step and per 1M trained or "
+                "served tokens to every row (a scalar step-time model per row: slower).", COST),
+    "pivot": _o("--pivot", bool, False, "The fit matrix (models × GPUs) compactly, its GPU columns wrapped to the "
+                "screen (80 columns in a pipe); with --format csv, as one CSV.", OUTPUT),
     "fmt": _o(("--format", "-f"), str, "table", "table, json or csv.", OUTPUT),
     "plot": _o("--plot", Path, None, "Draw the breakdown per tier against capacity (.png, .svg or .pdf; needs "
                "memplan[plot]).", OUTPUT),
@@ -347,6 +354,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "perf": ("mfu", "cluster", "intra_node_gbps", "inter_node_gbps", "intra_node_latency_us", "inter_node_latency_us",
              "comm_overlap", "virtual_stages", "train_tokens"),
     "output": ("fmt", "plot"),
+    "sweep_report": ("usd_per_hour", "speed", "pivot"),
 }
 
 

@@ -44,7 +44,7 @@ PlotAxis = Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot
          "recompute", "offload_activations", "shard_group",
          "per_layer_offload", "per_layer_quant", "flash_attention", "cuda_context", "allocator_reserve", "safety_margin",
          "lora_rank", "lora_targets", "galore_rank", "galore_8bit", "context", "kv_dtype", "engine_knobs", "serving",
-         "serving_time", "perf", "output", lists=DIMENSIONS,
+         "serving_time", "perf", "usd_per_hour", "output", lists=DIMENSIONS,
          exclude=("quant_map", "master_weights", "grad_dtype"), custom=CUSTOM)
 def plan(model: Model, opts: Opts, objective: Objective = "throughput", top: Top = 3, time_limit: TimeLimit = 30.0,
          solver: Solver = None, debug_lp: DebugLp = None, plot_axis: PlotAxis = "context") -> None:
@@ -58,7 +58,8 @@ def plan(model: Model, opts: Opts, objective: Objective = "throughput", top: Top
 
     emit.check_format(opts.fmt)
     emit.check_plot(opts.plot)
-    req = PlanRequest(model=load_model(model), gpu=catalog_gpu(opts.gpu), host=host(opts), base=job_config(opts),
+    req = PlanRequest(model=load_model(model), gpu=priced_gpu(catalog_gpu(opts.gpu), opts.usd_per_hour),
+                      host=host(opts), base=job_config(opts),
                       space=search_space(opts), objective=objective_of(objective, top, time_limit), top_k=top,
                       time_limit_s=time_limit, solver=solver, debug_lp=debug_lp, train_tokens=opts.train_tokens)
     with deadline(time_limit):
@@ -83,3 +84,12 @@ def objective_of(text: str, top: int, time_limit: float) -> Any:
         return Objective(text)
     except ValueError:
         raise MemplanError(f"unknown objective {text!r}.{did_you_mean(text, [x.value for x in Objective])}") from None
+
+
+def priced_gpu(gpu: Any, usd_per_hour: float | None) -> Any:
+    """``gpu`` with ``--usd-per-hour`` as its price per hour (what min-cost ranks and the cost columns read)."""
+    if usd_per_hour is None:
+        return gpu
+    from memplan.report.cost import checked_usd_per_hour
+
+    return gpu.model_copy(update={"price_per_hour_usd": checked_usd_per_hour(usd_per_hour, "--usd-per-hour")})

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from memplan.cli.convert import host, job_config
+from memplan.cli.convert import host, job_config, sweep_report
 from memplan.cli.core import Command, command_app, handled
 from memplan.cli.groups import OUTPUT, PARALLEL, Opts, options
 from memplan.errors import MemplanError
@@ -59,7 +59,7 @@ Workers = Annotated[int | None, typer.Option("--workers", help="Worker processes
 
 @app.command(cls=Command)
 @handled
-@options(*FIXED, unset=FIXED)
+@options(*FIXED, "sweep_report", unset=FIXED)
 def sweep(recipe: Recipe = None, models: Models = None, gpus: Gpus = None, jobs: Jobs = None, seq_lens: SeqLens = None,
           contexts: Contexts = None, batches: Batches = None, gpu_counts: GpuCounts = None,
           gpus_per_node: GpusPerNode = None, metric: Metric = None, min_headroom: MinHeadroom = None, tp: Tp = None,
@@ -71,6 +71,13 @@ def sweep(recipe: Recipe = None, models: Models = None, gpus: Gpus = None, jobs:
 
     emit.check_format(fmt)
     emit.check_plot(plot)
+    if opts.pivot and fmt == "json":
+        raise MemplanError("--pivot lays the fit matrices out for a table or a CSV; the JSON already holds them "
+                           "('matrices'): drop --pivot or use --format table or csv.")
+    for flag, given in (("--speed", opts.speed), ("--usd-per-hour", opts.usd_per_hour is not None)):
+        if given and (fmt == "table" or opts.pivot) and out is None:
+            raise MemplanError(f"{flag} adds columns to the rows, which the fit matrices do not show: give --out "
+                               "FILE.csv, or --format csv or json.")
     if workers is not None and not 1 <= workers <= MAX_WORKERS:
         raise MemplanError(f"--workers must be between 1 and {MAX_WORKERS} (more processes than that only queue "
                            f"on the CPUs), not {workers}.")
@@ -86,9 +93,9 @@ def sweep(recipe: Recipe = None, models: Models = None, gpus: Gpus = None, jobs:
     if fmt != "json":  # rows streamed to --out / stdout: bounded memory, Ctrl-C keeps the rows so far
         from memplan.report.sweep_stream import streamed_run
 
-        run = streamed_run(fmt=fmt, out=out)
+        run = streamed_run(fmt=fmt, out=out, pivot=opts.pivot)
     result = run_with_progress(spec, len(cells(spec)), quiet=quiet, workers=workers, run=run)
-    emit.sweep(result, fmt, out)
+    emit.sweep(result, fmt, out, pivot=opts.pivot)
     emit.plot(result, plot)
     if result.partial:
         raise KeyboardInterrupt
@@ -115,7 +122,7 @@ def grid_spec(recipe: Path | None, opts: Opts, axes: dict[str, Any]) -> Any:
         given[key] = int_list(axes[key], flag)
     if opts.get("cpu_ram") is not None or opts.get("nvme") is not None:
         given["host"] = host(opts)
-    spec = replace(spec, **{k: v for k, v in given.items() if v is not None})
+    spec = replace(spec, **{k: v for k, v in given.items() if v is not None}, **sweep_report(opts))
     # the options' base job, validated at the grid's GPU counts (a --pp/--cp needs more than one GPU)
     recipe_base = spec.base
     spec = replace(spec, base=base_at_counts(lambda **world: job_config(opts, base=recipe_base, **world),

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from memplan.arch.build_families import EMBEDDING_NORMS
 from memplan.arch.parallel import in_flight_micro_batches
-from memplan.catalog.schema import Family
+from memplan.arch.tensors import Layer
+from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import JobConfig, Recompute
 from memplan.memory import activations_amp as amp_extra
 from memplan.memory import activations_block as blk
@@ -30,6 +31,7 @@ from memplan.memory import bnb_workspace, hf_legacy
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
+from memplan.memory.memo import per_layer_class, size_free
 from memplan.units import ceil_div
 
 SRC_BLOCK = "autograd saved tensors of the HF block (activations_block); Korthikanti et al. 2022"
@@ -78,12 +80,24 @@ def checkpointed(ctx: Context) -> set[int]:
     return {i for i, mode in layer_modes(ctx).items() if mode is not Recompute.NONE}
 
 
+@size_free
+def _trainables(ctx: Context) -> tuple[blk.Trainable, ...]:
+    """Each layer's trained weights and adapters (``activations_lora.block_trainable``): size-free, memoized."""
+    family, cfg = ctx.arch.spec.family, ctx.cfg
+    return tuple(lora.block_trainable(family, layer, cfg, i) for i, layer in enumerate(ctx.arch.layers))
+
+
 def block_terms(ctx: Context, layer_index: int, counting: blk.Counting) -> list[blk.Term]:
-    """Every term one block saves for one micro-batch on one rank, without recompute."""
-    spec, cfg = ctx.arch.spec, ctx.cfg
-    layer = ctx.arch.layers[layer_index]
-    dm, tr = blk.dims(spec, cfg), lora.block_trainable(spec.family, layer, cfg, layer_index)
-    amp = [blk.Term("amp_fp32", amp_extra.block_extra_bytes(spec, layer, dm))] if _amp(ctx, counting) else []
+    """Every term one block saves for one micro-batch on one rank, without recompute; computed once per class
+    of alike blocks (``memory.memo.per_layer_class``: the terms read the layer, not its index or names)."""
+    return per_layer_class(ctx, layer_index, _block_terms, _trainables(ctx)[layer_index], counting,
+                           _amp(ctx, counting))
+
+
+def _block_terms(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable,
+                 counting: blk.Counting, amp_fp32: bool) -> list[blk.Term]:
+    dm = blk.dims(spec, cfg)
+    amp = [blk.Term("amp_fp32", amp_extra.block_extra_bytes(spec, layer, dm))] if amp_fp32 else []
     return (blk.norm_terms(spec, layer, dm, counting, tr) + blk.attention_terms(spec, layer, cfg, dm, counting, tr)
             + ffn.mlp_terms(spec, layer, dm, counting, tr) + ffn.dropout_terms(spec, cfg, dm, counting)
             + ffn.adapter_terms(dm, tr, counting) + amp)
@@ -105,8 +119,13 @@ def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting:
         from memplan.memory.activations_op import op_layer_bytes
 
         return op_layer_bytes(ctx, layer_index)
-    terms = block_terms(ctx, layer_index, counting)
-    return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core)
+    return per_layer_class(ctx, layer_index, _kept_bytes, _trainables(ctx)[layer_index], counting, mode)
+
+
+def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable, counting: blk.Counting,
+                mode: Recompute) -> int:
+    return sum(term.bytes for term in _block_terms(spec, cfg, layer, tr, counting)
+               if mode is Recompute.NONE or not term.core)
 
 
 def layer_bytes(ctx: Context, layer_index: int, mode: Recompute) -> int:

@@ -8,6 +8,7 @@ from memplan.errors import MemplanError
 from memplan.memory import model_states as ms
 from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Phase, Row, Tier, peak
 from memplan.memory.context import Context
+from memplan.memory.memo import size_free
 from memplan.memory.zero import StateBuffer
 
 
@@ -89,8 +90,10 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
     return phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
 
 
+@size_free
 def phased_state_rows(ctx: Context) -> list[Row]:
-    """A training job's model-state rows plus the optimizer step's temporaries, each with its phases."""
+    """A training job's model-state rows plus the optimizer step's temporaries, each with its phases; they do not
+    depend on the micro-batch or the sequence length, and are memoized (``memory.memo.size_free``)."""
     from memplan.memory import optimizer_step
 
     states = state_rows(ctx)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from memplan.catalog.profiles import load_profile
 from memplan.catalog.schema import GpuSpec
 from memplan.config import JobConfig
 from memplan.memory.breakdown import Row, Tier
@@ -117,7 +116,7 @@ class RuntimeSettings:
 def settings(gpu: GpuSpec, cfg: JobConfig) -> RuntimeSettings:
     """Resolve the runtime overheads: explicit flags first, then a ``memplan calibrate`` profile of this
     GPU model (``memplan.catalog.profiles``), then the documented defaults."""
-    profile = load_profile(gpu.name)
+    profile = gpu.calibration
     stack = "ROCm/HIP" if gpu.vendor == "amd" else "CUDA"
     calibrated = (f"memplan calibrate profile {profile['path']} ({profile.get('device_name')}, driver "
                   f"{profile.get('driver')}, {profile.get('measured_at')})") if profile else None

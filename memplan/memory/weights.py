@@ -119,7 +119,7 @@ def sharded_bytes(tensor: Tensor, *, bytes_each: int, tp: int, ep: int = 1) -> i
     Source: Megatron-LM tensor parallelism and GShard expert parallelism, via ``sharded_numel``.
     Assumptions: a quantized tensor's scales and zeros split with its elements (rounded up).
     """
-    one = replace(tensor, copies=1, routed=False)
+    one = Tensor(tensor.name, tensor.shape, tensor.role, tensor.projections)  # one copy, not routed
     per_rank = ceil_div(bytes_each * sharded_numel(one, tp), tensor.numel_each)
     copies = ceil_div(tensor.copies, ep) if tensor.routed else tensor.copies
     return per_rank * copies

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from memplan.config import Job, JobConfig
+from memplan.errors import MemplanError
 
 SECONDS_PER_HOUR = 3600
 TOKENS_PER_MILLION = 10**6
@@ -21,6 +23,13 @@ class Cost:
     usd_per_step: float
     usd_per_m_trained_tokens: float | None
     usd_per_m_served_tokens: float | None
+
+
+def checked_usd_per_hour(value: float, name: str = "usd_per_hour") -> float:
+    """``value`` as a price per GPU-hour; a MemplanError naming ``name`` unless it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
+        raise MemplanError(f"{name} must be a finite number of dollars >= 0, got {value!r}.")
+    return float(value)
 
 
 def cluster_usd_per_hour(usd_per_gpu_hour: float, gpus: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from memplan.config import JobConfig
 from memplan.estimator import Estimate
 from memplan.memory.breakdown import Tier, components
 from memplan.units import GiB
@@ -19,12 +20,9 @@ def estimate_record(est: Estimate) -> dict[str, Any]:
         "gpus_per_node": cfg.gpus_per_node,
         "nodes": cfg.nodes,
     }
-    for key, value in cfg.model_dump(mode="json").items():
-        if isinstance(value, dict):
-            for sub, v in value.items():
-                rec[f"{key}_{sub}"] = _list_cell(v)
-        elif key not in rec:
-            rec[key] = _list_cell(value)
+    for key, value, nested in _config_cells(cfg):
+        if nested or key not in rec:
+            rec[key] = value
     for tier in Tier:
         rec[f"{tier.value}_total_bytes"] = est.total(tier)
         rec[f"{tier.value}_capacity_bytes"] = est.capacity(tier)
@@ -35,6 +33,27 @@ def estimate_record(est: Estimate) -> dict[str, Any]:
     rec["fits"] = est.fits
     rec["headroom_bytes"] = est.headroom_bytes
     return rec
+
+
+_LAST_CONFIG: list[tuple[Any, tuple]] = [(None, ())]
+"""The last configuration flattened and its cells: a sweep records one estimate on many GPUs."""
+
+
+def _config_cells(cfg: JobConfig) -> tuple[tuple[str, Any, bool], ...]:
+    """The configuration's fields as (column, cell, nested) triples, nested models flattened as ``key_sub``;
+    memoized for the last configuration object (frozen, so the same object dumps alike)."""
+    last = _LAST_CONFIG[0]  # one tuple, replaced whole: threads can only miss
+    if last[0] is cfg:
+        return last[1]
+    cells: list[tuple[str, Any, bool]] = []
+    for key, value in cfg.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            cells += [(f"{key}_{sub}", _list_cell(v), True) for sub, v in value.items()]
+        else:
+            cells.append((key, _list_cell(value), False))
+    out = tuple(cells)
+    _LAST_CONFIG[0] = (cfg, out)
+    return out
 
 
 def records_to_csv(records: list[dict[str, Any]]) -> str:

@@ -67,9 +67,10 @@ def plan(result: Any, fmt: str) -> None:
         write(dumps(plan_dict(result)) + "\n")
     elif fmt == "csv":
         from memplan.report.csv_out import estimate_record, records_to_csv
+        from memplan.report.plan_out import plan_cost
 
         records = [{"rank": i + 1, **estimate_record(c.estimate), "step_time_s": c.step_time_s,
-                    "tokens_per_s": c.tokens_per_s} for i, c in enumerate(result.candidates)]
+                    "tokens_per_s": c.tokens_per_s, **(plan_cost(c) or {})} for i, c in enumerate(result.candidates)]
         write(records_to_csv(records) if records else "status\ninfeasible\n")
     else:
         from memplan.report.plan_out import render_plan
@@ -93,10 +94,22 @@ def rows(items: list[dict[str, Any]], fmt: str, *, title: str) -> None:
         render_rows(items, title, out())
 
 
-def sweep(result: Any, fmt: str, csv_path: Path | None) -> None:
-    """Fit matrices (table), every record (csv, json); the CSV also to ``csv_path``; n/a reasons on stderr."""
+def sweep(result: Any, fmt: str, csv_path: Path | None, *, pivot: bool = False) -> None:
+    """Fit matrices (table), every record (csv, json); the CSV also to ``csv_path``; n/a reasons on stderr.
+    ``pivot``: the fit matrices compactly, wrapped to the screen (table), or as one CSV (``report.pivot``)."""
     from memplan.report.csv_out import records_to_csv
     from memplan.report.sweep_out import matrices, render_matrices, sweep_dict
+
+    if pivot:
+        from memplan.report.pivot import pivot_csv, render_pivot
+
+        spec = result.spec
+        if fmt == "csv":
+            write(pivot_csv(matrices(result)))
+        else:
+            render_pivot(matrices(result), out(), yes_no=spec.metric == "fits" and len(spec.batches) == 1)
+        invalid_reasons(result.cells)
+        return
 
     streamed = result.streamed_rows is not None  # rows already written by report.sweep_stream
     csv_text = records_to_csv(result.records) if (csv_path is not None or fmt == "csv") and not streamed else ""

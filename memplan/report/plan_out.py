@@ -24,6 +24,9 @@ def candidate_dict(c: Candidate) -> dict[str, Any]:
         **({"serving": {k: c.extras[k] for k in SERVING_KEYS if k in c.extras}}
            if any(k in c.extras for k in SERVING_KEYS) else {}),
     })
+    cost = plan_cost(c)
+    if cost is not None:
+        out["cost"] = cost
     if c.global_batch is not None:
         out["global_batch"] = c.global_batch
         out["global_batch_tokens"] = c.global_batch * c.config.seq_len
@@ -34,6 +37,21 @@ def candidate_dict(c: Candidate) -> dict[str, Any]:
 
         out["stages"] = stage_table(c.estimate)
     return out
+
+
+def plan_cost(c: Candidate) -> dict[str, float | None] | None:
+    """The plan's price (``report.cost.cost_of``) at its GPU's ``price_per_hour_usd`` (the catalog's, or
+    ``--usd-per-hour``): per GPU-hour, per hour of the whole job, per step, per 1M trained or served tokens;
+    None when the price is unknown."""
+    from memplan.report.cost import cost_of
+
+    price = c.estimate.gpu.price_per_hour_usd
+    cost = cost_of(price, c.config, c.step_time_s, c.tokens_per_s)
+    if price is None or cost is None:
+        return None
+    return {"usd_per_gpu_hour": price, "usd_per_hour": cost.usd_per_hour, "usd_per_step": cost.usd_per_step,
+            "usd_per_m_trained_tokens": cost.usd_per_m_trained_tokens,
+            "usd_per_m_served_tokens": cost.usd_per_m_served_tokens}
 
 
 def plan_dict(result: PlanResult) -> dict[str, Any]:
@@ -106,6 +124,13 @@ def render_plan(result: PlanResult, console: Any) -> None:
         console.print(f"Serving: TTFT {x['ttft_s'] * 1e3:,.1f} ms, TPOT {x['tpot_s'] * 1e3:,.2f} ms, "
                       f"{x['tokens_per_s_replica']:,.0f} tokens/s per replica × {x['replicas']} replicas.")
     console.print(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
+    cost = plan_cost(best)
+    if cost is not None:
+        per_m = cost["usd_per_m_trained_tokens"] if best.config.job.trains else cost["usd_per_m_served_tokens"]
+        console.print(f"Cost: ${cost['usd_per_hour']:,.2f} per hour ({best.config.world_size} GPUs at "
+                      f"${cost['usd_per_gpu_hour']:,.2f}), ${cost['usd_per_step']:,.4f} per step"
+                      + (f", ${per_m:,.4f} per 1M {'trained' if best.config.job.trains else 'served'} tokens."
+                         if per_m is not None else "."))
     render_estimate(best.estimate, console)
     if len(result.candidates) > 1:
         table = Table(title="Ranked alternatives", title_justify="left")

@@ -149,6 +149,16 @@ class StageOut(Out):
     gpu_bytes: NonNegativeInt
 
 
+class CostOut(Out):
+    usd_per_gpu_hour: float
+    """The GPU's price per hour (the catalog's ``price_per_hour_usd``, or ``--usd-per-hour``)."""
+    usd_per_hour: float
+    """The whole job: the price of one GPU per hour × its GPUs."""
+    usd_per_step: float
+    usd_per_m_trained_tokens: float | None
+    usd_per_m_served_tokens: float | None
+
+
 class CandidateOut(EstimateOut):
     step_time_s: float
     tokens_per_s: float
@@ -167,6 +177,8 @@ class CandidateOut(EstimateOut):
     global_batch_tokens: PositiveInt | None = None
     train_budget: TrainBudgetOut | None = None
     """With a token budget: what training that many tokens takes at this plan's throughput."""
+    cost: CostOut | None = None
+    """The plan's price, when its GPU has one (absent otherwise)."""
     stages: list[StageOut] | None = None
     """With pp > 1: each pipeline stage's layers and GPU bytes (uneven stages, in-flight micro-batches)."""
 

@@ -163,9 +163,9 @@ def sweep_frame(spec: SweepSpec, *, workers: int | None = None, out: Path | None
     from dataclasses import replace
 
     if usd_per_hour is not None:
-        if not 0 <= usd_per_hour < float("inf"):
-            raise MemplanError(f"usd_per_hour must be a finite number of dollars >= 0, got {usd_per_hour!r}.")
-        spec = replace(spec, usd_per_hour=float(usd_per_hour))
+        from memplan.report.cost import checked_usd_per_hour
+
+        spec = replace(spec, usd_per_hour=checked_usd_per_hour(usd_per_hour))
     if out is not None:
         check_out(out)
     holder: list[pd.DataFrame] = []

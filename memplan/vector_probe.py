@@ -1,0 +1,190 @@
+"""Scalar probes of a vectorized sweep group, shared by every GPU whose bytes are the same by construction.
+
+The scalar memory model (``memplan.estimator.estimate``) is a deterministic function of its inputs. It
+reads the GPU through the attributes of a ``GpuSpec``; every other input of a sweep group (model, job
+config, host) is the same for all the group's GPUs. So when an estimate on GPU A read only the
+attributes R of A, an estimate on GPU B with the same values of R takes the same path and returns the same
+rows, and B's ``Estimate`` is A's with ``gpu`` replaced (its capacity, fit and headroom then follow from
+B's own memory). ``TracedGpu`` records R while an estimate runs: the fields and properties it reads
+(a property counts as itself, not as the fields it is built from, so ``calibration`` stands for the
+profile lookup and not the name), and ``*`` (the whole spec) for anything else (``__dict__``, a pydantic
+method): then only an equal spec shares. GPUs are grouped by R's values, each group is estimated once
+per probe point (on its first GPU), and the grouping is re-checked against every attribute read by the
+end of the group's work (``Prober.shares``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from memplan.catalog.schema import GpuSpec
+from memplan.grid import METRIC_COLUMN, Cell, SweepSpec, _Evaluator, _gpu
+from memplan.units import parse_fraction_or_size
+
+TIERS = ("gpu", "cpu", "nvme")
+
+
+def tier_of(col: str) -> str:
+    return col.split(":", 1)[0]
+
+
+def is_fitted(col: str) -> bool:
+    return ":" in col and col.endswith("_bytes")
+
+
+class NotExact(Exception):
+    """A fit failed a check: the group goes to the scalar path."""
+
+
+WHOLE = "*"
+"""The read set holds this when an estimate read the GPU other than through a field or a property."""
+
+UNTRACKED = frozenset({"__class__"})
+"""Reads that every GpuSpec answers alike (``isinstance``)."""
+
+_READS: list[set[str] | None] = []
+"""The read set of the estimate in progress (top of the stack); None inside a property being read."""
+
+
+class TracedGpu(GpuSpec):
+    """A GpuSpec that adds the name of each field or property an estimate reads to the current read set."""
+
+    def __getattribute__(self, name: str) -> Any:
+        reads = _READS[-1] if _READS else None
+        if reads is None or name in UNTRACKED:
+            return super().__getattribute__(name)
+        if name in GpuSpec.model_fields:
+            reads.add(name)
+            return super().__getattribute__(name)
+        reads.add(name if isinstance(getattr(GpuSpec, name, None), property) else WHOLE)
+        _READS.append(None)  # what a property reads inside is the property's value, compared as a whole
+        try:
+            return super().__getattribute__(name)
+        finally:
+            _READS.pop()
+
+
+def traced(gpu: GpuSpec) -> TracedGpu:
+    return TracedGpu.model_construct(_fields_set=gpu.model_fields_set, **{k: getattr(gpu, k) for k in GpuSpec.model_fields})
+
+
+@dataclass
+class Probe:
+    """The scalar model at one point of one GPU: its record (as ``grid.evaluate`` writes it) and slack."""
+
+    record: dict[str, Any]
+    slack: int
+    phases: dict[str, Any]
+    """Fitted column -> the phases its rows are alive in (``Row.phases``, from memory/registry.py; None: all)."""
+    step: tuple
+    """The step's phases (``Estimate.step_phases``): a tier's peak is its largest total over them."""
+
+
+class Prober:
+    """Scalar estimates of one group (model, job, GPU count) on the GPUs that share its first GPU's reads,
+    memoized by (batch, size); each other GPU's probe is the same estimate with its own GPU."""
+
+    def __init__(self, spec: SweepSpec, cell: Cell, values: dict[tuple[str, str], Any] | None = None) -> None:
+        self.ev = _Evaluator(spec, cell)
+        self.spec = spec
+        self.reads: set[str] = set()
+        self.gpu = traced(self.ev.gpu)
+        self.estimates: dict[tuple[int, int], Any] = {}
+        self.memo: dict[tuple[str, int, int], Probe] = {}
+        self.values: dict[tuple[str, str], Any] = {} if values is None else values
+        """(GPU, attribute) -> value, shared by the probers of one group (``calibration`` reads a file)."""
+        self.evaluated = 0
+
+    def shares(self, gpu: str) -> bool:
+        """True when ``gpu`` answers every read of this prober's estimates so far like its first GPU (the
+        whole spec for ``*``)."""
+        if WHOLE in self.reads:
+            return _gpu(gpu) == self.ev.gpu
+        return all(self.read(gpu, name) == self.read(self.ev.cell.gpu, name) for name in self.reads)
+
+    def read(self, gpu: str, name: str) -> Any:
+        """``gpu``'s attribute ``name``, read once per group."""
+        if (gpu, name) not in self.values:
+            self.values[(gpu, name)] = getattr(_gpu(gpu), name)
+        return self.values[(gpu, name)]
+
+    def estimate(self, b: int, s: int) -> Any:
+        """The scalar Estimate at micro-batch ``b`` and size ``s`` on the first GPU, its reads recorded."""
+        if (b, s) not in self.estimates:
+            from memplan.estimator import estimate
+            from memplan.search import with_size
+
+            cfg = with_size(with_size(self.ev.cfg, "context", s), "micro_batch", b)
+            _READS.append(self.reads)
+            try:
+                est = estimate(self.ev.model, self.gpu, cfg, host=self.spec.host)
+            finally:
+                _READS.pop()
+            self.evaluated += 1
+            if est.not_modelled:
+                raise NotExact("not modelled")
+            self.estimates[(b, s)] = est
+        return self.estimates[(b, s)]
+
+    def at(self, b: int, s: int, gpu: str | None = None) -> Probe:
+        """The probe of ``gpu`` (default: the first GPU) at (b, s): the shared estimate with that GPU."""
+        name = self.ev.cell.gpu if gpu is None else gpu
+        if (name, b, s) not in self.memo:
+            from memplan.memory.breakdown import Tier
+            from memplan.report.cost import cost_record
+            from memplan.report.csv_out import estimate_record
+
+            spec, own = self.spec, _gpu(name)
+            est = dataclasses.replace(self.estimate(b, s), gpu=own)
+            required = parse_fraction_or_size(spec.min_headroom, total=own.memory_bytes, field="--min-headroom")
+            slack = min(est.headroom_bytes, est.headroom(Tier.GPU) - required)
+            price = spec.usd_per_hour if spec.usd_per_hour is not None else own.price_per_hour_usd
+            rec = {**estimate_record(est), "ok": slack >= 0, "required_headroom_bytes": required,
+                   "not_modelled": "", METRIC_COLUMN[spec.metric]: None, "error": "", **cost_record(price, est)}
+            phases: dict[str, Any] = {}
+            for row in est.rows:
+                col = f"{row.tier.value}:{row.component}_bytes"
+                if phases.setdefault(col, row.phases) != row.phases:
+                    raise NotExact(f"{col}: rows alive in different phases")
+            self.memo[(name, b, s)] = Probe(rec, slack, phases, tuple(est.step_phases))
+        return self.memo[(name, b, s)]
+
+
+def slack_at(prober: Prober, b: int, s: int, gpu: str) -> int:
+    """``gpu``'s slack at (b, s) as ``grid._Evaluator.slack`` computes it: free bytes on the tiers' peaks,
+    less the required headroom, from the estimate its class shares."""
+    from memplan.memory.breakdown import Tier
+
+    own = _gpu(gpu)
+    est = dataclasses.replace(prober.estimate(b, s), gpu=own)
+    required = parse_fraction_or_size(prober.spec.min_headroom, total=own.memory_bytes, field="--min-headroom")
+    return min(est.headroom_bytes, est.headroom(Tier.GPU) - required)
+
+
+def context_results(spec: SweepSpec, model: str, job: Any, count: int) -> list[Any]:
+    """``max-context`` cells of (model, job, count), every GPU × batch in grid order: on each GPU the scalar
+    path's own search (``grid.largest_ok`` over [1, MAX_CONTEXT_TOKENS] of that GPU's slack) and records, the
+    estimates shared by the GPUs that read alike (module docstring), so each answer is the scalar path's by
+    construction and only the estimates are fewer. NotExact (the group takes the scalar path) when a GPU's
+    reads come to differ from its class's or something is not modelled; a MemplanError too."""
+    from memplan.grid import CellResult, largest_ok
+    from memplan.search import MAX_CONTEXT_TOKENS
+
+    column, sizes = METRIC_COLUMN[spec.metric], spec.sizes(job)
+    classes: list[Prober] = []
+    values: dict[tuple[str, str], Any] = {}
+    out = []
+    for gpu in spec.gpus:
+        prober = next((p for p in classes if p.shares(gpu)), None)
+        if prober is None:
+            prober = Prober(spec, Cell(model, gpu, job, count, None, spec.batches[0]), values)
+            classes.append(prober)
+        for b in spec.batches:
+            value = largest_ok(lambda s, p=prober, b=b, g=gpu: slack_at(p, b, s, g), hi=MAX_CONTEXT_TOKENS)
+            records = [{**prober.at(b, s, gpu).record, column: value} for s in sizes]
+            out.append((prober, CellResult(Cell(model, gpu, job, count, None, b), value, records)))
+    if not all(p.shares(r.cell.gpu) for p, r in out):
+        raise NotExact("a GPU read differs")
+    return [r for _, r in out]
