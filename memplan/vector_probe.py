@@ -182,7 +182,10 @@ def context_results(spec: SweepSpec, model: str, job: Any, count: int) -> list[A
             prober = Prober(spec, Cell(model, gpu, job, count, None, spec.batches[0]), values)
             classes.append(prober)
         for b in spec.batches:
-            value = largest_ok(lambda s, p=prober, b=b, g=gpu: slack_at(p, b, s, g), hi=MAX_CONTEXT_TOKENS)
+            def ok(s: int, p: Prober = prober, b: int = b, g: Any = gpu) -> Any:
+                return slack_at(p, b, s, g)
+
+            value = largest_ok(ok, hi=MAX_CONTEXT_TOKENS)
             records = [{**prober.at(b, s, gpu).record, column: value} for s in sizes]
             out.append((prober, CellResult(Cell(model, gpu, job, count, None, b), value, records)))
     if not all(p.shares(r.cell.gpu) for p, r in out):

@@ -119,12 +119,13 @@ def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting:
         from memplan.memory.activations_op import op_layer_bytes
 
         return op_layer_bytes(ctx, layer_index)
-    return per_layer_class(ctx, layer_index, _kept_bytes, _trainables(ctx)[layer_index], counting, mode)
+    return per_layer_class(ctx, layer_index, _kept_bytes, _trainables(ctx)[layer_index], counting, mode,
+                           _amp(ctx, counting))
 
 
 def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable, counting: blk.Counting,
-                mode: Recompute) -> int:
-    return sum(term.bytes for term in _block_terms(spec, cfg, layer, tr, counting)
+                mode: Recompute, amp_fp32: bool) -> int:
+    return sum(term.bytes for term in _block_terms(spec, cfg, layer, tr, counting, amp_fp32)
                if mode is Recompute.NONE or not term.core)
 
 
