@@ -275,11 +275,13 @@ def plan_inference(req: PlanRequest, explain: Callable[[PlanRequest, PlanResult]
         return layer_config(cfg, modes, choices) if modes else cfg
 
     for sol, cfg, est in verified_solutions(req, IlpBuilder(problem), result, to_config):
-        tps = 1.0 / sol.seconds
         modes = sol.block_modes.get(BLOCK_NAME) or []
-        value = -tps if req.objective is Objective.THROUGHPUT else sol.objective
-        result.candidates.append(Candidate(cfg, est, cfg.micro_batch / tps, tps, value,
-                                           describe(modes, choices) if modes else "", _extras(req, cfg, choices)))
+        sc, extras = _extras(req, cfg, choices)
+        # the plan reports (and ranks by) the serving model's tokens/s: time per output token and replicas × batch
+        # / TPOT, the figures the serving line prints (the ILP's own per-token seconds only choose the candidates)
+        value = -sc.tokens_per_s if req.objective is Objective.THROUGHPUT else sol.objective
+        result.candidates.append(Candidate(cfg, est, sc.tpot_s, sc.tokens_per_s, value,
+                                           describe(modes, choices) if modes else "", extras))
     if result.candidates:
         rank_candidates(result.candidates)
         result.candidates = result.candidates[: req.top_k]  # ties beyond --top were collected to rank them
@@ -289,15 +291,14 @@ def plan_inference(req: PlanRequest, explain: Callable[[PlanRequest, PlanResult]
     return result
 
 
-def _extras(req: Any, cfg: JobConfig, choices: Any) -> dict[str, Any]:
-    """Serving latency (TTFT, TPOT, tokens/s per replica, replicas) and, for plans that choose formats per
-    layer, the quality of the chosen weight formats."""
+def _extras(req: Any, cfg: JobConfig, choices: Any) -> tuple[Any, dict[str, Any]]:
+    """The serving cost (``serve_cost``) and the plan's extras: serving latency (TTFT, TPOT, tokens/s per
+    replica, replicas) and, for plans that choose formats per layer, the quality of the chosen weight formats."""
 
     arch = build_architecture(req.model)
     sc = serve_cost(Context(arch, cfg, req.gpu, req.host))
     out: dict[str, Any] = {"ttft_s": sc.ttft_s, "tpot_s": sc.tpot_s, "tokens_per_s_replica": sc.tokens_per_s_replica,
                            "replicas": sc.replicas}
     if choices.formats is None:
-        return out
-
-    return {**out, **quality_extras(arch, cfg)}
+        return sc, out
+    return sc, {**out, **quality_extras(arch, cfg)}
