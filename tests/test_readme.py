@@ -36,7 +36,8 @@ def test_readme_is_a_front_door_and_the_gallery_lives_in_docs():
     assert len(readme.splitlines()) - len(runs.splitlines()) <= 200
     assert readme.count("<!-- example: memplan") <= 2
     assert examples.count("<!-- example: memplan") >= 10 and "<!-- include: docs/accuracy.md -->" in examples
-    for heading in ("## Published training runs", "## Units and exit codes", "## Where the defaults come from, and how the margins stack"):
+    for heading in ("## Published training runs", "## Units and exit codes",
+                    "## Where the defaults come from, and how the margins stack"):
         assert heading in readme
 
 
