@@ -118,8 +118,11 @@ LLAMA3_128K_RECOMPUTE_LAYERS = 32
 """Llama 3 does not publish its activation-memory settings at 128k; full recomputation of 32 of the 126 layers (two of
 each stage's eight) is assumed: the smallest share, in whole layers per stage, with which memplan fits the 80 GiB at
 this layout (one layer per stage, 16 of 126, leaves the last stage at 86 GiB)."""
-DEEPSEEK_MEMORY = ("DeepSeek-V3 recomputes RMSNorm and the MLA up-projections and caches activations in FP8 "
-                   "(Sec. 3.2.3, 3.3.2): no memplan knob expresses either, so its activations are counted in 16-bit")
+DEEPSEEK_MEMORY = ("DeepSeek-V3 recomputes every RMSNorm and the MLA up-projections, caches the Linear and SwiGLU inputs "
+                   "in FP8 and recomputes the SwiGLU output (Sec. 3.2.3, 3.3.2), and runs DualPipe (PP + 1 micro-"
+                   "batches in flight, two copies of the parameters; Table 2): memplan has no knob for any of these, so "
+                   "stage 1 holds 4 layers x 23 micro-batches (v = 2 standing for DualPipe) x 2.55 GiB of 16-bit "
+                   "saved tensors, 234 GiB")
 
 
 def _runs() -> list[Run]:
