@@ -107,7 +107,7 @@ with no layer after losing one held one: 126 + 2 = 128 one-layer chunks on 16 ra
 LLAMA3_MEMORY = ("Llama 3 trains at 8K 'without activation checkpointing' (Sec. 3.3.2; states sharded by FSDP, schedule "
                  "tuned for memory, stage inputs/outputs freed early); memplan's Megatron-Core layout of that run "
                  "does not fit: stage 1 holds 8 layers x 18 (m = 32) or 16 (m = 16) micro-batches of 0.50 GiB of "
-                 "saved tensors (71.4 / 63.5 GiB) next to 18.4 GiB of states and the 10% allocator reserve")
+                 "saved tensors (71.4 / 63.5 GiB) next to about 18 GiB of states and the 10% allocator reserve")
 LLAMA3_128K_SEQ = 131072
 LLAMA3_128K_TOKENS_PER_BATCH = 16 * 2**20
 """Llama 3 (Dubey et al. 2024), Table 4, the 128K-context row: 16,384 GPUs, TP 8, CP 16, PP 16, DP 8, batch size per
