@@ -148,7 +148,8 @@ def _runs() -> list[Run]:
              "activation_accounting": "paper", "engine_config": {"use_distributed_optimizer": True},
              # Sec. 3.3.2: no activation checkpointing at 8K; interleaved, V = 8 derived; DP traffic overlapped.
              # Assumed: Megatron-Core's TP/SP layer layout and distributed optimizer stand for Meta's own code
-             # and its FSDP (which shards the gradients too: memplan's FSDP2 profile does, at 7 GiB less).
+             # and its FSDP (which shards the gradients too: memplan's fsdp2 profile, reshard_after_forward off, holds about
+             # 9 GiB less and still does not fit; its step time comes out 17-18% slow).
              "recompute": "none", "perf": {"virtual_stages": LLAMA3_VIRTUAL_STAGES, "comm_overlap": 1.0}},
             LLAMA3_TOKENS_PER_BATCH * LLAMA3_FLOPS_PER_TOKEN / (gpus * tflops * 1e12), fits_xfail=LLAMA3_MEMORY))
     # Llama 3 at 128K context: context parallelism 16, all-gather based (Sec. 3.3.2: K and V all-gathered, attention
