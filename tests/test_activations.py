@@ -38,8 +38,9 @@ def gpt3(layers: int = L) -> ModelSpec:
 
 
 def paper_ctx(*, b: int = 1, t: int = 1, sp: bool = False, recompute: Recompute = Recompute.NONE,
-              pp: int = 1, layers: int = L, accounting: str = "paper") -> Context:
+              pp: int = 1, layers: int = L, accounting: str = "paper", grad_accum: int = 1) -> Context:
     cfg = JobConfig(job=Job.PRETRAIN, dtype=Dtype.FP16, micro_batch=b, seq_len=S, tp=t, pp=pp, gpus_per_node=t * pp,
+                    grad_accum=grad_accum,
                     sequence_parallel=sp, recompute=recompute, attention="eager", dropout=True,
                     activation_accounting=accounting)
     return Context(build_architecture(gpt3(layers)), cfg, GPU, HostSpec())
@@ -98,9 +99,17 @@ def test_paper_output_layer_and_embeddings() -> None:
     assert "activations/logits" not in rows and "activations/rotary" not in rows
 
 
+@pytest.mark.parametrize(("grad_accum", "held"), [(1, 1), (3, 3), (4, 4), (16, 4)])
+def test_pipeline_holds_no_more_micro_batches_than_the_step_runs(grad_accum: int, held: int) -> None:
+    """Megatron's 1F1B caps its warm-up at the step's micro-batches (schedules.py ``min(num_warmup_microbatches,
+    num_microbatches)``): with m < p, stage 0 holds m micro-batches, not p."""
+    ctx = paper_ctx(pp=4, layers=8, sp=True, t=2, grad_accum=grad_accum).at_stage(0)
+    assert act.micro_batches_in_flight(ctx) == held
+
+
 def test_pipeline_first_stage_holds_pp_micro_batches() -> None:
     # Narayanan et al. 2021 1F1B: stage 0 keeps pp micro-batches of its L/pp layers: L layers' worth.
-    ctx = paper_ctx(pp=4, layers=8, sp=True, t=2)
+    ctx = paper_ctx(pp=4, layers=8, sp=True, t=2, grad_accum=8)
     per_layer = act.layer_micro_bytes(ctx, 0, Recompute.NONE)
     stage = ctx.stage
     assert act.micro_batches_in_flight(ctx) == 4 - stage

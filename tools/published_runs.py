@@ -1,8 +1,9 @@
 """Print published training runs next to memplan's prediction (the table of tests/test_published_runs.py).
 
-Usage: python tools/published_runs.py [--markdown]
+Usage: python tools/published_runs.py (markdown on stdout; README.md embeds it through tools/readme_examples.py)
 Each row: the run, the paper's figure, memplan's predicted step time, the error, memplan's verdict on memory
-(GiB on the most loaded GPU) and its MFU. The published figures and their derivations live in the test.
+(the peak, GiB, of the most loaded GPU at its peak phase) and its MFU. The published figures and their
+derivations live in the test.
 """
 
 from __future__ import annotations
@@ -42,19 +43,24 @@ def rows() -> list[dict]:
                     + (f" cp{cfg.cp}" if cfg.cp > 1 else ""),
                     "published_s": run.published_step_s, "predicted_s": st.step_s,
                     "error_pct": 100 * (st.step_s / run.published_step_s - 1), "fits": est.fits,
-                    "gpu_gib": est.total(Tier.GPU) / 2**30, "mfu": st.mfu})
+                    "gpu_gib": est.peak(Tier.GPU) / 2**30, "mfu": st.mfu})
     return out
 
 
-def main() -> None:
-    table = rows()
-    print("| run | GPUs | layout | published step (s) | predicted (s) | error | fits | GPU GiB | MFU |")
-    print("|---|---:|---|---:|---:|---:|---|---:|---:|")
+def markdown(table: list[dict] | None = None) -> str:
+    """The table as markdown (the README's generated section, ``tools/readme_examples.py``)."""
+    table = rows() if table is None else table
+    lines = ["| run | GPUs | layout | published step (s) | predicted (s) | error | fits | peak GiB | MFU |",
+             "|---|---:|---|---:|---:|---:|---|---:|---:|"]
     for r in table:
-        print(f"| {r['run']} | {r['gpus']:,} | {r['layout']} | {r['published_s']:.2f} | {r['predicted_s']:.2f} | "
-              f"{r['error_pct']:+.1f}% | {'yes' if r['fits'] else 'no'} | {r['gpu_gib']:.1f} | {r['mfu']:.1%} |")
-    print()
-    print("Sources: " + "; ".join(sorted({r['source'].split(' (')[0] for r in table})) + ".")
+        lines.append(f"| {r['run']} | {r['gpus']:,} | {r['layout']} | {r['published_s']:.2f} | {r['predicted_s']:.2f} "
+                     f"| {r['error_pct']:+.1f}% | {'yes' if r['fits'] else 'no'} | {r['gpu_gib']:.1f} | {r['mfu']:.1%} |")
+    lines += ["", "Sources: " + "; ".join(sorted({r['source'].split(' (')[0] for r in table})) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    print(markdown(), end="")
 
 
 if __name__ == "__main__":

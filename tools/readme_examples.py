@@ -3,6 +3,8 @@
 Each example is a fenced block preceded by ``<!-- example: memplan ARGS -->``; the block holds the
 command and its output, run in-process with a fixed terminal width. ``--check`` exits 1 when a
 document is out of date (tests/test_readme.py runs it), so the docs never drift from the code.
+A section between ``<!-- generated: NAME -->`` and ``<!-- end generated -->`` is the output of the
+generator ``GENERATED[NAME]`` (the published-runs table of tools/published_runs.py).
 
     python tools/readme_examples.py          # rewrite in place
     python tools/readme_examples.py --check  # verify
@@ -18,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "examples.md"]
 INCLUDE = re.compile(r"(<!-- include: ([^ ]+) -->\n).*?(<!-- end include -->\n)", re.S)
+GENERATED_SECTION = re.compile(r"(<!-- generated: ([a-z-]+) -->\n).*?(<!-- end generated -->\n)", re.S)
 PATTERN = re.compile(r"(<!-- example: (memplan [^\n]*?) -->\n)```text\n.*?```\n", re.S)
 WIDTH = "100"
 
@@ -40,7 +43,25 @@ def table_of(path: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+def published_runs() -> str:
+    """Published training runs against memplan's prediction (tools/published_runs.py)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import published_runs as runs
+
+    return runs.markdown()
+
+
+GENERATED = {"published-runs": published_runs}
+
+
+def generated(name: str) -> str:
+    if name not in GENERATED:
+        raise SystemExit(f"unknown generated section {name!r}; known: {', '.join(sorted(GENERATED))}")
+    return GENERATED[name]()
+
+
 def render(text: str) -> str:
+    text = GENERATED_SECTION.sub(lambda m: f"{m.group(1)}{generated(m.group(2))}{m.group(3)}", text)
     text = INCLUDE.sub(lambda m: f"{m.group(1)}{table_of(m.group(2))}{m.group(3)}", text)
     return PATTERN.sub(lambda m: f"{m.group(1)}```text\n{run(m.group(2))}```\n", text)
 

@@ -115,7 +115,7 @@ def stage_index(arch: Architecture, pp: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1) -> int:
+def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1, micro_batches: int | None = None) -> int:
     """Micro-batches whose activations a pipeline stage holds at its peak, in whole-stage units.
 
     1F1B (v = 1): p − s (Narayanan et al. 2021, Sec. 2.2.1: stage s runs p − s forwards before its first
@@ -124,11 +124,17 @@ def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1) -> int
     schedules.py, ``forward_backward_pipelining_with_interleaving``): ((p − s − 1)·2 + (v − 1)·p + 1)/v,
     rounded up; on the first stage p + (p − 1)/v, i.e. p·(1 + (p − 1)/(p·v)) (Korthikanti et al. 2022,
     Sec. 4.2.3).
+    A step of ``micro_batches`` = m micro-batches per replica holds at most m: both schedules cap the warm-up at
+    the step's forwards (schedules.py: ``num_warmup_microbatches = min(num_warmup_microbatches,
+    num_microbatches)`` for 1F1B, ``min(..., total_num_microbatches)`` = m·v chunks when interleaved, which then
+    runs every forward first). None: no cap (m at least p).
     """
     if virtual_stages <= 1 or pp <= 1:
-        return pp - stage
-    chunks = (pp - stage - 1) * 2 + (virtual_stages - 1) * pp + 1
-    return ceil_div(chunks, virtual_stages)
+        flight = pp - stage
+    else:
+        chunks = (pp - stage - 1) * 2 + (virtual_stages - 1) * pp + 1
+        flight = ceil_div(chunks, virtual_stages)
+    return flight if micro_batches is None else min(flight, micro_batches)
 
 
 def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:

@@ -52,8 +52,8 @@ def counting_for(cfg: JobConfig) -> blk.Counting:
 
 def micro_batches_in_flight(ctx: Context) -> int:
     """Micro-batches whose activations the reported stage holds: pp - stage under 1F1B, more with the
-    interleaved schedule (``arch.parallel.in_flight_micro_batches``)."""
-    return in_flight_micro_batches(ctx.cfg.pp, ctx.stage, ctx.cfg.perf.virtual_stages)
+    interleaved schedule, never more than the step's ``grad_accum`` (``arch.parallel.in_flight_micro_batches``)."""
+    return in_flight_micro_batches(ctx.cfg.pp, ctx.stage, ctx.cfg.perf.virtual_stages, ctx.cfg.grad_accum)
 
 
 def layer_modes(ctx: Context) -> dict[int, Recompute]:

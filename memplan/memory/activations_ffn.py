@@ -42,8 +42,27 @@ def _act(spec: ModelSpec, counting: Counting) -> tuple[int, bool]:
     return ACT_SAVED.get(spec.hidden_act, 1), spec.hidden_act in ACT_KEEPS_OUTPUT
 
 
+FUSED_GATED_SAVED = 2
+"""F-wide tensors a fused gated activation saves: its input, the gate and up halves (2F)."""
+
+
+def fused_gated_mlp_bytes(*, tokens: int, ffn: int, bits: int, down_trains: bool = True) -> int:
+    """Bytes of a gated MLP's intermediates under the paper's rule (each activation its input only), the
+    gated product taken as one fused activation: its 2F input, plus the F-wide down-projection input.
+
+    Formula: b/8·tokens·F·(2 + 1 if down's weight trains). Source: Megatron-Core ``fusions/fused_bias_swiglu.py``
+    (``SwiGLUFunction.forward`` saves its input only; its output is ``linear_fc2``'s saved input) and
+    TransformerEngine ``LayerNormMLP`` (saves fc1's output and the activation's output), the layout the
+    megatron engine's ``paper`` accounting stands for; Korthikanti et al. 2022 Sec. 4.1 count a GeLU's input.
+    """
+    factors = FUSED_GATED_SAVED + (1 if down_trains else 0)
+    return factors * t.tensor_bytes(count=tokens * ffn, bits=bits)
+
+
 def _dense(spec: ModelSpec, *, tokens: int, ffn: int, bits: int, gated: bool, counting: Counting,
            down_trains: bool) -> int:
+    if counting.paper and gated:
+        return fused_gated_mlp_bytes(tokens=tokens, ffn=ffn, bits=bits, down_trains=down_trains)
     saved, keeps = _act(spec, counting)
     return t.mlp_bytes(tokens=tokens, ffn=ffn, bits=bits, gated=gated, act_saved=saved, down_trains=down_trains,
                        act_keeps_output=keeps)
