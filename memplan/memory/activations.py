@@ -27,8 +27,8 @@ from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
-from memplan.memory import bnb_workspace, hf_legacy
-from memplan.memory.breakdown import Row, Tier
+from memplan.memory import bnb_workspace, hf_legacy, sdpa_workspace
+from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
 from memplan.memory.memo import per_layer_class, size_free
@@ -332,6 +332,8 @@ _SOURCES = {
     "activations/dequant_workspace": "bitsandbytes MatMul4Bit/MatMul8bitLt: the largest quantized weight dequantized "
                                      "to 16 bits (memory.bnb_workspace)",
     "activations/cp_exchange": "context parallelism: key/value exchange buffers of one attention (context_parallel)",
+    "activations/sdpa_backward_workspace": "SDPA memory-efficient kernel's fp32 dQ (and dK/dV) staging and delta "
+                                           "of one attention's backward (memory.sdpa_workspace)",
 }
 
 
@@ -341,8 +343,30 @@ def rows(ctx: Context) -> list[Row]:
     dequant = {"activations/dequant_workspace": bnb_workspace.dequant_phases(ctx)}
     out = [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak",
                dequant.get(name)) for name, value in breakdown(ctx).items()]
-    if not out or ctx.cfg.transformers_version is None:
+    if not out:
+        return out
+    out += _sdpa_workspace_rows(ctx)
+    if ctx.cfg.transformers_version is None:
         return out
     checkpointed = any(mode is not Recompute.NONE for mode in layer_modes(ctx).values())
     return out + hf_legacy.rows(ctx, blk.attention_impl(ctx.arch.spec, ctx.cfg), blk.activation_bits(ctx.cfg),
                                 checkpointed)
+
+
+def _sdpa_workspace_rows(ctx: Context) -> list[Row]:
+    """Backward-phase row of SDPA's memory-efficient kernel workspace, where a 16-bit CUDA job's attention gets an
+    explicit mask (transformers 4.38-4.39's 4-D mask, sliding windows shorter than S, Falcon): flash refuses
+    ``attn_mask`` (``sdp_utils.cpp``), the cutlass kernel takes it; [] otherwise."""
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    impl, bits = blk.attention_impl(spec, cfg), blk.activation_bits(cfg)
+    if impl != "sdpa" or bits == t.FP32_BITS or counting_for(cfg) is not blk.CUDA:
+        return []
+    dm = blk.dims(spec, cfg)
+    masked = hf_legacy.explicit_mask(spec, cfg, impl) or any(
+        blk.sdpa_mask_materialized(spec, layer, impl, dm.s) for layer in ctx.arch.layers)
+    if not masked or not dm.n or not dm.h:
+        return []
+    value = (sdpa_workspace.backward_workspace_bytes(dm.b, dm.n, dm.s, dm.s, dm.h, dm.h)
+             + sdpa_workspace.delta_bytes(dm.b, dm.n, dm.s))
+    name = "activations/sdpa_backward_workspace"
+    return [Row(name, Tier.GPU, value, _SOURCES[name], "one attention's backward", frozenset({Phase.BACKWARD}))]

@@ -22,7 +22,7 @@ from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
 from memplan.memory import activations_terms as t
-from memplan.memory import hf_legacy
+from memplan.memory import hf_legacy, sdpa_workspace
 from memplan.memory.context_parallel import local_seq_len
 from memplan.units import ceil_div
 
@@ -305,6 +305,8 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
     efficient = impl == "sdpa" and not counting.cpu and (dm.bits == t.FP32_BITS or masked)
     # partial rotary concatenates the rotated and passed-through dims into a new (B, N, S, H) q, as Phi-3 does
     head_major = (spec.family in _Q_HEAD_MAJOR or spec.rotary_dim is not None) and not falcon_broadcasts_kv(spec)
+    if efficient and not counting.paper:  # its logsumexp is padded to 32 queries (kernel_forward.h kAlignLSE)
+        terms.append(Term("attention/lse_padding", sdpa_workspace.lse_padding_bytes(dm.b, n, dm.s)))
     if head_major and not efficient and tr.trains("o"):
         terms.append(Term("attention/o_proj_input", t.tensor_bytes(count=dm.tokens * n * h, bits=dm.bits)))
     if masked and (not legacy or hf_legacy.mask_copied_per_layer(spec, cfg, impl)):

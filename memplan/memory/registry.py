@@ -117,6 +117,9 @@ register("weights/hf_buffers", ALL, "transformers 4.37-4.40 non-persistent buffe
 register("activations/hf_causal_mask", _TRAIN_SAVED,
          "transformers 4.38-4.39 LlamaModel._update_causal_mask: the model's 4-D mask, kept by checkpointed layers "
          "until their backward (memory.hf_legacy)")
+register("activations/sdpa_backward_workspace", (_B,),
+         "SDPA memory-efficient kernel: fp32 dQ (and dK/dV) staging and delta of one attention's backward "
+         "(torch mem_eff_attention kernel_backward.h workspace_size; memory.sdpa_workspace)")
 register("activations/recompute_workspace", (_B,),
          "one checkpointed block recomputed during backward (torch.utils.checkpoint)")
 register("activations/offload_buffer", _TRAIN_SAVED,
