@@ -85,6 +85,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "activations/cp_exchange": ("context_parallel.exchange_bytes", "context_parallel._ring_bytes", "context_parallel.chunk"),
     "activations/hf_causal_mask": ("hf_legacy.model_mask_bytes", "hf_legacy.explicit_mask"),
     "weights/hf_buffers": ("hf_legacy.rope_cache_bytes", "hf_legacy.mask_buffer_bytes"),
+    "weights/model_buffers": ("hf_buffers.causal_bias_bytes", "hf_buffers.sinusoidal_positions_bytes"),
     "activations/hidden_states": ("inference.hidden_states_bytes",),
     "activations/dequant_workspace": ("bnb_workspace.dequant_workspace_bytes", "bnb_workspace.dequant_copies"),
     "runtime/quantize_workspace": ("bnb_workspace.quantize_workspace_bytes",),

@@ -74,20 +74,28 @@ def _activation_rows(ctx: Context, missing: list[str]) -> list[Row]:
 
 
 def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:
-    from memplan.memory import bnb_workspace, inference, kv_cache, weight_offload, weights
+    from memplan.memory import bnb_workspace, hf_buffers, inference, kv_cache, weight_offload, weights
 
     rows = ms.place_all(ctx, _weight_buffers(ctx)) + weights.host_rows(ctx) + weight_offload.offload_rows(ctx)
     if ctx.arch.spec.family is Family.PARAMS_ONLY:
         missing.extend(["kv_cache", "activations"])
         return rows
-    return rows + kv_cache.rows(ctx) + inference.rows(ctx) + bnb_workspace.rows(ctx)
+    return rows + hf_buffers.rows(ctx) + kv_cache.rows(ctx) + inference.rows(ctx) + bnb_workspace.rows(ctx)
+
+
+def _model_buffer_rows(ctx: Context) -> list[Row]:
+    """The Hugging Face model's non-persistent buffers (``memory.hf_buffers``); none in the paper's accounting
+    (Megatron-Core's layout, or a paper reproduced)."""
+    from memplan.memory import hf_buffers
+
+    return [] if ctx.cfg.effective_activation_accounting == "paper" else hf_buffers.rows(ctx)
 
 
 def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
     """The job's rows on the reported stage, before the runtime rows, each with its phases."""
     if ctx.cfg.job is Job.INFER:
         return with_phases(ctx, _infer_rows(ctx, missing))
-    return phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
+    return phased_state_rows(ctx) + with_phases(ctx, _model_buffer_rows(ctx) + _activation_rows(ctx, missing))
 
 
 @size_free
