@@ -95,17 +95,18 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
     """The job's rows on the reported stage, before the runtime rows, each with its phases."""
     if ctx.cfg.job is Job.INFER:
         return with_phases(ctx, _infer_rows(ctx, missing))
-    return phased_state_rows(ctx) + with_phases(ctx, _model_buffer_rows(ctx) + _activation_rows(ctx, missing))
+    return phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
 
 
 @size_free
 def phased_state_rows(ctx: Context) -> list[Row]:
-    """A training job's model-state rows plus the optimizer step's temporaries, each with its phases; they do not
-    depend on the micro-batch or the sequence length, and are memoized (``memory.memo.size_free``)."""
+    """A training job's model-state rows plus the optimizer step's temporaries and the model's buffers, each with
+    its phases; they do not depend on the micro-batch or the sequence length, and are memoized
+    (``memory.memo.size_free``)."""
     from memplan.memory import optimizer_step
 
     states = state_rows(ctx)
-    return with_phases(ctx, states + optimizer_step.rows(ctx, states))
+    return with_phases(ctx, states + optimizer_step.rows(ctx, states) + _model_buffer_rows(ctx))
 
 
 def job_phases(cfg: JobConfig) -> tuple[Phase, ...]:
