@@ -50,3 +50,18 @@ def test_buffers_are_replicated_under_fsdp2_and_kept_when_serving_with_transform
 
 def test_megatron_layout_has_no_hf_buffers() -> None:
     assert "weights/model_buffers" not in _rows(STARCODER, engine="megatron", gpus_per_node=8)
+
+
+def test_the_training_ilp_states_include_the_buffers() -> None:
+    """The planner's states factor (``planner.train_phases.phased``) holds the buffers in every phase, as estimate."""
+    from memplan.arch.build import build_architecture
+    from memplan.catalog.schema import HostSpec
+    from memplan.catalog.store import catalog_gpu
+    from memplan.estimator import make_config
+    from memplan.memory.context import Context
+    from memplan.planner import train_phases
+
+    ctx = Context(build_architecture(STARCODER), make_config(None, job="full", micro_batch=1, seq_len=512),
+                  catalog_gpu(GPU), HostSpec())
+    rows = [r for r in train_phases.phased(ctx) if r.component == "weights/model_buffers"]
+    assert [r.bytes for r in rows] == [8192 * 8192] and set(TRAIN_PHASES) <= rows[0].phases
