@@ -87,6 +87,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "weights/hf_buffers": ("hf_legacy.rope_cache_bytes", "hf_legacy.mask_buffer_bytes"),
     "activations/sdpa_backward_workspace": ("sdpa_workspace.backward_workspace_bytes", "sdpa_workspace.num_splits_key",
                                             "sdpa_workspace.delta_bytes"),
+    "weights/model_buffers": ("hf_buffers.causal_bias_bytes", "hf_buffers.sinusoidal_positions_bytes"),
     "activations/hidden_states": ("inference.hidden_states_bytes",),
     "activations/dequant_workspace": ("bnb_workspace.dequant_workspace_bytes", "bnb_workspace.dequant_copies"),
     "runtime/quantize_workspace": ("bnb_workspace.quantize_workspace_bytes",),

@@ -1,6 +1,6 @@
 """FSDP2 ``fully_shard`` measured on two CPU processes (gloo) against memplan's ``--engine fsdp2 --gpus 2`` answer.
 
-One spawn of two processes runs every case (``memplan.measure.fsdp2``): tiny real-layout models of 10 families,
+One spawn of two processes runs every case (``memplan.measure.fsdp2``): tiny real-layout models of 11 families,
 ``fully_shard`` per decoder block and on the root, MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over
 fp32 parameters, and two families in pure bf16. Each rank's measured peak (tensor storages, DTensor parameters
 through their local shards) is compared with memplan's answer (estimate's phase peak, tensors only): within 3%, and
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.measure, pytest.mark.skipif(WHY is not None, reason=f"
 
 WITHIN_PCT = 3.0
 UNDER_PCT = 1.0
-MIXED = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "gpt2", "gpt_neox", "falcon", "olmo2")
+MIXED = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "gpt2", "gpt_neox", "falcon", "olmo2", "gpt_bigcode")
 PURE = ("gemma", "stablelm")
 CASES = [fsdp2.Case(f) for f in MIXED] + [fsdp2.Case(f, mixed=False) for f in PURE]
 

@@ -135,10 +135,24 @@ def _versions(device: str) -> dict[str, Any]:
     return info
 
 
+def _split_buffers(predicted: dict[str, int], components: dict[str, int],
+                   unmodelled: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(components, unmodelled): the measured non-persistent buffers compared exactly where memplan counts them
+    (``memory.hf_buffers``), else shown unbounded (rotary ``inv_freq``: a few hundred bytes memplan leaves out)."""
+    from memplan.measure.run import BUFFERS
+
+    if BUFFERS in predicted:
+        return components, unmodelled
+    rest = {k: v for k, v in components.items() if k != BUFFERS}
+    kept = {BUFFERS: components[BUFFERS]} if components.get(BUFFERS) else {}
+    return rest, {**unmodelled, **kept}
+
+
 def _train_lines(ctx: Context, meas: Any, device: str) -> tuple[list[cmp.Line], dict[str, int]]:
     predicted, runtime = cmp.predicted_components(ctx, device)
-    lines = cmp.state_lines(predicted, meas.components)
-    lines += [cmp.Line(k, None, v, "", "not modelled by memplan") for k, v in meas.unmodelled.items()]
+    components, unmodelled = _split_buffers(predicted, meas.components, meas.unmodelled)
+    lines = cmp.state_lines(predicted, components)
+    lines += [cmp.Line(k, None, v, "", "not modelled by memplan") for k, v in unmodelled.items()]
     saved = cmp.saved_line(predicted, meas.saved["total_bytes"], device)
     if ctx.cfg.recompute is Recompute.OP or (ctx.cfg.recompute_map and Recompute.OP in ctx.cfg.recompute_map):
         saved = cmp.Line(saved.component, saved.predicted, saved.measured, "",

@@ -41,6 +41,8 @@ TOKEN_FLOOR = 3
 """Random token ids start above the special ids (``build.TOKEN_IDS``)."""
 STATE_COMPONENTS = {"exp_avg": "optimizer/adam_m", "exp_avg_sq": "optimizer/adam_v",
                     "momentum_buffer": "optimizer/momentum"}
+BUFFERS = "weights/model_buffers"
+"""The model's non-persistent buffers (outside the state dict): memplan counts the large ones (``memory.hf_buffers``)."""
 UNMODELLED_STATES = {"step": "optimizer/step"}
 """AdamW's per-tensor step counter (a 0-d fp32 tensor; on CUDA it stays on the host unless fused or
 capturable): real bytes memplan does not count."""
@@ -192,7 +194,7 @@ def _params_by_component(model: Any) -> tuple[dict[str, int], list[Any]]:
     """(weights/* bytes, trainable parameters); adapters apart from the frozen base weights.
 
     Persistent buffers (in the state dict, e.g. DeepSeek-V3's ``e_score_correction_bias``) are weights
-    too; non-persistent ones (rotary ``inv_freq``) are not.
+    too; non-persistent ones (rotary ``inv_freq``, GPT-BigCode's causal ``bias``) are ``weights/model_buffers``.
     """
     import torch
 
@@ -203,6 +205,8 @@ def _params_by_component(model: Any) -> tuple[dict[str, int], list[Any]]:
     out = {"weights/params": storage_bytes(base)}
     if adapters:
         out["weights/lora_adapters"] = storage_bytes(adapters)
+    in_state = {id(tensor) for tensor in base}
+    out[BUFFERS] = storage_bytes(b for b in model.buffers() if id(b) not in in_state)
     return out, [p for p in model.parameters() if p.requires_grad]
 
 

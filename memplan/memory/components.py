@@ -74,13 +74,21 @@ def _activation_rows(ctx: Context, missing: list[str]) -> list[Row]:
 
 
 def _infer_rows(ctx: Context, missing: list[str]) -> list[Row]:
-    from memplan.memory import bnb_workspace, inference, kv_cache, weight_offload, weights
+    from memplan.memory import bnb_workspace, hf_buffers, inference, kv_cache, weight_offload, weights
 
     rows = ms.place_all(ctx, _weight_buffers(ctx)) + weights.host_rows(ctx) + weight_offload.offload_rows(ctx)
     if ctx.arch.spec.family is Family.PARAMS_ONLY:
         missing.extend(["kv_cache", "activations"])
         return rows
-    return rows + kv_cache.rows(ctx) + inference.rows(ctx) + bnb_workspace.rows(ctx)
+    return rows + hf_buffers.rows(ctx) + kv_cache.rows(ctx) + inference.rows(ctx) + bnb_workspace.rows(ctx)
+
+
+def _model_buffer_rows(ctx: Context) -> list[Row]:
+    """The Hugging Face model's non-persistent buffers (``memory.hf_buffers``); none in the paper's accounting
+    (Megatron-Core's layout, or a paper reproduced)."""
+    from memplan.memory import hf_buffers
+
+    return [] if ctx.cfg.effective_activation_accounting == "paper" else hf_buffers.rows(ctx)
 
 
 def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
@@ -92,12 +100,13 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
 
 @size_free
 def phased_state_rows(ctx: Context) -> list[Row]:
-    """A training job's model-state rows plus the optimizer step's temporaries, each with its phases; they do not
-    depend on the micro-batch or the sequence length, and are memoized (``memory.memo.size_free``)."""
+    """A training job's model-state rows plus the optimizer step's temporaries and the model's buffers, each with
+    its phases; they do not depend on the micro-batch or the sequence length, and are memoized
+    (``memory.memo.size_free``)."""
     from memplan.memory import optimizer_step
 
     states = state_rows(ctx)
-    return with_phases(ctx, states + optimizer_step.rows(ctx, states))
+    return with_phases(ctx, states + optimizer_step.rows(ctx, states) + _model_buffer_rows(ctx))
 
 
 def job_phases(cfg: JobConfig) -> tuple[Phase, ...]:

@@ -114,6 +114,8 @@ register("activations/cp_exchange", (_F, _BS),
          "(TransformerEngine context_parallel.py, torch context_parallel; memory.context_parallel)")
 register("weights/hf_buffers", ALL, "transformers 4.37-4.40 non-persistent buffers: per-layer rotary cos/sin caches, "
          "4.38 LlamaModel.causal_mask (memory.hf_legacy)")
+register("weights/model_buffers", ALL, "transformers non-persistent buffers: GPTBigCodeModel.bias, GPTJAttention."
+         "embed_positions (memory.hf_buffers)")
 register("activations/hf_causal_mask", _TRAIN_SAVED,
          "transformers 4.38-4.39 LlamaModel._update_causal_mask: the model's 4-D mask, kept by checkpointed layers "
          "until their backward (memory.hf_legacy)")
