@@ -418,5 +418,32 @@ def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[
                 progress(len(chunk))
             yield chunk
         return
-    work = functools.partial(run_chunk, spec, columnar=columnar, spill=spill)
-    yield from pooled(work, runs, workers=workers, progress=progress)
+    work = functools.partial(run_model, spec, columnar=columnar, spill=spill)
+    for chunks in pooled(work, model_units(runs), workers=workers):
+        for chunk in chunks:
+            if progress:
+                progress(len(chunk))
+            yield chunk
+
+
+UNIT_CELLS = 1024
+"""Most cells in one work item of the pool: consecutive runs of one model, up to this many cells."""
+
+
+def model_units(runs: Iterator[list[Cell]]) -> Iterator[list[list[Cell]]]:
+    """Consecutive runs of one model as one work item (up to ``UNIT_CELLS`` cells): a process then builds the
+    model's architecture and size-free memos once for its jobs, not once per job in each process."""
+    unit: list[list[Cell]] = []
+    for todo in runs:
+        if unit and (unit[0][0].model != todo[0].model or sum(map(len, unit)) + len(todo) > UNIT_CELLS):
+            yield unit
+            unit = []
+        unit.append(todo)
+    if unit:
+        yield unit
+
+
+def run_model(spec: SweepSpec, unit: list[list[Cell]], columnar: bool = False,
+              spill: str | None = None) -> list[list[CellResult]]:
+    """``run_chunk`` of each run of a work item (``model_units``), in order."""
+    return [run_chunk(spec, todo, columnar, spill) for todo in unit]
