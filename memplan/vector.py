@@ -342,6 +342,8 @@ class Chunk(list):
     """A run's CellResults without records, and ``frame``: all their rows, columnar, in grid order."""
 
     frame: Any = None
+    part: Any = None
+    """(path, columns, rows) of ``frame`` pickled to a spill folder instead (``run_chunk``'s ``spill``)."""
 
 
 def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
@@ -375,12 +377,18 @@ def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
     return chunk
 
 
-def run_chunk(spec: SweepSpec, todo: list[Cell], columnar: bool = False) -> list[CellResult]:
+def run_chunk(spec: SweepSpec, todo: list[Cell], columnar: bool = False, spill: str | None = None) -> list[CellResult]:
     """The cells of one (model, job), in grid order, group by group (one GPU count each); ``columnar``:
-    a Chunk with the rows as one frame when every group is exact."""
+    a Chunk with the rows as one frame when every group is exact; ``spill`` (a folder): that frame pickled
+    there by the process that built it (``Chunk.part``), so a run's rows never travel between processes nor
+    wait in the caller's window of runs in flight (memory stays one run per process)."""
     if columnar:
         chunk = columnar_chunk(spec, todo)
         if chunk is not None:
+            if spill is not None:
+                from memplan.vector_frame import spill_frame
+
+                chunk.part, chunk.frame = spill_frame(chunk.frame, spill), None
             return chunk
     results = {}
     for count in spec.gpu_counts:
@@ -391,7 +399,7 @@ def run_chunk(spec: SweepSpec, todo: list[Cell], columnar: bool = False) -> list
 
 
 def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[[int], None] | None = None,
-                columnar: bool = False) -> Iterator[list[CellResult]]:
+                columnar: bool = False, spill: str | None = None) -> Iterator[list[CellResult]]:
     """The sweep's results one (model, job) at a time, in the scalar path's grid order (the contract of
     ``grid.iter_results``), vectorized where the checks pass, over ``workers`` processes (at most
     2·workers runs in flight). ``speed`` and grids with a repeated value take the scalar path; ``max-context``
@@ -405,9 +413,37 @@ def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[
     workers = default_workers() if workers is None else workers
     if workers <= 1 or len(spec.models) * len(spec.jobs) < PROCESS_RUNS:
         for todo in runs:
-            chunk = run_chunk(spec, todo, columnar)
+            chunk = run_chunk(spec, todo, columnar, spill)
             if progress:
                 progress(len(chunk))
             yield chunk
         return
-    yield from pooled(functools.partial(run_chunk, spec, columnar=columnar), runs, workers=workers, progress=progress)
+    work = functools.partial(run_model, spec, columnar=columnar, spill=spill)
+    for chunks in pooled(work, model_units(runs), workers=workers):
+        for chunk in chunks:
+            if progress:
+                progress(len(chunk))
+            yield chunk
+
+
+UNIT_CELLS = 1024
+"""Most cells in one work item of the pool: consecutive runs of one model, up to this many cells."""
+
+
+def model_units(runs: Iterator[list[Cell]]) -> Iterator[list[list[Cell]]]:
+    """Consecutive runs of one model as one work item (up to ``UNIT_CELLS`` cells): a process then builds the
+    model's architecture and size-free memos once for its jobs, not once per job in each process."""
+    unit: list[list[Cell]] = []
+    for todo in runs:
+        if unit and (unit[0][0].model != todo[0].model or sum(map(len, unit)) + len(todo) > UNIT_CELLS):
+            yield unit
+            unit = []
+        unit.append(todo)
+    if unit:
+        yield unit
+
+
+def run_model(spec: SweepSpec, unit: list[list[Cell]], columnar: bool = False,
+              spill: str | None = None) -> list[list[CellResult]]:
+    """``run_chunk`` of each run of a work item (``model_units``), in order."""
+    return [run_chunk(spec, todo, columnar, spill) for todo in unit]

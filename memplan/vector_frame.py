@@ -100,3 +100,16 @@ def run_frame(blocks: list[dict[str, Any]]) -> pd.DataFrame:
         else:
             data[col] = typed(col, [v for p in parts for v in (p.tolist() if isinstance(p, np.ndarray) else p)])
     return pd.DataFrame(data, columns=columns, index=pd.RangeIndex(sum(lengths)))
+
+
+def spill_frame(frame: pd.DataFrame, folder: str) -> tuple[str, list[str], int]:
+    """Pickle ``frame`` to a new file in ``folder`` (``report.sweep_stream.Spill`` reads it back):
+    (its path, its columns, its row count)."""
+    import os
+    import pickle
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="run", suffix=".pkl", dir=folder)
+    with os.fdopen(fd, "wb") as fh:
+        pickle.dump(frame, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return path, list(frame.columns), len(frame)

@@ -204,3 +204,20 @@ def test_max_context_shares_estimates_and_equals_the_scalar_search(monkeypatch: 
     assert [r.value for r in fast] == [r.value for r in scalar] and all(r.value for r in fast)
     assert [[list(x.items()) for x in r.records] for r in fast] == [[list(x.items()) for x in r.records] for r in scalar]
     assert shared < len(calls) / 2
+
+
+def test_runs_spilled_by_workers_and_written_in_slices_give_the_scalar_csv(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Any) -> None:
+    """Bounded memory (issue 15): each worker pickles its run's frame into the spill folder itself, and the CSV is
+    formatted a few rows at a time; the bytes are still the scalar records' (a slice boundary inside a run)."""
+    import memplan.report.sweep_stream as sweep_stream
+
+    spec = SweepSpec(models=("qwen2.5-0.5b", "gpt2"), gpus=("t4", "l4"), jobs=(Job.LORA, Job.INFER),
+                     seq_lens=(512, 1024), contexts=(512, 1024), batches=(1, 2, 3), metric="fits")
+    expected = records_to_csv([r for chunk in iter_results(spec, workers=1) for c in chunk for r in c.records])
+    monkeypatch.setattr(sweep_stream, "CSV_SLICE_ROWS", 5)  # 12 rows per run: slices of 5, 5 and 2
+    monkeypatch.setattr(vector, "PROCESS_RUNS", 1)  # 4 runs: one spawned worker builds some of them
+    out = tmp_path / "v.csv"
+    done = sweep_stream.stream(spec, sink=sweep_stream.csv_sink(out), workers=2)
+    assert done.rows == expected.count("\n") - 1
+    assert out.read_text() == expected

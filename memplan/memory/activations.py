@@ -31,7 +31,7 @@ from memplan.memory import bnb_workspace, hf_legacy, sdpa_workspace
 from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
-from memplan.memory.memo import per_layer_class, size_free
+from memplan.memory.memo import canonical_layers, per_layer_class, size_free
 from memplan.units import ceil_div
 
 SRC_BLOCK = "autograd saved tensors of the HF block (activations_block); Korthikanti et al. 2022"
@@ -127,6 +127,21 @@ def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable
                 mode: Recompute, amp_fp32: bool) -> int:
     return sum(term.bytes for term in _block_terms(spec, cfg, layer, tr, counting, amp_fp32)
                if mode is Recompute.NONE or not term.core)
+
+
+def stage_layers_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> int:
+    """Sum of ``layer_micro_bytes`` over the stage's blocks (bytes, one micro-batch): blocks of one class
+    (``memory.memo.canonical_layers``) with equal trained weights and mode keep equal bytes, so each such kind is
+    computed once and counted; ``Recompute.OP`` blocks are summed one by one (``op_layer_bytes`` takes the index)."""
+    classes, trainables = canonical_layers(ctx.arch), _trainables(ctx)
+    kinds: dict[tuple, list[int]] = {}
+    total = 0
+    for i, _ in ctx.layers:
+        if modes[i] is Recompute.OP:
+            total += layer_micro_bytes(ctx, i, modes[i], counting)
+        else:
+            kinds.setdefault((classes[i][0], trainables[i], modes[i]), []).append(i)
+    return total + sum(len(idx) * layer_micro_bytes(ctx, idx[0], modes[idx[0]], counting) for idx in kinds.values())
 
 
 def layer_bytes(ctx: Context, layer_index: int, mode: Recompute) -> int:
@@ -297,7 +312,7 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
     cfg, flight = ctx.cfg, micro_batches_in_flight(ctx)
     modes = layer_modes(ctx)
     ckpt = {i for i, mode in modes.items() if mode is not Recompute.NONE}
-    out = {"activations/layers": flight * sum(layer_micro_bytes(ctx, i, modes[i], counting) for i, _ in ctx.layers)}
+    out = {"activations/layers": flight * stage_layers_bytes(ctx, modes, counting)}
     out["activations/recompute_workspace"] = max(
         (workspace_bytes(ctx, modes[i], {i}, counting) for i in ckpt), default=0)
     out["activations/rotary"] = flight * rotary_table_bytes(ctx, counting)

@@ -35,6 +35,7 @@ from memplan.config import Job, JobConfig
 from memplan.dtypes import Dtype
 from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
+from memplan.memory.memo import size_free
 from memplan.memory.quant import Library, get_format, storage
 from memplan.memory.weights import job_library, layer_format, placed_tensors, quantized_head
 from memplan.units import bits_to_bytes
@@ -59,8 +60,10 @@ class Largest:
         return self.fmt == INT8
 
 
+@size_free
 def _largest(ctx: Context) -> Largest | None:
-    """The largest weight (per tp rank) the job keeps in a bitsandbytes format, or None."""
+    """The largest weight (per tp rank) the job keeps in a bitsandbytes format, or None; size-free, memoized per
+    (architecture, configuration without its sizes, stage) (``memory.memo.size_free``)."""
     cfg = ctx.cfg
     best: Largest | None = None
     layers = len(ctx.arch.layers)

@@ -27,6 +27,8 @@ from memplan.grid import CellResult, SweepResult, SweepSpec, iter_results
 from memplan.report.frame import absent, concat_frames, frame_csv, records_frame
 
 PARTIAL_COLUMN = "partial"
+CSV_SLICE_ROWS = 8192
+"""Rows formatted to CSV text at a time (``Spill.csv_slices``)."""
 
 
 def check_out(path: Path) -> None:
@@ -69,6 +71,13 @@ class Spill:
         self.parts.append(part)
         self.rows += len(frame)
 
+    def add_part(self, part: tuple[str, list[str], int]) -> None:
+        """A frame another process pickled into this folder (``vector_frame.spill_frame``)."""
+        path, columns, rows = part
+        self.columns.update(dict.fromkeys(columns))
+        self.parts.append(Path(path))
+        self.rows += rows
+
     def frames(self, *, partial: bool) -> Iterator[pd.DataFrame]:
         """Each part with every column of the sweep, in order (``partial``: plus the partial column)."""
         cols = list(self.columns)
@@ -79,10 +88,19 @@ class Spill:
             if missing:  # all at once: one concat, not one insert per column (a fragmented frame)
                 filler = pd.DataFrame({col: [value] * len(frame) for col, value in missing.items()}, index=frame.index)
                 frame = pd.concat([frame, filler], axis=1)
-            frame = frame[cols].copy()
+            frame = frame[cols]  # a new frame; the loaded one is freed (one part's copy at a time)
             if partial:
-                frame[PARTIAL_COLUMN] = True
+                frame = frame.assign(**{PARTIAL_COLUMN: True})
             yield frame
+
+    def csv_slices(self, *, partial: bool) -> Iterator[str]:
+        """The CSV text of every part (header first), ``CSV_SLICE_ROWS`` rows at a time: a whole part's text is
+        some 50 MB per 60,000 rows, held twice while pandas joins it."""
+        first = True
+        for frame in self.frames(partial=partial):
+            for start in range(0, max(len(frame), first), CSV_SLICE_ROWS):  # an empty first part: its header
+                yield frame_csv(frame.iloc[start:start + CSV_SLICE_ROWS], header=first)
+                first = False
 
 
 @dataclass
@@ -102,15 +120,17 @@ def stream(spec: SweepSpec, *, sink: Callable[[Spill, bool], None], workers: int
 
     from memplan.vector import iter_vector
 
-    chunks = functools.partial(iter_vector, columnar=True) if vectorized else iter_results
     kept: list[CellResult] = []
     partial = False
     with tempfile.TemporaryDirectory(prefix="memplan-sweep-") as tmp:
+        chunks = functools.partial(iter_vector, columnar=True, spill=tmp) if vectorized else iter_results
         spill = Spill(Path(tmp))
         try:
             for chunk in chunks(spec, workers=workers, progress=progress):
                 frame = getattr(chunk, "frame", None)
-                if frame is not None:
+                if getattr(chunk, "part", None) is not None:
+                    spill.add_part(chunk.part)
+                elif frame is not None:
                     spill.add_frame(frame)
                 else:
                     spill.add([r for c in chunk for r in c.records])
@@ -132,8 +152,8 @@ def csv_sink(path: Path) -> Callable[[Spill, bool], None]:
             with open(path, "w", encoding="utf-8", newline="") as fh:
                 if not spill.parts:
                     return
-                for i, frame in enumerate(spill.frames(partial=partial)):
-                    fh.write(frame_csv(frame, header=i == 0))
+                for text in spill.csv_slices(partial=partial):
+                    fh.write(text)
         except OSError as exc:
             raise MemplanError(f"--out: cannot write {path}: {exc.strerror or exc}.") from None
     return write
@@ -190,8 +210,8 @@ def streamed_run(*, fmt: str, out: Path | None, pivot: bool = False) -> Callable
             csv_sink(out)(spill, partial)
             sys.stderr.write(f"memplan: wrote {spill.rows:,} rows to {out}{' (partial: interrupted)' if partial else ''}\n")
         if fmt == "csv" and not pivot:
-            for i, frame in enumerate(spill.frames(partial=partial)):
-                sys.stdout.write(frame_csv(frame, header=i == 0))
+            for text in spill.csv_slices(partial=partial):
+                sys.stdout.write(text)
             sys.stdout.flush()
 
     def run(spec: SweepSpec, *, workers: int | None = None, progress: Callable[[int], None] | None = None) -> SweepResult:
