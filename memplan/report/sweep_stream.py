@@ -127,9 +127,9 @@ def stream(spec: SweepSpec, *, sink: Callable[[Spill, bool], None], workers: int
         spill = Spill(Path(tmp))
         try:
             for chunk in chunks(spec, workers=workers, progress=progress):
-                frame = getattr(chunk, "frame", None)
-                if getattr(chunk, "part", None) is not None:
-                    spill.add_part(chunk.part)
+                frame, part = getattr(chunk, "frame", None), getattr(chunk, "part", None)
+                if part is not None:
+                    spill.add_part(part)
                 elif frame is not None:
                     spill.add_frame(frame)
                 else:
