@@ -47,6 +47,9 @@ so that whole (N + 2K)-head tensor stays alive; q and k are new tensors after ro
 EAGER_QK_FP32 = frozenset({Family.GPTJ})
 """Eager attention that upcasts q and k before ``q @ k.T`` (``GPTJAttention._attn``: ``query.to(torch.float32)``)."""
 QK_NORM_ALL_HEADS = frozenset({Family.OLMO2})
+POST_NORMS_ONLY = frozenset({Family.OLMO2})
+"""No norm on the block input: both norms read sublayer outputs (``Olmo2DecoderLayer``: post_attention_layernorm,
+post_feedforward_layernorm)."""
 """q/k norms over all heads at once, one row per token (``Olmo2Attention``: ``RMSNorm(N·H)``), not per head."""
 _Q_HEAD_MAJOR = frozenset({Family.PHI3, Family.FALCON})
 """Families whose q reaches attention contiguous as (B, N, S, H) (Phi-3's partial-rotary ``cat``, Falcon's
@@ -235,7 +238,8 @@ def norm_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting, tr: 
     else:
         mlp_in = hidden if tr.trains("gate", "up") else 0
     norms = 4 if spec.family in FOUR_NORMS else 2  # Gemma-2/3's post-norms feed the residual add
-    norms -= 0 if tr.input_grad else 1  # a frozen norm over an input without grad saves nothing
+    if not tr.input_grad and spec.family not in POST_NORMS_ONLY:
+        norms -= 1  # a frozen norm over an input without grad saves nothing
     return [Term("norms", norms * one + attn_in + mlp_in)]
 
 
