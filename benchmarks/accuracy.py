@@ -46,10 +46,6 @@ NO_SDPA = {"gemma2"}
 KNOWN = {
     "deepseek_v3": "DeepSeek-V3's e_score_correction_bias is a buffer in transformers (updated by a rule, not by "
                    "gradients), but memplan gives it a gradient and optimizer states: 8 elements too many here.",
-    "qwen3_moe lora q,v": "with a frozen embedding, layer 0's input does not require grad, so its input RMSNorm "
-                          "(frozen weight) and the adapter-less k path's k_norm save nothing; memplan counts both "
-                          "(50,688 of 1,245,252 bytes here). Layer 1 matches memplan byte for byte. The same "
-                          "first-layer norm is the +1-3% of every LoRA row.",
     "llama eager batch 1": "with one kv head and batch 1, eager attention's batched matmul saves the repeated k/v "
                            "(repeat_kv's stride-0 expand) as views of the one-head tensor; memplan counts copies.",
 }

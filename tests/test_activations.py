@@ -240,19 +240,23 @@ def test_gemma2_soft_capping_and_four_norms() -> None:
 
 def test_lora_frozen_weights_save_no_inputs_but_4bit_ones_do() -> None:
     d, f, r, s = 4096, 14336, 16, 4096
-    full = act.layer_micro_bytes(ctx_for(llama_spec()), 0, Recompute.NONE)
+    full = act.layer_micro_bytes(ctx_for(llama_spec()), 1, Recompute.NONE)
     lora = LoraConfig(rank=r, targets=("q", "v"), dtype=Dtype.BF16)  # bf16 adapters read the base input itself
-    shared = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.LORA, lora=lora), 0, Recompute.NONE)
+    shared = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.LORA, lora=lora), 1, Recompute.NONE)
     # frozen norm weights: no normalized casts (2·2D); frozen gate/up/down: no MLP input (2D), no product (2F);
     # two adapters add their r-wide lora_A outputs
     assert full - shared == s * (2 * 2 * d + 2 * d + 2 * f) - s * 2 * 2 * r
     fp32 = LoraConfig(rank=r, targets=("q", "v"), dtype=Dtype.FP32)  # peft's default autocast_adapter_dtype
-    cast = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.LORA, lora=fp32), 0, Recompute.NONE)
+    cast = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.LORA, lora=fp32), 1, Recompute.NONE)
     assert cast - shared == s * 2 * (4 * (d + r)) - s * 2 * d - s * 2 * 2 * r  # fp32 copies replace the bf16 input
-    qlora = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.QLORA, lora=lora), 0, Recompute.NONE)
+    qlora = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.QLORA, lora=lora), 1, Recompute.NONE)
     # bitsandbytes MatMul4Bit keeps its input when it requires grad (autograd/_functions.py, ctx.tensors = (A, B)):
     # the frozen 4-bit gate/up keep the MLP input (2D), down the product (2F); q/k/v/o's inputs are saved already
     assert qlora - shared == s * (2 * d + 2 * f)
+    # layer 0 reads the frozen embedding's output (no grad): its frozen input RMSNorm saves nothing, the fp32 input
+    # and the fp32 rstd (4D + 4 bytes per token) less; with recompute (peft's enable_input_require_grads) it does
+    first = act.layer_micro_bytes(ctx_for(llama_spec(), job=Job.LORA, lora=lora), 0, Recompute.NONE)
+    assert shared - first == s * (4 * d + 4)
     rows = act.breakdown(ctx_for(llama_spec(), job=Job.LORA, lora=lora))
     assert "activations/embeddings" not in rows  # a frozen embedding lookup saves no ids
     assert rows["activations/final_norm"] == s * (4 * d + 4)  # frozen lm_head: no input, no cast

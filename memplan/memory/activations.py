@@ -188,7 +188,8 @@ def embedding_bytes(ctx: Context, counting: blk.Counting) -> int:
     total = 0
     if cfg.dropout and spec.family is Family.GPT2:
         total += t.dropout_bytes(count=seq * (spec.hidden_size or 0), mask_bits=counting.mask_bits)
-    if spec.family in EMBEDDING_NORMS:  # BLOOM's word_embeddings_layernorm on the embedding output
+    if spec.family in EMBEDDING_NORMS and lora.first_block_input_grad(cfg):  # BLOOM's word_embeddings_layernorm
+        # on the embedding output (a frozen one over a frozen embedding's output saves nothing)
         total += blk.norm_bytes(spec, tokens=seq, width=spec.hidden_size or 0, bits=blk.activation_bits(cfg),
                                 counting=counting)
     if counting.paper or not lora.head_trains(cfg):  # a frozen embedding's lookup saves nothing

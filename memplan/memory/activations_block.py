@@ -47,6 +47,9 @@ so that whole (N + 2K)-head tensor stays alive; q and k are new tensors after ro
 EAGER_QK_FP32 = frozenset({Family.GPTJ})
 """Eager attention that upcasts q and k before ``q @ k.T`` (``GPTJAttention._attn``: ``query.to(torch.float32)``)."""
 QK_NORM_ALL_HEADS = frozenset({Family.OLMO2})
+POST_NORMS_ONLY = frozenset({Family.OLMO2})
+"""No norm on the block input: both norms read sublayer outputs (``Olmo2DecoderLayer``: post_attention_layernorm,
+post_feedforward_layernorm)."""
 """q/k norms over all heads at once, one row per token (``Olmo2Attention``: ``RMSNorm(N·H)``), not per head."""
 _Q_HEAD_MAJOR = frozenset({Family.PHI3, Family.FALCON})
 """Families whose q reaches attention contiguous as (B, N, S, H) (Phi-3's partial-rotary ``cat``, Falcon's
@@ -105,12 +108,22 @@ class Trainable:
     merged_weight_bytes: int = 0
     adapter_mask_width: int = 0
     """Elements per token of the LoRA dropout masks (Σ in_features over the adapted modules; 0 without dropout)."""
+    input_grad: bool = True
+    """Whether the block input requires grad: False for the first block of a LoRA job over a frozen embedding
+    (``activations_lora.block_trainable``), where what reads it through frozen weights saves nothing."""
+    adapted: frozenset[str] = frozenset()
+    """Projections of ordinary linears that carry a LoRA adapter (their output requires grad)."""
 
     def trains(self, *projections: str) -> bool:
         return self.dense is None or bool(self.dense.intersection(projections))
 
     def routed_trains(self, *projections: str) -> bool:
         return self.routed is None or bool(self.routed.intersection(projections))
+
+    def grad_path(self, *projections: str) -> bool:
+        """Whether the outputs of these projections require grad: always, unless the block input does not
+        and none of them trains or carries an adapter (then autograd saves nothing downstream of them)."""
+        return self.input_grad or self.trains(*projections) or bool(self.adapted.intersection(projections))
 
 
 ALL_TRAIN = Trainable()
@@ -206,7 +219,7 @@ def _parallel_norms(spec: ModelSpec, dm: Dims, one: int, hidden: int, tr: Traina
     """
     count = BLOCK_INPUT_NORMS.get(spec.family, spec.parallel_norms)
     shared = t.tensor_bytes(count=dm.seq_tokens * dm.d, bits=dm.bits) if spec.norm == "layernorm" else 0
-    total = one + (count - 1) * (one - min(shared, one))
+    total = one + (count - 1) * (one - min(shared, one)) if tr.input_grad else 0
     if count == 1:
         return Term("norms", total + (hidden if tr.trains("q", "k", "v", "up", "gate") else 0))
     attn_in = hidden if tr.trains("q", "k", "v") else 0
@@ -225,6 +238,8 @@ def norm_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting, tr: 
     else:
         mlp_in = hidden if tr.trains("gate", "up") else 0
     norms = 4 if spec.family in FOUR_NORMS else 2  # Gemma-2/3's post-norms feed the residual add
+    if not tr.input_grad and spec.family not in POST_NORMS_ONLY:
+        norms -= 1  # a frozen norm over an input without grad saves nothing
     return [Term("norms", norms * one + attn_in + mlp_in)]
 
 
@@ -237,6 +252,7 @@ def _qk_norm_terms(spec: ModelSpec, dm: Dims, counting: Counting, tr: Trainable)
         q_rows, k_rows, q_width, k_width = dm.tokens * dm.n, dm.tokens * dm.k, dm.h, dm.h
     q = norm_bytes(spec, tokens=q_rows, width=q_width, bits=dm.bits, counting=counting, weight_trains=tr.norms)
     k = norm_bytes(spec, tokens=k_rows, width=k_width, bits=dm.bits, counting=counting, weight_trains=tr.norms)
+    q, k = (q if tr.grad_path("q") else 0), (k if tr.grad_path("k") else 0)  # an adapter-less path of block 0
     return [Term("attention/qk_norm", q + k)]
 
 

@@ -101,6 +101,8 @@ def mlp_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting, tr: T
     if layer.moe:
         return _moe_terms(spec, layer, dm, counting, tr)
     gated = spec.mlp_gated and spec.family not in NOT_GATED
+    if spec.parallel_attn and not tr.grad_path("gate", "up", "down"):
+        return [Term("mlp", 0)]  # block 0 of a parallel block: the MLP reads the norm of an input without grad
     return [Term("mlp", _dense(spec, tokens=dm.tokens, ffn=dm.f, bits=dm.bits, gated=gated, counting=counting,
                                down_trains=tr.trains("down")))]
 

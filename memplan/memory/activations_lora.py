@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from memplan.arch.parallel import sharded_numel
 from memplan.arch.tensors import Layer, Role, Tensor
-from memplan.config import Job, JobConfig
+from memplan.config import Job, JobConfig, Recompute
 from memplan.memory import peft
 from memplan.memory.activations_block import ALL_TRAIN, Trainable, activation_bits
 from memplan.units import bits_to_bytes
@@ -40,6 +40,7 @@ def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig, layer_ind
     trained weight's input); fp32 adapters on a 16-bit model get their own fp32 copy of it. With
     ``lora.dropout`` > 0 every adapted module saves its own dropout output (peft ``lora.Linear.forward``:
     ``lora_A(dropout(x))``, one ``nn.Dropout`` per module in ``lora_dropout[adapter]``) and its mask.
+    The first block's input does not require grad (``first_block_input_grad``).
     """
     if not adapter_job(cfg):
         return ALL_TRAIN
@@ -50,6 +51,7 @@ def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig, layer_ind
     dense: set[str] = set()
     routed: set[str] = set()
     adapters: list[tuple[int, int]] = []
+    adapted: set[str] = set()
     merged = 0
     for tensor in layer.tensors:
         if not peft.is_targeted(tensor, cfg.lora, spec_family):  # type: ignore[arg-type]
@@ -62,13 +64,29 @@ def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig, layer_ind
                 dense |= names  # the router linear now saves its input
             continue
         rank = peft.adapter_ranks(tensor, cfg.lora)[0]
+        adapted |= names
         if shared_input:
             dense |= names
         adapters.append((0 if shared_input else tensor.shape[1], rank))
         masks += tensor.shape[1] if dropout else 0
     dense |= quantized_inputs(layer, cfg, layer_index)
     return Trainable(norms=False, dense=frozenset(dense), routed=frozenset(routed), adapters=tuple(adapters),
-                     adapter_bits=bits, merged_weight_bytes=merged, adapter_mask_width=masks)
+                     adapter_bits=bits, merged_weight_bytes=merged, adapter_mask_width=masks,
+                     input_grad=layer_index != 0 or first_block_input_grad(cfg), adapted=frozenset(adapted))
+
+
+def first_block_input_grad(cfg: JobConfig) -> bool:
+    """Whether the first block's input requires grad in an adapter job: not when the embedding is frozen and
+    nothing asks for it, so a frozen norm over it, and in a parallel block an adapter-less MLP, save nothing.
+
+    Source: autograd saves an op's inputs only when the op records a backward node (some input requires grad);
+    peft ``PeftModel.__init__`` calls ``enable_input_require_grads`` only for k-bit or gradient-checkpointed
+    models (``_prepare_model_for_gradient_checkpointing``), as ``prepare_model_for_kbit_training`` does for QLoRA.
+    Measured (peft 0.21): Phi's block 0 saves neither its input_layernorm nor its MLP, Llama's no input_layernorm.
+    Assumes: plain LoRA without recompute; QLoRA or any recompute keeps the conservative count.
+    """
+    no_recompute = cfg.recompute is Recompute.NONE and all(m is Recompute.NONE for m in cfg.recompute_map or ())
+    return cfg.job is not Job.LORA or not no_recompute or cfg.effective_activation_accounting == "paper"
 
 
 def quantized_inputs(layer: Layer, cfg: JobConfig, layer_index: int | None = None) -> set[str]:

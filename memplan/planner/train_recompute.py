@@ -31,7 +31,10 @@ def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | N
     arch = setting.arch
     modes = tuple(Recompute(m).value for m in dims["recompute"])
     classes = layer_classes(arch)
-    first = {c: classes.index(c) for c in set(classes)}
+    # each class is evaluated on its last layer: the first block of a LoRA job may save less (its input has no
+    # grad: ``activations_lora.first_block_input_grad``), so it must not stand for the others; counting it like
+    # them only over-counts it, and the exact re-check holds the true bytes
+    first = {c: i for i, c in enumerate(classes)}
     shape_dims = ("tp", "micro_batch", "seq_len")
     per_class: dict[tuple, tuple[dict, dict, dict, dict]] = {}
     for key in product(*(dims[d] for d in shape_dims)):
