@@ -209,14 +209,5 @@ def summary(ctx: Context) -> dict[str, int]:
 def capacity(arch: Architecture, cfg: JobConfig, gpu: GpuSpec, host: HostSpec, field: str) -> int:
     """Exact capacity: concurrent sequences of ``infer.context`` tokens (min(pages // ceil(S / page_size),
     max_running_requests)), or the longest context each of ``micro_batch`` sequences can have."""
-    worst: int | None = None
-    for stage in range(cfg.pp):
-        ctx = Context(arch, cfg, gpu, host, stage_override=stage)
-        p = pool(ctx)
-        if field == "micro_batch":
-            value = p.concurrency(cfg.infer.context) if cfg.infer.context <= context_len(ctx) else 0
-        else:
-            value = p.longest(sequences=cfg.micro_batch, limit=context_len(ctx))
-        worst = value if worst is None else min(worst, value)
-    return worst or 0
+    return vllm.stage_capacity(arch, cfg, gpu, host, field, pool, context_len)
 

@@ -23,8 +23,10 @@ sizing the pool, so their pool is larger by that amount (under 1% of the publish
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec
@@ -361,13 +363,21 @@ def capacity(arch: Architecture, cfg: JobConfig, gpu: GpuSpec, host: HostSpec, f
     min(max_model_len, (blocks // B) × block_size). Source: vllm/v1/core/kv_cache_utils.py
     (``get_max_concurrency_for_kv_cache_config``), vllm/v1/core/sched/scheduler.py (max_num_seqs).
     """
+    return stage_capacity(arch, cfg, gpu, host, field, pool, max_model_len)
+
+
+def stage_capacity(arch: Architecture, cfg: JobConfig, gpu: GpuSpec, host: HostSpec, field: str,
+                   pool_of: Callable[[Context], Any], limit_of: Callable[[Context], int]) -> int:
+    """The smallest capacity over the pipeline stages (each holds its layers' KV pool): concurrent sequences of
+    ``infer.context`` tokens (``field == "micro_batch"``; 0 past the engine's length limit) or the longest
+    context each of ``micro_batch`` sequences can have. ``pool_of``/``limit_of``: the engine's pool and limit."""
     worst: int | None = None
     for stage in range(cfg.pp):
         ctx = Context(arch, cfg, gpu, host, stage_override=stage)
-        p = pool(ctx)
+        p = pool_of(ctx)
         if field == "micro_batch":
-            value = p.concurrency(cfg.infer.context) if cfg.infer.context <= max_model_len(ctx) else 0
+            value = p.concurrency(cfg.infer.context) if cfg.infer.context <= limit_of(ctx) else 0
         else:
-            value = p.longest(sequences=cfg.micro_batch, limit=max_model_len(ctx))
+            value = p.longest(sequences=cfg.micro_batch, limit=limit_of(ctx))
         worst = value if worst is None else min(worst, value)
     return worst or 0

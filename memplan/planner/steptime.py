@@ -124,29 +124,28 @@ _ACTIVE: dict[int, tuple[Layer, int]] = {}
 def _active_params(layer: Layer) -> int:
     """``layer.active_params``, memoized (a sum over its tensors the planner asks for thousands of times); the
     entry keeps the layer and is compared by identity, so a recycled ``id`` never answers for another."""
-    hit = _ACTIVE.get(id(layer))
-    if hit is not None and hit[0] is layer:
-        return hit[1]
-    if len(_ACTIVE) >= 65536:
-        _ACTIVE.clear()
-    value = layer.active_params
-    _ACTIVE[id(layer)] = (layer, value)
-    return value
+    return _memo(_ACTIVE, layer, "active_params")
 
 
 _PARAMS: dict[int, tuple[Layer, int]] = {}
 
 
-def _params(layer: Layer) -> int:
-    """``layer.params``, memoized like ``_active_params`` (each stage's weight re-read sums it per plan row)."""
-    hit = _PARAMS.get(id(layer))
+def _memo(cache: dict[int, tuple[Layer, int]], layer: Layer, attr: str) -> int:
+    """``getattr(layer, attr)`` kept in ``cache`` by the layer's id; the entry keeps the layer and is compared by
+    identity, so a recycled ``id`` never answers for another (cleared when it reaches 65,536 entries)."""
+    hit = cache.get(id(layer))
     if hit is not None and hit[0] is layer:
         return hit[1]
-    if len(_PARAMS) >= 65536:
-        _PARAMS.clear()
-    value = layer.params
-    _PARAMS[id(layer)] = (layer, value)
+    if len(cache) >= 65536:
+        cache.clear()
+    value: int = getattr(layer, attr)
+    cache[id(layer)] = (layer, value)
     return value
+
+
+def _params(layer: Layer) -> int:
+    """``layer.params``, memoized like ``_active_params`` (each stage's weight re-read sums it per plan row)."""
+    return _memo(_PARAMS, layer, "params")
 
 
 def linear_forward_flops(layer: Layer, tokens: int) -> float:
