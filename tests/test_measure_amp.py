@@ -19,7 +19,7 @@ from memplan.arch.build import build_architecture  # noqa: E402
 from memplan.catalog.hf import spec_from_hf_config  # noqa: E402
 from memplan.catalog.schema import HostSpec  # noqa: E402
 from memplan.catalog.store import catalog_gpu  # noqa: E402
-from memplan.config import Job, JobConfig  # noqa: E402
+from memplan.config import Job, JobConfig, Recompute  # noqa: E402
 from memplan.dtypes import Dtype  # noqa: E402
 from memplan.measure import saved_bytes  # noqa: E402
 from memplan.memory import activations as act  # noqa: E402
@@ -49,13 +49,15 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
-def _run(name: str) -> tuple[int, dict[str, Any]]:
+def _run(name: str, *, checkpointing: bool = False) -> tuple[int, dict[str, Any]]:
     cls, kwargs, attn = CASES[name]
     config = getattr(transformers, cls)(**kwargs)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
     model.train()
     ids = torch.randint(3, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
@@ -85,23 +87,9 @@ def test_amp_saved_bytes_match_activations_plus_autocast_copies(name: str) -> No
 
 def test_amp_with_every_layer_checkpointed_keeps_fp32_block_inputs() -> None:
     """HF gradient checkpointing under autocast: each checkpointed layer keeps its input, the fp32 residual stream."""
-    cls, kwargs, attn = CASES["llama"]
-    config = getattr(transformers, cls)(**kwargs)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-        model.gradient_checkpointing_enable()
-    model.train()
-    ids = torch.randint(3, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
-    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
-        warnings.simplefilter("ignore")
-        measured = saved_bytes(model, inputs, labels=ids)["total_bytes"]
-    from memplan.config import Recompute
-
-    ctx = _context("llama", config.to_dict(), recompute=Recompute.FULL)
-    head_cast = 2 * config.vocab_size * config.hidden_size  # the layers' weight casts are made again in backward
+    measured, config = _run("llama", checkpointing=True)
+    ctx = _context("llama", config, recompute=Recompute.FULL)
+    head_cast = 2 * config["vocab_size"] * config["hidden_size"]  # the layers' weight casts are made again in backward
     predicted = act.saved_bytes_estimate(ctx, blk.cpu_counting(16)) + head_cast
     print(f"checkpointed llama: measured {measured} predicted {predicted}")
     assert abs(predicted - measured) / measured < TOLERANCE, (measured, predicted)
