@@ -174,7 +174,7 @@ def rows(ctx: Context) -> list[Row]:
     step = step_bytes(ctx, chunk=chunk, graph_bs=graph_bs) + req_to_token_bytes(p.max_num_seqs, context_len(ctx))
     f = mem_fraction_static(cfg, ctx.gpu)
     pages = p.blocks_per_sequence(cfg.infer.context)
-    demand = cfg.micro_batch * pages * p.block_size * p.token_bytes
+    demand = p.demand_bytes(cfg.micro_batch, cfg.infer.context)
     note = (f"pool {max(p.kv_bytes, 0)} B = {p.tokens} tokens in pages of {p.block_size}; {cfg.micro_batch} × "
             f"{pages} pages used; max concurrency {p.concurrency(cfg.infer.context)} (max_running_requests "
             f"{p.max_num_seqs})")

@@ -215,6 +215,10 @@ class Pool:
         """Blocks one sequence of ``context`` tokens takes: cdiv(S, block_size), or over the hybrid groups."""
         return self.groups.blocks_per_sequence(context, self.block_size)
 
+    def demand_bytes(self, sequences: int, context: int) -> int:
+        """KV bytes ``sequences`` sequences of ``context`` tokens hold: sequences × their blocks × block bytes."""
+        return sequences * self.blocks_per_sequence(context) * self.block_size * self.token_bytes
+
     def longest(self, *, sequences: int, limit: int) -> int:
         """The longest context each of ``sequences`` sequences can have in the pool, at most ``limit``."""
         return vllm_hybrid.longest_sequence(self.groups, blocks=self.blocks // max(sequences, 1),
@@ -313,7 +317,7 @@ def rows(ctx: Context) -> list[Row]:
         raise MemplanError(f"vLLM refuses a {cfg.infer.context}-token sequence above max_model_len {limit}; "
                            "raise max_model_len (up to max_position_embeddings) or shorten the context.")
     per_seq = p.blocks_per_sequence(cfg.infer.context)
-    demand = cfg.micro_batch * per_seq * p.block_size * p.token_bytes
+    demand = p.demand_bytes(cfg.micro_batch, cfg.infer.context)
     pool_note = (f"pool {max(p.kv_bytes, 0)} B = {p.blocks} blocks of {p.block_size} tokens = {p.tokens} tokens; "
                  f"{cfg.micro_batch} × {per_seq} blocks used; max concurrency {p.concurrency(cfg.infer.context)} "
                  f"at {cfg.infer.context} tokens (max_num_seqs {p.max_num_seqs})")
