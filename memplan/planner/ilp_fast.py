@@ -32,13 +32,20 @@ def cheapest_modes(lb: LayerBlock) -> list[str] | None:
     return out
 
 
+def _tables(lb: LayerBlock, phase: str | None) -> list:
+    """The block's GPU tables alive in ``phase`` (None: every phase): its main table where its phases include
+    ``phase``, plus its per-phase tables for that phase."""
+    tables = [lb.gpu] if lb.alive(phase, lb.phases) else []
+    if lb.phase_gpu is not None:
+        tables += [t for ph, t in lb.phase_gpu.items() if phase is None or ph == phase]
+    return tables
+
+
 def _block_units(problem: Problem, lb: LayerBlock, modes: list[str], p: int, s: int, phase: str | None) -> int:
     """GPU units of a block on stage ``s`` in ``phase`` with ``modes`` (``IlpBuilder._block_terms``)."""
     if not lb.stages and p != 1:
         return 0
-    tables = [lb.gpu] if lb.alive(phase, lb.phases) else []
-    if lb.phase_gpu is not None:
-        tables += [t for ph, t in lb.phase_gpu.items() if phase is None or ph == phase]
+    tables = _tables(lb, phase)
     flight = problem.flight(p, s)
     mult = flight if lb.in_flight else 1
     units, work, held = 0, 0, 0
@@ -67,9 +74,7 @@ def _least_block_units(problem: Problem, lb: LayerBlock, p: int, s: int, phase: 
     available mode there, and no workspace (it only adds)."""
     if not lb.stages and p != 1:
         return 0
-    tables = [lb.gpu] if lb.alive(phase, lb.phases) else []
-    if lb.phase_gpu is not None:
-        tables += [t for ph, t in lb.phase_gpu.items() if phase is None or ph == phase]
+    tables = _tables(lb, phase)
     mult = problem.flight(p, s) if lb.in_flight else 1
     units = 0
     for layer, per in enumerate(lb.gpu):
