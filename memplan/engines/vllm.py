@@ -65,13 +65,14 @@ ALLREDUCES_PER_LAYER = 2
 SAMPLER_FP32_COPIES = 3
 """The sampler upcasts logits to fp32 and computes probabilities and log-probabilities, each fp32 over
 rows × V (vllm/model_executor/layers/sampler.py ``Sampler.forward``; v1/sample/sampler.py)."""
-ABSOLUTE_NON_TORCH_RELEASES = ((0, 8, 0), (0, 9, 2))
+ABSOLUTE_NON_TORCH_RELEASES = ((0, 8, 0), (0, 9, 1))
 """[first, end) of the releases whose V1 worker measured non-torch memory on the whole device: after the profile
 run and ``empty_cache``, non_torch = (total − free) − torch allocated (vllm/v1/worker/gpu_worker.py
-``determine_available_memory`` before vllm-project/vllm PR #19312, "[V1] Reuse V0's memory_profiling util", which
-says it "incorrectly counts memory used by other processes as non_torch_allocations"). That count holds the
-CUDA context as well; V0's ``memory_profiling`` (PR #10511) and V1 after #19312 subtract a baseline taken after
-the context was made. V1 became the default engine in 0.8.0."""
+``determine_available_memory`` at v0.8.0 to v0.9.0, before vllm-project/vllm PR #19312, "[V1] Reuse V0's
+memory_profiling util", which says it "incorrectly counts memory used by other processes as non_torch_allocations").
+That count holds the CUDA context as well; V0's ``memory_profiling`` (PR #10511) and V1 from v0.9.1 on (its
+``determine_available_memory`` wraps ``profile_run`` in ``memory_profiling(self.init_snapshot, ...)``, the snapshot
+taken in ``init_device`` after the context was made) subtract that baseline. V1 became the default engine in 0.8.0."""
 SUPPORTED_KV_DTYPES = (Dtype.BF16, Dtype.FP16, Dtype.FP32, Dtype.FP8)
 """``--kv-cache-dtype`` values vLLM accepts: auto (the model dtype) and fp8 (vllm/config/cache.py ``CacheDType``)."""
 
@@ -122,9 +123,12 @@ def counts_context(version: tuple[int, ...] | None) -> bool:
 
 
 def subtracts_cudagraphs(version: tuple[int, ...] | None) -> bool:
-    """Whether the pool is sized after CUDA-graph memory: memplan assumes so for the current profiler (the safe
-    side); releases before PR #19312 captured graphs after the pool was allocated (V1 ``compile_or_warm_up_model``,
-    V0 ``Worker._warm_up_model``), so graph memory lay outside their arithmetic."""
+    """Whether the pool is sized after CUDA-graph memory: memplan assumes so for the current profiler and for
+    releases from ``ABSOLUTE_NON_TORCH_RELEASES[1]`` on (the safe side). The releases before captured graphs after
+    the pool was allocated (V1 ``EngineCore._initialize_kv_caches``: ``determine_available_memory``, then
+    the executor's ``initialize_from_config`` (vllm/v1/executor/abstract.py), which then calls the worker's
+    ``compile_or_warm_up_model`` and so ``capture_model``; V0
+    ``Worker._warm_up_model``), so graph memory lay outside their arithmetic."""
     return version is None or version >= ABSOLUTE_NON_TORCH_RELEASES[1]
 
 
