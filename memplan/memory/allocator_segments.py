@@ -116,8 +116,11 @@ def backward_start_stranded(ctx: Context) -> int:
     Formula: ``logits16_segment_bytes`` + [full recompute on any block] ``layer_segments_bytes`` with the block's
     working set B·S·(D + 3F)·b/8 (``inference.mlp_workspace_bytes``, gated: the normed input and gate, up, act·up of the
     MLP, a lower bound of the LoRA block's, whose adapters add their own B·S·F outputs) and its widest tensor B·S·F·b/8.
-    Applies to a training job's last stage whose loss runs in fp32 over 16-bit logits (``loss_fp32``), on the engines
-    that run the Hugging Face model (not ``megatron``, whose fused cross-entropy keeps no such chain).
+    Applies to a training job's last stage whose loss runs in fp32 over 16-bit logits (``loss_fp32``) in the
+    transformers 4.37-4.40 layouts (``transformers_version``: ``LlamaForCausalLM.forward`` returns ``logits.float()``,
+    so the 16-bit logits are freed before the chain). Current transformers keep the 16-bit logits in the model output
+    and upcast inside ``ForCausalLMLoss``: not covered yet (the floor is not a share of the allocated bytes, which the
+    ILP and the vectorized sweep, ``memplan.vector``, assume of the reserve).
     """
     from memplan.config import Engine, Recompute
     from memplan.memory import activations
@@ -125,8 +128,9 @@ def backward_start_stranded(ctx: Context) -> int:
     from memplan.memory.inference import mlp_workspace_bytes
 
     cfg = ctx.cfg
-    if (not cfg.job.trains or ctx.stage != cfg.pp - 1 or not cfg.loss_fp32 or cfg.effective_engine is Engine.MEGATRON
-            or not activations.modelled(ctx) or cfg.effective_activation_accounting == "paper"):
+    if (not cfg.job.trains or ctx.stage != cfg.pp - 1 or not cfg.loss_fp32 or cfg.transformers_version is None
+            or cfg.effective_engine is Engine.MEGATRON or not activations.modelled(ctx)
+            or cfg.effective_activation_accounting == "paper"):
         return 0
     dm = blk.dims(ctx.arch.spec, cfg)
     vocab = ceil_div(ctx.arch.spec.vocab_size or 0, cfg.tp)
