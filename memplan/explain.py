@@ -37,6 +37,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "gradients/fsdp1_no_sync": ("engine_fsdp1._grad_rows",),
     "gradients/fsdp1_reduce_scatter": ("engine_fsdp1._grad_rows",),
     "runtime/fsdp1_stream_pools": ("engine_fsdp1.pool_rows", "engine_fsdp1.init_high_water"),
+    "runtime/fsdp1_grad_stream_pool": ("engine_fsdp1._grad_pool_rows", "allocator_segments.stream_pool_bytes"),
     "weights/fsdp2_params": ("engine_fsdp2_lora.rows", "engine_fsdp2_lora.unit_bytes"),
     "weights/fsdp_running_unit": ("engine_buffers.fsdp2_rows",),
     "weights/fsdp_kept_all_gather": ("engine_buffers.fsdp2_rows",),

@@ -69,3 +69,7 @@ def test_current_transformers_keep_the_percentage():
     reserve = next(r.bytes for r in est.rows if r.component == "runtime/allocator_reserve")
     allocated = est.peak(Tier.GPU) - reserve
     assert reserve == allocated // 10 + (allocated % 10 > 0)
+
+
+def test_a_stream_pool_books_each_request_rounded_to_512():
+    assert seg.stream_pool_bytes([1, 512, 513, 3 * MIB]) == 512 + 512 + 1024 + 3 * MIB

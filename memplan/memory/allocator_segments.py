@@ -141,3 +141,11 @@ def backward_start_stranded(ctx: Context) -> int:
         total += layer_segments_bytes(working_set=work, largest=ceil_div(dm.tokens * dm.f * dm.bits, 8),
                                       chain_smallest=loss_chain_smallest(batch=dm.b, seq=dm.s, vocab=vocab))
     return total
+
+
+def stream_pool_bytes(requests: list[int]) -> int:
+    """Bytes a stream's pool keeps for ``requests`` alive at once and freed together: Σ ``round_size`` (small requests
+    pack into shared 2 MiB segments, large ones into segments of their own rounded size), the least it reserves.
+    A block is reused only by requests of the stream it was allocated on (``get_free_block`` compares
+    ``stream`` in its ``BlockPool`` key), so these bytes serve no other stream's tensors."""
+    return sum(round_size(n) for n in requests)
