@@ -17,8 +17,11 @@ segments are smaller than all of them:
   ``no_grad`` and frees every intermediate into the cache, each intermediate at most B·S·F wide
   (``layer_segments_bytes``).
 
-``stranded_bytes`` adds them; ``memory.components`` makes the allocator reserve at least the reserved bytes this
-gives at the start of backward. Pure integer arithmetic, no torch.
+``backward_start_stranded`` adds them; ``memory.components`` makes the allocator reserve at least the reserved bytes
+this gives at the start of backward (``reserved_floor``). That is ``torch.cuda.max_memory_reserved`` on a GPU with room
+to spare. Near the capacity it is conservative: a wholly free segment is released when a ``cudaMalloc`` fails
+(``release_cached_blocks``, then the allocation is retried), so only the free parts of segments still in use can
+make a step run out of memory. Pure integer arithmetic, no torch (``backward_start_stranded`` reads the context).
 """
 
 from __future__ import annotations
