@@ -73,3 +73,73 @@ def test_current_transformers_keep_the_percentage():
 
 def test_a_stream_pool_books_each_request_rounded_to_512():
     assert seg.stream_pool_bytes([1, 512, 513, 3 * MIB]) == 512 + 512 + 1024 + 3 * MIB
+
+
+class _Replay:
+    """A best-fit caching allocator written here from CUDACachingAllocator.cpp's large pool: a request takes the
+    smallest free block at least its rounded size (the oldest segment on ties), splits it when more than kSmallSize
+    would remain, else gets a new segment; a freed block merges with free neighbours of its own segment only."""
+
+    def __init__(self) -> None:
+        self.segments: list[list[list]] = []  # each segment: blocks [size, free]
+        self.live: dict[str, int] = {}
+
+    def alloc(self, name: str, nbytes: int) -> None:
+        size = seg.round_size(nbytes)
+        fits = [(b[0], i, j) for i, s in enumerate(self.segments) for j, b in enumerate(s) if b[1] and b[0] >= size]
+        if not fits:
+            self.segments.append([[seg.segment_bytes(nbytes), True]])
+            fits = [(self.segments[-1][0][0], len(self.segments) - 1, 0)]
+        _, i, j = min(fits)
+        block = self.segments[i][j]
+        if block[0] - size > seg.K_SMALL_SIZE:  # should_split for the large pool
+            self.segments[i].insert(j + 1, [block[0] - size, True])
+            block[0] = size
+        block[1] = False
+        self.live[name] = (i, id(block))
+
+    def free(self, name: str) -> None:
+        i, key = self.live.pop(name)
+        s = self.segments[i]
+        j = next(k for k, b in enumerate(s) if id(b) == key)
+        s[j][1] = True
+        merged: list[list] = []
+        for b in s:
+            if merged and merged[-1][1] and b[1]:
+                merged[-1][0] += b[0]
+            else:
+                merged.append(b)
+        s[:] = merged
+
+    def reserved(self) -> int:
+        return sum(b[0] for s in self.segments for b in s)
+
+
+def test_a_replay_of_the_loss_chain_strands_exactly_the_16_bit_logits_segment():
+    """transformers 4.38's loss chain, forward end to the start of backward, three steps (B=8, S=2048, V=32000):
+    at the peak (log_softmax's backward) the only reserved bytes beyond the live ones (up to rounding) are the bf16
+    logits' segment."""
+    b, s, v = 8, 2048, 32000
+    bf16, full, shifted = 2 * b * s * v, 4 * b * s * v, 4 * b * (s - 1) * v
+    a = _Replay()
+    for _ in range(3):
+        a.alloc("logits16", bf16)
+        a.alloc("logits32", full)  # kept in the model output until after the step
+        a.free("logits16")
+        a.alloc("shift", shifted)
+        a.alloc("lsm", shifted)
+        a.free("shift")
+        a.alloc("grad_nll", shifted)
+        a.alloc("grad_lsm", shifted)
+        live = full + 3 * shifted
+        stranded = a.reserved() - live
+        a.free("grad_nll")
+        a.free("lsm")
+        a.alloc("grad_slice", full)
+        a.free("grad_lsm")
+        a.alloc("grad16", bf16)
+        a.free("grad_slice")
+        a.free("grad16")
+        a.free("logits32")
+    expected = seg.logits16_segment_bytes(batch=b, seq=s, vocab=v, bits=16)
+    assert expected <= stranded <= expected + 4 * seg.K_SMALL_SIZE  # four unsplit fp32 blocks round up < 1 MiB each
