@@ -167,3 +167,20 @@ def test_fsdp2_runs_lora_with_per_parameter_shards_and_gradients_only_for_the_ad
     assert got["optimizer/adam_v"] == ceil_div(BF16 * L * ADAPTERS, 2)
     assert rows(lora(engine="fsdp2", engine_config={"fsdp_prefetch": 2}))["weights/fsdp_all_gather"] \
         == BF16 * ROOT + 3 * block
+
+
+def test_post_backward_stream_keeps_the_sharded_gradients_cached_for_forward():
+    """_post_backward_hook reduce-scatters into a shard allocated on the post-backward stream; after zero_grad that
+    block is cached in that stream's pool, which the forward's and the loss's tensors cannot use."""
+    from memplan.memory.breakdown import Phase
+
+    assert "runtime/fsdp1_grad_stream_pool" not in rows(lora())  # no reserve: allocated bytes only
+    est = lora(allocator_reserve_pct=10, engine_config={"use_orig_params": False})
+    # one unit per block's adapters: ceil(2·ADAPTERS/2) bytes each, rounded up to the allocator's 512 B
+    shard = ceil_div(BF16 * ADAPTERS, 2)
+    assert rows(est)["runtime/fsdp1_grad_stream_pool"] == L * ceil_div(shard, 512) * 512
+    row = next(r for r in est.rows if r.component == "runtime/fsdp1_grad_stream_pool")
+    assert row.phases == frozenset({Phase.FORWARD, Phase.BACKWARD_START})  # allocated gradients in the others
+    offload = lora(allocator_reserve_pct=10, engine_config={"use_orig_params": False}, offload_params="cpu",
+                   offload_optimizer="cpu")
+    assert "runtime/fsdp1_grad_stream_pool" not in rows(offload)  # _offload_grad drops the GPU shard at once

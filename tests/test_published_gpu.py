@@ -41,6 +41,9 @@ WITHIN_BAND = (
     "fsdpqlora-mistral7b-v0.2-qlora-offload-ctx24k",
     # transformers 4.38's buffers and masks (memory/hf_legacy.py)
     "fsdpqlora-llama2-7b-lora-ctx2048-bs6", "fsdpqlora-yi34b-qlora-offload-bs4",
+    # max_memory_reserved from the allocator's rules (memory/allocator_segments.py): the post-backward stream's cached
+    # sharded gradients, the 16-bit logits' and a checkpointed block's segments the fp32 loss chain cannot use
+    "fsdpqlora-llama2-7b-qlora-ctx512-bs1", "fsdpqlora-llama2-7b-qlora-ddp-bs8",
 )
 
 

@@ -175,13 +175,28 @@ def stage_rows(ctx: Context) -> tuple[list[Row], list[str]]:
     missing: list[str] = []
     rows = job_rows(ctx, missing)
     allocated = allocated_peak(rows, ctx.cfg)
-    rows += with_phases(ctx, runtime.rows(ctx, other_gpu_bytes=allocated))
+    rows += with_phases(ctx, runtime.rows(ctx, other_gpu_bytes=allocated, reserve_floor=_reserve_floor(ctx, rows,
+                                                                                                     allocated)))
     if ctx.cfg.job.trains and ctx.cfg.effective_engine is Engine.FSDP1:
         from memplan.memory import engine_fsdp1
 
         gathered = sum(r.bytes for r in rows if r.component == "weights/fsdp1_unsharded")
         rows += with_phases(ctx, engine_fsdp1.pool_rows(ctx, allocated_peak=allocated, gathered=gathered))
     return [r for r in rows if r.bytes or r.tier is Tier.GPU], missing
+
+
+def _reserve_floor(ctx: Context, rows: list[Row], allocated: int) -> int:
+    """The allocator reserve the start of backward needs (``allocator_segments``); 0 for serving."""
+    if not ctx.cfg.job.trains:
+        return 0
+    from memplan.memory import allocator_segments as seg
+    from memplan.memory.breakdown import phase_totals
+
+    stranded = seg.backward_start_stranded(ctx)
+    if not stranded:
+        return 0
+    at = phase_totals(rows, Tier.GPU, (Phase.BACKWARD_START,))[Phase.BACKWARD_START]
+    return seg.reserved_floor(allocated_at_phase=at, allocated_peak=allocated, stranded=stranded)
 
 
 def all_rows(ctx: Context) -> tuple[list[Row], list[str], int]:

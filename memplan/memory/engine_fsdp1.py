@@ -330,4 +330,29 @@ def pool_rows(ctx: Context, *, allocated_peak: int, gathered: int) -> list[Row]:
     nbytes = pending + max(0, init - (allocated_peak - gathered))
     return [Row("runtime/fsdp1_stream_pools", Tier.GPU, nbytes, SRC_POOLS,
                 f"pending all-gather buffer {pending} + construction cache above the step's default stream "
-                f"({init} at wrap)")]
+                f"({init} at wrap)"), *_grad_pool_rows(ctx, us)]
+
+
+SRC_GRAD_POOL = ("torch/distributed/fsdp/_runtime_utils.py _post_backward_hook (under _post_backward_stream), "
+                 "_reduce_grad (new_sharded_grad), _accumulate_sharded_grad; c10/cuda/CUDACachingAllocator.cpp "
+                 "get_free_block (per-stream pools)")
+
+
+def _grad_pool_rows(ctx: Context, us: list[Unit]) -> list[Row]:
+    """The post-backward stream's cached sharded gradients, free while forward and the start of backward run.
+
+    Formula: ``allocator_segments.stream_pool_bytes`` over ceil(flat/Nd) of every unit that requires grad; a row of
+    forward and backward_start only (in backward and the step the same bytes are the gradients, allocated).
+    Source: ``SRC_GRAD_POOL``: each shard is allocated on ``_post_backward_stream`` and kept as the gradient until
+    ``zero_grad(set_to_none=True)`` frees it into that stream's pool. Sharded strategies without CPU offload
+    (``_offload_grad`` drops the GPU shard at once) and without ``no_sync`` accumulation (its gradients are the
+    compute stream's).
+    """
+    from memplan.memory.allocator_segments import stream_pool_bytes
+
+    cfg = ctx.cfg
+    if not sharded(cfg) or cfg.offload_params is not Offload.NONE or accumulating_unsharded(cfg):
+        return []
+    shards = [shard_bytes(u.flat_bytes, cfg.dp) for u in us if u.requires_grad]
+    return [Row("runtime/fsdp1_grad_stream_pool", Tier.GPU, stream_pool_bytes(shards), SRC_GRAD_POOL,
+                f"{len(shards)} sharded gradients' blocks cached on the post-backward stream")] if shards else []

@@ -87,6 +87,10 @@ register("weights/fsdp1_unsharded", _TRAIN_SAVED,
 register("gradients/fsdp1_reduce_scatter", (Phase.BACKWARD,), "FSDP1 _runtime_utils.py _reduce_grad: one unit")
 register("gradients/fsdp1_no_sync", TRAIN_PHASES,
          "FSDP1 no_sync(): unsharded gradients kept across the accumulation micro-batches (_post_backward_hook)")
+register("runtime/fsdp1_grad_stream_pool", (_F, _BS),
+         "FSDP1 _post_backward_hook: sharded gradients allocated on the post-backward stream, cached there after "
+         "zero_grad(set_to_none=True) (CUDACachingAllocator per-stream pools); allocated gradients in backward and "
+         "the step")
 register("gradients/ddp_buckets", TRAIN_PHASES, "torch DDP Reducer buckets, allocated at construction")
 register("gradients/main_grad_buffer", TRAIN_PHASES, "Megatron-Core param_and_grad_buffer.py: contiguous, persistent")
 register("gradients/fp32_main_grads", (Phase.OPTIMIZER,), "Megatron fp16: fp32 copy of the grads for the step")

@@ -157,7 +157,7 @@ def safety_margin_bytes(*, capacity_bytes: int, pct: float) -> int:
     return ceil_div(capacity_bytes * share.numerator, share.denominator)
 
 
-def rows(ctx: Context, *, other_gpu_bytes: int) -> list[Row]:
+def rows(ctx: Context, *, other_gpu_bytes: int, reserve_floor: int = 0) -> list[Row]:
     """The runtime rows of the reported GPU: its context, its allocator reserve and, when one is set, the
     safety margin (``safety_margin_bytes``), in bytes.
 
@@ -165,13 +165,19 @@ def rows(ctx: Context, *, other_gpu_bytes: int) -> list[Row]:
     peak, the largest phase total of every other GPU row (``components.allocated_peak``).
     Values come from ``settings``: flags (``cuda_context_bytes``, ``allocator_reserve_pct``; 0 allowed),
     then a calibrated profile, then ``CUDA_CONTEXT_BYTES``/``ROCM_CONTEXT_BYTES`` and ``ALLOCATOR_RESERVE_PCT``.
+    ``reserve_floor``: reserved bytes a known mechanism holds beyond ``other_gpu_bytes``
+    (``allocator_segments.reserved_floor``); the reserve is the larger of it and the percentage (the percentage is
+    the allowance for such mechanisms, so the two are not added); ignored when the reserve is off (pct 0).
     """
     st = settings(ctx.gpu, ctx.cfg)
     reserve = allocator_reserve_bytes(allocated_bytes=other_gpu_bytes, pct=st.reserve_pct)
+    note = f"{st.reserve_note} {st.reserve_pct:g}% of {other_gpu_bytes} bytes allocated at the peak (allocator_reserve_pct)"
+    if st.reserve_pct > 0 and reserve_floor > reserve:
+        reserve, note = reserve_floor, (f"segments the start of backward cannot use (memory.allocator_segments), above "
+                                        f"the {st.reserve_pct:g}% of {other_gpu_bytes} bytes allocated at the peak")
     out = [
         Row("runtime/cuda_context", Tier.GPU, st.context_bytes, st.context_source, f"{st.context_note} (cuda_context_bytes)"),
-        Row("runtime/allocator_reserve", Tier.GPU, reserve, st.reserve_source,
-            f"{st.reserve_note} {st.reserve_pct:g}% of {other_gpu_bytes} bytes allocated at the peak (allocator_reserve_pct)"),
+        Row("runtime/allocator_reserve", Tier.GPU, reserve, st.reserve_source, note),
     ]
     pct = ctx.cfg.safety_margin_pct
     if pct:
