@@ -6,9 +6,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from memplan.cli.groups import OPTS, Opts, quant_name, size_or_none
+from memplan.cli.opts import Opts
 from memplan.config import Job
 from memplan.errors import MemplanError
+from memplan.options import OPTS, quant_name, size_or_none
 
 # -- options -> JobConfig ------------------------------------------------------------------------
 
