@@ -16,7 +16,7 @@ from typing import Any
 from memplan.config import Accounting, Engine, Job, Offload, OptimizerImpl, OptimizerKind, Recompute
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
-from memplan.units import parse_size
+from memplan.units import GiB, KiB, MiB, TiB, parse_size
 
 HARDWARE, JOB, PARALLEL, MEMORY, FINETUNE, INFER, ENGINE, SERVE, PERF, OUTPUT = (
     "Hardware", "Job", "Parallelism and ZeRO", "Memory-saving techniques", "Fine-tuning", "Inference",
@@ -41,6 +41,19 @@ def quant_name(text: str | None) -> str | None:
     return None if text is None or text.lower() in ("none", "bf16", "fp16", "16bit") else text
 
 
+def quant_text(value: str | None) -> str:
+    """A weight format as ``--quant`` reads it back (:func:`quant_name`): None (16-bit weights) is ``none``."""
+    return "none" if value is None else value
+
+
+def size_text(nbytes: int) -> str:
+    """Bytes as a size ``parse_size`` reads back exactly: the largest binary unit that divides them (``512GiB``),
+    else bytes (``1000B``)."""
+    for unit, scale in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if nbytes and nbytes % scale == 0:
+            return f"{nbytes // scale}{unit}"
+    return f"{nbytes}B" if nbytes else "0"
+
 
 @dataclass(frozen=True)
 class Opt:
@@ -60,6 +73,13 @@ class Opt:
     base: str = "first"
     """With ``lists``: what the base JobConfig takes from the choices: ``first``, ``single`` (only when one is
     given) or ``none`` (the search space alone decides)."""
+    infer_dim: str | None = None
+    """The SearchSpace field the option sets in an inference plan, where that differs from ``dim``."""
+    hardware: str | None = None
+    """The plan request's hardware field the option sets (``gpu``: the GPU's catalog name, ``cpu_ram_bytes``,
+    ``nvme_bytes``; ``gpus_per_node``, ``nodes``), as a suggestion's ``hardware.*`` change names it."""
+    text: Callable[[Any], str] | None = None
+    """Writes one value back as the option's text, the inverse of ``convert``/``item`` (default: as typed)."""
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -78,18 +98,21 @@ def _o(flags: str | tuple[str, ...], kind: Any, default: Any, help: str, panel: 
 
 
 OPTS: dict[str, Opt] = {
-    "gpu": _o(("--gpu", "-g"), str, "h100-sxm-80gb", "GPU catalog name or alias (see 'memplan gpus').", HARDWARE),
-    "gpus": _o("--gpus", int, 1, "GPUs per node.", HARDWARE, field="gpus_per_node"),
-    "nodes": _o("--nodes", int, 1, "Number of nodes.", HARDWARE, field="nodes"),
-    "cpu_ram": _o("--cpu-ram", str, None, "CPU RAM per node, e.g. 1TiB (default 1024GiB).", HARDWARE),
-    "nvme": _o("--nvme", str, None, "NVMe capacity per node for offload, e.g. 30TB (default 0).", HARDWARE),
+    "gpu": _o(("--gpu", "-g"), str, "h100-sxm-80gb", "GPU catalog name or alias (see 'memplan gpus').", HARDWARE,
+              hardware="gpu"),
+    "gpus": _o("--gpus", int, 1, "GPUs per node.", HARDWARE, field="gpus_per_node", hardware="gpus_per_node"),
+    "nodes": _o("--nodes", int, 1, "Number of nodes.", HARDWARE, field="nodes", hardware="nodes"),
+    "cpu_ram": _o("--cpu-ram", str, None, "CPU RAM per node, e.g. 1TiB (default 1024GiB).", HARDWARE,
+                  hardware="cpu_ram_bytes", text=size_text),
+    "nvme": _o("--nvme", str, None, "NVMe capacity per node for offload, e.g. 30TB (default 0).", HARDWARE,
+               hardware="nvme_bytes", text=size_text),
     "job": _o(("--job", "-j"), Job, Job.FULL, "pretrain, full, lora, qlora, galore or infer.", JOB, field="job"),
     "engine": _o("--engine", Engine, None, "Engine that runs the job (default: the job's usual engine).", JOB,
                  field="engine", dim="engines", base="single"),
     "dtype": _o("--dtype", Dtype, None, "Weight/compute dtype: fp32, bf16, fp16, fp8 (default bf16; fp16 on a GPU "
                 "without bf16).", JOB, field="dtype"),
     "quant": _o("--quant", str, None, "Weight quantization: int8, nf4, nf4-dq, fp4, gptq-4bit, awq-4bit, q4_k_m, ... "
-                "(none = 16-bit).", JOB, field="quant", dim="quant", item=quant_name, base="single"),
+                "(none = 16-bit).", JOB, field="quant", dim="quant", item=quant_name, base="single", text=quant_text),
     "quant_map": _o("--quant-map", str, None, "Per-layer weight formats, e.g. 0-39=int8,40-79=nf4 (none = 16-bit); "
                     "every layer once.", JOB),
     "bnb_integration": _o("--bnb-integration", str, None, "Who builds the bitsandbytes layers: transformers (default) "
@@ -101,7 +124,7 @@ OPTS: dict[str, Opt] = {
                          "training).", JOB, field="master_weights"),
     "grad_dtype": _o("--grad-dtype", Dtype, None, "Gradient dtype (default: the weights' dtype).", JOB, field="grad_dtype"),
     "batch": _o(("--batch", "-b"), int, 1, "Micro-batch size per GPU (inference: concurrent sequences).", JOB,
-                field="micro_batch", dim="micro_batch"),
+                field="micro_batch", dim="micro_batch", infer_dim="batch"),
     "global_batch": _o("--global-batch", int, None, "Sequences per optimizer step.", JOB, dim="global_batch"),
     "global_batch_tokens": _o("--global-batch-tokens", int, None, "Tokens per optimizer step the plans are compared at "
                               "(default: 4,194,304 pre-training, 131,072 fine-tuning); or --global-batch.", JOB,
@@ -154,7 +177,7 @@ OPTS: dict[str, Opt] = {
     "activation_accounting": _o("--activation-accounting", str, "autograd", "autograd (what PyTorch saves) or paper "
                                 "(Korthikanti et al. 2022).", MEMORY, field="activation_accounting"),
     "cuda_context": _o("--cuda-context", str, None, "CUDA context size, e.g. 512MiB.", MEMORY, field="cuda_context_bytes",
-                       convert=lambda t: size_or_none(t, "--cuda-context")),
+                       convert=lambda t: size_or_none(t, "--cuda-context"), text=size_text),
     "allocator_reserve": _o("--allocator-reserve", float, None, "Allocator reserve, % of allocated bytes (default: the "
                             "GPU profile's, else the catalog's).", MEMORY, field="allocator_reserve_pct"),
     "safety_margin": _o("--safety-margin", float, 0.0, "Keep this % of each GPU's memory free, shown as the row "

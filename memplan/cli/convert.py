@@ -118,8 +118,8 @@ def search_space(opts: Opts) -> Any:
         if dim is None:
             continue
         value = choices(opts, name) if name in opts.lists else opts[name]
-        if name == "batch" and infer:
-            dim = "batch"
+        if infer and OPTS[name].infer_dim:
+            dim = OPTS[name].infer_dim
         if name == "context" and not infer:
             continue
         data[dim] = value
