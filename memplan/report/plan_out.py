@@ -98,9 +98,10 @@ def suggestion_lines(s: dict[str, Any]) -> str:
 
 
 def _choice(c: Candidate) -> str:
-    """The configuration in one line, the engine that runs it first."""
+    """The configuration in one line, the engine that runs it last (fields are only ever added at the end: ``check``'s
+    JSON carries this line as ``configuration``)."""
     cfg = c.config
-    parts = [f"engine={cfg.effective_engine.value}", f"tp={cfg.tp}", f"pp={cfg.pp}", f"dp={cfg.batch_dp}"]
+    parts = [f"tp={cfg.tp}", f"pp={cfg.pp}", f"dp={cfg.batch_dp}"]
     parts += [f"ep={cfg.ep}"] if cfg.ep > 1 else []
     parts += [f"cp={cfg.cp} ({cfg.cp_comm.value})"] if cfg.cp > 1 else []
     if cfg.job.trains:
@@ -112,7 +113,7 @@ def _choice(c: Candidate) -> str:
                   f"kv={sized_kv_dtype(cfg).value}"]
     if cfg.quant:
         parts.append(f"quant={cfg.quant}")
-    return " ".join(parts)
+    return " ".join([*parts, f"engine={cfg.effective_engine.value}"])
 
 
 def render_plan(result: PlanResult, console: Any) -> None:
