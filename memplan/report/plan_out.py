@@ -116,6 +116,12 @@ def _choice(c: Candidate) -> str:
     return " ".join([*parts, f"engine={cfg.effective_engine.value}"])
 
 
+def choice_line(c: Candidate) -> str:
+    """The configuration line with its per-layer map, as the ranked alternatives show it (and the CSV's
+    ``configuration`` column: the one place a CSV row names the engine memplan chose)."""
+    return _choice(c) + (f"; {c.layer_map}" if c.layer_map else "")
+
+
 def render_plan(result: PlanResult, console: Any) -> None:
     from memplan.report.table import Table, folded, render_estimate
 
@@ -166,6 +172,6 @@ def render_plan(result: PlanResult, console: Any) -> None:
         for i, c in enumerate(result.candidates, 1):
             from memplan.memory.breakdown import Tier
 
-            table.add_row(str(i), _choice(c) + (f"; {c.layer_map}" if c.layer_map else ""),
+            table.add_row(str(i), choice_line(c),
                           f"{c.estimate.peak(Tier.GPU) / GiB:,.2f} GiB", f"{c.tokens_per_s:,.0f}")
         console.print(table)
