@@ -213,6 +213,7 @@ class Suggestion:
 
     change: str
     flags: str
+    """The ``plan`` options that make the change, written from ``extra["changes"]`` (``memplan.report.flags``)."""
     verified: bool
     gpu_total_bytes: int | None = None
     tokens_per_s: float | None = None

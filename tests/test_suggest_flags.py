@@ -67,7 +67,7 @@ def test_each_suggestion_renders_to_flags_that_make_the_same_request(monkeypatch
     req = cli_request(monkeypatch, *JOB_ARGS[job])
     assert kind.applies(req)
     changes = kind.changes(req, SAMPLES.get(kind.name))
-    shown = {k: suggest._plain(v) for k, v in changes.items()}  # what the planner hands the report (JSON values)
+    shown = {k: suggest.json_value(v) for k, v in changes.items()}  # what the planner hands the report (JSON values)
     flags = render_flags(shown)
     expected = request_fields(apply(req, changes))
     assert expected != request_fields(req), f"{kind.name}: the change changes nothing"
@@ -87,7 +87,7 @@ def test_the_zero_offload_flags_give_the_ranges_the_re_solve_searched():
     """The suggestion verified ZeRO 1-3 with optimizer states and parameters each on or off the CPU; its flags say
     so, rather than one setting the re-solve did not pin."""
     kind = next(k for k in suggest.KINDS if k.name == "zero_offload")
-    changes = {k: suggest._plain(v) for k, v in kind.changes(None, None).items()}
+    changes = {k: suggest.json_value(v) for k, v in kind.changes(None, None).items()}
     assert flag_options(changes) == ["--zero 1,2,3", "--offload-optimizer none,cpu", "--offload-params none,cpu"]
 
 
@@ -116,3 +116,22 @@ def test_values_are_written_as_the_options_read_them(changes, flags):
 @pytest.mark.parametrize("nbytes", [0, 1000, 3 * 2**39, 512 * GiB, 2**40, 1536 * 2**20 + 1])
 def test_size_text_reads_back_exactly(nbytes):
     assert parse_size(size_text(nbytes)) == nbytes
+
+
+@pytest.mark.parametrize("args", [
+    ("llama-3.1-8b", "--gpu", "t4", "--job", "full", "--zero", "0", "--offload-optimizer", "none",
+     "--offload-params", "none", "--top", "1"),
+    ("qwen2.5-0.5b", "--gpu", "t4", "--job", "infer", "--context", "131072", "--batch", "64", "--top", "1"),
+], ids=["full-8b-t4", "infer-0.5b-t4"])
+def test_each_suggestion_s_flags_make_the_plan_it_verified(runner, args):
+    """End to end: an infeasible plan's suggestions, their flags added to the same command, each give a plan that
+    fits, the very plan the suggestion's re-solve found (same GPU memory and speed)."""
+    from conftest import cli_json
+
+    doc = cli_json(runner, "plan", *args, code=1)
+    assert doc["suggestions"]
+    for s in doc["suggestions"]:
+        fixed = cli_json(runner, "plan", *args, *s["flags"].split())
+        assert fixed["status"] == "optimal", s["flags"]
+        assert fixed["best"]["memory"]["gpu"]["peak_bytes"] == s["gpu_total_bytes"], s["flags"]
+        assert fixed["best"]["tokens_per_s"] == pytest.approx(s["tokens_per_s"], rel=1e-6), s["flags"]

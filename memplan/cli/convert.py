@@ -114,12 +114,11 @@ def search_space(opts: Opts) -> Any:
     infer = opts.get("job") is Job.INFER
     data: dict[str, Any] = {}
     for name in opts:
-        dim = OPTS[name].dim
-        if dim is None:
+        opt = OPTS[name]
+        if opt.dim is None:
             continue
         value = choices(opts, name) if name in opts.lists else opts[name]
-        if infer and OPTS[name].infer_dim:
-            dim = OPTS[name].infer_dim
+        dim = opt.infer_dim if infer and opt.infer_dim else opt.dim
         if name == "context" and not infer:
             continue
         data[dim] = value

@@ -40,10 +40,10 @@ def _fits(solve: Solve, req: PlanRequest) -> Any:
     return result.best
 
 
-def _plain(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """A JSON value of a request field: an enum's value, a tuple as a list, a model as its fields."""
     if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
+        return [json_value(v) for v in value]
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json", exclude_defaults=True)
     return getattr(value, "value", value)
@@ -54,7 +54,7 @@ def _entry(change: str, best: Any, changes: dict[str, Any]) -> dict[str, Any]:
     ``config.*``, ``space.*`` or ``hardware.*``, and their new values; the report renders them as flags)."""
     return {"change": change, "verified": True,
             "gpu_total_bytes": best.estimate.peak(Tier.GPU), "tokens_per_s": round(best.tokens_per_s, 3),
-            "changes": {k: _plain(v) for k, v in changes.items()}}
+            "changes": {k: json_value(v) for k, v in changes.items()}}
 
 
 def _verified(solve: Solve, req: PlanRequest, changes: dict[str, Any]) -> Any:
@@ -167,7 +167,8 @@ def _shape_changes(req: PlanRequest, value: int) -> dict[str, Any]:
 def _smaller_shape(solve: Solve, req: PlanRequest) -> Found:
     """The longest sequence (context) that fits at micro-batch 1 (a max-context re-solve), verified by solving
     the request at that length."""
-    space = SearchSpace.model_validate({**req.space.model_dump(), "micro_batch": (1,), "batch": (1,)})
+    dim = "micro_batch" if req.base.job.trains else "batch"  # a plan rejects the other job's dimension
+    space = SearchSpace.model_validate({**req.space.model_dump(), dim: (1,)})
     longest = _fits(solve, replace(req, space=space, objective=Objective.MAX_CONTEXT))
     if longest is None:
         return None
