@@ -6,7 +6,7 @@ from typing import Any
 
 from memplan.memory.kv_cache import sized_kv_dtype
 from memplan.planner.plan import Candidate, PlanResult
-from memplan.report.flags import render_flags
+from memplan.report.flags import flag_options, render_flags
 from memplan.report.json_out import SCHEMA_VERSION, estimate_dict
 from memplan.units import GiB
 
@@ -85,7 +85,6 @@ def suggestion_dict(s: dict[str, Any]) -> dict[str, Any]:
 def suggestion_lines(s: dict[str, Any]) -> str:
     """One suggestion for people, folded to ``PIPE_WIDTH``: the change, its flags (folded between options, never
     inside one), and the verified plan's GPU memory and speed."""
-    from memplan.report.flags import flag_options
     from memplan.report.table import PIPE_WIDTH, folded
 
     lines = ["   "]
@@ -125,10 +124,13 @@ def choice_line(c: Candidate) -> str:
 def render_plan(result: PlanResult, console: Any) -> None:
     from memplan.report.table import Table, folded, render_estimate
 
+    def say(text: str) -> None:
+        console.print(folded(text))
+
     if result.best is None:
         console.print("[red]INFEASIBLE[/red]: no configuration in the search space fits.")
         if result.binding:
-            console.print(folded(f"Binding constraint: {result.binding}."))
+            say(f"Binding constraint: {result.binding}.")
         if result.suggestions:
             console.print("Smallest changes that fit, each verified by a re-solve:")
             for s in result.suggestions:
@@ -138,31 +140,31 @@ def render_plan(result: PlanResult, console: Any) -> None:
     line = folded(f"Best plan ({result.objective.value}, solver: {result.solver_status}): {_choice(best)}")
     console.print(line.replace("Best plan", "[bold]Best plan[/bold]", 1))
     if best.layer_map:
-        console.print(f"Per-layer: {best.layer_map}")
+        say(f"Per-layer: {best.layer_map}")
     if best.config.perf.virtual_stages > 1 and best.config.pp == 1:
-        console.print(f"Interleaving (--virtual-stages {best.config.perf.virtual_stages}) applies to plans with pp > 1; "
-                      "this plan has pp = 1, so nothing is interleaved.")
+        say(f"Interleaving (--virtual-stages {best.config.perf.virtual_stages}) applies to plans with pp > 1; "
+            "this plan has pp = 1, so nothing is interleaved.")
     if "deepspeed_ratio" in best.extras:
-        console.print(f"DeepSpeed: zero_optimization.sub_group_size {best.extras['deepspeed_sub_group_size']:,}, "
-                      f"offload_optimizer.ratio {best.extras['deepspeed_ratio']:.4f} "
-                      "(keeps at most these layers' states on the GPU).")
+        say(f"DeepSpeed: zero_optimization.sub_group_size {best.extras['deepspeed_sub_group_size']:,}, "
+            f"offload_optimizer.ratio {best.extras['deepspeed_ratio']:.4f} "
+            "(keeps at most these layers' states on the GPU).")
     if "weights_sqnr_db" in best.extras:
         sqnr = best.extras["weights_sqnr_db"]
-        console.print("Weight quantization: none (every weight in 16 bits)." if sqnr is None else
-                      f"Weight quantization: SQNR {sqnr:.2f} dB (relative MSE {best.extras['weights_relative_mse']:.3g}, "
-                      "Gaussian round-to-nearest proxy).")
+        say("Weight quantization: none (every weight in 16 bits)." if sqnr is None else
+            f"Weight quantization: SQNR {sqnr:.2f} dB (relative MSE {best.extras['weights_relative_mse']:.3g}, "
+            "Gaussian round-to-nearest proxy).")
     if "tpot_s" in best.extras:
         x = best.extras
-        console.print(f"Serving: TTFT {x['ttft_s'] * 1e3:,.1f} ms, TPOT {x['tpot_s'] * 1e3:,.2f} ms, "
-                      f"{x['tokens_per_s_replica']:,.0f} tokens/s per replica × {x['replicas']} replicas.")
-    console.print(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
+        say(f"Serving: TTFT {x['ttft_s'] * 1e3:,.1f} ms, TPOT {x['tpot_s'] * 1e3:,.2f} ms, "
+            f"{x['tokens_per_s_replica']:,.0f} tokens/s per replica × {x['replicas']} replicas.")
+    say(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
     cost = plan_cost(best)
     if cost is not None:
         per_m = cost["usd_per_m_trained_tokens"] if best.config.job.trains else cost["usd_per_m_served_tokens"]
-        console.print(f"Cost: ${cost['usd_per_hour']:,.2f} per hour ({best.config.world_size} GPUs at "
-                      f"${cost['usd_per_gpu_hour']:,.2f}), ${cost['usd_per_step']:,.4f} per step"
-                      + (f", ${per_m:,.4f} per 1M {'trained' if best.config.job.trains else 'served'} tokens."
-                         if per_m is not None else "."))
+        say(f"Cost: ${cost['usd_per_hour']:,.2f} per hour ({best.config.world_size} GPUs at "
+            f"${cost['usd_per_gpu_hour']:,.2f}), ${cost['usd_per_step']:,.4f} per step"
+            + (f", ${per_m:,.4f} per 1M {'trained' if best.config.job.trains else 'served'} tokens."
+               if per_m is not None else "."))
     render_estimate(best.estimate, console)
     if len(result.candidates) > 1:
         table = Table(title="Ranked alternatives", title_justify="left")
