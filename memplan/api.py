@@ -213,6 +213,7 @@ class Suggestion:
 
     change: str
     flags: str
+    """The ``plan`` options that make the change, written from ``extra["changes"]`` (``memplan.report.flags``)."""
     verified: bool
     gpu_total_bytes: int | None = None
     tokens_per_s: float | None = None
@@ -300,9 +301,12 @@ def wrap_plan(result: PlanResult, price: float | None) -> Plan:
         return PlanOption(c.config, Estimate(c.estimate, price), c.step_time_s, c.tokens_per_s, c.layer_map,
                           cost_of(price, c.config, c.step_time_s, c.tokens_per_s), dict(c.extras))
 
+    from memplan.report.plan_out import suggestion_dict
+
     known = set(Suggestion.__dataclass_fields__) - {"extra"}
     suggestions = tuple(Suggestion(**{k: v for k, v in s.items() if k in known},
-                                   extra={k: v for k, v in s.items() if k not in known}) for s in result.suggestions)
+                                   extra={k: v for k, v in s.items() if k not in known})
+                        for s in map(suggestion_dict, result.suggestions))
     options = [option(c) for c in result.candidates]
     return Plan(PlanStatus(result.status), options[0] if options else None, tuple(options[1:]), suggestions,
                 result.binding, tuple(result.excluded), result.solver_status, result)

@@ -145,8 +145,8 @@ def test_a_terminal_table_folds_long_names_at_80_columns() -> None:
 
 def test_every_option_maps_to_a_real_field() -> None:
     """Each declared option's JobConfig field and SearchSpace dimension exists (the one mapping is not stale)."""
-    from memplan.cli.groups import GROUPS, OPTS
     from memplan.config import JobConfig
+    from memplan.options import GROUPS, OPTS
     from memplan.planner.space import SearchSpace
 
     for name, opt in OPTS.items():
@@ -165,7 +165,7 @@ def test_engine_reaches_the_config_and_the_search_space() -> None:
     import json
 
     from memplan.cli.convert import search_space
-    from memplan.cli.groups import Opts
+    from memplan.cli.opts import Opts
 
     result = RUNNER.invoke(app, ["estimate", "gpt2", "--gpu", "t4", "--job", "infer", "--engine", "vllm", "--context", "512",
                                  "-f", "json"])

@@ -153,7 +153,7 @@ def test_qlora_fits_llama65b_on_48gb_and_16bit_lora_does_not(runner):
     assert q["best"]["memory"]["gpu"]["peak_bytes"] <= q["best"]["memory"]["gpu"]["capacity_bytes"]
     lora = cli_json(runner, "plan", *common, "--job", "lora", code=1)
     assert lora["status"] == "infeasible"
-    assert any(s["flags"] == "--job qlora" for s in lora["suggestions"])
+    assert any(s["flags"] == "--job qlora --quant nf4-dq" for s in lora["suggestions"])
 
 
 def test_galore_8bit_fits_llama7b_pretraining_on_rtx4090(runner):

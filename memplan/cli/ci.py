@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import OUTPUT
 from memplan.errors import MemplanError
+from memplan.options import OUTPUT
 
 app = command_app()
 RECIPE_SUFFIXES = (".yaml", ".yml")

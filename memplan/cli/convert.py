@@ -6,9 +6,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from memplan.cli.groups import OPTS, Opts, quant_name, size_or_none
+from memplan.cli.opts import Opts
 from memplan.config import Job
 from memplan.errors import MemplanError
+from memplan.options import OPTS, quant_name, size_or_none
 
 # -- options -> JobConfig ------------------------------------------------------------------------
 
@@ -113,12 +114,11 @@ def search_space(opts: Opts) -> Any:
     infer = opts.get("job") is Job.INFER
     data: dict[str, Any] = {}
     for name in opts:
-        dim = OPTS[name].dim
-        if dim is None:
+        opt = OPTS[name]
+        if opt.dim is None:
             continue
         value = choices(opts, name) if name in opts.lists else opts[name]
-        if name == "batch" and infer:
-            dim = "batch"
+        dim = opt.infer_dim if infer and opt.infer_dim else opt.dim
         if name == "context" and not infer:
             continue
         data[dim] = value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memplan.cli.convert import host, model_and_config
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import Model, Opts, options
+from memplan.cli.opts import Model, Opts, options
 
 app = command_app()
 

@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import Contains, Opts, options, size_or_none
+from memplan.cli.opts import Contains, Opts, options
+from memplan.options import size_or_none
 
 app = command_app()
 MinMemory = Annotated[str | None, typer.Option("--min-memory", help="Only GPUs with at least this memory, e.g. 40GiB.")]

@@ -13,8 +13,9 @@ import typer
 
 from memplan.cli.convert import host, job_config
 from memplan.cli.core import Command, command_app, handled, require_extra
-from memplan.cli.groups import OUTPUT, Model, Opts, options
+from memplan.cli.opts import Model, Opts, options
 from memplan.errors import MemplanError
+from memplan.options import OUTPUT
 
 app = command_app()
 X = "Measurement"

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import Contains, Opts, options
+from memplan.cli.opts import Contains, Opts, options
 
 app = command_app()
 

@@ -8,7 +8,8 @@ import typer
 
 from memplan.cli.convert import host, job_config, search_space
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import OUTPUT, Model, Opts, options
+from memplan.cli.opts import Model, Opts, options
+from memplan.options import OUTPUT
 
 app = command_app()
 DIMENSIONS = ("engine", "quant", "optimizer", "batch", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",

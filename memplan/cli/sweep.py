@@ -9,8 +9,9 @@ import typer
 
 from memplan.cli.convert import host, job_config, sweep_report
 from memplan.cli.core import Command, command_app, handled
-from memplan.cli.groups import OUTPUT, PARALLEL, Opts, options
+from memplan.cli.opts import Opts, options
 from memplan.errors import MemplanError
+from memplan.options import OUTPUT, PARALLEL
 
 app = command_app()
 G = "Grid"

@@ -4,7 +4,7 @@ ranking of verified plans, the per-layer map text and the time left of a request
 
 The planner's modules import one way: these types → the ILP (``ilp_model``, ``ilp_layers``, ``ilp``,
 ``ilp_search``) → the solve / exact re-check / cut loop (``recheck``) → the training and inference spaces
-(``train*``, ``infer*``) → suggestions (``suggest``) → ``plan`` (a test checks the graph has no cycle).
+(``train*``, ``infer*``) → suggestions (``change``, ``suggest``) → ``plan`` (a test checks the graph has no cycle).
 """
 
 from __future__ import annotations

@@ -1,17 +1,24 @@
 """When nothing fits: which constraint binds and by how much, and the smallest changes that make
-it fit, each verified by an actual re-solve (never guessed)."""
+it fit, each verified by an actual re-solve (never guessed).
+
+A suggestion is a request change as data (``changes``: ``config.*``, ``space.*`` and ``hardware.*`` paths and their
+new values); ``change.apply`` makes that change, and the re-solve that verifies it solves exactly that request. The
+planner writes no command line: the report renders ``changes`` as flags (``memplan.report.flags``). ``KINDS`` lists
+every kind of suggestion, so a test can check that each one's change renders to flags the CLI reads back."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from memplan.catalog.store import all_gpus
-from memplan.config import Job, JobConfig, Offload, OptimizerKind, retarget
+from memplan.config import Job, Offload, OptimizerKind
 from memplan.errors import MemplanError
 from memplan.estimator import estimate
 from memplan.memory.breakdown import Tier
+from memplan.memory.quant import QLORA_DEFAULT
+from memplan.planner.change import apply
 from memplan.planner.request import PlanRequest, PlanResult
 from memplan.planner.space import Objective, SearchSpace
 from memplan.units import GiB
@@ -33,22 +40,30 @@ def _fits(solve: Solve, req: PlanRequest) -> Any:
     return result.best
 
 
-def _plain(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """A JSON value of a request field: an enum's value, a tuple as a list, a model as its fields."""
     if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
+        return [json_value(v) for v in value]
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json", exclude_defaults=True)
     return getattr(value, "value", value)
 
 
-def _entry(change: str, flags: str, best: Any, changes: dict[str, Any]) -> dict[str, Any]:
-    """One verified suggestion: the change in words, as data (``changes``: the request's fields, ``config.*``,
-    ``space.*`` or ``hardware.*``, and their new values; the report and tools read these) and as the command
-    line options that make it (``flags``)."""
-    return {"change": change, "flags": flags, "verified": True,
+def _entry(change: str, best: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    """One verified suggestion: the change in words and as data (``changes``: the request's fields,
+    ``config.*``, ``space.*`` or ``hardware.*``, and their new values; the report renders them as flags)."""
+    return {"change": change, "verified": True,
             "gpu_total_bytes": best.estimate.peak(Tier.GPU), "tokens_per_s": round(best.tokens_per_s, 3),
-            "changes": {k: _plain(v) for k, v in changes.items()}}
+            "changes": {k: json_value(v) for k, v in changes.items()}}
+
+
+def _verified(solve: Solve, req: PlanRequest, changes: dict[str, Any]) -> Any:
+    """The best plan of the changed request (re-solved), or None when the change is invalid or nothing fits."""
+    try:
+        changed = apply(req, changes)
+    except (ValueError, MemplanError):
+        return None
+    return _fits(solve, changed)
 
 
 UNLIMITED_MIB = 2**39
@@ -89,13 +104,34 @@ def scale_steps(gpn: int, nodes: int) -> list[tuple[int, int]]:
     return out
 
 
-def more_gpus(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
+Found = tuple[Any, Any] | None
+"""A searched kind's value and the verified best plan at it, or None when none fits."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of suggestion: whether it is tried for a request (``applies``), its request change for a value
+    (``changes``; kinds without ``find`` take value None), and its label given the verified best plan. ``find``
+    searches the value (how many GPUs, how long a sequence) and verifies it by re-solving ``changes`` at it."""
+
+    name: str
+    applies: Callable[[PlanRequest], bool]
+    changes: Callable[[PlanRequest, Any], dict[str, Any]]
+    label: Callable[[PlanRequest, Any, Any], str]
+    find: Callable[[Solve, PlanRequest], Found] | None = None
+
+
+def _gpus_changes(req: PlanRequest, value: tuple[int, int]) -> dict[str, Any]:
+    return {"hardware.gpus_per_node": value[0], "hardware.nodes": value[1]}
+
+
+def _more_gpus(solve: Solve, req: PlanRequest) -> Found:
     """The fewest GPUs of this kind that fit: fill a node, double the nodes, then bisect the node count
-    between the last size that failed and the first that fits; the label names the ZeRO stage it needs."""
+    between the last size that failed and the first that fits."""
     base = req.base
 
     def at(g: int, n: int) -> Any:
-        return _fits(solve, replace(req, base=base.model_copy(update={"gpus_per_node": g, "nodes": n})))
+        return _verified(solve, req, _gpus_changes(req, (g, n)))
 
     failed_nodes = base.nodes
     for g, n in scale_steps(base.gpus_per_node, base.nodes):
@@ -108,107 +144,154 @@ def more_gpus(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
             mid = (lo + n) // 2
             found = at(g, mid)
             lo, n, best = (lo, mid, found) if found is not None else (mid, n, best)
-        zero = int(best.config.zero)
-        how = f" with ZeRO-{zero}" if zero else ""
-        return _entry(f"use {g * n} GPUs of this kind ({g} per node × {n} node{'s' if n > 1 else ''}){how}",
-                      f"--gpus {g} --nodes {n}", best, {"hardware.gpus_per_node": g, "hardware.nodes": n})
+        return (g, n), best
     return None
 
 
-def smaller_shape(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
-    field = "seq_len" if req.base.job.trains else "context"
-    space = SearchSpace.model_validate({**req.space.model_dump(), "micro_batch": (1,), "batch": (1,)})
-    best = _fits(solve, replace(req, space=space, objective=Objective.MAX_CONTEXT))
-    if best is None:
+def _gpus_label(req: PlanRequest, value: tuple[int, int], best: Any) -> str:
+    """Names the ZeRO stage the verified plan uses."""
+    g, n = value
+    zero = int(best.config.zero)
+    how = f" with ZeRO-{zero}" if zero else ""
+    return f"use {g * n} GPUs of this kind ({g} per node × {n} node{'s' if n > 1 else ''}){how}"
+
+
+def _shape_changes(req: PlanRequest, value: int) -> dict[str, Any]:
+    """Micro-batch 1 (concurrent sequences, inference) and sequence length (context) ``value``, in the base
+    configuration and as the only choice of the search space, as ``--batch 1 --seq-len N`` (``--context N``) set them."""
+    if req.base.job.trains:
+        return {"config.micro_batch": 1, "space.micro_batch": (1,), "config.seq_len": value}
+    return {"config.micro_batch": 1, "space.batch": (1,), "config.infer.context": value, "space.context": (value,)}
+
+
+def _smaller_shape(solve: Solve, req: PlanRequest) -> Found:
+    """The longest sequence (context) that fits at micro-batch 1 (a max-context re-solve), verified by solving
+    the request at that length."""
+    dim = "micro_batch" if req.base.job.trains else "batch"  # a plan rejects the other job's dimension
+    space = SearchSpace.model_validate({**req.space.model_dump(), dim: (1,)})
+    longest = _fits(solve, replace(req, space=space, objective=Objective.MAX_CONTEXT))
+    if longest is None:
         return None
-    value = best.config.seq_len if req.base.job.trains else best.config.infer.context
-    flag = "--seq-len" if field == "seq_len" else "--context"
-    return _entry(f"the largest {field.replace('_', ' ')} that fits at micro-batch 1 is {value:,} tokens",
-                  f"--batch 1 {flag} {value}", best,
-                  {"config.micro_batch": 1, "config." + ("seq_len" if field == "seq_len" else "infer.context"): value})
+    value = longest.config.seq_len if req.base.job.trains else longest.config.infer.context
+    best = _verified(solve, req, _shape_changes(req, value))
+    return (value, best) if best is not None else None
 
 
-def with_space(solve: Solve, req: PlanRequest, label: str, flags: str, **space: Any) -> dict[str, Any] | None:
-    try:
-        new = SearchSpace.model_validate({**req.space.model_dump(), **space})
-    except ValueError:
-        return None
-    best = _fits(solve, replace(req, space=new))
-    return _entry(label, flags, best, {f"space.{k}": v for k, v in space.items()}) if best is not None else None
+def _shape_label(req: PlanRequest, value: int, best: Any) -> str:
+    field = "seq len" if req.base.job.trains else "context"
+    return f"the largest {field} that fits at micro-batch 1 is {value:,} tokens"
 
 
-def with_base(solve: Solve, req: PlanRequest, label: str, flags: str, **base: Any) -> dict[str, Any] | None:
-    try:
-        start = retarget(req.base, base["job"]) if "job" in base else req.base  # fields the new job reads
-        new = JobConfig.model_validate({**start.model_dump(exclude_unset=True), **base})
-    except ValueError:
-        return None
-    best = _fits(solve, replace(req, base=new))
-    return _entry(label, flags, best, {f"config.{k}": v for k, v in base.items()}) if best is not None else None
-
-
-def bigger_gpu(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
+def _bigger_gpu(solve: Solve, req: PlanRequest) -> Found:
+    """The catalog GPU with the least memory above this one's that fits (ties by name)."""
     for gpu in sorted(all_gpus(), key=lambda g: (g.memory_bytes, g.name)):
         if gpu.memory_bytes <= req.gpu.memory_bytes:
             continue
-        best = _fits(solve, replace(req, gpu=gpu))
+        best = _verified(solve, req, {"hardware.gpu": gpu.name})
         if best is not None:
-            return _entry(f"a GPU with more memory: {gpu.name} ({gpu.memory_bytes / GiB:,.1f} GiB)",
-                          f"--gpu {gpu.name}", best, {"hardware.gpu": gpu.name})
+            return gpu, best
     return None
 
 
-def more_cpu_ram(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
+def _more_cpu_ram(solve: Solve, req: PlanRequest) -> Found:
     """More CPU RAM per node, when the host binds (offloaded states that do not fit in it): the smallest
-    power-of-two GiB that the re-solve fits with, up to the probe's unlimited size."""
+    power-of-two GiB that the re-solve fits with, up to the probe's unlimited size; the value is (size, need)."""
     roomy = req.host.model_copy(update={"cpu_ram_bytes": UNLIMITED_MIB * 2**20})
-    best = _fits(solve, replace(req, host=roomy))
-    if best is None:
+    probe = _fits(solve, replace(req, host=roomy))
+    if probe is None:
         return None
-    need = best.estimate.total(Tier.CPU)
+    need = probe.estimate.total(Tier.CPU)
     size = GiB
     while size < need:
         size *= 2
     if size <= req.host.cpu_ram_bytes:
         return None
-    best = _fits(solve, replace(req, host=req.host.model_copy(update={"cpu_ram_bytes": size})))
-    if best is None:
+    best = _verified(solve, req, {"hardware.cpu_ram_bytes": size})
+    return ((size, need), best) if best is not None else None
+
+
+def _where(offload: Any) -> str:
+    return "on the GPU" if offload is Offload.NONE else f"in {offload.value.upper()} memory"
+
+
+def _zero_offload_label(req: PlanRequest, value: Any, best: Any) -> str:
+    """What was verified is a search over ZeRO stages and offload choices: the label names what the re-solve picked
+    (the flags give the choices, as the re-solve had them)."""
+    cfg = best.config
+    return (f"ZeRO-Offload (stage and offload chosen by the plan): ZeRO-{int(cfg.zero)}, optimizer states "
+            f"{_where(cfg.offload_optimizer)}, parameters {_where(cfg.offload_params)}")
+
+
+def _fixed(name: str, applies: Callable[[PlanRequest], bool], label: str | Callable[[PlanRequest, Any, Any], str],
+           changes: Callable[[PlanRequest], dict[str, Any]]) -> Kind:
+    """A kind whose change needs no search: one re-solve of ``changes`` verifies it."""
+    return Kind(name, applies, lambda req, _: changes(req), label if callable(label) else lambda *_: label)
+
+
+def _jobs(*jobs: Job) -> Callable[[PlanRequest], bool]:
+    return lambda req: req.base.job in jobs
+
+
+def _galore_8bit(req: PlanRequest) -> bool:
+    return req.base.job is Job.GALORE and not req.base.galore.eight_bit
+
+
+def _no_activation_offload(req: PlanRequest) -> bool:
+    return req.base.job.trains and not req.base.offload_activations and req.space.offload_activations is not True
+
+
+OFFLOAD_CHOICES = (Offload.NONE, Offload.CPU)
+KINDS: tuple[Kind, ...] = (
+    Kind("more_gpus", lambda req: True, _gpus_changes, _gpus_label, _more_gpus),
+    Kind("smaller_shape", lambda req: True, _shape_changes, _shape_label, _smaller_shape),
+    _fixed("qlora", _jobs(Job.LORA), "QLoRA: a 4-bit NF4 base with double quantization",
+           lambda req: {"config.job": Job.QLORA, "config.quant": QLORA_DEFAULT, "space.quant": (QLORA_DEFAULT,)}),
+    _fixed("galore_8bit", _galore_8bit, "8-bit GaLore states", lambda req: {"config.galore.eight_bit": True}),
+    _fixed("adamw_8bit", _jobs(Job.FULL, Job.PRETRAIN), "8-bit AdamW states (bitsandbytes)",
+           lambda req: {"config.optimizer": OptimizerKind.ADAMW_8BIT, "space.optimizer": (OptimizerKind.ADAMW_8BIT,)}),
+    _fixed("galore", _jobs(Job.FULL, Job.PRETRAIN), "GaLore low-rank optimizer states",
+           lambda req: {"config.job": Job.GALORE}),
+    _fixed("galore_job_8bit", _jobs(Job.FULL, Job.PRETRAIN), "8-bit GaLore low-rank optimizer states",
+           lambda req: {"config.job": Job.GALORE, "config.galore.eight_bit": True}),
+    _fixed("activation_offload", _no_activation_offload,
+           "saved activations in pinned CPU memory (the engine's activation offload)",
+           lambda req: {"config.offload_activations": True, "space.offload_activations": True}),
+    _fixed("zero_offload", lambda req: req.base.job.trains and req.base.job is not Job.GALORE, _zero_offload_label,
+           lambda req: {"space.zero": (1, 2, 3), "space.offload_optimizer": OFFLOAD_CHOICES,
+                        "space.offload_params": OFFLOAD_CHOICES}),
+    _fixed("awq", _jobs(Job.INFER), "4-bit AWQ weights", lambda req: {"config.quant": "awq-4bit",
+                                                                      "space.quant": ("awq-4bit",)}),
+    _fixed("fp8_kv", _jobs(Job.INFER), "fp8 KV cache",
+           lambda req: {"config.infer.kv_dtype": "fp8", "space.kv_dtype": ("fp8",)}),
+    _fixed("layer_offload", _jobs(Job.INFER),
+           "some layers' weights in CPU RAM, streamed over PCIe (accelerate device_map)",
+           lambda req: {"space.offload_params": OFFLOAD_CHOICES, "space.per_layer_offload": True}),
+    Kind("more_cpu_ram", lambda req: True, lambda req, v: {"hardware.cpu_ram_bytes": v[0]},
+         lambda req, v, best: f"more CPU RAM: {v[0] // GiB:,} GiB per node (offloaded states need {v[1] / GiB:,.1f} GiB)",
+         _more_cpu_ram),
+    Kind("bigger_gpu", lambda req: True, lambda req, gpu: {"hardware.gpu": gpu.name},
+         lambda req, gpu, best: f"a GPU with more memory: {gpu.name} ({gpu.memory_bytes / GiB:,.1f} GiB)", _bigger_gpu),
+)
+"""Every kind of suggestion, in the order they are tried and listed."""
+
+
+def suggestion(solve: Solve, req: PlanRequest, kind: Kind) -> dict[str, Any] | None:
+    """The verified suggestion of one kind for ``req``, or None when it does not apply or does not fit."""
+    if not kind.applies(req):
         return None
-    return _entry(f"more CPU RAM: {size // GiB:,} GiB per node (offloaded states need {need / GiB:,.1f} GiB)",
-                  f"--cpu-ram {size // GiB}GiB", best, {"hardware.cpu_ram_bytes": size})
+    if kind.find is None:
+        value, changes = None, kind.changes(req, None)
+        best = _verified(solve, req, changes)
+    else:
+        found = kind.find(solve, req)
+        if found is None:
+            return None
+        (value, best), changes = found, kind.changes(req, found[0])
+    return _entry(kind.label(req, value, best), best, changes) if best is not None else None
 
 
 def diagnose(req: PlanRequest, result: PlanResult, solve: Solve) -> None:
     """Fill ``result.binding`` and ``result.suggestions`` (each one re-solved by ``solve`` and fitting)."""
     binding(req, result, solve)
-    job = req.base.job
-    tries = [more_gpus(solve, req), smaller_shape(solve, req)]
-    if job is Job.LORA:
-        tries.append(with_base(solve, req, "QLoRA: a 4-bit NF4 base with double quantization", "--job qlora",
-                               job=Job.QLORA, quant=None))
-    elif job is Job.GALORE and not req.base.galore.eight_bit:
-        tries.append(with_base(solve, req, "8-bit GaLore states", "--galore-8bit",
-                               galore=req.base.galore.model_copy(update={"eight_bit": True})))
-    elif job in (Job.FULL, Job.PRETRAIN):
-        tries.append(with_space(solve, req, "8-bit AdamW states (bitsandbytes)", "--optimizer adamw-8bit",
-                                optimizer=(OptimizerKind.ADAMW_8BIT,)))
-        tries.append(with_base(solve, req, "GaLore low-rank optimizer states", "--job galore", job=Job.GALORE))
-        tries.append(with_base(solve, req, "8-bit GaLore low-rank optimizer states", "--job galore --galore-8bit",
-                               job=Job.GALORE, galore=req.base.galore.model_copy(update={"eight_bit": True})))
-    if job.trains and not req.base.offload_activations and req.space.offload_activations is not True:
-        tries.append(with_space(solve, req, "saved activations in pinned CPU memory (the engine's activation offload)",
-                                "--offload-activations", offload_activations=True))
-    if job.trains and job is not Job.GALORE:
-        offl = (Offload.NONE, Offload.CPU)
-        tries.append(with_space(solve, req, "ZeRO-Offload: optimizer states (and parameters) in CPU memory",
-                                "--zero 3 --offload-optimizer cpu --offload-params cpu",
-                                zero=(1, 2, 3), offload_optimizer=offl, offload_params=offl))
-    if job is Job.INFER:
-        tries.append(with_space(solve, req, "4-bit AWQ weights", "--quant awq-4bit", quant=("awq-4bit",)))
-        tries.append(with_space(solve, req, "fp8 KV cache", "--kv-dtype fp8", kv_dtype=("fp8",)))
-        tries.append(with_space(solve, req, "some layers' weights in CPU RAM, streamed over PCIe (accelerate device_map)",
-                                "--offload-params none,cpu", offload_params=(Offload.NONE, Offload.CPU),
-                                per_layer_offload=True))
-    tries.append(more_cpu_ram(solve, req))
-    tries.append(bigger_gpu(solve, req))
-    result.suggestions = [t for t in tries if t is not None]
+    found = (suggestion(solve, req, kind) for kind in KINDS)
+    result.suggestions = [s for s in found if s is not None]

@@ -67,10 +67,11 @@ def plan(result: Any, fmt: str) -> None:
         write(dumps(plan_dict(result)) + "\n")
     elif fmt == "csv":
         from memplan.report.csv_out import estimate_record, records_to_csv
-        from memplan.report.plan_out import plan_cost
+        from memplan.report.plan_out import choice_line, plan_cost
 
         records = [{"rank": i + 1, **estimate_record(c.estimate), "step_time_s": c.step_time_s,
-                    "tokens_per_s": c.tokens_per_s, **(plan_cost(c) or {})} for i, c in enumerate(result.candidates)]
+                    "tokens_per_s": c.tokens_per_s, **(plan_cost(c) or {}), "configuration": choice_line(c)}
+                   for i, c in enumerate(result.candidates)]
         write(records_to_csv(records) if records else "status\ninfeasible\n")
     else:
         from memplan.report.plan_out import render_plan

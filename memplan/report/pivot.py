@@ -16,10 +16,8 @@ import pandas as pd
 
 from memplan.grid import METRIC_COLUMN
 from memplan.report.sweep_out import INVALID, Matrix
-from memplan.report.table import GAP, Table
+from memplan.report.table import GAP, PIPE_WIDTH, Table
 
-PIPE_WIDTH = 80
-"""Columns of a pivot printed to a pipe or a file (a terminal uses its own width)."""
 NO_FIT = "-"
 FITS = "FITS"
 BOX_GAP = 3

@@ -6,6 +6,7 @@ from typing import Any
 
 from memplan.memory.kv_cache import sized_kv_dtype
 from memplan.planner.plan import Candidate, PlanResult
+from memplan.report.flags import flag_options, render_flags
 from memplan.report.json_out import SCHEMA_VERSION, estimate_dict
 from memplan.units import GiB
 
@@ -64,15 +65,43 @@ def plan_dict(result: PlanResult) -> dict[str, Any]:
         "best": candidate_dict(result.best) if result.best else None,
         "alternatives": [candidate_dict(c) for c in result.candidates[1:]],
         "binding": result.binding,
-        "suggestions": result.suggestions,
+        "suggestions": [suggestion_dict(s) for s in result.suggestions],
         "excluded": result.excluded,
         "assumptions": dict(result.assumptions),
     }
 
 
+CONFIG_WRAP = 52
+"""Characters of the ranked alternatives' configuration column per line in a pipe: 80 columns less the rank, the
+GPU memory (``1,234.56 GiB``) and tokens/s columns and the gaps between them."""
+
+
+def suggestion_dict(s: dict[str, Any]) -> dict[str, Any]:
+    """A planner suggestion for output: its ``flags`` rendered from its ``changes`` (``report.flags``), so the
+    command line shown is the change the re-solve verified."""
+    return {"change": s["change"], "flags": render_flags(s["changes"]), **{k: v for k, v in s.items() if k != "change"}}
+
+
+def suggestion_lines(s: dict[str, Any]) -> str:
+    """One suggestion for people, folded to ``PIPE_WIDTH``: the change, its flags (folded between options, never
+    inside one), and the verified plan's GPU memory and speed."""
+    from memplan.report.table import PIPE_WIDTH, folded
+
+    lines = ["   "]
+    for option in flag_options(s["changes"]):
+        if len(lines[-1]) > 3 and len(lines[-1]) + 1 + len(option) > PIPE_WIDTH:
+            lines.append("   ")
+        lines[-1] += " " + option
+    fits = f"    fits: {s['gpu_total_bytes'] / GiB:,.2f} GiB per GPU, {s['tokens_per_s']:,.0f} tokens/s"
+    return "\n".join([folded(f"- {s['change']}"), *lines, fits])
+
+
 def _choice(c: Candidate) -> str:
+    """The configuration in one line, the engine that runs it last (fields are only ever added at the end: ``check``'s
+    JSON carries this line as ``configuration``)."""
     cfg = c.config
-    parts = [f"tp={cfg.tp}", f"pp={cfg.pp}", f"dp={cfg.batch_dp}"] + ([f"ep={cfg.ep}"] if cfg.ep > 1 else [])
+    parts = [f"tp={cfg.tp}", f"pp={cfg.pp}", f"dp={cfg.batch_dp}"]
+    parts += [f"ep={cfg.ep}"] if cfg.ep > 1 else []
     parts += [f"cp={cfg.cp} ({cfg.cp_comm.value})"] if cfg.cp > 1 else []
     if cfg.job.trains:
         parts += [f"zero={int(cfg.zero)}", f"offload(opt={cfg.offload_optimizer.value}, params={cfg.offload_params.value})",
@@ -83,62 +112,68 @@ def _choice(c: Candidate) -> str:
                   f"kv={sized_kv_dtype(cfg).value}"]
     if cfg.quant:
         parts.append(f"quant={cfg.quant}")
-    return " ".join(parts)
+    return " ".join([*parts, f"engine={cfg.effective_engine.value}"])
+
+
+def choice_line(c: Candidate) -> str:
+    """The configuration line with its per-layer map, as the ranked alternatives show it (and the CSV's
+    ``configuration`` column: the one place a CSV row names the engine memplan chose)."""
+    return _choice(c) + (f"; {c.layer_map}" if c.layer_map else "")
 
 
 def render_plan(result: PlanResult, console: Any) -> None:
-    from memplan.report.table import Table, render_estimate
+    from memplan.report.table import Table, folded, render_estimate
+
+    def say(text: str) -> None:
+        console.print(folded(text))
 
     if result.best is None:
         console.print("[red]INFEASIBLE[/red]: no configuration in the search space fits.")
         if result.binding:
-            console.print(f"Binding constraint: {result.binding}.")
+            say(f"Binding constraint: {result.binding}.")
         if result.suggestions:
-            table = Table(title="Smallest changes that fit (each verified by a re-solve)", title_justify="left")
-            table.add_column("change")
-            table.add_column("flags")
-            table.add_column("GPU memory", justify="right")
-            table.add_column("tokens/s", justify="right")
+            console.print("Smallest changes that fit, each verified by a re-solve:")
             for s in result.suggestions:
-                table.add_row(s["change"], s["flags"], f"{s['gpu_total_bytes'] / GiB:,.2f} GiB", f"{s['tokens_per_s']:,.0f}")
-            console.print(table)
+                console.print(suggestion_lines(s))
         return
     best = result.best
-    console.print(f"[bold]Best plan[/bold] ({result.objective.value}, solver: {result.solver_status}): {_choice(best)}")
+    line = folded(f"Best plan ({result.objective.value}, solver: {result.solver_status}): {_choice(best)}")
+    console.print(line.replace("Best plan", "[bold]Best plan[/bold]", 1))
     if best.layer_map:
-        console.print(f"Per-layer: {best.layer_map}")
+        say(f"Per-layer: {best.layer_map}")
     if best.config.perf.virtual_stages > 1 and best.config.pp == 1:
-        console.print(f"Interleaving (--virtual-stages {best.config.perf.virtual_stages}) applies to plans with pp > 1; "
-                      "this plan has pp = 1, so nothing is interleaved.")
+        say(f"Interleaving (--virtual-stages {best.config.perf.virtual_stages}) applies to plans with pp > 1; "
+            "this plan has pp = 1, so nothing is interleaved.")
     if "deepspeed_ratio" in best.extras:
-        console.print(f"DeepSpeed: zero_optimization.sub_group_size {best.extras['deepspeed_sub_group_size']:,}, "
-                      f"offload_optimizer.ratio {best.extras['deepspeed_ratio']:.4f} "
-                      "(keeps at most these layers' states on the GPU).")
+        say(f"DeepSpeed: zero_optimization.sub_group_size {best.extras['deepspeed_sub_group_size']:,}, "
+            f"offload_optimizer.ratio {best.extras['deepspeed_ratio']:.4f} "
+            "(keeps at most these layers' states on the GPU).")
     if "weights_sqnr_db" in best.extras:
         sqnr = best.extras["weights_sqnr_db"]
-        console.print("Weight quantization: none (every weight in 16 bits)." if sqnr is None else
-                      f"Weight quantization: SQNR {sqnr:.2f} dB (relative MSE {best.extras['weights_relative_mse']:.3g}, "
-                      "Gaussian round-to-nearest proxy).")
+        say("Weight quantization: none (every weight in 16 bits)." if sqnr is None else
+            f"Weight quantization: SQNR {sqnr:.2f} dB (relative MSE {best.extras['weights_relative_mse']:.3g}, "
+            "Gaussian round-to-nearest proxy).")
     if "tpot_s" in best.extras:
         x = best.extras
-        console.print(f"Serving: TTFT {x['ttft_s'] * 1e3:,.1f} ms, TPOT {x['tpot_s'] * 1e3:,.2f} ms, "
-                      f"{x['tokens_per_s_replica']:,.0f} tokens/s per replica × {x['replicas']} replicas.")
-    console.print(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
+        say(f"Serving: TTFT {x['ttft_s'] * 1e3:,.1f} ms, TPOT {x['tpot_s'] * 1e3:,.2f} ms, "
+            f"{x['tokens_per_s_replica']:,.0f} tokens/s per replica × {x['replicas']} replicas.")
+    say(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
     cost = plan_cost(best)
     if cost is not None:
         per_m = cost["usd_per_m_trained_tokens"] if best.config.job.trains else cost["usd_per_m_served_tokens"]
-        console.print(f"Cost: ${cost['usd_per_hour']:,.2f} per hour ({best.config.world_size} GPUs at "
-                      f"${cost['usd_per_gpu_hour']:,.2f}), ${cost['usd_per_step']:,.4f} per step"
-                      + (f", ${per_m:,.4f} per 1M {'trained' if best.config.job.trains else 'served'} tokens."
-                         if per_m is not None else "."))
+        say(f"Cost: ${cost['usd_per_hour']:,.2f} per hour ({best.config.world_size} GPUs at "
+            f"${cost['usd_per_gpu_hour']:,.2f}), ${cost['usd_per_step']:,.4f} per step"
+            + (f", ${per_m:,.4f} per 1M {'trained' if best.config.job.trains else 'served'} tokens."
+               if per_m is not None else "."))
     render_estimate(best.estimate, console)
     if len(result.candidates) > 1:
         table = Table(title="Ranked alternatives", title_justify="left")
         for col in ("#", "configuration", "GPU memory", "tokens/s"):
-            table.add_column(col, justify="right" if col != "configuration" else "left")
+            table.add_column(col, justify="right" if col != "configuration" else "left",
+                             wrap=CONFIG_WRAP if col == "configuration" else None)
         for i, c in enumerate(result.candidates, 1):
             from memplan.memory.breakdown import Tier
 
-            table.add_row(str(i), _choice(c) + (f"; {c.layer_map}" if c.layer_map else ""),
+            table.add_row(str(i), choice_line(c),
                           f"{c.estimate.peak(Tier.GPU) / GiB:,.2f} GiB", f"{c.tokens_per_s:,.0f}")
         console.print(table)

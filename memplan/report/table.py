@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,13 @@ if TYPE_CHECKING:
 MARKUP = re.compile(r"\[/?(?:bold|green|red|yellow|dim|cyan|italic)?\]")
 GAP = "  "
 """Between the columns of the plain layout."""
+PIPE_WIDTH = 80
+"""Columns of output printed to a pipe or a file, where lines are laid out to fit (a terminal uses its own width)."""
+
+
+def folded(text: str, indent: str = "  ") -> str:
+    """``text`` folded at spaces to ``PIPE_WIDTH`` columns, further lines indented by ``indent``."""
+    return textwrap.fill(text, PIPE_WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
 
 
 MAX_WORD = 40
@@ -34,6 +42,14 @@ def plain(text: str) -> str:
 class Column:
     header: str
     justify: str = "left"
+    wrap: int | None = None
+    """In the plain layout, a longer cell folds at spaces onto further lines of its row (a pipe has no width)."""
+
+    def fold(self, text: str) -> list[str]:
+        """The lines of one plain cell."""
+        if self.wrap is None or len(text) <= self.wrap:
+            return [text]
+        return textwrap.wrap(text, self.wrap, break_long_words=False, break_on_hyphens=False) or [""]
 
 
 @dataclass
@@ -47,8 +63,8 @@ class Table:
     breaks: set[int] = field(default_factory=set)
     """Row indexes after which a section ends."""
 
-    def add_column(self, header: str, justify: str = "left", **_: Any) -> None:
-        self.columns.append(Column(header, justify))
+    def add_column(self, header: str, justify: str = "left", wrap: int | None = None, **_: Any) -> None:
+        self.columns.append(Column(header, justify, wrap))
 
     def add_row(self, *cells: str, end_section: bool = False) -> None:
         self.rows.append([str(c) for c in cells])
@@ -58,7 +74,8 @@ class Table:
     def plain_lines(self) -> list[str]:
         """The plain layout: a header, a rule, the rows, every column as wide as its widest cell."""
         cells = [[c.header for c in self.columns], *([plain(x) for x in row] for row in self.rows)]
-        widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
+        folded = [[self.columns[i].fold(x) for i, x in enumerate(row)] for row in cells[1:]]
+        widths = [max([len(cells[0][i])] + [len(t) for row in folded for t in row[i]]) for i in range(len(self.columns))]
 
         def line(row: list[str]) -> str:
             return GAP.join(x.rjust(w) if c.justify == "right" else x.ljust(w)
@@ -66,8 +83,8 @@ class Table:
 
         out = [plain(self.title)] if self.title else []
         out += [line(cells[0]), GAP.join("-" * w for w in widths)]
-        for i, row in enumerate(cells[1:]):
-            out.append(line(row))
+        for i, row in enumerate(folded):
+            out += [line([p[k] if k < len(p) else "" for p in row]) for k in range(max(map(len, row)))]
             if i in self.breaks and i != len(cells) - 2:
                 out.append("")
         return out

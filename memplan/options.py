@@ -1,26 +1,22 @@
 """Every option that describes a job, declared once, grouped as ``--help`` shows them. ``memplan.cli.convert``
-turns them into a ``JobConfig`` (``job_config``) and a ``SearchSpace`` (``search_space``); nothing else maps
-options to fields.
+turns them into a ``JobConfig`` (``job_config``) and a ``SearchSpace`` (``search_space``); ``memplan.report.flags``
+turns request changes back into them (a plan's suggestions). Nothing else maps options to fields.
 
-A command takes groups with :func:`options`; ``lists=`` makes options comma lists of choices (``plan``),
-``unset=`` makes them default to "not given" (``sweep``, whose recipe fills them).
+The declarations import no command-line library, so the report can read them below the CLI; a command takes
+groups with ``memplan.cli.opts.options``.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from memplan.config import Accounting, Engine, Job, Offload, OptimizerImpl, OptimizerKind, Recompute
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
-from memplan.units import parse_size
+from memplan.units import GiB, KiB, MiB, TiB, parse_size
 
 HARDWARE, JOB, PARALLEL, MEMORY, FINETUNE, INFER, ENGINE, SERVE, PERF, OUTPUT = (
     "Hardware", "Job", "Parallelism and ZeRO", "Memory-saving techniques", "Fine-tuning", "Inference",
@@ -45,8 +41,18 @@ def quant_name(text: str | None) -> str | None:
     return None if text is None or text.lower() in ("none", "bf16", "fp16", "16bit") else text
 
 
-Model = Annotated[str, typer.Argument(help="Catalog name, path to config.json (or its directory), hf:org/name, or params:7B.")]
-Contains = Annotated[str | None, typer.Argument(help="Only names containing this text.")]
+def quant_text(value: str | None) -> str:
+    """A weight format as ``--quant`` reads it back (:func:`quant_name`): None (16-bit weights) is ``none``."""
+    return "none" if value is None else value
+
+
+def size_text(nbytes: int) -> str:
+    """Bytes as a size ``parse_size`` reads back exactly: the largest binary unit that divides them (``512GiB``),
+    else bytes (``1000B``)."""
+    for unit, scale in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if nbytes and nbytes % scale == 0:
+            return f"{nbytes // scale}{unit}"
+    return f"{nbytes}B" if nbytes else "0"
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,13 @@ class Opt:
     base: str = "first"
     """With ``lists``: what the base JobConfig takes from the choices: ``first``, ``single`` (only when one is
     given) or ``none`` (the search space alone decides)."""
+    infer_dim: str | None = None
+    """The SearchSpace field the option sets in an inference plan, where that differs from ``dim``."""
+    hardware: str | None = None
+    """The plan request's hardware field the option sets (``gpu``: the GPU's catalog name, ``cpu_ram_bytes``,
+    ``nvme_bytes``; ``gpus_per_node``, ``nodes``), as a suggestion's ``hardware.*`` change names it."""
+    text: Callable[[Any], str] | None = None
+    """Writes one value back as the option's text, the inverse of ``convert``/``item`` (default: as typed)."""
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -85,18 +98,21 @@ def _o(flags: str | tuple[str, ...], kind: Any, default: Any, help: str, panel: 
 
 
 OPTS: dict[str, Opt] = {
-    "gpu": _o(("--gpu", "-g"), str, "h100-sxm-80gb", "GPU catalog name or alias (see 'memplan gpus').", HARDWARE),
-    "gpus": _o("--gpus", int, 1, "GPUs per node.", HARDWARE, field="gpus_per_node"),
-    "nodes": _o("--nodes", int, 1, "Number of nodes.", HARDWARE, field="nodes"),
-    "cpu_ram": _o("--cpu-ram", str, None, "CPU RAM per node, e.g. 1TiB (default 1024GiB).", HARDWARE),
-    "nvme": _o("--nvme", str, None, "NVMe capacity per node for offload, e.g. 30TB (default 0).", HARDWARE),
+    "gpu": _o(("--gpu", "-g"), str, "h100-sxm-80gb", "GPU catalog name or alias (see 'memplan gpus').", HARDWARE,
+              hardware="gpu"),
+    "gpus": _o("--gpus", int, 1, "GPUs per node.", HARDWARE, field="gpus_per_node", hardware="gpus_per_node"),
+    "nodes": _o("--nodes", int, 1, "Number of nodes.", HARDWARE, field="nodes", hardware="nodes"),
+    "cpu_ram": _o("--cpu-ram", str, None, "CPU RAM per node, e.g. 1TiB (default 1024GiB).", HARDWARE,
+                  hardware="cpu_ram_bytes", text=size_text),
+    "nvme": _o("--nvme", str, None, "NVMe capacity per node for offload, e.g. 30TB (default 0).", HARDWARE,
+               hardware="nvme_bytes", text=size_text),
     "job": _o(("--job", "-j"), Job, Job.FULL, "pretrain, full, lora, qlora, galore or infer.", JOB, field="job"),
     "engine": _o("--engine", Engine, None, "Engine that runs the job (default: the job's usual engine).", JOB,
                  field="engine", dim="engines", base="single"),
     "dtype": _o("--dtype", Dtype, None, "Weight/compute dtype: fp32, bf16, fp16, fp8 (default bf16; fp16 on a GPU "
                 "without bf16).", JOB, field="dtype"),
     "quant": _o("--quant", str, None, "Weight quantization: int8, nf4, nf4-dq, fp4, gptq-4bit, awq-4bit, q4_k_m, ... "
-                "(none = 16-bit).", JOB, field="quant", dim="quant", item=quant_name, base="single"),
+                "(none = 16-bit).", JOB, field="quant", dim="quant", item=quant_name, base="single", text=quant_text),
     "quant_map": _o("--quant-map", str, None, "Per-layer weight formats, e.g. 0-39=int8,40-79=nf4 (none = 16-bit); "
                     "every layer once.", JOB),
     "bnb_integration": _o("--bnb-integration", str, None, "Who builds the bitsandbytes layers: transformers (default) "
@@ -108,7 +124,7 @@ OPTS: dict[str, Opt] = {
                          "training).", JOB, field="master_weights"),
     "grad_dtype": _o("--grad-dtype", Dtype, None, "Gradient dtype (default: the weights' dtype).", JOB, field="grad_dtype"),
     "batch": _o(("--batch", "-b"), int, 1, "Micro-batch size per GPU (inference: concurrent sequences).", JOB,
-                field="micro_batch", dim="micro_batch"),
+                field="micro_batch", dim="micro_batch", infer_dim="batch"),
     "global_batch": _o("--global-batch", int, None, "Sequences per optimizer step.", JOB, dim="global_batch"),
     "global_batch_tokens": _o("--global-batch-tokens", int, None, "Tokens per optimizer step the plans are compared at "
                               "(default: 4,194,304 pre-training, 131,072 fine-tuning); or --global-batch.", JOB,
@@ -161,7 +177,7 @@ OPTS: dict[str, Opt] = {
     "activation_accounting": _o("--activation-accounting", str, "autograd", "autograd (what PyTorch saves) or paper "
                                 "(Korthikanti et al. 2022).", MEMORY, field="activation_accounting"),
     "cuda_context": _o("--cuda-context", str, None, "CUDA context size, e.g. 512MiB.", MEMORY, field="cuda_context_bytes",
-                       convert=lambda t: size_or_none(t, "--cuda-context")),
+                       convert=lambda t: size_or_none(t, "--cuda-context"), text=size_text),
     "allocator_reserve": _o("--allocator-reserve", float, None, "Allocator reserve, % of allocated bytes (default: the "
                             "GPU profile's, else the catalog's).", MEMORY, field="allocator_reserve_pct"),
     "safety_margin": _o("--safety-margin", float, 0.0, "Keep this % of each GPU's memory free, shown as the row "
@@ -356,55 +372,3 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "output": ("fmt", "plot"),
     "sweep_report": ("usd_per_hour", "speed", "pivot"),
 }
-
-
-class Opts(dict[str, Any]):
-    """The values of a command's options by name, with the names given as comma lists in ``lists``."""
-
-    lists: frozenset[str] = frozenset()
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _expand(names: tuple[str, ...]) -> list[str]:
-    return [n for name in names for n in GROUPS.get(name, (name,))]
-
-
-def _parameter(name: str, opt: Opt, *, many: bool, unset: bool, extra: dict[str, Any]) -> inspect.Parameter:
-    kind, default = (str, None) if many else (opt.kind, None if unset else opt.default)
-    text = extra.get("help") or (f"{opt.help} Comma-separated choices." if many else opt.help)
-    info = typer.Option(*opt.flags, help=text, rich_help_panel=extra.get("panel", opt.panel))
-    if extra.get("default", ...) is not ...:
-        default = extra["default"]
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[kind | None if default is None else kind, info])
-
-
-def options(*names: str, lists: tuple[str, ...] = (), unset: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-            custom: dict[str, dict[str, Any]] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add the options of these groups (or single option names) to a command, which receives them as ``opts``.
-
-    ``custom`` changes an option's help, panel or default for this command only."""
-    chosen = [n for n in _expand(names) if n not in exclude]
-    custom = custom or {}
-
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "opts"]
-        added = [_parameter(n, OPTS[n], many=n in lists, unset=n in unset, extra=custom.get(n, {})) for n in chosen]
-
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            opts = Opts({n: kwargs.pop(n) for n in chosen if n in kwargs})
-            opts.lists = frozenset(n for n in lists if n in opts)
-            return func(*args, opts=opts, **kwargs)
-
-        params = own + added
-        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        return wrapper
-
-    return decorate
