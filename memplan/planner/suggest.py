@@ -59,7 +59,7 @@ whose capacity and big-M terms stay below HiGHS's 1e15 coefficient limit in KiB 
 def binding(req: PlanRequest, result: PlanResult, solve: Solve) -> None:
     """Name the binding tier and its shortfall: re-solve with unlimited memory for the smallest
     peak the search space can reach (objective min-memory), and compare it with the capacity."""
-    big_gpu = req.gpu.model_copy(update={"memory_mib": UNLIMITED_MIB})
+    big_gpu = req.gpu.model_copy(update={"memory_mib": UNLIMITED_MIB, "cuda_memory_mib": None})
     big_host = req.host.model_copy(update={"cpu_ram_bytes": UNLIMITED_MIB * 2**20, "nvme_bytes": UNLIMITED_MIB * 2**20})
     try:
         lean = solve(replace(req, gpu=big_gpu, host=big_host, objective=Objective.MIN_MEMORY, top_k=1, suggest=False)).best
@@ -148,12 +148,12 @@ def with_base(solve: Solve, req: PlanRequest, label: str, flags: str, **base: An
 
 
 def bigger_gpu(solve: Solve, req: PlanRequest) -> dict[str, Any] | None:
-    for gpu in sorted(all_gpus(), key=lambda g: (g.memory_bytes, g.name)):
-        if gpu.memory_bytes <= req.gpu.memory_bytes:
+    for gpu in sorted(all_gpus(), key=lambda g: (g.capacity_bytes, g.name)):
+        if gpu.capacity_bytes <= req.gpu.capacity_bytes:
             continue
         best = _fits(solve, replace(req, gpu=gpu))
         if best is not None:
-            return _entry(f"a GPU with more memory: {gpu.name} ({gpu.memory_bytes / GiB:,.1f} GiB)",
+            return _entry(f"a GPU with more memory: {gpu.name} ({gpu.capacity_bytes / GiB:,.1f} GiB)",
                           f"--gpu {gpu.name}", best, {"hardware.gpu": gpu.name})
     return None
 
