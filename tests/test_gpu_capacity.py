@@ -62,6 +62,8 @@ def test_published_total_is_the_conservative_end_of_its_quote(gpu) -> None:
     ("l4", 23_583_784_960),              # deviceQuery, bottlerocket-os/bottlerocket-kernel-kit PR #139
     ("h100-sxm-80gb", 85_017_755_648),   # deviceQuery, driver 13.0
     ("rtx-5090", 33_677_180_928),        # deviceQuery, aikitoria/open-gpu-kernel-modules issue #1
+    ("v100-sxm2-16gb", 16_911_433_728),  # deviceQuery, Marconi-100 (kosl/ihipp-examples)
+    ("gh200-96gb", 102_005_473_280),     # deviceQuery, slitvinov/grace
 ])
 def test_byte_exact_totals(name: str, quote_bytes: int) -> None:
     gpu = catalog_gpu(name)
@@ -108,15 +110,15 @@ def test_estimate_between_cuda_total_and_nvidia_smi_does_not_fit() -> None:
 def test_json_names_the_capacity_and_its_source() -> None:
     from memplan.report.json_out import hardware_dict
 
-    est = estimate("llama-3.1-8b", "rtx-3090", job="lora", micro_batch=1, seq_len=512)
+    est = estimate("llama-3.1-8b", "h100-pcie-80gb", job="lora", micro_batch=1, seq_len=512)
     hw = hardware_dict(est)
-    assert hw["gpu_memory_bytes"] == 24576 * MiB
+    assert hw["gpu_memory_bytes"] == 81559 * MiB  # nvidia-smi 'NVIDIA H100 PCIe' total
     assert hw["gpu_capacity_bytes"] == est.capacity(Tier.GPU) < hw["gpu_memory_bytes"]
     assert hw["gpu_capacity_source"].startswith(RULE)
 
 
-def test_published_gib_figure_rounds_down() -> None:
-    # rtx-4090: 'total capacty of 23.64 GiB' -> at least 23.635 GiB = 24202.24 MiB -> 24202 MiB kept.
-    gpu = catalog_gpu("rtx-4090")
-    assert "23.64 GiB" in gpu.cuda_memory_quote
-    assert gpu.cuda_memory_mib == math.floor(Fraction("23.635") * 1024)
+def test_published_decimal_figure_rounds_down() -> None:
+    # b200: 'Total Global Memory: 178.35 GB' (2^30 bytes) -> at least 178.345 GiB = 182625.28 MiB -> 182625 MiB kept.
+    gpu = catalog_gpu("b200-sxm-180gb")
+    assert "178.35 GB" in gpu.cuda_memory_quote
+    assert gpu.cuda_memory_mib == math.floor(Fraction("178.345") * 1024)
