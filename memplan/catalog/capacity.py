@@ -14,8 +14,9 @@ Three cases, in order:
    largest among GPUs of the same vendor and marketed memory size, else of the same vendor, else of all.
    Assumption: a GPU reserves no more than the worst published GPU of its class (reservations grow with driver
    version and ECC, and the published ones span several drivers).
-3. **as given:** a GPU the user built (not the catalog entry of its name, or one whose memory_mib differs from
-   it, e.g. a recipe's headroom-reduced GPU): its memory_mib, unchanged.
+3. **as given:** a GPU the user built: one not in the catalog keeps its cuda_memory_mib if set, else its
+   memory_mib; a catalog GPU whose memory_mib was changed (a recipe's headroom-reduced GPU, a test's smaller
+   card) keeps the new memory_mib, since the catalog's CUDA total belonged to the old one.
 """
 
 from __future__ import annotations
@@ -89,11 +90,16 @@ def gpu_capacity(gpu: GpuSpec) -> Capacity:
 @lru_cache(maxsize=256)
 def _capacity(name: str, vendor: str, marketed_gb: int, memory_mib: int, cuda_mib: int | None,
               url: str | None) -> Capacity:
+    entry = _catalog().get(name)
+    if entry is not None and entry.memory_mib != memory_mib:
+        # a catalog GPU whose memory the caller changed (model_copy): its old CUDA total no longer applies
+        return Capacity(memory_mib * MiB, GIVEN, f"{GIVEN}: {memory_mib} MiB")
     if cuda_mib is not None:
+        if entry is None or entry.cuda_memory_mib != cuda_mib:
+            return Capacity(cuda_mib * MiB, GIVEN, f"{GIVEN}: CUDA total {cuda_mib} MiB")
         where = f" ({url})" if url else ""
         return Capacity(cuda_mib * MiB, PUBLISHED, f"{PUBLISHED}: {cuda_mib} MiB{where}")
-    entry = _catalog().get(name)
-    if entry is None or entry.memory_mib != memory_mib or entry.cuda_memory_mib is not None:
+    if entry is None:
         return Capacity(memory_mib * MiB, GIVEN, f"{GIVEN}: {memory_mib} MiB")
     reserve, worst = largest_reservation(entry, published_gpus())
     return Capacity((memory_mib - reserve) * MiB, RULE,
