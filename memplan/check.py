@@ -114,15 +114,16 @@ def judged(loaded: LoadedRecipe, est: Estimate, outcome: Outcome) -> None:
 
 
 def reduced(loaded: LoadedRecipe) -> tuple[GpuSpec, HostSpec]:
-    """The GPU and host with the required headroom taken off their capacities (GPU in whole MiB, rounded down)."""
+    """The GPU and host with the required headroom taken off their capacities (GPU in whole MiB, rounded down, from
+    the CUDA runtime's total, ``GpuSpec.capacity_bytes``)."""
     gpu, host, recipe = loaded.gpu, loaded.host, loaded.recipe
-    need_gpu = recipe.required_bytes(Tier.GPU, gpu.memory_bytes)
-    mib = (gpu.memory_bytes - need_gpu) // MiB
+    need_gpu = recipe.required_bytes(Tier.GPU, gpu.capacity_bytes)
+    mib = (gpu.capacity_bytes - need_gpu) // MiB
     ram = host.cpu_ram_bytes - recipe.required_bytes(Tier.CPU, host.cpu_ram_bytes)
     nvme = host.nvme_bytes - recipe.required_bytes(Tier.NVME, host.nvme_bytes)
     if mib <= 0 or ram <= 0 or nvme < 0:
         raise MemplanError("min_headroom is at least the whole capacity; nothing is left to plan with.")
-    return (gpu.model_copy(update={"memory_mib": mib}),
+    return (gpu.model_copy(update={"memory_mib": mib, "cuda_memory_mib": None}),  # capacity as given: mib
             host.model_copy(update={"cpu_ram_bytes": ram, "nvme_bytes": nvme}))
 
 

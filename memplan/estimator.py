@@ -83,7 +83,7 @@ class Estimate:
 
     def capacity(self, tier: Tier) -> int:
         if tier is Tier.GPU:
-            return self.gpu.memory_bytes
+            return self.gpu.capacity_bytes
         if tier is Tier.CPU:
             return self.host.cpu_ram_bytes
         return self.host.nvme_bytes

@@ -108,7 +108,6 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "runtime/vllm_non_torch": ("engines.vllm.non_torch_bytes",),
     "runtime/vllm_cudagraphs": ("engines.vllm.cudagraph_bytes", "engines.vllm.capture_sizes"),
     "runtime/vllm_unbudgeted": ("engines.vllm.budget_bytes",),
-    "runtime/driver_reserved": ("engines.vllm.rows",),
     "runtime/sglang_before_load": ("engines.sglang.before_load_bytes",),
     "runtime/sglang_reserved": ("engines.sglang.mem_fraction_static", "engines.sglang.reserved_mib",
                                 "engines.sglang.step_bytes"),

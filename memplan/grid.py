@@ -230,7 +230,7 @@ class _Evaluator:
             cfg = with_size(cfg, "micro_batch", cell.batch)
         self.cfg = cfg
         self.free = "micro_batch" if cell.batch is None else "context"
-        self.required = parse_fraction_or_size(spec.min_headroom, total=self.gpu.memory_bytes, field="--min-headroom")
+        self.required = parse_fraction_or_size(spec.min_headroom, total=self.gpu.capacity_bytes, field="--min-headroom")
         self.memo: dict[int, Estimate] = {}
 
     def at(self, value: int) -> Estimate:
@@ -320,7 +320,7 @@ def validate(spec: SweepSpec) -> None:
     for count in spec.gpu_counts:
         spec.layout(count)
     for gpu in spec.gpus:
-        parse_fraction_or_size(spec.min_headroom, total=_gpu(gpu).memory_bytes, field="--min-headroom")
+        parse_fraction_or_size(spec.min_headroom, total=_gpu(gpu).capacity_bytes, field="--min-headroom")
     if spec.base.quant is not None:
         from memplan.memory.quant import get_format
 

@@ -138,7 +138,7 @@ class Prober:
 
             spec, own = self.spec, _gpu(name)
             est = dataclasses.replace(self.estimate(b, s), gpu=own)
-            required = parse_fraction_or_size(spec.min_headroom, total=own.memory_bytes, field="--min-headroom")
+            required = parse_fraction_or_size(spec.min_headroom, total=own.capacity_bytes, field="--min-headroom")
             slack = min(est.headroom_bytes, est.headroom(Tier.GPU) - required)
             price = spec.usd_per_hour if spec.usd_per_hour is not None else own.price_per_hour_usd
             rec = {**estimate_record(est), "ok": slack >= 0, "required_headroom_bytes": required,
@@ -159,7 +159,7 @@ def slack_at(prober: Prober, b: int, s: int, gpu: str) -> int:
 
     own = _gpu(gpu)
     est = dataclasses.replace(prober.estimate(b, s), gpu=own)
-    required = parse_fraction_or_size(prober.spec.min_headroom, total=own.memory_bytes, field="--min-headroom")
+    required = parse_fraction_or_size(prober.spec.min_headroom, total=own.capacity_bytes, field="--min-headroom")
     return min(est.headroom_bytes, est.headroom(Tier.GPU) - required)
 
 

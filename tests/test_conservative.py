@@ -117,7 +117,9 @@ def test_safety_margin_default_and_bounds() -> None:
 def test_safety_margin_is_a_visible_row_in_every_output() -> None:
     args = ["estimate", "llama-3.1-8b", "--job", "lora", "--safety-margin", "5"]
     doc = json.loads(RUNNER.invoke(app, [*args, "--format", "json"]).stdout)
-    assert doc["memory"]["gpu"]["components"]["runtime/safety_margin"] == 4_276_040_500
+    # 5% of the H100's capacity, the CUDA runtime's total (deviceQuery's 85,017,755,648 bytes in whole MiB), rounded up
+    cuda_total = 85_017_755_648 // 2**20 * 2**20
+    assert doc["memory"]["gpu"]["components"]["runtime/safety_margin"] == -(-cuda_total * 5 // 100)
     assert "runtime/safety_margin" in doc["sources"]
     assert "runtime/safety_margin" in RUNNER.invoke(app, args).stdout
     assert "gpu:runtime/safety_margin_bytes" in RUNNER.invoke(app, [*args, "--format", "csv"]).stdout

@@ -78,7 +78,10 @@ def test_qwen25_32b_q4_k_m_rtx4090_context() -> None:
     est = estimate("qwen2.5-32b", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m",
                    infer={"context": 4096}, serve={"flash_attn": False})
     s = largest_fitting(est, "context")
-    assert abs(s - 18_000) <= 1_800, s
+    # The "about 18k" budgets nvidia-smi's 24,564 MiB; llama.cpp gets the CUDA runtime's 24,210 MiB (deviceQuery,
+    # catalog quote), 354 MiB less: at 64 layers × 8 KV heads × 128 × (K, V) × 2 B per token, that many tokens fewer.
+    fewer = (24_564 - 24_210) * 2**20 // (64 * 8 * 128 * 2 * 2)
+    assert abs(s - (18_000 - fewer)) <= 1_800, (s, fewer)
     with_fa = largest_fitting(estimate("qwen2.5-32b", "rtx-4090", est.config, serve={"flash_attn": True}), "context")
     assert with_fa > s  # flash attention drops the n_kv × n_ubatch × n_head scores from the compute buffer
 

@@ -60,7 +60,8 @@ def test_breakdown_png_and_svg(tmp_path: Path, offload) -> None:
     assert_png(png)
     svg = plots.maybe_plot(offload, tmp_path / "breakdown.svg")
     text = svg_texts(svg)
-    assert "capacity 79.65 GiB" in text and "CPU RAM (per node)" in text  # both tiers, against capacity
+    h100 = 85_017_755_648 // 2**20 / 1024  # the H100's CUDA total (deviceQuery bytes, whole MiB), in GiB
+    assert f"capacity {h100:,.2f} GiB" in text and "CPU RAM (per node)" in text  # both tiers, against capacity
     assert "optimizer/adam_m" in text
 
 

@@ -54,7 +54,7 @@ def test_every_recipe_loads_and_fits_with_its_headroom(path: Path) -> None:
     gpu = outcome.tier(Tier.GPU)
     assert gpu is not None and gpu.headroom >= gpu.required > 0
     assert outcome.estimate.gpu.name == outcome.loaded.gpu.name  # checked on the real capacity
-    assert outcome.estimate.capacity(Tier.GPU) == outcome.loaded.gpu.memory_bytes
+    assert outcome.estimate.capacity(Tier.GPU) == outcome.loaded.gpu.capacity_bytes  # the CUDA total
 
 
 def test_named_scenarios_of_the_issue_are_shipped() -> None:

@@ -58,7 +58,8 @@ def test_pool_is_the_static_fraction_of_free_memory_less_the_weights() -> None:
     # free_before = CUDA total - context (300 MiB here); pool = 0.8 × free_before - weights; tokens = pool // cell.
     est, p = _pool("llama-3.1-8b", "h100-sxm-80gb", cuda_context_bytes=300 * MiB, infer={"context": 1024},
                    serve={"mem_fraction_static": 0.8})
-    free_before = 81121 * MiB - 300 * MiB
+    # The H100's CUDA total: deviceQuery's 85,017,755,648 bytes (catalog quote), in whole MiB.
+    free_before = 85_017_755_648 // MiB * MiB - 300 * MiB
     weights = 8_030_261_248 * 2  # Llama-3.1-8B parameters in bf16
     assert p.weights == weights
     assert p.kv_bytes == free_before * 4 // 5 - weights

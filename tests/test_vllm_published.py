@@ -10,6 +10,8 @@ from fractions import Fraction
 
 import pytest
 
+from memplan.catalog.schema import GpuSpec
+from memplan.catalog.store import catalog_gpu
 from memplan.engines import vllm
 from memplan.estimator import estimate
 from memplan.memory.context import Context
@@ -18,7 +20,7 @@ from memplan.units import GiB
 TOL = Fraction(5, 100)
 
 
-def _pool(model: str, gpu: str, **kw: object) -> vllm.Pool:
+def _pool(model: str, gpu: str | GpuSpec, **kw: object) -> vllm.Pool:
     est = estimate(model, gpu, job="infer", engine="vllm", **kw)
     return vllm.pool(Context(est.arch, est.config, est.gpu, est.host))
 
@@ -82,7 +84,10 @@ def test_llama31_8b_l40s_kv_tokens_pr17122() -> None:
 def test_budget_is_utilization_of_cuda_total_pr10511() -> None:
     # PR #10511's log: "total_gpu_memory 79.22GiB / gpu_memory_utilization 0.90 / the current vLLM instance can
     # use 71.29GiB": vLLM multiplies the CUDA runtime's total (below nvidia-smi's 81,559 MiB), not the box's.
-    p = _pool("llama-3.1-8b", "h100-sxm-80gb", infer={"context": 8192}, serve={"max_model_len": 8192})
+    # The PR's machine logged 79.22 GiB; the catalog keeps the lowest published H100 total (81,079 MiB, a newer
+    # driver), so the test runs on the PR's own total: 79.22 GiB = 81,121 MiB (the middle of its rounding interval).
+    machine = catalog_gpu("h100-sxm-80gb").model_copy(update={"cuda_memory_mib": 81121})
+    p = _pool("llama-3.1-8b", machine, infer={"context": 8192}, serve={"max_model_len": 8192})
     assert abs(Fraction(p.budget, GiB) - Fraction("71.29")) < Fraction(1, 100), p.budget / GiB
     assert abs(Fraction(p.total, GiB) - Fraction("79.22")) < Fraction(1, 100), p.total / GiB
 

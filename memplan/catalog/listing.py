@@ -53,6 +53,7 @@ def gpu_rows(*, contains: str | None = None, min_memory: int | None = None,
             "vendor": g.vendor,
             "memory_mib": g.memory_mib,
             "memory_gib": round(g.memory_bytes / 2**30, 2),
+            "capacity_gib": round(g.capacity_bytes / 2**30, 2),  # the CUDA runtime's total (catalog.capacity)
             "bf16_tflops": g.bf16_dense_tflops,
             "hbm_gbps": g.hbm_bandwidth_gbps,
             "link_gbps": g.interconnect_gbps,

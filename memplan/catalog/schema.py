@@ -206,7 +206,12 @@ class GpuSpec(Strict):
     memory_mib: PositiveInt = Field(description="Total memory as the driver reports it, in MiB (2^20 bytes).")
     cuda_memory_mib: PositiveInt | None = Field(
         default=None, description="Total memory the CUDA runtime reports (cudaMemGetInfo, torch total_memory), "
-        "in MiB; below nvidia-smi's total by what the driver keeps. None: not measured, memory_mib is used.")
+        "in MiB; below nvidia-smi's total by what the driver keeps. None: no published figure; the capacity then "
+        "follows memplan.catalog.capacity's rule.")
+    cuda_memory_quote: str | None = Field(default=None, description="The published line cuda_memory_mib comes from.")
+    cuda_memory_url: str | None = Field(default=None, description="Where cuda_memory_quote was published.")
+    cuda_memory_note: str | None = Field(
+        default=None, description="How cuda_memory_mib follows from the quote: its precision, rounding taken down.")
     marketed_memory_gb: PositiveInt = Field(description="The box's number, e.g. 80 for an 'H100 80GB'.")
     bf16_dense_tflops: float = Field(gt=0, description="Peak dense bf16/fp16 tensor FLOP/s, in 10^12.")
     fp8_dense_tflops: float | None = Field(default=None, gt=0)
@@ -227,6 +232,26 @@ class GpuSpec(Strict):
     def cuda_memory_bytes(self) -> int:
         """Bytes ``torch.cuda.mem_get_info()`` calls total: ``cuda_memory_mib`` where measured, else ``memory_bytes``."""
         return (self.cuda_memory_mib or self.memory_mib) * 2**20
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The bytes every engine budgets from: the CUDA runtime's total (``memplan.catalog.capacity``)."""
+        from memplan.catalog.capacity import gpu_capacity
+
+        return gpu_capacity(self).bytes
+
+    @property
+    def capacity_source(self) -> str:
+        """Where ``capacity_bytes`` comes from, in words (``memplan.catalog.capacity``)."""
+        from memplan.catalog.capacity import gpu_capacity
+
+        return gpu_capacity(self).source
+
+    @model_validator(mode="after")
+    def _cuda_total_sourced(self) -> GpuSpec:
+        if self.cuda_memory_mib is not None and self.cuda_memory_mib > self.memory_mib:
+            raise ValueError(f"cuda_memory_mib ({self.cuda_memory_mib}) cannot exceed memory_mib ({self.memory_mib})")
+        return self
 
     @property
     def calibration(self) -> dict[str, Any] | None:

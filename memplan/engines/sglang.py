@@ -147,7 +147,7 @@ def pool(ctx: Context) -> vllm.Pool:
     The request cap is computed from the pool before that table (the table depends on the cap)."""
     cfg, gpu = ctx.cfg, ctx.gpu
     check(cfg)
-    total = gpu.cuda_memory_bytes
+    total = gpu.capacity_bytes  # the CUDA runtime's total (memplan.catalog.capacity)
     free_before = total - before_load_bytes(cfg, gpu)
     f = mem_fraction_static(cfg, gpu)
     budget = free_before * f.numerator // f.denominator
@@ -163,7 +163,8 @@ def pool(ctx: Context) -> vllm.Pool:
 
 def rows(ctx: Context) -> list[Row]:
     """The rows of one SGLang GPU: weights, the memory in use before the weights, the reserved share (or the
-    step's peak where it is larger), the KV of ``micro_batch`` sequences and what the driver keeps."""
+    step's peak where it is larger), the KV of ``micro_batch`` sequences. What the driver keeps
+    below nvidia-smi's total is outside the capacity (``GpuSpec.capacity_bytes``), not a row."""
     cfg = ctx.cfg
     p = pool(ctx)
     if cfg.infer.context > context_len(ctx):
@@ -186,8 +187,6 @@ def rows(ctx: Context) -> list[Row]:
             f"(1 − {float(f):g}) × free_before_weights for a {chunk}-token prefill chunk, CUDA graphs up to batch "
             f"{graph_bs} and the request table of {p.max_num_seqs} requests: {step} B needed"),
         Row("kv_cache", Tier.GPU, demand, SOURCE, note),
-        Row("runtime/driver_reserved", Tier.GPU, ctx.gpu.memory_bytes - p.total, vllm.DRIVER_SOURCE,
-            f"{ctx.gpu.memory_bytes} B (nvidia-smi) − {p.total} B (cudaMemGetInfo total)"),
     ]
 
 

@@ -274,7 +274,7 @@ def pool(ctx: Context) -> Pool:
     """vLLM's memory arithmetic for the GPU of ``ctx`` (its tp rank and pipeline stage)."""
     cfg, gpu = ctx.cfg, ctx.gpu
     check_kv_dtype(kv_dtype(cfg))
-    total = gpu.cuda_memory_bytes
+    total = gpu.capacity_bytes  # the CUDA runtime's total: what vLLM's mem_get_info reads
     version = release(cfg)
     context = runtime.cuda_context_bytes(vendor=gpu.vendor, override=cfg.cuda_context_bytes) \
         if counts_context(version) else 0
@@ -304,7 +304,6 @@ def max_model_len(ctx: Context) -> int:
     return asked or limit or ctx.cfg.infer.context
 
 
-DRIVER_SOURCE = "memory the driver keeps below cudaMemGetInfo's total (catalog cuda_memory_mib)"
 UNBUDGETED_SOURCE = "memory vLLM leaves outside gpu_memory_utilization × total (vllm/config/cache.py)"
 
 
@@ -339,8 +338,6 @@ def rows(ctx: Context) -> list[Row]:
         Row("runtime/vllm_unbudgeted", Tier.GPU, unbudgeted, UNBUDGETED_SOURCE,
             f"(1 − {cfg.serve.gpu_memory_utilization:g}) × {p.total} B" + ("" if p.graphs_in_budget else
                                                                             " less the CUDA graphs captured in it")),
-        Row("runtime/driver_reserved", Tier.GPU, ctx.gpu.memory_bytes - p.total, DRIVER_SOURCE,
-            f"{ctx.gpu.memory_bytes} B (nvidia-smi) − {p.total} B (cudaMemGetInfo total)"),
     ]
     return out
 

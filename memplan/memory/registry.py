@@ -148,7 +148,6 @@ register("runtime/vllm_cudagraphs", (Phase.PREFILL, Phase.DECODE), "vLLM: CUDA g
 register("runtime/vllm_unbudgeted", ALL, "vLLM: memory outside gpu_memory_utilization × total")
 register("runtime/sglang_before_load", ALL, "SGLang: CUDA context and communicators before the weights load")
 register("runtime/sglang_reserved", ALL, "SGLang: (1 - mem_fraction_static) share for activations and CUDA graphs")
-register("runtime/driver_reserved", ALL, "memory nvidia-smi counts that the CUDA runtime's total leaves out")
 register("activations/llamacpp_compute", (Phase.PREFILL, Phase.DECODE),
          "llama.cpp: compute buffer reserved at context creation for the worst-case ubatch graph")
 register("activations/llamacpp_output", (Phase.PREFILL, Phase.DECODE), "llama.cpp: host logits buffer")

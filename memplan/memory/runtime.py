@@ -1,7 +1,7 @@
 """Runtime overheads on the GPU: the CUDA (or ROCm/HIP) context and the caching allocator's reserve.
 
-Neither is a tensor of the model, yet both count against the driver-reported total
-(``GpuSpec.memory_mib``): the context is memory the driver holds for the process, the reserve is
+Neither is a tensor of the model, yet both count against the CUDA runtime's total
+(``GpuSpec.capacity_bytes``, ``memplan.catalog.capacity``): the context is memory the driver holds for the process, the reserve is
 memory PyTorch's caching allocator has taken from the driver but not handed to a tensor.
 Both are visible rows with a default and an override in ``JobConfig``; neither is a hidden factor.
 """
@@ -146,7 +146,7 @@ def safety_margin_bytes(*, capacity_bytes: int, pct: float) -> int:
     arithmetic, as ``allocator_reserve_bytes``).
     Source: none, a policy: memory a user keeps in reserve for what no model row covers (other
     processes, fragmentation spikes, library workspaces). Default 0%.
-    Assumptions: a share of the driver-reported capacity (``GpuSpec.memory_mib``), independent of the job,
+    Assumptions: a share of the GPU's capacity (``GpuSpec.capacity_bytes``, the CUDA runtime's total), independent of the job,
     so a planner may subtract it from the capacity like the CUDA context.
     """
     if capacity_bytes < 0:
@@ -181,6 +181,7 @@ def rows(ctx: Context, *, other_gpu_bytes: int, reserve_floor: int = 0) -> list[
     ]
     pct = ctx.cfg.safety_margin_pct
     if pct:
-        out.append(Row("runtime/safety_margin", Tier.GPU, safety_margin_bytes(capacity_bytes=ctx.gpu.memory_bytes, pct=pct),
-                       SAFETY_MARGIN_SOURCE, f"{pct:g}% of the GPU's {ctx.gpu.memory_bytes} bytes kept free (safety_margin_pct)"))
+        cap = ctx.gpu.capacity_bytes
+        out.append(Row("runtime/safety_margin", Tier.GPU, safety_margin_bytes(capacity_bytes=cap, pct=pct),
+                       SAFETY_MARGIN_SOURCE, f"{pct:g}% of the GPU's {cap} bytes kept free (safety_margin_pct)"))
     return out

@@ -215,7 +215,7 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
         values[key] = Entry(seconds=step / (c["batch"] * replicas), value=_value(_objective(req), c) * total)
     factors = [Factor("weights", W_DIMS, weights), Factor("kv", KV_DIMS, kv), Factor("speed", value_dims, values)]
     st = runtime.settings(req.gpu, req.base)
-    margin = runtime.safety_margin_bytes(capacity_bytes=req.gpu.memory_bytes, pct=req.base.safety_margin_pct)
+    margin = runtime.safety_margin_bytes(capacity_bytes=req.gpu.capacity_bytes, pct=req.base.safety_margin_pct)
     context, pct = st.context_bytes + margin, st.reserve_pct  # fixed rows (context, safety margin) off the capacity
     if serving.has_own_rows(req.base):  # vLLM / llama.cpp rows are the whole GPU: no PyTorch context or reserve
         context, pct = margin, 0.0
@@ -223,7 +223,7 @@ def build(req: Any) -> tuple[Problem, list[str], Any]:
             "max-context": "max_value", "max-quality": "min_error"}.get(req.objective.value, "min_seconds")
     block = build_block(req, arch, dims, choices) if choices.active else None
     problem = Problem(dims=dims, factors=factors, layers=None, num_layers=len(arch.layers) or 1,
-                      gpu_capacity=req.gpu.memory_bytes - context, cpu_capacity=req.host.cpu_ram_bytes,
+                      gpu_capacity=req.gpu.capacity_bytes - context, cpu_capacity=req.host.cpu_ram_bytes,
                       nvme_capacity=req.host.nvme_bytes, objective=kind, gpu_scale_pct=float(pct),
                       extra_blocks=[block] if block is not None else [])
     return problem, excluded, choices

@@ -74,7 +74,7 @@ whose capacity and big-M terms stay below HiGHS's 1e15 coefficient limit in KiB 
 def binding(req: PlanRequest, result: PlanResult, solve: Solve) -> None:
     """Name the binding tier and its shortfall: re-solve with unlimited memory for the smallest
     peak the search space can reach (objective min-memory), and compare it with the capacity."""
-    big_gpu = req.gpu.model_copy(update={"memory_mib": UNLIMITED_MIB})
+    big_gpu = req.gpu.model_copy(update={"memory_mib": UNLIMITED_MIB, "cuda_memory_mib": None})
     big_host = req.host.model_copy(update={"cpu_ram_bytes": UNLIMITED_MIB * 2**20, "nvme_bytes": UNLIMITED_MIB * 2**20})
     try:
         lean = solve(replace(req, gpu=big_gpu, host=big_host, objective=Objective.MIN_MEMORY, top_k=1, suggest=False)).best
@@ -184,8 +184,8 @@ def _shape_label(req: PlanRequest, value: int, best: Any) -> str:
 
 def _bigger_gpu(solve: Solve, req: PlanRequest) -> Found:
     """The catalog GPU with the least memory above this one's that fits (ties by name)."""
-    for gpu in sorted(all_gpus(), key=lambda g: (g.memory_bytes, g.name)):
-        if gpu.memory_bytes <= req.gpu.memory_bytes:
+    for gpu in sorted(all_gpus(), key=lambda g: (g.capacity_bytes, g.name)):
+        if gpu.capacity_bytes <= req.gpu.capacity_bytes:
             continue
         best = _verified(solve, req, {"hardware.gpu": gpu.name})
         if best is not None:
@@ -270,7 +270,7 @@ KINDS: tuple[Kind, ...] = (
          lambda req, v, best: f"more CPU RAM: {v[0] // GiB:,} GiB per node (offloaded states need {v[1] / GiB:,.1f} GiB)",
          _more_cpu_ram),
     Kind("bigger_gpu", lambda req: True, lambda req, gpu: {"hardware.gpu": gpu.name},
-         lambda req, gpu, best: f"a GPU with more memory: {gpu.name} ({gpu.memory_bytes / GiB:,.1f} GiB)", _bigger_gpu),
+         lambda req, gpu, best: f"a GPU with more memory: {gpu.name} ({gpu.capacity_bytes / GiB:,.1f} GiB)", _bigger_gpu),
 )
 """Every kind of suggestion, in the order they are tried and listed."""
 

@@ -197,7 +197,7 @@ def runtime_terms(setting: TrainSetting) -> tuple[int, float]:
     """(CUDA context + safety margin bytes, allocator reserve %) of the runtime rows, as the ILP applies
     them: both fixed byte rows come off the capacity, the reserve scales the demand."""
     st = runtime.settings(setting.gpu, setting.base)
-    margin = runtime.safety_margin_bytes(capacity_bytes=setting.gpu.memory_bytes, pct=setting.base.safety_margin_pct)
+    margin = runtime.safety_margin_bytes(capacity_bytes=setting.gpu.capacity_bytes, pct=setting.base.safety_margin_pct)
     return st.context_bytes + margin, float(st.reserve_pct)
 
 
@@ -256,7 +256,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     context, pct = runtime_terms(setting)
     host = setting.host
     if layers is not None:
-        cap = int((setting.gpu.memory_bytes - context) / (1.0 + pct / 100.0))
+        cap = int((setting.gpu.capacity_bytes - context) / (1.0 + pct / 100.0))
         bounds = recompute_bounds(setting, dims, states, shape, layers, cap)
         keep = {k for k, b in bounds.items() if b is not None}
         _keep_keys(layers.gpu, keep)
@@ -266,7 +266,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
         _keep_keys(layers.cpu or [], keep)
         layers.key_bounds = {k: b for k, b in bounds.items() if b}
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
-                      gpu_capacity=setting.gpu.memory_bytes - context, cpu_capacity=host.cpu_ram_bytes,
+                      gpu_capacity=setting.gpu.capacity_bytes - context, cpu_capacity=host.cpu_ram_bytes,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
                       extra_blocks=extra, phases=tuple(p.value for p in TRAIN_PHASES),
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),

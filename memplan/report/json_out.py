@@ -31,6 +31,8 @@ def hardware_dict(est: Estimate) -> dict[str, Any]:
     return {
         "gpu": est.gpu.name,
         "gpu_memory_bytes": est.gpu.memory_bytes,
+        "gpu_capacity_bytes": est.gpu.capacity_bytes,
+        "gpu_capacity_source": est.gpu.capacity_source,
         "gpus_per_node": cfg.gpus_per_node,
         "nodes": cfg.nodes,
         "cpu_ram_bytes": est.host.cpu_ram_bytes,

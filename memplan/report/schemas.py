@@ -42,7 +42,12 @@ class ModelOut(Out):
 
 class HardwareOut(Out):
     gpu: str
-    gpu_memory_bytes: NonNegativeInt
+    gpu_memory_bytes: NonNegativeInt = Field(description="nvidia-smi's total (catalog memory_mib), in bytes.")
+    gpu_capacity_bytes: NonNegativeInt = Field(
+        description="What every engine budgets from: the CUDA runtime's total (memplan.catalog.capacity), in bytes.")
+    gpu_capacity_source: str = Field(
+        description="Where gpu_capacity_bytes comes from: 'cuda runtime (published)', 'nvidia-smi total less the "
+        "largest published reservation' or 'memory as given', with the figure.")
     gpus_per_node: int
     nodes: int
     cpu_ram_bytes: NonNegativeInt

@@ -168,6 +168,16 @@ def estimate_table(est: Estimate) -> Table:
     return table
 
 
+def capacity_line(gpu: Any) -> str:
+    """One sentence: the GPU capacity every engine budgets from and what kind of figure it is
+    (``memplan.catalog.capacity``), next to nvidia-smi's total."""
+    from memplan.catalog.capacity import gpu_capacity
+
+    cap = gpu_capacity(gpu)
+    return (f"GPU capacity {fmt_gib(cap.bytes)} ({cap.bytes:,} B): {cap.kind}; nvidia-smi total "
+            f"{fmt_gib(gpu.memory_bytes)}.")
+
+
 def render_estimate(est: Estimate, out: Any) -> None:
     out.print(estimate_table(est))
     head = est.headroom_bytes
@@ -178,6 +188,7 @@ def render_estimate(est: Estimate, out: Any) -> None:
         out.print(f"[red]DOES NOT FIT[/red]: {fmt_gib(-head)} over capacity on the {est.binding_tier.value} tier "
                   f"(peak at {est.peak_phase(est.binding_tier).value}).")
     out.print(f"{est.engine_reason[:1].upper()}{est.engine_reason[1:]}.")
+    out.print(capacity_line(est.gpu))
     for warning in est.warnings:
         out.print(f"[yellow]Warning[/yellow]: {warning}.")
     if est.serving:
