@@ -104,10 +104,18 @@ LLAMA3_VIRTUAL_STAGES = 8
 Transformer layer each from the first and the last stages ... the first model chunk on the first stage has only the
 embedding, and the last model chunk on the last stage has only output projection and loss calculation". A chunk left
 with no layer after losing one held one: 126 + 2 = 128 one-layer chunks on 16 ranks, V = 8 (derived, not printed)."""
-LLAMA3_MEMORY = ("Llama 3 trains at 8K 'without activation checkpointing' (Sec. 3.3.2; states sharded by FSDP, schedule "
-                 "tuned for memory, stage inputs/outputs freed early); memplan's Megatron-Core layout of that run "
-                 "does not fit: stage 1 holds 8 layers x 18 (m = 32) or 16 (m = 16) micro-batches of 0.50 GiB of "
-                 "saved tensors (71.4 / 63.5 GiB) next to about 18 GiB of states and the 10% allocator reserve")
+LLAMA3_FSDP = {"reshard_after_forward": False}
+"""Llama 3, Sec. 3.3.2: "our implementation of FSDP shards the optimizer states and gradients, but for model shards we
+do not reshard after forward computation to avoid an extra all-gather communication during the backward passes";
+"we accumulate backward gradients in FP32 across multiple micro-batches and also reduce-scatter gradients in FP32
+across data parallel workers in FSDP". memplan's fsdp2 profile under a pipeline (torch.distributed.pipelining) runs
+that: bf16 units kept gathered, fp32 gradients accumulated unsharded until the last backward, then reduce-scattered
+(``memory.engine_buffers.fsdp2_pipeline_rows``)."""
+LLAMA3_MEMORY = ("at 8,192 GPUs (m = 32 micro-batches per replica) the interleaved schedule reaches its steady phase on "
+                 "stage 1: it holds 141 one-layer chunk micro-batches (counted as ⌈141/8⌉ = 18 per chunk: 71.4 GiB) "
+                 "while all 8 chunks' fp32 gradients accumulate (11.9 GiB), next to 5.9 GiB of gathered bf16 weights "
+                 "and the 10% allocator reserve: 100.1 GiB; Meta's own schedule (N tunable, Fig. 6) is not Megatron's "
+                 "or torch's, and its in-flight count at m = 32 is not published")
 LLAMA3_128K_SEQ = 131072
 LLAMA3_128K_TOKENS_PER_BATCH = 16 * 2**20
 """Llama 3 (Dubey et al. 2024), Table 4, the 128K-context row: 16,384 GPUs, TP 8, CP 16, PP 16, DP 8, batch size per
@@ -143,15 +151,15 @@ def _runs() -> list[Run]:
         runs.append(Run(
             f"llama3-405b-{gpus}", f"Dubey et al. 2024 (Llama 3), Table 4 ({tflops} TFLOP/s per GPU, tp8 pp16)",
             "llama-3.1-405b", "h100-sxm-80gb",
-            {"job": "pretrain", "engine": "megatron", "gpus_per_node": 8, "nodes": gpus // 8, "tp": 8, "pp": 16,
+            {"job": "pretrain", "gpus_per_node": 8, "nodes": gpus // 8, "tp": 8, "pp": 16,
              "micro_batch": 1, "grad_accum": 2048 // dp, "seq_len": 8192, "sequence_parallel": True,
-             "activation_accounting": "paper", "engine_config": {"use_distributed_optimizer": True},
-             # Sec. 3.3.2: no activation checkpointing at 8K; interleaved, V = 8 derived; DP traffic overlapped.
-             # Assumed: Megatron-Core's TP/SP layer layout and distributed optimizer stand for Meta's own code
-             # and its FSDP (which shards the gradients too: memplan's fsdp2 profile, reshard_after_forward off, holds about
-             # 9 GiB less and still does not fit; its step time comes out 17-18% slow).
+             # Sec. 3.3.2: FSDP without resharding after forward (LLAMA3_FSDP); no activation checkpointing at 8K;
+             # interleaved, V = 8 derived; DP traffic overlapped. Assumed: Megatron-Core's TP/SP layer layout
+             # (activation_accounting "paper") stands for Meta's own layers.
+             "engine": "fsdp2", "activation_accounting": "paper", "engine_config": LLAMA3_FSDP,
              "recompute": "none", "perf": {"virtual_stages": LLAMA3_VIRTUAL_STAGES, "comm_overlap": 1.0}},
-            LLAMA3_TOKENS_PER_BATCH * LLAMA3_FLOPS_PER_TOKEN / (gpus * tflops * 1e12), fits_xfail=LLAMA3_MEMORY))
+            LLAMA3_TOKENS_PER_BATCH * LLAMA3_FLOPS_PER_TOKEN / (gpus * tflops * 1e12),
+            fits_xfail=LLAMA3_MEMORY if dp == 64 else None))
     # Llama 3 at 128K context: context parallelism 16, all-gather based (Sec. 3.3.2: K and V all-gathered, attention
     # of the local Q chunk; load-balanced over 2·CP chunks), states sharded as at 8k (distributed optimizer).
     runs.append(Run(

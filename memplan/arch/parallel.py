@@ -137,6 +137,26 @@ def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1, micro_
     return flight if micro_batches is None else min(flight, micro_batches)
 
 
+def chunks_with_gradients_at_peak(pp: int, stage: int, virtual_stages: int, micro_batches: int) -> int:
+    """Model chunks of a pipeline stage that hold gradients while the stage holds its largest count of in-flight
+    micro-batches, counting the chunk whose backward runs right after that moment (its gradients appear while only
+    one micro-batch's share of its activations is freed). A stage of v chunks; 1F1B is v = 1.
+
+    Formula (the schedule of ``in_flight_micro_batches``): warm-up W = min((p − s − 1)·2 + (v − 1)·p, m·v) chunk
+    forwards when v > 1, min(p − s − 1, m) when v = 1; then S = m·v − W steady steps of one forward and one
+    backward, the count in flight being largest just after each steady forward (after the last forward when
+    S = 0). Backward k runs chunk v − 1 − ⌊(k mod p·v)/p⌋ (megatron/core/pipeline_parallel/schedules.py
+    ``get_model_chunk_id``; torch/distributed/pipelining/schedules.py ``ScheduleInterleaved1F1B`` keeps the same
+    order), so backwards 0..S − 1 have touched min(v, max(1, ⌈S/p⌉)) chunks.
+    Assumption: a chunk whose first backward comes in the cool-down arrives after the p backwards of the chunk
+    before it have freed p micro-batches' share of a chunk, taken to outweigh one chunk's gradients.
+    """
+    v, p, m = max(1, virtual_stages), pp, micro_batches
+    warm = (p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1
+    steady = m * v - min(warm, m * v)
+    return min(v, max(1, ceil_div(steady, p)))
+
+
 def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:
     """Elements of ``tensor`` held by one rank: split over tp (and ep for routed experts), rounded up.
 
