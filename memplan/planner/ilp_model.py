@@ -163,9 +163,16 @@ class Problem:
         in_flight_micro_batches``, the count ``estimate`` uses)."""
         return in_flight_micro_batches(pp, stage, self.virtual_stages, micro_batches)
 
+    _flights: dict[tuple, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def key_flight(self, pp: int, stage: int, key_dims: tuple[str, ...], key: tuple) -> int:
-        """``flight`` capped at the micro-batches of the block key's step (``micro_batches``)."""
-        return self.flight(pp, stage, self.micro_batches(key_dims, key))
+        """``flight`` capped at the micro-batches of the block key's step (``micro_batches``), memoized: the ILP
+        builders ask once per layer group, mode and key."""
+        memo = (pp, stage, key_dims, key)
+        out = self._flights.get(memo)
+        if out is None:
+            out = self._flights[memo] = self.flight(pp, stage, self.micro_batches(key_dims, key))
+        return out
 
     @property
     def blocks(self) -> list[LayerBlock]:
