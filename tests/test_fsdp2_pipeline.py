@@ -123,3 +123,14 @@ def test_ilp_in_flight_count_is_capped_at_the_step():
     assert problem.key_flight(16, 1, dims, (8, 16, 1, 8192)) == 16
     assert problem.key_flight(16, 1, dims, (8, 8, 1, 8192)) < problem.flight(16, 1)  # 8 micro-batches per replica
     assert problem.flight(16, 1) == -(-((16 - 2) * 2 + 7 * 16 + 1) // 8)
+
+
+def test_fsdp2_pipeline_keeps_units_gathered_after_a_backward():
+    """reshard_after_forward=True under a pipeline: set_reshard_after_backward(False) leaves every unit a backward
+    gathered until the next forward's post_forward, so the stage's bf16 parameters are all gathered beside the
+    in-flight activations: the root (embedding) and prefetched block are the all-gather row, the rest this row."""
+    rows = _rows(_pp_estimate(grad_accum=16))
+    kept = rows["weights/fsdp_pp_kept_after_backward"]
+    assert kept.bytes == 2 * (EMBED + 7 * BLOCK - EMBED - BLOCK)
+    assert rows["weights/fsdp_all_gather"].bytes == 2 * (EMBED + BLOCK)
+    assert Phase.BACKWARD_START in kept.phases

@@ -155,7 +155,27 @@ def fsdp2_pipeline_rows(ctx: Context, *, unit_reduce_bytes: int) -> list[Row]:
     if at_peak:
         out.append(Row("gradients/fsdp_pp_accumulated_at_peak", Tier.GPU, at_peak, FSDP2_PP,
                        f"{chunks} of {v} chunks' accumulated gradients exist at the in-flight peak"))
-    return out
+    return out + fsdp2_kept_after_backward(ctx, numel)
+
+
+def fsdp2_kept_after_backward(ctx: Context, numel: int) -> list[Row]:
+    """FSDP2 under a pipeline with ``reshard_after_forward=True``: the units a backward gathered stay gathered.
+
+    ``set_reshard_after_backward(False)`` on every backward but the step's last (pipelining/stage.py
+    ``backward_maybe_with_nosync``) skips ``post_backward``'s reshard; the next forward's ``pre_forward`` finds the unit
+    unsharded and only its ``post_forward`` reshards it (_fsdp_param_group.py). After a backward the whole stage is
+    gathered while all but one micro-batch's activations are alive.
+    Formula: bits(param_dtype)/8 · (stage elements − root − ``fsdp_prefetch`` · largest block), what ``fsdp2_rows``
+    does not hold gathered already; counted with the in-flight peak (over by that one micro-batch's activations).
+    """
+    cfg = ctx.cfg
+    if not cfg.engine_config.reshard_after_forward or not ctx.layers:
+        return []
+    root, block = fsdp_unit_numel(ctx)
+    kept = max(0, numel - root - block * cfg.engine_config.fsdp_prefetch)
+    dtype = compute_dtype(ctx)
+    return [Row("weights/fsdp_pp_kept_after_backward", Tier.GPU, bits_to_bytes(kept, dtype.bits), FSDP2_PP,
+                f"units gathered by a backward and kept until the next forward reshards them ({dtype.value})")]
 
 
 def deepspeed_rows(ctx: Context) -> list[Row]:

@@ -85,6 +85,9 @@ register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collec
 register("gradients/fsdp_pp_accumulated", (Phase.BACKWARD,),
          "FSDP2 under torch.distributed.pipelining: unsharded gradients accumulated until the last backward "
          "(pipelining/stage.py backward_maybe_with_nosync; memory.engine_buffers.fsdp2_pipeline_rows)")
+register("weights/fsdp_pp_kept_after_backward", _TRAIN_SAVED,
+         "FSDP2 under torch.distributed.pipelining, reshard_after_forward=True: units a backward gathered stay "
+         "gathered (set_reshard_after_backward(False)) until the next forward's post_forward")
 register("gradients/fsdp_pp_accumulated_at_peak", (Phase.FORWARD, Phase.BACKWARD_START),
          "the part of gradients/fsdp_pp_accumulated that exists while the stage holds its in-flight peak")
 register("weights/fsdp1_unsharded", _TRAIN_SAVED,
