@@ -129,8 +129,8 @@ this layout under the paper's FSDP (LLAMA3_FSDP; with none, stage 1 holds 79.8 G
 DEEPSEEK_MEMORY = ("DeepSeek-V3 recomputes every RMSNorm and the MLA up-projections, caches the Linear and SwiGLU inputs "
                    "in FP8 and recomputes the SwiGLU output (Sec. 3.2.3, 3.3.2), and runs DualPipe (PP + 1 micro-"
                    "batches in flight, two copies of the parameters; Table 2): memplan has no knob for any of these, so "
-                   "stage 1 holds 4 layers x 23 micro-batches (v = 2 standing for DualPipe) x 2.55 GiB of 16-bit "
-                   "saved tensors, 234 GiB")
+                   "stage 1 holds 4 layers x 23 micro-batches (v = 2 standing for DualPipe) x 2.42 GiB of 16-bit "
+                   "saved tensors, 223 GiB")
 
 
 def _runs() -> list[Run]:
@@ -292,3 +292,21 @@ def test_interleaving_shrinks_the_bubble_as_published() -> None:
 
     assert pipeline_seconds(stage_micro_s=1.0, micro_batches=16, pp=8, virtual_stages=1) == pytest.approx(23.0)
     assert pipeline_seconds(stage_micro_s=1.0, micro_batches=16, pp=8, virtual_stages=4) == pytest.approx(17.75)
+
+
+def test_deepseek_v3_routed_experts_are_megatron_cores() -> None:
+    """The routed experts of a DeepSeek-V3 layer under the megatron layout, per micro-batch of 4,096 tokens: 8 experts
+    per token, 32,768 (token, expert) pairs, each saving 3 int64 permutation indices, the permuted input and the
+    un-permuted output (2 × 7,168 bf16), the fused SwiGLU's 2F input and fc2's F input (Megatron-Core
+    fusions/fused_bias_swiglu.py saves the input only; F = 2,048) and an fp32 routing weight; plus int32 offsets of the
+    256 experts."""
+    from memplan.arch.build import build_architecture
+    from memplan.memory import activations as act
+    from memplan.memory.context import Context
+
+    run = next(r for r in RUNS if r.id == "deepseek-v3")
+    pairs, h, f = 4096 * 8, 7168, 2048
+    expected = pairs * (3 * 8 + 2 * h * 2 + 3 * f * 2 + 4) + 256 * 4
+    ctx = Context(build_architecture(run.spec()), run.config(), catalog_gpu(run.gpu), run.host).at_stage(1)
+    terms = {term.name: term.bytes for term in act.block_terms(ctx, ctx.layers[-1][0], act.counting_for(run.config()))}
+    assert terms["moe/experts"] == expected
