@@ -45,6 +45,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "gradients/fsdp_pp_accumulated": ("engine_buffers.fsdp2_pipeline_rows",),
     "gradients/fsdp_pp_accumulated_at_peak": ("engine_buffers.fsdp2_pipeline_rows",),
     "weights/fsdp_pp_kept_after_backward": ("engine_buffers.fsdp2_kept_after_backward",),
+    "gradients/fsdp_pp_cooldown": ("engine_buffers.fsdp2_cooldown_rows",),
     "gradients/ddp_buckets": ("engine_buffers.ddp_rows",),
     "gradients/reduce_bucket": ("engine_buffers.deepspeed_rows",),
     "gradients/zero3_reduce_bucket": ("engine_buffers.deepspeed_rows",),

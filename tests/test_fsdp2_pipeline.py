@@ -35,7 +35,7 @@ def simulate(p: int, s: int, v: int, m: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(("p", "v", "m"), [(16, 8, 16), (16, 8, 32), (4, 1, 8), (4, 1, 2), (8, 2, 16), (4, 4, 8),
-                                           (16, 2, 64)])
+                                           (16, 2, 64)])  # interleaved: m a multiple of p, as Megatron requires
 def test_chunks_with_gradients_match_the_schedule_written_out(p, v, m):
     for s in range(p):
         in_flight, chunks = simulate(p, s, v, m)
@@ -134,3 +134,46 @@ def test_fsdp2_pipeline_keeps_units_gathered_after_a_backward():
     assert kept.bytes == 2 * (EMBED + 7 * BLOCK - EMBED - BLOCK)
     assert rows["weights/fsdp_all_gather"].bytes == 2 * (EMBED + BLOCK)
     assert Phase.BACKWARD_START in kept.phases
+
+
+def simulate_bytes(p: int, s: int, v: int, m: int, a: int, g: int) -> tuple[int, int]:
+    """The same schedule as ``simulate`` with bytes: each chunk micro-batch in flight holds ``a`` bytes, a chunk's
+    accumulated gradients ``g`` from the start of its first backward; (largest units in flight, largest total)."""
+    total = m * v
+    warm = min((p - s - 1) * 2 + (v - 1) * p if v > 1 else p - s - 1, total)
+    events = ["F"] * warm + ["F", "B"] * (total - warm) + ["B"] * warm
+    alive = backwards = most = units = 0
+    touched: set[int] = set()
+    for e in events:
+        if e == "F":
+            alive += 1
+        else:
+            touched.add(v - 1 - (backwards % (p * v)) // p)
+            backwards += 1
+        most = max(most, alive * a + len(touched) * g)
+        units = max(units, alive)
+        if e == "B":
+            alive -= 1
+    return units, most
+
+
+@pytest.mark.parametrize(("p", "v", "m", "a", "g"), [(4, 4, 4, 1, 100), (4, 4, 8, 3, 10), (16, 8, 16, 5, 3),
+                                                     (8, 2, 16, 1, 50), (4, 2, 4, 2, 9), (16, 8, 32, 1, 1)])
+def test_cooldown_excess_completes_the_peak_of_the_schedule_written_out(p, v, m, a, g):
+    """In-flight peak plus the chunks' gradients there plus the cool-down excess is the schedule's largest total
+    (micro-batches a multiple of p, as Megatron's interleaved schedule requires)."""
+    from memplan.arch.parallel import cooldown_gradient_excess
+
+    for s in range(p):
+        units, most = simulate_bytes(p, s, v, m, a, g)
+        bound = (units * a + chunks_with_gradients_at_peak(p, s, v, m) * g
+                 + cooldown_gradient_excess(p, s, v, m, chunk_grad=g, unit_activations=a))
+        assert bound == most, (p, s, v, m)
+
+
+def test_short_sequences_count_the_cooldown_gradients():
+    """Interleaved (v = 4) with every forward first and short sequences: one chunk's fp32 gradients outweigh the
+    activations 4 backwards free, so the cool-down, not the in-flight peak, holds the most."""
+    est = _pp_estimate(grad_accum=4, perf={"virtual_stages": 4})
+    rows = _rows(est)
+    assert rows["gradients/fsdp_pp_cooldown"].bytes > 0

@@ -148,13 +148,35 @@ def chunks_with_gradients_at_peak(pp: int, stage: int, virtual_stages: int, micr
     S = 0). Backward k runs chunk v − 1 − ⌊(k mod p·v)/p⌋ (megatron/core/pipeline_parallel/schedules.py
     ``get_model_chunk_id``; torch/distributed/pipelining/schedules.py ``ScheduleInterleaved1F1B`` keeps the same
     order), so backwards 0..S − 1 have touched min(v, max(1, ⌈S/p⌉)) chunks.
-    Assumption: a chunk whose first backward comes in the cool-down arrives after the p backwards of the chunk
-    before it have freed p micro-batches' share of a chunk, taken to outweigh one chunk's gradients.
+    A chunk whose first backward comes later, in the cool-down, is ``cooldown_gradient_excess``'s.
     """
     v, p, m = max(1, virtual_stages), pp, micro_batches
-    warm = (p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1
-    steady = m * v - min(warm, m * v)
+    steady = _steady_steps(p, stage, v, m)
     return min(v, max(1, ceil_div(steady, p)))
+
+
+def _steady_steps(p: int, stage: int, v: int, m: int) -> int:
+    """Steady one-forward-one-backward steps of stage ``stage`` (``chunks_with_gradients_at_peak``)."""
+    warm = (p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1
+    return m * v - min(warm, m * v)
+
+
+def cooldown_gradient_excess(pp: int, stage: int, virtual_stages: int, micro_batches: int, *, chunk_grad: int,
+                             unit_activations: int) -> int:
+    """Bytes by which the cool-down of an interleaved stage can exceed its in-flight peak: after the peak only
+    backwards run, each freeing one chunk micro-batch's activations (``unit_activations``), while a chunk that had
+    no gradient yet gets ``chunk_grad`` bytes of them at its first backward.
+
+    Formula: with c = ``chunks_with_gradients_at_peak``, S the steady steps and b = max(0, S − 1) the first backward
+    after the peak, chunk c + j − 1 (0-based, in backward order) first runs at backward (c + j − 1)·p, when
+    (c + j − 1)·p − b chunk micro-batches are freed: max(0, max over j = 1..v − c of j·chunk_grad −
+    ((c + j − 1)·p − b)·unit_activations). Same schedule as ``chunks_with_gradients_at_peak``.
+    """
+    v, p = max(1, virtual_stages), pp
+    chunks = chunks_with_gradients_at_peak(pp, stage, v, micro_batches)
+    first = max(0, _steady_steps(p, stage, v, micro_batches) - 1)
+    return max([0] + [j * chunk_grad - ((chunks + j - 1) * p - first) * unit_activations
+                      for j in range(1, v - chunks + 1)])
 
 
 def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:

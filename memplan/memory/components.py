@@ -95,7 +95,13 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
     """The job's rows on the reported stage, before the runtime rows, each with its phases."""
     if ctx.cfg.job is Job.INFER:
         return with_phases(ctx, _infer_rows(ctx, missing))
-    return phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
+    rows = phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
+    if ctx.cfg.pp > 1 and ctx.cfg.effective_engine is Engine.FSDP2:
+        from memplan.memory import activations, engine_buffers
+
+        flight = activations.micro_batches_in_flight(ctx) if activations.modelled(ctx) else 0
+        rows += with_phases(ctx, engine_buffers.fsdp2_cooldown_rows(ctx, rows, flight=flight))
+    return rows
 
 
 @size_free
@@ -121,7 +127,8 @@ def gradients_persist(cfg: JobConfig) -> bool:
     return cfg.job.trains and (cfg.grad_accum > 1 or cfg.pp > 1)
 
 
-NOT_PERSISTING = ("gradients/fp32_partition", "gradients/fsdp_pp_accumulated", "gradients/fsdp_pp_accumulated_at_peak")
+NOT_PERSISTING = ("gradients/fp32_partition", "gradients/fsdp_pp_accumulated", "gradients/fsdp_pp_accumulated_at_peak",
+                  "gradients/fsdp_pp_cooldown")
 """Gradient rows whose phases ``gradients_persist`` leaves as registered: the fp32 gradients made just before the
 optimizer step, and FSDP2's pipelined accumulation, whose rows already say when they exist."""
 

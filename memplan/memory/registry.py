@@ -88,6 +88,8 @@ register("gradients/fsdp_pp_accumulated", (Phase.BACKWARD,),
 register("weights/fsdp_pp_kept_after_backward", _TRAIN_SAVED,
          "FSDP2 under torch.distributed.pipelining, reshard_after_forward=True: units a backward gathered stay "
          "gathered (set_reshard_after_backward(False)) until the next forward's post_forward")
+register("gradients/fsdp_pp_cooldown", (Phase.BACKWARD_START,),
+         "FSDP2 under an interleaved pipeline: chunks' first gradients in the cool-down beyond the activations freed")
 register("gradients/fsdp_pp_accumulated_at_peak", (Phase.FORWARD, Phase.BACKWARD_START),
          "the part of gradients/fsdp_pp_accumulated that exists while the stage holds its in-flight peak")
 register("weights/fsdp1_unsharded", _TRAIN_SAVED,
