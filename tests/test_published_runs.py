@@ -104,25 +104,33 @@ LLAMA3_VIRTUAL_STAGES = 8
 Transformer layer each from the first and the last stages ... the first model chunk on the first stage has only the
 embedding, and the last model chunk on the last stage has only output projection and loss calculation". A chunk left
 with no layer after losing one held one: 126 + 2 = 128 one-layer chunks on 16 ranks, V = 8 (derived, not printed)."""
-LLAMA3_MEMORY = ("Llama 3 trains at 8K 'without activation checkpointing' (Sec. 3.3.2; states sharded by FSDP, schedule "
-                 "tuned for memory, stage inputs/outputs freed early); memplan's Megatron-Core layout of that run "
-                 "does not fit: stage 1 holds 8 layers x 18 (m = 32) or 16 (m = 16) micro-batches of 0.50 GiB of "
-                 "saved tensors (71.4 / 63.5 GiB) next to about 18 GiB of states and the 10% allocator reserve")
+LLAMA3_FSDP = {"reshard_after_forward": False}
+"""Llama 3, Sec. 3.3.2: "our implementation of FSDP shards the optimizer states and gradients, but for model shards we
+do not reshard after forward computation to avoid an extra all-gather communication during the backward passes";
+"we accumulate backward gradients in FP32 across multiple micro-batches and also reduce-scatter gradients in FP32
+across data parallel workers in FSDP". memplan's fsdp2 profile under a pipeline (torch.distributed.pipelining) runs
+that: bf16 units kept gathered, fp32 gradients accumulated unsharded until the last backward, then reduce-scattered
+(``memory.engine_buffers.fsdp2_pipeline_rows``)."""
+LLAMA3_MEMORY = ("at 8,192 GPUs (m = 32 micro-batches per replica) the interleaved schedule reaches its steady phase on "
+                 "stage 1: it holds 141 one-layer chunk micro-batches (counted as ⌈141/8⌉ = 18 per chunk: 71.4 GiB) "
+                 "while all 8 chunks' fp32 gradients accumulate (11.9 GiB), next to 5.9 GiB of gathered bf16 weights "
+                 "and the 10% allocator reserve: 100.1 GiB; Meta's own schedule (N tunable, Fig. 6) is not Megatron's "
+                 "or torch's, and its in-flight count at m = 32 is not published")
 LLAMA3_128K_SEQ = 131072
 LLAMA3_128K_TOKENS_PER_BATCH = 16 * 2**20
 """Llama 3 (Dubey et al. 2024), Table 4, the 128K-context row: 16,384 GPUs, TP 8, CP 16, PP 16, DP 8, batch size per
 DP group 16 (128 sequences of 131,072 tokens: 16M tokens), 380 TFLOP/s per GPU, 38% BF16 MFU."""
 LLAMA3_128K_FLOPS_PER_TOKEN = 6 * LLAMA3_PARAMS + 6 * 126 * LLAMA3_128K_SEQ * 16384
 """The same count as at 8k (6N plus the causal attention products, 12·L·S·d halved) at S = 131,072."""
-LLAMA3_128K_RECOMPUTE_LAYERS = 32
-"""Llama 3 does not publish its activation-memory settings at 128k; full recomputation of 32 of the 126 layers (two of
+LLAMA3_128K_RECOMPUTE_LAYERS = 16
+"""Llama 3 does not publish its activation-memory settings at 128k; full recomputation of 16 of the 126 layers (one of
 each stage's eight) is assumed: the smallest share, in whole layers per stage, with which memplan fits the 80 GiB at
-this layout (one layer per stage, 16 of 126, leaves the last stage at 86 GiB)."""
+this layout under the paper's FSDP (LLAMA3_FSDP; with none, stage 1 holds 79.8 GiB against the H100's 79.6)."""
 DEEPSEEK_MEMORY = ("DeepSeek-V3 recomputes every RMSNorm and the MLA up-projections, caches the Linear and SwiGLU inputs "
                    "in FP8 and recomputes the SwiGLU output (Sec. 3.2.3, 3.3.2), and runs DualPipe (PP + 1 micro-"
                    "batches in flight, two copies of the parameters; Table 2): memplan has no knob for any of these, so "
-                   "stage 1 holds 4 layers x 23 micro-batches (v = 2 standing for DualPipe) x 2.55 GiB of 16-bit "
-                   "saved tensors, 234 GiB")
+                   "stage 1 holds 4 layers x 23 micro-batches (v = 2 standing for DualPipe) x 2.42 GiB of 16-bit "
+                   "saved tensors, 223 GiB")
 
 
 def _runs() -> list[Run]:
@@ -143,23 +151,23 @@ def _runs() -> list[Run]:
         runs.append(Run(
             f"llama3-405b-{gpus}", f"Dubey et al. 2024 (Llama 3), Table 4 ({tflops} TFLOP/s per GPU, tp8 pp16)",
             "llama-3.1-405b", "h100-sxm-80gb",
-            {"job": "pretrain", "engine": "megatron", "gpus_per_node": 8, "nodes": gpus // 8, "tp": 8, "pp": 16,
+            {"job": "pretrain", "gpus_per_node": 8, "nodes": gpus // 8, "tp": 8, "pp": 16,
              "micro_batch": 1, "grad_accum": 2048 // dp, "seq_len": 8192, "sequence_parallel": True,
-             "activation_accounting": "paper", "engine_config": {"use_distributed_optimizer": True},
-             # Sec. 3.3.2: no activation checkpointing at 8K; interleaved, V = 8 derived; DP traffic overlapped.
-             # Assumed: Megatron-Core's TP/SP layer layout and distributed optimizer stand for Meta's own code
-             # and its FSDP (which shards the gradients too: memplan's fsdp2 profile, reshard_after_forward off, holds about
-             # 9 GiB less and still does not fit; its step time comes out 17-18% slow).
+             # Sec. 3.3.2: FSDP without resharding after forward (LLAMA3_FSDP); no activation checkpointing at 8K;
+             # interleaved, V = 8 derived; DP traffic overlapped. Assumed: Megatron-Core's TP/SP layer layout
+             # (activation_accounting "paper") stands for Meta's own layers.
+             "engine": "fsdp2", "activation_accounting": "paper", "engine_config": LLAMA3_FSDP,
              "recompute": "none", "perf": {"virtual_stages": LLAMA3_VIRTUAL_STAGES, "comm_overlap": 1.0}},
-            LLAMA3_TOKENS_PER_BATCH * LLAMA3_FLOPS_PER_TOKEN / (gpus * tflops * 1e12), fits_xfail=LLAMA3_MEMORY))
+            LLAMA3_TOKENS_PER_BATCH * LLAMA3_FLOPS_PER_TOKEN / (gpus * tflops * 1e12),
+            fits_xfail=LLAMA3_MEMORY if dp == 64 else None))
     # Llama 3 at 128K context: context parallelism 16, all-gather based (Sec. 3.3.2: K and V all-gathered, attention
-    # of the local Q chunk; load-balanced over 2·CP chunks), states sharded as at 8k (distributed optimizer).
+    # of the local Q chunk; load-balanced over 2·CP chunks), states sharded by FSDP as at 8k.
     runs.append(Run(
         "llama3-405b-128k-cp16", "Dubey et al. 2024 (Llama 3), Table 4 (128K: 380 TFLOP/s per GPU, tp8 cp16 pp16)",
         "llama-3.1-405b", "h100-sxm-80gb",
-        {"job": "pretrain", "engine": "megatron", "gpus_per_node": 8, "nodes": 16384 // 8, "tp": 8, "pp": 16, "cp": 16,
+        {"job": "pretrain", "gpus_per_node": 8, "nodes": 16384 // 8, "tp": 8, "pp": 16, "cp": 16,
          "cp_comm": "allgather", "micro_batch": 1, "grad_accum": 16, "seq_len": LLAMA3_128K_SEQ, "sequence_parallel": True,
-         "activation_accounting": "paper", "engine_config": {"use_distributed_optimizer": True},
+         "engine": "fsdp2", "activation_accounting": "paper", "engine_config": LLAMA3_FSDP,
          "recompute": "full", "recompute_layers": LLAMA3_128K_RECOMPUTE_LAYERS,
          "perf": {"virtual_stages": LLAMA3_VIRTUAL_STAGES, "comm_overlap": 1.0}},
         LLAMA3_128K_TOKENS_PER_BATCH * LLAMA3_128K_FLOPS_PER_TOKEN / (16384 * 380e12)))
@@ -284,3 +292,21 @@ def test_interleaving_shrinks_the_bubble_as_published() -> None:
 
     assert pipeline_seconds(stage_micro_s=1.0, micro_batches=16, pp=8, virtual_stages=1) == pytest.approx(23.0)
     assert pipeline_seconds(stage_micro_s=1.0, micro_batches=16, pp=8, virtual_stages=4) == pytest.approx(17.75)
+
+
+def test_deepseek_v3_routed_experts_are_megatron_cores() -> None:
+    """The routed experts of a DeepSeek-V3 layer under the megatron layout, per micro-batch of 4,096 tokens: 8 experts
+    per token, 32,768 (token, expert) pairs, each saving 3 int64 permutation indices, the permuted input and the
+    un-permuted output (2 × 7,168 bf16), the fused SwiGLU's 2F input and fc2's F input (Megatron-Core
+    fusions/fused_bias_swiglu.py saves the input only; F = 2,048) and an fp32 routing weight; plus int32 offsets of the
+    256 experts."""
+    from memplan.arch.build import build_architecture
+    from memplan.memory import activations as act
+    from memplan.memory.context import Context
+
+    run = next(r for r in RUNS if r.id == "deepseek-v3")
+    pairs, h, f = 4096 * 8, 7168, 2048
+    expected = pairs * (3 * 8 + 2 * h * 2 + 3 * f * 2 + 4) + 256 * 4
+    ctx = Context(build_architecture(run.spec()), run.config(), catalog_gpu(run.gpu), run.host).at_stage(1)
+    terms = {term.name: term.bytes for term in act.block_terms(ctx, ctx.layers[-1][0], act.counting_for(run.config()))}
+    assert terms["moe/experts"] == expected

@@ -137,6 +137,48 @@ def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1, micro_
     return flight if micro_batches is None else min(flight, micro_batches)
 
 
+def chunks_with_gradients_at_peak(pp: int, stage: int, virtual_stages: int, micro_batches: int) -> int:
+    """Model chunks of a pipeline stage that hold gradients while the stage holds its largest count of in-flight
+    micro-batches, counting the chunk whose backward runs right after that moment (its gradients appear while only
+    one micro-batch's share of its activations is freed). A stage of v chunks; 1F1B is v = 1.
+
+    Formula (the schedule of ``in_flight_micro_batches``): warm-up W = min((p − s − 1)·2 + (v − 1)·p, m·v) chunk
+    forwards when v > 1, min(p − s − 1, m) when v = 1; then S = m·v − W steady steps of one forward and one
+    backward, the count in flight being largest just after each steady forward (after the last forward when
+    S = 0). Backward k runs chunk v − 1 − ⌊(k mod p·v)/p⌋ (megatron/core/pipeline_parallel/schedules.py
+    ``get_model_chunk_id``; torch/distributed/pipelining/schedules.py ``ScheduleInterleaved1F1B`` keeps the same
+    order), so backwards 0..S − 1 have touched min(v, max(1, ⌈S/p⌉)) chunks.
+    A chunk whose first backward comes later, in the cool-down, is ``cooldown_gradient_excess``'s.
+    """
+    v, p, m = max(1, virtual_stages), pp, micro_batches
+    steady = _steady_steps(p, stage, v, m)
+    return min(v, max(1, ceil_div(steady, p)))
+
+
+def _steady_steps(p: int, stage: int, v: int, m: int) -> int:
+    """Steady one-forward-one-backward steps of stage ``stage`` (``chunks_with_gradients_at_peak``)."""
+    warm = (p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1
+    return m * v - min(warm, m * v)
+
+
+def cooldown_gradient_excess(pp: int, stage: int, virtual_stages: int, micro_batches: int, *, chunk_grad: int,
+                             unit_activations: int) -> int:
+    """Bytes by which the cool-down of an interleaved stage can exceed its in-flight peak: after the peak only
+    backwards run, each freeing one chunk micro-batch's activations (``unit_activations``), while a chunk that had
+    no gradient yet gets ``chunk_grad`` bytes of them at its first backward.
+
+    Formula: with c = ``chunks_with_gradients_at_peak``, S the steady steps and b = max(0, S − 1) the first backward
+    after the peak, chunk c + j − 1 (0-based, in backward order) first runs at backward (c + j − 1)·p, when
+    (c + j − 1)·p − b chunk micro-batches are freed: max(0, max over j = 1..v − c of j·chunk_grad −
+    ((c + j − 1)·p − b)·unit_activations). Same schedule as ``chunks_with_gradients_at_peak``.
+    """
+    v, p = max(1, virtual_stages), pp
+    chunks = chunks_with_gradients_at_peak(pp, stage, v, micro_batches)
+    first = max(0, _steady_steps(p, stage, v, micro_batches) - 1)
+    return max([0] + [j * chunk_grad - ((chunks + j - 1) * p - first) * unit_activations
+                      for j in range(1, v - chunks + 1)])
+
+
 def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:
     """Elements of ``tensor`` held by one rank: split over tp (and ep for routed experts), rounded up.
 

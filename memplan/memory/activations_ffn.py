@@ -59,6 +59,11 @@ def fused_gated_mlp_bytes(*, tokens: int, ffn: int, bits: int, down_trains: bool
     return factors * t.tensor_bytes(count=tokens * ffn, bits=bits)
 
 
+def _gated(spec: ModelSpec) -> bool:
+    """Whether the model's MLPs (and experts) are gated (gate · act(up))."""
+    return spec.mlp_gated and spec.family not in NOT_GATED
+
+
 def _dense(spec: ModelSpec, *, tokens: int, ffn: int, bits: int, gated: bool, counting: Counting,
            down_trains: bool) -> int:
     if counting.paper and gated:
@@ -83,7 +88,7 @@ def _moe_terms(spec: ModelSpec, layer: Layer, dm: Dims, counting: Counting, tr: 
     weight_bits = t.FP32_BITS if fam in MOE_WEIGHTS_FP32 else dm.bits
     routed = t.moe_experts_bytes(pairs=dm.seq_tokens * top_k, hidden=dm.d, ffn=ffn, experts=experts, bits=dm.bits,
                                  weight_bits=weight_bits, up_trains=tr.routed_trains("gate", "up"),
-                                 down_trains=tr.routed_trains("down"))
+                                 down_trains=tr.routed_trains("down"), fused_act=counting.paper and _gated(spec))
     terms = [Term("moe/router", 0 if counting.paper else router), Term("moe/experts", routed)]
     if spec.n_shared_experts:
         full = spec.shared_expert_intermediate_size or (

@@ -177,7 +177,7 @@ def moe_router_bytes(*, tokens: int, experts: int, top_k: int, normalized: bool)
 
 
 def moe_experts_bytes(*, pairs: int, hidden: int, ffn: int, experts: int, bits: int, weight_bits: int,
-                      up_trains: bool = True, down_trains: bool = True) -> int:
+                      up_trains: bool = True, down_trains: bool = True, fused_act: bool = False) -> int:
     """Bytes the routed experts save for ``pairs`` = tokens·k (token, expert) pairs.
 
     Formula per pair: 3 int64 permutation indices (gather, weight gather, un-permute) + the gathered
@@ -186,11 +186,15 @@ def moe_experts_bytes(*, pairs: int, hidden: int, ffn: int, experts: int, bits: 
     routing weight) + the routing weight; + int32 offsets (E).
     Source: transformers ``integrations/moe.py`` ``grouped_mm_experts_forward`` (the default
     ``experts_implementation``); only top-k experts see each token.
+    ``fused_act``: the gated activation is one fused op that saves its 2F input only, its output being down's
+    saved input (Megatron-Core ``fusions/fused_bias_swiglu.py`` ``SwiGLUFunction``, which
+    ``transformer/moe/experts.py`` applies to the grouped fc1 output): no separate act output (one F fewer).
     Assumes: balanced routing, no capacity factor or token dropping.
     """
+    f_wide = (2 if fused_act else 3) + (1 if down_trains else 0)
     per_pair = (tensor_bytes(count=3 * pairs, bits=INT64_BITS)
                 + tensor_bytes(count=pairs * hidden * (1 + (1 if up_trains else 0)), bits=bits)
-                + tensor_bytes(count=pairs * ffn * (3 + (1 if down_trains else 0)), bits=bits)
+                + tensor_bytes(count=pairs * ffn * f_wide, bits=bits)
                 + tensor_bytes(count=pairs, bits=weight_bits))
     return per_pair + tensor_bytes(count=experts, bits=INT32_BITS)
 

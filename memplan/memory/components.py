@@ -95,7 +95,13 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
     """The job's rows on the reported stage, before the runtime rows, each with its phases."""
     if ctx.cfg.job is Job.INFER:
         return with_phases(ctx, _infer_rows(ctx, missing))
-    return phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
+    rows = phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
+    if ctx.cfg.pp > 1 and ctx.cfg.effective_engine is Engine.FSDP2:
+        from memplan.memory import activations, engine_buffers
+
+        flight = activations.micro_batches_in_flight(ctx) if activations.modelled(ctx) else 0
+        rows += with_phases(ctx, engine_buffers.fsdp2_cooldown_rows(ctx, rows, flight=flight))
+    return rows
 
 
 @size_free
@@ -121,10 +127,24 @@ def gradients_persist(cfg: JobConfig) -> bool:
     return cfg.job.trains and (cfg.grad_accum > 1 or cfg.pp > 1)
 
 
+NOT_PERSISTING = ("gradients/fp32_partition", "gradients/fsdp_pp_accumulated", "gradients/fsdp_pp_accumulated_at_peak",
+                  "gradients/fsdp_pp_cooldown")
+"""Gradient rows whose phases ``gradients_persist`` leaves as registered: the fp32 gradients made just before the
+optimizer step, and FSDP2's pipelined accumulation, whose rows already say when they exist."""
+
+
+def persists(cfg: JobConfig, component: str) -> bool:
+    """Whether a gradient row is alive in every training phase when gradients persist across micro-batches.
+    FSDP2 under a pipeline reduce-scatters only after the step's last backward
+    (``memory.engine_buffers.fsdp2_pipeline_rows``): its sharded gradients (``gradients``) exist from then on."""
+    if not component.startswith("gradients") or component in NOT_PERSISTING:
+        return False
+    return not (component == "gradients" and cfg.pp > 1 and cfg.effective_engine is Engine.FSDP2)
+
+
 def with_phases(ctx: Context, rows: list[Row]) -> list[Row]:
     """``rows`` with their phases from the registry (``memory.registry``); gradients alive in every training
-    phase when they persist across micro-batches (``gradients_persist``), except the fp32 gradients made just
-    before the optimizer step."""
+    phase when they persist across micro-batches (``gradients_persist``, ``persists``)."""
     from dataclasses import replace
 
     from memplan.memory import registry
@@ -133,8 +153,7 @@ def with_phases(ctx: Context, rows: list[Row]) -> list[Row]:
     out = []
     for r in rows:
         r = registry.with_phases(r)
-        if (persist and r.phases is not None  # None: alive throughout already
-                and r.component.startswith("gradients") and r.component != "gradients/fp32_partition"):
+        if persist and r.phases is not None and persists(ctx.cfg, r.component):  # None: alive throughout already
             r = replace(r, phases=r.phases | frozenset(TRAIN_PHASES))
         out.append(r)
     return out

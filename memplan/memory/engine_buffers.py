@@ -7,7 +7,7 @@ GPU rows are bytes per GPU. Phases are declared in ``memory.registry``.
 
 from __future__ import annotations
 
-from memplan.arch.parallel import sharded_numel
+from memplan.arch.parallel import chunks_with_gradients_at_peak, cooldown_gradient_excess, sharded_numel
 from memplan.config import Engine, ZeroStage
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
@@ -16,6 +16,9 @@ from memplan.units import bits_to_bytes
 
 DDP = "torch/nn/parallel/distributed.py (Reducer buckets; gradient_as_bucket_view=False keeps param.grad apart)"
 FSDP2 = "torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py (foreach_all_gather, foreach_reduce)"
+FSDP2_PP = ("torch/distributed/pipelining/stage.py backward_maybe_with_nosync (set_requires_gradient_sync(False), "
+            "set_reshard_after_backward(False) until the last backward); torch/distributed/fsdp/_fully_shard/"
+            "_fsdp_param.py to_accumulated_grad_if_needed, accumulate_unsharded_grad_if_needed")
 DS_AT = "DeepSpeed 0.16.5 (38327e0)"
 DS12 = (f"{DS_AT} deepspeed/runtime/zero/stage_1_and_2.py:2049-2061 backward(): ipg_buffer of reduce_bucket_size "
         "(×2 with overlap_comm), released in the epilogue (:802)")
@@ -110,12 +113,92 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
     if running:
         out.append(Row("weights/fsdp_running_unit", Tier.GPU, bits_to_bytes(running, gather_dtype.bits), FSDP2,
                        f"the running block's unsharded {gather_dtype.value} parameters (forward, backward)"))
-    if kept:
+    if kept and ctx.cfg.pp <= 1:  # pipelined: only the first micro-batch all-gathers (fsdp2_pipeline_rows)
         out.append(Row("weights/fsdp_kept_all_gather", Tier.GPU, bits_to_bytes(kept, gather_dtype.bits), FSDP2,
                        "the last all-gather's output, kept until the next unit's copy-out or the root's post-forward"))
     out.append(Row("gradients/fsdp_reduce_scatter", Tier.GPU, rs, FSDP2,
                    f"largest unit's unsharded gradient ({gather_dtype.value}) and its {reduce_dtype.value} reduce copy"))
-    return out
+    return out + fsdp2_pipeline_rows(ctx, unit_reduce_bytes=bits_to_bytes(unit, reduce_dtype.bits))
+
+
+def fsdp2_pipeline_rows(ctx: Context, *, unit_reduce_bytes: int) -> list[Row]:
+    """FSDP2 under ``torch.distributed.pipelining``: the unsharded gradients accumulated across micro-batches.
+
+    The pipeline stage runs every backward but the step's last with ``set_requires_gradient_sync(False)`` and
+    ``set_reshard_after_backward(False)``, then calls each group's ``post_backward`` by hand: no reduce-scatter until
+    the last backward. Under ``MixedPrecisionPolicy(reduce_dtype=fp32)`` each unit's first gradient is copied to
+    fp32 (``to_accumulated_grad_if_needed``) and later ones are added to it (``accumulate_unsharded_grad_if_needed``):
+    the fp32 accumulation Llama 3 describes ("we accumulate backward gradients in FP32 across multiple
+    micro-batches", Dubey et al. 2024, Sec. 3.3.2). They exist from a unit's first backward of the step until the
+    last backward's reduce-scatter, so they are not there while the stage runs its warm-up forwards.
+
+    Formula, with G = bits(reduce_dtype)/8 · (the stage's trainable elements), c the stage's chunks with gradients
+    at its in-flight peak (``arch.parallel.chunks_with_gradients_at_peak``) of v chunks, and U = bits(reduce_dtype)/8 ·
+    (largest unit), which ``gradients/fsdp_reduce_scatter`` already counts with the running unit:
+    - ``gradients/fsdp_pp_accumulated`` (backward): G;
+    - ``gradients/fsdp_pp_accumulated_at_peak`` (forward, start of backward): max(0, ⌈G·c/v⌉ − U).
+    Without master weights (pure bf16) the gradients accumulate in ``.grad`` in bf16: the same rows in bf16.
+    With ``reshard_after_forward=False`` the units stay gathered across micro-batches, so only the step's first
+    forward all-gathers: the kept all-gather output of ``fsdp2_rows`` is gone before the stage's peak.
+    """
+    cfg = ctx.cfg
+    if cfg.pp <= 1 or not cfg.job.trains:
+        return []
+    reduce_dtype = param_dtype(ctx) if mixed(ctx) else compute_dtype(ctx)
+    numel = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors)
+    total = bits_to_bytes(numel, reduce_dtype.bits)
+    v = max(1, cfg.perf.virtual_stages)
+    chunks = chunks_with_gradients_at_peak(cfg.pp, ctx.stage, v, cfg.grad_accum)
+    at_peak = max(0, -(-total * chunks // v) - unit_reduce_bytes)
+    out = [Row("gradients/fsdp_pp_accumulated", Tier.GPU, total, FSDP2_PP,
+               f"unsharded {reduce_dtype.value} gradients accumulated over the step's micro-batches")]
+    if at_peak:
+        out.append(Row("gradients/fsdp_pp_accumulated_at_peak", Tier.GPU, at_peak, FSDP2_PP,
+                       f"{chunks} of {v} chunks' accumulated gradients exist at the in-flight peak"))
+    return out + fsdp2_kept_after_backward(ctx, numel)
+
+
+def fsdp2_kept_after_backward(ctx: Context, numel: int) -> list[Row]:
+    """FSDP2 under a pipeline with ``reshard_after_forward=True``: the units a backward gathered stay gathered.
+
+    ``set_reshard_after_backward(False)`` on every backward but the step's last (pipelining/stage.py
+    ``backward_maybe_with_nosync``) skips ``post_backward``'s reshard; the next forward's ``pre_forward`` finds the unit
+    unsharded and only its ``post_forward`` reshards it (_fsdp_param_group.py). After a backward the whole stage is
+    gathered while all but one micro-batch's activations are alive.
+    Formula: bits(param_dtype)/8 · (stage elements − root − ``fsdp_prefetch`` · largest block), what ``fsdp2_rows``
+    does not hold gathered already; counted with the in-flight peak (over by that one micro-batch's activations).
+    """
+    cfg = ctx.cfg
+    if not cfg.engine_config.reshard_after_forward or not ctx.layers:
+        return []
+    root, block = fsdp_unit_numel(ctx)
+    kept = max(0, numel - root - block * cfg.engine_config.fsdp_prefetch)
+    dtype = compute_dtype(ctx)
+    return [Row("weights/fsdp_pp_kept_after_backward", Tier.GPU, bits_to_bytes(kept, dtype.bits), FSDP2_PP,
+                f"units gathered by a backward and kept until the next forward reshards them ({dtype.value})")]
+
+
+def fsdp2_cooldown_rows(ctx: Context, rows: list[Row], *, flight: int) -> list[Row]:
+    """FSDP2 under an interleaved pipeline: what the cool-down can hold beyond the in-flight peak, when a chunk's first
+    backward adds its accumulated gradients faster than the backwards before it freed activations.
+
+    Formula: ``arch.parallel.cooldown_gradient_excess`` with one chunk's gradients ⌈G/v⌉ (G the
+    ``gradients/fsdp_pp_accumulated`` row) and one chunk micro-batch's activations ⌊A/(F·v)⌋ (A the
+    ``activations/layers`` row, F the micro-batches in flight per chunk); counted at the start of backward, with every
+    in-flight activation (over by what the cool-down freed). Source: as ``fsdp2_pipeline_rows``.
+    """
+    cfg = ctx.cfg
+    v = max(1, cfg.perf.virtual_stages)
+    if cfg.effective_engine is not Engine.FSDP2 or cfg.pp <= 1 or v <= 1 or not cfg.job.trains or flight <= 0:
+        return []
+    by_name = {r.component: r.bytes for r in rows if r.tier is Tier.GPU}
+    total, layers = by_name.get("gradients/fsdp_pp_accumulated", 0), by_name.get("activations/layers", 0)
+    excess = cooldown_gradient_excess(cfg.pp, ctx.stage, v, cfg.grad_accum, chunk_grad=-(-total // v),
+                                      unit_activations=layers // (flight * v))
+    if not excess:
+        return []
+    return [Row("gradients/fsdp_pp_cooldown", Tier.GPU, excess, FSDP2_PP,
+                "chunks' first gradients in the cool-down beyond the activations freed by then")]
 
 
 def deepspeed_rows(ctx: Context) -> list[Row]:

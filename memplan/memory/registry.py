@@ -82,6 +82,16 @@ register("weights/fsdp_running_unit", (Phase.FORWARD, Phase.BACKWARD),
 register("weights/fsdp_kept_all_gather", (Phase.FORWARD, Phase.BACKWARD_START),
          "FSDP2 _fsdp_param_group.py wait_for_unshard comm_ctx.all_gather_state, freed in _fsdp_state.py _post_forward")
 register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collectives.py foreach_reduce: one unit")
+register("gradients/fsdp_pp_accumulated", (Phase.BACKWARD,),
+         "FSDP2 under torch.distributed.pipelining: unsharded gradients accumulated until the last backward "
+         "(pipelining/stage.py backward_maybe_with_nosync; memory.engine_buffers.fsdp2_pipeline_rows)")
+register("weights/fsdp_pp_kept_after_backward", _TRAIN_SAVED,
+         "FSDP2 under torch.distributed.pipelining, reshard_after_forward=True: units a backward gathered stay "
+         "gathered (set_reshard_after_backward(False)) until the next forward's post_forward")
+register("gradients/fsdp_pp_cooldown", (Phase.BACKWARD_START,),
+         "FSDP2 under an interleaved pipeline: chunks' first gradients in the cool-down beyond the activations freed")
+register("gradients/fsdp_pp_accumulated_at_peak", (Phase.FORWARD, Phase.BACKWARD_START),
+         "the part of gradients/fsdp_pp_accumulated that exists while the stage holds its in-flight peak")
 register("weights/fsdp1_unsharded", _TRAIN_SAVED,
          "FSDP1 _runtime_utils.py _unshard/_reshard: gathered FlatParameters from forward through backward")
 register("gradients/fsdp1_reduce_scatter", (Phase.BACKWARD,), "FSDP1 _runtime_utils.py _reduce_grad: one unit")

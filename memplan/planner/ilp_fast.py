@@ -46,14 +46,14 @@ def _block_units(problem: Problem, lb: LayerBlock, modes: list[str], p: int, s: 
     if not lb.stages and p != 1:
         return 0
     tables = _tables(lb, phase)
-    flight = problem.flight(p, s)
-    mult = flight if lb.in_flight else 1
     units, work, held = 0, 0, 0
     split = lb.flight_workspace is not None and lb.workspace_phases != lb.flight_phases
     for layer, m in enumerate(modes):
         if stage_of(layer, problem.num_layers, p, problem.stage_map) != s:
             continue
         for k in lb.gpu[layer][m]:
+            flight = problem.key_flight(p, s, lb.key_dims, k)
+            mult = flight if lb.in_flight else 1
             nbytes = sum(t[layer][m].get(k, 0) for t in tables)
             units += ceil_unit(nbytes * mult) if nbytes else 0
             if lb.workspace is not None:
@@ -75,12 +75,13 @@ def _least_block_units(problem: Problem, lb: LayerBlock, p: int, s: int, phase: 
     if not lb.stages and p != 1:
         return 0
     tables = _tables(lb, phase)
-    mult = problem.flight(p, s) if lb.in_flight else 1
     units = 0
     for layer, per in enumerate(lb.gpu):
         if stage_of(layer, problem.num_layers, p, problem.stage_map) != s:
             continue
-        least = [ceil_unit(sum(t[layer][m].get(k, 0) for t in tables) * mult) for m, keyed in per.items() for k in keyed]
+        least = [ceil_unit(sum(t[layer][m].get(k, 0) for t in tables)
+                           * (problem.key_flight(p, s, lb.key_dims, k) if lb.in_flight else 1))
+                 for m, keyed in per.items() for k in keyed]
         units += min(least, default=0)
     return units
 

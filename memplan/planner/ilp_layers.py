@@ -120,7 +120,8 @@ class LayerBlocks:
                 continue
             for m, keyed in lb.workspace[rep].items():  # type: ignore[index]
                 extra = lb.flight_workspace[rep][m] if lb.flight_workspace and held else {}
-                coef = {k: ceil_unit((n if work else 0) + self.p.flight(p, s) * extra.get(k, 0)) for k, n in keyed.items()
+                coef = {k: ceil_unit((n if work else 0) + self.p.key_flight(p, s, lb.key_dims, k) * extra.get(k, 0))
+                        for k, n in keyed.items()
                         if "pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p}
                 total = sum(coef.values())
                 if total:
@@ -152,11 +153,11 @@ class LayerBlocks:
             rep = members[0]
             if stage_of(rep, self.p.num_layers, p, self.p.stage_map) != s:
                 continue
-            mult = self.p.flight(p, s) if lb.in_flight else 1
             for m in lb.modes:
                 for k in lb.gpu[rep][m]:
                     nbytes = sum(t[rep][m].get(k, 0) for t in tables)
                     if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
+                        mult = self.p.key_flight(p, s, lb.key_dims, k) if lb.in_flight else 1
                         terms.append(ceil_unit(nbytes * mult) * self.w[bi, gkey, m, k])
         if (bi, p, s, 0) in self.ws and lb.alive(phase, shared_phases(lb)):
             terms.append(self.ws[bi, p, s, 0])

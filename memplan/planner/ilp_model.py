@@ -143,10 +143,36 @@ class Problem:
     """Model chunks per pipeline stage (interleaved 1F1B): how many micro-batches a stage holds in flight
     (``flight``)."""
 
-    def flight(self, pp: int, stage: int) -> int:
+    global_batch: int | None = None
+    """Sequences per step, with ``world`` GPUs and context parallelism ``cp``: what ``micro_batches`` reads."""
+    world: int = 1
+    cp: int = 1
+
+    def micro_batches(self, key_dims: tuple[str, ...], key: tuple) -> int | None:
+        """Micro-batches per replica in a step under a block key's tp, pp and micro-batch, as ``setting.config_for``
+        sets ``grad_accum``: global batch // (micro-batch · world/(tp·pp·cp)), at least 1; None when unknown."""
+        if self.global_batch is None or not {"tp", "pp", "micro_batch"} <= set(key_dims):
+            return None
+        d = dict(zip(key_dims, key, strict=True))
+        replicas = max(1, self.world // (d["tp"] * d["pp"] * self.cp))
+        return max(1, self.global_batch // (d["micro_batch"] * replicas))
+
+    def flight(self, pp: int, stage: int, micro_batches: int | None = None) -> int:
         """Micro-batches whose per-layer bytes stage ``stage`` of ``pp`` holds at its peak: p − s under 1F1B, more
-        under the interleaved schedule (``arch.parallel.in_flight_micro_batches``, the count ``estimate`` uses)."""
-        return in_flight_micro_batches(pp, stage, self.virtual_stages)
+        under the interleaved schedule, at most the step's ``micro_batches`` (``arch.parallel.
+        in_flight_micro_batches``, the count ``estimate`` uses)."""
+        return in_flight_micro_batches(pp, stage, self.virtual_stages, micro_batches)
+
+    _flights: dict[tuple, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def key_flight(self, pp: int, stage: int, key_dims: tuple[str, ...], key: tuple) -> int:
+        """``flight`` capped at the micro-batches of the block key's step (``micro_batches``), memoized: the ILP
+        builders ask once per layer group, mode and key."""
+        memo = (pp, stage, key_dims, key)
+        out = self._flights.get(memo)
+        if out is None:
+            out = self._flights[memo] = self.flight(pp, stage, self.micro_batches(key_dims, key))
+        return out
 
     @property
     def blocks(self) -> list[LayerBlock]:

@@ -435,6 +435,8 @@ def sharded_comm_seconds(gpu: GpuSpec, cfg: JobConfig, *, params: int, grad: int
     whole = shard_comm.Link(*link.pick(cfg.tp * dp <= gpn))
     fsdp2 = cfg.effective_engine is Engine.FSDP2
     gathers = 1 if fsdp2 and not cfg.engine_config.reshard_after_forward else 2
+    if fsdp2 and gathers == 1 and cfg.pp > 1:
+        micro = pipelined_fsdp2_rounds()
     if fsdp2 and cfg.uses_master_weights:  # MixedPrecisionPolicy(reduce_dtype=fp32): gradients reduce in fp32
         grad = params * Dtype.FP32.bits // 8
     if hpz > 1:
@@ -452,6 +454,16 @@ def sharded_comm_seconds(gpu: GpuSpec, cfg: JobConfig, *, params: int, grad: int
     per = shard_comm.full_shard_micro_seconds(weights=weights, grads=grad, dp=dp, gathers=gathers, layers=layers,
                                               link=whole)
     return micro * max(0.0, per - hidden)
+
+
+def pipelined_fsdp2_rounds() -> int:
+    """Rounds of sharded-state traffic per step of FSDP2 under ``torch.distributed.pipelining`` with
+    ``reshard_after_forward=False``: 1. The stage runs every backward but the last with
+    ``set_requires_gradient_sync(False)`` and ``set_reshard_after_backward(False)`` (pipelining/stage.py
+    ``backward_maybe_with_nosync``), so its units, gathered by the step's first forward, stay gathered across the
+    micro-batches and their gradients are reduce-scattered once, after the last backward: one all-gather and one
+    reduce-scatter per step, hidden behind one micro-batch's compute as ``sharded_comm_seconds`` counts it."""
+    return 1
 
 
 def recompute_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: int, layer: Layer,

@@ -271,7 +271,8 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       extra_blocks=extra, phases=tuple(p.value for p in TRAIN_PHASES),
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
                       stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
-                      virtual_stages=setting.base.perf.virtual_stages)
+                      virtual_stages=setting.base.perf.virtual_stages, global_batch=setting.global_batch,
+                      world=setting.base.world_size, cp=setting.base.cp)
     return problem, reasons
 
 

@@ -34,7 +34,7 @@ def persisting(rows: list) -> int:
     """GPU bytes of the gradients that persist across micro-batches (all but the fp32 copies made for the step);
     counted in forward and at the start of backward only when the step accumulates (``Entry.persist_gpu``)."""
     return sum(r.bytes for r in rows if r.tier is Tier.GPU and r.component.startswith("gradients")
-               and r.component != "gradients/fp32_partition")
+               and r.component not in components.NOT_PERSISTING)
 
 
 def phased(ctx: Context) -> list:

@@ -22,6 +22,14 @@ from memplan.planner.setting import SAVINGS, TrainSetting, config_for
 LAYER_DIMS = ("tp", "pp", "micro_batch", "seq_len")
 
 
+def micro_batches(setting: TrainSetting, key: tuple) -> int:
+    """Micro-batches per replica in a step under a (tp, pp, micro-batch, seq) key: the ``grad_accum`` that
+    ``setting.config_for`` derives from the global batch (``ilp_model.Problem.micro_batches``)."""
+    tp, pp, mb = key[0], key[1], key[2]
+    replicas = max(1, setting.base.world_size // (tp * pp * setting.base.cp))
+    return max(1, setting.global_batch // (mb * replicas))
+
+
 def layer_block(setting: TrainSetting, dims: dict[str, tuple]) -> LayerBlock | None:
     """Per-layer recompute modes: bytes per micro-batch by (tp, pp, micro-batch, seq), recompute seconds.
 
@@ -134,7 +142,7 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
         ranges = arch_stage_ranges(setting.arch, pp)
         for s in range(pp):
             members = ranges[s]
-            flight = in_flight_micro_batches(pp, s, setting.base.perf.virtual_stages)
+            flight = in_flight_micro_batches(pp, s, setting.base.perf.virtual_stages, micro_batches(setting, key))
             base = sum(flight * layers.gpu[i][none][key] for i in members)
             need = base + lean[tp, pp][s] + shp.gpu_in(start)[s] - cap
             if need <= 0:
