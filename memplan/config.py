@@ -426,7 +426,7 @@ TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_o
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
                  "sequence_parallel", "cp", "cp_comm", "offload_activations", "dropout", "loss_fp32",
                  "activation_accounting", "lora", "galore", "optimizer_impl", "engine_config", "kept_output",
-                 "transformers_version", "perf")
+                 "transformers_version", "module_layout", "bnb_version", "perf")
 """JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
 training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
@@ -581,6 +581,18 @@ class JobConfig(Strict):
     ``output`` with current transformers, whose ``ForCausalLMLoss`` upcasts inside the loss) or ``logits_fp32``
     (early-2024 transformers, e.g. v4.38 ``LlamaForCausalLM.forward``: ``logits = logits.float()`` is returned).
     AnswerDotAI fsdp_qlora train.py holds ``output`` until ``output = None`` after ``optimizer.step()``."""
+    module_layout: Literal["hf", "litgpt"] = "hf"
+    """Whose modules and training loop the job runs, for the activations: ``hf`` (transformers modules with peft
+    adapters, the default) or ``litgpt`` (Lightning-AI litgpt ``model.py``/``lora.py`` and ``finetune/*.py``: the fused
+    qkv projection whose whole output SDPA's v keeps alive, q made head-major by RoPE's ``cat`` so the output
+    projection reads a copy, one ``LoRAQKVLinear`` adapter for q/k/v whose ``zero_pad`` ``index_copy`` saves its
+    source, and a loop that holds ``logits`` until the next forward returns). Llama-layout models only;
+    see ``memory.litgpt``."""
+    bnb_version: str | None = Field(default=None, pattern=r"^0\.\d+(\.\d+)?$")
+    """The bitsandbytes release, for what its matmuls keep for backward (``memory.litgpt.bnb_keeps_input``): up to
+    0.43.1 the 4-bit and 8-bit matmuls hold their input on ``ctx`` (alive while the autograd graph is referenced, past
+    its backward: ``activations/bnb_retained_inputs``); from 0.43.2 the 4-bit matmul holds none. None: the input is
+    saved and freed by its backward (memplan's rule for an unknown release)."""
     transformers_version: str | None = Field(default=None, pattern=r"^4\.(3[7-9]|40)(\.\d+)?$")
     """The transformers release the job runs, for the bytes older releases hold that current ones do not
     (``memory.hf_legacy``): 4.37-4.40 keep per-layer rotary cos/sin caches of max_position_embeddings rows; 4.38.x

@@ -27,7 +27,7 @@ from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
-from memplan.memory import bnb_workspace, hf_legacy, sdpa_workspace
+from memplan.memory import bnb_workspace, hf_legacy, litgpt, sdpa_workspace
 from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
@@ -100,7 +100,19 @@ def _block_terms(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainabl
     amp = [blk.Term("amp_fp32", amp_extra.block_extra_bytes(spec, layer, dm))] if amp_fp32 else []
     return (blk.norm_terms(spec, layer, dm, counting, tr) + blk.attention_terms(spec, layer, cfg, dm, counting, tr)
             + ffn.mlp_terms(spec, layer, dm, counting, tr) + ffn.dropout_terms(spec, cfg, dm, counting)
-            + ffn.adapter_terms(dm, tr, counting) + amp)
+            + ffn.adapter_terms(dm, tr, counting) + _litgpt_adapter(cfg, dm, counting, tr) + amp)
+
+
+def _litgpt_adapter(cfg: JobConfig, dm: blk.Dims, counting: blk.Counting, tr: blk.Trainable) -> list[blk.Term]:
+    """litgpt's one fused q/k/v adapter per block (``memory.litgpt.qkv_adapter_bytes``); [] in the HF layout."""
+    adapted = tuple(p for p in litgpt.QKV if p in tr.adapted)
+    if not litgpt.applies(cfg) or not adapted:
+        return []
+    value = litgpt.qkv_adapter_bytes(
+        tokens=dm.tokens, d=dm.d, widths={"q": dm.n * dm.h, "k": dm.k * dm.h, "v": dm.k * dm.h}, adapted=adapted,
+        rank=cfg.lora.rank, bits=tr.adapter_bits, dropout=cfg.lora.dropout > 0,
+        mask_bits=tr.adapter_bits if counting.cpu else counting.mask_bits, input_grad=tr.input_grad)
+    return [blk.Term("lora/qkv_adapter", value)]
 
 
 def _amp(ctx: Context, counting: blk.Counting) -> bool:
