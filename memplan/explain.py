@@ -90,6 +90,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "weights/model_buffers": ("hf_buffers.causal_bias_bytes", "hf_buffers.sinusoidal_positions_bytes"),
     "activations/hidden_states": ("inference.hidden_states_bytes",),
     "activations/dequant_workspace": ("bnb_workspace.dequant_workspace_bytes", "bnb_workspace.dequant_copies"),
+    "activations/bnb_retained_inputs": ("bnb_workspace.retained_input_bytes", "bnb_workspace.retains_inputs",
+                                        "bnb_workspace.retained_phases"),
     "runtime/quantize_workspace": ("bnb_workspace.quantize_workspace_bytes",),
     "runtime/exllama_temp_dq": ("bnb_workspace.exllama_temp_dq_bytes",),
     "activations/prefill_workspace": ("inference.attention_workspace_bytes", "inference.mla_workspace_bytes",

@@ -28,7 +28,7 @@ from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
 from memplan.memory import bnb_workspace, hf_legacy, litgpt, sdpa_workspace
-from memplan.memory.breakdown import Phase, Row, Tier
+from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
 from memplan.memory.memo import canonical_layers, per_layer_class, size_free
@@ -339,6 +339,7 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
         out["activations/logits"] = logits_peak_bytes(ctx, counting)
         out["activations/kept_output"] = kept_output_bytes(ctx, counting)
     out["activations/dequant_workspace"] = bnb_workspace.dequant_workspace_bytes(ctx)
+    out["activations/bnb_retained_inputs"] = bnb_workspace.retained_input_bytes(ctx)
     return {name: value for name, value in out.items() if value}
 
 
@@ -357,6 +358,9 @@ _SOURCES = {
     "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",
     "activations/logits": "logits + fp32 copy, or their two fp32 gradients, whichever is larger",
     "activations/kept_output": "logits of the model output the training loop holds until after the step",
+    "activations/bnb_retained_inputs": "bitsandbytes <= 0.43.1 MatMul4Bit ctx.tensors = (A, B): one micro-batch's "
+                                       "quantized-linear inputs, alive while the graph is referenced "
+                                       "(memory.bnb_workspace)",
     "activations/dequant_workspace": "bitsandbytes MatMul4Bit/MatMul8bitLt: the largest quantized weight dequantized "
                                      "to 16 bits (memory.bnb_workspace)",
     "activations/cp_exchange": "context parallelism: key/value exchange buffers of one attention (context_parallel)",
@@ -368,7 +372,10 @@ _SOURCES = {
 def rows(ctx: Context) -> list[Row]:
     """GPU rows of training activations for the reported stage; [] for inference or params-only models."""
     saved = "saved for backward"
-    dequant = {"activations/dequant_workspace": bnb_workspace.dequant_phases(ctx)}
+    dequant = {"activations/dequant_workspace": bnb_workspace.dequant_phases(ctx),
+               "activations/bnb_retained_inputs": bnb_workspace.retained_phases(ctx.cfg)}
+    if litgpt.applies(ctx.cfg):  # litgpt's loop holds ``logits`` until the next forward returns (memory.litgpt)
+        dequant["activations/kept_output"] = frozenset(TRAIN_PHASES)
     out = [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak",
                dequant.get(name)) for name, value in breakdown(ctx).items()]
     if not out:

@@ -107,14 +107,19 @@ def quantized_inputs(layer: Layer, cfg: JobConfig, layer_index: int | None = Non
     peft's ``prepare_model_for_kbit_training`` sets) the hidden states require grad, so A is kept.
     The 8-bit ``MatMul8bitLt.forward`` does the same (``ctx.tensors = (CAt, subA, A)``; CAt only when the weight
     needs a gradient, subA only for outlier columns).
+    From bitsandbytes 0.43.2 the 4-bit matmul keeps ``(None, B)`` (``JobConfig.bnb_version``,
+    ``bnb_workspace.matmul4bit_keeps_input``): nothing, then.
     Assumes: the layer's format (``weights.layer_format``: the per-layer map, else the job's) is a bitsandbytes
     one; GPTQ/AWQ kernels are not covered here.
     """
+    from memplan.memory.bnb_workspace import INT8, matmul4bit_keeps_input
     from memplan.memory.quant import Library, get_format
     from memplan.memory.weights import layer_format
 
     fmt = layer_format(cfg, layer_index) if cfg.job is Job.QLORA else None
     if fmt is None or get_format(fmt).library is not Library.BITSANDBYTES:
+        return set()
+    if fmt != INT8 and not matmul4bit_keeps_input(cfg):  # bitsandbytes >= 0.43.2: ctx.tensors = (None, B)
         return set()
     return {p for t in layer.tensors if t.role is Role.LINEAR and len(t.shape) == 2 and not t.routed
             for p in t.projections}

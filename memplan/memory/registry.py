@@ -109,6 +109,9 @@ register("activations/logits", (_BS, Phase.PREFILL),
 register("activations/kept_output", (_BS, _B, _O),
          "logits of the model output held by the training loop until after optimizer.step() "
          "(AnswerDotAI fsdp_qlora train.py: output = None after the step)")
+register("activations/bnb_retained_inputs", (_B, _O),
+         "bitsandbytes <= 0.43.1 MatMul4Bit keeps its input on ctx (not a saved variable): alive until the graph is "
+         "dropped, past backward; the row names its phases (memory.bnb_workspace.retained_phases)")
 register("activations/cp_exchange", (_F, _BS),
          "context parallelism: one attention's key/value exchange buffers, with every saved activation alive "
          "(TransformerEngine context_parallel.py, torch context_parallel; memory.context_parallel)")
