@@ -426,7 +426,7 @@ TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_o
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
                  "sequence_parallel", "cp", "cp_comm", "offload_activations", "dropout", "loss_fp32",
                  "activation_accounting", "lora", "galore", "optimizer_impl", "engine_config", "kept_output",
-                 "transformers_version", "module_layout", "bnb_version", "perf")
+                 "transformers_version", "module_layout", "bnb_version", "previous_seq_len", "perf")
 """JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
 training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
@@ -588,6 +588,12 @@ class JobConfig(Strict):
     projection reads a copy, one ``LoRAQKVLinear`` adapter for q/k/v whose ``zero_pad`` ``index_copy`` saves its
     source, and a loop that holds ``logits`` until the next forward returns). Llama-layout models only;
     see ``memory.litgpt``."""
+    previous_seq_len: int | None = Field(default=None, ge=0)
+    """Tokens per sequence of the micro-batch before the one at the peak, for what a loop that holds its output until
+    the next forward returns (litgpt's, ``module_layout="litgpt"``) keeps during that forward: its logits and, with
+    bitsandbytes <= 0.43.1, its quantized linears' inputs. None: ``seq_len`` (micro-batches of equal length, the
+    worst case); 0: nothing held (the longest micro-batch comes first, as litgpt 8641822's ``get_batch`` forces);
+    at most ``seq_len``."""
     bnb_version: str | None = Field(default=None, pattern=r"^0\.\d+(\.\d+)?$")
     """The bitsandbytes release, for what its matmuls keep for backward (``memory.litgpt.bnb_keeps_input``): up to
     0.43.1 the 4-bit and 8-bit matmuls hold their input on ``ctx`` (alive while the autograd graph is referenced, past

@@ -92,6 +92,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "activations/dequant_workspace": ("bnb_workspace.dequant_workspace_bytes", "bnb_workspace.dequant_copies"),
     "activations/bnb_retained_inputs": ("bnb_workspace.retained_input_bytes", "bnb_workspace.retains_inputs",
                                         "bnb_workspace.retained_phases"),
+    "activations/bnb_retained_previous": ("bnb_workspace.retained_input_bytes", "litgpt.previous_tokens"),
+    "activations/kept_output_previous": ("activations.kept_output_bytes", "litgpt.previous_tokens"),
     "runtime/quantize_workspace": ("bnb_workspace.quantize_workspace_bytes",),
     "runtime/exllama_temp_dq": ("bnb_workspace.exllama_temp_dq_bytes",),
     "activations/prefill_workspace": ("inference.attention_workspace_bytes", "inference.mla_workspace_bytes",

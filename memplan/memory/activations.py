@@ -28,7 +28,7 @@ from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
 from memplan.memory import bnb_workspace, hf_legacy, litgpt, sdpa_workspace
-from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier
+from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
 from memplan.memory.memo import canonical_layers, per_layer_class, size_free
@@ -304,14 +304,15 @@ def logits_peak_bytes(ctx: Context, counting: blk.Counting) -> int:
                                     loss_bits=_loss_bits(ctx.cfg))
 
 
-def kept_output_bytes(ctx: Context, counting: blk.Counting) -> int:
+def kept_output_bytes(ctx: Context, counting: blk.Counting, tokens: int | None = None) -> int:
     """Last stage: the model output's logits the training loop keeps until after the optimizer step
-    (``JobConfig.kept_output``, see ``kept_logits_bytes``); one micro-batch's (each forward replaces it); 0 for the
-    paper's accounting and for ``kept_output="none"``."""
+    (``JobConfig.kept_output``, see ``kept_logits_bytes``); one micro-batch's (each forward replaces it), of ``tokens``
+    (default the micro-batch's; litgpt's previous micro-batch: ``litgpt.previous_tokens``); 0 for the paper's
+    accounting and for ``kept_output="none"``."""
     kept = ctx.cfg.kept_output
     if counting.paper or kept == "none":
         return 0
-    tokens, _ = _tokens(ctx)
+    tokens = _tokens(ctx)[0] if tokens is None else tokens
     vocab = ceil_div(ctx.arch.spec.vocab_size or 0, ctx.cfg.tp)
     bits = t.FP32_BITS if kept == "logits_fp32" else blk.activation_bits(ctx.cfg)
     return t.kept_logits_bytes(tokens=tokens, vocab=vocab, bits=bits)
@@ -340,6 +341,11 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
         out["activations/kept_output"] = kept_output_bytes(ctx, counting)
     out["activations/dequant_workspace"] = bnb_workspace.dequant_workspace_bytes(ctx)
     out["activations/bnb_retained_inputs"] = bnb_workspace.retained_input_bytes(ctx)
+    previous = litgpt.previous_tokens(cfg)  # litgpt's loop: the previous micro-batch's output, into the next forward
+    if previous and ctx.stage == cfg.pp - 1:
+        out["activations/kept_output_previous"] = kept_output_bytes(ctx, counting, previous)
+    if previous:
+        out["activations/bnb_retained_previous"] = bnb_workspace.retained_input_bytes(ctx, previous)
     return {name: value for name, value in out.items() if value}
 
 
@@ -361,6 +367,10 @@ _SOURCES = {
     "activations/bnb_retained_inputs": "bitsandbytes <= 0.43.1 MatMul4Bit ctx.tensors = (A, B): one micro-batch's "
                                        "quantized-linear inputs, alive while the graph is referenced "
                                        "(memory.bnb_workspace)",
+    "activations/bnb_retained_previous": "the previous micro-batch's bitsandbytes <= 0.43.1 quantized-linear inputs, "
+                                         "held by litgpt's loop through the next forward (memory.bnb_workspace)",
+    "activations/kept_output_previous": "the previous micro-batch's logits, held by litgpt's loop (logits = model(...))"
+                                        " until the next forward returns (memory.litgpt)",
     "activations/dequant_workspace": "bitsandbytes MatMul4Bit/MatMul8bitLt: the largest quantized weight dequantized "
                                      "to 16 bits (memory.bnb_workspace)",
     "activations/cp_exchange": "context parallelism: key/value exchange buffers of one attention (context_parallel)",
@@ -374,8 +384,6 @@ def rows(ctx: Context) -> list[Row]:
     saved = "saved for backward"
     dequant = {"activations/dequant_workspace": bnb_workspace.dequant_phases(ctx),
                "activations/bnb_retained_inputs": bnb_workspace.retained_phases(ctx.cfg)}
-    if litgpt.applies(ctx.cfg):  # litgpt's loop holds ``logits`` until the next forward returns (memory.litgpt)
-        dequant["activations/kept_output"] = frozenset(TRAIN_PHASES)
     out = [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak",
                dequant.get(name)) for name, value in breakdown(ctx).items()]
     if not out:

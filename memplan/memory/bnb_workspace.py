@@ -221,12 +221,13 @@ def check_bnb_version(cfg: JobConfig) -> None:
                            "drop --bnb-version.")
 
 
-def retained_input_bytes(ctx: Context) -> int:
+def retained_input_bytes(ctx: Context, tokens: int | None = None) -> int:
     """Bytes of one micro-batch's inputs that bitsandbytes (<= 0.43.1) 4-bit linears keep on ``ctx`` past backward.
 
-    Formula: Σ over the stage's blocks without recompute of b/8·B·S·(D [q/k/v input, if quantized and needing a
-    gradient] + N·H [o input] + D [gate/up input] + F [down input]) + b/8·B·S·D (the output layer's input, when it is
-    quantized and on this stage); widths per tp rank. 0 unless ``retains_inputs``.
+    Formula: Σ over the stage's blocks without recompute of b/8·T·(D [q/k/v input, if quantized and needing a
+    gradient] + N·H [o input] + D [gate/up input] + F [down input]) + b/8·T·D (the output layer's input, when it is
+    quantized and on this stage); T = ``tokens`` (default B·S of the micro-batch), widths per tp rank; 0 unless
+    ``retains_inputs``.
     Source: ``retains_inputs`` and ``activations_lora.quantized_inputs``.
     Assumes: a recomputed block keeps none (not modelled: non-reentrant checkpointing bypasses the saved-tensor
     hooks for ``ctx`` attributes).
@@ -239,28 +240,25 @@ def retained_input_bytes(ctx: Context) -> int:
 
     cfg = ctx.cfg
     dm = activations_block.dims(ctx.arch.spec, cfg)
+    tokens = dm.tokens if tokens is None else tokens
     width = {"q": dm.d, "k": dm.d, "v": dm.d, "o": dm.n * dm.h, "gate": dm.d, "up": dm.d, "down": dm.f}
     shared = {"k": "q", "v": "q", "up": "gate"}  # one input tensor feeds them
-    total = 0
+    elements = 0
     for i, mode in activations.layer_modes(ctx).items():
         quantized = quantized_inputs(ctx.arch.layers[i], cfg, i) if mode is Recompute.NONE else set()
         if i == 0 and not first_block_input_grad(cfg):
             quantized -= {"q", "k", "v"}
-        inputs = {shared.get(p, p) for p in quantized}
-        total += sum(t.tensor_bytes(count=dm.tokens * width[p], bits=dm.bits) for p in inputs)
+        elements += sum(width[p] for p in {shared.get(p, p) for p in quantized})
     if ctx.stage == cfg.pp - 1 and quantized_head(cfg):
-        total += t.tensor_bytes(count=dm.tokens * dm.d, bits=dm.bits)
-    return total
+        elements += dm.d
+    return t.tensor_bytes(count=tokens * elements, bits=dm.bits)
 
 
 def retained_phases(cfg: JobConfig) -> frozenset[Phase]:
-    """Backward (the graph lives until ``backward()`` returns), the optimizer step when the loop still holds the output
-    (``kept_output``, or litgpt's loop), and the next forward when the loop holds it until that forward returns
-    (litgpt: ``logits = model(...)`` replaces the old list only then)."""
+    """Backward (the graph lives until ``backward()`` returns) and the optimizer step when the loop still holds the
+    output (``kept_output``, or litgpt's loop). The next forward, which litgpt's loop runs with the previous
+    micro-batch's graph still referenced, is ``activations/bnb_retained_previous`` (``previous_seq_len``)."""
     phases = {Phase.BACKWARD}
-    litgpt_loop = cfg.module_layout == "litgpt"
-    if cfg.kept_output != "none" or litgpt_loop:
+    if cfg.kept_output != "none" or cfg.module_layout == "litgpt":
         phases.add(Phase.OPTIMIZER)
-    if litgpt_loop:
-        phases.add(Phase.FORWARD)
     return frozenset(phases)

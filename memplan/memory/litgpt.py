@@ -43,6 +43,9 @@ def check(spec: ModelSpec, cfg: JobConfig, has_moe: bool) -> None:
     """Refuse ``module_layout="litgpt"`` where this module's rules were not read (a flag is never silently ignored):
     litgpt's sequential Llama block (RMSNorm, gated MLP, full rotary, no q/k norm, no MoE, no latent attention)."""
     if not applies(cfg):
+        if cfg.previous_seq_len is not None:
+            raise MemplanError("previous_seq_len sizes what a loop holds from the previous micro-batch through the next "
+                               "forward, which litgpt's loop does: add --module-layout litgpt or drop it.")
         return
     llama_like = (spec.family is not Family.PARAMS_ONLY and not spec.parallel_attn and spec.mlp_gated
                   and spec.norm == "rmsnorm" and spec.rotary_dim is None and not spec.qk_norm and not spec.is_mla
@@ -50,6 +53,9 @@ def check(spec: ModelSpec, cfg: JobConfig, has_moe: bool) -> None:
     if not llama_like:
         raise MemplanError(f"--module-layout litgpt models litgpt's Llama block (RMSNorm, gated MLP, full rotary); "
                            f"{spec.name} ({spec.family.value}) is not one: drop the flag.")
+    if cfg.previous_seq_len is not None and cfg.previous_seq_len > cfg.seq_len:
+        raise MemplanError(f"previous_seq_len={cfg.previous_seq_len} exceeds seq_len={cfg.seq_len}: seq_len is the "
+                           "longest micro-batch; swap them.")
     if cfg.activation_accounting == "paper":
         raise MemplanError("--activation-accounting paper counts Korthikanti et al.'s tensors, not a module layout: "
                            "drop --module-layout litgpt or use autograd accounting.")
@@ -100,3 +106,12 @@ def qkv_adapter_bytes(*, tokens: int, d: int, widths: dict[str, int], adapted: t
         width = sum(widths[p] for p in adapted)
         total += t.tensor_bytes(count=tokens * width, bits=bits) + t.tensor_bytes(count=width, bits=t.INT64_BITS)
     return total
+
+
+def previous_tokens(cfg: JobConfig) -> int:
+    """Tokens of the previous micro-batch that litgpt's loop holds through the next forward: micro_batch ·
+    (``previous_seq_len``, else ``seq_len``); 0 outside the litgpt layout."""
+    if not applies(cfg):
+        return 0
+    seq = cfg.seq_len if cfg.previous_seq_len is None else cfg.previous_seq_len
+    return cfg.micro_batch * seq
