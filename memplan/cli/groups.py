@@ -201,6 +201,9 @@ OPTS: dict[str, Opt] = {
     "module_layout": _o("--module-layout", str, None, "Whose modules and training loop the job runs: hf (transformers + "
                         "peft, default) or litgpt (fused qkv, LoRAQKVLinear, logits held until the next forward).",
                         ENGINE, field="module_layout"),
+    "previous_seq_len": _o("--previous-seq-len", int, None, "With --module-layout litgpt: tokens per sequence of the "
+                           "micro-batch before the peak one, whose output the loop holds through the next forward "
+                           "(default: --seq-len; 0: the longest comes first).", ENGINE, field="previous_seq_len"),
     "transformers_version": _o("--transformers-version", str, None, "transformers release the training job runs, "
                                "4.37-4.40, for the buffers and masks those releases hold (default: current).", ENGINE,
                                field="transformers_version"),
@@ -345,7 +348,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "finetune": ("lora_rank", "lora_dropout", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer",
                  "galore_rank", "galore_8bit"),
     "inference": ("context", "kv_dtype", "paged", "block_size", "offload_layers", "max_context", "max_batch"),
-    "engine_knobs": ("optimizer_impl", "kept_output", "module_layout", "transformers_version", "bucket_cap_mb",
+    "engine_knobs": ("optimizer_impl", "kept_output", "module_layout", "previous_seq_len", "transformers_version",
+                     "bucket_cap_mb",
                      "gradient_as_bucket_view",
                      "reshard_after_forward",
                      "fsdp_prefetch", "sharding_strategy", "use_orig_params", "no_sync", "limit_all_gathers",
