@@ -587,7 +587,8 @@ class JobConfig(Strict):
     qkv projection whose whole output SDPA's v keeps alive, q made head-major by RoPE's ``cat`` so the output
     projection reads a copy, one ``LoRAQKVLinear`` adapter for q/k/v whose ``zero_pad`` ``index_copy`` saves its
     source, and a loop that holds ``logits`` until the next forward returns). Llama-layout models only;
-    see ``memory.litgpt``."""
+    see ``memory.litgpt``. Unless named, it sets ``kept_output="logits"``, ``loss_fp32=False`` and the adapters'
+    dtype to the model's (``_litgpt_defaults``)."""
     previous_seq_len: int | None = Field(default=None, ge=0)
     """Tokens per sequence of the micro-batch before the one at the peak, for what a loop that holds its output until
     the next forward returns (litgpt's, ``module_layout="litgpt"``) keeps during that forward: its logits and, with
@@ -719,6 +720,25 @@ class JobConfig(Strict):
                 data = {**data, "lora": {**(lora or {}), "dtype": Dtype.BF16}}
             elif isinstance(lora, LoraConfig) and "dtype" not in lora.model_fields_set:
                 data = {**data, "lora": lora.model_copy(update={"dtype": Dtype.BF16})}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _litgpt_defaults(cls, data: Any) -> Any:
+        """``module_layout="litgpt"`` brings litgpt's own defaults where the job does not name them: its loop holds
+        the bf16 ``logits`` (``kept_output="logits"``), ``chunked_cross_entropy`` runs in bf16 (``loss_fp32=False``),
+        and ``lora.py`` builds the adapters in the model's dtype (finetune/lora.py, model.py at 43c44323)."""
+        if not isinstance(data, dict) or data.get("module_layout") != "litgpt":
+            return data
+        data = {"kept_output": "logits", "loss_fp32": False, **data}
+        if str(data.get("job", "")) not in ("lora", "qlora", "Job.LORA", "Job.QLORA"):
+            return data
+        lora = data.get("lora")
+        dtype = data.get("dtype", Dtype.BF16)
+        if lora is None or (isinstance(lora, dict) and "dtype" not in lora):
+            data["lora"] = {**(lora or {}), "dtype": dtype}
+        elif isinstance(lora, LoraConfig) and "dtype" not in lora.model_fields_set:
+            data["lora"] = lora.model_copy(update={"dtype": Dtype(dtype)})
         return data
 
     @model_validator(mode="before")

@@ -227,7 +227,7 @@ def test_bnb_release_decides_what_the_4bit_matmul_keeps() -> None:
     ("llama-2-7b", {"job": "infer", "module_layout": "litgpt"}),  # inference reads no training layout
     ("llama-2-7b", {"job": "lora", "bnb_version": "0.42.0", "lora": {"dtype": "bf16"}}),  # no bitsandbytes format
     ("llama-2-7b", {"job": "lora", "previous_seq_len": 0, "lora": {"dtype": "bf16"}}),  # only litgpt's loop holds it
-    ("llama-2-7b", {"job": "lora", "module_layout": "litgpt"}),  # litgpt's adapters are in the model's dtype
+    ("llama-2-7b", {"job": "lora", "module_layout": "litgpt", "lora": {"dtype": "fp32"}}),  # model's dtype only
     ("mixtral-8x7b", {"job": "lora", "module_layout": "litgpt", "lora": {"dtype": "bf16"}}),  # not litgpt's block
     ("llama-2-7b", {"job": "lora", "module_layout": "litgpt", "seq_len": 512, "previous_seq_len": 1024,
                     "lora": {"dtype": "bf16"}}),
@@ -235,3 +235,13 @@ def test_bnb_release_decides_what_the_4bit_matmul_keeps() -> None:
 def test_litgpt_and_bnb_knobs_are_refused_where_they_do_not_apply(model: str, fields: dict) -> None:
     with pytest.raises(MemplanError):
         estimate(model, "h100-sxm-80gb", dtype="bf16", **fields)
+
+
+def test_litgpt_layout_brings_litgpts_loop_and_loss_unless_named() -> None:
+    # finetune/lora.py (43c44323): ``logits`` held by the loop, chunked_cross_entropy on bf16 chunks; lora.py builds
+    # lora_A/lora_B under the model's dtype
+    cfg = JobConfig(job=Job.LORA, module_layout="litgpt")
+    assert (cfg.kept_output, cfg.loss_fp32, cfg.lora.dtype) == ("logits", False, Dtype.BF16)
+    named = JobConfig(job=Job.LORA, module_layout="litgpt", kept_output="none", loss_fp32=True)
+    assert (named.kept_output, named.loss_fp32) == ("none", True)
+    assert JobConfig(job=Job.LORA).lora.dtype is Dtype.FP32  # peft's default elsewhere
