@@ -268,10 +268,21 @@ GPU_NOTES = ["Modelled from these cases (each with its engine source):", "",
              "- fsdp_qlora's training loop keeps `output` until after `optimizer.step()` (train.py: `output = None` "
              "after the step), and the transformers of early 2024 returned `logits.float()`: the fp32 logits stay "
              "alive through backward and the step (`JobConfig.kept_output`, row `activations/kept_output`).",
-             "- litgpt's bitsandbytes runs have no load peak to add: Lightning quantizes layer by layer (see the "
-             "litgpt-bnb cause above); the measured excess is elsewhere.",
-             "- litgpt runs its own modules (fused qkv, its RoPE, chunked cross-entropy in bf16 over 128-token chunks, "
-             "logits kept by its loop until the step); memplan models the HF layout and HF's fp32 loss.",
+             "- litgpt's bitsandbytes runs have no load peak to add: Lightning quantizes layer by layer.",
+             "- litgpt's training runs use its own modules and loop (`--module-layout litgpt`, memory/litgpt.py, "
+             "read at litgpt 43c44323 and lit-gpt 8641822): SDPA's v is a view of the fused qkv output, which stays "
+             "alive whole (K = N or 1); RoPE's `cat` makes q head-major, so the output projection reads a `reshape` "
+             "copy; one `LoRAQKVLinear` adapter for q/k/v (one dropout) whose `zero_pad` `index_copy` saves its "
+             "source; no input gradient into the first block; `chunked_cross_entropy` in bf16 (`loss_fp32=False`); "
+             "`logits` held by the loop until the next forward returns (`kept_output=logits`). Each block's saved "
+             "bytes equal a CPU measurement of litgpt's own modules (tests/test_litgpt_layout.py).",
+             "- bitsandbytes up to 0.43.1 keeps the 4-bit matmul's input on `ctx` (`ctx.tensors = (A, B)`), which "
+             "autograd does not release after backward; 0.43.2 keeps none (PR #1270). With litgpt's loop holding "
+             "`logits`, the previous micro-batch's quantized-linear inputs are alive through the next forward "
+             "(`--bnb-version`, rows `activations/bnb_retained_inputs` and `activations/bnb_retained_previous`): "
+             "the 2024 hub QLoRA runs (bitsandbytes 0.42.0) peak in that forward. The Oct-2023 tables force the "
+             "longest sample first, so nothing is held before their peak (`previous_seq_len=0`); their optimizer is "
+             "bitsandbytes' PagedAdamW (states in managed memory, `lora.paged_optimizer`).",
              "- The FSDP runs are FSDP1 (`--engine fsdp1`, memory/engine_fsdp1.py): litgpt's Lightning FSDPStrategy "
              "keeps `use_orig_params=True`, so each block's FlatParameter (adapters and frozen weights together) has "
              "a whole gradient, and finetune/lora.py accumulates under `no_backward_sync` (FSDP1 `no_sync`), which "

@@ -426,7 +426,7 @@ TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_o
                  "accounting", "seq_len", "grad_accum", "recompute", "recompute_layers", "recompute_map",
                  "sequence_parallel", "cp", "cp_comm", "offload_activations", "dropout", "loss_fp32",
                  "activation_accounting", "lora", "galore", "optimizer_impl", "engine_config", "kept_output",
-                 "transformers_version", "perf")
+                 "transformers_version", "module_layout", "bnb_version", "previous_seq_len", "perf")
 """JobConfig fields that describe a training step; an inference estimate reads none of them (``perf`` tunes the
 training step-time model; serving plans time themselves without it)."""
 NOT_READ: dict[Job, tuple[str, ...]] = {
@@ -581,6 +581,25 @@ class JobConfig(Strict):
     ``output`` with current transformers, whose ``ForCausalLMLoss`` upcasts inside the loss) or ``logits_fp32``
     (early-2024 transformers, e.g. v4.38 ``LlamaForCausalLM.forward``: ``logits = logits.float()`` is returned).
     AnswerDotAI fsdp_qlora train.py holds ``output`` until ``output = None`` after ``optimizer.step()``."""
+    module_layout: Literal["hf", "litgpt"] = "hf"
+    """Whose modules and training loop the job runs, for the activations: ``hf`` (transformers modules with peft
+    adapters, the default) or ``litgpt`` (Lightning-AI litgpt ``model.py``/``lora.py`` and ``finetune/*.py``: the fused
+    qkv projection whose whole output SDPA's v keeps alive, q made head-major by RoPE's ``cat`` so the output
+    projection reads a copy, one ``LoRAQKVLinear`` adapter for q/k/v whose ``zero_pad`` ``index_copy`` saves its
+    source, and a loop that holds ``logits`` until the next forward returns). Llama-layout models only;
+    see ``memory.litgpt``. Unless named, it sets ``kept_output="logits"``, ``loss_fp32=False`` and the adapters'
+    dtype to the model's (``_litgpt_defaults``)."""
+    previous_seq_len: int | None = Field(default=None, ge=0)
+    """Tokens per sequence of the micro-batch before the one at the peak, for what a loop that holds its output until
+    the next forward returns (litgpt's, ``module_layout="litgpt"``) keeps during that forward: its logits and, with
+    bitsandbytes <= 0.43.1, its quantized linears' inputs. None: ``seq_len`` (micro-batches of equal length, the
+    worst case); 0: nothing held (the longest micro-batch comes first, as litgpt 8641822's ``get_batch`` forces);
+    at most ``seq_len``."""
+    bnb_version: str | None = Field(default=None, pattern=r"^0\.\d+(\.\d+)?$")
+    """The bitsandbytes release, for what its matmuls keep for backward (``memory.litgpt.bnb_keeps_input``): up to
+    0.43.1 the 4-bit and 8-bit matmuls hold their input on ``ctx`` (alive while the autograd graph is referenced, past
+    its backward: ``activations/bnb_retained_inputs``); from 0.43.2 the 4-bit matmul holds none. None: the input is
+    saved and freed by its backward (memplan's rule for an unknown release)."""
     transformers_version: str | None = Field(default=None, pattern=r"^4\.(3[7-9]|40)(\.\d+)?$")
     """The transformers release the job runs, for the bytes older releases hold that current ones do not
     (``memory.hf_legacy``): 4.37-4.40 keep per-layer rotary cos/sin caches of max_position_embeddings rows; 4.38.x
@@ -701,6 +720,25 @@ class JobConfig(Strict):
                 data = {**data, "lora": {**(lora or {}), "dtype": Dtype.BF16}}
             elif isinstance(lora, LoraConfig) and "dtype" not in lora.model_fields_set:
                 data = {**data, "lora": lora.model_copy(update={"dtype": Dtype.BF16})}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _litgpt_defaults(cls, data: Any) -> Any:
+        """``module_layout="litgpt"`` brings litgpt's own defaults where the job does not name them: its loop holds
+        the bf16 ``logits`` (``kept_output="logits"``), ``chunked_cross_entropy`` runs in bf16 (``loss_fp32=False``),
+        and ``lora.py`` builds the adapters in the model's dtype (finetune/lora.py, model.py at 43c44323)."""
+        if not isinstance(data, dict) or data.get("module_layout") != "litgpt":
+            return data
+        data = {"kept_output": "logits", "loss_fp32": False, **data}
+        if str(data.get("job", "")) not in ("lora", "qlora", "Job.LORA", "Job.QLORA"):
+            return data
+        lora = data.get("lora")
+        dtype = data.get("dtype", Dtype.BF16)
+        if lora is None or (isinstance(lora, dict) and "dtype" not in lora):
+            data["lora"] = {**(lora or {}), "dtype": dtype}
+        elif isinstance(lora, LoraConfig) and "dtype" not in lora.model_fields_set:
+            data["lora"] = lora.model_copy(update={"dtype": Dtype(dtype)})
         return data
 
     @model_validator(mode="before")

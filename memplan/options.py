@@ -118,6 +118,9 @@ OPTS: dict[str, Opt] = {
     "bnb_integration": _o("--bnb-integration", str, None, "Who builds the bitsandbytes layers: transformers (default) "
                           "or lightning (Lightning Fabric, as litgpt: lm_head quantized too, fp16 quantization state).",
                           JOB, field="bnb_integration"),
+    "bnb_version": _o("--bnb-version", str, None, "bitsandbytes release (e.g. 0.42.0), for what its 4-bit matmul keeps "
+                      "for backward: up to 0.43.1 its input, past backward; from 0.43.2 nothing (default: kept, freed).",
+                      JOB, field="bnb_version"),
     "optimizer": _o("--optimizer", OptimizerKind, OptimizerKind.ADAMW, "adamw, adamw-bf16, adamw-8bit, adafactor, sgd, "
                     "sgd-momentum, lion.", JOB, field="optimizer", dim="optimizer"),
     "master_weights": _o("--master-weights/--no-master-weights", bool, None, "fp32 master copy (default: on for 16-bit "
@@ -211,6 +214,12 @@ OPTS: dict[str, Opt] = {
                          field="optimizer_impl"),
     "kept_output": _o("--kept-output", str, None, "What the training loop keeps of the model output until after the "
                       "optimizer step: none (default), logits or logits_fp32.", ENGINE, field="kept_output"),
+    "module_layout": _o("--module-layout", str, None, "Whose modules and training loop the job runs: hf (transformers + "
+                        "peft, default) or litgpt (fused qkv, LoRAQKVLinear, logits held until the next forward).",
+                        ENGINE, field="module_layout"),
+    "previous_seq_len": _o("--previous-seq-len", int, None, "With --module-layout litgpt: tokens per sequence of the "
+                           "micro-batch before the peak one, whose output the loop holds through the next forward "
+                           "(default: --seq-len; 0: the longest comes first).", ENGINE, field="previous_seq_len"),
     "transformers_version": _o("--transformers-version", str, None, "transformers release the training job runs, "
                                "4.37-4.40, for the buffers and masks those releases hold (default: current).", ENGINE,
                                field="transformers_version"),
@@ -346,7 +355,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "hardware": ("gpu", "gpus", "nodes", "cpu_ram", "nvme"),
     "job": ("job", "engine", "dtype", "quant", "quant_map", "optimizer", "master_weights", "grad_dtype", "batch",
             "global_batch", "global_batch_tokens", "seq_len", "accounting"),
-    "quant_integration": ("bnb_integration",),
+    "quant_integration": ("bnb_integration", "bnb_version"),
     "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "cp", "cp_comm", "sequence_parallel",
                     "optimizer_gpu_layers", "shard_group"),
     "memory": ("recompute", "recompute_layers", "offload_activations", "per_layer_offload", "per_layer_quant",
@@ -355,7 +364,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "finetune": ("lora_rank", "lora_dropout", "lora_alpha", "lora_targets", "lora_dtype", "dora", "paged_optimizer",
                  "galore_rank", "galore_8bit"),
     "inference": ("context", "kv_dtype", "paged", "block_size", "offload_layers", "max_context", "max_batch"),
-    "engine_knobs": ("optimizer_impl", "kept_output", "transformers_version", "bucket_cap_mb", "gradient_as_bucket_view",
+    "engine_knobs": ("optimizer_impl", "kept_output", "module_layout", "previous_seq_len", "transformers_version",
+                     "bucket_cap_mb",
+                     "gradient_as_bucket_view",
                      "reshard_after_forward",
                      "fsdp_prefetch", "sharding_strategy", "use_orig_params", "no_sync", "limit_all_gathers",
                      "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",

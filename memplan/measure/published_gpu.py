@@ -203,13 +203,16 @@ def express(case: dict) -> Expressed | str:
     if dtype is None:
         return "bf16-mixed (fp32 parameters + autocast bf16 copies): needs the AMP precision policy (engine profiles)"
     out: dict[str, Any] = {"dtype": dtype, "quant": _quant(case)}
-    if LITGPT.search(case.get("framework", "")):
+    litgpt = bool(LITGPT.search(case.get("framework", "")))
+    if litgpt:
         model = litgpt_model(model)
         if out["quant"] in BNB_FORMATS:
             out["bnb_integration"] = "lightning"
     reason = _train_fields(case, out) if case["kind"] == "train" else _infer_fields(case, out)
     if reason:
         return reason
+    if litgpt and case["kind"] == "train":
+        out.update(litgpt_train_fields(case, out))
     caveats = [c for c in (_chunked(case), _framework(case)) if c]
     return Expressed(model, out, metric, "; ".join(caveats))
 
@@ -219,6 +222,37 @@ BNB_FORMATS = ("nf4", "nf4-dq", "int8")
 """The bitsandbytes formats ``_quant`` names; litgpt builds them with Lightning Fabric's ``BitsandbytesPrecision``
 (finetune/lora.py and generate/base.py since litgpt 982abcb, Oct 2023: ``plugins = BitsandbytesPrecision(quantize[4:],
 dtype)``), hence ``JobConfig.bnb_integration="lightning"``."""
+
+
+FIRST_LONGEST = "first iteration forced to longest"
+"""The reference's note on lit-gpt 8641822's loop: iteration 0 runs the longest training sample."""
+LITGPT_HUB_BNB = "0.42.0"
+"""bitsandbytes of litgpt's config-hub benchmarks (table added at litgpt 43c44323, April 2024): pyproject.toml's
+``all`` extra pins ``bitsandbytes==0.42.0``. The October-2023 resource tables name theirs (0.41.1) in their context."""
+
+
+def litgpt_train_fields(case: dict, fields: dict[str, Any]) -> dict[str, Any]:
+    """The JobConfig fields of a litgpt fine-tuning run (finetune/lora.py, full.py at 8641822 and 43c44323):
+
+    - ``module_layout="litgpt"``: its model.py/lora.py modules (``memory.litgpt``);
+    - ``loss_fp32=False``: ``chunked_cross_entropy`` runs ``cross_entropy`` on the bf16 logits (chunks);
+    - ``kept_output="logits"``: the loop's ``logits = model(...)`` stays referenced until the next forward returns;
+    - ``previous_seq_len=0`` where the first iteration is forced to the longest sample (lit-gpt 8641822
+      ``get_batch(..., longest_seq_ix if iter_num == 0 else None)``): the peak micro-batch has no predecessor held.
+      Assumed: no later pair of random Alpaca samples (the previous one held) outgrows it;
+    - bitsandbytes runs: ``bnb_version`` (the case's context, else ``LITGPT_HUB_BNB``) and ``lora.paged_optimizer``
+      (finetune/lora.py: ``bnb.optim.PagedAdamW`` when a bitsandbytes precision plugin is active; its states live in
+      CUDA managed memory, outside ``torch.cuda.max_memory_allocated``).
+    """
+    out: dict[str, Any] = {"module_layout": "litgpt", "loss_fp32": False, "kept_output": "logits"}
+    if FIRST_LONGEST in (case.get("other_knobs") or ""):
+        out["previous_seq_len"] = 0
+    if fields.get("quant") in BNB_FORMATS:
+        found = re.search(r"bitsandbytes (\d+\.\d+(?:\.\d+)?)", case["source"].get("context", ""))
+        out["bnb_version"] = found.group(1) if found else LITGPT_HUB_BNB
+        if "lora" in fields:
+            out["lora"] = {**fields["lora"], "paged_optimizer": True}
+    return out
 
 
 def litgpt_model(model: str | ModelSpec) -> ModelSpec:
@@ -231,18 +265,20 @@ def litgpt_model(model: str | ModelSpec) -> ModelSpec:
 
 
 def _chunked(case: dict) -> str:
-    return "chunked cross-entropy (lm_head_chunk_size) not modelled" if "chunk" in (case.get("other_knobs") or "") else ""
+    if "chunk" not in (case.get("other_knobs") or "") or LITGPT.search(case.get("framework", "")):
+        return ""  # litgpt's chunked bf16 cross-entropy: loss_fp32=False (litgpt_train_fields)
+    return "chunked cross-entropy (lm_head_chunk_size) not modelled"
 
 
 def _framework(case: dict) -> str:
     fw = case.get("framework", "")
-    notes = ["litgpt's own modules (memplan models the HF layout)"] if re.search("litgpt", fw, re.I) else []
-    return "; ".join(notes)
+    if case["kind"] != "train" and re.search("litgpt", fw, re.I):  # training runs: module_layout="litgpt"
+        return "litgpt's own modules (memplan models the HF layout)"
+    return ""
 
 
 MISS_CAUSES: dict[str, str] = {
     "fsdpqlora-llama2-70b-qlora-offload-bs2": "FSDP1-reserved",
-    "litgpt-hub-llama2-7b-qlora": "litgpt-bnb",
 }
 """Case id -> the cause of its miss (``CAUSES``), for every expressed case outside the 10% band."""
 CAUSES = {
@@ -262,14 +298,6 @@ CAUSES = {
                       "block units and the 1.05 GB root, and of the default stream by bitsandbytes' 448 MiB dequantized "
                       "weights next to 224 MiB MLP tensors; an allocator replay of the step's requests would be needed "
                       "to attribute them (no GPU was available to record one).",
-    "litgpt-bnb": "litgpt's 2024 config-hub QLoRA run of Llama-2-7B (Lightning 2.2+, bitsandbytes 0.42+, SDPA): "
-                  "-15.9% after the Lightning bitsandbytes rules (JobConfig.bnb_integration='lightning': lm_head "
-                  "quantized and dequantized to fp16 then bf16) and peft-style LoRA dropout (lora.dropout). Its "
-                  "Oct-2023 siblings (litgpt 8641822) and the Llama-3-8B hub run are within 10% with the same rules, "
-                  "and its bf16 LoRA twin is -3.2%: about 1.9 GB more is specific to this run. Candidates not "
-                  "modelled: litgpt's fused LoRAQKVLinear (one dropout for q and v, memplan's HF layout counts one "
-                  "per module, which over-counts), the reshaped SDPA output its 4-bit o-projection saves, "
-                  "bitsandbytes 0.42's Params4bit/QuantState handling; needs a GPU run to attribute.",
 }
 
 

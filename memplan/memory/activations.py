@@ -27,7 +27,7 @@ from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
-from memplan.memory import bnb_workspace, hf_legacy, sdpa_workspace
+from memplan.memory import bnb_workspace, hf_legacy, litgpt, sdpa_workspace
 from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
@@ -100,7 +100,19 @@ def _block_terms(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainabl
     amp = [blk.Term("amp_fp32", amp_extra.block_extra_bytes(spec, layer, dm))] if amp_fp32 else []
     return (blk.norm_terms(spec, layer, dm, counting, tr) + blk.attention_terms(spec, layer, cfg, dm, counting, tr)
             + ffn.mlp_terms(spec, layer, dm, counting, tr) + ffn.dropout_terms(spec, cfg, dm, counting)
-            + ffn.adapter_terms(dm, tr, counting) + amp)
+            + ffn.adapter_terms(dm, tr, counting) + _litgpt_adapter(cfg, dm, counting, tr) + amp)
+
+
+def _litgpt_adapter(cfg: JobConfig, dm: blk.Dims, counting: blk.Counting, tr: blk.Trainable) -> list[blk.Term]:
+    """litgpt's one fused q/k/v adapter per block (``memory.litgpt.qkv_adapter_bytes``); [] in the HF layout."""
+    adapted = tuple(p for p in litgpt.QKV if p in tr.adapted)
+    if not litgpt.applies(cfg) or not adapted:
+        return []
+    value = litgpt.qkv_adapter_bytes(
+        tokens=dm.tokens, d=dm.d, widths={"q": dm.n * dm.h, "k": dm.k * dm.h, "v": dm.k * dm.h}, adapted=adapted,
+        rank=cfg.lora.rank, bits=tr.adapter_bits, dropout=cfg.lora.dropout > 0,
+        mask_bits=tr.adapter_bits if counting.cpu else counting.mask_bits, input_grad=tr.input_grad)
+    return [blk.Term("lora/qkv_adapter", value)]
 
 
 def _amp(ctx: Context, counting: blk.Counting) -> bool:
@@ -292,14 +304,15 @@ def logits_peak_bytes(ctx: Context, counting: blk.Counting) -> int:
                                     loss_bits=_loss_bits(ctx.cfg))
 
 
-def kept_output_bytes(ctx: Context, counting: blk.Counting) -> int:
+def kept_output_bytes(ctx: Context, counting: blk.Counting, tokens: int | None = None) -> int:
     """Last stage: the model output's logits the training loop keeps until after the optimizer step
-    (``JobConfig.kept_output``, see ``kept_logits_bytes``); one micro-batch's (each forward replaces it); 0 for the
-    paper's accounting and for ``kept_output="none"``."""
+    (``JobConfig.kept_output``, see ``kept_logits_bytes``); one micro-batch's (each forward replaces it), of ``tokens``
+    (default the micro-batch's; litgpt's previous micro-batch: ``litgpt.previous_tokens``); 0 for the paper's
+    accounting and for ``kept_output="none"``."""
     kept = ctx.cfg.kept_output
     if counting.paper or kept == "none":
         return 0
-    tokens, _ = _tokens(ctx)
+    tokens = _tokens(ctx)[0] if tokens is None else tokens
     vocab = ceil_div(ctx.arch.spec.vocab_size or 0, ctx.cfg.tp)
     bits = t.FP32_BITS if kept == "logits_fp32" else blk.activation_bits(ctx.cfg)
     return t.kept_logits_bytes(tokens=tokens, vocab=vocab, bits=bits)
@@ -327,6 +340,12 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
         out["activations/logits"] = logits_peak_bytes(ctx, counting)
         out["activations/kept_output"] = kept_output_bytes(ctx, counting)
     out["activations/dequant_workspace"] = bnb_workspace.dequant_workspace_bytes(ctx)
+    out["activations/bnb_retained_inputs"] = bnb_workspace.retained_input_bytes(ctx)
+    previous = litgpt.previous_tokens(cfg)  # litgpt's loop: the previous micro-batch's output, into the next forward
+    if previous and ctx.stage == cfg.pp - 1:
+        out["activations/kept_output_previous"] = kept_output_bytes(ctx, counting, previous)
+    if previous:
+        out["activations/bnb_retained_previous"] = bnb_workspace.retained_input_bytes(ctx, previous)
     return {name: value for name, value in out.items() if value}
 
 
@@ -345,6 +364,13 @@ _SOURCES = {
     "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",
     "activations/logits": "logits + fp32 copy, or their two fp32 gradients, whichever is larger",
     "activations/kept_output": "logits of the model output the training loop holds until after the step",
+    "activations/bnb_retained_inputs": "bitsandbytes <= 0.43.1 MatMul4Bit ctx.tensors = (A, B): one micro-batch's "
+                                       "quantized-linear inputs, alive while the graph is referenced "
+                                       "(memory.bnb_workspace)",
+    "activations/bnb_retained_previous": "the previous micro-batch's bitsandbytes <= 0.43.1 quantized-linear inputs, "
+                                         "held by litgpt's loop through the next forward (memory.bnb_workspace)",
+    "activations/kept_output_previous": "the previous micro-batch's logits, held by litgpt's loop (logits = model(...))"
+                                        " until the next forward returns (memory.litgpt)",
     "activations/dequant_workspace": "bitsandbytes MatMul4Bit/MatMul8bitLt: the largest quantized weight dequantized "
                                      "to 16 bits (memory.bnb_workspace)",
     "activations/cp_exchange": "context parallelism: key/value exchange buffers of one attention (context_parallel)",
@@ -356,7 +382,8 @@ _SOURCES = {
 def rows(ctx: Context) -> list[Row]:
     """GPU rows of training activations for the reported stage; [] for inference or params-only models."""
     saved = "saved for backward"
-    dequant = {"activations/dequant_workspace": bnb_workspace.dequant_phases(ctx)}
+    dequant = {"activations/dequant_workspace": bnb_workspace.dequant_phases(ctx),
+               "activations/bnb_retained_inputs": bnb_workspace.retained_phases(ctx.cfg)}
     out = [Row(name, Tier.GPU, value, _SOURCES[name], saved if name in SAVED_ROWS else "transient peak",
                dequant.get(name)) for name, value in breakdown(ctx).items()]
     if not out:

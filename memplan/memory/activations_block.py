@@ -22,7 +22,7 @@ from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
 from memplan.memory import activations_terms as t
-from memplan.memory import hf_legacy, sdpa_workspace
+from memplan.memory import hf_legacy, litgpt, sdpa_workspace
 from memplan.memory.context_parallel import local_seq_len
 from memplan.units import ceil_div
 
@@ -300,6 +300,9 @@ def _standard_attention(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims,
                         tr: Trainable) -> list[Term]:
     impl = attention_impl(spec, cfg)
     n, k, h = dm.n, dm.k, dm.h
+    if litgpt.applies(cfg):  # litgpt's own CausalSelfAttention (memory.litgpt), SDPA always
+        return [Term(name, value) for name, value in litgpt.attention_terms(
+            tokens=dm.tokens, n=n, k=k, h=h, bits=dm.bits, o_saves_input=tr.trains("o"))]
     if impl == "eager":
         return _eager(spec, cfg, dm, counting, tr, h, h)
     if impl == "sdpa" and spec.family is Family.FALCON and spec.kv_heads == 1 < (spec.num_attention_heads or 1):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from memplan.arch.parallel import sharded_numel
 from memplan.arch.tensors import Layer, Role, Tensor
 from memplan.config import Job, JobConfig, Recompute
-from memplan.memory import peft
+from memplan.memory import litgpt, peft
 from memplan.memory.activations_block import ALL_TRAIN, Trainable, activation_bits
 from memplan.units import bits_to_bytes
 
@@ -47,6 +47,7 @@ def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig, layer_ind
     bits = cfg.lora.dtype.bits
     dropout = cfg.lora.dropout > 0  # lora_A then reads the dropout's output, a new tensor per module
     shared_input = bits == activation_bits(cfg) and not dropout
+    fused_qkv = litgpt.applies(cfg)
     masks = 0
     dense: set[str] = set()
     routed: set[str] = set()
@@ -67,12 +68,18 @@ def block_trainable(spec_family: object, layer: Layer, cfg: JobConfig, layer_ind
         adapted |= names
         if shared_input:
             dense |= names
+        if fused_qkv and names <= set(litgpt.QKV):
+            continue  # litgpt's one LoRAQKVLinear adapter for q, k, v: activations._litgpt_adapter
         adapters.append((0 if shared_input else tensor.shape[1], rank))
         masks += tensor.shape[1] if dropout else 0
-    dense |= quantized_inputs(layer, cfg, layer_index)
+    input_grad = layer_index != 0 or first_block_input_grad(cfg)
+    quantized = quantized_inputs(layer, cfg, layer_index)
+    if not input_grad:  # MatMul4Bit keeps A only when an input needs a gradient: not the block's own normed input
+        quantized -= set(litgpt.QKV)
+    dense |= quantized
     return Trainable(norms=False, dense=frozenset(dense), routed=frozenset(routed), adapters=tuple(adapters),
                      adapter_bits=bits, merged_weight_bytes=merged, adapter_mask_width=masks,
-                     input_grad=layer_index != 0 or first_block_input_grad(cfg), adapted=frozenset(adapted))
+                     input_grad=input_grad, adapted=frozenset(adapted))
 
 
 def first_block_input_grad(cfg: JobConfig) -> bool:
@@ -83,10 +90,12 @@ def first_block_input_grad(cfg: JobConfig) -> bool:
     peft ``PeftModel.__init__`` calls ``enable_input_require_grads`` only for k-bit or gradient-checkpointed
     models (``_prepare_model_for_gradient_checkpointing``), as ``prepare_model_for_kbit_training`` does for QLoRA.
     Measured (peft 0.21): Phi's block 0 saves neither its input_layernorm nor its MLP, Llama's no input_layernorm.
-    Assumes: plain LoRA without recompute; QLoRA or any recompute keeps the conservative count.
+    Assumes: plain LoRA without recompute; QLoRA (unless litgpt's layout, which never enables input gradients:
+    ``memory.litgpt``) or any recompute keeps the conservative count.
     """
     no_recompute = cfg.recompute is Recompute.NONE and all(m is Recompute.NONE for m in cfg.recompute_map or ())
-    return cfg.job is not Job.LORA or not no_recompute or cfg.effective_activation_accounting == "paper"
+    peft_lora = cfg.job is Job.LORA or (cfg.job is Job.QLORA and litgpt.applies(cfg))  # litgpt: never asked for
+    return not peft_lora or not no_recompute or cfg.effective_activation_accounting == "paper"
 
 
 def quantized_inputs(layer: Layer, cfg: JobConfig, layer_index: int | None = None) -> set[str]:
@@ -98,14 +107,19 @@ def quantized_inputs(layer: Layer, cfg: JobConfig, layer_index: int | None = Non
     peft's ``prepare_model_for_kbit_training`` sets) the hidden states require grad, so A is kept.
     The 8-bit ``MatMul8bitLt.forward`` does the same (``ctx.tensors = (CAt, subA, A)``; CAt only when the weight
     needs a gradient, subA only for outlier columns).
+    From bitsandbytes 0.43.2 the 4-bit matmul keeps ``(None, B)`` (``JobConfig.bnb_version``,
+    ``bnb_workspace.matmul4bit_keeps_input``): nothing, then.
     Assumes: the layer's format (``weights.layer_format``: the per-layer map, else the job's) is a bitsandbytes
     one; GPTQ/AWQ kernels are not covered here.
     """
+    from memplan.memory.bnb_workspace import INT8, matmul4bit_keeps_input
     from memplan.memory.quant import Library, get_format
     from memplan.memory.weights import layer_format
 
     fmt = layer_format(cfg, layer_index) if cfg.job is Job.QLORA else None
     if fmt is None or get_format(fmt).library is not Library.BITSANDBYTES:
+        return set()
+    if fmt != INT8 and not matmul4bit_keeps_input(cfg):  # bitsandbytes >= 0.43.2: ctx.tensors = (None, B)
         return set()
     return {p for t in layer.tensors if t.role is Role.LINEAR and len(t.shape) == 2 and not t.routed
             for p in t.projections}

@@ -31,8 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memplan.arch.parallel import sharded_numel
-from memplan.config import Job, JobConfig
+from memplan.config import Job, JobConfig, Recompute
 from memplan.dtypes import Dtype
+from memplan.errors import MemplanError
 from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.memo import size_free
@@ -175,3 +176,89 @@ def rows(ctx: Context) -> list[Row]:
                        f"the largest weight quantized from a 16-bit copy ({ctx.cfg.bnb_integration})",
                        frozenset({Phase.LOAD})))
     return out
+
+
+INPUT_RELEASE_FIX = (0, 43, 2)
+"""The first bitsandbytes release whose ``MatMul4Bit.forward`` keeps ``ctx.tensors = (None, B)`` (commit 9e75374,
+PR #1270 "fix QLoRA mem bug: delete useless buffered activation", tags 0.43.2+); 0.43.1 and older keep ``(A, B)``
+(bitsandbytes/autograd/_functions.py, read at 0.41.0, 0.42.0, 0.43.1, 0.44.0)."""
+
+
+def bnb_release(cfg: JobConfig) -> tuple[int, ...] | None:
+    """``bnb_version`` as a tuple of ints (0.42 -> (0, 42, 0)), or None when not given."""
+    if cfg.bnb_version is None:
+        return None
+    parts = tuple(int(p) for p in cfg.bnb_version.split("."))
+    return parts + (0,) * (3 - len(parts))
+
+
+def matmul4bit_keeps_input(cfg: JobConfig) -> bool:
+    """Whether bitsandbytes' 4-bit matmul keeps its input A for backward: yes up to 0.43.1, no from 0.43.2
+    (``INPUT_RELEASE_FIX``: ``grad_A`` needs only the weight); an unknown release (None) keeps it (conservative)."""
+    release = bnb_release(cfg)
+    return release is None or release < INPUT_RELEASE_FIX
+
+
+def retains_inputs(cfg: JobConfig) -> bool:
+    """Whether the kept inputs outlive their backward: ``ctx.tensors`` is a plain attribute, which autograd's
+    ``release_variables`` does not clear after the node runs (only ``save_for_backward``'s saved variables), so A
+    lives while anything references the graph. Known only when ``bnb_version`` names a release up to 0.43.1."""
+    release = bnb_release(cfg)
+    return release is not None and release < INPUT_RELEASE_FIX
+
+
+def check_bnb_version(cfg: JobConfig) -> None:
+    """Refuse ``bnb_version`` for a job whose weights are not in a bitsandbytes 4-bit format (no flag is silently
+    ignored: the version only changes what the 4-bit matmul keeps)."""
+    if cfg.bnb_version is None:
+        return
+    formats = {f for f in (cfg.quant, *(cfg.quant_map or ())) if f}
+    if not formats or any(get_format(f).library is not Library.BITSANDBYTES or f == INT8 for f in formats):
+        raise MemplanError(f"bnb_version={cfg.bnb_version} sets what bitsandbytes' 4-bit matmul keeps for backward; "
+                           "set --quant to a 4-bit bitsandbytes format (nf4, nf4-dq, fp4, fp4-dq), or drop --bnb-version.")
+    if not cfg.job.trains:
+        raise MemplanError("bnb_version matters to training only (what the matmul keeps for backward); "
+                           "drop --bnb-version.")
+
+
+def retained_input_bytes(ctx: Context, tokens: int | None = None) -> int:
+    """Bytes of one micro-batch's inputs that bitsandbytes (<= 0.43.1) 4-bit linears keep on ``ctx`` past backward.
+
+    Formula: Σ over the stage's blocks without recompute of b/8·T·(D [q/k/v input, if quantized and needing a
+    gradient] + N·H [o input] + D [gate/up input] + F [down input]) + b/8·T·D (the output layer's input, when it is
+    quantized and on this stage); T = ``tokens`` (default B·S of the micro-batch), widths per tp rank; 0 unless
+    ``retains_inputs``.
+    Source: ``retains_inputs`` and ``activations_lora.quantized_inputs``.
+    Assumes: a recomputed block keeps none (not modelled: non-reentrant checkpointing bypasses the saved-tensor
+    hooks for ``ctx`` attributes).
+    """
+    if not retains_inputs(ctx.cfg) or not ctx.cfg.job.trains:
+        return 0
+    from memplan.memory import activations, activations_block
+    from memplan.memory import activations_terms as t
+    from memplan.memory.activations_lora import first_block_input_grad, quantized_inputs
+
+    cfg = ctx.cfg
+    dm = activations_block.dims(ctx.arch.spec, cfg)
+    tokens = dm.tokens if tokens is None else tokens
+    width = {"q": dm.d, "k": dm.d, "v": dm.d, "o": dm.n * dm.h, "gate": dm.d, "up": dm.d, "down": dm.f}
+    shared = {"k": "q", "v": "q", "up": "gate"}  # one input tensor feeds them
+    elements = 0
+    for i, mode in activations.layer_modes(ctx).items():
+        quantized = quantized_inputs(ctx.arch.layers[i], cfg, i) if mode is Recompute.NONE else set()
+        if i == 0 and not first_block_input_grad(cfg):
+            quantized -= {"q", "k", "v"}
+        elements += sum(width[p] for p in {shared.get(p, p) for p in quantized})
+    if ctx.stage == cfg.pp - 1 and quantized_head(cfg):
+        elements += dm.d
+    return t.tensor_bytes(count=tokens * elements, bits=dm.bits)
+
+
+def retained_phases(cfg: JobConfig) -> frozenset[Phase]:
+    """Backward (the graph lives until ``backward()`` returns) and the optimizer step when the loop still holds the
+    output (``kept_output``, or litgpt's loop). The next forward, which litgpt's loop runs with the previous
+    micro-batch's graph still referenced, is ``activations/bnb_retained_previous`` (``previous_seq_len``)."""
+    phases = {Phase.BACKWARD}
+    if cfg.kept_output != "none" or cfg.module_layout == "litgpt":
+        phases.add(Phase.OPTIMIZER)
+    return frozenset(phases)

@@ -32,10 +32,12 @@ def validate(ctx: Context) -> None:
     if cfg.recompute_map is not None and len(cfg.recompute_map) != len(ctx.arch.layers):
         raise MemplanError(f"recompute_map has {len(cfg.recompute_map)} entries but the model has "
                            f"{len(ctx.arch.layers)} layers.")
-    from memplan.memory import context_parallel, hf_legacy, weight_offload, weights
+    from memplan.memory import bnb_workspace, context_parallel, hf_legacy, litgpt, weight_offload, weights
 
     context_parallel.check_shape(spec, cfg)
     hf_legacy.check(spec, cfg)
+    litgpt.check(spec, cfg, has_moe=any(layer.moe for layer in ctx.arch.layers))
+    bnb_workspace.check_bnb_version(cfg)
     weights.check_quant_map(cfg, num_layers=len(ctx.arch.layers))
     weight_offload.check_offload_map(cfg, num_layers=len(ctx.arch.layers))
     if cfg.ep > 1:

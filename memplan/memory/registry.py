@@ -123,6 +123,14 @@ register("activations/logits", (_BS, Phase.PREFILL),
 register("activations/kept_output", (_BS, _B, _O),
          "logits of the model output held by the training loop until after optimizer.step() "
          "(AnswerDotAI fsdp_qlora train.py: output = None after the step)")
+register("activations/bnb_retained_inputs", (_B, _O),
+         "bitsandbytes <= 0.43.1 MatMul4Bit keeps its input on ctx (not a saved variable): alive until the graph is "
+         "dropped, past backward; the row names its phases (memory.bnb_workspace.retained_phases)")
+register("activations/bnb_retained_previous", (_F,),
+         "litgpt's loop: the previous micro-batch's graph, and so its bitsandbytes <= 0.43.1 quantized-linear inputs, "
+         "referenced until the next forward returns (memory.litgpt, memory.bnb_workspace)")
+register("activations/kept_output_previous", (_F,),
+         "litgpt's loop: logits = model(...) replaces the previous micro-batch's logits only when the forward returns")
 register("activations/cp_exchange", (_F, _BS),
          "context parallelism: one attention's key/value exchange buffers, with every saved activation alive "
          "(TransformerEngine context_parallel.py, torch context_parallel; memory.context_parallel)")
