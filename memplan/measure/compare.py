@@ -89,6 +89,10 @@ def predicted_components(ctx: Context, device: str) -> tuple[dict[str, int], dic
     if ctx.cfg.job.trains:
         out = {k: v for k, v in out.items() if not k.startswith("activations")}
         out.update(act.breakdown(ctx, counting_for_device(ctx.cfg, device)))
+    elif device == "cpu":  # the inference transients counted with PyTorch's CPU kernels
+        from memplan.memory import inference
+
+        out.update({r.component: r.bytes for r in inference.rows(ctx, cpu=True) if r.component in out})
     return out, runtime
 
 
@@ -110,6 +114,12 @@ def answer_phases(ctx: Context, device: str) -> dict[str, int]:
         rows = [r for r in rows if not r.component.startswith("activations")]
         parts = act.breakdown(ctx, counting_for_device(ctx.cfg, device))
         rows += comp.with_phases(ctx, [Row(k, Tier.GPU, v) for k, v in parts.items()])
+    elif device == "cpu":  # the inference transients counted with PyTorch's CPU kernels
+        from memplan.memory import inference
+
+        cpu = [r for r in inference.rows(ctx, cpu=True) if any(r.component == k.component for k in rows)]
+        names = {r.component for r in cpu}
+        rows = [r for r in rows if r.component not in names] + comp.with_phases(ctx, cpu)
     return {p.value: n for p, n in phase_totals(rows, Tier.GPU, comp.job_phases(ctx.cfg)).items()}
 
 

@@ -1,0 +1,136 @@
+"""Transient tensors of one transformers (HF ``generate``) prefill forward that a serving engine does not hold.
+
+Read in transformers 5.x ``modeling_<family>.py`` (the installed 5.20 was read). A Hugging Face model's
+forward keeps more alive than the two residual tensors a fused engine keeps:
+
+- the model's forward keeps ``inputs_embeds`` referenced through the whole layer loop (``LlamaModel.forward``:
+  ``hidden_states = inputs_embeds``), and GPT-2/GPTBigCode keep the absolute position embeddings too;
+- some blocks keep the attention output as a local while the MLP runs (``GPT2Block``: ``attn_output``);
+- Python activations (``NewGELUActivation``, ``BloomGelu``) hold several F-wide temporaries;
+- the experts run as ``grouped_mm`` over permuted copies of the tokens (``integrations/moe.py``);
+- GPT-J and BLOOM return their attention probabilities from every block, so the previous block's stay alive;
+- eager attention gets a materialised (B, 1, T, S) causal mask (``masking_utils.eager_mask``).
+
+Widths are bits of the compute dtype; B batch, T new tokens, S attended keys, D hidden, F ffn, N/K heads.
+Assumption: the MLP stage of the last layer of a stage binds for the residual stream (every layer's input is the
+previous layer's output, and ``inputs_embeds`` is a different tensor from the second layer on).
+"""
+
+from __future__ import annotations
+
+from memplan.catalog.schema import Family, ModelSpec
+from memplan.units import bits_to_bytes
+
+FP32_BITS = 32
+BOOL_BITS = 8
+INDEX_BITS = 64
+STREAM_TENSORS = 2
+"""The layer's input (held by the model's loop) and the residual inside the layer (``LlamaDecoderLayer``)."""
+ABSOLUTE_POSITIONS = frozenset({Family.GPT2, Family.GPT_BIGCODE})
+"""``wpe(position_ids)`` is kept next to ``inputs_embeds`` (``GPT2Model.forward``: ``position_embeds``), 1·T·D."""
+KEEPS_ATTN_OUTPUT = frozenset({Family.GPT2, Family.GPT_BIGCODE, Family.PHI, Family.FALCON, Family.STABLELM,
+                               Family.GPTJ, Family.GPT_NEOX, Family.COHERE})
+"""Blocks whose attention output is a local still referenced while the MLP runs (``GPT2Block``: ``attn_output``;
+parallel blocks ``PhiDecoderLayer``/``FalconDecoderLayer``/``GPTJBlock``/``GPTNeoXLayer``/``CohereDecoderLayer``
+add it after the MLP; ``StableLmDecoderLayer``: ``self_attn_output``)."""
+KEEPS_ATTN_PROBS = frozenset({Family.GPTJ, Family.BLOOM})
+"""Blocks that return their attention probabilities (``GPTJBlock``/``BloomBlock``: ``outputs = (hidden, attn_weights)``),
+which the model's loop keeps until the next block returns: one previous block's (B, N, T, S) probabilities,
+plus the running block's own during its MLP."""
+ACT_EXTRA_TEMPORARIES = {"gelu_new": 2, "gelu_fast": 2, "bloom_gelu": 3}
+"""F-wide temporaries of a Python activation beyond its input and output, at its peak:
+``NewGELUActivation`` 0.5·x, x³, 0.044715·x³ alive together (transformers ``activations.py``);
+``bloom_gelu_forward`` x·0.5, 0.79788456·x, x·x products (``modeling_bloom.py``). ATen activations (silu, gelu,
+gelu with tanh) write one output."""
+UPCAST_QK = frozenset({Family.GPTJ})
+"""``GPTJAttention._attn``: ``query.to(torch.float32)``, ``key.to(torch.float32)`` before ``q @ k.T``."""
+ROPE_FP32 = frozenset({Family.COHERE})
+"""``modeling_cohere.apply_rotary_pos_emb``: ``q.float()``, ``k.float()`` and the interleaved ``rotate_half``
+(``torch.stack([-x2, x1])``), all fp32."""
+
+
+def stream_bytes(*, batch: int, tokens: int, hidden: int, bits: int, first_stage: bool, layers: int,
+                 family: Family) -> int:
+    """Bytes of hidden-wide tensors alive across a layer: (2 + e)·B·T·D + p·T·D, × bits/8.
+
+    e = 1 when ``inputs_embeds`` is a separate tensor (first stage, two or more layers), p = 1 for GPT-2's
+    absolute position embeddings (batch 1, broadcast). Source: ``LlamaModel.forward`` / ``GPT2Model.forward``.
+    """
+    embeds = 1 if first_stage and layers > 1 else 0
+    positions = tokens * hidden if first_stage and family in ABSOLUTE_POSITIONS else 0
+    return bits_to_bytes((STREAM_TENSORS + embeds) * batch * tokens * hidden + positions, bits)
+
+
+def activation_extra(hidden_act: str) -> int:
+    """F-wide temporaries an activation holds beyond input and output (``ACT_EXTRA_TEMPORARIES``), 0 for ATen ones."""
+    return ACT_EXTRA_TEMPORARIES.get(hidden_act, 0)
+
+
+def kept_attn_output_bytes(*, batch: int, tokens: int, hidden: int, bits: int, family: Family) -> int:
+    """Bytes of the attention output a block keeps while its MLP runs: B·T·D × bits/8 (``KEEPS_ATTN_OUTPUT``)."""
+    return bits_to_bytes(batch * tokens * hidden, bits) if family in KEEPS_ATTN_OUTPUT else 0
+
+
+def kept_probs_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bits: int, family: Family,
+                     own: bool) -> int:
+    """Bytes of returned attention probabilities alive: c·B·N·T·S × bits/8, c = 1 (previous block), +1 in the MLP
+    stage (``own``). Source: ``GPTJBlock.forward`` / ``BloomBlock.forward`` return ``attn_weights``."""
+    if family not in KEEPS_ATTN_PROBS:
+        return 0
+    return bits_to_bytes((1 + int(own)) * batch * heads * tokens * kv_tokens, bits)
+
+
+def eager_mask_bytes(*, batch: int, tokens: int, kv_tokens: int, bits: int) -> int:
+    """Bytes of the causal mask eager attention gets: B·T·S × bits/8 (``masking_utils.eager_mask``: a (B, 1, T, S)
+    tensor of the compute dtype, 0 or its minimum)."""
+    return bits_to_bytes(batch * tokens * kv_tokens, bits)
+
+
+def grouped_moe_bytes(*, batch: int, tokens: int, experts: int, experts_per_token: int, expert_ffn: int,
+                      hidden: int, bits: int) -> int:
+    """Peak bytes of transformers' ``grouped_mm`` experts over M = B·T tokens, k experts each.
+
+    Formula: M·k·max(D + 4·F_e, 4·D) × bits/8 + M·E × (bits + 32)/8 + M·k × 4·64/8.
+    The permuted tokens (M·k·D) live throughout; the gate_up stage adds gate_up (2F_e), act(gate) and the product
+    (F_e each); the down stage adds its output, the routing-weighted copy and the unpermuted copy (D each).
+    The router logits and their fp32 softmax are M·E; top-k indices and the sort's values and indices int64.
+    Source: transformers ``integrations/moe.py`` (grouped_mm experts), ``MixtralSparseMoeBlock``.
+    """
+    m = batch * tokens
+    experts_bytes = bits_to_bytes(m * experts_per_token * max(hidden + 4 * expert_ffn, 4 * hidden), bits)
+    router = bits_to_bytes(m * experts, bits + FP32_BITS)
+    return experts_bytes + router + bits_to_bytes(4 * m * experts_per_token, INDEX_BITS)
+
+
+def upcast_qk_bytes(spec: ModelSpec, *, batch: int, tokens: int, kv_tokens: int, heads: int, kv_heads: int,
+                    head_dim: int) -> int:
+    """fp32 copies the family's attention makes of q and k (``UPCAST_QK``, ``ROPE_FP32``), in bytes.
+
+    GPT-J: q and k, B·(T·N + S·N)·H × 4 (it repeats no heads). Cohere's rotary: q, k, q·cos + rotate_half(q)·sin,
+    k·cos, rotate_half(k) and its product with sin, B·T·(2N + 4K)·H × 4.
+    """
+    if spec.family in UPCAST_QK:
+        return bits_to_bytes(batch * (tokens + kv_tokens) * heads * head_dim, FP32_BITS)
+    if spec.family in ROPE_FP32:
+        return bits_to_bytes(batch * tokens * (2 * heads + 4 * kv_heads) * head_dim, FP32_BITS)
+    return 0
+
+
+def fp32_scores_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int) -> int:
+    """GPT-J's eager scores: two fp32 (B, N, T, S) tensors (``matmul`` then ``/ scale_attn`` and ``+ mask``) and
+    the mask cast to fp32, B·T·S × 4 (``GPTJAttention._attn``)."""
+    return bits_to_bytes(2 * batch * heads * tokens * kv_tokens + batch * tokens * kv_tokens, FP32_BITS)
+
+
+def cpu_math_mla_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int, qk_head: int, v_head: int,
+                       bits: int) -> int:
+    """PyTorch's CPU math SDPA over MLA heads (no CPU fused kernel takes q/k and v head dims that differ).
+
+    Formula: B·N·(2·T·H_qk + S·H_qk + S·H_v) × 4 (q, scaled q, k, v in fp32) + B·N·T·S × (4 + 4 + 1) (scores,
+    softmax, ``isneginf``) + B·T·S × bits/8 (the additive mask).
+    Source: ATen ``_scaled_dot_product_attention_math`` (``query_.to(kFloat)``, ``_safe_softmax``).
+    """
+    fp32 = batch * heads * (2 * tokens * qk_head + kv_tokens * (qk_head + v_head))
+    scores = batch * heads * tokens * kv_tokens
+    return (bits_to_bytes(fp32 + 2 * scores, FP32_BITS) + bits_to_bytes(scores, BOOL_BITS)
+            + bits_to_bytes(batch * tokens * kv_tokens, bits))
