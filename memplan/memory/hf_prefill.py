@@ -24,8 +24,8 @@ from memplan.units import bits_to_bytes
 FP32_BITS = 32
 BOOL_BITS = 8
 INDEX_BITS = 64
-STREAM_TENSORS = 2
-"""The layer's input (held by the model's loop) and the residual inside the layer (``LlamaDecoderLayer``)."""
+STREAM_TENSORS = 1
+"""The layer's input, held by the model's loop (``LlamaModel.forward``); it is the attention stage's residual."""
 ABSOLUTE_POSITIONS = frozenset({Family.GPT2, Family.GPT_BIGCODE})
 """``wpe(position_ids)`` is kept next to ``inputs_embeds`` (``GPT2Model.forward``: ``position_embeds``), 1·T·D."""
 KEEPS_ATTN_OUTPUT = frozenset({Family.GPT2, Family.GPT_BIGCODE, Family.PHI, Family.FALCON, Family.STABLELM,
@@ -51,14 +51,22 @@ ROPE_FP32 = frozenset({Family.COHERE})
 
 def stream_bytes(*, batch: int, tokens: int, hidden: int, bits: int, first_stage: bool, layers: int,
                  family: Family) -> int:
-    """Bytes of hidden-wide tensors alive across a layer: (2 + e)·B·T·D + p·T·D, × bits/8.
+    """Bytes of hidden-wide tensors alive across a whole layer: (1 + e)·B·T·D + p·T·D, × bits/8.
 
-    e = 1 when ``inputs_embeds`` is a separate tensor (first stage, two or more layers), p = 1 for GPT-2's
-    absolute position embeddings (batch 1, broadcast). Source: ``LlamaModel.forward`` / ``GPT2Model.forward``.
+    The layer's input (the attention's residual), e = 1 when ``inputs_embeds`` is a separate tensor (first stage,
+    two or more layers), p = 1 for GPT-2's absolute position embeddings (batch 1, broadcast).
+    Source: ``LlamaModel.forward`` / ``GPT2Model.forward``. The MLP stage's residual is ``mlp_residual_bytes``.
     """
     embeds = 1 if first_stage and layers > 1 else 0
     positions = tokens * hidden if first_stage and family in ABSOLUTE_POSITIONS else 0
     return bits_to_bytes((STREAM_TENSORS + embeds) * batch * tokens * hidden + positions, bits)
+
+
+def mlp_residual_bytes(*, batch: int, tokens: int, hidden: int, bits: int, parallel: bool) -> int:
+    """Bytes of the residual the MLP stage adds to: B·T·D × bits/8, a new tensor (``LlamaDecoderLayer.forward``:
+    ``hidden_states = residual + hidden_states``; ``residual = hidden_states``) next to the layer's input.
+    0 in a parallel block, whose MLP reads the layer's own input (``PhiDecoderLayer``, ``GPTNeoXLayer``)."""
+    return 0 if parallel else bits_to_bytes(batch * tokens * hidden, bits)
 
 
 def activation_extra(hidden_act: str) -> int:
@@ -90,29 +98,31 @@ def grouped_moe_bytes(*, batch: int, tokens: int, experts: int, experts_per_toke
                       hidden: int, bits: int) -> int:
     """Peak bytes of transformers' ``grouped_mm`` experts over M = B·T tokens, k experts each.
 
-    Formula: M·k·max(D + 4·F_e, 4·D) × bits/8 + M·E × (bits + 32)/8 + M·k × 4·64/8.
-    The permuted tokens (M·k·D) live throughout; the gate_up stage adds gate_up (2F_e), act(gate) and the product
-    (F_e each); the down stage adds its output, the routing-weighted copy and the unpermuted copy (D each).
+    Formula: M·(D + k·max(D + 4·F_e, 4·D)) × bits/8 + M·E × (bits + 32)/8 + M·k × 4·64/8.
+    The block's normed input (M·D) and the permuted tokens (M·k·D) live throughout; the gate_up stage adds
+    gate_up (2F_e), act(gate) and the product (F_e each); the down stage adds its output, the routing-weighted copy and the unpermuted copy (D each).
     The router logits and their fp32 softmax are M·E; top-k indices and the sort's values and indices int64.
     Source: transformers ``integrations/moe.py`` (grouped_mm experts), ``MixtralSparseMoeBlock``.
     """
     m = batch * tokens
-    experts_bytes = bits_to_bytes(m * experts_per_token * max(hidden + 4 * expert_ffn, 4 * hidden), bits)
+    experts_bytes = bits_to_bytes(m * (hidden + experts_per_token * max(hidden + 4 * expert_ffn, 4 * hidden)), bits)
     router = bits_to_bytes(m * experts, bits + FP32_BITS)
     return experts_bytes + router + bits_to_bytes(4 * m * experts_per_token, INDEX_BITS)
 
 
 def upcast_qk_bytes(spec: ModelSpec, *, batch: int, tokens: int, kv_tokens: int, heads: int, kv_heads: int,
-                    head_dim: int) -> int:
+                    head_dim: int, layer_kv_bytes: int) -> int:
     """fp32 copies the family's attention makes of q and k (``UPCAST_QK``, ``ROPE_FP32``), in bytes.
 
     GPT-J: q and k, B·(T·N + S·N)·H × 4 (it repeats no heads). Cohere's rotary: q, k, q·cos + rotate_half(q)·sin,
-    k·cos, rotate_half(k) and its product with sin, B·T·(2N + 4K)·H × 4.
+    k·cos, rotate_half(k) and its product with sin, B·T·(2N + 4K)·H × 4; they are freed before the cache update
+    writes this layer's K and V (``layer_kv_bytes``, counted with the cache), so only the excess over it adds.
     """
     if spec.family in UPCAST_QK:
         return bits_to_bytes(batch * (tokens + kv_tokens) * heads * head_dim, FP32_BITS)
     if spec.family in ROPE_FP32:
-        return bits_to_bytes(batch * tokens * (2 * heads + 4 * kv_heads) * head_dim, FP32_BITS)
+        rope = bits_to_bytes(batch * tokens * (2 * heads + 4 * kv_heads) * head_dim, FP32_BITS)
+        return max(0, rope - layer_kv_bytes)
     return 0
 
 

@@ -169,6 +169,7 @@ def _hf_mlp_extra(spec: ModelSpec, step: _Step, ffn: int) -> int:
     b, t, d, bits = step.batch, step.tokens, spec.hidden_size or 0, step.bits
     heads = ceil_div(spec.num_attention_heads or 1, step.tp)
     return (bits_to_bytes(b * t * ffn * hf.activation_extra(spec.hidden_act), bits)
+            + hf.mlp_residual_bytes(batch=b, tokens=t, hidden=d, bits=bits, parallel=spec.parallel_attn)
             + hf.kept_attn_output_bytes(batch=b, tokens=t, hidden=d, bits=bits, family=spec.family)
             + hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=step.kv_tokens, bits=bits,
                                   family=spec.family, own=True))
@@ -179,11 +180,12 @@ def _hf_moe_bytes(spec: ModelSpec, step: _Step, expert_ffn: int, shared_ffn: int
     b, t, d, bits = step.batch, step.tokens, spec.hidden_size or 0, step.bits
     routed = hf.grouped_moe_bytes(batch=b, tokens=t, experts=spec.num_experts or 0, hidden=d, bits=bits,
                                   experts_per_token=spec.num_experts_per_tok or 0, expert_ffn=expert_ffn)
+    residual = hf.mlp_residual_bytes(batch=b, tokens=t, hidden=d, bits=bits, parallel=spec.parallel_attn)
     if not shared_ffn:
-        return routed
+        return routed + residual
     shared = mlp_workspace_bytes(batch=b, tokens=t, ffn=ceil_div(shared_ffn, step.tp), hidden=d, bits=bits,
                                  gated=spec.mlp_gated)
-    return max(routed + bits_to_bytes(b * t * d, bits), shared)
+    return max(routed + bits_to_bytes(b * t * d, bits), shared) + residual
 
 
 def _mlp_bytes(spec: ModelSpec, layer: Layer, step: _Step) -> int:
@@ -232,13 +234,19 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
     return out
 
 
+def _hf_shapes(spec: ModelSpec, step: _Step) -> tuple[tuple[int, int], ...]:
+    """One layer's cached (heads, dim) tensors in transformers' cache (MLA: its decompressed heads)."""
+    return cached_shapes(spec, mla_cache="decompressed", tp=step.tp, hf=True)
+
+
 def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool) -> int:
     """transformers' attention-stage extras (``hf_prefill``): the previous block's kept probabilities, eager's
     materialised mask, fp32 q/k copies (GPT-J, Cohere's rotary) and GPT-J's fp32 scores in place of the generic ones."""
     b, t, s, bits = step.batch, step.tokens, step.kv_tokens, step.bits
     out = hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits, family=spec.family, own=False)
+    layer_kv = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits)
     out += hf.upcast_qk_bytes(spec, batch=b, tokens=t, kv_tokens=s, heads=heads, head_dim=spec.dim_per_head,
-                              kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)))
+                              kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), layer_kv_bytes=layer_kv)
     if eager:
         out += hf.eager_mask_bytes(batch=b, tokens=t, kv_tokens=s, bits=bits)
         if spec.family in hf.UPCAST_QK:
@@ -267,7 +275,7 @@ def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
     if step.hf:
         stream = hf.stream_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits,
                                  first_stage=ctx.stage == 0, layers=len(ctx.layers), family=spec.family)
-        formula = "(2 + embeds)·B·T·D (layer input, residual, transformers' kept inputs_embeds)"
+        formula = "(1 + embeds)·B·T·D (layer input, transformers' kept inputs_embeds)"
     else:
         stream = hidden_states_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits)
         formula = "2·B·T·D (residual + hidden states)"
