@@ -100,9 +100,11 @@ def grouped_moe_bytes(*, batch: int, tokens: int, experts: int, experts_per_toke
 
     Formula: M·(D + k·max(D + 4·F_e, 4·D)) × bits/8 + M·E × (bits + 32)/8 + M·k × 4·64/8.
     The block's normed input (M·D) and the permuted tokens (M·k·D) live throughout; the gate_up stage adds
-    gate_up (2F_e), act(gate) and the product (F_e each); the down stage adds its output, the routing-weighted copy and the unpermuted copy (D each).
+    gate_up (2F_e), act(gate) and the product (F_e each); the down stage adds its output, the routing-weighted
+    copy and the unpermuted copy (D each).
     The router logits and their fp32 softmax are M·E; top-k indices and the sort's values and indices int64.
-    Source: transformers ``integrations/moe.py`` (grouped_mm experts), ``MixtralSparseMoeBlock``.
+    Source: transformers ``integrations/moe.py`` ``grouped_mm_experts_forward`` (``selected_hidden_states_g``,
+    ``proj_out``, ``weighted_out`` and ``weighted_out[inv_perm]``), ``MixtralSparseMoeBlock``.
     """
     m = batch * tokens
     experts_bytes = bits_to_bytes(m * (hidden + experts_per_token * max(hidden + 4 * expert_ffn, 4 * hidden)), bits)
