@@ -8,7 +8,8 @@ forward keeps more alive than the two residual tensors a fused engine keeps:
 - some blocks keep the attention output as a local while the MLP runs (``GPT2Block``: ``attn_output``);
 - Python activations (``NewGELUActivation``, ``BloomGelu``) hold several F-wide temporaries;
 - the experts run as ``grouped_mm`` over permuted copies of the tokens (``integrations/moe.py``);
-- GPT-J and BLOOM return their attention probabilities from every block, so the previous block's stay alive;
+- eager blocks keep their attention probabilities while the MLP runs, and GPT-J, BLOOM and Falcon's model loops keep
+  the previous block's;
 - eager attention gets a materialised (B, 1, T, S) causal mask (``masking_utils.eager_mask``).
 
 Widths are bits of the compute dtype; B batch, T new tokens, S attended keys, D hidden, F ffn, N/K heads.
@@ -33,10 +34,14 @@ KEEPS_ATTN_OUTPUT = frozenset({Family.GPT2, Family.GPT_BIGCODE, Family.PHI, Fami
 """Blocks whose attention output is a local still referenced while the MLP runs (``GPT2Block``: ``attn_output``;
 parallel blocks ``PhiDecoderLayer``/``FalconDecoderLayer``/``GPTJBlock``/``GPTNeoXLayer``/``CohereDecoderLayer``
 add it after the MLP; ``StableLmDecoderLayer``: ``self_attn_output``)."""
-KEEPS_ATTN_PROBS = frozenset({Family.GPTJ, Family.BLOOM})
-"""Blocks that return their attention probabilities (``GPTJBlock``/``BloomBlock``: ``outputs = (hidden, attn_weights)``),
-which the model's loop keeps until the next block returns: one previous block's (B, N, T, S) probabilities,
-plus the running block's own during its MLP."""
+KEEPS_PREVIOUS_PROBS = frozenset({Family.GPTJ, Family.BLOOM, Family.FALCON})
+"""Models whose loop keeps a block's whole output tuple, attention probabilities included, until the next block
+returns (``GPTJModel`` / ``BloomModel`` / ``FalconModel``: ``outputs = block(...)``; ``hidden_states = outputs[0]``).
+Every eager block also keeps its own probabilities while its MLP runs (``hidden_states, _ = self.self_attn(...)``
+binds them to ``_``)."""
+SOFTMAX_IN_DTYPE = frozenset({Family.GPT2, Family.FALCON})
+"""Eager softmax in the compute dtype (``GPT2Attention``/``FalconAttention``: ``softmax(scores, dim=-1)``); the other
+families pass ``dtype=torch.float32`` (``eager_attention_forward``)."""
 ACT_EXTRA_TEMPORARIES = {"gelu_new": 2, "gelu_fast": 2, "bloom_gelu": 3}
 """F-wide temporaries of a Python activation beyond its input and output, at its peak:
 ``NewGELUActivation`` 0.5·x, x³, 0.044715·x³ alive together (transformers ``activations.py``);
@@ -81,11 +86,11 @@ def kept_attn_output_bytes(*, batch: int, tokens: int, hidden: int, bits: int, f
 
 def kept_probs_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bits: int, family: Family,
                      own: bool) -> int:
-    """Bytes of returned attention probabilities alive: c·B·N·T·S × bits/8, c = 1 (previous block), +1 in the MLP
-    stage (``own``). Source: ``GPTJBlock.forward`` / ``BloomBlock.forward`` return ``attn_weights``."""
-    if family not in KEEPS_ATTN_PROBS:
-        return 0
-    return bits_to_bytes((1 + int(own)) * batch * heads * tokens * kv_tokens, bits)
+    """Bytes of eager attention probabilities kept alive: c·B·N·T·S × bits/8, c = 1 for the previous block's in the
+    models of ``KEEPS_PREVIOUS_PROBS``, + 1 in the MLP stage (``own``) for the running block's.
+    Source: ``LlamaDecoderLayer.forward`` (``hidden_states, _ = self.self_attn(...)``), ``FalconModel.forward``."""
+    count = int(family in KEEPS_PREVIOUS_PROBS) + int(own)
+    return bits_to_bytes(count * batch * heads * tokens * kv_tokens, bits)
 
 
 def eager_mask_bytes(*, batch: int, tokens: int, kv_tokens: int, bits: int) -> int:
@@ -113,19 +118,46 @@ def grouped_moe_bytes(*, batch: int, tokens: int, experts: int, experts_per_toke
 
 
 def upcast_qk_bytes(spec: ModelSpec, *, batch: int, tokens: int, kv_tokens: int, heads: int, kv_heads: int,
-                    head_dim: int, layer_kv_bytes: int) -> int:
+                    head_dim: int, later_bytes: int) -> int:
     """fp32 copies the family's attention makes of q and k (``UPCAST_QK``, ``ROPE_FP32``), in bytes.
 
     GPT-J: q and k, B·(T·N + S·N)·H × 4 (it repeats no heads). Cohere's rotary: q, k, q·cos + rotate_half(q)·sin,
     k·cos, rotate_half(k) and its product with sin, B·T·(2N + 4K)·H × 4; they are freed before the cache update
-    writes this layer's K and V (``layer_kv_bytes``, counted with the cache), so only the excess over it adds.
+    writes this layer's K and V (``later_bytes``: this layer's cached K and V, eager's scores), so only the excess over it adds.
     """
     if spec.family in UPCAST_QK:
         return bits_to_bytes(batch * (tokens + kv_tokens) * heads * head_dim, FP32_BITS)
     if spec.family in ROPE_FP32:
         rope = bits_to_bytes(batch * tokens * (2 * heads + 4 * kv_heads) * head_dim, FP32_BITS)
-        return max(0, rope - layer_kv_bytes)
+        return max(0, rope - later_bytes)
     return 0
+
+
+def eager_attention_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int, kv_heads: int, head_dim: int,
+                          hidden: int, bits: int, upcast: bool = True) -> int:
+    """Peak bytes of transformers' eager attention, at its softmax (the mask is ``eager_mask_bytes``).
+
+    Formula: B·T·(D + N·H) × bits/8 (normed input, q) + 2·B·N·S·H × bits/8 when 1 < K < N (``repeat_kv``'s copies;
+    with K = 1 the expand reshapes to a view) + B·N·T·S × (bits + 32 + 32)/8 (the masked scores, softmax's fp32
+    copy of its input and its fp32 output; ``eager_softmax_bits``). The new k and v live in the cache by then
+    (``DynamicLayer.update`` returns the concatenated tensors), and the output does not exist yet.
+    Source: transformers ``LlamaAttention.forward`` / ``eager_attention_forward`` / ``repeat_kv``; ATen
+    ``softmax(input, dim, dtype)`` converts its input first (only CUDA Half takes the ``half_to_float`` kernel;
+    measured on CPU as ``_to_copy < softmax``).
+    """
+    out = bits_to_bytes(batch * tokens * (hidden + heads * head_dim), bits)
+    if 1 < kv_heads < heads:
+        out += bits_to_bytes(2 * batch * heads * kv_tokens * head_dim, bits)
+    return out + bits_to_bytes(batch * heads * tokens * kv_tokens, eager_softmax_bits(bits, upcast=upcast))
+
+
+def eager_softmax_bits(bits: int, *, upcast: bool) -> int:
+    """Bits per score element alive at eager attention's softmax: the masked scores, the fp32 copy and the fp32
+    output (bits + 64; 64 in fp32), or with the softmax in the compute dtype (``SOFTMAX_IN_DTYPE``) the raw scores,
+    the masked ones and the output (3·bits)."""
+    if not upcast:
+        return 3 * bits
+    return (bits if bits < FP32_BITS else 0) + 2 * FP32_BITS
 
 
 def fp32_scores_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int) -> int:

@@ -160,6 +160,8 @@ class _Step:
     tp: int
     hf: bool = False
     """transformers' own forward (``hf_prefill``'s extra transients), not a fused serving engine."""
+    eager: bool = False
+    """transformers runs eager attention (``activations_block.attention_impl``): it returns its probabilities."""
     cpu: bool = False
     """PyTorch's CPU kernels (the measured tiny models): SDPA falls back to its math path where no CPU kernel fits."""
 
@@ -171,8 +173,8 @@ def _hf_mlp_extra(spec: ModelSpec, step: _Step, ffn: int) -> int:
     return (bits_to_bytes(b * t * ffn * hf.activation_extra(spec.hidden_act), bits)
             + hf.mlp_residual_bytes(batch=b, tokens=t, hidden=d, bits=bits, parallel=spec.parallel_attn)
             + hf.kept_attn_output_bytes(batch=b, tokens=t, hidden=d, bits=bits, family=spec.family)
-            + hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=step.kv_tokens, bits=bits,
-                                  family=spec.family, own=True))
+            + (hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=step.kv_tokens, bits=bits,
+                                   family=spec.family, own=True) if step.eager else 0))
 
 
 def _hf_moe_bytes(spec: ModelSpec, step: _Step, expert_ffn: int, shared_ffn: int) -> int:
@@ -220,6 +222,10 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
             out += hf.cpu_math_mla_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                          qk_head=(spec.qk_nope_head_dim or 0) + (spec.qk_rope_head_dim or 0),
                                          v_head=spec.v_head_dim or 0, bits=step.bits)
+    elif step.hf and not flash and spec.family not in hf.UPCAST_QK:
+        out = hf.eager_attention_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
+                                       kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
+                                       hidden=d, bits=step.bits, upcast=spec.family not in hf.SOFTMAX_IN_DTYPE)
     else:
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                         kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
@@ -243,12 +249,18 @@ def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool
     """transformers' attention-stage extras (``hf_prefill``): the previous block's kept probabilities, eager's
     materialised mask, fp32 q/k copies (GPT-J, Cohere's rotary) and GPT-J's fp32 scores in place of the generic ones."""
     b, t, s, bits = step.batch, step.tokens, step.kv_tokens, step.bits
-    out = hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits, family=spec.family, own=False)
-    layer_kv = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits)
+    out = hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits, family=spec.family,
+                              own=False) if eager else 0
+    later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits)
+    if eager and spec.family in hf.ROPE_FP32:  # the fp32 rotary copies are gone before the scores exist
+        later += scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
     out += hf.upcast_qk_bytes(spec, batch=b, tokens=t, kv_tokens=s, heads=heads, head_dim=spec.dim_per_head,
-                              kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), layer_kv_bytes=layer_kv)
+                              kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), later_bytes=later)
     if eager:
         out += hf.eager_mask_bytes(batch=b, tokens=t, kv_tokens=s, bits=bits)
+        if spec.is_mla:  # softmax's fp32 copy of its input, beyond scores_bytes' count
+            out += bits_to_bytes(b * heads * t * s, hf.eager_softmax_bits(bits, upcast=True)) \
+                - scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
         if spec.family in hf.UPCAST_QK:
             out += (hf.fp32_scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s)
                     - scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits))
@@ -268,7 +280,8 @@ def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
     bits = compute_dtype(cfg.dtype).bits
     tokens = step_tokens(context=inf.context, prefill_chunk=inf.prefill_chunk)
     step = _Step(batch=cfg.micro_batch, tokens=tokens, kv_tokens=inf.context, bits=bits, tp=cfg.tp,
-                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, hf=hf_cache_layout(cfg), cpu=cpu)
+                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, hf=hf_cache_layout(cfg), cpu=cpu,
+                 eager=attention_impl(spec, cfg) == "eager")
     attention = _attention_bytes(ctx, step) if ctx.layers else 0
     mlp = max((_mlp_bytes(spec, layer, step) for _, layer in ctx.layers), default=0)
     note = f"prefill step of {tokens} tokens × batch {cfg.micro_batch}"
