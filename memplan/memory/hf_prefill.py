@@ -47,6 +47,8 @@ ACT_EXTRA_TEMPORARIES = {"gelu_new": 2, "gelu_fast": 2, "bloom_gelu": 3}
 ``NewGELUActivation`` 0.5·x, x³, 0.044715·x³ alive together (transformers ``activations.py``);
 ``bloom_gelu_forward`` x·0.5, 0.79788456·x, x·x products (``modeling_bloom.py``). ATen activations (silu, gelu,
 gelu with tanh) write one output."""
+FUSED_QKV_KEPT = frozenset({Family.GPT_NEOX})
+"""q, k and v are views of ``query_key_value``'s output, which stays alive whole (``GPTNeoXAttention.forward``)."""
 UPCAST_QK = frozenset({Family.GPTJ})
 """``GPTJAttention._attn``: ``query.to(torch.float32)``, ``key.to(torch.float32)`` before ``q @ k.T``."""
 ROPE_FP32 = frozenset({Family.COHERE})
@@ -79,9 +81,13 @@ def activation_extra(hidden_act: str) -> int:
     return ACT_EXTRA_TEMPORARIES.get(hidden_act, 0)
 
 
-def kept_attn_output_bytes(*, batch: int, tokens: int, hidden: int, bits: int, family: Family) -> int:
-    """Bytes of the attention output a block keeps while its MLP runs: B·T·D × bits/8 (``KEEPS_ATTN_OUTPUT``)."""
-    return bits_to_bytes(batch * tokens * hidden, bits) if family in KEEPS_ATTN_OUTPUT else 0
+def kept_attn_output_bytes(*, batch: int, tokens: int, hidden: int, bits: int, family: Family,
+                           parallel_norms: int = 1) -> int:
+    """Bytes a block keeps from its attention while its MLP runs: (o + n − 1)·B·T·D × bits/8, o = 1 for the attention
+    output (``KEEPS_ATTN_OUTPUT``), n the parallel block's norms (``FalconDecoderLayer``: ``attention_layernorm_out``
+    and ``mlp_layernorm_out`` are both locals)."""
+    count = int(family in KEEPS_ATTN_OUTPUT) + max(0, parallel_norms - 1)
+    return bits_to_bytes(count * batch * tokens * hidden, bits)
 
 
 def kept_probs_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bits: int, family: Family,
@@ -149,6 +155,21 @@ def eager_attention_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int
     if 1 < kv_heads < heads:
         out += bits_to_bytes(2 * batch * heads * kv_tokens * head_dim, bits)
     return out + bits_to_bytes(batch * heads * tokens * kv_tokens, eager_softmax_bits(bits, upcast=upcast))
+
+
+def partial_rotary_bytes(spec: ModelSpec, *, batch: int, tokens: int, heads: int, kv_heads: int, head_dim: int,
+                         bits: int) -> int:
+    """Bytes partial rotary adds at eager attention's softmax: B·T·(N + K)·H × bits/8, plus B·T·K·H where the fused
+    projection stays alive (``FUSED_QKV_KEPT``); 0 without partial rotary.
+
+    q is rebuilt as ``torch.cat([q_rot, q_pass])`` (a new tensor next to the projection it slices), and the k
+    projection stays referenced through ``k_pass`` while the cache holds the concatenated k.
+    Source: transformers ``StableLmAttention.forward`` / ``GPTNeoXAttention.forward`` (``rotary_ndims``).
+    """
+    if spec.rotary_dim is None or spec.rotary_dim >= head_dim:
+        return 0
+    kept = kv_heads if spec.family in FUSED_QKV_KEPT else 0
+    return bits_to_bytes(batch * tokens * (heads + kv_heads + kept) * head_dim, bits)
 
 
 def eager_softmax_bits(bits: int, *, upcast: bool) -> int:

@@ -172,7 +172,8 @@ def _hf_mlp_extra(spec: ModelSpec, step: _Step, ffn: int) -> int:
     heads = ceil_div(spec.num_attention_heads or 1, step.tp)
     return (bits_to_bytes(b * t * ffn * hf.activation_extra(spec.hidden_act), bits)
             + hf.mlp_residual_bytes(batch=b, tokens=t, hidden=d, bits=bits, parallel=spec.parallel_attn)
-            + hf.kept_attn_output_bytes(batch=b, tokens=t, hidden=d, bits=bits, family=spec.family)
+            + hf.kept_attn_output_bytes(batch=b, tokens=t, hidden=d, bits=bits, family=spec.family,
+                                        parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
             + (hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=step.kv_tokens, bits=bits,
                                    family=spec.family, own=True) if step.eager else 0))
 
@@ -226,6 +227,8 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
         out = hf.eager_attention_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                        kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
                                        hidden=d, bits=step.bits, upcast=spec.family not in hf.SOFTMAX_IN_DTYPE)
+        out += hf.partial_rotary_bytes(spec, batch=step.batch, tokens=step.tokens, heads=heads, bits=step.bits,
+                                       kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head)
     else:
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                         kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
