@@ -94,8 +94,10 @@ def test_chunked_prefill_shrinks_workspace_and_counts_hf_concat() -> None:
                                               head_dim=128, hidden=4096, bits=16, flash=True)
     concat = inf.kv_concat_bytes(batch=1, old_tokens=8192 - 512, elements=2 * 8 * 128, bits=16)
     assert concat == 7680 * 4096
-    eager = act_rows(LLAMA_31_8B, prefill_chunk=512, flash=False)["activations/prefill_workspace"]
-    eager_paged = act_rows(LLAMA_31_8B, prefill_chunk=512, flash=False, paged=True)["activations/prefill_workspace"]
+    # the same attention with and without the contiguous cache's concat (a paged cache is a serving engine's)
+    eager = act_rows(LLAMA_31_8B, prefill_chunk=512, flash=False, engine=Engine.VLLM)["activations/prefill_workspace"]
+    eager_paged = act_rows(LLAMA_31_8B, prefill_chunk=512, flash=False, paged=True,
+                           engine=Engine.VLLM)["activations/prefill_workspace"]
     assert eager - eager_paged == concat
     assert attention + concat < mlp
 

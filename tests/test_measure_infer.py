@@ -2,8 +2,10 @@
 (``estimate``'s phase peak) against the measured peak, for every model family of ``benchmarks/accuracy.py``.
 
 The bound is the one of issue 11 for inference (under-prediction is the dangerous direction): within 5% of the
-measured peak, never more than 1% under it. The answer prefills the whole context while the measurement prefills
-``context − decode steps`` tokens, so it sits a little over on families whose peak is a prefill transient.
+measured peak, never more than 1% under it. The run is compared as ``estimate`` expresses it: a context of C tokens
+whose prompt of C − decode steps tokens is one forward (``--prefill-chunk``, ``measure.job._infer_lines``).
+Before the transformers transients (``memory.hf_prefill``) the SDPA answers were down to 51% under (DeepSeek's MLA
+on CPU's math SDPA), 17% (GPT-2's Python GELU), 16% (BLOOM's kept probabilities and GELU).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def _answer_error(family: str, attention: str) -> tuple[float, str]:
                       infer={"context": CONTEXT})
     report = measure_job(tiny_spec(family), cfg, GPU, decode_steps=DECODE_STEPS)
     line = next(line for line in report.lines if line.component == "peak/inference (answer)")
-    assert line.measured and line.predicted
-    return line.error_pct, report.phases_measured and max(report.phases_measured, key=report.phases_measured.get)
+    assert line.measured and line.predicted and line.error_pct is not None
+    return line.error_pct, max(report.phases_measured, key=lambda phase: report.phases_measured[phase])
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # GPT-BigCode's import
@@ -45,7 +47,8 @@ def test_inference_answer_within_bound(family: str) -> None:
     assert -UNDER_PCT <= error <= OVER_PCT, f"{family}: answer {error:+.2f}% vs the measured {phase} peak"
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "deepseek_v3", "phi"])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # GPT-BigCode's import
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in EAGER_ONLY])
 def test_inference_answer_within_bound_eager(family: str) -> None:
     error, phase = _answer_error(family, "eager")
     assert -UNDER_PCT <= error <= OVER_PCT, f"{family} eager: answer {error:+.2f}% vs the measured {phase} peak"

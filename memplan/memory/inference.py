@@ -274,8 +274,9 @@ def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
     """Inference activation rows: ``activations/hidden_states``, ``activations/prefill_workspace``
     (the largest layer's transient peak) and, on the last pipeline stage, ``activations/logits``.
 
-    Under transformers (``kv_cache.hf_cache_layout``) the rows add its forward's own transients (``hf_prefill``);
-    ``cpu``: counted with PyTorch's CPU kernels (the measured tiny models, ``memplan measure``)."""
+    Under transformers with its own contiguous cache (``kv_cache.hf_cache_layout``, not ``paged``) the rows add
+    its forward's own transients (``hf_prefill``); ``cpu``: counted with PyTorch's CPU kernels (the measured tiny
+    models, ``memplan measure``)."""
     cfg = ctx.cfg
     if cfg.job is not Job.INFER:
         return []
@@ -283,7 +284,8 @@ def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
     bits = compute_dtype(cfg.dtype).bits
     tokens = step_tokens(context=inf.context, prefill_chunk=inf.prefill_chunk)
     step = _Step(batch=cfg.micro_batch, tokens=tokens, kv_tokens=inf.context, bits=bits, tp=cfg.tp,
-                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, hf=hf_cache_layout(cfg), cpu=cpu,
+                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, cpu=cpu,
+                 hf=hf_cache_layout(cfg) and not inf.paged,
                  eager=attention_impl(spec, cfg) == "eager")
     attention = _attention_bytes(ctx, step) if ctx.layers else 0
     mlp = max((_mlp_bytes(spec, layer, step) for _, layer in ctx.layers), default=0)
