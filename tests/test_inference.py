@@ -52,7 +52,8 @@ def test_llama_prefill_8k_flash() -> None:
     """transformers (the default inference engine): the layer's input and the kept inputs_embeds across the layer;
     the MLP stage adds the normed input, gate/up/product and the residual it adds to."""
     rows = act_rows(LLAMA_31_8B)
-    assert rows["activations/hidden_states"] == 128 * MiB  # 2 × 8192 × 4096 × 2 bytes
+    # layer input + kept inputs_embeds (2 × 8192 × 4096 × 2 bytes) + rotary cos and sin (2 × 8192 × 128 × 2 bytes)
+    assert rows["activations/hidden_states"] == 128 * MiB + 4 * MiB
     # MLP stage: 8192 × (4096 + 3 × 14336 + 4096) × 2 = 838,860,800 > attention's 8192 × 14336 × 2.
     assert rows["activations/prefill_workspace"] == 838_860_800
     assert rows["activations/logits"] == 128256 * (2 + 4)
@@ -110,7 +111,7 @@ def test_all_logits_in_fp32_and_compute_dtype() -> None:
 def test_tensor_parallel_divides_heads_and_ffn() -> None:
     rows = act_rows(LLAMA_31_8B, tp=2)
     assert rows["activations/prefill_workspace"] == 8192 * (4096 + 3 * 7168 + 4096) * 2
-    assert rows["activations/hidden_states"] == 128 * MiB
+    assert rows["activations/hidden_states"] == 128 * MiB + 2 * 8192 * 128 * 2  # + rotary cos/sin, whole per rank
 
 
 def test_moe_workspace_follows_vllm_fused_moe() -> None:

@@ -69,6 +69,22 @@ def stream_bytes(*, batch: int, tokens: int, hidden: int, bits: int, first_stage
     return bits_to_bytes((STREAM_TENSORS + embeds) * batch * tokens * hidden + positions, bits)
 
 
+NO_ROTARY = frozenset({Family.GPT2, Family.GPT_BIGCODE, Family.BLOOM, Family.GPTJ})
+"""Models whose forward computes no rotary table for all layers (absolute positions, ALiBi; GPT-J gathers its sin/cos
+per layer from a buffer, ``GPTJAttention._get_embed_positions``)."""
+
+
+def rotary_tables_bytes(*, batch: int, tokens: int, rotary_dims: int, tables: int, bits: int) -> int:
+    """Bytes of the rotary cos and sin the model's forward keeps for all layers: 2·t·B·T·R × bits/8.
+
+    ``LlamaModel.forward``: ``position_embeddings = self.rotary_emb(hidden_states, position_ids)`` (cos and sin
+    in the compute dtype, R = the rotated dims per head); t = 2 in Gemma-3 with sliding and full layers (one
+    table per layer type, ``Gemma3TextModel.forward``). Assumption: position ids of shape (B, T), as ``generate``
+    derives them from the attention mask (a bare forward broadcasts (1, T)).
+    """
+    return bits_to_bytes(2 * tables * batch * tokens * rotary_dims, bits)
+
+
 def mlp_residual_bytes(*, batch: int, tokens: int, hidden: int, bits: int, parallel: bool) -> int:
     """Bytes of the residual the MLP stage adds to: B·T·D × bits/8, a new tensor (``LlamaDecoderLayer.forward``:
     ``hidden_states = residual + hidden_states``; ``residual = hidden_states``) next to the layer's input.

@@ -270,6 +270,18 @@ def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool
     return out
 
 
+def _rotary_tables(ctx: Context, batch: int, tokens: int, bits: int) -> int:
+    """``hf_prefill.rotary_tables_bytes`` for the stage's layers: none without rotary, two in Gemma-3 with sliding and
+    full layers."""
+    spec = ctx.arch.spec
+    if spec.family in hf.NO_ROTARY or spec.alibi or not ctx.layers:
+        return 0
+    dims = spec.qk_rope_head_dim if spec.is_mla else spec.rotary_dim or spec.dim_per_head
+    kinds = {layer.sliding for _, layer in ctx.layers}
+    tables = len(kinds) if spec.family is Family.GEMMA3 else 1
+    return hf.rotary_tables_bytes(batch=batch, tokens=tokens, rotary_dims=dims or 0, tables=tables, bits=bits)
+
+
 def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
     """Inference activation rows: ``activations/hidden_states``, ``activations/prefill_workspace``
     (the largest layer's transient peak) and, on the last pipeline stage, ``activations/logits``.
@@ -293,7 +305,8 @@ def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
     if step.hf:
         stream = hf.stream_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits,
                                  first_stage=ctx.stage == 0, layers=len(ctx.layers), family=spec.family)
-        formula = "(1 + embeds)·B·T·D (layer input, transformers' kept inputs_embeds)"
+        stream += _rotary_tables(ctx, cfg.micro_batch, tokens, bits)
+        formula = "(1 + embeds)·B·T·D + rotary cos/sin (layer input, transformers' kept inputs_embeds)"
     else:
         stream = hidden_states_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits)
         formula = "2·B·T·D (residual + hidden states)"
