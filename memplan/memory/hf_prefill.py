@@ -47,6 +47,10 @@ ACT_EXTRA_TEMPORARIES = {"gelu_new": 2, "gelu_fast": 2, "bloom_gelu": 3}
 ``NewGELUActivation`` 0.5·x, x³, 0.044715·x³ alive together (transformers ``activations.py``);
 ``bloom_gelu_forward`` x·0.5, 0.79788456·x, x·x products (``modeling_bloom.py``). ATen activations (silu, gelu,
 gelu with tanh) write one output."""
+SCORES_KEPT = frozenset({Family.BLOOM})
+"""``BloomAttention.forward``: ``attention_scores = alibi.baddbmm(...)`` stays referenced while the masked copy and
+the softmax exist (one more (B, N, T, S) tensor), and q, k, v are views of ``query_key_value``'s output (3·N·H
+per token, where the generic count has N·H)."""
 FUSED_QKV_KEPT = frozenset({Family.GPT_NEOX})
 """q, k and v are views of ``query_key_value``'s output, which stays alive whole (``GPTNeoXAttention.forward``)."""
 UPCAST_QK = frozenset({Family.GPTJ})
@@ -113,6 +117,14 @@ def kept_probs_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bit
     Source: ``LlamaDecoderLayer.forward`` (``hidden_states, _ = self.self_attn(...)``), ``FalconModel.forward``."""
     count = int(family in KEEPS_PREVIOUS_PROBS) + int(own)
     return bits_to_bytes(count * batch * heads * tokens * kv_tokens, bits)
+
+
+def sdpa_mask_bytes(*, batch: int, tokens: int, kv_tokens: int, bits: int) -> int:
+    """Bytes of an explicit mask SDPA gets (sliding window shorter than S, Falcon's ALiBi path): B·T·S × (8 + bits)/8,
+    the boolean mask ``masking_utils.sdpa_mask`` builds and SDPA's additive copy of it
+    (``convert_boolean_attn_mask``: ``where(mask, 0, -inf)`` in the query's dtype). Assumption: a mask per sequence
+    (a bare forward without padding broadcasts one (1, 1, T, S) mask)."""
+    return bits_to_bytes(batch * tokens * kv_tokens, BOOL_BITS + bits)
 
 
 def eager_mask_bytes(*, batch: int, tokens: int, kv_tokens: int, bits: int) -> int:
@@ -186,6 +198,15 @@ def partial_rotary_bytes(spec: ModelSpec, *, batch: int, tokens: int, heads: int
         return 0
     kept = kv_heads if spec.family in FUSED_QKV_KEPT else 0
     return bits_to_bytes(batch * tokens * (heads + kv_heads + kept) * head_dim, bits)
+
+
+def kept_scores_bytes(spec: ModelSpec, *, batch: int, tokens: int, kv_tokens: int, heads: int, head_dim: int,
+                      bits: int) -> int:
+    """Bytes ``SCORES_KEPT`` adds at eager softmax: B·N·T·S × bits/8 (the raw scores) + 2·B·T·N·H × bits/8 (the k
+    and v parts of the fused projection). Source: transformers ``BloomAttention.forward``."""
+    if spec.family not in SCORES_KEPT:
+        return 0
+    return bits_to_bytes(batch * heads * (tokens * kv_tokens + 2 * tokens * head_dim), bits)
 
 
 def eager_softmax_bits(bits: int, *, upcast: bool) -> int:

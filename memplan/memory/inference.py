@@ -28,7 +28,7 @@ from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import Job
 from memplan.errors import MemplanError
 from memplan.memory import hf_prefill as hf
-from memplan.memory.activations_block import attention_impl
+from memplan.memory.activations_block import attention_impl, sdpa_mask_materialized
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, hf_cache_layout, step_tokens
@@ -229,12 +229,16 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
                                        hidden=d, bits=step.bits, upcast=spec.family not in hf.SOFTMAX_IN_DTYPE)
         out += hf.partial_rotary_bytes(spec, batch=step.batch, tokens=step.tokens, heads=heads, bits=step.bits,
                                        kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head)
+        out += hf.kept_scores_bytes(spec, batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens,
+                                    heads=heads, head_dim=spec.dim_per_head, bits=step.bits)
     else:
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                         kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
                                         hidden=d, bits=step.bits, flash=flash)
     if step.hf:
         out += _hf_attention_extra(spec, step, heads, eager=not flash)
+        if impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers):
+            out += hf.sdpa_mask_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, bits=step.bits)
     static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
     if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
         shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp, hf=hf_cache_layout(cfg))
