@@ -206,8 +206,8 @@ INTRO = ["Each case builds a tiny model with its family's real layout (`memplan/
          "states and the KV cache (bound: exact);",
          "- `saved`: activations saved for backward, measured with `saved_tensors_hooks` (bound: 3%);",
          "- `answer vs measured`: memplan's answer, `estimate`'s phase peak (tensors only: no CUDA context or allocator "
-         "reserve on CPU), against the measured peak of the step (training bound: 10% on CPU, 5% on CUDA; inference "
-         "not bounded);",
+         "reserve on CPU), against the measured peak of the step (training bound: 10% on CPU, 5% on CUDA; inference: "
+         "5% on CPU);",
          "- `result`: `ok`, or the components outside their bound."]
 NOTES = ["## How to read it", "",
          "- Inference rows have no step peak bound: `peak` there is memplan's rows summed (weights, KV cache, "

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from memplan.arch.build import build_architecture
 from memplan.catalog.schema import Family, GpuSpec, HostSpec, ModelSpec
-from memplan.config import InferConfig, Job, JobConfig
+from memplan.config import Engine, InferConfig, Job, JobConfig
 from memplan.errors import MemplanError
 from memplan.memory import inference as inf
 from memplan.memory import kv_cache as kv
@@ -38,9 +38,9 @@ DEEPSEEK_V3 = ModelSpec(name="deepseek-v3", source="https://huggingface.co/deeps
 
 
 def ctx_for(spec: ModelSpec, *, batch: int = 1, context: int = 8192, tp: int = 1, pp: int = 1,
-            flash: bool = True, **infer: object) -> Context:
+            flash: bool = True, engine: Engine | None = None, **infer: object) -> Context:
     cfg = JobConfig(job=Job.INFER, micro_batch=batch, tp=tp, pp=pp, gpus_per_node=tp * pp, flash_attention=flash,
-                    infer=InferConfig(context=context, **infer))
+                    engine=engine, infer=InferConfig(context=context, **infer))
     return Context(build_architecture(spec), cfg, GPU, HostSpec())
 
 
@@ -49,15 +49,26 @@ def act_rows(spec: ModelSpec, **kw: object) -> dict[str, int]:
 
 
 def test_llama_prefill_8k_flash() -> None:
+    """transformers (the default inference engine): the layer's input and the kept inputs_embeds across the layer;
+    the MLP stage adds the normed input, gate/up/product and the residual it adds to."""
     rows = act_rows(LLAMA_31_8B)
-    assert rows["activations/hidden_states"] == 128 * MiB  # 2 × 8192 × 4096 × 2 bytes
-    # MLP stage: 8192 × (4096 + 3 × 14336) × 2 = 771,751,936 > attention's 8192 × 14336 × 2.
-    assert rows["activations/prefill_workspace"] == 771_751_936
+    # layer input + kept inputs_embeds (2 × 8192 × 4096 × 2 bytes) + rotary cos and sin (2 × 8192 × 128 × 2 bytes)
+    assert rows["activations/hidden_states"] == 128 * MiB + 4 * MiB
+    # MLP stage: 8192 × (4096 + 3 × 14336 + 4096) × 2 = 838,860,800 > attention's 8192 × 14336 × 2.
+    assert rows["activations/prefill_workspace"] == 838_860_800
     assert rows["activations/logits"] == 128256 * (2 + 4)
 
 
+def test_fused_engine_prefill_8k_flash() -> None:
+    """A fused serving engine (vLLM) keeps the residual and hidden states only."""
+    rows = act_rows(LLAMA_31_8B, engine=Engine.VLLM)
+    assert rows["activations/hidden_states"] == 128 * MiB  # 2 × 8192 × 4096 × 2 bytes
+    # MLP stage: 8192 × (4096 + 3 × 14336) × 2 = 771,751,936 > attention's 8192 × 14336 × 2.
+    assert rows["activations/prefill_workspace"] == 771_751_936
+
+
 def test_eager_attention_materializes_scores() -> None:
-    rows = act_rows(LLAMA_31_8B, flash=False)
+    rows = act_rows(LLAMA_31_8B, flash=False, engine=Engine.VLLM)
     qkv = 8192 * (4096 + 2 * 32 * 128 + 2 * 8 * 128) * 2
     repeat_kv = 2 * 32 * 8192 * 128 * 2
     scores = 32 * 8192 * 8192 * (2 * 2 + 4)
@@ -65,16 +76,29 @@ def test_eager_attention_materializes_scores() -> None:
     assert rows["activations/prefill_workspace"] == qkv + repeat_kv + scores
 
 
+def test_transformers_eager_attention_at_its_softmax() -> None:
+    """transformers' eager attention at softmax(dtype=float32): normed input and q, repeat_kv's copies, the masked
+    bf16 scores with their fp32 copy and fp32 output, and the (1, 1, T, S) bf16 causal mask."""
+    rows = act_rows(LLAMA_31_8B, flash=False)
+    normed_q = 8192 * (4096 + 32 * 128) * 2
+    repeat_kv = 2 * 32 * 8192 * 128 * 2
+    scores = 32 * 8192 * 8192 * (2 + 4 + 4)
+    mask = 8192 * 8192 * 2
+    assert rows["activations/prefill_workspace"] == normed_q + repeat_kv + scores + mask
+
+
 def test_chunked_prefill_shrinks_workspace_and_counts_hf_concat() -> None:
     rows = act_rows(LLAMA_31_8B, prefill_chunk=512)
-    mlp = 512 * (4096 + 3 * 14336) * 2
-    assert rows["activations/prefill_workspace"] == mlp == 48_234_496
+    mlp = 512 * (4096 + 3 * 14336 + 4096) * 2
+    assert rows["activations/prefill_workspace"] == mlp == 52_428_800
     attention = inf.attention_workspace_bytes(batch=1, tokens=512, kv_tokens=8192, heads=32, kv_heads=8,
                                               head_dim=128, hidden=4096, bits=16, flash=True)
     concat = inf.kv_concat_bytes(batch=1, old_tokens=8192 - 512, elements=2 * 8 * 128, bits=16)
     assert concat == 7680 * 4096
-    eager = act_rows(LLAMA_31_8B, prefill_chunk=512, flash=False)["activations/prefill_workspace"]
-    eager_paged = act_rows(LLAMA_31_8B, prefill_chunk=512, flash=False, paged=True)["activations/prefill_workspace"]
+    # the same attention with and without the contiguous cache's concat (a paged cache is a serving engine's)
+    eager = act_rows(LLAMA_31_8B, prefill_chunk=512, flash=False, engine=Engine.VLLM)["activations/prefill_workspace"]
+    eager_paged = act_rows(LLAMA_31_8B, prefill_chunk=512, flash=False, paged=True,
+                           engine=Engine.VLLM)["activations/prefill_workspace"]
     assert eager - eager_paged == concat
     assert attention + concat < mlp
 
@@ -86,23 +110,41 @@ def test_all_logits_in_fp32_and_compute_dtype() -> None:
 
 def test_tensor_parallel_divides_heads_and_ffn() -> None:
     rows = act_rows(LLAMA_31_8B, tp=2)
-    assert rows["activations/prefill_workspace"] == 8192 * (4096 + 3 * 7168) * 2
-    assert rows["activations/hidden_states"] == 128 * MiB
+    assert rows["activations/prefill_workspace"] == 8192 * (4096 + 3 * 7168 + 4096) * 2
+    assert rows["activations/hidden_states"] == 128 * MiB + 2 * 8192 * 128 * 2  # + rotary cos/sin, whole per rank
 
 
 def test_moe_workspace_follows_vllm_fused_moe() -> None:
     per_token = (2 * 4096 + 2 * (max(2 * 14336, 4096) + 14336)) * 2 + 8 * 4
     assert per_token == 188_448
+    assert act_rows(MIXTRAL_8X7B, context=1024, engine=Engine.VLLM)["activations/prefill_workspace"] \
+        == 1024 * per_token
+
+
+def test_moe_workspace_follows_transformers_grouped_mm() -> None:
+    """transformers' grouped_mm experts: the normed input, k permuted copies, then per copy gate_up (2F), act(gate)
+    and the product (F each); router logits (bf16) and their fp32 softmax over E; top-k and sort indices (int64);
+    the MLP stage's residual."""
+    per_token = (4096 + 2 * (4096 + 4 * 14336)) * 2 + 8 * (2 + 4) + 4 * 2 * 8 + 4096 * 2
     assert act_rows(MIXTRAL_8X7B, context=1024)["activations/prefill_workspace"] == 1024 * per_token
 
 
 def test_deepseek_v3_mla_expansion_dominates() -> None:
-    rows = act_rows(DEEPSEEK_V3, context=1024)
+    rows = act_rows(DEEPSEEK_V3, context=1024, engine=Engine.VLLM)
     attention = 1024 * ((7168 + 128 * 192 + 128 * 128) + 128 * (2 * 128 + 64 + 128)) * 2
     assert attention == 216_006_656
     moe = 1024 * (2 * 7168 + 8 * (7168 + 2048)) * 2 + 1024 * 256 * 4
     assert moe < attention
     assert rows["activations/prefill_workspace"] == attention
+
+
+def test_deepseek_v3_transformers_experts_dominate() -> None:
+    """Under transformers the routed experts' down stage holds four M·k·D copies (grouped_mm_experts_forward), more
+    than MLA's expansion; the shared expert's output and the residual ride along."""
+    rows = act_rows(DEEPSEEK_V3, context=1024)
+    routed = (7168 + 8 * max(7168 + 4 * 2048, 4 * 7168)) * 2 + 256 * (2 + 4) + 4 * 8 * 8
+    per_token = routed + 7168 * 2 + 7168 * 2
+    assert rows["activations/prefill_workspace"] == 1024 * per_token > 216_006_656
 
 
 def test_logits_only_on_the_last_pipeline_stage() -> None:

@@ -3,7 +3,8 @@
 Errors are ``predicted − measured`` (positive: memplan predicts more), in % of the measured bytes.
 Bounds (the issue's acceptance targets): weights, gradients, master copies, optimizer states and
 the KV cache exact; activations saved for backward within 3%; the peak of a training step within
-10% on CPU and 5% on CUDA (``max_memory_allocated``). Lines without a bound are shown for reading.
+10% on CPU and 5% on CUDA (``max_memory_allocated``); the peak of transformers inference within 5% on CPU.
+Lines without a bound are shown for reading.
 
 The peak of a step. memplan's answer is the largest phase total of its rows (``answer_phases``): a
 PyTorch step with ``zero_grad(set_to_none=True)`` never holds gradients and saved activations together.
@@ -24,6 +25,9 @@ EXACT = "exact"
 SAVED_BOUND_PCT = 3.0
 CPU_PEAK_BOUND_PCT = 10.0
 CUDA_PEAK_BOUND_PCT = 5.0
+CPU_INFER_BOUND_PCT = 5.0
+"""Issue 11: a transformers inference answer within 5% of the measured CPU peak (tests/test_measure_infer.py also
+holds it to at most 1% under)."""
 TOP_EXACT = ("weights", "gradients", "optimizer", "kv_cache")
 TRANSIENT_ROWS = ("activations/logits", "activations/recompute_workspace", "runtime/dora_workspace",
                   "optimizer/step_temporaries")
@@ -89,6 +93,10 @@ def predicted_components(ctx: Context, device: str) -> tuple[dict[str, int], dic
     if ctx.cfg.job.trains:
         out = {k: v for k, v in out.items() if not k.startswith("activations")}
         out.update(act.breakdown(ctx, counting_for_device(ctx.cfg, device)))
+    elif device == "cpu":  # the inference transients counted with PyTorch's CPU kernels
+        from memplan.memory import inference
+
+        out.update({r.component: r.bytes for r in inference.rows(ctx, cpu=True) if r.component in out})
     return out, runtime
 
 
@@ -110,6 +118,12 @@ def answer_phases(ctx: Context, device: str) -> dict[str, int]:
         rows = [r for r in rows if not r.component.startswith("activations")]
         parts = act.breakdown(ctx, counting_for_device(ctx.cfg, device))
         rows += comp.with_phases(ctx, [Row(k, Tier.GPU, v) for k, v in parts.items()])
+    elif device == "cpu":  # the inference transients counted with PyTorch's CPU kernels
+        from memplan.memory import inference
+
+        cpu = [r for r in inference.rows(ctx, cpu=True) if any(r.component == k.component for k in rows)]
+        names = {r.component for r in cpu}
+        rows = [r for r in rows if r.component not in names] + comp.with_phases(ctx, cpu)
     return {p.value: n for p, n in phase_totals(rows, Tier.GPU, comp.job_phases(ctx.cfg)).items()}
 
 
@@ -136,9 +150,12 @@ def peak_lines(predicted_peak: int, phase: str, measured: int, measured_phase: s
 
 def inference_peak_line(answer: int, measured: int, measured_phase: str, *, device: str) -> Line:
     """Inference: memplan's answer (the phase peak: weights, KV cache, prefill workspace) against the measured
-    peak; not bounded (the workspace rows model CUDA kernels)."""
-    return Line("peak/inference (answer)", answer, measured, "",
-                f"measured in {measured_phase} ({_method(device)}); workspace rows model CUDA kernels")
+    peak; bounded on CPU, where the transformers transients are counted with its kernels (``hf_prefill``), at
+    ``CPU_INFER_BOUND_PCT``; not bounded on CUDA (no measured case yet)."""
+    bound = f"{CPU_INFER_BOUND_PCT:g}%" if device == "cpu" else ""
+    kernels = "PyTorch CPU kernels" if device == "cpu" else "CUDA kernels"
+    return Line("peak/inference (answer)", answer, measured, bound,
+                f"measured in {measured_phase} ({_method(device)}); workspace rows model {kernels}")
 
 
 def cuda_lines(predicted: dict[str, int], runtime: dict[str, int], allocated_peak: int, reserved: int | None,

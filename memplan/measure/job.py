@@ -186,9 +186,14 @@ def _infer_lines(ctx: Context, meas: Any, device: str, decode_steps: int) -> tup
                       meas.components["kv_cache/after_prefill"], cmp.EXACT, f"{context - decode_steps} prompt tokens"),
              cmp.Line("kv_cache", kv_at(context, 1 if decode_steps else None), meas.components["kv_cache"], cmp.EXACT,
                       f"after {decode_steps} decode step(s): {context} tokens")]
+    # the run as estimate expresses it: a context of C tokens whose prompt (C − decode steps) is one forward
+    # (``--prefill-chunk``, as for the published generate runs, ``published_gpu._infer_fields``)
+    prompt = cfg.infer.model_copy(update={"prefill_chunk": context - decode_steps}) if decode_steps else cfg.infer
+    run_ctx = Context(ctx.arch, cfg.model_copy(update={"infer": prompt}), ctx.gpu, ctx.host, ctx.stage_override)
+    predicted, _ = cmp.predicted_components(run_ctx, device)
     names = tuple(k for k in predicted if k.startswith("activations"))
     lines += cmp.transient_lines(predicted, names)
-    phases = cmp.answer_phases(ctx, device)
+    phases = cmp.answer_phases(run_ctx, device)
     total = max(phases.values())
     lines.append(cmp.inference_peak_line(total, meas.peak, meas.peak_phase, device=device))
     if device != "cpu":

@@ -27,6 +27,8 @@ from memplan.arch.tensors import Layer
 from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import Job
 from memplan.errors import MemplanError
+from memplan.memory import hf_prefill as hf
+from memplan.memory.activations_block import attention_impl, sdpa_mask_materialized
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, hf_cache_layout, step_tokens
@@ -156,35 +158,87 @@ class _Step:
     bits: int
     kv_bits: int
     tp: int
+    hf: bool = False
+    """transformers' own forward (``hf_prefill``'s extra transients), not a fused serving engine."""
+    eager: bool = False
+    """transformers runs eager attention (``activations_block.attention_impl``): it returns its probabilities."""
+    cpu: bool = False
+    """PyTorch's CPU kernels (the measured tiny models): SDPA falls back to its math path where no CPU kernel fits."""
+
+
+def _hf_mlp_extra(spec: ModelSpec, step: _Step, ffn: int) -> int:
+    """transformers' MLP-stage extras: Python activation temporaries, the kept attention output and probabilities."""
+    b, t, d, bits = step.batch, step.tokens, spec.hidden_size or 0, step.bits
+    heads = ceil_div(spec.num_attention_heads or 1, step.tp)
+    return (bits_to_bytes(b * t * ffn * hf.activation_extra(spec.hidden_act), bits)
+            + hf.mlp_residual_bytes(batch=b, tokens=t, hidden=d, bits=bits, parallel=spec.parallel_attn)
+            + hf.kept_attn_output_bytes(batch=b, tokens=t, hidden=d, bits=bits, family=spec.family,
+                                        parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
+            + (hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=step.kv_tokens, bits=bits,
+                                   family=spec.family, own=True) if step.eager else 0))
+
+
+def _hf_moe_bytes(spec: ModelSpec, step: _Step, expert_ffn: int, shared_ffn: int) -> int:
+    """transformers' grouped-mm experts, with the shared expert's output (M·D) alive while they run."""
+    b, t, d, bits = step.batch, step.tokens, spec.hidden_size or 0, step.bits
+    routed = hf.grouped_moe_bytes(batch=b, tokens=t, experts=spec.num_experts or 0, hidden=d, bits=bits,
+                                  experts_per_token=spec.num_experts_per_tok or 0, expert_ffn=expert_ffn)
+    residual = hf.mlp_residual_bytes(batch=b, tokens=t, hidden=d, bits=bits, parallel=spec.parallel_attn)
+    if not shared_ffn:
+        return routed + residual
+    shared = mlp_workspace_bytes(batch=b, tokens=t, ffn=ceil_div(shared_ffn, step.tp), hidden=d, bits=bits,
+                                 gated=spec.mlp_gated)
+    return max(routed + bits_to_bytes(b * t * d, bits), shared) + residual
 
 
 def _mlp_bytes(spec: ModelSpec, layer: Layer, step: _Step) -> int:
     b, t, d, bits, tp = step.batch, step.tokens, spec.hidden_size or 0, step.bits, step.tp
     if layer.moe:
         expert_ffn = ceil_div(spec.moe_intermediate_size or spec.intermediate_size or 0, tp)
+        shared_ffn = spec.shared_expert_intermediate_size or spec.n_shared_experts * (spec.moe_intermediate_size or 0)
+        if step.hf:
+            return _hf_moe_bytes(spec, step, expert_ffn, shared_ffn)
         routed = moe_workspace_bytes(batch=b, tokens=t, experts=spec.num_experts or 0, hidden=d, bits=bits,
                                      experts_per_token=spec.num_experts_per_tok or 0, expert_ffn=expert_ffn)
-        shared_ffn = spec.shared_expert_intermediate_size or spec.n_shared_experts * (spec.moe_intermediate_size or 0)
         shared = mlp_workspace_bytes(batch=b, tokens=t, ffn=ceil_div(shared_ffn, tp), hidden=d, bits=bits,
                                      gated=spec.mlp_gated) if shared_ffn else 0
         return max(routed, shared)
     ffn = ceil_div(spec.intermediate_size or 4 * d, tp)
-    return mlp_workspace_bytes(batch=b, tokens=t, ffn=ffn, hidden=d, bits=bits, gated=spec.mlp_gated,
-                               fused_gate_up=spec.family is Family.PHI3)
+    out = mlp_workspace_bytes(batch=b, tokens=t, ffn=ffn, hidden=d, bits=bits, gated=spec.mlp_gated,
+                              fused_gate_up=spec.family is Family.PHI3)
+    return out + (_hf_mlp_extra(spec, step, ffn) if step.hf else 0)
 
 
 def _attention_bytes(ctx: Context, step: _Step) -> int:
     spec, cfg = ctx.arch.spec, ctx.cfg
     heads, d = ceil_div(spec.num_attention_heads or 1, step.tp), spec.hidden_size or 0
-    flash = cfg.attention_impl != "eager"  # flash and SDPA's fused kernels keep no S×S score matrix
+    impl = attention_impl(spec, cfg) if step.hf else cfg.attention_impl
+    flash = impl != "eager"  # flash and SDPA's fused kernels keep no S×S score matrix
     if spec.is_mla:
+        math = step.cpu and impl == "sdpa"  # no CPU fused kernel takes q/k and v head dims that differ
         out = mla_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                   qk_nope=spec.qk_nope_head_dim or 0, qk_rope=spec.qk_rope_head_dim or 0,
-                                  v_head=spec.v_head_dim or 0, hidden=d, bits=step.bits, flash=flash)
+                                  v_head=spec.v_head_dim or 0, hidden=d, bits=step.bits, flash=flash or math)
+        if math:
+            out += hf.cpu_math_mla_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
+                                         qk_head=(spec.qk_nope_head_dim or 0) + (spec.qk_rope_head_dim or 0),
+                                         v_head=spec.v_head_dim or 0, bits=step.bits)
+    elif step.hf and not flash and spec.family not in hf.UPCAST_QK:
+        out = hf.eager_attention_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
+                                       kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
+                                       hidden=d, bits=step.bits, upcast=spec.family not in hf.SOFTMAX_IN_DTYPE)
+        out += hf.partial_rotary_bytes(spec, batch=step.batch, tokens=step.tokens, heads=heads, bits=step.bits,
+                                       kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head)
+        out += hf.kept_scores_bytes(spec, batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens,
+                                    heads=heads, head_dim=spec.dim_per_head, bits=step.bits)
     else:
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                         kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
                                         hidden=d, bits=step.bits, flash=flash)
+    if step.hf:
+        out += _hf_attention_extra(spec, step, heads, eager=not flash)
+        if impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers):
+            out += hf.sdpa_mask_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, bits=step.bits)
     static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
     if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
         shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp, hf=hf_cache_layout(cfg))
@@ -193,9 +247,52 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
     return out
 
 
-def rows(ctx: Context) -> list[Row]:
+def _hf_shapes(spec: ModelSpec, step: _Step) -> tuple[tuple[int, int], ...]:
+    """One layer's cached (heads, dim) tensors in transformers' cache (MLA: its decompressed heads)."""
+    return cached_shapes(spec, mla_cache="decompressed", tp=step.tp, hf=True)
+
+
+def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool) -> int:
+    """transformers' attention-stage extras (``hf_prefill``): the previous block's kept probabilities, eager's
+    materialised mask, fp32 q/k copies (GPT-J, Cohere's rotary) and GPT-J's fp32 scores in place of the generic ones."""
+    b, t, s, bits = step.batch, step.tokens, step.kv_tokens, step.bits
+    out = hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits, family=spec.family,
+                              own=False) if eager else 0
+    later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits)
+    if eager and spec.family in hf.ROPE_FP32:  # the fp32 rotary copies are gone before the scores exist
+        later += scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
+    out += hf.upcast_qk_bytes(spec, batch=b, tokens=t, kv_tokens=s, heads=heads, head_dim=spec.dim_per_head,
+                              kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), later_bytes=later)
+    if eager:
+        out += hf.eager_mask_bytes(batch=b, tokens=t, kv_tokens=s, bits=bits)
+        if spec.is_mla:  # softmax's fp32 copy of its input, beyond scores_bytes' count
+            out += bits_to_bytes(b * heads * t * s, hf.eager_softmax_bits(bits, upcast=True)) \
+                - scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
+        if spec.family in hf.UPCAST_QK:
+            out += (hf.fp32_scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s)
+                    - scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits))
+    return out
+
+
+def _rotary_tables(ctx: Context, batch: int, tokens: int, bits: int) -> int:
+    """``hf_prefill.rotary_tables_bytes`` for the stage's layers: none without rotary, two in Gemma-3 with sliding and
+    full layers."""
+    spec = ctx.arch.spec
+    if spec.family in hf.NO_ROTARY or spec.alibi or not ctx.layers:
+        return 0
+    dims = spec.qk_rope_head_dim if spec.is_mla else spec.rotary_dim or spec.dim_per_head
+    kinds = {layer.sliding for _, layer in ctx.layers}
+    tables = len(kinds) if spec.family is Family.GEMMA3 else 1
+    return hf.rotary_tables_bytes(batch=batch, tokens=tokens, rotary_dims=dims or 0, tables=tables, bits=bits)
+
+
+def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
     """Inference activation rows: ``activations/hidden_states``, ``activations/prefill_workspace``
-    (the largest layer's transient peak) and, on the last pipeline stage, ``activations/logits``."""
+    (the largest layer's transient peak) and, on the last pipeline stage, ``activations/logits``.
+
+    Under transformers with its own contiguous cache (``kv_cache.hf_cache_layout``, not ``paged``) the rows add
+    its forward's own transients (``hf_prefill``); ``cpu``: counted with PyTorch's CPU kernels (the measured tiny
+    models, ``memplan measure``)."""
     cfg = ctx.cfg
     if cfg.job is not Job.INFER:
         return []
@@ -203,14 +300,22 @@ def rows(ctx: Context) -> list[Row]:
     bits = compute_dtype(cfg.dtype).bits
     tokens = step_tokens(context=inf.context, prefill_chunk=inf.prefill_chunk)
     step = _Step(batch=cfg.micro_batch, tokens=tokens, kv_tokens=inf.context, bits=bits, tp=cfg.tp,
-                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits)
+                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, cpu=cpu,
+                 hf=hf_cache_layout(cfg) and not inf.paged,
+                 eager=attention_impl(spec, cfg) == "eager")
     attention = _attention_bytes(ctx, step) if ctx.layers else 0
     mlp = max((_mlp_bytes(spec, layer, step) for _, layer in ctx.layers), default=0)
     note = f"prefill step of {tokens} tokens × batch {cfg.micro_batch}"
+    if step.hf:
+        stream = hf.stream_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits,
+                                 first_stage=ctx.stage == 0, layers=len(ctx.layers), family=spec.family)
+        stream += _rotary_tables(ctx, cfg.micro_batch, tokens, bits)
+        formula = "(1 + embeds)·B·T·D + rotary cos/sin (layer input, transformers' kept inputs_embeds)"
+    else:
+        stream = hidden_states_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits)
+        formula = "2·B·T·D (residual + hidden states)"
     out = [
-        Row("activations/hidden_states", Tier.GPU,
-            hidden_states_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits),
-            "2·B·T·D (residual + hidden states)", note),
+        Row("activations/hidden_states", Tier.GPU, stream, formula, note),
         Row("activations/prefill_workspace", Tier.GPU, max(attention, mlp),
             "max(attention, MLP) of one layer; see memplan explain inference", note),
     ]
