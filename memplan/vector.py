@@ -313,11 +313,18 @@ def group_results(spec: SweepSpec, model: str, job: Job, count: int) -> list[Cel
     for solved in solve_group(spec, model, job, count):
         m = solved.member
         for s in spec.sizes(job):
-            rows = [predict(m.fit, m.template, b, s, size_key) for b in batches]
+            rows = [scalar_or_predicted(m, b, s, size_key) for b in batches]
             value = solved.values[s] if solved.values is not None else \
                 max((b for b, (_, sl) in zip(batches, rows, strict=True) if sl >= 0), default=0)
             out.append(CellResult(Cell(model, m.gpu, job, count, s, None), value, [{**r, column: value} for r, _ in rows]))
     return out
+
+
+def scalar_or_predicted(m: Member, b: int, s: int, size_key: str) -> tuple[dict[str, Any], int]:
+    """The record at (b, s) on the member's GPU and its slack: the scalar probe's own where the group probed that
+    point (every probe of a solved group was checked equal to the fit), else the fit's prediction."""
+    probe = m.prober.memo.get((m.gpu, b, s))
+    return (probe.record, probe.slack) if probe is not None else predict(m.fit, m.template, b, s, size_key)
 
 
 def evaluate_group(spec: SweepSpec, group: list[Cell]) -> list[CellResult]:

@@ -129,27 +129,35 @@ class Prober:
         return self.estimates[(b, s)]
 
     def at(self, b: int, s: int, gpu: str | None = None) -> Probe:
-        """The probe of ``gpu`` (default: the first GPU) at (b, s): the shared estimate with that GPU."""
+        """The probe of ``gpu`` (default: the first GPU) at (b, s): the shared estimate with that GPU. Another
+        GPU's record is the first GPU's with the columns that read the GPU recomputed (``csv_out.record_on_gpu``)."""
         name = self.ev.cell.gpu if gpu is None else gpu
         if (name, b, s) not in self.memo:
             from memplan.memory.breakdown import Tier
             from memplan.report.cost import cost_record
-            from memplan.report.csv_out import estimate_record
+            from memplan.report.csv_out import estimate_record, record_on_gpu
 
-            spec, own = self.spec, _gpu(name)
-            est = dataclasses.replace(self.estimate(b, s), gpu=own)
+            spec, own, est = self.spec, _gpu(name), self.estimate(b, s)
+            first = None if name == self.ev.cell.gpu else self.at(b, s)
+            rec = estimate_record(est) if first is None else record_on_gpu(first.record, est, own)
             required = parse_fraction_or_size(spec.min_headroom, total=own.memory_bytes, field="--min-headroom")
-            slack = min(est.headroom_bytes, est.headroom(Tier.GPU) - required)
+            slack = min(rec["headroom_bytes"], own.memory_bytes - est.peak(Tier.GPU) - required)
             price = spec.usd_per_hour if spec.usd_per_hour is not None else own.price_per_hour_usd
-            rec = {**estimate_record(est), "ok": slack >= 0, "required_headroom_bytes": required,
-                   "not_modelled": "", METRIC_COLUMN[spec.metric]: None, "error": "", **cost_record(price, est)}
-            phases: dict[str, Any] = {}
-            for row in est.rows:
-                col = f"{row.tier.value}:{row.component}_bytes"
-                if phases.setdefault(col, row.phases) != row.phases:
-                    raise NotExact(f"{col}: rows alive in different phases")
-            self.memo[(name, b, s)] = Probe(rec, slack, phases, tuple(est.step_phases))
+            rec.update({"ok": slack >= 0, "required_headroom_bytes": required, "not_modelled": "",
+                        METRIC_COLUMN[spec.metric]: None, "error": "", **cost_record(price, est)})
+            self.memo[(name, b, s)] = Probe(rec, slack, first.phases if first else self.phases(est),
+                                            tuple(est.step_phases))
         return self.memo[(name, b, s)]
+
+    @staticmethod
+    def phases(est: Any) -> dict[str, Any]:
+        """Fitted column -> the phases its rows are alive in; NotExact when one column's rows differ."""
+        phases: dict[str, Any] = {}
+        for row in est.rows:
+            col = f"{row.tier.value}:{row.component}_bytes"
+            if phases.setdefault(col, row.phases) != row.phases:
+                raise NotExact(f"{col}: rows alive in different phases")
+        return phases
 
 
 def slack_at(prober: Prober, b: int, s: int, gpu: str) -> int:

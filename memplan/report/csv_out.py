@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from memplan.catalog.schema import GpuSpec
 from memplan.config import JobConfig
 from memplan.estimator import Estimate
 from memplan.memory.breakdown import Tier, components
@@ -33,6 +34,26 @@ def estimate_record(est: Estimate) -> dict[str, Any]:
     rec["fits"] = est.fits
     rec["headroom_bytes"] = est.headroom_bytes
     return rec
+
+
+GPU_COLUMNS = ("gpu", "gpu_capacity_bytes", "fits", "headroom_bytes")
+"""The columns of ``estimate_record`` that read the estimate's GPU (``Estimate.capacity``, ``fits``, ``headroom_bytes``
+read its memory); every other column reads the model, the configuration, the host and the rows only."""
+
+
+def record_on_gpu(record: dict[str, Any], est: Estimate, gpu: GpuSpec) -> dict[str, Any]:
+    """``estimate_record(dataclasses.replace(est, gpu=gpu))`` from ``record = estimate_record(est)``: the same rows
+    on another GPU (a sweep's GPUs that read alike share one estimate, ``vector_probe``), only ``GPU_COLUMNS``
+    recomputed. Formula: capacity = the GPU's memory; fits = every tier's peak ≤ its capacity; headroom = the
+    smallest capacity − peak over the GPU and the tiers whose peak is above 0 (as ``Estimate``)."""
+    peaks = {tier: est.peak(tier) for tier in Tier}
+    capacity = {tier: gpu.memory_bytes if tier is Tier.GPU else est.capacity(tier) for tier in Tier}
+    used = [t for t in Tier if t is Tier.GPU or peaks[t] > 0]
+    out = dict(record)
+    out.update({"gpu": gpu.name, "gpu_capacity_bytes": capacity[Tier.GPU],
+                "fits": all(capacity[t] - peaks[t] >= 0 for t in Tier),
+                "headroom_bytes": min(capacity[t] - peaks[t] for t in used)})
+    return out
 
 
 _LAST_CONFIG: list[tuple[Any, tuple]] = [(None, ())]
