@@ -73,6 +73,11 @@ _LAST: list[tuple[Any, Any]] = [(None, None)]
 hold one tuple, replaced whole and read once, so threads sharing them can only miss, never mix two entries."""
 
 
+def size_free_key(cfg: JobConfig) -> Any:
+    """``size_free_config(cfg)`` as a dict key whose hash is computed once (a JobConfig hashes every field)."""
+    return _size_free_key(cfg)
+
+
 def size_free_config(cfg: JobConfig) -> JobConfig:
     """``cfg`` with its sizes replaced by ``UNREAD`` (no validation: ``model_copy``); equal for two configurations
     that differ only in sizes, and hashable (every JobConfig field is frozen)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
+from operator import attrgetter
 from typing import TypeVar
 
 from memplan.arch.parallel import sharded_numel
@@ -177,6 +178,7 @@ def weight_bytes(
 
 NAME_FREE_FIELDS = tuple(f.name for f in fields(Tensor) if f.name != "name")
 """A tensor's fields but its name."""
+_name_free = attrgetter(*NAME_FREE_FIELDS)
 
 
 def alike_key(fmt: str | None, tensor: Tensor, layer: int | None) -> tuple:
@@ -185,7 +187,7 @@ def alike_key(fmt: str | None, tensor: Tensor, layer: int | None) -> tuple:
     workspace weigh each alike tensor of a model once, on a copy whose name and layer index are ``memo.UNREAD``:
     reading either raises (``SizeRead``), so one tensor's bytes can never be given to another that differs in what
     was read."""
-    return (fmt, layer is None, *(getattr(tensor, f) for f in NAME_FREE_FIELDS))
+    return fmt, layer is None, _name_free(tensor)
 
 
 def weight_bytes_per_gpu(

@@ -59,22 +59,44 @@ def record_on_gpu(record: dict[str, Any], est: Estimate, gpu: GpuSpec) -> dict[s
 _LAST_CONFIG: list[tuple[Any, tuple]] = [(None, ())]
 """The last configuration flattened and its cells: a sweep records one estimate on many GPUs."""
 
+_SIZE_CELLS = {("micro_batch", False): "micro_batch", ("seq_len", False): "seq_len", ("infer_context", True): "context"}
+"""The cells of the sizes a sweep varies (``memory.memo.SIZE_FIELDS`` and ``infer.context``): (column, nested) -> field."""
+
+_CELLS: dict[Any, tuple] = {}
+"""Size-free configuration (``memory.memo.size_free_key``) -> its cells as dumped from one of its configurations."""
+
 
 def _config_cells(cfg: JobConfig) -> tuple[tuple[str, Any, bool], ...]:
     """The configuration's fields as (column, cell, nested) triples, nested models flattened as ``key_sub``;
-    memoized for the last configuration object (frozen, so the same object dumps alike)."""
+    memoized for the last configuration object (frozen, so the same object dumps alike), and per configuration
+    without its sizes: two configurations equal but for their sizes dump alike but for the size cells (no field
+    of JobConfig serializes from another), which are then taken from ``cfg`` itself."""
+    from memplan.memory.memo import size_free_key
+
     last = _LAST_CONFIG[0]  # one tuple, replaced whole: threads can only miss
     if last[0] is cfg:
         return last[1]
+    free = size_free_key(cfg)
+    cells = _CELLS.get(free)
+    if cells is None:
+        cells = _CELLS[free] = _dump_cells(cfg)
+        if len(_CELLS) > 256:
+            _CELLS.clear()
+    sizes = {"micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len, "context": cfg.infer.context}
+    out = tuple((key, sizes[_SIZE_CELLS[key, nested]] if (key, nested) in _SIZE_CELLS else value, nested)
+                for key, value, nested in cells)
+    _LAST_CONFIG[0] = (cfg, out)
+    return out
+
+
+def _dump_cells(cfg: JobConfig) -> tuple[tuple[str, Any, bool], ...]:
     cells: list[tuple[str, Any, bool]] = []
     for key, value in cfg.model_dump(mode="json").items():
         if isinstance(value, dict):
             cells += [(f"{key}_{sub}", _list_cell(v), True) for sub, v in value.items()]
         else:
             cells.append((key, _list_cell(value), False))
-    out = tuple(cells)
-    _LAST_CONFIG[0] = (cfg, out)
-    return out
+    return tuple(cells)
 
 
 def records_to_csv(records: list[dict[str, Any]]) -> str:
