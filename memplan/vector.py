@@ -157,17 +157,35 @@ def predict(fit: Fit, template: dict[str, Any], b: int, s: int, size_key: str) -
         rec[col[:-6] + "_gib"] = round(v / GiB, 4)
         totals[tier_of(col)] = totals.get(tier_of(col), 0) + v
     peaks = {tier: fit.peak(values, tier) for tier in TIERS}  # fits and headroom: the peak (Estimate.fits)
-    headroom = []
     for tier in TIERS:
         total = totals.get(tier, 0)
         rec[f"{tier}_total_bytes"], rec[f"{tier}_total_gib"] = total, round(total / GiB, 4)
-        if tier == "gpu" or peaks[tier] > 0:
-            headroom.append(rec[f"{tier}_capacity_bytes"] - peaks[tier])
-    rec["fits"] = all(rec[f"{t}_capacity_bytes"] >= peaks[t] for t in TIERS)
-    rec["headroom_bytes"] = min(headroom)
-    slack = min(rec["headroom_bytes"], rec["gpu_capacity_bytes"] - peaks["gpu"] - rec["required_headroom_bytes"])
+    rec["fits"], rec["headroom_bytes"], slack = verdict(peaks, rec)
     rec["ok"] = slack >= 0
     return rec, slack
+
+
+def verdict(peaks: dict[str, int], rec: dict[str, Any]) -> tuple[bool, int, int]:
+    """(fits, headroom, slack) of the tiers' ``peaks`` against the capacities and required headroom in ``rec``:
+    as ``Estimate.fits`` and ``headroom_bytes`` (the GPU and each tier holding something) and the sweep's slack
+    (``grid._Evaluator.slack``)."""
+    headroom = min(rec[f"{t}_capacity_bytes"] - peaks[t] for t in TIERS if t == "gpu" or peaks[t] > 0)
+    fits = all(rec[f"{t}_capacity_bytes"] >= peaks[t] for t in TIERS)
+    return fits, headroom, min(headroom, rec["gpu_capacity_bytes"] - peaks["gpu"] - rec["required_headroom_bytes"])
+
+
+def check_on_gpu(fit: Fit, prober: Prober, gpu: str, b: int, s: int, size_key: str) -> None:
+    """``check`` of ``gpu``'s probe at (b, s), where the class's first GPU's probe at (b, s) is already checked:
+    another GPU's record is that record with only the columns that read the GPU recomputed
+    (``Prober.at``), so only those are checked here, against the fit's peaks."""
+    probe, first = prober.at(b, s, gpu), prober.at(b, s)
+    if probe is first:
+        return
+    values = fit.at(b, s)
+    fits, headroom, slack = verdict({t: fit.peak(values, t) for t in TIERS}, probe.record)
+    rec = probe.record
+    if (rec["fits"], rec["headroom_bytes"], rec["ok"], probe.slack) != (fits, headroom, slack >= 0, slack):
+        raise NotExact(f"{gpu} at ({b}, {s})")
 
 
 def check(fit: Fit, probe: Probe, b: int, s: int, size_key: str) -> None:
@@ -186,8 +204,12 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
     fitted = [c for c in columns if is_fitted(c)]
     gh: dict[int, dict[str, tuple[int, int]]] = {s: {} for s in sizes}
     off: set[str] = set()
+    probes = {(b, s): p.at(b, s).record for b in (1, 2) for s in sp}
     for col in fitted:
-        at = {(b, s): p.at(b, s).record.get(col, 0) for b in (1, 2) for s in sp}
+        at = {key: rec.get(col, 0) for key, rec in probes.items()}
+        if len(sp) == 1:  # one size: the line through b = 1 and 2, integer by construction
+            gh[sp[0]][col] = (at[2, sp[0]] - at[1, sp[0]], 2 * at[1, sp[0]] - at[2, sp[0]])
+            continue
         g = lagrange(sp, [at[2, s] - at[1, s] for s in sp])
         h = lagrange(sp, [2 * at[1, s] - at[2, s] for s in sp])
         values = [(poly(g, Fraction(s)), poly(h, Fraction(s))) for s in sizes]
@@ -206,8 +228,8 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
     fit = Fit(columns, gh, {}, phases, p.at(1, sp[0]).step)
     top = p.at(7 * b_top + 5, sizes[-1]).record
     for col in fitted:  # a column off the polynomial form may be a share of its tier's other columns
-        if col not in off and all(p.at(b, s).record.get(col) == fit.at(b, s)[col] for b, s in checks):
-            continue
+        if col not in off and all(p.at(b, s).record.get(col) == b * gh[s][col][0] + gh[s][col][1] for b, s in checks):
+            continue  # a polynomial column is b·G + H whatever the share columns are (``Fit.at``)
         if any(tier_of(c) == tier_of(col) for c in fit.share):
             raise NotExact(col)
         fit.share[col] = find_share(p, fit, col, [*((b, s) for b in (1, 2) for s in sp), *checks], top)
@@ -252,9 +274,8 @@ def members(spec: SweepSpec, model: str, job: Job, count: int, sizes: list[int],
             p = Prober(spec, Cell(model, gpu, job, count, sizes[0], None), values)
             cls = (p, build_fit(p, sizes, b_top, size_key))
             classes.append(cls)
-        probe = cls[0].at(1, sizes[-1], gpu)
-        check(cls[1], probe, 1, sizes[-1], size_key)
-        out.append(Member(gpu, cls[1], probe.record, cls[0]))
+        check_on_gpu(cls[1], cls[0], gpu, 1, sizes[-1], size_key)  # the first GPU's probe: checked by build_fit
+        out.append(Member(gpu, cls[1], cls[0].at(1, sizes[-1], gpu).record, cls[0]))
     return out
 
 
