@@ -37,26 +37,18 @@ def tier_lines(fit: Any, sizes: list[int], tier: str) -> tuple[Any, Any, Any, An
     share_col = next((c for c in fit.share if tier_of(c) == tier), None)
     if not cols and share_col is None:
         return None
-    g = {c: np.array([fit.gh[s][c][0] for s in sizes], dtype=np.int64) for c in cols}
-    h = {c: np.array([fit.gh[s][c][1] for s in sizes], dtype=np.int64) for c in cols}
     k, left_out = fit.share[share_col] if share_col else (None, frozenset())
+    g = np.array([[fit.gh[s][c][0] for s in sizes] for c in cols], dtype=np.int64).reshape(len(cols), len(sizes))
+    h = np.array([[fit.gh[s][c][1] for s in sizes] for c in cols], dtype=np.int64).reshape(len(cols), len(sizes))
 
     def alive(c: str, phase: Any) -> bool:
         return fit.phases[c] is None or phase in fit.phases[c]
 
-    def line(chosen: list[str]) -> tuple[Any, Any]:
-        zero = np.zeros(len(sizes), dtype=np.int64)
-        return sum((g[c] for c in chosen), zero), sum((h[c] for c in chosen), zero)
-
-    phases, others, on = [], [], []
-    for phase in fit.step:
-        here = [c for c in cols if alive(c, phase)]
-        phases.append(line(here))
-        on.append(share_col is not None and alive(share_col, phase))
-        others.append(line([c for c in here if c not in left_out]))
-    stack = np.array([gp for gp, _ in phases]), np.array([hp for _, hp in phases])
-    share = (k, np.array([gq for gq, _ in others]), np.array([hq for _, hq in others])) if share_col else None
-    return (*stack, np.array(on, dtype=bool)[:, None, None], share)
+    here = np.array([[alive(c, phase) for c in cols] for phase in fit.step], dtype=np.int64).reshape(len(fit.step), len(cols))
+    kept = here * np.array([c not in left_out for c in cols], dtype=np.int64)
+    on = np.array([share_col is not None and alive(share_col, phase) for phase in fit.step], dtype=bool)
+    share = (k, kept @ g, kept @ h) if share_col else None  # per phase: the sum of its alive columns' lines
+    return here @ g, here @ h, on[:, None, None], share
 
 
 def tier_peak(lines: tuple[Any, Any, Any, Any], b: np.ndarray) -> np.ndarray:
@@ -108,12 +100,55 @@ def largest_batches(fit: Any, templates: list[dict[str, Any]], sizes: list[int])
     shape = (len(templates), len(sizes))
     lo, hi = np.ones(shape, dtype=np.int64), np.full(shape, MAX_BATCH + 1, dtype=np.int64)
     ok1 = ok(lo)
+    if all(monotone(lines[t]) for t in held):
+        lo, hi = narrowed(lines, bound, held, ok, ok1, lo, hi)
     while np.any(hi - lo > 1):
         mid = (lo + hi) // 2
         good = ok(mid)
         lo, hi = np.where(good, mid, lo), np.where(good, hi, mid)
     best = np.where(ok1, lo, 0).tolist()
     return [dict(zip(sizes, row, strict=True)) for row in best]
+
+
+def monotone(lines: tuple[Any, Any, Any, Any]) -> bool:
+    """Whether the tier's peak cannot fall as the batch grows: no line (nor share line) has a negative slope."""
+    g, _, _, share = lines
+    return bool((g >= 0).all()) and (share is None or (share[0] >= 0 and bool((share[1] >= 0).all())))
+
+
+BRACKET_MARGIN = 2
+"""Batches either side of the real-valued crossing that ``narrowed`` brackets (float rounding is far below 1)."""
+
+
+def narrowed(lines: dict[str, Any], bound: dict[str, Any], held: list[str], ok: Any, ok1: Any, lo: Any,
+             hi: Any) -> tuple[Any, Any]:
+    """A narrow bisection bracket [lo, hi) per (GPU, size) around where the peaks cross their bounds, each one
+    verified exactly (ok at lo, not ok at hi, or hi past MAX_BATCH); elements whose guess fails keep the full
+    bracket, and those where even batch 1 fails are done (the answer is 0). With every peak monotone the
+    bisection then ends on the same batch as from [1, MAX_BATCH + 1).
+
+    Guess: the ceil of the share lies in [R, R + 1), R = k · max_q(b·G'_q + H'_q), so the peak is within 1 of
+    max over phases p and share lines q of b·(G_p + on_p·k·G'_q) + H_p + on_p·k·H'_q, whose crossing of the
+    bound C is min over (p, q) of (C − H_pq) / G_pq (float)."""
+    guess = np.full(lo.shape, float(MAX_BATCH + 1))
+    for t in held:
+        g, h, on, share = lines[t]
+        gs, hs = g[:, None, :].astype(float), h[:, None, :].astype(float)  # (phases, 1, sizes)
+        if share is not None:
+            k, gq, hq = float(share[0]), share[1].astype(float), share[2].astype(float)
+            gs = gs + on * k * gq[None, :, :]  # (phases, share lines, sizes)
+            hs = hs + on * k * hq[None, :, :]
+        gs, hs = gs.reshape(-1, 1, gs.shape[-1]), hs.reshape(-1, 1, hs.shape[-1])
+        room = bound[t].astype(float)[None] - hs  # (pairs, GPUs, sizes)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cross = np.where(gs > 0, room / np.where(gs > 0, gs, 1), np.where(room >= 0, np.inf, 0.0))
+        guess = np.minimum(guess, cross.min(axis=0))
+    base = np.floor(np.clip(guess, 0, MAX_BATCH + 1)).astype(np.int64)
+    lo2 = np.clip(base - BRACKET_MARGIN, 1, MAX_BATCH)
+    hi2 = np.clip(base + BRACKET_MARGIN + 1, 2, MAX_BATCH + 1)
+    good = ok1 & ok(lo2) & ((hi2 > MAX_BATCH) | ~ok(np.minimum(hi2, MAX_BATCH)))
+    done = ~ok1  # nothing fits: the answer is 0 whatever the bracket
+    return np.where(good, lo2, lo), np.where(good, hi2, np.where(done, lo + 1, hi))
 
 
 def frontier(members: list[Any], found: list[dict[int, int]], b_top: int) -> list[tuple[str, int, int]]:
