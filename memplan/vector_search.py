@@ -82,7 +82,7 @@ def largest_batches(fit: Any, templates: list[dict[str, Any]], sizes: list[int])
     The slack (``grid._Evaluator.slack``) is min(headroom, GPU capacity − GPU peak − required headroom), the
     headroom counting the GPU and each other tier whose peak is above 0; so it is >= 0 exactly when the GPU
     peak is at most its capacity less max(required, 0) and every other tier's peak is at most its capacity
-    or at most 0. A tier that holds nothing is left out (its peak is 0 at every batch)."""
+    or at most 0. A tier that holds nothing has a peak of 0 at every batch: left out, but for the GPU's bound."""
     check_int64(fit, sizes)
     lines = {t: tier_lines(fit, sizes, t) for t in TIERS}
     need = np.array([[max(r["required_headroom_bytes"], 0)] for r in templates], dtype=np.int64)
@@ -91,10 +91,10 @@ def largest_batches(fit: Any, templates: list[dict[str, Any]], sizes: list[int])
     held = [t for t in TIERS if lines[t] is not None]
 
     def ok(b: np.ndarray) -> np.ndarray:
-        good = np.ones(b.shape, dtype=bool)
+        good = np.ones(b.shape, dtype=bool) if lines["gpu"] is not None else np.broadcast_to(bound["gpu"] >= 0, b.shape)
         for t in held:
             peak = tier_peak(lines[t], b)
-            good &= (peak <= bound[t]) if t == "gpu" else (peak <= bound[t]) | (peak <= 0)
+            good = good & ((peak <= bound[t]) if t == "gpu" else (peak <= bound[t]) | (peak <= 0))
         return good
 
     shape = (len(templates), len(sizes))
