@@ -367,17 +367,26 @@ first spends about 0.5 s importing memplan."""
 
 
 class Chunk(list):
-    """A run's CellResults without records, and ``frame``: all their rows, columnar, in grid order."""
+    """A run's CellResults without records, and ``block``: all their rows as columns (``vector_frame.run_block``),
+    in grid order."""
 
-    frame: Any = None
+    block: Any = None
+    rows: int = 0
     part: Any = None
-    """(path, columns, rows) of ``frame`` pickled to a spill folder instead (``run_chunk``'s ``spill``)."""
+    """(path, rows) of ``block`` pickled to a spill folder instead (``run_chunk``'s ``spill``)."""
+
+    @property
+    def frame(self) -> Any:
+        """The rows as one typed DataFrame (``vector_frame.run_frame``)."""
+        from memplan.vector_frame import run_frame
+
+        return None if self.block is None else run_frame([self.block])
 
 
 def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
     """The run as a Chunk when every group of it is exact, else None (the caller takes the record path, as
     ``max-context`` always does)."""
-    from memplan.vector_frame import block_frame, run_frame
+    from memplan.vector_frame import run_block
 
     if spec.metric == "max-context":
         return None
@@ -391,32 +400,29 @@ def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
                 by_block[(solved.member.gpu, count)] = solved
     except (NotExact, MemplanError):
         return None
-    chunk, blocks = Chunk(), []
-    for gpu in spec.gpus:
-        for count in spec.gpu_counts:
-            solved = by_block[(gpu, count)]
-            m = solved.member
-            blk = block_frame(m.fit, m.template, sizes, list(spec.batches), size_key, column, solved.values)
-            per_size = np.asarray(blk[column])[:: len(spec.batches)].tolist()
-            chunk += [CellResult(Cell(model, gpu, job, count, s, None), int(v), []) for s, v in zip(sizes, per_size,
-                                                                                                  strict=True)]
-            blocks.append(blk)
-    chunk.frame = run_frame(blocks)
+    order = [(gpu, count) for gpu in spec.gpus for count in spec.gpu_counts]
+    entries = [(by_block[k].member.fit, by_block[k].member.template, by_block[k].values) for k in order]
+    chunk = Chunk()
+    chunk.block = run_block(entries, sizes, list(spec.batches), size_key, column)
+    chunk.rows = len(order) * len(sizes) * len(spec.batches)
+    per_cell = np.asarray(chunk.block[column])[:: len(spec.batches)].tolist()
+    cells_of = (Cell(model, gpu, job, count, s, None) for gpu, count in order for s in sizes)
+    chunk += [CellResult(c, int(v), []) for c, v in zip(cells_of, per_cell, strict=True)]
     return chunk
 
 
 def run_chunk(spec: SweepSpec, todo: list[Cell], columnar: bool = False, spill: str | None = None) -> list[CellResult]:
     """The cells of one (model, job), in grid order, group by group (one GPU count each); ``columnar``:
-    a Chunk with the rows as one frame when every group is exact; ``spill`` (a folder): that frame pickled
-    there by the process that built it (``Chunk.part``), so a run's rows never travel between processes nor
+    a Chunk with the rows as columns when every group is exact; ``spill`` (a folder): those columns pickled
+    there by the process that built them (``Chunk.part``), so a run's rows never travel between processes nor
     wait in the caller's window of runs in flight (memory stays one run per process)."""
     if columnar:
         chunk = columnar_chunk(spec, todo)
         if chunk is not None:
             if spill is not None:
-                from memplan.vector_frame import spill_frame
+                from memplan.vector_frame import spill_block
 
-                chunk.part, chunk.frame = spill_frame(chunk.frame, spill), None
+                chunk.part, chunk.block = spill_block(chunk.block, chunk.rows, spill), None
             return chunk
     results = {}
     for count in spec.gpu_counts:

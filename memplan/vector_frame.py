@@ -1,7 +1,8 @@
-"""Columnar rows of vectorized sweep groups: the columns of each (model, job, GPU, GPU count) block built
-with numpy from a ``vector.Fit`` instead of one dict per row, and one DataFrame per (model, job) run (pandas
-is called once per column of the run, not per block: that was most of a fleet sweep's time). Same values,
-same column order and the same CSV bytes as the records ``grid.evaluate`` writes (``tests/test_vector.py`` checks it)."""
+"""Columnar rows of vectorized sweep groups: the columns of each (model, job) run built with numpy from the
+``vector.Fit`` of each class of GPUs instead of one dict per row (``run_block``), and one DataFrame per batch of
+such runs (``run_frame``; pandas is called once per column of a batch, not per run or GPU: a matrix run is one row
+per GPU, and per-run frames were most of a fleet sweep's time). Same values, same column order and the same CSV
+bytes as the records ``grid.evaluate`` writes (``tests/test_vector.py`` checks it)."""
 
 from __future__ import annotations
 
@@ -32,21 +33,34 @@ differ by the product's rounding)."""
     return result
 
 
-def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: list[int], size_key: str,
-                column: str, values: dict[int, int] | None) -> dict[str, Any]:
-    """Columns (numpy arrays or lists) of the rows for every size × batch (sizes outer, as the grid's cells
-    and records run) of one GPU's fit.
-    ``values``: the metric per size (max-batch); None: the largest swept batch that fits (fits)."""
-    ns, nb = len(sizes), len(batches)
-    b = np.tile(np.array(batches, dtype=np.int64), ns)
+def fit_columns(fit: Any, sizes: list[int], batches: list[int], size_key: str) -> dict[str, Any]:
+    """What the rows of every GPU sharing ``fit`` have alike, for every size × batch (sizes outer, as the grid's cells
+    and records run): ``varying`` (the batch and size, the fitted columns and their GiB, the tier totals) and
+    ``peaks`` (per tier, the phase peak: fits and headroom are taken on it)."""
     from memplan.vector import fitted_arrays
 
-    data: dict[str, Any] = {}
+    ns, nb = len(sizes), len(batches)
+    b = np.tile(np.array(batches, dtype=np.int64), ns)
     fitted = fitted_arrays(fit, [s for s in sizes for _ in batches], b)
     totals = {t: np.zeros(ns * nb, dtype=np.int64) for t in TIERS}
     for col, v in fitted.items():
         totals[col.split(":", 1)[0]] += v
-    peaks = {t: np.broadcast_to(fit.peak(fitted, t), (ns * nb,)) for t in TIERS}  # fits, headroom: the peak
+    varying: dict[str, Any] = {"micro_batch": b, size_key: np.repeat(np.array(sizes, dtype=np.int64), nb)}
+    for t in TIERS:
+        varying[f"{t}_total_bytes"] = totals[t]
+        varying[f"{t}_total_gib"] = np.asarray(gib(totals[t]), dtype=np.float64)
+    for col, v in fitted.items():
+        varying[col] = v
+        varying[col[:-6] + "_gib"] = np.asarray(gib(v), dtype=np.float64)
+    return {"varying": varying, "peaks": {t: np.broadcast_to(fit.peak(fitted, t), (ns * nb,)) for t in TIERS},
+            "batch": b, "columns": set(fit.columns)}
+
+
+def gpu_columns(shared: dict[str, Any], template: dict[str, Any], sizes: list[int], nb: int, column: str,
+                values: dict[int, int] | None) -> dict[str, Any]:
+    """The columns that read one GPU's capacities (``template``): fits, headroom, ok and the metric.
+    ``values``: the metric per size (max-batch); None: the largest swept batch that fits (fits)."""
+    peaks = shared["peaks"]
     rooms = []
     for t in TIERS:
         room = template[f"{t}_capacity_bytes"] - peaks[t]
@@ -55,22 +69,65 @@ def block_frame(fit: Any, template: dict[str, Any], sizes: list[int], batches: l
     slack = np.minimum(headroom, template["gpu_capacity_bytes"] - peaks["gpu"] - template["required_headroom_bytes"])
     ok = slack >= 0
     if values is None:
-        best = np.where(ok, b, 0).reshape(ns, nb).max(axis=1)
-        metric = np.repeat(best, nb)
+        metric = np.repeat(np.where(ok, shared["batch"], 0).reshape(len(sizes), nb).max(axis=1), nb)
     else:
         metric = np.repeat(np.array([values[s] for s in sizes], dtype=np.int64), nb)
-    varying = {"micro_batch": b, size_key: np.repeat(np.array(sizes, dtype=np.int64), nb), "ok": ok,
-               "fits": np.logical_and.reduce([peaks[t] <= template[f"{t}_capacity_bytes"] for t in TIERS]),
-               "headroom_bytes": headroom, column: metric}
-    for t in TIERS:
-        varying[f"{t}_total_bytes"] = totals[t]
-        varying[f"{t}_total_gib"] = np.asarray(gib(totals[t]), dtype=np.float64)
-    for col, v in fitted.items():
-        varying[col] = v
-        varying[col[:-6] + "_gib"] = np.asarray(gib(v), dtype=np.float64)
-    for col in fit.columns:
-        data[col] = varying[col] if col in varying else constant(template[col], ns * nb)
-    return data
+    return {"ok": ok, "fits": np.logical_and.reduce([peaks[t] <= template[f"{t}_capacity_bytes"] for t in TIERS]),
+            "headroom_bytes": headroom, column: metric}
+
+
+def run_block(entries: list[tuple[Any, dict[str, Any], dict[int, int] | None]], sizes: list[int], batches: list[int],
+              size_key: str, column: str) -> dict[str, Any]:
+    """Columns (numpy arrays or lists) of a run's rows: for each entry (fit, record template, metric per size or
+    None) in grid order, one per GPU × count, its rows for every size × batch. Built column by column for the whole
+    run: what the entries' fit shares is computed once per fit (``fit_columns``), a column constant over an entry's
+    rows is one value, and each column is one array (``stacked``) where the entries' parts share a numpy dtype,
+    else the list of its values, as ``run_frame`` joins such parts. Columns: the union of the entries' record
+    columns in first-seen order; an entry lacking one gets ``frame.absent``, as the stdlib writer writes it."""
+    nb, shared, parts_of = len(batches), {}, []
+    for fit, template, values in entries:
+        if id(fit) not in shared:
+            shared[id(fit)] = fit_columns(fit, sizes, batches, size_key)
+        mine = shared[id(fit)]
+        parts_of.append((mine["columns"], template, {**mine["varying"], **gpu_columns(mine, template, sizes, nb,
+                                                                                     column, values)}))
+    out = {}
+    for col in dict.fromkeys(c for fit, _, _ in entries for c in fit.columns):
+        out[col] = stacked([(varying[col] if col in varying else Constant(template[col])) if col in cols
+                            else Constant(absent(col)) for cols, template, varying in parts_of], len(sizes) * nb)
+    return out
+
+
+class Constant:
+    """One value for all of an entry's rows."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def stacked(parts: list[Any], n: int) -> Any:
+    """Parts (arrays of ``n`` rows, or ``Constant``) as one column: an array when every part is (or ``constant``
+    makes it) an array of one dtype, else the list of every value, as ``run_frame`` joins ``constant`` parts."""
+    kinds = {p.dtype if isinstance(p, np.ndarray) else constant_dtype(p.value) for p in parts}
+    if len(kinds) == 1 and None not in kinds:
+        kind = kinds.pop()
+        if all(isinstance(p, Constant) for p in parts):
+            return np.repeat(np.array([p.value for p in parts], dtype=kind), n)
+        return np.concatenate([p if isinstance(p, np.ndarray) else np.full(n, p.value, dtype=kind) for p in parts])
+    return [v for p in parts for v in (p.tolist() if isinstance(p, np.ndarray) else [p.value] * n)]
+
+
+def constant_dtype(value: Any) -> Any:
+    """The dtype ``constant`` holds ``value`` in, or None (a list)."""
+    if isinstance(value, bool):
+        return np.dtype(bool)
+    if isinstance(value, int) and -2**63 <= value < 2**63:
+        return np.dtype(np.int64)
+    if isinstance(value, float):
+        return np.dtype(np.float64)
+    return None
 
 
 def constant(value: Any, n: int) -> Any:
@@ -85,7 +142,7 @@ def constant(value: Any, n: int) -> Any:
 
 
 def run_frame(blocks: list[dict[str, Any]]) -> pd.DataFrame:
-    """The blocks of one (model, job) in grid order as one frame: the union of their columns in first-seen
+    """Blocks (``run_block``, or a run's records as columns) in grid order as one frame: the union of their columns in first-seen
     order, a column a block lacks filled as the stdlib writer fills it (0 bytes, 0.0 GiB, else empty). Each
     column gets the dtype ``report.frame.typed`` gives the same values (``records_frame``'s dtypes): arrays
     of one dtype are concatenated as they are, anything else goes through ``typed``."""
@@ -102,14 +159,14 @@ def run_frame(blocks: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(data, columns=columns, index=pd.RangeIndex(sum(lengths)))
 
 
-def spill_frame(frame: pd.DataFrame, folder: str) -> tuple[str, list[str], int]:
-    """Pickle ``frame`` to a new file in ``folder`` (``report.sweep_stream.Spill`` reads it back):
-    (its path, its columns, its row count)."""
+def spill_block(block: dict[str, Any], rows: int, folder: str) -> tuple[str, int]:
+    """Pickle a run's columns (``run_block``) to a new file in ``folder`` (``report.sweep_stream.Spill.add_part`` reads
+    it back and removes it): (its path, its row count)."""
     import os
     import pickle
     import tempfile
 
     fd, path = tempfile.mkstemp(prefix="run", suffix=".pkl", dir=folder)
     with os.fdopen(fd, "wb") as fh:
-        pickle.dump(frame, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    return path, list(frame.columns), len(frame)
+        pickle.dump(block, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return path, rows
