@@ -139,11 +139,10 @@ def canonical_layers(arch: Any) -> tuple[tuple[int, Any], ...]:
     hit = _CANONICAL.get(id(arch))
     if hit is None or hit[0] is not arch:
         first: dict[Any, tuple[int, Any]] = {}
-        for i, layer in enumerate(arch.layers):
-            canon = replace(layer, tensors=tuple(replace(t, name=UNREAD) for t in layer.tensors))
+        canons = [replace(layer, tensors=tuple(replace(t, name=UNREAD) for t in layer.tensors)) for layer in arch.layers]
+        for i, canon in enumerate(canons):
             first.setdefault(canon, (i, canon))
-        layers = tuple(first[replace(layer, tensors=tuple(replace(t, name=UNREAD) for t in layer.tensors))]
-                       for layer in arch.layers)
+        layers = tuple(first[canon] for canon in canons)
         if len(_CANONICAL) >= 256:
             _CANONICAL.clear()
         hit = _CANONICAL[id(arch)] = (arch, layers)
