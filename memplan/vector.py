@@ -45,7 +45,7 @@ from memplan.config import Job
 from memplan.errors import MemplanError
 from memplan.grid import METRIC_COLUMN, Cell, CellResult, SweepSpec, cells, default_workers, evaluate, iter_results, pooled
 from memplan.units import GiB
-from memplan.vector_probe import TIERS, NotExact, Probe, Prober, context_results, is_fitted, tier_of
+from memplan.vector_probe import TIERS, NotExact, Probe, Prober, context_results, is_fitted, shared_evaluate, tier_of
 
 
 def lagrange(xs: list[int], ys: list[int]) -> list[Fraction]:
@@ -349,13 +349,18 @@ def scalar_or_predicted(m: Member, b: int, s: int, size_key: str) -> tuple[dict[
 
 
 def evaluate_group(spec: SweepSpec, group: list[Cell]) -> list[CellResult]:
-    """The group's cells, vectorized when every check passes, else each by the scalar path."""
+    """The group's cells, vectorized when every check passes, else each by the scalar path (its estimates shared
+    by the GPUs that read alike, ``vector_probe.shared_evaluate``, where they do)."""
     first = group[0]
     if not spec.speed:
         solve = context_results if spec.metric == "max-context" else group_results
         try:
             done = {(r.cell.gpu, r.cell.size, r.cell.batch): r for r in solve(spec, first.model, first.job, first.gpus)}
             return [done[(c.gpu, c.size, c.batch)] for c in group]
+        except (NotExact, MemplanError):
+            pass
+        try:
+            return shared_evaluate(spec, group)
         except (NotExact, MemplanError):
             pass
     return [evaluate(spec, c) for c in group]

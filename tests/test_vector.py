@@ -89,7 +89,15 @@ def test_a_share_beyond_the_fit_falls_back_and_stays_exact(monkeypatch: pytest.M
         fell_back.append(args)
         return real(*args)
 
+    import memplan.grid as grid
+
+    def shared(*args: object) -> object:  # the scalar path with estimates shared (vector_probe.shared_evaluate)
+        if len(args) == 3:
+            fell_back.append(args)
+        return real(*args)
+
     monkeypatch.setattr(vector, "evaluate", counting)
+    monkeypatch.setattr(grid, "evaluate", shared)
     assert_same(spec)
     assert fell_back  # the scalar path answered those cells
     fell_back.clear()
