@@ -452,7 +452,7 @@ def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[
     workers = default_workers() if workers is None else workers
     if workers <= 1 or len(spec.models) * len(spec.jobs) < PROCESS_RUNS:
         for todo in runs:
-            chunk = run_chunk(spec, todo, columnar, spill)
+            chunk = run_chunk(spec, todo, columnar)  # in this process: nothing to spill between processes
             if progress:
                 progress(len(chunk))
             yield chunk

@@ -46,56 +46,98 @@ def fit_columns(fit: Any, sizes: list[int], batches: list[int], size_key: str) -
     for col, v in fitted.items():
         totals[col.split(":", 1)[0]] += v
     varying: dict[str, Any] = {"micro_batch": b, size_key: np.repeat(np.array(sizes, dtype=np.int64), nb)}
-    for t in TIERS:
-        varying[f"{t}_total_bytes"] = totals[t]
-        varying[f"{t}_total_gib"] = np.asarray(gib(totals[t]), dtype=np.float64)
-    for col, v in fitted.items():
+    byte_columns = {**{f"{t}_total_bytes": totals[t] for t in TIERS}, **fitted}
+    gibs = np.asarray(gib(np.stack(list(byte_columns.values())).reshape(-1)), dtype=np.float64)  # one pass for all
+    for i, (col, v) in enumerate(byte_columns.items()):
         varying[col] = v
-        varying[col[:-6] + "_gib"] = np.asarray(gib(v), dtype=np.float64)
+        varying[col[:-6] + "_gib"] = gibs[i * ns * nb:(i + 1) * ns * nb]
     return {"varying": varying, "peaks": {t: np.broadcast_to(fit.peak(fitted, t), (ns * nb,)) for t in TIERS},
             "batch": b, "columns": set(fit.columns)}
 
 
-def gpu_columns(shared: dict[str, Any], template: dict[str, Any], sizes: list[int], nb: int, column: str,
-                values: dict[int, int] | None) -> dict[str, Any]:
-    """The columns that read one GPU's capacities (``template``): fits, headroom, ok and the metric.
-    ``values``: the metric per size (max-batch); None: the largest swept batch that fits (fits)."""
-    peaks = shared["peaks"]
+def gpu_columns(peaks_of: list[dict[str, Any]], templates: list[dict[str, Any]], sizes: list[int], batches: list[int],
+                column: str, values_of: list[dict[int, int] | None]) -> dict[str, Any]:
+    """The columns that read each entry's GPU capacities (its ``template``): fits, headroom, ok and the metric, for
+    every entry at once (its peaks ``peaks_of``, from its fit), entry after entry as the rows run.
+    ``values_of``: per entry the metric per size (max-batch), or None: the largest swept batch that fits (fits)."""
+    ns, nb = len(sizes), len(batches)
+    peaks = {t: np.stack([p[t] for p in peaks_of]) for t in TIERS}  # (entries, rows of an entry)
+    cap = {t: np.array([[tp[f"{t}_capacity_bytes"]] for tp in templates], dtype=np.int64) for t in TIERS}
+    need = np.array([[tp["required_headroom_bytes"]] for tp in templates], dtype=np.int64)
     rooms = []
     for t in TIERS:
-        room = template[f"{t}_capacity_bytes"] - peaks[t]
+        room = cap[t] - peaks[t]
         rooms.append(room if t == "gpu" else np.where(peaks[t] > 0, room, np.iinfo(np.int64).max))
     headroom = np.minimum.reduce(rooms)
-    slack = np.minimum(headroom, template["gpu_capacity_bytes"] - peaks["gpu"] - template["required_headroom_bytes"])
-    ok = slack >= 0
-    if values is None:
-        metric = np.repeat(np.where(ok, shared["batch"], 0).reshape(len(sizes), nb).max(axis=1), nb)
-    else:
-        metric = np.repeat(np.array([values[s] for s in sizes], dtype=np.int64), nb)
-    return {"ok": ok, "fits": np.logical_and.reduce([peaks[t] <= template[f"{t}_capacity_bytes"] for t in TIERS]),
-            "headroom_bytes": headroom, column: metric}
+    ok = np.minimum(headroom, cap["gpu"] - peaks["gpu"] - need) >= 0
+    best = np.where(ok, np.tile(np.array(batches, dtype=np.int64), ns), 0).reshape(len(templates), ns, nb).max(axis=2)
+    given = np.array([[0] * ns if v is None else [v[s] for s in sizes] for v in values_of], dtype=np.int64)
+    told = np.array([[v is not None] for v in values_of])
+    metric = np.repeat(np.where(told, given, best), nb, axis=1)
+    fits = np.logical_and.reduce([peaks[t] <= cap[t] for t in TIERS])
+    return {"ok": ok.reshape(-1), "fits": fits.reshape(-1), "headroom_bytes": headroom.reshape(-1),
+            column: metric.reshape(-1)}
 
 
 def run_block(entries: list[tuple[Any, dict[str, Any], dict[int, int] | None]], sizes: list[int], batches: list[int],
               size_key: str, column: str) -> dict[str, Any]:
     """Columns (numpy arrays or lists) of a run's rows: for each entry (fit, record template, metric per size or
     None) in grid order, one per GPU × count, its rows for every size × batch. Built column by column for the whole
-    run: what the entries' fit shares is computed once per fit (``fit_columns``), a column constant over an entry's
-    rows is one value, and each column is one array (``stacked``) where the entries' parts share a numpy dtype,
-    else the list of its values, as ``run_frame`` joins such parts. Columns: the union of the entries' record
-    columns in first-seen order; an entry lacking one gets ``frame.absent``, as the stdlib writer writes it."""
-    nb, shared, parts_of = len(batches), {}, []
-    for fit, template, values in entries:
+    run: what the entries' fit shares is computed once per fit (``fit_columns``), the columns that read the GPU for
+    every entry at once (``gpu_columns``), a record column the same over an entry's rows as one value per entry
+    (``constants``), and each column is one array where the entries' parts share a numpy dtype, else the list of its
+    values, as ``run_frame`` joins such parts (``stacked``). Columns: the union of the entries' record columns in
+    first-seen order; an entry lacking one gets ``frame.absent``, as the stdlib writer writes it."""
+    n, shared = len(sizes) * len(batches), {}
+    for fit, _, _ in entries:
         if id(fit) not in shared:
             shared[id(fit)] = fit_columns(fit, sizes, batches, size_key)
-        mine = shared[id(fit)]
-        parts_of.append((mine["columns"], template, {**mine["varying"], **gpu_columns(mine, template, sizes, nb,
-                                                                                     column, values)}))
+    mine = [shared[id(fit)] for fit, _, _ in entries]
+    templates = [template for _, template, _ in entries]
+    gpu = gpu_columns([m["peaks"] for m in mine], templates, sizes, batches, column, [v for _, _, v in entries])
+    classes = list(shared.values())
     out = {}
     for col in dict.fromkeys(c for fit, _, _ in entries for c in fit.columns):
-        out[col] = stacked([(varying[col] if col in varying else Constant(template[col])) if col in cols
-                            else Constant(absent(col)) for cols, template, varying in parts_of], len(sizes) * nb)
+        everywhere = all(col in c["columns"] for c in classes)
+        if everywhere and col in gpu:
+            out[col] = gpu[col]
+            continue
+        if everywhere and all(col not in c["varying"] for c in classes):
+            out[col] = constants([template[col] for template in templates], n)  # a record column of every GPU
+            if out[col] is not None:
+                continue
+        parts = []
+        for i, (m, template) in enumerate(zip(mine, templates, strict=True)):
+            if col not in m["columns"]:
+                parts.append(Constant(absent(col)))
+            elif col in gpu:
+                parts.append(gpu[col][i * n:(i + 1) * n])
+            else:
+                parts.append(m["varying"][col] if col in m["varying"] else Constant(template[col]))
+        out[col] = stacked(parts, n)
     return out
+
+
+PLAIN = frozenset({bool, int, float, str, type(None)})
+"""Types whose numpy kind ``constants`` reads from the type alone."""
+
+
+def constants(values: list[Any], n: int) -> Any:
+    """``stacked`` of one ``Constant`` per value, each for ``n`` rows, read from the values' types at once (C speed);
+    None where a value is of another type (``stacked`` then decides value by value)."""
+    types = set(map(type, values))
+    if not types <= PLAIN:
+        return None
+    if types == {bool}:
+        kind: Any = np.dtype(bool)
+    elif types == {int} and min(values) >= -2**63 and max(values) < 2**63:
+        kind = np.dtype(np.int64)
+    elif types == {float}:
+        kind = np.dtype(np.float64)
+    else:
+        return values if n == 1 else [v for v in values for _ in range(n)]
+    column = np.array(values, dtype=kind)
+    return column if n == 1 else np.repeat(column, n)
 
 
 class Constant:

@@ -25,7 +25,7 @@ import pandas as pd
 
 from memplan.errors import MemplanError
 from memplan.grid import CellResult, SweepResult, SweepSpec, iter_results
-from memplan.report.frame import absent, columns_of, concat_frames, frame_csv, records_frame
+from memplan.report.frame import absent, columns_of, concat_frames, frame_csv, typed
 
 PARTIAL_COLUMN = "partial"
 CSV_SLICE_ROWS = 8192
@@ -199,7 +199,7 @@ def frame_of(spill: Spill, partial: bool) -> pd.DataFrame:
         if frame[col].dtype == object or (pd.api.types.is_string_dtype(frame[col].dtype)
                                           and not isinstance(frame[col].dtype, pd.CategoricalDtype)):
             values = [None if v is None or v is pd.NA or v != v else v for v in frame[col].tolist()]
-            retyped[col] = records_frame([{col: v} for v in values])[col]
+            retyped[col] = typed(col, values)  # what records_frame gives the column
     if retyped:
         frame = frame.assign(**retyped)
     frame.attrs["partial"] = partial
