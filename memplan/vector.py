@@ -90,6 +90,8 @@ class Fit:
 
     alive: dict[tuple[str, frozenset[str]], list[list[str]]] = field(default_factory=dict, repr=False, compare=False)
     """(tier, skip) -> per phase of the step, the tier's columns (but ``skip``) alive in it (``peak``'s memo)."""
+    peak_memo: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
+    """(b, s) -> each tier's peak (``peaks_at``'s memo; the fit no longer changes once checked)."""
 
     def peak(self, values: dict[str, Any], tier: str, skip: frozenset[str] = frozenset()) -> Any:
         """The tier's largest phase total over the step, as ``breakdown.peak``: per phase, the sum of the
@@ -117,6 +119,13 @@ class Fit:
             others = self.peak(out, tier_of(col), left_out)
             out[col] = -((-others * k.numerator) // k.denominator)
         return out
+
+    def peaks_at(self, b: int, s: int) -> dict[str, int]:
+        """Each tier's peak at (b, s), memoized (every GPU of a class is checked at the same points)."""
+        if (b, s) not in self.peak_memo:
+            values = self.at(b, s)
+            self.peak_memo[(b, s)] = {t: self.peak(values, t) for t in TIERS}
+        return self.peak_memo[(b, s)]
 
     def at(self, b: int, s: int) -> dict[str, int]:
         out = self.complete({c: b * g + h for c, (g, h) in self.gh[s].items()})
@@ -181,8 +190,7 @@ def check_on_gpu(fit: Fit, prober: Prober, gpu: str, b: int, s: int, size_key: s
     probe, first = prober.at(b, s, gpu), prober.at(b, s)
     if probe is first:
         return
-    values = fit.at(b, s)
-    fits, headroom, slack = verdict({t: fit.peak(values, t) for t in TIERS}, probe.record)
+    fits, headroom, slack = verdict(fit.peaks_at(b, s), probe.record)
     rec = probe.record
     if (rec["fits"], rec["headroom_bytes"], rec["ok"], probe.slack) != (fits, headroom, slack >= 0, slack):
         raise NotExact(f"{gpu} at ({b}, {s})")

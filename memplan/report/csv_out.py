@@ -25,9 +25,10 @@ def estimate_record(est: Estimate) -> dict[str, Any]:
         if nested or key not in rec:
             rec[key] = value
     for tier in Tier:
-        rec[f"{tier.value}_total_bytes"] = est.total(tier)
+        total = est.total(tier)
+        rec[f"{tier.value}_total_bytes"] = total
         rec[f"{tier.value}_capacity_bytes"] = est.capacity(tier)
-        rec[f"{tier.value}_total_gib"] = round(est.total(tier) / GiB, 4)
+        rec[f"{tier.value}_total_gib"] = round(total / GiB, 4)
         for name, nbytes in components(est.rows, tier).items():
             rec[f"{tier.value}:{name}_bytes"] = nbytes
             rec[f"{tier.value}:{name}_gib"] = round(nbytes / GiB, 4)
@@ -63,7 +64,8 @@ _SIZE_CELLS = {("micro_batch", False): "micro_batch", ("seq_len", False): "seq_l
 """The cells of the sizes a sweep varies (``memory.memo.SIZE_FIELDS`` and ``infer.context``): (column, nested) -> field."""
 
 _CELLS: dict[Any, tuple] = {}
-"""Size-free configuration (``memory.memo.size_free_key``) -> its cells as dumped from one of its configurations."""
+"""Size-free configuration (``memory.memo.size_free_key``) -> its cells as dumped from one of its configurations, and
+the positions of the size cells among them."""
 
 
 def _config_cells(cfg: JobConfig) -> tuple[tuple[str, Any, bool], ...]:
@@ -77,16 +79,20 @@ def _config_cells(cfg: JobConfig) -> tuple[tuple[str, Any, bool], ...]:
     if last[0] is cfg:
         return last[1]
     free = size_free_key(cfg)
-    cells = _CELLS.get(free)
-    if cells is None:
-        cells = _CELLS[free] = _dump_cells(cfg)
+    hit = _CELLS.get(free)
+    if hit is None:
+        cells = _dump_cells(cfg)
+        at = [(i, _SIZE_CELLS[key, nested]) for i, (key, _, nested) in enumerate(cells) if (key, nested) in _SIZE_CELLS]
+        hit = _CELLS[free] = (cells, at)
         if len(_CELLS) > 256:
             _CELLS.clear()
+    cells, at = hit
     sizes = {"micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len, "context": cfg.infer.context}
-    out = tuple((key, sizes[_SIZE_CELLS[key, nested]] if (key, nested) in _SIZE_CELLS else value, nested)
-                for key, value, nested in cells)
-    _LAST_CONFIG[0] = (cfg, out)
-    return out
+    out = list(cells)
+    for i, size in at:
+        out[i] = (out[i][0], sizes[size], out[i][2])
+    _LAST_CONFIG[0] = (cfg, tuple(out))
+    return _LAST_CONFIG[0][1]
 
 
 def _dump_cells(cfg: JobConfig) -> tuple[tuple[str, Any, bool], ...]:
