@@ -6,13 +6,15 @@ bytes as the records ``grid.evaluate`` writes (``tests/test_vector.py`` checks i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
-from memplan.report.frame import absent, typed
+from memplan.report.csv_out import absent
 from memplan.units import GiB
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TIERS = ("gpu", "cpu", "nvme")
 ROUND_DIGITS = 4
@@ -188,6 +190,10 @@ def run_frame(blocks: list[dict[str, Any]]) -> pd.DataFrame:
     order, a column a block lacks filled as the stdlib writer fills it (0 bytes, 0.0 GiB, else empty). Each
     column gets the dtype ``report.frame.typed`` gives the same values (``records_frame``'s dtypes): arrays
     of one dtype are concatenated as they are, anything else goes through ``typed``."""
+    import pandas as pd  # here only: a worker building blocks does not import pandas (some 0.4 s)
+
+    from memplan.report.frame import typed
+
     columns = list(dict.fromkeys(c for blk in blocks for c in blk))
     lengths = [len(next(iter(blk.values()))) for blk in blocks]
     data = {}

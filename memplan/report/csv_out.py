@@ -123,14 +123,18 @@ def records_to_csv(records: list[dict[str, Any]]) -> str:
 
 def _cell(rec: dict[str, Any], col: str) -> Any:
     """A record's value in ``col``; a tier component the record lacks is 0 (bytes) or 0.0 (GiB)."""
-    if col in rec:
-        value = rec[col]
-        return "" if value is None else value
+    value = rec[col] if col in rec else absent(col)
+    return "" if value is None else value
+
+
+def absent(col: str) -> Any:
+    """The value of ``col`` in a record that lacks it: a tier component 0 bytes (0.0 GiB), anything else None (an
+    empty cell)."""
     if ":" in col and col.endswith("_bytes"):
         return 0
     if ":" in col and col.endswith("_gib"):
         return 0.0
-    return ""
+    return None
 
 
 def _list_cell(value: Any) -> Any:
