@@ -21,7 +21,8 @@ scalar model's own output and then CHECKED against it:
   price and headroom differ (computed per GPU). Other GPUs form classes of their own.
 * Anything that fails a check (a component with a ceil or max in b or s, an invalid configuration,
   what is not modelled, numbers beyond int64, ``speed=True``) falls back to the scalar path for the
-  whole group, so the answer is the scalar model's answer either way.
+  whole group, so the answer is the scalar model's answer either way; there too the GPUs that read alike
+  share their estimates (``vector_probe.shared_evaluate``; not with ``speed``).
 * ``max-context`` is not fitted: each GPU runs the scalar search on estimates its class shares
   (``vector_probe.context_results``).
 
