@@ -207,14 +207,21 @@ def run_frame(blocks: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(data, columns=columns, index=pd.RangeIndex(sum(lengths)))
 
 
+FRAME_ROWS = 8192
+"""Rows gathered before they become one typed frame (``report.sweep_stream.Spill``): pandas costs per column of a
+frame, and a run of a fleet matrix is one row per GPU. A run at least this long is made a frame by the worker that
+built it (``spill_block``)."""
+
+
 def spill_block(block: dict[str, Any], rows: int, folder: str) -> tuple[str, int]:
-    """Pickle a run's columns (``run_block``) to a new file in ``folder`` (``report.sweep_stream.Spill.add_part`` reads
-    it back and removes it): (its path, its row count)."""
+    """Pickle a run's rows to a new file in ``folder`` (``report.sweep_stream.Spill.add_part`` reads it): as a typed
+    frame (``run_frame``) when the run has at least ``FRAME_ROWS`` rows, so the worker pays for it, else as its
+    columns (``run_block``), to be joined with the runs around it into one frame. Returns (its path, its rows)."""
     import os
     import pickle
     import tempfile
 
     fd, path = tempfile.mkstemp(prefix="run", suffix=".pkl", dir=folder)
     with os.fdopen(fd, "wb") as fh:
-        pickle.dump(block, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(run_frame([block]) if rows >= FRAME_ROWS else block, fh, protocol=pickle.HIGHEST_PROTOCOL)
     return path, rows

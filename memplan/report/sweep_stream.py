@@ -26,6 +26,7 @@ import pandas as pd
 from memplan.errors import MemplanError
 from memplan.grid import CellResult, SweepResult, SweepSpec, iter_results
 from memplan.report.frame import absent, columns_of, concat_frames, frame_csv, typed
+from memplan.vector_frame import FRAME_ROWS
 
 PARTIAL_COLUMN = "partial"
 CSV_SLICE_ROWS = 8192
@@ -49,11 +50,6 @@ def check_out(path: Path) -> None:
             pass
     except OSError as exc:
         raise MemplanError(f"--out: cannot write {path}: {exc.strerror or exc}.") from None
-
-
-FRAME_ROWS = 8192
-"""Rows gathered before they become one typed frame in the spill folder (``Spill.flush``): pandas costs per column
-of a frame, and a run of a fleet matrix is one row per GPU."""
 
 
 @dataclass
@@ -84,12 +80,19 @@ class Spill:
             self.flush()
 
     def add_part(self, part: tuple[str, int]) -> None:
-        """A run's columns another process pickled into this folder (``vector_frame.spill_block``)."""
+        """A run another process pickled into this folder (``vector_frame.spill_block``): its columns, joined to the
+        pending rows, or a long run's frame, kept as a part of its own (after the rows pending before it)."""
         path, rows = part
         with open(path, "rb") as fh:
-            block = pickle.load(fh)
-        Path(path).unlink()
-        self.add_block(block, rows)
+            obj = pickle.load(fh)
+        if isinstance(obj, dict):
+            Path(path).unlink()
+            self.add_block(obj, rows)
+            return
+        self.flush()
+        self.columns.update(dict.fromkeys(obj.columns))
+        self.parts.append(Path(path))
+        self.rows += rows
 
     def flush(self) -> None:
         """The pending rows as one typed frame pickled into the folder."""
