@@ -48,6 +48,8 @@ def stream_to_csv(spec: SweepSpec, workers: int, out: Path) -> tuple[int, float]
 
 
 def matrix(workers: int) -> None:
+    """The matrix's cells (``vector.iter_vector``, the target's measure), then the same matrix as ``memplan.sweep``'s
+    DataFrame and as ``memplan sweep --format csv``'s streamed CSV (each in a fresh process: no warm memo)."""
     from memplan.vector import iter_vector
 
     spec = SweepSpec(models=tuple(m.name for m in all_models()), gpus=gpus(), jobs=JOBS4, metric="max-batch")
@@ -57,6 +59,42 @@ def matrix(workers: int) -> None:
     print(f"matrix: {len(spec.models)} models × {len(spec.gpus)} GPUs × 4 jobs = {n:,} cells (max-batch): "
           f"{wall:.2f} s on {workers} worker(s), {cpu:.2f} CPU s (load average {os.getloadavg()[0]:.1f}); "
           f"target ≤ 2 s: {'met' if wall <= 2 else 'NOT met'}")
+    for what, code in MATRIX_PATHS.items():
+        wall, cpu, rows = child_seconds(code.format(workers=workers))
+        print(f"matrix: {what}: {rows:,} rows, {wall:.2f} s on {workers} worker(s), {cpu:.2f} CPU s")
+
+
+MATRIX_PATHS = {
+    "memplan.sweep (DataFrame)": "import memplan; frame = memplan.sweep(models='all', gpus='all', "
+                                 "jobs=['full', 'lora', 'qlora', 'infer'], workers={workers}); rows = len(frame)",
+    "memplan sweep --format csv (streamed CSV)": (
+        "import contextlib, io, sys\nfrom memplan.cli.app import main\n"
+        "sys.argv = ['memplan', 'sweep', '-m', 'all', '-g', 'all', '-j', 'full,lora,qlora,infer', '--metric', "
+        "'max-batch', '--format', 'csv', '--workers', '{workers}']\nout = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    try:\n        main()\n    except SystemExit:\n        pass\n"
+        "rows = out.getvalue().count('\\n') - 1"),
+}
+"""Code run in a fresh process (imports excluded from the time), setting ``rows``."""
+
+CHILD = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import memplan, memplan.vector, memplan.cli.app, pandas
+t0, c0 = time.perf_counter(), os.times()
+{code}
+t = os.times()
+print(time.perf_counter() - t0, t.user + t.system + t.children_user + t.children_system - c0.user - c0.system, rows)
+"""
+
+
+def child_seconds(code: str) -> tuple[float, float, int]:
+    """(wall s, CPU s of the process and its workers, rows) of ``code`` run in a fresh Python process."""
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=root, code=code)], capture_output=True, text=True,
+                          check=True, cwd=root)
+    wall, cpu, rows = proc.stdout.split()[-3:]
+    return float(wall), float(cpu), int(rows)
 
 
 def cpu_seconds() -> float:
@@ -72,12 +110,12 @@ def many_cells(workers: int) -> None:
     sizes = tuple(range(512, 512 * 26, 512))
     spec = SweepSpec(models=dense_models(8), gpus=gpus(10), jobs=JOBS4, seq_lens=sizes, contexts=sizes,
                      batches=tuple(range(1, 26)), metric="fits")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     frame = sweep_frame(spec, workers=workers)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     per = wall / len(frame) * 1e5
     print(f"cells: {len(frame):,} grid points × {frame.shape[1]} columns as a DataFrame (memplan.sweep, fits): "
-          f"{wall:.2f} s, {per:.2f} s per 10^5 on {workers} worker(s); target ≤ 10 s per 10^5: "
+          f"{wall:.2f} s, {per:.2f} s per 10^5 on {workers} worker(s), {cpu:.2f} CPU s; target ≤ 10 s per 10^5: "
           f"{'met' if per <= 10 else 'NOT met'}")
     with tempfile.TemporaryDirectory() as tmp:
         rows, wall = stream_to_csv(spec, workers, Path(tmp) / "sweep.csv")

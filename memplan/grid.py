@@ -244,14 +244,15 @@ class _Evaluator:
         return min(est.headroom_bytes, est.headroom(Tier.GPU) - self.required)
 
 
-def evaluate(spec: SweepSpec, cell: Cell) -> CellResult:
-    """The metric of one cell and one CSV record per swept value of its free axis."""
+def evaluate(spec: SweepSpec, cell: Cell, evaluator: Callable[[SweepSpec, Cell], _Evaluator] | None = None) -> CellResult:
+    """The metric of one cell and one CSV record per swept value of its free axis (``evaluator``: where the
+    estimates come from, default ``_Evaluator``; ``vector_probe.shared_evaluate`` shares them between GPUs)."""
     from memplan.report.cost import cost_record
     from memplan.report.csv_out import estimate_record
 
     column = METRIC_COLUMN[spec.metric]
     try:
-        ev = _Evaluator(spec, cell)
+        ev = (evaluator or _Evaluator)(spec, cell)
         rows = spec.batches if ev.free == "micro_batch" else spec.sizes(cell.job)
         missing = ev.at(rows[0]).not_modelled
         error = ""

@@ -21,7 +21,8 @@ scalar model's own output and then CHECKED against it:
   price and headroom differ (computed per GPU). Other GPUs form classes of their own.
 * Anything that fails a check (a component with a ceil or max in b or s, an invalid configuration,
   what is not modelled, numbers beyond int64, ``speed=True``) falls back to the scalar path for the
-  whole group, so the answer is the scalar model's answer either way.
+  whole group, so the answer is the scalar model's answer either way; there too the GPUs that read alike
+  share their estimates (``vector_probe.shared_evaluate``; not with ``speed``).
 * ``max-context`` is not fitted: each GPU runs the scalar search on estimates its class shares
   (``vector_probe.context_results``).
 
@@ -45,7 +46,7 @@ from memplan.config import Job
 from memplan.errors import MemplanError
 from memplan.grid import METRIC_COLUMN, Cell, CellResult, SweepSpec, cells, default_workers, evaluate, iter_results, pooled
 from memplan.units import GiB
-from memplan.vector_probe import TIERS, NotExact, Probe, Prober, context_results, is_fitted, tier_of
+from memplan.vector_probe import TIERS, NotExact, Probe, Prober, context_results, is_fitted, shared_evaluate, tier_of
 
 
 def lagrange(xs: list[int], ys: list[int]) -> list[Fraction]:
@@ -90,6 +91,8 @@ class Fit:
 
     alive: dict[tuple[str, frozenset[str]], list[list[str]]] = field(default_factory=dict, repr=False, compare=False)
     """(tier, skip) -> per phase of the step, the tier's columns (but ``skip``) alive in it (``peak``'s memo)."""
+    peak_memo: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
+    """(b, s) -> each tier's peak (``peaks_at``'s memo; the fit no longer changes once checked)."""
 
     def peak(self, values: dict[str, Any], tier: str, skip: frozenset[str] = frozenset()) -> Any:
         """The tier's largest phase total over the step, as ``breakdown.peak``: per phase, the sum of the
@@ -117,6 +120,13 @@ class Fit:
             others = self.peak(out, tier_of(col), left_out)
             out[col] = -((-others * k.numerator) // k.denominator)
         return out
+
+    def peaks_at(self, b: int, s: int) -> dict[str, int]:
+        """Each tier's peak at (b, s), memoized (every GPU of a class is checked at the same points)."""
+        if (b, s) not in self.peak_memo:
+            values = self.at(b, s)
+            self.peak_memo[(b, s)] = {t: self.peak(values, t) for t in TIERS}
+        return self.peak_memo[(b, s)]
 
     def at(self, b: int, s: int) -> dict[str, int]:
         out = self.complete({c: b * g + h for c, (g, h) in self.gh[s].items()})
@@ -157,17 +167,34 @@ def predict(fit: Fit, template: dict[str, Any], b: int, s: int, size_key: str) -
         rec[col[:-6] + "_gib"] = round(v / GiB, 4)
         totals[tier_of(col)] = totals.get(tier_of(col), 0) + v
     peaks = {tier: fit.peak(values, tier) for tier in TIERS}  # fits and headroom: the peak (Estimate.fits)
-    headroom = []
     for tier in TIERS:
         total = totals.get(tier, 0)
         rec[f"{tier}_total_bytes"], rec[f"{tier}_total_gib"] = total, round(total / GiB, 4)
-        if tier == "gpu" or peaks[tier] > 0:
-            headroom.append(rec[f"{tier}_capacity_bytes"] - peaks[tier])
-    rec["fits"] = all(rec[f"{t}_capacity_bytes"] >= peaks[t] for t in TIERS)
-    rec["headroom_bytes"] = min(headroom)
-    slack = min(rec["headroom_bytes"], rec["gpu_capacity_bytes"] - peaks["gpu"] - rec["required_headroom_bytes"])
+    rec["fits"], rec["headroom_bytes"], slack = verdict(peaks, rec)
     rec["ok"] = slack >= 0
     return rec, slack
+
+
+def verdict(peaks: dict[str, int], rec: dict[str, Any]) -> tuple[bool, int, int]:
+    """(fits, headroom, slack) of the tiers' ``peaks`` against the capacities and required headroom in ``rec``:
+    as ``Estimate.fits`` and ``headroom_bytes`` (the GPU and each tier holding something) and the sweep's slack
+    (``grid._Evaluator.slack``)."""
+    headroom = min(rec[f"{t}_capacity_bytes"] - peaks[t] for t in TIERS if t == "gpu" or peaks[t] > 0)
+    fits = all(rec[f"{t}_capacity_bytes"] >= peaks[t] for t in TIERS)
+    return fits, headroom, min(headroom, rec["gpu_capacity_bytes"] - peaks["gpu"] - rec["required_headroom_bytes"])
+
+
+def check_on_gpu(fit: Fit, prober: Prober, gpu: str, b: int, s: int, size_key: str) -> None:
+    """``check`` of ``gpu``'s probe at (b, s), where the class's first GPU's probe at (b, s) is already checked:
+    another GPU's record is that record with only the columns that read the GPU recomputed
+    (``Prober.at``), so only those are checked here, against the fit's peaks."""
+    probe, first = prober.at(b, s, gpu), prober.at(b, s)
+    if probe is first:
+        return
+    fits, headroom, slack = verdict(fit.peaks_at(b, s), probe.record)
+    rec = probe.record
+    if (rec["fits"], rec["headroom_bytes"], rec["ok"], probe.slack) != (fits, headroom, slack >= 0, slack):
+        raise NotExact(f"{gpu} at ({b}, {s})")
 
 
 def check(fit: Fit, probe: Probe, b: int, s: int, size_key: str) -> None:
@@ -186,8 +213,12 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
     fitted = [c for c in columns if is_fitted(c)]
     gh: dict[int, dict[str, tuple[int, int]]] = {s: {} for s in sizes}
     off: set[str] = set()
+    probes = {(b, s): p.at(b, s).record for b in (1, 2) for s in sp}
     for col in fitted:
-        at = {(b, s): p.at(b, s).record.get(col, 0) for b in (1, 2) for s in sp}
+        at = {key: rec.get(col, 0) for key, rec in probes.items()}
+        if len(sp) == 1:  # one size: the line through b = 1 and 2, integer by construction
+            gh[sp[0]][col] = (at[2, sp[0]] - at[1, sp[0]], 2 * at[1, sp[0]] - at[2, sp[0]])
+            continue
         g = lagrange(sp, [at[2, s] - at[1, s] for s in sp])
         h = lagrange(sp, [2 * at[1, s] - at[2, s] for s in sp])
         values = [(poly(g, Fraction(s)), poly(h, Fraction(s))) for s in sizes]
@@ -206,8 +237,8 @@ def build_fit(p: Prober, sizes: list[int], b_top: int, size_key: str) -> Fit:
     fit = Fit(columns, gh, {}, phases, p.at(1, sp[0]).step)
     top = p.at(7 * b_top + 5, sizes[-1]).record
     for col in fitted:  # a column off the polynomial form may be a share of its tier's other columns
-        if col not in off and all(p.at(b, s).record.get(col) == fit.at(b, s)[col] for b, s in checks):
-            continue
+        if col not in off and all(p.at(b, s).record.get(col) == b * gh[s][col][0] + gh[s][col][1] for b, s in checks):
+            continue  # a polynomial column is b·G + H whatever the share columns are (``Fit.at``)
         if any(tier_of(c) == tier_of(col) for c in fit.share):
             raise NotExact(col)
         fit.share[col] = find_share(p, fit, col, [*((b, s) for b in (1, 2) for s in sp), *checks], top)
@@ -252,9 +283,8 @@ def members(spec: SweepSpec, model: str, job: Job, count: int, sizes: list[int],
             p = Prober(spec, Cell(model, gpu, job, count, sizes[0], None), values)
             cls = (p, build_fit(p, sizes, b_top, size_key))
             classes.append(cls)
-        probe = cls[0].at(1, sizes[-1], gpu)
-        check(cls[1], probe, 1, sizes[-1], size_key)
-        out.append(Member(gpu, cls[1], probe.record, cls[0]))
+        check_on_gpu(cls[1], cls[0], gpu, 1, sizes[-1], size_key)  # the first GPU's probe: checked by build_fit
+        out.append(Member(gpu, cls[1], cls[0].at(1, sizes[-1], gpu).record, cls[0]))
     return out
 
 
@@ -313,21 +343,33 @@ def group_results(spec: SweepSpec, model: str, job: Job, count: int) -> list[Cel
     for solved in solve_group(spec, model, job, count):
         m = solved.member
         for s in spec.sizes(job):
-            rows = [predict(m.fit, m.template, b, s, size_key) for b in batches]
+            rows = [scalar_or_predicted(m, b, s, size_key) for b in batches]
             value = solved.values[s] if solved.values is not None else \
                 max((b for b, (_, sl) in zip(batches, rows, strict=True) if sl >= 0), default=0)
             out.append(CellResult(Cell(model, m.gpu, job, count, s, None), value, [{**r, column: value} for r, _ in rows]))
     return out
 
 
+def scalar_or_predicted(m: Member, b: int, s: int, size_key: str) -> tuple[dict[str, Any], int]:
+    """The record at (b, s) on the member's GPU and its slack: the scalar probe's own where the group probed that
+    point (every probe of a solved group was checked equal to the fit), else the fit's prediction."""
+    probe = m.prober.memo.get((m.gpu, b, s))
+    return (probe.record, probe.slack) if probe is not None else predict(m.fit, m.template, b, s, size_key)
+
+
 def evaluate_group(spec: SweepSpec, group: list[Cell]) -> list[CellResult]:
-    """The group's cells, vectorized when every check passes, else each by the scalar path."""
+    """The group's cells, vectorized when every check passes, else each by the scalar path (its estimates shared
+    by the GPUs that read alike, ``vector_probe.shared_evaluate``, where they do)."""
     first = group[0]
     if not spec.speed:
         solve = context_results if spec.metric == "max-context" else group_results
         try:
             done = {(r.cell.gpu, r.cell.size, r.cell.batch): r for r in solve(spec, first.model, first.job, first.gpus)}
             return [done[(c.gpu, c.size, c.batch)] for c in group]
+        except (NotExact, MemplanError):
+            pass
+        try:
+            return shared_evaluate(spec, group)
         except (NotExact, MemplanError):
             pass
     return [evaluate(spec, c) for c in group]
@@ -339,17 +381,26 @@ first spends about 0.5 s importing memplan."""
 
 
 class Chunk(list):
-    """A run's CellResults without records, and ``frame``: all their rows, columnar, in grid order."""
+    """A run's CellResults without records, and ``block``: all their rows as columns (``vector_frame.run_block``),
+    in grid order."""
 
-    frame: Any = None
+    block: Any = None
+    rows: int = 0
     part: Any = None
-    """(path, columns, rows) of ``frame`` pickled to a spill folder instead (``run_chunk``'s ``spill``)."""
+    """(path, rows) of ``block`` pickled to a spill folder instead (``run_chunk``'s ``spill``)."""
+
+    @property
+    def frame(self) -> Any:
+        """The rows as one typed DataFrame (``vector_frame.run_frame``)."""
+        from memplan.vector_frame import run_frame
+
+        return None if self.block is None else run_frame([self.block])
 
 
 def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
     """The run as a Chunk when every group of it is exact, else None (the caller takes the record path, as
     ``max-context`` always does)."""
-    from memplan.vector_frame import block_frame, run_frame
+    from memplan.vector_frame import run_block
 
     if spec.metric == "max-context":
         return None
@@ -363,32 +414,29 @@ def columnar_chunk(spec: SweepSpec, todo: list[Cell]) -> Chunk | None:
                 by_block[(solved.member.gpu, count)] = solved
     except (NotExact, MemplanError):
         return None
-    chunk, blocks = Chunk(), []
-    for gpu in spec.gpus:
-        for count in spec.gpu_counts:
-            solved = by_block[(gpu, count)]
-            m = solved.member
-            blk = block_frame(m.fit, m.template, sizes, list(spec.batches), size_key, column, solved.values)
-            per_size = np.asarray(blk[column])[:: len(spec.batches)].tolist()
-            chunk += [CellResult(Cell(model, gpu, job, count, s, None), int(v), []) for s, v in zip(sizes, per_size,
-                                                                                                  strict=True)]
-            blocks.append(blk)
-    chunk.frame = run_frame(blocks)
+    order = [(gpu, count) for gpu in spec.gpus for count in spec.gpu_counts]
+    entries = [(by_block[k].member.fit, by_block[k].member.template, by_block[k].values) for k in order]
+    chunk = Chunk()
+    chunk.block = run_block(entries, sizes, list(spec.batches), size_key, column)
+    chunk.rows = len(order) * len(sizes) * len(spec.batches)
+    per_cell = np.asarray(chunk.block[column])[:: len(spec.batches)].tolist()
+    cells_of = (Cell(model, gpu, job, count, s, None) for gpu, count in order for s in sizes)
+    chunk += [CellResult(c, int(v), []) for c, v in zip(cells_of, per_cell, strict=True)]
     return chunk
 
 
 def run_chunk(spec: SweepSpec, todo: list[Cell], columnar: bool = False, spill: str | None = None) -> list[CellResult]:
     """The cells of one (model, job), in grid order, group by group (one GPU count each); ``columnar``:
-    a Chunk with the rows as one frame when every group is exact; ``spill`` (a folder): that frame pickled
-    there by the process that built it (``Chunk.part``), so a run's rows never travel between processes nor
+    a Chunk with the rows as columns when every group is exact; ``spill`` (a folder): those columns pickled
+    there by the process that built them (``Chunk.part``), so a run's rows never travel between processes nor
     wait in the caller's window of runs in flight (memory stays one run per process)."""
     if columnar:
         chunk = columnar_chunk(spec, todo)
         if chunk is not None:
             if spill is not None:
-                from memplan.vector_frame import spill_frame
+                from memplan.vector_frame import spill_block
 
-                chunk.part, chunk.frame = spill_frame(chunk.frame, spill), None
+                chunk.part, chunk.block = spill_block(chunk.block, chunk.rows, spill), None
             return chunk
     results = {}
     for count in spec.gpu_counts:
@@ -413,7 +461,7 @@ def iter_vector(spec: SweepSpec, *, workers: int | None = 1, progress: Callable[
     workers = default_workers() if workers is None else workers
     if workers <= 1 or len(spec.models) * len(spec.jobs) < PROCESS_RUNS:
         for todo in runs:
-            chunk = run_chunk(spec, todo, columnar, spill)
+            chunk = run_chunk(spec, todo, columnar)  # in this process: nothing to spill between processes
             if progress:
                 progress(len(chunk))
             yield chunk

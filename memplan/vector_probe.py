@@ -92,6 +92,7 @@ class Prober:
         self.reads: set[str] = set()
         self.gpu = traced(self.ev.gpu)
         self.estimates: dict[tuple[int, int], Any] = {}
+        self.failed: dict[tuple[int, int], Exception] = {}
         self.memo: dict[tuple[str, int, int], Probe] = {}
         self.values: dict[tuple[str, str], Any] = {} if values is None else values
         """(GPU, attribute) -> value, shared by the probers of one group (``calibration`` reads a file)."""
@@ -110,9 +111,14 @@ class Prober:
             self.values[(gpu, name)] = getattr(_gpu(gpu), name)
         return self.values[(gpu, name)]
 
-    def estimate(self, b: int, s: int) -> Any:
-        """The scalar Estimate at micro-batch ``b`` and size ``s`` on the first GPU, its reads recorded."""
+    def estimate(self, b: int, s: int, missing_ok: bool = False) -> Any:
+        """The scalar Estimate at micro-batch ``b`` and size ``s`` on the first GPU, its reads recorded; NotExact
+        when something is not modelled (unless ``missing_ok``). A MemplanError it raises is raised again at the
+        same point (another GPU answering the reads made until then alike would raise it too)."""
+        if (b, s) in self.failed:
+            raise self.failed[(b, s)]
         if (b, s) not in self.estimates:
+            from memplan.errors import MemplanError
             from memplan.estimator import estimate
             from memplan.search import with_size
 
@@ -120,36 +126,48 @@ class Prober:
             _READS.append(self.reads)
             try:
                 est = estimate(self.ev.model, self.gpu, cfg, host=self.spec.host)
+            except MemplanError as exc:
+                self.failed[(b, s)] = exc
+                raise
             finally:
                 _READS.pop()
             self.evaluated += 1
-            if est.not_modelled:
-                raise NotExact("not modelled")
             self.estimates[(b, s)] = est
-        return self.estimates[(b, s)]
+        est = self.estimates[(b, s)]
+        if est.not_modelled and not missing_ok:
+            raise NotExact("not modelled")
+        return est
 
     def at(self, b: int, s: int, gpu: str | None = None) -> Probe:
-        """The probe of ``gpu`` (default: the first GPU) at (b, s): the shared estimate with that GPU."""
+        """The probe of ``gpu`` (default: the first GPU) at (b, s): the shared estimate with that GPU. Another
+        GPU's record is the first GPU's with the columns that read the GPU recomputed (``csv_out.record_on_gpu``)."""
         name = self.ev.cell.gpu if gpu is None else gpu
         if (name, b, s) not in self.memo:
             from memplan.memory.breakdown import Tier
             from memplan.report.cost import cost_record
-            from memplan.report.csv_out import estimate_record
+            from memplan.report.csv_out import estimate_record, record_on_gpu
 
-            spec, own = self.spec, _gpu(name)
-            est = dataclasses.replace(self.estimate(b, s), gpu=own)
+            spec, own, est = self.spec, _gpu(name), self.estimate(b, s)
+            first = None if name == self.ev.cell.gpu else self.at(b, s)
+            rec = estimate_record(est) if first is None else record_on_gpu(first.record, est, own)
             required = parse_fraction_or_size(spec.min_headroom, total=own.capacity_bytes, field="--min-headroom")
-            slack = min(est.headroom_bytes, est.headroom(Tier.GPU) - required)
+            slack = min(rec["headroom_bytes"], own.capacity_bytes - est.peak(Tier.GPU) - required)
             price = spec.usd_per_hour if spec.usd_per_hour is not None else own.price_per_hour_usd
-            rec = {**estimate_record(est), "ok": slack >= 0, "required_headroom_bytes": required,
-                   "not_modelled": "", METRIC_COLUMN[spec.metric]: None, "error": "", **cost_record(price, est)}
-            phases: dict[str, Any] = {}
-            for row in est.rows:
-                col = f"{row.tier.value}:{row.component}_bytes"
-                if phases.setdefault(col, row.phases) != row.phases:
-                    raise NotExact(f"{col}: rows alive in different phases")
-            self.memo[(name, b, s)] = Probe(rec, slack, phases, tuple(est.step_phases))
+            rec.update({"ok": slack >= 0, "required_headroom_bytes": required, "not_modelled": "",
+                        METRIC_COLUMN[spec.metric]: None, "error": "", **cost_record(price, est)})
+            self.memo[(name, b, s)] = Probe(rec, slack, first.phases if first else self.phases(est),
+                                            tuple(est.step_phases))
         return self.memo[(name, b, s)]
+
+    @staticmethod
+    def phases(est: Any) -> dict[str, Any]:
+        """Fitted column -> the phases its rows are alive in; NotExact when one column's rows differ."""
+        phases: dict[str, Any] = {}
+        for row in est.rows:
+            col = f"{row.tier.value}:{row.component}_bytes"
+            if phases.setdefault(col, row.phases) != row.phases:
+                raise NotExact(f"{col}: rows alive in different phases")
+        return phases
 
 
 def slack_at(prober: Prober, b: int, s: int, gpu: str) -> int:
@@ -188,6 +206,45 @@ def context_results(spec: SweepSpec, model: str, job: Any, count: int) -> list[A
             value = largest_ok(ok, hi=MAX_CONTEXT_TOKENS)
             records = [{**prober.at(b, s, gpu).record, column: value} for s in sizes]
             out.append((prober, CellResult(Cell(model, gpu, job, count, None, b), value, records)))
+    if not all(p.shares(r.cell.gpu) for p, r in out):
+        raise NotExact("a GPU read differs")
+    return [r for _, r in out]
+
+
+class SharedEvaluator(_Evaluator):
+    """``grid._Evaluator`` of one cell whose estimates are its class's (``Prober``), with the cell's own GPU."""
+
+    def __init__(self, spec: SweepSpec, cell: Cell, prober: Prober) -> None:
+        super().__init__(spec, cell)
+        self.prober = prober
+
+    def at(self, value: int) -> Any:
+        if value not in self.memo:
+            b, s = (value, self.cell.size) if self.free == "micro_batch" else (self.cell.batch, value)
+            self.memo[value] = dataclasses.replace(self.prober.estimate(b, s, missing_ok=True), gpu=self.gpu)
+        return self.memo[value]
+
+
+def shared_evaluate(spec: SweepSpec, group: list[Cell]) -> list[Any]:
+    """``grid.evaluate`` of each cell of one (model, job, GPU count) group, in order, each GPU's estimates being
+    those of the first GPU of its class (the GPUs answering every read alike, module docstring), errors included:
+    the scalar path's records by construction, with fewer estimates (a group the fit cannot take: what is not
+    modelled, a configuration the model refuses). NotExact when a GPU's reads come to differ from its class's."""
+    from memplan.grid import evaluate
+
+    classes: list[Prober] = []
+    values: dict[tuple[str, str], Any] = {}
+    out = []
+    for cell in group:
+        prober = next((p for p in classes if p.shares(cell.gpu)), None)
+        if prober is None:
+            prober = Prober(spec, cell, values)
+            classes.append(prober)
+
+        def shared(spec: SweepSpec, cell: Cell, p: Prober = prober) -> SharedEvaluator:
+            return SharedEvaluator(spec, cell, p)
+
+        out.append((prober, evaluate(spec, cell, shared)))
     if not all(p.shares(r.cell.gpu) for p, r in out):
         raise NotExact("a GPU read differs")
     return [r for _, r in out]

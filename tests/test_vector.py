@@ -89,7 +89,15 @@ def test_a_share_beyond_the_fit_falls_back_and_stays_exact(monkeypatch: pytest.M
         fell_back.append(args)
         return real(*args)
 
+    import memplan.grid as grid
+
+    def shared(*args: object) -> object:  # the scalar path with estimates shared (vector_probe.shared_evaluate)
+        if len(args) == 3:
+            fell_back.append(args)
+        return real(*args)
+
     monkeypatch.setattr(vector, "evaluate", counting)
+    monkeypatch.setattr(grid, "evaluate", shared)
     assert_same(spec)
     assert fell_back  # the scalar path answered those cells
     fell_back.clear()
@@ -220,4 +228,30 @@ def test_runs_spilled_by_workers_and_written_in_slices_give_the_scalar_csv(monke
     out = tmp_path / "v.csv"
     done = sweep_stream.stream(spec, sink=sweep_stream.csv_sink(out), workers=2)
     assert done.rows == expected.count("\n") - 1
+    assert out.read_text() == expected
+
+
+def test_long_runs_spill_as_frames_and_short_ones_as_columns(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """A worker makes a run of at least ``FRAME_ROWS`` rows a frame itself and leaves a shorter one as columns that
+    the parent joins with its neighbours; in any mix, and in order, the CSV is the scalar records' CSV."""
+    import itertools
+    import pickle
+
+    import memplan.report.sweep_stream as sweep_stream
+    import memplan.vector_frame as vector_frame
+
+    spec = SweepSpec(models=("qwen2.5-0.5b", "gpt2"), gpus=("t4", "l4"), jobs=(Job.LORA, Job.INFER),
+                     seq_lens=(512, 1024), contexts=(512,), batches=(1, 2, 3), metric="fits")
+    expected = records_to_csv([r for chunk in iter_results(spec, workers=1) for c in chunk for r in c.records])
+    monkeypatch.setattr(vector_frame, "FRAME_ROWS", 10)  # LoRA runs (12 rows) become frames, inference ones (6) not
+    spill = sweep_stream.Spill(tmp_path)
+    kinds = []
+    for _, run in itertools.groupby(vector.cells(spec), key=lambda c: (c.model, c.job)):
+        chunk = vector.run_chunk(spec, list(run), columnar=True, spill=str(tmp_path))
+        with open(chunk.part[0], "rb") as fh:
+            kinds.append(type(pickle.load(fh)).__name__)
+        spill.add_part(chunk.part)
+    assert kinds == ["DataFrame", "dict", "DataFrame", "dict"]
+    out = tmp_path / "v.csv"
+    sweep_stream.csv_sink(out)(spill, False)
     assert out.read_text() == expected

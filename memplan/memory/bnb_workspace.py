@@ -36,9 +36,9 @@ from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
-from memplan.memory.memo import size_free
+from memplan.memory.memo import UNREAD, size_free
 from memplan.memory.quant import Library, get_format, storage
-from memplan.memory.weights import job_library, layer_format, placed_tensors, quantized_head
+from memplan.memory.weights import alike_key, job_library, layer_format, placed_tensors, quantized_head
 from memplan.units import bits_to_bytes
 
 SIXTEEN_BITS = 16
@@ -68,13 +68,19 @@ def _largest(ctx: Context) -> Largest | None:
     cfg = ctx.cfg
     best: Largest | None = None
     layers = len(ctx.arch.layers)
+    seen: set[tuple] = set()
     for tensor, layer in placed_tensors(ctx):
         fmt = layer_format(cfg, layer)
         if fmt is None or get_format(fmt).library is not Library.BITSANDBYTES:
             continue
-        st = storage(fmt, replace(tensor, copies=1), layer_index=layer, num_layers=layers, dtype=cfg.dtype,
+        key = alike_key(fmt, tensor, layer)
+        if key in seen:  # an alike tensor already weighed (the first of equals stays the largest)
+            continue
+        seen.add(key)
+        tensor = replace(tensor, name=UNREAD, copies=1)  # bitsandbytes' rules read neither the name nor the index
+        st = storage(fmt, tensor, layer_index=None if layer is None else UNREAD, num_layers=layers, dtype=cfg.dtype,
                      head=quantized_head(cfg))
-        numel = sharded_numel(replace(tensor, copies=1, routed=False), cfg.tp)
+        numel = sharded_numel(replace(tensor, routed=False), cfg.tp)
         if st.quantized and (best is None or numel > best.numel):
             best = Largest(numel, -(-st.bytes * numel // tensor.numel_each), fmt)
     return best

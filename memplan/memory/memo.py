@@ -73,6 +73,11 @@ _LAST: list[tuple[Any, Any]] = [(None, None)]
 hold one tuple, replaced whole and read once, so threads sharing them can only miss, never mix two entries."""
 
 
+def size_free_key(cfg: JobConfig) -> Any:
+    """``size_free_config(cfg)`` as a dict key whose hash is computed once (a JobConfig hashes every field)."""
+    return _size_free_key(cfg)
+
+
 def size_free_config(cfg: JobConfig) -> JobConfig:
     """``cfg`` with its sizes replaced by ``UNREAD`` (no validation: ``model_copy``); equal for two configurations
     that differ only in sizes, and hashable (every JobConfig field is frozen)."""
@@ -134,11 +139,10 @@ def canonical_layers(arch: Any) -> tuple[tuple[int, Any], ...]:
     hit = _CANONICAL.get(id(arch))
     if hit is None or hit[0] is not arch:
         first: dict[Any, tuple[int, Any]] = {}
-        for i, layer in enumerate(arch.layers):
-            canon = replace(layer, tensors=tuple(replace(t, name=UNREAD) for t in layer.tensors))
+        canons = [replace(layer, tensors=tuple(replace(t, name=UNREAD) for t in layer.tensors)) for layer in arch.layers]
+        for i, canon in enumerate(canons):
             first.setdefault(canon, (i, canon))
-        layers = tuple(first[replace(layer, tensors=tuple(replace(t, name=UNREAD) for t in layer.tensors))]
-                       for layer in arch.layers)
+        layers = tuple(first[canon] for canon in canons)
         if len(_CANONICAL) >= 256:
             _CANONICAL.clear()
         hit = _CANONICAL[id(arch)] = (arch, layers)

@@ -152,9 +152,22 @@ def stage_targets(arch: Architecture, lora: LoraConfig, *, pp: int, stage: int) 
     return [t for t in tensors if is_targeted(t, lora, arch.spec.family)]
 
 
+_STAGE_ADAPTERS: dict[tuple, tuple[Architecture, tuple[Tensor, ...]]] = {}
+_STAGE_ADAPTERS_LIMIT = 1024
+
+
 def stage_lora_tensors(arch: Architecture, lora: LoraConfig, *, pp: int, stage: int) -> list[Tensor]:
-    """Adapter tensors on one pipeline stage."""
-    return [a for t in stage_targets(arch, lora, pp=pp, stage=stage) for a in module_adapters(t, lora)]
+    """Adapter tensors on one pipeline stage. Memoized per (architecture, LoRA config, pp, stage), the arguments
+    being all it reads (a sweep asks again under every dtype, optimizer and size); the architecture is kept with
+    its entry and compared by identity, so a recycled ``id`` cannot hit."""
+    key = (id(arch), lora, pp, stage)
+    hit = _STAGE_ADAPTERS.get(key)
+    if hit is None or hit[0] is not arch:
+        adapters = tuple(a for t in stage_targets(arch, lora, pp=pp, stage=stage) for a in module_adapters(t, lora))
+        if len(_STAGE_ADAPTERS) >= _STAGE_ADAPTERS_LIMIT:
+            _STAGE_ADAPTERS.clear()
+        hit = _STAGE_ADAPTERS[key] = (arch, adapters)
+    return list(hit[1])
 
 
 def lora_params(arch: Architecture, lora: LoraConfig) -> int:

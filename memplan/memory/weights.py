@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from operator import attrgetter
 from typing import TypeVar
 
 from memplan.arch.parallel import sharded_numel
@@ -35,6 +36,7 @@ from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
+from memplan.memory.memo import UNREAD
 from memplan.memory.quant import DEFAULT_TRAITS, QLORA_DEFAULT, Library, MixTraits, get_format, mix_traits, storage
 from memplan.units import ceil_div
 
@@ -151,13 +153,41 @@ def weight_bytes(
     Source: ``memplan.memory.quant.storage`` (formats, GGUF mix rules per layer index), ``sharded_bytes`` (tp/ep).
     Assumptions: ``placed`` holds only GPU-resident tensors (see ``placed_tensors``).
     """
+    def one(fmt: str | None, tensor: Tensor, layer: int | None) -> tuple[int, bool]:
+        st = storage(fmt, tensor, layer_index=layer, num_layers=num_layers, dtype=dtype, traits=traits, head=head)
+        return sharded_bytes(tensor, bytes_each=st.bytes // tensor.copies, tp=tp, ep=ep), st.quantized
+
     q = u = 0
+    alike: dict[tuple, tuple[int, bool]] = {}
+    gguf: dict[str | None, bool] = {}
     for tensor, layer in placed:
         fmt = quant if quant_map is None or layer is None else quant_map[layer]
-        st = storage(fmt, tensor, layer_index=layer, num_layers=num_layers, dtype=dtype, traits=traits, head=head)
-        nbytes = sharded_bytes(tensor, bytes_each=st.bytes // tensor.copies, tp=tp, ep=ep)
-        q, u = (q + nbytes, u) if st.quantized else (q, u + nbytes)
+        if fmt not in gguf:
+            gguf[fmt] = fmt is not None and get_format(fmt).library is Library.GGUF
+        if gguf[fmt]:  # llama-quant.cpp's type rules read the tensor's name and its layer index
+            nbytes, quantized = one(fmt, tensor, layer)
+        else:
+            key = alike_key(fmt, tensor, layer)
+            hit = alike.get(key)
+            if hit is None:
+                hit = alike[key] = one(fmt, replace(tensor, name=UNREAD), None if layer is None else UNREAD)
+            nbytes, quantized = hit
+        q, u = (q + nbytes, u) if quantized else (q, u + nbytes)
     return WeightBytes(q, u)
+
+
+NAME_FREE_FIELDS = tuple(f.name for f in fields(Tensor) if f.name != "name")
+"""A tensor's fields but its name."""
+_name_free = attrgetter(*NAME_FREE_FIELDS)
+
+
+def alike_key(fmt: str | None, tensor: Tensor, layer: int | None) -> tuple:
+    """What a tensor's stored and sharded bytes read outside GGUF: its format, its fields but the name, and whether
+    it sits in a block (bitsandbytes/GPTQ/AWQ quantize block linears). ``weight_bytes`` and the bitsandbytes
+    workspace weigh each alike tensor of a model once, on a copy whose name and layer index are ``memo.UNREAD``:
+    reading either raises (``SizeRead``), so one tensor's bytes can never be given to another that differs in what
+    was read."""
+    return fmt, layer is None, _name_free(tensor)
 
 
 def weight_bytes_per_gpu(

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from memplan.memory.breakdown import Row
+from memplan.report.csv_out import absent
 from memplan.units import GiB
 
 FREE_TEXT = frozenset({"error", "not_modelled"})
@@ -25,15 +26,6 @@ FREE_TEXT = frozenset({"error", "not_modelled"})
 def is_component(col: str) -> bool:
     """``gpu:weights_bytes``-style columns: a tier component (0 where a record lacks it)."""
     return ":" in col and (col.endswith("_bytes") or col.endswith("_gib"))
-
-
-def absent(col: str) -> Any:
-    """The value of ``col`` in a record that lacks it (as ``csv_out._cell`` writes it)."""
-    if ":" in col and col.endswith("_bytes"):
-        return 0
-    if ":" in col and col.endswith("_gib"):
-        return 0.0
-    return None
 
 
 def columns_of(records: Iterable[dict[str, Any]]) -> list[str]:

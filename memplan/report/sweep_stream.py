@@ -1,10 +1,11 @@
 """A sweep streamed through pandas: chunks of records become typed frames, spilled to a scratch folder,
 then written as one CSV (or returned as one DataFrame) with the columns of ``memplan sweep --format csv``.
 
-Memory holds one chunk of records at a time (``grid.MAX_CHUNK_CELLS`` cells) plus each cell's fit value
-for the matrices, so it stays bounded however large the grid. The columns are only known at the end (a
-model may add a component), so the chunks are written once every chunk is done, each given the columns it
-lacks (a tier component 0 bytes, anything else empty), which is what the stdlib writer wrote.
+Memory holds one chunk of records at a time (``grid.MAX_CHUNK_CELLS`` cells) or one run's columns, the rows not
+yet made a frame (``FRAME_ROWS``), plus each cell's fit value for the matrices, so it stays bounded however large
+the grid. The columns are only known at the end (a model may add a component), so the chunks are written once
+every chunk is done, each given the columns it lacks (a tier component 0 bytes, anything else empty), which is
+what the stdlib writer wrote.
 
 Interrupted (Ctrl-C): the rows finished so far are still written, with one more last column, ``partial``,
 true on every row, so a partial file can never pass for a complete one; the DataFrame has
@@ -24,7 +25,8 @@ import pandas as pd
 
 from memplan.errors import MemplanError
 from memplan.grid import CellResult, SweepResult, SweepSpec, iter_results
-from memplan.report.frame import absent, concat_frames, frame_csv, records_frame
+from memplan.report.frame import absent, columns_of, concat_frames, frame_csv, typed
+from memplan.vector_frame import FRAME_ROWS
 
 PARTIAL_COLUMN = "partial"
 CSV_SLICE_ROWS = 8192
@@ -52,34 +54,63 @@ def check_out(path: Path) -> None:
 
 @dataclass
 class Spill:
-    """Typed frames of finished chunks in a scratch folder, and the union of their columns in first-seen order."""
+    """Typed frames of finished chunks in a scratch folder, and the union of their columns in first-seen order.
+    Rows arrive as columns (``vector_frame.run_block``, or records) and wait in ``pending`` until ``FRAME_ROWS`` of
+    them make one frame (``vector_frame.run_frame``), so memory holds at most that many rows and one run."""
 
     folder: Path
     columns: dict[str, None] = field(default_factory=dict)
     parts: list[Path] = field(default_factory=list)
     rows: int = 0
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    pending_rows: int = 0
 
     def add(self, records: list[dict[str, Any]]) -> None:
+        """Records (the scalar path's) as one block: each column the records' values, a key a record lacks
+        ``frame.absent`` (as ``records_frame`` reads them)."""
         if records:
-            self.add_frame(records_frame(records))
+            self.add_block({col: [rec.get(col, absent(col)) for rec in records] for col in columns_of(records)},
+                           len(records))
 
-    def add_frame(self, frame: pd.DataFrame) -> None:
+    def add_block(self, block: dict[str, Any], rows: int) -> None:
+        self.pending.append(block)
+        self.pending_rows += rows
+        self.rows += rows
+        if self.pending_rows >= FRAME_ROWS:
+            self.flush()
+
+    def add_part(self, part: tuple[str, int]) -> None:
+        """A run another process pickled into this folder (``vector_frame.spill_block``): its columns, joined to the
+        pending rows, or a long run's frame, kept as a part of its own (after the rows pending before it)."""
+        path, rows = part
+        with open(path, "rb") as fh:
+            obj = pickle.load(fh)
+        if isinstance(obj, dict):
+            Path(path).unlink()
+            self.add_block(obj, rows)
+            return
+        self.flush()
+        self.columns.update(dict.fromkeys(obj.columns))
+        self.parts.append(Path(path))
+        self.rows += rows
+
+    def flush(self) -> None:
+        """The pending rows as one typed frame pickled into the folder."""
+        from memplan.vector_frame import run_frame
+
+        if not self.pending:
+            return
+        frame = run_frame(self.pending)
+        self.pending, self.pending_rows = [], 0
         self.columns.update(dict.fromkeys(frame.columns))
         part = self.folder / f"part{len(self.parts):06d}.pkl"
         with open(part, "wb") as fh:
             pickle.dump(frame, fh, protocol=pickle.HIGHEST_PROTOCOL)
         self.parts.append(part)
-        self.rows += len(frame)
-
-    def add_part(self, part: tuple[str, list[str], int]) -> None:
-        """A frame another process pickled into this folder (``vector_frame.spill_frame``)."""
-        path, columns, rows = part
-        self.columns.update(dict.fromkeys(columns))
-        self.parts.append(Path(path))
-        self.rows += rows
 
     def frames(self, *, partial: bool) -> Iterator[pd.DataFrame]:
         """Each part with every column of the sweep, in order (``partial``: plus the partial column)."""
+        self.flush()
         cols = list(self.columns)
         for part in self.parts:
             with open(part, "rb") as fh:
@@ -127,11 +158,11 @@ def stream(spec: SweepSpec, *, sink: Callable[[Spill, bool], None], workers: int
         spill = Spill(Path(tmp))
         try:
             for chunk in chunks(spec, workers=workers, progress=progress):
-                frame, part = getattr(chunk, "frame", None), getattr(chunk, "part", None)
+                block, part = getattr(chunk, "block", None), getattr(chunk, "part", None)
                 if part is not None:
                     spill.add_part(part)
-                elif frame is not None:
-                    spill.add_frame(frame)
+                elif block is not None:
+                    spill.add_block(block, chunk.rows)
                 else:
                     spill.add([r for c in chunk for r in c.records])
                 kept += [CellResult(c.cell, c.value, [], c.estimates, c.error) for c in chunk]
@@ -149,6 +180,7 @@ def csv_sink(path: Path) -> Callable[[Spill, bool], None]:
             frame_of(spill, partial).to_parquet(path, index=False)
             return
         try:
+            spill.flush()
             with open(path, "w", encoding="utf-8", newline="") as fh:
                 if not spill.parts:
                     return
@@ -170,7 +202,7 @@ def frame_of(spill: Spill, partial: bool) -> pd.DataFrame:
         if frame[col].dtype == object or (pd.api.types.is_string_dtype(frame[col].dtype)
                                           and not isinstance(frame[col].dtype, pd.CategoricalDtype)):
             values = [None if v is None or v is pd.NA or v != v else v for v in frame[col].tolist()]
-            retyped[col] = records_frame([{col: v} for v in values])[col]
+            retyped[col] = typed(col, values)  # what records_frame gives the column
     if retyped:
         frame = frame.assign(**retyped)
     frame.attrs["partial"] = partial
