@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from memplan.dtypes import Dtype
 
+MAX_GPUS = 2**20
+"""The most GPUs per node, nodes, and GPUs in all that memplan plans for: 2^20 = 1,048,576, 64 times the 16,384
+H100s of Llama 3 405B's pre-training (Dubey et al. 2024, Table 4). A bound on input, so that the planner's
+enumeration of layouts over the world size stays interactive; not a property of any engine."""
+
 
 class Job(StrEnum):
     PRETRAIN = "pretrain"
@@ -528,8 +533,8 @@ class JobConfig(Strict):
     offload_params: Offload = Offload.NONE
     zero_init: bool = True
     accounting: Accounting = Accounting.DEEPSPEED
-    gpus_per_node: int = Field(default=1, gt=0)
-    nodes: int = Field(default=1, gt=0)
+    gpus_per_node: int = Field(default=1, gt=0, le=MAX_GPUS)
+    nodes: int = Field(default=1, gt=0, le=MAX_GPUS)
     tp: int = Field(default=1, gt=0)
     pp: int = Field(default=1, gt=0)
     ep: int = Field(default=1, gt=0)
@@ -756,6 +761,9 @@ class JobConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
+        if self.world_size > MAX_GPUS:
+            raise ValueError(f"{self.world_size:,} GPUs ({self.gpus_per_node} per node × {self.nodes} nodes) is more "
+                             f"than the {MAX_GPUS:,} memplan plans for")
         if self.world_size % (self.tp * self.pp * self.cp):
             what = "tp × pp × cp" if self.cp > 1 else "tp × pp"
             raise ValueError(

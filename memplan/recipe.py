@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memplan.catalog.schema import HostSpec
-from memplan.config import Job
+from memplan.config import MAX_GPUS, Job
 from memplan.config import Strict as ConfigStrict
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Tier
@@ -76,8 +76,8 @@ def check_headroom(value: Any) -> str:
 
 class Hardware(Strict):
     gpu: str
-    gpus_per_node: int = Field(default=1, gt=0)
-    nodes: int = Field(default=1, gt=0)
+    gpus_per_node: int = Field(default=1, gt=0, le=MAX_GPUS)
+    nodes: int = Field(default=1, gt=0, le=MAX_GPUS)
     cpu_ram: int | None = None
     """CPU RAM per node (default 1024GiB)."""
     nvme: int = 0

@@ -142,7 +142,11 @@ class Resolved:
 
 
 def divisors(n: int) -> tuple[int, ...]:
-    return tuple(d for d in range(1, n + 1) if n % d == 0)
+    """The divisors of ``n`` in ascending order, found in O(√n) steps (each d ≤ √n gives d and n // d)."""
+    from math import isqrt
+
+    low = [d for d in range(1, isqrt(n) + 1) if n % d == 0]
+    return tuple(low + [n // d for d in reversed(low) if d * d != n])
 
 
 def powers_of_two(limit: int) -> tuple[int, ...]:

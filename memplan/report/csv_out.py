@@ -45,8 +45,9 @@ read its memory); every other column reads the model, the configuration, the hos
 def record_on_gpu(record: dict[str, Any], est: Estimate, gpu: GpuSpec) -> dict[str, Any]:
     """``estimate_record(dataclasses.replace(est, gpu=gpu))`` from ``record = estimate_record(est)``: the same rows
     on another GPU (a sweep's GPUs that read alike share one estimate, ``vector_probe``), only ``GPU_COLUMNS``
-    recomputed. Formula: capacity = the GPU's capacity (``GpuSpec.capacity_bytes``); fits = every tier's peak ≤ its capacity; headroom = the
-    smallest capacity − peak over the GPU and the tiers whose peak is above 0 (as ``Estimate``)."""
+    recomputed. Formula: capacity = the GPU's capacity (``GpuSpec.capacity_bytes``); fits = every tier's peak ≤
+    its capacity; headroom = the smallest capacity − peak over the GPU and the tiers whose peak is above 0 (as
+    ``Estimate``)."""
     peaks = {tier: est.peak(tier) for tier in Tier}
     capacity = {tier: gpu.capacity_bytes if tier is Tier.GPU else est.capacity(tier) for tier in Tier}
     used = [t for t in Tier if t is Tier.GPU or peaks[t] > 0]
