@@ -149,12 +149,14 @@ def with_phases(ctx: Context, rows: list[Row]) -> list[Row]:
     phase when they persist across micro-batches (``gradients_persist``, ``persists``)."""
     from dataclasses import replace
 
-    from memplan.memory import registry
+    from memplan.memory import engine_fsdp2_backward, registry
 
     persist = gradients_persist(ctx.cfg)
     out = []
     for r in rows:
         r = registry.with_phases(r)
+        if r.component == "gradients" and r.phases is not None and engine_fsdp2_backward.splits_backward(ctx):
+            r = replace(r, phases=r.phases - {Phase.BACKWARD})  # gradients/fsdp_backward_held stands for it
         if persist and r.phases is not None and persists(ctx.cfg, r.component):  # None: alive throughout already
             r = replace(r, phases=r.phases | frozenset(TRAIN_PHASES))
         out.append(r)

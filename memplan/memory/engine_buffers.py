@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from memplan.arch.parallel import chunks_with_gradients_at_peak, cooldown_gradient_excess, sharded_numel
 from memplan.config import Engine, ZeroStage
+from memplan.memory import engine_fsdp2_backward
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.engine_states import compute_dtype, mixed, param_dtype
@@ -118,7 +119,9 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
                        "the last all-gather's output, kept until the next unit's copy-out or the root's post-forward"))
     out.append(Row("gradients/fsdp_reduce_scatter", Tier.GPU, rs, FSDP2,
                    f"largest unit's unsharded gradient ({gather_dtype.value}) and its {reduce_dtype.value} reduce copy"))
-    return out + fsdp2_pipeline_rows(ctx, unit_reduce_bytes=bits_to_bytes(unit, reduce_dtype.bits))
+    in_flight = sum(r.bytes for r in out if r.component != "weights/fsdp_kept_all_gather")
+    held = engine_fsdp2_backward.held_rows(ctx, in_flight=in_flight, running=bits_to_bytes(running, gather_dtype.bits))
+    return out + held + fsdp2_pipeline_rows(ctx, unit_reduce_bytes=bits_to_bytes(unit, reduce_dtype.bits))
 
 
 def fsdp2_pipeline_rows(ctx: Context, *, unit_reduce_bytes: int) -> list[Row]:

@@ -82,6 +82,9 @@ register("weights/fsdp_running_unit", (Phase.FORWARD, Phase.BACKWARD),
 register("weights/fsdp_kept_all_gather", (Phase.FORWARD, Phase.BACKWARD_START),
          "FSDP2 _fsdp_param_group.py wait_for_unshard comm_ctx.all_gather_state, freed in _fsdp_state.py _post_forward")
 register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collectives.py foreach_reduce: one unit")
+register("gradients/fsdp_backward_held", (Phase.BACKWARD,),
+         "FSDP2 _fsdp_param_group.py post_backward: the shards reduced so far and the root's early unsharded "
+         "gradients while a unit is in flight (memory.engine_fsdp2_backward); the root's shard comes last")
 register("gradients/fsdp_pp_accumulated", (Phase.BACKWARD,),
          "FSDP2 under torch.distributed.pipelining: unsharded gradients accumulated until the last backward "
          "(pipelining/stage.py backward_maybe_with_nosync; memory.engine_buffers.fsdp2_pipeline_rows)")

@@ -1,0 +1,78 @@
+"""FSDP2's gradients during backward: which sharded gradients exist while a unit's buffers are in flight.
+
+The backward of ``fully_shard`` (one unit per block plus the root) reduce-scatters unit by unit, in reverse order
+(torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py ``post_backward``: reshard the unit, then
+``foreach_reduce``, whose output becomes the unit's sharded gradients, _fsdp_collectives.py). The root's
+``post_backward`` runs last (_fsdp_state.py ``_root_post_backward_final_callback``): until then the root's
+unsharded gradients of the modules that ran after the blocks (final norm, lm_head; all of the root's when the
+embedding is tied) stay alive, and the root's sharded gradient does not exist yet. So while a block is in flight
+(gathered, running, its reduce-scatter input and output) the sharded gradients present are those of the blocks
+reduced before it, not the root's; at the root's reduce-scatter every shard exists, but no block is gathered.
+
+The step's ``gradients`` row (every shard) is therefore left out of the backward phase (``splits_backward``) and
+``gradients/fsdp_backward_held`` stands for what the binding backward moment holds beside the in-flight rows.
+"""
+
+from __future__ import annotations
+
+from memplan.arch.parallel import sharded_numel
+from memplan.arch.tensors import Role
+from memplan.config import Engine, Job
+from memplan.memory.breakdown import Row, Tier
+from memplan.memory.context import Context
+from memplan.memory.engine_states import compute_dtype, mixed, param_dtype
+from memplan.memory.fsdp2_shard import padded_shard_numel
+from memplan.units import bits_to_bytes
+
+SOURCE = ("torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py post_backward (reshard, then foreach_reduce); "
+          "_fsdp_state.py _root_post_backward_final_callback (the root last)")
+
+
+def splits_backward(ctx: Context) -> bool:
+    """Whether ``gradients/fsdp_backward_held`` replaces the ``gradients`` row in backward: FSDP2 full-weight
+    training sharded over more than one rank, blocks known, one micro-batch per step and no pipeline (with
+    accumulation or a pipeline every shard exists from an earlier micro-batch on, ``components.gradients_persist``)."""
+    from memplan.memory.zero import shard_degree
+
+    cfg = ctx.cfg
+    return (cfg.effective_engine is Engine.FSDP2 and cfg.job in (Job.FULL, Job.PRETRAIN)
+            and cfg.pp <= 1 and cfg.grad_accum <= 1 and shard_degree(cfg) > 1 and bool(ctx.layers))
+
+
+def held_rows(ctx: Context, *, in_flight: int, running: int) -> list[Row]:
+    """The sharded and root gradients alive at the binding backward moment, beside FSDP2's in-flight rows.
+
+    Formula, with s_i the padded gradient shard of block i (bits(grad dtype)/8 · ``padded_shard_numel``), s_R the
+    root's, G = Σ s_i + s_R, E the root's early unsharded gradients (bits(param_dtype)/8 · elements of the root's
+    tensors other than an untied input embedding), U_R the root's elements:
+    - a block in flight: Σ s_i − min(s_min, running) + E: every other block's shard at most (its own appears at
+      its reduce-scatter, once its gathered parameters, ``running`` bytes, are freed);
+    - the root's reduce-scatter: G + U_R·(bits(param_dtype) + bits(reduce_dtype))/8, less ``in_flight`` (the
+      all-gather, running-unit and reduce-scatter rows already counted in backward);
+    the row is the larger, and never negative. Source: module docstring.
+    """
+    if not splits_backward(ctx):
+        return []
+    from memplan.memory.model_states import trainable_tensors
+    from memplan.memory.zero import shard_degree
+
+    cfg = ctx.cfg
+    n = shard_degree(cfg)
+    trained = {id(t) for t in trainable_tensors(ctx)}
+    gdtype = cfg.grad_dtype or param_dtype(ctx)
+    gather = compute_dtype(ctx)
+    reduce_bits = param_dtype(ctx).bits if mixed(ctx) else gather.bits
+    in_blocks = {id(t) for _, layer in ctx.layers for t in layer.tensors}
+    shards = [bits_to_bytes(padded_shard_numel([t for t in layer.tensors if id(t) in trained], n, tp=cfg.tp,
+                                               ep=cfg.ep), gdtype.bits) for _, layer in ctx.layers]
+    root = [t for t in ctx.tensors if id(t) in trained and id(t) not in in_blocks]
+    s_root = bits_to_bytes(padded_shard_numel(root, n, tp=cfg.tp, ep=cfg.ep), gdtype.bits)
+    tied = ctx.arch.spec.tie_word_embeddings
+    early = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in root if tied or t.role is not Role.EMBEDDING)
+    root_numel = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in root)
+    block_moment = sum(shards) - min(min(shards), running) + bits_to_bytes(early, gather.bits)
+    root_moment = sum(shards) + s_root + bits_to_bytes(root_numel, gather.bits) + bits_to_bytes(root_numel, reduce_bits)
+    held = max(block_moment, root_moment - in_flight, 0)
+    return [Row("gradients/fsdp_backward_held", Tier.GPU, held, SOURCE,
+                "backward: the blocks' shards already reduced and the root's early unsharded gradients "
+                "(the root's shard comes last)")]
