@@ -41,6 +41,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "weights/fsdp2_params": ("engine_fsdp2_lora.rows", "engine_fsdp2_lora.unit_bytes"),
     "weights/fsdp_running_unit": ("engine_buffers.fsdp2_rows",),
     "weights/fsdp_kept_all_gather": ("engine_buffers.fsdp2_rows",),
+    "weights/fsdp_kept_all_gather_at_loss": ("engine_fsdp2_backward.kept_at_loss_rows",),
+    "gradients/fsdp_backward_held": ("engine_fsdp2_backward.held_rows", "fsdp2_shard.padded_shard_numel"),
     "weights/fsdp_all_gather": ("engine_buffers.fsdp2_rows", "engine_fsdp2_lora.gathered_bytes"),
     "gradients/fsdp_reduce_scatter": ("engine_buffers.fsdp2_rows",),
     "gradients/fsdp_pp_accumulated": ("engine_buffers.fsdp2_pipeline_rows",),

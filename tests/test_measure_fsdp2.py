@@ -28,6 +28,7 @@ MIXED = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "gpt2", "gpt_ne
          "mixtral", "qwen2_moe", "deepseek_v3")
 PURE = ("gemma", "stablelm", "qwen2_moe", "deepseek_v3")
 CASES = [fsdp2.Case(f) for f in MIXED] + [fsdp2.Case(f, mixed=False) for f in PURE]
+CASES += [fsdp2.Case(f, mixed=m, reshard_after_forward=False) for f in ("llama", "mixtral") for m in (True, False)]
 PADDED = [c for c in CASES if c.family in ("qwen2_moe", "deepseek_v3")]
 """qwen2_moe's ``shared_expert_gate`` is (1, D): dim 0 is odd, so FSDP2 pads it; deepseek_v3's router keeps an
 ``e_score_correction_bias`` buffer, which ``fully_shard`` does not shard."""

@@ -103,6 +103,11 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
 
         flight = activations.micro_batches_in_flight(ctx) if activations.modelled(ctx) else 0
         rows += with_phases(ctx, engine_buffers.fsdp2_cooldown_rows(ctx, rows, flight=flight))
+    elif ctx.cfg.effective_engine is Engine.FSDP2:  # size-dependent, so not among the memoized state rows
+        from memplan.memory import engine_fsdp2_backward
+
+        kept = sum(r.bytes for r in rows if r.component == "weights/fsdp_kept_all_gather")
+        rows += with_phases(ctx, engine_fsdp2_backward.kept_at_loss_rows(ctx, kept=kept))
     return rows
 
 

@@ -119,7 +119,7 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
                        "the last all-gather's output, kept until the next unit's copy-out or the root's post-forward"))
     out.append(Row("gradients/fsdp_reduce_scatter", Tier.GPU, rs, FSDP2,
                    f"largest unit's unsharded gradient ({gather_dtype.value}) and its {reduce_dtype.value} reduce copy"))
-    in_flight = sum(r.bytes for r in out if r.component != "weights/fsdp_kept_all_gather")
+    in_flight = sum(r.bytes for r in out if not r.component.startswith("weights/fsdp_kept_all_gather"))
     held = engine_fsdp2_backward.held_rows(ctx, in_flight=in_flight, running=bits_to_bytes(running, gather_dtype.bits))
     return out + held + fsdp2_pipeline_rows(ctx, unit_reduce_bytes=bits_to_bytes(unit, reduce_dtype.bits))
 

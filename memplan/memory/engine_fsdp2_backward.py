@@ -76,3 +76,36 @@ def held_rows(ctx: Context, *, in_flight: int, running: int) -> list[Row]:
     return [Row("gradients/fsdp_backward_held", Tier.GPU, held, SOURCE,
                 "backward: the blocks' shards already reduced and the root's early unsharded gradients "
                 "(the root's shard comes last)")]
+
+
+def kept_at_loss_rows(ctx: Context, *, kept: int) -> list[Row]:
+    """With ``reshard_after_forward=False``: the last all-gather output kept through the loss, beyond what the start
+    of backward already holds.
+
+    The kept output (the last block's, ``comm_ctx.all_gather_state``) is freed by the root's post-forward
+    (_fsdp_state.py ``_post_forward``), after HF's loss ran inside the root's forward and before the logits'
+    gradients exist. So it coexists with the loss's forward transients (the logits and their fp32 copy, F) but not
+    with its backward ones (two fp32 gradients, K; ``activations_terms.logits_transient_bytes``), while the start of
+    backward counts max(F, K). Formula: max(0, kept − max(0, K − F)), so that the phase holds max(F + kept, K).
+    Source: as above; transformers ``ForCausalLMLoss``.
+    """
+    from memplan.memory import activations as act
+    from memplan.memory import activations_block as blk
+    from memplan.memory import activations_terms as terms
+
+    cfg = ctx.cfg
+    if not kept or ctx.stage != cfg.pp - 1:
+        return [Row("weights/fsdp_kept_all_gather_at_loss", Tier.GPU, kept, SOURCE,
+                    "the last all-gather's output at the start of backward (not the last stage: no loss)")] if kept else []
+    tokens = blk.dims(ctx.arch.spec, cfg).tokens
+    vocab = -(-(ctx.arch.spec.vocab_size or 0) // cfg.tp)
+    bits = blk.activation_bits(cfg)
+    loss_bits = terms.FP32_BITS if cfg.loss_fp32 else bits
+    forward = terms.tensor_bytes(count=tokens * vocab, bits=bits)
+    forward += terms.tensor_bytes(count=tokens * vocab, bits=loss_bits) if loss_bits != bits else 0
+    backward = 2 * terms.tensor_bytes(count=tokens * vocab, bits=loss_bits)
+    if act.logits_peak_bytes(ctx, blk.Counting()) != max(forward, backward):  # another logits layout: keep it all
+        forward = backward
+    nbytes = max(0, kept - max(0, backward - forward))
+    return [Row("weights/fsdp_kept_all_gather_at_loss", Tier.GPU, nbytes, SOURCE,
+                "the last all-gather's output, alive through the loss's forward (not its logits' gradients)")]
