@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from memplan.arch.parallel import sharded_numel
 from memplan.arch.tensors import Role
-from memplan.config import Engine, Job
+from memplan.config import Accounting, Engine, Job
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.engine_states import compute_dtype, mixed, param_dtype
@@ -36,6 +36,7 @@ def splits_backward(ctx: Context) -> bool:
 
     cfg = ctx.cfg
     return (cfg.effective_engine is Engine.FSDP2 and cfg.job in (Job.FULL, Job.PRETRAIN)
+            and cfg.accounting is Accounting.DEEPSPEED  # the engine's own layout (training.engine_layout)
             and cfg.pp <= 1 and cfg.grad_accum <= 1 and shard_degree(cfg) > 1 and bool(ctx.layers))
 
 
