@@ -205,6 +205,23 @@ def test_llama_8b_fsdp2_shards_fp32_states_and_gathers_bf16_units():
     assert comp(est, "gradients/fsdp_reduce_scatter") == (2 + 4) * root
 
 
+def test_fsdp2_backward_holds_the_reduced_block_shards_and_the_roots_early_gradients():
+    """In backward the root reduce-scatters last (_fsdp_state.py _root_post_backward_final_callback): while a block is
+    in flight the other 31 blocks' fp32 shards (4·BLOCK/8 each) exist at most, not the root's, and the root's bf16
+    unsharded gradients of the final norm and lm_head (2·(H + EMBED)) are alive; ``gradients`` (every shard) only
+    from the optimizer step on."""
+    from memplan.memory.breakdown import Phase
+
+    est = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=8)
+    held = (L - 1) * 4 * BLOCK // 8 + 2 * (H + EMBED)
+    assert comp(est, "gradients/fsdp_backward_held") == held
+    in_backward = {r.component for r in est.rows if r.phases is None or Phase.BACKWARD in r.phases}
+    assert "gradients" not in in_backward and "gradients/fsdp_backward_held" in in_backward
+    accum = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=8,
+                             grad_accum=2)  # shards from the first micro-batch exist throughout
+    assert comp(accum, "gradients/fsdp_backward_held") == 0
+
+
 def test_fsdp2_without_resharding_keeps_every_unit_and_one_all_gather_output():
     """reshard_after_forward=False: every unit stays gathered in bf16 (2 bytes × all parameters), no block is gathered
     per use, and the last all-gather's output (one block) is kept for the copy-out overlap (_fsdp_param_group.py
@@ -214,6 +231,17 @@ def test_fsdp2_without_resharding_keeps_every_unit_and_one_all_gather_output():
     assert comp(est, "weights/fsdp_all_gather") == 2 * P
     assert comp(est, "weights/fsdp_kept_all_gather") == 2 * BLOCK
     assert comp(est, "weights/fsdp_running_unit") == 0
+
+
+def test_fsdp2_kept_all_gather_meets_the_losss_forward_not_the_logits_gradients():
+    """reshard_after_forward=False: the last block's all-gather output (2·BLOCK) is freed by the root's post-forward,
+    after HF's loss ran (bf16 logits 2·BSV and their fp32 copy 4·BSV) and before the two fp32 gradients (8·BSV)
+    exist: the start of backward holds max(6·BSV + 2·BLOCK, 8·BSV), i.e. 2·BLOCK − 2·BSV beyond the logits row."""
+    bsv = 1 * 128 * V
+    est = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=8,
+                           micro_batch=1, seq_len=128, engine_config={"reshard_after_forward": False})
+    assert comp(est, "activations/logits") == 8 * bsv
+    assert comp(est, "weights/fsdp_kept_all_gather_at_loss") == 2 * BLOCK - 2 * bsv
 
 
 # --- Megatron ------------------------------------------------------------------------------------------------------
