@@ -42,6 +42,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "weights/fsdp_running_unit": ("engine_buffers.fsdp2_rows",),
     "weights/fsdp_kept_all_gather": ("engine_buffers.fsdp2_rows",),
     "weights/fsdp_kept_all_gather_at_loss": ("engine_fsdp2_backward.kept_at_loss_rows",),
+    "gradients/fsdp_first_reduce_scatter": ("engine_fsdp2_backward.first_reduce_scatter_rows",),
     "gradients/fsdp_backward_held": ("engine_fsdp2_backward.held_rows", "fsdp2_shard.padded_shard_numel"),
     "weights/fsdp_all_gather": ("engine_buffers.fsdp2_rows", "engine_fsdp2_lora.gathered_bytes"),
     "gradients/fsdp_reduce_scatter": ("engine_buffers.fsdp2_rows",),

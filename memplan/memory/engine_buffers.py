@@ -84,7 +84,9 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
       the only extra: alive in forward and, the last unit's, until the root's post-forward, i.e. through the loss
       (HF computes it inside the root module), counted with the start of backward's logits transients;
     - reduce-scatter (backward): U · (bits(param_dtype) + bits(reduce_dtype))/8, U = max(R, B): one unit's
-      unsharded gradient and its copy in ``reduce_dtype`` (fp32 under MixedPrecisionPolicy(reduce_dtype=fp32)).
+      unsharded gradient and its copy in ``reduce_dtype`` (fp32 under MixedPrecisionPolicy(reduce_dtype=fp32));
+      U = B where ``engine_fsdp2_backward.splits_backward``: the root reduce-scatters last, when no block is
+      gathered, and ``gradients/fsdp_backward_held`` covers that moment.
     Source: torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py (``wait_for_unshard``,
     ``pre_backward`` → ``_backward_prefetch``, ``post_backward``: ``reduce_scatter_states`` keep one input
     buffer), _fsdp_state.py (``_lazy_init``, ``_post_forward`` frees the kept all-gather result),
@@ -108,7 +110,8 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
         gathered, kept = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors), block
         note = "reshard_after_forward=False: every unit stays gathered from forward to backward"
     unit = max(root, block)
-    rs = bits_to_bytes(unit, gather_dtype.bits) + bits_to_bytes(unit, reduce_dtype.bits)
+    rs_unit = block if engine_fsdp2_backward.splits_backward(ctx) else unit  # the root's: held_rows' root moment
+    rs = bits_to_bytes(rs_unit, gather_dtype.bits) + bits_to_bytes(rs_unit, reduce_dtype.bits)
     out = [Row("weights/fsdp_all_gather", Tier.GPU, bits_to_bytes(gathered, gather_dtype.bits), FSDP2,
                f"unsharded {gather_dtype.value} parameters: {note}")]
     if running:

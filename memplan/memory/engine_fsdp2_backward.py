@@ -48,7 +48,10 @@ def held_rows(ctx: Context, *, in_flight: int, running: int) -> list[Row]:
     tensors other than an untied input embedding), U_R the root's elements:
     - a block in flight: Σ s_i − min(s_min, running) + E: every other block's shard at most (its own appears at
       its reduce-scatter, once its gathered parameters, ``running`` bytes, are freed);
-    - the root's reduce-scatter: G + U_R·(bits(param_dtype) + bits(reduce_dtype))/8, less ``in_flight`` (the
+    - the root's backward and reduce-scatter, every block resharded: Σ s_i + R_h + max(R_h + B_r, R_r + s_R), with
+      R_h = U_R·bits(param_dtype)/8 (the root gathered while its last gradients are computed, and those
+      gradients), B_r the last block's reduce-scatter input still kept (reduce_scatter_states) until the root's
+      ``post_backward`` frees it and allocates its own, R_r = U_R·bits(reduce_dtype)/8; less ``in_flight`` (the
       all-gather, running-unit and reduce-scatter rows already counted in backward);
     the row is the larger, and never negative. Source: module docstring.
     """
@@ -72,7 +75,10 @@ def held_rows(ctx: Context, *, in_flight: int, running: int) -> list[Row]:
     early = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in root if tied or t.role is not Role.EMBEDDING)
     root_numel = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in root)
     block_moment = sum(shards) - min(min(shards), running) + bits_to_bytes(early, gather.bits)
-    root_moment = sum(shards) + s_root + bits_to_bytes(root_numel, gather.bits) + bits_to_bytes(root_numel, reduce_bits)
+    last = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.layers[0][1].tensors if id(t) in trained)
+    root_h = bits_to_bytes(root_numel, gather.bits)
+    root_moment = sum(shards) + root_h + max(root_h + bits_to_bytes(last, reduce_bits),
+                                             bits_to_bytes(root_numel, reduce_bits) + s_root)
     held = max(block_moment, root_moment - in_flight, 0)
     return [Row("gradients/fsdp_backward_held", Tier.GPU, held, SOURCE,
                 "backward: the blocks' shards already reduced and the root's early unsharded gradients "
@@ -110,3 +116,52 @@ def kept_at_loss_rows(ctx: Context, *, kept: int) -> list[Row]:
     nbytes = max(0, kept - max(0, backward - forward))
     return [Row("weights/fsdp_kept_all_gather_at_loss", Tier.GPU, nbytes, SOURCE,
                 "the last all-gather's output, alive through the loss's forward (not its logits' gradients)")]
+
+
+def first_reduce_scatter_rows(ctx: Context, rows: list[Row]) -> list[Row]:
+    """The first block's reduce-scatter, beyond what the start of backward holds: the moment that binds when a
+    block's gradient buffers outweigh its activations and the loss's transients (expert-heavy MoE blocks).
+
+    At the last block's ``post_backward`` (its gradients computed, its parameters resharded) the other blocks'
+    activations are still saved, the root and the prefetched block still gathered (as at the start of backward),
+    and there are in addition: the block's unsharded gradients (bits(param_dtype)/8 · B), its reduce-scatter input in
+    reduce_dtype (bits/8 · B) and output (the block's padded shard s), and the root's early gradients E
+    (``held_rows``); gone are the block's own saved activations and the loss's (``activations/logits``,
+    ``activations/loss``, ``activations/final_norm``), and with ``reshard_after_forward=False`` the block's gathered
+    parameters and the kept all-gather output. Formula: max(0, added − gone). Source: _fsdp_param_group.py
+    ``post_backward``, _fsdp_collectives.py ``foreach_reduce``. Size-dependent: built with the activation rows.
+    """
+    if not splits_backward(ctx) or ctx.stage != ctx.cfg.pp - 1:
+        return []
+    from memplan.memory import activations as act
+    from memplan.memory.model_states import trainable_tensors
+    from memplan.memory.zero import shard_degree
+
+    cfg = ctx.cfg
+    index, layer = ctx.layers[-1]
+    trained = {id(t) for t in trainable_tensors(ctx)}
+    tensors = [t for t in layer.tensors if id(t) in trained]
+    numel = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in tensors)
+    gather = compute_dtype(ctx)
+    reduce_bits = param_dtype(ctx).bits if mixed(ctx) else gather.bits
+    shard = bits_to_bytes(padded_shard_numel(tensors, shard_degree(cfg), tp=cfg.tp, ep=cfg.ep),
+                          (cfg.grad_dtype or param_dtype(ctx)).bits)
+    added = bits_to_bytes(numel, gather.bits) + bits_to_bytes(numel, reduce_bits) + shard + _early_bytes(ctx, trained)
+    gone = act.layer_bytes(ctx, index, act.layer_modes(ctx)[index]) if act.modelled(ctx) else 0
+    gone += sum(r.bytes for r in rows if r.component in ("activations/logits", "activations/loss",
+                                                        "activations/final_norm", "weights/fsdp_kept_all_gather_at_loss"))
+    if not cfg.engine_config.reshard_after_forward:
+        gone += bits_to_bytes(sum(sharded_numel(t, cfg.tp, cfg.ep) for t in layer.tensors), gather.bits)
+    return [Row("gradients/fsdp_first_reduce_scatter", Tier.GPU, max(0, added - gone), SOURCE,
+                "the last block's gradients, reduce-scatter input and output beside the other blocks' activations, "
+                "beyond the start of backward")]
+
+
+def _early_bytes(ctx: Context, trained: set[int]) -> int:
+    """E: the root's unsharded gradients computed before the blocks' backward (all but an untied input embedding)."""
+    cfg = ctx.cfg
+    in_blocks = {id(t) for _, layer in ctx.layers for t in layer.tensors}
+    tied = ctx.arch.spec.tie_word_embeddings
+    early = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors if id(t) in trained and id(t) not in in_blocks
+                and (tied or t.role is not Role.EMBEDDING))
+    return bits_to_bytes(early, compute_dtype(ctx).bits)

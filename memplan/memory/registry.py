@@ -85,6 +85,9 @@ register("weights/fsdp_kept_all_gather_at_loss", (Phase.BACKWARD_START,),
          "FSDP2: the kept all-gather output beside the loss's forward transients, not its logits' gradients "
          "(memory.engine_fsdp2_backward.kept_at_loss_rows)")
 register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collectives.py foreach_reduce: one unit")
+register("gradients/fsdp_first_reduce_scatter", (Phase.BACKWARD_START,),
+         "FSDP2 _fsdp_param_group.py post_backward of the last block: its gradient buffers beside the other blocks' "
+         "activations, beyond the start of backward (memory.engine_fsdp2_backward.first_reduce_scatter_rows)")
 register("gradients/fsdp_backward_held", (Phase.BACKWARD,),
          "FSDP2 _fsdp_param_group.py post_backward: the shards reduced so far and the root's early unsharded "
          "gradients while a unit is in flight (memory.engine_fsdp2_backward); the root's shard comes last")
