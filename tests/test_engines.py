@@ -202,7 +202,31 @@ def test_llama_8b_fsdp2_shards_fp32_states_and_gathers_bf16_units():
     root = 2 * EMBED + H
     assert comp(est, "weights/fsdp_all_gather") == 2 * (root + BLOCK)  # root + the prefetched block
     assert comp(est, "weights/fsdp_running_unit") == 2 * BLOCK  # not alive at the start of backward
-    assert comp(est, "gradients/fsdp_reduce_scatter") == (2 + 4) * root
+    # a block's bf16 gradient and its fp32 reduce copy; the root reduce-scatters last, with no block gathered
+    # (gradients/fsdp_backward_held covers that moment)
+    assert comp(est, "gradients/fsdp_reduce_scatter") == (2 + 4) * BLOCK
+
+
+def test_fsdp2_backward_holds_the_reduced_block_shards_and_the_roots_early_gradients():
+    """In backward the root reduce-scatters last (_fsdp_state.py _root_post_backward_final_callback): while a block is
+    in flight the other 31 blocks' fp32 shards (4·BLOCK/8 each) exist at most, not the root's, and the root's bf16
+    unsharded gradients of the final norm and lm_head (2·(H + EMBED)) are alive; ``gradients`` (every shard) only
+    from the optimizer step on."""
+    from memplan.memory.breakdown import Phase
+
+    est = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=8)
+    block_moment = (L - 1) * 4 * BLOCK // 8 + 2 * (H + EMBED)
+    root = 2 * EMBED + H
+    # the root's moments, every block resharded: its gathered bf16 params and bf16 gradients beside the last block's
+    # kept fp32 reduce-scatter input, or its fp32 input and fp32 shard; less the in-flight rows of backward
+    root_moment = L * 4 * BLOCK // 8 + 2 * root + max(2 * root + 4 * BLOCK, 4 * root + 4 * root // 8)
+    in_flight = 2 * (root + BLOCK) + 2 * BLOCK + (2 + 4) * BLOCK
+    assert comp(est, "gradients/fsdp_backward_held") == max(block_moment, root_moment - in_flight)
+    in_backward = {r.component for r in est.rows if r.phases is None or Phase.BACKWARD in r.phases}
+    assert "gradients" not in in_backward and "gradients/fsdp_backward_held" in in_backward
+    accum = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=8,
+                             grad_accum=2)  # shards from the first micro-batch exist throughout
+    assert comp(accum, "gradients/fsdp_backward_held") == 0
 
 
 def test_fsdp2_without_resharding_keeps_every_unit_and_one_all_gather_output():
@@ -214,6 +238,17 @@ def test_fsdp2_without_resharding_keeps_every_unit_and_one_all_gather_output():
     assert comp(est, "weights/fsdp_all_gather") == 2 * P
     assert comp(est, "weights/fsdp_kept_all_gather") == 2 * BLOCK
     assert comp(est, "weights/fsdp_running_unit") == 0
+
+
+def test_fsdp2_kept_all_gather_meets_the_losss_forward_not_the_logits_gradients():
+    """reshard_after_forward=False: the last block's all-gather output (2·BLOCK) is freed by the root's post-forward,
+    after HF's loss ran (bf16 logits 2·BSV and their fp32 copy 4·BSV) and before the two fp32 gradients (8·BSV)
+    exist: the start of backward holds max(6·BSV + 2·BLOCK, 8·BSV), i.e. 2·BLOCK − 2·BSV beyond the logits row."""
+    bsv = 1 * 128 * V
+    est = memplan.estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=8,
+                           micro_batch=1, seq_len=128, engine_config={"reshard_after_forward": False})
+    assert comp(est, "activations/logits") == 8 * bsv
+    assert comp(est, "weights/fsdp_kept_all_gather_at_loss") == 2 * BLOCK - 2 * bsv
 
 
 # --- Megatron ------------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ PROFILES: dict[Engine, Profile] = {
          ("fp8 (torchao float8)", "the mixed layout plus fp8 weight copies (float8 all-gather optional)")),
         "torch.optim.AdamW on the sharded DTensor parameters (foreach/for-loop/fused)",
         ("weights/fsdp_all_gather", "weights/fsdp_running_unit", "weights/fsdp_kept_all_gather",
-         "gradients/fsdp_reduce_scatter"),
+         "weights/fsdp_kept_all_gather_at_loss", "gradients/fsdp_reduce_scatter", "gradients/fsdp_backward_held"),
         ("reshard_after_forward", "fsdp_prefetch", "hsdp_shard_size"),
         "Hugging Face module layout (autograd-saved tensors)",
         ("torch/distributed/fsdp/_fully_shard/_fsdp_param.py", "torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py",

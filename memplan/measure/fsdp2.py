@@ -180,11 +180,13 @@ def _run_case(case: Case, rank: int) -> RankResult:
     meter = min(meters, key=lambda m: m.peak)
     params = list(model.parameters())
     states = [v for s in optimizer.state.values() for k, v in s.items() if k != "step"]
+    persistent = list(model.state_dict(keep_vars=True).values())  # parameters and persistent buffers (run.py)
     result = RankResult(rank, dict(meter.phases), meter.baseline,
-                        {"weights/params": storage_bytes(params), "gradients": storage_bytes(p.grad for p in params),
+                        {"weights/params": storage_bytes(persistent),
+                         "gradients": storage_bytes(p.grad for p in params),
                          "optimizer/states": storage_bytes(states)}, [m.peak for m in meters])
     optimizer.zero_grad(set_to_none=True)
-    del model, optimizer, params, states, ids
+    del model, optimizer, params, states, persistent, ids
     gc.collect()
     return result
 
@@ -225,6 +227,19 @@ def context(case: Case, gpu: str = "h100-sxm-80gb") -> Any:
     return Context(build_architecture(spec), cfg, catalog_gpu(gpu), HostSpec())
 
 
+def rank_states(ctx: Any, states: dict[str, int], rank: int) -> dict[str, int]:
+    """memplan's state rows (rank 0's, the largest) as rank ``rank`` holds them: the padded parameter and gradient
+    shards are the same on every rank; the AdamW states are ``zeros_like`` of the rank's unpadded chunk, scaled by
+    ``fsdp2_shard.rank_shard_numel`` over ``padded_shard_numel`` (memory/fsdp2_shard.py)."""
+    from memplan.memory import fsdp2_shard
+    from memplan.memory.model_states import trainable_tensors
+
+    tensors = trainable_tensors(ctx)
+    padded = fsdp2_shard.padded_shard_numel(tensors, WORLD)
+    mine = fsdp2_shard.rank_shard_numel(tensors, WORLD, rank)
+    return {**states, "optimizer/states": states["optimizer/states"] * mine // padded}
+
+
 def compare(case: Case, ranks: list[RankResult]) -> dict[str, Any]:
     """One accuracy row: memplan's answer against the largest rank peak, the sharded states against memplan's rows.
 
@@ -240,7 +255,7 @@ def compare(case: Case, ranks: list[RankResult]) -> dict[str, Any]:
     predicted, _ = cmp.predicted_components(ctx, "cpu")
     states = {"weights/params": predicted.get("weights/params", 0), "gradients": predicted.get("gradients", 0),
               "optimizer/states": predicted.get("optimizer/adam_m", 0) + predicted.get("optimizer/adam_v", 0)}
-    errors = [states[k] - r.components.get(k, 0) for r in ranks for k in states]
+    errors = [v - r.components.get(k, 0) for r in ranks for k, v in rank_states(ctx, states, r.rank).items()]
     measured = max(r.peak for r in ranks)
     pct = 100.0 * (answer - measured) / measured
     failures = [] if -UNDER_PCT <= pct <= WITHIN_PCT else ["peak/step (fsdp2, largest rank)"]

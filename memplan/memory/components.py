@@ -103,6 +103,12 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
 
         flight = activations.micro_batches_in_flight(ctx) if activations.modelled(ctx) else 0
         rows += with_phases(ctx, engine_buffers.fsdp2_cooldown_rows(ctx, rows, flight=flight))
+    elif ctx.cfg.effective_engine is Engine.FSDP2:  # size-dependent, so not among the memoized state rows
+        from memplan.memory import engine_fsdp2_backward
+
+        kept = sum(r.bytes for r in rows if r.component == "weights/fsdp_kept_all_gather")
+        rows += with_phases(ctx, engine_fsdp2_backward.kept_at_loss_rows(ctx, kept=kept))
+        rows += with_phases(ctx, engine_fsdp2_backward.first_reduce_scatter_rows(ctx, rows))
     return rows
 
 
@@ -149,12 +155,14 @@ def with_phases(ctx: Context, rows: list[Row]) -> list[Row]:
     phase when they persist across micro-batches (``gradients_persist``, ``persists``)."""
     from dataclasses import replace
 
-    from memplan.memory import registry
+    from memplan.memory import engine_fsdp2_backward, registry
 
     persist = gradients_persist(ctx.cfg)
     out = []
     for r in rows:
         r = registry.with_phases(r)
+        if r.component == "gradients" and r.phases is not None and engine_fsdp2_backward.splits_backward(ctx):
+            r = replace(r, phases=r.phases - {Phase.BACKWARD})  # gradients/fsdp_backward_held stands for it
         if persist and r.phases is not None and persists(ctx.cfg, r.component):  # None: alive throughout already
             r = replace(r, phases=r.phases | frozenset(TRAIN_PHASES))
         out.append(r)

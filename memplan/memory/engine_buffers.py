@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from memplan.arch.parallel import chunks_with_gradients_at_peak, cooldown_gradient_excess, sharded_numel
 from memplan.config import Engine, ZeroStage
+from memplan.memory import engine_fsdp2_backward
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.engine_states import compute_dtype, mixed, param_dtype
@@ -83,7 +84,9 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
       the only extra: alive in forward and, the last unit's, until the root's post-forward, i.e. through the loss
       (HF computes it inside the root module), counted with the start of backward's logits transients;
     - reduce-scatter (backward): U · (bits(param_dtype) + bits(reduce_dtype))/8, U = max(R, B): one unit's
-      unsharded gradient and its copy in ``reduce_dtype`` (fp32 under MixedPrecisionPolicy(reduce_dtype=fp32)).
+      unsharded gradient and its copy in ``reduce_dtype`` (fp32 under MixedPrecisionPolicy(reduce_dtype=fp32));
+      U = B where ``engine_fsdp2_backward.splits_backward``: the root reduce-scatters last, when no block is
+      gathered, and ``gradients/fsdp_backward_held`` covers that moment.
     Source: torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py (``wait_for_unshard``,
     ``pre_backward`` → ``_backward_prefetch``, ``post_backward``: ``reduce_scatter_states`` keep one input
     buffer), _fsdp_state.py (``_lazy_init``, ``_post_forward`` frees the kept all-gather result),
@@ -107,7 +110,8 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
         gathered, kept = sum(sharded_numel(t, cfg.tp, cfg.ep) for t in ctx.tensors), block
         note = "reshard_after_forward=False: every unit stays gathered from forward to backward"
     unit = max(root, block)
-    rs = bits_to_bytes(unit, gather_dtype.bits) + bits_to_bytes(unit, reduce_dtype.bits)
+    rs_unit = block if engine_fsdp2_backward.splits_backward(ctx) else unit  # the root's: held_rows' root moment
+    rs = bits_to_bytes(rs_unit, gather_dtype.bits) + bits_to_bytes(rs_unit, reduce_dtype.bits)
     out = [Row("weights/fsdp_all_gather", Tier.GPU, bits_to_bytes(gathered, gather_dtype.bits), FSDP2,
                f"unsharded {gather_dtype.value} parameters: {note}")]
     if running:
@@ -118,7 +122,9 @@ def fsdp2_rows(ctx: Context) -> list[Row]:
                        "the last all-gather's output, kept until the next unit's copy-out or the root's post-forward"))
     out.append(Row("gradients/fsdp_reduce_scatter", Tier.GPU, rs, FSDP2,
                    f"largest unit's unsharded gradient ({gather_dtype.value}) and its {reduce_dtype.value} reduce copy"))
-    return out + fsdp2_pipeline_rows(ctx, unit_reduce_bytes=bits_to_bytes(unit, reduce_dtype.bits))
+    in_flight = sum(r.bytes for r in out if not r.component.startswith("weights/fsdp_kept_all_gather"))
+    held = engine_fsdp2_backward.held_rows(ctx, in_flight=in_flight, running=bits_to_bytes(running, gather_dtype.bits))
+    return out + held + fsdp2_pipeline_rows(ctx, unit_reduce_bytes=bits_to_bytes(unit, reduce_dtype.bits))
 
 
 def fsdp2_pipeline_rows(ctx: Context, *, unit_reduce_bytes: int) -> list[Row]:

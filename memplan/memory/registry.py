@@ -79,9 +79,18 @@ register("weights/fp8_copies", _TRAIN_SAVED, "TransformerEngine module/linear.py
 register("weights/fsdp_all_gather", _TRAIN_SAVED, "FSDP2 _fsdp_collectives.py foreach_all_gather: units in flight")
 register("weights/fsdp_running_unit", (Phase.FORWARD, Phase.BACKWARD),
          "FSDP2 _fsdp_param_group.py wait_for_unshard: the running block (none gathered yet at the start of backward)")
-register("weights/fsdp_kept_all_gather", (Phase.FORWARD, Phase.BACKWARD_START),
+register("weights/fsdp_kept_all_gather", (Phase.FORWARD,),
          "FSDP2 _fsdp_param_group.py wait_for_unshard comm_ctx.all_gather_state, freed in _fsdp_state.py _post_forward")
+register("weights/fsdp_kept_all_gather_at_loss", (Phase.BACKWARD_START,),
+         "FSDP2: the kept all-gather output beside the loss's forward transients, not its logits' gradients "
+         "(memory.engine_fsdp2_backward.kept_at_loss_rows)")
 register("gradients/fsdp_reduce_scatter", (Phase.BACKWARD,), "FSDP2 _fsdp_collectives.py foreach_reduce: one unit")
+register("gradients/fsdp_first_reduce_scatter", (Phase.BACKWARD_START,),
+         "FSDP2 _fsdp_param_group.py post_backward of the last block: its gradient buffers beside the other blocks' "
+         "activations, beyond the start of backward (memory.engine_fsdp2_backward.first_reduce_scatter_rows)")
+register("gradients/fsdp_backward_held", (Phase.BACKWARD,),
+         "FSDP2 _fsdp_param_group.py post_backward: the shards reduced so far and the root's early unsharded "
+         "gradients while a unit is in flight (memory.engine_fsdp2_backward); the root's shard comes last")
 register("gradients/fsdp_pp_accumulated", (Phase.BACKWARD,),
          "FSDP2 under torch.distributed.pipelining: unsharded gradients accumulated until the last backward "
          "(pipelining/stage.py backward_maybe_with_nosync; memory.engine_buffers.fsdp2_pipeline_rows)")
