@@ -87,3 +87,13 @@ def test_cpu_answer_does_not_move_with_the_flash_workspace(monkeypatch) -> None:
     monkeypatch.setattr(fw, "backward_workspace_bytes", lambda *a, **k: 10**15)
     assert cmp.answer_phases(ctx, "cpu") == before
     assert _rows(attention="sdpa", seq_len=1024)[ROW][0] == 10**15  # while the CUDA estimate takes it
+
+
+def test_a_model_with_masked_and_unmasked_layers_keeps_one_attention_workspace() -> None:
+    # Gemma-3-1B under SDPA: sliding layers (window 512 < 8192) get a mask (memory-efficient kernel), global layers
+    # run flash; one layer's backward runs at a time, so only the larger workspace is a row. Flash: 4 heads of
+    # 256, 1 kv head: dq_accum 8192·4·256·4 + softmax_d 4·8192·4 + GQA dK/dV 2·8192·4·256·2 bytes.
+    flash = 8192 * 4 * 256 * FP32 + 4 * 8192 * FP32 + 2 * 8192 * 4 * 256 * BF16
+    rows = _rows(model="gemma-3-1b", job="lora", attention="sdpa")
+    assert rows[ROW][0] == flash
+    assert SDPA_ROW not in rows
