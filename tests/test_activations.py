@@ -266,7 +266,10 @@ def test_rows_names_tiers_and_sum() -> None:
     ctx = ctx_for(llama_spec(), recompute=Recompute.FULL)
     rows = act.rows(ctx)
     assert rows and all(r.component.startswith("activations/") and r.tier is Tier.GPU for r in rows)
-    assert sum(r.bytes for r in rows) == sum(act.breakdown(ctx).values())
+    # the attention kernel's backward workspace (flash here) is a row of the CUDA estimate, not of the breakdown
+    kernel = {"activations/flash_backward_workspace", "activations/sdpa_backward_workspace"}
+    assert {r.component for r in rows} & kernel == {"activations/flash_backward_workspace"}
+    assert sum(r.bytes for r in rows if r.component not in kernel) == sum(act.breakdown(ctx).values())
     assert act.saved_bytes_estimate(ctx) == sum(r.bytes for r in rows if r.component in act.SAVED_ROWS)
 
 

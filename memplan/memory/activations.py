@@ -27,7 +27,7 @@ from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
-from memplan.memory import bnb_workspace, hf_legacy, litgpt, sdpa_workspace
+from memplan.memory import bnb_workspace, flash_workspace, hf_legacy, litgpt, sdpa_workspace
 from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
@@ -376,6 +376,9 @@ _SOURCES = {
     "activations/cp_exchange": "context parallelism: key/value exchange buffers of one attention (context_parallel)",
     "activations/sdpa_backward_workspace": "SDPA memory-efficient kernel's fp32 dQ (and dK/dV) staging and delta "
                                            "of one attention's backward (memory.sdpa_workspace)",
+    "activations/flash_backward_workspace": "flash-attention 2 backward's fp32 dq_accum and softmax_d, and the "
+                                            "16-bit dK/dV of every query head under GQA/MQA, of one attention's "
+                                            "backward (memory.flash_workspace)",
 }
 
 
@@ -388,12 +391,59 @@ def rows(ctx: Context) -> list[Row]:
                dequant.get(name)) for name, value in breakdown(ctx).items()]
     if not out:
         return out
-    out += _sdpa_workspace_rows(ctx)
+    out += _attention_backward_rows(ctx)
     if ctx.cfg.transformers_version is None:
         return out
     checkpointed = any(mode is not Recompute.NONE for mode in layer_modes(ctx).values())
     return out + hf_legacy.rows(ctx, blk.attention_impl(ctx.arch.spec, ctx.cfg), blk.activation_bits(ctx.cfg),
                                 checkpointed)
+
+
+def _attention_backward_rows(ctx: Context) -> list[Row]:
+    """The attention kernel's backward workspace: the memory-efficient kernel's (masked layers) or flash's
+    (the others); where a model has both kinds of layers only the larger, since one layer's backward runs at a
+    time."""
+    rows = _sdpa_workspace_rows(ctx) + _flash_workspace_rows(ctx)
+    return [max(rows, key=lambda r: r.bytes)] if rows else []
+
+
+def _flash_kernel(ctx: Context) -> tuple[bool, int, int] | None:
+    """(Dao-AILab's kernel, query heads, key/value heads) where a 16-bit CUDA job's attention runs flash-attention 2:
+    ``attention="flash"`` (transformers' flash_attention_2, the flash_attn package), or SDPA on an Ampere-or-newer
+    GPU (flash needs sm80: ``mha_bwd``'s check; T4/V100 are the catalog's GPUs without bf16) with at least one
+    unmasked layer (``sdp_utils.cpp``: flash refuses ``attn_mask``), head dims ≤ 256 and equal q/k and v head dims
+    (not MLA, not Falcon's multi-query math path); None otherwise. Heads as the kernel sees them: k and v copied
+    to N heads by litgpt, ``repeat_kv`` (transformers 4.37-4.40 SDPA), Falcon's new decoder, MLA's expand_kv."""
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    impl = blk.attention_impl(spec, cfg)
+    if (blk.activation_bits(cfg) == t.FP32_BITS or counting_for(cfg) is not blk.CUDA or not ctx.gpu.supports_bf16
+            or impl not in ("flash", "sdpa")):
+        return None
+    dm = blk.dims(spec, cfg)
+    n, k = dm.n, dm.k
+    if impl == "flash":
+        return True, n, (n if spec.is_mla or blk.falcon_broadcasts_kv(spec) else k)
+    mqa_math = spec.family is Family.FALCON and spec.kv_heads == 1 < (spec.num_attention_heads or 1)
+    if spec.is_mla or mqa_math or hf_legacy.explicit_mask(spec, cfg, impl) or all(
+            blk.sdpa_mask_materialized(spec, layer, impl, dm.s) for layer in ctx.arch.layers):
+        return None
+    expanded = litgpt.applies(cfg) or hf_legacy.repeats_kv(cfg, impl) or blk.falcon_broadcasts_kv(spec)
+    return False, n, (n if expanded else k)
+
+
+def _flash_workspace_rows(ctx: Context) -> list[Row]:
+    """Backward-phase row of flash-attention 2's workspace (``flash_workspace.backward_workspace_bytes``) for one
+    attention call of one layer; [] where flash does not run (``_flash_kernel``)."""
+    spec, cfg = ctx.arch.spec, ctx.cfg
+    kernel = _flash_kernel(ctx)
+    dm = blk.dims(spec, cfg)
+    head_dim = (spec.qk_nope_head_dim or 0) + (spec.qk_rope_head_dim or 0) if spec.is_mla else dm.h
+    if kernel is None or not head_dim or head_dim > flash_workspace.MAX_HEAD_DIM:
+        return []
+    dao, n, kv = kernel
+    value = flash_workspace.backward_workspace_bytes(dm.b, n, kv, dm.s, dm.s, head_dim, bits=dm.bits, dao=dao)
+    name = "activations/flash_backward_workspace"
+    return [Row(name, Tier.GPU, value, _SOURCES[name], "one attention's backward", frozenset({Phase.BACKWARD}))]
 
 
 def _sdpa_workspace_rows(ctx: Context) -> list[Row]:

@@ -153,6 +153,9 @@ register("activations/hf_causal_mask", _TRAIN_SAVED,
 register("activations/sdpa_backward_workspace", (_B,),
          "SDPA memory-efficient kernel: fp32 dQ (and dK/dV) staging and delta of one attention's backward "
          "(torch mem_eff_attention kernel_backward.h workspace_size; memory.sdpa_workspace)")
+register("activations/flash_backward_workspace", (_B,),
+         "flash-attention 2 backward: fp32 dq_accum and softmax_d, and GQA's 16-bit dK/dV over every query head, of "
+         "one attention's backward (flash_api.cpp mha_bwd, PyTorch's copy and Dao-AILab's; memory.flash_workspace)")
 register("activations/recompute_workspace", (_B,),
          "one checkpointed block recomputed during backward (torch.utils.checkpoint)")
 register("activations/offload_buffer", _TRAIN_SAVED,
