@@ -221,6 +221,7 @@ class SharedEvaluator(_Evaluator):
     def at(self, value: int) -> Any:
         if value not in self.memo:
             b, s = (value, self.cell.size) if self.free == "micro_batch" else (self.cell.batch, value)
+            assert b is not None and s is not None, "a cell searched along one size has the other fixed"
             self.memo[value] = dataclasses.replace(self.prober.estimate(b, s, missing_ok=True), gpu=self.gpu)
         return self.memo[value]
 

@@ -88,19 +88,20 @@ def largest_batches(fit: Any, templates: list[dict[str, Any]], sizes: list[int])
     need = np.array([[max(r["required_headroom_bytes"], 0)] for r in templates], dtype=np.int64)
     bound = {t: np.array([[r[f"{t}_capacity_bytes"]] for r in templates], dtype=np.int64) for t in TIERS}
     bound["gpu"] = bound["gpu"] - need
-    held = [t for t in TIERS if lines[t] is not None]
+    held_lines = {t: line for t in TIERS if (line := lines[t]) is not None}
+    held = list(held_lines)
 
     def ok(b: np.ndarray) -> np.ndarray:
         good = np.ones(b.shape, dtype=bool) if lines["gpu"] is not None else np.broadcast_to(bound["gpu"] >= 0, b.shape)
-        for t in held:
-            peak = tier_peak(lines[t], b)
+        for t, line in held_lines.items():
+            peak = tier_peak(line, b)
             good = good & ((peak <= bound[t]) if t == "gpu" else (peak <= bound[t]) | (peak <= 0))
         return good
 
     shape = (len(templates), len(sizes))
     lo, hi = np.ones(shape, dtype=np.int64), np.full(shape, MAX_BATCH + 1, dtype=np.int64)
     ok1 = ok(lo)
-    if all(monotone(lines[t]) for t in held):
+    if all(monotone(line) for line in held_lines.values()):
         lo, hi = narrowed(lines, bound, held, ok, ok1, lo, hi)
     while np.any(hi - lo > 1):
         mid = (lo + hi) // 2

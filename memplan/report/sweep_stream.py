@@ -33,6 +33,12 @@ CSV_SLICE_ROWS = 8192
 """Rows formatted to CSV text at a time (``Spill.csv_slices``)."""
 
 
+def block_rows(chunk: Any) -> Any:
+    """The rows of a columnar chunk (``vector.iter_vector(columnar=True)``), typed loosely: the chunk is a list
+    of cell results that also carries its block's rows."""
+    return chunk.rows
+
+
 def check_out(path: Path) -> None:
     """A MemplanError unless ``path`` can be written (its folder exists and accepts files), before any work."""
     if path.is_dir():
@@ -162,7 +168,7 @@ def stream(spec: SweepSpec, *, sink: Callable[[Spill, bool], None], workers: int
                 if part is not None:
                     spill.add_part(part)
                 elif block is not None:
-                    spill.add_block(block, chunk.rows)
+                    spill.add_block(block, block_rows(chunk))
                 else:
                     spill.add([r for c in chunk for r in c.records])
                 kept += [CellResult(c.cell, c.value, [], c.estimates, c.error) for c in chunk]
