@@ -40,6 +40,11 @@ def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
+def round_up(value: int, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple`` (a kernel's block, an allocator's granularity)."""
+    return ceil_div(value, multiple) * multiple
+
+
 def bits_to_bytes(count: int, bits: int) -> int:
     """Bytes to store ``count`` elements of ``bits`` bits each, packed, rounded up once."""
     return ceil_div(count * bits, 8)

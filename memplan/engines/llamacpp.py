@@ -26,7 +26,7 @@ from memplan.errors import MemplanError
 from memplan.memory import weights
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
-from memplan.units import ceil_div
+from memplan.units import ceil_div, round_up
 
 F32_BYTES = 4
 KV_TYPES: dict[str, tuple[int, int]] = {
@@ -86,7 +86,7 @@ def kv_row_bytes(kv_type: str, ncols: int) -> int:
 def n_ctx(cfg: JobConfig) -> int:
     """KV cells: -c when set, else micro_batch × infer.context, padded to 256."""
     cells = cfg.serve.n_ctx or cfg.micro_batch * cfg.infer.context
-    return ceil_div(cells, N_CTX_PAD) * N_CTX_PAD
+    return round_up(cells, N_CTX_PAD)
 
 
 def gpu_layers(cfg: JobConfig, n_layer: int) -> range:
@@ -158,7 +158,7 @@ def compute_bytes(ctx: Context, cells: int, with_output: bool | None = None) -> 
     ub = min(s.n_ubatch, s.n_batch, cells)
     embd, heads, vocab = spec.hidden_size or 0, spec.num_attention_heads or 0, spec.vocab_size or 0
     work = EMBD_WORK_TENSORS * embd * ub * F32_BYTES
-    mask_rows = ceil_div(ub, KQ_MASK_PAD) * KQ_MASK_PAD
+    mask_rows = round_up(ub, KQ_MASK_PAD)
     if s.flash_attn:
         attention = cells * mask_rows * 2 + work
     else:

@@ -27,7 +27,7 @@ make a step run out of memory. Pure integer arithmetic, no torch (``backward_sta
 from __future__ import annotations
 
 from memplan.memory.context import Context
-from memplan.units import MiB, ceil_div
+from memplan.units import MiB, ceil_div, round_up
 
 K_MIN_BLOCK_SIZE = 512
 """``kMinBlockSize``: every request is rounded up to a multiple of 512 bytes (``round_size``)."""
@@ -49,7 +49,7 @@ SRC = ("c10/cuda/CUDACachingAllocator.cpp (round_size, get_allocation_size, get_
 def round_size(nbytes: int) -> int:
     """Bytes the allocator books for a request of ``nbytes``: max(512, ⌈n/512⌉·512) (``round_size``, without the
     optional power-of-two divisions, which are off by default)."""
-    return max(K_MIN_BLOCK_SIZE, ceil_div(nbytes, K_MIN_BLOCK_SIZE) * K_MIN_BLOCK_SIZE)
+    return max(K_MIN_BLOCK_SIZE, round_up(nbytes, K_MIN_BLOCK_SIZE))
 
 
 def segment_bytes(nbytes: int) -> int:
@@ -63,7 +63,7 @@ def segment_bytes(nbytes: int) -> int:
         return K_SMALL_BUFFER
     if rounded < K_MIN_LARGE_ALLOC:
         return K_LARGE_BUFFER
-    return ceil_div(rounded, K_ROUND_LARGE) * K_ROUND_LARGE
+    return round_up(rounded, K_ROUND_LARGE)
 
 
 def holds(segment: int, request: int) -> bool:

@@ -26,7 +26,7 @@ engine and is not modelled in the estimate (``dq_accum_bytes(..., splits=...)`` 
 
 from __future__ import annotations
 
-from math import ceil
+from memplan.units import ceil_div, round_up
 
 FP32_BYTES = 4
 SEQ_BLOCK = 128
@@ -44,13 +44,9 @@ DAO_LARGE_HEAD = 256
 """Dao-AILab's tree: ``head_size <= 192 ? round_multiple(head_size, 32) : 256``."""
 
 
-def _round_up(x: int, m: int) -> int:
-    return ceil(x / m) * m
-
-
 def padded_head_dim(head_dim: int) -> int:
     """The kernel's ``head_size``: H rounded up to a multiple of 8 (``mha_fwd`` pads q, k, v)."""
-    return _round_up(head_dim, HEAD_PAD)
+    return round_up(head_dim, HEAD_PAD)
 
 
 def rounded_head_dim(head_dim: int, *, dao: bool = False) -> int:
@@ -58,25 +54,25 @@ def rounded_head_dim(head_dim: int, *, dao: bool = False) -> int:
     Dao-AILab (``dao=True``) round(H8, 32) for H8 ≤ 192 else 256; H8 = H rounded to 8."""
     h = padded_head_dim(head_dim)
     if dao:
-        return _round_up(h, HEAD_ROUND_SMALL) if h <= DAO_SMALL_HEAD_MAX else DAO_LARGE_HEAD
-    return _round_up(h, HEAD_ROUND_SMALL if h <= SMALL_HEAD_MAX else HEAD_ROUND_LARGE)
+        return round_up(h, HEAD_ROUND_SMALL) if h <= DAO_SMALL_HEAD_MAX else DAO_LARGE_HEAD
+    return round_up(h, HEAD_ROUND_SMALL if h <= SMALL_HEAD_MAX else HEAD_ROUND_LARGE)
 
 
 def softmax_d_bytes(batch: int, heads: int, queries: int) -> int:
     """Bytes of ``softmax_d``: B · N · round128(Sq) · 4 (``mha_bwd``: ``empty({b, h, seqlen_q_rounded}, kFloat)``)."""
-    return batch * heads * _round_up(queries, SEQ_BLOCK) * FP32_BYTES
+    return batch * heads * round_up(queries, SEQ_BLOCK) * FP32_BYTES
 
 
 def dq_accum_bytes(batch: int, heads: int, queries: int, head_dim: int, *, dao: bool = False, splits: int = 1) -> int:
     """Bytes of ``dq_accum``: splits · B · round128(Sq) · N · Hr · 4 (``mha_bwd``: ``empty({b, seqlen_q_rounded, h,
     head_size_rounded}, kFloat)``; ``splits`` = ceil(SMs / (B·N)) only when deterministic, else 1)."""
     hr = rounded_head_dim(head_dim, dao=dao)
-    return splits * batch * _round_up(queries, SEQ_BLOCK) * heads * hr * FP32_BYTES
+    return splits * batch * round_up(queries, SEQ_BLOCK) * heads * hr * FP32_BYTES
 
 
 def deterministic_splits(batch: int, heads: int, sms: int) -> int:
     """``nsplits`` of the deterministic backward: ceil(SMs / (B·N)) (``mha_bwd``)."""
-    return ceil(sms / (batch * heads))
+    return ceil_div(sms, batch * heads)
 
 
 def gqa_expanded_bytes(batch: int, heads: int, kv_heads: int, keys: int, head_dim: int, bits: int) -> int:

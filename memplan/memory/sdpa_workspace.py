@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from math import ceil
 
+from memplan.units import round_up
+
 FP32_BYTES = 4
 BLOCK_I = 64
 BLOCK_J = 64
@@ -37,10 +39,6 @@ K_ALIGN_LSE = 32
 """kernel_forward.h ``kAlignLSE``: the forward's logsumexp (B, H, ceil(Mq / 32) · 32) fp32 is padded to it."""
 PARALLEL_ENOUGH = 256
 """_efficient_attention_backward: with ≥ 256 (batch, head) blocks and keys ≤ 2·kBlockSizeJ, one split."""
-
-
-def _align_up(x: int, a: int) -> int:
-    return ceil(x / a) * a
 
 
 def num_splits_key(batch: int, heads: int, keys: int, *, staged_kv: bool, block_j: int = BLOCK_J) -> int:
@@ -61,10 +59,10 @@ def backward_workspace_bytes(batch: int, heads: int, queries: int, keys: int, he
     gq = ceil(Mq / I) · ceil(D / J) · (4 + I·J) words (one GradQTempStorage per dQ tile)."""
     staged_kv = max_k > block_i
     splits = num_splits_key(batch, heads, keys, staged_kv=staged_kv, block_j=block_j)
-    gk = splits * block_j * _align_up(head_dim, block_i) if staged_kv else 0
-    gv = splits * block_j * _align_up(head_dim_v, block_i) if staged_kv else 0
+    gk = splits * block_j * round_up(head_dim, block_i) if staged_kv else 0
+    gv = splits * block_j * round_up(head_dim_v, block_i) if staged_kv else 0
     gq = ceil(queries / block_i) * ceil(head_dim / block_j) * (GRADQ_HEADER_WORDS + block_i * block_j)
-    return batch * heads * _align_up(gk + gv + gq, WORKSPACE_ALIGN_WORDS) * FP32_BYTES
+    return batch * heads * round_up(gk + gv + gq, WORKSPACE_ALIGN_WORDS) * FP32_BYTES
 
 
 def delta_bytes(batch: int, heads: int, queries: int) -> int:
@@ -76,4 +74,4 @@ def delta_bytes(batch: int, heads: int, queries: int) -> int:
 def lse_padding_bytes(batch: int, heads: int, queries: int) -> int:
     """Bytes the forward's logsumexp holds beyond (B, H, Mq) fp32: B · H · (align32(Mq) − Mq) · 4
     (``_efficient_attention_forward``: ``ceil_div(max_seqlen_q, kAlignLSE) * kAlignLSE``)."""
-    return batch * heads * (_align_up(queries, K_ALIGN_LSE) - queries) * FP32_BYTES
+    return batch * heads * (round_up(queries, K_ALIGN_LSE) - queries) * FP32_BYTES
