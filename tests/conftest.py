@@ -62,3 +62,23 @@ def published_case(case_id: str) -> dict[str, Any]:
         pytest.skip(f"published cases file not found at {PUBLISHED}")
     cases = yaml.safe_load(PUBLISHED.read_text())["cases"]
     return next(c for c in cases if c["id"] == case_id)
+
+
+@pytest.fixture
+def estimate_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Every exact estimate a sweep makes, counted: ``memplan.estimator.estimate`` (the vector path's probes import
+    it when they estimate) and ``memplan.grid.estimate`` (``grid._Evaluator``'s own) wrapped to record their
+    arguments; clear the list (``calls[:] = []``) between the paths a test compares."""
+    import memplan.estimator as estimator
+    import memplan.grid as grid
+
+    calls: list[tuple] = []
+    real = estimator.estimate
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimator, "estimate", counting)
+    monkeypatch.setattr(grid, "estimate", counting)
+    return calls

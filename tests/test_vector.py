@@ -188,26 +188,15 @@ def test_gpus_share_probes_only_when_every_read_attribute_agrees(tmp_path: Any, 
     assert_same(spec)
 
 
-def test_max_context_shares_estimates_and_equals_the_scalar_search(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_max_context_shares_estimates_and_equals_the_scalar_search(estimate_calls: list[tuple]) -> None:
     """max-context runs the scalar search on every GPU, on estimates its class shares: the same records and
     answers as the scalar path, with fewer estimates (GPUs of one memory size search alike: here 4 searches
     where the scalar path runs 8)."""
-    import memplan.estimator as estimator
-    import memplan.grid as grid
-
     gpus = ("a40", "l40", "l40s", "h100-pcie-80gb", "h100-sxm-80gb", "h800-sxm-80gb", "a100-sxm-80gb", "mi300x")
     spec = SweepSpec(models=("llama-3.2-1b",), gpus=gpus,
                      jobs=(Job.LORA, Job.INFER), batches=(1, 3), seq_lens=(1024, 4096), contexts=(2048,),
                      metric="max-context")
-    calls = []
-    real = estimator.estimate
-
-    def counting(*args: object, **kwargs: object) -> object:
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(estimator, "estimate", counting)
-    monkeypatch.setattr(grid, "estimate", counting)
+    calls = estimate_calls
     fast = [r for chunk in iter_vector(spec) for r in chunk]
     shared, calls[:] = len(calls), []
     scalar = [r for chunk in iter_results(spec, workers=1) for r in chunk]
