@@ -58,10 +58,10 @@ def test_two_ranks_measured_every_case(measured: dict[str, list[fsdp2.RankResult
 
 
 TIMING = {"mixtral fsdp2 mp bf16/fp32": "in some runs (one of four full-suite runs, one of five runs of this file) "
-          "rank 1 peaks at 7,916,932 B against the answer's 7,392,064 (-6.6%); in the others it matches within "
-          "0.2%: gloo's "
-          "collectives can finish late enough to overlap a prefetched all-gather with buffers memplan frees first; "
-          "not modelled (an under-prediction, listed in the closing note)"}
+          "rank 1 peaks above the answer (7,916,932 B against 7,392,064, -6.6%, in the run whose numbers were "
+          "printed); in the others it matches within 0.2%: gloo's collectives can finish late enough to overlap a "
+          "prefetched all-gather with buffers memplan frees first; not modelled (an under-prediction, listed in "
+          "the closing note)"}
 """Cases whose per-rank peak depends on when the asynchronous collectives complete."""
 
 
