@@ -1,0 +1,146 @@
+"""The training job's sub-configurations: LoRA adapters, GaLore, the step-time model's overrides and the training
+engines' own knobs (``JobConfig.lora``, ``galore``, ``perf``, ``engine_config``).
+
+Part of ``memplan.config`` (which re-exports every name).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from memplan.config_base import Strict
+from memplan.dtypes import Dtype
+
+
+class LoraConfig(Strict):
+    rank: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32.0, gt=0)
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+    """Abstract projections (q,k,v,o,gate,up,down), or ("all-linear",)."""
+    dora: bool = False
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """peft ``lora_dropout``: with p > 0 each adapted module runs its own ``nn.Dropout`` on its input before lora_A,
+    which saves the dropout output (and the dropout its mask); 0 (peft's default) is an ``nn.Identity``."""
+    dtype: Dtype = Dtype.FP32
+    """Adapter dtype. peft keeps adapters of a 16-bit model in fp32 by default
+    (``autocast_adapter_dtype=True``); QLoRA's reference script casts them to bf16, so a ``qlora``
+    job that does not name a dtype gets bf16 (see ``JobConfig._adapter_dtype``)."""
+    paged_optimizer: bool = False
+    """bitsandbytes paged optimizer (QLoRA, Dettmers et al. 2023, Sec. 3): states live in CUDA unified
+    memory and are evicted to CPU RAM only under memory pressure. False: count them on the GPU (no
+    pressure); True: count them in CPU RAM (fully paged out, the GPU keeps none)."""
+
+
+class GaloreConfig(Strict):
+    rank: int = Field(default=128, gt=0)
+    eight_bit: bool = False
+    per_layer_updates: bool = True
+    variant: str = "galore"
+    """``galore``, ``apollo`` or ``apollo-mini``."""
+
+
+class PerfConfig(Strict):
+    """Overrides of the step-time model (``memplan.planner.perf_data`` holds the defaults and their sources)."""
+
+    mfu: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of the dense peak the layers' GEMMs reach; None: from the GPU generation and the GEMM shape
+    (hidden/tp, tokens per micro-batch)."""
+    cluster: Literal["dgx-v100", "dgx-a100", "dgx-h100", "h800", "dgx-b200", "pcie-ethernet"] | None = None
+    """Fabric preset (``dgx-v100``, ``dgx-a100``, ``dgx-h100``, ``h800``, ``dgx-b200``, ``pcie-ethernet``);
+    None: from the GPU."""
+    intra_node_gbps: float | None = Field(default=None, gt=0)
+    """GPU-to-GPU bus bandwidth inside a node, GB/s per GPU, as NCCL achieves it; None: the preset's."""
+    inter_node_gbps: float | None = Field(default=None, gt=0)
+    """Bus bandwidth across nodes, GB/s per GPU; None: the preset's."""
+    intra_node_latency_us: float | None = Field(default=None, ge=0)
+    inter_node_latency_us: float | None = Field(default=None, ge=0)
+    comm_overlap: float | None = Field(default=None, ge=0, le=1)
+    """Share of data-parallel/ZeRO (and expert all-to-all) communication hidden behind compute; None: the
+    engine's default (``perf_data.ENGINE_OVERLAP``)."""
+    fp8: bool = False
+    """GEMMs in fp8 (TransformerEngine / torchao float8): compute at the GPU's fp8 peak; weights and states keep
+    ``dtype``. A ``dtype: fp8`` job computes in fp8 as well."""
+    comm_sm_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Share of the GPU's SMs that overlapped communication kernels take from compute (DeepSeek-V3 gives 20 of
+    132 SMs to its all-to-all kernels, DeepSeek-AI 2024, Sec. 3.2.2): compute runs at (1 − share) of its rate."""
+    virtual_stages: int = Field(default=1, gt=0)
+    """Interleaved 1F1B: model chunks per pipeline stage (Megatron ``--num-layers-per-virtual-pipeline-stage``);
+    bubble (p − 1)/(v·m) (Narayanan et al. 2021, Sec. 2.2.2)."""
+
+
+class EngineConfig(Strict):
+    """The training engines' own knobs, under the engines' names and with their defaults (``memplan.engines``).
+
+    Sizes in elements are DeepSpeed's convention (its config counts parameters, not bytes); DDP's is MB.
+    """
+
+    bucket_cap_mb: int = Field(default=25, gt=0)
+    """torch DDP ``bucket_cap_mb`` (torch/nn/parallel/distributed.py, default 25): gradient bucket size."""
+    gradient_as_bucket_view: bool = False
+    """torch DDP ``gradient_as_bucket_view`` (default False): ``param.grad`` are views into the buckets, so the
+    buckets are not a second copy of the gradients."""
+    reshard_after_forward: bool = True
+    """FSDP2 ``fully_shard(reshard_after_forward=True)``: free each unit's unsharded parameters after its forward
+    (ZeRO-3-like); False keeps them until backward (ZeRO-2-like)."""
+    fsdp_prefetch: int = Field(default=1, ge=0)
+    """FSDP2 units whose all-gather runs ahead of the current one (implicit prefetch: 1; ``set_modules_to_forward_prefetch``)."""
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"] = "FULL_SHARD"
+    """FSDP1 ``ShardingStrategy`` (torch/distributed/fsdp/api.py, default FULL_SHARD): FULL_SHARD frees each unit's
+    unsharded FlatParameter after its forward, SHARD_GRAD_OP keeps it until backward, NO_SHARD replicates
+    (DDP-like). HYBRID_SHARD is not modelled here."""
+    use_orig_params: bool = True
+    """FSDP1 ``use_orig_params`` (Lightning FSDPStrategy and accelerate set True on torch >= 2.0; fsdp_qlora
+    train.py passes False). True: LoRA adapters share their block's FlatParameter (mixed ``requires_grad``), so
+    the block's whole flat gradient exists; False: FSDP1 refuses mixed ``requires_grad`` in one unit, so the
+    adapters are wrapped as their own units (fsdp_qlora's lambda policy) and only they get gradients."""
+    no_sync: bool = True
+    """FSDP1 ``FullyShardedDataParallel.no_sync()`` on the accumulation micro-batches (accelerate's
+    ``accumulate``, Lightning Fabric's ``no_backward_sync``): each unit keeps its unsharded gradient until the
+    synchronizing micro-batch. Acts only with grad_accum > 1 and a sharded strategy."""
+    limit_all_gathers: bool = True
+    """FSDP1 ``limit_all_gathers`` (default True): the rate limiter (_limiter_utils.py) lets two all-gathers be in
+    flight; False lets the CPU issue every unit's all-gather ahead (counted as every unit unsharded at once)."""
+    reduce_bucket_size: int = Field(default=500_000_000, gt=0)
+    """DeepSpeed ``zero_optimization.reduce_bucket_size`` (elements, default 5e8): the gradient reduce (IPG) bucket."""
+    allgather_bucket_size: int = Field(default=500_000_000, gt=0)
+    """DeepSpeed ``zero_optimization.allgather_bucket_size`` (elements, default 5e8)."""
+    overlap_comm: bool | None = None
+    """DeepSpeed ``zero_optimization.overlap_comm``; None: DeepSpeed's default (True for stage 3, else False).
+    With overlap, stages 1-2 keep two reduce buckets (double buffering)."""
+    contiguous_gradients: bool = True
+    """DeepSpeed ``zero_optimization.contiguous_gradients`` (default True): gradients are copied into the bucket."""
+    stage3_max_live_parameters: int = Field(default=1_000_000_000, gt=0)
+    """DeepSpeed ``stage3_max_live_parameters`` (elements, default 1e9): gathered parameters kept at once."""
+    stage3_prefetch_bucket_size: int = Field(default=50_000_000, ge=0)
+    """DeepSpeed ``stage3_prefetch_bucket_size`` (elements, default 5e7): parameters fetched ahead of use."""
+    stage3_param_persistence_threshold: int = Field(default=100_000, ge=0)
+    """DeepSpeed ``stage3_param_persistence_threshold`` (elements, default 1e5): smaller parameters stay gathered."""
+    use_distributed_optimizer: bool = False
+    """Megatron-LM ``--use-distributed-optimizer`` (default off): shard the fp32 main params and Adam states
+    over data parallelism (Megatron's ZeRO-1)."""
+    paged_optimizer: bool = False
+    """bitsandbytes paged optimizer (``PagedAdamW8bit``/``PagedAdamW``): states in CUDA managed memory; counted
+    on the CPU (paged out under pressure), as ``LoraConfig.paged_optimizer``."""
+    hsdp_shard_size: int | None = Field(default=None, gt=0)
+    """FSDP2 hybrid sharding (HSDP): ``fully_shard(mesh=init_device_mesh(..., (replicate, shard)))`` with a 2-D mesh
+    shards parameters, gradients and states over the mesh's shard dimension of this many data-parallel ranks and
+    replicates them over the other (torch/distributed/fsdp/_fully_shard/_fully_shard.py: "a 2D mesh means HSDP";
+    torchtitan ``data_parallel_shard_degree``). None: shard over every data-parallel rank (FSDP). FSDP1's
+    ``ShardingStrategy.HYBRID_SHARD`` (shard within a node) is the same layout with the node's ranks, so an FSDP1
+    profile can list this knob. See ``memory.zero.shard_degree``."""
+    mics_shard_size: int | None = Field(default=None, gt=0)
+    """DeepSpeed MiCS ``zero_optimization.mics_shard_size`` (ZeRO-3 only; DeepSpeed's default -1: off): ZeRO-3's
+    parameters, gradients and optimizer states partitioned over groups of this many ranks and replicated across
+    groups (deepspeed/runtime/zero/mics.py ``MiCS_Init``, ``MiCS_Optimizer``; Zhang et al. 2022, MiCS)."""
+    zero_hpz_partition_size: int = Field(default=1, gt=0)
+    """DeepSpeed ZeRO++ hpZ ``zero_optimization.zero_hpz_partition_size`` (default 1: off; ZeRO-3 only): a secondary
+    partition of the 16-bit parameters over groups of this many ranks (a node), kept after the forward all-gather
+    so the backward all-gathers stay inside the node; gradients and optimizer states stay partitioned over every
+    rank (deepspeed/runtime/zero/config.py, partition_parameters.py ``ds_secondary_tensor``; Wang et al. 2023,
+    ZeRO++, arXiv:2306.10209, Sec. 3.2)."""
+    cpu_offloading_num_layers: int | None = Field(default=None, ge=0)
+    """Megatron-LM ``--cpu-offloading-num-layers`` with ``JobConfig.offload_activations`` (``--cpu-offloading``):
+    how many of the stage's transformer layers offload their activations to the CPU (TransformerEngine
+    ``get_cpu_offload_context``); None: every layer but the last, the most Megatron allows."""
