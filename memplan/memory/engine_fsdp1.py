@@ -28,127 +28,71 @@ AnswerDotAI fsdp_qlora train.py (``use_orig_params=False``, each LoRA ``nn.Linea
 ``lambda_auto_wrap_policy``, ``limit_all_gathers=True``, bitsandbytes ``Linear4bit(quant_storage=bf16)``: the packed
 4-bit weights are FSDP-managed bf16 storage, while their ``QuantState`` (absmax, code) is not a parameter and stays
 whole on every rank).
+
+The parts live in smaller modules, and every name is importable from here: ``engine_fsdp1_units`` (the units,
+their dtypes, sharded and gathered bytes), ``engine_fsdp1_pools`` (the allocator's per-stream pools); this module
+counts what is unsharded at once and builds the weight, gradient and optimizer-state rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from memplan.arch.tensors import Tensor
 from memplan.config import Engine, Job, JobConfig, Offload
-from memplan.dtypes import Dtype
-from memplan.memory import hf_legacy
 from memplan.memory import optimizer as opt
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
-from memplan.units import bits_to_bytes, ceil_div
+from memplan.memory.engine_fsdp1_pools import SRC_GRAD_POOL, SRC_POOLS, _grad_pool_rows, init_high_water, pool_rows
+from memplan.memory.engine_fsdp1_units import (
+    BNB4,
+    Unit,
+    _adapters,
+    _gather_dtype,
+    _tensor_bytes,
+    accumulating_unsharded,
+    shard_bytes,
+    sharded,
+    storage_dtype,
+    units,
+)
+
+__all__ = [
+    "BNB4",
+    "IN_FLIGHT_LIMITED",
+    "SRC",
+    "SRC_GRAD",
+    "SRC_GRAD_POOL",
+    "SRC_LIMIT",
+    "SRC_OFFLOAD",
+    "SRC_POOLS",
+    "SRC_QS",
+    "Unit",
+    "_gather_dtype",
+    "_grad_pool_rows",
+    "_grad_rows",
+    "_tensor_bytes",
+    "accumulating_unsharded",
+    "gathered_bytes",
+    "in_flight_shard_bytes",
+    "init_high_water",
+    "is_fsdp1",
+    "pool_rows",
+    "rows",
+    "shard_bytes",
+    "sharded",
+    "storage_dtype",
+    "trainable_tensors",
+    "units",
+]
 
 SRC = "torch/distributed/fsdp/_flat_param.py, _runtime_utils.py (FSDP1 FlatParameter)"
 SRC_LIMIT = "torch/distributed/fsdp/_limiter_utils.py _FreeEventQueue (2 all-gathers in flight)"
 SRC_GRAD = "torch/distributed/fsdp/_runtime_utils.py _post_backward_hook, _reduce_grad (no_sync keeps it unsharded)"
 SRC_QS = "bitsandbytes Params4bit.quant_state: not a parameter, so FSDP1 neither flattens nor shards it"
 SRC_OFFLOAD = "torch/distributed/fsdp/api.py CPUOffload(offload_params=True); _flat_param.py _cpu_grad"
-BNB4 = ("nf4", "nf4-dq", "fp4", "fp4-dq")
 IN_FLIGHT_LIMITED = 2
 """Unsharded block units alive at once under ``limit_all_gathers``: the one computing and the one prefetched
 (``BackwardPrefetch.BACKWARD_PRE``, the default; forward issues the next all-gather when the CPU reaches it),
 bounded by ``_FreeEventQueue._max_num_inflight_all_gathers = 2``."""
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One FSDP1 unit: its FlatParameter's bytes (storage dtype), its all-gathered bytes (``param_dtype``),
-    whether it requires grad, and the bytes outside FSDP that every rank keeps whole (bnb quant states)."""
-
-    name: str
-    flat_bytes: int
-    gathered_bytes: int
-    requires_grad: bool
-    replicated_bytes: int = 0
-    is_block: bool = True
-
-
-def sharded(cfg: JobConfig) -> bool:
-    """Whether the strategy shards (FULL_SHARD, SHARD_GRAD_OP) over more than one rank."""
-    return cfg.dp > 1 and cfg.engine_config.sharding_strategy != "NO_SHARD"
-
-
-def shard_bytes(nbytes: int, dp: int) -> int:
-    """Bytes of one rank's shard of a flat buffer: ceil(n / Nd) (``_get_shard`` pads the flat parameter to a
-    multiple of Nd elements; padding of under Nd elements is at most a few bytes and rounds up here)."""
-    return ceil_div(nbytes, dp)
-
-
-def storage_dtype(ctx: Context) -> Dtype:
-    """The FlatParameters' dtype: fp32 under a mixed-precision policy with fp32 masters (``MixedPrecision``
-    over an fp32 model), else the weights' dtype (bf16-true, fsdp_qlora's ``precision=bf16``)."""
-    from memplan.memory.engine_states import compute_dtype, mixed
-
-    frozen_base = ctx.cfg.job in (Job.LORA, Job.QLORA)  # the base stays in the weights' dtype (or quantized)
-    return Dtype.FP32 if mixed(ctx) and not frozen_base else compute_dtype(ctx)
-
-
-def _tensor_bytes(ctx: Context, t: Tensor, layer: int | None, dtype: Dtype) -> tuple[int, int]:
-    """(FSDP-managed bytes, bytes kept whole on every rank) of one base tensor in its stored format."""
-    from memplan.memory import quant
-    from memplan.memory.weights import layer_format
-
-    fmt = layer_format(ctx.cfg, layer) if ctx.cfg.job is not Job.FULL and ctx.cfg.job is not Job.PRETRAIN else None
-    st = quant.storage(fmt, t, layer_index=layer, num_layers=len(ctx.arch.layers), dtype=dtype)
-    if st.quantized and fmt in BNB4:
-        packed = t.copies * bits_to_bytes(t.numel_each, quant.INT4_BITS)
-        return packed, st.bytes - packed
-    return st.bytes, 0
-
-
-def units(ctx: Context) -> list[Unit]:
-    """The stage's FSDP1 units: one per transformer block, the root, and (``use_orig_params=False`` with
-    adapters) the adapters as their own units, grouped per block for the in-flight count."""
-    cfg = ctx.cfg
-    lora = cfg.job in (Job.LORA, Job.QLORA)
-    full = not lora
-    sdtype = storage_dtype(ctx)
-    gdtype = sdtype if not full else _gather_dtype(ctx)
-    separate = lora and not cfg.engine_config.use_orig_params
-    out: list[Unit] = []
-
-    def add(name: str, tensors: list[Tensor], layer: int | None, *, is_block: bool) -> None:
-        managed = replicated = 0
-        for t in tensors:
-            m, r = _tensor_bytes(ctx, t, layer, sdtype)
-            managed, replicated = managed + m, replicated + r
-        adapters = _adapters(ctx, tensors) if lora else []
-        abytes = sum(bits_to_bytes(a.numel, cfg.lora.dtype.bits) for a in adapters)
-        gathered = managed * gdtype.bits // sdtype.bits  # MixedPrecision: gathered in param_dtype
-        if separate and adapters:
-            out.append(Unit(f"{name} adapters", abytes, abytes, True, is_block=is_block))
-            out.append(Unit(name, managed, gathered, False, replicated, is_block))
-        else:
-            out.append(Unit(name, managed + abytes, gathered + abytes, full or bool(adapters), replicated, is_block))
-
-    for i, layer in ctx.layers:
-        add(f"block {i}", list(layer.tensors), i, is_block=True)
-    inside = {id(t) for _, layer in ctx.layers for t in layer.tensors}
-    root = [t for t in ctx.tensors if id(t) not in inside]
-    add("root", root, None, is_block=False)
-    return out
-
-
-def _gather_dtype(ctx: Context) -> Dtype:
-    from memplan.memory.engine_states import compute_dtype
-
-    return compute_dtype(ctx)
-
-
-def _adapters(ctx: Context, tensors: list[Tensor]) -> list[Tensor]:
-    from memplan.memory import peft
-
-    return peft.adapter_tensors(tensors, ctx.cfg.lora, family=ctx.arch.spec.family)
-
-
-def accumulating_unsharded(cfg: JobConfig) -> bool:
-    """Whether gradients stay unsharded across micro-batches: ``no_sync`` with grad_accum > 1, sharded."""
-    return sharded(cfg) and cfg.engine_config.no_sync and cfg.grad_accum > 1
 
 
 def gathered_bytes(cfg: JobConfig, us: list[Unit]) -> int:
@@ -278,81 +222,3 @@ def _state_rows(ctx: Context, *, dp: int, host: Tier, ranks_on_host: int) -> lis
 
 def is_fsdp1(ctx: Context) -> bool:
     return ctx.cfg.effective_engine is Engine.FSDP1
-
-
-SRC_POOLS = ("c10/cuda/CUDACachingAllocator.cpp get_free_block (a cached block is reused only by its own stream); "
-             "FSDP1 all-gathers into buffers of its _unshard_stream (_runtime_utils.py _unshard); construction: "
-             "_init_utils.py _move_module_to_device, _flat_param.py flatten_tensors (torch.cat) and _get_shard (clone)")
-
-
-def init_high_water(ctx: Context, us: list[Unit]) -> int:
-    """Bytes the default stream holds at the end of FSDP1's construction, one unit at a time (post-order, so the
-    largest unit, the root, last): the GPU-resident shards and replicated states, plus the largest unit moved to
-    the GPU (U), its ``torch.cat`` into a FlatParameter (U) and the shard cloned from it (U/Nd).
-
-    Formula: Σ GPU shards + replicated + buffers + 2·U_max + ceil(U_max/Nd) (NO_SHARD: no clone); buffers: the
-    model's non-persistent buffers FSDP moves with the modules (``memory.hf_legacy``, older transformers).
-    Source: torch/distributed/fsdp/_init_utils.py ``_move_module_to_device`` (with ``device_id``),
-    _flat_param.py ``flatten_tensors`` and ``_get_shard``; fsdp_qlora benchmarks_03_2024.md reports 3.72 GiB
-    reserved after wrapping a 7B QLoRA (``reserved_after_model_wrap``).
-    Assumptions: the model is on the CPU or the meta device before wrapping (fsdp_qlora low_memory, Lightning's
-    empty_init, accelerate's cpu_ram_efficient_loading); a model already on the GPU holds more.
-    """
-    cfg = ctx.cfg
-    dp = cfg.dp if sharded(cfg) else 1
-    on_gpu = 0 if cfg.offload_params is not Offload.NONE else sum(shard_bytes(u.flat_bytes, dp) for u in us)
-    largest = max((u.flat_bytes for u in us), default=0)
-    clone = shard_bytes(largest, dp) if sharded(cfg) else 0
-    buffers = hf_legacy.rope_cache_bytes(ctx.arch.spec, cfg) + hf_legacy.mask_buffer_bytes(ctx.arch.spec, cfg)
-    return on_gpu + sum(u.replicated_bytes for u in us) + buffers + 2 * largest + clone
-
-
-def pool_rows(ctx: Context, *, allocated_peak: int, gathered: int) -> list[Row]:
-    """Reserved memory the caching allocator cannot share between FSDP1's streams and its construction.
-
-    Formula: P + max(0, W − (A − g)), with A the allocated peak, g the gathered bytes at it (the unshard stream's
-    blocks), W ``init_high_water`` (the default stream's cache after construction, reused by the step's
-    default-stream tensors only), P one block unit whose free event is still pending when the next block is
-    gathered (FULL_SHARD under ``limit_all_gathers``: 0 otherwise, every unit is counted in g already).
-    Source: ``SRC_POOLS``. Counted only with the allocator reserve (``allocator_reserve_pct`` > 0): it is
-    reserved memory, never allocated to a tensor.
-    """
-    from memplan.memory.runtime import settings
-
-    cfg = ctx.cfg
-    if settings(ctx.gpu, cfg).reserve_pct <= 0:
-        return []
-    us = units(ctx)
-    pending = 0
-    if sharded(cfg) and cfg.engine_config.sharding_strategy == "FULL_SHARD" and cfg.engine_config.limit_all_gathers:
-        pending = max((u.gathered_bytes for u in us if u.is_block and not u.name.endswith("adapters")), default=0)
-    init = init_high_water(ctx, us)
-    nbytes = pending + max(0, init - (allocated_peak - gathered))
-    return [Row("runtime/fsdp1_stream_pools", Tier.GPU, nbytes, SRC_POOLS,
-                f"pending all-gather buffer {pending} + construction cache above the step's default stream "
-                f"({init} at wrap)"), *_grad_pool_rows(ctx, us)]
-
-
-SRC_GRAD_POOL = ("torch/distributed/fsdp/_runtime_utils.py _post_backward_hook (under _post_backward_stream), "
-                 "_reduce_grad (new_sharded_grad), _accumulate_sharded_grad; c10/cuda/CUDACachingAllocator.cpp "
-                 "get_free_block (per-stream pools)")
-
-
-def _grad_pool_rows(ctx: Context, us: list[Unit]) -> list[Row]:
-    """The post-backward stream's cached sharded gradients, free while forward and the start of backward run.
-
-    Formula: ``allocator_segments.stream_pool_bytes`` over ceil(flat/Nd) of every unit that requires grad; a row of
-    forward and backward_start only (in backward and the step the same bytes are the gradients, allocated).
-    Source: ``SRC_GRAD_POOL``: each shard is allocated on ``_post_backward_stream`` and kept as the gradient until
-    ``zero_grad(set_to_none=True)`` frees it into that stream's pool. Sharded strategies without CPU offload
-    (``_offload_grad`` drops the GPU shard at once) and without ``no_sync`` accumulation (its gradients are the
-    compute stream's).
-    """
-    from memplan.memory.allocator_segments import stream_pool_bytes
-
-    cfg = ctx.cfg
-    if not sharded(cfg) or cfg.offload_params is not Offload.NONE or accumulating_unsharded(cfg):
-        return []
-    shards = [shard_bytes(u.flat_bytes, cfg.dp) for u in us if u.requires_grad]
-    return [Row("runtime/fsdp1_grad_stream_pool", Tier.GPU, stream_pool_bytes(shards), SRC_GRAD_POOL,
-                f"{len(shards)} sharded gradients' blocks cached on the post-backward stream")] if shards else []
