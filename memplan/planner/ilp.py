@@ -45,6 +45,7 @@ from memplan.planner.ilp_model import (
     safe_name,
     stage_of,
 )
+from memplan.planner.solvers import _highs_gap, _status_name
 
 __all__ = [
     "SECONDS_SCALE",
@@ -55,6 +56,7 @@ __all__ = [
     "LayerBlock",
     "Problem",
     "Solution",
+    "_highs_gap",
     "ceil_unit",
     "stage_of",
 ]
@@ -291,28 +293,3 @@ class IlpBuilder(LayerBlocks):
             self.prob.writeLP(path)
         except OSError as exc:
             raise MemplanError(f"--debug-lp: cannot write {path}: {exc.strerror or exc}.") from None
-
-
-def _highs_gap(prob: Any) -> float | None:
-    """HiGHS's relative MIP gap of the incumbent a time limit left (|primal − dual| / |primal|), when HiGHS solved."""
-    model = getattr(prob, "solverModel", None)
-    try:
-        gap = float(model.getInfo().mip_gap) if model is not None else math.nan
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return gap if math.isfinite(gap) and gap >= 0 else None
-
-
-def _status_name(label: str, prob: Any) -> str:
-    """The solve's status in memplan's words. PuLP reports HiGHS's kUnboundedOrInfeasible (a MIP whose
-    relaxation is unbounded) as Infeasible; memplan keeps HiGHS's own, undecided answer."""
-    if label == "Infeasible":
-        model = getattr(prob, "solverModel", None)
-        if model is not None and getattr(model.getModelStatus(), "name", "") == "kUnboundedOrInfeasible":
-            return "infeasible_or_unbounded"
-        return "infeasible"
-    if label == "Unbounded":
-        return "unbounded"
-    if label == "Not Solved":
-        return "time_limit"
-    return label.lower().replace(" ", "_")

@@ -1,8 +1,10 @@
-"""Which MILP solver PuLP uses: HiGHS (highspy) first, CBC as the fallback, a clear error if neither works."""
+"""Which MILP solver PuLP uses: HiGHS (highspy) first, CBC as the fallback, a clear error if neither works; and
+how a solve's answer reads (its status in memplan's words, HiGHS's gap), which ``ilp`` re-exports."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -113,3 +115,28 @@ def quiet_stdout() -> Iterator[None]:
         os.dup2(saved, 1)
         os.close(saved)
         os.close(devnull)
+
+
+def _highs_gap(prob: Any) -> float | None:
+    """HiGHS's relative MIP gap of the incumbent a time limit left (|primal − dual| / |primal|), when HiGHS solved."""
+    model = getattr(prob, "solverModel", None)
+    try:
+        gap = float(model.getInfo().mip_gap) if model is not None else math.nan
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return gap if math.isfinite(gap) and gap >= 0 else None
+
+
+def _status_name(label: str, prob: Any) -> str:
+    """The solve's status in memplan's words. PuLP reports HiGHS's kUnboundedOrInfeasible (a MIP whose
+    relaxation is unbounded) as Infeasible; memplan keeps HiGHS's own, undecided answer."""
+    if label == "Infeasible":
+        model = getattr(prob, "solverModel", None)
+        if model is not None and getattr(model.getModelStatus(), "name", "") == "kUnboundedOrInfeasible":
+            return "infeasible_or_unbounded"
+        return "infeasible"
+    if label == "Unbounded":
+        return "unbounded"
+    if label == "Not Solved":
+        return "time_limit"
+    return label.lower().replace(" ", "_")
