@@ -18,6 +18,7 @@ Inference activations are ``memplan.memory.inference``'s; a params-only model is
 from __future__ import annotations
 
 from memplan.arch.build_families import EMBEDDING_NORMS
+from memplan.arch.interleaved import chunk_layer_counts, peak_chunk_bytes
 from memplan.arch.parallel import in_flight_micro_batches
 from memplan.arch.tensors import Layer
 from memplan.catalog.schema import Family, ModelSpec
@@ -154,6 +155,36 @@ def stage_layers_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.
         else:
             kinds.setdefault((classes[i][0], trainables[i], modes[i]), []).append(i)
     return total + sum(len(idx) * layer_micro_bytes(ctx, idx[0], modes[idx[0]], counting) for idx in kinds.values())
+
+
+def in_flight_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting, flight: int) -> dict[str, int]:
+    """The saved rows that scale with the micro-batches in flight at the stage's peak: the blocks, and the embedding
+    (first stage) and final norm and loss (last stage).
+
+    1F1B (v = 1): ``flight`` × one micro-batch's bytes. Interleaved (v > 1, pp > 1): counted per chunk, the stage's
+    blocks split into v chunks in order (``arch.interleaved.chunk_layer_counts``), the embedding on chunk 0 of the
+    first stage and the final norm and loss on chunk v − 1 of the last; each chunk's micro-batches in flight taken at
+    the moment the stage's weighted sum is largest (``arch.interleaved.peak_chunk_bytes``: the order of Megatron's
+    ``forward_backward_pipelining_with_interleaving`` and torch's ``ScheduleInterleaved1F1B``), instead of
+    ⌈chunk micro-batches / v⌉ whole stages. The planner's linear model keeps the rounded-up whole-stage count."""
+    cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
+    ends = {"activations/embeddings": embedding_bytes(ctx, counting) if ctx.stage == 0 else None,
+            "activations/final_norm": final_norm_bytes(ctx, counting) if ctx.stage == cfg.pp - 1 else None,
+            "activations/loss": loss_bytes(ctx, counting) if ctx.stage == cfg.pp - 1 else None}
+    if v <= 1 or cfg.pp <= 1:
+        out = {"activations/layers": flight * stage_layers_bytes(ctx, modes, counting)}
+        return out | {name: flight * each for name, each in ends.items() if each is not None}
+    per_layer = [layer_micro_bytes(ctx, i, modes[i], counting) for i, _ in ctx.layers]
+    chunks, start = [], 0
+    for size in chunk_layer_counts(len(per_layer), v, first_stage=ctx.stage == 0):
+        chunks.append(sum(per_layer[start:start + size]))
+        start += size
+    first, last = ends["activations/embeddings"] or 0, (ends["activations/final_norm"] or 0) + (ends["activations/loss"] or 0)
+    weights = tuple(b + (first if c == 0 else 0) + (last if c == v - 1 else 0) for c, b in enumerate(chunks))
+    counts = peak_chunk_bytes(cfg.pp, ctx.stage, cfg.grad_accum, weights)[1]
+    out = {"activations/layers": sum(n * b for n, b in zip(counts, chunks, strict=True))}
+    chunk_of = {"activations/embeddings": 0, "activations/final_norm": v - 1, "activations/loss": v - 1}
+    return out | {name: counts[chunk_of[name]] * each for name, each in ends.items() if each is not None}
 
 
 def layer_bytes(ctx: Context, layer_index: int, mode: Recompute) -> int:
@@ -326,17 +357,15 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
     cfg, flight = ctx.cfg, micro_batches_in_flight(ctx)
     modes = layer_modes(ctx)
     ckpt = {i for i, mode in modes.items() if mode is not Recompute.NONE}
-    out = {"activations/layers": flight * stage_layers_bytes(ctx, modes, counting)}
+    saved = in_flight_saved(ctx, modes, counting, flight)
+    out = {"activations/layers": saved["activations/layers"]}
     out["activations/recompute_workspace"] = max(
         (workspace_bytes(ctx, modes[i], {i}, counting) for i in ckpt), default=0)
     out["activations/rotary"] = flight * rotary_table_bytes(ctx, counting)
     out["activations/cp_exchange"] = exchange_bytes(ctx.arch.spec, cfg)
     out["activations/layer_kwargs"] = flight * layer_kwargs_bytes(ctx, ckpt, counting)
-    if ctx.stage == 0:
-        out["activations/embeddings"] = flight * embedding_bytes(ctx, counting)
+    out |= {name: b for name, b in saved.items() if name != "activations/layers"}
     if ctx.stage == cfg.pp - 1:
-        out["activations/final_norm"] = flight * final_norm_bytes(ctx, counting)
-        out["activations/loss"] = flight * loss_bytes(ctx, counting)
         out["activations/logits"] = logits_peak_bytes(ctx, counting)
         out["activations/kept_output"] = kept_output_bytes(ctx, counting)
     out["activations/dequant_workspace"] = bnb_workspace.dequant_workspace_bytes(ctx)
