@@ -100,17 +100,22 @@ LLAMA3_PARAMS = 405e9
 LLAMA3_FLOPS_PER_TOKEN = 6 * LLAMA3_PARAMS + 6 * 126 * 8192 * 16384
 """6N plus the causal attention products (12·L·S·d halved): the usual MFU count (PaLM, App. B)."""
 LLAMA3_VIRTUAL_STAGES = 8
-"""Llama 3, Sec. 3.3.2: an interleaved schedule with V stages per pipeline rank (V not printed), and "we reduce one
-Transformer layer each from the first and the last stages ... the first model chunk on the first stage has only the
-embedding, and the last model chunk on the last stage has only output projection and loss calculation". A chunk left
-with no layer after losing one held one: 126 + 2 = 128 one-layer chunks on 16 ranks, V = 8 (derived, not printed)."""
+"""Llama 3, Sec. 3.3.2: "we use an interleaved schedule (Narayanan et al., 2021) with V pipeline stages on one pipeline
+rank" (V not printed), and "we reduce one Transformer layer each from the first and the last stages, respectively.
+This means that the first model chunk on the first stage has only the embedding, and the last model chunk on the last
+stage has only output projection and loss calculation". A chunk left with no layer after losing one held one: 126 + 2
+= 128 one-layer chunks on 16 ranks, V = 8 (derived, not printed). Quotes checked against a transcript of arXiv
+2407.21783 (the paper is not in the search corpora; a public markdown copy of Sec. 3.3.2 was read)."""
 LLAMA3_FSDP = {"reshard_after_forward": False}
-"""Llama 3, Sec. 3.3.2: "our implementation of FSDP shards the optimizer states and gradients, but for model shards we
-do not reshard after forward computation to avoid an extra all-gather communication during the backward passes";
-"we accumulate backward gradients in FP32 across multiple micro-batches and also reduce-scatter gradients in FP32
-across data parallel workers in FSDP". memplan's fsdp2 profile under a pipeline (torch.distributed.pipelining) runs
-that: bf16 units kept gathered, fp32 gradients accumulated unsharded until the last backward, then reduce-scattered
-(``memory.engine_buffers.fsdp2_pipeline_rows``)."""
+"""Llama 3, Sec. 3.3.2: "Our use of FSDP for Llama 3 shards optimizer states and gradients, but for model shards we do
+not reshard after forward computation to avoid an extra all-gather communication during backward passes"; "we use FP32
+gradients accumulation during backward computation over multiple micro-batches and also reduce-scatter gradients in
+FP32 across data parallel workers in FSDP". memplan's fsdp2 profile under a pipeline (torch.distributed.pipelining)
+runs that: bf16 units kept gathered, fp32 gradients accumulated unsharded until the last backward, then
+reduce-scattered (``memory.engine_buffers.fsdp2_pipeline_rows``). Also Sec. 3.3.2: "we proactively deallocate tensors
+that will not be used for future computation, including the input and output tensors of each pipeline stage": memplan
+counts no pipeline send/receive buffers (torch.distributed.pipelining's stage.py keeps each chunk's output in
+``fwd_cache`` until its backward and allocates receive buffers for every micro-batch; Meta's pipeline does not)."""
 LLAMA3_MEMORY = ("at 8,192 GPUs (m = 32 micro-batches per replica) the interleaved schedule reaches its steady phase on "
                  "stage 1: it holds 141 one-layer chunk micro-batches (29 on chunk 0, 16 on each other chunk: 69.9 GiB) "
                  "while all 8 chunks' fp32 gradients accumulate (11.9 GiB), next to 5.9 GiB of gathered bf16 weights "

@@ -134,8 +134,8 @@ def fsdp2_pipeline_rows(ctx: Context, *, unit_reduce_bytes: int) -> list[Row]:
     ``set_reshard_after_backward(False)``, then calls each group's ``post_backward`` by hand: no reduce-scatter until
     the last backward. Under ``MixedPrecisionPolicy(reduce_dtype=fp32)`` each unit's first gradient is copied to
     fp32 (``to_accumulated_grad_if_needed``) and later ones are added to it (``accumulate_unsharded_grad_if_needed``):
-    the fp32 accumulation Llama 3 describes ("we accumulate backward gradients in FP32 across multiple
-    micro-batches", Dubey et al. 2024, Sec. 3.3.2). They exist from a unit's first backward of the step until the
+    the fp32 accumulation Llama 3 describes ("we use FP32 gradients accumulation during backward computation over
+    multiple micro-batches", Dubey et al. 2024, Sec. 3.3.2). They exist from a unit's first backward of the step until the
     last backward's reduce-scatter, so they are not there while the stage runs its warm-up forwards.
 
     Formula, with G = bits(reduce_dtype)/8 · (the stage's trainable elements), c the stage's chunks with gradients
