@@ -121,10 +121,17 @@ LLAMA3_MEMORY = ("at 8,192 GPUs (m = 32 micro-batches per replica) the interleav
                  "while all 8 chunks' fp32 gradients accumulate (11.9 GiB), next to 5.9 GiB of gathered bf16 weights "
                  "and the 10% allocator reserve: 98.5 GiB; Meta's own schedule (N tunable, Fig. 6) is not Megatron's "
                  "or torch's, and its in-flight count at m = 32 is not published")
-LLAMA3_MEMORY_16K = ("at 16,384 GPUs (m = 16 micro-batches per replica, every forward before any backward) stage 1 holds "
-                     "63.5 GiB of activations (8 one-layer chunks x 16 micro-batches), 5.9 GiB of gathered bf16 weights, "
-                     "the running unit's gradients (2.2 GiB) and the 10% allocator reserve: 79.64 GiB, 0.46 GiB over the "
-                     "H100's CUDA-runtime total (79.18 GiB, catalog cuda_memory_mib); it fit nvidia-smi's 79.65 GiB")
+LLAMA3_MEMORY_16K = ("at 16,384 GPUs (m = 16 micro-batches per replica: stage 1's warm-up of (16 - 2)*2 + 7*16 = 140 chunk "
+                     "forwards covers the step's 128, so every forward runs first) stage 1 holds 63.5 GiB of activations "
+                     "(8 one-layer chunks x 16 micro-batches, exact per chunk), 5.9 GiB of gathered bf16 weights, the "
+                     "running layer's bf16 gradients and fp32 copy for the backward right after the peak (2.2 GiB) and "
+                     "the 10% allocator reserve: 79.64 GiB, 0.46 GiB over the H100's CUDA-runtime total (79.18 GiB, "
+                     "catalog cuda_memory_mib). Counted by hand from the source, that first backward holds about 2.06 "
+                     "GiB beyond the activations, not 2.2 (FSDP2 copies gradients to fp32 one parameter at a time and "
+                     "autograd releases the layer's saved tensors, but the gate/up projection's backward re-gathers its "
+                     "sequence-parallel input and holds its output and input gradients), about 79.46 GiB: still over; "
+                     "memplan has no per-block backward working set to count it exactly, and NCCL's buffers are not "
+                     "counted")
 LLAMA3_128K_SEQ = 131072
 LLAMA3_128K_TOKENS_PER_BATCH = 16 * 2**20
 """Llama 3 (Dubey et al. 2024), Table 4, the 128K-context row: 16,384 GPUs, TP 8, CP 16, PP 16, DP 8, batch size per

@@ -157,34 +157,50 @@ def stage_layers_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.
     return total + sum(len(idx) * layer_micro_bytes(ctx, idx[0], modes[idx[0]], counting) for idx in kinds.values())
 
 
-def in_flight_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting, flight: int) -> dict[str, int]:
-    """The saved rows that scale with the micro-batches in flight at the stage's peak: the blocks, and the embedding
-    (first stage) and final norm and loss (last stage).
-
-    1F1B (v = 1): ``flight`` × one micro-batch's bytes. Interleaved (v > 1, pp > 1): counted per chunk, the stage's
-    blocks split into v chunks in order (``arch.interleaved.chunk_layer_counts``), the embedding on chunk 0 of the
-    first stage and the final norm and loss on chunk v − 1 of the last; each chunk's micro-batches in flight taken at
-    the moment the stage's weighted sum is largest (``arch.interleaved.peak_chunk_bytes``: the order of Megatron's
-    ``forward_backward_pipelining_with_interleaving`` and torch's ``ScheduleInterleaved1F1B``), instead of
-    ⌈chunk micro-batches / v⌉ whole stages. The planner's linear model keeps the rounded-up whole-stage count."""
-    cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
-    ends = {"activations/embeddings": embedding_bytes(ctx, counting) if ctx.stage == 0 else None,
-            "activations/final_norm": final_norm_bytes(ctx, counting) if ctx.stage == cfg.pp - 1 else None,
-            "activations/loss": loss_bytes(ctx, counting) if ctx.stage == cfg.pp - 1 else None}
-    if v <= 1 or cfg.pp <= 1:
-        out = {"activations/layers": flight * stage_layers_bytes(ctx, modes, counting)}
-        return out | {name: flight * each for name, each in ends.items() if each is not None}
+def chunk_saved_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> dict[str, tuple[int, ...]]:
+    """One micro-batch's saved bytes per model chunk of the reported stage (v = ``virtual_stages`` chunks, 1 without
+    interleaving), by row: ``activations/layers`` (the stage's blocks split into chunks in order,
+    ``arch.interleaved.chunk_layer_counts``), the embedding on chunk 0 of the first stage, the final norm and loss on
+    chunk v − 1 of the last."""
+    cfg = ctx.cfg
+    v = max(1, cfg.perf.virtual_stages) if cfg.pp > 1 else 1
     per_layer = [layer_micro_bytes(ctx, i, modes[i], counting) for i, _ in ctx.layers]
     chunks, start = [], 0
     for size in chunk_layer_counts(len(per_layer), v, first_stage=ctx.stage == 0):
         chunks.append(sum(per_layer[start:start + size]))
         start += size
-    first, last = ends["activations/embeddings"] or 0, (ends["activations/final_norm"] or 0) + (ends["activations/loss"] or 0)
-    weights = tuple(b + (first if c == 0 else 0) + (last if c == v - 1 else 0) for c, b in enumerate(chunks))
+    out = {"activations/layers": tuple(chunks)}
+    ends = {"activations/embeddings": (0, embedding_bytes, ctx.stage == 0),
+            "activations/final_norm": (v - 1, final_norm_bytes, ctx.stage == cfg.pp - 1),
+            "activations/loss": (v - 1, loss_bytes, ctx.stage == cfg.pp - 1)}
+    for name, (chunk, fn, present) in ends.items():
+        if present:
+            out[name] = tuple(fn(ctx, counting) if c == chunk else 0 for c in range(v))
+    return out
+
+
+def in_flight_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting, flight: int) -> dict[str, int]:
+    """The saved rows that scale with the micro-batches in flight at the stage's peak: the blocks, and the embedding
+    (first stage) and final norm and loss (last stage).
+
+    1F1B (v = 1): ``flight`` × one micro-batch's bytes. Interleaved (v > 1, pp > 1): counted per chunk
+    (``chunk_saved_bytes``), each chunk's micro-batches in flight taken at the moment the stage's sum is largest
+    (``arch.interleaved.peak_chunk_bytes``: the order of Megatron's ``forward_backward_pipelining_with_interleaving``
+    and torch's ``ScheduleInterleaved1F1B``), instead of ⌈chunk micro-batches / v⌉ whole stages. The planner's
+    linear model keeps the rounded-up whole-stage count."""
+    cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
+    if v <= 1 or cfg.pp <= 1:
+        out = {"activations/layers": flight * stage_layers_bytes(ctx, modes, counting)}
+        if ctx.stage == 0:
+            out["activations/embeddings"] = flight * embedding_bytes(ctx, counting)
+        if ctx.stage == cfg.pp - 1:
+            out["activations/final_norm"] = flight * final_norm_bytes(ctx, counting)
+            out["activations/loss"] = flight * loss_bytes(ctx, counting)
+        return out
+    per = chunk_saved_bytes(ctx, modes, counting)
+    weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
     counts = peak_chunk_bytes(cfg.pp, ctx.stage, cfg.grad_accum, weights)[1]
-    out = {"activations/layers": sum(n * b for n, b in zip(counts, chunks, strict=True))}
-    chunk_of = {"activations/embeddings": 0, "activations/final_norm": v - 1, "activations/loss": v - 1}
-    return out | {name: counts[chunk_of[name]] * each for name, each in ends.items() if each is not None}
+    return {name: sum(n * b for n, b in zip(counts, each, strict=True)) for name, each in per.items()}
 
 
 def layer_bytes(ctx: Context, layer_index: int, mode: Recompute) -> int:
