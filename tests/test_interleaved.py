@@ -123,3 +123,13 @@ def test_chunk_layers_follow_llama3_first_and_last_stages():
     assert chunk_layer_counts(7, 8) == (1,) * 7 + (0,)
     assert chunk_layer_counts(8, 8) == (1,) * 8
     assert chunk_layer_counts(10, 4) == (3, 3, 2, 2)
+
+
+def test_last_stage_chunks_with_layers_hold_every_micro_batch():
+    """Llama 3's last stage at m = 16 (p = 16, v = 8): its warm-up (7·16 = 112) covers chunks 0-6's forwards, which hold
+    the 7 layers, and chunk 7 (output and loss only) alternates one forward with one backward: 7·16 = 112 layer
+    micro-batches, more than the rounded whole-stage count ⌈113/8⌉ = 15 per layer (105) memplan used before."""
+    from memplan.arch.parallel import in_flight_micro_batches
+
+    assert peak_chunk_bytes(16, 15, 16, (1,) * 7 + (0,))[0] == 112
+    assert in_flight_micro_batches(16, 15, 8, 16) * 7 == 105
