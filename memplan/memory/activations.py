@@ -179,6 +179,20 @@ def chunk_saved_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.C
     return out
 
 
+def layer_flights(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> dict[int, int]:
+    """Micro-batches each of the stage's blocks holds at the stage's peak: ``micro_batches_in_flight`` for every block
+    under 1F1B; under the interleaved schedule its chunk's count at the moment ``in_flight_saved`` takes."""
+    cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
+    if v <= 1 or cfg.pp <= 1:
+        return dict.fromkeys((i for i, _ in ctx.layers), micro_batches_in_flight(ctx))
+    per = chunk_saved_bytes(ctx, modes, counting)
+    weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
+    counts = peak_chunk_bytes(cfg.pp, ctx.stage, cfg.grad_accum, weights)[1]
+    sizes = chunk_layer_counts(len(ctx.layers), v, first_stage=ctx.stage == 0)
+    chunk_of = [c for c, size in enumerate(sizes) for _ in range(size)]
+    return {i: counts[chunk_of[k]] for k, (i, _) in enumerate(ctx.layers)}
+
+
 def in_flight_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting, flight: int) -> dict[str, int]:
     """The saved rows that scale with the micro-batches in flight at the stage's peak: the blocks, and the embedding
     (first stage) and final norm and loss (last stage).
