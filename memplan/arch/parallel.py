@@ -128,6 +128,10 @@ def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1, micro_
     the step's forwards (schedules.py: ``num_warmup_microbatches = min(num_warmup_microbatches,
     num_microbatches)`` for 1F1B, ``min(..., total_num_microbatches)`` = m·v chunks when interleaved, which then
     runs every forward first). None: no cap (m at least p).
+    The whole-stage count rounds the chunk micro-batches up to stages: the planner's linear model, the rotary and
+    keyword-argument rows use it; ``estimate``'s saved blocks, embedding and loss are counted per chunk instead
+    (``arch.interleaved.peak_chunk_bytes``), which can exceed this count times the stage's bytes when the chunks are
+    uneven (a stage with fewer layers than chunks: its layered chunks hold more than the stage average).
     """
     if virtual_stages <= 1 or pp <= 1:
         flight = pp - stage

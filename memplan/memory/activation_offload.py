@@ -72,15 +72,16 @@ def megatron_layers(requested: int | None, stage_layers: int) -> int:
     return requested
 
 
-def split_bytes(per_layer: dict[int, int], flight: int) -> tuple[int, int]:
+def split_bytes(per_layer: dict[int, int], flight: int | dict[int, int]) -> tuple[int, int]:
     """(bytes leaving the GPU, bytes in transit on the GPU) for the offloaded layers' per-micro-batch saved bytes.
 
-    Formula: moved = flight · Σ_offloaded A_i (every micro-batch in flight is offloaded); in transit =
-    min(2, n) · max_i A_i (``LAYERS_IN_TRANSIT`` of one micro-batch). Both 0 without offloaded layers.
+    Formula: moved = Σ_offloaded F_i · A_i with F_i the micro-batches layer i holds in flight (``flight``, one count
+    for every layer or one per layer: every micro-batch in flight is offloaded); in transit = min(2, n) · max_i A_i
+    (``LAYERS_IN_TRANSIT`` of one micro-batch). Both 0 without offloaded layers.
     """
     if not per_layer:
         return 0, 0
-    moved = flight * sum(per_layer.values())
+    moved = sum((flight if isinstance(flight, int) else flight[i]) * a for i, a in per_layer.items())
     transit = min(LAYERS_IN_TRANSIT, len(per_layer)) * max(per_layer.values())
     return moved, transit
 
@@ -93,7 +94,7 @@ def apply(ctx: Context, rows: list[Row]) -> list[Row]:
     Assumptions: the rotary tables, masks, embeddings and loss tensors stay on the GPU (torchtune keeps the
     output layer's; the loss runs outside the wrapped layers).
     """
-    from memplan.memory.activations import layer_micro_bytes, layer_modes, micro_batches_in_flight
+    from memplan.memory.activations import counting_for, layer_flights, layer_micro_bytes, layer_modes
 
     cfg = ctx.cfg
     if not cfg.offload_activations:
@@ -103,7 +104,8 @@ def apply(ctx: Context, rows: list[Row]) -> list[Row]:
                            "(a parameter-count-only model): drop --offload-activations.")
     modes = layer_modes(ctx)
     per_layer = {i: layer_micro_bytes(ctx, i, modes[i]) for i in offloaded_layers(ctx)}
-    moved, transit = split_bytes(per_layer, micro_batches_in_flight(ctx))
+    flights = layer_flights(ctx, modes, counting_for(cfg))  # per chunk under the interleaved schedule
+    moved, transit = split_bytes(per_layer, flights)
     source = SOURCES[cfg.effective_engine]
     out = [replace(r, bytes=r.bytes - moved, note=f"{r.note}; {len(per_layer)} layers offloaded")
            if r.component == "activations/layers" else r for r in rows]

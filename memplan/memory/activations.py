@@ -18,6 +18,7 @@ Inference activations are ``memplan.memory.inference``'s; a params-only model is
 from __future__ import annotations
 
 from memplan.arch.build_families import EMBEDDING_NORMS
+from memplan.arch.interleaved import chunk_layer_counts, peak_chunk_bytes
 from memplan.arch.parallel import in_flight_micro_batches
 from memplan.arch.tensors import Layer
 from memplan.catalog.schema import Family, ModelSpec
@@ -154,6 +155,66 @@ def stage_layers_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.
         else:
             kinds.setdefault((classes[i][0], trainables[i], modes[i]), []).append(i)
     return total + sum(len(idx) * layer_micro_bytes(ctx, idx[0], modes[idx[0]], counting) for idx in kinds.values())
+
+
+def chunk_saved_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> dict[str, tuple[int, ...]]:
+    """One micro-batch's saved bytes per model chunk of the reported stage (v = ``virtual_stages`` chunks, 1 without
+    interleaving), by row: ``activations/layers`` (the stage's blocks split into chunks in order,
+    ``arch.interleaved.chunk_layer_counts``), the embedding on chunk 0 of the first stage, the final norm and loss on
+    chunk v − 1 of the last."""
+    cfg = ctx.cfg
+    v = max(1, cfg.perf.virtual_stages) if cfg.pp > 1 else 1
+    per_layer = [layer_micro_bytes(ctx, i, modes[i], counting) for i, _ in ctx.layers]
+    chunks, start = [], 0
+    for size in chunk_layer_counts(len(per_layer), v, first_stage=ctx.stage == 0):
+        chunks.append(sum(per_layer[start:start + size]))
+        start += size
+    out = {"activations/layers": tuple(chunks)}
+    ends = {"activations/embeddings": (0, embedding_bytes, ctx.stage == 0),
+            "activations/final_norm": (v - 1, final_norm_bytes, ctx.stage == cfg.pp - 1),
+            "activations/loss": (v - 1, loss_bytes, ctx.stage == cfg.pp - 1)}
+    for name, (chunk, fn, present) in ends.items():
+        if present:
+            out[name] = tuple(fn(ctx, counting) if c == chunk else 0 for c in range(v))
+    return out
+
+
+def layer_flights(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> dict[int, int]:
+    """Micro-batches each of the stage's blocks holds at the stage's peak: ``micro_batches_in_flight`` for every block
+    under 1F1B; under the interleaved schedule its chunk's count at the moment ``in_flight_saved`` takes."""
+    cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
+    if v <= 1 or cfg.pp <= 1:
+        return dict.fromkeys((i for i, _ in ctx.layers), micro_batches_in_flight(ctx))
+    per = chunk_saved_bytes(ctx, modes, counting)
+    weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
+    counts = peak_chunk_bytes(cfg.pp, ctx.stage, cfg.grad_accum, weights)[1]
+    sizes = chunk_layer_counts(len(ctx.layers), v, first_stage=ctx.stage == 0)
+    chunk_of = [c for c, size in enumerate(sizes) for _ in range(size)]
+    return {i: counts[chunk_of[k]] for k, (i, _) in enumerate(ctx.layers)}
+
+
+def in_flight_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting, flight: int) -> dict[str, int]:
+    """The saved rows that scale with the micro-batches in flight at the stage's peak: the blocks, and the embedding
+    (first stage) and final norm and loss (last stage).
+
+    1F1B (v = 1): ``flight`` × one micro-batch's bytes. Interleaved (v > 1, pp > 1): counted per chunk
+    (``chunk_saved_bytes``), each chunk's micro-batches in flight taken at the moment the stage's sum is largest
+    (``arch.interleaved.peak_chunk_bytes``: the order of Megatron's ``forward_backward_pipelining_with_interleaving``
+    and torch's ``ScheduleInterleaved1F1B``), instead of ⌈chunk micro-batches / v⌉ whole stages. The planner's
+    linear model keeps the rounded-up whole-stage count."""
+    cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
+    if v <= 1 or cfg.pp <= 1:
+        out = {"activations/layers": flight * stage_layers_bytes(ctx, modes, counting)}
+        if ctx.stage == 0:
+            out["activations/embeddings"] = flight * embedding_bytes(ctx, counting)
+        if ctx.stage == cfg.pp - 1:
+            out["activations/final_norm"] = flight * final_norm_bytes(ctx, counting)
+            out["activations/loss"] = flight * loss_bytes(ctx, counting)
+        return out
+    per = chunk_saved_bytes(ctx, modes, counting)
+    weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
+    counts = peak_chunk_bytes(cfg.pp, ctx.stage, cfg.grad_accum, weights)[1]
+    return {name: sum(n * b for n, b in zip(counts, each, strict=True)) for name, each in per.items()}
 
 
 def layer_bytes(ctx: Context, layer_index: int, mode: Recompute) -> int:
@@ -326,17 +387,15 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
     cfg, flight = ctx.cfg, micro_batches_in_flight(ctx)
     modes = layer_modes(ctx)
     ckpt = {i for i, mode in modes.items() if mode is not Recompute.NONE}
-    out = {"activations/layers": flight * stage_layers_bytes(ctx, modes, counting)}
+    saved = in_flight_saved(ctx, modes, counting, flight)
+    out = {"activations/layers": saved["activations/layers"]}
     out["activations/recompute_workspace"] = max(
         (workspace_bytes(ctx, modes[i], {i}, counting) for i in ckpt), default=0)
     out["activations/rotary"] = flight * rotary_table_bytes(ctx, counting)
     out["activations/cp_exchange"] = exchange_bytes(ctx.arch.spec, cfg)
     out["activations/layer_kwargs"] = flight * layer_kwargs_bytes(ctx, ckpt, counting)
-    if ctx.stage == 0:
-        out["activations/embeddings"] = flight * embedding_bytes(ctx, counting)
+    out |= {name: b for name, b in saved.items() if name != "activations/layers"}
     if ctx.stage == cfg.pp - 1:
-        out["activations/final_norm"] = flight * final_norm_bytes(ctx, counting)
-        out["activations/loss"] = flight * loss_bytes(ctx, counting)
         out["activations/logits"] = logits_peak_bytes(ctx, counting)
         out["activations/kept_output"] = kept_output_bytes(ctx, counting)
     out["activations/dequant_workspace"] = bnb_workspace.dequant_workspace_bytes(ctx)

@@ -134,8 +134,8 @@ def fsdp2_pipeline_rows(ctx: Context, *, unit_reduce_bytes: int) -> list[Row]:
     ``set_reshard_after_backward(False)``, then calls each group's ``post_backward`` by hand: no reduce-scatter until
     the last backward. Under ``MixedPrecisionPolicy(reduce_dtype=fp32)`` each unit's first gradient is copied to
     fp32 (``to_accumulated_grad_if_needed``) and later ones are added to it (``accumulate_unsharded_grad_if_needed``):
-    the fp32 accumulation Llama 3 describes ("we accumulate backward gradients in FP32 across multiple
-    micro-batches", Dubey et al. 2024, Sec. 3.3.2). They exist from a unit's first backward of the step until the
+    the fp32 accumulation Llama 3 describes ("we use FP32 gradients accumulation during backward computation over
+    multiple micro-batches", Dubey et al. 2024, Sec. 3.3.2). They exist from a unit's first backward of the step until the
     last backward's reduce-scatter, so they are not there while the stage runs its warm-up forwards.
 
     Formula, with G = bits(reduce_dtype)/8 · (the stage's trainable elements), c the stage's chunks with gradients
@@ -184,23 +184,23 @@ def fsdp2_kept_after_backward(ctx: Context, numel: int) -> list[Row]:
                 f"units gathered by a backward and kept until the next forward reshards them ({dtype.value})")]
 
 
-def fsdp2_cooldown_rows(ctx: Context, rows: list[Row], *, flight: int) -> list[Row]:
+def fsdp2_cooldown_rows(ctx: Context, rows: list[Row], *, unit_activations: int) -> list[Row]:
     """FSDP2 under an interleaved pipeline: what the cool-down can hold beyond the in-flight peak, when a chunk's first
     backward adds its accumulated gradients faster than the backwards before it freed activations.
 
     Formula: ``arch.parallel.cooldown_gradient_excess`` with one chunk's gradients ⌈G/v⌉ (G the
-    ``gradients/fsdp_pp_accumulated`` row) and one chunk micro-batch's activations ⌊A/(F·v)⌋ (A the
-    ``activations/layers`` row, F the micro-batches in flight per chunk); counted at the start of backward, with every
-    in-flight activation (over by what the cool-down freed). Source: as ``fsdp2_pipeline_rows``.
+    ``gradients/fsdp_pp_accumulated`` row) and one chunk micro-batch's activations ``unit_activations`` (the stage's
+    blocks' saved bytes of one micro-batch over v); counted at the start of backward, with every in-flight activation
+    (over by what the cool-down freed). Source: as ``fsdp2_pipeline_rows``.
     """
     cfg = ctx.cfg
     v = max(1, cfg.perf.virtual_stages)
-    if cfg.effective_engine is not Engine.FSDP2 or cfg.pp <= 1 or v <= 1 or not cfg.job.trains or flight <= 0:
+    if cfg.effective_engine is not Engine.FSDP2 or cfg.pp <= 1 or v <= 1 or not cfg.job.trains \
+            or unit_activations <= 0:
         return []
-    by_name = {r.component: r.bytes for r in rows if r.tier is Tier.GPU}
-    total, layers = by_name.get("gradients/fsdp_pp_accumulated", 0), by_name.get("activations/layers", 0)
+    total = sum(r.bytes for r in rows if r.tier is Tier.GPU and r.component == "gradients/fsdp_pp_accumulated")
     excess = cooldown_gradient_excess(cfg.pp, ctx.stage, v, cfg.grad_accum, chunk_grad=-(-total // v),
-                                      unit_activations=layers // (flight * v))
+                                      unit_activations=unit_activations)
     if not excess:
         return []
     return [Row("gradients/fsdp_pp_cooldown", Tier.GPU, excess, FSDP2_PP,
