@@ -147,3 +147,21 @@ def test_cli_flags_reach_the_estimate_and_bad_values_exit_2() -> None:
     assert memory[0] != memory[1]
     assert runner.invoke(app, [*base, "--recompute-modules", "mlp"]).exit_code == 2
     assert runner.invoke(app, [*base, "--exp-avg-dtype", "fp8"]).exit_code == 2
+
+
+def test_recipe_fixed_section_carries_the_knobs() -> None:
+    """A recipe sets the knobs under ``fixed.engine_config``; an unknown module name is a recipe error."""
+    from memplan.recipe_load import job_config, parse_recipe
+
+    def recipe(modules: list[str]) -> dict:
+        return {"model": "deepseek-v3", "hardware": {"gpu": "h800-sxm-80gb", "gpus_per_node": 8, "nodes": 256},
+                "job": {"type": "pretrain", "seq_len": 4096},
+                "fixed": {"engine": "megatron", "pp": 16, "ep": 64, "recompute": "selective",
+                          "engine_config": {"recompute_modules": modules, "use_precision_aware_optimizer": True,
+                                            "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}}}
+
+    cfg = job_config(parse_recipe(recipe(["layernorm", "mla_up_proj", "moe_act"]), name="dsv3"))
+    assert cfg.engine_config.recompute_modules == ("layernorm", "mla_up_proj", "moe_act")
+    assert cfg.engine_config.exp_avg_dtype == cfg.engine_config.exp_avg_sq_dtype == "bf16"
+    with pytest.raises(MemplanError, match="recompute_modules"):
+        job_config(parse_recipe(recipe(["attention"]), name="dsv3"))
