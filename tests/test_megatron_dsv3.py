@@ -165,3 +165,17 @@ def test_recipe_fixed_section_carries_the_knobs() -> None:
     assert cfg.engine_config.exp_avg_dtype == cfg.engine_config.exp_avg_sq_dtype == "bf16"
     with pytest.raises(MemplanError, match="recompute_modules"):
         job_config(parse_recipe(recipe(["attention"]), name="dsv3"))
+
+
+def test_layernorm_recomputes_only_the_norms_megatron_does_not_fuse() -> None:
+    """A dense DeepSeek-V3 layer (stage 0): MLA's input norm is a module of its own (recomputed: its output goes),
+    the pre-MLP norm is fused into fc1 (TELayerNormColumnParallelLinear: kept, input and output). Paper rules: the
+    block input, the residual and the fused norm's output, 3 hidden-wide 16-bit tensors."""
+    run = next(r for r in RUNS if r.id == "deepseek-v3")
+    cfg = JobConfig(**{**run.cfg, "engine_config": {**DEEPSEEK_MEGATRON, "recompute_modules": ("layernorm",)}})
+    ctx = Context(build_architecture(run.spec()), cfg, catalog_gpu(run.gpu), run.host).at_stage(0)
+    layer = ctx.layers[0][0]
+    assert not ctx.arch.layers[layer].moe
+    terms = act.block_terms(ctx, layer, act.counting_for(cfg))
+    others = sum(t.bytes for t in terms if t.name != "norms")
+    assert act.layer_micro_bytes(ctx, layer, Recompute.SELECTIVE) == others + 3 * T * H * 2

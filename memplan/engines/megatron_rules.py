@@ -27,10 +27,15 @@ def recompute_modules_rule(cfg: JobConfig, *, partial: bool) -> str | None:
 
 
 def recompute_modules_model_rule(cfg: JobConfig, *, mla: bool, moe: bool) -> str | None:
-    """A module the model does not have moves no byte: mla_up_proj needs MLA, moe_act routed experts."""
+    """A module the model does not have moves no byte: mla_up_proj needs MLA, moe_act routed experts, layernorm a
+    norm Megatron does not fuse (``memory.megatron_recompute.separate_norms``)."""
     mods = set(cfg.engine_config.recompute_modules or ())
     if "mla_up_proj" in mods and not mla:
         return "engine_config.recompute_modules mla_up_proj recomputes MLA's up-projections; this model has no MLA."
+    if "layernorm" in mods and not (mla or moe):
+        return ("engine_config.recompute_modules layernorm recomputes the norms Megatron keeps as modules of their own "
+                "(MLA's input norm, MoE layers' pre-MLP norm); this model's are fused into the next linear "
+                "(TELayerNormColumnParallelLinear), so it moves no byte: drop it.")
     if "moe_act" in mods and not moe:
         return "engine_config.recompute_modules moe_act recomputes the routed experts' activation; this model has none."
     return None

@@ -143,7 +143,7 @@ def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable
         dm = blk.dims(spec, cfg)
         top_k = layer.experts_per_token or spec.num_experts_per_tok or 0
         expert_ffn = ceil_div(spec.moe_intermediate_size or spec.intermediate_size or 0, dm.tp)
-        terms = megatron_recompute.apply(spec, dm, counting, terms, mods, pairs=dm.seq_tokens * top_k,
+        terms = megatron_recompute.apply(spec, dm, counting, terms, mods, moe_layer=layer.moe, pairs=dm.seq_tokens * top_k,
                                          expert_ffn=expert_ffn, down_trains=tr.routed_trains("down"))
         return sum(term.bytes for term in terms)
     return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core)

@@ -19,14 +19,12 @@ from __future__ import annotations
 from memplan.catalog.schema import ModelSpec
 from memplan.config import Engine, JobConfig
 from memplan.memory import activations_terms as t
-from memplan.memory.activations_block import Counting, Dims, Term
+from memplan.memory.activations_block import Counting, Dims, Term, norm_bytes
 
 DEFAULT = ("core_attn",)
 """Megatron-Core's default ``recompute_modules`` (transformer_config.py ``__post_init__``)."""
 MODELLED = frozenset({"core_attn", "layernorm", "mla_up_proj", "moe_act"})
 """The modules whose effect on the saved tensors memplan models."""
-NORMS_KEPT = 2
-"""Checkpointed norms of a Megatron layer: ``input_layernorm`` and ``pre_mlp_layernorm`` (transformer_layer.py)."""
 
 
 def modules(cfg: JobConfig) -> frozenset[str] | None:
@@ -37,17 +35,30 @@ def modules(cfg: JobConfig) -> frozenset[str] | None:
     return frozenset(cfg.engine_config.recompute_modules or DEFAULT)
 
 
-def layernorm_kept_bytes(*, rows: int, hidden: int, bits: int) -> int:
-    """Bytes the two checkpointed norms keep for one micro-batch: their inputs only (the block input and the
-    residual after attention), b/8·rows·D each; their outputs (read by the q/kv down-projections, the router
-    and the experts) are discarded and recomputed.
+def separate_norms(spec: ModelSpec, *, moe_layer: bool) -> int:
+    """How many of a layer's two norms are modules of their own in Megatron's TransformerEngine layer spec, the
+    ones ``layernorm`` can recompute: ``input_layernorm`` when the attention is MLA (its q/kv down-projections
+    are plain linears), ``pre_mlp_layernorm`` in an MoE layer (router and experts read it). Elsewhere the norm is
+    fused into the next linear (``TELayerNormColumnParallelLinear``) and the slot is an ``IdentityOp``, which
+    Megatron skips.
 
-    Formula: 2 · b/8 · rows · D (rows = B·S, or B·S/t with sequence parallelism). Source: transformer_layer.py
-    (``input_layernorm_checkpoint`` / ``pre_mlp_norm_checkpoint``: ``CheckpointWithoutOutput`` around each norm,
-    the output discarded after the attention / MLP forward); DeepSeek-AI 2024, Sec. 3.2.3 ("we recompute all
+    Source: megatron/core/models/gpt/gpt_layer_specs.py (``get_gpt_layer_with_transformer_engine_spec``: TENorm vs
+    IdentityOp); transformer_layer.py (``if not isinstance(self.input_layernorm, IdentityOp)``: only such norms
+    get ``recompute_input_layernorm`` / ``recompute_pre_mlp_layernorm``).
+    """
+    return int(spec.is_mla) + int(moe_layer)
+
+
+def layernorm_dropped_bytes(*, one_norm: int, separate: int) -> int:
+    """Bytes ``layernorm`` removes from a block's norms: per separate norm, what the norm saved (``one_norm``: its
+    input, plus its statistics where the accounting counts them) plus its output (saved by the next op), less the
+    input the checkpoint keeps (the block input or the residual after attention, as large as the output).
+
+    Formula: separate · one_norm. Source: transformer_layer.py (``CheckpointWithoutOutput`` around each separate
+    norm, its output discarded after the attention / MLP forward); DeepSeek-AI 2024, Sec. 3.2.3 ("we recompute all
     RMSNorm operations ... eliminating the need to persistently store their output activations").
     """
-    return NORMS_KEPT * t.tensor_bytes(count=rows * hidden, bits=bits)
+    return separate * one_norm
 
 
 def mla_up_proj_kept_bytes(*, tokens: int, heads: int, v_head_dim: int, rope_dim: int, rows: int, bits: int,
@@ -81,14 +92,16 @@ def moe_act_dropped_bytes(*, pairs: int, ffn: int, bits: int) -> int:
 
 
 def apply(spec: ModelSpec, dm: Dims, counting: Counting, terms: list[Term], mods: frozenset[str], *,
-          pairs: int, expert_ffn: int, down_trains: bool) -> list[Term]:
+          moe_layer: bool, pairs: int, expert_ffn: int, down_trains: bool) -> list[Term]:
     """The block's terms under Megatron's recompute ``mods`` (``core`` terms dropped only with core_attn)."""
     out = []
     for term in terms:
         if term.core and "core_attn" in mods:
             continue
         if term.name == "norms" and "layernorm" in mods:
-            term = Term("norms", layernorm_kept_bytes(rows=dm.seq_tokens, hidden=dm.d, bits=dm.bits))
+            one = norm_bytes(spec, tokens=dm.seq_tokens, width=dm.d, bits=dm.bits, counting=counting)
+            term = Term("norms", term.bytes - layernorm_dropped_bytes(
+                one_norm=one, separate=separate_norms(spec, moe_layer=moe_layer)))
         elif spec.is_mla and "mla_up_proj" in mods and term.name in ("attention/qkv", "attention/latent"):
             core, latent = mla_up_proj_kept_bytes(
                 tokens=dm.tokens, heads=dm.n, v_head_dim=spec.v_head_dim or 0, rope_dim=spec.qk_rope_head_dim or 0,
