@@ -14,7 +14,7 @@ from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
 from memplan.config import QUANTIZED_BASE_JOBS, Job, JobConfig
 from memplan.dtypes import Dtype
-from memplan.engines.megatron_rules import recompute_modules_model_rule
+from memplan.engines.megatron_rules import recompute_modules_model_rule, selective_rule
 from memplan.errors import MemplanError
 
 ADAPTER_JOBS = (Job.LORA, Job.QLORA)
@@ -137,7 +137,8 @@ def preflight(spec: ModelSpec, arch: Architecture, gpu: GpuSpec, cfg: JobConfig)
 
 def check_recompute_modules(cfg: JobConfig, spec: ModelSpec) -> None:
     """Megatron's recompute modules that the model lacks (``engines.megatron_rules``) are bad input."""
-    rule = recompute_modules_model_rule(cfg, mla=spec.is_mla, moe=bool(spec.num_experts))
+    modes = (cfg.recompute, *(cfg.recompute_map or ()))
+    rule = selective_rule(cfg, modes) or recompute_modules_model_rule(cfg, mla=spec.is_mla, moe=bool(spec.num_experts))
     if rule:
         raise MemplanError(rule)
 

@@ -179,3 +179,12 @@ def test_layernorm_recomputes_only_the_norms_megatron_does_not_fuse() -> None:
     terms = act.block_terms(ctx, layer, act.counting_for(cfg))
     others = sum(t.bytes for t in terms if t.name != "norms")
     assert act.layer_micro_bytes(ctx, layer, Recompute.SELECTIVE) == others + 3 * T * H * 2
+
+
+def test_plan_with_modules_needs_selective_among_its_modes() -> None:
+    """``plan`` chooses each layer's mode; Megatron's modules parameterize ``selective``, so a search without it is
+    bad input (exit 2), and one with it runs."""
+    base = ["plan", "deepseek-v2-lite", "--gpu", "h100-sxm-80gb", "--job", "pretrain", "--engine", "megatron",
+            "--gpus", "8", "--recompute-modules", "mla_up_proj,moe_act", "--format", "json"]
+    runner = CliRunner()
+    assert runner.invoke(app, [*base, "--recompute", "none"]).exit_code == 2

@@ -8,7 +8,7 @@ from memplan.dtypes import Dtype
 from memplan.memory.megatron_recompute import MODELLED
 
 
-def recompute_modules_rule(cfg: JobConfig, *, partial: bool) -> str | None:
+def recompute_modules_rule(cfg: JobConfig) -> str | None:
     """``recompute_modules`` acts in ``selective`` layers on the modules a model has; whole-submodule checkpoints
     ("mlp", "moe", "shared_experts") are not modelled (``memory.megatron_recompute``)."""
     mods = cfg.engine_config.recompute_modules
@@ -20,10 +20,17 @@ def recompute_modules_rule(cfg: JobConfig, *, partial: bool) -> str | None:
     if other:
         return (f"engine_config.recompute_modules {', '.join(other)} (a whole-submodule checkpoint) is not modelled by "
                 f"memplan; it models {', '.join(sorted(MODELLED))}: drop it or use --recompute full.")
-    if not partial and cfg.recompute is not Recompute.SELECTIVE and Recompute.SELECTIVE not in (cfg.recompute_map or ()):
-        return ("engine_config.recompute_modules acts with Megatron's --recompute-granularity selective: add "
-                "--recompute selective.")
     return None
+
+
+def selective_rule(cfg: JobConfig, modes: tuple[Recompute, ...]) -> str | None:
+    """``recompute_modules`` acts in ``selective`` layers: an estimate whose modes (``recompute`` and
+    ``recompute_map``), or a plan whose searched modes, include none moves no byte with it. Not part of
+    ``engines.rules.violation``: the planner chooses each layer's mode after the engine's rules filter the rest."""
+    if cfg.engine_config.recompute_modules is None or Recompute.SELECTIVE in modes:
+        return None
+    return ("engine_config.recompute_modules acts with Megatron's --recompute-granularity selective: add "
+            "--recompute selective.")
 
 
 def recompute_modules_model_rule(cfg: JobConfig, *, mla: bool, moe: bool) -> str | None:

@@ -330,7 +330,7 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
     if engine is Engine.DEEPSPEED:
         return _deepspeed(cfg)
     if engine is Engine.MEGATRON:
-        return megatron_rules.recompute_modules_rule(cfg, partial=partial) or _megatron(cfg)
+        return megatron_rules.recompute_modules_rule(cfg) or _megatron(cfg)
     return None
 
 
