@@ -135,7 +135,7 @@ def _megatron_buffers(ctx: Context, *, numel: int, states: list[tuple[str, int]]
         states = mopt.adam_moment_bytes(cfg, numel)
     expert = _expert_numel(ctx) if dist else 0
 
-    def shard(nbytes: int) -> tuple[int, object]:
+    def shard(nbytes: int) -> tuple[int, ZeroStage | None]:
         """(bytes, shard_from): pre-sharded per rank when experts shard over their own group."""
         if not dist:
             return nbytes, None
