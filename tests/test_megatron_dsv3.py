@@ -77,8 +77,12 @@ def test_precision_aware_optimizer_bf16_moments_and_remainders() -> None:
     rows = _rows(run, cfg)
     two_bytes = _ceil(2 * DENSE_NUMEL, DP) + _ceil(2 * EXPERT_NUMEL, DP // EP)
     assert rows["optimizer/adam_m"] == rows["optimizer/adam_v"] == rows["optimizer/master_fp32"] == two_bytes
-    run, cfg = _run(use_distributed_optimizer=True, use_precision_aware_optimizer=True, store_param_remainders=False)
-    assert _rows(run, cfg)["optimizer/master_fp32"] == _ceil(4 * DENSE_NUMEL, DP) + _ceil(4 * EXPERT_NUMEL, DP // EP)
+    run, cfg = _run(use_distributed_optimizer=True, use_precision_aware_optimizer=True, store_param_remainders=False,
+                    exp_avg_dtype="bf16")
+    rows = _rows(run, cfg)
+    assert rows["optimizer/master_fp32"] == rows["optimizer/adam_v"] == _ceil(4 * DENSE_NUMEL, DP) + _ceil(
+        4 * EXPERT_NUMEL, DP // EP)
+    assert rows["optimizer/adam_m"] == two_bytes
 
 
 def test_recompute_modules_keep_what_megatron_keeps() -> None:
@@ -123,6 +127,8 @@ def test_mla_up_projection_flops() -> None:
     ("deepseek-v3", {"engine_config": {"use_distributed_optimizer": True, "exp_avg_dtype": "bf16"}},
      "--use-precision-aware-optimizer"),
     ("deepseek-v3", {"engine": "fsdp2", "engine_config": {"recompute_modules": ("layernorm",)}}, "knob of megatron"),
+    ("deepseek-v3", {"engine_config": {"use_distributed_optimizer": True, "use_precision_aware_optimizer": True,
+                                       "store_param_remainders": False}}, "moves no byte"),
     ("llama-3.1-8b", {"engine_config": {"recompute_modules": ("mla_up_proj",)}}, "no MLA"),
     ("llama-3.1-8b", {"engine_config": {"recompute_modules": ("moe_act",)}}, "has none"),
 ])

@@ -65,4 +65,8 @@ def precision_aware_rule(cfg: JobConfig) -> str | None:
         if cfg.dtype not in (Dtype.BF16, Dtype.FP16, Dtype.FP8) or not cfg.uses_master_weights:
             return ("Megatron's precision-aware optimizer keeps fp32 main params beside 16-bit ones: train in bf16/fp16 "
                     "(or fp8) with master weights.")
+        remainders = knobs.store_param_remainders and cfg.dtype is not Dtype.FP16  # fp8 keeps bf16 params
+        if not lowered and not remainders:
+            return ("--use-precision-aware-optimizer with fp32 moments and no param remainders (fp16 params, or "
+                    "--no-store-param-remainders) moves no byte: lower --exp-avg-dtype/--exp-avg-sq-dtype or drop it.")
     return None
