@@ -132,12 +132,13 @@ each stage's eight) is assumed: the smallest share, in whole layers per stage, w
 this layout under the paper's FSDP (LLAMA3_FSDP; with none, stage 1 holds 79.8 GiB against the H100's 79.2)."""
 DEEPSEEK_MEMORY = ("with Megatron-Core's knobs for what DeepSeek-V3 publishes (DEEPSEEK_MEGATRON: RMSNorm, MLA up-projection "
                    "and SwiGLU-output recompute; BF16 AdamW moments) stage 1 still holds 4 MoE layers x 23 micro-batches "
-                   "(v = 2 standing for DualPipe) x 1.44 GiB of 16-bit saved tensors, 132.4 GiB, beside 3.0 GiB of bf16 "
-                   "weights, 6.1 GiB of fp32 main grads, 2.0 GiB of distributed-optimizer shards (the routed experts' "
-                   "over the expert data-parallel group of 2) and the 10% allocator reserve: 158.4 GiB (255.9 before "
-                   "the knobs). Not modelled: the FP8 caching of Linear and SwiGLU inputs (Sec. 3.3.2-3.3.3; "
-                   "TransformerEngine keeps fp8 copies of Linear inputs, not memplan) and DualPipe itself (Table 2: "
-                   "PP + 1 = 17 stage micro-batches, two stages' parameters per rank)")
+                   "(v = 2 standing for DualPipe) x 1.63 GiB of 16-bit saved tensors (of which the routed experts' 1.13), "
+                   "149.6 GiB, beside 3.0 GiB of bf16 weights, 6.1 GiB of fp32 main grads, 2.0 GiB of distributed-"
+                   "optimizer shards (the routed experts' over the expert data-parallel group of 2) and the 10% "
+                   "allocator reserve: 177.4 GiB (255.9 before the knobs). Not modelled: the FP8 caching of Linear "
+                   "and SwiGLU inputs (Sec. 3.3.2-3.3.3; TransformerEngine keeps fp8 copies of Linear inputs, memplan "
+                   "counts them in 16 bits) and DualPipe itself (Table 2: PP + 1 = 17 stage micro-batches, two stages' "
+                   "parameters per rank)")
 DEEPSEEK_MEGATRON = {"use_distributed_optimizer": True, "recompute_modules": ("layernorm", "mla_up_proj", "moe_act"),
                      "use_precision_aware_optimizer": True, "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}
 """DeepSeek-AI 2024 as Megatron-Core runs it (``--recompute-granularity selective``): Sec. 3.2.3 "we recompute all

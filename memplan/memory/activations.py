@@ -143,8 +143,11 @@ def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable
         dm = blk.dims(spec, cfg)
         top_k = layer.experts_per_token or spec.num_experts_per_tok or 0
         expert_ffn = ceil_div(spec.moe_intermediate_size or spec.intermediate_size or 0, dm.tp)
+        impl = blk.attention_impl(spec, cfg)
+        fused = impl in ("flash", "sdpa") and not counting.cpu
         terms = megatron_recompute.apply(spec, dm, counting, terms, mods, moe_layer=layer.moe, pairs=dm.seq_tokens * top_k,
-                                         expert_ffn=expert_ffn, down_trains=tr.routed_trains("down"))
+                                         expert_ffn=expert_ffn, down_trains=tr.routed_trains("down"),
+                                         mla_widths=blk.mla_qkv_widths(spec, dm.n, impl) if fused else None)
         return sum(term.bytes for term in terms)
     return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core)
 

@@ -61,23 +61,19 @@ def layernorm_dropped_bytes(*, one_norm: int, separate: int) -> int:
     return separate * one_norm
 
 
-def mla_up_proj_kept_bytes(*, tokens: int, heads: int, v_head_dim: int, rope_dim: int, rows: int, bits: int,
-                           counting: Counting) -> tuple[int, int]:
-    """(attention-core bytes, extra latent bytes) an MLA block keeps when its up-projections are recomputed.
+def mla_up_proj_dropped_bytes(*, tokens: int, qkv_width: int, rows: int, rope_dim: int, bits: int) -> int:
+    """Bytes an MLA block no longer keeps when its up-projections are recomputed (negative: kept more).
 
     ``qkv_up_proj_and_rope_apply(q_compressed, kv_compressed, k_pos_emb, ...)`` runs under
-    ``CheckpointWithoutOutput``; after the core attention its q, k, v storage is discarded. Kept: the core
-    attention's output (N·H_v per token, also ``linear_proj``'s input) with its fp32 logsumexp (not counted
-    by the paper's rules), and the checkpoint's inputs: the normed latents (already counted with the latent
-    norms) plus the un-roped ``k_pos_emb`` (H_rope per row).
-    Formula: b/8·tokens·N·H_v (+ 4·tokens·N), and b/8·rows·H_rope. Source: megatron/core/transformer/
-    multi_latent_attention.py (``recompute_up_proj``, ``qkv_up_checkpoint.discard_output_and_register_recompute``);
-    DeepSeek-AI 2024, Sec. 3.2.3 ("Recomputation of RMSNorm and MLA Up-Projection").
+    ``CheckpointWithoutOutput``; after the core attention its q, k, v storage is discarded, so the attention
+    kernel keeps only its output (and logsumexp) and ``linear_proj`` its input. The checkpoint keeps its inputs:
+    the normed latents (already counted with the latent norms) and the un-roped ``k_pos_emb`` (H_rope per row).
+    Formula: b/8·tokens·(q + k + v widths, as the kernel saved them) − b/8·rows·H_rope. Source:
+    megatron/core/transformer/multi_latent_attention.py (``recompute_up_proj``, ``qkv_up_checkpoint``,
+    ``discard_output_and_register_recompute``); DeepSeek-AI 2024, Sec. 3.2.3 ("Recomputation of RMSNorm and MLA
+    Up-Projection").
     """
-    core = t.tensor_bytes(count=tokens * heads * v_head_dim, bits=bits)
-    if not counting.paper:
-        core += t.tensor_bytes(count=tokens * heads, bits=t.FP32_BITS)
-    return core, t.tensor_bytes(count=rows * rope_dim, bits=bits)
+    return t.tensor_bytes(count=tokens * qkv_width, bits=bits) - t.tensor_bytes(count=rows * rope_dim, bits=bits)
 
 
 def moe_act_dropped_bytes(*, pairs: int, ffn: int, bits: int) -> int:
@@ -92,8 +88,11 @@ def moe_act_dropped_bytes(*, pairs: int, ffn: int, bits: int) -> int:
 
 
 def apply(spec: ModelSpec, dm: Dims, counting: Counting, terms: list[Term], mods: frozenset[str], *,
-          moe_layer: bool, pairs: int, expert_ffn: int, down_trains: bool) -> list[Term]:
-    """The block's terms under Megatron's recompute ``mods`` (``core`` terms dropped only with core_attn)."""
+          moe_layer: bool, pairs: int, expert_ffn: int, down_trains: bool,
+          mla_widths: tuple[int, int] | None) -> list[Term]:
+    """The block's terms under Megatron's recompute ``mods`` (``core`` terms dropped only with core_attn);
+    ``mla_widths``: (q, k + v) per token of a fused MLA kernel (``activations_block.mla_qkv_widths``), None on the
+    eager/math paths, whose terms are left whole (an over-count)."""
     out = []
     for term in terms:
         if term.core and "core_attn" in mods:
@@ -102,11 +101,10 @@ def apply(spec: ModelSpec, dm: Dims, counting: Counting, terms: list[Term], mods
             one = norm_bytes(spec, tokens=dm.seq_tokens, width=dm.d, bits=dm.bits, counting=counting)
             term = Term("norms", term.bytes - layernorm_dropped_bytes(
                 one_norm=one, separate=separate_norms(spec, moe_layer=moe_layer)))
-        elif spec.is_mla and "mla_up_proj" in mods and term.name in ("attention/qkv", "attention/latent"):
-            core, latent = mla_up_proj_kept_bytes(
-                tokens=dm.tokens, heads=dm.n, v_head_dim=spec.v_head_dim or 0, rope_dim=spec.qk_rope_head_dim or 0,
-                rows=dm.seq_tokens, bits=dm.bits, counting=counting)
-            term = Term(term.name, core if term.name == "attention/qkv" else term.bytes + latent)
+        elif spec.is_mla and "mla_up_proj" in mods and term.name == "attention/qkv" and mla_widths is not None:
+            term = Term(term.name, term.bytes - mla_up_proj_dropped_bytes(
+                tokens=dm.tokens, qkv_width=sum(mla_widths), rows=dm.seq_tokens, rope_dim=spec.qk_rope_head_dim or 0,
+                bits=dm.bits))
         elif term.name == "moe/experts" and "moe_act" in mods and down_trains:
             term = Term(term.name, term.bytes - moe_act_dropped_bytes(pairs=pairs, ffn=expert_ffn, bits=dm.bits))
         out.append(term)
