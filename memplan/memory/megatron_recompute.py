@@ -11,7 +11,7 @@ drops its output, whoever saved it.
 Assumptions: 16-bit activations as the block's other terms (TransformerEngine's fp8 Linear keeps an fp8 copy of
 its input instead, which these replacements do not model: with fp8 they over-count, the safe direction);
 balanced routing; "mlp", "moe" and "shared_experts" (whole-submodule checkpoints) are not modelled
-(``engines.rules`` refuses them).
+(``engines.megatron_rules`` refuses them).
 """
 
 from __future__ import annotations
