@@ -36,7 +36,7 @@ from memplan.config_rules import (
     perf_not_read,
 )
 from memplan.config_serve import InferConfig, ServeConfig
-from memplan.config_train import EngineConfig, GaloreConfig, LoraConfig, PerfConfig
+from memplan.config_train import EngineConfig, GaloreConfig, LoraConfig, MegatronRecomputeModule, PerfConfig
 
 __all__ = [
     "MAX_GPUS",
@@ -53,6 +53,7 @@ __all__ = [
     "Job",
     "JobConfig",
     "LoraConfig",
+    "MegatronRecomputeModule",
     "Offload",
     "OptimizerImpl",
     "OptimizerKind",

@@ -13,6 +13,10 @@ from pydantic import Field
 from memplan.config_base import Strict
 from memplan.dtypes import Dtype
 
+MegatronRecomputeModule = Literal["core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"]
+"""Megatron-Core's ``--recompute-modules`` choices (megatron/core/transformer/transformer_config.py
+``recompute_modules``); ``memory.megatron_recompute.MODELLED`` are those memplan models."""
+
 
 class LoraConfig(Strict):
     rank: int = Field(default=16, gt=0)
@@ -144,3 +148,21 @@ class EngineConfig(Strict):
     """Megatron-LM ``--cpu-offloading-num-layers`` with ``JobConfig.offload_activations`` (``--cpu-offloading``):
     how many of the stage's transformer layers offload their activations to the CPU (TransformerEngine
     ``get_cpu_offload_context``); None: every layer but the last, the most Megatron allows."""
+    # --- Megatron-Core selective recompute modules and precision-aware optimizer (dsv3 branch) ---
+    recompute_modules: tuple[MegatronRecomputeModule, ...] | None = None
+    """Megatron-Core ``--recompute-modules`` with ``--recompute-granularity selective`` (``recompute: selective``):
+    the submodules recomputed in backward (``TransformerConfig.recompute_modules``); None: Megatron's default
+    ``["core_attn"]``. What each one drops: ``memory.megatron_recompute``."""
+    use_precision_aware_optimizer: bool = False
+    """Megatron-Core ``--use-precision-aware-optimizer`` (``OptimizerConfig``, TransformerEngine FusedAdam): lets
+    ``exp_avg_dtype``/``exp_avg_sq_dtype`` lower the Adam moments and keeps fp32 main params as 16-bit remainders
+    (``store_param_remainders``)."""
+    exp_avg_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Megatron-Core ``--exp-avg-dtype``: the Adam first moment's dtype (precision-aware optimizer only)."""
+    exp_avg_sq_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Megatron-Core ``--exp-avg-sq-dtype``: the Adam second moment's dtype (precision-aware optimizer only)."""
+    store_param_remainders: bool = True
+    """Megatron-Core ``OptimizerConfig.store_param_remainders`` (default True; ``--no-store-param-remainders``): with
+    the precision-aware optimizer over bf16 params, the fp32 main params are kept as the 16 bits the bf16 param
+    lacks (an int16 remainder), 2 bytes per param instead of 4."""
+    # --- end of the dsv3 hunk ---

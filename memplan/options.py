@@ -36,6 +36,14 @@ def lora_targets(text: str) -> tuple[str, ...]:
     return items
 
 
+def recompute_modules(text: str) -> tuple[str, ...]:
+    """Megatron ``--recompute-modules`` as a comma list (Megatron's own flag takes them space-separated)."""
+    items = tuple(t.strip() for t in text.replace(" ", ",").split(",") if t.strip())
+    if not items:
+        raise MemplanError("--recompute-modules: give at least one of core_attn, layernorm, mla_up_proj, moe_act.")
+    return items
+
+
 def quant_name(text: str | None) -> str | None:
     """``none``/``bf16``/``fp16``/``16bit`` mean unquantized weights."""
     return None if text is None or text.lower() in ("none", "bf16", "fp16", "16bit") else text
@@ -273,6 +281,19 @@ OPTS: dict[str, Opt] = {
     "cpu_offloading_num_layers": _o("--cpu-offloading-num-layers", int, None, "megatron --cpu-offloading: layers whose "
                                     "activations go to the CPU (default: all but the last).", ENGINE,
                                     field="engine_config.cpu_offloading_num_layers"),
+    "recompute_modules": _o("--recompute-modules", str, None, "megatron --recompute-modules with --recompute selective, "
+                            "comma-separated: core_attn, layernorm, mla_up_proj, moe_act (default core_attn).", ENGINE,
+                            field="engine_config.recompute_modules", convert=recompute_modules),
+    "use_precision_aware_optimizer": _o("--use-precision-aware-optimizer/--no-use-precision-aware-optimizer", bool, None,
+                                        "megatron: TransformerEngine FusedAdam with the dtypes below (default off).",
+                                        ENGINE, field="engine_config.use_precision_aware_optimizer"),
+    "exp_avg_dtype": _o("--exp-avg-dtype", str, None, "megatron precision-aware optimizer: Adam m dtype, fp32, bf16 or "
+                        "fp16 (default fp32).", ENGINE, field="engine_config.exp_avg_dtype"),
+    "exp_avg_sq_dtype": _o("--exp-avg-sq-dtype", str, None, "megatron precision-aware optimizer: Adam v dtype, fp32, "
+                           "bf16 or fp16 (default fp32).", ENGINE, field="engine_config.exp_avg_sq_dtype"),
+    "store_param_remainders": _o("--store-param-remainders/--no-store-param-remainders", bool, None, "megatron "
+                                 "precision-aware optimizer: fp32 main params as 16-bit remainders of bf16 params "
+                                 "(default on).", ENGINE, field="engine_config.store_param_remainders"),
     "shard_group": _o("--shard-group", str, None, "Plan: state sharding to choose among, comma-separated: full (all "
                       "data-parallel ranks), node (fsdp2 HSDP / deepspeed MiCS within a node), hpz (deepspeed ZeRO++) "
                       "(default: each the engine runs, on several nodes).", PARALLEL, dim="shard"),
@@ -372,7 +393,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
                      "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
                      "stage3_param_persistence_threshold", "use_distributed_optimizer", "hsdp_shard_size",
-                     "mics_shard_size", "zero_hpz_partition_size", "cpu_offloading_num_layers"),
+                     "mics_shard_size", "zero_hpz_partition_size", "cpu_offloading_num_layers", "recompute_modules",
+                     "use_precision_aware_optimizer", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders"),
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
                 "cuda_graph_max_bs", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k",

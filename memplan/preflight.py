@@ -14,6 +14,7 @@ from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
 from memplan.config import QUANTIZED_BASE_JOBS, Job, JobConfig
 from memplan.dtypes import Dtype
+from memplan.engines.megatron_rules import recompute_modules_model_rule, selective_rule
 from memplan.errors import MemplanError
 
 ADAPTER_JOBS = (Job.LORA, Job.QLORA)
@@ -130,7 +131,16 @@ def preflight(spec: ModelSpec, arch: Architecture, gpu: GpuSpec, cfg: JobConfig)
     check_bnb_integration(cfg)
     check_gpu_dtypes(cfg, gpu)
     check_lora_targets(cfg, arch)
+    check_recompute_modules(cfg, spec)
     return context_warnings(cfg, spec)
+
+
+def check_recompute_modules(cfg: JobConfig, spec: ModelSpec) -> None:
+    """Megatron's recompute modules that the model lacks (``engines.megatron_rules``) are bad input."""
+    modes = (cfg.recompute, *(cfg.recompute_map or ()))
+    rule = selective_rule(cfg, modes) or recompute_modules_model_rule(cfg, mla=spec.is_mla, moe=bool(spec.num_experts))
+    if rule:
+        raise MemplanError(rule)
 
 
 def layer_ranges(text: str, num_layers: int, field: str) -> list[int]:

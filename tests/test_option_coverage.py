@@ -83,13 +83,14 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--inter-node-latency-us": "500", "--virtual-stages": "2", "--global-batch-tokens": "65536",
     "--train-tokens": "1000000000", "--hsdp-shard-size": "2", "--mics-shard-size": "2",
     "--zero-hpz-partition-size": "2", "--cpu-offloading-num-layers": "4", "--shard-group": "full",
-    "--usd-per-hour": "3.5",
+    "--usd-per-hour": "3.5", "--recompute-modules": "layernorm", "--exp-avg-dtype": "bf16", "--exp-avg-sq-dtype": "bf16",
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 DEFAULT_ON: dict[str, tuple[str, ...]] = {
     **{flag: tuple(JOBS) for flag in ("--reshard-after-forward", "--contiguous-gradients", "--flash-attn",
                                       "--use-orig-params", "--fsdp-no-sync", "--limit-all-gathers")},
     "--master-weights": ("pretrain", "full"),
+    "--store-param-remainders": tuple(JOBS),
 }
 """Flags whose unset value (None) means a default that is on (for these jobs): the other value is the --no- form
 (16-bit full-weight training keeps fp32 masters by default; LoRA adapters only when asked)."""
@@ -133,6 +134,10 @@ ENGINE_SETTINGS: dict[str, list[str]] = {
     "--hsdp-shard-size": ["--engine", "fsdp2", "--gpus", "4"], "--mics-shard-size": [*ZERO3[:-1], "4"],
     "--zero-hpz-partition-size": [*ZERO3[:-1], "4"],
     "--cpu-offloading-num-layers": ["--engine", "megatron", "--offload-activations"],
+    "--recompute-modules": ["--engine", "megatron", "--recompute", "selective"],
+    "--use-precision-aware-optimizer": ["--engine", "megatron"],
+    **{flag: ["--engine", "megatron", "--use-precision-aware-optimizer"]
+       for flag in ("--exp-avg-dtype", "--exp-avg-sq-dtype", "--store-param-remainders")},
 }
 """Where a training-engine knob acts (pretrain and full jobs; elsewhere it is rejected): DDP buckets and FSDP2
 gathers need data parallelism, DeepSpeed's reduce bucket ZeRO-1/2 (overlap_comm doubles it), the stage3_*

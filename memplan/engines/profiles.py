@@ -123,13 +123,20 @@ PROFILES: dict[Engine, Profile] = {
           "bf16 params 2 + fp32 main-grad buffer 4 + fp32 main params 4 + Adam m,v 8 = 18 B/param; with "
           "use_distributed_optimizer 6 + 12/Nd"),
          ("fp16", "fp16 params 2 + fp16 grads 2 + fp32 main grads 4 + fp32 main params 4 + m,v 8 = 20; distributed 4 + 16/Nd"),
-         ("fp8 (TransformerEngine)", "the bf16 layout plus fp8 weight copies and scales")),
+         ("fp8 (TransformerEngine)", "the bf16 layout plus fp8 weight copies and scales"),
+         ("precision-aware optimizer (use_precision_aware_optimizer, exp_avg_dtype/exp_avg_sq_dtype bf16)",
+          "bf16 params 2 + fp32 main grads 4 + main params as 16-bit remainders 2 + bf16 m,v 4 = 12 B/param; the "
+          "distributed optimizer shards the last three over dp (routed experts over dp/ep)")),
         "Apex/TransformerEngine FusedAdam on the fp32 main params",
         ("gradients/main_grad_buffer",),
-        ("use_distributed_optimizer", "cpu_offloading_num_layers"),
-        "Megatron-Core/TransformerEngine fused layout: Korthikanti et al. 2022 (with their selective recompute)",
+        ("use_distributed_optimizer", "cpu_offloading_num_layers", "recompute_modules", "use_precision_aware_optimizer",
+         "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders"),
+        "Megatron-Core/TransformerEngine fused layout: Korthikanti et al. 2022 (with their selective recompute; "
+        "--recompute-modules core_attn, layernorm, mla_up_proj, moe_act)",
         ("Megatron-LM docs/source/api-guide/dist_optimizer.md", "megatron/core/distributed/param_and_grad_buffer.py",
-         "megatron/core/optimizer/distrib_optimizer.py", "transformer_engine/pytorch/cpu_offload.py"),
+         "megatron/core/optimizer/distrib_optimizer.py", "transformer_engine/pytorch/cpu_offload.py",
+         "megatron/core/optimizer/optimizer_config.py", "megatron/core/transformer/transformer_layer.py",
+         "megatron/core/transformer/multi_latent_attention.py", "megatron/core/transformer/moe/experts.py"),
         recompute=MEGATRON_RECOMPUTE),
 }
 

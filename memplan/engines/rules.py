@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from memplan.config import Accounting, Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, ZeroStage
 from memplan.dtypes import Dtype
+from memplan.engines import megatron_rules
 from memplan.errors import MemplanError
 
 CPU_OPTIMIZERS = (OptimizerKind.ADAMW, OptimizerKind.LION)
@@ -122,7 +123,7 @@ def _megatron(cfg: JobConfig) -> str | None:
                 f"not {cfg.optimizer.value}.")
     if cfg.quant is not None:
         return "engine megatron trains unquantized weights: drop --quant."
-    return None
+    return megatron_rules.precision_aware_rule(cfg)
 
 
 def _knob_rule(cfg: JobConfig, engine: Engine) -> str | None:
@@ -329,7 +330,7 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
     if engine is Engine.DEEPSPEED:
         return _deepspeed(cfg)
     if engine is Engine.MEGATRON:
-        return _megatron(cfg)
+        return megatron_rules.recompute_modules_rule(cfg) or _megatron(cfg)
     return None
 
 

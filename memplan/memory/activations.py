@@ -28,7 +28,7 @@ from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
 from memplan.memory import activations_terms as t
-from memplan.memory import bnb_workspace, flash_workspace, hf_legacy, litgpt, sdpa_workspace
+from memplan.memory import bnb_workspace, flash_workspace, hf_legacy, litgpt, megatron_recompute, sdpa_workspace
 from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.context_parallel import exchange_bytes, local_seq_len
@@ -138,8 +138,19 @@ def layer_micro_bytes(ctx: Context, layer_index: int, mode: Recompute, counting:
 
 def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable, counting: blk.Counting,
                 mode: Recompute, amp_fp32: bool) -> int:
-    return sum(term.bytes for term in _block_terms(spec, cfg, layer, tr, counting, amp_fp32)
-               if mode is Recompute.NONE or not term.core)
+    terms = _block_terms(spec, cfg, layer, tr, counting, amp_fp32)
+    mods = megatron_recompute.modules(cfg) if mode is Recompute.SELECTIVE else None
+    if mods is not None:  # Megatron-Core's --recompute-modules (memory.megatron_recompute)
+        dm = blk.dims(spec, cfg)
+        top_k = layer.experts_per_token or spec.num_experts_per_tok or 0
+        expert_ffn = ceil_div(spec.moe_intermediate_size or spec.intermediate_size or 0, dm.tp)
+        impl = blk.attention_impl(spec, cfg)
+        fused = impl in ("flash", "sdpa") and not counting.cpu
+        terms = megatron_recompute.apply(spec, dm, counting, terms, mods, moe_layer=layer.moe, pairs=dm.seq_tokens * top_k,
+                                         expert_ffn=expert_ffn, down_trains=tr.routed_trains("down"),
+                                         mla_widths=blk.mla_qkv_widths(spec, dm.n, impl) if fused else None)
+        return sum(term.bytes for term in terms)
+    return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core)
 
 
 def stage_layers_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> int:
@@ -233,7 +244,9 @@ def workspace_bytes(ctx: Context, mode: Recompute, layers: set[int], counting: b
     """Bytes live again while one checkpointed block is recomputed in backward (one micro-batch).
 
     Full and op-level: the largest checkpointed block's saved tensors (op-level recomputes the rest of the block,
-    alive with the outputs it kept); selective: its S×S attention core.
+    alive with the outputs it kept); selective: its S×S attention core; Megatron's ``--recompute-modules``: all
+    that the modules dropped from the block (an upper bound: Megatron rebuilds each just before its consumer's
+    backward).
     Source: Korthikanti et al. 2022 Sec. 5 (recomputation happens one layer at a time).
     """
     counting = counting or counting_for(ctx.cfg)
@@ -241,6 +254,9 @@ def workspace_bytes(ctx: Context, mode: Recompute, layers: set[int], counting: b
         return 0
     if mode in (Recompute.FULL, Recompute.OP):
         return max(layer_micro_bytes(ctx, i, Recompute.NONE, counting) for i in layers)
+    if megatron_recompute.modules(ctx.cfg) is not None:  # what Megatron's modules dropped, rebuilt for one layer
+        return max(layer_micro_bytes(ctx, i, Recompute.NONE, counting)
+                   - layer_micro_bytes(ctx, i, Recompute.SELECTIVE, counting) for i in layers)
     return max(_core_bytes(ctx, i, counting) for i in layers)
 
 

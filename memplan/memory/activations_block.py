@@ -358,11 +358,21 @@ def _mla_attention(spec: ModelSpec, cfg: JobConfig, dm: Dims, counting: Counting
         return terms + _eager(spec, cfg, dm, counting, tr, hqk, hv)
     if impl == "sdpa" and counting.cpu:  # q/k and v head dims differ: no CPU fused kernel, the fp32 math path
         return terms + _math(dm, tr, hqk, hv)
+    q, kv = mla_qkv_widths(spec, n, impl)
     if impl == "flash":
         o_in = t.tensor_bytes(count=dm.tokens * n * hv, bits=dm.bits) if tr.trains("o") else 0
-        fused = _fused(dm, counting, q=n * hqk, kv=2 * n * hqk, out=n * hqk)
+        fused = _fused(dm, counting, q=q, kv=kv, out=n * hqk)
         return [*terms, Term(fused.name, fused.bytes + o_in)]
-    return [*terms, _fused(dm, counting, q=n * hqk, kv=n * hqk + n * (nope + hv), out=n * hv)]
+    return [*terms, _fused(dm, counting, q=q, kv=kv, out=n * hv)]
+
+
+def mla_qkv_widths(spec: ModelSpec, n: int, impl: str) -> tuple[int, int]:
+    """(q, k + v) elements per token a fused kernel saves for MLA's ``n`` heads: flash pads v to the q/k width;
+    SDPA's v is a view that keeps the whole kv_b output (nope + v per head) alive beside k."""
+    nope, rope, hv = spec.qk_nope_head_dim or 0, spec.qk_rope_head_dim or 0, spec.v_head_dim or 0
+    if impl == "flash":
+        return n * (nope + rope), 2 * n * (nope + rope)
+    return n * (nope + rope), n * (nope + rope) + n * (nope + hv)
 
 
 def attention_terms(spec: ModelSpec, layer: Layer, cfg: JobConfig, dm: Dims, counting: Counting,

@@ -32,7 +32,7 @@ adds 1-byte copies of the matmul weights (``weights/fp8_copies``); see ``fp8_row
 from __future__ import annotations
 
 from memplan.arch.tensors import Role
-from memplan.config import Engine, ZeroStage
+from memplan.config import Engine, OptimizerKind, ZeroStage
 from memplan.dtypes import Dtype
 from memplan.memory import optimizer as opt
 from memplan.memory.breakdown import Row, Tier
@@ -119,24 +119,53 @@ def state_buffers(ctx: Context, *, numel: int, states: list[tuple[str, int]]) ->
 
 def _megatron_buffers(ctx: Context, *, numel: int, states: list[tuple[str, int]]) -> list[StateBuffer]:
     """Megatron-Core: contiguous main-grad buffer (fp32 for bf16, 16-bit for fp16), fp32 main params and
-    states, sharded over Nd by the distributed optimizer (``EngineConfig.use_distributed_optimizer``)."""
+    states, sharded by the distributed optimizer (``EngineConfig.use_distributed_optimizer``): the dense
+    parameters' over dp, the routed experts' over the expert data-parallel group dp/ep
+    (``megatron_optimizer.sharded_bytes``). The precision-aware optimizer sets the Adam moments' dtypes and
+    keeps the main params as 16-bit remainders (``megatron_optimizer``)."""
+    from memplan.memory import megatron_optimizer as mopt
+
     cfg = ctx.cfg
     dist = cfg.engine_config.use_distributed_optimizer
-    shard = DP_SHARDED if dist else None
     cdtype = compute_dtype(ctx)
     master = mixed(ctx)
     grad_dtype = cfg.grad_dtype or (FP32 if cdtype is Dtype.BF16 or not master else cdtype)
+    if master and cfg.optimizer in (OptimizerKind.ADAMW, OptimizerKind.ADAMW_BF16) \
+            and cfg.engine_config.use_precision_aware_optimizer:
+        states = mopt.adam_moment_bytes(cfg, numel)
+    expert = _expert_numel(ctx) if dist else 0
+
+    def shard(nbytes: int) -> tuple[int, ZeroStage | None]:
+        """(bytes, shard_from): pre-sharded per rank when experts shard over their own group."""
+        if not dist:
+            return nbytes, None
+        if not expert:
+            return nbytes, DP_SHARDED
+        return mopt.sharded_bytes(nbytes, numel=numel, expert_numel=expert, dp=cfg.dp,
+                                  edp=mopt.expert_data_parallel(cfg)), None
+
     out = [StateBuffer("gradients/main_grad_buffer", bits_to_bytes(numel, grad_dtype.bits), None, Tier.GPU,
                        MEGATRON, f"contiguous {grad_dtype.value} gradient buffer (param_and_grad_buffer.py)")]
     if master and grad_dtype is not FP32:
-        out.append(StateBuffer("gradients/fp32_main_grads", bits_to_bytes(numel, FP32.bits), shard, Tier.GPU,
+        out.append(StateBuffer("gradients/fp32_main_grads", *shard(bits_to_bytes(numel, FP32.bits)), Tier.GPU,
                                MEGATRON, "fp32 copy of the 16-bit gradients for the optimizer (fp16)"))
     if master:
-        out.append(StateBuffer("optimizer/master_fp32", bits_to_bytes(numel, FP32.bits), shard, Tier.GPU, MEGATRON,
-                               "fp32 main params" + (" (distributed optimizer shard)" if dist else "")))
+        bits = mopt.main_param_bits(cfg, cdtype)
+        note = "fp32 main params" + (" as 16-bit remainders" if bits != FP32.bits else "")
+        out.append(StateBuffer("optimizer/master_fp32", *shard(bits_to_bytes(numel, bits)), Tier.GPU, MEGATRON,
+                               note + (" (distributed optimizer shard)" if dist else "")))
     for name, nbytes in states:
-        out.append(StateBuffer(name, nbytes, shard, Tier.GPU, f"{cfg.optimizer.value} states; " + MEGATRON))
+        out.append(StateBuffer(name, *shard(nbytes), Tier.GPU, f"{cfg.optimizer.value} states; " + MEGATRON))
     return out
+
+
+def _expert_numel(ctx: Context) -> int:
+    """Trainable routed-expert elements on one rank of the reported stage (after tp/ep division)."""
+    from memplan.arch.parallel import sharded_numel
+    from memplan.memory.model_states import trainable_tensors
+
+    cfg = ctx.cfg
+    return sum(sharded_numel(t, cfg.tp, cfg.ep) for t in trainable_tensors(ctx) if t.routed)
 
 
 def autocast_rows(ctx: Context) -> list[Row]:

@@ -14,6 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from memplan.arch.tensors import Architecture
 from memplan.config import CpComm, Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, Strict, ZeroStage
 from memplan.dtypes import Dtype
+from memplan.engines.megatron_rules import selective_rule
+from memplan.errors import MemplanError
 
 
 class Objective(StrEnum):
@@ -227,6 +229,8 @@ def runnable_dims(base: JobConfig, dims: dict[str, tuple], excluded: list[str]) 
     if "recompute" in dims:
         out["recompute"] = keep("recompute", dims["recompute"], lambda m: {
             "recompute": m, "recompute_map": None, "recompute_layers": None, "zero": ZeroStage.NONE})
+        if reason := selective_rule(base, out["recompute"]):  # Megatron's modules act in selective layers only
+            raise MemplanError(reason)
     return out
 
 

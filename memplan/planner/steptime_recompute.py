@@ -9,6 +9,7 @@ from __future__ import annotations
 from memplan.arch.tensors import Architecture, Layer
 from memplan.catalog.schema import GpuSpec
 from memplan.config import JobConfig, Recompute
+from memplan.memory import megatron_recompute
 from memplan.planner import cost
 from memplan.planner.steptime_comm import cp_layer_split, links
 from memplan.planner.steptime_compute import (
@@ -32,7 +33,8 @@ def recompute_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_b
     2022, Sec. 4: one extra forward); op-level: 2 FLOPs per weight element and token of the matmuls it does not
     keep (``activations_op.recomputed_mm_numel``; its elementwise ops are memory-bound and left out);
     selective: the attention core, 2·S·(d_qk + d_v) per token (Korthikanti
-    et al. 2022, Sec. 5: QKᵀ, softmax and attention over V). Assumption: the pipeline bubble does not
+    et al. 2022, Sec. 5: QKᵀ, softmax and attention over V); on megatron, what its ``--recompute-modules`` rerun
+    (``megatron_recompute.recompute_flops``). Assumption: the pipeline bubble does not
     stretch recomputation (the ILP adds it per layer, without the pipeline degree).
     """
     if mode is Recompute.NONE:
@@ -48,6 +50,8 @@ def recompute_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_b
     else:
         d_qk, d_v = attention_widths(arch)
         flops = attention_share(cfg) * 2.0 * cfg.seq_len * (d_qk + d_v) * tokens
+        if (mods := megatron_recompute.modules(cfg)) is not None:  # Megatron's --recompute-modules
+            flops = megatron_recompute.recompute_flops(arch.spec, tokens=tokens, core_flops=flops, mods=mods, tp=1)
     seconds = flops / (cfg.world_size * peak_flops(gpu, cfg) * efficiency(gpu, cfg, arch.spec.hidden_size or 0))
     if mode is Recompute.FULL and cfg.tp > 1:
         bw, lat = links(gpu, cfg).pick(True)
