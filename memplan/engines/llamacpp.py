@@ -220,7 +220,8 @@ def cuda_padding_bytes(ctx: Context, layers: range | list[int], with_output: boo
 
 def model_buffers(ctx: Context, on_gpu: range | list[int], out_gpu: bool) -> tuple[int, int]:
     """(GPU, host) model buffer bytes: from the GGUF file's own tensor table when the model is a .gguf file,
-    else from memplan's GGUF mix rules for ``quant`` (memory.quant ``gguf_tensor_type``)."""
+    else from memplan's GGUF mix rules for ``quant`` (memory.quant ``gguf_tensor_type``). The output layer's bytes are
+    the last pipeline stage's non-layer tensors whichever GPU (or the host) holds it under -sm layer / -ngl."""
     from memplan.catalog.gguf_file import gguf_path, read_gguf
 
     path = gguf_path(ctx.arch.spec)
@@ -229,7 +230,7 @@ def model_buffers(ctx: Context, on_gpu: range | list[int], out_gpu: bool) -> tup
     n_layer = len(ctx.arch.layers)
     quant = weights.effective_quant(ctx.cfg)
     layer_bytes = [weights.layer_weight_bytes(ctx, i, quant) for i in range(n_layer)]
-    outside = weights.non_layer_weight_bytes(ctx)
+    outside = weights.non_layer_weight_bytes(ctx.at_stage(ctx.cfg.pp - 1))  # the output layer, wherever it is
     host_in = weights.context_weight_bytes(ctx)
     host_input = host_in.host_quantized + host_in.host_unquantized
     gpu = sum(layer_bytes[i] for i in on_gpu) + (outside if out_gpu else 0) + cuda_padding_bytes(ctx, on_gpu, out_gpu)
@@ -259,15 +260,22 @@ def file_buffers(tensors: tuple, on_gpu: range | list[int], out_gpu: bool) -> tu
 
 def gpu_compute_bytes(ctx: Context, cells: int, mine: list[int], my_out: bool) -> int:
     """This GPU's compute buffer (bytes): ``compute_bytes`` with one copy of each input, or under pipeline parallelism
-    (``llamacpp_sched.n_copies`` > 1) ``llamacpp_sched.pp_compute_bytes``; 0 on a GPU with no layer."""
-    from memplan.engines import llamacpp_sched
+    (``llamacpp_sched.n_copies`` > 1) ``llamacpp_sched.pp_compute_bytes``; on the first GPU under -ngl partial offload
+    at least the working set of the CPU ops it runs (``llamacpp_offload.offload_bytes``); 0 on any other GPU with no
+    layer."""
+    from memplan.engines import llamacpp_offload, llamacpp_sched
 
-    if not mine and not my_out:
-        return 0
     n_layer = len(ctx.arch.layers)
+    ub = llamacpp_sched.ubatch(ctx, cells)
+    offload = 0
+    if llamacpp_offload.applies(ctx, ub, ctx.stage):
+        terms = compute_terms(ctx, cells, False, first_gpu=True)
+        offload = llamacpp_offload.offload_bytes(ctx, cells, ub, terms, kv_bytes_per_layer(ctx, cells))
+    if not mine and not my_out:
+        return offload
     first = bool(mine) and mine[0] == min(gpu_layers(ctx.cfg, n_layer), default=-1)
     if llamacpp_sched.n_copies(ctx.cfg, n_layer) == 1:
-        return compute_bytes(ctx, cells, with_output=my_out, first_gpu=first)
+        return max(compute_bytes(ctx, cells, with_output=my_out, first_gpu=first), offload)
     terms = compute_terms(ctx, cells, my_out, first)
     placement = (first, bool(mine), n_layer - 1 in mine)
     return llamacpp_sched.pp_compute_bytes(ctx, cells, terms, placement)
