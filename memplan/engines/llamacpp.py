@@ -8,7 +8,11 @@ allocates and logs (src/llama-model.cpp ``load_tensors``, src/llama-kv-cache.cpp
   input embedding always on the host (``dev_input`` is the CPU);
 - "CUDA0 KV buffer size": n_ctx cells × L_gpu × (row_size(type_k, n_embd_k_gqa) + row_size(type_v,
   n_embd_v_gqa)) for the offloaded layers (``offload_kqv``), the rest in a host KV buffer;
-- "CUDA0 compute buffer size": the graph allocator's worst case for one ubatch (see ``compute_bytes``);
+- "CUDA0 compute buffer size": the graph allocator's worst case for one ubatch
+  (``memplan.engines.llamacpp_compute``); with several GPUs of a full layer split, the scheduler's
+  pipeline-parallel input copies on each GPU (``memplan.engines.llamacpp_sched``); under -ngl partial offload,
+  the CPU ops the first GPU runs with their weights copied in (``memplan.engines.llamacpp_offload``);
+- "CUDA_Host compute buffer size": the graph inputs on the host (``llamacpp_sched.host_compute_bytes``);
 - "CUDA_Host output buffer size": n_vocab fp32 logits per sequence.
 
 ``micro_batch`` is the number of parallel sequences (``-np``); they share one KV buffer of n_ctx cells,
@@ -38,13 +42,6 @@ common/arg.cpp ``kv_cache_types``."""
 FLOAT_KV_TYPES = ("f32", "f16", "bf16")
 N_CTX_PAD = 256
 """llama.cpp pads n_ctx to a multiple of 256 cells (src/llama-context.cpp: ``GGML_PAD(cparams.n_ctx, 256)``)."""
-EMBD_WORK_TENSORS = 4
-"""f32 tensors of n_embd × n_ubatch alive next to the attention scores: the layer input, the residual, the
-attention output and the current hidden state (src/llama-graph.cpp ``build_attn``/``build_ffn``)."""
-FFN_INTERMEDIATES = 3
-"""n_ff × n_ubatch f32 tensors alive in the FFN: gate, up and their fused swiglu (src/llama-graph.cpp ``build_ffn``)."""
-FFN_EMBD_TENSORS = 2
-"""n_embd × n_ubatch f32 tensors alive next to them: the FFN's residual input and its normed input."""
 CUDA_RUNTIME_CONTEXT_BYTES = 287_047_680
 """A CUDA runtime context with lazy module loading after its first allocation: 274 MiB (pytorch/pytorch
 PR #86509's measurement, taken before any PyTorch kernel runs). llama.cpp does not print it; it is real.
@@ -146,52 +143,6 @@ def kv_bytes_per_layer(ctx: Context, cells: int) -> int:
     return cells * (kv_row_bytes(s.cache_type_k, width) + kv_row_bytes(s.cache_type_v, width))
 
 
-def ffn_width(ctx: Context) -> int:
-    """Values per token of one FFN intermediate: n_ff, or for MoE n_ff_exp × n_expert_used (``build_moe_ffn``)."""
-    spec = ctx.arch.spec
-    if spec.num_experts and spec.moe_intermediate_size:
-        return spec.moe_intermediate_size * (spec.num_experts_per_tok or 1)
-    return spec.intermediate_size or 0
-
-
-def compute_terms(ctx: Context, cells: int, with_output: bool, first_gpu: bool = True) -> dict[str, int]:
-    """The working sets whose largest is a GPU's compute buffer for one ubatch (bytes): attention, FFN, logits.
-
-    Formula: attention without flash attention = n_kv·n_ubatch·n_head·4 (KQ, softmax in place) + n_kv·pad64(n_ubatch)·4
-    (mask) + 4·n_embd·n_ubatch·4; with flash attention no KQ exists and the f32 mask is cast to f16 in the first
-    layer's attention on the first GPU, the f32 copy alive next to the cast: n_kv·pad64(n_ubatch)·(4 + 2) there,
-    ·2 on later GPUs, + 4·n_embd·n_ubatch·4. FFN = the live mask + 3·n_ff·n_ubatch·4 (gate, up and the fused
-    swiglu output; ``ggml_swiglu_split`` is not in place) + 2·n_embd·n_ubatch·4 (residual, FFN input). Logits =
-    n_ubatch·(n_vocab + n_embd)·4 where the output layer is.
-    Source: src/llama-graph.cpp (``build_attn_mha``, ``build_attn_inp_kq_mask``, ``build_ffn``), src/llama-context.cpp
-    (``graph_reserve`` with n_outputs = n_ubatch), ggml/src/ggml-alloc.c (``ggml_op_can_inplace``).
-    Assumption: ggml-alloc reuses freed tensors perfectly; an approximation of the allocator (exact within 0.01 MiB on
-    the published single-GPU logs), not its byte count.
-    """
-    from memplan.engines.llamacpp_sched import mask_rows, ubatch
-
-    spec, s = ctx.arch.spec, ctx.cfg.serve
-    ub = ubatch(ctx, cells)
-    embd, heads, vocab = spec.hidden_size or 0, spec.num_attention_heads or 0, spec.vocab_size or 0
-    work = EMBD_WORK_TENSORS * embd * ub * F32_BYTES
-    rows = mask_rows(ctx, cells)
-    if s.flash_attn:
-        live_mask = rows * 2
-        attention = (rows * F32_BYTES if first_gpu else 0) + live_mask + work
-    else:
-        live_mask = rows * F32_BYTES
-        attention = cells * ub * heads * F32_BYTES + live_mask + work
-    ffn = live_mask + (FFN_INTERMEDIATES * ffn_width(ctx) + FFN_EMBD_TENSORS * embd) * ub * F32_BYTES
-    logits = ub * (vocab + embd) * F32_BYTES if with_output else 0
-    return {"attention": attention, "ffn": ffn, "logits": logits}
-
-
-def compute_bytes(ctx: Context, cells: int, with_output: bool | None = None, first_gpu: bool = True) -> int:
-    """The GPU compute buffer of one ubatch with one copy of each input: the largest of ``compute_terms`` (bytes)."""
-    out = output_on_gpu(ctx.cfg, len(ctx.arch.layers)) if with_output is None else with_output
-    return max(compute_terms(ctx, cells, out, first_gpu).values())
-
-
 MATRIX_ROW_PADDING = 512
 """ggml-cuda pads each quantized tensor whose rows are not a multiple of 512 values by one partial row
 (ggml/src/ggml-cuda/ggml-cuda.cu ``ggml_backend_cuda_buffer_type_get_alloc_size``)."""
@@ -258,29 +209,6 @@ def file_buffers(tensors: tuple, on_gpu: range | list[int], out_gpu: bool) -> tu
     return gpu, cpu
 
 
-def gpu_compute_bytes(ctx: Context, cells: int, mine: list[int], my_out: bool) -> int:
-    """This GPU's compute buffer (bytes): ``compute_bytes`` with one copy of each input, or under pipeline parallelism
-    (``llamacpp_sched.n_copies`` > 1) ``llamacpp_sched.pp_compute_bytes``; on the first GPU under -ngl partial offload
-    at least the working set of the CPU ops it runs (``llamacpp_offload.offload_bytes``); 0 on any other GPU with no
-    layer."""
-    from memplan.engines import llamacpp_offload, llamacpp_sched
-
-    n_layer = len(ctx.arch.layers)
-    ub = llamacpp_sched.ubatch(ctx, cells)
-    offload = 0
-    if llamacpp_offload.applies(ctx, ub, ctx.stage):
-        terms = compute_terms(ctx, cells, False, first_gpu=True)
-        offload = llamacpp_offload.offload_bytes(ctx, cells, ub, terms, kv_bytes_per_layer(ctx, cells))
-    if not mine and not my_out:
-        return offload
-    first = bool(mine) and mine[0] == min(gpu_layers(ctx.cfg, n_layer), default=-1)
-    if llamacpp_sched.n_copies(ctx.cfg, n_layer) == 1:
-        return max(compute_bytes(ctx, cells, with_output=my_out, first_gpu=first), offload)
-    terms = compute_terms(ctx, cells, my_out, first)
-    placement = (first, bool(mine), n_layer - 1 in mine)
-    return llamacpp_sched.pp_compute_bytes(ctx, cells, terms, placement)
-
-
 def rows(ctx: Context) -> list[Row]:
     """llama.cpp's buffers: model, KV and compute buffers on the GPU and the host, and the CUDA context.
 
@@ -290,7 +218,7 @@ def rows(ctx: Context) -> list[Row]:
     llama.cpp turns on pipeline parallelism and each GPU's compute buffer and the host's hold ``n_copies`` copies of
     their inputs (``memplan.engines.llamacpp_sched``).
     """
-    from memplan.engines import llamacpp_sched
+    from memplan.engines import llamacpp_compute, llamacpp_sched
 
     cfg, arch = ctx.cfg, ctx.arch
     check(cfg)
@@ -318,7 +246,7 @@ def rows(ctx: Context) -> list[Row]:
         Row("kv_cache", Tier.GPU, per_layer * len(mine), "llama.cpp src/llama-kv-cache.cpp", kv_note),
         Row("kv_cache/host", Tier.CPU, per_layer * (n_layer - len(on_gpu)), "llama.cpp src/llama-kv-cache.cpp",
             "KV of the layers left on the CPU"),
-        Row("activations/llamacpp_compute", Tier.GPU, gpu_compute_bytes(ctx, cells, mine, my_out),
+        Row("activations/llamacpp_compute", Tier.GPU, llamacpp_compute.gpu_compute_bytes(ctx, cells, mine, my_out),
             "llama.cpp src/llama-context.cpp graph_reserve, ggml-backend.cpp sched; see memplan explain",
             f"n_ubatch {s.n_ubatch}, flash_attn {'on' if s.flash_attn else 'off'}{pp_note}"),
         Row("activations/llamacpp_host_compute", Tier.CPU, llamacpp_sched.host_compute_bytes(ctx, cells),

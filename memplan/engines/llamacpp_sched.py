@@ -82,7 +82,7 @@ def pp_compute_bytes(ctx: Context, cells: int, single: dict[str, int], placement
     Formula: n_copies × (mask + hidden + positions (+ output ids)) held for the whole graph, plus the largest of the
     working sets without those held inputs: attention − the mask input, FFN − the mask input (when the FFN's live
     mask is that input: no flash attention, or a later GPU), logits. ``single`` holds the one-copy terms
-    (``llamacpp.compute_terms``); ``placement`` is (first GPU, has layers, holds the last layer).
+    (``llamacpp_compute.compute_terms``); ``placement`` is (first GPU, has layers, holds the last layer).
     Source: ggml/src/ggml-backend.cpp ``ggml_backend_sched_split_graph`` (copies flagged input and output, added as
     leafs "so that they are allocated first"). Assumption: ggml-alloc's reuse inside the working set is as in the
     single-copy formula; checked against two published logs (tests/test_llamacpp_pipeline.py).
