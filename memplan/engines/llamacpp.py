@@ -236,7 +236,8 @@ def rows(ctx: Context) -> list[Row]:
     kv_note = (f"{cells} cells, K ({s.cache_type_k}) + V ({s.cache_type_v}); {len(mine)} of {n_layer} layers on "
                f"this GPU")
     copies = llamacpp_sched.n_copies(cfg, n_layer)
-    pp_note = f"; pipeline parallelism, {copies} copies of the inputs" if copies > 1 else ""
+    pp_note = (f"; pipeline parallelism, {copies} copies of the inputs (if they do not fit, llama.cpp since PR #16748 "
+               "retries with one: --ggml-sched-max-copies 1)") if copies > 1 else ""
     vocab = arch.spec.vocab_size or 0
     ctx_bytes = CUDA_RUNTIME_CONTEXT_BYTES if cfg.cuda_context_bytes is None else cfg.cuda_context_bytes
     return [
