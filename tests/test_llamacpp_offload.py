@@ -66,3 +66,15 @@ def test_host_holds_the_cpu_output_layer_on_every_gpu_of_a_split() -> None:
     for device in range(2):
         rows = {r.component: r.bytes for r in llamacpp.rows(ctx.at_stage(device))}
         assert rows["weights/llamacpp_host"] == host
+
+
+def test_no_op_offload_keeps_the_cpu_layers_working_set_on_the_host() -> None:
+    # --no-op-offload, -ngl 20: the CPU runs its 12 layers itself; its compute buffer holds the graph inputs (f32 mask,
+    # 3 int32 token inputs, token_embd's get_rows output) next to one layer's attention working set.
+    est = estimate("llama-3.1-8b", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m", infer={"context": 8192},
+                   serve={"flash_attn": False, "n_gpu_layers": 20, "op_offload": False})
+    host = next(r.bytes for r in est.rows if r.component == "activations/llamacpp_host_compute")
+    inputs = 8192 * UB * 4 + 3 * UB * 4 + EMBD * UB * 4
+    assert host == inputs + 8192 * UB * 32 * 4 + 8192 * UB * 4 + 4 * EMBD * UB * 4
+    offloaded = estimate("llama-3.1-8b", "rtx-4090", est.config, serve={**est.config.serve.model_dump(), "op_offload": True})
+    assert next(r.bytes for r in offloaded.rows if r.component == "activations/llamacpp_host_compute") == inputs

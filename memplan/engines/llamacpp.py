@@ -218,7 +218,7 @@ def rows(ctx: Context) -> list[Row]:
     llama.cpp turns on pipeline parallelism and each GPU's compute buffer and the host's hold ``n_copies`` copies of
     their inputs (``memplan.engines.llamacpp_sched``).
     """
-    from memplan.engines import llamacpp_compute, llamacpp_sched
+    from memplan.engines import llamacpp_compute, llamacpp_offload, llamacpp_sched
 
     cfg, arch = ctx.cfg, ctx.arch
     check(cfg)
@@ -250,9 +250,10 @@ def rows(ctx: Context) -> list[Row]:
         Row("activations/llamacpp_compute", Tier.GPU, llamacpp_compute.gpu_compute_bytes(ctx, cells, mine, my_out),
             "llama.cpp src/llama-context.cpp graph_reserve, ggml-backend.cpp sched; see memplan explain",
             f"n_ubatch {s.n_ubatch}, flash_attn {'on' if s.flash_attn else 'off'}{pp_note}"),
-        Row("activations/llamacpp_host_compute", Tier.CPU, llamacpp_sched.host_compute_bytes(ctx, cells),
+        Row("activations/llamacpp_host_compute", Tier.CPU, llamacpp_sched.host_compute_bytes(ctx, cells)
+            + llamacpp_offload.host_working_set(ctx, cells, llamacpp_sched.ubatch(ctx, cells)),
             "llama.cpp ggml-backend.cpp sched graph inputs", "CUDA_Host compute buffer: graph inputs + token "
-            "embeddings" + pp_note + ("" if len(on_gpu) == n_layer else "; CPU layers' working set not counted")),
+            "embeddings" + pp_note + ("" if len(on_gpu) == n_layer else " + the CPU layers' ops it keeps")),
         Row("activations/llamacpp_output", Tier.CPU, vocab * F32_BYTES * cfg.micro_batch,
             "llama.cpp src/llama-context.cpp output_reserve", "CUDA_Host output buffer: fp32 logits per sequence"),
         Row("runtime/llamacpp_cuda_context", Tier.GPU, ctx_bytes, "CUDA runtime context (pytorch/pytorch PR #86509)",

@@ -71,3 +71,19 @@ def offload_bytes(ctx: Context, cells: int, ub: int, terms: dict[str, int], kv_l
         weight = max(largest_tensor_bytes(ctx, i) for i in cpu_layers)
         layer = weight + kv_layer + max(terms["attention"], terms["ffn"])
     return max(out, layer)
+
+
+def host_working_set(ctx: Context, cells: int, ub: int) -> int:
+    """The CPU's own working set under -ngl partial offload when it keeps its ops (``--no-op-offload`` or n_ubatch
+    below 32): the largest of the one-copy attention, FFN and (output layer on the CPU) logits terms (bytes); 0 when
+    every layer is offloaded or the first GPU takes the CPU's ops. Source: as ``llamacpp_compute.compute_terms``, the
+    CPU backend's graph allocation being the same ggml-alloc over the CPU's splits."""
+    from memplan.engines import llamacpp, llamacpp_compute
+
+    cfg, n_layer = ctx.cfg, len(ctx.arch.layers)
+    cpu_layers = n_layer - len(llamacpp.gpu_layers(cfg, n_layer))
+    out_cpu = not llamacpp.output_on_gpu(cfg, n_layer)
+    if not (cpu_layers or out_cpu) or applies(ctx, ub, 0):
+        return 0
+    terms = llamacpp_compute.compute_terms(ctx, cells, out_cpu, first_gpu=True)
+    return max(terms["logits"], terms["attention"] if cpu_layers else 0, terms["ffn"] if cpu_layers else 0)
