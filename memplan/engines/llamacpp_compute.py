@@ -16,8 +16,11 @@ EMBD_WORK_TENSORS = 4
 attention output and the current hidden state (src/llama-graph.cpp ``build_attn``/``build_ffn``)."""
 FFN_INTERMEDIATES = 3
 """n_ff × n_ubatch f32 tensors alive in the FFN: gate, up and their fused swiglu (src/llama-graph.cpp ``build_ffn``)."""
-FFN_EMBD_TENSORS = 2
-"""n_embd × n_ubatch f32 tensors alive next to them: the FFN's residual input and its normed input."""
+FFN_EMBD_TENSORS = EMBD_WORK_TENSORS
+"""n_embd × n_ubatch f32 tensors alive next to them, the same allowance as the attention's: ``build_ffn`` names two
+(the FFN's residual input and its normed input); on the one log whose FFN sets the buffer (Mistral-Small-24B,
+n_ubatch 4096, two GPUs; tests/test_llamacpp_pipeline.py) two leave memplan 128.25 MiB (0.96%) under, four 31.75 MiB
+(0.24%) over; the rest is ggml-alloc's free-block fragmentation, not modelled, so the conservative four."""
 
 
 def ffn_width(ctx: Context) -> int:
@@ -35,7 +38,7 @@ def compute_terms(ctx: Context, cells: int, with_output: bool, first_gpu: bool =
     (mask) + 4·n_embd·n_ubatch·4; with flash attention no KQ exists and the f32 mask is cast to f16 in the first
     layer's attention on the first GPU, the f32 copy alive next to the cast: n_kv·pad64(n_ubatch)·(4 + 2) there,
     ·2 on later GPUs, + 4·n_embd·n_ubatch·4. FFN = the live mask + 3·n_ff·n_ubatch·4 (gate, up and the fused
-    swiglu output; ``ggml_swiglu_split`` is not in place) + 2·n_embd·n_ubatch·4 (residual, FFN input). Logits =
+    swiglu output; ``ggml_swiglu_split`` is not in place) + 4·n_embd·n_ubatch·4 (``FFN_EMBD_TENSORS``). Logits =
     n_ubatch·(n_vocab + n_embd)·4 where the output layer is.
     Source: src/llama-graph.cpp (``build_attn_mha``, ``build_attn_inp_kq_mask``, ``build_ffn``), src/llama-context.cpp
     (``graph_reserve`` with n_outputs = n_ubatch), ggml/src/ggml-alloc.c (``ggml_op_can_inplace``).
