@@ -43,7 +43,9 @@ def compute_terms(ctx: Context, cells: int, with_output: bool, first_gpu: bool =
     Source: src/llama-graph.cpp (``build_attn_mha``, ``build_attn_inp_kq_mask``, ``build_ffn``), src/llama-context.cpp
     (``graph_reserve`` with n_outputs = n_ubatch), ggml/src/ggml-alloc.c (``ggml_op_can_inplace``).
     Assumption: ggml-alloc reuses freed tensors perfectly; an approximation of the allocator (exact within 0.01 MiB on
-    the published single-GPU logs), not its byte count.
+    the published single-GPU logs), not its byte count. The f32 mask next to its f16 cast is the arithmetic of builds
+    before llama.cpp PR #23764 (May 2026: "the f32 mask still uses the compute buffer even though it is not used");
+    later builds create the mask in f16 and need n_kv·n_ubatch·4 bytes less there (memplan over, the safe side).
     """
     from memplan.engines.llamacpp_sched import mask_rows, ubatch
 

@@ -67,6 +67,9 @@ def gpu_inputs(ctx: Context, cells: int, first: bool, has_layers: bool, last_lay
     (``ggml_cast(..., GGML_TYPE_F16)``) in the first layer's attention, on the first GPU, so that GPU copies the
     f32 mask and every later GPU copies the previous one's f16 cast. The hidden state is n_embd × n_ubatch f32;
     the output ids (int32 per token) go to the GPU of the last repeating layer.
+    Assumption: builds before llama.cpp PR #23764 (May 2026), which creates the mask in f16 under flash attention
+    (no f32 copy): for later builds memplan is over by n_copies × n_kv × n_ubatch × 2 bytes on the first GPU and
+    the host, the safe direction (unsloth PR #7637 measured 4 f16 masks per GPU on such a build).
     """
     if not has_layers:
         return 0, 0
@@ -103,7 +106,8 @@ def host_compute_bytes(ctx: Context, cells: int) -> int:
     first and are alive while get_rows runs. Source: ggml/src/ggml-backend.cpp (inputs assigned to the last backend,
     the CPU, which llama-context.cpp gives the first GPU's host buffer type); src/llama-graph.cpp ``build_inp_*``.
     Checked: Mistral-7B, n_ubatch 512: 12.01 MiB at n_ctx 2048, 72.01 MiB at 32768 (fedora-copr/logdetective PR
-    #106). Assumption: under -ngl partial offload the CPU layers' own working set is not counted (a lower bound).
+    #106). Assumption: an f32 mask, as before llama.cpp PR #23764 (f16 under flash attention since; see
+    ``gpu_inputs``); the CPU's own working set under -ngl partial offload is ``llamacpp_offload.host_working_set``.
     """
     ub = ubatch(ctx, cells)
     inputs = mask_rows(ctx, cells) * F32_BYTES + TOKEN_INPUTS * ub * I32_BYTES
