@@ -25,6 +25,7 @@ import pytest
 from conftest import run_cli
 
 from memplan.engines import llamacpp, llamacpp_sched
+from memplan.errors import MemplanError
 from memplan.estimator import estimate
 from memplan.memory.context import Context
 from memplan.units import MiB
@@ -104,20 +105,27 @@ def test_pipeline_parallel_switch(pp: int, ngl: int | None, copies: int, expecte
 
 
 def test_partial_offload_over_two_gpus_has_one_copy() -> None:
-    # -ngl 20 over two GPUs: 12 layers and the output stay on the CPU, no pipeline parallelism, so each GPU's compute
+    # -ngl 20 over two GPUs: 12 layers and the output stay on the CPU, no pipeline parallelism, so GPU 1's compute
     # buffer is the single-copy one, and the host holds the 12 layers' weights and KV.
-    base = {"n_gpu_layers": 20, "flash_attn": False}
     est = estimate("llama-3.1-8b", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m", pp=2, gpus_per_node=2,
-                   infer={"context": 8192}, serve=base)
-    one = estimate("llama-3.1-8b", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m", pp=2, gpus_per_node=2,
-                   infer={"context": 8192}, serve={**base, "ggml_sched_max_copies": 1})
-    for device in range(2):
-        assert _device_rows(est, device) == _device_rows(one, device)
+                   infer={"context": 8192}, serve={"n_gpu_layers": 20, "flash_attn": False})
+    assert llamacpp_sched.n_copies(est.config, 32) == 1
     rows = _device_rows(est, 1)
     assert rows["kv_cache/host"] == 12 * 8192 * 2 * 1024 * 2
     # No output layer on GPU 1: KQ (8192 × 512 × 32 heads f32) + f32 mask + 4 hidden-size tensors. (GPU 0 also runs
     # the CPU layers' offloaded ops: tests/test_llamacpp_offload.py.)
     assert rows["activations/llamacpp_compute"] == 8192 * 512 * 32 * 4 + 8192 * 512 * 4 + 4 * 4096 * 512 * 4
+
+
+def test_knobs_that_move_no_byte_are_refused() -> None:
+    kw = {"job": "infer", "engine": "llamacpp", "quant": "q4_k_m"}
+    with pytest.raises(MemplanError, match="with one it moves no byte"):
+        estimate("llama-3.1-8b", "rtx-4090", **kw, serve={"ggml_sched_max_copies": 2})
+    with pytest.raises(MemplanError, match="layers on the CPU it moves no byte"):
+        estimate("llama-3.1-8b", "rtx-4090", **kw, pp=2, gpus_per_node=2,
+                 serve={"ggml_sched_max_copies": 2, "n_gpu_layers": 20})
+    with pytest.raises(MemplanError, match="no-op-offload"):
+        estimate("llama-3.1-8b", "rtx-4090", **kw, serve={"op_offload": False})
 
 
 def test_copies_raise_every_gpu_and_the_host() -> None:

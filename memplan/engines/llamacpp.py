@@ -73,6 +73,26 @@ def check(cfg: JobConfig) -> None:
         raise MemplanError("tensor_split (-ts) divides layers over several GPUs; with one (--pp 1) it moves no byte.")
 
 
+def check_effects(cfg: JobConfig, n_layer: int) -> None:
+    """Refuse the scheduler knobs where they move no byte (no knob silently ignored): ``ggml_sched_max_copies`` without
+    pipeline parallelism (one GPU, or -ngl leaving layers on the CPU), ``op_offload`` off with nothing on the CPU."""
+    from memplan.config import ServeConfig
+    from memplan.engines import llamacpp_sched
+
+    s, default = cfg.serve, ServeConfig()
+    if s.ggml_sched_max_copies != default.ggml_sched_max_copies and cfg.pp > 1 and \
+            not llamacpp_sched.pipeline_parallel(cfg, n_layer):
+        raise MemplanError("ggml_sched_max_copies sizes pipeline parallelism's copies, which llama.cpp turns on only "
+                           f"with every layer offloaded (-ngl > {n_layer}); with layers on the CPU it moves no byte.")
+    if s.ggml_sched_max_copies != default.ggml_sched_max_copies and cfg.pp == 1:
+        raise MemplanError("ggml_sched_max_copies sizes pipeline parallelism's copies, which llama.cpp uses only over "
+                           "several GPUs (--pp N, -sm layer); with one it moves no byte.")
+    ngl = s.n_gpu_layers
+    if not s.op_offload and (ngl is None or ngl > n_layer):
+        raise MemplanError("--no-op-offload keeps the CPU layers' ops on the CPU, and every layer is on the GPU "
+                           f"(-ngl > {n_layer}); it moves no byte. Drop it or offload fewer layers.")
+
+
 def kv_row_bytes(kv_type: str, ncols: int) -> int:
     """``ggml_row_size(type, ncols)``: ncols / block × block bytes (bytes of one cell of one layer's K or V)."""
     blck, size = KV_TYPES[kv_type]
@@ -223,6 +243,7 @@ def rows(ctx: Context) -> list[Row]:
     cfg, arch = ctx.cfg, ctx.arch
     check(cfg)
     n_layer = len(arch.layers)
+    check_effects(cfg, n_layer)
     on_gpu = gpu_layers(cfg, n_layer)
     out_gpu = output_on_gpu(cfg, n_layer)
     gpu_w, cpu_w = model_buffers(ctx, on_gpu, out_gpu)

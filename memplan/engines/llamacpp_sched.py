@@ -38,15 +38,20 @@ TOKEN_INPUTS = 3
 worst-case reserve; src/llama-graph.cpp ``build_inp_embd``, ``build_inp_pos``, ``build_inp_out_ids``)."""
 
 
+def pipeline_parallel(cfg: JobConfig, n_layer: int) -> bool:
+    """llama.cpp's ``pipeline_parallel``: several GPUs (pp > 1, -sm layer) and every layer offloaded (-ngl > n_layer;
+    ``n_gpu_layers`` None is llama.cpp's default 999). Source: src/llama-context.cpp (``llama_context``)."""
+    ngl = cfg.serve.n_gpu_layers
+    return cfg.pp > 1 and (ngl is None or ngl > n_layer)
+
+
 def n_copies(cfg: JobConfig, n_layer: int) -> int:
     """The scheduler's ``n_copies``: ``GGML_SCHED_MAX_COPIES`` when llama.cpp enables pipeline parallelism, else 1.
 
-    Source: src/llama-context.cpp (``pipeline_parallel``), ggml/src/ggml-backend.cpp ``ggml_backend_sched_new``
-    (``sched->n_copies = parallel ? GGML_SCHED_MAX_COPIES : 1``). ``n_gpu_layers`` None is llama.cpp's default 999.
+    Source: ggml/src/ggml-backend.cpp ``ggml_backend_sched_new`` (``sched->n_copies = parallel ?
+    GGML_SCHED_MAX_COPIES : 1``), ``parallel`` being ``pipeline_parallel``.
     """
-    ngl = cfg.serve.n_gpu_layers
-    offloaded_all = ngl is None or ngl > n_layer
-    return cfg.serve.ggml_sched_max_copies if cfg.pp > 1 and offloaded_all else 1
+    return cfg.serve.ggml_sched_max_copies if pipeline_parallel(cfg, n_layer) else 1
 
 
 def mask_rows(ctx: Context, cells: int) -> int:
