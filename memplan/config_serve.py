@@ -51,7 +51,8 @@ class ServeConfig(Strict):
     ``page_size``, ``cuda_graph_max_bs``. llama.cpp (``llama-server``/``llama-cli`` flags,
     common/arg.cpp): ``n_gpu_layers`` (-ngl), ``n_ctx`` (-c), ``n_batch`` (-b), ``n_ubatch`` (-ub),
     ``cache_type_k``/``cache_type_v`` (-ctk/-ctv), ``flash_attn`` (-fa), ``tensor_split`` (-ts; ``pp`` > 1 is
-    ``-sm layer`` over pp GPUs). transformers ``generate``:
+    ``-sm layer`` over pp GPUs), ``ggml_sched_max_copies`` (the build's ``GGML_SCHED_MAX_COPIES``), ``op_offload``
+    (--no-op-offload). transformers ``generate``:
     ``cache_implementation``.
     """
 
@@ -106,6 +107,12 @@ class ServeConfig(Strict):
     equal shares (llama.cpp splits by free memory, equal on identical GPUs)."""
     flash_attn: bool = True
     """llama.cpp -fa: on by default (llama.cpp's ``-fa auto``, the default since 2025, enables it on CUDA)."""
+    ggml_sched_max_copies: int = Field(default=4, ge=1, le=64)
+    """llama.cpp's build option ``-DGGML_SCHED_MAX_COPIES`` (4 by default, ggml/src/ggml-backend.cpp): copies of the
+    scheduler's inputs kept when pipeline parallelism is on (a full layer split over several GPUs); 1 turns it off."""
+    op_offload: bool = True
+    """llama.cpp --op-offload/--no-op-offload: under -ngl partial offload the first GPU runs the CPU layers' ops of
+    large batches with their weights copied in (``memplan.engines.llamacpp_offload``)."""
     prompt_tokens: int | None = Field(default=None, gt=0)
     """Prompt length for the time to first token; None: ``infer.context`` (the whole context is prompt, the upper bound)."""
     hbm_efficiency: float | None = Field(default=None, gt=0, le=1)

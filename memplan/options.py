@@ -334,6 +334,12 @@ OPTS: dict[str, Opt] = {
                        convert=lambda t: _floats(t, "--tensor-split")),
     "flash_attn": _o("--flash-attn/--no-flash-attn", bool, None, "llamacpp -fa (default on).", SERVE,
                      field="serve.flash_attn"),
+    "ggml_sched_max_copies": _o("--ggml-sched-max-copies", int, None, "llamacpp build option GGML_SCHED_MAX_COPIES: "
+                                "input copies of pipeline parallelism over a full --pp layer split (default 4; 1: off).",
+                                SERVE, field="serve.ggml_sched_max_copies"),
+    "op_offload": _o("--op-offload/--no-op-offload", bool, None, "llamacpp --no-op-offload: keep the CPU layers' ops "
+                     "of large batches on the CPU under -ngl partial offload (default: offloaded to the first GPU).",
+                     SERVE, field="serve.op_offload"),
     "cache_implementation": _o("--cache-implementation", str, None, "transformers generate: dynamic (default), "
                                "static, or legacy (the tuple cache of transformers < 4.36).", SERVE,
                                field="serve.cache_implementation"),
@@ -398,7 +404,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
                 "cuda_graph_max_bs", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k",
-                "cache_type_v", "tensor_split", "flash_attn", "cache_implementation"),
+                "cache_type_v", "tensor_split", "flash_attn", "ggml_sched_max_copies", "op_offload",
+                "cache_implementation"),
     "serving_time": ("prompt_tokens", "hbm_efficiency", "compute_efficiency"),
     "perf": ("mfu", "cluster", "intra_node_gbps", "inter_node_gbps", "intra_node_latency_us", "inter_node_latency_us",
              "comm_overlap", "virtual_stages", "train_tokens"),

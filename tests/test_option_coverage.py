@@ -74,7 +74,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--stage3-prefetch-bucket-size": "5000000", "--stage3-param-persistence-threshold": "10000000",
     "--gpu-memory-utilization": "0.5", "--max-num-batched-tokens": "4096", "--max-num-seqs": "64",
     "--mem-fraction-static": "0.8", "--chunked-prefill-size": "4096", "--max-running-requests": "1",
-    "--page-size": "16", "--cuda-graph-max-bs": "8", "--tensor-split": "3,1",
+    "--page-size": "16", "--cuda-graph-max-bs": "8", "--tensor-split": "3,1", "--ggml-sched-max-copies": "2",
     "--kv-block-size": "32", "--max-model-len": "512", "--n-gpu-layers": "6", "--n-ctx": "512",
     "--n-ubatch": "256", "--cache-type-k": "q8_0", "--cache-type-v": "q8_0", "--cache-implementation": "static",
     "--prompt-tokens": "128", "--hbm-efficiency": "0.5", "--compute-efficiency": "0.3",
@@ -87,7 +87,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 DEFAULT_ON: dict[str, tuple[str, ...]] = {
-    **{flag: tuple(JOBS) for flag in ("--reshard-after-forward", "--contiguous-gradients", "--flash-attn",
+    **{flag: tuple(JOBS) for flag in ("--reshard-after-forward", "--contiguous-gradients", "--flash-attn", "--op-offload",
                                       "--use-orig-params", "--fsdp-no-sync", "--limit-all-gathers")},
     "--master-weights": ("pretrain", "full"),
     "--store-param-remainders": tuple(JOBS),
@@ -150,8 +150,10 @@ SERVING_SETTINGS: dict[str, list[str]] = {
     "--n-gpu-layers": LLAMACPP, "--n-ctx": LLAMACPP, "--n-batch": LLAMACPP, "--n-ubatch": LLAMACPP,
     "--cache-type-k": LLAMACPP, "--cache-type-v": LLAMACPP, "--flash-attn": [*LLAMACPP, "--context", "4096"],
     "--cache-implementation": ["--engine", "transformers"],
+    "--op-offload": [*LLAMACPP, "--n-gpu-layers", "6"],
     "--mem-fraction-static": SGLANG, "--chunked-prefill-size": SGLANG, "--max-running-requests": SGLANG,
     "--page-size": SGLANG, "--cuda-graph-max-bs": SGLANG, "--tensor-split": [*LLAMACPP, "--gpus", "2", "--pp", "2"],
+    "--ggml-sched-max-copies": [*LLAMACPP, "--gpus", "2", "--pp", "2"],
     "--paged": ["--context", "1000"], "--block-size": ["--paged", "--context", "1000"],
 }
 """Where a serving knob acts (infer jobs; elsewhere it is rejected): its engine (vLLM within gpt2's 1024

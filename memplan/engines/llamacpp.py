@@ -8,7 +8,11 @@ allocates and logs (src/llama-model.cpp ``load_tensors``, src/llama-kv-cache.cpp
   input embedding always on the host (``dev_input`` is the CPU);
 - "CUDA0 KV buffer size": n_ctx cells × L_gpu × (row_size(type_k, n_embd_k_gqa) + row_size(type_v,
   n_embd_v_gqa)) for the offloaded layers (``offload_kqv``), the rest in a host KV buffer;
-- "CUDA0 compute buffer size": the graph allocator's worst case for one ubatch (see ``compute_bytes``);
+- "CUDA0 compute buffer size": the graph allocator's worst case for one ubatch
+  (``memplan.engines.llamacpp_compute``); with several GPUs of a full layer split, the scheduler's
+  pipeline-parallel input copies on each GPU (``memplan.engines.llamacpp_sched``); under -ngl partial offload,
+  the CPU ops the first GPU runs with their weights copied in (``memplan.engines.llamacpp_offload``);
+- "CUDA_Host compute buffer size": the graph inputs on the host (``llamacpp_sched.host_compute_bytes``);
 - "CUDA_Host output buffer size": n_vocab fp32 logits per sequence.
 
 ``micro_batch`` is the number of parallel sequences (``-np``); they share one KV buffer of n_ctx cells,
@@ -38,11 +42,6 @@ common/arg.cpp ``kv_cache_types``."""
 FLOAT_KV_TYPES = ("f32", "f16", "bf16")
 N_CTX_PAD = 256
 """llama.cpp pads n_ctx to a multiple of 256 cells (src/llama-context.cpp: ``GGML_PAD(cparams.n_ctx, 256)``)."""
-KQ_MASK_PAD = 64
-"""Rows of the KQ mask are padded to 64 (ggml.h ``GGML_KQ_MASK_PAD``)."""
-EMBD_WORK_TENSORS = 4
-"""f32 tensors of n_embd × n_ubatch alive next to the attention scores: the layer input, the residual, the
-attention output and the current hidden state (src/llama-graph.cpp ``build_attn``/``build_ffn``)."""
 CUDA_RUNTIME_CONTEXT_BYTES = 287_047_680
 """A CUDA runtime context with lazy module loading after its first allocation: 274 MiB (pytorch/pytorch
 PR #86509's measurement, taken before any PyTorch kernel runs). llama.cpp does not print it; it is real.
@@ -72,6 +71,26 @@ def check(cfg: JobConfig) -> None:
         raise MemplanError("tensor_split (-ts) needs non-negative shares, not all zero.")
     if s.tensor_split is not None and cfg.pp == 1:
         raise MemplanError("tensor_split (-ts) divides layers over several GPUs; with one (--pp 1) it moves no byte.")
+
+
+def check_effects(cfg: JobConfig, n_layer: int) -> None:
+    """Refuse the scheduler knobs where they move no byte (no knob silently ignored): ``ggml_sched_max_copies`` without
+    pipeline parallelism (one GPU, or -ngl leaving layers on the CPU), ``op_offload`` off with nothing on the CPU."""
+    from memplan.config import ServeConfig
+    from memplan.engines import llamacpp_sched
+
+    s, default = cfg.serve, ServeConfig()
+    if s.ggml_sched_max_copies != default.ggml_sched_max_copies and cfg.pp > 1 and \
+            not llamacpp_sched.pipeline_parallel(cfg, n_layer):
+        raise MemplanError("ggml_sched_max_copies sizes pipeline parallelism's copies, which llama.cpp turns on only "
+                           f"with every layer offloaded (-ngl > {n_layer}); with layers on the CPU it moves no byte.")
+    if s.ggml_sched_max_copies != default.ggml_sched_max_copies and cfg.pp == 1:
+        raise MemplanError("ggml_sched_max_copies sizes pipeline parallelism's copies, which llama.cpp uses only over "
+                           "several GPUs (--pp N, -sm layer); with one it moves no byte.")
+    ngl = s.n_gpu_layers
+    if not s.op_offload and (ngl is None or ngl > n_layer):
+        raise MemplanError("--no-op-offload keeps the CPU layers' ops on the CPU, and every layer is on the GPU "
+                           f"(-ngl > {n_layer}); it moves no byte. Drop it or offload fewer layers.")
 
 
 def kv_row_bytes(kv_type: str, ncols: int) -> int:
@@ -144,30 +163,6 @@ def kv_bytes_per_layer(ctx: Context, cells: int) -> int:
     return cells * (kv_row_bytes(s.cache_type_k, width) + kv_row_bytes(s.cache_type_v, width))
 
 
-def compute_bytes(ctx: Context, cells: int, with_output: bool | None = None) -> int:
-    """The GPU compute buffer of one ubatch, as ggml-alloc's worst-case graph needs it.
-
-    Formula: max(logits, attention): logits = n_ubatch·(n_vocab + n_embd)·4; attention without flash
-    attention = n_kv·n_ubatch·n_head·4 (KQ, softmax in place) + n_kv·pad64(n_ubatch)·4 (mask) + 4·n_embd·n_ubatch·4;
-    with flash attention the mask is f16 and no KQ exists: n_kv·pad64(n_ubatch)·2 + 4·n_embd·n_ubatch·4.
-    Source: src/llama-graph.cpp (``build_attn_mha``, ``build_inp_attn_kq_mask``), src/llama-context.cpp
-    (``graph_reserve`` with n_outputs = n_ubatch). Assumption: ggml-alloc reuses freed tensors perfectly;
-    an approximation of the allocator (exact within a few MiB on published logs), not its byte count.
-    """
-    spec, s = ctx.arch.spec, ctx.cfg.serve
-    ub = min(s.n_ubatch, s.n_batch, cells)
-    embd, heads, vocab = spec.hidden_size or 0, spec.num_attention_heads or 0, spec.vocab_size or 0
-    work = EMBD_WORK_TENSORS * embd * ub * F32_BYTES
-    mask_rows = round_up(ub, KQ_MASK_PAD)
-    if s.flash_attn:
-        attention = cells * mask_rows * 2 + work
-    else:
-        attention = cells * ub * heads * F32_BYTES + cells * mask_rows * F32_BYTES + work
-    out = output_on_gpu(ctx.cfg, len(ctx.arch.layers)) if with_output is None else with_output
-    logits = ub * (vocab + embd) * F32_BYTES if out else 0
-    return max(attention, logits)
-
-
 MATRIX_ROW_PADDING = 512
 """ggml-cuda pads each quantized tensor whose rows are not a multiple of 512 values by one partial row
 (ggml/src/ggml-cuda/ggml-cuda.cu ``ggml_backend_cuda_buffer_type_get_alloc_size``)."""
@@ -196,7 +191,8 @@ def cuda_padding_bytes(ctx: Context, layers: range | list[int], with_output: boo
 
 def model_buffers(ctx: Context, on_gpu: range | list[int], out_gpu: bool) -> tuple[int, int]:
     """(GPU, host) model buffer bytes: from the GGUF file's own tensor table when the model is a .gguf file,
-    else from memplan's GGUF mix rules for ``quant`` (memory.quant ``gguf_tensor_type``)."""
+    else from memplan's GGUF mix rules for ``quant`` (memory.quant ``gguf_tensor_type``). The output layer's bytes are
+    the last pipeline stage's non-layer tensors whichever GPU (or the host) holds it under -sm layer / -ngl."""
     from memplan.catalog.gguf_file import gguf_path, read_gguf
 
     path = gguf_path(ctx.arch.spec)
@@ -205,7 +201,7 @@ def model_buffers(ctx: Context, on_gpu: range | list[int], out_gpu: bool) -> tup
     n_layer = len(ctx.arch.layers)
     quant = weights.effective_quant(ctx.cfg)
     layer_bytes = [weights.layer_weight_bytes(ctx, i, quant) for i in range(n_layer)]
-    outside = weights.non_layer_weight_bytes(ctx)
+    outside = weights.non_layer_weight_bytes(ctx.at_stage(ctx.cfg.pp - 1))  # the output layer, wherever it is
     host_in = weights.context_weight_bytes(ctx)
     host_input = host_in.host_quantized + host_in.host_unquantized
     gpu = sum(layer_bytes[i] for i in on_gpu) + (outside if out_gpu else 0) + cuda_padding_bytes(ctx, on_gpu, out_gpu)
@@ -238,12 +234,16 @@ def rows(ctx: Context) -> list[Row]:
 
     With ``pp`` > 1 the model is split by whole layers over pp GPUs (llama.cpp ``-sm layer``, ``-ts``): the rows are
     those of GPU ``ctx.stage`` (``device_layers``), each GPU with its own KV for its layers, its own compute buffer
-    (the logits part only where the output layer is) and its own CUDA context. Assumption: the compute buffers of
-    llama.cpp's pipeline parallelism (n_copies = 4 when every layer is offloaded) are not multiplied (unmodelled).
+    (the logits part only where the output layer is) and its own CUDA context. When every layer is offloaded
+    llama.cpp turns on pipeline parallelism and each GPU's compute buffer and the host's hold ``n_copies`` copies of
+    their inputs (``memplan.engines.llamacpp_sched``).
     """
+    from memplan.engines import llamacpp_compute, llamacpp_offload, llamacpp_sched
+
     cfg, arch = ctx.cfg, ctx.arch
     check(cfg)
     n_layer = len(arch.layers)
+    check_effects(cfg, n_layer)
     on_gpu = gpu_layers(cfg, n_layer)
     out_gpu = output_on_gpu(cfg, n_layer)
     gpu_w, cpu_w = model_buffers(ctx, on_gpu, out_gpu)
@@ -256,6 +256,9 @@ def rows(ctx: Context) -> list[Row]:
     s = cfg.serve
     kv_note = (f"{cells} cells, K ({s.cache_type_k}) + V ({s.cache_type_v}); {len(mine)} of {n_layer} layers on "
                f"this GPU")
+    copies = llamacpp_sched.n_copies(cfg, n_layer)
+    pp_note = (f"; pipeline parallelism, {copies} copies of the inputs (if they do not fit, llama.cpp since PR #16748 "
+               "retries with one: --ggml-sched-max-copies 1)") if copies > 1 else ""
     vocab = arch.spec.vocab_size or 0
     ctx_bytes = CUDA_RUNTIME_CONTEXT_BYTES if cfg.cuda_context_bytes is None else cfg.cuda_context_bytes
     return [
@@ -265,10 +268,13 @@ def rows(ctx: Context) -> list[Row]:
         Row("kv_cache", Tier.GPU, per_layer * len(mine), "llama.cpp src/llama-kv-cache.cpp", kv_note),
         Row("kv_cache/host", Tier.CPU, per_layer * (n_layer - len(on_gpu)), "llama.cpp src/llama-kv-cache.cpp",
             "KV of the layers left on the CPU"),
-        Row("activations/llamacpp_compute", Tier.GPU,
-            compute_bytes(ctx, cells, with_output=my_out) if mine or my_out else 0,
-            "llama.cpp src/llama-context.cpp graph_reserve; see memplan explain", f"n_ubatch {s.n_ubatch}, "
-            f"flash_attn {'on' if s.flash_attn else 'off'}"),
+        Row("activations/llamacpp_compute", Tier.GPU, llamacpp_compute.gpu_compute_bytes(ctx, cells, mine, my_out),
+            "llama.cpp src/llama-context.cpp graph_reserve, ggml-backend.cpp sched; see memplan explain",
+            f"n_ubatch {s.n_ubatch}, flash_attn {'on' if s.flash_attn else 'off'}{pp_note}"),
+        Row("activations/llamacpp_host_compute", Tier.CPU, llamacpp_sched.host_compute_bytes(ctx, cells)
+            + llamacpp_offload.host_working_set(ctx, cells, llamacpp_sched.ubatch(ctx, cells)),
+            "llama.cpp ggml-backend.cpp sched graph inputs", "CUDA_Host compute buffer: graph inputs + token "
+            "embeddings" + pp_note + ("" if len(on_gpu) == n_layer else " + the CPU layers' ops it keeps")),
         Row("activations/llamacpp_output", Tier.CPU, vocab * F32_BYTES * cfg.micro_batch,
             "llama.cpp src/llama-context.cpp output_reserve", "CUDA_Host output buffer: fp32 logits per sequence"),
         Row("runtime/llamacpp_cuda_context", Tier.GPU, ctx_bytes, "CUDA runtime context (pytorch/pytorch PR #86509)",

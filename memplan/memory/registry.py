@@ -181,6 +181,8 @@ register("runtime/sglang_reserved", ALL, "SGLang: (1 - mem_fraction_static) shar
 register("activations/llamacpp_compute", (Phase.PREFILL, Phase.DECODE),
          "llama.cpp: compute buffer reserved at context creation for the worst-case ubatch graph")
 register("activations/llamacpp_output", (Phase.PREFILL, Phase.DECODE), "llama.cpp: host logits buffer")
+register("activations/llamacpp_host_compute", (Phase.PREFILL, Phase.DECODE),
+         "llama.cpp: host compute buffer (graph inputs, their pipeline-parallel copies)")
 register("activations/dequant_workspace", (_F, Phase.PREFILL, Phase.DECODE),
          "bitsandbytes MatMul4Bit.forward/backward dequantize the whole weight to 16 bits (memory.bnb_workspace); "
          "each row names its phases")

@@ -1,0 +1,96 @@
+"""llama.cpp's GPU compute buffer: the working sets of one ubatch's graph, and which one a GPU of the split gets.
+
+``compute_terms`` are the one-copy working sets (attention, FFN, logits) as ggml-alloc reuses freed tensors;
+``gpu_compute_bytes`` picks, per GPU, the single-copy buffer, the pipeline-parallel one
+(``memplan.engines.llamacpp_sched``) or the partial-offload one (``memplan.engines.llamacpp_offload``).
+"""
+
+from __future__ import annotations
+
+from memplan.memory.context import Context
+
+F32_BYTES = 4
+F16_BYTES = 2
+EMBD_WORK_TENSORS = 4
+"""f32 tensors of n_embd × n_ubatch alive next to the attention scores: the layer input, the residual, the
+attention output and the current hidden state (src/llama-graph.cpp ``build_attn``/``build_ffn``)."""
+FFN_INTERMEDIATES = 3
+"""n_ff × n_ubatch f32 tensors alive in the FFN: gate, up and their fused swiglu (src/llama-graph.cpp ``build_ffn``)."""
+FFN_EMBD_TENSORS = EMBD_WORK_TENSORS
+"""n_embd × n_ubatch f32 tensors alive next to them, the same allowance as the attention's: ``build_ffn`` names two
+(the FFN's residual input and its normed input); on the one log whose FFN sets the buffer (Mistral-Small-24B,
+n_ubatch 4096, two GPUs; tests/test_llamacpp_pipeline.py) two leave memplan 128.25 MiB (0.96%) under, four 31.75 MiB
+(0.24%) over; the rest is ggml-alloc's free-block fragmentation, not modelled, so the conservative four."""
+
+
+def ffn_width(ctx: Context) -> int:
+    """Values per token of one FFN intermediate: n_ff, or for MoE n_ff_exp × n_expert_used (``build_moe_ffn``)."""
+    spec = ctx.arch.spec
+    if spec.num_experts and spec.moe_intermediate_size:
+        return spec.moe_intermediate_size * (spec.num_experts_per_tok or 1)
+    return spec.intermediate_size or 0
+
+
+def compute_terms(ctx: Context, cells: int, with_output: bool, first_gpu: bool = True) -> dict[str, int]:
+    """The working sets whose largest is a GPU's compute buffer for one ubatch (bytes): attention, FFN, logits.
+
+    Formula: attention without flash attention = n_kv·n_ubatch·n_head·4 (KQ, softmax in place) + n_kv·pad64(n_ubatch)·4
+    (mask) + 4·n_embd·n_ubatch·4; with flash attention no KQ exists and the f32 mask is cast to f16 in the first
+    layer's attention on the first GPU, the f32 copy alive next to the cast: n_kv·pad64(n_ubatch)·(4 + 2) there,
+    ·2 on later GPUs, + 4·n_embd·n_ubatch·4. FFN = the live mask + 3·n_ff·n_ubatch·4 (gate, up and the fused
+    swiglu output; ``ggml_swiglu_split`` is not in place) + 4·n_embd·n_ubatch·4 (``FFN_EMBD_TENSORS``). Logits =
+    n_ubatch·(n_vocab + n_embd)·4 where the output layer is.
+    Source: src/llama-graph.cpp (``build_attn_mha``, ``build_attn_inp_kq_mask``, ``build_ffn``), src/llama-context.cpp
+    (``graph_reserve`` with n_outputs = n_ubatch), ggml/src/ggml-alloc.c (``ggml_op_can_inplace``).
+    Assumption: ggml-alloc reuses freed tensors perfectly; an approximation of the allocator (exact within 0.01 MiB on
+    the published single-GPU logs), not its byte count. The f32 mask next to its f16 cast is the arithmetic of builds
+    before llama.cpp PR #23764 (May 2026: "the f32 mask still uses the compute buffer even though it is not used");
+    later builds create the mask in f16 and need n_kv·n_ubatch·4 bytes less there (memplan over, the safe side).
+    """
+    from memplan.engines.llamacpp_sched import mask_rows, ubatch
+
+    spec, s = ctx.arch.spec, ctx.cfg.serve
+    ub = ubatch(ctx, cells)
+    embd, heads, vocab = spec.hidden_size or 0, spec.num_attention_heads or 0, spec.vocab_size or 0
+    work = EMBD_WORK_TENSORS * embd * ub * F32_BYTES
+    rows = mask_rows(ctx, cells)
+    if s.flash_attn:
+        live_mask = rows * F16_BYTES
+        attention = (rows * F32_BYTES if first_gpu else 0) + live_mask + work
+    else:
+        live_mask = rows * F32_BYTES
+        attention = cells * ub * heads * F32_BYTES + live_mask + work
+    ffn = live_mask + (FFN_INTERMEDIATES * ffn_width(ctx) + FFN_EMBD_TENSORS * embd) * ub * F32_BYTES
+    logits = ub * (vocab + embd) * F32_BYTES if with_output else 0
+    return {"attention": attention, "ffn": ffn, "logits": logits}
+
+
+def compute_bytes(ctx: Context, cells: int, with_output: bool | None = None, first_gpu: bool = True) -> int:
+    """The GPU compute buffer of one ubatch with one copy of each input: the largest of ``compute_terms`` (bytes)."""
+    from memplan.engines import llamacpp
+
+    out = llamacpp.output_on_gpu(ctx.cfg, len(ctx.arch.layers)) if with_output is None else with_output
+    return max(compute_terms(ctx, cells, out, first_gpu).values())
+
+
+def gpu_compute_bytes(ctx: Context, cells: int, mine: list[int], my_out: bool) -> int:
+    """This GPU's compute buffer (bytes): ``compute_bytes`` with one copy of each input, or under pipeline parallelism
+    (``llamacpp_sched.n_copies`` > 1) ``llamacpp_sched.pp_compute_bytes``; on the first GPU under -ngl partial offload
+    at least the working set of the CPU ops it runs (``llamacpp_offload.offload_bytes``); 0 on any other GPU with no
+    layer."""
+    from memplan.engines import llamacpp, llamacpp_offload, llamacpp_sched
+
+    n_layer = len(ctx.arch.layers)
+    ub = llamacpp_sched.ubatch(ctx, cells)
+    offload = 0
+    if llamacpp_offload.applies(ctx, ub, ctx.stage):
+        terms = compute_terms(ctx, cells, False, first_gpu=True)
+        offload = llamacpp_offload.offload_bytes(ctx, cells, ub, terms, llamacpp.kv_bytes_per_layer(ctx, cells))
+    if not mine and not my_out:
+        return offload
+    first = bool(mine) and mine[0] == min(llamacpp.gpu_layers(ctx.cfg, n_layer), default=-1)
+    if llamacpp_sched.n_copies(ctx.cfg, n_layer) == 1:
+        return max(compute_bytes(ctx, cells, with_output=my_out, first_gpu=first), offload)
+    terms = compute_terms(ctx, cells, my_out, first)
+    placement = (first, bool(mine), n_layer - 1 in mine)
+    return llamacpp_sched.pp_compute_bytes(ctx, cells, terms, placement)
