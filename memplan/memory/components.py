@@ -99,10 +99,11 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
         return with_phases(ctx, _infer_rows(ctx, missing))
     rows = phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
     if ctx.cfg.pp > 1 and ctx.cfg.effective_engine is Engine.FSDP2:
-        from memplan.memory import activations, engine_buffers
+        from memplan.memory import activations, engine_buffers, pp_stage_buffers
 
         flight = activations.micro_batches_in_flight(ctx) if activations.modelled(ctx) else 0
         rows += with_phases(ctx, engine_buffers.fsdp2_cooldown_rows(ctx, rows, flight=flight))
+        rows += with_phases(ctx, pp_stage_buffers.rows(ctx))
     elif ctx.cfg.effective_engine is Engine.FSDP2:  # size-dependent, so not among the memoized state rows
         from memplan.memory import engine_fsdp2_backward
 
