@@ -104,13 +104,15 @@ LLAMA3_VIRTUAL_STAGES = 8
 Transformer layer each from the first and the last stages ... the first model chunk on the first stage has only the
 embedding, and the last model chunk on the last stage has only output projection and loss calculation". A chunk left
 with no layer after losing one held one: 126 + 2 = 128 one-layer chunks on 16 ranks, V = 8 (derived, not printed)."""
-LLAMA3_FSDP = {"reshard_after_forward": False}
-"""Llama 3, Sec. 3.3.2: "our implementation of FSDP shards the optimizer states and gradients, but for model shards we
-do not reshard after forward computation to avoid an extra all-gather communication during the backward passes";
-"we accumulate backward gradients in FP32 across multiple micro-batches and also reduce-scatter gradients in FP32
-across data parallel workers in FSDP". memplan's fsdp2 profile under a pipeline (torch.distributed.pipelining) runs
-that: bf16 units kept gathered, fp32 gradients accumulated unsharded until the last backward, then reduce-scattered
-(``memory.engine_buffers.fsdp2_pipeline_rows``)."""
+LLAMA3_FSDP = {"reshard_after_forward": False, "deallocate_pipeline_outputs": True}
+"""Llama 3, Sec. 3.3.2: "we proactively deallocate tensors that will not be used for future computation, including the
+input and output tensors of each pipeline stage" (deallocate_pipeline_outputs: no kept stage outputs nor
+per-micro-batch receive buffers, ``memory.pp_stage_buffers``); "our implementation of FSDP shards the optimizer states
+and gradients, but for model shards we do not reshard after forward computation to avoid an extra all-gather
+communication during the backward passes"; "we accumulate backward gradients in FP32 across multiple micro-batches and
+also reduce-scatter gradients in FP32 across data parallel workers in FSDP". memplan's fsdp2 profile under a pipeline
+(torch.distributed.pipelining) runs that: bf16 units kept gathered, fp32 gradients accumulated unsharded until the
+last backward, then reduce-scattered (``memory.engine_buffers.fsdp2_pipeline_rows``)."""
 LLAMA3_MEMORY = ("at 8,192 GPUs (m = 32 micro-batches per replica) the interleaved schedule reaches its steady phase on "
                  "stage 1: it holds 141 one-layer chunk micro-batches (counted as ⌈141/8⌉ = 18 per chunk: 71.4 GiB) "
                  "while all 8 chunks' fp32 gradients accumulate (11.9 GiB), next to 5.9 GiB of gathered bf16 weights "
