@@ -60,13 +60,46 @@ def test_1f1b_stage_buffers(stage: int) -> None:
                    "activations/pp_grad_recv_buffers": (M if stage < 3 else 0) * X}
 
 
+def _torch_interleaved_outputs_kept(p: int, r: int, v: int, m: int) -> tuple[int, int]:
+    """ScheduleInterleaved1F1B written out for rank r (torch schedules.py ``_get_warmup_ops``: (v − 1)·p +
+    2·(p − 1 − r) warm-up forwards, capped at m·v; forward i runs local chunk (i // p) mod v, backward k runs chunk
+    v − 1 − (k // p) mod v; m a multiple of p): (most chunk micro-batches in flight on the rank, most outputs kept
+    by its chunks other than the last global stage)."""
+    total = m * v
+    warm = min((v - 1) * p + 2 * (p - 1 - r), total)
+    events = ["F"] * warm + ["F", "B"] * (total - warm) + ["B"] * warm
+    alive = [0] * v
+    fwd = bwd = best_all = best_kept = 0
+    for e in events:
+        if e == "F":
+            alive[(fwd // p) % v] += 1
+            fwd += 1
+        else:
+            alive[v - 1 - (bwd // p) % v] -= 1
+            bwd += 1
+        kept = sum(alive[c] for c in range(v) if r + c * p != p * v - 1)
+        best_all, best_kept = max(best_all, sum(alive)), max(best_kept, kept)
+    return best_all, best_kept
+
+
 def test_interleaved_stage_buffers() -> None:
-    """pp 4, v 2, m 8: rank 1 runs global stages 1 and 5 of 8; its warm-up is (4 − 1 − 1)·2 + (2 − 1)·4 = 8 chunk
-    forwards, so 9 chunk micro-batches are in flight, counted ⌈9/2⌉ = 5 per chunk as the activations are: 10 outputs;
-    16 input and 16 gradient buffers. Rank 3 runs stages 3 and 7 (the last): 5 in flight, ⌈5/2⌉ = 3 outputs of
-    stage 3; 16 input buffers, 8 gradient buffers (stage 7 receives none)."""
+    """pp 4, v 2, m 8: rank 1 runs global stages 1 and 5 of 8, rank 3 stages 3 and 7 (the last). Written out, rank 1
+    has at most 9 chunk micro-batches in flight, counted ⌈9/2⌉ = 5 per chunk as the activations are: 10 outputs; rank
+    3 has 5 in flight (counted 3 per chunk: 6), which torch's rounds of p forwards per chunk can put all on stage 3:
+    6 outputs. Input buffers: 8 per chunk not the first stage; gradient buffers: 8 per chunk not the last."""
+    assert _torch_interleaved_outputs_kept(4, 1, 2, M) == (9, 9)
+    assert _torch_interleaved_outputs_kept(4, 3, 2, M) == (5, 5)
     assert _bytes(_ctx(1, perf={"virtual_stages": 2})) == dict(zip(NAMES, (10 * X, 16 * X, 16 * X), strict=True))
-    assert _bytes(_ctx(3, perf={"virtual_stages": 2})) == dict(zip(NAMES, (3 * X, 16 * X, 8 * X), strict=True))
+    assert _bytes(_ctx(3, perf={"virtual_stages": 2})) == dict(zip(NAMES, (6 * X, 16 * X, 8 * X), strict=True))
+
+
+@pytest.mark.parametrize(("p", "v", "m"), [(4, 2, 8), (4, 4, 8), (8, 2, 16), (2, 2, 4), (16, 8, 32), (16, 8, 16)])
+def test_outputs_cover_torch_interleaved_schedule(p: int, v: int, m: int) -> None:
+    """On every rank the outputs counted are at least the most torch's interleaved schedule keeps."""
+    from memplan.memory.pp_stage_buffers import output_counts
+
+    for r in range(p):
+        assert output_counts(p, r, v, m) >= _torch_interleaved_outputs_kept(p, r, v, m)[1], (p, r, v, m)
 
 
 def test_paper_accounting_counts_in_flight_inputs_once() -> None:

@@ -60,12 +60,21 @@ def recv_buffer_counts(pp: int, stage: int, virtual_stages: int, micro_batches: 
 
 
 def output_counts(pp: int, stage: int, virtual_stages: int, micro_batches: int) -> int:
-    """Stage outputs a rank keeps in ``fwd_cache`` at its in-flight peak: F chunk micro-batches per chunk (F =
-    ``arch.parallel.in_flight_micro_batches``, the count the activations use), on every chunk but the last global
-    stage, whose output is the logits (counted as ``activations/logits``)."""
-    flight = in_flight_micro_batches(pp, stage, virtual_stages, micro_batches)
-    last = pp * max(1, virtual_stages) - 1
-    return flight * sum(1 for g in chunk_stages(pp, stage, virtual_stages) if g != last)
+    """Stage outputs a rank keeps in ``fwd_cache`` at most, not counting those of the last global stage (the
+    logits, ``activations/logits``).
+
+    Formula: min(F·v, m·c), F = ``arch.parallel.in_flight_micro_batches`` (F·v bounds the chunk micro-batches the
+    rank has in flight, the count the activations use), c the rank's chunks other than the last global stage, each
+    holding at most the step's m. The in-flight micro-batches are not spread evenly over the chunks: torch's
+    ``ScheduleInterleaved1F1B`` runs forwards in rounds of p micro-batches per chunk (schedules.py
+    ``forward_stage_index``), so on the last rank one chunk can hold all of them (two CPU processes, p = 2, v = 2,
+    m = 4: stage 1 keeps 3 outputs while the rank has 3 in flight).
+    """
+    v = max(1, virtual_stages)
+    flight = in_flight_micro_batches(pp, stage, v, micro_batches)
+    last = pp * v - 1
+    chunks = sum(1 for g in chunk_stages(pp, stage, v) if g != last)
+    return min(flight * v, micro_batches * chunks)
 
 
 def input_saved(ctx: Context) -> bool:
