@@ -124,6 +124,11 @@ class EngineConfig(Strict):
     use_distributed_optimizer: bool = False
     """Megatron-LM ``--use-distributed-optimizer`` (default off): shard the fp32 main params and Adam states
     over data parallelism (Megatron's ZeRO-1)."""
+    deallocate_pipeline_outputs: bool = False
+    """The pipeline stage frees each output once sent and receives into per-message buffers (Megatron-Core
+    ``ModelParallelConfig.deallocate_pipeline_outputs``, schedules.py ``deallocate_output_tensor``; Llama 3's
+    pipeline, Dubey et al. 2024 Sec. 3.3.2). Default False: torch.distributed.pipelining keeps every in-flight
+    output in ``fwd_cache`` and one receive buffer per micro-batch (``memory.pp_stage_buffers``). fsdp2 with pp > 1."""
     paged_optimizer: bool = False
     """bitsandbytes paged optimizer (``PagedAdamW8bit``/``PagedAdamW``): states in CUDA managed memory; counted
     on the CPU (paged out under pressure), as ``LoraConfig.paged_optimizer``."""

@@ -106,7 +106,7 @@ This means that the first model chunk on the first stage has only the embedding,
 stage has only output projection and loss calculation". A chunk left with no layer after losing one held one: 126 + 2
 = 128 one-layer chunks on 16 ranks, V = 8 (derived, not printed). Quotes checked against a transcript of arXiv
 2407.21783 (the paper is not in the search corpora; a public markdown copy of Sec. 3.3.2 was read)."""
-LLAMA3_FSDP = {"reshard_after_forward": False}
+LLAMA3_FSDP = {"reshard_after_forward": False, "deallocate_pipeline_outputs": True}
 """Llama 3, Sec. 3.3.2: "Our use of FSDP for Llama 3 shards optimizer states and gradients, but for model shards we do
 not reshard after forward computation to avoid an extra all-gather communication during backward passes"; "we use FP32
 gradients accumulation during backward computation over multiple micro-batches and also reduce-scatter gradients in
@@ -114,8 +114,8 @@ FP32 across data parallel workers in FSDP". memplan's fsdp2 profile under a pipe
 runs that: bf16 units kept gathered, fp32 gradients accumulated unsharded until the last backward, then
 reduce-scattered (``memory.engine_buffers.fsdp2_pipeline_rows``). Also Sec. 3.3.2: "we proactively deallocate tensors
 that will not be used for future computation, including the input and output tensors of each pipeline stage": memplan
-counts no pipeline send/receive buffers (torch.distributed.pipelining's stage.py keeps each chunk's output in
-``fwd_cache`` until its backward and allocates receive buffers for every micro-batch; Meta's pipeline does not)."""
+sets deallocate_pipeline_outputs: no kept stage outputs nor per-micro-batch receive buffers
+(``memory.pp_stage_buffers``; torch.distributed.pipelining's default keeps both)."""
 LLAMA3_MEMORY = ("at 8,192 GPUs (m = 32 micro-batches per replica) the interleaved schedule reaches its steady phase on "
                  "stage 1: it holds 141 one-layer chunk micro-batches (29 on chunk 0, 16 on each other chunk: 69.9 GiB) "
                  "while all 8 chunks' fp32 gradients accumulate (11.9 GiB), next to 5.9 GiB of gathered bf16 weights "

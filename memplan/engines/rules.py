@@ -173,6 +173,9 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
     from memplan.config import EngineConfig
 
     default = EngineConfig()
+    if cfg.engine_config.deallocate_pipeline_outputs and not (cfg.pp > 1 and cfg.job.trains):
+        return ("engine_config.deallocate_pipeline_outputs frees pipeline stage outputs (memory.pp_stage_buffers); "
+                "a training job with pp = 1 or a serving job has none, so it moves no byte: use --pp 2 or more.")
     changed = [n for n in ("bucket_cap_mb", "allgather_bucket_size", *_FULL_WEIGHT_BUFFERS)
                if getattr(cfg.engine_config, n) != getattr(default, n)]
     for name in changed:

@@ -1,0 +1,119 @@
+"""torch.distributed.pipelining's own buffers on a pipeline rank: the stage outputs it keeps for backward and the
+receive buffers it allocates for every micro-batch (engine fsdp2 with pp > 1, the engine that pipelines with
+torch.distributed.pipelining; Megatron's schedule frees its outputs and receives into per-message buffers).
+
+Source (torch 2.13, torch/distributed/pipelining/):
+- stage.py ``_PipelineStageBase.forward_one_chunk``: ``self.fwd_cache[fwd_chunk_id] = (output_tuple,
+  flatten_input_tensors)``, popped by ``backward_one_chunk``: each micro-batch's stage output (and its autograd
+  graph) lives from its forward to its backward, beside the activations its layers saved;
+- stage.py ``PipelineStage._setup_forward_recv_info`` (from ``_prepare_forward_infra``): for chunk_id in
+  range(num_microbatches), a non-first stage allocates ``_make_tensor_from_meta`` (``torch.empty_strided``) for
+  its input: m buffers, kept in ``args_recv_info`` for the step and every later one (``get_fwd_recv_ops``
+  receives into them);
+- stage.py ``_setup_backward_recv_info`` / ``PipelineStage._create_grad_recv_info`` (from
+  ``_prepare_backward_infra``): for mb_index in range(num_microbatches), a non-last stage allocates a buffer for
+  its output's gradient: m more, kept in ``grad_recv_info`` (``get_bwd_recv_ops``);
+- _backward.py ``stage_backward``: the input gradients are released (``val.grad = None``) once sent, so they
+  hold nothing beyond one backward (not counted).
+Megatron-LM: megatron/training/arguments.py ``core_transformer_config_from_args`` sets
+``deallocate_pipeline_outputs = True``, so megatron/core/pipeline_parallel/schedules.py ``deallocate_output_tensor``
+replaces each sent output's storage by a 1-element tensor, and p2p_communication.py ``_communicate`` allocates a
+receive buffer per message (the kept one is the next forward's input, a saved activation): no rows for megatron.
+"""
+
+from __future__ import annotations
+
+from memplan.arch.parallel import in_flight_micro_batches
+from memplan.config import Engine, Recompute
+from memplan.memory.activations_block import block_input_bytes
+from memplan.memory.breakdown import Row, Tier
+from memplan.memory.context import Context
+
+SOURCE = ("torch/distributed/pipelining/stage.py (forward_one_chunk fwd_cache; PipelineStage._setup_forward_recv_info, "
+          "_create_grad_recv_info: one buffer per micro-batch)")
+
+
+def applies(ctx: Context) -> bool:
+    """Whether the job pipelines with torch.distributed.pipelining and keeps its outputs: training on engine fsdp2
+    with pp > 1 and ``engine_config.deallocate_pipeline_outputs`` off (torch's behaviour)."""
+    cfg = ctx.cfg
+    return (cfg.job.trains and cfg.pp > 1 and cfg.effective_engine is Engine.FSDP2
+            and not cfg.engine_config.deallocate_pipeline_outputs)
+
+
+def chunk_stages(pp: int, stage: int, virtual_stages: int) -> tuple[int, ...]:
+    """The global pipeline stages a rank runs: chunk c of rank s is stage s + c·p (the looped placement of
+    torch's ``ScheduleInterleaved1F1B`` and Megatron's interleaved schedule; 1F1B is v = 1)."""
+    return tuple(stage + c * pp for c in range(max(1, virtual_stages)))
+
+
+def recv_buffer_counts(pp: int, stage: int, virtual_stages: int, micro_batches: int) -> tuple[int, int]:
+    """(forward input receive buffers, backward output-gradient receive buffers) a rank allocates.
+
+    Formula: m per chunk whose stage is not the first global stage (inputs), m per chunk whose stage is not the
+    last global stage p·v − 1 (gradients). Source: ``PipelineStage._setup_forward_recv_info`` and
+    ``_setup_backward_recv_info`` loop over ``range(num_microbatches)``.
+    """
+    stages = chunk_stages(pp, stage, virtual_stages)
+    last = pp * max(1, virtual_stages) - 1
+    return (micro_batches * sum(1 for g in stages if g != 0), micro_batches * sum(1 for g in stages if g != last))
+
+
+def output_counts(pp: int, stage: int, virtual_stages: int, micro_batches: int) -> int:
+    """Stage outputs a rank keeps in ``fwd_cache`` at most, not counting those of the last global stage (the
+    logits, ``activations/logits``).
+
+    Formula: min(F·v, m·c), F = ``arch.parallel.in_flight_micro_batches`` (F·v bounds the chunk micro-batches the
+    rank has in flight, the count the activations use), c the rank's chunks other than the last global stage, each
+    holding at most the step's m. The in-flight micro-batches are not spread evenly over the chunks: torch's
+    ``ScheduleInterleaved1F1B`` runs forwards in rounds of p micro-batches per chunk (schedules.py
+    ``forward_stage_index``), so on the last rank one chunk can hold all of them (two CPU processes, p = 2, v = 2,
+    m = 4: stage 1 keeps 3 outputs while the rank has 3 in flight).
+    """
+    v = max(1, virtual_stages)
+    flight = in_flight_micro_batches(pp, stage, v, micro_batches)
+    last = pp * v - 1
+    chunks = sum(1 for g in chunk_stages(pp, stage, v) if g != last)
+    return min(flight * v, micro_batches * chunks)
+
+
+def input_saved(ctx: Context) -> bool:
+    """Whether the activations already count the stage input of an in-flight micro-batch (its receive buffer):
+    under the paper's accounting the first norm saves it (Korthikanti et al. 2022, Sec. 4.1: "each layer norm
+    stores its input"); under full recompute of every layer ``torch.utils.checkpoint`` saves it
+    (``activations_block.block_input_bytes``). Transformers' RMSNorm saves its fp32 upcast, not the 16-bit input."""
+    cfg = ctx.cfg
+    whole = cfg.recompute is Recompute.FULL and not cfg.recompute_map and not cfg.recompute_layers
+    return cfg.effective_activation_accounting == "paper" or whole
+
+
+def rows(ctx: Context) -> list[Row]:
+    """torch.distributed.pipelining's stage outputs and receive buffers on the reported rank, bytes per GPU.
+
+    Formula, with X = ``activations_block.block_input_bytes`` (the stage boundary tensor [micro_batch, seq, hidden]
+    in the activation dtype; seq/tp with sequence parallelism, seq/cp with context parallelism), m = grad_accum:
+    - ``activations/pp_stage_outputs`` = ``output_counts`` · X (forward, start of backward, like the activations);
+    - ``activations/pp_recv_buffers`` = (R − F·(receiving chunks)) · X where ``input_saved`` (the in-flight
+      buffers are saved activations already), R · X otherwise, R = ``recv_buffer_counts``[0];
+    - ``activations/pp_grad_recv_buffers`` = ``recv_buffer_counts``[1] · X.
+    Both receive rows are alive in every training phase (allocated at the first step, never freed).
+    Assumptions: one tensor crosses each stage boundary (the hidden states); the last stage's ``output_chunks``
+    (logits kept when ``step(return_outputs=True)``) is not counted.
+    """
+    cfg = ctx.cfg
+    if not applies(ctx) or not ctx.arch.layers:
+        return []
+    x = block_input_bytes(ctx.arch.spec, cfg)
+    p, s, v, m = cfg.pp, ctx.stage, max(1, cfg.perf.virtual_stages), cfg.grad_accum
+    recv, grad_recv = recv_buffer_counts(p, s, v, m)
+    if input_saved(ctx):
+        receiving = sum(1 for g in chunk_stages(p, s, v) if g != 0)
+        recv -= in_flight_micro_batches(p, s, v, m) * receiving
+    kept = output_counts(p, s, v, m)
+    out = []
+    for name, count, what in (("activations/pp_stage_outputs", kept, "stage outputs kept until their backward"),
+                              ("activations/pp_recv_buffers", recv, "forward receive buffers"),
+                              ("activations/pp_grad_recv_buffers", grad_recv, "gradient receive buffers")):
+        if count > 0:
+            out.append(Row(name, Tier.GPU, count * x, SOURCE, f"torch pipelining: {count} {what} of {x:,} bytes"))
+    return out
