@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import pytest
+
 from memplan.estimator import estimate
 from memplan.memory.breakdown import Tier
 from memplan.search import largest_fitting
@@ -93,6 +95,22 @@ def test_kv_label_names_the_sized_dtype() -> None:
     assert "kv=bf16" in _choice(cand) and sized_kv_dtype(est.config).bits == 16
     est8 = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", dtype="fp8", infer={"context": 1024, "kv_dtype": "fp8"})
     assert "kv=fp8" in _choice(Candidate(est8.config, est8, 1.0, 1.0, 0.0, ""))
+
+
+@pytest.mark.parametrize(("ctk", "ctv", "label", "bytes_per_32"), [
+    ("f16", "f16", "kv=f16", 2 * 32 * 2), ("q8_0", "q8_0", "kv=q8_0", 2 * 34), ("q8_0", "q4_0", "kv=q8_0/q4_0", 34 + 18)])
+def test_llamacpp_kv_label_names_its_cache_types(ctk: str, ctv: str, label: str, bytes_per_32: int) -> None:
+    """llama.cpp sizes K and V by -ctk/-ctv (ggml block sizes: f16 2 bytes per element, q8_0 34 bytes and q4_0 18
+    bytes per 32 elements, ggml-common.h): the plan line names those types, not the model's compute dtype."""
+    from memplan.planner.plan import Candidate
+    from memplan.report.plan_out import _choice
+
+    serve = {"cache_type_k": ctk, "cache_type_v": ctv}
+    est = estimate("llama-3.1-8b", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m",
+                   infer={"context": 4096}, serve=serve)
+    kv = sum(r.bytes for r in est.rows if r.component.startswith("kv_cache"))
+    assert kv == 4096 * 32 * 8 * 128 // 32 * bytes_per_32  # cells × layers × kv width / 32 × block bytes
+    assert label + " " in _choice(Candidate(est.config, est, 1.0, 1.0, 0.0, ""))
 
 
 def test_enforce_eager_drops_graph_memory_and_fp8_kv_doubles_the_pool_tokens() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from memplan.arch.tensors import Layer
 from memplan.catalog.schema import ModelSpec
-from memplan.config import InferConfig, Job, JobConfig
+from memplan.config import Engine, InferConfig, Job, JobConfig
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Row, Tier
@@ -52,6 +52,16 @@ def sized_kv_dtype(cfg: JobConfig) -> Dtype:
     """The dtype the KV cache is sized in: ``infer.kv_dtype``, else the compute dtype of ``cfg.dtype``
     (fp8 or integer weights compute, and cache, in bf16). Every KV row and every ``kv=`` label reads this."""
     return cfg.infer.kv_dtype or compute_dtype(cfg.dtype)
+
+
+def kv_label(cfg: JobConfig) -> str:
+    """The KV cache's type as a plan line names it (``kv=``): llama.cpp sizes its cache by its own types,
+    ``serve.cache_type_k``/``cache_type_v`` (-ctk/-ctv, ``engines.llamacpp``), shown as ``k/v`` when they differ;
+    every other engine by ``sized_kv_dtype``."""
+    if cfg.effective_engine is Engine.LLAMACPP:
+        k, v = cfg.serve.cache_type_k, cfg.serve.cache_type_v
+        return k if k == v else f"{k}/{v}"
+    return sized_kv_dtype(cfg).value
 
 
 def kv_cache_bytes(*, batch: int, seq: int, layers: int, kv_heads: int, head_dim: int, bits: int) -> int:

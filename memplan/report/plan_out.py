@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memplan.memory.kv_cache import sized_kv_dtype
+from memplan.memory.kv_cache import kv_label
 from memplan.planner.plan import Candidate, PlanResult
 from memplan.report.flags import flag_options, render_flags
 from memplan.report.json_out import SCHEMA_VERSION, estimate_dict
@@ -109,7 +109,7 @@ def _choice(c: Candidate) -> str:
                   f"optimizer={cfg.optimizer.value}"]
     else:
         parts += [f"batch={cfg.micro_batch}", f"context={cfg.infer.context}",
-                  f"kv={sized_kv_dtype(cfg).value}"]
+                  f"kv={kv_label(cfg)}"]
     if cfg.quant:
         parts.append(f"quant={cfg.quant}")
     return " ".join([*parts, f"engine={cfg.effective_engine.value}"])
