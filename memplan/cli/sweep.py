@@ -18,7 +18,8 @@ G = "Grid"
 MAX_WORKERS = 1024
 """The most worker processes --workers accepts: far past any host's cores (a larger count cannot even be
 started: the OS refuses the processes, or the integer overflows a C long)."""
-FIXED = ("dtype", "quant", "optimizer", "zero", "offload_optimizer", "offload_params", "pp", "cp", "cp_comm", "recompute",
+FIXED = ("engine", "dtype", "quant", "bnb_integration", "bnb_version", "optimizer", "zero", "offload_optimizer",
+         "offload_params", "pp", "cp", "cp_comm", "recompute",
          "lora_rank", "kv_dtype", "cpu_ram", "nvme", "offload_activations")
 """Job options that hold one value for the whole grid (default: the recipe's, else memplan's)."""
 
@@ -58,9 +59,15 @@ Workers = Annotated[int | None, typer.Option("--workers", help="Worker processes
                                              rich_help_panel=OUTPUT)]
 
 
+ENGINE_HELP = {"engine": {"help": "Engine of every cell (default: each job's usual one); a cell whose job it does not "
+                                  "run is n/a with the engine's rule, a grid none of whose jobs it runs is an error. "
+                                  "llama.cpp cells take the exact scalar path (its buffers do not fit the vectorized "
+                                  "form)."}}
+
+
 @app.command(cls=Command)
 @handled
-@options(*FIXED, "sweep_report", unset=FIXED)
+@options(*FIXED, "sweep_report", unset=FIXED, custom=ENGINE_HELP)
 def sweep(recipe: Recipe = None, models: Models = None, gpus: Gpus = None, jobs: Jobs = None, seq_lens: SeqLens = None,
           contexts: Contexts = None, batches: Batches = None, gpu_counts: GpuCounts = None,
           gpus_per_node: GpusPerNode = None, metric: Metric = None, min_headroom: MinHeadroom = None, tp: Tp = None,
@@ -130,7 +137,30 @@ def grid_spec(recipe: Path | None, opts: Opts, axes: dict[str, Any]) -> Any:
                                              spec.gpu_counts, spec.gpus_per_node))
     if not spec.models or not spec.gpus:
         raise MemplanError("give --model and --gpu (comma-separated catalog names, or 'all'), or --recipe.")
+    check_engine(spec)
     return spec
+
+
+def check_engine(spec: Any) -> None:
+    """A MemplanError when the grid's ``--engine`` runs none of its jobs at any of its GPU counts (every cell would
+    be n/a); a grid where it runs some keeps the others as n/a cells with the engine's rule."""
+    from memplan.config import retarget
+    from memplan.engines.rules import violation
+
+    if spec.base.engine is None:
+        return
+    reasons = []
+    for job in spec.jobs:
+        for count in spec.gpu_counts:
+            gpn, nodes = spec.layout(count)
+            update: dict[str, Any] = {"gpus_per_node": gpn, "nodes": nodes}
+            if spec.tp is not None:
+                update["tp"] = gpn if spec.tp == "node" else spec.tp
+            reason = violation(retarget(spec.base, job).model_copy(update=update))
+            if reason is None:
+                return
+            reasons.append(reason)
+    raise MemplanError(f"--engine {spec.base.engine.value} runs no cell of the grid: {reasons[0].rstrip('.')}.")
 
 
 def names_or_all(text: str | None, flag: str, everything: list[str]) -> tuple[str, ...] | None:
