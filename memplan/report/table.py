@@ -14,14 +14,14 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from memplan.report.fold import PIPE_WIDTH, WORD_BREAKS, fit_line, fit_text, wrap_words
+
 if TYPE_CHECKING:
     from memplan.estimator import Estimate
 
 MARKUP = re.compile(r"\[/?(?:bold|green|red|yellow|dim|cyan|italic)?\]")
 GAP = "  "
 """Between the columns of the plain layout."""
-PIPE_WIDTH = 80
-"""Columns of output printed to a pipe or a file, where lines are laid out to fit (a terminal uses its own width)."""
 
 
 def folded(text: str, indent: str = "  ") -> str:
@@ -132,28 +132,6 @@ class Out:
         sys.stdout.write(text + "\n")
 
 
-WORD_BREAKS = re.compile(r"[^/_,.]+[/_,.]*|[/_,.]+")
-"""Pieces of a word longer than its column: a name breaks after ``/``, ``_``, ``,`` or ``.``
-(``activations/`` + ``flash_`` + ``backward_`` + ``workspace``), never inside a piece."""
-
-
-def wrap_words(text: str, width: int) -> list[str]:
-    """``text`` folded at spaces into lines of at most ``width`` columns; a word longer than ``width`` breaks
-    after its separators (``WORD_BREAKS``), and only a piece longer than ``width`` stays longer."""
-    tokens: list[tuple[str, bool]] = []  # (piece, whether it continues the previous piece's word)
-    for word in text.split():
-        pieces = [word] if len(word) <= width else WORD_BREAKS.findall(word)
-        tokens += [(piece, k > 0) for k, piece in enumerate(pieces)]
-    lines: list[str] = []
-    for piece, joined in tokens:
-        glue = "" if joined else " "
-        if lines and len(lines[-1]) + len(glue) + len(piece) <= width:
-            lines[-1] += glue + piece
-        else:
-            lines.append(piece)
-    return lines or [""]
-
-
 def min_width(column: Column, texts: list[str]) -> int:
     """The narrowest ``column`` may fold to: its header and its longest word, a word past ``MAX_WORD`` counted
     by its longest piece (``WORD_BREAKS``)."""
@@ -177,23 +155,6 @@ def fitted_widths(columns: list[Column], cells: list[list[str]]) -> list[int | N
         widest = max(room, key=lambda i: widths[i])
         widths[widest] -= 1
     return [None if w == n else w for w, n in zip(widths, natural, strict=True)]
-
-
-def fit_line(line: str, indent: str | None = None, hang: int = 2) -> str:
-    """One line folded at spaces to ``PIPE_WIDTH`` columns; further lines start with ``indent`` (default: the
-    line's own indentation plus ``hang`` spaces). A word too long for a line breaks after ``/``, ``_``, ``,`` or
-    ``.`` (:func:`wrap_words`)."""
-    if len(line) <= PIPE_WIDTH:
-        return line
-    lead = line[:len(line) - len(line.lstrip())]
-    rest = lead + " " * hang if indent is None else indent
-    folded = wrap_words(line.strip(), PIPE_WIDTH - max(len(lead), len(rest)))
-    return "\n".join([lead + folded[0], *(rest + t for t in folded[1:])])
-
-
-def fit_text(text: str, indent: str | None = None, hang: int = 2) -> str:
-    """Every line of ``text`` folded to ``PIPE_WIDTH`` columns (:func:`fit_line`)."""
-    return "\n".join(fit_line(line, indent, hang) for line in text.split("\n"))
 
 
 def piped(text: str, indent: str | None = None, hang: int = 2) -> str:
