@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+import memplan
+from memplan.errors import MemplanError
 from tests.conftest import run_cli
 
 GRID = ("sweep", "--model", "llama-3.2-1b", "--gpu", "l4", "--workers", "1", "-q")
@@ -43,7 +47,12 @@ def test_cells_the_engine_does_not_run_are_na_with_its_rule(runner):
 def test_an_engine_that_runs_no_cell_is_one_sentence(runner):
     result = run_cli(runner, *GRID, "--job", "full,lora", "--engine", "sglang", code=2)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--engine sglang" in lines[0] and "training engine" in lines[0], result.stderr
+    assert len(lines) == 1 and "engine sglang runs no cell" in lines[0] and "training engine" in lines[0], result.stderr
+
+
+def test_the_python_sweep_refuses_the_same_grid():
+    with pytest.raises(MemplanError, match="engine sglang runs no cell"):
+        memplan.sweep("llama-3.2-1b", "l4", ["full", "lora"], engine="sglang")
 
 
 def test_sweep_takes_the_bitsandbytes_options(runner):

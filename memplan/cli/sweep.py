@@ -137,30 +137,7 @@ def grid_spec(recipe: Path | None, opts: Opts, axes: dict[str, Any]) -> Any:
                                              spec.gpu_counts, spec.gpus_per_node))
     if not spec.models or not spec.gpus:
         raise MemplanError("give --model and --gpu (comma-separated catalog names, or 'all'), or --recipe.")
-    check_engine(spec)
     return spec
-
-
-def check_engine(spec: Any) -> None:
-    """A MemplanError when the grid's ``--engine`` runs none of its jobs at any of its GPU counts (every cell would
-    be n/a); a grid where it runs some keeps the others as n/a cells with the engine's rule."""
-    from memplan.config import retarget
-    from memplan.engines.rules import violation
-
-    if spec.base.engine is None:
-        return
-    reasons = []
-    for job in spec.jobs:
-        for count in spec.gpu_counts:
-            gpn, nodes = spec.layout(count)
-            update: dict[str, Any] = {"gpus_per_node": gpn, "nodes": nodes}
-            if spec.tp is not None:
-                update["tp"] = gpn if spec.tp == "node" else spec.tp
-            reason = violation(retarget(spec.base, job).model_copy(update=update))
-            if reason is None:
-                return
-            reasons.append(reason)
-    raise MemplanError(f"--engine {spec.base.engine.value} runs no cell of the grid: {reasons[0].rstrip('.')}.")
 
 
 def names_or_all(text: str | None, flag: str, everything: list[str]) -> tuple[str, ...] | None:
