@@ -62,3 +62,13 @@ def test_sweep_takes_the_bitsandbytes_options(runner):
     new = records(runner, *args)[0]
     assert old.get("gpu:activations/bnb_retained_inputs_bytes", 0) > 0
     assert not new.get("gpu:activations/bnb_retained_inputs_bytes")
+
+
+def test_bitsandbytes_settings_apply_to_the_quantized_cells_only(runner):
+    """Full-weight cells have no bitsandbytes layers: they drop --bnb-version as they drop --quant (a grid of
+    full-weight jobs alone refuses both)."""
+    rows = records(runner, "--job", "full,qlora", "--bnb-version", "0.42.0", "--batch", "1", "--metric", "fits")
+    assert {r["job"] for r in rows} == {"full", "qlora"} and not any(r["error"] for r in rows)
+    for flag, value in (("--bnb-version", "0.42.0"), ("--bnb-integration", "lightning"), ("--quant", "nf4")):
+        result = run_cli(runner, *GRID, "--job", "full", flag, value, code=2)
+        assert "does not apply to the sweep's jobs (full)" in result.stderr, result.stderr
