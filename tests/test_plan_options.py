@@ -7,6 +7,8 @@ The options come from the typer app itself, so a new estimate option is covered 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import pytest
 import typer
@@ -15,6 +17,7 @@ from memplan.cli.app import app
 from memplan.options import OPTS, PLAN_DECIDES
 from tests.conftest import cli_json, run_cli
 
+ROOT = Path(__file__).resolve().parents[1]
 VALUES = {"--quant-map": "0-11=int8", "--offload-layers": "0-5", "--recompute-layers": "2",
           "--optimizer-gpu-layers": "2"}
 """A valid value for each refused option that takes one (flags need none)."""
@@ -95,3 +98,12 @@ def test_plan_bnb_version_on_a_16_bit_job_is_one_sentence(runner):
     result = run_cli(runner, "plan", "gpt2", "--gpu", "l4", "--job", "lora", "--quant", "none", "--bnb-version",
                      "0.42.0", code=2)
     assert len(result.stderr.strip().splitlines()) == 1 and "bnb" in result.stderr, result.stderr
+
+
+def test_check_takes_the_same_names_in_a_recipe(runner):
+    """A recipe's ``fixed`` block (and ``check --set``) takes the JobConfig field names the options set: the
+    shipped QLoRA recipe, planned, keeps bitsandbytes 0.42.0's retained inputs."""
+    recipe = str(ROOT / "recipes" / "llama-3.1-8b-qlora-rtx4090.yaml")
+    doc = cli_json(runner, "check", recipe, "--set", "fixed.bnb_version=0.42.0")
+    rows = doc["recipes"][0]["estimate"]["memory"]["gpu"]["components"]
+    assert rows.get("activations/bnb_retained_inputs", 0) > 0
