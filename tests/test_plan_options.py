@@ -107,3 +107,11 @@ def test_check_takes_the_same_names_in_a_recipe(runner):
     doc = cli_json(runner, "check", recipe, "--set", "fixed.bnb_version=0.42.0")
     rows = doc["recipes"][0]["estimate"]["memory"]["gpu"]["components"]
     assert rows.get("activations/bnb_retained_inputs", 0) > 0
+
+
+def test_a_planned_recipe_refuses_what_the_plan_decides(runner):
+    """A planned recipe's ``fixed.recompute_layers`` was dropped by the planner (each layer's recompute mode is
+    its choice): now refused, as the command line refuses --recompute-layers."""
+    recipe = str(ROOT / "recipes" / "llama-3.1-8b-qlora-rtx4090.yaml")
+    result = run_cli(runner, "check", recipe, "--set", "fixed.recompute_layers=2", code=2)
+    assert "recompute_layers: the plan chooses" in result.stderr, result.stderr

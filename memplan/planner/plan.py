@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from memplan.config import Job
+from memplan.config import Job, JobConfig
 from memplan.errors import MemplanError
 from memplan.memory.weights import check_quant_map
 from memplan.planner.infer import plan_inference
@@ -98,6 +98,7 @@ def plan(req: PlanRequest) -> PlanResult:
         raise MemplanError(f"search {', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to "
                            f"{kind} plan.")
 
+    refuse_decided(req.base)
     interleave = virtual_stages_note(req)
     base, assumed = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
     if base is not req.base:
@@ -107,6 +108,19 @@ def plan(req: PlanRequest) -> PlanResult:
     result = _plan(req)
     result.assumptions = {**host_assumptions(req.host), **assumed, **interleave}
     return result
+
+
+PLAN_SETS = {"recompute_layers": "the plan chooses each layer's recompute mode among the recompute choices",
+             "recompute_map": "the plan chooses each layer's recompute mode among the recompute choices"}
+"""Base JobConfig fields the plan overwrites with its own per-layer choice (``planner.setting``): given, each is
+refused rather than dropped (``memplan.options.PLAN_DECIDES`` refuses the same on the command line)."""
+
+
+def refuse_decided(base: JobConfig) -> None:
+    """A MemplanError naming a ``PLAN_SETS`` field that ``base`` sets (a recipe's ``fixed`` block, the API)."""
+    for name, why in PLAN_SETS.items():
+        if getattr(base, name) is not None:
+            raise MemplanError(f"{name}: {why}; drop it (it applies to an estimate, not a plan).")
 
 
 def virtual_stages_note(req: PlanRequest) -> dict[str, str]:
