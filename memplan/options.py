@@ -388,7 +388,8 @@ PLAN_DECIDES: dict[str, str] = {
     "quant_map": "plan chooses each layer's weight format itself: give the formats with --quant and add "
                  "--per-layer-quant",
     "sequence_parallel": "plan turns Megatron sequence parallelism on wherever tp > 1, where it never costs time",
-    "optimizer_gpu_layers": "plan chooses per layer which optimizer states stay on the GPU (--per-layer-offload)",
+    "optimizer_gpu_layers": "plan chooses per layer which optimizer states stay on the GPU (--per-layer-offload; "
+                            "a recipe can fix the split with search.per_layer_offload: false)",
     "recompute_layers": "plan chooses the recompute mode of each layer among the --recompute choices",
     "offload_layers": "plan chooses where each layer's weights live (--per-layer-offload)",
     "max_context": "use --objective max-context",

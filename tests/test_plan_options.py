@@ -115,3 +115,18 @@ def test_a_planned_recipe_refuses_what_the_plan_decides(runner):
     recipe = str(ROOT / "recipes" / "llama-3.1-8b-qlora-rtx4090.yaml")
     result = run_cli(runner, "check", recipe, "--set", "fixed.recompute_layers=2", code=2)
     assert "recompute_layers: the plan chooses" in result.stderr, result.stderr
+
+
+def test_a_fixed_optimizer_split_is_kept_only_where_the_plan_does_not_choose_it():
+    """``optimizer_gpu_layers`` fixes how many layers keep their optimizer states on the GPU; the plan's per-layer
+    placement chooses exactly that, so with it on the field is refused, and with it off the split is kept."""
+    import memplan
+    from memplan.errors import MemplanError
+
+    args = dict(job="full", zero=3, offload_optimizer="cpu", micro_batch=(1,), recompute="full", top=1,
+                optimizer_gpu_layers=2)
+    space = {"zero": (3,), "offload_optimizer": ("cpu",), "offload_params": ("none",)}
+    with pytest.raises(MemplanError, match="optimizer_gpu_layers: the plan chooses"):
+        memplan.plan("llama-3.2-1b", "rtx-4060-ti-16gb", space=space, **args)
+    kept = memplan.plan("llama-3.2-1b", "rtx-4060-ti-16gb", space={**space, "per_layer_offload": False}, **args)
+    assert kept.best is not None and kept.best.config.optimizer_gpu_layers == 2

@@ -98,7 +98,7 @@ def plan(req: PlanRequest) -> PlanResult:
         raise MemplanError(f"search {', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to "
                            f"{kind} plan.")
 
-    refuse_decided(req.base)
+    refuse_decided(req.base, req.space.per_layer_offload)
     interleave = virtual_stages_note(req)
     base, assumed = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
     if base is not req.base:
@@ -116,11 +116,16 @@ PLAN_SETS = {"recompute_layers": "the plan chooses each layer's recompute mode a
 refused rather than dropped (``memplan.options.PLAN_DECIDES`` refuses the same on the command line)."""
 
 
-def refuse_decided(base: JobConfig) -> None:
-    """A MemplanError naming a ``PLAN_SETS`` field that ``base`` sets (a recipe's ``fixed`` block, the API)."""
+def refuse_decided(base: JobConfig, per_layer_offload: bool) -> None:
+    """A MemplanError naming a ``PLAN_SETS`` field that ``base`` sets (a recipe's ``fixed`` block, the API), and
+    ``optimizer_gpu_layers`` where the plan places each layer's optimizer states itself (``per_layer_offload``)."""
     for name, why in PLAN_SETS.items():
         if getattr(base, name) is not None:
             raise MemplanError(f"{name}: {why}; drop it (it applies to an estimate, not a plan).")
+    if per_layer_offload and base.optimizer_gpu_layers is not None:
+        raise MemplanError("optimizer_gpu_layers: the plan chooses per layer where the optimizer states live; drop "
+                           "it, or turn that choice off to keep this split (--no-per-layer-offload; a recipe's "
+                           "search.per_layer_offload: false).")
 
 
 def virtual_stages_note(req: PlanRequest) -> dict[str, str]:
