@@ -130,3 +130,16 @@ def test_a_fixed_optimizer_split_is_kept_only_where_the_plan_does_not_choose_it(
         memplan.plan("llama-3.2-1b", "rtx-4060-ti-16gb", space=space, **args)
     kept = memplan.plan("llama-3.2-1b", "rtx-4060-ti-16gb", space={**space, "per_layer_offload": False}, **args)
     assert kept.best is not None and kept.best.config.optimizer_gpu_layers == 2
+
+
+@pytest.mark.parametrize("search", [{"per_layer_quant": True}, {"objective": "max-quality"}])
+def test_a_fixed_quant_map_is_refused_where_the_plan_picks_each_layers_format(search):
+    import memplan
+    from memplan.errors import MemplanError
+
+    objective = search.pop("objective", "throughput")
+    space = {"quant": ("int8", "nf4"), **search}
+    with pytest.raises(MemplanError, match="quant_map: the plan chooses"):
+        memplan.plan("gpt2", "l4", job="infer", quant_map=("int8",) * 12, space=space, objective=objective, top=1)
+    kept = memplan.plan("gpt2", "l4", job="infer", quant_map=("int8",) * 12, space={"quant": ("int8",)}, top=1)
+    assert kept.best is not None and kept.best.config.quant_map == ("int8",) * 12
