@@ -113,3 +113,15 @@ def test_a_long_name_breaks_after_its_separators_only():
     assert "".join(lines) == "activations/flash_backward_workspace" and len(lines) > 1
     assert all(len(t) <= 20 for t in lines) and all(t[-1] in "/_" for t in lines[:-1])
     assert wrap_words("a, b, c", 3) == ["a,", "b,", "c"]
+
+
+@pytest.mark.parametrize("command", ["models", "gpus"])
+def test_piped_catalog_listings_split_into_panels_and_keep_every_value(command, runner):
+    """Nine numeric columns cannot fold: the listing comes as panels, the name column repeated in each."""
+    text = run_cli(runner, command).stdout
+    assert_narrow(text)
+    words = set(text.split())
+    for row in json.loads(run_cli(runner, command, "--format", "json").stdout):
+        for key, value in row.items():
+            shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+            assert not shown or shown in words, f"{row['name']}: {key}={shown} missing"  # '': no price

@@ -81,6 +81,8 @@ class Table:
         limits = fitted_widths(self.columns, cells)
         folded = [[self.columns[i].fold(x, limits[i]) for i, x in enumerate(row)] for row in cells[1:]]
         widths = [max([len(cells[0][i])] + [len(t) for row in folded for t in row[i]]) for i in range(len(self.columns))]
+        if len(self.columns) > 2 and sum(widths) + len(GAP) * (len(widths) - 1) > PIPE_WIDTH:
+            return self.panel_lines(widths)
 
         def line(row: list[str]) -> str:
             return GAP.join(x.rjust(w) if c.justify == "right" else x.ljust(w)
@@ -93,6 +95,24 @@ class Table:
             if i in self.breaks and i != len(cells) - 2:
                 out.append("")
         return out + ([fit_line(plain(self.caption))] if self.caption else [])
+
+    def panel_lines(self, widths: list[int]) -> list[str]:
+        """A table too wide for ``PIPE_WIDTH`` even folded (many numeric columns: ``memplan models``) as panels:
+        the first column repeated beside runs of the others that fit, each titled with the columns it holds."""
+        runs: list[list[int]] = [[]]
+        for j in range(1, len(self.columns)):
+            if runs[-1] and widths[0] + sum(len(GAP) + widths[k] for k in [*runs[-1], j]) > PIPE_WIDTH:
+                runs.append([])
+            runs[-1].append(j)
+        out: list[str] = []
+        for n, run in enumerate(runs):
+            part = Table(title=f"{plain(self.title or '')} (columns {run[0] + 1}-{run[-1] + 1} of "
+                               f"{len(self.columns)})".lstrip(), breaks=self.breaks,
+                         caption=self.caption if n == len(runs) - 1 else None)
+            part.columns = [self.columns[0], *(self.columns[k] for k in run)]
+            part.rows = [[row[0], *(row[k] for k in run)] for row in self.rows]
+            out += ([""] if n else []) + part.plain_lines()
+        return out
 
     def rich(self) -> Any:
         from rich.table import Table as RichTable
