@@ -76,8 +76,8 @@ def unread_by_all(cfg: JobConfig, jobs: tuple[Job, ...]) -> list[str]:
     jobs reads a field if any of its jobs does (``quant`` only frozen-base jobs)."""
     names = tuple(n for n in JobConfig.model_fields if n != "job")
     wrong = [w for w in changed_fields(cfg, names) if all(w.split(".")[0] in NOT_READ[j] for j in jobs)]
-    if cfg.quant is not None and not any(j in QUANTIZED_BASE_JOBS for j in jobs):
-        wrong.append("quant")
+    if not any(j in QUANTIZED_BASE_JOBS for j in jobs):  # what ``retarget`` drops for full-weight jobs
+        wrong += [w for w in changed_fields(cfg, ("quant", "bnb_version", "bnb_integration")) if w not in wrong]
     return [w for w in wrong if w != "lora.dtype" or Job.QLORA not in jobs]
 
 
@@ -87,7 +87,7 @@ def retarget(cfg: JobConfig, job: Job) -> JobConfig:
     data = {k: v for k, v in cfg.model_dump(exclude_unset=True).items() if k not in NOT_READ[job]}
     if job is not cfg.job and isinstance(data.get("lora"), dict) and Job.QLORA in (job, cfg.job):
         data["lora"] = {k: v for k, v in data["lora"].items() if k != "dtype"}  # the new job's adapter default
-    if job not in QUANTIZED_BASE_JOBS:
-        data.pop("quant", None)
-        data.pop("quant_map", None)
+    if job not in QUANTIZED_BASE_JOBS:  # full-weight jobs: no quantized layers, so no bitsandbytes settings either
+        for name in ("quant", "quant_map", "bnb_version", "bnb_integration"):
+            data.pop(name, None)
     return JobConfig.model_validate({**data, "job": job})

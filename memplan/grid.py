@@ -326,6 +326,7 @@ def validate(spec: SweepSpec) -> None:
         from memplan.memory.quant import get_format
 
         get_format(spec.base.quant)
+    check_engine(spec)
 
 
 def _evaluate_chunk(spec: SweepSpec, chunk: list[Cell]) -> list[CellResult]:
@@ -435,3 +436,24 @@ def pooled(work: Callable[[Any], list[Any]], items: Iterator[Any], *, workers: i
 def run(spec: SweepSpec, *, workers: int | None = None, progress: Callable[[int], None] | None = None) -> SweepResult:
     """Evaluate every cell (in worker processes for large grids) and keep every record."""
     return SweepResult(spec, [r for chunk in iter_results(spec, workers=workers, progress=progress) for r in chunk])
+
+
+def check_engine(spec: SweepSpec) -> None:
+    """A MemplanError when the grid's engine (``--engine``) runs none of its jobs at any of its GPU counts (every cell would
+    be n/a); a grid where it runs some keeps the others as n/a cells with the engine's rule."""
+    from memplan.engines.rules import violation
+
+    if spec.base.engine is None:
+        return
+    reasons = []
+    for job in spec.jobs:
+        for count in spec.gpu_counts:
+            gpn, nodes = spec.layout(count)
+            update: dict[str, Any] = {"gpus_per_node": gpn, "nodes": nodes}
+            if spec.tp is not None:
+                update["tp"] = gpn if spec.tp == "node" else spec.tp
+            reason = violation(retarget(spec.base, job).model_copy(update=update))
+            if reason is None:
+                return
+            reasons.append(reason)
+    raise MemplanError(f"engine {spec.base.engine.value} runs no cell of the grid: {reasons[0].rstrip('.')}.")

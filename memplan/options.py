@@ -412,3 +412,17 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "output": ("fmt", "plot"),
     "sweep_report": ("usd_per_hour", "speed", "pivot"),
 }
+
+PLAN_DECIDES: dict[str, str] = {
+    "quant_map": "plan chooses each layer's weight format itself: give the formats with --quant and add "
+                 "--per-layer-quant",
+    "sequence_parallel": "plan turns Megatron sequence parallelism on wherever tp > 1, where it never costs time",
+    "optimizer_gpu_layers": "plan chooses per layer which optimizer states stay on the GPU (--per-layer-offload; "
+                            "a recipe can fix the split with search.per_layer_offload: false)",
+    "recompute_layers": "plan chooses the recompute mode of each layer among the --recompute choices",
+    "offload_layers": "plan chooses where each layer's weights live (--per-layer-offload)",
+    "max_context": "use --objective max-context",
+    "max_batch": "use --objective max-batch (or max-concurrency for serving)",
+}
+"""Options of ``memplan estimate`` that ``memplan plan`` does not take because the plan decides what they set:
+given to plan, each is refused with this sentence (exit 2), never dropped."""

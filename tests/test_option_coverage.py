@@ -169,11 +169,12 @@ for _job in ("pretrain", "full"):  # a slow fabric across 2 nodes: sharding with
                                                "1"]
 for _job in ("lora", "qlora"):
     CONTEXT[("estimate", "--sequence-parallel", _job)] = ["--engine", "deepspeed", "--tp", "2", *DP2]
-CONTEXT[("estimate", "--master-weights", "lora")] = ["--lora-dtype", "bf16"]  # fp32 adapters need no master copy
+for _command in ("estimate", "plan"):  # fp32 adapters need no master copy
+    CONTEXT[(_command, "--master-weights", "lora")] = ["--lora-dtype", "bf16"]
 FSDP1 = ["--engine", "fsdp1", "--gpus", "2"]
 FSDP1_LORA = {"estimate": ["--lora-dtype", "bf16"], "plan": ["--dtype", "fp32"]}
-"""FSDP1 flattens a unit into one dtype: adapters sharing their block need the block's dtype (plan has no
---lora-dtype, so its LoRA runs are fp32 throughout)."""
+"""FSDP1 flattens a unit into one dtype: adapters sharing their block need the block's dtype (bf16 adapters in
+estimate; plan's LoRA runs here are fp32 throughout)."""
 FSDP1_SETTINGS: dict[str, tuple[str, ...]] = {
     "--sharding-strategy": ("pretrain", "full", "lora", "qlora"),
     "--limit-all-gathers": ("pretrain", "full", "lora", "qlora"),

@@ -27,6 +27,13 @@ BASES = (
     JobConfig(attention="eager", flash_attention=False),  # attention scores grow with s²
     JobConfig(safety_margin_pct=10, zero=3),
     JobConfig(offload_optimizer="cpu", zero=2),
+    JobConfig(engine="fsdp2"),  # sweep --engine: each engine's rows, and n/a cells for the jobs it does not run
+    JobConfig(engine="deepspeed", zero=3),
+    JobConfig(engine="megatron"),
+    JobConfig(engine="pytorch", optimizer_impl="for-loop"),
+    JobConfig(engine="vllm"),
+    JobConfig(engine="sglang"),
+    JobConfig(engine="llamacpp"),  # its compute buffers fail the fit's checks: the scalar path, exactly
 )
 
 
@@ -75,6 +82,26 @@ def grids(draw: st.DrawFn) -> SweepSpec:
 @given(spec=grids())
 def test_vectorized_records_equal_the_scalar_model(spec: SweepSpec) -> None:
     assert_same(spec)
+
+
+ENGINE_GRIDS = {
+    "pytorch": (Job.FULL, Job.LORA), "fsdp1": (Job.FULL, Job.QLORA), "fsdp2": (Job.FULL, Job.LORA),
+    "deepspeed": (Job.FULL, Job.QLORA), "megatron": (Job.PRETRAIN, Job.INFER), "vllm": (Job.INFER, Job.FULL),
+    "sglang": (Job.INFER,), "transformers": (Job.INFER,), "llamacpp": (Job.INFER,),
+}
+"""Each engine with a job it runs and, for some, one it does not (n/a cells on both paths)."""
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINE_GRIDS))
+def test_vectorized_records_equal_the_scalar_model_on_every_engine(engine: str) -> None:
+    jobs = ENGINE_GRIDS[engine]
+    sizes = {"seq_lens": (512, 2048)} if any(j.trains for j in jobs) else {}
+    if Job.INFER in jobs:
+        sizes["contexts"] = (1024, 8192)
+    base = JobConfig(engine=engine, **({"zero": 3} if engine == "deepspeed" else {}))
+    for metric in ("max-batch", "fits"):
+        assert_same(SweepSpec(models=("qwen2.5-0.5b",), gpus=("l4", "h100-sxm-80gb"), jobs=jobs, batches=(1, 3),
+                              gpu_counts=(1, 2), metric=metric, base=base, **sizes))
 
 
 def test_a_share_beyond_the_fit_falls_back_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,8 +14,8 @@ from memplan.options import OUTPUT
 app = command_app()
 RECIPE_SUFFIXES = (".yaml", ".yml")
 Recipes = Annotated[list[Path], typer.Argument(help="Recipe files (or directories of *.yaml recipes).", show_default=False)]
-Format = Annotated[str, typer.Option("--format", "-f", help="table (one line per recipe) or json (only JSON on stdout).",
-                                     rich_help_panel=OUTPUT)]
+Format = Annotated[str, typer.Option("--format", "-f", help="table (a line per recipe, folded to 80 columns in a "
+                                     "pipe) or json (only JSON on stdout).", rich_help_panel=OUTPUT)]
 Junit = Annotated[Path | None, typer.Option("--junit", help="Also write a JUnit XML report here (one testcase per recipe).",
                                             rich_help_panel=OUTPUT)]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field for a what-if, e.g. "

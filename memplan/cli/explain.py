@@ -26,4 +26,7 @@ def explain(component: Component = None, list_names: ListNames = False, brief: B
     if list_names or component is None:
         emit.lines(["Components:", *(f"  {c}" for c in COMPONENTS), "Topics:", *(f"  {t}" for t in TOPICS)])
         return
-    emit.write(render(run_explain(component), with_modules=not brief))
+    from memplan.report.table import piped
+
+    # a pipe gets docstring lines over 80 columns re-flowed as paragraphs (same indentation), the words unchanged
+    emit.write(piped(render(run_explain(component), with_modules=not brief), hang=0))

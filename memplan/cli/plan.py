@@ -9,7 +9,7 @@ import typer
 from memplan.cli.convert import host, job_config, search_space
 from memplan.cli.core import Command, command_app, handled
 from memplan.cli.opts import Model, Opts, options
-from memplan.options import OUTPUT
+from memplan.options import OUTPUT, PLAN_DECIDES
 
 app = command_app()
 DIMENSIONS = ("engine", "quant", "optimizer", "batch", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
@@ -41,12 +41,12 @@ PlotAxis = Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot
 
 @app.command(cls=Command)
 @handled
-@options("hardware", "job", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "cp", "cp_comm",
+@options("hardware", "job", "quant_integration", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "cp", "cp_comm",
          "recompute", "offload_activations", "shard_group",
-         "per_layer_offload", "per_layer_quant", "flash_attention", "cuda_context", "allocator_reserve", "safety_margin",
-         "lora_rank", "lora_targets", "galore_rank", "galore_8bit", "context", "kv_dtype", "engine_knobs", "serving",
-         "serving_time", "perf", "usd_per_hour", "output", lists=DIMENSIONS,
-         exclude=("quant_map", "master_weights", "grad_dtype"), custom=CUSTOM)
+         "per_layer_offload", "per_layer_quant", "flash_attention", "attention", "dropout", "loss_fp32",
+         "activation_accounting", "cuda_context", "allocator_reserve", "safety_margin", "finetune", "context",
+         "kv_dtype", "paged", "block_size", "engine_knobs", "serving", "serving_time", "perf", "usd_per_hour", "output",
+         lists=DIMENSIONS, exclude=("quant_map",), custom=CUSTOM, refused=PLAN_DECIDES)
 def plan(model: Model, opts: Opts, objective: Objective = "throughput", top: Top = 3, time_limit: TimeLimit = 30.0,
          solver: Solver = None, debug_lp: DebugLp = None, plot_axis: PlotAxis = "context") -> None:
     """The fastest (or smallest, cheapest...) configuration that fits, chosen by an ILP; exit 1 when none fits."""

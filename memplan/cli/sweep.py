@@ -18,7 +18,8 @@ G = "Grid"
 MAX_WORKERS = 1024
 """The most worker processes --workers accepts: far past any host's cores (a larger count cannot even be
 started: the OS refuses the processes, or the integer overflows a C long)."""
-FIXED = ("dtype", "quant", "optimizer", "zero", "offload_optimizer", "offload_params", "pp", "cp", "cp_comm", "recompute",
+FIXED = ("engine", "dtype", "quant", "bnb_integration", "bnb_version", "optimizer", "zero", "offload_optimizer",
+         "offload_params", "pp", "cp", "cp_comm", "recompute",
          "lora_rank", "kv_dtype", "cpu_ram", "nvme", "offload_activations")
 """Job options that hold one value for the whole grid (default: the recipe's, else memplan's)."""
 
@@ -58,9 +59,15 @@ Workers = Annotated[int | None, typer.Option("--workers", help="Worker processes
                                              rich_help_panel=OUTPUT)]
 
 
+ENGINE_HELP = {"engine": {"help": "Engine of every cell (default: each job's usual one); a cell whose job it does not "
+                                  "run is n/a with the engine's rule, a grid none of whose jobs it runs is an error. "
+                                  "llama.cpp cells take the exact scalar path (its buffers do not fit the vectorized "
+                                  "form)."}}
+
+
 @app.command(cls=Command)
 @handled
-@options(*FIXED, "sweep_report", unset=FIXED)
+@options(*FIXED, "sweep_report", unset=FIXED, custom=ENGINE_HELP)
 def sweep(recipe: Recipe = None, models: Models = None, gpus: Gpus = None, jobs: Jobs = None, seq_lens: SeqLens = None,
           contexts: Contexts = None, batches: Batches = None, gpu_counts: GpuCounts = None,
           gpus_per_node: GpusPerNode = None, metric: Metric = None, min_headroom: MinHeadroom = None, tp: Tp = None,

@@ -38,7 +38,7 @@ from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.memo import UNREAD, size_free
 from memplan.memory.quant import Library, get_format, storage
-from memplan.memory.weights import alike_key, job_library, layer_format, placed_tensors, quantized_head
+from memplan.memory.weights import alike_key, effective_quant, job_library, layer_format, placed_tensors, quantized_head
 from memplan.units import bits_to_bytes
 
 SIXTEEN_BITS = 16
@@ -218,7 +218,7 @@ def check_bnb_version(cfg: JobConfig) -> None:
     ignored: the version only changes what the 4-bit matmul keeps)."""
     if cfg.bnb_version is None:
         return
-    formats = {f for f in (cfg.quant, *(cfg.quant_map or ())) if f}
+    formats = {f for f in (effective_quant(cfg), *(cfg.quant_map or ())) if f}  # QLoRA's default: nf4-dq
     if not formats or any(get_format(f).library is not Library.BITSANDBYTES or f == INT8 for f in formats):
         raise MemplanError(f"bnb_version={cfg.bnb_version} sets what bitsandbytes' 4-bit matmul keeps for backward; "
                            "set --quant to a 4-bit bitsandbytes format (nf4, nf4-dq, fp4, fp4-dq), or drop --bnb-version.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from memplan.config import Job
+from memplan.config import Job, JobConfig
 from memplan.errors import MemplanError
 from memplan.memory.weights import check_quant_map
 from memplan.planner.infer import plan_inference
@@ -98,6 +98,8 @@ def plan(req: PlanRequest) -> PlanResult:
         raise MemplanError(f"search {', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to "
                            f"{kind} plan.")
 
+    refuse_decided(req.base, req.space.per_layer_offload,
+                   req.space.per_layer_quant or req.objective is Objective.MAX_QUALITY)  # max-quality: per layer
     interleave = virtual_stages_note(req)
     base, assumed = gpu_default_dtype(req.base, req.gpu)  # fp16 for the bf16 default on a GPU without bf16
     if base is not req.base:
@@ -107,6 +109,28 @@ def plan(req: PlanRequest) -> PlanResult:
     result = _plan(req)
     result.assumptions = {**host_assumptions(req.host), **assumed, **interleave}
     return result
+
+
+PLAN_SETS = {"recompute_layers": "the plan chooses each layer's recompute mode among the recompute choices",
+             "recompute_map": "the plan chooses each layer's recompute mode among the recompute choices"}
+"""Base JobConfig fields the plan overwrites with its own per-layer choice (``planner.setting``): given, each is
+refused rather than dropped (``memplan.options.PLAN_DECIDES`` refuses the same on the command line)."""
+
+
+def refuse_decided(base: JobConfig, per_layer_offload: bool, per_layer_quant: bool) -> None:
+    """A MemplanError naming a ``PLAN_SETS`` field that ``base`` sets (a recipe's ``fixed`` block, the API),
+    ``optimizer_gpu_layers`` where the plan places each layer's optimizer states itself (``per_layer_offload``) and
+    ``quant_map`` where it picks each layer's format (``per_layer_quant``)."""
+    for name, why in PLAN_SETS.items():
+        if getattr(base, name) is not None:
+            raise MemplanError(f"{name}: {why}; drop it (it applies to an estimate, not a plan).")
+    if per_layer_quant and base.quant_map is not None:
+        raise MemplanError("quant_map: the plan chooses each layer's weight format among the quant choices "
+                           "(per-layer quantization); drop it, or turn that choice off to keep this map.")
+    if per_layer_offload and base.optimizer_gpu_layers is not None:
+        raise MemplanError("optimizer_gpu_layers: the plan chooses per layer where the optimizer states live; drop "
+                           "it, or turn that choice off to keep this split (--no-per-layer-offload; a recipe's "
+                           "search.per_layer_offload: false).")
 
 
 def virtual_stages_note(req: PlanRequest) -> dict[str, str]:

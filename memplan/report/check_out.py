@@ -10,6 +10,8 @@ from memplan.report.plan_out import _choice as choice_text
 from memplan.report.schemas import validated
 
 LABEL = {"fits": "PASS", "does_not_fit": "FAIL", "error": "ERROR"}
+CONTINUED = " " * 6
+"""Where a recipe's further lines start (its plan, and the rest of a line folded to 80 columns in a pipe)."""
 
 
 def plan_summary(o: Outcome) -> str:
@@ -25,7 +27,7 @@ def outcome_line(o: Outcome) -> str:
     """``PASS  name  fits: 71.32 GiB of 79.65 GiB (10.4% headroom)``, with the plan when one was made."""
     line = f"{LABEL[o.status]:<5} {o.name}  {o.reason}"
     summary = plan_summary(o)
-    return f"{line}\n      {summary}" if summary else line
+    return f"{line}\n{CONTINUED}{summary}" if summary else line
 
 
 def summary_line(outcomes: list[Outcome]) -> str:
@@ -92,8 +94,10 @@ def render_outcome(o: Outcome, fmt: str) -> None:
     if o.status == "error":
         sys.stderr.write(f"memplan: {o.reason}\n")
     if fmt == "table":
+        from memplan.report.table import piped
+
         line = f"{LABEL[o.status]:<5} {o.name}  (the error is on stderr)" if o.status == "error" else outcome_line(o)
-        sys.stdout.write(line + "\n")
+        sys.stdout.write(piped(line, indent=CONTINUED) + "\n")
 
 
 def render_outcomes(outcomes: list[Outcome], fmt: str, junit: Any, *, timings: bool = True) -> None:

@@ -61,23 +61,39 @@ def matrices(result: SweepResult) -> list[Matrix]:
     return list(groups.values())
 
 
-def matrix_table(m: Matrix) -> Any:
+def matrix_table(m: Matrix, gpus: list[str] | None = None) -> Any:
+    """The matrix as a table, with the GPU columns ``gpus`` (default: all of them)."""
     from memplan.report.table import Table
 
     table = Table()
     table.add_column("model")
-    for gpu in m.gpus:
+    for gpu in m.gpus if gpus is None else gpus:
         table.add_column(gpu, justify="right")
     for model in m.models:
-        table.add_row(model, *(m.cell_text(model, gpu) for gpu in m.gpus))
+        table.add_row(model, *(m.cell_text(model, gpu) for gpu in (m.gpus if gpus is None else gpus)))
     return table
 
 
+def gpu_panels(m: Matrix) -> list[list[str]]:
+    """The matrix's GPU columns in runs that fit ``PIPE_WIDTH`` columns beside the model column (as ``--pivot``
+    splits them: ``memplan.report.pivot.panels``)."""
+    from memplan.report.pivot import panels
+    from memplan.report.table import GAP, PIPE_WIDTH
+
+    widths = {g: max(len(g), *(len(m.cell_text(mod, g)) for mod in m.models)) for g in m.gpus}
+    first = max(len("model"), *(len(mod) for mod in m.models))
+    return panels(list(m.gpus), first, widths, PIPE_WIDTH, len(GAP))
+
+
 def render_matrices(mats: list[Matrix], out: Any) -> None:
-    """Each matrix as a table; names are never cut (they fold on a terminal, a pipe gets a plain layout)."""
+    """Each matrix as a table; names are never cut (they fold on a terminal; a pipe gets a plain layout, its GPU
+    columns split over panels of 80 columns, each titled with the GPUs it shows)."""
     for m in mats:
-        out.print(m.title, highlight=False)
-        out.print(matrix_table(m))
+        runs = [list(m.gpus)] if out.terminal else gpu_panels(m)
+        for i, run in enumerate(runs):
+            more = f" (GPUs {sum(map(len, runs[:i])) + 1}-{sum(map(len, runs[:i + 1]))} of {len(m.gpus)})"
+            out.print(m.title + (more if len(runs) > 1 else ""), highlight=False)
+            out.print(matrix_table(m, run))
     out.print(f"{NO_FIT}: nothing fits (not even 1); {INVALID}: invalid configuration or not modelled "
               "(reasons on stderr and in the CSV's error column).")
 

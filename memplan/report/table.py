@@ -14,14 +14,14 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from memplan.report.fold import PIPE_WIDTH, WORD_BREAKS, fit_line, fit_text, wrap_words
+
 if TYPE_CHECKING:
     from memplan.estimator import Estimate
 
 MARKUP = re.compile(r"\[/?(?:bold|green|red|yellow|dim|cyan|italic)?\]")
 GAP = "  "
 """Between the columns of the plain layout."""
-PIPE_WIDTH = 80
-"""Columns of output printed to a pipe or a file, where lines are laid out to fit (a terminal uses its own width)."""
 
 
 def folded(text: str, indent: str = "  ") -> str:
@@ -45,11 +45,12 @@ class Column:
     wrap: int | None = None
     """In the plain layout, a longer cell folds at spaces onto further lines of its row (a pipe has no width)."""
 
-    def fold(self, text: str) -> list[str]:
-        """The lines of one plain cell."""
-        if self.wrap is None or len(text) <= self.wrap:
+    def fold(self, text: str, width: int | None = None) -> list[str]:
+        """The lines of one plain cell, at most ``width`` (default ``wrap``) columns where its words allow."""
+        width = self.wrap if width is None else min(width, self.wrap or width)
+        if width is None or len(text) <= width:
             return [text]
-        return textwrap.wrap(text, self.wrap, break_long_words=False, break_on_hyphens=False) or [""]
+        return wrap_words(text, width)
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Table:
 
     title: str | None = None
     title_justify: str = "left"
+    caption: str | None = None
+    """A line under the table (a legend)."""
     columns: list[Column] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     breaks: set[int] = field(default_factory=set)
@@ -72,27 +75,50 @@ class Table:
             self.breaks.add(len(self.rows) - 1)
 
     def plain_lines(self) -> list[str]:
-        """The plain layout: a header, a rule, the rows, every column as wide as its widest cell."""
+        """The plain layout: a header, a rule, the rows, every column as wide as its widest cell, folded to
+        ``PIPE_WIDTH`` columns (:func:`fitted_widths`)."""
         cells = [[c.header for c in self.columns], *([plain(x) for x in row] for row in self.rows)]
-        folded = [[self.columns[i].fold(x) for i, x in enumerate(row)] for row in cells[1:]]
+        limits = fitted_widths(self.columns, cells)
+        folded = [[self.columns[i].fold(x, limits[i]) for i, x in enumerate(row)] for row in cells[1:]]
         widths = [max([len(cells[0][i])] + [len(t) for row in folded for t in row[i]]) for i in range(len(self.columns))]
+        if len(self.columns) > 2 and sum(widths) + len(GAP) * (len(widths) - 1) > PIPE_WIDTH:
+            return self.panel_lines(widths)
 
         def line(row: list[str]) -> str:
             return GAP.join(x.rjust(w) if c.justify == "right" else x.ljust(w)
                             for x, w, c in zip(row, widths, self.columns, strict=True)).rstrip()
 
-        out = [plain(self.title)] if self.title else []
+        out = [fit_line(plain(self.title))] if self.title else []
         out += [line(cells[0]), GAP.join("-" * w for w in widths)]
         for i, row in enumerate(folded):
             out += [line([p[k] if k < len(p) else "" for p in row]) for k in range(max(map(len, row)))]
             if i in self.breaks and i != len(cells) - 2:
                 out.append("")
+        return out + ([fit_line(plain(self.caption))] if self.caption else [])
+
+    def panel_lines(self, widths: list[int]) -> list[str]:
+        """A table too wide for ``PIPE_WIDTH`` even folded (many numeric columns: ``memplan models``) as panels:
+        the first column repeated beside runs of the others that fit, each titled with the columns it holds."""
+        runs: list[list[int]] = [[]]
+        for j in range(1, len(self.columns)):
+            if runs[-1] and widths[0] + sum(len(GAP) + widths[k] for k in [*runs[-1], j]) > PIPE_WIDTH:
+                runs.append([])
+            runs[-1].append(j)
+        out: list[str] = []
+        for n, run in enumerate(runs):
+            part = Table(title=f"{plain(self.title or '')} (columns {run[0] + 1}-{run[-1] + 1} of "
+                               f"{len(self.columns)})".lstrip(), breaks=self.breaks,
+                         caption=self.caption if n == len(runs) - 1 else None)
+            part.columns = [self.columns[0], *(self.columns[k] for k in run)]
+            part.rows = [[row[0], *(row[k] for k in run)] for row in self.rows]
+            out += ([""] if n else []) + part.plain_lines()
         return out
 
     def rich(self) -> Any:
         from rich.table import Table as RichTable
 
-        table = RichTable(title=self.title, title_justify=self.title_justify)  # type: ignore[arg-type]
+        table = RichTable(title=self.title, title_justify=self.title_justify,  # type: ignore[arg-type]
+                          caption=self.caption, caption_justify="left")
         for j, c in enumerate(self.columns):
             # A column is never narrower than its longest word, so a component name is never folded mid-name.
             words = [w for row in self.rows for w in plain(row[j]).split()] + c.header.split()
@@ -122,8 +148,38 @@ class Out:
         if self.terminal:
             self.console.print(obj.rich() if isinstance(obj, Table) else obj, **kwargs)
             return
-        text = "\n".join(obj.plain_lines()) if isinstance(obj, Table) else plain(str(obj))
+        text = "\n".join(obj.plain_lines()) if isinstance(obj, Table) else fit_text(plain(str(obj)))
         sys.stdout.write(text + "\n")
+
+
+def min_width(column: Column, texts: list[str]) -> int:
+    """The narrowest ``column`` may fold to: its header and its longest word, a word past ``MAX_WORD`` counted
+    by its longest piece (``WORD_BREAKS``)."""
+    words = [w for t in texts for w in t.split()] + column.header.split()
+    return max((len(w) if len(w) <= MAX_WORD else max(map(len, WORD_BREAKS.findall(w))) for w in words), default=1)
+
+
+def fitted_widths(columns: list[Column], cells: list[list[str]]) -> list[int | None]:
+    """Each column's fold width so the plain table fits ``PIPE_WIDTH`` columns: the widest column gives up a
+    column at a time, none below its longest word, until the table fits (None: the column keeps its width).
+
+    Nothing is cut: a cell folds onto further lines of its row."""
+    natural = [max(len(line) for row in cells for line in columns[i].fold(row[i])) for i in range(len(columns))]
+    floors = [min_width(c, [row[i] for row in cells[1:]]) for i, c in enumerate(columns)]
+    widths = list(natural)
+    budget = PIPE_WIDTH - len(GAP) * (len(columns) - 1)
+    while sum(widths) > budget:
+        room = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not room:
+            break
+        widest = max(room, key=lambda i: widths[i])
+        widths[widest] -= 1
+    return [None if w == n else w for w, n in zip(widths, natural, strict=True)]
+
+
+def piped(text: str, indent: str | None = None, hang: int = 2) -> str:
+    """``text`` as a pipe or a file gets it, folded to ``PIPE_WIDTH`` columns; as is on a terminal."""
+    return text if is_terminal() else fit_text(text, indent, hang)
 
 
 def is_terminal() -> bool:
@@ -133,7 +189,10 @@ def is_terminal() -> bool:
         return False
 
 
-TIER_LABEL = {"gpu": "GPU (per GPU)", "cpu": "CPU RAM (per node)", "nvme": "NVMe (per node)"}
+TIER_LABEL = {"gpu": "GPU", "cpu": "CPU RAM", "nvme": "NVMe"}
+TIER_LEGEND = "GPU rows are bytes per GPU; CPU RAM and NVMe rows, per node."
+"""The estimate table's caption: what the short tier labels (``TIER_LABEL``) count, so that the table fits 80
+columns in a pipe with every component name whole."""
 
 
 def fmt_gib(n_bytes: int) -> str:
@@ -148,7 +207,7 @@ def estimate_table(est: Estimate) -> Table:
     cfg = est.config
     title = (f"{est.model.name} · {cfg.job.value} · {cfg.gpus_per_node}×{cfg.nodes} {est.gpu.name} · "
              f"{est.arch.params / 1e9:,.2f} B params")
-    table = Table(title=title)
+    table = Table(title=title, caption=TIER_LEGEND)
     for name in ("tier", "component", "memory", "bytes"):
         table.add_column(name, justify="right" if name in ("memory", "bytes") else "left")
     for tier in Tier:
@@ -164,7 +223,7 @@ def estimate_table(est: Estimate) -> Table:
         table.add_row(label, f"[bold]peak[/bold] ({est.peak_phase(tier).value}) of {fmt_gib(cap)} capacity",
                       f"[bold]{fmt_gib(top)}[/bold]", verdict, end_section=True)
     for name in est.not_modelled:
-        table.add_row("GPU (per GPU)", f"{name}", "[yellow]not modelled[/yellow]", "needs the model's dimensions")
+        table.add_row(TIER_LABEL["gpu"], f"{name}", "[yellow]not modelled[/yellow]", "needs the model's dimensions")
     return table
 
 
