@@ -210,9 +210,7 @@ def run_env(env_item: str | None, args: list[str], stdout: str | None) -> tuple[
 
 
 @pytest.mark.parametrize("case", sorted(ENV_CASES))
-def test_environment_keeps_the_exit_code_contract(case, request):
-    if case in ("ascii_encoding_estimate", "ascii_encoding_models", "full_disk"):
-        request.applymarker(pytest.mark.xfail(reason="cli helper fixes main()", strict=False))
+def test_environment_keeps_the_exit_code_contract(case):
     code, err = run_env(*ENV_CASES[case])
     lines = [line for line in err.splitlines() if line.strip()]
     assert code in (0, 1, 2), f"exit {code}: {err[-300:]}"
