@@ -425,6 +425,15 @@ class EngineConfig(Strict):
     """Megatron-LM ``--cpu-offloading-num-layers`` with ``JobConfig.offload_activations`` (``--cpu-offloading``):
     how many of the stage's transformer layers offload their activations to the CPU (TransformerEngine
     ``get_cpu_offload_context``); None: every layer but the last, the most Megatron allows."""
+    # NCCL's environment (issue 11: runtime/nccl_communicators, memory.nccl), under NCCL's own names.
+    nccl_buffsize: int | None = Field(default=None, gt=0)
+    """``NCCL_BUFFSIZE`` in bytes: the Simple protocol's buffer per connection and channel; None: NCCL's 4 MiB."""
+    nccl_max_nchannels: int | None = Field(default=None, gt=0, le=64)
+    """``NCCL_MAX_NCHANNELS``: channels per communicator; None: 32, as NCCL's log shows on 8 x H100 (memory.nccl)."""
+    nccl_nvls_enable: Literal[0, 1, 2] = 2
+    """``NCCL_NVLS_ENABLE``: 0 off, 1 on, 2 (NCCL's default) on where the GPUs sit on an NVSwitch with multicast."""
+    nccl_nvls_chunksize: int | None = Field(default=None, gt=0)
+    """``NCCL_NVLS_CHUNKSIZE`` in bytes; None: NCCL's 128 KiB (NCCL < 2.21 used NCCL_BUFFSIZE: pass 524288 there)."""
 
 
 TRAINING_ONLY = ("optimizer", "master_weights", "grad_dtype", "zero", "offload_optimizer", "optimizer_gpu_layers",
