@@ -83,7 +83,8 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--inter-node-latency-us": "500", "--virtual-stages": "2", "--global-batch-tokens": "65536",
     "--train-tokens": "1000000000", "--hsdp-shard-size": "2", "--mics-shard-size": "2",
     "--zero-hpz-partition-size": "2", "--cpu-offloading-num-layers": "4", "--shard-group": "full",
-    "--usd-per-hour": "3.5",
+    "--usd-per-hour": "3.5", "--nccl-buffsize": "1MiB", "--nccl-max-nchannels": "16", "--nccl-nvls-enable": "0",
+    "--nccl-nvls-chunksize": "512KiB",
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 DEFAULT_ON: dict[str, tuple[str, ...]] = {

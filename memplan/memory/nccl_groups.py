@@ -22,6 +22,7 @@ Expert parallelism's all-to-all connects each GPU to every other rank of the exp
 from __future__ import annotations
 
 from memplan.config import Engine
+from memplan.errors import MemplanError
 from memplan.memory import nccl
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
@@ -94,10 +95,21 @@ def nccl_bytes(ctx: Context) -> tuple[int, str]:
     return total, "; ".join(parts)
 
 
+def check(ctx: Context) -> None:
+    """NVLS knobs on a GPU without NVLink SHARP move no byte: an error naming why (engines.rules checks the rest)."""
+    ec = ctx.cfg.engine_config
+    nvls_set = ec.nccl_nvls_enable != 2 or ec.nccl_nvls_chunksize is not None
+    if nvls_set and ctx.gpu.name not in nccl.NVLS_GPUS and ctx.cfg.world_size > 1:
+        raise MemplanError(f"NCCL_NVLS_ENABLE/NCCL_NVLS_CHUNKSIZE act on GPUs joined by an NVSwitch with multicast "
+                           f"({', '.join(sorted(nccl.NVLS_GPUS))}); {ctx.gpu.name} has no NVLink SHARP: drop "
+                           "--nccl-nvls-enable/--nccl-nvls-chunksize.")
+
+
 def rows(ctx: Context) -> list[Row]:
     """The ``runtime/nccl_communicators`` row of a multi-GPU training job on GPUs; none otherwise (one GPU, serving
     engines, which carry their own measured non-torch rows, and CPU measurements, which run gloo)."""
     cfg = ctx.cfg
+    check(ctx)
     if not cfg.job.trains or cfg.world_size <= 1 or cfg.effective_engine not in TRAINING_ENGINES:
         return []
     total, note = nccl_bytes(ctx)
