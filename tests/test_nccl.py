@@ -68,14 +68,22 @@ def test_nccl_knobs_resize_the_buffers() -> None:
 
 def test_megatron_groups_on_a_first_stage() -> None:
     # 2 nodes x 8: tp 8 (one node), pp 2, dp 1. Groups on stage 0: tensor (8), model-parallel (16: 8 per node, the
-    # NVLS heads), embedding (2 ranks across nodes), one pipeline neighbour.
+    # NVLS heads), embedding (2 ranks, one per node: no NVLS), one pipeline neighbour.
     got = nccl_row(job="full", engine="megatron", gpus_per_node=8, nodes=2, tp=8, pp=2, micro_batch=1, seq_len=256,
                    model="llama-3.2-1b")
     tensor = CHANNELS * 2 * PAIR + 8 * NVLS_H100
     model_parallel = CHANNELS * 2 * PAIR + 8 * NVLS_H100
-    embedding = CHANNELS * PAIR + 2 * NVLS_H100
+    embedding = CHANNELS * PAIR
     neighbour = CHANNELS * PAIR
     assert got == tensor + model_parallel + embedding + neighbour
+
+
+def test_groups_across_nodes_get_no_nvls_heads() -> None:
+    # tp 8 fills each node, so each data-parallel group has one rank per node: ring and tree only.
+    got = nccl_row(job="full", engine="fsdp2", gpus_per_node=8, nodes=2, tp=8, model="llama-3.2-1b", seq_len=256)
+    tensor = CHANNELS * 2 * PAIR + 8 * NVLS_H100
+    data_parallel = CHANNELS * PAIR  # two ranks: the ring's and the tree's neighbour are the same GPU
+    assert got == tensor + data_parallel
 
 
 def test_expert_all_to_all_against_nccls_published_growth() -> None:

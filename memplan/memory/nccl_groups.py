@@ -40,36 +40,47 @@ def settings(ctx: Context) -> nccl.NcclSettings:
         nvls_chunksize=ec.nccl_nvls_chunksize if ec.nccl_nvls_chunksize is not None else nccl.NVLS_CHUNKSIZE)
 
 
-def _dp_groups(ctx: Context) -> list[tuple[str, int]]:
-    """The data-parallel collective groups: (name, ranks)."""
+def _local(ctx: Context, stride: int, ranks: int) -> int:
+    """Ranks of a group with rank stride ``stride`` that share one node: min(ranks, max(1, gpus_per_node // stride)).
+    Rank order as Megatron's default ``order="tp-cp-ep-dp-pp"`` (parallel_state.py RankGenerator) and torch's
+    DeviceMesh (outer dimensions first, tensor innermost)."""
+    return min(ranks, max(1, ctx.cfg.gpus_per_node // stride))
+
+
+def _dp_groups(ctx: Context) -> list[tuple[str, int, int]]:
+    """The data-parallel collective groups: (name, ranks, ranks on this node)."""
     cfg, ec, engine = ctx.cfg, ctx.cfg.engine_config, ctx.cfg.effective_engine
-    dp = cfg.dp
+    dp, tp = cfg.dp, cfg.tp
     shard = None
     if engine in (Engine.FSDP1, Engine.FSDP2) and ec.hsdp_shard_size:
         shard = ec.hsdp_shard_size
     elif engine is Engine.DEEPSPEED and ec.mics_shard_size:
         shard = ec.mics_shard_size
-    split = shard is not None and 1 < shard < dp
-    out = [("shard", shard), ("replicate", dp // shard)] if split else [("data-parallel", dp)]
+    if shard is not None and 1 < shard < dp:
+        out = [("shard", shard, _local(ctx, tp, shard)), ("replicate", dp // shard, _local(ctx, tp * shard, dp // shard))]
+    else:
+        out = [("data-parallel", dp, _local(ctx, tp, dp))]
     if engine is Engine.DEEPSPEED and ec.zero_hpz_partition_size > 1:
-        out.append(("hpZ secondary", ec.zero_hpz_partition_size))
+        out.append(("hpZ secondary", ec.zero_hpz_partition_size, _local(ctx, tp, ec.zero_hpz_partition_size)))
     return out
 
 
-def communicators(ctx: Context) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """(collective groups, point-to-point peer sets) of the reported stage's GPU, each as (name, ranks or peers),
-    groups of one rank left out."""
+def communicators(ctx: Context) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
+    """(collective groups as (name, ranks, ranks on this node), point-to-point peer sets as (name, peers)) of the
+    reported stage's GPU, groups of one rank left out."""
     cfg, engine = ctx.cfg, ctx.cfg.effective_engine
-    groups = [*_dp_groups(ctx), ("tensor", cfg.tp), ("context", cfg.cp)]
+    tp, dp, pp = cfg.tp, cfg.dp, cfg.pp
+    groups = [*_dp_groups(ctx), ("tensor", tp, _local(ctx, 1, tp)), ("context", cfg.cp, _local(ctx, tp, cfg.cp))]
     if cfg.ep > 1:
-        groups.append(("expert-data", cfg.dp // cfg.ep))
+        groups.append(("expert-data", dp // cfg.ep, _local(ctx, tp * cfg.ep, dp // cfg.ep)))
     if engine is Engine.MEGATRON:
-        groups.append(("model-parallel", cfg.tp * cfg.pp))
-        if cfg.pp > 1 and ctx.stage in (0, cfg.pp - 1):
-            groups.append(("embedding", 2))
+        pp_local = _local(ctx, tp * dp, pp)
+        groups.append(("model-parallel", tp * pp, _local(ctx, 1, tp) * pp_local))
+        if pp > 1 and ctx.stage in (0, pp - 1):
+            groups.append(("embedding", 2, 2 if pp_local == pp else 1))
     p2p = [("expert all-to-all", cfg.ep - 1)]
-    if cfg.pp > 1:
-        p2p.append(("pipeline neighbours", 1 if cfg.pp == 2 or ctx.stage in (0, cfg.pp - 1) else 2))
+    if pp > 1:
+        p2p.append(("pipeline neighbours", 1 if pp == 2 or ctx.stage in (0, pp - 1) else 2))
     return [g for g in groups if g[1] > 1], [p for p in p2p if p[1] > 0]
 
 
@@ -77,14 +88,13 @@ def nccl_bytes(ctx: Context) -> tuple[int, str]:
     """Bytes of every NCCL communicator on the reported GPU, and a note naming them.
 
     Formula: Σ over collective groups (ring/tree ``nccl.collective_bytes`` + ``nccl.nvls_bytes`` with the group's
-    ranks on this node, min(ranks, gpus_per_node)) + Σ over peer sets ``nccl.p2p_bytes``.
+    ranks on this node, ``_local``) + Σ over peer sets ``nccl.p2p_bytes``.
     Source: ``memory.nccl`` (NCCL's source constants); the engines' groups as in this module's docstring.
     """
     s = settings(ctx)
     groups, p2p = communicators(ctx)
     total, parts = 0, []
-    for name, ranks in groups:
-        local = min(ranks, ctx.cfg.gpus_per_node)
+    for name, ranks, local in groups:
         b = nccl.collective_bytes(ranks, s) + nccl.nvls_bytes(local, ctx.gpu.name, s)
         total += b
         parts.append(f"{name} ({ranks} ranks) {b}")
