@@ -23,6 +23,8 @@ LOGGED_RECEIVE, LOGGED_SEND = 10_485_760, 2_097_152
 """The two allocation sizes NCCL_DEBUG_SUBSYS=ALLOC printed per (peer, channel) on 8 x H100 (NVIDIA/nccl #1685)."""
 PAIR = LOGGED_RECEIVE + LOGGED_SEND
 CHANNELS = 32  # "Channel 00/1 ... Channel 31/1" per pair in the same log
+NODES_CHANNELS = 16  # multi-node logs: "Channel 00/08" on 2 x 8 GPUs (#1412), channels up to 15 on H100 (#1453)
+NET_PEER_CHANNELS = 2  # src/graph/paths.cc ncclTopoGetNchannels: nNetChannels = 2
 NVLS_H100 = 16 * 2 * 128 * 1024 * 8  # NVLS_NCHANNELS_SM90 * (UC reduce + MC broadcast) * chunk * NCCL_STEPS, per head
 
 
@@ -67,14 +69,14 @@ def test_nccl_knobs_resize_the_buffers() -> None:
 
 
 def test_megatron_groups_on_a_first_stage() -> None:
-    # 2 nodes x 8: tp 8 (one node), pp 2, dp 1. Groups on stage 0: tensor (8), model-parallel (16: 8 per node, the
-    # NVLS heads), embedding (2 ranks, one per node: no NVLS), one pipeline neighbour.
+    # 2 nodes x 8: tp 8 (one node), pp 2, dp 1. Groups on stage 0: tensor (8), model-parallel (16 across both nodes,
+    # 8 NVLS heads per node), embedding (2 ranks, one per node: no NVLS), one pipeline neighbour on the other node.
     got = nccl_row(job="full", engine="megatron", gpus_per_node=8, nodes=2, tp=8, pp=2, micro_batch=1, seq_len=256,
                    model="llama-3.2-1b")
     tensor = CHANNELS * 2 * PAIR + 8 * NVLS_H100
-    model_parallel = CHANNELS * 2 * PAIR + 8 * NVLS_H100
-    embedding = CHANNELS * PAIR
-    neighbour = CHANNELS * PAIR
+    model_parallel = NODES_CHANNELS * 2 * PAIR + 8 * NVLS_H100
+    embedding = NODES_CHANNELS * PAIR
+    neighbour = NET_PEER_CHANNELS * PAIR
     assert got == tensor + model_parallel + embedding + neighbour
 
 
@@ -82,7 +84,7 @@ def test_groups_across_nodes_get_no_nvls_heads() -> None:
     # tp 8 fills each node, so each data-parallel group has one rank per node: ring and tree only.
     got = nccl_row(job="full", engine="fsdp2", gpus_per_node=8, nodes=2, tp=8, model="llama-3.2-1b", seq_len=256)
     tensor = CHANNELS * 2 * PAIR + 8 * NVLS_H100
-    data_parallel = CHANNELS * PAIR  # two ranks: the ring's and the tree's neighbour are the same GPU
+    data_parallel = NODES_CHANNELS * PAIR  # two ranks: the ring's and the tree's neighbour are the same GPU
     assert got == tensor + data_parallel
 
 

@@ -21,13 +21,15 @@ Source constants (github NVIDIA/nccl at 5067397, NCCL 2.30 development; unchange
   ``NVLS_NCHANNELS_SM90`` 16, ``NVLS_NCHANNELS_SM100_NVL`` 24, chunk 128 KiB (NCCL < 2.21: ``NCCL_BUFFSIZE``
   instead of the chunk, 4x more; pass ``nccl_nvls_chunksize=512 KiB`` to model those), nHeads the GPUs of the node.
 
-Conservative choices (the channel count comes from NCCL's topology search, which memplan cannot rerun):
-32 channels per communicator (``NCCL_MAX_NCHANNELS`` caps it; NCCL's log shows 32 channels per pair on
-8 x H100, issue #1685), every channel connected for ring and tree (NCCL >= 2.22 connects an algorithm only
-when first used, NCCL_RUNTIME_CONNECT), inter-node (net) connections counted as intra-node ones (the net
-transport keeps LL/LL128 in host memory), and NCCL's small per-communicator structures (device work FIFO,
-channel tables, a few MiB) left out. More communicators = more memory unless split with shared resources
-(sjeaugey, NVIDIA/nccl issue #864/#986); NCCL_COMM_SPLIT_SHARE_RESOURCES is not modelled.
+Choices (the channel count comes from NCCL's topology search, which memplan cannot rerun): 32 channels for a
+communicator inside one node (NCCL's log on 8 x H100, issue #1685), 16 for one across nodes (the larger of the
+published multi-node logs), both capped by ``NCCL_MAX_NCHANNELS``; every channel connected for ring and tree
+(NCCL >= 2.22 connects an algorithm only when first used, NCCL_RUNTIME_CONNECT); inter-node (net) connections
+counted as intra-node ones (the net transport keeps the LL buffer in host memory: 0.5 MiB less each); NCCL's
+small per-communicator structures (work FIFO, channel tables, a few MiB) and the CUDA module of NCCL's kernels
+left out. These err both ways, so the row is an estimate, not a bound. More communicators = more memory unless
+split with shared resources (sjeaugey, NVIDIA/nccl issues #864, #986); NCCL_COMM_SPLIT_SHARE_RESOURCES is not
+modelled. RCCL (AMD) is NCCL's fork with the same buffer structure; its channel counts are not checked here.
 """
 
 from __future__ import annotations
@@ -54,7 +56,17 @@ CUMEM_GRANULARITY = 2 * MiB
 SEND_SIDE_BYTES = CUMEM_GRANULARITY
 """The sending GPU's allocation per connection and channel: one granule (issue #1685's 2,097,152 B allocations)."""
 DEFAULT_CHANNELS = 32
-"""Channels per communicator: NCCL's log on 8 x H100 (issue #1685, channels 00-31 per pair); ``NCCL_MAX_NCHANNELS``."""
+"""Channels of a communicator inside one node: NCCL's log on 8 x H100 (issue #1685, channels 00-31 per pair); the
+ceiling ``NCCL_MAX_NCHANNELS`` sets (src/graph/connect.cc ``ncclMaxNchannels``)."""
+MULTI_NODE_CHANNELS = 16
+"""Channels of a communicator that spans nodes: its rings cross the NICs, so the topology search finds about one
+channel per NIC, doubled in src/graph/connect.cc (``nChannels * 2``; on sm90 again below 16 when the ring's bandwidth
+exceeds 45 GB/s). Published logs: 8 channels for 2 x 8 GPUs (NVIDIA/nccl #1412), 16 on an H100 cluster (#1453);
+the larger is taken."""
+NET_P2P_CHANNELS_PER_PEER = 2
+"""Send/recv channels per peer in a communicator that spans nodes: src/graph/paths.cc ``ncclTopoGetNchannels``
+(``nNetChannels = 2``, at least one per NIC; the per-peer count is the minimum over all peers, so remote peers set
+it for the whole communicator; ``NCCL_NCHANNELS_PER_NET_PEER``)."""
 NVLS_CHANNELS = {9: 16, 10: 24}
 """``NVLS_NCHANNELS_SM90`` and ``NVLS_NCHANNELS_SM100_NVL`` (src/transport/nvls.cc), by compute capability major."""
 NVLS_CHUNKSIZE = 128 * KiB
@@ -91,27 +103,38 @@ def connection_pair_bytes(s: NcclSettings) -> int:
     return receive_bytes(s.buffsize) + SEND_SIDE_BYTES
 
 
-def collective_bytes(ranks: int, s: NcclSettings) -> int:
+def channels(spans_nodes: bool, s: NcclSettings) -> int:
+    """Channels of one collective communicator: ``DEFAULT_CHANNELS`` inside a node, ``MULTI_NODE_CHANNELS`` across
+    nodes, capped by ``NCCL_MAX_NCHANNELS``."""
+    return min(MULTI_NODE_CHANNELS if spans_nodes else DEFAULT_CHANNELS, s.max_nchannels)
+
+
+def collective_bytes(ranks: int, spans_nodes: bool, s: NcclSettings) -> int:
     """Ring and tree buffers of one collective communicator of ``ranks`` ranks, per GPU, in bytes.
 
     Formula: channels × neighbours × (receive + send side), neighbours 1 for two ranks (the ring's and the tree's
     peer are the same GPU) and 2 above (the ring's previous rank and the tree chain's other neighbour);
     0 for one rank. Source: src/graph/connect.cc (ring prev/next, tree up/down per channel); src/transport.cc
-    connects each (channel, peer) once. Assumption: both ring and tree connected (see the module docstring).
+    connects each (channel, peer) once. Assumptions: ring and tree both connected; an inter-node tree rank can have
+    two children (NCCL_MAX_TREE_ARITY 3), counted as one, so across many nodes this is not an upper bound.
     """
     if ranks <= 1:
         return 0
     neighbours = 1 if ranks == 2 else 2
-    return s.max_nchannels * neighbours * connection_pair_bytes(s)
+    return channels(spans_nodes, s) * neighbours * connection_pair_bytes(s)
 
 
-def p2p_bytes(peers: int, s: NcclSettings) -> int:
+def p2p_bytes(peers: int, spans_nodes: bool, s: NcclSettings) -> int:
     """Send/recv buffers of ``peers`` peers (pipeline neighbours, all-to-all partners), per GPU, in bytes.
 
-    Formula: peers × channels × (receive + send side). Source: src/transport/p2p.cc; NCCL's log of one
+    Formula: peers × channels per peer × (receive + send side), channels per peer ``NCCL_MAX_NCHANNELS``-capped
+    ``DEFAULT_CHANNELS`` inside a node, ``NET_P2P_CHANNELS_PER_PEER`` when the communicator spans nodes.
+    Source: src/transport/p2p.cc, src/graph/paths.cc ``ncclTopoComputeP2pChannelsPerPeer``; NCCL's log of one
     all-to-all on 8 x H100 (issue #1685: 32 channels per pair, one 10 MiB and one 2 MiB allocation each).
+    Assumption: remote peers' buffers counted as private (NCCL_NET_SHARED_BUFFERS pools them: fewer bytes).
     """
-    return max(peers, 0) * s.max_nchannels * connection_pair_bytes(s)
+    per_peer = min(NET_P2P_CHANNELS_PER_PEER if spans_nodes else DEFAULT_CHANNELS, s.max_nchannels)
+    return max(peers, 0) * per_peer * connection_pair_bytes(s)
 
 
 def nvls_bytes(local_ranks: int, gpu_name: str, s: NcclSettings) -> int:

@@ -65,22 +65,22 @@ def _dp_groups(ctx: Context) -> list[tuple[str, int, int]]:
     return out
 
 
-def communicators(ctx: Context) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
-    """(collective groups as (name, ranks, ranks on this node), point-to-point peer sets as (name, peers)) of the
-    reported stage's GPU, groups of one rank left out."""
+def communicators(ctx: Context) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, bool]]]:
+    """(collective groups as (name, ranks, ranks on this node), point-to-point peer sets as (name, peers, whether
+    the communicator spans nodes)) of the reported stage's GPU, groups of one rank left out."""
     cfg, engine = ctx.cfg, ctx.cfg.effective_engine
     tp, dp, pp = cfg.tp, cfg.dp, cfg.pp
     groups = [*_dp_groups(ctx), ("tensor", tp, _local(ctx, 1, tp)), ("context", cfg.cp, _local(ctx, tp, cfg.cp))]
     if cfg.ep > 1:
         groups.append(("expert-data", dp // cfg.ep, _local(ctx, tp * cfg.ep, dp // cfg.ep)))
+    pp_local = _local(ctx, tp * dp, pp)
     if engine is Engine.MEGATRON:
-        pp_local = _local(ctx, tp * dp, pp)
         groups.append(("model-parallel", tp * pp, _local(ctx, 1, tp) * pp_local))
         if pp > 1 and ctx.stage in (0, pp - 1):
             groups.append(("embedding", 2, 2 if pp_local == pp else 1))
-    p2p = [("expert all-to-all", cfg.ep - 1)]
+    p2p = [("expert all-to-all", cfg.ep - 1, _local(ctx, tp, cfg.ep) < cfg.ep)]
     if pp > 1:
-        p2p.append(("pipeline neighbours", 1 if pp == 2 or ctx.stage in (0, pp - 1) else 2))
+        p2p.append(("pipeline neighbours", 1 if pp == 2 or ctx.stage in (0, pp - 1) else 2, pp_local < pp))
     return [g for g in groups if g[1] > 1], [p for p in p2p if p[1] > 0]
 
 
@@ -95,11 +95,11 @@ def nccl_bytes(ctx: Context) -> tuple[int, str]:
     groups, p2p = communicators(ctx)
     total, parts = 0, []
     for name, ranks, local in groups:
-        b = nccl.collective_bytes(ranks, s) + nccl.nvls_bytes(local, ctx.gpu.name, s)
+        b = nccl.collective_bytes(ranks, local < ranks, s) + nccl.nvls_bytes(local, ctx.gpu.name, s)
         total += b
         parts.append(f"{name} ({ranks} ranks) {b}")
-    for name, peers in p2p:
-        b = nccl.p2p_bytes(peers, s)
+    for name, peers, spans_nodes in p2p:
+        b = nccl.p2p_bytes(peers, spans_nodes, s)
         total += b
         parts.append(f"{name} ({peers} peers) {b}")
     return total, "; ".join(parts)
