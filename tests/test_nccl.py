@@ -129,3 +129,17 @@ def test_knobs_that_move_no_byte_are_errors() -> None:
         estimate("llama-3.1-8b", "h100-sxm-80gb", job="full", engine_config={"nccl_buffsize": MIB})
     with pytest.raises(MemplanError, match="NVLink SHARP"):
         estimate("llama-3.1-8b", "a100-sxm-80gb", job="full", gpus_per_node=8, engine_config={"nccl_nvls_enable": 0})
+
+
+def test_published_allocator_metrics_leave_nccl_out() -> None:
+    """torch.cuda.max_memory_allocated/reserved never see NCCL's own allocations: the compared answer drops the row."""
+    from memplan.estimator import estimate as estimate_rows
+    from memplan.measure import published_gpu as pg
+    from memplan.memory.breakdown import Tier
+
+    est = estimate_rows("llama-3.2-1b", "h100-sxm-80gb", job="full", engine="fsdp2", gpus_per_node=2, seq_len=256,
+                   cuda_context_bytes=0, allocator_reserve_pct=0)
+    rows = [r for r in est.rows if r.tier is Tier.GPU and r.component != "runtime/nccl_communicators"]
+    tensors = max(sum(r.bytes for r in rows if p in r.phases) for p in est.step_phases)
+    assert est.peak(Tier.GPU) - pg.outside_torch(est, pg.ALLOCATED) == tensors
+    assert pg.outside_torch(est, pg.WITH_CONTEXT) == 0
