@@ -143,3 +143,9 @@ def test_published_allocator_metrics_leave_nccl_out() -> None:
     tensors = max(sum(r.bytes for r in rows if p in r.phases) for p in est.step_phases)
     assert est.peak(Tier.GPU) - pg.outside_torch(est, pg.ALLOCATED) == tensors
     assert pg.outside_torch(est, pg.WITH_CONTEXT) == 0
+
+
+def test_nvls_chunk_with_nvls_off_is_an_error() -> None:
+    with pytest.raises(MemplanError, match="NCCL_NVLS_ENABLE=0"):
+        estimate("llama-3.1-8b", "h100-sxm-80gb", job="full", gpus_per_node=8,
+                 engine_config={"nccl_nvls_enable": 0, "nccl_nvls_chunksize": 2**19})

@@ -109,6 +109,9 @@ def check(ctx: Context) -> None:
     """NVLS knobs on a GPU without NVLink SHARP move no byte: an error naming why (engines.rules checks the rest)."""
     ec = ctx.cfg.engine_config
     nvls_set = ec.nccl_nvls_enable != 2 or ec.nccl_nvls_chunksize is not None
+    if ec.nccl_nvls_enable == 0 and ec.nccl_nvls_chunksize is not None:
+        raise MemplanError("NCCL_NVLS_CHUNKSIZE sizes NVLink SHARP buffers, which NCCL_NVLS_ENABLE=0 turns off: drop "
+                           "--nccl-nvls-chunksize or --nccl-nvls-enable 0.")
     if nvls_set and ctx.gpu.name not in nccl.NVLS_GPUS and ctx.cfg.world_size > 1:
         raise MemplanError(f"NCCL_NVLS_ENABLE/NCCL_NVLS_CHUNKSIZE act on GPUs joined by an NVSwitch with multicast "
                            f"({', '.join(sorted(nccl.NVLS_GPUS))}); {ctx.gpu.name} has no NVLink SHARP: drop "
@@ -116,8 +119,9 @@ def check(ctx: Context) -> None:
 
 
 def rows(ctx: Context) -> list[Row]:
-    """The ``runtime/nccl_communicators`` row of a multi-GPU training job on GPUs; none otherwise (one GPU, serving
-    engines, which carry their own measured non-torch rows, and CPU measurements, which run gloo)."""
+    """The ``runtime/nccl_communicators`` row of a multi-GPU training job; none for one GPU or a serving engine
+    (vLLM and SGLang carry their own measured non-torch rows). CPU measurements run gloo: ``measure.compare``
+    lists the row among the runtime rows it leaves out (``RUNTIME_ROWS``)."""
     cfg = ctx.cfg
     check(ctx)
     if not cfg.job.trains or cfg.world_size <= 1 or cfg.effective_engine not in TRAINING_ENGINES:
