@@ -153,7 +153,7 @@ class EngineConfig(Strict):
     """Megatron-LM ``--cpu-offloading-num-layers`` with ``JobConfig.offload_activations`` (``--cpu-offloading``):
     how many of the stage's transformer layers offload their activations to the CPU (TransformerEngine
     ``get_cpu_offload_context``); None: every layer but the last, the most Megatron allows."""
-    # --- Megatron-Core selective recompute modules and precision-aware optimizer (dsv3 branch) ---
+    # Megatron-Core selective recompute modules and precision-aware optimizer.
     recompute_modules: tuple[MegatronRecomputeModule, ...] | None = None
     """Megatron-Core ``--recompute-modules`` with ``--recompute-granularity selective`` (``recompute: selective``):
     the submodules recomputed in backward (``TransformerConfig.recompute_modules``); None: Megatron's default
@@ -170,4 +170,12 @@ class EngineConfig(Strict):
     """Megatron-Core ``OptimizerConfig.store_param_remainders`` (default True; ``--no-store-param-remainders``): with
     the precision-aware optimizer over bf16 params, the fp32 main params are kept as the 16 bits the bf16 param
     lacks (an int16 remainder), 2 bytes per param instead of 4."""
-    # --- end of the dsv3 hunk ---
+    # NCCL's environment (issue 11: runtime/nccl_communicators, memory.nccl), under NCCL's own names.
+    nccl_buffsize: int | None = Field(default=None, gt=0)
+    """``NCCL_BUFFSIZE`` in bytes: the Simple protocol's buffer per connection and channel; None: NCCL's 4 MiB."""
+    nccl_max_nchannels: int | None = Field(default=None, gt=0, le=64)
+    """``NCCL_MAX_NCHANNELS``: channels per communicator; None: 32, as NCCL's log shows on 8 x H100 (memory.nccl)."""
+    nccl_nvls_enable: Literal[0, 1, 2] = 2
+    """``NCCL_NVLS_ENABLE``: 0 off, 1 on, 2 (NCCL's default) on where the GPUs sit on an NVSwitch with multicast."""
+    nccl_nvls_chunksize: int | None = Field(default=None, gt=0)
+    """``NCCL_NVLS_CHUNKSIZE`` in bytes; None: NCCL's 128 KiB (NCCL < 2.21 used NCCL_BUFFSIZE: pass 524288 there)."""

@@ -146,6 +146,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "activations/llamacpp_output": ("engines.llamacpp.rows",),
     "runtime/llamacpp_cuda_context": ("engines.llamacpp.rows",),
     "runtime/cuda_context": ("runtime.cuda_context_bytes",),
+    "runtime/nccl_communicators": ("nccl_groups.nccl_bytes", "nccl.collective_bytes", "nccl.p2p_bytes",
+                                   "nccl.nvls_bytes"),
     "runtime/allocator_reserve": ("runtime.allocator_reserve_bytes", "allocator_segments.backward_start_stranded",
                                   "allocator_segments.reserved_floor"),
     "runtime/model_load_fp32": ("model_states.deepspeed_cpu_rows",),

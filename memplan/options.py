@@ -294,6 +294,17 @@ OPTS: dict[str, Opt] = {
     "store_param_remainders": _o("--store-param-remainders/--no-store-param-remainders", bool, None, "megatron "
                                  "precision-aware optimizer: fp32 main params as 16-bit remainders of bf16 params "
                                  "(default on).", ENGINE, field="engine_config.store_param_remainders"),
+    "nccl_buffsize": _o("--nccl-buffsize", str, None, "NCCL_BUFFSIZE the training job runs with, e.g. 4MiB (default: "
+                        "NCCL's 4 MiB); sizes runtime/nccl_communicators.", ENGINE, field="engine_config.nccl_buffsize",
+                        convert=lambda t: size_or_none(t, "--nccl-buffsize"), text=size_text),
+    "nccl_max_nchannels": _o("--nccl-max-nchannels", int, None, "NCCL_MAX_NCHANNELS (default: 32 per communicator, "
+                             "as on 8 x H100).", ENGINE, field="engine_config.nccl_max_nchannels"),
+    "nccl_nvls_enable": _o("--nccl-nvls-enable", int, None, "NCCL_NVLS_ENABLE: 0, 1 or 2 (NCCL's default: NVLink "
+                           "SHARP buffers where the GPUs sit on an NVSwitch).", ENGINE,
+                           field="engine_config.nccl_nvls_enable"),
+    "nccl_nvls_chunksize": _o("--nccl-nvls-chunksize", str, None, "NCCL_NVLS_CHUNKSIZE, e.g. 128KiB (NCCL's default; "
+                              "NCCL < 2.21: 512KiB).", ENGINE, field="engine_config.nccl_nvls_chunksize",
+                              convert=lambda t: size_or_none(t, "--nccl-nvls-chunksize"), text=size_text),
     "shard_group": _o("--shard-group", str, None, "Plan: state sharding to choose among, comma-separated: full (all "
                       "data-parallel ranks), node (fsdp2 HSDP / deepspeed MiCS within a node), hpz (deepspeed ZeRO++) "
                       "(default: each the engine runs, on several nodes).", PARALLEL, dim="shard"),
@@ -400,7 +411,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
                      "stage3_param_persistence_threshold", "use_distributed_optimizer", "hsdp_shard_size",
                      "mics_shard_size", "zero_hpz_partition_size", "cpu_offloading_num_layers", "recompute_modules",
-                     "use_precision_aware_optimizer", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders"),
+                     "use_precision_aware_optimizer", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders",
+                     "nccl_buffsize", "nccl_max_nchannels", "nccl_nvls_enable", "nccl_nvls_chunksize"),
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
                 "cuda_graph_max_bs", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k",

@@ -84,6 +84,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--train-tokens": "1000000000", "--hsdp-shard-size": "2", "--mics-shard-size": "2",
     "--zero-hpz-partition-size": "2", "--cpu-offloading-num-layers": "4", "--shard-group": "full",
     "--usd-per-hour": "3.5", "--recompute-modules": "layernorm", "--exp-avg-dtype": "bf16", "--exp-avg-sq-dtype": "bf16",
+    "--nccl-buffsize": "1MiB", "--nccl-max-nchannels": "16", "--nccl-nvls-enable": "0", "--nccl-nvls-chunksize": "512KiB",
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 DEFAULT_ON: dict[str, tuple[str, ...]] = {

@@ -134,10 +134,28 @@ def _knob_rule(cfg: JobConfig, engine: Engine) -> str | None:
     default = EngineConfig()
     knobs = PROFILES[engine].knobs
     for name in type(default).model_fields:
+        if name in NCCL_KNOBS:
+            continue
         if getattr(cfg.engine_config, name) != getattr(default, name) and name not in knobs:
             owners = [e.value for e, p in PROFILES.items() if name in p.knobs]
             return (f"engine_config.{name} is a knob of {', '.join(owners)}; engine {engine.value} has no such "
                     f"setting (it reads {', '.join(knobs)}).")
+    return None
+
+
+NCCL_KNOBS = ("nccl_buffsize", "nccl_max_nchannels", "nccl_nvls_enable", "nccl_nvls_chunksize")
+"""NCCL's environment (memory.nccl): every training engine runs NCCL, so each reads these."""
+
+
+def _nccl_rule(cfg: JobConfig) -> str | None:
+    """An NCCL knob set where no NCCL communicator exists (one GPU) moves no byte: an error, not ignored."""
+    from memplan.config import EngineConfig
+
+    default = EngineConfig()
+    changed = [n for n in NCCL_KNOBS if getattr(cfg.engine_config, n) != getattr(default, n)]
+    if changed and cfg.world_size <= 1:
+        return (f"engine_config.{changed[0]} sets NCCL's environment; a job on one GPU creates no NCCL communicator: "
+                "drop it or use --gpus 2 or more.")
     return None
 
 
@@ -320,7 +338,7 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
                 "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
     for rule in (_dtype_rule(cfg), _common(cfg, engine), _context_parallel(cfg, engine), _recompute_rule(cfg, engine),
                  _knob_rule(cfg, engine), None if partial else _knob_effect_rule(cfg), _hybrid_rule(cfg, partial=partial),
-                 _activation_offload_rule(cfg, engine, partial=partial)):
+                 _activation_offload_rule(cfg, engine, partial=partial), _nccl_rule(cfg)):
         if rule:
             return rule
     if engine is Engine.FSDP2 and (rule := _sharded_adapter_rule(cfg, engine)):

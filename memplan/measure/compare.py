@@ -32,8 +32,9 @@ TOP_EXACT = ("weights", "gradients", "optimizer", "kv_cache")
 TRANSIENT_ROWS = ("activations/logits", "activations/recompute_workspace", "runtime/dora_workspace",
                   "optimizer/step_temporaries")
 """Rows alive in part of the step only: part of the peak, not measured on their own."""
-RUNTIME_ROWS = ("runtime/cuda_context", "runtime/allocator_reserve")
-"""Rows that are not tensors of the job: the CUDA context and the caching allocator's reserve (CUDA only)."""
+RUNTIME_ROWS = ("runtime/cuda_context", "runtime/allocator_reserve", "runtime/nccl_communicators")
+"""Rows that are not tensors of the job: the CUDA context, the caching allocator's reserve and NCCL's communicator
+buffers (CUDA only; a CPU measurement runs gloo)."""
 @dataclass(frozen=True)
 class Line:
     """One compared component. ``bound``: "exact", a percentage such as "3%", or "" (not bounded)."""

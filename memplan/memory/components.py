@@ -210,6 +210,9 @@ def stage_rows(ctx: Context) -> tuple[list[Row], list[str]]:
     allocated = allocated_peak(rows, ctx.cfg)
     rows += with_phases(ctx, runtime.rows(ctx, other_gpu_bytes=allocated, reserve_floor=_reserve_floor(ctx, rows,
                                                                                                      allocated)))
+    from memplan.memory import nccl_groups
+
+    rows += with_phases(ctx, nccl_groups.rows(ctx))
     if ctx.cfg.job.trains and ctx.cfg.effective_engine is Engine.FSDP1:
         from memplan.memory import engine_fsdp1
 

@@ -69,6 +69,9 @@ register("activations", _SAVED,
          "them (torch autograd); the prefill forward when serving")
 register("kv_cache", (Phase.PREFILL, Phase.DECODE), "allocated at the first forward, held while decoding")
 register("runtime", ALL, "process-wide: CUDA context, allocator reserve, margins")
+register("runtime/nccl_communicators", TRAIN_PHASES,
+         "NCCL communicators' connection and NVLS buffers: made at each process group's first operation, kept "
+         "until the group is destroyed, so alive in every phase of every step after the first (memory.nccl)")
 
 # Training engines' components (memory.engine_states, memory.engine_buffers; issue 11 part 1).
 _TRAIN_SAVED = (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD)

@@ -70,7 +70,8 @@ def cuda_context_bytes(*, vendor: str, override: int | None = None) -> int:
     nvidia, ``ROCM_CONTEXT_BYTES`` for amd).
     Source: the measurements listed under ``CUDA_CONTEXT_BYTES`` and ``ROCM_CONTEXT_BYTES``.
     Assumptions: one process per GPU; the context does not grow with the model (kernel images
-    do not depend on tensor sizes); NCCL/RCCL communicator buffers are not included.
+    do not depend on tensor sizes); NCCL/RCCL communicator buffers are their own row,
+    ``runtime/nccl_communicators`` (``memory.nccl``).
     """
     if override is not None:
         if override < 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from fractions import Fraction
 from itertools import product
 from typing import Any, TypeVar
 
@@ -70,6 +71,7 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
             continue
         per_stage = [[r for r in rows if not r.component.startswith("activations")] for rows in per_stage]
         phases = train_phases.state_phases(per_stage, ctxs, cfg, split=split, layer_weights=layer_weights)
+        phases = _with_nccl(phases, ctxs, runtime_terms(setting)[1])
         gpu = [max(per.values()) for per in phases]
         persist = tuple(train_phases.persisting(rows) for rows in per_stage) if cfg.pp == 1 else ()
         cpu = max(tier_total(rows, Tier.CPU) for rows in per_stage)
@@ -81,6 +83,22 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
                              cpu_floor=floor, persist_gpu=persist,
                              phase_gpu=tuple((p.value, tuple(per[p] for per in phases)) for p in TRAIN_PHASES))
     return Factor("states", names, entries), reasons
+
+
+def _with_nccl(phases: list[dict], ctxs: list[Context], pct: float) -> list[dict]:
+    """Each stage's phase totals plus its NCCL communicators (``memory.nccl_groups``), in every phase. The ILP scales
+    the whole demand by the allocator reserve (1 + pct/100), which NCCL's own allocations do not take, so the row
+    enters as ceil(bytes · 100 / (100 + pct)): scaled back, at least the row's bytes (within rounding of a byte)."""
+    from memplan.memory import nccl_groups
+    from memplan.units import ceil_div
+
+    share = Fraction(str(pct))
+    out = []
+    for per, ctx in zip(phases, ctxs, strict=True):
+        n = sum(r.bytes for r in nccl_groups.rows(ctx))
+        n = ceil_div(n * 100 * share.denominator, 100 * share.denominator + share.numerator) if n else 0
+        out.append({p: v + n for p, v in per.items()})
+    return out
 
 
 def _split_cpu(rows: list, cfg: JobConfig) -> tuple[int, int]:
