@@ -9,9 +9,10 @@ be before the worker drops its references when the machine is busy. FSDP then fr
 the storage is freed on that thread, and the profiler records no free for it: the measured running sum keeps the
 buffer to the end of the step. Measured on mixtral in mixed precision (torch 2.13, two gloo ranks, 2 busy cores):
 in about 1 step in 6 the storage of the all-gather that the root's ``pre_backward`` prefetches for the last block
-has a use count of 5 instead of 2 at that block's copy-out, is gone by the end of that block's ``pre_backward``
-(weak reference expired), yet its free never appears, and its address is handed out again later in the step; the
-step then reads 7,916,868 B instead of 7,403,588 (one block's bf16 all-gather output, 513,280 B, counted twice).
+has a use count of 5 instead of 2 when that block's ``wait_for_unshard`` starts, is gone by the end of that block's
+``pre_backward`` (weak reference expired), yet its free never appears, and its address is handed out again later in
+the step; the step then reads 7,916,868 B instead of 7,403,588 (one block's bf16 all-gather output, 513,280 B,
+still counted from its free to the end of the step).
 
 NCCL has no such lag: ``WorkNCCL::wait`` → ``synchronizeStream`` → ``stashed_for_allocator_safety_->unstash()``
 drops the work's tensors at the wait (torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp), so FSDP's free is the
