@@ -165,7 +165,9 @@ def fsdp2_section(rows: list[dict[str, Any]]) -> list[str]:
     out = ["", "## FSDP2 on two CPU processes (gloo)", "",
            "`memplan.measure.fsdp2`: `fully_shard` on each decoder block (`reshard_after_forward=True`) and on the "
            "root, AdamW (foreach), one spawn of two gloo processes for every case; each rank's peak measured as above "
-           "(DTensor parameters through their local shards; gloo's own staging buffers left out, as NCCL has none). "
+           "(DTensor parameters through their local shards; gloo's own staging buffers left out, as NCCL has none; each "
+           "collective returns once gloo's worker thread has released FSDP's buffers, as NCCL's wait does, so that "
+           "their frees are recorded). "
            "`answer` is `--engine fsdp2 --gpus 2`, tensors only. `mp` is MixedPrecisionPolicy(param_dtype=bf16, "
            "reduce_dtype=fp32) over fp32 parameters; `pure` a bf16 model without a policy; `no-reshard` "
            "`reshard_after_forward=False` on the blocks.", "",

@@ -10,7 +10,9 @@ A warm-up step creates the AdamW states; then ``MEASURED_STEPS`` steps (forward 
 ``optimizer.step()``, the gradients set to None before each) run under ``peak.PeakMeter``: the bytes of every tensor
 storage the garbage collector reaches (DTensor parameters counted through their local shards,
 ``peak.storage_bytes``) plus the profiler's allocation events, without gloo's own staging buffers
-(``GLOO_STAGING``). Each rank reports its own peak; the answer is per GPU, so it must cover every rank's.
+(``GLOO_STAGING``). Each collective returns only once gloo's worker thread has dropped FSDP's buffers
+(``gloo_comm``, as NCCL does at its wait), so that the profiler records their frees where FSDP makes them. Each rank
+reports its own peak; the answer is per GPU, so it must cover every rank's.
 
 memplan's side: ``compare.answer_phases`` of the same tiny spec with ``engine=fsdp2`` and ``gpus_per_node=WORLD``,
 tensors only (no CUDA context, no allocator reserve), the activations counted with PyTorch's CPU kernels.
@@ -40,9 +42,9 @@ thread drops it, at a time set by thread scheduling. NCCL on a GPU reads and wri
 internal buffers are outside the caching allocator, so none of these are bytes of a tensors-only answer."""
 MEASURED_STEPS = 2
 """Steps measured per case; the one with the smallest peak is reported. The steps allocate the same tensors in the
-same order; what differs is when gloo's worker thread drops its reference to a finished collective's tensors
-(``ProcessGroupGloo`` keeps the work in progress until its thread runs again): on a loaded machine an all-gather
-output that FSDP has already released can outlive it by a few milliseconds, into the next phase."""
+same order; what can differ is when gloo's worker thread drops its reference to a finished collective's staging
+buffers (``GLOO_STAGING``, left out anyway). FSDP's own buffers are released to FSDP before each collective returns
+(``gloo_comm``), so their frees are recorded where FSDP makes them."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class RankResult:
     components: dict[str, int] = field(default_factory=dict)
     step_peaks: list[int] = field(default_factory=list)
     """The peak of each measured step; ``phases`` are those of the smallest (``MEASURED_STEPS``)."""
+    unrecorded_frees: int = 0
+    """Frees the profiler missed over the measured steps (``PeakMeter.unrecorded_frees``); 0 when every buffer's
+    last reference was dropped where the profiler sees it."""
 
     @property
     def peak(self) -> int:
@@ -156,7 +161,7 @@ def shard_model(model: Any, mixed: bool, reshard_after_forward: bool = True) -> 
 def _run_case(case: Case, rank: int) -> RankResult:
     import torch
 
-    from memplan.measure import build
+    from memplan.measure import build, gloo_comm
     from memplan.measure.peak import PeakMeter, storage_bytes
     from memplan.measure.run import LEARNING_RATE, token_ids
 
@@ -165,6 +170,7 @@ def _run_case(case: Case, rank: int) -> RankResult:
     build_cfg = cfg.model_copy(update={"dtype": Dtype.FP32}) if case.mixed else cfg
     model = shard_model(build.build_model(spec, build_cfg, attention=cfg.attention_impl, device="cpu"),
                         case.mixed, case.reshard_after_forward)
+    gloo_comm.install(model)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, foreach=True)
     ids = token_ids(spec.vocab_size or 0, cfg.micro_batch, cfg.seq_len, "cpu")
@@ -184,7 +190,8 @@ def _run_case(case: Case, rank: int) -> RankResult:
     result = RankResult(rank, dict(meter.phases), meter.baseline,
                         {"weights/params": storage_bytes(persistent),
                          "gradients": storage_bytes(p.grad for p in params),
-                         "optimizer/states": storage_bytes(states)}, [m.peak for m in meters])
+                         "optimizer/states": storage_bytes(states)}, [m.peak for m in meters],
+                        sum(m.unrecorded_frees for m in meters))
     optimizer.zero_grad(set_to_none=True)
     del model, optimizer, params, states, persistent, ids
     gc.collect()

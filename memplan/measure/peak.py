@@ -114,6 +114,8 @@ class PeakMeter(PhasePeaks):
         self.reserved: dict[str, int] = {}
         self.baseline = 0
         self.driver_used: int | None = None
+        self.unrecorded_frees = 0
+        """Allocations whose free the CPU profiler did not record (``running_totals``); 0 on CUDA."""
         self._prof: Any = None
         self._start = 0
 
@@ -159,7 +161,7 @@ class PeakMeter(PhasePeaks):
         with _without_profiler_banner():
             self._prof.__exit__(*exc)
         if exc[0] is None:
-            self.phases = _cpu_phase_peaks(self._prof, self.baseline, self.exclude)
+            self.phases, self.unrecorded_frees = _cpu_phase_peaks(self._prof, self.baseline, self.exclude)
         self._prof = None
 
     @property
@@ -198,8 +200,9 @@ def _walk(nodes: Any, allocations: list[tuple[Any, bool]], ranges: dict[str, tup
         _walk(node.children, allocations, ranges, exclude, inside or (bool(exclude) and node.name.startswith(exclude)))
 
 
-def _cpu_phase_peaks(prof: Any, baseline: int, exclude: tuple[str, ...] = ()) -> dict[str, int]:
-    """baseline + the largest running sum of CPU allocation events inside each phase's time range.
+def _cpu_phase_peaks(prof: Any, baseline: int, exclude: tuple[str, ...] = ()) -> tuple[dict[str, int], int]:
+    """baseline + the largest running sum of CPU allocation events inside each phase's time range, and the number of
+    frees the profiler did not record (``running_totals``).
 
     ``exclude``: record_function name prefixes whose allocations are not the job's (a backend's own staging
     buffers); each such allocation is left out together with its free, matched by address, wherever the free
@@ -208,23 +211,47 @@ def _cpu_phase_peaks(prof: Any, baseline: int, exclude: tuple[str, ...] = ()) ->
     allocations: list[tuple[Any, bool]] = []
     ranges: dict[str, tuple[int, int]] = {}
     _walk(prof.profiler.kineto_results.experimental_event_tree(), allocations, ranges, exclude)
-    allocations.sort(key=lambda pair: pair[0].start_time_ns)
-    timeline, running, skipped = [], 0, set()
-    for node, excluded in allocations:
-        fields = node.extra_fields
-        if fields.device.type != "cpu":
-            continue
-        if fields.alloc_size > 0 and excluded:
-            skipped.add(fields.ptr)
-            continue
-        if fields.alloc_size < 0 and fields.ptr in skipped:
-            skipped.discard(fields.ptr)
-            continue
-        running += fields.alloc_size
-        timeline.append((node.start_time_ns, running))
+    events = [(node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size, excluded)
+              for node, excluded in allocations if node.extra_fields.device.type == "cpu"]
+    timeline, unrecorded = running_totals(events)
     peaks = {}
     for name, (start, end) in ranges.items():
         before = [value for time, value in timeline if time < start]
         inside = [value for time, value in timeline if start <= time <= end]
         peaks[name] = baseline + max([before[-1] if before else 0, *inside])
-    return peaks
+    return peaks, unrecorded
+
+
+def running_totals(events: list[tuple[int, int, int, bool]]) -> tuple[list[tuple[int, int]], int]:
+    """The running sum of allocation events (time, address, +size or −size, excluded), in time order, and how many
+    frees were missing.
+
+    An excluded allocation is skipped together with its free, matched by address. A free the profiler never saw
+    (the last reference dropped on a thread it does not record, such as a collective backend's worker thread,
+    ``memplan.measure.gloo_comm``) would otherwise count its storage to the end: a new allocation at an address
+    still held proves the earlier one was freed, so that one leaves the sum then (at the latest moment possible:
+    the peak stays an upper bound) and is counted in the second value. An excluded buffer freed unseen (gloo's
+    staging copies are held by its work alone) only stops matching frees at its address.
+    """
+    timeline: list[tuple[int, int]] = []
+    running = unrecorded = 0
+    live: dict[int, int] = {}
+    skipped: set[int] = set()
+    for time, ptr, size, excluded in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            if ptr in live:
+                unrecorded += 1
+                running -= live.pop(ptr)
+            skipped.discard(ptr)  # an excluded buffer freed unseen: not in the sum, not counted
+            if excluded:
+                skipped.add(ptr)
+                continue
+            live[ptr] = size
+        elif ptr in skipped:
+            skipped.discard(ptr)
+            continue
+        else:
+            live.pop(ptr, None)
+        running += size
+        timeline.append((time, running))
+    return timeline, unrecorded
