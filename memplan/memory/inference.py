@@ -31,6 +31,7 @@ from memplan.memory import hf_prefill as hf
 from memplan.memory.activations_block import attention_impl, sdpa_mask_materialized
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
+from memplan.memory.cpu_flash import CpuKernels, cpu_flash_bytes
 from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, hf_cache_layout, step_tokens
 from memplan.units import bits_to_bytes, ceil_div
 
@@ -162,8 +163,11 @@ class _Step:
     """transformers' own forward (``hf_prefill``'s extra transients), not a fused serving engine."""
     eager: bool = False
     """transformers runs eager attention (``activations_block.attention_impl``): it returns its probabilities."""
-    cpu: bool = False
-    """PyTorch's CPU kernels (the measured tiny models): SDPA falls back to its math path where no CPU kernel fits."""
+    dtype: str = ""
+    """The compute dtype's name (``Dtype.value``), for the CPU kernels' packing rules."""
+    cpu: CpuKernels | None = None
+    """PyTorch's CPU kernels on this host (the measured tiny models): SDPA runs the CPU flash kernel
+    (``cpu_flash``), or its math path where no CPU kernel fits."""
 
 
 def _hf_mlp_extra(spec: ModelSpec, step: _Step, ffn: int) -> int:
@@ -235,16 +239,29 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                         kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
                                         hidden=d, bits=step.bits, flash=flash)
+    masked = impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers)
     if step.hf:
         out += _hf_attention_extra(spec, step, heads, eager=not flash)
-        if impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers):
+        if masked:
             out += hf.sdpa_mask_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, bits=step.bits)
+    if step.cpu is not None and impl == "sdpa" and not spec.is_mla:
+        out += _cpu_flash(spec, step, heads, masked=masked, kernels=step.cpu)
     static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
     if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
         shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp, hf=hf_cache_layout(cfg))
         out += kv_concat_bytes(batch=step.batch, old_tokens=step.kv_tokens - step.tokens,
                                elements=elements_per_token(shapes), bits=step.kv_bits)
     return out
+
+
+def _cpu_flash(spec: ModelSpec, step: _Step, heads: int, *, masked: bool, kernels: CpuKernels) -> int:
+    """``cpu_flash.cpu_flash_bytes`` for this layer's SDPA call: with a materialised mask the key/value heads come
+    repeated to N (transformers ``repeat_kv``; Falcon expands its own) and the call is not causal; without one,
+    ``enable_gqa`` passes the K cached heads and ``is_causal`` (``integrations/sdpa_attention.py``)."""
+    kv_heads = heads if masked else max(1, ceil_div(spec.kv_heads, step.tp))
+    return cpu_flash_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
+                           kv_heads=kv_heads, head_dim=spec.dim_per_head, bits=step.bits, dtype=step.dtype,
+                           kernels=kernels, causal=not masked)
 
 
 def _hf_shapes(spec: ModelSpec, step: _Step) -> tuple[tuple[int, int], ...]:
@@ -258,6 +275,9 @@ def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool
     b, t, s, bits = step.batch, step.tokens, step.kv_tokens, step.bits
     out = hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits, family=spec.family,
                               own=False) if eager else 0
+    out += hf.fused_qkv_beside_q_bytes(batch=b, tokens=t, heads=heads, head_dim=spec.dim_per_head,
+                                       hidden=spec.hidden_size or 0, bits=bits, family=spec.family,
+                                       parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
     later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits)
     if eager and spec.family in hf.ROPE_FP32:  # the fp32 rotary copies are gone before the scores exist
         later += scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
@@ -286,13 +306,13 @@ def _rotary_tables(ctx: Context, batch: int, tokens: int, bits: int) -> int:
     return hf.rotary_tables_bytes(batch=batch, tokens=tokens, rotary_dims=dims or 0, tables=tables, bits=bits)
 
 
-def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
+def rows(ctx: Context, *, cpu: CpuKernels | None = None) -> list[Row]:
     """Inference activation rows: ``activations/hidden_states``, ``activations/prefill_workspace``
     (the largest layer's transient peak) and, on the last pipeline stage, ``activations/logits``.
 
     Under transformers with its own contiguous cache (``kv_cache.hf_cache_layout``, not ``paged``) the rows add
-    its forward's own transients (``hf_prefill``); ``cpu``: counted with PyTorch's CPU kernels (the measured tiny
-    models, ``memplan measure``)."""
+    its forward's own transients (``hf_prefill``); ``cpu``: counted with PyTorch's CPU kernels on a host with these
+    threads and packing (the measured tiny models, ``memplan measure``); None (GPU answers) leaves them out."""
     cfg = ctx.cfg
     if cfg.job is not Job.INFER:
         return []
@@ -300,7 +320,7 @@ def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
     bits = compute_dtype(cfg.dtype).bits
     tokens = step_tokens(context=inf.context, prefill_chunk=inf.prefill_chunk)
     step = _Step(batch=cfg.micro_batch, tokens=tokens, kv_tokens=inf.context, bits=bits, tp=cfg.tp,
-                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, cpu=cpu,
+                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, cpu=cpu, dtype=compute_dtype(cfg.dtype).value,
                  hf=hf_cache_layout(cfg) and not inf.paged,
                  eager=attention_impl(spec, cfg) == "eager")
     attention = _attention_bytes(ctx, step) if ctx.layers else 0
