@@ -53,6 +53,10 @@ the softmax exist (one more (B, N, T, S) tensor), and q, k, v are views of ``que
 per token, where the generic count has N·H)."""
 FUSED_QKV_KEPT = frozenset({Family.GPT_NEOX})
 """q, k and v are views of ``query_key_value``'s output, which stays alive whole (``GPTNeoXAttention.forward``)."""
+FUSED_QKV_BESIDE_Q = frozenset({Family.FALCON})
+"""``FalconAttention.forward``: ``fused_qkv`` stays a local through the attention while ``query_layer`` is a
+reshaped (then rotated) copy of its q part; ``FalconDecoderLayer.forward`` computes ``ln_attn`` and ``ln_mlp``
+before the attention when ``num_ln_in_parallel_attn == 2``."""
 UPCAST_QK = frozenset({Family.GPTJ})
 """``GPTJAttention._attn``: ``query.to(torch.float32)``, ``key.to(torch.float32)`` before ``q @ k.T``."""
 ROPE_FP32 = frozenset({Family.COHERE})
@@ -108,6 +112,20 @@ def kept_attn_output_bytes(*, batch: int, tokens: int, hidden: int, bits: int, f
     and ``mlp_layernorm_out`` are both locals)."""
     count = int(family in KEEPS_ATTN_OUTPUT) + max(0, parallel_norms - 1)
     return bits_to_bytes(count * batch * tokens * hidden, bits)
+
+
+def fused_qkv_beside_q_bytes(*, batch: int, tokens: int, heads: int, head_dim: int, hidden: int, bits: int,
+                             family: Family, parallel_norms: int) -> int:
+    """Bytes ``FUSED_QKV_BESIDE_Q`` adds at the attention's kernel: B·T·(N·H + (n − 1)·D) × bits/8.
+
+    The generic count holds q, k and v as separate (N + 2K)·H; the fused projection's (N + 2K)·H stays alive beside
+    its q copy (the rotated k and the reshaped v are freed once the cache has concatenated them), which is N·H more;
+    the second norm's output (n = 2, ``mlp_layernorm_out``) is alive before the attention runs.
+    Source: transformers ``FalconAttention.forward`` (``fused_qkv``, ``_split_heads``), ``FalconDecoderLayer.forward``.
+    """
+    if family not in FUSED_QKV_BESIDE_Q:
+        return 0
+    return bits_to_bytes(batch * tokens * (heads * head_dim + (parallel_norms - 1) * hidden), bits)
 
 
 def kept_probs_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bits: int, family: Family,
