@@ -128,6 +128,7 @@ def _versions(device: str) -> dict[str, Any]:
         pass
     if device == "cpu":
         info["device_name"] = _cpu_name()
+        info["torch_threads"] = torch.get_num_threads()
     else:
         from memplan.measure.calibrate import gpu_identity
 

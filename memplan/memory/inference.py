@@ -32,7 +32,7 @@ from memplan.memory.activations_block import attention_impl, sdpa_mask_materiali
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.cpu_flash import CpuKernels, cpu_flash_bytes
-from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, hf_cache_layout, step_tokens
+from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, expands_kv, hf_cache_layout, step_tokens
 from memplan.units import bits_to_bytes, ceil_div
 
 RESIDUAL_TENSORS = 2
@@ -218,6 +218,7 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
     heads, d = ceil_div(spec.num_attention_heads or 1, step.tp), spec.hidden_size or 0
     impl = attention_impl(spec, cfg) if step.hf else cfg.attention_impl
     flash = impl != "eager"  # flash and SDPA's fused kernels keep no S×S score matrix
+    masked = impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers)
     if spec.is_mla:
         math = step.cpu and impl == "sdpa"  # no CPU fused kernel takes q/k and v head dims that differ
         out = mla_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
@@ -226,10 +227,11 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
         if math:
             out += hf.cpu_math_mla_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                          qk_head=(spec.qk_nope_head_dim or 0) + (spec.qk_rope_head_dim or 0),
-                                         v_head=spec.v_head_dim or 0, bits=step.bits)
+                                         v_head=spec.v_head_dim or 0, bits=step.bits, causal=not masked)
     elif step.hf and not flash and spec.family not in hf.UPCAST_QK:
+        repeated = heads if expands_kv(spec) else max(1, ceil_div(spec.kv_heads, step.tp))  # Falcon: no repeat_kv
         out = hf.eager_attention_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
-                                       kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
+                                       kv_heads=repeated, head_dim=spec.dim_per_head,
                                        hidden=d, bits=step.bits, upcast=spec.family not in hf.SOFTMAX_IN_DTYPE)
         out += hf.partial_rotary_bytes(spec, batch=step.batch, tokens=step.tokens, heads=heads, bits=step.bits,
                                        kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head)
@@ -239,13 +241,14 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                         kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
                                         hidden=d, bits=step.bits, flash=flash)
-    masked = impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers)
+    kernel = 0
+    if step.cpu is not None and impl == "sdpa" and not spec.is_mla:
+        kernel = _cpu_flash(spec, step, heads, masked=masked, kernels=step.cpu)
+    out += kernel
     if step.hf:
-        out += _hf_attention_extra(spec, step, heads, eager=not flash)
+        out += _hf_attention_extra(spec, step, heads, eager=not flash, kernel=kernel)
         if masked:
             out += hf.sdpa_mask_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, bits=step.bits)
-    if step.cpu is not None and impl == "sdpa" and not spec.is_mla:
-        out += _cpu_flash(spec, step, heads, masked=masked, kernels=step.cpu)
     static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
     if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
         shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp, hf=hf_cache_layout(cfg))
@@ -256,9 +259,10 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
 
 def _cpu_flash(spec: ModelSpec, step: _Step, heads: int, *, masked: bool, kernels: CpuKernels) -> int:
     """``cpu_flash.cpu_flash_bytes`` for this layer's SDPA call: with a materialised mask the key/value heads come
-    repeated to N (transformers ``repeat_kv``; Falcon expands its own) and the call is not causal; without one,
+    repeated to N (transformers ``repeat_kv``; Falcon expands its own, ``kv_cache.expands_kv``) and the call is not
+    causal; without one,
     ``enable_gqa`` passes the K cached heads and ``is_causal`` (``integrations/sdpa_attention.py``)."""
-    kv_heads = heads if masked else max(1, ceil_div(spec.kv_heads, step.tp))
+    kv_heads = heads if masked or expands_kv(spec) else max(1, ceil_div(spec.kv_heads, step.tp))
     return cpu_flash_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                            kv_heads=kv_heads, head_dim=spec.dim_per_head, bits=step.bits, dtype=step.dtype,
                            kernels=kernels, causal=not masked)
@@ -269,16 +273,17 @@ def _hf_shapes(spec: ModelSpec, step: _Step) -> tuple[tuple[int, int], ...]:
     return cached_shapes(spec, mla_cache="decompressed", tp=step.tp, hf=True)
 
 
-def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool) -> int:
+def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool, kernel: int = 0) -> int:
     """transformers' attention-stage extras (``hf_prefill``): the previous block's kept probabilities, eager's
     materialised mask, fp32 q/k copies (GPT-J, Cohere's rotary) and GPT-J's fp32 scores in place of the generic ones."""
     b, t, s, bits = step.batch, step.tokens, step.kv_tokens, step.bits
     out = hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits, family=spec.family,
                               own=False) if eager else 0
-    out += hf.fused_qkv_beside_q_bytes(batch=b, tokens=t, heads=heads, head_dim=spec.dim_per_head,
-                                       hidden=spec.hidden_size or 0, bits=bits, family=spec.family,
+    kv_heads = max(1, ceil_div(spec.kv_heads, step.tp))
+    out += hf.fused_qkv_beside_q_bytes(batch=b, tokens=t, heads=heads, kv_heads=kv_heads, head_dim=spec.dim_per_head,
+                                       hidden=spec.hidden_size or 0, bits=bits, family=spec.family, eager=eager,
                                        parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
-    later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits)
+    later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits) + kernel
     if eager and spec.family in hf.ROPE_FP32:  # the fp32 rotary copies are gone before the scores exist
         later += scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
     out += hf.upcast_qk_bytes(spec, batch=b, tokens=t, kv_tokens=s, heads=heads, head_dim=spec.dim_per_head,
