@@ -2,8 +2,11 @@
 
 Source: PyTorch ``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp`` (``flash_attention_kernel_impl`` picks the
 split sizes; ``cpu_flash_attention`` allocates the buffers) and ``aten/src/ATen/native/CPUBlas.cpp``
-(``Pack::could_pack``), as on PyTorch main in 2025 (``kv_num_head``, the ``at::empty`` packing tensors); checked
-allocation by allocation against torch 2.13.0+cpu's profiler events (``tests/test_cpu_flash.py``).
+(``Pack::could_pack``). Read at a 2025 PyTorch main commit (the cyyever/pytorch mirror, 2fb31a9: GQA through
+``kv_num_head``, the packing buffers as ``at::empty`` tensors); the torch wheel ships no C++ source, so the formula was
+checked allocation by allocation against torch 2.13.0+cpu's profiler events on an AMX CPU, bf16/fp16/fp32, 1 and 2
+threads, odd head sizes, masks and GQA (``tests/test_cpu_flash.py``). The fp16 packing rule is read, not measured
+(the measuring CPU has no AMX-FP16).
 
 What ``cpu_flash_attention`` holds at once, besides the output, for B sequences of T queries over S keys, N query
 heads and K key/value heads as passed to SDPA, head size H, P threads (``at::get_num_threads``):
