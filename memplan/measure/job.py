@@ -119,7 +119,8 @@ def _versions(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    info: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "python": platform.python_version()}
     try:
         import peft
 

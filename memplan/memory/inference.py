@@ -220,7 +220,7 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
     flash = impl != "eager"  # flash and SDPA's fused kernels keep no S×S score matrix
     masked = impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers)
     if spec.is_mla:
-        math = step.cpu and impl == "sdpa"  # no CPU fused kernel takes q/k and v head dims that differ
+        math = step.cpu is not None and impl == "sdpa"  # no CPU fused kernel takes q/k and v head dims that differ
         out = mla_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                   qk_nope=spec.qk_nope_head_dim or 0, qk_rope=spec.qk_rope_head_dim or 0,
                                   v_head=spec.v_head_dim or 0, hidden=d, bits=step.bits, flash=flash or math)
