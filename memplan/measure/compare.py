@@ -14,6 +14,7 @@ The sum of every row is shown too, with its error, so the difference between the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from memplan.config import Job, JobConfig
 from memplan.memory import activations as act
@@ -81,6 +82,22 @@ def counting_for_device(cfg: JobConfig, device: str) -> blk.Counting:
     return blk.cpu_counting(blk.activation_bits(cfg)) if device == "cpu" else act.counting_for(cfg)
 
 
+def host_cpu_kernels(cfg: JobConfig) -> Any:
+    """This host's ``memory.cpu_flash.CpuKernels`` for the job's compute dtype: ``torch.get_num_threads()`` and
+    whether ``cpublas::could_pack`` holds (PyTorch ``CPUBlas.cpp`` ``Pack::could_pack``: oneDNN enabled, and
+    AMX for bf16, AMX-FP16 for fp16)."""
+    import torch
+
+    from memplan.dtypes import Dtype
+    from memplan.memory.cpu_flash import CpuKernels
+    from memplan.memory.kv_cache import compute_dtype
+
+    amx = {Dtype.BF16: torch.cpu._is_amx_tile_supported, Dtype.FP16: torch.cpu._is_amx_fp16_supported}
+    probe = amx.get(compute_dtype(cfg.dtype))
+    pack = bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and probe is not None and probe())
+    return CpuKernels(threads=torch.get_num_threads(), pack=pack)
+
+
 def predicted_components(ctx: Context, device: str) -> tuple[dict[str, int], dict[str, int]]:
     """(model components, runtime components) of memplan's GPU rows; training activations counted
     with the device's kernels (``counting_for_device``)."""
@@ -97,7 +114,8 @@ def predicted_components(ctx: Context, device: str) -> tuple[dict[str, int], dic
     elif device == "cpu":  # the inference transients counted with PyTorch's CPU kernels
         from memplan.memory import inference
 
-        out.update({r.component: r.bytes for r in inference.rows(ctx, cpu=True) if r.component in out})
+        cpu = inference.rows(ctx, cpu=host_cpu_kernels(ctx.cfg))
+        out.update({r.component: r.bytes for r in cpu if r.component in out})
     return out, runtime
 
 
@@ -122,7 +140,8 @@ def answer_phases(ctx: Context, device: str) -> dict[str, int]:
     elif device == "cpu":  # the inference transients counted with PyTorch's CPU kernels
         from memplan.memory import inference
 
-        cpu = [r for r in inference.rows(ctx, cpu=True) if any(r.component == k.component for k in rows)]
+        cpu = [r for r in inference.rows(ctx, cpu=host_cpu_kernels(ctx.cfg))
+               if any(r.component == k.component for k in rows)]
         names = {r.component for r in cpu}
         rows = [r for r in rows if r.component not in names] + comp.with_phases(ctx, cpu)
     return {p.value: n for p, n in phase_totals(rows, Tier.GPU, comp.job_phases(ctx.cfg)).items()}

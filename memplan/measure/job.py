@@ -119,7 +119,8 @@ def _versions(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    info: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "python": platform.python_version()}
     try:
         import peft
 
@@ -128,6 +129,7 @@ def _versions(device: str) -> dict[str, Any]:
         pass
     if device == "cpu":
         info["device_name"] = _cpu_name()
+        info["torch_threads"] = torch.get_num_threads()
     else:
         from memplan.measure.calibrate import gpu_identity
 

@@ -53,6 +53,10 @@ the softmax exist (one more (B, N, T, S) tensor), and q, k, v are views of ``que
 per token, where the generic count has N·H)."""
 FUSED_QKV_KEPT = frozenset({Family.GPT_NEOX})
 """q, k and v are views of ``query_key_value``'s output, which stays alive whole (``GPTNeoXAttention.forward``)."""
+FUSED_QKV_BESIDE_Q = frozenset({Family.FALCON})
+"""``FalconAttention.forward``: ``fused_qkv`` stays a local through the attention while ``query_layer`` is a
+reshaped (then rotated) copy of its q part; ``FalconDecoderLayer.forward`` computes ``ln_attn`` and ``ln_mlp``
+before the attention when ``num_ln_in_parallel_attn == 2``."""
 UPCAST_QK = frozenset({Family.GPTJ})
 """``GPTJAttention._attn``: ``query.to(torch.float32)``, ``key.to(torch.float32)`` before ``q @ k.T``."""
 ROPE_FP32 = frozenset({Family.COHERE})
@@ -108,6 +112,22 @@ def kept_attn_output_bytes(*, batch: int, tokens: int, hidden: int, bits: int, f
     and ``mlp_layernorm_out`` are both locals)."""
     count = int(family in KEEPS_ATTN_OUTPUT) + max(0, parallel_norms - 1)
     return bits_to_bytes(count * batch * tokens * hidden, bits)
+
+
+def fused_qkv_beside_q_bytes(*, batch: int, tokens: int, heads: int, kv_heads: int, head_dim: int, hidden: int,
+                             bits: int, family: Family, parallel_norms: int, eager: bool) -> int:
+    """Bytes ``FUSED_QKV_BESIDE_Q`` adds at the attention's kernel: B·T·(F + (n − 1)·D) × bits/8.
+
+    The fused projection, (N + 2K)·H per token, stays alive beside its reshaped (then rotated) q; the rotated k and
+    the reshaped v are freed once the cache has concatenated them. The SDPA count already holds the new k and v
+    (2K·H), so F = N·H there; eager's count holds neither, so F = (N + 2K)·H. The second norm's output (n = 2,
+    ``mlp_layernorm_out``) exists before the attention runs.
+    Source: transformers ``FalconAttention.forward`` (``fused_qkv``, ``_split_heads``), ``FalconDecoderLayer.forward``.
+    """
+    if family not in FUSED_QKV_BESIDE_Q:
+        return 0
+    fused = (heads + 2 * kv_heads) * head_dim if eager else heads * head_dim
+    return bits_to_bytes(batch * tokens * (fused + (parallel_norms - 1) * hidden), bits)
 
 
 def kept_probs_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bits: int, family: Family,
@@ -225,14 +245,16 @@ def fp32_scores_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int) ->
 
 
 def cpu_math_mla_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int, qk_head: int, v_head: int,
-                       bits: int) -> int:
+                       bits: int, causal: bool = False) -> int:
     """PyTorch's CPU math SDPA over MLA heads (no CPU fused kernel takes q/k and v head dims that differ).
 
     Formula: B·N·(2·T·H_qk + S·H_qk + S·H_v) × 4 (q, scaled q, k, v in fp32) + B·N·T·S × (4 + 4 + 1) (scores,
-    softmax, ``isneginf``) + B·T·S × bits/8 (the additive mask).
-    Source: ATen ``_scaled_dot_product_attention_math`` (``query_.to(kFloat)``, ``_safe_softmax``).
+    softmax, ``isneginf``) + the mask: with ``is_causal`` one (T, S) fp32 bias for all sequences (``ones(L, S).tril()``
+    converted in the upcast query's dtype), else the caller's additive B·T·S × bits/8.
+    Source: ATen ``_scaled_dot_product_attention_math`` (``query_.to(kFloat)``, ``_safe_softmax``); the causal bias
+    measured on torch 2.13 CPU as ``where`` of T·S·4 bytes whatever the batch.
     """
     fp32 = batch * heads * (2 * tokens * qk_head + kv_tokens * (qk_head + v_head))
     scores = batch * heads * tokens * kv_tokens
-    return (bits_to_bytes(fp32 + 2 * scores, FP32_BITS) + bits_to_bytes(scores, BOOL_BITS)
-            + bits_to_bytes(batch * tokens * kv_tokens, bits))
+    mask = bits_to_bytes(tokens * kv_tokens, FP32_BITS) if causal else bits_to_bytes(batch * tokens * kv_tokens, bits)
+    return bits_to_bytes(fp32 + 2 * scores, FP32_BITS) + bits_to_bytes(scores, BOOL_BITS) + mask

@@ -31,7 +31,8 @@ from memplan.memory import hf_prefill as hf
 from memplan.memory.activations_block import attention_impl, sdpa_mask_materialized
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
-from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, hf_cache_layout, step_tokens
+from memplan.memory.cpu_flash import CpuKernels, cpu_flash_bytes
+from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, expands_kv, hf_cache_layout, step_tokens
 from memplan.units import bits_to_bytes, ceil_div
 
 RESIDUAL_TENSORS = 2
@@ -162,8 +163,11 @@ class _Step:
     """transformers' own forward (``hf_prefill``'s extra transients), not a fused serving engine."""
     eager: bool = False
     """transformers runs eager attention (``activations_block.attention_impl``): it returns its probabilities."""
-    cpu: bool = False
-    """PyTorch's CPU kernels (the measured tiny models): SDPA falls back to its math path where no CPU kernel fits."""
+    dtype: str = ""
+    """The compute dtype's name (``Dtype.value``), for the CPU kernels' packing rules."""
+    cpu: CpuKernels | None = None
+    """PyTorch's CPU kernels on this host (the measured tiny models): SDPA runs the CPU flash kernel
+    (``cpu_flash``), or its math path where no CPU kernel fits."""
 
 
 def _hf_mlp_extra(spec: ModelSpec, step: _Step, ffn: int) -> int:
@@ -214,18 +218,20 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
     heads, d = ceil_div(spec.num_attention_heads or 1, step.tp), spec.hidden_size or 0
     impl = attention_impl(spec, cfg) if step.hf else cfg.attention_impl
     flash = impl != "eager"  # flash and SDPA's fused kernels keep no S×S score matrix
+    masked = impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers)
     if spec.is_mla:
-        math = step.cpu and impl == "sdpa"  # no CPU fused kernel takes q/k and v head dims that differ
+        math = step.cpu is not None and impl == "sdpa"  # no CPU fused kernel takes q/k and v head dims that differ
         out = mla_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                   qk_nope=spec.qk_nope_head_dim or 0, qk_rope=spec.qk_rope_head_dim or 0,
                                   v_head=spec.v_head_dim or 0, hidden=d, bits=step.bits, flash=flash or math)
         if math:
             out += hf.cpu_math_mla_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                          qk_head=(spec.qk_nope_head_dim or 0) + (spec.qk_rope_head_dim or 0),
-                                         v_head=spec.v_head_dim or 0, bits=step.bits)
+                                         v_head=spec.v_head_dim or 0, bits=step.bits, causal=not masked)
     elif step.hf and not flash and spec.family not in hf.UPCAST_QK:
+        repeated = heads if expands_kv(spec) else max(1, ceil_div(spec.kv_heads, step.tp))  # Falcon: no repeat_kv
         out = hf.eager_attention_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
-                                       kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
+                                       kv_heads=repeated, head_dim=spec.dim_per_head,
                                        hidden=d, bits=step.bits, upcast=spec.family not in hf.SOFTMAX_IN_DTYPE)
         out += hf.partial_rotary_bytes(spec, batch=step.batch, tokens=step.tokens, heads=heads, bits=step.bits,
                                        kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head)
@@ -235,9 +241,13 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
                                         kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
                                         hidden=d, bits=step.bits, flash=flash)
+    kernel = 0
+    if step.cpu is not None and impl == "sdpa" and not spec.is_mla:
+        kernel = _cpu_flash(spec, step, heads, masked=masked, kernels=step.cpu)
+    out += kernel
     if step.hf:
-        out += _hf_attention_extra(spec, step, heads, eager=not flash)
-        if impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers):
+        out += _hf_attention_extra(spec, step, heads, eager=not flash, kernel=kernel)
+        if masked:
             out += hf.sdpa_mask_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, bits=step.bits)
     static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
     if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
@@ -247,18 +257,33 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
     return out
 
 
+def _cpu_flash(spec: ModelSpec, step: _Step, heads: int, *, masked: bool, kernels: CpuKernels) -> int:
+    """``cpu_flash.cpu_flash_bytes`` for this layer's SDPA call: with a materialised mask the key/value heads come
+    repeated to N (transformers ``repeat_kv``; Falcon expands its own, ``kv_cache.expands_kv``) and the call is not
+    causal; without one,
+    ``enable_gqa`` passes the K cached heads and ``is_causal`` (``integrations/sdpa_attention.py``)."""
+    kv_heads = heads if masked or expands_kv(spec) else max(1, ceil_div(spec.kv_heads, step.tp))
+    return cpu_flash_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
+                           kv_heads=kv_heads, head_dim=spec.dim_per_head, bits=step.bits, dtype=step.dtype,
+                           kernels=kernels, causal=not masked)
+
+
 def _hf_shapes(spec: ModelSpec, step: _Step) -> tuple[tuple[int, int], ...]:
     """One layer's cached (heads, dim) tensors in transformers' cache (MLA: its decompressed heads)."""
     return cached_shapes(spec, mla_cache="decompressed", tp=step.tp, hf=True)
 
 
-def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool) -> int:
+def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool, kernel: int = 0) -> int:
     """transformers' attention-stage extras (``hf_prefill``): the previous block's kept probabilities, eager's
     materialised mask, fp32 q/k copies (GPT-J, Cohere's rotary) and GPT-J's fp32 scores in place of the generic ones."""
     b, t, s, bits = step.batch, step.tokens, step.kv_tokens, step.bits
     out = hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits, family=spec.family,
                               own=False) if eager else 0
-    later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits)
+    kv_heads = max(1, ceil_div(spec.kv_heads, step.tp))
+    out += hf.fused_qkv_beside_q_bytes(batch=b, tokens=t, heads=heads, kv_heads=kv_heads, head_dim=spec.dim_per_head,
+                                       hidden=spec.hidden_size or 0, bits=bits, family=spec.family, eager=eager,
+                                       parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
+    later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits) + kernel
     if eager and spec.family in hf.ROPE_FP32:  # the fp32 rotary copies are gone before the scores exist
         later += scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
     out += hf.upcast_qk_bytes(spec, batch=b, tokens=t, kv_tokens=s, heads=heads, head_dim=spec.dim_per_head,
@@ -286,13 +311,13 @@ def _rotary_tables(ctx: Context, batch: int, tokens: int, bits: int) -> int:
     return hf.rotary_tables_bytes(batch=batch, tokens=tokens, rotary_dims=dims or 0, tables=tables, bits=bits)
 
 
-def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
+def rows(ctx: Context, *, cpu: CpuKernels | None = None) -> list[Row]:
     """Inference activation rows: ``activations/hidden_states``, ``activations/prefill_workspace``
     (the largest layer's transient peak) and, on the last pipeline stage, ``activations/logits``.
 
     Under transformers with its own contiguous cache (``kv_cache.hf_cache_layout``, not ``paged``) the rows add
-    its forward's own transients (``hf_prefill``); ``cpu``: counted with PyTorch's CPU kernels (the measured tiny
-    models, ``memplan measure``)."""
+    its forward's own transients (``hf_prefill``); ``cpu``: counted with PyTorch's CPU kernels on a host with these
+    threads and packing (the measured tiny models, ``memplan measure``); None (GPU answers) leaves them out."""
     cfg = ctx.cfg
     if cfg.job is not Job.INFER:
         return []
@@ -300,7 +325,7 @@ def rows(ctx: Context, *, cpu: bool = False) -> list[Row]:
     bits = compute_dtype(cfg.dtype).bits
     tokens = step_tokens(context=inf.context, prefill_chunk=inf.prefill_chunk)
     step = _Step(batch=cfg.micro_batch, tokens=tokens, kv_tokens=inf.context, bits=bits, tp=cfg.tp,
-                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, cpu=cpu,
+                 kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, cpu=cpu, dtype=compute_dtype(cfg.dtype).value,
                  hf=hf_cache_layout(cfg) and not inf.paged,
                  eager=attention_impl(spec, cfg) == "eager")
     attention = _attention_bytes(ctx, step) if ctx.layers else 0
