@@ -97,6 +97,8 @@ class Prober:
         self.values: dict[tuple[str, str], Any] = {} if values is None else values
         """(GPU, attribute) -> value, shared by the probers of one group (``calibration`` reads a file)."""
         self.evaluated = 0
+        self._validated: Any = False
+        """``validated``'s memo: False before it runs."""
 
     def shares(self, gpu: str) -> bool:
         """True when ``gpu`` answers every read of this prober's estimates so far like its first GPU (the
@@ -119,13 +121,10 @@ class Prober:
             raise self.failed[(b, s)]
         if (b, s) not in self.estimates:
             from memplan.errors import MemplanError
-            from memplan.estimator import estimate
-            from memplan.search import with_size
 
-            cfg = with_size(with_size(self.ev.cfg, "context", s), "micro_batch", b)
             _READS.append(self.reads)
             try:
-                est = estimate(self.ev.model, self.gpu, cfg, host=self.spec.host)
+                est = self.exact(b, s)
             except MemplanError as exc:
                 self.failed[(b, s)] = exc
                 raise
@@ -137,6 +136,33 @@ class Prober:
         if est.not_modelled and not missing_ok:
             raise NotExact("not modelled")
         return est
+
+    def exact(self, b: int, s: int) -> Any:
+        """``estimator.estimate`` of the first GPU at (b, s). The group's configuration is validated once
+        (``validated``) and each size set on the validated one (``estimator.estimate_validated``): no JobConfig
+        validator reads a size, so that is the configuration ``estimate`` would validate at (b, s). Sizes that are
+        not positive, or a configuration that does not validate, take ``estimate`` itself (its own error)."""
+        from memplan.estimator import estimate, estimate_validated
+        from memplan.search import with_size
+
+        base = self.validated() if b > 0 and s > 0 else None
+        if base is None:
+            cfg = with_size(with_size(self.ev.cfg, "context", s), "micro_batch", b)
+            return estimate(self.ev.model, self.gpu, cfg, host=self.spec.host)
+        cfg = with_size(with_size(base, "context", s), "micro_batch", b)
+        return estimate_validated(self.ev.model, self.gpu, cfg, host=self.spec.host)
+
+    def validated(self) -> Any:
+        """``estimator.make_config`` of the group's configuration, once; None when it does not validate."""
+        if self._validated is False:
+            from memplan.errors import MemplanError
+            from memplan.estimator import make_config
+
+            try:
+                self._validated = make_config(self.ev.cfg)
+            except MemplanError:
+                self._validated = None
+        return self._validated
 
     def at(self, b: int, s: int, gpu: str | None = None) -> Probe:
         """The probe of ``gpu`` (default: the first GPU) at (b, s): the shared estimate with that GPU. Another
