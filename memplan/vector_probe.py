@@ -19,6 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import PrivateAttr
+
 from memplan.catalog.schema import GpuSpec
 from memplan.grid import METRIC_COLUMN, Cell, SweepSpec, _Evaluator, _gpu
 from memplan.units import parse_fraction_or_size
@@ -49,21 +51,42 @@ _READS: list[set[str] | None] = []
 
 
 class TracedGpu(GpuSpec):
-    """A GpuSpec that adds the name of each field or property an estimate reads to the current read set."""
+    """A GpuSpec that adds the name of each field or property an estimate reads to the current read set. A property's
+    value is computed once per TracedGpu (``capacity_bytes``, ``calibration``: a profile file looked up): the group's
+    estimates read the GPU as it is when the group starts, as ``Prober.read`` does for the other GPUs."""
+
+    _properties: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def __getattribute__(self, name: str) -> Any:
         reads = _READS[-1] if _READS else None
-        if reads is None or name in UNTRACKED:
+        if name in UNTRACKED or name in GpuSpec.model_fields:
+            if reads is not None and name not in UNTRACKED:
+                reads.add(name)
             return super().__getattribute__(name)
-        if name in GpuSpec.model_fields:
-            reads.add(name)
-            return super().__getattribute__(name)
-        reads.add(name if isinstance(getattr(GpuSpec, name, None), property) else WHOLE)
+        if reads is not None:
+            reads.add(name if name in PROPERTIES else WHOLE)
+        kept = name in KEPT
+        if kept:
+            known = super().__getattribute__("__pydantic_private__")["_properties"]
+            if name in known:
+                return known[name]
         _READS.append(None)  # what a property reads inside is the property's value, compared as a whole
         try:
-            return super().__getattribute__(name)
+            value = super().__getattribute__(name)
         finally:
             _READS.pop()
+        if kept:
+            known[name] = value
+        return value
+
+
+PROPERTIES = frozenset(name for name in dir(GpuSpec) if isinstance(getattr(GpuSpec, name, None), property))
+"""GpuSpec's properties (pydantic's included): a read of one is recorded by its name."""
+
+KEPT = frozenset(name for cls in GpuSpec.__mro__ if cls.__module__.startswith("memplan.")
+                 for name, value in vars(cls).items() if isinstance(value, property))
+"""memplan's own GpuSpec properties, computed once per TracedGpu: functions of the spec (``calibration`` of the
+calibration profiles as well)."""
 
 
 def traced(gpu: GpuSpec) -> TracedGpu:
