@@ -120,6 +120,8 @@ class Prober:
         self.values: dict[tuple[str, str], Any] = {} if values is None else values
         """(GPU, attribute) -> value, shared by the probers of one group (``calibration`` reads a file)."""
         self.evaluated = 0
+        self.own: dict[str, tuple[GpuSpec, int, int, float | None]] = {}
+        """GPU name -> ``terms``."""
         self._validated: Any = False
         """``validated``'s memo: False before it runs."""
 
@@ -196,17 +198,26 @@ class Prober:
             from memplan.report.cost import cost_record
             from memplan.report.csv_out import estimate_record, record_on_gpu
 
-            spec, own, est = self.spec, _gpu(name), self.estimate(b, s)
+            spec, est = self.spec, self.estimate(b, s)
+            own, capacity, required, price = self.terms(name)
             first = None if name == self.ev.cell.gpu else self.at(b, s)
             rec = estimate_record(est) if first is None else record_on_gpu(first.record, est, own)
-            required = parse_fraction_or_size(spec.min_headroom, total=own.capacity_bytes, field="--min-headroom")
-            slack = min(rec["headroom_bytes"], own.capacity_bytes - est.peak(Tier.GPU) - required)
-            price = spec.usd_per_hour if spec.usd_per_hour is not None else own.price_per_hour_usd
+            slack = min(rec["headroom_bytes"], capacity - est.peak(Tier.GPU) - required)
             rec.update({"ok": slack >= 0, "required_headroom_bytes": required, "not_modelled": "",
                         METRIC_COLUMN[spec.metric]: None, "error": "", **cost_record(price, est)})
             self.memo[(name, b, s)] = Probe(rec, slack, first.phases if first else self.phases(est),
                                             tuple(est.step_phases))
         return self.memo[(name, b, s)]
+
+    def terms(self, name: str) -> tuple[GpuSpec, int, int, float | None]:
+        """(spec, capacity, required headroom, price per hour) of GPU ``name``, once per prober."""
+        if name not in self.own:
+            spec, own = self.spec, _gpu(name)
+            capacity = own.capacity_bytes
+            required = parse_fraction_or_size(spec.min_headroom, total=capacity, field="--min-headroom")
+            price = spec.usd_per_hour if spec.usd_per_hour is not None else own.price_per_hour_usd
+            self.own[name] = (own, capacity, required, price)
+        return self.own[name]
 
     @staticmethod
     def phases(est: Any) -> dict[str, Any]:
