@@ -15,10 +15,12 @@ Pure Python and no heavy imports (``memplan.memory`` stays light); the cache is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from memplan.arch.tensors import Tensor
 from memplan.config import JobConfig
 from memplan.memory.context import Context
 
@@ -140,7 +142,7 @@ def canonical_layers(arch: Any) -> tuple[tuple[int, Any], ...]:
     hit = _CANONICAL.get(id(arch))
     if hit is None or hit[0] is not arch:
         first: dict[Any, tuple[int, Any]] = {}
-        canons = [replace(layer, tensors=tuple(replace(t, name=UNREAD) for t in layer.tensors)) for layer in arch.layers]
+        canons = [replace(layer, tensors=tuple(_nameless(t) for t in layer.tensors)) for layer in arch.layers]
         for i, canon in enumerate(canons):
             first.setdefault(canon, (i, canon))
         layers = tuple(first[canon] for canon in canons)
@@ -148,6 +150,19 @@ def canonical_layers(arch: Any) -> tuple[tuple[int, Any], ...]:
             _CANONICAL.clear()
         hit = _CANONICAL[id(arch)] = (arch, layers)
     return hit[1]
+
+
+_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(Tensor)) == ("name", "shape", "role", "projections", "copies",
+                                                                       "routed")
+"""Tensor has exactly these fields, in this order: ``_nameless`` may build the Tensor itself (else ``replace``)."""
+
+
+def _nameless(t: Tensor) -> Tensor:
+    """``dataclasses.replace(t, name=UNREAD)``, built directly while Tensor's fields are those ``_TENSOR_FIELDS``
+    names (a model has thousands of tensors, and ``replace`` walks the fields generically)."""
+    if _TENSOR_FIELDS:
+        return Tensor(UNREAD, t.shape, t.role, t.projections, t.copies, t.routed)
+    return dataclasses.replace(t, name=UNREAD)
 
 
 _PER_CONFIG: list[tuple[Any, Any, dict]] = [(None, None, {})]
