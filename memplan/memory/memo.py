@@ -275,7 +275,8 @@ def gpu_narrowed(fn: Callable[[Context, list[str]], list[_T]]) -> Callable[[Cont
             if all(getattr(ctx.gpu, name) == value for name, value in reads):
                 missing.extend(added)
                 return list(rows)
-        view, own = _GpuView(ctx.gpu), []
+        view = _GpuView(ctx.gpu)
+        own: list[str] = []
         try:
             rows = fn(Context(ctx.arch, cfg, view, ctx.host, stage_override=ctx.stage), own)  # type: ignore[arg-type]
         except GpuRead:
