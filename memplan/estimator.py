@@ -141,7 +141,14 @@ def estimate(
                  host=(host, (HostSpec, type(None))))
     spec = load_model(model) if isinstance(model, str) else model
     gpu_spec = catalog_gpu(gpu) if isinstance(gpu, str) else gpu
-    cfg, assumed = gpu_default_dtype(make_config(config, **overrides), gpu_spec)
+    return estimate_validated(spec, gpu_spec, make_config(config, **overrides), host=host)
+
+
+def estimate_validated(spec: ModelSpec, gpu_spec: GpuSpec, config: JobConfig, *, host: HostSpec | None = None) -> Estimate:
+    """``estimate(spec, gpu_spec, config, host=host)`` for a ``config`` that already is what ``make_config(config)``
+    returns (a validated JobConfig, or one made from it by ``search.with_size`` with positive sizes: no validator
+    reads a size), so it is not dumped and validated again; sweeps estimate one configuration at many sizes."""
+    cfg, assumed = gpu_default_dtype(config, gpu_spec)
     from memplan.engines import rules
 
     rules.check(cfg)

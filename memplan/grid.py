@@ -213,6 +213,22 @@ def largest_ok(slack_at: Callable[[int], int], *, hi: int) -> int:
     return lo
 
 
+_RETARGETED: dict[tuple[int, Job], tuple[JobConfig, JobConfig]] = {}
+"""(id of a grid's base configuration, job) -> (that base, ``config.retarget`` of it): kept with its entry and
+compared by identity, so a recycled ``id`` cannot hit."""
+
+
+def retargeted(base: JobConfig, job: Job) -> JobConfig:
+    """``config.retarget(base, job)``, memoized: a pure function of a frozen configuration, asked once per cell
+    (and per class of GPUs of a vectorized group) with the same grid base and a handful of jobs."""
+    hit = _RETARGETED.get((id(base), job))
+    if hit is None or hit[0] is not base:
+        if len(_RETARGETED) >= 64:
+            _RETARGETED.clear()
+        hit = _RETARGETED[(id(base), job)] = (base, retarget(base, job))
+    return hit[1]
+
+
 class _Evaluator:
     """Exact estimates of one cell, memoized by the free axis' value."""
 
@@ -223,7 +239,7 @@ class _Evaluator:
         update: dict[str, Any] = {"job": cell.job, "gpus_per_node": gpn, "nodes": nodes}
         if spec.tp is not None:
             update["tp"] = gpn if spec.tp == "node" else spec.tp
-        cfg = retarget(spec.base, cell.job).model_copy(update=update)  # only fields the cell's job reads
+        cfg = retargeted(spec.base, cell.job).model_copy(update=update)  # only fields the cell's job reads
         if cell.size is not None:
             cfg = with_size(cfg, "context", cell.size)
         if cell.batch is not None:

@@ -86,9 +86,20 @@ def check_bnb_integration(cfg: JobConfig) -> None:
                            "fp4, fp4-dq, int8); set --quant to one of them, or drop --bnb-integration.")
 
 
+_PROJECTIONS: dict[int, tuple[Architecture, frozenset[str]]] = {}
+"""id of an architecture -> (that architecture, its projections): ``model_projections``' memo, the architecture kept
+and compared by identity (a recycled ``id`` cannot hit)."""
+
+
 def model_projections(arch: Architecture) -> set[str]:
-    """The abstract projections (q, k, v, o, gate, up, down) the model's linear layers implement."""
-    return {p for t in arch.all_tensors() for p in t.projections}
+    """The abstract projections (q, k, v, o, gate, up, down) the model's linear layers implement (a new set each
+    call, the walk over the tensors made once per architecture: every LoRA estimate asks)."""
+    hit = _PROJECTIONS.get(id(arch))
+    if hit is None or hit[0] is not arch:
+        if len(_PROJECTIONS) >= 256:
+            _PROJECTIONS.clear()
+        hit = _PROJECTIONS[id(arch)] = (arch, frozenset(p for t in arch.all_tensors() for p in t.projections))
+    return set(hit[1])
 
 
 def check_lora_targets(cfg: JobConfig, arch: Architecture) -> None:

@@ -313,6 +313,13 @@ def solve_group(spec: SweepSpec, model: str, job: Job, count: int) -> list[Solve
     and the smallest batch it finds beyond the fit's probes, and the batch after each, are checked exactly
     (``vector_search.frontier``). Last, every GPU must still answer every read of its class's estimates,
     those checks' included, like the class's first GPU."""
+    from memplan.memory.memo import narrowed_scope
+
+    with narrowed_scope():  # the group's GPU classes that differ in the runtime rows only share the job's rows
+        return _solve_group(spec, model, job, count)
+
+
+def _solve_group(spec: SweepSpec, model: str, job: Job, count: int) -> list[Solved]:
     from memplan.vector_search import frontier, largest_batches
 
     sizes = sorted(set(spec.sizes(job)))

@@ -19,6 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import PrivateAttr
+
 from memplan.catalog.schema import GpuSpec
 from memplan.grid import METRIC_COLUMN, Cell, SweepSpec, _Evaluator, _gpu
 from memplan.units import parse_fraction_or_size
@@ -49,21 +51,42 @@ _READS: list[set[str] | None] = []
 
 
 class TracedGpu(GpuSpec):
-    """A GpuSpec that adds the name of each field or property an estimate reads to the current read set."""
+    """A GpuSpec that adds the name of each field or property an estimate reads to the current read set. A property's
+    value is computed once per TracedGpu (``capacity_bytes``, ``calibration``: a profile file looked up): the group's
+    estimates read the GPU as it is when the group starts, as ``Prober.read`` does for the other GPUs."""
+
+    _properties: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def __getattribute__(self, name: str) -> Any:
         reads = _READS[-1] if _READS else None
-        if reads is None or name in UNTRACKED:
+        if name in UNTRACKED or name in GpuSpec.model_fields:
+            if reads is not None and name not in UNTRACKED:
+                reads.add(name)
             return super().__getattribute__(name)
-        if name in GpuSpec.model_fields:
-            reads.add(name)
-            return super().__getattribute__(name)
-        reads.add(name if isinstance(getattr(GpuSpec, name, None), property) else WHOLE)
+        if reads is not None:
+            reads.add(name if name in PROPERTIES else WHOLE)
+        kept = name in KEPT
+        if kept:
+            known = super().__getattribute__("__pydantic_private__")["_properties"]
+            if name in known:
+                return known[name]
         _READS.append(None)  # what a property reads inside is the property's value, compared as a whole
         try:
-            return super().__getattribute__(name)
+            value = super().__getattribute__(name)
         finally:
             _READS.pop()
+        if kept:
+            known[name] = value
+        return value
+
+
+PROPERTIES = frozenset(name for name in dir(GpuSpec) if isinstance(getattr(GpuSpec, name, None), property))
+"""GpuSpec's properties (pydantic's included): a read of one is recorded by its name."""
+
+KEPT = frozenset(name for cls in GpuSpec.__mro__ if cls.__module__.startswith("memplan.")
+                 for name, value in vars(cls).items() if isinstance(value, property))
+"""memplan's own GpuSpec properties, computed once per TracedGpu: functions of the spec (``calibration`` of the
+calibration profiles as well)."""
 
 
 def traced(gpu: GpuSpec) -> TracedGpu:
@@ -97,6 +120,10 @@ class Prober:
         self.values: dict[tuple[str, str], Any] = {} if values is None else values
         """(GPU, attribute) -> value, shared by the probers of one group (``calibration`` reads a file)."""
         self.evaluated = 0
+        self.own: dict[str, tuple[GpuSpec, int, int, float | None]] = {}
+        """GPU name -> ``terms``."""
+        self._validated: Any = False
+        """``validated``'s memo: False before it runs."""
 
     def shares(self, gpu: str) -> bool:
         """True when ``gpu`` answers every read of this prober's estimates so far like its first GPU (the
@@ -119,13 +146,10 @@ class Prober:
             raise self.failed[(b, s)]
         if (b, s) not in self.estimates:
             from memplan.errors import MemplanError
-            from memplan.estimator import estimate
-            from memplan.search import with_size
 
-            cfg = with_size(with_size(self.ev.cfg, "context", s), "micro_batch", b)
             _READS.append(self.reads)
             try:
-                est = estimate(self.ev.model, self.gpu, cfg, host=self.spec.host)
+                est = self.exact(b, s)
             except MemplanError as exc:
                 self.failed[(b, s)] = exc
                 raise
@@ -138,6 +162,33 @@ class Prober:
             raise NotExact("not modelled")
         return est
 
+    def exact(self, b: int, s: int) -> Any:
+        """``estimator.estimate`` of the first GPU at (b, s). The group's configuration is validated once
+        (``validated``) and each size set on the validated one (``estimator.estimate_validated``): no JobConfig
+        validator reads a size, so that is the configuration ``estimate`` would validate at (b, s). Sizes that are
+        not positive, or a configuration that does not validate, take ``estimate`` itself (its own error)."""
+        from memplan.estimator import estimate, estimate_validated
+        from memplan.search import with_size
+
+        base = self.validated() if b > 0 and s > 0 else None
+        if base is None:
+            cfg = with_size(with_size(self.ev.cfg, "context", s), "micro_batch", b)
+            return estimate(self.ev.model, self.gpu, cfg, host=self.spec.host)
+        cfg = with_size(with_size(base, "context", s), "micro_batch", b)
+        return estimate_validated(self.ev.model, self.gpu, cfg, host=self.spec.host)
+
+    def validated(self) -> Any:
+        """``estimator.make_config`` of the group's configuration, once; None when it does not validate."""
+        if self._validated is False:
+            from memplan.errors import MemplanError
+            from memplan.estimator import make_config
+
+            try:
+                self._validated = make_config(self.ev.cfg)
+            except MemplanError:
+                self._validated = None
+        return self._validated
+
     def at(self, b: int, s: int, gpu: str | None = None) -> Probe:
         """The probe of ``gpu`` (default: the first GPU) at (b, s): the shared estimate with that GPU. Another
         GPU's record is the first GPU's with the columns that read the GPU recomputed (``csv_out.record_on_gpu``)."""
@@ -147,17 +198,26 @@ class Prober:
             from memplan.report.cost import cost_record
             from memplan.report.csv_out import estimate_record, record_on_gpu
 
-            spec, own, est = self.spec, _gpu(name), self.estimate(b, s)
+            spec, est = self.spec, self.estimate(b, s)
+            own, capacity, required, price = self.terms(name)
             first = None if name == self.ev.cell.gpu else self.at(b, s)
             rec = estimate_record(est) if first is None else record_on_gpu(first.record, est, own)
-            required = parse_fraction_or_size(spec.min_headroom, total=own.capacity_bytes, field="--min-headroom")
-            slack = min(rec["headroom_bytes"], own.capacity_bytes - est.peak(Tier.GPU) - required)
-            price = spec.usd_per_hour if spec.usd_per_hour is not None else own.price_per_hour_usd
+            slack = min(rec["headroom_bytes"], capacity - est.peak(Tier.GPU) - required)
             rec.update({"ok": slack >= 0, "required_headroom_bytes": required, "not_modelled": "",
                         METRIC_COLUMN[spec.metric]: None, "error": "", **cost_record(price, est)})
             self.memo[(name, b, s)] = Probe(rec, slack, first.phases if first else self.phases(est),
                                             tuple(est.step_phases))
         return self.memo[(name, b, s)]
+
+    def terms(self, name: str) -> tuple[GpuSpec, int, int, float | None]:
+        """(spec, capacity, required headroom, price per hour) of GPU ``name``, once per prober."""
+        if name not in self.own:
+            spec, own = self.spec, _gpu(name)
+            capacity = own.capacity_bytes
+            required = parse_fraction_or_size(spec.min_headroom, total=capacity, field="--min-headroom")
+            price = spec.usd_per_hour if spec.usd_per_hour is not None else own.price_per_hour_usd
+            self.own[name] = (own, capacity, required, price)
+        return self.own[name]
 
     @staticmethod
     def phases(est: Any) -> dict[str, Any]:

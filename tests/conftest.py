@@ -66,19 +66,18 @@ def published_case(case_id: str) -> dict[str, Any]:
 
 @pytest.fixture
 def estimate_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    """Every exact estimate a sweep makes, counted: ``memplan.estimator.estimate`` (the vector path's probes import
-    it when they estimate) and ``memplan.grid.estimate`` (``grid._Evaluator``'s own) wrapped to record their
-    arguments; clear the list (``calls[:] = []``) between the paths a test compares."""
+    """Every exact estimate a sweep makes, counted: ``memplan.estimator.estimate_validated``, which
+    ``estimator.estimate`` (``grid._Evaluator``'s estimates) calls after validating and the vector path's probes call
+    on a configuration validated once (``vector_probe.Prober.exact``), wrapped to record its arguments; clear the
+    list (``calls[:] = []``) between the paths a test compares."""
     import memplan.estimator as estimator
-    import memplan.grid as grid
 
     calls: list[tuple] = []
-    real = estimator.estimate
+    real = estimator.estimate_validated
 
     def counting(*args: object, **kwargs: object) -> object:
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(estimator, "estimate", counting)
-    monkeypatch.setattr(grid, "estimate", counting)
+    monkeypatch.setattr(estimator, "estimate_validated", counting)
     return calls

@@ -89,6 +89,98 @@ def test_warm_memos_give_the_cold_answer(model: str, fields: dict) -> None:
     assert warm == cold
 
 
+def _cold(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with every memo of memory/memo.py emptied first."""
+    memo._CACHE.clear()
+    memo._PER_CONFIG[0] = (None, None, {})
+    memo._LAST[0] = (None, None)
+    return fn(*args, **kwargs)
+
+
+NARROWED_CASES = [
+    ("llama-3.1-8b", dict(job="lora")),
+    ("qwen2.5-7b", dict(job="full", recompute=Recompute.SELECTIVE)),
+    ("llama-3.1-8b", dict(job="infer")),
+    ("mixtral-8x7b", dict(job="qlora", seq_len=1000)),
+]
+
+
+@pytest.mark.parametrize(("model", "fields"), NARROWED_CASES)
+def test_gpus_that_differ_past_the_job_rows_share_them_and_keep_their_own_bytes(model: str, fields: dict,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NVIDIA and an AMD GPU (both with bf16) read alike in ``job_rows`` (``memo.gpu_narrowed``): the second
+    estimate runs ``job_rows`` no more, and each estimate still equals its own cold estimate, the AMD one with its
+    1 GiB HIP context against the NVIDIA 512 MiB (memory/runtime.py: ROCM_CONTEXT_BYTES, CUDA_CONTEXT_BYTES)."""
+    from memplan.memory import components
+
+    calls = []
+    original = components.job_rows
+
+    def counted(ctx, missing):
+        calls.append(ctx.gpu)
+        return original(ctx, missing)
+
+    monkeypatch.setattr(components, "gpu_narrowed_job_rows", memo.gpu_narrowed(counted))
+    cfg = JobConfig.model_validate(fields)
+    with memo.narrowed_scope():
+        nvidia, amd = estimate(model, "h100-sxm-80gb", cfg), estimate(model, "mi300x", cfg)
+    assert len(calls) == 1
+    assert nvidia.rows == _cold(estimate, model, "h100-sxm-80gb", cfg).rows
+    assert amd.rows == _cold(estimate, model, "mi300x", cfg).rows
+    context = {e.gpu.vendor: next(r.bytes for r in e.rows if r.component == "runtime/cuda_context") for e in (nvidia, amd)}
+    assert context == {"nvidia": 512 * 2**20, "amd": 2**30}
+    assert [r for r in nvidia.rows if not r.component.startswith("runtime/")] == \
+        [r for r in amd.rows if not r.component.startswith("runtime/")]
+
+
+def test_a_gpu_without_bf16_gets_its_own_job_rows() -> None:
+    """The flash backward workspace reads ``supports_bf16`` (activations._attention_backward_rows): a GPU that answers
+    it otherwise must not take another GPU's logged rows. Both runs of one configuration (dtype fp16 set, so that the
+    dtype does not differ) equal their cold estimates."""
+    cfg = JobConfig(job="full", dtype="fp16")
+    with memo.narrowed_scope():
+        warm = [estimate("llama-3.1-8b", gpu, cfg).rows for gpu in ("a100-sxm-80gb", "v100-sxm2-32gb")]
+    assert warm == [_cold(estimate, "llama-3.1-8b", gpu, cfg).rows for gpu in ("a100-sxm-80gb", "v100-sxm2-32gb")]
+
+
+@pytest.mark.parametrize("use", [lambda g: g.memory_bytes, lambda g: g.vendor, lambda g: g == g, lambda g: hash(g),
+                                 lambda g: bool(g), lambda g: f"{g}", lambda g: getattr(g, "name", None)])
+def test_a_gpu_narrowed_function_that_reads_more_runs_on_the_real_gpu(use, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any use of the GPU beyond ``GPU_KEY_FIELDS`` raises ``GpuRead`` inside the memo (not an AttributeError, which
+    ``getattr`` with a default would swallow); the function then runs on the real GPU, unmemoized, and answers as it
+    does unmemoized."""
+    monkeypatch.setattr(memo, "_READS_MORE", set())
+    with pytest.raises(memo.GpuRead):
+        use(memo._GpuView(_ctx(JobConfig()).gpu))
+
+    def rows(ctx: Context, missing: list[str]) -> list:
+        return [use(ctx.gpu)]
+
+    wrapped = memo.gpu_narrowed(rows)
+    ctx = _ctx(JobConfig())
+    with memo.narrowed_scope():
+        assert wrapped(ctx, []) == rows(ctx, []) == wrapped(ctx, [])
+    assert rows in memo._READS_MORE
+
+
+def test_a_gpu_narrowed_function_reads_the_real_gpu_as_logged() -> None:
+    """A hit reads the logged GPU fields from the real GPU (a tracing GPU sees them), and what the function appended
+    to ``missing`` is appended again."""
+    runs = []
+
+    def rows(ctx: Context, missing: list[str]) -> list:
+        runs.append(1)
+        missing.append("x")
+        return [ctx.gpu.supports_bf16]
+
+    wrapped, ctx = memo.gpu_narrowed(rows), _ctx(JobConfig())
+    first, second = [], []
+    with memo.narrowed_scope():
+        assert wrapped(ctx, first) == wrapped(ctx, second) == [True]
+    assert first == second == ["x"] and runs == [1]
+    assert wrapped(ctx, []) == [True] and runs == [1, 1]  # outside a scope: no memo
+
+
 class _SyncPool:
     """A ProcessPoolExecutor stand-in that runs each submitted item at once and records it."""
 

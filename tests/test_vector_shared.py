@@ -55,3 +55,45 @@ def test_config_cells_of_configurations_differing_in_sizes_are_their_own() -> No
     for cfg in (base, with_size(base, "micro_batch", 7), with_size(base, "context", 12345),
                 with_size(JobConfig(seq_len=333), "micro_batch", 5)):
         assert csv_out._config_cells(cfg) == csv_out._dump_cells(cfg)
+
+
+@pytest.mark.parametrize(("job", "base"), [(Job.FULL, {}), (Job.QLORA, {}), (Job.INFER, {}),
+                                           (Job.LORA, {"module_layout": "litgpt"}), (Job.FULL, {"tp": 2, "gpus_per_node": 2}),
+                                           (Job.FULL, {"tp": 3, "gpus_per_node": 3})])
+def test_probes_validated_once_are_the_estimates_at_each_size(job: Job, base: dict) -> None:
+    """``Prober.exact`` validates the group's configuration once and sets each size on the validated one: the
+    configuration (fields set included, which ``preflight.gpu_default_dtype`` reads) and the rows are those of
+    ``estimator.estimate`` at that size, and a configuration that does not validate (tp 3 on a model of 32 heads)
+    raises ``estimate``'s own error."""
+    from memplan.config import JobConfig
+    from memplan.errors import MemplanError
+    from memplan.estimator import estimate
+    from memplan.search import with_size
+    from memplan.vector_probe import Prober
+
+    spec = SweepSpec(models=("llama-3.1-8b",), gpus=("t4",), jobs=(job,), base=JobConfig.model_validate(base))
+    prober = Prober(spec, Cell("llama-3.1-8b", "t4", job, base.get("gpus_per_node", 1), 1000, None))
+    for b, s in ((1, 1000), (3, 4096), (17, 333)):
+        cfg = with_size(with_size(prober.ev.cfg, "context", s), "micro_batch", b)
+        try:
+            want = estimate(prober.ev.model, prober.ev.gpu, cfg)
+        except MemplanError as exc:
+            with pytest.raises(MemplanError, match=str(exc)[:40]):
+                prober.exact(b, s)
+            continue
+        got = prober.exact(b, s)
+        assert got.config == want.config and got.config.model_fields_set == want.config.model_fields_set
+        assert got.rows == want.rows and got.assumptions == want.assumptions and got.warnings == want.warnings
+
+
+def test_the_grid_base_is_retargeted_once_per_job() -> None:
+    """``grid.retargeted`` is ``config.retarget``, computed once per (base, job): a new base (even an equal one) is
+    retargeted anew."""
+    from memplan.config import JobConfig, retarget
+    from memplan.grid import retargeted
+
+    base = JobConfig(job="lora", lora={"rank": 8})
+    for job in (Job.FULL, Job.QLORA, Job.INFER, Job.LORA):
+        assert retargeted(base, job) == retarget(base, job)
+        assert retargeted(base, job) is retargeted(base, job)
+    assert retargeted(JobConfig(job="lora", lora={"rank": 8}), Job.QLORA) is not retargeted(base, Job.QLORA)

@@ -8,7 +8,7 @@ from memplan.errors import MemplanError
 from memplan.memory import model_states as ms
 from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Phase, Row, Tier, peak
 from memplan.memory.context import Context
-from memplan.memory.memo import size_free
+from memplan.memory.memo import gpu_narrowed, size_free
 from memplan.memory.zero import StateBuffer
 
 
@@ -132,6 +132,11 @@ def job_phases(cfg: JobConfig) -> tuple[Phase, ...]:
     return TRAIN_PHASES if cfg.job.trains else INFER_PHASES
 
 
+gpu_narrowed_job_rows = gpu_narrowed(job_rows)
+"""``job_rows`` memoized by ``memory.memo.gpu_narrowed``: the GPUs of a sweep that read alike but for the runtime
+rows (vendor, calibration: ``runtime.settings``) share it."""
+
+
 def gradients_persist(cfg: JobConfig) -> bool:
     """Whether gradients are alive through forward too: with gradient accumulation (micro-batch k ≥ 2 runs its
     forward with the gradients of 1..k−1) or a pipeline (1F1B: a stage's later forwards run while earlier
@@ -206,7 +211,7 @@ def stage_rows(ctx: Context) -> tuple[list[Row], list[str]]:
     from memplan.memory import runtime
 
     missing: list[str] = []
-    rows = job_rows(ctx, missing)
+    rows = gpu_narrowed_job_rows(ctx, missing)
     allocated = allocated_peak(rows, ctx.cfg)
     rows += with_phases(ctx, runtime.rows(ctx, other_gpu_bytes=allocated, reserve_floor=_reserve_floor(ctx, rows,
                                                                                                      allocated)))

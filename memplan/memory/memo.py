@@ -14,10 +14,13 @@ Pure Python and no heavy imports (``memplan.memory`` stays light); the cache is 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from memplan.arch.tensors import Tensor
 from memplan.config import JobConfig
 from memplan.memory.context import Context
 
@@ -139,7 +142,7 @@ def canonical_layers(arch: Any) -> tuple[tuple[int, Any], ...]:
     hit = _CANONICAL.get(id(arch))
     if hit is None or hit[0] is not arch:
         first: dict[Any, tuple[int, Any]] = {}
-        canons = [replace(layer, tensors=tuple(replace(t, name=UNREAD) for t in layer.tensors)) for layer in arch.layers]
+        canons = [replace(layer, tensors=tuple(_nameless(t) for t in layer.tensors)) for layer in arch.layers]
         for i, canon in enumerate(canons):
             first.setdefault(canon, (i, canon))
         layers = tuple(first[canon] for canon in canons)
@@ -147,6 +150,19 @@ def canonical_layers(arch: Any) -> tuple[tuple[int, Any], ...]:
             _CANONICAL.clear()
         hit = _CANONICAL[id(arch)] = (arch, layers)
     return hit[1]
+
+
+_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(Tensor)) == ("name", "shape", "role", "projections", "copies",
+                                                                       "routed")
+"""Tensor has exactly these fields, in this order: ``_nameless`` may build the Tensor itself (else ``replace``)."""
+
+
+def _nameless(t: Tensor) -> Tensor:
+    """``dataclasses.replace(t, name=UNREAD)``, built directly while Tensor's fields are those ``_TENSOR_FIELDS``
+    names (a model has thousands of tensors, and ``replace`` walks the fields generically)."""
+    if _TENSOR_FIELDS:
+        return Tensor(UNREAD, t.shape, t.role, t.projections, t.copies, t.routed)
+    return dataclasses.replace(t, name=UNREAD)
 
 
 _PER_CONFIG: list[tuple[Any, Any, dict]] = [(None, None, {})]
@@ -168,3 +184,106 @@ def per_layer_class(ctx: Context, layer_index: int, compute: Callable[..., _T], 
     if key not in memo:
         memo[key] = compute(ctx.arch.spec, ctx.cfg, layer, *args)
     return memo[key]
+
+
+
+GPU_KEY_FIELDS = ("supports_bf16",)
+"""The GPU attributes a ``gpu_narrowed`` function may read (the flash backward workspace's dtype,
+``activations._attention_backward_rows``); reading any other raises ``GpuRead``."""
+
+
+class GpuRead(Exception):
+    """A function memoized by ``gpu_narrowed`` read a GPU attribute outside ``GPU_KEY_FIELDS``: it then runs on the
+    real GPU, unmemoized. Not an AttributeError, so ``getattr(gpu, name, default)`` cannot quietly take the default."""
+
+
+class _GpuView:
+    """The GPU inside a ``gpu_narrowed`` function: the ``GPU_KEY_FIELDS``, each read from the real GPU and logged,
+    and nothing else (any other attribute, comparison, hash or conversion raises ``GpuRead``)."""
+
+    __slots__ = ("_gpu", "_log")
+
+    def __init__(self, gpu: Any) -> None:
+        object.__setattr__(self, "_gpu", gpu)
+        object.__setattr__(self, "_log", {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in GPU_KEY_FIELDS:
+            raise GpuRead(f"gpu_narrowed: a memoized function read the GPU's {name}, not among GPU_KEY_FIELDS")
+        value = getattr(object.__getattribute__(self, "_gpu"), name)
+        object.__getattribute__(self, "_log").setdefault(name, value)
+        return value
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise GpuRead("gpu_narrowed: a memoized function used the GPU other than by reading GPU_KEY_FIELDS")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __hash__ = __bool__ = __setattr__ = _fail  # type: ignore[assignment]
+    __iter__ = __len__ = __str__ = __format__ = __reduce__ = __reduce_ex__ = _fail  # type: ignore[assignment]
+
+
+_SCOPE: list[dict[tuple, tuple[object, list[tuple[tuple[tuple[str, Any], ...], list[Any], tuple[str, ...]]]]] | None] \
+    = [None]
+"""The memo of the ``narrowed_scope`` in progress (None: none, ``gpu_narrowed`` calls through): (fn, id of the
+architecture, size-free key, sizes, stage, host) -> (the architecture, entries), each entry the GPU reads its run
+made (name, value) in order, its rows and what it appended to ``missing``."""
+_NARROWED_LIMIT = 512
+
+
+@contextlib.contextmanager
+def narrowed_scope() -> Iterator[None]:
+    """Inside, ``gpu_narrowed`` functions are memoized (a sweep group: its GPUs' estimates at the same points); the
+    memo lives as long as the outermost scope, so nothing outside a sweep, nor a function patched between two
+    sweeps, ever meets an entry."""
+    outer = _SCOPE[0]
+    if outer is None:
+        _SCOPE[0] = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _SCOPE[0] = None
+_READS_MORE: set[Any] = set()
+"""Functions that once read the GPU beyond ``GPU_KEY_FIELDS``: run on the real GPU from then on, unmemoized."""
+
+
+def gpu_narrowed(fn: Callable[[Context, list[str]], list[_T]]) -> Callable[[Context, list[str]], list[_T]]:
+    """Inside a ``narrowed_scope``, memoize ``fn(ctx, missing)`` (its rows, and what it appends to ``missing``)
+    by (fn, architecture, configuration, stage, host) and the GPU attributes it read; exact by construction, as
+    ``size_free``. ``fn`` runs with a Context whose GPU answers only ``GPU_KEY_FIELDS`` (``_GpuView``), each read
+    logged. A deterministic function given the same inputs and the same answers to the reads it made takes the
+    same path, so a GPU that answers those reads alike (read here from the real GPU, in order, so that a GPU
+    tracing its reads, ``vector_probe.TracedGpu``, records what the function would read) gets the logged result.
+    A sweep's NVIDIA and AMD GPUs differ in the runtime rows only, which ``components.stage_rows`` adds after
+    ``job_rows``. A function that reads more of the GPU (``GpuRead``) runs on the real one, unmemoized. The
+    configuration is keyed by its size-free key (hashed once, ``size_free_key``) and its sizes; the architecture
+    is kept with its entry and compared by identity."""
+
+    @functools.wraps(fn)
+    def memoized(ctx: Context, missing: list[str]) -> list[_T]:
+        memo = _SCOPE[0]
+        if memo is None or fn in _READS_MORE:
+            return fn(ctx, missing)
+        cfg = ctx.cfg
+        key = (fn, id(ctx.arch), _size_free_key(cfg), cfg.micro_batch, cfg.seq_len, cfg.infer.context, ctx.stage,
+               ctx.host)
+        slot = memo.get(key)
+        if slot is None or slot[0] is not ctx.arch:
+            if len(memo) >= _NARROWED_LIMIT:
+                memo.clear()
+            slot = memo[key] = (ctx.arch, [])
+        for reads, rows, added in slot[1]:
+            if all(getattr(ctx.gpu, name) == value for name, value in reads):
+                missing.extend(added)
+                return list(rows)
+        view = _GpuView(ctx.gpu)
+        own: list[str] = []
+        try:
+            rows = fn(Context(ctx.arch, cfg, view, ctx.host, stage_override=ctx.stage), own)  # type: ignore[arg-type]
+        except GpuRead:
+            _READS_MORE.add(fn)
+            return fn(ctx, missing)
+        slot[1].append((tuple(object.__getattribute__(view, "_log").items()), rows, tuple(own)))
+        missing.extend(own)
+        return list(rows)
+
+    return memoized

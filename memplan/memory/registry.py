@@ -10,7 +10,7 @@ peak = P + O + max(A + logits/loss transients, G + optimizer temporaries).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from memplan.memory.breakdown import INFER_PHASES, TRAIN_PHASES, Phase, Row
 
@@ -35,26 +35,42 @@ def register(name: str, phases: frozenset[Phase] | tuple[Phase, ...], source: st
         raise ValueError(f"component {name!r} is declared twice")
     comp = Component(name, frozenset(phases), source)
     REGISTRY[name] = comp
+    _LOOKED_UP.clear()
     return comp
+
+
+_LOOKED_UP: dict[str, Component] = {}
+"""``lookup``'s answers so far (emptied by each ``register``): every estimate looks up the same few names."""
 
 
 def lookup(name: str) -> Component:
     """The declaration of ``name``: the longest registered slash prefix of it."""
+    comp = _LOOKED_UP.get(name)
+    if comp is not None:
+        return comp
     parts = name.split("/")
     for n in range(len(parts), 0, -1):
         comp = REGISTRY.get("/".join(parts[:n]))
         if comp is not None:
+            _LOOKED_UP[name] = comp
             return comp
     raise KeyError(f"component {name!r} is not registered")
 
 
+_ROW_FIELDS = tuple(f.name for f in fields(Row)) == ("component", "tier", "bytes", "source", "note", "phases")
+"""Row has exactly these fields, in this order: ``with_phases`` may build the new Row itself (else ``replace``)."""
+
+
 def with_phases(row: Row) -> Row:
-    """``row`` with its phases from the registry, unless the row already names its own."""
+    """``row`` with its phases from the registry, unless the row already names its own (a new Row, as
+    ``dataclasses.replace`` makes it, without its generic field walk while Row's fields are the ones named in
+    ``_ROW_FIELDS``)."""
     if row.phases is not None:
         return row
-    from dataclasses import replace
-
-    return replace(row, phases=lookup(row.component).phases)
+    phases = lookup(row.component).phases
+    if _ROW_FIELDS:
+        return Row(row.component, row.tier, row.bytes, row.source, row.note, phases)
+    return replace(row, phases=phases)
 
 
 # Families: a row that is not declared on its own is alive wherever its family is.

@@ -8,6 +8,7 @@ Both are visible rows with a default and an override in ``JobConfig``; neither i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -83,6 +84,13 @@ def cuda_context_bytes(*, vendor: str, override: int | None = None) -> int:
         raise ValueError(f"no default context size for vendor {vendor!r}") from None
 
 
+@functools.lru_cache(maxsize=64)
+def percent_share(pct: float) -> Fraction:
+    """``pct`` percent as an exact fraction, ``pct`` read as the decimal it is written as (10.1 is 101/1000 of the
+    whole); cached: every estimate reads the same few percentages and parsing the decimal is the costly part."""
+    return Fraction(str(pct)) / 100
+
+
 def allocator_reserve_bytes(*, allocated_bytes: int, pct: float) -> int:
     """Bytes the caching allocator reserves beyond those allocated to tensors, rounded up.
 
@@ -98,7 +106,7 @@ def allocator_reserve_bytes(*, allocated_bytes: int, pct: float) -> int:
         raise ValueError(f"allocated_bytes must not be negative, got {allocated_bytes}")
     if not 0 <= pct <= 100:
         raise ValueError(f"pct must be between 0 and 100, got {pct}")
-    share = Fraction(str(pct)) / 100
+    share = percent_share(pct)
     return ceil_div(allocated_bytes * share.numerator, share.denominator)
 
 
@@ -154,7 +162,7 @@ def safety_margin_bytes(*, capacity_bytes: int, pct: float) -> int:
         raise ValueError(f"capacity_bytes must not be negative, got {capacity_bytes}")
     if not 0 <= pct < 100:
         raise ValueError(f"pct must be at least 0 and below 100, got {pct}")
-    share = Fraction(str(pct)) / 100
+    share = percent_share(pct)
     return ceil_div(capacity_bytes * share.numerator, share.denominator)
 
 
