@@ -153,3 +153,29 @@ def test_nvls_chunk_with_nvls_off_is_an_error() -> None:
     with pytest.raises(MemplanError, match="NCCL_NVLS_ENABLE=0"):
         estimate("llama-3.1-8b", "h100-sxm-80gb", job="full", gpus_per_node=8,
                  engine_config={"nccl_nvls_enable": 0, "nccl_nvls_chunksize": 2**19})
+
+
+def _pipeline_peers(stage: int, virtual_stages: int) -> tuple[int, int]:
+    """(pipeline neighbours, bytes of the row) on ``stage`` of fsdp2 pp 4 on one node of 8 H100s (dp 2)."""
+    from memplan.arch.build import build_architecture
+    from memplan.catalog.schema import HostSpec
+    from memplan.catalog.store import catalog_gpu, catalog_model
+    from memplan.config import JobConfig
+    from memplan.memory import nccl_groups
+    from memplan.memory.context import Context
+
+    cfg = JobConfig(job="pretrain", engine="fsdp2", gpus_per_node=8, pp=4, grad_accum=8,
+                    perf={"virtual_stages": virtual_stages})
+    ctx = Context(build_architecture(catalog_model("llama-3.2-1b")), cfg, catalog_gpu("h100-sxm-80gb"),
+                  HostSpec()).at_stage(stage)
+    peers = {name: n for name, n, _ in nccl_groups.communicators(ctx)[1]}["pipeline neighbours"]
+    return peers, nccl_groups.nccl_bytes(ctx)[0]
+
+
+def test_interleaved_pipeline_end_ranks_have_two_neighbours() -> None:
+    """1F1B: the first and last ranks talk to one neighbour. Interleaved (v = 2): chunk 0 ends on rank 3 and chunk 1
+    starts on rank 0 (stage 3 → stage 4), so rank 0 also receives from rank 3: two peers, 32 channels more of
+    (10 + 2) MiB inside the node."""
+    assert [_pipeline_peers(s, 1)[0] for s in range(4)] == [1, 2, 2, 1]
+    assert [_pipeline_peers(s, 2)[0] for s in range(4)] == [2, 2, 2, 2]
+    assert _pipeline_peers(0, 2)[1] - _pipeline_peers(0, 1)[1] == CHANNELS * PAIR
