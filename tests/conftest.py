@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +84,16 @@ def estimate_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
     monkeypatch.setattr(estimator, "estimate_validated", counting)
     return calls
+
+
+def run_two_process_worker(directory: Path, script: str, timeout: float = 300) -> str:
+    """Writes ``script`` (a torch.distributed worker that reads its MASTER_PORT from argv[1]) to ``directory`` and
+    runs it on a free local port; its stdout, after asserting it exited 0 (its stderr's tail otherwise)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = directory / "worker.py"
+    path.write_text(script, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(path), str(port)], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

@@ -13,12 +13,10 @@ matrices (LoRA-like), FULL_SHARD, one unit per block plus a frozen root.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_two_process_worker
 
 pytest.importorskip("torch", reason="the FSDP1 observation needs torch (pip install memplan[measure])")
 
@@ -88,14 +86,8 @@ WORKER = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = tmp_path_factory.mktemp("fsdp1") / "worker.py"
-    path.write_text(WORKER, encoding="utf-8")
-    done = subprocess.run([sys.executable, str(path), str(port)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    stdout = run_two_process_worker(tmp_path_factory.mktemp("fsdp1"), WORKER)
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_mixed_requires_grad_keeps_the_whole_flat_gradient_shard(observed: dict) -> None:

@@ -7,12 +7,10 @@ stages hold: outputs in ``fwd_cache`` (not the last stage's), buffers in ``args_
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_two_process_worker
 
 pytest.importorskip("torch", reason="the pipelining observation needs torch (pip install memplan[measure])")
 
@@ -69,14 +67,8 @@ WORKER = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict[int, dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = tmp_path_factory.mktemp("pipelining") / "worker.py"
-    path.write_text(WORKER, encoding="utf-8")
-    done = subprocess.run([sys.executable, str(path), str(port)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    stdout = run_two_process_worker(tmp_path_factory.mktemp("pipelining"), WORKER)
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     return {o["rank"]: o for o in lines}
 
 

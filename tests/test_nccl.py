@@ -12,6 +12,7 @@ from memplan.api import estimate
 from memplan.errors import MemplanError
 from memplan.measure import compare as cmp
 from memplan.measure import fsdp2
+from memplan.memory import nccl
 
 MIB = 2**20
 # NCCL's constants, written out again: src/include/device.h and src/init.cc.
@@ -37,6 +38,8 @@ def test_receive_buffers_round_to_what_nccl_logged() -> None:
     raw = LL + LL128 + SIMPLE
     assert raw == 9_633_792
     assert -(-raw // GRANULE) * GRANULE == LOGGED_RECEIVE
+    assert nccl.receive_bytes(nccl.DEFAULT_BUFFSIZE) == LOGGED_RECEIVE
+    assert nccl.connection_pair_bytes(nccl.NcclSettings()) == PAIR
 
 
 def test_8xh100_fsdp2_one_communicator_with_ring_tree_and_nvls() -> None:
@@ -92,7 +95,8 @@ def test_expert_all_to_all_against_nccls_published_growth() -> None:
     """NVIDIA/nccl #1685: one all_to_all_single across 8 x H100 grew each GPU's non-PyTorch memory from 1.06 GB to
     4.34 GB. memplan's 7 peers x 32 channels x (10 + 2) MiB comes to 86% of that growth; the rest (kernels loaded for
     the all-to-all, NCCL's work buffers) is not modelled, so the row is not above the measurement."""
-    model = 7 * CHANNELS * PAIR
+    model = nccl.p2p_bytes(7, False, nccl.NcclSettings())
+    assert model == 7 * CHANNELS * PAIR
     growth = round((4.34 - 1.06) * 1e9)
     assert 0.80 * growth <= model <= growth
 
@@ -102,8 +106,8 @@ def test_vllm_tp2_growth_covers_one_two_rank_communicator() -> None:
     pynccl and torch's device group) and the custom all-reduce buffers. One two-rank communicator must fit inside."""
     from memplan.engines import vllm
 
-    one = CHANNELS * PAIR + 2 * NVLS_H100
-    assert one == 448 * MIB
+    one = nccl_row(job="full", engine="pytorch", gpus_per_node=2)
+    assert one == CHANNELS * PAIR + 2 * NVLS_H100 == 448 * MIB
     assert one <= vllm.NON_TORCH_TP_BYTES
 
 
@@ -149,3 +153,29 @@ def test_nvls_chunk_with_nvls_off_is_an_error() -> None:
     with pytest.raises(MemplanError, match="NCCL_NVLS_ENABLE=0"):
         estimate("llama-3.1-8b", "h100-sxm-80gb", job="full", gpus_per_node=8,
                  engine_config={"nccl_nvls_enable": 0, "nccl_nvls_chunksize": 2**19})
+
+
+def _pipeline_peers(stage: int, virtual_stages: int) -> tuple[int, int]:
+    """(pipeline neighbours, bytes of the row) on ``stage`` of fsdp2 pp 4 on one node of 8 H100s (dp 2)."""
+    from memplan.arch.build import build_architecture
+    from memplan.catalog.schema import HostSpec
+    from memplan.catalog.store import catalog_gpu, catalog_model
+    from memplan.config import JobConfig
+    from memplan.memory import nccl_groups
+    from memplan.memory.context import Context
+
+    cfg = JobConfig(job="pretrain", engine="fsdp2", gpus_per_node=8, pp=4, grad_accum=8,
+                    perf={"virtual_stages": virtual_stages})
+    ctx = Context(build_architecture(catalog_model("llama-3.2-1b")), cfg, catalog_gpu("h100-sxm-80gb"),
+                  HostSpec()).at_stage(stage)
+    peers = {name: n for name, n, _ in nccl_groups.communicators(ctx)[1]}["pipeline neighbours"]
+    return peers, nccl_groups.nccl_bytes(ctx)[0]
+
+
+def test_interleaved_pipeline_end_ranks_have_two_neighbours() -> None:
+    """1F1B: the first and last ranks talk to one neighbour. Interleaved (v = 2): chunk 0 ends on rank 3 and chunk 1
+    starts on rank 0 (stage 3 → stage 4), so rank 0 also receives from rank 3: two peers, 32 channels more of
+    (10 + 2) MiB inside the node."""
+    assert [_pipeline_peers(s, 1)[0] for s in range(4)] == [1, 2, 2, 1]
+    assert [_pipeline_peers(s, 2)[0] for s in range(4)] == [2, 2, 2, 2]
+    assert _pipeline_peers(0, 2)[1] - _pipeline_peers(0, 1)[1] == CHANNELS * PAIR

@@ -109,6 +109,15 @@ def test_paper_accounting_counts_in_flight_inputs_once() -> None:
     assert got["activations/pp_recv_buffers"] == (M - 3) * X
 
 
+def test_paper_accounting_interleaved_takes_off_only_the_inputs_in_flight() -> None:
+    """Interleaved pp 4, v 2, m 8, rank 1 (stages 1 and 5, both receiving, equal chunks): the written-out schedule
+    has at most 9 chunk micro-batches in flight, so 16 − 9 = 7 buffers are extra (not 16 − 2·⌈9/2⌉ = 6)."""
+    in_flight = _torch_interleaved_outputs_kept(4, 1, 2, M)[0]
+    assert in_flight == 9
+    got = _bytes(_ctx(1, activation_accounting="paper", perf={"virtual_stages": 2}))
+    assert got["activations/pp_recv_buffers"] == (2 * M - in_flight) * X
+
+
 def test_sequence_parallel_splits_the_boundary_tensor() -> None:
     """With tp 2 and sequence parallelism the tensor crossing stages is [micro_batch, seq/2, hidden] per rank."""
     got = _bytes(_ctx(1, tp=2, sequence_parallel=True))

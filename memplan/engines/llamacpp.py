@@ -26,6 +26,7 @@ import struct
 
 from memplan.arch.tensors import Tensor
 from memplan.config import JobConfig
+from memplan.engines.llamacpp_sched import gpu_layers, output_on_gpu
 from memplan.errors import MemplanError
 from memplan.memory import weights
 from memplan.memory.breakdown import Row, Tier
@@ -87,8 +88,7 @@ def check_effects(cfg: JobConfig, n_layer: int) -> None:
     if s.ggml_sched_max_copies != default.ggml_sched_max_copies and cfg.pp == 1:
         raise MemplanError("ggml_sched_max_copies sizes pipeline parallelism's copies, which llama.cpp uses only over "
                            "several GPUs (--pp N, -sm layer); with one it moves no byte.")
-    ngl = s.n_gpu_layers
-    if not s.op_offload and (ngl is None or ngl > n_layer):
+    if not s.op_offload and output_on_gpu(cfg, n_layer):
         raise MemplanError("--no-op-offload keeps the CPU layers' ops on the CPU, and every layer is on the GPU "
                            f"(-ngl > {n_layer}); it moves no byte. Drop it or offload fewer layers.")
 
@@ -106,12 +106,6 @@ def n_ctx(cfg: JobConfig) -> int:
     """KV cells: -c when set, else micro_batch × infer.context, padded to 256."""
     cells = cfg.serve.n_ctx or cfg.micro_batch * cfg.infer.context
     return round_up(cells, N_CTX_PAD)
-
-
-def gpu_layers(cfg: JobConfig, n_layer: int) -> range:
-    """Layer indices on the GPU: the last ngl repeating layers (llama-model.cpp ``i_gpu_start = n_layer - ngl``)."""
-    ngl = n_layer + 1 if cfg.serve.n_gpu_layers is None else cfg.serve.n_gpu_layers
-    return range(max(n_layer - ngl, 0), n_layer)
 
 
 def _f32(x: float) -> float:
@@ -149,11 +143,6 @@ def device_layers(cfg: JobConfig, n_layer: int, device: int) -> tuple[list[int],
         return min(bisect.bisect_right(points, where), len(points) - 1)
 
     return [il for il in range(n_layer) if on(il) == device], on(n_layer) == device
-
-
-def output_on_gpu(cfg: JobConfig, n_layer: int) -> bool:
-    """The output layer (final norm, lm_head) is offloaded when ngl > n_layer."""
-    return cfg.serve.n_gpu_layers is None or cfg.serve.n_gpu_layers > n_layer
 
 
 def kv_bytes_per_layer(ctx: Context, cells: int) -> int:
@@ -238,7 +227,7 @@ def rows(ctx: Context) -> list[Row]:
     llama.cpp turns on pipeline parallelism and each GPU's compute buffer and the host's hold ``n_copies`` copies of
     their inputs (``memplan.engines.llamacpp_sched``).
     """
-    from memplan.engines import llamacpp_compute, llamacpp_offload, llamacpp_sched
+    from memplan.engines import llamacpp_compute, llamacpp_sched
 
     cfg, arch = ctx.cfg, ctx.arch
     check(cfg)
@@ -268,11 +257,13 @@ def rows(ctx: Context) -> list[Row]:
         Row("kv_cache", Tier.GPU, per_layer * len(mine), "llama.cpp src/llama-kv-cache.cpp", kv_note),
         Row("kv_cache/host", Tier.CPU, per_layer * (n_layer - len(on_gpu)), "llama.cpp src/llama-kv-cache.cpp",
             "KV of the layers left on the CPU"),
-        Row("activations/llamacpp_compute", Tier.GPU, llamacpp_compute.gpu_compute_bytes(ctx, cells, mine, my_out),
+        Row("activations/llamacpp_compute", Tier.GPU, llamacpp_compute.gpu_compute_bytes(
+                ctx, cells, mine, my_out, kv_layer=per_layer, output_weights=model_buffers(ctx, [], True)[0]
+                if not out_gpu and ctx.stage == 0 else 0),
             "llama.cpp src/llama-context.cpp graph_reserve, ggml-backend.cpp sched; see memplan explain",
             f"n_ubatch {s.n_ubatch}, flash_attn {'on' if s.flash_attn else 'off'}{pp_note}"),
         Row("activations/llamacpp_host_compute", Tier.CPU, llamacpp_sched.host_compute_bytes(ctx, cells)
-            + llamacpp_offload.host_working_set(ctx, cells, llamacpp_sched.ubatch(ctx, cells)),
+            + llamacpp_compute.host_working_set(ctx, cells, llamacpp_sched.ubatch(ctx, cells)),
             "llama.cpp ggml-backend.cpp sched graph inputs", "CUDA_Host compute buffer: graph inputs + token "
             "embeddings" + pp_note + ("" if len(on_gpu) == n_layer else " + the CPU layers' ops it keeps")),
         Row("activations/llamacpp_output", Tier.CPU, vocab * F32_BYTES * cfg.micro_batch,

@@ -2,7 +2,8 @@
 
 ``compute_terms`` are the one-copy working sets (attention, FFN, logits) as ggml-alloc reuses freed tensors;
 ``gpu_compute_bytes`` picks, per GPU, the single-copy buffer, the pipeline-parallel one
-(``memplan.engines.llamacpp_sched``) or the partial-offload one (``memplan.engines.llamacpp_offload``).
+(``memplan.engines.llamacpp_sched``) or the partial-offload one (``memplan.engines.llamacpp_offload``);
+``host_working_set`` is the CPU's own share under -ngl partial offload.
 """
 
 from __future__ import annotations
@@ -67,30 +68,48 @@ def compute_terms(ctx: Context, cells: int, with_output: bool, first_gpu: bool =
 
 def compute_bytes(ctx: Context, cells: int, with_output: bool | None = None, first_gpu: bool = True) -> int:
     """The GPU compute buffer of one ubatch with one copy of each input: the largest of ``compute_terms`` (bytes)."""
-    from memplan.engines import llamacpp
+    from memplan.engines.llamacpp_sched import output_on_gpu
 
-    out = llamacpp.output_on_gpu(ctx.cfg, len(ctx.arch.layers)) if with_output is None else with_output
+    out = output_on_gpu(ctx.cfg, len(ctx.arch.layers)) if with_output is None else with_output
     return max(compute_terms(ctx, cells, out, first_gpu).values())
 
 
-def gpu_compute_bytes(ctx: Context, cells: int, mine: list[int], my_out: bool) -> int:
+def gpu_compute_bytes(ctx: Context, cells: int, mine: list[int], my_out: bool, *, kv_layer: int,
+                      output_weights: int) -> int:
     """This GPU's compute buffer (bytes): ``compute_bytes`` with one copy of each input, or under pipeline parallelism
     (``llamacpp_sched.n_copies`` > 1) ``llamacpp_sched.pp_compute_bytes``; on the first GPU under -ngl partial offload
-    at least the working set of the CPU ops it runs (``llamacpp_offload.offload_bytes``); 0 on any other GPU with no
-    layer."""
-    from memplan.engines import llamacpp, llamacpp_offload, llamacpp_sched
+    at least the working set of the CPU ops it runs (``llamacpp_offload.offload_bytes``, given one layer's KV bytes
+    ``kv_layer`` and the CPU output layer's weight bytes ``output_weights``); 0 on any other GPU with no layer."""
+    from memplan.engines import llamacpp_offload, llamacpp_sched
 
     n_layer = len(ctx.arch.layers)
     ub = llamacpp_sched.ubatch(ctx, cells)
     offload = 0
     if llamacpp_offload.applies(ctx, ub, ctx.stage):
         terms = compute_terms(ctx, cells, False, first_gpu=True)
-        offload = llamacpp_offload.offload_bytes(ctx, cells, ub, terms, llamacpp.kv_bytes_per_layer(ctx, cells))
+        offload = llamacpp_offload.offload_bytes(ctx, cells, ub, terms, kv_layer, output_weights)
     if not mine and not my_out:
         return offload
-    first = bool(mine) and mine[0] == min(llamacpp.gpu_layers(ctx.cfg, n_layer), default=-1)
+    first = bool(mine) and mine[0] == min(llamacpp_sched.gpu_layers(ctx.cfg, n_layer), default=-1)
     if llamacpp_sched.n_copies(ctx.cfg, n_layer) == 1:
         return max(compute_bytes(ctx, cells, with_output=my_out, first_gpu=first), offload)
     terms = compute_terms(ctx, cells, my_out, first)
     placement = (first, bool(mine), n_layer - 1 in mine)
     return llamacpp_sched.pp_compute_bytes(ctx, cells, terms, placement)
+
+
+def host_working_set(ctx: Context, cells: int, ub: int) -> int:
+    """The CPU's own working set under -ngl partial offload when it keeps its ops (``--no-op-offload`` or n_ubatch
+    below 32): the largest of the one-copy attention, FFN and (output layer on the CPU) logits terms (bytes); 0 when
+    every layer is offloaded or the first GPU takes the CPU's ops (``llamacpp_offload.applies``). Source: as
+    ``compute_terms``, the CPU backend's graph allocation being the same ggml-alloc over the CPU's splits."""
+    from memplan.engines.llamacpp_offload import applies
+    from memplan.engines.llamacpp_sched import gpu_layers, output_on_gpu
+
+    cfg, n_layer = ctx.cfg, len(ctx.arch.layers)
+    cpu_layers = n_layer - len(gpu_layers(cfg, n_layer))
+    out_cpu = not output_on_gpu(cfg, n_layer)
+    if not (cpu_layers or out_cpu) or applies(ctx, ub, 0):
+        return 0
+    terms = compute_terms(ctx, cells, out_cpu, first_gpu=True)
+    return max(terms["logits"], terms["attention"] if cpu_layers else 0, terms["ffn"] if cpu_layers else 0)

@@ -46,7 +46,7 @@ def largest_tensor_bytes(ctx: Context, layer: int) -> int:
                 for t in arch.layers[layer].tensors), default=0)
 
 
-def offload_bytes(ctx: Context, cells: int, ub: int, terms: dict[str, int], kv_layer: int) -> int:
+def offload_bytes(ctx: Context, cells: int, ub: int, terms: dict[str, int], kv_layer: int, output_weights: int) -> int:
     """The first GPU's working set while it runs an offloaded CPU op (bytes); 0 when nothing is offloaded.
 
     Formula: output layer on the CPU: its weights (final norm + output matrix, as stored) + n_ubatch·(n_vocab +
@@ -55,35 +55,18 @@ def offload_bytes(ctx: Context, cells: int, ub: int, terms: dict[str, int], kv_l
     working sets (``terms``). Assumption: one weight copy alive at a time (a new split per weight); for MoE the
     whole expert tensor is copied. Bounded from the source, not checked against a printed log.
     """
-    from memplan.engines import llamacpp
+    from memplan.engines.llamacpp_sched import gpu_layers, output_on_gpu
 
     cfg, n_layer = ctx.cfg, len(ctx.arch.layers)
-    on_gpu = llamacpp.gpu_layers(cfg, n_layer)
+    on_gpu = gpu_layers(cfg, n_layer)
     spec = ctx.arch.spec
     embd, vocab = spec.hidden_size or 0, spec.vocab_size or 0
     out = 0
-    if not llamacpp.output_on_gpu(cfg, n_layer):
-        out_w = llamacpp.model_buffers(ctx, [], True)[0]
-        out = out_w + ub * (vocab + embd) * F32_BYTES + embd * ub * F32_BYTES
+    if not output_on_gpu(cfg, n_layer):
+        out = output_weights + ub * (vocab + embd) * F32_BYTES + embd * ub * F32_BYTES
     cpu_layers = [i for i in range(n_layer) if i not in on_gpu]
     layer = 0
     if cpu_layers:
         weight = max(largest_tensor_bytes(ctx, i) for i in cpu_layers)
         layer = weight + kv_layer + max(terms["attention"], terms["ffn"])
     return max(out, layer)
-
-
-def host_working_set(ctx: Context, cells: int, ub: int) -> int:
-    """The CPU's own working set under -ngl partial offload when it keeps its ops (``--no-op-offload`` or n_ubatch
-    below 32): the largest of the one-copy attention, FFN and (output layer on the CPU) logits terms (bytes); 0 when
-    every layer is offloaded or the first GPU takes the CPU's ops. Source: as ``llamacpp_compute.compute_terms``, the
-    CPU backend's graph allocation being the same ggml-alloc over the CPU's splits."""
-    from memplan.engines import llamacpp, llamacpp_compute
-
-    cfg, n_layer = ctx.cfg, len(ctx.arch.layers)
-    cpu_layers = n_layer - len(llamacpp.gpu_layers(cfg, n_layer))
-    out_cpu = not llamacpp.output_on_gpu(cfg, n_layer)
-    if not (cpu_layers or out_cpu) or applies(ctx, ub, 0):
-        return 0
-    terms = llamacpp_compute.compute_terms(ctx, cells, out_cpu, first_gpu=True)
-    return max(terms["logits"], terms["attention"] if cpu_layers else 0, terms["ffn"] if cpu_layers else 0)

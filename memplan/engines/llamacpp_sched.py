@@ -38,11 +38,22 @@ TOKEN_INPUTS = 3
 worst-case reserve; src/llama-graph.cpp ``build_inp_embd``, ``build_inp_pos``, ``build_inp_out_ids``)."""
 
 
+def gpu_layers(cfg: JobConfig, n_layer: int) -> range:
+    """Layer indices on the GPU: the last ngl repeating layers (llama-model.cpp ``i_gpu_start = n_layer - ngl``)."""
+    ngl = n_layer + 1 if cfg.serve.n_gpu_layers is None else cfg.serve.n_gpu_layers
+    return range(max(n_layer - ngl, 0), n_layer)
+
+
+def output_on_gpu(cfg: JobConfig, n_layer: int) -> bool:
+    """The output layer (final norm, lm_head) is offloaded when ngl > n_layer (``n_gpu_layers`` None is llama.cpp's
+    default 999)."""
+    return cfg.serve.n_gpu_layers is None or cfg.serve.n_gpu_layers > n_layer
+
+
 def pipeline_parallel(cfg: JobConfig, n_layer: int) -> bool:
-    """llama.cpp's ``pipeline_parallel``: several GPUs (pp > 1, -sm layer) and every layer offloaded (-ngl > n_layer;
-    ``n_gpu_layers`` None is llama.cpp's default 999). Source: src/llama-context.cpp (``llama_context``)."""
-    ngl = cfg.serve.n_gpu_layers
-    return cfg.pp > 1 and (ngl is None or ngl > n_layer)
+    """llama.cpp's ``pipeline_parallel``: several GPUs (pp > 1, -sm layer) and every layer offloaded (-ngl > n_layer,
+    ``output_on_gpu``). Source: src/llama-context.cpp (``llama_context``)."""
+    return cfg.pp > 1 and output_on_gpu(cfg, n_layer)
 
 
 def n_copies(cfg: JobConfig, n_layer: int) -> int:
@@ -112,7 +123,7 @@ def host_compute_bytes(ctx: Context, cells: int) -> int:
     the CPU, which llama-context.cpp gives the first GPU's host buffer type); src/llama-graph.cpp ``build_inp_*``.
     Checked: Mistral-7B, n_ubatch 512: 12.01 MiB at n_ctx 2048, 72.01 MiB at 32768 (fedora-copr/logdetective PR
     #106). Assumption: an f32 mask, as before llama.cpp PR #23764 (f16 under flash attention since; see
-    ``gpu_inputs``); the CPU's own working set under -ngl partial offload is ``llamacpp_offload.host_working_set``.
+    ``gpu_inputs``); the CPU's own working set under -ngl partial offload is ``llamacpp_compute.host_working_set``.
     """
     ub = ubatch(ctx, cells)
     inputs = mask_rows(ctx, cells) * F32_BYTES + TOKEN_INPUTS * ub * I32_BYTES

@@ -190,15 +190,22 @@ def chunk_saved_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.C
     return out
 
 
+def peak_chunk_counts(ctx: Context, modes: dict[int, Recompute],
+                      counting: blk.Counting) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
+    """(``chunk_saved_bytes``, micro-batches each chunk holds) at the moment the interleaved stage's saved bytes are
+    largest (``arch.interleaved.peak_chunk_bytes`` weighted by one micro-batch's bytes of each chunk); v > 1, pp > 1."""
+    per = chunk_saved_bytes(ctx, modes, counting)
+    weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
+    return per, peak_chunk_bytes(ctx.cfg.pp, ctx.stage, ctx.cfg.grad_accum, weights)[1]
+
+
 def layer_flights(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> dict[int, int]:
     """Micro-batches each of the stage's blocks holds at the stage's peak: ``micro_batches_in_flight`` for every block
     under 1F1B; under the interleaved schedule its chunk's count at the moment ``in_flight_saved`` takes."""
     cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
     if v <= 1 or cfg.pp <= 1:
         return dict.fromkeys((i for i, _ in ctx.layers), micro_batches_in_flight(ctx))
-    per = chunk_saved_bytes(ctx, modes, counting)
-    weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
-    counts = peak_chunk_bytes(cfg.pp, ctx.stage, cfg.grad_accum, weights)[1]
+    counts = peak_chunk_counts(ctx, modes, counting)[1]
     sizes = chunk_layer_counts(len(ctx.layers), v, first_stage=ctx.stage == 0)
     chunk_of = [c for c, size in enumerate(sizes) for _ in range(size)]
     return {i: counts[chunk_of[k]] for k, (i, _) in enumerate(ctx.layers)}
@@ -222,9 +229,7 @@ def in_flight_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Cou
             out["activations/final_norm"] = flight * final_norm_bytes(ctx, counting)
             out["activations/loss"] = flight * loss_bytes(ctx, counting)
         return out
-    per = chunk_saved_bytes(ctx, modes, counting)
-    weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
-    counts = peak_chunk_bytes(cfg.pp, ctx.stage, cfg.grad_accum, weights)[1]
+    per, counts = peak_chunk_counts(ctx, modes, counting)
     return {name: sum(n * b for n, b in zip(counts, each, strict=True)) for name, each in per.items()}
 
 

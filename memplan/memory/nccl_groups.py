@@ -16,7 +16,8 @@ A group of one rank creates no connection; a group used by no operation of the s
   context (``_DATA_PARALLEL_GROUP_WITH_CP``: gradients and the distributed optimizer), context, expert and
   expert-data, model-parallel (tensor × pipeline: clip_grads.py's norm all-reduce), the embedding group of the
   first and last stage (``_EMBEDDING_GROUP``: tied-embedding gradient all-reduce), pipeline neighbours
-  (p2p_communication.py ``batch_isend_irecv`` on ``_PIPELINE_MODEL_PARALLEL_GROUP``).
+  (p2p_communication.py ``batch_isend_irecv`` on ``_PIPELINE_MODEL_PARALLEL_GROUP``; under the interleaved schedule
+  the first and last ranks are neighbours too, chunk c + 1 starting on rank 0 where chunk c ended on rank p − 1).
 Tensor, context and expert groups and pipeline neighbours exist in every engine that runs them.
 Expert parallelism's all-to-all connects each GPU to every other rank of the expert group (issue #1685).
 """
@@ -81,8 +82,10 @@ def communicators(ctx: Context) -> tuple[list[tuple[str, int, int]], list[tuple[
         if pp > 1 and ctx.stage in (0, pp - 1):
             groups.append(("embedding", 2, 2 if pp_local == pp else 1))
     p2p = [("expert all-to-all", cfg.ep - 1, _local(ctx, tp, cfg.ep) < cfg.ep)]
-    if pp > 1:
-        p2p.append(("pipeline neighbours", 1 if pp == 2 or ctx.stage in (0, pp - 1) else 2, pp_local < pp))
+    if pp > 1:  # interleaved (v > 1): chunk c's last stage (rank p − 1) feeds chunk c + 1's first (rank 0), so the
+        # end ranks have two neighbours too (Megatron p2p_communication.py, torch ScheduleInterleaved1F1B's looped stages)
+        ends = ctx.stage in (0, pp - 1) and cfg.perf.virtual_stages <= 1
+        p2p.append(("pipeline neighbours", 1 if pp == 2 or ends else 2, pp_local < pp))
     return [g for g in groups if g[1] > 1], [p for p in p2p if p[1] > 0]
 
 

@@ -87,6 +87,28 @@ def input_saved(ctx: Context) -> bool:
     return cfg.effective_activation_accounting == "paper" or whole
 
 
+def saved_inputs(ctx: Context) -> int:
+    """Receive buffers the activations already count as saved stage inputs at their peak (where ``input_saved``).
+
+    Formula: Σ over the rank's chunks whose global stage is not 0 and that hold a layer, of the micro-batches the
+    activations count on that chunk: F = ``activations.micro_batches_in_flight`` under 1F1B; under the interleaved
+    schedule each chunk's count at the activations' peak (``activations.peak_chunk_counts``), not F per chunk, which
+    rounds up and would take off more buffers than the activations hold (p 4, v 2, m 8, rank 1: 9 in flight, 2·5 = 10
+    taken off: an under-count of one buffer).
+    """
+    from memplan.arch.interleaved import chunk_layer_counts
+    from memplan.memory import activations
+
+    cfg, p, s = ctx.cfg, ctx.cfg.pp, ctx.stage
+    v = max(1, cfg.perf.virtual_stages)
+    held = chunk_layer_counts(len(ctx.layers), v, first_stage=s == 0)
+    if v == 1:
+        counts: tuple[int, ...] = (activations.micro_batches_in_flight(ctx),)
+    else:
+        counts = activations.peak_chunk_counts(ctx, activations.layer_modes(ctx), activations.counting_for(cfg))[1]
+    return sum(n for c, (g, n) in enumerate(zip(chunk_stages(p, s, v), counts, strict=True)) if g != 0 and held[c])
+
+
 def rows(ctx: Context) -> list[Row]:
     """torch.distributed.pipelining's stage outputs and receive buffers on the reported rank, bytes per GPU.
 
@@ -94,7 +116,7 @@ def rows(ctx: Context) -> list[Row]:
     in the activation dtype; seq/tp with sequence parallelism, seq/cp with context parallelism), m = grad_accum:
     - ``activations/pp_stage_outputs`` = ``output_counts`` · X (forward, start of backward, like the activations);
     - ``activations/pp_recv_buffers`` = (R − F·(receiving chunks)) · X where ``input_saved`` (the in-flight
-      buffers are saved activations already), R · X otherwise, R = ``recv_buffer_counts``[0];
+      buffers are saved activations already, ``saved_inputs``), R · X otherwise, R = ``recv_buffer_counts``[0];
     - ``activations/pp_grad_recv_buffers`` = ``recv_buffer_counts``[1] · X.
     Both receive rows are alive in every training phase (allocated at the first step, never freed).
     Assumptions: one tensor crosses each stage boundary (the hidden states); the last stage's ``output_chunks``
@@ -107,8 +129,7 @@ def rows(ctx: Context) -> list[Row]:
     p, s, v, m = cfg.pp, ctx.stage, max(1, cfg.perf.virtual_stages), cfg.grad_accum
     recv, grad_recv = recv_buffer_counts(p, s, v, m)
     if input_saved(ctx):
-        receiving = sum(1 for g in chunk_stages(p, s, v) if g != 0)
-        recv -= in_flight_micro_batches(p, s, v, m) * receiving
+        recv -= saved_inputs(ctx)
     kept = output_counts(p, s, v, m)
     out = []
     for name, count, what in (("activations/pp_stage_outputs", kept, "stage outputs kept until their backward"),

@@ -5,6 +5,10 @@ but the spaces it folds at (``memplan.report.table`` lays tables out with it).""
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 PIPE_WIDTH = 80
 """Columns of output printed to a pipe or a file, where lines are laid out to fit (a terminal uses its own width)."""
@@ -48,3 +52,19 @@ def fit_line(line: str, indent: str | None = None, hang: int = 2) -> str:
 def fit_text(text: str, indent: str | None = None, hang: int = 2) -> str:
     """Every line of ``text`` folded to ``PIPE_WIDTH`` columns (:func:`fit_line`)."""
     return "\n".join(fit_line(line, indent, hang) for line in text.split("\n"))
+
+
+def panels(names: list[K], first: int, cells: dict[K, int], width: int, gap: int) -> list[list[K]]:
+    """``names`` (columns, each as wide as ``cells[name]`` plus ``gap``) in runs that fit ``width`` after a first
+    column ``first`` wide; every run holds at least one column (``memplan sweep``'s GPU panels, ``--pivot``, a plain
+    table too wide even folded)."""
+    out: list[list[K]] = [[]]
+    used = first
+    for name in names:
+        need = gap + cells[name]
+        if out[-1] and used + need > width:
+            out.append([])
+            used = first
+        out[-1].append(name)
+        used += need
+    return out

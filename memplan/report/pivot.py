@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from memplan.grid import METRIC_COLUMN
+from memplan.report.fold import panels
 from memplan.report.sweep_out import INVALID, Matrix
 from memplan.report.table import GAP, PIPE_WIDTH, Table
 
@@ -70,21 +71,6 @@ def pivot_cell(m: Matrix, model: str, gpu: str, *, yes_no: bool) -> str:
     if not value:
         return NO_FIT
     return FITS if yes_no else str(value)
-
-
-def panels(names: list[str], first: int, cells: dict[str, int], width: int, gap: int) -> list[list[str]]:
-    """``names`` (GPU columns, each as wide as ``cells[name]`` plus ``gap``) in runs that fit ``width`` after
-    a first column ``first`` wide; every run holds at least one column."""
-    out: list[list[str]] = [[]]
-    used = first
-    for name in names:
-        need = gap + cells[name]
-        if out[-1] and used + need > width:
-            out.append([])
-            used = first
-        out[-1].append(name)
-        used += need
-    return out
 
 
 def pivot_tables(mats: list[Matrix], width: int = PIPE_WIDTH, *, yes_no: bool = False, boxed: bool = False) -> list[Table]:

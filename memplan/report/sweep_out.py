@@ -76,9 +76,9 @@ def matrix_table(m: Matrix, gpus: list[str] | None = None) -> Any:
 
 def gpu_panels(m: Matrix) -> list[list[str]]:
     """The matrix's GPU columns in runs that fit ``PIPE_WIDTH`` columns beside the model column (as ``--pivot``
-    splits them: ``memplan.report.pivot.panels``)."""
-    from memplan.report.pivot import panels
-    from memplan.report.table import GAP, PIPE_WIDTH
+    splits them: ``memplan.report.fold.panels``)."""
+    from memplan.report.fold import PIPE_WIDTH, panels
+    from memplan.report.table import GAP
 
     widths = {g: max(len(g), *(len(m.cell_text(mod, g)) for mod in m.models)) for g in m.gpus}
     first = max(len("model"), *(len(mod) for mod in m.models))

@@ -14,7 +14,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from memplan.report.fold import PIPE_WIDTH, WORD_BREAKS, fit_line, fit_text, wrap_words
+from memplan.report.fold import PIPE_WIDTH, WORD_BREAKS, fit_line, fit_text, panels, wrap_words
 
 if TYPE_CHECKING:
     from memplan.estimator import Estimate
@@ -99,11 +99,8 @@ class Table:
     def panel_lines(self, widths: list[int]) -> list[str]:
         """A table too wide for ``PIPE_WIDTH`` even folded (many numeric columns: ``memplan models``) as panels:
         the first column repeated beside runs of the others that fit, each titled with the columns it holds."""
-        runs: list[list[int]] = [[]]
-        for j in range(1, len(self.columns)):
-            if runs[-1] and widths[0] + sum(len(GAP) + widths[k] for k in [*runs[-1], j]) > PIPE_WIDTH:
-                runs.append([])
-            runs[-1].append(j)
+        others = list(range(1, len(self.columns)))
+        runs = panels(others, widths[0], {k: widths[k] for k in others}, PIPE_WIDTH, len(GAP))
         out: list[str] = []
         for n, run in enumerate(runs):
             part = Table(title=f"{plain(self.title or '')} (columns {run[0] + 1}-{run[-1] + 1} of "
