@@ -73,14 +73,17 @@ def test_nccl_knobs_resize_the_buffers() -> None:
 
 def test_megatron_groups_on_a_first_stage() -> None:
     # 2 nodes x 8: tp 8 (one node), pp 2, dp 1. Groups on stage 0: tensor (8), model-parallel (16 across both nodes,
-    # 8 NVLS heads per node), embedding (2 ranks, one per node: no NVLS), one pipeline neighbour on the other node.
+    # 8 NVLS heads per node), embedding (2 ranks, one per node: no NVLS), one pipeline neighbour on the other node,
+    # and the default group (16 ranks: training.py all-reduces start_time_tensor on it; every Megatron group is a
+    # new_group, so it is a communicator of its own).
     got = nccl_row(job="full", engine="megatron", gpus_per_node=8, nodes=2, tp=8, pp=2, micro_batch=1, seq_len=256,
                    model="llama-3.2-1b")
     tensor = CHANNELS * 2 * PAIR + 8 * NVLS_H100
     model_parallel = NODES_CHANNELS * 2 * PAIR + 8 * NVLS_H100
     embedding = NODES_CHANNELS * PAIR
     neighbour = NET_PEER_CHANNELS * PAIR
-    assert got == tensor + model_parallel + embedding + neighbour
+    world = NODES_CHANNELS * 2 * PAIR + 8 * NVLS_H100
+    assert got == tensor + model_parallel + embedding + neighbour + world
 
 
 def test_groups_across_nodes_get_no_nvls_heads() -> None:
@@ -88,7 +91,8 @@ def test_groups_across_nodes_get_no_nvls_heads() -> None:
     got = nccl_row(job="full", engine="fsdp2", gpus_per_node=8, nodes=2, tp=8, model="llama-3.2-1b", seq_len=256)
     tensor = CHANNELS * 2 * PAIR + 8 * NVLS_H100
     data_parallel = NODES_CHANNELS * PAIR  # two ranks: the ring's and the tree's neighbour are the same GPU
-    assert got == tensor + data_parallel
+    world = NODES_CHANNELS * 2 * PAIR + 8 * NVLS_H100  # the 2-D mesh's default group (trainer barriers), 16 ranks
+    assert got == tensor + data_parallel + world
 
 
 def test_expert_all_to_all_against_nccls_published_growth() -> None:
@@ -179,3 +183,35 @@ def test_interleaved_pipeline_end_ranks_have_two_neighbours() -> None:
     assert [_pipeline_peers(s, 1)[0] for s in range(4)] == [1, 2, 2, 1]
     assert [_pipeline_peers(s, 2)[0] for s in range(4)] == [2, 2, 2, 2]
     assert _pipeline_peers(0, 2)[1] - _pipeline_peers(0, 1)[1] == CHANNELS * PAIR
+
+
+WORLD_8 = CHANNELS * 2 * PAIR + 8 * NVLS_H100
+"""One communicator over the 8 GPUs of an H100 node: ring and tree neighbours on 32 channels, 8 NVLS heads."""
+
+
+def test_deepspeed_data_parallel_group_is_a_clone_of_the_world() -> None:
+    """deepspeed/utils/groups.py _clone_world_group: the data-parallel group is new_group(range(world_size)), and
+    ZeRO-3 barriers on the default group while building its optimizer (stage3.py _setup_for_real_optimizer): two
+    communicators over the same 8 GPUs, 2 GiB."""
+    assert WORLD_8 == 1024 * MIB
+    for zero in (0, 1, 2, 3):
+        assert nccl_row(job="full", engine="deepspeed", zero=zero, gpus_per_node=8) == 2 * WORLD_8
+
+
+def test_default_group_is_the_data_parallel_group_of_ddp_and_1d_fsdp() -> None:
+    """DDP (process_group=None) and a 1-D mesh of world size (device_mesh.py returns the default group) create one."""
+    for engine in ("pytorch", "fsdp1", "fsdp2"):
+        assert nccl_row(job="full", engine=engine, gpus_per_node=8) == WORLD_8
+
+
+def test_hsdp_adds_the_default_group_to_shard_and_replicate() -> None:
+    # 8 GPUs, shard 4 (ranks 0-3: 4 NVLS heads), replicate 2 (ranks 0, 4: one neighbour, 2 heads), world 8.
+    shard = CHANNELS * 2 * PAIR + 4 * NVLS_H100
+    replicate = CHANNELS * PAIR + 2 * NVLS_H100
+    assert nccl_row(job="full", engine="fsdp2", gpus_per_node=8, engine_config={"hsdp_shard_size": 4}) == \
+        shard + replicate + WORLD_8
+
+
+def test_megatron_counts_the_default_group_even_at_dp_equal_world() -> None:
+    """parallel_state.py's data-parallel group is a new_group even when it spans the world."""
+    assert nccl_row(job="full", engine="megatron", gpus_per_node=8, seq_len=256, model="llama-3.2-1b") == 2 * WORLD_8

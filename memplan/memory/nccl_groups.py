@@ -19,6 +19,10 @@ A group of one rank creates no connection; a group used by no operation of the s
   (p2p_communication.py ``batch_isend_irecv`` on ``_PIPELINE_MODEL_PARALLEL_GROUP``; under the interleaved schedule
   the first and last ranks are neighbours too, chunk c + 1 starting on rank 0 where chunk c ended on rank p − 1).
 Tensor, context and expert groups and pipeline neighbours exist in every engine that runs them.
+The default (world) group gets a communicator of its own wherever it is not already the engine's data-parallel
+group (``_default_group``): DeepSpeed's data-parallel group is a clone of it, Megatron's groups are all
+``new_group``s, and fsdp2 on a 2-D or deeper mesh uses the mesh's subgroups; each of them still runs a collective
+on the default group (the engine's own, or the trainer's barrier), so the world communicator is counted beside them.
 Expert parallelism's all-to-all connects each GPU to every other rank of the expert group (issue #1685).
 """
 
@@ -68,12 +72,46 @@ def _dp_groups(ctx: Context) -> list[tuple[str, int, int]]:
     return out
 
 
+def _default_group(ctx: Context) -> list[tuple[str, int, int]]:
+    """The default (world) group as (name, ranks, ranks on this node), where it is a communicator beyond the
+    engine's own groups; empty where it is one of them or no collective runs on it.
+
+    - ``pytorch`` (DDP, ``process_group=None``) and fsdp1/fsdp2 whose only data-parallel group spans the world: that
+      group is the default group (torch/distributed/device_mesh.py ``_init_one_process_group``: a mesh dimension of
+      world size returns ``_get_default_group()``), counted once as the data-parallel group.
+    - ``deepspeed``: always. Its data-parallel group is ``dist.new_group(ranks=range(world_size))``
+      (deepspeed/utils/groups.py ``_clone_world_group``), a second communicator of the same ranks; ZeRO-3 barriers on
+      the default group while it builds the optimizer (runtime/zero/stage3.py ``_setup_for_real_optimizer``,
+      ``_create_fp16_partitions_with_defragmentation``: ``dist.barrier()``); at ZeRO 0-2 the engine does so in
+      ``save_checkpoint`` (runtime/engine.py) and the pipeline engine in ``eval_batch`` (runtime/pipe/engine.py),
+      and the HF Trainer/accelerate ``wait_for_everyone`` (``torch.distributed.barrier()``) runs around the step:
+      counted always (a job that never checkpoints nor barriers does not create it, so this can over-count there).
+    - ``megatron``: always. parallel_state.py makes every group with ``new_group`` (the data-parallel one too, even
+      at dp = world), and megatron/training/training.py all-reduces the start time on the default group
+      (``start_time_tensor``) and barriers in ``print_datetime`` and checkpointing.
+    - fsdp1/fsdp2 on a 2-D or deeper mesh (HSDP, tp/pp/cp > 1): the shard and replicate groups are subgroups
+      (``new_group``/``split_group``); the default group's communicator exists once a collective runs on it: torchtitan
+      binds ``device_id`` in ``init_process_group`` (eager NCCL init, the subgroups ``ncclCommSplit`` from it, whose
+      buffers are not shared without NCCL_COMM_SPLIT_SHARE_RESOURCES), and HF Trainer/accelerate barrier on it.
+    Assumption: a barrier connects the full ring/tree/NVLS set like any collective (``memory.nccl``'s convention).
+    """
+    cfg, engine = ctx.cfg, ctx.cfg.effective_engine
+    world = cfg.world_size
+    if world <= 1:
+        return []
+    data_groups = _dp_groups(ctx)
+    if engine in (Engine.PYTORCH, Engine.FSDP1, Engine.FSDP2) and any(ranks == world for _, ranks, _ in data_groups):
+        return []
+    return [("world (default group)", world, _local(ctx, 1, world))]
+
+
 def communicators(ctx: Context) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, bool]]]:
     """(collective groups as (name, ranks, ranks on this node), point-to-point peer sets as (name, peers, whether
     the communicator spans nodes)) of the reported stage's GPU, groups of one rank left out."""
     cfg, engine = ctx.cfg, ctx.cfg.effective_engine
     tp, dp, pp = cfg.tp, cfg.dp, cfg.pp
-    groups = [*_dp_groups(ctx), ("tensor", tp, _local(ctx, 1, tp)), ("context", cfg.cp, _local(ctx, tp, cfg.cp))]
+    groups = [*_dp_groups(ctx), *_default_group(ctx), ("tensor", tp, _local(ctx, 1, tp)),
+              ("context", cfg.cp, _local(ctx, tp, cfg.cp))]
     if cfg.ep > 1:
         groups.append(("expert-data", dp // cfg.ep, _local(ctx, tp * cfg.ep, dp // cfg.ep)))
     pp_local = _local(ctx, tp * dp, pp)
