@@ -168,3 +168,21 @@ def test_suggestions_carry_their_change_as_data(runner):
     # the GPU, which DeepSpeed does only under ZeRO-3; 12 bytes of fp32 states per parameter go with them.
     assert "ZeRO-3" in picked and "optimizer states in CPU memory, parameters in CPU memory" in picked, picked
     assert any(f.startswith("--gpus") for f in by_flags) and any(f.startswith("--gpu ") for f in by_flags)
+
+
+def test_a_reason_every_placement_shares_is_said_once(runner):
+    """An NCCL knob on one GPU refuses every ZeRO/offload placement for the same reason: one sentence, not one per
+    placement."""
+    result = run_cli(runner, "plan", "llama-3.1-8b", "--gpu", "h100-sxm-80gb", "--gpus", "1", "--nccl-buffsize", "8MiB",
+                     code=2)
+    assert result.stderr.count("creates no NCCL communicator") == 1
+    assert "placement=" not in result.stderr
+
+
+def test_distinct_reasons_keep_the_value_of_a_reason_of_one_value():
+    from memplan.planner.train_plan import distinct_reasons
+
+    excluded = ["tp=3: 3 does not divide 32 heads.", "placement=(zero 2): rule A.", "placement=(zero 3): rule A.",
+                "a sentence without a value."]
+    assert distinct_reasons(excluded) == "tp=3: 3 does not divide 32 heads.; rule A.; a sentence without a value."
+    assert distinct_reasons(excluded, limit=1) == "tp=3: 3 does not divide 32 heads."

@@ -104,6 +104,20 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     return bool(found)
 
 
+def distinct_reasons(excluded: list[str], limit: int = 3) -> str:
+    """The first ``limit`` distinct reasons among ``excluded`` ("dim=value: reason"), each said once: a reason every
+    value shares (an NCCL knob on one GPU refuses every ZeRO/offload placement alike) is printed once, without the
+    values; a reason of one value keeps its "dim=value" prefix."""
+    heads: dict[str, list[str]] = {}
+    for entry in excluded:
+        head, sep, reason = entry.partition(": ")
+        if not sep or "=" not in head:
+            head, reason = "", entry
+        heads.setdefault(reason, []).append(head)
+    parts = [f"{h[0]}: {r}" if len(h) == 1 and h[0] else r for r, h in heads.items()]
+    return "; ".join(parts[:limit])
+
+
 def _offload_may_help(found: list) -> bool:
     """Whether a plan with activation offload is worth solving after those without (``found``): none fits, or the
     best recomputes layers, which offloaded activations could keep instead. A pruning of the search (offload costs
@@ -129,7 +143,7 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
     result.excluded = sorted(set(result.excluded + excluded))
     if not dims["tp"] or not dims["pp"] or not dims["placement"]:
         raise NoValidDegree(f"no tensor/pipeline degree or ZeRO/offload placement is valid on {base.world_size} GPUs: "
-                            + "; ".join(dict.fromkeys(excluded[:3])))
+                            + distinct_reasons(excluded))
     if not dims["recompute"]:
         raise MemplanError("no recompute mode asked for runs on this engine: "
                            + "; ".join(e.split(": ", 1)[1] for e in excluded if e.startswith("recompute=")))
