@@ -54,6 +54,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "activations/pp_recv_buffers": ("pp_stage_buffers.rows", "pp_stage_buffers.recv_buffer_counts",
                                     "pp_stage_buffers.input_saved"),
     "activations/pp_grad_recv_buffers": ("pp_stage_buffers.rows", "pp_stage_buffers.recv_buffer_counts"),
+    "activations/pp_stage_inputs": ("pp_stage_buffers.deepspeed_rows", "pp_stage_buffers.deepspeed_counts"),
     "gradients/ddp_buckets": ("engine_buffers.ddp_rows",),
     "gradients/reduce_bucket": ("engine_buffers.deepspeed_rows",),
     "gradients/zero3_reduce_bucket": ("engine_buffers.deepspeed_rows",),

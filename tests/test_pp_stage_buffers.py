@@ -149,3 +149,46 @@ def test_knob_where_it_moves_nothing_is_refused(kw: dict, needle: str) -> None:
     cfg = JobConfig(**{**base, **kw}, engine_config={"deallocate_pipeline_outputs": True})
     with pytest.raises(MemplanError, match=needle):
         rules.check(cfg)
+
+
+DS_NAMES = ("activations/pp_stage_outputs", "activations/pp_stage_inputs", "activations/pp_recv_buffers",
+            "activations/pp_grad_recv_buffers")
+
+
+def _ds_bytes(stage: int, **kw: object) -> dict[str, int]:
+    rows = {r.component: r for r in components.job_rows(_ctx(stage, engine="deepspeed", zero=1, **kw), [])}
+    return {n: rows[n].bytes if n in rows else 0 for n in DS_NAMES}
+
+
+@pytest.mark.parametrize(("stage", "m"), [(s, M) for s in range(4)] + [(0, 2), (1, 2)])
+def test_deepspeed_pipe_buffers(stage: int, m: int) -> None:
+    """DeepSpeed's pipeline engine (runtime/pipe/engine.py): per in-flight micro-batch, the stage output
+    (pipe_buffers['outputs'], none counted on the last stage: the loss) and the received input
+    (pipe_buffers['inputs'], a clone the module never sees: none on the first stage); one pipe_recv_buf off the first
+    stage and one grad_layer off the last. In flight: TrainSchedule.num_pipe_buffers' min(stages − stage_id,
+    micro_batches), which is 1F1B's most forwards alive, written out."""
+    flight = min(4 - stage, m)
+    assert flight == _torch_1f1b_outputs_kept(4, stage, m)
+    assert _ds_bytes(stage, grad_accum=m) == {
+        "activations/pp_stage_outputs": (flight if stage < 3 else 0) * X,
+        "activations/pp_stage_inputs": (flight if stage > 0 else 0) * X,
+        "activations/pp_recv_buffers": (1 if stage > 0 else 0) * X,
+        "activations/pp_grad_recv_buffers": (1 if stage < 3 else 0) * X}
+
+
+def test_deepspeed_partitions_what_crosses_stages_over_tensor_parallelism() -> None:
+    """tp 2 (pipe_partitioned/grad_partitioned default True): outputs and both receive buffers hold half of X; the
+    kept inputs are the gathered full X, the module's own input: under the paper's accounting (the first norm saves
+    its input) the activations hold them already."""
+    flight = 4 - 1
+    assert _ds_bytes(1, tp=2) == {"activations/pp_stage_outputs": flight * X // 2,
+                                  "activations/pp_stage_inputs": flight * X,
+                                  "activations/pp_recv_buffers": X // 2, "activations/pp_grad_recv_buffers": X // 2}
+    assert _ds_bytes(1, tp=2, activation_accounting="paper")["activations/pp_stage_inputs"] == 0
+    assert _ds_bytes(1, activation_accounting="paper")["activations/pp_stage_inputs"] == flight * X  # the clone's source
+
+
+def test_deepspeed_pipe_buffer_phases() -> None:
+    rows = {r.component: r for r in components.job_rows(_ctx(1, engine="deepspeed", zero=1), [])}
+    assert rows["activations/pp_stage_inputs"].phases == frozenset({Phase.FORWARD, Phase.BACKWARD_START})
+    assert Phase.OPTIMIZER in rows["activations/pp_grad_recv_buffers"].phases

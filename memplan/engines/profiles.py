@@ -110,14 +110,16 @@ PROFILES: dict[Engine, Profile] = {
         "FusedAdam (deepspeed/ops/adam/fused_adam.py, multi-tensor apply) on the GPU; DeepSpeedCPUAdam "
         "(deepspeed/ops/adam/cpu_adam.py) for offloaded optimizer states",
         ("gradients/reduce_bucket", "gradients/zero3_reduce_bucket", "weights/zero3_live_params",
-         "gradients/zero3_live_grads", "weights/zero3_prefetch", "weights/zero3_persistent"),
+         "gradients/zero3_live_grads", "weights/zero3_prefetch", "weights/zero3_persistent",
+         "activations/pp_stage_outputs", "activations/pp_stage_inputs", "activations/pp_recv_buffers",
+         "activations/pp_grad_recv_buffers"),
         ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients",
          "stage3_max_live_parameters", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
          "mics_shard_size", "zero_hpz_partition_size"),
         "Hugging Face module layout (autograd-saved tensors)",
         ("deepspeed/runtime/zero/stage_1_and_2.py", "deepspeed/runtime/zero/stage3.py", "deepspeed/runtime/zero/config.py",
          "deepspeed/runtime/utils.py", "deepspeed/runtime/zero/mics.py", "deepspeed/runtime/zero/partition_parameters.py",
-         "deepspeed/runtime/activation_checkpointing/checkpointing.py")),
+         "deepspeed/runtime/activation_checkpointing/checkpointing.py", "deepspeed/runtime/pipe/engine.py")),
     Engine.MEGATRON: Profile(
         Engine.MEGATRON, "Megatron-LM / Megatron-Core (TransformerEngine layers)",
         (("bf16 with fp32 main grads (the default)",

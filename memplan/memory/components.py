@@ -113,6 +113,10 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
         kept = sum(r.bytes for r in rows if r.component == "weights/fsdp_kept_all_gather")
         rows += with_phases(ctx, engine_fsdp2_backward.kept_at_loss_rows(ctx, kept=kept))
         rows += with_phases(ctx, engine_fsdp2_backward.first_reduce_scatter_rows(ctx, rows))
+    elif ctx.cfg.pp > 1 and ctx.cfg.effective_engine is Engine.DEEPSPEED:  # DeepSpeed's pipe_buffers
+        from memplan.memory import pp_stage_buffers
+
+        rows += with_phases(ctx, pp_stage_buffers.rows(ctx))
     return rows
 
 

@@ -19,6 +19,16 @@ Megatron-LM: megatron/training/arguments.py ``core_transformer_config_from_args`
 ``deallocate_pipeline_outputs = True``, so megatron/core/pipeline_parallel/schedules.py ``deallocate_output_tensor``
 replaces each sent output's storage by a 1-element tensor, and p2p_communication.py ``_communicate`` allocates a
 receive buffer per message (the kept one is the next forward's input, a saved activation): no rows for megatron.
+
+DeepSpeed's pipeline engine (deepspeed 0.19.6, deepspeed/runtime/pipe/engine.py, ``deepspeed_rows``) keeps per
+in-flight micro-batch, in ``pipe_buffers`` slots (``_reserve_pipe_buffers(TrainSchedule.num_pipe_buffers())``):
+``outputs`` (the stage output, from ``_exec_forward_pass`` until ``_exec_backward_pass`` sets it to None) and
+``inputs`` (``_exec_recv_activations``: ``pipe_recv_buf.clone().detach()`` with requires_grad, kept until
+``_exec_send_grads`` has sent its ``.grad``); the module runs on a second ``clone()`` of it, so the activations'
+saved stage input (where ``input_saved``) is that clone, not this one. ``pipe_recv_buf`` and ``grad_layer`` are one
+receive buffer each, allocated at the first message and reused every step. runtime/pipe/schedule.py
+``TrainSchedule.num_pipe_buffers`` = max(2, min(stages − stage_id, micro_batches)): "the maximum number of
+in-flight forward passes" (the max(2, ·) reserves empty slots only), the 1F1B count ``in_flight_micro_batches``.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from memplan.config import Engine, Recompute
 from memplan.memory.activations_block import block_input_bytes
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
+from memplan.units import ceil_div
 
 SOURCE = ("torch/distributed/pipelining/stage.py (forward_one_chunk fwd_cache; PipelineStage._setup_forward_recv_info, "
           "_create_grad_recv_info: one buffer per micro-batch)")
@@ -123,6 +134,8 @@ def rows(ctx: Context) -> list[Row]:
     (logits kept when ``step(return_outputs=True)``) is not counted.
     """
     cfg = ctx.cfg
+    if deepspeed_applies(ctx) and ctx.arch.layers:
+        return deepspeed_rows(ctx)
     if not applies(ctx) or not ctx.arch.layers:
         return []
     x = block_input_bytes(ctx.arch.spec, cfg)
@@ -137,4 +150,56 @@ def rows(ctx: Context) -> list[Row]:
                               ("activations/pp_grad_recv_buffers", grad_recv, "gradient receive buffers")):
         if count > 0:
             out.append(Row(name, Tier.GPU, count * x, SOURCE, f"torch pipelining: {count} {what} of {x:,} bytes"))
+    return out
+
+
+DEEPSPEED_SOURCE = ("deepspeed/runtime/pipe/engine.py (pipe_buffers inputs/outputs per in-flight micro-batch, "
+                    "pipe_recv_buf, grad_layer); runtime/pipe/schedule.py TrainSchedule.num_pipe_buffers")
+
+
+def deepspeed_applies(ctx: Context) -> bool:
+    """Whether the job trains on DeepSpeed's pipeline engine (engine deepspeed with pp > 1)."""
+    cfg = ctx.cfg
+    return cfg.job.trains and cfg.pp > 1 and cfg.effective_engine is Engine.DEEPSPEED
+
+
+def deepspeed_counts(pp: int, stage: int, micro_batches: int) -> dict[str, int]:
+    """Boundary tensors DeepSpeed's pipeline engine holds on ``stage`` at its peak, by row.
+
+    Formula, F = min(p − s, m) (``TrainSchedule.num_pipe_buffers`` without its max(2, ·) of empty slots):
+    stage outputs F on every stage but the last (whose output is the loss); kept received inputs F on every stage
+    but the first (which loads token ids); one ``pipe_recv_buf`` off the first stage; one ``grad_layer`` off the last.
+    """
+    first, last = stage == 0, stage == pp - 1
+    flight = in_flight_micro_batches(pp, stage, 1, micro_batches)
+    return {"activations/pp_stage_outputs": 0 if last else flight,
+            "activations/pp_stage_inputs": 0 if first else flight,
+            "activations/pp_recv_buffers": 0 if first else 1,
+            "activations/pp_grad_recv_buffers": 0 if last else 1}
+
+
+def deepspeed_rows(ctx: Context) -> list[Row]:
+    """DeepSpeed's pipeline buffers on the reported stage, bytes per GPU.
+
+    Formula: count (``deepspeed_counts``) × X, X = ``activations_block.block_input_bytes``. With tp > 1 the engine
+    partitions what crosses stages over the tensor-parallel group (engine.py ``is_pipe_partitioned`` and
+    ``is_grad_partitioned``, config ``pipe_partitioned``/``grad_partitioned`` default True): the kept outputs and
+    both receive buffers hold ceil(X / tp) each, the output's full data zeroed (``first_output.data =
+    torch.zeros(1)``); the kept inputs are the gathered full X (``part_input.full()``), which then is the module's
+    input itself, so where ``input_saved`` the activations count them already and they are left out.
+    Assumptions: one tensor crosses each stage boundary (the hidden states; an attention mask sent beside it is not
+    counted); the schedule is 1F1B (DeepSpeed has no interleaved one).
+    """
+    cfg = ctx.cfg
+    x = block_input_bytes(ctx.arch.spec, cfg)
+    part = ceil_div(x, cfg.tp)
+    counts = deepspeed_counts(cfg.pp, ctx.stage, cfg.grad_accum)
+    if cfg.tp > 1 and input_saved(ctx):
+        counts["activations/pp_stage_inputs"] = 0
+    out = []
+    for name, count in counts.items():
+        size = x if name == "activations/pp_stage_inputs" else part
+        if count > 0:
+            out.append(Row(name, Tier.GPU, count * size, DEEPSPEED_SOURCE,
+                           f"DeepSpeed pipeline engine: {count} x {size:,} bytes"))
     return out

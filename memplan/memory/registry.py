@@ -122,13 +122,19 @@ register("gradients/fsdp_pp_accumulated_at_peak", (Phase.FORWARD, Phase.BACKWARD
          "the part of gradients/fsdp_pp_accumulated that exists while the stage holds its in-flight peak")
 register("activations/pp_stage_outputs", (_F, _BS),
          "torch.distributed.pipelining stage.py forward_one_chunk: fwd_cache keeps each micro-batch's stage output "
-         "until its backward_one_chunk (memory.pp_stage_buffers)")
+         "until its backward_one_chunk; DeepSpeed pipe/engine.py pipe_buffers['outputs'] until _exec_backward_pass "
+         "(memory.pp_stage_buffers)")
 register("activations/pp_recv_buffers", TRAIN_PHASES,
          "torch.distributed.pipelining stage.py PipelineStage._setup_forward_recv_info: one input receive buffer per "
-         "micro-batch, allocated at the first step and kept (memory.pp_stage_buffers)")
+         "micro-batch, allocated at the first step and kept; DeepSpeed pipe/engine.py: one pipe_recv_buf "
+         "(memory.pp_stage_buffers)")
+register("activations/pp_stage_inputs", (_F, _BS),
+         "DeepSpeed runtime/pipe/engine.py _exec_recv_activations: pipe_buffers['inputs'] keeps each in-flight "
+         "micro-batch's received input until _exec_send_grads (memory.pp_stage_buffers.deepspeed_rows)")
 register("activations/pp_grad_recv_buffers", TRAIN_PHASES,
          "torch.distributed.pipelining stage.py _create_grad_recv_info: one output-gradient receive buffer per "
-         "micro-batch, allocated at the first step and kept (memory.pp_stage_buffers)")
+         "micro-batch, allocated at the first step and kept; DeepSpeed pipe/engine.py: one grad_layer "
+         "(memory.pp_stage_buffers)")
 register("weights/fsdp1_unsharded", _TRAIN_SAVED,
          "FSDP1 _runtime_utils.py _unshard/_reshard: gathered FlatParameters from forward through backward")
 register("gradients/fsdp1_reduce_scatter", (Phase.BACKWARD,), "FSDP1 _runtime_utils.py _reduce_grad: one unit")
