@@ -56,7 +56,9 @@ def test_zero3_with_pipeline_is_never_planned_by_default():
     base = JobConfig(job=Job.FULL, gpus_per_node=4, seq_len=256, cuda_context_bytes=0, allocator_reserve_pct=5)
     space = SearchSpace(tp=(1,), pp=(2,), zero=(0, 1, 2, 3), offload_optimizer=(Offload.NONE,),
                         offload_params=(Offload.NONE,), micro_batch=(1,), global_batch=4)
-    nccl = 2 * 32 * (10 + 2)  # MiB: a two-rank data-parallel ring and one pipeline neighbour (memory.nccl)
+    # MiB: a two-rank data-parallel ring and one pipeline neighbour, 32 channels x (10 + 2) MiB each, plus the default
+    # group of 4 ranks (two neighbours) that DeepSpeed and a 2-D fsdp2 mesh also create (memory.nccl_groups)
+    nccl = 2 * 32 * (10 + 2) + 2 * 32 * (10 + 2)
     result = plan(PlanRequest(model=SPEC, gpu=gpu_with(400 + nccl), host=HostSpec(), base=base, space=space, top_k=5,
                               suggest=False))
     assert result.candidates

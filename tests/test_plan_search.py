@@ -30,7 +30,9 @@ def small_problem(memory_mib: int = 3000):
     dims = {"tp": (1, 2), "pp": (1, 2), "placement": place, "optimizer": (base.optimizer,), "quant": (None,),
             "micro_batch": (1, 2), "seq_len": (2048,),
             "recompute": (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)}
-    nccl = 2 * 32 * (10 + 2)  # MiB of NCCL buffers every layout of 4 GPUs holds (memory.nccl): kept out of the budget
+    # MiB of NCCL buffers (memory.nccl), kept out of the budget: every DeepSpeed layout of 4 GPUs holds its groups'
+    # 2 x 32 channels x (10 + 2) MiB plus the default group's as much again (nccl_groups._default_group)
+    nccl = 2 * 2 * 32 * (10 + 2)
     setting = train.TrainSetting(arch=arch, gpu=gpu_with(memory_mib + nccl), host=HostSpec(), base=base, global_batch=8)
     problem, _ = train.build_problem(setting, dims, "min_seconds")
     return problem
@@ -74,7 +76,7 @@ def test_every_rows_bound_is_at_most_its_optimum():
             assert lower_bound(problem, row) <= sol.objective * (1 + 1e-12)
 
 
-@pytest.mark.parametrize("memory_mib", [2600, 4000])
+@pytest.mark.parametrize("memory_mib", [2600, 3300])
 def test_a_row_answered_without_the_mip_is_the_mips_answer(memory_mib):
     """Where every layer's fastest mode fits, ``cheapest_plan`` answers the row; the row's MIP agrees (status and
     step time), and where the MIP needs slower modes or finds nothing, ``cheapest_plan`` declines; a row
