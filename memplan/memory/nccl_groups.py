@@ -7,8 +7,8 @@ A group of one rank creates no connection; a group used by no operation of the s
 - ``fsdp1``/``fsdp2``: the shard group (all-gather, reduce-scatter); with HSDP (``hsdp_shard_size``) also the
   replicate group's all-reduce (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py ``foreach_reduce``).
 - ``deepspeed``: the data-parallel group (deepspeed/utils/groups.py ``_get_data_parallel_group``: without an mpu a
-  clone of the world group, ``_clone_world_group``; a collective on the default group too would add one more
-  communicator of the same size, not counted); MiCS adds its
+  clone of the world group, ``_clone_world_group``, so the default group is one more communicator of the same
+  ranks: ``_default_group``); MiCS adds its
   shard and replicate groups (runtime/zero/mics.py), ZeRO++ hpZ its secondary-partition group (groups.py
   ``_get_zero_param_intra_parallel_group``); pipeline stages talk through a two-rank group per neighbour
   (runtime/pipe/p2p.py, ``_grid.p2p_groups``).
