@@ -271,6 +271,8 @@ def test_megatron_bytes_per_parameter(dtype, plain, dist):
 @pytest.mark.parametrize(("kw", "words"), [
     ({"engine": "deepspeed", "zero": 2, "pp": 2, "gpus_per_node": 8}, "incompatible with pipeline parallelism"),
     ({"zero": 3, "pp": 2, "gpus_per_node": 8}, "incompatible with pipeline parallelism"),
+    ({"engine": "deepspeed", "zero": 1, "pp": 2, "gpus_per_node": 8, "perf": {"virtual_stages": 2}},
+     "one model chunk per stage"),
     ({"zero": 2, "offload_optimizer": "cpu", "optimizer": "adamw-8bit"}, "DeepSpeedCPUAdam"),
     ({"engine": "pytorch", "zero": 1}, "ZeRO stages are DeepSpeed's"),
     ({"engine": "fsdp2", "zero": 3, "gpus_per_node": 2}, "fsdp2 already shards"),

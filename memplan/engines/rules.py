@@ -109,6 +109,9 @@ def _deepspeed(cfg: JobConfig) -> str | None:
     if cfg.pp > 1 and cfg.zero >= ZeroStage.GRADIENTS:
         return ("DeepSpeed's pipeline engine asserts 'ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism' "
                 "(deepspeed/runtime/pipe/engine.py): use --zero 0 or 1 with --pp, or --pp 1.")
+    if cfg.pp > 1 and cfg.perf.virtual_stages > 1:
+        return ("DeepSpeed's pipeline engine runs one model chunk per stage (deepspeed/runtime/pipe/schedule.py "
+                "TrainSchedule, 1F1B): --virtual-stages needs an interleaving engine, --engine megatron or fsdp2.")
     if cfg.offload_optimizer is not Offload.NONE and cfg.optimizer not in CPU_OPTIMIZERS:
         return (f"DeepSpeed's optimizer offload runs DeepSpeedCPUAdam or DeepSpeedCPULion, not {cfg.optimizer.value} "
                 "(runtime/engine.py, zero_force_ds_cpu_optimizer): use --optimizer adamw or lion, or no offload.")
