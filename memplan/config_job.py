@@ -26,6 +26,7 @@ from memplan.config_rules import SIXTEEN_BIT_WORDS, not_read_error, perf_not_rea
 from memplan.config_serve import InferConfig, ServeConfig
 from memplan.config_train import EngineConfig, GaloreConfig, LoraConfig, PerfConfig
 from memplan.dtypes import Dtype
+from memplan.units import counted
 
 BNB_RELEASE = r"^0\.\d+(\.\d+)?$"
 TRANSFORMERS_RELEASE = r"^4\.(3[7-9]|40)(\.\d+)?$"
@@ -293,13 +294,14 @@ class JobConfig(Strict):
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
         if self.world_size > MAX_GPUS:
-            raise ValueError(f"{self.world_size:,} GPUs ({self.gpus_per_node} per node × {self.nodes} nodes) is more "
+            raise ValueError(f"{counted(self.world_size, 'GPU', grouped=True)} ({self.gpus_per_node} per node × "
+                             f"{counted(self.nodes, 'node')}) is more "
                              f"than the {MAX_GPUS:,} memplan plans for")
         if self.world_size % (self.tp * self.pp * self.cp):
             what = "tp × pp × cp" if self.cp > 1 else "tp × pp"
             raise ValueError(
-                f"{what} = {self.tp * self.pp * self.cp} must divide the {self.world_size} GPUs "
-                f"({self.gpus_per_node} per node × {self.nodes} nodes)"
+                f"{what} = {self.tp * self.pp * self.cp} must divide the {counted(self.world_size, 'GPU')} "
+                f"({self.gpus_per_node} per node × {counted(self.nodes, 'node')})"
             )
         if self.cp_comm is not CpComm.RING and self.cp == 1:
             raise ValueError(f"cp_comm={self.cp_comm.value} applies with context parallelism (cp > 1); set cp too")

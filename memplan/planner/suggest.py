@@ -21,7 +21,7 @@ from memplan.memory.quant import QLORA_DEFAULT
 from memplan.planner.change import apply
 from memplan.planner.request import PlanRequest, PlanResult
 from memplan.planner.space import Objective, SearchSpace
-from memplan.units import GiB
+from memplan.units import GiB, counted
 
 MAX_SCALE_NODES = 128
 
@@ -153,7 +153,7 @@ def _gpus_label(req: PlanRequest, value: tuple[int, int], best: Any) -> str:
     g, n = value
     zero = int(best.config.zero)
     how = f" with ZeRO-{zero}" if zero else ""
-    return f"use {g * n} GPUs of this kind ({g} per node × {n} node{'s' if n > 1 else ''}){how}"
+    return f"use {counted(g * n, 'GPU')} of this kind ({g} per node × {counted(n, 'node')}){how}"
 
 
 def _shape_changes(req: PlanRequest, value: int) -> dict[str, Any]:
