@@ -128,9 +128,13 @@ def render_plan(result: PlanResult, console: Any) -> None:
         console.print(folded(text))
 
     if result.best is None:
-        console.print("[red]INFEASIBLE[/red]: no configuration in the search space fits.")
-        if result.binding:
-            say(f"Binding constraint: {result.binding}.")
+        if result.lean_fits:  # the search missed a configuration the exact estimate accepts (suggest.binding)
+            console.print("[red]INFEASIBLE[/red]: the planner found no plan.")
+            say(f"Why: {result.binding}.")
+        else:
+            console.print("[red]INFEASIBLE[/red]: no configuration in the search space fits.")
+            if result.binding:
+                say(f"Binding constraint: {result.binding}.")
         if result.suggestions:
             console.print("Smallest changes that fit, each verified by a re-solve:")
             for s in result.suggestions:
