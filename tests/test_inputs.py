@@ -360,3 +360,18 @@ def test_an_infeasible_plan_past_its_time_limit_says_it_was_not_diagnosed():
     result = PlanResult(status="infeasible", objective=Objective.THROUGHPUT)
     explain_infeasible(req, result)
     assert "time limit (2 s)" in result.binding and result.suggestions == []
+
+
+def test_a_pattern_mismatch_without_its_own_sentence_does_not_quote_the_regex():
+    """A future field with a bare ``pattern`` still gets words, not the regular expression."""
+    from pydantic import BaseModel, Field, ValidationError
+
+    from memplan.catalog.store import format_validation_error
+
+    class Versioned(BaseModel):
+        version: str = Field(pattern=r"^\d+\.\d+$")
+
+    with pytest.raises(ValidationError) as err:
+        Versioned(version="x")
+    text = format_validation_error(err.value)
+    assert text == "version: 'x' is not in the form this field takes", text
