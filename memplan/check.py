@@ -153,6 +153,8 @@ def infeasible_reason(loaded: LoadedRecipe, *, time_limit_s: float) -> tuple[Any
                       f"{TIER_NAME[t.tier]} free; the best plan without it uses {gib(t.total)} of {gib(t.capacity)} "
                       f"({t.headroom_pct:.1f}% headroom)")
     binding(replace(req, suggest=False), bare, plan)
+    if bare.lean_fits:
+        return bare, f"the planner found no plan: {bare.binding}"
     return bare, f"no plan in the search space fits: {bare.binding or 'every candidate is over capacity'}"
 
 

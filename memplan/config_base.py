@@ -6,6 +6,7 @@ Part of ``memplan.config`` (which re-exports every name).
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -42,6 +43,19 @@ def reject_bools(model: type[BaseModel], data: Any) -> Any:
             raise ValueError(f"{name}: expected {'a number' if items is not value else 'numbers'} or names, "
                              f"got the boolean {str(value).lower()}")
     return data
+
+
+def release(value: Any, *, pattern: str, form: str, hint: str = "") -> Any:
+    """``value`` unchanged when it is None or a string matching ``pattern`` (the field's own ``pattern``, kept for
+    the JSON schema); else a ValueError saying the form it takes (``form``: "a vLLM release like 0.8.4"), for a
+    field validator run before pydantic's pattern check, whose message quotes the regular expression; ``hint``
+    follows the value. A number
+    (YAML reads ``0.43`` as one) is told to be written as text: the float has lost any trailing zero."""
+    if value is None or (isinstance(value, str) and re.fullmatch(pattern, value)):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f"takes {form} as text (quote it in YAML: '{value}'), not the number {value}{hint}")
+    raise ValueError(f"takes {form}, not {value!r}{hint}")
 
 
 class Strict(BaseModel):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from memplan.config_base import Strict
+from memplan.config_base import Strict, release
 from memplan.config_enums import (
     MAX_GPUS,
     Accounting,
@@ -26,6 +26,11 @@ from memplan.config_rules import SIXTEEN_BIT_WORDS, not_read_error, perf_not_rea
 from memplan.config_serve import InferConfig, ServeConfig
 from memplan.config_train import EngineConfig, GaloreConfig, LoraConfig, PerfConfig
 from memplan.dtypes import Dtype
+from memplan.units import counted
+
+BNB_RELEASE = r"^0\.\d+(\.\d+)?$"
+TRANSFORMERS_RELEASE = r"^4\.(3[7-9]|40)(\.\d+)?$"
+"""The transformers releases whose sources ``memory.hf_legacy`` was written from."""
 
 
 class JobConfig(Strict):
@@ -115,12 +120,12 @@ class JobConfig(Strict):
     bitsandbytes <= 0.43.1, its quantized linears' inputs. None: ``seq_len`` (micro-batches of equal length, the
     worst case); 0: nothing held (the longest micro-batch comes first, as litgpt 8641822's ``get_batch`` forces);
     at most ``seq_len``."""
-    bnb_version: str | None = Field(default=None, pattern=r"^0\.\d+(\.\d+)?$")
+    bnb_version: str | None = Field(default=None, pattern=BNB_RELEASE)
     """The bitsandbytes release, for what its matmuls keep for backward (``memory.litgpt.bnb_keeps_input``): up to
     0.43.1 the 4-bit and 8-bit matmuls hold their input on ``ctx`` (alive while the autograd graph is referenced, past
     its backward: ``activations/bnb_retained_inputs``); from 0.43.2 the 4-bit matmul holds none. None: the input is
     saved and freed by its backward (memplan's rule for an unknown release)."""
-    transformers_version: str | None = Field(default=None, pattern=r"^4\.(3[7-9]|40)(\.\d+)?$")
+    transformers_version: str | None = Field(default=None, pattern=TRANSFORMERS_RELEASE)
     """The transformers release the job runs, for the bytes older releases hold that current ones do not
     (``memory.hf_legacy``): 4.37-4.40 keep per-layer rotary cos/sin caches of max_position_embeddings rows; 4.38.x
     registers LlamaModel's max_position_embeddings² causal-mask buffer and builds a (B, 1, M, M) mask per forward,
@@ -230,6 +235,18 @@ class JobConfig(Strict):
             return self.attention
         return "flash" if self.flash_attention else "eager"
 
+    @field_validator("bnb_version", mode="before")
+    @classmethod
+    def _bnb_release(cls, value: Any) -> Any:
+        return release(value, pattern=BNB_RELEASE, form="a bitsandbytes release like 0.43.1")
+
+    @field_validator("transformers_version", mode="before")
+    @classmethod
+    def _transformers_release(cls, value: Any) -> Any:
+        return release(value, pattern=TRANSFORMERS_RELEASE,
+                       form="a transformers release from 4.37 to 4.40 like 4.38.2",
+                       hint=" (memplan models those and current transformers, which is what leaving it out means)")
+
     @model_validator(mode="before")
     @classmethod
     def _adapter_dtype(cls, data: Any) -> Any:
@@ -277,13 +294,14 @@ class JobConfig(Strict):
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
         if self.world_size > MAX_GPUS:
-            raise ValueError(f"{self.world_size:,} GPUs ({self.gpus_per_node} per node × {self.nodes} nodes) is more "
+            raise ValueError(f"{counted(self.world_size, 'GPU', grouped=True)} ({self.gpus_per_node} per node × "
+                             f"{counted(self.nodes, 'node')}) is more "
                              f"than the {MAX_GPUS:,} memplan plans for")
         if self.world_size % (self.tp * self.pp * self.cp):
             what = "tp × pp × cp" if self.cp > 1 else "tp × pp"
             raise ValueError(
-                f"{what} = {self.tp * self.pp * self.cp} must divide the {self.world_size} GPUs "
-                f"({self.gpus_per_node} per node × {self.nodes} nodes)"
+                f"{what} = {self.tp * self.pp * self.cp} must divide the {counted(self.world_size, 'GPU')} "
+                f"({self.gpus_per_node} per node × {counted(self.nodes, 'node')})"
             )
         if self.cp_comm is not CpComm.RING and self.cp == 1:
             raise ValueError(f"cp_comm={self.cp_comm.value} applies with context parallelism (cp > 1); set cp too")

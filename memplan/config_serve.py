@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from memplan.config_base import Strict
+from memplan.config_base import Strict, release
 from memplan.dtypes import Dtype
+
+VLLM_RELEASE = r"^\d+\.\d+(\.\d+)?$"
 
 
 class InferConfig(Strict):
@@ -76,7 +78,7 @@ class ServeConfig(Strict):
     default of ``memplan.engines.vllm.non_torch_bytes``."""
     allreduce_keeps_inputs: bool = False
     """vLLM <= 0.2.5 only (before PR #2151): every all-reduce input stayed alive through the profile forward."""
-    vllm_release: str | None = Field(default=None, pattern=r"^\d+\.\d+(\.\d+)?$")
+    vllm_release: str | None = Field(default=None, pattern=VLLM_RELEASE)
     """vLLM: the release whose memory profiler to reproduce ("0.8.4"); None: the current profiler. Releases whose
     arithmetic differs are named in ``memplan.engines.vllm`` (``counts_context``, ``subtracts_cudagraphs``)."""
     mem_fraction_static: float | None = Field(default=None, gt=0, lt=1)
@@ -123,3 +125,8 @@ class ServeConfig(Strict):
     """transformers ``generate(cache_implementation=...)``: ``dynamic`` (DynamicCache, grows by torch.cat) or ``static``;
     ``legacy``: the tuple ``past_key_values`` of transformers < 4.36 (before ``DynamicCache``), where a decode step
     keeps the whole previous cache alive next to the new one (``memory.kv_cache.legacy_previous_bytes``)."""
+
+    @field_validator("vllm_release", mode="before")
+    @classmethod
+    def _vllm_release(cls, value: object) -> object:
+        return release(value, pattern=VLLM_RELEASE, form="a vLLM release like 0.8.4")

@@ -33,6 +33,13 @@ MAX_COUNT = 10**30
 _SIZE_RE = re.compile(r"^\s*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
+def counted(n: int, noun: str, *, grouped: bool = False) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1 ("1 GPU", "8 GPUs", "1 node"); ``grouped``: thousands commas.
+    The regular English plural (an "s") only: the nouns memplan counts this way are GPU, node, replica, stage."""
+    number = f"{n:,}" if grouped else str(n)
+    return f"{number} {noun}" if n == 1 else f"{number} {noun}s"
+
+
 def ceil_div(numerator: int, denominator: int) -> int:
     """Integer division rounded up: the safe direction when sharding bytes for a capacity gate."""
     if denominator <= 0:

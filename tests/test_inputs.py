@@ -139,6 +139,29 @@ def test_bad_set_values_are_one_sentence_and_exit_2(runner, item, needle):
     assert "Traceback" not in line and "internal error" not in line
 
 
+@pytest.mark.parametrize("args, needle", [
+    (("llama-3.1-8b", "--job", "qlora", "--bnb-version", "abc"), "bitsandbytes release like 0.43.1, not 'abc'"),
+    (("llama-3.1-8b", "--job", "lora", "--engine", "transformers", "--transformers-version", "5.0"),
+     "transformers release from 4.37 to 4.40"),
+])
+def test_a_malformed_release_is_one_plain_sentence_not_a_regex(runner, args, needle):
+    """A release string that does not parse names the form it takes (pydantic's pattern text is for no user)."""
+    line = one_line_error(runner, "estimate", *args, "--gpu", "rtx-4090")
+    assert needle in line, line
+    assert "pattern" not in line and "\\d" not in line and "^" not in line, line
+
+
+def test_release_fields_in_recipes_and_the_api_name_the_form():
+    """The serve section's vLLM release, and a release YAML read as a number (``bnb_version: 0.43``)."""
+    with pytest.raises(ValueError, match=r"vLLM release like 0\.8\.4, not 'latest'") as err:
+        JobConfig(job="infer", serve={"vllm_release": "latest"})
+    assert "pattern" not in str(err.value)
+    with pytest.raises(ValueError, match=r"as text .*'0\.43'") as err:
+        JobConfig(job="qlora", bnb_version=0.43)
+    assert "valid string" not in str(err.value)
+    assert JobConfig(job="qlora", bnb_version="0.43.1").bnb_version == "0.43.1"
+
+
 def test_bools_are_not_numbers_in_the_api_and_recipes(tmp_path):
     with pytest.raises(MemplanError, match=r"seq_len.*boolean"):
         estimate("gpt2", "h100", seq_len=True)
@@ -337,3 +360,18 @@ def test_an_infeasible_plan_past_its_time_limit_says_it_was_not_diagnosed():
     result = PlanResult(status="infeasible", objective=Objective.THROUGHPUT)
     explain_infeasible(req, result)
     assert "time limit (2 s)" in result.binding and result.suggestions == []
+
+
+def test_a_pattern_mismatch_without_its_own_sentence_does_not_quote_the_regex():
+    """A future field with a bare ``pattern`` still gets words, not the regular expression."""
+    from pydantic import BaseModel, Field, ValidationError
+
+    from memplan.catalog.store import format_validation_error
+
+    class Versioned(BaseModel):
+        version: str = Field(pattern=r"^\d+\.\d+$")
+
+    with pytest.raises(ValidationError) as err:
+        Versioned(version="x")
+    text = format_validation_error(err.value)
+    assert text == "version: 'x' is not in the form this field takes", text

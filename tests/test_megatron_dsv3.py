@@ -39,6 +39,29 @@ DENSE_NUMEL = STAGE_LAYERS * (H * QL + QL + QL * N * (NOPE + ROPE) + H * (KL + R
                               + N * V * H + 2 * H + EXPERTS * H + 3 * H * F)
 """Per MoE layer: q_a, its norm, q_b, kv_a (with the rope key), its norm, kv_b, o; two block norms; the router; the
 shared expert's gate, up, down (Sec. 2.1.1, Eq. 1-11)."""
+F_DENSE = 18432
+"""The dense layers' FFN width (the published config.json's ``intermediate_size``; the paper does not state it)."""
+QK = N * (NOPE + ROPE)
+"""Per-token width of q and of k, heads × (nope + rope) (Sec. 2.1.1, Eq. 3-5)."""
+
+# One block's saved 16-bit tensors for one 4,096-token micro-batch under the paper's accounting (Korthikanti et al.
+# 2022, Sec. 4: every tensor a backward reads, 2 bytes an element; no dropout in DeepSeek-V3, so no masks):
+NORMS = 2 * (T * H * 2 + T * H * 2)
+"""The block's two RMSNorms: each one's input and its output (the input of the linears after it)."""
+LATENT = T * (QL + QL + KL + KL) * 2
+"""q_a's output (the q-latent norm's input) and the norm's output (q_b's input); the same for the kv latent."""
+QKV = T * (4 * QK + N * V) * 2
+"""The fused attention kernel's q, k, v (v padded to the q/k width) and its padded output, 4 × N·192 per token, and
+o_proj's input, the unpadded N·v (no S×S tensor: the kernel keeps only a per-row logsumexp, 0 under these rules)."""
+EXPERTS_KEPT = PAIRS * (3 * 8 + 2 * H * 2 + 2 * F * 2 + 4) + EXPERTS * 4
+"""Routed experts for T·k (token, expert) pairs: three int64 index tensors, the permuted input and un-permuted
+output (H each), the SwiGLU's 2F input and an fp32 routing weight per pair; int32 per-expert offsets."""
+EXPERTS_ALL = EXPERTS_KEPT + PAIRS * F * 2
+"""... and the SwiGLU's output (fc2's input, F per pair), which ``moe_act`` drops."""
+SHARED = T * (2 * F + F) * 2
+"""The shared expert's SwiGLU input (gate and up, 2F) and output (F): its fc1 input is the norm's output."""
+DENSE_MLP = T * (2 * F_DENSE + F_DENSE) * 2
+"""A dense layer's SwiGLU input (2F) and output (F); its fc1 input is the norm's output."""
 
 
 def _run(**engine_config: object) -> tuple[object, JobConfig]:
@@ -96,22 +119,24 @@ def test_recompute_modules_keep_what_megatron_keeps() -> None:
     norms = 2 * T * H * 2
     latent = T * (2 * QL + 2 * KL + ROPE) * 2
     core = T * N * (NOPE + ROPE) * 2 + T * N * V * 2
-    experts = PAIRS * (3 * 8 + 2 * H * 2 + 2 * F * 2 + 4) + EXPERTS * 4
-    shared = T * 3 * F * 2
+    kept = norms + latent + core + EXPERTS_KEPT + SHARED
     layer = ctx.layers[0][0]
-    assert act.layer_micro_bytes(ctx, layer, Recompute.SELECTIVE) == norms + latent + core + experts + shared
-    full = act.layer_micro_bytes(ctx, layer, Recompute.NONE)
-    assert act.workspace_bytes(ctx, Recompute.SELECTIVE, {layer}) == full - (norms + latent + core + experts + shared)
+    assert act.layer_micro_bytes(ctx, layer, Recompute.SELECTIVE) == kept
+    full = NORMS + LATENT + QKV + EXPERTS_ALL + SHARED
+    assert act.layer_micro_bytes(ctx, layer, Recompute.NONE) == full
+    assert act.workspace_bytes(ctx, Recompute.SELECTIVE, {layer}) == full - kept
 
 
 def test_default_module_is_core_attention_only() -> None:
-    """Megatron's default recompute_modules (["core_attn"]) keeps memplan's selective rule: only S×S terms go."""
+    """Megatron's default recompute_modules (["core_attn"]) keeps memplan's selective rule: only S×S terms go, and
+    the fused attention kernel saves none, so an MoE layer keeps every tensor the paper's rules count (norms,
+    latents, q/k/v and the kernel output, routed and shared experts, the SwiGLU outputs included)."""
     run = next(r for r in RUNS if r.id == "deepseek-v3")
     cfg = JobConfig(**{**run.cfg, "engine_config": {"use_distributed_optimizer": True}, "recompute": "selective"})
     ctx = Context(build_architecture(run.spec()), cfg, catalog_gpu(run.gpu), run.host).at_stage(1)
     layer = ctx.layers[0][0]
-    terms = act.block_terms(ctx, layer, act.counting_for(cfg))
-    assert act.layer_micro_bytes(ctx, layer, Recompute.SELECTIVE) == sum(t.bytes for t in terms if not t.core)
+    assert ctx.arch.layers[layer].moe
+    assert act.layer_micro_bytes(ctx, layer, Recompute.SELECTIVE) == NORMS + LATENT + QKV + EXPERTS_ALL + SHARED
 
 
 def test_mla_up_projection_flops() -> None:
@@ -183,9 +208,8 @@ def test_layernorm_recomputes_only_the_norms_megatron_does_not_fuse() -> None:
     ctx = Context(build_architecture(run.spec()), cfg, catalog_gpu(run.gpu), run.host).at_stage(0)
     layer = ctx.layers[0][0]
     assert not ctx.arch.layers[layer].moe
-    terms = act.block_terms(ctx, layer, act.counting_for(cfg))
-    others = sum(t.bytes for t in terms if t.name != "norms")
-    assert act.layer_micro_bytes(ctx, layer, Recompute.SELECTIVE) == others + 3 * T * H * 2
+    assert act.layer_micro_bytes(ctx, layer, Recompute.SELECTIVE) == 3 * T * H * 2 + LATENT + QKV + DENSE_MLP
+    assert act.layer_micro_bytes(ctx, layer, Recompute.NONE) == NORMS + LATENT + QKV + DENSE_MLP
 
 
 def test_plan_with_modules_needs_selective_among_its_modes() -> None:

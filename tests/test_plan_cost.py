@@ -38,7 +38,7 @@ def test_plan_csv_and_table_show_the_flag_price(runner: CliRunner) -> None:
     rows = list(csv.DictReader(io.StringIO(run_cli(runner, *ARGS, "--usd-per-hour", "3", "--format", "csv").stdout)))
     assert rows and all(float(r["usd_per_gpu_hour"]) == 3.0 for r in rows)
     table = run_cli(runner, *ARGS, "--usd-per-hour", "3").stdout
-    assert "Cost: $3.00 per hour (1 GPUs at $3.00)" in table
+    assert "Cost: $3.00 per hour (1 GPU at $3.00)" in table
 
 
 @pytest.mark.parametrize("value", ["-1", "inf", "nan"])

@@ -105,6 +105,23 @@ def test_knobs_belong_to_their_engine() -> None:
         estimate("llama-3.1-8b", "h100", job="infer", engine="vllm", serve={"mem_fraction_static": 0.8})
 
 
+@pytest.mark.parametrize(("engine", "serve", "owners"), [
+    ("vllm", {"mem_fraction_static": 0.8}, "choose sglang, the engine that reads it, or drop it"),
+    ("vllm", {"page_size": 16, "n_ctx": 512},
+     "choose the engine that reads them (sglang reads page_size, llamacpp reads n_ctx) or drop them"),
+    ("sglang", {"max_num_seqs": 8}, "choose vllm, the engine that reads it"),
+    (None, {"cache_implementation": "static"}, "not a knob of the default engine; choose transformers"),
+    (None, {"n_ctx": 512}, "not a knob of the default engine; choose llamacpp"),
+])
+def test_a_foreign_knob_names_only_the_engines_that_read_it(engine, serve, owners) -> None:
+    """The engine the job runs is not offered as the knob's home (it was, in a fixed list of all four)."""
+    with pytest.raises(MemplanError) as err:
+        estimate("llama-3.1-8b", "h100", job="infer", engine=engine, serve=serve)
+    assert owners in str(err.value), err.value
+    if engine is not None:
+        assert f", {engine}" not in str(err.value) and f"({engine}" not in str(err.value), err.value
+
+
 def test_cli_sglang_json_reports_the_pool(runner) -> None:
     result = run_cli(runner, "estimate", "llama-3.1-8b", "--gpu", "l40s", "--job", "infer", "--engine", "sglang",
                      "--mem-fraction-static", "0.85", "--page-size", "16", "--format", "json")

@@ -27,7 +27,7 @@ def _rows(runner: CliRunner, *args: str) -> dict[int, dict[str, str]]:
 def test_a_degree_above_one_sweeps_the_counts_it_divides(runner: CliRunner, flag: str, column: str) -> None:
     rows = _rows(runner, flag, "2")
     assert set(rows) == {1, 2, 4}
-    assert "must divide the 1 GPUs" in rows[1]["error"]
+    assert "must divide the 1 GPU (" in rows[1]["error"]
     for count in (2, 4):
         assert rows[count]["error"] == "", rows[count]["error"]
         assert rows[count][column] == "2" and int(rows[count]["max_batch"]) >= 1
@@ -36,7 +36,7 @@ def test_a_degree_above_one_sweeps_the_counts_it_divides(runner: CliRunner, flag
 def test_a_degree_that_divides_no_count_is_refused(runner: CliRunner) -> None:
     """Every cell would be invalid: one sentence, exit 2 (as ``estimate --pp 2`` on one GPU)."""
     result = run_cli(runner, "sweep", "-m", MODEL, "-g", GPU, "-j", "full", "--pp", "2", "-q", code=2)
-    assert "must divide the 1 GPUs" in (result.stderr or result.stdout)
+    assert "must divide the 1 GPU (" in (result.stderr or result.stdout)
 
 
 def test_sweep_options_without_a_job_flag(runner: CliRunner) -> None:

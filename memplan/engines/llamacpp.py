@@ -31,7 +31,7 @@ from memplan.errors import MemplanError
 from memplan.memory import weights
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
-from memplan.units import ceil_div, round_up
+from memplan.units import ceil_div, counted, round_up
 
 F32_BYTES = 4
 KV_TYPES: dict[str, tuple[int, int]] = {
@@ -66,7 +66,7 @@ def check(cfg: JobConfig) -> None:
         raise MemplanError("llama.cpp's row split (-sm row) is not modelled; split whole layers over the GPUs with "
                            "--pp N (llama.cpp -sm layer) instead.")
     if s.tensor_split is not None and len(s.tensor_split) != cfg.pp:
-        raise MemplanError(f"tensor_split (-ts) gives {len(s.tensor_split)} proportions for {cfg.pp} GPUs; give one "
+        raise MemplanError(f"tensor_split (-ts) gives {len(s.tensor_split)} proportions for {counted(cfg.pp, 'GPU')}; give one "
                            "per GPU of the layer split (--pp).")
     if s.tensor_split is not None and (any(v < 0 for v in s.tensor_split) or not any(s.tensor_split)):
         raise MemplanError("tensor_split (-ts) needs non-negative shares, not all zero.")

@@ -26,8 +26,8 @@ TRANSFORMERS_KNOBS = frozenset({"cache_implementation"})
 COMMON_KNOBS = frozenset({"prompt_tokens", "hbm_efficiency", "compute_efficiency"})
 KNOBS = {Engine.VLLM: VLLM_KNOBS, Engine.SGLANG: SGLANG_KNOBS, Engine.LLAMACPP: LLAMACPP_KNOBS,
          Engine.TRANSFORMERS: TRANSFORMERS_KNOBS}
-"""The default engine (None) models no transformers cache class: cache_implementation needs --engine transformers
-(memory.kv_cache, memory.inference read it only there)."""
+"""The knobs each serving engine reads (one engine each). The default engine (None) models no transformers cache
+class: cache_implementation needs --engine transformers (memory.kv_cache, memory.inference read it only there)."""
 
 
 def check_knobs(cfg: JobConfig) -> None:
@@ -45,9 +45,25 @@ def check_knobs(cfg: JobConfig) -> None:
     own = KNOBS.get(cfg.engine, frozenset()) if cfg.engine is not None else frozenset()
     foreign = sorted(given - own - COMMON_KNOBS)
     if foreign:
-        engine = cfg.engine.value if cfg.engine else "the default engine (no cache class; --engine transformers has it)"
+        engine = cfg.engine.value if cfg.engine else "the default engine"
         raise MemplanError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a knob of {engine}; "
-                           "choose the engine they belong to (vllm, sglang, llamacpp, transformers) or drop them.")
+                           f"{_owners(foreign)}.")
+
+
+def _owners(knobs: list[str]) -> str:
+    """The way out of a foreign serving knob: the engine(s) that read ``knobs`` (each knob is one engine's), never
+    a fixed list that would name the job's own engine."""
+    owners = {e: sorted(k for k in knobs if k in KNOBS[e]) for e in KNOBS}
+    owners = {e: ks for e, ks in owners.items() if ks}
+    if not owners:
+        return "no serving engine reads " + ("it" if len(knobs) == 1 else "them") + ": drop " + (
+            "it" if len(knobs) == 1 else "them")
+    if len(owners) == 1:
+        (engine,) = owners
+        it = "it" if len(knobs) == 1 else "them"
+        return f"choose {engine.value}, the engine that reads {it}, or drop {it}"
+    reads = ", ".join(f"{e.value} reads {', '.join(ks)}" for e, ks in owners.items())
+    return f"choose the engine that reads them ({reads}) or drop them"
 
 
 def has_own_rows(cfg: JobConfig) -> bool:

@@ -15,6 +15,7 @@ from memplan.planner.space import (
     powers_of_two,
 )
 from memplan.planner.split import split_values
+from memplan.units import counted
 
 SP_ENGINES = frozenset({Engine.MEGATRON, Engine.PYTORCH, Engine.FSDP2})
 """Engines that run sequence parallelism with tensor parallelism: Megatron-LM ``--sequence-parallel``
@@ -49,7 +50,7 @@ def tp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, exclu
     for tp in wanted:
         reason = check_tp(arch, tp, base.gpus_per_node) if arch.layers else (None if tp == 1 else "params-only model")
         if reason or base.world_size % (tp * base.cp):
-            excluded.append(reason or f"tp={tp}{_with_cp(base)} does not divide the {base.world_size} GPUs")
+            excluded.append(reason or f"tp={tp}{_with_cp(base)} does not divide the {counted(base.world_size, 'GPU')}")
         else:
             out.append(tp)
     return tuple(out)
@@ -66,7 +67,7 @@ def pp_candidates(arch: Architecture, base: JobConfig, space: SearchSpace, exclu
     for pp in wanted:
         reason = None if pp <= len(arch.layers) else f"pp={pp} exceeds the {len(arch.layers)} layers"
         if reason or base.world_size % (pp * base.cp):
-            excluded.append(reason or f"pp={pp}{_with_cp(base)} does not divide the {base.world_size} GPUs")
+            excluded.append(reason or f"pp={pp}{_with_cp(base)} does not divide the {counted(base.world_size, 'GPU')}")
         else:
             out.append(pp)
     return tuple(out)
@@ -111,7 +112,7 @@ def cp_bases(bases: list[JobConfig], space: SearchSpace, excluded: list[str]) ->
     for base in bases:
         for cp in space.cp or (base.cp,):
             if base.world_size % cp:
-                excluded.append(f"cp={cp} does not divide the {base.world_size} GPUs")
+                excluded.append(f"cp={cp} does not divide the {counted(base.world_size, 'GPU')}")
                 continue
             for comm in (space.cp_comm or (base.cp_comm,)) if cp > 1 else (CpComm.RING,):
                 out.append(base.model_copy(update={"cp": cp, "cp_comm": comm}))

@@ -64,6 +64,9 @@ class PlanResult:
     candidates: list[Candidate] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     binding: str | None = None
+    lean_fits: bool = False
+    """True when no plan was found although the leanest configuration of the search space fits on the exact estimate
+    (``suggest.binding``: the planner's linear model under-counted its candidates); ``binding`` then says so."""
     suggestions: list[dict[str, Any]] = field(default_factory=list)
     solver_status: str = "optimal"
     assumptions: dict[str, Any] = field(default_factory=dict)

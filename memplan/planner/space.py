@@ -16,6 +16,7 @@ from memplan.config import CpComm, Engine, Job, JobConfig, Offload, OptimizerKin
 from memplan.dtypes import Dtype
 from memplan.engines.megatron_rules import selective_rule
 from memplan.errors import MemplanError
+from memplan.units import counted
 
 
 class Objective(StrEnum):
@@ -183,7 +184,7 @@ def check_tp(arch: Architecture, tp: int, gpus_per_node: int) -> str | None:
     if kv % tp and tp % kv:
         return f"tp={tp} and the {kv} key/value heads do not divide one another"
     if tp > gpus_per_node:
-        return f"tp={tp} exceeds the {gpus_per_node} GPUs of a node (tensor parallelism stays inside a node)"
+        return f"tp={tp} exceeds the {counted(gpus_per_node, 'GPU')} of a node (tensor parallelism stays inside a node)"
     return None
 
 

@@ -21,7 +21,7 @@ from memplan.memory.quant import QLORA_DEFAULT
 from memplan.planner.change import apply
 from memplan.planner.request import PlanRequest, PlanResult
 from memplan.planner.space import Objective, SearchSpace
-from memplan.units import GiB
+from memplan.units import GiB, counted
 
 MAX_SCALE_NODES = 128
 
@@ -86,11 +86,25 @@ def binding(req: PlanRequest, result: PlanResult, solve: Solve) -> None:
         return
     est = estimate(req.model, req.gpu, lean.config, host=req.host)
     tier = est.binding_tier
-    over = -est.headroom(tier)
     where = "per GPU" if tier is Tier.GPU else "per node"
+    needs = f"{est.peak(tier) / GiB:,.2f} GiB {where} of {est.capacity(tier) / GiB:,.2f} GiB"
+    if est.fits:  # the search missed a plan the exact estimate accepts: say so, not "over by 0.00 GiB"
+        result.lean_fits = True
+        result.binding = (f"memory is not what fails: the leanest configuration in the search space "
+                          f"({lean_text(lean.config)}) fits, {needs}; the planner's linear model under-counted the "
+                          "plans it proposed, which the exact re-check then rejected (a planner defect: please report "
+                          "it, and run `memplan estimate` with that configuration)")
+        return
     result.binding = (f"{tier.value} memory: even the leanest configuration in the search space needs "
                       f"{est.peak(tier) / GiB:,.2f} GiB {where} against {est.capacity(tier) / GiB:,.2f} GiB "
-                      f"(over by {max(over, 0) / GiB:,.2f} GiB)")
+                      f"(over by {-est.headroom(tier) / GiB:,.2f} GiB)")
+
+
+def lean_text(cfg: Any) -> str:
+    """A configuration in a few words: its parallel degrees, ZeRO stage, micro-batch and recompute modes."""
+    modes = sorted({m.value for m in cfg.recompute_map} if cfg.recompute_map else {cfg.recompute.value})
+    return (f"tp={cfg.tp} pp={cfg.pp} zero={int(cfg.zero)} micro-batch={cfg.micro_batch} "
+            f"recompute {'/'.join(modes)}")
 
 
 def scale_steps(gpn: int, nodes: int) -> list[tuple[int, int]]:
@@ -153,7 +167,7 @@ def _gpus_label(req: PlanRequest, value: tuple[int, int], best: Any) -> str:
     g, n = value
     zero = int(best.config.zero)
     how = f" with ZeRO-{zero}" if zero else ""
-    return f"use {g * n} GPUs of this kind ({g} per node × {n} node{'s' if n > 1 else ''}){how}"
+    return f"use {counted(g * n, 'GPU')} of this kind ({g} per node × {counted(n, 'node')}){how}"
 
 
 def _shape_changes(req: PlanRequest, value: int) -> dict[str, Any]:

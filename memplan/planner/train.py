@@ -19,7 +19,7 @@ from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
 from memplan.memory import components, runtime
-from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier, phase_totals, tier_total
+from memplan.memory.breakdown import TRAIN_PHASES, Phase, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
 from memplan.planner import cost, hybrid, steptime, train_offload, train_phases, train_quant
 from memplan.planner.classes import layer_classes
@@ -183,8 +183,10 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
     for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
         per_stage = []
         for ctx in _contexts(setting, cfg):
-            parts = act.breakdown(ctx) if act.modelled(ctx) else {}
-            rows = [Row(k, Tier.GPU, v) for k, v in parts.items() if k not in NOT_LAYER_ROWS]
+            # act.rows, not act.breakdown: a row's own phases (a quantized output layer's dequantization next to
+            # the logits at the start of backward) and the attention kernel's backward workspace, as estimate has them
+            parts = act.rows(ctx) if act.modelled(ctx) else []
+            rows = [r for r in parts if r.component not in NOT_LAYER_ROWS]
             per_stage.append(phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES))
         entries[key] = Entry(gpu=tuple(max(per.values()) for per in per_stage), seconds=shape_seconds(setting, cfg),
                              phase_gpu=tuple((p.value, tuple(per[p] for per in per_stage)) for p in TRAIN_PHASES),

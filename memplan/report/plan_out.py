@@ -8,7 +8,7 @@ from memplan.memory.kv_cache import kv_label
 from memplan.planner.plan import Candidate, PlanResult
 from memplan.report.flags import flag_options, render_flags
 from memplan.report.json_out import SCHEMA_VERSION, estimate_dict
-from memplan.units import GiB
+from memplan.units import GiB, counted
 
 SERVING_KEYS = ("ttft_s", "tpot_s", "tokens_per_s_replica", "replicas", "concurrent_sequences")
 """Plan extras that describe serving latency/throughput (JSON ``serving``), not per-layer decisions."""
@@ -128,9 +128,13 @@ def render_plan(result: PlanResult, console: Any) -> None:
         console.print(folded(text))
 
     if result.best is None:
-        console.print("[red]INFEASIBLE[/red]: no configuration in the search space fits.")
-        if result.binding:
-            say(f"Binding constraint: {result.binding}.")
+        if result.lean_fits:  # the search missed a configuration the exact estimate accepts (suggest.binding)
+            console.print("[red]INFEASIBLE[/red]: the planner found no plan.")
+            say(f"Why: {result.binding}.")
+        else:
+            console.print("[red]INFEASIBLE[/red]: no configuration in the search space fits.")
+            if result.binding:
+                say(f"Binding constraint: {result.binding}.")
         if result.suggestions:
             console.print("Smallest changes that fit, each verified by a re-solve:")
             for s in result.suggestions:
@@ -156,12 +160,12 @@ def render_plan(result: PlanResult, console: Any) -> None:
     if "tpot_s" in best.extras:
         x = best.extras
         say(f"Serving: TTFT {x['ttft_s'] * 1e3:,.1f} ms, TPOT {x['tpot_s'] * 1e3:,.2f} ms, "
-            f"{x['tokens_per_s_replica']:,.0f} tokens/s per replica × {x['replicas']} replicas.")
+            f"{x['tokens_per_s_replica']:,.0f} tokens/s per replica × {counted(x['replicas'], 'replica')}.")
     say(f"Estimated step time {best.step_time_s:,.3f} s, {best.tokens_per_s:,.0f} tokens/s.")
     cost = plan_cost(best)
     if cost is not None:
         per_m = cost["usd_per_m_trained_tokens"] if best.config.job.trains else cost["usd_per_m_served_tokens"]
-        say(f"Cost: ${cost['usd_per_hour']:,.2f} per hour ({best.config.world_size} GPUs at "
+        say(f"Cost: ${cost['usd_per_hour']:,.2f} per hour ({counted(best.config.world_size, 'GPU')} at "
             f"${cost['usd_per_gpu_hour']:,.2f}), ${cost['usd_per_step']:,.4f} per step"
             + (f", ${per_m:,.4f} per 1M {'trained' if best.config.job.trains else 'served'} tokens."
                if per_m is not None else "."))
