@@ -24,7 +24,7 @@ from memplan.memory.breakdown import Tier
 from memplan.recipe import Metric, SweepBlock
 from memplan.recipe_load import LoadedRecipe
 from memplan.search import MAX_BATCH, MAX_CONTEXT_TOKENS, with_size
-from memplan.units import parse_fraction_or_size
+from memplan.units import counted, parse_fraction_or_size
 
 METRIC_COLUMN = {"max-batch": "max_batch", "max-context": "max_context", "fits": "max_fitting_batch"}
 PROCESS_THRESHOLD = 64
@@ -88,7 +88,7 @@ class SweepSpec:
         if count <= self.gpus_per_node:
             return count, 1
         if count % self.gpus_per_node:
-            raise MemplanError(f"--gpu-count: {count} GPUs is not a whole number of {self.gpus_per_node}-GPU nodes.")
+            raise MemplanError(f"--gpu-count: {counted(count, 'GPU')} is not a whole number of {self.gpus_per_node}-GPU nodes.")
         return self.gpus_per_node, count // self.gpus_per_node
 
 

@@ -30,6 +30,7 @@ from memplan.planner.request import (
 )
 from memplan.planner.space import Objective, engine_bases, runnable_dims
 from memplan.planner.train_recompute import recompute_seconds
+from memplan.units import counted
 
 
 def _objective_kind(objective: Objective) -> str:
@@ -142,7 +143,7 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
     dims = act_offload.restrict(base, dims)
     result.excluded = sorted(set(result.excluded + excluded))
     if not dims["tp"] or not dims["pp"] or not dims["placement"]:
-        raise NoValidDegree(f"no tensor/pipeline degree or ZeRO/offload placement is valid on {base.world_size} GPUs: "
+        raise NoValidDegree(f"no tensor/pipeline degree or ZeRO/offload placement is valid on {counted(base.world_size, 'GPU')}: "
                             + distinct_reasons(excluded))
     if not dims["recompute"]:
         raise MemplanError("no recompute mode asked for runs on this engine: "
