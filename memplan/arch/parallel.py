@@ -166,21 +166,31 @@ def _steady_steps(p: int, stage: int, v: int, m: int) -> int:
 
 
 def cooldown_gradient_excess(pp: int, stage: int, virtual_stages: int, micro_batches: int, *, chunk_grad: int,
-                             unit_activations: int) -> int:
+                             unit_activations: int | tuple[int, ...]) -> int:
     """Bytes by which the cool-down of an interleaved stage can exceed its in-flight peak: after the peak only
-    backwards run, each freeing one chunk micro-batch's activations (``unit_activations``), while a chunk that had
-    no gradient yet gets ``chunk_grad`` bytes of them at its first backward.
+    backwards run, each freeing one chunk micro-batch's activations, while a chunk that had no gradient yet gets
+    ``chunk_grad`` bytes of them at its first backward.
 
+    ``unit_activations``: one micro-batch's saved bytes of each chunk (chunk order 0..v − 1), or one figure for every
+    chunk. Backward k runs (and frees a micro-batch of) chunk v − 1 − ⌊(k mod p·v)/p⌋.
     Formula: with c = ``chunks_with_gradients_at_peak``, S the steady steps and b = max(0, S − 1) the first backward
-    after the peak, chunk c + j − 1 (0-based, in backward order) first runs at backward (c + j − 1)·p, when
-    (c + j − 1)·p − b chunk micro-batches are freed: max(0, max over j = 1..v − c of j·chunk_grad −
-    ((c + j − 1)·p − b)·unit_activations). Same schedule as ``chunks_with_gradients_at_peak``.
+    after the peak, chunk c + j − 1 (0-based, in backward order) first runs at backward (c + j − 1)·p, when backwards
+    b .. (c + j − 1)·p − 1 have freed their chunks' micro-batches: max(0, max over j = 1..v − c of j·chunk_grad −
+    Σ_k a[chunk(k)]). With uneven chunks the freed micro-batches are those of the chunks that ran, not the stage's
+    average (a chunk with fewer layers frees less). Same schedule as ``chunks_with_gradients_at_peak``.
     """
     v, p = max(1, virtual_stages), pp
+    units = (unit_activations,) * v if isinstance(unit_activations, int) else tuple(unit_activations)
     chunks = chunks_with_gradients_at_peak(pp, stage, v, micro_batches)
     first = max(0, _steady_steps(p, stage, v, micro_batches) - 1)
-    return max([0] + [j * chunk_grad - ((chunks + j - 1) * p - first) * unit_activations
-                      for j in range(1, v - chunks + 1)])
+    best, freed, k = 0, 0, first
+    for j in range(1, v - chunks + 1):
+        until = (chunks + j - 1) * p
+        while k < until:
+            freed += units[v - 1 - (k % (p * v)) // p]
+            k += 1
+        best = max(best, j * chunk_grad - freed)
+    return best
 
 
 def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:
