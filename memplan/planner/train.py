@@ -14,16 +14,16 @@ from itertools import product
 from typing import Any, TypeVar
 
 from memplan.arch.parallel import stage_index
-from memplan.config import JobConfig, Offload
+from memplan.config import JobConfig, Offload, Recompute
 from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
 from memplan.memory import components, runtime
-from memplan.memory.breakdown import TRAIN_PHASES, Phase, Row, Tier, phase_totals, tier_total
+from memplan.memory.breakdown import TRAIN_PHASES, Phase, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
-from memplan.planner import cost, hybrid, steptime, train_offload, train_phases, train_quant
+from memplan.planner import cost, hybrid, steptime, train_offload, train_phases, train_pipeline, train_quant
 from memplan.planner.classes import layer_classes
-from memplan.planner.ilp import Entry, Factor, Problem
+from memplan.planner.ilp import Entry, Factor, LayerBlock, Problem
 from memplan.planner.setting import SAVINGS, TrainSetting, config_for  # noqa: F401 - re-exported
 from memplan.planner.setting import contexts as _contexts
 from memplan.planner.train_recompute import layer_block, recompute_bounds
@@ -177,14 +177,18 @@ def step_configs(setting: TrainSetting, dims: dict[str, tuple], names: tuple[str
             yield key, cfg
 
 
-def shape_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
-    """Activations outside the blocks (embeddings, loss, logits) per stage, and step time by shape."""
+def shape_factor(setting: TrainSetting, dims: dict[str, tuple], layers: LayerBlock | None = None,
+                 modes: tuple[str, ...] = ()) -> Factor:
+    """Activations outside the blocks (embeddings, loss, logits) per stage, FSDP2's size-dependent rows
+    (``train_pipeline``; ``layers``: the recompute block, ``modes``: its modes), and step time by shape."""
     entries: dict[tuple, Entry] = {}
     for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
         per_stage = []
         for ctx in _contexts(setting, cfg):
-            parts = act.breakdown(ctx) if act.modelled(ctx) else {}
-            rows = [Row(k, Tier.GPU, v) for k, v in parts.items() if k not in NOT_LAYER_ROWS]
+            # estimate's activation rows but the blocks' (the per-layer block's): the attention kernels' backward
+            # workspace and the legacy transformers rows included, not only ``act.breakdown``'s
+            rows = [r for r in act.rows(ctx) if r.component not in NOT_LAYER_ROWS] if act.modelled(ctx) else []
+            rows += train_pipeline.extra_rows(ctx, rows, layers, key, modes)
             per_stage.append(phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES))
         entries[key] = Entry(gpu=tuple(max(per.values()) for per in per_stage), seconds=shape_seconds(setting, cfg),
                              phase_gpu=tuple((p.value, tuple(per[p] for per in per_stage)) for p in TRAIN_PHASES),
@@ -256,11 +260,12 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     """The training ILP over ``dims`` (each a tuple of candidate values; ``recompute`` lists the
     per-layer modes, which are not a global choice); ``formats``: a weight format per layer among these."""
     layers = layer_block(setting, dims)
+    modes = tuple(Recompute(m).value for m in dims.get("recompute", ()))
     dims = {d: v for d, v in dims.items() if d != "recompute"}
     states, reasons = states_factor(setting, dims, layer_weights=formats is None)
     if not states.entries:
         raise MemplanError("no combination of the search space is valid: " + invalid_reasons(dims, reasons))
-    shape = shape_factor(setting, dims)
+    shape = shape_factor(setting, dims, layers, modes)
     if not shape.entries:
         raise MemplanError(f"no micro-batch divides the global batch of {setting.global_batch} sequences "
                            "over the data-parallel ranks; change --global-batch or --micro-batch.")
