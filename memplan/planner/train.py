@@ -182,13 +182,14 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple], layers: LayerBlo
     """Activations outside the blocks (embeddings, loss, logits) per stage, FSDP2's size-dependent rows
     (``train_pipeline``; ``layers``: the recompute block, ``modes``: its modes), and step time by shape."""
     entries: dict[tuple, Entry] = {}
+    cache: dict = {}
     for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
         per_stage = []
         for ctx in _contexts(setting, cfg):
             # estimate's activation rows but the blocks' (the per-layer block's): the attention kernels' backward
             # workspace and the legacy transformers rows included, not only ``act.breakdown``'s
             rows = [r for r in act.rows(ctx) if r.component not in NOT_LAYER_ROWS] if act.modelled(ctx) else []
-            rows += train_pipeline.extra_rows(ctx, rows, layers, key, modes)
+            rows += train_pipeline.extra_rows(ctx, rows, layers, key, modes, cache)
             per_stage.append(phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES))
         entries[key] = Entry(gpu=tuple(max(per.values()) for per in per_stage), seconds=shape_seconds(setting, cfg),
                              phase_gpu=tuple((p.value, tuple(per[p] for per in per_stage)) for p in TRAIN_PHASES),

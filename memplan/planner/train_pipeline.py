@@ -20,43 +20,80 @@ from memplan.errors import MemplanError
 from memplan.memory import components
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
+from memplan.memory.memo import size_free
 from memplan.planner.ilp_model import LayerBlock
 from memplan.planner.setting import SAVINGS
 
 AT_PEAK = "gradients/fsdp_pp_accumulated_at_peak"
+ACCUMULATED = "gradients/fsdp_pp_accumulated"
 
 
 def extra_rows(ctx: Context, shape_rows: list[Row], layers: LayerBlock | None, key: tuple,
-               modes: tuple[str, ...]) -> list[Row]:
+               modes: tuple[str, ...], cache: dict | None = None) -> list[Row]:
     """The stage's FSDP2 rows that the states factor (size-free, m = 1) leaves out (phases not yet set); ``shape_rows``:
     the stage's activation rows outside the blocks; ``layers``/``key``: the recompute block and this shape's key
-    (per-layer saved bytes per micro-batch by mode); ``modes``: the recompute modes the plan may choose."""
+    (per-layer saved bytes per micro-batch by mode); ``modes``: the recompute modes the plan may choose; ``cache``: one
+    shape factor's (G, U) by tp, pp and stage kind (``_gradients``)."""
     cfg = ctx.cfg
     if cfg.effective_engine is not Engine.FSDP2 or not cfg.job.trains:
         return []
     try:
-        return _pipeline_rows(ctx, layers, key) if cfg.pp > 1 else _unpipelined_rows(ctx, shape_rows, modes)
+        if cfg.pp > 1:
+            return _pipeline_rows(ctx, layers, key, {} if cache is None else cache)
+        return _unpipelined_rows(ctx, shape_rows, modes)
     except (MemplanError, ValueError):  # a combination the exact model rejects: the states factor has no row for it
         return []
 
 
-def _states(ctx: Context, grad_accum: int) -> list[Row]:
-    one = ctx.cfg.model_copy(update={"grad_accum": grad_accum})
-    return components.phased_state_rows(Context(ctx.arch, one, ctx.gpu, ctx.host, ctx.stage_override))
+def _pipeline_rows(ctx: Context, layers: LayerBlock | None, key: tuple, cache: dict) -> list[Row]:
+    """Stage buffers, the at-peak gradients beyond m = 1's, and the cool-down row with the leanest per-chunk bytes.
 
-
-def _pipeline_rows(ctx: Context, layers: LayerBlock | None, key: tuple) -> list[Row]:
-    """Stage buffers, the at-peak gradients beyond m = 1's, and the cool-down row with the leanest per-chunk bytes."""
+    The accumulated gradients G and the unit U (``_gradients``); the at-peak row is ``engine_buffers.
+    fsdp2_pipeline_rows``' max(0, ⌈G·c/v⌉ − U), c = ``chunks_with_gradients_at_peak`` at m and at 1."""
+    from memplan.arch.parallel import chunks_with_gradients_at_peak
     from memplan.memory import engine_buffers, pp_stage_buffers
 
     cfg = ctx.cfg
-    rows = _states(ctx, cfg.grad_accum)
-    at_m = sum(r.bytes for r in rows if r.tier is Tier.GPU and r.component == AT_PEAK)
-    at_one = sum(r.bytes for r in _states(ctx, 1) if r.tier is Tier.GPU and r.component == AT_PEAK)
-    out = [Row(AT_PEAK, Tier.GPU, max(0, at_m - at_one), engine_buffers.FSDP2_PP, "at-peak gradients beyond one micro-batch's")]
-    if layers is not None:
-        out += engine_buffers.fsdp2_cooldown_rows(ctx, rows, unit_activations=_leanest_chunks(ctx, layers, key))
+    grads, unit = _gradients(ctx, cache)
+    out = []
+    if grads and cfg.grad_accum > 1:
+        total, v = grads[0].bytes, max(1, cfg.perf.virtual_stages)
+        at_m, at_one = (max(0, -(-total * chunks_with_gradients_at_peak(cfg.pp, ctx.stage, v, m) // v) - unit)
+                        for m in (cfg.grad_accum, 1))
+        if at_m > at_one:
+            out.append(Row(AT_PEAK, Tier.GPU, at_m - at_one, engine_buffers.FSDP2_PP,
+                           "at-peak gradients beyond one micro-batch's"))
+    if layers is not None and grads:
+        out += engine_buffers.fsdp2_cooldown_rows(ctx, grads, unit_activations=_leanest_chunks(ctx, layers, key))
     return out + _stage_buffer_rows(ctx, pp_stage_buffers)
+
+
+def _gradients(ctx: Context, cache: dict) -> tuple[list[Row], int]:
+    """(the ``gradients/fsdp_pp_accumulated`` row of the state rows at m = 1, where they hold it: full-weight fsdp2
+    sharded over more than one rank; ``fsdp2_rows``' unit U). Both depend on the stage's tensors only, so stages of
+    the same kind (first, last, layer classes; ``planner.classes``) share them."""
+    from memplan.planner.classes import layer_classes
+
+    cfg = ctx.cfg
+    classes = layer_classes(ctx.arch)
+    sig = (cfg.tp, cfg.pp, ctx.stage == 0, ctx.stage == cfg.pp - 1, tuple(classes[i] for i, _ in ctx.layers))
+    if sig not in cache:
+        one = Context(ctx.arch, cfg.model_copy(update={"grad_accum": 1}), ctx.gpu, ctx.host, ctx.stage_override)
+        grads = [r for r in components.phased_state_rows(one) if r.tier is Tier.GPU and r.component == ACCUMULATED]
+        cache[sig] = (grads, _unit_reduce_bytes(one) if grads else 0)
+    return cache[sig]
+
+
+@size_free
+def _unit_reduce_bytes(ctx: Context) -> int:
+    """U of ``engine_buffers.fsdp2_rows``: the largest unit's elements in the reduce dtype (bytes); memoized by the
+    size-free configuration and stage (``memory.memo.size_free``)."""
+    from memplan.memory.engine_buffers import fsdp_unit_numel
+    from memplan.memory.engine_states import compute_dtype, mixed, param_dtype
+    from memplan.units import bits_to_bytes
+
+    reduce_dtype = param_dtype(ctx) if mixed(ctx) else compute_dtype(ctx)
+    return bits_to_bytes(max(fsdp_unit_numel(ctx)), reduce_dtype.bits)
 
 
 def _leanest_chunks(ctx: Context, layers: LayerBlock, key: tuple) -> tuple[int, ...]:
