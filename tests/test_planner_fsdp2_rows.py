@@ -94,3 +94,32 @@ def test_ilp_counts_at_least_what_estimate_reports(case: str) -> None:
     for s, (ilp, exact) in enumerate(ilp_and_exact(cfg, [mode] * 16)):
         assert ilp >= exact, f"{case}: stage {s}: the ILP counts {ilp:,} bytes, estimate {exact:,}"
         assert ilp - exact <= MARGIN, f"{case}: stage {s}: the ILP over by {ilp - exact:,} bytes"
+
+
+def test_a_gpu_the_buffers_fill_gets_a_plan_that_recomputes():
+    """torch pipelining's receive and stage-output buffers on a GPU sized between "every layer keeps its activations"
+    (over by half those buffers) and "every layer recomputes" (fits): without the buffers in its model the ILP chose no
+    recompute, the re-check rejected it and cut the only layout, and plan said infeasible; with them it recomputes
+    some layers and the plan fits."""
+    from test_planner import gpu_with
+
+    from memplan.config import Offload, Recompute
+    from memplan.estimator import estimate
+    from memplan.planner.plan import PlanRequest, plan
+    from memplan.planner.space import SearchSpace
+
+    spec = load_model(MODEL)
+    base = _fsdp2(gpus_per_node=6, pp=3, grad_accum=8, seq_len=2048)
+    roomy = gpu_with(40_000)
+    keep = estimate(spec, roomy, base)
+    buffers = sum(r.bytes for r in keep.rows if r.component.startswith("activations/pp_"))
+    assert buffers > 0
+    gpu = gpu_with((keep.peak(Tier.GPU) - buffers // 2) // 2**20)
+    assert not estimate(spec, gpu, base).fits
+    assert estimate(spec, gpu, base.model_copy(update={"recompute": Recompute.FULL})).fits
+    space = SearchSpace(tp=(1,), pp=(3,), micro_batch=(1,), zero=(0,), offload_optimizer=(Offload.NONE,),
+                        offload_params=(Offload.NONE,), recompute=("none", "full"), global_batch=16)
+    result = plan(PlanRequest(model=spec, gpu=gpu, host=HOST, base=base, space=space, top_k=1, suggest=False))
+    assert result.best is not None, result.status
+    assert result.best.estimate.fits
+    assert "full" in {m.value for m in result.best.config.recompute_map}
