@@ -72,6 +72,8 @@ def _fsdp2(**kw) -> JobConfig:
 CASES = {
     # torch pipelining's default: stage outputs and receive buffers kept; 16 layers over pp 3 (uneven stages)
     "1f1b-uneven-buffers": (_fsdp2(gpus_per_node=6, pp=3, grad_accum=8, seq_len=2048), "none"),
+    # the base asks for full recompute of every layer, but a plan carries a per-layer map: no input counted as saved
+    "1f1b-full-base": (_fsdp2(gpus_per_node=6, pp=3, grad_accum=8, seq_len=2048, recompute="full"), "full"),
     # interleaved, v = 2, short sequences: the cool-down's gradients outweigh what its backwards free
     "interleaved-cooldown": (_fsdp2(gpus_per_node=8, pp=4, grad_accum=8, seq_len=256,
                                     perf={"virtual_stages": 2}), "none"),

@@ -111,12 +111,15 @@ def _leanest_chunks(ctx: Context, layers: LayerBlock, key: tuple) -> tuple[int, 
 
 
 def _stage_buffer_rows(ctx: Context, pp_stage_buffers) -> list[Row]:
-    """``pp_stage_buffers.rows``, with the receive buffers the activations already save taken off only under 1F1B
-    (v = 1: their count, the in-flight micro-batches, does not depend on the modes); the interleaved count does, so
-    there every buffer counts (over by at most those saved inputs)."""
+    """``pp_stage_buffers.rows``, with the receive buffers the activations already save taken off only under the
+    paper's layout and 1F1B (v = 1: their count, the in-flight micro-batches, does not depend on the modes); the
+    interleaved count does, and a plan always carries a per-layer ``recompute_map`` (so "full recompute of every layer
+    without a map" never holds for it, whatever the base config says): there every buffer counts (over by at most
+    those saved inputs)."""
     cfg = ctx.cfg
     rows = pp_stage_buffers.rows(ctx)
-    if not pp_stage_buffers.applies(ctx) or not pp_stage_buffers.input_saved(ctx) or cfg.perf.virtual_stages <= 1:
+    exact = cfg.effective_activation_accounting == "paper" and cfg.perf.virtual_stages <= 1
+    if not pp_stage_buffers.applies(ctx) or not pp_stage_buffers.input_saved(ctx) or exact:
         return rows
     from memplan.memory.activations_block import block_input_bytes
 
