@@ -179,18 +179,27 @@ def cooldown_gradient_excess(pp: int, stage: int, virtual_stages: int, micro_bat
     Σ_k a[chunk(k)]). With uneven chunks the freed micro-batches are those of the chunks that ran, not the stage's
     average (a chunk with fewer layers frees less). Same schedule as ``chunks_with_gradients_at_peak``.
     """
-    v, p = max(1, virtual_stages), pp
+    v = max(1, virtual_stages)
     units = (unit_activations,) * v if isinstance(unit_activations, int) else tuple(unit_activations)
+    return max([0] + [j * chunk_grad - sum(n * a for n, a in zip(freed, units, strict=True))
+                      for j, freed in cooldown_freed(pp, stage, v, micro_batches)])
+
+
+def cooldown_freed(pp: int, stage: int, virtual_stages: int, micro_batches: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(j, micro-batches of each chunk freed) at the first backward of each chunk that had no gradient at the peak,
+    j = 1..v − c (``cooldown_gradient_excess``: backwards b .. (c + j − 1)·p − 1, backward k freeing one of chunk
+    v − 1 − ⌊(k mod p·v)/p⌋)."""
+    v, p = max(1, virtual_stages), pp
     chunks = chunks_with_gradients_at_peak(pp, stage, v, micro_batches)
-    first = max(0, _steady_steps(p, stage, v, micro_batches) - 1)
-    best, freed, k = 0, 0, first
+    k = max(0, _steady_steps(p, stage, v, micro_batches) - 1)
+    freed = [0] * v
+    out = []
     for j in range(1, v - chunks + 1):
-        until = (chunks + j - 1) * p
-        while k < until:
-            freed += units[v - 1 - (k % (p * v)) // p]
+        while k < (chunks + j - 1) * p:
+            freed[v - 1 - (k % (p * v)) // p] += 1
             k += 1
-        best = max(best, j * chunk_grad - freed)
-    return best
+        out.append((j, tuple(freed)))
+    return out
 
 
 def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:

@@ -178,9 +178,10 @@ def step_configs(setting: TrainSetting, dims: dict[str, tuple], names: tuple[str
 
 
 def shape_factor(setting: TrainSetting, dims: dict[str, tuple], layers: LayerBlock | None = None,
-                 modes: tuple[str, ...] = ()) -> Factor:
+                 modes: tuple[str, ...] = (), cooldown: dict | None = None) -> Factor:
     """Activations outside the blocks (embeddings, loss, logits) per stage, FSDP2's size-dependent rows
-    (``train_pipeline``; ``layers``: the recompute block, ``modes``: its modes), and step time by shape."""
+    (``train_pipeline``; ``layers``: the recompute block, ``modes``: its modes), and step time by shape; ``cooldown``
+    collects FSDP2's cool-down terms by (pp, stage, key) (``Problem.cooldown``)."""
     entries: dict[tuple, Entry] = {}
     cache: dict = {}
     for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
@@ -190,6 +191,9 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple], layers: LayerBlo
             # workspace and the legacy transformers rows included, not only ``act.breakdown``'s
             rows = [r for r in act.rows(ctx) if r.component not in NOT_LAYER_ROWS] if act.modelled(ctx) else []
             rows += train_pipeline.extra_rows(ctx, rows, layers, key, modes, cache)
+            terms = train_pipeline.cooldown_terms(ctx, cache) if cooldown is not None and layers is not None else []
+            if terms:
+                cooldown[cfg.pp, ctx.stage, key] = terms
             per_stage.append(phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES))
         entries[key] = Entry(gpu=tuple(max(per.values()) for per in per_stage), seconds=shape_seconds(setting, cfg),
                              phase_gpu=tuple((p.value, tuple(per[p] for per in per_stage)) for p in TRAIN_PHASES),
@@ -266,7 +270,8 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     states, reasons = states_factor(setting, dims, layer_weights=formats is None)
     if not states.entries:
         raise MemplanError("no combination of the search space is valid: " + invalid_reasons(dims, reasons))
-    shape = shape_factor(setting, dims, layers, modes)
+    cooldown: dict = {}
+    shape = shape_factor(setting, dims, layers, modes, cooldown)
     if not shape.entries:
         raise MemplanError(f"no micro-batch divides the global batch of {setting.global_batch} sequences "
                            "over the data-parallel ranks; change --global-batch or --micro-batch.")
@@ -296,7 +301,9 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
                       stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
                       virtual_stages=setting.base.perf.virtual_stages, global_batch=setting.global_batch,
-                      world=setting.base.world_size, cp=setting.base.cp)
+                      world=setting.base.world_size, cp=setting.base.cp, cooldown=cooldown,
+                      chunk_map={p: train_pipeline.chunk_map(setting.arch, p, setting.base.perf.virtual_stages)
+                                 for p in {k[0] for k in cooldown}})
     return problem, reasons
 
 

@@ -46,7 +46,7 @@ def extra_rows(ctx: Context, shape_rows: list[Row], layers: LayerBlock | None, k
 
 
 def _pipeline_rows(ctx: Context, layers: LayerBlock | None, key: tuple, cache: dict) -> list[Row]:
-    """Stage buffers, the at-peak gradients beyond m = 1's, and the cool-down row with the leanest per-chunk bytes.
+    """Stage buffers and the at-peak gradients beyond m = 1's (the cool-down is ``cooldown_terms``', exact in the ILP).
 
     The accumulated gradients G and the unit U (``_gradients``); the at-peak row is ``engine_buffers.
     fsdp2_pipeline_rows``' max(0, ⌈G·c/v⌉ − U), c = ``chunks_with_gradients_at_peak`` at m and at 1."""
@@ -63,9 +63,29 @@ def _pipeline_rows(ctx: Context, layers: LayerBlock | None, key: tuple, cache: d
         if at_m > at_one:
             out.append(Row(AT_PEAK, Tier.GPU, at_m - at_one, engine_buffers.FSDP2_PP,
                            "at-peak gradients beyond one micro-batch's"))
-    if layers is not None and grads:
-        out += engine_buffers.fsdp2_cooldown_rows(ctx, grads, unit_activations=_leanest_chunks(ctx, layers, key))
     return out + _stage_buffer_rows(ctx, pp_stage_buffers)
+
+
+def cooldown_terms(ctx: Context, cache: dict) -> list[tuple[int, dict[int, int]]]:
+    """The stage's cool-down for ``ilp_cooldown`` (``engine_buffers.fsdp2_cooldown_rows`` as linear terms): per chunk j
+    without gradients at the peak, (j·⌈G/v⌉ bytes, micro-batches of each of the stage's layers freed by its first
+    backward: its chunk's count, ``arch.parallel.cooldown_freed``; chunks by ``chunk_layer_counts``)."""
+    from memplan.arch.interleaved import chunk_layer_counts
+    from memplan.arch.parallel import cooldown_freed
+
+    cfg = ctx.cfg
+    v = max(1, cfg.perf.virtual_stages)
+    if cfg.effective_engine is not Engine.FSDP2 or cfg.pp <= 1 or v <= 1 or not cfg.job.trains:
+        return []
+    grads, _ = _gradients(ctx, cache)
+    if not grads:
+        return []
+    chunk_of: list[int] = []
+    for c, size in enumerate(chunk_layer_counts(len(ctx.layers), v, first_stage=ctx.stage == 0)):
+        chunk_of += [c] * size
+    chunk_grad = -(-grads[0].bytes // v)
+    return [(j * chunk_grad, {i: freed[chunk_of[n]] for n, (i, _) in enumerate(ctx.layers)})
+            for j, freed in cooldown_freed(cfg.pp, ctx.stage, v, cfg.grad_accum)]
 
 
 def _gradients(ctx: Context, cache: dict) -> tuple[list[Row], int]:
@@ -94,20 +114,6 @@ def _unit_reduce_bytes(ctx: Context) -> int:
 
     reduce_dtype = param_dtype(ctx) if mixed(ctx) else compute_dtype(ctx)
     return bits_to_bytes(max(fsdp_unit_numel(ctx)), reduce_dtype.bits)
-
-
-def _leanest_chunks(ctx: Context, layers: LayerBlock, key: tuple) -> tuple[int, ...]:
-    """One micro-batch's saved bytes of each chunk of the stage with every layer in its leanest mode at ``key``."""
-    from memplan.arch.interleaved import chunk_layer_counts
-
-    per_layer = [min((keyed[key] for keyed in layers.gpu[i].values() if key in keyed), default=0)
-                 for i, _ in ctx.layers]
-    v = max(1, ctx.cfg.perf.virtual_stages)
-    out, start = [], 0
-    for size in chunk_layer_counts(len(per_layer), v, first_stage=ctx.stage == 0):
-        out.append(sum(per_layer[start:start + size]))
-        start += size
-    return tuple(out)
 
 
 def _stage_buffer_rows(ctx: Context, pp_stage_buffers) -> list[Row]:
@@ -145,3 +151,16 @@ def _unpipelined_rows(ctx: Context, shape_rows: list[Row], modes: tuple[str, ...
         leanest = Context(ctx.arch, cfg, ctx.gpu, ctx.host, ctx.stage_override)
         out += bwd.first_reduce_scatter_rows(leanest, shape_rows + states + out)
     return out
+
+
+def chunk_map(arch, pp: int, virtual_stages: int) -> tuple[int, ...]:
+    """The model chunk (within its stage) of every layer under ``pp`` stages of ``virtual_stages`` chunks (the split
+    ``cooldown_terms`` and ``activations.chunk_saved_bytes`` use: ``arch.interleaved.chunk_layer_counts``)."""
+    from memplan.arch.interleaved import chunk_layer_counts
+    from memplan.arch.parallel import arch_stage_ranges
+
+    out: list[int] = []
+    for s, rng in enumerate(arch_stage_ranges(arch, pp)):
+        for c, size in enumerate(chunk_layer_counts(len(rng), virtual_stages, first_stage=s == 0)):
+            out += [c] * size
+    return tuple(out)
