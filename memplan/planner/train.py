@@ -302,8 +302,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
                       virtual_stages=setting.base.perf.virtual_stages, global_batch=setting.global_batch,
                       world=setting.base.world_size, cp=setting.base.cp, cooldown=cooldown,
-                      chunk_map={p: train_pipeline.chunk_map(setting.arch, p, setting.base.perf.virtual_stages)
-                                 for p in {k[0] for k in cooldown}})
+                      chunk_map=train_pipeline.chunk_maps(setting.arch, setting.base.perf.virtual_stages, cooldown))
     return problem, reasons
 
 

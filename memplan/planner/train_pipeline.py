@@ -153,14 +153,20 @@ def _unpipelined_rows(ctx: Context, shape_rows: list[Row], modes: tuple[str, ...
     return out
 
 
-def chunk_map(arch, pp: int, virtual_stages: int) -> tuple[int, ...]:
-    """The model chunk (within its stage) of every layer under ``pp`` stages of ``virtual_stages`` chunks (the split
-    ``cooldown_terms`` and ``activations.chunk_saved_bytes`` use: ``arch.interleaved.chunk_layer_counts``)."""
+def chunk_maps(arch, virtual_stages: int, cooldown: dict) -> dict[int, tuple[int, ...]]:
+    """Per pipeline degree of ``cooldown`` (``cooldown_terms`` by (pp, stage, key)), the model chunk of every layer on a
+    stage with cool-down terms (0 elsewhere): the split ``cooldown_terms`` and ``activations.chunk_saved_bytes`` use
+    (``arch.interleaved.chunk_layer_counts``). Stages without terms keep their layers in one group, so the per-layer
+    part of the ILP stays as small as before there."""
     from memplan.arch.interleaved import chunk_layer_counts
     from memplan.arch.parallel import arch_stage_ranges
 
-    out: list[int] = []
-    for s, rng in enumerate(arch_stage_ranges(arch, pp)):
-        for c, size in enumerate(chunk_layer_counts(len(rng), virtual_stages, first_stage=s == 0)):
-            out += [c] * size
-    return tuple(out)
+    out: dict[int, tuple[int, ...]] = {}
+    for p in sorted({k[0] for k in cooldown}):
+        stages = {k[1] for k in cooldown if k[0] == p}
+        chunks: list[int] = []
+        for s, rng in enumerate(arch_stage_ranges(arch, p)):
+            for c, size in enumerate(chunk_layer_counts(len(rng), virtual_stages, first_stage=s == 0)):
+                chunks += [c if s in stages else 0] * size
+        out[p] = tuple(chunks)
+    return out
