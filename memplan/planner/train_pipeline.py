@@ -1,16 +1,15 @@
-"""FSDP2's size-dependent rows in the training ILP's shape factor: what ``components.job_rows`` adds beside the
-memoized state rows for engine fsdp2, per stage, so that the ILP's bytes for a layout are at least ``estimate``'s.
+"""FSDP2's size-dependent rows in the training ILP: what ``components.job_rows`` adds beside the memoized state rows
+for engine fsdp2, per stage, so that the ILP's bytes for a layout are at least ``estimate``'s.
 
-Under a pipeline (torch.distributed.pipelining) those are the stage outputs and receive buffers
-(``memory.pp_stage_buffers``), the cool-down's gradients (``engine_buffers.fsdp2_cooldown_rows``) and the part of the
-accumulated gradients alive at the in-flight peak, which grows with the step's micro-batches m
-(``engine_buffers.fsdp2_pipeline_rows``; the states factor evaluates its state rows at m = 1,
-``train_phases.phased``, so the shape row adds the difference). Without a pipeline: FSDP2's no-reshard all-gather
-output kept through the loss (``engine_fsdp2_backward.kept_at_loss_rows``) and the first block's reduce-scatter
-(``first_reduce_scatter_rows``). Where the exact row depends on the per-layer recompute modes, which the shape factor
-does not know, the bound is taken on the safe side: the activations a cool-down frees and those a block's backward
-frees are the leanest mode's (a lower bound, so the row is an upper bound), and the receive buffers the saved
-activations already count are subtracted only where that count does not depend on the modes.
+Under a pipeline (torch.distributed.pipelining), in the shape factor: the stage outputs and receive buffers
+(``memory.pp_stage_buffers``) and the part of the accumulated gradients alive at the in-flight peak, which grows with
+the step's micro-batches m (``engine_buffers.fsdp2_pipeline_rows``; the states factor evaluates its state rows at
+m = 1, ``train_phases.phased``, so the shape row adds the difference). The interleaved cool-down
+(``engine_buffers.fsdp2_cooldown_rows``) depends on the per-layer recompute modes: ``cooldown_terms`` hands it to the
+ILP as exact linear rows (``ilp_cooldown``). Without a pipeline: FSDP2's no-reshard all-gather output kept through
+the loss (``engine_fsdp2_backward.kept_at_loss_rows``) and the first block's reduce-scatter
+(``first_reduce_scatter_rows``, with the last block in the leanest mode: what it frees at least). The receive buffers
+the saved activations already count are subtracted only where that count does not depend on the modes.
 """
 
 from __future__ import annotations
