@@ -177,3 +177,22 @@ def test_short_sequences_count_the_cooldown_gradients():
     est = _pp_estimate(grad_accum=4, perf={"virtual_stages": 4})
     rows = _rows(est)
     assert rows["gradients/fsdp_pp_cooldown"].bytes > 0
+
+
+def test_cooldown_frees_the_bytes_of_the_chunks_that_ran():
+    """Uneven chunks: the backwards between the peak and a chunk's first backward free micro-batches of the chunks
+    they run, not the stage's average. p = 4, v = 2, m = 4, last stage (s = 3): warm-up (4 − 3 − 1)·2 + 1·4 = 4 chunk
+    forwards, S = 8 − 4 = 4 steady steps, so backwards 0..3 (chunk 1, the last in forward order) ran by the peak and
+    only chunk 1 has gradients (c = 1); b = S − 1 = 3 is the first backward after it, and chunk 0 first runs at
+    backward 1·4 = 4. Between them backward 3 frees one micro-batch of chunk 2 − 1 − ⌊3/4⌋ = 1: 10 bytes when chunk 1
+    holds one layer of 10 bytes and chunk 0 two (20). Excess: 25 − 10 = 15 (the stage average, 15, gave 10)."""
+    from memplan.arch.parallel import cooldown_gradient_excess
+
+    assert cooldown_gradient_excess(4, 3, 2, 4, chunk_grad=25, unit_activations=(20, 10)) == 15
+    assert cooldown_gradient_excess(4, 3, 2, 4, chunk_grad=25, unit_activations=(10, 20)) == 5
+    assert cooldown_gradient_excess(4, 3, 2, 4, chunk_grad=25, unit_activations=15) == 10
+    # p = 2, v = 3, m = 2, stage 1: warm-up 0 + 2·2 = 4, S = 6 − 4 = 2, c = ⌈2/2⌉ = 1, b = 1. Chunk order of backwards
+    # 0..5: 2, 2, 1, 1, 0, 0. Chunk 1 (j = 1) first runs at backward 2: backward 1 (chunk 2) freed; chunk 0 (j = 2) at
+    # backward 4: backwards 1..3 (chunks 2, 1, 1) freed. Chunks of 3, 5 and 7 bytes, 40 bytes of gradients each:
+    # max(40 − 7, 80 − (7 + 5 + 5)) = 63.
+    assert cooldown_gradient_excess(2, 1, 3, 2, chunk_grad=40, unit_activations=(3, 5, 7)) == 63

@@ -166,21 +166,40 @@ def _steady_steps(p: int, stage: int, v: int, m: int) -> int:
 
 
 def cooldown_gradient_excess(pp: int, stage: int, virtual_stages: int, micro_batches: int, *, chunk_grad: int,
-                             unit_activations: int) -> int:
+                             unit_activations: int | tuple[int, ...]) -> int:
     """Bytes by which the cool-down of an interleaved stage can exceed its in-flight peak: after the peak only
-    backwards run, each freeing one chunk micro-batch's activations (``unit_activations``), while a chunk that had
-    no gradient yet gets ``chunk_grad`` bytes of them at its first backward.
+    backwards run, each freeing one chunk micro-batch's activations, while a chunk that had no gradient yet gets
+    ``chunk_grad`` bytes of them at its first backward.
 
+    ``unit_activations``: one micro-batch's saved bytes of each chunk (chunk order 0..v − 1), or one figure for every
+    chunk. Backward k runs (and frees a micro-batch of) chunk v − 1 − ⌊(k mod p·v)/p⌋.
     Formula: with c = ``chunks_with_gradients_at_peak``, S the steady steps and b = max(0, S − 1) the first backward
-    after the peak, chunk c + j − 1 (0-based, in backward order) first runs at backward (c + j − 1)·p, when
-    (c + j − 1)·p − b chunk micro-batches are freed: max(0, max over j = 1..v − c of j·chunk_grad −
-    ((c + j − 1)·p − b)·unit_activations). Same schedule as ``chunks_with_gradients_at_peak``.
+    after the peak, chunk c + j − 1 (0-based, in backward order) first runs at backward (c + j − 1)·p, when backwards
+    b .. (c + j − 1)·p − 1 have freed their chunks' micro-batches: max(0, max over j = 1..v − c of j·chunk_grad −
+    Σ_k a[chunk(k)]). With uneven chunks the freed micro-batches are those of the chunks that ran, not the stage's
+    average (a chunk with fewer layers frees less). Same schedule as ``chunks_with_gradients_at_peak``.
     """
+    v = max(1, virtual_stages)
+    units = (unit_activations,) * v if isinstance(unit_activations, int) else tuple(unit_activations)
+    return max([0] + [j * chunk_grad - sum(n * a for n, a in zip(freed, units, strict=True))
+                      for j, freed in cooldown_freed(pp, stage, v, micro_batches)])
+
+
+def cooldown_freed(pp: int, stage: int, virtual_stages: int, micro_batches: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(j, micro-batches of each chunk freed) at the first backward of each chunk that had no gradient at the peak,
+    j = 1..v − c (``cooldown_gradient_excess``: backwards b .. (c + j − 1)·p − 1, backward k freeing one of chunk
+    v − 1 − ⌊(k mod p·v)/p⌋)."""
     v, p = max(1, virtual_stages), pp
     chunks = chunks_with_gradients_at_peak(pp, stage, v, micro_batches)
-    first = max(0, _steady_steps(p, stage, v, micro_batches) - 1)
-    return max([0] + [j * chunk_grad - ((chunks + j - 1) * p - first) * unit_activations
-                      for j in range(1, v - chunks + 1)])
+    k = max(0, _steady_steps(p, stage, v, micro_batches) - 1)
+    freed = [0] * v
+    out = []
+    for j in range(1, v - chunks + 1):
+        while k < (chunks + j - 1) * p:
+            freed[v - 1 - (k % (p * v)) // p] += 1
+            k += 1
+        out.append((j, tuple(freed)))
+    return out
 
 
 def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:

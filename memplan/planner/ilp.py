@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from memplan.planner import solvers
+from memplan.planner import ilp_cooldown, solvers
 from memplan.planner.ilp_layers import LayerBlocks
 from memplan.planner.ilp_model import (
     ERROR_SCALE,
@@ -91,6 +91,7 @@ class IlpBuilder(LayerBlocks):
         self.groups: list[dict[tuple[int, int], list[int]]] = []
         for bi, lb in enumerate(P.blocks):
             self._layers(bi, lb)
+        self.cool = ilp_cooldown.add_rows(self)
         self._memory()
         self._objective()
 
@@ -126,6 +127,8 @@ class IlpBuilder(LayerBlocks):
             terms += self._block_terms(bi, lb, p, s, phase)
         if phase in P.persist_phases and (p, s) in self.persist:
             terms.append(self.persist[p, s])
+        if phase in (None, ilp_cooldown.PHASE) and (p, s) in self.cool:
+            terms.append(self.cool[p, s])
         return terms
 
     def _persist(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from memplan.planner.ilp_cooldown import fast_units
 from memplan.planner.ilp_layers import shared_phases
 from memplan.planner.ilp_model import UNIT, LayerBlock, Problem, Solution, ceil_unit, stage_of
 
@@ -144,6 +145,8 @@ def cheapest_plan(problem: Problem) -> Solution | None:
     for s in range(p):
         for phase in problem.phases or (None,):
             units = _factor_units(problem, s, phase) + sum(_block_units(problem, lb, m, p, s, phase) for lb, m in chosen)
+            if problem.layers is not None:
+                units += fast_units(problem, problem.layers, chosen[0][1], p, s, phase, _one_key(problem.layers))
             if units > cap:
                 return None
     if not _host_fits(problem, chosen):
@@ -155,3 +158,9 @@ def cheapest_plan(problem: Problem) -> Solution | None:
     block_modes = {lb.name: modes for lb, modes in chosen}
     first = chosen[0][1] if problem.layers is not None else []
     return Solution("optimal", choice, first, seconds, seconds, block_modes)
+
+
+def _one_key(lb: LayerBlock) -> tuple | None:
+    """The one layer key of a restricted block (None when it has another count)."""
+    keys = {k for per in lb.gpu for keyed in per.values() for k in keyed}
+    return next(iter(keys)) if len(keys) == 1 else None

@@ -34,7 +34,9 @@ class LayerBlocks:
         pps = self.p.dims.get("pp", (1,)) if lb.stages else (1,)
         n = self.p.num_layers
         classes = lb.classes or list(range(len(lb.gpu)))
-        place = [tuple(stage_of(layer, n, p, self.p.stage_map) for p in pps) for layer in range(len(lb.gpu))]
+        chunks = self.p.chunk_map
+        place = [tuple((stage_of(layer, n, p, self.p.stage_map), chunks[p][layer] if p in chunks else 0) for p in pps)
+                 for layer in range(len(lb.gpu))]
         segments = {s: i for i, s in enumerate(dict.fromkeys(place))}  # stages under every pp: no boundary inside
         groups: dict[tuple[int, int], list[int]] = {}
         run = -1

@@ -143,6 +143,14 @@ class Problem:
     """Model chunks per pipeline stage (interleaved 1F1B): how many micro-batches a stage holds in flight
     (``flight``)."""
 
+    cooldown: dict[tuple[int, int, tuple], list[tuple[int, dict[int, int]]]] = field(default_factory=dict)
+    """FSDP2's interleaved cool-down (``ilp_cooldown``): (pp, stage, layer key) → per j, (j·g bytes, micro-batches
+    of each layer freed by then)."""
+
+    chunk_map: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Per pipeline degree, the model chunk (within its stage) of every layer, where ``cooldown`` needs the layers of
+    one chunk apart: the per-layer groups do not span chunks there."""
+
     global_batch: int | None = None
     """Sequences per step, with ``world`` GPUs and context parallelism ``cp``: what ``micro_batches`` reads."""
     world: int = 1

@@ -14,16 +14,16 @@ from itertools import product
 from typing import Any, TypeVar
 
 from memplan.arch.parallel import stage_index
-from memplan.config import JobConfig, Offload
+from memplan.config import JobConfig, Offload, Recompute
 from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
 from memplan.memory import components, runtime
 from memplan.memory.breakdown import TRAIN_PHASES, Phase, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
-from memplan.planner import cost, hybrid, steptime, train_offload, train_phases, train_quant
+from memplan.planner import cost, hybrid, steptime, train_offload, train_phases, train_pipeline, train_quant
 from memplan.planner.classes import layer_classes
-from memplan.planner.ilp import Entry, Factor, Problem
+from memplan.planner.ilp import Entry, Factor, LayerBlock, Problem
 from memplan.planner.setting import SAVINGS, TrainSetting, config_for  # noqa: F401 - re-exported
 from memplan.planner.setting import contexts as _contexts
 from memplan.planner.train_recompute import layer_block, recompute_bounds
@@ -177,16 +177,24 @@ def step_configs(setting: TrainSetting, dims: dict[str, tuple], names: tuple[str
             yield key, cfg
 
 
-def shape_factor(setting: TrainSetting, dims: dict[str, tuple]) -> Factor:
-    """Activations outside the blocks (embeddings, loss, logits) per stage, and step time by shape."""
+def shape_factor(setting: TrainSetting, dims: dict[str, tuple], layers: LayerBlock | None = None,
+                 modes: tuple[str, ...] = (), cooldown: dict | None = None) -> Factor:
+    """Activations outside the blocks (embeddings, loss, logits) per stage, FSDP2's size-dependent rows
+    (``train_pipeline``; ``layers``: the recompute block, ``modes``: its modes), and step time by shape; ``cooldown``
+    collects FSDP2's cool-down terms by (pp, stage, key) (``Problem.cooldown``)."""
     entries: dict[tuple, Entry] = {}
+    cache: dict = {}
     for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
         per_stage = []
         for ctx in _contexts(setting, cfg):
-            # act.rows, not act.breakdown: a row's own phases (a quantized output layer's dequantization next to
-            # the logits at the start of backward) and the attention kernel's backward workspace, as estimate has them
-            parts = act.rows(ctx) if act.modelled(ctx) else []
-            rows = [r for r in parts if r.component not in NOT_LAYER_ROWS]
+            # act.rows, not act.breakdown: each row's own phases (a quantized output layer's dequantization next to
+            # the logits at the start of backward), the attention kernels' backward workspace and the legacy
+            # transformers rows, as estimate has them; the per-layer block's rows are the ILP's own
+            rows = [r for r in act.rows(ctx) if r.component not in NOT_LAYER_ROWS] if act.modelled(ctx) else []
+            rows += train_pipeline.extra_rows(ctx, rows, layers, key, modes, cache)
+            terms = train_pipeline.cooldown_terms(ctx, cache) if cooldown is not None and layers is not None else []
+            if terms:
+                cooldown[cfg.pp, ctx.stage, key] = terms
             per_stage.append(phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES))
         entries[key] = Entry(gpu=tuple(max(per.values()) for per in per_stage), seconds=shape_seconds(setting, cfg),
                              phase_gpu=tuple((p.value, tuple(per[p] for per in per_stage)) for p in TRAIN_PHASES),
@@ -258,11 +266,13 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     """The training ILP over ``dims`` (each a tuple of candidate values; ``recompute`` lists the
     per-layer modes, which are not a global choice); ``formats``: a weight format per layer among these."""
     layers = layer_block(setting, dims)
+    modes = tuple(Recompute(m).value for m in dims.get("recompute", ()))
     dims = {d: v for d, v in dims.items() if d != "recompute"}
     states, reasons = states_factor(setting, dims, layer_weights=formats is None)
     if not states.entries:
         raise MemplanError("no combination of the search space is valid: " + invalid_reasons(dims, reasons))
-    shape = shape_factor(setting, dims)
+    cooldown: dict = {}
+    shape = shape_factor(setting, dims, layers, modes, cooldown)
     if not shape.entries:
         raise MemplanError(f"no micro-batch divides the global batch of {setting.global_batch} sequences "
                            "over the data-parallel ranks; change --global-batch or --micro-batch.")
@@ -292,7 +302,8 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
                       stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
                       virtual_stages=setting.base.perf.virtual_stages, global_batch=setting.global_batch,
-                      world=setting.base.world_size, cp=setting.base.cp)
+                      world=setting.base.world_size, cp=setting.base.cp, cooldown=cooldown,
+                      chunk_map=train_pipeline.chunk_maps(setting.arch, setting.base.perf.virtual_stages, cooldown))
     return problem, reasons
 
 
