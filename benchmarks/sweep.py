@@ -28,6 +28,7 @@ from memplan.config import Job
 from memplan.grid import SweepSpec, cells, default_workers, run
 
 warnings.simplefilter("ignore")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI's main does: one OS thread, so workers are forked
 JOBS4 = (Job.FULL, Job.LORA, Job.QLORA, Job.INFER)
 
 
