@@ -223,6 +223,23 @@ def placed_tensors(ctx: Context) -> list[Placed]:
     return [*pre, *((t, i) for i, layer in gpu_layers(ctx) for t in layer.tensors), *post]
 
 
+def alike_placed(ctx: Context) -> list[Placed]:
+    """``placed_tensors`` but the blocks after the first of each (class of alike blocks, format): what a walk that
+    skips a tensor alike to one already seen (``alike_key``: the format and the fields but the name) reads, in the
+    same order. A later block of a class (``memo.canonical_layers``: equal but for the names) in the same format
+    holds only tensors alike to the first's."""
+    pre, post = _placed_ends(ctx)
+    classes = canonical_layers(ctx.arch)
+    seen: set[tuple] = set()
+    blocks: list[Placed] = []
+    for i, layer in gpu_layers(ctx):
+        key = (classes[i][0], layer_format(ctx.cfg, i))
+        if key not in seen:
+            seen.add(key)
+            blocks += [(t, i) for t in layer.tensors]
+    return [*pre, *blocks, *post]
+
+
 def gpu_layers(ctx: Context) -> list[tuple[int, Layer]]:
     """The reported stage's (index, block) pairs whose tensors sit on the GPU (``placed_tensors``)."""
     off = offloaded_layers(ctx.cfg)
