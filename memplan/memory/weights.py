@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from operator import attrgetter
 from typing import TypeVar
 
@@ -268,17 +269,17 @@ def _gpu_weight_bytes(ctx: Context, quant: str | None, traits: MixTraits) -> Wei
     integer sums, exactly ``weight_bytes`` over every tensor. GGUF (its rules read names and indices) and a map
     weigh every tensor."""
     cfg = ctx.cfg
-    args = {"dtype": cfg.dtype, "quant": quant, "tp": cfg.tp, "ep": cfg.ep, "num_layers": len(ctx.arch.layers),
-            "traits": traits, "head": quantized_head(cfg)}
+    weigh = partial(weight_bytes, dtype=cfg.dtype, quant=quant, tp=cfg.tp, ep=cfg.ep, num_layers=len(ctx.arch.layers),
+                    traits=traits, head=quantized_head(cfg))
     if cfg.quant_map is not None or (quant is not None and get_format(quant).library is Library.GGUF):
-        return weight_bytes(placed_tensors(ctx), quant_map=cfg.quant_map, **args)
+        return weigh(placed_tensors(ctx), quant_map=cfg.quant_map)
     pre, post = _placed_ends(ctx)
-    ends = weight_bytes([*pre, *post], **args)
+    ends = weigh([*pre, *post])
     classes = canonical_layers(ctx.arch)
     count = Counter(classes[i][0] for i, _ in gpu_layers(ctx))
     q, u = ends.quantized, ends.unquantized
     for first, n in count.items():
-        one = weight_bytes([(t, first) for t in ctx.arch.layers[first].tensors], **args)
+        one = weigh([(t, first) for t in ctx.arch.layers[first].tensors])
         q, u = q + n * one.quantized, u + n * one.unquantized
     return WeightBytes(q, u)
 
