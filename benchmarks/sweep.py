@@ -55,7 +55,7 @@ def matrix(workers: int) -> None:
     from memplan.vector import iter_vector
 
     spec = SweepSpec(models=tuple(m.name for m in all_models()), gpus=gpus(), jobs=JOBS4, metric="max-batch")
-    method = start_method() if workers > 1 else "in this process"
+    method = start_method() if workers > 1 else "in-process"
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     n = sum(len(chunk) for chunk in iter_vector(spec, workers=workers))
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
@@ -63,7 +63,7 @@ def matrix(workers: int) -> None:
           f"{wall:.2f} s on {workers} worker(s) ({method}), {cpu:.2f} CPU s (load average {os.getloadavg()[0]:.1f}); "
           f"target ≤ 2 s: {'met' if wall <= 2 else 'NOT met'}")
     for what, code in MATRIX_PATHS.items():
-        wall, cpu, rows, method = child_seconds(code.format(workers=workers))
+        wall, cpu, rows, method = child_seconds(code.format(workers=workers), workers)
         print(f"matrix: {what}: {rows:,} rows, {wall:.2f} s on {workers} worker(s) ({method}), {cpu:.2f} CPU s")
 
 
@@ -85,7 +85,7 @@ import os, sys, time
 sys.path.insert(0, {root!r})
 import memplan, memplan.vector, memplan.cli.app, pandas
 from memplan.grid import start_method
-method = start_method()
+method = start_method() if {workers} > 1 else "in-process"
 t0, c0 = time.perf_counter(), os.times()
 {code}
 t = os.times()
@@ -94,12 +94,12 @@ print(time.perf_counter() - t0, t.user + t.system + t.children_user + t.children
 """
 
 
-def child_seconds(code: str) -> tuple[float, float, int, str]:
+def child_seconds(code: str, workers: int) -> tuple[float, float, int, str]:
     """(wall s, CPU s of the process and its workers, rows, how workers start there) of ``code`` run in a fresh
     Python process (it inherits ``OPENBLAS_NUM_THREADS``: a notebook whose numpy runs more threads spawns)."""
     root = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=root, code=code)], capture_output=True, text=True,
-                          check=True, cwd=root)
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=root, code=code, workers=workers)],
+                          capture_output=True, text=True, check=True, cwd=root)
     wall, cpu, rows, method = proc.stdout.split()[-4:]
     return float(wall), float(cpu), int(rows), method
 
