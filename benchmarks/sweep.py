@@ -28,6 +28,7 @@ from memplan.config import Job
 from memplan.grid import SweepSpec, cells, default_workers, run
 
 warnings.simplefilter("ignore")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI's main does: one OS thread, so workers are forked
 JOBS4 = (Job.FULL, Job.LORA, Job.QLORA, Job.INFER)
 
 
@@ -50,18 +51,20 @@ def stream_to_csv(spec: SweepSpec, workers: int, out: Path) -> tuple[int, float]
 def matrix(workers: int) -> None:
     """The matrix's cells (``vector.iter_vector``, the target's measure), then the same matrix as ``memplan.sweep``'s
     DataFrame and as ``memplan sweep --format csv``'s streamed CSV (each in a fresh process: no warm memo)."""
+    from memplan.grid import start_method
     from memplan.vector import iter_vector
 
     spec = SweepSpec(models=tuple(m.name for m in all_models()), gpus=gpus(), jobs=JOBS4, metric="max-batch")
+    method = start_method() if workers > 1 else "in-process"
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     n = sum(len(chunk) for chunk in iter_vector(spec, workers=workers))
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     print(f"matrix: {len(spec.models)} models × {len(spec.gpus)} GPUs × 4 jobs = {n:,} cells (max-batch): "
-          f"{wall:.2f} s on {workers} worker(s), {cpu:.2f} CPU s (load average {os.getloadavg()[0]:.1f}); "
+          f"{wall:.2f} s on {workers} worker(s) ({method}), {cpu:.2f} CPU s (load average {os.getloadavg()[0]:.1f}); "
           f"target ≤ 2 s: {'met' if wall <= 2 else 'NOT met'}")
     for what, code in MATRIX_PATHS.items():
-        wall, cpu, rows = child_seconds(code.format(workers=workers))
-        print(f"matrix: {what}: {rows:,} rows, {wall:.2f} s on {workers} worker(s), {cpu:.2f} CPU s")
+        wall, cpu, rows, method = child_seconds(code.format(workers=workers), workers)
+        print(f"matrix: {what}: {rows:,} rows, {wall:.2f} s on {workers} worker(s) ({method}), {cpu:.2f} CPU s")
 
 
 MATRIX_PATHS = {
@@ -81,20 +84,24 @@ CHILD = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 import memplan, memplan.vector, memplan.cli.app, pandas
+from memplan.grid import start_method
+method = start_method() if {workers} > 1 else "in-process"
 t0, c0 = time.perf_counter(), os.times()
 {code}
 t = os.times()
-print(time.perf_counter() - t0, t.user + t.system + t.children_user + t.children_system - c0.user - c0.system, rows)
+print(time.perf_counter() - t0, t.user + t.system + t.children_user + t.children_system - c0.user - c0.system, rows,
+      method)
 """
 
 
-def child_seconds(code: str) -> tuple[float, float, int]:
-    """(wall s, CPU s of the process and its workers, rows) of ``code`` run in a fresh Python process."""
+def child_seconds(code: str, workers: int) -> tuple[float, float, int, str]:
+    """(wall s, CPU s of the process and its workers, rows, how workers start there) of ``code`` run in a fresh
+    Python process (it inherits ``OPENBLAS_NUM_THREADS``: a notebook whose numpy runs more threads spawns)."""
     root = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=root, code=code)], capture_output=True, text=True,
-                          check=True, cwd=root)
-    wall, cpu, rows = proc.stdout.split()[-3:]
-    return float(wall), float(cpu), int(rows)
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=root, code=code, workers=workers)],
+                          capture_output=True, text=True, check=True, cwd=root)
+    wall, cpu, rows, method = proc.stdout.split()[-4:]
+    return float(wall), float(cpu), int(rows), method
 
 
 def cpu_seconds() -> float:

@@ -9,6 +9,7 @@ batch that fits; 0 when nothing fits. Large grids are spread over worker process
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -386,20 +387,39 @@ def iter_results(spec: SweepSpec, *, workers: int | None = None, chunk_cells: in
     yield from pooled(functools.partial(_evaluate_chunk, spec), chunked(todo, size), workers=workers, progress=progress)
 
 
+def start_method() -> str:
+    """'fork' where it is safe and cheap, else 'spawn'.
+
+    A forked worker starts with this process's imports and memos (the catalog, each architecture's size-free
+    tensors) instead of importing memplan again (about 0.4 s of a core). Fork copies only the calling thread, so
+    it is taken only on Linux while this process runs a single OS thread (``Threads:`` of /proc/self/status):
+    with a second thread alive (OpenBLAS's pool once numpy is imported, unless ``OPENBLAS_NUM_THREADS=1``; a
+    notebook's kernel threads) a lock held by that thread would stay held forever in the child."""
+    if sys.platform != "linux":
+        return "spawn"
+    try:
+        with open("/proc/self/status") as status:
+            threads = next((int(line.split()[1]) for line in status if line.startswith("Threads:")), 0)
+    except (OSError, ValueError):
+        return "spawn"
+    return "fork" if threads == 1 else "spawn"
+
+
 def pooled(work: Callable[[Any], list[Any]], items: Iterator[Any], *, workers: int,
            progress: Callable[[int], None] | None = None) -> Iterator[list[Any]]:
     """``work(item)`` for each item on ``workers`` processes, results in order, at most 2·workers items in flight
     (memory stays bounded); Ctrl-C, a worker's failure or a consumer that stops drops the queued items.
 
-    The calling process is one of the workers and ``workers − 1`` processes are spawned (each first imports
-    memplan, about half a second). The pool is given the latest items in flight, at most two per spawned
+    The calling process is one of the workers and ``workers − 1`` processes are started: forked where
+    ``start_method`` allows (they start with this process's imports), else spawned (each first imports memplan,
+    about half a second). The pool is given the latest items in flight, at most two per spawned
     process; this process runs the earliest ones not given away, and waits only when every item in flight is
     done or with the pool. So a one-item run spawns nothing, and no core waits while a worker starts."""
     import multiprocessing
     from collections import deque
 
     spawned = max(1, workers - 1)
-    pool = ProcessPoolExecutor(max_workers=spawned, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=spawned, mp_context=multiprocessing.get_context(start_method()))
     window = 2 * max(workers, 1)
     pending: deque = deque()
     """Entries in order: [future (None: not given to the pool), item, result once run here (None: not yet)]."""

@@ -384,7 +384,8 @@ def evaluate_group(spec: SweepSpec, group: list[Cell]) -> list[CellResult]:
 
 PROCESS_RUNS = 16
 """Sweeps of fewer (model, job) runs than this stay in this process: a run takes some 10-50 ms, and a spawned worker
-first spends about 0.5 s importing memplan."""
+first spends about 0.5 s importing memplan (a forked one, ``grid.start_method``, does not, but still builds its own
+memos)."""
 
 
 class Chunk(list):

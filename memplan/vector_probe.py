@@ -105,6 +105,10 @@ class Probe:
     """The step's phases (``Estimate.step_phases``): a tier's peak is its largest total over them."""
 
 
+_LAST_VALIDATED: list[tuple[Any, Any]] = [(None, None)]
+"""((configuration, its set fields), ``make_config`` of it or None): ``Prober.validated``'s last answer."""
+
+
 class Prober:
     """Scalar estimates of one group (model, job, GPU count) on the GPUs that share its first GPU's reads,
     memoized by (batch, size); each other GPU's probe is the same estimate with its own GPU."""
@@ -178,15 +182,24 @@ class Prober:
         return estimate_validated(self.ev.model, self.gpu, cfg, host=self.spec.host)
 
     def validated(self) -> Any:
-        """``estimator.make_config`` of the group's configuration, once; None when it does not validate."""
+        """``estimator.make_config`` of the group's configuration, once; None when it does not validate. The
+        probers of a group's GPU classes hold equal configurations (``grid._Evaluator`` reads no GPU to build it):
+        the last one validated is reused when equal, its set fields too (``make_config`` dumps only those)."""
         if self._validated is False:
             from memplan.errors import MemplanError
             from memplan.estimator import make_config
 
+            cfg = self.ev.cfg
+            key = (cfg, frozenset(cfg.model_fields_set))
+            last = _LAST_VALIDATED[0]
+            if last[0] == key:
+                self._validated = last[1]
+                return self._validated
             try:
-                self._validated = make_config(self.ev.cfg)
+                self._validated = make_config(cfg)
             except MemplanError:
                 self._validated = None
+            _LAST_VALIDATED[0] = (key, self._validated)
         return self._validated
 
     def at(self, b: int, s: int, gpu: str | None = None) -> Probe:

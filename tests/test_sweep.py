@@ -177,3 +177,24 @@ def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     buffer.truncate(0)
     ci.run_with_progress(spec, 2, quiet=True, workers=1, run=sw.run)
     assert buffer.getvalue() == ""
+
+
+def test_progress_bar_starts_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar is redrawn from the progress callback, not by rich's refresh thread: a process with one OS thread can
+    fork its sweep workers (``grid.start_method``)."""
+    import threading
+
+    from memplan.cli import sweep as ci
+
+    monkeypatch.setattr("rich.console.Console.is_terminal", property(lambda self: True))
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    before = threading.active_count()
+    seen = []
+
+    def run(spec: sw.SweepSpec, **kwargs: object) -> sw.SweepResult:
+        seen.append(threading.active_count())
+        return sw.run(spec, **kwargs)
+
+    spec = sw.SweepSpec(models=("gpt2",), gpus=("t4", "l4"), jobs=(Job.INFER,))
+    ci.run_with_progress(spec, 2, quiet=False, workers=1, run=run)
+    assert seen == [before]

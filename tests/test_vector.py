@@ -273,3 +273,56 @@ def test_long_runs_spill_as_frames_and_short_ones_as_columns(monkeypatch: pytest
     out = tmp_path / "v.csv"
     sweep_stream.csv_sink(out)(spill, False)
     assert out.read_text() == expected
+
+
+FORKED = """
+import sys
+import memplan.vector as vector
+from memplan.config import Job
+from memplan.grid import SweepSpec, start_method
+from memplan.report.csv_out import records_to_csv
+
+if __name__ == "__main__":
+    vector.PROCESS_RUNS = 1  # 4 runs: the worker builds some of them
+    spec = SweepSpec(models=("qwen2.5-0.5b", "gpt2"), gpus=("t4", "l4"), jobs=(Job.LORA, Job.INFER),
+                     seq_lens=(512, 1024), contexts=(512, 1024), batches=(1, 2, 3), metric="max-batch")
+    print(start_method())
+    sys.stdout.write(records_to_csv([r for ch in vector.iter_vector(spec, workers=2) for c in ch for r in c.records]))
+"""
+
+
+def test_a_single_threaded_process_forks_its_workers_and_they_give_the_scalar_csv(tmp_path: Any) -> None:
+    """With one OS thread (OpenBLAS held to one, as the CLI's main does) the workers are forked on Linux, not spawned,
+    and the rows they build are the scalar path's, byte for byte."""
+    import os
+    import subprocess
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("fork is taken on Linux only")
+    spec = SweepSpec(models=("qwen2.5-0.5b", "gpt2"), gpus=("t4", "l4"), jobs=(Job.LORA, Job.INFER),
+                     seq_lens=(512, 1024), contexts=(512, 1024), batches=(1, 2, 3), metric="max-batch")
+    expected = records_to_csv([r for chunk in iter_results(spec, workers=1) for c in chunk for r in c.records])
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, env=env).stdout
+    method, csv = out.split("\n", 1)
+    assert method == "fork"
+    assert csv == expected
+
+
+def test_a_second_thread_makes_workers_spawned() -> None:
+    """Fork copies only the calling thread: while another thread is alive, workers are spawned."""
+    import threading
+
+    from memplan.grid import start_method
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert start_method() == "spawn"
+    finally:
+        stop.set()
+        thread.join()

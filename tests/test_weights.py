@@ -214,3 +214,48 @@ def test_bitsandbytes_model_bytes_match(fmt: str, tmp_path: object) -> None:
             parts += [qs.absmax, qs.code, qs.offset, nested and nested.absmax, nested and nested.code]
         total += sum(t.numel() * t.element_size() for t in parts if t is not None)
     assert total == w.total_weight_bytes(ctx(TINY, job="infer", quant=fmt))
+
+
+@pytest.mark.parametrize("model", ["deepseek-v3", "mixtral-8x7b", "gemma-2-9b", "llama-3.1-8b"])
+@pytest.mark.parametrize("cfg", [{}, {"job": "qlora"}, {"tp": 2, "pp": 3, "gpus_per_node": 6},
+                                 {"dtype": "fp16", "ep": 2, "tp": 2, "gpus_per_node": 4},
+                                 {"job": "infer", "quant": "int8"}])
+def test_alike_blocks_weighed_once_give_the_bytes_of_every_tensor(model: str, cfg: dict) -> None:
+    """The stage's weights weighed once per class of alike blocks and counted are ``weight_bytes`` over every placed
+    tensor (independent path: the per-tensor sum), on every pipeline stage, quantized and not."""
+    from memplan.arch.build import build_architecture
+    from memplan.catalog.store import catalog_model
+
+    arch = build_architecture(catalog_model(model))
+    job = JobConfig(**cfg)
+    for stage in range(job.pp):
+        ctx = Context(arch, job, catalog_gpu("h100"), HostSpec(), stage_override=stage)
+        quant = w.effective_quant(job)
+        traits = w._traits(arch) if w.job_formats(job) else w.DEFAULT_TRAITS
+        every = w.weight_bytes(w.placed_tensors(ctx), dtype=job.dtype, quant=quant, tp=job.tp, ep=job.ep,
+                               num_layers=len(arch.layers), traits=traits, head=w.quantized_head(job))
+        assert w._gpu_weight_bytes(ctx, quant, traits) == every
+
+
+@pytest.mark.parametrize("model", ["deepseek-v3", "mixtral-8x7b", "gemma-2-9b"])
+@pytest.mark.parametrize("cfg", [{"job": "qlora"}, {"tp": 2, "pp": 3, "gpus_per_node": 6},
+                                 {"job": "qlora", "map": True}])
+def test_alike_placed_keeps_the_first_of_every_alike_tensor_in_order(model: str, cfg: dict) -> None:
+    """``alike_placed`` leaves out only tensors alike to an earlier one: the distinct ``alike_key``s, in their order
+    of first appearance, are those of every placed tensor (a walk that skips seen keys reads the same)."""
+    from memplan.arch.build import build_architecture
+    from memplan.catalog.store import catalog_model
+
+    arch = build_architecture(catalog_model(model))
+    cfg = dict(cfg)  # the parameter is shared between the models
+    if cfg.pop("map", False):  # the first 4 blocks in nf4 with double quantization, the rest 16-bit
+        cfg = {**cfg, "quant_map": ("nf4-dq",) * 4 + (None,) * (len(arch.layers) - 4)}
+    job = JobConfig(**cfg)
+    for stage in range(job.pp):
+        ctx = Context(arch, job, catalog_gpu("h100"), HostSpec(), stage_override=stage)
+
+        def keys(placed: list) -> list:
+            return list(dict.fromkeys(w.alike_key(w.layer_format(job, i), t, i) for t, i in placed))
+
+        assert keys(w.alike_placed(ctx)) == keys(w.placed_tensors(ctx))
+        assert len(w.alike_placed(ctx)) < len(w.placed_tensors(ctx))

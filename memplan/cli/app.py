@@ -99,10 +99,14 @@ def main_callback(
 
 def main() -> None:
     """Console-script entry point. Pydantic's plugin discovery (a scan of every installed package's entry
-    points, about 20 ms) is skipped unless the environment asks for it."""
+    points, about 20 ms) is skipped unless the environment asks for it. OpenBLAS runs one thread unless the
+    environment asks for more: memplan does no linear algebra (its sweeps are int64 element-wise arithmetic),
+    and a process with a single OS thread may fork its sweep workers (``grid.start_method``) instead of
+    spawning them (about 0.4 s of a core importing memplan again)."""
     import os
 
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     app()
 
 

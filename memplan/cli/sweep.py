@@ -182,7 +182,11 @@ def tp_choice(text: str | None) -> int | str | None:
 
 
 def run_with_progress(spec: Any, total: int, *, quiet: bool, workers: int | None, run: Any) -> Any:
-    """Run the sweep with a rich progress bar on stderr when it is a terminal (and not --quiet)."""
+    """Run the sweep with a rich progress bar on stderr when it is a terminal (and not --quiet).
+
+    The bar is redrawn from the progress callback (at most ten times a second, rich's default rate), not by rich's
+    refresh thread: a process with one OS thread forks its sweep workers instead of spawning them
+    (``grid.start_method``)."""
     from rich.console import Console
 
     err = Console(stderr=True)
@@ -191,6 +195,21 @@ def run_with_progress(spec: Any, total: int, *, quiet: bool, workers: int | None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    import time
+
+    with Progress(*columns, console=err, transient=True, auto_refresh=False) as bar:
         task = bar.add_task("sweep", total=total)
-        return run(spec, workers=workers, progress=lambda n: bar.advance(task, n))
+        drawn = [time.monotonic()]
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            if time.monotonic() - drawn[0] >= REDRAW_S:
+                bar.refresh()
+                drawn[0] = time.monotonic()
+
+        bar.refresh()
+        return run(spec, workers=workers, progress=advance)
+
+
+REDRAW_S = 1 / 10
+"""Seconds between two redraws of the progress bar: rich's default ``refresh_per_second`` (10)."""

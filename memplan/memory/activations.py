@@ -83,9 +83,23 @@ def checkpointed(ctx: Context) -> set[int]:
 
 @size_free
 def _trainables(ctx: Context) -> tuple[blk.Trainable, ...]:
-    """Each layer's trained weights and adapters (``activations_lora.block_trainable``): size-free, memoized."""
-    family, cfg = ctx.arch.spec.family, ctx.cfg
-    return tuple(lora.block_trainable(family, layer, cfg, i) for i, layer in enumerate(ctx.arch.layers))
+    """Each layer's trained weights and adapters (``activations_lora.block_trainable``): size-free, memoized.
+
+    Computed once per class of alike blocks (``memory.memo.canonical_layers``: equal but for their tensors' names),
+    first block apart, and format (``weights.layer_format``): ``block_trainable`` reads the layer's tensors but for
+    their names (the adapters it builds carry names, not read), and the index only through ``layer_index != 0``
+    and the layer's format."""
+    from memplan.memory.weights import layer_format
+
+    family, cfg, classes = ctx.arch.spec.family, ctx.cfg, canonical_layers(ctx.arch)
+    done: dict[tuple, blk.Trainable] = {}
+    out = []
+    for i, layer in enumerate(ctx.arch.layers):
+        key = (classes[i][0], i == 0, layer_format(cfg, i))
+        if key not in done:
+            done[key] = lora.block_trainable(family, layer, cfg, i)
+        out.append(done[key])
+    return tuple(out)
 
 
 def block_terms(ctx: Context, layer_index: int, counting: blk.Counting) -> list[blk.Term]:

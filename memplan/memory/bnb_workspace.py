@@ -38,7 +38,15 @@ from memplan.memory.breakdown import Phase, Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.memo import UNREAD, size_free
 from memplan.memory.quant import Library, get_format, storage
-from memplan.memory.weights import alike_key, effective_quant, job_library, layer_format, placed_tensors, quantized_head
+from memplan.memory.weights import (
+    alike_key,
+    alike_placed,
+    effective_quant,
+    job_library,
+    layer_format,
+    placed_tensors,
+    quantized_head,
+)
 from memplan.units import bits_to_bytes
 
 SIXTEEN_BITS = 16
@@ -69,7 +77,7 @@ def _largest(ctx: Context) -> Largest | None:
     best: Largest | None = None
     layers = len(ctx.arch.layers)
     seen: set[tuple] = set()
-    for tensor, layer in placed_tensors(ctx):
+    for tensor, layer in alike_placed(ctx):  # the tensors not alike to an earlier one (those the walk reads)
         fmt = layer_format(cfg, layer)
         if fmt is None or get_format(fmt).library is not Library.BITSANDBYTES:
             continue

@@ -193,6 +193,37 @@ def per_rank(adapters: Iterable[Tensor], *, ep: int) -> list[Tensor]:
     return out
 
 
+_RANK_ADAPTERS: dict[tuple, tuple[Architecture, tuple[Tensor, ...], int, dict[tuple, list[tuple[str, int]]]]] = {}
+
+
+def rank_adapters(arch: Architecture, lora: LoraConfig, *, pp: int, stage: int, ep: int) -> tuple[tuple[Tensor, ...], int]:
+    """(the adapters one GPU of ``stage`` holds, their parameter count): ``per_rank`` of ``stage_lora_tensors``.
+    Memoized per (architecture, LoRA config, pp, stage, ep), all it reads, like ``stage_lora_tensors`` (a sweep
+    asks again under every dtype, optimizer and size); the architecture is kept and compared by identity."""
+    hit = _rank_entry(arch, lora, pp, stage, ep)
+    return hit[1], hit[2]
+
+
+def rank_state_rows(arch: Architecture, lora: LoraConfig, *, pp: int, stage: int, ep: int, optimizer: OptimizerKind,
+                    sdtype: Dtype) -> list[tuple[str, int]]:
+    """``optimizer.state_rows`` over ``rank_adapters``, memoized with them per optimizer and state dtype."""
+    hit = _rank_entry(arch, lora, pp, stage, ep)
+    if (optimizer, sdtype) not in hit[3]:
+        hit[3][(optimizer, sdtype)] = opt.state_rows(optimizer=optimizer, tensors=hit[1], sdtype=sdtype)
+    return list(hit[3][(optimizer, sdtype)])
+
+
+def _rank_entry(arch: Architecture, lora: LoraConfig, pp: int, stage: int, ep: int) -> tuple:
+    key = (id(arch), lora, pp, stage, ep)
+    hit = _RANK_ADAPTERS.get(key)
+    if hit is None or hit[0] is not arch:
+        adapters = tuple(per_rank(stage_lora_tensors(arch, lora, pp=pp, stage=stage), ep=ep))
+        if len(_RANK_ADAPTERS) >= _STAGE_ADAPTERS_LIMIT:
+            _RANK_ADAPTERS.clear()
+        hit = _RANK_ADAPTERS[key] = (arch, adapters, sum(t.numel for t in adapters), {})
+    return hit
+
+
 def adapter_bytes(*, numel: int, dtype: Dtype) -> int:
     """Bytes of adapter weights, or of their gradients (autograd makes ``p.grad`` in ``p``'s dtype).
 
@@ -282,8 +313,7 @@ def _weight_buffers(ctx: Context) -> list[StateBuffer]:
 def adapter_buffers(ctx: Context) -> list[StateBuffer]:
     """Adapter weights, gradients, optional fp32 master copy and optimizer states on one GPU."""
     cfg, lora = ctx.cfg, ctx.cfg.lora
-    adapters = per_rank(stage_lora_tensors(ctx.arch, lora, pp=cfg.pp, stage=ctx.stage), ep=cfg.ep)
-    numel = sum(t.numel for t in adapters)
+    numel = rank_adapters(ctx.arch, lora, pp=cfg.pp, stage=ctx.stage, ep=cfg.ep)[1]
     opt_tier = OFFLOAD_TIER[cfg.offload_optimizer]
     grad_tier = Tier.GPU if cfg.offload_optimizer is Offload.NONE else opt_tier
     state_tier, note = opt_tier, ""
@@ -297,7 +327,8 @@ def adapter_buffers(ctx: Context) -> list[StateBuffer]:
         out.append(StateBuffer("optimizer/lora_master_fp32", bits_to_bytes(numel, Dtype.FP32.bits),
                                ZeroStage.OPTIMIZER, state_tier, "fp32 master copy (master_weights=True)"))
     sdtype = adapter_state_dtype(cfg)
-    for name, sbytes in opt.state_rows(optimizer=cfg.optimizer, tensors=adapters, sdtype=sdtype):
+    for name, sbytes in rank_state_rows(ctx.arch, lora, pp=cfg.pp, stage=ctx.stage, ep=cfg.ep,
+                                        optimizer=cfg.optimizer, sdtype=sdtype):
         out.append(StateBuffer(name, sbytes, ZeroStage.OPTIMIZER, state_tier,
                                f"{cfg.optimizer.value} states of the adapters ({sdtype.value})", note))
     return out

@@ -26,17 +26,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from operator import attrgetter
 from typing import TypeVar
 
 from memplan.arch.parallel import sharded_numel
-from memplan.arch.tensors import Architecture, Role, Tensor
+from memplan.arch.tensors import Architecture, Layer, Role, Tensor
 from memplan.config import Job, JobConfig
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
-from memplan.memory.memo import UNREAD
+from memplan.memory.memo import UNREAD, canonical_layers
 from memplan.memory.quant import DEFAULT_TRAITS, QLORA_DEFAULT, Library, MixTraits, get_format, mix_traits, storage
 from memplan.units import ceil_div
 
@@ -219,16 +220,68 @@ def placed_tensors(ctx: Context) -> list[Placed]:
     GGUF: the input layer is left out (``host_tensors``); with tied embeddings the output layer's
     duplicate of the embedding (llama.cpp ``TENSOR_DUPLICATED``) is a LM_HEAD tensor on the last stage.
     """
+    pre, post = _placed_ends(ctx)
+    return [*pre, *((t, i) for i, layer in gpu_layers(ctx) for t in layer.tensors), *post]
+
+
+def alike_placed(ctx: Context) -> list[Placed]:
+    """``placed_tensors`` but the blocks after the first of each (class of alike blocks, format): what a walk that
+    skips a tensor alike to one already seen (``alike_key``: the format and the fields but the name) reads, in the
+    same order. A later block of a class (``memo.canonical_layers``: equal but for the names) in the same format
+    holds only tensors alike to the first's."""
+    pre, post = _placed_ends(ctx)
+    classes = canonical_layers(ctx.arch)
+    seen: set[tuple] = set()
+    blocks: list[Placed] = []
+    for i, layer in gpu_layers(ctx):
+        key = (classes[i][0], layer_format(ctx.cfg, i))
+        if key not in seen:
+            seen.add(key)
+            blocks += [(t, i) for t in layer.tensors]
+    return [*pre, *blocks, *post]
+
+
+def gpu_layers(ctx: Context) -> list[tuple[int, Layer]]:
+    """The reported stage's (index, block) pairs whose tensors sit on the GPU (``placed_tensors``)."""
+    off = offloaded_layers(ctx.cfg)
+    return [(i, layer) for i, layer in ctx.layers if i not in off]
+
+
+def _placed_ends(ctx: Context) -> tuple[list[Placed], list[Placed]]:
+    """The GPU-resident tensors outside the blocks before them and after them (``placed_tensors``)."""
     arch, pp, stage = ctx.arch, ctx.cfg.pp, ctx.stage
     host = host_tensors(ctx)
-    out: list[Placed] = [(t, None) for t in arch.pre if t not in host] if stage == 0 else []
-    off = offloaded_layers(ctx.cfg)
-    out += [(t, i) for i, layer in ctx.layers if i not in off for t in layer.tensors]
+    pre: list[Placed] = [(t, None) for t in arch.pre if t not in host] if stage == 0 else []
+    post: list[Placed] = []
     if stage == pp - 1:
-        out += [(t, None) for t in arch.post + arch.extra]
+        post += [(t, None) for t in arch.post + arch.extra]
         if host and _traits(arch).tied:
-            out += [(replace(t, role=Role.LM_HEAD), None) for t in host if t.role is Role.EMBEDDING]
-    return out
+            post += [(replace(t, role=Role.LM_HEAD), None) for t in host if t.role is Role.EMBEDDING]
+    return pre, post
+
+
+def _gpu_weight_bytes(ctx: Context, quant: str | None, traits: MixTraits) -> WeightBytes:
+    """``weight_bytes(placed_tensors(ctx), ...)`` with each class of alike blocks weighed once and counted.
+
+    Outside GGUF and a per-layer map every block tensor is in ``quant`` and weighs what ``alike_key`` reads: its
+    fields but the name, never the index. Blocks of one class of ``memo.canonical_layers`` (equal but for their
+    tensors' names) then weigh alike, and the stage's bytes are Σ count(class) · bytes(class) + the ends' bytes,
+    integer sums, exactly ``weight_bytes`` over every tensor. GGUF (its rules read names and indices) and a map
+    weigh every tensor."""
+    cfg = ctx.cfg
+    weigh = partial(weight_bytes, dtype=cfg.dtype, quant=quant, tp=cfg.tp, ep=cfg.ep, num_layers=len(ctx.arch.layers),
+                    traits=traits, head=quantized_head(cfg))
+    if cfg.quant_map is not None or (quant is not None and get_format(quant).library is Library.GGUF):
+        return weigh(placed_tensors(ctx), quant_map=cfg.quant_map)
+    pre, post = _placed_ends(ctx)
+    ends = weigh([*pre, *post])
+    classes = canonical_layers(ctx.arch)
+    count = Counter(classes[i][0] for i, _ in gpu_layers(ctx))
+    q, u = ends.quantized, ends.unquantized
+    for first, n in count.items():
+        one = weigh([(t, first) for t in ctx.arch.layers[first].tensors])
+        q, u = q + n * one.quantized, u + n * one.unquantized
+    return WeightBytes(q, u)
 
 
 _CACHE: dict[tuple, tuple[object, object]] = {}
@@ -270,8 +323,7 @@ def _context_weight_bytes(ctx: Context) -> WeightBytes:
     check_quant_map(cfg, num_layers=layers)
     quant = effective_quant(cfg)
     traits = _traits(ctx.arch) if job_formats(cfg) else DEFAULT_TRAITS
-    gpu = weight_bytes(placed_tensors(ctx), dtype=cfg.dtype, quant=quant, tp=cfg.tp, ep=cfg.ep,
-                       num_layers=layers, traits=traits, quant_map=cfg.quant_map, head=quantized_head(cfg))
+    gpu = _gpu_weight_bytes(ctx, quant, traits)
     hq = hu = 0
     for t in host_tensors(ctx):
         st = storage(quant, t, layer_index=None, num_layers=layers, dtype=cfg.dtype, traits=traits)
