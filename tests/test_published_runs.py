@@ -119,19 +119,19 @@ sets deallocate_pipeline_outputs: no kept stage outputs nor per-micro-batch rece
 LLAMA3_MEMORY = ("at 8,192 GPUs (m = 32 micro-batches per replica) the interleaved schedule reaches its steady phase on "
                  "stage 1: it holds 141 one-layer chunk micro-batches (29 on chunk 0, 16 on each other chunk: 69.9 GiB) "
                  "while all 8 chunks' fp32 gradients accumulate (11.9 GiB), next to 5.9 GiB of gathered bf16 weights, "
-                 "the 10% allocator reserve and 1.42 GiB of NCCL communicator buffers (runtime/nccl_communicators): "
-                 "99.9 GiB; Meta's own schedule (N tunable, Fig. 6) is not Megatron's or torch's, and its in-flight "
-                 "count at m = 32 is not published")
+                 "the 10% allocator reserve and 2.05 GiB of NCCL communicator buffers (runtime/nccl_communicators, "
+                 "the world group's included): 100.5 GiB; Meta's own schedule (N tunable, Fig. 6) is not Megatron's "
+                 "or torch's, and its in-flight count at m = 32 is not published")
 LLAMA3_MEMORY_16K = ("at 16,384 GPUs (m = 16 micro-batches per replica: stage 1's warm-up of (16 - 2)*2 + 7*16 = 140 chunk "
                      "forwards covers the step's 128, so every forward runs first) stage 1 holds 63.5 GiB of activations "
                      "(8 one-layer chunks x 16 micro-batches, exact per chunk), 5.9 GiB of gathered bf16 weights, the "
                      "running layer's bf16 gradients and fp32 copy for the backward right after the peak (2.2 GiB) and "
-                     "the 10% allocator reserve (79.64 GiB) and 1.42 GiB of NCCL communicator buffers "
-                     "(runtime/nccl_communicators): 81.06 GiB, 1.88 GiB over the H100's CUDA-runtime total (79.18 GiB, "
+                     "the 10% allocator reserve (79.64 GiB) and 2.05 GiB of NCCL communicator buffers "
+                     "(runtime/nccl_communicators): 81.7 GiB, 2.5 GiB over the H100's CUDA-runtime total (79.18 GiB, "
                      "catalog cuda_memory_mib). Counted by hand from the source, that first backward holds about 2.06 "
                      "GiB beyond the activations, not 2.2 (FSDP2 copies gradients to fp32 one parameter at a time and "
                      "autograd releases the layer's saved tensors, but the gate/up projection's backward re-gathers its "
-                     "sequence-parallel input and holds its output and input gradients), about 80.88 GiB: still over; "
+                     "sequence-parallel input and holds its output and input gradients), about 81.5 GiB: still over; "
                      "memplan has no per-block backward working set to count it exactly")
 LLAMA3_128K_SEQ = 131072
 LLAMA3_128K_TOKENS_PER_BATCH = 16 * 2**20
@@ -142,14 +142,14 @@ LLAMA3_128K_FLOPS_PER_TOKEN = 6 * LLAMA3_PARAMS + 6 * 126 * LLAMA3_128K_SEQ * 16
 LLAMA3_128K_RECOMPUTE_LAYERS = 16
 """Llama 3 does not publish its activation-memory settings at 128k; full recomputation of 16 of the 126 layers (one of
 each stage's eight) is assumed: the smallest share, in whole layers per stage, with which memplan fits the 80 GiB at
-this layout under the paper's FSDP (LLAMA3_FSDP; with none, stage 1 holds 81.6 GiB, NCCL's 1.8 GiB included, against
+this layout under the paper's FSDP (LLAMA3_FSDP; with none, stage 1 holds 82.2 GiB, NCCL's 2.4 GiB included, against
 the H100's 79.2)."""
 DEEPSEEK_MEMORY = ("with Megatron-Core's knobs for what DeepSeek-V3 publishes (DEEPSEEK_MEGATRON: RMSNorm, MLA up-projection "
                    "and SwiGLU-output recompute; BF16 AdamW moments) stage 1 still holds 4 MoE layers x 23 micro-batches "
                    "(v = 2 standing for DualPipe) x 1.63 GiB of 16-bit saved tensors (of which the routed experts' 1.13), "
                    "149.6 GiB, beside 3.0 GiB of bf16 weights, 6.1 GiB of fp32 main grads, 2.0 GiB of distributed-"
                    "optimizer shards (the routed experts' over the expert data-parallel group of 2) and the 10% "
-                   "allocator reserve: 177.4 GiB (255.9 before the knobs), 180.1 GiB with 2.71 GiB of NCCL communicator "
+                   "allocator reserve: 177.4 GiB (255.9 before the knobs), 180.7 GiB with 3.34 GiB of NCCL communicator "
                    "buffers (runtime/nccl_communicators). Not modelled: the FP8 caching of Linear and SwiGLU inputs "
                    "(Sec. 3.3.2-3.3.3; TransformerEngine keeps fp8 copies of Linear inputs, memplan counts them in 16 "
                    "bits) and DualPipe itself (Table 2: PP + 1 = 17 stage micro-batches, two stages' "
