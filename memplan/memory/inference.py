@@ -27,6 +27,7 @@ from memplan.arch.tensors import Layer
 from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import Job
 from memplan.errors import MemplanError
+from memplan.memory import hf_masks
 from memplan.memory import hf_prefill as hf
 from memplan.memory.activations_block import attention_impl, sdpa_mask_materialized
 from memplan.memory.breakdown import Row, Tier
@@ -74,14 +75,17 @@ def scores_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bits: i
 
 
 def attention_workspace_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int, kv_heads: int,
-                              head_dim: int, hidden: int, bits: int, flash: bool) -> int:
+                              head_dim: int, hidden: int, bits: int, flash: bool, new_kv: bool = True) -> int:
     """Peak bytes of one GQA/MQA attention block in a forward of T tokens attending to S_kv keys.
 
     Formula: B·T·(D + 2·N·H + 2·K·H) × bits/8 (normed input, q, new k and v, output); without flash
-    add repeat_kv's 2·B·N·S_kv·H (when N ≠ K) and the eager scores.
+    add repeat_kv's 2·B·N·S_kv·H (when N ≠ K) and the eager scores. ``new_kv`` False leaves out the new k and v
+    where they already are the cache's tensors (transformers 5.x ``DynamicLayer.update`` returns the concatenated
+    cache and the layer rebinds ``key_states, value_states`` to it; measured at the CPU SDPA kernel: only the cache's
+    ``cat`` outputs).
     Source: transformers ``LlamaAttention.forward`` / ``repeat_kv``; vLLM ``Attention`` (flash kernels).
     """
-    elems = batch * tokens * (hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim)
+    elems = batch * tokens * (hidden + 2 * heads * head_dim + (2 * kv_heads * head_dim if new_kv else 0))
     out = bits_to_bytes(elems, bits)
     if not flash:
         if heads != kv_heads:
@@ -176,6 +180,8 @@ def _hf_mlp_extra(spec: ModelSpec, step: _Step, ffn: int) -> int:
     heads = ceil_div(spec.num_attention_heads or 1, step.tp)
     return (bits_to_bytes(b * t * ffn * hf.activation_extra(spec.hidden_act), bits)
             + hf.mlp_residual_bytes(batch=b, tokens=t, hidden=d, bits=bits, parallel=spec.parallel_attn)
+            + hf.kept_normed_input_bytes(batch=b, tokens=t, hidden=d, bits=bits, family=spec.family,
+                                         parallel=spec.parallel_attn)
             + hf.kept_attn_output_bytes(batch=b, tokens=t, hidden=d, bits=bits, family=spec.family,
                                         parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
             + (hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=step.kv_tokens, bits=bits,
@@ -238,23 +244,37 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
         out += hf.kept_scores_bytes(spec, batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens,
                                     heads=heads, head_dim=spec.dim_per_head, bits=step.bits)
     else:
+        kv_heads = max(1, ceil_div(spec.kv_heads, step.tp))
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
-                                        kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
-                                        hidden=d, bits=step.bits, flash=flash)
+                                        kv_heads=kv_heads, head_dim=spec.dim_per_head, hidden=d, bits=step.bits,
+                                        flash=flash, new_kv=not (step.hf and flash))
+        if step.hf and flash:
+            out += _hf_sdpa_extra(spec, step, heads, kv_heads, masked=masked)
     kernel = 0
     if step.cpu is not None and impl == "sdpa" and not spec.is_mla:
         kernel = _cpu_flash(spec, step, heads, masked=masked, kernels=step.cpu)
     out += kernel
     if step.hf:
         out += _hf_attention_extra(spec, step, heads, eager=not flash, kernel=kernel)
-        if masked:
-            out += hf.sdpa_mask_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, bits=step.bits)
+        if masked:  # the bool mask itself lives through the loop (``hf_masks.loop_mask_bytes``)
+            out += hf_masks.additive_mask_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens,
+                                                bits=step.bits)
     static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
     if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
         shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp, hf=hf_cache_layout(cfg))
         out += kv_concat_bytes(batch=step.batch, old_tokens=step.kv_tokens - step.tokens,
                                elements=elements_per_token(shapes), bits=step.kv_bits)
     return out
+
+
+def _hf_sdpa_extra(spec: ModelSpec, step: _Step, heads: int, kv_heads: int, *, masked: bool) -> int:
+    """transformers' SDPA-path extras: ``repeat_kv``'s copies of k and v at N heads where a materialised mask stops
+    SDPA's ``enable_gqa`` (2·B·N·S·H, ``integrations/sdpa_attention.py`` ``use_gqa_in_sdpa``: a mask means no GQA on
+    CUDA and CPU), and partial rotary's copies (``hf_prefill.partial_rotary_bytes``)."""
+    b, t, s, h, bits = step.batch, step.tokens, step.kv_tokens, spec.dim_per_head, step.bits
+    out = bits_to_bytes(2 * b * heads * s * h, bits) if masked and kv_heads < heads and not expands_kv(spec) else 0
+    return out + hf.partial_rotary_bytes(spec, batch=b, tokens=t, heads=heads, kv_heads=kv_heads, head_dim=h,
+                                         bits=bits)
 
 
 def _cpu_flash(spec: ModelSpec, step: _Step, heads: int, *, masked: bool, kernels: CpuKernels) -> int:
@@ -281,15 +301,14 @@ def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool
                               own=False) if eager else 0
     kv_heads = max(1, ceil_div(spec.kv_heads, step.tp))
     out += hf.fused_qkv_beside_q_bytes(batch=b, tokens=t, heads=heads, kv_heads=kv_heads, head_dim=spec.dim_per_head,
-                                       hidden=spec.hidden_size or 0, bits=bits, family=spec.family, eager=eager,
+                                       hidden=spec.hidden_size or 0, bits=bits, family=spec.family,
                                        parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
     later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits) + kernel
     if eager and spec.family in hf.ROPE_FP32:  # the fp32 rotary copies are gone before the scores exist
         later += scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
     out += hf.upcast_qk_bytes(spec, batch=b, tokens=t, kv_tokens=s, heads=heads, head_dim=spec.dim_per_head,
                               kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), later_bytes=later)
-    if eager:
-        out += hf.eager_mask_bytes(batch=b, tokens=t, kv_tokens=s, bits=bits)
+    if eager:  # the mask itself lives through the loop (``hf_masks.loop_mask_bytes``)
         if spec.is_mla:  # softmax's fp32 copy of its input, beyond scores_bytes' count
             out += bits_to_bytes(b * heads * t * s, hf.eager_softmax_bits(bits, upcast=True)) \
                 - scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
@@ -330,6 +349,8 @@ def rows(ctx: Context, *, cpu: CpuKernels | None = None) -> list[Row]:
                  eager=attention_impl(spec, cfg) == "eager")
     attention = _attention_bytes(ctx, step) if ctx.layers else 0
     mlp = max((_mlp_bytes(spec, layer, step) for _, layer in ctx.layers), default=0)
+    masks = hf_masks.loop_mask_bytes(spec, ctx.arch.layers, impl=attention_impl(spec, cfg), batch=cfg.micro_batch,
+                                     tokens=tokens, kv_tokens=inf.context, bits=bits) if step.hf and ctx.layers else 0
     note = f"prefill step of {tokens} tokens × batch {cfg.micro_batch}"
     if step.hf:
         stream = hf.stream_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits,
@@ -341,8 +362,9 @@ def rows(ctx: Context, *, cpu: CpuKernels | None = None) -> list[Row]:
         formula = "2·B·T·D (residual + hidden states)"
     out = [
         Row("activations/hidden_states", Tier.GPU, stream, formula, note),
-        Row("activations/prefill_workspace", Tier.GPU, max(attention, mlp),
-            "max(attention, MLP) of one layer; see memplan explain inference", note),
+        Row("activations/prefill_workspace", Tier.GPU, max(attention, mlp) + masks,
+            "max(attention, MLP) of one layer + the masks kept through the loop; see memplan explain inference",
+            note),
     ]
     if ctx.stage == cfg.pp - 1:
         positions = cfg.micro_batch * (inf.context if inf.all_logits else 1)
