@@ -219,12 +219,34 @@ def _mlp_bytes(spec: ModelSpec, layer: Layer, step: _Step) -> int:
     return out + (_hf_mlp_extra(spec, step, ffn) if step.hf else 0)
 
 
-def _attention_bytes(ctx: Context, step: _Step) -> int:
+def _hf_attention_max(ctx: Context, step: _Step) -> int:
+    """transformers' attention stage, the larger over the stage's layers with and without a materialised SDPA mask
+    (``sdpa_mask_materialized``: the masked ones add ``repeat_kv``'s copies and the additive mask).
+
+    Layers of a kind that is only the model's first layer hold one hidden-wide tensor less than the stream row counts:
+    their input is ``inputs_embeds`` itself (``LlamaModel.forward``: ``hidden_states = inputs_embeds``), which
+    ``hf_prefill.stream_bytes`` counts as a second tensor for the later layers."""
+    spec = ctx.arch.spec
+    impl = attention_impl(spec, ctx.cfg)
+    kinds: dict[bool, list[int]] = {}
+    for index, layer in ctx.layers:
+        kinds.setdefault(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens), []).append(index)
+    embeds = bits_to_bytes(step.batch * step.tokens * (spec.hidden_size or 0), step.bits)
+    first_only = ctx.stage == 0 and len(ctx.layers) > 1
+    return max(_attention_bytes(ctx, step, masked=masked) - (embeds if first_only and indices == [0] else 0)
+               for masked, indices in kinds.items())
+
+
+def _attention_bytes(ctx: Context, step: _Step, masked: bool | None = None) -> int:
+    """One layer's attention stage; ``masked``: whether SDPA gets a materialised mask (None: any of the stage's
+    layers does)."""
     spec, cfg = ctx.arch.spec, ctx.cfg
     heads, d = ceil_div(spec.num_attention_heads or 1, step.tp), spec.hidden_size or 0
     impl = attention_impl(spec, cfg) if step.hf else cfg.attention_impl
     flash = impl != "eager"  # flash and SDPA's fused kernels keep no S×S score matrix
-    masked = impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers)
+    if masked is None:
+        masked = any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers)
+    masked = masked and impl == "sdpa"
     if spec.is_mla:
         math = step.cpu is not None and impl == "sdpa"  # no CPU fused kernel takes q/k and v head dims that differ
         out = mla_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
@@ -347,7 +369,7 @@ def rows(ctx: Context, *, cpu: CpuKernels | None = None) -> list[Row]:
                  kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, cpu=cpu, dtype=compute_dtype(cfg.dtype).value,
                  hf=hf_cache_layout(cfg) and not inf.paged,
                  eager=attention_impl(spec, cfg) == "eager")
-    attention = _attention_bytes(ctx, step) if ctx.layers else 0
+    attention = (_hf_attention_max(ctx, step) if step.hf else _attention_bytes(ctx, step)) if ctx.layers else 0
     mlp = max((_mlp_bytes(spec, layer, step) for _, layer in ctx.layers), default=0)
     masks = hf_masks.loop_mask_bytes(spec, ctx.arch.layers, impl=attention_impl(spec, cfg), batch=cfg.micro_batch,
                                      tokens=tokens, kv_tokens=inf.context, bits=bits) if step.hf and ctx.layers else 0
