@@ -325,7 +325,9 @@ def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool
     out += hf.fused_qkv_beside_q_bytes(batch=b, tokens=t, heads=heads, kv_heads=kv_heads, head_dim=spec.dim_per_head,
                                        hidden=spec.hidden_size or 0, bits=bits, family=spec.family,
                                        parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
-    later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits) + kernel
+    # what the stage holds after the rotary copies are freed: the CPU kernel's buffers, and under eager the new k and
+    # v (SDPA's count leaves them to the cache row: ``attention_workspace_bytes`` without ``new_kv``)
+    later = kernel + (bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits) if eager else 0)
     if eager and spec.family in hf.ROPE_FP32:  # the fp32 rotary copies are gone before the scores exist
         later += scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
     out += hf.upcast_qk_bytes(spec, batch=b, tokens=t, kv_tokens=s, heads=heads, head_dim=spec.dim_per_head,
