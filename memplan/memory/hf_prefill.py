@@ -10,7 +10,7 @@ forward keeps more alive than the two residual tensors a fused engine keeps:
 - the experts run as ``grouped_mm`` over permuted copies of the tokens (``integrations/moe.py``);
 - eager blocks keep their attention probabilities while the MLP runs, and GPT-J, BLOOM and Falcon's model loops keep
   the previous block's;
-- eager attention gets a materialised (B, 1, T, S) causal mask (``masking_utils.eager_mask``).
+- the masks the model builds live through the whole loop (``hf_masks``).
 
 Widths are bits of the compute dtype; B batch, T new tokens, S attended keys, D hidden, F ffn, N/K heads.
 Assumption: the MLP stage of the last layer of a stage binds for the residual stream (every layer's input is the
@@ -100,6 +100,20 @@ def mlp_residual_bytes(*, batch: int, tokens: int, hidden: int, bits: int, paral
     return 0 if parallel else bits_to_bytes(batch * tokens * hidden, bits)
 
 
+KEEPS_NORMED_INPUT = frozenset({Family.STABLELM})
+"""Sequential blocks whose ``input_layernorm`` output stays a local through the MLP: ``StableLmDecoderLayer.forward``
+binds it to ``hidden_states`` and the attention's output to ``self_attn_output``, and does not rebind
+``hidden_states`` before the MLP (``use_parallel_residual`` False; a parallel block's MLP reads it anyway)."""
+
+
+def kept_normed_input_bytes(*, batch: int, tokens: int, hidden: int, bits: int, family: Family,
+                            parallel: bool) -> int:
+    """Bytes of the attention's normed input a ``KEEPS_NORMED_INPUT`` block keeps while its MLP runs: B·T·D × bits/8
+    (0 in a parallel block, whose MLP input the generic count already holds). Source: transformers 5.20
+    ``StableLmDecoderLayer.forward``; measured: a second ``native_layer_norm`` output alive at the MLP's peak."""
+    return 0 if parallel or family not in KEEPS_NORMED_INPUT else bits_to_bytes(batch * tokens * hidden, bits)
+
+
 def activation_extra(hidden_act: str) -> int:
     """F-wide temporaries an activation holds beyond input and output (``ACT_EXTRA_TEMPORARIES``), 0 for ATen ones."""
     return ACT_EXTRA_TEMPORARIES.get(hidden_act, 0)
@@ -115,18 +129,18 @@ def kept_attn_output_bytes(*, batch: int, tokens: int, hidden: int, bits: int, f
 
 
 def fused_qkv_beside_q_bytes(*, batch: int, tokens: int, heads: int, kv_heads: int, head_dim: int, hidden: int,
-                             bits: int, family: Family, parallel_norms: int, eager: bool) -> int:
+                             bits: int, family: Family, parallel_norms: int) -> int:
     """Bytes ``FUSED_QKV_BESIDE_Q`` adds at the attention's kernel: B·T·(F + (n − 1)·D) × bits/8.
 
     The fused projection, (N + 2K)·H per token, stays alive beside its reshaped (then rotated) q; the rotated k and
-    the reshaped v are freed once the cache has concatenated them. The SDPA count already holds the new k and v
-    (2K·H), so F = N·H there; eager's count holds neither, so F = (N + 2K)·H. The second norm's output (n = 2,
-    ``mlp_layernorm_out``) exists before the attention runs.
+    the reshaped v are freed once the cache has concatenated them. Neither generic count holds the new k and v (eager's,
+    nor SDPA's without ``new_kv``), so F = (N + 2K)·H. The second norm's output (n = 2, ``mlp_layernorm_out``) exists
+    before the attention runs.
     Source: transformers ``FalconAttention.forward`` (``fused_qkv``, ``_split_heads``), ``FalconDecoderLayer.forward``.
     """
     if family not in FUSED_QKV_BESIDE_Q:
         return 0
-    fused = (heads + 2 * kv_heads) * head_dim if eager else heads * head_dim
+    fused = (heads + 2 * kv_heads) * head_dim
     return bits_to_bytes(batch * tokens * (fused + (parallel_norms - 1) * hidden), bits)
 
 
@@ -137,20 +151,6 @@ def kept_probs_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bit
     Source: ``LlamaDecoderLayer.forward`` (``hidden_states, _ = self.self_attn(...)``), ``FalconModel.forward``."""
     count = int(family in KEEPS_PREVIOUS_PROBS) + int(own)
     return bits_to_bytes(count * batch * heads * tokens * kv_tokens, bits)
-
-
-def sdpa_mask_bytes(*, batch: int, tokens: int, kv_tokens: int, bits: int) -> int:
-    """Bytes of an explicit mask SDPA gets (sliding window shorter than S, Falcon's ALiBi path): B·T·S × (8 + bits)/8,
-    the boolean mask ``masking_utils.sdpa_mask`` builds and SDPA's additive copy of it
-    (``convert_boolean_attn_mask``: ``where(mask, 0, -inf)`` in the query's dtype). Assumption: a mask per sequence
-    (a bare forward without padding broadcasts one (1, 1, T, S) mask)."""
-    return bits_to_bytes(batch * tokens * kv_tokens, BOOL_BITS + bits)
-
-
-def eager_mask_bytes(*, batch: int, tokens: int, kv_tokens: int, bits: int) -> int:
-    """Bytes of the causal mask eager attention gets: B·T·S × bits/8 (``masking_utils.eager_mask``: a (B, 1, T, S)
-    tensor of the compute dtype, 0 or its minimum)."""
-    return bits_to_bytes(batch * tokens * kv_tokens, bits)
 
 
 def grouped_moe_bytes(*, batch: int, tokens: int, experts: int, experts_per_token: int, expert_ffn: int,
@@ -189,7 +189,7 @@ def upcast_qk_bytes(spec: ModelSpec, *, batch: int, tokens: int, kv_tokens: int,
 
 def eager_attention_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int, kv_heads: int, head_dim: int,
                           hidden: int, bits: int, upcast: bool = True) -> int:
-    """Peak bytes of transformers' eager attention, at its softmax (the mask is ``eager_mask_bytes``).
+    """Peak bytes of transformers' eager attention, at its softmax (the mask is ``hf_masks.loop_mask_bytes``).
 
     Formula: B·T·(D + N·H) × bits/8 (normed input, q) + 2·B·N·S·H × bits/8 when 1 < K < N (``repeat_kv``'s copies;
     with K = 1 the expand reshapes to a view) + B·N·T·S × (bits + 32 + 32)/8 (the masked scores, softmax's fp32
@@ -207,12 +207,14 @@ def eager_attention_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int
 
 def partial_rotary_bytes(spec: ModelSpec, *, batch: int, tokens: int, heads: int, kv_heads: int, head_dim: int,
                          bits: int) -> int:
-    """Bytes partial rotary adds at eager attention's softmax: B·T·(N + K)·H × bits/8, plus B·T·K·H where the fused
-    projection stays alive (``FUSED_QKV_KEPT``); 0 without partial rotary.
+    """Bytes partial rotary adds at the attention's kernel: B·T·(N + K + f)·H × bits/8, f = K where the fused
+    projection stays alive whole (``FUSED_QKV_KEPT``: its v part too); 0 without partial rotary.
 
     q is rebuilt as ``torch.cat([q_rot, q_pass])`` (a new tensor next to the projection it slices), and the k
-    projection stays referenced through ``k_pass`` while the cache holds the concatenated k.
-    Source: transformers ``StableLmAttention.forward`` / ``GPTNeoXAttention.forward`` (``rotary_ndims``).
+    projection stays referenced through ``k_pass`` while the cache holds the concatenated k; neither generic count
+    (eager's ``eager_attention_bytes``, SDPA's ``attention_workspace_bytes`` without ``new_kv``) holds them.
+    Source: transformers 5.20 ``StableLmAttention.forward`` / ``GPTNeoXAttention.forward`` / ``PhiAttention.forward``
+    (``rotary_ndims``); measured on GPT-NeoX SDPA: ``query_key_value``'s output and the q ``cat`` at the kernel.
     """
     if spec.rotary_dim is None or spec.rotary_dim >= head_dim:
         return 0

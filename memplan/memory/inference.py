@@ -27,6 +27,7 @@ from memplan.arch.tensors import Layer
 from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import Job
 from memplan.errors import MemplanError
+from memplan.memory import hf_masks
 from memplan.memory import hf_prefill as hf
 from memplan.memory.activations_block import attention_impl, sdpa_mask_materialized
 from memplan.memory.breakdown import Row, Tier
@@ -74,14 +75,17 @@ def scores_bytes(*, batch: int, heads: int, tokens: int, kv_tokens: int, bits: i
 
 
 def attention_workspace_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int, kv_heads: int,
-                              head_dim: int, hidden: int, bits: int, flash: bool) -> int:
+                              head_dim: int, hidden: int, bits: int, flash: bool, new_kv: bool = True) -> int:
     """Peak bytes of one GQA/MQA attention block in a forward of T tokens attending to S_kv keys.
 
     Formula: B·T·(D + 2·N·H + 2·K·H) × bits/8 (normed input, q, new k and v, output); without flash
-    add repeat_kv's 2·B·N·S_kv·H (when N ≠ K) and the eager scores.
+    add repeat_kv's 2·B·N·S_kv·H (when N ≠ K) and the eager scores. ``new_kv`` False leaves out the new k and v
+    where they already are the cache's tensors (transformers 5.x ``DynamicLayer.update`` returns the concatenated
+    cache and the layer rebinds ``key_states, value_states`` to it; measured at the CPU SDPA kernel: only the cache's
+    ``cat`` outputs).
     Source: transformers ``LlamaAttention.forward`` / ``repeat_kv``; vLLM ``Attention`` (flash kernels).
     """
-    elems = batch * tokens * (hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim)
+    elems = batch * tokens * (hidden + 2 * heads * head_dim + (2 * kv_heads * head_dim if new_kv else 0))
     out = bits_to_bytes(elems, bits)
     if not flash:
         if heads != kv_heads:
@@ -176,6 +180,8 @@ def _hf_mlp_extra(spec: ModelSpec, step: _Step, ffn: int) -> int:
     heads = ceil_div(spec.num_attention_heads or 1, step.tp)
     return (bits_to_bytes(b * t * ffn * hf.activation_extra(spec.hidden_act), bits)
             + hf.mlp_residual_bytes(batch=b, tokens=t, hidden=d, bits=bits, parallel=spec.parallel_attn)
+            + hf.kept_normed_input_bytes(batch=b, tokens=t, hidden=d, bits=bits, family=spec.family,
+                                         parallel=spec.parallel_attn)
             + hf.kept_attn_output_bytes(batch=b, tokens=t, hidden=d, bits=bits, family=spec.family,
                                         parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
             + (hf.kept_probs_bytes(batch=b, heads=heads, tokens=t, kv_tokens=step.kv_tokens, bits=bits,
@@ -213,12 +219,34 @@ def _mlp_bytes(spec: ModelSpec, layer: Layer, step: _Step) -> int:
     return out + (_hf_mlp_extra(spec, step, ffn) if step.hf else 0)
 
 
-def _attention_bytes(ctx: Context, step: _Step) -> int:
+def _hf_attention_max(ctx: Context, step: _Step) -> int:
+    """transformers' attention stage, the larger over the stage's layers with and without a materialised SDPA mask
+    (``sdpa_mask_materialized``: the masked ones add ``repeat_kv``'s copies and the additive mask).
+
+    Layers of a kind that is only the model's first layer hold one hidden-wide tensor less than the stream row counts:
+    their input is ``inputs_embeds`` itself (``LlamaModel.forward``: ``hidden_states = inputs_embeds``), which
+    ``hf_prefill.stream_bytes`` counts as a second tensor for the later layers."""
+    spec = ctx.arch.spec
+    impl = attention_impl(spec, ctx.cfg)
+    kinds: dict[bool, list[int]] = {}
+    for index, layer in ctx.layers:
+        kinds.setdefault(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens), []).append(index)
+    embeds = bits_to_bytes(step.batch * step.tokens * (spec.hidden_size or 0), step.bits)
+    first_only = ctx.stage == 0 and len(ctx.layers) > 1
+    return max(_attention_bytes(ctx, step, masked=masked) - (embeds if first_only and indices == [0] else 0)
+               for masked, indices in kinds.items())
+
+
+def _attention_bytes(ctx: Context, step: _Step, masked: bool | None = None) -> int:
+    """One layer's attention stage; ``masked``: whether SDPA gets a materialised mask (None: any of the stage's
+    layers does)."""
     spec, cfg = ctx.arch.spec, ctx.cfg
     heads, d = ceil_div(spec.num_attention_heads or 1, step.tp), spec.hidden_size or 0
     impl = attention_impl(spec, cfg) if step.hf else cfg.attention_impl
     flash = impl != "eager"  # flash and SDPA's fused kernels keep no S×S score matrix
-    masked = impl == "sdpa" and any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers)
+    if masked is None:
+        masked = any(sdpa_mask_materialized(spec, layer, impl, step.kv_tokens) for _, layer in ctx.layers)
+    masked = masked and impl == "sdpa"
     if spec.is_mla:
         math = step.cpu is not None and impl == "sdpa"  # no CPU fused kernel takes q/k and v head dims that differ
         out = mla_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
@@ -238,23 +266,37 @@ def _attention_bytes(ctx: Context, step: _Step) -> int:
         out += hf.kept_scores_bytes(spec, batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens,
                                     heads=heads, head_dim=spec.dim_per_head, bits=step.bits)
     else:
+        kv_heads = max(1, ceil_div(spec.kv_heads, step.tp))
         out = attention_workspace_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, heads=heads,
-                                        kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), head_dim=spec.dim_per_head,
-                                        hidden=d, bits=step.bits, flash=flash)
+                                        kv_heads=kv_heads, head_dim=spec.dim_per_head, hidden=d, bits=step.bits,
+                                        flash=flash, new_kv=not (step.hf and flash))
+        if step.hf and flash:
+            out += _hf_sdpa_extra(spec, step, heads, kv_heads, masked=masked)
     kernel = 0
     if step.cpu is not None and impl == "sdpa" and not spec.is_mla:
         kernel = _cpu_flash(spec, step, heads, masked=masked, kernels=step.cpu)
     out += kernel
     if step.hf:
         out += _hf_attention_extra(spec, step, heads, eager=not flash, kernel=kernel)
-        if masked:
-            out += hf.sdpa_mask_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens, bits=step.bits)
+        if masked:  # the bool mask itself lives through the loop (``hf_masks.loop_mask_bytes``)
+            out += hf_masks.additive_mask_bytes(batch=step.batch, tokens=step.tokens, kv_tokens=step.kv_tokens,
+                                                bits=step.bits)
     static = cfg.engine is not None and cfg.engine.value == "transformers" and cfg.serve.cache_implementation == "static"
     if not cfg.infer.paged and not static:  # a static cache writes in place (StaticLayer.update, index_copy_)
         shapes = cached_shapes(spec, mla_cache=cfg.infer.mla_cache, tp=step.tp, hf=hf_cache_layout(cfg))
         out += kv_concat_bytes(batch=step.batch, old_tokens=step.kv_tokens - step.tokens,
                                elements=elements_per_token(shapes), bits=step.kv_bits)
     return out
+
+
+def _hf_sdpa_extra(spec: ModelSpec, step: _Step, heads: int, kv_heads: int, *, masked: bool) -> int:
+    """transformers' SDPA-path extras: ``repeat_kv``'s copies of k and v at N heads where a materialised mask stops
+    SDPA's ``enable_gqa`` (2·B·N·S·H, ``integrations/sdpa_attention.py`` ``use_gqa_in_sdpa``: a mask means no GQA on
+    CUDA and CPU), and partial rotary's copies (``hf_prefill.partial_rotary_bytes``)."""
+    b, t, s, h, bits = step.batch, step.tokens, step.kv_tokens, spec.dim_per_head, step.bits
+    out = bits_to_bytes(2 * b * heads * s * h, bits) if masked and kv_heads < heads and not expands_kv(spec) else 0
+    return out + hf.partial_rotary_bytes(spec, batch=b, tokens=t, heads=heads, kv_heads=kv_heads, head_dim=h,
+                                         bits=bits)
 
 
 def _cpu_flash(spec: ModelSpec, step: _Step, heads: int, *, masked: bool, kernels: CpuKernels) -> int:
@@ -281,15 +323,16 @@ def _hf_attention_extra(spec: ModelSpec, step: _Step, heads: int, *, eager: bool
                               own=False) if eager else 0
     kv_heads = max(1, ceil_div(spec.kv_heads, step.tp))
     out += hf.fused_qkv_beside_q_bytes(batch=b, tokens=t, heads=heads, kv_heads=kv_heads, head_dim=spec.dim_per_head,
-                                       hidden=spec.hidden_size or 0, bits=bits, family=spec.family, eager=eager,
+                                       hidden=spec.hidden_size or 0, bits=bits, family=spec.family,
                                        parallel_norms=spec.parallel_norms if spec.parallel_attn else 1)
-    later = bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits) + kernel
+    # what the stage holds after the rotary copies are freed: the CPU kernel's buffers, and under eager the new k and
+    # v (SDPA's count leaves them to the cache row: ``attention_workspace_bytes`` without ``new_kv``)
+    later = kernel + (bits_to_bytes(b * t * elements_per_token(_hf_shapes(spec, step)), step.kv_bits) if eager else 0)
     if eager and spec.family in hf.ROPE_FP32:  # the fp32 rotary copies are gone before the scores exist
         later += scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
     out += hf.upcast_qk_bytes(spec, batch=b, tokens=t, kv_tokens=s, heads=heads, head_dim=spec.dim_per_head,
                               kv_heads=max(1, ceil_div(spec.kv_heads, step.tp)), later_bytes=later)
-    if eager:
-        out += hf.eager_mask_bytes(batch=b, tokens=t, kv_tokens=s, bits=bits)
+    if eager:  # the mask itself lives through the loop (``hf_masks.loop_mask_bytes``)
         if spec.is_mla:  # softmax's fp32 copy of its input, beyond scores_bytes' count
             out += bits_to_bytes(b * heads * t * s, hf.eager_softmax_bits(bits, upcast=True)) \
                 - scores_bytes(batch=b, heads=heads, tokens=t, kv_tokens=s, bits=bits)
@@ -328,8 +371,10 @@ def rows(ctx: Context, *, cpu: CpuKernels | None = None) -> list[Row]:
                  kv_bits=(inf.kv_dtype or compute_dtype(cfg.dtype)).bits, cpu=cpu, dtype=compute_dtype(cfg.dtype).value,
                  hf=hf_cache_layout(cfg) and not inf.paged,
                  eager=attention_impl(spec, cfg) == "eager")
-    attention = _attention_bytes(ctx, step) if ctx.layers else 0
+    attention = (_hf_attention_max(ctx, step) if step.hf else _attention_bytes(ctx, step)) if ctx.layers else 0
     mlp = max((_mlp_bytes(spec, layer, step) for _, layer in ctx.layers), default=0)
+    masks = hf_masks.loop_mask_bytes(spec, ctx.arch.layers, impl=attention_impl(spec, cfg), batch=cfg.micro_batch,
+                                     tokens=tokens, kv_tokens=inf.context, bits=bits) if step.hf and ctx.layers else 0
     note = f"prefill step of {tokens} tokens × batch {cfg.micro_batch}"
     if step.hf:
         stream = hf.stream_bytes(batch=cfg.micro_batch, tokens=tokens, hidden=spec.hidden_size or 0, bits=bits,
@@ -341,8 +386,9 @@ def rows(ctx: Context, *, cpu: CpuKernels | None = None) -> list[Row]:
         formula = "2·B·T·D (residual + hidden states)"
     out = [
         Row("activations/hidden_states", Tier.GPU, stream, formula, note),
-        Row("activations/prefill_workspace", Tier.GPU, max(attention, mlp),
-            "max(attention, MLP) of one layer; see memplan explain inference", note),
+        Row("activations/prefill_workspace", Tier.GPU, max(attention, mlp) + masks,
+            "max(attention, MLP) of one layer + the masks kept through the loop; see memplan explain inference",
+            note),
     ]
     if ctx.stage == cfg.pp - 1:
         positions = cfg.micro_batch * (inf.context if inf.all_logits else 1)
