@@ -193,7 +193,7 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple], layers: LayerBlo
             rows = [r for r in act.rows(ctx) if r.component not in NOT_LAYER_ROWS] if act.modelled(ctx) else []
             rows += train_pipeline.extra_rows(ctx, rows, layers, key, modes, cache)
             terms = train_pipeline.cooldown_terms(ctx, cache) if cooldown is not None and layers is not None else []
-            if terms:
+            if terms and cooldown is not None:
                 cooldown[cfg.pp, ctx.stage, key] = terms
             per_stage.append(phase_totals(components.with_phases(ctx, rows), Tier.GPU, TRAIN_PHASES))
         entries[key] = Entry(gpu=tuple(max(per.values()) for per in per_stage), seconds=shape_seconds(setting, cfg),
