@@ -226,9 +226,10 @@ def module_constants(module: str) -> dict[str, tuple[str, str]]:
 
 
 def constants_used(dotted: str) -> list[tuple[str, str]]:
-    """The documented constants a function's source or docstring names, in order of appearance."""
-    module = dotted.rpartition(".")[0]
-    known = module_constants(module)
+    """The documented constants a function's source or docstring names, in order of appearance: those of the module
+    it is listed under, and of the ``memplan.memory`` module that defines it (a function re-exported from a smaller module)."""
+    module, defined = dotted.rpartition(".")[0], resolve(dotted).__module__.removeprefix("memplan.memory.")
+    known = module_constants(module) | (module_constants(defined) if "." not in defined else {})
     seen = dict.fromkeys(re.findall(r"\b[A-Z][A-Z0-9_]{2,}\b", inspect.getsource(resolve(dotted))))
     return list(dict.fromkeys(known[name] for name in seen if name in known))
 
