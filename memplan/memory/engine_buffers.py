@@ -184,25 +184,24 @@ def fsdp2_kept_after_backward(ctx: Context, numel: int) -> list[Row]:
                 f"units gathered by a backward and kept until the next forward reshards them ({dtype.value})")]
 
 
-def fsdp2_cooldown_rows(ctx: Context, rows: list[Row], *, unit_activations: int | tuple[int, ...]) -> list[Row]:
+def fsdp2_cooldown_rows(ctx: Context, rows: list[Row], *, unit_activations: tuple[int, ...]) -> list[Row]:
     """FSDP2 under an interleaved pipeline: what the cool-down can hold beyond the in-flight peak, when a chunk's first
     backward adds its accumulated gradients faster than the backwards before it freed activations.
 
     Formula: ``arch.parallel.cooldown_gradient_excess`` with one chunk's gradients ⌈G/v⌉ (G the
     ``gradients/fsdp_pp_accumulated`` row) and one micro-batch's saved bytes of each chunk ``unit_activations``
-    (``activations.chunk_saved_bytes``: uneven chunks free unequal bytes; one figure stands for every chunk); counted at
-    the start of backward, with every in-flight activation (over by what the cool-down freed). Source: as
+    (``activations.chunk_saved_bytes``: uneven chunks free unequal bytes; none where the activations are not modelled);
+    counted at the start of backward, with every in-flight activation (over by what the cool-down freed). Source: as
     ``fsdp2_pipeline_rows``.
     """
     cfg = ctx.cfg
     v = max(1, cfg.perf.virtual_stages)
-    units = (unit_activations,) * v if isinstance(unit_activations, int) else tuple(unit_activations)
     if cfg.effective_engine is not Engine.FSDP2 or cfg.pp <= 1 or v <= 1 or not cfg.job.trains \
-            or len(units) != v or not any(units):
+            or len(unit_activations) != v or not any(unit_activations):
         return []
     total = sum(r.bytes for r in rows if r.tier is Tier.GPU and r.component == "gradients/fsdp_pp_accumulated")
     excess = cooldown_gradient_excess(cfg.pp, ctx.stage, v, cfg.grad_accum, chunk_grad=-(-total // v),
-                                      unit_activations=units)
+                                      unit_activations=unit_activations)
     if not excess:
         return []
     return [Row("gradients/fsdp_pp_cooldown", Tier.GPU, excess, FSDP2_PP,
