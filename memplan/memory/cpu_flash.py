@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.units import bits_to_bytes, ceil_div
+from memplan.units import bits_to_bytes, ceil_div, round_up
 
 ACCUM_BITS = 32
 """``at::opmath_type`` of bf16, fp16 and fp32: the kernel accumulates in fp32."""
@@ -50,10 +50,6 @@ class CpuKernels:
 def q_split(tokens: int) -> int:
     """The kernel's query block: 256 from 768 queries, 64 from 192, else 32 (``flash_attention_kernel_impl``)."""
     return next(split for least, split in Q_SPLITS if tokens >= least)
-
-
-def _even(n: int, pad: bool) -> int:
-    return n + 1 if pad and n % 2 else n
 
 
 def needs_pack(*, batch: int, tokens: int, kv_tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
@@ -83,11 +79,11 @@ def cpu_flash_bytes(*, batch: int, tokens: int, kv_tokens: int, heads: int, kv_h
                       head_dim=head_dim, dtype=dtype, kernels=kernels, causal=causal)
     threads = kernels.threads
     fp32 = batch * tokens * heads + threads * (q * k + 2 * q + q * head_dim)
-    reduced = threads * q * _even(k, pack) if bits < ACCUM_BITS else 0
+    reduced = threads * q * (round_up(k, 2) if pack else k) if bits < ACCUM_BITS else 0
     if pack:
         tail = (kv_tokens - 1) % k + 1
-        kv_padded = (kv_tokens - 1) // k * _even(k, True) + _even(tail, True)
-        padded_head = _even(head_dim, True)
+        kv_padded = (kv_tokens - 1) // k * round_up(k, 2) + round_up(tail, 2)
+        padded_head = round_up(head_dim, 2)
         reduced += batch * kv_heads * (padded_head * kv_tokens + kv_padded * head_dim) + threads * k * head_dim
         reduced += threads * q * padded_head if head_dim % 2 else 0
     return bits_to_bytes(fp32, ACCUM_BITS) + bits_to_bytes(reduced, bits)
