@@ -40,10 +40,7 @@ def _chunk_table(micro_batches: int, v: int, g: int) -> tuple[int, ...]:
     the remainder)."""
     out: list[int] = []
     for start in range(0, micro_batches, g):
-        size = micro_batches - start if start + g >= micro_batches else g
-        out.extend(c for c in range(v) for _ in range(size))
-        if start + g >= micro_batches:
-            break
+        out.extend(c for c in range(v) for _ in range(min(g, micro_batches - start)))
     return tuple(out)
 
 
