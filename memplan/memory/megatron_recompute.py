@@ -20,6 +20,7 @@ from memplan.catalog.schema import ModelSpec
 from memplan.config import Engine, JobConfig
 from memplan.memory import activations_terms as t
 from memplan.memory.activations_block import Counting, Dims, Term, norm_bytes
+from memplan.units import ceil_div
 
 DEFAULT = ("core_attn",)
 """Megatron-Core's default ``recompute_modules`` (transformer_config.py ``__post_init__``)."""
@@ -119,7 +120,7 @@ def mla_up_proj_weight_numel(spec: ModelSpec, tp: int = 1) -> int:
     (``linear_q_up_proj``, ``linear_kv_up_proj``, column-parallel)."""
     if not spec.is_mla:
         return 0
-    heads = -(-(spec.num_attention_heads or 0) // tp)
+    heads = ceil_div(spec.num_attention_heads or 0, tp)
     nope, rope, v = spec.qk_nope_head_dim or 0, spec.qk_rope_head_dim or 0, spec.v_head_dim or 0
     return (spec.q_lora_rank or spec.hidden_size or 0) * heads * (nope + rope) + (spec.kv_lora_rank or 0) * heads * (nope + v)
 
