@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.units import KiB, MiB, ceil_div
+from memplan.units import KiB, MiB, round_up
 
 NCCL_STEPS = 8
 LL_LINES_PER_THREAD = 8
@@ -95,7 +95,7 @@ def receive_bytes(buffsize: int) -> int:
     cuMem granularity (issue #1685). Assumption: cuMem on (NCCL >= 2.19's default); without it, under 1 MiB less.
     """
     raw = LL_BUFFSIZE + LL128_BUFFSIZE + buffsize
-    return ceil_div(raw, CUMEM_GRANULARITY) * CUMEM_GRANULARITY
+    return round_up(raw, CUMEM_GRANULARITY)
 
 
 def connection_pair_bytes(s: NcclSettings) -> int:
@@ -149,4 +149,4 @@ def nvls_bytes(local_ranks: int, gpu_name: str, s: NcclSettings) -> int:
         return 0
     channels = min(NVLS_CHANNELS[major], s.max_nchannels)
     raw = channels * 2 * s.nvls_chunksize * NCCL_STEPS * local_ranks
-    return ceil_div(raw, CUMEM_GRANULARITY) * CUMEM_GRANULARITY
+    return round_up(raw, CUMEM_GRANULARITY)
