@@ -101,11 +101,12 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
     if ctx.cfg.pp > 1 and ctx.cfg.effective_engine is Engine.FSDP2:
         from memplan.memory import activations, engine_buffers, pp_stage_buffers
 
-        units: tuple[int, ...] = ()
-        if activations.modelled(ctx):  # one micro-batch's saved bytes of each chunk's blocks (uneven chunks differ)
+        # the cool-down exists only under interleaving (v > 1) and weighs what the activations free
+        if ctx.cfg.perf.virtual_stages > 1 and activations.modelled(ctx):
+            # one micro-batch's saved bytes of each chunk's blocks (uneven chunks differ)
             units = activations.chunk_saved_bytes(ctx, activations.layer_modes(ctx),
                                                   activations.counting_for(ctx.cfg))["activations/layers"]
-        rows += with_phases(ctx, engine_buffers.fsdp2_cooldown_rows(ctx, rows, unit_activations=units))
+            rows += with_phases(ctx, engine_buffers.fsdp2_cooldown_rows(ctx, rows, unit_activations=units))
         rows += with_phases(ctx, pp_stage_buffers.rows(ctx))
     elif ctx.cfg.effective_engine is Engine.FSDP2:  # size-dependent, so not among the memoized state rows
         from memplan.memory import engine_fsdp2_backward
