@@ -99,7 +99,7 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
         return with_phases(ctx, _infer_rows(ctx, missing))
     rows = phased_state_rows(ctx) + with_phases(ctx, _activation_rows(ctx, missing))
     if ctx.cfg.pp > 1 and ctx.cfg.effective_engine is Engine.FSDP2:
-        from memplan.memory import activations, engine_buffers, pp_stage_buffers
+        from memplan.memory import activations, engine_buffers
 
         # the cool-down exists only under interleaving (v > 1) and weighs what the activations free
         if ctx.cfg.perf.virtual_stages > 1 and activations.modelled(ctx):
@@ -107,14 +107,13 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
             units = activations.chunk_saved_bytes(ctx, activations.layer_modes(ctx),
                                                   activations.counting_for(ctx.cfg))["activations/layers"]
             rows += with_phases(ctx, engine_buffers.fsdp2_cooldown_rows(ctx, rows, unit_activations=units))
-        rows += with_phases(ctx, pp_stage_buffers.rows(ctx))
     elif ctx.cfg.effective_engine is Engine.FSDP2:  # size-dependent, so not among the memoized state rows
         from memplan.memory import engine_fsdp2_backward
 
         kept = sum(r.bytes for r in rows if r.component == "weights/fsdp_kept_all_gather")
         rows += with_phases(ctx, engine_fsdp2_backward.kept_at_loss_rows(ctx, kept=kept))
         rows += with_phases(ctx, engine_fsdp2_backward.first_reduce_scatter_rows(ctx, rows))
-    elif ctx.cfg.pp > 1 and ctx.cfg.effective_engine is Engine.DEEPSPEED:  # DeepSpeed's pipe_buffers
+    if ctx.cfg.pp > 1:  # torch pipelining's (fsdp2) and DeepSpeed's pipe_buffers; none on other engines
         from memplan.memory import pp_stage_buffers
 
         rows += with_phases(ctx, pp_stage_buffers.rows(ctx))
