@@ -230,6 +230,15 @@ def retargeted(base: JobConfig, job: Job) -> JobConfig:
     return hit[1]
 
 
+def cell_config(spec: SweepSpec, job: Job, gpn: int, nodes: int) -> JobConfig:
+    """The grid's base configuration for ``job`` on ``gpn`` × ``nodes`` GPUs (``--tp node``: a node's GPUs), before
+    any size is set."""
+    update: dict[str, Any] = {"job": job, "gpus_per_node": gpn, "nodes": nodes}
+    if spec.tp is not None:
+        update["tp"] = gpn if spec.tp == "node" else spec.tp
+    return retargeted(spec.base, job).model_copy(update=update)  # only fields the job reads
+
+
 class _Evaluator:
     """Exact estimates of one cell, memoized by the free axis' value."""
 
@@ -237,10 +246,7 @@ class _Evaluator:
         gpn, nodes = spec.layout(cell.gpus)
         self.spec, self.cell = spec, cell
         self.model, self.gpu = _model(cell.model), _gpu(cell.gpu)
-        update: dict[str, Any] = {"job": cell.job, "gpus_per_node": gpn, "nodes": nodes}
-        if spec.tp is not None:
-            update["tp"] = gpn if spec.tp == "node" else spec.tp
-        cfg = retargeted(spec.base, cell.job).model_copy(update=update)  # only fields the cell's job reads
+        cfg = cell_config(spec, cell.job, gpn, nodes)
         if cell.size is not None:
             cfg = with_size(cfg, "context", cell.size)
         if cell.batch is not None:
@@ -484,11 +490,7 @@ def check_engine(spec: SweepSpec) -> None:
     reasons = []
     for job in spec.jobs:
         for count in spec.gpu_counts:
-            gpn, nodes = spec.layout(count)
-            update: dict[str, Any] = {"gpus_per_node": gpn, "nodes": nodes}
-            if spec.tp is not None:
-                update["tp"] = gpn if spec.tp == "node" else spec.tp
-            reason = violation(retarget(spec.base, job).model_copy(update=update))
+            reason = violation(cell_config(spec, job, *spec.layout(count)))
             if reason is None:
                 return
             reasons.append(reason)

@@ -29,10 +29,9 @@ def add_rows(builder: Any) -> dict[tuple[int, int], Any]:
     out: dict[tuple[int, int], Any] = {}
     if not P.cooldown or P.layers is None:
         return out
-    keys = {k for per in P.layers.gpu for keyed in per.values() for k in keyed}
     for tag, ((p, s, k), terms) in enumerate(P.cooldown.items()):
-        if k not in keys or ("pp" in P.dims and p not in P.dims["pp"]):
-            continue
+        if ("layerkey0", k) not in builder.z or ("pp" in P.dims and p not in P.dims["pp"]):
+            continue  # builder.z holds a selector per layer key of the block (``IlpBuilder._layers``)
         var = out.get((p, s))
         if var is None:
             var = out[p, s] = builder.prob.add_variable(f"cooldown_pp{p}_s{s}", lowBound=0)

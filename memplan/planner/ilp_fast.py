@@ -142,11 +142,12 @@ def cheapest_plan(problem: Problem) -> Solution | None:
         chosen.append((lb, modes))
     p = problem.dims.get("pp", (1,))[0]
     cap = math.floor(problem.gpu_capacity / UNIT / (1.0 + problem.gpu_scale_pct / 100.0)) - 1
+    key = _one_key(problem.layers) if problem.layers is not None else None  # the cool-down's, once for every stage
     for s in range(p):
         for phase in problem.phases or (None,):
             units = _factor_units(problem, s, phase) + sum(_block_units(problem, lb, m, p, s, phase) for lb, m in chosen)
             if problem.layers is not None:
-                units += fast_units(problem, problem.layers, chosen[0][1], p, s, phase, _one_key(problem.layers))
+                units += fast_units(problem, problem.layers, chosen[0][1], p, s, phase, key)
             if units > cap:
                 return None
     if not _host_fits(problem, chosen):

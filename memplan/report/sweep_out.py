@@ -65,12 +65,13 @@ def matrix_table(m: Matrix, gpus: list[str] | None = None) -> Any:
     """The matrix as a table, with the GPU columns ``gpus`` (default: all of them)."""
     from memplan.report.table import Table
 
+    columns = m.gpus if gpus is None else gpus
     table = Table()
     table.add_column("model")
-    for gpu in m.gpus if gpus is None else gpus:
+    for gpu in columns:
         table.add_column(gpu, justify="right")
     for model in m.models:
-        table.add_row(model, *(m.cell_text(model, gpu) for gpu in (m.gpus if gpus is None else gpus)))
+        table.add_row(model, *(m.cell_text(model, gpu) for gpu in columns))
     return table
 
 
