@@ -32,14 +32,14 @@ from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
-from memplan.engines import vllm_hybrid
+from memplan.engines import vllm_hybrid, vllm_profile_v1
 from memplan.engines.vllm_hybrid import Groups
 from memplan.errors import MemplanError
 from memplan.memory import inference, runtime, weights
 from memplan.memory.breakdown import Row, Tier, tier_total
 from memplan.memory.context import Context
 from memplan.memory.kv_cache import cached_shapes, compute_dtype, elements_per_token, sized_kv_dtype
-from memplan.units import GiB, bits_to_bytes
+from memplan.units import GiB, bits_to_bytes, ceil_div
 
 SOURCE = "vllm/v1/worker/gpu_worker.py Worker.determine_available_memory (vllm-project/vllm PR #10511)"
 LARGE_GPU_BYTES = 70 * GiB
@@ -233,20 +233,28 @@ class Pool:
         return min(self.blocks // self.blocks_per_sequence(context), self.max_num_seqs)
 
 
-def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int) -> int:
+def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int, version: tuple[int, ...] | None = None) -> int:
     """The profile run's torch peak: one forward of ``tokens`` tokens plus the sampler over ``rows`` rows.
 
-    Formula: forward_peak(B=1, T=tokens) + sampler_bytes(min(rows, tokens)) on the last pipeline stage.
+    Formula: forward_peak(B=1, T=tokens) + sampler_bytes(min(rows, tokens)) on the last pipeline stage; for the
+    releases ``vllm_profile_v1`` reproduces, its runner buffers + max(forward, sampler) as their source computes.
     Source: vllm/v1/worker/gpu_model_runner.py ``profile_run`` (``_dummy_run(max_num_tokens)`` then
     ``_dummy_sampler_run``); the forward with flash attention (no score matrix).
     """
     cfg, spec = ctx.cfg, ctx.arch.spec
+    bits = compute_dtype(cfg.dtype).bits
     out = inference.forward_peak_bytes(ctx, batch=1, tokens=tokens, kv_tokens=tokens)
     if cfg.serve.allreduce_keeps_inputs and cfg.tp > 1:
-        out += legacy_allreduce_bytes(layers=len(ctx.layers), tokens=tokens, hidden=spec.hidden_size or 0,
-                                      bits=compute_dtype(cfg.dtype).bits)
-    if ctx.stage == cfg.pp - 1:
-        out += sampler_bytes(rows=min(rows, tokens), vocab=spec.vocab_size or 0, bits=compute_dtype(cfg.dtype).bits)
+        out += legacy_allreduce_bytes(layers=len(ctx.layers), tokens=tokens, hidden=spec.hidden_size or 0, bits=bits)
+    last = ctx.stage == cfg.pp - 1
+    if vllm_profile_v1.applies(version):
+        buffers = vllm_profile_v1.runner_buffer_bytes(
+            max_num_tokens=tokens, hidden=spec.hidden_size or 0, bits=bits, max_num_seqs=rows,
+            blocks_per_request=ceil_div(max_model_len(ctx), cfg.serve.block_size))
+        return buffers + vllm_profile_v1.peak_bytes(forward=out, rows=min(rows, tokens), hidden=spec.hidden_size or 0,
+                                                    vocab=spec.vocab_size or 0, bits=bits, last_stage=last)
+    if last:
+        out += sampler_bytes(rows=min(rows, tokens), vocab=spec.vocab_size or 0, bits=bits)
     return out
 
 
@@ -284,7 +292,7 @@ def pool(ctx: Context) -> Pool:
     return Pool(total=total, budget=budget_bytes(total_bytes=total, utilization=cfg.serve.gpu_memory_utilization),
                 weights=tier_total(weights.rows(ctx), Tier.GPU),
                 non_torch=non_torch_bytes(tp=cfg.tp, override=cfg.serve.non_torch_bytes, context=context),
-                activation_peak=activation_peak_bytes(ctx, tokens=tokens, rows=seqs),
+                activation_peak=activation_peak_bytes(ctx, tokens=tokens, rows=seqs, version=version),
                 cudagraphs=cudagraph_bytes(ctx, capture_sizes(cfg, seqs)),
                 graphs_in_budget=subtracts_cudagraphs(version),
                 block_size=cfg.serve.block_size, token_bytes=page_bytes_per_token(ctx, g.size),
