@@ -133,7 +133,8 @@ PROFILES: dict[Engine, Profile] = {
         "Apex/TransformerEngine FusedAdam on the fp32 main params",
         ("gradients/main_grad_buffer",),
         ("use_distributed_optimizer", "cpu_offloading_num_layers", "recompute_modules", "use_precision_aware_optimizer",
-         "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders"),
+         "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders", "fp8_recipe",
+         "activation_func_fp8_input_store"),
         "Megatron-Core/TransformerEngine fused layout: Korthikanti et al. 2022 (with their selective recompute; "
         "--recompute-modules core_attn, layernorm, mla_up_proj, moe_act)",
         ("Megatron-LM docs/source/api-guide/dist_optimizer.md", "megatron/core/distributed/param_and_grad_buffer.py",

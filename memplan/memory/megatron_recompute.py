@@ -8,8 +8,8 @@ are saved, and ``discard_output_and_register_recompute`` frees the output's stor
 once that op has run, refilling it before the backward reads it. So a module under it keeps its inputs and
 drops its output, whoever saved it.
 
-Assumptions: 16-bit activations as the block's other terms (TransformerEngine's fp8 Linear keeps an fp8 copy of
-its input instead, which these replacements do not model: with fp8 they over-count, the safe direction);
+Assumptions: 16-bit activations as the block's other terms (with fp8 training, ``memory.te_fp8`` adds what
+TransformerEngine stores differently, given the same modules: what they drop is dropped at any dtype);
 balanced routing; "mlp", "moe" and "shared_experts" (whole-submodule checkpoints) are not modelled
 (``engines.megatron_rules`` refuses them).
 """
