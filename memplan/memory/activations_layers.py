@@ -2,7 +2,8 @@
 
 One micro-batch's saved bytes of a block under ``none`` / ``selective`` / ``full`` / ``op`` recompute (Korthikanti
 et al. 2022, Sec. 5; Megatron-Core's ``--recompute-modules`` through ``memory.megatron_recompute``), the micro-batches
-in flight of 1F1B (Narayanan et al. 2021, Sec. 2.2), and the recompute workspace. Split out of
+in flight of 1F1B (Narayanan et al. 2021, Sec. 2.2), and the recompute workspace. Under fp8 training on megatron the
+Linear inputs TransformerEngine saves in fp8 change the block's bytes (``memory.te_fp8``). Split out of
 ``memory.activations``, which re-exports every name.
 """
 
