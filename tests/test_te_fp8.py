@@ -70,6 +70,24 @@ def test_dense_block_tensorwise_recipe_and_fp8_swiglu_store() -> None:
     assert store_only - bf16 == -L8 * T8 * 2 * F8  # the store acts without fp8 GEMMs too
 
 
+def test_checkpointed_core_attention_leaves_linear_proj_the_only_copy() -> None:
+    """Megatron's default selective module core_attn checkpoints the core attention (attention.py
+    ``_checkpointed_attention_forward``): it keeps no output, so under the delayed recipe linear_proj's quantized copy
+    replaces the 16-bit one instead of adding to it."""
+    per_layer = -(T8 * D8 - SCALE) - (T8 * D8 - SCALE) - (T8 * F8 - SCALE) - (T8 * D8 - SCALE)
+    cfg = {**LLAMA, "recompute": "selective"}
+    assert _layers("llama-3.1-8b", **cfg, perf={"fp8": True}) - _layers("llama-3.1-8b", **cfg) == L8 * per_layer
+
+
+def test_sequence_parallel_saves_the_local_shard() -> None:
+    """tp 2 with sequence parallelism: linear_qkv and fc1 quantize and save their local S/2 rows (rowwise, re-gathered
+    in backward: layernorm_linear.py ``ln_out_needs_gather``); linear_proj's input is N/2 heads, fc2's F/2 wide."""
+    tp, half = 2, T8 // 2
+    per_layer = -(half * D8 - SCALE) - (half * D8 - SCALE) - (T8 * F8 // tp - SCALE) + (T8 * D8 // tp + SCALE)
+    cfg = {**LLAMA, "tp": tp, "sequence_parallel": True, "gpus_per_node": tp}
+    assert _layers("llama-3.1-8b", **cfg, perf={"fp8": True}) - _layers("llama-3.1-8b", **cfg) == L8 * per_layer
+
+
 def test_torchao_saves_high_precision_inputs() -> None:
     """torchao float8 (fsdp2): matmul_with_hp_or_float8_args saves input_hp: the saved activations do not change."""
     cfg = {"job": "pretrain", "engine": "fsdp2", "micro_batch": 1, "seq_len": 2048, "recompute": "none"}
