@@ -34,8 +34,10 @@ Engines:
 
 Symbols as ``activations_terms``; ``Dims.seq_tokens`` rows for hidden-wide inputs (split with sequence parallelism:
 TE saves the local shard and re-gathers it in backward), ``Dims.tokens`` rows for head- and ffn-wide ones.
-Assumptions: every weight trains (megatron runs pretrain and full jobs); balanced routing; the output layer
-(Megatron's own ColumnParallelLinear) stays 16-bit; ``--first-last-layers-bf16`` and fp8 attention are not modelled.
+Assumptions: every weight trains (megatron runs pretrain and full jobs); TransformerEngine >= 2.6 (Megatron's condition
+for ``set_save_original_input``); balanced routing, without the experts' fp8 padding of each expert's rows to a
+multiple of 16; the output layer (Megatron's own ColumnParallelLinear) stays 16-bit; ``--first-last-layers-bf16``,
+fp8 attention (``--fp8-dot-product-attention``) and fine-grained activation offloading are not modelled.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def attention_terms(spec: ModelSpec, cfg: JobConfig, dm: Dims, mods: frozenset[s
     out: list[Term] = []
     if spec.is_mla:  # TENorm, then q_down (or linear_q_proj) and kv_down each quantize the norm output
         if "layernorm" not in mods:  # with it both save the original, which the recompute discards
-            out.append(Term("fp8/qkv_down_input", fp8_tensor_bytes(count=hidden, recipe=recipe, tensors=1) * 2
+            out.append(Term("fp8/qkv_down_input", 2 * fp8_tensor_bytes(count=hidden, recipe=recipe)
                             - t.tensor_bytes(count=hidden, bits=bits)))
         if "mla_up_proj" not in mods:  # q_up / kv_up: TELayerNormColumnParallelLinear over the latent (ln_out)
             for rank in (spec.q_lora_rank, spec.kv_lora_rank):
