@@ -122,14 +122,15 @@ def test_precision_aware_optimizer_bf16_moments_and_remainders() -> None:
 
 def test_recompute_modules_keep_what_megatron_keeps() -> None:
     """One MoE layer, one micro-batch, the paper's 16-bit rules, with layernorm, mla_up_proj and moe_act: the two
-    norms' inputs; the latent path's norm inputs and outputs (q_compressed, kv_compressed) and the un-roped k_pos_emb;
+    norms' inputs; the latent path's checkpoint inputs (q_compressed, kv_compressed, un-normed: the latent norms are
+    fused into the up-projections, TELayerNormColumnParallelLinear, and rerun with them) and the un-roped k_pos_emb;
     the flash kernel's output (v padded to the q/k width, as memplan's flash path saves it) and o_proj's input
     (the unpadded copy); the routed experts without the SwiGLU output (3 int64 indices, the permuted input and
     un-permuted output, the 2F SwiGLU input, an fp32 routing weight; int32 offsets); the shared expert's 2F + F."""
     run = next(r for r in RUNS if r.id == "deepseek-v3")
     ctx = Context(build_architecture(run.spec()), _sixteen_bit(), catalog_gpu(run.gpu), run.host).at_stage(1)
     norms = 2 * T * H * 2
-    latent = T * (2 * QL + 2 * KL + ROPE) * 2
+    latent = T * (QL + KL + ROPE) * 2
     core = T * N * (NOPE + ROPE) * 2 + T * N * V * 2
     kept = norms + latent + core + EXPERTS_KEPT + SHARED
     layer = ctx.layers[0][0]
