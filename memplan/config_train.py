@@ -65,7 +65,8 @@ class PerfConfig(Strict):
     engine's default (``perf_data.ENGINE_OVERLAP``)."""
     fp8: bool = False
     """GEMMs in fp8 (TransformerEngine / torchao float8): compute at the GPU's fp8 peak; weights and states keep
-    ``dtype``. A ``dtype: fp8`` job computes in fp8 as well."""
+    ``dtype``; on megatron the Linear inputs saved for backward are TransformerEngine's fp8 copies
+    (``memory.te_fp8``). A ``dtype: fp8`` job computes in fp8 as well."""
     comm_sm_fraction: float = Field(default=0.0, ge=0, lt=1)
     """Share of the GPU's SMs that overlapped communication kernels take from compute (DeepSeek-V3 gives 20 of
     132 SMs to its all-to-all kernels, DeepSeek-AI 2024, Sec. 3.2.2): compute runs at (1 − share) of its rate."""
@@ -170,6 +171,15 @@ class EngineConfig(Strict):
     """Megatron-Core ``OptimizerConfig.store_param_remainders`` (default True; ``--no-store-param-remainders``): with
     the precision-aware optimizer over bf16 params, the fp32 main params are kept as the 16 bits the bf16 param
     lacks (an int16 remainder), 2 bytes per param instead of 4."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    """Megatron-Core ``--fp8-recipe`` (``TransformerConfig.fp8_recipe``, default delayed) for fp8 training
+    (``perf.fp8`` or ``dtype: fp8``): the scaling of TransformerEngine's quantized saved inputs (one fp32 scale per
+    tensor; mxfp8 one E8M0 byte per 32 elements; blockwise, DeepSeek-V3's 1x128 tiles, one fp32 per 128) and whether
+    Megatron lets linear_proj and the shared experts' fc1 save their original input (every recipe but delayed;
+    ``memory.te_fp8``)."""
+    activation_func_fp8_input_store: bool = False
+    """Megatron-Core ``--activation-func-fp8-input-store`` (``TransformerConfig``, SwiGLU only): the fused SwiGLU
+    keeps its input for backward cast to float8_e4m3fn, 1 byte per element (fusions/fused_bias_swiglu.py)."""
     # NCCL's environment (issue 11: runtime/nccl_communicators, memory.nccl), under NCCL's own names.
     nccl_buffsize: int | None = Field(default=None, gt=0)
     """``NCCL_BUFFSIZE`` in bytes: the Simple protocol's buffer per connection and channel; None: NCCL's 4 MiB."""

@@ -294,6 +294,12 @@ OPTS: dict[str, Opt] = {
     "store_param_remainders": _o("--store-param-remainders/--no-store-param-remainders", bool, None, "megatron "
                                  "precision-aware optimizer: fp32 main params as 16-bit remainders of bf16 params "
                                  "(default on).", ENGINE, field="engine_config.store_param_remainders"),
+    "fp8_recipe": _o("--fp8-recipe", str, None, "megatron fp8 training: delayed, tensorwise, mxfp8 or blockwise "
+                     "(default delayed); sizes TransformerEngine's fp8 saved inputs.", ENGINE,
+                     field="engine_config.fp8_recipe"),
+    "activation_func_fp8_input_store": _o("--activation-func-fp8-input-store/--no-activation-func-fp8-input-store",
+                                          bool, None, "megatron: the SwiGLU keeps its input in fp8 for backward "
+                                          "(default off).", ENGINE, field="engine_config.activation_func_fp8_input_store"),
     "nccl_buffsize": _o("--nccl-buffsize", str, None, "NCCL_BUFFSIZE the training job runs with, e.g. 4MiB (default: "
                         "NCCL's 4 MiB); sizes runtime/nccl_communicators.", ENGINE, field="engine_config.nccl_buffsize",
                         convert=lambda t: size_or_none(t, "--nccl-buffsize"), text=size_text),
@@ -412,6 +418,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "stage3_param_persistence_threshold", "use_distributed_optimizer", "hsdp_shard_size",
                      "mics_shard_size", "zero_hpz_partition_size", "cpu_offloading_num_layers", "recompute_modules",
                      "use_precision_aware_optimizer", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders",
+                     "fp8_recipe", "activation_func_fp8_input_store",
                      "nccl_buffsize", "nccl_max_nchannels", "nccl_nvls_enable", "nccl_nvls_chunksize"),
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",

@@ -14,8 +14,9 @@ from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec, ModelSpec
 from memplan.config import QUANTIZED_BASE_JOBS, Job, JobConfig
 from memplan.dtypes import Dtype
-from memplan.engines.megatron_rules import recompute_modules_model_rule, selective_rule
+from memplan.engines.megatron_rules import fp8_input_store_model_rule, recompute_modules_model_rule, selective_rule
 from memplan.errors import MemplanError
+from memplan.memory import te_fp8
 
 ADAPTER_JOBS = (Job.LORA, Job.QLORA)
 
@@ -149,7 +150,8 @@ def preflight(spec: ModelSpec, arch: Architecture, gpu: GpuSpec, cfg: JobConfig)
 def check_recompute_modules(cfg: JobConfig, spec: ModelSpec) -> None:
     """Megatron's recompute modules that the model lacks (``engines.megatron_rules``) are bad input."""
     modes = (cfg.recompute, *(cfg.recompute_map or ()))
-    rule = selective_rule(cfg, modes) or recompute_modules_model_rule(cfg, mla=spec.is_mla, moe=bool(spec.num_experts))
+    rule = (selective_rule(cfg, modes) or recompute_modules_model_rule(cfg, mla=spec.is_mla, moe=bool(spec.num_experts))
+            or fp8_input_store_model_rule(cfg, swiglu=te_fp8.swiglu(spec)))
     if rule:
         raise MemplanError(rule)
 

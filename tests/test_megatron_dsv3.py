@@ -64,6 +64,18 @@ DENSE_MLP = T * (2 * F_DENSE + F_DENSE) * 2
 """A dense layer's SwiGLU input (2F) and output (F); its fc1 input is the norm's output."""
 
 
+SIXTEEN_BIT = {**DEEPSEEK_MEGATRON, "recompute_modules": ("layernorm", "mla_up_proj", "moe_act"),
+               "fp8_recipe": "delayed", "activation_func_fp8_input_store": False}
+"""The published run's knobs with 16-bit saved tensors (fp8's are tests/test_te_fp8.py's) and moe_act."""
+
+
+def _sixteen_bit(**engine_config: object) -> JobConfig:
+    """The DeepSeek-V3 run without fp8 GEMMs, under ``SIXTEEN_BIT`` updated by ``engine_config``."""
+    run = next(r for r in RUNS if r.id == "deepseek-v3")
+    return JobConfig(**{**run.cfg, "perf": {**run.cfg["perf"], "fp8": False},
+                        "engine_config": {**SIXTEEN_BIT, **engine_config}})
+
+
 def _run(**engine_config: object) -> tuple[object, JobConfig]:
     run = next(r for r in RUNS if r.id == "deepseek-v3")
     cfg = {**run.cfg, "engine_config": engine_config} if engine_config else run.cfg
@@ -110,14 +122,15 @@ def test_precision_aware_optimizer_bf16_moments_and_remainders() -> None:
 
 def test_recompute_modules_keep_what_megatron_keeps() -> None:
     """One MoE layer, one micro-batch, the paper's 16-bit rules, with layernorm, mla_up_proj and moe_act: the two
-    norms' inputs; the latent path's norm inputs and outputs (q_compressed, kv_compressed) and the un-roped k_pos_emb;
+    norms' inputs; the latent path's checkpoint inputs (q_compressed, kv_compressed, un-normed: the latent norms are
+    fused into the up-projections, TELayerNormColumnParallelLinear, and rerun with them) and the un-roped k_pos_emb;
     the flash kernel's output (v padded to the q/k width, as memplan's flash path saves it) and o_proj's input
     (the unpadded copy); the routed experts without the SwiGLU output (3 int64 indices, the permuted input and
     un-permuted output, the 2F SwiGLU input, an fp32 routing weight; int32 offsets); the shared expert's 2F + F."""
     run = next(r for r in RUNS if r.id == "deepseek-v3")
-    ctx = Context(build_architecture(run.spec()), run.config(), catalog_gpu(run.gpu), run.host).at_stage(1)
+    ctx = Context(build_architecture(run.spec()), _sixteen_bit(), catalog_gpu(run.gpu), run.host).at_stage(1)
     norms = 2 * T * H * 2
-    latent = T * (2 * QL + 2 * KL + ROPE) * 2
+    latent = T * (QL + KL + ROPE) * 2
     core = T * N * (NOPE + ROPE) * 2 + T * N * V * 2
     kept = norms + latent + core + EXPERTS_KEPT + SHARED
     layer = ctx.layers[0][0]
@@ -132,7 +145,8 @@ def test_default_module_is_core_attention_only() -> None:
     the fused attention kernel saves none, so an MoE layer keeps every tensor the paper's rules count (norms,
     latents, q/k/v and the kernel output, routed and shared experts, the SwiGLU outputs included)."""
     run = next(r for r in RUNS if r.id == "deepseek-v3")
-    cfg = JobConfig(**{**run.cfg, "engine_config": {"use_distributed_optimizer": True}, "recompute": "selective"})
+    cfg = JobConfig(**{**run.cfg, "engine_config": {"use_distributed_optimizer": True}, "recompute": "selective",
+                       "perf": {**run.cfg["perf"], "fp8": False}})
     ctx = Context(build_architecture(run.spec()), cfg, catalog_gpu(run.gpu), run.host).at_stage(1)
     layer = ctx.layers[0][0]
     assert ctx.arch.layers[layer].moe
@@ -204,7 +218,7 @@ def test_layernorm_recomputes_only_the_norms_megatron_does_not_fuse() -> None:
     the pre-MLP norm is fused into fc1 (TELayerNormColumnParallelLinear: kept, input and output). Paper rules: the
     block input, the residual and the fused norm's output, 3 hidden-wide 16-bit tensors."""
     run = next(r for r in RUNS if r.id == "deepseek-v3")
-    cfg = JobConfig(**{**run.cfg, "engine_config": {**DEEPSEEK_MEGATRON, "recompute_modules": ("layernorm",)}})
+    cfg = _sixteen_bit(recompute_modules=("layernorm",))
     ctx = Context(build_architecture(run.spec()), cfg, catalog_gpu(run.gpu), run.host).at_stage(0)
     layer = ctx.layers[0][0]
     assert not ctx.arch.layers[layer].moe

@@ -85,6 +85,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--train-tokens": "1000000000", "--hsdp-shard-size": "2", "--mics-shard-size": "2",
     "--zero-hpz-partition-size": "2", "--cpu-offloading-num-layers": "4", "--shard-group": "full",
     "--usd-per-hour": "3.5", "--recompute-modules": "layernorm", "--exp-avg-dtype": "bf16", "--exp-avg-sq-dtype": "bf16",
+    "--fp8-recipe": "tensorwise",
     "--nccl-buffsize": "1MiB", "--nccl-max-nchannels": "16", "--nccl-nvls-enable": "0", "--nccl-nvls-chunksize": "512KiB",
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
@@ -138,6 +139,8 @@ ENGINE_SETTINGS: dict[str, list[str]] = {
     "--cpu-offloading-num-layers": ["--engine", "megatron", "--offload-activations"],
     "--recompute-modules": ["--engine", "megatron", "--recompute", "selective"],
     "--use-precision-aware-optimizer": ["--engine", "megatron"],
+    "--fp8-recipe": ["--engine", "megatron", "--dtype", "fp8"],
+    "--activation-func-fp8-input-store": ["--engine", "megatron"],
     **{flag: ["--engine", "megatron", "--use-precision-aware-optimizer"]
        for flag in ("--exp-avg-dtype", "--exp-avg-sq-dtype", "--store-param-remainders")},
 }

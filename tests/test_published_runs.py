@@ -144,22 +144,31 @@ LLAMA3_128K_RECOMPUTE_LAYERS = 16
 each stage's eight) is assumed: the smallest share, in whole layers per stage, with which memplan fits the 80 GiB at
 this layout under the paper's FSDP (LLAMA3_FSDP; with none, stage 1 holds 82.2 GiB, NCCL's 2.4 GiB included, against
 the H100's 79.2)."""
-DEEPSEEK_MEMORY = ("with Megatron-Core's knobs for what DeepSeek-V3 publishes (DEEPSEEK_MEGATRON: RMSNorm, MLA up-projection "
-                   "and SwiGLU-output recompute; BF16 AdamW moments) stage 1 still holds 4 MoE layers x 23 micro-batches "
-                   "(v = 2 standing for DualPipe) x 1.63 GiB of 16-bit saved tensors (of which the routed experts' 1.13), "
-                   "149.6 GiB, beside 3.0 GiB of bf16 weights, 6.1 GiB of fp32 main grads, 2.0 GiB of distributed-"
-                   "optimizer shards (the routed experts' over the expert data-parallel group of 2) and the 10% "
-                   "allocator reserve: 177.4 GiB (255.9 before the knobs), 180.7 GiB with 3.34 GiB of NCCL communicator "
-                   "buffers (runtime/nccl_communicators). Not modelled: the FP8 caching of Linear and SwiGLU inputs "
-                   "(Sec. 3.3.2-3.3.3; TransformerEngine keeps fp8 copies of Linear inputs, memplan counts them in 16 "
-                   "bits) and DualPipe itself (Table 2: PP + 1 = 17 stage micro-batches, two stages' "
-                   "parameters per rank)")
-DEEPSEEK_MEGATRON = {"use_distributed_optimizer": True, "recompute_modules": ("layernorm", "mla_up_proj", "moe_act"),
-                     "use_precision_aware_optimizer": True, "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}
+DEEPSEEK_MEMORY = ("with Megatron-Core's knobs for what DeepSeek-V3 publishes (DEEPSEEK_MEGATRON: RMSNorm and MLA "
+                   "up-projection recompute, the SwiGLU inputs stored in fp8, blockwise fp8 GEMMs whose Linear inputs "
+                   "TransformerEngine saves in fp8; BF16 AdamW moments) stage 1 still holds 4 MoE layers x 23 "
+                   "micro-batches (v = 2 standing for DualPipe) x 1.32 GiB of saved tensors (of which the routed "
+                   "experts' 0.85), 121.0 GiB, beside 3.0 GiB of bf16 weights, 6.1 GiB of fp32 main grads, 2.0 GiB of "
+                   "distributed-optimizer shards (the routed experts' over the expert data-parallel group of 2) and the "
+                   "10% allocator reserve: 145.9 GiB (175.8 with 16-bit saved tensors and moe_act in place of the fp8 "
+                   "SwiGLU store), 149.2 GiB with 3.34 GiB of NCCL communicator buffers "
+                   "(runtime/nccl_communicators). Not modelled: DeepSeek's fp8 SwiGLU input with its output recomputed "
+                   "(Sec. 3.3.3; Megatron's moe_act checkpoint keeps the 16-bit input, so fc2 keeps an fp8 input "
+                   "instead: 3F bytes per pair, not 2F), its E5M6 cache of the attention output (Sec. 3.3.2; with the "
+                   "blockwise recipe linear_proj reuses the attention's 16-bit output) and DualPipe itself (Table 2: "
+                   "PP + 1 = 17 stage micro-batches, two stages' parameters per rank)")
+DEEPSEEK_MEGATRON = {"use_distributed_optimizer": True, "recompute_modules": ("layernorm", "mla_up_proj"),
+                     "use_precision_aware_optimizer": True, "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16",
+                     "fp8_recipe": "blockwise", "activation_func_fp8_input_store": True}
 """DeepSeek-AI 2024 as Megatron-Core runs it (``--recompute-granularity selective``): Sec. 3.2.3 "we recompute all
 RMSNorm operations and MLA up-projections during back-propagation" (``layernorm``: Megatron's input_layernorm and
-pre_mlp_layernorm; ``mla_up_proj``); Sec. 3.3.3 "we cache the inputs of the SwiGLU operator and recompute its output"
-(``moe_act``, routed experts); "We adopt BF16 for tracking the first and second moments in AdamW ... master weights
+pre_mlp_layernorm; ``mla_up_proj``); Sec. 3.3.2 fine-grained quantization, 1x128 activation tiles and 128x128 weight
+blocks (``--fp8-recipe blockwise``; TransformerEngine saves the Linear inputs in fp8, ``memory.te_fp8``); Sec. 3.3.3
+"we cache the inputs of the SwiGLU operator and recompute its output ... also stored in FP8"
+(``--activation-func-fp8-input-store``: Megatron-Core's fused SwiGLU keeps its input in float8_e4m3fn. Megatron cannot
+also recompute the output in fp8: ``moe_act``'s CheckpointWithoutOutput saves the 16-bit SwiGLU input, moe/experts.py,
+which keeps 4F bytes per (token, expert) pair against the fp8 store's 2F plus fc2's fp8 input F, so ``moe_act`` is
+left out); "We adopt BF16 for tracking the first and second moments in AdamW ... master weights
 (stored by the optimizer) and gradients (used for batch size accumulation) are still retained in FP32"
 (``--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16``, fp32 main grads; the main params
 as Megatron's default 16-bit remainders of the bf16 params, ``store_param_remainders``, exact fp32). Sec. 3.2.3's EMA

@@ -48,6 +48,24 @@ def recompute_modules_model_rule(cfg: JobConfig, *, mla: bool, moe: bool) -> str
     return None
 
 
+def fp8_rule(cfg: JobConfig) -> str | None:
+    """``fp8_recipe`` scales fp8 tensors: it acts with fp8 training (``perf.fp8`` or ``dtype: fp8``) only;
+    Megatron-Core reads it with ``--fp8-format`` (transformer_config.py ``fp8_recipe``)."""
+    if cfg.engine_config.fp8_recipe != "delayed" and not (cfg.perf.fp8 or cfg.dtype is Dtype.FP8):
+        return (f"engine_config.fp8_recipe {cfg.engine_config.fp8_recipe} acts with fp8 training: set perf.fp8 (or "
+                "--dtype fp8), or drop it.")
+    return None
+
+
+def fp8_input_store_model_rule(cfg: JobConfig, *, swiglu: bool) -> str | None:
+    """Megatron-Core raises "Storing activation input in FP8 is supported only for SwiGLU" (transformer_config.py
+    ``__post_init__``) for ``activation_func_fp8_input_store`` on any other activation."""
+    if cfg.engine_config.activation_func_fp8_input_store and not swiglu:
+        return ("engine_config.activation_func_fp8_input_store stores the SwiGLU's input in fp8; this model's MLP is "
+                "not a SwiGLU (Megatron-Core refuses it): drop it.")
+    return None
+
+
 def precision_aware_rule(cfg: JobConfig) -> str | None:
     """The precision-aware optimizer's dtypes need it on; it runs TransformerEngine's FusedAdam over 16-bit params
     with fp32 masters (megatron/core/optimizer/optimizer_config.py, training/arguments.py)."""

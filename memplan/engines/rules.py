@@ -126,7 +126,7 @@ def _megatron(cfg: JobConfig) -> str | None:
                 f"not {cfg.optimizer.value}.")
     if cfg.quant is not None:
         return "engine megatron trains unquantized weights: drop --quant."
-    return megatron_rules.precision_aware_rule(cfg)
+    return megatron_rules.precision_aware_rule(cfg) or megatron_rules.fp8_rule(cfg)
 
 
 def _knob_rule(cfg: JobConfig, engine: Engine) -> str | None:

@@ -28,8 +28,8 @@ from memplan.units import ceil_div
 
 COMPUTE_BITS_16 = 16
 """Activations of 16-bit, fp8 and weight-quantized jobs are bf16/fp16: quantized weights are
-dequantized to the 16-bit compute dtype (bitsandbytes, QLoRA Sec. 3), fp8 recipes keep activations
-saved for backward in bf16 (Transformer Engine)."""
+dequantized to the 16-bit compute dtype (bitsandbytes, QLoRA Sec. 3); fp8 recipes compute in bf16 between their
+GEMMs, and what TransformerEngine saves in fp8 (Linear inputs) is ``memory.te_fp8``'s difference to these terms."""
 
 _NO_SOFTMAX_UPCAST = frozenset({Family.GPT2, Family.FALCON})
 """Eager attention softmax in the dtype (transformers GPT-2, Falcon); the others use dtype=float32."""

@@ -2,7 +2,8 @@
 
 One micro-batch's saved bytes of a block under ``none`` / ``selective`` / ``full`` / ``op`` recompute (Korthikanti
 et al. 2022, Sec. 5; Megatron-Core's ``--recompute-modules`` through ``memory.megatron_recompute``), the micro-batches
-in flight of 1F1B (Narayanan et al. 2021, Sec. 2.2), and the recompute workspace. Split out of
+in flight of 1F1B (Narayanan et al. 2021, Sec. 2.2), and the recompute workspace. Under fp8 training on megatron the
+Linear inputs TransformerEngine saves in fp8 change the block's bytes (``memory.te_fp8``). Split out of
 ``memory.activations``, which re-exports every name.
 """
 
@@ -16,7 +17,7 @@ from memplan.memory import activations_amp as amp_extra
 from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
-from memplan.memory import litgpt, megatron_recompute
+from memplan.memory import litgpt, megatron_recompute, te_fp8
 from memplan.memory.context import Context
 from memplan.memory.memo import canonical_layers, per_layer_class, size_free
 from memplan.units import ceil_div
@@ -135,6 +136,7 @@ def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable
                 mode: Recompute, amp_fp32: bool) -> int:
     terms = _block_terms(spec, cfg, layer, tr, counting, amp_fp32)
     mods = megatron_recompute.modules(cfg) if mode is Recompute.SELECTIVE else None
+    fp8 = sum(term.bytes for term in te_fp8.block_terms(spec, layer, cfg, blk.dims(spec, cfg), mods or frozenset()))
     if mods is not None:  # Megatron-Core's --recompute-modules (memory.megatron_recompute)
         dm = blk.dims(spec, cfg)
         top_k = layer.experts_per_token or spec.num_experts_per_tok or 0
@@ -144,8 +146,8 @@ def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable
         terms = megatron_recompute.apply(spec, dm, counting, terms, mods, moe_layer=layer.moe, pairs=dm.seq_tokens * top_k,
                                          expert_ffn=expert_ffn, down_trains=tr.routed_trains("down"),
                                          mla_widths=blk.mla_qkv_widths(spec, dm.n, impl) if fused else None)
-        return sum(term.bytes for term in terms)
-    return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core)
+        return sum(term.bytes for term in terms) + fp8
+    return sum(term.bytes for term in terms if mode is Recompute.NONE or not term.core) + fp8
 
 
 def stage_layers_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> int:

@@ -188,7 +188,7 @@ def fp8_rows(ctx: Context) -> list[Row]:
     Formula: matmul elements · 1 byte + 4 bytes per matmul tensor. Source: TransformerEngine
     transformer_engine/pytorch/module/linear.py (fp8 weight workspace cached across micro-batches); torchao
     torchao/float8/float8_linear.py (weights cast to fp8 with a per-tensor scale for each matmul).
-    Assumptions: activations are counted in 16 bits (an upper bound: the fp8 recipes save some inputs in fp8).
+    Assumptions: the saved activations' fp8 copies are ``memory.te_fp8`` (megatron; torchao saves 16-bit inputs).
     """
     if ctx.cfg.dtype is not Dtype.FP8 or not ctx.cfg.job.trains:
         return []

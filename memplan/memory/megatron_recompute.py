@@ -8,8 +8,8 @@ are saved, and ``discard_output_and_register_recompute`` frees the output's stor
 once that op has run, refilling it before the backward reads it. So a module under it keeps its inputs and
 drops its output, whoever saved it.
 
-Assumptions: 16-bit activations as the block's other terms (TransformerEngine's fp8 Linear keeps an fp8 copy of
-its input instead, which these replacements do not model: with fp8 they over-count, the safe direction);
+Assumptions: 16-bit activations as the block's other terms (with fp8 training, ``memory.te_fp8`` adds what
+TransformerEngine stores differently, given the same modules: what they drop is dropped at any dtype);
 balanced routing; "mlp", "moe" and "shared_experts" (whole-submodule checkpoints) are not modelled
 (``engines.megatron_rules`` refuses them).
 """
@@ -62,19 +62,25 @@ def layernorm_dropped_bytes(*, one_norm: int, separate: int) -> int:
     return separate * one_norm
 
 
-def mla_up_proj_dropped_bytes(*, tokens: int, qkv_width: int, rows: int, rope_dim: int, bits: int) -> int:
+def mla_up_proj_dropped_bytes(*, tokens: int, qkv_width: int, rows: int, rope_dim: int, bits: int,
+                              latent_width: int = 0) -> int:
     """Bytes an MLA block no longer keeps when its up-projections are recomputed (negative: kept more).
 
     ``qkv_up_proj_and_rope_apply(q_compressed, kv_compressed, k_pos_emb, ...)`` runs under
     ``CheckpointWithoutOutput``; after the core attention its q, k, v storage is discarded, so the attention
-    kernel keeps only its output (and logsumexp) and ``linear_proj`` its input. The checkpoint keeps its inputs:
-    the normed latents (already counted with the latent norms) and the un-roped ``k_pos_emb`` (H_rope per row).
-    Formula: b/8·tokens·(q + k + v widths, as the kernel saved them) − b/8·rows·H_rope. Source:
-    megatron/core/transformer/multi_latent_attention.py (``recompute_up_proj``, ``qkv_up_checkpoint``,
+    kernel keeps only its output (and logsumexp) and ``linear_proj`` its input. The latent norms run inside it too:
+    in the TransformerEngine layer spec ``q_layernorm``/``kv_layernorm`` are ``IdentityOp`` and the up-projections
+    are ``TELayerNormColumnParallelLinear`` (gpt_layer_specs.py, MLA with qk_layernorm), so their normed outputs
+    (``ln_out``, R_q + R_kv = ``latent_width`` per row) are not kept. The checkpoint keeps its inputs: the un-normed
+    latents (counted as the latent norms' inputs) and the un-roped ``k_pos_emb`` (H_rope per row).
+    Formula: b/8·tokens·(q + k + v widths, as the kernel saved them) + b/8·rows·(R_q + R_kv) − b/8·rows·H_rope.
+    Source: megatron/core/transformer/multi_latent_attention.py (``recompute_up_proj``, ``qkv_up_checkpoint``,
     ``discard_output_and_register_recompute``); DeepSeek-AI 2024, Sec. 3.2.3 ("Recomputation of RMSNorm and MLA
     Up-Projection").
     """
-    return t.tensor_bytes(count=tokens * qkv_width, bits=bits) - t.tensor_bytes(count=rows * rope_dim, bits=bits)
+    kept = t.tensor_bytes(count=rows * rope_dim, bits=bits)
+    return (t.tensor_bytes(count=tokens * qkv_width, bits=bits) + t.tensor_bytes(count=rows * latent_width, bits=bits)
+            - kept)
 
 
 def moe_act_dropped_bytes(*, pairs: int, ffn: int, bits: int) -> int:
@@ -105,7 +111,7 @@ def apply(spec: ModelSpec, dm: Dims, counting: Counting, terms: list[Term], mods
         elif spec.is_mla and "mla_up_proj" in mods and term.name == "attention/qkv" and mla_widths is not None:
             term = Term(term.name, term.bytes - mla_up_proj_dropped_bytes(
                 tokens=dm.tokens, qkv_width=sum(mla_widths), rows=dm.seq_tokens, rope_dim=spec.qk_rope_head_dim or 0,
-                bits=dm.bits))
+                bits=dm.bits, latent_width=(spec.q_lora_rank or 0) + (spec.kv_lora_rank or 0)))
         elif term.name == "moe/experts" and "moe_act" in mods and down_trains:
             term = Term(term.name, term.bytes - moe_act_dropped_bytes(pairs=pairs, ffn=expert_ffn, bits=dm.bits))
         out.append(term)
