@@ -1,0 +1,107 @@
+"""The last pipeline stage's outputs that torch.distributed.pipelining keeps to return them from ``step()``
+(engine fsdp2 with pp > 1, ``engine_config.pp_return_outputs``, torch's ``return_outputs``, default True).
+
+Source (torch 2.13, torch/distributed/pipelining/):
+- schedules.py ``PipelineScheduleSingle.step`` / ``PipelineScheduleMulti.step(*args, target=None, losses=None,
+  return_outputs=True, ...)``: ``self._stage.clear_runtime_states()`` first, then ``_step_microbatches(...,
+  return_outputs)``, then ``if self._stage.is_last and return_outputs: return self._merge_outputs(
+  self._stage.output_chunks)``; every schedule passes ``save_forward_output=return_outputs`` to
+  ``forward_one_chunk`` (Schedule1F1B, GPipe, Interleaved1F1B, ZB and ``_PipelineScheduleRuntime`` alike), loss_fn
+  or not: the loss is computed beside (``_maybe_compute_loss``), the output is kept all the same;
+- stage.py ``_PipelineStageBase.forward_one_chunk``: ``if self.is_last and save_forward_output:
+  self.output_chunks.append(output)`` — the same tensor as the ``fwd_cache`` entry, so while the micro-batch is in
+  flight (forward to its backward) it costs nothing more; ``backward_one_chunk`` pops ``fwd_cache`` and, on a last
+  stage that is not also the first, ``t.detach_()`` each output ("only needed to return to the user in
+  merge_output_chunks ... detached to release autograd graph context"): from its backward on, each output is one
+  plain tensor, its graph freed, held by ``output_chunks`` alone;
+- stage.py ``clear_runtime_states``: ``self.output_chunks.clear()`` — only at the start of the next ``step()``, so
+  the m outputs outlive ``step()``: they are alive through the optimizer step whatever the caller does;
+- microbatch.py ``merge_chunks`` (``_merge_outputs`` with the default ``output_merge_spec=None``: dimension 0):
+  ``torch.cat(values_to_cat, dim=...)`` — a new tensor of all m outputs, beside ``output_chunks``.
+
+Who runs which: torchtitan passes ``return_outputs=False`` since pytorch/torchtitan PR #1922 (Oct 2025,
+torchtitan/train.py, now trainer.py ``pp_schedule.step(..., return_outputs=False)``: "we do not return any output
+from PP step(). This allows us to release the memory earlier"); torchtitan before it, torch's pipelining tutorial
+and a hand-written loop that calls ``schedule.step(...)`` keep torch's default, True. Megatron-LM returns no output
+(its schedule computes the loss in the last stage and frees every stage output: ``deallocate_pipeline_outputs``),
+so under that knob this module counts nothing.
+"""
+
+from __future__ import annotations
+
+from memplan.config import Engine
+from memplan.memory.breakdown import Row, Tier
+from memplan.memory.context import Context
+from memplan.units import bits_to_bytes, ceil_div
+
+SOURCE = ("torch/distributed/pipelining/stage.py forward_one_chunk (output_chunks.append when save_forward_output), "
+          "backward_one_chunk (detach_), clear_runtime_states; schedules.py step (return_outputs=True: "
+          "_merge_outputs); microbatch.py merge_chunks (torch.cat)")
+
+CHUNKS = "activations/pp_output_chunks"
+CHUNKS_AFTER = "activations/pp_output_chunks_after_step"
+MERGED = "activations/pp_merged_output"
+
+
+def applies(ctx: Context) -> bool:
+    """Whether the reported rank keeps the returned outputs: training on engine fsdp2 (torch.distributed.pipelining)
+    with pp > 1, ``engine_config.pp_return_outputs`` on and ``deallocate_pipeline_outputs`` off, a model with
+    layers and a vocabulary, on the rank that runs the last global stage (``holds_last_stage``)."""
+    cfg, spec = ctx.cfg, ctx.arch.spec
+    knobs = cfg.engine_config
+    return (cfg.job.trains and cfg.pp > 1 and cfg.effective_engine is Engine.FSDP2 and knobs.pp_return_outputs
+            and not knobs.deallocate_pipeline_outputs and bool(ctx.arch.layers) and bool(spec.vocab_size)
+            and holds_last_stage(cfg.pp, ctx.stage, cfg.perf.virtual_stages))
+
+
+def holds_last_stage(pp: int, stage: int, virtual_stages: int) -> bool:
+    """Whether pipeline rank ``stage`` runs the last global stage p·v − 1 (``pp_stage_buffers.chunk_stages``: rank
+    p − 1 under the looped placement of 1F1B and Interleaved1F1B)."""
+    from memplan.memory.pp_stage_buffers import chunk_stages
+
+    v = max(1, virtual_stages)
+    return pp * v - 1 in chunk_stages(pp, stage, v)
+
+
+def output_bytes(*, tokens: int, vocab: int, bits: int) -> int:
+    """Bytes of one micro-batch's last-stage output, the logits of a causal LM: ceil(tokens·vocab·bits/8), tokens =
+    B·S of the micro-batch (S/cp with context parallelism), vocab = ⌈V/tp⌉ (the vocabulary-parallel output layer,
+    as ``activations/logits`` counts it), bits the compute dtype's (the output layer's matmul output; a model that
+    upcasts its output to fp32 inside the stage holds twice that in bf16, not modelled)."""
+    return bits_to_bytes(tokens * vocab, bits)
+
+
+def kept_counts(micro_batches: int) -> dict[str, int]:
+    """Outputs the last stage holds beyond the in-flight one, by row, at the worst moment of the rows' phases.
+
+    Formula, m = micro-batches of the step:
+    - ``CHUNKS`` = m − 1 (forward, start of backward, backward): the outputs of the micro-batches whose backward has
+      run, detached, in ``output_chunks``; the one in flight is ``fwd_cache``'s too (the logits that
+      ``activations/logits`` stands for), and the step's last forward and last backward run with the m − 1 others
+      done (exactly so under 1F1B, where the last stage runs F0 B0 F1 B1 ...; GPipe holds fewer during its forwards);
+    - ``CHUNKS_AFTER`` = m (optimizer step): all m, kept by the stage until the next ``step()`` clears them;
+    - ``MERGED`` = m (optimizer step): ``torch.cat`` of the m outputs, the value ``step()`` returns.
+    Assumption: the caller holds the returned value through the optimizer step (``out = schedule.step(...)`` then
+    ``optimizer.step()``) and lets it go before the next ``step()``; a loop that keeps it into the next step holds m
+    more outputs through that step's forward and backward (not counted). The moment of the merge itself (2m outputs,
+    all gradients, no optimizer temporaries) is at most the optimizer step's total.
+    """
+    return {CHUNKS: max(0, micro_batches - 1), CHUNKS_AFTER: micro_batches, MERGED: micro_batches}
+
+
+def rows(ctx: Context) -> list[Row]:
+    """The returned outputs on the reported rank, bytes per GPU: count (``kept_counts``) × ``output_bytes``; none
+    where ``applies`` is False."""
+    if not applies(ctx):
+        return []
+    from memplan.memory.activations_block import activation_bits, dims
+
+    cfg = ctx.cfg
+    one = output_bytes(tokens=dims(ctx.arch.spec, cfg).tokens, vocab=ceil_div(ctx.arch.spec.vocab_size or 0, cfg.tp),
+                       bits=activation_bits(cfg))
+    what = {CHUNKS: "earlier micro-batches' outputs kept in output_chunks",
+            CHUNKS_AFTER: "outputs kept in output_chunks until the next step()",
+            MERGED: "outputs concatenated into step()'s return value"}
+    return [Row(name, Tier.GPU, count * one, SOURCE, f"torch pipelining return_outputs: {count} {what[name]}, "
+                f"{one:,} bytes each")
+            for name, count in kept_counts(cfg.grad_accum).items() if count > 0]
