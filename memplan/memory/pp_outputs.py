@@ -12,10 +12,14 @@ Source (torch 2.13, torch/distributed/pipelining/):
   self.output_chunks.append(output)`` — the same tensor as the ``fwd_cache`` entry, so while the micro-batch is in
   flight (forward to its backward) it costs nothing more; ``backward_one_chunk`` pops ``fwd_cache`` and, on a last
   stage that is not also the first, ``t.detach_()`` each output ("only needed to return to the user in
-  merge_output_chunks ... detached to release autograd graph context"): from its backward on, each output is one
-  plain tensor, its graph freed, held by ``output_chunks`` alone;
+  merge_output_chunks ... detached to release autograd graph context"), except a view (``if not t._is_view()``;
+  ``nn.Linear`` on a 3-D input returns one, so an output layer's logits stay attached, but the backward has freed
+  the graph's saved tensors): from its backward on, each output's bytes are held by ``output_chunks`` alone;
 - stage.py ``clear_runtime_states``: ``self.output_chunks.clear()`` — only at the start of the next ``step()``, so
   the m outputs outlive ``step()``: they are alive through the optimizer step whatever the caller does;
+- schedules.py ``Schedule1F1B._step_microbatches``: the loop variable ``output`` holds the last forwarded output
+  until the next forward returns, whatever return_outputs says (one logits tensor beyond ``activations/logits``
+  during the last stage's forwards, with or without this knob: not counted here);
 - microbatch.py ``merge_chunks`` (``_merge_outputs`` with the default ``output_merge_spec=None``: dimension 0):
   ``torch.cat(values_to_cat, dim=...)`` — a new tensor of all m outputs, beside ``output_chunks``.
 
@@ -25,6 +29,10 @@ from PP step(). This allows us to release the memory earlier"); torchtitan befor
 and a hand-written loop that calls ``schedule.step(...)`` keep torch's default, True. Megatron-LM returns no output
 (its schedule computes the loss in the last stage and frees every stage output: ``deallocate_pipeline_outputs``),
 so under that knob this module counts nothing.
+
+Measured (tests/test_measure_pp_outputs.py: two gloo ranks, torch 2.13, Schedule1F1B and ScheduleGPipe, m = 4 fp32
+logits of 128 KiB): return_outputs True minus False is exactly k outputs in backward k, 2m in the optimizer step, and
+nothing on the first rank.
 """
 
 from __future__ import annotations
