@@ -55,6 +55,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
                                     "pp_stage_buffers.input_saved"),
     "activations/pp_grad_recv_buffers": ("pp_stage_buffers.rows", "pp_stage_buffers.recv_buffer_counts"),
     "activations/pp_stage_inputs": ("pp_stage_buffers.deepspeed_rows", "pp_stage_buffers.deepspeed_counts"),
+    "activations/pp_last_stage_output": ("pp_outputs.rows", "pp_outputs.kept_counts", "pp_outputs.output_bytes"),
     "activations/pp_output_chunks": ("pp_outputs.rows", "pp_outputs.kept_counts", "pp_outputs.output_bytes"),
     "activations/pp_output_chunks_after_step": ("pp_outputs.rows", "pp_outputs.kept_counts", "pp_outputs.output_bytes"),
     "activations/pp_merged_output": ("pp_outputs.rows", "pp_outputs.kept_counts", "pp_outputs.output_bytes"),

@@ -4,7 +4,8 @@ dominating), each schedule run twice, ``step(..., return_outputs=True)`` and ``F
 metered on every rank (``measure.peak.PeakMeter``: the CPU profiler's allocation events), with one phase per
 ``forward_one_chunk`` and ``backward_one_chunk`` call, the merge (``_merge_outputs``), and the optimizer step (the
 caller holds the returned value through it). The two runs allocate alike but for what return_outputs keeps, so
-their difference per phase is what it costs.
+their difference per phase is what it costs. A hook on each output records whether it is still referenced when its
+gradient is made (the running output held through its backward, in both runs), against a plain loop as control.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ TOLERANCE = BOUNDARY
 tensor (the last stage sends input gradients of [B, S, D]); 2 KiB against 128 KiB logits. The runs here are exact."""
 
 WORKER = textwrap.dedent('''
-    import gc, json, os, sys, warnings
+    import gc, json, os, sys, warnings, weakref
     import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     from memplan.measure.peak import PeakMeter
@@ -69,12 +70,15 @@ WORKER = textwrap.dedent('''
         opt.zero_grad(set_to_none=True)
         out = None
         stage.clear_runtime_states()  # what the next step() does first: both runs start from the same tensors
-        meter, calls = PeakMeter("cpu"), {"f": 0, "b": 0}
+        meter, calls, alive = PeakMeter("cpu"), {"f": 0, "b": 0}, []
         def metered(kind, fn):
             def call(*a, **k):
                 with meter.phase(kind + str(calls[kind])):
                     calls[kind] += 1
-                    return fn(*a, **k)
+                    out = fn(*a, **k)
+                    if kind == "f" and rank == P - 1:  # is the output alive when its gradient is made?
+                        out.register_hook(lambda g, ref=weakref.ref(out): alive.append(ref() is not None))
+                    return out
             return call
         stage.forward_one_chunk = metered("f", stage.forward_one_chunk)
         stage.backward_one_chunk = metered("b", stage.backward_one_chunk)
@@ -90,11 +94,22 @@ WORKER = textwrap.dedent('''
             with meter.phase("opt"):
                 opt.step()  # the caller still holds out
         return {"phases": meter.phases, "baseline": meter.baseline, "unrecorded": meter.unrecorded_frees,
-                "chunks": len(stage.output_chunks), "returned": 0 if out is None else out.nbytes}
+                "chunks": len(stage.output_chunks), "returned": 0 if out is None else out.nbytes, "alive": alive}
+
+    def unpipelined():
+        """The control: the same last module and loss in a plain loop that drops the output before backward."""
+        torch.manual_seed(0)
+        mod, alive = Last(), []
+        out = mod(torch.randn(B, S, D))
+        out.register_hook(lambda g, ref=weakref.ref(out): alive.append(ref() is not None))
+        loss = loss_fn(out, torch.randint(0, V, (B, S)))
+        del out
+        loss.backward()
+        return alive
 
     def main(rank):
         dist.init_process_group("gloo", rank=rank, world_size=P)
-        res = {"rank": rank}
+        res = {"rank": rank, "control": unpipelined()}
         for name, schedule in (("1f1b", Schedule1F1B), ("gpipe", ScheduleGPipe)):
             res[name] = {"keep": run(rank, schedule, True), "drop": run(rank, schedule, False)}
         every = [None] * P
@@ -121,13 +136,26 @@ def observed(tmp_path_factory) -> dict[int, dict]:
 
 
 def _rows() -> dict[str, int]:
-    """memplan's rows for this job: ``kept_counts`` × ``output_bytes`` of the tiny model's logits."""
+    """memplan's rows for this job with return_outputs, beyond those without it: ``kept_counts`` × ``output_bytes`` of
+    the tiny model's logits (``IN_FLIGHT`` is in both runs)."""
     one = pp_outputs.output_bytes(tokens=B * S, vocab=V, bits=FP32_BITS)
-    return {name: count * one for name, count in pp_outputs.kept_counts(M).items()}
+    both = pp_outputs.kept_counts(M, return_outputs=False)
+    return {name: count * one for name, count in pp_outputs.kept_counts(M).items() if name not in both}
 
 
 def _diff(run: dict, phase: str) -> int:
     return run["keep"]["phases"][phase] - run["drop"]["phases"][phase]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_running_output_is_alive_beside_its_gradient(observed: dict, schedule: str) -> None:
+    """The ``IN_FLIGHT`` row: with return_outputs off too, each micro-batch's logits are still referenced when their
+    gradient is made (fwd_cache, then backward_one_chunk's stage_output); a plain loop that drops the output before
+    backward (the control, what ``activations/logits`` assumes) has freed them by then."""
+    last = observed[P - 1]
+    assert last["control"] == [False]
+    assert last[schedule]["drop"]["alive"] == [True] * M
+    assert pp_outputs.kept_counts(M, return_outputs=False) == {pp_outputs.IN_FLIGHT: 1}
 
 
 def test_the_output_bytes_are_the_logits() -> None:

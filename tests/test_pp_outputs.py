@@ -21,8 +21,8 @@ from memplan.memory.context import Context
 VOCAB = 128256  # Llama-3.1-8B config.json vocab_size
 MB, SEQ, M = 2, 4096, 8
 LOGITS = MB * SEQ * VOCAB * 2  # one micro-batch's bf16 logits: 2,101,346,304 bytes
-CHUNKS, AFTER, MERGED = ("activations/pp_output_chunks", "activations/pp_output_chunks_after_step",
-                         "activations/pp_merged_output")
+IN_FLIGHT, CHUNKS, AFTER, MERGED = ("activations/pp_last_stage_output", "activations/pp_output_chunks",
+                                    "activations/pp_output_chunks_after_step", "activations/pp_merged_output")
 TRAINING = {Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD}
 
 
@@ -35,14 +35,16 @@ def _ctx(stage: int, **kw: object) -> Context:
 
 
 def _rows(ctx: Context) -> dict:
-    return {r.component: r for r in components.job_rows(ctx, []) if r.component in (CHUNKS, AFTER, MERGED)}
+    return {r.component: r for r in components.job_rows(ctx, []) if r.component in (IN_FLIGHT, CHUNKS, AFTER, MERGED)}
 
 
 def test_the_last_stage_keeps_m_minus_one_then_returns_2m_logits() -> None:
     """1F1B, pp 4, m 8: the last stage's backward of micro-batch 7 runs with 7 earlier outputs kept; after the step
     the 8 chunks stay in output_chunks and their torch.cat is returned: 16 logits beside the optimizer step."""
     rows = _rows(_ctx(3))
-    assert {n: r.bytes for n, r in rows.items()} == {CHUNKS: 7 * LOGITS, AFTER: 8 * LOGITS, MERGED: 8 * LOGITS}
+    assert {n: r.bytes for n, r in rows.items()} == {IN_FLIGHT: LOGITS, CHUNKS: 7 * LOGITS, AFTER: 8 * LOGITS,
+                                                     MERGED: 8 * LOGITS}
+    assert rows[IN_FLIGHT].phases == {Phase.BACKWARD_START, Phase.BACKWARD}
     assert rows[CHUNKS].phases == TRAINING
     assert rows[AFTER].phases == rows[MERGED].phases == {Phase.OPTIMIZER}
     assert rows[CHUNKS].tier is Tier.GPU
@@ -55,7 +57,7 @@ def test_only_the_last_stage_holds_them(stage: int) -> None:
 
 def test_one_micro_batch_keeps_none_during_the_step() -> None:
     rows = _rows(_ctx(3, grad_accum=1))
-    assert {n: r.bytes for n, r in rows.items()} == {AFTER: LOGITS, MERGED: LOGITS}
+    assert {n: r.bytes for n, r in rows.items()} == {IN_FLIGHT: LOGITS, AFTER: LOGITS, MERGED: LOGITS}
 
 
 def test_the_vocabulary_parallel_output_layer_splits_them() -> None:
@@ -70,10 +72,16 @@ def test_interleaved_the_rank_with_the_last_global_stage() -> None:
     assert all(_rows(_ctx(s, perf={"virtual_stages": 2})) == {} for s in range(3))
 
 
-@pytest.mark.parametrize("knobs", [{"pp_return_outputs": False}, {"deallocate_pipeline_outputs": True}])
-def test_none_without_return_outputs_or_with_deallocated_outputs(knobs: dict) -> None:
-    """torchtitan's step(return_outputs=False); Megatron-style deallocation returns no output either."""
-    assert _rows(_ctx(3, engine_config=knobs)) == {}
+def test_without_return_outputs_only_the_running_output() -> None:
+    """torchtitan's step(return_outputs=False): the running micro-batch's logits are still held through its backward
+    (fwd_cache, then backward_one_chunk's stage_output), beside the gradients ``activations/logits`` counts."""
+    rows = _rows(_ctx(3, engine_config={"pp_return_outputs": False}))
+    assert {n: r.bytes for n, r in rows.items()} == {IN_FLIGHT: LOGITS}
+
+
+def test_none_with_deallocated_outputs() -> None:
+    """Megatron-style deallocation (Llama 3's pipeline) frees every stage output and returns none."""
+    assert _rows(_ctx(3, engine_config={"deallocate_pipeline_outputs": True})) == {}
 
 
 def test_the_last_stage_becomes_the_binding_one() -> None:

@@ -135,6 +135,9 @@ register("activations/pp_grad_recv_buffers", TRAIN_PHASES,
          "torch.distributed.pipelining stage.py _create_grad_recv_info: one output-gradient receive buffer per "
          "micro-batch, allocated at the first step and kept; DeepSpeed pipe/engine.py: one grad_layer "
          "(memory.pp_stage_buffers)")
+register("activations/pp_last_stage_output", (_BS, _B),
+         "torch.distributed.pipelining stage.py backward_one_chunk: the last stage's running output (fwd_cache, then "
+         "stage_output) alive beside its loss's backward (memory.pp_outputs)")
 register("activations/pp_output_chunks", _TRAIN_SAVED,
          "torch.distributed.pipelining stage.py forward_one_chunk with save_forward_output (step(return_outputs=True)): "
          "the last stage's earlier micro-batches' outputs, detached by backward_one_chunk, kept in output_chunks "
