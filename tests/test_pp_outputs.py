@@ -109,6 +109,14 @@ def test_the_knob_where_it_moves_no_byte_is_an_error(kw: dict, says: str) -> Non
         rules.check(cfg)
 
 
+def test_kept_output_under_torch_pipelining_is_an_error() -> None:
+    """The loop's model output under torch pipelining is step()'s return value (``pp_return_outputs``): a second
+    count of it through ``kept_output`` is refused, not added."""
+    cfg = JobConfig(job="pretrain", engine="fsdp2", gpus_per_node=4, pp=2, kept_output="logits")
+    with pytest.raises(MemplanError, match="kept_output"):
+        rules.check(cfg)
+
+
 def test_cli_rejects_the_knob_without_a_pipeline(runner) -> None:
     from conftest import run_cli
 

@@ -233,8 +233,14 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
 def _return_outputs_rule(cfg: JobConfig) -> str | None:
     """``engine_config.pp_return_outputs`` off (torch's ``step(return_outputs=False)``) moves bytes only where the last
     stage would keep them (``memory.pp_outputs``): a training job pipelined by torch (pp > 1) that does not
-    deallocate its stage outputs; the engine itself is ``_knob_rule``'s (fsdp2's knob)."""
+    deallocate its stage outputs; the engine itself is ``_knob_rule``'s (fsdp2's knob). Under torch pipelining the
+    loop's model output is step()'s return value, so ``kept_output`` would count it twice."""
     knobs = cfg.engine_config
+    pipelined = cfg.pp > 1 and cfg.job.trains and cfg.effective_engine is Engine.FSDP2
+    if pipelined and cfg.kept_output != "none":
+        return (f"kept_output={cfg.kept_output} counts a training loop's own model output; under torch pipelining "
+                "(fsdp2 with --pp) the loop gets the last stage's outputs from schedule.step(), counted by "
+                "engine_config.pp_return_outputs (memory.pp_outputs): drop --kept-output.")
     if knobs.pp_return_outputs:
         return None
     if not (cfg.pp > 1 and cfg.job.trains):
