@@ -130,6 +130,11 @@ class EngineConfig(Strict):
     ``ModelParallelConfig.deallocate_pipeline_outputs``, schedules.py ``deallocate_output_tensor``; Llama 3's
     pipeline, Dubey et al. 2024 Sec. 3.3.2). Default False: torch.distributed.pipelining keeps every in-flight
     output in ``fwd_cache`` and one receive buffer per micro-batch (``memory.pp_stage_buffers``). fsdp2 with pp > 1."""
+    pp_return_outputs: bool = True
+    """torch.distributed.pipelining ``schedule.step(..., return_outputs=True)`` (torch's default): the last stage keeps
+    every micro-batch's output (the logits) in ``output_chunks`` and returns their concatenation
+    (``memory.pp_outputs``). torchtitan passes False (PR #1922, Oct 2025); its earlier releases, torch's pipelining
+    tutorial and hand-written loops run the default. fsdp2 with pp > 1 only."""
     paged_optimizer: bool = False
     """bitsandbytes paged optimizer (``PagedAdamW8bit``/``PagedAdamW``): states in CUDA managed memory; counted
     on the CPU (paged out under pressure), as ``LoraConfig.paged_optimizer``."""

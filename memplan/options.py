@@ -270,6 +270,10 @@ OPTS: dict[str, Opt] = {
     "use_distributed_optimizer": _o("--use-distributed-optimizer/--no-use-distributed-optimizer", bool, None,
                                     "megatron: shard fp32 main params and Adam states over data parallelism.", ENGINE,
                                     field="engine_config.use_distributed_optimizer"),
+    "pp_return_outputs": _o("--pp-return-outputs/--no-pp-return-outputs", bool, None, "fsdp2 with --pp: torch "
+                            "pipelining's schedule.step(return_outputs=...): the last stage keeps and returns every "
+                            "micro-batch's logits (default on, torch's; torchtitan passes off).", ENGINE,
+                            field="engine_config.pp_return_outputs"),
     "hsdp_shard_size": _o("--hsdp-shard-size", int, None, "fsdp2 hybrid sharding (HSDP): shard over this many "
                           "data-parallel ranks, replicate across the groups (default: shard over all).", ENGINE,
                           field="engine_config.hsdp_shard_size"),
@@ -412,7 +416,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "bucket_cap_mb",
                      "gradient_as_bucket_view",
                      "reshard_after_forward",
-                     "fsdp_prefetch", "sharding_strategy", "use_orig_params", "no_sync", "limit_all_gathers",
+                     "fsdp_prefetch", "pp_return_outputs", "sharding_strategy", "use_orig_params", "no_sync", "limit_all_gathers",
                      "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
                      "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
                      "stage3_param_persistence_threshold", "use_distributed_optimizer", "hsdp_shard_size",

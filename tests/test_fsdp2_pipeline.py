@@ -51,9 +51,12 @@ def test_llama3_405b_16k_gpus_runs_every_forward_before_a_backward():
     assert chunks_with_gradients_at_peak(16, 1, 8, 32) == 8
 
 
-def _pp_estimate(**kw):
+def _pp_estimate(engine_config: dict | None = None, **kw):
+    """Stage 0 binds: without ``pp_return_outputs=False`` the last stage's returned logits (``memory.pp_outputs``,
+    m = 16 of them) make stage 3 the reported one."""
+    knobs = {"pp_return_outputs": False, **(engine_config or {})}
     return memplan.estimate("llama-3.1-8b", "h100-sxm-80gb", job="pretrain", engine="fsdp2", gpus_per_node=8,
-                            nodes=2, pp=4, seq_len=2048, **kw)
+                            nodes=2, pp=4, seq_len=2048, engine_config=knobs, **kw)
 
 
 def _rows(est) -> dict[str, object]:

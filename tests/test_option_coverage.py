@@ -91,7 +91,8 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 DEFAULT_ON: dict[str, tuple[str, ...]] = {
     **{flag: tuple(JOBS) for flag in ("--reshard-after-forward", "--contiguous-gradients", "--flash-attn", "--op-offload",
-                                      "--use-orig-params", "--fsdp-no-sync", "--limit-all-gathers")},
+                                      "--use-orig-params", "--fsdp-no-sync", "--limit-all-gathers",
+                                      "--pp-return-outputs")},
     "--master-weights": ("pretrain", "full"),
     "--store-param-remainders": tuple(JOBS),
 }
@@ -130,6 +131,7 @@ DP2, FSDP2 = ["--gpus", "2"], ["--engine", "fsdp2", "--gpus", "2"]
 ZERO2, ZERO3 = ["--engine", "deepspeed", "--zero", "2", "--gpus", "2"], ["--engine", "deepspeed", "--zero", "3", "--gpus", "2"]
 ENGINE_SETTINGS: dict[str, list[str]] = {
     "--gradient-as-bucket-view": DP2, "--reshard-after-forward": FSDP2, "--fsdp-prefetch": FSDP2,
+    "--pp-return-outputs": [*FSDP2, "--pp", "2"],
     "--reduce-bucket-size": ZERO2, "--contiguous-gradients": ZERO2, "--overlap-comm": ZERO2,
     "--stage3-max-live-parameters": ZERO3, "--stage3-prefetch-bucket-size": ZERO3,
     "--stage3-param-persistence-threshold": ZERO3, "--use-distributed-optimizer": ["--engine", "megatron", *DP2],

@@ -143,7 +143,8 @@ def test_a_gpu_the_buffers_fill_gets_a_plan_that_recomputes():
     from memplan.planner.space import SearchSpace
 
     spec = load_model(MODEL)
-    base = _fsdp2(gpus_per_node=6, pp=3, grad_accum=8, seq_len=2048)
+    # torchtitan's step(return_outputs=False): the last stage's returned logits (memory.pp_outputs) recompute cannot free
+    base = _fsdp2(gpus_per_node=6, pp=3, grad_accum=8, seq_len=2048, engine_config={"pp_return_outputs": False})
     roomy = gpu_with(40_000)
     keep = estimate(spec, roomy, base)
     buffers = sum(r.bytes for r in keep.rows if r.component.startswith("activations/pp_"))

@@ -197,6 +197,8 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
     if cfg.engine_config.deallocate_pipeline_outputs and not (cfg.pp > 1 and cfg.job.trains):
         return ("engine_config.deallocate_pipeline_outputs frees pipeline stage outputs (memory.pp_stage_buffers); "
                 "a training job with pp = 1 or a serving job has none, so it moves no byte: use --pp 2 or more.")
+    if rule := _return_outputs_rule(cfg):
+        return rule
     changed = [n for n in ("bucket_cap_mb", "allgather_bucket_size", *_FULL_WEIGHT_BUFFERS)
                if getattr(cfg.engine_config, n) != getattr(default, n)]
     for name in changed:
@@ -225,6 +227,28 @@ def _knob_effect_rule(cfg: JobConfig) -> str | None:
                     "it moves no byte in memplan's model: use --zero 1 or 2, or drop it.")
         if name == "reduce_bucket_size" and not cfg.engine_config.contiguous_gradients:
             return f"{knob} sizes the contiguous gradient bucket; with contiguous_gradients off there is none."
+    return None
+
+
+def _return_outputs_rule(cfg: JobConfig) -> str | None:
+    """``engine_config.pp_return_outputs`` off (torch's ``step(return_outputs=False)``) moves bytes only where the last
+    stage would keep them (``memory.pp_outputs``): a training job pipelined by torch (pp > 1) that does not
+    deallocate its stage outputs; the engine itself is ``_knob_rule``'s (fsdp2's knob). Under torch pipelining the
+    loop's model output is step()'s return value, so ``kept_output`` would count it twice."""
+    knobs = cfg.engine_config
+    pipelined = cfg.pp > 1 and cfg.job.trains and cfg.effective_engine is Engine.FSDP2
+    if pipelined and cfg.kept_output != "none":
+        return (f"kept_output={cfg.kept_output} counts a training loop's own model output; under torch pipelining "
+                "(fsdp2 with --pp) the loop gets the last stage's outputs from schedule.step(), counted by "
+                "engine_config.pp_return_outputs (memory.pp_outputs): drop --kept-output.")
+    if knobs.pp_return_outputs:
+        return None
+    if not (cfg.pp > 1 and cfg.job.trains):
+        return ("engine_config.pp_return_outputs is torch pipelining's step(return_outputs=...); a training job with "
+                "pp = 1 or a serving job keeps no pipeline output, so it moves no byte: use --pp 2 or more, or drop it.")
+    if knobs.deallocate_pipeline_outputs:
+        return ("engine_config.pp_return_outputs=false moves no byte with deallocate_pipeline_outputs, whose schedule "
+                "already frees every stage output (the last stage's included): drop one of them.")
     return None
 
 

@@ -114,9 +114,9 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
         rows += with_phases(ctx, engine_fsdp2_backward.kept_at_loss_rows(ctx, kept=kept))
         rows += with_phases(ctx, engine_fsdp2_backward.first_reduce_scatter_rows(ctx, rows))
     if ctx.cfg.pp > 1:  # torch pipelining's (fsdp2) and DeepSpeed's pipe_buffers; none on other engines
-        from memplan.memory import pp_stage_buffers
+        from memplan.memory import pp_outputs, pp_stage_buffers
 
-        rows += with_phases(ctx, pp_stage_buffers.rows(ctx))
+        rows += with_phases(ctx, pp_stage_buffers.rows(ctx) + pp_outputs.rows(ctx))
     return rows
 
 

@@ -130,8 +130,8 @@ def rows(ctx: Context) -> list[Row]:
       buffers are saved activations already, ``saved_inputs``), R · X otherwise, R = ``recv_buffer_counts``[0];
     - ``activations/pp_grad_recv_buffers`` = ``recv_buffer_counts``[1] · X.
     Both receive rows are alive in every training phase (allocated at the first step, never freed).
-    Assumptions: one tensor crosses each stage boundary (the hidden states); the last stage's ``output_chunks``
-    (logits kept when ``step(return_outputs=True)``) is not counted.
+    Assumptions: one tensor crosses each stage boundary (the hidden states); the last stage's outputs (the logits in
+    ``fwd_cache`` and ``output_chunks``) are ``memory.pp_outputs``' rows.
     """
     cfg = ctx.cfg
     if deepspeed_applies(ctx) and ctx.arch.layers:

@@ -135,6 +135,19 @@ register("activations/pp_grad_recv_buffers", TRAIN_PHASES,
          "torch.distributed.pipelining stage.py _create_grad_recv_info: one output-gradient receive buffer per "
          "micro-batch, allocated at the first step and kept; DeepSpeed pipe/engine.py: one grad_layer "
          "(memory.pp_stage_buffers)")
+register("activations/pp_last_stage_output", (_BS, _B),
+         "torch.distributed.pipelining stage.py backward_one_chunk: the last stage's running output (fwd_cache, then "
+         "stage_output) alive beside its loss's backward (memory.pp_outputs)")
+register("activations/pp_output_chunks", _TRAIN_SAVED,
+         "torch.distributed.pipelining stage.py forward_one_chunk with save_forward_output (step(return_outputs=True)): "
+         "the last stage's earlier micro-batches' outputs, detached by backward_one_chunk, kept in output_chunks "
+         "(memory.pp_outputs)")
+register("activations/pp_output_chunks_after_step", (_O,),
+         "torch.distributed.pipelining: output_chunks is cleared only by the next step()'s clear_runtime_states, so "
+         "all m outputs are alive through the optimizer step (memory.pp_outputs)")
+register("activations/pp_merged_output", (_O,),
+         "torch.distributed.pipelining schedules.py step: _merge_outputs (microbatch.py merge_chunks, torch.cat) at "
+         "the end of step(), held by the caller through the optimizer step (memory.pp_outputs)")
 register("weights/fsdp1_unsharded", _TRAIN_SAVED,
          "FSDP1 _runtime_utils.py _unshard/_reshard: gathered FlatParameters from forward through backward")
 register("gradients/fsdp1_reduce_scatter", (Phase.BACKWARD,), "FSDP1 _runtime_utils.py _reduce_grad: one unit")

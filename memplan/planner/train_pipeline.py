@@ -2,9 +2,10 @@
 for engine fsdp2, per stage, so that the ILP's bytes for a layout are at least ``estimate``'s.
 
 Under a pipeline (torch.distributed.pipelining), in the shape factor: the stage outputs and receive buffers
-(``memory.pp_stage_buffers``) and the part of the accumulated gradients alive at the in-flight peak, which grows with
-the step's micro-batches m (``engine_buffers.fsdp2_pipeline_rows``; the states factor evaluates its state rows at
-m = 1, ``train_phases.phased``, so the shape row adds the difference). The interleaved cool-down
+(``memory.pp_stage_buffers``), the last stage's returned outputs (``memory.pp_outputs``) and the part of the
+accumulated gradients alive at the in-flight peak, which grows with the step's micro-batches m
+(``engine_buffers.fsdp2_pipeline_rows``; the states factor evaluates its state rows at m = 1, ``train_phases.phased``,
+so the shape row adds the difference). The interleaved cool-down
 (``engine_buffers.fsdp2_cooldown_rows``) depends on the per-layer recompute modes: ``cooldown_terms`` hands it to the
 ILP as exact linear rows (``ilp_cooldown``). Without a pipeline: FSDP2's no-reshard all-gather output kept through
 the loss (``engine_fsdp2_backward.kept_at_loss_rows``) and the first block's reduce-scatter
@@ -50,7 +51,7 @@ def _pipeline_rows(ctx: Context, layers: LayerBlock | None, key: tuple, cache: d
     The accumulated gradients G and the unit U (``_gradients``); the at-peak row is ``engine_buffers.
     fsdp2_pipeline_rows``' max(0, ⌈G·c/v⌉ − U), c = ``chunks_with_gradients_at_peak`` at m and at 1."""
     from memplan.arch.parallel import chunks_with_gradients_at_peak
-    from memplan.memory import engine_buffers, pp_stage_buffers
+    from memplan.memory import engine_buffers, pp_outputs, pp_stage_buffers
 
     cfg = ctx.cfg
     grads, unit = _gradients(ctx, cache)
@@ -62,7 +63,7 @@ def _pipeline_rows(ctx: Context, layers: LayerBlock | None, key: tuple, cache: d
         if at_m > at_one:
             out.append(Row(AT_PEAK, Tier.GPU, at_m - at_one, engine_buffers.FSDP2_PP,
                            "at-peak gradients beyond one micro-batch's"))
-    return out + _stage_buffer_rows(ctx, pp_stage_buffers)
+    return out + _stage_buffer_rows(ctx, pp_stage_buffers) + pp_outputs.rows(ctx)
 
 
 def cooldown_terms(ctx: Context, cache: dict) -> list[tuple[int, dict[int, int]]]:
