@@ -22,14 +22,14 @@ from __future__ import annotations
 from functools import lru_cache
 
 from memplan.arch import pp_schedules_v
+from memplan.config_train import PP_SCHEDULES, pp_schedule_name
 from memplan.errors import MemplanError
 
 F, IN, WT, B = "F", "I", "W", "B"
 """Forward; backward for the stage input only (``BACKWARD_INPUT``); backward for the weights
 (``BACKWARD_WEIGHT``); the full backward (``FULL_BACKWARD``)."""
 
-SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
-"""The training schedules of ``get_schedule_class`` (its ``PipelineScheduleSingle``/``Multi`` are base classes)."""
+SCHEDULES = PP_SCHEDULES
 SINGLE = ("1F1B", "GPipe")
 """``PipelineScheduleSingle`` subclasses: one stage per rank (v = 1)."""
 V_SHAPE = ("ZBVZeroBubble", "DualPipeV")
@@ -38,13 +38,7 @@ SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 """Schedules that split backwards into I and W actions."""
 
 
-def canonical(name: str) -> str:
-    """torch's spelling of a schedule name given in any case (``get_schedule_class`` lowers both sides)."""
-    for known in SCHEDULES:
-        if known.lower() == name.strip().lower():
-            return known
-    raise MemplanError(f"Unknown pipeline schedule '{name}': torch.distributed.pipelining trains with "
-                       f"{', '.join(SCHEDULES)}.")
+canonical = pp_schedule_name
 
 
 def default_schedule(virtual_stages: int) -> str:

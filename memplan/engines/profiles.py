@@ -93,7 +93,7 @@ PROFILES: dict[Engine, Profile] = {
         ("weights/fsdp_all_gather", "weights/fsdp_running_unit", "weights/fsdp_kept_all_gather",
          "weights/fsdp_kept_all_gather_at_loss", "gradients/fsdp_reduce_scatter", "gradients/fsdp_backward_held",
          "activations/pp_stage_outputs", "activations/pp_recv_buffers", "activations/pp_grad_recv_buffers"),
-        ("reshard_after_forward", "fsdp_prefetch", "hsdp_shard_size", "deallocate_pipeline_outputs"),
+        ("reshard_after_forward", "fsdp_prefetch", "hsdp_shard_size", "deallocate_pipeline_outputs", "pp_schedule"),
         "Hugging Face module layout (autograd-saved tensors)",
         ("torch/distributed/fsdp/_fully_shard/_fsdp_param.py", "torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py",
          "torch/distributed/fsdp/_fully_shard/_fsdp_api.py", "torch/distributed/fsdp/_fully_shard/_fully_shard.py",
