@@ -55,6 +55,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
                                     "pp_stage_buffers.input_saved"),
     "activations/pp_grad_recv_buffers": ("pp_stage_buffers.rows", "pp_stage_buffers.recv_buffer_counts"),
     "activations/pp_stage_inputs": ("pp_stage_buffers.deepspeed_rows", "pp_stage_buffers.deepspeed_counts"),
+    "activations/pp_weight_grad_pending": ("pp_schedule_flight.weight_grad_bytes", "pp_schedule_flight.peak"),
     "gradients/ddp_buckets": ("engine_buffers.ddp_rows",),
     "gradients/reduce_bucket": ("engine_buffers.deepspeed_rows",),
     "gradients/zero3_reduce_bucket": ("engine_buffers.deepspeed_rows",),
