@@ -20,6 +20,7 @@ from memplan.arch.parallel import arch_stage_ranges, stage_numel
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec
 from memplan.config import Engine, Job, JobConfig, ZeroStage
+from memplan.memory.pp_schedule_flight import named
 from memplan.planner import cost
 from memplan.planner.classes import layer_classes
 from memplan.planner.steptime_comm import (
@@ -144,7 +145,7 @@ def ep_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: i
         return 0.0
     slowest = max(stage_ep_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg.pp))
     return cost.pipeline_seconds(stage_micro_s=slowest, micro_batches=micro_batches(cfg, global_batch),
-                                 pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages)
+                                 pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages, schedule=named(cfg))
 
 
 def micro_batches(cfg: JobConfig, global_batch: int) -> int:
@@ -158,7 +159,7 @@ def shape_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch
     (``cost.pipeline_seconds``)."""
     slowest = max(stage_micro_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg.pp))
     return cost.pipeline_seconds(stage_micro_s=slowest, micro_batches=micro_batches(cfg, global_batch),
-                                 pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages)
+                                 pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages, schedule=named(cfg))
 
 
 def _distinct_stages(arch: Architecture, pp: int) -> list[int]:
