@@ -173,3 +173,10 @@ def peak_chunk_bytes(name: str, pp: int, rank: int, micro_batches: int, chunk_by
 def max_held(name: str, pp: int, rank: int, virtual_stages: int, micro_batches: int) -> int:
     """The most chunk micro-batches rank ``rank`` holds at once, over all its chunks (``flight_states``)."""
     return max(sum(held) for held, _ in flight_states(name, pp, rank, virtual_stages, micro_batches))
+
+
+def whole_stage_flight(name: str, pp: int, rank: int, virtual_stages: int, micro_batches: int) -> int:
+    """The rank's micro-batches in flight in whole-stage units: ⌈most chunk micro-batches held at once / chunks⌉,
+    as ``arch.parallel.in_flight_micro_batches`` rounds the interleaved count (GPipe: m; 1F1B: min(m, p − s))."""
+    v = 2 if name in V_SHAPE else max(1, virtual_stages)
+    return -(-max_held(name, pp, rank, v, micro_batches) // v)

@@ -110,4 +110,4 @@ def whole_stage_flight(ctx: Context) -> int:
     cfg = ctx.cfg
     name = named(cfg)
     assert name is not None
-    return ceil_div(ps.max_held(name, cfg.pp, ctx.stage, chunks(cfg), cfg.grad_accum), chunks(cfg))
+    return ps.whole_stage_flight(name, cfg.pp, ctx.stage, chunks(cfg), cfg.grad_accum)

@@ -18,7 +18,7 @@ from memplan.config import JobConfig, Offload, Recompute
 from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
-from memplan.memory import components, runtime
+from memplan.memory import components, pp_schedule_flight, runtime
 from memplan.memory.breakdown import TRAIN_PHASES, Phase, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
 from memplan.planner import cost, hybrid, steptime, train_offload, train_phases, train_pipeline, train_quant
@@ -302,6 +302,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
                       stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
                       virtual_stages=setting.base.perf.virtual_stages, global_batch=setting.global_batch,
+                      pp_schedule=pp_schedule_flight.named(setting.base.model_copy(update={"pp": 2})),
                       world=setting.base.world_size, cp=setting.base.cp, cooldown=cooldown,
                       chunk_map=train_pipeline.chunk_maps(setting.arch, setting.base.perf.virtual_stages, cooldown))
     return problem, reasons
