@@ -48,6 +48,8 @@ def _rows(cfg: JobConfig, stage: int) -> dict[str, int]:
      "at least as many micro-batches"),
     ({"perf": {"virtual_stages": 2}, "grad_accum": 9, "engine_config": {"pp_schedule": "Interleaved1F1B"}},
      "multiple of its rounds"),
+    ({"job": "lora", "perf": {"virtual_stages": 2}, "engine_config": {"pp_schedule": "ZBVZeroBubble"}},
+     "pretrain and full jobs"),
 ])
 def test_refused_where_torch_or_the_engine_does_not_run_it(kw: dict, needle: str) -> None:
     """Each refusal is one sentence naming the rule (torch's class checks; other engines' own schedules)."""

@@ -62,5 +62,9 @@ def rule(cfg: JobConfig, engine: Engine, *, partial: bool = False) -> str | None
         if partial:
             return None
         return f"pipeline schedule {name} needs a pipeline: use --pp 2 or more, or drop --pp-schedule."
+    if name in V_SHAPE and not cfg.job.full_weights_trainable:
+        return (f"pipeline schedule {name} is modelled for pretrain and full jobs (its V puts the output layer on "
+                "rank 0; memplan's adapters follow the looped placement): use 1F1B or Interleaved1F1B for "
+                f"{cfg.job.value}.")
     v = max(1, cfg.perf.virtual_stages)
     return _stages_rule(name, v) or (None if partial else _micro_batch_rule(name, cfg.pp, v, cfg.grad_accum))
