@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.config import Accounting, Engine, Job, Offload, OptimizerImpl, OptimizerKind, Recompute
+from memplan.config_train import pp_schedule_name
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.units import GiB, KiB, MiB, TiB, parse_size
@@ -275,8 +276,9 @@ OPTS: dict[str, Opt] = {
                           field="engine_config.hsdp_shard_size"),
     "pp_schedule": _o("--pp-schedule", str, None, "fsdp2 with pp > 1: torch.distributed.pipelining schedule, as "
                       "torchtitan names it: 1F1B, Interleaved1F1B, GPipe, LoopedBFS, InterleavedZeroBubble, "
-                      "ZBVZeroBubble or DualPipeV (default 1F1B, Interleaved1F1B with --virtual-stages > 1).", ENGINE,
-                      field="engine_config.pp_schedule"),
+                      "ZBVZeroBubble or DualPipeV (default 1F1B, Interleaved1F1B with --virtual-stages > 1; plan: "
+                      "a comma list to choose among).", ENGINE, field="engine_config.pp_schedule",
+                      dim="pp_schedules", item=pp_schedule_name, base="none"),
     "mics_shard_size": _o("--mics-shard-size", int, None, "deepspeed MiCS (ZeRO-3): partition all states within groups "
                           "of this many ranks (default: off).", ENGINE, field="engine_config.mics_shard_size"),
     "zero_hpz_partition_size": _o("--zero-hpz-partition-size", int, None, "deepspeed ZeRO++ hpZ (ZeRO-3): secondary "

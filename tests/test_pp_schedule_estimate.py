@@ -124,3 +124,33 @@ def test_bubble(name: str, v: int, idle: float) -> None:
     ZB-V none once m ≥ 2p − 1; DualPipe (PP/2 − 1)(F&B + B − 3W) with PP = 2p (DeepSeek-V3 Table 2)."""
     assert cost.bubble_slots(name, P, v, M) == pytest.approx(idle)
     assert cost.bubble_slots("ZBVZeroBubble", P, 2, 5) == 2  # torch plans 2p − 1 = 7 and drops two
+
+
+def test_plan_chooses_schedules_only_where_fsdp2_pipelines() -> None:
+    """``plan --pp-schedule`` as a dimension: every candidate with a schedule is fsdp2 with pp > 1 and runs (issue
+    11: no plan combines what its engine cannot run); the megatron and pp = 1 plans carry none; several schedules
+    are ranked."""
+    from memplan.catalog.schema import Family, GpuSpec, ModelSpec
+    from memplan.config import Engine, Job, Offload
+    from memplan.planner.plan import PlanRequest, plan
+    from memplan.planner.space import SearchSpace
+
+    spec = ModelSpec(name="tiny-schedules", source="test", family=Family.LLAMA, hidden_size=256,
+                     intermediate_size=768, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                     vocab_size=4000)
+    gpu = GpuSpec(name="test-4gib", vendor="nvidia", source="test", memory_mib=4096, marketed_memory_gb=4,
+                  bf16_dense_tflops=100.0, hbm_bandwidth_gbps=1000.0, interconnect_gbps=100.0, pcie_gen=4)
+    base = JobConfig(job=Job.FULL, gpus_per_node=4, seq_len=256, cuda_context_bytes=0, allocator_reserve_pct=5)
+    space = SearchSpace(tp=(1,), pp=(1, 2), zero=(0, 1), offload_optimizer=(Offload.NONE,),
+                        offload_params=(Offload.NONE,), micro_batch=(1,), global_batch=16,
+                        engines=(Engine.FSDP2, Engine.MEGATRON),
+                        pp_schedules=("GPipe", "1F1B", "ZBVZeroBubble", "DualPipeV"))
+    result = plan(PlanRequest(model=spec, gpu=gpu, host=HostSpec(), base=base, space=space, top_k=12, suggest=False))
+    named = {c.config.engine_config.pp_schedule for c in result.candidates} - {None}
+    assert len(named) >= 2
+    for cand in result.candidates:
+        cfg = cand.config
+        assert rules.violation(cfg) is None
+        if cfg.engine_config.pp_schedule is not None:
+            assert cfg.effective_engine is Engine.FSDP2 and cfg.pp > 1
+    assert len({c.config.model_dump_json() for c in result.candidates}) == len(result.candidates)  # no duplicates

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from memplan.arch.parallel import stage_index
 from memplan.config import JobConfig, Offload, Recompute
+from memplan.engines import pp_schedule_rules
 from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
@@ -35,8 +36,20 @@ NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "acti
 
 
 def _valid(cfg: JobConfig, setting: TrainSetting) -> bool:
-    """Whether the micro-batch and data-parallel degree divide the global batch."""
-    return not setting.global_batch % (cfg.micro_batch * cfg.batch_dp)
+    """Whether the micro-batch and data-parallel degree divide the global batch, and the micro-batches per step are
+    ones the named pipeline schedule takes (``engines.pp_schedule_rules``: DualPipeV's m ≥ 2p, the interleaved
+    schedules' rounds)."""
+    if setting.global_batch % (cfg.micro_batch * cfg.batch_dp):
+        return False
+    return pp_schedule_rules.rule(cfg, cfg.effective_engine) is None
+
+
+def _with_steps(setting: TrainSetting, cfg: JobConfig) -> JobConfig:
+    """``cfg`` with the micro-batches per step the global batch gives (for the rules that read them, a named
+    pipeline schedule's); ``cfg`` itself without a named schedule."""
+    if cfg.engine_config.pp_schedule is None:
+        return cfg
+    return cfg.model_copy(update={"grad_accum": max(1, setting.global_batch // (cfg.micro_batch * cfg.batch_dp))})
 
 
 def state_dims(dims: dict[str, tuple]) -> tuple[str, ...]:
@@ -60,7 +73,7 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
             continue
         try:
             cfg = config_for(setting.base, choice)
-            engines_rules.check(cfg)  # only combinations the engine runs (memplan.engines.rules)
+            engines_rules.check(_with_steps(setting, cfg))  # only combinations the engine runs (engines.rules)
             if split:
                 cfg = cfg.model_copy(update={"optimizer_gpu_layers": len(setting.arch.layers)})
             ctxs = _contexts(setting, cfg)
