@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from memplan.arch.pp_schedules import SINGLE, V_SHAPE
 from memplan.config import Engine, JobConfig
+from memplan.engines import pp_schedule_rules
 from memplan.planner.space import SearchSpace
 
 
@@ -40,3 +41,17 @@ def schedule_bases(bases: list[JobConfig], space: SearchSpace, excluded: list[st
                 "engine_config": base.engine_config.model_copy(update={"pp_schedule": name}),
                 "perf": base.perf.model_copy(update={"virtual_stages": v})}))
     return out
+
+
+def takes(cfg: JobConfig) -> bool:
+    """Whether ``cfg``'s named schedule (if any) takes its micro-batches per step (``engines.pp_schedule_rules``:
+    DualPipeV's m ≥ 2p, the interleaved schedules' rounds): the shapes a plan may give it."""
+    return cfg.engine_config.pp_schedule is None or pp_schedule_rules.rule(cfg, cfg.effective_engine) is None
+
+
+def with_steps(cfg: JobConfig, global_batch: int) -> JobConfig:
+    """``cfg`` with the micro-batches per step ``global_batch`` gives, for the rules that read them (a named
+    schedule's); ``cfg`` itself without a named schedule."""
+    if cfg.engine_config.pp_schedule is None:
+        return cfg
+    return cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.batch_dp))})

@@ -15,14 +15,13 @@ from typing import Any, TypeVar
 
 from memplan.arch.parallel import stage_index
 from memplan.config import JobConfig, Offload, Recompute
-from memplan.engines import pp_schedule_rules
 from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
 from memplan.memory import components, pp_schedule_flight, runtime
 from memplan.memory.breakdown import TRAIN_PHASES, Phase, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
-from memplan.planner import cost, hybrid, steptime, train_offload, train_phases, train_pipeline, train_quant
+from memplan.planner import cost, hybrid, pp_schedule_dim, steptime, train_offload, train_phases, train_pipeline, train_quant
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Entry, Factor, LayerBlock, Problem
 from memplan.planner.setting import SAVINGS, TrainSetting, config_for  # noqa: F401 - re-exported
@@ -36,20 +35,9 @@ NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "acti
 
 
 def _valid(cfg: JobConfig, setting: TrainSetting) -> bool:
-    """Whether the micro-batch and data-parallel degree divide the global batch, and the micro-batches per step are
-    ones the named pipeline schedule takes (``engines.pp_schedule_rules``: DualPipeV's m ≥ 2p, the interleaved
-    schedules' rounds)."""
-    if setting.global_batch % (cfg.micro_batch * cfg.batch_dp):
-        return False
-    return pp_schedule_rules.rule(cfg, cfg.effective_engine) is None
-
-
-def _with_steps(setting: TrainSetting, cfg: JobConfig) -> JobConfig:
-    """``cfg`` with the micro-batches per step the global batch gives (for the rules that read them, a named
-    pipeline schedule's); ``cfg`` itself without a named schedule."""
-    if cfg.engine_config.pp_schedule is None:
-        return cfg
-    return cfg.model_copy(update={"grad_accum": max(1, setting.global_batch // (cfg.micro_batch * cfg.batch_dp))})
+    """Whether the micro-batch and data-parallel degree divide the global batch, and a named pipeline schedule takes
+    the micro-batches per step (``pp_schedule_dim.takes``)."""
+    return not setting.global_batch % (cfg.micro_batch * cfg.batch_dp) and pp_schedule_dim.takes(cfg)
 
 
 def state_dims(dims: dict[str, tuple]) -> tuple[str, ...]:
@@ -73,7 +61,8 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
             continue
         try:
             cfg = config_for(setting.base, choice)
-            engines_rules.check(_with_steps(setting, cfg))  # only combinations the engine runs (engines.rules)
+            # only combinations the engine runs (engines.rules), a named schedule with the step's micro-batches
+            engines_rules.check(pp_schedule_dim.with_steps(cfg, setting.global_batch))
             if split:
                 cfg = cfg.model_copy(update={"optimizer_gpu_layers": len(setting.arch.layers)})
             ctxs = _contexts(setting, cfg)
