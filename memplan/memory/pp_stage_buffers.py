@@ -145,6 +145,8 @@ def rows(ctx: Context) -> list[Row]:
     Formula, with X = ``activations_block.block_input_bytes`` (the stage boundary tensor [micro_batch, seq, hidden]
     in the activation dtype; seq/tp with sequence parallelism, seq/cp with context parallelism), m = grad_accum:
     - ``activations/pp_stage_outputs`` = ``output_counts`` · X (forward, start of backward, like the activations);
+      under a named schedule (``engine_config.pp_schedule``) ``named_output_counts`` from its replay, and both
+      receive rows with that schedule's chunk placement (the V of ZBVZeroBubble and DualPipeV);
     - ``activations/pp_recv_buffers`` = (R − F·(receiving chunks)) · X where ``input_saved`` (the in-flight
       buffers are saved activations already, ``saved_inputs``), R · X otherwise, R = ``recv_buffer_counts``[0];
     - ``activations/pp_grad_recv_buffers`` = ``recv_buffer_counts``[1] · X.
