@@ -7,6 +7,8 @@ Without a named schedule ``memory.activations_flight`` keeps memplan's 1F1B / in
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from memplan.arch import pp_schedules as ps
 from memplan.arch.interleaved import chunk_layer_counts
 from memplan.arch.parallel import v_chunk_ranges
@@ -89,8 +91,11 @@ def weight_grad_bytes(ctx: Context) -> tuple[int, ...]:
     for size in chunk_sizes(ctx):
         out.append(sum(layer_bytes(layer.tensors, layer.experts_per_token) for _, layer in ctx.layers[start:start + size]))
         start += size
-    if ctx.holds_output:
-        out[output_chunk(ctx)] += layer_bytes(tuple(ctx.arch.post), 1)
+    if ctx.holds_output:  # the output layer's logits gradient; a tied one is the embedding's matrix
+        post = tuple(ctx.arch.post)
+        if not any(t.role is Role.LM_HEAD for t in post):
+            post += tuple(replace(t, role=Role.LM_HEAD) for t in ctx.arch.pre if t.role is Role.EMBEDDING)
+        out[output_chunk(ctx)] += layer_bytes(post, 1)
     return tuple(out)
 
 
