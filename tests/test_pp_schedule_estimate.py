@@ -154,3 +154,13 @@ def test_plan_chooses_schedules_only_where_fsdp2_pipelines() -> None:
         if cfg.engine_config.pp_schedule is not None:
             assert cfg.effective_engine is Engine.FSDP2 and cfg.pp > 1
     assert len({c.config.model_dump_json() for c in result.candidates}) == len(result.candidates)  # no duplicates
+
+
+@pytest.mark.parametrize("stage,inputs,grads", [(0, M, M), (1, 2 * M, 2 * M), (P - 1, 2 * M, 2 * M)])
+def test_v_shape_receive_buffers(stage: int, inputs: int, grads: int) -> None:
+    """torch allocates m input buffers per non-first stage and m gradient buffers per non-last stage
+    (stage.py ``_setup_forward_recv_info``/``_create_grad_recv_info``, also between two stages of one rank): in the V,
+    rank 0 holds stages 0 and 2p − 1 (m of each kind), the others two middle stages (2m of each)."""
+    rows = _rows(_cfg("DualPipeV", 2), stage)
+    assert rows.get("activations/pp_grad_recv_buffers", 0) == grads * X
+    assert rows.get("activations/pp_recv_buffers", 0) == inputs * X  # no recompute: none counted as saved inputs
