@@ -8,10 +8,25 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from memplan.config_base import Strict
 from memplan.dtypes import Dtype
+from memplan.errors import MemplanError
+
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+"""torch.distributed.pipelining's training schedules by ``get_schedule_class``'s names (torch 2.13
+torch/distributed/pipelining/schedules.py; its ``PipelineScheduleSingle``/``Multi`` are base classes)."""
+
+
+def pp_schedule_name(name: str) -> str:
+    """torch's spelling of a schedule name given in any case (``get_schedule_class`` lowers both sides)."""
+    for known in PP_SCHEDULES:
+        if known.lower() == name.strip().lower():
+            return known
+    raise MemplanError(f"Unknown pipeline schedule '{name}': torch.distributed.pipelining trains with "
+                       f"{', '.join(PP_SCHEDULES)}.")
+
 
 MegatronRecomputeModule = Literal["core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"]
 """Megatron-Core's ``--recompute-modules`` choices (megatron/core/transformer/transformer_config.py
@@ -135,6 +150,11 @@ class EngineConfig(Strict):
     every micro-batch's output (the logits) in ``output_chunks`` and returns their concatenation
     (``memory.pp_outputs``). torchtitan passes False (PR #1922, Oct 2025); its earlier releases, torch's pipelining
     tutorial and hand-written loops run the default. fsdp2 with pp > 1 only."""
+    pp_schedule: str | None = None
+    """torch.distributed.pipelining's training schedule, as ``get_schedule_class`` names it (any case, torchtitan's
+    ``parallelism.pipeline_parallel_schedule``): 1F1B, Interleaved1F1B, GPipe, LoopedBFS, InterleavedZeroBubble,
+    ZBVZeroBubble or DualPipeV (``arch.pp_schedules``). None: 1F1B, or Interleaved1F1B with ``perf.virtual_stages``
+    > 1 (what memplan models without it). fsdp2 with pp > 1."""
     paged_optimizer: bool = False
     """bitsandbytes paged optimizer (``PagedAdamW8bit``/``PagedAdamW``): states in CUDA managed memory; counted
     on the CPU (paged out under pressure), as ``LoraConfig.paged_optimizer``."""
@@ -194,3 +214,9 @@ class EngineConfig(Strict):
     """``NCCL_NVLS_ENABLE``: 0 off, 1 on, 2 (NCCL's default) on where the GPUs sit on an NVSwitch with multicast."""
     nccl_nvls_chunksize: int | None = Field(default=None, gt=0)
     """``NCCL_NVLS_CHUNKSIZE`` in bytes; None: NCCL's 128 KiB (NCCL < 2.21 used NCCL_BUFFSIZE: pass 524288 there)."""
+
+    @field_validator("pp_schedule", mode="before")
+    @classmethod
+    def _schedule_name(cls, value: object) -> object:
+        """torch's spelling of the schedule (``get_schedule_class`` matches names case-insensitively)."""
+        return pp_schedule_name(value) if isinstance(value, str) else value

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.config import Accounting, Engine, Job, Offload, OptimizerImpl, OptimizerKind, Recompute
+from memplan.config_train import pp_schedule_name
 from memplan.dtypes import Dtype
 from memplan.errors import MemplanError
 from memplan.units import GiB, KiB, MiB, TiB, parse_size
@@ -277,6 +278,11 @@ OPTS: dict[str, Opt] = {
     "hsdp_shard_size": _o("--hsdp-shard-size", int, None, "fsdp2 hybrid sharding (HSDP): shard over this many "
                           "data-parallel ranks, replicate across the groups (default: shard over all).", ENGINE,
                           field="engine_config.hsdp_shard_size"),
+    "pp_schedule": _o("--pp-schedule", str, None, "fsdp2 with pp > 1: torch.distributed.pipelining schedule, as "
+                      "torchtitan names it: 1F1B, Interleaved1F1B, GPipe, LoopedBFS, InterleavedZeroBubble, "
+                      "ZBVZeroBubble or DualPipeV (default 1F1B, Interleaved1F1B with --virtual-stages > 1; plan: "
+                      "a comma list to choose among).", ENGINE, field="engine_config.pp_schedule",
+                      dim="pp_schedules", item=pp_schedule_name, base="none"),
     "mics_shard_size": _o("--mics-shard-size", int, None, "deepspeed MiCS (ZeRO-3): partition all states within groups "
                           "of this many ranks (default: off).", ENGINE, field="engine_config.mics_shard_size"),
     "zero_hpz_partition_size": _o("--zero-hpz-partition-size", int, None, "deepspeed ZeRO++ hpZ (ZeRO-3): secondary "
@@ -420,7 +426,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
                      "contiguous_gradients", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
                      "stage3_param_persistence_threshold", "use_distributed_optimizer", "hsdp_shard_size",
-                     "mics_shard_size", "zero_hpz_partition_size", "cpu_offloading_num_layers", "recompute_modules",
+                     "pp_schedule", "mics_shard_size", "zero_hpz_partition_size", "cpu_offloading_num_layers",
+                     "recompute_modules",
                      "use_precision_aware_optimizer", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders",
                      "fp8_recipe", "activation_func_fp8_input_store",
                      "nccl_buffsize", "nccl_max_nchannels", "nccl_nvls_enable", "nccl_nvls_chunksize"),

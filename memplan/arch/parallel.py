@@ -215,45 +215,66 @@ def sharded_numel(tensor: Tensor, tp: int, ep: int = 1) -> int:
     return ceil_div(each, tp) * copies
 
 
-def stage_tensors(arch: Architecture, pp: int, stage: int, balanced: bool = True) -> list[Tensor]:
-    """Tensors resident on one pipeline stage (``extra`` modules such as MTP sit on the last)."""
-    ranges = arch_stage_ranges(arch, pp, balanced)
+def v_chunk_ranges(arch: Architecture, pp: int) -> tuple[tuple[range, range], ...]:
+    """Per rank, the layer ranges of its two chunks under a V-shaped schedule (torch's ``ScheduleZBVZeroBubble``,
+    ``ScheduleDualPipeV``): 2p stages balanced like ``arch_stage_ranges`` (embeddings on stage 0, the output layer
+    on stage 2p − 1), rank s holding stages s and 2p − 1 − s (torch/distributed/pipelining/_utils.py
+    ``generate_stage_to_rank_mapping(style="v")``), so rank 0 holds both ends."""
+    ranges = arch_stage_ranges(arch, 2 * pp)
+    return tuple((ranges[s], ranges[2 * pp - 1 - s]) for s in range(pp))
+
+
+def rank_layer_indices(arch: Architecture, pp: int, stage: int, balanced: bool = True,
+                       v_shape: bool = False) -> list[int]:
+    """Layer indices pipeline rank ``stage`` holds, in its chunks' order (``v_chunk_ranges`` when ``v_shape``)."""
+    if v_shape and pp > 1:
+        return [i for rng in v_chunk_ranges(arch, pp)[stage] for i in rng]
+    return list(arch_stage_ranges(arch, pp, balanced)[stage])
+
+
+def stage_tensors(arch: Architecture, pp: int, stage: int, balanced: bool = True,
+                  v_shape: bool = False) -> list[Tensor]:
+    """Tensors resident on one pipeline stage (``extra`` modules such as MTP sit with the output layer: the last
+    stage, or rank 0 under a V-shaped schedule)."""
     out: list[Tensor] = []
     if stage == 0:
         out.extend(arch.pre)
-    for i in ranges[stage]:
+    for i in rank_layer_indices(arch, pp, stage, balanced, v_shape):
         out.extend(arch.layers[i].tensors)
-    if stage == pp - 1:
+    if stage == (0 if v_shape else pp - 1):
         out.extend(arch.post)
         out.extend(arch.extra)
     return out
 
 
-def stage_layers(arch: Architecture, pp: int, stage: int, balanced: bool = True) -> list[tuple[int, Layer]]:
+def stage_layers(arch: Architecture, pp: int, stage: int, balanced: bool = True,
+                 v_shape: bool = False) -> list[tuple[int, Layer]]:
     """(layer index, layer) pairs on one pipeline stage."""
-    return [(i, arch.layers[i]) for i in arch_stage_ranges(arch, pp, balanced)[stage]]
+    return [(i, arch.layers[i]) for i in rank_layer_indices(arch, pp, stage, balanced, v_shape)]
 
 
 _NUMEL: dict[tuple, tuple[Architecture, int]] = {}
 _NUMEL_LIMIT = 4096
 
 
-def stage_numel(arch: Architecture, pp: int, stage: int, tp: int, ep: int = 1, balanced: bool = True) -> int:
+def stage_numel(arch: Architecture, pp: int, stage: int, tp: int, ep: int = 1, balanced: bool = True,
+                v_shape: bool = False) -> int:
     """Parameter elements one GPU of ``stage`` holds (after tp and ep); memoized per architecture object (the
     planner asks for the same stage thousands of times; the entry keeps ``arch`` and is compared by identity,
     so a recycled ``id`` never answers for another model)."""
-    key = (id(arch), pp, stage, tp, ep, balanced)
+    key = (id(arch), pp, stage, tp, ep, balanced, v_shape)
     hit = _NUMEL.get(key)
     if hit is not None and hit[0] is arch:
         return hit[1]
-    numel = sum(sharded_numel(t, tp, ep) for t in stage_tensors(arch, pp, stage, balanced))
+    numel = sum(sharded_numel(t, tp, ep) for t in stage_tensors(arch, pp, stage, balanced, v_shape))
     if len(_NUMEL) >= _NUMEL_LIMIT:
         _NUMEL.clear()
     _NUMEL[key] = (arch, numel)
     return numel
 
 
-def heaviest_stage(arch: Architecture, pp: int, tp: int, ep: int = 1, balanced: bool = True) -> int:
+def heaviest_stage(arch: Architecture, pp: int, tp: int, ep: int = 1, balanced: bool = True,
+                   v_shape: bool = False) -> int:
     """The pipeline stage holding the most parameter elements per GPU (ties: the first)."""
-    sizes = [stage_numel(arch, pp, s, tp, ep, balanced) for s in range(pp)]
+    sizes = [stage_numel(arch, pp, s, tp, ep, balanced, v_shape) for s in range(pp)]
     return max(range(pp), key=lambda s: (sizes[s], -s))

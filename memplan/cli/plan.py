@@ -13,7 +13,7 @@ from memplan.options import OUTPUT, PLAN_DECIDES
 
 app = command_app()
 DIMENSIONS = ("engine", "quant", "optimizer", "batch", "zero", "offload_optimizer", "offload_params", "tp", "pp", "ep",
-              "cp", "cp_comm", "recompute", "context", "kv_dtype", "shard_group")
+              "cp", "cp_comm", "recompute", "context", "kv_dtype", "shard_group", "pp_schedule")
 CUSTOM = {"ep": {"help": "Expert-parallel degrees to choose among (MoE on --engine megatron or deepspeed), "
                         "comma-separated (default: powers of two dividing the experts)."},
           "cp": {"help": "Context-parallel degrees to choose among (--engine megatron, fsdp2 or deepspeed with "

@@ -20,7 +20,7 @@ MAX_WORKERS = 1024
 started: the OS refuses the processes, or the integer overflows a C long)."""
 FIXED = ("engine", "dtype", "quant", "bnb_integration", "bnb_version", "optimizer", "zero", "offload_optimizer",
          "offload_params", "pp", "cp", "cp_comm", "recompute",
-         "lora_rank", "kv_dtype", "cpu_ram", "nvme", "offload_activations")
+         "lora_rank", "kv_dtype", "cpu_ram", "nvme", "offload_activations", "pp_schedule")
 """Job options that hold one value for the whole grid (default: the recipe's, else memplan's)."""
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from memplan.config import Accounting, Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, ZeroStage
 from memplan.dtypes import Dtype
-from memplan.engines import megatron_rules
+from memplan.engines import megatron_rules, pp_schedule_rules
 from memplan.errors import MemplanError
 
 CPU_OPTIMIZERS = (OptimizerKind.ADAMW, OptimizerKind.LION)
@@ -364,6 +364,7 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
         return ("sequence parallelism splits activations over the tensor-parallel group (Korthikanti et al. 2022); "
                 "with --tp 1 it moves no byte: use --tp 2 or more, or drop --sequence-parallel.")
     for rule in (_dtype_rule(cfg), _common(cfg, engine), _context_parallel(cfg, engine), _recompute_rule(cfg, engine),
+                 pp_schedule_rules.rule(cfg, engine, partial=partial),
                  _knob_rule(cfg, engine), None if partial else _knob_effect_rule(cfg), _hybrid_rule(cfg, partial=partial),
                  _activation_offload_rule(cfg, engine, partial=partial), _nccl_rule(cfg)):
         if rule:

@@ -96,13 +96,13 @@ def breakdown(ctx: Context, counting: blk.Counting | None = None) -> dict[str, i
     out["activations/cp_exchange"] = exchange_bytes(ctx.arch.spec, cfg)
     out["activations/layer_kwargs"] = flight * layer_kwargs_bytes(ctx, ckpt, counting)
     out |= {name: b for name, b in saved.items() if name != "activations/layers"}
-    if ctx.stage == cfg.pp - 1:
+    if ctx.holds_output:
         out["activations/logits"] = logits_peak_bytes(ctx, counting)
         out["activations/kept_output"] = kept_output_bytes(ctx, counting)
     out["activations/dequant_workspace"] = bnb_workspace.dequant_workspace_bytes(ctx)
     out["activations/bnb_retained_inputs"] = bnb_workspace.retained_input_bytes(ctx)
     previous = litgpt.previous_tokens(cfg)  # litgpt's loop: the previous micro-batch's output, into the next forward
-    if previous and ctx.stage == cfg.pp - 1:
+    if previous and ctx.holds_output:
         out["activations/kept_output_previous"] = kept_output_bytes(ctx, counting, previous)
     if previous:
         out["activations/bnb_retained_previous"] = bnb_workspace.retained_input_bytes(ctx, previous)
@@ -123,6 +123,9 @@ _SOURCES = {
     "activations/final_norm": "final norm + lm_head input (Korthikanti et al. 2022 Sec. 4.3)",
     "activations/loss": "log-softmax output 4·B·S·V/t + int64 targets (HF ForCausalLMLoss)",
     "activations/logits": "logits + fp32 copy, or their two fp32 gradients, whichever is larger",
+    "activations/pp_weight_grad_pending": "zero-bubble pipeline schedules: weight ops' output gradients kept from each "
+                                          "input backward (I) to its weight backward (W), torch pipelining "
+                                          "_backward.py (memory.pp_schedule_flight.weight_grad_bytes)",
     "activations/kept_output": "logits of the model output the training loop holds until after the step",
     "activations/bnb_retained_inputs": "bitsandbytes <= 0.43.1 MatMul4Bit ctx.tensors = (A, B): one micro-batch's "
                                        "quantized-linear inputs, alive while the graph is referenced "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from memplan.arch.interleaved import chunk_layer_counts, peak_chunk_bytes
 from memplan.config import Recompute
 from memplan.memory import activations_block as blk
+from memplan.memory import pp_schedule_flight as psf
 from memplan.memory.activations_layers import layer_micro_bytes, micro_batches_in_flight, stage_layers_bytes
 from memplan.memory.activations_model import embedding_bytes, final_norm_bytes, loss_bytes
 from memplan.memory.context import Context
@@ -21,14 +22,17 @@ def chunk_saved_bytes(ctx: Context, modes: dict[int, Recompute], counting: blk.C
     cfg = ctx.cfg
     v = max(1, cfg.perf.virtual_stages) if cfg.pp > 1 else 1
     per_layer = [layer_micro_bytes(ctx, i, modes[i], counting) for i, _ in ctx.layers]
+    sizes, last = chunk_layer_counts(len(per_layer), v, first_stage=ctx.stage == 0), v - 1
+    if psf.named(cfg):  # a named torch schedule: its chunks (two in a V, the output layer's on rank 0)
+        v, sizes, last = psf.chunks(cfg), psf.chunk_sizes(ctx), psf.output_chunk(ctx)
     chunks, start = [], 0
-    for size in chunk_layer_counts(len(per_layer), v, first_stage=ctx.stage == 0):
+    for size in sizes:
         chunks.append(sum(per_layer[start:start + size]))
         start += size
     out = {"activations/layers": tuple(chunks)}
     ends = {"activations/embeddings": (0, embedding_bytes, ctx.stage == 0),
-            "activations/final_norm": (v - 1, final_norm_bytes, ctx.stage == cfg.pp - 1),
-            "activations/loss": (v - 1, loss_bytes, ctx.stage == cfg.pp - 1)}
+            "activations/final_norm": (last, final_norm_bytes, ctx.holds_output),
+            "activations/loss": (last, loss_bytes, ctx.holds_output)}
     for name, (chunk, fn, present) in ends.items():
         if present:
             out[name] = tuple(fn(ctx, counting) if c == chunk else 0 for c in range(v))
@@ -41,6 +45,8 @@ def peak_chunk_counts(ctx: Context, modes: dict[int, Recompute],
     largest (``arch.interleaved.peak_chunk_bytes`` weighted by one micro-batch's bytes of each chunk); v > 1, pp > 1."""
     per = chunk_saved_bytes(ctx, modes, counting)
     weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
+    if psf.named(ctx.cfg):
+        return per, psf.peak(ctx, weights)[1]
     return per, peak_chunk_bytes(ctx.cfg.pp, ctx.stage, ctx.cfg.grad_accum, weights)[1]
 
 
@@ -48,10 +54,10 @@ def layer_flights(ctx: Context, modes: dict[int, Recompute], counting: blk.Count
     """Micro-batches each of the stage's blocks holds at the stage's peak: ``micro_batches_in_flight`` for every block
     under 1F1B; under the interleaved schedule its chunk's count at the moment ``in_flight_saved`` takes."""
     cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
-    if v <= 1 or cfg.pp <= 1:
+    if (v <= 1 or cfg.pp <= 1) and not psf.named(cfg):
         return dict.fromkeys((i for i, _ in ctx.layers), micro_batches_in_flight(ctx))
     counts = peak_chunk_counts(ctx, modes, counting)[1]
-    sizes = chunk_layer_counts(len(ctx.layers), v, first_stage=ctx.stage == 0)
+    sizes = psf.chunk_sizes(ctx) if psf.named(cfg) else chunk_layer_counts(len(ctx.layers), v, first_stage=ctx.stage == 0)
     chunk_of = [c for c, size in enumerate(sizes) for _ in range(size)]
     return {i: counts[chunk_of[k]] for k, (i, _) in enumerate(ctx.layers)}
 
@@ -66,6 +72,8 @@ def in_flight_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Cou
     and torch's ``ScheduleInterleaved1F1B``), instead of ⌈chunk micro-batches / v⌉ whole stages. The planner's
     linear model keeps the rounded-up whole-stage count."""
     cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
+    if psf.named(cfg):
+        return named_saved(ctx, modes, counting)
     if v <= 1 or cfg.pp <= 1:
         out = {"activations/layers": flight * stage_layers_bytes(ctx, modes, counting)}
         if ctx.stage == 0:
@@ -76,3 +84,18 @@ def in_flight_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Cou
         return out
     per, counts = peak_chunk_counts(ctx, modes, counting)
     return {name: sum(n * b for n, b in zip(counts, each, strict=True)) for name, each in per.items()}
+
+
+def named_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> dict[str, int]:
+    """``in_flight_saved`` under a named torch schedule (``memory.pp_schedule_flight``): each chunk's saved bytes
+    times the micro-batches it holds at the rank's peak, and ``activations/pp_weight_grad_pending``: the output
+    gradients of the weight ops kept from each input backward (I) to its weight backward (W), zero-bubble
+    schedules only (``pp_schedule_flight.weight_grad_bytes``)."""
+    per = chunk_saved_bytes(ctx, modes, counting)
+    weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
+    _, held, waiting = psf.peak(ctx, weights)
+    out = {name: sum(n * b for n, b in zip(held, each, strict=True)) for name, each in per.items()}
+    pending = sum(n * b for n, b in zip(waiting, psf.weight_grad_bytes(ctx), strict=True))
+    if pending:
+        out["activations/pp_weight_grad_pending"] = pending
+    return out

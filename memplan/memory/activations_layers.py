@@ -36,6 +36,10 @@ def counting_for(cfg: JobConfig) -> blk.Counting:
 def micro_batches_in_flight(ctx: Context) -> int:
     """Micro-batches whose activations the reported stage holds: pp - stage under 1F1B, more with the
     interleaved schedule, never more than the step's ``grad_accum`` (``arch.parallel.in_flight_micro_batches``)."""
+    from memplan.memory import pp_schedule_flight as psf
+
+    if psf.named(ctx.cfg):  # a named torch schedule (engine_config.pp_schedule): its replay
+        return psf.whole_stage_flight(ctx)
     return in_flight_micro_batches(ctx.cfg.pp, ctx.stage, ctx.cfg.perf.virtual_stages, ctx.cfg.grad_accum)
 
 

@@ -131,7 +131,7 @@ def backward_start_stranded(ctx: Context) -> int:
     from memplan.memory.inference import mlp_workspace_bytes
 
     cfg = ctx.cfg
-    if (not cfg.job.trains or ctx.stage != cfg.pp - 1 or not cfg.loss_fp32 or cfg.transformers_version is None
+    if (not cfg.job.trains or not ctx.holds_output or not cfg.loss_fp32 or cfg.transformers_version is None
             or cfg.effective_engine is Engine.MEGATRON or not activations.modelled(ctx)
             or cfg.effective_activation_accounting == "paper"):
         return 0

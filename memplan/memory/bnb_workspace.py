@@ -263,7 +263,7 @@ def retained_input_bytes(ctx: Context, tokens: int | None = None) -> int:
         if i == 0 and not first_block_input_grad(cfg):
             quantized -= {"q", "k", "v"}
         elements += sum(width[p] for p in {shared.get(p, p) for p in quantized})
-    if ctx.stage == cfg.pp - 1 and quantized_head(cfg):
+    if ctx.holds_output and quantized_head(cfg):
         elements += dm.d
     return t.tensor_bytes(count=tokens * elements, bits=dm.bits)
 

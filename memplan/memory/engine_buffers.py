@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from memplan.arch.parallel import chunks_with_gradients_at_peak, cooldown_gradient_excess, sharded_numel
 from memplan.config import Engine, ZeroStage
-from memplan.memory import engine_fsdp2_backward
+from memplan.memory import engine_fsdp2_backward, pp_schedule_flight
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
 from memplan.memory.engine_states import compute_dtype, mixed, param_dtype
@@ -155,6 +155,9 @@ def fsdp2_pipeline_rows(ctx: Context, *, unit_reduce_bytes: int) -> list[Row]:
     total = bits_to_bytes(numel, reduce_dtype.bits)
     v = max(1, cfg.perf.virtual_stages)
     chunks = chunks_with_gradients_at_peak(cfg.pp, ctx.stage, v, cfg.grad_accum)
+    if pp_schedule_flight.named(cfg):  # a named torch schedule: every chunk's gradients counted at the peak (over
+        # where a chunk has had no backward yet), so no later moment of its cool-down exceeds it
+        v = chunks = pp_schedule_flight.chunks(cfg)
     at_peak = max(0, -(-total * chunks // v) - unit_reduce_bytes)
     out = [Row("gradients/fsdp_pp_accumulated", Tier.GPU, total, FSDP2_PP,
                f"unsharded {reduce_dtype.value} gradients accumulated over the step's micro-batches")]
@@ -197,6 +200,7 @@ def fsdp2_cooldown_rows(ctx: Context, rows: list[Row], *, unit_activations: tupl
     cfg = ctx.cfg
     v = max(1, cfg.perf.virtual_stages)
     if cfg.effective_engine is not Engine.FSDP2 or cfg.pp <= 1 or v <= 1 or not cfg.job.trains \
+            or pp_schedule_flight.named(cfg) \
             or len(unit_activations) != v or not any(unit_activations):
         return []
     total = sum(r.bytes for r in rows if r.tier is Tier.GPU and r.component == "gradients/fsdp_pp_accumulated")

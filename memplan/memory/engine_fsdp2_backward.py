@@ -101,7 +101,7 @@ def kept_at_loss_rows(ctx: Context, *, kept: int) -> list[Row]:
     from memplan.memory import activations_terms as terms
 
     cfg = ctx.cfg
-    if not kept or ctx.stage != cfg.pp - 1:
+    if not kept or not ctx.holds_output:
         return [Row("weights/fsdp_kept_all_gather_at_loss", Tier.GPU, kept, SOURCE,
                     "the last all-gather's output at the start of backward (not the last stage: no loss)")] if kept else []
     tokens = blk.dims(ctx.arch.spec, cfg).tokens
@@ -131,7 +131,7 @@ def first_reduce_scatter_rows(ctx: Context, rows: list[Row]) -> list[Row]:
     parameters and the kept all-gather output. Formula: max(0, added − gone). Source: _fsdp_param_group.py
     ``post_backward``, _fsdp_collectives.py ``foreach_reduce``. Size-dependent: built with the activation rows.
     """
-    if not splits_backward(ctx) or ctx.stage != ctx.cfg.pp - 1:
+    if not splits_backward(ctx) or not ctx.holds_output:
         return []
     from memplan.memory import activations as act
     from memplan.memory.model_states import trainable_tensors

@@ -182,7 +182,7 @@ def optimizer_sets(ctx: Context) -> list[tuple[Tier, list[Tensor]]]:
     offloaded: list[Tensor] = []
     for i, layer in ctx.layers:
         (kept if i < n else offloaded).extend(layer.tensors)
-    if ctx.stage == cfg.pp - 1:
+    if ctx.holds_output:
         offloaded += list(ctx.arch.post) + list(ctx.arch.extra)
     sets = [(Tier.GPU, trained(kept)), (tier, trained(offloaded))]
     return [(t, tensors) for t, tensors in sets if tensors]

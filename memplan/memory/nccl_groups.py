@@ -122,7 +122,9 @@ def communicators(ctx: Context) -> tuple[list[tuple[str, int, int]], list[tuple[
     p2p = [("expert all-to-all", cfg.ep - 1, _local(ctx, tp, cfg.ep) < cfg.ep)]
     if pp > 1:  # interleaved (v > 1): chunk c's last stage (rank p − 1) feeds chunk c + 1's first (rank 0), so the
         # end ranks have two neighbours too (Megatron p2p_communication.py, torch ScheduleInterleaved1F1B's looped stages)
-        ends = ctx.stage in (0, pp - 1) and cfg.perf.virtual_stages <= 1
+        # a V-shaped schedule (ZBVZeroBubble, DualPipeV) turns at both ends: rank 0 talks to rank 1 only, rank p − 1
+        # runs stages p − 1 and p itself (torch pipelining's "V-schedule special case": no send between them)
+        ends = ctx.stage in (0, pp - 1) and (cfg.perf.virtual_stages <= 1 or ctx.v_shape)
         p2p.append(("pipeline neighbours", 1 if pp == 2 or ends else 2, pp_local < pp))
     return [g for g in groups if g[1] > 1], [p for p in p2p if p[1] > 0]
 

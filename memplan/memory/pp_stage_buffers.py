@@ -33,8 +33,10 @@ in-flight forward passes" (the max(2, ·) reserves empty slots only), the 1F1B c
 
 from __future__ import annotations
 
+from memplan.arch import pp_schedules as ps
 from memplan.arch.parallel import in_flight_micro_batches
 from memplan.config import Engine, Recompute
+from memplan.memory import pp_schedule_flight
 from memplan.memory.activations_block import block_input_bytes
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
@@ -58,15 +60,18 @@ def chunk_stages(pp: int, stage: int, virtual_stages: int) -> tuple[int, ...]:
     return tuple(stage + c * pp for c in range(max(1, virtual_stages)))
 
 
-def recv_buffer_counts(pp: int, stage: int, virtual_stages: int, micro_batches: int) -> tuple[int, int]:
+def recv_buffer_counts(pp: int, stage: int, virtual_stages: int, micro_batches: int,
+                       schedule: str | None = None) -> tuple[int, int]:
     """(forward input receive buffers, backward output-gradient receive buffers) a rank allocates.
 
     Formula: m per chunk whose stage is not the first global stage (inputs), m per chunk whose stage is not the
     last global stage p·v − 1 (gradients). Source: ``PipelineStage._setup_forward_recv_info`` and
-    ``_setup_backward_recv_info`` loop over ``range(num_microbatches)``.
+    ``_setup_backward_recv_info`` loop over ``range(num_microbatches)``, also where the neighbouring stage sits on
+    the same rank (a V schedule's turn: no check of ``_is_same_rank`` there). ``schedule``: a named torch schedule
+    (``arch.pp_schedules``), whose chunk placement (the V) is used.
     """
-    stages = chunk_stages(pp, stage, virtual_stages)
-    last = pp * max(1, virtual_stages) - 1
+    stages = ps.chunk_stages(schedule, pp, stage, virtual_stages) if schedule else chunk_stages(pp, stage, virtual_stages)
+    last = pp * len(stages) - 1
     return (micro_batches * sum(1 for g in stages if g != 0), micro_batches * sum(1 for g in stages if g != last))
 
 
@@ -86,6 +91,17 @@ def output_counts(pp: int, stage: int, virtual_stages: int, micro_batches: int) 
     last = pp * v - 1
     chunks = sum(1 for g in chunk_stages(pp, stage, v) if g != last)
     return min(flight * v, micro_batches * chunks)
+
+
+def named_output_counts(schedule: str, pp: int, stage: int, virtual_stages: int, micro_batches: int) -> int:
+    """``output_counts`` under a named torch schedule: the most stage outputs the rank's replay holds at once
+    (``arch.pp_schedules.flight_states``), chunks of the last global stage left out. An output lives from its
+    forward to the micro-batch's first backward action: ``backward_one_chunk`` pops ``fwd_cache`` for a full
+    backward and for an input backward alike (stage.py), so a micro-batch awaiting its W holds none."""
+    stages = ps.chunk_stages(schedule, pp, stage, virtual_stages)
+    last = pp * len(stages) - 1
+    return max(sum(h - w for h, w, g in zip(held, waiting, stages, strict=True) if g != last)
+               for held, waiting in ps.flight_states(schedule, pp, stage, virtual_stages, micro_batches))
 
 
 def input_saved(ctx: Context) -> bool:
@@ -111,13 +127,16 @@ def saved_inputs(ctx: Context) -> int:
     from memplan.memory import activations
 
     cfg, p, s = ctx.cfg, ctx.cfg.pp, ctx.stage
-    v = max(1, cfg.perf.virtual_stages)
+    v, name = max(1, cfg.perf.virtual_stages), pp_schedule_flight.named(cfg)
     held = chunk_layer_counts(len(ctx.layers), v, first_stage=s == 0)
-    if v == 1:
+    stages = chunk_stages(p, s, v)
+    if name:
+        held, stages = pp_schedule_flight.chunk_sizes(ctx), ps.chunk_stages(name, p, s, v)
+    if v == 1 and not name:
         counts: tuple[int, ...] = (activations.micro_batches_in_flight(ctx),)
     else:
         counts = activations.peak_chunk_counts(ctx, activations.layer_modes(ctx), activations.counting_for(cfg))[1]
-    return sum(n for c, (g, n) in enumerate(zip(chunk_stages(p, s, v), counts, strict=True)) if g != 0 and held[c])
+    return sum(n for c, (g, n) in enumerate(zip(stages, counts, strict=True)) if g != 0 and held[c])
 
 
 def rows(ctx: Context) -> list[Row]:
@@ -126,6 +145,8 @@ def rows(ctx: Context) -> list[Row]:
     Formula, with X = ``activations_block.block_input_bytes`` (the stage boundary tensor [micro_batch, seq, hidden]
     in the activation dtype; seq/tp with sequence parallelism, seq/cp with context parallelism), m = grad_accum:
     - ``activations/pp_stage_outputs`` = ``output_counts`` · X (forward, start of backward, like the activations);
+      under a named schedule (``engine_config.pp_schedule``) ``named_output_counts`` from its replay, and both
+      receive rows with that schedule's chunk placement (the V of ZBVZeroBubble and DualPipeV);
     - ``activations/pp_recv_buffers`` = (R − F·(receiving chunks)) · X where ``input_saved`` (the in-flight
       buffers are saved activations already, ``saved_inputs``), R · X otherwise, R = ``recv_buffer_counts``[0];
     - ``activations/pp_grad_recv_buffers`` = ``recv_buffer_counts``[1] · X.
@@ -140,10 +161,11 @@ def rows(ctx: Context) -> list[Row]:
         return []
     x = block_input_bytes(ctx.arch.spec, cfg)
     p, s, v, m = cfg.pp, ctx.stage, max(1, cfg.perf.virtual_stages), cfg.grad_accum
-    recv, grad_recv = recv_buffer_counts(p, s, v, m)
+    name = pp_schedule_flight.named(cfg)
+    recv, grad_recv = recv_buffer_counts(p, s, v, m, name)
     if input_saved(ctx):
         recv -= saved_inputs(ctx)
-    kept = output_counts(p, s, v, m)
+    kept = named_output_counts(name, p, s, v, m) if name else output_counts(p, s, v, m)
     out = []
     for name, count, what in (("activations/pp_stage_outputs", kept, "stage outputs kept until their backward"),
                               ("activations/pp_recv_buffers", recv, "forward receive buffers"),

@@ -249,11 +249,11 @@ def gpu_layers(ctx: Context) -> list[tuple[int, Layer]]:
 
 def _placed_ends(ctx: Context) -> tuple[list[Placed], list[Placed]]:
     """The GPU-resident tensors outside the blocks before them and after them (``placed_tensors``)."""
-    arch, pp, stage = ctx.arch, ctx.cfg.pp, ctx.stage
+    arch, stage = ctx.arch, ctx.stage
     host = host_tensors(ctx)
     pre: list[Placed] = [(t, None) for t in arch.pre if t not in host] if stage == 0 else []
     post: list[Placed] = []
-    if stage == pp - 1:
+    if ctx.holds_output:
         post += [(t, None) for t in arch.post + arch.extra]
         if host and _traits(arch).tied:
             post += [(replace(t, role=Role.LM_HEAD), None) for t in host if t.role is Role.EMBEDDING]

@@ -101,15 +101,49 @@ def collective_seconds(*, kind: str, nbytes: float, ranks: int, bytes_per_s: flo
     return factor * (ranks - 1) / ranks * nbytes / bytes_per_s + steps * latency_s
 
 
-def pipeline_seconds(*, stage_micro_s: float, micro_batches: int, pp: int, virtual_stages: int = 1) -> float:
+def pipeline_seconds(*, stage_micro_s: float, micro_batches: int, pp: int, virtual_stages: int = 1,
+                     schedule: str | None = None) -> float:
     """Seconds of one pipelined step: m micro-batches through p stages, the slowest stage taking
     ``stage_micro_s`` per micro-batch (forward + backward).
 
     Formula: (m + (p − 1)/v) · t_stage. The bubble is (p − 1)/(v·m) of the ideal time.
     Source: Narayanan et al. 2021, Sec. 2.2.1 (1F1B: bubble (p−1)/m) and Sec. 2.2.2 (interleaved schedule
     with v model chunks per device: (p−1)/(v·m)). Uneven stages: the slowest stage sets the pace.
+    ``schedule``: a named torch.distributed.pipelining schedule, whose idle slots are ``bubble_slots``'.
     """
-    return (micro_batches + (pp - 1) / virtual_stages) * stage_micro_s
+    idle = (pp - 1) / virtual_stages if schedule is None else bubble_slots(schedule, pp, virtual_stages, micro_batches)
+    return (micro_batches + idle) * stage_micro_s
+
+
+def bubble_slots(schedule: str, pp: int, virtual_stages: int, micro_batches: int) -> float:
+    """Idle time of a pipeline rank per step, in units of one micro-batch's forward + backward on the whole rank
+    (t), for torch.distributed.pipelining's schedules.
+
+    With the backward twice the forward and split evenly into input (I) and weight (W) parts (the matmuls' 2N FLOPs
+    each: F = I = W = t/3 per rank, t/(3v) per chunk):
+    - 1F1B, GPipe: p − 1 (Narayanan et al. 2021, Sec. 2.2.1; Huang et al. 2019, GPipe Sec. 2.3, (K − 1)/(M + K − 1));
+    - Interleaved1F1B, LoopedBFS: (p − 1)/v (Narayanan et al. 2021, Sec. 2.2.2; Lamy-Poirier 2022, Breadth-First
+      Pipeline Parallelism, Sec. 3: the looped placement divides the bubble by the loops);
+    - InterleavedZeroBubble (torch: "implementing the ZB1P schedule"): (p − 1)(F + B − 2W) per chunk = (p − 1)/(3v)
+      (DeepSeek-V3 report, Table 2; Qi et al. 2023, Zero Bubble Pipeline Parallelism, ZB-H1: a third of 1F1B's);
+    - ZBVZeroBubble: 0 when F = I = W (Qi et al. 2023, Sec. 6; torch's docstring: zero bubble "only if time forward
+      == time backward input == time backward weights"), plus the 2p − 1 − m micro-batches torch plans and drops
+      when m < 2p − 1 (``_calculate_single_rank_operations``: n_micro = max(2p − 1, m)), t each;
+    - DualPipeV: DualPipe's (PP/2 − 1)(F&B + B − 3W) (DeepSeek-V3 report, Table 2; deepseek-ai/DualPipe README) with
+      PP = 2p stages and per chunk F&B = F + B (the overlap hides communication, not compute): (p − 1)/3.
+    """
+    p, v, m = pp, max(1, virtual_stages), micro_batches
+    if schedule in ("1F1B", "GPipe"):
+        return float(p - 1)
+    if schedule in ("Interleaved1F1B", "LoopedBFS"):
+        return (p - 1) / v
+    if schedule == "InterleavedZeroBubble":
+        return (p - 1) / (3 * v)
+    if schedule == "ZBVZeroBubble":
+        return float(max(0, 2 * p - 1 - m))
+    if schedule == "DualPipeV":
+        return (p - 1) / 3
+    raise ValueError(f"unknown pipeline schedule {schedule!r}")
 
 
 def ring_allreduce_seconds(*, nbytes: int, ranks: int, bytes_per_s: float) -> float:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memplan.arch.parallel import in_flight_micro_batches
+from memplan.arch.pp_schedules import whole_stage_flight
 
 UNIT = 1024
 """ILP memory unit in bytes (KiB): demand is rounded up to it, capacity down."""
@@ -143,6 +144,10 @@ class Problem:
     """Model chunks per pipeline stage (interleaved 1F1B): how many micro-batches a stage holds in flight
     (``flight``)."""
 
+    pp_schedule: str | None = None
+    """A named torch.distributed.pipelining schedule (``engine_config.pp_schedule``, engine fsdp2): ``flight`` takes
+    its replay's count (``arch.pp_schedules.whole_stage_flight``) where the step's micro-batches are known."""
+
     cooldown: dict[tuple[int, int, tuple], list[tuple[int, dict[int, int]]]] = field(default_factory=dict)
     """FSDP2's interleaved cool-down (``ilp_cooldown``): (pp, stage, layer key) → per j, (j·g bytes, micro-batches
     of each layer freed by then)."""
@@ -169,6 +174,8 @@ class Problem:
         """Micro-batches whose per-layer bytes stage ``stage`` of ``pp`` holds at its peak: p − s under 1F1B, more
         under the interleaved schedule, at most the step's ``micro_batches`` (``arch.parallel.
         in_flight_micro_batches``, the count ``estimate`` uses)."""
+        if self.pp_schedule is not None and pp > 1 and micro_batches is not None:
+            return whole_stage_flight(self.pp_schedule, pp, stage, self.virtual_stages, micro_batches)
         return in_flight_micro_batches(pp, stage, self.virtual_stages, micro_batches)
 
     _flights: dict[tuple, int] = field(default_factory=dict, init=False, repr=False, compare=False)

@@ -40,6 +40,10 @@ def config_for(base: JobConfig, choice: dict[str, Any], *, global_batch: int | N
         elif dim in ("tp", "pp", "ep", "micro_batch", "seq_len", "optimizer", "quant"):
             upd[dim] = value
     cfg = with_sequence_parallel(JobConfig.model_validate({**base.model_dump(), **upd}))
+    if cfg.pp == 1 and cfg.engine_config.pp_schedule is not None:  # a pipeline schedule (and the chunks it runs)
+        # applies to pp > 1 plans: the pp = 1 plans of every schedule are one plan
+        cfg = cfg.model_copy(update={"engine_config": cfg.engine_config.model_copy(update={"pp_schedule": None}),
+                                     "perf": cfg.perf.model_copy(update={"virtual_stages": 1})})
     if hybrid.DIM in choice:
         cfg = hybrid.apply(cfg, choice[hybrid.DIM])
     if global_batch is not None:

@@ -72,6 +72,9 @@ class SearchSpace(Strict):
     engines: tuple[Engine, ...] | None = None
     """Engines to choose among (``plan --engine vllm,llamacpp``); None: the job's default engine. Passed through
     here; what each engine changes is the engines' code."""
+    pp_schedules: tuple[str, ...] | None = None
+    """torch.distributed.pipelining schedules to choose among on engine fsdp2 with pp > 1 (``planner.pp_schedule_dim``,
+    ``engine_config.pp_schedule``); None: memplan's 1F1B, or Interleaved1F1B with ``perf.virtual_stages`` > 1."""
     shard: tuple[str, ...] | None = None
     """State sharding of a training plan (``planner.hybrid``): ``full`` (every data-parallel rank), ``node`` (fsdp2
     HSDP / deepspeed MiCS: shard within a node, replicate across nodes), ``hpz`` (deepspeed ZeRO++); None: each one

@@ -16,10 +16,12 @@ pipeline schedule (micro-batches, the slowest stage) and adds the data-parallel 
 
 from __future__ import annotations
 
-from memplan.arch.parallel import arch_stage_ranges, stage_numel
+from memplan.arch.parallel import arch_stage_ranges, rank_layer_indices, stage_numel
+from memplan.arch.pp_schedules import V_SHAPE
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec
 from memplan.config import Engine, Job, JobConfig, ZeroStage
+from memplan.memory.pp_schedule_flight import named
 from memplan.planner import cost
 from memplan.planner.classes import layer_classes
 from memplan.planner.steptime_comm import (
@@ -114,10 +116,11 @@ def stage_micro_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage:
     spec = arch.spec
     hidden = spec.hidden_size or 0
     tokens = _tokens_micro(cfg)
-    layers = [arch.layers[i] for i in arch_stage_ranges(arch, cfg.pp)[stage]] if arch.layers else []
+    v_shape = named(cfg) in V_SHAPE  # a V schedule: rank s runs stages s and 2p − 1 − s, the head on rank 0
+    layers = [arch.layers[i] for i in rank_layer_indices(arch, cfg.pp, stage, v_shape=v_shape)] if arch.layers else []
     gemm = sum(linear_forward_flops(layer, tokens) for layer in layers)
     core = attention_share(cfg) * sum(attention_forward_flops(arch, layer, cfg.seq_len, tokens) for layer in layers)
-    if stage == cfg.pp - 1:
+    if stage == (0 if v_shape else cfg.pp - 1):
         gemm += head_forward_flops(arch, tokens)
     if not layers:  # a model known only by its parameter count
         gemm = 2.0 * arch.active_params * tokens
@@ -142,9 +145,9 @@ def ep_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: i
     both together)."""
     if cfg.ep <= 1:
         return 0.0
-    slowest = max(stage_ep_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg.pp))
+    slowest = max(stage_ep_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg))
     return cost.pipeline_seconds(stage_micro_s=slowest, micro_batches=micro_batches(cfg, global_batch),
-                                 pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages)
+                                 pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages, schedule=named(cfg))
 
 
 def micro_batches(cfg: JobConfig, global_batch: int) -> int:
@@ -156,13 +159,17 @@ def micro_batches(cfg: JobConfig, global_batch: int) -> int:
 def shape_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: int) -> float:
     """Pipelined compute of one step: the slowest stage's micro-batch time through (m + (p − 1)/v) slots
     (``cost.pipeline_seconds``)."""
-    slowest = max(stage_micro_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg.pp))
+    slowest = max(stage_micro_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg))
     return cost.pipeline_seconds(stage_micro_s=slowest, micro_batches=micro_batches(cfg, global_batch),
-                                 pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages)
+                                 pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages, schedule=named(cfg))
 
 
-def _distinct_stages(arch: Architecture, pp: int) -> list[int]:
-    """One stage per distinct signature (first, last, the classes of its layers): alike stages take alike time."""
+def _distinct_stages(arch: Architecture, cfg: JobConfig) -> list[int]:
+    """One stage per distinct signature (first, last, the classes of its layers): alike stages take alike time.
+    Every rank under a V schedule (its ranks hold two stages each)."""
+    pp = cfg.pp
+    if named(cfg) in V_SHAPE:
+        return list(range(pp))
     classes = layer_classes(arch) if arch.layers else []
     seen: dict[tuple, int] = {}
     for s, rng in enumerate(arch_stage_ranges(arch, pp) if arch.layers else [range(0)]):
@@ -179,7 +186,8 @@ def trainable_stage_params(arch: Architecture, cfg: JobConfig) -> int:
         return -(-lora_params(arch, cfg.lora) // (cfg.pp * cfg.tp))
     if not arch.layers:
         return -(-arch.params // (cfg.tp * cfg.pp))
-    return max(stage_numel(arch, cfg.pp, s, cfg.tp, cfg.ep) for s in _distinct_stages(arch, cfg.pp))
+    v_shape = named(cfg) in V_SHAPE
+    return max(stage_numel(arch, cfg.pp, s, cfg.tp, cfg.ep, v_shape=v_shape) for s in _distinct_stages(arch, cfg))
 
 
 def dp_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: int) -> float:
@@ -200,7 +208,7 @@ def dp_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_bat
     grad = params * cfg.gradient_dtype.bits // 8
     bw, lat = links(gpu, cfg).pick(cfg.tp * cfg.dp <= cfg.gpus_per_node)
     n_layers = max(1, len(arch.layers) // cfg.pp)
-    stage = max(stage_micro_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg.pp))
+    stage = max(stage_micro_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg))
     share = overlap(cfg)
     if cfg.zero < ZeroStage.PARAMETERS and cfg.effective_engine is not Engine.FSDP2:
         comm = cost.collective_seconds(kind="all_reduce", nbytes=grad, ranks=cfg.dp, bytes_per_s=bw, latency_s=0.0)

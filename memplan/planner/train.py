@@ -18,10 +18,10 @@ from memplan.config import JobConfig, Offload, Recompute
 from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
 from memplan.memory import activations as act
-from memplan.memory import components, runtime
+from memplan.memory import components, pp_schedule_flight, runtime
 from memplan.memory.breakdown import TRAIN_PHASES, Phase, Tier, phase_totals, tier_total
 from memplan.memory.context import Context
-from memplan.planner import cost, hybrid, steptime, train_offload, train_phases, train_pipeline, train_quant
+from memplan.planner import cost, hybrid, pp_schedule_dim, steptime, train_offload, train_phases, train_pipeline, train_quant
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Entry, Factor, LayerBlock, Problem
 from memplan.planner.setting import SAVINGS, TrainSetting, config_for  # noqa: F401 - re-exported
@@ -35,8 +35,9 @@ NOT_LAYER_ROWS = ("activations/layers", "activations/recompute_workspace", "acti
 
 
 def _valid(cfg: JobConfig, setting: TrainSetting) -> bool:
-    """Whether the micro-batch and data-parallel degree divide the global batch."""
-    return not setting.global_batch % (cfg.micro_batch * cfg.batch_dp)
+    """Whether the micro-batch and data-parallel degree divide the global batch, and a named pipeline schedule takes
+    the micro-batches per step (``pp_schedule_dim.takes``)."""
+    return not setting.global_batch % (cfg.micro_batch * cfg.batch_dp) and pp_schedule_dim.takes(cfg)
 
 
 def state_dims(dims: dict[str, tuple]) -> tuple[str, ...]:
@@ -60,7 +61,8 @@ def states_factor(setting: TrainSetting, dims: dict[str, tuple],
             continue
         try:
             cfg = config_for(setting.base, choice)
-            engines_rules.check(cfg)  # only combinations the engine runs (memplan.engines.rules)
+            # only combinations the engine runs (engines.rules), a named schedule with the step's micro-batches
+            engines_rules.check(pp_schedule_dim.with_steps(cfg, setting.global_batch))
             if split:
                 cfg = cfg.model_copy(update={"optimizer_gpu_layers": len(setting.arch.layers)})
             ctxs = _contexts(setting, cfg)
@@ -302,6 +304,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
                       stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
                       virtual_stages=setting.base.perf.virtual_stages, global_batch=setting.global_batch,
+                      pp_schedule=pp_schedule_flight.named(setting.base.model_copy(update={"pp": 2})),
                       world=setting.base.world_size, cp=setting.base.cp, cooldown=cooldown,
                       chunk_map=train_pipeline.chunk_maps(setting.arch, setting.base.perf.virtual_stages, cooldown))
     return problem, reasons

@@ -18,6 +18,7 @@ from memplan.planner.budget import train_budget
 from memplan.planner.dims import cp_bases, resolve
 from memplan.planner.ilp_search import searcher
 from memplan.planner.infer_layers import describe_formats, quality_extras
+from memplan.planner.pp_schedule_dim import schedule_bases
 from memplan.planner.recheck import verified_solutions
 from memplan.planner.request import (
     Candidate,
@@ -84,6 +85,7 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
     found_any, errors, tried = False, [], 0
     excluded: list[str] = []
     bases = cp_bases(engine_bases(_with_world(req.base, gpn, nodes), req.space), req.space, excluded)
+    bases = schedule_bases(bases, req.space, excluded)
     result.excluded = sorted(set(result.excluded + excluded))
     if not bases and excluded:
         raise NoValidDegree(f"no context-parallel degree is valid: {'; '.join(excluded)}.")
@@ -101,6 +103,8 @@ def solve_training(req: PlanRequest, gpn: int, nodes: int, result: PlanResult) -
         raise errors[0]
     found = result.candidates[start:]
     rank_candidates(found)
+    if req.space.pp_schedules:  # the pp = 1 plans of every schedule's base are one plan (setting.config_for)
+        found = [c for i, c in enumerate(found) if all(c.config != d.config for d in found[:i])]
     result.candidates[start:] = found[: req.top_k]
     return bool(found)
 
@@ -170,6 +174,8 @@ def _solve_engine(req: PlanRequest, base: JobConfig, result: PlanResult) -> bool
         raise invalid[0]
     found = result.candidates[start:]
     rank_candidates(found)
+    if req.space.pp_schedules:  # the pp = 1 plans of every schedule's base are one plan (setting.config_for)
+        found = [c for i, c in enumerate(found) if all(c.config != d.config for d in found[:i])]
     result.candidates[start:] = found[: req.top_k]
     if found and not result.solver_status.startswith("feasible"):
         result.solver_status = "optimal"  # a part without plans does not make the whole infeasible

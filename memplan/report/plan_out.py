@@ -112,7 +112,11 @@ def _choice(c: Candidate) -> str:
                   f"kv={kv_label(cfg)}"]
     if cfg.quant:
         parts.append(f"quant={cfg.quant}")
-    return " ".join([*parts, f"engine={cfg.effective_engine.value}"])
+    parts.append(f"engine={cfg.effective_engine.value}")
+    if cfg.pp > 1 and cfg.engine_config.pp_schedule:  # a named torch.distributed.pipelining schedule
+        v = cfg.perf.virtual_stages
+        parts.append(f"pp-schedule={cfg.engine_config.pp_schedule}" + (f" (v={v})" if v > 1 else ""))
+    return " ".join(parts)
 
 
 def choice_line(c: Candidate) -> str:
