@@ -56,28 +56,20 @@ MERGED = "activations/pp_merged_output"
 
 
 def pipelined_last_stage(ctx: Context) -> bool:
-    """Whether the reported rank runs the last global stage (``holds_last_stage``) of a job pipelined by
+    """Whether the reported rank runs the last global stage (``Context.holds_output``: rank p − 1, or rank 0 under a
+    V-shaped schedule, ``engine_config.pp_schedule`` ZBVZeroBubble or DualPipeV) of a job pipelined by
     torch.distributed.pipelining: training on engine fsdp2 with pp > 1, ``deallocate_pipeline_outputs`` off, a model
     with layers and a vocabulary."""
     cfg, spec = ctx.cfg, ctx.arch.spec
     return (cfg.job.trains and cfg.pp > 1 and cfg.effective_engine is Engine.FSDP2
             and not cfg.engine_config.deallocate_pipeline_outputs and bool(ctx.arch.layers) and bool(spec.vocab_size)
-            and holds_last_stage(cfg.pp, ctx.stage, cfg.perf.virtual_stages))
+            and ctx.holds_output)
 
 
 def applies(ctx: Context) -> bool:
     """Whether the reported rank keeps the returned outputs: ``pipelined_last_stage`` with
     ``engine_config.pp_return_outputs`` on."""
     return ctx.cfg.engine_config.pp_return_outputs and pipelined_last_stage(ctx)
-
-
-def holds_last_stage(pp: int, stage: int, virtual_stages: int) -> bool:
-    """Whether pipeline rank ``stage`` runs the last global stage p·v − 1 (``pp_stage_buffers.chunk_stages``: rank
-    p − 1 under the looped placement of 1F1B and Interleaved1F1B)."""
-    from memplan.memory.pp_stage_buffers import chunk_stages
-
-    v = max(1, virtual_stages)
-    return pp * v - 1 in chunk_stages(pp, stage, v)
 
 
 def output_bytes(*, tokens: int, vocab: int, bits: int) -> int:
