@@ -122,9 +122,11 @@ def test_gpipe_holds_every_micro_batch_on_cpu(observed: dict) -> None:
     """ScheduleGPipe measured (rank 0: a Linear and a Tanh, each micro-batch saving the Linear's input and the Tanh's
     output, 2·X): all m micro-batches' saved tensors and stage outputs alive at once, where Schedule1F1B holds p − s
     (``arch.pp_schedules``: m and min(m, p − s) micro-batches), counted in the second step above what stays alive
-    between steps: on the first stage torch 2.13 keeps the saved tensors of its metadata inference forward (the
-    first step's ``_initialize_stage``, a real forward with grad), one micro-batch's 2·X, for good (gc.collect()
-    frees nothing; not modelled by memplan)."""
+    between steps: on the first stage the saved tensors of torch 2.13's metadata inference forward (the first step's
+    ``_initialize_stage``, a real forward with grad), one micro-batch's 2·X, stay alive for good, but only because
+    this worker's ``Saved`` pack hook holds the Tanh's saved output (a cycle through its ``grad_fn`` that no backward
+    breaks on a stage whose inputs need no grad): without the hook torch frees that graph before the step's first
+    forward (tests/test_measure_pp_metadata.py), so memplan counts no row for it."""
     from memplan.arch.pp_schedules import max_held
     from memplan.memory.pp_stage_buffers import named_output_counts
 
@@ -132,4 +134,4 @@ def test_gpipe_holds_every_micro_batch_on_cpu(observed: dict) -> None:
     assert gpipe["saved"] == max_held("GPipe", P, 0, 1, M) * 2 * X == M * 2 * X
     assert one_f_one_b["saved"] == max_held("1F1B", P, 0, 1, M) * 2 * X == P * 2 * X
     assert gpipe["outputs"] == named_output_counts("GPipe", P, 0, 1, M) * X == M * X
-    assert gpipe["saved_kept"] == one_f_one_b["saved_kept"] == 2 * X  # the metadata inference's graph
+    assert gpipe["saved_kept"] == one_f_one_b["saved_kept"] == 2 * X  # the metadata graph, kept by Saved's cycle

@@ -14,7 +14,12 @@ Source (torch 2.13, torch/distributed/pipelining/):
   ``_prepare_backward_infra``): for mb_index in range(num_microbatches), a non-last stage allocates a buffer for
   its output's gradient: m more, kept in ``grad_recv_info`` (``get_bwd_recv_ops``);
 - _backward.py ``stage_backward``: the input gradients are released (``val.grad = None``) once sent, so they
-  hold nothing beyond one backward (not counted).
+  hold nothing beyond one backward (not counted);
+- stage.py ``_forward_metadata_inference`` / ``_backward_metadata_inference`` (the first step's
+  ``_initialize_pp_stages``): one real micro-batch forward with grad per stage, its graph dropped when
+  ``_backward_metadata_inference`` returns, before the step's first forward, also on the first stage where
+  ``_autograd_grad_for_inputs`` returns without a backward (its inputs need no grad): no row (measured,
+  tests/test_measure_pp_metadata.py).
 Megatron-LM: megatron/training/arguments.py ``core_transformer_config_from_args`` sets
 ``deallocate_pipeline_outputs = True``, so megatron/core/pipeline_parallel/schedules.py ``deallocate_output_tensor``
 replaces each sent output's storage by a 1-element tensor, and p2p_communication.py ``_communicate`` allocates a
