@@ -32,7 +32,7 @@ from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec
 from memplan.config import JobConfig
 from memplan.dtypes import Dtype
-from memplan.engines import vllm_hybrid
+from memplan.engines import vllm_hybrid, vllm_profile_now
 from memplan.engines.vllm_hybrid import Groups
 from memplan.errors import MemplanError
 from memplan.memory import inference, runtime, weights
@@ -236,7 +236,8 @@ class Pool:
 def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int) -> int:
     """The profile run's torch peak: one forward of ``tokens`` tokens plus the sampler over ``rows`` rows.
 
-    Formula: forward_peak(B=1, T=tokens) + sampler_bytes(min(rows, tokens)) on the last pipeline stage.
+    Formula: forward_peak(B=1, T=tokens) + sampler_bytes(min(rows, tokens)) on the last pipeline stage; for the
+    current profiler (``vllm_profile_now``, vLLM 0.34.0 on), max(forward, kept hidden states + its sampler).
     Source: vllm/v1/worker/gpu_model_runner.py ``profile_run`` (``_dummy_run(max_num_tokens)`` then
     ``_dummy_sampler_run``); the forward with flash attention (no score matrix).
     """
@@ -245,6 +246,10 @@ def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int) -> int:
     if cfg.serve.allreduce_keeps_inputs and cfg.tp > 1:
         out += legacy_allreduce_bytes(layers=len(ctx.layers), tokens=tokens, hidden=spec.hidden_size or 0,
                                       bits=compute_dtype(cfg.dtype).bits)
+    if vllm_profile_now.applies(release(cfg)):
+        return vllm_profile_now.peak_bytes(forward=out, tokens=tokens, rows=min(rows, tokens),
+                                           hidden=spec.hidden_size or 0, vocab=spec.vocab_size or 0,
+                                           bits=compute_dtype(cfg.dtype).bits, last_stage=ctx.stage == cfg.pp - 1)
     if ctx.stage == cfg.pp - 1:
         out += sampler_bytes(rows=min(rows, tokens), vocab=spec.vocab_size or 0, bits=compute_dtype(cfg.dtype).bits)
     return out
