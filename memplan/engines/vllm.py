@@ -237,7 +237,8 @@ def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int) -> int:
     """The profile run's torch peak: one forward of ``tokens`` tokens plus the sampler over ``rows`` rows.
 
     Formula: forward_peak(B=1, T=tokens) + sampler_bytes(min(rows, tokens)) on the last pipeline stage; for the
-    current profiler (``vllm_profile_now``, vLLM 0.34.0 on), max(forward, kept hidden states + its sampler).
+    current profiler (``vllm_profile_now``, vLLM 0.34.0 on), max(forward, kept hidden states + its sampler) plus the
+    sampler's persistent penalty state.
     Source: vllm/v1/worker/gpu_model_runner.py ``profile_run`` (``_dummy_run(max_num_tokens)`` then
     ``_dummy_sampler_run``); the forward with flash attention (no score matrix).
     """
@@ -247,7 +248,7 @@ def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int) -> int:
         out += legacy_allreduce_bytes(layers=len(ctx.layers), tokens=tokens, hidden=spec.hidden_size or 0,
                                       bits=compute_dtype(cfg.dtype).bits)
     if vllm_profile_now.applies(release(cfg)):
-        return vllm_profile_now.peak_bytes(forward=out, tokens=tokens, rows=min(rows, tokens),
+        return vllm_profile_now.peak_bytes(forward=out, tokens=tokens, max_num_seqs=rows,
                                            hidden=spec.hidden_size or 0, vocab=spec.vocab_size or 0,
                                            bits=compute_dtype(cfg.dtype).bits, last_stage=ctx.stage == cfg.pp - 1)
     if ctx.stage == cfg.pp - 1:

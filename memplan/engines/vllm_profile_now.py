@@ -25,7 +25,11 @@ V2 (vllm/v1/worker/gpu/model_runner.py; vllm/v1/worker/gpu_model_runner.py is go
   on in vllm/envs.py; flashinfer is in requirements/cuda.txt) turns it off only off CUDA, on an unsupported
   compute capability, on 16 SMs or fewer, or where FlashInfer cannot JIT for the GPU.
 
-The default pass holds the logits only, so the warmup pass is the sampler's peak. CUDA graphs are profiled
+The default pass holds the logits only, so the warmup pass is the sampler's peak. The sampler also holds a
+persistent penalty state from its construction (``PenaltiesState.__init__``, vllm/v1/worker/gpu/sample/penalties.py):
+``output_bin_counts`` [max_num_seqs, V] and ``prompt_bin_mask`` [max_num_seqs, cdiv(V, 32)], int32 on the GPU, made
+after the ``init_device`` snapshot and so inside ``total_consumed`` (the runner's other per-request state is
+UVA host memory, ``RequestState.all_token_ids``, or vectors of max_num_seqs elements). CUDA graphs are profiled
 after ``profile_run`` (``profile_cudagraph_memory``, under ``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS``, on since
 v0.21.0), outside this peak (``memplan.engines.vllm.cudagraph_bytes``).
 """
@@ -39,6 +43,9 @@ CURRENT_RELEASE = (0, 34, 0)
 profiler (no ``vllm_release``). Releases between 0.8.6 and 0.33 were not read and keep
 ``memplan.engines.vllm``'s sum of forward and sampler (the safe side)."""
 FP32_BYTES = 4
+INT32_BYTES = 4
+BIN_MASK_BITS = 32
+"""Tokens per int32 word of the prompt bit mask (``cdiv(vocab_size, 32)`` words a row)."""
 SAMPLER_FP32_TENSORS = 3
 """fp32 [rows, V] tensors alive at the fused sampler's peak: the processed copy of the logits
 (``Sampler.apply_sampling_params``), FlashInfer's ``top_k_mask_logits`` output and its ``torch.softmax``."""
@@ -61,21 +68,37 @@ def sampler_bytes(*, rows: int, vocab: int, bits: int) -> int:
     return bits_to_bytes(elements, bits) + elements * SAMPLER_FP32_TENSORS * FP32_BYTES
 
 
+def penalty_state_bytes(*, max_num_seqs: int, vocab: int) -> int:
+    """Bytes of the sampler's persistent penalty state: max_num_seqs × (V + cdiv(V, 32)) × 4.
+
+    Source: ``PenaltiesState.__init__`` (vllm/v1/worker/gpu/sample/penalties.py at 0.34.0): int32
+    ``output_bin_counts`` [max_num_reqs, V] and ``prompt_bin_mask`` [max_num_reqs, cdiv(V, 32)], always allocated
+    on the last pipeline stage's GPU whether or not a request uses penalties.
+    """
+    words = -(-vocab // BIN_MASK_BITS)
+    return max_num_seqs * (vocab + words) * INT32_BYTES
+
+
 def kept_bytes(*, tokens: int, rows: int, hidden: int, bits: int) -> int:
     """Bytes ``profile_run`` keeps from the forward through the sampler: ``hidden_states`` [tokens, D] and its
     ``logits_indices`` rows [rows, D], both in the compute dtype (``_dummy_run``'s two return values)."""
     return bits_to_bytes((tokens + rows) * hidden, bits)
 
 
-def peak_bytes(*, forward: int, tokens: int, rows: int, hidden: int, vocab: int, bits: int,
+def peak_bytes(*, forward: int, tokens: int, max_num_seqs: int, hidden: int, vocab: int, bits: int,
                last_stage: bool) -> int:
-    """The profile's transient peak: max(forward, kept_bytes + sampler_bytes) on the last pipeline stage, the
-    forward alone on the others (``profile_run`` samples only where ``is_last_pp_rank``).
+    """The profile's torch bytes: max(forward, kept_bytes + sampler_bytes) + penalty_state_bytes on the last
+    pipeline stage, the forward alone on the others (``profile_run`` samples and the ``Sampler`` exists only where
+    ``is_last_pp_rank``).
 
-    ``forward``: the forward's peak over ``tokens`` tokens (``memplan.memory.inference.forward_peak_bytes``);
-    ``rows``: the dummy requests, min(max_num_seqs, tokens) (``_dummy_run``'s ``num_reqs``).
+    ``forward``: the forward's peak over ``tokens`` tokens (``memplan.memory.inference.forward_peak_bytes``); the
+    sampled rows are the dummy requests, min(max_num_seqs, tokens) (``_dummy_run``'s ``num_reqs``). The penalty
+    state is persistent (``total_consumed``) where the rest is transient (``transient_peak_headroom``); vLLM
+    subtracts both from the budget.
     """
     if not last_stage:
         return forward
+    rows = min(max_num_seqs, tokens)
     after = kept_bytes(tokens=tokens, rows=rows, hidden=hidden, bits=bits)
-    return max(forward, after + sampler_bytes(rows=rows, vocab=vocab, bits=bits))
+    return (max(forward, after + sampler_bytes(rows=rows, vocab=vocab, bits=bits))
+            + penalty_state_bytes(max_num_seqs=max_num_seqs, vocab=vocab))
