@@ -95,3 +95,11 @@ def test_pinned_releases_before_the_current_one_keep_the_sum() -> None:
 def test_naming_the_current_release_changes_nothing() -> None:
     now, named = vllm.pool(_ctx()), vllm.pool(_ctx(serve={"vllm_release": "0.34.0"}))
     assert (named.activation_peak, named.kv_bytes) == (now.activation_peak, now.kv_bytes)
+
+
+def test_sglang_step_keeps_the_sum() -> None:
+    # SGLang borrows vllm.activation_peak_bytes for its reserved step; the vLLM 0.34 profile is not SGLang's.
+    est = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", engine="sglang", infer={"context": 8192})
+    ctx = Context(est.arch, est.config, est.gpu, est.host)
+    v = LLAMA31_8B["vocab"]
+    assert vllm.activation_peak_bytes(ctx, tokens=4096, rows=160) == _forward(ctx, 4096) + 160 * v * (BF16 + 3 * FP32)

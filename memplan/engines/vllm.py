@@ -30,7 +30,7 @@ from typing import Any
 
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec
-from memplan.config import JobConfig
+from memplan.config import Engine, JobConfig
 from memplan.dtypes import Dtype
 from memplan.engines import vllm_hybrid, vllm_profile_now
 from memplan.engines.vllm_hybrid import Groups
@@ -247,7 +247,7 @@ def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int) -> int:
     if cfg.serve.allreduce_keeps_inputs and cfg.tp > 1:
         out += legacy_allreduce_bytes(layers=len(ctx.layers), tokens=tokens, hidden=spec.hidden_size or 0,
                                       bits=compute_dtype(cfg.dtype).bits)
-    if vllm_profile_now.applies(release(cfg)):
+    if cfg.engine == Engine.VLLM and vllm_profile_now.applies(release(cfg)):  # SGLang's step_bytes keeps the sum
         return vllm_profile_now.peak_bytes(forward=out, tokens=tokens, max_num_seqs=rows,
                                            hidden=spec.hidden_size or 0, vocab=spec.vocab_size or 0,
                                            bits=compute_dtype(cfg.dtype).bits, last_stage=ctx.stage == cfg.pp - 1)
