@@ -66,10 +66,16 @@ def test_min_gpus_serves_c_sequences_of_t_tokens() -> None:
     best = result.candidates[0]
     replicas = best.extras["replicas"]
     assert best.config.micro_batch * replicas >= 600 and best.estimate.fits
-    # one fewer GPU cannot hold them: a single replica holds C1 sequences, so ceil(600 / C1) GPUs are needed
-    one = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", engine="vllm", infer={"context": 8192})
-    c1 = largest_fitting(one, "micro_batch")
-    assert best.config.world_size == -(-600 // c1)
+    # one fewer GPU cannot hold them: a replica of tp × pp GPUs holds C sequences, so the fewest GPUs are the
+    # smallest tp · pp · ceil(600 / C) over the layouts of one 8-GPU node (pp = 2 can win: only the last stage
+    # pays the sampler's profile peak)
+    fewest = None
+    for tp, pp in ((1, 1), (1, 2), (2, 1), (1, 4), (2, 2), (4, 1), (1, 8), (2, 4), (4, 2), (8, 1)):
+        one = estimate("llama-3.1-8b", "h100-sxm-80gb", job="infer", engine="vllm", tp=tp, pp=pp, gpus_per_node=8,
+                       infer={"context": 8192})
+        gpus = tp * pp * -(-600 // largest_fitting(one, "micro_batch"))
+        fewest = gpus if fewest is None else min(fewest, gpus)
+    assert best.config.world_size == fewest
 
 
 def test_max_concurrency_counts_every_replica() -> None:

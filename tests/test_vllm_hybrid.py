@@ -14,7 +14,9 @@ from memplan.memory.context import Context
 from memplan.search import largest_fitting
 
 LAYER_TOKEN_BYTES = 2 * 1 * 256 * 2  # K and V, one KV head of 256, bf16
-BIG_SEQS = {"max_num_seqs": 100_000}
+BIG_SEQS = {"max_num_seqs": 1024}
+"""Above the sequences that fit (235 at 20k tokens), so memory, not max_num_seqs, bounds the capacity; not far above,
+as the current sampler holds int32 penalty counts of max_num_seqs × V (vllm_profile_now.penalty_state_bytes)."""
 
 
 def _pool(**serve: object) -> tuple[object, vllm.Pool]:

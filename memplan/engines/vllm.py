@@ -30,9 +30,9 @@ from typing import Any
 
 from memplan.arch.tensors import Architecture
 from memplan.catalog.schema import GpuSpec, HostSpec
-from memplan.config import JobConfig
+from memplan.config import Engine, JobConfig
 from memplan.dtypes import Dtype
-from memplan.engines import vllm_hybrid, vllm_profile_v1
+from memplan.engines import vllm_hybrid, vllm_profile_now, vllm_profile_v1
 from memplan.engines.vllm_hybrid import Groups
 from memplan.errors import MemplanError
 from memplan.memory import inference, runtime, weights
@@ -237,7 +237,9 @@ def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int, version: tupl
     """The profile run's torch peak: one forward of ``tokens`` tokens plus the sampler over ``rows`` rows.
 
     Formula: forward_peak(B=1, T=tokens) + sampler_bytes(min(rows, tokens)) on the last pipeline stage; for the
-    releases ``vllm_profile_v1`` reproduces, its runner buffers + max(forward, sampler) as their source computes.
+    releases ``vllm_profile_v1`` reproduces, its runner buffers + max(forward, sampler) as their source computes; for
+    the current profiler (``vllm_profile_now``, vLLM 0.34.0 on), max(forward, kept hidden states + its sampler) plus
+    the sampler's persistent penalty state.
     Source: vllm/v1/worker/gpu_model_runner.py ``profile_run`` (``_dummy_run(max_num_tokens)`` then
     ``_dummy_sampler_run``); the forward with flash attention (no score matrix).
     """
@@ -253,6 +255,9 @@ def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int, version: tupl
             blocks_per_request=ceil_div(max_model_len(ctx), cfg.serve.block_size))
         return buffers + vllm_profile_v1.peak_bytes(forward=out, rows=min(rows, tokens), hidden=spec.hidden_size or 0,
                                                     vocab=spec.vocab_size or 0, bits=bits, last_stage=last)
+    if cfg.engine == Engine.VLLM and vllm_profile_now.applies(version):  # SGLang's step_bytes keeps the sum
+        return vllm_profile_now.peak_bytes(forward=out, tokens=tokens, max_num_seqs=rows, hidden=spec.hidden_size or 0,
+                                           vocab=spec.vocab_size or 0, bits=bits, last_stage=last)
     if last:
         out += sampler_bytes(rows=min(rows, tokens), vocab=spec.vocab_size or 0, bits=bits)
     return out

@@ -127,7 +127,7 @@ class SearchSpace(Strict):
 
 
 TRAINING_DIMS = ("zero", "offload_optimizer", "micro_batch", "optimizer", "recompute", "seq_len", "global_batch",
-                 "global_batch_tokens", "ep", "cp", "cp_comm", "shard", "offload_activations")
+                 "global_batch_tokens", "ep", "cp", "cp_comm", "shard", "offload_activations", "pp_schedules")
 """Search dimensions only a training plan reads."""
 INFERENCE_DIMS = ("context", "batch", "kv_dtype")
 """Search dimensions only an inference plan reads (training searches ``micro_batch`` and ``seq_len``)."""
