@@ -138,6 +138,9 @@ OPTS: dict[str, Opt] = {
     "batch": _o(("--batch", "-b"), int, 1, "Micro-batch size per GPU (inference: concurrent sequences).", JOB,
                 field="micro_batch", dim="micro_batch", infer_dim="batch"),
     "global_batch": _o("--global-batch", int, None, "Sequences per optimizer step.", JOB, dim="global_batch"),
+    "grad_accum": _o("--grad-accum", int, None, "Micro-batches per optimizer step per data-parallel replica (gradient "
+                     "accumulation; a pipeline's m, which sets its micro-batches in flight; default 1).", JOB,
+                     field="grad_accum"),
     "global_batch_tokens": _o("--global-batch-tokens", int, None, "Tokens per optimizer step the plans are compared at "
                               "(default: 4,194,304 pre-training, 131,072 fine-tuning); or --global-batch.", JOB,
                               dim="global_batch_tokens"),

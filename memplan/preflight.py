@@ -144,7 +144,19 @@ def preflight(spec: ModelSpec, arch: Architecture, gpu: GpuSpec, cfg: JobConfig)
     check_gpu_dtypes(cfg, gpu)
     check_lora_targets(cfg, arch)
     check_recompute_modules(cfg, spec)
-    return context_warnings(cfg, spec)
+    return context_warnings(cfg, spec) + pipeline_warnings(cfg)
+
+
+def pipeline_warnings(cfg: JobConfig) -> list[str]:
+    """A warning when a pipeline's step has fewer micro-batches than stages (``grad_accum`` < pp): the first stage
+    then holds only m micro-batches' activations, where the runs pipelines are built for (m ≥ p, to keep the bubble
+    (p − 1)/m small) hold p under 1F1B (Narayanan et al. 2021, Sec. 2.2) and more when interleaved; the answer is
+    the peak of the step as given, so the user is told how to give the step they run."""
+    if not cfg.job.trains or cfg.pp <= 1 or cfg.grad_accum >= cfg.pp:
+        return []
+    return [f"a pipeline of {cfg.pp} stages with {cfg.grad_accum} micro-batch(es) per step holds that many in flight; "
+            f"runs with more (at least {cfg.pp}, to keep the bubble small) hold up to {cfg.pp} on the first stage: "
+            "give the step's micro-batches with --grad-accum (recipe: job.grad_accum)"]
 
 
 def check_recompute_modules(cfg: JobConfig, spec: ModelSpec) -> None:
