@@ -411,7 +411,7 @@ OPTS: dict[str, Opt] = {
 GROUPS: dict[str, tuple[str, ...]] = {
     "hardware": ("gpu", "gpus", "nodes", "cpu_ram", "nvme"),
     "job": ("job", "engine", "dtype", "quant", "quant_map", "optimizer", "master_weights", "grad_dtype", "batch",
-            "global_batch", "global_batch_tokens", "seq_len", "accounting"),
+            "global_batch", "global_batch_tokens", "grad_accum", "seq_len", "accounting"),
     "quant_integration": ("bnb_integration", "bnb_version"),
     "parallelism": ("zero", "offload_optimizer", "offload_params", "tp", "pp", "ep", "cp", "cp_comm", "sequence_parallel",
                     "optimizer_gpu_layers", "shard_group"),
@@ -456,6 +456,7 @@ PLAN_DECIDES: dict[str, str] = {
     "offload_layers": "plan chooses where each layer's weights live (--per-layer-offload)",
     "max_context": "use --objective max-context",
     "max_batch": "use --objective max-batch (or max-concurrency for serving)",
+    "grad_accum": "plan derives each layout's micro-batches per step from --global-batch (sequences per step)",
 }
 """Options of ``memplan estimate`` that ``memplan plan`` does not take because the plan decides what they set:
 given to plan, each is refused with this sentence (exit 2), never dropped."""

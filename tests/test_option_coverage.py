@@ -85,7 +85,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--train-tokens": "1000000000", "--hsdp-shard-size": "2", "--mics-shard-size": "2",
     "--zero-hpz-partition-size": "2", "--cpu-offloading-num-layers": "4", "--shard-group": "full",
     "--usd-per-hour": "3.5", "--recompute-modules": "layernorm", "--exp-avg-dtype": "bf16", "--exp-avg-sq-dtype": "bf16",
-    "--fp8-recipe": "tensorwise", "--pp-schedule": "ZBVZeroBubble",
+    "--fp8-recipe": "tensorwise", "--pp-schedule": "ZBVZeroBubble", "--grad-accum": "4",
     "--nccl-buffsize": "1MiB", "--nccl-max-nchannels": "16", "--nccl-nvls-enable": "0", "--nccl-nvls-chunksize": "512KiB",
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
@@ -132,6 +132,7 @@ ZERO2, ZERO3 = ["--engine", "deepspeed", "--zero", "2", "--gpus", "2"], ["--engi
 ENGINE_SETTINGS: dict[str, list[str]] = {
     "--gradient-as-bucket-view": DP2, "--reshard-after-forward": FSDP2, "--fsdp-prefetch": FSDP2,
     "--pp-return-outputs": [*FSDP2, "--pp", "2"], "--pp-schedule": [*FSDP2, "--pp", "2", "--virtual-stages", "2"],
+    "--grad-accum": [*FSDP2, "--pp", "2"],
     "--reduce-bucket-size": ZERO2, "--contiguous-gradients": ZERO2, "--overlap-comm": ZERO2,
     "--stage3-max-live-parameters": ZERO3, "--stage3-prefetch-bucket-size": ZERO3,
     "--stage3-param-persistence-threshold": ZERO3, "--use-distributed-optimizer": ["--engine", "megatron", *DP2],

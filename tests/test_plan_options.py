@@ -19,7 +19,7 @@ from tests.conftest import cli_json, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 VALUES = {"--quant-map": "0-11=int8", "--offload-layers": "0-5", "--recompute-layers": "2",
-          "--optimizer-gpu-layers": "2"}
+          "--optimizer-gpu-layers": "2", "--grad-accum": "4"}
 """A valid value for each refused option that takes one (flags need none)."""
 
 

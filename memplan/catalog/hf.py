@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from memplan.catalog import hf_families
-from memplan.catalog.hf_fields import Config, alias, decoder, flag, get, refuse
+from memplan.catalog.hf_fields import Config, alias, count, decoder, flag, get, refuse
 from memplan.catalog.schema import Family, ModelSpec
 from memplan.errors import MemplanError
 
@@ -87,7 +87,7 @@ def _phi3(cfg: Config) -> Config:
 
 def _gpt2(cfg: Config) -> Config:
     """GPT-2: Conv1D blocks with biases, learned positions, GELU MLP of ``n_inner`` (default 4D)."""
-    hidden = get(cfg, "n_embd")
+    hidden = count(cfg, "n_embd")
     return {"family": Family.GPT2, "hidden_size": hidden, "intermediate_size": get(cfg, "n_inner", 4 * hidden),
             "num_hidden_layers": get(cfg, "n_layer"), "num_attention_heads": get(cfg, "n_head"),
             "vocab_size": get(cfg, "vocab_size"), "max_position_embeddings": get(cfg, "n_positions"),
@@ -118,7 +118,7 @@ def _falcon(cfg: Config) -> Config:
     false; K = ``num_kv_heads`` in the new decoder architecture (Falcon-40B/180B), else 1 with
     ``multi_query`` (Falcon-7B) or N; two parallel LayerNorms when ``num_ln_in_parallel_attn`` is 2
     (its default in the new architecture); ALiBi instead of rotary when ``alibi``."""
-    hidden = get(cfg, "hidden_size")
+    hidden = count(cfg, "hidden_size")
     heads = alias(cfg, "num_attention_heads", "n_head")
     new = flag(cfg, "new_decoder_architecture")
     multi_query = 1 if flag(cfg, "multi_query", True) else heads

@@ -26,6 +26,16 @@ def get(cfg: Config, key: str, default: Any = REQUIRED) -> Any:
     return default
 
 
+def count(cfg: Config, key: str) -> int:
+    """``get(cfg, key)`` for a size the reader computes with before the spec is validated (GPT-2's ``n_embd`` gives
+    the default ``n_inner`` of 4·n_embd): a positive JSON integer, else a MemplanError naming the field."""
+    value = get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MemplanError(f"config.json field {key!r} must be a positive integer, got {type(value).__name__} "
+                           f"{value!r}.")
+    return value
+
+
 def alias(cfg: Config, key: str, old: str, default: Any = REQUIRED) -> Any:
     """``cfg[key]``, or its older name ``old`` (Falcon's RW configs say ``n_head``, ``n_layer``)."""
     if cfg.get(key) is None and cfg.get(old) is not None:

@@ -12,7 +12,7 @@ app = command_app()
 @app.command(cls=Command)
 @handled
 @options("hardware", "job", "quant_integration", "parallelism", "memory", "finetune", "inference", "engine_knobs",
-         "serving", "output", "grad_accum", "virtual_stages",
+         "serving", "output", "virtual_stages",
          exclude=("global_batch", "global_batch_tokens", "per_layer_offload", "per_layer_quant", "shard_group"))
 def estimate(model: Model, opts: Opts) -> None:
     """Memory of one fixed configuration, per component and per device, and whether it fits.

@@ -46,7 +46,7 @@ PlotAxis = Annotated[str, typer.Option("--plot-axis", help="x axis of the --plot
          "per_layer_offload", "per_layer_quant", "flash_attention", "attention", "dropout", "loss_fp32",
          "activation_accounting", "cuda_context", "allocator_reserve", "safety_margin", "finetune", "context",
          "kv_dtype", "paged", "block_size", "engine_knobs", "serving", "serving_time", "perf", "usd_per_hour", "output",
-         lists=DIMENSIONS, exclude=("quant_map",), custom=CUSTOM, refused=PLAN_DECIDES)
+         lists=DIMENSIONS, exclude=("quant_map", "grad_accum"), custom=CUSTOM, refused=PLAN_DECIDES)
 def plan(model: Model, opts: Opts, objective: Objective = "throughput", top: Top = 3, time_limit: TimeLimit = 30.0,
          solver: Solver = None, debug_lp: DebugLp = None, plot_axis: PlotAxis = "context") -> None:
     """The fastest (or smallest, cheapest...) configuration that fits, chosen by an ILP; exit 1 when none fits."""
