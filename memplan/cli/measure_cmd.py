@@ -34,7 +34,8 @@ CUSTOM = {"attention": {"help": "sdpa, eager or flash (default: sdpa, or eager w
 @options("hardware", "job", "parallelism", "recompute", "recompute_layers", "flash_attention", "cuda_context",
          "allocator_reserve", "lora_rank", "lora_alpha", "lora_targets", "dora", "galore_rank", "galore_8bit", "context",
          "kv_dtype", "paged", "block_size", "attention", "dropout", "fmt", custom=CUSTOM,
-         exclude=("engine", "quant_map", "global_batch", "global_batch_tokens", "grad_accum", "optimizer_gpu_layers", "shard_group"))
+         exclude=("engine", "quant_map", "global_batch", "global_batch_tokens", "grad_accum", "optimizer_gpu_layers",
+                  "shard_group"))
 def measure(model: Model, device: Device = "cpu", layers: Layers = None, decode_steps: DecodeSteps = 4, *,
             opts: Opts) -> None:
     """Build the model with random weights, run the job, and put memplan's prediction next to the measurement."""
