@@ -79,3 +79,44 @@ def test_torchao_casts_one_weight_at_a_time() -> None:
 
 def test_no_copies_without_fp8_gemms() -> None:
     assert _row(_llama(engine="megatron")) is None
+
+
+# --- deepspeed + fp8 (accelerate's te.Linear) saved inputs of an MoE block: memory.accelerate_fp8 -------------------
+
+T = 4096
+"""Tokens per micro-batch (one sequence)."""
+
+
+def _layers_bytes(model: str, **kw) -> int:
+    est = memplan.estimate(model, "h100-sxm-80gb", job="full", engine="deepspeed", zero=3, gpus_per_node=8,
+                           micro_batch=1, seq_len=T, **kw)
+    return next(r.bytes for r in est.rows if r.component == "activations/layers")
+
+
+def _copy(count: int) -> int:
+    """A te.Linear's saved input under accelerate's delayed recipe: 1 byte per element and one fp32 scale_inv."""
+    return count + SCALE
+
+
+def test_deepspeed_fp8_moe_block_keeps_te_linear_input_copies() -> None:
+    """Qwen3-30B-A3B, 48 MoE blocks (hidden 2048, 32 heads of 128): q, k and v quantize the norm output apart (three
+    copies in place of the shared 16-bit one), o_proj a copy beside SDPA's output (4096 wide), the router a copy beside
+    the 16-bit norm output the grouped experts keep."""
+    d, nh, layers = 2048, 32 * 128, 48
+    per_block = 3 * _copy(T * d) - 2 * T * d + _copy(T * nh) + _copy(T * d)
+    assert _layers_bytes("qwen3-30b-a3b", perf={"fp8": True}) - _layers_bytes("qwen3-30b-a3b") == layers * per_block
+
+
+def test_deepspeed_fp8_mla_moe_block_with_shared_experts() -> None:
+    """DeepSeek-V2-Lite: 26 MoE blocks of 27 (the first is dense, its 16-bit count kept). q_proj and
+    kv_a_proj_with_mqa read the norm output (two copies for the shared 16-bit one), o_proj reads 16 heads x v 128,
+    the router and the shared experts' gate and up each copy the post-attention norm output."""
+    d, nv, moe_layers = 2048, 16 * 128, 26
+    per_block = 2 * _copy(T * d) - 2 * T * d + _copy(T * nv) + 3 * _copy(T * d)
+    assert _layers_bytes("deepseek-v2-lite", perf={"fp8": True}) - _layers_bytes("deepseek-v2-lite") == \
+        moe_layers * per_block
+
+
+def test_deepspeed_fp8_dense_block_keeps_its_16_bit_count() -> None:
+    """A dense block's 16-bit count is above what TE saves (B·S·(2D − F) ≤ 0, memory.te_fp8): unchanged."""
+    assert _layers_bytes("llama-3.1-8b", perf={"fp8": True}) == _layers_bytes("llama-3.1-8b")
