@@ -10,8 +10,9 @@ copies of the GEMM weights; which copies, and for how long, depends on the engin
   ``Linear.forward``: ``cache_name = None if is_first_microbatch is None ... else "weight"``) and re-quantizes into it
   in place on the first micro-batch of each step: alive through the whole step. Training quantizes with row- and
   column-wise usage (``_linear_forward``: ``weight_quantizer.set_usage(rowwise=True, columnwise=is_grad_enabled
-  ...)``). The routed experts (TEGroupedLinear) keep one workspace per local expert; the output layer (Megatron's own
-  ColumnParallelLinear) and the router are not TE modules and keep none.
+  ...)``). The routed experts (TEGroupedLinear, module/grouped_linear.py: the same caching) keep one quantized weight
+  per local expert; the output layer (Megatron's own ColumnParallelLinear) and the router are not TE modules and keep
+  none.
 - deepspeed (TransformerEngine through accelerate: ``accelerate/utils/transformer_engine.py`` ``convert_model`` swaps
   every ``nn.Linear`` whose dims are multiples of 16 for ``te.Linear``; the Hugging Face experts are grouped
   parameters, not ``nn.Linear``, and stay 16-bit): **saved for backward**. accelerate calls ``forward`` without
