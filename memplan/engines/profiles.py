@@ -53,8 +53,8 @@ PROFILES: dict[Engine, Profile] = {
          ("pure 16-bit (torch_dtype=bfloat16; master_weights=False or adamw-bf16)",
           "bf16 params 2 + bf16 grads 2 + Adam m,v in bf16 (torch.zeros_like(p)) 4 = 8 B/param"),
          ("fp32", "fp32 params, grads and states: 16 B/param"),
-         ("fp8 (torchao float8)", "the AMP layout plus fp8 weight copies with per-tensor scales; saved activations "
-          "unchanged (torchao saves the high-precision Linear input)")),
+         ("fp8 (torchao float8)", "the AMP layout plus the one weight torchao casts per GEMM (the largest, with its "
+          "scale); saved activations unchanged (torchao saves the high-precision Linear input)")),
         "torch.optim.AdamW (foreach on CUDA by default; for-loop or fused: JobConfig.optimizer_impl); "
         "bitsandbytes AdamW8bit (block-wise 8-bit states) and paged variants (CUDA managed memory, counted on the CPU "
         "when EngineConfig.paged_optimizer / LoraConfig.paged_optimizer)",
@@ -89,8 +89,8 @@ PROFILES: dict[Engine, Profile] = {
          ("pure bf16 (master_weights=False)", "sharded bf16 params, grads and states"),
          ("HSDP (hsdp_shard_size=S: fully_shard on a 2-D (replicate, shard) DeviceMesh)",
           "the layouts above sharded over S ranks instead of Nd, replicated Nd/S times"),
-         ("fp8 (torchao float8)", "the mixed layout plus fp8 weight copies (float8 all-gather optional); saved "
-          "activations unchanged (torchao saves the high-precision Linear input)")),
+         ("fp8 (torchao float8)", "the mixed layout plus the one weight torchao casts per GEMM (float8 all-gather "
+          "not modelled); saved activations unchanged (torchao saves the high-precision Linear input)")),
         "torch.optim.AdamW on the sharded DTensor parameters (foreach/for-loop/fused)",
         ("weights/fsdp_all_gather", "weights/fsdp_running_unit", "weights/fsdp_kept_all_gather",
          "weights/fsdp_kept_all_gather_at_loss", "gradients/fsdp_reduce_scatter", "gradients/fsdp_backward_held",
@@ -109,8 +109,9 @@ PROFILES: dict[Engine, Profile] = {
         (("bf16/fp16 optimizer (the default)",
           "16-bit params 2 (ZeRO-3: /Nd) + 16-bit grads 2 (ZeRO-2/3: /Nd) + fp32 master 4 + fp32 grad partition 4 + "
           "fp32 Adam m,v 8 (ZeRO-1+: /Nd): DeepSpeed's estimator, 2 + 18/Nd at ZeRO-2"),
-         ("fp8 (TransformerEngine through accelerate)", "the bf16 layout plus fp8 weight copies; saved activations "
-          "counted in 16 bits"),
+         ("fp8 (TransformerEngine through accelerate)", "the bf16 layout plus te.Linear's fp8 weights (row- and "
+          "column-wise) saved for backward; MoE blocks add te.Linear's quantized input copies (memory.accelerate_fp8), "
+          "dense blocks keep their 16-bit count (above TE's)"),
          ("MiCS (mics_shard_size=S, ZeRO-3)", "ZeRO-3's partitions over S ranks instead of Nd, replicated Nd/S times"),
          ("ZeRO++ hpZ (zero_hpz_partition_size=H, ZeRO-3)",
           "ZeRO-3's partitions over Nd plus a secondary 16-bit parameter partition over H ranks: 2/H")),
@@ -133,8 +134,8 @@ PROFILES: dict[Engine, Profile] = {
           "bf16 params 2 + fp32 main-grad buffer 4 + fp32 main params 4 + Adam m,v 8 = 18 B/param; with "
           "use_distributed_optimizer 6 + 12/Nd"),
          ("fp16", "fp16 params 2 + fp16 grads 2 + fp32 main grads 4 + fp32 main params 4 + m,v 8 = 20; distributed 4 + 16/Nd"),
-         ("fp8 (TransformerEngine)", "the bf16 layout plus fp8 weight copies and scales; Linear inputs saved as "
-          "fp8 copies (fp8_recipe; memory.te_fp8)"),
+         ("fp8 (TransformerEngine)", "the bf16 layout plus TE's cached fp8 weights (row- and column-wise, per "
+          "fp8_recipe; memory.fp8_weights); Linear inputs saved as fp8 copies (fp8_recipe; memory.te_fp8)"),
          ("precision-aware optimizer (use_precision_aware_optimizer, exp_avg_dtype/exp_avg_sq_dtype bf16)",
           "bf16 params 2 + fp32 main grads 4 + main params as 16-bit remainders 2 + bf16 m,v 4 = 12 B/param; the "
           "distributed optimizer shards the last three over dp (routed experts over dp/ep)")),

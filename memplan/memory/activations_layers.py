@@ -13,11 +13,11 @@ from memplan.arch.parallel import in_flight_micro_batches
 from memplan.arch.tensors import Layer
 from memplan.catalog.schema import Family, ModelSpec
 from memplan.config import JobConfig, Recompute
+from memplan.memory import accelerate_fp8, litgpt, megatron_recompute, te_fp8
 from memplan.memory import activations_amp as amp_extra
 from memplan.memory import activations_block as blk
 from memplan.memory import activations_ffn as ffn
 from memplan.memory import activations_lora as lora
-from memplan.memory import litgpt, megatron_recompute, te_fp8
 from memplan.memory.context import Context
 from memplan.memory.memo import canonical_layers, per_layer_class, size_free
 from memplan.units import ceil_div
@@ -141,6 +141,7 @@ def _kept_bytes(spec: ModelSpec, cfg: JobConfig, layer: Layer, tr: blk.Trainable
     terms = _block_terms(spec, cfg, layer, tr, counting, amp_fp32)
     mods = megatron_recompute.modules(cfg) if mode is Recompute.SELECTIVE else None
     fp8 = sum(term.bytes for term in te_fp8.block_terms(spec, layer, cfg, blk.dims(spec, cfg), mods or frozenset()))
+    fp8 += sum(term.bytes for term in accelerate_fp8.block_terms(spec, layer, cfg, blk.dims(spec, cfg)))
     if mods is not None:  # Megatron-Core's --recompute-modules (memory.megatron_recompute)
         dm = blk.dims(spec, cfg)
         top_k = layer.experts_per_token or spec.num_experts_per_tok or 0

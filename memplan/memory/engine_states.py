@@ -26,7 +26,8 @@ per precision policy. P below is the trainable elements of one GPU after tp/pp/e
 - ``deepspeed``: ``memory.model_states.set_buffers`` (DeepSpeed's estimator layout, ZeRO stages 0-3).
 
 fp8 training (TransformerEngine, torchao float8) keeps this 16-bit layout (16/32-bit masters, fp32 states) and
-adds 1-byte copies of the matmul weights (``weights/fp8_copies``); see ``fp8_rows``.
+adds fp8 copies of the matmul weights (``weights/fp8_copies``), persistent or transient by engine; see ``fp8_rows``
+and ``memory.fp8_weights``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 from memplan.arch.tensors import Role
 from memplan.config import Engine, OptimizerKind, ZeroStage
 from memplan.dtypes import Dtype
+from memplan.memory import fp8_weights
 from memplan.memory import optimizer as opt
 from memplan.memory.breakdown import Row, Tier
 from memplan.memory.context import Context
@@ -183,20 +185,13 @@ def autocast_rows(ctx: Context) -> list[Row]:
 
 
 def fp8_rows(ctx: Context) -> list[Row]:
-    """fp8 training: 1-byte copies of the matmul weights (with one fp32 scale per tensor) beside the 16-bit weights.
+    """fp8 training (``perf.fp8`` or ``dtype: fp8``): the engine's fp8 copies of the matmul weights beside the
+    16-bit weights, with their lifetime (``memory.fp8_weights``: TE's cached workspace under megatron, TE's saved
+    weights under deepspeed/accelerate, torchao's per-GEMM cast under fsdp2/pytorch).
 
-    Formula: matmul elements · 1 byte + 4 bytes per matmul tensor. Source: TransformerEngine
-    transformer_engine/pytorch/module/linear.py (fp8 weight workspace cached across micro-batches); torchao
-    torchao/float8/float8_linear.py (weights cast to fp8 with a per-tensor scale for each matmul).
     Assumptions: the saved activations' fp8 copies are ``memory.te_fp8`` (megatron; torchao saves 16-bit inputs).
     """
-    if ctx.cfg.dtype is not Dtype.FP8 or not ctx.cfg.job.trains:
-        return []
-    tensors = [t for t in ctx.tensors if t.role in MATMUL_ROLES]
-    scales = bits_to_bytes(len(tensors), FP32.bits)
-    nbytes = bits_to_bytes(matmul_numel(ctx), Dtype.FP8.bits) + scales
-    return [Row("weights/fp8_copies", Tier.GPU, nbytes, "TransformerEngine module/linear.py; torchao float8_linear.py",
-                "fp8 weight copies + per-tensor scales over 16-bit weights")]
+    return fp8_weights.rows(list(ctx.tensors), ctx.cfg)
 
 
 def state_dtype(ctx: Context) -> Dtype:

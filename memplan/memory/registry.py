@@ -94,7 +94,8 @@ _TRAIN_SAVED = (Phase.FORWARD, Phase.BACKWARD_START, Phase.BACKWARD)
 register("weights/autocast_copies", (_F, _BS),
          "torch/amp/autocast_mode.py: cast weights cached for the autocast region and saved for backward; the cache "
          "is cleared when the region exits and each saved copy is freed with its layer's backward, like activations")
-register("weights/fp8_copies", _TRAIN_SAVED, "TransformerEngine module/linear.py fp8 weight workspace; torchao float8")
+register("weights/fp8_copies", _TRAIN_SAVED, "TransformerEngine module/linear.py fp8 weight workspace (megatron: cached, "
+         "the row's phases say the whole step); accelerate te.Linear's saved weights; torchao float8 per-GEMM cast")
 register("weights/fsdp_all_gather", _TRAIN_SAVED, "FSDP2 _fsdp_collectives.py foreach_all_gather: units in flight")
 register("weights/fsdp_running_unit", (Phase.FORWARD, Phase.BACKWARD),
          "FSDP2 _fsdp_param_group.py wait_for_unshard: the running block (none gathered yet at the start of backward)")

@@ -26,12 +26,11 @@ Engines:
   re-cast in backward; the MoE grouped GEMM likewise saves ``padded_A`` in high precision
   (torchao/prototype/moe_training/fp8_grouped_mm.py). Nothing changes: no term.
 - deepspeed + fp8 (TransformerEngine through accelerate, te.Linear swapped into the Hugging Face modules): counted in
-  16 bits. Each te.Linear keeps its own fp8 copy: q, k and v quantize the norm output apart (3 bytes against the
+  16 bits here. Each te.Linear keeps its own fp8 copy: q, k and v quantize the norm output apart (3 bytes against the
   shared 2), o_proj a copy beside SDPA's output (+1 per N·H), gate and up 2 against 2, down 1 against 2 per F: a
   dense block changes by B·S·(2D − F) bytes, so the 16-bit count over-counts (the safe direction) wherever F >= 2D,
   every catalog dense gated MLP; an MoE block (experts are grouped_mm parameters, not nn.Linear; router and shared
-  expert quantize the norm output apart) is under-counted by about 3·B·S·D bytes: not modelled.
-
+  expert quantize the norm output apart) holds more: ``memory.accelerate_fp8`` adds its terms.
 Symbols as ``activations_terms``; ``Dims.seq_tokens`` rows for hidden-wide inputs (split with sequence parallelism:
 TE saves the local shard and re-gathers it in backward), ``Dims.tokens`` rows for head- and ffn-wide ones.
 Assumptions: every weight trains (megatron runs pretrain and full jobs); TransformerEngine >= 2.6 (Megatron's condition
