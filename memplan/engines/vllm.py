@@ -234,7 +234,7 @@ class Pool:
 
 
 def activation_peak_bytes(ctx: Context, *, tokens: int, rows: int, version: tuple[int, ...] | None = None) -> int:
-    """The profile run's torch peak: one forward of ``tokens`` tokens plus the sampler over ``rows`` rows.
+    """The profile run's torch peak: one forward of ``tokens`` tokens and the sampler over ``rows`` rows.
 
     Formula: forward_peak(B=1, T=tokens) + sampler_bytes(min(rows, tokens)) on the last pipeline stage; for the
     releases ``vllm_profile_v1`` reproduces, its runner buffers + max(forward, sampler) as their source computes; for
