@@ -192,3 +192,25 @@ def test_deepspeed_pipe_buffer_phases() -> None:
     rows = {r.component: r for r in components.job_rows(_ctx(1, engine="deepspeed", zero=1), [])}
     assert rows["activations/pp_stage_inputs"].phases == frozenset({Phase.FORWARD, Phase.BACKWARD_START})
     assert Phase.OPTIMIZER in rows["activations/pp_grad_recv_buffers"].phases
+
+
+@pytest.mark.parametrize(("name", "p", "v", "m"), [("InterleavedZeroBubble", 4, 2, 8), ("ZBVZeroBubble", 4, 2, 8),
+                                                  ("DualPipeV", 4, 2, 8), ("Interleaved1F1B", 4, 2, 8)])
+def test_named_outputs_live_until_the_weight_backward(name: str, p: int, v: int, m: int) -> None:
+    """torch 2.13 stage.py: an input backward (I) keeps ``stage_output`` in ``backward_state`` until the weight
+    backward (W) pops it, a full backward (B) drops it. Counted here on torch's own order (``_torch_order``): +1 per
+    forward of a chunk that is not the last global stage, −1 per B or W of it; the peak over the order."""
+    from test_pp_schedules import _torch_order
+
+    from memplan.arch import pp_schedules as ps
+    from memplan.memory.pp_stage_buffers import named_output_counts
+
+    for rank, actions in _torch_order(name, p, m, v).items():
+        stages = ps.chunk_stages(name, p, rank, v)
+        alive = peak = 0
+        for chunk, kind, _ in actions:
+            if stages[chunk] == p * v - 1:
+                continue
+            alive += 1 if kind == ps.F else -1 if kind in (ps.B, ps.WT) else 0
+            peak = max(peak, alive)
+        assert named_output_counts(name, p, rank, v, m) == peak, (name, rank)

@@ -101,12 +101,15 @@ def output_counts(pp: int, stage: int, virtual_stages: int, micro_batches: int) 
 def named_output_counts(schedule: str, pp: int, stage: int, virtual_stages: int, micro_batches: int) -> int:
     """``output_counts`` under a named torch schedule: the most stage outputs the rank's replay holds at once
     (``arch.pp_schedules.flight_states``), chunks of the last global stage left out. An output lives from its
-    forward to the micro-batch's first backward action: ``backward_one_chunk`` pops ``fwd_cache`` for a full
-    backward and for an input backward alike (stage.py), so a micro-batch awaiting its W holds none."""
+    forward to the end of the micro-batch's backward: a full backward (B) drops it with ``fwd_cache``'s entry; an
+    input backward (I) moves it into ``backward_state`` (stage.py ``backward_one_chunk``: ``self.backward_state
+    [bwd_chunk_id] = (input_values, param_groups, stage_output, output_grads)``; ``stage_backward_input``'s
+    ``detach_`` drops the graph, not the storage), popped only by the weight backward (W,
+    ``backward_weight_one_chunk``), so a micro-batch awaiting its W still holds its output."""
     stages = ps.chunk_stages(schedule, pp, stage, virtual_stages)
     last = pp * len(stages) - 1
-    return max(sum(h - w for h, w, g in zip(held, waiting, stages, strict=True) if g != last)
-               for held, waiting in ps.flight_states(schedule, pp, stage, virtual_stages, micro_batches))
+    return max(sum(h for h, g in zip(held, stages, strict=True) if g != last)
+               for held, _ in ps.flight_states(schedule, pp, stage, virtual_stages, micro_batches))
 
 
 def input_saved(ctx: Context) -> bool:
