@@ -214,3 +214,32 @@ def test_named_outputs_live_until_the_weight_backward(name: str, p: int, v: int,
             alive += 1 if kind == ps.F else -1 if kind in (ps.B, ps.WT) else 0
             peak = max(peak, alive)
         assert named_output_counts(name, p, rank, v, m) == peak, (name, rank)
+
+
+@pytest.mark.parametrize(("name", "v"), [("InterleavedZeroBubble", 2), ("ZBVZeroBubble", 2), ("DualPipeV", 2),
+                                         ("Interleaved1F1B", 2)])
+def test_input_backwards_leave_their_gradients_on_the_receive_buffers(name: str, v: int) -> None:
+    """torch 2.13 _backward.py ``stage_backward_input`` sets ``inp.grad`` on the receive buffer and never clears it
+    (``stage_backward`` does, ``val.grad = None``); stage.py skips the first stage's I. Counted on torch's own order:
+    the I actions of chunks that are not global stage 0; X each in backward and the optimizer step."""
+    from test_pp_schedules import _torch_order
+
+    from memplan.arch import pp_schedules as ps
+    from memplan.memory.activations_block import block_input_bytes
+
+    p, m = 4, 8
+    orders = _torch_order(name, p, m, v)
+    arch = build_architecture(catalog_model("llama-3.1-8b"))
+    for rank in range(p):
+        stages = ps.chunk_stages(name, p, rank, v)
+        expected = sum(1 for chunk, kind, _ in orders[rank] if kind == ps.IN and stages[chunk] != 0)
+        cfg = JobConfig(job="pretrain", engine="fsdp2", gpus_per_node=8, pp=p, seq_len=1024, grad_accum=m,
+                        perf={"virtual_stages": v}, engine_config={"pp_schedule": name})
+        ctx = Context(arch, cfg, catalog_gpu("h100-sxm-80gb"), None).at_stage(rank)
+        rows = {r.component: r for r in components.stage_rows(ctx)[0]}
+        got = rows.get("activations/pp_input_grads_kept")
+        x = 1024 * 4096 * 2  # one micro-batch's hidden states [1, 1024, 4096] in bf16
+        assert block_input_bytes(arch.spec, cfg) == x
+        assert (got.bytes if got else 0) == expected * x, (name, rank)
+        if got:
+            assert set(got.phases) == {Phase.BACKWARD, Phase.OPTIMIZER}
