@@ -61,6 +61,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "activations/pp_output_chunks_after_step": ("pp_outputs.rows", "pp_outputs.kept_counts", "pp_outputs.output_bytes"),
     "activations/pp_merged_output": ("pp_outputs.rows", "pp_outputs.kept_counts", "pp_outputs.output_bytes"),
     "activations/pp_weight_grad_pending": ("pp_schedule_flight.weight_grad_bytes", "pp_schedule_flight.peak"),
+    "activations/pp_input_grads_kept": ("pp_stage_buffers.rows", "pp_stage_buffers.input_grad_counts"),
     "gradients/ddp_buckets": ("engine_buffers.ddp_rows",),
     "gradients/reduce_bucket": ("engine_buffers.deepspeed_rows",),
     "gradients/zero3_reduce_bucket": ("engine_buffers.deepspeed_rows",),

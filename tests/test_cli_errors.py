@@ -35,6 +35,13 @@ def test_bad_input_is_one_sentence_and_exit_2(runner, args, needle):
     assert len(err.splitlines()) == 1, err
 
 
+def test_validator_sentence_ends_with_one_full_stop(runner):
+    """A field validator's own sentence (``engine_config.pp_schedule``) is not followed by a second full stop."""
+    err = run_cli(runner, "estimate", "llama-3.1-8b", "--engine", "fsdp2", "--pp", "2", "--gpus", "2",
+                  "--pp-schedule", "foo", code=2).stderr.strip()
+    assert "DualPipeV" in err and not err.endswith(".."), err
+
+
 def test_missing_and_malformed_config_json(runner, tmp_path):
     missing = run_cli(runner, "estimate", str(tmp_path / "nope" / "config.json"), code=2)
     assert "Traceback" not in missing.stderr

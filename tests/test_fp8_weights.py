@@ -120,3 +120,25 @@ def test_deepspeed_fp8_mla_moe_block_with_shared_experts() -> None:
 def test_deepspeed_fp8_dense_block_keeps_its_16_bit_count() -> None:
     """A dense block's 16-bit count is above what TE saves (B·S·(2D − F) ≤ 0, memory.te_fp8): unchanged."""
     assert _layers_bytes("llama-3.1-8b", perf={"fp8": True}) == _layers_bytes("llama-3.1-8b")
+
+
+def test_deepspeed_pipeline_saves_one_copy_per_micro_batch_in_flight() -> None:
+    """te.Linear quantizes its weight at every forward and saves it for that micro-batch's backward (nothing cached
+    without ``is_first_microbatch``): under DeepSpeed's pipeline (1F1B ``TrainSchedule``) stage s holds
+    min(p − s, m) micro-batches' copies (Narayanan et al. 2021, Sec. 2.2.1): 2 on the first of p = 2 stages, 1 on
+    the last; the step's m alone changes nothing."""
+    from memplan.arch.build import build_architecture
+    from memplan.catalog.store import catalog_gpu, catalog_model
+    from memplan.config import JobConfig
+    from memplan.memory.context import Context
+    from memplan.memory.engine_states import fp8_rows
+
+    arch = build_architecture(catalog_model("llama-3.1-8b"))
+
+    def copies(stage: int, m: int) -> int:
+        cfg = JobConfig(job="pretrain", engine="deepspeed", gpus_per_node=2, pp=2, grad_accum=m, dtype="fp8")
+        (row,) = fp8_rows(Context(arch, cfg, catalog_gpu("h100-sxm-80gb"), None).at_stage(stage))
+        return row.bytes
+
+    assert copies(0, 4) == 2 * copies(0, 1)
+    assert copies(1, 4) == copies(1, 1)

@@ -108,6 +108,11 @@ CASES = {
     "no-reshard-pp": (_fsdp2(gpus_per_node=8, pp=2, grad_accum=16, seq_len=512,
                              engine_config={"reshard_after_forward": False, "deallocate_pipeline_outputs": True}),
                       "selective"),
+    # named torch schedules (engine_config.pp_schedule): every chunk's gradients at the peak, no cool-down row
+    "named-interleaved-zb": (_fsdp2(gpus_per_node=8, pp=4, grad_accum=8, seq_len=256, perf={"virtual_stages": 2},
+                                    engine_config={"pp_schedule": "InterleavedZeroBubble"}), "none"),
+    "named-looped-bfs": (_fsdp2(gpus_per_node=8, pp=4, grad_accum=4, seq_len=256, perf={"virtual_stages": 4},
+                                engine_config={"pp_schedule": "LoopedBFS"}), "none"),
     # no pipeline: the last all-gather output kept through the loss
     "no-reshard-kept-at-loss": (_fsdp2(gpus_per_node=8, seq_len=128, engine_config={"reshard_after_forward": False}),
                                 "none"),

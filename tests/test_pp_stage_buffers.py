@@ -192,3 +192,54 @@ def test_deepspeed_pipe_buffer_phases() -> None:
     rows = {r.component: r for r in components.job_rows(_ctx(1, engine="deepspeed", zero=1), [])}
     assert rows["activations/pp_stage_inputs"].phases == frozenset({Phase.FORWARD, Phase.BACKWARD_START})
     assert Phase.OPTIMIZER in rows["activations/pp_grad_recv_buffers"].phases
+
+
+@pytest.mark.parametrize(("name", "p", "v", "m"), [("InterleavedZeroBubble", 4, 2, 8), ("ZBVZeroBubble", 4, 2, 8),
+                                                  ("DualPipeV", 4, 2, 8), ("Interleaved1F1B", 4, 2, 8)])
+def test_named_outputs_live_until_the_weight_backward(name: str, p: int, v: int, m: int) -> None:
+    """torch 2.13 stage.py: an input backward (I) keeps ``stage_output`` in ``backward_state`` until the weight
+    backward (W) pops it, a full backward (B) drops it. Counted here on torch's own order (``_torch_order``): +1 per
+    forward of a chunk that is not the last global stage, −1 per B or W of it; the peak over the order."""
+    from test_pp_schedules import _torch_order
+
+    from memplan.arch import pp_schedules as ps
+    from memplan.memory.pp_stage_buffers import named_output_counts
+
+    for rank, actions in _torch_order(name, p, m, v).items():
+        stages = ps.chunk_stages(name, p, rank, v)
+        alive = peak = 0
+        for chunk, kind, _ in actions:
+            if stages[chunk] == p * v - 1:
+                continue
+            alive += 1 if kind == ps.F else -1 if kind in (ps.B, ps.WT) else 0
+            peak = max(peak, alive)
+        assert named_output_counts(name, p, rank, v, m) == peak, (name, rank)
+
+
+@pytest.mark.parametrize(("name", "v"), [("InterleavedZeroBubble", 2), ("ZBVZeroBubble", 2), ("DualPipeV", 2),
+                                         ("Interleaved1F1B", 2)])
+def test_input_backwards_leave_their_gradients_on_the_receive_buffers(name: str, v: int) -> None:
+    """torch 2.13 _backward.py ``stage_backward_input`` sets ``inp.grad`` on the receive buffer and never clears it
+    (``stage_backward`` does, ``val.grad = None``); stage.py skips the first stage's I. Counted on torch's own order:
+    the I actions of chunks that are not global stage 0; X each in backward and the optimizer step."""
+    from test_pp_schedules import _torch_order
+
+    from memplan.arch import pp_schedules as ps
+    from memplan.memory.activations_block import block_input_bytes
+
+    p, m = 4, 8
+    orders = _torch_order(name, p, m, v)
+    arch = build_architecture(catalog_model("llama-3.1-8b"))
+    for rank in range(p):
+        stages = ps.chunk_stages(name, p, rank, v)
+        expected = sum(1 for chunk, kind, _ in orders[rank] if kind == ps.IN and stages[chunk] != 0)
+        cfg = JobConfig(job="pretrain", engine="fsdp2", gpus_per_node=8, pp=p, seq_len=1024, grad_accum=m,
+                        perf={"virtual_stages": v}, engine_config={"pp_schedule": name})
+        ctx = Context(arch, cfg, catalog_gpu("h100-sxm-80gb"), None).at_stage(rank)
+        rows = {r.component: r for r in components.stage_rows(ctx)[0]}
+        got = rows.get("activations/pp_input_grads_kept")
+        x = 1024 * 4096 * 2  # one micro-batch's hidden states [1, 1024, 4096] in bf16
+        assert block_input_bytes(arch.spec, cfg) == x
+        assert (got.bytes if got else 0) == expected * x, (name, rank)
+        if got:
+            assert set(got.phases) == {Phase.BACKWARD, Phase.OPTIMIZER}

@@ -53,7 +53,8 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         if err["type"] == "value_error" and "error" in err.get("ctx", {}):
-            msg = str(err["ctx"]["error"])  # our own sentence, without pydantic's "Value error," prefix
+            msg = str(err["ctx"]["error"]).rstrip(".")  # our own sentence, without pydantic's "Value error," prefix
+            # nor its full stop (the caller ends the joined sentence)
         elif err["type"] == "string_pattern_mismatch":  # a regular expression is for no user (config_base.release)
             msg = f"{err.get('input')!r} is not in the form this field takes"
         else:

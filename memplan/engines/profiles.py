@@ -96,7 +96,7 @@ PROFILES: dict[Engine, Profile] = {
          "weights/fsdp_kept_all_gather_at_loss", "gradients/fsdp_reduce_scatter", "gradients/fsdp_backward_held",
          "activations/pp_stage_outputs", "activations/pp_recv_buffers", "activations/pp_grad_recv_buffers",
          "activations/pp_last_stage_output", "activations/pp_output_chunks", "activations/pp_output_chunks_after_step",
-         "activations/pp_merged_output", "activations/pp_weight_grad_pending"),
+         "activations/pp_merged_output", "activations/pp_weight_grad_pending", "activations/pp_input_grads_kept"),
         ("reshard_after_forward", "fsdp_prefetch", "hsdp_shard_size", "deallocate_pipeline_outputs",
          "pp_return_outputs", "pp_schedule"),
         "Hugging Face module layout (autograd-saved tensors)",

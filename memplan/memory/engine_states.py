@@ -189,9 +189,15 @@ def fp8_rows(ctx: Context) -> list[Row]:
     16-bit weights, with their lifetime (``memory.fp8_weights``: TE's cached workspace under megatron, TE's saved
     weights under deepspeed/accelerate, torchao's per-GEMM cast under fsdp2/pytorch).
 
+    Under DeepSpeed's pipeline each in-flight micro-batch saved its own copies (``arch.parallel.
+    in_flight_micro_batches``: min(p − s, m) under its 1F1B ``TrainSchedule``).
     Assumptions: the saved activations' fp8 copies are ``memory.te_fp8`` (megatron; torchao saves 16-bit inputs).
     """
-    return fp8_weights.rows(list(ctx.tensors), ctx.cfg)
+    from memplan.arch.parallel import in_flight_micro_batches
+
+    cfg = ctx.cfg
+    flight = in_flight_micro_batches(cfg.pp, ctx.stage, cfg.perf.virtual_stages, cfg.grad_accum) if cfg.pp > 1 else 1
+    return fp8_weights.rows(list(ctx.tensors), cfg, in_flight=flight)
 
 
 def state_dtype(ctx: Context) -> Dtype:

@@ -107,8 +107,11 @@ def torchao_bytes(tensors: list[Tensor], cfg: JobConfig) -> int:
     return max(sizes, default=0)
 
 
-def rows(tensors: list[Tensor], cfg: JobConfig) -> list[Row]:
-    """``weights/fp8_copies`` of a training job with fp8 GEMMs on the reported stage's ``tensors``; [] otherwise."""
+def rows(tensors: list[Tensor], cfg: JobConfig, *, in_flight: int = 1) -> list[Row]:
+    """``weights/fp8_copies`` of a training job with fp8 GEMMs on the reported stage's ``tensors``; [] otherwise.
+    ``in_flight``: micro-batches whose forward ran and backward has not (a pipeline's): each saved its own copies
+    under deepspeed (te.Linear quantizes the weight at every forward, nothing cached); megatron's cached workspace
+    and torchao's per-GEMM cast do not grow with it."""
     if not fp8_training(cfg) or not cfg.job.trains:
         return []
     engine = cfg.effective_engine
@@ -118,8 +121,8 @@ def rows(tensors: list[Tensor], cfg: JobConfig) -> list[Row]:
                     f"TE's cached {cfg.engine_config.fp8_recipe} fp8 weights (row- and column-wise), whole step",
                     phases=frozenset(TRAIN_PHASES))] if nbytes else []
     if engine is Engine.DEEPSPEED:
-        nbytes = te_bytes(accelerate_tensors(tensors), cfg, "delayed")
-        note = "te.Linear's fp8 weights (row- and column-wise) saved for backward"
+        nbytes = in_flight * te_bytes(accelerate_tensors(tensors), cfg, "delayed")
+        note = f"te.Linear's fp8 weights (row- and column-wise) saved for backward by {in_flight} micro-batch(es)"
         return [Row("weights/fp8_copies", Tier.GPU, nbytes, DEEPSPEED, note, phases=SAVED)] if nbytes else []
     nbytes = torchao_bytes(tensors, cfg)
     return [Row("weights/fp8_copies", Tier.GPU, nbytes, TORCHAO, "the largest weight's per-GEMM fp8 cast",

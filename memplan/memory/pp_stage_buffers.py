@@ -65,6 +65,9 @@ def chunk_stages(pp: int, stage: int, virtual_stages: int) -> tuple[int, ...]:
     return tuple(stage + c * pp for c in range(max(1, virtual_stages)))
 
 
+INPUT_GRADS = "activations/pp_input_grads_kept"
+
+
 def recv_buffer_counts(pp: int, stage: int, virtual_stages: int, micro_batches: int,
                        schedule: str | None = None) -> tuple[int, int]:
     """(forward input receive buffers, backward output-gradient receive buffers) a rank allocates.
@@ -101,12 +104,29 @@ def output_counts(pp: int, stage: int, virtual_stages: int, micro_batches: int) 
 def named_output_counts(schedule: str, pp: int, stage: int, virtual_stages: int, micro_batches: int) -> int:
     """``output_counts`` under a named torch schedule: the most stage outputs the rank's replay holds at once
     (``arch.pp_schedules.flight_states``), chunks of the last global stage left out. An output lives from its
-    forward to the micro-batch's first backward action: ``backward_one_chunk`` pops ``fwd_cache`` for a full
-    backward and for an input backward alike (stage.py), so a micro-batch awaiting its W holds none."""
+    forward to the end of the micro-batch's backward: a full backward (B) drops it with ``fwd_cache``'s entry; an
+    input backward (I) moves it into ``backward_state`` (stage.py ``backward_one_chunk``: ``self.backward_state
+    [bwd_chunk_id] = (input_values, param_groups, stage_output, output_grads)``; ``stage_backward_input``'s
+    ``detach_`` drops the graph, not the storage), popped only by the weight backward (W,
+    ``backward_weight_one_chunk``), so a micro-batch awaiting its W still holds its output."""
     stages = ps.chunk_stages(schedule, pp, stage, virtual_stages)
     last = pp * len(stages) - 1
-    return max(sum(h - w for h, w, g in zip(held, waiting, stages, strict=True) if g != last)
-               for held, waiting in ps.flight_states(schedule, pp, stage, virtual_stages, micro_batches))
+    return max(sum(h for h, g in zip(held, stages, strict=True) if g != last)
+               for held, _ in ps.flight_states(schedule, pp, stage, virtual_stages, micro_batches))
+
+
+def input_grad_counts(schedule: str, pp: int, stage: int, virtual_stages: int, micro_batches: int) -> int:
+    """Input gradients rank ``stage`` keeps on its receive buffers by the end of the step under a named schedule: its
+    input backwards (I) on chunks that are not global stage 0.
+
+    Source: torch 2.13 torch/distributed/pipelining/_backward.py ``stage_backward_input`` sets ``inp.grad = dinput``
+    on each stage input, the receive buffer itself (stage.py ``_retrieve_recv_activations`` returns
+    ``info.buffer.requires_grad_(...)``), and, unlike the full backward's ``stage_backward`` (``val.grad = None``
+    once read), never clears it: ``clear_runtime_states`` does, at the next ``step()``. The first stage skips its
+    I (``backward_one_chunk``: ``if not self.is_first``); a full backward (B) keeps nothing."""
+    stages = ps.chunk_stages(schedule, pp, stage, virtual_stages)
+    return sum(1 for chunk, kind, _ in ps.rank_actions(schedule, pp, stage, virtual_stages, micro_batches)
+               if kind == ps.IN and stages[chunk] != 0)
 
 
 def input_saved(ctx: Context) -> bool:
@@ -154,7 +174,9 @@ def rows(ctx: Context) -> list[Row]:
       receive rows with that schedule's chunk placement (the V of ZBVZeroBubble and DualPipeV);
     - ``activations/pp_recv_buffers`` = (R − F·(receiving chunks)) · X where ``input_saved`` (the in-flight
       buffers are saved activations already, ``saved_inputs``), R · X otherwise, R = ``recv_buffer_counts``[0];
-    - ``activations/pp_grad_recv_buffers`` = ``recv_buffer_counts``[1] · X.
+    - ``activations/pp_grad_recv_buffers`` = ``recv_buffer_counts``[1] · X;
+    - ``activations/pp_input_grads_kept`` = ``input_grad_counts`` · X under a named schedule with input backwards
+      (backward and optimizer step: all of the step's, an upper bound at the backward's peak, exact after it).
     Both receive rows are alive in every training phase (allocated at the first step, never freed).
     Assumptions: one tensor crosses each stage boundary (the hidden states); the last stage's outputs (the logits in
     ``fwd_cache`` and ``output_chunks``) are ``memory.pp_outputs``' rows.
@@ -171,10 +193,12 @@ def rows(ctx: Context) -> list[Row]:
     if input_saved(ctx):
         recv -= saved_inputs(ctx)
     kept = named_output_counts(name, p, s, v, m) if name else output_counts(p, s, v, m)
+    grads = input_grad_counts(name, p, s, v, m) if name else 0
     out = []
     for name, count, what in (("activations/pp_stage_outputs", kept, "stage outputs kept until their backward"),
                               ("activations/pp_recv_buffers", recv, "forward receive buffers"),
-                              ("activations/pp_grad_recv_buffers", grad_recv, "gradient receive buffers")):
+                              ("activations/pp_grad_recv_buffers", grad_recv, "gradient receive buffers"),
+                              (INPUT_GRADS, grads, "input gradients left on the receive buffers by input backwards")):
         if count > 0:
             out.append(Row(name, Tier.GPU, count * x, SOURCE, f"torch pipelining: {count} {what} of {x:,} bytes"))
     return out

@@ -136,6 +136,9 @@ register("activations/pp_grad_recv_buffers", TRAIN_PHASES,
          "torch.distributed.pipelining stage.py _create_grad_recv_info: one output-gradient receive buffer per "
          "micro-batch, allocated at the first step and kept; DeepSpeed pipe/engine.py: one grad_layer "
          "(memory.pp_stage_buffers)")
+register("activations/pp_input_grads_kept", (_B, _O),
+         "torch.distributed.pipelining _backward.py stage_backward_input: inp.grad = dinput on each receive buffer, "
+         "cleared only by the next step()'s clear_runtime_states (memory.pp_stage_buffers.input_grad_counts)")
 register("activations/pp_last_stage_output", (_BS, _B),
          "torch.distributed.pipelining stage.py backward_one_chunk: the last stage's running output (fwd_cache, then "
          "stage_output) alive beside its loss's backward (memory.pp_outputs)")
