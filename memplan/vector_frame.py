@@ -39,7 +39,7 @@ def fit_columns(fit: Any, sizes: list[int], batches: list[int], size_key: str) -
     """What the rows of every GPU sharing ``fit`` have alike, for every size × batch (sizes outer, as the grid's cells
     and records run): ``varying`` (the batch and size, the fitted columns and their GiB, the tier totals) and
     ``peaks`` (per tier, the phase peak: fits and headroom are taken on it)."""
-    from memplan.vector import fitted_arrays
+    from memplan.vector_fit import fitted_arrays
 
     ns, nb = len(sizes), len(batches)
     b = np.tile(np.array(batches, dtype=np.int64), ns)
