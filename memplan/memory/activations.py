@@ -41,6 +41,7 @@ from memplan.memory.activations_layers import (
     layer_bytes,
     layer_micro_bytes,
     layer_modes,
+    interleave_knobs,
     micro_batches_in_flight,
     modelled,
     stage_layers_bytes,
@@ -69,7 +70,7 @@ __all__ = [
     "_sdpa_workspace_rows", "_tokens", "_trainables", "block_terms", "breakdown", "checkpointed", "chunk_saved_bytes",
     "counting_for", "embedding_bytes", "final_norm_bytes", "in_flight_saved", "kept_output_bytes",
     "layer_bytes", "layer_flights", "layer_kwargs_bytes", "layer_micro_bytes", "layer_modes", "logits_peak_bytes",
-    "loss_bytes", "micro_batches_in_flight", "modelled", "peak_chunk_counts", "rotary_table_bytes", "rows",
+    "interleave_knobs", "loss_bytes", "micro_batches_in_flight", "modelled", "peak_chunk_counts", "rotary_table_bytes", "rows",
     "saved_bytes_estimate", "stage_layers_bytes", "workspace_bytes",
 ]
 
