@@ -38,10 +38,10 @@ from memplan.memory.activations_layers import (
     block_terms,
     checkpointed,
     counting_for,
+    interleave_knobs,
     layer_bytes,
     layer_micro_bytes,
     layer_modes,
-    interleave_knobs,
     micro_batches_in_flight,
     modelled,
     stage_layers_bytes,
@@ -68,9 +68,9 @@ __all__ = [
     "NO_ROTARY", "ROPE_PER_LAYER_TYPE", "SAVED_ROWS", "SRC_BLOCK", "_amp", "_attention_backward_rows", "_block_terms",
     "_core_bytes", "_flash_kernel", "_flash_workspace_rows", "_kept_bytes", "_litgpt_adapter", "_loss_bits",
     "_sdpa_workspace_rows", "_tokens", "_trainables", "block_terms", "breakdown", "checkpointed", "chunk_saved_bytes",
-    "counting_for", "embedding_bytes", "final_norm_bytes", "in_flight_saved", "kept_output_bytes",
+    "counting_for", "embedding_bytes", "final_norm_bytes", "in_flight_saved", "interleave_knobs", "kept_output_bytes",
     "layer_bytes", "layer_flights", "layer_kwargs_bytes", "layer_micro_bytes", "layer_modes", "logits_peak_bytes",
-    "interleave_knobs", "loss_bytes", "micro_batches_in_flight", "modelled", "peak_chunk_counts", "rotary_table_bytes", "rows",
+    "loss_bytes", "micro_batches_in_flight", "modelled", "peak_chunk_counts", "rotary_table_bytes", "rows",
     "saved_bytes_estimate", "stage_layers_bytes", "workspace_bytes",
 ]
 

@@ -9,8 +9,7 @@ from memplan.arch.interleaved import chunk_layer_counts, peak_chunk_bytes
 from memplan.config import Recompute
 from memplan.memory import activations_block as blk
 from memplan.memory import pp_schedule_flight as psf
-from memplan.memory.activations_layers import (interleave_knobs, layer_micro_bytes, micro_batches_in_flight,
-                                               stage_layers_bytes)
+from memplan.memory.activations_layers import interleave_knobs, layer_micro_bytes, micro_batches_in_flight, stage_layers_bytes
 from memplan.memory.activations_model import embedding_bytes, final_norm_bytes, loss_bytes
 from memplan.memory.context import Context
 
