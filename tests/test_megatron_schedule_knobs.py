@@ -1,0 +1,128 @@
+"""Megatron-Core's ``microbatch_group_size_per_vp_stage`` (g) and ``overlap_moe_expert_parallel_comm`` (one more
+warm-up forward) in the interleaved 1F1B's per-chunk in-flight counts (``memplan.arch.interleaved``), written out
+by hand from megatron/core/pipeline_parallel/schedules.py (``get_pp_rank_microbatches``: W = (p − s − 1)·2 +
+(v − 1)·g (+ 1 with the overlap), ``get_schedule_table``, ``get_model_chunk_id``: backward k runs chunk
+v − 1 − table[k]; the steady phase runs forward W + k, then backward k), and the CLI refusing what Megatron-Core
+refuses (exit 2)."""
+
+from __future__ import annotations
+
+import pytest
+from test_interleaved import CASES
+from typer.testing import CliRunner
+
+from memplan.arch.interleaved import _chunk_table, chunk_counts_after_forwards
+from memplan.arch.parallel import in_flight_micro_batches
+from memplan.catalog.store import catalog_gpu, catalog_model
+from memplan.cli.app import app
+from memplan.config import JobConfig
+from memplan.estimator import estimate
+
+
+def test_schedule_table_is_megatrons_docstring_example():
+    """model_parallel_config.py, ``microbatch_group_size_per_vp_stage``: "When microbatch_group_size_per_vp_stage=3,
+    num_microbatches = 5, we have rank 0 | 0 1 2 0 1 2 3 4 3 4" with PP=2 VP=2; the chunks of those forwards are
+    0 0 0 1 1 1 0 0 1 1 (schedules.py's own comment: PP2 N3M5 with VP2)."""
+    assert _chunk_table(5, 2, 3) == (0, 0, 0, 1, 1, 1, 0, 0, 1, 1)
+    assert _chunk_table(4, 2, 2) == (0, 0, 1, 1, 0, 0, 1, 1)  # "rank 0 | 0 1 0 1 2 3 2 3"
+
+
+# p = 2, v = 2, m = 4, stage 0. The counts (chunk 0, chunk 1) after each forward, distinct, in order.
+# g = 2: table 0 0 1 1 0 0 1 1, W = 1·2 + 1·2 = 4 forwards: (1,0) (2,0) (2,1) (2,2); then F4 (chunk 0) → (3,2),
+# B0 frees chunk 1 − table[0] = 1 → (3,1); F5 (chunk 0) → (4,1), B1 frees chunk 1 → (4,0); F6 (chunk 1) → (4,1);
+# B2 frees chunk 1 − 1 = 0 → (3,1); F7 (chunk 1) → (3,2).
+G2 = ((1, 0), (2, 0), (2, 1), (2, 2), (3, 2), (4, 1))
+# g = 4: table 0 0 0 0 1 1 1 1, W = 2 + 4 = 6: (1,0) (2,0) (3,0) (4,0) (4,1) (4,2); F6 (chunk 1) → (4,3), B0 frees
+# chunk 1 → (4,2); F7 → (4,3).
+G4 = ((1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (4, 2), (4, 3))
+# g = 2 with the EP overlap: W = 4 + 1 = 5: (1,0) (2,0) (2,1) (2,2) (3,2); F5 (chunk 0) → (4,2), B0 frees chunk 1 →
+# (4,1); F6 (chunk 1) → (4,2), B1 frees chunk 1 → (4,1); F7 (chunk 1) → (4,2).
+G2_OVERLAP = ((1, 0), (2, 0), (2, 1), (2, 2), (3, 2), (4, 2))
+# stage 1, g = 4: W = 0 + 4: (1,0) .. (4,0); F4 (chunk 1) → (4,1), B0 frees chunk 1 → (4,0); the same after.
+G4_STAGE1 = ((1, 0), (2, 0), (3, 0), (4, 0), (4, 1))
+
+
+def test_group_size_counts_written_out():
+    assert chunk_counts_after_forwards(2, 0, 2, 4, group=2) == G2
+    assert chunk_counts_after_forwards(2, 0, 2, 4, group=4) == G4
+    assert chunk_counts_after_forwards(2, 1, 2, 4, group=4) == G4_STAGE1
+    assert max(map(sum, G4)) - max(map(sum, G2)) == 2  # (v − 1)·(g − p) more warm-up forwards on every stage
+
+
+def test_overlap_adds_one_warm_up_forward():
+    assert chunk_counts_after_forwards(2, 0, 2, 4, group=2, extra=1) == G2_OVERLAP
+    assert max(map(sum, G2_OVERLAP)) == max(map(sum, G2)) + 1
+
+
+@pytest.mark.parametrize(("p", "v", "m"), [c for c in CASES if c[2] % c[0] == 0])
+def test_group_p_is_the_default_schedule(p, v, m):
+    """g = p (Megatron's default) replays exactly what memplan counted before the knob: unset outputs unchanged."""
+    for stage in range(p):
+        assert chunk_counts_after_forwards(p, stage, v, m, group=p) == chunk_counts_after_forwards(p, stage, v, m)
+
+
+def test_whole_stage_count_follows_the_group():
+    """p = 4, v = 2, m = 16, stage 0: (4 − 1)·2 + (2 − 1)·g chunk forwards plus the one in flight, over v chunks,
+    rounded up: g = 4 → ⌈11/2⌉ = 6; g = 8 → ⌈15/2⌉ = 8; g = 8 with the overlap → ⌈16/2⌉ = 8; stage 3, g = 8 →
+    ⌈(0 + 8 + 1)/2⌉ = 5."""
+    assert in_flight_micro_batches(4, 0, 2, 16) == in_flight_micro_batches(4, 0, 2, 16, group=4) == 6
+    assert in_flight_micro_batches(4, 0, 2, 16, group=8) == 8
+    assert in_flight_micro_batches(4, 0, 2, 16, group=8, extra=1) == 8
+    assert in_flight_micro_batches(4, 3, 2, 16, group=8) == 5
+    for stage in range(4):  # the planner's whole-stage count never below the exact per-chunk count
+        for group, extra in ((4, 0), (8, 0), (8, 1), (16, 1)):
+            exact = max(map(sum, chunk_counts_after_forwards(4, stage, 2, 16, group=group, extra=extra)))
+            assert in_flight_micro_batches(4, stage, 2, 16, group=group, extra=extra) * 2 >= exact
+
+
+def _rows(**engine_config: object) -> dict[str, int]:
+    cfg = JobConfig(job="pretrain", engine="megatron", gpus_per_node=8, tp=2, pp=4, grad_accum=16, seq_len=2048,
+                    perf={"virtual_stages": 2}, engine_config=engine_config)
+    return {r.component: r.bytes for r in estimate(catalog_model("llama-3.1-8b"), catalog_gpu("h100"), cfg).rows}
+
+
+def test_estimate_unchanged_at_g_equal_p_and_larger_at_g_2p():
+    default, same, double = _rows(), _rows(microbatch_group_size_per_vp_stage=4), _rows(
+        microbatch_group_size_per_vp_stage=8)
+    assert default == same
+    # stage 0 (the reported one) holds 11 chunk micro-batches at g = 4 and 15 at g = 8, at least (8 − 7) + (7 − 4)
+    # more of them: its saved layers grow
+    assert double["activations/layers"] > default["activations/layers"]
+
+
+MIXTRAL = ["estimate", "mixtral-8x7b", "--engine", "megatron", "--gpu", "h100-sxm-80gb", "--gpus", "8", "--nodes",
+           "2", "--ep", "4", "--pp", "2", "--job", "pretrain", "--grad-accum", "8"]
+GROUP = "--microbatch-group-size-per-virtual-pipeline-stage"
+OVERLAP = "--overlap-moe-expert-parallel-comm"
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    ([GROUP, "2"], "virtual_stages > 1 only"),  # no interleaving
+    (["--virtual-stages", "2", GROUP, "1"], "1 < pp = 2"),
+    (["--virtual-stages", "2", GROUP, "16"], "16 > the 8 micro-batches"),
+    (["--virtual-stages", "2", GROUP, "2", "--engine", "fsdp2"], "knob of megatron"),
+    ([OVERLAP], "needs a virtual pipeline"),
+    (["--virtual-stages", "2", OVERLAP, "--recompute", "full"], "disable full recomputation"),
+])
+def test_refused_where_megatron_refuses(extra, why):
+    result = CliRunner().invoke(app, [*MIXTRAL, *extra])
+    assert result.exit_code == 2, result.output
+    assert why in result.stderr and len([x for x in result.stderr.splitlines() if x.strip()]) == 1
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (["estimate", "gpt2", "--engine", "megatron", OVERLAP], "only supported with expert model parallelism"),
+    (["estimate", "mixtral-8x7b", "--engine", "megatron", "--gpus", "4", "--ep", "4", OVERLAP], "not modelled"),
+    # m = 5, g = 4: 5 mod 4 = 1 < pp = 2 ("dependency bubbles")
+    (["estimate", "gpt2", "--engine", "megatron", "--gpus", "2", "--pp", "2", "--virtual-stages", "2",
+      "--grad-accum", "5", GROUP, "4"], "0 or at least pp"),
+])
+def test_refused_elsewhere(args, why):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert why in result.stderr
+
+
+def test_accepted_where_megatron_runs_it():
+    for extra in (["--virtual-stages", "2", OVERLAP], ["--virtual-stages", "2", GROUP, "3"]):  # 8 mod 3 = 2 ≥ pp
+        assert CliRunner().invoke(app, [*MIXTRAL, *extra, "--format", "json"]).exit_code in (0, 1)
