@@ -207,7 +207,9 @@ class EngineConfig(Strict):
     default, the pipeline size p): micro-batches a model chunk runs in a row under interleaved 1F1B, which runs
     (v − 1)·g + 2·(p − s − 1) warm-up forwards on stage s (pipeline_parallel/schedules.py
     ``get_pp_rank_microbatches``; Llama 3's flexible N, Dubey et al. 2024 Sec. 3.3.2). pp > 1, v > 1,
-    p ≤ g ≤ m (``arch.interleaved``)."""
+    p ≤ g ≤ m (``arch.interleaved``). The bubble stays (p − 1)/(v·m) for every g Megatron accepts (the step replayed
+    with its dependencies takes 2·m·v + 2·(p − 1) chunk slots, tests/test_megatron_schedule_knobs.py): step time
+    unchanged."""
     overlap_moe_expert_parallel_comm: bool = False
     """Megatron-Core ``--overlap-moe-expert-parallel-comm`` (``ModelParallelConfig``): the combined 1F1B that hides
     one micro-batch's expert all-to-alls behind another's computation, with one extra warm-up forward under

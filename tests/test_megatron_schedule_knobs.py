@@ -126,3 +126,68 @@ def test_refused_elsewhere(args, why):
 def test_accepted_where_megatron_runs_it():
     for extra in (["--virtual-stages", "2", OVERLAP], ["--virtual-stages", "2", GROUP, "3"]):  # 8 mod 3 = 2 ≥ pp
         assert CliRunner().invoke(app, [*MIXTRAL, *extra, "--format", "json"]).exit_code in (0, 1)
+
+
+def _rank_actions(p: int, rank: int, v: int, m: int, g: int) -> list[tuple[str, int, int]]:
+    """(kind, chunk, micro-batch) in the order Megatron's rank ``rank`` runs them: its schedule table (groups of g,
+    the last one the remainder), W = min((v − 1)·g + 2·(p − 1 − rank), m·v) forwards, then forward W + j and
+    backward j (backward j runs chunk v − 1 − table[j]), then the remaining backwards."""
+    table = [c for start in range(0, m, g) for c in range(v) for _ in range(min(g, m - start))]
+    warm = min((v - 1) * g + 2 * (p - 1 - rank), m * v)
+    nxt = {"F": [0] * v, "B": [0] * v}
+    out: list[tuple[str, int, int]] = []
+
+    def act(kind: str, chunk: int) -> None:
+        out.append((kind, chunk, nxt[kind][chunk]))
+        nxt[kind][chunk] += 1
+
+    for k in range(warm):
+        act("F", table[k])
+    for j in range(m * v - warm):
+        act("F", table[warm + j])
+        act("B", v - 1 - table[j])
+    for j in range(m * v - warm, m * v):
+        act("B", v - 1 - table[j])
+    return out
+
+
+def _ticks(p: int, v: int, m: int, g: int) -> tuple[int, dict[int, list[tuple[str, int, int]]]]:
+    """Every rank runs one action per tick when its inputs exist (forward of virtual stage c·p + r needs the
+    micro-batch's forward on c·p + r − 1; backward the forward here and the backward on c·p + r + 1), equal
+    forward and backward times; fails on a deadlock. (ticks to finish, each rank's actions)"""
+    plans = {r: _rank_actions(p, r, v, m, g) for r in range(p)}
+    done: set[tuple[str, int, int]] = set()
+    pos, ticks = dict.fromkeys(plans, 0), 0
+    while any(pos[r] < len(plans[r]) for r in plans):
+        ready = []
+        for r, plan in plans.items():
+            if pos[r] < len(plan):
+                kind, chunk, mb = plan[pos[r]]
+                stage = chunk * p + r
+                need = [("F", stage - 1, mb)] if kind == "F" and stage else []
+                if kind == "B":
+                    need = [("F", stage, mb)] + ([("B", stage + 1, mb)] if stage < p * v - 1 else [])
+                if all(n in done for n in need):
+                    ready.append((r, (kind, stage, mb)))
+        assert ready, f"deadlock p={p} v={v} m={m} g={g}"
+        for r, key in ready:
+            done.add(key)
+            pos[r] += 1
+        ticks += 1
+    return ticks, plans
+
+
+@pytest.mark.parametrize(("p", "v", "m", "g"), [(4, 2, 16, 8), (4, 2, 16, 6), (2, 2, 8, 3), (4, 3, 12, 7), (8, 2, 16, 16)])
+def test_group_counts_and_bubble_on_the_replayed_pipeline(p, v, m, g):
+    """Any g Megatron accepts: the per-chunk counts after each forward are those of ``arch.interleaved``, and the
+    step takes 2·m·v + 2·(p − 1) chunk slots as at g = p, so the bubble stays (p − 1)/(v·m) (Narayanan et al.
+    2021, Sec. 2.2.2): g moves memory, not the step time (``planner.cost`` unchanged)."""
+    ticks, plans = _ticks(p, v, m, g)
+    assert ticks == _ticks(p, v, m, p)[0] == 2 * m * v + 2 * (p - 1)
+    for rank, actions in plans.items():
+        counts, after = [0] * v, set()
+        for kind, chunk, _ in actions:
+            counts[chunk] += 1 if kind == "F" else -1
+            if kind == "F":
+                after.add(tuple(counts))
+        assert set(chunk_counts_after_forwards(p, rank, v, m, group=g)) == after, rank
