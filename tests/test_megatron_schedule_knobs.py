@@ -191,3 +191,24 @@ def test_group_counts_and_bubble_on_the_replayed_pipeline(p, v, m, g):
             if kind == "F":
                 after.add(tuple(counts))
         assert set(chunk_counts_after_forwards(p, rank, v, m, group=g)) == after, rank
+
+
+def test_receive_queues_at_g_above_p():
+    """schedules.py: the first stage keeps g − p + 1 forward receive slots and the last g − p + 1 backward ones; the
+    tensors received g − p iterations ahead of use are g − p boundary tensors [seq, micro_batch, hidden] beyond the
+    default g = p: gpt2 (hidden 768) at seq 1024, micro-batch 1, bf16: 768 · 1024 · 2 bytes each."""
+    from memplan.arch.build import build_architecture
+    from memplan.catalog.schema import HostSpec
+    from memplan.memory import components, megatron_pp_buffers
+    from memplan.memory.context import Context
+
+    x = 768 * 1024 * 2
+    for g, want in ((2, 0), (4, 2 * x), (6, 4 * x)):
+        cfg = JobConfig(job="pretrain", engine="megatron", gpus_per_node=2, pp=2, grad_accum=12, seq_len=1024,
+                        dtype="bf16", perf={"virtual_stages": 2}, engine_config={"microbatch_group_size_per_vp_stage": g})
+        ctx = Context(build_architecture(catalog_model("gpt2")), cfg, catalog_gpu("h100"), HostSpec())
+        first, last = ctx.at_stage(0), ctx.at_stage(1)
+        assert sum(r.bytes for r in megatron_pp_buffers.rows(first)) == want
+        rows = {r.component: r.bytes for r in components.job_rows(last, [])}
+        assert rows.get("activations/megatron_pp_grad_recv_queue", 0) == want
+        assert "activations/megatron_pp_recv_queue" not in rows
