@@ -212,3 +212,38 @@ def test_receive_queues_at_g_above_p():
         rows = {r.component: r.bytes for r in components.job_rows(last, [])}
         assert rows.get("activations/megatron_pp_grad_recv_queue", 0) == want
         assert "activations/megatron_pp_recv_queue" not in rows
+
+
+def test_recipe_key(tmp_path):
+    """A recipe's ``fixed.engine_config`` takes the knobs under Megatron's names; a value Megatron refuses is exit 2."""
+    body = """model: llama-3.1-8b
+hardware:
+  gpu: h100-sxm-80gb
+  gpus_per_node: 8
+job:
+  type: pretrain
+  seq_len: 2048
+  micro_batch: 1
+  global_batch: 16
+fixed:
+  engine: megatron
+  tp: 2
+  pp: 4
+  perf: {virtual_stages: 2}
+  engine_config: {microbatch_group_size_per_vp_stage: %d}
+"""
+    from memplan.recipe_load import load_recipe
+
+    peaks = {}
+    for g in (4, 8, 3):
+        path = tmp_path / f"g{g}.yaml"
+        path.write_text(body % g)
+        if g == 3:
+            result = CliRunner().invoke(app, ["check", str(path)])
+            assert result.exit_code == 2 and "3 < pp = 4" in result.stderr, result.output
+            continue
+        loaded = load_recipe(path)
+        assert loaded.config.engine_config.microbatch_group_size_per_vp_stage == g
+        est = estimate(loaded.model, loaded.gpu, loaded.config, host=loaded.host)
+        peaks[g] = {r.component: r.bytes for r in est.rows}["activations/layers"]
+    assert peaks[8] > peaks[4]
