@@ -85,8 +85,8 @@ def test_estimate_unchanged_at_g_equal_p_and_larger_at_g_2p():
     default, same, double = _rows(), _rows(microbatch_group_size_per_vp_stage=4), _rows(
         microbatch_group_size_per_vp_stage=8)
     assert default == same
-    # stage 0 (the reported one) holds 11 chunk micro-batches at g = 4 and 15 at g = 8, at least (8 − 7) + (7 − 4)
-    # more of them: its saved layers grow
+    # every stage s runs (v − 1)·(g − p) = 4 more warm-up forwards at g = 8 (stage 0: 7 + 4 = 11 chunk micro-batches
+    # at its peak, 8 + 7 = 15 at g = 8; stage 3: 5 against 9), so the reported stage's saved layers grow
     assert double["activations/layers"] > default["activations/layers"]
 
 
