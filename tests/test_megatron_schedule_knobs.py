@@ -247,3 +247,26 @@ fixed:
         est = estimate(loaded.model, loaded.gpu, loaded.config, host=loaded.host)
         peaks[g] = {r.component: r.bytes for r in est.rows}["activations/layers"]
     assert peaks[8] > peaks[4]
+
+
+def test_ep_overlap_hides_all_to_alls_in_the_steady_steps():
+    """Mixtral 8x7B, pp 2, v 2, m 8, ep 4: stage 0 runs W = (2 − 0 − 1)·2 + (2 − 1)·2 + 1 = 5 warm-up chunk forwards
+    alone (and 5 cool-down backwards), f = 5/16 of its chunk steps; the paired rest hides each micro-batch's
+    all-to-alls A behind the other's compute C: exposed f·A·(1 − o) + (1 − f)·min(A·(1 − o), max(0, A − C))."""
+    from memplan.arch.build import build_architecture
+    from memplan.planner import steptime
+
+    arch = build_architecture(catalog_model("mixtral-8x7b"))
+    gpu = catalog_gpu("h100-sxm-80gb")
+    base = {"job": "pretrain", "engine": "megatron", "gpus_per_node": 8, "nodes": 2, "ep": 4, "pp": 2,
+            "grad_accum": 8, "perf": {"virtual_stages": 2}}
+    plain = JobConfig(**base)
+    on = JobConfig(**{**base, "engine_config": {"overlap_moe_expert_parallel_comm": True}})
+    a = steptime.stage_ep_seconds(arch, gpu, on, 0, exposed=1.0)
+    c = steptime.stage_micro_seconds(arch, gpu, on, 0)
+    o = steptime.overlap(on)
+    f = 5 / 16
+    want = f * a * (1 - o) + (1 - f) * min(a * (1 - o), max(0.0, a - c))
+    assert a > 0 and steptime.ep_overlap_seconds(arch, gpu, on, 0, 8) == pytest.approx(want)
+    batch = 8 * on.batch_dp
+    assert steptime.ep_seconds(arch, gpu, on, batch) < steptime.ep_seconds(arch, gpu, plain, batch)
