@@ -14,7 +14,8 @@ from memplan.config import JobConfig, Recompute
 from memplan.dtypes import Dtype
 
 _GROUP = "engine_config.microbatch_group_size_per_vp_stage"
-_OVERLAP = "engine_config.overlap_moe_expert_parallel_comm"
+_NAME = "overlap_moe_expert_parallel_comm"
+_OVERLAP = f"engine_config.{_NAME}"
 
 
 def _interleaved(cfg: JobConfig) -> bool:
@@ -63,11 +64,11 @@ def overlap_rule(cfg: JobConfig, *, partial: bool = False) -> str | None:
         return (f"Megatron-Core asserts that {_OVERLAP} 'is only supported with expert model parallelism': use "
                 "--ep 2 or more on a MoE model, or drop it.")
     if Recompute.FULL in _recompute_modes(cfg):
-        return f"Megatron-Core asserts 'disable full recomputation when enabling {_OVERLAP[14:]}': drop --recompute full."
+        return f"Megatron-Core asserts 'disable full recomputation when enabling {_NAME}': drop --recompute full."
     if cfg.dtype not in (Dtype.BF16, Dtype.FP16, Dtype.FP8):
-        return f"Megatron-Core runs {_OVERLAP[14:]} on bf16 or fp16 models only: use --dtype bf16."
+        return f"Megatron-Core runs {_NAME} on bf16 or fp16 models only: use --dtype bf16."
     if cfg.pp > 1 and cfg.perf.virtual_stages <= 1:
-        return (f"Megatron-Core asserts that {_OVERLAP[14:]} with pp > 1 needs a virtual pipeline "
+        return (f"Megatron-Core asserts that {_NAME} with pp > 1 needs a virtual pipeline "
                 "(virtual_pipeline_model_parallel_size): add --virtual-stages 2 or more.")
     if cfg.pp <= 1 and not partial:
         return (f"{_OVERLAP} without a pipeline (combined_1f1b_schedule_for_no_pipelining, one micro-batch's forward "
