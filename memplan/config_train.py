@@ -202,6 +202,18 @@ class EngineConfig(Strict):
     tensor; mxfp8 one E8M0 byte per 32 elements; blockwise, DeepSeek-V3's 1x128 tiles, one fp32 per 128) and whether
     Megatron lets linear_proj and the shared experts' fc1 save their original input (every recipe but delayed;
     ``memory.te_fp8``)."""
+    microbatch_group_size_per_vp_stage: int | None = Field(default=None, gt=0)
+    """Megatron-Core ``--microbatch-group-size-per-virtual-pipeline-stage`` (``ModelParallelConfig``; None: Megatron's
+    default, the pipeline size p): micro-batches a model chunk runs in a row under interleaved 1F1B, which runs
+    (v − 1)·g + 2·(p − s − 1) warm-up forwards on stage s (pipeline_parallel/schedules.py
+    ``get_pp_rank_microbatches``; Llama 3's flexible N, Dubey et al. 2024 Sec. 3.3.2). pp > 1, v > 1,
+    p ≤ g ≤ m (``arch.interleaved``). The bubble stays (p − 1)/(v·m) for every g Megatron accepts (the step replayed
+    with its dependencies takes 2·m·v + 2·(p − 1) chunk slots, tests/test_megatron_schedule_knobs.py): step time
+    unchanged."""
+    overlap_moe_expert_parallel_comm: bool = False
+    """Megatron-Core ``--overlap-moe-expert-parallel-comm`` (``ModelParallelConfig``): the combined 1F1B that hides
+    one micro-batch's expert all-to-alls behind another's computation, with one extra warm-up forward under
+    interleaving (schedules.py ``get_pp_rank_microbatches``). MoE with ep > 1; interleaved when pp > 1."""
     activation_func_fp8_input_store: bool = False
     """Megatron-Core ``--activation-func-fp8-input-store`` (``TransformerConfig``, SwiGLU only): the fused SwiGLU
     keeps its input for backward cast to float8_e4m3fn, 1 byte per element (fusions/fused_bias_swiglu.py)."""

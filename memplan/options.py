@@ -313,6 +313,15 @@ OPTS: dict[str, Opt] = {
     "activation_func_fp8_input_store": _o("--activation-func-fp8-input-store/--no-activation-func-fp8-input-store",
                                           bool, None, "megatron: the SwiGLU keeps its input in fp8 for backward "
                                           "(default off).", ENGINE, field="engine_config.activation_func_fp8_input_store"),
+    "microbatch_group_size_per_vp_stage": _o("--microbatch-group-size-per-virtual-pipeline-stage", int, None,
+                                             "megatron with --pp and --virtual-stages: micro-batches each model chunk "
+                                             "runs in a row, pp to the micro-batches per step (default pp).", ENGINE,
+                                             field="engine_config.microbatch_group_size_per_vp_stage"),
+    "overlap_moe_expert_parallel_comm": _o("--overlap-moe-expert-parallel-comm/--no-overlap-moe-expert-parallel-comm",
+                                           bool, None, "megatron MoE with --ep and --virtual-stages: overlap the "
+                                           "expert all-to-alls of two micro-batches (one more warm-up forward; "
+                                           "default off).", ENGINE,
+                                           field="engine_config.overlap_moe_expert_parallel_comm"),
     "nccl_buffsize": _o("--nccl-buffsize", str, None, "NCCL_BUFFSIZE the training job runs with, e.g. 4MiB (default: "
                         "NCCL's 4 MiB); sizes runtime/nccl_communicators.", ENGINE, field="engine_config.nccl_buffsize",
                         convert=lambda t: size_or_none(t, "--nccl-buffsize"), text=size_text),
@@ -432,7 +441,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "pp_schedule", "mics_shard_size", "zero_hpz_partition_size", "cpu_offloading_num_layers",
                      "recompute_modules",
                      "use_precision_aware_optimizer", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders",
-                     "fp8_recipe", "activation_func_fp8_input_store",
+                     "fp8_recipe", "activation_func_fp8_input_store", "microbatch_group_size_per_vp_stage",
+                     "overlap_moe_expert_parallel_comm",
                      "nccl_buffsize", "nccl_max_nchannels", "nccl_nvls_enable", "nccl_nvls_chunksize"),
     "serving": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "kv_block_size", "enforce_eager",
                 "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",

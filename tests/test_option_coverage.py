@@ -86,6 +86,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
     "--zero-hpz-partition-size": "2", "--cpu-offloading-num-layers": "4", "--shard-group": "full",
     "--usd-per-hour": "3.5", "--recompute-modules": "layernorm", "--exp-avg-dtype": "bf16", "--exp-avg-sq-dtype": "bf16",
     "--fp8-recipe": "tensorwise", "--pp-schedule": "ZBVZeroBubble", "--grad-accum": "4",
+    "--microbatch-group-size-per-virtual-pipeline-stage": "4",
     "--nccl-buffsize": "1MiB", "--nccl-max-nchannels": "16", "--nccl-nvls-enable": "0", "--nccl-nvls-chunksize": "512KiB",
 }
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
@@ -144,6 +145,8 @@ ENGINE_SETTINGS: dict[str, list[str]] = {
     "--use-precision-aware-optimizer": ["--engine", "megatron"],
     "--fp8-recipe": ["--engine", "megatron", "--dtype", "fp8"],
     "--activation-func-fp8-input-store": ["--engine", "megatron"],
+    "--microbatch-group-size-per-virtual-pipeline-stage": ["--engine", "megatron", "--gpus", "2", "--pp", "2",
+                                                           "--virtual-stages", "2", "--grad-accum", "8"],
     **{flag: ["--engine", "megatron", "--use-precision-aware-optimizer"]
        for flag in ("--exp-avg-dtype", "--exp-avg-sq-dtype", "--store-param-remainders")},
 }
@@ -170,6 +173,10 @@ paged cache whose blocks do not divide the context."""
 for _command in ("estimate", "plan"):
     CONTEXT.update({(_command, flag, job): extra for flag, extra in ENGINE_SETTINGS.items() for job in ("pretrain", "full")})
     CONTEXT.update({(_command, flag, "infer"): extra for flag, extra in SERVING_SETTINGS.items()})
+# plan derives the micro-batches from the global batch (--grad-accum is estimate's)
+CONTEXT.update({("plan", "--microbatch-group-size-per-virtual-pipeline-stage", job): [
+    *ENGINE_SETTINGS["--microbatch-group-size-per-virtual-pipeline-stage"][:-2], "--global-batch", "8"]
+    for job in ("pretrain", "full")})
 # the request table only moves bytes where the reserved share overflows: a 0.999 static fraction leaves ~80 MB
 CONTEXT[("plan", "--max-running-requests", "infer")] = [*SGLANG, "--mem-fraction-static", "0.999"]
 for _job in ("pretrain", "full"):  # a slow fabric across 2 nodes: sharding within a node wins, so "full" changes it

@@ -16,6 +16,15 @@ the steady phase runs forward W + k, then backward k. torch/distributed/pipelini
 ``_get_1f1b_rank_ops``) runs the same order with g = ``microbatches_per_round`` = m // max(1, m // p), which is p when
 p divides m. A chunk micro-batch's saved tensors live from its forward to its backward, so the count per chunk is
 largest right after a forward.
+
+Two Megatron-Core knobs change the replay (``ModelParallelConfig``): ``microbatch_group_size_per_vp_stage`` (g,
+``--microbatch-group-size-per-virtual-pipeline-stage``, Llama 3's flexible N, Dubey et al. 2024 Sec. 3.3.2 and
+Fig. 6; ``group``), and ``overlap_moe_expert_parallel_comm`` (``extra`` = 1): ``get_pp_rank_microbatches`` "schedule[s]
+one extra micro-batch forward step before the 1f1b stages" (W + 1), whose steady steps then run forward W + 1 + k
+against backward k layer by layer (``combined_1f1b_schedule_for_interleaved_pipelining``; models/common/
+model_chunk_schedule_plan.py pairs forward layer i with the backward of the last layer not yet run). The replay
+still counts each forward whole before its paired backward: an upper bound on the paired step by at most one
+chunk micro-batch less one layer (the safe side).
 """
 
 from __future__ import annotations
@@ -23,16 +32,19 @@ from __future__ import annotations
 from functools import lru_cache
 
 
-def group_size(pp: int, micro_batches: int) -> int:
-    """Micro-batches per group of the interleaved schedule: torch's ``microbatches_per_round`` m // max(1, m // p)
-    (p when p divides m, Megatron's default ``microbatch_group_size_per_vp_stage``; m when m < p)."""
-    return micro_batches // max(1, micro_batches // pp)
+def group_size(pp: int, micro_batches: int, group: int | None = None) -> int:
+    """Micro-batches per group of the interleaved schedule: ``group`` (Megatron's ``microbatch_group_size_per_vp_stage``)
+    when given, else torch's ``microbatches_per_round`` m // max(1, m // p) (p when p divides m, Megatron's default
+    g = p; m when m < p)."""
+    return group if group is not None else micro_batches // max(1, micro_batches // pp)
 
 
-def warmup_chunk_forwards(pp: int, stage: int, virtual_stages: int, micro_batches: int) -> int:
-    """Chunk forwards stage ``stage`` runs before its first backward: min((p − s − 1)·2 + (v − 1)·g, m·v)."""
-    v, g = virtual_stages, group_size(pp, micro_batches)
-    return min((pp - stage - 1) * 2 + (v - 1) * g, micro_batches * v)
+def warmup_chunk_forwards(pp: int, stage: int, virtual_stages: int, micro_batches: int, *,
+                          group: int | None = None, extra: int = 0) -> int:
+    """Chunk forwards stage ``stage`` runs before its first backward: min((p − s − 1)·2 + (v − 1)·g + e, m·v), e = 1
+    with Megatron's ``overlap_moe_expert_parallel_comm`` (schedules.py ``get_pp_rank_microbatches``), else 0."""
+    v, g = virtual_stages, group_size(pp, micro_batches, group)
+    return min((pp - stage - 1) * 2 + (v - 1) * g + extra, micro_batches * v)
 
 
 def _chunk_table(micro_batches: int, v: int, g: int) -> tuple[int, ...]:
@@ -45,13 +57,14 @@ def _chunk_table(micro_batches: int, v: int, g: int) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=256)
-def chunk_counts_after_forwards(pp: int, stage: int, virtual_stages: int,
-                                micro_batches: int) -> tuple[tuple[int, ...], ...]:
+def chunk_counts_after_forwards(pp: int, stage: int, virtual_stages: int, micro_batches: int, *,
+                                group: int | None = None, extra: int = 0) -> tuple[tuple[int, ...], ...]:
     """The distinct per-chunk counts of micro-batches in flight on stage ``stage`` right after each of its forwards
-    (the only moments a count grows), in schedule order; a tuple of v counts each."""
-    v = virtual_stages
-    table = _chunk_table(micro_batches, v, group_size(pp, micro_batches))
-    return _steady(table, warmup_chunk_forwards(pp, stage, v, micro_batches), v)
+    (the only moments a count grows), in schedule order; a tuple of v counts each. ``group``, ``extra``: as in
+    ``warmup_chunk_forwards``."""
+    v, g = virtual_stages, group_size(pp, micro_batches, group)
+    table = _chunk_table(micro_batches, v, g)
+    return _steady(table, warmup_chunk_forwards(pp, stage, v, micro_batches, group=g, extra=extra), v)
 
 
 def _steady(table: tuple[int, ...], warm: int, v: int) -> tuple[tuple[int, ...], ...]:
@@ -88,11 +101,13 @@ def chunk_layer_counts(layers: int, virtual_stages: int, *, first_stage: bool = 
     return counts[::-1] if first_stage else counts
 
 
-def peak_chunk_bytes(pp: int, stage: int, micro_batches: int, chunk_bytes: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+def peak_chunk_bytes(pp: int, stage: int, micro_batches: int, chunk_bytes: tuple[int, ...], *,
+                     group: int | None = None, extra: int = 0) -> tuple[int, tuple[int, ...]]:
     """(bytes, per-chunk counts): the largest Σ_c count_c · ``chunk_bytes[c]`` over the moments right after each
     forward of stage ``stage`` (v = len(chunk_bytes) chunks, m = ``micro_batches`` per step), and the counts then.
-    ``chunk_bytes[c]``: one micro-batch's saved bytes of chunk c's layers."""
+    ``chunk_bytes[c]``: one micro-batch's saved bytes of chunk c's layers; ``group``, ``extra``: as in
+    ``warmup_chunk_forwards``."""
     v = len(chunk_bytes)
-    states = chunk_counts_after_forwards(pp, stage, v, micro_batches)
+    states = chunk_counts_after_forwards(pp, stage, v, micro_batches, group=group, extra=extra)
     best = max(states, key=lambda counts: sum(n * b for n, b in zip(counts, chunk_bytes, strict=True)))
     return sum(n * b for n, b in zip(best, chunk_bytes, strict=True)), best

@@ -115,7 +115,8 @@ def stage_index(arch: Architecture, pp: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1, micro_batches: int | None = None) -> int:
+def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1, micro_batches: int | None = None, *,
+                            group: int | None = None, extra: int = 0) -> int:
     """Micro-batches whose activations a pipeline stage holds at its peak, in whole-stage units.
 
     1F1B (v = 1): p − s (Narayanan et al. 2021, Sec. 2.2.1: stage s runs p − s forwards before its first
@@ -132,11 +133,14 @@ def in_flight_micro_batches(pp: int, stage: int, virtual_stages: int = 1, micro_
     keyword-argument rows use it; ``estimate``'s saved blocks, embedding and loss are counted per chunk instead
     (``arch.interleaved.peak_chunk_bytes``), which can exceed this count times the stage's bytes when the chunks are
     uneven (a stage with fewer layers than chunks: its layered chunks hold more than the stage average).
+    Megatron's ``microbatch_group_size_per_vp_stage`` g (``group``; None: p) replaces p in (v − 1)·p, and
+    ``overlap_moe_expert_parallel_comm`` adds ``extra`` = 1 warm-up forward (``arch.interleaved``).
     """
     if virtual_stages <= 1 or pp <= 1:
         flight = pp - stage
     else:
-        chunks = (pp - stage - 1) * 2 + (virtual_stages - 1) * pp + 1
+        g = pp if group is None else group
+        chunks = (pp - stage - 1) * 2 + (virtual_stages - 1) * g + extra + 1
         flight = ceil_div(chunks, virtual_stages)
     return flight if micro_batches is None else min(flight, micro_batches)
 

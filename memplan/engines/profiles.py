@@ -143,7 +143,7 @@ PROFILES: dict[Engine, Profile] = {
         ("gradients/main_grad_buffer",),
         ("use_distributed_optimizer", "cpu_offloading_num_layers", "recompute_modules", "use_precision_aware_optimizer",
          "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders", "fp8_recipe",
-         "activation_func_fp8_input_store"),
+         "activation_func_fp8_input_store", "microbatch_group_size_per_vp_stage", "overlap_moe_expert_parallel_comm"),
         "Megatron-Core/TransformerEngine fused layout: Korthikanti et al. 2022 (with their selective recompute; "
         "--recompute-modules core_attn, layernorm, mla_up_proj, moe_act)",
         ("Megatron-LM docs/source/api-guide/dist_optimizer.md", "megatron/core/distributed/param_and_grad_buffer.py",

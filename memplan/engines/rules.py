@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from memplan.config import Accounting, Engine, Job, JobConfig, Offload, OptimizerKind, Recompute, ZeroStage
 from memplan.dtypes import Dtype
-from memplan.engines import megatron_rules, pp_schedule_rules
+from memplan.engines import megatron_rules, megatron_schedule_rules, pp_schedule_rules
 from memplan.errors import MemplanError
 
 CPU_OPTIMIZERS = (OptimizerKind.ADAMW, OptimizerKind.LION)
@@ -379,7 +379,8 @@ def violation(cfg: JobConfig, *, partial: bool = False) -> str | None:
     if engine is Engine.DEEPSPEED:
         return _deepspeed(cfg)
     if engine is Engine.MEGATRON:
-        return megatron_rules.recompute_modules_rule(cfg) or _megatron(cfg)
+        return (megatron_rules.recompute_modules_rule(cfg) or megatron_schedule_rules.group_rule(cfg, partial=partial)
+                or megatron_schedule_rules.overlap_rule(cfg, partial=partial) or _megatron(cfg))
     return None
 
 

@@ -9,7 +9,7 @@ from memplan.arch.interleaved import chunk_layer_counts, peak_chunk_bytes
 from memplan.config import Recompute
 from memplan.memory import activations_block as blk
 from memplan.memory import pp_schedule_flight as psf
-from memplan.memory.activations_layers import layer_micro_bytes, micro_batches_in_flight, stage_layers_bytes
+from memplan.memory.activations_layers import interleave_knobs, layer_micro_bytes, micro_batches_in_flight, stage_layers_bytes
 from memplan.memory.activations_model import embedding_bytes, final_norm_bytes, loss_bytes
 from memplan.memory.context import Context
 
@@ -47,7 +47,8 @@ def peak_chunk_counts(ctx: Context, modes: dict[int, Recompute],
     weights = tuple(sum(col) for col in zip(*per.values(), strict=True))
     if psf.named(ctx.cfg):
         return per, psf.peak(ctx, weights)[1]
-    return per, peak_chunk_bytes(ctx.cfg.pp, ctx.stage, ctx.cfg.grad_accum, weights)[1]
+    group, extra = interleave_knobs(ctx.cfg)
+    return per, peak_chunk_bytes(ctx.cfg.pp, ctx.stage, ctx.cfg.grad_accum, weights, group=group, extra=extra)[1]
 
 
 def layer_flights(ctx: Context, modes: dict[int, Recompute], counting: blk.Counting) -> dict[int, int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from memplan.arch.parallel import in_flight_micro_batches
 from memplan.arch.tensors import Layer
 from memplan.catalog.schema import Family, ModelSpec
-from memplan.config import JobConfig, Recompute
+from memplan.config import Engine, JobConfig, Recompute
 from memplan.memory import accelerate_fp8, litgpt, megatron_recompute, te_fp8
 from memplan.memory import activations_amp as amp_extra
 from memplan.memory import activations_block as blk
@@ -33,6 +33,16 @@ def counting_for(cfg: JobConfig) -> blk.Counting:
     return blk.PAPER if cfg.effective_activation_accounting == "paper" else blk.CUDA
 
 
+def interleave_knobs(cfg: JobConfig) -> tuple[int | None, int]:
+    """(g, e) of Megatron's interleaved schedule (``arch.interleaved.warmup_chunk_forwards``): g its
+    ``microbatch_group_size_per_vp_stage`` (None: the default), e = 1 extra warm-up forward with
+    ``overlap_moe_expert_parallel_comm`` (schedules.py ``get_pp_rank_microbatches``), on engine megatron only."""
+    knobs = cfg.engine_config
+    if cfg.effective_engine is not Engine.MEGATRON:
+        return None, 0
+    return knobs.microbatch_group_size_per_vp_stage, int(knobs.overlap_moe_expert_parallel_comm)
+
+
 def micro_batches_in_flight(ctx: Context) -> int:
     """Micro-batches whose activations the reported stage holds: pp - stage under 1F1B, more with the
     interleaved schedule, never more than the step's ``grad_accum`` (``arch.parallel.in_flight_micro_batches``)."""
@@ -40,7 +50,9 @@ def micro_batches_in_flight(ctx: Context) -> int:
 
     if psf.named(ctx.cfg):  # a named torch schedule (engine_config.pp_schedule): its replay
         return psf.whole_stage_flight(ctx)
-    return in_flight_micro_batches(ctx.cfg.pp, ctx.stage, ctx.cfg.perf.virtual_stages, ctx.cfg.grad_accum)
+    group, extra = interleave_knobs(ctx.cfg)
+    return in_flight_micro_batches(ctx.cfg.pp, ctx.stage, ctx.cfg.perf.virtual_stages, ctx.cfg.grad_accum,
+                                   group=group, extra=extra)
 
 
 def layer_modes(ctx: Context) -> dict[int, Recompute]:

@@ -113,10 +113,10 @@ def job_rows(ctx: Context, missing: list[str]) -> list[Row]:
         kept = sum(r.bytes for r in rows if r.component == "weights/fsdp_kept_all_gather")
         rows += with_phases(ctx, engine_fsdp2_backward.kept_at_loss_rows(ctx, kept=kept))
         rows += with_phases(ctx, engine_fsdp2_backward.first_reduce_scatter_rows(ctx, rows))
-    if ctx.cfg.pp > 1:  # torch pipelining's (fsdp2) and DeepSpeed's pipe_buffers; none on other engines
-        from memplan.memory import pp_outputs, pp_stage_buffers
+    if ctx.cfg.pp > 1:  # torch pipelining's (fsdp2), DeepSpeed's pipe_buffers, Megatron's queues at g > p
+        from memplan.memory import megatron_pp_buffers, pp_outputs, pp_stage_buffers
 
-        rows += with_phases(ctx, pp_stage_buffers.rows(ctx) + pp_outputs.rows(ctx))
+        rows += with_phases(ctx, pp_stage_buffers.rows(ctx) + pp_outputs.rows(ctx) + megatron_pp_buffers.rows(ctx))
     return rows
 
 

@@ -129,6 +129,12 @@ register("activations/pp_recv_buffers", TRAIN_PHASES,
          "torch.distributed.pipelining stage.py PipelineStage._setup_forward_recv_info: one input receive buffer per "
          "micro-batch, allocated at the first step and kept; DeepSpeed pipe/engine.py: one pipe_recv_buf "
          "(memory.pp_stage_buffers)")
+register("activations/megatron_pp_recv_queue", (_F, _BS),
+         "Megatron interleaved 1F1B with microbatch_group_size_per_vp_stage g > pp: the first stage's forward inputs "
+         "received g - pp iterations ahead of their forward (memory.megatron_pp_buffers)")
+register("activations/megatron_pp_grad_recv_queue", (_F, _BS),
+         "Megatron interleaved 1F1B with microbatch_group_size_per_vp_stage g > pp: the last stage's output gradients "
+         "received g - pp iterations ahead of their backward (memory.megatron_pp_buffers)")
 register("activations/pp_stage_inputs", (_F, _BS),
          "DeepSpeed runtime/pipe/engine.py _exec_recv_activations: pipe_buffers['inputs'] keeps each in-flight "
          "micro-batch's received input until _exec_send_grads (memory.pp_stage_buffers.deepspeed_rows)")

@@ -144,6 +144,12 @@ class Problem:
     """Model chunks per pipeline stage (interleaved 1F1B): how many micro-batches a stage holds in flight
     (``flight``)."""
 
+    vp_group: int | None = None
+    """Megatron's ``microbatch_group_size_per_vp_stage`` (None: p) for ``flight`` (``memory.activations_layers.
+    interleave_knobs``)."""
+    vp_extra: int = 0
+    """The extra warm-up forward of Megatron's ``overlap_moe_expert_parallel_comm`` (1, else 0) for ``flight``."""
+
     pp_schedule: str | None = None
     """A named torch.distributed.pipelining schedule (``engine_config.pp_schedule``, engine fsdp2): ``flight`` takes
     its replay's count (``arch.pp_schedules.whole_stage_flight``) where the step's micro-batches are known."""
@@ -176,7 +182,8 @@ class Problem:
         in_flight_micro_batches``, the count ``estimate`` uses)."""
         if self.pp_schedule is not None and pp > 1 and micro_batches is not None:
             return whole_stage_flight(self.pp_schedule, pp, stage, self.virtual_stages, micro_batches)
-        return in_flight_micro_batches(pp, stage, self.virtual_stages, micro_batches)
+        return in_flight_micro_batches(pp, stage, self.virtual_stages, micro_batches, group=self.vp_group,
+                                       extra=self.vp_extra)
 
     _flights: dict[tuple, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 

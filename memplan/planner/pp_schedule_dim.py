@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from memplan.arch.pp_schedules import SINGLE, V_SHAPE
 from memplan.config import Engine, JobConfig
-from memplan.engines import pp_schedule_rules
+from memplan.engines import megatron_schedule_rules, pp_schedule_rules
 from memplan.planner.space import SearchSpace
 
 
@@ -46,12 +46,18 @@ def schedule_bases(bases: list[JobConfig], space: SearchSpace, excluded: list[st
 def takes(cfg: JobConfig) -> bool:
     """Whether ``cfg``'s named schedule (if any) takes its micro-batches per step (``engines.pp_schedule_rules``:
     DualPipeV's m ≥ 2p, the interleaved schedules' rounds): the shapes a plan may give it."""
+    if megatron_schedule_rules.group_rule(cfg) is not None:  # Megatron's group size against m
+        return False
     return cfg.engine_config.pp_schedule is None or pp_schedule_rules.rule(cfg, cfg.effective_engine) is None
 
 
 def with_steps(cfg: JobConfig, global_batch: int) -> JobConfig:
     """``cfg`` with the micro-batches per step ``global_batch`` gives, for the rules that read them (a named
-    schedule's); ``cfg`` itself without a named schedule."""
+    schedule's); ``cfg`` itself without a named schedule. With Megatron's ``microbatch_group_size_per_vp_stage`` g
+    (the micro-batch size, hence m, not chosen yet) m = g, which its checks against m accept: ``takes`` applies them
+    to each shape."""
+    if cfg.engine_config.microbatch_group_size_per_vp_stage is not None and cfg.engine_config.pp_schedule is None:
+        return cfg.model_copy(update={"grad_accum": cfg.engine_config.microbatch_group_size_per_vp_stage})
     if cfg.engine_config.pp_schedule is None:
         return cfg
     return cfg.model_copy(update={"grad_accum": max(1, global_batch // (cfg.micro_batch * cfg.batch_dp))})

@@ -87,6 +87,7 @@ __all__ = [
     "dp_comm_seconds",
     "efficiency",
     "engine_name",
+    "ep_overlap_seconds",
     "ep_seconds",
     "generation",
     "global_batch_of",
@@ -145,9 +146,36 @@ def ep_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, global_batch: i
     both together)."""
     if cfg.ep <= 1:
         return 0.0
-    slowest = max(stage_ep_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg))
-    return cost.pipeline_seconds(stage_micro_s=slowest, micro_batches=micro_batches(cfg, global_batch),
+    m = micro_batches(cfg, global_batch)
+    if cfg.engine_config.overlap_moe_expert_parallel_comm and cfg.effective_engine is Engine.MEGATRON:
+        slowest = max(ep_overlap_seconds(arch, gpu, cfg, s, m) for s in _distinct_stages(arch, cfg))
+    else:
+        slowest = max(stage_ep_seconds(arch, gpu, cfg, s) for s in _distinct_stages(arch, cfg))
+    return cost.pipeline_seconds(stage_micro_s=slowest, micro_batches=m,
                                  pp=cfg.pp, virtual_stages=cfg.perf.virtual_stages, schedule=named(cfg))
+
+
+def ep_overlap_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage: int, micro_batches: int) -> float:
+    """Per micro-batch exposed expert all-to-all time of a stage under Megatron's ``overlap_moe_expert_parallel_comm``:
+    the steady 1F1B steps run one micro-batch's forward with another's backward, each one's all-to-alls hidden
+    behind the other's computation (megatron/core/pipeline_parallel/combined_1f1b.py; moe/README.md "Overlaps
+    All-to-All with computation by merging FWD-BWD passes of adjacent microbatches"); the warm-up forwards and the
+    cool-down backwards run alone, exposed as without the knob.
+
+    Formula: f·A·(1 − o) + (1 − f)·min(A·(1 − o), max(0, A − C)), A = ``stage_ep_seconds`` unhidden, o = ``overlap``
+    (what is hidden without the knob, ``perf.comm_overlap`` where given), C = ``stage_micro_seconds`` (forward +
+    backward), f = W/(m·v) the unpaired share of the stage's chunk steps, W = its warm-up chunk forwards with the
+    extra one (``arch.interleaved.warmup_chunk_forwards``). Assumption: a paired step hides up to the other
+    micro-batch's whole compute time; the knob never exposes more than without it."""
+    from memplan.arch.interleaved import warmup_chunk_forwards
+
+    v = max(1, cfg.perf.virtual_stages)
+    raw = stage_ep_seconds(arch, gpu, cfg, stage, exposed=1.0)
+    group = cfg.engine_config.microbatch_group_size_per_vp_stage
+    warm = warmup_chunk_forwards(cfg.pp, stage, v, micro_batches, group=group, extra=1) if cfg.pp > 1 else 1
+    alone = min(1.0, warm / (micro_batches * v))
+    plain = raw * (1.0 - overlap(cfg))
+    return alone * plain + (1.0 - alone) * min(plain, max(0.0, raw - stage_micro_seconds(arch, gpu, cfg, stage)))
 
 
 def micro_batches(cfg: JobConfig, global_batch: int) -> int:

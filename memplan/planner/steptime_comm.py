@@ -125,10 +125,11 @@ def stage_comm_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, layers:
     return seconds
 
 
-def stage_ep_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage: int) -> float:
+def stage_ep_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage: int, *,
+                     exposed: float | None = None) -> float:
     """Per micro-batch expert all-to-all time of one stage not hidden behind compute: four all-to-alls per MoE
     layer (``EP_ALL_TO_ALLS_PER_LAYER``) of micro-batch tokens × top-k × hidden in 16-bit over ep ranks,
-    inside a node when ep·tp ≤ GPUs per node, times (1 − overlap)."""
+    inside a node when ep·tp ≤ GPUs per node, times ``exposed`` (default 1 − overlap)."""
     if cfg.ep <= 1 or not arch.layers:
         return 0.0
     moe = [arch.layers[i] for i in arch_stage_ranges(arch, cfg.pp)[stage] if arch.layers[i].moe]
@@ -138,7 +139,8 @@ def stage_ep_seconds(arch: Architecture, gpu: GpuSpec, cfg: JobConfig, stage: in
     nbytes = _tokens_micro(cfg) * (arch.spec.hidden_size or 0) * ACTIVATION_BYTES * topk / cfg.tp
     bw, lat = links(gpu, cfg).pick(cfg.ep * cfg.tp <= cfg.gpus_per_node)
     a2a = cost.collective_seconds(kind="all_to_all", nbytes=nbytes, ranks=cfg.ep, bytes_per_s=bw, latency_s=lat)
-    return (1.0 - overlap(cfg)) * EP_ALL_TO_ALLS_PER_LAYER * len(moe) * a2a
+    share = 1.0 - overlap(cfg) if exposed is None else exposed
+    return share * EP_ALL_TO_ALLS_PER_LAYER * len(moe) * a2a
 
 
 def engine_name(cfg: JobConfig) -> str:

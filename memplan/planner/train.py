@@ -304,6 +304,7 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
                       stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
                       virtual_stages=setting.base.perf.virtual_stages, global_batch=setting.global_batch,
+                      vp_group=act.interleave_knobs(setting.base)[0], vp_extra=act.interleave_knobs(setting.base)[1],
                       pp_schedule=pp_schedule_flight.named(setting.base.model_copy(update={"pp": 2})),
                       world=setting.base.world_size, cp=setting.base.cp, cooldown=cooldown,
                       chunk_map=train_pipeline.chunk_maps(setting.arch, setting.base.perf.virtual_stages, cooldown))

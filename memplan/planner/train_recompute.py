@@ -132,6 +132,7 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
         lean[tp, pp] = [min(a, b) for a, b in zip(cur, e.gpu_in(start), strict=True)]
     out: dict[tuple, float | None] = {}
     none = min(layers.modes, key=lambda m: layers.savings_rank.get(m, 0))  # the least-saving mode allowed
+    group, extra = act.interleave_knobs(setting.base)
     for key in {k for per in layers.gpu for m in per.values() for k in m}:
         tp, pp = key[0], key[1]
         shp = shape.entries.get(key)
@@ -142,7 +143,8 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
         ranges = arch_stage_ranges(setting.arch, pp)
         for s in range(pp):
             members = ranges[s]
-            flight = in_flight_micro_batches(pp, s, setting.base.perf.virtual_stages, micro_batches(setting, key))
+            flight = in_flight_micro_batches(pp, s, setting.base.perf.virtual_stages, micro_batches(setting, key),
+                                             group=group, extra=extra)
             base = sum(flight * layers.gpu[i][none][key] for i in members)
             need = base + lean[tp, pp][s] + shp.gpu_in(start)[s] - cap
             if need <= 0:
