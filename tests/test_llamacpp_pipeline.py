@@ -47,8 +47,9 @@ def _device_rows(est, device: int) -> dict[str, int]:
 
 
 def _command_r(**serve: object):
+    serve = {"flash_attn": False, "tensor_split": (12.0, 29.0), "llama_set_rows": False, **serve}  # a 2024 build
     return estimate("command-r", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m", pp=2, gpus_per_node=2,
-                    infer={"context": 4096}, serve={"flash_attn": False, "tensor_split": (12.0, 29.0), **serve})
+                    infer={"context": 4096}, serve=serve)
 
 
 def test_command_r_two_gpus_log() -> None:
@@ -88,7 +89,7 @@ def test_mistral_small_24b_flash_attention_log(tmp_path: Path) -> None:
 def test_mistral_7b_host_compute_buffer() -> None:
     for context, host, gpu in ((2048, 12.01, 164.00), (32768, 72.01, 2144.00)):
         est = estimate("mistral-7b", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m",
-                       infer={"context": context}, serve={"flash_attn": False})
+                       infer={"context": context}, serve={"flash_attn": False, "llama_set_rows": False})
         got = {r.component: r.bytes for r in est.rows}
         assert round(got["activations/llamacpp_host_compute"] / MiB, 2) == host
         assert abs(got["activations/llamacpp_compute"] / MiB - gpu) <= 0.01
@@ -112,9 +113,11 @@ def test_partial_offload_over_two_gpus_has_one_copy() -> None:
     assert llamacpp_sched.n_copies(est.config, 32) == 1
     rows = _device_rows(est, 1)
     assert rows["kv_cache/host"] == 12 * 8192 * 2 * 1024 * 2
-    # No output layer on GPU 1: KQ (8192 × 512 × 32 heads f32) + f32 mask + 4 hidden-size tensors. (GPU 0 also runs
-    # the CPU layers' offloaded ops: tests/test_llamacpp_offload.py.)
-    assert rows["activations/llamacpp_compute"] == 8192 * 512 * 32 * 4 + 8192 * 512 * 4 + 4 * 4096 * 512 * 4
+    # No output layer on GPU 1: KQ (8192 × 512 × 32 heads f32) + f32 mask + the I64 KV index inputs (k_idxs 512,
+    # v_idxs 512 × 1024 without flash attention) + 4 hidden-size tensors. (GPU 0 also runs the CPU layers' offloaded
+    # ops: tests/test_llamacpp_offload.py.)
+    idxs = 512 * 8 + 512 * 1024 * 8
+    assert rows["activations/llamacpp_compute"] == 8192 * 512 * 32 * 4 + 8192 * 512 * 4 + idxs + 4 * 4096 * 512 * 4
 
 
 def test_knobs_that_move_no_byte_are_refused() -> None:
@@ -138,11 +141,13 @@ def test_copies_raise_every_gpu_and_the_host() -> None:
         a, b = _device_rows(four, device), _device_rows(one, device)
         assert a["activations/llamacpp_compute"] > b["activations/llamacpp_compute"]
     # GPU 1 takes GPU 0's f16 cast of the mask; its working set is the logits (512 × (128256 + 4096) f32), so the
-    # copies add on top: 4 × (f16 mask + hidden + positions + output ids).
+    # copies add on top: 4 × (f16 mask + hidden + positions + output ids + KV index inputs, I64 k_idxs and v_idxs of
+    # 512 tokens each under flash attention).
+    idxs = 2 * 512 * 8
     gpu1 = _device_rows(four, 1)["activations/llamacpp_compute"]
-    assert gpu1 == COPIES * (mask_f16 + 4096 * 512 * 4 + 2 * 512 * 4) + 512 * (128256 + 4096) * 4
+    assert gpu1 == COPIES * (mask_f16 + 4096 * 512 * 4 + 2 * 512 * 4 + idxs) + 512 * (128256 + 4096) * 4
     host = _device_rows(four, 0)["activations/llamacpp_host_compute"]
-    assert host == COPIES * (mask_f32 + 3 * 512 * 4) + 4096 * 512 * 4
+    assert host == COPIES * (mask_f32 + 3 * 512 * 4 + idxs) + 4096 * 512 * 4
 
 
 def test_cli_sched_copies(runner) -> None:

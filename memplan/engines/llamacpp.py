@@ -74,9 +74,10 @@ def check(cfg: JobConfig) -> None:
         raise MemplanError("tensor_split (-ts) divides layers over several GPUs; with one (--pp 1) it moves no byte.")
 
 
-def check_effects(cfg: JobConfig, n_layer: int) -> None:
+def check_effects(cfg: JobConfig, n_layer: int, swa: bool = False) -> None:
     """Refuse the scheduler knobs where they move no byte (no knob silently ignored): ``ggml_sched_max_copies`` without
-    pipeline parallelism (one GPU, or -ngl leaving layers on the CPU), ``op_offload`` off with nothing on the CPU."""
+    pipeline parallelism (one GPU, or -ngl leaving layers on the CPU), ``op_offload`` off with nothing on the CPU,
+    ``swa_full`` for a model without a sliding-window cache (``swa`` false)."""
     from memplan.config import ServeConfig
     from memplan.engines import llamacpp_sched
 
@@ -88,6 +89,9 @@ def check_effects(cfg: JobConfig, n_layer: int) -> None:
     if s.ggml_sched_max_copies != default.ggml_sched_max_copies and cfg.pp == 1:
         raise MemplanError("ggml_sched_max_copies sizes pipeline parallelism's copies, which llama.cpp uses only over "
                            "several GPUs (--pp N, -sm layer); with one it moves no byte.")
+    if s.swa_full and not swa:
+        raise MemplanError("swa_full (--swa-full) sizes the sliding-window cache of Gemma-2/3-like models, and this "
+                           "model has none in llama.cpp; it moves no byte. Drop it.")
     if not s.op_offload and output_on_gpu(cfg, n_layer):
         raise MemplanError("--no-op-offload keeps the CPU layers' ops on the CPU, and every layer is on the GPU "
                            f"(-ngl > {n_layer}); it moves no byte. Drop it or offload fewer layers.")
@@ -227,12 +231,12 @@ def rows(ctx: Context) -> list[Row]:
     llama.cpp turns on pipeline parallelism and each GPU's compute buffer and the host's hold ``n_copies`` copies of
     their inputs (``memplan.engines.llamacpp_sched``).
     """
-    from memplan.engines import llamacpp_compute, llamacpp_sched
+    from memplan.engines import llamacpp_compute, llamacpp_inputs, llamacpp_sched
 
     cfg, arch = ctx.cfg, ctx.arch
     check(cfg)
     n_layer = len(arch.layers)
-    check_effects(cfg, n_layer)
+    check_effects(cfg, n_layer, bool(llamacpp_inputs.swa_layers(ctx)))
     on_gpu = gpu_layers(cfg, n_layer)
     out_gpu = output_on_gpu(cfg, n_layer)
     gpu_w, cpu_w = model_buffers(ctx, on_gpu, out_gpu)
