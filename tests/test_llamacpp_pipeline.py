@@ -5,7 +5,7 @@ With several GPUs, -sm layer, every layer offloaded and the KV cache offloaded, 
 and graph input (ggml/src/ggml-backend.cpp ``ggml_backend_sched_split_graph``), none of them ever freed.
 
 Published logs (llama.cpp prints MiB with two decimals):
-(a) ggml-org/llama.cpp PR #6122, Wuzzooy's log (March 2024): Command-R 35B on an RTX 4070 Ti + RTX 3090 Ti, 41/41
+(a) ggml-org/llama.cpp PR #6122, Wuzzooy's log (March 2024, before ``ggml_set_rows``): Command-R 35B on an RTX 4070 Ti + RTX 3090 Ti, 41/41
     layers, n_ctx 4096, n_ubatch 512, flash attention off (not in that release), "pipeline parallelism enabled
     (n_copies=4)", CUDA0 KV 1536.00 MiB (12 layers), CUDA1 KV 3584.00 MiB, CUDA0 compute buffer 672.01 MiB.
 (b) ggml-org/llama.cpp PR #16748, LostRuins' log of koboldcpp issue #1882 (Dec 2025): Cydonia-24B (Mistral Small
@@ -77,8 +77,9 @@ def test_mistral_small_24b_flash_attention_log(tmp_path: Path) -> None:
     assert round(gpu0["activations/llamacpp_output"] / MiB, 2) == 0.50
     # The compute buffer: ggml-alloc's byte count is not closed-form. Held copies alone are 4 × (f32 mask of 150272 ×
     # 4096 + hidden 5120 × 4096 f32 + positions) = 9712 MiB, next to the f16 mask (1174 MiB) and the FFN's gate, up and
-    # swiglu (3 × 32768 × 4096 f32); memplan is 31.75 MiB (0.24%) over the printed 13327728640 bytes. Without the
-    # copies it would say about 3.4 GiB.
+    # swiglu (3 × 32768 × 4096 f32), and 4 × (k_idxs + v_idxs) of 4096 I64 each (0.25 MiB; flash attention, a build
+    # with ggml_set_rows); memplan is 32.00 MiB (0.25%) over the printed 13327728640 bytes. Without the copies it
+    # would say about 3.4 GiB.
     published = 13_327_728_640
     got = gpu0["activations/llamacpp_compute"]
     held = COPIES * (150272 * 4096 * 4 + 5120 * 4096 * 4 + 4096 * 4)

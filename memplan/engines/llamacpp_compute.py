@@ -20,8 +20,9 @@ FFN_INTERMEDIATES = 3
 FFN_EMBD_TENSORS = EMBD_WORK_TENSORS
 """n_embd × n_ubatch f32 tensors alive next to them, the same allowance as the attention's: ``build_ffn`` names two
 (the FFN's residual input and its normed input); on the one log whose FFN sets the buffer (Mistral-Small-24B,
-n_ubatch 4096, two GPUs; tests/test_llamacpp_pipeline.py) two leave memplan 128.25 MiB (0.96%) under, four 31.75 MiB
-(0.24%) over; the rest is ggml-alloc's free-block fragmentation, not modelled, so the conservative four."""
+n_ubatch 4096, two GPUs, a build with ``ggml_set_rows``; tests/test_llamacpp_pipeline.py) two leave memplan 128.00 MiB
+(0.96%) under, four 32.00 MiB (0.25%) over; the rest is ggml-alloc's free-block fragmentation, not modelled, so the
+conservative four."""
 
 
 def ffn_width(ctx: Context) -> int:
