@@ -5,9 +5,10 @@ With several GPUs, -sm layer, every layer offloaded and the KV cache offloaded, 
 and graph input (ggml/src/ggml-backend.cpp ``ggml_backend_sched_split_graph``), none of them ever freed.
 
 Published logs (llama.cpp prints MiB with two decimals):
-(a) ggml-org/llama.cpp PR #6122, Wuzzooy's log (March 2024, before ``ggml_set_rows``): Command-R 35B on an RTX 4070 Ti + RTX 3090 Ti, 41/41
-    layers, n_ctx 4096, n_ubatch 512, flash attention off (not in that release), "pipeline parallelism enabled
-    (n_copies=4)", CUDA0 KV 1536.00 MiB (12 layers), CUDA1 KV 3584.00 MiB, CUDA0 compute buffer 672.01 MiB.
+(a) ggml-org/llama.cpp PR #6122, Wuzzooy's log (March 2024, before ``ggml_set_rows``): Command-R 35B on an RTX
+    4070 Ti + RTX 3090 Ti, 41/41 layers, n_ctx 4096, n_ubatch 512, flash attention off (not in that release),
+    "pipeline parallelism enabled (n_copies=4)", CUDA0 KV 1536.00 MiB (12 layers), CUDA1 KV 3584.00 MiB, CUDA0
+    compute buffer 672.01 MiB.
 (b) ggml-org/llama.cpp PR #16748, LostRuins' log of koboldcpp issue #1882 (Dec 2025): Cydonia-24B (Mistral Small
     24B) Q8_0 on two GPUs, -ts 1,1, n_ctx 150272, n_ubatch 4096, flash attention on, n_copies=4: CUDA0/CUDA1 model
     buffers 11826.45 / 11380.14 MiB, CUDA_Host model buffer 680.00 MiB, KV 12327.00 / 11153.00 MiB, output buffer
