@@ -10,9 +10,10 @@ allocates and logs (src/llama-model.cpp ``load_tensors``, src/llama-kv-cache.cpp
   n_embd_v_gqa)) for the offloaded layers (``offload_kqv``), the rest in a host KV buffer;
 - "CUDA0 compute buffer size": the graph allocator's worst case for one ubatch
   (``memplan.engines.llamacpp_compute``), with its graph inputs (the KQ masks, a second one for sliding-window
-  models, and ``ggml_set_rows``' KV index inputs: ``memplan.engines.llamacpp_inputs``); with several GPUs of a full layer split, the scheduler's
-  pipeline-parallel input copies on each GPU (``memplan.engines.llamacpp_sched``); under -ngl partial offload,
-  the CPU ops the first GPU runs with their weights copied in (``memplan.engines.llamacpp_offload``);
+  models, and ``ggml_set_rows``' KV index inputs: ``memplan.engines.llamacpp_inputs``); with several GPUs of a full
+  layer split, the scheduler's pipeline-parallel input copies on each GPU (``memplan.engines.llamacpp_sched``);
+  under -ngl partial offload, the CPU ops the first GPU runs with their weights copied in
+  (``memplan.engines.llamacpp_offload``);
 - "CUDA_Host compute buffer size": the graph inputs on the host (``llamacpp_sched.host_compute_bytes``);
 - "CUDA_Host output buffer size": n_vocab fp32 logits per sequence.
 

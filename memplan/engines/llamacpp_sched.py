@@ -3,10 +3,11 @@
 ggml-backend's scheduler (ggml/src/ggml-backend.cpp ``ggml_backend_sched_new``, ``ggml_backend_sched_split_graph``)
 cuts the graph into splits, one per run of nodes on one backend. Each split's inputs that live on another backend
 (the hidden state from the previous GPU; the KQ masks, positions and KV index inputs from the host,
-``memplan.engines.llamacpp_inputs``) are copied into the split's backend, inside that backend's compute buffer. With ``parallel`` true it keeps ``n_copies`` =
-``GGML_SCHED_MAX_COPIES`` (4 unless the build sets it) copies of each such input and of each graph input
-(``GGML_TENSOR_FLAG_INPUT``: tokens, positions, KQ masks, KV index inputs, output ids) on its own backend, every copy flagged input
-and output so that ggml-alloc never frees or reuses it; micro-batch k + 1's inputs are uploaded while the next GPU
+``memplan.engines.llamacpp_inputs``) are copied into the split's backend, inside that backend's compute buffer. With
+``parallel`` true it keeps ``n_copies`` = ``GGML_SCHED_MAX_COPIES`` (4 unless the build sets it) copies of each such
+input and of each graph input (``GGML_TENSOR_FLAG_INPUT``: tokens, positions, KQ masks, KV index inputs, output ids)
+on its own backend, every copy flagged input and output so that ggml-alloc never frees or reuses it; micro-batch
+k + 1's inputs are uploaded while the next GPU
 still reads micro-batch k's.
 
 src/llama-context.cpp (``llama_context`` constructor, ``sched_reserve``) passes ``parallel`` = ``pipeline_parallel``:
