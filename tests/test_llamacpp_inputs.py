@@ -161,3 +161,37 @@ def test_cli_knobs(runner) -> None:
     vllm = run_cli(runner, "estimate", "llama-3.1-8b", "--gpu", "rtx-4090", "--job", "infer", "--engine", "vllm",
                    "--swa-full", code=2)
     assert "swa_full" in vllm.stderr
+
+
+# Gemma-3-270M (google/gemma-3-270m config.json, the fields memplan reads): 18 layers, every 6th full, window 512,
+# one KV head of 256.
+GEMMA3_270M = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048,
+    "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+    "vocab_size": 262144, "max_position_embeddings": 32768, "sliding_window": 512, "hidden_activation": "gelu_pytorch_tanh",
+    "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+}
+
+
+@pytest.mark.parametrize(("slots", "measured_mib"), [(1, 39), (2, 54), (4, 84)])
+def test_gemma3_270m_kv_matches_llama_server(tmp_path, slots: int, measured_mib: int) -> None:
+    # unsloth PR #7530 measured llama-server's KV (f16) for Gemma-3-270M at n_ctx 8192: 24 + 15 × slots MiB. Per cell
+    # and layer K + V are 2 × 256 × 2 B = 1 KiB: 3 full layers × 8192 cells = 24 MiB; each slot's SWA stream holds
+    # pad256(min(8192 / slots, 512 + 512)) = 1024 cells in 15 layers = 15 MiB.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(GEMMA3_270M))
+    est = estimate(str(path), "rtx-4090", job="infer", engine="llamacpp", quant="q8_0", micro_batch=slots,
+                   infer={"context": 8192 // slots}, serve={"n_ctx": 8192})
+    assert _rows(est)["kv_cache"] == measured_mib * MiB
+    assert (3 * 8192 + 15 * slots * 1024) * 1024 == measured_mib * MiB
+    full = estimate(str(path), "rtx-4090", est.config, serve={**est.config.serve.model_dump(), "swa_full": True})
+    assert _rows(full)["kv_cache"] == 18 * 8192 * 1024  # --swa-full: every layer holds n_ctx cells
+
+
+def test_gemma2_kv_cache_splits_into_full_and_sliding_layers() -> None:
+    # Gemma-2-9B at n_ctx 32768: 21 full layers of 32768 cells, 21 sliding ones of 4608; K + V of 8 heads × 256 f16
+    # = 8 KiB per cell and layer.
+    per_cell = 2 * GEMMA2["v_gqa"] * 2
+    assert _rows(_gemma(32768))["kv_cache"] == (21 * 32768 + 21 * 4608) * per_cell
+    assert _rows(_gemma(32768, swa_full=True))["kv_cache"] == 42 * 32768 * per_cell

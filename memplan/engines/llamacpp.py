@@ -7,7 +7,8 @@ allocates and logs (src/llama-model.cpp ``load_tensors``, src/llama-kv-cache.cpp
   ``-ngl`` (the last ngl repeating layers; the output layer too when ngl > n_layer) and the rest, with the
   input embedding always on the host (``dev_input`` is the CPU);
 - "CUDA0 KV buffer size": n_ctx cells × L_gpu × (row_size(type_k, n_embd_k_gqa) + row_size(type_v,
-  n_embd_v_gqa)) for the offloaded layers (``offload_kqv``), the rest in a host KV buffer;
+  n_embd_v_gqa)) for the offloaded layers (``offload_kqv``), the rest in a host KV buffer; a sliding-window model's
+  SWA layers hold the SWA cache's cells instead (``llamacpp_inputs.layer_cells``);
 - "CUDA0 compute buffer size": the graph allocator's worst case for one ubatch
   (``memplan.engines.llamacpp_compute``), with its graph inputs (the KQ masks, a second one for sliding-window
   models, and ``ggml_set_rows``' KV index inputs: ``memplan.engines.llamacpp_inputs``); with several GPUs of a full
@@ -247,10 +248,10 @@ def rows(ctx: Context) -> list[Row]:
         mine, my_out = device_layers(cfg, n_layer, ctx.stage)
         gpu_w = model_buffers(ctx, mine, my_out)[0]
     cells = n_ctx(cfg)
-    per_layer = kv_bytes_per_layer(ctx, cells)
-    s = cfg.serve
-    kv_note = (f"{cells} cells, K ({s.cache_type_k}) + V ({s.cache_type_v}); {len(mine)} of {n_layer} layers on "
-               f"this GPU")
+    per_layer, lc = kv_bytes_per_layer(ctx, cells), llamacpp_inputs.layer_cells(ctx, cells)
+    s, swa = cfg.serve, llamacpp_inputs.swa_cells(ctx, cells)
+    kv_note = (f"{cells} cells" + (f" ({swa} in the sliding-window cache)" if swa else "") + f", K ({s.cache_type_k})"
+               f" + V ({s.cache_type_v}); {len(mine)} of {n_layer} layers on this GPU")
     copies = llamacpp_sched.n_copies(cfg, n_layer)
     pp_note = (f"; pipeline parallelism, {copies} copies of the inputs (if they do not fit, llama.cpp since PR #16748 "
                "retries with one: --ggml-sched-max-copies 1)") if copies > 1 else ""
@@ -260,9 +261,10 @@ def rows(ctx: Context) -> list[Row]:
         Row("weights/llamacpp_gpu", Tier.GPU, gpu_w, SOURCE, f"CUDA{ctx.stage} model buffer: {len(mine)} layers (-ngl"
             + (", -sm layer" if cfg.pp > 1 else "") + ")" + (" + output layer" if my_out else "")),
         Row("weights/llamacpp_host", Tier.CPU, cpu_w, SOURCE, "CPU_Mapped model buffer: input embedding + CPU layers"),
-        Row("kv_cache", Tier.GPU, per_layer * len(mine), "llama.cpp src/llama-kv-cache.cpp", kv_note),
-        Row("kv_cache/host", Tier.CPU, per_layer * (n_layer - len(on_gpu)), "llama.cpp src/llama-kv-cache.cpp",
-            "KV of the layers left on the CPU"),
+        Row("kv_cache", Tier.GPU, kv_bytes_per_layer(ctx, sum(lc[i] for i in mine)), "llama.cpp src/llama-kv-cache.cpp",
+            kv_note),
+        Row("kv_cache/host", Tier.CPU, kv_bytes_per_layer(ctx, sum(c for i, c in enumerate(lc) if i not in on_gpu)),
+            "llama.cpp src/llama-kv-cache.cpp", "KV of the layers left on the CPU"),
         Row("activations/llamacpp_compute", Tier.GPU, llamacpp_compute.gpu_compute_bytes(
                 ctx, cells, mine, my_out, kv_layer=per_layer, output_weights=model_buffers(ctx, [], True)[0]
                 if not out_gpu and ctx.stage == 0 else 0),

@@ -38,19 +38,22 @@ def swa_layers(ctx: Context) -> list[int]:
 
 
 def swa_cells(ctx: Context, cells: int) -> int:
-    """Cells of the SWA cache (0 without one): n_ctx with ``swa_full`` (--swa-full), else
-    min(n_ctx, pad256(n_swa · n_seq + n_ubatch)).
+    """Cells of the SWA cache over all sequences (0 without one): n_ctx with ``swa_full`` (--swa-full), else
+    n_seq × pad256(min(n_ctx / n_seq, n_swa + n_ubatch)).
 
-    Source: src/llama-kv-cache-iswa.cpp (``llama_kv_cache_iswa`` constructor, ``size_swa``); n_seq is memplan's
-    sequences (``micro_batch``, -np) sharing one unified cache; n_ubatch is min(-ub, -b) (llama-context.cpp).
+    Source: src/llama-kv-cache-iswa.cpp (``llama_kv_cache_iswa`` constructor, ``size_swa``): each of the n_seq streams
+    (llama-server's slots, memplan's ``micro_batch``) of a non-unified cache has its own SWA cells; n_ubatch is
+    min(-ub, -b) (llama-context.cpp). Checked: Gemma-3-270M at n_ctx 8192 measured 39, 54 and 84 MiB of KV with 1, 2
+    and 4 slots (unsloth PR #7530, llama-server). Assumption: a unified cache (--kv-unified) holds
+    pad256(min(n_ctx, n_swa · n_seq + n_ubatch)) cells, no more than this, so memplan is over there.
     """
     if not swa_layers(ctx):
         return 0
-    s = ctx.cfg.serve
+    s, n_seq = ctx.cfg.serve, ctx.cfg.micro_batch
     if s.swa_full:
         return cells
     window = ctx.arch.spec.sliding_window or cells
-    return min(cells, round_up(window * ctx.cfg.micro_batch + min(s.n_ubatch, s.n_batch), SWA_CACHE_PAD))
+    return n_seq * round_up(min(cells // n_seq, window + min(s.n_ubatch, s.n_batch)), SWA_CACHE_PAD)
 
 
 def mask_row_counts(ctx: Context, cells: int) -> list[int]:
@@ -83,3 +86,13 @@ def kv_index_bytes(ctx: Context, cells: int) -> int:
     spec = ctx.arch.spec
     v_per_token = 1 if s.flash_attn else spec.kv_heads * spec.dim_per_head
     return (ub * I64_BYTES + ub * v_per_token * I64_BYTES) * (2 if swa_layers(ctx) else 1)
+
+
+def layer_cells(ctx: Context, cells: int) -> list[int]:
+    """KV cells of each layer: the SWA cache's (``swa_cells``) for the layers in it, n_ctx for the others.
+
+    Source: src/llama-kv-cache-iswa.cpp (``filter_base``/``filter_swa`` give each layer to one of the two caches,
+    sized ``size_base`` = n_ctx and ``size_swa``); one cache of n_ctx cells for a model without one.
+    """
+    swa, small = set(swa_layers(ctx)), swa_cells(ctx, cells)
+    return [small if i in swa else cells for i in range(len(ctx.arch.layers))]
