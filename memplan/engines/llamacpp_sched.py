@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from memplan.config import JobConfig
 from memplan.memory.context import Context
-from memplan.units import round_up
 
 F32_BYTES = 4
 F16_BYTES = 2
@@ -64,11 +63,6 @@ def n_copies(cfg: JobConfig, n_layer: int) -> int:
     GGML_SCHED_MAX_COPIES : 1``), ``parallel`` being ``pipeline_parallel``.
     """
     return cfg.serve.ggml_sched_max_copies if pipeline_parallel(cfg, n_layer) else 1
-
-
-def mask_rows(ctx: Context, cells: int) -> int:
-    """Elements of the KQ mask: n_kv × pad64(n_ubatch) (src/llama-graph.cpp ``build_attn_inp_kq_mask``)."""
-    return cells * round_up(ubatch(ctx, cells), KQ_MASK_PAD)
 
 
 def ubatch(ctx: Context, cells: int) -> int:
