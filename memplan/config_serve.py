@@ -54,7 +54,7 @@ class ServeConfig(Strict):
     common/arg.cpp): ``n_gpu_layers`` (-ngl), ``n_ctx`` (-c), ``n_batch`` (-b), ``n_ubatch`` (-ub),
     ``cache_type_k``/``cache_type_v`` (-ctk/-ctv), ``flash_attn`` (-fa), ``tensor_split`` (-ts; ``pp`` > 1 is
     ``-sm layer`` over pp GPUs), ``ggml_sched_max_copies`` (the build's ``GGML_SCHED_MAX_COPIES``), ``op_offload``
-    (--no-op-offload). transformers ``generate``:
+    (--no-op-offload), ``llama_set_rows`` (LLAMA_SET_ROWS), ``swa_full`` (--swa-full). transformers ``generate``:
     ``cache_implementation``.
     """
 
@@ -115,6 +115,13 @@ class ServeConfig(Strict):
     op_offload: bool = True
     """llama.cpp --op-offload/--no-op-offload: under -ngl partial offload the first GPU runs the CPU layers' ops of
     large batches with their weights copied in (``memplan.engines.llamacpp_offload``)."""
+    llama_set_rows: bool = True
+    """llama.cpp's ``LLAMA_SET_ROWS``: KV writes by ``ggml_set_rows`` with I64 index inputs in the compute buffers (the
+    default since llama.cpp PR #14959, Aug 2025); false: builds before it, or ``LLAMA_SET_ROWS=0``, the ``ggml_cpy``
+    path without them (``memplan.engines.llamacpp_inputs``)."""
+    swa_full: bool = False
+    """llama.cpp --swa-full: a full-size SWA cache for interleaved sliding-window models (Gemma-2/3); also the
+    arithmetic of builds before llama.cpp PR #13194 (May 2025), whose sliding-window mask had n_ctx rows."""
     prompt_tokens: int | None = Field(default=None, gt=0)
     """Prompt length for the time to first token; None: ``infer.context`` (the whole context is prompt, the upper bound)."""
     hbm_efficiency: float | None = Field(default=None, gt=0, le=1)

@@ -379,6 +379,11 @@ OPTS: dict[str, Opt] = {
     "op_offload": _o("--op-offload/--no-op-offload", bool, None, "llamacpp --no-op-offload: keep the CPU layers' ops "
                      "of large batches on the CPU under -ngl partial offload (default: offloaded to the first GPU).",
                      SERVE, field="serve.op_offload"),
+    "llama_set_rows": _o("--llama-set-rows/--no-llama-set-rows", bool, None, "llamacpp LLAMA_SET_ROWS: KV writes by "
+                         "ggml_set_rows with index inputs in the compute buffers (default on, llama.cpp since Aug 2025; "
+                         "off: older builds or LLAMA_SET_ROWS=0).", SERVE, field="serve.llama_set_rows"),
+    "swa_full": _o("--swa-full/--no-swa-full", bool, None, "llamacpp --swa-full: full-size SWA cache of Gemma-2/3 "
+                   "(also llama.cpp builds before May 2025).", SERVE, field="serve.swa_full"),
     "cache_implementation": _o("--cache-implementation", str, None, "transformers generate: dynamic (default), "
                                "static, or legacy (the tuple cache of transformers < 4.36).", SERVE,
                                field="serve.cache_implementation"),
@@ -448,7 +453,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                 "max_model_len", "mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
                 "cuda_graph_max_bs", "n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k",
                 "cache_type_v", "tensor_split", "flash_attn", "ggml_sched_max_copies", "op_offload",
-                "cache_implementation"),
+                "llama_set_rows", "swa_full", "cache_implementation"),
     "serving_time": ("prompt_tokens", "hbm_efficiency", "compute_efficiency"),
     "perf": ("mfu", "cluster", "intra_node_gbps", "inter_node_gbps", "intra_node_latency_us", "inter_node_latency_us",
              "comm_overlap", "virtual_stages", "train_tokens"),

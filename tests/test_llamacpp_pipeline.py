@@ -5,9 +5,10 @@ With several GPUs, -sm layer, every layer offloaded and the KV cache offloaded, 
 and graph input (ggml/src/ggml-backend.cpp ``ggml_backend_sched_split_graph``), none of them ever freed.
 
 Published logs (llama.cpp prints MiB with two decimals):
-(a) ggml-org/llama.cpp PR #6122, Wuzzooy's log (March 2024): Command-R 35B on an RTX 4070 Ti + RTX 3090 Ti, 41/41
-    layers, n_ctx 4096, n_ubatch 512, flash attention off (not in that release), "pipeline parallelism enabled
-    (n_copies=4)", CUDA0 KV 1536.00 MiB (12 layers), CUDA1 KV 3584.00 MiB, CUDA0 compute buffer 672.01 MiB.
+(a) ggml-org/llama.cpp PR #6122, Wuzzooy's log (March 2024, before ``ggml_set_rows``): Command-R 35B on an RTX
+    4070 Ti + RTX 3090 Ti, 41/41 layers, n_ctx 4096, n_ubatch 512, flash attention off (not in that release),
+    "pipeline parallelism enabled (n_copies=4)", CUDA0 KV 1536.00 MiB (12 layers), CUDA1 KV 3584.00 MiB, CUDA0
+    compute buffer 672.01 MiB.
 (b) ggml-org/llama.cpp PR #16748, LostRuins' log of koboldcpp issue #1882 (Dec 2025): Cydonia-24B (Mistral Small
     24B) Q8_0 on two GPUs, -ts 1,1, n_ctx 150272, n_ubatch 4096, flash attention on, n_copies=4: CUDA0/CUDA1 model
     buffers 11826.45 / 11380.14 MiB, CUDA_Host model buffer 680.00 MiB, KV 12327.00 / 11153.00 MiB, output buffer
@@ -47,8 +48,9 @@ def _device_rows(est, device: int) -> dict[str, int]:
 
 
 def _command_r(**serve: object):
+    serve = {"flash_attn": False, "tensor_split": (12.0, 29.0), "llama_set_rows": False, **serve}  # a 2024 build
     return estimate("command-r", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m", pp=2, gpus_per_node=2,
-                    infer={"context": 4096}, serve={"flash_attn": False, "tensor_split": (12.0, 29.0), **serve})
+                    infer={"context": 4096}, serve=serve)
 
 
 def test_command_r_two_gpus_log() -> None:
@@ -76,8 +78,9 @@ def test_mistral_small_24b_flash_attention_log(tmp_path: Path) -> None:
     assert round(gpu0["activations/llamacpp_output"] / MiB, 2) == 0.50
     # The compute buffer: ggml-alloc's byte count is not closed-form. Held copies alone are 4 × (f32 mask of 150272 ×
     # 4096 + hidden 5120 × 4096 f32 + positions) = 9712 MiB, next to the f16 mask (1174 MiB) and the FFN's gate, up and
-    # swiglu (3 × 32768 × 4096 f32); memplan is 31.75 MiB (0.24%) over the printed 13327728640 bytes. Without the
-    # copies it would say about 3.4 GiB.
+    # swiglu (3 × 32768 × 4096 f32), and 4 × (k_idxs + v_idxs) of 4096 I64 each (0.25 MiB; flash attention, a build
+    # with ggml_set_rows); memplan is 32.00 MiB (0.25%) over the printed 13327728640 bytes. Without the copies it
+    # would say about 3.4 GiB.
     published = 13_327_728_640
     got = gpu0["activations/llamacpp_compute"]
     held = COPIES * (150272 * 4096 * 4 + 5120 * 4096 * 4 + 4096 * 4)
@@ -88,7 +91,7 @@ def test_mistral_small_24b_flash_attention_log(tmp_path: Path) -> None:
 def test_mistral_7b_host_compute_buffer() -> None:
     for context, host, gpu in ((2048, 12.01, 164.00), (32768, 72.01, 2144.00)):
         est = estimate("mistral-7b", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m",
-                       infer={"context": context}, serve={"flash_attn": False})
+                       infer={"context": context}, serve={"flash_attn": False, "llama_set_rows": False})
         got = {r.component: r.bytes for r in est.rows}
         assert round(got["activations/llamacpp_host_compute"] / MiB, 2) == host
         assert abs(got["activations/llamacpp_compute"] / MiB - gpu) <= 0.01
@@ -112,9 +115,11 @@ def test_partial_offload_over_two_gpus_has_one_copy() -> None:
     assert llamacpp_sched.n_copies(est.config, 32) == 1
     rows = _device_rows(est, 1)
     assert rows["kv_cache/host"] == 12 * 8192 * 2 * 1024 * 2
-    # No output layer on GPU 1: KQ (8192 × 512 × 32 heads f32) + f32 mask + 4 hidden-size tensors. (GPU 0 also runs
-    # the CPU layers' offloaded ops: tests/test_llamacpp_offload.py.)
-    assert rows["activations/llamacpp_compute"] == 8192 * 512 * 32 * 4 + 8192 * 512 * 4 + 4 * 4096 * 512 * 4
+    # No output layer on GPU 1: KQ (8192 × 512 × 32 heads f32) + f32 mask + the I64 KV index inputs (k_idxs 512,
+    # v_idxs 512 × 1024 without flash attention) + 4 hidden-size tensors. (GPU 0 also runs the CPU layers' offloaded
+    # ops: tests/test_llamacpp_offload.py.)
+    idxs = 512 * 8 + 512 * 1024 * 8
+    assert rows["activations/llamacpp_compute"] == 8192 * 512 * 32 * 4 + 8192 * 512 * 4 + idxs + 4 * 4096 * 512 * 4
 
 
 def test_knobs_that_move_no_byte_are_refused() -> None:
@@ -138,11 +143,13 @@ def test_copies_raise_every_gpu_and_the_host() -> None:
         a, b = _device_rows(four, device), _device_rows(one, device)
         assert a["activations/llamacpp_compute"] > b["activations/llamacpp_compute"]
     # GPU 1 takes GPU 0's f16 cast of the mask; its working set is the logits (512 × (128256 + 4096) f32), so the
-    # copies add on top: 4 × (f16 mask + hidden + positions + output ids).
+    # copies add on top: 4 × (f16 mask + hidden + positions + output ids + KV index inputs, I64 k_idxs and v_idxs of
+    # 512 tokens each under flash attention).
+    idxs = 2 * 512 * 8
     gpu1 = _device_rows(four, 1)["activations/llamacpp_compute"]
-    assert gpu1 == COPIES * (mask_f16 + 4096 * 512 * 4 + 2 * 512 * 4) + 512 * (128256 + 4096) * 4
+    assert gpu1 == COPIES * (mask_f16 + 4096 * 512 * 4 + 2 * 512 * 4 + idxs) + 512 * (128256 + 4096) * 4
     host = _device_rows(four, 0)["activations/llamacpp_host_compute"]
-    assert host == COPIES * (mask_f32 + 3 * 512 * 4) + 4096 * 512 * 4
+    assert host == COPIES * (mask_f32 + 3 * 512 * 4 + idxs) + 4096 * 512 * 4
 
 
 def test_cli_sched_copies(runner) -> None:

@@ -5,7 +5,8 @@ the compute buffer (ggml-alloc's graph allocator, approximated) within 0.01 MiB.
 Logs: (a) developer0hye/llama-3-korean-bllossom-8b-q4-docker README: Llama-3-8B Q4_K_M (file type 15), all 33
 layers on an RTX 3070, n_ctx 512, n_ubatch 512, flash_attn 0; (b) an ollama server log (Aug 2024):
 Llama-3-8B Q4_0, n_ctx 8192, flash_attn 0; (c) a llama-cpp-python log: TheBloke llama-2-7b.Q4_K_M.gguf,
-33/33 layers, n_ctx 2048. Llama-3.1-8B has Llama-3-8B's tensor shapes.
+33/33 layers, n_ctx 2048. Llama-3.1-8B has Llama-3-8B's tensor shapes. All three are 2024 builds, before llama.cpp's
+``ggml_set_rows`` KV writes (PR #14959, Aug 2025): ``llama_set_rows`` off.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from memplan.units import MiB
 
 def _mib(model: str, quant: str, context: int, **serve: object) -> dict[str, float]:
     est = estimate(model, "rtx-4090", job="infer", engine="llamacpp", quant=quant, infer={"context": context},
-                   serve={"flash_attn": False, **serve})
+                   serve={"flash_attn": False, "llama_set_rows": False, **serve})
     return {r.component: r.bytes / MiB for r in est.rows}
 
 

@@ -92,7 +92,7 @@ ALTERNATIVES: dict[str, str | dict[str, str]] = {
 """Another valid value for each option that takes free text (numbers and flags are derived)."""
 DEFAULT_ON: dict[str, tuple[str, ...]] = {
     **{flag: tuple(JOBS) for flag in ("--reshard-after-forward", "--contiguous-gradients", "--flash-attn", "--op-offload",
-                                      "--use-orig-params", "--fsdp-no-sync", "--limit-all-gathers",
+                                      "--llama-set-rows", "--use-orig-params", "--fsdp-no-sync", "--limit-all-gathers",
                                       "--pp-return-outputs")},
     "--master-weights": ("pretrain", "full"),
     "--store-param-remainders": tuple(JOBS),
@@ -161,7 +161,8 @@ SERVING_SETTINGS: dict[str, list[str]] = {
     "--n-gpu-layers": LLAMACPP, "--n-ctx": LLAMACPP, "--n-batch": LLAMACPP, "--n-ubatch": LLAMACPP,
     "--cache-type-k": LLAMACPP, "--cache-type-v": LLAMACPP, "--flash-attn": [*LLAMACPP, "--context", "4096"],
     "--cache-implementation": ["--engine", "transformers"],
-    "--op-offload": [*LLAMACPP, "--n-gpu-layers", "6"],
+    "--op-offload": [*LLAMACPP, "--n-gpu-layers", "6"], "--llama-set-rows": LLAMACPP,
+    "--swa-full": LLAMACPP,
     "--mem-fraction-static": SGLANG, "--chunked-prefill-size": SGLANG, "--max-running-requests": SGLANG,
     "--page-size": SGLANG, "--cuda-graph-max-bs": SGLANG, "--tensor-split": [*LLAMACPP, "--gpus", "2", "--pp", "2"],
     "--ggml-sched-max-copies": [*LLAMACPP, "--gpus", "2", "--pp", "2"],

@@ -7,11 +7,14 @@ allocates and logs (src/llama-model.cpp ``load_tensors``, src/llama-kv-cache.cpp
   ``-ngl`` (the last ngl repeating layers; the output layer too when ngl > n_layer) and the rest, with the
   input embedding always on the host (``dev_input`` is the CPU);
 - "CUDA0 KV buffer size": n_ctx cells × L_gpu × (row_size(type_k, n_embd_k_gqa) + row_size(type_v,
-  n_embd_v_gqa)) for the offloaded layers (``offload_kqv``), the rest in a host KV buffer;
+  n_embd_v_gqa)) for the offloaded layers (``offload_kqv``), the rest in a host KV buffer; a sliding-window model's
+  SWA layers hold the SWA cache's cells instead (``llamacpp_inputs.layer_cells``);
 - "CUDA0 compute buffer size": the graph allocator's worst case for one ubatch
-  (``memplan.engines.llamacpp_compute``); with several GPUs of a full layer split, the scheduler's
-  pipeline-parallel input copies on each GPU (``memplan.engines.llamacpp_sched``); under -ngl partial offload,
-  the CPU ops the first GPU runs with their weights copied in (``memplan.engines.llamacpp_offload``);
+  (``memplan.engines.llamacpp_compute``), with its graph inputs (the KQ masks, a second one for sliding-window
+  models, and ``ggml_set_rows``' KV index inputs: ``memplan.engines.llamacpp_inputs``); with several GPUs of a full
+  layer split, the scheduler's pipeline-parallel input copies on each GPU (``memplan.engines.llamacpp_sched``);
+  under -ngl partial offload, the CPU ops the first GPU runs with their weights copied in
+  (``memplan.engines.llamacpp_offload``);
 - "CUDA_Host compute buffer size": the graph inputs on the host (``llamacpp_sched.host_compute_bytes``);
 - "CUDA_Host output buffer size": n_vocab fp32 logits per sequence.
 
@@ -74,9 +77,10 @@ def check(cfg: JobConfig) -> None:
         raise MemplanError("tensor_split (-ts) divides layers over several GPUs; with one (--pp 1) it moves no byte.")
 
 
-def check_effects(cfg: JobConfig, n_layer: int) -> None:
+def check_effects(cfg: JobConfig, n_layer: int, swa: bool = False) -> None:
     """Refuse the scheduler knobs where they move no byte (no knob silently ignored): ``ggml_sched_max_copies`` without
-    pipeline parallelism (one GPU, or -ngl leaving layers on the CPU), ``op_offload`` off with nothing on the CPU."""
+    pipeline parallelism (one GPU, or -ngl leaving layers on the CPU), ``op_offload`` off with nothing on the CPU,
+    ``swa_full`` for a model without a sliding-window cache (``swa`` false)."""
     from memplan.config import ServeConfig
     from memplan.engines import llamacpp_sched
 
@@ -88,6 +92,9 @@ def check_effects(cfg: JobConfig, n_layer: int) -> None:
     if s.ggml_sched_max_copies != default.ggml_sched_max_copies and cfg.pp == 1:
         raise MemplanError("ggml_sched_max_copies sizes pipeline parallelism's copies, which llama.cpp uses only over "
                            "several GPUs (--pp N, -sm layer); with one it moves no byte.")
+    if s.swa_full and not swa:
+        raise MemplanError("swa_full (--swa-full) sizes the sliding-window cache of Gemma-2/3-like models, and this "
+                           "model has none in llama.cpp; it moves no byte. Drop it.")
     if not s.op_offload and output_on_gpu(cfg, n_layer):
         raise MemplanError("--no-op-offload keeps the CPU layers' ops on the CPU, and every layer is on the GPU "
                            f"(-ngl > {n_layer}); it moves no byte. Drop it or offload fewer layers.")
@@ -227,12 +234,12 @@ def rows(ctx: Context) -> list[Row]:
     llama.cpp turns on pipeline parallelism and each GPU's compute buffer and the host's hold ``n_copies`` copies of
     their inputs (``memplan.engines.llamacpp_sched``).
     """
-    from memplan.engines import llamacpp_compute, llamacpp_sched
+    from memplan.engines import llamacpp_compute, llamacpp_inputs, llamacpp_sched
 
     cfg, arch = ctx.cfg, ctx.arch
     check(cfg)
     n_layer = len(arch.layers)
-    check_effects(cfg, n_layer)
+    check_effects(cfg, n_layer, bool(llamacpp_inputs.swa_layers(ctx)))
     on_gpu = gpu_layers(cfg, n_layer)
     out_gpu = output_on_gpu(cfg, n_layer)
     gpu_w, cpu_w = model_buffers(ctx, on_gpu, out_gpu)
@@ -241,10 +248,10 @@ def rows(ctx: Context) -> list[Row]:
         mine, my_out = device_layers(cfg, n_layer, ctx.stage)
         gpu_w = model_buffers(ctx, mine, my_out)[0]
     cells = n_ctx(cfg)
-    per_layer = kv_bytes_per_layer(ctx, cells)
-    s = cfg.serve
-    kv_note = (f"{cells} cells, K ({s.cache_type_k}) + V ({s.cache_type_v}); {len(mine)} of {n_layer} layers on "
-               f"this GPU")
+    per_layer, lc = kv_bytes_per_layer(ctx, cells), llamacpp_inputs.layer_cells(ctx, cells)
+    s, swa = cfg.serve, llamacpp_inputs.swa_cells(ctx, cells)
+    kv_note = (f"{cells} cells" + (f" ({swa} in the sliding-window cache)" if swa else "") + f", K ({s.cache_type_k})"
+               f" + V ({s.cache_type_v}); {len(mine)} of {n_layer} layers on this GPU")
     copies = llamacpp_sched.n_copies(cfg, n_layer)
     pp_note = (f"; pipeline parallelism, {copies} copies of the inputs (if they do not fit, llama.cpp since PR #16748 "
                "retries with one: --ggml-sched-max-copies 1)") if copies > 1 else ""
@@ -254,9 +261,10 @@ def rows(ctx: Context) -> list[Row]:
         Row("weights/llamacpp_gpu", Tier.GPU, gpu_w, SOURCE, f"CUDA{ctx.stage} model buffer: {len(mine)} layers (-ngl"
             + (", -sm layer" if cfg.pp > 1 else "") + ")" + (" + output layer" if my_out else "")),
         Row("weights/llamacpp_host", Tier.CPU, cpu_w, SOURCE, "CPU_Mapped model buffer: input embedding + CPU layers"),
-        Row("kv_cache", Tier.GPU, per_layer * len(mine), "llama.cpp src/llama-kv-cache.cpp", kv_note),
-        Row("kv_cache/host", Tier.CPU, per_layer * (n_layer - len(on_gpu)), "llama.cpp src/llama-kv-cache.cpp",
-            "KV of the layers left on the CPU"),
+        Row("kv_cache", Tier.GPU, kv_bytes_per_layer(ctx, sum(lc[i] for i in mine)), "llama.cpp src/llama-kv-cache.cpp",
+            kv_note),
+        Row("kv_cache/host", Tier.CPU, kv_bytes_per_layer(ctx, sum(c for i, c in enumerate(lc) if i not in on_gpu)),
+            "llama.cpp src/llama-kv-cache.cpp", "KV of the layers left on the CPU"),
         Row("activations/llamacpp_compute", Tier.GPU, llamacpp_compute.gpu_compute_bytes(
                 ctx, cells, mine, my_out, kv_layer=per_layer, output_weights=model_buffers(ctx, [], True)[0]
                 if not out_gpu and ctx.stage == 0 else 0),

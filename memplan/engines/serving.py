@@ -21,7 +21,8 @@ VLLM_KNOBS = frozenset({"gpu_memory_utilization", "max_num_batched_tokens", "max
 SGLANG_KNOBS = frozenset({"mem_fraction_static", "chunked_prefill_size", "max_running_requests", "page_size",
                           "cuda_graph_max_bs"})
 LLAMACPP_KNOBS = frozenset({"n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "cache_type_k", "cache_type_v", "flash_attn",
-                            "tensor_split", "ggml_sched_max_copies", "op_offload"})
+                            "tensor_split", "ggml_sched_max_copies", "op_offload", "llama_set_rows",
+                            "swa_full"})
 TRANSFORMERS_KNOBS = frozenset({"cache_implementation"})
 COMMON_KNOBS = frozenset({"prompt_tokens", "hbm_efficiency", "compute_efficiency"})
 KNOBS = {Engine.VLLM: VLLM_KNOBS, Engine.SGLANG: SGLANG_KNOBS, Engine.LLAMACPP: LLAMACPP_KNOBS,
