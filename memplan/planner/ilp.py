@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from memplan.planner import ilp_cooldown, solvers
+from memplan.planner import ilp_cooldown, ilp_moments, solvers
 from memplan.planner.ilp_layers import LayerBlocks
 from memplan.planner.ilp_model import (
     ERROR_SCALE,
@@ -109,8 +109,9 @@ class IlpBuilder(LayerBlocks):
             self.prob += pl.lpSum(zs) == self.x[d, v], f"marg_{safe_name(f.name)}_{safe_name(d)}_{idx}"
 
     # -- constraints ---------------------------------------------------------------------------
-    def _gpu_terms(self, p: int, s: int, phase: str | None = None) -> list[Any]:
-        """GPU terms of stage ``s`` under pp = ``p`` alive in ``phase`` (None: every byte of every phase)."""
+    def _gpu_terms(self, p: int, s: int, phase: str | None = None, moment: int | None = None) -> list[Any]:
+        """GPU terms of stage ``s`` under pp = ``p`` alive in ``phase`` (None: every byte of every phase), the in-flight
+        activations at ``moment`` (``ilp_moments``)."""
         P = self.p
         terms = []
         for f in P.factors:
@@ -124,7 +125,8 @@ class IlpBuilder(LayerBlocks):
                 if nbytes:
                     terms.append(ceil_unit(nbytes) * self.z[f.name, key])
         for bi, lb in enumerate(P.blocks):
-            terms += self._block_terms(bi, lb, p, s, phase)
+            terms += self._block_terms(bi, lb, p, s, phase, moment if bi == 0 else None)
+        terms += ilp_moments.const_terms(self, p, s, moment)
         if phase in P.persist_phases and (p, s) in self.persist:
             terms.append(self.persist[p, s])
         if phase in (None, ilp_cooldown.PHASE) and (p, s) in self.cool:
@@ -165,10 +167,12 @@ class IlpBuilder(LayerBlocks):
         self.gpu_rows: dict[tuple[int, int, str | None], Any] = {}
         for p in pps:
             for s in range(p):
-                for phase in P.phases or (None,):
-                    expr = pl.lpSum(self._gpu_terms(p, s, phase))
-                    self.gpu_rows[p, s, phase] = expr
-                    tag = f"gpu_mem_pp{p}_stage{s}" + (f"_{phase}" if phase else "")
+                for phase, t in ((ph, t) for ph in P.phases or (None,)
+                                 for t in range(ilp_moments.count(P, p, s, ph)) or (None,)):
+                    label = phase if t is None else f"{phase}_m{t}"
+                    expr = pl.lpSum(self._gpu_terms(p, s, phase, t))
+                    self.gpu_rows[p, s, label] = expr
+                    tag = f"gpu_mem_pp{p}_stage{s}" + (f"_{label}" if label else "")
                     big = self._upper(expr) - cap
                     if len(pps) > 1 and big > 0 and not self._conditional():
                         self.prob += expr <= cap + big * (1 - self.x["pp", p]), tag

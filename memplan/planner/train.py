@@ -13,7 +13,6 @@ from fractions import Fraction
 from itertools import product
 from typing import Any, TypeVar
 
-from memplan.arch.parallel import stage_index
 from memplan.config import JobConfig, Offload, Recompute
 from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
@@ -24,6 +23,10 @@ from memplan.memory.context import Context
 from memplan.planner import cost, hybrid, pp_schedule_dim, steptime, train_offload, train_phases, train_pipeline, train_quant
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Entry, Factor, LayerBlock, Problem
+from memplan.planner.ilp_moments import ROWS as MOMENT_ROWS
+from memplan.planner.ilp_moments import applies as per_moment
+from memplan.planner.ilp_moments import build as build_moments
+from memplan.planner.ilp_moments import stage_maps
 from memplan.planner.setting import SAVINGS, TrainSetting, config_for  # noqa: F401 - re-exported
 from memplan.planner.setting import contexts as _contexts
 from memplan.planner.train_recompute import layer_block, recompute_bounds
@@ -187,12 +190,14 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple], layers: LayerBlo
     entries: dict[tuple, Entry] = {}
     cache: dict = {}
     for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
+        moments = layers is not None and per_moment(cfg)
         per_stage = []
         for ctx in _contexts(setting, cfg):
             # act.rows, not act.breakdown: each row's own phases (a quantized output layer's dequantization next to
             # the logits at the start of backward), the attention kernels' backward workspace and the legacy
             # transformers rows, as estimate has them; the per-layer block's rows are the ILP's own
-            rows = [r for r in act.rows(ctx) if r.component not in NOT_LAYER_ROWS] if act.modelled(ctx) else []
+            skip = NOT_LAYER_ROWS + (MOMENT_ROWS if moments else ())  # the moment rows hold those
+            rows = [r for r in act.rows(ctx) if r.component not in skip] if act.modelled(ctx) else []
             rows += train_pipeline.extra_rows(ctx, rows, layers, key, modes, cache)
             terms = train_pipeline.cooldown_terms(ctx, cache) if cooldown is not None and layers is not None else []
             if terms and cooldown is not None:
@@ -287,9 +292,11 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                          for k, e in shape.entries.items()}
     context, pct = runtime_terms(setting)
     host = setting.host
+    stage_map = stage_maps(setting.arch, setting.base, dims["pp"])
+    moments, chunk_map = build_moments(setting, dims, layers)
     if layers is not None:
         cap = int((setting.gpu.capacity_bytes - context) / (1.0 + pct / 100.0))
-        bounds = recompute_bounds(setting, dims, states, shape, layers, cap)
+        bounds = recompute_bounds(setting, dims, states, shape, layers, cap, stage_map, moments, chunk_map)
         keep = {k for k, b in bounds.items() if b is not None}
         _keep_keys(layers.gpu, keep)
         _keep_keys(layers.seconds, keep)
@@ -297,16 +304,17 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
         _keep_keys(layers.flight_workspace or [], keep)
         _keep_keys(layers.cpu or [], keep)
         layers.key_bounds = {k: b for k, b in bounds.items() if b}
+    chunk_map = train_pipeline.chunk_maps(setting.arch, setting.base.perf.virtual_stages, cooldown) | chunk_map
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.capacity_bytes - context, cpu_capacity=host.cpu_ram_bytes,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
                       extra_blocks=extra, phases=tuple(p.value for p in TRAIN_PHASES),
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
-                      stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
+                      stage_map=stage_map, moments=moments,
                       virtual_stages=setting.base.perf.virtual_stages, global_batch=setting.global_batch,
                       pp_schedule=pp_schedule_flight.named(setting.base.model_copy(update={"pp": 2})),
                       world=setting.base.world_size, cp=setting.base.cp, cooldown=cooldown,
-                      chunk_map=train_pipeline.chunk_maps(setting.arch, setting.base.perf.virtual_stages, cooldown))
+                      chunk_map=chunk_map)
     return problem, reasons
 
 
