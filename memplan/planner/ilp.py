@@ -25,6 +25,7 @@ so a solver's tolerance can never admit a plan that the exact integer re-check w
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from memplan.planner import ilp_cooldown, ilp_moments, solvers
@@ -109,7 +110,7 @@ class IlpBuilder(LayerBlocks):
             self.prob += pl.lpSum(zs) == self.x[d, v], f"marg_{safe_name(f.name)}_{safe_name(d)}_{idx}"
 
     # -- constraints ---------------------------------------------------------------------------
-    def _gpu_terms(self, p: int, s: int, phase: str | None = None, moment: int | None = None) -> list[Any]:
+    def _gpu_terms(self, p: int, s: int, phase: str | None = None, moment: dict | None = None) -> list[Any]:
         """GPU terms of stage ``s`` under pp = ``p`` alive in ``phase`` (None: every byte of every phase), the in-flight
         activations at ``moment`` (``ilp_moments``)."""
         P = self.p
@@ -159,25 +160,43 @@ class IlpBuilder(LayerBlocks):
                 self.prob += var >= pl.lpSum(terms) - big * (1 - pl.lpSum(accum)), f"persist_pp{p}_s{s}"
 
     def _memory(self) -> None:
-        pl, P = self.pulp, self.p
-        pps = P.dims.get("pp", (1,))
+        P = self.p
         scale = 1.0 + P.gpu_scale_pct / 100.0
-        cap = math.floor(P.gpu_capacity / UNIT / scale) - 1
+        self.cap = math.floor(P.gpu_capacity / UNIT / scale) - 1
         self._persist()
         self.gpu_rows: dict[tuple[int, int, str | None], Any] = {}
-        for p in pps:
+        self.moment_rows: dict[tuple[int, int, str | None], tuple[str, dict] | None] = {}
+        self.peak: Any = None
+        for p in P.dims.get("pp", (1,)):
             for s in range(p):
-                for phase, t in ((ph, t) for ph in P.phases or (None,)
-                                 for t in range(ilp_moments.count(P, p, s, ph)) or (None,)):
-                    label = phase if t is None else f"{phase}_m{t}"
-                    expr = pl.lpSum(self._gpu_terms(p, s, phase, t))
-                    self.gpu_rows[p, s, label] = expr
-                    tag = f"gpu_mem_pp{p}_stage{s}" + (f"_{label}" if label else "")
-                    big = self._upper(expr) - cap
-                    if len(pps) > 1 and big > 0 and not self._conditional():
-                        self.prob += expr <= cap + big * (1 - self.x["pp", p]), tag
-                    else:
-                        self.prob += expr <= cap, tag
+                for phase in P.phases or (None,):
+                    for j, sel in enumerate(ilp_moments.initial_rows(self, p, s, phase)):
+                        label = phase if sel is None else f"{phase}_m{j}"
+                        self.gpu_row(p, s, phase, sel, label)
+                        if j == 0:
+                            self.moment_rows[p, s, phase] = None if sel is None else (label, sel)
+        self._host_memory()
+
+    def gpu_row(self, p: int, s: int, phase: str | None, sel: dict | None, label: str | None,
+                probs: tuple | list = ()) -> None:
+        """The GPU memory row of stage ``s`` under pp = ``p`` in ``phase`` (the in-flight layers at the moments ``sel``
+        selects, ``ilp_moments``), in the model and in ``probs`` (copies being solved), and under the peak objective."""
+        pl, P = self.pulp, self.p
+        expr = pl.lpSum(self._gpu_terms(p, s, phase, sel))
+        self.gpu_rows[p, s, label] = expr
+        tag = f"gpu_mem_pp{p}_stage{s}" + (f"_{label}" if label else "")
+        big = self._upper(expr) - self.cap
+        multi = len(P.dims.get("pp", (1,))) > 1 and big > 0 and not self._conditional()
+        row = expr <= self.cap + big * (1 - self.x["pp", p]) if multi else expr <= self.cap
+        for prob in (self.prob, *probs):
+            prob += row, tag
+        if self.peak is not None:
+            relax = 0 if self._conditional() or "pp" not in P.dims else self._upper(expr) * (1 - self.x["pp", p])
+            for prob in (self.prob, *probs):
+                prob += self.peak >= expr - relax, f"peak_pp{p}_s{s}" + (f"_{label}" if label else "")
+
+    def _host_memory(self) -> None:
+        pl, P = self.pulp, self.p
         for tier, capacity in (("cpu", P.cpu_capacity), ("nvme", P.nvme_capacity)):
             terms = [ceil_unit(getattr(e, tier)) * self.z[f.name, k]
                      for f in P.factors for k, e in f.entries.items() if getattr(e, tier)]
@@ -223,7 +242,7 @@ class IlpBuilder(LayerBlocks):
         elif P.objective == "min_error":
             self.primary, self.primary_scale = ERROR_SCALE * self.error_expr(), ERROR_SCALE  # solver units
         elif P.objective == "min_gpu_bytes":
-            worst = self.prob.add_variable("peak_gpu_units", lowBound=0)
+            worst = self.peak = self.prob.add_variable("peak_gpu_units", lowBound=0)
             for (p, s, phase), expr in self.gpu_rows.items():
                 relax = 0 if self._conditional() or "pp" not in P.dims else self._upper(expr) * (1 - self.x["pp", p])
                 self.prob += worst >= expr - relax, f"peak_pp{p}_s{s}" + (f"_{phase}" if phase else "")
@@ -256,25 +275,32 @@ class IlpBuilder(LayerBlocks):
         return second
 
     def _solve(self, time_limit: float | None, solver: str | None, prob: Any = None) -> Solution:
+        """Solve ``prob`` (the model itself by default); while the solution exceeds a moment row the model does not
+        hold yet, add it and solve again (``ilp_moments.cut``, row generation)."""
         pl, prob = self.pulp, self.prob if prob is None else prob
-        chosen = solvers.get_solver(solver, time_limit=time_limit)
-        try:
-            with solvers.quiet_stdout():
-                status = prob.solve(chosen)
-        except (pl.PulpSolverError, IndexError):  # HiGHS refuses |coefficients| >= 1e15; PuLP then indexes an empty model
-            from memplan.errors import MemplanError
+        end = None if time_limit is None else time.monotonic() + time_limit
+        while True:
+            left = None if end is None else max(0.1, end - time.monotonic())
+            chosen = solvers.get_solver(solver, time_limit=left)
+            try:
+                with solvers.quiet_stdout():
+                    status = prob.solve(chosen)
+            except (pl.PulpSolverError, IndexError):  # HiGHS refuses |coefficients| >= 1e15; PuLP then indexes nothing
+                from memplan.errors import MemplanError
 
-            limit = f"{SOLVER_MAX_COEFF * UNIT:.0e}"
-            raise MemplanError(f"the {type(chosen).__name__} solver rejected the model: a memory figure near or above "
-                               f"{limit} bytes is beyond its numeric range; check the sizes given.") from None
-        label = pl.LpStatus[status]
-        if label != "Optimal" or prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
-            highs = prob if isinstance(chosen, pl.HiGHS) else None
-            return Solution(_status_name(label, highs), {}, [], math.nan, math.nan)
-        picked = [(d, v) for (d, v), var in self.x.items() if (var.value() or 0) > 0.5]
-        if sorted(d for d, _ in picked) != sorted(self.p.dims):
-            # PuLP reports HiGHS's kTimeLimit as integer-feasible even when no incumbent exists.
-            return Solution("time_limit", {}, [], math.nan, math.nan)
+                limit = f"{SOLVER_MAX_COEFF * UNIT:.0e}"
+                raise MemplanError(f"the {type(chosen).__name__} solver rejected the model: a memory figure near or "
+                                   f"above {limit} bytes is beyond its numeric range; check the sizes given.") from None
+            label = pl.LpStatus[status]
+            if label != "Optimal" or prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
+                highs = prob if isinstance(chosen, pl.HiGHS) else None
+                return Solution(_status_name(label, highs), {}, [], math.nan, math.nan)
+            picked = [(d, v) for (d, v), var in self.x.items() if (var.value() or 0) > 0.5]
+            if sorted(d for d, _ in picked) != sorted(self.p.dims):
+                # PuLP reports HiGHS's kTimeLimit as integer-feasible even when no incumbent exists.
+                return Solution("time_limit", {}, [], math.nan, math.nan)
+            if not ilp_moments.cut(self, [] if prob is self.prob else [prob]):
+                break
         choice = dict(picked)
         block_modes = {lb.name: self.modes(bi) for bi, lb in enumerate(self.p.blocks)}
         modes = self.modes(0) if self.p.layers is not None else []

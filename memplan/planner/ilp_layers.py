@@ -144,7 +144,7 @@ class LayerBlocks:
         return out
 
     def _block_terms(self, bi: int, lb: LayerBlock, p: int, s: int, phase: str | None = None,
-                     moment: int | None = None) -> list[Any]:
+                     moment: dict | None = None) -> list[Any]:
         """The block's GPU terms on stage ``s`` under pp = ``p`` alive in ``phase`` (None: all of them), the in-flight
         layers counted at ``moment`` (``ilp_moments``; None: the whole-stage count)."""
         if not lb.stages and p != 1:

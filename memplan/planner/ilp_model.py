@@ -194,12 +194,14 @@ class Problem:
         return out
 
     def layer_flight(self, pp: int, stage: int, layer: int, key_dims: tuple[str, ...], key: tuple,
-                     moment: int | None) -> int:
-        """Micro-batches whose bytes ``layer`` (on ``stage``) holds in memory row ``moment`` (``ilp_moments``): its
-        chunk's count at that moment, else the whole-stage ``key_flight``."""
+                     moment: int | dict[tuple, int] | None) -> int:
+        """Micro-batches whose bytes ``layer`` (on ``stage``) holds in the memory row of ``moment`` (``ilp_moments``: one
+        moment index, or one per layer key, a key left out counting none there): its chunk's count at that moment,
+        else the whole-stage ``key_flight``."""
         rows = self.moments.get((pp, stage, key))
         if rows and moment is not None:
-            return rows[min(moment, len(rows) - 1)][0][self.chunk_map[pp][layer]]
+            t = moment.get(key) if isinstance(moment, dict) else moment
+            return 0 if t is None else rows[min(t, len(rows) - 1)][0][self.chunk_map[pp][layer]]
         return self.key_flight(pp, stage, key_dims, key)
 
     @property

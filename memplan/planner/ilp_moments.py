@@ -23,13 +23,14 @@ chunk of every layer under a pipeline degree with moments (the per-layer groups 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from memplan.arch import pp_schedules as ps
 from memplan.arch.interleaved import chunk_counts_after_forwards
 from memplan.arch.parallel import stage_index, v_chunk_ranges
 from memplan.config import JobConfig
-from memplan.planner.ilp_model import LayerBlock, Problem, ceil_unit
+from memplan.planner.ilp_model import LayerBlock, Problem, ceil_unit, safe_name, stage_of
 
 ROWS = ("activations/embeddings", "activations/final_norm", "activations/loss", "activations/pp_weight_grad_pending")
 """``estimate``'s in-flight rows besides ``activations/layers`` that the moment rows hold (the shape factor leaves them
@@ -70,14 +71,24 @@ def stage_maps(arch: Any, base: JobConfig, pps: tuple[int, ...]) -> dict[int, tu
 
 
 def _pareto(states: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The states no other state matches or exceeds in every count (the first of equal ones kept)."""
-    flat = [h + w for h, w in states]
-    keep = []
-    for i, a in enumerate(flat):
-        if not any(j != i and all(x >= y for x, y in zip(b, a, strict=True)) and (b != a or j < i)
-                   for j, b in enumerate(flat)):
-            keep.append(states[i])
-    return keep
+    """The states no other state matches or exceeds in every count (one of equal ones kept), in schedule order: a
+    dominating state has at least the total, so each is checked against the ones kept before it by total."""
+    order = sorted(range(len(states)), key=lambda i: -sum(states[i][0]) - sum(states[i][1]))
+    kept: list[int] = []
+    for i in order:
+        a = states[i][0] + states[i][1]
+        if not any(all(x >= y for x, y in zip(states[j][0] + states[j][1], a, strict=True)) for j in kept):
+            kept.append(i)
+    return [states[i] for i in sorted(kept)]
+
+
+@lru_cache(maxsize=1024)
+def _states(name: str | None, pp: int, stage: int, v: int, m: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """The undominated (held, awaiting W) per-chunk counts of a rank's schedule (``_pareto``): a named schedule's
+    ``arch.pp_schedules.flight_states``, else Megatron's interleaved ``arch.interleaved.chunk_counts_after_forwards``."""
+    if name is not None:
+        return tuple(_pareto(list(ps.flight_states(name, pp, stage, v, m))))
+    return tuple(_pareto([(h, (0,) * v) for h in chunk_counts_after_forwards(pp, stage, v, m)]))
 
 
 def stage_moments(ctx: Any) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], int]]]:
@@ -92,12 +103,10 @@ def stage_moments(ctx: Any) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...]
     name = psf.named(cfg)
     if name is not None:
         v, sizes, last = psf.chunks(cfg), psf.chunk_sizes(ctx), psf.output_chunk(ctx)
-        states = list(ps.flight_states(name, cfg.pp, ctx.stage, v, cfg.grad_accum))
         grads = psf.weight_grad_bytes(ctx)
     else:
         v, last = cfg.perf.virtual_stages, cfg.perf.virtual_stages - 1
         sizes = chunk_layer_counts(len(ctx.layers), v, first_stage=ctx.stage == 0)
-        states = [(h, (0,) * v) for h in chunk_counts_after_forwards(cfg.pp, ctx.stage, v, cfg.grad_accum)]
         grads = (0,) * v
     ends = [0] * v
     if ctx.stage == 0:
@@ -106,7 +115,7 @@ def stage_moments(ctx: Any) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...]
         ends[last] += act.final_norm_bytes(ctx, counting) + act.loss_bytes(ctx, counting)
     chunks = tuple(c for c, size in enumerate(sizes) for _ in range(size))
     out = [(h, sum(n * e for n, e in zip(h, ends, strict=True)) + sum(n * g for n, g in zip(w, grads, strict=True)))
-           for h, w in _pareto(states)]
+           for h, w in _states(name, cfg.pp, ctx.stage, v, cfg.grad_accum)]
     return chunks, out
 
 
@@ -158,17 +167,44 @@ def moment(problem: Problem, p: int, s: int, key: tuple, t: int) -> tuple[tuple[
     return rows[min(t, len(rows) - 1)] if rows else None
 
 
-def const_terms(builder: Any, p: int, s: int, t: int | None) -> list[Any]:
-    """The moment's constant bytes (ends and I-to-W) on each layer key's selector."""
-    if t is None:
-        return []
+def _seeds(problem: Problem, p: int, s: int, key: tuple) -> list[int]:
+    """The moments the MIP starts with for (p, s, key): the one holding the most chunk micro-batches, and the largest
+    with every layer in the least- and in the most-saving mode (``cut`` adds any other a solution exceeds)."""
+    lb, rows, chunks = problem.layers, problem.moments[p, s, key], problem.chunk_map[p]
+    assert lb is not None
+    out = {max(range(len(rows)), key=lambda t: sum(rows[t][0]))}
+    members = [i for i in range(problem.num_layers) if stage_of(i, problem.num_layers, p, problem.stage_map) == s]
+    ranked = sorted(lb.modes, key=lambda m: lb.savings_rank.get(m, 0))
+    for m in (ranked[0], ranked[-1]):
+        per = [0] * len(rows[0][0])
+        for i in members:
+            per[chunks[i]] += lb.gpu[i].get(m, {}).get(key, 0)
+        out.add(max(range(len(rows)), key=lambda t: sum(h * b for h, b in zip(rows[t][0], per, strict=True))
+                    + rows[t][1]))
+    return sorted(out)
+
+
+def initial_rows(builder: Any, p: int, s: int, phase: str | None) -> list[dict[tuple, int] | None]:
+    """The moment selections (layer key → moment) of the rows the MIP starts with for (p, s, phase); [None]: one row
+    with the whole-stage counts (no moments there)."""
+    P = builder.p
+    if not count(P, p, s, phase):
+        return [None]
+    per_key = {k: _seeds(P, p, s, k) for (pp, st, k) in P.moments if pp == p and st == s
+               and ("layerkey0", k) in builder.z}
+    if not per_key:
+        return [None]
+    n = max(len(v) for v in per_key.values())
+    return [{k: v[min(j, len(v) - 1)] for k, v in per_key.items()} for j in range(n)]
+
+
+def const_terms(builder: Any, p: int, s: int, sel: dict[tuple, int] | None) -> list[Any]:
+    """The constant bytes (ends and I-to-W) of each selected key's moment, on the key's selector."""
     out = []
-    for (pp, st, key), rows in builder.p.moments.items():
-        sel = builder.z.get(("layerkey0", key))
-        if pp == p and st == s and sel is not None:
-            c = ceil_unit(rows[min(t, len(rows) - 1)][1])
-            if c:
-                out.append(c * sel)
+    for key, t in (sel or {}).items():
+        c = ceil_unit(builder.p.moments[p, s, key][t][1])
+        if c:
+            out.append(c * builder.z["layerkey0", key])
     return out
 
 
@@ -178,3 +214,50 @@ def const_units(problem: Problem, p: int, s: int, key: tuple | None, t: int | No
         return 0
     m = moment(problem, p, s, key, t)
     return ceil_unit(m[1]) if m else 0
+
+
+def _flight_units(builder: Any, p: int, s: int, phase: str | None, key: tuple) -> list[int]:
+    """Per moment of (p, s, key), the units of the in-flight terms a row with that moment holds for the current
+    solution (``IlpBuilder._block_terms``' in-flight part and ``const_terms``)."""
+    P = builder.p
+    lb, rows, chunks = P.layers, P.moments[p, s, key], P.chunk_map[p]
+    tables = [lb.gpu] if lb.alive(phase, lb.phases) else []
+    if lb.phase_gpu is not None:
+        tables += [t for ph, t in lb.phase_gpu.items() if phase is None or ph == phase]
+    held: dict[tuple[int, int], int] = {}
+    for gkey, members in builder.groups[0].items():
+        rep = members[0]
+        if stage_of(rep, P.num_layers, p, P.stage_map) != s:
+            continue
+        for m in lb.modes:
+            n = round(builder.n[0, gkey, m].value() or 0)
+            nbytes = sum(t[rep][m].get(key, 0) for t in tables)
+            if n and nbytes:
+                held[nbytes, chunks[rep]] = held.get((nbytes, chunks[rep]), 0) + n
+    return [sum(n * ceil_unit(nbytes * h[c]) for (nbytes, c), n in held.items()) + ceil_unit(const)
+            for h, const in rows]
+
+
+def cut(builder: Any, probs: list[Any]) -> int:
+    """Row generation: for the solution in ``builder``'s variables, each stage and phase whose largest moment row
+    (over every moment of the chosen layer key) exceeds the capacity gets that row, in ``builder`` and in each of
+    ``probs`` (the copies being solved); returns how many rows were added (0: the solution meets every moment)."""
+    P = builder.p
+    if not P.moments or P.layers is None:
+        return 0
+    p = next((v for (d, v), var in builder.x.items() if d == "pp" and (var.value() or 0) > 0.5), 1)
+    key = next((k for (f, k), var in builder.z.items() if f == "layerkey0" and (var.value() or 0) > 0.5), None)
+    added = 0
+    for (pp, s, phase), first in list(builder.moment_rows.items()):
+        if pp != p or key is None or (p, s, key) not in P.moments or first is None:
+            continue
+        label, sel = first
+        units = _flight_units(builder, p, s, phase, key)
+        worst = max(range(len(units)), key=units.__getitem__)
+        value = builder.pulp.value(builder.gpu_rows[p, s, label]) or 0.0
+        if value - units[sel[key]] + units[worst] > builder.cap + 0.5:
+            tag = f"{phase}_k{safe_name(key)}_m{worst}"
+            if (p, s, tag) not in builder.gpu_rows:
+                builder.gpu_row(p, s, phase, {key: worst}, tag, probs)
+                added += 1
+    return added
