@@ -15,8 +15,9 @@ Formulation (in the spirit of COSMA's ILP scheduling and PuLP's ``wedding.py``):
 - Memory per GPU is constrained for every pipeline degree ``p`` and stage ``s < p`` (active only
   when ``x[pp, p] = 1``, by a big-M term); CPU and NVMe per node.
 
-The data lives in ``ilp_model``, the per-layer variables in ``ilp_layers``; this module builds the
-global part, the memory rows and the objective, and solves.
+The data lives in ``ilp_model``, the per-layer variables in ``ilp_layers``, the per-chunk in-flight moment rows
+(added lazily: row generation in ``_solve``) in ``ilp_moments``, the kept gradients and host rows in ``ilp_rows``;
+this module builds the global part, the GPU memory rows and the objective, and solves.
 
 Coefficients are bytes scaled to ``UNIT`` bytes, demand rounded up and capacity rounded down,
 so a solver's tolerance can never admit a plan that the exact integer re-check would reject.
@@ -28,7 +29,7 @@ import math
 import time
 from typing import Any
 
-from memplan.planner import ilp_cooldown, ilp_moments, solvers
+from memplan.planner import ilp_cooldown, ilp_moments, ilp_rows, solvers
 from memplan.planner.ilp_layers import LayerBlocks
 from memplan.planner.ilp_model import (
     ERROR_SCALE,
@@ -134,36 +135,11 @@ class IlpBuilder(LayerBlocks):
             terms.append(self.cool[p, s])
         return terms
 
-    def _persist(self) -> None:
-        """``u[p, s]`` = the persisting bytes (gradients kept across micro-batches) of the chosen states row when
-        the chosen shape row accumulates: u ≥ Σ_k c_k·z_k − M·(1 − Σ_accumulating z), u ≥ 0."""
-        pl, P = self.pulp, self.p
-        self.persist: dict[tuple[int, int], Any] = {}
-        if not P.persist_phases:
-            return
-        for p in P.dims.get("pp", (1,)):
-            accum = [self.z[f.name, k] for f in P.factors for k, e in f.entries.items() if e.accumulates
-                     and ("pp" not in f.dims or k[f.dims.index("pp")] == p)]
-            for s in range(p):
-                terms, big = [], 0
-                for f in P.factors:
-                    for k, e in f.entries.items():
-                        if s < len(e.persist_gpu) and e.persist_gpu[s] and (
-                                "pp" not in f.dims or k[f.dims.index("pp")] == p):
-                            c = ceil_unit(e.persist_gpu[s])
-                            terms.append(c * self.z[f.name, k])
-                            big = max(big, c)
-                if not terms or not accum:
-                    continue
-                var = self.prob.add_variable(f"persist_pp{p}_s{s}", lowBound=0)
-                self.persist[p, s] = var
-                self.prob += var >= pl.lpSum(terms) - big * (1 - pl.lpSum(accum)), f"persist_pp{p}_s{s}"
-
     def _memory(self) -> None:
         P = self.p
         scale = 1.0 + P.gpu_scale_pct / 100.0
         self.cap = math.floor(P.gpu_capacity / UNIT / scale) - 1
-        self._persist()
+        self.persist = ilp_rows.persist_rows(self)
         self.gpu_rows: dict[tuple[int, int, str | None], Any] = {}
         self.moment_rows: dict[tuple[int, int, str | None], tuple[str, dict] | None] = {}
         self.peak: Any = None
@@ -175,7 +151,7 @@ class IlpBuilder(LayerBlocks):
                         self.gpu_row(p, s, phase, sel, label)
                         if j == 0:
                             self.moment_rows[p, s, phase] = None if sel is None else (label, sel)
-        self._host_memory()
+        ilp_rows.host_rows(self)
 
     def gpu_row(self, p: int, s: int, phase: str | None, sel: dict | None, label: str | None,
                 probs: tuple | list = ()) -> None:
@@ -194,22 +170,6 @@ class IlpBuilder(LayerBlocks):
             relax = 0 if self._conditional() or "pp" not in P.dims else self._upper(expr) * (1 - self.x["pp", p])
             for prob in (self.prob, *probs):
                 prob += self.peak >= expr - relax, f"peak_pp{p}_s{s}" + (f"_{label}" if label else "")
-
-    def _host_memory(self) -> None:
-        pl, P = self.pulp, self.p
-        for tier, capacity in (("cpu", P.cpu_capacity), ("nvme", P.nvme_capacity)):
-            terms = [ceil_unit(getattr(e, tier)) * self.z[f.name, k]
-                     for f in P.factors for k, e in f.entries.items() if getattr(e, tier)]
-            if tier == "cpu":
-                terms += [ceil_unit(n) * self.w[bi, g, m, k] for bi, lb in enumerate(P.blocks) if lb.cpu is not None
-                          for g, members in self.groups[bi].items()
-                          for m, keyed in lb.cpu[members[0]].items() for k, n in keyed.items() if n]
-            if terms:
-                self.prob += pl.lpSum(terms) <= math.floor(capacity / UNIT) - 1, f"{tier}_mem"
-        floors = [ceil_unit(e.cpu_floor) * self.z[f.name, k] for f in P.factors for k, e in f.entries.items()
-                  if e.cpu_floor]
-        if floors:
-            self.prob += pl.lpSum(floors) <= math.floor(P.cpu_capacity / UNIT) - 1, "cpu_mem_floor"
 
     def _conditional(self) -> bool:
         """Whether every GPU term is tied to a pipeline degree (so no big-M is needed)."""

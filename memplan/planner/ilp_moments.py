@@ -14,7 +14,11 @@ Each moment's sum is linear in the per-layer choices, so the ILP writes one memo
 with a whole-stage count rounded up: a layer's bytes weighted by its chunk's h_c at that moment, and the moment's
 constant Σ_c h_c·e_c + w_c·g_c on the layer key's selector. The largest row is then exactly ``estimate``'s figure.
 Moments that another moment matches or exceeds chunk by chunk (h and w) are dropped: bytes are non-negative, so they
-are never the largest. V schedules also place the layers as the V does (``arch.parallel.v_chunk_ranges``): rank s
+are never the largest. Deep interleaved pipelines still keep dozens (Llama 3 405B, p = 16, v = 8: 50-64 a stage), so
+the rows are generated (``cut``): the MIP starts with a few per stage and phase (``_seeds``), and after each solve the
+row of the moment the solution exceeds most is added, for the chosen layer key, until none is exceeded. A row of one
+key's moment counts the other keys' in-flight layers as zero, which every plan's true row covers, so no row is ever
+tighter than ``estimate``. V schedules also place the layers as the V does (``arch.parallel.v_chunk_ranges``): rank s
 holds stages s and 2p − 1 − s, so rank 0 holds both ends (``v_stage_index``).
 
 ``Problem.moments``: (pp, stage, layer key) → ((h per chunk, constant bytes), ...); ``Problem.chunk_map``: the local
