@@ -244,13 +244,17 @@ def _flight_units(builder: Any, p: int, s: int, phase: str | None, key: tuple) -
 
 def cut(builder: Any, probs: list[Any]) -> int:
     """Row generation: for the solution in ``builder``'s variables, each stage and phase whose largest moment row
-    (over every moment of the chosen layer key) exceeds the capacity gets that row, in ``builder`` and in each of
-    ``probs`` (the copies being solved); returns how many rows were added (0: the solution meets every moment)."""
+    (over every moment of the chosen layer key) exceeds the capacity (or the peak under the ``min_gpu_bytes``
+    objective) gets that row, in ``builder`` and in each of ``probs`` (the copies being solved); returns how many
+    rows were added (0: the solution meets every moment)."""
     P = builder.p
     if not P.moments or P.layers is None:
         return 0
     p = next((v for (d, v), var in builder.x.items() if d == "pp" and (var.value() or 0) > 0.5), 1)
     key = next((k for (f, k), var in builder.z.items() if f == "layerkey0" and (var.value() or 0) > 0.5), None)
+    limit = builder.cap  # under the peak objective also the peak the solution claims (no row may exceed it)
+    if builder.peak is not None:
+        limit = min(limit, builder.pulp.value(builder.peak) or 0.0)
     added = 0
     for (pp, s, phase), first in list(builder.moment_rows.items()):
         if pp != p or key is None or (p, s, key) not in P.moments or first is None:
@@ -259,7 +263,7 @@ def cut(builder: Any, probs: list[Any]) -> int:
         units = _flight_units(builder, p, s, phase, key)
         worst = max(range(len(units)), key=units.__getitem__)
         value = builder.pulp.value(builder.gpu_rows[p, s, label]) or 0.0
-        if value - units[sel[key]] + units[worst] > builder.cap + 0.5:
+        if value - units[sel[key]] + units[worst] > limit + 0.5:
             tag = f"{phase}_k{safe_name(key)}_m{worst}"
             if (p, s, tag) not in builder.gpu_rows:
                 builder.gpu_row(p, s, phase, {key: worst}, tag, probs)
