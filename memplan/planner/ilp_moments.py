@@ -124,7 +124,9 @@ def stage_moments(ctx: Any) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...]
 
 
 def build(setting: Any, dims: dict[str, tuple], layers: LayerBlock | None) -> tuple[dict, dict[int, tuple[int, ...]]]:
-    """(``Problem.moments``, the chunk map) for every pipeline degree and layer key of ``layers`` where ``applies``."""
+    """(``Problem.moments``, the chunk map) for every pipeline degree and layer key of ``layers`` where ``applies``
+    (the shape factor leaves ``ROWS`` out exactly where a key has them)."""
+    from memplan.errors import MemplanError
     from memplan.memory import activations as act
     from memplan.memory.context import Context
     from memplan.planner.setting import config_for
@@ -138,20 +140,19 @@ def build(setting: Any, dims: dict[str, tuple], layers: LayerBlock | None) -> tu
         choice = dict(zip(layers.key_dims, key, strict=True))
         try:
             cfg = config_for(setting.base, choice, global_batch=setting.global_batch)
-        except ValueError:
+            ctx0 = Context(setting.arch, cfg, setting.gpu, setting.host, stage_override=0)
+            if not applies(cfg) or not act.modelled(ctx0):
+                continue
+            chunks = [0] * len(setting.arch.layers)
+            per_stage = {}
+            for s in range(cfg.pp):
+                ctx = ctx0.at_stage(s)
+                local, per_stage[s] = stage_moments(ctx)
+                for (i, _), c in zip(ctx.layers, local, strict=True):
+                    chunks[i] = c
+        except (MemplanError, ValueError):  # a key the exact model rejects keeps the whole-stage rows
             continue
-        if not applies(cfg):
-            continue
-        ctx0 = Context(setting.arch, cfg, setting.gpu, setting.host, stage_override=0)
-        if not act.modelled(ctx0):
-            continue
-        chunks = [0] * len(setting.arch.layers)
-        for s in range(cfg.pp):
-            ctx = ctx0.at_stage(s)
-            local, rows = stage_moments(ctx)
-            for (i, _), c in zip(ctx.layers, local, strict=True):
-                chunks[i] = c
-            moments[cfg.pp, s, key] = tuple(rows)
+        moments.update({(cfg.pp, s, key): tuple(rows) for s, rows in per_stage.items()})
         chunk_map[cfg.pp] = tuple(chunks)
     return moments, chunk_map
 
