@@ -23,8 +23,9 @@ from memplan.memory.breakdown import TRAIN_PHASES, Tier
 from memplan.memory.context import Context
 from memplan.planner import train
 from memplan.planner.ilp_cooldown import fast_units
-from memplan.planner.ilp_fast import _block_units, _factor_units
+from memplan.planner.ilp_fast import _factor_units, cheapest_modes, row_units
 from memplan.planner.ilp_model import UNIT
+from memplan.planner.ilp_moments import ROWS as MOMENT_ROWS
 from memplan.planner.setting import TrainSetting
 
 HOST = HostSpec()
@@ -65,21 +66,22 @@ def ilp_and_exact(cfg: JobConfig, modes: list[str]) -> list[tuple[int, str, int,
     def scaled(units: int) -> int:
         return int(units * UNIT * (1 + pct / 100)) + context
 
+    inner = BLOCK_ROWS + (MOMENT_ROWS if problem.moments else ())  # the moment rows hold the in-flight ends too
+    chosen = [(lb, modes if i == 0 else cheapest_modes(lb)) for i, lb in enumerate(problem.blocks)]
     out = []
     for s in range(cfg.pp):
         rows, _ = components.stage_rows(ctx.at_stage(s))
         for ph in TRAIN_PHASES:
             rest = _factor_units(problem, s, ph.value) + fast_units(problem, problem.layers, modes, cfg.pp, s,
                                                                     ph.value, key)
-            block = sum(_block_units(problem, lb, modes, cfg.pp, s, ph.value) for lb in problem.blocks)
             alive = [r for r in rows if r.tier is Tier.GPU and (r.phases is None or ph in r.phases)]
             fixed = sum(r.bytes for r in alive if r.component.startswith("runtime/")
                         and r.component != "runtime/allocator_reserve")
             allocated = sum(r.bytes for r in alive if not r.component.startswith("runtime/"))
             outside = sum(r.bytes for r in alive if not r.component.startswith("runtime/") and r.component
-                          not in BLOCK_ROWS)
-            out.append((s, ph.value, scaled(rest + block), int(allocated * (1 + pct / 100)) + fixed,
-                        scaled(rest), int(outside * (1 + pct / 100)) + fixed))
+                          not in inner)
+            out.append((s, ph.value, scaled(row_units(problem, chosen, cfg.pp, s, ph.value, key)),
+                        int(allocated * (1 + pct / 100)) + fixed, scaled(rest), int(outside * (1 + pct / 100)) + fixed))
     return out
 
 
@@ -118,11 +120,32 @@ CASES = {
                                 "none"),
 }
 
+PER_CHUNK = {
+    # V schedules: rank s holds stages s and 7 − s (rank 0 both ends), the zero-bubble I-to-W bytes
+    "zbv": (_fsdp2(gpus_per_node=8, pp=4, grad_accum=8, seq_len=1024, engine_config={"pp_schedule": "ZBVZeroBubble"},
+                   perf={"virtual_stages": 2}), "none,full"),
+    "dualpipev": (_fsdp2(gpus_per_node=8, pp=4, grad_accum=8, seq_len=1024, engine_config={"pp_schedule": "DualPipeV"},
+                         perf={"virtual_stages": 2}), "none,full"),
+    # torch's interleaved schedules, uneven stages (16 layers over pp 3, two chunks each)
+    "interleaved1f1b-uneven": (_fsdp2(gpus_per_node=6, pp=3, grad_accum=6, seq_len=1024,
+                                      engine_config={"pp_schedule": "Interleaved1F1B"}, perf={"virtual_stages": 2}),
+                               "none"),
+    "interleaved-zero-bubble": (_fsdp2(gpus_per_node=4, pp=2, grad_accum=4, seq_len=1024,
+                                       engine_config={"pp_schedule": "InterleavedZeroBubble"},
+                                       perf={"virtual_stages": 2}), "none,full"),
+    # Megatron's interleaved schedule, uneven chunks (16 layers over pp 3, v 3: chunks of 2, 2, 1 and 2, 2, 2 layers)
+    "megatron-interleaved-uneven": (JobConfig(job="pretrain", engine="megatron", gpus_per_node=6, pp=3, grad_accum=6,
+                                              seq_len=1024, micro_batch=1, recompute="none",
+                                              perf={"virtual_stages": 3}), "none,full"),
+}
+ROUNDING = 2**20
+"""The ILP's KiB rounding, per term (a few dozen terms a row) and of the allocator reserve's scale."""
+
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ilp_counts_at_least_what_estimate_reports(case: str) -> None:
-    """Each stage's peak (its largest phase) in full; and every phase outside the per-layer block's rows, which the
-    interleaved schedule counts per chunk in ``estimate`` and per stage in the ILP (a gap of their own, apart here)."""
+    """Each stage's peak (its largest phase) in full; and every phase outside the per-layer block's rows (and the
+    in-flight rows the moment rows hold, ``planner.ilp_moments``)."""
     cfg, mode = CASES[case]
     modes = (mode.split(",") * 16)[:16]  # "a,b": alternating per layer
     got = ilp_and_exact(cfg, modes)
@@ -133,6 +156,54 @@ def test_ilp_counts_at_least_what_estimate_reports(case: str) -> None:
     for s, phase, _, _, ilp, exact in got:
         assert ilp >= exact - 1, f"{case}: stage {s}, {phase}: the ILP counts {ilp:,} bytes, estimate {exact:,}"
         assert ilp - exact <= MARGIN, f"{case}: stage {s}, {phase}: the ILP over by {ilp - exact:,} bytes"
+
+
+@pytest.mark.parametrize("case", list(PER_CHUNK))
+def test_ilp_per_chunk_rows_equal_estimate(case: str) -> None:
+    """Interleaved and named pipelining schedules: the ILP writes one row per moment of the per-chunk in-flight counts
+    (``planner.ilp_moments``), with the layers placed as the schedule places them (the V) and the I-to-W bytes, so
+    its bytes equal ``estimate``'s in every stage and phase, up to its KiB rounding."""
+    cfg, mode = PER_CHUNK[case]
+    modes = (mode.split(",") * 16)[:16]
+    for s, phase, ilp, exact, _, _ in ilp_and_exact(cfg, modes):
+        assert exact - 1 <= ilp <= exact + ROUNDING, f"{case}: stage {s}, {phase}: the ILP {ilp:,} bytes, estimate {exact:,}"
+
+
+@pytest.mark.parametrize("case", ["megatron-interleaved-uneven", "zbv", "interleaved-zero-bubble"])  # 8k: activations lead
+def test_least_memory_plan_meets_every_moment(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MIP starts with a few moment rows and adds the ones a solution exceeds (``ilp_moments.cut``): under the
+    least-memory objective the peak it reports is the largest row over every moment of every stage and phase, as the
+    ILP's own arithmetic counts them with the chosen modes (``ilp_fast.row_units``), not only over the rows it holds.
+    Here the MIP starts from each stage's first moment alone (one forward in flight), so every other row is cut in."""
+    from memplan.planner import ilp_moments
+    from memplan.planner.ilp import IlpBuilder
+
+    monkeypatch.setattr(ilp_moments, "_seeds", lambda *_: [0])
+
+    cfg = PER_CHUNK[case][0].model_copy(update={"seq_len": 8192})
+    spec, gpu = load_model(MODEL), catalog_gpu(GPU)
+    arch = build_architecture(spec)
+    setting = TrainSetting(arch=arch, gpu=gpu, host=HOST, base=cfg, global_batch=cfg.grad_accum * cfg.dp)
+    problem, _ = train.build_problem(setting, _dims(cfg, ["none", "full"]), "min_gpu_bytes")
+    sol = IlpBuilder(problem).solve()
+    key = (cfg.tp, cfg.pp, cfg.micro_batch, cfg.seq_len)
+    chosen = [(lb, sol.block_modes[lb.name]) for lb in problem.blocks]
+    rows = [row_units(problem, chosen, cfg.pp, s, ph.value, key) for s in range(cfg.pp) for ph in TRAIN_PHASES]
+    assert sol.status == "optimal" and sol.objective == pytest.approx(max(rows), abs=1)
+
+
+def test_v_schedule_layers_sit_in_a_v():
+    """Under a V schedule the ILP's stage of each layer is its rank in the V (torch's ``generate_stage_to_rank_mapping``
+    style "v": rank s runs stages s and 2p − 1 − s): along the layers the ranks go 0, 1, 2, 3 and back to 0, so rank 0
+    holds the first and the last layers (not the contiguous stages the ILP placed them on before)."""
+    cfg, _ = PER_CHUNK["zbv"]
+    spec, gpu = load_model(MODEL), catalog_gpu(GPU)
+    arch = build_architecture(spec)
+    setting = TrainSetting(arch=arch, gpu=gpu, host=HOST, base=cfg, global_batch=cfg.grad_accum * cfg.dp)
+    problem, _ = train.build_problem(setting, _dims(cfg, ["none"]), "min_seconds")
+    ranks = problem.stage_map[4]
+    runs = [r for i, r in enumerate(ranks) if i == 0 or r != ranks[i - 1]]
+    assert runs == [0, 1, 2, 3, 2, 1, 0]
 
 
 def test_a_gpu_the_buffers_fill_gets_a_plan_that_recomputes():

@@ -164,3 +164,22 @@ def test_v_shape_receive_buffers(stage: int, inputs: int, grads: int) -> None:
     rows = _rows(_cfg("DualPipeV", 2), stage)
     assert rows.get("activations/pp_grad_recv_buffers", 0) == grads * X
     assert rows.get("activations/pp_recv_buffers", 0) == inputs * X  # no recompute: none counted as saved inputs
+
+
+def test_weights_of_a_v_rank_are_not_reused_for_the_same_stage_index() -> None:
+    """Rank 2 of a V holds other layers than stage 2 of the contiguous split (its two chunks, ``v_chunk_ranges``), so
+    the memoized weight bytes of one must not answer for the other: the planner estimates ZBVZeroBubble and
+    Interleaved1F1B layouts in one process, and a stale entry once made the re-check reject a plan that fits. Expected:
+    the interleaved stage's ``weights/params`` are the same whether or not the V rank was estimated first."""
+    from memplan.memory import memo, weights
+
+    def params(cfg: JobConfig) -> int:
+        memo._CACHE.clear()  # the size-free memo above it would answer from the first call
+        return _rows(cfg, 2)["weights/params"]
+
+    interleaved = _cfg("Interleaved1F1B", v=2, zero=0)  # unsharded: the stage's whole weights
+    weights._CACHE.clear()
+    alone = params(interleaved)
+    weights._CACHE.clear()
+    assert params(_cfg("ZBVZeroBubble", v=2, zero=0)) != alone  # rank 2 of the V: 10 layers, stage 2: 9
+    assert params(_cfg("Interleaved1F1B", v=2, zero=0)) == alone

@@ -71,7 +71,7 @@ def in_flight_saved(ctx: Context, modes: dict[int, Recompute], counting: blk.Cou
     (``chunk_saved_bytes``), each chunk's micro-batches in flight taken at the moment the stage's sum is largest
     (``arch.interleaved.peak_chunk_bytes``: the order of Megatron's ``forward_backward_pipelining_with_interleaving``
     and torch's ``ScheduleInterleaved1F1B``), instead of ⌈chunk micro-batches / v⌉ whole stages. The planner's
-    linear model keeps the rounded-up whole-stage count."""
+    linear model writes one row per moment with the same counts (``planner.ilp_moments``)."""
     cfg, v = ctx.cfg, max(1, ctx.cfg.perf.virtual_stages)
     if psf.named(cfg):
         return named_saved(ctx, modes, counting)

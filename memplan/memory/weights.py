@@ -313,7 +313,7 @@ def context_weight_bytes(ctx: Context) -> WeightBytes:
     """
     cfg = ctx.cfg
     key = ("stage", id(ctx.arch), cfg.dtype, effective_quant(cfg), cfg.quant_map, cfg.infer.offload_map,
-           cfg.tp, cfg.ep, cfg.pp, ctx.stage, ctx.balanced, quantized_head(cfg))
+           cfg.tp, cfg.ep, cfg.pp, ctx.stage, ctx.balanced, ctx.v_shape, quantized_head(cfg))
     return _memo(key, ctx.arch, lambda: _context_weight_bytes(ctx))
 
 

@@ -15,8 +15,9 @@ Formulation (in the spirit of COSMA's ILP scheduling and PuLP's ``wedding.py``):
 - Memory per GPU is constrained for every pipeline degree ``p`` and stage ``s < p`` (active only
   when ``x[pp, p] = 1``, by a big-M term); CPU and NVMe per node.
 
-The data lives in ``ilp_model``, the per-layer variables in ``ilp_layers``; this module builds the
-global part, the memory rows and the objective, and solves.
+The data lives in ``ilp_model``, the per-layer variables in ``ilp_layers``, the per-chunk in-flight moment rows
+(added lazily: row generation in ``_solve``) in ``ilp_moments``, the kept gradients and host rows in ``ilp_rows``;
+this module builds the global part, the GPU memory rows and the objective, and solves.
 
 Coefficients are bytes scaled to ``UNIT`` bytes, demand rounded up and capacity rounded down,
 so a solver's tolerance can never admit a plan that the exact integer re-check would reject.
@@ -25,9 +26,10 @@ so a solver's tolerance can never admit a plan that the exact integer re-check w
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
-from memplan.planner import ilp_cooldown, solvers
+from memplan.planner import ilp_cooldown, ilp_moments, ilp_rows, solvers
 from memplan.planner.ilp_layers import LayerBlocks
 from memplan.planner.ilp_model import (
     ERROR_SCALE,
@@ -109,8 +111,9 @@ class IlpBuilder(LayerBlocks):
             self.prob += pl.lpSum(zs) == self.x[d, v], f"marg_{safe_name(f.name)}_{safe_name(d)}_{idx}"
 
     # -- constraints ---------------------------------------------------------------------------
-    def _gpu_terms(self, p: int, s: int, phase: str | None = None) -> list[Any]:
-        """GPU terms of stage ``s`` under pp = ``p`` alive in ``phase`` (None: every byte of every phase)."""
+    def _gpu_terms(self, p: int, s: int, phase: str | None = None, moment: dict | None = None) -> list[Any]:
+        """GPU terms of stage ``s`` under pp = ``p`` alive in ``phase`` (None: every byte of every phase), the in-flight
+        activations at ``moment`` (``ilp_moments``)."""
         P = self.p
         terms = []
         for f in P.factors:
@@ -124,69 +127,49 @@ class IlpBuilder(LayerBlocks):
                 if nbytes:
                     terms.append(ceil_unit(nbytes) * self.z[f.name, key])
         for bi, lb in enumerate(P.blocks):
-            terms += self._block_terms(bi, lb, p, s, phase)
+            terms += self._block_terms(bi, lb, p, s, phase, moment if bi == 0 else None)
+        terms += ilp_moments.const_terms(self, p, s, moment)
         if phase in P.persist_phases and (p, s) in self.persist:
             terms.append(self.persist[p, s])
         if phase in (None, ilp_cooldown.PHASE) and (p, s) in self.cool:
             terms.append(self.cool[p, s])
         return terms
 
-    def _persist(self) -> None:
-        """``u[p, s]`` = the persisting bytes (gradients kept across micro-batches) of the chosen states row when
-        the chosen shape row accumulates: u ≥ Σ_k c_k·z_k − M·(1 − Σ_accumulating z), u ≥ 0."""
-        pl, P = self.pulp, self.p
-        self.persist: dict[tuple[int, int], Any] = {}
-        if not P.persist_phases:
-            return
-        for p in P.dims.get("pp", (1,)):
-            accum = [self.z[f.name, k] for f in P.factors for k, e in f.entries.items() if e.accumulates
-                     and ("pp" not in f.dims or k[f.dims.index("pp")] == p)]
-            for s in range(p):
-                terms, big = [], 0
-                for f in P.factors:
-                    for k, e in f.entries.items():
-                        if s < len(e.persist_gpu) and e.persist_gpu[s] and (
-                                "pp" not in f.dims or k[f.dims.index("pp")] == p):
-                            c = ceil_unit(e.persist_gpu[s])
-                            terms.append(c * self.z[f.name, k])
-                            big = max(big, c)
-                if not terms or not accum:
-                    continue
-                var = self.prob.add_variable(f"persist_pp{p}_s{s}", lowBound=0)
-                self.persist[p, s] = var
-                self.prob += var >= pl.lpSum(terms) - big * (1 - pl.lpSum(accum)), f"persist_pp{p}_s{s}"
-
     def _memory(self) -> None:
-        pl, P = self.pulp, self.p
-        pps = P.dims.get("pp", (1,))
+        P = self.p
         scale = 1.0 + P.gpu_scale_pct / 100.0
-        cap = math.floor(P.gpu_capacity / UNIT / scale) - 1
-        self._persist()
+        self.cap = math.floor(P.gpu_capacity / UNIT / scale) - 1
+        self.persist = ilp_rows.persist_rows(self)
         self.gpu_rows: dict[tuple[int, int, str | None], Any] = {}
-        for p in pps:
+        self.moment_rows: dict[tuple[int, int, str | None], tuple[str, dict] | None] = {}
+        self.peak: Any = None
+        for p in P.dims.get("pp", (1,)):
             for s in range(p):
                 for phase in P.phases or (None,):
-                    expr = pl.lpSum(self._gpu_terms(p, s, phase))
-                    self.gpu_rows[p, s, phase] = expr
-                    tag = f"gpu_mem_pp{p}_stage{s}" + (f"_{phase}" if phase else "")
-                    big = self._upper(expr) - cap
-                    if len(pps) > 1 and big > 0 and not self._conditional():
-                        self.prob += expr <= cap + big * (1 - self.x["pp", p]), tag
-                    else:
-                        self.prob += expr <= cap, tag
-        for tier, capacity in (("cpu", P.cpu_capacity), ("nvme", P.nvme_capacity)):
-            terms = [ceil_unit(getattr(e, tier)) * self.z[f.name, k]
-                     for f in P.factors for k, e in f.entries.items() if getattr(e, tier)]
-            if tier == "cpu":
-                terms += [ceil_unit(n) * self.w[bi, g, m, k] for bi, lb in enumerate(P.blocks) if lb.cpu is not None
-                          for g, members in self.groups[bi].items()
-                          for m, keyed in lb.cpu[members[0]].items() for k, n in keyed.items() if n]
-            if terms:
-                self.prob += pl.lpSum(terms) <= math.floor(capacity / UNIT) - 1, f"{tier}_mem"
-        floors = [ceil_unit(e.cpu_floor) * self.z[f.name, k] for f in P.factors for k, e in f.entries.items()
-                  if e.cpu_floor]
-        if floors:
-            self.prob += pl.lpSum(floors) <= math.floor(P.cpu_capacity / UNIT) - 1, "cpu_mem_floor"
+                    for j, sel in enumerate(ilp_moments.initial_rows(self, p, s, phase)):
+                        label = phase if sel is None else f"{phase}_m{j}"
+                        self.gpu_row(p, s, phase, sel, label)
+                        if j == 0:
+                            self.moment_rows[p, s, phase] = None if sel is None else (label, sel)
+        ilp_rows.host_rows(self)
+
+    def gpu_row(self, p: int, s: int, phase: str | None, sel: dict | None, label: str | None,
+                probs: tuple | list = ()) -> None:
+        """The GPU memory row of stage ``s`` under pp = ``p`` in ``phase`` (the in-flight layers at the moments ``sel``
+        selects, ``ilp_moments``), in the model and in ``probs`` (copies being solved), and under the peak objective."""
+        pl, P = self.pulp, self.p
+        expr = pl.lpSum(self._gpu_terms(p, s, phase, sel))
+        self.gpu_rows[p, s, label] = expr
+        tag = f"gpu_mem_pp{p}_stage{s}" + (f"_{label}" if label else "")
+        big = self._upper(expr) - self.cap
+        multi = len(P.dims.get("pp", (1,))) > 1 and big > 0 and not self._conditional()
+        row = expr <= self.cap + big * (1 - self.x["pp", p]) if multi else expr <= self.cap
+        for prob in (self.prob, *probs):
+            prob += row, tag
+        if self.peak is not None:
+            relax = 0 if self._conditional() or "pp" not in P.dims else self._upper(expr) * (1 - self.x["pp", p])
+            for prob in (self.prob, *probs):
+                prob += self.peak >= expr - relax, f"peak_pp{p}_s{s}" + (f"_{label}" if label else "")
 
     def _conditional(self) -> bool:
         """Whether every GPU term is tied to a pipeline degree (so no big-M is needed)."""
@@ -219,7 +202,7 @@ class IlpBuilder(LayerBlocks):
         elif P.objective == "min_error":
             self.primary, self.primary_scale = ERROR_SCALE * self.error_expr(), ERROR_SCALE  # solver units
         elif P.objective == "min_gpu_bytes":
-            worst = self.prob.add_variable("peak_gpu_units", lowBound=0)
+            worst = self.peak = self.prob.add_variable("peak_gpu_units", lowBound=0)
             for (p, s, phase), expr in self.gpu_rows.items():
                 relax = 0 if self._conditional() or "pp" not in P.dims else self._upper(expr) * (1 - self.x["pp", p])
                 self.prob += worst >= expr - relax, f"peak_pp{p}_s{s}" + (f"_{phase}" if phase else "")
@@ -252,25 +235,32 @@ class IlpBuilder(LayerBlocks):
         return second
 
     def _solve(self, time_limit: float | None, solver: str | None, prob: Any = None) -> Solution:
+        """Solve ``prob`` (the model itself by default); while the solution exceeds a moment row the model does not
+        hold yet, add it and solve again (``ilp_moments.cut``, row generation)."""
         pl, prob = self.pulp, self.prob if prob is None else prob
-        chosen = solvers.get_solver(solver, time_limit=time_limit)
-        try:
-            with solvers.quiet_stdout():
-                status = prob.solve(chosen)
-        except (pl.PulpSolverError, IndexError):  # HiGHS refuses |coefficients| >= 1e15; PuLP then indexes an empty model
-            from memplan.errors import MemplanError
+        end = None if time_limit is None else time.monotonic() + time_limit
+        while True:
+            left = None if end is None else max(0.1, end - time.monotonic())
+            chosen = solvers.get_solver(solver, time_limit=left)
+            try:
+                with solvers.quiet_stdout():
+                    status = prob.solve(chosen)
+            except (pl.PulpSolverError, IndexError):  # HiGHS refuses |coefficients| >= 1e15; PuLP then indexes nothing
+                from memplan.errors import MemplanError
 
-            limit = f"{SOLVER_MAX_COEFF * UNIT:.0e}"
-            raise MemplanError(f"the {type(chosen).__name__} solver rejected the model: a memory figure near or above "
-                               f"{limit} bytes is beyond its numeric range; check the sizes given.") from None
-        label = pl.LpStatus[status]
-        if label != "Optimal" or prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
-            highs = prob if isinstance(chosen, pl.HiGHS) else None
-            return Solution(_status_name(label, highs), {}, [], math.nan, math.nan)
-        picked = [(d, v) for (d, v), var in self.x.items() if (var.value() or 0) > 0.5]
-        if sorted(d for d, _ in picked) != sorted(self.p.dims):
-            # PuLP reports HiGHS's kTimeLimit as integer-feasible even when no incumbent exists.
-            return Solution("time_limit", {}, [], math.nan, math.nan)
+                limit = f"{SOLVER_MAX_COEFF * UNIT:.0e}"
+                raise MemplanError(f"the {type(chosen).__name__} solver rejected the model: a memory figure near or "
+                                   f"above {limit} bytes is beyond its numeric range; check the sizes given.") from None
+            label = pl.LpStatus[status]
+            if label != "Optimal" or prob.sol_status not in (pl.LpSolutionOptimal, pl.LpSolutionIntegerFeasible):
+                highs = prob if isinstance(chosen, pl.HiGHS) else None
+                return Solution(_status_name(label, highs), {}, [], math.nan, math.nan)
+            picked = [(d, v) for (d, v), var in self.x.items() if (var.value() or 0) > 0.5]
+            if sorted(d for d, _ in picked) != sorted(self.p.dims):
+                # PuLP reports HiGHS's kTimeLimit as integer-feasible even when no incumbent exists.
+                return Solution("time_limit", {}, [], math.nan, math.nan)
+            if not ilp_moments.cut(self, [] if prob is self.prob else [prob]):
+                break
         choice = dict(picked)
         block_modes = {lb.name: self.modes(bi) for bi, lb in enumerate(self.p.blocks)}
         modes = self.modes(0) if self.p.layers is not None else []

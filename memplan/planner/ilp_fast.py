@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from memplan.planner import ilp_moments
 from memplan.planner.ilp_cooldown import fast_units
 from memplan.planner.ilp_layers import shared_phases
 from memplan.planner.ilp_model import UNIT, LayerBlock, Problem, Solution, ceil_unit, stage_of
@@ -42,8 +43,10 @@ def _tables(lb: LayerBlock, phase: str | None) -> list:
     return tables
 
 
-def _block_units(problem: Problem, lb: LayerBlock, modes: list[str], p: int, s: int, phase: str | None) -> int:
-    """GPU units of a block on stage ``s`` in ``phase`` with ``modes`` (``IlpBuilder._block_terms``)."""
+def _block_units(problem: Problem, lb: LayerBlock, modes: list[str], p: int, s: int, phase: str | None,
+                 moment: int | None = None) -> int:
+    """GPU units of a block on stage ``s`` in ``phase`` with ``modes`` (``IlpBuilder._block_terms``), the in-flight
+    layers at ``moment`` (``ilp_moments``)."""
     if not lb.stages and p != 1:
         return 0
     tables = _tables(lb, phase)
@@ -54,7 +57,7 @@ def _block_units(problem: Problem, lb: LayerBlock, modes: list[str], p: int, s: 
             continue
         for k in lb.gpu[layer][m]:
             flight = problem.key_flight(p, s, lb.key_dims, k)
-            mult = flight if lb.in_flight else 1
+            mult = problem.layer_flight(p, s, layer, lb.key_dims, k, moment) if lb.in_flight else 1
             nbytes = sum(t[layer][m].get(k, 0) for t in tables)
             units += ceil_unit(nbytes * mult) if nbytes else 0
             if lb.workspace is not None:
@@ -70,7 +73,8 @@ def _block_units(problem: Problem, lb: LayerBlock, modes: list[str], p: int, s: 
     return units
 
 
-def _least_block_units(problem: Problem, lb: LayerBlock, p: int, s: int, phase: str | None) -> int:
+def _least_block_units(problem: Problem, lb: LayerBlock, p: int, s: int, phase: str | None,
+                       moment: int | None = None) -> int:
     """A lower bound on a block's GPU units on stage ``s`` in ``phase``, whatever the modes: each layer's leanest
     available mode there, and no workspace (it only adds)."""
     if not lb.stages and p != 1:
@@ -81,7 +85,7 @@ def _least_block_units(problem: Problem, lb: LayerBlock, p: int, s: int, phase: 
         if stage_of(layer, problem.num_layers, p, problem.stage_map) != s:
             continue
         least = [ceil_unit(sum(t[layer][m].get(k, 0) for t in tables)
-                           * (problem.key_flight(p, s, lb.key_dims, k) if lb.in_flight else 1))
+                           * (problem.layer_flight(p, s, layer, lb.key_dims, k, moment) if lb.in_flight else 1))
                  for m, keyed in per.items() for k in keyed]
         units += min(least, default=0)
     return units
@@ -94,9 +98,12 @@ def proven_infeasible(problem: Problem) -> bool:
         return False
     p = problem.dims.get("pp", (1,))[0]
     cap = math.floor(problem.gpu_capacity / UNIT / (1.0 + problem.gpu_scale_pct / 100.0)) - 1
-    return any(_factor_units(problem, s, phase) + sum(_least_block_units(problem, lb, p, s, phase)
-                                                      for lb in problem.blocks) > cap
-               for s in range(p) for phase in problem.phases or (None,))
+    key = _one_key(problem.layers) if problem.layers is not None else None
+    return any(_factor_units(problem, s, phase) + ilp_moments.const_units(problem, p, s, key, t)
+               + sum(_least_block_units(problem, lb, p, s, phase, t if i == 0 else None)
+                     for i, lb in enumerate(problem.blocks)) > cap
+               for s in range(p) for phase in problem.phases or (None,)
+               for t in range(ilp_moments.count(problem, p, s, phase)) or (None,))
 
 
 def _factor_units(problem: Problem, s: int, phase: str | None) -> int:
@@ -145,10 +152,7 @@ def cheapest_plan(problem: Problem) -> Solution | None:
     key = _one_key(problem.layers) if problem.layers is not None else None  # the cool-down's, once for every stage
     for s in range(p):
         for phase in problem.phases or (None,):
-            units = _factor_units(problem, s, phase) + sum(_block_units(problem, lb, m, p, s, phase) for lb, m in chosen)
-            if problem.layers is not None:
-                units += fast_units(problem, problem.layers, chosen[0][1], p, s, phase, key)
-            if units > cap:
+            if row_units(problem, chosen, p, s, phase, key) > cap:
                 return None
     if not _host_fits(problem, chosen):
         return None
@@ -159,6 +163,20 @@ def cheapest_plan(problem: Problem) -> Solution | None:
     block_modes = {lb.name: modes for lb, modes in chosen}
     first = chosen[0][1] if problem.layers is not None else []
     return Solution("optimal", choice, first, seconds, seconds, block_modes)
+
+
+def row_units(problem: Problem, chosen: list[tuple[LayerBlock, list[str]]], p: int, s: int, phase: str | None,
+              key: tuple | None) -> int:
+    """The ILP's units of stage ``s``'s GPU row in ``phase`` with each block's ``chosen`` modes (the first block the
+    recompute block, at layer key ``key``): the largest over its moment rows (``ilp_moments``)."""
+    best = 0
+    for t in range(ilp_moments.count(problem, p, s, phase)) or (None,):
+        units = _factor_units(problem, s, phase) + ilp_moments.const_units(problem, p, s, key, t)
+        units += sum(_block_units(problem, lb, m, p, s, phase, t if i == 0 else None) for i, (lb, m) in enumerate(chosen))
+        if problem.layers is not None:
+            units += fast_units(problem, problem.layers, chosen[0][1], p, s, phase, key)
+        best = max(best, units)
+    return best
 
 
 def _one_key(lb: LayerBlock) -> tuple | None:

@@ -143,8 +143,10 @@ class LayerBlocks:
                 out[layer] = m
         return out
 
-    def _block_terms(self, bi: int, lb: LayerBlock, p: int, s: int, phase: str | None = None) -> list[Any]:
-        """The block's GPU terms on stage ``s`` under pp = ``p`` alive in ``phase`` (None: all of them)."""
+    def _block_terms(self, bi: int, lb: LayerBlock, p: int, s: int, phase: str | None = None,
+                     moment: dict | None = None) -> list[Any]:
+        """The block's GPU terms on stage ``s`` under pp = ``p`` alive in ``phase`` (None: all of them), the in-flight
+        layers counted at ``moment`` (``ilp_moments``; None: the whole-stage count)."""
         if not lb.stages and p != 1:
             return []
         tables = [lb.gpu] if lb.alive(phase, lb.phases) else []
@@ -159,7 +161,7 @@ class LayerBlocks:
                 for k in lb.gpu[rep][m]:
                     nbytes = sum(t[rep][m].get(k, 0) for t in tables)
                     if nbytes and ("pp" not in lb.key_dims or k[lb.key_dims.index("pp")] == p):
-                        mult = self.p.key_flight(p, s, lb.key_dims, k) if lb.in_flight else 1
+                        mult = self.p.layer_flight(p, s, rep, lb.key_dims, k, moment) if lb.in_flight else 1
                         terms.append(ceil_unit(nbytes * mult) * self.w[bi, gkey, m, k])
         if (bi, p, s, 0) in self.ws and lb.alive(phase, shared_phases(lb)):
             terms.append(self.ws[bi, p, s, 0])

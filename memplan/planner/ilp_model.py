@@ -162,6 +162,10 @@ class Problem:
     """Per pipeline degree, the model chunk (within its stage) of every layer, where ``cooldown`` needs the layers of
     one chunk apart: the per-layer groups do not span chunks there."""
 
+    moments: dict[tuple[int, int, tuple], tuple[tuple[tuple[int, ...], int], ...]] = field(default_factory=dict)
+    """Per (pp, stage, layer key), the moments of the per-chunk in-flight count (``ilp_moments``): (micro-batches each
+    chunk holds, constant bytes); one memory row each, the layers weighted by their chunk's count (``chunk_map``)."""
+
     global_batch: int | None = None
     """Sequences per step, with ``world`` GPUs and context parallelism ``cp``: what ``micro_batches`` reads."""
     world: int = 1
@@ -195,6 +199,17 @@ class Problem:
         if out is None:
             out = self._flights[memo] = self.flight(pp, stage, self.micro_batches(key_dims, key))
         return out
+
+    def layer_flight(self, pp: int, stage: int, layer: int, key_dims: tuple[str, ...], key: tuple,
+                     moment: int | dict[tuple, int] | None) -> int:
+        """Micro-batches whose bytes ``layer`` (on ``stage``) holds in the memory row of ``moment`` (``ilp_moments``: one
+        moment index, or one per layer key, a key left out counting none there): its chunk's count at that moment,
+        else the whole-stage ``key_flight``."""
+        rows = self.moments.get((pp, stage, key))
+        if rows and moment is not None:
+            t = moment.get(key) if isinstance(moment, dict) else moment
+            return 0 if t is None else rows[min(t, len(rows) - 1)][0][self.chunk_map[pp][layer]]
+        return self.key_flight(pp, stage, key_dims, key)
 
     @property
     def blocks(self) -> list[LayerBlock]:

@@ -13,7 +13,6 @@ from fractions import Fraction
 from itertools import product
 from typing import Any, TypeVar
 
-from memplan.arch.parallel import stage_index
 from memplan.config import JobConfig, Offload, Recompute
 from memplan.engines import rules as engines_rules
 from memplan.errors import MemplanError
@@ -24,8 +23,13 @@ from memplan.memory.context import Context
 from memplan.planner import cost, hybrid, pp_schedule_dim, steptime, train_offload, train_phases, train_pipeline, train_quant
 from memplan.planner.classes import layer_classes
 from memplan.planner.ilp import Entry, Factor, LayerBlock, Problem
+from memplan.planner.ilp_moments import ROWS as MOMENT_ROWS
+from memplan.planner.ilp_moments import build as build_moments
+from memplan.planner.ilp_moments import stage_maps
 from memplan.planner.setting import SAVINGS, TrainSetting, config_for  # noqa: F401 - re-exported
 from memplan.planner.setting import contexts as _contexts
+from memplan.planner.train_reasons import MAX_REASON_CHARS, invalid_reasons  # noqa: F401 - re-exported
+from memplan.planner.train_reasons import describe as _describe
 from memplan.planner.train_recompute import layer_block, recompute_bounds
 
 STATE_DIMS = ("tp", "pp", "placement", "optimizer", "quant")
@@ -180,10 +184,11 @@ def step_configs(setting: TrainSetting, dims: dict[str, tuple], names: tuple[str
 
 
 def shape_factor(setting: TrainSetting, dims: dict[str, tuple], layers: LayerBlock | None = None,
-                 modes: tuple[str, ...] = (), cooldown: dict | None = None) -> Factor:
+                 modes: tuple[str, ...] = (), cooldown: dict | None = None, moments: dict | None = None) -> Factor:
     """Activations outside the blocks (embeddings, loss, logits) per stage, FSDP2's size-dependent rows
     (``train_pipeline``; ``layers``: the recompute block, ``modes``: its modes), and step time by shape; ``cooldown``
-    collects FSDP2's cool-down terms by (pp, stage, key) (``Problem.cooldown``)."""
+    collects FSDP2's cool-down terms by (pp, stage, key) (``Problem.cooldown``); ``moments``: the in-flight moment rows
+    by (pp, stage, key) (``ilp_moments``), which hold the embedding, final norm, loss and I-to-W rows there."""
     entries: dict[tuple, Entry] = {}
     cache: dict = {}
     for key, cfg in step_configs(setting, dims, SHAPE_DIMS):
@@ -192,7 +197,9 @@ def shape_factor(setting: TrainSetting, dims: dict[str, tuple], layers: LayerBlo
             # act.rows, not act.breakdown: each row's own phases (a quantized output layer's dequantization next to
             # the logits at the start of backward), the attention kernels' backward workspace and the legacy
             # transformers rows, as estimate has them; the per-layer block's rows are the ILP's own
-            rows = [r for r in act.rows(ctx) if r.component not in NOT_LAYER_ROWS] if act.modelled(ctx) else []
+            held = (cfg.pp, ctx.stage, key) in (moments or {})  # the moment rows (``ilp_moments``) hold those
+            skip = NOT_LAYER_ROWS + (MOMENT_ROWS if held else ())
+            rows = [r for r in act.rows(ctx) if r.component not in skip] if act.modelled(ctx) else []
             rows += train_pipeline.extra_rows(ctx, rows, layers, key, modes, cache)
             terms = train_pipeline.cooldown_terms(ctx, cache) if cooldown is not None and layers is not None else []
             if terms and cooldown is not None:
@@ -231,27 +238,6 @@ def runtime_terms(setting: TrainSetting) -> tuple[int, float]:
     return st.context_bytes + margin, float(st.reserve_pct)
 
 
-MAX_REASON_CHARS = 300
-"""The reasons of an invalid search space are cut to this many characters: a sentence, not a page."""
-
-
-def invalid_reasons(dims: dict[str, tuple], reasons: list[str]) -> str:
-    """Why no combination is valid, short: an empty dimension by name, else each distinct reason once
-    (the first combination that gave it as the example), cut at MAX_REASON_CHARS."""
-    empty = [d for d, values in dims.items() if not values]
-    if empty:
-        return f"no valid {', '.join(empty)} choice (ZeRO-Offload needs ZeRO stage 1 or higher, " \
-               "parameter and NVMe offload stage 3)" if empty == ["placement"] else f"no valid {', '.join(empty)} choice"
-    distinct: dict[str, str] = {}
-    for reason in reasons:
-        where, _, why = reason.partition(": ")
-        distinct.setdefault(why or where, where)
-    if not distinct:
-        return "every combination was excluded (see the excluded values above)"
-    text = "; ".join(f"{why} (e.g. {where})" if why else where for why, where in distinct.items())
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1].rstrip() + "…"
-
-
 _V = TypeVar("_V", int, float)
 
 
@@ -274,7 +260,8 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
     if not states.entries:
         raise MemplanError("no combination of the search space is valid: " + invalid_reasons(dims, reasons))
     cooldown: dict = {}
-    shape = shape_factor(setting, dims, layers, modes, cooldown)
+    moments, moment_chunks = build_moments(setting, dims, layers)
+    shape = shape_factor(setting, dims, layers, modes, cooldown, moments)
     if not shape.entries:
         raise MemplanError(f"no micro-batch divides the global batch of {setting.global_batch} sequences "
                            "over the data-parallel ranks; change --global-batch or --micro-batch.")
@@ -287,9 +274,10 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
                          for k, e in shape.entries.items()}
     context, pct = runtime_terms(setting)
     host = setting.host
+    stage_map = stage_maps(setting.arch, setting.base, dims["pp"])
     if layers is not None:
         cap = int((setting.gpu.capacity_bytes - context) / (1.0 + pct / 100.0))
-        bounds = recompute_bounds(setting, dims, states, shape, layers, cap)
+        bounds = recompute_bounds(setting, dims, states, shape, layers, cap, stage_map, moments, moment_chunks)
         keep = {k for k, b in bounds.items() if b is not None}
         _keep_keys(layers.gpu, keep)
         _keep_keys(layers.seconds, keep)
@@ -297,26 +285,16 @@ def build_problem(setting: TrainSetting, dims: dict[str, tuple], objective: str,
         _keep_keys(layers.flight_workspace or [], keep)
         _keep_keys(layers.cpu or [], keep)
         layers.key_bounds = {k: b for k, b in bounds.items() if b}
+    chunk_map = train_pipeline.chunk_maps(setting.arch, setting.base.perf.virtual_stages, cooldown) | moment_chunks
     problem = Problem(dims=dims, factors=factors, layers=layers, num_layers=len(setting.arch.layers),
                       gpu_capacity=setting.gpu.capacity_bytes - context, cpu_capacity=host.cpu_ram_bytes,
                       nvme_capacity=host.nvme_bytes, objective=objective, gpu_scale_pct=pct,
                       extra_blocks=extra, phases=tuple(p.value for p in TRAIN_PHASES),
                       persist_phases=(Phase.FORWARD.value, Phase.BACKWARD_START.value),
-                      stage_map={p: stage_index(setting.arch, p) for p in dims["pp"]},
+                      stage_map=stage_map, moments=moments,
                       virtual_stages=setting.base.perf.virtual_stages, global_batch=setting.global_batch,
                       vp_group=act.interleave_knobs(setting.base)[0], vp_extra=act.interleave_knobs(setting.base)[1],
                       pp_schedule=pp_schedule_flight.named(setting.base.model_copy(update={"pp": 2})),
                       world=setting.base.world_size, cp=setting.base.cp, cooldown=cooldown,
-                      chunk_map=train_pipeline.chunk_maps(setting.arch, setting.base.perf.virtual_stages, cooldown))
+                      chunk_map=chunk_map)
     return problem, reasons
-
-
-def _describe(choice: dict[str, Any]) -> str:
-    parts = []
-    for k, v in choice.items():
-        if k == "placement":
-            z, oo, po = v
-            parts.append(f"zero={int(z)} offload_optimizer={oo.value} offload_params={po.value}")
-        else:
-            parts.append(f"{k}={getattr(v, 'value', v)}")
-    return " ".join(parts)

@@ -49,14 +49,16 @@ def _pipeline_rows(ctx: Context, layers: LayerBlock | None, key: tuple, cache: d
     """Stage buffers and the at-peak gradients beyond m = 1's (the cool-down is ``cooldown_terms``', exact in the ILP).
 
     The accumulated gradients G and the unit U (``_gradients``); the at-peak row is ``engine_buffers.
-    fsdp2_pipeline_rows``' max(0, ⌈G·c/v⌉ − U), c = ``chunks_with_gradients_at_peak`` at m and at 1."""
+    fsdp2_pipeline_rows``' max(0, ⌈G·c/v⌉ − U), c = ``chunks_with_gradients_at_peak`` at m and at 1; none under a named
+    schedule, whose c is every chunk at any m (the states factor's m = 1 row holds it)."""
     from memplan.arch.parallel import chunks_with_gradients_at_peak
-    from memplan.memory import engine_buffers, pp_outputs, pp_schedule_flight, pp_stage_buffers
+    from memplan.memory import engine_buffers, pp_outputs, pp_stage_buffers
+    from memplan.memory.pp_schedule_flight import named
 
     cfg = ctx.cfg
     grads, unit = _gradients(ctx, cache)
     out = []
-    if grads and cfg.grad_accum > 1 and not pp_schedule_flight.named(cfg):  # named: every chunk's at m = 1 already
+    if grads and cfg.grad_accum > 1 and not named(cfg):  # a named schedule counts every chunk's at any m (m = 1's)
         total, v = grads[0].bytes, max(1, cfg.perf.virtual_stages)
         at_m, at_one = (max(0, -(-total * chunks_with_gradients_at_peak(cfg.pp, ctx.stage, v, m) // v) - unit)
                         for m in (cfg.grad_accum, 1))
@@ -77,7 +79,7 @@ def cooldown_terms(ctx: Context, cache: dict) -> list[tuple[int, dict[int, int]]
     cfg = ctx.cfg
     v = max(1, cfg.perf.virtual_stages)
     if cfg.effective_engine is not Engine.FSDP2 or cfg.pp <= 1 or v <= 1 or not cfg.job.trains or named(cfg):
-        return []  # a named schedule: no cool-down row (engine_buffers.fsdp2_cooldown_rows)
+        return []  # a named schedule counts every chunk's gradients at the peak: no cool-down above it
     grads, _ = _gradients(ctx, cache)
     if not grads:
         return []

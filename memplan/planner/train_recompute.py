@@ -113,7 +113,9 @@ def _undominated(modes: tuple[str, ...], gpu: list, secs: list) -> tuple[str, ..
 
 
 def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Factor, shape: Factor,
-                     layers: LayerBlock, cap: int) -> dict[tuple, float | None]:
+                     layers: LayerBlock, cap: int, stage_map: dict[int, tuple[int, ...]] | None = None,
+                     moments: dict | None = None, chunk_map: dict[int, tuple[int, ...]] | None = None,
+                     ) -> dict[tuple, float | None]:
     """A lower bound on the recompute seconds any plan with layer key (tp, pp, micro-batch, seq) needs,
     or None when no plan with that key can fit (its layers cannot save enough even all recomputed).
 
@@ -122,7 +124,10 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
     A valid inequality (it ignores the recompute workspace, which only adds need), it lets the ILP
     prune global choices whose per-layer optimum is dear without branching on them. F is the stage's micro-batches
     in flight (p − s, more when interleaved: ``arch.parallel.in_flight_micro_batches``). Bytes are those of the
-    start of backward, the phase in which every saved activation is alive.
+    start of backward, the phase in which every saved activation is alive. ``stage_map``: the stage of every layer
+    per pp (default: the balanced contiguous stages); ``moments``/``chunk_map`` (``ilp_moments``): where a key has them,
+    F is each layer's chunk count at the moment with the most bytes in the least-saving mode (one of the ILP's rows,
+    so the bound stays valid), the moment's constant bytes included.
     """
     start = Phase.BACKWARD_START.value
     lean: dict[tuple, list[int]] = {}
@@ -132,7 +137,6 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
         lean[tp, pp] = [min(a, b) for a, b in zip(cur, e.gpu_in(start), strict=True)]
     out: dict[tuple, float | None] = {}
     none = min(layers.modes, key=lambda m: layers.savings_rank.get(m, 0))  # the least-saving mode allowed
-    group, extra = act.interleave_knobs(setting.base)
     for key in {k for per in layers.gpu for m in per.values() for k in m}:
         tp, pp = key[0], key[1]
         shp = shape.entries.get(key)
@@ -140,18 +144,18 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
             out[key] = None
             continue
         total = 0.0
+        where = (stage_map or {}).get(pp)
         ranges = arch_stage_ranges(setting.arch, pp)
         for s in range(pp):
-            members = ranges[s]
-            flight = in_flight_micro_batches(pp, s, setting.base.perf.virtual_stages, micro_batches(setting, key),
-                                             group=group, extra=extra)
-            base = sum(flight * layers.gpu[i][none][key] for i in members)
-            need = base + lean[tp, pp][s] + shp.gpu_in(start)[s] - cap
+            members = [i for i, st in enumerate(where) if st == s] if where else list(ranges[s])
+            flights, const = _flights(setting, layers, key, pp, s, members, none, moments or {}, chunk_map or {})
+            base = sum(flights[i] * layers.gpu[i][none][key] for i in members)
+            need = base + const + lean[tp, pp][s] + shp.gpu_in(start)[s] - cap
             if need <= 0:
                 continue
             best_ratio, max_saving = None, 0
             for i in members:
-                savings = [(flight * (layers.gpu[i][none][key] - layers.gpu[i][m][key]), layers.seconds[i][m][key])
+                savings = [(flights[i] * (layers.gpu[i][none][key] - layers.gpu[i][m][key]), layers.seconds[i][m][key])
                            for m in layers.modes if m != none]
                 savings = [(sv, sec) for sv, sec in savings if sv > 0]
                 if not savings:
@@ -165,6 +169,21 @@ def recompute_bounds(setting: TrainSetting, dims: dict[str, tuple], states: Fact
             total += need * best_ratio
         out[key] = None if total < 0 else total
     return out
+
+
+def _flights(setting: TrainSetting, layers: LayerBlock, key: tuple, pp: int, s: int, members: list[int], none: str,
+             moments: dict, chunk_map: dict[int, tuple[int, ...]]) -> tuple[dict[int, int], int]:
+    """(micro-batches in flight per layer of stage ``s``, constant bytes) for ``recompute_bounds``: the whole-stage
+    1F1B / interleaved count, or, with moments, the moment whose row is largest with every layer in ``none``."""
+    rows = moments.get((pp, s, key))
+    if not rows:
+        group, extra = act.interleave_knobs(setting.base)
+        flight = in_flight_micro_batches(pp, s, setting.base.perf.virtual_stages, micro_batches(setting, key),
+                                         group=group, extra=extra)
+        return dict.fromkeys(members, flight), 0
+    chunks = chunk_map[pp]
+    held, const = max(rows, key=lambda r: sum(r[0][chunks[i]] * layers.gpu[i][none][key] for i in members) + r[1])
+    return {i: held[chunks[i]] for i in members}, const
 
 
 def recompute_seconds(setting: TrainSetting, cfg: JobConfig, layer: Layer, mode: Recompute) -> float:
