@@ -141,7 +141,7 @@ class IlpBuilder(LayerBlocks):
         self.cap = math.floor(P.gpu_capacity / UNIT / scale) - 1
         self.persist = ilp_rows.persist_rows(self)
         self.gpu_rows: dict[tuple[int, int, str | None], Any] = {}
-        self.moment_rows: dict[tuple[int, int, str | None], tuple[str, dict] | None] = {}
+        self.moment_rows: dict[tuple[int, int, str | None], tuple[str | None, dict] | None] = {}
         self.peak: Any = None
         for p in P.dims.get("pp", (1,)):
             for s in range(p):
