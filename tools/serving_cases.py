@@ -66,14 +66,15 @@ def llamacpp_split_row() -> str:
     from memplan.memory.context import Context
 
     est = estimate("command-r", "rtx-4090", job="infer", engine="llamacpp", quant="q4_k_m", pp=2, gpus_per_node=2,
-                   infer={"context": 4096}, serve={"flash_attn": False, "tensor_split": (12.0, 29.0)})
+                   infer={"context": 4096},
+                   serve={"flash_attn": False, "tensor_split": (12.0, 29.0), "llama_set_rows": False})
     ctx = Context(est.arch, est.config, est.gpu, est.host)
     gpu0 = next(r.bytes for r in llamacpp.rows(ctx) if r.component == "activations/llamacpp_compute")
     cmd = ("`memplan estimate command-r --gpu rtx-4090 --gpus 2 --pp 2 --job infer --engine llamacpp --quant q4_k_m "
-           "--context 4096 --no-flash-attn --tensor-split 12,29`")
+           "--context 4096 --no-flash-attn --tensor-split 12,29 --no-llama-set-rows`")
     return (f"| Command-R, 2 GPUs (-sm layer, 12 of 41 layers on CUDA0), 4k tokens, pipeline parallelism | {cmd} | "
-            f"CUDA0 compute buffer {gpu0 / 2**20:.2f} MiB (4 copies of its inputs) | 672.01 MiB "
-            "(llama.cpp's log, PR #6122) |")
+            f"CUDA0 compute buffer {gpu0 / 2**20:.2f} MiB (4 copies of its inputs; the log's 2024 build, "
+            "before LLAMA_SET_ROWS: builds since add the KV index inputs) | 672.01 MiB (llama.cpp's log, PR #6122) |")
 
 
 def breakdown_70b() -> str:
