@@ -86,6 +86,37 @@ def estimate_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     return calls
 
 
+RANK_ZERO_REPORT = """
+
+def report(out):
+    # every rank's result, printed by rank 0 alone: two ranks printing at once can interleave their lines
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, out)
+    if dist.get_rank() == 0:
+        for o in every:
+            print(json.dumps(o), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+    import torch.multiprocessing as mp
+    mp.spawn(main, nprocs=P)
+"""
+"""The tail of a gloo worker script for ``gloo_ranks``: ``report(out)`` (which its ``main(rank)`` calls last) and the
+launcher of P ranks."""
+
+
+def gloo_ranks(directory: Path, script: str) -> dict[int, dict]:
+    """Each rank's JSON result of a torch.distributed worker ``script`` (module-level P, ``main(rank)`` ending in
+    ``report(out)`` with ``out["rank"]``), run with ``RANK_ZERO_REPORT`` appended."""
+    import json
+
+    stdout = run_two_process_worker(directory, script + RANK_ZERO_REPORT)
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {o["rank"]: o for o in lines}
+
+
 def run_two_process_worker(directory: Path, script: str, timeout: float = 300) -> str:
     """Writes ``script`` (a torch.distributed worker that reads its MASTER_PORT from argv[1]) to ``directory`` and
     runs it on a free local port; its stdout, after asserting it exited 0 (its stderr's tail otherwise)."""

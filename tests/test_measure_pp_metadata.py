@@ -23,11 +23,10 @@ that the stage-buffer test measures is its instrument's artefact, and memplan co
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
-from conftest import run_two_process_worker
+from conftest import gloo_ranks
 
 pytest.importorskip("torch", reason="the pipelining observation needs torch (pip install memplan[measure])")
 
@@ -80,25 +79,13 @@ WORKER = textwrap.dedent('''
         dist.init_process_group("gloo", rank=rank, world_size=P)
         out = {"rank": rank, "tanh": run(rank, nn.Tanh, False), "tanh_hooks": run(rank, nn.Tanh, True),
                "gelu_hooks": run(rank, nn.GELU, True)}
-        every = [None] * P
-        dist.all_gather_object(every, out)
-        if rank == 0:
-            for o in every:
-                print(json.dumps(o), flush=True)
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-        import torch.multiprocessing as mp
-        mp.spawn(main, nprocs=P)
+        report(out)
 ''') % (B, S, D, M, P)
 
 
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict[int, dict]:
-    stdout = run_two_process_worker(tmp_path_factory.mktemp("pp_metadata"), WORKER)
-    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return {o["rank"]: o for o in lines}
+    return gloo_ranks(tmp_path_factory.mktemp("pp_metadata"), WORKER)
 
 
 @pytest.mark.parametrize("rank", range(P))

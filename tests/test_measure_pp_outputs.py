@@ -10,11 +10,10 @@ gradient is made (the running output held through its backward, in both runs), a
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
-from conftest import run_two_process_worker
+from conftest import gloo_ranks
 
 pytest.importorskip("torch", reason="the pipelining measurement needs torch (pip install memplan[measure])")
 
@@ -114,17 +113,7 @@ WORKER = textwrap.dedent('''
         res = {"rank": rank, "control": unpipelined()}
         for name, schedule in (("1f1b", Schedule1F1B), ("gpipe", ScheduleGPipe)):
             res[name] = {"keep": run(rank, schedule, True), "drop": run(rank, schedule, False)}
-        every = [None] * P
-        dist.all_gather_object(every, res)  # one writer: two ranks printing at once can interleave their lines
-        if rank == 0:
-            for o in every:
-                print(json.dumps(o), flush=True)
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-        import torch.multiprocessing as mp
-        mp.spawn(main, nprocs=P)
+        report(res)
 ''') % (B, S, D, V, M, P)
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -132,9 +121,7 @@ SCHEDULES = ("1f1b", "gpipe")
 
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict[int, dict]:
-    stdout = run_two_process_worker(tmp_path_factory.mktemp("pp_outputs"), WORKER)
-    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return {o["rank"]: o for o in lines}
+    return gloo_ranks(tmp_path_factory.mktemp("pp_outputs"), WORKER)
 
 
 def _rows() -> dict[str, int]:

@@ -6,11 +6,10 @@ stages hold: outputs in ``fwd_cache`` (not the last stage's), buffers in ``args_
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
-from conftest import run_two_process_worker
+from conftest import gloo_ranks
 
 pytest.importorskip("torch", reason="the pipelining observation needs torch (pip install memplan[measure])")
 
@@ -77,25 +76,13 @@ WORKER = textwrap.dedent('''
     def main(rank):
         dist.init_process_group("gloo", rank=rank, world_size=P)
         out = {"rank": rank, "v1": run(rank, 1), "v2": run(rank, 2), "gpipe": run(rank, 1, gpipe=True)}
-        every = [None] * P
-        dist.all_gather_object(every, out)  # one writer: two ranks printing at once can interleave their lines
-        if rank == 0:
-            for o in every:
-                print(json.dumps(o), flush=True)
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-        import torch.multiprocessing as mp
-        mp.spawn(main, nprocs=P)
+        report(out)
 ''') % (B, S, D, M, P)
 
 
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict[int, dict]:
-    stdout = run_two_process_worker(tmp_path_factory.mktemp("pipelining"), WORKER)
-    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return {o["rank"]: o for o in lines}
+    return gloo_ranks(tmp_path_factory.mktemp("pipelining"), WORKER)
 
 
 @pytest.mark.parametrize("v", [1, 2])
